@@ -1,0 +1,5 @@
+"""Allow ``python -m orchestra``."""
+
+from orchestra.cli import main
+
+main()

@@ -1,0 +1,62 @@
+"""The app factory: settings in, a Litestar app out. Nothing here reads the environment."""
+
+from __future__ import annotations
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.di import NamedDependency, Provide
+from litestar.openapi import OpenAPIConfig
+
+from orchestra import __version__
+from orchestra.api.errors import HANDLERS
+from orchestra.api.health import health
+from orchestra.api.runtime import Runtime
+from orchestra.api.tasks import TaskController
+from orchestra.api.templates import TemplateController
+from orchestra.config import Settings
+from orchestra.tasks import TaskService
+from orchestra.templating.registry import TemplateRegistry
+
+
+def _runtime(state: State) -> Runtime:
+    runtime: Runtime = state.runtime
+    return runtime
+
+
+def _tasks(runtime: NamedDependency[Runtime]) -> TaskService:
+    return runtime.tasks
+
+
+def _registry(runtime: NamedDependency[Runtime]) -> TemplateRegistry:
+    return runtime.registry
+
+
+def create_app(settings: Settings, registry: TemplateRegistry | None = None) -> Litestar:
+    """Build the service.
+
+    Templates are loaded here, so a broken template stops startup with every problem listed.
+
+    Raises:
+        TemplateError: a template in the built-ins or ``settings.templates.dirs`` is invalid.
+    """
+    if registry is None:
+        registry = TemplateRegistry(settings.templates.dirs)
+        registry.load()
+    runtime = Runtime(settings, registry)
+    return Litestar(
+        route_handlers=[TaskController, TemplateController, health],
+        lifespan=[runtime.lifespan],
+        state=State({"runtime": runtime}),
+        dependencies={
+            "runtime": Provide(_runtime, sync_to_thread=False),
+            "tasks": Provide(_tasks, sync_to_thread=False),
+            "registry": Provide(_registry, sync_to_thread=False),
+        },
+        exception_handlers=HANDLERS,
+        openapi_config=OpenAPIConfig(
+            title="AI Task Orchestra",
+            version=__version__,
+            description="Run AI tasks from YAML templates against local model servers.",
+        ),
+        debug=False,
+    )

@@ -1,0 +1,99 @@
+"""The one place errors become HTTP answers. Clients get a JSON body, never a stack trace."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.status_codes import (
+    HTTP_400_BAD_REQUEST,
+    HTTP_404_NOT_FOUND,
+    HTTP_409_CONFLICT,
+    HTTP_422_UNPROCESSABLE_ENTITY,
+    HTTP_500_INTERNAL_SERVER_ERROR,
+)
+
+from orchestra import logs
+from orchestra.api.schemas import ErrorBody, FieldOut
+from orchestra.errors import (
+    ConflictError,
+    InvalidParams,
+    InvalidRequest,
+    NotFoundError,
+    OrchestraError,
+)
+
+log = logs.get("orchestra.api")
+
+_STATUS: list[tuple[type[OrchestraError], int]] = [
+    (NotFoundError, HTTP_404_NOT_FOUND),
+    (InvalidParams, HTTP_422_UNPROCESSABLE_ENTITY),
+    (InvalidRequest, HTTP_400_BAD_REQUEST),
+    (ConflictError, HTTP_409_CONFLICT),
+]
+
+
+def _body(
+    status: int, code: str, message: str, fields: list[FieldOut] | None = None
+) -> Response[ErrorBody]:
+    return Response(
+        ErrorBody(status=status, code=code, message=message, fields=fields or []),
+        status_code=status,
+    )
+
+
+def orchestra_error(_: Request[Any, Any, Any], exc: OrchestraError) -> Response[ErrorBody]:
+    """Map the error tree to statuses."""
+    status = next((s for cls, s in _STATUS if isinstance(exc, cls)), None)
+    if status is None:
+        log.error("api.unexpected_error", error=exc.message, code=exc.code)
+        return _body(HTTP_500_INTERNAL_SERVER_ERROR, "internal", "internal error")
+    fields = [FieldOut(f.field, f.message) for f in getattr(exc, "fields", [])]
+    return _body(status, exc.code, exc.message, fields)
+
+
+def _field(extra: dict[str, Any]) -> str:
+    key = str(extra.get("key") or "")
+    source = extra.get("source")
+    if source in ("query", "path", "header", "cookie") or not key:
+        return key or "body"
+    return key
+
+
+def validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[ErrorBody]:
+    """A request whose body, path or query does not fit its declared types."""
+    extras = exc.extra if isinstance(exc.extra, list) else []
+    fields = [
+        FieldOut(_field(e), str(e.get("message", "invalid value")))
+        for e in extras
+        if isinstance(e, dict)
+    ]
+    detail = exc.detail or "invalid request"
+    if not fields and "JSON" in detail:
+        detail = "the request body is not valid JSON"
+    elif fields:
+        detail = "; ".join(f"{f.field}: {f.message}" for f in fields)
+    return _body(HTTP_400_BAD_REQUEST, "invalid_request", detail, fields)
+
+
+def http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorBody]:
+    """Litestar's own errors (404 route, 405 method, 413 body size …) in our shape."""
+    code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
+        exc.status_code, "http_error"
+    )
+    return _body(exc.status_code, code, str(exc.detail))
+
+
+def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+    """A bug: log it with its traceback; the client learns only that it happened."""
+    log.exception("api.internal_error", path=request.url.path, method=request.method)
+    return _body(HTTP_500_INTERNAL_SERVER_ERROR, "internal", "internal error")
+
+
+HANDLERS: dict[Any, Any] = {
+    ValidationException: validation_error,
+    OrchestraError: orchestra_error,
+    HTTPException: http_error,
+    Exception: internal_error,
+}

@@ -1,0 +1,111 @@
+"""The resources of a running service, owned by the app's lifespan.
+
+Everything is opened in :meth:`Runtime.lifespan` and closed in ``finally`` blocks in reverse
+order: database, then the shared HTTP client, then the worker pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+
+from orchestra import logs
+from orchestra.config import Settings
+from orchestra.db import Database, TaskStore
+from orchestra.db.schema import upgrade
+from orchestra.llm.base import Provider
+from orchestra.llm.ollama import OllamaProvider
+from orchestra.notify import FinishedWaiters
+from orchestra.runner import Runner
+from orchestra.tasks import TaskService
+from orchestra.templating.registry import TemplateRegistry
+from orchestra.worker import WorkerPool
+
+log = logs.get("orchestra.runtime")
+
+
+class NotStarted(RuntimeError):
+    """The service is used before its lifespan started it."""
+
+
+class Runtime:
+    """Holds what the lifespan opened; the controllers reach services through it."""
+
+    def __init__(self, settings: Settings, registry: TemplateRegistry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self._db: Database | None = None
+        self._tasks: TaskService | None = None
+        self._provider: Provider | None = None
+        self._pool: WorkerPool | None = None
+
+    @property
+    def db(self) -> Database:
+        if self._db is None:
+            raise NotStarted()
+        return self._db
+
+    @property
+    def tasks(self) -> TaskService:
+        if self._tasks is None:
+            raise NotStarted()
+        return self._tasks
+
+    @property
+    def provider(self) -> Provider:
+        if self._provider is None:
+            raise NotStarted()
+        return self._provider
+
+    @property
+    def pool(self) -> WorkerPool | None:
+        return self._pool
+
+    def request_stop(self) -> None:
+        """Stop claiming tasks now (called when SIGTERM/SIGINT arrives)."""
+        if self._pool is not None:
+            self._pool.request_stop()
+
+    @asynccontextmanager
+    async def lifespan(self, _app: Any) -> AsyncIterator[None]:
+        """Open everything, start the workers; on exit, stop and close in reverse order."""
+        s = self.settings
+        db = Database(s.database.url, busy_timeout_ms=s.database.busy_timeout_ms)
+        try:
+            version = await upgrade(db)
+            log.info("database.ready", path=str(db.path), schema_version=version)
+            limits = httpx.Limits(
+                max_connections=max(10, s.workers.concurrency * 2),
+                max_keepalive_connections=max(5, s.workers.concurrency),
+            )
+            async with httpx.AsyncClient(limits=limits) as client:
+                store = TaskStore(db)
+                waiters = FinishedWaiters()
+                provider = OllamaProvider(client, s.ollama.url, s.ollama.timeout)
+                pool = WorkerPool(
+                    store,
+                    self.registry,
+                    Runner(provider),
+                    s.workers,
+                    on_finished=waiters.publish,
+                )
+                self._db, self._provider, self._pool = db, provider, pool
+                self._tasks = TaskService(
+                    store,
+                    self.registry,
+                    waiters,
+                    wake_workers=pool.notify,
+                    max_attempts=s.workers.max_attempts,
+                )
+                await pool.start()
+                try:
+                    yield
+                finally:
+                    await pool.stop()
+                    self._tasks = None
+        finally:
+            self._db = None
+            await db.close()

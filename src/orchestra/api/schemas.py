@@ -1,0 +1,194 @@
+"""Request and response bodies. Separate from tables and domain structs on purpose: the API is
+a contract, and it changes only when we mean it to."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+
+from orchestra.domain import Step, Task, TaskError, TaskStatus, Usage
+from orchestra.templating.model import Template
+
+Priority = Annotated[
+    int, msgspec.Meta(ge=-1000, le=1000, description="Higher runs first; -1000 to 1000.")
+]
+
+
+class SubmitTask(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A task to run."""
+
+    template: Annotated[str, msgspec.Meta(min_length=1, description="The template's name.")]
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
+    priority: Priority = 0
+    model: Annotated[
+        str | None, msgspec.Meta(description="Use this model instead of the template's.")
+    ] = None
+
+
+class ErrorOut(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What went wrong with a request."""
+
+    type: str
+    message: str
+    step: str | None = None
+
+
+class FieldOut(msgspec.Struct, frozen=True):
+    """One bad field of a request."""
+
+    field: str
+    message: str
+
+
+class ErrorBody(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The body of every 4xx and 5xx answer."""
+
+    status: int
+    code: str
+    message: str
+    fields: list[FieldOut] = msgspec.field(default_factory=list)
+
+
+class StepOut(msgspec.Struct, frozen=True):
+    """One step of a task's current attempt."""
+
+    id: str
+    status: str
+    output: Any
+    error: ErrorOut | None
+    model: str | None
+    usage: Usage | None
+    started_at: str | None
+    finished_at: str | None
+    duration_ms: float | None
+
+    @classmethod
+    def of(cls, step: Step) -> StepOut:
+        """From a domain step."""
+        return cls(
+            id=step.id,
+            status=step.status.value,
+            output=step.output,
+            error=_error(step.error),
+            model=step.model,
+            usage=step.usage,
+            started_at=step.started_at,
+            finished_at=step.finished_at,
+            duration_ms=step.duration_ms,
+        )
+
+
+def _error(error: TaskError | None) -> ErrorOut | None:
+    if error is None:
+        return None
+    return ErrorOut(type=error.type, message=error.message, step=error.step)
+
+
+class TaskOut(msgspec.Struct, frozen=True):
+    """A task as clients see it."""
+
+    id: int
+    template: str
+    template_version: int
+    status: TaskStatus
+    params: dict[str, Any]
+    model: str | None
+    priority: int
+    attempts: int
+    result: Any
+    error: ErrorOut | None
+    steps: list[StepOut]
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+
+    @classmethod
+    def of(cls, task: Task) -> TaskOut:
+        """From a domain task."""
+        return cls(
+            id=task.id,
+            template=task.template,
+            template_version=task.template_version,
+            status=task.status,
+            params=task.params,
+            model=task.model,
+            priority=task.priority,
+            attempts=task.attempts,
+            result=task.result,
+            error=_error(task.error),
+            steps=[StepOut.of(s) for s in task.steps],
+            created_at=task.created_at,
+            started_at=task.started_at,
+            finished_at=task.finished_at,
+        )
+
+
+class TaskList(msgspec.Struct, frozen=True):
+    """A page of tasks, newest first; pass ``next_cursor`` as ``cursor`` for the next page."""
+
+    items: list[TaskOut]
+    next_cursor: str | None
+
+
+class StepSummary(msgspec.Struct, frozen=True):
+    """A step of a template."""
+
+    id: str
+    kind: str
+    model: str | None
+
+
+class TemplateOut(msgspec.Struct, frozen=True):
+    """A template: what it does and the parameters it takes (as JSON Schema)."""
+
+    name: str
+    version: int
+    description: str
+    model: str | None
+    parameters: dict[str, Any]
+    steps: list[StepSummary]
+
+    @classmethod
+    def of(cls, template: Template) -> TemplateOut:
+        """From a loaded template."""
+        return cls(
+            name=template.name,
+            version=template.version,
+            description=template.description,
+            model=template.model,
+            parameters=template.params_schema(),
+            steps=[StepSummary(id=s.id, kind=s.kind, model=s.model) for s in template.steps],
+        )
+
+
+class TemplateList(msgspec.Struct, frozen=True):
+    """Every template the service knows."""
+
+    items: list[TemplateOut]
+
+
+class ProblemOut(msgspec.Struct, frozen=True):
+    """One problem in a template, with 1-based line and column."""
+
+    line: int
+    column: int
+    path: str
+    message: str
+
+
+class ValidationOut(msgspec.Struct, frozen=True):
+    """Whether a template is valid, and every problem if not."""
+
+    valid: bool
+    errors: list[ProblemOut]
+    name: str | None = None
+
+
+class HealthOut(msgspec.Struct, frozen=True):
+    """Whether the service and what it depends on answer."""
+
+    status: str
+    database: str
+    ollama: str
+    version: str

@@ -1,0 +1,88 @@
+"""/api/v1/tasks: submit, read (optionally waiting), list."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from litestar import Controller, Response, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody, QueryParameter
+
+from orchestra.api.schemas import SubmitTask, TaskList, TaskOut
+from orchestra.domain import TaskStatus
+from orchestra.errors import FieldProblem, InvalidRequest
+from orchestra.tasks import TaskService
+
+MAX_WAIT = 60.0
+
+
+def _cursor(cursor: str | None) -> int | None:
+    if cursor is None:
+        return None
+    if not cursor.isdigit() or len(cursor) > 18:
+        raise InvalidRequest(
+            "cursor must be a value returned as next_cursor",
+            [FieldProblem("cursor", "not a cursor this service returned")],
+        )
+    return int(cursor)
+
+
+class TaskController(Controller):
+    """Tasks: one submitted run of a template each."""
+
+    path = "/api/v1/tasks"
+    tags = ["tasks"]
+
+    @post("/", status_code=201, summary="Submit a task")
+    async def submit(
+        self, data: JSONBody[SubmitTask], tasks: NamedDependency[TaskService]
+    ) -> Response[TaskOut]:
+        """Validate the parameters against the template and queue the task.
+
+        404 when the template does not exist; 422 naming every bad parameter.
+        """
+        task = await tasks.submit(
+            data.template, data.params, priority=data.priority, model=data.model
+        )
+        return Response(
+            TaskOut.of(task), status_code=201, headers={"Location": f"{self.path}/{task.id}"}
+        )
+
+    @get("/{task_id:int}", summary="Get a task")
+    async def get_task(
+        self,
+        task_id: FromPath[int],
+        tasks: NamedDependency[TaskService],
+        wait: Annotated[
+            float,
+            QueryParameter(
+                ge=0, le=MAX_WAIT, description="Seconds to wait for the task to finish."
+            ),
+        ] = 0.0,
+    ) -> TaskOut:
+        """The task with its steps; with ``wait``, answers as soon as it is finished."""
+        return TaskOut.of(await tasks.get(task_id, wait=wait))
+
+    @get("/", summary="List tasks")
+    async def list_tasks(
+        self,
+        tasks: NamedDependency[TaskService],
+        status: Annotated[
+            TaskStatus | None, QueryParameter(description="Only tasks with this status.")
+        ] = None,
+        template: Annotated[
+            str | None, QueryParameter(description="Only tasks of this template.")
+        ] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=500, description="Page size.")] = 50,
+        cursor: Annotated[
+            str | None, QueryParameter(description="next_cursor of the previous page.")
+        ] = None,
+    ) -> TaskList:
+        """Tasks, newest first, filtered by status and template; keyset-paginated."""
+        page = await tasks.list(
+            status=status, template=template, limit=limit, before=_cursor(cursor)
+        )
+        return TaskList(
+            items=[TaskOut.of(t) for t in page.items],
+            next_cursor=None if page.next_cursor is None else str(page.next_cursor),
+        )

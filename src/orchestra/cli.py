@@ -1,0 +1,236 @@
+"""The ``orchestra`` command. ``serve`` is the default; the others talk to a server or read
+templates locally."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+import msgspec
+
+from orchestra import __version__, logs
+from orchestra.config import Settings, load
+from orchestra.errors import ConfigError, TemplateError
+from orchestra.templating.loader import load_template
+from orchestra.templating.registry import TemplateRegistry
+
+config_option = click.option(
+    "--config",
+    "-c",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Settings file (default: $ORCHESTRA_CONFIG, else ./orchestra.toml if present).",
+)
+
+
+def _settings(config_path: str | None) -> Settings:
+    try:
+        return load(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+def _template_failure(exc: TemplateError) -> click.ClickException:
+    lines = "\n".join(f"  {p}" for p in exc.problems)
+    return click.ClickException(f"invalid templates:\n{lines}")
+
+
+@click.group(invoke_without_command=True)
+@click.version_option(__version__, prog_name="orchestra")
+@config_option
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None) -> None:
+    """AI Task Orchestra: run AI tasks from YAML templates. Without a command, serve."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(serve, config_path=config_path)
+
+
+@main.command()
+@config_option
+@click.option("--host", help="Override [server] host.")
+@click.option("--port", type=int, help="Override [server] port.")
+def serve(config_path: str | None, host: str | None = None, port: int | None = None) -> None:
+    """Serve the HTTP API and run the workers in one process."""
+    import uvicorn
+
+    from orchestra.api.app import create_app
+    from orchestra.db.engine import check_url
+
+    settings = _settings(config_path)
+    if host or port is not None:
+        overrides = msgspec.structs.replace(
+            settings.server,
+            host=host or settings.server.host,
+            port=settings.server.port if port is None else port,
+        )
+        settings = msgspec.structs.replace(settings, server=overrides)
+    logs.setup(settings.logging)
+    try:
+        check_url(settings.database.url)
+        app = create_app(settings)
+    except ConfigError as exc:
+        raise click.ClickException(exc.message) from None
+    except TemplateError as exc:
+        raise _template_failure(exc) from None
+    config = uvicorn.Config(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        log_config=None,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    runtime = app.state.runtime
+    original_exit = server.handle_exit
+
+    def handle_exit(sig: int, frame: Any) -> None:
+        # Stop claiming tasks at once; uvicorn then drains HTTP and the lifespan stops the pool.
+        try:
+            asyncio.get_running_loop().call_soon_threadsafe(runtime.request_stop)
+        except RuntimeError:
+            pass
+        original_exit(sig, frame)
+
+    server.handle_exit = handle_exit  # type: ignore[method-assign]
+    server.run()
+    if not server.started:
+        sys.exit(1)
+
+
+def _base_url(url: str | None, config_path: str | None) -> str:
+    if url:
+        return url.rstrip("/")
+    s = _settings(config_path).server
+    host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
+    return f"http://{host}:{s.port}"
+
+
+def _coerce(name: str, raw: str, schema: dict[str, Any]) -> Any:
+    """Turn -p name=value text into the parameter's declared type."""
+    if raw.startswith("@"):
+        try:
+            raw = Path(raw[1:]).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise click.BadParameter(f"{name}: cannot read {raw[1:]}: {exc.strerror}") from None
+    kind = schema.get("properties", {}).get(name, {}).get("type", "string")
+    if kind == "string":
+        return raw
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise click.BadParameter(f"{name}: expected {kind} (as JSON), got {raw!r}") from None
+
+
+def _fail(response: httpx.Response) -> click.ClickException:
+    try:
+        body = response.json()
+        lines = [body.get("message", response.text)]
+        lines += [f"  {f['field']}: {f['message']}" for f in body.get("fields", [])]
+        return click.ClickException("\n".join(lines))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return click.ClickException(f"{response.status_code}: {response.text[:500]}")
+
+
+@main.command()
+@click.argument("template")
+@click.option(
+    "-p",
+    "--param",
+    "params",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="A parameter; @FILE reads the value from a file. Repeatable.",
+)
+@click.option("--wait/--no-wait", default=False, help="Wait for the result and print it.")
+@click.option("--priority", type=int, default=0, show_default=True)
+@click.option("--model", help="Use this model instead of the template's.")
+@click.option("--url", envvar="ORCHESTRA_URL", help="Server URL (default: from the settings).")
+@config_option
+def submit(
+    template: str,
+    params: tuple[str, ...],
+    wait: bool,
+    priority: int,
+    model: str | None,
+    url: str | None,
+    config_path: str | None,
+) -> None:
+    """Submit a task to a running server; with --wait, print its result."""
+    base = _base_url(url, config_path)
+    try:
+        with httpx.Client(base_url=base, timeout=90) as client:
+            found = client.get(f"/api/v1/templates/{template}")
+            if found.status_code != 200:
+                raise _fail(found)
+            schema = found.json()["parameters"]
+            values: dict[str, Any] = {}
+            for item in params:
+                name, sep, raw = item.partition("=")
+                if not sep:
+                    raise click.BadParameter(f"{item!r}: write NAME=VALUE")
+                values[name] = _coerce(name, raw, schema)
+            body: dict[str, Any] = {"template": template, "params": values, "priority": priority}
+            if model:
+                body["model"] = model
+            created = client.post("/api/v1/tasks", json=body)
+            if created.status_code != 201:
+                raise _fail(created)
+            task = created.json()
+            click.echo(f"task {task['id']} {task['status']}", err=True)
+            if not wait:
+                return
+            while task["status"] in ("queued", "running"):
+                answer = client.get(f"/api/v1/tasks/{task['id']}", params={"wait": 30})
+                if answer.status_code != 200:
+                    raise _fail(answer)
+                task = answer.json()
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"cannot reach the server at {base}: {exc}") from None
+    if task["status"] != "succeeded":
+        error = task.get("error") or {}
+        raise click.ClickException(f"task {task['id']} {task['status']}: {error.get('message')}")
+    result = task["result"]
+    click.echo(result if isinstance(result, str) else json.dumps(result, indent=2))
+
+
+@main.group()
+def templates() -> None:
+    """Inspect templates on this machine."""
+
+
+@templates.command("list")
+@config_option
+def templates_list(config_path: str | None) -> None:
+    """List the templates the server would load (built-ins, then [templates] dirs)."""
+    registry = TemplateRegistry(_settings(config_path).templates.dirs)
+    try:
+        registry.load()
+    except TemplateError as exc:
+        raise _template_failure(exc) from None
+    for t in registry.all():
+        summary = t.description.splitlines()[0] if t.description else ""
+        click.echo(f"{t.name:<20} v{t.version:<3} {summary}")
+
+
+@templates.command("validate")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+def templates_validate(files: tuple[Path, ...]) -> None:
+    """Check template files; print every problem as FILE:LINE:COLUMN: PATH: MESSAGE."""
+    failed = False
+    for file in files:
+        try:
+            template = load_template(file)
+        except TemplateError as exc:
+            failed = True
+            for problem in exc.problems:
+                click.echo(str(problem), err=True)
+            continue
+        click.echo(f"{file}: ok ({template.name} v{template.version})")
+    if failed:
+        sys.exit(1)

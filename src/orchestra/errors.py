@@ -1,0 +1,143 @@
+"""One exception tree for the whole service.
+
+::
+
+    OrchestraError
+    ├── ConfigError                 settings file or environment is wrong (stops startup)
+    ├── TemplateError               a template cannot be loaded (carries every problem found)
+    ├── NotFoundError
+    │   ├── TaskNotFound
+    │   └── TemplateNotFound
+    ├── InvalidRequest              a request is well formed but its content is wrong
+    │   └── InvalidParams           task parameters do not match the template
+    ├── ConflictError               the request conflicts with the current state
+    ├── LeaseLost                   a worker no longer holds the task it is writing
+    └── StepError                   a step of a running task failed
+        ├── RenderError             a prompt or output could not be rendered (permanent)
+        └── ProviderError           the model server failed
+            ├── ModelNotFound       the model server does not have the model (permanent)
+            └── ProviderUnavailable connection refused, timeout, 5xx (retryable)
+
+Each class's docstring is its default message. The API maps the tree to HTTP statuses in one
+place (``orchestra.api.errors``); providers wrap httpx errors at their boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+
+class FieldProblem(msgspec.Struct, frozen=True):
+    """One problem with one named field, as reported to clients."""
+
+    field: str
+    message: str
+
+
+class OrchestraError(Exception):
+    """Something went wrong in Orchestra."""
+
+    code = "error"
+
+    def __init__(self, message: str | None = None) -> None:
+        self.message = message or (self.__doc__ or "").strip()
+        super().__init__(self.message)
+
+
+class ConfigError(OrchestraError):
+    """The configuration is invalid."""
+
+    code = "invalid_config"
+
+
+class TemplateError(OrchestraError):
+    """The template is invalid."""
+
+    code = "invalid_template"
+
+    def __init__(self, problems: Sequence[Any], message: str | None = None) -> None:
+        self.problems = list(problems)
+        first = str(self.problems[0]) if self.problems else ""
+        super().__init__(message or f"{len(self.problems)} problem(s) in template: {first}")
+
+
+class NotFoundError(OrchestraError):
+    """The resource does not exist."""
+
+    code = "not_found"
+
+
+class TaskNotFound(NotFoundError):
+    """No task has this id."""
+
+    code = "task_not_found"
+
+
+class TemplateNotFound(NotFoundError):
+    """No template has this name."""
+
+    code = "template_not_found"
+
+
+class InvalidRequest(OrchestraError):
+    """The request is invalid."""
+
+    code = "invalid_request"
+
+    def __init__(self, message: str | None = None, fields: Sequence[FieldProblem] = ()) -> None:
+        self.fields = list(fields)
+        super().__init__(message)
+
+
+class InvalidParams(InvalidRequest):
+    """The task parameters do not match the template."""
+
+    code = "invalid_params"
+
+
+class ConflictError(OrchestraError):
+    """The request conflicts with the current state of the resource."""
+
+    code = "conflict"
+
+
+class LeaseLost(OrchestraError):
+    """The worker no longer holds the lease on this task."""
+
+    code = "lease_lost"
+
+
+class StepError(OrchestraError):
+    """A step failed."""
+
+    code = "step_failed"
+    #: Whether trying the same task again may succeed (used by retries).
+    retryable = False
+
+
+class RenderError(StepError):
+    """A template expression could not be rendered."""
+
+    code = "render_failed"
+
+
+class ProviderError(StepError):
+    """The model server failed."""
+
+    code = "provider_error"
+
+
+class ModelNotFound(ProviderError):
+    """The model server does not have this model."""
+
+    code = "model_not_found"
+
+
+class ProviderUnavailable(ProviderError):
+    """The model server could not be reached or failed to answer."""
+
+    code = "provider_unavailable"
+    retryable = True

@@ -1,0 +1,58 @@
+"""The provider protocol: what the runner needs from any model server.
+
+Providers take a shared ``httpx.AsyncClient`` and wrap every transport or protocol failure in
+the error tree (``ModelNotFound``, ``ProviderUnavailable``, ``ProviderError``) at this boundary,
+so nothing above it ever sees an httpx exception.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol
+
+import msgspec
+
+from orchestra.domain import Usage
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    """One message of a chat."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(msgspec.Struct, frozen=True):
+    """A chat completion request, independent of any one server's API."""
+
+    model: str
+    messages: tuple[ChatMessage, ...]
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class ChatResult(msgspec.Struct, frozen=True):
+    """The model's reply and what it cost."""
+
+    text: str
+    model: str
+    usage: Usage
+
+
+class Health(msgspec.Struct, frozen=True):
+    """Whether a provider answers, and if not, why."""
+
+    ok: bool
+    detail: str
+
+
+class Provider(Protocol):
+    """A model server."""
+
+    name: str
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        """Ask the model; raises a ``ProviderError`` subclass on failure."""
+        ...
+
+    async def health(self) -> Health:
+        """Check the server quickly; never raises."""
+        ...

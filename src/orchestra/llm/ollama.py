@@ -1,0 +1,130 @@
+"""Ollama's native API: /api/chat for generation, /api/version for health.
+
+Reference: ollama/ollama docs/api.md. Durations in Ollama's replies are nanoseconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import msgspec
+
+from orchestra.domain import Usage
+from orchestra.errors import ModelNotFound, ProviderError, ProviderUnavailable
+from orchestra.llm.base import ChatRequest, ChatResult, Health
+
+HEALTH_TIMEOUT = 2.0
+
+
+class _Message(msgspec.Struct):
+    content: str = ""
+
+
+class _ChatReply(msgspec.Struct):
+    model: str = ""
+    message: _Message = msgspec.field(default_factory=_Message)
+    done_reason: str | None = None
+    total_duration: int | None = None
+    load_duration: int | None = None
+    prompt_eval_count: int | None = None
+    prompt_eval_duration: int | None = None
+    eval_count: int | None = None
+    eval_duration: int | None = None
+
+
+def _ms(nanoseconds: int | None) -> float | None:
+    return None if nanoseconds is None else round(nanoseconds / 1e6, 3)
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200] or response.reason_phrase
+    if isinstance(body, dict) and "error" in body:
+        return str(body["error"])
+    return response.text[:200]
+
+
+class OllamaProvider:
+    """Talks to one Ollama server."""
+
+    name = "ollama"
+
+    def __init__(self, client: httpx.AsyncClient, url: str, timeout: float) -> None:
+        self.client = client
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+
+    async def _post(self, path: str, payload: dict[str, Any], model: str) -> httpx.Response:
+        url = f"{self.url}{path}"
+        try:
+            response = await self.client.post(url, json=payload, timeout=self.timeout)
+        except httpx.ConnectError as exc:
+            raise ProviderUnavailable(f"cannot connect to Ollama at {self.url}: {exc}") from exc
+        except httpx.TimeoutException as exc:
+            raise ProviderUnavailable(
+                f"Ollama at {self.url} did not answer within {self.timeout:g}s"
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise ProviderUnavailable(
+                f"request to Ollama at {self.url} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        if response.status_code == 404:
+            raise ModelNotFound(
+                f"model {model!r} not found on Ollama at {self.url} "
+                f"(run `ollama pull {model}`): {_error_text(response)}"
+            )
+        if response.status_code >= 500 or response.status_code == 429:
+            raise ProviderUnavailable(
+                f"Ollama at {self.url} answered {response.status_code}: {_error_text(response)}"
+            )
+        if response.status_code >= 400:
+            raise ProviderError(
+                f"Ollama at {self.url} rejected the request ({response.status_code}): "
+                f"{_error_text(response)}"
+            )
+        return response
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        """Call /api/chat without streaming and return the reply with its token counts."""
+        payload: dict[str, Any] = {
+            "model": request.model,
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "stream": False,
+        }
+        if request.options:
+            payload["options"] = request.options
+        response = await self._post("/api/chat", payload, request.model)
+        try:
+            reply = msgspec.json.decode(response.content, type=_ChatReply)
+        except msgspec.DecodeError as exc:
+            raise ProviderError(f"Ollama at {self.url} sent an unreadable reply: {exc}") from exc
+        return ChatResult(
+            text=reply.message.content,
+            model=reply.model or request.model,
+            usage=Usage(
+                prompt_tokens=reply.prompt_eval_count,
+                completion_tokens=reply.eval_count,
+                total_ms=_ms(reply.total_duration),
+                load_ms=_ms(reply.load_duration),
+                prompt_ms=_ms(reply.prompt_eval_duration),
+                generation_ms=_ms(reply.eval_duration),
+                finish_reason=reply.done_reason,
+            ),
+        )
+
+    async def health(self) -> Health:
+        """GET /api/version with a short timeout."""
+        try:
+            response = await self.client.get(f"{self.url}/api/version", timeout=HEALTH_TIMEOUT)
+            response.raise_for_status()
+            version = response.json().get("version", "unknown")
+        except httpx.HTTPStatusError as exc:
+            return Health(ok=False, detail=f"{self.url} answered {exc.response.status_code}")
+        except httpx.HTTPError as exc:
+            return Health(ok=False, detail=f"cannot reach {self.url}: {type(exc).__name__}: {exc}")
+        except ValueError:
+            return Health(ok=False, detail=f"{self.url} did not answer like Ollama")
+        return Health(ok=True, detail=f"ok (Ollama {version} at {self.url})")

@@ -1,0 +1,100 @@
+"""Rendering prompts and outputs in a sandboxed Jinja environment.
+
+The environment is immutable-sandboxed (no attribute escapes, no mutation of passed-in data)
+with StrictUndefined, so a misspelt name fails the step loudly instead of rendering nothing.
+Compiled templates are cached by their source text: each distinct prompt compiles once.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from orchestra.errors import RenderError
+
+# "{{ expression }}" and nothing else: the output is the expression's value, not its text.
+_SINGLE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>(?:(?!\}\}|\{\{).)*)\}\}\s*$", re.DOTALL)
+
+
+@functools.cache
+def environment() -> ImmutableSandboxedEnvironment:
+    """The one Jinja environment every template renders in."""
+    return ImmutableSandboxedEnvironment(
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=False,
+    )
+
+
+@functools.lru_cache(maxsize=2048)
+def _compiled(source: str) -> jinja2.Template:
+    return environment().from_string(source)
+
+
+class _Expression:
+    """A compiled ``{{ expression }}`` whose value is kept as it is."""
+
+    def __init__(self, expr: str) -> None:
+        self.expr = expr.strip()
+        self.fn = environment().compile_expression(self.expr, undefined_to_none=False)
+
+    def __call__(self, scope: Mapping[str, Any]) -> Any:
+        value = self.fn(**scope)
+        if isinstance(value, jinja2.Undefined):
+            value._fail_with_undefined_error()
+        return value
+
+
+@functools.lru_cache(maxsize=1024)
+def compile_output(source: str) -> _Expression | jinja2.Template:
+    """Compile an ``output`` string: a bare expression keeps its value, else it renders text.
+
+    Raises:
+        jinja2.TemplateSyntaxError: the text is not valid Jinja.
+    """
+    match = _SINGLE_EXPRESSION.match(source)
+    if match:
+        return _Expression(match.group("expr"))
+    return _compiled(source)
+
+
+def _explain(exc: Exception) -> str:
+    if isinstance(exc, jinja2.UndefinedError):
+        return f"undefined value: {exc.message}"
+    if isinstance(exc, jinja2.TemplateSyntaxError):
+        return f"Jinja syntax error on line {exc.lineno}: {exc.message}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def render_text(source: str, scope: Mapping[str, Any], *, what: str) -> str:
+    """Render a Jinja template string.
+
+    Raises:
+        RenderError: naming ``what`` was being rendered and why it failed.
+    """
+    try:
+        return _compiled(source).render(scope)
+    except Exception as exc:  # any error a template can raise is the template's fault
+        raise RenderError(f"cannot render {what}: {_explain(exc)}") from exc
+
+
+def render_output(spec: str | dict[str, str], scope: Mapping[str, Any]) -> Any:
+    """Evaluate a template's ``output``: a string, or a mapping of names to strings.
+
+    Raises:
+        RenderError: naming the output field and why it failed.
+    """
+    if isinstance(spec, dict):
+        return {name: render_output(text, scope) for name, text in spec.items()}
+    try:
+        compiled = compile_output(spec)
+        if isinstance(compiled, _Expression):
+            return compiled(scope)
+        return compiled.render(scope)
+    except Exception as exc:
+        raise RenderError(f"cannot render output: {_explain(exc)}") from exc

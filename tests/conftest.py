@@ -1,0 +1,109 @@
+"""Fixtures build on each other: fake model server -> settings -> running service -> client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from orchestra.api.app import create_app
+from orchestra.config import (
+    DatabaseSettings,
+    OllamaSettings,
+    Settings,
+    TemplateSettings,
+    WorkerSettings,
+)
+from tests.fixtures.fake_ollama import FakeOllama, running_fake_ollama
+from tests.fixtures.servers import serve
+
+
+@pytest.fixture
+async def fake_ollama() -> AsyncIterator[FakeOllama]:
+    async with running_fake_ollama() as fake:
+        yield fake
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'orchestra.db'}"
+
+
+def make_settings(db_url: str, ollama_url: str, **workers: Any) -> Settings:
+    """Settings for a test service: a tmp SQLite file, the fake model server, quick loops."""
+    worker_settings = {
+        "concurrency": 4,
+        "poll_interval": 0.5,
+        "reap_interval": 0.5,
+        "shutdown_grace": 2.0,
+        **workers,
+    }
+    return Settings(
+        database=DatabaseSettings(url=db_url),
+        workers=WorkerSettings(**worker_settings),
+        ollama=OllamaSettings(url=ollama_url, timeout=10),
+        templates=TemplateSettings(dirs=[]),
+    )
+
+
+@pytest.fixture
+def settings(db_url: str, fake_ollama: FakeOllama) -> Settings:
+    return make_settings(db_url, fake_ollama.url)
+
+
+class Service:
+    """A running Orchestra on a loopback port, with a client pointed at it."""
+
+    def __init__(self, url: str, client: httpx.AsyncClient, app: Any) -> None:
+        self.url = url
+        self.client = client
+        self.app = app
+
+    async def submit(self, template: str, **params: Any) -> dict[str, Any]:
+        response = await self.client.post(
+            "/api/v1/tasks", json={"template": template, "params": params}
+        )
+        assert response.status_code == 201, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    async def wait(self, task_id: int, seconds: float = 20) -> dict[str, Any]:
+        response = await self.client.get(f"/api/v1/tasks/{task_id}", params={"wait": seconds})
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        assert body["status"] not in ("queued", "running"), f"task still {body['status']}"
+        return body
+
+
+StartService = Callable[..., Any]
+
+
+@pytest.fixture
+def start_service() -> StartService:
+    """Start a service with given settings: ``async with start_service(settings) as svc``."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def start(settings: Settings, **kwargs: Any) -> AsyncIterator[Service]:
+        app = create_app(settings, **kwargs)
+        async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=60) as client:
+            yield Service(url, client, app)
+
+    return start
+
+
+@pytest.fixture
+async def service(settings: Settings, start_service: StartService) -> AsyncIterator[Service]:
+    async with start_service(settings) as svc:
+        yield svc
+
+
+def with_workers(settings: Settings, **changes: Any) -> Settings:
+    """The same settings with some [workers] values changed."""
+    return msgspec.structs.replace(
+        settings, workers=msgspec.structs.replace(settings.workers, **changes)
+    )
