@@ -13,6 +13,9 @@ from orchestra.notify import FinishedWaiters
 from orchestra.templating.params import validate_params
 from orchestra.templating.registry import TemplateRegistry
 
+#: Ids are SQLite INTEGERs (64-bit signed); larger numbers cannot name a task.
+MAX_ID = 2**63 - 1
+
 #: Waiting requests re-read the task at least this often, to see work finished elsewhere.
 WAIT_POLL_SECONDS = 1.0
 
@@ -85,7 +88,7 @@ class TaskService:
         return task
 
     async def _get(self, task_id: int) -> Task:
-        task = await self.store.get_task(task_id)
+        task = await self.store.get_task(task_id) if 0 < task_id <= MAX_ID else None
         if task is None:
             raise TaskNotFound(f"no task with id {task_id}")
         return task

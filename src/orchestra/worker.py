@@ -124,12 +124,13 @@ class WorkerPool:
 
     async def _dispatch(self) -> None:
         while not self._stopping.is_set():
+            # Clear first, every round: a submit or a finished task after this point sets it
+            # again, so no wake-up is lost; and an event left set while every slot is busy
+            # would make wait() return at once and spin without ever yielding the loop.
+            self._wake.clear()
             free = self.settings.concurrency - len(self._running)
             claimed: list[Task] = []
             if free > 0:
-                # Clear before claiming: a submit during the claim sets it again, so no wake-up
-                # is lost.
-                self._wake.clear()
                 try:
                     claimed = await self.store.claim(self.owner, free, self.settings.lease_seconds)
                 except Exception:

@@ -79,7 +79,12 @@ def validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Res
 
 def http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorBody]:
     """Litestar's own errors (404 route, 405 method, 413 body size …) in our shape."""
-    code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
+    code = {
+        400: "invalid_request",
+        404: "not_found",
+        405: "method_not_allowed",
+        413: "too_large",
+    }.get(
         exc.status_code, "http_error"
     )
     return _body(exc.status_code, code, str(exc.detail))

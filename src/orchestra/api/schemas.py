@@ -41,7 +41,7 @@ class FieldOut(msgspec.Struct, frozen=True):
     message: str
 
 
-class ErrorBody(msgspec.Struct, frozen=True, omit_defaults=True):
+class ErrorBody(msgspec.Struct, frozen=True):
     """The body of every 4xx and 5xx answer."""
 
     status: int

@@ -5,6 +5,7 @@ Reference: ollama/ollama docs/api.md. Durations in Ollama's replies are nanoseco
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import httpx
@@ -37,6 +38,17 @@ def _ms(nanoseconds: int | None) -> float | None:
     return None if nanoseconds is None else round(nanoseconds / 1e6, 3)
 
 
+def _cause(exc: BaseException) -> str:
+    """The most specific reason in an exception chain ("Connection refused", not "All
+    connection attempts failed")."""
+    seen = exc
+    while seen.__cause__ or seen.__context__:
+        seen = seen.__cause__ or seen.__context__  # type: ignore[assignment]
+        if isinstance(seen, OSError) and seen.errno:
+            return os.strerror(seen.errno)
+    return str(exc) or type(exc).__name__
+
+
 def _error_text(response: httpx.Response) -> str:
     try:
         body = response.json()
@@ -62,7 +74,9 @@ class OllamaProvider:
         try:
             response = await self.client.post(url, json=payload, timeout=self.timeout)
         except httpx.ConnectError as exc:
-            raise ProviderUnavailable(f"cannot connect to Ollama at {self.url}: {exc}") from exc
+            raise ProviderUnavailable(
+                f"cannot connect to Ollama at {self.url}: {_cause(exc)}"
+            ) from exc
         except httpx.TimeoutException as exc:
             raise ProviderUnavailable(
                 f"Ollama at {self.url} did not answer within {self.timeout:g}s"
@@ -124,7 +138,7 @@ class OllamaProvider:
         except httpx.HTTPStatusError as exc:
             return Health(ok=False, detail=f"{self.url} answered {exc.response.status_code}")
         except httpx.HTTPError as exc:
-            return Health(ok=False, detail=f"cannot reach {self.url}: {type(exc).__name__}: {exc}")
+            return Health(ok=False, detail=f"cannot reach {self.url}: {_cause(exc)}")
         except ValueError:
             return Health(ok=False, detail=f"{self.url} did not answer like Ollama")
         return Health(ok=True, detail=f"ok (Ollama {version} at {self.url})")

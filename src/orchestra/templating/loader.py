@@ -43,6 +43,7 @@ PARAM_KEYS = (
     "min_length",
     "max_length",
     "pattern",
+    "items",
 )
 LLM_KEYS = ("id", "kind", "prompt", "system", "model", "options")
 STEP_KINDS = ("llm",)
@@ -232,9 +233,16 @@ def _parameters(c: _Checker, value: Any) -> dict[str, Parameter]:
             ("min_length", ptype in ("string", "array")),
             ("max_length", ptype in ("string", "array")),
             ("pattern", ptype == "string"),
+            ("items", ptype == "array"),
         ):
             if key in fields and not ok:
                 c.add((*path, key), f"{key} does not apply to a parameter of type {ptype}")
+        if param.items is not None:
+            try:
+                jsonschema.Draft202012Validator.check_schema(param.items)
+            except jsonschema.SchemaError as exc:
+                c.add((*path, "items"), f"items is not a valid JSON Schema: {exc.message}")
+                continue
         schema = param.json_schema()
         if param.default is not msgspec.UNSET:
             if param.required:

@@ -24,6 +24,8 @@ class Parameter(msgspec.Struct, frozen=True, omit_defaults=True):
     min_length: int | None = None
     max_length: int | None = None
     pattern: str | None = None
+    #: For arrays: a JSON Schema every item must match, e.g. {type: string}.
+    items: dict[str, Any] | None = None
 
     def json_schema(self) -> dict[str, Any]:
         """This parameter as a JSON Schema (what the API publishes and validation uses)."""
@@ -34,6 +36,7 @@ class Parameter(msgspec.Struct, frozen=True, omit_defaults=True):
             ("minimum", self.minimum),
             ("maximum", self.maximum),
             ("pattern", self.pattern),
+            ("items", self.items),
         ):
             if value is not None:
                 schema[key] = value

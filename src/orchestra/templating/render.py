@@ -8,6 +8,7 @@ Compiled templates are cached by their source text: each distinct prompt compile
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -21,14 +22,69 @@ from orchestra.errors import RenderError
 _SINGLE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>(?:(?!\}\}|\{\{).)*)\}\}\s*$", re.DOTALL)
 
 
+_FENCE = re.compile(r"```(?:json)?\s*\n?(?P<body>.*?)```", re.DOTALL | re.IGNORECASE)
+_BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
+
+
+def choose(answer: Any, options: Any) -> Any:
+    """Map a model's free-text answer onto one of ``options`` (case-insensitive).
+
+    An exact match wins; otherwise the option that appears first in the answer as a whole
+    word. Fails when the answer names none of them, so a task never returns an invented label.
+    """
+    text = str(answer).strip()
+    labels = [str(o) for o in options]
+    for label in labels:
+        if text.strip(" .!\"'`*").lower() == label.lower():
+            return label
+    found = []
+    for label in labels:
+        match = re.search(rf"(?<![\w-]){re.escape(label)}(?![\w-])", text, re.IGNORECASE)
+        if match:
+            found.append((match.start(), label))
+    if not found:
+        raise RenderError(
+            f"the model answered {text[:200]!r}, which is none of: {', '.join(labels)}"
+        )
+    return min(found)[1]
+
+
+def from_json(text: Any) -> Any:
+    """Parse JSON from a model's reply, tolerating a fenced ```json block around it."""
+    raw = str(text)
+    fenced = _FENCE.search(raw)
+    if fenced:
+        raw = fenced.group("body")
+    else:
+        starts = [i for i in (raw.find("{"), raw.find("[")) if i >= 0]
+        raw = raw[min(starts) :] if starts else raw
+    try:
+        value, _ = json.JSONDecoder().raw_decode(raw.strip())
+    except ValueError as exc:
+        raise RenderError(f"the model's reply is not JSON ({exc}): {str(text)[:200]!r}") from None
+    return value
+
+
+def lines(text: Any) -> list[str]:
+    """Split a reply into its non-empty lines, without list bullets or numbering."""
+    out = []
+    for line in str(text).splitlines():
+        item = _BULLET.sub("", line).strip()
+        if item:
+            out.append(item)
+    return out
+
+
 @functools.cache
 def environment() -> ImmutableSandboxedEnvironment:
     """The one Jinja environment every template renders in."""
-    return ImmutableSandboxedEnvironment(
+    env = ImmutableSandboxedEnvironment(
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=False,
     )
+    env.filters.update(choose=choose, from_json=from_json, lines=lines)
+    return env
 
 
 @functools.lru_cache(maxsize=2048)
@@ -79,6 +135,8 @@ def render_text(source: str, scope: Mapping[str, Any], *, what: str) -> str:
     """
     try:
         return _compiled(source).render(scope)
+    except RenderError:
+        raise
     except Exception as exc:  # any error a template can raise is the template's fault
         raise RenderError(f"cannot render {what}: {_explain(exc)}") from exc
 
@@ -96,5 +154,7 @@ def render_output(spec: str | dict[str, str], scope: Mapping[str, Any]) -> Any:
         if isinstance(compiled, _Expression):
             return compiled(scope)
         return compiled.render(scope)
+    except RenderError:
+        raise
     except Exception as exc:
         raise RenderError(f"cannot render output: {_explain(exc)}") from exc

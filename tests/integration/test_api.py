@@ -1,0 +1,241 @@
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.conftest import Service
+from tests.fixtures.fake_ollama import FakeOllama
+
+
+async def test_submit_returns_201_with_location_and_the_task(service: Service) -> None:
+    response = await service.client.post(
+        "/api/v1/tasks", json={"template": "summarize", "params": {"text": "Hello there."}}
+    )
+    assert response.status_code == 201
+    task = response.json()
+    assert response.headers["location"] == f"/api/v1/tasks/{task['id']}"
+    assert task["status"] == "queued"
+    assert task["template"] == "summarize" and task["template_version"] == 1
+    assert task["params"] == {"text": "Hello there.", "sentences": 3, "style": "paragraph"}
+
+
+async def test_finished_task_shows_result_steps_usage_and_times(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    task = await service.submit("summarize", text="The cat sat on the mat.", sentences=2)
+    done = await service.wait(task["id"])
+    assert done["status"] == "succeeded"
+    assert done["attempts"] == 1
+    assert done["result"].startswith("ECHO: Summarize the text below in at most 2 sentences")
+    [step] = done["steps"]
+    assert step["id"] == "summary" and step["status"] == "succeeded"
+    assert step["model"] == "ollama/llama3.2"
+    assert step["usage"]["prompt_tokens"] > 0 and step["usage"]["completion_tokens"] > 0
+    assert step["usage"]["generation_ms"] == 2.5
+    assert step["duration_ms"] >= 0
+    assert done["created_at"] <= done["started_at"] <= done["finished_at"]
+    [request] = fake_ollama.requests
+    assert request["messages"][0] == {
+        "role": "system",
+        "content": "You are a careful editor. You never add facts that are not in the text.",
+    }
+    assert request["options"] == {"temperature": 0}
+    assert request["stream"] is False
+
+
+async def test_task_may_override_the_model(service: Service, fake_ollama: FakeOllama) -> None:
+    response = await service.client.post(
+        "/api/v1/tasks",
+        json={"template": "summarize", "params": {"text": "x"}, "model": "qwen2.5"},
+    )
+    done = await service.wait(response.json()["id"])
+    assert done["steps"][0]["model"] == "ollama/qwen2.5"
+    assert fake_ollama.requests[-1]["model"] == "qwen2.5"
+
+
+async def test_unknown_template_is_404(service: Service) -> None:
+    response = await service.client.post("/api/v1/tasks", json={"template": "nope"})
+    assert response.status_code == 404
+    assert response.json() == {
+        "status": 404, "code": "template_not_found", "message": "no template named 'nope'",
+        "fields": [],
+    }
+
+
+async def test_invalid_params_are_422_naming_every_field(service: Service) -> None:
+    response = await service.client.post(
+        "/api/v1/tasks",
+        json={"template": "summarize", "params": {"sentences": 99, "style": "poem", "x": 1}},
+    )
+    assert response.status_code == 422
+    body = response.json()
+    assert body["code"] == "invalid_params"
+    fields = {f["field"]: f["message"] for f in body["fields"]}
+    assert set(fields) == {"params.text", "params.sentences", "params.style", "params.x"}
+    assert fields["params.text"] == "is required"
+    assert "maximum of 10" in fields["params.sentences"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"template": "summarize", "priority": "high"}', "priority"),
+        (b'{"template": "summarize", "priority": 5000}', "priority"),
+        (b'{"template": "summarize", "colour": "red"}', "colour"),
+        (b'{"params": {}}', "template"),
+        (b'{"template": "summarize", "params": [1]}', "params"),
+    ],
+)
+async def test_malformed_requests_are_400_naming_the_field(
+    service: Service, body: bytes, field: str
+) -> None:
+    response = await service.client.post(
+        "/api/v1/tasks", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400, response.text
+    payload = response.json()
+    assert payload["code"] == "invalid_request"
+    assert field in payload["message"]
+
+
+async def test_body_that_is_not_json_is_400(service: Service) -> None:
+    response = await service.client.post(
+        "/api/v1/tasks", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert response.json()["code"] == "invalid_request"
+
+
+@pytest.mark.parametrize("path", ["/api/v1/tasks/424242", "/api/v1/tasks/99999999999999999999"])
+async def test_unknown_task_is_404(service: Service, path: str) -> None:
+    response = await service.client.get(path)
+    assert response.status_code == 404
+    assert response.json()["status"] == 404
+
+
+@pytest.mark.parametrize(
+    "query",
+    [{"wait": "61"}, {"wait": "-1"}, {"wait": "soon"}],
+)
+async def test_bad_wait_is_400(service: Service, query: dict[str, str]) -> None:
+    task = await service.submit("summarize", text="x")
+    response = await service.client.get(f"/api/v1/tasks/{task['id']}", params=query)
+    assert response.status_code == 400
+    assert "wait" in response.json()["message"]
+
+
+async def test_wait_answers_as_soon_as_the_task_finishes(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.latency = 0.3
+    task = await service.submit("summarize", text="x")
+    started = time.perf_counter()
+    done = await service.wait(task["id"], seconds=30)
+    elapsed = time.perf_counter() - started
+    assert done["status"] == "succeeded"
+    assert elapsed < 2.0
+
+
+async def test_wait_gives_up_after_its_time(service: Service, fake_ollama: FakeOllama) -> None:
+    fake_ollama.latency = 2
+    task = await service.submit("summarize", text="x")
+    started = time.perf_counter()
+    response = await service.client.get(f"/api/v1/tasks/{task['id']}", params={"wait": 0.4})
+    elapsed = time.perf_counter() - started
+    assert response.json()["status"] in ("queued", "running")
+    assert 0.35 < elapsed < 2.0
+
+
+async def test_list_pages_newest_first(service: Service) -> None:
+    ids = [(await service.submit("summarize", text=f"t{i}"))["id"] for i in range(5)]
+    ids += [(await service.submit("sentiment", text="good"))["id"]]
+    seen: list[int] = []
+    cursor = None
+    while True:
+        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = (await service.client.get("/api/v1/tasks", params=params)).json()
+        seen += [t["id"] for t in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == sorted(ids, reverse=True)
+    only = (await service.client.get("/api/v1/tasks", params={"template": "sentiment"})).json()
+    assert [t["id"] for t in only["items"]] == [ids[-1]]
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [({"limit": "0"}, "limit"), ({"limit": "x"}, "limit"), ({"cursor": "abc"}, "cursor"),
+     ({"status": "sleeping"}, "status")],
+)
+async def test_bad_list_queries_are_400(service: Service, query: dict[str, str], field: str
+                                       ) -> None:
+    response = await service.client.get("/api/v1/tasks", params=query)
+    assert response.status_code == 400
+    assert field in response.json()["message"]
+
+
+async def test_list_filters_by_status(service: Service) -> None:
+    task = await service.submit("summarize", text="x")
+    await service.wait(task["id"])
+    page = (await service.client.get("/api/v1/tasks", params={"status": "succeeded"})).json()
+    assert [t["id"] for t in page["items"]] == [task["id"]]
+    queued = (await service.client.get("/api/v1/tasks", params={"status": "queued"})).json()
+    assert queued["items"] == []
+
+
+async def test_templates_are_listed_and_described(service: Service) -> None:
+    listing = (await service.client.get("/api/v1/templates")).json()
+    names = [t["name"] for t in listing["items"]]
+    assert names == sorted(names)
+    assert {"summarize", "translate", "classify", "extract", "sentiment", "rewrite", "keywords",
+            "qa"} <= set(names)
+    one = (await service.client.get("/api/v1/templates/summarize")).json()
+    assert one["parameters"]["required"] == ["text"]
+    assert one["parameters"]["properties"]["sentences"] == {
+        "type": "integer", "description": "How many sentences the summary may have.",
+        "minimum": 1, "maximum": 10, "default": 3,
+    }
+    assert one["steps"] == [{"id": "summary", "kind": "llm", "model": None}]
+    missing = await service.client.get("/api/v1/templates/nope")
+    assert missing.status_code == 404
+
+
+async def test_validate_endpoint_reports_problems_with_positions(service: Service) -> None:
+    bad = "name: x\nsteps:\n  - id: a\n    prompt: '{{ oops'\n    temprature: 1\n"
+    response = await service.client.post("/api/v1/templates/validate", content=bad)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["valid"] is False
+    by_path = {e["path"]: e for e in body["errors"]}
+    assert by_path["steps[0].temprature"]["line"] == 5
+    assert by_path["steps[0].prompt"]["line"] == 4
+    good = "name: x\nsteps:\n  - id: a\n    prompt: hi\n"
+    ok = (await service.client.post("/api/v1/templates/validate", content=good)).json()
+    assert ok == {"valid": True, "errors": [], "name": "x"}
+    binary = await service.client.post("/api/v1/templates/validate", content=b"\xff\xfe")
+    assert binary.status_code == 400
+
+
+async def test_health_reports_database_and_ollama(service: Service) -> None:
+    response = await service.client.get("/health")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ok" and body["database"] == "ok"
+    assert body["ollama"].startswith("ok (Ollama 0.9.0-fake")
+    assert (await service.client.get("/api/v1/health")).status_code == 200
+
+
+async def test_openapi_document_is_served(service: Service) -> None:
+    response = await service.client.get("/schema/openapi.json")
+    assert response.status_code == 200
+    paths = response.json()["paths"]
+    assert {"/api/v1/tasks", "/api/v1/tasks/{task_id}", "/api/v1/templates",
+            "/api/v1/templates/validate", "/health"} <= set(paths)
+
+
+async def test_unknown_route_is_a_json_404(service: Service) -> None:
+    response = await service.client.get("/api/v1/nothing")
+    assert response.status_code == 404
+    assert response.json()["code"] == "not_found"

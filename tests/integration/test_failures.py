@@ -1,0 +1,164 @@
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+from orchestra.config import Settings
+from orchestra.db import Database, TaskStore
+from orchestra.db.schema import upgrade
+from orchestra.domain import NewTask
+from tests.conftest import Service, StartService, make_settings, with_workers
+from tests.fixtures.fake_ollama import Failure, FakeOllama
+from tests.fixtures.servers import free_socket, wait_until
+
+
+async def test_ollama_down_fails_the_task_naming_the_url_and_health_says_so(
+    db_url: str, start_service: StartService
+) -> None:
+    sock = free_socket()  # bound but not listening: connections are refused
+    dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        async with start_service(make_settings(db_url, dead)) as svc:
+            task = await svc.submit("summarize", text="hello")
+            done = await svc.wait(task["id"])
+            health = await svc.client.get("/health")
+    finally:
+        sock.close()
+    assert done["status"] == "failed"
+    error = done["error"]
+    assert error["type"] == "provider_unavailable"
+    assert error["step"] == "summary"
+    assert dead in error["message"] and "refused" in error["message"].lower()
+    assert done["steps"][0]["status"] == "failed"
+    assert done["steps"][0]["error"]["message"] == error["message"]
+    assert health.status_code == 200
+    body = health.json()
+    assert body["status"] == "degraded" and body["database"] == "ok"
+    assert dead in body["ollama"]
+
+
+async def test_missing_model_fails_naming_the_model(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.models.discard("llama3.2")
+    task = await service.submit("summarize", text="hello")
+    done = await service.wait(task["id"])
+    assert done["status"] == "failed"
+    assert done["error"]["type"] == "model_not_found"
+    assert "'llama3.2' not found" in done["error"]["message"]
+    assert "ollama pull llama3.2" in done["error"]["message"]
+
+
+async def test_server_error_fails_the_attempt_naming_url_and_status(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.failure = Failure(500, "CUDA out of memory")
+    task = await service.submit("summarize", text="hello")
+    done = await service.wait(task["id"])
+    assert done["status"] == "failed"
+    assert done["error"]["type"] == "provider_unavailable"
+    assert fake_ollama.url in done["error"]["message"]
+    assert "500: CUDA out of memory" in done["error"]["message"]
+
+
+async def test_model_timeout_fails_the_attempt(
+    db_url: str, fake_ollama: FakeOllama, start_service: StartService
+) -> None:
+    fake_ollama.latency = 3
+    settings = make_settings(db_url, fake_ollama.url)
+    settings = Settings(
+        database=settings.database, workers=settings.workers,
+        ollama=type(settings.ollama)(url=fake_ollama.url, timeout=0.3),
+    )
+    async with start_service(settings) as svc:
+        done = await svc.wait((await svc.submit("summarize", text="x"))["id"])
+    assert done["status"] == "failed"
+    assert "did not answer within 0.3s" in done["error"]["message"]
+
+
+async def test_bad_output_rendering_fails_the_task_clearly(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.reply = lambda _req: "I would rather not say."
+    task = await service.submit("sentiment", text="meh")
+    done = await service.wait(task["id"])
+    assert done["status"] == "failed"
+    assert done["error"]["step"] == "output"
+    assert "none of: positive, negative, neutral, mixed" in done["error"]["message"]
+    assert done["steps"][0]["status"] == "succeeded"  # the model call itself worked
+
+
+async def test_task_of_a_dead_worker_is_recovered_at_startup(
+    db_url: str, fake_ollama: FakeOllama, start_service: StartService
+) -> None:
+    # A previous process claimed the task and died: its lease has expired.
+    db = Database(db_url)
+    await upgrade(db)
+    store = TaskStore(db)
+    task = await store.enqueue(
+        NewTask(template="summarize", template_version=1,
+                params={"text": "survivor", "sentences": 3, "style": "paragraph"})
+    )
+    await store.claim("dead-host:1:abc", 1, lease_seconds=0.01)
+    await db.close()
+    await asyncio.sleep(0.05)
+
+    async with start_service(make_settings(db_url, fake_ollama.url)) as svc:
+        done = await svc.wait(task.id)
+    assert done["status"] == "succeeded"
+    assert done["attempts"] == 2
+    assert "survivor" in done["result"]
+
+
+async def test_long_generation_keeps_its_lease_by_heartbeat(
+    db_url: str, fake_ollama: FakeOllama, start_service: StartService
+) -> None:
+    fake_ollama.latency = 1.5  # five lease lengths
+    settings = with_workers(make_settings(db_url, fake_ollama.url), lease_seconds=0.3,
+                            reap_interval=0.1)
+    async with start_service(settings) as svc:
+        done = await svc.wait((await svc.submit("summarize", text="slow"))["id"])
+    assert done["status"] == "succeeded"
+    assert done["attempts"] == 1
+    assert len(fake_ollama.requests) == 1
+
+
+async def test_concurrency_setting_bounds_parallel_model_calls(
+    db_url: str, fake_ollama: FakeOllama, start_service: StartService
+) -> None:
+    fake_ollama.latency = 0.2
+    settings = with_workers(make_settings(db_url, fake_ollama.url), concurrency=3)
+    async with start_service(settings) as svc:
+        ids = [(await svc.submit("summarize", text=f"t{i}"))["id"] for i in range(9)]
+        results = [await svc.wait(i) for i in ids]
+    assert all(r["status"] == "succeeded" for r in results)
+    assert fake_ollama.max_in_flight == 3
+
+
+async def test_stopping_hands_unfinished_tasks_back_to_the_queue(
+    db_url: str, fake_ollama: FakeOllama, start_service: StartService
+) -> None:
+    fake_ollama.latency = 2
+    settings = with_workers(make_settings(db_url, fake_ollama.url), shutdown_grace=0.2)
+    async with start_service(settings) as svc:
+        task = await svc.submit("summarize", text="interrupted")
+        await wait_until(lambda: fake_ollama.in_flight == 1)
+    with sqlite3.connect(Path(db_url.split("///", 1)[1])) as conn:
+        row = conn.execute(
+            "SELECT status, attempts, lease_owner FROM tasks WHERE id = ?", (task["id"],)
+        ).fetchone()
+    assert row == ("queued", 0, None)
+
+
+async def test_stopping_lets_tasks_finish_within_the_grace_period(
+    db_url: str, fake_ollama: FakeOllama, start_service: StartService
+) -> None:
+    fake_ollama.latency = 0.5
+    settings = with_workers(make_settings(db_url, fake_ollama.url), shutdown_grace=5)
+    async with start_service(settings) as svc:
+        task = await svc.submit("summarize", text="finish me")
+        await wait_until(lambda: fake_ollama.in_flight == 1)
+    with sqlite3.connect(Path(db_url.split("///", 1)[1])) as conn:
+        status = conn.execute("SELECT status FROM tasks WHERE id = ?", (task["id"],)).fetchone()
+    assert status == ("succeeded",)

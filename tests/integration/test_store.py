@@ -1,0 +1,208 @@
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from orchestra.db import Database, Lease, TaskStore
+from orchestra.db.schema import LATEST, upgrade
+from orchestra.domain import NewTask, Step, StepStatus, TaskError, TaskStatus, Usage, iso_now
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    database = Database(db_url)
+    await upgrade(database)
+    yield database
+    await database.close()
+
+
+@pytest.fixture
+def store(db: Database) -> TaskStore:
+    return TaskStore(db)
+
+
+def new(template: str = "summarize", priority: int = 0, **params: object) -> NewTask:
+    return NewTask(template=template, template_version=1, params=dict(params), priority=priority)
+
+
+async def test_schema_version_is_recorded_and_upgrade_is_idempotent(db: Database) -> None:
+    assert await upgrade(db) == LATEST
+    with sqlite3.connect(db.path) as conn:
+        versions = conn.execute("SELECT version FROM schema_version").fetchall()
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+    assert versions == [(1,)]
+    assert mode == "wal"
+
+
+async def test_a_person_can_read_the_file_with_sqlite3(store: TaskStore, db: Database) -> None:
+    task = await store.enqueue(new(text="hello"))
+    [claimed] = await store.claim("w1", 1, 30)
+    lease = Lease(task.id, "w1", claimed.attempts)
+    await store.start_step(lease, "summary", 0)
+    await store.finish_step(lease, Step(id="summary", position=0, status=StepStatus.SUCCEEDED,
+                                        output="hi", usage=Usage(prompt_tokens=3)))
+    await store.finish(lease, TaskStatus.SUCCEEDED, result={"text": "hi"})
+    with sqlite3.connect(db.path) as conn:
+        row = conn.execute(
+            "SELECT status, params, result, created_at, finished_at FROM tasks"
+        ).fetchone()
+        step = conn.execute("SELECT status, output, prompt_tokens FROM task_steps").fetchone()
+    assert row[0] == "succeeded"
+    assert row[1] == '{"text":"hello"}'
+    assert row[2] == '{"text":"hi"}'
+    assert row[3].endswith("Z") and row[3][10] == "T"
+    assert step == ("succeeded", '"hi"', 3)
+
+
+async def test_claim_takes_higher_priority_first_then_older(store: TaskStore) -> None:
+    low = await store.enqueue(new(priority=0))
+    high = await store.enqueue(new(priority=5))
+    low2 = await store.enqueue(new(priority=0))
+    claimed = await store.claim("w", 10, 30)
+    assert [t.id for t in claimed] == [high.id, low.id, low2.id]
+    assert all(t.status is TaskStatus.RUNNING and t.attempts == 1 for t in claimed)
+    assert await store.claim("w", 10, 30) == []
+
+
+async def test_fifty_concurrent_claimers_never_take_a_task_twice(
+    store: TaskStore, db_url: str
+) -> None:
+    for i in range(400):
+        await store.enqueue(new(n=i))
+    # A second Database on the same file behaves like a second process.
+    other_db = Database(db_url)
+    other = TaskStore(other_db)
+    taken: list[tuple[str, int]] = []
+
+    async def claimer(name: str, s: TaskStore) -> None:
+        while batch := await s.claim(name, 3, 30):
+            taken.extend((name, t.id) for t in batch)
+
+    try:
+        await asyncio.gather(
+            *(claimer(f"w{i}", store if i % 2 else other) for i in range(50))
+        )
+    finally:
+        await other_db.close()
+    ids = [task_id for _, task_id in taken]
+    assert len(ids) == 400
+    assert len(set(ids)) == 400
+    assert len({name for name, _ in taken}) > 10  # the work really was spread out
+
+
+async def test_expired_lease_returns_task_to_queue_with_attempt_counted(
+    store: TaskStore,
+) -> None:
+    task = await store.enqueue(new())
+    await store.claim("dead-worker", 1, lease_seconds=0.05)
+    assert await store.requeue_expired() == {}  # not yet expired
+    await asyncio.sleep(0.1)
+    assert await store.requeue_expired() == {task.id: TaskStatus.QUEUED}
+    again = await store.get_task(task.id)
+    assert again is not None
+    assert again.status is TaskStatus.QUEUED and again.attempts == 1 and again.lease_owner is None
+    [reclaimed] = await store.claim("w2", 1, 30)
+    assert reclaimed.id == task.id and reclaimed.attempts == 2
+
+
+async def test_task_that_keeps_losing_its_worker_fails_after_max_attempts(
+    store: TaskStore,
+) -> None:
+    task = await store.enqueue(
+        NewTask(template="t", template_version=1, params={}, max_attempts=2)
+    )
+    for _ in range(2):
+        await store.claim("dying", 1, lease_seconds=0.01)
+        await asyncio.sleep(0.03)
+        moved = await store.requeue_expired()
+    assert moved == {task.id: TaskStatus.FAILED}
+    failed = await store.get_task(task.id)
+    assert failed is not None and failed.error is not None
+    assert failed.error.type == "lease_expired"
+    assert failed.finished_at is not None
+
+
+async def test_a_stale_worker_cannot_write_after_losing_its_lease(store: TaskStore) -> None:
+    task = await store.enqueue(new())
+    [first] = await store.claim("old", 1, lease_seconds=0.01)
+    old = Lease(task.id, "old", first.attempts)
+    await asyncio.sleep(0.03)
+    await store.requeue_expired()
+    [second] = await store.claim("new", 1, 30)
+    current = Lease(task.id, "new", second.attempts)
+
+    assert not await store.start_step(old, "summary", 0)
+    assert not await store.finish(old, TaskStatus.FAILED, error=TaskError("x", "stale"))
+    assert await store.renew_leases("old", [task.id], 30) == set()
+
+    assert await store.start_step(current, "summary", 0)
+    assert await store.finish(current, TaskStatus.SUCCEEDED, result="ok")
+    done = await store.get_task(task.id)
+    assert done is not None and done.status is TaskStatus.SUCCEEDED and done.result == "ok"
+    assert not await store.finish(current, TaskStatus.FAILED)  # finished exactly once
+
+
+async def test_same_process_stale_attempt_is_fenced_by_attempt_number(store: TaskStore) -> None:
+    task = await store.enqueue(new())
+    await store.claim("me", 1, lease_seconds=0.01)
+    await asyncio.sleep(0.03)
+    await store.requeue_expired()
+    [second] = await store.claim("me", 1, 30)
+    assert not await store.finish(Lease(task.id, "me", 1), TaskStatus.SUCCEEDED)
+    assert await store.finish(Lease(task.id, "me", second.attempts), TaskStatus.SUCCEEDED)
+
+
+async def test_release_hands_a_task_back_without_counting_the_attempt(store: TaskStore) -> None:
+    task = await store.enqueue(new())
+    [claimed] = await store.claim("w", 1, 30)
+    lease = Lease(task.id, "w", claimed.attempts)
+    await store.start_step(lease, "summary", 0)
+    assert await store.release(lease)
+    back = await store.get_task(task.id)
+    assert back is not None
+    assert (back.status, back.attempts, back.steps) == (TaskStatus.QUEUED, 0, ())
+
+
+async def test_renewing_a_lease_pushes_its_expiry(store: TaskStore) -> None:
+    task = await store.enqueue(new())
+    [claimed] = await store.claim("w", 1, lease_seconds=1)
+    assert await store.renew_leases("w", [task.id], 60) == {task.id}
+    renewed = await store.get_task(task.id)
+    assert renewed is not None and renewed.lease_expires_at is not None
+    assert claimed.lease_expires_at is not None
+    assert renewed.lease_expires_at > claimed.lease_expires_at
+    assert renewed.lease_expires_at > iso_now(50)
+
+
+async def test_listing_is_newest_first_with_keyset_pages(store: TaskStore) -> None:
+    ids = [(await store.enqueue(new(template="a" if i % 2 else "b"))).id for i in range(7)]
+    seen: list[int] = []
+    cursor = None
+    pages = 0
+    while True:
+        page = await store.list_page(limit=3, before=cursor)
+        seen += [t.id for t in page.items]
+        pages += 1
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert seen == sorted(ids, reverse=True)
+    assert pages == 3
+    only_a = await store.list_page(template="a", limit=50)
+    assert {t.template for t in only_a.items} == {"a"} and len(only_a.items) == 3
+    await store.claim("w", 2, 30)
+    running = await store.list_page(status=TaskStatus.RUNNING)
+    assert [t.id for t in running.items] == sorted(ids[:2], reverse=True)
+
+
+async def test_in_memory_database_is_refused(tmp_path: Path) -> None:
+    from orchestra.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="in-memory"):
+        Database("sqlite+aiosqlite:///:memory:")
+    with pytest.raises(ConfigError, match="not supported yet"):
+        Database("postgresql+asyncpg://localhost/x")

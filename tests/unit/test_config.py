@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from orchestra.config import Settings, load
+from orchestra.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = load(None, env={})
+    assert settings == Settings()
+    assert settings.database.url == "sqlite+aiosqlite:///orchestra.db"
+    assert (settings.server.host, settings.server.port) == ("127.0.0.1", 8000)
+
+
+def test_shipped_orchestra_toml_lists_every_setting_with_its_default() -> None:
+    shipped = REPO / "orchestra.toml"
+    assert load(shipped, env={}) == Settings()
+    data = tomllib.loads(shipped.read_text())
+    for section in msgspec.structs.fields(Settings):
+        assert section.name in data, f"[{section.name}] missing from orchestra.toml"
+        for key in msgspec.structs.fields(section.type):
+            assert key.name in data[section.name], f"{section.name}.{key.name} missing"
+
+
+def test_file_values_and_environment_overrides(tmp_path: Path) -> None:
+    file = tmp_path / "o.toml"
+    file.write_text('[server]\nport = 7000\n[workers]\nconcurrency = 2\n')
+    env = {
+        "ORCHESTRA_SERVER__PORT": "9000",
+        "ORCHESTRA_TEMPLATES__DIRS": '["/a", "/b"]',
+        "ORCHESTRA_OLLAMA__URL": "http://gpu:11434",
+    }
+    settings = load(file, env=env)
+    assert settings.server.port == 9000
+    assert settings.workers.concurrency == 2
+    assert settings.templates.dirs == ["/a", "/b"]
+    assert settings.ollama.url == "http://gpu:11434"
+
+
+def test_orchestra_config_variable_picks_the_file(tmp_path: Path) -> None:
+    file = tmp_path / "x.toml"
+    file.write_text("[server]\nport = 7123\n")
+    assert load(None, env={"ORCHESTRA_CONFIG": str(file)}).server.port == 7123
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[server]\nprot = 1\n", "server.prot: unknown setting"),
+        ("[sever]\nport = 1\n", "sever: unknown setting"),
+        ('[server]\nport = "high"\n', "server.port: expected int, got str"),
+        ("[workers]\nconcurrency = 0\n", "workers.concurrency: expected an integer >= 1"),
+        ("[server\n", "invalid TOML"),
+    ],
+)
+def test_bad_file_names_file_key_and_expectation(tmp_path: Path, text: str, expected: str) -> None:
+    file = tmp_path / "bad.toml"
+    file.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load(file, env={})
+    assert str(file) in info.value.message
+    assert expected in info.value.message
+    assert "\n" not in info.value.message
+
+
+def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(None, env={"ORCHESTRA_SERVER__PORT": "ninety", "ORCHESTRA_CONFIG": ""})
+    assert "ORCHESTRA_SERVER__PORT" in info.value.message
+    assert "server.port" in info.value.message
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path / "missing.toml", env={})
+    assert "missing.toml: cannot read the settings file" in info.value.message
+
+
+def test_serve_with_bad_config_prints_one_line_and_no_traceback(tmp_path: Path) -> None:
+    file = tmp_path / "bad.toml"
+    file.write_text("[server]\nport = \"x\"\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestra", "serve", "--config", str(file)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines == [f"Error: {file}: server.port: expected int, got str"]

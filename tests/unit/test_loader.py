@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestra.errors import TemplateError
+from orchestra.templating import TemplateProblem, parse_template
+from orchestra.templating.registry import TemplateRegistry
+
+GOOD = """\
+name: demo
+version: 2
+description: A demo.
+model: llama3.2
+parameters:
+  text: {type: string, required: true, max_length: 100}
+  n: {type: integer, default: 3, minimum: 1, maximum: 10}
+steps:
+  - id: first
+    system: Be brief.
+    prompt: |
+      Say {{ params.text }} {{ params.n }} times.
+    options: {temperature: 0}
+  - id: second
+    prompt: "Shorten: {{ steps.first.output }}"
+output:
+  long: "{{ steps.first.output }}"
+  short: "{{ steps.second.output }}"
+"""
+
+
+def problems(text: str) -> list[TemplateProblem]:
+    with pytest.raises(TemplateError) as info:
+        parse_template(text, "t.yaml")
+    return info.value.problems
+
+
+def test_a_valid_template_loads() -> None:
+    t = parse_template(GOOD, "t.yaml")
+    assert (t.name, t.version, t.model) == ("demo", 2, "llama3.2")
+    assert [s.id for s in t.steps] == ["first", "second"]
+    assert t.parameters["n"].default == 3
+    assert t.params_schema()["required"] == ["text"]
+    assert t.output == {"long": "{{ steps.first.output }}", "short": "{{ steps.second.output }}"}
+
+
+def test_yaml_syntax_error_has_line_and_column() -> None:
+    [p] = problems("name: x\nsteps: [\n  - id: a\n")
+    assert p.file == "t.yaml"
+    assert p.message.startswith("YAML:")
+    assert p.line >= 2
+
+
+def test_duplicate_yaml_key_is_reported_where_it_repeats() -> None:
+    [p] = problems("name: x\nname: y\nsteps: []\n")
+    assert "duplicate key" in p.message
+    assert (p.line, p.column) == (2, 1)
+
+
+def test_unknown_field_points_at_it_and_suggests_the_right_one() -> None:
+    found = problems(GOOD.replace("description:", "descripton:"))
+    [p] = found
+    assert p.path == "descripton"
+    assert (p.line, p.column) == (3, 13)
+    assert "did you mean 'description'" in p.message
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    text = """\
+name: Bad Name
+steps:
+  - id: a
+    prompt: hi
+  - id: a
+    prompt: "{{ oops"
+  - id: c
+    kind: shell
+parameters:
+  x: {type: str}
+"""
+    found = problems(text)
+    by_path = {p.path: p for p in found}
+    assert "may hold only" in by_path["name"].message
+    assert (by_path["name"].line, by_path["name"].column) == (1, 7)
+    assert "duplicate step id 'a' (also steps[0])" in by_path["steps[1].id"].message
+    assert (by_path["steps[1].id"].line, by_path["steps[1].id"].column) == (5, 9)
+    assert "Jinja syntax error" in by_path["steps[1].prompt"].message
+    assert (by_path["steps[1].prompt"].line, by_path["steps[1].prompt"].column) == (6, 13)
+    assert "unknown step kind 'shell'" in by_path["steps[2].kind"].message
+    assert "type must be one of" in by_path["parameters.x.type"].message
+    assert by_path["parameters.x.type"].line == 10
+
+
+def test_jinja_error_inside_a_block_scalar_points_at_the_bad_line() -> None:
+    text = """\
+name: x
+steps:
+  - id: a
+    prompt: |
+      line one
+      line two {% if %}
+"""
+    [p] = problems(text)
+    assert p.path == "steps[0].prompt"
+    assert (p.line, p.column) == (6, 7)
+
+
+def test_missing_required_fields() -> None:
+    found = {p.path: p.message for p in problems("description: nothing\n")}
+    assert found[""] == "'name' is required"
+    assert found["steps"] == "'steps' must be a non-empty list of steps"
+    step = {p.path: p.message for p in problems("name: x\nsteps:\n  - id: a\n")}
+    assert step["steps[0]"] == "'prompt' is required"
+
+
+@pytest.mark.parametrize(
+    ("param", "path", "message"),
+    [
+        ("{type: integer, default: ten}", "parameters.p.default", "default does not fit"),
+        ("{type: string, minimum: 3}", "parameters.p.minimum", "does not apply"),
+        ("{type: string, pattern: '('}", "parameters.p.pattern", "not a valid regular"),
+        ("{type: string, enum: [a, 3]}", "parameters.p.enum[1]", "enum value does not fit"),
+        ("{type: string, required: true, default: a}", "parameters.p.default", "cannot have"),
+        ("{type: array, items: {type: nope}}", "parameters.p.items", "not a valid JSON Schema"),
+        ("{type: integer, maximum: many}", "parameters.p.maximum", "expected"),
+        ("{type: string, colour: red}", "parameters.p.colour", "unknown field"),
+    ],
+)
+def test_parameter_problems(param: str, path: str, message: str) -> None:
+    text = f"name: x\nparameters:\n  p: {param}\nsteps:\n  - id: a\n    prompt: hi\n"
+    found = {p.path: p.message for p in problems(text)}
+    assert path in found, found
+    assert message in found[path]
+
+
+def test_output_syntax_error_is_located() -> None:
+    text = "name: x\nsteps:\n  - id: a\n    prompt: hi\noutput: '{{ steps.a.output | }}'\n"
+    [p] = problems(text)
+    assert p.path == "output"
+    assert (p.line, p.column) == (5, 9)
+
+
+def test_registry_reports_a_name_clash_with_both_files(tmp_path: Path) -> None:
+    (tmp_path / "mine.yaml").write_text("name: summarize\nsteps:\n  - id: a\n    prompt: hi\n")
+    registry = TemplateRegistry([tmp_path])
+    with pytest.raises(TemplateError) as info:
+        registry.load()
+    [p] = info.value.problems
+    assert p.file.endswith("mine.yaml")
+    assert "already defined in" in p.message and "summarize.yaml" in p.message
+
+
+def test_registry_loads_builtins_and_user_folders(tmp_path: Path) -> None:
+    (tmp_path / "mine.yml").write_text("name: mine\nsteps:\n  - id: a\n    prompt: hi\n")
+    (tmp_path / "notes.txt").write_text("not a template")
+    registry = TemplateRegistry([tmp_path])
+    names = {t.name for t in registry.load()}
+    assert {"summarize", "translate", "classify", "extract", "sentiment", "rewrite", "keywords",
+            "qa", "mine"} <= names
