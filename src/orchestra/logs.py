@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
 
 from orchestra.config import LoggingSettings
+
+
+def _drop_color_message(
+    _logger: Any, _name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    # uvicorn adds an ANSI-coloured copy of each message for its own formatter.
+    event.pop("color_message", None)
+    return event
 
 
 def setup(settings: LoggingSettings, stream: Any = None) -> None:
@@ -23,6 +32,7 @@ def setup(settings: LoggingSettings, stream: Any = None) -> None:
     )
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_logger_name,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
@@ -49,7 +59,7 @@ def setup(settings: LoggingSettings, stream: Any = None) -> None:
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 renderer,
             ],
-            foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+            foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(), _drop_color_message],
         )
     )
     root = logging.getLogger()

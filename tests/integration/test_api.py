@@ -58,7 +58,9 @@ async def test_unknown_template_is_404(service: Service) -> None:
     response = await service.client.post("/api/v1/tasks", json={"template": "nope"})
     assert response.status_code == 404
     assert response.json() == {
-        "status": 404, "code": "template_not_found", "message": "no template named 'nope'",
+        "status": 404,
+        "code": "template_not_found",
+        "message": "no template named 'nope'",
         "fields": [],
     }
 
@@ -166,11 +168,16 @@ async def test_list_pages_newest_first(service: Service) -> None:
 
 @pytest.mark.parametrize(
     ("query", "field"),
-    [({"limit": "0"}, "limit"), ({"limit": "x"}, "limit"), ({"cursor": "abc"}, "cursor"),
-     ({"status": "sleeping"}, "status")],
+    [
+        ({"limit": "0"}, "limit"),
+        ({"limit": "x"}, "limit"),
+        ({"cursor": "abc"}, "cursor"),
+        ({"status": "sleeping"}, "status"),
+    ],
 )
-async def test_bad_list_queries_are_400(service: Service, query: dict[str, str], field: str
-                                       ) -> None:
+async def test_bad_list_queries_are_400(
+    service: Service, query: dict[str, str], field: str
+) -> None:
     response = await service.client.get("/api/v1/tasks", params=query)
     assert response.status_code == 400
     assert field in response.json()["message"]
@@ -189,13 +196,24 @@ async def test_templates_are_listed_and_described(service: Service) -> None:
     listing = (await service.client.get("/api/v1/templates")).json()
     names = [t["name"] for t in listing["items"]]
     assert names == sorted(names)
-    assert {"summarize", "translate", "classify", "extract", "sentiment", "rewrite", "keywords",
-            "qa"} <= set(names)
+    assert {
+        "summarize",
+        "translate",
+        "classify",
+        "extract",
+        "sentiment",
+        "rewrite",
+        "keywords",
+        "qa",
+    } <= set(names)
     one = (await service.client.get("/api/v1/templates/summarize")).json()
     assert one["parameters"]["required"] == ["text"]
     assert one["parameters"]["properties"]["sentences"] == {
-        "type": "integer", "description": "How many sentences the summary may have.",
-        "minimum": 1, "maximum": 10, "default": 3,
+        "type": "integer",
+        "description": "How many sentences the summary may have.",
+        "minimum": 1,
+        "maximum": 10,
+        "default": 3,
     }
     assert one["steps"] == [{"id": "summary", "kind": "llm", "model": None}]
     missing = await service.client.get("/api/v1/templates/nope")
@@ -231,8 +249,13 @@ async def test_openapi_document_is_served(service: Service) -> None:
     response = await service.client.get("/schema/openapi.json")
     assert response.status_code == 200
     paths = response.json()["paths"]
-    assert {"/api/v1/tasks", "/api/v1/tasks/{task_id}", "/api/v1/templates",
-            "/api/v1/templates/validate", "/health"} <= set(paths)
+    assert {
+        "/api/v1/tasks",
+        "/api/v1/tasks/{task_id}",
+        "/api/v1/templates",
+        "/api/v1/templates/validate",
+        "/health",
+    } <= set(paths)
 
 
 async def test_unknown_route_is_a_json_404(service: Service) -> None:

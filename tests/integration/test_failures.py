@@ -68,7 +68,8 @@ async def test_model_timeout_fails_the_attempt(
     fake_ollama.latency = 3
     settings = make_settings(db_url, fake_ollama.url)
     settings = Settings(
-        database=settings.database, workers=settings.workers,
+        database=settings.database,
+        workers=settings.workers,
         ollama=type(settings.ollama)(url=fake_ollama.url, timeout=0.3),
     )
     async with start_service(settings) as svc:
@@ -97,8 +98,11 @@ async def test_task_of_a_dead_worker_is_recovered_at_startup(
     await upgrade(db)
     store = TaskStore(db)
     task = await store.enqueue(
-        NewTask(template="summarize", template_version=1,
-                params={"text": "survivor", "sentences": 3, "style": "paragraph"})
+        NewTask(
+            template="summarize",
+            template_version=1,
+            params={"text": "survivor", "sentences": 3, "style": "paragraph"},
+        )
     )
     await store.claim("dead-host:1:abc", 1, lease_seconds=0.01)
     await db.close()
@@ -115,8 +119,9 @@ async def test_long_generation_keeps_its_lease_by_heartbeat(
     db_url: str, fake_ollama: FakeOllama, start_service: StartService
 ) -> None:
     fake_ollama.latency = 1.5  # five lease lengths
-    settings = with_workers(make_settings(db_url, fake_ollama.url), lease_seconds=0.3,
-                            reap_interval=0.1)
+    settings = with_workers(
+        make_settings(db_url, fake_ollama.url), lease_seconds=0.3, reap_interval=0.1
+    )
     async with start_service(settings) as svc:
         done = await svc.wait((await svc.submit("summarize", text="slow"))["id"])
     assert done["status"] == "succeeded"

@@ -43,8 +43,16 @@ async def test_a_person_can_read_the_file_with_sqlite3(store: TaskStore, db: Dat
     [claimed] = await store.claim("w1", 1, 30)
     lease = Lease(task.id, "w1", claimed.attempts)
     await store.start_step(lease, "summary", 0)
-    await store.finish_step(lease, Step(id="summary", position=0, status=StepStatus.SUCCEEDED,
-                                        output="hi", usage=Usage(prompt_tokens=3)))
+    await store.finish_step(
+        lease,
+        Step(
+            id="summary",
+            position=0,
+            status=StepStatus.SUCCEEDED,
+            output="hi",
+            usage=Usage(prompt_tokens=3),
+        ),
+    )
     await store.finish(lease, TaskStatus.SUCCEEDED, result={"text": "hi"})
     with sqlite3.connect(db.path) as conn:
         row = conn.execute(
@@ -83,9 +91,7 @@ async def test_fifty_concurrent_claimers_never_take_a_task_twice(
             taken.extend((name, t.id) for t in batch)
 
     try:
-        await asyncio.gather(
-            *(claimer(f"w{i}", store if i % 2 else other) for i in range(50))
-        )
+        await asyncio.gather(*(claimer(f"w{i}", store if i % 2 else other) for i in range(50)))
     finally:
         await other_db.close()
     ids = [task_id for _, task_id in taken]
@@ -112,9 +118,7 @@ async def test_expired_lease_returns_task_to_queue_with_attempt_counted(
 async def test_task_that_keeps_losing_its_worker_fails_after_max_attempts(
     store: TaskStore,
 ) -> None:
-    task = await store.enqueue(
-        NewTask(template="t", template_version=1, params={}, max_attempts=2)
-    )
+    task = await store.enqueue(NewTask(template="t", template_version=1, params={}, max_attempts=2))
     for _ in range(2):
         await store.claim("dying", 1, lease_seconds=0.01)
         await asyncio.sleep(0.03)

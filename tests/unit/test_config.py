@@ -34,7 +34,7 @@ def test_shipped_orchestra_toml_lists_every_setting_with_its_default() -> None:
 
 def test_file_values_and_environment_overrides(tmp_path: Path) -> None:
     file = tmp_path / "o.toml"
-    file.write_text('[server]\nport = 7000\n[workers]\nconcurrency = 2\n')
+    file.write_text("[server]\nport = 7000\n[workers]\nconcurrency = 2\n")
     env = {
         "ORCHESTRA_SERVER__PORT": "9000",
         "ORCHESTRA_TEMPLATES__DIRS": '["/a", "/b"]',
@@ -88,10 +88,12 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 def test_serve_with_bad_config_prints_one_line_and_no_traceback(tmp_path: Path) -> None:
     file = tmp_path / "bad.toml"
-    file.write_text("[server]\nport = \"x\"\n")
+    file.write_text('[server]\nport = "x"\n')
     done = subprocess.run(
         [sys.executable, "-m", "orchestra", "serve", "--config", str(file)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 1
     assert "Traceback" not in done.stderr

@@ -156,5 +156,14 @@ def test_registry_loads_builtins_and_user_folders(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not a template")
     registry = TemplateRegistry([tmp_path])
     names = {t.name for t in registry.load()}
-    assert {"summarize", "translate", "classify", "extract", "sentiment", "rewrite", "keywords",
-            "qa", "mine"} <= names
+    assert {
+        "summarize",
+        "translate",
+        "classify",
+        "extract",
+        "sentiment",
+        "rewrite",
+        "keywords",
+        "qa",
+        "mine",
+    } <= names

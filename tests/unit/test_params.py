@@ -33,8 +33,16 @@ def test_every_problem_is_named_at_once() -> None:
     with pytest.raises(InvalidParams) as info:
         validate_params(
             TEMPLATE,
-            {"n": "3", "style": "c", "tags": ["x", 1, "z"], "ratio": True, "flag": "yes",
-             "extra": [], "code": "abc", "colour": "red"},
+            {
+                "n": "3",
+                "style": "c",
+                "tags": ["x", 1, "z"],
+                "ratio": True,
+                "flag": "yes",
+                "extra": [],
+                "code": "abc",
+                "colour": "red",
+            },
         )
     fields = {f.field: f.message for f in info.value.fields}
     assert fields["params.text"] == "is required"

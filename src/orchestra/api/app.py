@@ -58,5 +58,8 @@ def create_app(settings: Settings, registry: TemplateRegistry | None = None) -> 
             version=__version__,
             description="Run AI tasks from YAML templates against local model servers.",
         ),
+        # Logging is configured once by orchestra.logs; Litestar's default config would
+        # replace it with its own handlers and format.
+        logging_config=None,
         debug=False,
     )

@@ -84,9 +84,7 @@ def http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorB
         404: "not_found",
         405: "method_not_allowed",
         413: "too_large",
-    }.get(
-        exc.status_code, "http_error"
-    )
+    }.get(exc.status_code, "http_error")
     return _body(exc.status_code, code, str(exc.detail))
 
 

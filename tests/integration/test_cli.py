@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from tests.conftest import Service
+from tests.fixtures.fake_ollama import FakeOllama
+from tests.fixtures.servers import wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "orchestra",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_submit_wait_prints_the_result(
+    service: Service, fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    text = tmp_path / "article.txt"
+    text.write_text("A long article about queues.")
+    code, out, err = await run_cli(
+        "submit",
+        "summarize",
+        "-p",
+        f"text=@{text}",
+        "-p",
+        "sentences=2",
+        "--wait",
+        "--url",
+        service.url,
+    )
+    assert code == 0, err
+    assert "A long article about queues." in out
+    assert "at most 2 sentences" in out
+    assert err.startswith("task 1 queued")
+    assert fake_ollama.requests[0]["messages"][-1]["content"].count("queues") == 1
+
+
+async def test_submit_reports_invalid_params_by_field(service: Service) -> None:
+    code, _out, err = await run_cli(
+        "submit", "summarize", "-p", "sentences=99", "--url", service.url
+    )
+    assert code == 1
+    assert "params.text: is required" in err
+    assert "params.sentences" in err
+    assert "Traceback" not in err
+
+
+async def test_submit_without_a_server_says_so() -> None:
+    code, _out, err = await run_cli("submit", "summarize", "--url", "http://127.0.0.1:9")
+    assert code == 1
+    assert "cannot reach the server at http://127.0.0.1:9" in err
+
+
+async def test_templates_validate_prints_positions(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nsteps:\n  - id: a\n    prompt: '{{ nope'\n")
+    code, out, err = await run_cli(
+        "templates", "validate", str(bad), str(REPO / "templates" / "qa.yaml")
+    )
+    assert code == 1
+    assert err.startswith(f"{bad}:4:13: steps[0].prompt: Jinja syntax error")
+    assert "qa.yaml: ok (qa v1)" in out
+
+
+async def test_templates_list_includes_user_folders(tmp_path: Path) -> None:
+    (tmp_path / "mine.yaml").write_text(
+        "name: mine\ndescription: Mine.\nsteps:\n  - id: a\n    prompt: hi\n"
+    )
+    code, out, _ = await run_cli(
+        "templates", "list", env={"ORCHESTRA_TEMPLATES__DIRS": f'["{tmp_path}"]'}
+    )
+    assert code == 0
+    assert "mine" in out and "summarize" in out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_sigterm_stops_claiming_and_lets_the_running_task_finish(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    import httpx
+
+    fake_ollama.latency = 1.0
+    port = _free_port()
+    db = tmp_path / "o.db"
+    config = tmp_path / "o.toml"
+    config.write_text(
+        f'[server]\nport = {port}\n[database]\nurl = "sqlite+aiosqlite:///{db}"\n'
+        f"[workers]\nconcurrency = 1\nshutdown_grace = 10\n"
+        f'[ollama]\nurl = "{fake_ollama.url}"\n'
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "orchestra",
+        "serve",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=base) as client:
+
+            async def up() -> bool:
+                try:
+                    return (await client.get("/health")).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            await wait_until(up, timeout=30, interval=0.1)
+            body = {"template": "summarize", "params": {"text": "x"}}
+            first = (await client.post("/api/v1/tasks", json=body)).json()
+            second = (await client.post("/api/v1/tasks", json=body)).json()
+            await wait_until(lambda: fake_ollama.in_flight == 1)
+            proc.send_signal(signal.SIGTERM)
+            _, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    # uvicorn re-raises the signal after its graceful shutdown, as a default handler would.
+    assert proc.returncode in (0, -signal.SIGTERM)
+    with sqlite3.connect(db) as conn:
+        rows = dict(conn.execute("SELECT id, status FROM tasks").fetchall())
+    assert rows == {first["id"]: "succeeded", second["id"]: "queued"}
+    events = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
+    finished = [e for e in events if e.get("event") == "task.finished"]
+    assert finished and finished[0]["task_id"] == first["id"]
+    assert finished[0]["template"] == "summarize"
+
+
+def test_the_wheel_carries_the_builtin_templates(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
+    [wheel] = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {Path(n).name for n in names if "/builtin_templates/" in n}
+    assert shipped == {p.name for p in (REPO / "templates").glob("*.yaml")}
