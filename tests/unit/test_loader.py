@@ -62,7 +62,7 @@ def test_unknown_field_points_at_it_and_suggests_the_right_one() -> None:
     found = problems(GOOD.replace("description:", "descripton:"))
     [p] = found
     assert p.path == "descripton"
-    assert (p.line, p.column) == (3, 13)
+    assert (p.line, p.column) == (3, 1)  # the key itself, not its value
     assert "did you mean 'description'" in p.message
 
 

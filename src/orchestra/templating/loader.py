@@ -79,6 +79,7 @@ class _Source:
         self.file = file
         self.lines = text.splitlines()
         self.positions: dict[Path_, tuple[int, int]] = {(): (0, 0)}
+        self.key_positions: dict[Path_, tuple[int, int]] = {}
         self.block_scalars: set[Path_] = set()
         self.data = self._plain(YAML(typ="rt").load(text), ())
 
@@ -86,8 +87,8 @@ class _Source:
         if isinstance(node, CommentedMap):
             out: dict[Any, Any] = {}
             for key in node:
-                line, col = node.lc.value(key)
-                self.positions[(*path, key)] = (line, col)
+                self.positions[(*path, key)] = node.lc.value(key)
+                self.key_positions[(*path, key)] = node.lc.key(key)
                 out[key] = self._plain(node[key], (*path, key))
             return out
         if isinstance(node, CommentedSeq):
@@ -117,6 +118,13 @@ class _Source:
             path = path[:-1]
         line, col = self.positions[path]
         return line + 1, col + 1
+
+    def where_key(self, path: Path_) -> tuple[int, int]:
+        """1-based (line, column) of the key that holds the value at ``path``."""
+        if path in self.key_positions:
+            line, col = self.key_positions[path]
+            return line + 1, col + 1
+        return self.where(path)
 
     def where_in_value(self, path: Path_, lineno: int) -> tuple[int, int]:
         """Position of line ``lineno`` (1-based) inside the string value at ``path``."""
@@ -156,6 +164,7 @@ class _Checker:
                 self.add(
                     (*path, key),
                     f"unknown field {key!r}{suggestion} (allowed: {', '.join(allowed)})",
+                    at=self.src.where_key((*path, key)),
                 )
 
     def string(self, data: dict[str, Any], path: Path_, key: str, required: bool = False) -> Any:
@@ -360,7 +369,7 @@ def parse_template(text: str, file: str = "<string>") -> Template:
     steps = _steps(c, data.get("steps"))
     output = _output(c, data.get("output"))
     if c.problems:
-        raise TemplateError(c.problems)
+        raise TemplateError(sorted(c.problems, key=lambda p: (p.line, p.column)))
     return Template(
         name=name,
         version=version,
