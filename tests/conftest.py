@@ -21,6 +21,21 @@ from orchestra.config import (
 from tests.fixtures.fake_ollama import FakeOllama, running_fake_ollama
 from tests.fixtures.servers import serve
 
+#: The templates the service ships with.
+BUILTINS = frozenset(
+    {"summarize", "translate", "classify", "extract", "sentiment", "rewrite", "keywords", "qa"}
+)
+
+
+def task_row(db_url: str, task_id: int, columns: str) -> tuple[Any, ...]:
+    """Read a task's columns straight from the SQLite file, as a person with sqlite3 would."""
+    import sqlite3
+
+    with sqlite3.connect(db_url.split("///", 1)[1]) as conn:
+        row = conn.execute(f"SELECT {columns} FROM tasks WHERE id = ?", (task_id,)).fetchone()
+    assert row is not None, f"no task {task_id}"
+    return tuple(row)
+
 
 @pytest.fixture
 async def fake_ollama() -> AsyncIterator[FakeOllama]:

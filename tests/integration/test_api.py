@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from tests.conftest import Service
+from tests.conftest import BUILTINS, Service
 from tests.fixtures.fake_ollama import FakeOllama
 
 
@@ -196,16 +196,7 @@ async def test_templates_are_listed_and_described(service: Service) -> None:
     listing = (await service.client.get("/api/v1/templates")).json()
     names = [t["name"] for t in listing["items"]]
     assert names == sorted(names)
-    assert {
-        "summarize",
-        "translate",
-        "classify",
-        "extract",
-        "sentiment",
-        "rewrite",
-        "keywords",
-        "qa",
-    } <= set(names)
+    assert BUILTINS <= set(names)
     one = (await service.client.get("/api/v1/templates/summarize")).json()
     assert one["parameters"]["required"] == ["text"]
     assert one["parameters"]["properties"]["sentences"] == {

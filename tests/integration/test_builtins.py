@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Service
+from tests.conftest import BUILTINS, Service
 from tests.fixtures.fake_ollama import FakeOllama
 
 Reply = Callable[[dict[str, Any]], str]
@@ -108,7 +108,7 @@ def test_every_builtin_has_a_test() -> None:
 
     registry = TemplateRegistry()
     registry.load()
-    assert {t.name for t in registry.all()} == {c[0] for c in CASES}
+    assert {t.name for t in registry.all()} == {c[0] for c in CASES} == BUILTINS
 
 
 async def test_classify_fails_when_the_model_invents_a_label(

@@ -1,14 +1,14 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
-from pathlib import Path
+
+import pytest
 
 from orchestra.config import Settings
 from orchestra.db import Database, TaskStore
 from orchestra.db.schema import upgrade
 from orchestra.domain import NewTask
-from tests.conftest import Service, StartService, make_settings, with_workers
+from tests.conftest import Service, StartService, make_settings, task_row, with_workers
 from tests.fixtures.fake_ollama import Failure, FakeOllama
 from tests.fixtures.servers import free_socket, wait_until
 
@@ -141,29 +141,27 @@ async def test_concurrency_setting_bounds_parallel_model_calls(
     assert fake_ollama.max_in_flight == 3
 
 
-async def test_stopping_hands_unfinished_tasks_back_to_the_queue(
-    db_url: str, fake_ollama: FakeOllama, start_service: StartService
+@pytest.mark.parametrize(
+    ("latency", "grace", "expected"),
+    [
+        # the call outlasts the grace period: handed back, the attempt not counted
+        (2.0, 0.2, ("queued", 0, None)),
+        # the call ends within the grace period: it finishes normally
+        (0.5, 5.0, ("succeeded", 1, None)),
+    ],
+    ids=["handed-back", "finished-in-grace"],
+)
+async def test_stopping_waits_for_the_grace_period_then_hands_tasks_back(
+    db_url: str,
+    fake_ollama: FakeOllama,
+    start_service: StartService,
+    latency: float,
+    grace: float,
+    expected: tuple[str, int, None],
 ) -> None:
-    fake_ollama.latency = 2
-    settings = with_workers(make_settings(db_url, fake_ollama.url), shutdown_grace=0.2)
+    fake_ollama.latency = latency
+    settings = with_workers(make_settings(db_url, fake_ollama.url), shutdown_grace=grace)
     async with start_service(settings) as svc:
         task = await svc.submit("summarize", text="interrupted")
         await wait_until(lambda: fake_ollama.in_flight == 1)
-    with sqlite3.connect(Path(db_url.split("///", 1)[1])) as conn:
-        row = conn.execute(
-            "SELECT status, attempts, lease_owner FROM tasks WHERE id = ?", (task["id"],)
-        ).fetchone()
-    assert row == ("queued", 0, None)
-
-
-async def test_stopping_lets_tasks_finish_within_the_grace_period(
-    db_url: str, fake_ollama: FakeOllama, start_service: StartService
-) -> None:
-    fake_ollama.latency = 0.5
-    settings = with_workers(make_settings(db_url, fake_ollama.url), shutdown_grace=5)
-    async with start_service(settings) as svc:
-        task = await svc.submit("summarize", text="finish me")
-        await wait_until(lambda: fake_ollama.in_flight == 1)
-    with sqlite3.connect(Path(db_url.split("///", 1)[1])) as conn:
-        status = conn.execute("SELECT status FROM tasks WHERE id = ?", (task["id"],)).fetchone()
-    assert status == ("succeeded",)
+    assert task_row(db_url, task["id"], "status, attempts, lease_owner") == expected
