@@ -171,6 +171,10 @@ class WorkerPool:
                 tlog.warning("task.lease_lost", detail="finished, but another attempt owns it")
         except LeaseLost:
             tlog.warning("task.lease_lost", detail="stopped: another attempt owns the task")
+        except Exception:
+            # The database failed us mid-task. The lease is no longer renewed, so the task
+            # returns to the queue when it expires and runs again: nothing is lost.
+            tlog.exception("task.store_failed")
         except asyncio.CancelledError:
             if task.id in self._lost:
                 tlog.warning("task.lease_lost", detail="cancelled: the lease could not be renewed")

@@ -158,3 +158,13 @@ def test_registry_loads_builtins_and_user_folders(tmp_path: Path) -> None:
     registry = TemplateRegistry([tmp_path])
     names = {t.name for t in registry.load()}
     assert BUILTINS | {"mine"} <= names
+
+
+def test_unknown_filter_is_caught_at_load_time() -> None:
+    text = "name: x\nsteps:\n  - id: a\n    prompt: '{{ params.t | shout }}'\n"
+    [p] = problems(text)
+    assert p.path == "steps[0].prompt"
+    assert "No filter named 'shout'" in p.message
+    out = "name: x\nsteps:\n  - id: a\n    prompt: hi\noutput: '{{ steps.a.output | shout }}'\n"
+    [q] = problems(out)
+    assert q.path == "output" and "No filter named 'shout'" in q.message

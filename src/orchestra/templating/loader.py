@@ -24,7 +24,7 @@ from ruamel.yaml.scalarstring import FoldedScalarString, LiteralScalarString
 
 from orchestra.errors import TemplateError
 from orchestra.templating.model import PARAM_TYPES, LlmStep, Parameter, StepSpec, Template
-from orchestra.templating.render import compile_output, environment
+from orchestra.templating.render import compile_output, compile_text
 
 Path_ = tuple[str | int, ...]
 
@@ -179,8 +179,9 @@ class _Checker:
         return value
 
     def jinja(self, path: Path_, text: str) -> None:
+        # Compile, not just parse: unknown filters and tests are compile-time errors.
         try:
-            environment().parse(text)
+            compile_text(text)
         except jinja2.TemplateSyntaxError as exc:
             self.add(
                 path,

@@ -88,7 +88,12 @@ def environment() -> ImmutableSandboxedEnvironment:
 
 
 @functools.lru_cache(maxsize=2048)
-def _compiled(source: str) -> jinja2.Template:
+def compile_text(source: str) -> jinja2.Template:
+    """Compile a Jinja template string once (cached by its text).
+
+    Raises:
+        jinja2.TemplateSyntaxError: invalid syntax, or an unknown filter or test.
+    """
     return environment().from_string(source)
 
 
@@ -116,7 +121,7 @@ def compile_output(source: str) -> _Expression | jinja2.Template:
     match = _SINGLE_EXPRESSION.match(source)
     if match:
         return _Expression(match.group("expr"))
-    return _compiled(source)
+    return compile_text(source)
 
 
 def _explain(exc: Exception) -> str:
@@ -134,7 +139,7 @@ def render_text(source: str, scope: Mapping[str, Any], *, what: str) -> str:
         RenderError: naming ``what`` was being rendered and why it failed.
     """
     try:
-        return _compiled(source).render(scope)
+        return compile_text(source).render(scope)
     except RenderError:
         raise
     except Exception as exc:  # any error a template can raise is the template's fault
