@@ -50,10 +50,10 @@ class WorkerSettings(_Section, frozen=True):
     #: Fallback poll for work enqueued by other processes; in-process submits wake workers at once.
     poll_interval: float = 1.0
     #: How often leases that expired (their worker died) are returned to the queue.
-    reap_interval: float = 5.0
+    reap_interval: float = 2.0
     #: Seconds running tasks get to finish on shutdown before they are handed back to the queue.
     shutdown_grace: float = 10.0
-    #: Attempts a task gets when its worker keeps dying under it.
+    #: Attempts a task gets unless its template's `retry` or the task says otherwise.
     max_attempts: int = 3
 
 
@@ -63,6 +63,25 @@ class OllamaSettings(_Section, frozen=True):
     url: str = "http://localhost:11434"
     #: Seconds one model call may take.
     timeout: float = 300.0
+    #: Tasks running at once per model on this server unless [models."NAME"] says otherwise;
+    #: 0: only [workers] concurrency limits them.
+    max_concurrency: int = 0
+
+
+class ModelSettings(_Section, frozen=True):
+    """Settings for one model, by name: [models."llama3.2"]."""
+
+    #: Tasks using this model that may run at once; the others wait in the queue.
+    max_concurrency: int = 0
+
+
+class RetentionSettings(_Section, frozen=True):
+    """How long finished tasks are kept."""
+
+    #: Finished tasks older than this many days are deleted; 0 keeps everything.
+    days: float = 30.0
+    #: Seconds between retention runs.
+    interval: float = 3600.0
 
 
 class TemplateSettings(_Section, frozen=True):
@@ -87,8 +106,16 @@ class Settings(_Section, frozen=True):
     database: DatabaseSettings = msgspec.field(default_factory=DatabaseSettings)
     workers: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
     ollama: OllamaSettings = msgspec.field(default_factory=OllamaSettings)
+    models: dict[str, ModelSettings] = msgspec.field(default_factory=dict)
+    retention: RetentionSettings = msgspec.field(default_factory=RetentionSettings)
     templates: TemplateSettings = msgspec.field(default_factory=TemplateSettings)
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
+
+    def model_limit(self, model: str | None) -> int:
+        """How many tasks for ``model`` may run at once (0: no limit of its own)."""
+        if model is not None and model in self.models:
+            return self.models[model].max_concurrency
+        return self.ollama.max_concurrency
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
@@ -100,7 +127,14 @@ class Settings(_Section, frozen=True):
             ("workers.shutdown_grace", self.workers.shutdown_grace >= 0, "a number >= 0"),
             ("workers.max_attempts", self.workers.max_attempts >= 1, "an integer >= 1"),
             ("ollama.timeout", self.ollama.timeout > 0, "a number > 0"),
+            ("ollama.max_concurrency", self.ollama.max_concurrency >= 0, "an integer >= 0"),
+            ("retention.days", self.retention.days >= 0, "a number >= 0"),
+            ("retention.interval", self.retention.interval > 0, "a number > 0"),
             ("database.busy_timeout_ms", self.database.busy_timeout_ms >= 0, "an integer >= 0"),
+        ]
+        checks += [
+            (f"models.{name}.max_concurrency", m.max_concurrency >= 0, "an integer >= 0")
+            for name, m in self.models.items()
         ]
         for key, ok, expected in checks:
             if not ok:
@@ -110,12 +144,20 @@ class Settings(_Section, frozen=True):
 _AT = re.compile(r"^(?P<what>.*?)(?: - at `\$\.?(?P<path>[^`]*)`)?$", re.DOTALL)
 
 
-def _describe(err: msgspec.ValidationError) -> tuple[str, str]:
+def _describe(err: msgspec.ValidationError, data: Mapping[str, Any]) -> tuple[str, str]:
     """Split msgspec's 'Expected `int`, got `str` - at `$.server.port`' into (key, reason)."""
     m = _AT.match(str(err))
     assert m is not None  # the pattern matches any string
-    path = (m.group("path") or "").replace("[", ".").replace("]", "")
+    path = m.group("path") or ""
     what = m.group("what").replace("`", "")
+    if path.startswith("models[...]"):
+        # msgspec does not name dict keys; find the entry that fails on its own.
+        for name, entry in (data.get("models") or {}).items():
+            try:
+                msgspec.convert(entry, ModelSettings)
+            except msgspec.ValidationError as exc:
+                key, reason = _describe(exc, {})
+                return f"models.{name}" + (f".{key}" if key != "(top level)" else ""), reason
     unknown = re.match(r"Object contains unknown field (\S+)", what)
     if unknown:
         key = ".".join(p for p in (path, unknown.group(1)) if p)
@@ -182,7 +224,7 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
     try:
         msgspec.convert(data, Settings)
     except msgspec.ValidationError as exc:
-        key, reason = _describe(exc)
+        key, reason = _describe(exc, data)
         raise ConfigError(f"{source}: {key}: {reason}") from None
 
     overrides = _env_overrides(env)
@@ -196,6 +238,6 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
         # Environment values are strings; strict=False lets "9000" become an int.
         return msgspec.convert(merged, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        key, reason = _describe(exc)
+        key, reason = _describe(exc, merged)
         var = ENV_PREFIX + key.upper().replace(".", "__", 1)
         raise ConfigError(f"{var} (environment) over {source}: {key}: {reason}") from None

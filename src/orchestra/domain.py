@@ -6,9 +6,11 @@ database. Change one with :func:`msgspec.structs.replace`.
 
 from __future__ import annotations
 
+import random
+import re
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -60,6 +62,19 @@ class StepStatus(StrEnum):
     SKIPPED = "skipped"
 
 
+class AttemptStatus(StrEnum):
+    """How one attempt of a task ended (or that it is still running)."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    #: Its worker stopped renewing the lease (crashed, or was cut off).
+    LOST = "lost"
+    #: Given back to the queue at shutdown; not counted against max_attempts.
+    HANDED_BACK = "handed_back"
+
+
 class Usage(msgspec.Struct, frozen=True, omit_defaults=True):
     """What a model call cost, as the model server reported it."""
 
@@ -80,6 +95,17 @@ class TaskError(msgspec.Struct, frozen=True, omit_defaults=True):
     message: str
     step: str | None = None
     retryable: bool = False
+
+
+class Attempt(msgspec.Struct, frozen=True):
+    """One try of a task: who ran it, when, and how it ended."""
+
+    number: int
+    worker: str
+    status: AttemptStatus
+    started_at: str
+    finished_at: str | None = None
+    error: TaskError | None = None
 
 
 class Step(msgspec.Struct, frozen=True):
@@ -107,10 +133,15 @@ class Task(msgspec.Struct, frozen=True):
     params: dict[str, Any]
     model: str | None
     priority: int
+    #: Attempts started so far; the current attempt's number while running.
     attempts: int
     max_attempts: int
     created_at: str
     run_at: str
+    handed_back: int = 0
+    timeout_seconds: float | None = None
+    cancel_requested: bool = False
+    idempotency_key: str | None = None
     result: Any = None
     error: TaskError | None = None
     lease_owner: str | None = None
@@ -118,11 +149,22 @@ class Task(msgspec.Struct, frozen=True):
     started_at: str | None = None
     finished_at: str | None = None
     steps: tuple[Step, ...] = ()
+    history: tuple[Attempt, ...] = ()
 
     @property
     def finished(self) -> bool:
         """Whether the task is in a terminal state."""
         return self.status in TERMINAL
+
+    @property
+    def counted_attempts(self) -> int:
+        """Attempts that count against ``max_attempts`` (hand-backs at shutdown do not)."""
+        return self.attempts - self.handed_back
+
+    @property
+    def next_run_at(self) -> str | None:
+        """When a queued task becomes due (after a delay or a retry backoff)."""
+        return self.run_at if self.status is TaskStatus.QUEUED else None
 
 
 class NewTask(msgspec.Struct, frozen=True):
@@ -134,6 +176,10 @@ class NewTask(msgspec.Struct, frozen=True):
     model: str | None = None
     priority: int = 0
     max_attempts: int = 3
+    run_at: datetime | None = None
+    timeout_seconds: float | None = None
+    idempotency_key: str | None = None
+    request_hash: str | None = None
 
 
 # Times are stored as fixed-width ISO-8601 UTC text so they sort as strings and read well in
@@ -154,3 +200,46 @@ def iso(moment: datetime) -> str:
 def iso_now(offset_seconds: float = 0.0) -> str:
     """The current time (plus an offset) as stored."""
     return iso(now() + timedelta(seconds=offset_seconds))
+
+
+_DURATION = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string like ``500ms``, ``1.5s``, ``2m``, ``1h``.
+
+    Raises:
+        ValueError: not a duration.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like 30s or 2m, got {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"a duration cannot be negative, got {value!r}")
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"expected a duration like 500ms, 30s, 2m or 1h, got {value!r}")
+    return float(match.group("n")) * _UNITS[match.group("unit")]
+
+
+class RetryPolicy(msgspec.Struct, frozen=True):
+    """How a task is retried after a retryable error."""
+
+    max_attempts: int = 3
+    backoff: Literal["exponential", "fixed"] = "exponential"
+    initial_delay: float = 1.0
+    max_delay: float = 60.0
+
+    def delay(self, failed_attempts: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait before the next attempt, after ``failed_attempts`` failures.
+
+        Exponential doubles from ``initial_delay`` up to ``max_delay``. Jitter ("equal
+        jitter": half fixed, half random) spreads retries of many tasks that failed together,
+        so they do not hit a recovering model server at the same instant.
+        """
+        steps = max(failed_attempts - 1, 0)
+        base = self.initial_delay * (2**steps if self.backoff == "exponential" else 1)
+        base = min(base, self.max_delay)
+        return base / 2 + (rng or random).uniform(0, base / 2)

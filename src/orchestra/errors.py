@@ -14,6 +14,7 @@
     ├── LeaseLost                   a worker no longer holds the task it is writing
     └── StepError                   a step of a running task failed
         ├── RenderError             a prompt or output could not be rendered (permanent)
+        ├── StepTimeout             a step or the whole attempt took too long (retryable)
         └── ProviderError           the model server failed
             ├── ModelNotFound       the model server does not have the model (permanent)
             └── ProviderUnavailable connection refused, timeout, 5xx (retryable)
@@ -103,6 +104,10 @@ class ConflictError(OrchestraError):
 
     code = "conflict"
 
+    def __init__(self, message: str | None = None, task_status: str | None = None) -> None:
+        self.task_status = task_status
+        super().__init__(message)
+
 
 class LeaseLost(OrchestraError):
     """The worker no longer holds the lease on this task."""
@@ -122,6 +127,13 @@ class RenderError(StepError):
     """A template expression could not be rendered."""
 
     code = "render_failed"
+
+
+class StepTimeout(StepError):
+    """The step took longer than its timeout."""
+
+    code = "timeout"
+    retryable = True
 
 
 class ProviderError(StepError):

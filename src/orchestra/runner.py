@@ -7,13 +7,14 @@ task's lease).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, Protocol
 
 import msgspec
 
 from orchestra.domain import Step, StepStatus, Task, TaskError, iso_now
-from orchestra.errors import StepError
+from orchestra.errors import StepError, StepTimeout
 from orchestra.llm.base import ChatMessage, ChatRequest, Provider
 from orchestra.templating.model import LlmStep, Template
 from orchestra.templating.render import render_output, render_text
@@ -66,7 +67,14 @@ class Runner:
             await recorder.step_started(spec.id, position)
             started, clock = iso_now(), time.perf_counter()
             try:
-                step = await self._llm_step(task, template, spec, position, scope)
+                try:
+                    # Leaving the timeout cancels the model call, which closes its connection.
+                    async with asyncio.timeout(spec.timeout):
+                        step = await self._llm_step(task, template, spec, position, scope)
+                except TimeoutError:
+                    raise StepTimeout(
+                        f"step {spec.id!r} took longer than its timeout of {spec.timeout:g}s"
+                    ) from None
             except StepError as exc:
                 await recorder.step_finished(
                     Step(

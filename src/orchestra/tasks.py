@@ -1,14 +1,21 @@
-"""Service functions for tasks: submit, read, wait, list. Controllers call only these."""
+"""Service functions for tasks: submit, read, wait, list, cancel, retry.
+
+Controllers call only these. They validate against templates, talk to the store, and tell the
+worker pool (through :class:`Scheduler`) when work becomes due or must stop.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any
+import hashlib
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+import msgspec
 
 from orchestra.db.store import TaskPage, TaskStore
-from orchestra.domain import NewTask, Task, TaskStatus
-from orchestra.errors import TaskNotFound
+from orchestra.domain import NewTask, Task, TaskStatus, now
+from orchestra.errors import ConflictError, FieldProblem, InvalidRequest, TaskNotFound
 from orchestra.notify import FinishedWaiters
 from orchestra.templating.params import validate_params
 from orchestra.templating.registry import TemplateRegistry
@@ -19,6 +26,47 @@ MAX_ID = 2**63 - 1
 #: Waiting requests re-read the task at least this often, to see work finished elsewhere.
 WAIT_POLL_SECONDS = 1.0
 
+#: How long a cancel request waits for a running task to stop before answering.
+CANCEL_WAIT_SECONDS = 5.0
+
+_canonical = msgspec.json.Encoder(order="sorted").encode
+
+
+class Scheduler(Protocol):
+    """What the service needs from the worker pool."""
+
+    def notify(self) -> None: ...
+
+    def wake_at(self, when: datetime) -> None: ...
+
+    def cancel(self, task_id: int) -> bool: ...
+
+
+class Submission(msgspec.Struct, frozen=True):
+    """A task as a client asked for it (before defaults)."""
+
+    template: str
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
+    priority: int = 0
+    model: str | None = None
+    run_at: datetime | None = None
+    delay: float | None = None
+    max_attempts: int | None = None
+    timeout: float | None = None
+    idempotency_key: str | None = None
+
+    def fingerprint(self) -> str:
+        """A hash of everything but the key: "the same body" for idempotency."""
+        body = msgspec.structs.replace(self, idempotency_key=None)
+        return hashlib.sha256(_canonical(body)).hexdigest()
+
+
+class Submitted(msgspec.Struct, frozen=True):
+    """A submitted task, and whether this request created it (False: an idempotent replay)."""
+
+    task: Task
+    created: bool
+
 
 class TaskService:
     """What the API can do with tasks."""
@@ -28,44 +76,66 @@ class TaskService:
         store: TaskStore,
         registry: TemplateRegistry,
         waiters: FinishedWaiters,
+        scheduler: Scheduler,
         *,
-        wake_workers: Callable[[], None],
-        max_attempts: int,
+        default_max_attempts: int,
     ) -> None:
         self.store = store
         self.registry = registry
         self.waiters = waiters
-        self.wake_workers = wake_workers
-        self.max_attempts = max_attempts
+        self.scheduler = scheduler
+        self.default_max_attempts = default_max_attempts
 
-    async def submit(
-        self,
-        template: str,
-        params: dict[str, Any],
-        *,
-        priority: int = 0,
-        model: str | None = None,
-    ) -> Task:
+    async def submit(self, sub: Submission) -> Submitted:
         """Validate a task against its template and queue it.
 
         Raises:
             TemplateNotFound: no such template.
             InvalidParams: the parameters do not fit (every problem listed).
+            InvalidRequest: both ``run_at`` and ``delay`` were given.
+            ConflictError: the idempotency key was used before with a different request.
         """
-        spec = self.registry.get(template)
-        full = validate_params(spec, params)
-        task = await self.store.enqueue(
+        if sub.run_at is not None and sub.delay is not None:
+            raise InvalidRequest(
+                "give run_at or delay, not both",
+                [FieldProblem("delay", "cannot be combined with run_at")],
+            )
+        spec = self.registry.get(sub.template)
+        params = validate_params(spec, sub.params)
+        run_at = sub.run_at
+        if run_at is not None and run_at.tzinfo is None:
+            run_at = run_at.replace(tzinfo=UTC)  # a time without a zone is taken as UTC
+        if sub.delay:
+            run_at = now() + timedelta(seconds=sub.delay)
+        max_attempts = sub.max_attempts or (
+            spec.retry.max_attempts if spec.retry else self.default_max_attempts
+        )
+        outcome = await self.store.enqueue(
             NewTask(
                 template=spec.name,
                 template_version=spec.version,
-                params=full,
-                model=model,
-                priority=priority,
-                max_attempts=self.max_attempts,
+                params=params,
+                model=sub.model or spec.model,
+                priority=sub.priority,
+                max_attempts=max_attempts,
+                run_at=run_at,
+                timeout_seconds=sub.timeout,
+                idempotency_key=sub.idempotency_key,
+                request_hash=sub.fingerprint() if sub.idempotency_key else None,
             )
         )
-        self.wake_workers()
-        return task
+        if not outcome.created:
+            if not outcome.same_request:
+                raise ConflictError(
+                    f"idempotency key {sub.idempotency_key!r} was already used for task "
+                    f"{outcome.task.id} with a different request"
+                )
+            return Submitted(task=await self._get(outcome.task.id), created=False)
+        if run_at is not None and run_at > now():
+            self.scheduler.wake_at(run_at)
+        else:
+            self.scheduler.notify()
+        return Submitted(task=outcome.task, created=True)
 
     async def get(self, task_id: int, *, wait: float = 0.0) -> Task:
         """A task; with ``wait`` > 0, answer as soon as it is finished or after ``wait`` seconds.
@@ -92,6 +162,50 @@ class TaskService:
         if task is None:
             raise TaskNotFound(f"no task with id {task_id}")
         return task
+
+    async def cancel(self, task_id: int) -> Task:
+        """Cancel a queued task at once, or stop a running one (its model call is closed).
+
+        Raises:
+            TaskNotFound: no task has this id.
+            ConflictError: the task had already finished (its status is in the error).
+        """
+        before = await self._get(task_id)
+        if before.finished:
+            raise ConflictError(
+                f"task {task_id} has already finished: {before.status.value}",
+                task_status=before.status.value,
+            )
+        status = await self.store.cancel(task_id)
+        if status is None:
+            raise TaskNotFound(f"no task with id {task_id}")
+        if status is TaskStatus.CANCELLED:
+            self.waiters.publish(task_id)
+            return await self._get(task_id)
+        if status is TaskStatus.RUNNING:
+            self.scheduler.cancel(task_id)
+            return await self.get(task_id, wait=CANCEL_WAIT_SECONDS)
+        raise ConflictError(
+            f"task {task_id} has already finished: {status.value}", task_status=status.value
+        )
+
+    async def retry(self, task_id: int) -> Task:
+        """Queue a failed or cancelled task again, as a new attempt.
+
+        Raises:
+            TaskNotFound: no task has this id.
+            ConflictError: the task is not failed or cancelled (its status is in the error).
+        """
+        status, requeued = await self.store.retry(task_id if 0 < task_id <= MAX_ID else 0)
+        if status is None:
+            raise TaskNotFound(f"no task with id {task_id}")
+        if not requeued:
+            raise ConflictError(
+                f"only failed or cancelled tasks can be retried; task {task_id} is {status.value}",
+                task_status=status.value,
+            )
+        self.scheduler.notify()
+        return await self._get(task_id)
 
     async def list(
         self,

@@ -26,7 +26,9 @@ async def test_finished_task_shows_result_steps_usage_and_times(
     task = await service.submit("summarize", text="The cat sat on the mat.", sentences=2)
     done = await service.wait(task["id"])
     assert done["status"] == "succeeded"
-    assert done["attempts"] == 1
+    [attempt] = done["attempts"]
+    assert attempt["number"] == 1 and attempt["status"] == "succeeded"
+    assert attempt["worker"].count(":") == 2 and attempt["error"] is None
     assert done["result"].startswith("ECHO: Summarize the text below in at most 2 sentences")
     [step] = done["steps"]
     assert step["id"] == "summary" and step["status"] == "succeeded"

@@ -9,7 +9,16 @@ import pytest
 
 from orchestra.db import Database, Lease, TaskStore
 from orchestra.db.schema import LATEST, upgrade
-from orchestra.domain import NewTask, Step, StepStatus, TaskError, TaskStatus, Usage, iso_now
+from orchestra.domain import (
+    NewTask,
+    Step,
+    StepStatus,
+    Task,
+    TaskError,
+    TaskStatus,
+    Usage,
+    iso_now,
+)
 
 
 @pytest.fixture
@@ -23,6 +32,10 @@ async def db(db_url: str) -> AsyncIterator[Database]:
 @pytest.fixture
 def store(db: Database) -> TaskStore:
     return TaskStore(db)
+
+
+async def add(store: TaskStore, task: NewTask) -> Task:
+    return (await store.enqueue(task)).task
 
 
 def new(template: str = "summarize", priority: int = 0, **params: object) -> NewTask:
@@ -39,7 +52,7 @@ async def test_schema_version_is_recorded_and_upgrade_is_idempotent(db: Database
 
 
 async def test_a_person_can_read_the_file_with_sqlite3(store: TaskStore, db: Database) -> None:
-    task = await store.enqueue(new(text="hello"))
+    task = await add(store, new(text="hello"))
     [claimed] = await store.claim("w1", 1, 30)
     lease = Lease(task.id, "w1", claimed.attempts)
     await store.start_step(lease, "summary", 0)
@@ -67,9 +80,9 @@ async def test_a_person_can_read_the_file_with_sqlite3(store: TaskStore, db: Dat
 
 
 async def test_claim_takes_higher_priority_first_then_older(store: TaskStore) -> None:
-    low = await store.enqueue(new(priority=0))
-    high = await store.enqueue(new(priority=5))
-    low2 = await store.enqueue(new(priority=0))
+    low = await add(store, new(priority=0))
+    high = await add(store, new(priority=5))
+    low2 = await add(store, new(priority=0))
     claimed = await store.claim("w", 10, 30)
     assert [t.id for t in claimed] == [high.id, low.id, low2.id]
     assert all(t.status is TaskStatus.RUNNING and t.attempts == 1 for t in claimed)
@@ -80,7 +93,7 @@ async def test_fifty_concurrent_claimers_never_take_a_task_twice(
     store: TaskStore, db_url: str
 ) -> None:
     for i in range(400):
-        await store.enqueue(new(n=i))
+        await add(store, new(n=i))
     # A second Database on the same file behaves like a second process.
     other_db = Database(db_url)
     other = TaskStore(other_db)
@@ -103,7 +116,7 @@ async def test_fifty_concurrent_claimers_never_take_a_task_twice(
 async def test_expired_lease_returns_task_to_queue_with_attempt_counted(
     store: TaskStore,
 ) -> None:
-    task = await store.enqueue(new())
+    task = await add(store, new())
     await store.claim("dead-worker", 1, lease_seconds=0.05)
     assert await store.requeue_expired() == {}  # not yet expired
     await asyncio.sleep(0.1)
@@ -118,7 +131,7 @@ async def test_expired_lease_returns_task_to_queue_with_attempt_counted(
 async def test_task_that_keeps_losing_its_worker_fails_after_max_attempts(
     store: TaskStore,
 ) -> None:
-    task = await store.enqueue(NewTask(template="t", template_version=1, params={}, max_attempts=2))
+    task = await add(store, NewTask(template="t", template_version=1, params={}, max_attempts=2))
     for _ in range(2):
         await store.claim("dying", 1, lease_seconds=0.01)
         await asyncio.sleep(0.03)
@@ -131,7 +144,7 @@ async def test_task_that_keeps_losing_its_worker_fails_after_max_attempts(
 
 
 async def test_a_stale_worker_cannot_write_after_losing_its_lease(store: TaskStore) -> None:
-    task = await store.enqueue(new())
+    task = await add(store, new())
     [first] = await store.claim("old", 1, lease_seconds=0.01)
     old = Lease(task.id, "old", first.attempts)
     await asyncio.sleep(0.03)
@@ -141,7 +154,7 @@ async def test_a_stale_worker_cannot_write_after_losing_its_lease(store: TaskSto
 
     assert not await store.start_step(old, "summary", 0)
     assert not await store.finish(old, TaskStatus.FAILED, error=TaskError("x", "stale"))
-    assert await store.renew_leases("old", [task.id], 30) == set()
+    assert (await store.renew_leases("old", [task.id], 30)).held == set()
 
     assert await store.start_step(current, "summary", 0)
     assert await store.finish(current, TaskStatus.SUCCEEDED, result="ok")
@@ -151,7 +164,7 @@ async def test_a_stale_worker_cannot_write_after_losing_its_lease(store: TaskSto
 
 
 async def test_same_process_stale_attempt_is_fenced_by_attempt_number(store: TaskStore) -> None:
-    task = await store.enqueue(new())
+    task = await add(store, new())
     await store.claim("me", 1, lease_seconds=0.01)
     await asyncio.sleep(0.03)
     await store.requeue_expired()
@@ -161,20 +174,24 @@ async def test_same_process_stale_attempt_is_fenced_by_attempt_number(store: Tas
 
 
 async def test_release_hands_a_task_back_without_counting_the_attempt(store: TaskStore) -> None:
-    task = await store.enqueue(new())
+    task = await add(store, new())
     [claimed] = await store.claim("w", 1, 30)
     lease = Lease(task.id, "w", claimed.attempts)
     await store.start_step(lease, "summary", 0)
     assert await store.release(lease)
     back = await store.get_task(task.id)
     assert back is not None
-    assert (back.status, back.attempts, back.steps) == (TaskStatus.QUEUED, 0, ())
+    assert back.status is TaskStatus.QUEUED
+    assert (back.attempts, back.handed_back, back.counted_attempts) == (1, 1, 0)
+    assert [(a.number, a.status.value) for a in back.history] == [(1, "handed_back")]
+    [again] = await store.claim("w", 1, 30)
+    assert again.attempts == 2  # a new attempt number, so the old lease stays fenced off
 
 
 async def test_renewing_a_lease_pushes_its_expiry(store: TaskStore) -> None:
-    task = await store.enqueue(new())
+    task = await add(store, new())
     [claimed] = await store.claim("w", 1, lease_seconds=1)
-    assert await store.renew_leases("w", [task.id], 60) == {task.id}
+    assert (await store.renew_leases("w", [task.id], 60)).held == {task.id}
     renewed = await store.get_task(task.id)
     assert renewed is not None and renewed.lease_expires_at is not None
     assert claimed.lease_expires_at is not None
@@ -183,7 +200,7 @@ async def test_renewing_a_lease_pushes_its_expiry(store: TaskStore) -> None:
 
 
 async def test_listing_is_newest_first_with_keyset_pages(store: TaskStore) -> None:
-    ids = [(await store.enqueue(new(template="a" if i % 2 else "b"))).id for i in range(7)]
+    ids = [(await add(store, new(template="a" if i % 2 else "b"))).id for i in range(7)]
     seen: list[int] = []
     cursor = None
     pages = 0
@@ -210,3 +227,20 @@ async def test_in_memory_database_is_refused(tmp_path: Path) -> None:
         Database("sqlite+aiosqlite:///:memory:")
     with pytest.raises(ConfigError, match="not supported yet"):
         Database("postgresql+asyncpg://localhost/x")
+
+
+async def test_migrated_schema_matches_the_table_definitions(db: Database) -> None:
+    from orchestra.db.tables import metadata
+
+    with sqlite3.connect(db.path) as conn:
+        for table in metadata.sorted_tables:
+            info = conn.execute(f"PRAGMA table_info({table.name})").fetchall()
+            columns = {row[1]: (bool(row[3]) or bool(row[5])) for row in info}
+            expected = {c.name: (not c.nullable) or c.primary_key for c in table.columns}
+            assert columns == expected, table.name
+            indexes = {
+                row[1]
+                for row in conn.execute(f"PRAGMA index_list({table.name})").fetchall()
+                if not row[1].startswith("sqlite_autoindex")
+            }
+            assert indexes == {ix.name for ix in table.indexes}, table.name

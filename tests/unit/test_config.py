@@ -28,6 +28,8 @@ def test_shipped_orchestra_toml_lists_every_setting_with_its_default() -> None:
     data = tomllib.loads(shipped.read_text())
     for section in msgspec.structs.fields(Settings):
         assert section.name in data, f"[{section.name}] missing from orchestra.toml"
+        if not isinstance(section.type, type) or not issubclass(section.type, msgspec.Struct):
+            continue  # a table of named entries, e.g. [models."NAME"]
         for key in msgspec.structs.fields(section.type):
             assert key.name in data[section.name], f"{section.name}.{key.name} missing"
 
@@ -45,6 +47,17 @@ def test_file_values_and_environment_overrides(tmp_path: Path) -> None:
     assert settings.workers.concurrency == 2
     assert settings.templates.dirs == ["/a", "/b"]
     assert settings.ollama.url == "http://gpu:11434"
+
+
+def test_per_model_limits(tmp_path: Path) -> None:
+    file = tmp_path / "m.toml"
+    file.write_text('[ollama]\nmax_concurrency = 4\n[models."llama3.2"]\nmax_concurrency = 1\n')
+    settings = load(file, env={})
+    assert settings.model_limit("llama3.2") == 1
+    assert settings.model_limit("qwen2.5") == 4
+    file.write_text('[models."llama3.2"]\nmax_concurency = 1\n')
+    with pytest.raises(ConfigError, match=r"models\.llama3\.2\.max_concurency: unknown setting"):
+        load(file, env={})
 
 
 def test_orchestra_config_variable_picks_the_file(tmp_path: Path) -> None:

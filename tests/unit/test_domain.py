@@ -25,3 +25,35 @@ def test_stored_times_sort_as_text_in_time_order() -> None:
     texts = [iso(m) for m in moments]
     assert texts == sorted(texts)
     assert texts[0] == "2026-01-02T03:04:05.000000Z"
+
+
+def test_durations() -> None:
+    from orchestra.domain import parse_duration
+
+    assert parse_duration("500ms") == 0.5
+    assert parse_duration("1.5s") == 1.5
+    assert parse_duration("2m") == 120
+    assert parse_duration("1h") == 3600
+    assert parse_duration(7) == 7.0
+    assert parse_duration("10") == 10.0
+    for bad in ("soon", "-1s", True, -3, "1d"):
+        try:
+            parse_duration(bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"{bad!r} was accepted")
+
+
+def test_exponential_backoff_with_jitter_stays_within_bounds() -> None:
+    import random
+
+    from orchestra.domain import RetryPolicy
+
+    policy = RetryPolicy(initial_delay=1, max_delay=10)
+    rng = random.Random(7)
+    for failures, full in ((1, 1), (2, 2), (3, 4), (4, 8), (5, 10), (9, 10)):
+        delays = [policy.delay(failures, rng) for _ in range(200)]
+        assert all(full / 2 <= d <= full for d in delays)
+        assert max(delays) - min(delays) > full / 4  # jitter really spreads them
+    fixed = RetryPolicy(backoff="fixed", initial_delay=2, max_delay=10)
+    assert all(1 <= fixed.delay(n, rng) <= 2 for n in range(1, 8))

@@ -168,3 +168,39 @@ def test_unknown_filter_is_caught_at_load_time() -> None:
     out = "name: x\nsteps:\n  - id: a\n    prompt: hi\noutput: '{{ steps.a.output | shout }}'\n"
     [q] = problems(out)
     assert q.path == "output" and "No filter named 'shout'" in q.message
+
+
+def test_retry_and_timeouts_are_read_with_durations() -> None:
+    t = parse_template(
+        "name: x\ntimeout: 2m\nretry: {max_attempts: 5, backoff: fixed, initial_delay: 250ms, "
+        "max_delay: 1s}\nsteps:\n  - id: a\n    prompt: hi\n    timeout: 30s\n"
+    )
+    assert t.timeout == 120
+    assert t.retry is not None
+    assert (t.retry.max_attempts, t.retry.backoff, t.retry.initial_delay, t.retry.max_delay) == (
+        5,
+        "fixed",
+        0.25,
+        1.0,
+    )
+    assert t.steps[0].timeout == 30
+
+
+@pytest.mark.parametrize(
+    ("snippet", "path", "message"),
+    [
+        ("timeout: soon", "timeout", "expected a duration"),
+        ("timeout: 0", "timeout", "must be more than 0"),
+        ("retry: {max_attempts: 0}", "retry.max_attempts", "1 to 100"),
+        ("retry: {backoff: random}", "retry.backoff", "exponential or fixed"),
+        ("retry: {initial_delay: 10s, max_delay: 1s}", "retry.max_delay", "not be shorter"),
+        ("retry: {tries: 3}", "retry.tries", "unknown field"),
+    ],
+)
+def test_bad_retry_and_timeout(snippet: str, path: str, message: str) -> None:
+    found = {
+        p.path: p.message
+        for p in problems(f"name: x\n{snippet}\nsteps:\n  - id: a\n    prompt: hi\n")
+    }
+    assert path in found, found
+    assert message in found[path]

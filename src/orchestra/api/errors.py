@@ -35,12 +35,16 @@ _STATUS: list[tuple[type[OrchestraError], int]] = [
 
 
 def _body(
-    status: int, code: str, message: str, fields: list[FieldOut] | None = None
+    status: int,
+    code: str,
+    message: str,
+    fields: list[FieldOut] | None = None,
+    task_status: str | None = None,
 ) -> Response[ErrorBody]:
-    return Response(
-        ErrorBody(status=status, code=code, message=message, fields=fields or []),
-        status_code=status,
+    body = ErrorBody(
+        status=status, code=code, message=message, fields=fields or [], task_status=task_status
     )
+    return Response(body, status_code=status)
 
 
 def orchestra_error(_: Request[Any, Any, Any], exc: OrchestraError) -> Response[ErrorBody]:
@@ -50,7 +54,7 @@ def orchestra_error(_: Request[Any, Any, Any], exc: OrchestraError) -> Response[
         log.error("api.unexpected_error", error=exc.message, code=exc.code)
         return _body(HTTP_500_INTERNAL_SERVER_ERROR, "internal", "internal error")
     fields = [FieldOut(f.field, f.message) for f in getattr(exc, "fields", [])]
-    return _body(status, exc.code, exc.message, fields)
+    return _body(status, exc.code, exc.message, fields, getattr(exc, "task_status", None))
 
 
 def _field(extra: dict[str, Any]) -> str:

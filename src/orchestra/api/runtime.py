@@ -89,7 +89,7 @@ class Runtime:
                     store,
                     self.registry,
                     Runner(provider),
-                    s.workers,
+                    s,
                     on_finished=waiters.publish,
                 )
                 self._db, self._provider, self._pool = db, provider, pool
@@ -97,8 +97,8 @@ class Runtime:
                     store,
                     self.registry,
                     waiters,
-                    wake_workers=pool.notify,
-                    max_attempts=s.workers.max_attempts,
+                    pool,
+                    default_max_attempts=s.workers.max_attempts,
                 )
                 await pool.start()
                 try:

@@ -3,11 +3,12 @@ a contract, and it changes only when we mean it to."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
 
-from orchestra.domain import Step, Task, TaskError, TaskStatus, Usage
+from orchestra.domain import Attempt, Step, Task, TaskError, TaskStatus, Usage
 from orchestra.templating.model import Template
 
 Priority = Annotated[
@@ -24,6 +25,39 @@ class SubmitTask(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     model: Annotated[
         str | None, msgspec.Meta(description="Use this model instead of the template's.")
     ] = None
+    run_at: Annotated[
+        datetime | None,
+        msgspec.Meta(description="Do not start before this time (ISO-8601; no zone means UTC)."),
+    ] = None
+    delay: (
+        Annotated[
+            float, msgspec.Meta(ge=0, le=31_536_000, description="Seconds to wait before starting.")
+        ]
+        | None
+    ) = None
+    max_attempts: (
+        Annotated[
+            int,
+            msgspec.Meta(ge=1, le=100, description="Attempts allowed (overrides the template)."),
+        ]
+        | None
+    ) = None
+    timeout: (
+        Annotated[float, msgspec.Meta(gt=0, le=86_400, description="Seconds one attempt may take.")]
+        | None
+    ) = None
+    idempotency_key: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                min_length=1,
+                max_length=255,
+                description="Submitting again with the same key returns the same task "
+                "(the Idempotency-Key header does the same).",
+            ),
+        ]
+        | None
+    ) = None
 
 
 class ErrorOut(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -41,13 +75,15 @@ class FieldOut(msgspec.Struct, frozen=True):
     message: str
 
 
-class ErrorBody(msgspec.Struct, frozen=True):
+class ErrorBody(msgspec.Struct, frozen=True, omit_defaults=True):
     """The body of every 4xx and 5xx answer."""
 
     status: int
     code: str
     message: str
-    fields: list[FieldOut] = msgspec.field(default_factory=list)
+    fields: list[FieldOut]
+    #: On a 409 about a task: the status it is in.
+    task_status: str | None = None
 
 
 class StepOut(msgspec.Struct, frozen=True):
@@ -79,6 +115,29 @@ class StepOut(msgspec.Struct, frozen=True):
         )
 
 
+class AttemptOut(msgspec.Struct, frozen=True):
+    """One try of a task."""
+
+    number: int
+    worker: str
+    status: str
+    started_at: str
+    finished_at: str | None
+    error: ErrorOut | None
+
+    @classmethod
+    def of(cls, attempt: Attempt) -> AttemptOut:
+        """From a domain attempt."""
+        return cls(
+            number=attempt.number,
+            worker=attempt.worker,
+            status=attempt.status.value,
+            started_at=attempt.started_at,
+            finished_at=attempt.finished_at,
+            error=_error(attempt.error),
+        )
+
+
 def _error(error: TaskError | None) -> ErrorOut | None:
     if error is None:
         return None
@@ -95,13 +154,17 @@ class TaskOut(msgspec.Struct, frozen=True):
     params: dict[str, Any]
     model: str | None
     priority: int
-    attempts: int
     result: Any
     error: ErrorOut | None
     steps: list[StepOut]
+    attempts: list[AttemptOut]
+    max_attempts: int
+    timeout: float | None
+    idempotency_key: str | None
     created_at: str
     started_at: str | None
     finished_at: str | None
+    next_run_at: str | None
 
     @classmethod
     def of(cls, task: Task) -> TaskOut:
@@ -114,13 +177,17 @@ class TaskOut(msgspec.Struct, frozen=True):
             params=task.params,
             model=task.model,
             priority=task.priority,
-            attempts=task.attempts,
             result=task.result,
             error=_error(task.error),
             steps=[StepOut.of(s) for s in task.steps],
+            attempts=[AttemptOut.of(a) for a in task.history],
+            max_attempts=task.max_attempts,
+            timeout=task.timeout_seconds,
+            idempotency_key=task.idempotency_key,
             created_at=task.created_at,
             started_at=task.started_at,
             finished_at=task.finished_at,
+            next_run_at=task.next_run_at,
         )
 
 

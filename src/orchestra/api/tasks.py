@@ -6,12 +6,13 @@ from typing import Annotated
 
 from litestar import Controller, Response, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.openapi import ResponseSpec
+from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 
 from orchestra.api.schemas import SubmitTask, TaskList, TaskOut
 from orchestra.domain import TaskStatus
 from orchestra.errors import FieldProblem, InvalidRequest
-from orchestra.tasks import TaskService
+from orchestra.tasks import Submission, TaskService
 
 MAX_WAIT = 60.0
 
@@ -33,20 +34,75 @@ class TaskController(Controller):
     path = "/api/v1/tasks"
     tags = ["tasks"]
 
-    @post("/", status_code=201, summary="Submit a task")
+    @post(
+        "/",
+        status_code=201,
+        summary="Submit a task",
+        responses={
+            200: ResponseSpec(
+                TaskOut, description="An idempotent replay: the task this key already created"
+            )
+        },
+    )
     async def submit(
-        self, data: JSONBody[SubmitTask], tasks: NamedDependency[TaskService]
+        self,
+        data: JSONBody[SubmitTask],
+        tasks: NamedDependency[TaskService],
+        idempotency_header: Annotated[
+            str | None,
+            HeaderParameter(
+                name="Idempotency-Key",
+                max_length=255,
+                description="Same as idempotency_key in the body.",
+            ),
+        ] = None,
     ) -> Response[TaskOut]:
         """Validate the parameters against the template and queue the task.
 
-        404 when the template does not exist; 422 naming every bad parameter.
+        201 with the new task; 200 with the existing task when the idempotency key was used
+        before with the same request (409 when with a different one); 404 when the template
+        does not exist; 422 naming every bad parameter.
         """
-        task = await tasks.submit(
-            data.template, data.params, priority=data.priority, model=data.model
+        key = data.idempotency_key
+        if idempotency_header is not None:
+            if key is not None and key != idempotency_header:
+                raise InvalidRequest(
+                    "the Idempotency-Key header and idempotency_key differ",
+                    [FieldProblem("idempotency_key", "differs from the Idempotency-Key header")],
+                )
+            key = idempotency_header
+        submitted = await tasks.submit(
+            Submission(
+                template=data.template,
+                params=data.params,
+                priority=data.priority,
+                model=data.model,
+                run_at=data.run_at,
+                delay=data.delay,
+                max_attempts=data.max_attempts,
+                timeout=data.timeout,
+                idempotency_key=key,
+            )
         )
+        task = submitted.task
         return Response(
-            TaskOut.of(task), status_code=201, headers={"Location": f"{self.path}/{task.id}"}
+            TaskOut.of(task),
+            status_code=201 if submitted.created else 200,
+            headers={"Location": f"{self.path}/{task.id}"},
         )
+
+    @post("/{task_id:int}/cancel", status_code=200, summary="Cancel a task")
+    async def cancel(self, task_id: FromPath[int], tasks: NamedDependency[TaskService]) -> TaskOut:
+        """A queued task is cancelled at once; a running one is stopped (its model call is
+        closed) and the answer comes once it has. 409 with ``task_status`` when it had already
+        finished."""
+        return TaskOut.of(await tasks.cancel(task_id))
+
+    @post("/{task_id:int}/retry", status_code=200, summary="Retry a task")
+    async def retry(self, task_id: FromPath[int], tasks: NamedDependency[TaskService]) -> TaskOut:
+        """Queue a failed or cancelled task again as a new attempt. 409 with ``task_status``
+        for any other status."""
+        return TaskOut.of(await tasks.retry(task_id))
 
     @get("/{task_id:int}", summary="Get a task")
     async def get_task(

@@ -1,8 +1,9 @@
 """Creating and upgrading the schema at startup; the version is recorded in the database.
 
-Each migration is a function of a connection, applied once, in order, inside one write
-transaction together with the row that records it. Add new ones at the end; never edit one
-that has shipped.
+Each migration is explicit SQL (or a function of a connection), applied once, in order, inside
+one write transaction together with the row that records it. Add new ones at the end; never
+edit one that has shipped. ``tables.py`` describes the resulting schema for queries, and a test
+checks that a database migrated from empty matches it exactly.
 """
 
 from __future__ import annotations
@@ -13,26 +14,106 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from orchestra.db.engine import Database
-from orchestra.db.tables import metadata, schema_version
+from orchestra.db.tables import schema_version
 from orchestra.domain import iso_now
 from orchestra.errors import ConfigError
 
 Migration = Callable[[AsyncConnection], Awaitable[None]]
 
+_VERSION_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_version (
+    version INTEGER NOT NULL PRIMARY KEY,
+    applied_at TEXT NOT NULL
+)
+"""
 
-async def _v1_initial(conn: AsyncConnection) -> None:
-    await conn.run_sync(metadata.create_all)
+_V1 = """
+CREATE TABLE tasks (
+    id INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,
+    template TEXT NOT NULL,
+    template_version INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    params TEXT NOT NULL,
+    model TEXT,
+    result TEXT,
+    error TEXT,
+    priority INTEGER DEFAULT 0 NOT NULL,
+    attempts INTEGER DEFAULT 0 NOT NULL,
+    handed_back INTEGER DEFAULT 0 NOT NULL,
+    max_attempts INTEGER DEFAULT 3 NOT NULL,
+    timeout_seconds FLOAT,
+    run_at TEXT NOT NULL,
+    cancel_requested INTEGER DEFAULT 0 NOT NULL,
+    idempotency_key TEXT,
+    request_hash TEXT,
+    lease_owner TEXT,
+    lease_expires_at TEXT,
+    created_at TEXT NOT NULL,
+    started_at TEXT,
+    finished_at TEXT,
+    CONSTRAINT ck_status_word CHECK (
+        status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')
+    )
+);
+CREATE INDEX ix_tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
+CREATE INDEX ix_tasks_leases ON tasks (lease_expires_at) WHERE status = 'running';
+CREATE INDEX ix_tasks_queue ON tasks (priority DESC, run_at, id) WHERE status = 'queued';
+CREATE INDEX ix_tasks_status_id ON tasks (status, id);
+CREATE INDEX ix_tasks_template_id ON tasks (template, id);
+CREATE UNIQUE INDEX ux_tasks_idempotency_key ON tasks (idempotency_key);
+CREATE TABLE task_attempts (
+    task_id INTEGER NOT NULL,
+    number INTEGER NOT NULL,
+    worker TEXT NOT NULL,
+    status TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    error TEXT,
+    PRIMARY KEY (task_id, number),
+    CONSTRAINT ck_status_word CHECK (
+        status IN ('running', 'succeeded', 'failed', 'cancelled', 'lost', 'handed_back')
+    ),
+    FOREIGN KEY(task_id) REFERENCES tasks (id) ON DELETE CASCADE
+);
+CREATE TABLE task_steps (
+    task_id INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    step_id TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    output TEXT,
+    error TEXT,
+    model TEXT,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    usage TEXT,
+    started_at TEXT,
+    finished_at TEXT,
+    duration_ms FLOAT,
+    PRIMARY KEY (task_id, attempt, step_id),
+    CONSTRAINT ck_status_word CHECK (status IN ('running', 'succeeded', 'failed', 'skipped')),
+    FOREIGN KEY(task_id) REFERENCES tasks (id) ON DELETE CASCADE
+);
+"""
 
 
-MIGRATIONS: list[Migration] = [_v1_initial]
+def _sql(script: str) -> Migration:
+    statements = [part.strip() for part in script.split(";") if part.strip()]
+
+    async def apply(conn: AsyncConnection) -> None:
+        for statement in statements:
+            await conn.exec_driver_sql(statement)
+
+    return apply
+
+
+MIGRATIONS: list[Migration] = [_sql(_V1)]
 LATEST = len(MIGRATIONS)
 
 
 async def current_version(conn: AsyncConnection) -> int:
     """The schema version recorded in the database (0 for an empty database)."""
-    has_table = await conn.run_sync(lambda sync: sync.dialect.has_table(sync, schema_version.name))
-    if not has_table:
-        return 0
+    await conn.exec_driver_sql(_VERSION_TABLE)
     return int((await conn.execute(select(func.max(schema_version.c.version)))).scalar() or 0)
 
 

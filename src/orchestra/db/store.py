@@ -7,16 +7,21 @@ overwrite what a newer attempt wrote: the guarded UPDATE simply matches no row.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 import msgspec
-from sqlalchemy import and_, case, delete, exists, insert, literal, select, update
+from sqlalchemy import and_, case, delete, exists, func, insert, literal, or_, select, update
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from orchestra.db.engine import Database
-from orchestra.db.tables import task_steps, tasks
+from orchestra.db.tables import task_attempts, task_steps, tasks
 from orchestra.domain import (
+    Attempt,
+    AttemptStatus,
     NewTask,
     Step,
     StepStatus,
@@ -24,11 +29,14 @@ from orchestra.domain import (
     TaskError,
     TaskStatus,
     Usage,
+    iso,
     iso_now,
 )
 
 _json_encode = msgspec.json.Encoder().encode
 _json_decode = msgspec.json.decode
+
+QUEUED, RUNNING = TaskStatus.QUEUED.value, TaskStatus.RUNNING.value
 
 
 def _dump(value: Any) -> str | None:
@@ -37,6 +45,10 @@ def _dump(value: Any) -> str | None:
 
 def _load(value: str | None) -> Any:
     return None if value is None else _json_decode(value)
+
+
+def _error(value: str | None) -> TaskError | None:
+    return None if value is None else msgspec.json.decode(value, type=TaskError)
 
 
 class Lease(msgspec.Struct, frozen=True):
@@ -54,12 +66,29 @@ class TaskPage(msgspec.Struct, frozen=True):
     next_cursor: int | None
 
 
-def _error(value: str | None) -> TaskError | None:
-    return None if value is None else msgspec.json.decode(value, type=TaskError)
+class Enqueued(msgspec.Struct, frozen=True):
+    """The outcome of an enqueue: the task, and whether this call created it.
+
+    ``created`` is False when an earlier submit used the same idempotency key; ``same_request``
+    then tells whether that submit had the same body.
+    """
+
+    task: Task
+    created: bool
+    same_request: bool = True
 
 
-def task_from_row(row: Row[Any], steps: Sequence[Step] = ()) -> Task:
-    """Build a :class:`Task` from a ``tasks`` row (and its current attempt's steps)."""
+class Renewal(msgspec.Struct, frozen=True):
+    """The outcome of renewing leases: which are still held, which were asked to cancel."""
+
+    held: set[int]
+    cancel_requested: set[int]
+
+
+def task_from_row(
+    row: Row[Any], steps: Sequence[Step] = (), history: Sequence[Attempt] = ()
+) -> Task:
+    """Build a :class:`Task` from a ``tasks`` row, its current steps and its attempts."""
     m = row._mapping
     return Task(
         id=m["id"],
@@ -73,6 +102,10 @@ def task_from_row(row: Row[Any], steps: Sequence[Step] = ()) -> Task:
         max_attempts=m["max_attempts"],
         created_at=m["created_at"],
         run_at=m["run_at"],
+        handed_back=m["handed_back"],
+        timeout_seconds=m["timeout_seconds"],
+        cancel_requested=bool(m["cancel_requested"]),
+        idempotency_key=m["idempotency_key"],
         result=_load(m["result"]),
         error=_error(m["error"]),
         lease_owner=m["lease_owner"],
@@ -80,6 +113,7 @@ def task_from_row(row: Row[Any], steps: Sequence[Step] = ()) -> Task:
         started_at=m["started_at"],
         finished_at=m["finished_at"],
         steps=tuple(steps),
+        history=tuple(history),
     )
 
 
@@ -101,66 +135,122 @@ def step_from_row(row: Row[Any]) -> Step:
     )
 
 
+def attempt_from_row(row: Row[Any]) -> Attempt:
+    """Build an :class:`Attempt` from a ``task_attempts`` row."""
+    m = row._mapping
+    return Attempt(
+        number=m["number"],
+        worker=m["worker"],
+        status=AttemptStatus(m["status"]),
+        started_at=m["started_at"],
+        finished_at=m["finished_at"],
+        error=_error(m["error"]),
+    )
+
+
 def _holds(lease: Lease) -> Any:
     """The guard every worker write carries."""
     return and_(
         tasks.c.id == lease.task_id,
-        tasks.c.status == TaskStatus.RUNNING.value,
+        tasks.c.status == RUNNING,
         tasks.c.lease_owner == lease.owner,
         tasks.c.attempts == lease.attempt,
     )
 
 
+async def _close_attempt(
+    conn: AsyncConnection,
+    lease: Lease,
+    status: AttemptStatus,
+    error: TaskError | None,
+    now: str,
+) -> None:
+    await conn.execute(
+        update(task_attempts)
+        .where(task_attempts.c.task_id == lease.task_id, task_attempts.c.number == lease.attempt)
+        .values(status=status.value, finished_at=now, error=_dump(error))
+    )
+
+
 class TaskStore:
-    """Tasks and their steps in the database."""
+    """Tasks, their attempts and their steps in the database."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
 
     # -- submitting ---------------------------------------------------------------------------
 
-    async def enqueue(self, new: NewTask) -> Task:
-        """Insert a queued task and return it."""
+    async def enqueue(self, new: NewTask) -> Enqueued:
+        """Insert a queued task; with an idempotency key already used, return that task."""
         created = iso_now()
+        values = {
+            "template": new.template,
+            "template_version": new.template_version,
+            "status": QUEUED,
+            "params": _dump(new.params),
+            "model": new.model,
+            "priority": new.priority,
+            "max_attempts": new.max_attempts,
+            "timeout_seconds": new.timeout_seconds,
+            "run_at": iso(new.run_at) if new.run_at else created,
+            "created_at": created,
+            "idempotency_key": new.idempotency_key,
+            "request_hash": new.request_hash,
+        }
+        # SQLite's (and PostgreSQL's) INSERT … ON CONFLICT DO NOTHING: the unique key decides.
         stmt = (
-            insert(tasks)
-            .values(
-                template=new.template,
-                template_version=new.template_version,
-                status=TaskStatus.QUEUED.value,
-                params=_dump(new.params),
-                model=new.model,
-                priority=new.priority,
-                max_attempts=new.max_attempts,
-                run_at=created,
-                created_at=created,
-            )
+            sqlite_insert(tasks)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=["idempotency_key"])
             .returning(*tasks.c)
         )
         async with self.db.write() as conn:
-            row = (await conn.execute(stmt)).one()
-        return task_from_row(row)
+            row = (await conn.execute(stmt)).one_or_none()
+            if row is not None:
+                return Enqueued(task=task_from_row(row), created=True)
+            existing = (
+                await conn.execute(
+                    select(tasks).where(tasks.c.idempotency_key == new.idempotency_key)
+                )
+            ).one()
+        return Enqueued(
+            task=task_from_row(existing),
+            created=False,
+            same_request=existing.request_hash == new.request_hash,
+        )
 
     # -- the worker's side --------------------------------------------------------------------
 
-    async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Task]:
+    async def claim(
+        self,
+        owner: str,
+        limit: int,
+        lease_seconds: float,
+        *,
+        skip_models: Collection[str] = (),
+    ) -> list[Task]:
         """Atomically take up to ``limit`` due tasks, best first, and lease them to ``owner``.
 
-        One ``UPDATE … RETURNING``: a task is claimed by exactly one caller. Each claim counts
-        as an attempt. Returned in claim order (priority, then run time, then age).
+        One ``UPDATE … RETURNING``: a task is claimed by exactly one caller. Each claim starts
+        a new attempt (recorded in ``task_attempts`` in the same transaction). Tasks for a model
+        in ``skip_models`` (at its concurrency limit) stay queued. Returned in claim order
+        (priority, then run time, then age).
         """
         now = iso_now()
         due = (
             select(tasks.c.id)
-            .where(tasks.c.status == TaskStatus.QUEUED.value, tasks.c.run_at <= now)
+            .where(tasks.c.status == QUEUED, tasks.c.run_at <= now)
             .order_by(tasks.c.priority.desc(), tasks.c.run_at, tasks.c.id)
             .limit(limit)
         )
+        if skip_models:
+            # NOT IN is NULL for a NULL model: say explicitly that model-less tasks may run.
+            due = due.where(or_(tasks.c.model.is_(None), tasks.c.model.not_in(list(skip_models))))
         stmt = (
             update(tasks)
-            .where(tasks.c.id.in_(due), tasks.c.status == TaskStatus.QUEUED.value)
+            .where(tasks.c.id.in_(due), tasks.c.status == QUEUED)
             .values(
-                status=TaskStatus.RUNNING.value,
+                status=RUNNING,
                 lease_owner=owner,
                 lease_expires_at=iso_now(lease_seconds),
                 attempts=tasks.c.attempts + 1,
@@ -171,29 +261,43 @@ class TaskStore:
         )
         async with self.db.write() as conn:
             rows = (await conn.execute(stmt)).all()
+            if rows:
+                await conn.execute(
+                    insert(task_attempts),
+                    [
+                        {
+                            "task_id": r.id,
+                            "number": r.attempts,
+                            "worker": owner,
+                            "status": AttemptStatus.RUNNING.value,
+                            "started_at": now,
+                        }
+                        for r in rows
+                    ],
+                )
         claimed = [task_from_row(r) for r in rows]
         claimed.sort(key=lambda t: (-t.priority, t.run_at, t.id))
         return claimed
 
     async def renew_leases(
         self, owner: str, task_ids: Iterable[int], lease_seconds: float
-    ) -> set[int]:
-        """Extend ``owner``'s leases on ``task_ids``; returns the ids still held."""
+    ) -> Renewal:
+        """Extend ``owner``'s leases on ``task_ids``; says which are held and which were asked
+        to cancel (so a worker in any process learns of a cancel at its next renewal)."""
         ids = list(task_ids)
         if not ids:
-            return set()
+            return Renewal(held=set(), cancel_requested=set())
         stmt = (
             update(tasks)
-            .where(
-                tasks.c.id.in_(ids),
-                tasks.c.status == TaskStatus.RUNNING.value,
-                tasks.c.lease_owner == owner,
-            )
+            .where(tasks.c.id.in_(ids), tasks.c.status == RUNNING, tasks.c.lease_owner == owner)
             .values(lease_expires_at=iso_now(lease_seconds))
-            .returning(tasks.c.id)
+            .returning(tasks.c.id, tasks.c.cancel_requested)
         )
         async with self.db.write() as conn:
-            return set((await conn.execute(stmt)).scalars())
+            rows = (await conn.execute(stmt)).all()
+        return Renewal(
+            held={r.id for r in rows}, cancel_requested={r.id for r in rows if r.cancel_requested}
+        )
 
     async def start_step(self, lease: Lease, step_id: str, position: int) -> bool:
         """Record that a step started; False when the lease is lost."""
@@ -248,6 +352,7 @@ class TaskStore:
         error: TaskError | None = None,
     ) -> bool:
         """Move a running task to a terminal status; False when the lease is lost."""
+        now = iso_now()
         stmt = (
             update(tasks)
             .where(_holds(lease))
@@ -255,90 +360,207 @@ class TaskStore:
                 status=status.value,
                 result=_dump(result),
                 error=_dump(error),
-                finished_at=iso_now(),
+                finished_at=now,
                 lease_owner=None,
                 lease_expires_at=None,
+                cancel_requested=0,
             )
         )
+        attempt = {
+            TaskStatus.SUCCEEDED: AttemptStatus.SUCCEEDED,
+            TaskStatus.FAILED: AttemptStatus.FAILED,
+            TaskStatus.CANCELLED: AttemptStatus.CANCELLED,
+        }[status]
         async with self.db.write() as conn:
-            return (await conn.execute(stmt)).rowcount == 1
+            if (await conn.execute(stmt)).rowcount != 1:
+                return False
+            await _close_attempt(conn, lease, attempt, error, now)
+        return True
 
-    async def release(self, lease: Lease) -> bool:
-        """Hand a running task back to the queue (shutdown); the attempt is not counted."""
+    async def retry_later(self, lease: Lease, error: TaskError, run_at: datetime) -> bool:
+        """Put a task whose attempt failed with a retryable error back in the queue, due at
+        ``run_at``; the attempt is recorded as failed with its error. False when the lease is
+        lost."""
+        now = iso_now()
         stmt = (
             update(tasks)
             .where(_holds(lease))
             .values(
-                status=TaskStatus.QUEUED.value,
-                attempts=tasks.c.attempts - 1,
-                run_at=iso_now(),
+                status=QUEUED,
+                error=_dump(error),
+                run_at=iso(run_at),
                 lease_owner=None,
                 lease_expires_at=None,
-                started_at=None,
             )
         )
         async with self.db.write() as conn:
-            await conn.execute(
-                delete(task_steps).where(
-                    task_steps.c.task_id == lease.task_id,
-                    task_steps.c.attempt == lease.attempt,
-                    exists().where(_holds(lease)),
-                )
+            if (await conn.execute(stmt)).rowcount != 1:
+                return False
+            await _close_attempt(conn, lease, AttemptStatus.FAILED, error, now)
+        return True
+
+    async def release(self, lease: Lease) -> bool:
+        """Hand a running task back to the queue (shutdown); the attempt does not count
+        against ``max_attempts``."""
+        now = iso_now()
+        stmt = (
+            update(tasks)
+            .where(_holds(lease))
+            .values(
+                status=QUEUED,
+                handed_back=tasks.c.handed_back + 1,
+                run_at=now,
+                lease_owner=None,
+                lease_expires_at=None,
             )
-            return (await conn.execute(stmt)).rowcount == 1
+        )
+        async with self.db.write() as conn:
+            if (await conn.execute(stmt)).rowcount != 1:
+                return False
+            await _close_attempt(conn, lease, AttemptStatus.HANDED_BACK, None, now)
+        return True
 
     async def requeue_expired(self) -> dict[int, TaskStatus]:
         """Return tasks whose lease expired (their worker died) to the queue.
 
-        The dead attempt was counted when it was claimed; a task that has used all its
-        attempts fails instead, with an error saying so. Returns each affected id and the
-        status it moved to.
+        The dead attempt is recorded as lost and counts against ``max_attempts``; a task with
+        no attempts left fails instead, with an error saying so. Returns each affected id and
+        the status it moved to.
         """
         now = iso_now()
-        exhausted = tasks.c.attempts >= tasks.c.max_attempts
-        gave_up = _dump(
-            TaskError(
-                type="lease_expired",
-                message="the worker running this task stopped responding (its lease expired) "
-                "and the task has no attempts left",
-            )
+        exhausted = (tasks.c.attempts - tasks.c.handed_back) >= tasks.c.max_attempts
+        lost = TaskError(
+            type="lease_expired",
+            message="the worker running this attempt stopped renewing its lease "
+            "(it crashed or was cut off)",
+            retryable=True,
+        )
+        gave_up = TaskError(
+            type="lease_expired",
+            message="the worker running this task stopped responding (its lease expired) "
+            "and the task has no attempts left",
         )
         stmt = (
             update(tasks)
-            .where(tasks.c.status == TaskStatus.RUNNING.value, tasks.c.lease_expires_at < now)
+            .where(tasks.c.status == RUNNING, tasks.c.lease_expires_at < now)
             .values(
-                status=case((exhausted, TaskStatus.FAILED.value), else_=TaskStatus.QUEUED.value),
-                error=case((exhausted, gave_up), else_=tasks.c.error),
+                status=case((exhausted, TaskStatus.FAILED.value), else_=QUEUED),
+                error=case((exhausted, _dump(gave_up)), else_=_dump(lost)),
                 finished_at=case((exhausted, now), else_=None),
                 run_at=now,
                 lease_owner=None,
                 lease_expires_at=None,
             )
-            .returning(tasks.c.id, tasks.c.status)
+            .returning(tasks.c.id, tasks.c.status, tasks.c.attempts)
         )
         async with self.db.write() as conn:
             rows = (await conn.execute(stmt)).all()
+            for row in rows:
+                await conn.execute(
+                    update(task_attempts)
+                    .where(
+                        task_attempts.c.task_id == row.id, task_attempts.c.number == row.attempts
+                    )
+                    .values(status=AttemptStatus.LOST.value, finished_at=now, error=_dump(lost))
+                )
         return {row.id: TaskStatus(row.status) for row in rows}
+
+    # -- requests from people -----------------------------------------------------------------
+
+    async def cancel(self, task_id: int) -> TaskStatus | None:
+        """Cancel a task: a queued one at once; a running one is flagged for its worker.
+
+        Returns the status after the call (``running`` when the worker still has to stop), or
+        None when there is no such task.
+        """
+        now = iso_now()
+        async with self.db.write() as conn:
+            done = await conn.execute(
+                update(tasks)
+                .where(tasks.c.id == task_id, tasks.c.status == QUEUED)
+                .values(
+                    status=TaskStatus.CANCELLED.value,
+                    finished_at=now,
+                    error=_dump(TaskError(type="cancelled", message="cancelled by request")),
+                )
+            )
+            if done.rowcount == 1:
+                return TaskStatus.CANCELLED
+            await conn.execute(
+                update(tasks)
+                .where(tasks.c.id == task_id, tasks.c.status == RUNNING)
+                .values(cancel_requested=1)
+            )
+            status = (
+                await conn.execute(select(tasks.c.status).where(tasks.c.id == task_id))
+            ).scalar()
+        return None if status is None else TaskStatus(status)
+
+    async def retry(self, task_id: int) -> tuple[TaskStatus | None, bool]:
+        """Queue a failed or cancelled task again as a new attempt, due now.
+
+        The task gets at least one more attempt than it has used. Returns (status after, whether
+        it was re-queued); the status is None when there is no such task.
+        """
+        stmt = (
+            update(tasks)
+            .where(
+                tasks.c.id == task_id,
+                tasks.c.status.in_([TaskStatus.FAILED.value, TaskStatus.CANCELLED.value]),
+            )
+            .values(
+                status=QUEUED,
+                run_at=iso_now(),
+                error=None,
+                result=None,
+                finished_at=None,
+                cancel_requested=0,
+                max_attempts=func.max(
+                    tasks.c.max_attempts, tasks.c.attempts - tasks.c.handed_back + 1
+                ),
+            )
+        )
+        async with self.db.write() as conn:
+            if (await conn.execute(stmt)).rowcount == 1:
+                return TaskStatus.QUEUED, True
+            status = (
+                await conn.execute(select(tasks.c.status).where(tasks.c.id == task_id))
+            ).scalar()
+        return (None if status is None else TaskStatus(status)), False
+
+    async def delete_finished_before(self, cutoff: datetime, batch: int = 500) -> int:
+        """Delete up to ``batch`` finished tasks (with their steps and attempts) that finished
+        before ``cutoff``, oldest first; returns how many. Small batches keep each write
+        transaction short, so the queue never waits long behind retention."""
+        oldest = (
+            select(tasks.c.id)
+            .where(
+                tasks.c.finished_at.is_not(None),
+                tasks.c.finished_at < iso(cutoff),
+                tasks.c.status.in_(
+                    [
+                        s.value
+                        for s in (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+                    ]
+                ),
+            )
+            .order_by(tasks.c.finished_at)
+            .limit(batch)
+        )
+        async with self.db.write() as conn:
+            return (await conn.execute(delete(tasks).where(tasks.c.id.in_(oldest)))).rowcount
 
     # -- reading ------------------------------------------------------------------------------
 
     async def get_task(self, task_id: int) -> Task | None:
-        """One task with the steps of its current attempt, or None."""
+        """One task with its attempts and the steps of its current attempt, or None."""
         async with self.db.read() as conn:
             row = (await conn.execute(select(tasks).where(tasks.c.id == task_id))).one_or_none()
             if row is None:
                 return None
-            steps = (
-                await conn.execute(
-                    select(task_steps)
-                    .where(
-                        task_steps.c.task_id == task_id,
-                        task_steps.c.attempt == row.attempts,
-                    )
-                    .order_by(task_steps.c.position)
-                )
-            ).all()
-        return task_from_row(row, [step_from_row(s) for s in steps])
+            details = await _details(conn, {task_id: row.attempts})
+        steps, history = details.get(task_id, ([], []))
+        return task_from_row(row, steps, history)
 
     async def list_page(
         self,
@@ -363,24 +585,32 @@ class TaskStore:
         async with self.db.read() as conn:
             rows = (await conn.execute(query)).all()
             page, more = rows[:limit], len(rows) > limit
-            steps_by_task = await self._steps_for(conn, {r.id: r.attempts for r in page})
-        items = [task_from_row(r, steps_by_task.get(r.id, [])) for r in page]
+            details = await _details(conn, {r.id: r.attempts for r in page})
+        items = [task_from_row(r, *details.get(r.id, ([], []))) for r in page]
         return TaskPage(items=items, next_cursor=items[-1].id if more and items else None)
 
-    @staticmethod
-    async def _steps_for(conn: Any, attempts: Mapping[int, int]) -> dict[int, list[Step]]:
-        """The current attempt's steps of many tasks in one query (no N+1)."""
-        if not attempts:
-            return {}
-        rows = (
-            await conn.execute(
-                select(task_steps)
-                .where(task_steps.c.task_id.in_(list(attempts)))
-                .order_by(task_steps.c.task_id, task_steps.c.position)
-            )
-        ).all()
-        out: dict[int, list[Step]] = {}
-        for row in rows:
-            if attempts[row.task_id] == row.attempt:
-                out.setdefault(row.task_id, []).append(step_from_row(row))
+
+async def _details(
+    conn: AsyncConnection, attempts: Mapping[int, int]
+) -> dict[int, tuple[list[Step], list[Attempt]]]:
+    """The current attempt's steps and every attempt of many tasks: two queries, no N+1."""
+    out: dict[int, tuple[list[Step], list[Attempt]]] = {i: ([], []) for i in attempts}
+    if not attempts:
         return out
+    ids = list(attempts)
+    steps = await conn.execute(
+        select(task_steps)
+        .where(task_steps.c.task_id.in_(ids))
+        .order_by(task_steps.c.task_id, task_steps.c.position)
+    )
+    for row in steps:
+        if attempts[row.task_id] == row.attempt:
+            out[row.task_id][0].append(step_from_row(row))
+    tries = await conn.execute(
+        select(task_attempts)
+        .where(task_attempts.c.task_id.in_(ids))
+        .order_by(task_attempts.c.task_id, task_attempts.c.number)
+    )
+    for row in tries:
+        out[row.task_id][1].append(attempt_from_row(row))
+    return out

@@ -23,6 +23,7 @@ metadata = MetaData()
 
 TASK_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 STEP_STATUSES = ("running", "succeeded", "failed", "skipped")
+ATTEMPT_STATUSES = ("running", "succeeded", "failed", "cancelled", "lost", "handed_back")
 
 
 def _one_of(column: str, values: tuple[str, ...]) -> CheckConstraint:
@@ -50,9 +51,16 @@ tasks = Table(
     Column("result", Text),  # JSON
     Column("error", Text),  # JSON: {"type", "message", "step"}
     Column("priority", Integer, nullable=False, server_default=text("0")),
+    # Attempts started (every claim adds one; also the fencing token). Those handed back on
+    # shutdown do not count against max_attempts.
     Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("handed_back", Integer, nullable=False, server_default=text("0")),
     Column("max_attempts", Integer, nullable=False, server_default=text("3")),
+    Column("timeout_seconds", Float),  # the whole attempt; NULL: no limit
     Column("run_at", Text, nullable=False),  # not claimed before this time
+    Column("cancel_requested", Integer, nullable=False, server_default=text("0")),
+    Column("idempotency_key", Text),
+    Column("request_hash", Text),  # what the key was first used with
     Column("lease_owner", Text),
     Column("lease_expires_at", Text),
     Column("created_at", Text, nullable=False),
@@ -75,6 +83,23 @@ Index(
 Index("ix_tasks_leases", tasks.c.lease_expires_at, sqlite_where=tasks.c.status == "running")
 Index("ix_tasks_status_id", tasks.c.status, tasks.c.id)
 Index("ix_tasks_template_id", tasks.c.template, tasks.c.id)
+Index("ux_tasks_idempotency_key", tasks.c.idempotency_key, unique=True)
+# Retention deletes the oldest finished tasks first.
+Index("ix_tasks_finished", tasks.c.finished_at, sqlite_where=tasks.c.finished_at.is_not(None))
+
+task_attempts = Table(
+    "task_attempts",
+    metadata,
+    Column("task_id", Integer, ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False),
+    Column("number", Integer, nullable=False),
+    Column("worker", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("started_at", Text, nullable=False),
+    Column("finished_at", Text),
+    Column("error", Text),  # JSON
+    PrimaryKeyConstraint("task_id", "number"),
+    _one_of("status", ATTEMPT_STATUSES),
+)
 
 task_steps = Table(
     "task_steps",

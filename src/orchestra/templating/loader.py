@@ -22,6 +22,7 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.scalarbool import ScalarBoolean
 from ruamel.yaml.scalarstring import FoldedScalarString, LiteralScalarString
 
+from orchestra.domain import RetryPolicy, parse_duration
 from orchestra.errors import TemplateError
 from orchestra.templating.model import PARAM_TYPES, LlmStep, Parameter, StepSpec, Template
 from orchestra.templating.render import compile_output, compile_text
@@ -31,7 +32,18 @@ Path_ = tuple[str | int, ...]
 NAME = re.compile(r"^[a-z0-9_-]+$")
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
-TOP_KEYS = ("name", "version", "description", "model", "parameters", "steps", "output")
+TOP_KEYS = (
+    "name",
+    "version",
+    "description",
+    "model",
+    "parameters",
+    "steps",
+    "output",
+    "retry",
+    "timeout",
+)
+RETRY_KEYS = ("max_attempts", "backoff", "initial_delay", "max_delay")
 PARAM_KEYS = (
     "type",
     "required",
@@ -45,7 +57,7 @@ PARAM_KEYS = (
     "pattern",
     "items",
 )
-LLM_KEYS = ("id", "kind", "prompt", "system", "model", "options")
+LLM_KEYS = ("id", "kind", "prompt", "system", "model", "options", "timeout")
 STEP_KINDS = ("llm",)
 
 
@@ -178,6 +190,19 @@ class _Checker:
             return None
         return value
 
+    def duration(self, data: dict[str, Any], path: Path_, key: str) -> float | None:
+        if key not in data:
+            return None
+        try:
+            seconds = parse_duration(data[key])
+        except ValueError as exc:
+            self.add((*path, key), f"{key}: {exc}")
+            return None
+        if seconds <= 0:
+            self.add((*path, key), f"{key} must be more than 0")
+            return None
+        return seconds
+
     def jinja(self, path: Path_, text: str) -> None:
         # Compile, not just parse: unknown filters and tests are compile-time errors.
         try:
@@ -304,11 +329,47 @@ def _steps(c: _Checker, value: Any) -> list[StepSpec]:
         if not isinstance(options, dict):
             c.add((*path, "options"), f"'options' must be a mapping, got {_kind(options)}")
             options = {}
+        timeout = c.duration(data, path, "timeout")
         if step_id is not None and prompt is not None:
             out.append(
-                LlmStep(id=step_id, prompt=prompt, system=system, model=model, options=options)
+                LlmStep(
+                    id=step_id,
+                    prompt=prompt,
+                    system=system,
+                    model=model,
+                    options=options,
+                    timeout=timeout,
+                )
             )
     return out
+
+
+def _retry(c: _Checker, value: Any) -> RetryPolicy | None:
+    if value is None:
+        return None
+    data = c.mapping(value, ("retry",), "'retry'")
+    if data is None:
+        return None
+    c.keys(data, ("retry",), RETRY_KEYS)
+    fields: dict[str, Any] = {}
+    attempts = data.get("max_attempts", 3)
+    if not isinstance(attempts, int) or isinstance(attempts, bool) or not 1 <= attempts <= 100:
+        c.add(("retry", "max_attempts"), f"max_attempts must be 1 to 100, got {attempts!r}")
+    else:
+        fields["max_attempts"] = attempts
+    backoff = data.get("backoff", "exponential")
+    if backoff not in ("exponential", "fixed"):
+        c.add(("retry", "backoff"), f"backoff must be exponential or fixed, got {backoff!r}")
+    else:
+        fields["backoff"] = backoff
+    for key in ("initial_delay", "max_delay"):
+        seconds = c.duration(data, ("retry",), key)
+        if seconds is not None:
+            fields[key] = seconds
+    policy = RetryPolicy(**fields)
+    if policy.max_delay < policy.initial_delay:
+        c.add(("retry", "max_delay"), "max_delay must not be shorter than initial_delay")
+    return policy
 
 
 def _output(c: _Checker, value: Any) -> str | dict[str, str] | None:
@@ -369,6 +430,8 @@ def parse_template(text: str, file: str = "<string>") -> Template:
     parameters = _parameters(c, data.get("parameters"))
     steps = _steps(c, data.get("steps"))
     output = _output(c, data.get("output"))
+    retry = _retry(c, data.get("retry"))
+    timeout = c.duration(data, (), "timeout")
     if c.problems:
         raise TemplateError(sorted(c.problems, key=lambda p: (p.line, p.column)))
     return Template(
@@ -379,6 +442,8 @@ def parse_template(text: str, file: str = "<string>") -> Template:
         parameters=parameters,
         steps=tuple(steps),
         output=output,
+        retry=retry,
+        timeout=timeout,
         source=file,
     )
 

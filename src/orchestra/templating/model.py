@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from orchestra.domain import RetryPolicy
+
 ParamType = Literal["string", "integer", "number", "boolean", "array", "object"]
 PARAM_TYPES: tuple[str, ...] = ("string", "integer", "number", "boolean", "array", "object")
 
@@ -59,6 +61,8 @@ class LlmStep(msgspec.Struct, frozen=True):
     system: str | None = None
     model: str | None = None
     options: dict[str, Any] = msgspec.field(default_factory=dict)
+    #: Seconds this step may take; the model call is cancelled past it (None: no limit).
+    timeout: float | None = None
     kind: Literal["llm"] = "llm"
 
 
@@ -76,6 +80,10 @@ class Template(msgspec.Struct, frozen=True):
     parameters: dict[str, Parameter] = msgspec.field(default_factory=dict)
     #: A Jinja string, a mapping of names to Jinja strings, or None for the last step's output.
     output: str | dict[str, str] | None = None
+    #: How the task is retried after a retryable error; None: the service's default.
+    retry: RetryPolicy | None = None
+    #: Seconds one attempt may take in all; None: no limit.
+    timeout: float | None = None
     #: Where it was loaded from (a file path) — for error messages and listings.
     source: str = "<string>"
 
