@@ -1,0 +1,387 @@
+"""Retries, timeouts, cancellation, retry by request, scheduling order, idempotency, per-model
+limits, fencing and retention — against the fake model server over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from orchestra.config import (
+    ModelSettings,
+    OllamaSettings,
+    RetentionSettings,
+    Settings,
+    TemplateSettings,
+)
+from tests.conftest import Service, StartService, task_row, with_workers
+from tests.fixtures.fake_ollama import Failure, FakeOllama
+from tests.fixtures.servers import wait_until
+
+TEMPLATES = {
+    "flaky.yaml": """\
+name: flaky
+model: llama3.2
+retry: {max_attempts: 10, backoff: exponential, initial_delay: 10ms, max_delay: 50ms}
+parameters:
+  n: {type: integer, default: 0}
+steps:
+  - id: answer
+    prompt: "call {{ params.n }}"
+""",
+    "patient.yaml": """\
+name: patient
+model: llama3.2
+retry: {max_attempts: 2, initial_delay: 2s, max_delay: 2s}
+steps:
+  - id: answer
+    prompt: hi
+""",
+    "hasty.yaml": """\
+name: hasty
+model: llama3.2
+retry: {max_attempts: 2, initial_delay: 10ms}
+steps:
+  - id: answer
+    prompt: hi
+    timeout: 300ms
+""",
+    "other.yaml": """\
+name: other
+model: qwen2.5
+steps:
+  - id: answer
+    prompt: hi
+""",
+}
+
+
+def settings_with_templates(base: Settings, folder: Path) -> Settings:
+    for name, text in TEMPLATES.items():
+        (folder / name).write_text(text)
+    return Settings(
+        database=base.database,
+        workers=base.workers,
+        ollama=base.ollama,
+        templates=TemplateSettings(dirs=[str(folder)]),
+        models=base.models,
+        retention=base.retention,
+    )
+
+
+@pytest.fixture
+def durable_settings(settings: Settings, tmp_path: Path) -> Settings:
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    return settings_with_templates(settings, folder)
+
+
+@pytest.fixture
+async def svc(durable_settings: Settings, start_service: StartService) -> AsyncIterator[Service]:
+    async with start_service(durable_settings) as service:
+        yield service
+
+
+async def post(svc: Service, body: dict[str, object], **kwargs: object) -> dict[str, object]:
+    response = await svc.client.post("/api/v1/tasks", json=body, **kwargs)  # type: ignore[arg-type]
+    assert response.status_code in (200, 201), response.text
+    result: dict[str, object] = response.json()
+    return result
+
+
+# -- retries --------------------------------------------------------------------------------
+
+
+async def test_flaky_model_every_task_succeeds_within_its_retries(
+    svc: Service, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.fail_rate = 0.3
+    ids = [(await svc.submit("flaky", n=i))["id"] for i in range(40)]
+    done = [await svc.wait(i, seconds=30) for i in ids]
+    assert all(t["status"] == "succeeded" for t in done)
+    retried = [t for t in done if len(t["attempts"]) > 1]
+    assert retried, "a 30% failure rate should have caused some retries"
+    for task in retried:
+        *failed, last = task["attempts"]
+        assert last["status"] == "succeeded"
+        assert all(a["status"] == "failed" for a in failed)
+        assert all("500: injected failure" in a["error"]["message"] for a in failed)
+        assert [a["number"] for a in task["attempts"]] == list(range(1, len(task["attempts"]) + 1))
+    assert len(fake_ollama.requests) == sum(len(t["attempts"]) for t in done)
+
+
+async def test_missing_model_fails_on_the_first_attempt(
+    svc: Service, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.models.discard("llama3.2")
+    done = await svc.wait((await svc.submit("flaky"))["id"])
+    assert done["status"] == "failed"
+    assert "'llama3.2' not found" in done["error"]["message"]
+    assert [a["status"] for a in done["attempts"]] == ["failed"]
+    assert len(fake_ollama.requests) == 1
+
+
+async def test_a_retry_waits_queued_with_next_run_at(svc: Service, fake_ollama: FakeOllama) -> None:
+    fake_ollama.failure = Failure(503, "server busy", times=1)
+    task = await svc.submit("patient")
+
+    async def waiting_for_retry() -> bool:
+        body = (await svc.client.get(f"/api/v1/tasks/{task['id']}")).json()
+        return bool(body["status"] == "queued" and body["attempts"])
+
+    await wait_until(waiting_for_retry, timeout=5)
+    body = (await svc.client.get(f"/api/v1/tasks/{task['id']}")).json()
+    assert body["next_run_at"] > body["attempts"][0]["finished_at"]
+    assert body["error"]["message"].endswith("503: server busy")
+    done = await svc.wait(task["id"], seconds=10)
+    assert done["status"] == "succeeded" and done["next_run_at"] is None
+    assert [a["status"] for a in done["attempts"]] == ["failed", "succeeded"]
+    gap = datetime.fromisoformat(done["attempts"][1]["started_at"]) - datetime.fromisoformat(
+        done["attempts"][0]["finished_at"]
+    )
+    assert timedelta(seconds=1) <= gap < timedelta(seconds=3)  # 2s backoff, equal jitter
+
+
+async def test_task_max_attempts_overrides_the_template(
+    svc: Service, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.failure = Failure(500, "down")
+    task = await post(svc, {"template": "flaky", "max_attempts": 2})
+    done = await svc.wait(task["id"])  # type: ignore[arg-type]
+    assert done["status"] == "failed"
+    assert done["max_attempts"] == 2 and len(done["attempts"]) == 2
+
+
+# -- timeouts -------------------------------------------------------------------------------
+
+
+async def test_step_timeout_closes_the_model_call_and_is_retried(
+    svc: Service, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.latency = 5
+    done = await svc.wait((await svc.submit("hasty"))["id"])
+    assert done["status"] == "failed"
+    assert [a["error"]["type"] for a in done["attempts"]] == ["timeout", "timeout"]
+    assert "took longer than its timeout of 0.3s" in done["error"]["message"]
+    await wait_until(lambda: fake_ollama.disconnects == 2)
+
+
+async def test_task_timeout_from_the_request(svc: Service, fake_ollama: FakeOllama) -> None:
+    fake_ollama.latency = 5
+    task = await post(svc, {"template": "flaky", "timeout": 0.3, "max_attempts": 1})
+    done = await svc.wait(task["id"])  # type: ignore[arg-type]
+    assert done["status"] == "failed" and done["timeout"] == 0.3
+    assert done["error"]["type"] == "timeout"
+    assert "task took longer than its timeout of 0.3s" in done["error"]["message"]
+    await wait_until(lambda: fake_ollama.disconnects == 1)
+
+
+# -- cancel and retry -----------------------------------------------------------------------
+
+
+async def test_cancel_a_queued_task(
+    durable_settings: Settings, start_service: StartService
+) -> None:
+    async with start_service(with_workers(durable_settings, concurrency=1)) as svc:
+        task = await post(svc, {"template": "flaky", "delay": 60})
+        response = await svc.client.post(f"/api/v1/tasks/{task['id']}/cancel")
+        assert response.status_code == 200
+        body = response.json()
+        assert body["status"] == "cancelled" and body["attempts"] == []
+        again = await svc.client.post(f"/api/v1/tasks/{task['id']}/cancel")
+        assert again.status_code == 409
+        assert again.json()["task_status"] == "cancelled"
+
+
+async def test_cancel_a_running_task_closes_the_model_call(
+    svc: Service, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.latency = 10
+    task = await svc.submit("flaky")
+    await wait_until(lambda: fake_ollama.in_flight == 1)
+    started = asyncio.get_running_loop().time()
+    response = await svc.client.post(f"/api/v1/tasks/{task['id']}/cancel")
+    elapsed = asyncio.get_running_loop().time() - started
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "cancelled"
+    assert [a["status"] for a in body["attempts"]] == ["cancelled"]
+    assert elapsed < 1.0
+    await wait_until(lambda: fake_ollama.disconnects == 1, timeout=2)
+
+
+async def test_cancel_finished_or_unknown(svc: Service) -> None:
+    done = await svc.wait((await svc.submit("flaky"))["id"])
+    response = await svc.client.post(f"/api/v1/tasks/{done['id']}/cancel")
+    assert response.status_code == 409
+    assert response.json()["task_status"] == "succeeded"
+    assert (await svc.client.post("/api/v1/tasks/999999/cancel")).status_code == 404
+
+
+async def test_retry_a_failed_task_as_a_new_attempt(svc: Service, fake_ollama: FakeOllama) -> None:
+    fake_ollama.models.discard("llama3.2")
+    failed = await svc.wait((await svc.submit("flaky"))["id"])
+    assert failed["status"] == "failed"
+    fake_ollama.models.add("llama3.2")
+    response = await svc.client.post(f"/api/v1/tasks/{failed['id']}/retry")
+    assert response.status_code == 200
+    assert response.json()["status"] == "queued" and response.json()["error"] is None
+    done = await svc.wait(failed["id"])
+    assert done["status"] == "succeeded"
+    assert [a["status"] for a in done["attempts"]] == ["failed", "succeeded"]
+    conflict = await svc.client.post(f"/api/v1/tasks/{failed['id']}/retry")
+    assert conflict.status_code == 409 and conflict.json()["task_status"] == "succeeded"
+
+
+# -- scheduling -----------------------------------------------------------------------------
+
+
+async def test_priority_then_age_with_one_worker(
+    durable_settings: Settings, fake_ollama: FakeOllama, start_service: StartService
+) -> None:
+    fake_ollama.latency = 0.2
+    async with start_service(with_workers(durable_settings, concurrency=1)) as svc:
+        first = await svc.submit("flaky", n=0)
+        await wait_until(lambda: fake_ollama.in_flight == 1)  # the worker is now busy
+        later = [
+            await post(svc, {"template": "flaky", "params": {"n": n}, "priority": priority})
+            for n, priority in ((1, 0), (2, 5), (3, 0), (4, 9))
+        ]
+        for task in [first, *later]:
+            await svc.wait(task["id"])  # type: ignore[arg-type]
+    order = [r["messages"][-1]["content"] for r in fake_ollama.requests]
+    assert order == ["call 0", "call 4", "call 2", "call 1", "call 3"]
+
+
+async def test_run_at_and_delay_are_respected(svc: Service) -> None:
+    soon = datetime.now(UTC) + timedelta(seconds=1.5)
+    by_time = await post(svc, {"template": "flaky", "run_at": soon.isoformat()})
+    by_delay = await post(svc, {"template": "flaky", "delay": 1})
+    assert by_time["next_run_at"] is not None
+    for task, due in ((by_time, soon), (by_delay, None)):
+        done = await svc.wait(task["id"])  # type: ignore[arg-type]
+        started = datetime.fromisoformat(done["started_at"])
+        expected = due or datetime.fromisoformat(done["created_at"]) + timedelta(seconds=1)
+        assert expected <= started < expected + timedelta(seconds=1)
+
+
+async def test_run_at_and_delay_together_are_refused(svc: Service) -> None:
+    response = await svc.client.post(
+        "/api/v1/tasks",
+        json={"template": "flaky", "delay": 1, "run_at": "2030-01-01T00:00:00Z"},
+    )
+    assert response.status_code == 400
+    assert response.json()["fields"][0]["field"] == "delay"
+
+
+# -- idempotency ----------------------------------------------------------------------------
+
+
+async def test_idempotency_key_in_body_or_header(svc: Service) -> None:
+    body = {"template": "flaky", "params": {"n": 1}, "idempotency_key": "order-42"}
+    first = await svc.client.post("/api/v1/tasks", json=body)
+    again = await svc.client.post("/api/v1/tasks", json=body)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert first.json()["id"] == again.json()["id"]
+    changed = await svc.client.post("/api/v1/tasks", json={**body, "params": {"n": 2}})
+    assert changed.status_code == 409
+    assert "order-42" in changed.json()["message"]
+
+    plain = {"template": "flaky", "params": {"n": 3}}
+    h1 = await svc.client.post("/api/v1/tasks", json=plain, headers={"Idempotency-Key": "k2"})
+    h2 = await svc.client.post("/api/v1/tasks", json=plain, headers={"Idempotency-Key": "k2"})
+    assert (h1.status_code, h2.status_code) == (201, 200)
+    assert h1.json()["id"] == h2.json()["id"] and h2.json()["idempotency_key"] == "k2"
+    listing = (await svc.client.get("/api/v1/tasks")).json()["items"]
+    assert len(listing) == 2
+
+
+# -- per-model limits -----------------------------------------------------------------------
+
+
+async def test_model_concurrency_limit_keeps_the_rest_queued(
+    durable_settings: Settings, fake_ollama: FakeOllama, start_service: StartService
+) -> None:
+    fake_ollama.latency = 0.3
+    limited = Settings(
+        database=durable_settings.database,
+        workers=durable_settings.workers,  # concurrency 4
+        ollama=durable_settings.ollama,
+        templates=durable_settings.templates,
+        models={"llama3.2": ModelSettings(max_concurrency=1)},
+    )
+    async with start_service(limited) as svc:
+        ids = [(await svc.submit("flaky", n=i))["id"] for i in range(4)]
+        ids += [(await svc.submit("other"))["id"] for _ in range(3)]
+        await wait_until(lambda: fake_ollama.in_flight_by_model.get("qwen2.5", 0) >= 2)
+        running = (await svc.client.get("/api/v1/tasks", params={"status": "running"})).json()
+        assert sum(1 for t in running["items"] if t["template"] == "flaky") <= 1
+        done = [await svc.wait(i) for i in ids]
+    assert all(t["status"] == "succeeded" for t in done)
+    assert fake_ollama.max_in_flight_by_model["llama3.2"] == 1
+    assert fake_ollama.max_in_flight_by_model["qwen2.5"] >= 2
+
+
+# -- fencing --------------------------------------------------------------------------------
+
+
+async def test_a_worker_that_lost_its_lease_cannot_finish_and_stops(
+    durable_settings: Settings, fake_ollama: FakeOllama, start_service: StartService, db_url: str
+) -> None:
+    import sqlite3
+
+    fake_ollama.latency = 3
+    settings = with_workers(durable_settings, lease_seconds=0.6, reap_interval=60)
+    async with start_service(settings) as svc:
+        task = await svc.submit("flaky")
+        await wait_until(lambda: fake_ollama.in_flight == 1)
+        with sqlite3.connect(db_url.split("///", 1)[1]) as conn:  # another worker takes over
+            conn.execute("UPDATE tasks SET lease_owner = 'thief' WHERE id = ?", (task["id"],))
+        await wait_until(lambda: fake_ollama.disconnects == 1, timeout=2)  # it stopped its call
+    assert task_row(db_url, task["id"], "status, lease_owner, result") == (
+        "running",
+        "thief",
+        None,
+    )
+
+
+# -- retention ------------------------------------------------------------------------------
+
+
+async def test_retention_deletes_old_finished_tasks_only(
+    durable_settings: Settings, start_service: StartService, db_url: str
+) -> None:
+    import sqlite3
+
+    settings = Settings(
+        database=durable_settings.database,
+        workers=durable_settings.workers,
+        ollama=OllamaSettings(url=durable_settings.ollama.url),
+        templates=durable_settings.templates,
+        retention=RetentionSettings(days=1, interval=3600),
+    )
+    async with start_service(settings) as svc:
+        old = await svc.wait((await svc.submit("flaky", n=1))["id"])
+        recent = await svc.wait((await svc.submit("flaky", n=2))["id"])
+        waiting = await post(svc, {"template": "flaky", "delay": 3600})
+        path = db_url.split("///", 1)[1]
+        with sqlite3.connect(path) as conn:
+            conn.execute(
+                "UPDATE tasks SET finished_at = '2000-01-01T00:00:00.000000Z' WHERE id = ?",
+                (old["id"],),
+            )
+        pool = svc.app.state.runtime.pool
+        assert await pool.apply_retention() == 1
+        assert (await svc.client.get(f"/api/v1/tasks/{old['id']}")).status_code == 404
+        assert (await svc.client.get(f"/api/v1/tasks/{recent['id']}")).status_code == 200
+        assert (await svc.client.get(f"/api/v1/tasks/{waiting['id']}")).status_code == 200
+    with sqlite3.connect(path) as conn:
+        orphans = conn.execute(
+            "SELECT (SELECT count(*) FROM task_attempts WHERE task_id = ?) + "
+            "(SELECT count(*) FROM task_steps WHERE task_id = ?)",
+            (old["id"], old["id"]),
+        ).fetchone()
+    assert orphans == (0,)
