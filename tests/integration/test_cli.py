@@ -4,7 +4,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 from tests.conftest import Service
 from tests.fixtures.fake_ollama import FakeOllama
-from tests.fixtures.servers import wait_until
+from tests.fixtures.servers import free_port, start_process, wait_until, write_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,53 +93,27 @@ async def test_templates_list_includes_user_folders(tmp_path: Path) -> None:
     assert "mine" in out and "summarize" in out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_sigterm_stops_claiming_and_lets_the_running_task_finish(
     fake_ollama: FakeOllama, tmp_path: Path
 ) -> None:
     import httpx
 
     fake_ollama.latency = 1.0
-    port = _free_port()
+    port = free_port()
     db = tmp_path / "o.db"
     config = tmp_path / "o.toml"
-    config.write_text(
-        f'[server]\nport = {port}\n[database]\nurl = "sqlite+aiosqlite:///{db}"\n'
-        f"[workers]\nconcurrency = 1\nshutdown_grace = 10\n"
-        f'[ollama]\nurl = "{fake_ollama.url}"\n'
+    write_config(
+        config, port=port, db=db, ollama_url=fake_ollama.url, concurrency=1, shutdown_grace=10
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "orchestra",
-        "serve",
-        "--config",
-        str(config),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
+    proc = await start_process(config)
     try:
-        async with httpx.AsyncClient(base_url=base) as client:
-
-            async def up() -> bool:
-                try:
-                    return (await client.get("/health")).status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            await wait_until(up, timeout=30, interval=0.1)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
             body = {"template": "summarize", "params": {"text": "x"}}
             first = (await client.post("/api/v1/tasks", json=body)).json()
             second = (await client.post("/api/v1/tasks", json=body)).json()
             await wait_until(lambda: fake_ollama.in_flight == 1)
             proc.send_signal(signal.SIGTERM)
-            _, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+            await asyncio.wait_for(proc.wait(), timeout=30)
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -150,7 +123,8 @@ async def test_sigterm_stops_claiming_and_lets_the_running_task_finish(
     with sqlite3.connect(db) as conn:
         rows = dict(conn.execute("SELECT id, status FROM tasks").fetchall())
     assert rows == {first["id"]: "succeeded", second["id"]: "queued"}
-    events = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
+    log = config.with_suffix(".log").read_text()
+    events = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     finished = [e for e in events if e.get("event") == "task.finished"]
     assert finished and finished[0]["task_id"] == first["id"]
     assert finished[0]["template"] == "summarize"

@@ -1,0 +1,77 @@
+"""The crash test: kill -9 the server mid-run, start it again on the same database; every task
+ends succeeded, none is lost, none succeeds twice."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+from pathlib import Path
+
+import httpx
+
+from tests.fixtures.fake_ollama import FakeOllama
+from tests.fixtures.servers import free_port, start_process, wait_until, write_config
+
+TASKS = 300
+
+
+def counts(db: Path) -> dict[str, int]:
+    with sqlite3.connect(db) as conn:
+        return dict(conn.execute("SELECT status, count(*) FROM tasks GROUP BY status").fetchall())
+
+
+async def test_sigkill_mid_run_loses_nothing_and_finishes_nothing_twice(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    fake_ollama.latency = 0.2
+    port = free_port()
+    db = tmp_path / "crash.db"
+    config = tmp_path / "crash.toml"
+    write_config(
+        config,
+        port=port,
+        db=db,
+        ollama_url=fake_ollama.url,
+        concurrency=8,
+        lease_seconds=1.0,
+        reap_interval=0.2,
+        poll_interval=0.2,
+    )
+    first = await start_process(config)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            body = {"template": "summarize", "params": {"text": "crash me"}}
+            responses = await asyncio.gather(
+                *(client.post("/api/v1/tasks", json=body) for _ in range(TASKS))
+            )
+        assert all(r.status_code == 201 for r in responses)
+        await wait_until(lambda: counts(db).get("succeeded", 0) >= 60, timeout=30)
+        await wait_until(lambda: fake_ollama.in_flight > 0, timeout=5)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+    at_kill = counts(db)
+    assert at_kill.get("running", 0) > 0, "the kill should interrupt running tasks"
+    assert at_kill.get("queued", 0) > 0
+
+    second = await start_process(config)
+    try:
+        await wait_until(lambda: counts(db) == {"succeeded": TASKS}, timeout=60, interval=0.1)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        await second.wait()
+
+    with sqlite3.connect(db) as conn:
+        wins = conn.execute(
+            "SELECT task_id, count(*) FROM task_attempts WHERE status = 'succeeded' "
+            "GROUP BY task_id"
+        ).fetchall()
+        lost = conn.execute("SELECT count(*) FROM task_attempts WHERE status = 'lost'").fetchone()
+        stuck = conn.execute(
+            "SELECT count(*) FROM task_attempts WHERE status = 'running'"
+        ).fetchone()
+    assert len(wins) == TASKS
+    assert {n for _, n in wins} == {1}, "no task may succeed twice"
+    assert lost[0] == at_kill["running"], "every interrupted attempt is recorded as lost"
+    assert stuck == (0,)
