@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +129,29 @@ def _coerce(name: str, raw: str, schema: dict[str, Any]) -> Any:
         raise click.BadParameter(f"{name}: expected {kind} (as JSON), got {raw!r}") from None
 
 
+url_option = click.option(
+    "--url", envvar="ORCHESTRA_URL", help="Server URL (default: from the settings)."
+)
+
+
+@contextmanager
+def _client(url: str | None, config_path: str | None) -> Iterator[httpx.Client]:
+    """An HTTP client for the server; a connection failure becomes one clear line."""
+    base = _base_url(url, config_path)
+    try:
+        with httpx.Client(base_url=base, timeout=90) as client:
+            yield client
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"cannot reach the server at {base}: {exc}") from None
+
+
+def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
+    response = client.request(method, path, **kwargs)
+    if response.status_code != 200:
+        raise _fail(response)
+    return response.json()
+
+
 def _fail(response: httpx.Response) -> click.ClickException:
     try:
         body = response.json()
@@ -150,7 +175,9 @@ def _fail(response: httpx.Response) -> click.ClickException:
 @click.option("--wait/--no-wait", default=False, help="Wait for the result and print it.")
 @click.option("--priority", type=int, default=0, show_default=True)
 @click.option("--model", help="Use this model instead of the template's.")
-@click.option("--url", envvar="ORCHESTRA_URL", help="Server URL (default: from the settings).")
+@click.option("--delay", type=float, help="Seconds to wait before the task may start.")
+@click.option("--idempotency-key", help="Submitting again with this key returns the same task.")
+@url_option
 @config_option
 def submit(
     template: str,
@@ -158,45 +185,82 @@ def submit(
     wait: bool,
     priority: int,
     model: str | None,
+    delay: float | None,
+    idempotency_key: str | None,
     url: str | None,
     config_path: str | None,
 ) -> None:
     """Submit a task to a running server; with --wait, print its result."""
-    base = _base_url(url, config_path)
-    try:
-        with httpx.Client(base_url=base, timeout=90) as client:
-            found = client.get(f"/api/v1/templates/{template}")
-            if found.status_code != 200:
-                raise _fail(found)
-            schema = found.json()["parameters"]
-            values: dict[str, Any] = {}
-            for item in params:
-                name, sep, raw = item.partition("=")
-                if not sep:
-                    raise click.BadParameter(f"{item!r}: write NAME=VALUE")
-                values[name] = _coerce(name, raw, schema)
-            body: dict[str, Any] = {"template": template, "params": values, "priority": priority}
-            if model:
-                body["model"] = model
-            created = client.post("/api/v1/tasks", json=body)
-            if created.status_code != 201:
-                raise _fail(created)
-            task = created.json()
-            click.echo(f"task {task['id']} {task['status']}", err=True)
-            if not wait:
-                return
-            while task["status"] in ("queued", "running"):
-                answer = client.get(f"/api/v1/tasks/{task['id']}", params={"wait": 30})
-                if answer.status_code != 200:
-                    raise _fail(answer)
-                task = answer.json()
-    except httpx.HTTPError as exc:
-        raise click.ClickException(f"cannot reach the server at {base}: {exc}") from None
+    with _client(url, config_path) as client:
+        found = client.get(f"/api/v1/templates/{template}")
+        if found.status_code != 200:
+            raise _fail(found)
+        schema = found.json()["parameters"]
+        values: dict[str, Any] = {}
+        for item in params:
+            name, sep, raw = item.partition("=")
+            if not sep:
+                raise click.BadParameter(f"{item!r}: write NAME=VALUE")
+            values[name] = _coerce(name, raw, schema)
+        body: dict[str, Any] = {"template": template, "params": values, "priority": priority}
+        for key, value in (
+            ("model", model),
+            ("delay", delay),
+            ("idempotency_key", idempotency_key),
+        ):
+            if value is not None:
+                body[key] = value
+        created = client.post("/api/v1/tasks", json=body)
+        if created.status_code not in (200, 201):
+            raise _fail(created)
+        task = created.json()
+        click.echo(f"task {task['id']} {task['status']}", err=True)
+        if not wait:
+            return
+        while task["status"] in ("queued", "running"):
+            task = _call(client, "GET", f"/api/v1/tasks/{task['id']}", params={"wait": 30})
     if task["status"] != "succeeded":
         error = task.get("error") or {}
         raise click.ClickException(f"task {task['id']} {task['status']}: {error.get('message')}")
     result = task["result"]
     click.echo(result if isinstance(result, str) else json.dumps(result, indent=2))
+
+
+@main.group()
+def tasks() -> None:
+    """Look at and act on tasks of a running server."""
+
+
+@tasks.command("show")
+@click.argument("task_id", type=int)
+@url_option
+@config_option
+def tasks_show(task_id: int, url: str | None, config_path: str | None) -> None:
+    """Print a task as JSON."""
+    with _client(url, config_path) as client:
+        click.echo(json.dumps(_call(client, "GET", f"/api/v1/tasks/{task_id}"), indent=2))
+
+
+@tasks.command("cancel")
+@click.argument("task_id", type=int)
+@url_option
+@config_option
+def tasks_cancel(task_id: int, url: str | None, config_path: str | None) -> None:
+    """Cancel a queued or running task."""
+    with _client(url, config_path) as client:
+        task = _call(client, "POST", f"/api/v1/tasks/{task_id}/cancel")
+    click.echo(f"task {task['id']} {task['status']}")
+
+
+@tasks.command("retry")
+@click.argument("task_id", type=int)
+@url_option
+@config_option
+def tasks_retry(task_id: int, url: str | None, config_path: str | None) -> None:
+    """Queue a failed or cancelled task again."""
+    with _client(url, config_path) as client:
+        task = _call(client, "POST", f"/api/v1/tasks/{task_id}/retry")
+    click.echo(f"task {task['id']} {task['status']}")
 
 
 @main.group()

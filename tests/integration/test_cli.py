@@ -152,3 +152,20 @@ def test_the_wheel_carries_the_builtin_templates(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     shipped = {Path(n).name for n in names if "/builtin_templates/" in n}
     assert shipped == {p.name for p in (REPO / "templates").glob("*.yaml")}
+
+
+async def test_tasks_show_cancel_and_retry(service: Service, fake_ollama: FakeOllama) -> None:
+    code, _, err = await run_cli(
+        "submit", "summarize", "-p", "text=later", "--delay", "60", "--url", service.url
+    )
+    assert code == 0 and err.startswith("task 1 queued")
+    code, out, _ = await run_cli("tasks", "show", "1", "--url", service.url)
+    assert code == 0 and json.loads(out)["next_run_at"] is not None
+    code, out, _ = await run_cli("tasks", "cancel", "1", "--url", service.url)
+    assert (code, out.strip()) == (0, "task 1 cancelled")
+    code, _, err = await run_cli("tasks", "cancel", "1", "--url", service.url)
+    assert code == 1 and "already finished: cancelled" in err
+    code, out, _ = await run_cli("tasks", "retry", "1", "--url", service.url)
+    assert (code, out.strip()) == (0, "task 1 queued")
+    code, _, err = await run_cli("tasks", "show", "77", "--url", service.url)
+    assert code == 1 and "no task with id 77" in err
