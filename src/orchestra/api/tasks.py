@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import msgspec
 from litestar import Controller, Response, get, post
 from litestar.di import NamedDependency
 from litestar.openapi import ResponseSpec
@@ -71,19 +72,8 @@ class TaskController(Controller):
                     [FieldProblem("idempotency_key", "differs from the Idempotency-Key header")],
                 )
             key = idempotency_header
-        submitted = await tasks.submit(
-            Submission(
-                template=data.template,
-                params=data.params,
-                priority=data.priority,
-                model=data.model,
-                run_at=data.run_at,
-                delay=data.delay,
-                max_attempts=data.max_attempts,
-                timeout=data.timeout,
-                idempotency_key=key,
-            )
-        )
+        fields = {**msgspec.structs.asdict(data), "idempotency_key": key}
+        submitted = await tasks.submit(Submission(**fields))
         task = submitted.task
         return Response(
             TaskOut.of(task),

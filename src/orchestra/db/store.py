@@ -352,72 +352,61 @@ class TaskStore:
         error: TaskError | None = None,
     ) -> bool:
         """Move a running task to a terminal status; False when the lease is lost."""
-        now = iso_now()
-        stmt = (
-            update(tasks)
-            .where(_holds(lease))
-            .values(
-                status=status.value,
-                result=_dump(result),
-                error=_dump(error),
-                finished_at=now,
-                lease_owner=None,
-                lease_expires_at=None,
-                cancel_requested=0,
-            )
-        )
         attempt = {
             TaskStatus.SUCCEEDED: AttemptStatus.SUCCEEDED,
             TaskStatus.FAILED: AttemptStatus.FAILED,
             TaskStatus.CANCELLED: AttemptStatus.CANCELLED,
         }[status]
-        async with self.db.write() as conn:
-            if (await conn.execute(stmt)).rowcount != 1:
-                return False
-            await _close_attempt(conn, lease, attempt, error, now)
-        return True
+        return await self._end_attempt(
+            lease,
+            attempt,
+            error,
+            status=status.value,
+            result=_dump(result),
+            error=_dump(error),
+            finished_at=iso_now(),
+            cancel_requested=0,
+        )
 
     async def retry_later(self, lease: Lease, error: TaskError, run_at: datetime) -> bool:
         """Put a task whose attempt failed with a retryable error back in the queue, due at
         ``run_at``; the attempt is recorded as failed with its error. False when the lease is
         lost."""
-        now = iso_now()
-        stmt = (
-            update(tasks)
-            .where(_holds(lease))
-            .values(
-                status=QUEUED,
-                error=_dump(error),
-                run_at=iso(run_at),
-                lease_owner=None,
-                lease_expires_at=None,
-            )
+        return await self._end_attempt(
+            lease,
+            AttemptStatus.FAILED,
+            error,
+            status=QUEUED,
+            error=_dump(error),
+            run_at=iso(run_at),
         )
-        async with self.db.write() as conn:
-            if (await conn.execute(stmt)).rowcount != 1:
-                return False
-            await _close_attempt(conn, lease, AttemptStatus.FAILED, error, now)
-        return True
 
     async def release(self, lease: Lease) -> bool:
         """Hand a running task back to the queue (shutdown); the attempt does not count
         against ``max_attempts``."""
-        now = iso_now()
+        return await self._end_attempt(
+            lease,
+            AttemptStatus.HANDED_BACK,
+            None,
+            status=QUEUED,
+            handed_back=tasks.c.handed_back + 1,
+            run_at=iso_now(),
+        )
+
+    async def _end_attempt(
+        self, lease: Lease, attempt: AttemptStatus, why: TaskError | None, **values: Any
+    ) -> bool:
+        """The one way a worker ends its attempt: an UPDATE guarded by the lease, which also
+        gives the lease up, and the attempt's record closed in the same transaction."""
         stmt = (
             update(tasks)
             .where(_holds(lease))
-            .values(
-                status=QUEUED,
-                handed_back=tasks.c.handed_back + 1,
-                run_at=now,
-                lease_owner=None,
-                lease_expires_at=None,
-            )
+            .values(lease_owner=None, lease_expires_at=None, **values)
         )
         async with self.db.write() as conn:
             if (await conn.execute(stmt)).rowcount != 1:
                 return False
-            await _close_attempt(conn, lease, AttemptStatus.HANDED_BACK, None, now)
+            await _close_attempt(conn, lease, attempt, why, iso_now())
         return True
 
     async def requeue_expired(self) -> dict[int, TaskStatus]:
