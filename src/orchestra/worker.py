@@ -342,14 +342,19 @@ class WorkerPool:
     # -- side loops ---------------------------------------------------------------------------
 
     async def _every(
-        self, seconds: float, name: str, body: Callable[[], Awaitable[object]]
+        self,
+        seconds: float,
+        name: str,
+        body: Callable[[], Awaitable[object]],
+        first: float | None = None,
     ) -> None:
+        await asyncio.sleep(seconds if first is None else first)
         while True:
-            await asyncio.sleep(seconds)
             try:
                 await body()
             except Exception:
                 log.exception("pool.side_loop_failed", loop=name)
+            await asyncio.sleep(seconds)
 
     async def _keep_leases(self) -> None:
         await self._every(self.workers.lease_seconds / 3, "lease_renewal", self._renew)
@@ -380,7 +385,9 @@ class WorkerPool:
             self._wake.set()
 
     async def _retention_forever(self) -> None:
-        await self._every(self.settings.retention.interval, "retention", self.apply_retention)
+        # Soon after start too: a service restarted more often than `interval` still prunes.
+        interval = self.settings.retention.interval
+        await self._every(interval, "retention", self.apply_retention, first=min(interval, 60.0))
 
     async def apply_retention(self) -> int:
         """Delete finished tasks older than ``[retention] days``, a small batch at a time."""

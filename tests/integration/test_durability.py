@@ -385,3 +385,29 @@ async def test_retention_deletes_old_finished_tasks_only(
             (old["id"], old["id"]),
         ).fetchone()
     assert orphans == (0,)
+
+
+async def test_retention_runs_by_itself(
+    durable_settings: Settings, start_service: StartService, db_url: str
+) -> None:
+    import sqlite3
+
+    settings = Settings(
+        database=durable_settings.database,
+        workers=durable_settings.workers,
+        ollama=durable_settings.ollama,
+        templates=durable_settings.templates,
+        retention=RetentionSettings(days=1, interval=0.2),
+    )
+    async with start_service(settings) as svc:
+        old = await svc.wait((await svc.submit("flaky"))["id"])
+        with sqlite3.connect(db_url.split("///", 1)[1]) as conn:
+            conn.execute(
+                "UPDATE tasks SET finished_at = '2000-01-01T00:00:00.000000Z' WHERE id = ?",
+                (old["id"],),
+            )
+
+        async def gone() -> bool:
+            return (await svc.client.get(f"/api/v1/tasks/{old['id']}")).status_code == 404
+
+        await wait_until(gone, timeout=5)
