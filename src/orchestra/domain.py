@@ -87,6 +87,22 @@ class Usage(msgspec.Struct, frozen=True, omit_defaults=True):
     generation_ms: float | None = None
     finish_reason: str | None = None
 
+    def plus(self, other: Usage) -> Usage:
+        """The sum of two calls' usage (a step that asked the model more than once)."""
+
+        def add(a: float | None, b: float | None) -> Any:
+            return b if a is None else a if b is None else a + b
+
+        return Usage(
+            prompt_tokens=add(self.prompt_tokens, other.prompt_tokens),
+            completion_tokens=add(self.completion_tokens, other.completion_tokens),
+            total_ms=add(self.total_ms, other.total_ms),
+            load_ms=add(self.load_ms, other.load_ms),
+            prompt_ms=add(self.prompt_ms, other.prompt_ms),
+            generation_ms=add(self.generation_ms, other.generation_ms),
+            finish_reason=other.finish_reason or self.finish_reason,
+        )
+
 
 class TaskError(msgspec.Struct, frozen=True, omit_defaults=True):
     """Why a task (or one of its steps) failed, stored as JSON."""

@@ -15,6 +15,7 @@
     └── StepError                   a step of a running task failed
         ├── RenderError             a prompt or output could not be rendered (permanent)
         ├── StepTimeout             a step or the whole attempt took too long (retryable)
+        ├── InvalidOutput           structured output that stays invalid after repairs
         └── ProviderError           the model server failed
             ├── ModelNotFound       the model server does not have the model (permanent)
             └── ProviderUnavailable connection refused, timeout, 5xx (retryable)
@@ -134,6 +135,12 @@ class StepTimeout(StepError):
 
     code = "timeout"
     retryable = True
+
+
+class InvalidOutput(StepError):
+    """The output does not match its schema."""
+
+    code = "invalid_output"
 
 
 class ProviderError(StepError):

@@ -1,4 +1,4 @@
-"""Running one task's steps: render each prompt, ask the model, keep the outputs.
+"""Running one task's steps in order: skip by ``when``, time out, record, render the output.
 
 The runner knows templates and providers, nothing about SQL or HTTP servers: it reports each
 step through a :class:`StepRecorder`, which the worker backs with the store (fenced by the
@@ -15,9 +15,10 @@ import msgspec
 
 from orchestra.domain import Step, StepStatus, Task, TaskError, iso_now
 from orchestra.errors import StepError, StepTimeout
-from orchestra.llm.base import ChatMessage, ChatRequest, Provider
-from orchestra.templating.model import LlmStep, Template
-from orchestra.templating.render import render_output, render_text
+from orchestra.kinds import Context, Outcome, execute
+from orchestra.llm.base import Provider
+from orchestra.templating.model import StepSpec, Template
+from orchestra.templating.render import evaluate, render_output
 
 
 class StepRecorder(Protocol):
@@ -63,38 +64,36 @@ class Runner:
         """
         outputs: dict[str, dict[str, Any]] = {}
         scope: dict[str, Any] = {"params": task.params, "steps": outputs}
+        ctx = Context(task=task, template=template, provider=self.provider)
         for position, spec in enumerate(template.steps):
             await recorder.step_started(spec.id, position)
             started, clock = iso_now(), time.perf_counter()
             try:
-                try:
-                    # Leaving the timeout cancels the model call, which closes its connection.
-                    async with asyncio.timeout(spec.timeout):
-                        step = await self._llm_step(task, template, spec, position, scope)
-                except TimeoutError:
-                    raise StepTimeout(
-                        f"step {spec.id!r} took longer than its timeout of {spec.timeout:g}s"
-                    ) from None
+                outcome = await self._step(spec, scope, ctx)
             except StepError as exc:
+                error = TaskError(
+                    type=exc.code, message=exc.message, step=spec.id, retryable=exc.retryable
+                )
                 await recorder.step_finished(
-                    Step(
-                        id=spec.id,
-                        position=position,
-                        status=StepStatus.FAILED,
-                        error=TaskError(
-                            type=exc.code,
-                            message=exc.message,
-                            step=spec.id,
-                            retryable=exc.retryable,
-                        ),
-                        started_at=started,
-                        finished_at=iso_now(),
-                        duration_ms=round((time.perf_counter() - clock) * 1000, 3),
+                    _timed(
+                        Step(id=spec.id, position=position, status=StepStatus.FAILED, error=error),
+                        started,
+                        clock,
                     )
                 )
                 raise StepFailed(spec.id, exc) from exc
-            step = _timed(step, started, clock)
-            await recorder.step_finished(step)
+            if outcome is None:
+                step = Step(id=spec.id, position=position, status=StepStatus.SKIPPED)
+            else:
+                step = Step(
+                    id=spec.id,
+                    position=position,
+                    status=StepStatus.SUCCEEDED,
+                    output=outcome.output,
+                    model=outcome.model,
+                    usage=outcome.usage,
+                )
+            await recorder.step_finished(_timed(step, started, clock))
             outputs[spec.id] = {"output": step.output}
         if template.output is None:
             return outputs[template.steps[-1].id]["output"]
@@ -103,32 +102,19 @@ class Runner:
         except StepError as exc:
             raise StepFailed("output", exc) from exc
 
-    async def _llm_step(
-        self, task: Task, template: Template, spec: LlmStep, position: int, scope: dict[str, Any]
-    ) -> Step:
-        model = spec.model or task.model or template.model
-        if not model:
-            raise StepError(
-                "no model to ask: set `model` on the template or the step, or pass one with "
-                "the task"
-            )
-        messages = []
-        if spec.system:
-            system = render_text(spec.system, scope, what=f"steps.{spec.id}.system")
-            messages.append(ChatMessage(role="system", content=system))
-        prompt = render_text(spec.prompt, scope, what=f"steps.{spec.id}.prompt")
-        messages.append(ChatMessage(role="user", content=prompt))
-        result = await self.provider.chat(
-            ChatRequest(model=model, messages=tuple(messages), options=dict(spec.options))
-        )
-        return Step(
-            id=spec.id,
-            position=position,
-            status=StepStatus.SUCCEEDED,
-            output=result.text,
-            model=f"{self.provider.name}/{result.model}",
-            usage=result.usage,
-        )
+    @staticmethod
+    async def _step(spec: StepSpec, scope: dict[str, Any], ctx: Context) -> Outcome | None:
+        """Run one step; None when its ``when`` is false (skipped)."""
+        if spec.when and not evaluate(spec.when, scope, what=f"steps.{spec.id}.when"):
+            return None
+        try:
+            # Leaving the timeout cancels what the step runs, closing any model connection.
+            async with asyncio.timeout(spec.timeout):
+                return await execute(spec, scope, ctx)
+        except TimeoutError:
+            raise StepTimeout(
+                f"step {spec.id!r} took longer than its timeout of {spec.timeout:g}s"
+            ) from None
 
 
 def _timed(step: Step, started: str, clock: float) -> Step:

@@ -225,7 +225,10 @@ class TemplateOut(msgspec.Struct, frozen=True):
             description=template.description,
             model=template.model,
             parameters=template.params_schema(),
-            steps=[StepSummary(id=s.id, kind=s.kind, model=s.model) for s in template.steps],
+            steps=[
+                StepSummary(id=s.id, kind=s.kind, model=getattr(s, "model", None))
+                for s in template.steps
+            ],
         )
 
 

@@ -27,12 +27,22 @@ class ChatRequest(msgspec.Struct, frozen=True):
     model: str
     messages: tuple[ChatMessage, ...]
     options: dict[str, Any] = msgspec.field(default_factory=dict)
+    #: Structured output: "json", or a JSON Schema the reply must follow.
+    format: str | dict[str, Any] | None = None
 
 
 class ChatResult(msgspec.Struct, frozen=True):
     """The model's reply and what it cost."""
 
     text: str
+    model: str
+    usage: Usage
+
+
+class EmbedResult(msgspec.Struct, frozen=True):
+    """One embedding vector per input, and what it cost."""
+
+    vectors: list[list[float]]
     model: str
     usage: Usage
 
@@ -51,6 +61,10 @@ class Provider(Protocol):
 
     async def chat(self, request: ChatRequest) -> ChatResult:
         """Ask the model; raises a ``ProviderError`` subclass on failure."""
+        ...
+
+    async def embed(self, model: str, inputs: list[str]) -> EmbedResult:
+        """Embed each input; raises a ``ProviderError`` subclass on failure."""
         ...
 
     async def health(self) -> Health:

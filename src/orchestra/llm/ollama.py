@@ -13,7 +13,7 @@ import msgspec
 
 from orchestra.domain import Usage
 from orchestra.errors import ModelNotFound, ProviderError, ProviderUnavailable
-from orchestra.llm.base import ChatRequest, ChatResult, Health
+from orchestra.llm.base import ChatRequest, ChatResult, EmbedResult, Health
 
 HEALTH_TIMEOUT = 2.0
 
@@ -32,6 +32,14 @@ class _ChatReply(msgspec.Struct):
     prompt_eval_duration: int | None = None
     eval_count: int | None = None
     eval_duration: int | None = None
+
+
+class _EmbedReply(msgspec.Struct):
+    model: str = ""
+    embeddings: list[list[float]] = msgspec.field(default_factory=list)
+    total_duration: int | None = None
+    load_duration: int | None = None
+    prompt_eval_count: int | None = None
 
 
 def _ms(nanoseconds: int | None) -> float | None:
@@ -110,6 +118,8 @@ class OllamaProvider:
         }
         if request.options:
             payload["options"] = request.options
+        if request.format is not None:
+            payload["format"] = request.format
         response = await self._post("/api/chat", payload, request.model)
         try:
             reply = msgspec.json.decode(response.content, type=_ChatReply)
@@ -126,6 +136,28 @@ class OllamaProvider:
                 prompt_ms=_ms(reply.prompt_eval_duration),
                 generation_ms=_ms(reply.eval_duration),
                 finish_reason=reply.done_reason,
+            ),
+        )
+
+    async def embed(self, model: str, inputs: list[str]) -> EmbedResult:
+        """Call /api/embed for a batch of inputs."""
+        response = await self._post("/api/embed", {"model": model, "input": inputs}, model)
+        try:
+            reply = msgspec.json.decode(response.content, type=_EmbedReply)
+        except msgspec.DecodeError as exc:
+            raise ProviderError(f"Ollama at {self.url} sent an unreadable reply: {exc}") from exc
+        if len(reply.embeddings) != len(inputs):
+            raise ProviderError(
+                f"Ollama at {self.url} returned {len(reply.embeddings)} embeddings for "
+                f"{len(inputs)} inputs"
+            )
+        return EmbedResult(
+            vectors=reply.embeddings,
+            model=reply.model or model,
+            usage=Usage(
+                prompt_tokens=reply.prompt_eval_count,
+                total_ms=_ms(reply.total_duration),
+                load_ms=_ms(reply.load_duration),
             ),
         )
 

@@ -5,9 +5,10 @@
 holds the templates the service knows.
 """
 
-from orchestra.templating.loader import TemplateProblem, load_template, parse_template
+from orchestra.templating.loader import load_template, parse_template
 from orchestra.templating.model import LlmStep, Parameter, Template
 from orchestra.templating.registry import TemplateRegistry
+from orchestra.templating.source import TemplateProblem
 
 __all__ = [
     "LlmStep",

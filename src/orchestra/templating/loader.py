@@ -1,13 +1,11 @@
 """Loading a template from YAML: every problem found at once, each with file, line and column.
 
-The YAML is read with ruamel's round-trip loader, which remembers where every key and value
-stands; the tree is turned into plain Python while the positions are kept by path, so each
-problem points at the offending value (1-based line and column).
+This module checks the top level, the parameters, the output and the retry policy; the steps
+are checked by ``step_loader`` and positions come from ``source``.
 """
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,18 +14,14 @@ from typing import Any
 import jinja2
 import jsonschema
 import msgspec
-from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
-from ruamel.yaml.scalarbool import ScalarBoolean
-from ruamel.yaml.scalarstring import FoldedScalarString, LiteralScalarString
 
-from orchestra.domain import RetryPolicy, parse_duration
+from orchestra.domain import RetryPolicy
 from orchestra.errors import TemplateError
-from orchestra.templating.model import PARAM_TYPES, LlmStep, Parameter, StepSpec, Template
-from orchestra.templating.render import compile_output, compile_text
-
-Path_ = tuple[str | int, ...]
+from orchestra.templating.model import PARAM_TYPES, Parameter, Template
+from orchestra.templating.render import compile_output
+from orchestra.templating.source import Checker, Path_, Source, TemplateProblem, describe
+from orchestra.templating.step_loader import Scope, read_steps
 
 NAME = re.compile(r"^[a-z0-9_-]+$")
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -57,178 +51,9 @@ PARAM_KEYS = (
     "pattern",
     "items",
 )
-LLM_KEYS = ("id", "kind", "prompt", "system", "model", "options", "timeout")
-STEP_KINDS = ("llm",)
 
 
-class TemplateProblem(msgspec.Struct, frozen=True):
-    """One thing wrong with a template, and where (1-based line and column)."""
-
-    file: str
-    line: int
-    column: int
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        where = f" {self.path}:" if self.path else ""
-        return f"{self.file}:{self.line}:{self.column}:{where} {self.message}"
-
-
-def format_path(path: Path_) -> str:
-    """("steps", 2, "prompt") -> "steps[2].prompt"."""
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-class _Source:
-    """The YAML text, its plain data, and the position of every value by path."""
-
-    def __init__(self, text: str, file: str) -> None:
-        self.text = text
-        self.file = file
-        self.lines = text.splitlines()
-        self.positions: dict[Path_, tuple[int, int]] = {(): (0, 0)}
-        self.key_positions: dict[Path_, tuple[int, int]] = {}
-        self.block_scalars: set[Path_] = set()
-        self.data = self._plain(YAML(typ="rt").load(text), ())
-
-    def _plain(self, node: Any, path: Path_) -> Any:
-        if isinstance(node, CommentedMap):
-            out: dict[Any, Any] = {}
-            for key in node:
-                self.positions[(*path, key)] = node.lc.value(key)
-                self.key_positions[(*path, key)] = node.lc.key(key)
-                out[key] = self._plain(node[key], (*path, key))
-            return out
-        if isinstance(node, CommentedSeq):
-            items = []
-            for index, item in enumerate(node):
-                self.positions[(*path, index)] = node.lc.item(index)
-                items.append(self._plain(item, (*path, index)))
-            return items
-        if isinstance(node, LiteralScalarString | FoldedScalarString):
-            self.block_scalars.add(path)
-            return str(node)
-        if isinstance(node, ScalarBoolean):
-            return bool(node)
-        if isinstance(node, str):
-            return str(node)
-        if isinstance(node, bool):
-            return node
-        if isinstance(node, int):
-            return int(node)
-        if isinstance(node, float):
-            return float(node)
-        return node
-
-    def where(self, path: Path_) -> tuple[int, int]:
-        """1-based (line, column) of the value at ``path``, or of its nearest known parent."""
-        while path not in self.positions:
-            path = path[:-1]
-        line, col = self.positions[path]
-        return line + 1, col + 1
-
-    def where_key(self, path: Path_) -> tuple[int, int]:
-        """1-based (line, column) of the key that holds the value at ``path``."""
-        if path in self.key_positions:
-            line, col = self.key_positions[path]
-            return line + 1, col + 1
-        return self.where(path)
-
-    def where_in_value(self, path: Path_, lineno: int) -> tuple[int, int]:
-        """Position of line ``lineno`` (1-based) inside the string value at ``path``."""
-        line, col = self.where(path)
-        if path in self.block_scalars:
-            # A block scalar's text starts on the line after its | or > indicator.
-            line = line + lineno
-            text = self.lines[line - 1] if 0 < line <= len(self.lines) else ""
-            return line, len(text) - len(text.lstrip()) + 1
-        if lineno > 1:
-            return line + lineno - 1, 1
-        return line, col
-
-
-class _Checker:
-    """Collects problems while walking the template."""
-
-    def __init__(self, source: _Source) -> None:
-        self.src = source
-        self.problems: list[TemplateProblem] = []
-
-    def add(self, path: Path_, message: str, at: tuple[int, int] | None = None) -> None:
-        line, col = at or self.src.where(path)
-        self.problems.append(TemplateProblem(self.src.file, line, col, format_path(path), message))
-
-    def mapping(self, value: Any, path: Path_, what: str) -> dict[str, Any] | None:
-        if isinstance(value, dict):
-            return value
-        self.add(path, f"{what} must be a mapping, got {_kind(value)}")
-        return None
-
-    def keys(self, data: dict[str, Any], path: Path_, allowed: tuple[str, ...]) -> None:
-        for key in data:
-            if key not in allowed:
-                hint = difflib.get_close_matches(str(key), allowed, n=1)
-                suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-                self.add(
-                    (*path, key),
-                    f"unknown field {key!r}{suggestion} (allowed: {', '.join(allowed)})",
-                    at=self.src.where_key((*path, key)),
-                )
-
-    def string(self, data: dict[str, Any], path: Path_, key: str, required: bool = False) -> Any:
-        value = data.get(key)
-        if value is None:
-            if required:
-                self.add(path, f"{key!r} is required")
-            return None
-        if not isinstance(value, str):
-            self.add((*path, key), f"{key!r} must be a string, got {_kind(value)}")
-            return None
-        return value
-
-    def duration(self, data: dict[str, Any], path: Path_, key: str) -> float | None:
-        if key not in data:
-            return None
-        try:
-            seconds = parse_duration(data[key])
-        except ValueError as exc:
-            self.add((*path, key), f"{key}: {exc}")
-            return None
-        if seconds <= 0:
-            self.add((*path, key), f"{key} must be more than 0")
-            return None
-        return seconds
-
-    def jinja(self, path: Path_, text: str) -> None:
-        # Compile, not just parse: unknown filters and tests are compile-time errors.
-        try:
-            compile_text(text)
-        except jinja2.TemplateSyntaxError as exc:
-            self.add(
-                path,
-                f"Jinja syntax error: {exc.message}",
-                at=self.src.where_in_value(path, exc.lineno or 1),
-            )
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    return {
-        dict: "a mapping",
-        list: "a list",
-        str: "a string",
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-    }.get(type(value), type(value).__name__)
-
-
-def _parameters(c: _Checker, value: Any) -> dict[str, Parameter]:
+def _parameters(c: Checker, value: Any) -> dict[str, Parameter]:
     out: dict[str, Parameter] = {}
     data = c.mapping(value, ("parameters",), "'parameters'") if value is not None else {}
     for name, spec in (data or {}).items():
@@ -292,59 +117,7 @@ def _parameters(c: _Checker, value: Any) -> dict[str, Parameter]:
     return out
 
 
-def _steps(c: _Checker, value: Any) -> list[StepSpec]:
-    if not isinstance(value, list) or not value:
-        c.add(("steps",), "'steps' must be a non-empty list of steps")
-        return []
-    out: list[StepSpec] = []
-    seen: dict[str, int] = {}
-    for index, raw in enumerate(value):
-        path: Path_ = ("steps", index)
-        data = c.mapping(raw, path, "a step")
-        if data is None:
-            continue
-        kind = data.get("kind", "llm")
-        if kind not in STEP_KINDS:
-            c.add((*path, "kind"), f"unknown step kind {kind!r} (known: {', '.join(STEP_KINDS)})")
-            continue
-        c.keys(data, path, LLM_KEYS)
-        step_id = c.string(data, path, "id", required=True)
-        if step_id is not None:
-            if not IDENT.match(step_id):
-                c.add(
-                    (*path, "id"),
-                    f"step id {step_id!r} must be a letter or _ followed by letters, digits or _",
-                )
-            elif step_id in seen:
-                c.add((*path, "id"), f"duplicate step id {step_id!r} (also steps[{seen[step_id]}])")
-            else:
-                seen[step_id] = index
-        prompt = c.string(data, path, "prompt", required=True)
-        system = c.string(data, path, "system")
-        model = c.string(data, path, "model")
-        for key, text in (("prompt", prompt), ("system", system)):
-            if text is not None:
-                c.jinja((*path, key), text)
-        options = data.get("options", {})
-        if not isinstance(options, dict):
-            c.add((*path, "options"), f"'options' must be a mapping, got {_kind(options)}")
-            options = {}
-        timeout = c.duration(data, path, "timeout")
-        if step_id is not None and prompt is not None:
-            out.append(
-                LlmStep(
-                    id=step_id,
-                    prompt=prompt,
-                    system=system,
-                    model=model,
-                    options=options,
-                    timeout=timeout,
-                )
-            )
-    return out
-
-
-def _retry(c: _Checker, value: Any) -> RetryPolicy | None:
+def _retry(c: Checker, value: Any) -> RetryPolicy | None:
     if value is None:
         return None
     data = c.mapping(value, ("retry",), "'retry'")
@@ -372,7 +145,7 @@ def _retry(c: _Checker, value: Any) -> RetryPolicy | None:
     return policy
 
 
-def _output(c: _Checker, value: Any) -> str | dict[str, str] | None:
+def _output(c: Checker, value: Any, scope: Scope) -> str | dict[str, str] | None:
     if value is None:
         return None
     entries: Iterator[tuple[Path_, Any]]
@@ -381,11 +154,13 @@ def _output(c: _Checker, value: Any) -> str | dict[str, str] | None:
     elif isinstance(value, dict):
         entries = ((("output", k), v) for k, v in value.items())
     else:
-        c.add(("output",), f"'output' must be a string or a mapping of strings, got {_kind(value)}")
+        c.add(
+            ("output",), f"'output' must be a string or a mapping of strings, got {describe(value)}"
+        )
         return None
     for path, text in entries:
         if not isinstance(text, str):
-            c.add(path, f"output values must be strings, got {_kind(text)}")
+            c.add(path, f"output values must be strings, got {describe(text)}")
             continue
         try:
             compile_output(text)
@@ -395,6 +170,8 @@ def _output(c: _Checker, value: Any) -> str | dict[str, str] | None:
                 f"Jinja syntax error: {exc.message}",
                 at=c.src.where_in_value(path, exc.lineno or 1),
             )
+            continue
+        scope.check(c, path, text)
     output: str | dict[str, str] = value
     return output
 
@@ -406,7 +183,7 @@ def parse_template(text: str, file: str = "<string>") -> Template:
         TemplateError: carrying every :class:`TemplateProblem` found.
     """
     try:
-        src = _Source(text, file)
+        src = Source(text, file)
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -414,7 +191,7 @@ def parse_template(text: str, file: str = "<string>") -> Template:
         raise TemplateError([TemplateProblem(file, line, col, "", f"YAML: {reason}")]) from None
     except YAMLError as exc:
         raise TemplateError([TemplateProblem(file, 1, 1, "", f"YAML: {exc}")]) from None
-    c = _Checker(src)
+    c = Checker(src)
     data = c.mapping(src.data, (), "a template")
     if data is None:
         raise TemplateError(c.problems)
@@ -428,8 +205,9 @@ def parse_template(text: str, file: str = "<string>") -> Template:
     description = c.string(data, (), "description") or ""
     model = c.string(data, (), "model")
     parameters = _parameters(c, data.get("parameters"))
-    steps = _steps(c, data.get("steps"))
-    output = _output(c, data.get("output"))
+    steps = read_steps(c, data.get("steps"), frozenset(parameters))
+    order = {s.id: i for i, s in enumerate(steps)}
+    output = _output(c, data.get("output"), Scope(params=frozenset(parameters), order=order))
     retry = _retry(c, data.get("retry"))
     timeout = c.duration(data, (), "timeout")
     if c.problems:

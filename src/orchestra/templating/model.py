@@ -53,20 +53,70 @@ class Parameter(msgspec.Struct, frozen=True, omit_defaults=True):
         return schema
 
 
-class LlmStep(msgspec.Struct, frozen=True):
-    """A step that renders a prompt and asks a model."""
+class Message(msgspec.Struct, frozen=True):
+    """One chat message of an llm step; ``content`` is a Jinja template."""
 
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class _Step(msgspec.Struct, frozen=True, kw_only=True):
     id: str
-    prompt: str
+    #: A bare Jinja expression; when false the step is skipped (status skipped, output null).
+    when: str | None = None
+    #: Seconds this step may take; what it runs is cancelled past it (None: no limit).
+    timeout: float | None = None
+
+
+class LlmStep(_Step, frozen=True, kw_only=True):
+    """Render a prompt (or chat messages) and ask a model."""
+
+    prompt: str | None = None
     system: str | None = None
+    messages: tuple[Message, ...] = ()
     model: str | None = None
     options: dict[str, Any] = msgspec.field(default_factory=dict)
-    #: Seconds this step may take; the model call is cancelled past it (None: no limit).
-    timeout: float | None = None
+    #: Structured output: "json", a JSON Schema, or a Jinja expression yielding a schema.
+    format: str | dict[str, Any] | None = None
+    #: How many times an invalid structured reply is sent back to the model to fix.
+    repair_attempts: int = 2
     kind: Literal["llm"] = "llm"
 
 
-StepSpec = LlmStep
+class RenderStep(_Step, frozen=True, kw_only=True):
+    """Render a Jinja template into text, with no model call."""
+
+    text: str
+    kind: Literal["render"] = "render"
+
+
+class ParseJsonStep(_Step, frozen=True, kw_only=True):
+    """Parse JSON out of a value (a fenced ```json block is fine), optionally checking it."""
+
+    input: str
+    schema: dict[str, Any] | None = None
+    kind: Literal["parse_json"] = "parse_json"
+
+
+class EmbedStep(_Step, frozen=True, kw_only=True):
+    """Embeddings of a string (one vector) or a list of strings (a list of vectors)."""
+
+    input: str
+    model: str | None = None
+    kind: Literal["embed"] = "embed"
+
+
+class MapStep(_Step, frozen=True, kw_only=True):
+    """Run ``step`` once per item of ``over``; the output is the list of results, in order."""
+
+    over: str
+    step: StepSpec
+    concurrency: int = 4
+    kind: Literal["map"] = "map"
+
+
+StepSpec = LlmStep | RenderStep | ParseJsonStep | EmbedStep | MapStep
+STEP_KINDS: tuple[str, ...] = ("llm", "render", "parse_json", "embed", "map")
 
 
 class Template(msgspec.Struct, frozen=True):

@@ -10,8 +10,9 @@ from importlib import resources
 from pathlib import Path
 
 from orchestra.errors import TemplateError, TemplateNotFound
-from orchestra.templating.loader import TemplateProblem, load_template
+from orchestra.templating.loader import load_template
 from orchestra.templating.model import Template
+from orchestra.templating.source import TemplateProblem
 
 SUFFIXES = (".yaml", ".yml")
 

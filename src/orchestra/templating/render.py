@@ -51,6 +51,18 @@ def choose(answer: Any, options: Any) -> Any:
 
 def from_json(text: Any) -> Any:
     """Parse JSON from a model's reply, tolerating a fenced ```json block around it."""
+    try:
+        return parse_json_text(text)
+    except ValueError as exc:
+        raise RenderError(f"the model's reply is not JSON ({exc}): {str(text)[:200]!r}") from None
+
+
+def parse_json_text(text: Any) -> Any:
+    """JSON out of text that may wrap it in a fenced block or in words.
+
+    Raises:
+        ValueError: there is no JSON value in the text.
+    """
     raw = str(text)
     fenced = _FENCE.search(raw)
     if fenced:
@@ -58,11 +70,30 @@ def from_json(text: Any) -> Any:
     else:
         starts = [i for i in (raw.find("{"), raw.find("[")) if i >= 0]
         raw = raw[min(starts) :] if starts else raw
-    try:
-        value, _ = json.JSONDecoder().raw_decode(raw.strip())
-    except ValueError as exc:
-        raise RenderError(f"the model's reply is not JSON ({exc}): {str(text)[:200]!r}") from None
+    value, _ = json.JSONDecoder().raw_decode(raw.strip())
     return value
+
+
+def chunk(text: Any, size: int = 2000, overlap: int = 200) -> list[str]:
+    """Split text into pieces of at most ``size`` characters, each starting ``overlap``
+    characters before the previous one ended, preferring to cut at a paragraph, line or
+    sentence end so that no piece stops mid-word when it can be helped."""
+    raw = str(text)
+    if size < 1 or not 0 <= overlap < size:
+        raise RenderError(f"chunk needs size >= 1 and 0 <= overlap < size, got {size}, {overlap}")
+    pieces, start = [], 0
+    while start < len(raw):
+        end = min(start + size, len(raw))
+        if end < len(raw):
+            window = raw[start:end]
+            cut = max(window.rfind(sep) for sep in ("\n\n", "\n", ". ", " "))
+            if cut > size // 2:
+                end = start + cut + 1
+        pieces.append(raw[start:end].strip())
+        if end >= len(raw):
+            break
+        start = max(end - overlap, start + 1)
+    return [p for p in pieces if p]
 
 
 def lines(text: Any) -> list[str]:
@@ -83,7 +114,7 @@ def environment() -> ImmutableSandboxedEnvironment:
         autoescape=False,
         keep_trailing_newline=False,
     )
-    env.filters.update(choose=choose, from_json=from_json, lines=lines)
+    env.filters.update(choose=choose, from_json=from_json, lines=lines, chunk=chunk)
     return env
 
 
@@ -109,6 +140,30 @@ class _Expression:
         if isinstance(value, jinja2.Undefined):
             value._fail_with_undefined_error()
         return value
+
+
+@functools.lru_cache(maxsize=2048)
+def compile_expression(source: str) -> _Expression:
+    """Compile a bare expression (``when``, ``over``, ``input``) once, cached by its text.
+
+    Raises:
+        jinja2.TemplateSyntaxError: the text is not a valid Jinja expression.
+    """
+    return _Expression(source)
+
+
+def evaluate(source: str, scope: Mapping[str, Any], *, what: str) -> Any:
+    """Evaluate a bare expression and return its value.
+
+    Raises:
+        RenderError: naming ``what`` was evaluated and why it failed.
+    """
+    try:
+        return compile_expression(source)(scope)
+    except RenderError:
+        raise
+    except Exception as exc:
+        raise RenderError(f"cannot evaluate {what}: {_explain(exc)}") from exc
 
 
 @functools.lru_cache(maxsize=1024)

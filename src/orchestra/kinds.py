@@ -1,0 +1,231 @@
+"""One executor per step kind: what a step does, given the scope of rendered values.
+
+Each returns an :class:`Outcome` (the output, the model that answered, what it cost) or raises
+a ``StepError``. Nothing here knows about SQL or HTTP servers; the runner records the results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import jsonschema
+import msgspec
+
+from orchestra.domain import Task, Usage
+from orchestra.errors import InvalidOutput, RenderError, StepError, StepTimeout
+from orchestra.llm.base import ChatMessage, ChatRequest, Provider
+from orchestra.templating.model import (
+    EmbedStep,
+    LlmStep,
+    MapStep,
+    ParseJsonStep,
+    RenderStep,
+    StepSpec,
+    Template,
+)
+from orchestra.templating.render import evaluate, parse_json_text, render_text
+
+Scope = dict[str, Any]
+
+
+class Outcome(msgspec.Struct, frozen=True):
+    """What a step produced."""
+
+    output: Any
+    model: str | None = None
+    usage: Usage | None = None
+
+
+class Context(msgspec.Struct, frozen=True):
+    """What every executor may need besides the step and its scope."""
+
+    task: Task
+    template: Template
+    provider: Provider
+
+
+def _model(ctx: Context, override: str | None) -> str:
+    model = override or ctx.task.model or ctx.template.model
+    if not model:
+        raise StepError(
+            "no model to ask: set `model` on the template or the step, or pass one with the task"
+        )
+    return model
+
+
+def _schema_problems(value: Any, schema: dict[str, Any]) -> list[str]:
+    errors = jsonschema.Draft202012Validator(schema).iter_errors(value)
+    out = []
+    for err in sorted(errors, key=lambda e: list(e.absolute_path)):
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path)
+        out.append(f"{where or '(top level)'}: {err.message}")
+    return out
+
+
+def _check_json(text: str, schema: dict[str, Any] | None) -> tuple[Any, list[str]]:
+    try:
+        value = parse_json_text(text)
+    except ValueError as exc:
+        return None, [f"the reply is not JSON ({exc})"]
+    return value, ([] if schema is None else _schema_problems(value, schema))
+
+
+def _format(spec: LlmStep, scope: Scope) -> str | dict[str, Any] | None:
+    fmt = spec.format
+    if fmt is None or fmt == "json" or isinstance(fmt, dict):
+        return fmt
+    expr = fmt.strip().removeprefix("{{").removesuffix("}}")
+    value = evaluate(expr, scope, what=f"steps.{spec.id}.format")
+    if not isinstance(value, dict):
+        raise RenderError(
+            f"steps.{spec.id}.format must give a JSON Schema (a mapping), got "
+            f"{type(value).__name__}"
+        )
+    try:
+        jsonschema.Draft202012Validator.check_schema(value)
+    except jsonschema.SchemaError as exc:
+        raise RenderError(
+            f"steps.{spec.id}.format is not a valid JSON Schema: {exc.message}"
+        ) from None
+    return value
+
+
+def _messages(spec: LlmStep, scope: Scope) -> list[ChatMessage]:
+    where = f"steps.{spec.id}"
+    if spec.messages:
+        return [
+            ChatMessage(
+                role=m.role, content=render_text(m.content, scope, what=f"{where}.messages[{i}]")
+            )
+            for i, m in enumerate(spec.messages)
+        ]
+    out = []
+    if spec.system:
+        out.append(ChatMessage("system", render_text(spec.system, scope, what=f"{where}.system")))
+    assert spec.prompt is not None  # the loader requires prompt or messages
+    out.append(ChatMessage("user", render_text(spec.prompt, scope, what=f"{where}.prompt")))
+    return out
+
+
+async def run_llm(spec: LlmStep, scope: Scope, ctx: Context) -> Outcome:
+    """Ask the model; with ``format``, parse and check the reply and ask for repairs."""
+    model = _model(ctx, spec.model)
+    fmt = _format(spec, scope)
+    messages = _messages(spec, scope)
+    request = ChatRequest(
+        model=model, messages=tuple(messages), options=dict(spec.options), format=fmt
+    )
+    result = await ctx.provider.chat(request)
+    usage = result.usage
+    answered = f"{ctx.provider.name}/{result.model}"
+    if fmt is None:
+        return Outcome(result.text, answered, usage)
+    schema = fmt if isinstance(fmt, dict) else None
+    for repair in range(spec.repair_attempts + 1):
+        value, problems = _check_json(result.text, schema)
+        if not problems:
+            return Outcome(value, answered, usage)
+        if repair == spec.repair_attempts:
+            break
+        # Show the model its own reply and what is wrong with it, and ask again.
+        listed = "\n".join(f"- {p}" for p in problems[:10])
+        messages += [
+            ChatMessage("assistant", result.text),
+            ChatMessage(
+                "user",
+                "Your reply is not valid:\n" + listed + "\nAnswer again with "
+                "only the corrected JSON" + (" matching the schema." if schema else "."),
+            ),
+        ]
+        request = msgspec.structs.replace(request, messages=tuple(messages))
+        result = await ctx.provider.chat(request)
+        usage = usage.plus(result.usage)
+    raise InvalidOutput(
+        f"the model's reply stayed invalid after {spec.repair_attempts} repair(s): "
+        + "; ".join(problems[:5])
+    )
+
+
+async def run_render(spec: RenderStep, scope: Scope, ctx: Context) -> Outcome:
+    """Render text, with no model call."""
+    return Outcome(render_text(spec.text, scope, what=f"steps.{spec.id}.text"))
+
+
+async def run_parse_json(spec: ParseJsonStep, scope: Scope, ctx: Context) -> Outcome:
+    """Parse JSON from the input (text, or an already parsed value) and check its schema."""
+    value = evaluate(spec.input, scope, what=f"steps.{spec.id}.input")
+    if isinstance(value, str):
+        try:
+            value = parse_json_text(value)
+        except ValueError as exc:
+            raise InvalidOutput(
+                f"steps.{spec.id}.input is not JSON ({exc}): {value[:200]!r}"
+            ) from None
+    if spec.schema is not None:
+        problems = _schema_problems(value, spec.schema)
+        if problems:
+            raise InvalidOutput(f"the JSON does not match the schema: {'; '.join(problems[:5])}")
+    return Outcome(value)
+
+
+async def run_embed(spec: EmbedStep, scope: Scope, ctx: Context) -> Outcome:
+    """Embed a string (one vector) or a list of strings (a list of vectors)."""
+    value = evaluate(spec.input, scope, what=f"steps.{spec.id}.input")
+    single = isinstance(value, str)
+    inputs = [value] if single else value
+    if not isinstance(inputs, list | tuple) or not all(isinstance(i, str) for i in inputs):
+        raise RenderError(f"steps.{spec.id}.input must give a string or a list of strings")
+    result = await ctx.provider.embed(_model(ctx, spec.model), list(inputs))
+    output = result.vectors[0] if single else result.vectors
+    return Outcome(output, f"{ctx.provider.name}/{result.model}", result.usage)
+
+
+async def run_map(spec: MapStep, scope: Scope, ctx: Context) -> Outcome:
+    """Run the inner step per item, ``concurrency`` at a time; results keep the input order."""
+    items = evaluate(spec.over, scope, what=f"steps.{spec.id}.over")
+    if not isinstance(items, list | tuple):
+        raise RenderError(f"steps.{spec.id}.over must give a list, got {type(items).__name__}")
+    gate = asyncio.Semaphore(spec.concurrency)
+    inner = spec.step
+
+    async def one(index: int, item: Any) -> Outcome:
+        local = {**scope, "item": item, "index": index}
+        if inner.when and not evaluate(inner.when, local, what=f"steps.{spec.id}.step.when"):
+            return Outcome(None)
+        async with gate, asyncio.timeout(inner.timeout):
+            return await execute(inner, local, ctx)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            runs = [group.create_task(one(i, item)) for i, item in enumerate(items)]
+    except ExceptionGroup as failed:
+        first = failed.exceptions[0]
+        if isinstance(first, TimeoutError):
+            raise StepTimeout(
+                f"an item of steps.{spec.id} took longer than {inner.timeout:g}s"
+            ) from None
+        raise first from None
+    outcomes = [r.result() for r in runs]
+    usage: Usage | None = None
+    for o in outcomes:
+        if o.usage is not None:
+            usage = o.usage if usage is None else usage.plus(o.usage)
+    model = next((o.model for o in outcomes if o.model), None)
+    return Outcome([o.output for o in outcomes], model, usage)
+
+
+Executor = Callable[[Any, Scope, Context], Awaitable[Outcome]]
+EXECUTORS: dict[type, Executor] = {
+    LlmStep: run_llm,
+    RenderStep: run_render,
+    ParseJsonStep: run_parse_json,
+    EmbedStep: run_embed,
+    MapStep: run_map,
+}
+
+
+async def execute(spec: StepSpec, scope: Scope, ctx: Context) -> Outcome:
+    """Run one step of any kind."""
+    return await EXECUTORS[type(spec)](spec, scope, ctx)
