@@ -45,3 +45,10 @@ def test_from_json_tolerates_fences_and_chatter() -> None:
 
 def test_lines_drops_bullets_and_numbers() -> None:
     assert lines("- one\n* two\n\n3. three\n4) four") == ["one", "two", "three", "four"]
+
+
+def test_mapping_keys_win_over_dict_methods() -> None:
+    scope = {"params": {"items": [1, 2], "keys": "k"}}
+    assert render_output("{{ params.items }}", scope) == [1, 2]
+    assert render_text("{{ params.keys }}", scope, what="t") == "k"
+    assert render_output("{{ params.get('items') }}", scope) == [1, 2]  # methods still work

@@ -106,10 +106,23 @@ def lines(text: Any) -> list[str]:
     return out
 
 
+class _Environment(ImmutableSandboxedEnvironment):
+    """The sandbox, where a mapping's keys win over its methods.
+
+    Plain Jinja resolves ``params.items`` to ``dict.items``; here it is the parameter called
+    ``items`` when there is one, as a template author means it.
+    """
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if isinstance(obj, dict) and attribute in obj:
+            return obj[attribute]
+        return super().getattr(obj, attribute)
+
+
 @functools.cache
 def environment() -> ImmutableSandboxedEnvironment:
     """The one Jinja environment every template renders in."""
-    env = ImmutableSandboxedEnvironment(
+    env = _Environment(
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=False,

@@ -1,0 +1,261 @@
+"""Every step kind end to end against the fake model server over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestra.config import Settings, TemplateSettings
+from tests.conftest import Service, StartService
+from tests.fixtures.fake_ollama import FakeOllama
+
+TEMPLATES = {
+    "chat": """\
+name: chat
+model: llama3.2
+parameters:
+  question: {type: string, required: true}
+steps:
+  - id: answer
+    messages:
+      - {role: system, content: You answer in one word.}
+      - {role: user, content: "Q: {{ params.question }}"}
+      - {role: assistant, content: "Understood."}
+      - {role: user, content: "Answer now."}
+    options: {temperature: 0, seed: 7, num_ctx: 4096}
+""",
+    "person": """\
+name: person
+model: llama3.2
+parameters:
+  text: {type: string, required: true}
+steps:
+  - id: person
+    prompt: "Who is in: {{ params.text }}"
+    format:
+      type: object
+      properties:
+        name: {type: string}
+        age: {type: integer, minimum: 0}
+      required: [name, age]
+    repair_attempts: 2
+output: "{{ steps.person.output }}"
+""",
+    "pipeline": """\
+name: pipeline
+model: llama3.2
+parameters:
+  raw: {type: string, required: true}
+  deep: {type: boolean, default: false}
+steps:
+  - id: parsed
+    kind: parse_json
+    input: params.raw
+    schema: {type: object, required: [items], properties: {items: {type: array}}}
+  - id: listing
+    kind: render
+    text: "{% for x in steps.parsed.output.items %}- {{ x }}\\n{% endfor %}"
+  - id: deep_dive
+    when: params.deep
+    prompt: "Go deep on {{ steps.listing.output }}"
+  - id: summary
+    prompt: "Summarize {{ steps.listing.output }} (deep: {{ steps.deep_dive.output }})"
+""",
+    "fanout": """\
+name: fanout
+model: llama3.2
+parameters:
+  items: {type: array, items: {type: string}}
+steps:
+  - id: each
+    kind: map
+    over: params.items
+    concurrency: 3
+    step:
+      when: item != "skip"
+      prompt: "#{{ index }} {{ item }}"
+""",
+    "chunks": """\
+name: chunks
+model: llama3.2
+parameters:
+  text: {type: string}
+steps:
+  - id: parts
+    kind: map
+    over: params.text | chunk(40, 0)
+    step:
+      prompt: "{{ item }}"
+  - id: combined
+    prompt: "{{ steps.parts.output | join(' | ') }}"
+""",
+    "vectors": """\
+name: vectors
+model: llama3.2
+parameters:
+  one: {type: string}
+  many: {type: array}
+steps:
+  - id: single
+    kind: embed
+    input: params.one
+  - id: batch
+    kind: embed
+    input: params.many
+output:
+  single: "{{ steps.single.output }}"
+  batch: "{{ steps.batch.output }}"
+""",
+    "dynamic": """\
+name: dynamic
+model: llama3.2
+parameters:
+  labels: {type: array, items: {type: string}}
+steps:
+  - id: pick
+    prompt: "Pick one of {{ params.labels | join(', ') }}"
+    format: >-
+      {{ {'type': 'object', 'properties': {'label': {'enum': params.labels}},
+      'required': ['label']} }}
+output: "{{ steps.pick.output.label }}"
+""",
+}
+
+
+@pytest.fixture
+async def svc(
+    settings: Settings, tmp_path: Path, start_service: StartService
+) -> AsyncIterator[Service]:
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    for name, text in TEMPLATES.items():
+        (folder / f"{name}.yaml").write_text(text)
+    with_dirs = Settings(
+        database=settings.database,
+        workers=settings.workers,
+        ollama=settings.ollama,
+        templates=TemplateSettings(dirs=[str(folder)]),
+    )
+    async with start_service(with_dirs) as service:
+        yield service
+
+
+async def test_chat_messages_and_options_reach_the_model(
+    svc: Service, fake_ollama: FakeOllama
+) -> None:
+    done = await svc.wait((await svc.submit("chat", question="Sky colour?"))["id"])
+    assert done["status"] == "succeeded"
+    [request] = fake_ollama.requests
+    assert [m["role"] for m in request["messages"]] == ["system", "user", "assistant", "user"]
+    assert request["messages"][1]["content"] == "Q: Sky colour?"
+    assert request["options"] == {"temperature": 0, "seed": 7, "num_ctx": 4096}
+    assert "format" not in request
+
+
+async def test_structured_output_is_sent_parsed_and_repaired(
+    svc: Service, fake_ollama: FakeOllama
+) -> None:
+    replies = iter(['{"name": "Ada"}', '```json\n{"name": "Ada", "age": 36}\n```'])
+    fake_ollama.reply = lambda _req: next(replies)
+    done = await svc.wait((await svc.submit("person", text="Ada, 36"))["id"])
+    assert done["status"] == "succeeded", done["error"]
+    assert done["result"] == {"name": "Ada", "age": 36}
+    first, repair = fake_ollama.requests
+    assert first["format"]["required"] == ["name", "age"]
+    assert repair["messages"][-2] == {"role": "assistant", "content": '{"name": "Ada"}'}
+    assert "'age' is a required property" in repair["messages"][-1]["content"]
+    step = done["steps"][0]
+    assert step["output"] == {"name": "Ada", "age": 36}
+    single_call_tokens = len('{"name": "Ada"}'.split())
+    assert step["usage"]["completion_tokens"] > single_call_tokens  # both calls counted
+
+
+async def test_structured_output_that_stays_invalid_fails_after_the_repairs(
+    svc: Service, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.reply = lambda _req: "not json at all"
+    done = await svc.wait((await svc.submit("person", text="?"))["id"])
+    assert done["status"] == "failed"
+    assert done["error"]["type"] == "invalid_output"
+    assert "after 2 repair(s)" in done["error"]["message"]
+    assert len(fake_ollama.requests) == 3
+    assert len(done["attempts"]) == 1  # not retryable: retrying would not change the model
+
+
+async def test_parse_json_render_and_when(svc: Service, fake_ollama: FakeOllama) -> None:
+    raw = 'Here: ```json\n{"items": ["a", "b"]}\n```'
+    done = await svc.wait((await svc.submit("pipeline", raw=raw))["id"])
+    assert done["status"] == "succeeded", done["error"]
+    steps = {s["id"]: s for s in done["steps"]}
+    assert steps["parsed"]["output"] == {"items": ["a", "b"]}
+    assert steps["listing"]["output"] == "- a\n- b\n"
+    assert steps["deep_dive"]["status"] == "skipped" and steps["deep_dive"]["output"] is None
+    assert [r["messages"][-1]["content"] for r in fake_ollama.requests] == [
+        "Summarize - a\n- b\n (deep: None)"
+    ]
+
+
+async def test_parse_json_schema_mismatch_fails_the_step(svc: Service) -> None:
+    done = await svc.wait((await svc.submit("pipeline", raw='{"things": []}'))["id"])
+    assert done["status"] == "failed"
+    assert done["error"]["step"] == "parsed"
+    assert "'items' is a required property" in done["error"]["message"]
+
+
+async def test_map_runs_items_concurrently_and_keeps_their_order(
+    svc: Service, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.latency = 0.3
+    items = ["a", "b", "skip", "d", "e", "f", "g"]
+    started = time.perf_counter()
+    done = await svc.wait((await svc.submit("fanout", items=items))["id"])
+    elapsed = time.perf_counter() - started
+    assert done["status"] == "succeeded"
+    assert done["result"] == [
+        "ECHO: #0 a",
+        "ECHO: #1 b",
+        None,
+        "ECHO: #3 d",
+        "ECHO: #4 e",
+        "ECHO: #5 f",
+        "ECHO: #6 g",
+    ]
+    assert fake_ollama.max_in_flight == 3
+    assert len(fake_ollama.requests) == 6
+    assert elapsed < 6 * 0.3  # faster than one at a time
+
+
+async def test_chunk_then_map_then_combine(svc: Service, fake_ollama: FakeOllama) -> None:
+    text = "First sentence here. " * 6
+    done = await svc.wait((await svc.submit("chunks", text=text))["id"])
+    assert done["status"] == "succeeded"
+    parts = done["steps"][0]["output"]
+    assert len(parts) >= 3 and all(p.startswith("ECHO: ") for p in parts)
+    assert done["result"].count(" | ") == len(parts) - 1
+
+
+async def test_embed_a_string_and_a_list(svc: Service, fake_ollama: FakeOllama) -> None:
+    done = await svc.wait((await svc.submit("vectors", one="hello world", many=["a", "bee"]))["id"])
+    assert done["status"] == "succeeded", done["error"]
+    assert done["result"]["single"] == [11.0, 3.0, 1.0, float(ord("h"))]
+    assert done["result"]["batch"] == [[1.0, 1.0, 0.0, 97.0], [3.0, 2.0, 0.0, 98.0]]
+    assert fake_ollama.requests[0] == {"model": "llama3.2", "input": ["hello world"]}
+    assert done["steps"][0]["model"] == "ollama/llama3.2"
+
+
+async def test_format_can_be_built_from_the_parameters(
+    svc: Service, fake_ollama: FakeOllama
+) -> None:
+    def reply(request: dict[str, Any]) -> str:
+        allowed = request["format"]["properties"]["label"]["enum"]
+        return json.dumps({"label": allowed[-1]})
+
+    fake_ollama.reply = reply
+    done = await svc.wait((await svc.submit("dynamic", labels=["cat", "dog"]))["id"])
+    assert done["status"] == "succeeded", done["error"]
+    assert done["result"] == "dog"
