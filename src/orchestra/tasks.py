@@ -47,6 +47,7 @@ class Submission(msgspec.Struct, frozen=True):
 
     template: str
     params: dict[str, Any] = msgspec.field(default_factory=dict)
+    template_version: int | None = None
     priority: int = 0
     model: str | None = None
     run_at: datetime | None = None
@@ -100,7 +101,7 @@ class TaskService:
                 "give run_at or delay, not both",
                 [FieldProblem("delay", "cannot be combined with run_at")],
             )
-        spec = self.registry.get(sub.template)
+        spec = self.registry.get(sub.template, sub.template_version)
         params = validate_params(spec, sub.params)
         run_at = sub.run_at
         if run_at is not None and run_at.tzinfo is None:

@@ -273,15 +273,11 @@ class WorkerPool:
     ) -> tuple[TaskStatus, Any, TaskError | None, RetryPolicy]:
         default = RetryPolicy(max_attempts=self.workers.max_attempts)
         try:
-            template = self.registry.get(task.template)
+            template = self.registry.for_task(task.template, task.template_version)
         except TemplateNotFound as exc:
             error = TaskError(type=exc.code, message=exc.message)
             return TaskStatus.FAILED, None, error, default
         policy = template.retry or default
-        if template.version != task.template_version:
-            tlog.warning(
-                "task.template_changed", submitted=task.template_version, running=template.version
-            )
         timeout = task.timeout_seconds if task.timeout_seconds is not None else template.timeout
         try:
             # Leaving the timeout cancels whatever runs, including the model call.

@@ -47,7 +47,7 @@ async def test_schema_version_is_recorded_and_upgrade_is_idempotent(db: Database
     with sqlite3.connect(db.path) as conn:
         versions = conn.execute("SELECT version FROM schema_version").fetchall()
         mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-    assert versions == [(1,)]
+    assert versions == [(1,), (2,)]
     assert mode == "wal"
 
 
@@ -244,3 +244,25 @@ async def test_migrated_schema_matches_the_table_definitions(db: Database) -> No
                 if not row[1].startswith("sqlite_autoindex")
             }
             assert indexes == {ix.name for ix in table.indexes}, table.name
+
+
+async def test_a_version_1_database_is_upgraded_in_place(db_url: str, tmp_path: Path) -> None:
+    from orchestra.db import schema
+
+    old = Database(db_url.replace("orchestra.db", "old.db"))
+    async with old.write() as conn:  # what an Orchestra with only migration 1 left behind
+        await schema.current_version(conn)
+        await schema.MIGRATIONS[0](conn)
+        await conn.exec_driver_sql(
+            "INSERT INTO schema_version VALUES (1, '2026-01-01T00:00:00.000000Z')"
+        )
+    await TaskStore(old).enqueue(new(text="kept"))
+    assert await upgrade(old) == schema.LATEST
+    with sqlite3.connect(old.path) as conn:
+        versions = [v for (v,) in conn.execute("SELECT version FROM schema_version")]
+        kept = conn.execute("SELECT params FROM tasks").fetchall()
+        tables = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    await old.close()
+    assert versions == list(range(1, schema.LATEST + 1))
+    assert kept == [('{"text":"kept"}',)]
+    assert "templates" in tables

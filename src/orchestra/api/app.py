@@ -13,6 +13,7 @@ from orchestra.api.health import health
 from orchestra.api.runtime import Runtime
 from orchestra.api.tasks import TaskController
 from orchestra.api.templates import TemplateController
+from orchestra.catalog import TemplateCatalog
 from orchestra.config import Settings
 from orchestra.tasks import TaskService
 from orchestra.templating.registry import TemplateRegistry
@@ -27,8 +28,8 @@ def _tasks(runtime: NamedDependency[Runtime]) -> TaskService:
     return runtime.tasks
 
 
-def _registry(runtime: NamedDependency[Runtime]) -> TemplateRegistry:
-    return runtime.registry
+def _catalog(runtime: NamedDependency[Runtime]) -> TemplateCatalog:
+    return runtime.catalog
 
 
 def create_app(settings: Settings, registry: TemplateRegistry | None = None) -> Litestar:
@@ -50,7 +51,7 @@ def create_app(settings: Settings, registry: TemplateRegistry | None = None) -> 
         dependencies={
             "runtime": Provide(_runtime, sync_to_thread=False),
             "tasks": Provide(_tasks, sync_to_thread=False),
-            "registry": Provide(_registry, sync_to_thread=False),
+            "catalog": Provide(_catalog, sync_to_thread=False),
         },
         exception_handlers=HANDLERS,
         openapi_config=OpenAPIConfig(

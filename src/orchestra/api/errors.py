@@ -15,13 +15,14 @@ from litestar.status_codes import (
 )
 
 from orchestra import logs
-from orchestra.api.schemas import ErrorBody, FieldOut
+from orchestra.api.schemas import ErrorBody, FieldOut, ProblemOut
 from orchestra.errors import (
     ConflictError,
     InvalidParams,
     InvalidRequest,
     NotFoundError,
     OrchestraError,
+    TemplateError,
 )
 
 log = logs.get("orchestra.api")
@@ -31,6 +32,7 @@ _STATUS: list[tuple[type[OrchestraError], int]] = [
     (InvalidParams, HTTP_422_UNPROCESSABLE_ENTITY),
     (InvalidRequest, HTTP_400_BAD_REQUEST),
     (ConflictError, HTTP_409_CONFLICT),
+    (TemplateError, HTTP_422_UNPROCESSABLE_ENTITY),
 ]
 
 
@@ -40,9 +42,15 @@ def _body(
     message: str,
     fields: list[FieldOut] | None = None,
     task_status: str | None = None,
+    errors: list[ProblemOut] | None = None,
 ) -> Response[ErrorBody]:
     body = ErrorBody(
-        status=status, code=code, message=message, fields=fields or [], task_status=task_status
+        status=status,
+        code=code,
+        message=message,
+        fields=fields or [],
+        task_status=task_status,
+        errors=errors,
     )
     return Response(body, status_code=status)
 
@@ -54,7 +62,10 @@ def orchestra_error(_: Request[Any, Any, Any], exc: OrchestraError) -> Response[
         log.error("api.unexpected_error", error=exc.message, code=exc.code)
         return _body(HTTP_500_INTERNAL_SERVER_ERROR, "internal", "internal error")
     fields = [FieldOut(f.field, f.message) for f in getattr(exc, "fields", [])]
-    return _body(status, exc.code, exc.message, fields, getattr(exc, "task_status", None))
+    problems = None
+    if isinstance(exc, TemplateError):
+        problems = [ProblemOut(p.line, p.column, p.path, p.message) for p in exc.problems]
+    return _body(status, exc.code, exc.message, fields, getattr(exc, "task_status", None), problems)
 
 
 def _field(extra: dict[str, Any]) -> str:

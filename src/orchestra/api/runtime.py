@@ -6,16 +6,21 @@ order: database, then the shared HTTP client, then the worker pool.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 
 from orchestra import logs
+from orchestra.catalog import TemplateCatalog
 from orchestra.config import Settings
 from orchestra.db import Database, TaskStore
 from orchestra.db.schema import upgrade
+from orchestra.db.templates import TemplateStore
+from orchestra.errors import TemplateError
 from orchestra.llm.base import Provider
 from orchestra.llm.ollama import OllamaProvider
 from orchestra.notify import FinishedWaiters
@@ -41,6 +46,7 @@ class Runtime:
         self._tasks: TaskService | None = None
         self._provider: Provider | None = None
         self._pool: WorkerPool | None = None
+        self._catalog: TemplateCatalog | None = None
 
     @property
     def db(self) -> Database:
@@ -64,6 +70,21 @@ class Runtime:
     def pool(self) -> WorkerPool | None:
         return self._pool
 
+    @property
+    def catalog(self) -> TemplateCatalog:
+        if self._catalog is None:
+            raise NotStarted()
+        return self._catalog
+
+    def reload_templates(self) -> None:
+        """Read the template files again (SIGHUP); on problems, log them and keep the old set."""
+        if self._catalog is None:
+            return
+        try:
+            self._catalog.reload()
+        except TemplateError as exc:
+            log.error("templates.reload_failed", problems=[str(p) for p in exc.problems])
+
     def request_stop(self) -> None:
         """Stop claiming tasks now (called when SIGTERM/SIGINT arrives)."""
         if self._pool is not None:
@@ -81,6 +102,9 @@ class Runtime:
                 max_connections=max(10, s.workers.concurrency * 2),
                 max_keepalive_connections=max(5, s.workers.concurrency),
             )
+            catalog = TemplateCatalog(self.registry, TemplateStore(db))
+            await catalog.start()
+            self._catalog = catalog
             async with httpx.AsyncClient(limits=limits) as client:
                 store = TaskStore(db)
                 waiters = FinishedWaiters()
@@ -101,11 +125,28 @@ class Runtime:
                     default_max_attempts=s.workers.max_attempts,
                 )
                 await pool.start()
+                hangup = _on_sighup(self.reload_templates)
                 try:
                     yield
                 finally:
+                    hangup()
                     await pool.stop()
                     self._tasks = None
         finally:
             self._db = None
+            self._catalog = None
             await db.close()
+
+
+def _on_sighup(callback: Callable[[], None]) -> Callable[[], None]:
+    """Call ``callback`` on SIGHUP (reload templates, as daemons do); returns the undo."""
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGHUP, callback)
+    except (NotImplementedError, RuntimeError, ValueError):  # no signals here (not main thread)
+        return lambda: None
+
+    def undo() -> None:
+        loop.remove_signal_handler(signal.SIGHUP)
+
+    return undo

@@ -21,6 +21,10 @@ class SubmitTask(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     template: Annotated[str, msgspec.Meta(min_length=1, description="The template's name.")]
     params: dict[str, Any] = msgspec.field(default_factory=dict)
+    template_version: (
+        Annotated[int, msgspec.Meta(ge=1, description="Run this version, not the current one.")]
+        | None
+    ) = None
     priority: Priority = 0
     model: Annotated[
         str | None, msgspec.Meta(description="Use this model instead of the template's.")
@@ -84,6 +88,8 @@ class ErrorBody(msgspec.Struct, frozen=True, omit_defaults=True):
     fields: list[FieldOut]
     #: On a 409 about a task: the status it is in.
     task_status: str | None = None
+    #: On a 422 about a template: every problem, with its position in the YAML.
+    errors: list[ProblemOut] | None = None
 
 
 class StepOut(msgspec.Struct, frozen=True):
@@ -211,6 +217,7 @@ class TemplateOut(msgspec.Struct, frozen=True):
 
     name: str
     version: int
+    origin: str
     description: str
     model: str | None
     parameters: dict[str, Any]
@@ -222,6 +229,7 @@ class TemplateOut(msgspec.Struct, frozen=True):
         return cls(
             name=template.name,
             version=template.version,
+            origin=template.origin,
             description=template.description,
             model=template.model,
             parameters=template.params_schema(),
@@ -233,7 +241,7 @@ class TemplateOut(msgspec.Struct, frozen=True):
 
 
 class TemplateList(msgspec.Struct, frozen=True):
-    """Every template the service knows."""
+    """Templates (every template offered for new tasks, or every version of one)."""
 
     items: list[TemplateOut]
 

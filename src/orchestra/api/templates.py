@@ -1,15 +1,31 @@
-"""/api/v1/templates: list, describe, validate."""
+"""/api/v1/templates: list, describe, validate, register, versions, delete, reload."""
 
 from __future__ import annotations
 
-from litestar import Controller, get, post
-from litestar.di import NamedDependency
-from litestar.params import FromPath, RawBody
+from typing import Annotated
 
-from orchestra.api.schemas import ProblemOut, TemplateList, TemplateOut, ValidationOut
+from litestar import Controller, Response, delete, get, post
+from litestar.di import NamedDependency
+from litestar.openapi import ResponseSpec
+from litestar.params import FromPath, QueryParameter, RawBody
+
+from orchestra.api.schemas import (
+    ErrorBody,
+    ProblemOut,
+    TemplateList,
+    TemplateOut,
+    ValidationOut,
+)
+from orchestra.catalog import TemplateCatalog
 from orchestra.errors import InvalidRequest, TemplateError
 from orchestra.templating.loader import parse_template
-from orchestra.templating.registry import TemplateRegistry
+
+
+def _text(body: bytes) -> str:
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("the template must be UTF-8 text") from None
 
 
 class TemplateController(Controller):
@@ -19,26 +35,77 @@ class TemplateController(Controller):
     tags = ["templates"]
 
     @get("/", summary="List templates")
-    async def list_templates(self, registry: NamedDependency[TemplateRegistry]) -> TemplateList:
-        """Every template the service can run."""
-        return TemplateList(items=[TemplateOut.of(t) for t in registry.all()])
+    async def list_templates(self, catalog: NamedDependency[TemplateCatalog]) -> TemplateList:
+        """Every template offered for new tasks, at its current version."""
+        return TemplateList(items=[TemplateOut.of(t) for t in catalog.all()])
 
     @get("/{name:str}", summary="Get a template")
     async def get_template(
-        self, name: FromPath[str], registry: NamedDependency[TemplateRegistry]
+        self,
+        name: FromPath[str],
+        catalog: NamedDependency[TemplateCatalog],
+        version: Annotated[
+            int | None, QueryParameter(ge=1, description="A version other than the current.")
+        ] = None,
     ) -> TemplateOut:
         """A template with its parameters as a JSON Schema."""
-        return TemplateOut.of(registry.get(name))
+        return TemplateOut.of(catalog.get(name, version))
+
+    @get("/{name:str}/versions", summary="List a template's versions")
+    async def versions(
+        self, name: FromPath[str], catalog: NamedDependency[TemplateCatalog]
+    ) -> TemplateList:
+        """Every version of a template, oldest first."""
+        return TemplateList(items=[TemplateOut.of(t) for t in catalog.versions(name)])
+
+    @post(
+        "/",
+        status_code=201,
+        summary="Register a template",
+        responses={
+            200: ResponseSpec(TemplateOut, description="The body equals the current version"),
+            422: ResponseSpec(
+                ErrorBody,
+                description="The template is invalid; `errors` lists "
+                "every problem with its line and column",
+            ),
+        },
+    )
+    async def register(
+        self, body: RawBody, catalog: NamedDependency[TemplateCatalog]
+    ) -> Response[TemplateOut]:
+        """Register YAML (the request body) as the next version of its template.
+
+        Versions are immutable; registering the current body again changes nothing (200).
+        409 when a template file uses the name.
+        """
+        registration = await catalog.register(_text(body))
+        template = registration.template
+        return Response(
+            TemplateOut.of(template),
+            status_code=201 if registration.created else 200,
+            headers={"Location": f"{self.path}/{template.name}?version={template.version}"},
+        )
+
+    @delete("/{name:str}", status_code=204, summary="Delete a template")
+    async def delete_template(
+        self, name: FromPath[str], catalog: NamedDependency[TemplateCatalog]
+    ) -> None:
+        """Stop offering a registered template for new tasks. Tasks already submitted keep
+        running with their version. 409 for a template file."""
+        await catalog.delete(name)
+
+    @post("/reload", status_code=200, summary="Reload template files")
+    async def reload(self, catalog: NamedDependency[TemplateCatalog]) -> TemplateList:
+        """Read the template folders again (as SIGHUP does). On any problem nothing changes
+        and the answer is 422 with every problem."""
+        return TemplateList(items=[TemplateOut.of(t) for t in catalog.reload()])
 
     @post("/validate", status_code=200, summary="Validate a template")
     async def validate(self, body: RawBody) -> ValidationOut:
         """Check YAML text (the request body) as a template; every problem, with positions."""
         try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidRequest("the template must be UTF-8 text") from None
-        try:
-            template = parse_template(text, "<request>")
+            template = parse_template(_text(body), "<request>")
         except TemplateError as exc:
             return ValidationOut(
                 valid=False,

@@ -97,6 +97,19 @@ CREATE TABLE task_steps (
 """
 
 
+_V2 = """
+CREATE TABLE templates (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    body_hash TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    deleted_at TEXT,
+    PRIMARY KEY (name, version)
+);
+"""
+
+
 def _sql(script: str) -> Migration:
     statements = [part.strip() for part in script.split(";") if part.strip()]
 
@@ -107,7 +120,7 @@ def _sql(script: str) -> Migration:
     return apply
 
 
-MIGRATIONS: list[Migration] = [_sql(_V1)]
+MIGRATIONS: list[Migration] = [_sql(_V1), _sql(_V2)]
 LATEST = len(MIGRATIONS)
 
 

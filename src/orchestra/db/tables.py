@@ -101,6 +101,19 @@ task_attempts = Table(
     _one_of("status", ATTEMPT_STATUSES),
 )
 
+# Templates registered through the API; every version is kept (tasks name the one they ran).
+templates = Table(
+    "templates",
+    metadata,
+    Column("name", Text, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("body", Text, nullable=False),  # the YAML as registered
+    Column("body_hash", Text, nullable=False),
+    Column("created_at", Text, nullable=False),
+    Column("deleted_at", Text),  # deleted: no new tasks; existing tasks still run
+    PrimaryKeyConstraint("name", "version"),
+)
+
 task_steps = Table(
     "task_steps",
     metadata,

@@ -136,6 +136,8 @@ class Template(msgspec.Struct, frozen=True):
     timeout: float | None = None
     #: Where it was loaded from (a file path) — for error messages and listings.
     source: str = "<string>"
+    #: builtin (shipped), file (a [templates] dirs folder) or api (registered).
+    origin: Literal["builtin", "file", "api"] = "file"
 
     def params_schema(self) -> dict[str, Any]:
         """The parameters as one JSON Schema object."""

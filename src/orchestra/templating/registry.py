@@ -1,6 +1,10 @@
-"""The templates a service knows: the built-ins, then the folders from the settings.
+"""The templates a service knows: files (the built-ins, then the folders from the settings)
+and templates registered through the API, side by side.
 
-A name may be defined once: a clash between two files is reported with both paths.
+A name belongs to one place: a clash between two files, or between a file and a registered
+template, is reported with both sources. Registered templates keep every version, so a task
+always runs the exact version it was submitted with; file templates keep their current
+version and every version this process has seen.
 """
 
 from __future__ import annotations
@@ -8,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
+
+import msgspec
 
 from orchestra.errors import TemplateError, TemplateNotFound
 from orchestra.templating.loader import load_template
@@ -30,17 +36,23 @@ def _files(folder: Path) -> list[Path]:
 
 
 class TemplateRegistry:
-    """Templates by name. Load once at startup; reload replaces the whole set atomically."""
+    """Templates by name (and version)."""
 
     def __init__(self, dirs: Iterable[str | Path] = (), *, builtins: bool = True) -> None:
-        self.dirs = ([builtin_dir()] if builtins else []) + [Path(d) for d in dirs]
-        self._templates: dict[str, Template] = {}
+        self.builtin = builtin_dir() if builtins else None
+        self.dirs = ([self.builtin] if self.builtin else []) + [Path(d) for d in dirs]
+        self._files: dict[str, Template] = {}
+        self._seen: dict[tuple[str, int], Template] = {}
+        self._api: dict[str, dict[int, Template]] = {}
+        self._deleted: set[str] = set()
+
+    # -- files --------------------------------------------------------------------------------
 
     def load(self) -> list[Template]:
-        """Read every folder; on success, replace the known templates.
+        """Read every folder; on success, replace the file templates (a reload).
 
         Raises:
-            TemplateError: carrying every problem of every file (and name clashes).
+            TemplateError: carrying every problem of every file, and every name clash.
         """
         found: dict[str, Template] = {}
         problems: list[TemplateProblem] = []
@@ -50,14 +62,16 @@ class TemplateRegistry:
                     TemplateProblem(str(folder), 1, 1, "", "template folder does not exist")
                 )
                 continue
+            origin = "builtin" if folder == self.builtin else "file"
             for file in _files(folder):
                 try:
-                    template = load_template(file)
+                    template = msgspec.structs.replace(load_template(file), origin=origin)
                 except TemplateError as exc:
                     problems.extend(exc.problems)
                     continue
-                if template.name in found:
-                    other = found[template.name].source
+                clash = found.get(template.name)
+                if clash is not None or template.name in self._api:
+                    other = clash.source if clash else "a template registered through the API"
                     problems.append(
                         TemplateProblem(
                             str(file),
@@ -71,20 +85,99 @@ class TemplateRegistry:
                 found[template.name] = template
         if problems:
             raise TemplateError(problems)
-        self._templates = found
+        self._files = found
+        for template in found.values():
+            self._seen[(template.name, template.version)] = template
         return list(found.values())
 
-    def get(self, name: str) -> Template:
-        """The template called ``name``.
+    def is_file(self, name: str) -> Template | None:
+        """The file template called ``name``, if there is one."""
+        return self._files.get(name)
+
+    # -- registered ---------------------------------------------------------------------------
+
+    def add_registered(self, template: Template, *, deleted: bool = False) -> None:
+        """Know a registered version (at startup, or after a registration)."""
+        if template.name in self._files:
+            raise TemplateError(
+                [
+                    TemplateProblem(
+                        self._files[template.name].source,
+                        1,
+                        1,
+                        "name",
+                        f"template name {template.name!r} is also registered through the API "
+                        f"(version {template.version}); rename the file or delete the "
+                        "registered template",
+                    )
+                ]
+            )
+        self._api.setdefault(template.name, {})[template.version] = template
+        if deleted:
+            self._deleted.add(template.name)
+        else:
+            self._deleted.discard(template.name)
+
+    def delete_registered(self, name: str) -> None:
+        """Stop offering ``name`` for new tasks; its versions stay for tasks that use them."""
+        self._deleted.add(name)
+
+    # -- lookups ------------------------------------------------------------------------------
+
+    def get(self, name: str, version: int | None = None) -> Template:
+        """A template for a new task: the current version, or the version asked for.
+
+        Raises:
+            TemplateNotFound: no such template, or no such version.
+        """
+        if name in self._files:
+            template = self._files[name]
+            if version is not None and version != template.version:
+                raise TemplateNotFound(
+                    f"template {name!r} is a file at version {template.version}; version "
+                    f"{version} is not available"
+                )
+            return template
+        versions = self._api.get(name)
+        if not versions or name in self._deleted:
+            raise TemplateNotFound(f"no template named {name!r}")
+        chosen = max(versions) if version is None else version
+        if chosen not in versions:
+            raise TemplateNotFound(
+                f"template {name!r} has no version {version} (versions: "
+                f"{', '.join(map(str, sorted(versions)))})"
+            )
+        return versions[chosen]
+
+    def for_task(self, name: str, version: int) -> Template:
+        """The exact version a task was submitted with, even if deleted or replaced since.
+
+        Raises:
+            TemplateNotFound: that version is gone (a file that changed before a restart).
+        """
+        template = self._api.get(name, {}).get(version) or self._seen.get((name, version))
+        if template is None:
+            raise TemplateNotFound(f"template {name!r} version {version} is no longer available")
+        return template
+
+    def versions(self, name: str) -> list[Template]:
+        """Every version of ``name`` known here, oldest first.
 
         Raises:
             TemplateNotFound: no such template.
         """
-        try:
-            return self._templates[name]
-        except KeyError:
-            raise TemplateNotFound(f"no template named {name!r}") from None
+        if name in self._files:
+            return sorted(
+                (t for (n, _), t in self._seen.items() if n == name), key=lambda t: t.version
+            )
+        if name not in self._api or name in self._deleted:
+            raise TemplateNotFound(f"no template named {name!r}")
+        return [self._api[name][v] for v in sorted(self._api[name])]
 
     def all(self) -> list[Template]:
-        """Every known template, by name."""
-        return [self._templates[n] for n in sorted(self._templates)]
+        """The current version of every template offered for new tasks, by name."""
+        current = dict(self._files)
+        for name, versions in self._api.items():
+            if name not in self._deleted:
+                current[name] = versions[max(versions)]
+        return [current[n] for n in sorted(current)]

@@ -1,0 +1,138 @@
+"""Service functions for templates: list, describe, validate, register, delete, reload.
+
+Controllers call only these. Registered templates are stored by ``db.templates`` and known to
+the :class:`TemplateRegistry` that tasks and workers look templates up in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import msgspec
+
+from orchestra import logs
+from orchestra.db.templates import TemplateStore
+from orchestra.errors import ConflictError, TemplateError, TemplateNotFound
+from orchestra.templating.loader import parse_template
+from orchestra.templating.model import Template
+from orchestra.templating.registry import TemplateRegistry
+
+log = logs.get("orchestra.templates")
+
+
+class Registration(msgspec.Struct, frozen=True):
+    """A registered template, and whether this request created the version."""
+
+    template: Template
+    created: bool
+
+
+class TemplateCatalog:
+    """What the API can do with templates."""
+
+    def __init__(self, registry: TemplateRegistry, store: TemplateStore) -> None:
+        self.registry = registry
+        self.store = store
+
+    async def start(self) -> None:
+        """Know every registered version (done once, before the workers start).
+
+        Raises:
+            TemplateError: a registered template clashes with a template file.
+        """
+        for row in await self.store.all_versions():
+            try:
+                template = parse_template(row.body, f"<registered {row.name} v{row.version}>")
+            except TemplateError as exc:  # written by an older, laxer version of Orchestra
+                log.error(
+                    "templates.registered_invalid",
+                    name=row.name,
+                    version=row.version,
+                    problems=[str(p) for p in exc.problems],
+                )
+                continue
+            self.registry.add_registered(
+                msgspec.structs.replace(
+                    template,
+                    version=row.version,
+                    origin="api",
+                    source=f"api:{row.name}@{row.version}",
+                ),
+                deleted=row.deleted_at is not None,
+            )
+
+    def get(self, name: str, version: int | None = None) -> Template:
+        """The current version of a template, or the version asked for."""
+        return self.registry.get(name, version)
+
+    def versions(self, name: str) -> list[Template]:
+        """Every version of a template, oldest first."""
+        return self.registry.versions(name)
+
+    def all(self) -> list[Template]:
+        """Every template offered for new tasks."""
+        return self.registry.all()
+
+    async def register(self, text: str) -> Registration:
+        """Validate YAML and store it as the next version of its template.
+
+        The same body as the current version registers nothing and returns that version.
+        The ``version`` written in the YAML is ignored: the service numbers versions.
+
+        Raises:
+            TemplateError: the YAML is not a valid template (every problem, with positions).
+            ConflictError: a template file already uses the name.
+        """
+        parsed = parse_template(text, "<request>")
+        file = self.registry.is_file(parsed.name)
+        if file is not None:
+            raise ConflictError(
+                f"template {parsed.name!r} is defined by the file {file.source}; "
+                "register it under another name"
+            )
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        stored = await self.store.register(parsed.name, text, digest)
+        template = msgspec.structs.replace(
+            parsed,
+            version=stored.version,
+            origin="api",
+            source=f"api:{parsed.name}@{stored.version}",
+        )
+        if stored.created:
+            self.registry.add_registered(template)
+            log.info("templates.registered", name=template.name, version=template.version)
+        return Registration(
+            template=self.registry.get(template.name, stored.version), created=stored.created
+        )
+
+    async def delete(self, name: str) -> None:
+        """Stop offering a registered template for new tasks; its tasks keep running.
+
+        Raises:
+            ConflictError: the template is a file (remove the file instead).
+            TemplateNotFound: no registered template has this name.
+        """
+        file = self.registry.is_file(name)
+        if file is not None:
+            raise ConflictError(
+                f"template {name!r} is defined by the file {file.source}; remove the file and "
+                "reload instead"
+            )
+        self.registry.get(name)  # raises TemplateNotFound when unknown or deleted already
+        if not await self.store.delete(name):
+            raise TemplateNotFound(f"no template named {name!r}")
+        self.registry.delete_registered(name)
+        log.info("templates.deleted", name=name)
+
+    def reload(self) -> list[Template]:
+        """Read the template files again; the old set stays when the new one is invalid.
+
+        Raises:
+            TemplateError: every problem found (nothing was changed).
+        """
+        loaded = self.registry.load()
+        log.info("templates.reloaded", files=len(loaded))
+        return self.all()
+
+
+__all__ = ["Registration", "TemplateCatalog", "TemplateNotFound"]
