@@ -61,6 +61,7 @@ def serve(config_path: str | None, host: str | None = None, port: int | None = N
     import uvicorn
 
     from orchestra.api.app import create_app
+    from orchestra.api.runtime import preflight
     from orchestra.db.engine import check_url
 
     settings = _settings(config_path)
@@ -75,6 +76,7 @@ def serve(config_path: str | None, host: str | None = None, port: int | None = N
     try:
         check_url(settings.database.url)
         app = create_app(settings)
+        asyncio.run(preflight(settings))
     except ConfigError as exc:
         raise click.ClickException(exc.message) from None
     except TemplateError as exc:
@@ -298,3 +300,40 @@ def templates_validate(files: tuple[Path, ...]) -> None:
         click.echo(f"{file}: ok ({template.name} v{template.version})")
     if failed:
         sys.exit(1)
+
+
+@templates.command("register")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@url_option
+@config_option
+def templates_register(file: Path, url: str | None, config_path: str | None) -> None:
+    """Register a template file with a running server (a new version if it changed)."""
+    with _client(url, config_path) as client:
+        response = client.post("/api/v1/templates", content=file.read_bytes())
+    if response.status_code not in (200, 201):
+        body = response.json()
+        problems = [
+            f"{file}:{e['line']}:{e['column']}: {e['path']}: {e['message']}"
+            for e in body.get("errors") or []
+        ]
+        raise click.ClickException("\n".join([body.get("message", response.text), *problems]))
+    template = response.json()
+    state = "registered" if response.status_code == 201 else "unchanged"
+    click.echo(f"{template['name']} v{template['version']} {state}")
+
+
+@templates.command("reload")
+@url_option
+@config_option
+def templates_reload(url: str | None, config_path: str | None) -> None:
+    """Make a running server read its template folders again."""
+    with _client(url, config_path) as client:
+        response = client.post("/api/v1/templates/reload")
+    if response.status_code != 200:
+        body = response.json()
+        problems = [
+            f"  {e['line']}:{e['column']}: {e['path']}: {e['message']}"
+            for e in body.get("errors") or []
+        ]
+        raise click.ClickException("\n".join([body.get("message", response.text), *problems]))
+    click.echo(f"{len(response.json()['items'])} templates")

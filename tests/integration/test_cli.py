@@ -169,3 +169,35 @@ async def test_tasks_show_cancel_and_retry(service: Service, fake_ollama: FakeOl
     assert (code, out.strip()) == (0, "task 1 queued")
     code, _, err = await run_cli("tasks", "show", "77", "--url", service.url)
     assert code == 1 and "no task with id 77" in err
+
+
+async def test_templates_register_and_reload(service: Service, tmp_path: Path) -> None:
+    file = tmp_path / "greet.yaml"
+    file.write_text("name: greet\nmodel: m\nsteps:\n  - id: a\n    prompt: hi\n")
+    code, out, _ = await run_cli("templates", "register", str(file), "--url", service.url)
+    assert (code, out.strip()) == (0, "greet v1 registered")
+    code, out, _ = await run_cli("templates", "register", str(file), "--url", service.url)
+    assert (code, out.strip()) == (0, "greet v1 unchanged")
+    file.write_text("name: greet\nsteps:\n  - id: a\n    prompt: '{{ params.nope }}'\n")
+    code, _, err = await run_cli("templates", "register", str(file), "--url", service.url)
+    assert code == 1 and f"{file}:4:13: steps[0].prompt: unknown parameter 'nope'" in err
+    code, out, _ = await run_cli("templates", "reload", "--url", service.url)
+    assert code == 0 and out.strip().endswith("templates")
+
+
+async def test_serve_refuses_a_name_clash_in_one_clean_line(
+    service: Service, tmp_path: Path
+) -> None:
+    await service.client.post(
+        "/api/v1/templates", content="name: greet\nsteps:\n  - id: a\n    prompt: hi\n"
+    )
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "greet.yaml").write_text("name: greet\nsteps:\n  - id: a\n    prompt: yo\n")
+    db = service.app.state.runtime.settings.database.url
+    config = tmp_path / "clash.toml"
+    config.write_text(f'[database]\nurl = "{db}"\n[templates]\ndirs = ["{folder}"]\n')
+    code, _, err = await run_cli("serve", "--config", str(config))
+    assert code == 1
+    assert "Traceback" not in err
+    assert "also registered through the API" in err and "greet.yaml" in err

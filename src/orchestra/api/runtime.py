@@ -20,7 +20,7 @@ from orchestra.config import Settings
 from orchestra.db import Database, TaskStore
 from orchestra.db.schema import upgrade
 from orchestra.db.templates import TemplateStore
-from orchestra.errors import TemplateError
+from orchestra.errors import ConfigError, TemplateError
 from orchestra.llm.base import Provider
 from orchestra.llm.ollama import OllamaProvider
 from orchestra.notify import FinishedWaiters
@@ -136,6 +136,26 @@ class Runtime:
             self._db = None
             self._catalog = None
             await db.close()
+
+
+async def preflight(settings: Settings) -> None:
+    """Check what startup will need before serving: the database opens and upgrades, and the
+    registered templates load beside the files (no name clash).
+
+    Raises:
+        ConfigError: the database cannot be used.
+        TemplateError: a registered template clashes with a template file.
+    """
+    registry = TemplateRegistry(settings.templates.dirs)
+    registry.load()
+    db = Database(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
+    try:
+        await upgrade(db)
+        await TemplateCatalog(registry, TemplateStore(db)).start()
+    except OSError as exc:
+        raise ConfigError(f"database.url: cannot open {db.path}: {exc}") from None
+    finally:
+        await db.close()
 
 
 def _on_sighup(callback: Callable[[], None]) -> Callable[[], None]:

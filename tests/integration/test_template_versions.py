@@ -1,0 +1,146 @@
+"""Registering templates through the API: versions, deletion, clashes, reload."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from orchestra.api.runtime import preflight
+from orchestra.config import Settings, TemplateSettings
+from orchestra.errors import TemplateError
+from tests.conftest import Service, StartService
+from tests.fixtures.fake_ollama import FakeOllama
+from tests.fixtures.servers import wait_until
+
+V1 = """\
+name: greet
+model: llama3.2
+parameters:
+  who: {type: string, required: true}
+steps:
+  - id: hello
+    prompt: "Say hello to {{ params.who }}"
+"""
+V2 = V1.replace("Say hello to", "Say goodbye to")
+
+
+async def register(svc: Service, text: str) -> tuple[int, dict[str, object]]:
+    response = await svc.client.post("/api/v1/templates", content=text)
+    return response.status_code, response.json()
+
+
+async def test_registering_creates_immutable_versions(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    assert (await register(service, V1))[0] == 201
+    status, same = await register(service, V1)
+    assert (status, same["version"]) == (200, 1)  # same body: nothing new
+    status, second = await register(service, V2)
+    assert (status, second["version"], second["origin"]) == (201, 2, "api")
+    versions = (await service.client.get("/api/v1/templates/greet/versions")).json()
+    assert [v["version"] for v in versions["items"]] == [1, 2]
+    old = (await service.client.get("/api/v1/templates/greet", params={"version": 1})).json()
+    assert old["version"] == 1
+
+    latest = await service.submit("greet", who="Ada")
+    pinned = await service.client.post(
+        "/api/v1/tasks", json={"template": "greet", "template_version": 1, "params": {"who": "Bo"}}
+    )
+    assert pinned.status_code == 201
+    done = [await service.wait(latest["id"]), await service.wait(pinned.json()["id"])]
+    assert [d["template_version"] for d in done] == [2, 1]
+    prompts = sorted(r["messages"][-1]["content"] for r in fake_ollama.requests)
+    assert prompts == ["Say goodbye to Ada", "Say hello to Bo"]
+    missing = await service.client.post(
+        "/api/v1/tasks", json={"template": "greet", "template_version": 9, "params": {"who": "x"}}
+    )
+    assert missing.status_code == 404 and "versions: 1, 2" in missing.json()["message"]
+
+
+async def test_an_invalid_template_is_422_with_positions(service: Service) -> None:
+    status, body = await register(service, V1.replace("{{ params.who }}", "{{ params.whom }}"))
+    assert status == 422
+    assert body["code"] == "invalid_template"
+    [problem] = body["errors"]
+    assert (problem["line"], problem["path"]) == (7, "steps[0].prompt")
+    assert "unknown parameter 'whom'" in problem["message"]
+
+
+async def test_deleted_templates_take_no_new_tasks_but_old_ones_finish(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.latency = 0.5
+    await register(service, V1)
+    task = await service.submit("greet", who="Ada")
+    assert (await service.client.delete("/api/v1/templates/greet")).status_code == 204
+    refused = await service.client.post(
+        "/api/v1/tasks", json={"template": "greet", "params": {"who": "x"}}
+    )
+    assert refused.status_code == 404
+    assert (await service.wait(task["id"]))["status"] == "succeeded"
+    names = [t["name"] for t in (await service.client.get("/api/v1/templates")).json()["items"]]
+    assert "greet" not in names
+    assert (await service.client.delete("/api/v1/templates/greet")).status_code == 404
+    assert (await register(service, V1))[1]["version"] == 2  # back, as a new version
+
+
+async def test_file_templates_cannot_be_registered_over_or_deleted(service: Service) -> None:
+    status, body = await register(service, "name: summarize\nsteps:\n  - id: a\n    prompt: hi\n")
+    assert status == 409 and "defined by the file" in body["message"]
+    response = await service.client.delete("/api/v1/templates/summarize")
+    assert response.status_code == 409
+
+
+async def test_registered_templates_survive_a_restart_and_clash_with_new_files(
+    settings: Settings, start_service: StartService, tmp_path: Path
+) -> None:
+    async with start_service(settings) as svc:
+        await register(svc, V1)
+    async with start_service(settings) as svc:
+        assert (await svc.client.get("/api/v1/templates/greet")).json()["version"] == 1
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "greet.yaml").write_text(V2)
+    clashing = Settings(
+        database=settings.database,
+        workers=settings.workers,
+        ollama=settings.ollama,
+        templates=TemplateSettings(dirs=[str(folder)]),
+    )
+    with pytest.raises(TemplateError, match="also registered through the API"):
+        await preflight(clashing)
+
+
+async def test_reload_by_endpoint_and_by_sighup(
+    settings: Settings, start_service: StartService, tmp_path: Path
+) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    with_dir = Settings(
+        database=settings.database,
+        workers=settings.workers,
+        ollama=settings.ollama,
+        templates=TemplateSettings(dirs=[str(folder)]),
+    )
+    async with start_service(with_dir) as svc:
+        (folder / "one.yaml").write_text(V1.replace("greet", "one"))
+        reloaded = await svc.client.post("/api/v1/templates/reload")
+        assert reloaded.status_code == 200
+        assert "one" in [t["name"] for t in reloaded.json()["items"]]
+
+        (folder / "broken.yaml").write_text("name: broken\nsteps: nope\n")
+        refused = await svc.client.post("/api/v1/templates/reload")
+        assert refused.status_code == 422
+        assert refused.json()["errors"][0]["path"] == "steps"
+        (folder / "broken.yaml").unlink()
+
+        (folder / "two.yaml").write_text(V1.replace("greet", "two"))
+        os.kill(os.getpid(), signal.SIGHUP)
+
+        async def has_two() -> bool:
+            return (await svc.client.get("/api/v1/templates/two")).status_code == 200
+
+        await wait_until(has_two, timeout=5)
