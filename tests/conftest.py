@@ -23,7 +23,24 @@ from tests.fixtures.servers import serve
 
 #: The templates the service ships with.
 BUILTINS = frozenset(
-    {"summarize", "translate", "classify", "extract", "sentiment", "rewrite", "keywords", "qa"}
+    {
+        "summarize",
+        "translate",
+        "classify",
+        "extract",
+        "sentiment",
+        "rewrite",
+        "keywords",
+        "qa",
+        "summarize_long",
+        "extract_schema",
+        "classify_confidence",
+        "qa_evidence",
+        "code_review",
+        "title",
+        "compare",
+        "translate_glossary",
+    }
 )
 
 
