@@ -81,12 +81,17 @@ async def test_model_timeout_fails_the_attempt(
 async def test_bad_output_rendering_fails_the_task_clearly(
     service: Service, fake_ollama: FakeOllama
 ) -> None:
+    template = (
+        "name: mood\nmodel: llama3.2\nsteps:\n  - id: a\n    prompt: How do you feel?\n"
+        "output: \"{{ steps.a.output | choose(['happy', 'sad']) }}\"\n"
+    )
+    assert (await service.client.post("/api/v1/templates", content=template)).status_code == 201
     fake_ollama.reply = lambda _req: "I would rather not say."
-    task = await service.submit("sentiment", text="meh")
+    task = await service.submit("mood")
     done = await service.wait(task["id"])
     assert done["status"] == "failed"
     assert done["error"]["step"] == "output"
-    assert "none of: positive, negative, neutral, mixed" in done["error"]["message"]
+    assert "none of: happy, sad" in done["error"]["message"]
     assert done["steps"][0]["status"] == "succeeded"  # the model call itself worked
 
 

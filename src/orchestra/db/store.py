@@ -7,20 +7,19 @@ overwrite what a newer attempt wrote: the guarded UPDATE simply matches no row.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable
 from datetime import datetime
 from typing import Any
 
 import msgspec
 from sqlalchemy import and_, case, delete, exists, func, insert, literal, or_, select, update
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from orchestra.db.engine import Database
+from orchestra.db.rows import dump, load_details, task_from_row
 from orchestra.db.tables import task_attempts, task_steps, tasks
 from orchestra.domain import (
-    Attempt,
     AttemptStatus,
     NewTask,
     Step,
@@ -28,27 +27,11 @@ from orchestra.domain import (
     Task,
     TaskError,
     TaskStatus,
-    Usage,
     iso,
     iso_now,
 )
 
-_json_encode = msgspec.json.Encoder().encode
-_json_decode = msgspec.json.decode
-
 QUEUED, RUNNING = TaskStatus.QUEUED.value, TaskStatus.RUNNING.value
-
-
-def _dump(value: Any) -> str | None:
-    return None if value is None else _json_encode(value).decode()
-
-
-def _load(value: str | None) -> Any:
-    return None if value is None else _json_decode(value)
-
-
-def _error(value: str | None) -> TaskError | None:
-    return None if value is None else msgspec.json.decode(value, type=TaskError)
 
 
 class Lease(msgspec.Struct, frozen=True):
@@ -85,69 +68,6 @@ class Renewal(msgspec.Struct, frozen=True):
     cancel_requested: set[int]
 
 
-def task_from_row(
-    row: Row[Any], steps: Sequence[Step] = (), history: Sequence[Attempt] = ()
-) -> Task:
-    """Build a :class:`Task` from a ``tasks`` row, its current steps and its attempts."""
-    m = row._mapping
-    return Task(
-        id=m["id"],
-        template=m["template"],
-        template_version=m["template_version"],
-        status=TaskStatus(m["status"]),
-        params=_json_decode(m["params"]),
-        model=m["model"],
-        priority=m["priority"],
-        attempts=m["attempts"],
-        max_attempts=m["max_attempts"],
-        created_at=m["created_at"],
-        run_at=m["run_at"],
-        handed_back=m["handed_back"],
-        timeout_seconds=m["timeout_seconds"],
-        cancel_requested=bool(m["cancel_requested"]),
-        idempotency_key=m["idempotency_key"],
-        result=_load(m["result"]),
-        error=_error(m["error"]),
-        lease_owner=m["lease_owner"],
-        lease_expires_at=m["lease_expires_at"],
-        started_at=m["started_at"],
-        finished_at=m["finished_at"],
-        steps=tuple(steps),
-        history=tuple(history),
-    )
-
-
-def step_from_row(row: Row[Any]) -> Step:
-    """Build a :class:`Step` from a ``task_steps`` row."""
-    m = row._mapping
-    usage = m["usage"]
-    return Step(
-        id=m["step_id"],
-        position=m["position"],
-        status=StepStatus(m["status"]),
-        output=_load(m["output"]),
-        error=_error(m["error"]),
-        model=m["model"],
-        usage=None if usage is None else msgspec.json.decode(usage, type=Usage),
-        started_at=m["started_at"],
-        finished_at=m["finished_at"],
-        duration_ms=m["duration_ms"],
-    )
-
-
-def attempt_from_row(row: Row[Any]) -> Attempt:
-    """Build an :class:`Attempt` from a ``task_attempts`` row."""
-    m = row._mapping
-    return Attempt(
-        number=m["number"],
-        worker=m["worker"],
-        status=AttemptStatus(m["status"]),
-        started_at=m["started_at"],
-        finished_at=m["finished_at"],
-        error=_error(m["error"]),
-    )
-
-
 def _holds(lease: Lease) -> Any:
     """The guard every worker write carries."""
     return and_(
@@ -168,7 +88,7 @@ async def _close_attempt(
     await conn.execute(
         update(task_attempts)
         .where(task_attempts.c.task_id == lease.task_id, task_attempts.c.number == lease.attempt)
-        .values(status=status.value, finished_at=now, error=_dump(error))
+        .values(status=status.value, finished_at=now, error=dump(error))
     )
 
 
@@ -187,7 +107,7 @@ class TaskStore:
             "template": new.template,
             "template_version": new.template_version,
             "status": QUEUED,
-            "params": _dump(new.params),
+            "params": dump(new.params),
             "model": new.model,
             "priority": new.priority,
             "max_attempts": new.max_attempts,
@@ -330,12 +250,12 @@ class TaskStore:
             )
             .values(
                 status=step.status.value,
-                output=_dump(step.output),
-                error=_dump(step.error),
+                output=dump(step.output),
+                error=dump(step.error),
                 model=step.model,
                 prompt_tokens=usage.prompt_tokens if usage else None,
                 completion_tokens=usage.completion_tokens if usage else None,
-                usage=_dump(usage),
+                usage=dump(usage),
                 finished_at=step.finished_at,
                 duration_ms=step.duration_ms,
             )
@@ -362,8 +282,8 @@ class TaskStore:
             attempt,
             error,
             status=status.value,
-            result=_dump(result),
-            error=_dump(error),
+            result=dump(result),
+            error=dump(error),
             finished_at=iso_now(),
             cancel_requested=0,
         )
@@ -377,7 +297,7 @@ class TaskStore:
             AttemptStatus.FAILED,
             error,
             status=QUEUED,
-            error=_dump(error),
+            error=dump(error),
             run_at=iso(run_at),
         )
 
@@ -434,7 +354,7 @@ class TaskStore:
             .where(tasks.c.status == RUNNING, tasks.c.lease_expires_at < now)
             .values(
                 status=case((exhausted, TaskStatus.FAILED.value), else_=QUEUED),
-                error=case((exhausted, _dump(gave_up)), else_=_dump(lost)),
+                error=case((exhausted, dump(gave_up)), else_=dump(lost)),
                 finished_at=case((exhausted, now), else_=None),
                 run_at=now,
                 lease_owner=None,
@@ -450,7 +370,7 @@ class TaskStore:
                     .where(
                         task_attempts.c.task_id == row.id, task_attempts.c.number == row.attempts
                     )
-                    .values(status=AttemptStatus.LOST.value, finished_at=now, error=_dump(lost))
+                    .values(status=AttemptStatus.LOST.value, finished_at=now, error=dump(lost))
                 )
         return {row.id: TaskStatus(row.status) for row in rows}
 
@@ -470,7 +390,7 @@ class TaskStore:
                 .values(
                     status=TaskStatus.CANCELLED.value,
                     finished_at=now,
-                    error=_dump(TaskError(type="cancelled", message="cancelled by request")),
+                    error=dump(TaskError(type="cancelled", message="cancelled by request")),
                 )
             )
             if done.rowcount == 1:
@@ -547,7 +467,7 @@ class TaskStore:
             row = (await conn.execute(select(tasks).where(tasks.c.id == task_id))).one_or_none()
             if row is None:
                 return None
-            details = await _details(conn, {task_id: row.attempts})
+            details = await load_details(conn, {task_id: row.attempts})
         steps, history = details.get(task_id, ([], []))
         return task_from_row(row, steps, history)
 
@@ -574,32 +494,6 @@ class TaskStore:
         async with self.db.read() as conn:
             rows = (await conn.execute(query)).all()
             page, more = rows[:limit], len(rows) > limit
-            details = await _details(conn, {r.id: r.attempts for r in page})
+            details = await load_details(conn, {r.id: r.attempts for r in page})
         items = [task_from_row(r, *details.get(r.id, ([], []))) for r in page]
         return TaskPage(items=items, next_cursor=items[-1].id if more and items else None)
-
-
-async def _details(
-    conn: AsyncConnection, attempts: Mapping[int, int]
-) -> dict[int, tuple[list[Step], list[Attempt]]]:
-    """The current attempt's steps and every attempt of many tasks: two queries, no N+1."""
-    out: dict[int, tuple[list[Step], list[Attempt]]] = {i: ([], []) for i in attempts}
-    if not attempts:
-        return out
-    ids = list(attempts)
-    steps = await conn.execute(
-        select(task_steps)
-        .where(task_steps.c.task_id.in_(ids))
-        .order_by(task_steps.c.task_id, task_steps.c.position)
-    )
-    for row in steps:
-        if attempts[row.task_id] == row.attempt:
-            out[row.task_id][0].append(step_from_row(row))
-    tries = await conn.execute(
-        select(task_attempts)
-        .where(task_attempts.c.task_id.in_(ids))
-        .order_by(task_attempts.c.task_id, task_attempts.c.number)
-    )
-    for row in tries:
-        out[row.task_id][1].append(attempt_from_row(row))
-    return out
