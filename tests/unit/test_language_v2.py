@@ -164,3 +164,107 @@ def test_step_problems(step: str, path: str, message: str) -> None:
     found = problems(BASE + step)
     assert path in found, found
     assert message in found[path][2]
+
+
+def position_of(text: str, needle: str) -> tuple[int, int]:
+    """1-based line and column of the first occurrence of ``needle`` in ``text``."""
+    offset = text.index(needle)
+    line = text.count("\n", 0, offset) + 1
+    return line, offset - (text.rfind("\n", 0, offset) + 1) + 1
+
+
+HEAD = "name: x\nmodel: m\nparameters:\n  text: {type: string}\nsteps:\n"
+
+# (what, template text, path, the text the problem must point at, words of the message)
+POSITIONED = [
+    ("yaml syntax", "name: x\nsteps:\n  - id: a\n    prompt: [oops\n", "", "\n", "YAML"),
+    (
+        "unknown field",
+        HEAD + "  - id: a\n    prompt: hi\n    temprature: 1\n",
+        "steps[0].temprature",
+        "temprature",
+        "unknown field",
+    ),
+    ("wrong type", "name: 5\nsteps:\n  - id: a\n    prompt: hi\n", "name", "5\n", "string"),
+    (
+        "duplicate id",
+        HEAD + "  - id: a\n    prompt: hi\n  - id: a\n    prompt: yo\n",
+        "steps[1].id",
+        "a\n    prompt: yo",
+        "duplicate step id",
+    ),
+    (
+        "unknown parameter",
+        HEAD + "  - id: a\n    prompt: '{{ params.txt }}'\n",
+        "steps[0].prompt",
+        "'{{ params.txt",
+        "unknown parameter 'txt'",
+    ),
+    (
+        "unknown step",
+        HEAD + "  - id: a\n    prompt: '{{ steps.q.output }}'\n",
+        "steps[0].prompt",
+        "'{{ steps.q",
+        "unknown step 'q'",
+    ),
+    (
+        "later step",
+        HEAD + "  - id: a\n    prompt: '{{ steps.b.output }}'\n  - id: b\n    prompt: hi\n",
+        "steps[0].prompt",
+        "'{{ steps.b",
+        "runs later",
+    ),
+    (
+        "jinja syntax",
+        HEAD + "  - id: a\n    prompt: |\n      fine\n      {% if %}\n",
+        "steps[0].prompt",
+        "{% if %}",
+        "Jinja syntax error",
+    ),
+    (
+        "json schema",
+        HEAD + "  - id: a\n    prompt: hi\n    format: {type: objekt}\n",
+        "steps[0].format",
+        "{type: objekt}",
+        "invalid JSON Schema",
+    ),
+    (
+        "parameter default",
+        "name: x\nparameters:\n  n: {type: integer, default: ten}\nsteps:\n"
+        "  - id: a\n    prompt: hi\n",
+        "parameters.n.default",
+        "ten}",
+        "does not fit",
+    ),
+    (
+        "duration",
+        HEAD + "  - id: a\n    prompt: hi\n    timeout: soon\n",
+        "steps[0].timeout",
+        "soon",
+        "expected a duration",
+    ),
+    (
+        "when expression",
+        HEAD + "  - id: a\n    prompt: hi\n    when: params.nope\n",
+        "steps[0].when",
+        "params.nope",
+        "unknown parameter 'nope'",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "text", "path", "needle", "words"), POSITIONED, ids=[case[0] for case in POSITIONED]
+)
+def test_each_validation_error_points_at_its_value(
+    what: str, text: str, path: str, needle: str, words: str
+) -> None:
+    with pytest.raises(TemplateError) as info:
+        parse_template(text, "t.yaml")
+    matching = [p for p in info.value.problems if p.path == path and words in p.message]
+    assert matching, [str(p) for p in info.value.problems]
+    problem = matching[0]
+    if what == "yaml syntax":
+        assert problem.line == 5  # the stream ended inside the flow sequence
+        return
+    assert (problem.line, problem.column) == position_of(text, needle)
