@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from orchestra.config import (
-    ModelSettings,
     OllamaSettings,
     RetentionSettings,
     Settings,
@@ -62,14 +62,7 @@ steps:
 def settings_with_templates(base: Settings, folder: Path) -> Settings:
     for name, text in TEMPLATES.items():
         (folder / name).write_text(text)
-    return Settings(
-        database=base.database,
-        workers=base.workers,
-        ollama=base.ollama,
-        templates=TemplateSettings(dirs=[str(folder)]),
-        models=base.models,
-        retention=base.retention,
-    )
+    return msgspec.structs.replace(base, templates=TemplateSettings(dirs=[str(folder)]))
 
 
 @pytest.fixture
@@ -306,12 +299,9 @@ async def test_model_concurrency_limit_keeps_the_rest_queued(
     durable_settings: Settings, fake_ollama: FakeOllama, start_service: StartService
 ) -> None:
     fake_ollama.latency = 0.3
-    limited = Settings(
-        database=durable_settings.database,
-        workers=durable_settings.workers,  # concurrency 4
-        ollama=durable_settings.ollama,
-        templates=durable_settings.templates,
-        models={"llama3.2": ModelSettings(max_concurrency=1)},
+    # four workers, but one llama3.2 call at a time
+    limited = msgspec.structs.replace(
+        durable_settings, models={"llama3.2": ModelSettings(max_concurrency=1)}
     )
     async with start_service(limited) as svc:
         ids = [(await svc.submit("flaky", n=i))["id"] for i in range(4)]
@@ -356,11 +346,9 @@ async def test_retention_deletes_old_finished_tasks_only(
 ) -> None:
     import sqlite3
 
-    settings = Settings(
-        database=durable_settings.database,
-        workers=durable_settings.workers,
+    settings = msgspec.structs.replace(
+        durable_settings,
         ollama=OllamaSettings(url=durable_settings.ollama.url),
-        templates=durable_settings.templates,
         retention=RetentionSettings(days=1, interval=3600),
     )
     async with start_service(settings) as svc:
@@ -392,12 +380,8 @@ async def test_retention_runs_by_itself(
 ) -> None:
     import sqlite3
 
-    settings = Settings(
-        database=durable_settings.database,
-        workers=durable_settings.workers,
-        ollama=durable_settings.ollama,
-        templates=durable_settings.templates,
-        retention=RetentionSettings(days=1, interval=0.2),
+    settings = msgspec.structs.replace(
+        durable_settings, retention=RetentionSettings(days=1, interval=0.2)
     )
     async with start_service(settings) as svc:
         old = await svc.wait((await svc.submit("flaky"))["id"])

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import pytest
 
-from orchestra.config import Settings
 from orchestra.db import Database, TaskStore
 from orchestra.db.schema import upgrade
 from orchestra.domain import NewTask
@@ -67,10 +67,8 @@ async def test_model_timeout_fails_the_attempt(
 ) -> None:
     fake_ollama.latency = 3
     settings = make_settings(db_url, fake_ollama.url)
-    settings = Settings(
-        database=settings.database,
-        workers=settings.workers,
-        ollama=type(settings.ollama)(url=fake_ollama.url, timeout=0.3),
+    settings = msgspec.structs.replace(
+        settings, ollama=type(settings.ollama)(url=fake_ollama.url, timeout=0.3)
     )
     async with start_service(settings) as svc:
         done = await svc.wait((await svc.submit("summarize", text="x"))["id"])

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from orchestra.config import Settings, TemplateSettings
@@ -135,12 +136,7 @@ async def svc(
     folder.mkdir()
     for name, text in TEMPLATES.items():
         (folder / f"{name}.yaml").write_text(text)
-    with_dirs = Settings(
-        database=settings.database,
-        workers=settings.workers,
-        ollama=settings.ollama,
-        templates=TemplateSettings(dirs=[str(folder)]),
-    )
+    with_dirs = msgspec.structs.replace(settings, templates=TemplateSettings(dirs=[str(folder)]))
     async with start_service(with_dirs) as service:
         yield service
 

@@ -6,6 +6,7 @@ import os
 import signal
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from orchestra.api.runtime import preflight
@@ -104,12 +105,7 @@ async def test_registered_templates_survive_a_restart_and_clash_with_new_files(
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "greet.yaml").write_text(V2)
-    clashing = Settings(
-        database=settings.database,
-        workers=settings.workers,
-        ollama=settings.ollama,
-        templates=TemplateSettings(dirs=[str(folder)]),
-    )
+    clashing = msgspec.structs.replace(settings, templates=TemplateSettings(dirs=[str(folder)]))
     with pytest.raises(TemplateError, match="also registered through the API"):
         await preflight(clashing)
 
@@ -119,12 +115,7 @@ async def test_reload_by_endpoint_and_by_sighup(
 ) -> None:
     folder = tmp_path / "mine"
     folder.mkdir()
-    with_dir = Settings(
-        database=settings.database,
-        workers=settings.workers,
-        ollama=settings.ollama,
-        templates=TemplateSettings(dirs=[str(folder)]),
-    )
+    with_dir = msgspec.structs.replace(settings, templates=TemplateSettings(dirs=[str(folder)]))
     async with start_service(with_dir) as svc:
         (folder / "one.yaml").write_text(V1.replace("greet", "one"))
         reloaded = await svc.client.post("/api/v1/templates/reload")

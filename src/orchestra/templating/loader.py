@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import jsonschema
 import msgspec
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
@@ -19,7 +18,6 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from orchestra.domain import RetryPolicy
 from orchestra.errors import TemplateError
 from orchestra.templating.model import PARAM_TYPES, Parameter, Template
-from orchestra.templating.render import compile_output
 from orchestra.templating.source import Checker, Path_, Source, TemplateProblem, describe
 from orchestra.templating.step_loader import Scope, read_steps
 
@@ -161,15 +159,6 @@ def _output(c: Checker, value: Any, scope: Scope) -> str | dict[str, str] | None
     for path, text in entries:
         if not isinstance(text, str):
             c.add(path, f"output values must be strings, got {describe(text)}")
-            continue
-        try:
-            compile_output(text)
-        except jinja2.TemplateSyntaxError as exc:
-            c.add(
-                path,
-                f"Jinja syntax error: {exc.message}",
-                at=c.src.where_in_value(path, exc.lineno or 1),
-            )
             continue
         scope.check(c, path, text)
     output: str | dict[str, str] = value

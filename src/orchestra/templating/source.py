@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-import jinja2
 import msgspec
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
@@ -18,7 +17,6 @@ from ruamel.yaml.scalarbool import ScalarBoolean
 from ruamel.yaml.scalarstring import FoldedScalarString, LiteralScalarString
 
 from orchestra.domain import parse_duration
-from orchestra.templating.render import compile_text
 
 Path_ = tuple[str | int, ...]
 
@@ -164,17 +162,6 @@ class Checker:
             self.add((*path, key), f"{key} must be more than 0")
             return None
         return seconds
-
-    def jinja(self, path: Path_, text: str) -> None:
-        # Compile, not just parse: unknown filters and tests are compile-time errors.
-        try:
-            compile_text(text)
-        except jinja2.TemplateSyntaxError as exc:
-            self.add(
-                path,
-                f"Jinja syntax error: {exc.message}",
-                at=self.src.where_in_value(path, exc.lineno or 1),
-            )
 
 
 def describe(value: Any) -> str:

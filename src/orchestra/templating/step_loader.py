@@ -25,7 +25,7 @@ from orchestra.templating.model import (
     StepSpec,
 )
 from orchestra.templating.references import references
-from orchestra.templating.render import compile_expression
+from orchestra.templating.render import compile_expression, compile_text
 from orchestra.templating.source import Checker, Path_, describe
 
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -54,8 +54,11 @@ class Scope(msgspec.Struct, frozen=True):
     def check(self, c: Checker, path: Path_, source: str, *, expression: bool = False) -> None:
         """Report syntax errors and references this scope does not allow."""
         try:
+            # Compile, not just parse: unknown filters and tests are compile-time errors.
             if expression:
                 compile_expression(source)
+            else:
+                compile_text(source)
             refs = references(source, expression=expression)
         except jinja2.TemplateSyntaxError as exc:
             at = None if expression else c.src.where_in_value(path, exc.lineno or 1)
