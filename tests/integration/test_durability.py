@@ -12,6 +12,7 @@ import msgspec
 import pytest
 
 from orchestra.config import (
+    ModelSettings,
     OllamaSettings,
     RetentionSettings,
     Settings,
