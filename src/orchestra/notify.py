@@ -1,26 +1,27 @@
-"""In-process wake-ups: a task finished, so whoever waits on it can look again.
+"""In-process wake-ups: a task changed, so whoever watches it can look again.
 
-Only a hint: waiters always re-read the database and also wake on a timer, so a task finished
-by another process is still seen.
+The store calls :meth:`TaskSignals.publish` after every committed change; requests waiting on a
+task (``?wait``, event streams) re-read the database when woken. It is only a hint: watchers
+also wake on a timer, so a task changed by another process is still seen.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 
-class FinishedWaiters:
-    """Lets requests wait for a task to finish without polling the database in a tight loop."""
+class TaskSignals:
+    """Lets requests wait for a task to change without polling the database in a tight loop."""
 
     def __init__(self) -> None:
         self._watchers: dict[int, set[asyncio.Event]] = {}
 
     @contextmanager
     def watch(self, task_id: int) -> Iterator[asyncio.Event]:
-        """An event set when ``task_id`` finishes. Enter it *before* reading the task, so a
-        finish between the read and the wait is not missed."""
+        """An event set when ``task_id`` changes. Enter it *before* reading the task, so a
+        change between the read and the wait is not missed; clear it after each wake-up."""
         event = asyncio.Event()
         self._watchers.setdefault(task_id, set()).add(event)
         try:
@@ -32,7 +33,8 @@ class FinishedWaiters:
                 if not watchers:
                     del self._watchers[task_id]
 
-    def publish(self, task_id: int) -> None:
-        """Wake everyone watching ``task_id`` (a no-op when nobody watches)."""
-        for event in self._watchers.get(task_id, ()):
-            event.set()
+    def publish(self, task_ids: Iterable[int]) -> None:
+        """Wake everyone watching these tasks (cheap when nobody watches)."""
+        for task_id in task_ids:
+            for event in self._watchers.get(task_id, ()):
+                event.set()

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import msgspec
 
+from orchestra.db.events import TERMINAL_EVENT, TaskEvent
 from orchestra.db.store import TaskPage, TaskStore
 from orchestra.domain import NewTask, Task, TaskStatus, now
 from orchestra.errors import ConflictError, FieldProblem, InvalidRequest, TaskNotFound
-from orchestra.notify import FinishedWaiters
+from orchestra.notify import TaskSignals
 from orchestra.templating.params import validate_params
 from orchestra.templating.registry import TemplateRegistry
 
@@ -25,6 +27,9 @@ MAX_ID = 2**63 - 1
 
 #: Waiting requests re-read the task at least this often, to see work finished elsewhere.
 WAIT_POLL_SECONDS = 1.0
+
+#: An event stream sends a comment this often while nothing happens, so proxies keep it open.
+KEEPALIVE_SECONDS = 15.0
 
 #: How long a cancel request waits for a running task to stop before answering.
 CANCEL_WAIT_SECONDS = 5.0
@@ -76,14 +81,14 @@ class TaskService:
         self,
         store: TaskStore,
         registry: TemplateRegistry,
-        waiters: FinishedWaiters,
+        signals: TaskSignals,
         scheduler: Scheduler,
         *,
         default_max_attempts: int,
     ) -> None:
         self.store = store
         self.registry = registry
-        self.waiters = waiters
+        self.signals = signals
         self.scheduler = scheduler
         self.default_max_attempts = default_max_attempts
 
@@ -146,17 +151,44 @@ class TaskService:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        with self.waiters.watch(task_id) as finished:
+        with self.signals.watch(task_id) as changed:
             task = await self._get(task_id)
             while not task.finished and (remaining := deadline - loop.time()) > 0:
                 try:
                     async with asyncio.timeout(min(remaining, WAIT_POLL_SECONDS)):
-                        await finished.wait()
+                        await changed.wait()
                 except TimeoutError:
                     pass
-                finished.clear()
+                changed.clear()
                 task = await self._get(task_id)
         return task
+
+    async def follow(self, task_id: int, after: int = 0) -> AsyncIterator[TaskEvent | None]:
+        """A task's events after ``after``: the past ones, then new ones as they happen, until
+        the task finishes. Yields None now and then while nothing happens (a keep-alive)."""
+        last = after
+        with self.signals.watch(task_id) as changed:
+            while True:
+                batch = await self.store.events_after(task_id, last)
+                for event in batch:
+                    yield event
+                    last = event.seq
+                    if event.type == TERMINAL_EVENT:
+                        return
+                if batch:
+                    continue
+                if (await self._get(task_id)).finished:
+                    # The status and its task.finished event commit together, so one more
+                    # read now catches an event that committed after the read above.
+                    for event in await self.store.events_after(task_id, last):
+                        yield event
+                    return
+                try:
+                    async with asyncio.timeout(KEEPALIVE_SECONDS):
+                        await changed.wait()
+                except TimeoutError:
+                    yield None
+                changed.clear()
 
     async def _get(self, task_id: int) -> Task:
         task = await self.store.get_task(task_id) if 0 < task_id <= MAX_ID else None
@@ -181,7 +213,6 @@ class TaskService:
         if status is None:
             raise TaskNotFound(f"no task with id {task_id}")
         if status is TaskStatus.CANCELLED:
-            self.waiters.publish(task_id)
             return await self._get(task_id)
         if status is TaskStatus.RUNNING:
             self.scheduler.cancel(task_id)

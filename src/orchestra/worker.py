@@ -71,15 +71,12 @@ class WorkerPool:
         registry: TemplateRegistry,
         runner: Runner,
         settings: Settings,
-        *,
-        on_finished: Callable[[int], None] = lambda _id: None,
     ) -> None:
         self.store = store
         self.registry = registry
         self.runner = runner
         self.settings = settings
         self.workers = settings.workers
-        self.on_finished = on_finished
         self.owner = worker_id()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -241,7 +238,6 @@ class WorkerPool:
                     duration_ms=round((time.perf_counter() - clock) * 1000, 1),
                     error=error.message if error else None,
                 )
-                self.on_finished(task.id)
             else:
                 tlog.warning("task.lease_lost", detail="finished, but another attempt owns it")
         except LeaseLost:
@@ -324,7 +320,6 @@ class WorkerPool:
             return
         if done:
             tlog.info("task.finished", status=TaskStatus.CANCELLED.value)
-            self.on_finished(lease.task_id)
 
     async def _hand_back(self, lease: Lease, tlog: Any) -> None:
         try:
@@ -375,8 +370,6 @@ class WorkerPool:
         moved = await self.store.requeue_expired()
         for task_id, status in moved.items():
             log.warning("task.lease_expired", task_id=task_id, now=status.value)
-            if status is TaskStatus.FAILED:
-                self.on_finished(task_id)
         if any(s is TaskStatus.QUEUED for s in moved.values()):
             self._wake.set()
 

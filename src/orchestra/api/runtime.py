@@ -23,7 +23,7 @@ from orchestra.db.templates import TemplateStore
 from orchestra.errors import ConfigError, TemplateError
 from orchestra.llm.base import Provider
 from orchestra.llm.ollama import OllamaProvider
-from orchestra.notify import FinishedWaiters
+from orchestra.notify import TaskSignals
 from orchestra.runner import Runner
 from orchestra.tasks import TaskService
 from orchestra.templating.registry import TemplateRegistry
@@ -106,21 +106,20 @@ class Runtime:
             await catalog.start()
             self._catalog = catalog
             async with httpx.AsyncClient(limits=limits) as client:
-                store = TaskStore(db)
-                waiters = FinishedWaiters()
+                signals = TaskSignals()
+                store = TaskStore(db, on_change=signals.publish)
                 provider = OllamaProvider(client, s.ollama.url, s.ollama.timeout)
                 pool = WorkerPool(
                     store,
                     self.registry,
                     Runner(provider),
                     s,
-                    on_finished=waiters.publish,
                 )
                 self._db, self._provider, self._pool = db, provider, pool
                 self._tasks = TaskService(
                     store,
                     self.registry,
-                    waiters,
+                    signals,
                     pool,
                     default_max_attempts=s.workers.max_attempts,
                 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 import msgspec
@@ -9,6 +10,7 @@ from litestar import Controller, Response, get, post
 from litestar.di import NamedDependency
 from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
+from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from orchestra.api.schemas import SubmitTask, TaskList, TaskOut
 from orchestra.domain import TaskStatus
@@ -80,6 +82,45 @@ class TaskController(Controller):
             status_code=201 if submitted.created else 200,
             headers={"Location": f"{self.path}/{task.id}"},
         )
+
+    @get("/{task_id:int}/events", summary="Follow a task's events (Server-Sent Events)")
+    async def events(
+        self,
+        task_id: FromPath[int],
+        tasks: NamedDependency[TaskService],
+        last_event_id: Annotated[
+            str | None,
+            HeaderParameter(name="Last-Event-ID", description="Resume after this event id."),
+        ] = None,
+        after: Annotated[
+            int, QueryParameter(ge=0, description="Resume after this event id (as the header).")
+        ] = 0,
+    ) -> ServerSentEvent:
+        """The task's events as ``text/event-stream``: every past event, then new ones as they
+        happen, ending after ``task.finished``. Each event's ``id`` is its sequence number;
+        reconnecting with ``Last-Event-ID`` continues without gaps or repeats."""
+        if last_event_id is not None:
+            if not last_event_id.isdigit() or len(last_event_id) > 18:
+                raise InvalidRequest(
+                    "Last-Event-ID must be an event id this stream sent",
+                    [FieldProblem("Last-Event-ID", "not an event id")],
+                )
+            after = int(last_event_id)
+        await tasks.get(task_id)  # 404 now, before the stream starts
+
+        async def stream() -> AsyncIterator[ServerSentEventMessage]:
+            async for event in tasks.follow(task_id, after):
+                if event is None:
+                    yield ServerSentEventMessage(comment="keep-alive")
+                    continue
+                payload = {"seq": event.seq, "time": event.time, "type": event.type, **event.data}
+                yield ServerSentEventMessage(
+                    data=msgspec.json.encode(payload).decode(),
+                    event=event.type,
+                    id=str(event.seq),
+                )
+
+        return ServerSentEvent(stream())
 
     @post("/{task_id:int}/cancel", status_code=200, summary="Cancel a task")
     async def cancel(self, task_id: FromPath[int], tasks: NamedDependency[TaskService]) -> TaskOut:

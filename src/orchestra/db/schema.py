@@ -110,6 +110,19 @@ CREATE TABLE templates (
 """
 
 
+_V3 = """
+CREATE TABLE task_events (
+    task_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    time TEXT NOT NULL,
+    type TEXT NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (task_id, seq),
+    FOREIGN KEY(task_id) REFERENCES tasks (id) ON DELETE CASCADE
+);
+"""
+
+
 def _sql(script: str) -> Migration:
     statements = [part.strip() for part in script.split(";") if part.strip()]
 
@@ -120,7 +133,7 @@ def _sql(script: str) -> Migration:
     return apply
 
 
-MIGRATIONS: list[Migration] = [_sql(_V1), _sql(_V2)]
+MIGRATIONS: list[Migration] = [_sql(_V1), _sql(_V2), _sql(_V3)]
 LATEST = len(MIGRATIONS)
 
 

@@ -7,7 +7,7 @@ overwrite what a newer attempt wrote: the guarded UPDATE simply matches no row.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -16,6 +16,7 @@ from sqlalchemy import and_, case, delete, exists, func, insert, literal, or_, s
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from orchestra.db import events
 from orchestra.db.engine import Database
 from orchestra.db.rows import dump, load_details, task_from_row
 from orchestra.db.tables import task_attempts, task_steps, tasks
@@ -95,8 +96,13 @@ async def _close_attempt(
 class TaskStore:
     """Tasks, their attempts and their steps in the database."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(
+        self, db: Database, on_change: Callable[[Iterable[int]], None] = lambda _ids: None
+    ) -> None:
+        """``on_change`` is called with task ids after each committed change to them (it wakes
+        the requests waiting on those tasks: ``?wait`` and event streams)."""
         self.db = db
+        self.on_change = on_change
 
     # -- submitting ---------------------------------------------------------------------------
 
@@ -127,7 +133,10 @@ class TaskStore:
         async with self.db.write() as conn:
             row = (await conn.execute(stmt)).one_or_none()
             if row is not None:
-                return Enqueued(task=task_from_row(row), created=True)
+                await events.append(conn, row.id, "task.queued", {"run_at": row.run_at}, created)
+        if row is not None:
+            return Enqueued(task=task_from_row(row), created=True)
+        async with self.db.read() as conn:
             existing = (
                 await conn.execute(
                     select(tasks).where(tasks.c.idempotency_key == new.idempotency_key)
@@ -195,6 +204,15 @@ class TaskStore:
                         for r in rows
                     ],
                 )
+                await events.append_many(
+                    conn,
+                    [
+                        (r.id, "task.started", {"attempt": r.attempts, "worker": owner})
+                        for r in rows
+                    ],
+                    now,
+                )
+        self.on_change(r.id for r in rows)
         claimed = [task_from_row(r) for r in rows]
         claimed.sort(key=lambda t: (-t.priority, t.run_at, t.id))
         return claimed
@@ -235,7 +253,17 @@ class TaskStore:
         )
         stmt = insert(task_steps).from_select(list(values), source)
         async with self.db.write() as conn:
-            return (await conn.execute(stmt)).rowcount == 1
+            if (await conn.execute(stmt)).rowcount != 1:
+                return False
+            await events.append(
+                conn,
+                lease.task_id,
+                "step.started",
+                {"step": step_id, "position": position, "attempt": lease.attempt},
+                str(values["started_at"]),
+            )
+        self.on_change([lease.task_id])
+        return True
 
     async def finish_step(self, lease: Lease, step: Step) -> bool:
         """Store a step's outcome; False when the lease is lost."""
@@ -260,8 +288,26 @@ class TaskStore:
                 duration_ms=step.duration_ms,
             )
         )
+        skipped = step.status is StepStatus.SKIPPED
+        data: dict[str, Any] = {"step": step.id, "status": step.status.value}
+        if step.model:
+            data["model"] = step.model
+        if usage is not None:
+            data["usage"] = msgspec.to_builtins(usage)
+        if step.error is not None:
+            data["error"] = step.error.message
         async with self.db.write() as conn:
-            return (await conn.execute(stmt)).rowcount == 1
+            if (await conn.execute(stmt)).rowcount != 1:
+                return False
+            await events.append(
+                conn,
+                lease.task_id,
+                "step.skipped" if skipped else "step.finished",
+                data,
+                step.finished_at or iso_now(),
+            )
+        self.on_change([lease.task_id])
+        return True
 
     async def finish(
         self,
@@ -277,10 +323,14 @@ class TaskStore:
             TaskStatus.FAILED: AttemptStatus.FAILED,
             TaskStatus.CANCELLED: AttemptStatus.CANCELLED,
         }[status]
+        event: dict[str, Any] = {"status": status.value}
+        if error is not None:
+            event["error"] = msgspec.to_builtins(error)
         return await self._end_attempt(
             lease,
             attempt,
             error,
+            ("task.finished", event),
             status=status.value,
             result=dump(result),
             error=dump(error),
@@ -292,10 +342,16 @@ class TaskStore:
         """Put a task whose attempt failed with a retryable error back in the queue, due at
         ``run_at``; the attempt is recorded as failed with its error. False when the lease is
         lost."""
+        event = {
+            "attempt": lease.attempt,
+            "error": msgspec.to_builtins(error),
+            "next_run_at": iso(run_at),
+        }
         return await self._end_attempt(
             lease,
             AttemptStatus.FAILED,
             error,
+            ("task.retrying", event),
             status=QUEUED,
             error=dump(error),
             run_at=iso(run_at),
@@ -308,13 +364,19 @@ class TaskStore:
             lease,
             AttemptStatus.HANDED_BACK,
             None,
+            ("task.handed_back", {"attempt": lease.attempt}),
             status=QUEUED,
             handed_back=tasks.c.handed_back + 1,
             run_at=iso_now(),
         )
 
     async def _end_attempt(
-        self, lease: Lease, attempt: AttemptStatus, why: TaskError | None, **values: Any
+        self,
+        lease: Lease,
+        attempt: AttemptStatus,
+        why: TaskError | None,
+        event: tuple[str, dict[str, Any]],
+        **values: Any,
     ) -> bool:
         """The one way a worker ends its attempt: an UPDATE guarded by the lease, which also
         gives the lease up, and the attempt's record closed in the same transaction."""
@@ -326,7 +388,10 @@ class TaskStore:
         async with self.db.write() as conn:
             if (await conn.execute(stmt)).rowcount != 1:
                 return False
-            await _close_attempt(conn, lease, attempt, why, iso_now())
+            now = iso_now()
+            await _close_attempt(conn, lease, attempt, why, now)
+            await events.append(conn, lease.task_id, *event, now)
+        self.on_change([lease.task_id])
         return True
 
     async def requeue_expired(self) -> dict[int, TaskStatus]:
@@ -372,6 +437,13 @@ class TaskStore:
                     )
                     .values(status=AttemptStatus.LOST.value, finished_at=now, error=dump(lost))
                 )
+                await events.append(
+                    conn, row.id, "task.lease_expired", {"attempt": row.attempts}, now
+                )
+                if row.status == TaskStatus.FAILED.value:
+                    finished = {"status": row.status, "error": msgspec.to_builtins(gave_up)}
+                    await events.append(conn, row.id, "task.finished", finished, now)
+        self.on_change(row.id for row in rows)
         return {row.id: TaskStatus(row.status) for row in rows}
 
     # -- requests from people -----------------------------------------------------------------
@@ -394,15 +466,21 @@ class TaskStore:
                 )
             )
             if done.rowcount == 1:
-                return TaskStatus.CANCELLED
-            await conn.execute(
-                update(tasks)
-                .where(tasks.c.id == task_id, tasks.c.status == RUNNING)
-                .values(cancel_requested=1)
-            )
+                finished = {
+                    "status": TaskStatus.CANCELLED.value,
+                    "error": {"type": "cancelled", "message": "cancelled by request"},
+                }
+                await events.append(conn, task_id, "task.finished", finished, now)
+            else:
+                await conn.execute(
+                    update(tasks)
+                    .where(tasks.c.id == task_id, tasks.c.status == RUNNING)
+                    .values(cancel_requested=1)
+                )
             status = (
                 await conn.execute(select(tasks.c.status).where(tasks.c.id == task_id))
             ).scalar()
+        self.on_change([task_id])
         return None if status is None else TaskStatus(status)
 
     async def retry(self, task_id: int) -> tuple[TaskStatus | None, bool]:
@@ -431,11 +509,16 @@ class TaskStore:
         )
         async with self.db.write() as conn:
             if (await conn.execute(stmt)).rowcount == 1:
-                return TaskStatus.QUEUED, True
+                await events.append(conn, task_id, "task.queued", {"retry": True}, iso_now())
+                requeued = True
+            else:
+                requeued = False
             status = (
                 await conn.execute(select(tasks.c.status).where(tasks.c.id == task_id))
             ).scalar()
-        return (None if status is None else TaskStatus(status)), False
+        if requeued:
+            self.on_change([task_id])
+        return (None if status is None else TaskStatus(status)), requeued
 
     async def delete_finished_before(self, cutoff: datetime, batch: int = 500) -> int:
         """Delete up to ``batch`` finished tasks (with their steps and attempts) that finished
@@ -460,6 +543,10 @@ class TaskStore:
             return (await conn.execute(delete(tasks).where(tasks.c.id.in_(oldest)))).rowcount
 
     # -- reading ------------------------------------------------------------------------------
+
+    async def events_after(self, task_id: int, seq: int) -> list[events.TaskEvent]:
+        """A task's events after sequence number ``seq``, in order (500 at most)."""
+        return await events.events_after(self.db, task_id, seq)
 
     async def get_task(self, task_id: int) -> Task | None:
         """One task with its attempts and the steps of its current attempt, or None."""

@@ -114,6 +114,19 @@ templates = Table(
     PrimaryKeyConstraint("name", "version"),
 )
 
+# What happened to each task, in order: transitions and step events. The SSE endpoint replays
+# them and then follows new ones; `seq` numbers a task's events from 1 (the SSE event id).
+task_events = Table(
+    "task_events",
+    metadata,
+    Column("task_id", Integer, ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("time", Text, nullable=False),
+    Column("type", Text, nullable=False),
+    Column("data", Text, nullable=False),  # JSON
+    PrimaryKeyConstraint("task_id", "seq"),
+)
+
 task_steps = Table(
     "task_steps",
     metadata,

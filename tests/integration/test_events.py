@@ -1,0 +1,107 @@
+"""Live progress: task events recorded with every transition, streamed as Server-Sent Events."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tests.conftest import Service
+from tests.fixtures.fake_ollama import Failure, FakeOllama
+from tests.fixtures.servers import wait_until
+from tests.fixtures.sse import read_events
+
+
+async def collect(svc: Service, task_id: int, **headers: str) -> list[dict[str, Any]]:
+    url = f"/api/v1/tasks/{task_id}/events"
+    return [e async for e in read_events(svc.client, url, headers)]
+
+
+async def test_a_finished_task_replays_its_events_in_order(service: Service) -> None:
+    done = await service.wait((await service.submit("summarize", text="hello"))["id"])
+    events = await collect(service, done["id"])
+    assert [e["event"] for e in events] == [
+        "task.queued",
+        "task.started",
+        "step.started",
+        "step.finished",
+        "task.finished",
+    ]
+    assert [e["id"] for e in events] == ["1", "2", "3", "4", "5"]
+    assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]
+    assert events[1]["attempt"] == 1 and events[1]["worker"]
+    assert events[3]["step"] == "summary" and events[3]["usage"]["prompt_tokens"] > 0
+    assert events[-1]["status"] == "succeeded"
+
+
+async def test_a_running_task_is_followed_live_until_it_finishes(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.latency = 1.0
+    task = await service.submit("summarize", text="slow")
+    seen: list[tuple[str, float]] = []
+    loop = asyncio.get_running_loop()
+
+    async def follow() -> None:
+        async for event in read_events(service.client, f"/api/v1/tasks/{task['id']}/events"):
+            seen.append((event["event"], loop.time()))
+
+    started = loop.time()
+    follower = asyncio.create_task(follow())
+    await wait_until(lambda: any(e == "step.started" for e, _ in seen), timeout=5)
+    assert loop.time() - started < 0.9  # seen while the model is still answering
+    await asyncio.wait_for(follower, timeout=10)
+    assert seen[-1][0] == "task.finished"
+    assert seen[-1][1] - started >= 0.9
+
+
+async def test_last_event_id_resumes_without_gaps_or_repeats(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.failure = Failure(503, "busy", times=1)  # one retry: more events
+    done = await service.wait((await service.submit("summarize", text="x"))["id"], seconds=20)
+    everything = await collect(service, done["id"])
+    assert "task.retrying" in [e["event"] for e in everything]
+    resumed = await collect(service, done["id"], **{"Last-Event-ID": "3"})
+    assert [e["seq"] for e in resumed] == [e["seq"] for e in everything][3:]
+    by_query = [
+        e async for e in read_events(service.client, f"/api/v1/tasks/{done['id']}/events?after=3")
+    ]
+    assert by_query == resumed
+
+
+async def test_following_from_the_end_of_a_finished_task_ends_at_once(service: Service) -> None:
+    done = await service.wait((await service.submit("summarize", text="x"))["id"])
+    last = (await collect(service, done["id"]))[-1]["id"]
+    assert await asyncio.wait_for(collect(service, done["id"], **{"Last-Event-ID": last}), 5) == []
+
+
+async def test_event_stream_errors(service: Service) -> None:
+    assert (await service.client.get("/api/v1/tasks/4242/events")).status_code == 404
+    task = await service.submit("summarize", text="x")
+    bad = await service.client.get(
+        f"/api/v1/tasks/{task['id']}/events", headers={"Last-Event-ID": "abc"}
+    )
+    assert bad.status_code == 400
+
+
+async def test_cancel_and_retry_are_events_too(service: Service, fake_ollama: FakeOllama) -> None:
+    fake_ollama.latency = 5
+    task = await service.submit("summarize", text="x")
+    await wait_until(lambda: fake_ollama.in_flight == 1)
+    await service.client.post(f"/api/v1/tasks/{task['id']}/cancel")
+    fake_ollama.latency = 0
+    await service.client.post(f"/api/v1/tasks/{task['id']}/retry")
+    await service.wait(task["id"])
+    first = await collect(service, task["id"])  # ends at the first task.finished
+    assert [e["event"] for e in first] == [
+        "task.queued",
+        "task.started",
+        "step.started",
+        "task.finished",
+    ]
+    assert first[-1]["status"] == "cancelled"
+    after_retry = await collect(service, task["id"], **{"Last-Event-ID": first[-1]["id"]})
+    assert [e["event"] for e in after_retry][0] == "task.queued"  # the retry
+    assert after_retry[0]["retry"] is True
+    assert after_retry[-1]["event"] == "task.finished"
+    assert after_retry[-1]["status"] == "succeeded"
