@@ -219,13 +219,40 @@ def submit(
         click.echo(f"task {task['id']} {task['status']}", err=True)
         if not wait:
             return
-        while task["status"] in ("queued", "running"):
+        _show_progress(client, task["id"])
+        task = _call(client, "GET", f"/api/v1/tasks/{task['id']}")
+        while task["status"] in ("queued", "running"):  # the stream was cut: wait by polling
             task = _call(client, "GET", f"/api/v1/tasks/{task['id']}", params={"wait": 30})
     if task["status"] != "succeeded":
         error = task.get("error") or {}
         raise click.ClickException(f"task {task['id']} {task['status']}: {error.get('message')}")
     result = task["result"]
     click.echo(result if isinstance(result, str) else json.dumps(result, indent=2))
+
+
+def _show_progress(client: httpx.Client, task_id: int) -> None:
+    """Follow the task's event stream, writing its streamed text to stderr as it arrives."""
+    streamed = False
+    with client.stream("GET", f"/api/v1/tasks/{task_id}/events", timeout=None) as response:
+        if response.status_code != 200:
+            return
+        event, data = "", ""
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                event = line.partition(":")[2].strip()
+            elif line.startswith("data:"):
+                data = line.partition(":")[2].strip()
+            elif line == "" and data:
+                payload = json.loads(data)
+                if event == "step.tokens":
+                    click.echo(payload["text"], err=True, nl=False)
+                    streamed = True
+                elif event == "task.retrying":
+                    message = payload.get("error", {}).get("message")
+                    click.echo(f"\n[retrying: {message}]", err=True)
+                event, data = "", ""
+    if streamed:
+        click.echo("", err=True)
 
 
 @main.group()

@@ -44,6 +44,8 @@ class Context(msgspec.Struct, frozen=True):
     task: Task
     template: Template
     provider: Provider
+    #: Receives (step id, text) while an llm step's answer streams; None: do not stream.
+    on_text: Callable[[str, str], None] | None = None
 
 
 def _model(ctx: Context, override: str | None) -> str:
@@ -117,7 +119,9 @@ async def run_llm(spec: LlmStep, scope: Scope, ctx: Context) -> Outcome:
     request = ChatRequest(
         model=model, messages=tuple(messages), options=dict(spec.options), format=fmt
     )
-    result = await ctx.provider.chat(request)
+    stream = ctx.on_text
+    on_text = None if stream is None else (lambda text: stream(spec.id, text))
+    result = await ctx.provider.chat(request, on_text)
     usage = result.usage
     answered = f"{ctx.provider.name}/{result.model}"
     if fmt is None:
@@ -140,7 +144,7 @@ async def run_llm(spec: LlmStep, scope: Scope, ctx: Context) -> Outcome:
             ),
         ]
         request = msgspec.structs.replace(request, messages=tuple(messages))
-        result = await ctx.provider.chat(request)
+        result = await ctx.provider.chat(request, on_text)
         usage = usage.plus(result.usage)
     raise InvalidOutput(
         f"the model's reply stayed invalid after {spec.repair_attempts} repair(s): "
@@ -189,6 +193,7 @@ async def run_map(spec: MapStep, scope: Scope, ctx: Context) -> Outcome:
         raise RenderError(f"steps.{spec.id}.over must give a list, got {type(items).__name__}")
     gate = asyncio.Semaphore(spec.concurrency)
     inner = spec.step
+    ctx = msgspec.structs.replace(ctx, on_text=None)  # items do not stream their text
 
     async def one(index: int, item: Any) -> Outcome:
         local = {**scope, "item": item, "index": index}

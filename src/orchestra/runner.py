@@ -28,6 +28,10 @@ class StepRecorder(Protocol):
 
     async def step_finished(self, step: Step) -> None: ...
 
+    def step_text(self, step_id: str, text: str) -> None:
+        """A piece of a step's answer as it streams (recorded soon, in order)."""
+        ...
+
 
 class StepFailed(StepError):
     """A step failed; carries the step id and the error as stored on the task."""
@@ -64,7 +68,9 @@ class Runner:
         """
         outputs: dict[str, dict[str, Any]] = {}
         scope: dict[str, Any] = {"params": task.params, "steps": outputs}
-        ctx = Context(task=task, template=template, provider=self.provider)
+        ctx = Context(
+            task=task, template=template, provider=self.provider, on_text=recorder.step_text
+        )
         for position, spec in enumerate(template.steps):
             await recorder.step_started(spec.id, position)
             started, clock = iso_now(), time.perf_counter()

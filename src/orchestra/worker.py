@@ -38,6 +38,7 @@ from orchestra.templating.registry import TemplateRegistry
 log = logs.get("orchestra.worker")
 
 RETENTION_BATCH = 500
+TEXT_FLUSH_SECONDS = 0.05
 _CANCELLED = TaskError(type="cancelled", message="cancelled by request")
 
 
@@ -47,19 +48,47 @@ def worker_id() -> str:
 
 
 class _LeasedRecorder:
-    """Records steps through the store, fenced by the task's lease."""
+    """Records steps through the store, fenced by the task's lease.
+
+    Streamed text is buffered and written as one ``step.tokens`` event at most every
+    ``TEXT_FLUSH_SECONDS``, so the database is not written per token. The lock keeps the events
+    in order: a step's last text is written before its ``step.finished``.
+    """
 
     def __init__(self, store: TaskStore, lease: Lease) -> None:
         self.store = store
         self.lease = lease
+        self._text: dict[str, list[str]] = {}
+        self._timer: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
 
     async def step_started(self, step_id: str, position: int) -> None:
         if not await self.store.start_step(self.lease, step_id, position):
             raise LeaseLost()
 
     async def step_finished(self, step: Step) -> None:
+        await self._flush()
         if not await self.store.finish_step(self.lease, step):
             raise LeaseLost()
+
+    def step_text(self, step_id: str, text: str) -> None:
+        self._text.setdefault(step_id, []).append(text)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().create_task(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(TEXT_FLUSH_SECONDS)
+        try:
+            await self._flush()
+        except Exception:  # the step's own writes notice a lost lease or a failing database
+            log.warning("task.text_not_recorded", task_id=self.lease.task_id)
+
+    async def _flush(self) -> None:
+        async with self._lock:
+            self._timer = None
+            pending, self._text = self._text, {}
+            for step_id, parts in pending.items():
+                await self.store.add_text(self.lease, step_id, "".join(parts))
 
 
 class WorkerPool:

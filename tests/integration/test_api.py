@@ -43,7 +43,7 @@ async def test_finished_task_shows_result_steps_usage_and_times(
         "content": "You are a careful editor. You never add facts that are not in the text.",
     }
     assert request["options"] == {"temperature": 0}
-    assert request["stream"] is False
+    assert request["stream"] is True  # streamed, so its text can be followed live
 
 
 async def test_task_may_override_the_model(service: Service, fake_ollama: FakeOllama) -> None:

@@ -52,6 +52,7 @@ async def test_submit_wait_prints_the_result(
     assert "A long article about queues." in out
     assert "at most 2 sentences" in out
     assert err.startswith("task 1 queued")
+    assert "A long article about queues." in err  # the text, shown while it streamed
     assert fake_ollama.requests[0]["messages"][-1]["content"].count("queues") == 1
 
 

@@ -19,17 +19,19 @@ async def collect(svc: Service, task_id: int, **headers: str) -> list[dict[str, 
 async def test_a_finished_task_replays_its_events_in_order(service: Service) -> None:
     done = await service.wait((await service.submit("summarize", text="hello"))["id"])
     events = await collect(service, done["id"])
-    assert [e["event"] for e in events] == [
+    kinds = [e["event"] for e in events if e["event"] != "step.tokens"]
+    assert kinds == [
         "task.queued",
         "task.started",
         "step.started",
         "step.finished",
         "task.finished",
     ]
-    assert [e["id"] for e in events] == ["1", "2", "3", "4", "5"]
-    assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert [e["id"] for e in events] == [str(e["seq"]) for e in events]
     assert events[1]["attempt"] == 1 and events[1]["worker"]
-    assert events[3]["step"] == "summary" and events[3]["usage"]["prompt_tokens"] > 0
+    finished = next(e for e in events if e["event"] == "step.finished")
+    assert finished["step"] == "summary" and finished["usage"]["prompt_tokens"] > 0
     assert events[-1]["status"] == "succeeded"
 
 
@@ -105,3 +107,37 @@ async def test_cancel_and_retry_are_events_too(service: Service, fake_ollama: Fa
     assert after_retry[0]["retry"] is True
     assert after_retry[-1]["event"] == "task.finished"
     assert after_retry[-1]["status"] == "succeeded"
+
+
+async def test_streamed_text_arrives_live_and_coalesced(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    words = " ".join(f"w{i}" for i in range(40))
+    fake_ollama.reply = lambda _req: words
+    fake_ollama.word_delay = 0.01  # 40 words over about 0.4 s
+    task = await service.submit("summarize", text="stream me")
+    seen: list[dict[str, Any]] = []
+    async for event in read_events(service.client, f"/api/v1/tasks/{task['id']}/events"):
+        seen.append(event)
+    tokens = [e for e in seen if e["event"] == "step.tokens"]
+    types = [e["event"] for e in seen]
+    assert types.index("step.started") < types.index("step.tokens")
+    assert max(i for i, t in enumerate(types) if t == "step.tokens") < types.index("step.finished")
+    assert "".join(t["text"] for t in tokens) == words
+    assert 2 <= len(tokens) < 40  # coalesced, not one event per word
+    done = (await service.client.get(f"/api/v1/tasks/{task['id']}")).json()
+    assert done["steps"][0]["output"] == words
+
+
+async def test_an_error_line_in_the_middle_of_a_stream_fails_the_attempt(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.mid_stream_error = "model runner has unexpectedly stopped"
+    done = await service.wait((await service.submit("summarize", text="x"))["id"], seconds=20)
+    assert done["status"] == "failed"
+    assert done["error"]["type"] == "provider_unavailable"
+    assert (
+        "failed in the middle of its answer: model runner has unexpectedly stopped"
+        in (done["error"]["message"])
+    )
+    assert len(done["attempts"]) == 3  # retryable: the default three attempts were used

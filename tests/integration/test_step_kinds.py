@@ -223,6 +223,7 @@ async def test_map_runs_items_concurrently_and_keeps_their_order(
     ]
     assert fake_ollama.max_in_flight == 3
     assert len(fake_ollama.requests) == 6
+    assert all(r["stream"] is False for r in fake_ollama.requests)  # items do not stream
     assert elapsed < 6 * 0.3  # faster than one at a time
 
 

@@ -265,6 +265,19 @@ class TaskStore:
         self.on_change([lease.task_id])
         return True
 
+    async def add_text(self, lease: Lease, step_id: str, text: str) -> bool:
+        """Record a piece of a step's streamed answer (a ``step.tokens`` event); False when the
+        lease is lost."""
+        async with self.db.write() as conn:
+            held = (await conn.execute(select(literal(1)).where(_holds(lease)))).first()
+            if held is None:
+                return False
+            await events.append(
+                conn, lease.task_id, "step.tokens", {"step": step_id, "text": text}, iso_now()
+            )
+        self.on_change([lease.task_id])
+        return True
+
     async def finish_step(self, lease: Lease, step: Step) -> bool:
         """Store a step's outcome; False when the lease is lost."""
         usage = step.usage

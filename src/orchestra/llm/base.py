@@ -7,6 +7,7 @@ so nothing above it ever sees an httpx exception.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 import msgspec
@@ -59,8 +60,11 @@ class Provider(Protocol):
 
     name: str
 
-    async def chat(self, request: ChatRequest) -> ChatResult:
-        """Ask the model; raises a ``ProviderError`` subclass on failure."""
+    async def chat(
+        self, request: ChatRequest, on_text: Callable[[str], None] | None = None
+    ) -> ChatResult:
+        """Ask the model; raises a ``ProviderError`` subclass on failure. With ``on_text``, the
+        answer streams and each piece of text is passed to it as it arrives."""
         ...
 
     async def embed(self, model: str, inputs: list[str]) -> EmbedResult:

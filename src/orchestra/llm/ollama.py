@@ -5,7 +5,10 @@ Reference: ollama/ollama docs/api.md. Durations in Ollama's replies are nanoseco
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -24,6 +27,8 @@ class _Message(msgspec.Struct):
 
 class _ChatReply(msgspec.Struct):
     model: str = ""
+    done: bool = True
+    error: str | None = None
     message: _Message = msgspec.field(default_factory=_Message)
     done_reason: str | None = None
     total_duration: int | None = None
@@ -77,10 +82,19 @@ class OllamaProvider:
         self.url = url.rstrip("/")
         self.timeout = timeout
 
-    async def _post(self, path: str, payload: dict[str, Any], model: str) -> httpx.Response:
-        url = f"{self.url}{path}"
+    @asynccontextmanager
+    async def _request(
+        self, path: str, payload: dict[str, Any], model: str
+    ) -> AsyncIterator[httpx.Response]:
+        """POST and hand over the open response; every failure becomes a ProviderError."""
         try:
-            response = await self.client.post(url, json=payload, timeout=self.timeout)
+            async with self.client.stream(
+                "POST", f"{self.url}{path}", json=payload, timeout=self.timeout
+            ) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise self._status_error(response, model)
+                yield response
         except httpx.ConnectError as exc:
             raise ProviderUnavailable(
                 f"cannot connect to Ollama at {self.url}: {_cause(exc)}"
@@ -93,41 +107,90 @@ class OllamaProvider:
             raise ProviderUnavailable(
                 f"request to Ollama at {self.url} failed: {type(exc).__name__}: {exc}"
             ) from exc
+
+    def _status_error(self, response: httpx.Response, model: str) -> ProviderError:
         if response.status_code == 404:
-            raise ModelNotFound(
+            return ModelNotFound(
                 f"model {model!r} not found on Ollama at {self.url} "
                 f"(run `ollama pull {model}`): {_error_text(response)}"
             )
         if response.status_code >= 500 or response.status_code == 429:
-            raise ProviderUnavailable(
+            # 503 is also Ollama's "server busy" when its queue is full: worth a retry.
+            return ProviderUnavailable(
                 f"Ollama at {self.url} answered {response.status_code}: {_error_text(response)}"
             )
-        if response.status_code >= 400:
-            raise ProviderError(
-                f"Ollama at {self.url} rejected the request ({response.status_code}): "
-                f"{_error_text(response)}"
-            )
-        return response
+        return ProviderError(
+            f"Ollama at {self.url} rejected the request ({response.status_code}): "
+            f"{_error_text(response)}"
+        )
 
-    async def chat(self, request: ChatRequest) -> ChatResult:
-        """Call /api/chat without streaming and return the reply with its token counts."""
+    async def _json(self, path: str, payload: dict[str, Any], model: str, type_: Any) -> Any:
+        async with self._request(path, payload, model) as response:
+            body = await response.aread()
+        try:
+            return msgspec.json.decode(body, type=type_)
+        except msgspec.DecodeError as exc:
+            raise ProviderError(f"Ollama at {self.url} sent an unreadable reply: {exc}") from exc
+
+    async def chat(
+        self, request: ChatRequest, on_text: Callable[[str], None] | None = None
+    ) -> ChatResult:
+        """Call /api/chat and return the reply with its token counts.
+
+        With ``on_text``, the answer streams (NDJSON) and each piece of text is handed to it as
+        it arrives; an ``{"error": …}`` line in the middle of the stream (Ollama keeps HTTP 200
+        there) fails the call.
+        """
         payload: dict[str, Any] = {
             "model": request.model,
             "messages": [{"role": m.role, "content": m.content} for m in request.messages],
-            "stream": False,
+            "stream": on_text is not None,
         }
         if request.options:
             payload["options"] = request.options
         if request.format is not None:
             payload["format"] = request.format
-        response = await self._post("/api/chat", payload, request.model)
+        if on_text is None:
+            reply = await self._json("/api/chat", payload, request.model, _ChatReply)
+            return self._result(reply, reply.message.content, request.model)
         try:
-            reply = msgspec.json.decode(response.content, type=_ChatReply)
-        except msgspec.DecodeError as exc:
-            raise ProviderError(f"Ollama at {self.url} sent an unreadable reply: {exc}") from exc
+            async with asyncio.timeout(self.timeout):
+                return await self._stream(payload, request.model, on_text)
+        except TimeoutError:
+            raise ProviderUnavailable(
+                f"Ollama at {self.url} did not answer within {self.timeout:g}s"
+            ) from None
+
+    async def _stream(
+        self, payload: dict[str, Any], model: str, on_text: Callable[[str], None]
+    ) -> ChatResult:
+        parts: list[str] = []
+        async with self._request("/api/chat", payload, model) as response:
+            async for line in response.aiter_lines():
+                if not line.strip():
+                    continue
+                try:
+                    chunk = msgspec.json.decode(line, type=_ChatReply)
+                except msgspec.DecodeError as exc:
+                    raise ProviderError(
+                        f"Ollama at {self.url} sent an unreadable line: {exc}"
+                    ) from exc
+                if chunk.error:
+                    raise ProviderUnavailable(
+                        f"Ollama at {self.url} failed in the middle of its answer: {chunk.error}"
+                    )
+                if chunk.message.content:
+                    parts.append(chunk.message.content)
+                    on_text(chunk.message.content)
+                if chunk.done:
+                    return self._result(chunk, "".join(parts), model)
+        raise ProviderUnavailable(f"Ollama at {self.url} ended its answer before it was done")
+
+    @staticmethod
+    def _result(reply: _ChatReply, text: str, model: str) -> ChatResult:
         return ChatResult(
-            text=reply.message.content,
-            model=reply.model or request.model,
+            text=text,
+            model=reply.model or model,
             usage=Usage(
                 prompt_tokens=reply.prompt_eval_count,
                 completion_tokens=reply.eval_count,
@@ -141,11 +204,8 @@ class OllamaProvider:
 
     async def embed(self, model: str, inputs: list[str]) -> EmbedResult:
         """Call /api/embed for a batch of inputs."""
-        response = await self._post("/api/embed", {"model": model, "input": inputs}, model)
-        try:
-            reply = msgspec.json.decode(response.content, type=_EmbedReply)
-        except msgspec.DecodeError as exc:
-            raise ProviderError(f"Ollama at {self.url} sent an unreadable reply: {exc}") from exc
+        payload = {"model": model, "input": inputs}
+        reply = await self._json("/api/embed", payload, model, _EmbedReply)
         if len(reply.embeddings) != len(inputs):
             raise ProviderError(
                 f"Ollama at {self.url} returned {len(reply.embeddings)} embeddings for "
