@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Literal
@@ -86,6 +87,9 @@ class Usage(msgspec.Struct, frozen=True, omit_defaults=True):
     prompt_ms: float | None = None
     generation_ms: float | None = None
     finish_reason: str | None = None
+    #: "prompt" when the prompt filled the context window (the model dropped its beginning),
+    #: "output" when the answer hit its length limit (finish reason "length").
+    truncated: str | None = None
 
     def plus(self, other: Usage) -> Usage:
         """The sum of two calls' usage (a step that asked the model more than once)."""
@@ -101,7 +105,25 @@ class Usage(msgspec.Struct, frozen=True, omit_defaults=True):
             prompt_ms=add(self.prompt_ms, other.prompt_ms),
             generation_ms=add(self.generation_ms, other.generation_ms),
             finish_reason=other.finish_reason or self.finish_reason,
+            truncated=other.truncated or self.truncated,
         )
+
+    def flag_truncation(self, num_ctx: int | None) -> Usage:
+        """Mark a prompt that filled ``num_ctx`` tokens, or an answer stopped by its length."""
+        if num_ctx and self.prompt_tokens is not None and self.prompt_tokens >= num_ctx:
+            return msgspec.structs.replace(self, truncated="prompt")
+        if self.finish_reason == "length":
+            return msgspec.structs.replace(self, truncated="output")
+        return self
+
+
+def total_usage(usages: Iterable[Usage | None]) -> Usage | None:
+    """The sum of several steps' usage (None when none reported any)."""
+    total: Usage | None = None
+    for usage in usages:
+        if usage is not None:
+            total = usage if total is None else total.plus(usage)
+    return total
 
 
 class TaskError(msgspec.Struct, frozen=True, omit_defaults=True):

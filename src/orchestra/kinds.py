@@ -13,7 +13,7 @@ from typing import Any
 import jsonschema
 import msgspec
 
-from orchestra.domain import Task, Usage
+from orchestra.domain import Task, Usage, total_usage
 from orchestra.errors import InvalidOutput, RenderError, StepError, StepTimeout
 from orchestra.llm.base import ChatMessage, ChatRequest, Provider
 from orchestra.templating.model import (
@@ -122,7 +122,9 @@ async def run_llm(spec: LlmStep, scope: Scope, ctx: Context) -> Outcome:
     stream = ctx.on_text
     on_text = None if stream is None else (lambda text: stream(spec.id, text))
     result = await ctx.provider.chat(request, on_text)
-    usage = result.usage
+    num_ctx = spec.options.get("num_ctx")
+    limit = num_ctx if isinstance(num_ctx, int) else None
+    usage = result.usage.flag_truncation(limit)
     answered = f"{ctx.provider.name}/{result.model}"
     if fmt is None:
         return Outcome(result.text, answered, usage)
@@ -145,7 +147,7 @@ async def run_llm(spec: LlmStep, scope: Scope, ctx: Context) -> Outcome:
         ]
         request = msgspec.structs.replace(request, messages=tuple(messages))
         result = await ctx.provider.chat(request, on_text)
-        usage = usage.plus(result.usage)
+        usage = usage.plus(result.usage.flag_truncation(limit))
     raise InvalidOutput(
         f"the model's reply stayed invalid after {spec.repair_attempts} repair(s): "
         + "; ".join(problems[:5])
@@ -213,10 +215,7 @@ async def run_map(spec: MapStep, scope: Scope, ctx: Context) -> Outcome:
             ) from None
         raise first from None
     outcomes = [r.result() for r in runs]
-    usage: Usage | None = None
-    for o in outcomes:
-        if o.usage is not None:
-            usage = o.usage if usage is None else usage.plus(o.usage)
+    usage = total_usage(o.usage for o in outcomes)
     model = next((o.model for o in outcomes if o.model), None)
     return Outcome([o.output for o in outcomes], model, usage)
 

@@ -141,3 +141,36 @@ async def test_an_error_line_in_the_middle_of_a_stream_fails_the_attempt(
         in (done["error"]["message"])
     )
     assert len(done["attempts"]) == 3  # retryable: the default three attempts were used
+
+
+USAGE_TEMPLATE = """\
+name: two_calls
+model: llama3.2
+parameters:
+  text: {type: string}
+steps:
+  - id: first
+    prompt: "{{ params.text }}"
+    options: {num_ctx: 8}
+  - id: second
+    prompt: "again {{ params.text }}"
+"""
+
+
+async def test_usage_is_summed_per_task_and_truncation_is_flagged(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    registered = await service.client.post("/api/v1/templates", content=USAGE_TEMPLATE)
+    assert registered.status_code == 201
+    fake_ollama.done_reason = "length"
+    long_text = " ".join(["word"] * 20)
+    done = await service.wait((await service.submit("two_calls", text=long_text))["id"])
+    first, second = done["steps"]
+    assert first["usage"]["truncated"] == "prompt"  # 20 prompt tokens in an 8-token window
+    assert second["usage"]["truncated"] == "output"  # the model stopped at its length limit
+    assert done["usage"]["prompt_tokens"] == (
+        first["usage"]["prompt_tokens"] + second["usage"]["prompt_tokens"]
+    )
+    assert done["usage"]["completion_tokens"] == (
+        first["usage"]["completion_tokens"] + second["usage"]["completion_tokens"]
+    )

@@ -57,3 +57,18 @@ def test_exponential_backoff_with_jitter_stays_within_bounds() -> None:
         assert max(delays) - min(delays) > full / 4  # jitter really spreads them
     fixed = RetryPolicy(backoff="fixed", initial_delay=2, max_delay=10)
     assert all(1 <= fixed.delay(n, rng) <= 2 for n in range(1, 8))
+
+
+def test_truncation_is_flagged_from_what_the_model_reports() -> None:
+    from orchestra.domain import Usage, total_usage
+
+    full = Usage(prompt_tokens=2048, completion_tokens=10, finish_reason="stop")
+    assert full.flag_truncation(2048).truncated == "prompt"
+    assert full.flag_truncation(4096).truncated is None
+    assert full.flag_truncation(None).truncated is None
+    cut = Usage(prompt_tokens=10, completion_tokens=128, finish_reason="length")
+    assert cut.flag_truncation(4096).truncated == "output"
+    total = total_usage([full, None, cut.flag_truncation(None)])
+    assert total is not None
+    assert (total.prompt_tokens, total.completion_tokens, total.truncated) == (2058, 138, "output")
+    assert total_usage([None, None]) is None

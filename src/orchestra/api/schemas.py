@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from orchestra.domain import Attempt, Step, Task, TaskError, TaskStatus, Usage
+from orchestra.domain import Attempt, Step, Task, TaskError, TaskStatus, Usage, total_usage
 from orchestra.templating.model import Template
 
 Priority = Annotated[
@@ -163,6 +163,8 @@ class TaskOut(msgspec.Struct, frozen=True):
     result: Any
     error: ErrorOut | None
     steps: list[StepOut]
+    #: The sum of the steps' usage (tokens and milliseconds) in the current attempt.
+    usage: Usage | None
     attempts: list[AttemptOut]
     max_attempts: int
     timeout: float | None
@@ -186,6 +188,7 @@ class TaskOut(msgspec.Struct, frozen=True):
             result=task.result,
             error=_error(task.error),
             steps=[StepOut.of(s) for s in task.steps],
+            usage=total_usage(s.usage for s in task.steps),
             attempts=[AttemptOut.of(a) for a in task.history],
             max_attempts=task.max_attempts,
             timeout=task.timeout_seconds,
