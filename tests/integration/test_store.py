@@ -270,3 +270,12 @@ async def test_a_version_1_database_is_upgraded_in_place(db_url: str, tmp_path: 
     assert versions == list(range(1, schema.LATEST + 1))
     assert kept == [('{"text":"kept"}',)]
     assert {"templates", "task_events"} <= tables
+
+
+async def test_a_batch_claim_numbers_each_tasks_events_on_its_own(store: TaskStore) -> None:
+    ids = [(await add(store, new(n=i))).id for i in range(5)]
+    assert len(await store.claim("w", 5, 30)) == 5
+    for task_id in ids:
+        events = await store.events_after(task_id, 0)
+        assert [(e.seq, e.type) for e in events] == [(1, "task.queued"), (2, "task.started")]
+        assert events[1].data == {"attempt": 1, "worker": "w"}

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
-from sqlalchemy import func, insert, literal, select
+from sqlalchemy import bindparam, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from orchestra.db.engine import Database
@@ -26,30 +26,39 @@ class TaskEvent(msgspec.Struct, frozen=True):
     data: dict[str, Any]
 
 
+# One prepared statement: the task's next sequence number is MAX+1 inside the INSERT itself
+# (writes are serialized, so it cannot race), and a batch goes as one executemany.
+_APPEND = insert(task_events).from_select(
+    ["task_id", "seq", "time", "type", "data"],
+    select(
+        bindparam("task_id"),
+        select(func.coalesce(func.max(task_events.c.seq), 0) + 1)
+        .where(task_events.c.task_id == bindparam("task_id"))
+        .scalar_subquery(),
+        bindparam("time"),
+        bindparam("type"),
+        bindparam("data"),
+    ),
+)
+
+
+def _row(task_id: int, type_: str, data: dict[str, Any], now: str) -> dict[str, Any]:
+    return {"task_id": task_id, "time": now, "type": type_, "data": dump(data)}
+
+
 async def append(
     conn: AsyncConnection, task_id: int, type_: str, data: dict[str, Any], now: str
 ) -> None:
-    """Add an event with the task's next sequence number (writes are serialized, so the
-    MAX+1 inside the same INSERT cannot race)."""
-    next_seq = (
-        select(func.coalesce(func.max(task_events.c.seq), 0) + 1)
-        .where(task_events.c.task_id == task_id)
-        .scalar_subquery()
-    )
-    await conn.execute(
-        insert(task_events).from_select(
-            ["task_id", "seq", "time", "type", "data"],
-            select(literal(task_id), next_seq, literal(now), literal(type_), literal(dump(data))),
-        )
-    )
+    """Add an event with the task's next sequence number."""
+    await conn.execute(_APPEND, _row(task_id, type_, data, now))
 
 
 async def append_many(
     conn: AsyncConnection, entries: Sequence[tuple[int, str, dict[str, Any]]], now: str
 ) -> None:
-    """Append one event to each of several tasks (a claim of many tasks)."""
-    for task_id, type_, data in entries:
-        await append(conn, task_id, type_, data, now)
+    """Append one event to each of several tasks (a claim of many tasks), in one round trip."""
+    if entries:
+        await conn.execute(_APPEND, [_row(t, kind, data, now) for t, kind, data in entries])
 
 
 async def events_after(db: Database, task_id: int, seq: int, limit: int = 500) -> list[TaskEvent]:
