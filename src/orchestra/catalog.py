@@ -133,6 +133,3 @@ class TemplateCatalog:
         loaded = self.registry.load()
         log.info("templates.reloaded", files=len(loaded))
         return self.all()
-
-
-__all__ = ["Registration", "TemplateCatalog", "TemplateNotFound"]

@@ -26,6 +26,7 @@ from orchestra.templating.model import (
     Template,
 )
 from orchestra.templating.render import evaluate, parse_json_text, render_text
+from orchestra.templating.source import format_path
 
 Scope = dict[str, Any]
 
@@ -61,8 +62,7 @@ def _schema_problems(value: Any, schema: dict[str, Any]) -> list[str]:
     errors = jsonschema.Draft202012Validator(schema).iter_errors(value)
     out = []
     for err in sorted(errors, key=lambda e: list(e.absolute_path)):
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path)
-        out.append(f"{where or '(top level)'}: {err.message}")
+        out.append(f"{format_path(tuple(err.absolute_path)) or '(top level)'}: {err.message}")
     return out
 
 

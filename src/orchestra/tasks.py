@@ -25,6 +25,12 @@ from orchestra.templating.registry import TemplateRegistry
 #: Ids are SQLite INTEGERs (64-bit signed); larger numbers cannot name a task.
 MAX_ID = 2**63 - 1
 
+
+def _storable(task_id: int) -> bool:
+    """Whether ``task_id`` can name a task at all (larger numbers overflow SQLite's INTEGER)."""
+    return 0 < task_id <= MAX_ID
+
+
 #: Waiting requests re-read the task at least this often, to see work finished elsewhere.
 WAIT_POLL_SECONDS = 1.0
 
@@ -191,7 +197,7 @@ class TaskService:
                 changed.clear()
 
     async def _get(self, task_id: int) -> Task:
-        task = await self.store.get_task(task_id) if 0 < task_id <= MAX_ID else None
+        task = await self.store.get_task(task_id) if _storable(task_id) else None
         if task is None:
             raise TaskNotFound(f"no task with id {task_id}")
         return task
@@ -228,7 +234,7 @@ class TaskService:
             TaskNotFound: no task has this id.
             ConflictError: the task is not failed or cancelled (its status is in the error).
         """
-        status, requeued = await self.store.retry(task_id if 0 < task_id <= MAX_ID else 0)
+        status, requeued = await self.store.retry(task_id if _storable(task_id) else 0)
         if status is None:
             raise TaskNotFound(f"no task with id {task_id}")
         if not requeued:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import msgspec
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import insert, select, update
 
 from orchestra.db.engine import Database
 from orchestra.db.tables import templates
@@ -74,10 +74,3 @@ class TemplateStore:
         )
         async with self.db.write() as conn:
             return (await conn.execute(stmt)).rowcount
-
-    async def count(self) -> int:
-        """How many versions are stored."""
-        async with self.db.read() as conn:
-            return int(
-                (await conn.execute(select(func.count()).select_from(templates))).scalar() or 0
-            )

@@ -9,6 +9,7 @@ import msgspec
 
 from orchestra.errors import FieldProblem, InvalidParams
 from orchestra.templating.model import Template
+from orchestra.templating.source import format_path
 
 # Templates hold dicts, so they are not hashable: cache each one's validator by identity.
 _validators: dict[int, tuple[Template, jsonschema.Draft202012Validator]] = {}
@@ -26,8 +27,7 @@ def _validator(template: Template) -> jsonschema.Draft202012Validator:
 
 
 def _field(path: Any) -> str:
-    parts = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
-    return f"params{parts}"
+    return format_path(("params", *path))
 
 
 def validate_params(template: Template, params: dict[str, Any]) -> dict[str, Any]:

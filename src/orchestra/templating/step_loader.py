@@ -26,7 +26,7 @@ from orchestra.templating.model import (
 )
 from orchestra.templating.references import references
 from orchestra.templating.render import compile_expression, compile_text
-from orchestra.templating.source import Checker, Path_, describe
+from orchestra.templating.source import Checker, Path_, describe, format_path
 
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 COMMON_KEYS = ("id", "kind", "when", "timeout")
@@ -95,7 +95,7 @@ def _schema(c: Checker, path: Path_, value: Any) -> dict[str, Any] | None:
     try:
         jsonschema.Draft202012Validator.check_schema(value)
     except jsonschema.SchemaError as exc:
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in exc.absolute_path)
+        where = format_path(tuple(exc.absolute_path))
         c.add(path, f"invalid JSON Schema{(' at ' + where) if where else ''}: {exc.message}")
         return None
     return value
