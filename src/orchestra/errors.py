@@ -160,3 +160,8 @@ class ProviderUnavailable(ProviderError):
 
     code = "provider_unavailable"
     retryable = True
+
+
+class ProviderUnreachable(ProviderUnavailable):
+    """Nothing answered at all (connection refused, unknown host, runtime not installed): a
+    fallback chain moves on to its next entry. Clients see it as ``provider_unavailable``."""

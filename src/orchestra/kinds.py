@@ -125,7 +125,7 @@ async def run_llm(spec: LlmStep, scope: Scope, ctx: Context) -> Outcome:
     num_ctx = spec.options.get("num_ctx")
     limit = num_ctx if isinstance(num_ctx, int) else None
     usage = result.usage.flag_truncation(limit)
-    answered = f"{ctx.provider.name}/{result.model}"
+    answered = f"{result.provider}/{result.model}"
     if fmt is None:
         return Outcome(result.text, answered, usage)
     schema = fmt if isinstance(fmt, dict) else None
@@ -185,7 +185,7 @@ async def run_embed(spec: EmbedStep, scope: Scope, ctx: Context) -> Outcome:
         raise RenderError(f"steps.{spec.id}.input must give a string or a list of strings")
     result = await ctx.provider.embed(_model(ctx, spec.model), list(inputs))
     output = result.vectors[0] if single else result.vectors
-    return Outcome(output, f"{ctx.provider.name}/{result.model}", result.usage)
+    return Outcome(output, f"{result.provider}/{result.model}", result.usage)
 
 
 async def run_map(spec: MapStep, scope: Scope, ctx: Context) -> Outcome:

@@ -190,8 +190,6 @@ class WorkerPool:
         """
         limit = self.workers.concurrency - len(self._running)
         full: set[str] = set()
-        if self.settings.ollama.max_concurrency:
-            limit = min(limit, self.settings.ollama.max_concurrency)
         for model in set(self.settings.models) | {m for m in self._models if m is not None}:
             cap = self.settings.model_limit(model)
             if cap:

@@ -234,7 +234,9 @@ async def test_health_reports_database_and_ollama(service: Service) -> None:
     assert response.status_code == 200
     body = response.json()
     assert body["status"] == "ok" and body["database"] == "ok"
-    assert body["ollama"].startswith("ok (Ollama 0.9.0-fake")
+    ollama = body["providers"]["ollama"]
+    assert ollama["detail"].startswith("ok (Ollama 0.9.0-fake")
+    assert ollama["available"] is True and "llama3.2:latest" in ollama["models"]
     assert (await service.client.get("/api/v1/health")).status_code == 200
 
 

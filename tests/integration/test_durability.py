@@ -13,7 +13,6 @@ import pytest
 
 from orchestra.config import (
     ModelSettings,
-    OllamaSettings,
     RetentionSettings,
     Settings,
     TemplateSettings,
@@ -349,7 +348,6 @@ async def test_retention_deletes_old_finished_tasks_only(
 
     settings = msgspec.structs.replace(
         durable_settings,
-        ollama=OllamaSettings(url=durable_settings.ollama.url),
         retention=RetentionSettings(days=1, interval=3600),
     )
     async with start_service(settings) as svc:

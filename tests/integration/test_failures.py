@@ -2,13 +2,19 @@ from __future__ import annotations
 
 import asyncio
 
-import msgspec
 import pytest
 
 from orchestra.db import Database, TaskStore
 from orchestra.db.schema import upgrade
 from orchestra.domain import NewTask
-from tests.conftest import Service, StartService, make_settings, task_row, with_workers
+from tests.conftest import (
+    Service,
+    StartService,
+    make_settings,
+    task_row,
+    with_provider,
+    with_workers,
+)
 from tests.fixtures.fake_ollama import Failure, FakeOllama
 from tests.fixtures.servers import free_socket, wait_until
 
@@ -35,7 +41,8 @@ async def test_ollama_down_fails_the_task_naming_the_url_and_health_says_so(
     assert health.status_code == 200
     body = health.json()
     assert body["status"] == "degraded" and body["database"] == "ok"
-    assert dead in body["ollama"]
+    assert dead in body["providers"]["ollama"]["detail"]
+    assert body["providers"]["ollama"]["available"] is False
 
 
 async def test_missing_model_fails_naming_the_model(
@@ -66,10 +73,7 @@ async def test_model_timeout_fails_the_attempt(
     db_url: str, fake_ollama: FakeOllama, start_service: StartService
 ) -> None:
     fake_ollama.latency = 3
-    settings = make_settings(db_url, fake_ollama.url)
-    settings = msgspec.structs.replace(
-        settings, ollama=type(settings.ollama)(url=fake_ollama.url, timeout=0.3)
-    )
+    settings = with_provider(make_settings(db_url, fake_ollama.url), "ollama", timeout=0.3)
     async with start_service(settings) as svc:
         done = await svc.wait((await svc.submit("summarize", text="x"))["id"])
     assert done["status"] == "failed"

@@ -8,7 +8,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from orchestra.config import Settings, load
+from orchestra.config import ModelSettings, ProviderSettings, Settings, load
 from orchestra.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,9 +29,17 @@ def test_shipped_orchestra_toml_lists_every_setting_with_its_default() -> None:
     for section in msgspec.structs.fields(Settings):
         assert section.name in data, f"[{section.name}] missing from orchestra.toml"
         if not isinstance(section.type, type) or not issubclass(section.type, msgspec.Struct):
-            continue  # a table of named entries, e.g. [models."NAME"]
+            continue  # a table of named entries, e.g. [models."NAME"]; checked below
         for key in msgspec.structs.fields(section.type):
             assert key.name in data[section.name], f"{section.name}.{key.name} missing"
+
+
+def test_shipped_orchestra_toml_shows_every_provider_and_model_setting() -> None:
+    text = (REPO / "orchestra.toml").read_text()
+    listed = {k for table in tomllib.loads(text)["providers"].values() for k in table}
+    assert {f.name for f in msgspec.structs.fields(ProviderSettings)} <= listed
+    for key in msgspec.structs.fields(ModelSettings):
+        assert f"{key.name} = " in text, f"models: {key.name} not shown"
 
 
 def test_file_values_and_environment_overrides(tmp_path: Path) -> None:
@@ -40,21 +48,79 @@ def test_file_values_and_environment_overrides(tmp_path: Path) -> None:
     env = {
         "ORCHESTRA_SERVER__PORT": "9000",
         "ORCHESTRA_TEMPLATES__DIRS": '["/a", "/b"]',
-        "ORCHESTRA_OLLAMA__URL": "http://gpu:11434",
+        "ORCHESTRA_PROVIDERS__EMBEDDED__ENABLED": "false",
+        "ORCHESTRA_MODELS__FAST": '["ollama/qwen2.5"]',
     }
     settings = load(file, env=env)
     assert settings.server.port == 9000
     assert settings.workers.concurrency == 2
     assert settings.templates.dirs == ["/a", "/b"]
-    assert settings.ollama.url == "http://gpu:11434"
+    assert settings.providers["embedded"].enabled is False
+    assert settings.chain("fast") == ["ollama/qwen2.5"]
+    assert settings.chain("default") == ["ollama/llama3.2", "embedded/smollm2"]
+
+
+def test_v1_ollama_table_is_the_provider_named_ollama(tmp_path: Path) -> None:
+    file = tmp_path / "v1.toml"
+    file.write_text('[ollama]\nurl = "http://gpu:11434"\ntimeout = 60\n')
+    settings = load(file, env={})
+    ollama = settings.providers["ollama"]
+    assert (ollama.kind, ollama.url, ollama.timeout) == ("ollama", "http://gpu:11434", 60)
+    assert settings.providers["embedded"].enabled  # the built-ins stay
+    env = load(None, env={"ORCHESTRA_OLLAMA__URL": "http://env:1", "ORCHESTRA_CONFIG": ""})
+    assert env.providers["ollama"].url == "http://env:1"
+    file.write_text('[ollama]\nurl = "http://a:1"\n[providers.ollama]\nurl = "http://b:1"\n')
+    with pytest.raises(ConfigError, match="both set"):
+        load(file, env={})
+
+
+def test_providers_and_model_chains(tmp_path: Path) -> None:
+    file = tmp_path / "p.toml"
+    file.write_text(
+        '[providers.vllm]\nkind = "openai"\nurl = "http://gpu:8000/v1"\n'
+        'api_key_env = "VLLM_KEY"\nmax_concurrency = 8\n'
+        '[models]\ndefault = ["vllm/qwen", "embedded/smollm2"]\n'
+        '[models.fast]\nchain = ["ollama/qwen2.5:0.5b"]\nmax_concurrency = 2\n'
+    )
+    settings = load(file, env={})
+    assert settings.providers["vllm"].kind == "openai"
+    assert list(settings.providers) == ["ollama", "embedded", "vllm"]
+    assert settings.chain("default") == ["vllm/qwen", "embedded/smollm2"]
+    assert settings.chain("fast") == ["ollama/qwen2.5:0.5b"]
+    assert settings.model_limit("fast") == 2
+    assert settings.chain("llama3.2") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[providers.x]\nurl = "http://h"\n', "providers.x.kind: required, but not set"),
+        (
+            '[providers.x]\nkind = "grpc"\n',
+            "providers.x.kind: invalid enum value 'grpc' "
+            "(expected one of ollama, openai, embedded)",
+        ),
+        ('[providers.x]\nkind = "openai"\n', "providers.x.url: expected a URL for this kind"),
+        ('[providers.ollama]\nmodel_path = "/m.gguf"\n', "providers.ollama.model_path"),
+        ('[models]\ndefault = ["nowhere/llama3.2"]\n', "models.default: expected"),
+        ('[models]\ndefault = ["llama3.2"]\n', "models.default: expected"),
+        ("[providers.ollama]\ntimout = 3\n", "providers.ollama.timout: unknown setting"),
+    ],
+)
+def test_bad_provider_settings_are_named(tmp_path: Path, text: str, expected: str) -> None:
+    file = tmp_path / "bad.toml"
+    file.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load(file, env={})
+    assert expected.lower() in info.value.message.lower()
 
 
 def test_per_model_limits(tmp_path: Path) -> None:
     file = tmp_path / "m.toml"
-    file.write_text('[ollama]\nmax_concurrency = 4\n[models."llama3.2"]\nmax_concurrency = 1\n')
+    file.write_text('[models."llama3.2"]\nmax_concurrency = 1\n')
     settings = load(file, env={})
     assert settings.model_limit("llama3.2") == 1
-    assert settings.model_limit("qwen2.5") == 4
+    assert settings.model_limit("qwen2.5") == 0
     file.write_text('[models."llama3.2"]\nmax_concurency = 1\n')
     with pytest.raises(ConfigError, match=r"models\.llama3\.2\.max_concurency: unknown setting"):
         load(file, env={})

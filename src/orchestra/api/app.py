@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
@@ -9,7 +11,7 @@ from litestar.openapi import OpenAPIConfig
 
 from orchestra import __version__
 from orchestra.api.errors import HANDLERS
-from orchestra.api.health import health
+from orchestra.api.health import health, models
 from orchestra.api.runtime import Runtime
 from orchestra.api.tasks import TaskController
 from orchestra.api.templates import TemplateController
@@ -32,10 +34,16 @@ def _catalog(runtime: NamedDependency[Runtime]) -> TemplateCatalog:
     return runtime.catalog
 
 
-def create_app(settings: Settings, registry: TemplateRegistry | None = None) -> Litestar:
+def create_app(
+    settings: Settings,
+    registry: TemplateRegistry | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Litestar:
     """Build the service.
 
     Templates are loaded here, so a broken template stops startup with every problem listed.
+    ``env`` is where providers find the API keys their ``api_key_env`` names (the CLI passes
+    the process environment; None: no keys).
 
     Raises:
         TemplateError: a template in the built-ins or ``settings.templates.dirs`` is invalid.
@@ -43,9 +51,9 @@ def create_app(settings: Settings, registry: TemplateRegistry | None = None) -> 
     if registry is None:
         registry = TemplateRegistry(settings.templates.dirs)
         registry.load()
-    runtime = Runtime(settings, registry)
+    runtime = Runtime(settings, registry, env or {})
     return Litestar(
-        route_handlers=[TaskController, TemplateController, health],
+        route_handlers=[TaskController, TemplateController, health, models],
         lifespan=[runtime.lifespan],
         state=State({"runtime": runtime}),
         dependencies={

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,8 +21,7 @@ from orchestra.db import Database, TaskStore
 from orchestra.db.schema import upgrade
 from orchestra.db.templates import TemplateStore
 from orchestra.errors import ConfigError, TemplateError
-from orchestra.llm.base import Provider
-from orchestra.llm.ollama import OllamaProvider
+from orchestra.llm.router import Router, build_providers
 from orchestra.notify import TaskSignals
 from orchestra.runner import Runner
 from orchestra.tasks import TaskService
@@ -39,12 +38,15 @@ class NotStarted(RuntimeError):
 class Runtime:
     """Holds what the lifespan opened; the controllers reach services through it."""
 
-    def __init__(self, settings: Settings, registry: TemplateRegistry) -> None:
+    def __init__(
+        self, settings: Settings, registry: TemplateRegistry, env: Mapping[str, str]
+    ) -> None:
         self.settings = settings
         self.registry = registry
+        self.env = env
         self._db: Database | None = None
         self._tasks: TaskService | None = None
-        self._provider: Provider | None = None
+        self._router: Router | None = None
         self._pool: WorkerPool | None = None
         self._catalog: TemplateCatalog | None = None
 
@@ -61,10 +63,10 @@ class Runtime:
         return self._tasks
 
     @property
-    def provider(self) -> Provider:
-        if self._provider is None:
+    def router(self) -> Router:
+        if self._router is None:
             raise NotStarted()
-        return self._provider
+        return self._router
 
     @property
     def pool(self) -> WorkerPool | None:
@@ -108,14 +110,10 @@ class Runtime:
             async with httpx.AsyncClient(limits=limits) as client:
                 signals = TaskSignals()
                 store = TaskStore(db, on_change=signals.publish)
-                provider = OllamaProvider(client, s.ollama.url, s.ollama.timeout)
-                pool = WorkerPool(
-                    store,
-                    self.registry,
-                    Runner(provider),
-                    s,
-                )
-                self._db, self._provider, self._pool = db, provider, pool
+                router = Router(build_providers(s, client, self.env), s)
+                watcher = asyncio.create_task(router.watch(), name="provider-health")
+                pool = WorkerPool(store, self.registry, Runner(router), s)
+                self._db, self._router, self._pool = db, router, pool
                 self._tasks = TaskService(
                     store,
                     self.registry,
@@ -130,7 +128,10 @@ class Runtime:
                 finally:
                     hangup()
                     await pool.stop()
-                    self._tasks = None
+                    watcher.cancel()
+                    await asyncio.gather(watcher, return_exceptions=True)
+                    await router.close()
+                    self._tasks = self._router = None
         finally:
             self._db = None
             self._catalog = None

@@ -3,12 +3,22 @@ a contract, and it changes only when we mean it to."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
 
-from orchestra.domain import Attempt, Step, Task, TaskError, TaskStatus, Usage, total_usage
+from orchestra.domain import (
+    Attempt,
+    Step,
+    Task,
+    TaskError,
+    TaskStatus,
+    Usage,
+    iso,
+    total_usage,
+)
+from orchestra.llm.router import ProviderState
 from orchestra.templating.model import Template
 
 Priority = Annotated[
@@ -99,6 +109,9 @@ class StepOut(msgspec.Struct, frozen=True):
     status: str
     output: Any
     error: ErrorOut | None
+    #: The provider that answered, as named in [providers].
+    provider: str | None
+    #: "provider/model": what answered (usable as a template's `model`).
     model: str | None
     usage: Usage | None
     started_at: str | None
@@ -113,6 +126,7 @@ class StepOut(msgspec.Struct, frozen=True):
             status=step.status.value,
             output=step.output,
             error=_error(step.error),
+            provider=step.model.partition("/")[0] if step.model else None,
             model=step.model,
             usage=step.usage,
             started_at=step.started_at,
@@ -266,10 +280,53 @@ class ValidationOut(msgspec.Struct, frozen=True):
     name: str | None = None
 
 
+class ProviderOut(msgspec.Struct, frozen=True):
+    """One provider as last checked."""
+
+    name: str
+    kind: str
+    available: bool
+    detail: str
+    #: The models it reports having (null: it does not say).
+    models: list[str] | None
+    checked_at: str | None
+
+    @classmethod
+    def of(cls, state: ProviderState) -> ProviderOut:
+        return cls(
+            name=state.name,
+            kind=state.kind,
+            available=state.available,
+            detail=state.detail,
+            models=None if state.models is None else list(state.models),
+            checked_at=None
+            if state.checked_at is None
+            else iso(datetime.fromtimestamp(state.checked_at, UTC)),
+        )
+
+
+class ModelOut(msgspec.Struct, frozen=True):
+    """A logical model name, its fallback chain, and the entry that would serve now."""
+
+    name: str
+    chain: list[str]
+    #: The first available entry of the chain (null: none is available now).
+    serves: str | None
+
+
+class ModelsOut(msgspec.Struct, frozen=True):
+    """GET /api/v1/models."""
+
+    models: list[ModelOut]
+    providers: list[ProviderOut]
+
+
 class HealthOut(msgspec.Struct, frozen=True):
     """Whether the service and what it depends on answer."""
 
+    #: ok: the database answers and a provider is available; degraded: no provider is;
+    #: down: the database does not answer.
     status: str
     database: str
-    ollama: str
+    providers: dict[str, ProviderOut]
     version: str

@@ -30,6 +30,8 @@ class ChatRequest(msgspec.Struct, frozen=True):
     options: dict[str, Any] = msgspec.field(default_factory=dict)
     #: Structured output: "json", or a JSON Schema the reply must follow.
     format: str | dict[str, Any] | None = None
+    #: Let a thinking model think first (Ollama's ``think``); None: the model's default.
+    think: bool | None = None
 
 
 class ChatResult(msgspec.Struct, frozen=True):
@@ -38,6 +40,8 @@ class ChatResult(msgspec.Struct, frozen=True):
     text: str
     model: str
     usage: Usage
+    #: The provider (its name in the settings) that answered.
+    provider: str = ""
 
 
 class EmbedResult(msgspec.Struct, frozen=True):
@@ -46,6 +50,7 @@ class EmbedResult(msgspec.Struct, frozen=True):
     vectors: list[list[float]]
     model: str
     usage: Usage
+    provider: str = ""
 
 
 class Health(msgspec.Struct, frozen=True):
@@ -53,12 +58,16 @@ class Health(msgspec.Struct, frozen=True):
 
     ok: bool
     detail: str
+    #: The models the provider has, when it could tell.
+    models: tuple[str, ...] | None = None
 
 
 class Provider(Protocol):
     """A model server."""
 
+    #: The provider's name in the settings ([providers.NAME]).
     name: str
+    kind: str
 
     async def chat(
         self, request: ChatRequest, on_text: Callable[[str], None] | None = None
@@ -72,5 +81,10 @@ class Provider(Protocol):
         ...
 
     async def health(self) -> Health:
-        """Check the server quickly; never raises."""
+        """Check the server quickly, listing its models where it can; never raises."""
+        ...
+
+    async def close(self) -> None:
+        """Release what the provider holds (a loaded model); the shared HTTP client is not
+        its to close."""
         ...

@@ -1,14 +1,11 @@
-"""Ollama's native API: /api/chat for generation, /api/version for health.
+"""Ollama's native API: /api/chat (streaming NDJSON), /api/embed, /api/tags, /api/version.
 
 Reference: ollama/ollama docs/api.md. Durations in Ollama's replies are nanoseconds.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -17,8 +14,7 @@ import msgspec
 from orchestra.domain import Usage
 from orchestra.errors import ModelNotFound, ProviderError, ProviderUnavailable
 from orchestra.llm.base import ChatRequest, ChatResult, EmbedResult, Health
-
-HEALTH_TIMEOUT = 2.0
+from orchestra.llm.http import HttpProvider, error_text
 
 
 class _Message(msgspec.Struct):
@@ -51,86 +47,36 @@ def _ms(nanoseconds: int | None) -> float | None:
     return None if nanoseconds is None else round(nanoseconds / 1e6, 3)
 
 
-def _cause(exc: BaseException) -> str:
-    """The most specific reason in an exception chain ("Connection refused", not "All
-    connection attempts failed")."""
-    seen = exc
-    while seen.__cause__ or seen.__context__:
-        seen = seen.__cause__ or seen.__context__  # type: ignore[assignment]
-        if isinstance(seen, OSError) and seen.errno:
-            return os.strerror(seen.errno)
-    return str(exc) or type(exc).__name__
+def same_model(wanted: str, listed: str) -> bool:
+    """Ollama names a model without a tag as ``:latest`` ("llama3.2" is "llama3.2:latest")."""
+    return wanted == listed or (":" not in wanted and f"{wanted}:latest" == listed)
 
 
-def _error_text(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:200] or response.reason_phrase
-    if isinstance(body, dict) and "error" in body:
-        return str(body["error"])
-    return response.text[:200]
-
-
-class OllamaProvider:
+class OllamaProvider(HttpProvider):
     """Talks to one Ollama server."""
 
-    name = "ollama"
+    kind = "ollama"
+    label = "Ollama"
 
-    def __init__(self, client: httpx.AsyncClient, url: str, timeout: float) -> None:
-        self.client = client
-        self.url = url.rstrip("/")
-        self.timeout = timeout
+    def __init__(
+        self,
+        name: str,
+        client: httpx.AsyncClient,
+        url: str,
+        timeout: float,
+        api_key: str | None = None,
+        keep_alive: str = "",
+    ) -> None:
+        super().__init__(name, client, url, timeout, api_key)
+        self.keep_alive = keep_alive
 
-    @asynccontextmanager
-    async def _request(
-        self, path: str, payload: dict[str, Any], model: str
-    ) -> AsyncIterator[httpx.Response]:
-        """POST and hand over the open response; every failure becomes a ProviderError."""
-        try:
-            async with self.client.stream(
-                "POST", f"{self.url}{path}", json=payload, timeout=self.timeout
-            ) as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    raise self._status_error(response, model)
-                yield response
-        except httpx.ConnectError as exc:
-            raise ProviderUnavailable(
-                f"cannot connect to Ollama at {self.url}: {_cause(exc)}"
-            ) from exc
-        except httpx.TimeoutException as exc:
-            raise ProviderUnavailable(
-                f"Ollama at {self.url} did not answer within {self.timeout:g}s"
-            ) from exc
-        except httpx.HTTPError as exc:
-            raise ProviderUnavailable(
-                f"request to Ollama at {self.url} failed: {type(exc).__name__}: {exc}"
-            ) from exc
-
-    def _status_error(self, response: httpx.Response, model: str) -> ProviderError:
-        if response.status_code == 404:
+    def status_error(self, response: httpx.Response, model: str | None) -> ProviderError:
+        if response.status_code == 404 and model is not None:
             return ModelNotFound(
-                f"model {model!r} not found on Ollama at {self.url} "
-                f"(run `ollama pull {model}`): {_error_text(response)}"
+                f"model {model!r} not found on {self.where} (run `ollama pull {model}`): "
+                f"{error_text(response)}"
             )
-        if response.status_code >= 500 or response.status_code == 429:
-            # 503 is also Ollama's "server busy" when its queue is full: worth a retry.
-            return ProviderUnavailable(
-                f"Ollama at {self.url} answered {response.status_code}: {_error_text(response)}"
-            )
-        return ProviderError(
-            f"Ollama at {self.url} rejected the request ({response.status_code}): "
-            f"{_error_text(response)}"
-        )
-
-    async def _json(self, path: str, payload: dict[str, Any], model: str, type_: Any) -> Any:
-        async with self._request(path, payload, model) as response:
-            body = await response.aread()
-        try:
-            return msgspec.json.decode(body, type=type_)
-        except msgspec.DecodeError as exc:
-            raise ProviderError(f"Ollama at {self.url} sent an unreadable reply: {exc}") from exc
+        return super().status_error(response, model)
 
     async def chat(
         self, request: ChatRequest, on_text: Callable[[str], None] | None = None
@@ -150,47 +96,40 @@ class OllamaProvider:
             payload["options"] = request.options
         if request.format is not None:
             payload["format"] = request.format
+        if request.think is not None:
+            payload["think"] = request.think
+        if self.keep_alive:
+            payload["keep_alive"] = self.keep_alive
         if on_text is None:
-            reply = await self._json("/api/chat", payload, request.model, _ChatReply)
+            reply = await self.call_json("POST", "/api/chat", payload, request.model, _ChatReply)
             return self._result(reply, reply.message.content, request.model)
-        try:
-            async with asyncio.timeout(self.timeout):
-                return await self._stream(payload, request.model, on_text)
-        except TimeoutError:
-            raise ProviderUnavailable(
-                f"Ollama at {self.url} did not answer within {self.timeout:g}s"
-            ) from None
+        return await self.within_timeout(self._stream(payload, request.model, on_text))
 
     async def _stream(
         self, payload: dict[str, Any], model: str, on_text: Callable[[str], None]
     ) -> ChatResult:
         parts: list[str] = []
-        async with self._request("/api/chat", payload, model) as response:
+        async with self.request("POST", "/api/chat", payload, model) as response:
             async for line in response.aiter_lines():
                 if not line.strip():
                     continue
-                try:
-                    chunk = msgspec.json.decode(line, type=_ChatReply)
-                except msgspec.DecodeError as exc:
-                    raise ProviderError(
-                        f"Ollama at {self.url} sent an unreadable line: {exc}"
-                    ) from exc
+                chunk = self.decode_chunk(line, _ChatReply)
                 if chunk.error:
                     raise ProviderUnavailable(
-                        f"Ollama at {self.url} failed in the middle of its answer: {chunk.error}"
+                        f"{self.where} failed in the middle of its answer: {chunk.error}"
                     )
                 if chunk.message.content:
                     parts.append(chunk.message.content)
                     on_text(chunk.message.content)
                 if chunk.done:
                     return self._result(chunk, "".join(parts), model)
-        raise ProviderUnavailable(f"Ollama at {self.url} ended its answer before it was done")
+        raise ProviderUnavailable(f"{self.where} ended its answer before it was done")
 
-    @staticmethod
-    def _result(reply: _ChatReply, text: str, model: str) -> ChatResult:
+    def _result(self, reply: _ChatReply, text: str, model: str) -> ChatResult:
         return ChatResult(
             text=text,
             model=reply.model or model,
+            provider=self.name,
             usage=Usage(
                 prompt_tokens=reply.prompt_eval_count,
                 completion_tokens=reply.eval_count,
@@ -204,16 +143,18 @@ class OllamaProvider:
 
     async def embed(self, model: str, inputs: list[str]) -> EmbedResult:
         """Call /api/embed for a batch of inputs."""
-        payload = {"model": model, "input": inputs}
-        reply = await self._json("/api/embed", payload, model, _EmbedReply)
+        payload: dict[str, Any] = {"model": model, "input": inputs}
+        if self.keep_alive:
+            payload["keep_alive"] = self.keep_alive
+        reply = await self.call_json("POST", "/api/embed", payload, model, _EmbedReply)
         if len(reply.embeddings) != len(inputs):
             raise ProviderError(
-                f"Ollama at {self.url} returned {len(reply.embeddings)} embeddings for "
-                f"{len(inputs)} inputs"
+                f"{self.where} returned {len(reply.embeddings)} embeddings for {len(inputs)} inputs"
             )
         return EmbedResult(
             vectors=reply.embeddings,
             model=reply.model or model,
+            provider=self.name,
             usage=Usage(
                 prompt_tokens=reply.prompt_eval_count,
                 total_ms=_ms(reply.total_duration),
@@ -222,15 +163,11 @@ class OllamaProvider:
         )
 
     async def health(self) -> Health:
-        """GET /api/version with a short timeout."""
-        try:
-            response = await self.client.get(f"{self.url}/api/version", timeout=HEALTH_TIMEOUT)
-            response.raise_for_status()
-            version = response.json().get("version", "unknown")
-        except httpx.HTTPStatusError as exc:
-            return Health(ok=False, detail=f"{self.url} answered {exc.response.status_code}")
-        except httpx.HTTPError as exc:
-            return Health(ok=False, detail=f"cannot reach {self.url}: {_cause(exc)}")
-        except ValueError:
-            return Health(ok=False, detail=f"{self.url} did not answer like Ollama")
-        return Health(ok=True, detail=f"ok (Ollama {version} at {self.url})")
+        """GET /api/version, then /api/tags for the models it has."""
+        version, why = await self.probe("/api/version", lambda body: str(body["version"]))
+        if version is None:
+            return Health(ok=False, detail=why)
+        models, _ = await self.probe(
+            "/api/tags", lambda body: tuple(str(m["name"]) for m in body["models"])
+        )
+        return Health(ok=True, detail=f"ok (Ollama {version} at {self.url})", models=models)

@@ -1,0 +1,264 @@
+"""Model names to providers: logical names, fallback chains, availability.
+
+A model name in a template or a task is one of:
+
+- a logical name from [models] (``default``), standing for an ordered chain of
+  ``provider/model`` entries;
+- ``provider/model`` for one provider of [providers] (``ollama/llama3.2``);
+- anything else, a model of the first enabled server (``llama3.2``, as v1 templates say it).
+
+The first *available* entry of a chain serves: its provider passed its last health check (made
+every ``[fallback] health_interval`` seconds in the background) and did not fail since, and it
+lists the model (when it lists models at all). When a call finds nothing answering or the model
+missing, the entry is marked and the next one is tried at once; entries marked unavailable are
+still tried, last, so a stale mark never fails a task that could have run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, NamedTuple, TypeVar
+
+import msgspec
+
+from orchestra import logs
+from orchestra.config import Settings
+from orchestra.errors import ModelNotFound, ProviderError, ProviderUnavailable, ProviderUnreachable
+from orchestra.llm.base import ChatRequest, ChatResult, EmbedResult, Health, Provider
+
+log = logs.get("orchestra.llm")
+
+T = TypeVar("T")
+
+
+class Route(NamedTuple):
+    """One entry of a chain: which provider, asked for which model."""
+
+    provider: Provider
+    model: str
+
+    def __str__(self) -> str:
+        return f"{self.provider.name}/{self.model}"
+
+
+class ProviderState(msgspec.Struct, frozen=True):
+    """What the router knows of one provider."""
+
+    name: str
+    kind: str
+    available: bool
+    detail: str
+    models: tuple[str, ...] | None
+    checked_at: float | None
+
+
+def lists_model(listed: tuple[str, ...] | None, model: str) -> bool:
+    """Whether a provider's model list has ``model`` (Ollama's "x" is "x:latest"); a provider
+    that lists nothing may have anything."""
+    if listed is None:
+        return True
+    return model in listed or (":" not in model and f"{model}:latest" in listed)
+
+
+class Router:
+    """Picks a provider for each call and falls back along chains; a ``Provider`` itself."""
+
+    name = "router"
+    kind = "router"
+
+    def __init__(self, providers: Mapping[str, Provider], settings: Settings) -> None:
+        self.providers = dict(providers)
+        self.settings = settings
+        self._health: dict[str, Health] = {}
+        self._checked: dict[str, float] = {}
+        #: Providers that failed a call since their last good health check.
+        self._down: dict[str, str] = {}
+        #: (provider, model) pairs a provider said it does not have.
+        self._missing: set[tuple[str, str]] = set()
+        self._gates = {
+            name: asyncio.Semaphore(s.max_concurrency)
+            for name, s in settings.providers.items()
+            if name in self.providers and s.max_concurrency > 0
+        }
+        servers = [p for p in self.providers.values() if p.kind != "embedded"]
+        everything = servers or list(self.providers.values())
+        #: Where a plain model name ("llama3.2") goes: the first enabled server.
+        self._bare: Provider | None = everything[0] if everything else None
+
+    # -- which provider ---------------------------------------------------------------------
+
+    def routes(self, model: str) -> list[Route]:
+        """The entries to try for ``model``, available ones first (in chain order).
+
+        Raises:
+            ModelNotFound: no enabled provider can be asked for this name.
+        """
+        chain = self.settings.chain(model)
+        out: list[Route] = []
+        for entry in chain if chain is not None else [model]:
+            head, slash, rest = entry.partition("/")
+            if slash and head in self.providers:
+                out.append(Route(self.providers[head], rest))
+            elif slash and head in self.settings.providers:
+                continue  # a disabled provider
+            elif chain is None and self._bare is not None:
+                out.append(Route(self._bare, entry))
+        if not out:
+            raise ModelNotFound(
+                f"no enabled provider serves model {model!r}"
+                + (f" (its chain: {', '.join(chain)})" if chain else "")
+            )
+        return sorted(out, key=lambda r: not self.available(r))
+
+    def available(self, route: Route) -> bool:
+        """Whether ``route`` is expected to answer."""
+        name = route.provider.name
+        if name in self._down or (name, route.model) in self._missing:
+            return False
+        health = self._health.get(name)
+        return health is None or (health.ok and lists_model(health.models, route.model))
+
+    def _mark(self, route: Route, error: ProviderError) -> None:
+        if isinstance(error, ModelNotFound):
+            self._missing.add((route.provider.name, route.model))
+        else:
+            self._down[route.provider.name] = error.message
+        log.warning("provider.unavailable", route=str(route), error=error.message)
+
+    async def _through(self, model: str, call: Callable[[Route], Awaitable[T]]) -> T:
+        """Try ``call`` on each route in turn until one answers."""
+        failures: list[tuple[Route, ProviderError]] = []
+        for route in self.routes(model):
+            gate = self._gates.get(route.provider.name)
+            try:
+                if gate is None:
+                    return await call(route)
+                async with gate:
+                    return await call(route)
+            except (ProviderUnreachable, ModelNotFound) as exc:
+                self._mark(route, exc)
+                failures.append((route, exc))
+        raise _combined(model, failures)
+
+    async def chat(
+        self, request: ChatRequest, on_text: Callable[[str], None] | None = None
+    ) -> ChatResult:
+        """Ask the first route of ``request.model`` that answers."""
+
+        async def call(route: Route) -> ChatResult:
+            asked = msgspec.structs.replace(request, model=route.model)
+            return await route.provider.chat(asked, on_text)
+
+        return await self._through(request.model, call)
+
+    async def embed(self, model: str, inputs: list[str]) -> EmbedResult:
+        """Embed with the first route of ``model`` that answers."""
+
+        async def call(route: Route) -> EmbedResult:
+            return await route.provider.embed(route.model, inputs)
+
+        return await self._through(model, call)
+
+    # -- health --------------------------------------------------------------------------------
+
+    async def refresh(self) -> list[ProviderState]:
+        """Check every provider now (at once, each bounded by its own short timeout)."""
+        names = list(self.providers)
+        results = await asyncio.gather(*(self.providers[n].health() for n in names))
+        now = time.time()
+        for name, health in zip(names, results, strict=True):
+            self._health[name] = health
+            self._checked[name] = now
+            if health.ok:
+                self._down.pop(name, None)
+                self._missing -= {
+                    (p, m)
+                    for p, m in self._missing
+                    if p == name and health.models and lists_model(health.models, m)
+                }
+        return self.states()
+
+    def states(self) -> list[ProviderState]:
+        """Each provider as last checked."""
+        out = []
+        for name, provider in self.providers.items():
+            health = self._health.get(name)
+            down = self._down.get(name)
+            out.append(
+                ProviderState(
+                    name=name,
+                    kind=provider.kind,
+                    available=health is not None and health.ok and down is None,
+                    detail=(f"failed a call: {down}" if down else None)
+                    or (health.detail if health else "not checked yet"),
+                    models=health.models if health else None,
+                    checked_at=self._checked.get(name),
+                )
+            )
+        return out
+
+    def chains(self) -> dict[str, list[str]]:
+        """Every logical name and its chain, the built-in ``default`` included."""
+        return {
+            name: chain
+            for name in self.settings.models
+            if (chain := self.settings.chain(name)) is not None
+        }
+
+    async def watch(self) -> None:
+        """Refresh health every ``[fallback] health_interval`` seconds until cancelled."""
+        while True:
+            try:
+                await self.refresh()
+            except Exception as exc:  # a provider's health() must not end the loop
+                log.error("provider.health_failed", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(self.settings.fallback.health_interval)
+
+    async def health(self) -> Health:
+        """All providers checked now: ok when at least one is."""
+        states = await self.refresh()
+        ok = any(s.available for s in states)
+        return Health(ok=ok, detail="; ".join(f"{s.name}: {s.detail}" for s in states))
+
+    async def close(self) -> None:
+        """Close every provider."""
+        for provider in self.providers.values():
+            await provider.close()
+
+
+def _combined(model: str, failures: list[tuple[Route, ProviderError]]) -> ProviderError:
+    """One error for a chain whose every entry failed: retryable when a server was merely
+    unreachable (it may come back), "model not found" when every server said so."""
+    reasons = "; ".join(f"{route}: {exc.message}" for route, exc in failures)
+    if len(failures) == 1:
+        return failures[0][1]
+    message = f"no provider could answer for {model!r}: {reasons}"
+    if all(isinstance(exc, ModelNotFound) for _, exc in failures):
+        return ModelNotFound(message)
+    if any(isinstance(exc, ProviderUnreachable) for _, exc in failures):
+        return ProviderUnavailable(message)
+    return ProviderError(message)
+
+
+def build_providers(settings: Settings, client: Any, env: Mapping[str, str]) -> dict[str, Provider]:
+    """One provider per enabled [providers] entry."""
+    from orchestra.llm.embedded import EmbeddedProvider
+    from orchestra.llm.ollama import OllamaProvider
+    from orchestra.llm.openai import OpenAIProvider
+
+    out: dict[str, Provider] = {}
+    for name, s in settings.providers.items():
+        if not s.enabled:
+            continue
+        key = env.get(s.api_key_env) if s.api_key_env else None
+        if s.api_key_env and not key:
+            log.warning("provider.api_key_missing", provider=name, variable=s.api_key_env)
+        if s.kind == "ollama":
+            out[name] = OllamaProvider(name, client, s.url, s.timeout, key, s.keep_alive)
+        elif s.kind == "openai":
+            out[name] = OpenAIProvider(name, client, s.url, s.timeout, key)
+        else:
+            out[name] = EmbeddedProvider(name, s.model_path, s.context_length, s.threads, s.timeout)
+    return out
