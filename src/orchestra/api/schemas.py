@@ -75,11 +75,14 @@ class SubmitTask(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class ErrorOut(msgspec.Struct, frozen=True, omit_defaults=True):
-    """What went wrong with a request."""
+    """What went wrong with a task (or one of its steps)."""
 
     type: str
     message: str
     step: str | None = None
+    #: Whether trying again may succeed (a server down, a timeout); false for a missing model,
+    #: bad credentials, a template that cannot render.
+    retryable: bool = False
 
 
 class FieldOut(msgspec.Struct, frozen=True):
@@ -161,7 +164,9 @@ class AttemptOut(msgspec.Struct, frozen=True):
 def _error(error: TaskError | None) -> ErrorOut | None:
     if error is None:
         return None
-    return ErrorOut(type=error.type, message=error.message, step=error.step)
+    return ErrorOut(
+        type=error.type, message=error.message, step=error.step, retryable=error.retryable
+    )
 
 
 class TaskOut(msgspec.Struct, frozen=True):

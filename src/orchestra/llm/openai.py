@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 import msgspec
 
 from orchestra.domain import Usage
@@ -58,8 +57,8 @@ def response_format(
     return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt}}
 
 
-class _Rejected(ProviderError):
-    """A 400 or 422: the server did not accept the request as it was written."""
+def _names_format(message: str) -> bool:
+    return "response_format" in message or "json_schema" in message
 
 
 class _Usage(msgspec.Struct):
@@ -118,12 +117,6 @@ class OpenAIProvider(HttpProvider):
     #: Set once the server rejected a ``json_schema`` response format and took the other form.
     schema_in_json_object = False
 
-    def status_error(self, response: httpx.Response, model: str | None) -> ProviderError:
-        error = super().status_error(response, model)
-        if response.status_code in (400, 422):
-            return _Rejected(error.message)
-        return error
-
     async def chat(
         self, request: ChatRequest, on_text: Callable[[str], None] | None = None
     ) -> ChatResult:
@@ -139,10 +132,12 @@ class OpenAIProvider(HttpProvider):
             payload["response_format"] = fmt
         try:
             return await self._chat(payload, request, on_text)
-        except _Rejected:
-            if fmt is None or fmt["type"] != "json_schema":
+        except ProviderError as exc:
+            # Not every server knows the json_schema type, and they say so differently
+            # (llama-cpp-python's answers 500 naming the field): ask the other way, and
+            # remember it for this server.
+            if fmt is None or fmt["type"] != "json_schema" or not _names_format(exc.message):
                 raise
-        # Not every server knows the json_schema type; ask the other way, and remember.
         payload["response_format"] = response_format(request.format, True)
         result = await self._chat(payload, request, on_text)
         self.schema_in_json_object = True
@@ -189,6 +184,11 @@ class OpenAIProvider(HttpProvider):
                     continue  # blank separators, comments (": ping"), event names
                 data = line[5:].strip()
                 if data == "[DONE]":
+                    if usage is None:
+                        # The server sent no counts (llama-cpp-python's does not while
+                        # streaming): each streamed piece is one token; the prompt's count
+                        # stays unknown.
+                        usage = _Usage(completion_tokens=len(parts))
                     text = "".join(parts)
                     return ChatResult(text, answered, _usage(usage, finish, started), self.name)
                 chunk = self.decode_chunk(data, _Completion)

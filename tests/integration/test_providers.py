@@ -1,0 +1,271 @@
+"""Providers end to end: the OpenAI-compatible kind, fallback chains, health, /api/v1/models.
+
+Every server here is real HTTP on loopback: a fake Ollama and a fake OpenAI-compatible server.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from orchestra.config import ModelSettings, Settings, TemplateSettings
+from tests.conftest import Service, StartService, with_provider
+from tests.fixtures.fake_ollama import Failure, FakeOllama
+from tests.fixtures.fake_openai import FakeOpenAI, running_fake_openai
+from tests.fixtures.servers import free_socket, wait_until
+from tests.fixtures.sse import read_events
+
+KEY = "sk-test-5f1e2d"
+
+
+@pytest.fixture
+async def fake_openai() -> AsyncIterator[FakeOpenAI]:
+    async with running_fake_openai(api_key=KEY) as fake:
+        yield fake
+
+
+def routed(settings: Settings, fake_openai: FakeOpenAI, *chain: str) -> Settings:
+    """Settings with the fake OpenAI server as provider ``oai`` and ``default`` = ``chain``."""
+    settings = with_provider(
+        settings, "oai", kind="openai", url=fake_openai.url, api_key_env="OAI_KEY", timeout=10
+    )
+    models = {**settings.models, "default": list(chain)}
+    return msgspec.structs.replace(settings, models=models)
+
+
+@pytest.fixture
+async def oai_service(
+    settings: Settings, fake_openai: FakeOpenAI, start_service: StartService
+) -> AsyncIterator[Service]:
+    async with start_service(
+        routed(settings, fake_openai, "oai/gpt-fake"), env={"OAI_KEY": KEY}
+    ) as svc:
+        yield svc
+
+
+# -- the openai kind ----------------------------------------------------------------------------
+
+
+async def test_openai_provider_streams_text_and_records_usage_and_provider(
+    oai_service: Service, fake_openai: FakeOpenAI
+) -> None:
+    task = await oai_service.submit("summarize", text="The cat sat on the mat.")
+    done = await oai_service.wait(task["id"])
+    assert done["status"] == "succeeded", done["error"]
+    assert "The cat sat on the mat." in done["result"]
+    step = done["steps"][0]
+    assert (step["provider"], step["model"]) == ("oai", "oai/gpt-fake")
+    assert step["usage"]["prompt_tokens"] > 0
+    assert step["usage"]["completion_tokens"] == len(done["result"].split())
+    assert step["usage"]["finish_reason"] == "stop"
+    sent = fake_openai.requests[0]
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+    assert sent["temperature"] == 0 and sent["messages"][0]["role"] == "system"
+    assert fake_openai.headers[-1]["authorization"] == f"Bearer {KEY}"
+    events = [
+        e async for e in read_events(oai_service.client, f"/api/v1/tasks/{task['id']}/events")
+    ]
+    streamed = "".join(e["text"] for e in events if e["event"] == "step.tokens")
+    assert streamed.strip() == done["result"]
+
+
+async def test_wrong_api_key_fails_clearly_and_the_key_is_never_shown(
+    settings: Settings, fake_openai: FakeOpenAI, start_service: StartService, tmp_path: Path
+) -> None:
+    wrong = "sk-wrong-9a8b7c"
+    async with start_service(
+        routed(settings, fake_openai, "oai/gpt-fake"), env={"OAI_KEY": wrong}
+    ) as svc:
+        done = await svc.wait((await svc.submit("summarize", text="hi"))["id"])
+        health = (await svc.client.get("/health")).json()
+    assert done["status"] == "failed"
+    assert done["error"]["type"] == "provider_error" and "retryable" not in done["error"]
+    assert "refused the credentials (401)" in done["error"]["message"]
+    assert wrong not in json.dumps(done) and wrong not in json.dumps(health)
+    assert health["providers"]["oai"]["available"] is False
+
+
+async def test_a_json_schema_task_uses_response_format_and_adapts_to_json_object_servers(
+    settings: Settings, start_service: StartService
+) -> None:
+    async with running_fake_openai(json_object_only=True) as fake:
+        fake.reply = lambda body: '{"label": "billing"}'
+        routes = routed(settings, fake, "oai/gpt-fake")
+        async with start_service(routes, env={}) as svc:
+            params = {"text": "I was charged twice", "labels": ["billing", "bug"]}
+            first = await svc.wait((await svc.submit("classify", **params))["id"])
+            second = await svc.wait((await svc.submit("classify", **params))["id"])
+    assert (first["status"], first["result"]) == ("succeeded", "billing")
+    assert (second["status"], second["result"]) == ("succeeded", "billing")
+    formats = [r["response_format"] for r in fake.requests]
+    schema = {
+        "type": "object",
+        "properties": {"label": {"type": "string", "enum": ["billing", "bug"]}},
+        "required": ["label"],
+    }
+    assert formats[0] == {
+        "type": "json_schema",
+        "json_schema": {"name": "output", "schema": schema},
+    }
+    # Refused once; from then on the server is asked the way it understands.
+    assert formats[1:] == [{"type": "json_object", "schema": schema}] * 2
+
+
+async def test_an_error_in_the_middle_of_an_sse_stream_fails_the_attempt(
+    oai_service: Service, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.mid_stream_error = "the GPU fell over"
+    done = await oai_service.wait((await oai_service.submit("summarize", text="a b c d e"))["id"])
+    assert done["status"] == "failed"
+    assert done["error"]["type"] == "provider_unavailable" and done["error"]["retryable"]
+    assert "in the middle of its answer: the GPU fell over" in done["error"]["message"]
+
+
+async def test_openai_embeddings_come_back_in_input_order(
+    settings: Settings, fake_openai: FakeOpenAI, start_service: StartService, tmp_path: Path
+) -> None:
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    (folder / "vectors.yaml").write_text(
+        "name: vectors\nmodel: oai/embed-fake\nparameters:\n  texts: {type: array}\n"
+        "steps:\n  - id: v\n    kind: embed\n    input: params.texts\n"
+    )
+    routes = msgspec.structs.replace(
+        routed(settings, fake_openai, "oai/gpt-fake"),
+        templates=TemplateSettings(dirs=[str(folder)]),
+    )
+    async with start_service(routes, env={"OAI_KEY": KEY}) as svc:
+        done = await svc.wait((await svc.submit("vectors", texts=["a", "bbb", "cc"]))["id"])
+    assert done["status"] == "succeeded", done["error"]
+    assert done["result"] == [[1.0, 0.0], [3.0, 1.0], [2.0, 2.0]]
+    assert done["steps"][0]["model"] == "oai/embed-fake"
+
+
+# -- fallbacks ----------------------------------------------------------------------------------
+
+
+async def test_a_refused_connection_falls_back_to_the_next_entry(
+    settings: Settings, fake_openai: FakeOpenAI, start_service: StartService
+) -> None:
+    sock = free_socket()  # bound, not listening: connections are refused
+    dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        routes = with_provider(
+            routed(settings, fake_openai, "ollama/llama3.2", "oai/gpt-fake"), "ollama", url=dead
+        )
+        async with start_service(routes, env={"OAI_KEY": KEY}) as svc:
+            done = await svc.wait((await svc.submit("summarize", text="fall back"))["id"])
+            models = (await svc.client.get("/api/v1/models")).json()
+    finally:
+        sock.close()
+    assert done["status"] == "succeeded", done["error"]
+    assert done["steps"][0]["model"] == "oai/gpt-fake"
+    assert len(done["attempts"]) == 1  # no retry: the fallback happened within the call
+    default = next(m for m in models["models"] if m["name"] == "default")
+    assert default == {
+        "name": "default",
+        "chain": ["ollama/llama3.2", "oai/gpt-fake"],
+        "serves": "oai/gpt-fake",
+    }
+    by_name = {p["name"]: p for p in models["providers"]}
+    assert by_name["ollama"]["available"] is False and "refused" in by_name["ollama"]["detail"]
+    assert by_name["oai"]["available"] is True and "gpt-fake" in by_name["oai"]["models"]
+    assert by_name["oai"]["kind"] == "openai"
+
+
+async def test_a_missing_model_falls_back_and_is_skipped_afterwards(
+    settings: Settings,
+    fake_ollama: FakeOllama,
+    fake_openai: FakeOpenAI,
+    start_service: StartService,
+) -> None:
+    routes = routed(settings, fake_openai, "ollama/mistral", "oai/gpt-fake")
+    async with start_service(routes, env={"OAI_KEY": KEY}) as svc:
+        for _ in range(3):
+            done = await svc.wait((await svc.submit("summarize", text="x"))["id"])
+            assert done["steps"][0]["model"] == "oai/gpt-fake"
+    # Ollama's model list (checked at startup) lacks "mistral": never asked at all.
+    assert [r["model"] for r in fake_ollama.requests] == []
+    assert len(fake_openai.requests) == 3
+
+
+async def test_a_model_missing_everywhere_names_every_entry(
+    settings: Settings, fake_openai: FakeOpenAI, start_service: StartService
+) -> None:
+    routes = routed(settings, fake_openai, "ollama/mistral", "oai/mistral")
+    async with start_service(routes, env={"OAI_KEY": KEY}) as svc:
+        done = await svc.wait((await svc.submit("summarize", text="x"))["id"])
+    assert done["status"] == "failed"
+    assert done["error"]["type"] == "model_not_found" and "retryable" not in done["error"]
+    message = done["error"]["message"]
+    assert "no provider could answer for 'default'" in message
+    assert "ollama/mistral:" in message and "oai/mistral:" in message
+
+
+async def test_a_busy_server_is_retried_not_fallen_back_from(
+    settings: Settings,
+    fake_ollama: FakeOllama,
+    fake_openai: FakeOpenAI,
+    start_service: StartService,
+) -> None:
+    # 503 is Ollama's "server busy": the server is there, so the task retries on it.
+    fake_ollama.failure = Failure(503, "server busy, please try again", times=1)
+    routes = routed(settings, fake_openai, "ollama/llama3.2", "oai/gpt-fake")
+    async with start_service(routes, env={"OAI_KEY": KEY}) as svc:
+        task = await svc.client.post(
+            "/api/v1/tasks",
+            json={"template": "summarize", "params": {"text": "x"}, "max_attempts": 2},
+        )
+        done = await svc.wait(task.json()["id"], seconds=30)
+    assert done["status"] == "succeeded"
+    assert done["steps"][0]["model"] == "ollama/llama3.2"
+    assert [a["status"] for a in done["attempts"]] == ["failed", "succeeded"]
+    assert fake_openai.requests == []
+
+
+async def test_a_plain_model_name_goes_to_the_first_server(
+    settings: Settings, fake_ollama: FakeOllama, start_service: StartService
+) -> None:
+    async with start_service(settings) as svc:
+        response = await svc.client.post(
+            "/api/v1/tasks",
+            json={"template": "summarize", "params": {"text": "x"}, "model": "qwen2.5"},
+        )
+        done = await svc.wait(response.json()["id"])
+    assert done["steps"][0]["model"] == "ollama/qwen2.5"
+    assert fake_ollama.requests[-1]["model"] == "qwen2.5"
+
+
+async def test_provider_max_concurrency_bounds_calls_in_flight(
+    settings: Settings, fake_ollama: FakeOllama, start_service: StartService
+) -> None:
+    fake_ollama.latency = 0.2
+    limited = with_provider(settings, "ollama", max_concurrency=1)
+    async with start_service(limited) as svc:
+        ids = [(await svc.submit("summarize", text=f"t{i}"))["id"] for i in range(4)]
+        done = [await svc.wait(i) for i in ids]
+    assert all(t["status"] == "succeeded" for t in done)
+    assert fake_ollama.max_in_flight == 1
+
+
+async def test_a_logical_name_can_limit_its_tasks(
+    settings: Settings, fake_ollama: FakeOllama, start_service: StartService
+) -> None:
+    fake_ollama.latency = 0.2
+    models: dict[str, Any] = {
+        **settings.models,
+        "default": ModelSettings(chain=["ollama/llama3.2"], max_concurrency=2),
+    }
+    async with start_service(msgspec.structs.replace(settings, models=models)) as svc:
+        ids = [(await svc.submit("summarize", text=f"t{i}"))["id"] for i in range(5)]
+        await wait_until(lambda: fake_ollama.in_flight == 2, timeout=5)
+        running = (await svc.client.get("/api/v1/tasks", params={"status": "running"})).json()
+        assert len(running["items"]) <= 2
+        done = [await svc.wait(i) for i in ids]
+    assert all(t["status"] == "succeeded" for t in done)
+    assert fake_ollama.max_in_flight == 2

