@@ -174,3 +174,60 @@ async def test_usage_is_summed_per_task_and_truncation_is_flagged(
     assert done["usage"]["completion_tokens"] == (
         first["usage"]["completion_tokens"] + second["usage"]["completion_tokens"]
     )
+
+
+async def test_curl_follows_a_running_task_and_resumes_with_last_event_id(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    """The SSE stream as a plain HTTP client sees it: curl, no EventSource library."""
+    fake_ollama.reply = lambda _req: " ".join(f"w{i}" for i in range(30))
+    fake_ollama.word_delay = 0.02
+    task = await service.submit("summarize", text="follow me")
+    url = f"{service.url}/api/v1/tasks/{task['id']}/events"
+    curl = await asyncio.create_subprocess_exec("curl", "-sN", url, stdout=asyncio.subprocess.PIPE)
+    assert curl.stdout is not None
+    first = await asyncio.wait_for(curl.stdout.readline(), 5)
+    status = (await service.client.get(f"/api/v1/tasks/{task['id']}")).json()["status"]
+    assert status in ("queued", "running")  # the stream began before the task ended
+    out, _ = await asyncio.wait_for(curl.communicate(), 10)
+    text = (first + out).decode()
+    ids = [int(line[4:]) for line in text.splitlines() if line.startswith("id: ")]
+    assert ids == list(range(1, len(ids) + 1))
+    assert "event: step.tokens" in text and text.rstrip().endswith("}")
+    assert "event: task.finished" in text
+
+    middle = ids[len(ids) // 2]
+    resumed = await asyncio.create_subprocess_exec(
+        "curl", "-sN", "-H", f"Last-Event-ID: {middle}", url, stdout=asyncio.subprocess.PIPE
+    )
+    again, _ = await asyncio.wait_for(resumed.communicate(), 10)
+    later = [int(line[4:]) for line in again.decode().splitlines() if line.startswith("id: ")]
+    assert later == ids[ids.index(middle) + 1 :]
+
+
+async def test_many_subscribers_do_not_slow_the_worker(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    words = " ".join(f"w{i}" for i in range(50))
+    fake_ollama.reply = lambda _req: words
+    fake_ollama.word_delay = 0.01
+    loop = asyncio.get_running_loop()
+
+    async def timed(subscribers: int) -> tuple[float, list[str]]:
+        task = await service.submit("summarize", text="watched")
+        started = loop.time()
+
+        async def watch() -> str:
+            events = await collect(service, task["id"])
+            return "".join(e["text"] for e in events if e["event"] == "step.tokens")
+
+        watchers = [asyncio.create_task(watch()) for _ in range(subscribers)]
+        done = await service.wait(task["id"])
+        elapsed = loop.time() - started
+        assert done["status"] == "succeeded"
+        return elapsed, await asyncio.gather(*watchers)
+
+    alone, _ = await timed(0)
+    watched, texts = await timed(50)
+    assert texts == [words] * 50  # every subscriber saw the whole answer
+    assert watched < alone + 1.0, (alone, watched)
