@@ -117,7 +117,11 @@ async def run_llm(spec: LlmStep, scope: Scope, ctx: Context) -> Outcome:
     fmt = _format(spec, scope)
     messages = _messages(spec, scope)
     request = ChatRequest(
-        model=model, messages=tuple(messages), options=dict(spec.options), format=fmt
+        model=model,
+        messages=tuple(messages),
+        options=dict(spec.options),
+        format=fmt,
+        think=spec.think,
     )
     stream = ctx.on_text
     on_text = None if stream is None else (lambda text: stream(spec.id, text))

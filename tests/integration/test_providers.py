@@ -269,3 +269,29 @@ async def test_a_logical_name_can_limit_its_tasks(
         done = [await svc.wait(i) for i in ids]
     assert all(t["status"] == "succeeded" for t in done)
     assert fake_ollama.max_in_flight == 2
+
+
+async def test_ollama_gets_think_and_keep_alive(
+    settings: Settings, fake_ollama: FakeOllama, start_service: StartService, tmp_path: Path
+) -> None:
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    (folder / "ponder.yaml").write_text(
+        "name: ponder\nmodel: default\nsteps:\n  - id: a\n    prompt: why?\n    think: true\n"
+    )
+    configured = msgspec.structs.replace(
+        with_provider(settings, "ollama", keep_alive="10m"),
+        templates=TemplateSettings(dirs=[str(folder)]),
+    )
+    async with start_service(configured) as svc:
+        done = await svc.wait((await svc.submit("ponder"))["id"])
+        bad = await svc.client.post(
+            "/api/v1/templates/validate",
+            content="name: x\nsteps:\n  - id: a\n    prompt: hi\n    think: maybe\n",
+        )
+    assert done["status"] == "succeeded"
+    sent = fake_ollama.requests[-1]
+    assert (sent["think"], sent["keep_alive"]) == (True, "10m")
+    problem = bad.json()["errors"][0]
+    assert (problem["line"], problem["path"]) == (5, "steps[0].think")
+    assert "true or false" in problem["message"]

@@ -80,6 +80,8 @@ class LlmStep(_Step, frozen=True, kw_only=True):
     format: str | dict[str, Any] | None = None
     #: How many times an invalid structured reply is sent back to the model to fix.
     repair_attempts: int = 2
+    #: Let a thinking model think before it answers (Ollama's ``think``); None: its default.
+    think: bool | None = None
     kind: Literal["llm"] = "llm"
 
 

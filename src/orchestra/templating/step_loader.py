@@ -31,7 +31,16 @@ from orchestra.templating.source import Checker, Path_, describe, format_path
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 COMMON_KEYS = ("id", "kind", "when", "timeout")
 KIND_KEYS: dict[str, tuple[str, ...]] = {
-    "llm": ("prompt", "system", "messages", "model", "options", "format", "repair_attempts"),
+    "llm": (
+        "prompt",
+        "system",
+        "messages",
+        "model",
+        "options",
+        "format",
+        "repair_attempts",
+        "think",
+    ),
     "render": ("text",),
     "parse_json": ("input", "schema"),
     "embed": ("input", "model"),
@@ -111,6 +120,14 @@ def _int(
     return value
 
 
+def _flag(c: Checker, data: dict[str, Any], path: Path_, key: str) -> bool | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, bool):
+        c.add((*path, key), f"{key} must be true or false, got {value!r}")
+        return None
+    return value
+
+
 class _StepReader:
     """Reads one step mapping of any kind."""
 
@@ -168,6 +185,7 @@ class _StepReader:
             options=options,
             format=fmt,
             repair_attempts=_int(c, data, path, "repair_attempts", 2, 0, 5),
+            think=_flag(c, data, path, "think"),
         )
 
     def _messages(self) -> list[Message]:
