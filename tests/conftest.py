@@ -81,7 +81,7 @@ def make_settings(db_url: str, ollama_url: str, **workers: Any) -> Settings:
             "ollama": ProviderSettings(kind="ollama", url=ollama_url, timeout=10),
             # Off unless a test turns it on: with it, a "default" task whose Ollama call
             # fails would fall back to a real model where one is installed.
-            "embedded": ProviderSettings(kind="embedded", enabled=False),
+            "embedded": ProviderSettings(kind="embedded", enabled=False, max_tokens=512),
         },
         templates=TemplateSettings(dirs=[]),
     )

@@ -62,7 +62,8 @@ ProviderKind = Literal["ollama", "openai", "embedded"]
 #: The providers every service has unless its settings turn them off (``enabled = false``).
 DEFAULT_PROVIDERS: dict[str, dict[str, Any]] = {
     "ollama": {"kind": "ollama", "url": "http://localhost:11434"},
-    "embedded": {"kind": "embedded"},
+    # A small model can ramble until its context is full: cap answers unless a step says.
+    "embedded": {"kind": "embedded", "max_tokens": 512},
 }
 #: What ``model: default`` means unless [models] says otherwise: Ollama's llama3.2 when it is
 #: there, else the embedded SmolLM2.
@@ -91,6 +92,8 @@ class ProviderSettings(_Section, frozen=True):
     max_concurrency: int = 0
     #: ollama: how long the model stays loaded after a call ("5m", "1h", "-1"); "": the server's.
     keep_alive: str = ""
+    #: Longest answer, in tokens, when a step sets no ``num_predict``; 0: no cap of our own.
+    max_tokens: int = 0
 
     def problems(self, name: str) -> list[tuple[str, bool, str]]:
         """(key, ok, expected) checks of this entry."""
@@ -107,6 +110,7 @@ class ProviderSettings(_Section, frozen=True):
             (f"{key}.max_concurrency", self.max_concurrency >= 0, "an integer >= 0"),
             (f"{key}.context_length", self.context_length >= 16, "an integer >= 16"),
             (f"{key}.threads", self.threads >= 0, "an integer >= 0"),
+            (f"{key}.max_tokens", self.max_tokens >= 0, "an integer >= 0"),
         ]
 
 

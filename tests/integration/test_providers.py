@@ -295,3 +295,21 @@ async def test_ollama_gets_think_and_keep_alive(
     problem = bad.json()["errors"][0]
     assert (problem["line"], problem["path"]) == (5, "steps[0].think")
     assert "true or false" in problem["message"]
+
+
+async def test_provider_max_tokens_caps_answers_unless_the_step_says(
+    settings: Settings, fake_ollama: FakeOllama, start_service: StartService
+) -> None:
+    async with start_service(with_provider(settings, "ollama", max_tokens=7)) as svc:
+        await svc.wait((await svc.submit("summarize", text="x"))["id"])
+        capped = fake_ollama.requests[-1]["options"]
+        response = await svc.client.post(
+            "/api/v1/templates",
+            content="name: long\nmodel: default\nsteps:\n  - id: a\n    prompt: go\n"
+            "    options: {num_predict: 900}\n",
+        )
+        assert response.status_code == 201
+        await svc.wait((await svc.submit("long"))["id"])
+        own = fake_ollama.requests[-1]["options"]
+    assert capped == {"temperature": 0, "num_predict": 7}
+    assert own == {"num_predict": 900}

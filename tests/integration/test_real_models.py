@@ -7,6 +7,7 @@ installed them (`.ci/run` does); the model is small, so answers are short and fa
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import subprocess
 import sys
@@ -59,14 +60,7 @@ def with_chain(settings: Settings, *chain: str) -> Settings:
 
 async def run(svc: Service, template: str, **params: Any) -> dict[str, Any]:
     """Submit and wait (long-polling 60 s at a time, for up to 4 minutes) until it ends."""
-    task = await svc.submit(template, **params)
-    for _ in range(4):
-        response = await svc.client.get(f"/api/v1/tasks/{task['id']}", params={"wait": 60})
-        done: dict[str, Any] = response.json()
-        if done["status"] not in ("queued", "running"):
-            break
-    assert done["status"] == "succeeded", done
-    return done
+    return await run_existing(svc, (await svc.submit(template, **params))["id"])
 
 
 async def check_summary_and_schema_tasks(svc: Service, provider: str) -> None:
@@ -178,3 +172,43 @@ async def test_llama_cpp_server_through_the_openai_provider(
         models = (await svc.client.get("/api/v1/models")).json()
     llamacpp = next(p for p in models["providers"] if p["name"] == "llamacpp")
     assert llamacpp["available"] is True and "smollm2" in llamacpp["models"]
+
+
+async def test_embedded_model_serialises_calls_and_a_cancel_frees_it(
+    settings: Settings, start_service: StartService
+) -> None:
+    local = with_chain(with_provider(settings, "embedded", enabled=True), "embedded/smollm2")
+    async with start_service(local) as svc:
+        # A long answer, cancelled while it streams: the model must be free again at once.
+        long = await svc.client.post(
+            "/api/v1/templates",
+            content="name: ramble\nmodel: default\nsteps:\n  - id: story\n"
+            "    prompt: Write a very long story about a lighthouse keeper.\n"
+            "    options: {num_predict: 1500, temperature: 0.8}\n",
+        )
+        assert long.status_code == 201, long.text
+        ramble = await svc.submit("ramble")
+        async for event in read_events(svc.client, f"/api/v1/tasks/{ramble['id']}/events"):
+            if event["event"] == "step.tokens":
+                break
+        cancelled = await svc.client.post(f"/api/v1/tasks/{ramble['id']}/cancel")
+        assert cancelled.json()["status"] == "cancelled"
+        # Three at once on four workers: one generation at a time, each one whole.
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        ids = [(await svc.submit("title", text=TEXT))["id"] for _ in range(3)]
+        done = [await run_existing(svc, i) for i in ids]
+        elapsed = loop.time() - started
+    assert all(isinstance(t["result"], str) and t["result"] for t in done)
+    assert elapsed < 60, elapsed  # not stuck behind the cancelled 1,500-token story
+
+
+async def run_existing(svc: Service, task_id: int) -> dict[str, Any]:
+    for _ in range(4):
+        done: dict[str, Any] = (
+            await svc.client.get(f"/api/v1/tasks/{task_id}", params={"wait": 60})
+        ).json()
+        if done["status"] not in ("queued", "running"):
+            break
+    assert done["status"] == "succeeded", done
+    return done

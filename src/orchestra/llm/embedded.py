@@ -186,6 +186,7 @@ class EmbeddedProvider:
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
 
         def generate(stop: threading.Event) -> ChatResult:
+            loading = time.perf_counter()
             llm = self._load(embedding=False)
             started = time.perf_counter()
             parts: list[str] = []
@@ -220,7 +221,8 @@ class EmbeddedProvider:
                 usage=Usage(
                     prompt_tokens=max(0, llm.n_tokens - len(parts)),
                     completion_tokens=len(parts),
-                    total_ms=round((ended - started) * 1000, 3),
+                    total_ms=round((ended - loading) * 1000, 3),
+                    load_ms=round((started - loading) * 1000, 3),
                     prompt_ms=round((generated - started) * 1000, 3),
                     generation_ms=round((ended - generated) * 1000, 3),
                     finish_reason=finish,

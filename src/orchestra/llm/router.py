@@ -82,6 +82,9 @@ class Router:
             for name, s in settings.providers.items()
             if name in self.providers and s.max_concurrency > 0
         }
+        self._max_tokens = {
+            name: s.max_tokens for name, s in settings.providers.items() if s.max_tokens
+        }
         servers = [p for p in self.providers.values() if p.kind != "embedded"]
         everything = servers or list(self.providers.values())
         #: Where a plain model name ("llama3.2") goes: the first enabled server.
@@ -148,7 +151,11 @@ class Router:
         """Ask the first route of ``request.model`` that answers."""
 
         async def call(route: Route) -> ChatResult:
-            asked = msgspec.structs.replace(request, model=route.model)
+            options = request.options
+            cap = self._max_tokens.get(route.provider.name)
+            if cap and "num_predict" not in options:
+                options = {**options, "num_predict": cap}
+            asked = msgspec.structs.replace(request, model=route.model, options=options)
             return await route.provider.chat(asked, on_text)
 
         return await self._through(request.model, call)
