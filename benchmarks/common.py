@@ -1,0 +1,191 @@
+"""What every benchmark needs: processes it starts and stops, a load generator, statistics."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+TEXT = (
+    "Orchestra runs AI tasks from YAML templates. It keeps its queue in SQLite and needs no "
+    "broker. Workers claim tasks with one atomic UPDATE and hold a lease while they run."
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    """Wait until ``url`` answers (any status)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not answer within {timeout} s") from None
+            time.sleep(0.05)
+
+
+@contextmanager
+def process(args: list[str], log: Path, **kwargs: Any) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a child process (in its own process group); stop it and its children at the end."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kwargs
+        )
+    try:
+        yield proc
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@contextmanager
+def fake_model(latency_ms: float, log_dir: Path) -> Iterator[str]:
+    """The fake Ollama on a free port; yields its URL."""
+    port = free_port()
+    args = [sys.executable, str(HERE / "fake_model.py"), "--port", str(port)]
+    args += ["--latency", str(latency_ms)]
+    with process(args, log_dir / f"fake-model-{port}.log"):
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/api/version")
+        yield url
+
+
+def rss_mb(pids: list[int]) -> float:
+    """Resident memory of processes and all their descendants, in MB (from /proc)."""
+    seen: set[int] = set()
+    todo = list(pids)
+    total = 0
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+        todo += [int(c) for c in children]
+    return round(total / 1024, 1)
+
+
+class Sampler:
+    """Samples RSS of some processes in the background; keeps the peak."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.peak = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, rss_mb(self.pids))
+            await asyncio.sleep(0.1)
+
+    def __enter__(self) -> Sampler:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summary_ms(values: list[float]) -> dict[str, float]:
+    """p50/p99/mean of seconds, as milliseconds."""
+    return {
+        "p50_ms": round(percentile(values, 50) * 1000, 3),
+        "p99_ms": round(percentile(values, 99) * 1000, 3),
+        "mean_ms": round(statistics.fmean(values) * 1000, 3) if values else float("nan"),
+        "n": len(values),
+    }
+
+
+async def submit_many(
+    n: int, clients: int, submit: Callable[[httpx.AsyncClient, int], Awaitable[Any]], base: str
+) -> tuple[float, float, list[Any]]:
+    """``n`` submits from ``clients`` concurrent clients on keep-alive connections.
+
+    Returns (time of the first submit, time the last submit was answered, the answers).
+    """
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    answers: list[Any] = [None] * n
+    counter = iter(range(n))
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=120) as client:
+
+        async def one_client() -> None:
+            for i in counter:
+                answers[i] = await submit(client, i)
+
+        first = time.time()
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+        last = time.time()
+    return first, last, answers
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    import platform
+    from importlib import metadata
+
+    mem_kb = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kb = int(line.split()[1])
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    versions = {}
+    for package in ("litestar", "uvicorn", "sqlalchemy", "aiosqlite", "httpx", "msgspec"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    import sqlite3
+
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gb": round(mem_kb / 1024 / 1024, 1),
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        "packages": versions,
+    }
