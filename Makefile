@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint clean install dev real-models
+.PHONY: run test lint clean install dev real-models bench
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required")'
@@ -37,12 +37,28 @@ run: $(VENV)/.installed
 	$(BIN)/orchestra serve
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 
 test: $(VENV)/.installed-dev lint
 	$(BIN)/python -m pytest
 
+# Benchmarks (not tests): Orchestra against FastAPI + Celery + Redis on the same workloads,
+# written to benchmarks/RESULTS.md. The classic stack gets a venv of its own, and Redis comes
+# from Debian's redis-server package (installed here when missing; needs root or sudo).
+BENCH_VENV ?= .bench-venv
+$(BENCH_VENV)/.installed: benchmarks/classic/requirements.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet -r benchmarks/classic/requirements.txt
+	@touch $@
+
+bench: $(VENV)/.installed-dev $(BENCH_VENV)/.installed
+	@command -v redis-server >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server; }
+	$(BIN)/python benchmarks/run.py --classic-python $(BENCH_VENV)/bin/python
+
 clean:
-	rm -rf $(VENV) build dist .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) build dist .mypy_cache .pytest_cache .ruff_cache

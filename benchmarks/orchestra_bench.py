@@ -93,7 +93,9 @@ async def _wait_finished(db: Path, n: int, timeout: float = 600) -> float:
 
 def _failed(db: Path) -> int:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        return int(conn.execute("SELECT count(*) FROM tasks WHERE status != 'succeeded'").fetchone()[0])
+        return int(
+            conn.execute("SELECT count(*) FROM tasks WHERE status != 'succeeded'").fetchone()[0]
+        )
 
 
 async def throughput(folder: Path, n: int, concurrency: int) -> dict[str, Any]:
@@ -161,7 +163,9 @@ async def added(folder: Path, n: int = 300) -> dict[str, Any]:
         return {"server": summary_ms(server_side), "client": summary_ms(client_side)}
 
 
-async def slots(folder: Path, workers: int = 64, latency_ms: float = 200, rounds: int = 10) -> dict[str, Any]:
+async def slots(
+    folder: Path, workers: int = 64, latency_ms: float = 200, rounds: int = 10
+) -> dict[str, Any]:
     """Workload 4: a 200 ms model and 64 worker slots; the share of slots kept busy."""
     with fake_model(latency_ms, folder) as model, service(model, folder, workers) as (url, pid, db):
         n = workers * rounds

@@ -67,9 +67,14 @@ class _LeasedRecorder:
             raise LeaseLost()
 
     async def step_finished(self, step: Step) -> None:
-        await self._flush()
-        if not await self.store.finish_step(self.lease, step):
-            raise LeaseLost()
+        async with self._lock:
+            pending, self._text = self._text, {}
+            text = "".join(pending.pop(step.id, []))
+            for step_id, parts in pending.items():
+                await self.store.add_text(self.lease, step_id, "".join(parts))
+            # The step's last text goes in the same transaction as its end.
+            if not await self.store.finish_step(self.lease, step, text):
+                raise LeaseLost()
 
     def step_text(self, step_id: str, text: str) -> None:
         self._text.setdefault(step_id, []).append(text)

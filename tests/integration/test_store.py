@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Connection
 
 from orchestra.db import Database, Lease, TaskStore
 from orchestra.db.schema import LATEST, upgrade
@@ -250,17 +251,18 @@ async def test_a_version_1_database_is_upgraded_in_place(db_url: str, tmp_path: 
     from orchestra.db import schema
 
     old = Database(db_url.replace("orchestra.db", "old.db"))
-    async with old.write() as conn:  # what an Orchestra with only migration 1 left behind
-        await schema.current_version(conn)
-        await schema.MIGRATIONS[0](conn)
-        await conn.exec_driver_sql(
-            "INSERT INTO schema_version VALUES (1, '2026-01-01T00:00:00.000000Z')"
-        )
-        await conn.exec_driver_sql(  # a task as version 1 stored it
+
+    def version_1(conn: Connection) -> None:  # what an Orchestra with only migration 1 left behind
+        schema.current_version(conn)
+        schema.MIGRATIONS[0](conn)
+        conn.exec_driver_sql("INSERT INTO schema_version VALUES (1, '2026-01-01T00:00:00.000000Z')")
+        conn.exec_driver_sql(  # a task as version 1 stored it
             "INSERT INTO tasks (template, template_version, status, params, run_at, created_at) "
             "VALUES ('summarize', 1, 'queued', '{\"text\":\"kept\"}', "
             "'2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z')"
         )
+
+    await old.transaction(version_1)
     assert await upgrade(old) == schema.LATEST
     with sqlite3.connect(old.path) as conn:
         versions = [v for (v,) in conn.execute("SELECT version FROM schema_version")]

@@ -111,6 +111,9 @@ class Runtime:
                 signals = TaskSignals()
                 store = TaskStore(db, on_change=signals.publish)
                 router = Router(build_providers(s, client, self.env), s)
+                # Known before the first task is claimed: which providers answer, with which
+                # models (each check is bounded by a 2 s timeout).
+                await router.refresh()
                 watcher = asyncio.create_task(router.watch(), name="provider-health")
                 pool = WorkerPool(store, self.registry, Runner(router), s)
                 self._db, self._router, self._pool = db, router, pool

@@ -6,8 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
-from sqlalchemy import bindparam, func, insert, select
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import Connection, bindparam, func, insert, select
 
 from orchestra.db.engine import Database
 from orchestra.db.rows import dump
@@ -46,19 +45,17 @@ def _row(task_id: int, type_: str, data: dict[str, Any], now: str) -> dict[str, 
     return {"task_id": task_id, "time": now, "type": type_, "data": dump(data)}
 
 
-async def append(
-    conn: AsyncConnection, task_id: int, type_: str, data: dict[str, Any], now: str
-) -> None:
-    """Add an event with the task's next sequence number."""
-    await conn.execute(_APPEND, _row(task_id, type_, data, now))
+def append(conn: Connection, task_id: int, type_: str, data: dict[str, Any], now: str) -> None:
+    """Add an event with the task's next sequence number (inside a write transaction)."""
+    conn.execute(_APPEND, _row(task_id, type_, data, now))
 
 
-async def append_many(
-    conn: AsyncConnection, entries: Sequence[tuple[int, str, dict[str, Any]]], now: str
+def append_many(
+    conn: Connection, entries: Sequence[tuple[int, str, dict[str, Any]]], now: str
 ) -> None:
-    """Append one event to each of several tasks (a claim of many tasks), in one round trip."""
+    """Append one event to each of several tasks (a claim of many tasks), in one statement."""
     if entries:
-        await conn.execute(_APPEND, [_row(t, kind, data, now) for t, kind, data in entries])
+        conn.execute(_APPEND, [_row(t, kind, data, now) for t, kind, data in entries])
 
 
 async def events_after(db: Database, task_id: int, seq: int, limit: int = 500) -> list[TaskEvent]:

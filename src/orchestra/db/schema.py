@@ -8,17 +8,16 @@ checks that a database migrated from empty matches it exactly.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
-from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import Connection, func, select
 
 from orchestra.db.engine import Database
 from orchestra.db.tables import schema_version
 from orchestra.domain import iso_now
 from orchestra.errors import ConfigError
 
-Migration = Callable[[AsyncConnection], Awaitable[None]]
+Migration = Callable[[Connection], None]
 
 _VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_version (
@@ -126,9 +125,9 @@ CREATE TABLE task_events (
 def _sql(script: str) -> Migration:
     statements = [part.strip() for part in script.split(";") if part.strip()]
 
-    async def apply(conn: AsyncConnection) -> None:
+    def apply(conn: Connection) -> None:
         for statement in statements:
-            await conn.exec_driver_sql(statement)
+            conn.exec_driver_sql(statement)
 
     return apply
 
@@ -137,10 +136,10 @@ MIGRATIONS: list[Migration] = [_sql(_V1), _sql(_V2), _sql(_V3)]
 LATEST = len(MIGRATIONS)
 
 
-async def current_version(conn: AsyncConnection) -> int:
+def current_version(conn: Connection) -> int:
     """The schema version recorded in the database (0 for an empty database)."""
-    await conn.exec_driver_sql(_VERSION_TABLE)
-    return int((await conn.execute(select(func.max(schema_version.c.version)))).scalar() or 0)
+    conn.exec_driver_sql(_VERSION_TABLE)
+    return int(conn.execute(select(func.max(schema_version.c.version))).scalar() or 0)
 
 
 async def upgrade(db: Database) -> int:
@@ -149,14 +148,17 @@ async def upgrade(db: Database) -> int:
     Raises:
         ConfigError: the database was written by a newer Orchestra.
     """
-    async with db.write() as conn:
-        version = await current_version(conn)
+
+    def work(conn: Connection) -> None:
+        version = current_version(conn)
         if version > LATEST:
             raise ConfigError(
                 f"{db.path}: schema version {version} is newer than this Orchestra "
                 f"understands ({LATEST}); upgrade Orchestra"
             )
         for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
-            await migration(conn)
-            await conn.execute(schema_version.insert().values(version=number, applied_at=iso_now()))
+            migration(conn)
+            conn.execute(schema_version.insert().values(version=number, applied_at=iso_now()))
+
+    await db.transaction(work)
     return LATEST

@@ -7,14 +7,26 @@ overwrite what a newer attempt wrote: the guarded UPDATE simply matches no row.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
 import msgspec
-from sqlalchemy import and_, case, delete, exists, func, insert, literal, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Row,
+    and_,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from orchestra.db import events
 from orchestra.db.engine import Database
@@ -79,14 +91,14 @@ def _holds(lease: Lease) -> Any:
     )
 
 
-async def _close_attempt(
-    conn: AsyncConnection,
+def _close_attempt(
+    conn: Connection,
     lease: Lease,
     status: AttemptStatus,
     error: TaskError | None,
     now: str,
 ) -> None:
-    await conn.execute(
+    conn.execute(
         update(task_attempts)
         .where(task_attempts.c.task_id == lease.task_id, task_attempts.c.number == lease.attempt)
         .values(status=status.value, finished_at=now, error=dump(error))
@@ -103,6 +115,12 @@ class TaskStore:
         the requests waiting on those tasks: ``?wait`` and event streams)."""
         self.db = db
         self.on_change = on_change
+
+    def _changed(self, task_id: int, changed: bool) -> bool:
+        """Tell the waiters about a committed change to ``task_id``; passes ``changed`` on."""
+        if changed:
+            self.on_change([task_id])
+        return changed
 
     # -- submitting ---------------------------------------------------------------------------
 
@@ -130,10 +148,14 @@ class TaskStore:
             .on_conflict_do_nothing(index_elements=["idempotency_key"])
             .returning(*tasks.c)
         )
-        async with self.db.write() as conn:
-            row = (await conn.execute(stmt)).one_or_none()
+
+        def work(conn: Connection) -> Row[Any] | None:
+            row = conn.execute(stmt).one_or_none()
             if row is not None:
-                await events.append(conn, row.id, "task.queued", {"run_at": row.run_at}, created)
+                events.append(conn, row.id, "task.queued", {"run_at": row.run_at}, created)
+            return row
+
+        row = await self.db.transaction(work)
         if row is not None:
             return Enqueued(task=task_from_row(row), created=True)
         async with self.db.read() as conn:
@@ -188,10 +210,11 @@ class TaskStore:
             )
             .returning(*tasks.c)
         )
-        async with self.db.write() as conn:
-            rows = (await conn.execute(stmt)).all()
+
+        def work(conn: Connection) -> Sequence[Row[Any]]:
+            rows = conn.execute(stmt).all()
             if rows:
-                await conn.execute(
+                conn.execute(
                     insert(task_attempts),
                     [
                         {
@@ -204,7 +227,7 @@ class TaskStore:
                         for r in rows
                     ],
                 )
-                await events.append_many(
+                events.append_many(
                     conn,
                     [
                         (r.id, "task.started", {"attempt": r.attempts, "worker": owner})
@@ -212,6 +235,9 @@ class TaskStore:
                     ],
                     now,
                 )
+            return rows
+
+        rows = await self.db.transaction(work)
         self.on_change(r.id for r in rows)
         claimed = [task_from_row(r) for r in rows]
         claimed.sort(key=lambda t: (-t.priority, t.run_at, t.id))
@@ -231,8 +257,7 @@ class TaskStore:
             .values(lease_expires_at=iso_now(lease_seconds))
             .returning(tasks.c.id, tasks.c.cancel_requested)
         )
-        async with self.db.write() as conn:
-            rows = (await conn.execute(stmt)).all()
+        rows = await self.db.transaction(lambda conn: conn.execute(stmt).all())
         return Renewal(
             held={r.id for r in rows}, cancel_requested={r.id for r in rows if r.cancel_requested}
         )
@@ -252,34 +277,38 @@ class TaskStore:
             exists().where(_holds(lease))
         )
         stmt = insert(task_steps).from_select(list(values), source)
-        async with self.db.write() as conn:
-            if (await conn.execute(stmt)).rowcount != 1:
+
+        def work(conn: Connection) -> bool:
+            if conn.execute(stmt).rowcount != 1:
                 return False
-            await events.append(
+            events.append(
                 conn,
                 lease.task_id,
                 "step.started",
                 {"step": step_id, "position": position, "attempt": lease.attempt},
                 str(values["started_at"]),
             )
-        self.on_change([lease.task_id])
-        return True
+            return True
+
+        return self._changed(lease.task_id, await self.db.transaction(work))
 
     async def add_text(self, lease: Lease, step_id: str, text: str) -> bool:
         """Record a piece of a step's streamed answer (a ``step.tokens`` event); False when the
         lease is lost."""
-        async with self.db.write() as conn:
-            held = (await conn.execute(select(literal(1)).where(_holds(lease)))).first()
-            if held is None:
+
+        def work(conn: Connection) -> bool:
+            if conn.execute(select(literal(1)).where(_holds(lease))).first() is None:
                 return False
-            await events.append(
+            events.append(
                 conn, lease.task_id, "step.tokens", {"step": step_id, "text": text}, iso_now()
             )
-        self.on_change([lease.task_id])
-        return True
+            return True
 
-    async def finish_step(self, lease: Lease, step: Step) -> bool:
-        """Store a step's outcome; False when the lease is lost."""
+        return self._changed(lease.task_id, await self.db.transaction(work))
+
+    async def finish_step(self, lease: Lease, step: Step, text: str = "") -> bool:
+        """Store a step's outcome, after ``text`` (the rest of its streamed answer, as a
+        ``step.tokens`` event); False when the lease is lost."""
         usage = step.usage
         stmt = (
             update(task_steps)
@@ -309,18 +338,23 @@ class TaskStore:
             data["usage"] = msgspec.to_builtins(usage)
         if step.error is not None:
             data["error"] = step.error.message
-        async with self.db.write() as conn:
-            if (await conn.execute(stmt)).rowcount != 1:
+
+        def work(conn: Connection) -> bool:
+            if conn.execute(stmt).rowcount != 1:
                 return False
-            await events.append(
+            if text:  # the step's last streamed text, before its end
+                tokens = {"step": step.id, "text": text}
+                events.append(conn, lease.task_id, "step.tokens", tokens, iso_now())
+            events.append(
                 conn,
                 lease.task_id,
                 "step.skipped" if skipped else "step.finished",
                 data,
                 step.finished_at or iso_now(),
             )
-        self.on_change([lease.task_id])
-        return True
+            return True
+
+        return self._changed(lease.task_id, await self.db.transaction(work))
 
     async def finish(
         self,
@@ -398,14 +432,16 @@ class TaskStore:
             .where(_holds(lease))
             .values(lease_owner=None, lease_expires_at=None, **values)
         )
-        async with self.db.write() as conn:
-            if (await conn.execute(stmt)).rowcount != 1:
+
+        def work(conn: Connection) -> bool:
+            if conn.execute(stmt).rowcount != 1:
                 return False
             now = iso_now()
-            await _close_attempt(conn, lease, attempt, why, now)
-            await events.append(conn, lease.task_id, *event, now)
-        self.on_change([lease.task_id])
-        return True
+            _close_attempt(conn, lease, attempt, why, now)
+            events.append(conn, lease.task_id, *event, now)
+            return True
+
+        return self._changed(lease.task_id, await self.db.transaction(work))
 
     async def requeue_expired(self) -> dict[int, TaskStatus]:
         """Return tasks whose lease expired (their worker died) to the queue.
@@ -440,22 +476,24 @@ class TaskStore:
             )
             .returning(tasks.c.id, tasks.c.status, tasks.c.attempts)
         )
-        async with self.db.write() as conn:
-            rows = (await conn.execute(stmt)).all()
+
+        def work(conn: Connection) -> Sequence[Row[Any]]:
+            rows = conn.execute(stmt).all()
             for row in rows:
-                await conn.execute(
+                conn.execute(
                     update(task_attempts)
                     .where(
                         task_attempts.c.task_id == row.id, task_attempts.c.number == row.attempts
                     )
                     .values(status=AttemptStatus.LOST.value, finished_at=now, error=dump(lost))
                 )
-                await events.append(
-                    conn, row.id, "task.lease_expired", {"attempt": row.attempts}, now
-                )
+                events.append(conn, row.id, "task.lease_expired", {"attempt": row.attempts}, now)
                 if row.status == TaskStatus.FAILED.value:
                     finished = {"status": row.status, "error": msgspec.to_builtins(gave_up)}
-                    await events.append(conn, row.id, "task.finished", finished, now)
+                    events.append(conn, row.id, "task.finished", finished, now)
+            return rows
+
+        rows = await self.db.transaction(work)
         self.on_change(row.id for row in rows)
         return {row.id: TaskStatus(row.status) for row in rows}
 
@@ -468,8 +506,9 @@ class TaskStore:
         None when there is no such task.
         """
         now = iso_now()
-        async with self.db.write() as conn:
-            done = await conn.execute(
+
+        def work(conn: Connection) -> Any:
+            done = conn.execute(
                 update(tasks)
                 .where(tasks.c.id == task_id, tasks.c.status == QUEUED)
                 .values(
@@ -483,16 +522,16 @@ class TaskStore:
                     "status": TaskStatus.CANCELLED.value,
                     "error": {"type": "cancelled", "message": "cancelled by request"},
                 }
-                await events.append(conn, task_id, "task.finished", finished, now)
+                events.append(conn, task_id, "task.finished", finished, now)
             else:
-                await conn.execute(
+                conn.execute(
                     update(tasks)
                     .where(tasks.c.id == task_id, tasks.c.status == RUNNING)
                     .values(cancel_requested=1)
                 )
-            status = (
-                await conn.execute(select(tasks.c.status).where(tasks.c.id == task_id))
-            ).scalar()
+            return conn.execute(select(tasks.c.status).where(tasks.c.id == task_id)).scalar()
+
+        status = await self.db.transaction(work)
         self.on_change([task_id])
         return None if status is None else TaskStatus(status)
 
@@ -520,15 +559,15 @@ class TaskStore:
                 ),
             )
         )
-        async with self.db.write() as conn:
-            if (await conn.execute(stmt)).rowcount == 1:
-                await events.append(conn, task_id, "task.queued", {"retry": True}, iso_now())
-                requeued = True
-            else:
-                requeued = False
-            status = (
-                await conn.execute(select(tasks.c.status).where(tasks.c.id == task_id))
-            ).scalar()
+
+        def work(conn: Connection) -> tuple[Any, bool]:
+            requeued = conn.execute(stmt).rowcount == 1
+            if requeued:
+                events.append(conn, task_id, "task.queued", {"retry": True}, iso_now())
+            status = conn.execute(select(tasks.c.status).where(tasks.c.id == task_id)).scalar()
+            return status, requeued
+
+        status, requeued = await self.db.transaction(work)
         if requeued:
             self.on_change([task_id])
         return (None if status is None else TaskStatus(status)), requeued
@@ -552,8 +591,8 @@ class TaskStore:
             .order_by(tasks.c.finished_at)
             .limit(batch)
         )
-        async with self.db.write() as conn:
-            return (await conn.execute(delete(tasks).where(tasks.c.id.in_(oldest)))).rowcount
+        stmt = delete(tasks).where(tasks.c.id.in_(oldest))
+        return await self.db.transaction(lambda conn: conn.execute(stmt).rowcount)
 
     # -- reading ------------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import msgspec
-from sqlalchemy import insert, select, update
+from sqlalchemy import Connection, insert, select, update
 
 from orchestra.db.engine import Database
 from orchestra.db.tables import templates
@@ -49,12 +49,13 @@ class TemplateStore:
             .order_by(templates.c.version.desc())
             .limit(1)
         )
-        async with self.db.write() as conn:
-            row = (await conn.execute(latest)).one_or_none()
+
+        def work(conn: Connection) -> Registered:
+            row = conn.execute(latest).one_or_none()
             if row is not None and row.body_hash == body_hash and row.deleted_at is None:
                 return Registered(version=row.version, created=False)
             version = 1 if row is None else row.version + 1
-            await conn.execute(
+            conn.execute(
                 insert(templates).values(
                     name=name,
                     version=version,
@@ -63,7 +64,9 @@ class TemplateStore:
                     created_at=iso_now(),
                 )
             )
-        return Registered(version=version, created=True)
+            return Registered(version=version, created=True)
+
+        return await self.db.transaction(work)
 
     async def delete(self, name: str) -> int:
         """Mark every live version of ``name`` deleted; returns how many."""
@@ -72,5 +75,4 @@ class TemplateStore:
             .where(templates.c.name == name, templates.c.deleted_at.is_(None))
             .values(deleted_at=iso_now())
         )
-        async with self.db.write() as conn:
-            return (await conn.execute(stmt)).rowcount
+        return await self.db.transaction(lambda conn: conn.execute(stmt).rowcount)

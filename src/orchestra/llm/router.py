@@ -217,11 +217,11 @@ class Router:
     async def watch(self) -> None:
         """Refresh health every ``[fallback] health_interval`` seconds until cancelled."""
         while True:
+            await asyncio.sleep(self.settings.fallback.health_interval)
             try:
                 await self.refresh()
             except Exception as exc:  # a provider's health() must not end the loop
                 log.error("provider.health_failed", error=f"{type(exc).__name__}: {exc}")
-            await asyncio.sleep(self.settings.fallback.health_interval)
 
     async def health(self) -> Health:
         """All providers checked now: ok when at least one is."""

@@ -1,0 +1,226 @@
+"""The classic stack (FastAPI + Celery + Redis) on workloads 1, 4 and 5, with the same client,
+the same fake model and the same template text as orchestra_bench.py. Runs in the venv that
+`make bench` makes for it (.bench-venv), with Redis from Debian's redis-server package.
+
+    python benchmarks/classic_bench.py [--tasks 5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    TEXT,
+    Sampler,
+    fake_model,
+    free_port,
+    process,
+    rss_mb,
+    submit_many,
+    wait_http,
+)
+
+HERE = Path(__file__).resolve().parent
+CLIENTS = 64
+BODY = {"template": "summarize", "params": {"text": TEXT, "sentences": 1}}
+BIN = Path(sys.executable).parent
+
+
+@contextmanager
+def stack(model: str, folder: Path, pool: str, concurrency: int) -> Iterator[dict[str, Any]]:
+    """Redis, the FastAPI app under uvicorn and a Celery worker; yields URLs and pids."""
+    redis_port, api_port = free_port(), free_port()
+    server = shutil.which("redis-server") or "/usr/bin/redis-server"
+    env = {
+        **os.environ,
+        "REDIS_URL": f"redis://127.0.0.1:{redis_port}",
+        "MODEL_URL": model,
+        "PYTHONPATH": str(HERE / "classic"),
+    }
+    with ExitStack() as stack_:
+        r = stack_.enter_context(
+            process(
+                [server, "--port", str(redis_port), "--dir", str(folder), "--save", ""],
+                folder / f"redis-{redis_port}.log",
+            )
+        )
+        client = redis.Redis(port=redis_port)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        api = stack_.enter_context(
+            process(
+                [
+                    str(BIN / "uvicorn"),
+                    "app:api",
+                    "--port",
+                    str(api_port),
+                    "--log-level",
+                    "warning",
+                ],
+                folder / f"api-{api_port}.log",
+                env=env,
+            )
+        )
+        url = f"http://127.0.0.1:{api_port}"
+        wait_http(f"{url}/docs")
+        worker = stack_.enter_context(
+            process(
+                [
+                    str(BIN / "celery"),
+                    "-A",
+                    "app",
+                    "worker",
+                    "--pool",
+                    pool,
+                    "--concurrency",
+                    str(concurrency),
+                    "--loglevel",
+                    "warning",
+                    "--without-gossip",
+                    "--without-mingle",
+                    "--without-heartbeat",
+                ],
+                folder / f"worker-{pool}-{api_port}.log",
+                env=env,
+            )
+        )
+        ping_deadline = time.monotonic() + 60
+        from celery import Celery
+
+        control = Celery(broker=f"redis://127.0.0.1:{redis_port}/0")
+        while not control.control.ping(timeout=0.5):
+            if time.monotonic() > ping_deadline:
+                raise RuntimeError("the Celery worker did not start")
+        yield {
+            "url": url,
+            "redis": redis.Redis(port=redis_port, db=1),
+            "broker": redis.Redis(port=redis_port, db=0),
+            "pids": [r.pid, api.pid, worker.pid],
+            "env": env,
+        }
+
+
+async def _submit(client: httpx.AsyncClient, _i: int) -> str:
+    response = await client.post("/api/v1/tasks", json=BODY)
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+async def _wait_results(results: redis.Redis, n: int, timeout: float = 900) -> float:
+    deadline = time.monotonic() + timeout
+    while results.dbsize() < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {results.dbsize()} of {n} results stored")
+        await asyncio.sleep(0.02)
+    return time.time()
+
+
+async def throughput(folder: Path, n: int, pool: str, concurrency: int) -> dict[str, Any]:
+    with fake_model(0, folder) as model, stack(model, folder, pool, concurrency) as s:
+        await asyncio.sleep(1.0)
+        idle = rss_mb(s["pids"])
+        with Sampler(s["pids"]) as sampler:
+            first, last, _ = await submit_many(n, CLIENTS, _submit, s["url"])
+            done = await _wait_results(s["redis"], n)
+        return {
+            "pool": pool,
+            "concurrency": concurrency,
+            "tasks": n,
+            "tasks_per_s": round(n / (done - first), 1),
+            "submits_per_s": round(n / (last - first), 1),
+            "seconds": round(done - first, 2),
+            "rss_idle_mb": idle,
+            "rss_peak_mb": sampler.peak,
+        }
+
+
+async def slots(folder: Path, pool: str, workers: int = 64, rounds: int = 10) -> dict[str, Any]:
+    with fake_model(200, folder) as model, stack(model, folder, pool, workers) as s:
+        n = workers * rounds
+        with Sampler(s["pids"]) as sampler:
+            await submit_many(n, CLIENTS, _submit, s["url"])
+            await _wait_results(s["redis"], n)
+        stats = httpx.get(f"{model}/stats").json()
+        window = stats["last_end"] - stats["first_start"]
+        return {
+            "pool": pool,
+            "workers": workers,
+            "tasks": n,
+            "busy_share": round(stats["busy_seconds"] / (workers * window), 4),
+            "rss_peak_mb": sampler.peak,
+        }
+
+
+async def backlog(folder: Path, pool: str, queued: int = 100_000) -> dict[str, Any]:
+    """100,000 tasks due in an hour (Celery's eta), as Orchestra's backlog workload."""
+    with fake_model(0, folder) as model, stack(model, folder, pool, 2) as s:
+        await asyncio.sleep(1.0)
+        before = rss_mb(s["pids"])
+        sys.path.insert(0, str(HERE / "classic"))
+        os.environ.update(s["env"])
+        import app  # the same Celery app, pointed at this Redis
+
+        app.celery.conf.broker_url = s["env"]["REDIS_URL"] + "/0"
+        app.celery.conf.result_backend = s["env"]["REDIS_URL"] + "/1"
+        params = {"sentences": 1, "style": "paragraph", "text": TEXT}
+        with app.celery.connection_for_write() as conn:
+            for _ in range(queued):
+                app.summarize.apply_async((params,), countdown=3600, connection=conn)
+        await asyncio.sleep(5.0)  # the worker takes them (eta tasks are held by the worker)
+        return {
+            "queued": queued,
+            "rss_before_mb": before,
+            "rss_with_backlog_mb": rss_mb(s["pids"]),
+        }
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tasks", type=int, default=5000)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--skip-backlog", action="store_true")
+    args = parser.parse_args()
+    results: dict[str, Any] = {"throughput": [], "slots": []}
+    with tempfile.TemporaryDirectory(prefix="classic-bench-") as tmp:
+        folder = Path(tmp)
+        for pool, concurrency in (("prefork", 2), ("threads", 32)):
+            result = await throughput(folder, args.tasks, pool, concurrency)
+            print("throughput", json.dumps(result), file=sys.stderr, flush=True)
+            results["throughput"].append(result)
+        for pool in ("prefork", "threads"):
+            result = await slots(folder, pool)
+            print("slots", json.dumps(result), file=sys.stderr, flush=True)
+            results["slots"].append(result)
+        if not args.skip_backlog:
+            results["backlog"] = await backlog(folder, "prefork")
+            print("backlog", json.dumps(results["backlog"]), file=sys.stderr, flush=True)
+    text = json.dumps(results, indent=2)
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,150 @@
+"""`make bench`: run Orchestra's workloads and the classic stack's, write benchmarks/RESULTS.md.
+
+    python benchmarks/run.py --classic-python .bench-venv/bin/python [--tasks 5000]
+
+Everything runs on loopback and stops when done; a run takes a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def _run(python: str, script: str, *args: str) -> dict[str, Any]:
+    out = HERE / f".{Path(script).stem}.json"
+    started = time.monotonic()
+    subprocess.run([python, str(HERE / script), "--out", str(out), *args], check=True)
+    print(f"{script}: {time.monotonic() - started:.0f} s", file=sys.stderr)
+    data: dict[str, Any] = json.loads(out.read_text())
+    out.unlink()
+    return data
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}×" if b else "n/a"
+
+
+def _met(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def report(o: dict[str, Any], c: dict[str, Any], info: dict[str, Any], classic: str) -> str:
+    t = o["throughput"]
+    best = max(c["throughput"], key=lambda r: r["tasks_per_s"])
+    best_slots = max(c["slots"], key=lambda r: r["busy_share"])
+    classic_rss = min(r["rss_peak_mb"] for r in c["throughput"])
+    p, a, s, b, k = o["pickup"], o["added"], o["slots"], o["backlog"], o["claim_scale"]
+    speedup = _ratio(t["tasks_per_s"], best["tasks_per_s"])
+    packages = ", ".join(f"{name} {v}" for name, v in info["packages"].items())
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Measured {datetime.now(UTC):%Y-%m-%d} with `make bench` on {info['cores']} cores "
+        f"({info['cpu']}), {info['memory_gb']} GB, Python {info['python']}, SQLite "
+        f"{info['sqlite']}; {packages}. Classic stack: {classic}.",
+        "",
+        "Everything runs on loopback: the service under test as its own processes, the fake "
+        "model (benchmarks/fake_model.py, Ollama's /api/chat on a bare asyncio server) in "
+        "another, and the load from the benchmark process (64 concurrent HTTP clients on "
+        "keep-alive connections). Both stacks run the built-in `summarize` template text and "
+        "log at warning level.",
+        "",
+        "## Results",
+        "",
+        "| # | workload | Orchestra | classic (best) | target | met |",
+        "|---|---|---|---|---|---|",
+        f"| 1 | throughput, {t['tasks']} tasks, model 0 ms | **{t['tasks_per_s']} tasks/s** "
+        f"(submits {t['submits_per_s']}/s) | {best['tasks_per_s']} tasks/s "
+        f"({best['pool']}, {best['concurrency']}) — ratio {speedup} | ≥ 1,500/s and ≥ 3× | "
+        f"{_met(t['tasks_per_s'] >= 1500 and t['tasks_per_s'] >= 3 * best['tasks_per_s'])} |",
+        f"| 2 | pickup, {p['rate_per_s']:g} tasks/s steady | p50 {p['p50_ms']} ms, p99 "
+        f"{p['p99_ms']} ms | — | p50 < 1 ms, p99 < 5 ms | "
+        f"{_met(p['p50_ms'] < 1 and p['p99_ms'] < 5)} |",
+        f"| 3 | added latency, one task at a time | p50 {a['server']['p50_ms']} ms, p99 "
+        f"{a['server']['p99_ms']} ms (client-seen p50 {a['client']['p50_ms']} ms) | — | "
+        f"p50 < 2 ms | {_met(a['server']['p50_ms'] < 2)} |",
+        f"| 4 | slots busy, model 200 ms, 64 slots | {s['busy_share'] * 100:.1f} % | "
+        f"{best_slots['busy_share'] * 100:.1f} % ({best_slots['pool']}) | ≥ 95 % | "
+        f"{_met(s['busy_share'] >= 0.95)} |",
+        f"| 5 | RSS idle / under workload 1 | {t['rss_idle_mb']} / {t['rss_peak_mb']} MB | "
+        f"{min(r['rss_idle_mb'] for r in c['throughput'])} / {classic_rss} MB (smallest) — ratio "
+        f"{_ratio(t['rss_peak_mb'], classic_rss)} | ≤ 0.25× | "
+        f"{_met(t['rss_peak_mb'] <= classic_rss / 4)} |",
+        f"| 5 | RSS with {b['queued']:,} queued | {b['rss_before_mb']} → "
+        f"{b['rss_with_backlog_mb']} MB | "
+        + (
+            f"{c['backlog']['rss_before_mb']} → {c['backlog']['rss_with_backlog_mb']} MB"
+            if "backlog" in c
+            else "not run"
+        )
+        + f" | flat | {_met(b['rss_with_backlog_mb'] <= b['rss_before_mb'] * 1.2)} |",
+        f"| 6 | one claim, 1,000 vs 1,000,000 rows | p50 {k['1000']['p50_ms']} vs "
+        f"{k['1000000']['p50_ms']} ms ({k['ratio_p50']}×) | — | ≤ 2× | "
+        f"{_met(k['ratio_p50'] <= 2)} |",
+        "",
+        "Every classic configuration:",
+        "",
+        "| workload | pool | concurrency | tasks/s or busy | RSS peak (all processes) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in c["throughput"]:
+        lines.append(
+            f"| 1 throughput | {r['pool']} | {r['concurrency']} | {r['tasks_per_s']} tasks/s | "
+            f"{r['rss_peak_mb']} MB |"
+        )
+    for r in c["slots"]:
+        lines.append(
+            f"| 4 slots | {r['pool']} | {r['workers']} | {r['busy_share'] * 100:.1f} % | "
+            f"{r['rss_peak_mb']} MB |"
+        )
+    lines += ["", "## Method", "", (HERE / "METHOD.md").read_text().strip(), ""]
+    lines += [
+        "## Raw figures",
+        "",
+        "```json",
+        json.dumps({"orchestra": o, "classic": c}, indent=2),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--classic-python", required=True)
+    parser.add_argument("--tasks", default="5000")
+    args = parser.parse_args()
+    started = time.monotonic()
+    orchestra = _run(sys.executable, "orchestra_bench.py", "--tasks", args.tasks)
+    classic = _run(args.classic_python, "classic_bench.py", "--tasks", args.tasks)
+    versions = subprocess.run(
+        [
+            args.classic_python,
+            "-c",
+            "import celery, fastapi, redis; print(f'FastAPI {fastapi.__version__}, "
+            "Celery {celery.__version__}, redis-py {redis.__version__}')",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    server = subprocess.run(["redis-server", "--version"], capture_output=True, text=True)
+    text = report(orchestra, classic, machine(), f"{versions}, {server.stdout.split(' ')[2]}")
+    (HERE / "RESULTS.md").write_text(text)
+    print(f"benchmarks/RESULTS.md written in {time.monotonic() - started:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
