@@ -142,7 +142,7 @@ async def throughput(folder: Path, n: int, pool: str, concurrency: int) -> dict[
         await asyncio.sleep(1.0)
         idle = rss_mb(s["pids"])
         with Sampler(s["pids"]) as sampler:
-            first, last, _ = await submit_many(n, CLIENTS, _submit, s["url"])
+            first, last, _ = await submit_many(n, CLIENTS, BODY, s["url"])
             done = await _wait_results(s["redis"], n)
         return {
             "pool": pool,
@@ -160,7 +160,7 @@ async def slots(folder: Path, pool: str, workers: int = 64, rounds: int = 10) ->
     with fake_model(200, folder) as model, stack(model, folder, pool, workers) as s:
         n = workers * rounds
         with Sampler(s["pids"]) as sampler:
-            await submit_many(n, CLIENTS, _submit, s["url"])
+            await submit_many(n, CLIENTS, BODY, s["url"])
             await _wait_results(s["redis"], n)
         stats = httpx.get(f"{model}/stats").json()
         window = stats["last_end"] - stats["first_start"]

@@ -104,7 +104,7 @@ async def throughput(folder: Path, n: int, concurrency: int) -> dict[str, Any]:
         await asyncio.sleep(1.0)
         idle = rss_mb([pid])
         with Sampler([pid]) as sampler:
-            first, last, _ = await submit_many(n, CLIENTS, _submit, url)
+            first, last, _ = await submit_many(n, CLIENTS, BODY, url)
             done = await _wait_finished(db, n)
         return {
             "tasks": n,
@@ -170,7 +170,7 @@ async def slots(
     with fake_model(latency_ms, folder) as model, service(model, folder, workers) as (url, pid, db):
         n = workers * rounds
         with Sampler([pid]) as sampler:
-            await submit_many(n, CLIENTS, _submit, url)
+            await submit_many(n, CLIENTS, BODY, url)
             await _wait_finished(db, n)
         stats = httpx.get(f"{model}/stats").json()
         window = stats["last_end"] - stats["first_start"]
@@ -198,7 +198,7 @@ async def backlog(folder: Path, queued: int = 100_000) -> dict[str, Any]:
                 ((params, later, later) for _ in range(queued)),
             )
         # The service goes on claiming and running with the backlog in the table.
-        await submit_many(500, CLIENTS, _submit, url)
+        await submit_many(500, CLIENTS, BODY, url)
         await _wait_finished(db, 500)
         await asyncio.sleep(1.0)
         return {"queued": queued, "rss_before_mb": before, "rss_with_backlog_mb": rss_mb([pid])}

@@ -141,7 +141,8 @@ def main() -> None:
         check=True,
     ).stdout.strip()
     server = subprocess.run(["redis-server", "--version"], capture_output=True, text=True)
-    text = report(orchestra, classic, machine(), f"{versions}, {server.stdout.split(' ')[2]}")
+    redis_version = server.stdout.split("v=")[1].split()[0] if "v=" in server.stdout else "?"
+    text = report(orchestra, classic, machine(), f"{versions}, Redis {redis_version}")
     (HERE / "RESULTS.md").write_text(text)
     print(f"benchmarks/RESULTS.md written in {time.monotonic() - started:.0f} s", file=sys.stderr)
 

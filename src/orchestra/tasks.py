@@ -242,8 +242,9 @@ class TaskService:
                 f"only failed or cancelled tasks can be retried; task {task_id} is {status.value}",
                 task_status=status.value,
             )
+        task = await self._get(task_id)  # as retried, before a worker takes it
         self.scheduler.notify()
-        return await self._get(task_id)
+        return task
 
     async def list(
         self,

@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 from sqlalchemy import Connection, bindparam, func, insert, select
 
-from orchestra.db.engine import Database
+from orchestra.db.engine import Database, Prepared
 from orchestra.db.rows import dump
 from orchestra.db.tables import task_events
 
@@ -27,17 +27,19 @@ class TaskEvent(msgspec.Struct, frozen=True):
 
 # One prepared statement: the task's next sequence number is MAX+1 inside the INSERT itself
 # (writes are serialized, so it cannot race), and a batch goes as one executemany.
-_APPEND = insert(task_events).from_select(
-    ["task_id", "seq", "time", "type", "data"],
-    select(
-        bindparam("task_id"),
-        select(func.coalesce(func.max(task_events.c.seq), 0) + 1)
-        .where(task_events.c.task_id == bindparam("task_id"))
-        .scalar_subquery(),
-        bindparam("time"),
-        bindparam("type"),
-        bindparam("data"),
-    ),
+_APPEND = Prepared(
+    insert(task_events).from_select(
+        ["task_id", "seq", "time", "type", "data"],
+        select(
+            bindparam("task_id"),
+            select(func.coalesce(func.max(task_events.c.seq), 0) + 1)
+            .where(task_events.c.task_id == bindparam("task_id"))
+            .scalar_subquery(),
+            bindparam("time"),
+            bindparam("type"),
+            bindparam("data"),
+        ),
+    )
 )
 
 
@@ -47,7 +49,7 @@ def _row(task_id: int, type_: str, data: dict[str, Any], now: str) -> dict[str, 
 
 def append(conn: Connection, task_id: int, type_: str, data: dict[str, Any], now: str) -> None:
     """Add an event with the task's next sequence number (inside a write transaction)."""
-    conn.execute(_APPEND, _row(task_id, type_, data, now))
+    _APPEND.run(conn, _row(task_id, type_, data, now))
 
 
 def append_many(
@@ -55,7 +57,7 @@ def append_many(
 ) -> None:
     """Append one event to each of several tasks (a claim of many tasks), in one statement."""
     if entries:
-        conn.execute(_APPEND, [_row(t, kind, data, now) for t, kind, data in entries])
+        _APPEND.run_many(conn, [_row(t, kind, data, now) for t, kind, data in entries])
 
 
 async def events_after(db: Database, task_id: int, seq: int, limit: int = 500) -> list[TaskEvent]:

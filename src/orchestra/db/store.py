@@ -13,9 +13,11 @@ from typing import Any
 
 import msgspec
 from sqlalchemy import (
+    ClauseElement,
     Connection,
     Row,
     and_,
+    bindparam,
     case,
     delete,
     exists,
@@ -29,7 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from orchestra.db import events
-from orchestra.db.engine import Database
+from orchestra.db.engine import Database, Prepared
 from orchestra.db.rows import dump, load_details, task_from_row
 from orchestra.db.tables import task_attempts, task_steps, tasks
 from orchestra.domain import (
@@ -91,6 +93,81 @@ def _holds(lease: Lease) -> Any:
     )
 
 
+# The same guard with bound parameters, for the worker's prepared statements (the hot path).
+_HOLDS = and_(
+    tasks.c.id == bindparam("h_task"),
+    tasks.c.status == RUNNING,
+    tasks.c.lease_owner == bindparam("h_owner"),
+    tasks.c.attempts == bindparam("h_attempt"),
+)
+
+
+def _lease(lease: Lease) -> dict[str, Any]:
+    return {"h_task": lease.task_id, "h_owner": lease.owner, "h_attempt": lease.attempt}
+
+
+# INSERT … SELECT … WHERE EXISTS(lease): the step row only appears while the lease holds.
+_START_STEP = Prepared(
+    insert(task_steps).from_select(
+        ["task_id", "attempt", "step_id", "position", "status", "started_at"],
+        select(
+            bindparam("h_task"),
+            bindparam("h_attempt"),
+            bindparam("step_id"),
+            bindparam("position"),
+            literal(StepStatus.RUNNING.value),
+            bindparam("started_at"),
+        ).where(exists().where(_HOLDS)),
+    )
+)
+_STEP_FIELDS = (
+    "status",
+    "output",
+    "error",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "usage",
+    "finished_at",
+    "duration_ms",
+)
+_FINISH_STEP = Prepared(
+    update(task_steps)
+    .where(
+        task_steps.c.task_id == bindparam("h_task"),
+        task_steps.c.attempt == bindparam("h_attempt"),
+        task_steps.c.step_id == bindparam("step_id"),
+        exists().where(_HOLDS),
+    )
+    .values({name: bindparam(f"v_{name}") for name in _STEP_FIELDS})
+)
+_HELD = Prepared(select(literal(1)).where(_HOLDS))
+_CLOSE_ATTEMPT = Prepared(
+    update(task_attempts)
+    .where(
+        task_attempts.c.task_id == bindparam("h_task"),
+        task_attempts.c.number == bindparam("h_attempt"),
+    )
+    .values(status=bindparam("v_status"), finished_at=bindparam("v_at"), error=bindparam("v_error"))
+)
+#: The UPDATE that ends an attempt, one per set of columns it writes.
+_END_ATTEMPT: dict[tuple[str, ...], Prepared] = {}
+
+
+def _end_attempt_statement(columns: tuple[str, ...]) -> Prepared:
+    if columns not in _END_ATTEMPT:
+        _END_ATTEMPT[columns] = Prepared(
+            update(tasks)
+            .where(_HOLDS)
+            .values(
+                lease_owner=None,
+                lease_expires_at=None,
+                **{name: bindparam(f"v_{name}") for name in columns},
+            )
+        )
+    return _END_ATTEMPT[columns]
+
+
 def _close_attempt(
     conn: Connection,
     lease: Lease,
@@ -98,10 +175,8 @@ def _close_attempt(
     error: TaskError | None,
     now: str,
 ) -> None:
-    conn.execute(
-        update(task_attempts)
-        .where(task_attempts.c.task_id == lease.task_id, task_attempts.c.number == lease.attempt)
-        .values(status=status.value, finished_at=now, error=dump(error))
+    _CLOSE_ATTEMPT.run(
+        conn, {**_lease(lease), "v_status": status.value, "v_at": now, "v_error": dump(error)}
     )
 
 
@@ -264,29 +339,18 @@ class TaskStore:
 
     async def start_step(self, lease: Lease, step_id: str, position: int) -> bool:
         """Record that a step started; False when the lease is lost."""
-        values = {
-            "task_id": lease.task_id,
-            "attempt": lease.attempt,
-            "step_id": step_id,
-            "position": position,
-            "status": StepStatus.RUNNING.value,
-            "started_at": iso_now(),
-        }
-        # INSERT … SELECT … WHERE EXISTS(lease): the step row only appears while the lease holds.
-        source = select(*[literal(v).label(k) for k, v in values.items()]).where(
-            exists().where(_holds(lease))
-        )
-        stmt = insert(task_steps).from_select(list(values), source)
+        started = iso_now()
+        params = {**_lease(lease), "step_id": step_id, "position": position, "started_at": started}
 
         def work(conn: Connection) -> bool:
-            if conn.execute(stmt).rowcount != 1:
+            if _START_STEP.run(conn, params).rowcount != 1:
                 return False
             events.append(
                 conn,
                 lease.task_id,
                 "step.started",
                 {"step": step_id, "position": position, "attempt": lease.attempt},
-                str(values["started_at"]),
+                started,
             )
             return True
 
@@ -297,7 +361,7 @@ class TaskStore:
         lease is lost."""
 
         def work(conn: Connection) -> bool:
-            if conn.execute(select(literal(1)).where(_holds(lease))).first() is None:
+            if _HELD.run(conn, _lease(lease)).fetchone() is None:
                 return False
             events.append(
                 conn, lease.task_id, "step.tokens", {"step": step_id, "text": text}, iso_now()
@@ -310,26 +374,19 @@ class TaskStore:
         """Store a step's outcome, after ``text`` (the rest of its streamed answer, as a
         ``step.tokens`` event); False when the lease is lost."""
         usage = step.usage
-        stmt = (
-            update(task_steps)
-            .where(
-                task_steps.c.task_id == lease.task_id,
-                task_steps.c.attempt == lease.attempt,
-                task_steps.c.step_id == step.id,
-                exists().where(_holds(lease)),
-            )
-            .values(
-                status=step.status.value,
-                output=dump(step.output),
-                error=dump(step.error),
-                model=step.model,
-                prompt_tokens=usage.prompt_tokens if usage else None,
-                completion_tokens=usage.completion_tokens if usage else None,
-                usage=dump(usage),
-                finished_at=step.finished_at,
-                duration_ms=step.duration_ms,
-            )
-        )
+        params = {
+            **_lease(lease),
+            "step_id": step.id,
+            "v_status": step.status.value,
+            "v_output": dump(step.output),
+            "v_error": dump(step.error),
+            "v_model": step.model,
+            "v_prompt_tokens": usage.prompt_tokens if usage else None,
+            "v_completion_tokens": usage.completion_tokens if usage else None,
+            "v_usage": dump(usage),
+            "v_finished_at": step.finished_at,
+            "v_duration_ms": step.duration_ms,
+        }
         skipped = step.status is StepStatus.SKIPPED
         data: dict[str, Any] = {"step": step.id, "status": step.status.value}
         if step.model:
@@ -340,7 +397,7 @@ class TaskStore:
             data["error"] = step.error.message
 
         def work(conn: Connection) -> bool:
-            if conn.execute(stmt).rowcount != 1:
+            if _FINISH_STEP.run(conn, params).rowcount != 1:
                 return False
             if text:  # the step's last streamed text, before its end
                 tokens = {"step": step.id, "text": text}
@@ -427,14 +484,25 @@ class TaskStore:
     ) -> bool:
         """The one way a worker ends its attempt: an UPDATE guarded by the lease, which also
         gives the lease up, and the attempt's record closed in the same transaction."""
-        stmt = (
-            update(tasks)
-            .where(_holds(lease))
-            .values(lease_owner=None, lease_expires_at=None, **values)
-        )
+        if any(isinstance(v, ClauseElement) for v in values.values()):
+            stmt = (
+                update(tasks)
+                .where(_holds(lease))
+                .values(lease_owner=None, lease_expires_at=None, **values)
+            )
+
+            def change(conn: Connection) -> int:
+                return int(conn.execute(stmt).rowcount)
+
+        else:  # the usual case: a prepared statement
+            prepared = _end_attempt_statement(tuple(sorted(values)))
+            params = {**_lease(lease), **{f"v_{k}": v for k, v in values.items()}}
+
+            def change(conn: Connection) -> int:
+                return int(prepared.run(conn, params).rowcount)
 
         def work(conn: Connection) -> bool:
-            if conn.execute(stmt).rowcount != 1:
+            if change(conn) != 1:
                 return False
             now = iso_now()
             _close_attempt(conn, lease, attempt, why, now)

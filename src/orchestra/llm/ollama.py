@@ -109,9 +109,12 @@ class OllamaProvider(HttpProvider):
         self, payload: dict[str, Any], model: str, on_text: Callable[[str], None]
     ) -> ChatResult:
         parts: list[str] = []
+        result: ChatResult | None = None
         async with self.request("POST", "/api/chat", payload, model) as response:
+            # Read to the end even after the "done" line, so the connection goes back to the
+            # pool (leaving a body unread closes it, and the next call pays a new connect).
             async for line in response.aiter_lines():
-                if not line.strip():
+                if not line.strip() or result is not None:
                     continue
                 chunk = self.decode_chunk(line, _ChatReply)
                 if chunk.error:
@@ -122,8 +125,10 @@ class OllamaProvider(HttpProvider):
                     parts.append(chunk.message.content)
                     on_text(chunk.message.content)
                 if chunk.done:
-                    return self._result(chunk, "".join(parts), model)
-        raise ProviderUnavailable(f"{self.where} ended its answer before it was done")
+                    result = self._result(chunk, "".join(parts), model)
+        if result is None:
+            raise ProviderUnavailable(f"{self.where} ended its answer before it was done")
+        return result
 
     def _result(self, reply: _ChatReply, text: str, model: str) -> ChatResult:
         return ChatResult(

@@ -178,9 +178,11 @@ class OpenAIProvider(HttpProvider):
     ) -> ChatResult:
         parts: list[str] = []
         answered, finish, usage = model, None, None
+        result: ChatResult | None = None
         async with self.request("POST", "/chat/completions", payload, model) as response:
+            # Read to the end even after [DONE], so the connection goes back to the pool.
             async for line in response.aiter_lines():
-                if not line.startswith("data:"):
+                if not line.startswith("data:") or result is not None:
                     continue  # blank separators, comments (": ping"), event names
                 data = line[5:].strip()
                 if data == "[DONE]":
@@ -190,7 +192,8 @@ class OpenAIProvider(HttpProvider):
                         # stays unknown.
                         usage = _Usage(completion_tokens=len(parts))
                     text = "".join(parts)
-                    return ChatResult(text, answered, _usage(usage, finish, started), self.name)
+                    result = ChatResult(text, answered, _usage(usage, finish, started), self.name)
+                    continue
                 chunk = self.decode_chunk(data, _Completion)
                 self._check(chunk, mid_stream=True)
                 answered = chunk.model or answered
@@ -201,7 +204,9 @@ class OpenAIProvider(HttpProvider):
                     if piece:
                         parts.append(piece)
                         on_text(piece)
-        raise ProviderUnavailable(f"{self.where} ended its answer before [DONE]")
+        if result is None:
+            raise ProviderUnavailable(f"{self.where} ended its answer before [DONE]")
+        return result
 
     def _check(self, reply: _Completion, mid_stream: bool = False) -> None:
         if reply.error is None:
