@@ -20,18 +20,19 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     TEXT,
     Sampler,
+    busy_share,
     fake_model,
     free_port,
     process,
     rss_mb,
     submit_many,
+    wait_count,
     wait_http,
 )
 
@@ -122,19 +123,9 @@ def stack(model: str, folder: Path, pool: str, concurrency: int) -> Iterator[dic
         }
 
 
-async def _submit(client: httpx.AsyncClient, _i: int) -> str:
-    response = await client.post("/api/v1/tasks", json=BODY)
-    assert response.status_code == 201, response.text
-    return str(response.json()["id"])
-
-
-async def _wait_results(results: redis.Redis, n: int, timeout: float = 900) -> float:
-    deadline = time.monotonic() + timeout
-    while results.dbsize() < n:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"only {results.dbsize()} of {n} results stored")
-        await asyncio.sleep(0.02)
-    return time.time()
+async def _wait_results(results: redis.Redis, n: int) -> float:
+    """The time ``n`` results were stored (polled every 20 ms)."""
+    return await wait_count(lambda: int(results.dbsize()), n, "results stored")
 
 
 async def throughput(folder: Path, n: int, pool: str, concurrency: int) -> dict[str, Any]:
@@ -162,13 +153,12 @@ async def slots(folder: Path, pool: str, workers: int = 64, rounds: int = 10) ->
         with Sampler(s["pids"]) as sampler:
             await submit_many(n, CLIENTS, BODY, s["url"])
             await _wait_results(s["redis"], n)
-        stats = httpx.get(f"{model}/stats").json()
-        window = stats["last_end"] - stats["first_start"]
+        share, _ = busy_share(model, workers)
         return {
             "pool": pool,
             "workers": workers,
             "tasks": n,
-            "busy_share": round(stats["busy_seconds"] / (workers * window), 4),
+            "busy_share": share,
             "rss_peak_mb": sampler.peak,
         }
 

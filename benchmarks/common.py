@@ -11,7 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -207,6 +207,24 @@ async def submit_many(
     await asyncio.gather(*(one_client() for _ in range(clients)))
     last = time.time()
     return first, last, answers
+
+
+async def wait_count(count: Callable[[], int], n: int, what: str, timeout: float = 900) -> float:
+    """Poll ``count()`` every 20 ms until it reaches ``n``; the time it did."""
+    deadline = time.monotonic() + timeout
+    while (seen := count()) < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {seen} of {n} {what}")
+        await asyncio.sleep(0.02)
+    return time.time()
+
+
+def busy_share(model_url: str, slots: int) -> tuple[float, int]:
+    """From the fake model's stats: the share of ``slots`` kept busy between the first call's
+    start and the last call's end, and the most calls in flight at once."""
+    stats = httpx.get(f"{model_url}/stats").json()
+    window = stats["last_end"] - stats["first_start"]
+    return round(stats["busy_seconds"] / (slots * window), 4), int(stats["max_in_flight"])
 
 
 def machine() -> dict[str, Any]:

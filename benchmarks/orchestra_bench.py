@@ -27,12 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     TEXT,
     Sampler,
+    busy_share,
     fake_model,
     free_port,
     process,
     rss_mb,
     submit_many,
     summary_ms,
+    wait_count,
     wait_http,
 )
 
@@ -81,14 +83,9 @@ def _count_finished(db: Path) -> int:
     return int(row[0])
 
 
-async def _wait_finished(db: Path, n: int, timeout: float = 600) -> float:
-    """Poll (every 20 ms) until ``n`` tasks have finished; the time they all had."""
-    deadline = time.monotonic() + timeout
-    while _count_finished(db) < n:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"only {_count_finished(db)} of {n} tasks finished")
-        await asyncio.sleep(0.02)
-    return time.time()
+async def _wait_finished(db: Path, n: int) -> float:
+    """The time ``n`` tasks had finished (polled every 20 ms)."""
+    return await wait_count(lambda: _count_finished(db), n, "tasks finished")
 
 
 def _failed(db: Path) -> int:
@@ -172,14 +169,13 @@ async def slots(
         with Sampler([pid]) as sampler:
             await submit_many(n, CLIENTS, BODY, url)
             await _wait_finished(db, n)
-        stats = httpx.get(f"{model}/stats").json()
-        window = stats["last_end"] - stats["first_start"]
+        share, peak = busy_share(model, workers)
         return {
             "workers": workers,
             "latency_ms": latency_ms,
             "tasks": n,
-            "busy_share": round(stats["busy_seconds"] / (workers * window), 4),
-            "max_in_flight": stats["max_in_flight"],
+            "busy_share": share,
+            "max_in_flight": peak,
             "rss_peak_mb": sampler.peak,
         }
 
