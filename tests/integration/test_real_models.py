@@ -111,6 +111,14 @@ async def test_embedded_model_answers_when_no_server_is_running(
     assert health["providers"]["ollama"]["available"] is False
 
 
+def _server_installed() -> bool:
+    """llama-cpp-python's server extra (the `real-models` extra), beyond `embedded`."""
+    return all(
+        importlib.util.find_spec(name) is not None
+        for name in ("fastapi", "sse_starlette", "starlette_context", "pydantic_settings")
+    )
+
+
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """llama-cpp-python's OpenAI-compatible server with SmolLM2, behind an API key."""
@@ -159,6 +167,9 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
         proc.wait(timeout=30)
 
 
+@pytest.mark.skipif(
+    not _server_installed(), reason="llama-cpp-python[server] not installed (`make real-models`)"
+)
 async def test_llama_cpp_server_through_the_openai_provider(
     settings: Settings, start_service: StartService, llama_server: tuple[str, str]
 ) -> None:
