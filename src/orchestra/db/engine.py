@@ -90,6 +90,12 @@ class Prepared:
         raw: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
         return raw.execute(self.sql, self._values(params))
 
+    def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Execute once; every row as a mapping of column name to value."""
+        cursor = self.run(conn, params)
+        names = [d[0] for d in cursor.description or ()]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
     def run_many(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         """Execute once per parameter set."""
         raw: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]

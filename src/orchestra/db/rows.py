@@ -45,10 +45,13 @@ def error_of(value: str | None) -> TaskError | None:
 
 
 def task_from_row(
-    row: Row[Any], steps: Sequence[Step] = (), history: Sequence[Attempt] = ()
+    row: Row[Any] | Mapping[str, Any],
+    steps: Sequence[Step] = (),
+    history: Sequence[Attempt] = (),
 ) -> Task:
-    """Build a :class:`Task` from a ``tasks`` row, its current steps and its attempts."""
-    m = row._mapping
+    """Build a :class:`Task` from a ``tasks`` row (or its mapping), its current steps and its
+    attempts."""
+    m = row._mapping if isinstance(row, Row) else row
     return Task(
         id=m["id"],
         template=m["template"],

@@ -15,6 +15,7 @@ import msgspec
 from sqlalchemy import (
     ClauseElement,
     Connection,
+    Integer,
     Row,
     and_,
     bindparam,
@@ -150,6 +151,44 @@ _CLOSE_ATTEMPT = Prepared(
     )
     .values(status=bindparam("v_status"), finished_at=bindparam("v_at"), error=bindparam("v_error"))
 )
+
+
+def _claim_statement(skip_models: tuple[str, ...] = ()) -> Any:
+    """The claim: one UPDATE … RETURNING over the best due tasks."""
+    due = (
+        select(tasks.c.id)
+        .where(tasks.c.status == QUEUED, tasks.c.run_at <= bindparam("c_now"))
+        .order_by(tasks.c.priority.desc(), tasks.c.run_at, tasks.c.id)
+        .limit(bindparam("c_limit", type_=Integer))
+    )
+    if skip_models:
+        # NOT IN is NULL for a NULL model: say explicitly that model-less tasks may run.
+        due = due.where(or_(tasks.c.model.is_(None), tasks.c.model.not_in(list(skip_models))))
+    return (
+        update(tasks)
+        .where(tasks.c.id.in_(due), tasks.c.status == QUEUED)
+        .values(
+            status=RUNNING,
+            lease_owner=bindparam("c_owner"),
+            lease_expires_at=bindparam("c_expires"),
+            attempts=tasks.c.attempts + 1,
+            started_at=bindparam("c_now"),
+            finished_at=None,
+        )
+        .returning(*tasks.c)
+    )
+
+
+_CLAIM = Prepared(_claim_statement())
+_ADD_ATTEMPT = Prepared(
+    insert(task_attempts).values(
+        task_id=bindparam("a_task"),
+        number=bindparam("a_number"),
+        worker=bindparam("a_worker"),
+        status=AttemptStatus.RUNNING.value,
+        started_at=bindparam("a_at"),
+    )
+)
 #: The UPDATE that ends an attempt, one per set of columns it writes.
 _END_ATTEMPT: dict[tuple[str, ...], Prepared] = {}
 
@@ -263,41 +302,29 @@ class TaskStore:
         (priority, then run time, then age).
         """
         now = iso_now()
-        due = (
-            select(tasks.c.id)
-            .where(tasks.c.status == QUEUED, tasks.c.run_at <= now)
-            .order_by(tasks.c.priority.desc(), tasks.c.run_at, tasks.c.id)
-            .limit(limit)
-        )
-        if skip_models:
-            # NOT IN is NULL for a NULL model: say explicitly that model-less tasks may run.
-            due = due.where(or_(tasks.c.model.is_(None), tasks.c.model.not_in(list(skip_models))))
-        stmt = (
-            update(tasks)
-            .where(tasks.c.id.in_(due), tasks.c.status == QUEUED)
-            .values(
-                status=RUNNING,
-                lease_owner=owner,
-                lease_expires_at=iso_now(lease_seconds),
-                attempts=tasks.c.attempts + 1,
-                started_at=now,
-                finished_at=None,
-            )
-            .returning(*tasks.c)
-        )
+        params = {
+            "c_now": now,
+            "c_limit": limit,
+            "c_owner": owner,
+            "c_expires": iso_now(lease_seconds),
+        }
+        # Usually the prepared statement; with models at their limit (a NOT IN list), Core.
+        skipping = _claim_statement(tuple(skip_models)) if skip_models else None
 
-        def work(conn: Connection) -> Sequence[Row[Any]]:
-            rows = conn.execute(stmt).all()
+        def work(conn: Connection) -> list[dict[str, Any]]:
+            if skipping is None:
+                rows = _CLAIM.rows(conn, params)
+            else:
+                rows = [dict(r._mapping) for r in conn.execute(skipping, params)]
             if rows:
-                conn.execute(
-                    insert(task_attempts),
+                _ADD_ATTEMPT.run_many(
+                    conn,
                     [
                         {
-                            "task_id": r.id,
-                            "number": r.attempts,
-                            "worker": owner,
-                            "status": AttemptStatus.RUNNING.value,
-                            "started_at": now,
+                            "a_task": r["id"],
+                            "a_number": r["attempts"],
+                            "a_worker": owner,
+                            "a_at": now,
                         }
                         for r in rows
                     ],
@@ -305,7 +332,7 @@ class TaskStore:
                 events.append_many(
                     conn,
                     [
-                        (r.id, "task.started", {"attempt": r.attempts, "worker": owner})
+                        (r["id"], "task.started", {"attempt": r["attempts"], "worker": owner})
                         for r in rows
                     ],
                     now,
@@ -313,7 +340,7 @@ class TaskStore:
             return rows
 
         rows = await self.db.transaction(work)
-        self.on_change(r.id for r in rows)
+        self.on_change(r["id"] for r in rows)
         claimed = [task_from_row(r) for r in rows]
         claimed.sort(key=lambda t: (-t.priority, t.run_at, t.id))
         return claimed
