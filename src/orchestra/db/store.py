@@ -207,6 +207,29 @@ def _end_attempt_statement(columns: tuple[str, ...]) -> Prepared:
     return _END_ATTEMPT[columns]
 
 
+_ENQUEUE_COLUMNS = (
+    "template",
+    "template_version",
+    "status",
+    "params",
+    "model",
+    "priority",
+    "max_attempts",
+    "timeout_seconds",
+    "run_at",
+    "created_at",
+    "idempotency_key",
+    "request_hash",
+)
+# SQLite's (and PostgreSQL's) INSERT … ON CONFLICT DO NOTHING: the unique key decides.
+_ENQUEUE = Prepared(
+    sqlite_insert(tasks)
+    .values({name: bindparam(f"e_{name}") for name in _ENQUEUE_COLUMNS})
+    .on_conflict_do_nothing(index_elements=["idempotency_key"])
+    .returning(*tasks.c)
+)
+
+
 def _close_attempt(
     conn: Connection,
     lease: Lease,
@@ -255,18 +278,14 @@ class TaskStore:
             "idempotency_key": new.idempotency_key,
             "request_hash": new.request_hash,
         }
-        # SQLite's (and PostgreSQL's) INSERT … ON CONFLICT DO NOTHING: the unique key decides.
-        stmt = (
-            sqlite_insert(tasks)
-            .values(**values)
-            .on_conflict_do_nothing(index_elements=["idempotency_key"])
-            .returning(*tasks.c)
-        )
+        params = {f"e_{name}": value for name, value in values.items()}
 
-        def work(conn: Connection) -> Row[Any] | None:
-            row = conn.execute(stmt).one_or_none()
-            if row is not None:
-                events.append(conn, row.id, "task.queued", {"run_at": row.run_at}, created)
+        def work(conn: Connection) -> dict[str, Any] | None:
+            rows = _ENQUEUE.rows(conn, params)
+            if not rows:
+                return None
+            row = rows[0]
+            events.append(conn, row["id"], "task.queued", {"run_at": row["run_at"]}, created)
             return row
 
         row = await self.db.transaction(work)
