@@ -12,6 +12,7 @@ import pytest
 
 from orchestra.api.app import create_app
 from orchestra.config import (
+    DEFAULT_PROVIDERS,
     DatabaseSettings,
     ProviderSettings,
     Settings,
@@ -81,7 +82,9 @@ def make_settings(db_url: str, ollama_url: str, **workers: Any) -> Settings:
             "ollama": ProviderSettings(kind="ollama", url=ollama_url, timeout=10),
             # Off unless a test turns it on: with it, a "default" task whose Ollama call
             # fails would fall back to a real model where one is installed.
-            "embedded": ProviderSettings(kind="embedded", enabled=False, max_tokens=512),
+            "embedded": msgspec.convert(
+                {**DEFAULT_PROVIDERS["embedded"], "enabled": False}, ProviderSettings
+            ),
         },
         templates=TemplateSettings(dirs=[]),
     )

@@ -68,11 +68,8 @@ class _LeasedRecorder:
 
     async def step_finished(self, step: Step) -> None:
         async with self._lock:
-            pending, self._text = self._text, {}
-            text = "".join(pending.pop(step.id, []))
-            for step_id, parts in pending.items():
-                await self.store.add_text(self.lease, step_id, "".join(parts))
             # The step's last text goes in the same transaction as its end.
+            text = await self._write_text(keep=step.id)
             if not await self.store.finish_step(self.lease, step, text):
                 raise LeaseLost()
 
@@ -91,9 +88,15 @@ class _LeasedRecorder:
     async def _flush(self) -> None:
         async with self._lock:
             self._timer = None
-            pending, self._text = self._text, {}
-            for step_id, parts in pending.items():
-                await self.store.add_text(self.lease, step_id, "".join(parts))
+            await self._write_text()
+
+    async def _write_text(self, keep: str | None = None) -> str:
+        """Write the buffered text (the lock held) except ``keep``'s, which is returned."""
+        pending, self._text = self._text, {}
+        kept = "".join(pending.pop(keep, [])) if keep else ""
+        for step_id, parts in pending.items():
+            await self.store.add_text(self.lease, step_id, "".join(parts))
+        return kept
 
 
 class WorkerPool:

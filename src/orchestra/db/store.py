@@ -13,7 +13,6 @@ from typing import Any
 
 import msgspec
 from sqlalchemy import (
-    ClauseElement,
     Connection,
     Integer,
     Row,
@@ -84,17 +83,7 @@ class Renewal(msgspec.Struct, frozen=True):
     cancel_requested: set[int]
 
 
-def _holds(lease: Lease) -> Any:
-    """The guard every worker write carries."""
-    return and_(
-        tasks.c.id == lease.task_id,
-        tasks.c.status == RUNNING,
-        tasks.c.lease_owner == lease.owner,
-        tasks.c.attempts == lease.attempt,
-    )
-
-
-# The same guard with bound parameters, for the worker's prepared statements (the hot path).
+# The guard every worker write carries: the task is still running under this lease.
 _HOLDS = and_(
     tasks.c.id == bindparam("h_task"),
     tasks.c.status == RUNNING,
@@ -194,15 +183,13 @@ _END_ATTEMPT: dict[tuple[str, ...], Prepared] = {}
 
 
 def _end_attempt_statement(columns: tuple[str, ...]) -> Prepared:
+    """The UPDATE for these columns; ``handed_back`` is added to, not set."""
     if columns not in _END_ATTEMPT:
+        values: dict[str, Any] = {name: bindparam(f"v_{name}") for name in columns}
+        if "handed_back" in values:
+            values["handed_back"] = tasks.c.handed_back + values["handed_back"]
         _END_ATTEMPT[columns] = Prepared(
-            update(tasks)
-            .where(_HOLDS)
-            .values(
-                lease_owner=None,
-                lease_expires_at=None,
-                **{name: bindparam(f"v_{name}") for name in columns},
-            )
+            update(tasks).where(_HOLDS).values(lease_owner=None, lease_expires_at=None, **values)
         )
     return _END_ATTEMPT[columns]
 
@@ -516,7 +503,7 @@ class TaskStore:
             None,
             ("task.handed_back", {"attempt": lease.attempt}),
             status=QUEUED,
-            handed_back=tasks.c.handed_back + 1,
+            handed_back=1,  # one more attempt handed back
             run_at=iso_now(),
         )
 
@@ -530,25 +517,11 @@ class TaskStore:
     ) -> bool:
         """The one way a worker ends its attempt: an UPDATE guarded by the lease, which also
         gives the lease up, and the attempt's record closed in the same transaction."""
-        if any(isinstance(v, ClauseElement) for v in values.values()):
-            stmt = (
-                update(tasks)
-                .where(_holds(lease))
-                .values(lease_owner=None, lease_expires_at=None, **values)
-            )
-
-            def change(conn: Connection) -> int:
-                return int(conn.execute(stmt).rowcount)
-
-        else:  # the usual case: a prepared statement
-            prepared = _end_attempt_statement(tuple(sorted(values)))
-            params = {**_lease(lease), **{f"v_{k}": v for k, v in values.items()}}
-
-            def change(conn: Connection) -> int:
-                return int(prepared.run(conn, params).rowcount)
+        prepared = _end_attempt_statement(tuple(sorted(values)))
+        params = {**_lease(lease), **{f"v_{k}": v for k, v in values.items()}}
 
         def work(conn: Connection) -> bool:
-            if change(conn) != 1:
+            if prepared.run(conn, params).rowcount != 1:
                 return False
             now = iso_now()
             _close_attempt(conn, lease, attempt, why, now)

