@@ -29,7 +29,7 @@ from typing import Any
 
 from orchestra import logs
 from orchestra.config import Settings
-from orchestra.db.store import Lease, TaskStore
+from orchestra.db import Lease, TaskStore
 from orchestra.domain import RetryPolicy, Step, Task, TaskError, TaskStatus, now
 from orchestra.errors import LeaseLost, TemplateNotFound
 from orchestra.runner import Runner, StepFailed

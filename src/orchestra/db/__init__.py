@@ -1,10 +1,12 @@
 """Storage: the only package that imports SQLAlchemy.
 
 ``engine`` opens the database, ``tables`` describes it, ``schema`` creates and upgrades it,
-``store`` holds every query as a named function.
+``store`` holds every query as a named function, ``statements`` the hot path's SQL compiled
+once.
 """
 
 from orchestra.db.engine import Database
-from orchestra.db.store import Lease, TaskPage, TaskStore
+from orchestra.db.statements import Lease
+from orchestra.db.store import TaskPage, TaskStore
 
 __all__ = ["Database", "Lease", "TaskPage", "TaskStore"]

@@ -14,26 +14,33 @@ from typing import Any
 import msgspec
 from sqlalchemy import (
     Connection,
-    Integer,
     Row,
-    and_,
-    bindparam,
     case,
     delete,
-    exists,
     func,
-    insert,
-    literal,
-    or_,
     select,
     update,
 )
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from orchestra.db import events
-from orchestra.db.engine import Database, Prepared
+from orchestra.db.engine import Database
 from orchestra.db.rows import dump, load_details, task_from_row
-from orchestra.db.tables import task_attempts, task_steps, tasks
+from orchestra.db.statements import (
+    ADD_ATTEMPT,
+    CLAIM,
+    ENQUEUE,
+    FINISH_STEP,
+    HELD,
+    QUEUED,
+    RUNNING,
+    START_STEP,
+    Lease,
+    claim_statement,
+    close_attempt,
+    end_attempt_statement,
+    lease_params,
+)
+from orchestra.db.tables import task_attempts, tasks
 from orchestra.domain import (
     AttemptStatus,
     NewTask,
@@ -45,16 +52,6 @@ from orchestra.domain import (
     iso,
     iso_now,
 )
-
-QUEUED, RUNNING = TaskStatus.QUEUED.value, TaskStatus.RUNNING.value
-
-
-class Lease(msgspec.Struct, frozen=True):
-    """Proof that a worker holds a task: who, and for which attempt."""
-
-    task_id: int
-    owner: str
-    attempt: int
 
 
 class TaskPage(msgspec.Struct, frozen=True):
@@ -81,152 +78,6 @@ class Renewal(msgspec.Struct, frozen=True):
 
     held: set[int]
     cancel_requested: set[int]
-
-
-# The guard every worker write carries: the task is still running under this lease.
-_HOLDS = and_(
-    tasks.c.id == bindparam("h_task"),
-    tasks.c.status == RUNNING,
-    tasks.c.lease_owner == bindparam("h_owner"),
-    tasks.c.attempts == bindparam("h_attempt"),
-)
-
-
-def _lease(lease: Lease) -> dict[str, Any]:
-    return {"h_task": lease.task_id, "h_owner": lease.owner, "h_attempt": lease.attempt}
-
-
-# INSERT … SELECT … WHERE EXISTS(lease): the step row only appears while the lease holds.
-_START_STEP = Prepared(
-    insert(task_steps).from_select(
-        ["task_id", "attempt", "step_id", "position", "status", "started_at"],
-        select(
-            bindparam("h_task"),
-            bindparam("h_attempt"),
-            bindparam("step_id"),
-            bindparam("position"),
-            literal(StepStatus.RUNNING.value),
-            bindparam("started_at"),
-        ).where(exists().where(_HOLDS)),
-    )
-)
-_STEP_FIELDS = (
-    "status",
-    "output",
-    "error",
-    "model",
-    "prompt_tokens",
-    "completion_tokens",
-    "usage",
-    "finished_at",
-    "duration_ms",
-)
-_FINISH_STEP = Prepared(
-    update(task_steps)
-    .where(
-        task_steps.c.task_id == bindparam("h_task"),
-        task_steps.c.attempt == bindparam("h_attempt"),
-        task_steps.c.step_id == bindparam("step_id"),
-        exists().where(_HOLDS),
-    )
-    .values({name: bindparam(f"v_{name}") for name in _STEP_FIELDS})
-)
-_HELD = Prepared(select(literal(1)).where(_HOLDS))
-_CLOSE_ATTEMPT = Prepared(
-    update(task_attempts)
-    .where(
-        task_attempts.c.task_id == bindparam("h_task"),
-        task_attempts.c.number == bindparam("h_attempt"),
-    )
-    .values(status=bindparam("v_status"), finished_at=bindparam("v_at"), error=bindparam("v_error"))
-)
-
-
-def _claim_statement(skip_models: tuple[str, ...] = ()) -> Any:
-    """The claim: one UPDATE … RETURNING over the best due tasks."""
-    due = (
-        select(tasks.c.id)
-        .where(tasks.c.status == QUEUED, tasks.c.run_at <= bindparam("c_now"))
-        .order_by(tasks.c.priority.desc(), tasks.c.run_at, tasks.c.id)
-        .limit(bindparam("c_limit", type_=Integer))
-    )
-    if skip_models:
-        # NOT IN is NULL for a NULL model: say explicitly that model-less tasks may run.
-        due = due.where(or_(tasks.c.model.is_(None), tasks.c.model.not_in(list(skip_models))))
-    return (
-        update(tasks)
-        .where(tasks.c.id.in_(due), tasks.c.status == QUEUED)
-        .values(
-            status=RUNNING,
-            lease_owner=bindparam("c_owner"),
-            lease_expires_at=bindparam("c_expires"),
-            attempts=tasks.c.attempts + 1,
-            started_at=bindparam("c_now"),
-            finished_at=None,
-        )
-        .returning(*tasks.c)
-    )
-
-
-_CLAIM = Prepared(_claim_statement())
-_ADD_ATTEMPT = Prepared(
-    insert(task_attempts).values(
-        task_id=bindparam("a_task"),
-        number=bindparam("a_number"),
-        worker=bindparam("a_worker"),
-        status=AttemptStatus.RUNNING.value,
-        started_at=bindparam("a_at"),
-    )
-)
-#: The UPDATE that ends an attempt, one per set of columns it writes.
-_END_ATTEMPT: dict[tuple[str, ...], Prepared] = {}
-
-
-def _end_attempt_statement(columns: tuple[str, ...]) -> Prepared:
-    """The UPDATE for these columns; ``handed_back`` is added to, not set."""
-    if columns not in _END_ATTEMPT:
-        values: dict[str, Any] = {name: bindparam(f"v_{name}") for name in columns}
-        if "handed_back" in values:
-            values["handed_back"] = tasks.c.handed_back + values["handed_back"]
-        _END_ATTEMPT[columns] = Prepared(
-            update(tasks).where(_HOLDS).values(lease_owner=None, lease_expires_at=None, **values)
-        )
-    return _END_ATTEMPT[columns]
-
-
-_ENQUEUE_COLUMNS = (
-    "template",
-    "template_version",
-    "status",
-    "params",
-    "model",
-    "priority",
-    "max_attempts",
-    "timeout_seconds",
-    "run_at",
-    "created_at",
-    "idempotency_key",
-    "request_hash",
-)
-# SQLite's (and PostgreSQL's) INSERT … ON CONFLICT DO NOTHING: the unique key decides.
-_ENQUEUE = Prepared(
-    sqlite_insert(tasks)
-    .values({name: bindparam(f"e_{name}") for name in _ENQUEUE_COLUMNS})
-    .on_conflict_do_nothing(index_elements=["idempotency_key"])
-    .returning(*tasks.c)
-)
-
-
-def _close_attempt(
-    conn: Connection,
-    lease: Lease,
-    status: AttemptStatus,
-    error: TaskError | None,
-    now: str,
-) -> None:
-    _CLOSE_ATTEMPT.run(
-        conn, {**_lease(lease), "v_status": status.value, "v_at": now, "v_error": dump(error)}
-    )
 
 
 class TaskStore:
@@ -268,7 +119,7 @@ class TaskStore:
         params = {f"e_{name}": value for name, value in values.items()}
 
         def work(conn: Connection) -> dict[str, Any] | None:
-            rows = _ENQUEUE.rows(conn, params)
+            rows = ENQUEUE.rows(conn, params)
             if not rows:
                 return None
             row = rows[0]
@@ -315,15 +166,15 @@ class TaskStore:
             "c_expires": iso_now(lease_seconds),
         }
         # Usually the prepared statement; with models at their limit (a NOT IN list), Core.
-        skipping = _claim_statement(tuple(skip_models)) if skip_models else None
+        skipping = claim_statement(tuple(skip_models)) if skip_models else None
 
         def work(conn: Connection) -> list[dict[str, Any]]:
             if skipping is None:
-                rows = _CLAIM.rows(conn, params)
+                rows = CLAIM.rows(conn, params)
             else:
                 rows = [dict(r._mapping) for r in conn.execute(skipping, params)]
             if rows:
-                _ADD_ATTEMPT.run_many(
+                ADD_ATTEMPT.run_many(
                     conn,
                     [
                         {
@@ -373,10 +224,15 @@ class TaskStore:
     async def start_step(self, lease: Lease, step_id: str, position: int) -> bool:
         """Record that a step started; False when the lease is lost."""
         started = iso_now()
-        params = {**_lease(lease), "step_id": step_id, "position": position, "started_at": started}
+        params = {
+            **lease_params(lease),
+            "step_id": step_id,
+            "position": position,
+            "started_at": started,
+        }
 
         def work(conn: Connection) -> bool:
-            if _START_STEP.run(conn, params).rowcount != 1:
+            if START_STEP.run(conn, params).rowcount != 1:
                 return False
             events.append(
                 conn,
@@ -394,7 +250,7 @@ class TaskStore:
         lease is lost."""
 
         def work(conn: Connection) -> bool:
-            if _HELD.run(conn, _lease(lease)).fetchone() is None:
+            if HELD.run(conn, lease_params(lease)).fetchone() is None:
                 return False
             events.append(
                 conn, lease.task_id, "step.tokens", {"step": step_id, "text": text}, iso_now()
@@ -408,7 +264,7 @@ class TaskStore:
         ``step.tokens`` event); False when the lease is lost."""
         usage = step.usage
         params = {
-            **_lease(lease),
+            **lease_params(lease),
             "step_id": step.id,
             "v_status": step.status.value,
             "v_output": dump(step.output),
@@ -430,7 +286,7 @@ class TaskStore:
             data["error"] = step.error.message
 
         def work(conn: Connection) -> bool:
-            if _FINISH_STEP.run(conn, params).rowcount != 1:
+            if FINISH_STEP.run(conn, params).rowcount != 1:
                 return False
             if text:  # the step's last streamed text, before its end
                 tokens = {"step": step.id, "text": text}
@@ -517,14 +373,14 @@ class TaskStore:
     ) -> bool:
         """The one way a worker ends its attempt: an UPDATE guarded by the lease, which also
         gives the lease up, and the attempt's record closed in the same transaction."""
-        prepared = _end_attempt_statement(tuple(sorted(values)))
-        params = {**_lease(lease), **{f"v_{k}": v for k, v in values.items()}}
+        prepared = end_attempt_statement(tuple(sorted(values)))
+        params = {**lease_params(lease), **{f"v_{k}": v for k, v in values.items()}}
 
         def work(conn: Connection) -> bool:
             if prepared.run(conn, params).rowcount != 1:
                 return False
             now = iso_now()
-            _close_attempt(conn, lease, attempt, why, now)
+            close_attempt(conn, lease, attempt, why, now)
             events.append(conn, lease.task_id, *event, now)
             return True
 
