@@ -235,7 +235,7 @@ async def test_retry_a_failed_task_as_a_new_attempt(svc: Service, fake_ollama: F
 async def test_priority_then_age_with_one_worker(
     durable_settings: Settings, fake_ollama: FakeOllama, start_service: StartService
 ) -> None:
-    fake_ollama.latency = 0.2
+    fake_ollama.latency = 2.0  # the first call keeps the only worker busy while we submit
     async with start_service(with_workers(durable_settings, concurrency=1)) as svc:
         first = await svc.submit("flaky", n=0)
         await wait_until(lambda: fake_ollama.in_flight == 1)  # the worker is now busy
@@ -243,6 +243,7 @@ async def test_priority_then_age_with_one_worker(
             await post(svc, {"template": "flaky", "params": {"n": n}, "priority": priority})
             for n, priority in ((1, 0), (2, 5), (3, 0), (4, 9))
         ]
+        fake_ollama.latency = 0  # calls that start from now on answer at once
         for task in [first, *later]:
             await svc.wait(task["id"])  # type: ignore[arg-type]
     order = [r["messages"][-1]["content"] for r in fake_ollama.requests]
