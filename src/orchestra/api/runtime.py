@@ -22,6 +22,7 @@ from orchestra.db.schema import upgrade
 from orchestra.db.templates import TemplateStore
 from orchestra.errors import ConfigError, TemplateError
 from orchestra.llm.router import Router, build_providers
+from orchestra.llm.transport import ShardedTransport
 from orchestra.notify import TaskSignals
 from orchestra.runner import Runner
 from orchestra.tasks import TaskService
@@ -100,14 +101,11 @@ class Runtime:
         try:
             version = await upgrade(db)
             log.info("database.ready", path=str(db.path), schema_version=version)
-            limits = httpx.Limits(
-                max_connections=max(10, s.workers.concurrency * 2),
-                max_keepalive_connections=max(5, s.workers.concurrency),
-            )
+            transport = ShardedTransport(max_connections=max(10, s.workers.concurrency * 2))
             catalog = TemplateCatalog(self.registry, TemplateStore(db))
             await catalog.start()
             self._catalog = catalog
-            async with httpx.AsyncClient(limits=limits) as client:
+            async with httpx.AsyncClient(transport=transport) as client:
                 signals = TaskSignals()
                 store = TaskStore(db, on_change=signals.publish)
                 router = Router(build_providers(s, client, self.env), s)
