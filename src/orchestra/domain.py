@@ -222,7 +222,6 @@ class NewTask(msgspec.Struct, frozen=True):
 
 # Times are stored as fixed-width ISO-8601 UTC text so they sort as strings and read well in
 # the sqlite3 shell: 2026-11-22T03:00:00.000000Z.
-_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
 def now() -> datetime:
@@ -232,7 +231,9 @@ def now() -> datetime:
 
 def iso(moment: datetime) -> str:
     """Format a moment as stored: fixed-width ISO-8601 UTC with a Z."""
-    return moment.astimezone(UTC).strftime(_FORMAT)
+    utc = moment if moment.tzinfo is UTC else moment.astimezone(UTC)
+    # isoformat is C; strftime with %f cost 2 % of the service's CPU under load.
+    return utc.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def iso_now(offset_seconds: float = 0.0) -> str:

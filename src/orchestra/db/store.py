@@ -288,15 +288,12 @@ class TaskStore:
         def work(conn: Connection) -> bool:
             if FINISH_STEP.run(conn, params).rowcount != 1:
                 return False
-            if text:  # the step's last streamed text, before its end
+            at = step.finished_at or iso_now()
+            if text:  # the step's last streamed text, arrived by the time it ended
                 tokens = {"step": step.id, "text": text}
-                events.append(conn, lease.task_id, "step.tokens", tokens, iso_now())
+                events.append(conn, lease.task_id, "step.tokens", tokens, at)
             events.append(
-                conn,
-                lease.task_id,
-                "step.skipped" if skipped else "step.finished",
-                data,
-                step.finished_at or iso_now(),
+                conn, lease.task_id, "step.skipped" if skipped else "step.finished", data, at
             )
             return True
 
