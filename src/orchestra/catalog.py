@@ -11,6 +11,7 @@ import hashlib
 import msgspec
 
 from orchestra import logs
+from orchestra.config import LimitSettings
 from orchestra.db.templates import TemplateStore
 from orchestra.errors import ConflictError, TemplateError, TemplateNotFound
 from orchestra.templating.loader import parse_template
@@ -30,9 +31,12 @@ class Registration(msgspec.Struct, frozen=True):
 class TemplateCatalog:
     """What the API can do with templates."""
 
-    def __init__(self, registry: TemplateRegistry, store: TemplateStore) -> None:
+    def __init__(
+        self, registry: TemplateRegistry, store: TemplateStore, limits: LimitSettings | None = None
+    ) -> None:
         self.registry = registry
         self.store = store
+        self.limits = limits or LimitSettings()
 
     async def start(self) -> None:
         """Know every registered version (done once, before the workers start).
@@ -83,7 +87,7 @@ class TemplateCatalog:
             TemplateError: the YAML is not a valid template (every problem, with positions).
             ConflictError: a template file already uses the name.
         """
-        parsed = parse_template(text, "<request>")
+        parsed = parse_template(text, "<request>", self.limits)
         file = self.registry.is_file(parsed.name)
         if file is not None:
             raise ConflictError(

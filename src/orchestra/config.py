@@ -155,6 +155,53 @@ class LoggingSettings(_Section, frozen=True):
     format: Literal["auto", "console", "json"] = "auto"
 
 
+class LimitSettings(_Section, frozen=True):
+    """What one request, template or render may cost. A request over a limit gets a 4xx naming
+    it; a render over a limit fails its task's step."""
+
+    #: Largest request body, in bytes (413 above).
+    max_body_bytes: int = 2 * 1024 * 1024
+    #: Largest template YAML text, in bytes (413 above), checked before it is parsed.
+    max_template_bytes: int = 256 * 1024
+    #: Most YAML nodes a template may hold once aliases are expanded ("billion laughs").
+    yaml_max_nodes: int = 20_000
+    #: Deepest nesting of YAML collections in a template.
+    yaml_max_depth: int = 64
+    #: Largest task `params`, in bytes of JSON.
+    max_params_bytes: int = 1024 * 1024
+    #: Deepest nesting of arrays and objects in `params`.
+    max_params_depth: int = 32
+    #: Longest string anywhere in `params`, in characters (a parameter's own `max_length`
+    #: may be lower).
+    max_string_length: int = 256 * 1024
+    #: Seconds one rendering (a prompt, an expression, the output) may take.
+    render_timeout: float = 5.0
+    #: Longest text a rendering may produce or build on its way, in characters.
+    max_render_chars: int = 1_000_000
+
+
+Scope = Literal["read", "submit", "admin"]
+
+
+class AuthSettings(_Section, frozen=True):
+    """Who may call the API. Keys are made with `orchestra keys create`."""
+
+    #: Serve requests without a key even when keys exist or the server listens beyond this
+    #: machine. Without keys and with this off, the service only starts on a loopback address.
+    allow_anonymous: bool = False
+    #: What a request without a key may do when it is allowed.
+    anonymous_scope: Scope = "admin"
+    #: Requests per minute one key (or one client address, without a key) may make; 0: no limit.
+    rate_limit_per_minute: int = 0
+
+
+class CorsSettings(_Section, frozen=True):
+    """Cross-origin requests from browsers."""
+
+    #: Origins allowed to call the API from a browser (["*"] for any); empty: none.
+    allow_origins: list[str] = msgspec.field(default_factory=list)
+
+
 class Settings(_Section, frozen=True):
     """Every setting of the service. Mirrors orchestra.toml section by section."""
 
@@ -173,6 +220,9 @@ class Settings(_Section, frozen=True):
     retention: RetentionSettings = msgspec.field(default_factory=RetentionSettings)
     templates: TemplateSettings = msgspec.field(default_factory=TemplateSettings)
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
+    limits: LimitSettings = msgspec.field(default_factory=LimitSettings)
+    auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
+    cors: CorsSettings = msgspec.field(default_factory=CorsSettings)
 
     def model_limit(self, model: str | None) -> int:
         """How many tasks for ``model`` may run at once (0: no limit of its own)."""
@@ -201,7 +251,24 @@ class Settings(_Section, frozen=True):
             ("retention.days", self.retention.days >= 0, "a number >= 0"),
             ("retention.interval", self.retention.interval > 0, "a number > 0"),
             ("database.busy_timeout_ms", self.database.busy_timeout_ms >= 0, "an integer >= 0"),
+            ("limits.render_timeout", self.limits.render_timeout > 0, "a number > 0"),
+            (
+                "auth.rate_limit_per_minute",
+                self.auth.rate_limit_per_minute >= 0,
+                "an integer >= 0",
+            ),
         ]
+        for key in (
+            "max_body_bytes",
+            "max_template_bytes",
+            "yaml_max_nodes",
+            "yaml_max_depth",
+            "max_params_bytes",
+            "max_params_depth",
+            "max_string_length",
+            "max_render_chars",
+        ):
+            checks.append((f"limits.{key}", getattr(self.limits, key) >= 1, "an integer >= 1"))
         for name, provider in self.providers.items():
             checks += provider.problems(name)
         for name, entry in self.models.items():

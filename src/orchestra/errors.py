@@ -10,6 +10,9 @@
     │   └── TemplateNotFound
     ├── InvalidRequest              a request is well formed but its content is wrong
     │   └── InvalidParams           task parameters do not match the template
+    ├── PayloadTooLarge             a body or template over its configured limit
+    ├── Unauthorized                no valid API key
+    ├── Forbidden                   the key's scope does not allow the call
     ├── ConflictError               the request conflicts with the current state
     ├── LeaseLost                   a worker no longer holds the task it is writing
     └── StepError                   a step of a running task failed
@@ -98,6 +101,24 @@ class InvalidParams(InvalidRequest):
     """The task parameters do not match the template."""
 
     code = "invalid_params"
+
+
+class PayloadTooLarge(OrchestraError):
+    """The request is larger than the service accepts."""
+
+    code = "too_large"
+
+
+class Unauthorized(OrchestraError):
+    """A valid API key is required: send it as "Authorization: Bearer <key>"."""
+
+    code = "unauthorized"
+
+
+class Forbidden(OrchestraError):
+    """This API key's scope does not allow this request."""
+
+    code = "forbidden"
 
 
 class ConflictError(OrchestraError):

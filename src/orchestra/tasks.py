@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from orchestra.config import LimitSettings
 from orchestra.db.events import TERMINAL_EVENT, TaskEvent
 from orchestra.db.store import TaskPage, TaskStore
 from orchestra.domain import NewTask, Task, TaskStatus, now
@@ -91,7 +92,9 @@ class TaskService:
         scheduler: Scheduler,
         *,
         default_max_attempts: int,
+        limits: LimitSettings | None = None,
     ) -> None:
+        self.limits = limits or LimitSettings()
         self.store = store
         self.registry = registry
         self.signals = signals
@@ -113,7 +116,7 @@ class TaskService:
                 [FieldProblem("delay", "cannot be combined with run_at")],
             )
         spec = self.registry.get(sub.template, sub.template_version)
-        params = validate_params(spec, sub.params)
+        params = validate_params(spec, sub.params, self.limits)
         run_at = sub.run_at
         if run_at is not None and run_at.tzinfo is None:
             run_at = run_at.replace(tzinfo=UTC)  # a time without a zone is taken as UTC

@@ -71,4 +71,5 @@ def create_app(
         # replace it with its own handlers and format.
         logging_config=None,
         debug=False,
+        request_max_body_size=settings.limits.max_body_bytes,
     )

@@ -8,8 +8,11 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import (
     HTTP_400_BAD_REQUEST,
+    HTTP_401_UNAUTHORIZED,
+    HTTP_403_FORBIDDEN,
     HTTP_404_NOT_FOUND,
     HTTP_409_CONFLICT,
+    HTTP_413_REQUEST_ENTITY_TOO_LARGE,
     HTTP_422_UNPROCESSABLE_ENTITY,
     HTTP_500_INTERNAL_SERVER_ERROR,
 )
@@ -18,11 +21,14 @@ from orchestra import logs
 from orchestra.api.schemas import ErrorBody, FieldOut, ProblemOut
 from orchestra.errors import (
     ConflictError,
+    Forbidden,
     InvalidParams,
     InvalidRequest,
     NotFoundError,
     OrchestraError,
+    PayloadTooLarge,
     TemplateError,
+    Unauthorized,
 )
 
 log = logs.get("orchestra.api")
@@ -33,6 +39,9 @@ _STATUS: list[tuple[type[OrchestraError], int]] = [
     (InvalidRequest, HTTP_400_BAD_REQUEST),
     (ConflictError, HTTP_409_CONFLICT),
     (TemplateError, HTTP_422_UNPROCESSABLE_ENTITY),
+    (PayloadTooLarge, HTTP_413_REQUEST_ENTITY_TOO_LARGE),
+    (Unauthorized, HTTP_401_UNAUTHORIZED),
+    (Forbidden, HTTP_403_FORBIDDEN),
 ]
 
 
@@ -97,10 +106,24 @@ def http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorB
     code = {
         400: "invalid_request",
         404: "not_found",
+        401: "unauthorized",
+        403: "forbidden",
         405: "method_not_allowed",
         413: "too_large",
+        429: "rate_limited",
     }.get(exc.status_code, "http_error")
     return _body(exc.status_code, code, str(exc.detail))
+
+
+def too_deep(_: Request[Any, Any, Any], exc: RecursionError) -> Response[ErrorBody]:
+    """A body nested so deeply that decoding it ran out of stack (msgspec raises
+    RecursionError past about a thousand levels)."""
+    return _body(HTTP_400_BAD_REQUEST, "invalid_request", "the request body nests too deeply")
+
+
+def not_text(_: Request[Any, Any, Any], exc: UnicodeDecodeError) -> Response[ErrorBody]:
+    """A body (or a string in it) that is not UTF-8."""
+    return _body(HTTP_400_BAD_REQUEST, "invalid_request", "the request body is not UTF-8 text")
 
 
 def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
@@ -113,5 +136,7 @@ HANDLERS: dict[Any, Any] = {
     ValidationException: validation_error,
     OrchestraError: orchestra_error,
     HTTPException: http_error,
+    RecursionError: too_deep,
+    UnicodeDecodeError: not_text,
     Exception: internal_error,
 }

@@ -102,7 +102,7 @@ class Runtime:
             version = await upgrade(db)
             log.info("database.ready", path=str(db.path), schema_version=version)
             transport = ShardedTransport(max_connections=max(10, s.workers.concurrency * 2))
-            catalog = TemplateCatalog(self.registry, TemplateStore(db))
+            catalog = TemplateCatalog(self.registry, TemplateStore(db), s.limits)
             await catalog.start()
             self._catalog = catalog
             async with httpx.AsyncClient(transport=transport) as client:
@@ -121,6 +121,7 @@ class Runtime:
                     signals,
                     pool,
                     default_max_attempts=s.workers.max_attempts,
+                    limits=s.limits,
                 )
                 await pool.start()
                 hangup = _on_sighup(self.reload_templates)

@@ -102,10 +102,12 @@ class TemplateController(Controller):
         return TemplateList(items=[TemplateOut.of(t) for t in catalog.reload()])
 
     @post("/validate", status_code=200, summary="Validate a template")
-    async def validate(self, body: RawBody) -> ValidationOut:
+    async def validate(
+        self, body: RawBody, catalog: NamedDependency[TemplateCatalog]
+    ) -> ValidationOut:
         """Check YAML text (the request body) as a template; every problem, with positions."""
         try:
-            template = parse_template(_text(body), "<request>")
+            template = parse_template(_text(body), "<request>", catalog.limits)
         except TemplateError as exc:
             return ValidationOut(
                 valid=False,

@@ -15,11 +15,13 @@ import jsonschema
 import msgspec
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+from orchestra.config import LimitSettings
 from orchestra.domain import RetryPolicy
 from orchestra.errors import TemplateError
 from orchestra.templating.model import PARAM_TYPES, Parameter, Template
 from orchestra.templating.source import Checker, Path_, Source, TemplateProblem, describe
 from orchestra.templating.step_loader import Scope, read_steps
+from orchestra.templating.yaml_guard import check_shape, check_size
 
 NAME = re.compile(r"^[a-z0-9_-]+$")
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -165,12 +167,18 @@ def _output(c: Checker, value: Any, scope: Scope) -> str | dict[str, str] | None
     return output
 
 
-def parse_template(text: str, file: str = "<string>") -> Template:
-    """Validate YAML text as a template.
+def parse_template(
+    text: str, file: str = "<string>", limits: LimitSettings | None = None
+) -> Template:
+    """Validate YAML text as a template, within ``limits`` (the defaults when None).
 
     Raises:
+        PayloadTooLarge: the text is over ``limits.max_template_bytes``.
         TemplateError: carrying every :class:`TemplateProblem` found.
     """
+    limits = limits or LimitSettings()
+    check_size(text, limits.max_template_bytes)
+    check_shape(text, file, max_nodes=limits.yaml_max_nodes, max_depth=limits.yaml_max_depth)
     try:
         src = Source(text, file)
     except MarkedYAMLError as exc:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jsonschema
 import msgspec
 
+from orchestra.config import LimitSettings
 from orchestra.errors import FieldProblem, InvalidParams
 from orchestra.templating.model import Template
 from orchestra.templating.source import format_path
@@ -30,12 +32,78 @@ def _field(path: Any) -> str:
     return format_path(("params", *path))
 
 
-def validate_params(template: Template, params: dict[str, Any]) -> dict[str, Any]:
-    """Apply defaults and check ``params``; returns the complete parameters.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _text_problem(text: str, max_length: int) -> str | None:
+    if len(text) > max_length:
+        return f"is {len(text)} characters; the limit is {max_length} ([limits] max_string_length)"
+    if "\x00" in text:
+        # Stored text must survive a move to PostgreSQL, whose text type refuses NUL.
+        return "contains a NUL character (\\u0000), which is not accepted"
+    if _SURROGATE.search(text):
+        return "contains a lone UTF-16 surrogate, which is not text"
+    return None
+
+
+def check_input(params: dict[str, Any], limits: LimitSettings) -> None:
+    """The limits every task's parameters are held to, whatever the template: nesting depth,
+    the length of each string (keys too), no NUL or lone surrogates, the total JSON size.
+
+    Raises:
+        InvalidParams: naming the field and the limit.
+    """
+    problems: list[FieldProblem] = []
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(params, ())]
+    while stack and len(problems) < 20:
+        value, path = stack.pop()
+        if len(path) > limits.max_params_depth:
+            problems.append(
+                FieldProblem(
+                    _field(path),
+                    f"nests deeper than {limits.max_params_depth} levels "
+                    "([limits] max_params_depth)",
+                )
+            )
+            continue
+        if isinstance(value, str):
+            why = _text_problem(value, limits.max_string_length)
+            if why:
+                problems.append(FieldProblem(_field(path), why))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                why = _text_problem(str(key), limits.max_string_length)
+                if why:
+                    problems.append(FieldProblem(_field((*path, key)), f"its name {why}"))
+                else:
+                    stack.append((item, (*path, key)))
+        elif isinstance(value, list):
+            stack.extend((item, (*path, i)) for i, item in enumerate(value))
+    if not problems:
+        size = len(msgspec.json.encode(params))
+        if size > limits.max_params_bytes:
+            problems.append(
+                FieldProblem(
+                    "params",
+                    f"is {size} bytes of JSON; the limit is {limits.max_params_bytes} "
+                    "([limits] max_params_bytes)",
+                )
+            )
+    if problems:
+        problems.sort(key=lambda p: p.field)
+        raise InvalidParams(f"{len(problems)} invalid parameter(s)", problems)
+
+
+def validate_params(
+    template: Template, params: dict[str, Any], limits: LimitSettings | None = None
+) -> dict[str, Any]:
+    """Apply defaults and check ``params`` (within ``limits``, the defaults when None);
+    returns the complete parameters.
 
     Raises:
         InvalidParams: listing every bad field (``params.<name>``) with its reason.
     """
+    check_input(params, limits or LimitSettings())
     full = dict(params)
     for p in template.parameters.values():
         if p.name not in full and p.default is not msgspec.UNSET:

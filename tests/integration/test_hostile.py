@@ -1,0 +1,138 @@
+"""Hostile input: each answered by a clear 4xx naming the limit or the field, and the service
+still runs a normal task afterwards."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import pytest
+
+from orchestra.config import LimitSettings, Settings
+from tests.conftest import Service, StartService
+
+BOMB = "\n".join(
+    [
+        'name: bomb\nx0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]',
+        *[f"x{i}: &a{i} [{','.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)],
+        "steps: []",
+    ]
+)
+
+DEEP = json.loads("[" * 12 + "]" * 12)
+
+
+@pytest.fixture
+async def hardened(settings: Settings, start_service: StartService) -> AsyncIterator[Service]:
+    limits = LimitSettings(max_string_length=1000, max_params_depth=8)
+    async with start_service(msgspec.structs.replace(settings, limits=limits)) as svc:
+        yield svc
+
+
+async def _still_serves(svc: Service) -> None:
+    task = await svc.submit("summarize", text="Still here.")
+    assert (await svc.wait(task["id"]))["status"] == "succeeded"
+
+
+def _error(response: Any, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status and body["message"]
+    assert "Traceback" not in response.text
+    return body
+
+
+async def test_an_alias_bomb_is_refused_before_it_expands(hardened: Service) -> None:
+    assert len(BOMB) < 1000
+    for path in ("/api/v1/templates", "/api/v1/templates/validate"):
+        response = await hardened.client.post(path, content=BOMB)
+        body = response.json()
+        errors = body["errors"]
+        assert response.status_code in (200, 422), response.text
+        assert "yaml_max_nodes" in errors[0]["message"] and errors[0]["line"] >= 3
+    await _still_serves(hardened)
+
+
+async def test_deep_yaml_and_oversized_templates_are_refused(hardened: Service) -> None:
+    deep = "name: deep\nsteps: " + "[" * 200 + "]" * 200
+    body = _error(await hardened.client.post("/api/v1/templates", content=deep), 422)
+    assert "yaml_max_depth" in body["errors"][0]["message"]
+    big = "name: big\ndescription: |\n" + "  words words words\n" * 20_000
+    body = _error(await hardened.client.post("/api/v1/templates", content=big), 413)
+    assert "max_template_bytes" in body["message"]
+    await _still_serves(hardened)
+
+
+async def test_an_oversized_body_gets_413(hardened: Service) -> None:
+    payload = {"template": "summarize", "params": {"text": "x" * (3 * 1024 * 1024)}}
+    body = _error(await hardened.client.post("/api/v1/tasks", json=payload), 413)
+    assert body["code"] == "too_large"
+    await _still_serves(hardened)
+
+
+@pytest.mark.parametrize(
+    ("params", "field", "reason"),
+    [
+        ({"text": "x" * 1001}, "params.text", "max_string_length"),
+        ({"text": "a\x00b"}, "params.text", "NUL"),
+        ({"text": "ok", "extra": {"k" * 1001: 1}}, "params.extra", "max_string_length"),
+        (
+            {"text": "ok", "deep": json.loads("[" * 12 + "]" * 12)},
+            "params.deep",
+            "max_params_depth",
+        ),
+    ],
+)
+async def test_bad_params_name_the_field_and_the_limit(
+    hardened: Service, params: dict[str, Any], field: str, reason: str
+) -> None:
+    response = await hardened.client.post(
+        "/api/v1/tasks", json={"template": "summarize", "params": params}
+    )
+    body = _error(response, 422)
+    assert any(f["field"].startswith(field) and reason in f["message"] for f in body["fields"])
+    await _still_serves(hardened)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"template": "summarize", "params": {"text": "\\ud800"}}',  # a lone surrogate
+        b'{"template": "summarize", "params": {"text": ' + b"[" * 5000 + b"]" * 5000 + b"}}",
+        b'{"template": "summarize", "params": {"text": "\xff\xfe"}}',  # not UTF-8
+        b'{"template": "summarize", "params": ',
+    ],
+)
+async def test_undecodable_bodies_get_400(hardened: Service, raw: bytes) -> None:
+    response = await hardened.client.post(
+        "/api/v1/tasks", content=raw, headers={"content-type": "application/json"}
+    )
+    _error(response, 400)
+    await _still_serves(hardened)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=abc",
+        "limit=0",
+        "limit=100000000000000000000000",
+        "limit=-1",
+        "cursor=abc",
+        "cursor=-5",
+        "cursor=99999999999999999999999999",
+        "status=exploded",
+    ],
+)
+async def test_nonsense_list_queries_get_400(hardened: Service, query: str) -> None:
+    _error(await hardened.client.get(f"/api/v1/tasks?{query}"), 400)
+
+
+@pytest.mark.parametrize("wait", ["abc", "-1", "1e309", "nan", "100000"])
+async def test_nonsense_wait_gets_400(hardened: Service, wait: str) -> None:
+    task = await hardened.submit("summarize", text="x")
+    _error(await hardened.client.get(f"/api/v1/tasks/{task['id']}?wait={wait}"), 400)
+    _error(await hardened.client.get("/api/v1/tasks/99999999999999999999999?wait=1"), 404)
