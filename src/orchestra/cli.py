@@ -7,20 +7,24 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import httpx
 import msgspec
 
 from orchestra import __version__, logs
+from orchestra.auth import SCOPES, Scope
 from orchestra.config import Settings, load
-from orchestra.errors import ConfigError, TemplateError
+from orchestra.db.keys import KeyStore
+from orchestra.errors import ConfigError, OrchestraError, TemplateError
 from orchestra.templating.loader import load_template
 from orchestra.templating.registry import TemplateRegistry
+
+T = TypeVar("T")
 
 config_option = click.option(
     "--config",
@@ -139,10 +143,13 @@ url_option = click.option(
 
 @contextmanager
 def _client(url: str | None, config_path: str | None) -> Iterator[httpx.Client]:
-    """An HTTP client for the server; a connection failure becomes one clear line."""
+    """An HTTP client for the server, sending the key in ORCHESTRA_API_KEY if set; a
+    connection failure becomes one clear line."""
     base = _base_url(url, config_path)
+    key = os.environ.get("ORCHESTRA_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        with httpx.Client(base_url=base, timeout=90) as client:
+        with httpx.Client(base_url=base, timeout=90, headers=headers) as client:
             yield client
     except httpx.HTTPError as exc:
         raise click.ClickException(f"cannot reach the server at {base}: {exc}") from None
@@ -365,3 +372,63 @@ def templates_reload(url: str | None, config_path: str | None) -> None:
         ]
         raise click.ClickException("\n".join([body.get("message", response.text), *problems]))
     click.echo(f"{len(response.json()['items'])} templates")
+
+
+@main.group()
+def keys() -> None:
+    """API keys (stored in the database the settings name)."""
+
+
+def _key_store_call(config_path: str | None, work: Callable[[KeyStore], Awaitable[T]]) -> T:
+    from orchestra.db.engine import Database
+    from orchestra.db.schema import upgrade
+
+    settings = _settings(config_path)
+
+    async def run() -> T:
+        db = Database(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
+        try:
+            await upgrade(db)
+            return await work(KeyStore(db))
+        finally:
+            await db.close()
+
+    try:
+        return asyncio.run(run())
+    except OrchestraError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+@keys.command("create")
+@click.option("--name", required=True, help="Who or what the key is for (unique).")
+@click.option(
+    "--scope",
+    type=click.Choice(SCOPES),
+    default="submit",
+    show_default=True,
+    help="read: GET endpoints; submit: also create, cancel, retry tasks; admin: everything.",
+)
+@config_option
+def keys_create(name: str, scope: Scope, config_path: str | None) -> None:
+    """Make a key and print it. It is shown this once: only its SHA-256 is kept."""
+    key, token = _key_store_call(config_path, lambda store: store.create(name, scope))
+    click.echo(token)
+    click.echo(f"key {key.id} ({key.name}, {key.scope}) created; store it now", err=True)
+
+
+@keys.command("list")
+@config_option
+def keys_list(config_path: str | None) -> None:
+    """Every key: id, name, scope, created, revoked."""
+    for key in _key_store_call(config_path, lambda store: store.all()):
+        state = f"revoked {key.revoked_at}" if key.revoked_at else "active"
+        click.echo(f"{key.id}  {key.name}  {key.scope}  created {key.created_at}  {state}")
+
+
+@keys.command("revoke")
+@click.argument("name_or_id")
+@config_option
+def keys_revoke(name_or_id: str, config_path: str | None) -> None:
+    """Revoke a key by name or id; a running service stops accepting it within seconds."""
+    key = _key_store_call(config_path, lambda store: store.revoke(name_or_id))
+    click.echo(f"key {key.id} ({key.name}) revoked")

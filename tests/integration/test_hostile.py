@@ -136,3 +136,39 @@ async def test_nonsense_wait_gets_400(hardened: Service, wait: str) -> None:
     task = await hardened.submit("summarize", text="x")
     _error(await hardened.client.get(f"/api/v1/tasks/{task['id']}?wait={wait}"), 400)
     _error(await hardened.client.get("/api/v1/tasks/99999999999999999999999?wait=1"), 404)
+
+
+HOSTILE = """name: hostile
+parameters:
+  text: {type: string}
+steps:
+  - id: spin
+    kind: render
+    text: "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+"""
+ESCAPE = """name: escape
+parameters:
+  text: {type: string}
+steps:
+  - id: peek
+    kind: render
+    text: "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+"""
+
+
+async def test_a_hostile_template_fails_its_task_and_the_service_goes_on(
+    settings: Settings, start_service: StartService
+) -> None:
+    limits = LimitSettings(render_timeout=0.5)
+    async with start_service(msgspec.structs.replace(settings, limits=limits)) as svc:
+        for body in (HOSTILE, ESCAPE):
+            assert (await svc.client.post("/api/v1/templates", content=body)).status_code == 201
+        spin = await svc.submit("hostile", text="x")
+        peek = await svc.submit("escape", text="x")
+        failed = await svc.wait(spin["id"])
+        assert failed["status"] == "failed"
+        assert "render_timeout" in failed["error"]["message"]
+        escaped = await svc.wait(peek["id"])
+        assert escaped["status"] == "failed"
+        assert "unsafe" in escaped["error"]["message"] or "undefined" in escaped["error"]["message"]
+        await _still_serves(svc)

@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from litestar import Litestar
+from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.openapi import OpenAPIConfig
 
 from orchestra import __version__
+from orchestra.api import auth
 from orchestra.api.errors import HANDLERS
 from orchestra.api.health import health, models
 from orchestra.api.runtime import Runtime
@@ -54,6 +56,13 @@ def create_app(
     runtime = Runtime(settings, registry, env or {})
     return Litestar(
         route_handlers=[TaskController, TemplateController, health, models],
+        middleware=auth.middleware(settings.auth),
+        guards=[auth.scope_guard],
+        cors_config=(
+            CORSConfig(allow_origins=settings.cors.allow_origins)
+            if settings.cors.allow_origins
+            else None
+        ),
         lifespan=[runtime.lifespan],
         state=State({"runtime": runtime}),
         dependencies={

@@ -15,9 +15,12 @@ from typing import Any
 import httpx
 
 from orchestra import logs
+from orchestra.api.auth import Gatekeeper
+from orchestra.auth import is_loopback
 from orchestra.catalog import TemplateCatalog
 from orchestra.config import Settings
 from orchestra.db import Database, TaskStore
+from orchestra.db.keys import KeyStore
 from orchestra.db.schema import upgrade
 from orchestra.db.templates import TemplateStore
 from orchestra.errors import ConfigError, TemplateError
@@ -25,6 +28,7 @@ from orchestra.llm.router import Router, build_providers
 from orchestra.llm.transport import ShardedTransport
 from orchestra.notify import TaskSignals
 from orchestra.runner import Runner
+from orchestra.templating import sandbox
 from orchestra.tasks import TaskService
 from orchestra.templating.registry import TemplateRegistry
 from orchestra.worker import WorkerPool
@@ -50,6 +54,7 @@ class Runtime:
         self._router: Router | None = None
         self._pool: WorkerPool | None = None
         self._catalog: TemplateCatalog | None = None
+        self._gatekeeper: Gatekeeper | None = None
 
     @property
     def db(self) -> Database:
@@ -72,6 +77,13 @@ class Runtime:
     @property
     def pool(self) -> WorkerPool | None:
         return self._pool
+
+    @property
+    def gatekeeper(self) -> Gatekeeper:
+        """Checks API keys (available while the service runs)."""
+        if self._gatekeeper is None:
+            raise RuntimeError("the service is not running")
+        return self._gatekeeper
 
     @property
     def catalog(self) -> TemplateCatalog:
@@ -97,11 +109,13 @@ class Runtime:
     async def lifespan(self, _app: Any) -> AsyncIterator[None]:
         """Open everything, start the workers; on exit, stop and close in reverse order."""
         s = self.settings
+        sandbox.configure(s.limits)
         db = Database(s.database.url, busy_timeout_ms=s.database.busy_timeout_ms)
         try:
             version = await upgrade(db)
             log.info("database.ready", path=str(db.path), schema_version=version)
             transport = ShardedTransport(max_connections=max(10, s.workers.concurrency * 2))
+            self._gatekeeper = Gatekeeper(KeyStore(db), s.auth, loopback=is_loopback(s.server.host))
             catalog = TemplateCatalog(self.registry, TemplateStore(db), s.limits)
             await catalog.start()
             self._catalog = catalog
@@ -145,7 +159,8 @@ async def preflight(settings: Settings) -> None:
     registered templates load beside the files (no name clash).
 
     Raises:
-        ConfigError: the database cannot be used.
+        ConfigError: the database cannot be used, or the address is beyond this machine
+            with no API key to protect it.
         TemplateError: a registered template clashes with a template file.
     """
     registry = TemplateRegistry(settings.templates.dirs)
@@ -154,6 +169,16 @@ async def preflight(settings: Settings) -> None:
     try:
         await upgrade(db)
         await TemplateCatalog(registry, TemplateStore(db)).start()
+        auth = settings.auth
+        host = settings.server.host
+        if not is_loopback(host) and not auth.allow_anonymous:
+            if not await KeyStore(db).active_digests():
+                raise ConfigError(
+                    f"refusing to serve on {host} without API keys: anyone who can reach "
+                    "it could run tasks. Create a key first (orchestra keys create --name "
+                    "NAME --scope admin), or serve on 127.0.0.1, or set [auth] "
+                    "allow_anonymous = true if something in front of Orchestra checks callers"
+                )
     except OSError as exc:
         raise ConfigError(f"database.url: cannot open {db.path}: {exc}") from None
     finally:

@@ -39,6 +39,7 @@ class TaskController(Controller):
 
     @post(
         "/",
+        opt={"scope": "submit"},
         status_code=201,
         summary="Submit a task",
         responses={
@@ -122,14 +123,16 @@ class TaskController(Controller):
 
         return ServerSentEvent(stream())
 
-    @post("/{task_id:int}/cancel", status_code=200, summary="Cancel a task")
+    @post(
+        "/{task_id:int}/cancel", status_code=200, summary="Cancel a task", opt={"scope": "submit"}
+    )
     async def cancel(self, task_id: FromPath[int], tasks: NamedDependency[TaskService]) -> TaskOut:
         """A queued task is cancelled at once; a running one is stopped (its model call is
         closed) and the answer comes once it has. 409 with ``task_status`` when it had already
         finished."""
         return TaskOut.of(await tasks.cancel(task_id))
 
-    @post("/{task_id:int}/retry", status_code=200, summary="Retry a task")
+    @post("/{task_id:int}/retry", status_code=200, summary="Retry a task", opt={"scope": "submit"})
     async def retry(self, task_id: FromPath[int], tasks: NamedDependency[TaskService]) -> TaskOut:
         """Queue a failed or cancelled task again as a new attempt. 409 with ``task_status``
         for any other status."""

@@ -101,7 +101,7 @@ class TemplateController(Controller):
         and the answer is 422 with every problem."""
         return TemplateList(items=[TemplateOut.of(t) for t in catalog.reload()])
 
-    @post("/validate", status_code=200, summary="Validate a template")
+    @post("/validate", status_code=200, summary="Validate a template", opt={"scope": "submit"})
     async def validate(
         self, body: RawBody, catalog: NamedDependency[TemplateCatalog]
     ) -> ValidationOut:

@@ -121,6 +121,20 @@ CREATE TABLE task_events (
 );
 """
 
+_V4 = """
+CREATE TABLE api_keys (
+    id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    revoked_at TEXT,
+    PRIMARY KEY (id),
+    UNIQUE (name),
+    CONSTRAINT ck_scope_word CHECK (scope IN ('read', 'submit', 'admin'))
+);
+"""
+
 
 def _sql(script: str) -> Migration:
     statements = [part.strip() for part in script.split(";") if part.strip()]
@@ -132,7 +146,7 @@ def _sql(script: str) -> Migration:
     return apply
 
 
-MIGRATIONS: list[Migration] = [_sql(_V1), _sql(_V2), _sql(_V3)]
+MIGRATIONS: list[Migration] = [_sql(_V1), _sql(_V2), _sql(_V3), _sql(_V4)]
 LATEST = len(MIGRATIONS)
 
 

@@ -114,6 +114,19 @@ templates = Table(
     PrimaryKeyConstraint("name", "version"),
 )
 
+# API keys: the SHA-256 of each key, never the key (see orchestra.auth).
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", Text, primary_key=True),  # the public part of the key: orc_<id>_...
+    Column("name", Text, nullable=False, unique=True),
+    Column("scope", Text, nullable=False),
+    Column("digest", Text, nullable=False),
+    Column("created_at", Text, nullable=False),
+    Column("revoked_at", Text),
+    _one_of("scope", ("read", "submit", "admin")),
+)
+
 # What happened to each task, in order: transitions and step events. The SSE endpoint replays
 # them and then follows new ones; `seq` numbers a task's events from 1 (the SSE event id).
 task_events = Table(

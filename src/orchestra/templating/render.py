@@ -17,6 +17,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from orchestra.errors import RenderError
+from orchestra.templating.sandbox import BoundedSandbox, budget, render_capped
 
 # "{{ expression }}" and nothing else: the output is the expression's value, not its text.
 _SINGLE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>(?:(?!\}\}|\{\{).)*)\}\}\s*$", re.DOTALL)
@@ -106,23 +107,10 @@ def lines(text: Any) -> list[str]:
     return out
 
 
-class _Environment(ImmutableSandboxedEnvironment):
-    """The sandbox, where a mapping's keys win over its methods.
-
-    Plain Jinja resolves ``params.items`` to ``dict.items``; here it is the parameter called
-    ``items`` when there is one, as a template author means it.
-    """
-
-    def getattr(self, obj: Any, attribute: str) -> Any:
-        if isinstance(obj, dict) and attribute in obj:
-            return obj[attribute]
-        return super().getattr(obj, attribute)
-
-
 @functools.cache
 def environment() -> ImmutableSandboxedEnvironment:
     """The one Jinja environment every template renders in."""
-    env = _Environment(
+    env = BoundedSandbox(
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=False,
@@ -172,7 +160,8 @@ def evaluate(source: str, scope: Mapping[str, Any], *, what: str) -> Any:
         RenderError: naming ``what`` was evaluated and why it failed.
     """
     try:
-        return compile_expression(source)(scope)
+        with budget():
+            return compile_expression(source)(scope)
     except RenderError:
         raise
     except Exception as exc:
@@ -207,7 +196,7 @@ def render_text(source: str, scope: Mapping[str, Any], *, what: str) -> str:
         RenderError: naming ``what`` was being rendered and why it failed.
     """
     try:
-        return compile_text(source).render(scope)
+        return render_capped(compile_text(source), scope)
     except RenderError:
         raise
     except Exception as exc:  # any error a template can raise is the template's fault
@@ -225,8 +214,9 @@ def render_output(spec: str | dict[str, str], scope: Mapping[str, Any]) -> Any:
     try:
         compiled = compile_output(spec)
         if isinstance(compiled, _Expression):
-            return compiled(scope)
-        return compiled.render(scope)
+            with budget():
+                return compiled(scope)
+        return render_capped(compiled, scope)
     except RenderError:
         raise
     except Exception as exc:

@@ -1,0 +1,123 @@
+"""Who may call the API: API keys checked by a middleware, scopes checked by a guard.
+
+Every request but ``/health`` and ``/schema`` passes :class:`ApiKeyMiddleware`, which turns
+the ``Authorization: Bearer`` header into a :class:`~orchestra.auth.Caller` (or answers
+401), and :func:`scope_guard`, which compares the caller's scope with the one the route
+declares in its ``opt`` (default: ``read`` for GET, ``admin`` for anything else; 403 when it
+falls short). Error bodies say only that a key is missing, wrong or not allowed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
+from litestar.middleware.base import DefineMiddleware
+from litestar.middleware.rate_limit import RateLimitConfig
+
+from orchestra.auth import ApiKey, Caller, Scope, allows, key_id_of, matches
+from orchestra.config import AuthSettings
+from orchestra.db.keys import KeyStore
+from orchestra.errors import Forbidden, Unauthorized
+
+#: Paths served to anyone: liveness checks and the API's own description.
+PUBLIC = ["^/health$", "^/api/v1/health$", "^/schema"]
+#: Seconds the service keeps the list of keys before reading it again (a key created or
+#: revoked with the CLI takes effect within this time).
+REFRESH_SECONDS = 2.0
+
+
+class Gatekeeper:
+    """Turns a request's Authorization header into a caller, from a cached copy of the keys."""
+
+    def __init__(self, store: KeyStore, settings: AuthSettings, *, loopback: bool) -> None:
+        self.store = store
+        self.settings = settings
+        self.loopback = loopback
+        self._keys: dict[str, tuple[str, ApiKey]] = {}
+        self._read_at = float("-inf")
+
+    async def keys(self) -> dict[str, tuple[str, ApiKey]]:
+        """Active keys by id (digest, key), read again every :data:`REFRESH_SECONDS`."""
+        if time.monotonic() - self._read_at > REFRESH_SECONDS:
+            self._keys = await self.store.active_digests()
+            self._read_at = time.monotonic()
+        return self._keys
+
+    async def caller(self, authorization: str | None) -> Caller:
+        """Who is calling.
+
+        Raises:
+            Unauthorized: a key is given but is not a valid one, or none is given where one
+                is needed.
+        """
+        keys = await self.keys()
+        if authorization:
+            scheme, _, token = authorization.partition(" ")
+            token = token.strip()
+            key_id = key_id_of(token) if scheme.lower() == "bearer" else None
+            entry = keys.get(key_id) if key_id else None
+            if entry is None or not matches(token, entry[0]):
+                raise Unauthorized("the API key is not valid")
+            key = entry[1]
+            return Caller(key.name, key.scope, key.id)
+        if self.settings.allow_anonymous:
+            return Caller("anonymous", self.settings.anonymous_scope)
+        if not keys and self.loopback:
+            # No keys yet, on a loopback address: the machine's own users, as before keys.
+            return Caller("anonymous", "admin")
+        raise Unauthorized("an API key is required: send it as 'Authorization: Bearer <key>'")
+
+
+class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
+    """Sets ``request.user`` to the caller."""
+
+    async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> Any:
+        gatekeeper: Gatekeeper = connection.app.state.runtime.gatekeeper
+        caller = await gatekeeper.caller(connection.headers.get("authorization"))
+        return AuthenticationResult(user=caller, auth=None)
+
+
+def middleware(settings: AuthSettings) -> list[DefineMiddleware]:
+    """Rate limiting (when set; outermost, so it also counts requests without a valid key),
+    then authentication, both leaving out the public paths."""
+    stack = [DefineMiddleware(ApiKeyMiddleware, exclude=PUBLIC)]
+    limits = rate_limit(settings)
+    if limits is not None:
+        stack.insert(0, limits.middleware)
+    return stack
+
+
+def scope_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """Refuse (403) a caller whose scope is below what the route needs."""
+    caller = connection.scope.get("user")
+    if caller is None:  # a public path: the middleware left it out
+        return
+    need: Scope = handler.opt.get("scope") or (
+        "read" if connection.scope.get("method") in ("GET", "HEAD") else "admin"
+    )
+    if not allows(caller.scope, need):
+        raise Forbidden(f"this API key may not do this (it needs the {need} scope)")
+
+
+def _identify(request: Any) -> str:
+    """Rate limits count per key; without one, per client address."""
+    key_id = key_id_of(request.headers.get("authorization", "").partition(" ")[2].strip())
+    if key_id:
+        return f"key:{key_id}"
+    client = request.client
+    return f"addr:{client.host if client else 'unknown'}"
+
+
+def rate_limit(settings: AuthSettings) -> RateLimitConfig | None:
+    """Litestar's rate limiting, per key, when ``rate_limit_per_minute`` is set."""
+    if not settings.rate_limit_per_minute:
+        return None
+    return RateLimitConfig(
+        rate_limit=("minute", settings.rate_limit_per_minute),
+        identifier_for_request=_identify,
+        exclude=PUBLIC,
+    )

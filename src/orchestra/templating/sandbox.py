@@ -1,0 +1,270 @@
+"""The Jinja sandbox, bounded: a template can neither escape nor exhaust the process.
+
+Jinja's ImmutableSandboxedEnvironment blocks attribute escapes (``''.__class__.__mro__``)
+and changing passed-in data, but not resource exhaustion: ``'a' * 10**9``, ``9**9999999``,
+``|center(10**8)``, ``'{:>100000000}'.format(x)`` or nested loops each take the process's
+memory or CPU in one expression. The mechanism here, chosen so that ordinary templates pay
+almost nothing:
+
+* **Size checks before the work**, on every operation that can make a large value from small
+  ones: the ``*``, ``**``, ``+`` and ``%`` operators, the string methods and filters that
+  pad or repeat (``center``, ``ljust``, ``rjust``, ``zfill``, ``indent``, ``replace``,
+  ``join``, ``format``), format specs' widths. A result longer than ``max_render_chars``
+  (or an integer power over 100,000 bits) is refused before it is computed.
+* **``~`` (concatenation)** is checked after each join, so a loop that doubles a string stops
+  at the limit instead of at the machine's memory.
+* **A deadline.** Every call and every loop iteration (loops are wrapped when a template is
+  compiled) checks the render's deadline (``render_timeout``), so no loop nesting or macro
+  recursion runs longer than that. ``range`` is the sandbox's own, capped at 100,000 items.
+* **The output** is counted as it is produced and cut off at ``max_render_chars``.
+
+Renders run on the event loop: a check costs a clock read, and a hostile template holds the
+loop for at most ``render_timeout`` before its step fails with the reason.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import re
+import string
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from jinja2 import nodes, pass_eval_context
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.visitor import NodeTransformer
+
+from orchestra.config import LimitSettings
+from orchestra.errors import RenderError
+
+#: Largest integer a power may make, in bits.
+MAX_POWER_BITS = 100_000
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(\*|\d+)?(?:\.(\*|\d+))?")
+_WIDENING = {"center", "ljust", "rjust", "zfill"}
+
+
+class _Budget:
+    def __init__(self, limits: LimitSettings) -> None:
+        self.deadline = time.monotonic() + limits.render_timeout
+        self.timeout = limits.render_timeout
+        self.max_chars = limits.max_render_chars
+
+
+_limits = LimitSettings()
+_budget: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("budget", default=None)
+
+
+def configure(limits: LimitSettings) -> None:
+    """Set the limits renders are held to (the service does this at startup)."""
+    global _limits
+    _limits = limits
+
+
+@contextmanager
+def budget() -> Iterator[_Budget]:
+    """A fresh deadline and size cap for one render."""
+    current = _Budget(_limits)
+    token = _budget.set(current)
+    try:
+        yield current
+    finally:
+        _budget.reset(token)
+
+
+def _current() -> _Budget:
+    return _budget.get() or _Budget(_limits)
+
+
+def tick() -> None:
+    """Fail the render if it has run past its deadline."""
+    b = _budget.get()
+    if b is not None and time.monotonic() > b.deadline:
+        raise RenderError(f"rendering took longer than {b.timeout:g}s ([limits] render_timeout)")
+
+
+def check_size(size: int, what: str) -> None:
+    """Refuse to make a value of ``size`` characters or items over the cap."""
+    cap = _current().max_chars
+    if size > cap:
+        raise RenderError(
+            f"{what} would be {size} long; the limit is {cap} ([limits] max_render_chars)"
+        )
+
+
+def _length(value: Any) -> int | None:
+    return len(value) if isinstance(value, str | bytes | list | tuple) else None
+
+
+def _check_percent(fmt: str, args: Any) -> None:
+    for width, precision in _PERCENT_SPEC.findall(fmt):
+        for number in (width, precision):
+            if number == "*":
+                raise RenderError("'*' widths in % formats are not allowed")
+            if number:
+                check_size(int(number), "a % format width")
+    check_size(len(fmt) + len(str(args)), "a % format")
+
+
+def _check_format_spec(fmt: str) -> None:
+    for _, _, spec, _ in string.Formatter().parse(fmt):
+        if not spec:
+            continue
+        if "{" in spec:
+            raise RenderError("nested fields in format specs are not allowed")
+        for number in re.findall(r"\d+", spec):
+            check_size(int(number), "a format width")
+
+
+def capped(value: Any) -> Any:
+    """``~`` joins, checked after each (the filter the loader wraps them in)."""
+    if isinstance(value, str):
+        check_size(len(value), "a joined string")
+    return value
+
+
+def counted(iterable: Any) -> Iterator[Any]:
+    """A loop's items, with the deadline checked before each."""
+    for item in iterable:
+        tick()
+        yield item
+
+
+class _Bound(NodeTransformer):
+    """Wrap every loop's iterable in ``counted`` and every ``~`` in ``capped``."""
+
+    def visit_For(self, node: nodes.For) -> nodes.Node:  # noqa: N802 - Jinja's visitor names
+        self.generic_visit(node)
+        node.iter = nodes.Filter(node.iter, "_counted", [], [], None, None, lineno=node.lineno)
+        return node
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Node:  # noqa: N802
+        self.generic_visit(node)
+        return nodes.Filter(node, "_capped", [], [], None, None, lineno=node.lineno)
+
+
+def _safe_filters(env: ImmutableSandboxedEnvironment) -> None:
+    base = dict(env.filters)
+
+    def center(value: Any, width: int = 80) -> str:
+        check_size(int(width), "center's width")
+        return str(base["center"](value, width))
+
+    def indent(value: Any, width: Any = 4, *args: Any, **kwargs: Any) -> str:
+        pad = len(width) if isinstance(width, str) else int(width)
+        text = str(value)
+        check_size(len(text) + pad * (text.count("\n") + 1), "the indented text")
+        return str(base["indent"](value, width, *args, **kwargs))
+
+    @pass_eval_context
+    def replace(ctx: Any, value: Any, old: Any, new: Any, count: Any = None) -> Any:
+        text, old_s, new_s = str(value), str(old), str(new)
+        hits = (len(text) + 1) if not old_s else text.count(old_s)
+        if count is not None:
+            hits = min(hits, int(count))
+        check_size(len(text) + hits * max(0, len(new_s) - len(old_s)), "the replaced text")
+        return base["replace"](ctx, value, old, new, count)
+
+    @pass_eval_context
+    def join(ctx: Any, value: Any, d: Any = "", attribute: Any = None) -> Any:
+        items = list(value)
+        size = sum(len(str(i)) for i in items) + len(str(d)) * max(0, len(items) - 1)
+        check_size(size, "the joined text")
+        return base["join"](ctx, items, d, attribute)
+
+    def format_(value: Any, *args: Any, **kwargs: Any) -> str:
+        _check_percent(str(value), args or kwargs)
+        return str(base["format"](value, *args, **kwargs))
+
+    env.filters.update(
+        center=center,
+        indent=indent,
+        replace=replace,
+        join=join,
+        format=format_,
+        _counted=counted,
+        _capped=capped,
+    )
+
+
+class BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox with the bounds above; a mapping's keys win over its methods
+    (``params.items`` is the parameter called ``items`` when there is one)."""
+
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        _safe_filters(self)
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+        tree = super()._parse(source, name, filename)
+        bound: nodes.Template = _Bound().visit(tree)
+        return bound
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if isinstance(obj, dict) and attribute in obj:
+            return obj[attribute]
+        return super().getattr(obj, attribute)
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        tick()
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                size = _length(seq)
+                if size is not None and isinstance(n, int):
+                    check_size(size * n, "a repeated value")
+        elif operator == "**":
+            if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
+                if left.bit_length() * right > MAX_POWER_BITS:
+                    raise RenderError(f"a power over {MAX_POWER_BITS} bits is not computed")
+        elif operator == "+":
+            a, b = _length(left), _length(right)
+            if a is not None and b is not None:
+                check_size(a + b, "a joined value")
+        elif operator == "%" and isinstance(left, str):
+            _check_percent(left, right)
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        tick()
+        owner = getattr(__obj, "__self__", None)
+        name = getattr(__obj, "__name__", "")
+        if isinstance(owner, str) and args:
+            if name in _WIDENING and isinstance(args[0], int):
+                check_size(args[0], f"{name}'s width")
+            elif name == "expandtabs" and isinstance(args[0], int):
+                check_size(len(owner) * max(1, args[0]), "the expanded text")
+            elif name == "replace" and len(args) >= 2:
+                old, new = str(args[0]), str(args[1])
+                hits = (len(owner) + 1) if not old else owner.count(old)
+                check_size(len(owner) + hits * max(0, len(new) - len(old)), "the replaced text")
+            elif name == "join":
+                items = list(args[0])
+                size = sum(len(str(i)) for i in items) + len(owner) * len(items)
+                check_size(size, "the joined text")
+                args = (items, *args[1:])
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def wrap_str_format(self, value: Any) -> Any:
+        wrapped = super().wrap_str_format(value)
+        if wrapped is not None and isinstance(getattr(value, "__self__", None), str):
+            _check_format_spec(value.__self__)  # "{:>100000000}".format(x): refused here
+        return wrapped
+
+
+def render_capped(template: Any, scope: Any) -> str:
+    """Render with a fresh budget, the output cut off at the size cap."""
+    with budget() as b:
+        parts: list[str] = []
+        size = 0
+        for piece in template.generate(scope):
+            size += len(piece)
+            if size > b.max_chars:
+                raise RenderError(
+                    f"the rendered text is longer than {b.max_chars} characters "
+                    "([limits] max_render_chars)"
+                )
+            parts.append(piece)
+        return "".join(parts)

@@ -1,0 +1,215 @@
+"""API keys and scopes: every endpoint answers 401 without a valid key and 403 with too small
+a scope; the loopback default; rate limits; CORS."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+
+from orchestra.api.runtime import preflight
+from orchestra.config import AuthSettings, CorsSettings, ServerSettings, Settings
+from orchestra.db import Database
+from orchestra.db.keys import KeyStore
+from orchestra.db.schema import upgrade
+from orchestra.errors import ConfigError
+from tests.conftest import Service, StartService
+from tests.fixtures.servers import wait_until
+
+TEMPLATE = (
+    "name: mine\nparameters:\n  x: {type: string}\nsteps:\n  - id: a\n    text: '{{ params.x }}'\n"
+)
+
+#: (method, path, body, scope it needs)
+ENDPOINTS = [
+    ("GET", "/api/v1/tasks", None, "read"),
+    ("GET", "/api/v1/tasks/1", None, "read"),
+    ("GET", "/api/v1/tasks/1/events", None, "read"),
+    ("GET", "/api/v1/templates", None, "read"),
+    ("GET", "/api/v1/templates/summarize", None, "read"),
+    ("GET", "/api/v1/templates/summarize/versions", None, "read"),
+    ("GET", "/api/v1/models", None, "read"),
+    ("POST", "/api/v1/tasks", {"template": "summarize", "params": {"text": "x"}}, "submit"),
+    ("POST", "/api/v1/tasks/1/cancel", None, "submit"),
+    ("POST", "/api/v1/tasks/1/retry", None, "submit"),
+    ("POST", "/api/v1/templates/validate", TEMPLATE, "submit"),
+    ("POST", "/api/v1/templates", TEMPLATE, "admin"),
+    ("POST", "/api/v1/templates/reload", None, "admin"),
+    ("DELETE", "/api/v1/templates/mine", None, "admin"),
+]
+SCOPES = ["read", "submit", "admin"]
+
+
+async def _make_keys(db_url: str) -> dict[str, str]:
+    db = Database(db_url)
+    try:
+        await upgrade(db)
+        store = KeyStore(db)
+        return {scope: (await store.create(f"k-{scope}", scope))[1] for scope in SCOPES}  # type: ignore[arg-type]
+    finally:
+        await db.close()
+
+
+@pytest.fixture
+async def keyed(
+    settings: Settings, db_url: str, start_service: StartService
+) -> AsyncIterator[tuple[Service, dict[str, str]]]:
+    tokens = await _make_keys(db_url)
+    async with start_service(settings) as svc:
+        yield svc, tokens
+
+
+async def _call(
+    client: httpx.AsyncClient, method: str, path: str, body: object, token: str | None
+) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if isinstance(body, str):
+        return await client.request(method, path, content=body, headers=headers)
+    if method == "GET" and path.endswith("/events"):
+        async with client.stream(method, path, headers=headers) as response:
+            return response
+    return await client.request(method, path, json=body, headers=headers)
+
+
+async def test_every_endpoint_needs_a_key_with_enough_scope(
+    keyed: tuple[Service, dict[str, str]],
+) -> None:
+    svc, tokens = keyed
+    task = await _call(svc.client, *ENDPOINTS[7][:3], tokens["submit"])
+    assert task.status_code == 201 and task.json()["id"] == 1
+    for method, path, body, need in ENDPOINTS:
+        for token in (None, "orc_abcdefgh_wrong", "not-even-shaped", tokens["read"] + "x"):
+            response = await _call(svc.client, method, path, body, token)
+            assert response.status_code == 401, (method, path, token, response.text)
+            if not path.endswith("/events"):
+                assert response.json()["code"] == "unauthorized"
+        for scope in SCOPES:
+            response = await _call(svc.client, method, path, body, tokens[scope])
+            allowed = SCOPES.index(scope) >= SCOPES.index(need)
+            if allowed:
+                assert response.status_code not in (401, 403), (method, path, scope)
+            else:
+                assert response.status_code == 403, (method, path, scope, response.text)
+                assert response.json()["code"] == "forbidden"
+    # Liveness and the API description stay open.
+    assert (await svc.client.get("/health")).status_code == 200
+    assert (await svc.client.get("/schema/openapi.json")).status_code == 200
+
+
+async def test_a_revoked_key_stops_working(
+    keyed: tuple[Service, dict[str, str]], db_url: str
+) -> None:
+    svc, tokens = keyed
+    headers = {"Authorization": f"Bearer {tokens['read']}"}
+    assert (await svc.client.get("/api/v1/tasks", headers=headers)).status_code == 200
+    db = Database(db_url)
+    try:
+        await KeyStore(db).revoke("k-read")
+    finally:
+        await db.close()
+
+    async def refused() -> bool:
+        return (await svc.client.get("/api/v1/tasks", headers=headers)).status_code == 401
+
+    await wait_until(refused, timeout=10)
+
+
+async def test_only_the_digest_is_stored(db_url: str) -> None:
+    tokens = await _make_keys(db_url)
+    raw = Path(db_url.split("///", 1)[1]).read_bytes()
+    for token in tokens.values():
+        assert token.startswith("orc_")
+        assert token.encode() not in raw and token.split("_")[2].encode() not in raw
+
+
+async def test_no_keys_serves_only_on_loopback(settings: Settings, db_url: str) -> None:
+    def on(host: str, **auth: object) -> Settings:
+        return msgspec.structs.replace(
+            settings,
+            server=ServerSettings(host=host, port=0),
+            auth=AuthSettings(**auth),  # type: ignore[arg-type]
+        )
+
+    await preflight(on("127.0.0.1"))
+    await preflight(on("::1"))
+    with pytest.raises(ConfigError, match="orchestra keys create"):
+        await preflight(on("0.0.0.0"))
+    await preflight(on("0.0.0.0", allow_anonymous=True))
+    await _make_keys(db_url)
+    await preflight(on("0.0.0.0"))
+
+
+def test_serve_refuses_a_public_address_without_keys(tmp_path: Path) -> None:
+    config = tmp_path / "o.toml"
+    config.write_text(
+        f'[server]\nhost = "0.0.0.0"\nport = 0\n[database]\nurl = "sqlite+aiosqlite:///{tmp_path}/o.db"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestra", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "orchestra keys create" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_creates_lists_and_revokes_keys(tmp_path: Path) -> None:
+    config = tmp_path / "o.toml"
+    config.write_text(f'[database]\nurl = "sqlite+aiosqlite:///{tmp_path}/o.db"\n')
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "orchestra", "keys", *args, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    made = cli("create", "--name", "ci", "--scope", "read")
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    assert token.startswith("orc_") and len(token) > 40
+    listed = cli("list")
+    assert "ci" in listed.stdout and "read" in listed.stdout and "active" in listed.stdout
+    assert token not in listed.stdout
+    assert cli("create", "--name", "ci").returncode != 0
+    assert cli("revoke", "ci").returncode == 0
+    assert "revoked" in cli("list").stdout
+
+
+async def test_rate_limit_per_key_answers_429(
+    settings: Settings, db_url: str, start_service: StartService
+) -> None:
+    tokens = await _make_keys(db_url)
+    limited = msgspec.structs.replace(settings, auth=AuthSettings(rate_limit_per_minute=3))
+    async with start_service(limited) as svc:
+        a = {"Authorization": f"Bearer {tokens['read']}"}
+        b = {"Authorization": f"Bearer {tokens['admin']}"}
+        codes = [(await svc.client.get("/api/v1/tasks", headers=a)).status_code for _ in range(4)]
+        assert codes == [200, 200, 200, 429]
+        refused = await svc.client.get("/api/v1/tasks", headers=a)
+        assert refused.json()["code"] == "rate_limited"
+        # Another key has its own allowance.
+        assert (await svc.client.get("/api/v1/tasks", headers=b)).status_code == 200
+
+
+async def test_cors_origins_come_from_the_settings(
+    settings: Settings, start_service: StartService
+) -> None:
+    allowed = msgspec.structs.replace(
+        settings, cors=CorsSettings(allow_origins=["https://app.example"])
+    )
+    async with start_service(allowed) as svc:
+        ok = await svc.client.options(
+            "/api/v1/tasks",
+            headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert ok.headers.get("access-control-allow-origin") == "https://app.example"
+        other = await svc.client.get("/api/v1/tasks", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers

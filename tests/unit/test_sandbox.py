@@ -1,0 +1,79 @@
+"""The bounded sandbox: escapes and exhaustion tricks fail fast with a clear reason."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from orchestra.config import LimitSettings
+from orchestra.errors import RenderError
+from orchestra.templating import sandbox
+from orchestra.templating.render import evaluate, render_text
+
+SCOPE = {"params": {"text": "hello", "n": 3, "items": ["a", "b"]}}
+
+TRICKS = [
+    ("{{ 'a' * 10**9 }}", "max_render_chars"),
+    ("{{ [1] * 10**9 }}", "max_render_chars"),
+    ("{{ 9**9999999 }}", "bits"),
+    ("{{ params.text|center(10**8) }}", "max_render_chars"),
+    ("{{ params.text.center(10**8) }}", "max_render_chars"),
+    ("{{ params.text.rjust(10**8) }}", "max_render_chars"),
+    ("{{ '{:>100000000}'.format(params.text) }}", "max_render_chars"),
+    ("{{ '%100000000s' % params.text }}", "max_render_chars"),
+    ("{{ '%*s' % (100000000, 'x') }}", "not allowed"),
+    ("{{ '%100000000s'|format(params.text) }}", "max_render_chars"),
+    ("{{ ('x' * 100000)|replace('x', 'y' * 1000) }}", "max_render_chars"),
+    ("{{ ('x' * 100000).replace('x', 'y' * 1000) }}", "max_render_chars"),
+    ("{{ range(100000)|join('x' * 1000) }}", "max_render_chars"),
+    ("{{ ('x\n' * 1000)|indent(100000) }}", "max_render_chars"),
+    (
+        "{% set ns = namespace(s='ab') %}{% for i in range(64) %}"
+        "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+        "max_render_chars",
+    ),
+    ("{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}", "max_render_chars"),
+    (
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        "render_timeout",
+    ),
+    (
+        "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
+        "{{ f(60) }}",
+        "render_timeout",
+    ),
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "unsafe"),
+    ("{{ params.__class__.__init__.__globals__ }}", "unsafe"),
+    ("{{ cycler.__init__.__globals__.os }}", "unsafe"),
+    ("{{ params.items.append(1) }}", "unsafe"),
+]
+
+
+@pytest.fixture(autouse=True)
+def short_timeout() -> object:
+    sandbox.configure(LimitSettings(render_timeout=0.5))
+    yield
+    sandbox.configure(LimitSettings())
+
+
+@pytest.mark.parametrize(("source", "reason"), TRICKS)
+def test_each_trick_fails_fast_with_its_reason(source: str, reason: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(RenderError) as caught:
+        render_text(source, SCOPE, what="steps.a.prompt")
+    assert time.monotonic() - started < 2.0
+    message = str(caught.value)
+    assert reason in message or "undefined" in message, message
+
+
+def test_ordinary_templates_render_as_before() -> None:
+    text = render_text(
+        "{% for i in params.items %}{{ loop.index }}. {{ i|upper }}\n{% endfor %}"
+        "{{ params.text|center(11) }}|{{ '%5s' % params.n }}|{{ '{:>4}'.format(params.n) }}"
+        "|{{ params.items|join(', ') }}|{{ 2**10 }}|{{ 'ab' * 3 }}|{{ params.text ~ '!' }}",
+        SCOPE,
+        what="t",
+    )
+    assert text == "1. A\n2. B\n   hello   |    3|   3|a, b|1024|ababab|hello!"
+    assert evaluate("params.n * 2", SCOPE, what="x") == 6
