@@ -28,8 +28,8 @@ from orchestra.llm.router import Router, build_providers
 from orchestra.llm.transport import ShardedTransport
 from orchestra.notify import TaskSignals
 from orchestra.runner import Runner
-from orchestra.templating import sandbox
 from orchestra.tasks import TaskService
+from orchestra.templating import sandbox
 from orchestra.templating.registry import TemplateRegistry
 from orchestra.worker import WorkerPool
 
