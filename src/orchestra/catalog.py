@@ -46,7 +46,9 @@ class TemplateCatalog:
         """
         for row in await self.store.all_versions():
             try:
-                template = parse_template(row.body, f"<registered {row.name} v{row.version}>")
+                template = parse_template(
+                    row.body, f"<registered {row.name} v{row.version}>", self.limits
+                )
             except TemplateError as exc:  # written by an older, laxer version of Orchestra
                 log.error(
                     "templates.registered_invalid",

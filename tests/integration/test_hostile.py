@@ -172,3 +172,15 @@ async def test_a_hostile_template_fails_its_task_and_the_service_goes_on(
         assert escaped["status"] == "failed"
         assert "unsafe" in escaped["error"]["message"] or "undefined" in escaped["error"]["message"]
         await _still_serves(svc)
+
+
+async def test_templates_registered_under_raised_limits_load_again_after_a_restart(
+    settings: Settings, start_service: StartService
+) -> None:
+    roomy = msgspec.structs.replace(settings, limits=LimitSettings(max_template_bytes=400_000))
+    big = ESCAPE.replace("name: escape", "name: big\ndescription: |\n" + "  words\n" * 40_000)
+    assert len(big) > LimitSettings().max_template_bytes
+    async with start_service(roomy) as svc:
+        assert (await svc.client.post("/api/v1/templates", content=big)).status_code == 201
+    async with start_service(roomy) as svc:
+        assert (await svc.client.get("/api/v1/templates/big")).status_code == 200

@@ -168,7 +168,7 @@ async def preflight(settings: Settings) -> None:
     db = Database(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
     try:
         await upgrade(db)
-        await TemplateCatalog(registry, TemplateStore(db)).start()
+        await TemplateCatalog(registry, TemplateStore(db), settings.limits).start()
         auth = settings.auth
         host = settings.server.host
         if not is_loopback(host) and not auth.allow_anonymous:
