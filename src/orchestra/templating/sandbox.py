@@ -117,6 +117,20 @@ def _check_format_spec(fmt: str) -> None:
             check_size(int(number), "a format width")
 
 
+def check_replace(text: str, old: str, new: str, count: Any = None) -> None:
+    """Refuse a ``replace`` whose result would be over the cap."""
+    hits = (len(text) + 1) if not old else text.count(old)
+    if count is not None:
+        hits = min(hits, int(count))
+    check_size(len(text) + hits * max(0, len(new) - len(old)), "the replaced text")
+
+
+def check_join(items: list[Any], separator: str) -> None:
+    """Refuse a ``join`` whose result would be over the cap."""
+    size = sum(len(str(i)) for i in items) + len(separator) * max(0, len(items) - 1)
+    check_size(size, "the joined text")
+
+
 def capped(value: Any) -> Any:
     """``~`` joins, checked after each (the filter the loader wraps them in)."""
     if isinstance(value, str):
@@ -159,18 +173,13 @@ def _safe_filters(env: ImmutableSandboxedEnvironment) -> None:
 
     @pass_eval_context
     def replace(ctx: Any, value: Any, old: Any, new: Any, count: Any = None) -> Any:
-        text, old_s, new_s = str(value), str(old), str(new)
-        hits = (len(text) + 1) if not old_s else text.count(old_s)
-        if count is not None:
-            hits = min(hits, int(count))
-        check_size(len(text) + hits * max(0, len(new_s) - len(old_s)), "the replaced text")
+        check_replace(str(value), str(old), str(new), count)
         return base["replace"](ctx, value, old, new, count)
 
     @pass_eval_context
     def join(ctx: Any, value: Any, d: Any = "", attribute: Any = None) -> Any:
         items = list(value)
-        size = sum(len(str(i)) for i in items) + len(str(d)) * max(0, len(items) - 1)
-        check_size(size, "the joined text")
+        check_join(items, str(d))
         return base["join"](ctx, items, d, attribute)
 
     def format_(value: Any, *args: Any, **kwargs: Any) -> str:
@@ -237,13 +246,10 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             elif name == "expandtabs" and isinstance(args[0], int):
                 check_size(len(owner) * max(1, args[0]), "the expanded text")
             elif name == "replace" and len(args) >= 2:
-                old, new = str(args[0]), str(args[1])
-                hits = (len(owner) + 1) if not old else owner.count(old)
-                check_size(len(owner) + hits * max(0, len(new) - len(old)), "the replaced text")
+                check_replace(owner, str(args[0]), str(args[1]), args[2] if len(args) > 2 else None)
             elif name == "join":
                 items = list(args[0])
-                size = sum(len(str(i)) for i in items) + len(owner) * len(items)
-                check_size(size, "the joined text")
+                check_join(items, owner)
                 args = (items, *args[1:])
         return super().call(__context, __obj, *args, **kwargs)
 
