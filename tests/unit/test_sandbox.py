@@ -26,6 +26,9 @@ TRICKS = [
     ("{{ '%100000000s'|format(params.text) }}", "max_render_chars"),
     ("{{ ('x' * 100000)|replace('x', 'y' * 1000) }}", "max_render_chars"),
     ("{{ ('x' * 100000).replace('x', 'y' * 1000) }}", "max_render_chars"),
+    # Refused before the 100 MB string is built, not at the output cap after.
+    ("{{ ('x' * 100000).replace('x', 'y' * 1000, -1) }}", "the replaced text"),
+    ("{{ ('x' * 100000)|replace('x', 'y' * 1000, -1) }}", "the replaced text"),
     ("{{ range(100000)|join('x' * 1000) }}", "max_render_chars"),
     ("{{ ('x\n' * 1000)|indent(100000) }}", "max_render_chars"),
     (

@@ -120,7 +120,7 @@ def _check_format_spec(fmt: str) -> None:
 def check_replace(text: str, old: str, new: str, count: Any = None) -> None:
     """Refuse a ``replace`` whose result would be over the cap."""
     hits = (len(text) + 1) if not old else text.count(old)
-    if count is not None:
+    if count is not None and int(count) >= 0:  # a negative count replaces every one
         hits = min(hits, int(count))
     check_size(len(text) + hits * max(0, len(new) - len(old)), "the replaced text")
 
