@@ -190,37 +190,25 @@ class Database:
             loop.call_soon_threadsafe(_settle, [future for _, future in batch], outcomes)
 
     def _commit_group(self, works: list[Callable[[Connection], Any]]) -> list[_Outcome]:
-        """One BEGIN IMMEDIATE … COMMIT around ``works``; each runs inside a SAVEPOINT when there
-        are several, so one that raises is rolled back alone."""
+        """One BEGIN IMMEDIATE … COMMIT around ``works``, each inside a SAVEPOINT so that one
+        that raises is rolled back alone."""
         conn = self._connection()
         raw: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
         outcomes: list[_Outcome] = []
         try:
             conn.begin()  # the "begin" event makes it BEGIN IMMEDIATE
-        except Exception as exc:
-            return [(False, exc)] * len(works)
-        alone = len(works) == 1
-        for work in works:
-            if not alone:
+            for work in works:
                 raw.execute("SAVEPOINT unit")
-            try:
-                outcomes.append((True, work(conn)))
-            except Exception as exc:
-                if alone:
-                    conn.rollback()
-                    return [(False, exc)]
                 try:
+                    outcomes.append((True, work(conn)))
+                except Exception as exc:
+                    if not raw.in_transaction:
+                        # SQLite already rolled the whole transaction back (disk full, I/O
+                        # error): nothing of the group was written; all fail with this.
+                        raise
                     raw.execute("ROLLBACK TO unit")
-                except sqlite3.Error:
-                    # SQLite already rolled the whole transaction back (disk full, I/O
-                    # error): nothing of the group was written.
-                    if conn.in_transaction():
-                        conn.rollback()
-                    return [(False, exc)] * len(works)
-                outcomes.append((False, exc))
-            if not alone:
+                    outcomes.append((False, exc))
                 raw.execute("RELEASE unit")
-        try:
             conn.commit()
         except Exception as exc:
             if conn.in_transaction():
