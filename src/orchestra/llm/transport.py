@@ -5,7 +5,8 @@ Why: httpcore's pool checks every pooled connection (a ``getpeername`` and a rea
 each) whenever a request starts or ends, so its cost per request grows with the number of
 connections. With 64 model calls in flight on one pool, a local server that answers at once
 got 286 requests/s and some calls waited 4.7 s (encode/httpx#3215); the same load over eight
-pools of eight connections got 740/s with a worst case of 0.35 s. ``ShardedTransport`` keeps the
+pools of eight connections got 740/s with a worst case of 0.35 s
+(``benchmarks/httpx_probe.py``). ``ShardedTransport`` keeps the
 one client (one place for timeouts, one ``aclose``) and gives each request to the pool with the
 fewest requests in flight, so every pool stays small and busy. ``benchmarks/`` measures it.
 """
@@ -24,9 +25,9 @@ POOL_SIZE = 8
 class _Counted(httpx.AsyncByteStream):
     """A response body that tells its pool when it is closed (the request is over then)."""
 
-    def __init__(self, stream: httpx.AsyncByteStream, done: list[int], index: int) -> None:
+    def __init__(self, stream: httpx.AsyncByteStream, in_flight: list[int], index: int) -> None:
         self._stream = stream
-        self._done = done
+        self._in_flight = in_flight
         self._index = index
         self._open = True
 
@@ -37,7 +38,7 @@ class _Counted(httpx.AsyncByteStream):
     async def aclose(self) -> None:
         if self._open:
             self._open = False
-            self._done[self._index] -= 1
+            self._in_flight[self._index] -= 1
         await self._stream.aclose()
 
 
