@@ -2,4 +2,5 @@
 
 from orchestra.cli import main
 
-main()
+if __name__ == "__main__":  # not when a render process (spawned) imports this module
+    main()

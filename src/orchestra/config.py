@@ -178,6 +178,11 @@ class LimitSettings(_Section, frozen=True):
     render_timeout: float = 5.0
     #: Longest text a rendering may produce or build on its way, in characters.
     max_render_chars: int = 1_000_000
+    #: Processes that run renders too slow for the event loop (over 5 ms), started when
+    #: first needed.
+    render_processes: int = 2
+    #: Address space each render process may use, in MiB (where the OS enforces it).
+    render_memory_mb: int = 512
 
 
 Scope = Literal["read", "submit", "admin"]
@@ -267,6 +272,8 @@ class Settings(_Section, frozen=True):
             "max_params_depth",
             "max_string_length",
             "max_render_chars",
+            "render_processes",
+            "render_memory_mb",
         ):
             checks.append((f"limits.{key}", getattr(self.limits, key) >= 1, "an integer >= 1"))
         for name, provider in self.providers.items():

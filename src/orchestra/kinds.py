@@ -16,6 +16,7 @@ import msgspec
 from orchestra.domain import Task, Usage, total_usage
 from orchestra.errors import InvalidOutput, RenderError, StepError, StepTimeout
 from orchestra.llm.base import ChatMessage, ChatRequest, Provider
+from orchestra.templating.isolation import Renderer
 from orchestra.templating.model import (
     EmbedStep,
     LlmStep,
@@ -45,6 +46,8 @@ class Context(msgspec.Struct, frozen=True):
     task: Task
     template: Template
     provider: Provider
+    #: Runs renders without holding the event loop up (see ``templating.isolation``).
+    render: Renderer
     #: Receives (step id, text) while an llm step's answer streams; None: do not stream.
     on_text: Callable[[str, str], None] | None = None
 
@@ -74,12 +77,12 @@ def _check_json(text: str, schema: dict[str, Any] | None) -> tuple[Any, list[str
     return value, ([] if schema is None else _schema_problems(value, schema))
 
 
-def _format(spec: LlmStep, scope: Scope) -> str | dict[str, Any] | None:
+async def _format(spec: LlmStep, scope: Scope, ctx: Context) -> str | dict[str, Any] | None:
     fmt = spec.format
     if fmt is None or fmt == "json" or isinstance(fmt, dict):
         return fmt
     expr = fmt.strip().removeprefix("{{").removesuffix("}}")
-    value = evaluate(expr, scope, what=f"steps.{spec.id}.format")
+    value = await ctx.render(evaluate, expr, scope, what=f"steps.{spec.id}.format")
     if not isinstance(value, dict):
         raise RenderError(
             f"steps.{spec.id}.format must give a JSON Schema (a mapping), got "
@@ -114,8 +117,8 @@ def _messages(spec: LlmStep, scope: Scope) -> list[ChatMessage]:
 async def run_llm(spec: LlmStep, scope: Scope, ctx: Context) -> Outcome:
     """Ask the model; with ``format``, parse and check the reply and ask for repairs."""
     model = _model(ctx, spec.model)
-    fmt = _format(spec, scope)
-    messages = _messages(spec, scope)
+    fmt = await _format(spec, scope, ctx)
+    messages = await ctx.render(_messages, spec, scope)
     request = ChatRequest(
         model=model,
         messages=tuple(messages),
@@ -160,12 +163,12 @@ async def run_llm(spec: LlmStep, scope: Scope, ctx: Context) -> Outcome:
 
 async def run_render(spec: RenderStep, scope: Scope, ctx: Context) -> Outcome:
     """Render text, with no model call."""
-    return Outcome(render_text(spec.text, scope, what=f"steps.{spec.id}.text"))
+    return Outcome(await ctx.render(render_text, spec.text, scope, what=f"steps.{spec.id}.text"))
 
 
 async def run_parse_json(spec: ParseJsonStep, scope: Scope, ctx: Context) -> Outcome:
     """Parse JSON from the input (text, or an already parsed value) and check its schema."""
-    value = evaluate(spec.input, scope, what=f"steps.{spec.id}.input")
+    value = await ctx.render(evaluate, spec.input, scope, what=f"steps.{spec.id}.input")
     if isinstance(value, str):
         try:
             value = parse_json_text(value)
@@ -182,7 +185,7 @@ async def run_parse_json(spec: ParseJsonStep, scope: Scope, ctx: Context) -> Out
 
 async def run_embed(spec: EmbedStep, scope: Scope, ctx: Context) -> Outcome:
     """Embed a string (one vector) or a list of strings (a list of vectors)."""
-    value = evaluate(spec.input, scope, what=f"steps.{spec.id}.input")
+    value = await ctx.render(evaluate, spec.input, scope, what=f"steps.{spec.id}.input")
     single = isinstance(value, str)
     inputs = [value] if single else value
     if not isinstance(inputs, list | tuple) or not all(isinstance(i, str) for i in inputs):
@@ -194,7 +197,7 @@ async def run_embed(spec: EmbedStep, scope: Scope, ctx: Context) -> Outcome:
 
 async def run_map(spec: MapStep, scope: Scope, ctx: Context) -> Outcome:
     """Run the inner step per item, ``concurrency`` at a time; results keep the input order."""
-    items = evaluate(spec.over, scope, what=f"steps.{spec.id}.over")
+    items = await ctx.render(evaluate, spec.over, scope, what=f"steps.{spec.id}.over")
     if not isinstance(items, list | tuple):
         raise RenderError(f"steps.{spec.id}.over must give a list, got {type(items).__name__}")
     gate = asyncio.Semaphore(spec.concurrency)
@@ -203,7 +206,8 @@ async def run_map(spec: MapStep, scope: Scope, ctx: Context) -> Outcome:
 
     async def one(index: int, item: Any) -> Outcome:
         local = {**scope, "item": item, "index": index}
-        if inner.when and not evaluate(inner.when, local, what=f"steps.{spec.id}.step.when"):
+        when = f"steps.{spec.id}.step.when"
+        if inner.when and not await ctx.render(evaluate, inner.when, local, what=when):
             return Outcome(None)
         async with gate, asyncio.timeout(inner.timeout):
             return await execute(inner, local, ctx)

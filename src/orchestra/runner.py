@@ -17,6 +17,7 @@ from orchestra.domain import Step, StepStatus, Task, TaskError, iso_now
 from orchestra.errors import StepError, StepTimeout
 from orchestra.kinds import Context, Outcome, execute
 from orchestra.llm.base import Provider
+from orchestra.templating.isolation import Renderer
 from orchestra.templating.model import StepSpec, Template
 from orchestra.templating.render import evaluate, render_output
 
@@ -56,8 +57,9 @@ class StepFailed(StepError):
 class Runner:
     """Executes templates against a provider."""
 
-    def __init__(self, provider: Provider) -> None:
+    def __init__(self, provider: Provider, render: Renderer) -> None:
         self.provider = provider
+        self.render = render
 
     async def run(self, task: Task, template: Template, recorder: StepRecorder) -> Any:
         """Run every step in order and return the task's result.
@@ -69,7 +71,11 @@ class Runner:
         outputs: dict[str, dict[str, Any]] = {}
         scope: dict[str, Any] = {"params": task.params, "steps": outputs}
         ctx = Context(
-            task=task, template=template, provider=self.provider, on_text=recorder.step_text
+            task=task,
+            template=template,
+            provider=self.provider,
+            render=self.render,
+            on_text=recorder.step_text,
         )
         for position, spec in enumerate(template.steps):
             await recorder.step_started(spec.id, position)
@@ -104,14 +110,16 @@ class Runner:
         if template.output is None:
             return outputs[template.steps[-1].id]["output"]
         try:
-            return render_output(template.output, scope)
+            return await ctx.render(render_output, template.output, scope)
         except StepError as exc:
             raise StepFailed("output", exc) from exc
 
     @staticmethod
     async def _step(spec: StepSpec, scope: dict[str, Any], ctx: Context) -> Outcome | None:
         """Run one step; None when its ``when`` is false (skipped)."""
-        if spec.when and not evaluate(spec.when, scope, what=f"steps.{spec.id}.when"):
+        if spec.when and not await ctx.render(
+            evaluate, spec.when, scope, what=f"steps.{spec.id}.when"
+        ):
             return None
         try:
             # Leaving the timeout cancels what the step runs, closing any model connection.

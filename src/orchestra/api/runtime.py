@@ -30,6 +30,7 @@ from orchestra.notify import TaskSignals
 from orchestra.runner import Runner
 from orchestra.tasks import TaskService
 from orchestra.templating import sandbox
+from orchestra.templating.isolation import Renderer
 from orchestra.templating.registry import TemplateRegistry
 from orchestra.worker import WorkerPool
 
@@ -127,7 +128,8 @@ class Runtime:
                 # models (each check is bounded by a 2 s timeout).
                 await router.refresh()
                 watcher = asyncio.create_task(router.watch(), name="provider-health")
-                pool = WorkerPool(store, self.registry, Runner(router), s)
+                renderer = Renderer(s.limits)
+                pool = WorkerPool(store, self.registry, Runner(router, renderer), s)
                 self._db, self._router, self._pool = db, router, pool
                 self._tasks = TaskService(
                     store,
@@ -144,6 +146,7 @@ class Runtime:
                 finally:
                     hangup()
                     await pool.stop()
+                    await renderer.close()
                     watcher.cancel()
                     await asyncio.gather(watcher, return_exceptions=True)
                     await router.close()

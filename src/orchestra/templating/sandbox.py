@@ -18,8 +18,10 @@ almost nothing:
   recursion runs longer than that. ``range`` is the sandbox's own, capped at 100,000 items.
 * **The output** is counted as it is produced and cut off at ``max_render_chars``.
 
-Renders run on the event loop: a check costs a clock read, and a hostile template holds the
-loop for at most ``render_timeout`` before its step fails with the reason.
+**A slice on the event loop.** Inside ``inline(seconds)`` the deadline is the end of the
+slice instead, and passing it raises ``OutOfSlice`` (a BaseException, so that no template
+error handler swallows it): ``orchestra.templating.isolation`` then runs the render again in a
+render process, where the full ``render_timeout`` applies.
 """
 
 from __future__ import annotations
@@ -45,15 +47,25 @@ _PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(\*|\d+)?(?:\.(\*|\d+))?")
 _WIDENING = {"center", "ljust", "rjust", "zfill"}
 
 
+class OutOfSlice(BaseException):
+    """A render outran the slice it was given inside ``inline``."""
+
+
 class _Budget:
     def __init__(self, limits: LimitSettings) -> None:
-        self.deadline = time.monotonic() + limits.render_timeout
+        now = time.monotonic()
+        self.deadline = now + limits.render_timeout
         self.timeout = limits.render_timeout
         self.max_chars = limits.max_render_chars
+        slice_ends = _slice_ends.get()
+        self.inline = False
+        if slice_ends is not None and slice_ends < self.deadline:
+            self.deadline, self.inline = slice_ends, True
 
 
 _limits = LimitSettings()
 _budget: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("budget", default=None)
+_slice_ends: contextvars.ContextVar[float | None] = contextvars.ContextVar("slice", default=None)
 
 
 def configure(limits: LimitSettings) -> None:
@@ -73,6 +85,17 @@ def budget() -> Iterator[_Budget]:
         _budget.reset(token)
 
 
+@contextmanager
+def inline(seconds: float) -> Iterator[None]:
+    """Renders inside get ``seconds`` (less if their own deadline comes first); past that
+    they raise ``OutOfSlice``."""
+    token = _slice_ends.set(time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _slice_ends.reset(token)
+
+
 def _current() -> _Budget:
     return _budget.get() or _Budget(_limits)
 
@@ -81,6 +104,8 @@ def tick() -> None:
     """Fail the render if it has run past its deadline."""
     b = _budget.get()
     if b is not None and time.monotonic() > b.deadline:
+        if b.inline:
+            raise OutOfSlice
         raise RenderError(f"rendering took longer than {b.timeout:g}s ([limits] render_timeout)")
 
 

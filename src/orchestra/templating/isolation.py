@@ -1,0 +1,179 @@
+"""Slow renders run in render processes, so that no template holds the event loop up.
+
+A render is pure (the immutable sandbox, no I/O) and almost always quick, so ``Renderer``
+first runs it on the event loop under a slice of ``INLINE_SLICE`` seconds: ordinary prompts
+finish well inside it and pay nothing more. A render that outruns the slice is abandoned
+(``sandbox.OutOfSlice``) and run again from the start in a render process, where the full
+``render_timeout`` applies.
+
+Why a process and not a thread: a render is pure Python and holds the GIL, while the event
+loop gives the GIL up at every socket call and then waits up to the switch interval (5 ms)
+to get it back. With the render on a thread, one /health request took 300 ms.
+
+Each render process is a child started with ``spawn`` that holds the service's limits:
+
+* it renders one thing at a time. There are ``[limits] render_processes`` of them, each
+  started when first needed and then kept;
+* its address space is capped at ``render_memory_mb`` (RLIMIT_AS, where the OS has it), so a
+  render that allocates too much fails with MemoryError instead of taking the host's memory;
+* it is killed and replaced when a render in it has not answered ``GRACE`` seconds after its
+  ``render_timeout``. The sandbox's deadline should always stop a render first; this is the
+  backstop for one operation that never checks the deadline, or a process that died.
+
+When a step's timeout passes while its render is in a process, the step stops waiting at
+once; the process finishes that render (within its deadline) before it takes another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import signal
+from collections.abc import Callable
+from multiprocessing.pool import Pool
+from typing import Any, ParamSpec, TypeVar
+
+from orchestra.config import LimitSettings
+from orchestra.errors import RenderError, StepError
+from orchestra.templating import sandbox
+
+#: How long a render may hold the event loop before it moves to a render process, seconds.
+INLINE_SLICE = 0.005
+#: Seconds past ``render_timeout`` before an unanswered render process is killed.
+GRACE = 5.0
+
+P = ParamSpec("P")
+T = TypeVar("T")
+_SPAWN = multiprocessing.get_context("spawn")
+
+
+def _start_child(limits: LimitSettings) -> None:
+    """Set up a render process: the service's limits, the memory cap, no Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the service stops its children itself
+    sandbox.configure(limits)
+    try:
+        import resource
+
+        cap = limits.render_memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    except (ImportError, ValueError, OSError):
+        pass  # no RLIMIT_AS here (macOS refuses it): the sandbox's size caps still hold
+
+
+def _settle(done: asyncio.Future[Any], value: Any, failed: bool) -> None:
+    if done.done():
+        return
+    if failed:
+        done.set_exception(value)
+    else:
+        done.set_result(value)
+
+
+class _RenderProcess:
+    """One render process: a one-worker multiprocessing Pool, which can be killed."""
+
+    def __init__(self, limits: LimitSettings) -> None:
+        self._limits = limits
+        self._pool: Pool | None = None
+
+    async def call(self, render: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        """Run ``render(*args, **kwargs)`` in the process (started now if it is not)."""
+        if self._pool is None:
+            self._pool = await asyncio.to_thread(
+                _SPAWN.Pool, 1, initializer=_start_child, initargs=(self._limits,)
+            )
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+
+        def answer(value: Any, failed: bool) -> None:  # on the pool's result thread
+            try:
+                loop.call_soon_threadsafe(_settle, done, value, failed)
+            except RuntimeError:
+                pass  # the loop has closed: nobody is waiting any more
+
+        self._pool.apply_async(
+            render,
+            args,
+            kwargs,
+            callback=lambda value: answer(value, False),
+            error_callback=lambda exc: answer(exc, True),
+        )
+        return await done
+
+    async def stop(self) -> None:
+        """Kill the process; the next call starts a new one."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await asyncio.to_thread(pool.terminate)
+
+
+class Renderer:
+    """Runs renders: on the event loop while they are quick, in a render process when not."""
+
+    def __init__(self, limits: LimitSettings) -> None:
+        self._limits = limits
+        self._processes = [_RenderProcess(limits) for _ in range(limits.render_processes)]
+        self._idle: asyncio.Queue[_RenderProcess] | None = None
+        self._jobs: set[asyncio.Task[Any]] = set()
+
+    async def __call__(self, render: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``render(*args, **kwargs)``, without holding the loop for more than the slice.
+
+        ``render`` must be pure and importable by name (a module-level function), and its
+        arguments and result picklable, since a slow one runs again in a render process.
+        """
+        with sandbox.inline(INLINE_SLICE):
+            try:
+                return render(*args, **kwargs)
+            except sandbox.OutOfSlice:
+                pass
+        return await self.isolated(render, *args, **kwargs)
+
+    async def isolated(self, render: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``render(*args, **kwargs)`` in a render process, once one is free."""
+        if self._idle is None:
+            self._idle = asyncio.Queue()
+            for process in self._processes:
+                self._idle.put_nowait(process)
+        process = await self._idle.get()
+        job = asyncio.create_task(self._job(self._idle, process, render, args, kwargs))
+        self._jobs.add(job)
+        job.add_done_callback(self._forget)
+        # The job keeps its process until the render answers, even if the caller leaves.
+        result: T = await asyncio.shield(job)
+        return result
+
+    def _forget(self, job: asyncio.Task[Any]) -> None:
+        self._jobs.discard(job)
+        if not job.cancelled():
+            job.exception()  # retrieved: the caller may have stopped waiting for it
+
+    async def _job(
+        self,
+        idle: asyncio.Queue[_RenderProcess],
+        process: _RenderProcess,
+        render: Callable[..., Any],
+        args: Any,
+        kwargs: Any,
+    ) -> Any:
+        limit = self._limits.render_timeout + GRACE
+        try:
+            async with asyncio.timeout(limit):
+                return await process.call(render, args, kwargs)
+        except TimeoutError:
+            await process.stop()
+            raise RenderError(
+                f"the render had not finished after {limit:g}s, so its process was replaced"
+            ) from None
+        except StepError:
+            raise
+        except Exception as exc:  # the result could not be sent back, the process failed
+            raise RenderError(f"the render process failed: {type(exc).__name__}: {exc}") from None
+        finally:
+            idle.put_nowait(process)
+
+    async def close(self) -> None:
+        """Stop every render process, abandoning renders still running."""
+        for job in list(self._jobs):
+            job.cancel()
+        await asyncio.gather(*(p.stop() for p in self._processes))

@@ -1,0 +1,107 @@
+"""Renders: quick ones on the event loop, slow ones in render processes that can be killed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from orchestra.config import LimitSettings
+from orchestra.errors import RenderError
+from orchestra.templating import isolation, sandbox
+from orchestra.templating.isolation import Renderer
+from orchestra.templating.render import render_text
+
+LOOPS = "{% for i in range(300) %}{% for j in range(300) %}{% endfor %}{{ i % 10 }}{% endfor %}"
+ENDLESS = "{% for i in range(10**5) %}{% for j in range(10**5) %}{% endfor %}{% endfor %}"
+
+
+def where(seconds: float) -> int:
+    """The process that ran this; it keeps ticking (a render's checks) for ``seconds``."""
+    with sandbox.budget():
+        ends = time.monotonic() + seconds
+        while time.monotonic() < ends:
+            sandbox.tick()
+    return os.getpid()
+
+
+def stuck(seconds: float) -> int:
+    """A render that never checks its deadline (what the sandbox should make impossible)."""
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def hungry(megabytes: int) -> int:
+    return len(bytearray(megabytes * 1024 * 1024))
+
+
+@pytest.fixture
+async def renderer() -> AsyncIterator[Renderer]:
+    sandbox.configure(LimitSettings(render_timeout=1.0))
+    render = Renderer(LimitSettings(render_timeout=1.0, render_processes=1, render_memory_mb=256))
+    try:
+        yield render
+    finally:
+        await render.close()
+        sandbox.configure(LimitSettings())
+
+
+async def test_a_quick_render_stays_on_the_loop_and_a_slow_one_moves_off_it(
+    renderer: Renderer,
+) -> None:
+    assert await renderer(where, 0) == os.getpid()
+    started = time.monotonic()
+    assert await renderer(where, 0.05) != os.getpid()
+    assert time.monotonic() - started < 10  # the render process starts on first use
+
+
+async def test_a_render_moved_off_the_loop_gives_the_same_text(renderer: Renderer) -> None:
+    text = await renderer(render_text, LOOPS, {}, what="t")
+    assert text == render_text(LOOPS, {}, what="t") == "0123456789" * 30
+    with pytest.raises(RenderError, match="render_timeout"):
+        await renderer(render_text, ENDLESS, {}, what="t")
+
+
+async def test_the_loop_keeps_running_while_a_process_renders(renderer: Renderer) -> None:
+    await renderer(where, 0.05)  # the process is up
+    ticks = 0
+
+    async def count() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.001)
+            ticks += 1
+
+    counter = asyncio.create_task(count())
+    with pytest.raises(RenderError, match="render_timeout"):
+        await renderer(render_text, ENDLESS, {}, what="t")
+    counter.cancel()
+    assert ticks > 200  # about 1 s of 1 ms sleeps, not starved by the render
+
+
+async def test_a_stuck_render_process_is_replaced(
+    renderer: Renderer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(isolation, "GRACE", 0.5)
+    first = await renderer(where, 0.05)
+    with pytest.raises(RenderError, match="replaced"):
+        await renderer.isolated(stuck, 30)
+    second = await renderer(where, 0.05)
+    assert second != first  # a new process
+
+
+async def test_a_render_over_its_memory_fails_alone(renderer: Renderer) -> None:
+    with pytest.raises(RenderError, match="MemoryError"):
+        await renderer.isolated(hungry, 1024)
+    assert await renderer.isolated(hungry, 16) == 16 * 1024 * 1024
+
+
+async def test_a_caller_that_stops_waiting_does_not_lose_the_process(renderer: Renderer) -> None:
+    process = await renderer(where, 0.05)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.3):
+            await renderer(where, 0.8)
+    assert await renderer(where, 0.05) == process  # the same one, once that render ended
