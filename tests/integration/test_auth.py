@@ -86,6 +86,7 @@ async def test_every_endpoint_needs_a_key_with_enough_scope(
         for token in (None, "orc_abcdefgh_wrong", "not-even-shaped", tokens["read"] + "x"):
             response = await _call(svc.client, method, path, body, token)
             assert response.status_code == 401, (method, path, token, response.text)
+            assert response.headers["www-authenticate"] == "Bearer"
             if not path.endswith("/events"):
                 assert response.json()["code"] == "unauthorized"
         for scope in SCOPES:

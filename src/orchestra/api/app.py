@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
-from litestar.datastructures import State
+from litestar.datastructures import MutableScopeHeaders, State
 from litestar.di import NamedDependency, Provide
 from litestar.openapi import OpenAPIConfig
+from litestar.routes import HTTPRoute
 
 from orchestra import __version__
 from orchestra.api import auth
 from orchestra.api.errors import HANDLERS
 from orchestra.api.health import health, models
+from orchestra.api.openapi import refine
 from orchestra.api.runtime import Runtime
 from orchestra.api.tasks import TaskController
 from orchestra.api.templates import TemplateController
@@ -36,6 +39,22 @@ def _catalog(runtime: NamedDependency[Runtime]) -> TemplateCatalog:
     return runtime.catalog
 
 
+async def _allow_every_method(message: Any, scope: Any) -> None:
+    """OPTIONS answers list every method of the path in ``Allow``.
+
+    Litestar 2 answers OPTIONS with the methods of the first handler registered on a path
+    only (litestar-org/litestar#4169, fixed in Litestar 3), e.g. ``GET, OPTIONS`` where POST
+    works too. The route itself knows them all.
+    """
+    if message["type"] != "http.response.start" or scope.get("method") != "OPTIONS":
+        return
+    template = scope.get("path_template")
+    for route in scope["app"].routes:
+        if isinstance(route, HTTPRoute) and route.path_format == template:
+            MutableScopeHeaders(message)["allow"] = ", ".join(sorted(route.methods))
+            return
+
+
 def create_app(
     settings: Settings,
     registry: TemplateRegistry | None = None,
@@ -54,7 +73,7 @@ def create_app(
         registry = TemplateRegistry(settings.templates.dirs)
         registry.load()
     runtime = Runtime(settings, registry, env or {})
-    return Litestar(
+    app = Litestar(
         route_handlers=[TaskController, TemplateController, health, models],
         middleware=auth.middleware(settings.auth),
         guards=[auth.scope_guard],
@@ -71,6 +90,7 @@ def create_app(
             "catalog": Provide(_catalog, sync_to_thread=False),
         },
         exception_handlers=HANDLERS,
+        before_send=[_allow_every_method],
         openapi_config=OpenAPIConfig(
             title="AI Task Orchestra",
             version=__version__,
@@ -82,3 +102,5 @@ def create_app(
         debug=False,
         request_max_body_size=settings.limits.max_body_bytes,
     )
+    refine(app.openapi_schema)  # built once, here; every later request serves this one
+    return app

@@ -9,6 +9,7 @@ falls short). Error bodies say only that a key is missing, wrong or not allowed.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -23,8 +24,10 @@ from orchestra.config import AuthSettings
 from orchestra.db.keys import KeyStore
 from orchestra.errors import Forbidden, Unauthorized
 
-#: Paths served to anyone: liveness checks and the API's own description.
-PUBLIC = ["^/health$", "^/api/v1/health$", "^/schema"]
+#: Operations served to anyone: the liveness checks.
+PUBLIC_PATHS = ("/health", "/api/v1/health")
+#: Paths served to anyone (as patterns): those, and the API's own description.
+PUBLIC = [*(f"^{re.escape(p)}$" for p in PUBLIC_PATHS), "^/schema"]
 #: Seconds the service keeps the list of keys before reading it again (a key created or
 #: revoked with the CLI takes effect within this time).
 REFRESH_SECONDS = 2.0

@@ -52,6 +52,7 @@ def _body(
     fields: list[FieldOut] | None = None,
     task_status: str | None = None,
     errors: list[ProblemOut] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Response[ErrorBody]:
     body = ErrorBody(
         status=status,
@@ -61,7 +62,7 @@ def _body(
         task_status=task_status,
         errors=errors,
     )
-    return Response(body, status_code=status)
+    return Response(body, status_code=status, headers=headers)
 
 
 def orchestra_error(_: Request[Any, Any, Any], exc: OrchestraError) -> Response[ErrorBody]:
@@ -74,7 +75,10 @@ def orchestra_error(_: Request[Any, Any, Any], exc: OrchestraError) -> Response[
     problems = None
     if isinstance(exc, TemplateError):
         problems = [ProblemOut(p.line, p.column, p.path, p.message) for p in exc.problems]
-    return _body(status, exc.code, exc.message, fields, getattr(exc, "task_status", None), problems)
+    # RFC 9110: a 401 names the scheme that would be accepted.
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+    task_status = getattr(exc, "task_status", None)
+    return _body(status, exc.code, exc.message, fields, task_status, problems, headers)
 
 
 def _field(extra: dict[str, Any]) -> str:
@@ -102,7 +106,8 @@ def validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Res
 
 
 def http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorBody]:
-    """Litestar's own errors (404 route, 405 method, 413 body size …) in our shape."""
+    """Litestar's own errors (404 route, 405 method, 413 body size …) in our shape, with
+    their headers (a 405's Allow, a 429's Retry-After)."""
     code = {
         400: "invalid_request",
         404: "not_found",
@@ -112,7 +117,7 @@ def http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorB
         413: "too_large",
         429: "rate_limited",
     }.get(exc.status_code, "http_error")
-    return _body(exc.status_code, code, str(exc.detail))
+    return _body(exc.status_code, code, str(exc.detail), headers=dict(exc.headers or {}))
 
 
 def too_deep(_: Request[Any, Any, Any], exc: RecursionError) -> Response[ErrorBody]:

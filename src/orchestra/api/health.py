@@ -4,15 +4,27 @@ from __future__ import annotations
 
 from litestar import Response, get
 from litestar.di import NamedDependency
+from litestar.openapi import ResponseSpec
 
 from orchestra import __version__, logs
+from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
 from orchestra.api.schemas import HealthOut, ModelOut, ModelsOut, ProviderOut
 
 log = logs.get("orchestra.api")
 
 
-@get(["/health", "/api/v1/health"], tags=["health"], summary="Health", cache=False)
+@get(
+    ["/health", "/api/v1/health"],
+    tags=["health"],
+    summary="Health",
+    cache=False,
+    responses={
+        503: ResponseSpec(
+            HealthOut, description="The database does not answer", generate_examples=False
+        )
+    },
+)
 async def health(runtime: NamedDependency[Runtime]) -> Response[HealthOut]:
     """The database's and each provider's state (checked now), and the version.
 
@@ -36,7 +48,13 @@ async def health(runtime: NamedDependency[Runtime]) -> Response[HealthOut]:
     return Response(body, status_code=200 if ok else 503)
 
 
-@get("/api/v1/models", tags=["models"], summary="Models and providers", cache=False)
+@get(
+    "/api/v1/models",
+    tags=["models"],
+    summary="Models and providers",
+    cache=False,
+    responses=errors(),
+)
 async def models(runtime: NamedDependency[Runtime]) -> ModelsOut:
     """Every logical model name with its fallback chain and the entry that would serve it now,
     and every provider with its availability and the models it reports (checked now)."""

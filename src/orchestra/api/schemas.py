@@ -40,7 +40,8 @@ class SubmitTask(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         str | None, msgspec.Meta(description="Use this model instead of the template's.")
     ] = None
     run_at: Annotated[
-        datetime | None,
+        # RFC 3339 is what clients should send; a time without a zone is taken as UTC.
+        Annotated[datetime, msgspec.Meta(extra_json_schema={"format": "date-time"})] | None,
         msgspec.Meta(description="Do not start before this time (ISO-8601; no zone means UTC)."),
     ] = None
     delay: (
@@ -90,6 +91,10 @@ class FieldOut(msgspec.Struct, frozen=True):
 
     field: str
     message: str
+
+
+#: The JSON request bodies; the OpenAPI document describes them with msgspec's own schema.
+REQUEST_BODIES: tuple[type[msgspec.Struct], ...] = (SubmitTask,)
 
 
 class ErrorBody(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -12,23 +12,15 @@ from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
+from orchestra.api.openapi import errors
 from orchestra.api.schemas import SubmitTask, TaskList, TaskOut
 from orchestra.domain import TaskStatus
 from orchestra.errors import FieldProblem, InvalidRequest
 from orchestra.tasks import Submission, TaskService
 
 MAX_WAIT = 60.0
-
-
-def _cursor(cursor: str | None) -> int | None:
-    if cursor is None:
-        return None
-    if not cursor.isdigit() or len(cursor) > 18:
-        raise InvalidRequest(
-            "cursor must be a value returned as next_cursor",
-            [FieldProblem("cursor", "not a cursor this service returned")],
-        )
-    return int(cursor)
+#: Cursors and event ids are decimal numbers (a task id, an event's sequence number).
+_NUMBER = "^[0-9]{1,18}$"
 
 
 class TaskController(Controller):
@@ -44,8 +36,11 @@ class TaskController(Controller):
         summary="Submit a task",
         responses={
             200: ResponseSpec(
-                TaskOut, description="An idempotent replay: the task this key already created"
-            )
+                TaskOut,
+                description="An idempotent replay: the task this key already created",
+                generate_examples=False,
+            ),
+            **errors(400, 404, 409, 413, 422),
         },
     )
     async def submit(
@@ -84,14 +79,21 @@ class TaskController(Controller):
             headers={"Location": f"{self.path}/{task.id}"},
         )
 
-    @get("/{task_id:int}/events", summary="Follow a task's events (Server-Sent Events)")
+    @get(
+        "/{task_id:int}/events",
+        summary="Follow a task's events (Server-Sent Events)",
+        media_type="text/event-stream",
+        responses=errors(400, 404),
+    )
     async def events(
         self,
         task_id: FromPath[int],
         tasks: NamedDependency[TaskService],
         last_event_id: Annotated[
             str | None,
-            HeaderParameter(name="Last-Event-ID", description="Resume after this event id."),
+            HeaderParameter(
+                name="Last-Event-ID", pattern=_NUMBER, description="Resume after this event id."
+            ),
         ] = None,
         after: Annotated[
             int, QueryParameter(ge=0, description="Resume after this event id (as the header).")
@@ -101,11 +103,6 @@ class TaskController(Controller):
         happen, ending after ``task.finished``. Each event's ``id`` is its sequence number;
         reconnecting with ``Last-Event-ID`` continues without gaps or repeats."""
         if last_event_id is not None:
-            if not last_event_id.isdigit() or len(last_event_id) > 18:
-                raise InvalidRequest(
-                    "Last-Event-ID must be an event id this stream sent",
-                    [FieldProblem("Last-Event-ID", "not an event id")],
-                )
             after = int(last_event_id)
         await tasks.get(task_id)  # 404 now, before the stream starts
 
@@ -124,7 +121,11 @@ class TaskController(Controller):
         return ServerSentEvent(stream())
 
     @post(
-        "/{task_id:int}/cancel", status_code=200, summary="Cancel a task", opt={"scope": "submit"}
+        "/{task_id:int}/cancel",
+        status_code=200,
+        summary="Cancel a task",
+        opt={"scope": "submit"},
+        responses=errors(400, 404, 409),
     )
     async def cancel(self, task_id: FromPath[int], tasks: NamedDependency[TaskService]) -> TaskOut:
         """A queued task is cancelled at once; a running one is stopped (its model call is
@@ -132,13 +133,19 @@ class TaskController(Controller):
         finished."""
         return TaskOut.of(await tasks.cancel(task_id))
 
-    @post("/{task_id:int}/retry", status_code=200, summary="Retry a task", opt={"scope": "submit"})
+    @post(
+        "/{task_id:int}/retry",
+        status_code=200,
+        summary="Retry a task",
+        opt={"scope": "submit"},
+        responses=errors(400, 404, 409),
+    )
     async def retry(self, task_id: FromPath[int], tasks: NamedDependency[TaskService]) -> TaskOut:
         """Queue a failed or cancelled task again as a new attempt. 409 with ``task_status``
         for any other status."""
         return TaskOut.of(await tasks.retry(task_id))
 
-    @get("/{task_id:int}", summary="Get a task")
+    @get("/{task_id:int}", summary="Get a task", responses=errors(400, 404))
     async def get_task(
         self,
         task_id: FromPath[int],
@@ -153,7 +160,7 @@ class TaskController(Controller):
         """The task with its steps; with ``wait``, answers as soon as it is finished."""
         return TaskOut.of(await tasks.get(task_id, wait=wait))
 
-    @get("/", summary="List tasks")
+    @get("/", summary="List tasks", responses=errors(400))
     async def list_tasks(
         self,
         tasks: NamedDependency[TaskService],
@@ -165,12 +172,16 @@ class TaskController(Controller):
         ] = None,
         limit: Annotated[int, QueryParameter(ge=1, le=500, description="Page size.")] = 50,
         cursor: Annotated[
-            str | None, QueryParameter(description="next_cursor of the previous page.")
+            str | None,
+            QueryParameter(pattern=_NUMBER, description="next_cursor of the previous page."),
         ] = None,
     ) -> TaskList:
         """Tasks, newest first, filtered by status and template; keyset-paginated."""
         page = await tasks.list(
-            status=status, template=template, limit=limit, before=_cursor(cursor)
+            status=status,
+            template=template,
+            limit=limit,
+            before=None if cursor is None else int(cursor),
         )
         return TaskList(
             items=[TaskOut.of(t) for t in page.items],

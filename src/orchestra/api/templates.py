@@ -9,19 +9,24 @@ from litestar.di import NamedDependency
 from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, QueryParameter, RawBody
 
+from orchestra.api.openapi import errors
 from orchestra.api.schemas import (
-    ErrorBody,
     ProblemOut,
     TemplateList,
     TemplateOut,
     ValidationOut,
 )
 from orchestra.catalog import TemplateCatalog
-from orchestra.errors import InvalidRequest, TemplateError
+from orchestra.errors import FieldProblem, InvalidRequest, TemplateError
 from orchestra.templating.loader import parse_template
 
 
 def _text(body: bytes) -> str:
+    if not body.strip():
+        raise InvalidRequest(
+            "the request body is empty: send the template's YAML text",
+            [FieldProblem("body", "empty")],
+        )
     try:
         return body.decode("utf-8")
     except UnicodeDecodeError:
@@ -34,12 +39,12 @@ class TemplateController(Controller):
     path = "/api/v1/templates"
     tags = ["templates"]
 
-    @get("/", summary="List templates")
+    @get("/", summary="List templates", responses=errors())
     async def list_templates(self, catalog: NamedDependency[TemplateCatalog]) -> TemplateList:
         """Every template offered for new tasks, at its current version."""
         return TemplateList(items=[TemplateOut.of(t) for t in catalog.all()])
 
-    @get("/{name:str}", summary="Get a template")
+    @get("/{name:str}", summary="Get a template", responses=errors(400, 404))
     async def get_template(
         self,
         name: FromPath[str],
@@ -51,7 +56,7 @@ class TemplateController(Controller):
         """A template with its parameters as a JSON Schema."""
         return TemplateOut.of(catalog.get(name, version))
 
-    @get("/{name:str}/versions", summary="List a template's versions")
+    @get("/{name:str}/versions", summary="List a template's versions", responses=errors(404))
     async def versions(
         self, name: FromPath[str], catalog: NamedDependency[TemplateCatalog]
     ) -> TemplateList:
@@ -63,12 +68,12 @@ class TemplateController(Controller):
         status_code=201,
         summary="Register a template",
         responses={
-            200: ResponseSpec(TemplateOut, description="The body equals the current version"),
-            422: ResponseSpec(
-                ErrorBody,
-                description="The template is invalid; `errors` lists "
-                "every problem with its line and column",
+            200: ResponseSpec(
+                TemplateOut,
+                description="The body equals the current version",
+                generate_examples=False,
             ),
+            **errors(400, 409, 413, 422),
         },
     )
     async def register(
@@ -87,7 +92,7 @@ class TemplateController(Controller):
             headers={"Location": f"{self.path}/{template.name}?version={template.version}"},
         )
 
-    @delete("/{name:str}", status_code=204, summary="Delete a template")
+    @delete("/{name:str}", status_code=204, summary="Delete a template", responses=errors(404, 409))
     async def delete_template(
         self, name: FromPath[str], catalog: NamedDependency[TemplateCatalog]
     ) -> None:
@@ -95,13 +100,19 @@ class TemplateController(Controller):
         running with their version. 409 for a template file."""
         await catalog.delete(name)
 
-    @post("/reload", status_code=200, summary="Reload template files")
+    @post("/reload", status_code=200, summary="Reload template files", responses=errors(422))
     async def reload(self, catalog: NamedDependency[TemplateCatalog]) -> TemplateList:
         """Read the template folders again (as SIGHUP does). On any problem nothing changes
         and the answer is 422 with every problem."""
         return TemplateList(items=[TemplateOut.of(t) for t in catalog.reload()])
 
-    @post("/validate", status_code=200, summary="Validate a template", opt={"scope": "submit"})
+    @post(
+        "/validate",
+        status_code=200,
+        summary="Validate a template",
+        opt={"scope": "submit"},
+        responses=errors(400, 413),
+    )
     async def validate(
         self, body: RawBody, catalog: NamedDependency[TemplateCatalog]
     ) -> ValidationOut:

@@ -1,0 +1,226 @@
+"""The OpenAPI document at /schema/openapi.json, a product surface: it says what the service
+does, and Schemathesis checks it against the running service in the test suite.
+
+Litestar generates it from the handlers. Each handler declares its error answers with
+``errors(...)``. ``refine`` then adds what the generator cannot express:
+
+* **Request bodies made of msgspec structs** are described by msgspec's own JSON Schema of the
+  struct, the same one that decodes them. Litestar's version leaves out that unknown fields
+  are refused and drops lower bounds of 0 on optional numbers.
+* **The YAML bodies** of template registration and validation, which handlers read raw.
+* **Bearer authentication**, and which operations are open without a key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import msgspec
+from litestar.openapi import ResponseSpec
+from litestar.openapi.spec import (
+    Components,
+    Link,
+    OpenAPI,
+    OpenAPIFormat,
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    OpenAPIType,
+    Operation,
+    Parameter,
+    Reference,
+    RequestBody,
+    Schema,
+    SecurityScheme,
+)
+
+from orchestra.api.auth import PUBLIC_PATHS
+from orchestra.api.schemas import REQUEST_BODIES, ErrorBody
+from orchestra.templating.loader import NAME
+
+_MEANING = {
+    400: "The request is malformed: a path, query or header value, or the JSON body. "
+    "`fields` names each bad one.",
+    401: "No valid API key (send `Authorization: Bearer <key>`).",
+    403: "The API key's scope does not allow this.",
+    404: "No such task or template.",
+    409: "The request conflicts with the current state (`task_status` says the task's).",
+    413: "The body or the template is over its limit in [limits].",
+    422: "The content is invalid: `fields` names each bad parameter, `errors` each problem "
+    "in a template with its line and column.",
+    429: "Too many requests for this key in the last minute.",
+}
+#: Answers any operation behind the API key can give.
+_GUARDED = (401, 403, 429)
+
+_TEMPLATE = Schema(
+    type=OpenAPIType.OBJECT,
+    description="A template: its full language is in docs/templates.md.",
+    required=["name", "steps"],
+    properties={
+        "name": Schema(type=OpenAPIType.STRING, pattern=NAME.pattern),
+        "description": Schema(type=[OpenAPIType.STRING, OpenAPIType.NULL]),
+        "parameters": Schema(type=[OpenAPIType.OBJECT, OpenAPIType.NULL]),
+        "steps": Schema(
+            type=OpenAPIType.ARRAY,
+            min_items=1,
+            items=Schema(type=OpenAPIType.OBJECT, required=["id"]),
+        ),
+    },
+)
+_EXAMPLE_TEMPLATE = {
+    "name": "shout",
+    "parameters": {"text": {"type": "string", "max_length": 1000}},
+    "steps": [{"id": "loud", "kind": "render", "text": "{{ params.text | upper }}"}],
+}
+#: Operations whose raw body is YAML, with what the YAML must hold.
+_YAML_BODIES = {
+    "/api/v1/templates": _TEMPLATE,
+    # Any YAML at all: the answer says whether it is a template and lists every problem.
+    "/api/v1/templates/validate": Schema(description="A template, valid or not."),
+}
+_EXAMPLES = {
+    "SubmitTask": {"template": "summarize", "params": {"text": "Orchestra runs AI tasks."}},
+}
+_TASK = {"task_id": "$response.body#/id"}
+_NAMED = {"name": "$response.body#/name"}
+#: OpenAPI links: what an answer's body names, which other operations take.
+_LINKS: dict[tuple[str, str], dict[str, tuple[str, str, dict[str, str]]]] = {
+    ("/api/v1/tasks", "post"): {
+        "GetTask": ("/api/v1/tasks/{task_id}", "get", _TASK),
+        "FollowTask": ("/api/v1/tasks/{task_id}/events", "get", _TASK),
+        "CancelTask": ("/api/v1/tasks/{task_id}/cancel", "post", _TASK),
+        "RetryTask": ("/api/v1/tasks/{task_id}/retry", "post", _TASK),
+    },
+    ("/api/v1/templates", "post"): {
+        "GetTemplate": ("/api/v1/templates/{name}", "get", _NAMED),
+        "TemplateVersions": ("/api/v1/templates/{name}/versions", "get", _NAMED),
+        "DeleteTemplate": ("/api/v1/templates/{name}", "delete", _NAMED),
+    },
+}
+
+
+def errors(*statuses: int, public: bool = False) -> dict[int, ResponseSpec]:
+    """The error answers an operation can give, each with the ``ErrorBody`` schema."""
+    codes = sorted(set(statuses) | (set() if public else set(_GUARDED)))
+    return {
+        code: ResponseSpec(ErrorBody, description=_MEANING[code], generate_examples=False)
+        for code in codes
+    }
+
+
+def refine(doc: OpenAPI) -> OpenAPI:
+    """Add to Litestar's document what it cannot generate (see the module docstring)."""
+    components = doc.components if isinstance(doc.components, Components) else Components()
+    schemas = dict(components.schemas or {})
+    for struct in REQUEST_BODIES:
+        _, defs = msgspec.json.schema_components(
+            [struct], ref_template="#/components/schemas/{name}"
+        )
+        for name, body in defs.items():
+            schemas[name] = _object(body)
+            if name in _EXAMPLES:
+                schemas[name].examples = [_EXAMPLES[name]]
+    components.schemas = schemas
+    components.security_schemes = {
+        "apiKey": SecurityScheme(
+            type="http",
+            scheme="bearer",
+            description="A key from `orchestra keys create`. Needed once any key exists, "
+            "or when the service is reachable beyond loopback.",
+        )
+    }
+    doc.components = components
+    doc.security = [{"apiKey": []}]
+    for path, item in (doc.paths or {}).items():
+        for operation in _operations(item):
+            if path in PUBLIC_PATHS:
+                operation.security = []
+            for parameter in operation.parameters or []:
+                if isinstance(parameter, Parameter) and isinstance(parameter.schema, Schema):
+                    parameter.schema = _not_null(parameter.schema)
+        if path in _YAML_BODIES and isinstance(item.post, Operation):
+            yaml = _YAML_BODIES[path]
+            example = _EXAMPLE_TEMPLATE if yaml is _TEMPLATE else None
+            item.post.request_body = RequestBody(
+                content={"application/yaml": OpenAPIMediaType(schema=yaml, example=example)},
+                description="YAML text, UTF-8 (any content type is read as YAML).",
+                required=True,
+            )
+    _link(doc)
+    return doc
+
+
+def _link(doc: OpenAPI) -> None:
+    paths = doc.paths or {}
+    for (path, method), links in _LINKS.items():
+        source = getattr(paths[path], method)
+        made = {
+            name: Link(
+                operation_id=getattr(paths[target], verb).operation_id, parameters=parameters
+            )
+            for name, (target, verb, parameters) in links.items()
+        }
+        for status in ("200", "201"):
+            answer = source.responses.get(status)
+            if isinstance(answer, OpenAPIResponse):
+                answer.links = dict(made)
+
+
+def _not_null(schema: Schema) -> Schema:
+    """An optional text parameter is optional by being left out: ``null`` is a string.
+
+    Litestar writes ``str | None`` as ``oneOf: [string, null]``, with the constraints beside
+    the ``oneOf``, but the text ``null`` in a query or header is the string "null" (to match
+    the pattern, if any). The schema is the string arm with those constraints. For other
+    types (``int | None``, an enum) the text ``null`` does mean "left out", as documented.
+    """
+    arms = [a for a in schema.one_of or () if not (isinstance(a, Schema) and a.type == "null")]
+    if len(arms) != 1 or len(schema.one_of or ()) != 2:
+        return schema
+    if not isinstance(arms[0], Schema) or arms[0].type != OpenAPIType.STRING:
+        return schema
+    outer = {
+        f.name: getattr(schema, f.name)
+        for f in dataclasses.fields(Schema)
+        if f.name != "one_of" and getattr(schema, f.name) is not None
+    }
+    inner = {f.name: v for f in dataclasses.fields(Schema) if (v := getattr(arms[0], f.name))}
+    return Schema(**{**outer, **inner})
+
+
+def _operations(item: Any) -> list[Operation]:
+    methods = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
+    return [op for m in methods if isinstance(op := getattr(item, m, None), Operation)]
+
+
+# JSON Schema keywords to the fields of Litestar's Schema.
+_FIELDS = {f.metadata.get("alias", f.name): f.name for f in dataclasses.fields(Schema)}
+_ONE = {"items", "additionalProperties", "not"}
+_MANY = {"anyOf", "oneOf", "allOf", "prefixItems"}
+
+
+def _object(body: dict[str, Any]) -> Schema:
+    schema = _schema(body)
+    assert isinstance(schema, Schema), "a struct's schema is an object, not a reference"
+    return schema
+
+
+def _schema(body: dict[str, Any]) -> Schema | Reference:
+    """A JSON Schema (as msgspec writes it) as Litestar's Schema object."""
+    if "$ref" in body:
+        return Reference(ref=body["$ref"])
+    fields: dict[str, Any] = {}
+    for key, value in body.items():
+        if key == "properties":
+            value = {name: _schema(sub) for name, sub in value.items()}
+        elif key in _ONE and isinstance(value, dict):
+            value = _schema(value)
+        elif key in _MANY:
+            value = [_schema(sub) for sub in value]
+        elif key == "type":
+            value = OpenAPIType(value)
+        elif key == "format":
+            value = OpenAPIFormat(value)
+        fields[_FIELDS[key]] = value
+    return Schema(**fields)
