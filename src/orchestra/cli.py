@@ -309,7 +309,8 @@ def templates() -> None:
 @config_option
 def templates_list(config_path: str | None) -> None:
     """List the templates the server would load (built-ins, then [templates] dirs)."""
-    registry = TemplateRegistry(_settings(config_path).templates.dirs)
+    settings = _settings(config_path)
+    registry = TemplateRegistry(settings.templates.dirs, limits=settings.limits)
     try:
         registry.load()
     except TemplateError as exc:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestra.config import LimitSettings
 from orchestra.errors import TemplateError
 from orchestra.templating import TemplateProblem, parse_template
 from orchestra.templating.registry import TemplateRegistry
@@ -204,3 +205,15 @@ def test_bad_retry_and_timeout(snippet: str, path: str, message: str) -> None:
     }
     assert path in found, found
     assert message in found[path]
+
+
+def test_a_template_file_over_the_size_limit_is_a_problem_of_that_file(tmp_path: Path) -> None:
+    words = "  words words words\n" * 20_000  # about 400 KB
+    big = "name: big\ndescription: |\n" + words + "steps:\n  - id: a\n    prompt: hi\n"
+    (tmp_path / "big.yaml").write_text(big)
+    with pytest.raises(TemplateError) as info:
+        TemplateRegistry([tmp_path]).load()
+    [p] = info.value.problems
+    assert p.file.endswith("big.yaml") and "max_template_bytes" in p.message
+    roomy = TemplateRegistry([tmp_path], limits=LimitSettings(max_template_bytes=500_000))
+    assert "big" in {t.name for t in roomy.load()}

@@ -70,7 +70,7 @@ def create_app(
         TemplateError: a template in the built-ins or ``settings.templates.dirs`` is invalid.
     """
     if registry is None:
-        registry = TemplateRegistry(settings.templates.dirs)
+        registry = TemplateRegistry(settings.templates.dirs, limits=settings.limits)
         registry.load()
     runtime = Runtime(settings, registry, env or {})
     app = Litestar(

@@ -166,7 +166,7 @@ async def preflight(settings: Settings) -> None:
             with no API key to protect it.
         TemplateError: a registered template clashes with a template file.
     """
-    registry = TemplateRegistry(settings.templates.dirs)
+    registry = TemplateRegistry(settings.templates.dirs, limits=settings.limits)
     registry.load()
     db = Database(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
     try:

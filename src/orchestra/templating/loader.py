@@ -17,7 +17,7 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from orchestra.config import LimitSettings
 from orchestra.domain import RetryPolicy
-from orchestra.errors import TemplateError
+from orchestra.errors import PayloadTooLarge, TemplateError
 from orchestra.templating.model import PARAM_TYPES, Parameter, Template
 from orchestra.templating.source import Checker, Path_, Source, TemplateProblem, describe
 from orchestra.templating.step_loader import Scope, read_steps
@@ -223,11 +223,11 @@ def parse_template(
     )
 
 
-def load_template(path: Path) -> Template:
-    """Read and validate one template file.
+def load_template(path: Path, limits: LimitSettings | None = None) -> Template:
+    """Read and validate one template file, within ``limits`` (the defaults when None).
 
     Raises:
-        TemplateError: the file cannot be read or is not a valid template.
+        TemplateError: the file cannot be read, is over a limit or is not a valid template.
     """
     try:
         text = path.read_text(encoding="utf-8")
@@ -235,4 +235,7 @@ def load_template(path: Path) -> Template:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         problem = TemplateProblem(str(path), 1, 1, "", f"cannot read: {reason}")
         raise TemplateError([problem]) from None
-    return parse_template(text, str(path))
+    try:
+        return parse_template(text, str(path), limits)
+    except PayloadTooLarge as exc:
+        raise TemplateError([TemplateProblem(str(path), 1, 1, "", exc.message)]) from None

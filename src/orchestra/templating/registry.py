@@ -15,6 +15,7 @@ from pathlib import Path
 
 import msgspec
 
+from orchestra.config import LimitSettings
 from orchestra.errors import TemplateError, TemplateNotFound
 from orchestra.templating.loader import load_template
 from orchestra.templating.model import Template
@@ -38,8 +39,15 @@ def _files(folder: Path) -> list[Path]:
 class TemplateRegistry:
     """Templates by name (and version)."""
 
-    def __init__(self, dirs: Iterable[str | Path] = (), *, builtins: bool = True) -> None:
+    def __init__(
+        self,
+        dirs: Iterable[str | Path] = (),
+        *,
+        builtins: bool = True,
+        limits: LimitSettings | None = None,
+    ) -> None:
         self.builtin = builtin_dir() if builtins else None
+        self.limits = limits
         self.dirs = ([self.builtin] if self.builtin else []) + [Path(d) for d in dirs]
         self._files: dict[str, Template] = {}
         self._seen: dict[tuple[str, int], Template] = {}
@@ -65,7 +73,9 @@ class TemplateRegistry:
             origin = "builtin" if folder == self.builtin else "file"
             for file in _files(folder):
                 try:
-                    template = msgspec.structs.replace(load_template(file), origin=origin)
+                    template = msgspec.structs.replace(
+                        load_template(file, self.limits), origin=origin
+                    )
                 except TemplateError as exc:
                     problems.extend(exc.problems)
                     continue
