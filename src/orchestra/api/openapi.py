@@ -100,28 +100,19 @@ _LINKS: dict[tuple[str, str], dict[str, tuple[str, str, dict[str, str]]]] = {
 }
 
 
-def errors(*statuses: int, public: bool = False) -> dict[int, ResponseSpec]:
-    """The error answers an operation can give, each with the ``ErrorBody`` schema."""
-    codes = sorted(set(statuses) | (set() if public else set(_GUARDED)))
+def errors(*statuses: int) -> dict[int, ResponseSpec]:
+    """The error answers an operation behind the API key can give (``statuses`` and 401,
+    403, 429), each with the ``ErrorBody`` schema."""
     return {
         code: ResponseSpec(ErrorBody, description=_MEANING[code], generate_examples=False)
-        for code in codes
+        for code in sorted({*statuses, *_GUARDED})
     }
 
 
 def refine(doc: OpenAPI) -> OpenAPI:
     """Add to Litestar's document what it cannot generate (see the module docstring)."""
     components = doc.components if isinstance(doc.components, Components) else Components()
-    schemas = dict(components.schemas or {})
-    for struct in REQUEST_BODIES:
-        _, defs = msgspec.json.schema_components(
-            [struct], ref_template="#/components/schemas/{name}"
-        )
-        for name, body in defs.items():
-            schemas[name] = _object(body)
-            if name in _EXAMPLES:
-                schemas[name].examples = [_EXAMPLES[name]]
-    components.schemas = schemas
+    components.schemas = {**(components.schemas or {}), **_request_schemas()}
     components.security_schemes = {
         "apiKey": SecurityScheme(
             type="http",
@@ -140,15 +131,31 @@ def refine(doc: OpenAPI) -> OpenAPI:
                 if isinstance(parameter, Parameter) and isinstance(parameter.schema, Schema):
                     parameter.schema = _not_null(parameter.schema)
         if path in _YAML_BODIES and isinstance(item.post, Operation):
-            yaml = _YAML_BODIES[path]
-            example = _EXAMPLE_TEMPLATE if yaml is _TEMPLATE else None
-            item.post.request_body = RequestBody(
-                content={"application/yaml": OpenAPIMediaType(schema=yaml, example=example)},
-                description="YAML text, UTF-8 (any content type is read as YAML).",
-                required=True,
-            )
+            item.post.request_body = _yaml_body(_YAML_BODIES[path])
     _link(doc)
     return doc
+
+
+def _request_schemas() -> dict[str, Schema]:
+    out = {}
+    for struct in REQUEST_BODIES:
+        _, defs = msgspec.json.schema_components(
+            [struct], ref_template="#/components/schemas/{name}"
+        )
+        for name, body in defs.items():
+            out[name] = _object(body)
+            if name in _EXAMPLES:
+                out[name].examples = [_EXAMPLES[name]]
+    return out
+
+
+def _yaml_body(schema: Schema) -> RequestBody:
+    example = _EXAMPLE_TEMPLATE if schema is _TEMPLATE else None
+    return RequestBody(
+        content={"application/yaml": OpenAPIMediaType(schema=schema, example=example)},
+        description="YAML text, UTF-8 (any content type is read as YAML).",
+        required=True,
+    )
 
 
 def _link(doc: OpenAPI) -> None:
