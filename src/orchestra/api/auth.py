@@ -59,9 +59,7 @@ class Gatekeeper:
         """
         keys = await self.keys()
         if authorization:
-            scheme, _, token = authorization.partition(" ")
-            token = token.strip()
-            key_id = key_id_of(token) if scheme.lower() == "bearer" else None
+            token, key_id = _presented(authorization)
             entry = keys.get(key_id) if key_id else None
             if entry is None or not matches(token, entry[0]):
                 raise Unauthorized("the API key is not valid")
@@ -106,9 +104,17 @@ def scope_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRou
         raise Forbidden(f"this API key may not do this (it needs the {need} scope)")
 
 
+def _presented(authorization: str) -> tuple[str, str | None]:
+    """The token in an Authorization header, and its key id when it is a Bearer token
+    shaped like ours."""
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    return token, key_id_of(token) if scheme.lower() == "bearer" else None
+
+
 def _identify(request: Any) -> str:
     """Rate limits count per key; without one, per client address."""
-    key_id = key_id_of(request.headers.get("authorization", "").partition(" ")[2].strip())
+    _, key_id = _presented(request.headers.get("authorization", ""))
     if key_id:
         return f"key:{key_id}"
     client = request.client

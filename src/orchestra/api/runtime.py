@@ -29,7 +29,6 @@ from orchestra.llm.transport import ShardedTransport
 from orchestra.notify import TaskSignals
 from orchestra.runner import Runner
 from orchestra.tasks import TaskService
-from orchestra.templating import sandbox
 from orchestra.templating.isolation import Renderer
 from orchestra.templating.registry import TemplateRegistry
 from orchestra.worker import WorkerPool
@@ -110,7 +109,6 @@ class Runtime:
     async def lifespan(self, _app: Any) -> AsyncIterator[None]:
         """Open everything, start the workers; on exit, stop and close in reverse order."""
         s = self.settings
-        sandbox.configure(s.limits)
         db = Database(s.database.url, busy_timeout_ms=s.database.busy_timeout_ms)
         try:
             version = await upgrade(db)

@@ -111,6 +111,7 @@ class Renderer:
     """Runs renders: on the event loop while they are quick, in a render process when not."""
 
     def __init__(self, limits: LimitSettings) -> None:
+        sandbox.configure(limits)  # renders on the loop; the processes configure themselves
         self._limits = limits
         self._processes = [_RenderProcess(limits) for _ in range(limits.render_processes)]
         self._idle: asyncio.Queue[_RenderProcess] | None = None
