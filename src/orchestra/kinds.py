@@ -81,8 +81,8 @@ async def _format(spec: LlmStep, scope: Scope, ctx: Context) -> str | dict[str, 
     fmt = spec.format
     if fmt is None or fmt == "json" or isinstance(fmt, dict):
         return fmt
-    expr = fmt.strip().removeprefix("{{").removesuffix("}}")
-    value = await ctx.render(evaluate, expr, scope, what=f"steps.{spec.id}.format")
+    # An expression, bare or in one {{ }}: evaluate() unwraps it (a bare one may end in }}).
+    value = await ctx.render(evaluate, fmt, scope, what=f"steps.{spec.id}.format")
     if not isinstance(value, dict):
         raise RenderError(
             f"steps.{spec.id}.format must give a JSON Schema (a mapping), got "

@@ -125,6 +125,73 @@ steps:
       'required': ['label']} }}
 output: "{{ steps.pick.output.label }}"
 """,
+    # The same steps with every expression field wrapped in {{ }} (or, for format, bare).
+    "pipeline_braced": """\
+name: pipeline_braced
+model: llama3.2
+parameters:
+  raw: {type: string, required: true}
+  deep: {type: boolean, default: false}
+steps:
+  - id: parsed
+    kind: parse_json
+    input: "{{ params.raw }}"
+    schema: {type: object, required: [items], properties: {items: {type: array}}}
+  - id: listing
+    kind: render
+    text: "{% for x in steps.parsed.output.items %}- {{ x }}\\n{% endfor %}"
+  - id: deep_dive
+    when: "{{ params.deep }}"
+    prompt: "Go deep on {{ steps.listing.output }}"
+  - id: summary
+    prompt: "Summarize {{ steps.listing.output }} (deep: {{ steps.deep_dive.output }})"
+""",
+    "fanout_braced": """\
+name: fanout_braced
+model: llama3.2
+parameters:
+  items: {type: array, items: {type: string}}
+steps:
+  - id: each
+    kind: map
+    over: "{{ params.items }}"
+    concurrency: 3
+    step:
+      when: '{{ item != "skip" }}'
+      prompt: "#{{ index }} {{ item }}"
+""",
+    "vectors_braced": """\
+name: vectors_braced
+model: llama3.2
+parameters:
+  one: {type: string}
+  many: {type: array}
+steps:
+  - id: single
+    kind: embed
+    input: "{{ params.one }}"
+  - id: batch
+    kind: embed
+    input: |
+      {{ params.many }}
+output:
+  single: "{{ steps.single.output }}"
+  batch: "{{ steps.batch.output }}"
+""",
+    "dynamic_bare": """\
+name: dynamic_bare
+model: llama3.2
+parameters:
+  labels: {type: array, items: {type: string}}
+steps:
+  - id: pick
+    prompt: "Pick one of {{ params.labels | join(', ') }}"
+    # Ends in }}: a bare expression, not one wrapped in {{ }}.
+    format: >-
+      {'type': 'object', 'required': ['label'],
+      'properties': {'label': {'enum': params.labels}}}
+output: "{{ steps.pick.output.label }}"
+""",
 }
 
 
@@ -245,14 +312,37 @@ async def test_embed_a_string_and_a_list(svc: Service, fake_ollama: FakeOllama) 
     assert done["steps"][0]["model"] == "ollama/llama3.2"
 
 
+@pytest.mark.parametrize("name", ["dynamic", "dynamic_bare"])
 async def test_format_can_be_built_from_the_parameters(
-    svc: Service, fake_ollama: FakeOllama
+    svc: Service, fake_ollama: FakeOllama, name: str
 ) -> None:
     def reply(request: dict[str, Any]) -> str:
         allowed = request["format"]["properties"]["label"]["enum"]
         return json.dumps({"label": allowed[-1]})
 
     fake_ollama.reply = reply
-    done = await svc.wait((await svc.submit("dynamic", labels=["cat", "dog"]))["id"])
+    done = await svc.wait((await svc.submit(name, labels=["cat", "dog"]))["id"])
     assert done["status"] == "succeeded", done["error"]
     assert done["result"] == "dog"
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("pipeline", {"raw": '{"items": ["a", "b"]}'}),
+        ("pipeline", {"raw": '{"items": ["a", "b"]}', "deep": True}),
+        ("fanout", {"items": ["a", "skip", "c"]}),
+        ("vectors", {"one": "hello world", "many": ["a", "bee"]}),
+    ],
+)
+async def test_input_over_and_when_run_the_same_wrapped_in_braces(
+    svc: Service, name: str, params: dict[str, Any]
+) -> None:
+    runs = []
+    for template in (name, f"{name}_braced"):
+        done = await svc.wait((await svc.submit(template, **params))["id"])
+        assert done["status"] == "succeeded", done["error"]
+        steps = [(s["id"], s["status"], s["output"]) for s in done["steps"]]
+        runs.append((done["result"], steps))
+    bare, braced = runs
+    assert braced == bare

@@ -62,7 +62,7 @@ class Message(msgspec.Struct, frozen=True):
 
 class _Step(msgspec.Struct, frozen=True, kw_only=True):
     id: str
-    #: A bare Jinja expression; when false the step is skipped (status skipped, output null).
+    #: A Jinja expression (bare or in one {{ }}); when false the step is skipped (output null).
     when: str | None = None
     #: Seconds this step may take; what it runs is cancelled past it (None: no limit).
     timeout: float | None = None

@@ -11,7 +11,7 @@ import functools
 import msgspec
 from jinja2 import meta, nodes
 
-from orchestra.templating.render import environment
+from orchestra.templating.render import environment, lone_expression
 
 
 class References(msgspec.Struct, frozen=True):
@@ -32,13 +32,16 @@ def _key(node: nodes.Getattr | nodes.Getitem) -> str | None:
 
 @functools.lru_cache(maxsize=2048)
 def references(source: str, *, expression: bool = False) -> References:
-    """The references of a template (or, with ``expression``, of a bare expression).
+    """The references of a template (or, with ``expression``, of an expression, bare or in
+    one ``{{ }}``).
 
     Raises:
         jinja2.TemplateSyntaxError: the source is not valid Jinja.
     """
     env = environment()
-    tree = env.parse(f"{{{{ ({source}) }}}}" if expression else source)
+    if expression:
+        source = f"{{{{ ({lone_expression(source) or source}) }}}}"
+    tree = env.parse(source)
     names = frozenset(meta.find_undeclared_variables(tree) - set(env.globals))
     found: dict[str, set[str]] = {"params": set(), "steps": set()}
     for node in tree.find_all((nodes.Getattr, nodes.Getitem)):

@@ -19,9 +19,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from orchestra.errors import RenderError
 from orchestra.templating.sandbox import BoundedSandbox, budget, render_capped
 
-# "{{ expression }}" and nothing else: the output is the expression's value, not its text.
-_SINGLE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>(?:(?!\}\}|\{\{).)*)\}\}\s*$", re.DOTALL)
-
+# Where a bare expression is expected, these mark text with placeholders or tags instead.
+_TEMPLATE_SYNTAX = re.compile(r"\{[{%#]")
 
 _FENCE = re.compile(r"```(?:json)?\s*\n?(?P<body>.*?)```", re.DOTALL | re.IGNORECASE)
 _BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
@@ -129,6 +128,40 @@ def compile_text(source: str) -> jinja2.Template:
     return environment().from_string(source)
 
 
+class NotAnExpression(jinja2.TemplateSyntaxError):
+    """Text with placeholders or tags where one expression belongs."""
+
+    def __init__(self, lineno: int) -> None:
+        super().__init__(
+            "this field takes an expression (e.g. steps.a.output | tojson), with or without "
+            "{{ }} around it, not text with placeholders, several {{ }} or {% %} tags",
+            lineno,
+        )
+
+
+def lone_expression(source: str) -> str | None:
+    """The expression inside ``source`` when it is one ``{{ expression }}`` and nothing else.
+
+    Whitespace around the braces is allowed; braces inside the expression (a nested mapping,
+    a string holding ``}}``) are read as Jinja reads them. Returns None for anything else:
+    text around the placeholder, several placeholders, tags, comments or broken syntax.
+    """
+    try:
+        tokens = [(kind, value) for _, kind, value in environment().lex(source)]
+    except jinja2.TemplateSyntaxError:
+        return None
+    while tokens and tokens[0][0] == "data" and not tokens[0][1].strip():
+        tokens.pop(0)
+    while tokens and tokens[-1][0] == "data" and not tokens[-1][1].strip():
+        tokens.pop()
+    if len(tokens) < 2 or tokens[0][0] != "variable_begin" or tokens[-1][0] != "variable_end":
+        return None
+    inside = tokens[1:-1]
+    if any(kind in ("variable_end", "data") for kind, _ in inside):
+        return None  # "{{ a }}{{ b }}" or "{{ a }} b {{ c }}"
+    return "".join(value for _, value in inside).strip()
+
+
 class _Expression:
     """A compiled ``{{ expression }}`` whose value is kept as it is."""
 
@@ -145,12 +178,24 @@ class _Expression:
 
 @functools.lru_cache(maxsize=2048)
 def compile_expression(source: str) -> _Expression:
-    """Compile a bare expression (``when``, ``over``, ``input``) once, cached by its text.
+    """Compile an expression (``when``, ``over``, ``input``, ``format``) once, cached by its
+    text. It may be bare (``steps.a.output``) or one ``{{ }}`` (``{{ steps.a.output }}``).
 
     Raises:
+        NotAnExpression: the text is a template (text with placeholders, tags), not one
+            expression.
         jinja2.TemplateSyntaxError: the text is not a valid Jinja expression.
     """
-    return _Expression(source)
+    inside = lone_expression(source)
+    if inside is not None:
+        return _Expression(inside)
+    try:
+        return _Expression(source)
+    except jinja2.TemplateSyntaxError as exc:
+        # Checked only once the expression fails: "'{{' in x" is a fine bare expression.
+        if _TEMPLATE_SYNTAX.search(source):
+            raise NotAnExpression(exc.lineno) from exc
+        raise
 
 
 def evaluate(source: str, scope: Mapping[str, Any], *, what: str) -> Any:
@@ -175,9 +220,9 @@ def compile_output(source: str) -> _Expression | jinja2.Template:
     Raises:
         jinja2.TemplateSyntaxError: the text is not valid Jinja.
     """
-    match = _SINGLE_EXPRESSION.match(source)
-    if match:
-        return _Expression(match.group("expr"))
+    inside = lone_expression(source)
+    if inside is not None:
+        return _Expression(inside)
     return compile_text(source)
 
 

@@ -25,7 +25,7 @@ from orchestra.templating.model import (
     StepSpec,
 )
 from orchestra.templating.references import references
-from orchestra.templating.render import compile_expression, compile_text
+from orchestra.templating.render import NotAnExpression, compile_expression, compile_text
 from orchestra.templating.source import Checker, Path_, describe, format_path
 
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -69,6 +69,9 @@ class Scope(msgspec.Struct, frozen=True):
             else:
                 compile_text(source)
             refs = references(source, expression=expression)
+        except NotAnExpression as exc:
+            c.add(path, str(exc.message))
+            return
         except jinja2.TemplateSyntaxError as exc:
             at = None if expression else c.src.where_in_value(path, exc.lineno or 1)
             c.add(path, f"Jinja syntax error: {exc.message}", at=at)
@@ -164,12 +167,7 @@ class _StepReader:
             fmt = _schema(c, (*path, "format"), fmt)
         elif isinstance(fmt, str) and fmt != "json":
             # Anything but "json" is an expression that yields a schema at run time.
-            self.scope.check(
-                c,
-                (*path, "format"),
-                fmt.strip().removeprefix("{{").removesuffix("}}"),
-                expression=True,
-            )
+            self.scope.check(c, (*path, "format"), fmt, expression=True)
         elif fmt is not None:
             c.add(
                 (*path, "format"),
