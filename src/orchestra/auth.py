@@ -8,6 +8,9 @@ SHA-256 of the whole key, and a presented key is compared with it in constant ti
 Scopes are ordered: ``read`` (GET endpoints) < ``submit`` (create, cancel, retry tasks;
 validate templates) < ``admin`` (register, delete and reload templates). A key allows its
 own scope and those below it.
+
+A service that listens beyond this machine with no active key makes one admin key when it
+starts and shows its token once (:func:`bootstrap_key`), as Jupyter does with its token.
 """
 
 from __future__ import annotations
@@ -17,14 +20,25 @@ import hmac
 import ipaddress
 import secrets
 import string
-from typing import Literal
+import sys
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
+
+from orchestra import logs
+from orchestra.config import AuthSettings
+
+if TYPE_CHECKING:  # db.keys imports this module: the store is only named for the types
+    from orchestra.db.keys import KeyStore
 
 Scope = Literal["read", "submit", "admin"]
 SCOPES: tuple[Scope, ...] = ("read", "submit", "admin")
 PREFIX = "orc_"
 _ID_CHARS = string.ascii_lowercase + string.digits
+#: The name of the key a first start beyond this machine makes.
+BOOTSTRAP_NAME = "bootstrap"
+
+log = logs.get("orchestra.auth")
 
 
 class ApiKey(msgspec.Struct, frozen=True):
@@ -84,3 +98,51 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+async def bootstrap_key(store: KeyStore, host: str, settings: AuthSettings) -> ApiKey | None:
+    """On a start beyond this machine with no active key, make an admin key and show it once.
+
+    Listening on ``host`` beyond loopback (0.0.0.0 in a container) with no active key and
+    ``allow_anonymous`` off, every request would be refused and nobody could make a key over
+    HTTP. So an ``admin`` key named :data:`BOOTSTRAP_NAME` is made (only its digest is
+    stored) and its token is shown once: in the log event ``auth.bootstrap_key_created``, and
+    plainly on stderr for a person reading ``podman logs``. The next start finds the key and
+    makes none. Revoked keys do not count: with every key revoked, a start makes a new one.
+    On loopback, or with ``allow_anonymous``, nothing is made.
+
+    Returns:
+        The key made, or None.
+    """
+    if is_loopback(host) or settings.allow_anonymous:
+        return None
+    made = await store.create_if_none_active(BOOTSTRAP_NAME, "admin")
+    if made is None:
+        return None
+    key, token = made
+    log.warning(
+        "auth.bootstrap_key_created",
+        key_id=key.id,
+        name=key.name,
+        scope=key.scope,
+        host=host,
+        token=token,
+        hint=(
+            "shown only this once: send it as 'Authorization: Bearer <token>'; make your own "
+            "keys with 'orchestra keys create', then revoke this one with "
+            f"'orchestra keys revoke {key.name}'"
+        ),
+    )
+    rule = "=" * 72
+    sys.stderr.write(
+        f"\n{rule}\n"
+        f"No API key existed and Orchestra listens on {host}, so it made an admin key.\n"
+        "It is shown only this once (only its SHA-256 is kept):\n\n"
+        f"    {token}\n\n"
+        "Send it as 'Authorization: Bearer <key>' (the CLI reads ORCHESTRA_API_KEY).\n"
+        "Make your own keys with 'orchestra keys create --name NAME --scope SCOPE',\n"
+        f"then revoke this one with 'orchestra keys revoke {key.name}'.\n"
+        f"{rule}\n\n"
+    )
+    sys.stderr.flush()
+    return key

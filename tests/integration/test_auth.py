@@ -1,8 +1,12 @@
 """API keys and scopes: every endpoint answers 401 without a valid key and 403 with too small
-a scope; the loopback default; rate limits; CORS."""
+a scope; the loopback default; the key a first start beyond loopback makes; rate limits; CORS."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -13,13 +17,14 @@ import msgspec
 import pytest
 
 from orchestra.api.runtime import preflight
+from orchestra.auth import matches
 from orchestra.config import AuthSettings, CorsSettings, ServerSettings, Settings
 from orchestra.db import Database
 from orchestra.db.keys import KeyStore
 from orchestra.db.schema import upgrade
-from orchestra.errors import ConfigError
 from tests.conftest import Service, StartService
-from tests.fixtures.servers import wait_until
+from tests.fixtures.fake_ollama import FakeOllama
+from tests.fixtures.servers import free_port, start_process, wait_until, write_config
 
 TEMPLATE = (
     "name: mine\nparameters:\n  x: {type: string}\nsteps:\n  - id: a\n    text: '{{ params.x }}'\n"
@@ -43,6 +48,8 @@ ENDPOINTS = [
     ("DELETE", "/api/v1/templates/mine", None, "admin"),
 ]
 SCOPES = ["read", "submit", "admin"]
+#: A whole key as handed out: orc_<8-character id>_<43-character secret>.
+TOKEN = re.compile(r"orc_[a-z0-9]{8}_[A-Za-z0-9_-]{43}")
 
 
 async def _make_keys(db_url: str) -> dict[str, str]:
@@ -130,7 +137,9 @@ async def test_only_the_digest_is_stored(db_url: str) -> None:
         assert token.encode() not in raw and secret.encode() not in raw
 
 
-async def test_no_keys_serves_only_on_loopback(settings: Settings, db_url: str) -> None:
+async def test_a_key_is_made_only_beyond_loopback_with_no_active_key(
+    settings: Settings, db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     def on(host: str, **auth: object) -> Settings:
         return msgspec.structs.replace(
             settings,
@@ -138,28 +147,86 @@ async def test_no_keys_serves_only_on_loopback(settings: Settings, db_url: str) 
             auth=AuthSettings(**auth),  # type: ignore[arg-type]
         )
 
-    await preflight(on("127.0.0.1"))
-    await preflight(on("::1"))
-    with pytest.raises(ConfigError, match="orchestra keys create"):
+    db = Database(db_url)
+    store = KeyStore(db)
+    try:
+        for host in ("127.0.0.1", "::1", "localhost"):
+            await preflight(on(host))
+        await preflight(on("0.0.0.0", allow_anonymous=True))
+        assert await store.all() == []
+
         await preflight(on("0.0.0.0"))
-    await preflight(on("0.0.0.0", allow_anonymous=True))
-    await _make_keys(db_url)
-    await preflight(on("0.0.0.0"))
+        [made] = await store.all()
+        assert (made.name, made.scope) == ("bootstrap", "admin")
+        [token] = TOKEN.findall(capsys.readouterr().err)
+        assert matches(token, (await store.active_digests())[made.id][0])
+
+        await preflight(on("0.0.0.0"))
+        assert len(await store.all()) == 1
+        assert "orc_" not in capsys.readouterr().err
+
+        # Only active keys count: with every key revoked, the next start makes a new one.
+        await store.revoke("bootstrap")
+        await preflight(on("0.0.0.0"))
+        active = [k for k in await store.all() if k.revoked_at is None]
+        assert [(k.name, k.scope) for k in active] == [(f"bootstrap-{active[0].id}", "admin")]
+    finally:
+        await db.close()
 
 
-def test_serve_refuses_a_public_address_without_keys(tmp_path: Path) -> None:
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_serve_on_a_public_address_makes_an_admin_key_once_and_shows_it(
+    fake_ollama: FakeOllama, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ORCHESTRA_SERVER__HOST", "0.0.0.0")  # as the Containerfile does
+    port = free_port()
     config = tmp_path / "o.toml"
-    config.write_text(
-        f'[server]\nhost = "0.0.0.0"\nport = 0\n[database]\nurl = "sqlite+aiosqlite:///{tmp_path}/o.db"\n'
-    )
-    done = subprocess.run(
-        [sys.executable, "-m", "orchestra", "serve", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode != 0
-    assert "orchestra keys create" in done.stderr and "Traceback" not in done.stderr
+    write_config(config, port=port, db=tmp_path / "o.db", ollama_url=fake_ollama.url)
+    log = config.with_suffix(".log")
+
+    def shown() -> tuple[set[str], list[dict[str, object]]]:
+        text = log.read_text()
+        events = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        made = [e for e in events if e.get("event") == "auth.bootstrap_key_created"]
+        return set(TOKEN.findall(text)), made
+
+    async def answers(token: str | None) -> list[int]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            listed = await client.get("/api/v1/tasks", headers=headers)
+            reloaded = await client.post("/api/v1/templates/reload", headers=headers)
+        return [listed.status_code, reloaded.status_code]
+
+    first = await start_process(config)
+    try:
+        tokens, made = shown()
+        assert len(tokens) == 1 and len(made) == 1
+        [token] = tokens
+        assert made[0]["token"] == token and made[0]["scope"] == "admin"
+        assert "orchestra keys revoke bootstrap" in str(made[0]["hint"])
+        assert f"\n    {token}\n" in log.read_text()  # plainly, for a person reading the log
+        assert await answers(token) == [200, 200]  # an admin key: reloading needs admin
+        assert await answers(None) == [401, 401]
+        assert await answers("orc_abcdefgh_wrong") == [401, 401]
+    finally:
+        await _stop(first)
+
+    second = await start_process(config)
+    try:
+        assert shown() == ({token}, made)  # nothing new in the log
+        assert await answers(token) == [200, 200]
+        assert await answers(None) == [401, 401]
+    finally:
+        await _stop(second)
 
 
 def test_cli_creates_lists_and_revokes_keys(tmp_path: Path) -> None:

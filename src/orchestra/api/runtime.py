@@ -16,7 +16,7 @@ import httpx
 
 from orchestra import logs
 from orchestra.api.auth import Gatekeeper
-from orchestra.auth import is_loopback
+from orchestra.auth import bootstrap_key, is_loopback
 from orchestra.catalog import TemplateCatalog
 from orchestra.config import Settings
 from orchestra.db import Database, TaskStore
@@ -125,6 +125,7 @@ class Runtime:
                 # Known before the first task is claimed: which providers answer, with which
                 # models (each check is bounded by a 2 s timeout).
                 await router.refresh()
+                await router.start()  # the embedded model's preload, in the background
                 watcher = asyncio.create_task(router.watch(), name="provider-health")
                 renderer = Renderer(s.limits)
                 pool = WorkerPool(store, self.registry, Runner(router, renderer), s)
@@ -157,11 +158,11 @@ class Runtime:
 
 async def preflight(settings: Settings) -> None:
     """Check what startup will need before serving: the database opens and upgrades, and the
-    registered templates load beside the files (no name clash).
+    registered templates load beside the files (no name clash). On a first start beyond this
+    machine, make an admin key and show it once (:func:`~orchestra.auth.bootstrap_key`).
 
     Raises:
-        ConfigError: the database cannot be used, or the address is beyond this machine
-            with no API key to protect it.
+        ConfigError: the database cannot be used.
         TemplateError: a registered template clashes with a template file.
     """
     registry = TemplateRegistry(settings.templates.dirs, limits=settings.limits)
@@ -170,16 +171,7 @@ async def preflight(settings: Settings) -> None:
     try:
         await upgrade(db)
         await TemplateCatalog(registry, TemplateStore(db), settings.limits).start()
-        auth = settings.auth
-        host = settings.server.host
-        if not is_loopback(host) and not auth.allow_anonymous:
-            if not await KeyStore(db).active_digests():
-                raise ConfigError(
-                    f"refusing to serve on {host} without API keys: anyone who can reach "
-                    "it could run tasks. Create a key first (orchestra keys create --name "
-                    "NAME --scope admin), or serve on 127.0.0.1, or set [auth] "
-                    "allow_anonymous = true if something in front of Orchestra checks callers"
-                )
+        await bootstrap_key(KeyStore(db), settings.server.host, settings.auth)
     except OSError as exc:
         raise ConfigError(f"database.url: cannot open {db.path}: {exc}") from None
     finally:

@@ -23,25 +23,39 @@ class KeyStore:
         Raises:
             ConflictError: a key (even a revoked one) already has this name.
         """
-        key_id, token = new_token()
-        row = {
-            "id": key_id,
-            "name": name,
-            "scope": scope,
-            "digest": digest(token),
-            "created_at": iso_now(),
-        }
+        row, token = _new_row(name, scope)
 
         def work(conn: Connection) -> bool:
-            taken = conn.execute(select(api_keys.c.id).where(api_keys.c.name == name)).first()
-            if taken is not None:
+            if _name_taken(conn, name):
                 return False
             conn.execute(insert(api_keys).values(row))
             return True
 
         if not await self.db.transaction(work):
             raise ConflictError(f"a key named {name!r} exists already")
-        return ApiKey(key_id, name, scope, row["created_at"]), token
+        return ApiKey(row["id"], name, scope, row["created_at"]), token
+
+    async def create_if_none_active(self, name: str, scope: Scope) -> tuple[ApiKey, str] | None:
+        """Make a key only if no key is active; returns it and its token, or None.
+
+        The check and the insert are one transaction, so two services starting together on
+        one database make one key between them. Revoked keys do not count. When a revoked
+        key holds ``name`` already, the new key is named ``<name>-<its id>``.
+        """
+        row, token = _new_row(name, scope)
+        active = select(api_keys.c.id).where(api_keys.c.revoked_at.is_(None)).limit(1)
+
+        def work(conn: Connection) -> str | None:
+            if conn.execute(active).first() is not None:
+                return None
+            chosen = f"{name}-{row['id']}" if _name_taken(conn, name) else name
+            conn.execute(insert(api_keys).values({**row, "name": chosen}))
+            return chosen
+
+        chosen = await self.db.transaction(work)
+        if chosen is None:
+            return None
+        return ApiKey(row["id"], chosen, scope, row["created_at"]), token
 
     async def all(self) -> list[ApiKey]:
         """Every key, revoked ones too, oldest first."""
@@ -82,3 +96,21 @@ class KeyStore:
             raise NotFoundError(f"no active key named {name_or_id!r}")
         r = rows[0]
         return ApiKey(r.id, r.name, r.scope, r.created_at, now)
+
+
+def _new_row(name: str, scope: Scope) -> tuple[dict[str, str], str]:
+    """A new key's row (its digest, never the token) and the token to hand out once."""
+    key_id, token = new_token()
+    row = {
+        "id": key_id,
+        "name": name,
+        "scope": scope,
+        "digest": digest(token),
+        "created_at": iso_now(),
+    }
+    return row, token
+
+
+def _name_taken(conn: Connection, name: str) -> bool:
+    """Whether a key, revoked or not, has this name (names stay unique forever)."""
+    return conn.execute(select(api_keys.c.id).where(api_keys.c.name == name)).first() is not None
