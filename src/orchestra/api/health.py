@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 from litestar import Response, get
 from litestar.di import NamedDependency
 from litestar.openapi import ResponseSpec
+from litestar.params import Parameter
 
 from orchestra import __version__, logs
 from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
 from orchestra.api.schemas import HealthOut, ModelOut, ModelsOut, ProviderOut
+from orchestra.llm.router import ProviderState
 
 log = logs.get("orchestra.api")
+
+CheckNow = Annotated[
+    Literal["now"] | None,
+    Parameter(
+        description="now: check every provider before answering (else the background "
+        "checks' last results, made every [fallback] health_interval seconds)."
+    ),
+]
+
+
+async def _states(runtime: Runtime, check: str | None) -> list[ProviderState]:
+    """Providers as last checked, or checked now."""
+    if check == "now":
+        return await runtime.router.refresh()
+    return runtime.router.states()
 
 
 @get(
@@ -25,8 +44,9 @@ log = logs.get("orchestra.api")
         )
     },
 )
-async def health(runtime: NamedDependency[Runtime]) -> Response[HealthOut]:
-    """The database's and each provider's state (checked now), and the version.
+async def health(runtime: NamedDependency[Runtime], check: CheckNow = None) -> Response[HealthOut]:
+    """The database's state (checked now), each provider's as the background checks last saw
+    it (``checked_at``; ``?check=now`` checks them first), and the version.
 
     200 while the database answers ("degraded" when no provider is available), 503 when it
     does not.
@@ -37,7 +57,7 @@ async def health(runtime: NamedDependency[Runtime]) -> Response[HealthOut]:
     except Exception as exc:
         log.warning("health.database_failed", error=str(exc))
         database = f"error: {type(exc).__name__}"
-    states = await runtime.router.refresh()
+    states = await _states(runtime, check)
     ok = database == "ok"
     body = HealthOut(
         status=("ok" if any(s.available for s in states) else "degraded") if ok else "down",
@@ -55,11 +75,12 @@ async def health(runtime: NamedDependency[Runtime]) -> Response[HealthOut]:
     cache=False,
     responses=errors(),
 )
-async def models(runtime: NamedDependency[Runtime]) -> ModelsOut:
+async def models(runtime: NamedDependency[Runtime], check: CheckNow = None) -> ModelsOut:
     """Every logical model name with its fallback chain and the entry that would serve it now,
-    and every provider with its availability and the models it reports (checked now)."""
+    and every provider with its availability and the models it reports, as the background
+    checks last saw them (``?check=now`` checks first)."""
     router = runtime.router
-    states = await router.refresh()
+    states = await _states(runtime, check)
     out = []
     for name, chain in router.chains().items():
         serving = [str(r) for r in router.routes(name) if router.available(r)] if chain else []

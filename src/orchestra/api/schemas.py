@@ -18,6 +18,8 @@ from orchestra.domain import (
     iso,
     total_usage,
 )
+from orchestra.llm.base import Crash, ProcessInfo
+from orchestra.llm.model_process import signal_name
 from orchestra.llm.router import ProviderState
 from orchestra.templating.model import Template
 
@@ -290,6 +292,60 @@ class ValidationOut(msgspec.Struct, frozen=True):
     name: str | None = None
 
 
+def _iso_epoch(seconds: float | None) -> str | None:
+    return None if seconds is None else iso(datetime.fromtimestamp(seconds, UTC))
+
+
+class CrashOut(msgspec.Struct, frozen=True):
+    """How a model process last died."""
+
+    at: str
+    #: What it was doing: loading, warming up, generation, embedding, idle.
+    phase: str
+    #: The signal's name (SIGSEGV), or null when it exited by itself.
+    signal: str | None
+    exit_code: int | None
+    message: str
+
+    @classmethod
+    def of(cls, crash: Crash) -> CrashOut:
+        return cls(
+            at=iso(datetime.fromtimestamp(crash.at, UTC)),
+            phase=crash.phase,
+            signal=signal_name(crash.signal).split(" ")[0] if crash.signal else None,
+            exit_code=crash.exit_code,
+            message=crash.message,
+        )
+
+
+class ProcessOut(msgspec.Struct, frozen=True):
+    """A provider's own model process (the embedded model's)."""
+
+    #: idle (starts on first use), starting, ready, restarting (after a crash), down (crashed
+    #: too often or cannot load; a health check tries a fresh process), stopped.
+    state: str
+    pid: int | None
+    #: Its resident memory in bytes (the service's own does not include the model).
+    rss_bytes: int | None
+    restarts: int
+    crashes: int
+    last_crash: CrashOut | None
+    #: When it starts again (state restarting).
+    restart_at: str | None
+
+    @classmethod
+    def of(cls, info: ProcessInfo) -> ProcessOut:
+        return cls(
+            state=info.state,
+            pid=info.pid,
+            rss_bytes=info.rss_bytes,
+            restarts=info.restarts,
+            crashes=info.crashes,
+            last_crash=CrashOut.of(info.last_crash) if info.last_crash else None,
+            restart_at=_iso_epoch(info.restart_at),
+        )
+
+
 class ProviderOut(msgspec.Struct, frozen=True):
     """One provider as last checked."""
 
@@ -299,7 +355,10 @@ class ProviderOut(msgspec.Struct, frozen=True):
     detail: str
     #: The models it reports having (null: it does not say).
     models: list[str] | None
+    #: When it was last checked (or, for the embedded model, last changed state).
     checked_at: str | None
+    #: The embedded model's process; null for model servers.
+    process: ProcessOut | None = None
 
     @classmethod
     def of(cls, state: ProviderState) -> ProviderOut:
@@ -309,9 +368,8 @@ class ProviderOut(msgspec.Struct, frozen=True):
             available=state.available,
             detail=state.detail,
             models=None if state.models is None else list(state.models),
-            checked_at=None
-            if state.checked_at is None
-            else iso(datetime.fromtimestamp(state.checked_at, UTC)),
+            checked_at=_iso_epoch(state.checked_at),
+            process=ProcessOut.of(state.process) if state.process else None,
         )
 
 

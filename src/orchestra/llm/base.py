@@ -8,7 +8,7 @@ so nothing above it ever sees an httpx exception.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import msgspec
 
@@ -53,6 +53,37 @@ class EmbedResult(msgspec.Struct, frozen=True):
     provider: str = ""
 
 
+class Crash(msgspec.Struct, frozen=True):
+    """How a provider's model process last died."""
+
+    #: When, in seconds since the epoch.
+    at: float
+    #: What it was doing: loading, warming up, generating, embedding, idle.
+    phase: str
+    #: The signal that killed it (11 for SIGSEGV), or None when it exited.
+    signal: int | None
+    exit_code: int | None
+    message: str
+
+
+class ProcessInfo(msgspec.Struct, frozen=True):
+    """A provider's own model process (the embedded model's), as its supervisor sees it."""
+
+    #: idle (starts on first use), starting, ready, restarting (waiting out its backoff after
+    #: a crash), down (crashed too often, or cannot load: a health check probes it), stopped.
+    state: str
+    pid: int | None = None
+    #: Resident memory of the process, in bytes (where the OS tells).
+    rss_bytes: int | None = None
+    #: Times it was started again after a crash.
+    restarts: int = 0
+    #: Crashes since the service started.
+    crashes: int = 0
+    last_crash: Crash | None = None
+    #: When the next start is due (state restarting), in seconds since the epoch.
+    restart_at: float | None = None
+
+
 class Health(msgspec.Struct, frozen=True):
     """Whether a provider answers, and if not, why."""
 
@@ -60,6 +91,8 @@ class Health(msgspec.Struct, frozen=True):
     detail: str
     #: The models the provider has, when it could tell.
     models: tuple[str, ...] | None = None
+    #: The provider's model process, for the embedded model.
+    process: ProcessInfo | None = None
 
 
 class Provider(Protocol):
@@ -84,7 +117,25 @@ class Provider(Protocol):
         """Check the server quickly, listing its models where it can; never raises."""
         ...
 
+    async def start(self) -> None:
+        """Do what the provider needs before its first call (the embedded model's preload);
+        failures are recorded in its health, never raised."""
+        ...
+
     async def close(self) -> None:
         """Release what the provider holds (a loaded model); the shared HTTP client is not
         its to close."""
+        ...
+
+
+@runtime_checkable
+class Supervised(Protocol):
+    """A provider whose state changes by itself (a model process that crashes and restarts):
+    it tells its listeners at once, and its status costs nothing to read."""
+
+    #: Called with the provider's new health whenever its state changes.
+    listeners: list[Callable[[Health], None]]
+
+    def status(self) -> Health:
+        """The provider as it is now, without asking anything."""
         ...

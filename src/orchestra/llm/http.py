@@ -162,5 +162,8 @@ class HttpProvider:
         except (ValueError, KeyError, TypeError, AttributeError):
             return None, f"{self.url} did not answer like {self.label}"
 
+    async def start(self) -> None:
+        """Nothing to prepare: the server is checked by the health checks."""
+
     async def close(self) -> None:
         """Nothing to release: the HTTP client belongs to the service."""

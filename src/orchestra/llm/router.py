@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from typing import Any, NamedTuple, TypeVar
 
 import msgspec
@@ -26,7 +27,15 @@ import msgspec
 from orchestra import logs
 from orchestra.config import Settings
 from orchestra.errors import ModelNotFound, ProviderError, ProviderUnavailable, ProviderUnreachable
-from orchestra.llm.base import ChatRequest, ChatResult, EmbedResult, Health, Provider
+from orchestra.llm.base import (
+    ChatRequest,
+    ChatResult,
+    EmbedResult,
+    Health,
+    ProcessInfo,
+    Provider,
+    Supervised,
+)
 
 log = logs.get("orchestra.llm")
 
@@ -52,6 +61,8 @@ class ProviderState(msgspec.Struct, frozen=True):
     detail: str
     models: tuple[str, ...] | None
     checked_at: float | None
+    #: The provider's own model process (the embedded model's).
+    process: ProcessInfo | None = None
 
 
 def lists_model(listed: tuple[str, ...] | None, model: str) -> bool:
@@ -85,6 +96,10 @@ class Router:
         self._max_tokens = {
             name: s.max_tokens for name, s in settings.providers.items() if s.max_tokens
         }
+        self._starting: set[asyncio.Task[None]] = set()
+        for provider in self.providers.values():
+            if isinstance(provider, Supervised):
+                provider.listeners.append(partial(self.observe, provider.name))
         servers = [p for p in self.providers.values() if p.kind != "embedded"]
         everything = servers or list(self.providers.values())
         #: Where a plain model name ("llama3.2") goes: the first enabled server.
@@ -170,22 +185,33 @@ class Router:
 
     # -- health --------------------------------------------------------------------------------
 
+    async def start(self) -> None:
+        """Let every provider prepare in the background (the embedded model's preload)."""
+        for provider in self.providers.values():
+            task = asyncio.create_task(provider.start(), name=f"{provider.name}-start")
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+
     async def refresh(self) -> list[ProviderState]:
         """Check every provider now (at once, each bounded by its own short timeout)."""
         names = list(self.providers)
         results = await asyncio.gather(*(self.providers[n].health() for n in names))
-        now = time.time()
         for name, health in zip(names, results, strict=True):
-            self._health[name] = health
-            self._checked[name] = now
-            if health.ok:
-                self._down.pop(name, None)
-                self._missing -= {
-                    (p, m)
-                    for p, m in self._missing
-                    if p == name and health.models and lists_model(health.models, m)
-                }
+            self.observe(name, health)
         return self.states()
+
+    def observe(self, name: str, health: Health) -> None:
+        """Take ``health`` as provider ``name``'s state from now on (a check's result, or a
+        change the provider reported itself: its model process crashed or came back)."""
+        self._health[name] = health
+        self._checked[name] = time.time()
+        if health.ok:
+            self._down.pop(name, None)
+            self._missing -= {
+                (p, m)
+                for p, m in self._missing
+                if p == name and health.models and lists_model(health.models, m)
+            }
 
     def states(self) -> list[ProviderState]:
         """Each provider as last checked."""
@@ -202,6 +228,7 @@ class Router:
                     or (health.detail if health else "not checked yet"),
                     models=health.models if health else None,
                     checked_at=self._checked.get(name),
+                    process=_live_process(provider),
                 )
             )
         return out
@@ -231,8 +258,16 @@ class Router:
 
     async def close(self) -> None:
         """Close every provider."""
+        for task in list(self._starting):
+            task.cancel()
+        await asyncio.gather(*self._starting, return_exceptions=True)
         for provider in self.providers.values():
             await provider.close()
+
+
+def _live_process(provider: Provider) -> ProcessInfo | None:
+    """A provider's model process as it is now (its memory changes between checks)."""
+    return provider.status().process if isinstance(provider, Supervised) else None
 
 
 def _combined(model: str, failures: list[tuple[Route, ProviderError]]) -> ProviderError:
@@ -267,5 +302,7 @@ def build_providers(settings: Settings, client: Any, env: Mapping[str, str]) -> 
         elif s.kind == "openai":
             out[name] = OpenAIProvider(name, client, s.url, s.timeout, key)
         else:
-            out[name] = EmbeddedProvider(name, s.model_path, s.context_length, s.threads, s.timeout)
+            out[name] = EmbeddedProvider(
+                name, s.model_path, s.context_length, s.threads, s.timeout, s.preload
+            )
     return out

@@ -1,0 +1,557 @@
+"""The supervisor of a model process: start it, talk to it, survive its crashes.
+
+Native inference code can crash: a CPU feature the build assumed (AMX on some VMs), a bad
+GGUF file, a driver, running out of memory. So the embedded model never runs inside the
+service: :class:`ModelProcess` spawns ``python -m orchestra.llm.model_child`` (a fresh
+interpreter, never a fork), talks to it in :mod:`orchestra.llm.model_wire` frames over its
+stdin and stdout, and watches it.
+
+The states, in :class:`State`::
+
+    idle ──first call (or preload)──► starting ──loaded, one token generated──► ready
+      ▲                                  │                                       │
+      │                           crash  ▼                          crash        │
+      └──── backoff 1, 2, 4 … 60 s ── restarting ◄───────────────────────────────┘
+                                         │ 3 crashes within 5 minutes, or the model
+                                         ▼ cannot be loaded at all
+                                       down ──a health check's probe (a fresh process
+                                              that loads and generates one token)──► ready
+
+When the process dies, every call in flight fails at once with ``ProviderUnreachable``
+naming the signal and what it was doing, so a fallback chain moves on within the same attempt
+and a task with no other model is retried. While the process is restarting or down, calls fail
+the same way without waiting.
+
+The process ends with the service: ``stop()`` closes its stdin (it exits on end-of-file) and
+kills it if it lingers; if the service is killed, the end-of-file and Linux's parent-death
+signal end it. Every exit is reaped by asyncio's child watcher, so no zombie remains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from enum import StrEnum
+from pathlib import Path
+
+import msgspec
+
+from orchestra import logs
+from orchestra.errors import ProviderError, ProviderUnreachable
+from orchestra.llm import model_wire as wire
+from orchestra.llm.base import Crash, ProcessInfo
+
+log = logs.get("orchestra.llm.model_process")
+
+#: Crashes within ``CRASH_WINDOW`` seconds that take the process down until a probe succeeds.
+CRASH_LIMIT = 3
+CRASH_WINDOW = 300.0
+#: Seconds to wait before restarting after the first crash (then doubled, up to the cap).
+BACKOFF_FIRST = 1.0
+BACKOFF_CAP = 60.0
+#: Seconds a cancelled request may take to stop before its process is killed as hung.
+CANCEL_GRACE = 10.0
+#: Seconds a process gets to exit after its stdin closes, at stop.
+STOP_GRACE = 5.0
+#: How many of the process's last stderr lines a crash report keeps.
+STDERR_LINES = 20
+
+#: What the warm-up asks: one token, so a build that crashes on generation fails here.
+_WARM_UP = wire.Generate(
+    id=0, messages=[{"role": "user", "content": "Hi"}], options={"max_tokens": 1}
+)
+
+
+class State(StrEnum):
+    """Where a model process is (see the module docstring)."""
+
+    IDLE = "idle"
+    STARTING = "starting"
+    READY = "ready"
+    RESTARTING = "restarting"
+    DOWN = "down"
+    STOPPED = "stopped"
+
+
+class Backoff(msgspec.Struct, frozen=True):
+    """When a crashed process is started again, and when it is given up on."""
+
+    first: float = BACKOFF_FIRST
+    cap: float = BACKOFF_CAP
+    crash_limit: int = CRASH_LIMIT
+    window: float = CRASH_WINDOW
+
+    def delay(self, consecutive: int) -> float:
+        """Seconds before restart number ``consecutive`` (1, 2, 4 … up to ``cap``)."""
+        return float(min(self.cap, self.first * 2 ** max(0, consecutive - 1)))
+
+
+def child_command() -> list[str]:
+    """The command that starts a model process with this interpreter."""
+    return [sys.executable, "-m", "orchestra.llm.model_child"]
+
+
+def signal_name(number: int) -> str:
+    """``SIGSEGV (signal 11)``."""
+    try:
+        return f"{signal.Signals(number).name} (signal {number})"
+    except ValueError:
+        return f"signal {number}"
+
+
+def cpu_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the CPU advertises AMX tiles (where the OS says)."""
+    try:
+        return "amx_tile" in cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+
+
+#: What to do when a model process crashes before it ever answered.
+REBUILD_HINT = (
+    "rebuild llama-cpp-python portably (make rebuild-llama, or CMAKE_ARGS as in the README's "
+    "'Embedded model' section)"
+)
+
+
+def warm_up_hint() -> str:
+    """Advice for a process that crashed while loading or on its first token."""
+    if cpu_has_amx():
+        return (
+            "this CPU advertises AMX, which llama.cpp built with native CPU flags uses and "
+            "some virtual machines do not grant to every thread; " + REBUILD_HINT
+        )
+    return "the llama-cpp-python build may not fit this CPU; " + REBUILD_HINT
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident memory of a process, from /proc (None where there is no /proc)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class _Call:
+    """A request sent to the process and not answered yet."""
+
+    def __init__(self, kind: str, on_text: Callable[[str], None] | None) -> None:
+        self.kind = kind
+        self.on_text = on_text
+        self.done: asyncio.Future[wire.FromChild] = asyncio.get_running_loop().create_future()
+        #: Nobody waits any more (cancelled, timed out): the answer is dropped.
+        self.abandoned = False
+
+
+class _Child:
+    """One running process and what is in flight in it."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, probe: bool) -> None:
+        self.proc = proc
+        self.probe = probe
+        self.calls: dict[int, _Call] = {}
+        self.loaded: asyncio.Future[wire.Loaded] = asyncio.get_running_loop().create_future()
+        self.warming = False
+        #: Set when the supervisor ends it on purpose (stop, a hung request): not a crash.
+        self.ended_by: str | None = None
+        self.stderr: deque[str] = deque(maxlen=STDERR_LINES)
+        self.tasks: list[asyncio.Task[None]] = []
+        self.exited = asyncio.Event()
+
+    @property
+    def phase(self) -> str:
+        if not self.loaded.done():
+            return "loading"
+        if self.warming:
+            return "warming up"
+        for call in self.calls.values():  # the oldest is the one the model works on
+            return "generation" if call.kind == "generate" else "embedding"
+        return "idle"
+
+    async def send(self, message: wire.ToChild) -> None:
+        stdin = self.proc.stdin
+        assert stdin is not None
+        try:
+            stdin.write(wire.frame(message))
+            await stdin.drain()
+        except (BrokenPipeError, ConnectionResetError, RuntimeError):
+            pass  # the process died: its reader reports how, and fails every call in flight
+
+
+class ModelProcess:
+    """Runs one model in a supervised child process (see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        load: wire.Load,
+        *,
+        timeout: float = 300.0,
+        backoff: Backoff | None = None,
+        command: Sequence[str] | None = None,
+        on_change: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.load = load
+        self.timeout = timeout
+        self.backoff = backoff or Backoff()
+        self.command = list(command or child_command())
+        self.on_change = on_change
+        self._clock = clock
+        self._ids = itertools.count(1)
+        self._state = State.IDLE
+        self._detail = "starts on first use"
+        self._child: _Child | None = None
+        self._starting: asyncio.Task[_Child] | None = None
+        self._restart: asyncio.Task[None] | None = None
+        self._crash_times: deque[float] = deque()
+        self._consecutive = 0
+        self._crashes = 0
+        self._restarts = 0
+        self._last_crash: Crash | None = None
+        self._restart_due: float | None = None
+        self.loaded: wire.Loaded | None = None
+
+    # -- what callers see ---------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def detail(self) -> str:
+        """The state in words, with the reason when it cannot serve."""
+        return self._detail
+
+    @property
+    def serving(self) -> bool:
+        """Whether a call now would be served (or wait for a start) rather than fail at once."""
+        return self._state in (State.IDLE, State.STARTING, State.READY)
+
+    def info(self) -> ProcessInfo:
+        """The process as it is now: state, pid, memory, crashes."""
+        child = self._child
+        pid = child.proc.pid if child is not None and not child.exited.is_set() else None
+        restart_at = None
+        if self._restart_due is not None:
+            restart_at = time.time() + max(0.0, self._restart_due - self._clock())
+        return ProcessInfo(
+            state=self._state.value,
+            pid=pid,
+            rss_bytes=rss_bytes(pid) if pid else None,
+            restarts=self._restarts,
+            crashes=self._crashes,
+            last_crash=self._last_crash,
+            restart_at=restart_at,
+        )
+
+    async def request(
+        self,
+        message: Callable[[int], wire.Generate | wire.Embed],
+        kind: str,
+        on_text: Callable[[str], None] | None = None,
+    ) -> wire.Generated | wire.Embedded:
+        """Send ``message(id)`` and wait for its answer, streaming text to ``on_text``.
+
+        Raises:
+            ProviderUnreachable: the process is restarting or down, or died during the call.
+            ProviderError: the model refused the request (too long a prompt, a bad schema).
+            TimeoutError: no answer within ``timeout`` (the request is cancelled in the child).
+        """
+        child = await self._ready()
+        request_id = next(self._ids)
+        call = _Call(kind, on_text)
+        child.calls[request_id] = call
+        await child.send(message(request_id))
+        try:
+            async with asyncio.timeout(self.timeout):
+                answer = await asyncio.shield(call.done)
+        except BaseException:
+            if not call.done.done():
+                await self._abandon(child, request_id, call)
+            raise
+        if isinstance(answer, wire.Failed):
+            raise ProviderError(f"embedded model failed: {answer.message}")
+        assert isinstance(answer, (wire.Generated, wire.Embedded))
+        if self._consecutive and not child.probe:
+            self._consecutive = 0  # it answered a real request: the next crash starts over
+        return answer
+
+    async def preload(self) -> None:
+        """Start the process now instead of on first use; failures are recorded, not raised."""
+        with contextlib.suppress(ProviderUnreachable):
+            await self._ready()
+
+    async def probe(self) -> None:
+        """Try a fresh process when down (load and one token); on success it serves."""
+        if self._state is not State.DOWN or self._starting is not None:
+            return
+        log.info("model_process.probe", provider=self.name)
+        self._set(State.STARTING, "probing: loading the model in a fresh process")
+        self._starting = asyncio.create_task(self._start(probe=True), name=f"{self.name}-probe")
+        with contextlib.suppress(ProviderUnreachable):
+            await asyncio.shield(self._starting)
+
+    async def stop(self) -> None:
+        """End the process (stdin closed, then killed after ``STOP_GRACE``); no restarts."""
+        self._set(State.STOPPED, "stopped")
+        for task in (self._restart, self._starting):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        child, self._child = self._child, None
+        if child is not None:
+            await self._end(child, "the service is stopping")
+
+    # -- starting -----------------------------------------------------------------------------
+
+    async def _ready(self) -> _Child:
+        """The running process, started first when idle."""
+        if self._state is State.READY and self._child is not None:
+            return self._child
+        if self._state is State.IDLE:
+            self._set(State.STARTING, "loading the model")
+            self._starting = asyncio.create_task(self._start(probe=False), name=self.name)
+        if self._state is State.STARTING and self._starting is not None:
+            return await asyncio.shield(self._starting)
+        raise ProviderUnreachable(f"embedded provider {self.name!r}: {self._detail}")
+
+    async def _start(self, probe: bool) -> _Child:
+        """Spawn, load, generate one token; ready on success (recorded as crash or down when
+        not)."""
+        try:
+            child = await self._spawn(probe)
+            try:
+                async with asyncio.timeout(self.timeout):
+                    self.loaded = await asyncio.shield(child.loaded)
+                    child.warming = True
+                    warm = _Call("generate", None)
+                    child.calls[0] = warm
+                    await child.send(_WARM_UP)
+                    answer = await asyncio.shield(warm.done)
+                    child.warming = False
+            except TimeoutError:
+                await self._end(child, f"it did not load within {self.timeout:g}s")
+                raise ProviderUnreachable(
+                    f"embedded model {self.load.model_path} did not load within {self.timeout:g}s"
+                ) from None
+            if isinstance(answer, wire.Failed):
+                await self._end(child, "its warm-up failed")
+                self._set(State.DOWN, f"the warm-up generation failed: {answer.message}")
+                raise ProviderUnreachable(f"embedded provider {self.name!r}: {self._detail}")
+            self._child = child
+            if probe:
+                self._crash_times.clear()
+                self._consecutive = 0
+            self._set(State.READY, f"ready (loaded in {self.loaded.load_ms:.0f} ms)")
+            return child
+        finally:
+            self._starting = None
+
+    async def _spawn(self, probe: bool) -> _Child:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.command,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            self._set(State.DOWN, f"cannot start the model process: {exc}")
+            raise ProviderUnreachable(f"embedded provider {self.name!r}: {self._detail}") from exc
+        child = self._child = _Child(proc, probe)
+        child.tasks = [
+            asyncio.create_task(self._read(child), name=f"{self.name}-reader"),
+            asyncio.create_task(self._read_stderr(child), name=f"{self.name}-stderr"),
+        ]
+        log.info("model_process.started", provider=self.name, pid=proc.pid, probe=probe)
+        await child.send(self.load)
+        return child
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def _read(self, child: _Child) -> None:
+        """Hand each frame to its waiter; when the pipe ends, find out why."""
+        stdout = child.proc.stdout
+        assert stdout is not None
+        try:
+            while True:
+                header = await stdout.readexactly(wire.HEADER.size)
+                body = await stdout.readexactly(wire.body_length(header))
+                self._dispatch(child, wire.from_child.decode(body))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the process closed its stdout: it is exiting
+        except (ValueError, msgspec.DecodeError) as exc:
+            log.error("model_process.bad_frame", provider=self.name, error=str(exc))
+            self._kill(child)
+        returncode = await child.proc.wait()
+        await asyncio.gather(*child.tasks[1:], return_exceptions=True)  # the stderr tail
+        child.exited.set()
+        self._exited(child, returncode)
+
+    def _dispatch(self, child: _Child, message: wire.FromChild) -> None:
+        if isinstance(message, wire.Loaded):
+            if not child.loaded.done():
+                child.loaded.set_result(message)
+            return
+        if isinstance(message, wire.Failed) and message.id == 0 and message.reason == "load":
+            child.ended_by = "the model could not be loaded"
+            self._set(State.DOWN, message.message)
+            if not child.loaded.done():
+                child.loaded.set_exception(
+                    ProviderUnreachable(f"embedded provider {self.name!r}: {message.message}")
+                )
+            return
+        call = child.calls.get(message.id)
+        if call is None:
+            return
+        if isinstance(message, wire.Text):
+            if call.on_text is not None and not call.abandoned:
+                call.on_text(message.text)
+            return
+        del child.calls[message.id]
+        if not call.done.done():
+            call.done.set_result(message)
+
+    async def _read_stderr(self, child: _Child) -> None:
+        stderr = child.proc.stderr
+        assert stderr is not None
+        async for raw in stderr:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                child.stderr.append(line)
+                log.debug("model_process.output", provider=self.name, line=line)
+
+    # -- ending -------------------------------------------------------------------------------
+
+    def _exited(self, child: _Child, returncode: int) -> None:
+        """The process is gone: fail what was in flight, then restart, back off or stay down."""
+        phase = child.phase
+        if child.ended_by is not None:
+            error = ProviderUnreachable(
+                f"embedded model process ended: {child.ended_by} (during {phase})"
+            )
+            crash = None
+        else:
+            crash = self._crash(child, returncode, phase)
+            error = ProviderUnreachable(crash.message)
+        for call in child.calls.values():
+            if not call.done.done():
+                call.done.set_exception(error)
+        child.calls.clear()
+        if not child.loaded.done():
+            child.loaded.set_exception(error)
+        if self._child is child:
+            self._child = None
+        if crash is None:
+            if self._state is State.READY:
+                self._set(State.IDLE, f"starts on next use ({child.ended_by})")
+            return
+        self._after_crash(child, crash)
+
+    def _crash(self, child: _Child, returncode: int, phase: str) -> Crash:
+        sig = -returncode if returncode < 0 else None
+        how = signal_name(sig) if sig else f"exit code {returncode}"
+        message = f"embedded model process died: {how} during {phase}"
+        if phase in ("loading", "warming up"):
+            message += f"; {warm_up_hint()}"
+        crash = Crash(
+            at=time.time(),
+            phase=phase,
+            signal=sig,
+            exit_code=None if sig else returncode,
+            message=message,
+        )
+        log.error(
+            "model_process.crashed",
+            provider=self.name,
+            pid=child.proc.pid,
+            signal=sig,
+            exit_code=crash.exit_code,
+            phase=phase,
+            stderr=list(child.stderr)[-5:],
+        )
+        return crash
+
+    def _after_crash(self, child: _Child, crash: Crash) -> None:
+        self._crashes += 1
+        self._last_crash = crash
+        now = self._clock()
+        self._crash_times.append(now)
+        while self._crash_times and now - self._crash_times[0] > self.backoff.window:
+            self._crash_times.popleft()
+        if self._state is State.STOPPED:
+            return
+        recent = len(self._crash_times)
+        if child.probe or recent >= self.backoff.crash_limit:
+            self._set(
+                State.DOWN,
+                f"down after {recent} crash(es) within {self.backoff.window:g}s; last: "
+                f"{crash.message}. A health check tries a fresh process.",
+            )
+            return
+        self._consecutive += 1
+        delay = self.backoff.delay(self._consecutive)
+        self._restart_due = now + delay
+        self._set(State.RESTARTING, f"restarting in {delay:g}s; last: {crash.message}")
+        self._restart = asyncio.create_task(self._restart_after(delay), name=f"{self.name}-restart")
+
+    async def _restart_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._restart_due = None
+        self._restart = None
+        if self._state is not State.RESTARTING:
+            return
+        self._restarts += 1
+        self._set(State.STARTING, "restarting after a crash: loading the model")
+        self._starting = asyncio.create_task(self._start(probe=False), name=self.name)
+        with contextlib.suppress(ProviderUnreachable):
+            await self._starting  # a crash again is recorded by the reader
+
+    async def _abandon(self, child: _Child, request_id: int, call: _Call) -> None:
+        """The caller stopped waiting: cancel in the child, and kill it if it does not stop."""
+        call.abandoned = True
+        await child.send(wire.Cancel(request_id))
+
+        def check() -> None:
+            if request_id in child.calls and not child.exited.is_set():
+                log.error("model_process.hung", provider=self.name, pid=child.proc.pid)
+                self._kill(child)
+
+        asyncio.get_running_loop().call_later(CANCEL_GRACE, check)
+
+    async def _end(self, child: _Child, why: str) -> None:
+        """End a process on purpose: close its stdin, then kill it if it lingers."""
+        child.ended_by = why
+        stdin = child.proc.stdin
+        if stdin is not None and not stdin.is_closing():
+            stdin.close()
+        try:
+            async with asyncio.timeout(STOP_GRACE):
+                await child.exited.wait()
+        except TimeoutError:
+            self._kill(child)
+            await child.exited.wait()
+        await asyncio.gather(*child.tasks, return_exceptions=True)
+
+    def _kill(self, child: _Child) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            child.proc.kill()
+
+    def _set(self, state: State, detail: str) -> None:
+        changed = (state, detail) != (self._state, self._detail)
+        self._state, self._detail = state, detail
+        if changed:
+            log.info("model_process.state", provider=self.name, state=state.value, detail=detail)
+            if self.on_change is not None:
+                self.on_change()

@@ -1,0 +1,217 @@
+"""The embedded model's process: real llama.cpp in a real child, crashed for real.
+
+Each test runs ``python -m orchestra.llm.model_child`` with SmolLM2 and ends it with a real
+signal, as a crash in native code would. Nothing of the runtime is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from orchestra.errors import ProviderError, ProviderUnreachable
+from orchestra.llm import model_wire as wire
+from orchestra.llm.embedded import packaged_model
+from orchestra.llm.model_process import Backoff, ModelProcess, State
+from tests.fixtures.servers import wait_until
+
+MODEL = packaged_model()
+pytestmark = [
+    pytest.mark.real_model,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llama_cpp") is None or MODEL is None,
+        reason="the embedded model is not installed (`make test` installs it)",
+    ),
+    pytest.mark.timeout(120),
+]
+
+STORY = [{"role": "user", "content": "Write a very long story about a lighthouse keeper."}]
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+def story(request_id: int) -> wire.Generate:
+    return wire.Generate(request_id, STORY, {"max_tokens": 2000, "temperature": 0.8})
+
+
+def hello(request_id: int) -> wire.Generate:
+    return wire.Generate(request_id, HELLO, {"max_tokens": 4, "temperature": 0})
+
+
+@pytest.fixture
+async def process() -> AsyncIterator[ModelProcess]:
+    proc = ModelProcess("embedded", wire.Load(str(MODEL), 0, 0), backoff=Backoff(first=0.05))
+    try:
+        yield proc
+    finally:
+        await proc.stop()
+
+
+async def generating(proc: ModelProcess) -> tuple[asyncio.Task[object], int]:
+    """A long generation, once its first token has arrived; and the process's pid."""
+    first = asyncio.Event()
+    task = asyncio.create_task(proc.request(story, "generate", lambda _text: first.set()))
+    await asyncio.wait_for(first.wait(), timeout=60)
+    pid = proc.info().pid
+    assert pid is not None
+    return task, pid
+
+
+def gone(pid: int) -> bool:
+    """The process no longer exists, not even as a zombie waiting to be reaped."""
+    return not Path(f"/proc/{pid}").exists()
+
+
+async def test_the_model_answers_in_its_own_process_with_its_full_context(
+    process: ModelProcess,
+) -> None:
+    pieces: list[str] = []
+    answer = await process.request(hello, "generate", pieces.append)
+    assert isinstance(answer, wire.Generated)
+    assert answer.text == "".join(pieces) and answer.completion_tokens == len(pieces) > 0
+    assert process.loaded is not None
+    assert process.loaded.n_ctx == process.loaded.n_ctx_train == 8192  # SmolLM2's own
+    info = process.info()
+    assert info.state == "ready" and info.pid != os.getpid()
+    assert info.rss_bytes is not None and info.rss_bytes > 50 * 1024 * 1024  # the model's
+
+
+async def test_a_cancel_stops_the_generation_within_a_second(process: ModelProcess) -> None:
+    task, _ = await generating(process)
+    task.cancel()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    # The model does one request at a time: this one is served once the story has stopped.
+    answer = await process.request(hello, "generate")
+    assert isinstance(answer, wire.Generated)
+    assert loop.time() - started < 1.0
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_a_cancel_stops_a_long_prompt_before_its_first_token(
+    process: ModelProcess,
+) -> None:
+    await process.preload()
+    text = "The council met on Tuesday and talked about the library. " * 400  # ~5,000 tokens
+
+    def summary(request_id: int) -> wire.Generate:
+        prompt = f"Summarize this text:\n{text}"
+        return wire.Generate(request_id, [{"role": "user", "content": prompt}], {"max_tokens": 50})
+
+    pieces: list[str] = []
+    task = asyncio.create_task(process.request(summary, "generate", pieces.append))
+    await asyncio.sleep(0.5)  # the prompt is being evaluated: seconds on a small CPU
+    task.cancel()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    answer = await process.request(hello, "generate")
+    assert isinstance(answer, wire.Generated) and answer.text
+    assert loop.time() - started < 1.0
+    assert pieces == []  # stopped before its first token
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_a_crash_fails_the_call_in_flight_and_a_new_process_answers_the_next(
+    process: ModelProcess,
+) -> None:
+    task, pid = await generating(process)
+    os.kill(pid, signal.SIGSEGV)
+    with pytest.raises(ProviderUnreachable, match=r"SIGSEGV \(signal 11\) during generation"):
+        await task
+    await wait_until(lambda: process.state is State.READY, timeout=60)
+    info = process.info()
+    assert info.pid not in (None, pid)
+    assert (info.crashes, info.restarts) == (1, 1)
+    assert info.last_crash is not None and info.last_crash.signal == signal.SIGSEGV
+    assert info.last_crash.phase == "generation"
+    assert isinstance(await process.request(hello, "generate"), wire.Generated)
+    assert gone(pid)  # reaped by the service: no zombie
+
+
+async def test_three_crashes_in_the_window_keep_it_down_until_a_probe_succeeds(
+    process: ModelProcess,
+) -> None:
+    for _ in range(3):
+        await wait_until(lambda: process.state in (State.IDLE, State.READY), timeout=60)
+        await process.preload()
+        pid = process.info().pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        await wait_until(lambda gone_pid=pid: process.info().pid != gone_pid, timeout=10)
+    assert process.state is State.DOWN
+    assert "down after 3 crash(es)" in process.detail
+    with pytest.raises(ProviderUnreachable, match="down after 3"):
+        await process.request(hello, "generate")
+    await process.probe()  # a health check's: a fresh process loads and generates a token
+    assert process.state is State.READY
+    assert isinstance(await process.request(hello, "generate"), wire.Generated)
+
+
+async def test_a_crash_while_loading_is_reported_with_what_to_do(tmp_path: Path) -> None:
+    # A FIFO as the model file: the loader blocks opening it, so the crash is surely mid-load.
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    proc = ModelProcess("embedded", wire.Load(str(fifo), 0, 0), backoff=Backoff(first=30))
+    try:
+        starting = asyncio.create_task(proc.preload())
+        await wait_until(lambda: proc.info().pid is not None, timeout=10)
+        pid = proc.info().pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSEGV)
+        await starting
+        assert proc.state is State.RESTARTING
+        crash = proc.info().last_crash
+        assert crash is not None and crash.phase == "loading"
+        assert "SIGSEGV (signal 11) during loading" in crash.message
+        assert "rebuild llama-cpp-python" in crash.message
+        assert proc.info().restart_at is not None
+        with pytest.raises(ProviderUnreachable, match="restarting in 30s"):
+            await proc.request(hello, "generate")
+    finally:
+        await proc.stop()
+
+
+async def test_a_file_that_is_no_model_is_reported_without_a_crash(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"this is not a GGUF file\n" * 100)
+    proc = ModelProcess("embedded", wire.Load(str(junk), 0, 0))
+    try:
+        with pytest.raises(ProviderUnreachable, match="cannot load"):
+            await proc.request(hello, "generate")
+        assert proc.state is State.DOWN
+        assert proc.info().crashes == 0
+    finally:
+        await proc.stop()
+
+
+async def test_a_prompt_longer_than_the_context_fails_naming_the_sizes() -> None:
+    proc = ModelProcess("embedded", wire.Load(str(MODEL), 256, 0))
+    text = "word " * 600
+
+    def long(request_id: int) -> wire.Generate:
+        return wire.Generate(request_id, [{"role": "user", "content": text}], {"max_tokens": 8})
+
+    try:
+        with pytest.raises(ProviderError, match="context window of 256") as caught:
+            await proc.request(long, "generate")
+        assert "summarize_long" in str(caught.value)
+        assert not isinstance(caught.value, ProviderUnreachable)  # permanent: not retried
+        assert proc.state is State.READY and proc.info().crashes == 0
+    finally:
+        await proc.stop()
+
+
+async def test_stop_ends_the_process(process: ModelProcess) -> None:
+    await process.preload()
+    pid = process.info().pid
+    assert pid is not None
+    await process.stop()
+    assert process.state is State.STOPPED
+    await wait_until(lambda: gone(pid), timeout=10)
