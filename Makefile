@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test test-fast lint clean install dev real-models bench llama-wheel rebuild-llama
+.PHONY: run test test-fast lint clean install dev real-models bench llama-wheel rebuild-llama wheels
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required")'
@@ -24,12 +24,16 @@ $(BIN)/python:
 # ignores CMAKE_ARGS, so it is bypassed (--no-cache-dir, --no-binary) for this one package.
 LLAMA_VERSION ?= 0.3.36
 WHEELS        ?= .wheels
+# The multimodal library (mtmd, for images) is left out: Orchestra sends text only.
 ifeq ($(shell uname -m),x86_64)
-LLAMA_PORTABLE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+LLAMA_PORTABLE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAVA_BUILD=OFF
 else
-LLAMA_PORTABLE :=
+LLAMA_PORTABLE := -DLLAVA_BUILD=OFF
 endif
-CMAKE_ARGS ?= $(LLAMA_PORTABLE)
+# Empty or unset (a container build argument left out): the portable default.
+ifeq ($(strip $(CMAKE_ARGS)),)
+override CMAKE_ARGS := $(LLAMA_PORTABLE)
+endif
 LLAMA_BUILD := llama-cpp-python==$(LLAMA_VERSION) CMAKE_ARGS=$(strip $(CMAKE_ARGS))
 
 # Rewritten only when the version or the flags change, so a change rebuilds the wheel.
@@ -46,6 +50,11 @@ $(WHEELS)/llama.wheel: $(WHEELS)/llama.build | $(BIN)/python
 	ls $(WHEELS)/llama_cpp_python-*.whl > $@
 
 llama-wheel: $(WHEELS)/llama.wheel
+
+# What the container installs (Containerfile, builder stage): that wheel and Orchestra's own.
+wheels: $(WHEELS)/llama.wheel
+	rm -f $(WHEELS)/ai_task_orchestra-*.whl
+	$(BIN)/python -m pip wheel --quiet --no-deps -w $(WHEELS) .
 
 rebuild-llama:
 	rm -f $(WHEELS)/llama.build

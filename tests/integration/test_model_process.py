@@ -172,7 +172,22 @@ async def test_a_crash_while_loading_is_reported_with_what_to_do(tmp_path: Path)
         assert "SIGSEGV (signal 11) during loading" in crash.message
         assert "rebuild llama-cpp-python" in crash.message
         assert proc.info().restart_at is not None
-        with pytest.raises(ProviderUnreachable, match="restarting in 30s"):
+        assert proc.detail.startswith("restarting in 30s")
+        assert not proc.serving
+    finally:
+        await proc.stop()
+
+
+async def test_a_model_that_does_not_load_in_time_is_down_not_stuck(tmp_path: Path) -> None:
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)  # the loader waits on it for ever
+    proc = ModelProcess("embedded", wire.Load(str(fifo), 0, 0), timeout=1)
+    try:
+        await proc.preload()
+        assert proc.state is State.DOWN
+        assert "did not load within 1s" in proc.detail
+        assert proc.info().crashes == 0 and proc.info().pid is None  # ended, not crashed
+        with pytest.raises(ProviderUnreachable, match="did not load within 1s"):
             await proc.request(hello, "generate")
     finally:
         await proc.stop()

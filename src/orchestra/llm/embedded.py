@@ -117,7 +117,7 @@ class EmbeddedProvider:
                 f"no model_path set and the {DEFAULT_PACKAGE} package is not installed "
                 f"({INSTALL_HINT})"
             )
-        if not self.path.is_file():
+        if not self.path.exists():
             return f"model file {self.path} does not exist"
         return None
 

@@ -19,8 +19,9 @@ The states, in :class:`State`::
 
 When the process dies, every call in flight fails at once with ``ProviderUnreachable``
 naming the signal and what it was doing, so a fallback chain moves on within the same attempt
-and a task with no other model is retried. While the process is restarting or down, calls fail
-the same way without waiting.
+and a task with no other model is retried. The provider is unavailable until the process is
+ready again, so chains try their other models first; a call that reaches it anyway waits for
+the restart. While it is down, calls fail at once.
 
 The process ends with the service: ``stop()`` closes its stdin (it exits on end-of-file) and
 kills it if it lingers; if the service is killed, the end-of-file and Linux's parent-death
@@ -39,6 +40,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -139,6 +141,14 @@ def rss_bytes(pid: int) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def _fail(future: asyncio.Future[Any], error: Exception) -> None:
+    """Fail ``future`` unless it is settled; a caller that gave up waiting (cancelled, timed
+    out) reads it no more, which is no reason for asyncio to warn."""
+    if not future.done():
+        future.set_exception(error)
+        future.exception()  # marks it read; an awaiting caller still gets the error
 
 
 class _Call:
@@ -264,22 +274,22 @@ class ModelProcess:
         """Send ``message(id)`` and wait for its answer, streaming text to ``on_text``.
 
         Raises:
-            ProviderUnreachable: the process is restarting or down, or died during the call.
+            ProviderUnreachable: the process is down, or died during the call or its start.
             ProviderError: the model refused the request (too long a prompt, a bad schema).
             TimeoutError: no answer within ``timeout`` (the request is cancelled in the child).
         """
-        child = await self._ready()
-        request_id = next(self._ids)
-        call = _Call(kind, on_text)
-        child.calls[request_id] = call
-        await child.send(message(request_id))
-        try:
-            async with asyncio.timeout(self.timeout):
+        async with asyncio.timeout(self.timeout):
+            child = await self._ready()
+            request_id = next(self._ids)
+            call = _Call(kind, on_text)
+            child.calls[request_id] = call
+            await child.send(message(request_id))
+            try:
                 answer = await asyncio.shield(call.done)
-        except BaseException:
-            if not call.done.done():
-                await self._abandon(child, request_id, call)
-            raise
+            except BaseException:
+                if not call.done.done():
+                    await self._abandon(child, request_id, call)
+                raise
         if isinstance(answer, wire.Failed):
             raise ProviderError(f"embedded model failed: {answer.message}")
         assert isinstance(answer, (wire.Generated, wire.Embedded))
@@ -316,15 +326,21 @@ class ModelProcess:
     # -- starting -----------------------------------------------------------------------------
 
     async def _ready(self) -> _Child:
-        """The running process, started first when idle."""
-        if self._state is State.READY and self._child is not None:
-            return self._child
-        if self._state is State.IDLE:
-            self._set(State.STARTING, "loading the model")
-            self._starting = asyncio.create_task(self._start(probe=False), name=self.name)
-        if self._state is State.STARTING and self._starting is not None:
-            return await asyncio.shield(self._starting)
-        raise ProviderUnreachable(f"embedded provider {self.name!r}: {self._detail}")
+        """The running process: started first when idle, waited for while it starts or
+        restarts (a router tries other available models first: this one is marked
+        unavailable meanwhile); an error at once when it is down."""
+        while True:
+            if self._state is State.READY and self._child is not None:
+                return self._child
+            if self._state is State.IDLE:
+                self._set(State.STARTING, "loading the model")
+                self._starting = asyncio.create_task(self._start(probe=False), name=self.name)
+            if self._state is State.STARTING and self._starting is not None:
+                return await asyncio.shield(self._starting)
+            if self._state is State.RESTARTING and self._restart is not None:
+                await asyncio.shield(self._restart)  # then ready, restarting again, or down
+                continue
+            raise ProviderUnreachable(f"embedded provider {self.name!r}: {self._detail}")
 
     async def _start(self, probe: bool) -> _Child:
         """Spawn, load, generate one token; ready on success (recorded as crash or down when
@@ -347,14 +363,19 @@ class ModelProcess:
                 ) from None
             if isinstance(answer, wire.Failed):
                 await self._end(child, "its warm-up failed")
-                self._set(State.DOWN, f"the warm-up generation failed: {answer.message}")
-                raise ProviderUnreachable(f"embedded provider {self.name!r}: {self._detail}")
+                raise ProviderUnreachable(f"the warm-up generation failed: {answer.message}")
             self._child = child
             if probe:
                 self._crash_times.clear()
                 self._consecutive = 0
             self._set(State.READY, f"ready (loaded in {self.loaded.load_ms:.0f} ms)")
             return child
+        except ProviderUnreachable as exc:
+            # A crash has already moved on to restarting or down; anything else (no answer in
+            # time, a failed warm-up) leaves it down until a health check's probe succeeds.
+            if self._state is State.STARTING:
+                self._set(State.DOWN, exc.message)
+            raise
         finally:
             self._starting = None
 
@@ -407,10 +428,10 @@ class ModelProcess:
         if isinstance(message, wire.Failed) and message.id == 0 and message.reason == "load":
             child.ended_by = "the model could not be loaded"
             self._set(State.DOWN, message.message)
-            if not child.loaded.done():
-                child.loaded.set_exception(
-                    ProviderUnreachable(f"embedded provider {self.name!r}: {message.message}")
-                )
+            _fail(
+                child.loaded,
+                ProviderUnreachable(f"embedded provider {self.name!r}: {message.message}"),
+            )
             return
         call = child.calls.get(message.id)
         if call is None:
@@ -446,11 +467,9 @@ class ModelProcess:
             crash = self._crash(child, returncode, phase)
             error = ProviderUnreachable(crash.message)
         for call in child.calls.values():
-            if not call.done.done():
-                call.done.set_exception(error)
+            _fail(call.done, error)
         child.calls.clear()
-        if not child.loaded.done():
-            child.loaded.set_exception(error)
+        _fail(child.loaded, error)
         if self._child is child:
             self._child = None
         if crash is None:

@@ -1,0 +1,184 @@
+"""The container image, built from its own commands.
+
+No container engine can build the image here (no registry to pull the base image from), so
+these tests run the Containerfile's own commands outside one: the builder stage's `make`
+target, then the final stage's `pip install` into a fresh virtual environment, then the
+service with the image's environment. A test that builds and runs the real image runs where
+podman can, and is skipped cleanly elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import time
+import venv
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fixtures.servers import free_port, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.slow, pytest.mark.real_model, pytest.mark.timeout(900)]
+
+
+def stages() -> list[list[tuple[str, str]]]:
+    """The Containerfile's stages, each a list of (INSTRUCTION, arguments), lines joined."""
+    text = re.sub(r"\\\n\s*", " ", (ROOT / "Containerfile").read_text())
+    out: list[list[tuple[str, str]]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        instruction, _, args = line.partition(" ")
+        if instruction.upper() == "FROM":
+            out.append([])
+        out[-1].append((instruction.upper(), args.strip()))
+    return out
+
+
+def final_env() -> dict[str, str]:
+    """The environment the final stage sets (ENV A=1 B=2)."""
+    env: dict[str, str] = {}
+    for instruction, args in stages()[-1]:
+        if instruction == "ENV":
+            for pair in shlex.split(args):
+                key, _, value = pair.partition("=")
+                env[key] = value
+    return env
+
+
+def make_wheels(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["make", "-n", "wheels"], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
+
+
+def test_the_builder_stage_builds_llama_cpp_portably_with_the_makefile() -> None:
+    builder, final = stages()
+    assert ("RUN", "make wheels") in builder
+    assert any(i == "ARG" and a.startswith("CMAKE_ARGS") for i, a in builder)
+    # A build argument left out arrives as an empty CMAKE_ARGS: the portable default.
+    base = {k: v for k, v in os.environ.items() if k != "CMAKE_ARGS"}
+    for env in (base, {**base, "CMAKE_ARGS": ""}):
+        plan = make_wheels(env).stdout
+        if "pip wheel" in plan:  # the wheel is rebuilt: its flags are in the plan
+            assert "-DGGML_NATIVE=OFF" in plan and "AMX" not in plan
+        recorded = (ROOT / ".wheels" / "llama.build").read_text()
+        assert "-DGGML_NATIVE=OFF" in recorded and "-DGGML_AVX2=ON" in recorded
+    # A user's own flags win (and would rebuild the wheel).
+    custom = make_wheels({**base, "CMAKE_ARGS": "-DGGML_CUDA=on"}).stdout
+    assert 'CMAKE_ARGS="-DGGML_CUDA=on"' in custom and "GGML_NATIVE=OFF" not in custom
+    assert ("COPY", "--from=builder /src/.wheels/*.whl /wheels/") in final
+
+
+async def test_the_final_stage_installs_and_answers_a_task_with_no_model_server(
+    tmp_path: Path,
+) -> None:
+    subprocess.run(["make", "wheels"], cwd=ROOT, check=True, capture_output=True)
+    wheels = ROOT / ".wheels"
+    install = next(a for i, a in stages()[-1] if i == "RUN" and "pip install" in a)
+    command = install.split("&&")[0].replace("/wheels/", f"{wheels}/")
+    prefix = tmp_path / "image"
+    venv.create(prefix, with_pip=True)
+    pip_env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    subprocess.run(
+        ["bash", "-c", command.replace("pip install", f"{prefix}/bin/python -m pip install -q")],
+        check=True,
+        env=pip_env,
+        capture_output=True,
+    )
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRA_")},
+        **final_env(),
+        "ORCHESTRA_SERVER__PORT": str(port),
+        "ORCHESTRA_DATABASE__URL": f"sqlite+aiosqlite:///{tmp_path / 'orchestra.db'}",
+        "ORCHESTRA_LOGGING__FORMAT": "json",
+    }
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        service = await asyncio.create_subprocess_exec(
+            str(prefix / "bin" / "orchestra"), "serve", cwd=tmp_path, env=env, stderr=out
+        )
+    try:
+        key = await _bootstrap_key(log, service)
+        headers = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=60
+        ) as client:
+            body = {"template": "title", "params": {"text": "Orchestra runs AI tasks."}}
+            task = (await client.post("/api/v1/tasks", json=body)).json()
+            done = (await client.get(f"/api/v1/tasks/{task['id']}", params={"wait": 60})).json()
+            anonymous = await client.get("/api/v1/tasks", headers={"Authorization": ""})
+    finally:
+        service.terminate()
+        await service.wait()
+    assert done["status"] == "succeeded", done["error"]
+    assert done["steps"][0]["provider"] == "embedded"  # no Ollama anywhere: the model inside
+    assert anonymous.status_code == 401
+    assert service.returncode == 0
+
+
+async def _bootstrap_key(log: Path, service: asyncio.subprocess.Process) -> str:
+    """The admin key the first start prints, once /health answers."""
+    found: list[str] = []
+
+    def printed() -> bool:
+        if service.returncode is not None:
+            raise AssertionError(f"orchestra exited: {log.read_text()[-2000:]}")
+        found[:] = re.findall(r"^\s+(orc_\S+)$", log.read_text(), re.MULTILINE)
+        return bool(found)
+
+    await wait_until(printed, timeout=60, interval=0.1)
+    return found[0]
+
+
+def _podman_can_build() -> str | None:
+    if shutil.which("podman") is None:
+        return "podman is not installed"
+    base = next(a for i, a in stages()[0] if i == "FROM").split()[0]
+    probe = subprocess.run(
+        ["podman", "pull", "-q", base], capture_output=True, text=True, timeout=120
+    )
+    if probe.returncode != 0:
+        return f"podman cannot pull {base}: {probe.stderr.strip()[-200:]}"
+    return None
+
+
+def test_the_image_answers_a_task(tmp_path: Path) -> None:
+    why = _podman_can_build()
+    if why:
+        pytest.skip(why)
+    tag = "orchestra-test:latest"
+    subprocess.run(["podman", "build", "-t", tag, "-f", "Containerfile", "."], cwd=ROOT, check=True)
+    port = free_port()
+    container = subprocess.run(
+        ["podman", "run", "-d", "--rm", "-p", f"127.0.0.1:{port}:8000", tag],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    try:
+        key = ""
+        deadline = time.monotonic() + 60
+        while not key and time.monotonic() < deadline:
+            logs = subprocess.run(["podman", "logs", container], capture_output=True, text=True)
+            match = re.search(r"^\s+(orc_\S+)$", logs.stderr, re.MULTILINE)
+            key = match.group(1) if match else ""
+            time.sleep(0.1)
+        assert key, "the first start printed no admin key within 60 s"
+        headers = {"Authorization": f"Bearer {key}"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers) as client:
+            body = {"template": "title", "params": {"text": "Orchestra runs AI tasks."}}
+            task = client.post("/api/v1/tasks", json=body).json()
+            done = client.get(f"/api/v1/tasks/{task['id']}", params={"wait": 60}, timeout=70)
+        assert done.json()["status"] == "succeeded"
+    finally:
+        subprocess.run(["podman", "stop", "-t", "15", container], capture_output=True)
