@@ -36,6 +36,11 @@ config_option = click.option(
 
 
 def _settings(config_path: str | None) -> Settings:
+    """The settings from the command's --config, else the one given before the command
+    (``orchestra -c FILE tasks show 1``), else where :func:`load` looks."""
+    if config_path is None:
+        ctx = click.get_current_context(silent=True)
+        config_path = ctx.find_root().params.get("config_path") if ctx is not None else None
     try:
         return load(config_path)
     except ConfigError as exc:
@@ -322,12 +327,15 @@ def templates_list(config_path: str | None) -> None:
 
 @templates.command("validate")
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-def templates_validate(files: tuple[Path, ...]) -> None:
-    """Check template files; print every problem as FILE:LINE:COLUMN: PATH: MESSAGE."""
+@config_option
+def templates_validate(files: tuple[Path, ...], config_path: str | None) -> None:
+    """Check template files under the configured [limits]; print every problem as
+    FILE:LINE:COLUMN: PATH: MESSAGE."""
+    limits = _settings(config_path).limits
     failed = False
     for file in files:
         try:
-            template = load_template(file)
+            template = load_template(file, limits)
         except TemplateError as exc:
             failed = True
             for problem in exc.problems:

@@ -389,7 +389,7 @@ def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _legacy_ollama(data: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """Turn the v1 ``[ollama]`` table into the provider named ``ollama``."""
+    """Read an ``[ollama]`` table as the provider named ``ollama`` (a shorthand)."""
     out = dict(data)
     legacy = out.pop("ollama", None)
     if legacy is None:

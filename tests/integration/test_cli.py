@@ -83,6 +83,20 @@ async def test_templates_validate_prints_positions(tmp_path: Path) -> None:
     assert "qa.yaml: ok (qa v1)" in out
 
 
+async def test_templates_validate_holds_files_to_the_configured_limits(tmp_path: Path) -> None:
+    config = tmp_path / "orchestra.toml"
+    config.write_text("[limits]\nmax_template_bytes = 100\n")
+    big = tmp_path / "big.yaml"
+    big.write_text("name: big\nsteps:\n  - id: a\n    prompt: '" + "x" * 200 + "'\n")
+    assert (await run_cli("templates", "validate", str(big)))[0] == 0  # the default: 256 KB
+    for args in (
+        ("templates", "validate", "-c", str(config), str(big)),
+        ("-c", str(config), "templates", "validate", str(big)),  # -c before the command too
+    ):
+        code, _, err = await run_cli(*args)
+        assert code == 1 and "100" in err, (args, err)
+
+
 async def test_templates_list_includes_user_folders(tmp_path: Path) -> None:
     (tmp_path / "mine.yaml").write_text(
         "name: mine\ndescription: Mine.\nsteps:\n  - id: a\n    prompt: hi\n"

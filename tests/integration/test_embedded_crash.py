@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import importlib.util
 import os
 import signal
 from collections.abc import Iterator
@@ -23,18 +22,13 @@ import msgspec
 import pytest
 
 from orchestra.config import Settings
-from orchestra.llm.embedded import packaged_model
 from tests.conftest import Service, StartService, with_provider
+from tests.fixtures.real_model import REAL_MODEL
 from tests.fixtures.servers import free_port, start_process, wait_until
 from tests.fixtures.sse import read_events
 
-MODEL = packaged_model()
 pytestmark = [
-    pytest.mark.real_model,
-    pytest.mark.skipif(
-        importlib.util.find_spec("llama_cpp") is None or MODEL is None,
-        reason="the embedded model is not installed (`make test` installs it)",
-    ),
+    *REAL_MODEL,
     pytest.mark.timeout(180),
 ]
 

