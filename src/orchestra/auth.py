@@ -10,7 +10,7 @@ validate templates) < ``admin`` (register, delete and reload templates). A key a
 own scope and those below it.
 
 A service that listens beyond this machine with no active key makes one admin key when it
-starts and shows its token once (:func:`bootstrap_key`), as Jupyter does with its token.
+starts (:func:`bootstrap_key`) and shows its token once, as Jupyter does with its token.
 """
 
 from __future__ import annotations
@@ -20,12 +20,10 @@ import hmac
 import ipaddress
 import secrets
 import string
-import sys
 from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
-from orchestra import logs
 from orchestra.config import AuthSettings
 
 if TYPE_CHECKING:  # db.keys imports this module: the store is only named for the types
@@ -37,8 +35,6 @@ PREFIX = "orc_"
 _ID_CHARS = string.ascii_lowercase + string.digits
 #: The name of the key a first start beyond this machine makes.
 BOOTSTRAP_NAME = "bootstrap"
-
-log = logs.get("orchestra.auth")
 
 
 class ApiKey(msgspec.Struct, frozen=True):
@@ -100,49 +96,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-async def bootstrap_key(store: KeyStore, host: str, settings: AuthSettings) -> ApiKey | None:
-    """On a start beyond this machine with no active key, make an admin key and show it once.
+async def bootstrap_key(
+    store: KeyStore, host: str, settings: AuthSettings
+) -> tuple[ApiKey, str] | None:
+    """On a start beyond this machine with no active key, make an admin key.
 
     Listening on ``host`` beyond loopback (0.0.0.0 in a container) with no active key and
     ``allow_anonymous`` off, every request would be refused and nobody could make a key over
     HTTP. So an ``admin`` key named :data:`BOOTSTRAP_NAME` is made (only its digest is
-    stored) and its token is shown once: in the log event ``auth.bootstrap_key_created``, and
-    plainly on stderr for a person reading ``podman logs``. The next start finds the key and
-    makes none. Revoked keys do not count: with every key revoked, a start makes a new one.
-    On loopback, or with ``allow_anonymous``, nothing is made.
+    stored); the caller shows its token once (``orchestra serve`` logs it and prints it). The
+    next start finds the key and makes none. Revoked keys do not count: with every key
+    revoked, a start makes a new one. On loopback, or with ``allow_anonymous``, nothing is
+    made.
 
     Returns:
-        The key made, or None.
+        The key made and its token, or None.
     """
     if is_loopback(host) or settings.allow_anonymous:
         return None
-    made = await store.create_if_none_active(BOOTSTRAP_NAME, "admin")
-    if made is None:
-        return None
-    key, token = made
-    log.warning(
-        "auth.bootstrap_key_created",
-        key_id=key.id,
-        name=key.name,
-        scope=key.scope,
-        host=host,
-        token=token,
-        hint=(
-            "shown only this once: send it as 'Authorization: Bearer <token>'; make your own "
-            "keys with 'orchestra keys create', then revoke this one with "
-            f"'orchestra keys revoke {key.name}'"
-        ),
-    )
-    rule = "=" * 72
-    sys.stderr.write(
-        f"\n{rule}\n"
-        f"No API key existed and Orchestra listens on {host}, so it made an admin key.\n"
-        "It is shown only this once (only its SHA-256 is kept):\n\n"
-        f"    {token}\n\n"
-        "Send it as 'Authorization: Bearer <key>' (the CLI reads ORCHESTRA_API_KEY).\n"
-        "Make your own keys with 'orchestra keys create --name NAME --scope SCOPE',\n"
-        f"then revoke this one with 'orchestra keys revoke {key.name}'.\n"
-        f"{rule}\n\n"
-    )
-    sys.stderr.flush()
-    return key
+    return await store.create_if_none_active(BOOTSTRAP_NAME, "admin")

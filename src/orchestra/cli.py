@@ -17,7 +17,7 @@ import httpx
 import msgspec
 
 from orchestra import __version__, logs
-from orchestra.auth import SCOPES, Scope
+from orchestra.auth import SCOPES, ApiKey, Scope
 from orchestra.config import Settings, load
 from orchestra.db.keys import KeyStore
 from orchestra.errors import ConfigError, OrchestraError, TemplateError
@@ -86,11 +86,13 @@ def serve(config_path: str | None, host: str | None = None, port: int | None = N
     try:
         check_url(settings.database.url)
         app = create_app(settings, env=os.environ)
-        asyncio.run(preflight(settings))
+        made = asyncio.run(preflight(settings))
     except ConfigError as exc:
         raise click.ClickException(exc.message) from None
     except TemplateError as exc:
         raise _template_failure(exc) from None
+    if made is not None:
+        _show_bootstrap_key(*made, settings.server.host)
     config = uvicorn.Config(
         app,
         host=settings.server.host,
@@ -115,6 +117,36 @@ def serve(config_path: str | None, host: str | None = None, port: int | None = N
     server.run()
     if not server.started:
         sys.exit(1)
+
+
+def _show_bootstrap_key(key: ApiKey, token: str, host: str) -> None:
+    """Show the admin key a first start made, this once: as a log event, and plainly on
+    stderr for a person reading ``podman logs`` (whatever the log format)."""
+    logs.get("orchestra.auth").warning(
+        "auth.bootstrap_key_created",
+        key_id=key.id,
+        name=key.name,
+        scope=key.scope,
+        host=host,
+        token=token,
+        hint=(
+            "shown only this once: send it as 'Authorization: Bearer <token>'; make your own "
+            "keys with 'orchestra keys create', then revoke this one with "
+            f"'orchestra keys revoke {key.name}'"
+        ),
+    )
+    rule = "=" * 72
+    click.echo(
+        f"\n{rule}\n"
+        f"No API key existed and Orchestra listens on {host}, so it made an admin key.\n"
+        "It is shown only this once (only its SHA-256 is kept):\n\n"
+        f"    {token}\n\n"
+        "Send it as 'Authorization: Bearer <key>' (the CLI reads ORCHESTRA_API_KEY).\n"
+        "Make your own keys with 'orchestra keys create --name NAME --scope SCOPE',\n"
+        f"then revoke this one with 'orchestra keys revoke {key.name}'.\n"
+        f"{rule}\n",
+        err=True,
+    )
 
 
 def _base_url(url: str | None, config_path: str | None) -> str:

@@ -38,7 +38,7 @@ model: default
 steps:
   - id: story
     prompt: Write a long story about a lighthouse keeper.
-    options: {num_predict: 120, temperature: 0.8}
+    options: {num_predict: 400, temperature: 0.8}
 """
 TEXT = "The council voted on Tuesday to build a new library. Work starts in March."
 
@@ -88,13 +88,14 @@ class HealthWatch:
                 self.answers.append(0)
             await asyncio.sleep(0.05)
 
-    def __enter__(self) -> HealthWatch:
+    async def __aenter__(self) -> HealthWatch:
         self._task = asyncio.create_task(self._run())
         return self
 
-    def __exit__(self, *_: object) -> None:
+    async def __aexit__(self, *_: object) -> None:
         assert self._task is not None
         self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
 
 
 async def test_a_model_crash_mid_task_is_retried_and_a_new_process_answers(
@@ -103,7 +104,7 @@ async def test_a_model_crash_mid_task_is_retried_and_a_new_process_answers(
     async with start_service(embedded_first(settings, "embedded/smollm2")) as svc:
         assert (await svc.client.post("/api/v1/templates", content=RAMBLE)).status_code == 201
         task = await svc.submit("ramble")
-        with HealthWatch(svc) as watch:
+        async with HealthWatch(svc) as watch:
             crashed = await kill_mid_generation(svc, task["id"])
             done = await svc.wait(task["id"], seconds=60)
         health = (await svc.client.get("/health")).json()
@@ -150,15 +151,16 @@ async def test_a_crash_while_loading_leaves_the_service_up_and_health_says_why(
     fifo = tmp_path / "model.gguf"  # the loader blocks opening it: the crash is mid-load
     os.mkfifo(fifo)
     local = embedded_first(settings, "embedded/model", model_path=str(fifo), preload=True)
+    seen: list[httpx.Response] = []
     async with start_service(local) as svc:
         os.kill(await model_pid(svc), signal.SIGSEGV)
 
         async def crashed() -> bool:
-            body = (await svc.client.get("/health")).json()
-            return body["providers"]["embedded"]["process"]["crashes"] == 1
+            seen[:] = [await svc.client.get("/health")]
+            return bool(seen[0].json()["providers"]["embedded"]["process"]["crashes"] == 1)
 
-        await wait_until(crashed, timeout=10)
-        health = await svc.client.get("/health")
+        await wait_until(crashed, timeout=10, interval=0.02)
+    [health] = seen  # as it was right after the crash (a restart follows within a second)
     assert health.status_code == 200
     embedded = health.json()["providers"]["embedded"]
     assert embedded["available"] is False

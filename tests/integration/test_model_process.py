@@ -29,10 +29,6 @@ STORY = [{"role": "user", "content": "Write a very long story about a lighthouse
 HELLO = [{"role": "user", "content": "Say hello."}]
 
 
-def story(request_id: int) -> wire.Generate:
-    return wire.Generate(request_id, STORY, {"max_tokens": 2000, "temperature": 0.8})
-
-
 def hello(request_id: int) -> wire.Generate:
     return wire.Generate(request_id, HELLO, {"max_tokens": 4, "temperature": 0})
 
@@ -46,10 +42,14 @@ async def process() -> AsyncIterator[ModelProcess]:
         await proc.stop()
 
 
-async def generating(proc: ModelProcess) -> tuple[asyncio.Task[object], int]:
+async def generating(proc: ModelProcess, tokens: int = 2000) -> tuple[asyncio.Task[object], int]:
     """A long generation, once its first token has arrived; and the process's pid."""
     first = asyncio.Event()
-    task = asyncio.create_task(proc.request(story, "generate", lambda _text: first.set()))
+
+    def story(request_id: int) -> wire.Generate:
+        return wire.Generate(request_id, STORY, {"max_tokens": tokens, "temperature": 0.8})
+
+    task = asyncio.create_task(proc.request(story, lambda _text: first.set()))
     await asyncio.wait_for(first.wait(), timeout=60)
     pid = proc.info().pid
     assert pid is not None
@@ -65,7 +65,7 @@ async def test_the_model_answers_in_its_own_process_with_its_full_context(
     process: ModelProcess,
 ) -> None:
     pieces: list[str] = []
-    answer = await process.request(hello, "generate", pieces.append)
+    answer = await process.request(hello, pieces.append)
     assert isinstance(answer, wire.Generated)
     assert answer.text == "".join(pieces) and answer.completion_tokens == len(pieces) > 0
     assert process.loaded is not None
@@ -75,17 +75,21 @@ async def test_the_model_answers_in_its_own_process_with_its_full_context(
     assert info.rss_bytes is not None and info.rss_bytes > 50 * 1024 * 1024  # the model's
 
 
-async def test_a_cancel_stops_the_generation_within_a_second(process: ModelProcess) -> None:
-    task, _ = await generating(process)
-    task.cancel()
+async def stops_within(process: ModelProcess, task: asyncio.Task[object]) -> float:
+    """Cancel ``task`` and return the seconds until the process stopped working on it."""
     loop = asyncio.get_running_loop()
     started = loop.time()
-    # The model does one request at a time: this one is served once the story has stopped.
-    answer = await process.request(hello, "generate")
-    assert isinstance(answer, wire.Generated)
-    assert loop.time() - started < 1.0
+    task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    await wait_until(lambda: not process.working, timeout=30, interval=0.005)
+    return loop.time() - started
+
+
+async def test_a_cancel_stops_the_generation_within_a_second(process: ModelProcess) -> None:
+    task, _ = await generating(process)
+    assert await stops_within(process, task) < 1.0
+    assert isinstance(await process.request(hello), wire.Generated)  # and it serves on
 
 
 async def test_a_cancel_stops_a_long_prompt_before_its_first_token(
@@ -99,17 +103,26 @@ async def test_a_cancel_stops_a_long_prompt_before_its_first_token(
         return wire.Generate(request_id, [{"role": "user", "content": prompt}], {"max_tokens": 50})
 
     pieces: list[str] = []
-    task = asyncio.create_task(process.request(summary, "generate", pieces.append))
-    await asyncio.sleep(0.5)  # the prompt is being evaluated: seconds on a small CPU
-    task.cancel()
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    answer = await process.request(hello, "generate")
-    assert isinstance(answer, wire.Generated) and answer.text
-    assert loop.time() - started < 1.0
+    task = asyncio.create_task(process.request(summary, pieces.append))
+    await wait_until(lambda: process.working, timeout=10, interval=0.001)  # evaluating it
+    assert await stops_within(process, task) < 1.0  # seconds of evaluation were left
     assert pieces == []  # stopped before its first token
+    answer = await process.request(hello)
+    assert isinstance(answer, wire.Generated) and answer.text
+
+
+async def test_a_caller_that_gives_up_waiting_its_turn_never_reaches_the_process(
+    process: ModelProcess,
+) -> None:
+    first, pid = await generating(process, tokens=150)
+    waiting = asyncio.create_task(process.request(hello))
+    await asyncio.sleep(0)  # it is queued behind the story
+    waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
-        await task
+        await waiting
+    answer = await first  # the story goes on to its end, in the same process
+    assert isinstance(answer, wire.Generated) and answer.completion_tokens > 1
+    assert process.info().pid == pid and process.info().crashes == 0
 
 
 async def test_a_crash_fails_the_call_in_flight_and_a_new_process_answers_the_next(
@@ -125,7 +138,7 @@ async def test_a_crash_fails_the_call_in_flight_and_a_new_process_answers_the_ne
     assert (info.crashes, info.restarts) == (1, 1)
     assert info.last_crash is not None and info.last_crash.signal == signal.SIGSEGV
     assert info.last_crash.phase == "generation"
-    assert isinstance(await process.request(hello, "generate"), wire.Generated)
+    assert isinstance(await process.request(hello), wire.Generated)
     assert gone(pid)  # reaped by the service: no zombie
 
 
@@ -141,11 +154,30 @@ async def test_three_crashes_in_the_window_keep_it_down_until_a_probe_succeeds(
         await wait_until(lambda gone_pid=pid: process.info().pid != gone_pid, timeout=10)
     assert process.state is State.DOWN
     assert "down after 3 crash(es)" in process.detail
+    assert "out-of-memory killer" in process.detail  # what a SIGKILL from outside may be
     with pytest.raises(ProviderUnreachable, match="down after 3"):
-        await process.request(hello, "generate")
-    await process.probe()  # a health check's: a fresh process loads and generates a token
-    assert process.state is State.READY
-    assert isinstance(await process.request(hello, "generate"), wire.Generated)
+        await process.request(hello)
+    process.probe()  # a health check's: a fresh process loads and generates a token
+    assert process.state is State.STARTING
+    await wait_until(lambda: process.state is State.READY, timeout=60)
+    assert isinstance(await process.request(hello), wire.Generated)
+    # Now a process like any other: a crash restarts it with a backoff, it is not down.
+    pid = process.info().pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    await wait_until(lambda: process.state is not State.READY, timeout=10)
+    assert process.state in (State.RESTARTING, State.STARTING)
+
+
+async def test_stop_during_a_start_fails_the_waiting_call_and_nothing_starts_again() -> None:
+    proc = ModelProcess("embedded", wire.Load(str(MODEL), 0, 0))
+    call = asyncio.create_task(proc.request(hello))
+    await wait_until(lambda: proc.state is State.STARTING, timeout=10)
+    await proc.stop()
+    with pytest.raises(ProviderUnreachable, match="stopped"):
+        await call
+    proc.probe()
+    assert proc.state is State.STOPPED and proc.info().pid is None
 
 
 async def test_a_crash_while_loading_is_reported_with_what_to_do(tmp_path: Path) -> None:
@@ -182,7 +214,7 @@ async def test_a_model_that_does_not_load_in_time_is_down_not_stuck(tmp_path: Pa
         assert "did not load within 1s" in proc.detail
         assert proc.info().crashes == 0 and proc.info().pid is None  # ended, not crashed
         with pytest.raises(ProviderUnreachable, match="did not load within 1s"):
-            await proc.request(hello, "generate")
+            await proc.request(hello)
     finally:
         await proc.stop()
 
@@ -193,7 +225,7 @@ async def test_a_file_that_is_no_model_is_reported_without_a_crash(tmp_path: Pat
     proc = ModelProcess("embedded", wire.Load(str(junk), 0, 0))
     try:
         with pytest.raises(ProviderUnreachable, match="cannot load"):
-            await proc.request(hello, "generate")
+            await proc.request(hello)
         assert proc.state is State.DOWN
         assert proc.info().crashes == 0
     finally:
@@ -209,7 +241,7 @@ async def test_a_prompt_longer_than_the_context_fails_naming_the_sizes() -> None
 
     try:
         with pytest.raises(ProviderError, match="context window of 256") as caught:
-            await proc.request(long, "generate")
+            await proc.request(long)
         assert "summarize_long" in str(caught.value)
         assert not isinstance(caught.value, ProviderUnreachable)  # permanent: not retried
         assert proc.state is State.READY and proc.info().crashes == 0
@@ -233,7 +265,7 @@ async def test_embeddings_options_and_threads_work_in_the_process() -> None:
         def embed(request_id: int) -> wire.Embed:
             return wire.Embed(request_id, ["a red apple", "a red apple", "the stock market"])
 
-        vectors = await proc.request(embed, "embed")
+        vectors = await proc.request(embed)
         assert isinstance(vectors, wire.Embedded) and vectors.prompt_tokens > 0
         first, again, other = vectors.vectors
         assert len(first) == 576 and first == again and first != other  # SmolLM2's width
@@ -242,8 +274,8 @@ async def test_embeddings_options_and_threads_work_in_the_process() -> None:
             prompt = [{"role": "user", "content": "Count from 1 to 20, separated by commas."}]
             return wire.Generate(request_id, prompt, {"temperature": 0, "stop": ["5"]})
 
-        one = await proc.request(counting, "generate")
-        two = await proc.request(counting, "generate")
+        one = await proc.request(counting)
+        two = await proc.request(counting)
         assert isinstance(one, wire.Generated) and isinstance(two, wire.Generated)
         assert one.text == two.text and "5" not in one.text  # temperature 0; the stop held
         assert one.finish_reason == "stop" and one.prompt_tokens > 10

@@ -16,7 +16,7 @@ import httpx
 
 from orchestra import logs
 from orchestra.api.auth import Gatekeeper
-from orchestra.auth import bootstrap_key, is_loopback
+from orchestra.auth import ApiKey, bootstrap_key, is_loopback
 from orchestra.catalog import TemplateCatalog
 from orchestra.config import Settings
 from orchestra.db import Database, TaskStore
@@ -156,10 +156,13 @@ class Runtime:
             await db.close()
 
 
-async def preflight(settings: Settings) -> None:
+async def preflight(settings: Settings) -> tuple[ApiKey, str] | None:
     """Check what startup will need before serving: the database opens and upgrades, and the
     registered templates load beside the files (no name clash). On a first start beyond this
-    machine, make an admin key and show it once (:func:`~orchestra.auth.bootstrap_key`).
+    machine, make an admin key (:func:`~orchestra.auth.bootstrap_key`).
+
+    Returns:
+        The admin key made and its token, for the caller to show once; None when none was.
 
     Raises:
         ConfigError: the database cannot be used.
@@ -171,7 +174,7 @@ async def preflight(settings: Settings) -> None:
     try:
         await upgrade(db)
         await TemplateCatalog(registry, TemplateStore(db), settings.limits).start()
-        await bootstrap_key(KeyStore(db), settings.server.host, settings.auth)
+        return await bootstrap_key(KeyStore(db), settings.server.host, settings.auth)
     except OSError as exc:
         raise ConfigError(f"database.url: cannot open {db.path}: {exc}") from None
     finally:

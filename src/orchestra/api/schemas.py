@@ -18,8 +18,8 @@ from orchestra.domain import (
     iso,
     total_usage,
 )
-from orchestra.llm.base import Crash, ProcessInfo
-from orchestra.llm.model_process import signal_name
+from orchestra.llm.base import Crash, Phase, ProcessInfo, ProcessState
+from orchestra.llm.model_process import signal_label
 from orchestra.llm.router import ProviderState
 from orchestra.templating.model import Template
 
@@ -293,15 +293,19 @@ class ValidationOut(msgspec.Struct, frozen=True):
 
 
 def _iso_epoch(seconds: float | None) -> str | None:
-    return None if seconds is None else iso(datetime.fromtimestamp(seconds, UTC))
+    return None if seconds is None else _iso_at(seconds)
+
+
+def _iso_at(seconds: float) -> str:
+    return iso(datetime.fromtimestamp(seconds, UTC))
 
 
 class CrashOut(msgspec.Struct, frozen=True):
     """How a model process last died."""
 
     at: str
-    #: What it was doing: loading, warming up, generation, embedding, idle.
-    phase: str
+    #: What it was doing.
+    phase: Phase
     #: The signal's name (SIGSEGV), or null when it exited by itself.
     signal: str | None
     exit_code: int | None
@@ -310,9 +314,9 @@ class CrashOut(msgspec.Struct, frozen=True):
     @classmethod
     def of(cls, crash: Crash) -> CrashOut:
         return cls(
-            at=iso(datetime.fromtimestamp(crash.at, UTC)),
+            at=_iso_at(crash.at),
             phase=crash.phase,
-            signal=signal_name(crash.signal).split(" ")[0] if crash.signal else None,
+            signal=signal_label(crash.signal) if crash.signal else None,
             exit_code=crash.exit_code,
             message=crash.message,
         )
@@ -323,7 +327,7 @@ class ProcessOut(msgspec.Struct, frozen=True):
 
     #: idle (starts on first use), starting, ready, restarting (after a crash), down (crashed
     #: too often or cannot load; a health check tries a fresh process), stopped.
-    state: str
+    state: ProcessState
     pid: int | None
     #: Its resident memory in bytes (the service's own does not include the model).
     rss_bytes: int | None

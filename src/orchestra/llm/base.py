@@ -8,6 +8,7 @@ so nothing above it ever sees an httpx exception.
 from __future__ import annotations
 
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import msgspec
@@ -53,13 +54,37 @@ class EmbedResult(msgspec.Struct, frozen=True):
     provider: str = ""
 
 
+class ProcessState(StrEnum):
+    """Where a model process is (``orchestra.llm.model_process`` draws the transitions)."""
+
+    #: Not started: it starts on first use (or at start, with preload).
+    IDLE = "idle"
+    #: Loading the model and generating its first token.
+    STARTING = "starting"
+    READY = "ready"
+    #: Crashed; waiting out its backoff before it starts again.
+    RESTARTING = "restarting"
+    #: Crashed too often, or cannot load: a health check's probe tries a fresh process.
+    DOWN = "down"
+    STOPPED = "stopped"
+
+
+class Phase(StrEnum):
+    """What a model process was doing."""
+
+    LOADING = "loading"
+    WARMING_UP = "warming up"
+    GENERATION = "generation"
+    EMBEDDING = "embedding"
+    IDLE = "idle"
+
+
 class Crash(msgspec.Struct, frozen=True):
     """How a provider's model process last died."""
 
     #: When, in seconds since the epoch.
     at: float
-    #: What it was doing: loading, warming up, generation, embedding, idle.
-    phase: str
+    phase: Phase
     #: The signal that killed it (11 for SIGSEGV), or None when it exited.
     signal: int | None
     exit_code: int | None
@@ -69,9 +94,7 @@ class Crash(msgspec.Struct, frozen=True):
 class ProcessInfo(msgspec.Struct, frozen=True):
     """A provider's own model process (the embedded model's), as its supervisor sees it."""
 
-    #: idle (starts on first use), starting, ready, restarting (waiting out its backoff after
-    #: a crash), down (crashed too often, or cannot load: a health check probes it), stopped.
-    state: str
+    state: ProcessState
     pid: int | None = None
     #: Resident memory of the process, in bytes (where the OS tells).
     rss_bytes: int | None = None

@@ -26,8 +26,8 @@ from orchestra import logs
 from orchestra.domain import Usage
 from orchestra.errors import ModelNotFound, ProviderUnavailable, ProviderUnreachable
 from orchestra.llm import model_wire as wire
-from orchestra.llm.base import ChatRequest, ChatResult, EmbedResult, Health
-from orchestra.llm.model_process import Backoff, ModelProcess, State
+from orchestra.llm.base import ChatRequest, ChatResult, EmbedResult, Health, ProcessState
+from orchestra.llm.model_process import Backoff, ModelProcess
 
 log = logs.get("orchestra.llm.embedded")
 
@@ -130,14 +130,13 @@ class EmbeddedProvider:
     async def _ask(
         self,
         message: Callable[[int], wire.Generate | wire.Embed],
-        kind: str,
         on_text: Callable[[str], None] | None = None,
     ) -> wire.Generated | wire.Embedded:
         why = self._unusable()
         if why:
             raise ProviderUnreachable(f"embedded provider {self.name!r}: {why}")
         try:
-            return await self.process.request(message, kind, on_text)
+            return await self.process.request(message, on_text)
         except TimeoutError:
             raise ProviderUnavailable(
                 f"embedded model {self.model_name!r} did not finish within {self.timeout:g}s"
@@ -164,7 +163,7 @@ class EmbeddedProvider:
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
         started = time.perf_counter()
         answer = await self._ask(
-            lambda i: wire.Generate(i, messages, options, response_format), "generate", on_text
+            lambda i: wire.Generate(i, messages, options, response_format), on_text
         )
         assert isinstance(answer, wire.Generated)
         return ChatResult(
@@ -184,7 +183,7 @@ class EmbeddedProvider:
     async def embed(self, model: str, inputs: list[str]) -> EmbedResult:
         """Embed with the same model loaded for embeddings (mean-pooled hidden states)."""
         self._check_model(model)
-        answer = await self._ask(lambda i: wire.Embed(i, inputs), "embed")
+        answer = await self._ask(lambda i: wire.Embed(i, inputs))
         assert isinstance(answer, wire.Embedded)
         return EmbedResult(
             vectors=answer.vectors,
@@ -208,9 +207,10 @@ class EmbeddedProvider:
         )
 
     async def health(self) -> Health:
-        """The process's state; when it is down, a fresh process is tried first (a probe)."""
-        if self.process.state is State.DOWN and self._unusable() is None:
-            await self.process.probe()
+        """The process's state; when it is down, a fresh process is tried in the background
+        (a probe), and the state says so."""
+        if self.process.state is ProcessState.DOWN and self._unusable() is None:
+            self.process.probe()
         return self.status()
 
     def _changed(self) -> None:

@@ -45,19 +45,25 @@ class _Channel:
 
     def send(self, message: wire.FromChild) -> None:
         self._out.write(wire.frame(message))
+        self._out.flush()  # a buffered writer's flush writes all of it, even when interrupted
 
     def read_forever(self) -> None:
-        """Queue requests and note cancels; exit the process when the service is gone."""
-        while True:
-            header = self._in.read(wire.HEADER.size)
-            if len(header) < wire.HEADER.size:
-                os._exit(0)  # the service closed the pipe or died: nobody to answer
-            body = self._in.read(wire.body_length(header))
-            message = wire.to_child.decode(body)
-            if isinstance(message, wire.Cancel):
-                self.cancelled.add(message.id)
-            else:
-                self.inbox.put(message)
+        """Queue requests and note cancels; exit the process when the service is gone, or
+        when what it sends cannot be read (it would wait for ever on a stream it lost)."""
+        try:
+            while True:
+                header = self._in.read(wire.HEADER.size)
+                if len(header) < wire.HEADER.size:
+                    os._exit(0)  # the service closed the pipe or died: nobody to answer
+                body = self._in.read(wire.body_length(header))
+                message = wire.to_child.decode(body)
+                if isinstance(message, wire.Cancel):
+                    self.cancelled.add(message.id)
+                else:
+                    self.inbox.put(message)
+        except BaseException as exc:
+            sys.stderr.write(f"model process: cannot read the service's frames: {exc!r}\n")
+            os._exit(4)
 
     def check(self, request_id: int) -> None:
         if request_id in self.cancelled:
@@ -103,22 +109,39 @@ class _Model:
         self.load = load
         self.llm: Any = None
         self.embedder: Any = None
+        self.n_ctx = load.context_length
         self.abort = _Abort(channel)
 
-    def _open(self, embedding: bool) -> Any:
+    def _open(self, embedding: bool, n_ctx: int) -> Any:
         from llama_cpp import Llama
 
         return Llama(
             model_path=self.load.model_path,
-            n_ctx=self.load.context_length,
+            n_ctx=n_ctx,
             n_threads=self.load.threads or None,
             embedding=embedding,
             verbose=False,
         )
 
+    def _context(self) -> int:
+        """The context to open: the one asked for, else the model's trained one up to
+        ``wire.DEFAULT_CONTEXT`` (the cache grows with it: 128k tokens of a large model take
+        many GB). The trained length is read from the vocabulary alone, which loads at once."""
+        if self.load.context_length:
+            return self.load.context_length
+        from llama_cpp import Llama
+
+        probe = Llama(model_path=self.load.model_path, vocab_only=True, verbose=False)
+        try:
+            trained = int(probe._model.n_ctx_train())
+        finally:
+            probe.close()
+        return min(trained, wire.DEFAULT_CONTEXT) if trained > 0 else wire.DEFAULT_CONTEXT
+
     def start(self) -> wire.Loaded:
         started = time.perf_counter()
-        self.llm = self._open(embedding=False)
+        self.n_ctx = self._context()
+        self.llm = self._open(embedding=False, n_ctx=self.n_ctx)
         return wire.Loaded(
             n_ctx=int(self.llm.n_ctx()),
             n_ctx_train=int(self.llm._model.n_ctx_train()),
@@ -174,7 +197,7 @@ class _Model:
     def embed(self, request: wire.Embed, channel: _Channel) -> wire.Embedded:
         started = time.perf_counter()
         if self.embedder is None:
-            self.embedder = self._open(embedding=True)
+            self.embedder = self._open(embedding=True, n_ctx=self.n_ctx)
         vectors: list[list[float]] = []
         tokens = 0
         for text in request.inputs:
@@ -241,25 +264,27 @@ def serve(channel: _Channel) -> None:
         return
     while True:
         request = channel.inbox.get()
+        if not isinstance(request, (wire.Generate, wire.Embed)):
+            continue  # a second load: the model is loaded once
+        channel.send(wire.Started(request.id))
         try:
-            channel.check(getattr(request, "id", 0))
+            channel.check(request.id)
             if isinstance(request, wire.Generate):
                 channel.send(model.generate(request, channel))
-            elif isinstance(request, wire.Embed):
+            else:
                 channel.send(model.embed(request, channel))
         except Exception as exc:  # too long a prompt, a schema the grammar cannot express…
-            request_id = getattr(request, "id", 0)
-            cancelled = request_id in channel.cancelled  # an abort surfaces as an error
-            channel.send(_failure(request_id, _Cancelled() if cancelled else exc))
+            cancelled = request.id in channel.cancelled  # an abort surfaces as an error
+            channel.send(_failure(request.id, _Cancelled() if cancelled else exc))
         finally:
-            channel.cancelled.discard(getattr(request, "id", 0))
+            channel.cancelled.discard(request.id)
 
 
 def main() -> None:
     """Entry point of the model process."""
     # Frames go to a private copy of stdout; fd 1 then points at stderr, so whatever native
     # code prints lands in the service's log instead of corrupting a frame.
-    outgoing = os.fdopen(os.dup(1), "wb", buffering=0)
+    outgoing = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the service stops its children itself
     _die_with_parent()

@@ -6,7 +6,7 @@ service: :class:`ModelProcess` spawns ``python -m orchestra.llm.model_child`` (a
 interpreter, never a fork), talks to it in :mod:`orchestra.llm.model_wire` frames over its
 stdin and stdout, and watches it.
 
-The states, in :class:`State`::
+The states (:class:`~orchestra.llm.base.ProcessState`)::
 
     idle ──first call (or preload)──► starting ──loaded, one token generated──► ready
       ▲                                  │                                       │
@@ -17,15 +17,18 @@ The states, in :class:`State`::
                                        down ──a health check's probe (a fresh process
                                               that loads and generates one token)──► ready
 
-When the process dies, every call in flight fails at once with ``ProviderUnreachable``
-naming the signal and what it was doing, so a fallback chain moves on within the same attempt
-and a task with no other model is retried. The provider is unavailable until the process is
-ready again, so chains try their other models first; a call that reaches it anyway waits for
-the restart. While it is down, calls fail at once.
+One request is in the process at a time (the model is not thread-safe); callers wait their
+turn here, in order, so a caller that gives up while waiting never reaches the process.
+
+When the process dies, the call in flight fails at once with ``ProviderUnreachable`` naming
+the signal and what it was doing, so a fallback chain moves on within the same attempt and a
+task with no other model is retried. The provider is unavailable until the process is ready
+again, so chains try their other models first; a call that reaches it anyway waits for the
+restart. While it is down, calls fail at once.
 
 The process ends with the service: ``stop()`` closes its stdin (it exits on end-of-file) and
 kills it if it lingers; if the service is killed, the end-of-file and Linux's parent-death
-signal end it. Every exit is reaped by asyncio's child watcher, so no zombie remains.
+signal end it. Every exit is reaped here, so no zombie remains.
 """
 
 from __future__ import annotations
@@ -38,7 +41,6 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +49,11 @@ import msgspec
 from orchestra import logs
 from orchestra.errors import ProviderError, ProviderUnreachable
 from orchestra.llm import model_wire as wire
-from orchestra.llm.base import Crash, ProcessInfo
+from orchestra.llm.base import Crash, Phase, ProcessInfo, ProcessState
 
 log = logs.get("orchestra.llm.model_process")
+
+State = ProcessState
 
 #: Crashes within ``CRASH_WINDOW`` seconds that take the process down until a probe succeeds.
 CRASH_LIMIT = 3
@@ -57,28 +61,20 @@ CRASH_WINDOW = 300.0
 #: Seconds to wait before restarting after the first crash (then doubled, up to the cap).
 BACKOFF_FIRST = 1.0
 BACKOFF_CAP = 60.0
-#: Seconds a cancelled request may take to stop before its process is killed as hung.
+#: Seconds a cancelled request may take to stop before its process is ended as hung.
 CANCEL_GRACE = 10.0
 #: Seconds a process gets to exit after its stdin closes, at stop.
 STOP_GRACE = 5.0
-#: How many of the process's last stderr lines a crash report keeps.
+#: How many of the process's last stderr lines a crash report keeps, and their longest.
 STDERR_LINES = 20
+STDERR_LINE_CHARS = 2000
 
 #: What the warm-up asks: one token, so a build that crashes on generation fails here.
 _WARM_UP = wire.Generate(
     id=0, messages=[{"role": "user", "content": "Hi"}], options={"max_tokens": 1}
 )
-
-
-class State(StrEnum):
-    """Where a model process is (see the module docstring)."""
-
-    IDLE = "idle"
-    STARTING = "starting"
-    READY = "ready"
-    RESTARTING = "restarting"
-    DOWN = "down"
-    STOPPED = "stopped"
+#: Signals of native code gone wrong (an instruction the CPU refuses, a bad address).
+_FAULTS = frozenset({signal.SIGILL, signal.SIGSEGV, signal.SIGBUS})
 
 
 class Backoff(msgspec.Struct, frozen=True):
@@ -99,12 +95,18 @@ def child_command() -> list[str]:
     return [sys.executable, "-m", "orchestra.llm.model_child"]
 
 
-def signal_name(number: int) -> str:
-    """``SIGSEGV (signal 11)``."""
+def signal_label(number: int) -> str:
+    """``SIGSEGV``; ``signal 77`` for a number without a name."""
     try:
-        return f"{signal.Signals(number).name} (signal {number})"
+        return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
+
+
+def signal_name(number: int) -> str:
+    """``SIGSEGV (signal 11)``."""
+    label = signal_label(number)
+    return label if label.startswith("signal") else f"{label} (signal {number})"
 
 
 def cpu_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
@@ -115,20 +117,27 @@ def cpu_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
         return False
 
 
-#: What to do when a model process crashes before it ever answered.
+#: What to do when native code faults before the model ever answered.
 REBUILD_HINT = (
     "rebuild llama-cpp-python portably: make rebuild-llama (README: The embedded model, Build)"
 )
 
 
-def warm_up_hint() -> str:
-    """Advice for a process that crashed while loading or on its first token."""
-    if cpu_has_amx():
+def crash_hint(sig: int | None, phase: Phase) -> str | None:
+    """Advice for a crash, where there is one to give."""
+    if sig == signal.SIGKILL:
         return (
-            "this CPU advertises AMX, which llama.cpp built with native CPU flags uses and "
-            "some virtual machines do not grant to every thread; " + REBUILD_HINT
+            "killed from outside, perhaps by the out-of-memory killer: the model and its "
+            "context ([providers.NAME] context_length) may need more memory than there is"
         )
-    return "the llama-cpp-python build may not fit this CPU; " + REBUILD_HINT
+    if sig in _FAULTS and phase in (Phase.LOADING, Phase.WARMING_UP):
+        if cpu_has_amx():
+            return (
+                "this CPU advertises AMX, which llama.cpp built with native CPU flags uses and "
+                "some virtual machines do not grant to every thread; " + REBUILD_HINT
+            )
+        return "the llama-cpp-python build may not fit this CPU; " + REBUILD_HINT
+    return None
 
 
 def rss_bytes(pid: int) -> int | None:
@@ -150,11 +159,17 @@ def _fail(future: asyncio.Future[Any], error: Exception) -> None:
         future.exception()  # marks it read; an awaiting caller still gets the error
 
 
+def _read_result(task: asyncio.Task[Any]) -> None:
+    """A background start's failure is recorded in the state; nothing more to report."""
+    if not task.cancelled():
+        task.exception()
+
+
 class _Call:
     """A request sent to the process and not answered yet."""
 
-    def __init__(self, kind: str, on_text: Callable[[str], None] | None) -> None:
-        self.kind = kind
+    def __init__(self, phase: Phase, on_text: Callable[[str], None] | None) -> None:
+        self.phase = phase
         self.on_text = on_text
         self.done: asyncio.Future[wire.FromChild] = asyncio.get_running_loop().create_future()
         #: Nobody waits any more (cancelled, timed out): the answer is dropped.
@@ -166,25 +181,27 @@ class _Child:
 
     def __init__(self, proc: asyncio.subprocess.Process, probe: bool) -> None:
         self.proc = proc
+        #: Started by a health check's probe, and not ready yet.
         self.probe = probe
         self.calls: dict[int, _Call] = {}
+        #: The request the process said it works on (``Started``), if it is not finished.
+        self.current: int | None = None
         self.loaded: asyncio.Future[wire.Loaded] = asyncio.get_running_loop().create_future()
         self.warming = False
-        #: Set when the supervisor ends it on purpose (stop, a hung request): not a crash.
+        #: Why the supervisor ended it on purpose (stop, hung, bad frames): not a crash.
         self.ended_by: str | None = None
         self.stderr: deque[str] = deque(maxlen=STDERR_LINES)
         self.tasks: list[asyncio.Task[None]] = []
         self.exited = asyncio.Event()
 
     @property
-    def phase(self) -> str:
+    def phase(self) -> Phase:
         if not self.loaded.done():
-            return "loading"
+            return Phase.LOADING
         if self.warming:
-            return "warming up"
-        for call in self.calls.values():  # the oldest is the one the model works on
-            return "generation" if call.kind == "generate" else "embedding"
-        return "idle"
+            return Phase.WARMING_UP
+        call = self.calls.get(self.current) if self.current is not None else None
+        return call.phase if call is not None else Phase.IDLE
 
     async def send(self, message: wire.ToChild) -> None:
         stdin = self.proc.stdin
@@ -218,6 +235,7 @@ class ModelProcess:
         self.on_change = on_change
         self._clock = clock
         self._ids = itertools.count(1)
+        self._turn = asyncio.Lock()
         self._state = State.IDLE
         self._detail = "starts on first use"
         self._child: _Child | None = None
@@ -234,7 +252,7 @@ class ModelProcess:
     # -- what callers see ---------------------------------------------------------------------
 
     @property
-    def state(self) -> State:
+    def state(self) -> ProcessState:
         return self._state
 
     @property
@@ -247,6 +265,12 @@ class ModelProcess:
         """Whether a call now would be served (or wait for a start) rather than fail at once."""
         return self._state in (State.IDLE, State.STARTING, State.READY)
 
+    @property
+    def working(self) -> bool:
+        """Whether the process is working on a request now."""
+        child = self._child
+        return child is not None and child.current is not None
+
     def info(self) -> ProcessInfo:
         """The process as it is now: state, pid, memory, crashes."""
         child = self._child
@@ -255,7 +279,7 @@ class ModelProcess:
         if self._restart_due is not None:
             restart_at = time.time() + max(0.0, self._restart_due - self._clock())
         return ProcessInfo(
-            state=self._state.value,
+            state=self._state,
             pid=pid,
             rss_bytes=rss_bytes(pid) if pid else None,
             restarts=self._restarts,
@@ -267,33 +291,24 @@ class ModelProcess:
     async def request(
         self,
         message: Callable[[int], wire.Generate | wire.Embed],
-        kind: str,
         on_text: Callable[[str], None] | None = None,
     ) -> wire.Generated | wire.Embedded:
-        """Send ``message(id)`` and wait for its answer, streaming text to ``on_text``.
+        """Send ``message(id)`` when it is its turn, and wait for the answer, streaming text
+        to ``on_text``.
 
         Raises:
             ProviderUnreachable: the process is down, or died during the call or its start.
             ProviderError: the model refused the request (too long a prompt, a bad schema).
-            TimeoutError: no answer within ``timeout`` (the request is cancelled in the child).
+            TimeoutError: no answer within ``timeout``, turn included (the request is then
+                cancelled in the process).
         """
-        async with asyncio.timeout(self.timeout):
+        async with asyncio.timeout(self.timeout), self._turn:
             child = await self._ready()
-            request_id = next(self._ids)
-            call = _Call(kind, on_text)
-            child.calls[request_id] = call
-            await child.send(message(request_id))
-            try:
-                answer = await asyncio.shield(call.done)
-            except BaseException:
-                if not call.done.done():
-                    await self._abandon(child, request_id, call)
-                raise
+            answer = await self._ask(child, message(next(self._ids)), on_text)
         if isinstance(answer, wire.Failed):
             raise ProviderError(f"embedded model failed: {answer.message}")
         assert isinstance(answer, (wire.Generated, wire.Embedded))
-        if self._consecutive and not child.probe:
-            self._consecutive = 0  # it answered a real request: the next crash starts over
+        self._consecutive = 0  # it answered a real request: the next crash starts over
         return answer
 
     async def preload(self) -> None:
@@ -301,19 +316,20 @@ class ModelProcess:
         with contextlib.suppress(ProviderUnreachable):
             await self._ready()
 
-    async def probe(self) -> None:
-        """Try a fresh process when down (load and one token); on success it serves."""
+    def probe(self) -> None:
+        """When down, try a fresh process (load, one token) in the background; on success it
+        serves. The state says how it goes."""
         if self._state is not State.DOWN or self._starting is not None:
             return
         log.info("model_process.probe", provider=self.name)
         self._set(State.STARTING, "probing: loading the model in a fresh process")
         self._starting = asyncio.create_task(self._start(probe=True), name=f"{self.name}-probe")
-        with contextlib.suppress(ProviderUnreachable):
-            await asyncio.shield(self._starting)
+        self._starting.add_done_callback(_read_result)
 
     async def stop(self) -> None:
         """End the process (stdin closed, then killed after ``STOP_GRACE``); no restarts."""
         self._set(State.STOPPED, "stopped")
+        self._restart_due = None
         for task in (self._restart, self._starting):
             if task is not None:
                 task.cancel()
@@ -327,31 +343,39 @@ class ModelProcess:
     async def _ready(self) -> _Child:
         """The running process: started first when idle, waited for while it starts or
         restarts (a router tries other available models first: this one is marked
-        unavailable meanwhile); an error at once when it is down."""
+        unavailable meanwhile); an error at once when it is down or stopped."""
         while True:
             if self._state is State.READY and self._child is not None:
                 return self._child
             if self._state is State.IDLE:
                 self._set(State.STARTING, "loading the model")
                 self._starting = asyncio.create_task(self._start(probe=False), name=self.name)
-            if self._state is State.STARTING and self._starting is not None:
-                return await asyncio.shield(self._starting)
-            if self._state is State.RESTARTING and self._restart is not None:
-                await asyncio.shield(self._restart)  # then ready, restarting again, or down
-                continue
-            raise ProviderUnreachable(f"embedded provider {self.name!r}: {self._detail}")
+            waiting: asyncio.Task[Any] | None = None
+            if self._state is State.STARTING:
+                waiting = self._starting
+            elif self._state is State.RESTARTING:
+                waiting = self._restart
+            if waiting is None:
+                raise ProviderUnreachable(f"embedded provider {self.name!r}: {self._detail}")
+            try:
+                await asyncio.shield(waiting)  # then look again: it may have died since
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if self._state is State.STOPPED and current and not current.cancelling():
+                    raise ProviderUnreachable(f"embedded provider {self.name!r}: stopped") from None
+                raise
 
     async def _start(self, probe: bool) -> _Child:
-        """Spawn, load, generate one token; ready on success (recorded as crash or down when
-        not)."""
+        """Spawn, load, generate one token; ready on success (recorded as a crash, restarting
+        or down when not)."""
         try:
             child = await self._spawn(probe)
             try:
                 async with asyncio.timeout(self.timeout):
                     self.loaded = await asyncio.shield(child.loaded)
                     child.warming = True
-                    warm = _Call("generate", None)
-                    child.calls[0] = warm
+                    warm = _Call(Phase.WARMING_UP, None)
+                    child.calls[_WARM_UP.id] = warm
                     await child.send(_WARM_UP)
                     answer = await asyncio.shield(warm.done)
                     child.warming = False
@@ -363,7 +387,7 @@ class ModelProcess:
             if isinstance(answer, wire.Failed):
                 await self._end(child, "its warm-up failed")
                 raise ProviderUnreachable(f"the warm-up generation failed: {answer.message}")
-            self._child = child
+            child.probe = False  # from now on it is a process like any other
             if probe:
                 self._crash_times.clear()
                 self._consecutive = 0
@@ -398,6 +422,41 @@ class ModelProcess:
         await child.send(self.load)
         return child
 
+    # -- one request --------------------------------------------------------------------------
+
+    async def _ask(
+        self,
+        child: _Child,
+        message: wire.Generate | wire.Embed,
+        on_text: Callable[[str], None] | None,
+    ) -> wire.FromChild:
+        phase = Phase.GENERATION if isinstance(message, wire.Generate) else Phase.EMBEDDING
+        call = _Call(phase, on_text)
+        if child.exited.is_set():  # died after it was found ready: its calls were failed
+            raise ProviderUnreachable(f"embedded provider {self.name!r}: {self._detail}")
+        child.calls[message.id] = call
+        try:
+            await child.send(message)
+            return await asyncio.shield(call.done)
+        except BaseException:
+            if not call.done.done():
+                await self._abandon(child, message.id, call)
+            raise
+
+    async def _abandon(self, child: _Child, request_id: int, call: _Call) -> None:
+        """The caller stopped waiting: cancel in the process, and end the process if the
+        request has not stopped ``CANCEL_GRACE`` seconds later (native code that hangs)."""
+        call.abandoned = True
+        await child.send(wire.Cancel(request_id))
+
+        def check() -> None:
+            if request_id in child.calls and not child.exited.is_set():
+                log.error("model_process.hung", provider=self.name, pid=child.proc.pid)
+                child.ended_by = f"it did not stop within {CANCEL_GRACE:g}s of a cancel"
+                self._kill(child)
+
+        asyncio.get_running_loop().call_later(CANCEL_GRACE, check)
+
     # -- reading ------------------------------------------------------------------------------
 
     async def _read(self, child: _Child) -> None:
@@ -411,13 +470,17 @@ class ModelProcess:
                 self._dispatch(child, wire.from_child.decode(body))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the process closed its stdout: it is exiting
-        except (ValueError, msgspec.DecodeError) as exc:
-            log.error("model_process.bad_frame", provider=self.name, error=str(exc))
+        except Exception as exc:  # unreadable frames, or a bug here: end it, never leave it
+            log.error("model_process.unreadable", provider=self.name, error=repr(exc))
+            child.ended_by = f"its answers could not be read ({type(exc).__name__})"
             self._kill(child)
-        returncode = await child.proc.wait()
-        await asyncio.gather(*child.tasks[1:], return_exceptions=True)  # the stderr tail
-        child.exited.set()
-        self._exited(child, returncode)
+        finally:
+            returncode = await child.proc.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1):  # the rest of its stderr, for the report
+                    await asyncio.gather(*child.tasks[1:], return_exceptions=True)
+            child.exited.set()
+            self._exited(child, returncode)
 
     def _dispatch(self, child: _Child, message: wire.FromChild) -> None:
         if isinstance(message, wire.Loaded):
@@ -432,36 +495,54 @@ class ModelProcess:
                 ProviderUnreachable(f"embedded provider {self.name!r}: {message.message}"),
             )
             return
+        if isinstance(message, wire.Started):
+            child.current = message.id
+            return
         call = child.calls.get(message.id)
         if call is None:
             return
         if isinstance(message, wire.Text):
             if call.on_text is not None and not call.abandoned:
-                call.on_text(message.text)
+                try:
+                    call.on_text(message.text)
+                except Exception as exc:  # the listener's bug must not stop the reading
+                    log.error("model_process.on_text_failed", provider=self.name, error=repr(exc))
             return
         del child.calls[message.id]
+        if child.current == message.id:
+            child.current = None
         if not call.done.done():
             call.done.set_result(message)
 
     async def _read_stderr(self, child: _Child) -> None:
+        """Keep the process's last lines of output (whatever their length) for a crash."""
         stderr = child.proc.stderr
         assert stderr is not None
-        async for raw in stderr:
-            line = raw.decode("utf-8", "replace").rstrip()
-            if line:
-                child.stderr.append(line)
-                log.debug("model_process.output", provider=self.name, line=line)
+        pending = b""
+        while chunk := await stderr.read(65536):
+            *lines, pending = (pending + chunk).split(b"\n")
+            if len(pending) > STDERR_LINE_CHARS:
+                lines, pending = [*lines, pending], b""
+            for raw in lines:
+                self._output(child, raw)
+        self._output(child, pending)
+
+    def _output(self, child: _Child, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip()[:STDERR_LINE_CHARS]
+        if line:
+            child.stderr.append(line)
+            log.debug("model_process.output", provider=self.name, line=line)
 
     # -- ending -------------------------------------------------------------------------------
 
     def _exited(self, child: _Child, returncode: int) -> None:
         """The process is gone: fail what was in flight, then restart, back off or stay down."""
         phase = child.phase
+        crash = None
         if child.ended_by is not None:
             error = ProviderUnreachable(
                 f"embedded model process ended: {child.ended_by} (during {phase})"
             )
-            crash = None
         else:
             crash = self._crash(child, returncode, phase)
             error = ProviderUnreachable(crash.message)
@@ -471,18 +552,20 @@ class ModelProcess:
         _fail(child.loaded, error)
         if self._child is child:
             self._child = None
-        if crash is None:
-            if self._state is State.READY:
-                self._set(State.IDLE, f"starts on next use ({child.ended_by})")
-            return
-        self._after_crash(child, crash)
+        if crash is not None:
+            self._after_crash(child, crash)
+        elif self._state is State.READY:
+            self._set(State.IDLE, f"starts on next use ({child.ended_by})")
 
-    def _crash(self, child: _Child, returncode: int, phase: str) -> Crash:
+    def _crash(self, child: _Child, returncode: int, phase: Phase) -> Crash:
         sig = -returncode if returncode < 0 else None
         how = signal_name(sig) if sig else f"exit code {returncode}"
         message = f"embedded model process died: {how} during {phase}"
-        if phase in ("loading", "warming up"):
-            message += f"; {warm_up_hint()}"
+        hint = crash_hint(sig, phase)
+        if hint:
+            message += f"; {hint}"
+        elif child.stderr:
+            message += f" (its last output: {child.stderr[-1][:300]})"
         crash = Crash(
             at=time.time(),
             phase=phase,
@@ -496,7 +579,7 @@ class ModelProcess:
             pid=child.proc.pid,
             signal=sig,
             exit_code=crash.exit_code,
-            phase=phase,
+            phase=phase.value,
             stderr=list(child.stderr)[-5:],
         )
         return crash
@@ -527,31 +610,18 @@ class ModelProcess:
     async def _restart_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
         self._restart_due = None
-        self._restart = None
+        self._restart = None  # a crash of the new process schedules a restart of its own
         if self._state is not State.RESTARTING:
             return
         self._restarts += 1
         self._set(State.STARTING, "restarting after a crash: loading the model")
         self._starting = asyncio.create_task(self._start(probe=False), name=self.name)
         with contextlib.suppress(ProviderUnreachable):
-            await self._starting  # a crash again is recorded by the reader
-
-    async def _abandon(self, child: _Child, request_id: int, call: _Call) -> None:
-        """The caller stopped waiting: cancel in the child, and kill it if it does not stop."""
-        call.abandoned = True
-        await child.send(wire.Cancel(request_id))
-
-        def check() -> None:
-            if request_id in child.calls and not child.exited.is_set():
-                log.error("model_process.hung", provider=self.name, pid=child.proc.pid)
-                child.ended_by = f"it did not stop within {CANCEL_GRACE:g}s of a cancel"
-                self._kill(child)
-
-        asyncio.get_running_loop().call_later(CANCEL_GRACE, check)
+            await asyncio.shield(self._starting)  # a crash again is recorded by the reader
 
     async def _end(self, child: _Child, why: str) -> None:
         """End a process on purpose: close its stdin, then kill it if it lingers."""
-        child.ended_by = why
+        child.ended_by = child.ended_by or why
         stdin = child.proc.stdin
         if stdin is not None and not stdin.is_closing():
             stdin.close()
@@ -560,14 +630,16 @@ class ModelProcess:
                 await child.exited.wait()
         except TimeoutError:
             self._kill(child)
-            await child.exited.wait()
+            await child.proc.wait()
         await asyncio.gather(*child.tasks, return_exceptions=True)
 
     def _kill(self, child: _Child) -> None:
         with contextlib.suppress(ProcessLookupError):
             child.proc.kill()
 
-    def _set(self, state: State, detail: str) -> None:
+    def _set(self, state: ProcessState, detail: str) -> None:
+        if self._state is State.STOPPED:
+            return  # stopped for good: nothing starts, probes or restarts any more
         changed = (state, detail) != (self._state, self._detail)
         self._state, self._detail = state, detail
         if changed:

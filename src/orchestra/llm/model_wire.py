@@ -3,10 +3,11 @@
 The embedded model runs in a child process (:mod:`orchestra.llm.model_child`); the service
 talks to it over the child's stdin and stdout. Each message is a msgspec Struct, encoded as
 MessagePack and sent as one frame: a 4-byte big-endian length, then the bytes. Every request
-carries an ``id``; the child answers it with any number of :class:`Text` pieces (a chat that
-streams) and then exactly one final message (:class:`Generated`, :class:`Embedded` or
-:class:`Failed`). :class:`Cancel` asks the child to stop a request early; the request still
-ends with its final message (``Failed`` with ``reason="cancelled"``).
+carries an ``id``; the child answers it with :class:`Started` when it begins work on it, any
+number of :class:`Text` pieces (a chat that streams), and then exactly one final message
+(:class:`Generated`, :class:`Embedded` or :class:`Failed`). :class:`Cancel` asks the child to
+stop a request early; the request still ends with its final message (``Failed`` with
+``reason="cancelled"``).
 
 ::
 
@@ -14,7 +15,7 @@ ends with its final message (``Failed`` with ``reason="cancelled"``).
     Load(path, context, threads) ──────────────►  loads the GGUF file
                                   ◄──────────────  Loaded(n_ctx, load_ms) | Failed(id=0)
     Generate(id=1, messages, …)   ──────────────►
-                                  ◄──────────────  Text(1, "Hel"), Text(1, "lo"), …
+                                  ◄──────────────  Started(1), Text(1, "Hel"), Text(1, "lo"), …
     Cancel(1)                     ──────────────►  (checked between tokens)
                                   ◄──────────────  Generated(1, …) | Failed(1, …)
 
@@ -32,13 +33,15 @@ import msgspec
 HEADER = struct.Struct(">I")
 #: Largest frame either side accepts (a long prompt, a batch of embeddings).
 MAX_FRAME = 256 * 1024 * 1024
+#: Context window, in tokens, when none is set: the model's trained length, up to this.
+DEFAULT_CONTEXT = 8192
 
 
 class Load(msgspec.Struct, frozen=True, tag="load"):
     """Load the model; sent once, first."""
 
     model_path: str
-    #: Context window in tokens; 0: the model's trained length.
+    #: Context window in tokens; 0: the model's trained length, up to ``DEFAULT_CONTEXT``.
     context_length: int
     #: CPU threads; 0: llama.cpp's choice.
     threads: int
@@ -74,6 +77,12 @@ class Loaded(msgspec.Struct, frozen=True, tag="loaded"):
     n_ctx: int
     n_ctx_train: int
     load_ms: float
+
+
+class Started(msgspec.Struct, frozen=True, tag="started"):
+    """The child begins work on request ``id`` (the ones before it are finished)."""
+
+    id: int
 
 
 class Text(msgspec.Struct, frozen=True, tag="text"):
@@ -118,7 +127,7 @@ class Failed(msgspec.Struct, frozen=True, tag="failed"):
 
 
 ToChild = Load | Generate | Embed | Cancel
-FromChild = Loaded | Text | Generated | Embedded | Failed
+FromChild = Loaded | Started | Text | Generated | Embedded | Failed
 
 _encoder = msgspec.msgpack.Encoder()
 to_child = msgspec.msgpack.Decoder(ToChild)
