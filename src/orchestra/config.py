@@ -40,6 +40,9 @@ class DatabaseSettings(_Section, frozen=True):
     url: str = "sqlite+aiosqlite:///orchestra.db"
     #: Milliseconds SQLite waits for another process's write lock before giving up.
     busy_timeout_ms: int = 5000
+    #: Below this much free space on the database's disk, a warning is logged every minute
+    #: and /health says "low disk"; 0: no warning.
+    min_free_mb: float = 100.0
 
 
 class WorkerSettings(_Section, frozen=True):
@@ -270,6 +273,7 @@ class Settings(_Section, frozen=True):
             ("retention.days", self.retention.days >= 0, "a number >= 0"),
             ("retention.interval", self.retention.interval > 0, "a number > 0"),
             ("database.busy_timeout_ms", self.database.busy_timeout_ms >= 0, "an integer >= 0"),
+            ("database.min_free_mb", self.database.min_free_mb >= 0, "a number >= 0"),
             ("limits.render_timeout", self.limits.render_timeout > 0, "a number > 0"),
             (
                 "auth.rate_limit_per_minute",

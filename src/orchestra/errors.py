@@ -15,6 +15,10 @@
     ├── Forbidden                   the key's scope does not allow the call
     ├── ConflictError               the request conflicts with the current state
     ├── LeaseLost                   a worker no longer holds the task it is writing
+    ├── StorageError                the database cannot read or write now (retry later)
+    │   ├── StorageFull             its disk is full (507)
+    │   ├── StorageLocked           another connection holds the write lock (503)
+    │   └── StorageUnavailable      read-only, an I/O error, a file that cannot be opened (503)
     └── StepError                   a step of a running task failed
         ├── RenderError             a prompt or output could not be rendered (permanent)
         ├── StepTimeout             a step or the whole attempt took too long (retryable)
@@ -24,7 +28,8 @@
             └── ProviderUnavailable connection refused, timeout, 5xx (retryable)
 
 Each class's docstring is its default message. The API maps the tree to HTTP statuses in one
-place (``orchestra.api.errors``); providers wrap httpx errors at their boundary.
+place (``orchestra.api.errors``); providers wrap httpx errors at their boundary, and the
+database (``orchestra.db.engine``) wraps SQLite's at its own.
 """
 
 from __future__ import annotations
@@ -135,6 +140,35 @@ class LeaseLost(OrchestraError):
     """The worker no longer holds the lease on this task."""
 
     code = "lease_lost"
+
+
+class StorageError(OrchestraError):
+    """The database cannot be used right now."""
+
+    code = "storage_unavailable"
+    #: A few words for /health ("disk full").
+    condition = "unavailable"
+
+
+class StorageFull(StorageError):
+    """The database's disk is full; free space and retry."""
+
+    code = "storage_full"
+    condition = "disk full"
+
+
+class StorageLocked(StorageError):
+    """The database is locked by another connection; retry shortly."""
+
+    code = "storage_locked"
+    condition = "locked by another connection"
+
+
+class StorageUnavailable(StorageError):
+    """The database cannot be read or written (read-only, or an I/O error)."""
+
+    code = "storage_unavailable"
+    condition = "cannot write"
 
 
 class StepError(OrchestraError):

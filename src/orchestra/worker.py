@@ -10,6 +10,12 @@ Side loops renew the leases of running tasks every ``lease_seconds / 3`` (and le
 requests), return the tasks of dead workers to the queue, and delete old finished tasks. They
 log failures and carry on.
 
+While the database refuses writes (a full disk, a lock held elsewhere), the dispatcher backs
+off instead of claiming in a loop, and a running task's writes (its steps, its result) are
+tried again until its lease runs out: a task whose model answered while the disk was full
+records its result once there is room. Past the lease it stops; the reaper returns it to the
+queue, and it runs again.
+
 Shutdown: stop claiming, give running tasks ``shutdown_grace`` seconds, then cancel the rest and
 hand them back (queued again, the attempt not counted against ``max_attempts``).
 """
@@ -17,6 +23,7 @@ hand them back (queued again, the attempt not counted against ``max_attempts``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import os
 import secrets
@@ -25,13 +32,14 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timedelta
-from typing import Any
+from enum import StrEnum
+from typing import Any, TypeVar
 
 from orchestra import logs
 from orchestra.config import Settings
 from orchestra.db import Lease, TaskStore
 from orchestra.domain import RetryPolicy, Step, Task, TaskError, TaskStatus, now
-from orchestra.errors import LeaseLost, TemplateNotFound
+from orchestra.errors import LeaseLost, StorageError, TemplateNotFound
 from orchestra.runner import Runner, StepFailed
 from orchestra.templating.registry import TemplateRegistry
 
@@ -39,7 +47,43 @@ log = logs.get("orchestra.worker")
 
 RETENTION_BATCH = 500
 TEXT_FLUSH_SECONDS = 0.05
+#: Longest pause between claims while the database refuses writes, seconds.
+CLAIM_BACKOFF_CAP = 10.0
+#: First and longest pause between tries of a task's write the database refused, seconds.
+WRITE_RETRY_FIRST = 0.05
+WRITE_RETRY_CAP = 1.0
 _CANCELLED = TaskError(type="cancelled", message="cancelled by request")
+
+T = TypeVar("T")
+#: Runs a write of one task, trying it again while the database refuses and the lease lasts.
+Writer = Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
+
+
+class StopReason(StrEnum):
+    """Why a running task was stopped before it finished."""
+
+    CANCELLED = "cancelled"  # by request
+    LEASE_LOST = "lease_lost"  # its lease could not be renewed: another worker may have it
+
+
+class _Running:
+    """One task running in this pool."""
+
+    __slots__ = ("finishing", "lease_until", "runner", "stop", "task")
+
+    def __init__(self, task: Task, lease_until: float) -> None:
+        self.task = task
+        #: Loop time until which the lease is known to hold (its last renewal + lease_seconds).
+        self.lease_until = lease_until
+        self.runner: asyncio.Task[None] | None = None
+        #: Its end is being written: a cancel or a lost renewal no longer interrupts it.
+        self.finishing = False
+        self.stop: StopReason | None = None
+
+    def interrupt(self, reason: StopReason) -> None:
+        self.stop = reason
+        if self.runner is not None:
+            self.runner.cancel()
 
 
 def worker_id() -> str:
@@ -55,22 +99,23 @@ class _LeasedRecorder:
     in order: a step's last text is written before its ``step.finished``.
     """
 
-    def __init__(self, store: TaskStore, lease: Lease) -> None:
+    def __init__(self, store: TaskStore, lease: Lease, write: Writer) -> None:
         self.store = store
         self.lease = lease
+        self._write = write
         self._text: dict[str, list[str]] = {}
         self._timer: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
     async def step_started(self, step_id: str, position: int) -> None:
-        if not await self.store.start_step(self.lease, step_id, position):
+        if not await self._write(lambda: self.store.start_step(self.lease, step_id, position)):
             raise LeaseLost()
 
     async def step_finished(self, step: Step) -> None:
         async with self._lock:
             # The step's last text goes in the same transaction as its end.
             text = await self._write_text(keep=step.id)
-            if not await self.store.finish_step(self.lease, step, text):
+            if not await self._write(lambda: self.store.finish_step(self.lease, step, text)):
                 raise LeaseLost()
 
     def step_text(self, step_id: str, text: str) -> None:
@@ -95,7 +140,9 @@ class _LeasedRecorder:
         pending, self._text = self._text, {}
         kept = "".join(pending.pop(keep, [])) if keep else ""
         for step_id, parts in pending.items():
-            await self.store.add_text(self.lease, step_id, "".join(parts))
+            await self._write(
+                functools.partial(self.store.add_text, self.lease, step_id, "".join(parts))
+            )
         return kept
 
 
@@ -117,13 +164,12 @@ class WorkerPool:
         self.owner = worker_id()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._running: dict[int, asyncio.Task[None]] = {}
+        self._running: dict[int, _Running] = {}
         self._models: Counter[str | None] = Counter()
-        self._finishing: set[int] = set()
-        self._lost: set[int] = set()
-        self._cancelling: set[int] = set()
         self._due: list[float] = []  # loop times when delayed tasks or retries become due
         self._loops: set[asyncio.Task[None]] = set()
+        #: Claims the database refused in a row (it backs off meanwhile).
+        self._claim_failures = 0
 
     @property
     def running(self) -> int:
@@ -134,7 +180,10 @@ class WorkerPool:
 
     async def start(self) -> None:
         """Return dead workers' tasks to the queue, then start claiming."""
-        await self._reap()
+        try:
+            await self._reap()
+        except StorageError as exc:  # the reaper's loop tries again
+            log.warning("pool.reap_failed", error=exc.message)
         loops: list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = [
             ("dispatcher", self._dispatch),
             ("lease-keeper", self._keep_leases),
@@ -160,11 +209,10 @@ class WorkerPool:
 
     def cancel(self, task_id: int) -> bool:
         """Cancel a task running in this process; False when it does not run here."""
-        runner = self._running.get(task_id)
-        if runner is None or task_id in self._finishing:
+        running = self._running.get(task_id)
+        if running is None or running.finishing:
             return False
-        self._cancelling.add(task_id)
-        runner.cancel()
+        running.interrupt(StopReason.CANCELLED)
         return True
 
     def request_stop(self) -> None:
@@ -175,7 +223,7 @@ class WorkerPool:
     async def stop(self) -> None:
         """Stop claiming, let running tasks finish within the grace period, hand back the rest."""
         self.request_stop()
-        running = list(self._running.values())
+        running = [r.runner for r in self._running.values() if r.runner is not None]
         if running:
             log.info("pool.draining", tasks=len(running), grace_s=self.workers.shutdown_grace)
             _, pending = await asyncio.wait(running, timeout=self.workers.shutdown_grace)
@@ -233,9 +281,15 @@ class WorkerPool:
                     claimed = await self.store.claim(
                         self.owner, limit, self.workers.lease_seconds, skip_models=full
                     )
+                except StorageError as exc:
+                    await self._back_off(exc)
+                    continue
                 except Exception:
                     log.exception("pool.claim_failed")
                     claimed = []
+                if self._claim_failures:
+                    log.info("pool.claims_resumed", after_failures=self._claim_failures)
+                    self._claim_failures = 0
                 for task in claimed:
                     self._spawn(task)
                 if claimed and len(claimed) == limit:
@@ -249,24 +303,67 @@ class WorkerPool:
             except TimeoutError:
                 pass
 
+    async def _back_off(self, exc: StorageError) -> None:
+        """The database refused a claim: wait (longer each time in a row), not spin."""
+        self._claim_failures += 1
+        if self._claim_failures == 1:
+            log.warning("pool.claim_failed", error=exc.message, code=exc.code)
+        pause = min(CLAIM_BACKOFF_CAP, self.workers.poll_interval * 2 ** (self._claim_failures - 1))
+        try:
+            async with asyncio.timeout(pause):
+                await self._stopping.wait()  # only a stop cuts the pause short
+        except TimeoutError:
+            pass
+
     def _spawn(self, task: Task) -> None:
         self._models[task.model] += 1
-        runner = asyncio.create_task(self._run(task), name=f"orchestra-task-{task.id}")
-        self._running[task.id] = runner
+        lease_until = asyncio.get_running_loop().time() + self.workers.lease_seconds
+        running = self._running[task.id] = _Running(task, lease_until)
+        running.runner = asyncio.create_task(self._run(running), name=f"orchestra-task-{task.id}")
+
+    async def _within_lease(self, running: _Running, write: Callable[[], Awaitable[T]]) -> T:
+        """Run one of a task's writes; while the database refuses it (a full disk, a held
+        lock), try again, until the task's lease runs out.
+
+        Raises:
+            StorageError: still refused when the lease ran out.
+        """
+        loop = asyncio.get_running_loop()
+        pause = WRITE_RETRY_FIRST
+        while True:
+            try:
+                return await write()
+            except StorageError as exc:
+                if loop.time() + pause >= running.lease_until:
+                    raise
+                if pause == WRITE_RETRY_FIRST:
+                    log.warning(
+                        "task.write_waiting",
+                        task_id=running.task.id,
+                        error=exc.message,
+                        lease_left_s=round(running.lease_until - loop.time(), 1),
+                    )
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, WRITE_RETRY_CAP)
 
     # -- running one task ---------------------------------------------------------------------
 
-    async def _run(self, task: Task) -> None:
+    async def _run(self, running: _Running) -> None:
+        task = running.task
         lease = Lease(task_id=task.id, owner=self.owner, attempt=task.attempts)
         tlog = log.bind(task_id=task.id, template=task.template, attempt=task.attempts)
         clock = time.perf_counter()
         tlog.info("task.started")
+
+        async def write(work: Callable[[], Awaitable[T]]) -> T:
+            return await self._within_lease(running, work)
+
         try:
-            status, result, error, policy = await self._execute(task, lease, tlog)
-            self._finishing.add(task.id)
+            status, result, error, policy = await self._execute(task, lease, write, tlog)
+            running.finishing = True
             if error is not None and error.retryable and task.counted_attempts < task.max_attempts:
-                await self._retry_later(task, lease, error, policy, tlog)
-            elif await self.store.finish(lease, status, result=result, error=error):
+                await self._retry_later(task, lease, error, policy, write, tlog)
+            elif await write(lambda: self.store.finish(lease, status, result=result, error=error)):
                 tlog.info(
                     "task.finished",
                     status=status.value,
@@ -278,29 +375,31 @@ class WorkerPool:
         except LeaseLost:
             tlog.warning("task.lease_lost", detail="stopped: another attempt owns the task")
         except asyncio.CancelledError:
-            if task.id in self._cancelling:
-                await self._finish_cancelled(lease, tlog)
+            if running.stop is StopReason.CANCELLED:
+                await self._finish_cancelled(lease, write, tlog)
                 return
-            if task.id in self._lost:
+            if running.stop is StopReason.LEASE_LOST:
                 tlog.warning("task.lease_lost", detail="cancelled: the lease could not be renewed")
                 return
             await self._hand_back(lease, tlog)
             raise
+        except StorageError as exc:
+            # The database refused the task's writes until its lease ran out. The task
+            # returns to the queue when the reaper finds the lease expired, and runs again;
+            # nothing half-written stays: every write is one transaction, fenced by the lease.
+            tlog.warning("task.not_recorded", error=exc.message, code=exc.code)
         except Exception:
-            # The database failed us mid-task. The lease is no longer renewed, so the task
-            # returns to the queue when it expires and runs again: nothing is lost.
+            # A bug in the storage layer: as above, the lease expires and the task runs again.
             tlog.exception("task.store_failed")
         finally:
             self._running.pop(task.id, None)
             self._models[task.model] -= 1
             if self._models[task.model] <= 0:
                 del self._models[task.model]
-            for marks in (self._finishing, self._lost, self._cancelling):
-                marks.discard(task.id)
             self._wake.set()
 
     async def _execute(
-        self, task: Task, lease: Lease, tlog: Any
+        self, task: Task, lease: Lease, write: Writer, tlog: Any
     ) -> tuple[TaskStatus, Any, TaskError | None, RetryPolicy]:
         default = RetryPolicy(max_attempts=self.workers.max_attempts)
         try:
@@ -313,7 +412,8 @@ class WorkerPool:
         try:
             # Leaving the timeout cancels whatever runs, including the model call.
             async with asyncio.timeout(timeout):
-                result = await self.runner.run(task, template, _LeasedRecorder(self.store, lease))
+                recorder = _LeasedRecorder(self.store, lease, write)
+                result = await self.runner.run(task, template, recorder)
         except TimeoutError:
             error = TaskError(
                 type="timeout",
@@ -323,7 +423,7 @@ class WorkerPool:
             return TaskStatus.FAILED, None, error, policy
         except StepFailed as exc:
             return TaskStatus.FAILED, None, exc.as_task_error(), policy
-        except (LeaseLost, asyncio.CancelledError):
+        except (LeaseLost, StorageError, asyncio.CancelledError):
             raise
         except Exception as exc:  # a bug: record it on the task rather than lose the task
             tlog.exception("task.crashed")
@@ -332,11 +432,17 @@ class WorkerPool:
         return TaskStatus.SUCCEEDED, result, None, policy
 
     async def _retry_later(
-        self, task: Task, lease: Lease, error: TaskError, policy: RetryPolicy, tlog: Any
+        self,
+        task: Task,
+        lease: Lease,
+        error: TaskError,
+        policy: RetryPolicy,
+        write: Writer,
+        tlog: Any,
     ) -> None:
         delay = policy.delay(task.counted_attempts)
         run_at = now() + timedelta(seconds=delay)
-        if await self.store.retry_later(lease, error, run_at):
+        if await write(lambda: self.store.retry_later(lease, error, run_at)):
             tlog.warning(
                 "task.retrying",
                 error=error.message,
@@ -347,9 +453,14 @@ class WorkerPool:
         else:
             tlog.warning("task.lease_lost", detail="failed, but another attempt owns it")
 
-    async def _finish_cancelled(self, lease: Lease, tlog: Any) -> None:
+    async def _finish_cancelled(self, lease: Lease, write: Writer, tlog: Any) -> None:
         try:
-            done = await self.store.finish(lease, TaskStatus.CANCELLED, error=_CANCELLED)
+            done = await write(
+                lambda: self.store.finish(lease, TaskStatus.CANCELLED, error=_CANCELLED)
+            )
+        except StorageError as exc:
+            tlog.warning("task.not_recorded", error=exc.message, code=exc.code)
+            return
         except Exception:
             tlog.exception("task.store_failed")
             return
@@ -359,6 +470,9 @@ class WorkerPool:
     async def _hand_back(self, lease: Lease, tlog: Any) -> None:
         try:
             released = await self.store.release(lease)
+        except StorageError as exc:  # the lease expires and the reaper hands it back instead
+            tlog.warning("task.hand_back_failed", error=exc.message)
+            return
         except Exception:
             tlog.exception("task.hand_back_failed")
             return
@@ -375,9 +489,15 @@ class WorkerPool:
         first: float | None = None,
     ) -> None:
         await asyncio.sleep(seconds if first is None else first)
+        refused = False
         while True:
             try:
                 await body()
+                refused = False
+            except StorageError as exc:  # said once per outage, not every round
+                if not refused:
+                    log.warning("pool.side_loop_failed", loop=name, error=exc.message)
+                refused = True
             except Exception:
                 log.exception("pool.side_loop_failed", loop=name)
             await asyncio.sleep(seconds)
@@ -386,15 +506,19 @@ class WorkerPool:
         await self._every(self.workers.lease_seconds / 3, "lease_renewal", self._renew)
 
     async def _renew(self) -> None:
-        ids = [i for i in self._running if i not in self._finishing]
+        ids = [i for i, r in self._running.items() if not r.finishing]
         if not ids:
             return
+        asked = asyncio.get_running_loop().time()
         renewal = await self.store.renew_leases(self.owner, ids, self.workers.lease_seconds)
-        for task_id in set(ids) - renewal.held:
-            runner = self._running.get(task_id)
-            if runner is not None and task_id not in self._finishing:
-                self._lost.add(task_id)
-                runner.cancel()
+        for task_id in ids:
+            running = self._running.get(task_id)
+            if running is None:
+                continue
+            if task_id in renewal.held:
+                running.lease_until = asked + self.workers.lease_seconds
+            elif not running.finishing:
+                running.interrupt(StopReason.LEASE_LOST)
         for task_id in renewal.cancel_requested:
             self.cancel(task_id)  # asked for by another process
 

@@ -95,7 +95,8 @@ async def test_the_final_stage_installs_and_answers_a_task_with_no_model_server(
     command = install.split("&&")[0].replace("/wheels/", f"{wheels}/")
     prefix = tmp_path / "image"
     venv.create(prefix, with_pip=True)
-    pip_env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    # No bytecode compiling (the image sets PYTHONDONTWRITEBYTECODE too): a few seconds less.
+    pip_env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_COMPILE": "1"}
     subprocess.run(
         ["bash", "-c", command.replace("pip install", f"{prefix}/bin/python -m pip install -q")],
         check=True,

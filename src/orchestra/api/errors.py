@@ -15,6 +15,8 @@ from litestar.status_codes import (
     HTTP_413_REQUEST_ENTITY_TOO_LARGE,
     HTTP_422_UNPROCESSABLE_ENTITY,
     HTTP_500_INTERNAL_SERVER_ERROR,
+    HTTP_503_SERVICE_UNAVAILABLE,
+    HTTP_507_INSUFFICIENT_STORAGE,
 )
 
 from orchestra import logs
@@ -27,6 +29,9 @@ from orchestra.errors import (
     NotFoundError,
     OrchestraError,
     PayloadTooLarge,
+    StorageError,
+    StorageFull,
+    StorageLocked,
     TemplateError,
     Unauthorized,
 )
@@ -42,7 +47,11 @@ _STATUS: list[tuple[type[OrchestraError], int]] = [
     (PayloadTooLarge, HTTP_413_REQUEST_ENTITY_TOO_LARGE),
     (Unauthorized, HTTP_401_UNAUTHORIZED),
     (Forbidden, HTTP_403_FORBIDDEN),
+    (StorageFull, HTTP_507_INSUFFICIENT_STORAGE),
+    (StorageError, HTTP_503_SERVICE_UNAVAILABLE),
 ]
+#: Seconds a client is told to wait when another connection holds the database's lock.
+LOCKED_RETRY_AFTER = 1
 
 
 def _body(
@@ -75,8 +84,13 @@ def orchestra_error(_: Request[Any, Any, Any], exc: OrchestraError) -> Response[
     problems = None
     if isinstance(exc, TemplateError):
         problems = [ProblemOut(p.line, p.column, p.path, p.message) for p in exc.problems]
-    # RFC 9110: a 401 names the scheme that would be accepted.
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+    headers = None
+    if isinstance(exc, Unauthorized):  # RFC 9110: a 401 names the scheme it would accept
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif isinstance(exc, StorageLocked):
+        headers = {"Retry-After": str(LOCKED_RETRY_AFTER)}
+    if isinstance(exc, StorageError):
+        log.warning("api.storage_failed", code=exc.code, error=exc.message)
     task_status = getattr(exc, "task_status", None)
     return _body(status, exc.code, exc.message, fields, task_status, problems, headers)
 

@@ -46,27 +46,28 @@ async def _states(runtime: Runtime, check: str | None) -> list[ProviderState]:
     },
 )
 async def health(runtime: NamedDependency[Runtime], check: CheckNow = None) -> Response[HealthOut]:
-    """The database's state (checked now), each provider's as the background checks last saw
-    it (``checked_at``; ``?check=now`` checks them first), and the version.
+    """The database's state (reads checked now; writes as the latest one went; free space),
+    each provider's as the background checks last saw it (``checked_at``; ``?check=now``
+    checks them first), and the version.
 
-    200 while the database answers ("degraded" when no provider is available), 503 when it
-    does not.
+    200 while the database answers reads: "degraded" while writes fail, its disk is low or no
+    provider is available; 503 ("down") when it does not answer.
     """
-    try:
-        await runtime.db.ping()
-        database = "ok"
-    except Exception as exc:
-        log.warning("health.database_failed", error=str(exc))
-        database = f"error: {type(exc).__name__}"
+    database = await runtime.db.state(runtime.settings.database.min_free_mb)
     states = await _states(runtime, check)
-    ok = database == "ok"
+    if not database.readable:
+        status = "down"
+    elif database.ok and any(s.available for s in states):
+        status = "ok"
+    else:
+        status = "degraded"
     body = HealthOut(
-        status=("ok" if any(s.available for s in states) else "degraded") if ok else "down",
-        database=database,
+        status=status,
+        database=database.detail,
         providers={s.name: ProviderOut.of(s) for s in states},
         version=__version__,
     )
-    return Response(body, status_code=200 if ok else 503)
+    return Response(body, status_code=200 if database.readable else 503)
 
 
 @get(

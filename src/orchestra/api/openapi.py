@@ -49,9 +49,12 @@ _MEANING = {
     422: "The content is invalid: `fields` names each bad parameter, `errors` each problem "
     "in a template with its line and column.",
     429: "Too many requests for this key in the last minute.",
+    503: "The database cannot be used now: another connection holds its lock (with "
+    "`Retry-After`), it is read-only, or an I/O error.",
+    507: "The database's disk is full; nothing was written. Free space and retry.",
 }
 #: Answers any operation behind the API key can give.
-_GUARDED = (401, 403, 429)
+_GUARDED = (401, 403, 429, 503)
 
 _TEMPLATE = Schema(
     type=OpenAPIType.OBJECT,

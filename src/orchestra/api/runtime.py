@@ -20,6 +20,7 @@ from orchestra.auth import ApiKey, bootstrap_key, is_loopback
 from orchestra.catalog import TemplateCatalog
 from orchestra.config import Settings
 from orchestra.db import Database, TaskStore
+from orchestra.db.failures import warn_when_low
 from orchestra.db.keys import KeyStore
 from orchestra.db.schema import upgrade
 from orchestra.db.templates import TemplateStore
@@ -127,6 +128,9 @@ class Runtime:
                 await router.refresh()
                 await router.start()  # the embedded model's preload, in the background
                 watcher = asyncio.create_task(router.watch(), name="provider-health")
+                disk = asyncio.create_task(
+                    warn_when_low(db.free_mb, s.database.min_free_mb, db.path), name="disk-watch"
+                )
                 renderer = Renderer(s.limits)
                 pool = WorkerPool(store, self.registry, Runner(router, renderer), s)
                 self._db, self._router, self._pool = db, router, pool
@@ -147,7 +151,8 @@ class Runtime:
                     await pool.stop()
                     await renderer.close()
                     watcher.cancel()
-                    await asyncio.gather(watcher, return_exceptions=True)
+                    disk.cancel()
+                    await asyncio.gather(watcher, disk, return_exceptions=True)
                     await router.close()
                     self._tasks = self._router = None
         finally:

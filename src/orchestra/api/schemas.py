@@ -396,9 +396,10 @@ class ModelsOut(msgspec.Struct, frozen=True):
 class HealthOut(msgspec.Struct, frozen=True):
     """Whether the service and what it depends on answer."""
 
-    #: ok: the database answers and a provider is available; degraded: no provider is;
-    #: down: the database does not answer.
+    #: ok: the database answers, writes succeed and a provider is available; degraded: writes
+    #: fail, the disk is low or no provider is available; down: the database does not answer.
     status: str
+    #: "ok", or what is wrong: "error: disk full since …", "low disk: 80 MB free", …
     database: str
     providers: dict[str, ProviderOut]
     version: str

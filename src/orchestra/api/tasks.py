@@ -40,7 +40,7 @@ class TaskController(Controller):
                 description="An idempotent replay: the task this key already created",
                 generate_examples=False,
             ),
-            **errors(400, 404, 409, 413, 422),
+            **errors(400, 404, 409, 413, 422, 507),
         },
     )
     async def submit(
@@ -125,7 +125,7 @@ class TaskController(Controller):
         status_code=200,
         summary="Cancel a task",
         opt={"scope": "submit"},
-        responses=errors(400, 404, 409),
+        responses=errors(400, 404, 409, 507),
     )
     async def cancel(self, task_id: FromPath[int], tasks: NamedDependency[TaskService]) -> TaskOut:
         """A queued task is cancelled at once; a running one is stopped (its model call is
@@ -138,7 +138,7 @@ class TaskController(Controller):
         status_code=200,
         summary="Retry a task",
         opt={"scope": "submit"},
-        responses=errors(400, 404, 409),
+        responses=errors(400, 404, 409, 507),
     )
     async def retry(self, task_id: FromPath[int], tasks: NamedDependency[TaskService]) -> TaskOut:
         """Queue a failed or cancelled task again as a new attempt. 409 with ``task_status``

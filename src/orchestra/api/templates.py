@@ -73,7 +73,7 @@ class TemplateController(Controller):
                 description="The body equals the current version",
                 generate_examples=False,
             ),
-            **errors(400, 409, 413, 422),
+            **errors(400, 409, 413, 422, 507),
         },
     )
     async def register(
@@ -92,7 +92,9 @@ class TemplateController(Controller):
             headers={"Location": f"{self.path}/{template.name}?version={template.version}"},
         )
 
-    @delete("/{name:str}", status_code=204, summary="Delete a template", responses=errors(404, 409))
+    @delete(
+        "/{name:str}", status_code=204, summary="Delete a template", responses=errors(404, 409, 507)
+    )
     async def delete_template(
         self, name: FromPath[str], catalog: NamedDependency[TemplateCatalog]
     ) -> None:

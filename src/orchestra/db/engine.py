@@ -12,6 +12,12 @@ and the thread runs them one at a time, in order — it is the serialization. Un
 transactions waiting for the thread are committed together (group commit). (Through aiosqlite
 each statement cost four thread hops — cursor, execute, fetch, close — and enqueueing a task
 took 3.7 ms where one hop takes 0.4; writes are the hot path. See benchmarks/RESULTS.md.)
+
+When SQLite itself fails — a full disk, a lock held by another connection past the busy
+timeout, a read-only file, an I/O error — the caller gets a
+:class:`~orchestra.errors.StorageError` saying so (``db.failures``), the writer rolls back and
+is ready for the next transaction, and :attr:`Database.writes` remembers since when writes
+fail, for /health.
 """
 
 from __future__ import annotations
@@ -32,9 +38,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-from orchestra.errors import ConfigError
+from orchestra import logs
+from orchestra.db.failures import DatabaseState, WriteHealth, free_bytes, storage_error
+from orchestra.errors import ConfigError, StorageError
 
 READ_POOL_SIZE = 4
+
+log = logs.get("orchestra.db")
 
 
 T = TypeVar("T")
@@ -168,6 +178,8 @@ class Database:
         self._reader = _reader_engine(
             url, pool_size=READ_POOL_SIZE, busy_timeout_ms=busy_timeout_ms
         )
+        #: How writes have been going: the latest transaction's outcome.
+        self.writes = WriteHealth()
 
     def _connection(self) -> Connection:
         if self._conn is None:
@@ -187,7 +199,24 @@ class Database:
                 outcomes = self._commit_group([work for work, _ in batch])
             except BaseException as exc:  # not an error of one unit: fail the group, go on
                 outcomes = [(False, exc)] * len(batch)
+            outcomes = [self._storage_outcome(outcome) for outcome in outcomes]
+            failures = [v for ok, v in outcomes if not ok and isinstance(v, StorageError)]
+            if failures:
+                self.writes.failed(failures[-1])
+            else:
+                self.writes.succeeded()
             loop.call_soon_threadsafe(_settle, [future for _, future in batch], outcomes)
+
+    def _storage_outcome(self, outcome: _Outcome) -> _Outcome:
+        """A failure of SQLite itself as the StorageError it stands for."""
+        ok, value = outcome
+        if ok or not isinstance(value, Exception) or isinstance(value, StorageError):
+            return outcome
+        error = storage_error(value, self.path)
+        if error is None:
+            return outcome
+        error.__cause__ = value
+        return (False, error)
 
     def _commit_group(self, works: list[Callable[[Connection], Any]]) -> list[_Outcome]:
         """One BEGIN IMMEDIATE … COMMIT around ``works``, each inside a SAVEPOINT so that one
@@ -211,10 +240,30 @@ class Database:
                 raw.execute("RELEASE unit")
             conn.commit()
         except Exception as exc:
-            if conn.in_transaction():
-                conn.rollback()
+            self._recover(conn)
             return [(False, exc)] * len(works)
         return outcomes
+
+    def _recover(self, conn: Connection) -> None:
+        """After a failed statement or COMMIT, leave the writer ready for the next group.
+
+        SQLite may have rolled the transaction back itself (a full disk, an I/O error), or
+        kept it open (a failed COMMIT); SQLAlchemy keeps its own transaction object either
+        way, and refuses the next BEGIN until it is rolled back. So both are rolled back; if
+        even that fails, the connection is dropped and the next group opens a new one.
+        """
+        raw: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
+        try:
+            conn.rollback()
+            if raw.in_transaction:
+                raw.execute("ROLLBACK")
+        except Exception as exc:
+            log.warning("database.writer_reconnects", error=f"{type(exc).__name__}: {exc}")
+            with contextlib.suppress(Exception):
+                conn.invalidate()
+            with contextlib.suppress(Exception):
+                conn.close()
+            self._conn = None
 
     async def transaction(self, work: Callable[[Connection], T]) -> T:
         """Run ``work(connection)`` as one write transaction on the writer's thread: committed
@@ -250,17 +299,49 @@ class Database:
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
-        """A read-only transaction: one consistent snapshot for every query inside it."""
-        async with self._reader.connect() as conn:
-            try:
-                yield conn
-            finally:
-                await conn.rollback()
+        """A read-only transaction: one consistent snapshot for every query inside it.
+
+        Raises:
+            StorageError: SQLite cannot read the file (an I/O error, a lock, a bad file).
+        """
+        try:
+            async with self._reader.connect() as conn:
+                try:
+                    yield conn
+                finally:
+                    await conn.rollback()
+        except Exception as exc:
+            error = storage_error(exc, self.path)
+            if error is None:
+                raise
+            raise error from exc
 
     async def ping(self) -> None:
         """Run a trivial query; raises if the database does not answer."""
         async with self.read() as conn:
             await conn.execute(text("SELECT 1"))
+
+    def free_mb(self) -> float | None:
+        """Free space on the database's disk, in MB (None when it cannot be told)."""
+        free = free_bytes(self.path)
+        return None if free is None else free / (1024 * 1024)
+
+    async def state(self, min_free_mb: float) -> DatabaseState:
+        """Whether reads answer (checked now), whether writes succeed (the writer's latest
+        outcome: a read cannot tell a full disk), and whether its disk has ``min_free_mb``."""
+        try:
+            await self.ping()
+        except Exception as exc:
+            log.warning("health.database_failed", error=f"{type(exc).__name__}: {exc}")
+            reason = exc.message if isinstance(exc, StorageError) else type(exc).__name__
+            return DatabaseState(readable=False, ok=False, detail=f"error: {reason}")
+        failure = self.writes.failure
+        if failure is not None:
+            return DatabaseState(readable=True, ok=False, detail=failure.describe())
+        free = self.free_mb()
+        if free is not None and free < min_free_mb:
+            return DatabaseState(readable=True, ok=False, detail=f"low disk: {free:.0f} MB free")
+        return DatabaseState(readable=True, ok=True, detail="ok")
 
     async def close(self) -> None:
         """Close every connection."""

@@ -1,0 +1,311 @@
+"""When the database itself fails: a full disk, a lock held elsewhere, a read-only file.
+
+Each test runs the real service on a real SQLite file and makes SQLite fail for real:
+``PRAGMA max_page_count`` makes the file as full as a full disk (SQLITE_FULL), a second
+connection holding ``BEGIN IMMEDIATE`` is a sqlite3 shell in a transaction (SQLITE_BUSY), and
+``PRAGMA query_only`` refuses every write as a read-only file does (SQLITE_READONLY; as root,
+chmod would not stop SQLite). As root, a tmpfs the test mounts fills up as a real disk does.
+Each shows the clear answer, a truthful /health, and recovery without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from orchestra.config import Settings
+from orchestra.db import Database
+from orchestra.db.failures import storage_error
+from orchestra.errors import StorageFull, StorageLocked, StorageUnavailable
+from tests.conftest import Service, StartService, task_row
+from tests.fixtures.fake_ollama import FakeOllama
+from tests.fixtures.servers import free_port, start_process, wait_until
+
+TEXT = "The council voted to build a library. " * 540  # about 20 KB, as in the issue
+
+
+def database(svc: Service) -> Database:
+    db: Database = svc.app.state.runtime.db
+    return db
+
+
+async def on_writer(db: Database, sql: str) -> Any:
+    """Run ``sql`` on the service's own writer connection, outside any transaction: the
+    connection-level pragmas that stand for a full or read-only disk live there."""
+
+    def run() -> Any:
+        raw = db._connection().connection.driver_connection
+        assert raw is not None
+        return raw.execute(sql).fetchone()
+
+    return await asyncio.get_running_loop().run_in_executor(db._thread, run)
+
+
+async def fill(db: Database, room_pages: int = 0) -> None:
+    """Leave the database ``room_pages`` pages to grow (a disk that is full, or nearly)."""
+    (pages,) = await on_writer(db, "PRAGMA page_count")
+    await on_writer(db, f"PRAGMA max_page_count = {pages + room_pages}")
+
+
+async def make_room(db: Database) -> None:
+    await on_writer(db, "PRAGMA max_page_count = 1073741823")
+
+
+async def health(svc: Service) -> dict[str, Any]:
+    response = await svc.client.get("/health")
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def submit(svc: Service, text: str = TEXT) -> Any:
+    return svc.client.post(
+        "/api/v1/tasks", json={"template": "summarize", "params": {"text": text}}
+    )
+
+
+def statuses(db_url: str) -> dict[str, int]:
+    with sqlite3.connect(db_url.split("///", 1)[1]) as conn:
+        rows = conn.execute("SELECT status, count(*) FROM tasks GROUP BY status").fetchall()
+    return dict(rows)
+
+
+async def test_a_full_disk_answers_507_health_says_so_and_writes_recover(
+    service: Service, db_url: str
+) -> None:
+    db = database(service)
+    accepted = [(await submit(service)).json()["id"] for _ in range(3)]
+    await fill(db, room_pages=40)
+    refused: list[httpx.Response] = []
+    for _ in range(60):
+        response = await submit(service)
+        if response.status_code == 201:
+            accepted.append(response.json()["id"])
+        else:
+            refused.append(response)
+    assert refused, "the database never filled up"
+    assert {r.status_code for r in refused} == {507}
+    body = refused[-1].json()
+    assert body["code"] == "storage_full"
+    assert "disk is full" in body["message"] and "orchestra.db" in body["message"]
+    full = await health(service)
+    assert full["status"] == "degraded"
+    assert full["database"].startswith("error: disk full since ")
+
+    await make_room(db)
+    loop = asyncio.get_running_loop()
+    freed = loop.time()
+
+    async def writes() -> bool:
+        response = await submit(service, "short text")
+        if response.status_code == 201:
+            accepted.append(response.json()["id"])
+        return response.status_code == 201
+
+    await wait_until(writes, timeout=2, interval=0.05)
+    assert loop.time() - freed < 2
+    assert (await health(service))["database"] == "ok"
+    for task_id in accepted:  # every task that got a 201 finishes: none lost, none stuck
+        assert (await service.wait(task_id, seconds=30))["status"] == "succeeded"
+    assert statuses(db_url) == {"succeeded": len(accepted)}
+
+
+async def test_a_task_whose_model_answered_while_writes_failed_keeps_its_result(
+    service: Service, fake_ollama: FakeOllama, db_url: str
+) -> None:
+    fake_ollama.latency = 1.0
+    task = (await submit(service, "keep me")).json()
+    await wait_until(lambda: fake_ollama.in_flight > 0, timeout=10)
+    db = database(service)
+    # Every write refused (a full disk lets a small write into a page with room left).
+    await on_writer(db, "PRAGMA query_only = ON")
+    await wait_until(lambda: fake_ollama.in_flight == 0, timeout=10)  # the model answered
+    await wait_until(lambda: db.writes.failure is not None, timeout=5)  # its result refused
+    assert task_row(db_url, task["id"], "status") == ("running",)
+    await on_writer(db, "PRAGMA query_only = OFF")
+    done = await service.wait(task["id"], seconds=30)
+    assert done["status"] == "succeeded" and "keep me" in done["result"]
+    assert len(done["attempts"]) == 1  # written once room returned, not run again
+
+
+async def test_a_held_lock_answers_503_with_retry_after_and_serves_after(
+    settings: Settings, start_service: StartService, db_url: str
+) -> None:
+    quick = msgspec.structs.replace(
+        settings, database=msgspec.structs.replace(settings.database, busy_timeout_ms=300)
+    )
+    async with start_service(quick) as svc:
+        shell = sqlite3.connect(db_url.split("///", 1)[1], isolation_level=None)
+        try:
+            shell.execute("BEGIN IMMEDIATE")  # as a person in the sqlite3 shell would
+            locked = await submit(svc, "hello")
+            listed = await svc.client.get("/api/v1/tasks")  # reads go on meanwhile
+            during = await health(svc)
+        finally:
+            shell.execute("ROLLBACK")
+            shell.close()
+        after = await submit(svc, "hello")
+        done = await svc.wait(after.json()["id"])
+        healed = await health(svc)
+    assert locked.status_code == 503 and locked.headers["Retry-After"] == "1"
+    assert locked.json()["code"] == "storage_locked"
+    assert "locked by another connection" in locked.json()["message"]
+    assert listed.status_code == 200
+    assert during["status"] == "degraded"
+    assert during["database"].startswith("error: locked by another connection since ")
+    assert after.status_code == 201 and done["status"] == "succeeded"
+    assert healed["database"] == "ok"
+
+
+async def test_a_read_only_database_answers_503_naming_it(service: Service) -> None:
+    db = database(service)
+    await on_writer(db, "PRAGMA query_only = ON")
+    refused = await submit(service, "hello")
+    during = await health(service)
+    await on_writer(db, "PRAGMA query_only = OFF")
+    accepted = await submit(service, "hello")
+    assert refused.status_code == 503 and "Retry-After" not in refused.headers
+    assert refused.json()["code"] == "storage_unavailable"
+    assert "read-only" in refused.json()["message"]
+    assert during["status"] == "degraded" and during["database"].startswith("error: ")
+    assert accepted.status_code == 201
+    assert (await service.wait(accepted.json()["id"]))["status"] == "succeeded"
+
+
+async def test_workers_back_off_while_writes_are_refused(service: Service) -> None:
+    db = database(service)
+    pool = service.app.state.runtime.pool
+    claims = 0
+    claim = pool.store.claim
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal claims
+        claims += 1
+        return await claim(*args, **kwargs)
+
+    pool.store.claim = counting
+    await on_writer(db, "PRAGMA query_only = ON")
+    await asyncio.sleep(3)  # poll_interval 0.5 s: a claim at 0.5, 1, 2 s after the last
+    await on_writer(db, "PRAGMA query_only = OFF")
+    assert 1 <= claims <= 5, claims
+    accepted = await submit(service, "hello")  # and claims resume
+    assert (await service.wait(accepted.json()["id"]))["status"] == "succeeded"
+
+
+async def test_low_disk_space_shows_in_health(
+    settings: Settings, start_service: StartService
+) -> None:
+    roomy = msgspec.structs.replace(
+        settings, database=msgspec.structs.replace(settings.database, min_free_mb=10**12)
+    )
+    async with start_service(roomy) as svc:
+        body = await health(svc)
+    assert body["status"] == "degraded"
+    assert body["database"].startswith("low disk: ") and body["database"].endswith(" MB free")
+
+
+def test_sqlite_failures_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    one = sqlite3.connect(path, isolation_level=None, timeout=0)
+    two = sqlite3.connect(path, isolation_level=None, timeout=0)
+    one.execute("CREATE TABLE t (x TEXT)")
+    caught: list[BaseException] = []
+
+    def attempt(conn: sqlite3.Connection, sql: str, *args: Any) -> None:
+        try:
+            conn.execute(sql, args)
+        except sqlite3.Error as exc:
+            caught.append(exc)
+
+    one.execute("BEGIN IMMEDIATE")
+    attempt(two, "BEGIN IMMEDIATE")  # locked
+    one.execute("ROLLBACK")
+    (pages,) = one.execute("PRAGMA page_count").fetchone()
+    one.execute(f"PRAGMA max_page_count = {pages}")
+    attempt(one, "INSERT INTO t VALUES (?)", "x" * 100_000)  # full
+    two.execute("PRAGMA query_only = ON")
+    attempt(two, "INSERT INTO t VALUES ('y')")  # read-only
+    attempt(one, "INSERT INTO nowhere VALUES (1)")  # a bug, not the database failing
+    kinds = [storage_error(exc, path) for exc in caught]
+    assert [type(k) for k in kinds] == [
+        StorageLocked,
+        StorageFull,
+        StorageUnavailable,
+        type(None),
+    ]
+
+
+# -- a real full disk (root only) ---------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MB tmpfs mounted for the test (root only; skipped elsewhere)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(where)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+async def test_a_real_disk_fills_up_and_the_service_recovers_when_it_grows(
+    small_disk: Path, fake_ollama: FakeOllama
+) -> None:
+    port = free_port()
+    config = small_disk.parent / "orchestra.toml"
+    config.write_text(
+        f'[server]\nport = {port}\n[database]\nurl = "sqlite+aiosqlite:///{small_disk}/o.db"\n'
+        "min_free_mb = 0\n"
+        f'[providers.ollama]\nurl = "{fake_ollama.url}"\n[providers.embedded]\nenabled = false\n'
+    )
+    service = await start_process(config)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            body = {"template": "summarize", "params": {"text": TEXT}}
+            answers = await asyncio.gather(
+                *(client.post("/api/v1/tasks", json=body) for _ in range(400))
+            )
+            codes = {r.status_code for r in answers}
+            accepted = [r.json()["id"] for r in answers if r.status_code == 201]
+            full = (await client.get("/health")).json()
+            assert codes == {201, 507}, codes
+            assert full["status"] == "degraded" and "disk full" in full["database"]
+
+            subprocess.run(["mount", "-o", "remount,size=30m", str(small_disk)], check=True)
+            loop = asyncio.get_running_loop()
+            grown = loop.time()
+
+            async def writes() -> bool:
+                response = await client.post("/api/v1/tasks", json=body)
+                if response.status_code == 201:
+                    accepted.append(response.json()["id"])
+                return response.status_code == 201
+
+            await wait_until(writes, timeout=10, interval=0.05)
+            assert loop.time() - grown < 2
+
+            def finished() -> bool:  # every 201 succeeds: none lost, none stuck running
+                with sqlite3.connect(small_disk / "o.db") as conn:
+                    rows = conn.execute("SELECT status, count(*) FROM tasks GROUP BY status")
+                    return dict(rows.fetchall()) == {"succeeded": len(accepted)}
+
+            await wait_until(finished, timeout=60, interval=0.2)
+    finally:
+        service.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            await service.wait()
