@@ -93,12 +93,15 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 
-test: $(VENV)/.installed-dev lint
-	$(BIN)/python -m pytest
+# Two pytest processes, a test file each at a time (a file's module fixtures start once).
+PYTEST := $(BIN)/python -m pytest -n 2 --dist loadfile
 
-# The quick subset: no real model, no Schemathesis run, no subprocess-heavy tests.
+test: $(VENV)/.installed-dev lint
+	$(PYTEST)
+
+# The quick subset: no real model, no container install, no README run.
 test-fast: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -m "not slow and not real_model"
+	$(PYTEST) -m "not slow and not real_model"
 
 # Benchmarks (not tests): Orchestra against FastAPI + Celery + Redis on the same workloads,
 # written to benchmarks/RESULTS.md. The classic stack gets a venv of its own, and Redis comes

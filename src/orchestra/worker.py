@@ -81,7 +81,8 @@ class _Running:
         self.stop: StopReason | None = None
 
     def interrupt(self, reason: StopReason) -> None:
-        self.stop = reason
+        """Stop the task's coroutine; the first reason given is the one that counts."""
+        self.stop = self.stop or reason
         if self.runner is not None:
             self.runner.cancel()
 
@@ -277,6 +278,8 @@ class WorkerPool:
             self._wake.clear()
             limit, full = self._capacity()
             if limit > 0:
+                # The lease's clock starts before the claim: it may wait for the writer.
+                asked = asyncio.get_running_loop().time()
                 try:
                     claimed = await self.store.claim(
                         self.owner, limit, self.workers.lease_seconds, skip_models=full
@@ -287,11 +290,12 @@ class WorkerPool:
                 except Exception:
                     log.exception("pool.claim_failed")
                     claimed = []
-                if self._claim_failures:
-                    log.info("pool.claims_resumed", after_failures=self._claim_failures)
-                    self._claim_failures = 0
+                else:
+                    if self._claim_failures:
+                        log.info("pool.claims_resumed", after_failures=self._claim_failures)
+                        self._claim_failures = 0
                 for task in claimed:
-                    self._spawn(task)
+                    self._spawn(task, asked + self.workers.lease_seconds)
                 if claimed and len(claimed) == limit:
                     continue  # there may be more due work
             wait = self._wait_seconds()
@@ -304,20 +308,27 @@ class WorkerPool:
                 pass
 
     async def _back_off(self, exc: StorageError) -> None:
-        """The database refused a claim: wait (longer each time in a row), not spin."""
+        """The database refused a claim: wait (longer each time in a row), not spin. A submit
+        that was written (so writes work again), a task ending or a stop cuts it short."""
         self._claim_failures += 1
         if self._claim_failures == 1:
             log.warning("pool.claim_failed", error=exc.message, code=exc.code)
-        pause = min(CLAIM_BACKOFF_CAP, self.workers.poll_interval * 2 ** (self._claim_failures - 1))
+        doublings = min(self._claim_failures - 1, 16)  # past the cap long before; no overflow
+        pause = min(CLAIM_BACKOFF_CAP, self.workers.poll_interval * 2**doublings)
         try:
             async with asyncio.timeout(pause):
-                await self._stopping.wait()  # only a stop cuts the pause short
+                await self._wake.wait()
         except TimeoutError:
             pass
 
-    def _spawn(self, task: Task) -> None:
+    def _spawn(self, task: Task, lease_until: float) -> None:
+        stale = self._running.get(task.id)
+        if stale is not None:
+            # Its earlier attempt still runs here, past a lease that expired while the
+            # database refused writes; the reaper gave the task back and this pool took it
+            # again. The old attempt's writes are fenced off; stop it too.
+            stale.interrupt(StopReason.LEASE_LOST)
         self._models[task.model] += 1
-        lease_until = asyncio.get_running_loop().time() + self.workers.lease_seconds
         running = self._running[task.id] = _Running(task, lease_until)
         running.runner = asyncio.create_task(self._run(running), name=f"orchestra-task-{task.id}")
 
@@ -392,7 +403,8 @@ class WorkerPool:
             # A bug in the storage layer: as above, the lease expires and the task runs again.
             tlog.exception("task.store_failed")
         finally:
-            self._running.pop(task.id, None)
+            if self._running.get(task.id) is running:  # not a newer attempt of the same task
+                del self._running[task.id]
             self._models[task.model] -= 1
             if self._models[task.model] <= 0:
                 del self._models[task.model]

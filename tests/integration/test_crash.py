@@ -9,6 +9,7 @@ import sqlite3
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import free_port, start_process, wait_until, write_config
@@ -21,6 +22,7 @@ def counts(db: Path) -> dict[str, int]:
         return dict(conn.execute("SELECT status, count(*) FROM tasks GROUP BY status").fetchall())
 
 
+@pytest.mark.slow
 async def test_sigkill_mid_run_loses_nothing_and_finishes_nothing_twice(
     fake_ollama: FakeOllama, tmp_path: Path
 ) -> None:

@@ -11,6 +11,8 @@ import asyncio
 import sys
 from pathlib import Path
 
+import pytest
+
 from orchestra.config import Settings
 from tests.conftest import Service, StartService
 from tests.integration.test_auth import _make_keys
@@ -18,6 +20,7 @@ from tests.integration.test_auth import _make_keys
 CONFIG = Path(__file__).parent.parent / "schemathesis.toml"
 
 
+@pytest.mark.slow
 async def test_the_service_answers_as_its_openapi_document_says(
     settings: Settings, db_url: str, start_service: StartService, tmp_path: Path
 ) -> None:

@@ -90,7 +90,7 @@ def orchestra_error(_: Request[Any, Any, Any], exc: OrchestraError) -> Response[
     elif isinstance(exc, StorageLocked):
         headers = {"Retry-After": str(LOCKED_RETRY_AFTER)}
     if isinstance(exc, StorageError):
-        log.warning("api.storage_failed", code=exc.code, error=exc.message)
+        log.info("api.storage_failed", code=exc.code, error=exc.message)
     task_status = getattr(exc, "task_status", None)
     return _body(status, exc.code, exc.message, fields, task_status, problems, headers)
 

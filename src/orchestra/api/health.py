@@ -9,13 +9,11 @@ from litestar.di import NamedDependency
 from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
 
-from orchestra import __version__, logs
+from orchestra import __version__
 from orchestra.api.openapi import error, errors
 from orchestra.api.runtime import Runtime
 from orchestra.api.schemas import HealthOut, ModelOut, ModelsOut, ProviderOut
 from orchestra.llm.router import ProviderState
-
-log = logs.get("orchestra.api")
 
 CheckNow = Annotated[
     Literal["now"] | None,

@@ -110,7 +110,7 @@ def error(status: int) -> ResponseSpec:
 
 def errors(*statuses: int) -> dict[int, ResponseSpec]:
     """The error answers an operation behind the API key can give (``statuses`` and 401,
-    403, 429), each with the ``ErrorBody`` schema."""
+    403, 429, 503), each with the ``ErrorBody`` schema."""
     return {code: error(code) for code in sorted({*statuses, *_GUARDED})}
 
 

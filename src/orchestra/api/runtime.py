@@ -133,6 +133,7 @@ class Runtime:
                 )
                 renderer = Renderer(s.limits)
                 pool = WorkerPool(store, self.registry, Runner(router, renderer), s)
+                db.on_recovered = pool.notify  # writes work again: claim now, not after a pause
                 self._db, self._router, self._pool = db, router, pool
                 self._tasks = TaskService(
                     store,

@@ -40,7 +40,7 @@ from sqlalchemy.pool import StaticPool
 
 from orchestra import logs
 from orchestra.db.failures import DatabaseState, WriteHealth, free_bytes, storage_error
-from orchestra.errors import ConfigError, StorageError
+from orchestra.errors import ConfigError, StorageError, StorageFull
 
 READ_POOL_SIZE = 4
 
@@ -180,6 +180,9 @@ class Database:
         )
         #: How writes have been going: the latest transaction's outcome.
         self.writes = WriteHealth()
+        #: Called on the event loop when writes work again after failing (the workers, which
+        #: back off meanwhile, claim at once).
+        self.on_recovered: Callable[[], None] | None = None
 
     def _connection(self) -> Connection:
         if self._conn is None:
@@ -200,12 +203,37 @@ class Database:
             except BaseException as exc:  # not an error of one unit: fail the group, go on
                 outcomes = [(False, exc)] * len(batch)
             outcomes = [self._storage_outcome(outcome) for outcome in outcomes]
-            failures = [v for ok, v in outcomes if not ok and isinstance(v, StorageError)]
-            if failures:
-                self.writes.failed(failures[-1])
-            else:
-                self.writes.succeeded()
+            recovered = self._note_health(outcomes)
             loop.call_soon_threadsafe(_settle, [future for _, future in batch], outcomes)
+            if recovered and self.on_recovered is not None:
+                loop.call_soon_threadsafe(self.on_recovered)
+
+    def _note_health(self, outcomes: list[_Outcome]) -> bool:
+        """Remember how the group went; True when writes work again after failing.
+
+        A full disk is over only once the file could grow again: small writes that fit in
+        pages already there (a lease renewal, an empty UPDATE) still succeed on a full disk.
+        """
+        failures = [v for ok, v in outcomes if not ok and isinstance(v, StorageError)]
+        if failures:
+            self.writes.failed(failures[-1], self._page_count())
+            return False
+        failure = self.writes.failure
+        if failure is None:
+            return False
+        if isinstance(failure.error, StorageFull) and (self._page_count() or 0) <= (
+            failure.pages or 0
+        ):
+            return False
+        return self.writes.succeeded()
+
+    def _page_count(self) -> int | None:
+        """How many pages the file has (on the writer's thread)."""
+        try:
+            raw = self._connection().connection.driver_connection
+            return int(raw.execute("PRAGMA page_count").fetchone()[0])  # type: ignore[union-attr]
+        except Exception:
+            return None
 
     def _storage_outcome(self, outcome: _Outcome) -> _Outcome:
         """A failure of SQLite itself as the StorageError it stands for."""
@@ -220,31 +248,36 @@ class Database:
 
     def _commit_group(self, works: list[Callable[[Connection], Any]]) -> list[_Outcome]:
         """One BEGIN IMMEDIATE … COMMIT around ``works``, each inside a SAVEPOINT so that one
-        that raises is rolled back alone."""
-        conn = self._connection()
-        raw: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
+        that raises is rolled back alone.
+
+        When a unit's failure made SQLite roll back the whole transaction (a full disk, an I/O
+        error), that unit fails and the others run again without it, in a new transaction:
+        one write too big for the disk does not fail the small ones grouped with it.
+        """
         outcomes: list[_Outcome] = []
         try:
+            conn = self._connection()
+            raw: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
             conn.begin()  # the "begin" event makes it BEGIN IMMEDIATE
-            for work in works:
+            for index, work in enumerate(works):
                 raw.execute("SAVEPOINT unit")
                 try:
                     outcomes.append((True, work(conn)))
                 except Exception as exc:
-                    if not raw.in_transaction:
-                        # SQLite already rolled the whole transaction back (disk full, I/O
-                        # error): nothing of the group was written; all fail with this.
-                        raise
+                    if not raw.in_transaction:  # nothing of the group is written any more
+                        self._recover()
+                        others = self._commit_group(works[:index] + works[index + 1 :])
+                        return [*others[:index], (False, exc), *others[index:]]
                     raw.execute("ROLLBACK TO unit")
                     outcomes.append((False, exc))
                 raw.execute("RELEASE unit")
             conn.commit()
         except Exception as exc:
-            self._recover(conn)
+            self._recover()
             return [(False, exc)] * len(works)
         return outcomes
 
-    def _recover(self, conn: Connection) -> None:
+    def _recover(self) -> None:
         """After a failed statement or COMMIT, leave the writer ready for the next group.
 
         SQLite may have rolled the transaction back itself (a full disk, an I/O error), or
@@ -252,8 +285,11 @@ class Database:
         way, and refuses the next BEGIN until it is rolled back. So both are rolled back; if
         even that fails, the connection is dropped and the next group opens a new one.
         """
-        raw: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
+        conn = self._conn
+        if conn is None:
+            return
         try:
+            raw: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
             conn.rollback()
             if raw.in_transaction:
                 raw.execute("ROLLBACK")

@@ -28,9 +28,10 @@ from orchestra.errors import StorageError, StorageFull, StorageLocked, StorageUn
 
 log = logs.get("orchestra.db")
 
-# SQLite's primary result codes (the low byte of an extended code).
+# SQLite's primary result codes (the low byte of an extended code). SQLITE_LOCKED (6), a
+# conflict inside one connection, is a bug here, not the database failing: it stays a 500.
 _FULL = 13
-_BUSY, _LOCKED = 5, 6
+_BUSY = 5
 _READONLY = 8
 _UNAVAILABLE = {
     10: "an I/O error",  # SQLITE_IOERR
@@ -54,7 +55,7 @@ def storage_error(exc: BaseException, path: Path) -> StorageError | None:
     detail = str(seen)
     if primary == _FULL:
         return StorageFull(f"the database's disk is full ({path}); free space and retry")
-    if primary in (_BUSY, _LOCKED):
+    if primary == _BUSY:
         return StorageLocked(
             f"database is locked by another connection (is a sqlite3 shell holding a "
             f"transaction on {path}?); retry shortly"
@@ -73,6 +74,8 @@ class WriteFailure(msgspec.Struct, frozen=True):
 
     error: StorageError
     since: datetime
+    #: The file's size in pages when it failed (a full disk is over once it grows).
+    pages: int | None = None
 
     def describe(self) -> str:
         """``error: disk full since 2026-12-01T09:00:32.000000Z``."""
@@ -91,15 +94,18 @@ class WriteHealth:
         """Since when, and why, writes fail; None while they succeed."""
         return self._failure
 
-    def failed(self, error: StorageError) -> None:
+    def failed(self, error: StorageError, pages: int | None = None) -> None:
+        """A write failed for ``error`` (the file had ``pages`` pages); since when writes
+        fail stays the first failure's time."""
         with self._lock:
             since = self._failure.since if self._failure is not None else now()
-            self._failure = WriteFailure(error=error, since=since)
+            self._failure = WriteFailure(error=error, since=since, pages=pages)
 
-    def succeeded(self) -> None:
-        if self._failure is not None:
-            with self._lock:
-                self._failure = None
+    def succeeded(self) -> bool:
+        """Writes work (again); True when they were failing until now."""
+        with self._lock:
+            was_failing, self._failure = self._failure is not None, None
+        return was_failing
 
 
 class DatabaseState(msgspec.Struct, frozen=True):
