@@ -43,6 +43,9 @@ from orchestra.db.failures import DatabaseState, WriteHealth, free_bytes, storag
 from orchestra.errors import ConfigError, StorageError, StorageFull
 
 READ_POOL_SIZE = 4
+#: What counts as room again after a full disk: free bytes on it, and pages below its limit.
+ROOM_BYTES = 1024 * 1024
+ROOM_PAGES = 256
 
 log = logs.get("orchestra.db")
 
@@ -211,27 +214,38 @@ class Database:
     def _note_health(self, outcomes: list[_Outcome]) -> bool:
         """Remember how the group went; True when writes work again after failing.
 
-        A full disk is over only once the file could grow again: small writes that fit in
-        pages already there (a lease renewal, an empty UPDATE) still succeed on a full disk.
+        A full disk is over only once the file grew or there is room again: small writes that
+        fit in pages already there (a lease renewal, an empty UPDATE) succeed on a full disk.
         """
         failures = [v for ok, v in outcomes if not ok and isinstance(v, StorageError)]
         if failures:
-            self.writes.failed(failures[-1], self._page_count())
+            self.writes.failed(failures[-1], self._pragma("page_count"))
             return False
         failure = self.writes.failure
         if failure is None:
             return False
-        if isinstance(failure.error, StorageFull) and (self._page_count() or 0) <= (
-            failure.pages or 0
-        ):
+        if isinstance(failure.error, StorageFull) and not self._room_since(failure.pages):
             return False
         return self.writes.succeeded()
 
-    def _page_count(self) -> int | None:
-        """How many pages the file has (on the writer's thread)."""
+    def _room_since(self, pages_then: int | None) -> bool:
+        """Whether the file grew since it had ``pages_then`` pages, or has room to grow now:
+        a megabyte free on its disk and below its page limit."""
+        pages = self._pragma("page_count")
+        if pages is None:
+            return True
+        if pages_then is not None and pages > pages_then:
+            return True
+        free = free_bytes(self.path)
+        limit = self._pragma("max_page_count")
+        below_limit = limit is None or limit - pages >= ROOM_PAGES
+        return (free is None or free >= ROOM_BYTES) and below_limit
+
+    def _pragma(self, name: str) -> int | None:
+        """A number SQLite keeps for the file (on the writer's thread); None if it fails."""
         try:
             raw = self._connection().connection.driver_connection
-            return int(raw.execute("PRAGMA page_count").fetchone()[0])  # type: ignore[union-attr]
+            return int(raw.execute(f"PRAGMA {name}").fetchone()[0])  # type: ignore[union-attr]
         except Exception:
             return None
 
