@@ -16,7 +16,8 @@ import pytest
 
 from orchestra.errors import ProviderError, ProviderUnreachable
 from orchestra.llm import model_wire as wire
-from orchestra.llm.model_process import Backoff, ModelProcess, State
+from orchestra.llm.model_crashes import Backoff
+from orchestra.llm.model_process import ModelProcess, State
 from tests.fixtures.real_model import MODEL, REAL_MODEL
 from tests.fixtures.servers import wait_until
 

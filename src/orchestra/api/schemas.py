@@ -19,7 +19,7 @@ from orchestra.domain import (
     total_usage,
 )
 from orchestra.llm.base import Crash, Phase, ProcessInfo, ProcessState
-from orchestra.llm.model_process import signal_label
+from orchestra.llm.model_crashes import signal_label
 from orchestra.llm.router import ProviderState
 from orchestra.templating.model import Template
 

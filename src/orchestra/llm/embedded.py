@@ -27,7 +27,8 @@ from orchestra.domain import Usage
 from orchestra.errors import ModelNotFound, ProviderUnavailable, ProviderUnreachable
 from orchestra.llm import model_wire as wire
 from orchestra.llm.base import ChatRequest, ChatResult, EmbedResult, Health, ProcessState
-from orchestra.llm.model_process import Backoff, ModelProcess
+from orchestra.llm.model_crashes import Backoff
+from orchestra.llm.model_process import ModelProcess
 
 log = logs.get("orchestra.llm.embedded")
 

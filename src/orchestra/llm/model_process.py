@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import signal
 import sys
 import time
 from collections import deque
@@ -44,23 +43,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 from orchestra import logs
 from orchestra.errors import ProviderError, ProviderUnreachable
 from orchestra.llm import model_wire as wire
 from orchestra.llm.base import Crash, Phase, ProcessInfo, ProcessState
+from orchestra.llm.model_crashes import Backoff, CrashHistory, describe
 
 log = logs.get("orchestra.llm.model_process")
 
 State = ProcessState
 
-#: Crashes within ``CRASH_WINDOW`` seconds that take the process down until a probe succeeds.
-CRASH_LIMIT = 3
-CRASH_WINDOW = 300.0
-#: Seconds to wait before restarting after the first crash (then doubled, up to the cap).
-BACKOFF_FIRST = 1.0
-BACKOFF_CAP = 60.0
 #: Seconds a cancelled request may take to stop before its process is ended as hung.
 CANCEL_GRACE = 10.0
 #: Seconds a process gets to exit after its stdin closes, at stop.
@@ -73,71 +65,11 @@ STDERR_LINE_CHARS = 2000
 _WARM_UP = wire.Generate(
     id=0, messages=[{"role": "user", "content": "Hi"}], options={"max_tokens": 1}
 )
-#: Signals of native code gone wrong (an instruction the CPU refuses, a bad address).
-_FAULTS = frozenset({signal.SIGILL, signal.SIGSEGV, signal.SIGBUS})
-
-
-class Backoff(msgspec.Struct, frozen=True):
-    """When a crashed process is started again, and when it is given up on."""
-
-    first: float = BACKOFF_FIRST
-    cap: float = BACKOFF_CAP
-    crash_limit: int = CRASH_LIMIT
-    window: float = CRASH_WINDOW
-
-    def delay(self, consecutive: int) -> float:
-        """Seconds before restart number ``consecutive`` (1, 2, 4 … up to ``cap``)."""
-        return float(min(self.cap, self.first * 2 ** max(0, consecutive - 1)))
 
 
 def child_command() -> list[str]:
     """The command that starts a model process with this interpreter."""
     return [sys.executable, "-m", "orchestra.llm.model_child"]
-
-
-def signal_label(number: int) -> str:
-    """``SIGSEGV``; ``signal 77`` for a number without a name."""
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
-
-
-def signal_name(number: int) -> str:
-    """``SIGSEGV (signal 11)``."""
-    label = signal_label(number)
-    return label if label.startswith("signal") else f"{label} (signal {number})"
-
-
-def cpu_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether the CPU advertises AMX tiles (where the OS says)."""
-    try:
-        return "amx_tile" in cpuinfo.read_text(errors="replace")
-    except OSError:
-        return False
-
-
-#: What to do when native code faults before the model ever answered.
-REBUILD_HINT = (
-    "rebuild llama-cpp-python portably: make rebuild-llama (README: The embedded model, Build)"
-)
-
-
-def crash_hint(sig: int | None, phase: Phase) -> str | None:
-    """Advice for a crash, where there is one to give."""
-    if sig == signal.SIGKILL:
-        return (
-            "killed from outside, perhaps by the out-of-memory killer: the model and its "
-            "context ([providers.NAME] context_length) may need more memory than there is"
-        )
-    if sig in _FAULTS and phase in (Phase.LOADING, Phase.WARMING_UP):
-        if cpu_has_amx():
-            return (
-                "this CPU advertises AMX, which llama.cpp built with native CPU flags uses and "
-                "some virtual machines do not grant to every thread; " + REBUILD_HINT
-            )
-        return "the llama-cpp-python build may not fit this CPU; " + REBUILD_HINT
-    return None
 
 
 def rss_bytes(pid: int) -> int | None:
@@ -230,7 +162,7 @@ class ModelProcess:
         self.name = name
         self.load = load
         self.timeout = timeout
-        self.backoff = backoff or Backoff()
+        self.crashes = CrashHistory(backoff or Backoff(), clock)
         self.command = list(command or child_command())
         self.on_change = on_change
         self._clock = clock
@@ -241,11 +173,7 @@ class ModelProcess:
         self._child: _Child | None = None
         self._starting: asyncio.Task[_Child] | None = None
         self._restart: asyncio.Task[None] | None = None
-        self._crash_times: deque[float] = deque()
-        self._consecutive = 0
-        self._crashes = 0
         self._restarts = 0
-        self._last_crash: Crash | None = None
         self._restart_due: float | None = None
         self.loaded: wire.Loaded | None = None
 
@@ -283,8 +211,8 @@ class ModelProcess:
             pid=pid,
             rss_bytes=rss_bytes(pid) if pid else None,
             restarts=self._restarts,
-            crashes=self._crashes,
-            last_crash=self._last_crash,
+            crashes=self.crashes.total,
+            last_crash=self.crashes.last,
             restart_at=restart_at,
         )
 
@@ -308,7 +236,7 @@ class ModelProcess:
         if isinstance(answer, wire.Failed):
             raise ProviderError(f"embedded model failed: {answer.message}")
         assert isinstance(answer, (wire.Generated, wire.Embedded))
-        self._consecutive = 0  # it answered a real request: the next crash starts over
+        self.crashes.answered()
         return answer
 
     async def preload(self) -> None:
@@ -389,8 +317,7 @@ class ModelProcess:
                 raise ProviderUnreachable(f"the warm-up generation failed: {answer.message}")
             child.probe = False  # from now on it is a process like any other
             if probe:
-                self._crash_times.clear()
-                self._consecutive = 0
+                self.crashes.forgive()
             self._set(State.READY, f"ready (loaded in {self.loaded.load_ms:.0f} ms)")
             return child
         except ProviderUnreachable as exc:
@@ -558,26 +485,12 @@ class ModelProcess:
             self._set(State.IDLE, f"starts on next use ({child.ended_by})")
 
     def _crash(self, child: _Child, returncode: int, phase: Phase) -> Crash:
-        sig = -returncode if returncode < 0 else None
-        how = signal_name(sig) if sig else f"exit code {returncode}"
-        message = f"embedded model process died: {how} during {phase}"
-        hint = crash_hint(sig, phase)
-        if hint:
-            message += f"; {hint}"
-        elif child.stderr:
-            message += f" (its last output: {child.stderr[-1][:300]})"
-        crash = Crash(
-            at=time.time(),
-            phase=phase,
-            signal=sig,
-            exit_code=None if sig else returncode,
-            message=message,
-        )
+        crash = describe(returncode, phase, child.stderr[-1] if child.stderr else None)
         log.error(
             "model_process.crashed",
             provider=self.name,
             pid=child.proc.pid,
-            signal=sig,
+            signal=crash.signal,
             exit_code=crash.exit_code,
             phase=phase.value,
             stderr=list(child.stderr)[-5:],
@@ -585,25 +498,18 @@ class ModelProcess:
         return crash
 
     def _after_crash(self, child: _Child, crash: Crash) -> None:
-        self._crashes += 1
-        self._last_crash = crash
-        now = self._clock()
-        self._crash_times.append(now)
-        while self._crash_times and now - self._crash_times[0] > self.backoff.window:
-            self._crash_times.popleft()
+        recent = self.crashes.record(crash)
         if self._state is State.STOPPED:
             return
-        recent = len(self._crash_times)
-        if child.probe or recent >= self.backoff.crash_limit:
+        if child.probe or self.crashes.gives_up(recent):
             self._set(
                 State.DOWN,
-                f"down after {recent} crash(es) within {self.backoff.window:g}s; last: "
-                f"{crash.message}. A health check tries a fresh process.",
+                f"down after {recent} crash(es) within {self.crashes.backoff.window:g}s; "
+                f"last: {crash.message}. A health check tries a fresh process.",
             )
             return
-        self._consecutive += 1
-        delay = self.backoff.delay(self._consecutive)
-        self._restart_due = now + delay
+        delay = self.crashes.next_delay()
+        self._restart_due = self._clock() + delay
         self._set(State.RESTARTING, f"restarting in {delay:g}s; last: {crash.message}")
         self._restart = asyncio.create_task(self._restart_after(delay), name=f"{self.name}-restart")
 
