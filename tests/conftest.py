@@ -19,6 +19,7 @@ from orchestra.config import (
     TemplateSettings,
     WorkerSettings,
 )
+from tests.fixtures.browser import browser  # noqa: F401  (the fixture, for the browser tests)
 from tests.fixtures.fake_ollama import FakeOllama, running_fake_ollama
 from tests.fixtures.servers import serve
 
@@ -131,7 +132,11 @@ def start_service() -> StartService:
     @asynccontextmanager
     async def start(settings: Settings, **kwargs: Any) -> AsyncIterator[Service]:
         app = create_app(settings, **kwargs)
-        async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=60) as client:
+        # Open connections (a browser's event streams) get 3 s once the test is done.
+        async with (
+            serve(app, timeout_graceful_shutdown=3) as url,
+            httpx.AsyncClient(base_url=url, timeout=60) as client,
+        ):
             yield Service(url, client, app)
 
     return start

@@ -32,6 +32,9 @@ class ServerSettings(_Section, frozen=True):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    #: The path prefix a reverse proxy serves Orchestra under (e.g. "/orchestra"), for the
+    #: links the dashboard makes; "" at the root. A proxy may instead send X-Forwarded-Prefix.
+    root_path: str = ""
 
 
 class DatabaseSettings(_Section, frozen=True):
@@ -224,6 +227,20 @@ class CorsSettings(_Section, frozen=True):
     allow_origins: list[str] = msgspec.field(default_factory=list)
 
 
+class UiSettings(_Section, frozen=True):
+    """The web dashboard."""
+
+    #: Serve the dashboard.
+    enabled: bool = True
+    #: Where it is served (below [server] root_path).
+    path: str = "/ui"
+    #: Hours a dashboard login lasts.
+    session_hours: float = 12.0
+    #: The key that signs dashboard session cookies; "" (the default): a random one made at
+    #: the first start and kept in the database, so every process sharing it accepts them.
+    secret: str = ""
+
+
 class Settings(_Section, frozen=True):
     """Every setting of the service. Mirrors orchestra.toml section by section."""
 
@@ -245,6 +262,7 @@ class Settings(_Section, frozen=True):
     limits: LimitSettings = msgspec.field(default_factory=LimitSettings)
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
     cors: CorsSettings = msgspec.field(default_factory=CorsSettings)
+    ui: UiSettings = msgspec.field(default_factory=UiSettings)
 
     def model_limit(self, model: str | None) -> int:
         """How many tasks for ``model`` may run at once (0: no limit of its own)."""

@@ -159,6 +159,8 @@ class Step(msgspec.Struct, frozen=True):
     started_at: str | None = None
     finished_at: str | None = None
     duration_ms: float | None = None
+    #: The messages sent to the model, as rendered ({"role", "content"} each), for an llm step.
+    prompt: list[dict[str, str]] | None = None
 
 
 class Task(msgspec.Struct, frozen=True):
@@ -203,6 +205,44 @@ class Task(msgspec.Struct, frozen=True):
     def next_run_at(self) -> str | None:
         """When a queued task becomes due (after a delay or a retry backoff)."""
         return self.run_at if self.status is TaskStatus.QUEUED else None
+
+
+class TaskSummary(msgspec.Struct, frozen=True):
+    """A task as a listing shows it: no params, result, steps or attempts, but its duration and
+    the tokens its current attempt used."""
+
+    id: int
+    template: str
+    template_version: int
+    status: TaskStatus
+    model: str | None
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    #: From the current attempt's start to the task's end; None until it has both.
+    duration_ms: float | None
+    #: Prompt and completion tokens of the current attempt's steps (0 before any reported).
+    tokens: int
+    attempts: int
+    error: TaskError | None = None
+
+
+class TaskFilter(msgspec.Struct, frozen=True):
+    """Which tasks a listing, a count or a bulk action is about; a field left None does not
+    narrow. All given fields must hold.
+
+    ``created_from <= created_at < created_to``; a time without a zone is taken as UTC.
+    ``text`` is a substring of the params, the result or the error, searched in their JSON
+    text (a quote or a backslash matches as typed; ASCII letters in any case; ``%`` and ``_``
+    are plain characters).
+    """
+
+    status: TaskStatus | None = None
+    template: str | None = None
+    model: str | None = None
+    created_from: datetime | None = None
+    created_to: datetime | None = None
+    text: str | None = None
 
 
 class NewTask(msgspec.Struct, frozen=True):

@@ -50,6 +50,8 @@ class Context(msgspec.Struct, frozen=True):
     render: Renderer
     #: Receives (step id, text) while an llm step's answer streams; None: do not stream.
     on_text: Callable[[str, str], None] | None = None
+    #: Receives (step id, messages) when an llm step's prompt is rendered, before the call.
+    on_prompt: Callable[[str, list[dict[str, str]]], None] | None = None
 
 
 def _model(ctx: Context, override: str | None) -> str:
@@ -119,6 +121,8 @@ async def run_llm(spec: LlmStep, scope: Scope, ctx: Context) -> Outcome:
     model = _model(ctx, spec.model)
     fmt = await _format(spec, scope, ctx)
     messages = await ctx.render(_messages, spec, scope)
+    if ctx.on_prompt is not None:
+        ctx.on_prompt(spec.id, [{"role": m.role, "content": m.content} for m in messages])
     request = ChatRequest(
         model=model,
         messages=tuple(messages),

@@ -17,6 +17,7 @@ class TaskSignals:
 
     def __init__(self) -> None:
         self._watchers: dict[int, set[asyncio.Event]] = {}
+        self._everything: set[asyncio.Event] = set()
 
     @contextmanager
     def watch(self, task_id: int) -> Iterator[asyncio.Event]:
@@ -33,8 +34,21 @@ class TaskSignals:
                 if not watchers:
                     del self._watchers[task_id]
 
+    @contextmanager
+    def watch_all(self) -> Iterator[asyncio.Event]:
+        """An event set when any task changes (the dashboard's live views); clear it after
+        each wake-up."""
+        event = asyncio.Event()
+        self._everything.add(event)
+        try:
+            yield event
+        finally:
+            self._everything.discard(event)
+
     def publish(self, task_ids: Iterable[int]) -> None:
         """Wake everyone watching these tasks (cheap when nobody watches)."""
+        for event in self._everything:
+            event.set()
         for task_id in task_ids:
             for event in self._watchers.get(task_id, ()):
                 event.set()

@@ -70,12 +70,14 @@ class Runner:
         """
         outputs: dict[str, dict[str, Any]] = {}
         scope: dict[str, Any] = {"params": task.params, "steps": outputs}
+        prompts: dict[str, list[dict[str, str]]] = {}  # kept with the step, failed or not
         ctx = Context(
             task=task,
             template=template,
             provider=self.provider,
             render=self.render,
             on_text=recorder.step_text,
+            on_prompt=prompts.__setitem__,
         )
         for position, spec in enumerate(template.steps):
             await recorder.step_started(spec.id, position)
@@ -88,7 +90,13 @@ class Runner:
                 )
                 await recorder.step_finished(
                     _timed(
-                        Step(id=spec.id, position=position, status=StepStatus.FAILED, error=error),
+                        Step(
+                            id=spec.id,
+                            position=position,
+                            status=StepStatus.FAILED,
+                            error=error,
+                            prompt=prompts.get(spec.id),
+                        ),
                         started,
                         clock,
                     )
@@ -104,6 +112,7 @@ class Runner:
                     output=outcome.output,
                     model=outcome.model,
                     usage=outcome.usage,
+                    prompt=prompts.get(spec.id),
                 )
             await recorder.step_finished(_timed(step, started, clock))
             outputs[spec.id] = {"output": step.output}

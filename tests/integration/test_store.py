@@ -247,6 +247,37 @@ async def test_migrated_schema_matches_the_table_definitions(db: Database) -> No
             assert indexes == {ix.name for ix in table.indexes}, table.name
 
 
+async def test_migrated_indexes_and_triggers_are_those_the_tables_describe(
+    db: Database, tmp_path: Path
+) -> None:
+    """Index definitions and the counters' triggers, compared as SQLite stores them, with a
+    database created from tables.py."""
+    from sqlalchemy import create_engine
+
+    from orchestra.db.tables import metadata
+
+    described = create_engine(f"sqlite:///{tmp_path / 'described.db'}")
+    metadata.create_all(described)
+    described.dispose()
+
+    def definitions(path: Path) -> dict[str, str]:
+        with sqlite3.connect(path) as conn:
+            rows = conn.execute(
+                "SELECT name, sql FROM sqlite_master "
+                "WHERE type IN ('index', 'trigger') AND sql IS NOT NULL"
+            ).fetchall()
+        return {name: " ".join(sql.split()) for name, sql in rows}
+
+    migrated = definitions(db.path)
+    assert migrated == definitions(tmp_path / "described.db")
+    assert {"tr_task_counts_insert", "tr_task_counts_status", "tr_task_counts_delete"} <= set(
+        migrated
+    )
+    with sqlite3.connect(db.path) as conn:
+        counters = conn.execute("SELECT status, n FROM task_counts ORDER BY status").fetchall()
+    assert counters == sorted((s.value, 0) for s in TaskStatus)
+
+
 async def test_a_version_1_database_is_upgraded_in_place(db_url: str, tmp_path: Path) -> None:
     from orchestra.db import schema
 

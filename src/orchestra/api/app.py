@@ -24,6 +24,8 @@ from orchestra.catalog import TemplateCatalog
 from orchestra.config import Settings
 from orchestra.tasks import TaskService
 from orchestra.templating.registry import TemplateRegistry
+from orchestra.web.render import template_config
+from orchestra.web.routes import dashboard, own_paths
 
 
 def _runtime(state: State) -> Runtime:
@@ -73,9 +75,13 @@ def create_app(
         registry = TemplateRegistry(settings.templates.dirs, limits=settings.limits)
         registry.load()
     runtime = Runtime(settings, registry, env or {})
+    handlers: list[Any] = [TaskController, TemplateController, health, models]
+    if settings.ui.enabled:
+        handlers.append(dashboard(settings))
     app = Litestar(
-        route_handlers=[TaskController, TemplateController, health, models],
-        middleware=auth.middleware(settings.auth),
+        route_handlers=handlers,
+        middleware=auth.middleware(settings.auth, own_paths(settings)),
+        template_config=template_config() if settings.ui.enabled else None,
         guards=[auth.scope_guard],
         cors_config=(
             CORSConfig(allow_origins=settings.cors.allow_origins)

@@ -50,6 +50,10 @@ class Gatekeeper:
             self._read_at = time.monotonic()
         return self._keys
 
+    def forget(self) -> None:
+        """Read the keys again on the next request (a key was just made or revoked here)."""
+        self._read_at = float("-inf")
+
     async def caller(self, authorization: str | None) -> Caller:
         """Who is calling.
 
@@ -82,10 +86,11 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
         return AuthenticationResult(user=caller, auth=None)
 
 
-def middleware(settings: AuthSettings) -> list[DefineMiddleware]:
+def middleware(settings: AuthSettings, own_auth: tuple[str, ...] = ()) -> list[DefineMiddleware]:
     """Rate limiting (when set; outermost, so it also counts requests without a valid key),
-    then authentication, both leaving out the public paths."""
-    stack = [DefineMiddleware(ApiKeyMiddleware, exclude=PUBLIC)]
+    then authentication, both leaving out the public paths. Paths matching ``own_auth``
+    (patterns: the dashboard's) authenticate their own way."""
+    stack = [DefineMiddleware(ApiKeyMiddleware, exclude=[*PUBLIC, *own_auth])]
     limits = rate_limit(settings)
     if limits is not None:
         stack.insert(0, limits.middleware)

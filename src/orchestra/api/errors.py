@@ -74,10 +74,15 @@ def _body(
     return Response(body, status_code=status, headers=headers)
 
 
+def status_of(exc: OrchestraError) -> int:
+    """The HTTP status an error answers with (500 for one the tree does not map)."""
+    return next((s for cls, s in _STATUS if isinstance(exc, cls)), HTTP_500_INTERNAL_SERVER_ERROR)
+
+
 def orchestra_error(_: Request[Any, Any, Any], exc: OrchestraError) -> Response[ErrorBody]:
     """Map the error tree to statuses."""
-    status = next((s for cls, s in _STATUS if isinstance(exc, cls)), None)
-    if status is None:
+    status = status_of(exc)
+    if status == HTTP_500_INTERNAL_SERVER_ERROR:
         log.error("api.unexpected_error", error=exc.message, code=exc.code)
         return _body(HTTP_500_INTERNAL_SERVER_ERROR, "internal", "internal error")
     fields = [FieldOut(f.field, f.message) for f in getattr(exc, "fields", [])]

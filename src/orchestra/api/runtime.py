@@ -17,12 +17,15 @@ import httpx
 from orchestra import logs
 from orchestra.api.auth import Gatekeeper
 from orchestra.auth import ApiKey, bootstrap_key, is_loopback
+from orchestra.bulk import BulkService
 from orchestra.catalog import TemplateCatalog
 from orchestra.config import Settings
 from orchestra.db import Database, TaskStore
 from orchestra.db.failures import warn_when_low
 from orchestra.db.keys import KeyStore
+from orchestra.db.overview import DashboardStore
 from orchestra.db.schema import upgrade
+from orchestra.db.secrets import service_secret
 from orchestra.db.templates import TemplateStore
 from orchestra.errors import ConfigError, TemplateError
 from orchestra.llm.router import Router, build_providers
@@ -32,6 +35,7 @@ from orchestra.runner import Runner
 from orchestra.tasks import TaskService
 from orchestra.templating.isolation import Renderer
 from orchestra.templating.registry import TemplateRegistry
+from orchestra.web.access import Sessions
 from orchestra.worker import WorkerPool
 
 log = logs.get("orchestra.runtime")
@@ -56,6 +60,10 @@ class Runtime:
         self._pool: WorkerPool | None = None
         self._catalog: TemplateCatalog | None = None
         self._gatekeeper: Gatekeeper | None = None
+        self._keys: KeyStore | None = None
+        self._dashboard: DashboardStore | None = None
+        self._sessions: Sessions | None = None
+        self._bulk: BulkService | None = None
 
     @property
     def db(self) -> Database:
@@ -87,6 +95,34 @@ class Runtime:
         return self._gatekeeper
 
     @property
+    def keys(self) -> KeyStore:
+        """API keys (the dashboard's key pages)."""
+        if self._keys is None:
+            raise NotStarted()
+        return self._keys
+
+    @property
+    def dashboard(self) -> DashboardStore:
+        """The dashboard's reads: counts, overview, filtered pages."""
+        if self._dashboard is None:
+            raise NotStarted()
+        return self._dashboard
+
+    @property
+    def bulk(self) -> BulkService:
+        """Cancel or retry many tasks at once (the dashboard's bulk actions)."""
+        if self._bulk is None:
+            raise NotStarted()
+        return self._bulk
+
+    @property
+    def sessions(self) -> Sessions:
+        """Signs and checks dashboard session cookies."""
+        if self._sessions is None:
+            raise NotStarted()
+        return self._sessions
+
+    @property
     def catalog(self) -> TemplateCatalog:
         if self._catalog is None:
             raise NotStarted()
@@ -115,7 +151,11 @@ class Runtime:
             version = await upgrade(db)
             log.info("database.ready", path=str(db.path), schema_version=version)
             transport = ShardedTransport(max_connections=max(10, s.workers.concurrency * 2))
-            self._gatekeeper = Gatekeeper(KeyStore(db), s.auth, loopback=is_loopback(s.server.host))
+            self._keys = KeyStore(db)
+            self._gatekeeper = Gatekeeper(self._keys, s.auth, loopback=is_loopback(s.server.host))
+            self._dashboard = DashboardStore(db)
+            secret = s.ui.secret or await service_secret(db, "ui.session")
+            self._sessions = Sessions(secret, s.ui.session_hours)
             catalog = TemplateCatalog(self.registry, TemplateStore(db), s.limits)
             await catalog.start()
             self._catalog = catalog
@@ -143,6 +183,7 @@ class Runtime:
                     default_max_attempts=s.workers.max_attempts,
                     limits=s.limits,
                 )
+                self._bulk = BulkService(store, self._dashboard, pool)
                 await pool.start()
                 hangup = _on_sighup(self.reload_templates)
                 try:
@@ -156,9 +197,11 @@ class Runtime:
                     await asyncio.gather(watcher, disk, return_exceptions=True)
                     await router.close()
                     self._tasks = self._router = None
+                    self._bulk = None
         finally:
             self._db = None
             self._catalog = None
+            self._keys = self._dashboard = self._sessions = None
             await db.close()
 
 

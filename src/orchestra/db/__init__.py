@@ -2,7 +2,7 @@
 
 ``engine`` opens the database, ``tables`` describes it, ``schema`` creates and upgrades it,
 ``store`` holds every query as a named function, ``statements`` the hot path's SQL compiled
-once.
+once, ``bulk`` cancel and retry for one task or many, ``overview`` the dashboard's reads.
 """
 
 from orchestra.db.engine import Database

@@ -6,6 +6,7 @@ Each domain struct is built by one explicit constructor here; nothing else reads
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -22,6 +23,7 @@ from orchestra.domain import (
     Task,
     TaskError,
     TaskStatus,
+    TaskSummary,
     Usage,
 )
 
@@ -79,6 +81,31 @@ def task_from_row(
     )
 
 
+def summary_from_row(row: Row[Any], tokens: int) -> TaskSummary:
+    """Build a :class:`TaskSummary` from a ``tasks`` row (the listing's columns) and the tokens
+    its current attempt used."""
+    m = row._mapping
+    started, finished = m["started_at"], m["finished_at"]
+    duration = None
+    if started is not None and finished is not None:
+        elapsed = datetime.fromisoformat(finished) - datetime.fromisoformat(started)
+        duration = elapsed.total_seconds() * 1000
+    return TaskSummary(
+        id=m["id"],
+        template=m["template"],
+        template_version=m["template_version"],
+        status=TaskStatus(m["status"]),
+        model=m["model"],
+        created_at=m["created_at"],
+        started_at=started,
+        finished_at=finished,
+        duration_ms=duration,
+        tokens=tokens,
+        attempts=m["attempts"],
+        error=error_of(m["error"]),
+    )
+
+
 def step_from_row(row: Row[Any]) -> Step:
     """Build a :class:`Step` from a ``task_steps`` row."""
     m = row._mapping
@@ -94,6 +121,7 @@ def step_from_row(row: Row[Any]) -> Step:
         started_at=m["started_at"],
         finished_at=m["finished_at"],
         duration_ms=m["duration_ms"],
+        prompt=load(m["prompt"]),
     )
 
 

@@ -136,17 +136,92 @@ CREATE TABLE api_keys (
 """
 
 
-def _sql(script: str) -> Migration:
-    statements = [part.strip() for part in script.split(";") if part.strip()]
+# Counts by status without counting: one row per status word, kept exact by triggers inside
+# the transaction of each change, so the dashboard reads five rows where counting would walk
+# an index of a million entries. The counters start from the rows already there. (On
+# PostgreSQL, a future issue, a single counter row per status is a hot spot: every claim and
+# finish in every worker would wait for the same row lock; there, shard each counter or count
+# from the index.) The finished index also carries the status, so the per-minute chart of
+# succeeded and failed tasks is an index-only range scan; retention still walks it in
+# finished_at order. The dashboard filters by model and by creation time: without an index,
+# a model no task has, or a time range holding few tasks, reads the whole table (0.3 s at a
+# million rows; benchmarks/dashboard_data.py). Triggers contain ";", so these statements are
+# listed one by one.
+_V5 = (
+    """
+CREATE TABLE task_counts (
+    status TEXT NOT NULL PRIMARY KEY,
+    n INTEGER NOT NULL,
+    CONSTRAINT ck_status_word CHECK (
+        status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')
+    )
+)""",
+    """
+INSERT INTO task_counts (status, n)
+SELECT word, (SELECT count(*) FROM tasks WHERE tasks.status = word)
+FROM (
+    SELECT 'queued' AS word UNION ALL SELECT 'running' UNION ALL SELECT 'succeeded'
+    UNION ALL SELECT 'failed' UNION ALL SELECT 'cancelled'
+)""",
+    """
+CREATE TRIGGER tr_task_counts_insert AFTER INSERT ON tasks
+BEGIN
+    UPDATE task_counts SET n = n + 1 WHERE status = NEW.status;
+END""",
+    """
+CREATE TRIGGER tr_task_counts_status AFTER UPDATE OF status ON tasks
+WHEN OLD.status IS NOT NEW.status
+BEGIN
+    UPDATE task_counts SET n = n - 1 WHERE status = OLD.status;
+    UPDATE task_counts SET n = n + 1 WHERE status = NEW.status;
+END""",
+    """
+CREATE TRIGGER tr_task_counts_delete AFTER DELETE ON tasks
+BEGIN
+    UPDATE task_counts SET n = n - 1 WHERE status = OLD.status;
+END""",
+    "DROP INDEX ix_tasks_finished",
+    """
+CREATE INDEX ix_tasks_finished_status ON tasks (finished_at, status)
+WHERE finished_at IS NOT NULL""",
+    "CREATE INDEX ix_tasks_model_id ON tasks (model, id)",
+    "CREATE INDEX ix_tasks_created ON tasks (created_at)",
+)
 
+
+# The dashboard shows each llm step's prompt as rendered, and signs its sessions with a key
+# every process sharing the database knows.
+_V6 = """
+ALTER TABLE task_steps ADD COLUMN prompt TEXT;
+CREATE TABLE service_secrets (
+    name TEXT NOT NULL,
+    value TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (name)
+);
+"""
+
+
+def _statements(*statements: str) -> Migration:
     def apply(conn: Connection) -> None:
         for statement in statements:
-            conn.exec_driver_sql(statement)
+            conn.exec_driver_sql(statement.strip())
 
     return apply
 
 
-MIGRATIONS: list[Migration] = [_sql(_V1), _sql(_V2), _sql(_V3), _sql(_V4)]
+def _sql(script: str) -> Migration:
+    return _statements(*(part for part in script.split(";") if part.strip()))
+
+
+MIGRATIONS: list[Migration] = [
+    _sql(_V1),
+    _sql(_V2),
+    _sql(_V3),
+    _sql(_V4),
+    _statements(*_V5),
+    _sql(_V6),
+]
 LATEST = len(MIGRATIONS)
 
 

@@ -79,6 +79,7 @@ _STEP_FIELDS = (
     "usage",
     "finished_at",
     "duration_ms",
+    "prompt",
 )
 FINISH_STEP = Prepared(
     update(task_steps)

@@ -5,9 +5,12 @@ A person with the sqlite3 shell can read everything: ``SELECT id, status, error 
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     CheckConstraint,
     Column,
+    Connection,
     Float,
     ForeignKey,
     Index,
@@ -16,6 +19,7 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     Table,
     Text,
+    event,
     text,
 )
 
@@ -83,9 +87,18 @@ Index(
 Index("ix_tasks_leases", tasks.c.lease_expires_at, sqlite_where=tasks.c.status == "running")
 Index("ix_tasks_status_id", tasks.c.status, tasks.c.id)
 Index("ix_tasks_template_id", tasks.c.template, tasks.c.id)
+# The dashboard's filters: by model (newest first), and by creation time.
+Index("ix_tasks_model_id", tasks.c.model, tasks.c.id)
+Index("ix_tasks_created", tasks.c.created_at)
 Index("ux_tasks_idempotency_key", tasks.c.idempotency_key, unique=True)
-# Retention deletes the oldest finished tasks first.
-Index("ix_tasks_finished", tasks.c.finished_at, sqlite_where=tasks.c.finished_at.is_not(None))
+# Retention deletes the oldest finished tasks first; the dashboard counts succeeded and failed
+# tasks per minute from this index alone (the status is in it).
+Index(
+    "ix_tasks_finished_status",
+    tasks.c.finished_at,
+    tasks.c.status,
+    sqlite_where=tasks.c.finished_at.is_not(None),
+)
 
 task_attempts = Table(
     "task_attempts",
@@ -157,6 +170,57 @@ task_steps = Table(
     Column("started_at", Text),
     Column("finished_at", Text),
     Column("duration_ms", Float),
+    Column("prompt", Text),  # JSON: the messages sent to the model, as rendered
     PrimaryKeyConstraint("task_id", "attempt", "step_id"),
     _one_of("status", STEP_STATUSES),
+)
+
+# How many tasks are in each status: one row per status word, kept exact by the triggers below
+# in the same transaction as each change, so counts never walk the tasks.
+task_counts = Table(
+    "task_counts",
+    metadata,
+    Column("status", Text, primary_key=True),
+    Column("n", Integer, nullable=False),
+    _one_of("status", TASK_STATUSES),
+)
+
+#: The triggers that keep ``task_counts`` exact (migration 5 created them; a test compares).
+#: A status UPDATE that leaves the status as it was changes no counter.
+COUNT_TRIGGERS = (
+    """CREATE TRIGGER tr_task_counts_insert AFTER INSERT ON tasks
+BEGIN
+    UPDATE task_counts SET n = n + 1 WHERE status = NEW.status;
+END""",
+    """CREATE TRIGGER tr_task_counts_status AFTER UPDATE OF status ON tasks
+WHEN OLD.status IS NOT NEW.status
+BEGIN
+    UPDATE task_counts SET n = n - 1 WHERE status = OLD.status;
+    UPDATE task_counts SET n = n + 1 WHERE status = NEW.status;
+END""",
+    """CREATE TRIGGER tr_task_counts_delete AFTER DELETE ON tasks
+BEGIN
+    UPDATE task_counts SET n = n - 1 WHERE status = OLD.status;
+END""",
+)
+
+
+# A database created from this description (metadata.create_all, in tests) gets the counters'
+# rows and the triggers too.
+@event.listens_for(metadata, "after_create")
+def _create_counters(_target: MetaData, connection: Connection, **_kw: Any) -> None:
+    words = ", ".join(f"('{status}', 0)" for status in TASK_STATUSES)
+    connection.exec_driver_sql(f"INSERT INTO task_counts (status, n) VALUES {words}")
+    for trigger in COUNT_TRIGGERS:
+        connection.exec_driver_sql(trigger)
+
+
+# Secrets the service makes for itself (the dashboard's session-signing key), shared by every
+# process that uses this database.
+service_secrets = Table(
+    "service_secrets",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("value", Text, nullable=False),
+    Column("created_at", Text, nullable=False),
 )

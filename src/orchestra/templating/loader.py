@@ -220,6 +220,7 @@ def parse_template(
         retry=retry,
         timeout=timeout,
         source=file,
+        text=text,
     )
 
 

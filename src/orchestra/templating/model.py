@@ -140,6 +140,8 @@ class Template(msgspec.Struct, frozen=True):
     source: str = "<string>"
     #: builtin (shipped), file (a [templates] dirs folder) or api (registered).
     origin: Literal["builtin", "file", "api"] = "file"
+    #: The YAML it was read from, as written (the dashboard shows it).
+    text: str = ""
 
     def params_schema(self) -> dict[str, Any]:
         """The parameters as one JSON Schema object."""

@@ -1,0 +1,151 @@
+"""Service functions for acting on many tasks at once: cancel or retry the tasks a person
+selected, or every task matching a filter.
+
+A bulk action goes through the store in chunks of :data:`CHUNK` ids, each chunk one
+transaction (so the queue never waits long behind it), and tells the worker pool as
+:class:`~orchestra.tasks.TaskService` does for one task: a running task flagged to cancel is
+interrupted if it runs in this process (other processes learn it at their next lease
+renewal), and retried tasks wake the pool. Unlike the one-task calls it never waits for a
+running task to stop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+
+import msgspec
+
+from orchestra import logs
+from orchestra.db.overview import DashboardStore
+from orchestra.db.store import TaskStore
+from orchestra.domain import TaskFilter, TaskStatus
+from orchestra.tasks import MAX_ID, Scheduler
+
+#: Ids per transaction.
+CHUNK = 500
+#: What each action can change.
+CANCELLABLE = (TaskStatus.QUEUED, TaskStatus.RUNNING)
+RETRYABLE = (TaskStatus.FAILED, TaskStatus.CANCELLED)
+
+log = logs.get("orchestra.bulk")
+
+
+class BulkOutcome(msgspec.Struct, frozen=True):
+    """What a bulk action did.
+
+    ``changed``: tasks it acted on (cancelled at once, flagged to stop, or queued again).
+    ``stopping``: of those, running tasks asked to stop (their worker ends them shortly).
+    ``skipped``: tasks it left alone: missing, or in a status the action does not apply to
+    (for a filter: tasks that moved on between the walk and the change).
+    """
+
+    changed: int = 0
+    skipped: int = 0
+    stopping: int = 0
+
+    def plus(self, other: BulkOutcome) -> BulkOutcome:
+        """Both outcomes together."""
+        return BulkOutcome(
+            changed=self.changed + other.changed,
+            skipped=self.skipped + other.skipped,
+            stopping=self.stopping + other.stopping,
+        )
+
+
+def _chunks(ids: Iterable[int]) -> Iterable[list[int]]:
+    unique = sorted({i for i in ids if 0 < i <= MAX_ID})
+    for start in range(0, len(unique), CHUNK):
+        yield unique[start : start + CHUNK]
+
+
+class BulkService:
+    """Cancel and retry for many tasks; built beside :class:`~orchestra.tasks.TaskService`
+    from the same store and worker pool."""
+
+    def __init__(self, store: TaskStore, dashboard: DashboardStore, scheduler: Scheduler) -> None:
+        self.store = store
+        self.dashboard = dashboard
+        self.scheduler = scheduler
+
+    async def cancel_tasks(self, ids: Iterable[int]) -> BulkOutcome:
+        """Cancel these tasks: queued ones at once, running ones are asked to stop; finished
+        or missing ones are skipped."""
+        given = set(ids)
+        outcome = BulkOutcome()
+        for chunk in _chunks(given):
+            outcome = outcome.plus(await self._cancel(chunk))
+        return _with_skipped(outcome, len(given))
+
+    async def retry_tasks(self, ids: Iterable[int]) -> BulkOutcome:
+        """Queue these tasks again if they failed or were cancelled; others are skipped."""
+        given = set(ids)
+        outcome = BulkOutcome()
+        for chunk in _chunks(given):
+            outcome = outcome.plus(await self._retry(chunk))
+        return _with_skipped(outcome, len(given))
+
+    async def cancel_matching(self, filter: TaskFilter) -> BulkOutcome:
+        """Cancel every queued or running task matching ``filter`` that exists now (tasks
+        submitted meanwhile are left alone)."""
+        return await self._matching(filter, CANCELLABLE, self._cancel, "cancel")
+
+    async def retry_matching(self, filter: TaskFilter) -> BulkOutcome:
+        """Queue again every failed or cancelled task matching ``filter``."""
+        return await self._matching(filter, RETRYABLE, self._retry, "retry")
+
+    async def count_cancellable(self, filter: TaskFilter) -> int:
+        """How many tasks :meth:`cancel_matching` would act on now (for its confirmation)."""
+        return await self.dashboard.count(filter, CANCELLABLE)
+
+    async def count_retryable(self, filter: TaskFilter) -> int:
+        """How many tasks :meth:`retry_matching` would act on now (for its confirmation)."""
+        return await self.dashboard.count(filter, RETRYABLE)
+
+    async def _matching(
+        self,
+        filter: TaskFilter,
+        statuses: tuple[TaskStatus, ...],
+        act: Callable[[list[int]], Awaitable[BulkOutcome]],
+        action: str,
+    ) -> BulkOutcome:
+        """Walk the matching tasks in chunks, up to the newest task at the start, acting on
+        each chunk as it is read."""
+        newest = await self.dashboard.newest_id()
+        outcome = BulkOutcome()
+        after: int | None = None
+        while True:
+            ids = await self.dashboard.matching_ids(filter, statuses, after, CHUNK)
+            chunk = [i for i in ids if i <= newest]
+            if chunk:
+                outcome = outcome.plus(await act(chunk))
+            if len(chunk) < CHUNK:
+                break
+            after = chunk[-1]
+        log.info(
+            "tasks.bulk",
+            action=action,
+            changed=outcome.changed,
+            skipped=outcome.skipped,
+            stopping=outcome.stopping,
+        )
+        return outcome
+
+    async def _cancel(self, chunk: list[int]) -> BulkOutcome:
+        acted = await self.store.cancel_many(chunk)
+        running = [i for i, status in acted.items() if status is TaskStatus.RUNNING]
+        for task_id in running:
+            self.scheduler.cancel(task_id)
+        return BulkOutcome(
+            changed=len(acted), skipped=len(chunk) - len(acted), stopping=len(running)
+        )
+
+    async def _retry(self, chunk: list[int]) -> BulkOutcome:
+        requeued = sum((await self.store.retry_many(chunk)).values())
+        if requeued:
+            self.scheduler.notify()
+        return BulkOutcome(changed=requeued, skipped=len(chunk) - requeued)
+
+
+def _with_skipped(outcome: BulkOutcome, given: int) -> BulkOutcome:
+    """Count ids that could name no task (out of range) as skipped too."""
+    return msgspec.structs.replace(outcome, skipped=given - outcome.changed)

@@ -1,0 +1,91 @@
+"""Cancel and retry, as people ask for them: for one task or a chunk of many in one
+transaction.
+
+Each change is an UPDATE guarded by the status it expects, so a task that moved on meanwhile (a
+worker finished it, another request cancelled it) is left as it is. These are transaction
+bodies: :class:`~orchestra.db.store.TaskStore` runs them on the writer and tells the waiters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import msgspec
+from sqlalchemy import Connection, func, select, update
+
+from orchestra.db import events
+from orchestra.db.rows import dump
+from orchestra.db.tables import tasks
+from orchestra.domain import TaskError, TaskStatus
+
+#: The error a task cancelled by request carries.
+BY_REQUEST = TaskError(type="cancelled", message="cancelled by request")
+_CANCELLED, _RUNNING = TaskStatus.CANCELLED.value, TaskStatus.RUNNING.value
+_QUEUED = TaskStatus.QUEUED.value
+_RETRYABLE = [TaskStatus.FAILED.value, TaskStatus.CANCELLED.value]
+
+
+def cancel(conn: Connection, ids: Collection[int], now: str) -> dict[int, TaskStatus]:
+    """Cancel the queued ones among ``ids`` at once (each gets a ``task.finished`` event) and
+    flag the running ones for their workers (``cancel_requested``).
+
+    Returns the tasks acted on and the status each is in now: cancelled, or running (its
+    worker still has to stop). Ids of missing or finished tasks are left out.
+    """
+    if not ids:
+        return {}
+    cancelled = conn.execute(
+        update(tasks)
+        .where(tasks.c.id.in_(list(ids)), tasks.c.status == _QUEUED)
+        .values(status=_CANCELLED, finished_at=now, error=dump(BY_REQUEST))
+        .returning(tasks.c.id)
+    ).scalars()
+    acted = dict.fromkeys(sorted(cancelled), TaskStatus.CANCELLED)
+    finished = {"status": _CANCELLED, "error": msgspec.to_builtins(BY_REQUEST)}
+    events.append_many(conn, [(task_id, "task.finished", finished) for task_id in acted], now)
+    flagged = conn.execute(
+        update(tasks)
+        .where(tasks.c.id.in_(list(ids)), tasks.c.status == _RUNNING)
+        .values(cancel_requested=1)
+        .returning(tasks.c.id)
+    ).scalars()
+    acted.update(dict.fromkeys(flagged, TaskStatus.RUNNING))
+    return acted
+
+
+def retry(conn: Connection, ids: Collection[int], now: str) -> list[int]:
+    """Queue the failed and cancelled ones among ``ids`` again as a new attempt, due now (each
+    gets a ``task.queued`` event saying it is a retry); returns their ids.
+
+    Each gets at least one more attempt than it has used.
+    """
+    if not ids:
+        return []
+    requeued = sorted(
+        conn.execute(
+            update(tasks)
+            .where(tasks.c.id.in_(list(ids)), tasks.c.status.in_(_RETRYABLE))
+            .values(
+                status=_QUEUED,
+                run_at=now,
+                error=None,
+                result=None,
+                finished_at=None,
+                cancel_requested=0,
+                max_attempts=func.max(
+                    tasks.c.max_attempts, tasks.c.attempts - tasks.c.handed_back + 1
+                ),
+            )
+            .returning(tasks.c.id)
+        ).scalars()
+    )
+    events.append_many(
+        conn, [(task_id, "task.queued", {"retry": True}) for task_id in requeued], now
+    )
+    return requeued
+
+
+def status_of(conn: Connection, task_id: int) -> TaskStatus | None:
+    """A task's status now, or None when there is no such task."""
+    status = conn.execute(select(tasks.c.status).where(tasks.c.id == task_id)).scalar()
+    return None if status is None else TaskStatus(status)

@@ -1,0 +1,1 @@
+"""The web dashboard: server-rendered pages (Jinja, htmx), served by the service itself."""

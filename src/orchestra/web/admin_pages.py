@@ -1,0 +1,125 @@
+"""Logging in and out of the dashboard, and managing API keys (admin scope)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, get, post
+from litestar.datastructures import Cookie
+from litestar.params import FromPath, FromQuery
+from litestar.response import Redirect, Template
+
+from orchestra.auth import SCOPES
+from orchestra.errors import ConflictError, InvalidRequest, Unauthorized
+from orchestra.web.access import COOKIE
+from orchestra.web.render import links, page
+
+
+def _safe_next(target: str, base: str) -> str:
+    """Where to go after logging in: only a page of this dashboard (never another site)."""
+    if target.startswith(base + "/") or target == base:
+        if not target.startswith("//") and "\\" not in target:
+            return target
+    return base + "/"
+
+
+def _secure(request: Request[Any, Any, Any]) -> bool:
+    proto = request.headers.get("x-forwarded-proto") or request.url.scheme
+    return proto == "https"
+
+
+class AccessPages(Controller):
+    """Log in with an API key; log out."""
+
+    @get("/login", name="ui.login")
+    async def login_page(
+        self, request: Request[Any, Any, Any], next: FromQuery[str] = ""
+    ) -> Template:
+        """The login form."""
+        return page(request, "login.html", next=next, error="")
+
+    @post("/login", status_code=303)
+    async def login(self, request: Request[Any, Any, Any]) -> Redirect | Template:
+        """Check the key as the API would; on success, a signed session cookie."""
+        form = await request.form()
+        token = str(form.get("key", "")).strip()
+        target = _safe_next(str(form.get("next", "")), links(request).base)
+        runtime = request.app.state.runtime
+        try:
+            if not token:
+                raise Unauthorized("enter an API key")
+            caller = await runtime.gatekeeper.caller(f"Bearer {token}")
+        except Unauthorized as exc:
+            return page(request, "login.html", status_code=401, next=target, error=exc.message)
+        if caller.key_id is None:  # pragma: no cover - a Bearer token always names its key
+            raise Unauthorized("the API key is not valid")
+        cookie = Cookie(
+            key=COOKIE,
+            value=runtime.sessions.issue(caller.key_id),
+            path=links(request).base or "/",
+            max_age=runtime.sessions.max_age,
+            httponly=True,
+            samesite="strict",
+            secure=_secure(request),
+        )
+        return Redirect(target, status_code=303, cookies=[cookie])
+
+    @post("/logout", status_code=303, opt={"scope": "read"})
+    async def logout(self, request: Request[Any, Any, Any]) -> Redirect:
+        """End the session."""
+        base = links(request).base
+        gone = Cookie(
+            key=COOKIE, value="", path=base or "/", max_age=0, httponly=True, samesite="strict"
+        )
+        return Redirect(base + "/login", status_code=303, cookies=[gone])
+
+
+class KeyPages(Controller):
+    """API keys: list, create (the token is shown once), revoke."""
+
+    path = "/keys"
+    opt = {"scope": "admin"}
+
+    async def _page(
+        self, request: Request[Any, Any, Any], status_code: int = 200, **context: Any
+    ) -> Template:
+        keys = await request.app.state.runtime.keys.all()
+        defaults = {"made": None, "token": None, "error": "", "scopes": SCOPES}
+        return page(
+            request,
+            "keys.html",
+            status_code=status_code,
+            section="keys",
+            keys=keys,
+            **{**defaults, **context},
+        )
+
+    @get("/", name="ui.keys")
+    async def keys(self, request: Request[Any, Any, Any]) -> Template:
+        """Every key, active and revoked (never their secrets)."""
+        return await self._page(request)
+
+    @post("/", status_code=200)
+    async def create(self, request: Request[Any, Any, Any]) -> Template:
+        """Make a key; its token is in this answer only."""
+        form = await request.form()
+        name, scope = str(form.get("name", "")).strip(), str(form.get("scope", ""))
+        runtime = request.app.state.runtime
+        try:
+            if not name:
+                raise InvalidRequest("give the key a name")
+            if scope not in SCOPES:
+                raise InvalidRequest("scope must be read, submit or admin")
+            made, token = await runtime.keys.create(name, scope)
+        except (InvalidRequest, ConflictError) as exc:
+            return await self._page(request, status_code=422, error=exc.message)
+        runtime.gatekeeper.forget()
+        return await self._page(request, made=made, token=token)
+
+    @post("/{key_id:str}/revoke", status_code=303)
+    async def revoke(self, request: Request[Any, Any, Any], key_id: FromPath[str]) -> Redirect:
+        """Revoke a key: requests and dashboard sessions with it stop working."""
+        runtime = request.app.state.runtime
+        await runtime.keys.revoke(key_id)
+        runtime.gatekeeper.forget()
+        return Redirect(links(request).ui("/keys"), status_code=303)

@@ -1,0 +1,188 @@
+"""A run form generated from a template's parameter JSON Schema, and its answers read back.
+
+Each parameter becomes one control: a text input (or a textarea for long text), a number input
+with its bounds, a checkbox, a select for an enum, a textarea with one item per line for an
+array, or a JSON textarea for an object. Answers are turned back into typed values as far as
+they parse; whatever does not parse is passed on as typed, so the service's own validation
+names the problem, in the API's words, beside the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from orchestra.errors import FieldProblem
+
+#: Strings whose description or bounds suggest long text get a textarea.
+_LONG = 200
+
+
+class Field(msgspec.Struct, frozen=True):
+    """One control of a run form."""
+
+    name: str
+    #: text, textarea, number, checkbox, select, lines (one item per line) or json.
+    control: str
+    type: str
+    required: bool
+    value: str = ""
+    checked: bool = False
+    description: str = ""
+    #: For a select: (value as sent, label) pairs; the value is the option's JSON.
+    options: list[tuple[str, str]] = msgspec.field(default_factory=list)
+    minimum: float | None = None
+    maximum: float | None = None
+    step: str = "any"
+    min_length: int | None = None
+    max_length: int | None = None
+    errors: list[str] = msgspec.field(default_factory=list)
+
+
+def _shown(value: Any, schema: Mapping[str, Any]) -> str:
+    """A value as the control shows it."""
+    if value is None:
+        return ""
+    kind = schema.get("type")
+    if kind == "array" and isinstance(value, list):
+        return "\n".join(v if isinstance(v, str) else json.dumps(v) for v in value)
+    if kind == "object":
+        return json.dumps(value, indent=2, ensure_ascii=False)
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def fields(
+    schema: Mapping[str, Any],
+    values: Mapping[str, Any] | None = None,
+    problems: list[FieldProblem] | None = None,
+) -> list[Field]:
+    """The controls for a parameters schema, filled with ``values`` (else the defaults), with
+    each problem beside the field it names."""
+    values = values or {}
+    by_field: dict[str, list[str]] = {}
+    for problem in problems or []:
+        by_field.setdefault(field_of(problem.field), []).append(problem.message)
+    required = set(schema.get("required", []))
+    out = []
+    for name, prop in schema.get("properties", {}).items():
+        kind = prop.get("type", "string")
+        value = values.get(name, prop.get("default"))
+        common: dict[str, Any] = {
+            "name": name,
+            "type": kind,
+            "required": name in required,
+            "description": prop.get("description") or "",
+            "errors": by_field.get(name, []),
+        }
+        if "enum" in prop:
+            options = [
+                (json.dumps(v), v if isinstance(v, str) else json.dumps(v)) for v in prop["enum"]
+            ]
+            if name not in required:
+                options.insert(0, ("", "—"))
+            chosen = "" if value is None else json.dumps(value)
+            out.append(Field(control="select", options=options, value=chosen, **common))
+        elif kind == "boolean":
+            out.append(Field(control="checkbox", checked=bool(value), **common))
+        elif kind in ("integer", "number"):
+            out.append(
+                Field(
+                    control="number",
+                    value=_shown(value, prop),
+                    minimum=prop.get("minimum"),
+                    maximum=prop.get("maximum"),
+                    step="1" if kind == "integer" else "any",
+                    **common,
+                )
+            )
+        elif kind == "array":
+            out.append(Field(control="lines", value=_shown(value, prop), **common))
+        elif kind == "object":
+            out.append(Field(control="json", value=_shown(value, prop), **common))
+        else:
+            long = (prop.get("maxLength") or 10**9) > _LONG and not prop.get("pattern")
+            out.append(
+                Field(
+                    control="textarea" if long else "text",
+                    value=_shown(value, prop),
+                    min_length=prop.get("minLength"),
+                    max_length=prop.get("maxLength"),
+                    **common,
+                )
+            )
+    return out
+
+
+_TOP = re.compile(r"^params\.([^.\[]+)")
+
+
+def field_of(path: str) -> str:
+    """The form field a problem's path names: ``params.items[2]`` is ``items``."""
+    match = _TOP.match(path)
+    return match.group(1) if match else path
+
+
+def _number(text: str, kind: str) -> Any:
+    try:
+        return int(text) if kind == "integer" else float(text)
+    except ValueError:
+        try:
+            number = float(text)
+        except ValueError:
+            return text
+        return int(number) if number.is_integer() else number
+
+
+def _item(text: str, item_type: str | None) -> Any:
+    if item_type in ("integer", "number"):
+        return _number(text, item_type)
+    if item_type in ("boolean", "object", "array"):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    return text
+
+
+def params_from_form(schema: Mapping[str, Any], form: Mapping[str, list[str]]) -> dict[str, Any]:
+    """The parameters a filled run form gives. Empty optional fields are left out (their
+    defaults apply); values that do not parse are passed on as typed for validation to name."""
+    params: dict[str, Any] = {}
+    for name, prop in schema.get("properties", {}).items():
+        kind = prop.get("type", "string")
+        given = form.get(name, [])
+        if kind == "boolean" and "enum" not in prop:
+            params[name] = bool(given) and given[-1] not in ("", "false", "off")
+            continue
+        text = given[-1] if given else ""
+        if "enum" in prop:
+            if text:
+                try:
+                    params[name] = json.loads(text)
+                except ValueError:
+                    params[name] = text
+            continue
+        if text.strip() == "" and kind != "string":
+            continue
+        if text == "" and kind == "string":
+            continue
+        if kind in ("integer", "number"):
+            params[name] = _number(text.strip(), kind)
+        elif kind == "array":
+            item_type = (prop.get("items") or {}).get("type")
+            lines = [line.strip() for line in text.splitlines()]
+            params[name] = [_item(line, item_type) for line in lines if line]
+        elif kind == "object":
+            try:
+                params[name] = json.loads(text)
+            except ValueError:
+                params[name] = text
+        else:
+            params[name] = text
+    return params

@@ -1,0 +1,90 @@
+"""The overview page, the live signal every page listens to, and the providers page."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from litestar import Controller, Request, get
+from litestar.params import FromQuery
+from litestar.response import ServerSentEvent, ServerSentEventMessage, Template
+
+from orchestra.domain import now
+from orchestra.web import views
+from orchestra.web.render import bounded, page
+
+#: A live page is told at most this often that tasks changed.
+CHANGED_EVERY = 1.0
+#: Without a change in this process, counts are compared this often (other processes' work).
+LOOK_EVERY = 5.0
+
+
+async def _overview(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    runtime = request.app.state.runtime
+    at = now()
+    data = await runtime.dashboard.overview(at)
+    pool = runtime.pool
+    return {
+        "data": data,
+        "chart": views.chart(data.per_minute),
+        "queued_for": views.age(data.oldest_queued_at, at),
+        "busy": pool.running if pool is not None else 0,
+        "slots": runtime.settings.workers.concurrency,
+        "providers": runtime.router.states(),
+    }
+
+
+class OverviewPages(Controller):
+    """Overview, providers, and the live signal."""
+
+    @get("/", name="ui.overview")
+    async def overview(self, request: Request[Any, Any, Any]) -> Template:
+        """Counts, throughput, queue, workers, providers and recent failures."""
+        return page(request, "overview.html", section="overview", **await _overview(request))
+
+    @get("/overview/body")
+    async def overview_body(self, request: Request[Any, Any, Any]) -> Template:
+        """The overview's content alone (what the live view swaps in)."""
+        return page(request, "_overview_body.html", **await _overview(request))
+
+    @get("/providers")
+    async def providers(
+        self, request: Request[Any, Any, Any], check: FromQuery[str] = ""
+    ) -> Template:
+        """Model chains, the entry serving each now, and every provider's last check."""
+        router = request.app.state.runtime.router
+        states = await router.refresh() if check == "now" else router.states()
+        chains = []
+        for name, chain in router.chains().items():
+            serving = [str(r) for r in router.routes(name) if router.available(r)] if chain else []
+            chains.append({"name": name, "chain": chain, "serves": serving[0] if serving else None})
+        return page(request, "providers.html", section="providers", chains=chains, providers=states)
+
+    @get("/live", name="ui.live")
+    async def live(self, request: Request[Any, Any, Any]) -> ServerSentEvent:
+        """``changed`` events when tasks change (at most every second): live parts of a page
+        fetch themselves again on it. Ends after a while; the browser reconnects."""
+        runtime = request.app.state.runtime
+        signals = runtime.tasks.signals
+
+        async def stream() -> AsyncIterator[ServerSentEventMessage]:
+            loop = asyncio.get_running_loop()
+            last = await runtime.dashboard.counts()
+            with signals.watch_all() as changed:
+                while True:
+                    try:
+                        async with asyncio.timeout(LOOK_EVERY):
+                            await changed.wait()
+                    except TimeoutError:
+                        counts = await runtime.dashboard.counts()
+                        if counts == last:
+                            yield ServerSentEventMessage(comment="keep-alive")
+                            continue
+                    started = loop.time()
+                    last = await runtime.dashboard.counts()
+                    yield ServerSentEventMessage(event="changed", data=str(sum(last.values())))
+                    changed.clear()
+                    await asyncio.sleep(max(0.0, CHANGED_EVERY - (loop.time() - started)))
+
+        return ServerSentEvent(bounded(stream()), headers={"cache-control": "no-store"})

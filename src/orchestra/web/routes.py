@@ -1,0 +1,82 @@
+"""The dashboard as one Litestar router: pages, static files, security headers, the gate."""
+
+from __future__ import annotations
+
+import re
+
+from litestar import Router
+from litestar.datastructures import ResponseHeader
+from litestar.static_files import create_static_files_router
+
+from orchestra.config import Settings
+from orchestra.errors import ConfigError
+from orchestra.web.access import DashboardGate
+from orchestra.web.admin_pages import AccessPages, KeyPages
+from orchestra.web.links import clean_prefix
+from orchestra.web.overview import OverviewPages
+from orchestra.web.render import HANDLERS, STATIC
+from orchestra.web.task_pages import TaskPages
+from orchestra.web.template_pages import TemplatePages
+
+#: Scripts and styles come only from the dashboard's own files: no inline script, no inline
+#: style, nothing from elsewhere. Markup that a task's data might smuggle in cannot run.
+CSP = "; ".join(
+    [
+        "default-src 'self'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' data:",
+        "connect-src 'self'",
+        "font-src 'self'",
+        "object-src 'none'",
+        "base-uri 'none'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    ]
+)
+SECURITY_HEADERS = [
+    ResponseHeader(name="Content-Security-Policy", value=CSP),
+    ResponseHeader(name="X-Content-Type-Options", value="nosniff"),
+    ResponseHeader(name="Referrer-Policy", value="same-origin"),
+    ResponseHeader(name="X-Frame-Options", value="DENY"),
+]
+
+
+def ui_path(settings: Settings) -> str:
+    """Where the dashboard is served, checked.
+
+    Raises:
+        ConfigError: ``[ui] path`` or ``[server] root_path`` is not a plain path.
+    """
+    clean_prefix(settings.server.root_path, "server.root_path")
+    path = clean_prefix(settings.ui.path, "ui.path")
+    if not path:
+        raise ConfigError("ui.path: the dashboard needs a path of its own, such as /ui")
+    return path
+
+
+def own_paths(settings: Settings) -> tuple[str, ...]:
+    """Path patterns the dashboard authenticates itself (the API's key check skips them)."""
+    if not settings.ui.enabled:
+        return ()
+    return (f"^{re.escape(ui_path(settings))}(/|$)",)
+
+
+def dashboard(settings: Settings) -> Router:
+    """The dashboard's router, mounted at ``[ui] path``."""
+    static = create_static_files_router(
+        path="/static",
+        directories=[STATIC],
+        name="ui.static",
+        send_as_attachment=False,
+        cache_control=None,
+        include_in_schema=False,
+    )
+    return Router(
+        path=ui_path(settings),
+        route_handlers=[OverviewPages, TaskPages, TemplatePages, AccessPages, KeyPages, static],
+        middleware=[DashboardGate()],
+        response_headers=SECURITY_HEADERS,
+        exception_handlers=HANDLERS,
+        include_in_schema=False,
+    )

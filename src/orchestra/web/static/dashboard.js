@@ -1,0 +1,134 @@
+// The dashboard's only script (no inline scripts: the Content-Security-Policy forbids them).
+// htmx does the requests and swaps; this adds what the browser knows and the server does not:
+// local time, the live-update pause, row selection, and the editor's line numbers.
+(function () {
+  "use strict";
+
+  var PAUSE_KEY = "orchestra.live.paused";
+
+  function localTimes(root) {
+    root.querySelectorAll("time[datetime]").forEach(function (el) {
+      var at = new Date(el.getAttribute("datetime"));
+      if (!isNaN(at.getTime())) {
+        el.textContent = at.toLocaleString(undefined, {
+          year: "numeric", month: "2-digit", day: "2-digit",
+          hour: "2-digit", minute: "2-digit", second: "2-digit"
+        });
+      }
+    });
+  }
+
+  function paused() {
+    return sessionStorage.getItem(PAUSE_KEY) === "1";
+  }
+
+  function syncPause(root) {
+    root.querySelectorAll("[data-pause]").forEach(function (box) {
+      box.checked = paused();
+    });
+  }
+
+  // Live parts refetch themselves on "changed"/"refresh" events; not while paused, and not
+  // while rows are selected (a refresh would clear the selection).
+  document.addEventListener("htmx:confirm", function (evt) {
+    var elt = evt.detail.elt;
+    if (!elt || !elt.hasAttribute || !elt.hasAttribute("data-live")) return;
+    // A task's own page always follows its task; lists and counts follow the pause switch.
+    if ((paused() && !elt.closest(".live")) ||
+        document.querySelector("input[name=id]:checked")) {
+      evt.preventDefault();
+    }
+  });
+
+  document.addEventListener("change", function (evt) {
+    var el = evt.target;
+    if (el.matches && el.matches("[data-pause]")) {
+      sessionStorage.setItem(PAUSE_KEY, el.checked ? "1" : "0");
+    }
+    if (el.id === "select-all") {
+      document.querySelectorAll("input[name=id]").forEach(function (box) {
+        box.checked = el.checked;
+      });
+    }
+  });
+
+  // Errors htmx does not swap in (403, 404, 409, 5xx) are shown, not swallowed.
+  document.addEventListener("htmx:responseError", function (evt) {
+    var xhr = evt.detail.xhr;
+    var message = "The request failed (" + xhr.status + ")";
+    try {
+      var body = JSON.parse(xhr.responseText);
+      if (body && body.detail) message = body.detail;
+    } catch (e) {
+      var doc = new DOMParser().parseFromString(xhr.responseText, "text/html");
+      var el = doc.getElementById("error-message");
+      if (el) message = el.textContent;
+    }
+    var toast = document.getElementById("toast");
+    if (toast) {
+      toast.textContent = message;
+      toast.hidden = false;
+      setTimeout(function () { toast.hidden = true; }, 8000);
+    }
+  });
+
+  // --- The template editor -----------------------------------------------------------------
+  function editorParts() {
+    return {
+      area: document.getElementById("yaml"),
+      gutter: document.getElementById("gutter"),
+    };
+  }
+
+  function numberLines() {
+    var p = editorParts();
+    if (!p.area || !p.gutter) return;
+    var count = p.area.value.split("\n").length;
+    var bad = {};
+    document.querySelectorAll("#problems [data-line]").forEach(function (b) {
+      bad[b.getAttribute("data-line")] = true;
+    });
+    var out = [];
+    for (var i = 1; i <= count; i++) {
+      out.push(bad[i] ? "▶ " + i : String(i));
+    }
+    p.gutter.textContent = out.join("\n");
+    p.gutter.scrollTop = p.area.scrollTop;
+  }
+
+  function goTo(line, column) {
+    var area = editorParts().area;
+    if (!area) return;
+    var lines = area.value.split("\n");
+    var offset = 0;
+    for (var i = 0; i < line - 1 && i < lines.length; i++) offset += lines[i].length + 1;
+    offset += Math.max(0, column - 1);
+    area.focus();
+    area.setSelectionRange(offset, offset);
+  }
+
+  document.addEventListener("input", function (evt) {
+    if (evt.target.id === "yaml") numberLines();
+  });
+  document.addEventListener("scroll", function (evt) {
+    if (evt.target.id === "yaml") numberLines();
+  }, true);
+  document.addEventListener("click", function (evt) {
+    var b = evt.target.closest && evt.target.closest("button.goto");
+    if (b) goTo(+b.getAttribute("data-line"), +b.getAttribute("data-column"));
+  });
+
+  function onLoad(root) {
+    localTimes(root);
+    syncPause(document);
+    numberLines();
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    onLoad(document);
+    // Content htmx swaps in later (live refreshes, boosted pages).
+    if (window.htmx) document.body.addEventListener("htmx:load", function (evt) {
+      onLoad(evt.target);
+    });
+  });
+})();

@@ -1,0 +1,260 @@
+"""The dashboard in a real headless Chromium against the real service (real HTTP, a real
+SQLite file, the fake Ollama on a real port): live updates, forms, bulk actions, the editor,
+scopes, and markup that must never run."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import msgspec
+import pytest
+
+from orchestra.config import Settings
+from orchestra.db import Database
+from orchestra.db.keys import KeyStore
+from orchestra.db.schema import upgrade
+from tests.conftest import Service, StartService
+from tests.fixtures.browser import TrackedPage, new_page
+from tests.fixtures.fake_ollama import FakeOllama
+from tests.fixtures.servers import wait_until
+
+if TYPE_CHECKING:
+    from playwright.async_api import Browser
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
+
+HOSTILE = '<script>window.pwned=1</script><img src=x onerror="window.pwned=2">'
+#: Playwright's waits, in milliseconds.
+WAIT = 15_000
+
+
+@pytest.fixture
+async def slow_service(
+    settings: Settings, start_service: StartService, fake_ollama: FakeOllama
+) -> AsyncIterator[Service]:
+    """One worker slot, and a model that streams a word every 50 ms."""
+    fake_ollama.word_delay = 0.05
+    one = msgspec.structs.replace(
+        settings, workers=msgspec.structs.replace(settings.workers, concurrency=1)
+    )
+    async with start_service(one) as svc:
+        yield svc
+
+
+async def _page(browser: Browser, **kwargs: object) -> TrackedPage:
+    return await new_page(browser, **kwargs)
+
+
+async def test_a_task_submitted_from_the_form_goes_queued_running_succeeded_live(
+    browser: Browser, slow_service: Service, fake_ollama: FakeOllama
+) -> None:
+    from playwright.async_api import expect
+
+    svc = slow_service
+    # The one slot is busy, so the new task waits in the queue first.
+    blocker = await svc.submit("summarize", text=" ".join(["busy"] * 60))
+
+    async def blocker_runs() -> bool:
+        answer = await svc.client.get(f"/api/v1/tasks/{blocker['id']}")
+        return bool(answer.json()["status"] == "running")
+
+    await wait_until(blocker_runs)
+    page = await _page(browser)
+    await page.goto(f"{svc.url}/ui/templates/summarize")
+    await page.fill("#param-text", " ".join(f"word{i}" for i in range(80)))
+    await page.select_option("#param-style", label="bullets")
+    await page.click("#run-form button[type=submit]")
+    status = page.locator("#task-body h1 .status")
+    await expect(status).to_have_text("queued", timeout=WAIT)
+    await expect(status).to_have_text("running", timeout=WAIT)
+    live = page.locator("#live-text")
+    await expect(live).to_contain_text("word1", timeout=WAIT)
+    # Streamed text arrived while the task still ran.
+    assert (await status.text_content()) == "running"
+    await expect(status).to_have_text("succeeded", timeout=WAIT)
+    await expect(page.locator("#result")).to_contain_text("word79")
+    assert (await svc.wait(blocker["id"]))["status"] == "succeeded"
+    assert page.errors == []
+
+
+async def test_overview_counts_update_live_and_pause_holds_them(
+    browser: Browser, service: Service
+) -> None:
+    from playwright.async_api import expect
+
+    page = await _page(browser)
+    await page.goto(f"{service.url}/ui/")
+    succeeded = page.locator('.n[data-status="succeeded"]')
+    await expect(succeeded).to_have_text("0")
+    task = await service.submit("summarize", text="count me")
+    await service.wait(task["id"])
+    await expect(succeeded).to_have_text("1", timeout=WAIT)
+    await page.check("#live-pause")
+    task = await service.submit("summarize", text="count me too")
+    await service.wait(task["id"])
+    await page.wait_for_timeout(2500)  # a live update would have come within about a second
+    await expect(succeeded).to_have_text("1")
+    await page.uncheck("#live-pause")
+    task = await service.submit("summarize", text="and me")
+    await service.wait(task["id"])
+    await expect(succeeded).to_have_text("3", timeout=WAIT)
+    assert page.errors == []
+
+
+async def test_a_422_shows_beside_the_field_it_names(browser: Browser, service: Service) -> None:
+    from playwright.async_api import expect
+
+    page = await _page(browser)
+    await page.goto(f"{service.url}/ui/templates/summarize")
+    await page.fill("#param-sentences", "0")
+    await page.click("#run-form button[type=submit]")
+    await expect(page.locator("#param-text-error")).to_contain_text("required", timeout=WAIT)
+    await expect(page.locator("#param-sentences-error")).to_contain_text("less than the minimum")
+    await expect(page.locator("#param-sentences")).to_have_attribute("aria-invalid", "true")
+    await expect(page.locator("#param-style-error")).to_have_count(0)
+    assert [e for e in page.errors if "status of 422" not in e] == []
+
+
+async def test_bulk_cancel_of_a_filter_after_a_confirmation_that_states_n(
+    browser: Browser, slow_service: Service, fake_ollama: FakeOllama
+) -> None:
+    from playwright.async_api import expect
+
+    svc = slow_service
+    fake_ollama.latency = 60  # the first task holds the only slot; the rest stay queued
+    tasks = [await svc.submit("summarize", text=f"bulk {i}") for i in range(4)]
+    await wait_until(lambda: fake_ollama.in_flight == 1)
+    page = await _page(browser)
+    await page.goto(f"{svc.url}/ui/tasks?template=summarize")
+    await page.click("text=Cancel all matching…")
+    await expect(page.locator("h1")).to_have_text("Cancel 4 tasks?", timeout=WAIT)
+    await page.click("button[name=action][value=cancel]")
+    await expect(page.locator(".notice")).to_have_text("Cancelled: 4 tasks.", timeout=WAIT)
+    for task in tasks:
+        assert (await svc.wait(task["id"]))["status"] == "cancelled"
+    await expect(page.locator("#rows .status-cancelled")).to_have_count(4, timeout=WAIT)
+    assert page.errors == []
+
+
+async def test_the_editor_shows_line_and_column_then_registers_a_version(
+    browser: Browser, service: Service
+) -> None:
+    from playwright.async_api import expect
+
+    page = await _page(browser)
+    await page.goto(f"{service.url}/ui/templates/new")
+    await expect(page.locator("#valid")).to_be_visible(timeout=WAIT)  # the skeleton is valid
+    broken = "name: mine\nparameters:\n  x: {type: string}\nsteps:\n  - id: a\n    txet: hi\n"
+    await page.fill("#yaml", broken)
+    goto = page.locator('#problems button.goto[data-line="6"]')
+    await expect(goto).to_have_text("line 6:5", timeout=WAIT)
+    await expect(page.locator("#gutter")).to_contain_text("▶ 6")
+    await goto.click()
+    assert await page.evaluate("document.getElementById('yaml').selectionStart") == len(
+        "name: mine\nparameters:\n  x: {type: string}\nsteps:\n  - id: a\n    "
+    )
+    await page.fill("#yaml", broken.replace("txet: hi", "kind: render\n    text: '{{ params.x }}'"))
+    await expect(page.locator("#valid")).to_contain_text("mine", timeout=WAIT)
+    await page.click("#register")
+    await expect(page.locator("h1")).to_contain_text("version 1", timeout=WAIT)
+    assert (await service.client.get("/api/v1/templates/mine")).status_code == 200
+    assert page.errors == []
+
+
+async def test_a_read_key_sees_no_write_controls_and_a_forged_post_gets_403(
+    browser: Browser, settings: Settings, db_url: str, start_service: StartService
+) -> None:
+    from playwright.async_api import expect
+
+    db = Database(db_url)
+    try:
+        await upgrade(db)
+        _, token = await KeyStore(db).create("viewer", "read")
+        _, submit = await KeyStore(db).create("writer", "submit")
+    finally:
+        await db.close()
+    async with start_service(settings) as svc:
+        made = await svc.client.post(
+            "/api/v1/tasks",
+            json={"template": "summarize", "params": {"text": "x"}},
+            headers={"authorization": f"Bearer {submit}"},
+        )
+        task_id = made.json()["id"]
+        page = await _page(browser)
+        await page.goto(f"{svc.url}/ui/tasks")
+        await expect(page.locator("h1")).to_have_text("Log in")
+        await page.fill("#key", token)
+        await page.click("button[type=submit]")
+        await expect(page.locator("h1")).to_have_text("Tasks", timeout=WAIT)
+        await expect(page.locator("text=Cancel selected")).to_have_count(0)
+        await expect(page.locator("input[name=id]")).to_have_count(0)
+        await page.goto(f"{svc.url}/ui/tasks/{task_id}")
+        await expect(page.locator("#task-body h1")).to_contain_text(f"Task #{task_id}")
+        await expect(page.locator("#task-body button")).to_have_count(0)
+        await page.goto(f"{svc.url}/ui/templates/summarize")
+        await expect(page.locator("#run-form")).to_have_count(0)
+        forged = await page.evaluate(
+            f"fetch('/ui/tasks/{task_id}/cancel', {{method: 'POST'}}).then(r => r.status)"
+        )
+        assert forged == 403
+        assert (await svc.client.get(f"/api/v1/tasks/{task_id}")).json()["status"] != "cancelled"
+        assert [e for e in page.errors if "status of 403" not in e] == []
+
+
+async def test_markup_in_params_results_and_descriptions_is_text_and_inline_script_is_blocked(
+    browser: Browser, service: Service
+) -> None:
+    from playwright.async_api import expect
+
+    template = (
+        "name: hostile\n"
+        f"description: '{HOSTILE}'\n"
+        "parameters:\n  x: {type: string, description: '" + HOSTILE + "'}\n"
+        "steps:\n  - id: a\n    kind: render\n    text: '{{ params.x }}'\n"
+    )
+    registered = await service.client.post("/api/v1/templates", content=template)
+    assert registered.status_code == 201, registered.text
+    task = await service.submit("summarize", text=HOSTILE)
+    echoed = await service.wait(task["id"])
+    assert HOSTILE in str(echoed["result"])
+    page = await _page(browser)
+    for path in (f"/ui/tasks/{task['id']}", "/ui/templates/hostile", "/ui/templates", "/ui/"):
+        await page.goto(f"{service.url}{path}")
+        await page.wait_for_load_state("networkidle")
+        assert await page.evaluate("window.pwned") is None, path
+        assert await page.locator("main img").count() == 0, path
+    await page.goto(f"{service.url}/ui/tasks/{task['id']}")
+    await expect(page.locator("#params")).to_contain_text("<script>window.pwned=1</script>")
+    await expect(page.locator("#result")).to_contain_text('onerror="window.pwned=2"')
+    # The policy itself: a script element added to the page does not run.
+    await page.evaluate(
+        "() => { const s = document.createElement('script');"
+        " s.textContent = 'window.inlineRan = true'; document.body.appendChild(s); }"
+    )
+    await page.wait_for_timeout(100)
+    assert await page.evaluate("window.inlineRan") is None
+    assert any("Content Security Policy" in text for _, text in page.console)
+
+
+async def test_readable_at_375_pixels_with_statuses_in_words(
+    browser: Browser, service: Service
+) -> None:
+    task = await service.submit("summarize", text="narrow")
+    await service.wait(task["id"])
+    page = await _page(browser, viewport={"width": 375, "height": 800})
+    for path in ("/ui/", "/ui/tasks", f"/ui/tasks/{task['id']}", "/ui/templates/summarize"):
+        await page.goto(f"{service.url}{path}")
+        width = await page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 375, (path, width)
+    await page.goto(f"{service.url}/ui/tasks")
+    assert await page.locator("#rows .status").first.text_content() == "succeeded"
+    # Every control is reachable from the keyboard: tabbing reaches the first task's link.
+    for _ in range(40):
+        await page.keyboard.press("Tab")
+        focused = await page.evaluate("document.activeElement.getAttribute('href') || ''")
+        if focused.endswith(f"/ui/tasks/{task['id']}"):
+            break
+    else:
+        raise AssertionError("the task's link was never focused by Tab")
+    assert page.errors == []
