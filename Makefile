@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test test-fast lint clean install dev real-models bench llama-wheel rebuild-llama wheels
+.PHONY: run test test-fast lint clean install dev real-models bench llama-wheel rebuild-llama wheels screenshots
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required")'
@@ -118,6 +118,11 @@ bench: $(VENV)/.installed-dev $(BENCH_VENV)/.installed
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server; }
 	$(BIN)/python benchmarks/run.py --classic-python $(BENCH_VENV)/bin/python
+
+# The README's dashboard screenshots (docs/screenshots/), taken in headless Chromium against a
+# service with a fake model.
+screenshots: $(VENV)/.installed-dev
+	$(BIN)/python docs/screenshots.py
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) $(WHEELS) build dist .mypy_cache .pytest_cache .ruff_cache

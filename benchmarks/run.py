@@ -2,7 +2,9 @@
 
     python benchmarks/run.py --classic-python .bench-venv/bin/python [--tasks 5000]
 
-Everything runs on loopback and stops when done; a run takes a few minutes on 2 cores.
+Everything runs on loopback and stops when done; a run takes a few minutes on 2 cores (the
+dashboard's part fills a database of a million tasks first: a minute or so, 770 MB in a
+temporary folder).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
+from dashboard_bench import markdown as dashboard_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,7 +43,9 @@ def _met(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
-def report(o: dict[str, Any], c: dict[str, Any], info: dict[str, Any], classic: str) -> str:
+def report(
+    o: dict[str, Any], c: dict[str, Any], d: dict[str, Any], info: dict[str, Any], classic: str
+) -> str:
     t = o["throughput"]
     best = max(c["throughput"], key=lambda r: r["tasks_per_s"])
     best_slots = max(c["slots"], key=lambda r: r["busy_share"])
@@ -109,12 +114,13 @@ def report(o: dict[str, Any], c: dict[str, Any], info: dict[str, Any], classic: 
             f"| 4 slots | {r['pool']} | {r['workers']} | {r['busy_share'] * 100:.1f} % | "
             f"{r['rss_peak_mb']} MB |"
         )
+    lines += ["", dashboard_section(d).strip()]
     lines += ["", "## Method", "", (HERE / "METHOD.md").read_text().strip(), ""]
     lines += [
         "## Raw figures",
         "",
         "```json",
-        json.dumps({"orchestra": o, "classic": c}, indent=2),
+        json.dumps({"orchestra": o, "classic": c, "dashboard": d}, indent=2),
         "```",
         "",
     ]
@@ -129,6 +135,7 @@ def main() -> None:
     started = time.monotonic()
     orchestra = _run(sys.executable, "orchestra_bench.py", "--tasks", args.tasks)
     classic = _run(args.classic_python, "classic_bench.py", "--tasks", args.tasks)
+    dashboard = _run(sys.executable, "dashboard_bench.py")
     versions = subprocess.run(
         [
             args.classic_python,
@@ -142,7 +149,7 @@ def main() -> None:
     ).stdout.strip()
     server = subprocess.run(["redis-server", "--version"], capture_output=True, text=True)
     redis_version = server.stdout.split("v=")[1].split()[0] if "v=" in server.stdout else "?"
-    text = report(orchestra, classic, machine(), f"{versions}, Redis {redis_version}")
+    text = report(orchestra, classic, dashboard, machine(), f"{versions}, Redis {redis_version}")
     (HERE / "RESULTS.md").write_text(text)
     print(f"benchmarks/RESULTS.md written in {time.monotonic() - started:.0f} s", file=sys.stderr)
 

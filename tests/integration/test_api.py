@@ -43,7 +43,21 @@ async def test_finished_task_shows_result_steps_usage_and_times(
         "content": "You are a careful editor. You never add facts that are not in the text.",
     }
     assert request["options"] == {"temperature": 0}
+    # The step keeps the messages exactly as they were sent.
+    assert step["prompt"] == request["messages"]
     assert request["stream"] is True  # streamed, so its text can be followed live
+
+
+async def test_a_failed_llm_step_keeps_the_prompt_it_sent(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.models.clear()  # the model is missing: the call fails
+    task = await service.submit("summarize", text="Lost words.")
+    done = await service.wait(task["id"], 30)
+    assert done["status"] == "failed"
+    [step] = done["steps"]
+    assert step["status"] == "failed"
+    assert step["prompt"][1]["role"] == "user" and "Lost words." in step["prompt"][1]["content"]
 
 
 async def test_task_may_override_the_model(service: Service, fake_ollama: FakeOllama) -> None:

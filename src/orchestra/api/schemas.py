@@ -112,6 +112,13 @@ class ErrorBody(msgspec.Struct, frozen=True, omit_defaults=True):
     errors: list[ProblemOut] | None = None
 
 
+class MessageOut(msgspec.Struct, frozen=True):
+    """One chat message sent to a model."""
+
+    role: str
+    content: str
+
+
 class StepOut(msgspec.Struct, frozen=True):
     """One step of a task's current attempt."""
 
@@ -127,6 +134,8 @@ class StepOut(msgspec.Struct, frozen=True):
     started_at: str | None
     finished_at: str | None
     duration_ms: float | None
+    #: An llm step's messages as rendered and sent ({"role", "content"} each); else null.
+    prompt: list[MessageOut] | None = None
 
     @classmethod
     def of(cls, step: Step) -> StepOut:
@@ -142,6 +151,9 @@ class StepOut(msgspec.Struct, frozen=True):
             started_at=step.started_at,
             finished_at=step.finished_at,
             duration_ms=step.duration_ms,
+            prompt=None
+            if step.prompt is None
+            else [MessageOut(m["role"], m["content"]) for m in step.prompt],
         )
 
 
