@@ -269,7 +269,7 @@ def markdown(d: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--db", type=Path, help="keep the database here; reuse it when present")
     parser.add_argument("--requests", type=int, default=20, help="measured requests per page")

@@ -11,6 +11,7 @@ import msgspec
 import pytest
 
 from orchestra.api.app import create_app
+from orchestra.auth import Scope
 from orchestra.config import (
     DEFAULT_PROVIDERS,
     DatabaseSettings,
@@ -19,6 +20,9 @@ from orchestra.config import (
     TemplateSettings,
     WorkerSettings,
 )
+from orchestra.db import Database
+from orchestra.db.keys import KeyStore
+from orchestra.db.schema import upgrade
 from tests.fixtures.browser import browser  # noqa: F401  (the fixture, for the browser tests)
 from tests.fixtures.fake_ollama import FakeOllama, running_fake_ollama
 from tests.fixtures.servers import serve
@@ -65,6 +69,26 @@ async def fake_ollama() -> AsyncIterator[FakeOllama]:
 @pytest.fixture
 def db_url(tmp_path: Path) -> str:
     return f"sqlite+aiosqlite:///{tmp_path / 'orchestra.db'}"
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    """The test's database file, migrated to the latest schema."""
+    database = Database(db_url)
+    await upgrade(database)
+    yield database
+    await database.close()
+
+
+async def make_keys(db_url: str, *scopes: Scope) -> dict[str, str]:
+    """API keys named k-SCOPE in the database, before a service starts: {scope: token}."""
+    database = Database(db_url)
+    try:
+        await upgrade(database)
+        store = KeyStore(database)
+        return {scope: (await store.create(f"k-{scope}", scope))[1] for scope in scopes}
+    finally:
+        await database.close()
 
 
 def make_settings(db_url: str, ollama_url: str, **workers: Any) -> Settings:

@@ -17,12 +17,11 @@ import msgspec
 import pytest
 
 from orchestra.api.runtime import preflight
-from orchestra.auth import matches
+from orchestra.auth import Scope, matches
 from orchestra.config import AuthSettings, CorsSettings, ServerSettings, Settings
 from orchestra.db import Database
 from orchestra.db.keys import KeyStore
-from orchestra.db.schema import upgrade
-from tests.conftest import Service, StartService
+from tests.conftest import Service, StartService, make_keys
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import free_port, start_process, wait_until, write_config
 
@@ -47,26 +46,16 @@ ENDPOINTS = [
     ("POST", "/api/v1/templates/reload", None, "admin"),
     ("DELETE", "/api/v1/templates/mine", None, "admin"),
 ]
-SCOPES = ["read", "submit", "admin"]
+SCOPES: list[Scope] = ["read", "submit", "admin"]
 #: A whole key as handed out: orc_<8-character id>_<43-character secret>.
 TOKEN = re.compile(r"orc_[a-z0-9]{8}_[A-Za-z0-9_-]{43}")
-
-
-async def _make_keys(db_url: str) -> dict[str, str]:
-    db = Database(db_url)
-    try:
-        await upgrade(db)
-        store = KeyStore(db)
-        return {scope: (await store.create(f"k-{scope}", scope))[1] for scope in SCOPES}  # type: ignore[arg-type]
-    finally:
-        await db.close()
 
 
 @pytest.fixture
 async def keyed(
     settings: Settings, db_url: str, start_service: StartService
 ) -> AsyncIterator[tuple[Service, dict[str, str]]]:
-    tokens = await _make_keys(db_url)
+    tokens = await make_keys(db_url, *SCOPES)
     async with start_service(settings) as svc:
         yield svc, tokens
 
@@ -128,7 +117,7 @@ async def test_a_revoked_key_stops_working(
 
 
 async def test_only_the_digest_is_stored(db_url: str) -> None:
-    tokens = await _make_keys(db_url)
+    tokens = await make_keys(db_url, *SCOPES)
     raw = Path(db_url.split("///", 1)[1]).read_bytes()
     for token in tokens.values():
         assert token.startswith("orc_")
@@ -255,7 +244,7 @@ def test_cli_creates_lists_and_revokes_keys(tmp_path: Path) -> None:
 async def test_rate_limit_per_key_answers_429(
     settings: Settings, db_url: str, start_service: StartService
 ) -> None:
-    tokens = await _make_keys(db_url)
+    tokens = await make_keys(db_url, *SCOPES)
     limited = msgspec.structs.replace(settings, auth=AuthSettings(rate_limit_per_minute=3))
     async with start_service(limited) as svc:
         a = {"Authorization": f"Bearer {tokens['read']}"}

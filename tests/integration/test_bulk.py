@@ -4,7 +4,7 @@ that walks a filter, on a real SQLite file. The worker pool is a recorder of wha
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Collection
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
@@ -14,7 +14,6 @@ from orchestra import bulk
 from orchestra.bulk import BulkOutcome, BulkService
 from orchestra.db import Database, Lease, TaskStore
 from orchestra.db.overview import DashboardStore
-from orchestra.db.schema import upgrade
 from orchestra.domain import NewTask, TaskError, TaskFilter, TaskStatus
 
 
@@ -34,14 +33,6 @@ class Pool:
     def cancel(self, task_id: int) -> bool:
         self.cancelled.append(task_id)
         return True
-
-
-@pytest.fixture
-async def db(db_url: str) -> AsyncIterator[Database]:
-    database = Database(db_url)
-    await upgrade(database)
-    yield database
-    await database.close()
 
 
 @pytest.fixture

@@ -15,25 +15,12 @@ import msgspec
 import pytest
 
 from orchestra.config import ServerSettings, Settings, UiSettings
-from orchestra.db import Database
-from orchestra.db.keys import KeyStore
-from orchestra.db.schema import upgrade
-from tests.conftest import Service, StartService
+from tests.conftest import Service, StartService, make_keys
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import wait_until
 
 HOSTILE = '<script>window.pwned=1</script><img src=x onerror="window.pwned=2">'
 SAME_SITE = {"sec-fetch-site": "same-origin"}
-
-
-async def _keys(db_url: str, *scopes: str) -> dict[str, str]:
-    db = Database(db_url)
-    try:
-        await upgrade(db)
-        store = KeyStore(db)
-        return {s: (await store.create(f"k-{s}", s))[1] for s in scopes}  # type: ignore[arg-type]
-    finally:
-        await db.close()
 
 
 @asynccontextmanager
@@ -60,7 +47,7 @@ async def keyed(
     settings: Settings, db_url: str, start_service: StartService
 ) -> AsyncIterator[tuple[Service, dict[str, str]]]:
     """A service whose database has a read, a submit and an admin key."""
-    tokens = await _keys(db_url, "read", "submit", "admin")
+    tokens = await make_keys(db_url, "read", "submit", "admin")
     async with start_service(settings) as svc:
         yield svc, tokens
 
@@ -258,7 +245,7 @@ async def test_links_follow_the_proxy_prefix(service: Service) -> None:
 async def test_root_path_prefixes_links_and_the_login_redirect(
     settings: Settings, db_url: str, start_service: StartService
 ) -> None:
-    await _keys(db_url, "admin")
+    await make_keys(db_url, "admin")
     behind = msgspec.structs.replace(
         settings,
         server=ServerSettings(root_path="/orch"),

@@ -11,10 +11,7 @@ import msgspec
 import pytest
 
 from orchestra.config import Settings
-from orchestra.db import Database
-from orchestra.db.keys import KeyStore
-from orchestra.db.schema import upgrade
-from tests.conftest import Service, StartService
+from tests.conftest import Service, StartService, make_keys
 from tests.fixtures.browser import TrackedPage, new_page
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import wait_until
@@ -167,13 +164,8 @@ async def test_a_read_key_sees_no_write_controls_and_a_forged_post_gets_403(
 ) -> None:
     from playwright.async_api import expect
 
-    db = Database(db_url)
-    try:
-        await upgrade(db)
-        _, token = await KeyStore(db).create("viewer", "read")
-        _, submit = await KeyStore(db).create("writer", "submit")
-    finally:
-        await db.close()
+    keys = await make_keys(db_url, "read", "submit")
+    token, submit = keys["read"], keys["submit"]
     async with start_service(settings) as svc:
         made = await svc.client.post(
             "/api/v1/tasks",

@@ -4,7 +4,6 @@ overview. Times the tests need in the past are written with sqlite3, as a person
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -18,14 +17,6 @@ from orchestra.db.schema import MIGRATIONS, current_version, upgrade
 from orchestra.domain import NewTask, Step, StepStatus, TaskError, TaskStatus, Usage, iso
 
 NOW = datetime(2026, 12, 1, 13, 5, 30, tzinfo=UTC)
-
-
-@pytest.fixture
-async def db(db_url: str) -> AsyncIterator[Database]:
-    database = Database(db_url)
-    await upgrade(database)
-    yield database
-    await database.close()
 
 
 @pytest.fixture
