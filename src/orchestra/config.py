@@ -236,9 +236,6 @@ class UiSettings(_Section, frozen=True):
     path: str = "/ui"
     #: Hours a dashboard login lasts.
     session_hours: float = 12.0
-    #: The key that signs dashboard session cookies; "" (the default): a random one made at
-    #: the first start and kept in the database, so every process sharing it accepts them.
-    secret: str = ""
 
 
 class Settings(_Section, frozen=True):

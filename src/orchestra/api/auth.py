@@ -19,7 +19,7 @@ from litestar.middleware import AbstractAuthenticationMiddleware, Authentication
 from litestar.middleware.base import DefineMiddleware
 from litestar.middleware.rate_limit import RateLimitConfig
 
-from orchestra.auth import ApiKey, Caller, Scope, allows, key_id_of, matches
+from orchestra.auth import ApiKey, Caller, Scope, allows, is_loopback, key_id_of, matches
 from orchestra.config import AuthSettings
 from orchestra.db.keys import KeyStore
 from orchestra.errors import Forbidden, Unauthorized
@@ -54,8 +54,16 @@ class Gatekeeper:
         """Read the keys again on the next request (a key was just made or revoked here)."""
         self._read_at = float("-inf")
 
-    async def caller(self, authorization: str | None) -> Caller:
-        """Who is calling.
+    async def by_id(self, key_id: str) -> Caller | None:
+        """The caller an active key stands for (a dashboard session), or None."""
+        entry = (await self.keys()).get(key_id)
+        if entry is None:
+            return None
+        key = entry[1]
+        return Caller(key.name, key.scope, key.id)
+
+    async def caller(self, authorization: str | None, host: str | None = None) -> Caller:
+        """Who is calling; ``host`` is the request's Host header.
 
         Raises:
             Unauthorized: a key is given but is not a valid one, or none is given where one
@@ -71,7 +79,7 @@ class Gatekeeper:
             return Caller(key.name, key.scope, key.id)
         if self.settings.allow_anonymous:
             return Caller("anonymous", self.settings.anonymous_scope)
-        if not keys and self.loopback:
+        if not keys and self.loopback and _names_loopback(host):
             # No keys yet, on a loopback address: the machine's own users, as before keys.
             return Caller("anonymous", "admin")
         raise Unauthorized("an API key is required: send it as 'Authorization: Bearer <key>'")
@@ -82,7 +90,8 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
 
     async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> Any:
         gatekeeper: Gatekeeper = connection.app.state.runtime.gatekeeper
-        caller = await gatekeeper.caller(connection.headers.get("authorization"))
+        headers = connection.headers
+        caller = await gatekeeper.caller(headers.get("authorization"), headers.get("host"))
         return AuthenticationResult(user=caller, auth=None)
 
 
@@ -107,6 +116,19 @@ def scope_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRou
     )
     if not allows(caller.scope, need):
         raise Forbidden(f"this API key may not do this (it needs the {need} scope)")
+
+
+def _names_loopback(host: str | None) -> bool:
+    """Whether a Host header names this machine (or is absent, as in HTTP/1.0).
+
+    A web page on another site can make the browser send requests to 127.0.0.1 under its own
+    name (DNS rebinding); such requests carry that name as Host, and must not be treated as
+    the machine's own users.
+    """
+    if not host:
+        return True
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    return is_loopback(name)
 
 
 def _presented(authorization: str) -> tuple[str, str | None]:

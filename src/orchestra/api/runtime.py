@@ -25,7 +25,7 @@ from orchestra.db.failures import warn_when_low
 from orchestra.db.keys import KeyStore
 from orchestra.db.overview import DashboardStore
 from orchestra.db.schema import upgrade
-from orchestra.db.secrets import service_secret
+from orchestra.db.sessions import SessionStore
 from orchestra.db.templates import TemplateStore
 from orchestra.errors import ConfigError, TemplateError
 from orchestra.llm.router import Router, build_providers
@@ -35,7 +35,6 @@ from orchestra.runner import Runner
 from orchestra.tasks import TaskService
 from orchestra.templating.isolation import Renderer
 from orchestra.templating.registry import TemplateRegistry
-from orchestra.web.access import Sessions
 from orchestra.worker import WorkerPool
 
 log = logs.get("orchestra.runtime")
@@ -62,7 +61,7 @@ class Runtime:
         self._gatekeeper: Gatekeeper | None = None
         self._keys: KeyStore | None = None
         self._dashboard: DashboardStore | None = None
-        self._sessions: Sessions | None = None
+        self._sessions: SessionStore | None = None
         self._bulk: BulkService | None = None
 
     @property
@@ -116,8 +115,8 @@ class Runtime:
         return self._bulk
 
     @property
-    def sessions(self) -> Sessions:
-        """Signs and checks dashboard session cookies."""
+    def sessions(self) -> SessionStore:
+        """Dashboard login sessions."""
         if self._sessions is None:
             raise NotStarted()
         return self._sessions
@@ -154,8 +153,7 @@ class Runtime:
             self._keys = KeyStore(db)
             self._gatekeeper = Gatekeeper(self._keys, s.auth, loopback=is_loopback(s.server.host))
             self._dashboard = DashboardStore(db)
-            secret = s.ui.secret or await service_secret(db, "ui.session")
-            self._sessions = Sessions(secret, s.ui.session_hours)
+            self._sessions = SessionStore(db)
             catalog = TemplateCatalog(self.registry, TemplateStore(db), s.limits)
             await catalog.start()
             self._catalog = catalog

@@ -77,14 +77,19 @@ class KeyStore:
             rows = (await conn.execute(query)).all()
         return {r.id: (r.digest, ApiKey(r.id, r.name, r.scope, r.created_at)) for r in rows}
 
-    async def revoke(self, name_or_id: str) -> ApiKey:
-        """Revoke a key by name or id; it stops working within the service's refresh time.
+    async def revoke(self, name_or_id: str, *, by_id: bool = False) -> ApiKey:
+        """Revoke a key by name or id (only by id with ``by_id``: a key may be named like
+        another key's id); it stops working within the service's refresh time.
 
         Raises:
             NotFoundError: no key with that name or id is active.
         """
         now = iso_now()
-        match = or_(api_keys.c.name == name_or_id, api_keys.c.id == name_or_id)
+        match = (
+            api_keys.c.id == name_or_id
+            if by_id
+            else or_(api_keys.c.name == name_or_id, api_keys.c.id == name_or_id)
+        )
         stmt = (
             update(api_keys)
             .where(match, api_keys.c.revoked_at.is_(None))

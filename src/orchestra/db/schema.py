@@ -189,15 +189,16 @@ WHERE finished_at IS NOT NULL""",
 )
 
 
-# The dashboard shows each llm step's prompt as rendered, and signs its sessions with a key
-# every process sharing the database knows.
+# The dashboard shows each llm step's prompt as rendered, and keeps its login sessions where
+# every process sharing the database finds them.
 _V6 = """
 ALTER TABLE task_steps ADD COLUMN prompt TEXT;
-CREATE TABLE service_secrets (
-    name TEXT NOT NULL,
-    value TEXT NOT NULL,
+CREATE TABLE ui_sessions (
+    digest TEXT NOT NULL,
+    key_id TEXT NOT NULL,
     created_at TEXT NOT NULL,
-    PRIMARY KEY (name)
+    expires_at TEXT NOT NULL,
+    PRIMARY KEY (digest)
 );
 """
 

@@ -215,12 +215,13 @@ def _create_counters(_target: MetaData, connection: Connection, **_kw: Any) -> N
         connection.exec_driver_sql(trigger)
 
 
-# Secrets the service makes for itself (the dashboard's session-signing key), shared by every
-# process that uses this database.
-service_secrets = Table(
-    "service_secrets",
+# Dashboard sessions: the SHA-256 of each session's token (never the token), the API key it
+# stands for, and when it ends (see orchestra.db.sessions).
+ui_sessions = Table(
+    "ui_sessions",
     metadata,
-    Column("name", Text, primary_key=True),
-    Column("value", Text, nullable=False),
+    Column("digest", Text, primary_key=True),
+    Column("key_id", Text, nullable=False),
     Column("created_at", Text, nullable=False),
+    Column("expires_at", Text, nullable=False),
 )

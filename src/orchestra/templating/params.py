@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -94,6 +95,26 @@ def check_input(params: dict[str, Any], limits: LimitSettings) -> None:
         raise InvalidParams(f"{len(problems)} invalid parameter(s)", problems)
 
 
+def _non_finite(params: dict[str, Any]) -> list[FieldProblem]:
+    """A problem for each NaN or Infinity anywhere in ``params``: JSON has neither (they would
+    be stored as null), and a schema's minimum and maximum do not catch NaN."""
+    problems: list[FieldProblem] = []
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(params, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(
+                FieldProblem(
+                    _field(path), f"is {value}, not a finite number (NaN and Infinity are refused)"
+                )
+            )
+        elif isinstance(value, dict):
+            stack.extend((item, (*path, key)) for key, item in value.items())
+        elif isinstance(value, list | tuple):
+            stack.extend((item, (*path, i)) for i, item in enumerate(value))
+    return problems
+
+
 def validate_params(
     template: Template, params: dict[str, Any], limits: LimitSettings | None = None
 ) -> dict[str, Any]:
@@ -108,8 +129,12 @@ def validate_params(
     for p in template.parameters.values():
         if p.name not in full and p.default is not msgspec.UNSET:
             full[p.name] = p.default
-    problems: list[FieldProblem] = []
+    # Defaults too: a template's YAML may hold .nan.
+    problems = _non_finite(full)
+    named = {p.field for p in problems}
     for err in _validator(template).iter_errors(full):
+        if _field(err.absolute_path) in named:
+            continue  # "inf is greater than the maximum" adds nothing
         if err.validator == "required":
             missing = [n for n in err.validator_value if n not in err.instance]
             problems += [FieldProblem(_field([n]), "is required") for n in missing]

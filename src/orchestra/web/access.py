@@ -1,10 +1,11 @@
-"""Who may use the dashboard: a signed session cookie, or the API's anonymous rule.
+"""Who may use the dashboard: a session cookie, or the API's anonymous rule.
 
 The dashboard does not take ``Authorization`` headers (a browser cannot send them on its own):
-a login page takes an API key once, checks it as the API would, and sets a cookie holding
-only the key's public id, signed (itsdangerous) with a secret the database keeps. Each request
-looks the id up among the active keys, so revoking the key ends its sessions at once (within
-the key cache's refresh). With no cookie, the API's rule applies: on loopback with no keys, or
+a login page takes an API key once, checks it as the API would, and starts a session (see
+:mod:`orchestra.db.sessions`: the cookie holds a random token, the database its SHA-256 and
+the key's id). Each request looks the key up among the active ones, so revoking the key ends
+its sessions within the key cache's refresh; logging out deletes the session. With no
+cookie, the API's rule applies: on loopback with no keys (and a Host naming this machine), or
 with ``allow_anonymous``, the caller is anonymous.
 
 Writes (every method but GET/HEAD) must come from the dashboard's own pages: a browser says so
@@ -18,7 +19,7 @@ import time
 from typing import Any, cast
 from urllib.parse import quote, urlsplit
 
-from itsdangerous import BadSignature, TimestampSigner
+import msgspec
 from litestar.datastructures import Headers
 from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
@@ -30,30 +31,10 @@ from orchestra.web.links import Links
 
 #: The session cookie's name.
 COOKIE = "orchestra_session"
-#: Paths below the dashboard's own that need no session.
-OPEN = ("/login", "/static/")
+#: Paths below the dashboard's own that need no session: the login page, static files.
+OPEN_PAGES = ("/login",)
+OPEN_PREFIX = "/static/"
 _SAFE = ("GET", "HEAD")
-
-
-class Sessions:
-    """Issues and checks session cookies: a key id and a time, signed."""
-
-    def __init__(self, secret: str, hours: float) -> None:
-        self._signer = TimestampSigner(secret, salt="orchestra.ui.session")
-        self.max_age = max(60, int(hours * 3600))
-
-    def issue(self, key_id: str) -> str:
-        """The cookie value for a session of the key ``key_id``."""
-        return self._signer.sign(key_id).decode()
-
-    def key_id(self, cookie: str | None) -> str | None:
-        """The key id a cookie holds, or None when it is absent, forged or expired."""
-        if not cookie:
-            return None
-        try:
-            return self._signer.unsign(cookie, max_age=self.max_age).decode()
-        except BadSignature:  # SignatureExpired is one too
-            return None
 
 
 def same_origin(headers: Headers) -> bool:
@@ -68,20 +49,18 @@ def same_origin(headers: Headers) -> bool:
     return origin != "null" and urlsplit(origin).netloc == host
 
 
-async def session_caller(runtime: Any, cookie: str | None) -> Caller | None:
+async def session_caller(runtime: Any, cookie: str | None, host: str | None) -> Caller | None:
     """The caller a session cookie stands for; without a valid one, the anonymous caller
     where the API allows one; else None (the caller must log in)."""
-    key_id = runtime.sessions.key_id(cookie)
+    key_id = await runtime.sessions.key_id(cookie)
     if key_id is not None:
-        entry = (await runtime.gatekeeper.keys()).get(key_id)
-        if entry is not None:
-            key = entry[1]
-            return Caller(key.name, key.scope, key.id)
+        caller: Caller | None = await runtime.gatekeeper.by_id(key_id)
+        if caller is not None:
+            return caller
     try:
-        caller: Caller = await runtime.gatekeeper.caller(None)
+        return await runtime.gatekeeper.caller(None, host)  # type: ignore[no-any-return]
     except Unauthorized:
         return None
-    return caller
 
 
 class DashboardGate(ASGIMiddleware):
@@ -98,25 +77,21 @@ class DashboardGate(ASGIMiddleware):
         below = scope["path"][len(runtime.settings.ui.path.rstrip("/")) :]
         headers = Headers.from_scope(scope)
         if method not in _SAFE and not same_origin(headers):
-            await _answer(send, 403, b'{"detail":"cross-site request refused"}')
+            await _answer(send, 403, _message("cross-site request refused"))
             return
-        if not below.startswith(OPEN):
-            cookie = _cookie(headers)
-            caller = await session_caller(runtime, cookie)
+        if below not in OPEN_PAGES and not below.startswith(OPEN_PREFIX):
+            caller = await session_caller(runtime, cookie_of(headers), headers.get("host"))
             if caller is None:
                 login = links.ui("/login")
-                if method in _SAFE:
-                    target = links.ui(below or "/")
-                    query = scope.get("query_string", b"").decode("latin-1")
-                    if query:
-                        target += "?" + query
+                target = _come_back_to(scope, headers, links, below)
+                if target:
                     login += "?next=" + quote(target, safe="")
                 if headers.get("hx-request"):
                     await _answer(send, 401, b"", [(b"hx-redirect", login.encode())])
                 elif method in _SAFE:
                     await _answer(send, 303, b"", [(b"location", login.encode())])
                 else:
-                    await _answer(send, 401, b'{"detail":"log in first"}')
+                    await _answer(send, 401, _message("log in first"))
                 return
             scope["user"] = caller
         await next_app(scope, receive, send)
@@ -138,7 +113,28 @@ def _timed(send: Send) -> Send:
     return timed_send
 
 
-def _cookie(headers: Headers) -> str | None:
+def _come_back_to(scope: Scope, headers: Headers, links: Links, below: str) -> str | None:
+    """The page to show after logging in: the one asked for, or for a fragment htmx asked
+    for, the page it was on (a bare fragment is no page to land on)."""
+    if headers.get("hx-request"):
+        current = urlsplit(headers.get("hx-current-url", ""))
+        if current.path.startswith(links.base + "/"):
+            return current.path + (f"?{current.query}" if current.query else "")
+        return None
+    if cast(HTTPScope, scope)["method"] not in _SAFE:
+        return None
+    target = links.ui(below or "/")
+    query = scope.get("query_string", b"").decode("latin-1")
+    return f"{target}?{query}" if query else target
+
+
+def _message(text: str) -> bytes:
+    """An error body as the API words them (its ``message``)."""
+    return msgspec.json.encode({"message": text})
+
+
+def cookie_of(headers: Headers) -> str | None:
+    """The session cookie's value, if the request has one."""
     for part in headers.get("cookie", "").split(";"):
         name, _, value = part.strip().partition("=")
         if name == COOKIE:

@@ -11,7 +11,7 @@ from litestar.response import Redirect, Template
 
 from orchestra.auth import SCOPES
 from orchestra.errors import ConflictError, InvalidRequest, Unauthorized
-from orchestra.web.access import COOKIE
+from orchestra.web.access import COOKIE, cookie_of
 from orchestra.web.render import links, page
 
 
@@ -48,16 +48,17 @@ class AccessPages(Controller):
         try:
             if not token:
                 raise Unauthorized("enter an API key")
-            caller = await runtime.gatekeeper.caller(f"Bearer {token}")
+            caller = await runtime.gatekeeper.caller(f"Bearer {token}", request.headers.get("host"))
         except Unauthorized as exc:
             return page(request, "login.html", status_code=401, next=target, error=exc.message)
         if caller.key_id is None:  # pragma: no cover - a Bearer token always names its key
             raise Unauthorized("the API key is not valid")
+        hours = runtime.settings.ui.session_hours
         cookie = Cookie(
             key=COOKIE,
-            value=runtime.sessions.issue(caller.key_id),
+            value=await runtime.sessions.create(caller.key_id, hours),
             path=links(request).base or "/",
-            max_age=runtime.sessions.max_age,
+            max_age=max(60, int(hours * 3600)),
             httponly=True,
             samesite="strict",
             secure=_secure(request),
@@ -66,7 +67,8 @@ class AccessPages(Controller):
 
     @post("/logout", status_code=303, opt={"scope": "read"})
     async def logout(self, request: Request[Any, Any, Any]) -> Redirect:
-        """End the session."""
+        """End the session (here and in the database: the cookie stops working anywhere)."""
+        await request.app.state.runtime.sessions.end(cookie_of(request.headers))
         base = links(request).base
         gone = Cookie(
             key=COOKIE, value="", path=base or "/", max_age=0, httponly=True, samesite="strict"
@@ -120,6 +122,6 @@ class KeyPages(Controller):
     async def revoke(self, request: Request[Any, Any, Any], key_id: FromPath[str]) -> Redirect:
         """Revoke a key: requests and dashboard sessions with it stop working."""
         runtime = request.app.state.runtime
-        await runtime.keys.revoke(key_id)
+        await runtime.keys.revoke(key_id, by_id=True)
         runtime.gatekeeper.forget()
         return Redirect(links(request).ui("/keys"), status_code=303)

@@ -10,6 +10,7 @@ names the problem, in the API's words, beside the field.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -129,14 +130,22 @@ def field_of(path: str) -> str:
 
 
 def _number(text: str, kind: str) -> Any:
-    try:
-        return int(text) if kind == "integer" else float(text)
-    except ValueError:
+    """``text`` as an int or a float; as typed when it is not a number or not a finite one
+    (JSON has no NaN or Infinity, and bounds do not catch them: validation must name them)."""
+    if kind == "integer":
         try:
-            number = float(text)
+            return int(text)
         except ValueError:
-            return text
-        return int(number) if number.is_integer() else number
+            pass
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    if not math.isfinite(number):
+        return text
+    if kind == "integer" and number.is_integer():
+        return int(number)  # "3.0" and "1e3" are whole numbers
+    return number
 
 
 def _item(text: str, item_type: str | None) -> Any:

@@ -9,18 +9,22 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from litestar import Request
-from litestar.exceptions import HTTPException
+from litestar.exceptions import HTTPException, ValidationException
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.response import ServerSentEventMessage, Template
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.template import TemplateConfig
 from litestar.types import ExceptionHandlersMap
 
-from orchestra import __version__
-from orchestra.api.errors import status_of
+from orchestra import __version__, logs
+from orchestra.api import errors as api_errors
+from orchestra.api.errors import LOCKED_RETRY_AFTER, status_of
 from orchestra.auth import Caller, allows
-from orchestra.errors import OrchestraError
+from orchestra.errors import OrchestraError, StorageError, StorageLocked
 from orchestra.web import views
 from orchestra.web.links import Links
+
+log = logs.get("orchestra.ui")
 
 #: Where the static files are, inside the package.
 STATIC = Path(__file__).parent / "static"
@@ -96,17 +100,43 @@ def is_htmx(request: Request[Any, Any, Any]) -> bool:
 
 
 def error_page(request: Request[Any, Any, Any], exc: Exception) -> Template:
-    """An error as an HTML page (the API's errors are JSON; the dashboard's are pages)."""
+    """An error as an HTML page (the API's errors are JSON; the dashboard's are pages), with
+    the status, headers and logging the API gives the same error."""
+    headers: dict[str, str] = {}
     if isinstance(exc, OrchestraError):
         status, message = status_of(exc), exc.message
+        if isinstance(exc, StorageLocked):
+            headers["retry-after"] = str(LOCKED_RETRY_AFTER)
+        if isinstance(exc, StorageError):
+            log.info("ui.storage_failed", code=exc.code, error=exc.message)
+    elif isinstance(exc, ValidationException):
+        status = exc.status_code
+        problems = [str(e.get("message", "")) for e in exc.extra or [] if isinstance(e, dict)]
+        message = "; ".join(p for p in problems if p) or "a value in the request is not valid"
     elif isinstance(exc, HTTPException):
         status, message = exc.status_code, exc.detail
-    else:  # pragma: no cover - handled by the app's internal_error
-        raise exc
-    return page(request, "error.html", status_code=status, status=status, message=message)
+    elif isinstance(exc, (RecursionError, UnicodeDecodeError)):
+        status, message = 400, "the request is not valid"
+    else:
+        status = HTTP_500_INTERNAL_SERVER_ERROR
+    if status >= HTTP_500_INTERNAL_SERVER_ERROR and not isinstance(exc, StorageError):
+        log.exception("ui.internal_error", path=request.url.path, method=request.method)
+        message = "internal error"
+    return page(
+        request,
+        "error.html",
+        status_code=status,
+        headers=headers,
+        status=status,
+        message=message,
+    )
 
 
-HANDLERS: ExceptionHandlersMap = {OrchestraError: error_page, HTTPException: error_page}
+#: Every kind of error the app's own handlers answer as JSON, answered as a page here (a
+#: handler is picked by the error's class, nearest first, across the app and this router).
+HANDLERS: ExceptionHandlersMap = {
+    kind: error_page for kind in api_errors.HANDLERS if isinstance(kind, type)
+}
 
 
 async def bounded(

@@ -58,7 +58,7 @@
     var message = "The request failed (" + xhr.status + ")";
     try {
       var body = JSON.parse(xhr.responseText);
-      if (body && body.detail) message = body.detail;
+      if (body && (body.message || body.detail)) message = body.message || body.detail;
     } catch (e) {
       var doc = new DOMParser().parseFromString(xhr.responseText, "text/html");
       var el = doc.getElementById("error-message");

@@ -1,0 +1,132 @@
+"""Dashboard sessions and the requests that must not get through: DNS rebinding, logged-out
+cookies, expired sessions, cross-site logins; and errors answered as pages."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from orchestra.config import Settings
+from tests.conftest import Service, StartService, make_keys
+
+SAME_SITE = {"sec-fetch-site": "same-origin"}
+#: What a page on another site sees after pointing its own name at 127.0.0.1.
+REBOUND = {"host": "evil.example:8000", "origin": "http://evil.example:8000", **SAME_SITE}
+
+
+def _path(db_url: str) -> str:
+    return db_url.split("///", 1)[1]
+
+
+@pytest.fixture
+async def keyed(
+    settings: Settings, db_url: str, start_service: StartService
+) -> AsyncIterator[tuple[Service, dict[str, str]]]:
+    tokens = await make_keys(db_url, "read", "admin")
+    async with start_service(settings) as svc:
+        yield svc, tokens
+
+
+def _with_cookie(svc: Service, session: str) -> httpx.AsyncClient:
+    """A browser-like client holding the session cookie ``session``."""
+    return httpx.AsyncClient(
+        base_url=svc.url, headers=SAME_SITE, cookies={"orchestra_session": session}
+    )
+
+
+async def _login(svc: Service, token: str) -> str:
+    answer = await svc.client.post("/ui/login", data={"key": token}, headers=SAME_SITE)
+    assert answer.status_code == 303, answer.text
+    return str(answer.cookies["orchestra_session"])
+
+
+async def test_a_rebound_name_gets_no_open_access_on_loopback(service: Service) -> None:
+    # No keys, on loopback: open to this machine's own names only.
+    assert (await service.client.get("/api/v1/tasks")).status_code == 200
+    assert (await service.client.get("/ui/keys")).status_code == 200
+    api = await service.client.get("/api/v1/tasks", headers={"host": "evil.example:8000"})
+    assert api.status_code == 401
+    page = await service.client.get("/ui/keys", headers={"host": "evil.example:8000"})
+    assert page.status_code == 303 and "/ui/login" in page.headers["location"]
+    made = await service.client.post(
+        "/ui/keys", data={"name": "pwn", "scope": "admin"}, headers=REBOUND
+    )
+    assert made.status_code == 401
+    assert "orc_" not in made.text
+    listing = (await service.client.get("/ui/keys")).text
+    assert "pwn" not in listing
+
+
+async def test_logging_out_ends_the_session_on_the_server(
+    keyed: tuple[Service, dict[str, str]], db_url: str
+) -> None:
+    svc, tokens = keyed
+    token = await _login(svc, tokens["admin"])
+    with sqlite3.connect(_path(db_url)) as conn:
+        rows = conn.execute("SELECT digest, key_id FROM ui_sessions").fetchall()
+    assert len(rows) == 1 and token not in rows[0][0]  # only its digest is kept
+    async with _with_cookie(svc, token) as browser:
+        assert (await browser.get("/ui/tasks")).status_code == 200
+        assert (await browser.post("/ui/logout")).status_code == 303
+    # The same cookie, replayed after the logout, is worth nothing.
+    async with _with_cookie(svc, token) as replay:
+        assert (await replay.get("/ui/tasks")).status_code == 303
+    with sqlite3.connect(_path(db_url)) as conn:
+        assert conn.execute("SELECT count(*) FROM ui_sessions").fetchone() == (0,)
+
+
+async def test_an_expired_session_is_refused(
+    keyed: tuple[Service, dict[str, str]], db_url: str
+) -> None:
+    svc, tokens = keyed
+    token = await _login(svc, tokens["read"])
+    async with _with_cookie(svc, token) as browser:
+        assert (await browser.get("/ui/tasks")).status_code == 200
+        with sqlite3.connect(_path(db_url)) as conn:
+            conn.execute("UPDATE ui_sessions SET expires_at = '2000-01-01T00:00:00.000000Z'")
+        assert (await browser.get("/ui/tasks")).status_code == 303
+
+
+async def test_cross_site_logins_are_refused(keyed: tuple[Service, dict[str, str]]) -> None:
+    svc, tokens = keyed
+    for headers in ({"sec-fetch-site": "cross-site"}, {"origin": "null"}):
+        answer = await svc.client.post("/ui/login", data={"key": tokens["admin"]}, headers=headers)
+        assert answer.status_code == 403, headers
+        assert "set-cookie" not in answer.headers
+        assert answer.json()["message"] == "cross-site request refused"
+
+
+async def test_a_fragment_asked_for_without_a_session_returns_to_its_page(
+    keyed: tuple[Service, dict[str, str]],
+) -> None:
+    svc, _ = keyed
+    answer = await svc.client.get(
+        "/ui/tasks/rows",
+        headers={"hx-request": "true", "hx-current-url": f"{svc.url}/ui/tasks?status=failed"},
+    )
+    assert answer.status_code == 401
+    assert answer.headers["hx-redirect"] == "/ui/login?next=%2Fui%2Ftasks%3Fstatus%3Dfailed"
+
+
+async def test_revoking_by_id_never_revokes_a_key_named_like_that_id(
+    keyed: tuple[Service, dict[str, str]], db_url: str
+) -> None:
+    svc, tokens = keyed
+    read_id = tokens["read"].split("_")[1]
+    async with _with_cookie(svc, await _login(svc, tokens["admin"])) as admin:
+        made = await admin.post("/ui/keys", data={"name": read_id, "scope": "read"})
+        assert made.status_code == 200
+        assert (await admin.post(f"/ui/keys/{read_id}/revoke")).status_code == 303
+    with sqlite3.connect(_path(db_url)) as conn:
+        rows = dict(conn.execute("SELECT name, revoked_at IS NOT NULL FROM api_keys").fetchall())
+    assert rows["k-read"] == 1 and rows[read_id] == 0
+
+
+async def test_bad_values_get_an_html_400_page(service: Service) -> None:
+    answer = await service.client.get("/ui/templates/summarize", params={"version": "abc"})
+    assert answer.status_code == 400
+    assert answer.headers["content-type"].startswith("text/html")
+    assert 'id="error-message"' in answer.text

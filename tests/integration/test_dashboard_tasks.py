@@ -1,0 +1,255 @@
+"""The dashboard's task pages over real HTTP (no browser): a task page's live stream, bad query
+values, the bulk confirmation's ceiling, searching without live refresh, and the streamed text
+a task page starts from."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from html import unescape
+
+import httpx
+import msgspec
+import pytest
+
+from orchestra.config import Settings
+from orchestra.db import Database, Lease, TaskStore
+from orchestra.domain import NewTask
+from orchestra.web import task_pages
+from tests.conftest import Service, StartService, make_keys
+from tests.fixtures.fake_ollama import FakeOllama
+from tests.fixtures.servers import wait_until
+
+SAME_SITE = {"sec-fetch-site": "same-origin"}
+TOO_BIG = "99999999999999999999999"
+#: A superscript two: ``str.isdigit()`` says yes, ``int()`` says no.
+SUPERSCRIPT = "\u00b2"
+
+
+def _last_seq(db_url: str, task_id: int) -> int:
+    with sqlite3.connect(db_url.split("///", 1)[1]) as conn:
+        row = conn.execute("SELECT max(seq) FROM task_events WHERE task_id = ?", (task_id,))
+        return int(row.fetchone()[0])
+
+
+async def _sse(
+    client: httpx.AsyncClient, url: str, headers: dict[str, str] | None = None
+) -> AsyncIterator[tuple[dict[str, str], bytes]]:
+    """Each message of a text/event-stream as its fields and its raw bytes (comments too)."""
+    async with client.stream("GET", url, headers=headers or {}) as response:
+        assert response.status_code == 200, await response.aread()
+        buffer = b""
+        async for chunk in response.aiter_bytes():
+            buffer += chunk
+            while b"\r\n\r\n" in buffer:
+                raw, buffer = buffer.split(b"\r\n\r\n", 1)
+                fields: dict[str, str] = {}
+                for line in raw.decode().split("\r\n"):
+                    name, _, value = line.partition(":")
+                    fields[name] = value.removeprefix(" ")
+                yield fields, raw + b"\r\n\r\n"
+
+
+def _hidden(html: str) -> dict[str, str]:
+    """The hidden fields of a page's forms."""
+    pairs = re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', html)
+    return {name: unescape(value) for name, value in pairs}
+
+
+@asynccontextmanager
+async def _login(svc: Service, token: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=svc.url, timeout=30, headers=SAME_SITE) as client:
+        answer = await client.post("/ui/login", data={"key": token, "next": "/ui/tasks"})
+        assert answer.status_code == 303, answer.text
+        yield client
+
+
+@pytest.fixture
+async def held(
+    settings: Settings, start_service: StartService, fake_ollama: FakeOllama
+) -> AsyncIterator[Service]:
+    """One worker slot and a model that does not answer while the test runs."""
+    fake_ollama.latency = 60
+    one = msgspec.structs.replace(
+        settings, workers=msgspec.structs.replace(settings.workers, concurrency=1)
+    )
+    async with start_service(one) as svc:
+        yield svc
+
+
+# -- a task page's live stream ----------------------------------------------------------------
+
+
+async def test_a_live_stream_opened_after_the_task_finished_still_sends_a_refresh(
+    service: Service, db_url: str
+) -> None:
+    """The page read its task running, the task finished, then the stream opened after the
+    last event: it must still tell the page to fetch itself again."""
+    task = await service.submit("summarize", text="done already")
+    await service.wait(task["id"])
+    after = _last_seq(db_url, task["id"])
+    url = f"/ui/tasks/{task['id']}/live?after={after}"
+    async with asyncio.timeout(10):
+        async for fields, _ in _sse(service.client, url):
+            if fields.get("event") == "refresh":
+                break
+
+
+async def test_a_live_stream_resumed_after_the_end_refreshes_once_then_only_comments(
+    service: Service, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(task_pages, "KEEPALIVE_SECONDS", 0.05)
+    task = await service.submit("summarize", text="done already")
+    await service.wait(task["id"])
+    url = f"/ui/tasks/{task['id']}/live"
+    last = str(_last_seq(db_url, task["id"]))
+    seen: list[tuple[dict[str, str], bytes]] = []
+    async with asyncio.timeout(10):
+        async for message in _sse(service.client, url, {"last-event-id": last}):
+            seen.append(message)
+            if len(seen) == 4:
+                break
+    assert seen[0][0].get("event") == "refresh"
+    # Keep-alives are comments alone: a `data:` line would dispatch an empty message event.
+    assert [raw for _, raw in seen[1:]] == [b": keep-alive\r\n\r\n"] * 3
+
+
+async def test_a_live_stream_sends_one_cache_control_header(service: Service) -> None:
+    task = await service.submit("summarize", text="x")
+    await service.wait(task["id"])
+    async with service.client.stream("GET", f"/ui/tasks/{task['id']}/live") as answer:
+        assert answer.headers.get_list("cache-control") == ["no-store"]
+    async with service.client.stream("GET", "/ui/live") as answer:
+        assert answer.headers.get_list("cache-control") == ["no-store"]
+
+
+async def test_the_live_signal_sends_keep_alives_as_comments_alone(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestra.web import overview
+
+    monkeypatch.setattr(overview, "LOOK_EVERY", 0.05)
+    async with asyncio.timeout(10):
+        async for _, raw in _sse(service.client, "/ui/live"):
+            assert raw == b": keep-alive\r\n\r\n"
+            break
+
+
+async def test_the_streamed_text_starts_at_the_running_steps_last_start(db: Database) -> None:
+    store = TaskStore(db)
+    task_id = (await store.enqueue(NewTask(template="t", template_version=1, params={}))).task.id
+    [claimed] = await store.claim("w", 1, 30)
+    lease = Lease(task_id, "w", claimed.attempts)
+    await store.start_step(lease, "a", 0)
+    await store.add_text(lease, "a", "first try, ")
+    await store.start_step(lease, "a", 0)  # the step started again: its text starts over
+    await store.add_text(lease, "a", "Hello")
+    await store.add_text(lease, "a", ", world")
+    upto = await store.last_event_seq(task_id)
+    await store.add_text(lease, "a", " (later)")  # after the page's read: the stream sends it
+    assert await store.step_text(task_id, "a", upto) == "Hello, world"
+    assert await store.step_text(task_id, "b", upto) == ""
+    assert await store.last_event_seq(task_id) == upto + 1
+    assert await store.last_event_seq(task_id + 1) == 0
+
+
+# -- bad query values -------------------------------------------------------------------------
+
+
+async def test_bad_numbers_and_times_in_a_query_are_400s_naming_the_field(
+    service: Service,
+) -> None:
+    task = await service.submit("summarize", text="x")
+    await service.wait(task["id"])
+    bad = [
+        ("/ui/tasks", {"cursor": SUPERSCRIPT}, "cursor"),
+        ("/ui/tasks", {"cursor": TOO_BIG}, "cursor"),
+        ("/ui/tasks", {"cursor": "0"}, "cursor"),
+        ("/ui/tasks/rows", {"cursor": TOO_BIG}, "cursor"),
+        ("/ui/tasks", {"from": "0001-01-01T00:00+01:00"}, "from"),
+        ("/ui/tasks", {"to": "9999-12-31T23:59-01:00"}, "to"),
+        ("/ui/tasks/confirm", {"action": "cancel", "from": "0001-01-01T00:00+01:00"}, "from"),
+        (f"/ui/tasks/{task['id']}/live", {"after": TOO_BIG}, "after"),
+        (f"/ui/tasks/{task['id']}/live", {"after": SUPERSCRIPT}, "after"),
+    ]
+    for path, params, field in bad:
+        answer = await service.client.get(path, params=params)
+        assert answer.status_code == 400, (path, params, answer.status_code)
+        assert f"{field}: " in answer.text, (path, params, answer.text[-600:])
+    resumed = await service.client.get(
+        f"/ui/tasks/{task['id']}/live", headers={"last-event-id": TOO_BIG}
+    )
+    assert resumed.status_code == 400 and "Last-Event-ID: " in resumed.text
+    posted = await service.client.post(
+        "/ui/tasks/bulk", data={"action": "cancel", "id": SUPERSCRIPT}, headers=SAME_SITE
+    )
+    assert posted.status_code == 400 and "id: " in posted.text
+    posted = await service.client.post(
+        "/ui/tasks/bulk",
+        data={"action": "cancel", "scope": "matching", "upto": TOO_BIG},
+        headers=SAME_SITE,
+    )
+    assert posted.status_code == 400 and "upto: " in posted.text
+
+
+async def test_a_notice_with_a_count_that_is_no_number_is_left_out(service: Service) -> None:
+    for n in (SUPERSCRIPT, TOO_BIG + TOO_BIG):
+        answer = await service.client.get("/ui/tasks", params={"done": "cancel", "n": n})
+        assert answer.status_code == 200
+        assert 'class="notice"' not in answer.text
+    answer = await service.client.get("/ui/tasks", params={"done": "cancel", "n": "2"})
+    assert "Cancelled: 2 tasks." in answer.text
+
+
+# -- the bulk confirmation --------------------------------------------------------------------
+
+
+async def test_a_task_submitted_after_the_confirmation_is_left_alone(
+    held: Service, fake_ollama: FakeOllama
+) -> None:
+    svc = held
+    mine = [await svc.submit("summarize", text=f"bulk {i}") for i in range(3)]
+    await wait_until(lambda: fake_ollama.in_flight == 1)
+    confirm = await svc.client.get(
+        "/ui/tasks/confirm", params={"action": "cancel", "template": "summarize", "since": "1h"}
+    )
+    assert "Cancel 3 tasks?" in confirm.text
+    fields = _hidden(confirm.text)
+    assert fields["upto"] == str(mine[-1]["id"])
+    assert "since" not in fields and fields["from"]  # an absolute time, fixed at confirmation
+    late = await svc.submit("summarize", text="submitted after the confirmation")
+    done = await svc.client.post(
+        "/ui/tasks/bulk", data={**fields, "action": "cancel"}, headers=SAME_SITE
+    )
+    assert done.status_code == 303
+    assert "n=3" in done.headers["location"], done.headers["location"]
+    for task in mine:
+        assert (await svc.wait(task["id"]))["status"] == "cancelled"
+    assert (await svc.client.get(f"/api/v1/tasks/{late['id']}")).json()["status"] == "queued"
+    await svc.client.post(f"/api/v1/tasks/{late['id']}/cancel")
+
+
+async def test_the_confirmation_shows_its_button_only_to_callers_who_may_submit(
+    settings: Settings, db_url: str, start_service: StartService
+) -> None:
+    keys = await make_keys(db_url, "read", "submit")
+    async with start_service(settings) as svc:
+        for scope, shown in (("read", False), ("submit", True)):
+            async with _login(svc, keys[scope]) as client:
+                page = await client.get("/ui/tasks/confirm", params={"action": "cancel"})
+                assert page.status_code == 200
+                assert ('name="action"' in page.text) is shown, scope
+
+
+# -- searching --------------------------------------------------------------------------------
+
+
+async def test_a_search_is_not_refreshed_live_and_the_page_says_so(service: Service) -> None:
+    plain = (await service.client.get("/ui/tasks")).text
+    assert "sse-connect" in plain and "live updates are off while searching" not in plain
+    searched = (await service.client.get("/ui/tasks", params={"q": "needle"})).text
+    assert "sse-connect" not in searched
+    assert "live updates are off while searching" in searched
