@@ -117,7 +117,7 @@ async def test_run_again_fills_both_the_parameters_and_the_options(service: Serv
         "/ui/templates/option-names", params={"from": answer.json()["id"]}
     )
     assert page.status_code == 200
-    assert re.search(r'id="param-model" name="model" value="param-model"', page.text)
+    assert re.search(r'id="param-model" name="model"[^>]*>param-model</textarea>', page.text)
     assert re.search(r'id="param-priority" name="priority" value="4"', page.text)
     assert re.search(r'id="opt-model" name="[^"]+" value="qwen2.5"', page.text)
     assert re.search(r'id="opt-priority" name="[^"]+" type="number" step="1" value="17"', page.text)

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from orchestra.config import Settings
-from tests.conftest import Service, StartService
-from tests.integration.test_auth import _make_keys
+from tests.conftest import Service, StartService, make_keys
 
 CONFIG = Path(__file__).parent.parent / "schemathesis.toml"
 
@@ -24,7 +23,7 @@ CONFIG = Path(__file__).parent.parent / "schemathesis.toml"
 async def test_the_service_answers_as_its_openapi_document_says(
     settings: Settings, db_url: str, start_service: StartService, tmp_path: Path
 ) -> None:
-    admin = (await _make_keys(db_url))["admin"]
+    admin = (await make_keys(db_url, "admin"))["admin"]
     async with start_service(settings) as svc:
         run = await asyncio.create_subprocess_exec(
             sys.executable,

@@ -40,9 +40,7 @@ SCHEMA = TEMPLATE.params_schema()
 
 def _read(**form: str | list[str]) -> dict[str, Any]:
     """The parameters a form gives, each value as a browser sends it (a list per name)."""
-    return params_from_form(
-        SCHEMA, {k: v if isinstance(v, list) else [v] for k, v in form.items()}
-    )
+    return params_from_form(SCHEMA, {k: v if isinstance(v, list) else [v] for k, v in form.items()})
 
 
 def _by_name(made: list[Field]) -> dict[str, Field]:

@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import PurePath
+from typing import Any, get_args
 
+import msgspec
 from litestar import Controller, Request, get, post
 from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect, Template
 
-from orchestra.errors import InvalidRequest, TemplateError
+from orchestra import logs
+from orchestra.api.errors import status_of
+from orchestra.api.schemas import Priority
+from orchestra.catalog import TemplateCatalog
+from orchestra.errors import (
+    FieldProblem,
+    InvalidParams,
+    InvalidRequest,
+    OrchestraError,
+    PayloadTooLarge,
+    StorageError,
+    TemplateError,
+)
 from orchestra.tasks import Submission
 from orchestra.templating.loader import parse_template
 from orchestra.templating.model import Template as TaskTemplate
+from orchestra.templating.params import validate_params
 from orchestra.web.forms import fields, params_from_form
 from orchestra.web.render import links, page
+
+log = logs.get("orchestra.web")
 
 #: What a new template starts as in the editor.
 SKELETON = """\
@@ -31,20 +48,38 @@ steps:
 """
 
 
+#: The run form's options, each sent as ``opt.<name>``: a dot is never part of a parameter's
+#: name, so a parameter may be called ``model`` or ``priority`` too.
+OPTIONS = ("model", "priority")
+_PRIORITY: msgspec.Meta = get_args(Priority)[1]  # the API's bounds
+_BAD_PRIORITY = f"must be a whole number from {_PRIORITY.ge} to {_PRIORITY.le}"
+
+
 def _multi(form: Any) -> dict[str, list[str]]:
     return {key: [str(v) for v in form.getall(key)] for key in form}
+
+
+def _priority(text: str) -> int | None:
+    """The priority option as typed (blank: 0), or None when it is not one the API takes."""
+    try:
+        return msgspec.convert(int(text or 0), Priority)
+    except (ValueError, msgspec.ValidationError):
+        return None
 
 
 def _run_form(
     template: TaskTemplate,
     values: dict[str, Any] | None = None,
-    problems: list[Any] | None = None,
+    problems: list[FieldProblem] | None = None,
     options: dict[str, str] | None = None,
+    option_errors: dict[str, list[str]] | None = None,
+    form_error: str = "",
 ) -> dict[str, Any]:
     return {
         "fields": fields(template.params_schema(), values, problems),
         "options": options or {},
-        "form_error": "",
+        "option_errors": option_errors or {},
+        "form_error": form_error,
     }
 
 
@@ -53,6 +88,44 @@ def _problems(exc: TemplateError) -> list[dict[str, Any]]:
         {"line": p.line, "column": p.column, "path": p.path, "message": p.message}
         for p in exc.problems
     ]
+
+
+def _shown(exc: OrchestraError, catalog: TemplateCatalog) -> str:
+    """What the editor says about a refusal: the error's message without server file paths
+    (a clash names the template file's path; a storage error the database's)."""
+    if isinstance(exc, StorageError):
+        log.info("ui.storage_failed", code=exc.code, error=exc.message)
+        return (type(exc).__doc__ or "").strip()  # the class's default message
+    if status_of(exc) >= 500:
+        log.error("ui.register_failed", code=exc.code, error=exc.message)
+        return "internal error"
+    message = exc.message
+    for template in catalog.all():
+        if template.origin != "api" and template.source in message:
+            message = message.replace(template.source, PurePath(template.source).name)
+    return message
+
+
+def _editor(
+    request: Request[Any, Any, Any],
+    text: str,
+    name: str | None = None,
+    *,
+    status_code: int = 200,
+    problems: list[dict[str, Any]] | None = None,
+    error: str = "",
+) -> Template:
+    """The editor holding ``text``, with the problems found or why it was refused."""
+    return page(
+        request,
+        "editor.html",
+        status_code=status_code,
+        section="templates",
+        text=text,
+        name=name,
+        problems=problems,
+        error=error,
+    )
 
 
 class TemplatePages(Controller):
@@ -69,7 +142,7 @@ class TemplatePages(Controller):
     @get("/new")
     async def new(self, request: Request[Any, Any, Any]) -> Template:
         """The editor, for a new template."""
-        return page(request, "editor.html", section="templates", text=SKELETON, name=None)
+        return _editor(request, SKELETON)
 
     @post("/validate", opt={"scope": "submit"}, status_code=200)
     async def validate(self, request: Request[Any, Any, Any]) -> Template:
@@ -84,6 +157,8 @@ class TemplatePages(Controller):
             name = parse_template(text, "<editor>", limits).name
         except TemplateError as exc:
             problems = _problems(exc)
+        except PayloadTooLarge as exc:
+            problems = [{"line": None, "column": None, "path": "", "message": exc.message}]
         return page(
             request,
             "_problems.html",
@@ -104,15 +179,9 @@ class TemplatePages(Controller):
                 raise InvalidRequest("the template is empty")
             registered = (await catalog.register(text)).template
         except TemplateError as exc:
-            return page(
-                request,
-                "editor.html",
-                status_code=422,
-                section="templates",
-                text=text,
-                name=None,
-                problems=_problems(exc),
-            )
+            return _editor(request, text, status_code=status_of(exc), problems=_problems(exc))
+        except OrchestraError as exc:  # empty, too large, a file's name, storage
+            return _editor(request, text, status_code=status_of(exc), error=_shown(exc, catalog))
         return Redirect(
             links(request).ui(f"/templates/{registered.name}", version=registered.version),
             status_code=303,
@@ -149,7 +218,7 @@ class TemplatePages(Controller):
     async def edit(self, request: Request[Any, Any, Any], name: FromPath[str]) -> Template:
         """The editor, with the template's current YAML."""
         template = request.app.state.runtime.catalog.get(name)
-        return page(request, "editor.html", section="templates", text=template.text, name=name)
+        return _editor(request, template.text, name)
 
     @post("/{name:str}/run", opt={"scope": "submit"}, status_code=303)
     async def run(
@@ -160,30 +229,37 @@ class TemplatePages(Controller):
         template = runtime.catalog.get(name)
         form = _multi(await request.form())
         params = params_from_form(template.params_schema(), form)
-        options = {k: (form.get(k) or [""])[-1].strip() for k in ("model", "priority")}
-        try:
-            priority = int(options["priority"] or 0)
-        except ValueError:
-            priority = 0
-        try:
-            submitted = await runtime.tasks.submit(
-                Submission(
-                    template=name,
-                    params=params,
-                    model=options["model"] or None,
-                    priority=priority,
+        options = {k: (form.get(f"opt.{k}") or [""])[-1].strip() for k in OPTIONS}
+        priority = _priority(options["priority"])
+        problems: list[FieldProblem] = []
+        if priority is None:
+            option_errors = {"priority": [_BAD_PRIORITY]}
+            message = f"priority {_BAD_PRIORITY}"
+            try:  # nothing is submitted, but every problem is named at once
+                validate_params(template, params, runtime.tasks.limits)
+            except InvalidParams as exc:
+                problems, message = exc.fields, exc.message
+        else:
+            option_errors = {}
+            try:
+                submitted = await runtime.tasks.submit(
+                    Submission(
+                        template=name,
+                        params=params,
+                        model=options["model"] or None,
+                        priority=priority,
+                    )
                 )
-            )
-        except InvalidRequest as exc:
-            context = _run_form(template, params, exc.fields, options)
-            context["form_error"] = exc.message
-            return page(
-                request,
-                "template.html",
-                status_code=422,
-                section="templates",
-                template=template,
-                versions=runtime.catalog.versions(name),
-                **context,
-            )
-        return Redirect(links(request).ui(f"/tasks/{submitted.task.id}"), status_code=303)
+            except InvalidRequest as exc:
+                problems, message = exc.fields, exc.message
+            else:
+                return Redirect(links(request).ui(f"/tasks/{submitted.task.id}"), status_code=303)
+        return page(
+            request,
+            "template.html",
+            status_code=422,
+            section="templates",
+            template=template,
+            versions=runtime.catalog.versions(name),
+            **_run_form(template, params, problems, options, option_errors, message),
+        )
