@@ -7,11 +7,16 @@ transaction (so the queue never waits long behind it), and tells the worker pool
 interrupted if it runs in this process (other processes learn it at their next lease
 renewal), and retried tasks wake the pool. Unlike the one-task calls it never waits for a
 running task to stop.
+
+An action over a filter is confirmed first (:meth:`BulkService.confirmation` states how many
+tasks match) and then acts on no task newer than the newest one at confirmation: a task
+submitted meanwhile is left alone, whatever it matches.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Literal
 
 import msgspec
 
@@ -27,7 +32,19 @@ CHUNK = 500
 CANCELLABLE = (TaskStatus.QUEUED, TaskStatus.RUNNING)
 RETRYABLE = (TaskStatus.FAILED, TaskStatus.CANCELLED)
 
+#: The actions over a filter, and the statuses each changes.
+Action = Literal["cancel", "retry"]
+ACTIONS: dict[Action, tuple[TaskStatus, ...]] = {"cancel": CANCELLABLE, "retry": RETRYABLE}
+
 log = logs.get("orchestra.bulk")
+
+
+class Confirmation(msgspec.Struct, frozen=True):
+    """What a person confirms before a bulk action over a filter: ``count`` tasks match now,
+    and the action, once confirmed, acts on no task newer than ``upto`` (0: no task yet)."""
+
+    count: int
+    upto: int
 
 
 class BulkOutcome(msgspec.Struct, frozen=True):
@@ -84,14 +101,16 @@ class BulkService:
             outcome = outcome.plus(await self._retry(chunk))
         return _with_skipped(outcome, len(given))
 
-    async def cancel_matching(self, filter: TaskFilter) -> BulkOutcome:
-        """Cancel every queued or running task matching ``filter`` that exists now (tasks
-        submitted meanwhile are left alone)."""
-        return await self._matching(filter, CANCELLABLE, self._cancel, "cancel")
+    async def cancel_matching(self, filter: TaskFilter, upto: int | None = None) -> BulkOutcome:
+        """Cancel every queued or running task matching ``filter`` whose id is at most
+        ``upto`` (the :attr:`Confirmation.upto` a person confirmed; by default the newest
+        task now): tasks submitted after it are left alone."""
+        return await self._matching(filter, CANCELLABLE, self._cancel, "cancel", upto)
 
-    async def retry_matching(self, filter: TaskFilter) -> BulkOutcome:
-        """Queue again every failed or cancelled task matching ``filter``."""
-        return await self._matching(filter, RETRYABLE, self._retry, "retry")
+    async def retry_matching(self, filter: TaskFilter, upto: int | None = None) -> BulkOutcome:
+        """Queue again every failed or cancelled task matching ``filter`` whose id is at most
+        ``upto`` (by default the newest task now)."""
+        return await self._matching(filter, RETRYABLE, self._retry, "retry", upto)
 
     async def count_cancellable(self, filter: TaskFilter) -> int:
         """How many tasks :meth:`cancel_matching` would act on now (for its confirmation)."""
@@ -101,16 +120,26 @@ class BulkService:
         """How many tasks :meth:`retry_matching` would act on now (for its confirmation)."""
         return await self.dashboard.count(filter, RETRYABLE)
 
+    async def confirmation(self, filter: TaskFilter, action: Action) -> Confirmation:
+        """What to ask before ``action`` over ``filter``: how many tasks it would change now,
+        and the newest task now, the ceiling to act with once confirmed."""
+        # The ceiling first: a task submitted between the two reads may then be counted but
+        # not acted on, never the other way round.
+        upto = await self.dashboard.newest_id()
+        count = await self.dashboard.count(filter, ACTIONS[action])
+        return Confirmation(count=count, upto=upto)
+
     async def _matching(
         self,
         filter: TaskFilter,
         statuses: tuple[TaskStatus, ...],
         act: Callable[[list[int]], Awaitable[BulkOutcome]],
         action: str,
+        upto: int | None,
     ) -> BulkOutcome:
-        """Walk the matching tasks in chunks, up to the newest task at the start, acting on
-        each chunk as it is read."""
-        newest = await self.dashboard.newest_id()
+        """Walk the matching tasks in chunks, up to task ``upto`` (by default the newest task
+        at the start), acting on each chunk as it is read."""
+        newest = await self.dashboard.newest_id() if upto is None else upto
         outcome = BulkOutcome()
         after: int | None = None
         while True:

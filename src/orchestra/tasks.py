@@ -17,7 +17,7 @@ import msgspec
 from orchestra.config import LimitSettings
 from orchestra.db.events import TERMINAL_EVENT, TaskEvent
 from orchestra.db.store import TaskPage, TaskStore
-from orchestra.domain import NewTask, Task, TaskStatus, now
+from orchestra.domain import NewTask, StepStatus, Task, TaskStatus, now
 from orchestra.errors import ConflictError, FieldProblem, InvalidRequest, TaskNotFound
 from orchestra.notify import TaskSignals
 from orchestra.templating.params import validate_params
@@ -79,6 +79,16 @@ class Submitted(msgspec.Struct, frozen=True):
 
     task: Task
     created: bool
+
+
+class LiveTask(msgspec.Struct, frozen=True):
+    """A task as a live page first shows it: ``streamed`` is the text its running step has
+    streamed so far, ``after`` the last event that view includes (the page follows the events
+    after it). A finished task has neither: nothing streams any more."""
+
+    task: Task
+    streamed: str = ""
+    after: int = 0
 
 
 class TaskService:
@@ -171,6 +181,27 @@ class TaskService:
                 changed.clear()
                 task = await self._get(task_id)
         return task
+
+    async def live(self, task_id: int) -> LiveTask:
+        """A task, the text its running step has streamed so far, and the event to follow it
+        from.
+
+        The last event's number is read before the task, so whatever the task read misses is
+        in the events after it: a task that finishes between the two reads shows as running,
+        and the events it is then followed from say that it finished.
+
+        Raises:
+            TaskNotFound: no task has this id.
+        """
+        after = await self.store.last_event_seq(task_id) if _storable(task_id) else 0
+        task = await self._get(task_id)
+        if task.finished:
+            return LiveTask(task)
+        running = next((s.id for s in task.steps if s.status is StepStatus.RUNNING), None)
+        streamed = ""
+        if running is not None:
+            streamed = await self.store.step_text(task_id, running, task.attempts, after)
+        return LiveTask(task, streamed, after)
 
     async def follow(self, task_id: int, after: int = 0) -> AsyncIterator[TaskEvent | None]:
         """A task's events after ``after``: the past ones, then new ones as they happen, until

@@ -210,3 +210,27 @@ async def test_a_task_submitted_during_a_bulk_cancel_is_left_alone(
     assert outcome.changed == 3
     assert await statuses(store, *before) == ["cancelled"] * 3
     assert await statuses(store, *submitted) == ["queued"] * len(submitted)
+
+
+async def test_a_task_submitted_after_the_confirmation_is_left_alone(
+    service: BulkService, store: TaskStore
+) -> None:
+    before = [await add(store) for _ in range(3)]
+    confirmation = await service.confirmation(TaskFilter(), "cancel")
+    assert confirmation == bulk.Confirmation(count=3, upto=before[-1])
+    late = await add(store)
+    outcome = await service.cancel_matching(TaskFilter(), confirmation.upto)
+    assert outcome == BulkOutcome(changed=3)
+    assert await statuses(store, *before, late) == ["cancelled"] * 3 + ["queued"]
+    await store.cancel_many([late])
+    assert await service.retry_matching(TaskFilter(), upto=before[0]) == BulkOutcome(changed=1)
+    assert await statuses(store, *before, late) == ["queued"] + ["cancelled"] * 3
+
+
+async def test_a_confirmation_with_no_tasks_acts_on_none(
+    service: BulkService, store: TaskStore
+) -> None:
+    confirmation = await service.confirmation(TaskFilter(), "retry")
+    assert confirmation == bulk.Confirmation(count=0, upto=0)
+    await add(store)
+    assert await service.cancel_matching(TaskFilter(), confirmation.upto) == BulkOutcome()

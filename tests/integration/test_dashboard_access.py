@@ -130,3 +130,21 @@ async def test_bad_values_get_an_html_400_page(service: Service) -> None:
     assert answer.status_code == 400
     assert answer.headers["content-type"].startswith("text/html")
     assert 'id="error-message"' in answer.text
+
+
+async def test_checking_providers_now_is_a_same_site_post(service: Service) -> None:
+    page = await service.client.get("/ui/providers")
+    assert page.status_code == 200 and "/ui/providers/check" in page.text
+    assert (await service.client.get("/ui/providers/check")).status_code == 405
+    checked = await service.client.post("/ui/providers/check", headers=SAME_SITE)
+    assert checked.status_code == 200 and "ollama" in checked.text
+    forged = await service.client.post(
+        "/ui/providers/check", headers={"sec-fetch-site": "cross-site"}
+    )
+    assert forged.status_code == 403
+
+
+async def test_run_again_from_a_garbage_task_id_is_a_400(service: Service) -> None:
+    for value in ("%C2%B2", "99999999999999999999999", "abc"):
+        answer = await service.client.get(f"/ui/templates/summarize?from={value}")
+        assert answer.status_code == 400, value

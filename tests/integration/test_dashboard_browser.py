@@ -43,20 +43,29 @@ async def _page(browser: Browser, **kwargs: object) -> TrackedPage:
     return await new_page(browser, **kwargs)
 
 
+async def _hold_the_slot(svc: Service, fake_ollama: FakeOllama) -> int:
+    """Fill the one worker slot with a task whose model call does not answer: tasks submitted
+    now stay queued until :func:`_free_the_slot`, however slowly the browser goes."""
+    fake_ollama.latency = 60
+    blocker = await svc.submit("summarize", text="busy")
+    await wait_until(lambda: fake_ollama.in_flight == 1)
+    return int(blocker["id"])
+
+
+async def _free_the_slot(svc: Service, fake_ollama: FakeOllama, blocker: int) -> None:
+    """Cancel the blocker (its model call is closed); later calls answer at once."""
+    fake_ollama.latency = 0
+    answer = await svc.client.post(f"/api/v1/tasks/{blocker}/cancel")
+    assert answer.json()["status"] == "cancelled", answer.text
+
+
 async def test_a_task_submitted_from_the_form_goes_queued_running_succeeded_live(
     browser: Browser, slow_service: Service, fake_ollama: FakeOllama
 ) -> None:
     from playwright.async_api import expect
 
     svc = slow_service
-    # The one slot is busy, so the new task waits in the queue first.
-    blocker = await svc.submit("summarize", text=" ".join(["busy"] * 60))
-
-    async def blocker_runs() -> bool:
-        answer = await svc.client.get(f"/api/v1/tasks/{blocker['id']}")
-        return bool(answer.json()["status"] == "running")
-
-    await wait_until(blocker_runs)
+    blocker = await _hold_the_slot(svc, fake_ollama)
     page = await _page(browser)
     await page.goto(f"{svc.url}/ui/templates/summarize")
     await page.fill("#param-text", " ".join(f"word{i}" for i in range(80)))
@@ -64,6 +73,7 @@ async def test_a_task_submitted_from_the_form_goes_queued_running_succeeded_live
     await page.click("#run-form button[type=submit]")
     status = page.locator("#task-body h1 .status")
     await expect(status).to_have_text("queued", timeout=WAIT)
+    await _free_the_slot(svc, fake_ollama, blocker)
     await expect(status).to_have_text("running", timeout=WAIT)
     live = page.locator("#live-text")
     await expect(live).to_contain_text("word1", timeout=WAIT)
@@ -71,7 +81,6 @@ async def test_a_task_submitted_from_the_form_goes_queued_running_succeeded_live
     assert (await status.text_content()) == "running"
     await expect(status).to_have_text("succeeded", timeout=WAIT)
     await expect(page.locator("#result")).to_contain_text("word79")
-    assert (await svc.wait(blocker["id"]))["status"] == "succeeded"
     assert page.errors == []
 
 
@@ -88,14 +97,28 @@ async def test_overview_counts_update_live_and_pause_holds_them(
     await service.wait(task["id"])
     await expect(succeeded).to_have_text("1", timeout=WAIT)
     await page.check("#live-pause")
+    # Count the `changed` events the page is sent (each event's data: how many tasks exist),
+    # and its requests for fresh counts.
+    await page.evaluate(
+        "() => { window.changed = []; document.addEventListener('htmx:sseMessage', e => {"
+        " if (e.detail.type === 'changed') window.changed.push(e.detail.data); }); }"
+    )
+    fetched: list[str] = []
+    page.on("request", lambda r: fetched.append(r.url) if "/overview/body" in r.url else None)
     task = await service.submit("summarize", text="count me too")
     await service.wait(task["id"])
-    await page.wait_for_timeout(2500)  # a live update would have come within about a second
+    # A third task, submitted after the second finished: an event saying 3 tasks exist was
+    # sent after that, so a page that was not paused would show 2 succeeded by then.
+    marker = await service.submit("summarize", text="and a marker")
+    # (Polled from here: wait_for_function compiles its predicate, which the CSP forbids.)
+    await wait_until(lambda: page.evaluate("window.changed.includes('3')"), timeout=15)
     await expect(succeeded).to_have_text("1")
+    assert fetched == []
+    await service.wait(marker["id"])
     await page.uncheck("#live-pause")
     task = await service.submit("summarize", text="and me")
     await service.wait(task["id"])
-    await expect(succeeded).to_have_text("3", timeout=WAIT)
+    await expect(succeeded).to_have_text("4", timeout=WAIT)
     assert page.errors == []
 
 
@@ -229,6 +252,45 @@ async def test_markup_in_params_results_and_descriptions_is_text_and_inline_scri
     assert any("Content Security Policy" in text for _, text in page.console)
 
 
+async def test_markup_streamed_live_is_text_and_never_runs(
+    browser: Browser, slow_service: Service, fake_ollama: FakeOllama
+) -> None:
+    """The riskiest path: streamed text is appended to the page as HTML (hx-swap=beforeend)."""
+    from playwright.async_api import expect
+
+    svc = slow_service
+    blocker = await _hold_the_slot(svc, fake_ollama)
+    # The fake model streams one word at a time (split at spaces): tabs keep one tag whole, so
+    # it arrives in a single event. Early and late copies: the late ones surely come through
+    # the stream, after the page has refreshed to show the running step.
+    whole = '<img\tsrc=x\tonerror="window.pwned=3">'
+    markup = f'<img src=x onerror="window.pwned=1"> <script>window.pwned=2</script> {whole}'
+    words = " ".join(f"w{i}" for i in range(40))
+    task = await svc.submit("summarize", text=f"{markup} {words} {markup} {words}")
+    page = await _page(browser)
+    await page.goto(f"{svc.url}/ui/tasks/{task['id']}")
+    status = page.locator("#task-body h1 .status")
+    await expect(status).to_have_text("queued", timeout=WAIT)
+    await page.evaluate(
+        "() => { window.streamed = []; document.addEventListener('htmx:sseMessage', e => {"
+        " if (e.detail.type === 'tokens') window.streamed.push(e.detail.data); }); }"
+    )
+    await _free_the_slot(svc, fake_ollama, blocker)
+    live = page.locator("#live-text")
+    late = 'w39 <img src=x onerror="window.pwned=1"> <script>window.pwned=2</script>'
+    await expect(live).to_contain_text(late, timeout=WAIT)
+    await expect(live).to_contain_text('onerror="window.pwned=3"', timeout=WAIT)
+    assert await status.text_content() == "running"  # it arrived live
+    assert await page.evaluate("window.pwned") is None
+    assert await page.locator("#live-text img").count() == 0
+    assert await page.locator("#live-text script").count() == 0
+    streamed = "".join(await page.evaluate("window.streamed"))
+    assert "&lt;img\tsrc=x\tonerror=" in streamed  # through the stream, escaped
+    await expect(status).to_have_text("succeeded", timeout=WAIT)
+    assert await page.evaluate("window.pwned") is None
+    assert page.errors == []
+
+
 async def test_readable_at_375_pixels_with_statuses_in_words(
     browser: Browser, service: Service
 ) -> None:
@@ -249,4 +311,22 @@ async def test_readable_at_375_pixels_with_statuses_in_words(
             break
     else:
         raise AssertionError("the task's link was never focused by Tab")
+    assert page.errors == []
+
+
+async def test_time_filters_are_typed_in_local_time_and_sent_as_utc(
+    browser: Browser, service: Service
+) -> None:
+    from playwright.async_api import expect
+
+    page = await new_page(browser, timezone_id="Asia/Tokyo")  # UTC+9, no summer time
+    await page.goto(f"{service.url}/ui/tasks")
+    start = page.locator("input[type=datetime-local][data-utc]").first
+    await start.fill("2026-12-01T09:00:00")
+    await page.click("form.filters button[type=submit]")
+    await page.wait_for_url("**/ui/tasks?*from=2026-12-01T00*")
+    assert "from=2026-12-01T00%3A00%3A00.000Z" in page.url
+    await expect(page.locator("input[type=datetime-local][data-utc]").first).to_have_value(
+        "2026-12-01T09:00:00"
+    )
     assert page.errors == []

@@ -71,3 +71,54 @@ async def events_after(db: Database, task_id: int, seq: int, limit: int = 500) -
     async with db.read() as conn:
         rows = (await conn.execute(query)).all()
     return [TaskEvent(r.seq, r.time, r.type, msgspec.json.decode(r.data)) for r in rows]
+
+
+async def last_seq(db: Database, task_id: int) -> int:
+    """The sequence number of a task's last event (0 with none): a seek on the primary key."""
+    query = select(func.max(task_events.c.seq)).where(task_events.c.task_id == task_id)
+    async with db.read() as conn:
+        return int((await conn.execute(query)).scalar() or 0)
+
+
+# The last step start at or before :upto: a walk back from :upto on the primary key that stops
+# at the first one (steps run one after another, so it is the running step's if that started).
+_LAST_START = (
+    select(task_events.c.seq, task_events.c.data)
+    .where(
+        task_events.c.task_id == bindparam("task_id"),
+        task_events.c.seq <= bindparam("upto"),
+        task_events.c.type == "step.started",
+    )
+    .order_by(task_events.c.seq.desc())
+    .limit(1)
+)
+_TOKENS_BETWEEN = (
+    select(task_events.c.data)
+    .where(
+        task_events.c.task_id == bindparam("task_id"),
+        task_events.c.seq > bindparam("start"),
+        task_events.c.seq <= bindparam("upto"),
+        task_events.c.type == "step.tokens",
+    )
+    .order_by(task_events.c.seq)
+)
+
+
+async def step_text(db: Database, task_id: int, step: str, attempt: int, upto: int) -> str:
+    """The text step ``step`` of attempt ``attempt`` has streamed (its ``step.tokens``
+    events), up to event ``upto``: what a live page shows before it follows the events after
+    ``upto``. Empty when that step had not started by then.
+
+    Reads only the events from the step's start on, never the task's earlier ones.
+    """
+    params = {"task_id": task_id, "upto": upto}
+    async with db.read() as conn:
+        started = (await conn.execute(_LAST_START, params)).one_or_none()
+        if started is None:
+            return ""
+        data = msgspec.json.decode(started.data)
+        if data.get("step") != step or data.get("attempt", attempt) != attempt:
+            return ""
+        rows = (await conn.execute(_TOKENS_BETWEEN, {**params, "start": started.seq})).scalars()
+        pieces = [msgspec.json.decode(piece) for piece in rows]
+    return "".join(str(p.get("text", "")) for p in pieces if p.get("step") == step)

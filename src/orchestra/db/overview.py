@@ -344,8 +344,9 @@ class DashboardStore:
         return sorted(runs)[:limit]
 
     async def newest_id(self) -> int:
-        """The highest task id so far (0 with no tasks): a bulk action over a filter stops
-        there, so tasks submitted after its confirmation are left alone."""
+        """The highest task id so far (0 with no tasks): read when a bulk action over a
+        filter is confirmed, it is where the action stops, so tasks submitted after the
+        confirmation are left alone."""
         async with self.db.read() as conn:
             return int((await conn.execute(select(func.max(tasks.c.id)))).scalar() or 0)
 

@@ -519,6 +519,14 @@ class TaskStore:
         """A task's events after sequence number ``seq``, in order (500 at most)."""
         return await events.events_after(self.db, task_id, seq)
 
+    async def last_event_seq(self, task_id: int) -> int:
+        """The sequence number of the task's last event (0 with none)."""
+        return await events.last_seq(self.db, task_id)
+
+    async def step_text(self, task_id: int, step: str, attempt: int, upto: int) -> str:
+        """The text a step of an attempt has streamed so far, up to event ``upto``."""
+        return await events.step_text(self.db, task_id, step, attempt, upto)
+
     async def get_task(self, task_id: int) -> Task | None:
         """One task with its attempts and the steps of its current attempt, or None."""
         async with self.db.read() as conn:

@@ -6,8 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from litestar import Controller, Request, get
-from litestar.params import FromQuery
+from litestar import Controller, Request, get, post
 from litestar.response import ServerSentEvent, ServerSentEventMessage, Template
 
 from orchestra.domain import now
@@ -35,6 +34,16 @@ async def _overview(request: Request[Any, Any, Any]) -> dict[str, Any]:
     }
 
 
+async def _providers(request: Request[Any, Any, Any], states: list[Any]) -> Template:
+    """The providers page, showing ``states``."""
+    router = request.app.state.runtime.router
+    chains = []
+    for name, chain in router.chains().items():
+        serving = [str(r) for r in router.routes(name) if router.available(r)] if chain else []
+        chains.append({"name": name, "chain": chain, "serves": serving[0] if serving else None})
+    return page(request, "providers.html", section="providers", chains=chains, providers=states)
+
+
 class OverviewPages(Controller):
     """Overview, providers, and the live signal."""
 
@@ -49,17 +58,16 @@ class OverviewPages(Controller):
         return page(request, "_overview_body.html", **await _overview(request))
 
     @get("/providers")
-    async def providers(
-        self, request: Request[Any, Any, Any], check: FromQuery[str] = ""
-    ) -> Template:
+    async def providers(self, request: Request[Any, Any, Any]) -> Template:
         """Model chains, the entry serving each now, and every provider's last check."""
         router = request.app.state.runtime.router
-        states = await router.refresh() if check == "now" else router.states()
-        chains = []
-        for name, chain in router.chains().items():
-            serving = [str(r) for r in router.routes(name) if router.available(r)] if chain else []
-            chains.append({"name": name, "chain": chain, "serves": serving[0] if serving else None})
-        return page(request, "providers.html", section="providers", chains=chains, providers=states)
+        return await _providers(request, router.states())
+
+    @post("/providers/check", status_code=200, opt={"scope": "read"})
+    async def check_providers(self, request: Request[Any, Any, Any]) -> Template:
+        """Check every provider now, then show them (a POST: it has effects, e.g. clearing a
+        provider's "down" mark, so no link or image on another site can trigger it)."""
+        return await _providers(request, await request.app.state.runtime.router.refresh())
 
     @get("/live", name="ui.live")
     async def live(self, request: Request[Any, Any, Any]) -> ServerSentEvent:
@@ -79,7 +87,9 @@ class OverviewPages(Controller):
                     except TimeoutError:
                         counts = await runtime.dashboard.counts()
                         if counts == last:
-                            yield ServerSentEventMessage(comment="keep-alive")
+                            # A comment alone (Litestar adds an empty `data:` line,
+                            # which the browser would dispatch as a message, unless None).
+                            yield ServerSentEventMessage(comment="keep-alive", data=None)
                             continue
                     started = loop.time()
                     last = await runtime.dashboard.counts()
@@ -87,4 +97,5 @@ class OverviewPages(Controller):
                     changed.clear()
                     await asyncio.sleep(max(0.0, CHANGED_EVERY - (loop.time() - started)))
 
-        return ServerSentEvent(bounded(stream()), headers={"cache-control": "no-store"})
+        # Spelled as Litestar's own Cache-Control, which it then does not add a second time.
+        return ServerSentEvent(bounded(stream()), headers={"Cache-Control": "no-store"})

@@ -13,8 +13,9 @@ from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect, ServerSentEvent, ServerSentEventMessage, Template
 from markupsafe import escape
 
-from orchestra.domain import Task, TaskFilter, TaskStatus, now
+from orchestra.domain import TaskFilter, TaskStatus, now
 from orchestra.errors import FieldProblem, InvalidRequest
+from orchestra.tasks import MAX_ID
 from orchestra.web.render import bounded, is_htmx, links, page
 
 PAGE_SIZE = 50
@@ -25,6 +26,9 @@ SINCE = {"15m": 15, "1h": 60, "24h": 24 * 60, "7d": 7 * 24 * 60, "30d": 30 * 24 
 #: The bulk actions.
 ELIGIBLE = ("cancel", "retry")
 _FILTER_KEYS = ("status", "template", "model", "since", "from", "to", "q")
+#: A comment alone: with a ``data:`` line (Litestar's default) the browser would dispatch an
+#: empty message event.
+KEEPALIVE = ServerSentEventMessage(comment="keep-alive", data=None)
 
 
 class Filters(msgspec.Struct, frozen=True):
@@ -34,14 +38,42 @@ class Filters(msgspec.Struct, frozen=True):
     filter: TaskFilter
 
 
+def whole(text: str, field: str, *, least: int = 1) -> int:
+    """A number given as text: an id (from 1), or with ``least=0`` an event number or a count.
+
+    Raises:
+        InvalidRequest: ``text`` is not ASCII digits, or the number is below ``least`` or
+            above :data:`~orchestra.tasks.MAX_ID` (it would overflow SQLite's INTEGER).
+    """
+    # isdigit() alone lets "²" through; the length check keeps int() from huge strings.
+    digits = text.isascii() and text.isdigit() and len(text) <= len(str(MAX_ID))
+    number = int(text) if digits else -1
+    if not least <= number <= MAX_ID:
+        raise InvalidRequest(
+            f"{field}: {text!r} is not a whole number from {least} to {MAX_ID}",
+            [FieldProblem(field, "not a whole number in range")],
+        )
+    return number
+
+
 def _time(text: str, field: str) -> datetime:
+    """A time from the filter form, in UTC (a time without a zone is taken as UTC)."""
     try:
         value = datetime.fromisoformat(text)
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
     except ValueError:
         raise InvalidRequest(
             f"{field}: {text!r} is not a date and time", [FieldProblem(field, "not a time")]
         ) from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    except OverflowError:  # within a day of year 1 or 9999, in UTC
+        raise InvalidRequest(
+            f"{field}: {text!r} is out of range", [FieldProblem(field, "out of range")]
+        ) from None
+
+
+def _absolute(moment: datetime) -> str:
+    """``moment`` as the filter form's UTC fields show it, to the second."""
+    return moment.astimezone(UTC).replace(tzinfo=None, microsecond=0).isoformat()
 
 
 def filters_of(query: Any) -> Filters:
@@ -78,21 +110,18 @@ def filters_of(query: Any) -> Filters:
     )
 
 
-async def _eligible_count(runtime: Any, flt: TaskFilter, action: str) -> int:
-    """How many tasks matching ``flt`` the action would change."""
-    if action == "cancel":
-        count: int = await runtime.bulk.count_cancellable(flt)
-    else:
-        count = await runtime.bulk.count_retryable(flt)
-    return count
-
-
 def _notice(query: Any) -> str:
-    done, count = query.get("done"), query.get("n", "0")
-    if done in ("cancel", "retry") and str(count).isdigit():
-        verb = "Cancelled" if done == "cancel" else "Queued again"
-        return f"{verb}: {int(count)} task{'s' if int(count) != 1 else ''}."
-    return ""
+    """What the last bulk action did (``done`` and ``n``, from its redirect); a count that is
+    no number shows nothing."""
+    done = query.get("done")
+    if done not in ELIGIBLE:
+        return ""
+    try:
+        count = whole(str(query.get("n", "")), "n", least=0)
+    except InvalidRequest:
+        return ""
+    verb = "Cancelled" if done == "cancel" else "Queued again"
+    return f"{verb}: {count} task{'s' if count != 1 else ''}."
 
 
 class TaskPages(Controller):
@@ -104,20 +133,22 @@ class TaskPages(Controller):
         runtime = request.app.state.runtime
         found = filters_of(request.query_params)
         cursor = request.query_params.get("cursor")
-        before = int(cursor) if cursor and cursor.isdigit() else None
+        before = whole(cursor, "cursor") if cursor else None
         result = await runtime.dashboard.page(found.filter, limit=PAGE_SIZE, before=before)
         return {
             "rows": result.items,
             "next_cursor": result.next_cursor,
             "given": found.given,
             "first_page": before is None,
+            # A text search no index serves would run again on every change.
+            "live": before is None and "q" not in found.given,
             "templates": [t.name for t in runtime.catalog.all()],
             "since_options": list(SINCE),
         }
 
     @get("/", name="ui.tasks")
     async def tasks(self, request: Request[Any, Any, Any]) -> Template:
-        """The table, filtered, newest first; live on the first page."""
+        """The table, filtered, newest first; live on the first page unless searching."""
         return page(
             request,
             "tasks.html",
@@ -137,14 +168,26 @@ class TaskPages(Controller):
         if action not in ELIGIBLE:
             raise InvalidRequest("action must be cancel or retry", [FieldProblem("action", "")])
         found = filters_of(request.query_params)
-        count = await _eligible_count(request.app.state.runtime, found.filter, action)
+        flt, fixed = found.filter, {k: v for k, v in found.given.items() if k != "since"}
+        if flt.created_from is not None:
+            # A "since" becomes the time it means now, so the action acts on the tasks counted.
+            fixed["from"] = _absolute(flt.created_from)
+            flt = msgspec.structs.replace(flt, created_from=_time(fixed["from"], "from"))
+        confirmation = await request.app.state.runtime.bulk.confirmation(flt, action)
         return page(
-            request, "confirm.html", section="tasks", action=action, count=count, given=found.given
+            request,
+            "confirm.html",
+            section="tasks",
+            action=action,
+            count=confirmation.count,
+            given=found.given,
+            hidden={**fixed, "upto": str(confirmation.upto)},
         )
 
     @post("/bulk", opt={"scope": "submit"}, status_code=303)
     async def bulk(self, request: Request[Any, Any, Any]) -> Redirect:
-        """Cancel or retry the selected tasks, or every task matching the filter."""
+        """Cancel or retry the selected tasks, or every task matching the filter up to the
+        newest task when it was confirmed (``upto``)."""
         form = await request.form()
         action = form.get("action")
         if action not in ELIGIBLE:
@@ -152,12 +195,14 @@ class TaskPages(Controller):
         bulk = request.app.state.runtime.bulk
         found = filters_of(form)
         if form.get("scope") == "matching":
+            ceiling = str(form.get("upto") or "")
+            upto = whole(ceiling, "upto", least=0) if ceiling else None
             if action == "cancel":
-                outcome = await bulk.cancel_matching(found.filter)
+                outcome = await bulk.cancel_matching(found.filter, upto)
             else:
-                outcome = await bulk.retry_matching(found.filter)
+                outcome = await bulk.retry_matching(found.filter, upto)
         else:
-            ids = [int(v) for v in form.getall("id", []) if str(v).isdigit()]
+            ids = [whole(str(v), "id") for v in form.getall("id", [])]
             if not ids:
                 raise InvalidRequest("select at least one task", [FieldProblem("id", "none")])
             if action == "cancel":
@@ -182,20 +227,23 @@ class TaskPages(Controller):
 
     @get("/{task_id:int}/live")
     async def live(
-        self, request: Request[Any, Any, Any], task_id: FromPath[int], after: FromQuery[int] = 0
+        self, request: Request[Any, Any, Any], task_id: FromPath[int], after: FromQuery[str] = "0"
     ) -> ServerSentEvent:
         """The task's streamed text as ``tokens`` events (HTML text, to append), and a
-        ``refresh`` event on any other change. Resumes after Last-Event-ID."""
+        ``refresh`` event on any other change and once more at the end. Resumes after
+        Last-Event-ID."""
         tasks = request.app.state.runtime.tasks
-        resume = request.headers.get("last-event-id", "")
-        if resume.isdigit():
-            after = int(resume)
+        resume = request.headers.get("last-event-id")
+        if resume:
+            start = whole(resume, "Last-Event-ID", least=0)
+        else:
+            start = whole(after, "after", least=0)
         await tasks.get(task_id)  # 404 before the stream starts
 
         async def stream() -> AsyncIterator[ServerSentEventMessage]:
-            async for event in tasks.follow(task_id, after):
+            async for event in tasks.follow(task_id, start):
                 if event is None:
-                    yield ServerSentEventMessage(comment="keep-alive")
+                    yield KEEPALIVE
                 elif event.type == "step.tokens":
                     text = str(escape(event.data.get("text", "")))
                     yield ServerSentEventMessage(event="tokens", data=text, id=str(event.seq))
@@ -203,13 +251,19 @@ class TaskPages(Controller):
                     yield ServerSentEventMessage(
                         event="refresh", data=event.type, id=str(event.seq)
                     )
-            # Finished: the page swaps the live part away, which closes the stream. Ending it
-            # here instead would make the browser report an error and reconnect.
+            # Finished. One more refresh, always: a page that read its task running just
+            # before it finished follows from its last event and is told nothing else, and a
+            # page whose refresh failed tries again when its stream reconnects. (A finished
+            # task's page has no stream.)
+            yield ServerSentEventMessage(event="refresh", data="finished")
+            # The page swaps the live part away, which closes the stream. Ending it here
+            # instead would make the browser report an error and reconnect.
             while True:
                 await asyncio.sleep(KEEPALIVE_SECONDS)
-                yield ServerSentEventMessage(comment="keep-alive")
+                yield KEEPALIVE
 
-        return ServerSentEvent(bounded(stream()), headers={"cache-control": "no-store"})
+        # Its own Cache-Control, spelled as Litestar's, which then adds no second one.
+        return ServerSentEvent(bounded(stream()), headers={"Cache-Control": "no-store"})
 
     @post("/{task_id:int}/cancel", opt={"scope": "submit"}, status_code=303)
     async def cancel(self, request: Request[Any, Any, Any], task_id: FromPath[int]) -> Redirect:
@@ -224,40 +278,17 @@ class TaskPages(Controller):
         return Redirect(links(request).ui(f"/tasks/{task_id}"), status_code=303)
 
 
-async def _detail(request: Request[Any, Any, Any], task_id: FromPath[int]) -> dict[str, Any]:
-    runtime = request.app.state.runtime
-    task: Task = await runtime.tasks.get(task_id)
-    streamed, last_seq = await _streamed(runtime, task)
+async def _detail(request: Request[Any, Any, Any], task_id: int) -> dict[str, Any]:
+    live = await request.app.state.runtime.tasks.live(task_id)
+    task = live.task
     running = [s.id for s in task.steps if s.status.value == "running"]
     prompt = sum(s.usage.prompt_tokens or 0 for s in task.steps if s.usage)
     completion = sum(s.usage.completion_tokens or 0 for s in task.steps if s.usage)
     return {
         "task": task,
-        "streamed": streamed,
+        "streamed": live.streamed,
         "streaming_step": running[0] if running else None,
-        "last_seq": last_seq,
+        "last_seq": live.after,
         "tokens": (prompt, completion),
         "htmx": is_htmx(request),
     }
-
-
-async def _streamed(runtime: Any, task: Task) -> tuple[str, int]:
-    """The text streamed so far by the step now running, and the last event's number."""
-    if task.finished:
-        return "", 0  # nothing streams any more: the page is not live
-    store = runtime.tasks.store
-    running = next((s.id for s in task.steps if s.status.value == "running"), None)
-    pieces: list[str] = []
-    seq = 0
-    while True:
-        batch = await store.events_after(task.id, seq)
-        if not batch:
-            break
-        for event in batch:
-            seq = event.seq
-            if event.type == "step.started" and event.data.get("step") == running:
-                pieces = []
-            elif event.type == "step.tokens" and event.data.get("step") == running:
-                pieces.append(str(event.data.get("text", "")))
-        await asyncio.sleep(0)
-    return "".join(pieces), seq

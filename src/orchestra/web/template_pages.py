@@ -29,6 +29,7 @@ from orchestra.templating.model import Template as TaskTemplate
 from orchestra.templating.params import validate_params
 from orchestra.web.forms import fields, params_from_form
 from orchestra.web.render import links, page
+from orchestra.web.task_pages import whole
 
 log = logs.get("orchestra.web")
 
@@ -201,8 +202,8 @@ class TemplatePages(Controller):
         values = None
         options: dict[str, str] = {}
         source = request.query_params.get("from")
-        if source and source.isdigit():
-            task = await runtime.tasks.get(int(source))
+        if source:
+            task = await runtime.tasks.get(whole(source, "from"))
             values = task.params
             options = {"model": task.model or "", "priority": str(task.priority)}
         return page(

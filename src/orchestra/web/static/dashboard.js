@@ -118,8 +118,42 @@
     if (b) goTo(+b.getAttribute("data-line"), +b.getAttribute("data-column"));
   });
 
+  // Time filters: the server speaks UTC, the reader local time.
+  function pad(n) { return (n < 10 ? "0" : "") + n; }
+
+  function showLocal(root) {
+    root.querySelectorAll("input[data-utc]").forEach(function (input) {
+      var given = input.getAttribute("data-utc");
+      if (!given || input.value) return;
+      var at = new Date(/[zZ]|[+-]\d\d:?\d\d$/.test(given) ? given : given + "Z");
+      if (isNaN(at.getTime())) return;
+      input.value = at.getFullYear() + "-" + pad(at.getMonth() + 1) + "-" + pad(at.getDate()) +
+        "T" + pad(at.getHours()) + ":" + pad(at.getMinutes()) + ":" + pad(at.getSeconds());
+    });
+  }
+
+  // Capture phase: before htmx reads the form, the local times become UTC ones.
+  document.addEventListener("submit", function (evt) {
+    evt.target.querySelectorAll("input[data-utc]").forEach(function (input) {
+      var old = evt.target.querySelector("input[type=hidden][data-utc-for='" + input.name + "']");
+      if (old) old.remove();
+      if (!input.value) return;
+      var at = new Date(input.value);  // a datetime-local value is local time
+      if (isNaN(at.getTime())) return;
+      var hidden = document.createElement("input");
+      hidden.type = "hidden";
+      hidden.name = input.name;
+      hidden.value = at.toISOString();
+      hidden.setAttribute("data-utc-for", input.name);
+      input.setAttribute("data-name", input.name);
+      input.removeAttribute("name");
+      evt.target.appendChild(hidden);
+    });
+  }, true);
+
   function onLoad(root) {
     localTimes(root);
+    showLocal(root);
     syncPause(document);
     numberLines();
   }
