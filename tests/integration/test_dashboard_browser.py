@@ -1,17 +1,20 @@
 """The dashboard in a real headless Chromium against the real service (real HTTP, a real
 SQLite file, the fake Ollama on a real port): live updates, forms, bulk actions, the editor,
-scopes, and markup that must never run."""
+scopes, and markup that must never run.
+
+Each test asks for ``browser`` after the service, so the browser closes first: a service
+stopping with a page still open waits for that page's event streams.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-import msgspec
 import pytest
 
 from orchestra.config import Settings
-from tests.conftest import Service, StartService, make_keys
+from tests.conftest import Service, StartService, make_keys, with_workers
 from tests.fixtures.browser import TrackedPage, new_page
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import wait_until
@@ -32,9 +35,7 @@ async def slow_service(
 ) -> AsyncIterator[Service]:
     """One worker slot, and a model that streams a word every 50 ms."""
     fake_ollama.word_delay = 0.05
-    one = msgspec.structs.replace(
-        settings, workers=msgspec.structs.replace(settings.workers, concurrency=1)
-    )
+    one = with_workers(settings, concurrency=1)
     async with start_service(one) as svc:
         yield svc
 
@@ -60,7 +61,7 @@ async def _free_the_slot(svc: Service, fake_ollama: FakeOllama, blocker: int) ->
 
 
 async def test_a_task_submitted_from_the_form_goes_queued_running_succeeded_live(
-    browser: Browser, slow_service: Service, fake_ollama: FakeOllama
+    slow_service: Service, fake_ollama: FakeOllama, browser: Browser
 ) -> None:
     from playwright.async_api import expect
 
@@ -85,7 +86,7 @@ async def test_a_task_submitted_from_the_form_goes_queued_running_succeeded_live
 
 
 async def test_overview_counts_update_live_and_pause_holds_them(
-    browser: Browser, service: Service
+    service: Service, browser: Browser
 ) -> None:
     from playwright.async_api import expect
 
@@ -122,7 +123,7 @@ async def test_overview_counts_update_live_and_pause_holds_them(
     assert page.errors == []
 
 
-async def test_a_422_shows_beside_the_field_it_names(browser: Browser, service: Service) -> None:
+async def test_a_422_shows_beside_the_field_it_names(service: Service, browser: Browser) -> None:
     from playwright.async_api import expect
 
     page = await _page(browser)
@@ -137,7 +138,7 @@ async def test_a_422_shows_beside_the_field_it_names(browser: Browser, service: 
 
 
 async def test_bulk_cancel_of_a_filter_after_a_confirmation_that_states_n(
-    browser: Browser, slow_service: Service, fake_ollama: FakeOllama
+    slow_service: Service, fake_ollama: FakeOllama, browser: Browser
 ) -> None:
     from playwright.async_api import expect
 
@@ -158,7 +159,7 @@ async def test_bulk_cancel_of_a_filter_after_a_confirmation_that_states_n(
 
 
 async def test_the_editor_shows_line_and_column_then_registers_a_version(
-    browser: Browser, service: Service
+    service: Service, browser: Browser
 ) -> None:
     from playwright.async_api import expect
 
@@ -183,7 +184,7 @@ async def test_the_editor_shows_line_and_column_then_registers_a_version(
 
 
 async def test_a_read_key_sees_no_write_controls_and_a_forged_post_gets_403(
-    browser: Browser, settings: Settings, db_url: str, start_service: StartService
+    settings: Settings, db_url: str, start_service: StartService, browser: Browser
 ) -> None:
     from playwright.async_api import expect
 
@@ -215,10 +216,11 @@ async def test_a_read_key_sees_no_write_controls_and_a_forged_post_gets_403(
         assert forged == 403
         assert (await svc.client.get(f"/api/v1/tasks/{task_id}")).json()["status"] != "cancelled"
         assert [e for e in page.errors if "status of 403" not in e] == []
+        await page.close()  # before the service stops: it would wait for the page's streams
 
 
 async def test_markup_in_params_results_and_descriptions_is_text_and_inline_script_is_blocked(
-    browser: Browser, service: Service
+    service: Service, browser: Browser
 ) -> None:
     from playwright.async_api import expect
 
@@ -253,7 +255,7 @@ async def test_markup_in_params_results_and_descriptions_is_text_and_inline_scri
 
 
 async def test_markup_streamed_live_is_text_and_never_runs(
-    browser: Browser, slow_service: Service, fake_ollama: FakeOllama
+    slow_service: Service, fake_ollama: FakeOllama, browser: Browser
 ) -> None:
     """The riskiest path: streamed text is appended to the page as HTML (hx-swap=beforeend)."""
     from playwright.async_api import expect
@@ -292,7 +294,7 @@ async def test_markup_streamed_live_is_text_and_never_runs(
 
 
 async def test_readable_at_375_pixels_with_statuses_in_words(
-    browser: Browser, service: Service
+    service: Service, browser: Browser
 ) -> None:
     task = await service.submit("summarize", text="narrow")
     await service.wait(task["id"])
@@ -315,7 +317,7 @@ async def test_readable_at_375_pixels_with_statuses_in_words(
 
 
 async def test_time_filters_are_typed_in_local_time_and_sent_as_utc(
-    browser: Browser, service: Service
+    service: Service, browser: Browser
 ) -> None:
     from playwright.async_api import expect
 

@@ -12,14 +12,13 @@ from contextlib import asynccontextmanager
 from html import unescape
 
 import httpx
-import msgspec
 import pytest
 
 from orchestra.config import Settings
 from orchestra.db import Database, Lease, TaskStore
 from orchestra.domain import NewTask
 from orchestra.web import task_pages
-from tests.conftest import Service, StartService, make_keys
+from tests.conftest import Service, StartService, make_keys, with_workers
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import wait_until
 
@@ -73,9 +72,7 @@ async def held(
 ) -> AsyncIterator[Service]:
     """One worker slot and a model that does not answer while the test runs."""
     fake_ollama.latency = 60
-    one = msgspec.structs.replace(
-        settings, workers=msgspec.structs.replace(settings.workers, concurrency=1)
-    )
+    one = with_workers(settings, concurrency=1)
     async with start_service(one) as svc:
         yield svc
 
