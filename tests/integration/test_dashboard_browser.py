@@ -8,6 +8,7 @@ stopping with a page still open waits for that page's event streams.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -331,4 +332,28 @@ async def test_time_filters_are_typed_in_local_time_and_sent_as_utc(
     await expect(page.locator("input[type=datetime-local][data-utc]").first).to_have_value(
         "2026-12-01T09:00"  # Chromium drops zero seconds
     )
+    assert page.errors == []
+
+
+async def test_providers_and_keys_pages_work_in_the_browser(
+    service: Service, browser: Browser
+) -> None:
+    from playwright.async_api import expect
+
+    page = await _page(browser)
+    await page.goto(f"{service.url}/ui/providers")
+    await expect(page.locator("article.provider").first).to_contain_text("ollama")
+    await page.click("text=Check now")
+    await expect(page.locator("h1")).to_have_text("Providers and models", timeout=WAIT)
+    await expect(page.locator("article.provider .status").first).to_have_text("available")
+    await page.goto(f"{service.url}/ui/keys")
+    await page.fill("input[name=name]", "from-the-browser")
+    await page.select_option("select[name=scope]", "read")
+    await page.click("text=Make key")
+    await expect(page.locator("#new-token")).to_have_text(re.compile(r"^orc_"), timeout=WAIT)
+    token = await page.locator("#new-token").text_content()
+    # A key exists now: the API asks for one, and this one reads.
+    assert (await service.client.get("/api/v1/tasks")).status_code == 401
+    listed = await service.client.get("/api/v1/tasks", headers={"authorization": f"Bearer {token}"})
+    assert listed.status_code == 200
     assert page.errors == []
