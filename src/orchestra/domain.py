@@ -269,6 +269,11 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(moment: datetime) -> datetime:
+    """A moment with a zone; one given without is taken as UTC (as the API reads them)."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
 def iso(moment: datetime) -> str:
     """Format a moment as stored: fixed-width ISO-8601 UTC with a Z."""
     utc = moment if moment.tzinfo is UTC else moment.astimezone(UTC)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import msgspec
@@ -17,7 +17,7 @@ import msgspec
 from orchestra.config import LimitSettings
 from orchestra.db.events import TERMINAL_EVENT, TaskEvent
 from orchestra.db.store import TaskPage, TaskStore
-from orchestra.domain import NewTask, StepStatus, Task, TaskStatus, now
+from orchestra.domain import NewTask, StepStatus, Task, TaskStatus, as_utc, now
 from orchestra.errors import ConflictError, FieldProblem, InvalidRequest, TaskNotFound
 from orchestra.notify import TaskSignals
 from orchestra.templating.params import validate_params
@@ -128,8 +128,8 @@ class TaskService:
         spec = self.registry.get(sub.template, sub.template_version)
         params = validate_params(spec, sub.params, self.limits)
         run_at = sub.run_at
-        if run_at is not None and run_at.tzinfo is None:
-            run_at = run_at.replace(tzinfo=UTC)  # a time without a zone is taken as UTC
+        if run_at is not None:
+            run_at = as_utc(run_at)
         if sub.delay:
             run_at = now() + timedelta(seconds=sub.delay)
         max_attempts = sub.max_attempts or (

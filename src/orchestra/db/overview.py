@@ -27,7 +27,7 @@ from sqlalchemy.sql.operators import custom_op
 from orchestra.db.engine import Database
 from orchestra.db.rows import dump, summary_from_row
 from orchestra.db.tables import task_counts, task_steps, tasks
-from orchestra.domain import TaskFilter, TaskStatus, TaskSummary, iso
+from orchestra.domain import TaskFilter, TaskStatus, TaskSummary, as_utc, iso
 
 __all__ = [
     "DashboardStore",
@@ -140,11 +140,6 @@ class Overview(msgspec.Struct, frozen=True):
     recent_failures: list[TaskSummary]
 
 
-def _utc(moment: datetime) -> datetime:
-    """A time without a zone is taken as UTC (as submits do)."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
-
-
 def like_pattern(text: str) -> str:
     """A LIKE pattern (escape character ``\\``) matching ``text`` anywhere in a JSON column.
 
@@ -164,9 +159,9 @@ def _unindexed(column: ColumnElement[Any]) -> ColumnElement[Any]:
 def _time_bounds(f: TaskFilter) -> dict[str, str]:
     bounds = {}
     if f.created_from is not None:
-        bounds["created_from"] = iso(_utc(f.created_from))
+        bounds["created_from"] = iso(as_utc(f.created_from))
     if f.created_to is not None:
-        bounds["created_to"] = iso(_utc(f.created_to))
+        bounds["created_to"] = iso(as_utc(f.created_to))
     return bounds
 
 
@@ -238,7 +233,7 @@ class DashboardStore:
             now: the current time (a parameter, so tests choose it); without a zone, UTC.
             failures: how many recent failures to list.
         """
-        now = _utc(now).astimezone(UTC)
+        now = as_utc(now).astimezone(UTC)
         first = now.replace(second=0, microsecond=0) - timedelta(minutes=CHART_MINUTES - 1)
         span = {
             "first": first.strftime("%Y-%m-%dT%H:%M"),

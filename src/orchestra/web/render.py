@@ -94,11 +94,6 @@ def page(
     )
 
 
-def is_htmx(request: Request[Any, Any, Any]) -> bool:
-    """Whether htmx sent the request (it then wants a fragment or a boosted page)."""
-    return request.headers.get("hx-request") == "true"
-
-
 def error_page(request: Request[Any, Any, Any], exc: Exception) -> Template:
     """An error as an HTML page (the API's errors are JSON; the dashboard's are pages), with
     the status, headers and logging the API gives the same error."""

@@ -13,10 +13,10 @@ from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect, ServerSentEvent, ServerSentEventMessage, Template
 from markupsafe import escape
 
-from orchestra.domain import TaskFilter, TaskStatus, now
+from orchestra.domain import TaskFilter, TaskStatus, as_utc, now
 from orchestra.errors import FieldProblem, InvalidRequest
 from orchestra.tasks import MAX_ID
-from orchestra.web.render import bounded, is_htmx, links, page
+from orchestra.web.render import bounded, links, page
 
 PAGE_SIZE = 50
 #: Seconds between keep-alive comments on a finished task's stream.
@@ -59,8 +59,7 @@ def whole(text: str, field: str, *, least: int = 1) -> int:
 def _time(text: str, field: str) -> datetime:
     """A time from the filter form, in UTC (a time without a zone is taken as UTC)."""
     try:
-        value = datetime.fromisoformat(text)
-        return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
+        return as_utc(datetime.fromisoformat(text)).astimezone(UTC)
     except ValueError:
         raise InvalidRequest(
             f"{field}: {text!r} is not a date and time", [FieldProblem(field, "not a time")]
@@ -290,5 +289,4 @@ async def _detail(request: Request[Any, Any, Any], task_id: int) -> dict[str, An
         "streaming_step": running[0] if running else None,
         "last_seq": live.after,
         "tokens": (prompt, completion),
-        "htmx": is_htmx(request),
     }
