@@ -112,14 +112,6 @@ class BulkService:
         ``upto`` (by default the newest task now)."""
         return await self._matching(filter, RETRYABLE, self._retry, "retry", upto)
 
-    async def count_cancellable(self, filter: TaskFilter) -> int:
-        """How many tasks :meth:`cancel_matching` would act on now (for its confirmation)."""
-        return await self.dashboard.count(filter, CANCELLABLE)
-
-    async def count_retryable(self, filter: TaskFilter) -> int:
-        """How many tasks :meth:`retry_matching` would act on now (for its confirmation)."""
-        return await self.dashboard.count(filter, RETRYABLE)
-
     async def confirmation(self, filter: TaskFilter, action: Action) -> Confirmation:
         """What to ask before ``action`` over ``filter``: how many tasks it would change now,
         and the newest task now, the ceiling to act with once confirmed."""

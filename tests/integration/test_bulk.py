@@ -162,14 +162,18 @@ async def test_cancel_matching_acts_on_every_match_in_chunks_and_nothing_else(
     other = [await add(store, "other") for _ in range(3)]
     running = await store.claim("w", 2, 30)  # mine[0] and mine[1]
     flt = TaskFilter(template="mine")
-    assert await service.count_cancellable(flt) == 8
+    assert (await service.confirmation(flt, "cancel")).count == 8
     outcome = await service.cancel_matching(flt)
     assert outcome == BulkOutcome(changed=8, skipped=0, stopping=2)
     assert sorted(pool.cancelled) == sorted(t.id for t in running)
     assert await statuses(store, *mine) == ["running"] * 2 + ["cancelled"] * 6
     assert await statuses(store, *other) == ["queued"] * 3
-    assert await service.count_cancellable(flt) == 2  # still running until their worker stops
-    assert await service.count_cancellable(TaskFilter(template="mine", text="nothing")) == 0
+    assert (
+        await service.confirmation(flt, "cancel")
+    ).count == 2  # still running until their worker stops
+    assert (
+        await service.confirmation(TaskFilter(template="mine", text="nothing"), "cancel")
+    ).count == 0
 
 
 async def test_retry_matching_requeues_failed_and_cancelled_of_the_filter(
@@ -179,8 +183,8 @@ async def test_retry_matching_requeues_failed_and_cancelled_of_the_filter(
     await store.cancel_many(ids[:2])
     [task] = await store.claim("w", 1, 30)
     await store.finish(Lease(task.id, "w", task.attempts), TaskStatus.FAILED)
-    assert await service.count_retryable(TaskFilter()) == 3
-    assert await service.count_retryable(TaskFilter(status=TaskStatus.FAILED)) == 1
+    assert (await service.confirmation(TaskFilter(), "retry")).count == 3
+    assert (await service.confirmation(TaskFilter(status=TaskStatus.FAILED), "retry")).count == 1
     outcome = await service.retry_matching(TaskFilter(template="t"))
     assert outcome == BulkOutcome(changed=3)
     assert pool.notified == 1
