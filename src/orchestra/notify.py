@@ -8,8 +8,11 @@ also wake on a timer, so a task changed by another process is still seen.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class TaskSignals:
@@ -52,3 +55,25 @@ class TaskSignals:
         for task_id in task_ids:
             for event in self._watchers.get(task_id, ()):
                 event.set()
+
+
+class SharedReads:
+    """Single-flight reads: callers asking for the same key at the same time share one read.
+
+    When a task changes, every follower of it wakes at once and asks the database the same
+    question ("events after seq N"); with this, fifty followers cost one query, not fifty.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[Hashable, asyncio.Future[Any]] = {}
+
+    async def read(self, key: Hashable, load: Callable[[], Awaitable[T]]) -> T:
+        """The result of ``load()``, shared with every caller that asks for ``key`` while
+        that read is in flight (its exception too)."""
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(load())
+            self._pending[key] = pending
+            pending.add_done_callback(lambda _f: self._pending.pop(key, None))
+        result: T = await asyncio.shield(pending)
+        return result

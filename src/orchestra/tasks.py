@@ -19,7 +19,7 @@ from orchestra.db.events import TERMINAL_EVENT, TaskEvent
 from orchestra.db.store import TaskPage, TaskStore
 from orchestra.domain import NewTask, StepStatus, Task, TaskStatus, as_utc, now
 from orchestra.errors import ConflictError, FieldProblem, InvalidRequest, TaskNotFound
-from orchestra.notify import TaskSignals
+from orchestra.notify import SharedReads, TaskSignals
 from orchestra.templating.params import validate_params
 from orchestra.templating.registry import TemplateRegistry
 
@@ -108,6 +108,7 @@ class TaskService:
         self.store = store
         self.registry = registry
         self.signals = signals
+        self._shared = SharedReads()
         self.scheduler = scheduler
         self.default_max_attempts = default_max_attempts
 
@@ -209,7 +210,7 @@ class TaskService:
         last = after
         with self.signals.watch(task_id) as changed:
             while True:
-                batch = await self.store.events_after(task_id, last)
+                batch = await self._events_after(task_id, last)
                 for event in batch:
                     yield event
                     last = event.seq
@@ -217,10 +218,11 @@ class TaskService:
                         return
                 if batch:
                     continue
-                if (await self._get(task_id)).finished:
+                task = await self._shared.read(("task", task_id), lambda: self._get(task_id))
+                if task.finished:
                     # The status and its task.finished event commit together, so one more
                     # read now catches an event that committed after the read above.
-                    for event in await self.store.events_after(task_id, last):
+                    for event in await self._events_after(task_id, last):
                         yield event
                     return
                 try:
@@ -229,6 +231,12 @@ class TaskService:
                 except TimeoutError:
                     yield None
                 changed.clear()
+
+    async def _events_after(self, task_id: int, after: int) -> list[TaskEvent]:
+        """``store.events_after``, one query for all followers at the same point."""
+        return await self._shared.read(
+            ("events", task_id, after), lambda: self.store.events_after(task_id, after)
+        )
 
     async def _get(self, task_id: int) -> Task:
         task = await self.store.get_task(task_id) if _storable(task_id) else None

@@ -1,0 +1,81 @@
+"""Single-flight reads: followers woken together share one database query."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from orchestra.notify import SharedReads
+
+
+async def test_concurrent_reads_of_one_key_share_one_load() -> None:
+    shared = SharedReads()
+    loads = 0
+    gate = asyncio.Event()
+
+    async def load() -> list[int]:
+        nonlocal loads
+        loads += 1
+        await gate.wait()
+        return [1, 2, 3]
+
+    readers = [asyncio.create_task(shared.read(("events", 7, 0), load)) for _ in range(50)]
+    await asyncio.sleep(0)
+    gate.set()
+    results = await asyncio.gather(*readers)
+    assert loads == 1
+    assert results == [[1, 2, 3]] * 50
+
+
+async def test_different_keys_and_later_reads_load_again() -> None:
+    shared = SharedReads()
+    seen: list[str] = []
+
+    async def load(key: str) -> str:
+        seen.append(key)
+        return key
+
+    assert await shared.read("a", lambda: load("a")) == "a"
+    assert await shared.read("a", lambda: load("a")) == "a"  # the first read had finished
+    assert await shared.read("b", lambda: load("b")) == "b"
+    assert seen == ["a", "a", "b"]
+
+
+async def test_a_failed_load_fails_every_waiting_reader_and_is_not_kept() -> None:
+    shared = SharedReads()
+    gate = asyncio.Event()
+
+    async def broken() -> int:
+        await gate.wait()
+        raise OSError("disk gone")
+
+    readers = [asyncio.create_task(shared.read("k", broken)) for _ in range(3)]
+    await asyncio.sleep(0)
+    gate.set()
+    for reader in readers:
+        with pytest.raises(OSError, match="disk gone"):
+            await reader
+
+    async def fine() -> int:
+        return 5
+
+    assert await shared.read("k", fine) == 5
+
+
+async def test_a_cancelled_reader_does_not_cancel_the_others() -> None:
+    shared = SharedReads()
+    gate = asyncio.Event()
+
+    async def load() -> int:
+        await gate.wait()
+        return 9
+
+    first = asyncio.create_task(shared.read("k", load))
+    second = asyncio.create_task(shared.read("k", load))
+    await asyncio.sleep(0)
+    first.cancel()
+    gate.set()
+    assert await second == 9
+    with pytest.raises(asyncio.CancelledError):
+        await first
