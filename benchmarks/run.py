@@ -4,7 +4,7 @@
 
 Everything runs on loopback and stops when done; a run takes a few minutes on 2 cores (the
 dashboard's part fills a database of a million tasks first: a minute or so, 770 MB in a
-temporary folder).
+temporary folder; the hostile-input part takes about two minutes).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 from dashboard_bench import markdown as dashboard_section  # noqa: E402
+from hostile_bench import markdown as hostile_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -44,7 +45,12 @@ def _met(ok: bool) -> str:
 
 
 def report(
-    o: dict[str, Any], c: dict[str, Any], d: dict[str, Any], info: dict[str, Any], classic: str
+    o: dict[str, Any],
+    c: dict[str, Any],
+    d: dict[str, Any],
+    h: dict[str, Any],
+    info: dict[str, Any],
+    classic: str,
 ) -> str:
     t = o["throughput"]
     best = max(c["throughput"], key=lambda r: r["tasks_per_s"])
@@ -115,12 +121,13 @@ def report(
             f"{r['rss_peak_mb']} MB |"
         )
     lines += ["", dashboard_section(d).strip()]
+    lines += ["", hostile_section(h).strip()]
     lines += ["", "## Method", "", (HERE / "METHOD.md").read_text().strip(), ""]
     lines += [
         "## Raw figures",
         "",
         "```json",
-        json.dumps({"orchestra": o, "classic": c, "dashboard": d}, indent=2),
+        json.dumps({"orchestra": o, "classic": c, "dashboard": d, "hostile": h}, indent=2),
         "```",
         "",
     ]
@@ -136,6 +143,7 @@ def main() -> None:
     orchestra = _run(sys.executable, "orchestra_bench.py", "--tasks", args.tasks)
     classic = _run(args.classic_python, "classic_bench.py", "--tasks", args.tasks)
     dashboard = _run(sys.executable, "dashboard_bench.py")
+    hostile = _run(sys.executable, "hostile_bench.py")
     versions = subprocess.run(
         [
             args.classic_python,
@@ -149,7 +157,9 @@ def main() -> None:
     ).stdout.strip()
     server = subprocess.run(["redis-server", "--version"], capture_output=True, text=True)
     redis_version = server.stdout.split("v=")[1].split()[0] if "v=" in server.stdout else "?"
-    text = report(orchestra, classic, dashboard, machine(), f"{versions}, Redis {redis_version}")
+    text = report(
+        orchestra, classic, dashboard, hostile, machine(), f"{versions}, Redis {redis_version}"
+    )
     (HERE / "RESULTS.md").write_text(text)
     print(f"benchmarks/RESULTS.md written in {time.monotonic() - started:.0f} s", file=sys.stderr)
 

@@ -72,6 +72,7 @@ def serve(config_path: str | None, host: str | None = None, port: int | None = N
 
     from orchestra.api.app import create_app
     from orchestra.api.runtime import preflight
+    from orchestra.api.server import server_config
     from orchestra.db.engine import check_url
 
     settings = _settings(config_path)
@@ -93,14 +94,7 @@ def serve(config_path: str | None, host: str | None = None, port: int | None = N
         raise _template_failure(exc) from None
     if made is not None:
         _show_bootstrap_key(*made, settings.server.host)
-    config = uvicorn.Config(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        log_config=None,
-        lifespan="on",
-        timeout_graceful_shutdown=5,
-    )
+    config = server_config(app, settings.server, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     runtime = app.state.runtime
     original_exit = server.handle_exit

@@ -35,6 +35,13 @@ class ServerSettings(_Section, frozen=True):
     #: The path prefix a reverse proxy serves Orchestra under (e.g. "/orchestra"), for the
     #: links the dashboard makes; "" at the root. A proxy may instead send X-Forwarded-Prefix.
     root_path: str = ""
+    #: Seconds a request's headers may take to arrive (from the connection opening, or from
+    #: the first byte of the next request on a kept-alive one); then the connection is closed.
+    header_timeout: float = 10.0
+    #: Whole seconds an idle kept-alive connection stays open between requests.
+    keepalive_timeout: int = 5
+    #: Connections served at once; a request on one beyond them gets 503, and it is closed.
+    max_connections: int = 1000
 
 
 class DatabaseSettings(_Section, frozen=True):
@@ -197,11 +204,19 @@ class LimitSettings(_Section, frozen=True):
     render_timeout: float = 5.0
     #: Longest text a rendering may produce or build on its way, in characters.
     max_render_chars: int = 1_000_000
-    #: Processes that run renders too slow for the event loop (over 5 ms), started when
-    #: first needed.
+    #: Processes that run renders away from the event loop (every render of an API-registered
+    #: template, others past 5 ms, template parsing), started when first needed.
     render_processes: int = 2
     #: Address space each render process may use, in MiB (where the OS enforces it).
     render_memory_mb: int = 512
+    #: Largest output one step may have, in bytes of its JSON; a step over it fails, and its
+    #: output is not stored.
+    max_step_output_bytes: int = 1024 * 1024
+    #: Largest result a task may have, in bytes of its JSON; a task over it fails, and its
+    #: result is not stored.
+    max_result_bytes: int = 8 * 1024 * 1024
+    #: Most items a `map` step may run over.
+    max_map_items: int = 1000
 
 
 Scope = Literal["read", "submit", "admin"]
@@ -278,6 +293,9 @@ class Settings(_Section, frozen=True):
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
             ("server.port", 0 <= self.server.port <= 65535, "a port between 0 and 65535"),
+            ("server.header_timeout", self.server.header_timeout > 0, "a number > 0"),
+            ("server.keepalive_timeout", self.server.keepalive_timeout >= 0, "an integer >= 0"),
+            ("server.max_connections", self.server.max_connections >= 1, "an integer >= 1"),
             ("workers.concurrency", self.workers.concurrency >= 1, "an integer >= 1"),
             ("workers.lease_seconds", self.workers.lease_seconds > 0, "a number > 0"),
             ("workers.poll_interval", self.workers.poll_interval > 0, "a number > 0"),
@@ -307,6 +325,9 @@ class Settings(_Section, frozen=True):
             "max_render_chars",
             "render_processes",
             "render_memory_mb",
+            "max_step_output_bytes",
+            "max_result_bytes",
+            "max_map_items",
         ):
             checks.append((f"limits.{key}", getattr(self.limits, key) >= 1, "an integer >= 1"))
         for name, provider in self.providers.items():

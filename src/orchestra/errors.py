@@ -73,6 +73,10 @@ class TemplateError(OrchestraError):
         first = str(self.problems[0]) if self.problems else ""
         super().__init__(message or f"{len(self.problems)} problem(s) in template: {first}")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled whole (a template validated in a render process comes back with its problems).
+        return (type(self), (self.problems, str(self)))
+
 
 class NotFoundError(OrchestraError):
     """The resource does not exist."""

@@ -13,9 +13,11 @@ from typing import Any
 import jsonschema
 import msgspec
 
+from orchestra.config import LimitSettings
 from orchestra.domain import Task, Usage, total_usage
 from orchestra.errors import InvalidOutput, RenderError, StepError, StepTimeout
 from orchestra.llm.base import ChatMessage, ChatRequest, Provider
+from orchestra.sizes import json_size, too_large
 from orchestra.templating.isolation import Renderer
 from orchestra.templating.model import (
     EmbedStep,
@@ -26,6 +28,7 @@ from orchestra.templating.model import (
     StepSpec,
     Template,
 )
+from orchestra.templating.regex import SchemaValidator, check_schema, schema_problems
 from orchestra.templating.render import evaluate, parse_json_text, render_text
 from orchestra.templating.source import format_path
 
@@ -52,6 +55,8 @@ class Context(msgspec.Struct, frozen=True):
     on_text: Callable[[str, str], None] | None = None
     #: Receives (step id, messages) when an llm step's prompt is rendered, before the call.
     on_prompt: Callable[[str, list[dict[str, str]]], None] | None = None
+    #: The service's [limits] (a map's items and output are held to them).
+    limits: LimitSettings = msgspec.field(default_factory=LimitSettings)
 
 
 def _model(ctx: Context, override: str | None) -> str:
@@ -64,7 +69,14 @@ def _model(ctx: Context, override: str | None) -> str:
 
 
 def _schema_problems(value: Any, schema: dict[str, Any]) -> list[str]:
-    errors = jsonschema.Draft202012Validator(schema).iter_errors(value)
+    # The schema's regexes run on RE2 (linear time); one it cannot take fails the step, since
+    # no reply could be checked against it. Schemas from files were checked when loaded; one
+    # from a ``format`` expression is checked here.
+    unusable = schema_problems(schema)
+    if unusable:
+        path, why, _ = unusable[0]
+        raise StepError(f"the JSON Schema cannot be used: {format_path(path) or '(top)'}: {why}")
+    errors = SchemaValidator(schema).iter_errors(value)
     out = []
     for err in sorted(errors, key=lambda e: list(e.absolute_path)):
         out.append(f"{format_path(tuple(err.absolute_path)) or '(top level)'}: {err.message}")
@@ -91,7 +103,7 @@ async def _format(spec: LlmStep, scope: Scope, ctx: Context) -> str | dict[str, 
             f"{type(value).__name__}"
         )
     try:
-        jsonschema.Draft202012Validator.check_schema(value)
+        check_schema(value)
     except jsonschema.SchemaError as exc:
         raise RenderError(
             f"steps.{spec.id}.format is not a valid JSON Schema: {exc.message}"
@@ -199,11 +211,52 @@ async def run_embed(spec: EmbedStep, scope: Scope, ctx: Context) -> Outcome:
     return Outcome(output, f"{result.provider}/{result.model}", result.usage)
 
 
-async def run_map(spec: MapStep, scope: Scope, ctx: Context) -> Outcome:
-    """Run the inner step per item, ``concurrency`` at a time; results keep the input order."""
-    items = await ctx.render(evaluate, spec.over, scope, what=f"steps.{spec.id}.over")
+class _MapOutput:
+    """The JSON size of a map's output (``[a,b,…]``) as its items finish, in any order: the
+    step fails at the first item that takes it over ``[limits] max_step_output_bytes``, not
+    after every item has been built."""
+
+    def __init__(self, items: int, limit: int) -> None:
+        self.items = items
+        self.limit = limit
+        self.size = 2  # the brackets
+        self.done = 0
+
+    def add(self, output: Any) -> None:
+        """Count one item's output (and its comma).
+
+        Raises:
+            InvalidOutput: the items so far are over the limit.
+        """
+        self.size += json_size(output, self.limit) + (1 if self.done else 0)
+        self.done += 1
+        if self.size > self.limit:
+            raise too_large(
+                "the step's output",
+                self.size,
+                self.limit,
+                "max_step_output_bytes",
+                more=f" or more (after {self.done} of {self.items} items)",
+            )
+
+
+def _map_items(spec: MapStep, items: Any, limit: int) -> list[Any] | tuple[Any, ...]:
+    """The items ``over`` gave, checked: a list of at most ``[limits] max_map_items``."""
     if not isinstance(items, list | tuple):
         raise RenderError(f"steps.{spec.id}.over must give a list, got {type(items).__name__}")
+    if len(items) > limit:
+        raise RenderError(
+            f"steps.{spec.id}.over gives {len(items)} items; the limit is {limit} "
+            "([limits] max_map_items)"
+        )
+    return items
+
+
+async def run_map(spec: MapStep, scope: Scope, ctx: Context) -> Outcome:
+    """Run the inner step per item, ``concurrency`` at a time; results keep the input order."""
+    over = await ctx.render(evaluate, spec.over, scope, what=f"steps.{spec.id}.over")
+    items = _map_items(spec, over, ctx.limits.max_map_items)
+    output = _MapOutput(len(items), ctx.limits.max_step_output_bytes)
     gate = asyncio.Semaphore(spec.concurrency)
     inner = spec.step
     ctx = msgspec.structs.replace(ctx, on_text=None)  # items do not stream their text
@@ -212,9 +265,12 @@ async def run_map(spec: MapStep, scope: Scope, ctx: Context) -> Outcome:
         local = {**scope, "item": item, "index": index}
         when = f"steps.{spec.id}.step.when"
         if inner.when and not await ctx.render(evaluate, inner.when, local, what=when):
-            return Outcome(None)
-        async with gate, asyncio.timeout(inner.timeout):
-            return await execute(inner, local, ctx)
+            outcome = Outcome(None)
+        else:
+            async with gate, asyncio.timeout(inner.timeout):
+                outcome = await execute(inner, local, ctx)
+        output.add(outcome.output)  # over the limit: the other items are cancelled
+        return outcome
 
     try:
         async with asyncio.TaskGroup() as group:

@@ -1,7 +1,11 @@
 """structlog setup: events, not sentences.
 
 Console lines on a terminal, JSON lines otherwise. The standard library's loggers (uvicorn,
-sqlalchemy) are routed through the same processors so every line has one format.
+sqlalchemy, httpx) are routed through the same processors so every line has one format.
+
+Every line is redacted as it is written (:func:`orchestra.redact.redact_text`): a URL's
+userinfo and query keys never reach the log, whoever logged it (httpx's "HTTP Request: POST
+http://user:password@host/…" lines included), and tracebacks too.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 import structlog
 
 from orchestra.config import LoggingSettings
+from orchestra.redact import redact_text
 
 
 def _drop_color_message(
@@ -22,6 +27,14 @@ def _drop_color_message(
     # uvicorn adds an ANSI-coloured copy of each message for its own formatter.
     event.pop("color_message", None)
     return event
+
+
+class _RedactingFormatter(structlog.stdlib.ProcessorFormatter):
+    """Renders a record as the processors say, then redacts the finished line (one place
+    that sees every line, whatever logged it and wherever the URL sits in it)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
 
 
 def setup(settings: LoggingSettings, stream: Any = None) -> None:
@@ -54,7 +67,7 @@ def setup(settings: LoggingSettings, stream: Any = None) -> None:
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
+        _RedactingFormatter(
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 renderer,

@@ -3,6 +3,10 @@
 The runner knows templates and providers, nothing about SQL or HTTP servers: it reports each
 step through a :class:`StepRecorder`, which the worker backs with the store (fenced by the
 task's lease).
+
+What it reports is bounded by ``[limits]``: a step whose output (or streamed answer) is over
+``max_step_output_bytes`` fails, and the result is held to ``max_result_bytes``; neither is
+recorded then, only the error naming the limit.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from typing import Any, Protocol
 
 import msgspec
 
+from orchestra.config import LimitSettings
 from orchestra.domain import Step, StepStatus, Task, TaskError, iso_now
 from orchestra.errors import StepError, StepTimeout
 from orchestra.kinds import Context, Outcome, execute
 from orchestra.llm.base import Provider
+from orchestra.sizes import check_size, clip_message, too_large
 from orchestra.templating.isolation import Renderer
 from orchestra.templating.model import StepSpec, Template
 from orchestra.templating.render import evaluate, render_output
@@ -46,12 +52,40 @@ class StepFailed(StepError):
 
     def as_task_error(self) -> TaskError:
         """The error as stored on the task."""
-        return TaskError(
-            type=self.cause.code,
-            message=self.cause.message,
-            step=self.step_id,
-            retryable=self.retryable,
-        )
+        return _task_error(self.cause, self.step_id)
+
+
+def _task_error(exc: StepError, step_id: str) -> TaskError:
+    """A step's error as stored: its message clipped (listings show it)."""
+    return TaskError(
+        type=exc.code, message=clip_message(exc.message), step=step_id, retryable=exc.retryable
+    )
+
+
+class _BoundedText:
+    """Hands an llm step's streamed answer on to the recorder up to ``[limits]
+    max_step_output_bytes`` (UTF-8) per step. The piece that passes it raises, which stops the
+    model call where the provider lets it; nothing after it is recorded."""
+
+    def __init__(self, recorder: StepRecorder, limit: int) -> None:
+        self.recorder = recorder
+        self.limit = limit
+        self.sent: dict[str, int] = {}
+
+    def __call__(self, step_id: str, text: str) -> None:
+        sent = self.sent.get(step_id, 0)
+        if sent > self.limit:
+            return  # already failed: a provider that carries on past the error is ignored
+        sent = self.sent[step_id] = sent + len(text.encode())
+        if sent > self.limit:
+            raise too_large(
+                "the step's streamed answer",
+                sent,
+                self.limit,
+                "max_step_output_bytes",
+                more=" or more",
+            )
+        self.recorder.step_text(step_id, text)
 
 
 class Runner:
@@ -60,14 +94,28 @@ class Runner:
     def __init__(self, provider: Provider, render: Renderer) -> None:
         self.provider = provider
         self.render = render
+        #: For templates registered over the API: every render in a render process.
+        self.render_untrusted = render.untrusted()
 
-    async def run(self, task: Task, template: Template, recorder: StepRecorder) -> Any:
+    async def run(
+        self,
+        task: Task,
+        template: Template,
+        recorder: StepRecorder,
+        limits: LimitSettings | None = None,
+    ) -> Any:
         """Run every step in order and return the task's result.
+
+        Args:
+            limits: the service's ``[limits]`` (the defaults when None).
 
         Raises:
             StepFailed: a step (or the output) failed; the step is recorded as failed first.
+                Also a step whose output is over ``max_step_output_bytes`` (its output is not
+                recorded), and a result over ``max_result_bytes`` (step ``output``).
             LeaseLost: from the recorder, when another attempt took the task over.
         """
+        limits = limits or LimitSettings()
         outputs: dict[str, dict[str, Any]] = {}
         scope: dict[str, Any] = {"params": task.params, "steps": outputs}
         prompts: dict[str, list[dict[str, str]]] = {}  # kept with the step, failed or not
@@ -75,19 +123,25 @@ class Runner:
             task=task,
             template=template,
             provider=self.provider,
-            render=self.render,
-            on_text=recorder.step_text,
+            render=self.render if template.origin != "api" else self.render_untrusted,
+            on_text=_BoundedText(recorder, limits.max_step_output_bytes),
             on_prompt=prompts.__setitem__,
+            limits=limits,
         )
         for position, spec in enumerate(template.steps):
             await recorder.step_started(spec.id, position)
             started, clock = iso_now(), time.perf_counter()
             try:
                 outcome = await self._step(spec, scope, ctx)
+                if outcome is not None:
+                    check_size(
+                        outcome.output,
+                        limits.max_step_output_bytes,
+                        "the step's output",
+                        "max_step_output_bytes",
+                    )
             except StepError as exc:
-                error = TaskError(
-                    type=exc.code, message=exc.message, step=spec.id, retryable=exc.retryable
-                )
+                error = _task_error(exc, spec.id)
                 await recorder.step_finished(
                     _timed(
                         Step(
@@ -116,12 +170,15 @@ class Runner:
                 )
             await recorder.step_finished(_timed(step, started, clock))
             outputs[spec.id] = {"output": step.output}
-        if template.output is None:
-            return outputs[template.steps[-1].id]["output"]
         try:
-            return await ctx.render(render_output, template.output, scope)
+            if template.output is None:
+                result = outputs[template.steps[-1].id]["output"]
+            else:
+                result = await ctx.render(render_output, template.output, scope)
+            check_size(result, limits.max_result_bytes, "the task's result", "max_result_bytes")
         except StepError as exc:
             raise StepFailed("output", exc) from exc
+        return result
 
     @staticmethod
     async def _step(spec: StepSpec, scope: dict[str, Any], ctx: Context) -> Outcome | None:

@@ -9,14 +9,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import msgspec
 
 from orchestra.config import LimitSettings
 from orchestra.db.events import TERMINAL_EVENT, TaskEvent
-from orchestra.db.store import TaskPage, TaskStore
+from orchestra.db.overview import SummaryPage
+from orchestra.db.store import TaskStore
 from orchestra.domain import NewTask, StepStatus, Task, TaskStatus, as_utc, now
 from orchestra.errors import ConflictError, FieldProblem, InvalidRequest, TaskNotFound
 from orchestra.notify import SharedReads, TaskSignals
@@ -74,6 +75,22 @@ class Submission(msgspec.Struct, frozen=True):
         return hashlib.sha256(_canonical(body)).hexdigest()
 
 
+def _utc(run_at: datetime) -> datetime:
+    """``run_at`` in UTC (a time without a zone is UTC already).
+
+    Raises:
+        InvalidRequest: it falls outside the years 1 to 9999 in UTC (0001-01-01T00:00+14:00
+            is a time in year 0 there), which no datetime can hold.
+    """
+    try:
+        return as_utc(run_at).astimezone(UTC)
+    except OverflowError:
+        raise InvalidRequest(
+            f"run_at {run_at.isoformat()} is out of range",
+            [FieldProblem("run_at", "is out of range: in UTC it is before year 1 or after 9999")],
+        ) from None
+
+
 class Submitted(msgspec.Struct, frozen=True):
     """A submitted task, and whether this request created it (False: an idempotent replay)."""
 
@@ -112,13 +129,18 @@ class TaskService:
         self.scheduler = scheduler
         self.default_max_attempts = default_max_attempts
 
-    async def submit(self, sub: Submission) -> Submitted:
+    async def submit(self, sub: Submission, *, key_id: str | None = None) -> Submitted:
         """Validate a task against its template and queue it.
+
+        ``key_id`` is the API key submitting (None: anonymous): its idempotency keys are its
+        own, as Stripe scopes them to an account, so reusing another caller's key neither
+        returns nor names that caller's task.
 
         Raises:
             TemplateNotFound: no such template.
             InvalidParams: the parameters do not fit (every problem listed).
-            InvalidRequest: both ``run_at`` and ``delay`` were given.
+            InvalidRequest: both ``run_at`` and ``delay`` were given, or ``run_at`` is
+                outside the years 1 to 9999 in UTC.
             ConflictError: the idempotency key was used before with a different request.
         """
         if sub.run_at is not None and sub.delay is not None:
@@ -128,9 +150,7 @@ class TaskService:
             )
         spec = self.registry.get(sub.template, sub.template_version)
         params = validate_params(spec, sub.params, self.limits)
-        run_at = sub.run_at
-        if run_at is not None:
-            run_at = as_utc(run_at)
+        run_at = None if sub.run_at is None else _utc(sub.run_at)
         if sub.delay:
             run_at = now() + timedelta(seconds=sub.delay)
         max_attempts = sub.max_attempts or (
@@ -148,7 +168,8 @@ class TaskService:
                 timeout_seconds=sub.timeout,
                 idempotency_key=sub.idempotency_key,
                 request_hash=sub.fingerprint() if sub.idempotency_key else None,
-            )
+            ),
+            key_id=key_id,
         )
         if not outcome.created:
             if not outcome.same_request:
@@ -295,8 +316,8 @@ class TaskService:
         template: str | None = None,
         limit: int = 50,
         before: int | None = None,
-    ) -> TaskPage:
-        """A page of tasks, newest first."""
+    ) -> SummaryPage:
+        """A page of task summaries (no params, result or steps), newest first."""
         return await self.store.list_page(
             status=status, template=template, limit=limit, before=before
         )

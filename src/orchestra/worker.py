@@ -41,6 +41,7 @@ from orchestra.db import Lease, TaskStore
 from orchestra.domain import RetryPolicy, Step, Task, TaskError, TaskStatus, now
 from orchestra.errors import LeaseLost, StorageError, TemplateNotFound
 from orchestra.runner import Runner, StepFailed
+from orchestra.sizes import clip_message
 from orchestra.templating.registry import TemplateRegistry
 
 log = logs.get("orchestra.worker")
@@ -425,7 +426,7 @@ class WorkerPool:
             # Leaving the timeout cancels whatever runs, including the model call.
             async with asyncio.timeout(timeout):
                 recorder = _LeasedRecorder(self.store, lease, write)
-                result = await self.runner.run(task, template, recorder)
+                result = await self.runner.run(task, template, recorder, self.settings.limits)
         except TimeoutError:
             error = TaskError(
                 type="timeout",
@@ -439,7 +440,7 @@ class WorkerPool:
             raise
         except Exception as exc:  # a bug: record it on the task rather than lose the task
             tlog.exception("task.crashed")
-            error = TaskError(type="internal", message=f"{type(exc).__name__}: {exc}")
+            error = TaskError(type="internal", message=clip_message(f"{type(exc).__name__}: {exc}"))
             return TaskStatus.FAILED, None, error, policy
         return TaskStatus.SUCCEEDED, result, None, policy
 

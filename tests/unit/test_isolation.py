@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from orchestra.config import LimitSettings
-from orchestra.errors import RenderError
+from orchestra.errors import RenderError, TemplateError
 from orchestra.templating import isolation, sandbox
 from orchestra.templating.isolation import Renderer
+from orchestra.templating.loader import parse_template
 from orchestra.templating.render import render_text
 
 LOOPS = "{% for i in range(300) %}{% for j in range(300) %}{% endfor %}{{ i % 10 }}{% endfor %}"
@@ -94,7 +95,7 @@ async def test_a_stuck_render_process_is_replaced(
 
 
 async def test_a_render_over_its_memory_fails_alone(renderer: Renderer) -> None:
-    with pytest.raises(RenderError, match="MemoryError"):
+    with pytest.raises(RenderError, match=r"ran out of memory \(\[limits\] render_memory_mb"):
         await renderer.isolated(hungry, 1024)
     assert await renderer.isolated(hungry, 16) == 16 * 1024 * 1024
 
@@ -105,3 +106,17 @@ async def test_a_caller_that_stops_waiting_does_not_lose_the_process(renderer: R
         async with asyncio.timeout(0.3):
             await renderer(where, 0.8)
     assert await renderer(where, 0.05) == process  # the same one, once that render ended
+
+
+async def test_an_untrusted_render_never_runs_on_the_loop(renderer: Renderer) -> None:
+    assert await renderer(where, 0) == os.getpid()  # quick: on the loop
+    untrusted = renderer.untrusted()
+    assert await untrusted(where, 0) != os.getpid()  # just as quick, but in a process
+
+
+async def test_a_template_parsed_in_a_process_keeps_its_problems(renderer: Renderer) -> None:
+    text = "name: broken\nsteps:\n  - id: a\n    kind: render\n    text: '{{ nope( }}'\n"
+    with pytest.raises(TemplateError) as caught:
+        await renderer.isolated(parse_template, text, "<request>", LimitSettings())
+    [problem] = caught.value.problems
+    assert (problem.line, problem.path) == (5, "steps[0].text")

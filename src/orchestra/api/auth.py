@@ -5,6 +5,9 @@ the ``Authorization: Bearer`` header into a :class:`~orchestra.auth.Caller` (or 
 401), and :func:`scope_guard`, which compares the caller's scope with the one the route
 declares in its ``opt`` (default: ``read`` for GET, ``admin`` for anything else; 403 when it
 falls short). Error bodies say only that a key is missing, wrong or not allowed.
+
+``/health`` answers everyone (liveness checks send no key), but shows provider details only
+to a caller with the ``read`` scope (:func:`public_caller`); others get its status alone.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from litestar.middleware.rate_limit import RateLimitConfig
 from orchestra.auth import ApiKey, Caller, Scope, allows, is_loopback, key_id_of, matches
 from orchestra.config import AuthSettings
 from orchestra.db.keys import KeyStore
-from orchestra.errors import Forbidden, Unauthorized
+from orchestra.errors import Forbidden, StorageError, Unauthorized
 
 #: Operations served to anyone: the liveness checks.
 PUBLIC_PATHS = ("/health", "/api/v1/health")
@@ -104,6 +107,19 @@ def middleware(settings: AuthSettings, own_auth: tuple[str, ...] = ()) -> list[D
     if limits is not None:
         stack.insert(0, limits.middleware)
     return stack
+
+
+async def public_caller(connection: ASGIConnection[Any, Any, Any, Any]) -> Caller | None:
+    """Who calls a public path (the middleware leaves those out): the caller the request's
+    key, or its lack, makes, as on any other path; None where another path would answer 401
+    (no key where one is needed, or a key that is not valid), or where the keys cannot be
+    read now (a liveness check must still get its answer while the database is down)."""
+    gatekeeper: Gatekeeper = connection.app.state.runtime.gatekeeper
+    headers = connection.headers
+    try:
+        return await gatekeeper.caller(headers.get("authorization"), headers.get("host"))
+    except (Unauthorized, StorageError):
+        return None
 
 
 def scope_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:

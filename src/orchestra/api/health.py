@@ -1,18 +1,26 @@
-"""/health and /api/v1/models: the service's state and the models it can reach."""
+"""/health and /api/v1/models: the service's state and the models it can reach.
+
+Provider URLs appear here only redacted (the providers' own details name them so; see
+:mod:`orchestra.redact`), and /health shows providers, their models and the version only to
+a caller with the read scope: anyone else (no key, once keys exist) sees the status and the
+database's state, which is all a liveness check needs.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from litestar import Response, get
+from litestar import Request, Response, get
 from litestar.di import NamedDependency
 from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
 
 from orchestra import __version__
+from orchestra.api.auth import public_caller
 from orchestra.api.openapi import error, errors
 from orchestra.api.runtime import Runtime
 from orchestra.api.schemas import HealthOut, ModelOut, ModelsOut, ProviderOut
+from orchestra.auth import allows
 from orchestra.llm.router import ProviderState
 
 CheckNow = Annotated[
@@ -43,16 +51,24 @@ async def _states(runtime: Runtime, check: str | None) -> list[ProviderState]:
         ),
     },
 )
-async def health(runtime: NamedDependency[Runtime], check: CheckNow = None) -> Response[HealthOut]:
+async def health(
+    request: Request[Any, Any, Any], runtime: NamedDependency[Runtime], check: CheckNow = None
+) -> Response[HealthOut]:
     """The database's state (reads checked now; writes as the latest one went; free space),
     each provider's as the background checks last saw it (``checked_at``; ``?check=now``
     checks them first), and the version.
 
     200 while the database answers reads: "degraded" while writes fail, its disk is low or no
     provider is available; 503 ("down") when it does not answer.
+
+    Open to all, but ``providers`` and ``version`` are shown only to a caller with the read
+    scope (as every other GET needs); without it (no key, or a wrong one, once keys exist)
+    the answer is ``status`` and ``database`` alone, and ``?check=now`` is not honoured.
     """
+    caller = await public_caller(request)
+    detailed = caller is not None and allows(caller.scope, "read")
     database = await runtime.db.state(runtime.settings.database.min_free_mb)
-    states = await _states(runtime, check)
+    states = await _states(runtime, check if detailed else None)
     if not database.readable:
         status = "down"
     elif database.ok and any(s.available for s in states):
@@ -62,8 +78,8 @@ async def health(runtime: NamedDependency[Runtime], check: CheckNow = None) -> R
     body = HealthOut(
         status=status,
         database=database.detail,
-        providers={s.name: ProviderOut.of(s) for s in states},
-        version=__version__,
+        providers={s.name: ProviderOut.of(s) for s in states} if detailed else None,
+        version=__version__ if detailed else None,
     )
     return Response(body, status_code=200 if database.readable else 503)
 

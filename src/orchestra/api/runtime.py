@@ -7,6 +7,7 @@ order: database, then the shared HTTP client, then the worker pool.
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -18,7 +19,7 @@ from orchestra import logs
 from orchestra.api.auth import Gatekeeper
 from orchestra.auth import ApiKey, bootstrap_key, is_loopback
 from orchestra.bulk import BulkService
-from orchestra.catalog import TemplateCatalog
+from orchestra.catalog import TemplateCatalog, parse_elsewhere
 from orchestra.config import Settings
 from orchestra.db import Database, TaskStore
 from orchestra.db.failures import warn_when_low
@@ -146,6 +147,7 @@ class Runtime:
         """Open everything, start the workers; on exit, stop and close in reverse order."""
         s = self.settings
         db = Database(s.database.url, busy_timeout_ms=s.database.busy_timeout_ms)
+        renderer = Renderer(s.limits)  # its processes start when first needed
         try:
             version = await upgrade(db)
             log.info("database.ready", path=str(db.path), schema_version=version)
@@ -154,7 +156,12 @@ class Runtime:
             self._gatekeeper = Gatekeeper(self._keys, s.auth, loopback=is_loopback(s.server.host))
             self._dashboard = DashboardStore(db)
             self._sessions = SessionStore(db)
-            catalog = TemplateCatalog(self.registry, TemplateStore(db), s.limits)
+            catalog = TemplateCatalog(
+                self.registry,
+                TemplateStore(db),
+                s.limits,
+                parse=functools.partial(parse_elsewhere, renderer),
+            )
             await catalog.start()
             self._catalog = catalog
             async with httpx.AsyncClient(transport=transport) as client:
@@ -169,7 +176,6 @@ class Runtime:
                 disk = asyncio.create_task(
                     warn_when_low(db.free_mb, s.database.min_free_mb, db.path), name="disk-watch"
                 )
-                renderer = Renderer(s.limits)
                 pool = WorkerPool(store, self.registry, Runner(router, renderer), s)
                 db.on_recovered = pool.notify  # writes work again: claim now, not after a pause
                 self._db, self._router, self._pool = db, router, pool
@@ -189,7 +195,6 @@ class Runtime:
                 finally:
                     hangup()
                     await pool.stop()
-                    await renderer.close()
                     watcher.cancel()
                     disk.cancel()
                     await asyncio.gather(watcher, disk, return_exceptions=True)
@@ -197,6 +202,7 @@ class Runtime:
                     self._tasks = self._router = None
                     self._bulk = None
         finally:
+            await renderer.close()
             self._db = None
             self._catalog = None
             self._keys = self._dashboard = self._sessions = None

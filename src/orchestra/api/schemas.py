@@ -14,6 +14,7 @@ from orchestra.domain import (
     Task,
     TaskError,
     TaskStatus,
+    TaskSummary,
     Usage,
     iso,
     total_usage,
@@ -38,9 +39,13 @@ class SubmitTask(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         | None
     ) = None
     priority: Priority = 0
-    model: Annotated[
-        str | None, msgspec.Meta(description="Use this model instead of the template's.")
-    ] = None
+    model: (
+        Annotated[
+            str,
+            msgspec.Meta(max_length=255, description="Use this model instead of the template's."),
+        ]
+        | None
+    ) = None
     run_at: Annotated[
         # RFC 3339 is what clients should send; a time without a zone is taken as UTC.
         Annotated[datetime, msgspec.Meta(extra_json_schema={"format": "date-time"})] | None,
@@ -238,10 +243,50 @@ class TaskOut(msgspec.Struct, frozen=True):
         )
 
 
-class TaskList(msgspec.Struct, frozen=True):
-    """A page of tasks, newest first; pass ``next_cursor`` as ``cursor`` for the next page."""
+class TaskSummaryOut(msgspec.Struct, frozen=True):
+    """A task as a listing shows it: no ``params``, ``result``, steps or attempts (``GET
+    /api/v1/tasks/{id}`` has them), so a page's size does not depend on what the tasks hold."""
 
-    items: list[TaskOut]
+    id: int
+    template: str
+    template_version: int
+    status: TaskStatus
+    model: str | None
+    error: ErrorOut | None
+    #: The current (or last) attempt's number: attempts started so far, 0 before the first.
+    attempt: int
+    #: Prompt and completion tokens of the current attempt's steps.
+    tokens: int
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    #: From the current attempt's start to the task's end; null until it has both.
+    duration_ms: float | None
+
+    @classmethod
+    def of(cls, task: TaskSummary) -> TaskSummaryOut:
+        """From a domain summary."""
+        return cls(
+            id=task.id,
+            template=task.template,
+            template_version=task.template_version,
+            status=task.status,
+            model=task.model,
+            error=_error(task.error),
+            attempt=task.attempts,
+            tokens=task.tokens,
+            created_at=task.created_at,
+            started_at=task.started_at,
+            finished_at=task.finished_at,
+            duration_ms=task.duration_ms,
+        )
+
+
+class TaskList(msgspec.Struct, frozen=True):
+    """A page of task summaries, newest first; pass ``next_cursor`` as ``cursor`` for the next
+    page."""
+
+    items: list[TaskSummaryOut]
     next_cursor: str | None
 
 
@@ -405,7 +450,7 @@ class ModelsOut(msgspec.Struct, frozen=True):
     providers: list[ProviderOut]
 
 
-class HealthOut(msgspec.Struct, frozen=True):
+class HealthOut(msgspec.Struct, frozen=True, omit_defaults=True):
     """Whether the service and what it depends on answer."""
 
     #: ok: the database answers, writes succeed and a provider is available; degraded: writes
@@ -413,5 +458,7 @@ class HealthOut(msgspec.Struct, frozen=True):
     status: str
     #: "ok", or what is wrong: "error: disk full since …", "low disk: 80 MB free", …
     database: str
-    providers: dict[str, ProviderOut]
-    version: str
+    #: Left out for a caller without the read scope (no key, once keys exist).
+    providers: dict[str, ProviderOut] | None = None
+    #: Left out for a caller without the read scope.
+    version: str | None = None

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
-from litestar import Controller, Response, get, post
+from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
+from litestar.exceptions import SerializationException
 from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from orchestra.api.openapi import errors
-from orchestra.api.schemas import SubmitTask, TaskList, TaskOut
+from orchestra.api.schemas import SubmitTask, TaskList, TaskOut, TaskSummaryOut
+from orchestra.auth import Caller
 from orchestra.domain import TaskStatus
 from orchestra.errors import FieldProblem, InvalidRequest
 from orchestra.tasks import Submission, TaskService
@@ -21,6 +24,51 @@ from orchestra.tasks import Submission, TaskService
 MAX_WAIT = 60.0
 #: Cursors and event ids are decimal numbers (a task id, an event's sequence number).
 _NUMBER = "^[0-9]{1,18}$"
+#: Control characters (C0 and DEL), refused in idempotency keys as params refuse NUL.
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
+class _SubmitRequest(Request[Any, Any, Any]):
+    """A submit's request: a number no float holds (``1e400``) gets a 400 naming its field.
+
+    Litestar decodes a body untyped before converting it, and that decode can only say that
+    such a number is "at ``$[...]``"; decoding the body as :class:`SubmitTask` finds the field.
+    """
+
+    async def json(self) -> Any:
+        try:
+            return await super().json()
+        except SerializationException:
+            try:
+                msgspec.json.decode(await self.body(), type=SubmitTask)
+            except msgspec.ValidationError as exc:
+                reason, _, path = str(exc).rpartition(" - at `")
+                field = re.split(r"[.\[]", path.removeprefix("$.").rstrip("`"))[0] or "body"
+                raise InvalidRequest(f"{field}: {reason}", [FieldProblem(field, reason)]) from None
+            except msgspec.DecodeError:
+                pass
+            raise
+
+
+def _idempotency_key(body: str | None, header: str | None) -> str | None:
+    """The request's idempotency key, from the body field or the header (equal when both).
+
+    Raises:
+        InvalidRequest: either contains a control character, or the two differ.
+    """
+    for field, value in (("idempotency_key", body), ("Idempotency-Key", header)):
+        found = _CONTROL.search(value or "")
+        if found:
+            problem = f"contains a control character (U+{ord(found.group()):04X}), not accepted"
+            raise InvalidRequest(f"{field} {problem}", [FieldProblem(field, problem)])
+    if header is None:
+        return body
+    if body is not None and body != header:
+        raise InvalidRequest(
+            "the Idempotency-Key header and idempotency_key differ",
+            [FieldProblem("idempotency_key", "differs from the Idempotency-Key header")],
+        )
+    return header
 
 
 class TaskController(Controller):
@@ -34,6 +82,7 @@ class TaskController(Controller):
         opt={"scope": "submit"},
         status_code=201,
         summary="Submit a task",
+        request_class=_SubmitRequest,
         responses={
             200: ResponseSpec(
                 TaskOut,
@@ -45,12 +94,14 @@ class TaskController(Controller):
     )
     async def submit(
         self,
+        request: Request[Caller, Any, Any],
         data: JSONBody[SubmitTask],
         tasks: NamedDependency[TaskService],
         idempotency_header: Annotated[
             str | None,
             HeaderParameter(
                 name="Idempotency-Key",
+                min_length=1,
                 max_length=255,
                 description="Same as idempotency_key in the body.",
             ),
@@ -60,18 +111,12 @@ class TaskController(Controller):
 
         201 with the new task; 200 with the existing task when the idempotency key was used
         before with the same request (409 when with a different one); 404 when the template
-        does not exist; 422 naming every bad parameter.
+        does not exist; 422 naming every bad parameter. Idempotency keys are per API key: the
+        same key sent with another API key is another task.
         """
-        key = data.idempotency_key
-        if idempotency_header is not None:
-            if key is not None and key != idempotency_header:
-                raise InvalidRequest(
-                    "the Idempotency-Key header and idempotency_key differ",
-                    [FieldProblem("idempotency_key", "differs from the Idempotency-Key header")],
-                )
-            key = idempotency_header
+        key = _idempotency_key(data.idempotency_key, idempotency_header)
         fields = {**msgspec.structs.asdict(data), "idempotency_key": key}
-        submitted = await tasks.submit(Submission(**fields))
+        submitted = await tasks.submit(Submission(**fields), key_id=request.user.key_id)
         task = submitted.task
         return Response(
             TaskOut.of(task),
@@ -96,7 +141,13 @@ class TaskController(Controller):
             ),
         ] = None,
         after: Annotated[
-            int, QueryParameter(ge=0, description="Resume after this event id (as the header).")
+            int,
+            # Past 2**63 - 1 the stream's first query overflowed SQLite's INTEGER after the 200
+            # was sent, cutting the answer short. The bound is one a JSON number (a double, as
+            # the OpenAPI document publishes it) carries exactly.
+            QueryParameter(
+                ge=0, le=2**53 - 1, description="Resume after this event id (as the header)."
+            ),
         ] = 0,
     ) -> ServerSentEvent:
         """The task's events as ``text/event-stream``: every past event, then new ones as they
@@ -176,7 +227,10 @@ class TaskController(Controller):
             QueryParameter(pattern=_NUMBER, description="next_cursor of the previous page."),
         ] = None,
     ) -> TaskList:
-        """Tasks, newest first, filtered by status and template; keyset-paginated."""
+        """Task summaries, newest first, filtered by status and template; keyset-paginated.
+
+        A summary has no ``params``, ``result``, steps or attempts: ``GET /api/v1/tasks/{id}``
+        gives those, one task at a time."""
         page = await tasks.list(
             status=status,
             template=template,
@@ -184,6 +238,6 @@ class TaskController(Controller):
             before=None if cursor is None else int(cursor),
         )
         return TaskList(
-            items=[TaskOut.of(t) for t in page.items],
+            items=[TaskSummaryOut.of(t) for t in page.items],
             next_cursor=None if page.next_cursor is None else str(page.next_cursor),
         )

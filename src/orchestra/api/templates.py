@@ -18,7 +18,6 @@ from orchestra.api.schemas import (
 )
 from orchestra.catalog import TemplateCatalog
 from orchestra.errors import FieldProblem, InvalidRequest, TemplateError
-from orchestra.templating.loader import parse_template
 
 
 def _text(body: bytes) -> str:
@@ -120,7 +119,7 @@ class TemplateController(Controller):
     ) -> ValidationOut:
         """Check YAML text (the request body) as a template; every problem, with positions."""
         try:
-            template = parse_template(_text(body), "<request>", catalog.limits)
+            template = await catalog.validate(_text(body))
         except TemplateError as exc:
             return ValidationOut(
                 valid=False,

@@ -7,6 +7,6 @@ once, ``bulk`` cancel and retry for one task or many, ``overview`` the dashboard
 
 from orchestra.db.engine import Database
 from orchestra.db.statements import Lease
-from orchestra.db.store import TaskPage, TaskStore
+from orchestra.db.store import TaskStore
 
-__all__ = ["Database", "Lease", "TaskPage", "TaskStore"]
+__all__ = ["Database", "Lease", "TaskStore"]

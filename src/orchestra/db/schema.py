@@ -203,6 +203,17 @@ CREATE TABLE ui_sessions (
 """
 
 
+# Idempotency keys belong to the API key that used them, as Stripe scopes them to an account:
+# two keys may use the same idempotency key, and a 409 never names another key's task. The
+# scope is the API key's id; '' is the anonymous scope, which also holds every key used
+# before this migration (their owner was not recorded).
+_V7 = """
+ALTER TABLE tasks ADD COLUMN idempotency_scope TEXT DEFAULT '' NOT NULL;
+DROP INDEX ux_tasks_idempotency_key;
+CREATE UNIQUE INDEX ux_tasks_idempotency ON tasks (idempotency_scope, idempotency_key);
+"""
+
+
 def _statements(*statements: str) -> Migration:
     def apply(conn: Connection) -> None:
         for statement in statements:
@@ -222,6 +233,7 @@ MIGRATIONS: list[Migration] = [
     _sql(_V4),
     _statements(*_V5),
     _sql(_V6),
+    _sql(_V7),
 ]
 LATEST = len(MIGRATIONS)
 

@@ -166,13 +166,15 @@ _ENQUEUE_COLUMNS = (
     "run_at",
     "created_at",
     "idempotency_key",
+    "idempotency_scope",
     "request_hash",
 )
-# SQLite's (and PostgreSQL's) INSERT … ON CONFLICT DO NOTHING: the unique key decides.
+# SQLite's (and PostgreSQL's) INSERT … ON CONFLICT DO NOTHING: the idempotency key, unique
+# within its scope (the API key that used it), decides.
 ENQUEUE = Prepared(
     sqlite_insert(tasks)
     .values({name: bindparam(f"e_{name}") for name in _ENQUEUE_COLUMNS})
-    .on_conflict_do_nothing(index_elements=["idempotency_key"])
+    .on_conflict_do_nothing(index_elements=["idempotency_scope", "idempotency_key"])
     .returning(*tasks.c)
 )
 

@@ -24,6 +24,7 @@ from sqlalchemy import (
 
 from orchestra.db import bulk, events
 from orchestra.db.engine import Database
+from orchestra.db.overview import DashboardStore, SummaryPage
 from orchestra.db.rows import dump, load_details, task_from_row
 from orchestra.db.statements import (
     ADD_ATTEMPT,
@@ -48,17 +49,15 @@ from orchestra.domain import (
     StepStatus,
     Task,
     TaskError,
+    TaskFilter,
     TaskStatus,
     iso,
     iso_now,
 )
 
-
-class TaskPage(msgspec.Struct, frozen=True):
-    """One page of a task listing, newest first."""
-
-    items: list[Task]
-    next_cursor: int | None
+#: The idempotency scope of requests without an API key (and of keys stored before keys were
+#: scoped, schema version 7).
+ANONYMOUS_SCOPE = ""
 
 
 class Enqueued(msgspec.Struct, frozen=True):
@@ -99,9 +98,14 @@ class TaskStore:
 
     # -- submitting ---------------------------------------------------------------------------
 
-    async def enqueue(self, new: NewTask) -> Enqueued:
-        """Insert a queued task; with an idempotency key already used, return that task."""
+    async def enqueue(self, new: NewTask, *, key_id: str | None = None) -> Enqueued:
+        """Insert a queued task; with an idempotency key already used, return that task.
+
+        Idempotency keys are scoped to the API key that submits (``key_id``; None: anonymous),
+        so one caller's key never finds, nor blocks, another caller's task.
+        """
         created = iso_now()
+        scope = key_id or ANONYMOUS_SCOPE
         values = {
             "template": new.template,
             "template_version": new.template_version,
@@ -114,6 +118,7 @@ class TaskStore:
             "run_at": iso(new.run_at) if new.run_at else created,
             "created_at": created,
             "idempotency_key": new.idempotency_key,
+            "idempotency_scope": scope,
             "request_hash": new.request_hash,
         }
         params = {f"e_{name}": value for name, value in values.items()}
@@ -132,7 +137,10 @@ class TaskStore:
         async with self.db.read() as conn:
             existing = (
                 await conn.execute(
-                    select(tasks).where(tasks.c.idempotency_key == new.idempotency_key)
+                    select(tasks).where(
+                        tasks.c.idempotency_scope == scope,
+                        tasks.c.idempotency_key == new.idempotency_key,
+                    )
                 )
             ).one()
         return Enqueued(
@@ -544,22 +552,15 @@ class TaskStore:
         template: str | None = None,
         limit: int = 50,
         before: int | None = None,
-    ) -> TaskPage:
-        """A page of tasks, newest first, with keyset pagination on the id.
+    ) -> SummaryPage:
+        """A page of task summaries, newest first, with keyset pagination on the id.
+
+        Summaries leave out ``params``, the result, steps and attempts, and the query does not
+        read those columns: a page's size is bounded by ``limit``, however big the tasks are.
+        The dashboard's listing, with only a status and a template to filter on.
 
         Args:
             before: the cursor: only tasks with a smaller id (the previous page's last id).
         """
-        query = select(tasks).order_by(tasks.c.id.desc()).limit(limit + 1)
-        if status is not None:
-            query = query.where(tasks.c.status == status.value)
-        if template is not None:
-            query = query.where(tasks.c.template == template)
-        if before is not None:
-            query = query.where(tasks.c.id < before)
-        async with self.db.read() as conn:
-            rows = (await conn.execute(query)).all()
-            page, more = rows[:limit], len(rows) > limit
-            details = await load_details(conn, {r.id: r.attempts for r in page})
-        items = [task_from_row(r, *details.get(r.id, ([], []))) for r in page]
-        return TaskPage(items=items, next_cursor=items[-1].id if more and items else None)
+        wanted = TaskFilter(status=status, template=template)
+        return await DashboardStore(self.db).page(wanted, limit=limit, before=before)

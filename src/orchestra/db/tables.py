@@ -64,6 +64,9 @@ tasks = Table(
     Column("run_at", Text, nullable=False),  # not claimed before this time
     Column("cancel_requested", Integer, nullable=False, server_default=text("0")),
     Column("idempotency_key", Text),
+    # Whose the key is: the API key's id; '' for anonymous requests (and keys stored before
+    # keys were scoped). The key is unique within its scope.
+    Column("idempotency_scope", Text, nullable=False, server_default=text("''")),
     Column("request_hash", Text),  # what the key was first used with
     Column("lease_owner", Text),
     Column("lease_expires_at", Text),
@@ -90,7 +93,7 @@ Index("ix_tasks_template_id", tasks.c.template, tasks.c.id)
 # The dashboard's filters: by model (newest first), and by creation time.
 Index("ix_tasks_model_id", tasks.c.model, tasks.c.id)
 Index("ix_tasks_created", tasks.c.created_at)
-Index("ux_tasks_idempotency_key", tasks.c.idempotency_key, unique=True)
+Index("ux_tasks_idempotency", tasks.c.idempotency_scope, tasks.c.idempotency_key, unique=True)
 # Retention deletes the oldest finished tasks first; the dashboard counts succeeded and failed
 # tasks per minute from this index alone (the status is in it).
 Index(

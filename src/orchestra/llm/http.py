@@ -4,6 +4,11 @@ Every transport failure becomes an error of the tree here: nothing answering at 
 unknown host) is ``ProviderUnreachable``, so a fallback chain moves on; a timeout, a 5xx or a
 429 is ``ProviderUnavailable`` (retryable); a 404 is ``ModelNotFound``; other 4xx are
 ``ProviderError`` (permanent: the request itself is wrong).
+
+Messages name the server by its redacted URL (``http://***@host:11434``: no userinfo, no key
+in the query; see :mod:`orchestra.redact`), and whatever else goes into them (an exception's
+text, a server's error body) is redacted too, so no credential reaches a task's error, /health
+or the log.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import httpx
 import msgspec
 
 from orchestra.errors import ModelNotFound, ProviderError, ProviderUnavailable, ProviderUnreachable
+from orchestra.redact import redact_text, redact_url
 
 #: Seconds a health check may take.
 HEALTH_TIMEOUT = 2.0
@@ -27,18 +33,23 @@ T = TypeVar("T")
 
 def cause(exc: BaseException) -> str:
     """The most specific reason in an exception chain ("Connection refused", not "All
-    connection attempts failed")."""
+    connection attempts failed"), redacted."""
     seen = exc
     while seen.__cause__ or seen.__context__:
         seen = seen.__cause__ or seen.__context__  # type: ignore[assignment]
         if isinstance(seen, OSError) and seen.errno:
             return os.strerror(seen.errno)
-    return str(exc) or type(exc).__name__
+    return redact_text(str(exc)) or type(exc).__name__
 
 
 def error_text(response: httpx.Response) -> str:
     """The reason a server gives in an error body: Ollama's ``{"error": "..."}`` or OpenAI's
-    ``{"error": {"message": "..."}}``, else the start of the body."""
+    ``{"error": {"message": "..."}}``, else the start of the body; redacted (a proxy's error
+    page may repeat the URL it was asked for)."""
+    return redact_text(_error_text(response))
+
+
+def _error_text(response: httpx.Response) -> str:
     try:
         body = response.json()
     except ValueError:
@@ -68,14 +79,17 @@ class HttpProvider:
     ) -> None:
         self.name = name
         self.client = client
+        #: The URL requests go to, credentials included (httpx sends userinfo as Basic auth).
         self.url = url.rstrip("/")
+        #: The URL as messages show it: without its userinfo or a key in its query.
+        self.shown_url = redact_url(self.url)
         self.timeout = timeout
         # Sent with each request, never logged or shown (errors name the variable, not the key).
         self.headers: Mapping[str, str] = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     @property
     def where(self) -> str:
-        return f"{self.label} at {self.url}"
+        return f"{self.label} at {self.shown_url}"
 
     @asynccontextmanager
     async def request(
@@ -102,8 +116,10 @@ class HttpProvider:
             ) from exc
         except httpx.HTTPError as exc:
             raise ProviderUnavailable(
-                f"request to {self.where} failed: {type(exc).__name__}: {exc}"
+                f"request to {self.where} failed: {type(exc).__name__}: {redact_text(str(exc))}"
             ) from exc
+        except httpx.InvalidURL as exc:  # not an HTTPError: it would escape as a bug
+            raise ProviderError(f"{self.where} is not a usable URL: {cause(exc)}") from exc
 
     def status_error(self, response: httpx.Response, model: str | None) -> ProviderError:
         """The error for an HTTP error status."""
@@ -156,11 +172,11 @@ class HttpProvider:
             return read(response.json()), ""
         except httpx.HTTPStatusError as exc:
             status = exc.response.status_code
-            return None, f"{self.url} answered {status}: {error_text(exc.response)}"
-        except httpx.HTTPError as exc:
-            return None, f"cannot reach {self.url}: {cause(exc)}"
+            return None, f"{self.shown_url} answered {status}: {error_text(exc.response)}"
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            return None, f"cannot reach {self.shown_url}: {cause(exc)}"
         except (ValueError, KeyError, TypeError, AttributeError):
-            return None, f"{self.url} did not answer like {self.label}"
+            return None, f"{self.shown_url} did not answer like {self.label}"
 
     async def start(self) -> None:
         """Nothing to prepare: the server is checked by the health checks."""

@@ -15,6 +15,7 @@ from orchestra.domain import Usage
 from orchestra.errors import ModelNotFound, ProviderError, ProviderUnavailable
 from orchestra.llm.base import ChatRequest, ChatResult, EmbedResult, Health
 from orchestra.llm.http import HttpProvider, error_text
+from orchestra.redact import redact_text
 
 
 class _Message(msgspec.Struct):
@@ -119,7 +120,8 @@ class OllamaProvider(HttpProvider):
                 chunk = self.decode_chunk(line, _ChatReply)
                 if chunk.error:
                     raise ProviderUnavailable(
-                        f"{self.where} failed in the middle of its answer: {chunk.error}"
+                        f"{self.where} failed in the middle of its answer: "
+                        f"{redact_text(chunk.error)}"
                     )
                 if chunk.message.content:
                     parts.append(chunk.message.content)
@@ -175,4 +177,4 @@ class OllamaProvider(HttpProvider):
         models, _ = await self.probe(
             "/api/tags", lambda body: tuple(str(m["name"]) for m in body["models"])
         )
-        return Health(ok=True, detail=f"ok (Ollama {version} at {self.url})", models=models)
+        return Health(ok=True, detail=f"ok (Ollama {version} at {self.shown_url})", models=models)

@@ -19,6 +19,7 @@ from orchestra.domain import Usage
 from orchestra.errors import ProviderError, ProviderUnavailable
 from orchestra.llm.base import ChatRequest, ChatResult, EmbedResult, Health
 from orchestra.llm.http import HttpProvider
+from orchestra.redact import redact_text
 
 _RENAMED = {"num_predict": "max_tokens"}
 _SERVER_ONLY = frozenset(
@@ -213,7 +214,7 @@ class OpenAIProvider(HttpProvider):
             return
         reason = reply.error if isinstance(reply.error, str) else reply.error.message
         where = " in the middle of its answer" if mid_stream else ""
-        raise ProviderUnavailable(f"{self.where} failed{where}: {reason}")
+        raise ProviderUnavailable(f"{self.where} failed{where}: {redact_text(reason)}")
 
     async def embed(self, model: str, inputs: list[str]) -> EmbedResult:
         """POST /embeddings for a batch of inputs."""
@@ -238,4 +239,6 @@ class OpenAIProvider(HttpProvider):
         )
         if models is None:
             return Health(ok=False, detail=why)
-        return Health(ok=True, detail=f"ok ({len(models)} models at {self.url})", models=models)
+        return Health(
+            ok=True, detail=f"ok ({len(models)} models at {self.shown_url})", models=models
+        )

@@ -19,6 +19,12 @@ from orchestra.config import LimitSettings
 from orchestra.domain import RetryPolicy
 from orchestra.errors import PayloadTooLarge, TemplateError
 from orchestra.templating.model import PARAM_TYPES, Parameter, Template
+from orchestra.templating.regex import (
+    PatternBudget,
+    SchemaValidator,
+    check_schema,
+    schema_problems,
+)
 from orchestra.templating.source import Checker, Path_, Source, TemplateProblem, describe
 from orchestra.templating.step_loader import Scope, read_steps
 from orchestra.templating.yaml_guard import check_shape, check_size
@@ -53,7 +59,27 @@ PARAM_KEYS = (
 )
 
 
-def _parameters(c: Checker, value: Any) -> dict[str, Parameter]:
+def _patterns(c: Checker, path: Path_, schema: Any, budget: PatternBudget) -> bool:
+    """Report each pattern in the JSON Schema at ``path`` that RE2 cannot take; True if none."""
+    problems = schema_problems(schema, path, budget)
+    for where, why, at_key in problems:
+        c.add(where, why, at=c.src.where_key(where) if at_key else None)
+    return not problems
+
+
+def _step_schemas(value: Any, path: Path_) -> Iterator[tuple[Path_, dict[str, Any]]]:
+    """The JSON Schemas written in steps (``format``, ``schema``), a map's inner step too."""
+    raws = enumerate(value) if isinstance(value, list) else ()
+    for index, raw in raws:
+        at: Path_ = (*path, index)
+        while isinstance(raw, dict):
+            for key in ("format", "schema"):
+                if isinstance(raw.get(key), dict):
+                    yield (*at, key), raw[key]
+            raw, at = raw.get("step"), (*at, "step")
+
+
+def _parameters(c: Checker, value: Any, budget: PatternBudget) -> dict[str, Parameter]:
     out: dict[str, Parameter] = {}
     data = c.mapping(value, ("parameters",), "'parameters'") if value is not None else {}
     for name, spec in (data or {}).items():
@@ -82,10 +108,10 @@ def _parameters(c: Checker, value: Any) -> dict[str, Parameter]:
             c.add((*path, key), f"{key}: {reason[0].lower()}{reason[1:]}")
             continue
         if param.pattern is not None:
-            try:
-                re.compile(param.pattern)
-            except re.error as exc:
-                c.add((*path, "pattern"), f"pattern is not a valid regular expression: {exc}")
+            why = budget.problem(param.pattern)
+            if why:
+                c.add((*path, "pattern"), f"pattern {why}")
+                out[name] = param  # known, so that steps using it are not reported too
                 continue
         for key, ok in (
             ("minimum", ptype in ("integer", "number")),
@@ -98,8 +124,11 @@ def _parameters(c: Checker, value: Any) -> dict[str, Parameter]:
             if key in fields and not ok:
                 c.add((*path, key), f"{key} does not apply to a parameter of type {ptype}")
         if param.items is not None:
+            if not _patterns(c, (*path, "items"), param.items, budget):
+                out[name] = param
+                continue
             try:
-                jsonschema.Draft202012Validator.check_schema(param.items)
+                check_schema(param.items)
             except jsonschema.SchemaError as exc:
                 c.add((*path, "items"), f"items is not a valid JSON Schema: {exc.message}")
                 continue
@@ -107,11 +136,11 @@ def _parameters(c: Checker, value: Any) -> dict[str, Parameter]:
         if param.default is not msgspec.UNSET:
             if param.required:
                 c.add((*path, "default"), "a required parameter cannot have a default")
-            for err in jsonschema.Draft202012Validator(schema).iter_errors(param.default):
+            for err in SchemaValidator(schema).iter_errors(param.default):
                 c.add((*path, "default"), f"default does not fit the parameter: {err.message}")
         for index, choice in enumerate(param.enum or []):
             item_schema = {k: v for k, v in schema.items() if k not in ("enum", "default")}
-            for err in jsonschema.Draft202012Validator(item_schema).iter_errors(choice):
+            for err in SchemaValidator(item_schema).iter_errors(choice):
                 c.add((*path, "enum", index), f"enum value does not fit the type: {err.message}")
         out[name] = param
     return out
@@ -201,8 +230,12 @@ def parse_template(
         c.add(("version",), f"version must be a whole number >= 1, got {version!r}")
     description = c.string(data, (), "description") or ""
     model = c.string(data, (), "model")
-    parameters = _parameters(c, data.get("parameters"))
+    # Regexes run on RE2; one budget bounds the work of compiling all of the template's.
+    budget = PatternBudget()
+    parameters = _parameters(c, data.get("parameters"), budget)
     steps = read_steps(c, data.get("steps"), frozenset(parameters))
+    for path, schema in _step_schemas(data.get("steps"), ("steps",)):
+        _patterns(c, path, schema, budget)
     order = {s.id: i for i, s in enumerate(steps)}
     output = _output(c, data.get("output"), Scope(params=frozenset(parameters), order=order))
     retry = _retry(c, data.get("retry"))

@@ -12,6 +12,7 @@ import msgspec
 from orchestra.config import LimitSettings
 from orchestra.errors import FieldProblem, InvalidParams
 from orchestra.templating.model import Template
+from orchestra.templating.regex import SchemaValidator
 from orchestra.templating.source import format_path
 
 # Templates hold dicts, so they are not hashable: cache each one's validator by identity.
@@ -19,12 +20,13 @@ _validators: dict[int, tuple[Template, jsonschema.Draft202012Validator]] = {}
 
 
 def _validator(template: Template) -> jsonschema.Draft202012Validator:
+    """The template's parameters as a JSON Schema validator whose patterns run on RE2."""
     cached = _validators.get(id(template))
     if cached is not None and cached[0] is template:
         return cached[1]
     if len(_validators) > 1024:
         _validators.clear()
-    validator = jsonschema.Draft202012Validator(template.params_schema())
+    validator = SchemaValidator(template.params_schema())
     _validators[id(template)] = (template, validator)
     return validator
 

@@ -231,6 +231,8 @@ def _explain(exc: Exception) -> str:
         return f"undefined value: {exc.message}"
     if isinstance(exc, jinja2.TemplateSyntaxError):
         return f"Jinja syntax error on line {exc.lineno}: {exc.message}"
+    if isinstance(exc, MemoryError):
+        return "it ran out of memory ([limits] render_memory_mb)"
     return f"{type(exc).__name__}: {exc}"
 
 

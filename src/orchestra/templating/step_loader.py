@@ -25,6 +25,7 @@ from orchestra.templating.model import (
     StepSpec,
 )
 from orchestra.templating.references import references
+from orchestra.templating.regex import check_schema
 from orchestra.templating.render import NotAnExpression, compile_expression, compile_text
 from orchestra.templating.source import Checker, Path_, describe, format_path
 
@@ -105,7 +106,7 @@ def _schema(c: Checker, path: Path_, value: Any) -> dict[str, Any] | None:
         c.add(path, f"expected a JSON Schema (a mapping), got {describe(value)}")
         return None
     try:
-        jsonschema.Draft202012Validator.check_schema(value)
+        check_schema(value)
     except jsonschema.SchemaError as exc:
         where = format_path(tuple(exc.absolute_path))
         c.add(path, f"invalid JSON Schema{(' at ' + where) if where else ''}: {exc.message}")

@@ -24,7 +24,6 @@ from orchestra.errors import (
     TemplateError,
 )
 from orchestra.tasks import Submission
-from orchestra.templating.loader import parse_template
 from orchestra.templating.model import Template as TaskTemplate
 from orchestra.templating.params import validate_params
 from orchestra.web.forms import fields, params_from_form
@@ -151,11 +150,11 @@ class TemplatePages(Controller):
         column."""
         form = await request.form()
         text = str(form.get("yaml", ""))
-        limits = request.app.state.runtime.catalog.limits
+        catalog = request.app.state.runtime.catalog
         problems: list[dict[str, Any]] = []
         name = None
         try:
-            name = parse_template(text, "<editor>", limits).name
+            name = (await catalog.validate(text, "<editor>")).name
         except TemplateError as exc:
             problems = _problems(exc)
         except PayloadTooLarge as exc:
