@@ -137,8 +137,12 @@ class Service:
         body: dict[str, Any] = response.json()
         return body
 
-    async def wait(self, task_id: int, seconds: float = 20) -> dict[str, Any]:
-        response = await self.client.get(f"/api/v1/tasks/{task_id}", params={"wait": seconds})
+    #: How long ``wait`` waits by default, in seconds.
+    wait_seconds = 20.0
+
+    async def wait(self, task_id: int, seconds: float | None = None) -> dict[str, Any]:
+        wait = self.wait_seconds if seconds is None else seconds
+        response = await self.client.get(f"/api/v1/tasks/{task_id}", params={"wait": wait})
         assert response.status_code == 200, response.text
         body: dict[str, Any] = response.json()
         assert body["status"] not in ("queued", "running"), f"task still {body['status']}"

@@ -107,7 +107,7 @@ async def slowloris(service: HostileService, timeout: float) -> tuple[float, byt
 async def test_slowloris_connections_are_closed_after_the_header_timeout_and_health_holds(
     svc: HostileService,
 ) -> None:
-    with svc.watch() as watch:
+    async with svc.watch() as watch:
         results = await asyncio.gather(
             *(slowloris(svc, HEADER_TIMEOUT + MARGIN) for _ in range(200))
         )

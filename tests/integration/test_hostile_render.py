@@ -64,7 +64,7 @@ async def test_long_single_operations_fail_their_tasks_and_never_hold_the_loop(
         for name, body in CASES.items():
             response = await svc.client.post("/api/v1/templates", content=body)
             assert response.status_code == 201, (name, response.text)
-        with svc.watch() as watch:
+        async with svc.watch() as watch:
             submitted = {case: (await svc.submit(f"h_{case}", text="x"))["id"] for case in CASES}
             finished = await asyncio.gather(*(svc.wait(i) for i in submitted.values()))
         for case, task in zip(submitted, finished, strict=True):
@@ -92,7 +92,7 @@ async def test_a_large_template_is_parsed_off_the_loop(
     body = "name: big\nparameters:\n  text: {type: string}\nsteps:\n" + steps
     assert 100_000 < len(body) < 140_000
     async with hostile_service(tmp_path, fake_ollama.url) as svc:
-        with svc.watch() as watch:
+        async with svc.watch() as watch:
             checked = await svc.client.post("/api/v1/templates/validate", content=body)
         assert checked.status_code == 200 and checked.json()["valid"], checked.text
         watch.assert_held()

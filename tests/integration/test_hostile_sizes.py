@@ -21,8 +21,7 @@ from orchestra.db import Database, TaskStore
 from orchestra.domain import NewTask
 from tests.conftest import Service, StartService
 from tests.fixtures.fake_ollama import FakeOllama
-from tests.fixtures.hostile import Watch, hostile_service
-from tests.fixtures.servers import wait_until
+from tests.fixtures.hostile import hostile_service
 
 MiB = 1024 * 1024
 
@@ -116,13 +115,6 @@ def _stored_result(db: Path, task_id: int) -> str | None:
     return result
 
 
-async def _probes(watch: Watch, more: int = 3) -> None:
-    """Wait for ``more`` /health probes: before an attack, so it starts while probed, and after
-    it, so one that ends within a probe interval still falls between probes."""
-    seen = len(watch.latencies)
-    await wait_until(lambda: len(watch.latencies) >= seen + more)
-
-
 async def _register(client: Any, *bodies: str) -> None:
     for body in bodies:
         response = await client.post("/api/v1/templates", content=body)
@@ -156,10 +148,8 @@ async def test_a_map_of_400_one_megabyte_items_fails_at_the_limit_and_stores_not
 ) -> None:
     async with hostile_service(tmp_path, fake_ollama.url) as svc:
         await _register(svc.client, HOARD)
-        with svc.watch() as watch:
-            await _probes(watch)
+        async with svc.watch() as watch:
             task = await svc.wait((await svc.submit("hoard"))["id"])
-            await _probes(watch)
         watch.assert_held()
         assert task["status"] == "failed"
         assert task["error"]["step"] == "parts" and not task["error"].get("retryable")
@@ -179,10 +169,8 @@ async def test_a_result_over_the_limit_fails_the_task_and_is_not_stored(
 ) -> None:
     async with hostile_service(tmp_path, fake_ollama.url) as svc:
         await _register(svc.client, BIG_RESULT)
-        with svc.watch() as watch:
-            await _probes(watch)
+        async with svc.watch() as watch:
             task = await svc.wait((await svc.submit("big_result"))["id"])
-            await _probes(watch)
         watch.assert_held()
         assert task["status"] == "failed", task["error"]
         assert task["error"]["step"] == "output" and not task["error"].get("retryable")
@@ -203,12 +191,10 @@ async def test_the_task_list_serves_summaries_whatever_the_tasks_hold(
         ids = [(await svc.submit("echo", text=text))["id"] for _ in range(60)]
         for task_id in ids:
             assert (await svc.wait(task_id))["status"] == "succeeded"
-        with svc.watch() as watch:
-            await _probes(watch)
+        async with svc.watch() as watch:
             # The reproduction's three requests.
             limit = {"limit": 500}
             pages = [await svc.client.get("/api/v1/tasks", params=limit) for _ in range(3)]
-            await _probes(watch)
         watch.assert_held()
     for page in pages:
         assert page.status_code == 200
