@@ -1,8 +1,9 @@
-"""The classic stack (FastAPI + Celery + Redis) on workloads 1, 4 and 5, with the same client,
-the same fake model and the same template text as orchestra_bench.py. Runs in the venv that
-`make bench` makes for it (.bench-venv), with Redis from Debian's redis-server package.
+"""The classic stack (FastAPI + Celery + Redis) on workloads 1, 4 and 5 and issue 17's submit
+and read, with the same client, the same fake model and the same template text as
+orchestra_bench.py. Runs in the venv that `make bench` makes for it (.bench-venv), with Redis
+from Debian's redis-server package.
 
-    python benchmarks/classic_bench.py [--tasks 5000]
+    python benchmarks/classic_bench.py [--tasks 5000] [--only throughput,slots,backlog,submit_read]
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     TEXT,
     Sampler,
+    TaskApi,
     busy_share,
     fake_model,
     free_port,
     process,
     rss_mb,
     submit_many,
+    submit_read_workload,
     wait_count,
     wait_http,
 )
@@ -40,6 +43,13 @@ HERE = Path(__file__).resolve().parent
 CLIENTS = 64
 BODY = {"template": "summarize", "params": {"text": TEXT, "sentences": 1}}
 BIN = Path(sys.executable).parent
+#: The classic app's API (benchmarks/classic/app.py) as the submit-and-read client drives it.
+API = TaskApi(
+    submit="/api/v1/tasks",
+    read="/api/v1/tasks/{id}",
+    finished=frozenset({"success", "failure", "revoked"}),
+    succeeded="success",
+)
 
 
 @contextmanager
@@ -119,6 +129,7 @@ def stack(model: str, folder: Path, pool: str, concurrency: int) -> Iterator[dic
             "redis": redis.Redis(port=redis_port, db=1),
             "broker": redis.Redis(port=redis_port, db=0),
             "pids": [r.pid, api.pid, worker.pid],
+            "roles": {"api": api.pid, "worker": worker.pid, "redis": r.pid},
             "env": env,
         }
 
@@ -186,26 +197,49 @@ async def backlog(folder: Path, pool: str, queued: int = 100_000) -> dict[str, A
         }
 
 
+async def submit_read(folder: Path, n: int, concurrency: int = 64) -> dict[str, Any]:
+    """Issue 17's workload: n tasks submitted and each read over HTTP (`GET ?wait=`), 64 in
+    flight, model latency 0; then idle round trips. The same client as orchestra_bench.py's;
+    the service's CPU is the API's, the worker's and Redis's."""
+    with fake_model(0, folder) as model, stack(model, folder, "threads", concurrency) as s:
+        figures = await submit_read_workload(s["url"], s["roles"], API, BODY, n, CLIENTS)
+        return {"pool": "threads", "concurrency": concurrency, **figures}
+
+
+WORKLOADS = ("throughput", "slots", "backlog", "submit_read")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", type=int, default=5000)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--only", default=",".join(WORKLOADS))
     parser.add_argument("--skip-backlog", action="store_true")
     args = parser.parse_args()
-    results: dict[str, Any] = {"throughput": [], "slots": []}
+    only = args.only.split(",")
+    if unknown := set(only) - set(WORKLOADS):
+        parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
+    results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="classic-bench-") as tmp:
         folder = Path(tmp)
-        for pool, concurrency in (("prefork", 2), ("threads", 32)):
-            result = await throughput(folder, args.tasks, pool, concurrency)
-            print("throughput", json.dumps(result), file=sys.stderr, flush=True)
-            results["throughput"].append(result)
-        for pool in ("prefork", "threads"):
-            result = await slots(folder, pool)
-            print("slots", json.dumps(result), file=sys.stderr, flush=True)
-            results["slots"].append(result)
-        if not args.skip_backlog:
+        if "throughput" in only:
+            results["throughput"] = []
+            for pool, concurrency in (("prefork", 2), ("threads", 32)):
+                result = await throughput(folder, args.tasks, pool, concurrency)
+                print("throughput", json.dumps(result), file=sys.stderr, flush=True)
+                results["throughput"].append(result)
+        if "slots" in only:
+            results["slots"] = []
+            for pool in ("prefork", "threads"):
+                result = await slots(folder, pool)
+                print("slots", json.dumps(result), file=sys.stderr, flush=True)
+                results["slots"].append(result)
+        if "backlog" in only and not args.skip_backlog:
             results["backlog"] = await backlog(folder, "prefork")
             print("backlog", json.dumps(results["backlog"]), file=sys.stderr, flush=True)
+        if "submit_read" in only:
+            results["submit_read"] = await submit_read(folder, args.tasks)
+            print("submit_read", json.dumps(results["submit_read"]), file=sys.stderr, flush=True)
     text = json.dumps(results, indent=2)
     if args.out:
         args.out.write_text(text)

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,39 +77,65 @@ def fake_model(latency_ms: float, log_dir: Path) -> Iterator[str]:
         yield url
 
 
-def rss_mb(pids: list[int]) -> float:
-    """Resident memory of processes and all their descendants, in MB (from /proc)."""
-    seen: set[int] = set()
+def tree(pids: list[int]) -> list[int]:
+    """The processes and all their descendants that are still running (from /proc)."""
+    seen: list[int] = []
     todo = list(pids)
-    total = 0
     while todo:
         pid = todo.pop()
         if pid in seen:
             continue
-        seen.add(pid)
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            continue
+        seen.append(pid)
+        todo += [int(c) for c in children]
+    return seen
+
+
+def rss_mb(pids: list[int]) -> float:
+    """Resident memory of processes and all their descendants, in MB (from /proc)."""
+    total = 0
+    for pid in tree(pids):
         try:
             status = Path(f"/proc/{pid}/status").read_text()
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         except OSError:
             continue
         for line in status.splitlines():
             if line.startswith("VmRSS:"):
                 total += int(line.split()[1])
-        todo += [int(c) for c in children]
     return round(total / 1024, 1)
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time so far of processes and their running descendants (from
+    /proc; every thread counted, in clock ticks of usually 10 ms)."""
+    ticks = 0
+    for pid in tree(pids):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 class Sampler:
-    """Samples RSS of some processes in the background; keeps the peak."""
+    """Samples RSS of some processes in the background; keeps the peak of their sum and of
+    each one (with its descendants)."""
 
     def __init__(self, pids: list[int]) -> None:
         self.pids = pids
         self.peak = 0.0
+        self.peaks = dict.fromkeys(pids, 0.0)
         self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
         while True:
-            self.peak = max(self.peak, rss_mb(self.pids))
+            each = {pid: rss_mb([pid]) for pid in self.pids}
+            self.peak = max(self.peak, round(sum(each.values()), 1))
+            self.peaks = {pid: max(self.peaks[pid], each[pid]) for pid in self.pids}
             await asyncio.sleep(0.1)
 
     def __enter__(self) -> Sampler:
@@ -207,6 +234,125 @@ async def submit_many(
     await asyncio.gather(*(one_client() for _ in range(clients)))
     last = time.time()
     return first, last, answers
+
+
+@dataclass(frozen=True)
+class TaskApi:
+    """How a stack takes a task and answers for it over HTTP, for the client both share:
+    ``POST submit`` answers 201 with the task's ``id``; ``GET read?wait=S`` (``{id}`` in
+    ``read``) answers 200 with its ``status`` once it is one of ``finished``, or after S
+    seconds with whatever it is then."""
+
+    submit: str
+    read: str
+    finished: frozenset[str]
+    succeeded: str
+
+
+async def submit_and_read(
+    conn: Connection, api: TaskApi, body: Any, wait: float = 30
+) -> tuple[str, int]:
+    """One task: submit it, then ``GET …?wait=`` until it has finished. Returns (its final
+    status, how many GETs that took)."""
+    status, answer = await conn.request("POST", api.submit, body)
+    if status != 201:
+        raise RuntimeError(f"submit answered {status}: {answer}")
+    path = f"{api.read.format(id=answer['id'])}?wait={wait:g}"
+    reads = 0
+    while True:
+        status, answer = await conn.request("GET", path)
+        reads += 1
+        if status != 200:
+            raise RuntimeError(f"read answered {status}: {answer}")
+        if answer["status"] in api.finished:
+            return str(answer["status"]), reads
+
+
+async def submit_and_read_many(
+    n: int, clients: int, body: Any, base: str, api: TaskApi
+) -> dict[str, Any]:
+    """``n`` tasks from ``clients`` concurrent keep-alive connections, each submitting a task
+    and reading it until it has finished before the next: ``clients`` tasks in flight."""
+    host, port = base.removeprefix("http://").split(":")
+    counter = iter(range(n))
+    reads = not_succeeded = 0
+
+    async def one_client() -> None:
+        nonlocal reads, not_succeeded
+        conn = Connection(host, int(port))
+        try:
+            for _ in counter:
+                status, count = await submit_and_read(conn, api, body)
+                reads += count
+                not_succeeded += status != api.succeeded
+        finally:
+            await conn.close()
+
+    started = time.time()
+    await asyncio.gather(*(one_client() for _ in range(clients)))
+    seconds = time.time() - started
+    return {"seconds": seconds, "reads": reads, "not_succeeded": not_succeeded}
+
+
+async def round_trips(n: int, body: Any, base: str, api: TaskApi) -> list[float]:
+    """``n`` tasks one after the other on one keep-alive connection, the stack otherwise idle:
+    each one's time from sending the submit to reading it finished, in seconds."""
+    host, port = base.removeprefix("http://").split(":")
+    conn = Connection(host, int(port))
+    times = []
+    try:
+        for _ in range(n):
+            sent = time.perf_counter()
+            await submit_and_read(conn, api, body)
+            times.append(time.perf_counter() - sent)
+    finally:
+        await conn.close()
+    return times
+
+
+async def submit_read_workload(
+    base: str,
+    roles: dict[str, int],
+    api: TaskApi,
+    body: Any,
+    n: int,
+    clients: int = 64,
+    rounds: int = 300,
+) -> dict[str, Any]:
+    """Issue 17's side-by-side workload, the same for every stack: ``n`` tasks submitted and
+    read over HTTP with ``clients`` in flight, then ``rounds`` idle round trips. ``roles``
+    names the stack's processes (each counted with its descendants) for the service CPU and
+    RSS figures."""
+    pids = list(roles.values())
+    load_average = round(os.getloadavg()[0], 2)
+    # Warm up (connections, threads, caches) with the same client before counting anything.
+    await submit_and_read_many(2 * clients, clients, body, base, api)
+    await round_trips(10, body, base, api)
+    await asyncio.sleep(0.5)
+    before = {role: cpu_seconds([pid]) for role, pid in roles.items()}
+    client_before = time.process_time()
+    with Sampler(pids) as sampler:
+        load = await submit_and_read_many(n, clients, body, base, api)
+    client_cpu = time.process_time() - client_before
+    cpu = {role: cpu_seconds([pid]) - before[role] for role, pid in roles.items()}
+    await asyncio.sleep(0.5)
+    idle = await round_trips(rounds, body, base, api)
+    return {
+        "tasks": n,
+        "clients": clients,
+        "tasks_per_s": round(n / load["seconds"], 1),
+        "seconds": round(load["seconds"], 2),
+        "reads_per_task": round(load["reads"] / n, 3),
+        "not_succeeded": load["not_succeeded"],
+        "cpu_ms_per_task": round(sum(cpu.values()) / n * 1000, 3),
+        "cpu_ms_per_task_by_process": {r: round(v / n * 1000, 3) for r, v in cpu.items()},
+        "cores_used": round(sum(cpu.values()) / load["seconds"], 2),
+        "client_cpu_ms_per_task": round(client_cpu / n * 1000, 3),
+        "idle_round_trip": summary_ms(idle),
+        "rss_peak_mb": sampler.peak,
+        "rss_peak_mb_by_process": {r: sampler.peaks[pid] for r, pid in roles.items()},
+        "load_average": load_average,
+    }
 
 
 async def wait_count(count: Callable[[], int], n: int, what: str, timeout: float = 900) -> float:

@@ -3,7 +3,7 @@
 The service runs as `orchestra serve` in a child process, against benchmarks/fake_model.py in
 another; the load comes from this process over loopback HTTP. Results are printed as JSON.
 
-    python benchmarks/orchestra_bench.py [--tasks 5000] [--only throughput,pickup,...]
+    python benchmarks/orchestra_bench.py [--tasks 5000] [--only throughput,pickup,...,submit_read]
 """
 
 from __future__ import annotations
@@ -27,12 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     TEXT,
     Sampler,
+    TaskApi,
     busy_share,
     fake_model,
     free_port,
     process,
     rss_mb,
     submit_many,
+    submit_read_workload,
     summary_ms,
     wait_count,
     wait_http,
@@ -40,6 +42,13 @@ from common import (  # noqa: E402
 
 CLIENTS = 64
 BODY = {"template": "summarize", "params": {"text": TEXT, "sentences": 1}}
+#: Orchestra's API as the submit-and-read client drives it.
+API = TaskApi(
+    submit="/api/v1/tasks",
+    read="/api/v1/tasks/{id}",
+    finished=frozenset({"succeeded", "failed", "cancelled"}),
+    succeeded="succeeded",
+)
 
 
 def _seconds(iso: str) -> float:
@@ -235,6 +244,14 @@ async def claim_scale(folder: Path) -> dict[str, Any]:
     return out
 
 
+async def submit_read(folder: Path, n: int, workers: int = 64) -> dict[str, Any]:
+    """Issue 17's workload: n tasks submitted and each read over HTTP (`GET ?wait=`), 64 in
+    flight, model latency 0; then idle round trips. The same client as classic_bench.py's."""
+    with fake_model(0, folder) as model, service(model, folder, workers) as (url, pid, _):
+        figures = await submit_read_workload(url, {"service": pid}, API, BODY, n, CLIENTS)
+        return {"workers": workers, **figures}
+
+
 WORKLOADS = {
     "throughput": lambda folder, args: throughput(folder, args.tasks, args.workers),
     "pickup": lambda folder, args: pickup(folder),
@@ -242,6 +259,7 @@ WORKLOADS = {
     "slots": lambda folder, args: slots(folder),
     "backlog": lambda folder, args: backlog(folder),
     "claim_scale": lambda folder, args: claim_scale(folder),
+    "submit_read": lambda folder, args: submit_read(folder, args.tasks),
 }
 
 

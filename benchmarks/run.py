@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 from dashboard_bench import markdown as dashboard_section  # noqa: E402
 from hostile_bench import markdown as hostile_section  # noqa: E402
+from request_cpu import markdown as request_cpu_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -44,6 +45,59 @@ def _met(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
+def submit_read_section(o: dict[str, Any], c: dict[str, Any], added: dict[str, Any]) -> str:
+    """Issue 17's side-by-side workload (`submit_read` in both benchmarks) against its targets.
+    ``added`` is workload 3's figures (server-side added latency), or empty."""
+    so, sc = o["submit_read"], c["submit_read"]
+    ratio = so["tasks_per_s"] / sc["tasks_per_s"] if sc["tasks_per_s"] else 0.0
+    cpu_c = sc["cpu_ms_per_task_by_process"]
+    rss_c = sc["rss_peak_mb_by_process"]
+    rss_o = max(so["rss_peak_mb_by_process"].values())
+    trip_o, trip_c = so["idle_round_trip"], sc["idle_round_trip"]
+    added_p50 = added.get("server", {}).get("p50_ms")
+    lines = [
+        "## Submit and read over HTTP (issue 17)",
+        "",
+        f"Both stacks in the same run, driven by the same client (`common.submit_read_workload`"
+        f"): {so['tasks']} tasks, {so['clients']} in flight, each submitted "
+        "(`POST /api/v1/tasks`) and then read over HTTP until finished "
+        f"(`GET /api/v1/tasks/{{id}}?wait=30`: {so['reads_per_task']} GETs per task for "
+        f"Orchestra, {sc['reads_per_task']} for classic), the model answering at once. "
+        f"Orchestra: one process, {so['workers']} workers; classic: FastAPI under uvicorn, a "
+        f"Celery worker (threads, {sc['concurrency']}) and Redis. Service CPU is utime + stime "
+        "from /proc over the run ÷ tasks; for the classic stack the API process, the Celery "
+        "worker and Redis together. Load average when each started: "
+        f"{so['load_average']} (Orchestra), {sc['load_average']} (classic).",
+        "",
+        "| figure | Orchestra | classic | target | met |",
+        "|---|---|---|---|---|",
+        f"| tasks/s, one process | **{so['tasks_per_s']}** | {sc['tasks_per_s']} — ratio "
+        f"{ratio:.2f}× | ≥ 1.3× classic | {_met(ratio >= 1.3)} |",
+        f"| service CPU per task, HTTP reads included | **{so['cpu_ms_per_task']} ms** "
+        f"({so['cores_used']} cores) | {sc['cpu_ms_per_task']} ms: API {cpu_c['api']} + worker "
+        f"{cpu_c['worker']} + Redis {cpu_c['redis']} ({sc['cores_used']} cores) | ≤ 1.5 ms | "
+        f"{_met(so['cpu_ms_per_task'] <= 1.5)} |",
+        f"| idle round trip (submit, then `GET ?wait=`), one at a time | p50 "
+        f"**{trip_o['p50_ms']} ms**, p99 {trip_o['p99_ms']} ms | p50 {trip_c['p50_ms']} ms, p99 "
+        f"{trip_c['p99_ms']} ms | p50 ≤ 3 ms | {_met(trip_o['p50_ms'] <= 3)} |",
+        "| added latency p50, server side (workload 3) | "
+        + (
+            f"{added_p50} ms | — | < 2 ms | {_met(added_p50 < 2)} |"
+            if added_p50 is not None
+            else "not run | — | < 2 ms | — |"
+        ),
+        f"| RSS per process, peak under this load | {rss_o} MB | API {rss_c['api']}, worker "
+        f"{rss_c['worker']}, Redis {rss_c['redis']} MB | ≤ 100 MB | {_met(rss_o <= 100)} |",
+        "| tasks/s, two processes | not measured (one process until the scale-out issue "
+        "lands) | — | ≥ 2× classic | — |",
+        "",
+        f"Not succeeded: {so['not_succeeded']} (Orchestra), {sc['not_succeeded']} (classic). "
+        f"The client's own CPU: {so['client_cpu_ms_per_task']} / "
+        f"{sc['client_cpu_ms_per_task']} ms per task.",
+    ]
+    return "\n".join(lines)
+
+
 def report(
     o: dict[str, Any],
     c: dict[str, Any],
@@ -51,6 +105,7 @@ def report(
     h: dict[str, Any],
     info: dict[str, Any],
     classic: str,
+    r: dict[str, Any] | None = None,
 ) -> str:
     t = o["throughput"]
     best = max(c["throughput"], key=lambda r: r["tasks_per_s"])
@@ -120,14 +175,21 @@ def report(
             f"| 4 slots | {r['pool']} | {r['workers']} | {r['busy_share'] * 100:.1f} % | "
             f"{r['rss_peak_mb']} MB |"
         )
+    if "submit_read" in o and "submit_read" in c:
+        lines += ["", submit_read_section(o, c, a)]
     lines += ["", dashboard_section(d).strip()]
     lines += ["", hostile_section(h).strip()]
+    if r is not None:
+        lines += ["", request_cpu_section(r).strip()]
     lines += ["", "## Method", "", (HERE / "METHOD.md").read_text().strip(), ""]
     lines += [
         "## Raw figures",
         "",
         "```json",
-        json.dumps({"orchestra": o, "classic": c, "dashboard": d, "hostile": h}, indent=2),
+        json.dumps(
+            {"orchestra": o, "classic": c, "dashboard": d, "hostile": h, "request_cpu": r},
+            indent=2,
+        ),
         "```",
         "",
     ]
@@ -144,6 +206,7 @@ def main() -> None:
     classic = _run(args.classic_python, "classic_bench.py", "--tasks", args.tasks)
     dashboard = _run(sys.executable, "dashboard_bench.py")
     hostile = _run(sys.executable, "hostile_bench.py")
+    requests = _run(sys.executable, "request_cpu.py")
     versions = subprocess.run(
         [
             args.classic_python,
@@ -158,7 +221,13 @@ def main() -> None:
     server = subprocess.run(["redis-server", "--version"], capture_output=True, text=True)
     redis_version = server.stdout.split("v=")[1].split()[0] if "v=" in server.stdout else "?"
     text = report(
-        orchestra, classic, dashboard, hostile, machine(), f"{versions}, Redis {redis_version}"
+        orchestra,
+        classic,
+        dashboard,
+        hostile,
+        machine(),
+        f"{versions}, Redis {redis_version}",
+        requests,
     )
     (HERE / "RESULTS.md").write_text(text)
     print(f"benchmarks/RESULTS.md written in {time.monotonic() - started:.0f} s", file=sys.stderr)

@@ -179,6 +179,9 @@ class LoggingSettings(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     #: auto: readable console lines on a terminal, JSON lines otherwise.
     format: Literal["auto", "console", "json"] = "auto"
+    #: A line per HTTP request (uvicorn's access log); off by default, as each line costs
+    #: about as much CPU as the request itself (benchmarks/RESULTS.md).
+    access_log: bool = False
 
 
 class LimitSettings(_Section, frozen=True):

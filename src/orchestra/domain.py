@@ -207,6 +207,15 @@ class Task(msgspec.Struct, frozen=True):
         return self.run_at if self.status is TaskStatus.QUEUED else None
 
 
+class Lease(msgspec.Struct, frozen=True):
+    """Proof that a worker holds a task: who, and for which attempt. Every write of a running
+    task is guarded by it, so a worker that lost the task changes nothing."""
+
+    task_id: int
+    owner: str
+    attempt: int
+
+
 class TaskSummary(msgspec.Struct, frozen=True):
     """A task as a listing shows it: no params, result, steps or attempts, but its duration and
     the tokens its current attempt used."""

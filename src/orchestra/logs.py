@@ -1,40 +1,98 @@
 """structlog setup: events, not sentences.
 
 Console lines on a terminal, JSON lines otherwise. The standard library's loggers (uvicorn,
-sqlalchemy, httpx) are routed through the same processors so every line has one format.
+sqlalchemy, httpx) go through the same processors and renderer, so every line has one format.
 
 Every line is redacted as it is written (:func:`orchestra.redact.redact_text`): a URL's
 userinfo and query keys never reach the log, whoever logged it (httpx's "HTTP Request: POST
 http://user:password@host/…" lines included), and tracebacks too.
+
+A line costs little, as a service at info logs a few per task: Orchestra's own events are
+rendered by structlog and written straight to the stream (no ``logging.LogRecord`` on the
+way), the standard library's records by one lean formatter, JSON by msgspec, and records do
+not look up their caller, thread or process, which no line shows. uvicorn's access log (a
+line per request) is written only with ``[logging] access_log = true``.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
+import msgspec
 import structlog
 
 from orchestra.config import LoggingSettings
 from orchestra.redact import redact_text
 
+EventDict = MutableMapping[str, Any]
+Processor = Callable[[Any, str, Any], Any]
 
-def _drop_color_message(
-    _logger: Any, _name: str, event: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
+#: A LogRecord's own attributes; any other one came from ``extra=`` and is shown.
+_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
     # uvicorn adds an ANSI-coloured copy of each message for its own formatter.
-    event.pop("color_message", None)
-    return event
+    "color_message",
+}
+#: Values JSON has no type for are shown as their repr, as structlog's JSONRenderer does.
+_JSON = msgspec.json.Encoder(enc_hook=repr)
 
 
-class _RedactingFormatter(structlog.stdlib.ProcessorFormatter):
-    """Renders a record as the processors say, then redacts the finished line (one place
-    that sees every line, whatever logged it and wherever the URL sits in it)."""
+def _render_json(_logger: Any, _name: str, event: EventDict) -> str:
+    return _JSON.encode(event).decode()
+
+
+def _redact(_logger: Any, _name: str, line: str) -> str:
+    return redact_text(line)
+
+
+class _Lines:
+    """Where Orchestra's events go: each rendered line straight to the handler's stream,
+    under the handler's lock (one lock for every line, whoever wrote it). Named, for
+    ``add_logger_name``."""
+
+    def __init__(self, handler: logging.StreamHandler[Any], name: str) -> None:
+        self._handler = handler
+        self.name = name
+
+    def msg(self, line: str) -> None:
+        """Write one line."""
+        handler = self._handler
+        try:
+            with handler.lock:  # type: ignore[union-attr]
+                handler.stream.write(line + "\n")
+                handler.stream.flush()
+        except Exception:  # as logging's handlers do: a log line must not fail its caller
+            pass
+
+    debug = info = warning = warn = error = critical = exception = fatal = log = msg
+
+
+class _RecordFormatter(logging.Formatter):
+    """Renders a standard library record as Orchestra's events are rendered: its message as
+    ``event``, its ``extra=`` values, logger, level, time (and traceback), then redacts the
+    finished line (one place that sees it whole, wherever the URL sits in it)."""
+
+    def __init__(self, processors: list[Processor]) -> None:
+        super().__init__()
+        self._processors = processors
 
     def format(self, record: logging.LogRecord) -> str:
-        return redact_text(super().format(record))
+        event: EventDict = {"event": record.getMessage()}
+        for key, value in vars(record).items():
+            if key not in _RECORD_FIELDS:
+                event[key] = value
+        event["logger"] = record.name
+        event["level"] = record.levelname.lower()
+        if record.exc_info:
+            event["exc_info"] = record.exc_info
+        result: Any = event
+        for processor in self._processors:
+            result = processor(None, "", result)
+        return str(result)
 
 
 def setup(settings: LoggingSettings, stream: Any = None) -> None:
@@ -43,44 +101,43 @@ def setup(settings: LoggingSettings, stream: Any = None) -> None:
     use_json = settings.format == "json" or (
         settings.format == "auto" and not getattr(stream, "isatty", lambda: False)()
     )
-    shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_logger_name,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
-    renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if use_json
-        else structlog.dev.ConsoleRenderer(colors=False)
-    )
     level = getattr(logging, settings.level.upper())
-    structlog.configure(
-        processors=[
-            *shared,
-            structlog.processors.format_exc_info if use_json else structlog.dev.set_exc_info,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        cache_logger_on_first_use=True,
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    finish: list[Processor] = (
+        [structlog.processors.format_exc_info, _render_json, _redact]
+        if use_json
+        else [structlog.dev.ConsoleRenderer(colors=False), _redact]
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
-        _RedactingFormatter(
-            processors=[
-                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                renderer,
-            ],
-            foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(), _drop_color_message],
-        )
+        _RecordFormatter([structlog.contextvars.merge_contextvars, stamp, *finish])
     )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.add_logger_name,
+            structlog.processors.add_log_level,
+            stamp,
+            *([] if use_json else [structlog.dev.set_exc_info]),
+            *finish,
+        ],
+        logger_factory=lambda *args: _Lines(handler, (args[0] if args else None) or "orchestra"),
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        cache_logger_on_first_use=True,
+    )
+    # No line shows where a record was made, by which thread or process: don't look it up
+    # (the logging module's documented switches; the caller lookup walks the stack).
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging._srcfile = None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # A logger with no handler anywhere up its chain makes uvicorn skip the access line
+    # altogether (it asks hasHandlers() once per connection), not just filter it.
+    logging.getLogger("uvicorn.access").propagate = settings.access_log
 
 
 def get(name: str | None = None) -> Any:

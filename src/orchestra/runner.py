@@ -29,7 +29,11 @@ from orchestra.templating.render import evaluate, render_output
 
 
 class StepRecorder(Protocol):
-    """Where the runner reports steps. Raises ``LeaseLost`` when the task is no longer ours."""
+    """Where the runner reports steps. Raises ``LeaseLost`` when the task is no longer ours.
+
+    A report need not be written when it is made: the worker's recorder writes the step that
+    ends the attempt together with the task's end, and the claim has started the first step.
+    """
 
     async def step_started(self, step_id: str, position: int) -> None: ...
 

@@ -190,6 +190,8 @@ class TaskService:
         Raises:
             TaskNotFound: no task has this id.
         """
+        if wait <= 0:
+            return await self._get(task_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         with self.signals.watch(task_id) as changed:
@@ -228,29 +230,40 @@ class TaskService:
     async def follow(self, task_id: int, after: int = 0) -> AsyncIterator[TaskEvent | None]:
         """A task's events after ``after``: the past ones, then new ones as they happen, until
         the task finishes. Yields None now and then while nothing happens (a keep-alive)."""
+        async for batch in self.follow_batches(task_id, after):
+            if not batch:
+                yield None
+            for event in batch:
+                yield event
+
+    async def follow_batches(self, task_id: int, after: int = 0) -> AsyncIterator[list[TaskEvent]]:
+        """:meth:`follow`, the events of each read together (a replay is a few reads, not an
+        answer per event); an empty list is the keep-alive."""
         last = after
         with self.signals.watch(task_id) as changed:
             while True:
                 batch = await self._events_after(task_id, last)
-                for event in batch:
-                    yield event
-                    last = event.seq
-                    if event.type == TERMINAL_EVENT:
-                        return
                 if batch:
+                    end = next((i for i, e in enumerate(batch) if e.type == TERMINAL_EVENT), None)
+                    if end is not None:
+                        yield batch[: end + 1]
+                        return
+                    yield batch
+                    last = batch[-1].seq
                     continue
                 task = await self._shared.read(("task", task_id), lambda: self._get(task_id))
                 if task.finished:
                     # The status and its task.finished event commit together, so one more
                     # read now catches an event that committed after the read above.
-                    for event in await self._events_after(task_id, last):
-                        yield event
+                    rest = await self._events_after(task_id, last)
+                    if rest:
+                        yield rest
                     return
                 try:
                     async with asyncio.timeout(KEEPALIVE_SECONDS):
                         await changed.wait()
                 except TimeoutError:
-                    yield None
+                    yield []
                 changed.clear()
 
     async def _events_after(self, task_id: int, after: int) -> list[TaskEvent]:

@@ -2,9 +2,13 @@
 
 One dispatcher coroutine claims as many due tasks as there are free slots (and free per-model
 capacity) in one statement and starts a named asyncio task for each. It wakes the moment a task
-is submitted in this process (:meth:`WorkerPool.notify`), a slot frees up, or a delayed task or
-retry becomes due (:meth:`WorkerPool.wake_at`), and polls as a fallback for work enqueued by
-other processes.
+is submitted in this process (:meth:`WorkerPool.notify`), a slot frees up while its last claim
+left due work queued, or a delayed task or retry becomes due (:meth:`WorkerPool.wake_at`), and
+polls as a fallback for work enqueued by other processes.
+
+A task's writes are few: the claim also starts its first step, and the step that ends its
+attempt (the last, or one that failed) is written with the task's end, in one transaction;
+other steps' starts and ends are written as they happen. Each is fenced by the task's lease.
 
 Side loops renew the leases of running tasks every ``lease_seconds / 3`` (and learn of cancel
 requests), return the tasks of dead workers to the queue, and delete old finished tasks. They
@@ -37,11 +41,12 @@ from typing import Any, TypeVar
 
 from orchestra import logs
 from orchestra.config import Settings
-from orchestra.db import Lease, TaskStore
-from orchestra.domain import RetryPolicy, Step, Task, TaskError, TaskStatus, now
+from orchestra.db import TaskStore
+from orchestra.domain import Lease, RetryPolicy, Step, StepStatus, Task, TaskError, TaskStatus, now
 from orchestra.errors import LeaseLost, StorageError, TemplateNotFound
 from orchestra.runner import Runner, StepFailed
 from orchestra.sizes import clip_message
+from orchestra.templating.model import Template
 from orchestra.templating.registry import TemplateRegistry
 
 log = logs.get("orchestra.worker")
@@ -70,12 +75,15 @@ class StopReason(StrEnum):
 class _Running:
     """One task running in this pool."""
 
-    __slots__ = ("finishing", "lease_until", "runner", "stop", "task")
+    __slots__ = ("finishing", "lease_until", "recorder", "runner", "stop", "task", "template")
 
-    def __init__(self, task: Task, lease_until: float) -> None:
+    def __init__(self, task: Task, lease_until: float, template: Template | None) -> None:
         self.task = task
         #: Loop time until which the lease is known to hold (its last renewal + lease_seconds).
         self.lease_until = lease_until
+        #: The template found when it was claimed; the claim started its first step.
+        self.template = template
+        self.recorder: _LeasedRecorder | None = None
         self.runner: asyncio.Task[None] | None = None
         #: Its end is being written: a cancel or a lost renewal no longer interrupts it.
         self.finishing = False
@@ -87,6 +95,13 @@ class _Running:
         if self.runner is not None:
             self.runner.cancel()
 
+    def ended(self) -> tuple[Step | None, str]:
+        """The step that ended the attempt and its last streamed text, still to be written
+        with the task's end; (None, "") when there is none."""
+        if self.recorder is None or self.recorder.ended is None:
+            return None, ""
+        return self.recorder.ended
+
 
 def worker_id() -> str:
     """A name for this process's pool that is unique across restarts: host:pid:random."""
@@ -96,20 +111,33 @@ def worker_id() -> str:
 class _LeasedRecorder:
     """Records steps through the store, fenced by the task's lease.
 
+    Two step writes ride on others. The claim started the first step already (``started``),
+    and the step that ends the attempt (the last of ``steps``, or one that failed) is held in
+    :attr:`ended`, for the worker to write with the task's end in one transaction. Every other
+    step's start and end is written at once, so a multi-step task is seen to progress.
+
     Streamed text is buffered and written as one ``step.tokens`` event at most every
     ``TEXT_FLUSH_SECONDS``, so the database is not written per token. The lock keeps the events
     in order: a step's last text is written before its ``step.finished``.
     """
 
-    def __init__(self, store: TaskStore, lease: Lease, write: Writer) -> None:
+    def __init__(
+        self, store: TaskStore, lease: Lease, write: Writer, steps: int, started: str | None
+    ) -> None:
         self.store = store
         self.lease = lease
         self._write = write
+        self._last = steps - 1
+        self._started = started
+        #: The step that ended the attempt and its last streamed text, not written yet.
+        self.ended: tuple[Step, str] | None = None
         self._text: dict[str, list[str]] = {}
         self._timer: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
     async def step_started(self, step_id: str, position: int) -> None:
+        if position == 0 and step_id == self._started:
+            return  # the claim started it
         if not await self._write(lambda: self.store.start_step(self.lease, step_id, position)):
             raise LeaseLost()
 
@@ -117,6 +145,9 @@ class _LeasedRecorder:
         async with self._lock:
             # The step's last text goes in the same transaction as its end.
             text = await self._write_text(keep=step.id)
+            if step.position == self._last or step.status is StepStatus.FAILED:
+                self.ended = (step, text)  # no step follows: it ends with the task
+                return
             if not await self._write(lambda: self.store.finish_step(self.lease, step, text)):
                 raise LeaseLost()
 
@@ -172,6 +203,10 @@ class WorkerPool:
         self._loops: set[asyncio.Task[None]] = set()
         #: Claims the database refused in a row (it backs off meanwhile).
         self._claim_failures = 0
+        #: The last claim took every due task it could see, with room to spare: a task that
+        #: ends then frees a slot with nothing to fill it, and does not wake the dispatcher
+        #: for an empty claim (a submit, a due retry or the poll does).
+        self._drained = False
 
     @property
     def running(self) -> int:
@@ -278,12 +313,18 @@ class WorkerPool:
             # would make wait() return at once and spin without ever yielding the loop.
             self._wake.clear()
             limit, full = self._capacity()
+            self._drained = False
             if limit > 0:
                 # The lease's clock starts before the claim: it may wait for the writer.
                 asked = asyncio.get_running_loop().time()
+                templates: dict[int, Template] = {}
                 try:
                     claimed = await self.store.claim(
-                        self.owner, limit, self.workers.lease_seconds, skip_models=full
+                        self.owner,
+                        limit,
+                        self.workers.lease_seconds,
+                        skip_models=full,
+                        first_step=functools.partial(self._first_step, templates),
                     )
                 except StorageError as exc:
                     await self._back_off(exc)
@@ -295,8 +336,9 @@ class WorkerPool:
                     if self._claim_failures:
                         log.info("pool.claims_resumed", after_failures=self._claim_failures)
                         self._claim_failures = 0
+                    self._drained = len(claimed) < limit and not full
                 for task in claimed:
-                    self._spawn(task, asked + self.workers.lease_seconds)
+                    self._spawn(task, asked + self.workers.lease_seconds, templates.get(task.id))
                 if claimed and len(claimed) == limit:
                     continue  # there may be more due work
             wait = self._wait_seconds()
@@ -307,6 +349,17 @@ class WorkerPool:
                     await self._wake.wait()
             except TimeoutError:
                 pass
+
+    def _first_step(self, templates: dict[int, Template], task: Task) -> str | None:
+        """For the claim, inside its transaction on the writer's thread: the first step of the
+        task's template, which the claim starts (None when the template is gone: the run
+        fails the task, naming it). The template is kept in ``templates`` for the run."""
+        try:
+            template = self.registry.for_task(task.template, task.template_version)
+        except TemplateNotFound:
+            return None
+        templates[task.id] = template
+        return template.steps[0].id if template.steps else None
 
     async def _back_off(self, exc: StorageError) -> None:
         """The database refused a claim: wait (longer each time in a row), not spin. A submit
@@ -322,7 +375,7 @@ class WorkerPool:
         except TimeoutError:
             pass
 
-    def _spawn(self, task: Task, lease_until: float) -> None:
+    def _spawn(self, task: Task, lease_until: float, template: Template | None) -> None:
         stale = self._running.get(task.id)
         if stale is not None:
             # Its earlier attempt still runs here, past a lease that expired while the
@@ -330,7 +383,7 @@ class WorkerPool:
             # again. The old attempt's writes are fenced off; stop it too.
             stale.interrupt(StopReason.LEASE_LOST)
         self._models[task.model] += 1
-        running = self._running[task.id] = _Running(task, lease_until)
+        running = self._running[task.id] = _Running(task, lease_until, template)
         running.runner = asyncio.create_task(self._run(running), name=f"orchestra-task-{task.id}")
 
     async def _within_lease(self, running: _Running, write: Callable[[], Awaitable[T]]) -> T:
@@ -371,11 +424,16 @@ class WorkerPool:
             return await self._within_lease(running, work)
 
         try:
-            status, result, error, policy = await self._execute(task, lease, write, tlog)
+            status, result, error, policy = await self._execute(running, lease, write, tlog)
             running.finishing = True
+            step, text = running.ended()
             if error is not None and error.retryable and task.counted_attempts < task.max_attempts:
-                await self._retry_later(task, lease, error, policy, write, tlog)
-            elif await write(lambda: self.store.finish(lease, status, result=result, error=error)):
+                await self._retry_later(running, lease, error, policy, write, tlog)
+            elif await write(
+                lambda: self.store.finish(
+                    lease, status, result=result, error=error, step=step, text=text
+                )
+            ):
                 tlog.info(
                     "task.finished",
                     status=status.value,
@@ -388,12 +446,12 @@ class WorkerPool:
             tlog.warning("task.lease_lost", detail="stopped: another attempt owns the task")
         except asyncio.CancelledError:
             if running.stop is StopReason.CANCELLED:
-                await self._finish_cancelled(lease, write, tlog)
+                await self._finish_cancelled(running, lease, write, tlog)
                 return
             if running.stop is StopReason.LEASE_LOST:
                 tlog.warning("task.lease_lost", detail="cancelled: the lease could not be renewed")
                 return
-            await self._hand_back(lease, tlog)
+            await self._hand_back(running, lease, tlog)
             raise
         except StorageError as exc:
             # The database refused the task's writes until its lease ran out. The task
@@ -409,23 +467,30 @@ class WorkerPool:
             self._models[task.model] -= 1
             if self._models[task.model] <= 0:
                 del self._models[task.model]
-            self._wake.set()
+            if not self._drained:  # a slot is free for work the last claim left queued
+                self._wake.set()
 
     async def _execute(
-        self, task: Task, lease: Lease, write: Writer, tlog: Any
+        self, running: _Running, lease: Lease, write: Writer, tlog: Any
     ) -> tuple[TaskStatus, Any, TaskError | None, RetryPolicy]:
+        task = running.task
         default = RetryPolicy(max_attempts=self.workers.max_attempts)
-        try:
-            template = self.registry.for_task(task.template, task.template_version)
-        except TemplateNotFound as exc:
-            error = TaskError(type=exc.code, message=exc.message)
-            return TaskStatus.FAILED, None, error, default
+        # Found when claimed, and then the claim started its first step.
+        template = running.template
+        started = template.steps[0].id if template is not None and template.steps else None
+        if template is None:
+            try:
+                template = self.registry.for_task(task.template, task.template_version)
+            except TemplateNotFound as exc:
+                error = TaskError(type=exc.code, message=exc.message)
+                return TaskStatus.FAILED, None, error, default
         policy = template.retry or default
         timeout = task.timeout_seconds if task.timeout_seconds is not None else template.timeout
+        recorder = _LeasedRecorder(self.store, lease, write, len(template.steps), started)
+        running.recorder = recorder
         try:
             # Leaving the timeout cancels whatever runs, including the model call.
             async with asyncio.timeout(timeout):
-                recorder = _LeasedRecorder(self.store, lease, write)
                 result = await self.runner.run(task, template, recorder, self.settings.limits)
         except TimeoutError:
             error = TaskError(
@@ -446,16 +511,18 @@ class WorkerPool:
 
     async def _retry_later(
         self,
-        task: Task,
+        running: _Running,
         lease: Lease,
         error: TaskError,
         policy: RetryPolicy,
         write: Writer,
         tlog: Any,
     ) -> None:
+        task = running.task
         delay = policy.delay(task.counted_attempts)
         run_at = now() + timedelta(seconds=delay)
-        if await write(lambda: self.store.retry_later(lease, error, run_at)):
+        step, text = running.ended()
+        if await write(lambda: self.store.retry_later(lease, error, run_at, step=step, text=text)):
             tlog.warning(
                 "task.retrying",
                 error=error.message,
@@ -466,10 +533,15 @@ class WorkerPool:
         else:
             tlog.warning("task.lease_lost", detail="failed, but another attempt owns it")
 
-    async def _finish_cancelled(self, lease: Lease, write: Writer, tlog: Any) -> None:
+    async def _finish_cancelled(
+        self, running: _Running, lease: Lease, write: Writer, tlog: Any
+    ) -> None:
+        step, text = running.ended()
         try:
             done = await write(
-                lambda: self.store.finish(lease, TaskStatus.CANCELLED, error=_CANCELLED)
+                lambda: self.store.finish(
+                    lease, TaskStatus.CANCELLED, error=_CANCELLED, step=step, text=text
+                )
             )
         except StorageError as exc:
             tlog.warning("task.not_recorded", error=exc.message, code=exc.code)
@@ -480,9 +552,10 @@ class WorkerPool:
         if done:
             tlog.info("task.finished", status=TaskStatus.CANCELLED.value)
 
-    async def _hand_back(self, lease: Lease, tlog: Any) -> None:
+    async def _hand_back(self, running: _Running, lease: Lease, tlog: Any) -> None:
+        step, text = running.ended()
         try:
-            released = await self.store.release(lease)
+            released = await self.store.release(lease, step=step, text=text)
         except StorageError as exc:  # the lease expires and the reaper hands it back instead
             tlog.warning("task.hand_back_failed", error=exc.message)
             return

@@ -123,16 +123,16 @@ async def test_a_task_whose_model_answered_while_writes_failed_keeps_its_result(
     fake_ollama.latency = 1.0
     store = service.app.state.runtime.pool.store
     refused: list[str] = []
-    finish_step = store.finish_step
+    finish = store.finish  # the task's end, with its step's: the first write after the answer
 
     async def counting(*args: Any, **kwargs: Any) -> Any:
         try:
-            return await finish_step(*args, **kwargs)
+            return await finish(*args, **kwargs)
         except StorageError as exc:
             refused.append(exc.code)
             raise
 
-    store.finish_step = counting
+    store.finish = counting
     task = (await submit(service, "keep me")).json()
     await wait_until(lambda: fake_ollama.in_flight > 0, timeout=10)
     db = database(service)

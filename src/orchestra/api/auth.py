@@ -122,8 +122,11 @@ async def public_caller(connection: ASGIConnection[Any, Any, Any, Any]) -> Calle
         return None
 
 
-def scope_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
-    """Refuse (403) a caller whose scope is below what the route needs."""
+async def scope_guard(
+    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+) -> None:
+    """Refuse (403) a caller whose scope is below what the route needs. (Async so Litestar
+    calls it on the loop: a sync guard is run on a thread, a hop per request.)"""
     caller = connection.scope.get("user")
     if caller is None:  # a public path: the middleware left it out
         return

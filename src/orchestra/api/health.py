@@ -4,10 +4,19 @@ Provider URLs appear here only redacted (the providers' own details name them so
 :mod:`orchestra.redact`), and /health shows providers, their models and the version only to
 a caller with the read scope: anyone else (no key, once keys exist) sees the status and the
 database's state, which is all a liveness check needs.
+
+/health does no I/O of its own on most requests: providers are as the background watcher last
+saw them, and the database's read check and free space as :class:`DatabaseCheck` last found
+them, at most :data:`DATABASE_CHECK_SECONDS` ago (a load balancer probing many times a second
+costs one ping a second). Writes are as the latest one went, always.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+import weakref
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from litestar import Request, Response, get
@@ -21,15 +30,80 @@ from orchestra.api.openapi import error, errors
 from orchestra.api.runtime import Runtime
 from orchestra.api.schemas import HealthOut, ModelOut, ModelsOut, ProviderOut
 from orchestra.auth import allows
+from orchestra.db import Database
+from orchestra.db.failures import DatabaseState, WriteFailure
 from orchestra.llm.router import ProviderState
+
+#: Seconds /health reuses the database's read check and free space before checking again.
+DATABASE_CHECK_SECONDS = 1.0
 
 CheckNow = Annotated[
     Literal["now"] | None,
     Parameter(
-        description="now: check every provider before answering (else the background "
-        "checks' last results, made every [fallback] health_interval seconds)."
+        description="now: check every provider and the database before answering (else "
+        "the last checks' results: the providers' made every [fallback] health_interval "
+        "seconds, the database's at most a second old)."
     ),
 ]
+
+
+class DatabaseCheck:
+    """The database's state for /health, checked again only when the last check is older than
+    ``max_age`` seconds, or when the writes' outcome changed since (a write failing, or working
+    again, shows at once). Requests that find the check stale together share one check."""
+
+    def __init__(
+        self,
+        db: Database,
+        min_free_mb: float,
+        max_age: float = DATABASE_CHECK_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._db = db
+        self._min_free_mb = min_free_mb
+        self._max_age = max_age
+        self._clock = clock
+        self._state: DatabaseState | None = None
+        self._checked_at = float("-inf")
+        #: The writes' failure as it was when the state was checked (None: writes worked).
+        self._failure: WriteFailure | None = None
+        self._checking: asyncio.Future[DatabaseState] | None = None
+
+    async def state(self, now: bool = False) -> DatabaseState:
+        """The database's state, as last checked if that is recent enough (``now``: no matter
+        how recent), else checked now."""
+        if (
+            not now
+            and self._state is not None
+            and self._db.writes.failure is self._failure
+            and self._clock() - self._checked_at < self._max_age
+        ):
+            return self._state
+        if self._checking is None:
+            self._checking = asyncio.ensure_future(self._check())
+        checking = self._checking
+        return await asyncio.shield(checking)
+
+    async def _check(self) -> DatabaseState:
+        try:
+            failure = self._db.writes.failure
+            state = await self._db.state(self._min_free_mb)
+            self._state, self._failure, self._checked_at = state, failure, self._clock()
+            return state
+        finally:
+            self._checking = None
+
+
+#: One check per database (an app's database is opened anew each time its lifespan starts).
+_checks: weakref.WeakKeyDictionary[Database, DatabaseCheck] = weakref.WeakKeyDictionary()
+
+
+def _database_check(runtime: Runtime) -> DatabaseCheck:
+    db = runtime.db
+    check = _checks.get(db)
+    if check is None:
+        check = _checks[db] = DatabaseCheck(db, runtime.settings.database.min_free_mb)
+    return check
 
 
 async def _states(runtime: Runtime, check: str | None) -> list[ProviderState]:
@@ -51,12 +125,11 @@ async def _states(runtime: Runtime, check: str | None) -> list[ProviderState]:
         ),
     },
 )
-async def health(
-    request: Request[Any, Any, Any], runtime: NamedDependency[Runtime], check: CheckNow = None
-) -> Response[HealthOut]:
-    """The database's state (reads checked now; writes as the latest one went; free space),
-    each provider's as the background checks last saw it (``checked_at``; ``?check=now``
-    checks them first), and the version.
+async def health(request: Request[Any, Any, Any], check: CheckNow = None) -> Response[HealthOut]:
+    """The database's state (reads and free space as checked at most a second ago; writes as
+    the latest one went), each provider's as the background checks last saw it
+    (``checked_at``), and the version. ``?check=now`` checks the providers and the database
+    first.
 
     200 while the database answers reads: "degraded" while writes fail, its disk is low or no
     provider is available; 503 ("down") when it does not answer.
@@ -65,9 +138,13 @@ async def health(
     scope (as every other GET needs); without it (no key, or a wrong one, once keys exist)
     the answer is ``status`` and ``database`` alone, and ``?check=now`` is not honoured.
     """
+    # The runtime from the app's state, not as a dependency: resolving one took a quarter of
+    # this handler's CPU, and load balancers ask many times a second.
+    runtime: Runtime = request.app.state.runtime
     caller = await public_caller(request)
     detailed = caller is not None and allows(caller.scope, "read")
-    database = await runtime.db.state(runtime.settings.database.min_free_mb)
+    check_now = detailed and check == "now"
+    database = await _database_check(runtime).state(now=check_now)
     states = await _states(runtime, check if detailed else None)
     if not database.readable:
         status = "down"

@@ -13,8 +13,6 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
-
 from orchestra import logs
 from orchestra.api.auth import Gatekeeper
 from orchestra.auth import ApiKey, bootstrap_key, is_loopback
@@ -30,7 +28,7 @@ from orchestra.db.sessions import SessionStore
 from orchestra.db.templates import TemplateStore
 from orchestra.errors import ConfigError, TemplateError
 from orchestra.llm.router import Router, build_providers
-from orchestra.llm.transport import ShardedTransport
+from orchestra.llm.transport import model_client
 from orchestra.notify import TaskSignals
 from orchestra.runner import Runner
 from orchestra.tasks import TaskService
@@ -151,7 +149,6 @@ class Runtime:
         try:
             version = await upgrade(db)
             log.info("database.ready", path=str(db.path), schema_version=version)
-            transport = ShardedTransport(max_connections=max(10, s.workers.concurrency * 2))
             self._keys = KeyStore(db)
             self._gatekeeper = Gatekeeper(self._keys, s.auth, loopback=is_loopback(s.server.host))
             self._dashboard = DashboardStore(db)
@@ -164,7 +161,8 @@ class Runtime:
             )
             await catalog.start()
             self._catalog = catalog
-            async with httpx.AsyncClient(transport=transport) as client:
+            # One client for every model call; it honours the proxies named in the environment.
+            async with model_client(max(10, s.workers.concurrency * 2), self.env) as client:
                 signals = TaskSignals()
                 store = TaskStore(db, on_change=signals.publish)
                 router = Router(build_providers(s, client, self.env), s)

@@ -5,19 +5,23 @@ uvicorn closes a keep-alive connection left idle for ``timeout_keep_alive`` seco
 connection that has not finished sending a request's headers, though: a new connection that
 sends nothing, one that sends a header line a second and never ends them ("slowloris"), and a
 keep-alive connection that sends one byte (any byte cancels uvicorn's keep-alive timer) all
-stay open for good. :class:`HeaderTimeoutProtocol` closes such a connection ``header_timeout``
-seconds after it opened, or after the first byte of its next request arrived.
+stay open for good. The protocols here close such a connection ``header_timeout`` seconds after
+it opened, or after the first byte of its next request arrived.
+
+uvicorn parses HTTP with h11 (pure Python), or with httptools (C) when it is installed (the
+``fast`` extra, with uvloop, which uvicorn picks up by itself); :func:`server_config` uses
+httptools when it can: a request costs the service less CPU (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
-from uvicorn.server import ServerState
 
 from orchestra import logs
 from orchestra.config import ServerSettings
@@ -25,29 +29,23 @@ from orchestra.config import ServerSettings
 log = logs.get("orchestra.http")
 
 
-class HeaderTimeoutProtocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol (h11) with a deadline for each request's headers."""
+class _HeaderDeadline:
+    """The header deadline, for a uvicorn HTTP protocol class to mix in. The protocol starts
+    the timer when the connection opens, tells :meth:`_headers_pending` after each chunk of
+    data whether a request's headers are still incomplete, and stops the timer when the
+    connection is lost."""
 
     #: Seconds a request's headers may take to arrive; :func:`server_config` sets it.
     header_timeout: float = 10.0
+    _header_timer: asyncio.TimerHandle | None = None
+    # The protocol's own, set in its __init__ and connection_made.
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    client: tuple[str, int] | None
 
-    def __init__(
-        self,
-        config: uvicorn.Config,
-        server_state: ServerState,
-        app_state: dict[str, Any],
-        _loop: asyncio.AbstractEventLoop | None = None,
-    ) -> None:
-        super().__init__(config, server_state, app_state, _loop)
-        self._header_timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._start_header_timer()
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self.conn.their_state is h11.IDLE:
+    def _headers_pending(self, pending: bool) -> None:
+        """After a chunk of data: whether a request's headers are still incomplete."""
+        if pending:
             # Part of a request's headers (after a keep-alive pause, the first part): keep the
             # timer that runs, or start one.
             if self._header_timer is None and not self.transport.is_closing():
@@ -56,10 +54,6 @@ class HeaderTimeoutProtocol(H11Protocol):
             # The headers are in: the request is the application's now (or the connection is
             # closing, or switching protocol).
             self._stop_header_timer()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_header_timer()
-        super().connection_lost(exc)
 
     def _start_header_timer(self) -> None:
         self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
@@ -77,6 +71,59 @@ class HeaderTimeoutProtocol(H11Protocol):
             self.transport.close()
 
 
+class HeaderTimeoutProtocol(_HeaderDeadline, H11Protocol):
+    """uvicorn's HTTP/1.1 protocol on h11 with a deadline for each request's headers."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._headers_pending(self.conn.their_state is h11.IDLE)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_header_timer()
+        super().connection_lost(exc)
+
+
+@functools.cache
+def httptools_protocol() -> type[asyncio.Protocol] | None:
+    """uvicorn's HTTP/1.1 protocol on httptools with a deadline for each request's headers;
+    None when httptools is not installed."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return None
+
+    class HttpToolsHeaderTimeoutProtocol(_HeaderDeadline, HttpToolsProtocol):
+        #: Whether a request's headers are incomplete: from the connection's start, and from
+        #: the first byte of each request until its headers end (the parser's callbacks).
+        _in_headers = True
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._start_header_timer()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._headers_pending(self._in_headers)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_headers = True
+
+        def on_headers_complete(self) -> None:
+            self._in_headers = False
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_header_timer()
+            super().connection_lost(exc)
+
+    return HttpToolsHeaderTimeoutProtocol
+
+
 def server_config(app: Any, settings: ServerSettings, **options: Any) -> uvicorn.Config:
     """The uvicorn configuration that serves ``app`` as ``settings`` say.
 
@@ -85,11 +132,8 @@ def server_config(app: Any, settings: ServerSettings, **options: Any) -> uvicorn
         settings: ``[server]``: where to listen, and the connection limits.
         options: Further ``uvicorn.Config`` options.
     """
-    protocol = type(
-        "HeaderTimeoutProtocol",
-        (HeaderTimeoutProtocol,),
-        {"header_timeout": settings.header_timeout},
-    )
+    base = httptools_protocol() or HeaderTimeoutProtocol
+    protocol = type(base.__name__, (base,), {"header_timeout": settings.header_timeout})
     return uvicorn.Config(
         app,
         host=settings.host,

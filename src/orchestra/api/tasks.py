@@ -7,16 +7,17 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Controller, Request, Response, get, post
+from litestar import Controller, MediaType, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.exceptions import SerializationException
 from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
-from litestar.response import ServerSentEvent, ServerSentEventMessage
+from litestar.response import Stream
 
 from orchestra.api.openapi import errors
 from orchestra.api.schemas import SubmitTask, TaskList, TaskOut, TaskSummaryOut
 from orchestra.auth import Caller
+from orchestra.db.events import TaskEvent
 from orchestra.domain import TaskStatus
 from orchestra.errors import FieldProblem, InvalidRequest
 from orchestra.tasks import Submission, TaskService
@@ -26,6 +27,59 @@ MAX_WAIT = 60.0
 _NUMBER = "^[0-9]{1,18}$"
 #: Control characters (C0 and DEL), refused in idempotency keys as params refuse NUL.
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
+_encode = msgspec.json.Encoder().encode
+
+
+def _json(body: msgspec.Struct) -> Response[bytes]:
+    """``body`` as a 200 answer, encoded here by msgspec: the handler's ``responses`` names
+    its schema for the OpenAPI document, and Litestar sends the bytes as they are."""
+    return Response(_encode(body), media_type=MediaType.JSON)
+
+
+class EventStream(Stream):
+    """``text/event-stream``, written here: each read of events is one chunk.
+
+    Litestar's ServerSentEvent sends every event as a chunk of its own, and starts each stream
+    with a hop to a thread; the bytes are the same (its message encoding, and its headers).
+    """
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        super().__init__(
+            chunks,
+            media_type="text/event-stream",
+            headers={
+                "Cache-Control": "no-cache",
+                "Connection": "keep-alive",
+                "X-Accel-Buffering": "no",
+            },
+        )
+
+
+#: What a stream sends while nothing happens, so that proxies keep it open.
+_KEEPALIVE = b": keep-alive\r\ndata: \r\n\r\n"
+
+
+def _sse(events: list[TaskEvent]) -> bytes:
+    """Events as Server-Sent Events: the sequence number is the id, the type the event name,
+    and the data the event's fields with its seq, time and type (JSON never spans lines)."""
+    if not events:
+        return _KEEPALIVE
+    return b"".join(
+        b"id: %d\r\nevent: %s\r\ndata: %s\r\n\r\n"
+        % (
+            e.seq,
+            e.type.encode(),
+            _encode({"seq": e.seq, "time": e.time, "type": e.type, **e.data}),
+        )
+        for e in events
+    )
+
+
+def _ok(body: type[msgspec.Struct]) -> ResponseSpec:
+    """The OpenAPI entry of a 200 answer :func:`_json` encodes."""
+    return ResponseSpec(
+        body, description="Request fulfilled, document follows", generate_examples=False
+    )
 
 
 class _SubmitRequest(Request[Any, Any, Any]):
@@ -149,7 +203,7 @@ class TaskController(Controller):
                 ge=0, le=2**53 - 1, description="Resume after this event id (as the header)."
             ),
         ] = 0,
-    ) -> ServerSentEvent:
+    ) -> EventStream:
         """The task's events as ``text/event-stream``: every past event, then new ones as they
         happen, ending after ``task.finished``. Each event's ``id`` is its sequence number;
         reconnecting with ``Last-Event-ID`` continues without gaps or repeats."""
@@ -157,19 +211,11 @@ class TaskController(Controller):
             after = int(last_event_id)
         await tasks.get(task_id)  # 404 now, before the stream starts
 
-        async def stream() -> AsyncIterator[ServerSentEventMessage]:
-            async for event in tasks.follow(task_id, after):
-                if event is None:
-                    yield ServerSentEventMessage(comment="keep-alive")
-                    continue
-                payload = {"seq": event.seq, "time": event.time, "type": event.type, **event.data}
-                yield ServerSentEventMessage(
-                    data=msgspec.json.encode(payload).decode(),
-                    event=event.type,
-                    id=str(event.seq),
-                )
+        async def stream() -> AsyncIterator[bytes]:
+            async for events in tasks.follow_batches(task_id, after):
+                yield _sse(events)
 
-        return ServerSentEvent(stream())
+        return EventStream(stream())
 
     @post(
         "/{task_id:int}/cancel",
@@ -196,7 +242,7 @@ class TaskController(Controller):
         for any other status."""
         return TaskOut.of(await tasks.retry(task_id))
 
-    @get("/{task_id:int}", summary="Get a task", responses=errors(400, 404))
+    @get("/{task_id:int}", summary="Get a task", responses={200: _ok(TaskOut), **errors(400, 404)})
     async def get_task(
         self,
         task_id: FromPath[int],
@@ -207,11 +253,11 @@ class TaskController(Controller):
                 ge=0, le=MAX_WAIT, description="Seconds to wait for the task to finish."
             ),
         ] = 0.0,
-    ) -> TaskOut:
+    ) -> Response[bytes]:
         """The task with its steps; with ``wait``, answers as soon as it is finished."""
-        return TaskOut.of(await tasks.get(task_id, wait=wait))
+        return _json(TaskOut.of(await tasks.get(task_id, wait=wait)))
 
-    @get("/", summary="List tasks", responses=errors(400))
+    @get("/", summary="List tasks", responses={200: _ok(TaskList), **errors(400)})
     async def list_tasks(
         self,
         tasks: NamedDependency[TaskService],
@@ -226,7 +272,7 @@ class TaskController(Controller):
             str | None,
             QueryParameter(pattern=_NUMBER, description="next_cursor of the previous page."),
         ] = None,
-    ) -> TaskList:
+    ) -> Response[bytes]:
         """Task summaries, newest first, filtered by status and template; keyset-paginated.
 
         A summary has no ``params``, ``result``, steps or attempts: ``GET /api/v1/tasks/{id}``
@@ -237,7 +283,9 @@ class TaskController(Controller):
             limit=limit,
             before=None if cursor is None else int(cursor),
         )
-        return TaskList(
-            items=[TaskSummaryOut.of(t) for t in page.items],
-            next_cursor=None if page.next_cursor is None else str(page.next_cursor),
+        return _json(
+            TaskList(
+                items=[TaskSummaryOut.of(t) for t in page.items],
+                next_cursor=None if page.next_cursor is None else str(page.next_cursor),
+            )
         )

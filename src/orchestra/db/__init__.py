@@ -6,7 +6,7 @@ once, ``bulk`` cancel and retry for one task or many, ``overview`` the dashboard
 """
 
 from orchestra.db.engine import Database
-from orchestra.db.statements import Lease
 from orchestra.db.store import TaskStore
+from orchestra.domain import Lease  # still importable from here, where callers find it
 
 __all__ = ["Database", "Lease", "TaskStore"]

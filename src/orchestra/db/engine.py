@@ -13,6 +13,14 @@ transactions waiting for the thread are committed together (group commit). (Thro
 each statement cost four thread hops — cursor, execute, fetch, close — and enqueueing a task
 took 3.7 ms where one hop takes 0.4; writes are the hot path. See benchmarks/RESULTS.md.)
 
+Point reads — one task, its events, a page of a listing — skip the threads altogether:
+:meth:`Database.read_now` runs them on the event loop's own ``sqlite3`` connection: an indexed
+statement costs less there than the hop to a thread and back (benchmarks/RESULTS.md). That
+connection never waits for a lock (busy timeout 0); when SQLite cannot start the read at once,
+the read runs on a reader thread instead, whose connection waits. In WAL mode that is rare
+(another process recovering the file after a crash, or one holding it in exclusive locking
+mode).
+
 When SQLite itself fails — a full disk, a lock held by another connection past the busy
 timeout, a read-only file, an I/O error — the caller gets a
 :class:`~orchestra.errors.StorageError` saying so (``db.failures``), the writer rolls back and
@@ -181,6 +189,13 @@ class Database:
         self._reader = _reader_engine(
             url, pool_size=READ_POOL_SIZE, busy_timeout_ms=busy_timeout_ms
         )
+        self._busy_timeout_ms = busy_timeout_ms
+        # read_now's connections: one per thread (the event loop's, each reader thread's).
+        self._raw_readers = threading.local()
+        self._raw_opened: list[sqlite3.Connection] = []
+        self._read_threads: ThreadPoolExecutor | None = None
+        #: Reads read_now handed to a reader thread because SQLite was busy.
+        self.reads_handed_off = 0
         #: How writes have been going: the latest transaction's outcome.
         self.writes = WriteHealth()
         #: Called on the event loop when writes work again after failing (the workers, which
@@ -366,6 +381,59 @@ class Database:
                 raise
             raise error from exc
 
+    async def read_now(self, read: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``read(connection)`` — a few indexed statements, each read to its end
+        (``fetchall``) — on this thread's own ``sqlite3`` connection, without leaving the
+        event loop; when SQLite is busy, on a reader thread instead.
+
+        The loop's connection has a busy timeout of 0, so the loop never waits for a lock: a
+        read SQLite cannot start at once fails with SQLITE_BUSY, and runs again on a reader
+        thread whose connection waits as long as the writer's does. Each statement is its own
+        snapshot (autocommit, ``query_only``): a read that needs one view of several rows says
+        it in one statement.
+
+        Raises:
+            StorageError: SQLite cannot read the file (an I/O error, a lock held past the
+                busy timeout, a bad file).
+        """
+        try:
+            try:
+                return read(self._raw_reader(0))
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
+                    raise
+            self.reads_handed_off += 1
+            if self._read_threads is None:
+                self._read_threads = ThreadPoolExecutor(
+                    max_workers=READ_POOL_SIZE, thread_name_prefix="orchestra-reader"
+                )
+            loop = asyncio.get_running_loop()
+            waiting = self._busy_timeout_ms
+            return await loop.run_in_executor(
+                self._read_threads, lambda: read(self._raw_reader(waiting))
+            )
+        except Exception as exc:
+            error = storage_error(exc, self.path)
+            if error is None:
+                raise
+            raise error from exc
+
+    def _raw_reader(self, busy_timeout_ms: int) -> sqlite3.Connection:
+        """This thread's read-only connection for :meth:`read_now`, opened on first use."""
+        conn: sqlite3.Connection | None = getattr(self._raw_readers, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=busy_timeout_ms / 1000,
+                isolation_level=None,
+                check_same_thread=False,  # only so that close() may close it
+            )
+            conn.execute("PRAGMA query_only = ON")
+            with self._lock:
+                self._raw_opened.append(conn)
+            self._raw_readers.conn = conn
+        return conn
+
     async def ping(self) -> None:
         """Run a trivial query; raises if the database does not answer."""
         async with self.read() as conn:
@@ -404,4 +472,12 @@ class Database:
 
         await asyncio.get_running_loop().run_in_executor(self._thread, close_writer)
         self._thread.shutdown(wait=True)
+        if self._read_threads is not None:
+            self._read_threads.shutdown(wait=True)
+            self._read_threads = None
+        with self._lock:
+            opened, self._raw_opened = self._raw_opened, []
+        self._raw_readers = threading.local()
+        for conn in opened:
+            conn.close()
         await self._reader.dispose()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
 from sqlalchemy import (
     Connection,
     Integer,
@@ -28,17 +27,9 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from orchestra.db.engine import Prepared
 from orchestra.db.rows import dump
 from orchestra.db.tables import task_attempts, task_steps, tasks
-from orchestra.domain import AttemptStatus, StepStatus, TaskError, TaskStatus
+from orchestra.domain import AttemptStatus, Lease, StepStatus, TaskError, TaskStatus
 
 QUEUED, RUNNING = TaskStatus.QUEUED.value, TaskStatus.RUNNING.value
-
-
-class Lease(msgspec.Struct, frozen=True):
-    """Proof that a worker holds a task: who, and for which attempt."""
-
-    task_id: int
-    owner: str
-    attempt: int
 
 
 # The guard every worker write carries: the task is still running under this lease.
@@ -138,20 +129,29 @@ ADD_ATTEMPT = Prepared(
         started_at=bindparam("a_at"),
     )
 )
-#: The UPDATE that ends an attempt, one per set of columns it writes.
-_END_ATTEMPT: dict[tuple[str, ...], Prepared] = {}
 
 
-def end_attempt_statement(columns: tuple[str, ...]) -> Prepared:
-    """The UPDATE for these columns; ``handed_back`` is added to, not set."""
-    if columns not in _END_ATTEMPT:
-        values: dict[str, Any] = {name: bindparam(f"v_{name}") for name in columns}
-        if "handed_back" in values:
-            values["handed_back"] = tasks.c.handed_back + values["handed_back"]
-        _END_ATTEMPT[columns] = Prepared(
-            update(tasks).where(HOLDS).values(lease_owner=None, lease_expires_at=None, **values)
-        )
-    return _END_ATTEMPT[columns]
+def _ending(**values: Any) -> Prepared:
+    """An UPDATE that ends the lease's attempt: guarded by the lease, and giving it up."""
+    return Prepared(
+        update(tasks).where(HOLDS).values(lease_owner=None, lease_expires_at=None, **values)
+    )
+
+
+#: The attempt ended the task: succeeded, failed or cancelled (``v_status``), with its result
+#: or error; a cancel asked for is answered.
+FINISH = _ending(
+    status=bindparam("v_status"),
+    result=bindparam("v_result"),
+    error=bindparam("v_error"),
+    finished_at=bindparam("v_at"),
+    cancel_requested=0,
+)
+#: The attempt failed with an error worth retrying: back to the queue, due at ``v_run_at``.
+RETRY_LATER = _ending(status=QUEUED, error=bindparam("v_error"), run_at=bindparam("v_run_at"))
+#: Shutdown hands the task back: queued again, due now; one more attempt handed back, so it
+#: does not count against ``max_attempts``.
+HAND_BACK = _ending(status=QUEUED, handed_back=tasks.c.handed_back + 1, run_at=bindparam("v_at"))
 
 
 _ENQUEUE_COLUMNS = (
@@ -186,6 +186,7 @@ def close_attempt(
     error: TaskError | None,
     now: str,
 ) -> None:
+    """Record how the lease's attempt ended (inside the transaction that ends it)."""
     CLOSE_ATTEMPT.run(
         conn, {**lease_params(lease), "v_status": status.value, "v_at": now, "v_error": dump(error)}
     )

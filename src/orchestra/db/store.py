@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 import msgspec
@@ -23,33 +24,35 @@ from sqlalchemy import (
 )
 
 from orchestra.db import bulk, events
-from orchestra.db.engine import Database
-from orchestra.db.overview import DashboardStore, SummaryPage
-from orchestra.db.rows import dump, load_details, task_from_row
+from orchestra.db.engine import Database, Prepared
+from orchestra.db.overview import SummaryPage
+from orchestra.db.reads import Reads, reads_for
+from orchestra.db.rows import dump, task_from_row
 from orchestra.db.statements import (
     ADD_ATTEMPT,
     CLAIM,
     ENQUEUE,
+    FINISH,
     FINISH_STEP,
+    HAND_BACK,
     HELD,
     QUEUED,
+    RETRY_LATER,
     RUNNING,
     START_STEP,
-    Lease,
     claim_statement,
     close_attempt,
-    end_attempt_statement,
     lease_params,
 )
 from orchestra.db.tables import task_attempts, tasks
 from orchestra.domain import (
     AttemptStatus,
+    Lease,
     NewTask,
     Step,
     StepStatus,
     Task,
     TaskError,
-    TaskFilter,
     TaskStatus,
     iso,
     iso_now,
@@ -77,6 +80,69 @@ class Renewal(msgspec.Struct, frozen=True):
 
     held: set[int]
     cancel_requested: set[int]
+
+
+class _Ending(msgspec.Struct, frozen=True):
+    """How an attempt ends: the task's UPDATE and its values, the attempt's status and error,
+    and the event that says so."""
+
+    statement: Prepared
+    values: dict[str, Any]
+    attempt: AttemptStatus
+    why: TaskError | None
+    event: str
+    data: dict[str, Any]
+
+
+def _start_step(conn: Connection, lease: Lease, step_id: str, position: int, at: str) -> bool:
+    """A step's ``running`` row and its ``step.started`` event, while the lease holds (inside
+    a write transaction); False when it does not."""
+    params = {
+        **lease_params(lease),
+        "step_id": step_id,
+        "position": position,
+        "started_at": at,
+    }
+    if START_STEP.run(conn, params).rowcount != 1:
+        return False
+    data = {"step": step_id, "position": position, "attempt": lease.attempt}
+    events.append(conn, lease.task_id, "step.started", data, at)
+    return True
+
+
+def _end_step(conn: Connection, lease: Lease, step: Step, text: str) -> bool:
+    """A step's outcome and its events (``text`` first, the rest of its streamed answer), while
+    the lease holds (inside a write transaction); False when it does not."""
+    usage = step.usage
+    params = {
+        **lease_params(lease),
+        "step_id": step.id,
+        "v_status": step.status.value,
+        "v_output": dump(step.output),
+        "v_error": dump(step.error),
+        "v_model": step.model,
+        "v_prompt_tokens": usage.prompt_tokens if usage else None,
+        "v_completion_tokens": usage.completion_tokens if usage else None,
+        "v_usage": dump(usage),
+        "v_finished_at": step.finished_at,
+        "v_duration_ms": step.duration_ms,
+        "v_prompt": dump(step.prompt),
+    }
+    if FINISH_STEP.run(conn, params).rowcount != 1:
+        return False
+    data: dict[str, Any] = {"step": step.id, "status": step.status.value}
+    if step.model:
+        data["model"] = step.model
+    if usage is not None:
+        data["usage"] = msgspec.to_builtins(usage)
+    if step.error is not None:
+        data["error"] = step.error.message
+    at = step.finished_at or iso_now()
+    if text:  # the step's last streamed text, arrived by the time it ended
+        events.append(conn, lease.task_id, "step.tokens", {"step": step.id, "text": text}, at)
+    skipped = step.status is StepStatus.SKIPPED
+    events.append(conn, lease.task_id, "step.skipped" if skipped else "step.finished", data, at)
+    return True
 
 
 class TaskStore:
@@ -158,6 +224,7 @@ class TaskStore:
         lease_seconds: float,
         *,
         skip_models: Collection[str] = (),
+        first_step: Callable[[Task], str | None] | None = None,
     ) -> list[Task]:
         """Atomically take up to ``limit`` due tasks, best first, and lease them to ``owner``.
 
@@ -165,6 +232,12 @@ class TaskStore:
         a new attempt (recorded in ``task_attempts`` in the same transaction). Tasks for a model
         in ``skip_models`` (at its concurrency limit) stay queued. Returned in claim order
         (priority, then run time, then age).
+
+        Args:
+            first_step: names each claimed task's first step (None: none), which the claim
+                then starts too, in the same transaction, as :meth:`start_step` would: so a
+                task's first write after its claim is its first step's end. Called on the
+                writer's thread inside the transaction: it must be quick and touch only memory.
         """
         now = iso_now()
         params = {
@@ -176,37 +249,36 @@ class TaskStore:
         # Usually the prepared statement; with models at their limit (a NOT IN list), Core.
         skipping = claim_statement(tuple(skip_models)) if skip_models else None
 
-        def work(conn: Connection) -> list[dict[str, Any]]:
+        def work(conn: Connection) -> list[Task]:
             if skipping is None:
                 rows = CLAIM.rows(conn, params)
             else:
                 rows = [dict(r._mapping) for r in conn.execute(skipping, params)]
-            if rows:
-                ADD_ATTEMPT.run_many(
-                    conn,
-                    [
-                        {
-                            "a_task": r["id"],
-                            "a_number": r["attempts"],
-                            "a_worker": owner,
-                            "a_at": now,
-                        }
-                        for r in rows
-                    ],
-                )
-                events.append_many(
-                    conn,
-                    [
-                        (r["id"], "task.started", {"attempt": r["attempts"], "worker": owner})
-                        for r in rows
-                    ],
-                    now,
-                )
-            return rows
+            if not rows:
+                return []
+            claimed = [task_from_row(r) for r in rows]
+            ADD_ATTEMPT.run_many(
+                conn,
+                [
+                    {"a_task": t.id, "a_number": t.attempts, "a_worker": owner, "a_at": now}
+                    for t in claimed
+                ],
+            )
+            events.append_many(
+                conn,
+                [(t.id, "task.started", {"attempt": t.attempts, "worker": owner}) for t in claimed],
+                now,
+            )
+            if first_step is not None:
+                for task in claimed:
+                    step_id = first_step(task)
+                    if step_id is not None:
+                        lease = Lease(task_id=task.id, owner=owner, attempt=task.attempts)
+                        _start_step(conn, lease, step_id, 0, now)
+            return claimed
 
-        rows = await self.db.transaction(work)
-        self.on_change(r["id"] for r in rows)
-        claimed = [task_from_row(r) for r in rows]
+        claimed = await self.db.transaction(work)
+        self.on_change(t.id for t in claimed)
         claimed.sort(key=lambda t: (-t.priority, t.run_at, t.id))
         return claimed
 
@@ -232,26 +304,10 @@ class TaskStore:
     async def start_step(self, lease: Lease, step_id: str, position: int) -> bool:
         """Record that a step started; False when the lease is lost."""
         started = iso_now()
-        params = {
-            **lease_params(lease),
-            "step_id": step_id,
-            "position": position,
-            "started_at": started,
-        }
-
-        def work(conn: Connection) -> bool:
-            if START_STEP.run(conn, params).rowcount != 1:
-                return False
-            events.append(
-                conn,
-                lease.task_id,
-                "step.started",
-                {"step": step_id, "position": position, "attempt": lease.attempt},
-                started,
-            )
-            return True
-
-        return self._changed(lease.task_id, await self.db.transaction(work))
+        written = await self.db.transaction(
+            lambda conn: _start_step(conn, lease, step_id, position, started)
+        )
+        return self._changed(lease.task_id, written)
 
     async def add_text(self, lease: Lease, step_id: str, text: str) -> bool:
         """Record a piece of a step's streamed answer (a ``step.tokens`` event); False when the
@@ -269,44 +325,13 @@ class TaskStore:
 
     async def finish_step(self, lease: Lease, step: Step, text: str = "") -> bool:
         """Store a step's outcome, after ``text`` (the rest of its streamed answer, as a
-        ``step.tokens`` event); False when the lease is lost."""
-        usage = step.usage
-        params = {
-            **lease_params(lease),
-            "step_id": step.id,
-            "v_status": step.status.value,
-            "v_output": dump(step.output),
-            "v_error": dump(step.error),
-            "v_model": step.model,
-            "v_prompt_tokens": usage.prompt_tokens if usage else None,
-            "v_completion_tokens": usage.completion_tokens if usage else None,
-            "v_usage": dump(usage),
-            "v_finished_at": step.finished_at,
-            "v_duration_ms": step.duration_ms,
-            "v_prompt": dump(step.prompt),
-        }
-        skipped = step.status is StepStatus.SKIPPED
-        data: dict[str, Any] = {"step": step.id, "status": step.status.value}
-        if step.model:
-            data["model"] = step.model
-        if usage is not None:
-            data["usage"] = msgspec.to_builtins(usage)
-        if step.error is not None:
-            data["error"] = step.error.message
+        ``step.tokens`` event); False when the lease is lost.
 
-        def work(conn: Connection) -> bool:
-            if FINISH_STEP.run(conn, params).rowcount != 1:
-                return False
-            at = step.finished_at or iso_now()
-            if text:  # the step's last streamed text, arrived by the time it ended
-                tokens = {"step": step.id, "text": text}
-                events.append(conn, lease.task_id, "step.tokens", tokens, at)
-            events.append(
-                conn, lease.task_id, "step.skipped" if skipped else "step.finished", data, at
-            )
-            return True
-
-        return self._changed(lease.task_id, await self.db.transaction(work))
+        The attempt's last step is better ended with the attempt itself: the ``step`` argument
+        of :meth:`finish`, :meth:`retry_later` and :meth:`release`.
+        """
+        written = await self.db.transaction(lambda conn: _end_step(conn, lease, step, text))
+        return self._changed(lease.task_id, written)
 
     async def finish(
         self,
@@ -315,8 +340,15 @@ class TaskStore:
         *,
         result: Any = None,
         error: TaskError | None = None,
+        step: Step | None = None,
+        text: str = "",
     ) -> bool:
-        """Move a running task to a terminal status; False when the lease is lost."""
+        """Move a running task to a terminal status; False when the lease is lost.
+
+        Args:
+            step: the attempt's last step, ended in the same transaction (after ``text``, the
+                rest of its streamed answer), as :meth:`finish_step` would.
+        """
         attempt = {
             TaskStatus.SUCCEEDED: AttemptStatus.SUCCEEDED,
             TaskStatus.FAILED: AttemptStatus.FAILED,
@@ -325,69 +357,63 @@ class TaskStore:
         event: dict[str, Any] = {"status": status.value}
         if error is not None:
             event["error"] = msgspec.to_builtins(error)
-        return await self._end_attempt(
-            lease,
-            attempt,
-            error,
-            ("task.finished", event),
-            status=status.value,
-            result=dump(result),
-            error=dump(error),
-            finished_at=iso_now(),
-            cancel_requested=0,
-        )
+        now = iso_now()
+        values = {
+            "v_status": status.value,
+            "v_result": dump(result),
+            "v_error": dump(error),
+            "v_at": now,
+        }
+        ending = _Ending(FINISH, values, attempt, error, "task.finished", event)
+        return await self._end(lease, ending, now, step, text)
 
-    async def retry_later(self, lease: Lease, error: TaskError, run_at: datetime) -> bool:
+    async def retry_later(
+        self,
+        lease: Lease,
+        error: TaskError,
+        run_at: datetime,
+        *,
+        step: Step | None = None,
+        text: str = "",
+    ) -> bool:
         """Put a task whose attempt failed with a retryable error back in the queue, due at
         ``run_at``; the attempt is recorded as failed with its error. False when the lease is
-        lost."""
+        lost. ``step`` and ``text``: as for :meth:`finish`."""
         event = {
             "attempt": lease.attempt,
             "error": msgspec.to_builtins(error),
             "next_run_at": iso(run_at),
         }
-        return await self._end_attempt(
-            lease,
-            AttemptStatus.FAILED,
-            error,
-            ("task.retrying", event),
-            status=QUEUED,
-            error=dump(error),
-            run_at=iso(run_at),
-        )
+        values = {"v_error": dump(error), "v_run_at": iso(run_at)}
+        ending = _Ending(RETRY_LATER, values, AttemptStatus.FAILED, error, "task.retrying", event)
+        return await self._end(lease, ending, iso_now(), step, text)
 
-    async def release(self, lease: Lease) -> bool:
+    async def release(self, lease: Lease, *, step: Step | None = None, text: str = "") -> bool:
         """Hand a running task back to the queue (shutdown); the attempt does not count
-        against ``max_attempts``."""
-        return await self._end_attempt(
-            lease,
-            AttemptStatus.HANDED_BACK,
-            None,
-            ("task.handed_back", {"attempt": lease.attempt}),
-            status=QUEUED,
-            handed_back=1,  # one more attempt handed back
-            run_at=iso_now(),
+        against ``max_attempts``. ``step`` and ``text``: as for :meth:`finish`."""
+        now = iso_now()
+        event = {"attempt": lease.attempt}
+        ending = _Ending(
+            HAND_BACK, {"v_at": now}, AttemptStatus.HANDED_BACK, None, "task.handed_back", event
         )
+        return await self._end(lease, ending, now, step, text)
 
-    async def _end_attempt(
-        self,
-        lease: Lease,
-        attempt: AttemptStatus,
-        why: TaskError | None,
-        event: tuple[str, dict[str, Any]],
-        **values: Any,
+    async def _end(
+        self, lease: Lease, ending: _Ending, now: str, step: Step | None, text: str
     ) -> bool:
-        """The one way a worker ends its attempt: an UPDATE guarded by the lease, which also
-        gives the lease up, and the attempt's record closed in the same transaction."""
-        prepared = end_attempt_statement(tuple(sorted(values)))
-        params = {**lease_params(lease), **{f"v_{k}": v for k, v in values.items()}}
+        """End the lease's attempt in one transaction: its last step (when given), the task's
+        row (the ending's UPDATE, guarded by the lease, which also gives the lease up), the
+        attempt's record and the ending's event."""
+        params = {**lease_params(lease), **ending.values}
 
         def work(conn: Connection) -> bool:
-            if prepared.run(conn, params).rowcount != 1:
+            if step is not None:
+                # Fenced by the same lease as the UPDATE after it: both match or neither does.
+                _end_step(conn, lease, step, text)
+            if ending.statement.run(conn, params).rowcount != 1:
                 return False
-            now = iso_now()
-            close_attempt(conn, lease, attempt, why, now)
-            events.append(conn, lease.task_id, *event, now)
+            close_attempt(conn, lease, ending.attempt, ending.why, now)
+            events.append(conn, lease.task_id, ending.event, ending.data, now)
             return True
 
         return self._changed(lease.task_id, await self.db.transaction(work))
@@ -523,9 +549,15 @@ class TaskStore:
 
     # -- reading ------------------------------------------------------------------------------
 
+    @cached_property
+    def reads(self) -> Reads:
+        """The reads the API serves most (a task, its events, a page): one statement each
+        where the database allows it (:func:`~orchestra.db.reads.reads_for` chooses)."""
+        return reads_for(self.db)
+
     async def events_after(self, task_id: int, seq: int) -> list[events.TaskEvent]:
         """A task's events after sequence number ``seq``, in order (500 at most)."""
-        return await events.events_after(self.db, task_id, seq)
+        return await self.reads.events_after(task_id, seq)
 
     async def last_event_seq(self, task_id: int) -> int:
         """The sequence number of the task's last event (0 with none)."""
@@ -537,13 +569,7 @@ class TaskStore:
 
     async def get_task(self, task_id: int) -> Task | None:
         """One task with its attempts and the steps of its current attempt, or None."""
-        async with self.db.read() as conn:
-            row = (await conn.execute(select(tasks).where(tasks.c.id == task_id))).one_or_none()
-            if row is None:
-                return None
-            details = await load_details(conn, {task_id: row.attempts})
-        steps, history = details.get(task_id, ([], []))
-        return task_from_row(row, steps, history)
+        return await self.reads.task(task_id)
 
     async def list_page(
         self,
@@ -562,5 +588,4 @@ class TaskStore:
         Args:
             before: the cursor: only tasks with a smaller id (the previous page's last id).
         """
-        wanted = TaskFilter(status=status, template=template)
-        return await DashboardStore(self.db).page(wanted, limit=limit, before=before)
+        return await self.reads.page(status, template, limit, before)

@@ -97,9 +97,13 @@ class Router:
             name: s.max_tokens for name, s in settings.providers.items() if s.max_tokens
         }
         self._starting: set[asyncio.Task[None]] = set()
-        for provider in self.providers.values():
-            if isinstance(provider, Supervised):
-                provider.listeners.append(partial(self.observe, provider.name))
+        #: The providers that supervise a model process, told once (an isinstance check of a
+        #: runtime protocol costs more than the rest of a /health answer).
+        self._supervised: dict[str, Supervised] = {
+            name: p for name, p in self.providers.items() if isinstance(p, Supervised)
+        }
+        for name, supervised in self._supervised.items():
+            supervised.listeners.append(partial(self.observe, name))
         servers = [p for p in self.providers.values() if p.kind != "embedded"]
         everything = servers or list(self.providers.values())
         #: Where a plain model name ("llama3.2") goes: the first enabled server.
@@ -228,7 +232,7 @@ class Router:
                     or (health.detail if health else "not checked yet"),
                     models=health.models if health else None,
                     checked_at=self._checked.get(name),
-                    process=_live_process(provider),
+                    process=_live_process(self._supervised.get(name)),
                 )
             )
         return out
@@ -265,9 +269,9 @@ class Router:
             await provider.close()
 
 
-def _live_process(provider: Provider) -> ProcessInfo | None:
+def _live_process(provider: Supervised | None) -> ProcessInfo | None:
     """A provider's model process as it is now (its memory changes between checks)."""
-    return provider.status().process if isinstance(provider, Supervised) else None
+    return provider.status().process if provider is not None else None
 
 
 def _combined(model: str, failures: list[tuple[Route, ProviderError]]) -> ProviderError:

@@ -1,22 +1,127 @@
-"""The transport under the service's one shared ``httpx.AsyncClient``: its connections, split
-into small pools.
+"""The service's one ``httpx.AsyncClient`` for model servers: its transports and its proxies.
 
-Why: httpcore's pool checks every pooled connection (a ``getpeername`` and a readability poll
-each) whenever a request starts or ends, so its cost per request grows with the number of
-connections. With 64 model calls in flight on one pool, a local server that answers at once
-got 286 requests/s and some calls waited 4.7 s (encode/httpx#3215); the same load over eight
-pools of eight connections got 740/s with a worst case of 0.35 s
-(``benchmarks/httpx_probe.py``). ``ShardedTransport`` keeps the
-one client (one place for timeouts, one ``aclose``) and gives each request to the pool with the
-fewest requests in flight, so every pool stays small and busy. ``benchmarks/`` measures it.
+Three parts, chosen per request URL by httpx (``mounts``):
+
+- ``http://`` goes to :class:`~orchestra.llm.lean_transport.LeanTransport`, HTTP/1.1 over asyncio
+  streams: a local model server's answers cost a fraction of the Python that httpcore spends
+  on them (``benchmarks/httpx_probe.py``; the figures are in ``benchmarks/RESULTS.md``).
+- ``https://`` (hosted APIs) goes to httpx's own transport, split into small pools by
+  ``ShardedTransport``: httpcore's pool checks every pooled connection (a ``getpeername`` and a
+  readability poll each) whenever a request starts or ends, so its cost per request grows with
+  the number of connections (encode/httpx#3215); over several small pools, each request goes
+  to the pool with the fewest requests in flight, and every pool stays small and busy.
+- Proxies, from the environment as httpx's default client reads them (``HTTP_PROXY``,
+  ``HTTPS_PROXY``, ``ALL_PROXY``, ``NO_PROXY``, lower case first; see
+  :func:`environment_proxies`): httpx stops reading them itself once a client is given a
+  transport, so :func:`model_client` mounts a proxying httpx transport for each. Like httpx,
+  a proxy applies to loopback addresses too (a local Ollama at ``http://127.0.0.1:11434``
+  included) unless ``NO_PROXY`` names them (``NO_PROXY=localhost,127.0.0.1``); ``NO_PROXY=*``
+  turns every proxy off. Only the environment the service was given counts: macOS's and
+  Windows's system proxy settings, which httpx also reads, are not.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import httpx
+
+from orchestra.errors import ConfigError
+from orchestra.llm.lean_transport import LeanTransport
+from orchestra.redact import redact_text, redact_url
+
+
+def model_client(max_connections: int, env: Mapping[str, str]) -> httpx.AsyncClient:
+    """The client providers share: the lean transport for ``http://``, sharded httpx pools for
+    other schemes, and the proxies ``env`` names.
+
+    Args:
+        max_connections: requests to model servers at once (more wait for a free one).
+        env: the environment the service runs in (the CLI passes ``os.environ``).
+
+    Raises:
+        ConfigError: a proxy variable names a proxy httpx cannot use (``ftp://``, or SOCKS
+            without ``httpx[socks]`` installed).
+    """
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=None)
+    mounts: dict[str, httpx.AsyncBaseTransport | None] = {}
+    for pattern, proxy in environment_proxies(env).items():
+        try:
+            mounts[pattern] = (
+                None if proxy is None else httpx.AsyncHTTPTransport(proxy=proxy, limits=limits)
+            )
+        except (ImportError, ValueError) as exc:
+            raise ConfigError(
+                f"the proxy {redact_url(str(proxy))} named in the environment for "
+                f"{pattern} cannot be used: {redact_text(str(exc))}"
+            ) from exc
+    transport = LeanTransport(max_connections, fallback=ShardedTransport(max_connections))
+    return httpx.AsyncClient(transport=transport, mounts=mounts)
+
+
+def environment_proxies(env: Mapping[str, str]) -> dict[str, str | None]:
+    """The proxies ``env`` asks for, as httpx's ``mounts`` patterns: a proxy URL, or None for
+    "no proxy here" (a ``NO_PROXY`` entry).
+
+    The same as httpx's default client builds from ``urllib.request.getproxies()`` (httpx's
+    ``get_environment_proxies``, checked against it by the tests), read from ``env`` instead of
+    the process's environment.
+    """
+    found = _proxy_variables(env)
+    mounts: dict[str, str | None] = {}
+    for scheme in ("http", "https", "all"):
+        if found.get(scheme):
+            url = found[scheme]
+            mounts[f"{scheme}://"] = url if "://" in url else f"http://{url}"
+    for host in (entry.strip() for entry in found.get("no", "").split(",")):
+        # How curl reads NO_PROXY (CURLOPT_NOPROXY): "*" is every host, ".example.com" its
+        # subdomains, "example.com" the domain and its subdomains.
+        if host == "*":
+            return {}
+        if not host:
+            continue
+        if "://" in host:
+            mounts[host] = None
+        elif _is_ip(host, ipaddress.IPv4Address):
+            mounts[f"all://{host}"] = None
+        elif _is_ip(host, ipaddress.IPv6Address):
+            mounts[f"all://[{host}]"] = None
+        elif host.lower() == "localhost":
+            mounts[f"all://{host}"] = None
+        else:
+            mounts[f"all://*{host}"] = None
+    return mounts
+
+
+def _proxy_variables(env: Mapping[str, str]) -> dict[str, str]:
+    """``{"http": …, "no": …}`` from the ``*_proxy`` variables, read as
+    ``urllib.request.getproxies_environment`` reads them: any case, a lower-case name winning
+    (an empty one removes it), and no upper-case ``HTTP_PROXY`` under CGI, where a client's
+    ``Proxy:`` header would arrive as it (httpoxy)."""
+    found: dict[str, str] = {}
+    for name, value in env.items():
+        if value and name[-6:].lower() == "_proxy":
+            found[name[:-6].lower()] = value
+    if "REQUEST_METHOD" in env:
+        found.pop("http", None)
+    for name, value in env.items():
+        if name[-6:] == "_proxy":
+            if value:
+                found[name[:-6].lower()] = value
+            else:
+                found.pop(name[:-6].lower(), None)
+    return found
+
+
+def _is_ip(host: str, kind: type[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> bool:
+    try:
+        kind(host.split("/")[0])
+    except ValueError:
+        return False
+    return True
+
 
 #: Connections per pool: small enough that the per-request scan stays cheap.
 POOL_SIZE = 8
