@@ -9,19 +9,19 @@ http://user:password@host/…" lines included), and tracebacks too.
 
 A line costs little, as a service at info logs a few per task: Orchestra's own events are
 rendered by structlog and written straight to the stream (no ``logging.LogRecord`` on the
-way), the standard library's records by one lean formatter, JSON by msgspec, and records do
-not look up their caller, thread or process, which no line shows. uvicorn's access log (a
-line per request) is written only with ``[logging] access_log = true``.
+way), the standard library's records by one lean formatter, and records do not look up
+their caller, thread or process, which no line shows. uvicorn's access log (a line per
+request) is written only with ``[logging] access_log = true``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
-import msgspec
 import structlog
 
 from orchestra.config import LoggingSettings
@@ -37,12 +37,12 @@ _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) 
     # uvicorn adds an ANSI-coloured copy of each message for its own formatter.
     "color_message",
 }
-#: Values JSON has no type for are shown as their repr, as structlog's JSONRenderer does.
-_JSON = msgspec.json.Encoder(enc_hook=repr)
 
 
 def _render_json(_logger: Any, _name: str, event: EventDict) -> str:
-    return _JSON.encode(event).decode()
+    # As structlog's JSONRenderer writes it (``"key": "value"``; values JSON has no type for
+    # as their repr), without its per-call overhead.
+    return json.dumps(event, default=repr)
 
 
 def _redact(_logger: Any, _name: str, line: str) -> str:
