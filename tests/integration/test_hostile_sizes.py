@@ -18,6 +18,8 @@ from sqlalchemy.engine import Engine
 
 from orchestra.config import LimitSettings, Settings
 from orchestra.db import Database, TaskStore
+from orchestra.db import reads as reads_module
+from orchestra.db.reads import EngineReads, SqliteReads
 from orchestra.domain import NewTask
 from tests.conftest import Service, StartService
 from tests.fixtures.fake_ollama import FakeOllama
@@ -301,7 +303,7 @@ async def test_the_list_query_reads_no_params_results_or_step_outputs(db: Databa
     store = TaskStore(db)
     for _ in range(3):
         await store.enqueue(NewTask(template="t", template_version=1, params={"x": "y" * 1000}))
-    # Whatever the stored JSON holds, the list does not decode it.
+    # Whatever the stored JSON holds, the list does not decode it, on either read path.
     with sqlite3.connect(db.path) as conn:
         conn.execute("UPDATE tasks SET params = 'not json', result = 'not json either'")
     statements: list[str] = []
@@ -311,14 +313,15 @@ async def test_the_list_query_reads_no_params_results_or_step_outputs(db: Databa
 
     event.listen(Engine, "before_cursor_execute", seen)
     try:
-        page = await store.list_page(limit=500)
+        assert len((await SqliteReads(db).page(None, None, 500, None)).items) == 3
+        assert len((await EngineReads(db).page(None, None, 500, None)).items) == 3
+        assert len((await store.list_page(limit=500)).items) == 3
     finally:
         event.remove(Engine, "before_cursor_execute", seen)
-    assert len(page.items) == 3
-    sql = " ".join(statements)
-    assert "FROM tasks" in sql
-    for column in ("params", "result", "output", "prompt", "usage"):
-        assert not re.search(rf"\b{column}\b", sql), sql
+    for sql in [" ".join(statements), *reads_module._PAGES.values()]:
+        assert "FROM tasks" in sql
+        for column in ("params", "result", "output", "prompt", "usage"):
+            assert not re.search(rf"\b{column}\b", sql), sql
 
 
 def test_the_task_list_schema_has_no_params_or_results() -> None:
