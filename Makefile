@@ -90,7 +90,7 @@ rebuild-llama:
 # with no model server installed.
 $(VENV)/.installed-embedded: pyproject.toml $(WHEELS)/llama.wheel | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps $$(cat $(WHEELS)/llama.wheel)
-	$(BIN)/python -m pip install --quiet -e '.[embedded]'
+	$(BIN)/python -m pip install --quiet -e '.[embedded,fast]'
 	@touch $@
 
 # Test tools, and llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`) for the

@@ -1,7 +1,9 @@
-"""Service functions for templates: list, describe, validate, register, delete, reload.
+"""Service functions for templates: list, describe, validate, register, delete, reload, pin.
 
 Controllers call only these. Registered templates are stored by ``db.templates`` and known to
-the :class:`TemplateRegistry` that tasks and workers look templates up in.
+the :class:`TemplateRegistry` that tasks and workers look templates up in. So are the file
+template versions that tasks are queued with (:meth:`TemplateCatalog.pin`), so a queued task
+still runs its version after the file changed and the service restarted.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import msgspec
 
 from orchestra import logs
 from orchestra.config import LimitSettings
-from orchestra.db.templates import TemplateStore
+from orchestra.db.templates import StoredFileVersion, TemplateStore
 from orchestra.errors import ConflictError, RenderError, TemplateError, TemplateNotFound
 from orchestra.templating.isolation import Renderer
 from orchestra.templating.loader import parse_template
@@ -60,6 +62,10 @@ async def parse_elsewhere(
         raise TemplateError([problem]) from None
 
 
+def _key(template: Template) -> tuple[str, int]:
+    return template.name, template.version
+
+
 class TemplateCatalog:
     """What the API can do with templates.
 
@@ -80,6 +86,9 @@ class TemplateCatalog:
         self.store = store
         self.limits = limits or LimitSettings()
         self._parse = parse
+        # The file template versions stored by this process, by (name, version): the Template
+        # object stored, so a submit costs a lookup, and a reloaded file is stored once more.
+        self._pinned: dict[tuple[str, int], Template] = {}
 
     async def validate(self, text: str, source: str = "<request>") -> Template:
         """YAML text checked as a template (not registered).
@@ -90,7 +99,8 @@ class TemplateCatalog:
         return await self._parse(text, source, self.limits)
 
     async def start(self) -> None:
-        """Know every registered version (done once, before the workers start).
+        """Know every registered version, and the file template versions that unfinished tasks
+        pinned (done once, after the files are loaded and before the workers start).
 
         Raises:
             TemplateError: a registered template clashes with a template file.
@@ -117,6 +127,51 @@ class TemplateCatalog:
                 ),
                 deleted=row.deleted_at is not None,
             )
+        for stored in await self.store.pinned_file_versions():
+            if self.registry.knows(stored.name, stored.version):
+                continue  # the current file, or a body stored later
+            source = f"<stored {stored.name} v{stored.version}>"
+            try:
+                template = parse_template(stored.body, source, self.limits)
+            except TemplateError as exc:  # stored by an older, laxer version of Orchestra
+                log.error(
+                    "templates.stored_invalid",
+                    name=stored.name,
+                    version=stored.version,
+                    problems=[str(p) for p in exc.problems],
+                )
+                continue
+            origin = "builtin" if stored.origin == "builtin" else "file"
+            self.registry.add_pinned(msgspec.structs.replace(template, origin=origin))
+        # The files as they are now, stored before any task is queued with them: a submit
+        # then writes nothing more until a reload changes a file.
+        await self._keep([t for t in self.registry.all() if t.origin != "api"])
+
+    async def pin(self, template: Template) -> None:
+        """Store the file template version a task is being queued with, unless this process
+        stored it already (registered templates are stored already: nothing to do).
+
+        Call it before the task is queued: a queued task then finds its version after the
+        file changed and the service restarted.
+        """
+        if template.origin != "api" and self._pinned.get(_key(template)) is not template:
+            await self._keep([template])
+
+    async def _keep(self, files: list[Template]) -> None:
+        """Store these file template versions, and remember them stored."""
+        await self.store.keep_file_versions(
+            [
+                StoredFileVersion(
+                    name=t.name,
+                    version=t.version,
+                    body=t.text,
+                    body_hash=hashlib.sha256(t.text.encode()).hexdigest(),
+                    origin=t.origin,
+                )
+                for t in files
+            ]
+        )
+        self._pinned.update((_key(t), t) for t in files)
 
     def get(self, name: str, version: int | None = None) -> Template:
         """The current version of a template, or the version asked for."""

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import httpx
@@ -21,8 +22,12 @@ from orchestra.auth import SCOPES, ApiKey, Scope
 from orchestra.config import Settings, load
 from orchestra.db.keys import KeyStore
 from orchestra.errors import ConfigError, OrchestraError, TemplateError
+from orchestra.event_types import EventType
 from orchestra.templating.loader import load_template
 from orchestra.templating.registry import TemplateRegistry
+
+if TYPE_CHECKING:  # the server's modules load only when serving
+    from orchestra.api.runtime import Runtime
 
 T = TypeVar("T")
 
@@ -71,9 +76,7 @@ def serve(config_path: str | None, host: str | None = None, port: int | None = N
     import uvicorn
 
     from orchestra.api.app import create_app
-    from orchestra.api.runtime import preflight
     from orchestra.api.server import server_config
-    from orchestra.db.engine import check_url
 
     settings = _settings(config_path)
     if host or port is not None:
@@ -84,16 +87,13 @@ def serve(config_path: str | None, host: str | None = None, port: int | None = N
         )
         settings = msgspec.structs.replace(settings, server=overrides)
     logs.setup(settings.logging)
-    try:
-        check_url(settings.database.url)
-        app = create_app(settings, env=os.environ)
-        made = asyncio.run(preflight(settings))
-    except ConfigError as exc:
-        raise click.ClickException(exc.message) from None
-    except TemplateError as exc:
-        raise _template_failure(exc) from None
-    if made is not None:
-        _show_bootstrap_key(*made, settings.server.host)
+
+    def show_key(key: ApiKey, token: str) -> None:
+        _show_bootstrap_key(key, token, settings.server.host)
+
+    # The lifespan opens and checks everything before uvicorn accepts a connection; when it
+    # fails, uvicorn exits and the error is printed here.
+    app = create_app(settings, env=os.environ, show_key=show_key)
     config = server_config(app, settings.server, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     runtime = app.state.runtime
@@ -108,9 +108,34 @@ def serve(config_path: str | None, host: str | None = None, port: int | None = N
         original_exit(sig, frame)
 
     server.handle_exit = handle_exit  # type: ignore[method-assign]
-    server.run()
+    quiet = _StartupErrorFilter(runtime)
+    logging.getLogger("uvicorn.error").addFilter(quiet)
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's way out when the lifespan failed to start
+        if runtime.startup_error is None:
+            raise
+    finally:
+        logging.getLogger("uvicorn.error").removeFilter(quiet)
+    failure = runtime.startup_error
+    if isinstance(failure, TemplateError):
+        raise _template_failure(failure) from None
+    if failure is not None:
+        raise click.ClickException(failure.message) from None
     if not server.started:
         sys.exit(1)
+
+
+class _StartupErrorFilter(logging.Filter):
+    """Drops uvicorn's report of a lifespan that failed with an error the CLI prints itself
+    (a traceback, then "Application startup failed"): one clean message, not a traceback."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__()
+        self.runtime = runtime
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.runtime.startup_error is None
 
 
 def _show_bootstrap_key(key: ApiKey, token: str, host: str) -> None:
@@ -283,10 +308,10 @@ def _show_progress(client: httpx.Client, task_id: int) -> None:
                 data = line.partition(":")[2].strip()
             elif line == "" and data:
                 payload = json.loads(data)
-                if event == "step.tokens":
+                if event == EventType.STEP_TOKENS:
                     click.echo(payload["text"], err=True, nl=False)
                     streamed = True
-                elif event == "task.retrying":
+                elif event == EventType.TASK_RETRYING:
                     message = payload.get("error", {}).get("message")
                     click.echo(f"\n[retrying: {message}]", err=True)
                 event, data = "", ""

@@ -255,7 +255,9 @@ class TaskFilter(msgspec.Struct, frozen=True):
 
 
 class NewTask(msgspec.Struct, frozen=True):
-    """What is needed to enqueue a task (validated already)."""
+    """A task to enqueue, validated and with its defaults applied: each field is the
+    ``tasks`` column of the same name (storage writes them as they are, and the times and
+    JSON as it stores them)."""
 
     template: str
     template_version: int
@@ -263,9 +265,13 @@ class NewTask(msgspec.Struct, frozen=True):
     model: str | None = None
     priority: int = 0
     max_attempts: int = 3
+    #: None: due at once (when it is queued).
     run_at: datetime | None = None
     timeout_seconds: float | None = None
     idempotency_key: str | None = None
+    #: Whose idempotency keys these are: the submitting API key's id ("" for anonymous
+    #: callers), so one caller's key never finds, nor blocks, another caller's task.
+    idempotency_scope: str = ""
     request_hash: str | None = None
 
 
@@ -336,3 +342,42 @@ class RetryPolicy(msgspec.Struct, frozen=True):
         base = self.initial_delay * (2**steps if self.backoff == "exponential" else 1)
         base = min(base, self.max_delay)
         return base / 2 + (rng or random).uniform(0, base / 2)
+
+
+class Retry(msgspec.Struct, frozen=True):
+    """A failed attempt is tried again: at ``at``, ``delay`` seconds after it failed."""
+
+    at: datetime
+    delay: float
+    #: Attempts still allowed after the one that failed.
+    attempts_left: int
+
+
+def decide_retry(
+    task: Task,
+    error: TaskError,
+    policy: RetryPolicy,
+    *,
+    at: datetime,
+    rng: random.Random | None = None,
+) -> Retry | None:
+    """Whether a task's failed attempt is tried again, and when; None: the task ends failed.
+
+    A retryable error is tried again while the task has attempts left: its
+    :attr:`Task.counted_attempts` (the failed one included; hand-backs at shutdown do not
+    count) is below its own ``max_attempts`` (``policy`` gives only the backoff). The next
+    attempt is due ``policy.delay(counted_attempts)`` seconds after ``at``. A non-retryable
+    error, or the last attempt, ends the task.
+
+    Args:
+        task: the task as it was claimed for the attempt that failed.
+        at: when it failed.
+        rng: the jitter's randomness (the ``random`` module when None).
+    """
+    counted = task.counted_attempts
+    if not error.retryable or counted >= task.max_attempts:
+        return None
+    delay = policy.delay(counted, rng)
+    return Retry(
+        at=at + timedelta(seconds=delay), delay=delay, attempts_left=task.max_attempts - counted
+    )

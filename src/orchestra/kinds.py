@@ -7,6 +7,7 @@ a ``StepError``. Nothing here knows about SQL or HTTP servers; the runner record
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -261,14 +262,16 @@ async def run_map(spec: MapStep, scope: Scope, ctx: Context) -> Outcome:
     inner = spec.step
     ctx = msgspec.structs.replace(ctx, on_text=None)  # items do not stream their text
 
+    where = f"steps.{spec.id}.step"
+
+    def late(step: StepSpec) -> str:
+        return f"an item of steps.{spec.id} took longer than {step.timeout:g}s"
+
     async def one(index: int, item: Any) -> Outcome:
         local = {**scope, "item": item, "index": index}
-        when = f"steps.{spec.id}.step.when"
-        if inner.when and not await ctx.render(evaluate, inner.when, local, what=when):
+        outcome = await run_step(inner, local, ctx, where=where, late=late, gate=gate)
+        if outcome is None:  # skipped by its `when`
             outcome = Outcome(None)
-        else:
-            async with gate, asyncio.timeout(inner.timeout):
-                outcome = await execute(inner, local, ctx)
         output.add(outcome.output)  # over the limit: the other items are cancelled
         return outcome
 
@@ -276,12 +279,7 @@ async def run_map(spec: MapStep, scope: Scope, ctx: Context) -> Outcome:
         async with asyncio.TaskGroup() as group:
             runs = [group.create_task(one(i, item)) for i, item in enumerate(items)]
     except ExceptionGroup as failed:
-        first = failed.exceptions[0]
-        if isinstance(first, TimeoutError):
-            raise StepTimeout(
-                f"an item of steps.{spec.id} took longer than {inner.timeout:g}s"
-            ) from None
-        raise first from None
+        raise failed.exceptions[0] from None
     outcomes = [r.result() for r in runs]
     usage = total_usage(o.usage for o in outcomes)
     model = next((o.model for o in outcomes if o.model), None)
@@ -301,3 +299,37 @@ EXECUTORS: dict[type, Executor] = {
 async def execute(spec: StepSpec, scope: Scope, ctx: Context) -> Outcome:
     """Run one step of any kind."""
     return await EXECUTORS[type(spec)](spec, scope, ctx)
+
+
+async def run_step(
+    spec: StepSpec,
+    scope: Scope,
+    ctx: Context,
+    *,
+    where: str,
+    late: Callable[[StepSpec], str],
+    gate: asyncio.Semaphore | None = None,
+) -> Outcome | None:
+    """Run a step as its template says: skipped when its ``when`` is false, else within its
+    timeout. A task's steps and a map's items both run through here.
+
+    Args:
+        where: the step's path in the template (``steps.ID``), named by a failing ``when``.
+        late: the message, given the step, when it takes longer than its timeout.
+        gate: held while the step executes (not while its ``when`` renders); the wait for it
+            does not count against the timeout.
+
+    Returns:
+        The step's outcome; None when its ``when`` skipped it.
+
+    Raises:
+        StepTimeout: it took longer than ``spec.timeout``.
+    """
+    if spec.when and not await ctx.render(evaluate, spec.when, scope, what=f"{where}.when"):
+        return None
+    try:
+        # Leaving the timeout cancels what the step runs, closing any model connection.
+        async with gate or contextlib.nullcontext(), asyncio.timeout(spec.timeout):
+            return await execute(spec, scope, ctx)
+    except TimeoutError:
+        raise StepTimeout(late(spec)) from None

@@ -11,7 +11,6 @@ recorded then, only the error naming the limit.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any, Protocol
 
@@ -19,13 +18,13 @@ import msgspec
 
 from orchestra.config import LimitSettings
 from orchestra.domain import Step, StepStatus, Task, TaskError, iso_now
-from orchestra.errors import StepError, StepTimeout
-from orchestra.kinds import Context, Outcome, execute
+from orchestra.errors import StepError
+from orchestra.kinds import Context, run_step
 from orchestra.llm.base import Provider
 from orchestra.sizes import check_size, clip_message, too_large
 from orchestra.templating.isolation import Renderer
 from orchestra.templating.model import StepSpec, Template
-from orchestra.templating.render import evaluate, render_output
+from orchestra.templating.render import render_output
 
 
 class StepRecorder(Protocol):
@@ -136,7 +135,13 @@ class Runner:
             await recorder.step_started(spec.id, position)
             started, clock = iso_now(), time.perf_counter()
             try:
-                outcome = await self._step(spec, scope, ctx)
+                outcome = await run_step(
+                    spec,
+                    scope,
+                    ctx,
+                    where=f"steps.{spec.id}",
+                    late=_late,
+                )
                 if outcome is not None:
                     check_size(
                         outcome.output,
@@ -184,21 +189,9 @@ class Runner:
             raise StepFailed("output", exc) from exc
         return result
 
-    @staticmethod
-    async def _step(spec: StepSpec, scope: dict[str, Any], ctx: Context) -> Outcome | None:
-        """Run one step; None when its ``when`` is false (skipped)."""
-        if spec.when and not await ctx.render(
-            evaluate, spec.when, scope, what=f"steps.{spec.id}.when"
-        ):
-            return None
-        try:
-            # Leaving the timeout cancels what the step runs, closing any model connection.
-            async with asyncio.timeout(spec.timeout):
-                return await execute(spec, scope, ctx)
-        except TimeoutError:
-            raise StepTimeout(
-                f"step {spec.id!r} took longer than its timeout of {spec.timeout:g}s"
-            ) from None
+
+def _late(spec: StepSpec) -> str:
+    return f"step {spec.id!r} took longer than its timeout of {spec.timeout:g}s"
 
 
 def _timed(step: Step, started: str, clock: float) -> Step:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import msgspec
 
@@ -21,6 +21,7 @@ from orchestra.db.store import TaskStore
 from orchestra.domain import NewTask, StepStatus, Task, TaskStatus, as_utc, now
 from orchestra.errors import ConflictError, FieldProblem, InvalidRequest, TaskNotFound
 from orchestra.notify import SharedReads, TaskSignals
+from orchestra.templating.model import Template
 from orchestra.templating.params import validate_params
 from orchestra.templating.registry import TemplateRegistry
 
@@ -55,19 +56,63 @@ class Scheduler(Protocol):
     def cancel(self, task_id: int) -> bool: ...
 
 
-class Submission(msgspec.Struct, frozen=True):
-    """A task as a client asked for it (before defaults)."""
+Priority = Annotated[
+    int, msgspec.Meta(ge=-1000, le=1000, description="Higher runs first; -1000 to 1000.")
+]
 
-    template: str
+
+class SubmitTask(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A task as a client asks for it (the body of ``POST /api/v1/tasks``), before the
+    template's defaults apply."""
+
+    template: Annotated[str, msgspec.Meta(min_length=1, description="The template's name.")]
     params: dict[str, Any] = msgspec.field(default_factory=dict)
-    template_version: int | None = None
-    priority: int = 0
-    model: str | None = None
-    run_at: datetime | None = None
-    delay: float | None = None
-    max_attempts: int | None = None
-    timeout: float | None = None
-    idempotency_key: str | None = None
+    template_version: (
+        Annotated[int, msgspec.Meta(ge=1, description="Run this version, not the current one.")]
+        | None
+    ) = None
+    priority: Priority = 0
+    model: (
+        Annotated[
+            str,
+            msgspec.Meta(max_length=255, description="Use this model instead of the template's."),
+        ]
+        | None
+    ) = None
+    run_at: Annotated[
+        # RFC 3339 is what clients should send; a time without a zone is taken as UTC.
+        Annotated[datetime, msgspec.Meta(extra_json_schema={"format": "date-time"})] | None,
+        msgspec.Meta(description="Do not start before this time (ISO-8601; no zone means UTC)."),
+    ] = None
+    delay: (
+        Annotated[
+            float, msgspec.Meta(ge=0, le=31_536_000, description="Seconds to wait before starting.")
+        ]
+        | None
+    ) = None
+    max_attempts: (
+        Annotated[
+            int,
+            msgspec.Meta(ge=1, le=100, description="Attempts allowed (overrides the template)."),
+        ]
+        | None
+    ) = None
+    timeout: (
+        Annotated[float, msgspec.Meta(gt=0, le=86_400, description="Seconds one attempt may take.")]
+        | None
+    ) = None
+    idempotency_key: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                min_length=1,
+                max_length=255,
+                description="Submitting again with the same key returns the same task "
+                "(the Idempotency-Key header does the same).",
+            ),
+        ]
+        | None
+    ) = None
 
     def fingerprint(self) -> str:
         """A hash of everything but the key: "the same body" for idempotency."""
@@ -120,8 +165,11 @@ class TaskService:
         *,
         default_max_attempts: int,
         limits: LimitSettings | None = None,
+        pin: Callable[[Template], Awaitable[None]] | None = None,
     ) -> None:
         self.limits = limits or LimitSettings()
+        #: Stores the file template version a task is queued with (TemplateCatalog.pin).
+        self.pin = pin
         self.store = store
         self.registry = registry
         self.signals = signals
@@ -129,7 +177,7 @@ class TaskService:
         self.scheduler = scheduler
         self.default_max_attempts = default_max_attempts
 
-    async def submit(self, sub: Submission, *, key_id: str | None = None) -> Submitted:
+    async def submit(self, sub: SubmitTask, *, key_id: str | None = None) -> Submitted:
         """Validate a task against its template and queue it.
 
         ``key_id`` is the API key submitting (None: anonymous): its idempotency keys are its
@@ -156,6 +204,8 @@ class TaskService:
         max_attempts = sub.max_attempts or (
             spec.retry.max_attempts if spec.retry else self.default_max_attempts
         )
+        if self.pin is not None:
+            await self.pin(spec)  # before the task is queued: a restart finds its version
         outcome = await self.store.enqueue(
             NewTask(
                 template=spec.name,
@@ -167,9 +217,9 @@ class TaskService:
                 run_at=run_at,
                 timeout_seconds=sub.timeout,
                 idempotency_key=sub.idempotency_key,
+                idempotency_scope=key_id or "",
                 request_hash=sub.fingerprint() if sub.idempotency_key else None,
-            ),
-            key_id=key_id,
+            )
         )
         if not outcome.created:
             if not outcome.same_request:

@@ -42,7 +42,18 @@ from typing import Any, TypeVar
 from orchestra import logs
 from orchestra.config import Settings
 from orchestra.db import TaskStore
-from orchestra.domain import Lease, RetryPolicy, Step, StepStatus, Task, TaskError, TaskStatus, now
+from orchestra.domain import (
+    Lease,
+    Retry,
+    RetryPolicy,
+    Step,
+    StepStatus,
+    Task,
+    TaskError,
+    TaskStatus,
+    decide_retry,
+    now,
+)
 from orchestra.errors import LeaseLost, StorageError, TemplateNotFound
 from orchestra.runner import Runner, StepFailed
 from orchestra.sizes import clip_message
@@ -73,12 +84,26 @@ class StopReason(StrEnum):
 
 
 class _Running:
-    """One task running in this pool."""
+    """One task running in this pool: everything the pool knows of it, in one place (its
+    model's share of the capacity is counted from these)."""
 
-    __slots__ = ("finishing", "lease_until", "recorder", "runner", "stop", "task", "template")
+    __slots__ = (
+        "finishing",
+        "lease",
+        "lease_until",
+        "recorder",
+        "runner",
+        "stop",
+        "task",
+        "template",
+    )
 
-    def __init__(self, task: Task, lease_until: float, template: Template | None) -> None:
+    def __init__(
+        self, task: Task, owner: str, lease_until: float, template: Template | None
+    ) -> None:
         self.task = task
+        #: Fences every write of this attempt.
+        self.lease = Lease(task_id=task.id, owner=owner, attempt=task.attempts)
         #: Loop time until which the lease is known to hold (its last renewal + lease_seconds).
         self.lease_until = lease_until
         #: The template found when it was claimed; the claim started its first step.
@@ -197,8 +222,12 @@ class WorkerPool:
         self.owner = worker_id()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        #: The tasks running here, by id: the one record of each (see :class:`_Running`).
         self._running: dict[int, _Running] = {}
-        self._models: Counter[str | None] = Counter()
+        #: The models with a concurrency limit of their own, and that limit.
+        self._model_limits = {
+            model: cap for model in settings.models if (cap := settings.model_limit(model))
+        }
         self._due: list[float] = []  # loop times when delayed tasks or retries become due
         self._loops: set[asyncio.Task[None]] = set()
         #: Claims the database refused in a row (it backs off meanwhile).
@@ -283,14 +312,15 @@ class WorkerPool:
         """
         limit = self.workers.concurrency - len(self._running)
         full: set[str] = set()
-        for model in set(self.settings.models) | {m for m in self._models if m is not None}:
-            cap = self.settings.model_limit(model)
-            if cap:
-                remaining = cap - self._models[model]
-                if remaining <= 0:
-                    full.add(model)
-                else:
-                    limit = min(limit, remaining)
+        if not self._model_limits:
+            return limit, full
+        counts = Counter(r.task.model for r in self._running.values())
+        for model, cap in self._model_limits.items():
+            remaining = cap - counts[model]
+            if remaining <= 0:
+                full.add(model)
+            else:
+                limit = min(limit, remaining)
         return limit, full
 
     def _wait_seconds(self) -> float:
@@ -380,10 +410,10 @@ class WorkerPool:
         if stale is not None:
             # Its earlier attempt still runs here, past a lease that expired while the
             # database refused writes; the reaper gave the task back and this pool took it
-            # again. The old attempt's writes are fenced off; stop it too.
+            # again. The old attempt's writes are fenced off; stop it too. It no longer
+            # counts against the capacity: only the record of the newer attempt is kept.
             stale.interrupt(StopReason.LEASE_LOST)
-        self._models[task.model] += 1
-        running = self._running[task.id] = _Running(task, lease_until, template)
+        running = self._running[task.id] = _Running(task, self.owner, lease_until, template)
         running.runner = asyncio.create_task(self._run(running), name=f"orchestra-task-{task.id}")
 
     async def _within_lease(self, running: _Running, write: Callable[[], Awaitable[T]]) -> T:
@@ -414,8 +444,7 @@ class WorkerPool:
     # -- running one task ---------------------------------------------------------------------
 
     async def _run(self, running: _Running) -> None:
-        task = running.task
-        lease = Lease(task_id=task.id, owner=self.owner, attempt=task.attempts)
+        task, lease = running.task, running.lease
         tlog = log.bind(task_id=task.id, template=task.template, attempt=task.attempts)
         clock = time.perf_counter()
         tlog.info("task.started")
@@ -424,11 +453,12 @@ class WorkerPool:
             return await self._within_lease(running, work)
 
         try:
-            status, result, error, policy = await self._execute(running, lease, write, tlog)
+            status, result, error, policy = await self._execute(running, write, tlog)
             running.finishing = True
             step, text = running.ended()
-            if error is not None and error.retryable and task.counted_attempts < task.max_attempts:
-                await self._retry_later(running, lease, error, policy, write, tlog)
+            retry = None if error is None else decide_retry(task, error, policy, at=now())
+            if error is not None and retry is not None:
+                await self._retry_later(running, error, retry, write, tlog)
             elif await write(
                 lambda: self.store.finish(
                     lease, status, result=result, error=error, step=step, text=text
@@ -446,12 +476,12 @@ class WorkerPool:
             tlog.warning("task.lease_lost", detail="stopped: another attempt owns the task")
         except asyncio.CancelledError:
             if running.stop is StopReason.CANCELLED:
-                await self._finish_cancelled(running, lease, write, tlog)
+                await self._finish_cancelled(running, write, tlog)
                 return
             if running.stop is StopReason.LEASE_LOST:
                 tlog.warning("task.lease_lost", detail="cancelled: the lease could not be renewed")
                 return
-            await self._hand_back(running, lease, tlog)
+            await self._hand_back(running, tlog)
             raise
         except StorageError as exc:
             # The database refused the task's writes until its lease ran out. The task
@@ -464,14 +494,11 @@ class WorkerPool:
         finally:
             if self._running.get(task.id) is running:  # not a newer attempt of the same task
                 del self._running[task.id]
-            self._models[task.model] -= 1
-            if self._models[task.model] <= 0:
-                del self._models[task.model]
             if not self._drained:  # a slot is free for work the last claim left queued
                 self._wake.set()
 
     async def _execute(
-        self, running: _Running, lease: Lease, write: Writer, tlog: Any
+        self, running: _Running, write: Writer, tlog: Any
     ) -> tuple[TaskStatus, Any, TaskError | None, RetryPolicy]:
         task = running.task
         default = RetryPolicy(max_attempts=self.workers.max_attempts)
@@ -486,7 +513,7 @@ class WorkerPool:
                 return TaskStatus.FAILED, None, error, default
         policy = template.retry or default
         timeout = task.timeout_seconds if task.timeout_seconds is not None else template.timeout
-        recorder = _LeasedRecorder(self.store, lease, write, len(template.steps), started)
+        recorder = _LeasedRecorder(self.store, running.lease, write, len(template.steps), started)
         running.recorder = recorder
         try:
             # Leaving the timeout cancels whatever runs, including the model call.
@@ -512,35 +539,32 @@ class WorkerPool:
     async def _retry_later(
         self,
         running: _Running,
-        lease: Lease,
         error: TaskError,
-        policy: RetryPolicy,
+        retry: Retry,
         write: Writer,
         tlog: Any,
     ) -> None:
-        task = running.task
-        delay = policy.delay(task.counted_attempts)
-        run_at = now() + timedelta(seconds=delay)
+        run_at = retry.at
         step, text = running.ended()
-        if await write(lambda: self.store.retry_later(lease, error, run_at, step=step, text=text)):
+        if await write(
+            lambda: self.store.retry_later(running.lease, error, run_at, step=step, text=text)
+        ):
             tlog.warning(
                 "task.retrying",
                 error=error.message,
-                delay_s=round(delay, 3),
-                attempts_left=task.max_attempts - task.counted_attempts,
+                delay_s=round(retry.delay, 3),
+                attempts_left=retry.attempts_left,
             )
             self.wake_at(run_at)
         else:
             tlog.warning("task.lease_lost", detail="failed, but another attempt owns it")
 
-    async def _finish_cancelled(
-        self, running: _Running, lease: Lease, write: Writer, tlog: Any
-    ) -> None:
+    async def _finish_cancelled(self, running: _Running, write: Writer, tlog: Any) -> None:
         step, text = running.ended()
         try:
             done = await write(
                 lambda: self.store.finish(
-                    lease, TaskStatus.CANCELLED, error=_CANCELLED, step=step, text=text
+                    running.lease, TaskStatus.CANCELLED, error=_CANCELLED, step=step, text=text
                 )
             )
         except StorageError as exc:
@@ -552,10 +576,10 @@ class WorkerPool:
         if done:
             tlog.info("task.finished", status=TaskStatus.CANCELLED.value)
 
-    async def _hand_back(self, running: _Running, lease: Lease, tlog: Any) -> None:
+    async def _hand_back(self, running: _Running, tlog: Any) -> None:
         step, text = running.ended()
         try:
-            released = await self.store.release(lease, step=step, text=text)
+            released = await self.store.release(running.lease, step=step, text=text)
         except StorageError as exc:  # the lease expires and the reaper hands it back instead
             tlog.warning("task.hand_back_failed", error=exc.message)
             return

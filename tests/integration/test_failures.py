@@ -1,12 +1,12 @@
 from __future__ import annotations
 
-import asyncio
+from datetime import timedelta
 
 import pytest
 
 from orchestra.db import Database, TaskStore
 from orchestra.db.schema import upgrade
-from orchestra.domain import NewTask
+from orchestra.domain import NewTask, now
 from tests.conftest import (
     Service,
     StartService,
@@ -100,10 +100,10 @@ async def test_bad_output_rendering_fails_the_task_clearly(
 async def test_task_of_a_dead_worker_is_recovered_at_startup(
     db_url: str, fake_ollama: FakeOllama, start_service: StartService
 ) -> None:
-    # A previous process claimed the task and died: its lease has expired.
+    # A previous process claimed the task a minute ago and died: its lease has expired.
     db = Database(db_url)
     await upgrade(db)
-    store = TaskStore(db)
+    store = TaskStore(db, clock=lambda: now() - timedelta(minutes=1))
     task = (
         await store.enqueue(
             NewTask(
@@ -113,9 +113,8 @@ async def test_task_of_a_dead_worker_is_recovered_at_startup(
             )
         )
     ).task
-    await store.claim("dead-host:1:abc", 1, lease_seconds=0.01)
+    await store.claim("dead-host:1:abc", 1, lease_seconds=30)
     await db.close()
-    await asyncio.sleep(0.05)
 
     async with start_service(make_settings(db_url, fake_ollama.url)) as svc:
         done = await svc.wait(task.id)

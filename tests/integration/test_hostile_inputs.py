@@ -438,9 +438,9 @@ async def test_keys_stored_before_scoping_stay_in_the_anonymous_scope(db_url: st
         new = NewTask("echo", 1, {}, idempotency_key="order-7", request_hash="h")
         legacy = await store.enqueue(new)
         assert (legacy.created, legacy.same_request, legacy.task.id) == (False, True, 1)
-        mine = await store.enqueue(new, key_id="abcd1234")
+        mine = await store.enqueue(msgspec.structs.replace(new, idempotency_scope="abcd1234"))
         assert mine.created and mine.task.id != 1
-        again = await store.enqueue(new, key_id="abcd1234")
+        again = await store.enqueue(msgspec.structs.replace(new, idempotency_scope="abcd1234"))
         assert (again.created, again.task.id) == (False, mine.task.id)
     finally:
         await old.close()

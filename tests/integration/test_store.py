@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,13 +18,32 @@ from orchestra.domain import (
     TaskError,
     TaskStatus,
     Usage,
-    iso_now,
+    iso,
+    now,
 )
 
 
+class Clock:
+    """The store's time, moved on by the test instead of waited for."""
+
+    def __init__(self) -> None:
+        self.at = now()
+
+    def __call__(self) -> datetime:
+        return self.at
+
+    def advance(self, seconds: float) -> None:
+        self.at += timedelta(seconds=seconds)
+
+
 @pytest.fixture
-def store(db: Database) -> TaskStore:
-    return TaskStore(db)
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(db: Database, clock: Clock) -> TaskStore:
+    return TaskStore(db, clock=clock)
 
 
 async def add(store: TaskStore, task: NewTask) -> Task:
@@ -106,12 +126,13 @@ async def test_fifty_concurrent_claimers_never_take_a_task_twice(
 
 
 async def test_expired_lease_returns_task_to_queue_with_attempt_counted(
-    store: TaskStore,
+    store: TaskStore, clock: Clock
 ) -> None:
     task = await add(store, new())
-    await store.claim("dead-worker", 1, lease_seconds=0.05)
+    await store.claim("dead-worker", 1, lease_seconds=30)
+    clock.advance(29)
     assert await store.requeue_expired() == {}  # not yet expired
-    await asyncio.sleep(0.1)
+    clock.advance(2)
     assert await store.requeue_expired() == {task.id: TaskStatus.QUEUED}
     again = await store.get_task(task.id)
     assert again is not None
@@ -121,12 +142,12 @@ async def test_expired_lease_returns_task_to_queue_with_attempt_counted(
 
 
 async def test_task_that_keeps_losing_its_worker_fails_after_max_attempts(
-    store: TaskStore,
+    store: TaskStore, clock: Clock
 ) -> None:
     task = await add(store, NewTask(template="t", template_version=1, params={}, max_attempts=2))
     for _ in range(2):
-        await store.claim("dying", 1, lease_seconds=0.01)
-        await asyncio.sleep(0.03)
+        await store.claim("dying", 1, lease_seconds=30)
+        clock.advance(31)
         moved = await store.requeue_expired()
     assert moved == {task.id: TaskStatus.FAILED}
     failed = await store.get_task(task.id)
@@ -135,11 +156,13 @@ async def test_task_that_keeps_losing_its_worker_fails_after_max_attempts(
     assert failed.finished_at is not None
 
 
-async def test_a_stale_worker_cannot_write_after_losing_its_lease(store: TaskStore) -> None:
+async def test_a_stale_worker_cannot_write_after_losing_its_lease(
+    store: TaskStore, clock: Clock
+) -> None:
     task = await add(store, new())
-    [first] = await store.claim("old", 1, lease_seconds=0.01)
+    [first] = await store.claim("old", 1, lease_seconds=30)
     old = Lease(task.id, "old", first.attempts)
-    await asyncio.sleep(0.03)
+    clock.advance(31)
     await store.requeue_expired()
     [second] = await store.claim("new", 1, 30)
     current = Lease(task.id, "new", second.attempts)
@@ -155,10 +178,12 @@ async def test_a_stale_worker_cannot_write_after_losing_its_lease(store: TaskSto
     assert not await store.finish(current, TaskStatus.FAILED)  # finished exactly once
 
 
-async def test_same_process_stale_attempt_is_fenced_by_attempt_number(store: TaskStore) -> None:
+async def test_same_process_stale_attempt_is_fenced_by_attempt_number(
+    store: TaskStore, clock: Clock
+) -> None:
     task = await add(store, new())
-    await store.claim("me", 1, lease_seconds=0.01)
-    await asyncio.sleep(0.03)
+    await store.claim("me", 1, lease_seconds=30)
+    clock.advance(31)
     await store.requeue_expired()
     [second] = await store.claim("me", 1, 30)
     assert not await store.finish(Lease(task.id, "me", 1), TaskStatus.SUCCEEDED)
@@ -180,15 +205,15 @@ async def test_release_hands_a_task_back_without_counting_the_attempt(store: Tas
     assert again.attempts == 2  # a new attempt number, so the old lease stays fenced off
 
 
-async def test_renewing_a_lease_pushes_its_expiry(store: TaskStore) -> None:
+async def test_renewing_a_lease_pushes_its_expiry(store: TaskStore, clock: Clock) -> None:
     task = await add(store, new())
     [claimed] = await store.claim("w", 1, lease_seconds=1)
+    assert claimed.lease_expires_at == iso(clock() + timedelta(seconds=1))
+    clock.advance(0.5)
     assert (await store.renew_leases("w", [task.id], 60)).held == {task.id}
     renewed = await store.get_task(task.id)
-    assert renewed is not None and renewed.lease_expires_at is not None
-    assert claimed.lease_expires_at is not None
-    assert renewed.lease_expires_at > claimed.lease_expires_at
-    assert renewed.lease_expires_at > iso_now(50)
+    assert renewed is not None
+    assert renewed.lease_expires_at == iso(clock() + timedelta(seconds=60))
 
 
 async def test_listing_is_newest_first_with_keyset_pages(store: TaskStore) -> None:

@@ -17,7 +17,7 @@ from orchestra.api import auth
 from orchestra.api.errors import HANDLERS
 from orchestra.api.health import health, models
 from orchestra.api.openapi import refine
-from orchestra.api.runtime import Runtime
+from orchestra.api.runtime import Runtime, ShowKey
 from orchestra.api.tasks import TaskController
 from orchestra.api.templates import TemplateController
 from orchestra.catalog import TemplateCatalog
@@ -26,11 +26,6 @@ from orchestra.tasks import TaskService
 from orchestra.templating.registry import TemplateRegistry
 from orchestra.web.render import template_config
 from orchestra.web.routes import dashboard, own_paths
-
-
-def _runtime(state: State) -> Runtime:
-    runtime: Runtime = state.runtime
-    return runtime
 
 
 def _tasks(runtime: NamedDependency[Runtime]) -> TaskService:
@@ -61,20 +56,22 @@ def create_app(
     settings: Settings,
     registry: TemplateRegistry | None = None,
     env: Mapping[str, str] | None = None,
+    *,
+    show_key: ShowKey | None = None,
 ) -> Litestar:
-    """Build the service.
+    """Build the service; its lifespan does the work of starting (:class:`Runtime`).
 
-    Templates are loaded here, so a broken template stops startup with every problem listed.
-    ``env`` is where providers find the API keys their ``api_key_env`` names (the CLI passes
-    the process environment; None: no keys).
-
-    Raises:
-        TemplateError: a template in the built-ins or ``settings.templates.dirs`` is invalid.
+    The lifespan loads the templates (``registry``, else one reading the built-ins and
+    ``settings.templates.dirs``) and upgrades the database, before the server accepts a
+    connection: a broken template or database makes startup fail, every problem listed in
+    ``app.state.runtime.startup_error``. ``env`` is where providers find the API keys their
+    ``api_key_env`` names (the CLI passes the process environment; None: no keys).
+    ``show_key`` receives the admin key a first start beyond loopback makes (None: no key is
+    made; the CLI shows it).
     """
     if registry is None:
         registry = TemplateRegistry(settings.templates.dirs, limits=settings.limits)
-        registry.load()
-    runtime = Runtime(settings, registry, env or {})
+    runtime = Runtime(settings, registry, env or {}, show_key=show_key)
     handlers: list[Any] = [TaskController, TemplateController, health, models]
     if settings.ui.enabled:
         handlers.append(dashboard(settings))
@@ -91,7 +88,9 @@ def create_app(
         lifespan=[runtime.lifespan],
         state=State({"runtime": runtime}),
         dependencies={
-            "runtime": Provide(_runtime, sync_to_thread=False),
+            # The runtime itself, not read from a ``State`` parameter: Litestar copies the app's
+            # state into a new State (and its lock) for each request that asks for one.
+            "runtime": Provide(runtime.itself, sync_to_thread=False),
             "tasks": Provide(_tasks, sync_to_thread=False),
             "catalog": Provide(_catalog, sync_to_thread=False),
         },

@@ -1,7 +1,9 @@
 """The resources of a running service, owned by the app's lifespan.
 
 Everything is opened in :meth:`Runtime.lifespan` and closed in ``finally`` blocks in reverse
-order: database, then the shared HTTP client, then the worker pool.
+order: database, then the shared HTTP client, then the worker pool. The lifespan starts with
+:func:`prepare` (upgrade the database, load the templates, maybe make the first admin key),
+each done once, before the server accepts a connection.
 """
 
 from __future__ import annotations
@@ -9,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import signal
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from orchestra import logs
@@ -26,7 +28,7 @@ from orchestra.db.overview import DashboardStore
 from orchestra.db.schema import upgrade
 from orchestra.db.sessions import SessionStore
 from orchestra.db.templates import TemplateStore
-from orchestra.errors import ConfigError, TemplateError
+from orchestra.errors import ConfigError, OrchestraError, TemplateError
 from orchestra.llm.router import Router, build_providers
 from orchestra.llm.transport import model_client
 from orchestra.notify import TaskSignals
@@ -43,15 +45,32 @@ class NotStarted(RuntimeError):
     """The service is used before its lifespan started it."""
 
 
+#: Shows the admin key a first start made (its token, this once).
+ShowKey = Callable[[ApiKey, str], None]
+
+
 class Runtime:
-    """Holds what the lifespan opened; the controllers reach services through it."""
+    """Holds what the lifespan opened; the controllers reach services through it.
+
+    ``show_key``: when given, a first start beyond loopback makes an admin key
+    (:func:`~orchestra.auth.bootstrap_key`) and passes it here, as ``orchestra serve`` does.
+    """
 
     def __init__(
-        self, settings: Settings, registry: TemplateRegistry, env: Mapping[str, str]
+        self,
+        settings: Settings,
+        registry: TemplateRegistry,
+        env: Mapping[str, str],
+        *,
+        show_key: ShowKey | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.env = env
+        self.show_key = show_key
+        #: What stopped the lifespan from starting (ConfigError, TemplateError): the server
+        #: only learns that startup failed, so ``orchestra serve`` prints this.
+        self.startup_error: OrchestraError | None = None
         self._db: Database | None = None
         self._tasks: TaskService | None = None
         self._router: Router | None = None
@@ -135,31 +154,46 @@ class Runtime:
         except TemplateError as exc:
             log.error("templates.reload_failed", problems=[str(p) for p in exc.problems])
 
+    def itself(self) -> Runtime:
+        """This runtime: what handlers are given as their ``runtime`` dependency."""
+        return self
+
     def request_stop(self) -> None:
         """Stop claiming tasks now (called when SIGTERM/SIGINT arrives)."""
         if self._pool is not None:
             self._pool.request_stop()
 
+    @contextmanager
+    def _startup_failure(self) -> Iterator[None]:
+        """Keep an error that stops startup, for the CLI to print (uvicorn only exits)."""
+        try:
+            yield
+        except OrchestraError as exc:
+            self.startup_error = exc
+            raise
+
     @asynccontextmanager
     async def lifespan(self, _app: Any) -> AsyncIterator[None]:
         """Open everything, start the workers; on exit, stop and close in reverse order."""
         s = self.settings
-        db = Database(s.database.url, busy_timeout_ms=s.database.busy_timeout_ms)
+        with self._startup_failure():
+            db = _open(s)
         renderer = Renderer(s.limits)  # its processes start when first needed
         try:
-            version = await upgrade(db)
-            log.info("database.ready", path=str(db.path), schema_version=version)
-            self._keys = KeyStore(db)
-            self._gatekeeper = Gatekeeper(self._keys, s.auth, loopback=is_loopback(s.server.host))
-            self._dashboard = DashboardStore(db)
-            self._sessions = SessionStore(db)
             catalog = TemplateCatalog(
                 self.registry,
                 TemplateStore(db),
                 s.limits,
                 parse=functools.partial(parse_elsewhere, renderer),
             )
-            await catalog.start()
+            with self._startup_failure():
+                made = await prepare(db, catalog, s, bootstrap=self.show_key is not None)
+            if made is not None and self.show_key is not None:
+                self.show_key(*made)
+            self._keys = KeyStore(db)
+            self._gatekeeper = Gatekeeper(self._keys, s.auth, loopback=is_loopback(s.server.host))
+            self._dashboard = DashboardStore(db)
+            self._sessions = SessionStore(db)
             self._catalog = catalog
             # One client for every model call; it honours the proxies named in the environment.
             async with model_client(max(10, s.workers.concurrency * 2), self.env) as client:
@@ -184,6 +218,7 @@ class Runtime:
                     pool,
                     default_max_attempts=s.workers.max_attempts,
                     limits=s.limits,
+                    pin=catalog.pin,
                 )
                 self._bulk = BulkService(store, self._dashboard, pool)
                 await pool.start()
@@ -207,27 +242,59 @@ class Runtime:
             await db.close()
 
 
-async def preflight(settings: Settings) -> tuple[ApiKey, str] | None:
-    """Check what startup will need before serving: the database opens and upgrades, and the
-    registered templates load beside the files (no name clash). On a first start beyond this
-    machine, make an admin key (:func:`~orchestra.auth.bootstrap_key`).
+def _open(settings: Settings) -> Database:
+    """The database the settings name (opened lazily: :func:`prepare` finds whether it works).
+
+    Raises:
+        ConfigError: the URL names no usable database, or its folder cannot be made.
+    """
+    url = settings.database.url
+    try:
+        return Database(url, busy_timeout_ms=settings.database.busy_timeout_ms)
+    except OSError as exc:
+        raise ConfigError(f"database.url: cannot open {url}: {exc}") from None
+
+
+async def prepare(
+    db: Database, catalog: TemplateCatalog, settings: Settings, *, bootstrap: bool
+) -> tuple[ApiKey, str] | None:
+    """The start of the lifespan, each step once: load the template files, upgrade the
+    database, then know the registered versions beside the files (no name clash) and the file
+    versions that unfinished tasks pinned. With ``bootstrap``, on a first start beyond this machine,
+    make an admin key (:func:`~orchestra.auth.bootstrap_key`).
 
     Returns:
         The admin key made and its token, for the caller to show once; None when none was.
 
     Raises:
         ConfigError: the database cannot be used.
-        TemplateError: a registered template clashes with a template file.
+        TemplateError: a template file is invalid, or clashes with a registered template.
     """
-    registry = TemplateRegistry(settings.templates.dirs, limits=settings.limits)
-    registry.load()
-    db = Database(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
+    loaded = catalog.registry.load()  # first: broken files leave the database untouched
+    log.info("templates.loaded", files=len(loaded))
     try:
-        await upgrade(db)
-        await TemplateCatalog(registry, TemplateStore(db), settings.limits).start()
+        version = await upgrade(db)
+        log.info("database.ready", path=str(db.path), schema_version=version)
+        await catalog.start()
+        if not bootstrap:
+            return None
         return await bootstrap_key(KeyStore(db), settings.server.host, settings.auth)
     except OSError as exc:
         raise ConfigError(f"database.url: cannot open {db.path}: {exc}") from None
+
+
+async def preflight(settings: Settings) -> tuple[ApiKey, str] | None:
+    """:func:`prepare` on its own, without serving: what a start would check and make.
+
+    Raises:
+        ConfigError: the database cannot be used.
+        TemplateError: a template file is invalid, or clashes with a registered template.
+    """
+    registry = TemplateRegistry(settings.templates.dirs, limits=settings.limits)
+    db = _open(settings)
+    try:
+        catalog = TemplateCatalog(registry, TemplateStore(db), settings.limits)
+        return await prepare(db, catalog, settings, bootstrap=True)
     finally:
         await db.close()
 

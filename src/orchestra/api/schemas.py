@@ -4,7 +4,7 @@ a contract, and it changes only when we mean it to."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
 
@@ -22,64 +22,8 @@ from orchestra.domain import (
 from orchestra.llm.base import Crash, Phase, ProcessInfo, ProcessState
 from orchestra.llm.model_crashes import signal_label
 from orchestra.llm.router import ProviderState
+from orchestra.tasks import SubmitTask
 from orchestra.templating.model import Template
-
-Priority = Annotated[
-    int, msgspec.Meta(ge=-1000, le=1000, description="Higher runs first; -1000 to 1000.")
-]
-
-
-class SubmitTask(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A task to run."""
-
-    template: Annotated[str, msgspec.Meta(min_length=1, description="The template's name.")]
-    params: dict[str, Any] = msgspec.field(default_factory=dict)
-    template_version: (
-        Annotated[int, msgspec.Meta(ge=1, description="Run this version, not the current one.")]
-        | None
-    ) = None
-    priority: Priority = 0
-    model: (
-        Annotated[
-            str,
-            msgspec.Meta(max_length=255, description="Use this model instead of the template's."),
-        ]
-        | None
-    ) = None
-    run_at: Annotated[
-        # RFC 3339 is what clients should send; a time without a zone is taken as UTC.
-        Annotated[datetime, msgspec.Meta(extra_json_schema={"format": "date-time"})] | None,
-        msgspec.Meta(description="Do not start before this time (ISO-8601; no zone means UTC)."),
-    ] = None
-    delay: (
-        Annotated[
-            float, msgspec.Meta(ge=0, le=31_536_000, description="Seconds to wait before starting.")
-        ]
-        | None
-    ) = None
-    max_attempts: (
-        Annotated[
-            int,
-            msgspec.Meta(ge=1, le=100, description="Attempts allowed (overrides the template)."),
-        ]
-        | None
-    ) = None
-    timeout: (
-        Annotated[float, msgspec.Meta(gt=0, le=86_400, description="Seconds one attempt may take.")]
-        | None
-    ) = None
-    idempotency_key: (
-        Annotated[
-            str,
-            msgspec.Meta(
-                min_length=1,
-                max_length=255,
-                description="Submitting again with the same key returns the same task "
-                "(the Idempotency-Key header does the same).",
-            ),
-        ]
-        | None
-    ) = None
 
 
 class ErrorOut(msgspec.Struct, frozen=True, omit_defaults=True):

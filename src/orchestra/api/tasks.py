@@ -15,12 +15,12 @@ from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import Stream
 
 from orchestra.api.openapi import errors
-from orchestra.api.schemas import SubmitTask, TaskList, TaskOut, TaskSummaryOut
+from orchestra.api.schemas import TaskList, TaskOut, TaskSummaryOut
 from orchestra.auth import Caller
 from orchestra.db.events import TaskEvent
 from orchestra.domain import TaskStatus
 from orchestra.errors import FieldProblem, InvalidRequest
-from orchestra.tasks import Submission, TaskService
+from orchestra.tasks import SubmitTask, TaskService
 
 MAX_WAIT = 60.0
 #: Cursors and event ids are decimal numbers (a task id, an event's sequence number).
@@ -169,8 +169,9 @@ class TaskController(Controller):
         same key sent with another API key is another task.
         """
         key = _idempotency_key(data.idempotency_key, idempotency_header)
-        fields = {**msgspec.structs.asdict(data), "idempotency_key": key}
-        submitted = await tasks.submit(Submission(**fields), key_id=request.user.key_id)
+        if key != data.idempotency_key:
+            data = msgspec.structs.replace(data, idempotency_key=key)
+        submitted = await tasks.submit(data, key_id=request.user.key_id)
         task = submitted.task
         return Response(
             TaskOut.of(task),

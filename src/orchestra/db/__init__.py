@@ -1,8 +1,10 @@
 """Storage: the only package that imports SQLAlchemy.
 
-``engine`` opens the database, ``tables`` describes it, ``schema`` creates and upgrades it,
-``store`` holds every query as a named function, ``statements`` the hot path's SQL compiled
-once, ``bulk`` cancel and retry for one task or many, ``overview`` the dashboard's reads.
+``engine`` opens the database, ``tables`` describes it, ``schema`` creates and upgrades it.
+``store``'s :class:`TaskStore` is every operation on tasks, named; their SQL sits by topic:
+``queue`` (enqueue), ``attempts`` (claim, leases, steps, an attempt's end), ``bulk`` (cancel
+and retry, one task or many), ``retention``, ``events``, ``reads`` and ``overview`` (the
+dashboard's reads). ``guards`` builds the status guards from the domain's transitions.
 """
 
 from orchestra.db.engine import Database

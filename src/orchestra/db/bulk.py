@@ -1,28 +1,28 @@
 """Cancel and retry, as people ask for them: for one task or a chunk of many in one
 transaction.
 
-Each change is an UPDATE guarded by the status it expects, so a task that moved on meanwhile (a
-worker finished it, another request cancelled it) is left as it is. These are transaction
-bodies: :class:`~orchestra.db.store.TaskStore` runs them on the writer and tells the waiters.
+Each change is an UPDATE guarded by the statuses it expects (:mod:`~orchestra.db.guards`), so
+a task that moved on meanwhile (a worker finished it, another request cancelled it) is left as
+it is. These are transaction bodies: :class:`~orchestra.db.store.TaskStore` runs them on the
+writer and tells the waiters.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
 
-import msgspec
 from sqlalchemy import Connection, func, select, update
 
-from orchestra.db import events
+from orchestra.db import events, guards
 from orchestra.db.rows import dump
 from orchestra.db.tables import tasks
 from orchestra.domain import TaskError, TaskStatus
+from orchestra.event_types import TaskFinished, TaskQueued
 
 #: The error a task cancelled by request carries.
 BY_REQUEST = TaskError(type="cancelled", message="cancelled by request")
-_CANCELLED, _RUNNING = TaskStatus.CANCELLED.value, TaskStatus.RUNNING.value
-_QUEUED = TaskStatus.QUEUED.value
-_RETRYABLE = [TaskStatus.FAILED.value, TaskStatus.CANCELLED.value]
+#: A held task that may be cancelled: its worker is asked to, by a flag it reads.
+_FLAG_CANCEL = guards.may_become(TaskStatus.CANCELLED) & guards.LEASED
 
 
 def cancel(conn: Connection, ids: Collection[int], now: str) -> dict[int, TaskStatus]:
@@ -36,16 +36,16 @@ def cancel(conn: Connection, ids: Collection[int], now: str) -> dict[int, TaskSt
         return {}
     cancelled = conn.execute(
         update(tasks)
-        .where(tasks.c.id.in_(list(ids)), tasks.c.status == _QUEUED)
-        .values(status=_CANCELLED, finished_at=now, error=dump(BY_REQUEST))
+        .where(tasks.c.id.in_(list(ids)), guards.CANCEL.guard)
+        .values(status=TaskStatus.CANCELLED.value, finished_at=now, error=dump(BY_REQUEST))
         .returning(tasks.c.id)
     ).scalars()
     acted = dict.fromkeys(sorted(cancelled), TaskStatus.CANCELLED)
-    finished = {"status": _CANCELLED, "error": msgspec.to_builtins(BY_REQUEST)}
-    events.append_many(conn, [(task_id, "task.finished", finished) for task_id in acted], now)
+    finished = TaskFinished(status=TaskStatus.CANCELLED.value, error=BY_REQUEST)
+    events.append_many(conn, [(task_id, finished) for task_id in acted], now)
     flagged = conn.execute(
         update(tasks)
-        .where(tasks.c.id.in_(list(ids)), tasks.c.status == _RUNNING)
+        .where(tasks.c.id.in_(list(ids)), guards.status_in(_FLAG_CANCEL))
         .values(cancel_requested=1)
         .returning(tasks.c.id)
     ).scalars()
@@ -64,9 +64,9 @@ def retry(conn: Connection, ids: Collection[int], now: str) -> list[int]:
     requeued = sorted(
         conn.execute(
             update(tasks)
-            .where(tasks.c.id.in_(list(ids)), tasks.c.status.in_(_RETRYABLE))
+            .where(tasks.c.id.in_(list(ids)), guards.RETRY.guard)
             .values(
-                status=_QUEUED,
+                status=TaskStatus.QUEUED.value,
                 run_at=now,
                 error=None,
                 result=None,
@@ -79,9 +79,7 @@ def retry(conn: Connection, ids: Collection[int], now: str) -> list[int]:
             .returning(tasks.c.id)
         ).scalars()
     )
-    events.append_many(
-        conn, [(task_id, "task.queued", {"retry": True}) for task_id in requeued], now
-    )
+    events.append_many(conn, [(task_id, TaskQueued(retry=True)) for task_id in requeued], now)
     return requeued
 
 

@@ -11,13 +11,15 @@ from sqlalchemy import Connection, bindparam, func, insert, select
 from orchestra.db.engine import Database, Prepared
 from orchestra.db.rows import dump
 from orchestra.db.tables import task_events
+from orchestra.event_types import EventPayload, EventType
 
 #: The event after which a task changes no more (until a person retries it).
-TERMINAL_EVENT = "task.finished"
+TERMINAL_EVENT = EventType.TASK_FINISHED
 
 
 class TaskEvent(msgspec.Struct, frozen=True):
-    """One thing that happened to a task."""
+    """One thing that happened to a task, as read back: ``type`` is an :class:`EventType`'s
+    word and ``data`` its payload's JSON object."""
 
     seq: int
     time: str
@@ -43,21 +45,20 @@ _APPEND = Prepared(
 )
 
 
-def _row(task_id: int, type_: str, data: dict[str, Any], now: str) -> dict[str, Any]:
-    return {"task_id": task_id, "time": now, "type": type_, "data": dump(data)}
+def _row(task_id: int, payload: EventPayload, now: str) -> dict[str, Any]:
+    return {"task_id": task_id, "time": now, "type": payload.type.value, "data": dump(payload)}
 
 
-def append(conn: Connection, task_id: int, type_: str, data: dict[str, Any], now: str) -> None:
-    """Add an event with the task's next sequence number (inside a write transaction)."""
-    _APPEND.run(conn, _row(task_id, type_, data, now))
+def append(conn: Connection, task_id: int, payload: EventPayload, now: str) -> None:
+    """Add the event ``payload`` stands for (its type is the payload's), with the task's next
+    sequence number (inside a write transaction)."""
+    _APPEND.run(conn, _row(task_id, payload, now))
 
 
-def append_many(
-    conn: Connection, entries: Sequence[tuple[int, str, dict[str, Any]]], now: str
-) -> None:
+def append_many(conn: Connection, entries: Sequence[tuple[int, EventPayload]], now: str) -> None:
     """Append one event to each of several tasks (a claim of many tasks), in one statement."""
     if entries:
-        _APPEND.run_many(conn, [_row(t, kind, data, now) for t, kind, data in entries])
+        _APPEND.run_many(conn, [_row(task_id, payload, now) for task_id, payload in entries])
 
 
 async def events_after(db: Database, task_id: int, seq: int, limit: int = 500) -> list[TaskEvent]:
@@ -87,7 +88,7 @@ _LAST_START = (
     .where(
         task_events.c.task_id == bindparam("task_id"),
         task_events.c.seq <= bindparam("upto"),
-        task_events.c.type == "step.started",
+        task_events.c.type == EventType.STEP_STARTED.value,
     )
     .order_by(task_events.c.seq.desc())
     .limit(1)
@@ -98,7 +99,7 @@ _TOKENS_BETWEEN = (
         task_events.c.task_id == bindparam("task_id"),
         task_events.c.seq > bindparam("start"),
         task_events.c.seq <= bindparam("upto"),
-        task_events.c.type == "step.tokens",
+        task_events.c.type == EventType.STEP_TOKENS.value,
     )
     .order_by(task_events.c.seq)
 )

@@ -214,6 +214,22 @@ CREATE UNIQUE INDEX ux_tasks_idempotency ON tasks (idempotency_scope, idempotenc
 """
 
 
+# The file template versions that tasks were queued with: a queued task still runs the version
+# it pinned after its file changed and the service restarted. A file may change without its
+# ``version`` changing, so each (name, version) may hold several bodies, told apart by hash.
+_V8 = """
+CREATE TABLE file_template_versions (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    body_hash TEXT NOT NULL,
+    body TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    stored_at TEXT NOT NULL,
+    PRIMARY KEY (name, version, body_hash)
+);
+"""
+
+
 def _statements(*statements: str) -> Migration:
     def apply(conn: Connection) -> None:
         for statement in statements:
@@ -234,6 +250,7 @@ MIGRATIONS: list[Migration] = [
     _statements(*_V5),
     _sql(_V6),
     _sql(_V7),
+    _sql(_V8),
 ]
 LATEST = len(MIGRATIONS)
 

@@ -130,6 +130,20 @@ templates = Table(
     PrimaryKeyConstraint("name", "version"),
 )
 
+# The file templates (built-in or from a folder) that tasks were queued with, one row per body
+# of each version, so a queued task finds its version after the file changed and a restart.
+file_template_versions = Table(
+    "file_template_versions",
+    metadata,
+    Column("name", Text, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("body_hash", Text, nullable=False),  # SHA-256 of the body
+    Column("body", Text, nullable=False),  # the YAML as the file held it
+    Column("origin", Text, nullable=False),  # builtin or file
+    Column("stored_at", Text, nullable=False),
+    PrimaryKeyConstraint("name", "version", "body_hash"),
+)
+
 # API keys: the SHA-256 of each key, never the key (see orchestra.auth).
 api_keys = Table(
     "api_keys",

@@ -1,13 +1,17 @@
-"""Queries for templates registered through the API. Versions are immutable rows."""
+"""Queries for templates: those registered through the API (versions are immutable rows), and
+the file template versions that tasks were queued with."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import msgspec
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, insert, select, tuple_, update
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from orchestra.db.engine import Database
-from orchestra.db.tables import templates
-from orchestra.domain import iso_now
+from orchestra.db.tables import file_template_versions, tasks, templates
+from orchestra.domain import ACTIVE, iso_now
 
 
 class StoredTemplate(msgspec.Struct, frozen=True):
@@ -18,6 +22,16 @@ class StoredTemplate(msgspec.Struct, frozen=True):
     body: str
     created_at: str
     deleted_at: str | None = None
+
+
+class StoredFileVersion(msgspec.Struct, frozen=True):
+    """A version of a file template, as stored for the tasks queued with it."""
+
+    name: str
+    version: int
+    body: str
+    body_hash: str
+    origin: str
 
 
 class Registered(msgspec.Struct, frozen=True):
@@ -76,3 +90,29 @@ class TemplateStore:
             .values(deleted_at=iso_now())
         )
         return await self.db.transaction(lambda conn: conn.execute(stmt).rowcount)
+
+    async def keep_file_versions(self, versions: Sequence[StoredFileVersion]) -> None:
+        """Store file template versions for the tasks queued with them, in one transaction
+        (once per body: a body stored already is left as it is)."""
+        if not versions:
+            return
+        at = iso_now()
+        rows = [{**msgspec.structs.asdict(v), "stored_at": at} for v in versions]
+        stmt = sqlite_insert(file_template_versions).on_conflict_do_nothing()
+        await self.db.transaction(lambda conn: conn.execute(stmt, rows))
+
+    async def pinned_file_versions(self) -> list[StoredFileVersion]:
+        """The stored file template versions that queued or running tasks pinned, the latest
+        stored body of each version first (a file may change without its version changing)."""
+        unfinished = select(tasks.c.template, tasks.c.template_version).where(
+            tasks.c.status.in_(sorted(s.value for s in ACTIVE))
+        )
+        f = file_template_versions.c
+        query = (
+            select(f.name, f.version, f.body, f.body_hash, f.origin)
+            .where(tuple_(f.name, f.version).in_(unfinished))
+            .order_by(f.stored_at.desc())
+        )
+        async with self.db.read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [StoredFileVersion(r.name, r.version, r.body, r.body_hash, r.origin) for r in rows]

@@ -4,7 +4,8 @@ and templates registered through the API, side by side.
 A name belongs to one place: a clash between two files, or between a file and a registered
 template, is reported with both sources. Registered templates keep every version, so a task
 always runs the exact version it was submitted with; file templates keep their current
-version and every version this process has seen.
+version, every version this process has seen, and the versions that unfinished tasks were
+queued with (stored in the database as they were queued; the catalog adds them at start).
 """
 
 from __future__ import annotations
@@ -104,6 +105,17 @@ class TemplateRegistry:
         """The file template called ``name``, if there is one."""
         return self._files.get(name)
 
+    def add_pinned(self, template: Template) -> None:
+        """Know a file template version that a queued task pinned (stored when it was queued).
+
+        A version this process knows already stays: the current file's body wins.
+        """
+        self._seen.setdefault((template.name, template.version), template)
+
+    def knows(self, name: str, version: int) -> bool:
+        """Whether :meth:`for_task` finds this version."""
+        return version in self._api.get(name, {}) or (name, version) in self._seen
+
     # -- registered ---------------------------------------------------------------------------
 
     def add_registered(self, template: Template, *, deleted: bool = False) -> None:
@@ -163,7 +175,8 @@ class TemplateRegistry:
         """The exact version a task was submitted with, even if deleted or replaced since.
 
         Raises:
-            TemplateNotFound: that version is gone (a file that changed before a restart).
+            TemplateNotFound: that version is gone (a file that changed before a restart, when
+                no unfinished task was queued with the old version).
         """
         template = self._api.get(name, {}).get(version) or self._seen.get((name, version))
         if template is None:

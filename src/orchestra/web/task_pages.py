@@ -15,6 +15,7 @@ from markupsafe import escape
 
 from orchestra.domain import TaskFilter, TaskStatus, as_utc, now
 from orchestra.errors import FieldProblem, InvalidRequest
+from orchestra.event_types import EventType
 from orchestra.tasks import MAX_ID
 from orchestra.web.render import bounded, links, page
 
@@ -243,7 +244,7 @@ class TaskPages(Controller):
             async for event in tasks.follow(task_id, start):
                 if event is None:
                     yield KEEPALIVE
-                elif event.type == "step.tokens":
+                elif event.type == EventType.STEP_TOKENS:
                     text = str(escape(event.data.get("text", "")))
                     yield ServerSentEventMessage(event="tokens", data=text, id=str(event.seq))
                 else:

@@ -12,7 +12,6 @@ from litestar.response import Redirect, Template
 
 from orchestra import logs
 from orchestra.api.errors import status_of
-from orchestra.api.schemas import Priority
 from orchestra.catalog import TemplateCatalog
 from orchestra.errors import (
     FieldProblem,
@@ -23,7 +22,7 @@ from orchestra.errors import (
     StorageError,
     TemplateError,
 )
-from orchestra.tasks import Submission
+from orchestra.tasks import Priority, SubmitTask
 from orchestra.templating.model import Template as TaskTemplate
 from orchestra.templating.params import validate_params
 from orchestra.web.forms import fields, params_from_form
@@ -243,7 +242,7 @@ class TemplatePages(Controller):
             option_errors = {}
             try:
                 submitted = await runtime.tasks.submit(
-                    Submission(
+                    SubmitTask(
                         template=name,
                         params=params,
                         model=options["model"] or None,

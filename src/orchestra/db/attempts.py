@@ -1,0 +1,409 @@
+"""An attempt's life on the writer: claimed, its lease renewed, its steps written, and its end
+(finished, retried later, handed back, or lost when its lease expired).
+
+Each operation is a transaction body (``conn`` is the writer's connection, inside a transaction
+:class:`~orchestra.db.store.TaskStore` opens) with its SQL beside it; the hot path's statements
+are :class:`~orchestra.db.engine.Prepared`, compiled once. A worker's writes carry the lease
+guard (:data:`HOLDS`), so a worker that lost its task changes nothing: the guarded statement
+matches no row. Status guards come from :mod:`orchestra.db.guards`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from typing import Any
+
+import msgspec
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Integer,
+    and_,
+    bindparam,
+    case,
+    exists,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
+
+from orchestra.db import events, guards
+from orchestra.db.engine import Prepared
+from orchestra.db.rows import dump, task_from_row
+from orchestra.db.tables import task_attempts, task_steps, tasks
+from orchestra.domain import (
+    AttemptStatus,
+    Lease,
+    Step,
+    StepStatus,
+    Task,
+    TaskError,
+    TaskStatus,
+)
+from orchestra.event_types import (
+    EventPayload,
+    StepFinished,
+    StepSkipped,
+    StepStarted,
+    StepTokens,
+    TaskFinished,
+    TaskLeaseExpired,
+    TaskStarted,
+)
+
+# -- the lease ------------------------------------------------------------------------------
+
+
+def _held(sources: frozenset[TaskStatus] = guards.LEASED) -> ColumnElement[bool]:
+    """The lease guard: the task is still in ``sources`` (running) under this lease."""
+    return and_(
+        tasks.c.id == bindparam("h_task"),
+        guards.status_in(sources),
+        tasks.c.lease_owner == bindparam("h_owner"),
+        tasks.c.attempts == bindparam("h_attempt"),
+    )
+
+
+#: The guard every worker write carries: the task is still running under this lease.
+HOLDS = _held()
+HELD = Prepared(select(literal(1)).where(HOLDS))
+
+
+def lease_params(lease: Lease) -> dict[str, Any]:
+    """The values of the lease guard's parameters."""
+    return {"h_task": lease.task_id, "h_owner": lease.owner, "h_attempt": lease.attempt}
+
+
+class Renewal(msgspec.Struct, frozen=True):
+    """The outcome of renewing leases: which are still held, which were asked to cancel."""
+
+    held: set[int]
+    cancel_requested: set[int]
+
+
+def renew(conn: Connection, owner: str, ids: Collection[int], expires: str) -> Renewal:
+    """Extend ``owner``'s leases on ``ids`` to ``expires``."""
+    rows = conn.execute(
+        update(tasks)
+        .where(tasks.c.id.in_(list(ids)), guards.status_in(guards.LEASED))
+        .where(tasks.c.lease_owner == owner)
+        .values(lease_expires_at=expires)
+        .returning(tasks.c.id, tasks.c.cancel_requested)
+    ).all()
+    return Renewal(
+        held={r.id for r in rows}, cancel_requested={r.id for r in rows if r.cancel_requested}
+    )
+
+
+# -- the claim ------------------------------------------------------------------------------
+
+
+def claim_statement(skip_models: tuple[str, ...] = ()) -> Any:
+    """The claim: one UPDATE … RETURNING over the best due tasks."""
+    due = (
+        select(tasks.c.id)
+        .where(guards.CLAIM.guard, tasks.c.run_at <= bindparam("c_now"))
+        .order_by(tasks.c.priority.desc(), tasks.c.run_at, tasks.c.id)
+        .limit(bindparam("c_limit", type_=Integer))
+    )
+    if skip_models:
+        # NOT IN is NULL for a NULL model: say explicitly that model-less tasks may run.
+        due = due.where(or_(tasks.c.model.is_(None), tasks.c.model.not_in(list(skip_models))))
+    return (
+        update(tasks)
+        .where(tasks.c.id.in_(due), guards.CLAIM.guard)
+        .values(
+            status=TaskStatus.RUNNING.value,
+            lease_owner=bindparam("c_owner"),
+            lease_expires_at=bindparam("c_expires"),
+            attempts=tasks.c.attempts + 1,
+            started_at=bindparam("c_now"),
+            finished_at=None,
+        )
+        .returning(*tasks.c)
+    )
+
+
+CLAIM = Prepared(claim_statement())
+ADD_ATTEMPT = Prepared(
+    insert(task_attempts).values(
+        task_id=bindparam("a_task"),
+        number=bindparam("a_number"),
+        worker=bindparam("a_worker"),
+        status=AttemptStatus.RUNNING.value,
+        started_at=bindparam("a_at"),
+    )
+)
+
+
+def claim(
+    conn: Connection,
+    owner: str,
+    limit: int,
+    now: str,
+    expires: str,
+    skip_models: Collection[str],
+    first_step: Callable[[Task], str | None] | None,
+) -> list[Task]:
+    """Take up to ``limit`` due tasks for ``owner`` until ``expires``: each a new attempt, with
+    its ``task.started`` event and (``first_step``) its first step started."""
+    params = {"c_now": now, "c_limit": limit, "c_owner": owner, "c_expires": expires}
+    if not skip_models:
+        rows = CLAIM.rows(conn, params)
+    else:  # models at their limit: a NOT IN list, through Core
+        skipping = claim_statement(tuple(skip_models))
+        rows = [dict(r._mapping) for r in conn.execute(skipping, params)]
+    if not rows:
+        return []
+    claimed = [task_from_row(r) for r in rows]
+    ADD_ATTEMPT.run_many(
+        conn,
+        [{"a_task": t.id, "a_number": t.attempts, "a_worker": owner, "a_at": now} for t in claimed],
+    )
+    events.append_many(
+        conn, [(t.id, TaskStarted(attempt=t.attempts, worker=owner)) for t in claimed], now
+    )
+    if first_step is not None:
+        for task in claimed:
+            step_id = first_step(task)
+            if step_id is not None:
+                lease = Lease(task_id=task.id, owner=owner, attempt=task.attempts)
+                start_step(conn, lease, step_id, 0, now)
+    return claimed
+
+
+# -- steps ----------------------------------------------------------------------------------
+
+# INSERT … SELECT … WHERE EXISTS(lease): the step row only appears while the lease holds.
+START_STEP = Prepared(
+    insert(task_steps).from_select(
+        ["task_id", "attempt", "step_id", "position", "status", "started_at"],
+        select(
+            bindparam("h_task"),
+            bindparam("h_attempt"),
+            bindparam("step_id"),
+            bindparam("position"),
+            literal(StepStatus.RUNNING.value),
+            bindparam("started_at"),
+        ).where(exists().where(HOLDS)),
+    )
+)
+_STEP_FIELDS = (
+    "status",
+    "output",
+    "error",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "usage",
+    "finished_at",
+    "duration_ms",
+    "prompt",
+)
+FINISH_STEP = Prepared(
+    update(task_steps)
+    .where(
+        task_steps.c.task_id == bindparam("h_task"),
+        task_steps.c.attempt == bindparam("h_attempt"),
+        task_steps.c.step_id == bindparam("step_id"),
+        exists().where(HOLDS),
+    )
+    .values({name: bindparam(f"v_{name}") for name in _STEP_FIELDS})
+)
+
+
+def start_step(conn: Connection, lease: Lease, step_id: str, position: int, at: str) -> bool:
+    """A step's ``running`` row and its ``step.started`` event, while the lease holds; False
+    when it does not."""
+    params = {
+        **lease_params(lease),
+        "step_id": step_id,
+        "position": position,
+        "started_at": at,
+    }
+    if START_STEP.run(conn, params).rowcount != 1:
+        return False
+    started = StepStarted(step=step_id, position=position, attempt=lease.attempt)
+    events.append(conn, lease.task_id, started, at)
+    return True
+
+
+def add_text(conn: Connection, lease: Lease, step_id: str, text: str, at: str) -> bool:
+    """A piece of a step's streamed answer (a ``step.tokens`` event), while the lease holds;
+    False when it does not."""
+    if HELD.run(conn, lease_params(lease)).fetchone() is None:
+        return False
+    events.append(conn, lease.task_id, StepTokens(step=step_id, text=text), at)
+    return True
+
+
+def end_step(conn: Connection, lease: Lease, step: Step, text: str, at: str) -> bool:
+    """A step's outcome and its events (``text`` first, the rest of its streamed answer), while
+    the lease holds; False when it does not. The events are at the step's ``finished_at``, or
+    ``at`` when it has none."""
+    usage = step.usage
+    params = {
+        **lease_params(lease),
+        "step_id": step.id,
+        "v_status": step.status.value,
+        "v_output": dump(step.output),
+        "v_error": dump(step.error),
+        "v_model": step.model,
+        "v_prompt_tokens": usage.prompt_tokens if usage else None,
+        "v_completion_tokens": usage.completion_tokens if usage else None,
+        "v_usage": dump(usage),
+        "v_finished_at": step.finished_at,
+        "v_duration_ms": step.duration_ms,
+        "v_prompt": dump(step.prompt),
+    }
+    if FINISH_STEP.run(conn, params).rowcount != 1:
+        return False
+    at = step.finished_at or at
+    if text:  # the step's last streamed text, arrived by the time it ended
+        events.append(conn, lease.task_id, StepTokens(step=step.id, text=text), at)
+    ended = StepSkipped if step.status is StepStatus.SKIPPED else StepFinished
+    payload = ended(
+        step=step.id,
+        status=step.status.value,
+        model=step.model or None,
+        usage=usage,
+        error=step.error.message if step.error is not None else None,
+    )
+    events.append(conn, lease.task_id, payload, at)
+    return True
+
+
+# -- the attempt's end ----------------------------------------------------------------------
+# Each end is its own statement, guarded by the lease and giving it up (lease_owner and
+# lease_expires_at cleared); what else each sets is written out in full.
+
+#: The attempt ended the task: succeeded, failed or cancelled (``v_status``), with its result
+#: or error; a cancel asked for is answered.
+FINISH = Prepared(
+    update(tasks)
+    .where(_held(guards.FINISH.sources))
+    .values(
+        status=bindparam("v_status"),
+        result=bindparam("v_result"),
+        error=bindparam("v_error"),
+        finished_at=bindparam("v_at"),
+        cancel_requested=0,
+        lease_owner=None,
+        lease_expires_at=None,
+    )
+)
+#: The attempt failed with an error worth retrying: back to the queue, due at ``v_run_at``.
+RETRY_LATER = Prepared(
+    update(tasks)
+    .where(_held(guards.RETRY_LATER.sources))
+    .values(
+        status=TaskStatus.QUEUED.value,
+        error=bindparam("v_error"),
+        run_at=bindparam("v_run_at"),
+        lease_owner=None,
+        lease_expires_at=None,
+    )
+)
+#: Shutdown hands the task back: queued again, due now (``v_at``), and ``handed_back`` counts
+#: one more, so this attempt does not count against ``max_attempts``.
+HAND_BACK = Prepared(
+    update(tasks)
+    .where(_held(guards.HAND_BACK.sources))
+    .values(
+        status=TaskStatus.QUEUED.value,
+        handed_back=tasks.c.handed_back + 1,
+        run_at=bindparam("v_at"),
+        lease_owner=None,
+        lease_expires_at=None,
+    )
+)
+CLOSE_ATTEMPT = Prepared(
+    update(task_attempts)
+    .where(
+        task_attempts.c.task_id == bindparam("h_task"),
+        task_attempts.c.number == bindparam("h_attempt"),
+    )
+    .values(status=bindparam("v_status"), finished_at=bindparam("v_at"), error=bindparam("v_error"))
+)
+
+
+class Ending(msgspec.Struct, frozen=True):
+    """How an attempt ends: the task's statement (:data:`FINISH`, :data:`RETRY_LATER` or
+    :data:`HAND_BACK`) and its values, the attempt's status and error, and the event that
+    says so."""
+
+    statement: Prepared
+    values: dict[str, Any]
+    attempt: AttemptStatus
+    why: TaskError | None
+    event: EventPayload
+
+
+def end_attempt(
+    conn: Connection, lease: Lease, ending: Ending, at: str, step: Step | None, text: str
+) -> bool:
+    """End the lease's attempt: its last step (when given), the task's row (the ending's
+    statement, guarded by the lease, which also gives the lease up), the attempt's record and
+    the ending's event; False when the lease does not hold."""
+    if step is not None:
+        # Fenced by the same lease as the UPDATE after it: both match or neither does.
+        end_step(conn, lease, step, text, at)
+    if ending.statement.run(conn, {**lease_params(lease), **ending.values}).rowcount != 1:
+        return False
+    closed = {
+        **lease_params(lease),
+        "v_status": ending.attempt.value,
+        "v_at": at,
+        "v_error": dump(ending.why),
+    }
+    CLOSE_ATTEMPT.run(conn, closed)
+    events.append(conn, lease.task_id, ending.event, at)
+    return True
+
+
+# -- lost attempts --------------------------------------------------------------------------
+
+#: The error of an attempt whose worker stopped renewing its lease.
+LOST = TaskError(
+    type="lease_expired",
+    message="the worker running this attempt stopped renewing its lease "
+    "(it crashed or was cut off)",
+    retryable=True,
+)
+#: The error of a task that lost its worker on its last attempt.
+GAVE_UP = TaskError(
+    type="lease_expired",
+    message="the worker running this task stopped responding (its lease expired) "
+    "and the task has no attempts left",
+)
+
+
+def expire_leases(conn: Connection, now: str) -> dict[int, TaskStatus]:
+    """Return tasks whose lease expired before ``now`` to the queue, or fail those with no
+    attempts left; each lost attempt is recorded. Returns each id and the status it moved to."""
+    exhausted = (tasks.c.attempts - tasks.c.handed_back) >= tasks.c.max_attempts
+    rows = conn.execute(
+        update(tasks)
+        .where(guards.LEASE_EXPIRED.guard, tasks.c.lease_expires_at < now)
+        .values(
+            status=case((exhausted, TaskStatus.FAILED.value), else_=TaskStatus.QUEUED.value),
+            error=case((exhausted, dump(GAVE_UP)), else_=dump(LOST)),
+            finished_at=case((exhausted, now), else_=None),
+            run_at=now,
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+        .returning(tasks.c.id, tasks.c.status, tasks.c.attempts)
+    ).all()
+    for row in rows:
+        conn.execute(
+            update(task_attempts)
+            .where(task_attempts.c.task_id == row.id, task_attempts.c.number == row.attempts)
+            .values(status=AttemptStatus.LOST.value, finished_at=now, error=dump(LOST))
+        )
+        events.append(conn, row.id, TaskLeaseExpired(attempt=row.attempts), now)
+        if row.status == TaskStatus.FAILED.value:
+            events.append(conn, row.id, TaskFinished(status=row.status, error=GAVE_UP), now)
+    return {row.id: TaskStatus(row.status) for row in rows}

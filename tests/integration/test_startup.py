@@ -1,0 +1,171 @@
+"""Startup: the lifespan upgrades the database and loads the templates once, fails cleanly, and
+file template versions pinned by queued tasks survive a change of the file and a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import sys
+from pathlib import Path
+
+import msgspec
+
+from orchestra.config import Settings, TemplateSettings
+from tests.conftest import StartService
+from tests.fixtures.fake_ollama import FakeOllama
+from tests.fixtures.servers import free_port, start_process, write_config
+
+V1 = """\
+name: greet
+version: 1
+model: llama3.2
+parameters:
+  who: {type: string, required: true}
+steps:
+  - id: hello
+    prompt: "Say hello to {{ params.who }}"
+"""
+V2 = V1.replace("version: 1", "version: 2").replace("Say hello to", "Say goodbye to")
+
+
+def _events(log: Path) -> list[dict[str, object]]:
+    lines = log.read_text().splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+async def test_serve_upgrades_the_database_and_loads_the_templates_once(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    config = tmp_path / "o.toml"
+    write_config(config, port=free_port(), db=tmp_path / "o.db", ollama_url=fake_ollama.url)
+    proc = await start_process(config)
+    try:
+        names = [e.get("event") for e in _events(config.with_suffix(".log"))]
+        assert names.count("database.ready") == 1
+        assert names.count("templates.loaded") == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), timeout=30)
+
+
+async def _serve_fails(config: Path) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "orchestra",
+        "serve",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=os.environ.copy(),
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == 1, err.decode()
+    text = err.decode()
+    assert "Traceback" not in text
+    return text
+
+
+async def test_serve_with_an_invalid_template_fails_in_one_clean_message(tmp_path: Path) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "broken.yaml").write_text("name: broken\nsteps: nope\n")
+    config = tmp_path / "o.toml"
+    config.write_text(
+        f'[server]\nport = {free_port()}\n[database]\nurl = "sqlite+aiosqlite:///{tmp_path}/o.db"\n'
+        f'[templates]\ndirs = ["{folder}"]\n'
+    )
+    err = await _serve_fails(config)
+    assert "Error: invalid templates:" in err and "broken.yaml" in err and "steps" in err
+    assert "Application startup failed" not in err
+
+
+async def test_serve_with_an_unsupported_database_url_fails_in_one_clean_line(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "o.toml"
+    config.write_text(f'[server]\nport = {free_port()}\n[database]\nurl = "postgresql://x/y"\n')
+    err = await _serve_fails(config)
+    assert "Error: database.url: 'postgresql' is not supported yet" in err
+
+
+async def test_a_queued_task_runs_its_file_version_after_the_file_changed_and_a_restart(
+    settings: Settings, start_service: StartService, fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "greet.yaml").write_text(V1)
+    with_dir = msgspec.structs.replace(settings, templates=TemplateSettings(dirs=[str(folder)]))
+    body = {"template": "greet", "params": {"who": "Ada"}, "delay": 3600}
+    async with start_service(with_dir) as svc:
+        queued = [(await svc.client.post("/api/v1/tasks", json=body)).json() for _ in range(2)]
+    assert [t["status"] for t in queued] == ["queued", "queued"]
+    db = Path(settings.database.url.split("///", 1)[1])
+    with sqlite3.connect(db) as conn:
+        stored = conn.execute(
+            "SELECT version FROM file_template_versions WHERE name = 'greet'"
+        ).fetchall()
+        assert stored == [(1,)]  # once, however many tasks pinned it
+        # Due now: the restarted service runs them (the delay kept the first one from it).
+        conn.execute("UPDATE tasks SET run_at = '2000-01-01T00:00:00.000000Z'")
+    conn.close()
+
+    (folder / "greet.yaml").write_text(V2)
+    async with start_service(with_dir) as svc:
+        done = [await svc.wait(t["id"]) for t in queued]
+        assert [(d["status"], d["template_version"]) for d in done] == [("succeeded", 1)] * 2
+        fresh = await svc.wait((await svc.submit("greet", who="Bo"))["id"])
+        assert (fresh["status"], fresh["template_version"]) == ("succeeded", 2)
+    prompts = sorted(r["messages"][-1]["content"] for r in fake_ollama.requests)
+    assert prompts == ["Say goodbye to Bo", "Say hello to Ada", "Say hello to Ada"]
+
+
+async def test_a_new_task_gets_the_current_file_version_only(
+    settings: Settings, start_service: StartService, tmp_path: Path
+) -> None:
+    """A stored version runs the tasks that pinned it; new tasks cannot ask for it."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "greet.yaml").write_text(V1)
+    with_dir = msgspec.structs.replace(settings, templates=TemplateSettings(dirs=[str(folder)]))
+    async with start_service(with_dir) as svc:
+        assert (await svc.wait((await svc.submit("greet", who="Ada"))["id"]))["status"] == (
+            "succeeded"
+        )
+    (folder / "greet.yaml").write_text(V2)
+    async with start_service(with_dir) as svc:
+        asked = await svc.client.post(
+            "/api/v1/tasks",
+            json={"template": "greet", "template_version": 1, "params": {"who": "x"}},
+        )
+        assert asked.status_code == 404
+        assert "version 1 is not available" in asked.json()["message"]
+
+
+async def test_a_version_loaded_by_a_reload_is_stored_when_a_task_is_queued_with_it(
+    settings: Settings, start_service: StartService, fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "greet.yaml").write_text(V1)
+    with_dir = msgspec.structs.replace(settings, templates=TemplateSettings(dirs=[str(folder)]))
+    async with start_service(with_dir) as svc:
+        (folder / "greet.yaml").write_text(V2)
+        assert (await svc.client.post("/api/v1/templates/reload")).status_code == 200
+        body = {"template": "greet", "params": {"who": "Ada"}, "delay": 3600}
+        queued = (await svc.client.post("/api/v1/tasks", json=body)).json()
+    assert (queued["status"], queued["template_version"]) == ("queued", 2)
+    with sqlite3.connect(Path(settings.database.url.split("///", 1)[1])) as conn:
+        conn.execute("UPDATE tasks SET run_at = '2000-01-01T00:00:00.000000Z'")
+    conn.close()
+
+    v3 = V2.replace("version: 2", "version: 3").replace("goodbye", "farewell")
+    (folder / "greet.yaml").write_text(v3)
+    async with start_service(with_dir) as svc:
+        done = await svc.wait(queued["id"])
+        assert (done["status"], done["template_version"]) == ("succeeded", 2)
+    assert [r["messages"][-1]["content"] for r in fake_ollama.requests] == ["Say goodbye to Ada"]
