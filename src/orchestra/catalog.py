@@ -16,7 +16,13 @@ import msgspec
 from orchestra import logs
 from orchestra.config import LimitSettings
 from orchestra.db.templates import StoredFileVersion, TemplateStore
-from orchestra.errors import ConflictError, RenderError, TemplateError, TemplateNotFound
+from orchestra.errors import (
+    ConflictError,
+    PayloadTooLarge,
+    RenderError,
+    TemplateError,
+    TemplateNotFound,
+)
 from orchestra.templating.isolation import Renderer
 from orchestra.templating.loader import parse_template
 from orchestra.templating.model import Template
@@ -106,17 +112,9 @@ class TemplateCatalog:
             TemplateError: a registered template clashes with a template file.
         """
         for row in await self.store.all_versions():
-            try:
-                template = parse_template(
-                    row.body, f"<registered {row.name} v{row.version}>", self.limits
-                )
-            except TemplateError as exc:  # written by an older, laxer version of Orchestra
-                log.error(
-                    "templates.registered_invalid",
-                    name=row.name,
-                    version=row.version,
-                    problems=[str(p) for p in exc.problems],
-                )
+            source = f"<registered {row.name} v{row.version}>"
+            template = self._stored("registered", row.name, row.version, row.body, source)
+            if template is None:
                 continue
             self.registry.add_registered(
                 msgspec.structs.replace(
@@ -131,21 +129,29 @@ class TemplateCatalog:
             if self.registry.knows(stored.name, stored.version):
                 continue  # the current file, or a body stored later
             source = f"<stored {stored.name} v{stored.version}>"
-            try:
-                template = parse_template(stored.body, source, self.limits)
-            except TemplateError as exc:  # stored by an older, laxer version of Orchestra
-                log.error(
-                    "templates.stored_invalid",
-                    name=stored.name,
-                    version=stored.version,
-                    problems=[str(p) for p in exc.problems],
-                )
+            template = self._stored("stored", stored.name, stored.version, stored.body, source)
+            if template is None:
                 continue
             origin = "builtin" if stored.origin == "builtin" else "file"
             self.registry.add_pinned(msgspec.structs.replace(template, origin=origin))
         # The files as they are now, stored before any task is queued with them: a submit
         # then writes nothing more until a reload changes a file.
         await self._keep([t for t in self.registry.all() if t.origin != "api"])
+
+    def _stored(
+        self, kind: str, name: str, version: int, body: str, source: str
+    ) -> Template | None:
+        """A template body kept in the database, parsed; None (and logged) when this version
+        of Orchestra no longer accepts it (an older one, or one with larger limits, stored
+        it): one such body must not stop the service from starting."""
+        try:
+            return parse_template(body, source, self.limits)
+        except TemplateError as exc:
+            problems = [str(p) for p in exc.problems]
+        except PayloadTooLarge as exc:
+            problems = [exc.message]
+        log.error(f"templates.{kind}_invalid", name=name, version=version, problems=problems)
+        return None
 
     async def pin(self, template: Template) -> None:
         """Store the file template version a task is being queued with, unless this process

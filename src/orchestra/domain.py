@@ -254,6 +254,11 @@ class TaskFilter(msgspec.Struct, frozen=True):
     text: str | None = None
 
 
+#: The idempotency scope of requests without an API key (and of keys stored before keys were
+#: scoped, schema version 7).
+ANONYMOUS_SCOPE = ""
+
+
 class NewTask(msgspec.Struct, frozen=True):
     """A task to enqueue, validated and with its defaults applied: each field is the
     ``tasks`` column of the same name (storage writes them as they are, and the times and
@@ -271,7 +276,7 @@ class NewTask(msgspec.Struct, frozen=True):
     idempotency_key: str | None = None
     #: Whose idempotency keys these are: the submitting API key's id ("" for anonymous
     #: callers), so one caller's key never finds, nor blocks, another caller's task.
-    idempotency_scope: str = ""
+    idempotency_scope: str = ANONYMOUS_SCOPE
     request_hash: str | None = None
 
 

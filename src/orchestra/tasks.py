@@ -18,7 +18,7 @@ from orchestra.config import LimitSettings
 from orchestra.db.events import TERMINAL_EVENT, TaskEvent
 from orchestra.db.overview import SummaryPage
 from orchestra.db.store import TaskStore
-from orchestra.domain import NewTask, StepStatus, Task, TaskStatus, as_utc, now
+from orchestra.domain import ANONYMOUS_SCOPE, NewTask, StepStatus, Task, TaskStatus, as_utc, now
 from orchestra.errors import ConflictError, FieldProblem, InvalidRequest, TaskNotFound
 from orchestra.notify import SharedReads, TaskSignals
 from orchestra.templating.model import Template
@@ -217,7 +217,7 @@ class TaskService:
                 run_at=run_at,
                 timeout_seconds=sub.timeout,
                 idempotency_key=sub.idempotency_key,
-                idempotency_scope=key_id or "",
+                idempotency_scope=key_id or ANONYMOUS_SCOPE,
                 request_hash=sub.fingerprint() if sub.idempotency_key else None,
             )
         )

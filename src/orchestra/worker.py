@@ -456,7 +456,9 @@ class WorkerPool:
             status, result, error, policy = await self._execute(running, write, tlog)
             running.finishing = True
             step, text = running.ended()
-            retry = None if error is None else decide_retry(task, error, policy, at=now())
+            retry = (
+                None if error is None else decide_retry(task, error, policy, at=self.store.clock())
+            )
             if error is not None and retry is not None:
                 await self._retry_later(running, error, retry, write, tlog)
             elif await write(
@@ -649,7 +651,7 @@ class WorkerPool:
 
     async def apply_retention(self) -> int:
         """Delete finished tasks older than ``[retention] days``, a small batch at a time."""
-        cutoff = now() - timedelta(days=self.settings.retention.days)
+        cutoff = self.store.clock() - timedelta(days=self.settings.retention.days)
         total = 0
         while True:
             deleted = await self.store.delete_finished_before(cutoff, RETENTION_BATCH)

@@ -16,7 +16,6 @@ import httpx
 import msgspec
 import pytest
 
-from orchestra.api.runtime import preflight
 from orchestra.auth import Scope, matches
 from orchestra.config import AuthSettings, CorsSettings, ServerSettings, Settings
 from orchestra.db import Database
@@ -24,6 +23,7 @@ from orchestra.db.keys import KeyStore
 from tests.conftest import Service, StartService, make_keys
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import free_port, start_process, wait_until, write_config
+from tests.fixtures.startup import preflight
 
 TEMPLATE = (
     "name: mine\nparameters:\n  x: {type: string}\nsteps:\n  - id: a\n    text: '{{ params.x }}'\n"

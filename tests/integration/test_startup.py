@@ -14,6 +14,9 @@ from pathlib import Path
 import msgspec
 
 from orchestra.config import Settings, TemplateSettings
+from orchestra.db import Database, TaskStore
+from orchestra.db.templates import StoredFileVersion, TemplateStore
+from orchestra.domain import NewTask
 from tests.conftest import StartService
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import free_port, start_process, write_config
@@ -169,3 +172,17 @@ async def test_a_version_loaded_by_a_reload_is_stored_when_a_task_is_queued_with
         done = await svc.wait(queued["id"])
         assert (done["status"], done["template_version"]) == ("succeeded", 2)
     assert [r["messages"][-1]["content"] for r in fake_ollama.requests] == ["Say goodbye to Ada"]
+
+
+async def test_a_file_changed_back_to_an_earlier_body_is_the_latest_again(db: Database) -> None:
+    # One version, three bodies in turn (the file edited without a new `version:`): the body
+    # stored last is the one a queued task gets after a restart, even when it was seen before.
+    store = TemplateStore(db)
+    await TaskStore(db).enqueue(NewTask(template="t", template_version=1, params={}))
+
+    def body(text: str) -> StoredFileVersion:
+        return StoredFileVersion("t", 1, text, text, "file")
+
+    for text in ("A", "B", "A"):
+        await store.keep_file_versions([body(text)])
+    assert [v.body for v in await store.pinned_file_versions()][0] == "A"

@@ -9,12 +9,12 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from orchestra.api.runtime import preflight
 from orchestra.config import Settings, TemplateSettings
 from orchestra.errors import TemplateError
 from tests.conftest import Service, StartService
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import wait_until
+from tests.fixtures.startup import preflight
 
 V1 = """\
 name: greet

@@ -144,7 +144,7 @@ async def scope_guard(
         raise Forbidden(f"this API key may not do this (it needs the {need} scope)")
 
 
-@functools.lru_cache(maxsize=256)  # a service hears few Host names; parsing one costs 20 µs
+@functools.lru_cache(maxsize=256)  # a service hears few Host names: parse each once
 def _names_loopback(host: str | None) -> bool:
     """Whether a Host header names this machine (or is absent, as in HTTP/1.0).
 

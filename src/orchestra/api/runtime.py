@@ -2,8 +2,9 @@
 
 Everything is opened in :meth:`Runtime.lifespan` and closed in ``finally`` blocks in reverse
 order: database, then the shared HTTP client, then the worker pool. The lifespan starts with
-:func:`prepare` (upgrade the database, load the templates, maybe make the first admin key),
-each done once, before the server accepts a connection.
+:func:`prepare` (load the template files, upgrade the database, know the stored template
+versions, maybe make the first admin key), each done once, before the server accepts a
+connection.
 """
 
 from __future__ import annotations
@@ -199,7 +200,8 @@ class Runtime:
             async with model_client(max(10, s.workers.concurrency * 2), self.env) as client:
                 signals = TaskSignals()
                 store = TaskStore(db, on_change=signals.publish)
-                router = Router(build_providers(s, client, self.env), s)
+                with self._startup_failure():  # a provider's settings that cannot work
+                    router = Router(build_providers(s, client, self.env), s)
                 # Known before the first task is claimed: which providers answer, with which
                 # models (each check is bounded by a 2 s timeout).
                 await router.refresh()
@@ -281,22 +283,6 @@ async def prepare(
         return await bootstrap_key(KeyStore(db), settings.server.host, settings.auth)
     except OSError as exc:
         raise ConfigError(f"database.url: cannot open {db.path}: {exc}") from None
-
-
-async def preflight(settings: Settings) -> tuple[ApiKey, str] | None:
-    """:func:`prepare` on its own, without serving: what a start would check and make.
-
-    Raises:
-        ConfigError: the database cannot be used.
-        TemplateError: a template file is invalid, or clashes with a registered template.
-    """
-    registry = TemplateRegistry(settings.templates.dirs, limits=settings.limits)
-    db = _open(settings)
-    try:
-        catalog = TemplateCatalog(registry, TemplateStore(db), settings.limits)
-        return await prepare(db, catalog, settings, bootstrap=True)
-    finally:
-        await db.close()
 
 
 def _on_sighup(callback: Callable[[], None]) -> Callable[[], None]:

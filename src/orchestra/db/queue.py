@@ -19,10 +19,6 @@ from orchestra.db.tables import tasks
 from orchestra.domain import NewTask, TaskStatus, iso
 from orchestra.event_types import TaskQueued
 
-#: The idempotency scope of requests without an API key (and of keys stored before keys were
-#: scoped, schema version 7).
-ANONYMOUS_SCOPE = ""
-
 #: The columns a submit writes: the new task's own (:class:`NewTask` names them), its status
 #: and its time.
 _ENQUEUE_COLUMNS = (*NewTask.__struct_fields__, "status", "created_at")

@@ -16,7 +16,8 @@ lease: ``lease_owner = :owner AND attempts = :attempt``), so a worker that lost 
 cannot overwrite what a newer attempt wrote: the guarded UPDATE simply matches no row.
 
 Every time the store writes or compares (leases, due times, events) is read from its clock,
-which tests replace.
+which tests replace; the worker reads the same clock for a retry's due time and the
+retention cutoff.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from orchestra.db import attempts, bulk, events, queue, retention
 from orchestra.db.attempts import Ending, Renewal
 from orchestra.db.engine import Database
 from orchestra.db.overview import SummaryPage
-from orchestra.db.queue import ANONYMOUS_SCOPE
 from orchestra.db.reads import Reads, reads_for
 from orchestra.db.rows import dump, task_from_row
 from orchestra.db.tables import tasks
@@ -50,7 +50,7 @@ from orchestra.domain import (
 )
 from orchestra.event_types import TaskFinished, TaskHandedBack, TaskRetrying
 
-__all__ = ["ANONYMOUS_SCOPE", "Enqueued", "Renewal", "TaskStore"]
+__all__ = ["Enqueued", "Renewal", "TaskStore"]
 
 #: How each terminal status of a task records the attempt that reached it.
 _ATTEMPT_ENDED = {

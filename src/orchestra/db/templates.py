@@ -93,12 +93,14 @@ class TemplateStore:
 
     async def keep_file_versions(self, versions: Sequence[StoredFileVersion]) -> None:
         """Store file template versions for the tasks queued with them, in one transaction
-        (once per body: a body stored already is left as it is)."""
+        (once per body; a body stored already is marked stored now, so that a file changed
+        back to an earlier body without a new version counts as the latest again)."""
         if not versions:
             return
         at = iso_now()
         rows = [{**msgspec.structs.asdict(v), "stored_at": at} for v in versions]
-        stmt = sqlite_insert(file_template_versions).on_conflict_do_nothing()
+        insert = sqlite_insert(file_template_versions)
+        stmt = insert.on_conflict_do_update(set_={"stored_at": insert.excluded.stored_at})
         await self.db.transaction(lambda conn: conn.execute(stmt, rows))
 
     async def pinned_file_versions(self) -> list[StoredFileVersion]:
