@@ -47,7 +47,6 @@ from orchestra.domain import (
     Retry,
     RetryPolicy,
     Step,
-    StepStatus,
     Task,
     TaskError,
     TaskStatus,
@@ -55,6 +54,7 @@ from orchestra.domain import (
     now,
 )
 from orchestra.errors import LeaseLost, StorageError, TemplateNotFound
+from orchestra.recorder import LeasedRecorder, Writer
 from orchestra.runner import Runner, StepFailed
 from orchestra.sizes import clip_message
 from orchestra.templating.model import Template
@@ -63,7 +63,6 @@ from orchestra.templating.registry import TemplateRegistry
 log = logs.get("orchestra.worker")
 
 RETENTION_BATCH = 500
-TEXT_FLUSH_SECONDS = 0.05
 #: Longest pause between claims while the database refuses writes, seconds.
 CLAIM_BACKOFF_CAP = 10.0
 #: First and longest pause between tries of a task's write the database refused, seconds.
@@ -72,8 +71,6 @@ WRITE_RETRY_CAP = 1.0
 _CANCELLED = TaskError(type="cancelled", message="cancelled by request")
 
 T = TypeVar("T")
-#: Runs a write of one task, trying it again while the database refuses and the lease lasts.
-Writer = Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
 
 
 class StopReason(StrEnum):
@@ -108,7 +105,7 @@ class _Running:
         self.lease_until = lease_until
         #: The template found when it was claimed; the claim started its first step.
         self.template = template
-        self.recorder: _LeasedRecorder | None = None
+        self.recorder: LeasedRecorder | None = None
         self.runner: asyncio.Task[None] | None = None
         #: Its end is being written: a cancel or a lost renewal no longer interrupts it.
         self.finishing = False
@@ -131,77 +128,6 @@ class _Running:
 def worker_id() -> str:
     """A name for this process's pool that is unique across restarts: host:pid:random."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-
-
-class _LeasedRecorder:
-    """Records steps through the store, fenced by the task's lease.
-
-    Two step writes ride on others. The claim started the first step already (``started``),
-    and the step that ends the attempt (the last of ``steps``, or one that failed) is held in
-    :attr:`ended`, for the worker to write with the task's end in one transaction. Every other
-    step's start and end is written at once, so a multi-step task is seen to progress.
-
-    Streamed text is buffered and written as one ``step.tokens`` event at most every
-    ``TEXT_FLUSH_SECONDS``, so the database is not written per token. The lock keeps the events
-    in order: a step's last text is written before its ``step.finished``.
-    """
-
-    def __init__(
-        self, store: TaskStore, lease: Lease, write: Writer, steps: int, started: str | None
-    ) -> None:
-        self.store = store
-        self.lease = lease
-        self._write = write
-        self._last = steps - 1
-        self._started = started
-        #: The step that ended the attempt and its last streamed text, not written yet.
-        self.ended: tuple[Step, str] | None = None
-        self._text: dict[str, list[str]] = {}
-        self._timer: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()
-
-    async def step_started(self, step_id: str, position: int) -> None:
-        if position == 0 and step_id == self._started:
-            return  # the claim started it
-        if not await self._write(lambda: self.store.start_step(self.lease, step_id, position)):
-            raise LeaseLost()
-
-    async def step_finished(self, step: Step) -> None:
-        async with self._lock:
-            # The step's last text goes in the same transaction as its end.
-            text = await self._write_text(keep=step.id)
-            if step.position == self._last or step.status is StepStatus.FAILED:
-                self.ended = (step, text)  # no step follows: it ends with the task
-                return
-            if not await self._write(lambda: self.store.finish_step(self.lease, step, text)):
-                raise LeaseLost()
-
-    def step_text(self, step_id: str, text: str) -> None:
-        self._text.setdefault(step_id, []).append(text)
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().create_task(self._flush_soon())
-
-    async def _flush_soon(self) -> None:
-        await asyncio.sleep(TEXT_FLUSH_SECONDS)
-        try:
-            await self._flush()
-        except Exception:  # the step's own writes notice a lost lease or a failing database
-            log.warning("task.text_not_recorded", task_id=self.lease.task_id)
-
-    async def _flush(self) -> None:
-        async with self._lock:
-            self._timer = None
-            await self._write_text()
-
-    async def _write_text(self, keep: str | None = None) -> str:
-        """Write the buffered text (the lock held) except ``keep``'s, which is returned."""
-        pending, self._text = self._text, {}
-        kept = "".join(pending.pop(keep, [])) if keep else ""
-        for step_id, parts in pending.items():
-            await self._write(
-                functools.partial(self.store.add_text, self.lease, step_id, "".join(parts))
-            )
-        return kept
 
 
 class WorkerPool:
@@ -229,6 +155,8 @@ class WorkerPool:
             model: cap for model in settings.models if (cap := settings.model_limit(model))
         }
         self._due: list[float] = []  # loop times when delayed tasks or retries become due
+        #: The dispatcher's sleep between claims while it sleeps (None while it claims).
+        self._sleep: asyncio.Timeout | None = None
         self._loops: set[asyncio.Task[None]] = set()
         #: Claims the database refused in a row (it backs off meanwhile).
         self._claim_failures = 0
@@ -270,8 +198,15 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         # A few milliseconds late, so the claim's clock agrees that the task is due.
         delay = (when - now()).total_seconds() + 0.005
-        heapq.heappush(self._due, loop.time() + max(delay, 0.0))
-        self._wake.set()
+        at = loop.time() + max(delay, 0.0)
+        heapq.heappush(self._due, at)
+        # No claim now (nothing is due yet): a dispatcher asleep past ``at`` wakes at ``at``
+        # instead; one that is claiming reads the new time from the heap when it is done.
+        sleep = self._sleep
+        if sleep is not None:
+            deadline = sleep.when()
+            if deadline is None or at < deadline:
+                sleep.reschedule(at)
 
     def cancel(self, task_id: int) -> bool:
         """Cancel a task running in this process; False when it does not run here."""
@@ -323,13 +258,16 @@ class WorkerPool:
                 limit = min(limit, remaining)
         return limit, full
 
-    def _wait_seconds(self) -> float:
-        """Until the next delayed task is due, or the poll interval, whichever is sooner."""
+    def _wait_seconds(self, claimed_at: float | None) -> float:
+        """Until the next delayed task is due, or the poll interval, whichever is sooner; 0
+        when one became due since the last claim began (at loop time ``claimed_at``; None:
+        there was none). What was due when the claim began, it claimed already."""
         loop_now = asyncio.get_running_loop().time()
         due_now = False
         while self._due and self._due[0] <= loop_now:
-            heapq.heappop(self._due)
-            due_now = True
+            due = heapq.heappop(self._due)
+            if claimed_at is None or due > claimed_at:
+                due_now = True
         if due_now:
             return 0.0
         if self._due:
@@ -344,9 +282,10 @@ class WorkerPool:
             self._wake.clear()
             limit, full = self._capacity()
             self._drained = False
+            asked: float | None = None
             if limit > 0:
                 # The lease's clock starts before the claim: it may wait for the writer.
-                asked = asyncio.get_running_loop().time()
+                asked = began = asyncio.get_running_loop().time()
                 templates: dict[int, Template] = {}
                 try:
                     claimed = await self.store.claim(
@@ -361,24 +300,26 @@ class WorkerPool:
                     continue
                 except Exception:
                     log.exception("pool.claim_failed")
-                    claimed = []
+                    claimed, asked = [], None  # what was due is still to claim
                 else:
                     if self._claim_failures:
                         log.info("pool.claims_resumed", after_failures=self._claim_failures)
                         self._claim_failures = 0
                     self._drained = len(claimed) < limit and not full
                 for task in claimed:
-                    self._spawn(task, asked + self.workers.lease_seconds, templates.get(task.id))
+                    self._spawn(task, began + self.workers.lease_seconds, templates.get(task.id))
                 if claimed and len(claimed) == limit:
                     continue  # there may be more due work
-            wait = self._wait_seconds()
+            wait = self._wait_seconds(asked)
             if wait <= 0:
                 continue
             try:
-                async with asyncio.timeout(wait):
+                async with asyncio.timeout(wait) as self._sleep:
                     await self._wake.wait()
             except TimeoutError:
                 pass
+            finally:
+                self._sleep = None
 
     def _first_step(self, templates: dict[int, Template], task: Task) -> str | None:
         """For the claim, inside its transaction on the writer's thread: the first step of the
@@ -515,7 +456,7 @@ class WorkerPool:
                 return TaskStatus.FAILED, None, error, default
         policy = template.retry or default
         timeout = task.timeout_seconds if task.timeout_seconds is not None else template.timeout
-        recorder = _LeasedRecorder(self.store, running.lease, write, len(template.steps), started)
+        recorder = LeasedRecorder(self.store, running.lease, write, len(template.steps), started)
         running.recorder = recorder
         try:
             # Leaving the timeout cancels whatever runs, including the model call.

@@ -92,3 +92,57 @@ async def test_a_cancelled_caller_does_not_cut_its_transaction_short(db: Databas
         await waiter
     with sqlite3.connect(db.path) as conn:
         assert conn.execute("SELECT v FROM t WHERE k = 7").fetchone() == ("done",)
+
+
+async def test_small_transactions_of_one_turn_commit_together_on_the_loop(db: Database) -> None:
+    commits: list[str] = []
+    event.listen(
+        db._writer, "commit", lambda _conn: commits.append(threading.current_thread().name)
+    )
+    results = await asyncio.gather(
+        *(db.transaction(_insert(k, fail=k == 3), small=True) for k in range(1, 6)),
+        return_exceptions=True,
+    )
+    assert [r for r in results if not isinstance(r, BaseException)] == [10, 20, 40, 50]
+    assert isinstance(results[2], ValueError)
+    # One commit, on the event loop's own thread: no hop to the writer's.
+    assert commits == [threading.current_thread().name]
+    with sqlite3.connect(db.path) as conn:
+        assert [k for (k,) in conn.execute("SELECT k FROM t ORDER BY k")] == [1, 2, 4, 5]
+
+
+async def test_a_small_transaction_waits_for_another_process_lock_off_the_loop(
+    db: Database,
+) -> None:
+    other = sqlite3.connect(db.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # the write lock, as another process would hold it
+    write = asyncio.ensure_future(db.transaction(_insert(1), small=True))
+    # The loop keeps turning while the write waits for the lock on the writer's thread.
+    loop = asyncio.get_running_loop()
+    gaps, last = [], loop.time()
+    for _ in range(20):
+        await asyncio.sleep(0.01)
+        gaps.append(loop.time() - last)
+        last = loop.time()
+    assert not write.done()
+    assert max(gaps) < 0.5
+    other.execute("COMMIT")
+    other.close()
+    assert await asyncio.wait_for(write, 10) == 10
+
+
+async def test_the_log_is_checkpointed_off_the_loop_and_stays_bounded(db: Database) -> None:
+    wal = db.path.with_name(db.path.name + "-wal")
+    padding = "x" * 3000  # about a page a row: without checkpoints the log grows by each
+
+    def insert(k: int) -> object:
+        return lambda conn: conn.execute(
+            text("INSERT INTO t (k, v) VALUES (:k, :v)"), {"k": k, "v": padding}
+        )
+
+    for k in range(1, 2001):
+        await db.transaction(insert(k), small=True)
+    with sqlite3.connect(db.path) as conn:
+        assert conn.execute("SELECT count(*) FROM t").fetchone() == (2000,)
+    # 2,000 commits of two pages or more, never checkpointed, would leave 16 MB of log.
+    assert wal.stat().st_size < 4 * 1024 * 1024

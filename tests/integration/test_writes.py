@@ -8,6 +8,7 @@ import asyncio
 import signal
 import sqlite3
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,9 @@ class Writes:
         event.listen(db._writer, "commit", self._commit)
         transaction = db.transaction
 
-        async def counted(work: Callable[[Any], Any]) -> Any:
+        async def counted(work: Callable[[Any], Any], **how: Any) -> Any:
             self.transactions += 1
-            return await transaction(work)
+            return await transaction(work, **how)
 
         db.transaction = counted  # type: ignore[method-assign]
 
@@ -87,6 +88,27 @@ async def test_a_one_step_task_is_three_writes_submit_claim_and_finish(svc: Serv
         assert done["status"] == "succeeded"
         assert [s["status"] for s in done["steps"]] == ["succeeded"]
     assert (writes.transactions, writes.commits) == (6, 6)
+
+
+async def test_a_delayed_submit_is_one_write_and_its_claim_comes_when_it_is_due(
+    svc: Service,
+) -> None:
+    await svc.wait((await svc.submit("summarize", text="warm up"))["id"])
+    writes = writes_of(svc)
+    later = await svc.client.post(
+        "/api/v1/tasks", json={"template": "summarize", "params": {"text": "x"}, "delay": 3600}
+    )
+    assert later.status_code == 201, later.text
+    # No claim for a task an hour away: the submit is the only write.
+    assert writes.transactions == 1
+    body = {"template": "summarize", "params": {"text": "soon"}, "delay": 0.5}
+    soon = (await svc.client.post("/api/v1/tasks", json=body)).json()
+    done = await svc.wait(soon["id"])
+    # Claimed when due, though the pool polls only hourly here.
+    started = datetime.fromisoformat(done["started_at"])
+    due = datetime.fromisoformat(done["created_at"]) + timedelta(seconds=0.5)
+    assert due <= started < due + timedelta(seconds=0.5)
+    assert writes.transactions == 2 + 2  # two submits; the claim and the end of the one due
 
 
 async def test_a_two_step_task_writes_its_middle_step_between(svc: Service) -> None:

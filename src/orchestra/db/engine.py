@@ -6,12 +6,17 @@ and starts with BEGIN IMMEDIATE so that a writer in *another* process is waited
 for (busy_timeout) at the start of the transaction instead of failing halfway. Readers use
 their own connections; in WAL mode they never block the writer nor wait for it.
 
-The writer's connection lives on a thread of its own, driven with SQLAlchemy's synchronous
-Core: a write transaction is a plain function run there in one hop (:meth:`Database.transaction`),
-and the thread runs them one at a time, in order — it is the serialization. Under load the
-transactions waiting for the thread are committed together (group commit). (Through aiosqlite
-each statement cost four thread hops — cursor, execute, fetch, close — and enqueueing a task
-took 3.7 ms where one hop takes 0.4; writes are the hot path. See benchmarks/RESULTS.md.)
+The writer's connection is driven with SQLAlchemy's synchronous Core: a write transaction is
+a plain function (:meth:`Database.transaction`), and transactions run one at a time, in order
+— that is the serialization. Large ones run on the writer's own thread. The small ones a
+task's life is made of (a submit, a claim, a step, the end) run on the event loop itself when
+the writer is idle: the hop to a thread and back cost more than they do (an enqueue took
+0.68 ms of CPU with the hop, 0.32 without), and each hop added its latency to every task.
+Either way, the transactions waiting together are committed together (group commit). The
+loop never waits for a lock: when another process holds the write lock, the transaction goes
+to the writer's thread, which waits. Checkpoints of the write-ahead log run on that thread
+too, never inside a commit on the loop. (Through aiosqlite each statement cost four thread
+hops; see benchmarks/RESULTS.md.)
 
 Point reads — one task, its events, a page of a listing — skip the threads altogether:
 :meth:`Database.read_now` runs them on the event loop's own ``sqlite3`` connection: an indexed
@@ -51,6 +56,9 @@ from orchestra.db.failures import DatabaseState, WriteHealth, free_bytes, storag
 from orchestra.errors import ConfigError, StorageError, StorageFull
 
 READ_POOL_SIZE = 4
+#: Commits between two checkpoints of the write-ahead log (about a thousand pages, SQLite's
+#: own default interval, at a dozen pages a task's write).
+CHECKPOINT_COMMITS = 100
 #: What counts as room again after a full disk: free bytes on it, and pages below its limit.
 ROOM_BYTES = 1024 * 1024
 ROOM_PAGES = 256
@@ -152,6 +160,12 @@ def check_url(url: str) -> Path:
 
 #: How a transaction ended: (True, what it returned) or (False, what it raised).
 _Outcome = tuple[bool, Any]
+#: A transaction waiting for the writer: its work, its caller's future, whether it is small.
+_Pending = tuple[Callable[[Connection], Any], asyncio.Future[Any], bool]
+
+
+class _Busy(Exception):
+    """Another connection holds the write lock, and the BEGIN was not to wait for it."""
 
 
 def _settle(futures: list[asyncio.Future[Any]], outcomes: list[_Outcome]) -> None:
@@ -181,11 +195,25 @@ class Database:
             connect_args={"check_same_thread": False},
         )
         _setup(self._writer, begin="BEGIN IMMEDIATE", busy_timeout_ms=busy_timeout_ms)
+        # Checkpoints run on the writer's thread between groups (_checkpoint_soon), never in a
+        # commit.
+        event.listen(
+            self._writer,
+            "connect",
+            lambda dbapi_connection, _record: dbapi_connection.execute(
+                "PRAGMA wal_autocheckpoint = 0"
+            ),
+        )
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orchestra-writer")
         self._conn: Connection | None = None
         self._lock = threading.Lock()
-        self._pending: list[tuple[Callable[[Connection], Any], asyncio.Future[Any]]] = []
+        self._pending: list[_Pending] = []
+        #: A drain is scheduled or running (on the loop or the writer's thread): the writer's
+        #: connection is in use, and new transactions join its queue.
         self._draining = False
+        #: Commits since the last checkpoint, and whether one is due (:meth:`_checkpoint_soon`).
+        self._commits = 0
+        self._checkpoint_due = False
         self._reader = _reader_engine(
             url, pool_size=READ_POOL_SIZE, busy_timeout_ms=busy_timeout_ms
         )
@@ -209,22 +237,60 @@ class Database:
 
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
         """On the writer's thread: run every transaction asked for so far, committed together,
-        until none is left; then hand the outcomes back to the event loop in one call."""
+        until none is left; then hand the outcomes back to the event loop in one call. A
+        checkpoint that is due runs first."""
         while True:
+            if self._checkpoint_due:
+                self._checkpoint()
             with self._lock:
                 batch, self._pending = self._pending, []
                 if not batch:
                     self._draining = False
                     return
-            try:
-                outcomes = self._commit_group([work for work, _ in batch])
-            except BaseException as exc:  # not an error of one unit: fail the group, go on
-                outcomes = [(False, exc)] * len(batch)
-            outcomes = [self._storage_outcome(outcome) for outcome in outcomes]
+            outcomes = self._run_group(batch, wait=True)
             recovered = self._note_health(outcomes)
-            loop.call_soon_threadsafe(_settle, [future for _, future in batch], outcomes)
+            loop.call_soon_threadsafe(_settle, [future for _, future, _ in batch], outcomes)
             if recovered and self.on_recovered is not None:
                 loop.call_soon_threadsafe(self.on_recovered)
+
+    def _drain_here(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the event loop, once the transactions asked for in this turn of the loop are
+        queued: commit the small ones together here, without waiting for a lock; hand what
+        cannot run here (a large transaction, or any while another process holds the write
+        lock) to the writer's thread."""
+        with self._lock:
+            small = 0
+            while small < len(self._pending) and self._pending[small][2]:
+                small += 1
+            batch, self._pending = self._pending[:small], self._pending[small:]
+        if batch:
+            try:
+                outcomes = self._run_group(batch, wait=False)
+            except _Busy:
+                with self._lock:
+                    self._pending[:0] = batch
+                self._thread.submit(self._drain, loop)
+                return
+            recovered = self._note_health(outcomes)
+            _settle([future for _, future, _ in batch], outcomes)
+            if recovered and self.on_recovered is not None:
+                self.on_recovered()
+        with self._lock:
+            if not self._pending and not self._checkpoint_due:
+                self._draining = False
+                return
+        self._thread.submit(self._drain, loop)  # what is left, after a checkpoint if one is due
+
+    def _run_group(self, batch: list[_Pending], *, wait: bool) -> list[_Outcome]:
+        """Commit ``batch`` together (see :meth:`_commit_group`): each outcome, failures of
+        SQLite as StorageErrors."""
+        try:
+            outcomes = self._commit_group([work for work, _, _ in batch], wait=wait)
+        except _Busy:
+            raise
+        except BaseException as exc:  # not an error of one unit: fail the group, go on
+            outcomes = [(False, exc)] * len(batch)
+        return [self._storage_outcome(outcome) for outcome in outcomes]
 
     def _note_health(self, outcomes: list[_Outcome]) -> bool:
         """Remember how the group went; True when writes work again after failing.
@@ -275,19 +341,24 @@ class Database:
         error.__cause__ = value
         return (False, error)
 
-    def _commit_group(self, works: list[Callable[[Connection], Any]]) -> list[_Outcome]:
+    def _commit_group(
+        self, works: list[Callable[[Connection], Any]], *, wait: bool = True
+    ) -> list[_Outcome]:
         """One BEGIN IMMEDIATE … COMMIT around ``works``, each inside a SAVEPOINT so that one
         that raises is rolled back alone.
 
         When a unit's failure made SQLite roll back the whole transaction (a full disk, an I/O
         error), that unit fails and the others run again without it, in a new transaction:
         one write too big for the disk does not fail the small ones grouped with it.
+
+        Without ``wait``, the BEGIN does not wait for a write lock another connection holds:
+        it raises :class:`_Busy` at once, and nothing was done.
         """
         outcomes: list[_Outcome] = []
         try:
             conn = self._connection()
             raw: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
-            conn.begin()  # the "begin" event makes it BEGIN IMMEDIATE
+            self._begin(conn, raw, wait=wait)  # BEGIN IMMEDIATE
             for index, work in enumerate(works):
                 raw.execute("SAVEPOINT unit")
                 try:
@@ -295,16 +366,58 @@ class Database:
                 except Exception as exc:
                     if not raw.in_transaction:  # nothing of the group is written any more
                         self._recover()
-                        others = self._commit_group(works[:index] + works[index + 1 :])
+                        others = self._commit_group(works[:index] + works[index + 1 :], wait=wait)
                         return [*others[:index], (False, exc), *others[index:]]
                     raw.execute("ROLLBACK TO unit")
                     outcomes.append((False, exc))
                 raw.execute("RELEASE unit")
             conn.commit()
+        except _Busy:
+            raise
         except Exception as exc:
             self._recover()
             return [(False, exc)] * len(works)
+        self._checkpoint_soon()
         return outcomes
+
+    def _begin(self, conn: Connection, raw: sqlite3.Connection, *, wait: bool) -> None:
+        """BEGIN IMMEDIATE (the "begin" event emits it); without ``wait``, with no busy
+        timeout, raising :class:`_Busy` when another connection holds the write lock."""
+        if wait:
+            conn.begin()
+            return
+        raw.execute("PRAGMA busy_timeout = 0")
+        try:
+            conn.begin()
+        except Exception as exc:
+            cause = getattr(exc, "orig", exc)
+            if getattr(cause, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
+                raise
+            self._recover()
+            raise _Busy() from exc
+        finally:
+            raw.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+
+    def _checkpoint_soon(self) -> None:
+        """Count a commit; every :data:`CHECKPOINT_COMMITS`, a checkpoint is due.
+
+        The writer's connection does not checkpoint in its commits (``wal_autocheckpoint``
+        0): on the event loop, the commit that did would hold the loop for milliseconds.
+        The writer's thread runs it instead, before its next group (:meth:`_drain`); small
+        transactions asked for meanwhile wait for it there, so nothing is written while it
+        copies the log and it always reaches the log's end (then the log starts over)."""
+        self._commits += 1
+        if self._commits >= CHECKPOINT_COMMITS:
+            self._checkpoint_due = True
+
+    def _checkpoint(self) -> None:
+        """On the writer's thread: copy the write-ahead log into the database file."""
+        self._checkpoint_due, self._commits = False, 0
+        try:
+            raw: sqlite3.Connection = self._connection().connection.driver_connection  # type: ignore[assignment]
+            raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except Exception as exc:  # the next one copies what this one could not
+            log.warning("database.checkpoint_failed", error=f"{type(exc).__name__}: {exc}")
 
     def _recover(self) -> None:
         """After a failed statement or COMMIT, leave the writer ready for the next group.
@@ -330,7 +443,7 @@ class Database:
                 conn.close()
             self._conn = None
 
-    async def transaction(self, work: Callable[[Connection], T]) -> T:
+    async def transaction(self, work: Callable[[Connection], T], *, small: bool = False) -> T:
         """Run ``work(connection)`` as one write transaction on the writer's thread: committed
         when this returns, rolled back when it raises.
 
@@ -346,15 +459,24 @@ class Database:
         A caller cancelled meanwhile does not cut a transaction short: it finishes (committed or
         rolled back) before the cancel is raised, so the caller never guesses whether it
         happened.
+
+        **Small transactions** (``small``: a few indexed rows, as each step of a task writes)
+        run on the event loop itself when the writer is idle: those asked for in one turn of
+        the loop are committed together at its end, without a hop to the thread and back,
+        which costs more than they do. If another process holds the write lock, they go to
+        the writer's thread, which waits for it.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         with self._lock:
-            self._pending.append((work, future))
+            self._pending.append((work, future, small))
             start = not self._draining
             self._draining = True
         if start:
-            self._thread.submit(self._drain, loop)
+            if small:
+                loop.call_soon(self._drain_here, loop)
+            else:
+                self._thread.submit(self._drain, loop)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -470,6 +592,9 @@ class Database:
                 self._conn = None
             self._writer.dispose()
 
+        if self._draining:  # transactions still queued: let them end first (in order)
+            with contextlib.suppress(Exception):
+                await self.transaction(lambda _conn: None)
         await asyncio.get_running_loop().run_in_executor(self._thread, close_writer)
         self._thread.shutdown(wait=True)
         if self._read_threads is not None:

@@ -106,7 +106,7 @@ class TaskStore:
         """Insert a queued task; with an idempotency key already used in its scope
         (``new.idempotency_scope``), return that task."""
         created = self._now()
-        row = await self.db.transaction(lambda conn: queue.enqueue(conn, new, created))
+        row = await self.db.transaction(lambda conn: queue.enqueue(conn, new, created), small=True)
         if row is not None:
             return Enqueued(task=task_from_row(row), created=True)
         async with self.db.read() as conn:
@@ -145,12 +145,14 @@ class TaskStore:
         Args:
             first_step: names each claimed task's first step (None: none), which the claim
                 then starts too, in the same transaction, as :meth:`start_step` would: so a
-                task's first write after its claim is its first step's end. Called on the
-                writer's thread inside the transaction: it must be quick and touch only memory.
+                task's first write after its claim is its first step's end. Called inside the
+                transaction (on the event loop or the writer's thread): it must be quick and
+                touch only memory.
         """
         at, expires = self._now(), self._now(lease_seconds)
         claimed = await self.db.transaction(
-            lambda conn: attempts.claim(conn, owner, limit, at, expires, skip_models, first_step)
+            lambda conn: attempts.claim(conn, owner, limit, at, expires, skip_models, first_step),
+            small=True,
         )
         self.on_change(t.id for t in claimed)
         claimed.sort(key=lambda t: (-t.priority, t.run_at, t.id))
@@ -165,13 +167,15 @@ class TaskStore:
         if not ids:
             return Renewal(held=set(), cancel_requested=set())
         expires = self._now(lease_seconds)
-        return await self.db.transaction(lambda conn: attempts.renew(conn, owner, ids, expires))
+        return await self.db.transaction(
+            lambda conn: attempts.renew(conn, owner, ids, expires), small=True
+        )
 
     async def start_step(self, lease: Lease, step_id: str, position: int) -> bool:
         """Record that a step started; False when the lease is lost."""
         at = self._now()
         written = await self.db.transaction(
-            lambda conn: attempts.start_step(conn, lease, step_id, position, at)
+            lambda conn: attempts.start_step(conn, lease, step_id, position, at), small=True
         )
         return self._changed(lease.task_id, written)
 
@@ -180,7 +184,7 @@ class TaskStore:
         lease is lost."""
         at = self._now()
         written = await self.db.transaction(
-            lambda conn: attempts.add_text(conn, lease, step_id, text, at)
+            lambda conn: attempts.add_text(conn, lease, step_id, text, at), small=True
         )
         return self._changed(lease.task_id, written)
 
@@ -193,7 +197,7 @@ class TaskStore:
         """
         at = self._now()
         written = await self.db.transaction(
-            lambda conn: attempts.end_step(conn, lease, step, text, at)
+            lambda conn: attempts.end_step(conn, lease, step, text, at), small=True
         )
         return self._changed(lease.task_id, written)
 
@@ -255,7 +259,7 @@ class TaskStore:
     ) -> bool:
         """End the lease's attempt in one transaction (:func:`attempts.end_attempt`)."""
         written = await self.db.transaction(
-            lambda conn: attempts.end_attempt(conn, lease, ending, at, step, text)
+            lambda conn: attempts.end_attempt(conn, lease, ending, at, step, text), small=True
         )
         return self._changed(lease.task_id, written)
 

@@ -1,0 +1,91 @@
+"""A running task's steps, written through the store as they happen, fenced by its lease."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from orchestra import logs
+from orchestra.db import TaskStore
+from orchestra.domain import Lease, Step, StepStatus
+from orchestra.errors import LeaseLost
+
+log = logs.get("orchestra.worker")
+
+#: Longest a streamed piece of text waits before it is written, seconds.
+TEXT_FLUSH_SECONDS = 0.05
+#: Runs a write of one task, trying it again while the database refuses and the lease lasts.
+Writer = Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
+
+
+class LeasedRecorder:
+    """Records steps through the store, fenced by the task's lease.
+
+    Two step writes ride on others. The claim started the first step already (``started``),
+    and the step that ends the attempt (the last of ``steps``, or one that failed) is held in
+    :attr:`ended`, for the worker to write with the task's end in one transaction. Every other
+    step's start and end is written at once, so a multi-step task is seen to progress.
+
+    Streamed text is buffered and written as one ``step.tokens`` event at most every
+    ``TEXT_FLUSH_SECONDS``, so the database is not written per token. The lock keeps the events
+    in order: a step's last text is written before its ``step.finished``.
+    """
+
+    def __init__(
+        self, store: TaskStore, lease: Lease, write: Writer, steps: int, started: str | None
+    ) -> None:
+        self.store = store
+        self.lease = lease
+        self._write = write
+        self._last = steps - 1
+        self._started = started
+        #: The step that ended the attempt and its last streamed text, not written yet.
+        self.ended: tuple[Step, str] | None = None
+        self._text: dict[str, list[str]] = {}
+        self._timer: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    async def step_started(self, step_id: str, position: int) -> None:
+        if position == 0 and step_id == self._started:
+            return  # the claim started it
+        if not await self._write(lambda: self.store.start_step(self.lease, step_id, position)):
+            raise LeaseLost()
+
+    async def step_finished(self, step: Step) -> None:
+        async with self._lock:
+            # The step's last text goes in the same transaction as its end.
+            text = await self._write_text(keep=step.id)
+            if step.position == self._last or step.status is StepStatus.FAILED:
+                self.ended = (step, text)  # no step follows: it ends with the task
+                return
+            if not await self._write(lambda: self.store.finish_step(self.lease, step, text)):
+                raise LeaseLost()
+
+    def step_text(self, step_id: str, text: str) -> None:
+        self._text.setdefault(step_id, []).append(text)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().create_task(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(TEXT_FLUSH_SECONDS)
+        try:
+            await self._flush()
+        except Exception:  # the step's own writes notice a lost lease or a failing database
+            log.warning("task.text_not_recorded", task_id=self.lease.task_id)
+
+    async def _flush(self) -> None:
+        async with self._lock:
+            self._timer = None
+            await self._write_text()
+
+    async def _write_text(self, keep: str | None = None) -> str:
+        """Write the buffered text (the lock held) except ``keep``'s, which is returned."""
+        pending, self._text = self._text, {}
+        kept = "".join(pending.pop(keep, [])) if keep else ""
+        for step_id, parts in pending.items():
+            await self._write(
+                functools.partial(self.store.add_text, self.lease, step_id, "".join(parts))
+            )
+        return kept
