@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.fixtures.fake_ollama import FakeOllama
-from tests.fixtures.servers import free_port, start_process, wait_until, write_config
+from tests.fixtures.servers import crash_config, start_process, wait_until
 
 TASKS = 300
 
@@ -27,19 +27,7 @@ async def test_sigkill_mid_run_loses_nothing_and_finishes_nothing_twice(
     fake_ollama: FakeOllama, tmp_path: Path
 ) -> None:
     fake_ollama.latency = 0.2
-    port = free_port()
-    db = tmp_path / "crash.db"
-    config = tmp_path / "crash.toml"
-    write_config(
-        config,
-        port=port,
-        db=db,
-        ollama_url=fake_ollama.url,
-        concurrency=8,
-        lease_seconds=1.0,
-        reap_interval=0.2,
-        poll_interval=0.2,
-    )
+    port, db, config = crash_config(tmp_path, fake_ollama.url, concurrency=8)
     first = await start_process(config)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from orchestra.config import Settings, TemplateSettings
 from orchestra.db import Database, TaskStore
@@ -96,13 +97,22 @@ async def test_serve_with_an_unsupported_database_url_fails_in_one_clean_line(
     assert "Error: database.url: 'postgresql' is not supported yet" in err
 
 
-async def test_a_queued_task_runs_its_file_version_after_the_file_changed_and_a_restart(
-    settings: Settings, start_service: StartService, fake_ollama: FakeOllama, tmp_path: Path
-) -> None:
+@pytest.fixture
+def greet(settings: Settings, tmp_path: Path) -> tuple[Path, Settings]:
+    """A template folder holding greet v1, and the settings that read it."""
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "greet.yaml").write_text(V1)
-    with_dir = msgspec.structs.replace(settings, templates=TemplateSettings(dirs=[str(folder)]))
+    return folder, msgspec.structs.replace(settings, templates=TemplateSettings(dirs=[str(folder)]))
+
+
+async def test_a_queued_task_runs_its_file_version_after_the_file_changed_and_a_restart(
+    settings: Settings,
+    start_service: StartService,
+    fake_ollama: FakeOllama,
+    greet: tuple[Path, Settings],
+) -> None:
+    folder, with_dir = greet
     body = {"template": "greet", "params": {"who": "Ada"}, "delay": 3600}
     async with start_service(with_dir) as svc:
         queued = [(await svc.client.post("/api/v1/tasks", json=body)).json() for _ in range(2)]
@@ -128,13 +138,10 @@ async def test_a_queued_task_runs_its_file_version_after_the_file_changed_and_a_
 
 
 async def test_a_new_task_gets_the_current_file_version_only(
-    settings: Settings, start_service: StartService, tmp_path: Path
+    start_service: StartService, greet: tuple[Path, Settings]
 ) -> None:
     """A stored version runs the tasks that pinned it; new tasks cannot ask for it."""
-    folder = tmp_path / "mine"
-    folder.mkdir()
-    (folder / "greet.yaml").write_text(V1)
-    with_dir = msgspec.structs.replace(settings, templates=TemplateSettings(dirs=[str(folder)]))
+    folder, with_dir = greet
     async with start_service(with_dir) as svc:
         assert (await svc.wait((await svc.submit("greet", who="Ada"))["id"]))["status"] == (
             "succeeded"
@@ -150,12 +157,12 @@ async def test_a_new_task_gets_the_current_file_version_only(
 
 
 async def test_a_version_loaded_by_a_reload_is_stored_when_a_task_is_queued_with_it(
-    settings: Settings, start_service: StartService, fake_ollama: FakeOllama, tmp_path: Path
+    settings: Settings,
+    start_service: StartService,
+    fake_ollama: FakeOllama,
+    greet: tuple[Path, Settings],
 ) -> None:
-    folder = tmp_path / "mine"
-    folder.mkdir()
-    (folder / "greet.yaml").write_text(V1)
-    with_dir = msgspec.structs.replace(settings, templates=TemplateSettings(dirs=[str(folder)]))
+    folder, with_dir = greet
     async with start_service(with_dir) as svc:
         (folder / "greet.yaml").write_text(V2)
         assert (await svc.client.post("/api/v1/templates/reload")).status_code == 200

@@ -21,7 +21,7 @@ from orchestra.db import Database, Lease, TaskStore
 from orchestra.domain import NewTask, Step, StepStatus, TaskError, TaskStatus, iso_now, now
 from tests.conftest import Service, StartService, with_workers
 from tests.fixtures.fake_ollama import FakeOllama
-from tests.fixtures.servers import free_port, start_process, wait_until, write_config
+from tests.fixtures.servers import crash_config, start_process, wait_until
 from tests.fixtures.sse import read_events
 
 TWO_STEPS = """\
@@ -276,18 +276,7 @@ async def test_a_crash_between_the_claim_and_the_end_runs_the_task_again(
     fake_ollama: FakeOllama, tmp_path: Path
 ) -> None:
     fake_ollama.latency = 0.5
-    port = free_port()
-    db = tmp_path / "crash.db"
-    config = tmp_path / "crash.toml"
-    write_config(
-        config,
-        port=port,
-        db=db,
-        ollama_url=fake_ollama.url,
-        lease_seconds=1.0,
-        reap_interval=0.2,
-        poll_interval=0.2,
-    )
+    port, db, config = crash_config(tmp_path, fake_ollama.url)
     first = await start_process(config)
     try:
         import httpx
