@@ -94,9 +94,13 @@ class _BoundedText:
 class Runner:
     """Executes templates against a provider."""
 
-    def __init__(self, provider: Provider, render: Renderer) -> None:
+    def __init__(
+        self, provider: Provider, render: Renderer, limits: LimitSettings | None = None
+    ) -> None:
+        """``limits``: the service's ``[limits]`` (the defaults when None)."""
         self.provider = provider
         self.render = render
+        self.limits = limits or LimitSettings()
         #: For templates registered over the API: every render in a render process.
         self.render_untrusted = render.untrusted()
 
@@ -105,12 +109,8 @@ class Runner:
         task: Task,
         template: Template,
         recorder: StepRecorder,
-        limits: LimitSettings | None = None,
     ) -> Any:
         """Run every step in order and return the task's result.
-
-        Args:
-            limits: the service's ``[limits]`` (the defaults when None).
 
         Raises:
             StepFailed: a step (or the output) failed; the step is recorded as failed first.
@@ -118,7 +118,7 @@ class Runner:
                 recorded), and a result over ``max_result_bytes`` (step ``output``).
             LeaseLost: from the recorder, when another attempt took the task over.
         """
-        limits = limits or LimitSettings()
+        limits = self.limits
         outputs: dict[str, dict[str, Any]] = {}
         scope: dict[str, Any] = {"params": task.params, "steps": outputs}
         prompts: dict[str, list[dict[str, str]]] = {}  # kept with the step, failed or not

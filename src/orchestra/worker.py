@@ -461,7 +461,7 @@ class WorkerPool:
         try:
             # Leaving the timeout cancels whatever runs, including the model call.
             async with asyncio.timeout(timeout):
-                result = await self.runner.run(task, template, recorder, self.settings.limits)
+                result = await self.runner.run(task, template, recorder)
         except TimeoutError:
             error = TaskError(
                 type="timeout",

@@ -210,7 +210,7 @@ class Runtime:
                 disk = asyncio.create_task(
                     warn_when_low(db.free_mb, s.database.min_free_mb, db.path), name="disk-watch"
                 )
-                pool = WorkerPool(store, self.registry, Runner(router, renderer), s)
+                pool = WorkerPool(store, self.registry, Runner(router, renderer, s.limits), s)
                 db.on_recovered = pool.notify  # writes work again: claim now, not after a pause
                 self._db, self._router, self._pool = db, router, pool
                 self._tasks = TaskService(

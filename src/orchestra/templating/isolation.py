@@ -199,15 +199,31 @@ class _Processes:
         self._jobs: set[asyncio.Task[Any]] = set()
 
     async def run(
-        self, render: Callable[..., Any], args: Any, kwargs: Any, *, limit: float | None = None
+        self,
+        render: Callable[..., Any],
+        args: Any,
+        kwargs: Any,
+        *,
+        limit: float | None = None,
+        late: str | None = None,
     ) -> Any:
+        """``render(*args, **kwargs)`` in a free process, which is replaced when it has not
+        answered within ``limit`` seconds (a render's: ``render_timeout`` plus ``GRACE``);
+        ``late`` is the error's message then (the render's by default)."""
         if self._idle is None:
             self._idle = asyncio.Queue()
             for process in self._processes:
                 self._idle.put_nowait(process)
         process = await self._idle.get()
-        limit = limit or self._limits.render_timeout + GRACE
-        job = asyncio.create_task(self._job(self._idle, process, limit, render, args, kwargs))
+        if limit is None:
+            limit = self._limits.render_timeout + GRACE
+            late = (
+                f"the render had not finished after {limit:g}s ([limits] render_timeout "
+                f"{self._limits.render_timeout:g}s, plus {GRACE:g}s), so its process was "
+                "replaced"
+            )
+        late = late or f"the work had not finished after {limit:g}s, so its process was replaced"
+        job = asyncio.create_task(self._job(self._idle, process, limit, late, render, args, kwargs))
         self._jobs.add(job)
         job.add_done_callback(self._forget)
         # The job keeps its process until the render answers, even if the caller leaves.
@@ -223,6 +239,7 @@ class _Processes:
         idle: asyncio.Queue[_RenderProcess],
         process: _RenderProcess,
         limit: float,
+        late: str,
         render: Callable[..., Any],
         args: Any,
         kwargs: Any,
@@ -232,12 +249,7 @@ class _Processes:
                 return await process.call(render, args, kwargs)
         except TimeoutError:
             await process.stop()
-            raise RenderError(
-                f"the render had not finished after {limit:g}s ([limits] render_timeout "
-                f"{self._limits.render_timeout:g}s, plus {GRACE:g}s), so its process was replaced"
-                if limit == self._limits.render_timeout + GRACE
-                else f"the work had not finished after {limit:g}s, so its process was replaced"
-            ) from None
+            raise RenderError(late) from None
         except OrchestraError:
             raise
         except MemoryError:
