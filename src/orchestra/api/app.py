@@ -79,7 +79,6 @@ def create_app(
         route_handlers=handlers,
         middleware=auth.middleware(settings.auth, own_paths(settings)),
         template_config=template_config() if settings.ui.enabled else None,
-        guards=[auth.scope_guard],
         cors_config=(
             CORSConfig(allow_origins=settings.cors.allow_origins)
             if settings.cors.allow_origins

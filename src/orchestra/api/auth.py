@@ -2,8 +2,8 @@
 
 Every request but ``/health`` and ``/schema`` passes :class:`ApiKeyMiddleware`, which turns
 the ``Authorization: Bearer`` header into a :class:`~orchestra.auth.Caller` (or answers
-401), and :func:`scope_guard`, which compares the caller's scope with the one the route
-declares in its ``opt`` (default: ``read`` for GET, ``admin`` for anything else; 403 when it
+401) and compares the caller's scope with the one the route declares in its ``opt``
+(:func:`check_scope`; default: ``read`` for GET, ``admin`` for anything else; 403 when it
 falls short). Error bodies say only that a key is missing, wrong or not allowed.
 
 ``/health`` answers everyone (liveness checks send no key), but shows provider details only
@@ -102,6 +102,8 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
             elif name == b"host" and host is None:
                 host = value.decode("latin-1")
         caller = await gatekeeper.caller(authorization, host)
+        method = str(connection.scope.get("method", "GET"))
+        check_scope(caller, connection.scope["route_handler"], method)
         return AuthenticationResult(user=caller, auth=None)
 
 
@@ -129,19 +131,27 @@ async def public_caller(connection: ASGIConnection[Any, Any, Any, Any]) -> Calle
         return None
 
 
+def check_scope(caller: Caller, handler: BaseRouteHandler, method: str) -> None:
+    """Refuse (403) a caller whose scope is below what the route needs: its ``opt`` scope,
+    else ``read`` for GET and HEAD, ``admin`` for anything else.
+
+    The API's middleware checks it as it authenticates; the dashboard's routes, which
+    authenticate their own way, through :func:`scope_guard`. (Not a guard for the API: Litestar
+    copies the route handler for each guard of each request.)"""
+    need: Scope = handler.opt.get("scope") or ("read" if method in ("GET", "HEAD") else "admin")
+    if not allows(caller.scope, need):
+        raise Forbidden(f"this API key may not do this (it needs the {need} scope)")
+
+
 async def scope_guard(
     connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
 ) -> None:
-    """Refuse (403) a caller whose scope is below what the route needs. (Async so Litestar
-    calls it on the loop: a sync guard is run on a thread, a hop per request.)"""
+    """:func:`check_scope` for the caller a session made. (Async so Litestar calls it on the
+    loop: a sync guard is run on a thread, a hop per request.)"""
     caller = connection.scope.get("user")
-    if caller is None:  # a public path: the middleware left it out
+    if caller is None:  # an open page: the gate left it out
         return
-    need: Scope = handler.opt.get("scope") or (
-        "read" if connection.scope.get("method") in ("GET", "HEAD") else "admin"
-    )
-    if not allows(caller.scope, need):
-        raise Forbidden(f"this API key may not do this (it needs the {need} scope)")
+    check_scope(caller, handler, str(connection.scope.get("method", "GET")))
 
 
 @functools.lru_cache(maxsize=256)  # a service hears few Host names: parse each once

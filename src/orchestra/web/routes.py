@@ -8,6 +8,7 @@ from litestar import Router
 from litestar.datastructures import ResponseHeader
 from litestar.static_files import create_static_files_router
 
+from orchestra.api.auth import scope_guard
 from orchestra.config import Settings
 from orchestra.errors import ConfigError
 from orchestra.web.access import DashboardGate
@@ -76,6 +77,7 @@ def dashboard(settings: Settings) -> Router:
         path=ui_path(settings),
         route_handlers=[OverviewPages, TaskPages, TemplatePages, AccessPages, KeyPages, static],
         middleware=[DashboardGate()],
+        guards=[scope_guard],  # the API's middleware checks scopes itself; pages have theirs
         response_headers=SECURITY_HEADERS,
         exception_handlers=HANDLERS,
         include_in_schema=False,
