@@ -15,7 +15,7 @@ from orchestra.llm.http import cause
 from orchestra.llm.lean_transport import LeanTransport
 from orchestra.llm.transport import ShardedTransport
 from tests.fixtures.fake_ollama import running_fake_ollama
-from tests.fixtures.servers import free_port, wait_until
+from tests.fixtures.servers import free_port, loopback_server, wait_until
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "one two three"}]}
 STREAM = {**CHAT, "stream": True}
@@ -56,23 +56,13 @@ async def scripted(reply: Reply) -> AsyncIterator[Scripted]:
     """A raw HTTP server on a loopback port; ``reply`` serves each connection."""
     state = Scripted(url="")
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         state.connections += 1
-        try:
-            await reply(reader, writer, state)
-            await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+        await reply(reader, writer, state)
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    state.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    try:
+    async with loopback_server(serve) as url:
+        state.url = url
         yield state
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 def answer(body: bytes, *headers: str) -> bytes:
