@@ -89,19 +89,24 @@ class Gatekeeper:
         raise Unauthorized("an API key is required: send it as 'Authorization: Bearer <key>'")
 
 
+def _credentials(connection: ASGIConnection[Any, Any, Any, Any]) -> tuple[str | None, str | None]:
+    """The request's Authorization and Host headers (the first of each), read straight from
+    the scope: Litestar's ``Headers`` would decode every header first."""
+    authorization = host = None
+    for name, value in connection.scope["headers"]:
+        if name == b"authorization" and authorization is None:
+            authorization = value.decode("latin-1")
+        elif name == b"host" and host is None:
+            host = value.decode("latin-1")
+    return authorization, host
+
+
 class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
     """Sets ``request.user`` to the caller."""
 
     async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> Any:
         gatekeeper: Gatekeeper = connection.app.state.runtime.gatekeeper
-        authorization = host = None
-        # The two headers straight from the scope: Litestar's Headers would decode them all.
-        for name, value in connection.scope["headers"]:
-            if name == b"authorization" and authorization is None:
-                authorization = value.decode("latin-1")
-            elif name == b"host" and host is None:
-                host = value.decode("latin-1")
-        caller = await gatekeeper.caller(authorization, host)
+        caller = await gatekeeper.caller(*_credentials(connection))
         method = str(connection.scope.get("method", "GET"))
         check_scope(caller, connection.scope["route_handler"], method)
         return AuthenticationResult(user=caller, auth=None)
@@ -124,9 +129,8 @@ async def public_caller(connection: ASGIConnection[Any, Any, Any, Any]) -> Calle
     (no key where one is needed, or a key that is not valid), or where the keys cannot be
     read now (a liveness check must still get its answer while the database is down)."""
     gatekeeper: Gatekeeper = connection.app.state.runtime.gatekeeper
-    headers = connection.headers
     try:
-        return await gatekeeper.caller(headers.get("authorization"), headers.get("host"))
+        return await gatekeeper.caller(*_credentials(connection))
     except (Unauthorized, StorageError):
         return None
 
