@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from sqlalchemy import Connection, event, text
@@ -94,11 +96,15 @@ async def test_a_cancelled_caller_does_not_cut_its_transaction_short(db: Databas
         assert conn.execute("SELECT v FROM t WHERE k = 7").fetchone() == ("done",)
 
 
-async def test_small_transactions_of_one_turn_commit_together_on_the_loop(db: Database) -> None:
+def _commit_threads(db: Database) -> list[str]:
+    """The names of the threads the writer's commits happen on, from now on."""
     commits: list[str] = []
-    event.listen(
-        db._writer, "commit", lambda _conn: commits.append(threading.current_thread().name)
-    )
+    event.listen(db._writer, "commit", lambda _c: commits.append(threading.current_thread().name))
+    return commits
+
+
+async def test_small_transactions_of_one_turn_commit_together_on_the_loop(db: Database) -> None:
+    commits = _commit_threads(db)
     results = await asyncio.gather(
         *(db.transaction(_insert(k, fail=k == 3), small=True) for k in range(1, 6)),
         return_exceptions=True,
@@ -146,3 +152,28 @@ async def test_the_log_is_checkpointed_off_the_loop_and_stays_bounded(db: Databa
         assert conn.execute("SELECT count(*) FROM t").fetchone() == (2000,)
     # 2,000 commits of two pages or more, never checkpointed, would leave 16 MB of log.
     assert wal.stat().st_size < 4 * 1024 * 1024
+
+
+async def test_after_a_large_transaction_the_next_small_one_runs_on_the_loop(
+    db: Database,
+) -> None:
+    # The writer's thread is slow to go on after it answered (as when the loop wins the race
+    # for the interpreter): by then it must already count as idle, or the small transaction
+    # its caller writes next goes to the thread, hop and all.
+    loop = asyncio.get_running_loop()
+    answer = loop.call_soon_threadsafe
+
+    def answer_then_dawdle(callback: Any, *args: Any) -> Any:
+        handle = answer(callback, *args)
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(0.2)
+        return handle
+
+    loop.call_soon_threadsafe = answer_then_dawdle  # type: ignore[method-assign]
+    try:
+        assert await db.transaction(_insert(1)) == 10  # on the writer's thread
+        commits = _commit_threads(db)
+        assert await db.transaction(_insert(2), small=True) == 20
+        assert commits == [threading.current_thread().name]
+    finally:
+        del loop.call_soon_threadsafe

@@ -249,9 +249,17 @@ class Database:
                     return
             outcomes = self._run_group(batch, wait=True)
             recovered = self._note_health(outcomes)
+            with self._lock:
+                # Idle before the callers hear back, so that what they write next can run on
+                # the loop; the connection is not touched below.
+                done = not self._pending and not self._checkpoint_due
+                if done:
+                    self._draining = False
             loop.call_soon_threadsafe(_settle, [future for _, future, _ in batch], outcomes)
             if recovered and self.on_recovered is not None:
                 loop.call_soon_threadsafe(self.on_recovered)
+            if done:
+                return
 
     def _drain_here(self, loop: asyncio.AbstractEventLoop) -> None:
         """On the event loop, once the transactions asked for in this turn of the loop are
