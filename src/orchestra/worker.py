@@ -36,17 +36,14 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timedelta
-from enum import StrEnum
 from typing import Any, TypeVar
 
 from orchestra import logs
 from orchestra.config import Settings
 from orchestra.db import TaskStore
 from orchestra.domain import (
-    Lease,
     Retry,
     RetryPolicy,
-    Step,
     Task,
     TaskError,
     TaskStatus,
@@ -54,8 +51,8 @@ from orchestra.domain import (
     now,
 )
 from orchestra.errors import LeaseLost, StorageError, TemplateNotFound
-from orchestra.recorder import LeasedRecorder, Writer
 from orchestra.runner import Runner, StepFailed
+from orchestra.running import LeasedRecorder, Running, StopReason, Writer
 from orchestra.sizes import clip_message
 from orchestra.templating.model import Template
 from orchestra.templating.registry import TemplateRegistry
@@ -71,58 +68,6 @@ WRITE_RETRY_CAP = 1.0
 _CANCELLED = TaskError(type="cancelled", message="cancelled by request")
 
 T = TypeVar("T")
-
-
-class StopReason(StrEnum):
-    """Why a running task was stopped before it finished."""
-
-    CANCELLED = "cancelled"  # by request
-    LEASE_LOST = "lease_lost"  # its lease could not be renewed: another worker may have it
-
-
-class _Running:
-    """One task running in this pool: everything the pool knows of it, in one place (its
-    model's share of the capacity is counted from these)."""
-
-    __slots__ = (
-        "finishing",
-        "lease",
-        "lease_until",
-        "recorder",
-        "runner",
-        "stop",
-        "task",
-        "template",
-    )
-
-    def __init__(
-        self, task: Task, owner: str, lease_until: float, template: Template | None
-    ) -> None:
-        self.task = task
-        #: Fences every write of this attempt.
-        self.lease = Lease(task_id=task.id, owner=owner, attempt=task.attempts)
-        #: Loop time until which the lease is known to hold (its last renewal + lease_seconds).
-        self.lease_until = lease_until
-        #: The template found when it was claimed; the claim started its first step.
-        self.template = template
-        self.recorder: LeasedRecorder | None = None
-        self.runner: asyncio.Task[None] | None = None
-        #: Its end is being written: a cancel or a lost renewal no longer interrupts it.
-        self.finishing = False
-        self.stop: StopReason | None = None
-
-    def interrupt(self, reason: StopReason) -> None:
-        """Stop the task's coroutine; the first reason given is the one that counts."""
-        self.stop = self.stop or reason
-        if self.runner is not None:
-            self.runner.cancel()
-
-    def ended(self) -> tuple[Step | None, str]:
-        """The step that ended the attempt and its last streamed text, still to be written
-        with the task's end; (None, "") when there is none."""
-        if self.recorder is None or self.recorder.ended is None:
-            return None, ""
-        return self.recorder.ended
 
 
 def worker_id() -> str:
@@ -148,8 +93,8 @@ class WorkerPool:
         self.owner = worker_id()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
-        #: The tasks running here, by id: the one record of each (see :class:`_Running`).
-        self._running: dict[int, _Running] = {}
+        #: The tasks running here, by id: the one record of each (see :class:`Running`).
+        self._running: dict[int, Running] = {}
         #: The models with a concurrency limit of their own, and that limit.
         self._model_limits = {
             model: cap for model in settings.models if (cap := settings.model_limit(model))
@@ -354,10 +299,10 @@ class WorkerPool:
             # again. The old attempt's writes are fenced off; stop it too. It no longer
             # counts against the capacity: only the record of the newer attempt is kept.
             stale.interrupt(StopReason.LEASE_LOST)
-        running = self._running[task.id] = _Running(task, self.owner, lease_until, template)
+        running = self._running[task.id] = Running(task, self.owner, lease_until, template)
         running.runner = asyncio.create_task(self._run(running), name=f"orchestra-task-{task.id}")
 
-    async def _within_lease(self, running: _Running, write: Callable[[], Awaitable[T]]) -> T:
+    async def _within_lease(self, running: Running, write: Callable[[], Awaitable[T]]) -> T:
         """Run one of a task's writes; while the database refuses it (a full disk, a held
         lock), try again, until the task's lease runs out.
 
@@ -384,7 +329,7 @@ class WorkerPool:
 
     # -- running one task ---------------------------------------------------------------------
 
-    async def _run(self, running: _Running) -> None:
+    async def _run(self, running: Running) -> None:
         task, lease = running.task, running.lease
         tlog = log.bind(task_id=task.id, template=task.template, attempt=task.attempts)
         clock = time.perf_counter()
@@ -441,7 +386,7 @@ class WorkerPool:
                 self._wake.set()
 
     async def _execute(
-        self, running: _Running, write: Writer, tlog: Any
+        self, running: Running, write: Writer, tlog: Any
     ) -> tuple[TaskStatus, Any, TaskError | None, RetryPolicy]:
         task = running.task
         default = RetryPolicy(max_attempts=self.workers.max_attempts)
@@ -481,7 +426,7 @@ class WorkerPool:
 
     async def _retry_later(
         self,
-        running: _Running,
+        running: Running,
         error: TaskError,
         retry: Retry,
         write: Writer,
@@ -502,7 +447,7 @@ class WorkerPool:
         else:
             tlog.warning("task.lease_lost", detail="failed, but another attempt owns it")
 
-    async def _finish_cancelled(self, running: _Running, write: Writer, tlog: Any) -> None:
+    async def _finish_cancelled(self, running: Running, write: Writer, tlog: Any) -> None:
         step, text = running.ended()
         try:
             done = await write(
@@ -519,7 +464,7 @@ class WorkerPool:
         if done:
             tlog.info("task.finished", status=TaskStatus.CANCELLED.value)
 
-    async def _hand_back(self, running: _Running, tlog: Any) -> None:
+    async def _hand_back(self, running: Running, tlog: Any) -> None:
         step, text = running.ended()
         try:
             released = await self.store.release(running.lease, step=step, text=text)

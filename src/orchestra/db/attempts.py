@@ -3,7 +3,7 @@
 
 Each operation is a transaction body (``conn`` is the writer's connection, inside a transaction
 :class:`~orchestra.db.store.TaskStore` opens) with its SQL beside it; the hot path's statements
-are :class:`~orchestra.db.engine.Prepared`, compiled once. A worker's writes carry the lease
+are :class:`~orchestra.db.prepared.Prepared`, compiled once. A worker's writes carry the lease
 guard (:data:`HOLDS`), so a worker that lost its task changes nothing: the guarded statement
 matches no row. Status guards come from :mod:`orchestra.db.guards`.
 """
@@ -30,7 +30,7 @@ from sqlalchemy import (
 )
 
 from orchestra.db import events, guards
-from orchestra.db.engine import Prepared
+from orchestra.db.prepared import Prepared
 from orchestra.db.rows import dump, task_from_row
 from orchestra.db.tables import task_attempts, task_steps, tasks
 from orchestra.domain import (

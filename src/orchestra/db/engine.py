@@ -39,14 +39,13 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
-from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
@@ -67,7 +66,6 @@ log = logs.get("orchestra.db")
 
 
 T = TypeVar("T")
-_DIALECT = sqlite_dialect(paramstyle="qmark")
 
 
 def _setup(engine: Engine, *, begin: str, busy_timeout_ms: int) -> None:
@@ -92,45 +90,6 @@ def _reader_engine(url: str, *, pool_size: int, busy_timeout_ms: int) -> AsyncEn
     engine = create_async_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=60)
     _setup(engine.sync_engine, begin="BEGIN", busy_timeout_ms=busy_timeout_ms)
     return engine
-
-
-class Prepared:
-    """A Core statement compiled once to SQLite's SQL and run on the writer's raw ``sqlite3``
-    connection, inside the transaction :meth:`Database.transaction` opened.
-
-    For the hot path: SQLAlchemy's per-call work (building the statement, its cache key,
-    parameter processing) cost more CPU than SQLite itself — about 40 % of the service's CPU in
-    the throughput benchmark. Parameters are ``bindparam`` names; only plain values (text,
-    numbers, None) may be bound, since no type processing runs.
-    """
-
-    def __init__(self, statement: Any) -> None:
-        compiled = statement.compile(dialect=_DIALECT)
-        self.sql: str = compiled.string
-        self._names: tuple[str, ...] = tuple(compiled.positiontup or ())
-        # Values fixed in the statement itself (literal binds), by name.
-        self._defaults: dict[str, Any] = {
-            name: bind.value for name, bind in compiled.binds.items() if not bind.required
-        }
-
-    def _values(self, params: Mapping[str, Any]) -> list[Any]:
-        return [params[n] if n in params else self._defaults[n] for n in self._names]
-
-    def run(self, conn: Connection, params: Mapping[str, Any]) -> sqlite3.Cursor:
-        """Execute once; returns the cursor (``rowcount``, ``fetchall()``)."""
-        raw: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
-        return raw.execute(self.sql, self._values(params))
-
-    def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """Execute once; every row as a mapping of column name to value."""
-        cursor = self.run(conn, params)
-        names = [d[0] for d in cursor.description or ()]
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-
-    def run_many(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Execute once per parameter set."""
-        raw: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
-        raw.executemany(self.sql, [self._values(r) for r in rows])
 
 
 def check_url(url: str) -> Path:

@@ -8,7 +8,8 @@ from typing import Any
 import msgspec
 from sqlalchemy import Connection, bindparam, func, insert, select
 
-from orchestra.db.engine import Database, Prepared
+from orchestra.db.engine import Database
+from orchestra.db.prepared import Prepared
 from orchestra.db.rows import dump
 from orchestra.db.tables import task_events
 from orchestra.event_types import EventPayload, EventType

@@ -13,7 +13,7 @@ from sqlalchemy import Connection, bindparam
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from orchestra.db import events
-from orchestra.db.engine import Prepared
+from orchestra.db.prepared import Prepared
 from orchestra.db.rows import dump
 from orchestra.db.tables import tasks
 from orchestra.domain import NewTask, TaskStatus, iso

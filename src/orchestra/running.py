@@ -1,16 +1,19 @@
-"""A running task's steps, written through the store as they happen, fenced by its lease."""
+"""A task running in a worker pool: its record (:class:`Running`), and its steps written through
+the store as they happen, fenced by its lease (:class:`LeasedRecorder`)."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 from collections.abc import Awaitable, Callable
+from enum import StrEnum
 from typing import Any
 
 from orchestra import logs
 from orchestra.db import TaskStore
-from orchestra.domain import Lease, Step, StepStatus
+from orchestra.domain import Lease, Step, StepStatus, Task
 from orchestra.errors import LeaseLost
+from orchestra.templating.model import Template
 
 log = logs.get("orchestra.worker")
 
@@ -89,3 +92,55 @@ class LeasedRecorder:
                 functools.partial(self.store.add_text, self.lease, step_id, "".join(parts))
             )
         return kept
+
+
+class StopReason(StrEnum):
+    """Why a running task was stopped before it finished."""
+
+    CANCELLED = "cancelled"  # by request
+    LEASE_LOST = "lease_lost"  # its lease could not be renewed: another worker may have it
+
+
+class Running:
+    """One task running in this pool: everything the pool knows of it, in one place (its
+    model's share of the capacity is counted from these)."""
+
+    __slots__ = (
+        "finishing",
+        "lease",
+        "lease_until",
+        "recorder",
+        "runner",
+        "stop",
+        "task",
+        "template",
+    )
+
+    def __init__(
+        self, task: Task, owner: str, lease_until: float, template: Template | None
+    ) -> None:
+        self.task = task
+        #: Fences every write of this attempt.
+        self.lease = Lease(task_id=task.id, owner=owner, attempt=task.attempts)
+        #: Loop time until which the lease is known to hold (its last renewal + lease_seconds).
+        self.lease_until = lease_until
+        #: The template found when it was claimed; the claim started its first step.
+        self.template = template
+        self.recorder: LeasedRecorder | None = None
+        self.runner: asyncio.Task[None] | None = None
+        #: Its end is being written: a cancel or a lost renewal no longer interrupts it.
+        self.finishing = False
+        self.stop: StopReason | None = None
+
+    def interrupt(self, reason: StopReason) -> None:
+        """Stop the task's coroutine; the first reason given is the one that counts."""
+        self.stop = self.stop or reason
+        if self.runner is not None:
+            self.runner.cancel()
+
+    def ended(self) -> tuple[Step | None, str]:
+        """The step that ended the attempt and its last streamed text, still to be written
+        with the task's end; (None, "") when there is none."""
+        if self.recorder is None or self.recorder.ended is None:
+            return None, ""
+        return self.recorder.ended
