@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from collections.abc import AsyncIterator
 
@@ -120,3 +121,20 @@ async def test_a_template_parsed_in_a_process_keeps_its_problems(renderer: Rende
         await renderer.isolated(parse_template, text, "<request>", LimitSettings())
     [problem] = caught.value.problems
     assert (problem.line, problem.path) == (5, "steps[0].text")
+
+
+async def test_a_render_process_killed_from_outside_is_replaced_and_close_returns(
+    renderer: Renderer,
+) -> None:
+    """A pool's terminate() waited forever once its idle worker had died holding the job
+    queue's lock: the service's shutdown hung (CI, test_hostile_inputs)."""
+    first = await renderer.isolated(where, 0)
+    os.kill(first, signal.SIGKILL)
+    with pytest.raises(RenderError, match="exited before it answered"):
+        async with asyncio.timeout(10):
+            await renderer.isolated(where, 0)
+    async with asyncio.timeout(10):
+        second = await renderer.isolated(where, 0)
+    assert second != first
+    async with asyncio.timeout(5):
+        await renderer.close()

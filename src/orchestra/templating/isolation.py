@@ -10,7 +10,7 @@ Why a process and not a thread: a render is pure Python and holds the GIL, while
 loop gives the GIL up at every socket call and then waits up to the switch interval (5 ms)
 to get it back. With the render on a thread, one /health request took 300 ms.
 
-Each render process is a child started with ``spawn`` that holds the service's limits:
+Each render process is a child (fork server, or ``spawn``) that holds the service's limits:
 
 * it renders one thing at a time. There are ``[limits] render_processes`` of them, each
   started when first needed and then kept;
@@ -36,11 +36,14 @@ operator's own code, as the configuration is.
 from __future__ import annotations
 
 import asyncio
+import functools
 import multiprocessing
 import os
 import signal
 from collections.abc import Callable
-from multiprocessing.pool import Pool
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Any, ParamSpec, TypeVar
 
 from orchestra.config import LimitSettings
@@ -93,51 +96,82 @@ def _start_child(limits: LimitSettings) -> None:
         pass  # no RLIMIT_AS here (macOS refuses it): the sandbox's size caps still hold
 
 
-def _settle(done: asyncio.Future[Any], value: Any, failed: bool) -> None:
-    if done.done():
-        return
-    if failed:
-        done.set_exception(value)
-    else:
-        done.set_result(value)
+def _serve(conn: Connection, limits: LimitSettings) -> None:
+    """A render process's life: take a job from the pipe, answer it, until the pipe closes."""
+    _start_child(limits)
+    while True:
+        try:
+            render, args, kwargs = conn.recv()
+        except (EOFError, OSError):
+            return  # the service closed its end: it stopped, or replaced this process
+        try:
+            answer: tuple[bool, Any] = (False, render(*args, **kwargs))
+        except BaseException as exc:  # MemoryError too: the caller says what happened
+            answer = (True, exc)
+        try:
+            conn.send(answer)  # pickled first, then written: nothing half-sent
+        except Exception as exc:
+            conn.send((True, RenderError(f"the result could not be sent back: {exc}")))
+
+
+def _round_trip(conn: Connection, job: tuple[Any, Any, Any]) -> tuple[bool, Any]:
+    """On a thread: send ``job`` to a render process and wait for its answer. Raises
+    EOFError when the process dies or is killed before it answers."""
+    conn.send(job)
+    answer: tuple[bool, Any] = conn.recv()
+    return answer
 
 
 class _RenderProcess:
-    """One render process: a one-worker multiprocessing Pool, which can be killed."""
+    """One render process, and the pipe that carries its jobs and answers.
 
-    def __init__(self, limits: LimitSettings) -> None:
+    Not a ``multiprocessing.Pool``: a pool's ``terminate()`` can wait forever (its idle
+    worker holds the job queue's lock while it waits for a job, and the pool's handler
+    threads must agree to stop), and a service that stops must not wait on it. Here nothing
+    is shared with the child but a pipe: killing it is one signal, and a caller waiting on
+    the pipe gets EOF.
+    """
+
+    def __init__(self, limits: LimitSettings, threads: ThreadPoolExecutor) -> None:
         self._limits = limits
-        self._pool: Pool | None = None
+        self._threads = threads
+        self._process: BaseProcess | None = None
+        self._conn: Connection | None = None
+
+    def _start(self) -> tuple[BaseProcess, Connection]:
+        ours, theirs = _CONTEXT.Pipe()
+        process = _CONTEXT.Process(  # type: ignore[attr-defined]
+            target=_serve, args=(theirs, self._limits), name="orchestra-render", daemon=True
+        )
+        process.start()
+        theirs.close()  # the child holds it now: its death is our EOF
+        return process, ours
 
     async def call(self, render: Callable[..., Any], args: Any, kwargs: Any) -> Any:
         """Run ``render(*args, **kwargs)`` in the process (started now if it is not)."""
-        if self._pool is None:
-            self._pool = await asyncio.to_thread(
-                _CONTEXT.Pool, 1, initializer=_start_child, initargs=(self._limits,)
-            )
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[Any] = loop.create_future()
-
-        def answer(value: Any, failed: bool) -> None:  # on the pool's result thread
-            try:
-                loop.call_soon_threadsafe(_settle, done, value, failed)
-            except RuntimeError:
-                pass  # the loop has closed: nobody is waiting any more
-
-        self._pool.apply_async(
-            render,
-            args,
-            kwargs,
-            callback=lambda value: answer(value, False),
-            error_callback=lambda exc: answer(exc, True),
-        )
-        return await done
+        if self._process is None or self._conn is None:
+            self._process, self._conn = await loop.run_in_executor(self._threads, self._start)
+        process, conn = self._process, self._conn
+        assert process is not None and conn is not None  # set just above
+        trip = functools.partial(_round_trip, conn, (render, args, kwargs))
+        try:
+            failed, value = await loop.run_in_executor(self._threads, trip)
+        except (EOFError, OSError):  # it died (or was killed) before it answered
+            await self.stop()
+            raise RenderError(
+                f"the render process exited before it answered (exit code {process.exitcode})"
+            ) from None
+        if failed:
+            raise value
+        return value
 
     async def stop(self) -> None:
         """Kill the process; the next call starts a new one."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            await asyncio.to_thread(pool.terminate)
+        process, self._process, self._conn = self._process, None, None
+        if process is not None and process.is_alive():
+            process.kill()
+            await asyncio.to_thread(process.join, 5)
 
 
 class Renderer:
@@ -194,7 +228,13 @@ class _Processes:
 
     def __init__(self, limits: LimitSettings) -> None:
         self._limits = limits
-        self._processes = [_RenderProcess(limits) for _ in range(limits.render_processes)]
+        # One thread per process, to wait on its pipe: a process answers one job at a time.
+        self._threads = ThreadPoolExecutor(
+            max_workers=limits.render_processes, thread_name_prefix="orchestra-render"
+        )
+        self._processes = [
+            _RenderProcess(limits, self._threads) for _ in range(limits.render_processes)
+        ]
         self._idle: asyncio.Queue[_RenderProcess] | None = None
         self._jobs: set[asyncio.Task[Any]] = set()
 
@@ -266,3 +306,4 @@ class _Processes:
         for job in list(self._jobs):
             job.cancel()
         await asyncio.gather(*(p.stop() for p in self._processes))
+        self._threads.shutdown(wait=False)
