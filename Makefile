@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test test-fast lint clean install dev real-models bench llama-wheel rebuild-llama wheels screenshots
+.PHONY: run test test-postgres test-fast lint clean install dev real-models bench llama-wheel rebuild-llama wheels screenshots
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required")'
@@ -90,7 +90,7 @@ rebuild-llama:
 # with no model server installed.
 $(VENV)/.installed-embedded: pyproject.toml $(WHEELS)/llama.wheel | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps $$(cat $(WHEELS)/llama.wheel)
-	$(BIN)/python -m pip install --quiet -e '.[embedded,fast]'
+	$(BIN)/python -m pip install --quiet -e '.[embedded,fast,postgres]'
 	@touch $@
 
 # Test tools, and llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`) for the
@@ -114,8 +114,22 @@ lint: $(VENV)/.installed-dev
 # Two pytest processes, a test file each at a time (a file's module fixtures start once).
 PYTEST := $(BIN)/python -m pytest -n 2 --dist loadfile
 
+# The whole suite on SQLite, then every test that uses a database again on PostgreSQL: a
+# throwaway server the tests start themselves (tests/fixtures/postgres.py), when PostgreSQL's
+# binaries are installed (.ci/run installs Debian's package).
+HAVE_POSTGRES = $(BIN)/python -c 'import sys; from tests.fixtures.postgres import binaries; sys.exit(binaries() is None)'
 test: $(VENV)/.installed-dev lint
 	$(PYTEST)
+	@if $(HAVE_POSTGRES); then \
+		echo "=== The tests that use a database, again on PostgreSQL ==="; \
+		ORCHESTRA_TEST_ENGINE=postgresql $(PYTEST); \
+	else \
+		echo "=== SKIPPED: the PostgreSQL run (PostgreSQL is not installed: apt-get install postgresql) ==="; \
+	fi
+
+# Only the PostgreSQL run.
+test-postgres: $(VENV)/.installed-dev
+	ORCHESTRA_TEST_ENGINE=postgresql $(PYTEST)
 
 # The quick subset: no real model, no container install, no README run.
 test-fast: $(VENV)/.installed-dev

@@ -4,13 +4,16 @@ The service runs as `orchestra serve` in a child process, against benchmarks/fak
 another; the load comes from this process over loopback HTTP. Results are printed as JSON.
 
     python benchmarks/orchestra_bench.py [--tasks 5000] [--only throughput,pickup,...,submit_read]
+        [--processes N]   # `serve --processes N` (each workload's figures then cover all N)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import sqlite3
 import sys
 import tempfile
@@ -36,11 +39,14 @@ from common import (  # noqa: E402
     submit_many,
     submit_read_workload,
     summary_ms,
+    tree,
     wait_count,
     wait_http,
 )
 
 CLIENTS = 64
+#: Service processes (`orchestra serve --processes`); set from --processes.
+PROCESSES = 1
 BODY = {"template": "summarize", "params": {"text": TEXT, "sentences": 1}}
 #: Orchestra's API as the submit-and-read client drives it.
 API = TaskApi(
@@ -62,7 +68,7 @@ def service(model_url: str, folder: Path, concurrency: int) -> Iterator[tuple[st
     db = folder / f"orchestra-{port}.db"
     config = folder / f"orchestra-{port}.toml"
     config.write_text(
-        f"[server]\nport = {port}\n"
+        f"[server]\nport = {port}\nprocesses = {PROCESSES}\n"
         f'[database]\nurl = "sqlite+aiosqlite:///{db}"\n'
         f"[workers]\nconcurrency = {concurrency}\n"
         f'[providers.ollama]\nurl = "{model_url}"\n'
@@ -75,7 +81,27 @@ def service(model_url: str, folder: Path, concurrency: int) -> Iterator[tuple[st
     with process(args, folder / f"orchestra-{port}.log") as proc:
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/health")
+        _wait_serving(proc.pid, db)
         yield url, proc.pid, db
+
+
+def _wait_serving(pid: int, db: Path, timeout: float = 60) -> None:
+    """With several processes, /health answers once the first serves: wait until every one
+    has the database open (its start is then nearly done), and a second more."""
+    if PROCESSES == 1:
+        return
+    deadline = time.monotonic() + timeout
+
+    def opened(child: int) -> bool:
+        with contextlib.suppress(OSError):
+            return any(str(db) in os.readlink(f) for f in Path(f"/proc/{child}/fd").iterdir())
+        return False
+
+    while sum(opened(child) for child in tree([pid])) < PROCESSES:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{PROCESSES} processes did not start within {timeout} s")
+        time.sleep(0.05)
+    time.sleep(1.0)
 
 
 async def _submit(client: httpx.AsyncClient, _i: int) -> int:
@@ -269,7 +295,10 @@ async def main() -> None:
     parser.add_argument("--workers", type=int, default=32)
     parser.add_argument("--only", default=",".join(WORKLOADS))
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--processes", type=int, default=1, help="serve --processes N")
     args = parser.parse_args()
+    global PROCESSES
+    PROCESSES = args.processes
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="orchestra-bench-") as tmp:
         for name in args.only.split(","):

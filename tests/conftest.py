@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from orchestra.db.keys import KeyStore
 from orchestra.db.schema import upgrade
 from tests.fixtures.browser import browser  # noqa: F401  (the fixture, for the browser tests)
 from tests.fixtures.fake_ollama import FakeOllama, running_fake_ollama
+from tests.fixtures.postgres import ON_POSTGRESQL, PostgresServer, running_postgres
 from tests.fixtures.servers import serve
 
 #: The templates the service ships with.
@@ -50,14 +51,28 @@ BUILTINS = frozenset(
 )
 
 
-def task_row(db_url: str, task_id: int, columns: str) -> tuple[Any, ...]:
-    """Read a task's columns straight from the SQLite file, as a person with sqlite3 would."""
+def sql_rows(db_url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Rows straight from the database, as a person with the sqlite3 shell (or psql) would
+    read them; ``?`` marks a parameter on both engines."""
+    if db_url.startswith("postgresql"):
+        import psycopg
+
+        from orchestra.db.postgres_engine import conninfo
+
+        with psycopg.connect(conninfo(db_url)) as pg:
+            cursor = pg.execute(sql.replace("%", "%%").replace("?", "%s"), params)  # type: ignore[arg-type]
+            return [tuple(r) for r in cursor.fetchall()] if cursor.description else []
     import sqlite3
 
     with sqlite3.connect(db_url.split("///", 1)[1]) as conn:
-        row = conn.execute(f"SELECT {columns} FROM tasks WHERE id = ?", (task_id,)).fetchone()
-    assert row is not None, f"no task {task_id}"
-    return tuple(row)
+        return [tuple(r) for r in conn.execute(sql, params).fetchall()]
+
+
+def task_row(db_url: str, task_id: int, columns: str) -> tuple[Any, ...]:
+    """Read a task's columns straight from the database, as a person with sqlite3 would."""
+    rows = sql_rows(db_url, f"SELECT {columns} FROM tasks WHERE id = ?", (task_id,))
+    assert rows, f"no task {task_id}"
+    return rows[0]
 
 
 @pytest.fixture
@@ -66,9 +81,48 @@ async def fake_ollama() -> AsyncIterator[FakeOllama]:
         yield fake
 
 
+def pytest_report_header() -> str:
+    return f"database engine: {'PostgreSQL' if ON_POSTGRESQL else 'SQLite'}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On PostgreSQL, run the tests that use a database (the ``db_url`` fixture, directly or
+    through another): the others ran on SQLite already and touch no engine. Skip the tests
+    about SQLite itself (marked ``sqlite_only``)."""
+    if not ON_POSTGRESQL:
+        return
+    skip = pytest.mark.skip(reason="about SQLite itself (its file, writer or locks)")
+    kept, dropped = [], []
+    for item in items:
+        if "db_url" not in getattr(item, "fixturenames", ()):
+            dropped.append(item)
+            continue
+        if item.get_closest_marker("sqlite_only"):
+            item.add_marker(skip)
+        kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer | None]:
+    """The PostgreSQL server of this test process, when the suite runs on PostgreSQL."""
+    if not ON_POSTGRESQL:
+        yield None
+        return
+    with running_postgres() as server:
+        yield server
+
+
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    return f"sqlite+aiosqlite:///{tmp_path / 'orchestra.db'}"
+def db_url(tmp_path: Path, postgres: PostgresServer | None) -> Iterator[str]:
+    """The test's own database: a SQLite file, or an empty PostgreSQL database."""
+    if postgres is None:
+        yield f"sqlite+aiosqlite:///{tmp_path / 'orchestra.db'}"
+        return
+    with postgres.database() as url:
+        yield url
 
 
 @pytest.fixture

@@ -1,13 +1,17 @@
 """Service functions for templates: list, describe, validate, register, delete, reload, pin.
 
 Controllers call only these. Registered templates are stored by ``db.templates`` and known to
-the :class:`TemplateRegistry` that tasks and workers look templates up in. So are the file
-template versions that tasks are queued with (:meth:`TemplateCatalog.pin`), so a queued task
-still runs its version after the file changed and the service restarted.
+the :class:`TemplateRegistry` that tasks and workers look templates up in; a process learns
+what other processes on the same database registered or deleted by
+:meth:`TemplateCatalog.refresh` (every few seconds, and at once when a task names a version it
+has not seen). So are the file template versions that tasks are queued with
+(:meth:`TemplateCatalog.pin`), so a queued task still runs its version after the file changed
+and the service restarted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
 
@@ -15,11 +19,12 @@ import msgspec
 
 from orchestra import logs
 from orchestra.config import LimitSettings
-from orchestra.db.templates import StoredFileVersion, TemplateStore
+from orchestra.db.templates import StoredFileVersion, StoredTemplate, TemplateStore
 from orchestra.errors import (
     ConflictError,
     PayloadTooLarge,
     RenderError,
+    StorageError,
     TemplateError,
     TemplateNotFound,
 )
@@ -42,6 +47,10 @@ class Registration(msgspec.Struct, frozen=True):
 #: Parses YAML text as a template: (text, source, limits) -> Template, raising TemplateError.
 Parse = Callable[[str, str, LimitSettings], Awaitable[Template]]
 
+
+#: How often a process reads the templates other processes registered or deleted, in seconds
+#: (a task or a submit that names one not seen yet reads them at once).
+REFRESH_SECONDS = 2.0
 
 #: The longest a template may take to parse in a render process, in seconds. Parsing costs
 #: about 30 ms per KB on a slow core, so the largest template allowed takes ~8 s.
@@ -137,6 +146,51 @@ class TemplateCatalog:
         # The files as they are now, stored before any task is queued with them: a submit
         # then writes nothing more until a reload changes a file.
         await self._keep([t for t in self.registry.all() if t.origin != "api"])
+
+    async def refresh(self) -> None:
+        """Learn what other processes on the database registered or deleted since: a
+        registered version this process has not seen (parsed in a render process), and the
+        deletion of a template whose latest version was deleted. Cheap when nothing changed:
+        one read of the registered versions."""
+        latest: dict[str, StoredTemplate] = {}
+        for row in await self.store.all_versions():
+            latest[row.name] = row
+            if self.registry.knows(row.name, row.version):
+                continue
+            source = f"<registered {row.name} v{row.version}>"
+            try:
+                template = await self._parse(row.body, source, self.limits)
+            except (TemplateError, PayloadTooLarge) as exc:
+                log.error(
+                    "templates.registered_invalid",
+                    name=row.name,
+                    version=row.version,
+                    problems=str(exc),
+                )
+                continue
+            self.registry.add_registered(
+                msgspec.structs.replace(
+                    template,
+                    version=row.version,
+                    origin="api",
+                    source=f"api:{row.name}@{row.version}",
+                ),
+                deleted=row.deleted_at is not None,
+            )
+            log.info("templates.learned", name=row.name, version=row.version)
+        for name, row in latest.items():
+            if row.deleted_at is not None and not self.registry.is_deleted(name):
+                self.registry.delete_registered(name)
+
+    async def follow(self, interval: float = REFRESH_SECONDS) -> None:
+        """:meth:`refresh` every ``interval`` seconds, until cancelled (a failed read is
+        logged and tried again next time)."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.refresh()
+            except StorageError as exc:
+                log.warning("templates.refresh_failed", error=exc.message)
 
     def _stored(
         self, kind: str, name: str, version: int, body: str, source: str

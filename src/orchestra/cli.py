@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import click
 import httpx
@@ -25,9 +24,6 @@ from orchestra.errors import ConfigError, OrchestraError, TemplateError
 from orchestra.event_types import EventType
 from orchestra.templating.loader import load_template
 from orchestra.templating.registry import TemplateRegistry
-
-if TYPE_CHECKING:  # the server's modules load only when serving
-    from orchestra.api.runtime import Runtime
 
 T = TypeVar("T")
 
@@ -53,8 +49,9 @@ def _settings(config_path: str | None) -> Settings:
 
 
 def _template_failure(exc: TemplateError) -> click.ClickException:
-    lines = "\n".join(f"  {p}" for p in exc.problems)
-    return click.ClickException(f"invalid templates:\n{lines}")
+    from orchestra.supervisor import startup_message
+
+    return click.ClickException(startup_message(exc))
 
 
 @click.group(invoke_without_command=True)
@@ -70,75 +67,67 @@ def main(ctx: click.Context, config_path: str | None) -> None:
 @main.command()
 @config_option
 @click.option("--host", help="Override [server] host.")
-@click.option("--port", type=int, help="Override [server] port.")
-def serve(config_path: str | None, host: str | None = None, port: int | None = None) -> None:
-    """Serve the HTTP API and run the workers in one process."""
-    import uvicorn
+@click.option("--port", type=click.IntRange(0, 65535), help="Override [server] port.")
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    help="Override [server] processes: serve from N processes sharing the port and database.",
+)
+@click.option("--no-api", is_flag=True, help="Run workers only; answer /health alone.")
+@click.option("--no-workers", is_flag=True, help="Serve the API only; run no tasks.")
+def serve(
+    config_path: str | None,
+    host: str | None = None,
+    port: int | None = None,
+    processes: int | None = None,
+    no_api: bool = False,
+    no_workers: bool = False,
+) -> None:
+    """Serve the HTTP API and run the workers: in this process, or in N processes
+    (--processes) under this one."""
+    from orchestra.supervisor import Supervisor, run_service, startup_message
 
-    from orchestra.api.app import create_app
-    from orchestra.api.server import server_config
-
-    settings = _settings(config_path)
-    if host or port is not None:
-        overrides = msgspec.structs.replace(
-            settings.server,
-            host=host or settings.server.host,
-            port=settings.server.port if port is None else port,
-        )
-        settings = msgspec.structs.replace(settings, server=overrides)
+    settings = _serve_settings(_settings(config_path), host, port, processes, no_api, no_workers)
     logs.setup(settings.logging)
-
-    def show_key(key: ApiKey, token: str) -> None:
-        _show_bootstrap_key(key, token, settings.server.host)
-
-    # The lifespan opens and checks everything before uvicorn accepts a connection; when it
-    # fails, uvicorn exits and the error is printed here.
-    app = create_app(settings, env=os.environ, show_key=show_key)
-    config = server_config(app, settings.server, timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
-    runtime = app.state.runtime
-    original_exit = server.handle_exit
-
-    def handle_exit(sig: int, frame: Any) -> None:
-        # Stop claiming tasks at once; uvicorn then drains HTTP and the lifespan stops the pool.
-        try:
-            asyncio.get_running_loop().call_soon_threadsafe(runtime.request_stop)
-        except RuntimeError:
-            pass
-        original_exit(sig, frame)
-
-    server.handle_exit = handle_exit  # type: ignore[method-assign]
-    quiet = _StartupErrorFilter(runtime)
-    logging.getLogger("uvicorn.error").addFilter(quiet)
     try:
-        server.run()
-    except SystemExit:  # uvicorn's way out when the lifespan failed to start
-        if runtime.startup_error is None:
-            raise
-    finally:
-        logging.getLogger("uvicorn.error").removeFilter(quiet)
-    failure = runtime.startup_error
-    if isinstance(failure, TemplateError):
-        raise _template_failure(failure) from None
-    if failure is not None:
-        raise click.ClickException(failure.message) from None
-    if not server.started:
-        sys.exit(1)
+        if settings.server.processes > 1:
+            sys.exit(Supervisor(settings).run())
+
+        def show_key(key: ApiKey, token: str) -> None:
+            show_bootstrap_key(key, token, settings.server.host)
+
+        run_service(settings, show_key=show_key)
+    except OrchestraError as exc:
+        raise click.ClickException(startup_message(exc)) from None
 
 
-class _StartupErrorFilter(logging.Filter):
-    """Drops uvicorn's report of a lifespan that failed with an error the CLI prints itself
-    (a traceback, then "Application startup failed"): one clean message, not a traceback."""
+def _serve_settings(
+    settings: Settings,
+    host: str | None,
+    port: int | None,
+    processes: int | None,
+    no_api: bool,
+    no_workers: bool,
+) -> Settings:
+    """The settings with ``serve``'s options over ``[server]``."""
+    if no_api and no_workers:
+        raise click.UsageError("--no-api and --no-workers together leave nothing to run")
+    s = settings.server
+    overrides = {
+        "host": host or s.host,
+        "port": s.port if port is None else port,
+        "processes": processes or s.processes,
+        "api": s.api and not no_api,
+        "workers": s.workers and not no_workers,
+    }
+    if no_api and not s.workers:
+        raise click.UsageError("--no-api: [server] workers is false, so nothing would run")
+    if no_workers and not s.api:
+        raise click.UsageError("--no-workers: [server] api is false, so nothing would run")
+    return msgspec.structs.replace(settings, server=msgspec.structs.replace(s, **overrides))
 
-    def __init__(self, runtime: Runtime) -> None:
-        super().__init__()
-        self.runtime = runtime
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.runtime.startup_error is None
-
-
-def _show_bootstrap_key(key: ApiKey, token: str, host: str) -> None:
+def show_bootstrap_key(key: ApiKey, token: str, host: str) -> None:
     """Show the admin key a first start made, this once: as a log event, and plainly on
     stderr for a person reading ``podman logs`` (whatever the log format)."""
     logs.get("orchestra.auth").warning(

@@ -42,6 +42,15 @@ class ServerSettings(_Section, frozen=True):
     keepalive_timeout: int = 5
     #: Connections served at once; a request on one beyond them gets 503, and it is closed.
     max_connections: int = 1000
+    #: Processes that serve, sharing the port and the database, each with its own database
+    #: connections and worker pool (``[workers] concurrency`` each). 1: one process, no
+    #: supervisor.
+    processes: int = 1
+    #: Serve the HTTP API. False (``--no-api``): run workers only, answering /health alone.
+    api: bool = True
+    #: Run a worker pool that claims and runs tasks. False (``--no-workers``): serve the API
+    #: only; the tasks it takes are run by the workers of another process on the database.
+    workers: bool = True
 
 
 class DatabaseSettings(_Section, frozen=True):
@@ -299,6 +308,12 @@ class Settings(_Section, frozen=True):
             ("server.header_timeout", self.server.header_timeout > 0, "a number > 0"),
             ("server.keepalive_timeout", self.server.keepalive_timeout >= 0, "an integer >= 0"),
             ("server.max_connections", self.server.max_connections >= 1, "an integer >= 1"),
+            ("server.processes", self.server.processes >= 1, "an integer >= 1"),
+            (
+                "server.workers",
+                self.server.api or self.server.workers,
+                "true when server.api is false (a process serves the API, runs workers, or both)",
+            ),
             ("workers.concurrency", self.workers.concurrency >= 1, "an integer >= 1"),
             ("workers.lease_seconds", self.workers.lease_seconds > 0, "a number > 0"),
             ("workers.poll_interval", self.workers.poll_interval > 0, "a number > 0"),

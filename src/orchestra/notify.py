@@ -1,8 +1,9 @@
 """In-process wake-ups: a task changed, so whoever watches it can look again.
 
 The store calls :meth:`TaskSignals.publish` after every committed change; requests waiting on a
-task (``?wait``, event streams) re-read the database when woken. It is only a hint: watchers
-also wake on a timer, so a task changed by another process is still seen.
+task (``?wait``, event streams) re-read the database when woken. Changes by other processes
+arrive through :meth:`~orchestra.db.engine.Database.watch`. It is only a hint: watchers also
+wake on a timer, so a change is seen even when a notification is lost.
 """
 
 from __future__ import annotations
@@ -48,8 +49,14 @@ class TaskSignals:
         finally:
             self._everything.discard(event)
 
-    def publish(self, task_ids: Iterable[int]) -> None:
-        """Wake everyone watching these tasks (cheap when nobody watches)."""
+    def publish(self, task_ids: Iterable[int] | None) -> None:
+        """Wake everyone watching these tasks (cheap when nobody watches); None: any task may
+        have changed (another process's commit), wake everyone."""
+        if task_ids is None:
+            for events in (self._everything, *self._watchers.values()):
+                for event in events:
+                    event.set()
+            return
         for event in self._everything:
             event.set()
         for task_id in task_ids:

@@ -19,7 +19,13 @@ from orchestra.db.events import TERMINAL_EVENT, TaskEvent
 from orchestra.db.overview import SummaryPage
 from orchestra.db.store import TaskStore
 from orchestra.domain import ANONYMOUS_SCOPE, NewTask, StepStatus, Task, TaskStatus, as_utc, now
-from orchestra.errors import ConflictError, FieldProblem, InvalidRequest, TaskNotFound
+from orchestra.errors import (
+    ConflictError,
+    FieldProblem,
+    InvalidRequest,
+    TaskNotFound,
+    TemplateNotFound,
+)
 from orchestra.notify import SharedReads, TaskSignals
 from orchestra.templating.model import Template
 from orchestra.templating.params import validate_params
@@ -166,8 +172,11 @@ class TaskService:
         default_max_attempts: int,
         limits: LimitSettings | None = None,
         pin: Callable[[Template], Awaitable[None]] | None = None,
+        refresh: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.limits = limits or LimitSettings()
+        #: Learns templates other processes registered (TemplateCatalog.refresh).
+        self.refresh = refresh
         #: Stores the file template version a task is queued with (TemplateCatalog.pin).
         self.pin = pin
         self.store = store
@@ -176,6 +185,18 @@ class TaskService:
         self._shared = SharedReads()
         self.scheduler = scheduler
         self.default_max_attempts = default_max_attempts
+
+    async def _template(self, name: str, version: int | None) -> Template:
+        """The template a submit names; one this process has not seen may have been
+        registered by another process on the database, so it looks again before it says
+        there is none."""
+        try:
+            return self.registry.get(name, version)
+        except TemplateNotFound:
+            if self.refresh is None:
+                raise
+        await self.refresh()
+        return self.registry.get(name, version)
 
     async def submit(self, sub: SubmitTask, *, key_id: str | None = None) -> Submitted:
         """Validate a task against its template and queue it.
@@ -196,7 +217,7 @@ class TaskService:
                 "give run_at or delay, not both",
                 [FieldProblem("delay", "cannot be combined with run_at")],
             )
-        spec = self.registry.get(sub.template, sub.template_version)
+        spec = await self._template(sub.template, sub.template_version)
         params = validate_params(spec, sub.params, self.limits)
         run_at = None if sub.run_at is None else _utc(sub.run_at)
         if sub.delay:

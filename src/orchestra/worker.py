@@ -84,9 +84,13 @@ class WorkerPool:
         registry: TemplateRegistry,
         runner: Runner,
         settings: Settings,
+        *,
+        refresh: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
+        #: Learns templates other processes registered (TemplateCatalog.refresh).
+        self._refresh = refresh
         self.runner = runner
         self.settings = settings
         self.workers = settings.workers
@@ -277,6 +281,21 @@ class WorkerPool:
         templates[task.id] = template
         return template.steps[0].id if template.steps else None
 
+    async def _template_for(self, task: Task) -> Template:
+        """The version ``task`` was queued with; one this process has not seen was perhaps
+        registered by another process on the database, so it looks there before it gives up.
+
+        Raises:
+            TemplateNotFound: that version is gone.
+        """
+        try:
+            return self.registry.for_task(task.template, task.template_version)
+        except TemplateNotFound:
+            if self._refresh is None:
+                raise
+        await self._refresh()
+        return self.registry.for_task(task.template, task.template_version)
+
     async def _back_off(self, exc: StorageError) -> None:
         """The database refused a claim: wait (longer each time in a row), not spin. A submit
         that was written (so writes work again), a task ending or a stop cuts it short."""
@@ -395,7 +414,7 @@ class WorkerPool:
         started = template.steps[0].id if template is not None and template.steps else None
         if template is None:
             try:
-                template = self.registry.for_task(task.template, task.template_version)
+                template = await self._template_for(task)
             except TemplateNotFound as exc:
                 error = TaskError(type=exc.code, message=exc.message)
                 return TaskStatus.FAILED, None, error, default

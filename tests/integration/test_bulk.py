@@ -1,9 +1,8 @@
 """Cancel and retry for many tasks at once: the store's chunked transactions and the service
-that walks a filter, on a real SQLite file. The worker pool is a recorder of what it is told."""
+that walks a filter, on a real database. The worker pool is a recorder of what it is told."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Collection
 from datetime import datetime
 from typing import Any
@@ -15,6 +14,7 @@ from orchestra.bulk import BulkOutcome, BulkService
 from orchestra.db import Database, Lease, TaskStore
 from orchestra.db.overview import DashboardStore
 from orchestra.domain import NewTask, TaskError, TaskFilter, TaskStatus
+from tests.conftest import sql_rows
 
 
 class Pool:
@@ -61,8 +61,7 @@ async def add(store: TaskStore, template: str = "summarize") -> int:
 
 
 def rows(db: Database, columns: str) -> dict[int, tuple[Any, ...]]:
-    with sqlite3.connect(db.path) as conn:
-        return {r[0]: r[1:] for r in conn.execute(f"SELECT id, {columns} FROM tasks")}
+    return {r[0]: r[1:] for r in sql_rows(db.url, f"SELECT id, {columns} FROM tasks")}
 
 
 async def statuses(store: TaskStore, *ids: int) -> list[str]:

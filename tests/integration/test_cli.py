@@ -4,13 +4,12 @@ import asyncio
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
-from tests.conftest import Service
+from tests.conftest import Service, sql_rows
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import free_port, start_process, wait_until, write_config
 
@@ -109,16 +108,15 @@ async def test_templates_list_includes_user_folders(tmp_path: Path) -> None:
 
 
 async def test_sigterm_stops_claiming_and_lets_the_running_task_finish(
-    fake_ollama: FakeOllama, tmp_path: Path
+    fake_ollama: FakeOllama, tmp_path: Path, db_url: str
 ) -> None:
     import httpx
 
     fake_ollama.latency = 1.0
     port = free_port()
-    db = tmp_path / "o.db"
     config = tmp_path / "o.toml"
     write_config(
-        config, port=port, db=db, ollama_url=fake_ollama.url, concurrency=1, shutdown_grace=10
+        config, port=port, db=db_url, ollama_url=fake_ollama.url, concurrency=1, shutdown_grace=10
     )
     proc = await start_process(config)
     try:
@@ -135,8 +133,7 @@ async def test_sigterm_stops_claiming_and_lets_the_running_task_finish(
             await proc.wait()
     # uvicorn re-raises the signal after its graceful shutdown, as a default handler would.
     assert proc.returncode in (0, -signal.SIGTERM)
-    with sqlite3.connect(db) as conn:
-        rows = dict(conn.execute("SELECT id, status FROM tasks").fetchall())
+    rows = dict(sql_rows(db_url, "SELECT id, status FROM tasks"))
     assert rows == {first["id"]: "succeeded", second["id"]: "queued"}
     log = config.with_suffix(".log").read_text()
     events = [json.loads(line) for line in log.splitlines() if line.startswith("{")]

@@ -5,29 +5,31 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sqlite3
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.conftest import sql_rows
 from tests.fixtures.fake_ollama import FakeOllama
-from tests.fixtures.servers import crash_config, start_process, wait_until
+from tests.fixtures.servers import free_port, start_process, wait_until, write_config
 
 TASKS = 300
 
 
-def counts(db: Path) -> dict[str, int]:
-    with sqlite3.connect(db) as conn:
-        return dict(conn.execute("SELECT status, count(*) FROM tasks GROUP BY status").fetchall())
+def counts(db_url: str) -> dict[str, int]:
+    return dict(sql_rows(db_url, "SELECT status, count(*) FROM tasks GROUP BY status"))
 
 
 @pytest.mark.slow
 async def test_sigkill_mid_run_loses_nothing_and_finishes_nothing_twice(
-    fake_ollama: FakeOllama, tmp_path: Path
+    fake_ollama: FakeOllama, tmp_path: Path, db_url: str
 ) -> None:
     fake_ollama.latency = 0.2
-    port, db, config = crash_config(tmp_path, fake_ollama.url, concurrency=8)
+    # Leases of a second, reaped and polled five times a second.
+    port, config = free_port(), tmp_path / "crash.toml"
+    quick = {"lease_seconds": 1.0, "reap_interval": 0.2, "poll_interval": 0.2}
+    write_config(config, port=port, db=db_url, ollama_url=fake_ollama.url, concurrency=8, **quick)
     first = await start_process(config)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
@@ -36,31 +38,28 @@ async def test_sigkill_mid_run_loses_nothing_and_finishes_nothing_twice(
                 *(client.post("/api/v1/tasks", json=body) for _ in range(TASKS))
             )
         assert all(r.status_code == 201 for r in responses)
-        await wait_until(lambda: counts(db).get("succeeded", 0) >= 60, timeout=30)
+        await wait_until(lambda: counts(db_url).get("succeeded", 0) >= 60, timeout=30)
         await wait_until(lambda: fake_ollama.in_flight > 0, timeout=5)
     finally:
         first.send_signal(signal.SIGKILL)
         await first.wait()
-    at_kill = counts(db)
+    at_kill = counts(db_url)
     assert at_kill.get("running", 0) > 0, "the kill should interrupt running tasks"
     assert at_kill.get("queued", 0) > 0
 
     second = await start_process(config)
     try:
-        await wait_until(lambda: counts(db) == {"succeeded": TASKS}, timeout=60, interval=0.1)
+        await wait_until(lambda: counts(db_url) == {"succeeded": TASKS}, timeout=60, interval=0.1)
     finally:
         second.send_signal(signal.SIGTERM)
         await second.wait()
 
-    with sqlite3.connect(db) as conn:
-        wins = conn.execute(
-            "SELECT task_id, count(*) FROM task_attempts WHERE status = 'succeeded' "
-            "GROUP BY task_id"
-        ).fetchall()
-        lost = conn.execute("SELECT count(*) FROM task_attempts WHERE status = 'lost'").fetchone()
-        stuck = conn.execute(
-            "SELECT count(*) FROM task_attempts WHERE status = 'running'"
-        ).fetchone()
+    wins = sql_rows(
+        db_url,
+        "SELECT task_id, count(*) FROM task_attempts WHERE status = 'succeeded' GROUP BY task_id",
+    )
+    [lost] = sql_rows(db_url, "SELECT count(*) FROM task_attempts WHERE status = 'lost'")
+    [stuck] = sql_rows(db_url, "SELECT count(*) FROM task_attempts WHERE status = 'running'")
     assert len(wins) == TASKS
     assert {n for _, n in wins} == {1}, "no task may succeed twice"
     assert lost[0] == at_kill["running"], "every interrupted attempt is recorded as lost"

@@ -3,22 +3,17 @@ cookies, expired sessions, cross-site logins; and errors answered as pages."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
 from orchestra.config import Settings
-from tests.conftest import Service, StartService, make_keys
+from tests.conftest import Service, StartService, make_keys, sql_rows
 
 SAME_SITE = {"sec-fetch-site": "same-origin"}
 #: What a page on another site sees after pointing its own name at 127.0.0.1.
 REBOUND = {"host": "evil.example:8000", "origin": "http://evil.example:8000", **SAME_SITE}
-
-
-def _path(db_url: str) -> str:
-    return db_url.split("///", 1)[1]
 
 
 @pytest.fixture
@@ -65,8 +60,7 @@ async def test_logging_out_ends_the_session_on_the_server(
 ) -> None:
     svc, tokens = keyed
     token = await _login(svc, tokens["admin"])
-    with sqlite3.connect(_path(db_url)) as conn:
-        rows = conn.execute("SELECT digest, key_id FROM ui_sessions").fetchall()
+    rows = sql_rows(db_url, "SELECT digest, key_id FROM ui_sessions")
     assert len(rows) == 1 and token not in rows[0][0]  # only its digest is kept
     async with _with_cookie(svc, token) as browser:
         assert (await browser.get("/ui/tasks")).status_code == 200
@@ -74,8 +68,7 @@ async def test_logging_out_ends_the_session_on_the_server(
     # The same cookie, replayed after the logout, is worth nothing.
     async with _with_cookie(svc, token) as replay:
         assert (await replay.get("/ui/tasks")).status_code == 303
-    with sqlite3.connect(_path(db_url)) as conn:
-        assert conn.execute("SELECT count(*) FROM ui_sessions").fetchone() == (0,)
+    assert sql_rows(db_url, "SELECT count(*) FROM ui_sessions") == [(0,)]
 
 
 async def test_an_expired_session_is_refused(
@@ -85,8 +78,7 @@ async def test_an_expired_session_is_refused(
     token = await _login(svc, tokens["read"])
     async with _with_cookie(svc, token) as browser:
         assert (await browser.get("/ui/tasks")).status_code == 200
-        with sqlite3.connect(_path(db_url)) as conn:
-            conn.execute("UPDATE ui_sessions SET expires_at = '2000-01-01T00:00:00.000000Z'")
+        sql_rows(db_url, "UPDATE ui_sessions SET expires_at = '2000-01-01T00:00:00.000000Z'")
         assert (await browser.get("/ui/tasks")).status_code == 303
 
 
@@ -120,8 +112,7 @@ async def test_revoking_by_id_never_revokes_a_key_named_like_that_id(
         made = await admin.post("/ui/keys", data={"name": read_id, "scope": "read"})
         assert made.status_code == 200
         assert (await admin.post(f"/ui/keys/{read_id}/revoke")).status_code == 303
-    with sqlite3.connect(_path(db_url)) as conn:
-        rows = dict(conn.execute("SELECT name, revoked_at IS NOT NULL FROM api_keys").fetchall())
+    rows = dict(sql_rows(db_url, "SELECT name, revoked_at IS NOT NULL FROM api_keys"))
     assert rows["k-read"] == 1 and rows[read_id] == 0
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from html import unescape
@@ -18,7 +17,7 @@ from orchestra.config import Settings
 from orchestra.db import Database, Lease, TaskStore
 from orchestra.domain import NewTask
 from orchestra.web import task_pages
-from tests.conftest import Service, StartService, make_keys, with_workers
+from tests.conftest import Service, StartService, make_keys, sql_rows, with_workers
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import wait_until
 
@@ -29,9 +28,8 @@ SUPERSCRIPT = "\u00b2"
 
 
 def _last_seq(db_url: str, task_id: int) -> int:
-    with sqlite3.connect(db_url.split("///", 1)[1]) as conn:
-        row = conn.execute("SELECT max(seq) FROM task_events WHERE task_id = ?", (task_id,))
-        return int(row.fetchone()[0])
+    [(last,)] = sql_rows(db_url, "SELECT max(seq) FROM task_events WHERE task_id = ?", (task_id,))
+    return int(last)
 
 
 async def _sse(

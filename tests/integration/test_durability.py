@@ -17,7 +17,7 @@ from orchestra.config import (
     Settings,
     TemplateSettings,
 )
-from tests.conftest import Service, StartService, task_row, with_workers
+from tests.conftest import Service, StartService, sql_rows, task_row, with_workers
 from tests.fixtures.fake_ollama import Failure, FakeOllama
 from tests.fixtures.servers import wait_until
 
@@ -322,15 +322,13 @@ async def test_model_concurrency_limit_keeps_the_rest_queued(
 async def test_a_worker_that_lost_its_lease_cannot_finish_and_stops(
     durable_settings: Settings, fake_ollama: FakeOllama, start_service: StartService, db_url: str
 ) -> None:
-    import sqlite3
-
     fake_ollama.latency = 3
     settings = with_workers(durable_settings, lease_seconds=0.6, reap_interval=60)
     async with start_service(settings) as svc:
         task = await svc.submit("flaky")
         await wait_until(lambda: fake_ollama.in_flight == 1)
-        with sqlite3.connect(db_url.split("///", 1)[1]) as conn:  # another worker takes over
-            conn.execute("UPDATE tasks SET lease_owner = 'thief' WHERE id = ?", (task["id"],))
+        # another worker takes over
+        sql_rows(db_url, "UPDATE tasks SET lease_owner = 'thief' WHERE id = ?", (task["id"],))
         await wait_until(lambda: fake_ollama.disconnects == 1, timeout=2)  # it stopped its call
     assert task_row(db_url, task["id"], "status, lease_owner, result") == (
         "running",
@@ -345,8 +343,6 @@ async def test_a_worker_that_lost_its_lease_cannot_finish_and_stops(
 async def test_retention_deletes_old_finished_tasks_only(
     durable_settings: Settings, start_service: StartService, db_url: str
 ) -> None:
-    import sqlite3
-
     settings = msgspec.structs.replace(
         durable_settings,
         retention=RetentionSettings(days=1, interval=3600),
@@ -355,41 +351,38 @@ async def test_retention_deletes_old_finished_tasks_only(
         old = await svc.wait((await svc.submit("flaky", n=1))["id"])
         recent = await svc.wait((await svc.submit("flaky", n=2))["id"])
         waiting = await post(svc, {"template": "flaky", "delay": 3600})
-        path = db_url.split("///", 1)[1]
-        with sqlite3.connect(path) as conn:
-            conn.execute(
-                "UPDATE tasks SET finished_at = '2000-01-01T00:00:00.000000Z' WHERE id = ?",
-                (old["id"],),
-            )
+        sql_rows(
+            db_url,
+            "UPDATE tasks SET finished_at = '2000-01-01T00:00:00.000000Z' WHERE id = ?",
+            (old["id"],),
+        )
         pool = svc.app.state.runtime.pool
         assert await pool.apply_retention() == 1
         assert (await svc.client.get(f"/api/v1/tasks/{old['id']}")).status_code == 404
         assert (await svc.client.get(f"/api/v1/tasks/{recent['id']}")).status_code == 200
         assert (await svc.client.get(f"/api/v1/tasks/{waiting['id']}")).status_code == 200
-    with sqlite3.connect(path) as conn:
-        orphans = conn.execute(
-            "SELECT (SELECT count(*) FROM task_attempts WHERE task_id = ?) + "
-            "(SELECT count(*) FROM task_steps WHERE task_id = ?)",
-            (old["id"], old["id"]),
-        ).fetchone()
-    assert orphans == (0,)
+    orphans = sql_rows(
+        db_url,
+        "SELECT (SELECT count(*) FROM task_attempts WHERE task_id = ?) + "
+        "(SELECT count(*) FROM task_steps WHERE task_id = ?)",
+        (old["id"], old["id"]),
+    )
+    assert orphans == [(0,)]
 
 
 async def test_retention_runs_by_itself(
     durable_settings: Settings, start_service: StartService, db_url: str
 ) -> None:
-    import sqlite3
-
     settings = msgspec.structs.replace(
         durable_settings, retention=RetentionSettings(days=1, interval=0.2)
     )
     async with start_service(settings) as svc:
         old = await svc.wait((await svc.submit("flaky"))["id"])
-        with sqlite3.connect(db_url.split("///", 1)[1]) as conn:
-            conn.execute(
-                "UPDATE tasks SET finished_at = '2000-01-01T00:00:00.000000Z' WHERE id = ?",
-                (old["id"],),
-            )
+        sql_rows(
+            db_url,
+            "UPDATE tasks SET finished_at = '2000-01-01T00:00:00.000000Z' WHERE id = ?",
+            (old["id"],),
+        )
 
         async def gone() -> bool:
             return (await svc.client.get(f"/api/v1/tasks/{old['id']}")).status_code == 404

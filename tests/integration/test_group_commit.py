@@ -1,5 +1,7 @@
 """The writer's group commit: transactions waiting together commit together, and one that
-fails is rolled back alone."""
+fails is rolled back alone. Most of it is SQLite's single writer (``sqlite_only``); what every
+engine promises of a transaction (a failure writes nothing, a cancelled caller does not cut it
+short) runs on both."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import pytest
 from sqlalchemy import Connection, event, text
 
 from orchestra.db import Database
+from tests.conftest import sql_rows
 from tests.fixtures.servers import wait_until
 
 
@@ -37,6 +40,7 @@ def _insert(k: int, fail: bool = False) -> object:
     return work
 
 
+@pytest.mark.sqlite_only
 async def test_waiting_transactions_commit_together_and_a_failure_stays_alone(
     db: Database,
 ) -> None:
@@ -74,8 +78,7 @@ async def test_a_single_failing_transaction_writes_nothing(db: Database) -> None
     with pytest.raises(ValueError):
         await db.transaction(_insert(1, fail=True))
     assert await db.transaction(_insert(2)) == 20
-    with sqlite3.connect(db.path) as conn:
-        assert [k for (k,) in conn.execute("SELECT k FROM t")] == [2]
+    assert sql_rows(db.url, "SELECT k FROM t") == [(2,)]
 
 
 async def test_a_cancelled_caller_does_not_cut_its_transaction_short(db: Database) -> None:
@@ -92,8 +95,7 @@ async def test_a_cancelled_caller_does_not_cut_its_transaction_short(db: Databas
     gate.set()
     with pytest.raises(asyncio.CancelledError):
         await waiter
-    with sqlite3.connect(db.path) as conn:
-        assert conn.execute("SELECT v FROM t WHERE k = 7").fetchone() == ("done",)
+    assert sql_rows(db.url, "SELECT v FROM t WHERE k = 7") == [("done",)]
 
 
 def _commit_threads(db: Database) -> list[str]:
@@ -103,6 +105,7 @@ def _commit_threads(db: Database) -> list[str]:
     return commits
 
 
+@pytest.mark.sqlite_only
 async def test_small_transactions_of_one_turn_commit_together_on_the_loop(db: Database) -> None:
     commits = _commit_threads(db)
     results = await asyncio.gather(
@@ -117,6 +120,7 @@ async def test_small_transactions_of_one_turn_commit_together_on_the_loop(db: Da
         assert [k for (k,) in conn.execute("SELECT k FROM t ORDER BY k")] == [1, 2, 4, 5]
 
 
+@pytest.mark.sqlite_only
 async def test_a_small_transaction_waits_for_another_process_lock_off_the_loop(
     db: Database,
 ) -> None:
@@ -137,6 +141,7 @@ async def test_a_small_transaction_waits_for_another_process_lock_off_the_loop(
     assert await asyncio.wait_for(write, 10) == 10
 
 
+@pytest.mark.sqlite_only
 async def test_the_log_is_checkpointed_off_the_loop_and_stays_bounded(db: Database) -> None:
     wal = db.path.with_name(db.path.name + "-wal")
     padding = "x" * 3000  # about a page a row: without checkpoints the log grows by each
@@ -154,6 +159,7 @@ async def test_the_log_is_checkpointed_off_the_loop_and_stays_bounded(db: Databa
     assert wal.stat().st_size < 4 * 1024 * 1024
 
 
+@pytest.mark.sqlite_only
 async def test_after_a_large_transaction_the_next_small_one_runs_on_the_loop(
     db: Database,
 ) -> None:

@@ -5,8 +5,8 @@ summaries whose size does not depend on what the tasks hold."""
 
 from __future__ import annotations
 
+import json
 import re
-import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from orchestra.db import Database, TaskStore
 from orchestra.db import reads as reads_module
 from orchestra.db.reads import EngineReads, SqliteReads
 from orchestra.domain import NewTask
-from tests.conftest import Service, StartService
+from tests.conftest import Service, StartService, sql_rows
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.hostile import hostile_service
 
@@ -101,20 +101,24 @@ def _files_mb(db: Path) -> float:
     return sum(p.stat().st_size for p in paths if p.exists()) / MiB
 
 
-def _step_rows(db: Path, task_id: int) -> dict[str, tuple[str, str | None, str | None]]:
+def _step_rows(db_url: str, task_id: int) -> dict[str, tuple[str, str | None, str | None]]:
     """A task's steps as stored: {step id: (status, output JSON, error JSON)}."""
-    with sqlite3.connect(db) as conn:
-        rows = conn.execute(
-            "SELECT step_id, status, output, error FROM task_steps WHERE task_id = ?", (task_id,)
-        ).fetchall()
+    rows = sql_rows(
+        db_url,
+        "SELECT step_id, status, output, error FROM task_steps WHERE task_id = ?",
+        (task_id,),
+    )
     return {step: (status, output, error) for step, status, output, error in rows}
 
 
-def _stored_result(db: Path, task_id: int) -> str | None:
-    with sqlite3.connect(db) as conn:
-        row = conn.execute("SELECT result FROM tasks WHERE id = ?", (task_id,)).fetchone()
-    result: str | None = row[0]
-    return result
+def _stored_result(db_url: str, task_id: int) -> str | None:
+    [(result,)] = sql_rows(db_url, "SELECT result FROM tasks WHERE id = ?", (task_id,))
+    return result if result is None else str(result)
+
+
+def _sqlite_url(tmp_path: Path) -> str:
+    """The database of :func:`hostile_service`: a SQLite file in ``tmp_path``."""
+    return f"sqlite+aiosqlite:///{tmp_path / 'orchestra.db'}"
 
 
 async def _register(client: Any, *bodies: str) -> None:
@@ -138,13 +142,12 @@ async def small(settings: Settings, start_service: StartService) -> AsyncIterato
         yield svc
 
 
-def _db_path(settings: Settings) -> Path:
-    return Path(settings.database.url.split("///", 1)[1])
-
-
 # -- the reproduction -----------------------------------------------------------------------
+# hostile_service runs the service in its own process on a SQLite file (its size is measured):
+# these run on SQLite only.
 
 
+@pytest.mark.sqlite_only
 async def test_a_map_of_400_one_megabyte_items_fails_at_the_limit_and_stores_nothing(
     tmp_path: Path, fake_ollama: FakeOllama
 ) -> None:
@@ -161,11 +164,11 @@ async def test_a_map_of_400_one_megabyte_items_fails_at_the_limit_and_stores_not
         [step] = task["steps"]
         assert step["status"] == "failed" and step["output"] is None
         assert task["result"] is None
-        db = tmp_path / "orchestra.db"
-        assert _step_rows(db, task["id"])["parts"][1] is None
-        assert _files_mb(db) < 50
+        assert _step_rows(_sqlite_url(tmp_path), task["id"])["parts"][1] is None
+        assert _files_mb(tmp_path / "orchestra.db") < 50
 
 
+@pytest.mark.sqlite_only
 async def test_a_result_over_the_limit_fails_the_task_and_is_not_stored(
     tmp_path: Path, fake_ollama: FakeOllama
 ) -> None:
@@ -180,10 +183,11 @@ async def test_a_result_over_the_limit_fails_the_task_and_is_not_stored(
         assert "the task's result is 8.6 MiB" in message
         assert "the limit is 8 MiB ([limits] max_result_bytes)" in message
         assert task["result"] is None
-        assert _stored_result(tmp_path / "orchestra.db", task["id"]) is None
+        assert _stored_result(_sqlite_url(tmp_path), task["id"]) is None
         assert task["steps"][0]["status"] == "succeeded"  # 900 KB: under the step limit
 
 
+@pytest.mark.sqlite_only
 async def test_the_task_list_serves_summaries_whatever_the_tasks_hold(
     tmp_path: Path, fake_ollama: FakeOllama
 ) -> None:
@@ -227,7 +231,7 @@ async def test_a_step_output_over_the_limit_fails_the_step_and_is_not_stored(
     steps = {s["id"]: s for s in task["steps"]}
     assert steps["small"]["output"] == "fine"
     assert steps["large"]["status"] == "failed" and steps["large"]["output"] is None
-    stored = _step_rows(_db_path(settings), task["id"])
+    stored = _step_rows(settings.database.url, task["id"])
     assert stored["large"][0] == "failed" and stored["large"][1] is None
     assert "max_step_output_bytes" in (stored["large"][2] or "")
     # At the limit, it passes: 9,998 characters and two quotes.
@@ -287,12 +291,12 @@ async def test_a_streamed_answer_over_the_limit_stops_and_is_not_kept(
         "bytes or more; the limit is 10,000 bytes ([limits] max_step_output_bytes)"
     )
     assert task["steps"][0]["output"] is None
-    with sqlite3.connect(_db_path(settings)) as conn:
-        kept = conn.execute(
-            "SELECT coalesce(sum(length(json_extract(data, '$.text'))), 0) FROM task_events "
-            "WHERE task_id = ? AND type = 'step.tokens'",
-            (task["id"],),
-        ).fetchone()[0]
+    tokens = sql_rows(
+        settings.database.url,
+        "SELECT data FROM task_events WHERE task_id = ? AND type = 'step.tokens'",
+        (task["id"],),
+    )
+    kept = sum(len(json.loads(data)["text"]) for (data,) in tokens)
     assert 0 < kept <= 10_000
 
 
@@ -304,8 +308,7 @@ async def test_the_list_query_reads_no_params_results_or_step_outputs(db: Databa
     for _ in range(3):
         await store.enqueue(NewTask(template="t", template_version=1, params={"x": "y" * 1000}))
     # Whatever the stored JSON holds, the list does not decode it, on either read path.
-    with sqlite3.connect(db.path) as conn:
-        conn.execute("UPDATE tasks SET params = 'not json', result = 'not json either'")
+    sql_rows(db.url, "UPDATE tasks SET params = 'not json', result = 'not json either'")
     statements: list[str] = []
 
     def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
@@ -313,7 +316,8 @@ async def test_the_list_query_reads_no_params_results_or_step_outputs(db: Databa
 
     event.listen(Engine, "before_cursor_execute", seen)
     try:
-        assert len((await SqliteReads(db).page(None, None, 500, None)).items) == 3
+        if db.dialect == "sqlite":  # the one-statement reads are SQLite's alone
+            assert len((await SqliteReads(db).page(None, None, 500, None)).items) == 3
         assert len((await EngineReads(db).page(None, None, 500, None)).items) == 3
         assert len((await store.list_page(limit=500)).items) == 3
     finally:

@@ -1,11 +1,9 @@
-"""The dashboard's reads on a real SQLite file: counters, filters, keyset pages, counts, the
-overview. Times the tests need in the past are written with sqlite3, as a person would."""
+"""The dashboard's reads on a real database: counters, filters, keyset pages, counts, the
+overview. Times the tests need in the past are written in SQL, as a person would."""
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +13,7 @@ from orchestra.db import Database, Lease, TaskStore, overview
 from orchestra.db.overview import DashboardStore, TaskFilter
 from orchestra.db.schema import MIGRATIONS, current_version, upgrade
 from orchestra.domain import NewTask, Step, StepStatus, TaskError, TaskStatus, Usage, iso
+from tests.conftest import sql_rows
 
 NOW = datetime(2026, 12, 1, 13, 5, 30, tzinfo=UTC)
 
@@ -37,8 +36,7 @@ async def add(
 
 
 def sql(db: Database, statement: str, *args: Any) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(db.path) as conn:
-        return conn.execute(statement, args).fetchall()
+    return sql_rows(db.url, statement, args)
 
 
 def counted(db: Database) -> tuple[dict[str, int], dict[str, int]]:
@@ -105,8 +103,8 @@ async def test_an_idempotent_replay_counts_once(store: TaskStore, db: Database) 
     assert counted(db)[0]["queued"] == 1
 
 
-async def test_migration_5_counts_the_rows_already_there(tmp_path: Path) -> None:
-    old = Database(f"sqlite+aiosqlite:///{tmp_path / 'v4.db'}")
+async def test_migration_5_counts_the_rows_already_there(db_url: str) -> None:
+    old = Database(db_url)
 
     def version_4(conn: Connection) -> None:
         current_version(conn)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import sql_rows
 from tests.fixtures.real_model import REAL_MODEL
 from tests.fixtures.servers import free_port, free_socket, start_process
 
@@ -46,13 +46,12 @@ def test_the_readme_shows_the_api_and_the_cli() -> None:
     assert "curl" in found and "orchestra submit" in found
 
 
-async def test_every_readme_example_runs_on_the_default_model(tmp_path: Path) -> None:
+async def test_every_readme_example_runs_on_the_default_model(tmp_path: Path, db_url: str) -> None:
     port = free_port()
-    db = tmp_path / "orchestra.db"
     closed = free_socket()  # bound, never listening: Ollama's address refuses connections
     config = tmp_path / "orchestra.toml"
     config.write_text(
-        f'[server]\nport = {port}\n[database]\nurl = "sqlite+aiosqlite:///{db}"\n'
+        f'[server]\nport = {port}\n[database]\nurl = "{db_url}"\n'
         f'[providers.ollama]\nurl = "http://127.0.0.1:{closed.getsockname()[1]}"\n'
     )
     service = await start_process(config)
@@ -72,9 +71,8 @@ async def test_every_readme_example_runs_on_the_default_model(tmp_path: Path) ->
         service.terminate()
         await service.wait()
         closed.close()
-    with sqlite3.connect(db) as conn:
-        tasks = conn.execute("SELECT id, status, error FROM tasks ORDER BY id").fetchall()
-        models = {row[0] for row in conn.execute("SELECT DISTINCT model FROM task_steps")}
+    tasks = sql_rows(db_url, "SELECT id, status, error FROM tasks ORDER BY id")
+    models = {row[0] for row in sql_rows(db_url, "SELECT DISTINCT model FROM task_steps")}
     assert tasks, "the examples submitted no task"
     assert all(status == "succeeded" for _, status, _ in tasks), tasks
     assert models == {"embedded/smollm2"}

@@ -1,6 +1,7 @@
-"""The reads the API serves most (a task, its events, a page of tasks), in one statement each on
-the event loop: they answer exactly what the engine's reads answer, and a lock sends them to a
-thread instead of holding the loop."""
+"""The reads the API serves most (a task, its events, a page of tasks). On SQLite they run in one
+statement each on the event loop: they answer exactly what the engine's reads answer, and a lock
+sends them to a thread instead of holding the loop. On either engine they keep what was
+stored."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from orchestra.domain import (
     now,
 )
 from orchestra.errors import StorageUnavailable
+from tests.fixtures.postgres import ON_POSTGRESQL
 
 #: Floats that 15 significant digits (SQLite's json_object) would change.
 ODD = 0.1 + 0.2
@@ -124,6 +126,7 @@ async def tasks_in_every_state(store: TaskStore) -> dict[str, int]:
     return made
 
 
+@pytest.mark.sqlite_only
 async def test_the_fast_reads_answer_what_the_engine_reads_answer(db: Database) -> None:
     store = TaskStore(db)
     made = await tasks_in_every_state(store)
@@ -168,6 +171,7 @@ async def test_the_fast_read_keeps_what_was_stored(db: Database) -> None:
     assert asked is not None and asked.cancel_requested
 
 
+@pytest.mark.sqlite_only
 async def test_reads_on_the_loop_leave_no_snapshot_open(db: Database) -> None:
     store = TaskStore(db)
     made = await tasks_in_every_state(store)
@@ -198,6 +202,7 @@ async def journal_db(db_url: str) -> AsyncIterator[Database]:
     await db.close()
 
 
+@pytest.mark.sqlite_only
 async def test_a_locked_database_is_read_on_a_thread_and_never_holds_the_loop(
     journal_db: Database,
 ) -> None:
@@ -223,6 +228,7 @@ async def test_a_locked_database_is_read_on_a_thread_and_never_holds_the_loop(
     assert db.reads_handed_off == 1
 
 
+@pytest.mark.sqlite_only
 async def test_a_read_that_fails_says_why(tmp_path: Path) -> None:
     path = tmp_path / "not-a-database.db"
     path.write_bytes(b"this is not an SQLite file" * 100)
@@ -230,5 +236,19 @@ async def test_a_read_that_fails_says_why(tmp_path: Path) -> None:
     try:
         with pytest.raises(StorageUnavailable, match="not a database"):
             await SqliteReads(db).task(1)
+    finally:
+        await db.close()
+
+
+@pytest.mark.skipif(not ON_POSTGRESQL, reason="PostgreSQL's twin of the test above")
+async def test_a_read_of_a_database_that_is_not_there_says_why(db_url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    gone = make_url(db_url)
+    gone = gone.set(database=f"{gone.database}_gone")
+    db = Database(gone.render_as_string(hide_password=False))
+    try:
+        with pytest.raises(StorageUnavailable, match=f'database "{gone.database}" does not exist'):
+            await TaskStore(db).get_task(1)
     finally:
         await db.close()

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import sqlite3
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from orchestra.config import Settings, TemplateSettings
 from orchestra.db import Database, TaskStore
 from orchestra.db.templates import StoredFileVersion, TemplateStore
 from orchestra.domain import NewTask
-from tests.conftest import StartService
+from tests.conftest import StartService, sql_rows
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import free_port, start_process, write_config
 
@@ -41,10 +40,10 @@ def _events(log: Path) -> list[dict[str, object]]:
 
 
 async def test_serve_upgrades_the_database_and_loads_the_templates_once(
-    fake_ollama: FakeOllama, tmp_path: Path
+    fake_ollama: FakeOllama, tmp_path: Path, db_url: str
 ) -> None:
     config = tmp_path / "o.toml"
-    write_config(config, port=free_port(), db=tmp_path / "o.db", ollama_url=fake_ollama.url)
+    write_config(config, port=free_port(), db=db_url, ollama_url=fake_ollama.url)
     proc = await start_process(config)
     try:
         names = [e.get("event") for e in _events(config.with_suffix(".log"))]
@@ -74,13 +73,15 @@ async def _serve_fails(config: Path) -> str:
     return text
 
 
-async def test_serve_with_an_invalid_template_fails_in_one_clean_message(tmp_path: Path) -> None:
+async def test_serve_with_an_invalid_template_fails_in_one_clean_message(
+    tmp_path: Path, db_url: str
+) -> None:
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "broken.yaml").write_text("name: broken\nsteps: nope\n")
     config = tmp_path / "o.toml"
     config.write_text(
-        f'[server]\nport = {free_port()}\n[database]\nurl = "sqlite+aiosqlite:///{tmp_path}/o.db"\n'
+        f'[server]\nport = {free_port()}\n[database]\nurl = "{db_url}"\n'
         f'[templates]\ndirs = ["{folder}"]\n'
     )
     err = await _serve_fails(config)
@@ -92,9 +93,9 @@ async def test_serve_with_an_unsupported_database_url_fails_in_one_clean_line(
     tmp_path: Path,
 ) -> None:
     config = tmp_path / "o.toml"
-    config.write_text(f'[server]\nport = {free_port()}\n[database]\nurl = "postgresql://x/y"\n')
+    config.write_text(f'[server]\nport = {free_port()}\n[database]\nurl = "mysql://x/y"\n')
     err = await _serve_fails(config)
-    assert "Error: database.url: 'postgresql' is not supported yet" in err
+    assert "Error: database.url: 'mysql' is not supported; use sqlite+aiosqlite:///PATH" in err
 
 
 @pytest.fixture
@@ -117,15 +118,11 @@ async def test_a_queued_task_runs_its_file_version_after_the_file_changed_and_a_
     async with start_service(with_dir) as svc:
         queued = [(await svc.client.post("/api/v1/tasks", json=body)).json() for _ in range(2)]
     assert [t["status"] for t in queued] == ["queued", "queued"]
-    db = Path(settings.database.url.split("///", 1)[1])
-    with sqlite3.connect(db) as conn:
-        stored = conn.execute(
-            "SELECT version FROM file_template_versions WHERE name = 'greet'"
-        ).fetchall()
-        assert stored == [(1,)]  # once, however many tasks pinned it
-        # Due now: the restarted service runs them (the delay kept the first one from it).
-        conn.execute("UPDATE tasks SET run_at = '2000-01-01T00:00:00.000000Z'")
-    conn.close()
+    url = settings.database.url
+    stored = sql_rows(url, "SELECT version FROM file_template_versions WHERE name = 'greet'")
+    assert stored == [(1,)]  # once, however many tasks pinned it
+    # Due now: the restarted service runs them (the delay kept the first one from it).
+    sql_rows(url, "UPDATE tasks SET run_at = '2000-01-01T00:00:00.000000Z'")
 
     (folder / "greet.yaml").write_text(V2)
     async with start_service(with_dir) as svc:
@@ -169,9 +166,7 @@ async def test_a_version_loaded_by_a_reload_is_stored_when_a_task_is_queued_with
         body = {"template": "greet", "params": {"who": "Ada"}, "delay": 3600}
         queued = (await svc.client.post("/api/v1/tasks", json=body)).json()
     assert (queued["status"], queued["template_version"]) == ("queued", 2)
-    with sqlite3.connect(Path(settings.database.url.split("///", 1)[1])) as conn:
-        conn.execute("UPDATE tasks SET run_at = '2000-01-01T00:00:00.000000Z'")
-    conn.close()
+    sql_rows(settings.database.url, "UPDATE tasks SET run_at = '2000-01-01T00:00:00.000000Z'")
 
     v3 = V2.replace("version: 2", "version: 3").replace("goodbye", "farewell")
     (folder / "greet.yaml").write_text(v3)

@@ -6,6 +6,9 @@ connection holding ``BEGIN IMMEDIATE`` is a sqlite3 shell in a transaction (SQLI
 ``PRAGMA query_only`` refuses every write as a read-only file does (SQLITE_READONLY; as root,
 chmod would not stop SQLite). As root, a tmpfs the test mounts fills up as a real disk does.
 Each shows the clear answer, a truthful /health, and recovery without a restart.
+
+These are SQLite's own failures (``sqlite_only``); PostgreSQL's are named in
+:mod:`orchestra.db.pg_failures`.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ def statuses(db_url: str) -> dict[str, int]:
     return dict(rows)
 
 
+@pytest.mark.sqlite_only
 async def test_a_full_disk_answers_507_health_says_so_and_writes_recover(
     service: Service, db_url: str
 ) -> None:
@@ -117,6 +121,7 @@ async def test_a_full_disk_answers_507_health_says_so_and_writes_recover(
     assert statuses(db_url) == {"succeeded": len(accepted)}
 
 
+@pytest.mark.sqlite_only
 async def test_a_task_whose_model_answered_while_writes_failed_keeps_its_result(
     service: Service, fake_ollama: FakeOllama, db_url: str
 ) -> None:
@@ -146,6 +151,7 @@ async def test_a_task_whose_model_answered_while_writes_failed_keeps_its_result(
     assert len(done["attempts"]) == 1  # written once room returned, not run again
 
 
+@pytest.mark.sqlite_only
 async def test_a_held_lock_answers_503_with_retry_after_and_serves_after(
     settings: Settings, start_service: StartService, db_url: str
 ) -> None:
@@ -175,6 +181,7 @@ async def test_a_held_lock_answers_503_with_retry_after_and_serves_after(
     assert healed["database"] == "ok"
 
 
+@pytest.mark.sqlite_only
 async def test_a_read_only_database_answers_503_naming_it(service: Service) -> None:
     db = database(service)
     await on_writer(db, "PRAGMA query_only = ON")
@@ -190,6 +197,7 @@ async def test_a_read_only_database_answers_503_naming_it(service: Service) -> N
     assert (await service.wait(accepted.json()["id"]))["status"] == "succeeded"
 
 
+@pytest.mark.sqlite_only
 async def test_workers_back_off_while_writes_are_refused(service: Service) -> None:
     db = database(service)
     pool = service.app.state.runtime.pool
@@ -214,6 +222,7 @@ async def test_workers_back_off_while_writes_are_refused(service: Service) -> No
     assert (await service.wait(accepted.json()["id"]))["status"] == "succeeded"
 
 
+@pytest.mark.sqlite_only
 async def test_low_disk_space_shows_in_health(
     settings: Settings, start_service: StartService
 ) -> None:
@@ -226,6 +235,7 @@ async def test_low_disk_space_shows_in_health(
     assert body["database"].startswith("low disk: ") and body["database"].endswith(" MB free")
 
 
+@pytest.mark.sqlite_only
 async def test_a_failed_commit_leaves_the_writer_ready_for_the_next_transaction(
     tmp_path: Path,
 ) -> None:
@@ -253,6 +263,7 @@ async def test_a_failed_commit_leaves_the_writer_ready_for_the_next_transaction(
         await db.close()
 
 
+@pytest.mark.sqlite_only
 async def test_one_write_too_big_for_the_disk_does_not_fail_the_others_beside_it(
     tmp_path: Path,
 ) -> None:
@@ -288,6 +299,7 @@ async def test_low_disk_space_is_warned_about_every_interval() -> None:
     assert logged[0]["free_mb"] == 5.0 and logged[0]["min_free_mb"] == 100
 
 
+@pytest.mark.sqlite_only
 def test_sqlite_failures_are_named(tmp_path: Path) -> None:
     path = tmp_path / "x.db"
     one = sqlite3.connect(path, isolation_level=None, timeout=0)
@@ -338,6 +350,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.slow
 async def test_a_real_disk_fills_up_and_the_service_recovers_when_it_grows(
     small_disk: Path, fake_ollama: FakeOllama

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sqlite3
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -19,9 +18,9 @@ from sqlalchemy import event
 from orchestra.config import Settings, TemplateSettings
 from orchestra.db import Database, Lease, TaskStore
 from orchestra.domain import NewTask, Step, StepStatus, TaskError, TaskStatus, iso_now, now
-from tests.conftest import Service, StartService, with_workers
+from tests.conftest import Service, StartService, sql_rows, with_workers
 from tests.fixtures.fake_ollama import FakeOllama
-from tests.fixtures.servers import crash_config, start_process, wait_until
+from tests.fixtures.servers import free_port, start_process, wait_until, write_config
 from tests.fixtures.sse import read_events
 
 TWO_STEPS = """\
@@ -43,7 +42,9 @@ class Writes:
     def __init__(self, db: Database) -> None:
         self.transactions = 0
         self.commits = 0
-        event.listen(db._writer, "commit", self._commit)
+        # The engine whose connections commit: SQLite's one writer, PostgreSQL's pool.
+        engine = db._writer if db.path is not None else db._engine  # type: ignore[attr-defined]
+        event.listen(engine, "commit", self._commit)
         transaction = db.transaction
 
         async def counted(work: Callable[[Any], Any], **how: Any) -> Any:
@@ -172,19 +173,18 @@ async def new_task(store: TaskStore) -> int:
 
 
 def step_rows(db: Database, task_id: int) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(db.path) as conn:
-        return conn.execute(
-            "SELECT attempt, step_id, status FROM task_steps WHERE task_id = ? "
-            "ORDER BY attempt, position",
-            (task_id,),
-        ).fetchall()
+    return sql_rows(
+        db.url,
+        "SELECT attempt, step_id, status FROM task_steps WHERE task_id = ? "
+        "ORDER BY attempt, position",
+        (task_id,),
+    )
 
 
 def event_types(db: Database, task_id: int) -> list[str]:
-    with sqlite3.connect(db.path) as conn:
-        rows = conn.execute(
-            "SELECT type FROM task_events WHERE task_id = ? ORDER BY seq", (task_id,)
-        ).fetchall()
+    rows = sql_rows(
+        db.url, "SELECT type FROM task_events WHERE task_id = ? ORDER BY seq", (task_id,)
+    )
     return [r[0] for r in rows]
 
 
@@ -258,25 +258,29 @@ async def test_a_retry_and_a_hand_back_carry_the_ended_step_too(db: Database) ->
 # -- a crash between the claim and the end ----------------------------------------------------
 
 
-def attempts_and_steps(db: Path, task_id: int) -> tuple[list[Any], list[Any]]:
-    with sqlite3.connect(db) as conn:
-        attempts = conn.execute(
-            "SELECT number, status FROM task_attempts WHERE task_id = ? ORDER BY number",
-            (task_id,),
-        ).fetchall()
-        steps = conn.execute(
-            "SELECT attempt, status FROM task_steps WHERE task_id = ? ORDER BY attempt",
-            (task_id,),
-        ).fetchall()
+def attempts_and_steps(db_url: str, task_id: int) -> tuple[list[Any], list[Any]]:
+    attempts = sql_rows(
+        db_url,
+        "SELECT number, status FROM task_attempts WHERE task_id = ? ORDER BY number",
+        (task_id,),
+    )
+    steps = sql_rows(
+        db_url,
+        "SELECT attempt, status FROM task_steps WHERE task_id = ? ORDER BY attempt",
+        (task_id,),
+    )
     return attempts, steps
 
 
 @pytest.mark.slow
 async def test_a_crash_between_the_claim_and_the_end_runs_the_task_again(
-    fake_ollama: FakeOllama, tmp_path: Path
+    fake_ollama: FakeOllama, tmp_path: Path, db_url: str
 ) -> None:
     fake_ollama.latency = 0.5
-    port, db, config = crash_config(tmp_path, fake_ollama.url)
+    # Leases of a second, reaped and polled five times a second.
+    port, config = free_port(), tmp_path / "crash.toml"
+    quick = {"lease_seconds": 1.0, "reap_interval": 0.2, "poll_interval": 0.2}
+    write_config(config, port=port, db=db_url, ollama_url=fake_ollama.url, **quick)
     first = await start_process(config)
     try:
         import httpx
@@ -285,7 +289,7 @@ async def test_a_crash_between_the_claim_and_the_end_runs_the_task_again(
             body = {"template": "summarize", "params": {"text": "crash me"}}
             task_id = (await client.post("/api/v1/tasks", json=body)).json()["id"]
         # Claimed, its step started in the same transaction, the model answering.
-        await wait_until(lambda: attempts_and_steps(db, task_id)[1] == [(1, "running")])
+        await wait_until(lambda: attempts_and_steps(db_url, task_id)[1] == [(1, "running")])
         await wait_until(lambda: fake_ollama.in_flight > 0, timeout=5)
     finally:
         first.send_signal(signal.SIGKILL)
@@ -295,14 +299,13 @@ async def test_a_crash_between_the_claim_and_the_end_runs_the_task_again(
     try:
 
         def done() -> bool:
-            with sqlite3.connect(db) as conn:
-                row = conn.execute("SELECT status FROM tasks WHERE id = ?", (task_id,)).fetchone()
-            return bool(row == ("succeeded",))
+            rows = sql_rows(db_url, "SELECT status FROM tasks WHERE id = ?", (task_id,))
+            return rows == [("succeeded",)]
 
         await wait_until(done, timeout=30, interval=0.1)
     finally:
         second.send_signal(signal.SIGTERM)
         await second.wait()
-    attempts, steps = attempts_and_steps(db, task_id)
+    attempts, steps = attempts_and_steps(db_url, task_id)
     assert attempts == [(1, "lost"), (2, "succeeded")]
     assert steps == [(1, "running"), (2, "succeeded")]

@@ -5,7 +5,6 @@ handles it)."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
@@ -13,6 +12,7 @@ import pytest
 
 from orchestra.db import Database, Lease, TaskStore, guards
 from orchestra.domain import TRANSITIONS, NewTask, TaskError, TaskStatus, iso
+from tests.conftest import sql_rows
 
 
 def allowed_into(target: TaskStatus) -> frozenset[TaskStatus]:
@@ -110,13 +110,13 @@ async def test_each_operation_moves_only_tasks_in_its_guards_statuses(
         ids[status] = task.id
     # Each task in one status, held by worker "w" (attempt 1) under a lease that has expired.
     expired = iso(NOW - timedelta(seconds=1))
-    with sqlite3.connect(db.path) as conn:
-        for status, task_id in ids.items():
-            conn.execute(
-                "UPDATE tasks SET status = ?, lease_owner = 'w', attempts = 1, "
-                "lease_expires_at = ? WHERE id = ?",
-                (status.value, expired, task_id),
-            )
+    for status, task_id in ids.items():
+        sql_rows(
+            db.url,
+            "UPDATE tasks SET status = ?, lease_owner = 'w', attempts = 1, "
+            "lease_expires_at = ? WHERE id = ?",
+            (status.value, expired, task_id),
+        )
     await operation(store, ids)
     for source, task_id in ids.items():
         task = await store.get_task(task_id)

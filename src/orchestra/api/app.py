@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from litestar import Litestar
+from litestar import Litestar, Request, Response
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import MutableScopeHeaders, State
 from litestar.di import NamedDependency, Provide
+from litestar.exceptions import NotFoundException
 from litestar.openapi import OpenAPIConfig
 from litestar.routes import HTTPRoute
 
@@ -18,6 +19,7 @@ from orchestra.api.errors import HANDLERS
 from orchestra.api.health import health, models
 from orchestra.api.openapi import refine
 from orchestra.api.runtime import Runtime, ShowKey
+from orchestra.api.schemas import ErrorBody
 from orchestra.api.tasks import TaskController
 from orchestra.api.templates import TemplateController
 from orchestra.catalog import TemplateCatalog
@@ -68,10 +70,14 @@ def create_app(
     ``api_key_env`` names (the CLI passes the process environment; None: no keys).
     ``show_key`` receives the admin key a first start beyond loopback makes (None: no key is
     made; the CLI shows it).
+
+    With ``[server] api = false`` the app serves /health alone (see :func:`_workers_only`).
     """
     if registry is None:
         registry = TemplateRegistry(settings.templates.dirs, limits=settings.limits)
     runtime = Runtime(settings, registry, env or {}, show_key=show_key)
+    if not settings.server.api:
+        return _workers_only(settings, runtime)
     handlers: list[Any] = [TaskController, TemplateController, health, models]
     if settings.ui.enabled:
         handlers.append(dashboard(settings))
@@ -108,3 +114,32 @@ def create_app(
     )
     refine(app.openapi_schema)  # built once, here; every later request serves this one
     return app
+
+
+#: What a process without the API answers on any path but /health.
+WORKERS_ONLY = (
+    "this process runs workers only (orchestra serve --no-api) and answers /health alone; "
+    "send API requests to a process that serves the API"
+)
+
+
+def _not_here(_request: Request[Any, Any, Any], _exc: NotFoundException) -> Response[ErrorBody]:
+    body = ErrorBody(status=404, code="workers_only", message=WORKERS_ONLY, fields=[])
+    return Response(body, status_code=404)
+
+
+def _workers_only(settings: Settings, runtime: Runtime) -> Litestar:
+    """A worker process's app (``--no-api``): the same lifespan, so the same workers, and an
+    HTTP listener that answers /health (for a container's probes) and, on any other path, a
+    JSON 404 saying that this process serves no API."""
+    return Litestar(
+        route_handlers=[health],
+        middleware=auth.middleware(settings.auth),
+        lifespan=[runtime.lifespan],
+        state=State({"runtime": runtime}),
+        exception_handlers={**HANDLERS, NotFoundException: _not_here},
+        openapi_config=None,
+        logging_config=None,
+        debug=False,
+        request_max_body_size=settings.limits.max_body_bytes,
+    )

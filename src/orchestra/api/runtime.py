@@ -208,10 +208,23 @@ class Runtime:
                 await router.start()  # the embedded model's preload, in the background
                 watcher = asyncio.create_task(router.watch(), name="provider-health")
                 disk = asyncio.create_task(
-                    warn_when_low(db.free_mb, s.database.min_free_mb, db.path), name="disk-watch"
+                    warn_when_low(db.free_mb, s.database.min_free_mb, db.where), name="disk-watch"
                 )
-                pool = WorkerPool(store, self.registry, Runner(router, renderer, s.limits), s)
+                pool = WorkerPool(
+                    store,
+                    self.registry,
+                    Runner(router, renderer, s.limits),
+                    s,
+                    refresh=catalog.refresh,
+                )
                 db.on_recovered = pool.notify  # writes work again: claim now, not after a pause
+                # Other processes' submits and changes: their NOTIFY on PostgreSQL, their
+                # commits on SQLite; the workers and waiting requests need not wait to poll.
+                listener = asyncio.create_task(
+                    db.watch(pool.notify, signals.publish), name="database-watch"
+                )
+                # Templates other processes register or delete.
+                following = asyncio.create_task(catalog.follow(), name="templates-follow")
                 self._db, self._router, self._pool = db, router, pool
                 self._tasks = TaskService(
                     store,
@@ -221,18 +234,22 @@ class Runtime:
                     default_max_attempts=s.workers.max_attempts,
                     limits=s.limits,
                     pin=catalog.pin,
+                    refresh=catalog.refresh,
                 )
                 self._bulk = BulkService(store, self._dashboard, pool)
-                await pool.start()
+                if s.server.workers:  # else (--no-workers) other processes run the tasks
+                    await pool.start()
                 hangup = _on_sighup(self.reload_templates)
                 try:
                     yield
                 finally:
                     hangup()
-                    await pool.stop()
-                    watcher.cancel()
-                    disk.cancel()
-                    await asyncio.gather(watcher, disk, return_exceptions=True)
+                    if s.server.workers:
+                        await pool.stop()
+                    background = (watcher, disk, listener, following)
+                    for job in background:
+                        job.cancel()
+                    await asyncio.gather(*background, return_exceptions=True)
                     await router.close()
                     self._tasks = self._router = None
                     self._bulk = None
@@ -276,13 +293,13 @@ async def prepare(
     log.info("templates.loaded", files=len(loaded))
     try:
         version = await upgrade(db)
-        log.info("database.ready", path=str(db.path), schema_version=version)
+        log.info("database.ready", where=db.where, schema_version=version)
         await catalog.start()
         if not bootstrap:
             return None
         return await bootstrap_key(KeyStore(db), settings.server.host, settings.auth)
     except OSError as exc:
-        raise ConfigError(f"database.url: cannot open {db.path}: {exc}") from None
+        raise ConfigError(f"database.url: cannot open {db.where}: {exc}") from None
 
 
 def _on_sighup(callback: Callable[[], None]) -> Callable[[], None]:

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from typing import Any
+import socket
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, Protocol
 
 import h11
 import uvicorn
@@ -148,3 +151,39 @@ def server_config(app: Any, settings: ServerSettings, **options: Any) -> uvicorn
         lifespan="on",
         **options,
     )
+
+
+class Stoppable(Protocol):
+    """What :class:`Server` tells when a stop signal arrives (the app's runtime)."""
+
+    def request_stop(self) -> None: ...
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, told two things more: on SIGTERM or SIGINT the workers stop claiming
+    at once (``runtime.request_stop``; uvicorn then drains HTTP, and the lifespan stops the
+    pool), and ``on_started`` is called once the lifespan started and the server listens."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        runtime: Stoppable,
+        on_started: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+        self.on_started = on_started
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """A stop signal: stop claiming tasks now, then do as uvicorn does."""
+        try:
+            asyncio.get_running_loop().call_soon_threadsafe(self.runtime.request_stop)
+        except RuntimeError:  # no loop runs yet (or any more): nothing claims
+            pass
+        super().handle_exit(sig, frame)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's startup, then ``on_started`` when it listens."""
+        await super().startup(sockets)
+        if self.started and self.on_started is not None:
+            self.on_started()

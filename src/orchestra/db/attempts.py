@@ -100,8 +100,15 @@ def renew(conn: Connection, owner: str, ids: Collection[int], expires: str) -> R
 # -- the claim ------------------------------------------------------------------------------
 
 
-def claim_statement(skip_models: tuple[str, ...] = ()) -> Any:
-    """The claim: one UPDATE … RETURNING over the best due tasks."""
+def claim_statement(skip_models: tuple[str, ...] = (), engine: str = "sqlite") -> Any:
+    """The claim: one UPDATE … RETURNING over the best due tasks.
+
+    On PostgreSQL the due tasks are picked once, in a CTE that locks them (``FOR UPDATE SKIP
+    LOCKED``: rows another process is claiming are passed over, not waited for); an
+    ``id IN (subquery … LIMIT)`` there may be planned as a subquery run again per row, which
+    finds the next due task each time and claims the whole queue. SQLite, with one writer at
+    a time, runs the subquery once and has no row locks.
+    """
     due = (
         select(tasks.c.id)
         .where(guards.CLAIM.guard, tasks.c.run_at <= bindparam("c_now"))
@@ -111,9 +118,14 @@ def claim_statement(skip_models: tuple[str, ...] = ()) -> Any:
     if skip_models:
         # NOT IN is NULL for a NULL model: say explicitly that model-less tasks may run.
         due = due.where(or_(tasks.c.model.is_(None), tasks.c.model.not_in(list(skip_models))))
+    if engine == "postgresql":
+        picked = due.with_for_update(skip_locked=True).cte("due")
+        chosen: ColumnElement[bool] = tasks.c.id == picked.c.id
+    else:
+        chosen = tasks.c.id.in_(due)
     return (
         update(tasks)
-        .where(tasks.c.id.in_(due), guards.CLAIM.guard)
+        .where(chosen, guards.CLAIM.guard)
         .values(
             status=TaskStatus.RUNNING.value,
             lease_owner=bindparam("c_owner"),
@@ -126,7 +138,7 @@ def claim_statement(skip_models: tuple[str, ...] = ()) -> Any:
     )
 
 
-CLAIM = Prepared(claim_statement())
+CLAIM = Prepared(lambda engine: claim_statement(engine=engine))
 ADD_ATTEMPT = Prepared(
     insert(task_attempts).values(
         task_id=bindparam("a_task"),
@@ -153,7 +165,7 @@ def claim(
     if not skip_models:
         rows = CLAIM.rows(conn, params)
     else:  # models at their limit: a NOT IN list, through Core
-        skipping = claim_statement(tuple(skip_models))
+        skipping = claim_statement(tuple(skip_models), conn.dialect.name)
         rows = [dict(r._mapping) for r in conn.execute(skipping, params)]
     if not rows:
         return []

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from sqlalchemy import Connection, func, select, update
+from sqlalchemy import Connection, select, update
 
-from orchestra.db import events, guards
+from orchestra.db import events, guards, notices
+from orchestra.db.portable import greatest
 from orchestra.db.rows import dump
 from orchestra.db.tables import tasks
 from orchestra.domain import TaskError, TaskStatus
@@ -72,7 +73,7 @@ def retry(conn: Connection, ids: Collection[int], now: str) -> list[int]:
                 result=None,
                 finished_at=None,
                 cancel_requested=0,
-                max_attempts=func.max(
+                max_attempts=greatest(
                     tasks.c.max_attempts, tasks.c.attempts - tasks.c.handed_back + 1
                 ),
             )
@@ -80,6 +81,8 @@ def retry(conn: Connection, ids: Collection[int], now: str) -> list[int]:
         ).scalars()
     )
     events.append_many(conn, [(task_id, TaskQueued(retry=True)) for task_id in requeued], now)
+    if requeued:
+        notices.queued(conn)
     return requeued
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 from sqlalchemy import Connection, bindparam, func, insert, select
 
+from orchestra.db import notices
 from orchestra.db.engine import Database
 from orchestra.db.prepared import Prepared
 from orchestra.db.rows import dump
@@ -28,8 +29,10 @@ class TaskEvent(msgspec.Struct, frozen=True):
     data: dict[str, Any]
 
 
-# One prepared statement: the task's next sequence number is MAX+1 inside the INSERT itself
-# (writes are serialized, so it cannot race), and a batch goes as one executemany.
+# One prepared statement: the task's next sequence number is MAX+1 inside the INSERT itself,
+# and a batch goes as one executemany. SQLite's writes are serialized, so it cannot race; on
+# PostgreSQL two processes appending to one task at once collide on the primary key, and the
+# later transaction runs again (postgres_engine).
 _APPEND = Prepared(
     insert(task_events).from_select(
         ["task_id", "seq", "time", "type", "data"],
@@ -54,12 +57,14 @@ def append(conn: Connection, task_id: int, payload: EventPayload, now: str) -> N
     """Add the event ``payload`` stands for (its type is the payload's), with the task's next
     sequence number (inside a write transaction)."""
     _APPEND.run(conn, _row(task_id, payload, now))
+    notices.changed(conn, (task_id,))
 
 
 def append_many(conn: Connection, entries: Sequence[tuple[int, EventPayload]], now: str) -> None:
     """Append one event to each of several tasks (a claim of many tasks), in one statement."""
     if entries:
         _APPEND.run_many(conn, [_row(task_id, payload, now) for task_id, payload in entries])
+        notices.changed(conn, sorted({task_id for task_id, _ in entries}))
 
 
 async def events_after(db: Database, task_id: int, seq: int, limit: int = 500) -> list[TaskEvent]:

@@ -125,7 +125,7 @@ def free_bytes(path: Path) -> int | None:
 
 
 async def warn_when_low(
-    free_mb: Callable[[], float | None], min_free_mb: float, path: Path, every: float = 60.0
+    free_mb: Callable[[], float | None], min_free_mb: float, path: Path | str, every: float = 60.0
 ) -> None:
     """Log ``database.low_disk`` every ``every`` seconds while the database's disk has less
     than ``min_free_mb`` free (0: never), until cancelled."""

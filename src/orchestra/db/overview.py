@@ -21,10 +21,9 @@ from typing import Any
 import msgspec
 from sqlalchemy import ColumnElement, Select, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.sql.expression import UnaryExpression
-from sqlalchemy.sql.operators import custom_op
 
 from orchestra.db.engine import Database
+from orchestra.db.portable import hinted, like, unindexed
 from orchestra.db.rows import dump, summary_from_row
 from orchestra.db.tables import task_counts, task_steps, tasks
 from orchestra.domain import TaskFilter, TaskStatus, TaskSummary, as_utc, iso
@@ -73,8 +72,7 @@ _FAILED = TaskStatus.FAILED.value
 # index is ordered by priority first, so min(run_at) over it reads the whole queue (48 ms with
 # 500,000 queued); instead, step from one priority to the next lower one and take each one's
 # first run_at: two seeks per priority in use, however long the queue.
-_OLDEST_DUE = text(
-    """
+_OLDEST_DUE_SQL = """
 WITH RECURSIVE levels(priority) AS (
     SELECT max(priority) FROM tasks INDEXED BY ix_tasks_queue WHERE status = 'queued'
     UNION ALL
@@ -87,11 +85,10 @@ SELECT min((SELECT run_at FROM tasks INDEXED BY ix_tasks_queue
             ORDER BY run_at LIMIT 1))
 FROM levels WHERE levels.priority IS NOT NULL
 """
-)
 # Succeeded and failed tasks per minute, zero-filled, oldest first: two index-only range scans
 # per minute (a GROUP BY over the hour's rows sorted them all: 4x slower). Minute labels
 # ("2026-12-01T13:05") bound the stored times exactly, as text.
-_PER_MINUTE = text(
+_PER_MINUTE_SQLITE = text(
     """
 WITH RECURSIVE minutes(lo, hi) AS (
     SELECT :first, strftime('%Y-%m-%dT%H:%M', :first, '+1 minute')
@@ -104,6 +101,19 @@ SELECT lo,
     (SELECT count(*) FROM tasks INDEXED BY ix_tasks_finished_status
      WHERE finished_at >= lo AND finished_at < hi AND status = 'failed')
 FROM minutes
+"""
+)
+
+
+_OLDEST_DUE = {d: text(hinted(_OLDEST_DUE_SQL, d)) for d in ("sqlite", "postgresql")}
+# PostgreSQL counts the hour in one GROUP BY over its finished index; the minutes it has no
+# rows for are filled with zeros in Python.
+_PER_MINUTE_GROUPED = text(
+    """
+SELECT substr(finished_at, 1, 16) AS minute, status, count(*)
+FROM tasks
+WHERE finished_at >= :first AND finished_at < :end AND status IN ('succeeded', 'failed')
+GROUP BY 1, 2
 """
 )
 
@@ -151,11 +161,6 @@ def like_pattern(text: str) -> str:
     return f"%{escaped}%"
 
 
-def _unindexed(column: ColumnElement[Any]) -> ColumnElement[Any]:
-    """``+column``: the same value, but a condition on it cannot choose an index."""
-    return UnaryExpression(column, operator=custom_op("+"), type_=column.type)
-
-
 def _time_bounds(f: TaskFilter) -> dict[str, str]:
     bounds = {}
     if f.created_from is not None:
@@ -165,17 +170,18 @@ def _time_bounds(f: TaskFilter) -> dict[str, str]:
     return bounds
 
 
-def _in_range_sql(bounds: dict[str, str]) -> str:
+def _in_range_sql(bounds: dict[str, str], dialect: str) -> str:
     """The ids in a creation time range, read from ix_tasks_created alone."""
     where = []
     if "created_from" in bounds:
         where.append("created_at >= :created_from")
     if "created_to" in bounds:
         where.append("created_at < :created_to")
-    return f"SELECT id FROM tasks INDEXED BY ix_tasks_created WHERE {' AND '.join(where)}"
+    sql = f"SELECT id FROM tasks INDEXED BY ix_tasks_created WHERE {' AND '.join(where)}"
+    return hinted(sql, dialect)
 
 
-def _conditions(f: TaskFilter, plan: str) -> list[ColumnElement[bool]]:
+def _conditions(f: TaskFilter, plan: str, dialect: str) -> list[ColumnElement[bool]]:
     """A filter's conditions other than its status, shaped for a plan.
 
     Args:
@@ -186,24 +192,24 @@ def _conditions(f: TaskFilter, plan: str) -> list[ColumnElement[bool]]:
     where: list[ColumnElement[bool]] = []
     indexed = plan != "status"
     if f.template is not None:
-        template = tasks.c.template if indexed else _unindexed(tasks.c.template)
+        template = tasks.c.template if indexed else unindexed(tasks.c.template)
         where.append(template == f.template)
     if f.model is not None:
-        model = tasks.c.model if indexed else _unindexed(tasks.c.model)
+        model = tasks.c.model if indexed else unindexed(tasks.c.model)
         where.append(model == f.model)
     bounds = _time_bounds(f)
     if bounds and plan == "ids":
-        in_range = text(_in_range_sql(bounds)).bindparams(**bounds).columns(tasks.c.id)
+        in_range = text(_in_range_sql(bounds, dialect)).bindparams(**bounds).columns(tasks.c.id)
         where.append(tasks.c.id.in_(in_range))
     elif bounds:
-        created = tasks.c.created_at if plan == "plain" else _unindexed(tasks.c.created_at)
+        created = tasks.c.created_at if plan == "plain" else unindexed(tasks.c.created_at)
         if "created_from" in bounds:
             where.append(created >= bounds["created_from"])
         if "created_to" in bounds:
             where.append(created < bounds["created_to"])
     if f.text:
         pattern = like_pattern(f.text)
-        where.append(or_(*(column.like(pattern, escape="\\") for column in _SEARCHED)))
+        where.append(or_(*(like(column, pattern) for column in _SEARCHED)))
     return where
 
 
@@ -248,13 +254,13 @@ class DashboardStore:
         )
         async with self.db.read() as conn:
             counts = await _counts(conn)
-            due = (await conn.execute(_OLDEST_DUE)).scalar()
-            minutes = (await conn.execute(_PER_MINUTE, span)).all()
+            due = (await conn.execute(_OLDEST_DUE[conn.dialect.name])).scalar()
+            minutes = await _per_minute(conn, span)
             recent = await _summaries(conn, failed) if failures > 0 else []
         return Overview(
             counts=counts,
             oldest_queued_at=due if due is not None and due <= iso(now) else None,
-            per_minute=[MinuteCount(m, int(ok), int(bad)) for m, ok, bad in minutes],
+            per_minute=minutes,
             recent_failures=recent,
         )
 
@@ -275,7 +281,7 @@ class DashboardStore:
             # A time range walked in id order finds its first tasks at once when it is large
             # and recent, but reads the whole table to learn that a small one has no more.
             plan = await _time_plan(conn, filter)
-            query = query.where(*_conditions(filter, plan))
+            query = query.where(*_conditions(filter, plan, conn.dialect.name))
             items = await _summaries(conn, query)
         more = len(items) > limit
         items = items[:limit]
@@ -296,12 +302,12 @@ class DashboardStore:
             return 0
         async with self.db.read() as conn:
             counts = await _counts(conn)
-            if not _conditions(filter, "plain"):
+            if not _conditions(filter, "plain", conn.dialect.name):
                 return sum(counts[w] for w in words)
             # Without statistics the planner takes the template's index over a status's, even
             # when the status holds a few thousand tasks and the template most of the table.
             selective = len(words) == 1 and counts[words[0]] < STATUS_DRIVES
-            conditions = _conditions(filter, "status" if selective else "plain")
+            conditions = _conditions(filter, "status" if selective else "plain", conn.dialect.name)
             query = select(func.count()).select_from(tasks).where(*conditions)
             if len(words) == 1:
                 query = query.where(tasks.c.status == words[0])
@@ -323,7 +329,7 @@ class DashboardStore:
         order; the statuses a bulk action changes are the table's small ones) and the runs
         merged, so walking them all reads each task of those statuses once.
         """
-        conditions = _conditions(filter, "status")
+        conditions = _conditions(filter, "status", self.db.dialect)
         if after is not None:
             conditions.append(tasks.c.id > after)
         runs: list[int] = []
@@ -361,23 +367,47 @@ async def _time_plan(conn: AsyncConnection, f: TaskFilter) -> str:
     # A range up to now is walked from its newest end: only its size matters.
     open_ended = "created_to" not in bounds
     cap = FEW_IN_RANGE if open_ended else RANGE_PROBE
-    inside = await _count_upto(conn, _in_range_sql(bounds), bounds, cap)
+    inside = await _count_upto(conn, _in_range_sql(bounds, conn.dialect.name), bounds, cap)
     if inside < FEW_IN_RANGE:
         return "ids"
     if open_ended:
         return "walk"
     newer = await _count_upto(
         conn,
-        "SELECT id FROM tasks INDEXED BY ix_tasks_created WHERE created_at >= :created_to",
+        hinted(
+            "SELECT id FROM tasks INDEXED BY ix_tasks_created WHERE created_at >= :created_to",
+            conn.dialect.name,
+        ),
         {"created_to": bounds["created_to"]},
         WALK_COST * inside,
     )
     return "ids" if newer >= WALK_COST * inside else "walk"
 
 
+async def _per_minute(conn: AsyncConnection, span: dict[str, str]) -> list[MinuteCount]:
+    """Succeeded and failed tasks in each minute from ``span["first"]`` to ``span["last"]``,
+    oldest first, zero-filled."""
+    if conn.dialect.name == "sqlite":
+        rows = (await conn.execute(_PER_MINUTE_SQLITE, span)).all()
+        return [MinuteCount(m, int(ok), int(bad)) for m, ok, bad in rows]
+    first = datetime.fromisoformat(span["first"])
+    labels = [
+        (first + timedelta(minutes=i)).strftime("%Y-%m-%dT%H:%M") for i in range(CHART_MINUTES)
+    ]
+    end = (first + timedelta(minutes=CHART_MINUTES)).strftime("%Y-%m-%dT%H:%M")
+    found: dict[tuple[str, str], int] = {}
+    for minute, status, n in await conn.execute(
+        _PER_MINUTE_GROUPED, {"first": span["first"], "end": end}
+    ):
+        found[minute, status] = int(n)
+    return [
+        MinuteCount(m, found.get((m, "succeeded"), 0), found.get((m, "failed"), 0)) for m in labels
+    ]
+
+
 async def _count_upto(conn: AsyncConnection, sql: str, params: dict[str, str], cap: int) -> int:
     """How many rows ``sql`` selects, counting no further than ``cap``."""
-    probe = text(f"SELECT count(*) FROM ({sql} LIMIT {int(cap)})")
+    probe = text(f"SELECT count(*) FROM ({sql} LIMIT {int(cap)}) AS probe")
     return int((await conn.execute(probe, params)).scalar_one())
 
 

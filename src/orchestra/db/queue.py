@@ -10,10 +10,9 @@ from typing import Any
 
 import msgspec
 from sqlalchemy import Connection, bindparam
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from orchestra.db import events
-from orchestra.db.prepared import Prepared
+from orchestra.db import events, notices
+from orchestra.db.prepared import INSERTS, Prepared
 from orchestra.db.rows import dump
 from orchestra.db.tables import tasks
 from orchestra.domain import NewTask, TaskStatus, iso
@@ -25,10 +24,12 @@ _ENQUEUE_COLUMNS = (*NewTask.__struct_fields__, "status", "created_at")
 # SQLite's (and PostgreSQL's) INSERT … ON CONFLICT DO NOTHING: the idempotency key, unique
 # within its scope (the API key that used it), decides.
 ENQUEUE = Prepared(
-    sqlite_insert(tasks)
-    .values({name: bindparam(f"e_{name}") for name in _ENQUEUE_COLUMNS})
-    .on_conflict_do_nothing(index_elements=["idempotency_scope", "idempotency_key"])
-    .returning(*tasks.c)
+    lambda engine: (
+        INSERTS[engine](tasks)
+        .values({name: bindparam(f"e_{name}") for name in _ENQUEUE_COLUMNS})
+        .on_conflict_do_nothing(index_elements=["idempotency_scope", "idempotency_key"])
+        .returning(*tasks.c)
+    )
 )
 
 
@@ -46,5 +47,6 @@ def enqueue(conn: Connection, new: NewTask, at: str) -> dict[str, Any] | None:
     if not rows:
         return None
     inserted = rows[0]
+    notices.queued(conn)
     events.append(conn, inserted["id"], TaskQueued(run_at=inserted["run_at"]), at)
     return inserted

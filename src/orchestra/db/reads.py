@@ -9,8 +9,8 @@ number keeps every digit); a REAL column goes in as 17 significant digits, which
 float again (``json_object`` would round it to 15).
 
 :class:`EngineReads` reads the same through SQLAlchemy's async engine, statement by statement:
-the path for a database without SQLite's JSON functions. :func:`reads_for` is where the choice
-is made.
+the path for PostgreSQL, and for a SQLite without its JSON functions. :func:`reads_for` is where
+the choice is made.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Reads(Protocol):
 def reads_for(db: Database) -> Reads:
     """The reads for ``db``: in one statement each on SQLite with its JSON functions (every
     SQLite since 3.38, and the builds Python ships before it), else through the engine."""
-    return SqliteReads(db) if HAS_JSON else EngineReads(db)
+    return SqliteReads(db) if db.dialect == "sqlite" and HAS_JSON else EngineReads(db)
 
 
 def _has_json() -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     CheckConstraint,
     Column,
     Connection,
@@ -25,6 +26,11 @@ from sqlalchemy import (
 
 metadata = MetaData()
 
+#: SQLite's INTEGER is 64 bits; PostgreSQL's is 32, so there the columns are BIGINT (as the
+#: migrations make them) and values are bound as such: an id or a priority past 2**31 works
+#: the same on both.
+Int = Integer().with_variant(BigInteger(), "postgresql")
+
 TASK_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 STEP_STATUSES = ("running", "succeeded", "failed", "skipped")
 ATTEMPT_STATUSES = ("running", "succeeded", "failed", "cancelled", "lost", "handed_back")
@@ -38,7 +44,7 @@ def _one_of(column: str, values: tuple[str, ...]) -> CheckConstraint:
 schema_version = Table(
     "schema_version",
     metadata,
-    Column("version", Integer, primary_key=True),
+    Column("version", Int, primary_key=True),
     Column("applied_at", Text, nullable=False),
 )
 
@@ -46,23 +52,23 @@ tasks = Table(
     "tasks",
     metadata,
     # INTEGER PRIMARY KEY AUTOINCREMENT: ids are never reused, even after old tasks are deleted.
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", Int, primary_key=True, autoincrement=True),
     Column("template", Text, nullable=False),
-    Column("template_version", Integer, nullable=False),
+    Column("template_version", Int, nullable=False),
     Column("status", Text, nullable=False),
     Column("params", Text, nullable=False),  # JSON
     Column("model", Text),
     Column("result", Text),  # JSON
     Column("error", Text),  # JSON: {"type", "message", "step"}
-    Column("priority", Integer, nullable=False, server_default=text("0")),
+    Column("priority", Int, nullable=False, server_default=text("0")),
     # Attempts started (every claim adds one; also the fencing token). Those handed back on
     # shutdown do not count against max_attempts.
-    Column("attempts", Integer, nullable=False, server_default=text("0")),
-    Column("handed_back", Integer, nullable=False, server_default=text("0")),
-    Column("max_attempts", Integer, nullable=False, server_default=text("3")),
+    Column("attempts", Int, nullable=False, server_default=text("0")),
+    Column("handed_back", Int, nullable=False, server_default=text("0")),
+    Column("max_attempts", Int, nullable=False, server_default=text("3")),
     Column("timeout_seconds", Float),  # the whole attempt; NULL: no limit
     Column("run_at", Text, nullable=False),  # not claimed before this time
-    Column("cancel_requested", Integer, nullable=False, server_default=text("0")),
+    Column("cancel_requested", Int, nullable=False, server_default=text("0")),
     Column("idempotency_key", Text),
     # Whose the key is: the API key's id; '' for anonymous requests (and keys stored before
     # keys were scoped). The key is unique within its scope.
@@ -106,8 +112,8 @@ Index(
 task_attempts = Table(
     "task_attempts",
     metadata,
-    Column("task_id", Integer, ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False),
-    Column("number", Integer, nullable=False),
+    Column("task_id", Int, ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False),
+    Column("number", Int, nullable=False),
     Column("worker", Text, nullable=False),
     Column("status", Text, nullable=False),
     Column("started_at", Text, nullable=False),
@@ -122,7 +128,7 @@ templates = Table(
     "templates",
     metadata,
     Column("name", Text, nullable=False),
-    Column("version", Integer, nullable=False),
+    Column("version", Int, nullable=False),
     Column("body", Text, nullable=False),  # the YAML as registered
     Column("body_hash", Text, nullable=False),
     Column("created_at", Text, nullable=False),
@@ -136,7 +142,7 @@ file_template_versions = Table(
     "file_template_versions",
     metadata,
     Column("name", Text, nullable=False),
-    Column("version", Integer, nullable=False),
+    Column("version", Int, nullable=False),
     Column("body_hash", Text, nullable=False),  # SHA-256 of the body
     Column("body", Text, nullable=False),  # the YAML as the file held it
     Column("origin", Text, nullable=False),  # builtin or file
@@ -162,8 +168,8 @@ api_keys = Table(
 task_events = Table(
     "task_events",
     metadata,
-    Column("task_id", Integer, ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False),
-    Column("seq", Integer, nullable=False),
+    Column("task_id", Int, ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False),
+    Column("seq", Int, nullable=False),
     Column("time", Text, nullable=False),
     Column("type", Text, nullable=False),
     Column("data", Text, nullable=False),  # JSON
@@ -173,16 +179,16 @@ task_events = Table(
 task_steps = Table(
     "task_steps",
     metadata,
-    Column("task_id", Integer, ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False),
-    Column("attempt", Integer, nullable=False),
+    Column("task_id", Int, ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False),
+    Column("attempt", Int, nullable=False),
     Column("step_id", Text, nullable=False),
-    Column("position", Integer, nullable=False),
+    Column("position", Int, nullable=False),
     Column("status", Text, nullable=False),
     Column("output", Text),  # JSON
     Column("error", Text),  # JSON
     Column("model", Text),
-    Column("prompt_tokens", Integer),
-    Column("completion_tokens", Integer),
+    Column("prompt_tokens", Int),
+    Column("completion_tokens", Int),
     Column("usage", Text),  # JSON: every figure the model server reported
     Column("started_at", Text),
     Column("finished_at", Text),
@@ -198,7 +204,7 @@ task_counts = Table(
     "task_counts",
     metadata,
     Column("status", Text, primary_key=True),
-    Column("n", Integer, nullable=False),
+    Column("n", Int, nullable=False),
     _one_of("status", TASK_STATUSES),
 )
 

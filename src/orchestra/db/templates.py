@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 import msgspec
 from sqlalchemy import Connection, insert, select, tuple_, update
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from orchestra.db.engine import Database
+from orchestra.db.prepared import insert_for
 from orchestra.db.tables import file_template_versions, tasks, templates
 from orchestra.domain import ACTIVE, iso_now
 
@@ -99,9 +99,18 @@ class TemplateStore:
             return
         at = iso_now()
         rows = [{**msgspec.structs.asdict(v), "stored_at": at} for v in versions]
-        insert = sqlite_insert(file_template_versions)
-        stmt = insert.on_conflict_do_update(set_={"stored_at": insert.excluded.stored_at})
-        await self.db.transaction(lambda conn: conn.execute(stmt, rows))
+
+        def store(conn: Connection) -> None:
+            insert = insert_for(conn)(file_template_versions)
+            conn.execute(
+                insert.on_conflict_do_update(
+                    index_elements=["name", "version", "body_hash"],
+                    set_={"stored_at": insert.excluded.stored_at},
+                ),
+                rows,
+            )
+
+        await self.db.transaction(store)
 
     async def pinned_file_versions(self) -> list[StoredFileVersion]:
         """The stored file template versions that queued or running tasks pinned, the latest

@@ -140,6 +140,10 @@ class TemplateRegistry:
         else:
             self._deleted.discard(template.name)
 
+    def is_deleted(self, name: str) -> bool:
+        """Whether the registered template ``name`` was deleted (no new tasks)."""
+        return name in self._deleted
+
     def delete_registered(self, name: str) -> None:
         """Stop offering ``name`` for new tasks; its versions stay for tasks that use them."""
         self._deleted.add(name)

@@ -1,0 +1,53 @@
+"""When PostgreSQL fails: its errors in words (the counterpart of :mod:`orchestra.db.failures`
+for SQLite), and which failures mean "run the transaction again".
+
+psycopg raises its errors with the server's SQLSTATE (``sqlstate``); a connection that cannot be
+made or was lost has none (``psycopg.OperationalError``). :func:`storage_error` turns those
+into the error tree's :class:`~orchestra.errors.StorageError` kinds; other errors (a bug, a
+constraint the caller handles) are left as they are.
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+from orchestra.errors import StorageError, StorageFull, StorageLocked, StorageUnavailable
+
+#: Run the transaction again: two transactions met (a serialization failure, a deadlock), or
+#: two processes inserted the same key at once — a transaction body reads before it writes,
+#: and when run again it reads what the other one wrote (a key name taken, the next version).
+RETRY = {"40001", "40P01", "23505"}
+
+
+def _psycopg_error(exc: BaseException) -> psycopg.Error | None:
+    seen: BaseException | None = exc
+    while seen is not None and not isinstance(seen, psycopg.Error):
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return seen
+
+
+def retryable(exc: BaseException) -> bool:
+    """Whether ``exc`` is a conflict with another transaction (see :data:`RETRY`)."""
+    found = _psycopg_error(exc)
+    return found is not None and found.sqlstate in RETRY
+
+
+def storage_error(exc: BaseException, where: str) -> StorageError | None:
+    """The :class:`StorageError` an exception from PostgreSQL (raw, or wrapped by SQLAlchemy)
+    stands for, or None when it is not a failure of the database itself."""
+    found = _psycopg_error(exc)
+    if found is None:
+        return None
+    state = found.sqlstate or ""
+    detail = str(found).strip().splitlines()[0] if str(found).strip() else type(found).__name__
+    if state == "53100":
+        return StorageFull(f"the database server's disk is full ({where}); free space and retry")
+    if state in ("55P03", "57014"):  # lock not available, statement timeout
+        return StorageLocked(f"the database ({where}) is busy: {detail}; retry shortly")
+    if state == "25006":
+        return StorageUnavailable(f"the database ({where}) is read-only: {detail}")
+    if isinstance(found, psycopg.OperationalError) or state.startswith(
+        ("08", "53", "57P", "58", "XX")
+    ):
+        return StorageUnavailable(f"the database ({where}) cannot be used: {detail}")
+    return None

@@ -1,0 +1,110 @@
+"""SQL that says the same on SQLite and PostgreSQL where their words differ: index hints
+(SQLite's alone), and case-insensitive LIKE (SQLite's LIKE is, PostgreSQL's ILIKE is)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sqlalchemy import ColumnElement, Text, literal
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import ColumnElement as _ColumnElement
+from sqlalchemy.sql.visitors import InternalTraversal
+
+_HINT = re.compile(r"\s+(INDEXED BY \w+|NOT INDEXED)\b")
+
+
+def hinted(sql: str, dialect: str) -> str:
+    """``sql`` with its SQLite index hints (``INDEXED BY``) for SQLite, without them
+    elsewhere (PostgreSQL's planner takes no hints)."""
+    return sql if dialect == "sqlite" else _HINT.sub("", sql)
+
+
+class _Unindexed(_ColumnElement[Any]):
+    inherit_cache = True
+    _traverse_internals = [("column", InternalTraversal.dp_clauseelement)]
+
+    def __init__(self, column: ColumnElement[Any]) -> None:
+        self.column = column
+        self.type = column.type
+
+
+@compiles(_Unindexed)
+def _unindexed_default(element: _Unindexed, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(element.column, **kw)
+
+
+@compiles(_Unindexed, "sqlite")
+def _unindexed_sqlite(element: _Unindexed, compiler: SQLCompiler, **kw: Any) -> str:
+    return "+" + compiler.process(element.column, **kw)
+
+
+def unindexed(column: ColumnElement[Any]) -> ColumnElement[Any]:
+    """The same value, but on SQLite a condition on it cannot choose an index (``+column``);
+    elsewhere the column itself."""
+    return _Unindexed(column)
+
+
+class _Contains(_ColumnElement[bool]):
+    inherit_cache = True
+    _traverse_internals = [
+        ("column", InternalTraversal.dp_clauseelement),
+        ("pattern", InternalTraversal.dp_clauseelement),
+    ]
+
+    def __init__(self, column: ColumnElement[Any], pattern: str) -> None:
+        self.column = column
+        self.pattern = literal(pattern, Text())
+
+
+def _like(element: _Contains, compiler: SQLCompiler, operator: str, **kw: Any) -> str:
+    column = compiler.process(element.column, **kw)
+    pattern = compiler.process(element.pattern, **kw)
+    return f"{column} {operator} {pattern} ESCAPE '\\'"
+
+
+@compiles(_Contains)
+def _contains_default(element: _Contains, compiler: SQLCompiler, **kw: Any) -> str:
+    return _like(element, compiler, "LIKE", **kw)
+
+
+@compiles(_Contains, "postgresql")
+def _contains_postgresql(element: _Contains, compiler: SQLCompiler, **kw: Any) -> str:
+    return _like(element, compiler, "ILIKE", **kw)
+
+
+def like(column: ColumnElement[Any], pattern: str) -> ColumnElement[bool]:
+    """``column LIKE pattern ESCAPE '\\'``, case-insensitive for ASCII on every engine (as
+    SQLite's LIKE is)."""
+    return _Contains(column, pattern)
+
+
+class _Greatest(_ColumnElement[Any]):
+    inherit_cache = True
+    _traverse_internals = [
+        ("left", InternalTraversal.dp_clauseelement),
+        ("right", InternalTraversal.dp_clauseelement),
+    ]
+
+    def __init__(self, left: ColumnElement[Any], right: ColumnElement[Any]) -> None:
+        self.left = left
+        self.right = right
+        self.type = left.type
+
+
+@compiles(_Greatest)
+def _greatest_default(element: _Greatest, compiler: SQLCompiler, **kw: Any) -> str:
+    left, right = compiler.process(element.left, **kw), compiler.process(element.right, **kw)
+    return f"GREATEST({left}, {right})"
+
+
+@compiles(_Greatest, "sqlite")
+def _greatest_sqlite(element: _Greatest, compiler: SQLCompiler, **kw: Any) -> str:
+    left, right = compiler.process(element.left, **kw), compiler.process(element.right, **kw)
+    return f"max({left}, {right})"
+
+
+def greatest(left: ColumnElement[Any], right: ColumnElement[Any]) -> ColumnElement[Any]:
+    """The larger of two values (SQLite's two-argument ``max``, PostgreSQL's ``GREATEST``)."""
+    return _Greatest(left, right)

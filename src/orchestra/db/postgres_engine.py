@@ -1,0 +1,220 @@
+"""PostgreSQL: many writers, row locks, and LISTEN/NOTIFY for wake-ups across processes.
+
+The driver is psycopg 3, for two reasons. Orchestra's transaction bodies are synchronous
+SQLAlchemy Core (the same functions SQLite's writer runs), and psycopg serves them through
+SQLAlchemy's synchronous engine on a few threads, while its asyncio connection serves
+LISTEN and the async reads — one driver, one set of type rules. asyncpg is async only: every
+transaction body would have to be written twice.
+
+**Transactions** run on a pool of threads, each with its own connection, at READ COMMITTED.
+Where SQLite's single writer made a read-then-write body atomic for free, here two bodies may
+meet: PostgreSQL then reports a deadlock or a serialization failure, or a unique key taken by
+the other (two processes registering the next version of a template). The body runs again,
+a few times, with a short random pause (:data:`~orchestra.db.pg_failures.RETRY`); bodies only
+touch the database, so running one again is safe. Guarded UPDATEs (``WHERE status = …``,
+the lease's owner and attempt) are re-checked by PostgreSQL on the row's newest version, so
+fencing holds as it does on SQLite. The claim locks the rows it takes with ``FOR UPDATE SKIP
+LOCKED``: two processes never wait for each other's candidates.
+
+**Wake-ups.** A submit sends a notification in its transaction (delivered at commit), and so
+does every change of a task (:mod:`~orchestra.db.notices`). :meth:`PostgresDatabase.watch`
+holds one connection that LISTENs and wakes the workers and the waiting requests of this
+process. When that connection fails — or cannot exist, behind pgbouncer in
+transaction mode — the workers' own poll still finds every task, only later; the listener
+reconnects with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import psycopg
+from sqlalchemy import Connection, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+
+from orchestra import logs
+from orchestra.db import notices
+from orchestra.db.engine import POSTGRESQL, Database, parse_url
+from orchestra.db.failures import WriteHealth
+from orchestra.db.pg_failures import retryable, storage_error
+from orchestra.errors import StorageError
+
+log = logs.get("orchestra.db")
+
+T = TypeVar("T")
+
+#: Threads (each with its connection) running transactions and point reads.
+WRITERS = 8
+#: Connections of the async engine (the dashboard's and the listings' reads).
+READERS = 4
+#: How many times a transaction that met another runs in all.
+ATTEMPTS = 6
+#: The listener's pause before it reconnects, doubled after each failure up to the maximum.
+LISTEN_RETRY = 0.5
+LISTEN_RETRY_MAX = 30.0
+
+
+def conninfo(url: str) -> str:
+    """A libpq connection URI for psycopg itself, from a SQLAlchemy URL."""
+    parsed = make_url(url).set(drivername="postgresql")
+    return parsed.render_as_string(hide_password=False)
+
+
+class PostgresDatabase(Database):
+    """A PostgreSQL database shared by any number of processes (see the module docstring)."""
+
+    dialect = POSTGRESQL
+
+    def __init__(self, url: str, *, busy_timeout_ms: int = 5000, **_options: Any) -> None:
+        super().__init__(url)
+        parse_url(url)
+        self.path = None
+        self._busy_timeout_ms = busy_timeout_ms
+        self._engine = create_engine(
+            url, pool_size=WRITERS, max_overflow=0, pool_pre_ping=True, pool_timeout=60
+        )
+        #: This process's mark on the notifications it sends (:mod:`~orchestra.db.notices`).
+        self.token = uuid.uuid4().hex[:12]
+        token = self.token
+
+        @event.listens_for(self._engine, "connect")
+        def _mark(_dbapi: Any, record: Any) -> None:
+            record.info["orchestra_token"] = token
+
+        self._reader = create_async_engine(
+            url, pool_size=READERS, max_overflow=0, pool_pre_ping=True, pool_timeout=60
+        )
+        self._threads = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="orchestra-pg")
+        self.writes = WriteHealth()
+        self.on_recovered = None
+        self.reads_handed_off = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _run(self, work: Callable[[Connection], T]) -> T:
+        """On a thread: ``work`` in a transaction, run again when it met another."""
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                with self._engine.begin() as conn:
+                    result = work(conn)
+            except Exception as exc:
+                if retryable(exc) and attempt < ATTEMPTS:
+                    time.sleep(random.uniform(0, 0.002 * 2**attempt))
+                    continue
+                error = storage_error(exc, self.where)
+                if error is None:
+                    raise
+                self.writes.failed(error)
+                raise error from exc
+            if self.writes.succeeded() and self.on_recovered is not None and self._loop:
+                self._loop.call_soon_threadsafe(self.on_recovered)
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def transaction(self, work: Callable[[Connection], T], *, small: bool = False) -> T:
+        """Run ``work(connection)`` as one transaction on a writer thread (see the module
+        docstring). A caller cancelled meanwhile does not cut it short: it ends (committed or
+        rolled back) before the cancel is raised."""
+        self._loop = loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._threads, self._run, work)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await future
+            raise
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A read-only transaction: one consistent snapshot (REPEATABLE READ) for every query
+        inside it.
+
+        Raises:
+            StorageError: PostgreSQL cannot be reached or read.
+        """
+        try:
+            async with self._reader.connect() as conn:
+                await conn.execution_options(isolation_level="REPEATABLE READ")
+                try:
+                    yield conn
+                finally:
+                    await conn.rollback()
+        except StorageError:
+            raise
+        except Exception as exc:
+            error = storage_error(exc, self.where)
+            if error is None:
+                raise
+            raise error from exc
+
+    def _read_raw(self, read: Callable[[Any], T]) -> T:
+        try:
+            with self._engine.connect() as conn:
+                return read(conn.connection.driver_connection)
+        except Exception as exc:
+            error = storage_error(exc, self.where)
+            if error is None:
+                raise
+            raise error from exc
+
+    async def read_now(self, read: Callable[[Any], T]) -> T:
+        """Run ``read(psycopg_connection)`` on a writer thread's connection (in one
+        transaction, rolled back after)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, self._read_raw, read)
+
+    async def ping(self) -> None:
+        """Run a trivial query; raises if the database does not answer."""
+        async with self.read() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def watch(
+        self, queued: Callable[[], None], changed: Callable[[Collection[int] | None], None]
+    ) -> None:
+        """LISTEN for other processes' submits and changes and pass them on, until cancelled;
+        reconnect with backoff when the connection fails (the workers and waiting requests
+        poll meanwhile)."""
+        pause = LISTEN_RETRY
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    conninfo(self.url), autocommit=True
+                ) as conn:
+                    for channel in (notices.QUEUED_CHANNEL, notices.CHANGED_CHANNEL):
+                        await conn.execute(f"LISTEN {channel}")
+                    log.info("database.listening", token=self.token)
+                    pause = LISTEN_RETRY
+                    queued()  # what happened while nobody here listened
+                    changed(None)
+                    async for note in conn.notifies():
+                        token, _, detail = note.payload.partition(" ")
+                        if token == self.token:
+                            continue  # this process told itself already
+                        if note.channel == notices.QUEUED_CHANNEL:
+                            queued()
+                        else:
+                            changed(notices.parse_changed(detail))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "database.listen_failed",
+                    error=f"{type(exc).__name__}: {exc}",
+                    retry_in_s=pause,
+                )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, LISTEN_RETRY_MAX)
+
+    async def close(self) -> None:
+        """Close every connection."""
+        await asyncio.get_running_loop().run_in_executor(self._threads, self._engine.dispose)
+        self._threads.shutdown(wait=True)
+        await self._reader.dispose()

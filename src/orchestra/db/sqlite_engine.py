@@ -1,0 +1,551 @@
+"""Opening the database: pragmas, a serialized writer and a pool of readers.
+
+SQLite allows one writer at a time. Rather than let concurrent writers collide and retry on
+"database is locked", every write in this process goes through one connection on one thread,
+and starts with BEGIN IMMEDIATE so that a writer in *another* process is waited
+for (busy_timeout) at the start of the transaction instead of failing halfway. Readers use
+their own connections; in WAL mode they never block the writer nor wait for it.
+
+The writer's connection is driven with SQLAlchemy's synchronous Core: a write transaction is
+a plain function (:meth:`Database.transaction`), and transactions run one at a time, in order
+— that is the serialization. Large ones run on the writer's own thread. The small ones a
+task's life is made of (a submit, a claim, a step, the end) run on the event loop itself when
+the writer is idle: the hop to a thread and back cost more than they do (an enqueue took
+0.68 ms of CPU with the hop, 0.32 without), and each hop added its latency to every task.
+Either way, the transactions waiting together are committed together (group commit). The
+loop never waits for a lock: when another process holds the write lock, the transaction goes
+to the writer's thread, which waits. Checkpoints of the write-ahead log run on that thread
+too, never inside a commit on the loop. (Through aiosqlite each statement cost four thread
+hops; see benchmarks/RESULTS.md.)
+
+Point reads — one task, its events, a page of a listing — skip the threads altogether:
+:meth:`Database.read_now` runs them on the event loop's own ``sqlite3`` connection: an indexed
+statement costs less there than the hop to a thread and back (benchmarks/RESULTS.md). That
+connection never waits for a lock (busy timeout 0); when SQLite cannot start the read at once,
+the read runs on a reader thread instead, whose connection waits. In WAL mode that is rare
+(another process recovering the file after a crash, or one holding it in exclusive locking
+mode).
+
+When SQLite itself fails — a full disk, a lock held by another connection past the busy
+timeout, a read-only file, an I/O error — the caller gets a
+:class:`~orchestra.errors.StorageError` saying so (``db.failures``), the writer rolls back and
+is ready for the next transaction, and :attr:`Database.writes` remembers since when writes
+fail, for /health.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
+
+from orchestra import logs
+from orchestra.db.engine import SQLITE, Database, check_url
+from orchestra.db.failures import WriteHealth, free_bytes, storage_error
+from orchestra.errors import StorageError, StorageFull
+
+READ_POOL_SIZE = 4
+#: Commits between two checkpoints of the write-ahead log (about a thousand pages, SQLite's
+#: own default interval, at a dozen pages a task's write).
+CHECKPOINT_COMMITS = 100
+#: What counts as room again after a full disk: free bytes on it, and pages below its limit.
+ROOM_BYTES = 1024 * 1024
+ROOM_PAGES = 256
+#: Seconds between two looks for other processes' commits (:meth:`SqliteDatabase.watch`).
+WATCH_INTERVAL = 0.05
+
+log = logs.get("orchestra.db")
+
+
+T = TypeVar("T")
+
+
+def _setup(engine: Engine, *, begin: str, busy_timeout_ms: int) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from the sqlite3 module (SQLAlchemy's documented
+        # recipe for SQLite): the "begin" hook below emits the BEGIN we want.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql(begin)
+
+
+def _reader_engine(url: str, *, pool_size: int, busy_timeout_ms: int) -> AsyncEngine:
+    engine = create_async_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=60)
+    _setup(engine.sync_engine, begin="BEGIN", busy_timeout_ms=busy_timeout_ms)
+    return engine
+
+
+#: How a transaction ended: (True, what it returned) or (False, what it raised).
+_Outcome = tuple[bool, Any]
+#: A transaction waiting for the writer: its work, its caller's future, whether it is small.
+_Pending = tuple[Callable[[Connection], Any], asyncio.Future[Any], bool]
+
+
+class _Busy(Exception):
+    """Another connection holds the write lock, and the BEGIN was not to wait for it."""
+
+
+def _settle(futures: list[asyncio.Future[Any]], outcomes: list[_Outcome]) -> None:
+    for future, (ok, value) in zip(futures, outcomes, strict=True):
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+class SqliteDatabase(Database):
+    """A SQLite file: one writer (this process's), readers beside it (see the module
+    docstring)."""
+
+    dialect = SQLITE
+
+    path: Path
+
+    def __init__(self, url: str, *, busy_timeout_ms: int = 5000, **_options: Any) -> None:
+        super().__init__(url)
+        self.path = check_url(url)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # One connection, used only on the writer's thread.
+        self._writer = create_engine(
+            f"sqlite:///{self.path}",
+            poolclass=StaticPool,
+            connect_args={"check_same_thread": False},
+        )
+        _setup(self._writer, begin="BEGIN IMMEDIATE", busy_timeout_ms=busy_timeout_ms)
+        # Checkpoints run on the writer's thread between groups (_checkpoint_soon), never in a
+        # commit.
+        event.listen(
+            self._writer,
+            "connect",
+            lambda dbapi_connection, _record: dbapi_connection.execute(
+                "PRAGMA wal_autocheckpoint = 0"
+            ),
+        )
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orchestra-writer")
+        self._conn: Connection | None = None
+        self._lock = threading.Lock()
+        self._pending: list[_Pending] = []
+        #: A drain is scheduled or running (on the loop or the writer's thread): the writer's
+        #: connection is in use, and new transactions join its queue.
+        self._draining = False
+        #: Commits since the last checkpoint, and whether one is due (:meth:`_checkpoint_soon`).
+        self._commits = 0
+        self._checkpoint_due = False
+        self._reader = _reader_engine(
+            url, pool_size=READ_POOL_SIZE, busy_timeout_ms=busy_timeout_ms
+        )
+        self._busy_timeout_ms = busy_timeout_ms
+        # read_now's connections: one per thread (the event loop's, each reader thread's).
+        self._raw_readers = threading.local()
+        self._raw_opened: list[sqlite3.Connection] = []
+        self._read_threads: ThreadPoolExecutor | None = None
+        self.reads_handed_off = 0
+        self.writes = WriteHealth()
+        self.on_recovered = None
+
+    def _connection(self) -> Connection:
+        if self._conn is None:
+            self._conn = self._writer.connect()
+        return self._conn
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the writer's thread: run every transaction asked for so far, committed together,
+        until none is left; then hand the outcomes back to the event loop in one call. A
+        checkpoint that is due runs first."""
+        while True:
+            if self._checkpoint_due:
+                self._checkpoint()
+            with self._lock:
+                batch, self._pending = self._pending, []
+                if not batch:
+                    self._draining = False
+                    return
+            outcomes = self._run_group(batch, wait=True)
+            recovered = self._note_health(outcomes)
+            with self._lock:
+                # Idle before the callers hear back, so that what they write next can run on
+                # the loop; the connection is not touched below.
+                done = not self._pending and not self._checkpoint_due
+                if done:
+                    self._draining = False
+            loop.call_soon_threadsafe(_settle, [future for _, future, _ in batch], outcomes)
+            if recovered and self.on_recovered is not None:
+                loop.call_soon_threadsafe(self.on_recovered)
+            if done:
+                return
+
+    def _drain_here(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the event loop, once the transactions asked for in this turn of the loop are
+        queued: commit the small ones together here, without waiting for a lock; hand what
+        cannot run here (a large transaction, or any while another process holds the write
+        lock) to the writer's thread."""
+        with self._lock:
+            small = 0
+            while small < len(self._pending) and self._pending[small][2]:
+                small += 1
+            batch, self._pending = self._pending[:small], self._pending[small:]
+        if batch:
+            try:
+                outcomes = self._run_group(batch, wait=False)
+            except _Busy:
+                with self._lock:
+                    self._pending[:0] = batch
+                self._thread.submit(self._drain, loop)
+                return
+            recovered = self._note_health(outcomes)
+            _settle([future for _, future, _ in batch], outcomes)
+            if recovered and self.on_recovered is not None:
+                self.on_recovered()
+        with self._lock:
+            if not self._pending and not self._checkpoint_due:
+                self._draining = False
+                return
+        self._thread.submit(self._drain, loop)  # what is left, after a checkpoint if one is due
+
+    def _run_group(self, batch: list[_Pending], *, wait: bool) -> list[_Outcome]:
+        """Commit ``batch`` together (see :meth:`_commit_group`): each outcome, failures of
+        SQLite as StorageErrors."""
+        try:
+            outcomes = self._commit_group([work for work, _, _ in batch], wait=wait)
+        except _Busy:
+            raise
+        except BaseException as exc:  # not an error of one unit: fail the group, go on
+            outcomes = [(False, exc)] * len(batch)
+        return [self._storage_outcome(outcome) for outcome in outcomes]
+
+    def _note_health(self, outcomes: list[_Outcome]) -> bool:
+        """Remember how the group went; True when writes work again after failing.
+
+        A full disk is over only once the file grew or there is room again: small writes that
+        fit in pages already there (a lease renewal, an empty UPDATE) succeed on a full disk.
+        """
+        failures = [v for ok, v in outcomes if not ok and isinstance(v, StorageError)]
+        if failures:
+            self.writes.failed(failures[-1], self._pragma("page_count"))
+            return False
+        failure = self.writes.failure
+        if failure is None:
+            return False
+        if isinstance(failure.error, StorageFull) and not self._room_since(failure.pages):
+            return False
+        return self.writes.succeeded()
+
+    def _room_since(self, pages_then: int | None) -> bool:
+        """Whether the file grew since it had ``pages_then`` pages, or has room to grow now:
+        a megabyte free on its disk and below its page limit."""
+        pages = self._pragma("page_count")
+        if pages is None:
+            return True
+        if pages_then is not None and pages > pages_then:
+            return True
+        free = free_bytes(self.path)
+        limit = self._pragma("max_page_count")
+        below_limit = limit is None or limit - pages >= ROOM_PAGES
+        return (free is None or free >= ROOM_BYTES) and below_limit
+
+    def _pragma(self, name: str) -> int | None:
+        """A number SQLite keeps for the file (on the writer's thread); None if it fails."""
+        try:
+            raw = self._connection().connection.driver_connection
+            return int(raw.execute(f"PRAGMA {name}").fetchone()[0])  # type: ignore[union-attr]
+        except Exception:
+            return None
+
+    def _storage_outcome(self, outcome: _Outcome) -> _Outcome:
+        """A failure of SQLite itself as the StorageError it stands for."""
+        ok, value = outcome
+        if ok or not isinstance(value, Exception) or isinstance(value, StorageError):
+            return outcome
+        error = storage_error(value, self.path)
+        if error is None:
+            return outcome
+        error.__cause__ = value
+        return (False, error)
+
+    def _commit_group(
+        self, works: list[Callable[[Connection], Any]], *, wait: bool = True
+    ) -> list[_Outcome]:
+        """One BEGIN IMMEDIATE … COMMIT around ``works``, each inside a SAVEPOINT so that one
+        that raises is rolled back alone.
+
+        When a unit's failure made SQLite roll back the whole transaction (a full disk, an I/O
+        error), that unit fails and the others run again without it, in a new transaction:
+        one write too big for the disk does not fail the small ones grouped with it.
+
+        Without ``wait``, the BEGIN does not wait for a write lock another connection holds:
+        it raises :class:`_Busy` at once, and nothing was done.
+        """
+        outcomes: list[_Outcome] = []
+        try:
+            conn = self._connection()
+            raw: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
+            self._begin(conn, raw, wait=wait)  # BEGIN IMMEDIATE
+            for index, work in enumerate(works):
+                raw.execute("SAVEPOINT unit")
+                try:
+                    outcomes.append((True, work(conn)))
+                except Exception as exc:
+                    if not raw.in_transaction:  # nothing of the group is written any more
+                        self._recover()
+                        others = self._commit_group(works[:index] + works[index + 1 :], wait=wait)
+                        return [*others[:index], (False, exc), *others[index:]]
+                    raw.execute("ROLLBACK TO unit")
+                    outcomes.append((False, exc))
+                raw.execute("RELEASE unit")
+            conn.commit()
+        except _Busy:
+            raise
+        except Exception as exc:
+            self._recover()
+            return [(False, exc)] * len(works)
+        self._checkpoint_soon()
+        return outcomes
+
+    def _begin(self, conn: Connection, raw: sqlite3.Connection, *, wait: bool) -> None:
+        """BEGIN IMMEDIATE (the "begin" event emits it); without ``wait``, with no busy
+        timeout, raising :class:`_Busy` when another connection holds the write lock."""
+        if wait:
+            conn.begin()
+            return
+        raw.execute("PRAGMA busy_timeout = 0")
+        try:
+            conn.begin()
+        except Exception as exc:
+            cause = getattr(exc, "orig", exc)
+            if getattr(cause, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
+                raise
+            self._recover()
+            raise _Busy() from exc
+        finally:
+            raw.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+
+    def _checkpoint_soon(self) -> None:
+        """Count a commit; every :data:`CHECKPOINT_COMMITS`, a checkpoint is due.
+
+        The writer's connection does not checkpoint in its commits (``wal_autocheckpoint``
+        0): on the event loop, the commit that did would hold the loop for milliseconds.
+        The writer's thread runs it instead, before its next group (:meth:`_drain`); small
+        transactions asked for meanwhile wait for it there, so nothing is written while it
+        copies the log and it always reaches the log's end (then the log starts over)."""
+        self._commits += 1
+        if self._commits >= CHECKPOINT_COMMITS:
+            self._checkpoint_due = True
+
+    def _checkpoint(self) -> None:
+        """On the writer's thread: copy the write-ahead log into the database file."""
+        self._checkpoint_due, self._commits = False, 0
+        try:
+            raw: sqlite3.Connection = self._connection().connection.driver_connection  # type: ignore[assignment]
+            raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except Exception as exc:  # the next one copies what this one could not
+            log.warning("database.checkpoint_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def _recover(self) -> None:
+        """After a failed statement or COMMIT, leave the writer ready for the next group.
+
+        SQLite may have rolled the transaction back itself (a full disk, an I/O error), or
+        kept it open (a failed COMMIT); SQLAlchemy keeps its own transaction object either
+        way, and refuses the next BEGIN until it is rolled back. So both are rolled back; if
+        even that fails, the connection is dropped and the next group opens a new one.
+        """
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            raw: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
+            conn.rollback()
+            if raw.in_transaction:
+                raw.execute("ROLLBACK")
+        except Exception as exc:
+            log.warning("database.writer_reconnects", error=f"{type(exc).__name__}: {exc}")
+            with contextlib.suppress(Exception):
+                conn.invalidate()
+            with contextlib.suppress(Exception):
+                conn.close()
+            self._conn = None
+
+    async def transaction(self, work: Callable[[Connection], T], *, small: bool = False) -> T:
+        """Run ``work(connection)`` as one write transaction on the writer's thread: committed
+        when this returns, rolled back when it raises.
+
+        ``work`` is synchronous (SQLAlchemy Core on a plain connection) and must only touch the
+        database. Transactions run one at a time, in the order they were asked for.
+
+        **Group commit.** Transactions asked for while the writer is busy wait for it and then
+        run together: one BEGIN IMMEDIATE, each inside its own SAVEPOINT (one that raises is
+        rolled back alone), one COMMIT. Nobody is answered before the COMMIT that holds their
+        work, so the guarantee is the same as one transaction each; what is saved is a BEGIN
+        and a COMMIT (and a thread hop) per transaction under load.
+
+        A caller cancelled meanwhile does not cut a transaction short: it finishes (committed or
+        rolled back) before the cancel is raised, so the caller never guesses whether it
+        happened.
+
+        **Small transactions** (``small``: a few indexed rows, as each step of a task writes)
+        run on the event loop itself when the writer is idle: those asked for in one turn of
+        the loop are committed together at its end, without a hop to the thread and back,
+        which costs more than they do. If another process holds the write lock, they go to
+        the writer's thread, which waits for it.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        with self._lock:
+            self._pending.append((work, future, small))
+            start = not self._draining
+            self._draining = True
+        if start:
+            if small:
+                loop.call_soon(self._drain_here, loop)
+            else:
+                self._thread.submit(self._drain, loop)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await future
+            raise
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A read-only transaction: one consistent snapshot for every query inside it.
+
+        Raises:
+            StorageError: SQLite cannot read the file (an I/O error, a lock, a bad file).
+        """
+        try:
+            async with self._reader.connect() as conn:
+                try:
+                    yield conn
+                finally:
+                    await conn.rollback()
+        except Exception as exc:
+            error = storage_error(exc, self.path)
+            if error is None:
+                raise
+            raise error from exc
+
+    async def read_now(self, read: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``read(connection)`` — a few indexed statements, each read to its end
+        (``fetchall``) — on this thread's own ``sqlite3`` connection, without leaving the
+        event loop; when SQLite is busy, on a reader thread instead.
+
+        The loop's connection has a busy timeout of 0, so the loop never waits for a lock: a
+        read SQLite cannot start at once fails with SQLITE_BUSY, and runs again on a reader
+        thread whose connection waits as long as the writer's does. Each statement is its own
+        snapshot (autocommit, ``query_only``): a read that needs one view of several rows says
+        it in one statement.
+
+        Raises:
+            StorageError: SQLite cannot read the file (an I/O error, a lock held past the
+                busy timeout, a bad file).
+        """
+        try:
+            try:
+                return read(self._raw_reader(0))
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
+                    raise
+            self.reads_handed_off += 1
+            if self._read_threads is None:
+                self._read_threads = ThreadPoolExecutor(
+                    max_workers=READ_POOL_SIZE, thread_name_prefix="orchestra-reader"
+                )
+            loop = asyncio.get_running_loop()
+            waiting = self._busy_timeout_ms
+            return await loop.run_in_executor(
+                self._read_threads, lambda: read(self._raw_reader(waiting))
+            )
+        except Exception as exc:
+            error = storage_error(exc, self.path)
+            if error is None:
+                raise
+            raise error from exc
+
+    def _raw_reader(self, busy_timeout_ms: int) -> sqlite3.Connection:
+        """This thread's read-only connection for :meth:`read_now`, opened on first use."""
+        conn: sqlite3.Connection | None = getattr(self._raw_readers, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=busy_timeout_ms / 1000,
+                isolation_level=None,
+                check_same_thread=False,  # only so that close() may close it
+            )
+            conn.execute("PRAGMA query_only = ON")
+            with self._lock:
+                self._raw_opened.append(conn)
+            self._raw_readers.conn = conn
+        return conn
+
+    async def ping(self) -> None:
+        """Run a trivial query; raises if the database does not answer."""
+        async with self.read() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    def free_mb(self) -> float | None:
+        """Free space on the database's disk, in MB (None when it cannot be told)."""
+        free = free_bytes(self.path)
+        return None if free is None else free / (1024 * 1024)
+
+    async def watch(
+        self, queued: Callable[[], None], changed: Callable[[Collection[int] | None], None]
+    ) -> None:
+        """Notice other processes' commits (``PRAGMA data_version`` on the writer's
+        connection, which this process's own commits leave alone), every
+        :data:`WATCH_INTERVAL` seconds while the writer is idle, and pass them on as "tasks may
+        have been queued" and "any task may have changed", until cancelled."""
+        last: int | None = None
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            if self._draining:  # the writer's connection is in use; look next time
+                continue
+            version = self._pragma("data_version")
+            if version is not None and last is not None and version != last:
+                queued()
+                changed(None)
+            last = version
+
+    async def close(self) -> None:
+        """Close every connection."""
+
+        def close_writer() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            self._writer.dispose()
+
+        if self._draining:  # transactions still queued: let them end first (in order)
+            with contextlib.suppress(Exception):
+                await self.transaction(lambda _conn: None)
+        await asyncio.get_running_loop().run_in_executor(self._thread, close_writer)
+        self._thread.shutdown(wait=True)
+        if self._read_threads is not None:
+            self._read_threads.shutdown(wait=True)
+            self._read_threads = None
+        with self._lock:
+            opened, self._raw_opened = self._raw_opened, []
+        self._raw_readers = threading.local()
+        for conn in opened:
+            conn.close()
+        await self._reader.dispose()

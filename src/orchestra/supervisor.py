@@ -1,0 +1,472 @@
+"""Serving: one service process, or several under a supervisor (``[server] processes``).
+
+One process (the default) runs in the ``orchestra serve`` process itself: :func:`run_service`.
+
+With N processes, the ``orchestra serve`` process becomes a supervisor that serves nothing
+itself. It binds the listening socket once and starts N fresh interpreters (multiprocessing's
+spawn), each handed the socket and the settings the supervisor resolved, each a whole service
+(:func:`run_service`): its own database connections, worker pool and HTTP server on the shared
+socket (the kernel gives each connection to one of them). The first process starts alone: it
+upgrades the database and, on a first start beyond loopback, makes and prints the admin key;
+the others load their modules meanwhile, and start once it serves. A startup failure (a
+broken template, a database that cannot be opened) ends the supervisor with the message the
+one process would print.
+
+While they serve, the supervisor restarts a process that died (after 1, 2, 4 … 30 s when it
+keeps dying), passes SIGHUP on (each reloads its templates), and on SIGTERM or SIGINT stops
+them all: each stops claiming at once, drains HTTP, gives its running tasks ``[workers]
+shutdown_grace`` seconds and hands back the rest (:mod:`orchestra.worker`). The supervisor
+exits once every process has; one that outlives the deadline is killed. A process dies with
+the supervisor (Linux's parent-death signal), so none is left behind if it is killed.
+
+Why not uvicorn's own supervisor (``uvicorn.supervisors.Multiprocess``): it builds a plain
+``uvicorn.Server`` from a pickled ``uvicorn.Config`` in each child (the HTTP protocol here is
+a class made at run time, which does not pickle, and the early stop on SIGTERM needs the
+server of :mod:`orchestra.api.server`), starts every child at once (each would race to upgrade
+the database and make the admin key), restarts all children on SIGHUP instead of passing it
+on, and waits for stopping children without a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from multiprocessing.context import SpawnProcess
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from orchestra import logs
+from orchestra.config import Settings
+from orchestra.errors import ConfigError, OrchestraError, TemplateError
+
+if TYPE_CHECKING:
+    from orchestra.api.runtime import Runtime, ShowKey
+
+log = logs.get("orchestra.supervisor")
+
+#: Seconds uvicorn waits for open HTTP requests to finish on shutdown, before the lifespan
+#: stops the worker pool.
+HTTP_DRAIN_SECONDS = 5
+#: Seconds a stopping process gets beyond its HTTP drain and ``shutdown_grace`` to exit.
+EXIT_SLACK_SECONDS = 10.0
+#: Seconds a process gets to start serving (templates loaded, database upgraded).
+STARTUP_SECONDS = 120.0
+#: First and longest wait before a process that died is started again, in seconds; a process
+#: that served this long before it died is restarted after the first wait again.
+RESTART_FIRST, RESTART_CAP, RESTART_RESET = 1.0, 30.0, 60.0
+#: The exit code of a process that failed to start (uvicorn's too).
+STARTUP_FAILURE = 3
+
+#: The supervisor to a process: start serving. A process to the supervisor: it serves; it
+#: could not start (with the message).
+_GO, _READY, _FAILED = "go", "ready", "failed"
+
+
+def startup_message(exc: OrchestraError) -> str:
+    """What ``orchestra serve`` prints when the service could not start: the error, or every
+    problem of the templates."""
+    if isinstance(exc, TemplateError):
+        lines = "\n".join(f"  {p}" for p in exc.problems)
+        return f"invalid templates:\n{lines}"
+    return exc.message
+
+
+class StartupErrorFilter(logging.Filter):
+    """Drops uvicorn's report of a lifespan that failed with an error the CLI prints itself
+    (a traceback, then "Application startup failed"): one clean message, not a traceback."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__()
+        self.runtime = runtime
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.runtime.startup_error is None
+
+
+def run_service(
+    settings: Settings,
+    *,
+    show_key: ShowKey | None = None,
+    sockets: list[socket.socket] | None = None,
+    on_started: Callable[[], None] | None = None,
+) -> None:
+    """Serve in this process until a stop signal: the API and workers as ``[server]`` says.
+
+    Args:
+        settings: The resolved settings.
+        show_key: Receives the admin key a first start beyond loopback makes (None: none is
+            made).
+        sockets: Listen on these (a supervisor's shared socket), not on ``[server]``'s address.
+        on_started: Called once the lifespan started and the server listens.
+
+    Raises:
+        OrchestraError: what stopped the service from starting (a template, the database).
+        SystemExit: uvicorn's own startup failure (the port is taken), which it logged.
+    """
+    from orchestra.api.app import create_app
+    from orchestra.api.server import Server, server_config
+
+    # The lifespan opens and checks everything before uvicorn accepts a connection; when it
+    # fails, uvicorn exits and the caller prints the error.
+    app = create_app(settings, env=os.environ, show_key=show_key)
+    runtime: Runtime = app.state.runtime
+    config = server_config(app, settings.server, timeout_graceful_shutdown=HTTP_DRAIN_SECONDS)
+    server = Server(config, runtime, on_started)
+    quiet = StartupErrorFilter(runtime)
+    logging.getLogger("uvicorn.error").addFilter(quiet)
+    try:
+        server.run(sockets)
+    except SystemExit:  # uvicorn's way out when the lifespan failed to start
+        if runtime.startup_error is None:
+            raise
+    finally:
+        logging.getLogger("uvicorn.error").removeFilter(quiet)
+    if runtime.startup_error is not None:
+        raise runtime.startup_error
+    if not server.started:
+        raise SystemExit(1)
+
+
+#: Each process listens on a socket of its own bound to the same port, and the kernel spreads
+#: new connections evenly over them (Linux's SO_REUSEPORT). Elsewhere all share one socket,
+#: and whichever process wakes first accepts every connection waiting (a burst of them can
+#: go 2:1 to one of two processes).
+REUSE_PORT = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port``, with SO_REUSEPORT where :data:`REUSE_PORT`.
+
+    The supervisor binds one to hold the port (it never listens on it, so it takes no
+    connection where each process has its own); each process then binds its own, or
+    listens on the supervisor's.
+
+    Raises:
+        ConfigError: the address cannot be bound (taken, or not this machine's).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP
+    # (without it, a keep-alive request can wait 40 ms for a delayed ACK).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if REUSE_PORT:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        raise ConfigError(f"server: cannot listen on {host}:{port}: {reason}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+class StartupFailed(OrchestraError):
+    """A process failed to start, so the supervisor stopped them all."""
+
+    code = "startup_failed"
+
+
+@dataclass
+class _Child:
+    """One service process and the supervisor's end of its pipe."""
+
+    index: int
+    process: SpawnProcess
+    pipe: Connection
+    started_at: float = field(default_factory=time.monotonic)
+    ready: bool = False
+    #: Why it could not start, as it said (None: it did not say).
+    failure: str | None = None
+
+
+class Supervisor:
+    """Runs ``[server] processes`` service processes on one socket until a stop signal."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.count = settings.server.processes
+        self._spec = msgspec.json.encode(settings)
+        self._context = multiprocessing.get_context("spawn")
+        self._children: dict[int, _Child] = {}
+        #: Process slots waiting to be started again, and when (monotonic seconds).
+        self._restart_at: dict[int, float] = {}
+        self._restart_wait: dict[int, float] = {}
+        self._signals: list[int] = []
+        self._stopping = False
+        self._wake_r, self._wake_w = socket.socketpair()
+
+    def run(self) -> int:
+        """Start the processes, keep them running until SIGTERM or SIGINT, then stop them.
+
+        Returns:
+            0 when every process exited by itself once asked to, 1 when one had to be killed.
+
+        Raises:
+            ConfigError: the address cannot be bound.
+            StartupFailed: a process failed to start (the message is its error).
+        """
+        sock = bind_socket(self.settings.server.host, self.settings.server.port)
+        undo = self._catch_signals()
+        try:
+            s = self.settings.server
+            log.info("supervisor.listening", host=s.host, port=sock.getsockname()[1])
+            # The first alone: it upgrades the database and makes the admin key, once; the
+            # others import meanwhile (most of a start), then wait for the word to go on.
+            self._start(0, sock, bootstrap=True)
+            for index in range(1, self.count):
+                self._start(index, sock, bootstrap=False, go=False)
+            if self._until_ready([0]):
+                for index in range(1, self.count):
+                    self._children[index].pipe.send(_GO)
+                if self._until_ready(list(self._children)):
+                    log.info(
+                        "supervisor.started",
+                        processes=self.count,
+                        pids=[c.process.pid for c in self._children.values()],
+                        api=s.api,
+                        workers=s.workers,
+                    )
+                    self._serve(sock)
+        finally:
+            code = self._stop_all()
+            undo()
+            sock.close()
+            self._wake_r.close()
+            self._wake_w.close()
+        return code
+
+    # -- processes --------------------------------------------------------------------------
+
+    def _start(self, index: int, sock: socket.socket, *, bootstrap: bool, go: bool = True) -> None:
+        """Start process ``index``; unless ``go``, it waits for :data:`_GO` before it serves."""
+        ours, theirs = self._context.Pipe()
+        process = self._context.Process(
+            target=_child_main,
+            args=(self._spec, sock, theirs, bootstrap, os.getpid()),
+            name=f"orchestra-{index + 1}",
+        )
+        process.start()
+        theirs.close()
+        if go and not bootstrap:
+            ours.send(_GO)
+        self._children[index] = _Child(index, process, ours)
+        log.info("supervisor.process_started", process=index + 1, pid=process.pid)
+
+    def _until_ready(self, indices: list[int]) -> bool:
+        """Wait until these processes are ready. False when a stop signal came first.
+
+        Raises:
+            StartupFailed: one exited, or did not start in time.
+        """
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while not all(self._children[i].ready for i in indices):
+            if self._stopping:
+                return False
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StartupFailed(f"a process did not start within {STARTUP_SECONDS:g} s")
+            for child in self._step(left):
+                reason = child.failure or (
+                    f"process {child.index + 1} exited with "
+                    f"{_exit_text(child.process.exitcode)} while starting (see its log)"
+                )
+                raise StartupFailed(reason)
+        return not self._stopping
+
+    def _serve(self, sock: socket.socket) -> None:
+        """Keep the processes running until a stop signal."""
+        while not self._stopping:
+            timeout = None
+            if self._restart_at:
+                timeout = max(0.0, min(self._restart_at.values()) - time.monotonic())
+            for child in self._step(timeout):
+                served = time.monotonic() - child.started_at
+                wait_s = self._restart_wait.get(child.index, RESTART_FIRST)
+                if child.ready and served >= RESTART_RESET:
+                    wait_s = RESTART_FIRST
+                log.warning(
+                    "supervisor.process_died",
+                    process=child.index + 1,
+                    pid=child.process.pid,
+                    exit=_exit_text(child.process.exitcode),
+                    error=child.failure,
+                    restart_in_s=wait_s,
+                )
+                self._restart_at[child.index] = time.monotonic() + wait_s
+                self._restart_wait[child.index] = min(wait_s * 2, RESTART_CAP)
+            now = time.monotonic()
+            for index, at in list(self._restart_at.items()):
+                if at <= now and not self._stopping:
+                    del self._restart_at[index]
+                    self._start(index, sock, bootstrap=False)
+
+    def _step(self, timeout: float | None) -> list[_Child]:
+        """Wait for a message, an exit or a signal (at most ``timeout`` seconds) and take it
+        in; returns the processes that exited (no longer among the children)."""
+        waiting: list[Any] = [self._wake_r]
+        for child in self._children.values():
+            waiting += [child.pipe, child.process.sentinel]
+        ready = wait(waiting, timeout)
+        if self._wake_r in ready:
+            with contextlib.suppress(BlockingIOError):
+                self._wake_r.recv(4096)
+        self._take_signals()
+        exited = []
+        for child in list(self._children.values()):
+            if child.pipe in ready:
+                self._read(child)
+            if child.process.sentinel in ready:
+                child.process.join()
+                self._read(child)  # a failure it said just before it exited
+                child.pipe.close()
+                del self._children[child.index]
+                exited.append(child)
+        return exited
+
+    def _read(self, child: _Child) -> None:
+        with contextlib.suppress(EOFError, OSError):
+            while child.pipe.poll():
+                kind, text = child.pipe.recv()
+                if kind == _READY:
+                    child.ready = True
+                    child.started_at = time.monotonic()
+                elif kind == _FAILED:
+                    child.failure = text
+
+    def _stop_all(self) -> int:
+        """Ask every process to stop and wait for them; kill those past the deadline."""
+        self._stopping = True
+        self._restart_at.clear()
+        if not self._children:
+            return 0
+        for child in self._children.values():
+            _signal(child, signal.SIGTERM)
+        grace = self.settings.workers.shutdown_grace
+        deadline = time.monotonic() + HTTP_DRAIN_SECONDS + grace + EXIT_SLACK_SECONDS
+        log.info("supervisor.stopping", processes=len(self._children), grace_s=grace)
+        while self._children and (left := deadline - time.monotonic()) > 0:
+            self._step(left)
+        code = 0
+        for child in list(self._children.values()):
+            log.error("supervisor.process_killed", process=child.index + 1, pid=child.process.pid)
+            child.process.kill()
+            child.process.join()
+            code = 1
+        self._children.clear()
+        log.info("supervisor.stopped")
+        return code
+
+    # -- signals ----------------------------------------------------------------------------
+
+    def _catch_signals(self) -> Callable[[], None]:
+        """Note SIGTERM, SIGINT and SIGHUP, and wake the wait; returns the undo."""
+        previous = {
+            sig: signal.signal(sig, self._on_signal)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        }
+        self._wake_w.setblocking(False)
+        self._wake_r.setblocking(False)
+        old_fd = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+
+        def undo() -> None:
+            signal.set_wakeup_fd(old_fd)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        return undo
+
+    def _on_signal(self, sig: int, _frame: FrameType | None) -> None:
+        self._signals.append(sig)
+
+    def _take_signals(self) -> None:
+        while self._signals:
+            sig = self._signals.pop(0)
+            if sig == signal.SIGHUP:
+                log.info("supervisor.reload", processes=len(self._children))
+                for child in self._children.values():
+                    _signal(child, signal.SIGHUP)
+            elif not self._stopping:
+                log.info("supervisor.stop_requested", signal=signal.Signals(sig).name)
+                self._stopping = True
+            else:  # a second Ctrl-C: pass it on (uvicorn then stops without waiting)
+                for child in self._children.values():
+                    _signal(child, sig)
+
+
+def _signal(child: _Child, sig: int) -> None:
+    if child.process.pid is not None and child.process.exitcode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.process.pid, sig)
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return signal.Signals(-code).name
+    return f"exit code {code}"
+
+
+# -- in the child --------------------------------------------------------------------------
+
+
+def _child_main(
+    spec: bytes, sock: socket.socket, pipe: Connection, bootstrap: bool, parent: int
+) -> None:
+    """A service process under the supervisor (pid ``parent``): serve on ``sock`` with the
+    settings the supervisor resolved; say on ``pipe`` when it serves, or why it could not
+    start."""
+    _die_with_parent(parent)
+    settings = msgspec.json.decode(spec, type=Settings)
+    logs.setup(settings.logging)
+    show_key: ShowKey | None = None
+    if bootstrap:
+        from orchestra.cli import show_bootstrap_key
+
+        def show_key(key: Any, token: str) -> None:
+            show_bootstrap_key(key, token, settings.server.host)
+
+    if not bootstrap:
+        import orchestra.api.app  # noqa: F401  (most of a start: while the first one starts)
+
+        try:
+            pipe.recv()  # the first process serves: the database is ready
+        except EOFError:  # the supervisor is gone
+            return
+    if REUSE_PORT:  # a socket of its own on the supervisor's port (which may have been 0)
+        port = sock.getsockname()[1]
+        sock.close()
+        sock = bind_socket(settings.server.host, port)
+    try:
+        run_service(
+            settings, show_key=show_key, sockets=[sock], on_started=lambda: pipe.send((_READY, ""))
+        )
+    except OrchestraError as exc:
+        pipe.send((_FAILED, startup_message(exc)))
+        sys.exit(STARTUP_FAILURE)
+    except KeyboardInterrupt:  # uvicorn raises the SIGINT it stopped for again, once done
+        pass
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to send SIGTERM (a graceful stop) to this process when the supervisor dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # the supervisor died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -1,0 +1,290 @@
+"""More than one process: `orchestra serve --processes N`, `--no-api` and `--no-workers`, run as
+real processes on one SQLite file, against the fake model on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sqlite3
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fixtures.fake_ollama import FakeOllama
+from tests.fixtures.servers import free_port, wait_until, write_config
+
+#: Seconds a stopping service may take: uvicorn's 5 s HTTP drain, the 2 s shutdown_grace the
+#: configs below set, and room for two busy cores.
+STOP_DEADLINE = 20.0
+BODY = {"template": "summarize", "params": {"text": "many hands"}}
+
+
+@dataclass
+class Serving:
+    """An `orchestra serve` process and what the test needs of it."""
+
+    proc: asyncio.subprocess.Process
+    url: str
+    log: Path
+
+    def children(self) -> list[int]:
+        """The pids of the processes it started (service processes, multiprocessing's
+        resource tracker)."""
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        return [int(pid) for pid in path.read_text().split()]
+
+    def services(self) -> list[int]:
+        """The pids of its service processes (not the resource tracker)."""
+        return [
+            pid
+            for pid in self.children()
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes() and alive(pid)
+        ]
+
+    def stderr(self) -> str:
+        return self.log.read_text()
+
+
+def config(folder: Path, name: str, db: Path, ollama_url: str) -> tuple[Path, int]:
+    """A config on ``db``, polling for work five times a second; returns (file, port)."""
+    port = free_port()
+    path = folder / f"{name}.toml"
+    write_config(
+        path, port=port, db=db, ollama_url=ollama_url, poll_interval=0.2, shutdown_grace=2.0
+    )
+    return path, port
+
+
+@asynccontextmanager
+async def serving(
+    config: Path, port: int, *args: str, ready: bool = True
+) -> AsyncIterator[Serving]:
+    """``orchestra serve --config CONFIG ARGS`` in a child process, its stderr in a file;
+    with ``ready``, yields once /health answers. Stopped at the end if still running (SIGTERM,
+    then SIGKILL past the deadline)."""
+    log = config.with_suffix(f".{port}.log")
+    with log.open("ab") as err:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "orchestra",
+            "serve",
+            "--config",
+            str(config),
+            *args,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=err,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if ready:
+            async with httpx.AsyncClient(base_url=url) as client:
+
+                async def up() -> bool:
+                    if proc.returncode is not None:
+                        raise AssertionError(f"exited with {proc.returncode}: {log.read_text()}")
+                    try:
+                        return (await client.get("/health")).status_code == 200
+                    except httpx.HTTPError:
+                        return False
+
+                await wait_until(up, timeout=30, interval=0.05)
+        yield Serving(proc, url, log)
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=STOP_DEADLINE)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def attempts(db: Path) -> list[tuple[int, str, str]]:
+    """Every attempt: (task id, worker, status)."""
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT task_id, worker, status FROM task_attempts").fetchall()
+
+
+def statuses(db: Path) -> dict[int, str]:
+    with sqlite3.connect(db) as conn:
+        return dict(conn.execute("SELECT id, status FROM tasks").fetchall())
+
+
+def pid_of(worker: str) -> int:
+    """The process a worker owner name (host:pid:random) belongs to."""
+    return int(worker.split(":")[-2])
+
+
+async def test_two_processes_share_the_queue_and_run_each_task_once(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    fake_ollama.latency = 0.02
+    db = tmp_path / "shared.db"
+    path, port = config(tmp_path, "two", db, fake_ollama.url)
+    # Beyond loopback with no key: the first start makes an admin key, and only one process
+    # may make and print it.
+    text = path.read_text().replace("[server]\n", '[server]\nhost = "0.0.0.0"\n', 1)
+    path.write_text(text)
+    async with serving(path, port, "--processes", "2") as service:
+        tokens = re.findall(r"^    (\S+)$", service.stderr(), re.MULTILINE)
+        assert len(tokens) == 1, service.stderr()
+        headers = {"Authorization": f"Bearer {tokens[0]}"}
+        async with httpx.AsyncClient(base_url=service.url, headers=headers) as client:
+            answers = await asyncio.gather(
+                *(client.post("/api/v1/tasks", json=BODY) for _ in range(200))
+            )
+            assert [a.status_code for a in answers] == [201] * 200
+            await wait_until(lambda: set(statuses(db).values()) == {"succeeded"}, timeout=30)
+        children = service.children()
+    rows = attempts(db)
+    assert len(statuses(db)) == 200
+    assert sorted(task for task, _, _ in rows) == sorted(statuses(db)), "one attempt per task"
+    assert {status for _, _, status in rows} == {"succeeded"}
+    workers = {worker for _, worker, _ in rows}
+    assert len(workers) == 2, workers
+    assert {pid_of(w) for w in workers} <= set(children), "run by the supervisor's children"
+
+
+async def test_sigterm_stops_every_process_gracefully_and_leaves_none(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    fake_ollama.latency = 1.0
+    db = tmp_path / "stop.db"
+    path, port = config(tmp_path, "stop", db, fake_ollama.url)
+    async with serving(path, port, "--processes", "2") as service:
+        children = service.children()
+        assert len([pid for pid in children if alive(pid)]) >= 2
+        async with httpx.AsyncClient(base_url=service.url) as client:
+            for _ in range(20):
+                assert (await client.post("/api/v1/tasks", json=BODY)).status_code == 201
+        # Both processes run tasks (4 slots each; the other one finds work by its poll).
+        await wait_until(lambda: len({w for _, w, _ in attempts(db)}) == 2, timeout=10)
+        service.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(service.proc.wait(), timeout=STOP_DEADLINE)
+        assert code == 0, service.stderr()
+    await wait_until(lambda: not any(alive(pid) for pid in children), timeout=5)
+    # The tasks that ran when the signal came finished within the grace; no new one started;
+    # nothing is left running.
+    rows = attempts(db)
+    assert {status for _, _, status in rows} == {"succeeded"}
+    assert set(statuses(db).values()) == {"succeeded", "queued"}
+    assert len(rows) == sum(s == "succeeded" for s in statuses(db).values())
+    assert "supervisor.process_killed" not in service.stderr()
+
+
+async def test_a_process_that_dies_is_started_again(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    path, port = config(tmp_path, "restart", tmp_path / "restart.db", fake_ollama.url)
+    async with serving(path, port, "--processes", "2") as service:
+        await wait_until(lambda: "supervisor.started" in service.stderr(), timeout=30)
+        before = service.services()
+        assert len(before) == 2
+        os.kill(before[0], signal.SIGKILL)
+
+        def replaced() -> bool:
+            new = set(service.services()) - set(before)
+            if len(new) != 1:
+                return False
+            owner = f":{new.pop()}:"  # host:pid:random
+            lines = service.stderr().splitlines()
+            return any("pool.started" in line and owner in line for line in lines)
+
+        await wait_until(replaced, timeout=30, interval=0.1)
+        assert '"exit": "SIGKILL"' in service.stderr()
+        async with httpx.AsyncClient(base_url=service.url) as client:
+            created = await client.post("/api/v1/tasks", json=BODY)
+            done = await client.get(f"/api/v1/tasks/{created.json()['id']}?wait=20")
+            assert done.json()["status"] == "succeeded"
+
+
+async def test_an_api_process_and_a_worker_process_split_the_work(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    db = tmp_path / "split.db"
+    api_config, api_port = config(tmp_path, "api", db, fake_ollama.url)
+    worker_config, worker_port = config(tmp_path, "worker", db, fake_ollama.url)
+    async with (
+        serving(api_config, api_port, "--no-workers") as api,
+        serving(worker_config, worker_port, "--no-api") as worker,
+        httpx.AsyncClient() as client,
+    ):
+        created = await client.post(f"{api.url}/api/v1/tasks", json=BODY)
+        assert created.status_code == 201
+        task = await client.get(f"{api.url}/api/v1/tasks/{created.json()['id']}?wait=20")
+        assert task.json()["status"] == "succeeded"
+        [(_, owner, _)] = attempts(db)
+        assert pid_of(owner) == worker.proc.pid, "run by the worker process, not the API's"
+
+        health = await client.get(f"{worker.url}/health")
+        assert health.status_code == 200 and health.json()["database"] == "ok"
+        for method, path in (("GET", "/api/v1/tasks"), ("POST", "/api/v1/tasks"), ("GET", "/ui")):
+            refused = await client.request(method, f"{worker.url}{path}", json=BODY)
+            assert refused.status_code == 404
+            assert refused.json()["code"] == "workers_only"
+            assert "runs workers only" in refused.json()["message"]
+        for serve in (api, worker):
+            serve.proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(serve.proc.wait(), timeout=STOP_DEADLINE)
+    assert "pool.started" not in api.stderr()
+    assert "pool.started" in worker.stderr()
+
+
+async def test_a_process_that_cannot_start_stops_the_others_with_one_clean_message(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    (folder / "bad.yaml").write_text("name: bad\nsteps:\n  - id: a\n    prompt: '{{ nope'\n")
+    path, port = config(tmp_path, "bad", tmp_path / "bad.db", fake_ollama.url)
+    path.write_text(path.read_text() + f'[templates]\ndirs = ["{folder}"]\n')
+    async with serving(path, port, "--processes", "2", ready=False) as service:
+        code = await asyncio.wait_for(service.proc.wait(), timeout=30)
+    err = service.stderr()
+    assert code == 1
+    assert err.count("Error: invalid templates:") == 1, err
+    assert "bad.yaml:4:13: steps[0].prompt: Jinja syntax error" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--no-api", "--no-workers"), "leave nothing to run"),
+        (("--processes", "0"), "--processes"),
+    ],
+)
+async def test_serve_refuses_options_that_cannot_work(
+    tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "orchestra",
+        "serve",
+        *args,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRA_")},
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode == 2
+    assert message in err.decode() and "Traceback" not in err.decode()

@@ -1,0 +1,170 @@
+"""Two processes' connections on one database (each ``Database`` stands for one process): the
+claim never hands a task to both, templates and migrations never collide, and a submit in one
+wakes the workers of the other (PostgreSQL's LISTEN/NOTIFY; SQLite's data_version)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator, Collection
+
+import pytest
+
+from orchestra.db import Database, TaskStore
+from orchestra.db.schema import LATEST, upgrade
+from orchestra.db.templates import TemplateStore
+from orchestra.domain import NewTask
+from tests.conftest import sql_rows
+from tests.fixtures.postgres import ON_POSTGRESQL
+
+postgresql_only = pytest.mark.skipif(not ON_POSTGRESQL, reason="LISTEN/NOTIFY is PostgreSQL's")
+
+
+@pytest.fixture
+async def two(db_url: str) -> AsyncIterator[tuple[Database, Database]]:
+    first, second = Database(db_url), Database(db_url)
+    await upgrade(first)
+    try:
+        yield first, second
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_processes_migrating_together_both_start(db_url: str) -> None:
+    databases = [Database(db_url) for _ in range(3)]
+    try:
+        versions = await asyncio.gather(*(upgrade(db) for db in databases))
+    finally:
+        for db in databases:
+            await db.close()
+    assert versions == [LATEST] * 3
+    recorded = sql_rows(db_url, "SELECT version FROM schema_version ORDER BY version")
+    assert [v for (v,) in recorded] == list(range(1, LATEST + 1))  # each migration once
+
+
+async def test_claims_from_two_processes_never_share_a_task(
+    two: tuple[Database, Database],
+) -> None:
+    a, b = TaskStore(two[0]), TaskStore(two[1])
+    assert await a.claim("w", 1, 30) == await b.claim("w", 1, 30) == []  # both connected
+    for _ in range(200):
+        await a.enqueue(NewTask(template="t", template_version=1, params={}))
+
+    async def drain(store: TaskStore, owner: str) -> list[int]:
+        got: list[int] = []
+        while batch := await store.claim(owner, 3, 30):
+            got.extend(t.id for t in batch)
+        return got
+
+    results = await asyncio.gather(*(drain(s, f"w{i}") for i, s in enumerate([a, b, a, b])))
+    claimed = Counter(i for ids in results for i in ids)
+    assert len(claimed) == 200
+    assert set(claimed.values()) == {1}
+    assert all(results)  # every claimer got some: nobody waited out the others
+
+
+async def test_two_processes_registering_one_template_get_distinct_versions(
+    two: tuple[Database, Database],
+) -> None:
+    stores = [TemplateStore(two[0]), TemplateStore(two[1])]
+    results = await asyncio.gather(
+        *(stores[i % 2].register("shared", f"body {i}", f"hash {i}") for i in range(12))
+    )
+    assert sorted(r.version for r in results) == list(range(1, 13))
+
+
+class Woken:
+    """What ``Database.watch`` passed on: queued wake-ups, and the tasks said to change."""
+
+    def __init__(self) -> None:
+        self.queued = asyncio.Event()
+        self.changed: list[list[int] | None] = []
+        self.any_change = asyncio.Event()
+
+    def on_queued(self) -> None:
+        self.queued.set()
+
+    def on_changed(self, ids: Collection[int] | None) -> None:
+        self.changed.append(None if ids is None else sorted(ids))
+        self.any_change.set()
+
+    def clear(self) -> None:
+        self.queued.clear()
+        self.any_change.clear()
+        self.changed.clear()
+
+
+async def test_a_submit_in_one_process_wakes_the_workers_of_another(
+    two: tuple[Database, Database],
+) -> None:
+    woken = Woken()
+    listener = asyncio.create_task(two[1].watch(woken.on_queued, woken.on_changed))
+    try:
+        if ON_POSTGRESQL:
+            await asyncio.wait_for(woken.queued.wait(), 10)  # the first: once it listens
+        else:
+            await asyncio.sleep(0.2)  # the watcher has read the version once
+        woken.clear()
+        task = (
+            await TaskStore(two[0]).enqueue(NewTask(template="t", template_version=1, params={}))
+        ).task
+        await asyncio.wait_for(woken.queued.wait(), 5)
+        await asyncio.wait_for(woken.any_change.wait(), 5)
+        # PostgreSQL names the task; SQLite knows only that something changed.
+        assert woken.changed[-1] in ([task.id], None)
+        if ON_POSTGRESQL:
+            assert woken.changed[-1] == [task.id]
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+
+
+async def test_a_process_is_not_woken_by_its_own_writes(
+    two: tuple[Database, Database],
+) -> None:
+    woken = Woken()
+    listener = asyncio.create_task(two[0].watch(woken.on_queued, woken.on_changed))
+    try:
+        if ON_POSTGRESQL:
+            await asyncio.wait_for(woken.queued.wait(), 10)
+        else:
+            await asyncio.sleep(0.2)
+        woken.clear()
+        await TaskStore(two[0]).enqueue(NewTask(template="t", template_version=1, params={}))
+        # Then a write by the other, which must arrive: the first one, if it had come, would
+        # have come before it.
+        await TaskStore(two[1]).enqueue(NewTask(template="t", template_version=1, params={}))
+        await asyncio.wait_for(woken.queued.wait(), 5)
+        await asyncio.wait_for(woken.any_change.wait(), 5)
+        await asyncio.sleep(0.2)
+        assert woken.changed in ([[2]], [None])  # only the other process's task
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+
+
+@postgresql_only
+async def test_the_listener_comes_back_after_its_connection_is_cut(
+    two: tuple[Database, Database], db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestra.db import postgres_engine
+
+    monkeypatch.setattr(postgres_engine, "LISTEN_RETRY", 0.05)
+    woken = Woken()
+    listener = asyncio.create_task(two[1].watch(woken.on_queued, woken.on_changed))
+    try:
+        await asyncio.wait_for(woken.queued.wait(), 10)
+        woken.clear()
+        sql_rows(
+            db_url,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+        )
+        await asyncio.wait_for(woken.queued.wait(), 10)  # listening again: it catches up
+        woken.clear()
+        await TaskStore(two[0]).enqueue(NewTask(template="t", template_version=1, params={}))
+        await asyncio.wait_for(woken.queued.wait(), 5)
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
