@@ -137,7 +137,8 @@ test-fast: $(VENV)/.installed-dev
 
 # Benchmarks (not tests): Orchestra against FastAPI + Celery + Redis on the same workloads,
 # written to benchmarks/RESULTS.md. The classic stack gets a venv of its own, and Redis comes
-# from Debian's redis-server package (installed here when missing; needs root or sudo).
+# from Debian's redis-server package, PostgreSQL (for the scale-out part) from postgresql
+# (installed here when missing; needs root or sudo).
 BENCH_VENV ?= .bench-venv
 $(BENCH_VENV)/.installed: benchmarks/classic/requirements.txt
 	$(PYTHON) -m venv $(BENCH_VENV)
@@ -149,6 +150,9 @@ bench: $(VENV)/.installed-dev $(BENCH_VENV)/.installed
 	@command -v redis-server >/dev/null || { \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server; }
+	@$(HAVE_POSTGRES) || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq postgresql; }
 	$(BIN)/python benchmarks/run.py --classic-python $(BENCH_VENV)/bin/python
 
 # The README's dashboard screenshots (docs/screenshots/), taken in headless Chromium against a

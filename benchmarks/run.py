@@ -22,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 from dashboard_bench import markdown as dashboard_section  # noqa: E402
 from hostile_bench import markdown as hostile_section  # noqa: E402
+from pg_claim import markdown as pg_claim_section  # noqa: E402
 from request_cpu import markdown as request_cpu_section  # noqa: E402
+from scaleout_bench import markdown as scaleout_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -207,6 +209,8 @@ def main() -> None:
     dashboard = _run(sys.executable, "dashboard_bench.py")
     hostile = _run(sys.executable, "hostile_bench.py")
     requests = _run(sys.executable, "request_cpu.py")
+    scaleout = _run(sys.executable, "scaleout_bench.py", "--tasks", "3000")
+    pg_claim = _run(sys.executable, "pg_claim.py")
     versions = subprocess.run(
         [
             args.classic_python,
@@ -229,6 +233,7 @@ def main() -> None:
         f"{versions}, Redis {redis_version}",
         requests,
     )
+    text += "\n" + scaleout_section(scaleout) + "\n" + pg_claim_section(pg_claim)
     (HERE / "RESULTS.md").write_text(text)
     print(f"benchmarks/RESULTS.md written in {time.monotonic() - started:.0f} s", file=sys.stderr)
 

@@ -33,11 +33,12 @@ def running_on(db_url: str, pid: int) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(240)
 async def test_three_processes_one_killed_lose_nothing_and_finish_nothing_twice(
     fake_ollama: FakeOllama, tmp_path: Path, db_url: str
 ) -> None:
-    fake_ollama.latency = 0.05
-    quick = {"lease_seconds": 1.0, "reap_interval": 0.2, "poll_interval": 0.2, "concurrency": 8}
+    fake_ollama.latency = 0.02
+    quick = {"lease_seconds": 1.0, "reap_interval": 0.2, "poll_interval": 0.2, "concurrency": 16}
     ports = [free_port() for _ in range(PROCESSES)]
     configs = []
     for n, port in enumerate(ports):
@@ -49,9 +50,15 @@ async def test_three_processes_one_killed_lose_nothing_and_finish_nothing_twice(
     try:
         body = {"template": "summarize", "params": {"text": "scale me"}}
         limits = httpx.Limits(max_connections=32)
+        # 2,000 requests queue for 64 connections: the pool may keep one waiting a while.
+        timeout = httpx.Timeout(60)
         async with (
-            httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports[0]}", limits=limits) as a,
-            httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports[1]}", limits=limits) as b,
+            httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{ports[0]}", limits=limits, timeout=timeout
+            ) as a,
+            httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{ports[1]}", limits=limits, timeout=timeout
+            ) as b,
         ):
             responses = await asyncio.gather(
                 *((a if i % 2 else b).post("/api/v1/tasks", json=body) for i in range(TASKS))

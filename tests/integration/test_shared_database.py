@@ -8,13 +8,15 @@ import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Collection
 
+import msgspec
 import pytest
 
+from orchestra.config import Settings
 from orchestra.db import Database, TaskStore
 from orchestra.db.schema import LATEST, upgrade
 from orchestra.db.templates import TemplateStore
 from orchestra.domain import NewTask
-from tests.conftest import sql_rows
+from tests.conftest import StartService, sql_rows
 from tests.fixtures.postgres import ON_POSTGRESQL
 
 postgresql_only = pytest.mark.skipif(not ON_POSTGRESQL, reason="LISTEN/NOTIFY is PostgreSQL's")
@@ -168,3 +170,38 @@ async def test_the_listener_comes_back_after_its_connection_is_cut(
     finally:
         listener.cancel()
         await asyncio.gather(listener, return_exceptions=True)
+
+
+GREET = """name: greet
+parameters:
+  who: {type: string}
+steps:
+  - id: hello
+    kind: render
+    text: "hello {{ params.who }}"
+"""
+
+
+async def test_a_template_registered_in_one_process_runs_in_another(
+    settings: Settings, start_service: StartService
+) -> None:
+    """The API-only process registers a template and takes a task of it; the worker-only
+    process, idle and polling only every 30 s, is woken, learns the template, and runs it."""
+    api_only = msgspec.structs.replace(
+        settings, server=msgspec.structs.replace(settings.server, workers=False)
+    )
+    slow_poll = msgspec.structs.replace(
+        settings, workers=msgspec.structs.replace(settings.workers, poll_interval=30.0)
+    )
+    async with start_service(slow_poll) as workers, start_service(api_only) as api:
+        assert (await workers.client.get("/api/v1/templates/greet")).status_code == 404
+        registered = await api.client.post("/api/v1/templates", content=GREET)
+        assert registered.status_code == 201, registered.text
+        started = asyncio.get_running_loop().time()
+        task = await api.submit("greet", who="there")
+        done = await api.wait(task["id"])
+        assert done["status"] == "succeeded", done
+        assert done["result"] == "hello there"
+        assert asyncio.get_running_loop().time() - started < 15  # woken, not its 30 s poll
+        [attempt] = done["attempts"]
+        assert attempt["worker"] == workers.app.state.runtime.pool.owner

@@ -119,9 +119,11 @@ class Database:
         if self.path is not None:
             return str(self.path)
         parsed = make_url(self.url)
-        host = parsed.host or parsed.query.get("host") or "localhost"
-        port = f":{parsed.port}" if parsed.port else ""
-        return f"postgresql://{host}{port}/{parsed.database or ''}"
+        host = parsed.host or str(parsed.query.get("host") or "localhost")
+        port = parsed.port or parsed.query.get("port") or 5432
+        if host.startswith("/"):  # a Unix socket's folder
+            return f"PostgreSQL database {parsed.database!r} on the socket in {host} (port {port})"
+        return f"postgresql://{host}:{port}/{parsed.database or ''}"
 
     async def transaction(self, work: Callable[[Connection], T], *, small: bool = False) -> T:
         """Run ``work(connection)`` as one write transaction: committed when this returns,
