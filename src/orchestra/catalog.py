@@ -123,17 +123,8 @@ class TemplateCatalog:
         for row in await self.store.all_versions():
             source = f"<registered {row.name} v{row.version}>"
             template = self._stored("registered", row.name, row.version, row.body, source)
-            if template is None:
-                continue
-            self.registry.add_registered(
-                msgspec.structs.replace(
-                    template,
-                    version=row.version,
-                    origin="api",
-                    source=f"api:{row.name}@{row.version}",
-                ),
-                deleted=row.deleted_at is not None,
-            )
+            if template is not None:
+                self._add_registered(row, template)
         for stored in await self.store.pinned_file_versions():
             if self.registry.knows(stored.name, stored.version):
                 continue  # the current file, or a body stored later
@@ -168,19 +159,23 @@ class TemplateCatalog:
                     problems=str(exc),
                 )
                 continue
-            self.registry.add_registered(
-                msgspec.structs.replace(
-                    template,
-                    version=row.version,
-                    origin="api",
-                    source=f"api:{row.name}@{row.version}",
-                ),
-                deleted=row.deleted_at is not None,
-            )
+            self._add_registered(row, template)
             log.info("templates.learned", name=row.name, version=row.version)
         for name, row in latest.items():
             if row.deleted_at is not None and not self.registry.is_deleted(name):
                 self.registry.delete_registered(name)
+
+    def _add_registered(self, row: StoredTemplate, template: Template) -> None:
+        """Know a stored registered version (``template``, its body parsed)."""
+        self.registry.add_registered(
+            msgspec.structs.replace(
+                template,
+                version=row.version,
+                origin="api",
+                source=f"api:{row.name}@{row.version}",
+            ),
+            deleted=row.deleted_at is not None,
+        )
 
     async def follow(self, interval: float = REFRESH_SECONDS) -> None:
         """:meth:`refresh` every ``interval`` seconds, until cancelled (a failed read is

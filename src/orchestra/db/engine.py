@@ -10,6 +10,8 @@ another process learns of a new task (SQLite: its poll; PostgreSQL: LISTEN/NOTIF
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable, Collection
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -74,6 +76,18 @@ def check_url(url: str) -> Path:
     if parsed.get_backend_name() != SQLITE:
         raise ConfigError(f"database.url: {url!r} does not name a SQLite file")
     return Path(str(parsed.database))
+
+
+async def settled(future: asyncio.Future[T]) -> T:
+    """``future``'s result; a caller cancelled meanwhile does not cut a transaction short: it
+    ends (committed or rolled back) before the cancel is raised, so the caller never guesses
+    whether it happened."""
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await future
+        raise
 
 
 class Database:

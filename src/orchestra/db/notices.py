@@ -1,9 +1,11 @@
-"""PostgreSQL's notifications, sent inside the transaction of the change (delivered at commit):
+"""PostgreSQL's notifications, sent by the transaction of the change (delivered at commit):
 tasks were queued (wake the workers of every process), tasks changed (wake whoever waits on
 them: ``?wait``, event streams). SQLite has none; there :meth:`Database.watch` notices other
 processes' commits by itself.
 
-A payload starts with the sending process's token (``conn.info["orchestra_token"]``, set by
+Transaction bodies mark what to send (:func:`queued`, :func:`changed`); the engine sends it in
+one statement before the commit (:func:`send`). A payload starts with the sending process's
+token (``conn.info["orchestra_token"]``, set by
 :class:`~orchestra.db.postgres_engine.PostgresDatabase` on each connection), so a process
 skips its own: it has told itself already.
 """
@@ -22,27 +24,45 @@ MAX_PAYLOAD = 7000
 ANY = "*"
 
 
-def _send(conn: Connection, channel: str, detail: str = "") -> None:
-    token = conn.info.get("orchestra_token", "")
-    payload = f"{token} {detail}" if detail else token
-    raw = conn.connection.driver_connection
-    raw.execute("SELECT pg_notify(%s, %s)", (channel, payload))  # type: ignore[union-attr]
+_QUEUED = "orchestra_queued"
+_CHANGED = "orchestra_changed"
 
 
 def queued(conn: Connection) -> None:
-    """On PostgreSQL, wake the workers of every other process at this transaction's commit
-    (identical notifications in one transaction arrive as one)."""
+    """On PostgreSQL, wake the workers of every other process at this transaction's commit."""
     if conn.dialect.name == "postgresql":
-        _send(conn, QUEUED_CHANNEL)
+        conn.info[_QUEUED] = True
 
 
 def changed(conn: Connection, task_ids: Collection[int]) -> None:
     """On PostgreSQL, tell every other process at this transaction's commit that these tasks
-    changed (:data:`ANY` when they are too many to name)."""
-    if conn.dialect.name != "postgresql" or not task_ids:
-        return
-    named = ",".join(str(i) for i in task_ids)
-    _send(conn, CHANGED_CHANNEL, named if len(named) <= MAX_PAYLOAD else ANY)
+    changed."""
+    if conn.dialect.name == "postgresql" and task_ids:
+        conn.info.setdefault(_CHANGED, set()).update(task_ids)
+
+
+def begin(conn: Connection) -> None:
+    """Forget what an earlier transaction on this connection was to send."""
+    conn.info.pop(_QUEUED, None)
+    conn.info.pop(_CHANGED, None)
+
+
+def send(conn: Connection) -> None:
+    """Send what this transaction was to send, in one statement, just before it commits:
+    at most one notification per channel (:data:`ANY` when the tasks are too many to name)."""
+    notes: list[tuple[str, str]] = []
+    token = conn.info.get("orchestra_token", "")
+    if conn.info.pop(_QUEUED, False):
+        notes.append((QUEUED_CHANNEL, token))
+    ids = conn.info.pop(_CHANGED, None)
+    if ids:
+        named = ",".join(str(i) for i in sorted(ids))
+        detail = named if len(named) <= MAX_PAYLOAD else ANY
+        notes.append((CHANGED_CHANNEL, f"{token} {detail}"))
+    if notes:
+        calls = ", ".join("pg_notify(%s, %s)" for _ in notes)
+        raw = conn.connection.driver_connection
+        raw.execute(f"SELECT {calls}", [v for note in notes for v in note])  # type: ignore[union-attr]
 
 
 def parse_changed(detail: str) -> list[int] | None:

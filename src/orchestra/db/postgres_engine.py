@@ -27,7 +27,6 @@ reconnects with backoff.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 import uuid
@@ -43,7 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from orchestra import logs
 from orchestra.db import notices
-from orchestra.db.engine import POSTGRESQL, Database, parse_url
+from orchestra.db.engine import POSTGRESQL, Database, parse_url, settled
 from orchestra.db.failures import WriteHealth
 from orchestra.db.pg_failures import retryable, storage_error
 from orchestra.errors import StorageError
@@ -104,7 +103,9 @@ class PostgresDatabase(Database):
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 with self._engine.begin() as conn:
+                    notices.begin(conn)
                     result = work(conn)
+                    notices.send(conn)
             except Exception as exc:
                 if retryable(exc) and attempt < ATTEMPTS:
                     time.sleep(random.uniform(0, 0.002 * 2**attempt))
@@ -124,13 +125,7 @@ class PostgresDatabase(Database):
         docstring). A caller cancelled meanwhile does not cut it short: it ends (committed or
         rolled back) before the cancel is raised."""
         self._loop = loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._threads, self._run, work)
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await future
-            raise
+        return await settled(loop.run_in_executor(self._threads, self._run, work))
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:

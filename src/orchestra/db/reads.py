@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import sqlite3
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 from sqlalchemy import select
 
-from orchestra.db import events
+from orchestra.db import events, reads_pg
 from orchestra.db.engine import Database
 from orchestra.db.events import TaskEvent
 from orchestra.db.overview import DashboardStore, SummaryPage
@@ -56,9 +56,12 @@ class Reads(Protocol):
 
 
 def reads_for(db: Database) -> Reads:
-    """The reads for ``db``: in one statement each on SQLite with its JSON functions (every
-    SQLite since 3.38, and the builds Python ships before it), else through the engine."""
-    return SqliteReads(db) if db.dialect == "sqlite" and HAS_JSON else EngineReads(db)
+    """The reads for ``db``: in one statement each on PostgreSQL, and on SQLite with its JSON
+    functions (every SQLite since 3.38, and the builds Python ships before it); else through
+    the engine."""
+    if db.dialect == "postgresql":
+        return SqliteReads(db, _POSTGRESQL)
+    return SqliteReads(db, _SQLITE) if HAS_JSON else EngineReads(db)
 
 
 def _has_json() -> bool:
@@ -143,12 +146,19 @@ FROM (SELECT {_SUMMARY_COLUMNS} FROM tasks {"WHERE " + " AND ".join(where) if wh
 """
 
 
-_PAGES = {
-    (s, t, b): _page_sql(s, t, b)
-    for s in (False, True)
-    for t in (False, True)
-    for b in (False, True)
-}
+class _Statements(msgspec.Struct, frozen=True):
+    """One engine's SQL for the reads: a task, its events, and a page for each filter set."""
+
+    task: str
+    events: str
+    pages: dict[tuple[bool, bool, bool], str]
+
+
+_FILTERS = [(s, t, b) for s in (False, True) for t in (False, True) for b in (False, True)]
+_SQLITE = _Statements(_TASK, _EVENTS, {f: _page_sql(*f) for f in _FILTERS})
+_POSTGRESQL = _Statements(
+    reads_pg.TASK, reads_pg.EVENTS, {f: reads_pg.page_sql(*f) for f in _FILTERS}
+)
 _decode_task = msgspec.json.Decoder(Task).decode
 _decode_events = msgspec.json.Decoder(list[TaskEvent]).decode
 _decode_summaries = msgspec.json.Decoder(list[TaskSummary]).decode
@@ -163,35 +173,39 @@ def _duration_ms(summary: TaskSummary) -> TaskSummary:
     return msgspec.structs.replace(summary, duration_ms=elapsed.total_seconds() * 1000)
 
 
-def _one(conn: sqlite3.Connection, sql: str, params: tuple[object, ...]) -> str | None:
+def _one(conn: Any, sql: str, params: tuple[object, ...]) -> str | None:
     """The single value of a single-row statement (read to its end, which ends the read)."""
     rows = conn.execute(sql, params).fetchall()
     return rows[0][0] if rows else None
 
 
 class SqliteReads:
-    """The reads in one statement each, on the event loop (see the module docstring)."""
+    """The reads in one statement each (see the module docstring): on SQLite on the event
+    loop's own connection, on PostgreSQL on a connection of the engine's threads."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, sql: _Statements = _SQLITE) -> None:
         self.db = db
+        self._sql = sql
 
     async def task(self, task_id: int) -> Task | None:
         """One task with its attempts and the steps of its current attempt, or None."""
-        found = await self.db.read_now(lambda conn: _one(conn, _TASK, (task_id,)))
+        sql = self._sql.task
+        found = await self.db.read_now(lambda conn: _one(conn, sql, (task_id,)))
         return None if found is None else _decode_task(found)
 
     async def events_after(
         self, task_id: int, seq: int, limit: int = EVENTS_PER_READ
     ) -> list[TaskEvent]:
         """A task's events with a sequence number above ``seq``, in order."""
-        found = await self.db.read_now(lambda conn: _one(conn, _EVENTS, (task_id, seq, limit)))
+        sql = self._sql.events
+        found = await self.db.read_now(lambda conn: _one(conn, sql, (task_id, seq, limit)))
         return [] if found is None else _decode_events(found)
 
     async def page(
         self, status: TaskStatus | None, template: str | None, limit: int, before: int | None
     ) -> SummaryPage:
         """Task summaries, newest first (see :class:`Reads`)."""
-        sql = _PAGES[status is not None, template is not None, before is not None]
+        sql = self._sql.pages[status is not None, template is not None, before is not None]
         params = (
             *([status.value] if status is not None else []),
             *([template] if template is not None else []),

@@ -50,7 +50,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import StaticPool
 
 from orchestra import logs
-from orchestra.db.engine import SQLITE, Database, check_url
+from orchestra.db.engine import SQLITE, Database, check_url, settled
 from orchestra.db.failures import WriteHealth, free_bytes, storage_error
 from orchestra.errors import StorageError, StorageFull
 
@@ -419,12 +419,7 @@ class SqliteDatabase(Database):
                 loop.call_soon(self._drain_here, loop)
             else:
                 self._thread.submit(self._drain, loop)
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await future
-            raise
+        return await settled(future)
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
