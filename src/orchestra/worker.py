@@ -543,6 +543,7 @@ class WorkerPool:
         await self._every(self.workers.reap_interval, "reap", self._reap)
 
     async def _reap(self) -> None:
+        await self.store.fold_counts()
         moved = await self.store.requeue_expired()
         for task_id, status in moved.items():
             log.warning("task.lease_expired", task_id=task_id, now=status.value)

@@ -22,10 +22,11 @@ import msgspec
 from sqlalchemy import ColumnElement, Select, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from orchestra.db import counts
 from orchestra.db.engine import Database
 from orchestra.db.portable import hinted, like, unindexed
 from orchestra.db.rows import dump, summary_from_row
-from orchestra.db.tables import task_counts, task_steps, tasks
+from orchestra.db.tables import task_steps, tasks
 from orchestra.domain import TaskFilter, TaskStatus, TaskSummary, as_utc, iso
 
 __all__ = [
@@ -353,9 +354,7 @@ class DashboardStore:
 
 
 async def _counts(conn: AsyncConnection) -> dict[str, int]:
-    rows = (await conn.execute(select(task_counts.c.status, task_counts.c.n))).all()
-    found = {status: n for status, n in rows}
-    return {s.value: int(found.get(s.value, 0)) for s in TaskStatus}
+    return await counts.read(conn)
 
 
 async def _time_plan(conn: AsyncConnection, f: TaskFilter) -> str:

@@ -30,7 +30,7 @@ from typing import Any
 import msgspec
 from sqlalchemy import Connection, select
 
-from orchestra.db import attempts, bulk, events, queue, retention
+from orchestra.db import attempts, bulk, counts, events, queue, retention
 from orchestra.db.attempts import Ending, Renewal
 from orchestra.db.engine import Database
 from orchestra.db.overview import SummaryPage
@@ -274,6 +274,12 @@ class TaskStore:
         moved = await self.db.transaction(lambda conn: attempts.expire_leases(conn, at))
         self.on_change(moved)
         return moved
+
+    async def fold_counts(self) -> None:
+        """Fold the count changes PostgreSQL's trigger logged into the counters (nothing to
+        do on SQLite, whose triggers update the counters themselves)."""
+        if self.db.dialect == "postgresql":
+            await self.db.transaction(counts.fold)
 
     # -- requests from people: cancel and retry (bulk) ----------------------------------------
 

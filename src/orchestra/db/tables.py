@@ -208,6 +208,16 @@ task_counts = Table(
     _one_of("status", TASK_STATUSES),
 )
 
+# PostgreSQL's trigger appends each change of a count here, and the workers fold them into
+# task_counts every few seconds (migration 9, db.counts); a count is its counter plus its
+# changes. Empty on SQLite, whose triggers update the counters themselves.
+task_count_changes = Table(
+    "task_count_changes",
+    metadata,
+    Column("status", Text, nullable=False),
+    Column("delta", Int, nullable=False),
+)
+
 #: The triggers that keep ``task_counts`` exact (migration 5 created them; a test compares).
 #: A status UPDATE that leaves the status as it was changes no counter.
 COUNT_TRIGGERS = (
