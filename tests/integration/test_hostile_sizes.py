@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 from orchestra.config import LimitSettings, Settings
 from orchestra.db import Database, TaskStore
 from orchestra.db import reads as reads_module
-from orchestra.db.reads import EngineReads, SqliteReads
+from orchestra.db.reads import EngineReads, reads_for
 from orchestra.domain import NewTask
 from tests.conftest import Service, StartService, sql_rows
 from tests.fixtures.fake_ollama import FakeOllama
@@ -308,13 +308,13 @@ async def test_the_list_query_reads_no_params_results_or_step_outputs(db: Databa
 
     event.listen(Engine, "before_cursor_execute", seen)
     try:
-        if db.dialect == "sqlite":  # the one-statement reads are SQLite's alone
-            assert len((await SqliteReads(db).page(None, None, 500, None)).items) == 3
+        assert len((await reads_for(db).page(None, None, 500, None)).items) == 3
         assert len((await EngineReads(db).page(None, None, 500, None)).items) == 3
         assert len((await store.list_page(limit=500)).items) == 3
     finally:
         event.remove(Engine, "before_cursor_execute", seen)
-    for sql in [" ".join(statements), *reads_module._PAGES.values()]:
+    one_statement = [*reads_module._SQLITE.pages.values(), *reads_module._POSTGRESQL.pages.values()]
+    for sql in [" ".join(statements), *one_statement]:
         assert "FROM tasks" in sql
         for column in ("params", "result", "output", "prompt", "usage"):
             assert not re.search(rf"\b{column}\b", sql), sql

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from orchestra.db import Database, Lease, TaskStore
-from orchestra.db.reads import EngineReads, SqliteReads
+from orchestra.db.reads import EngineReads, JsonReads
 from orchestra.db.schema import upgrade
 from orchestra.domain import (
     NewTask,
@@ -130,7 +130,7 @@ async def tasks_in_every_state(store: TaskStore) -> dict[str, int]:
 async def test_the_fast_reads_answer_what_the_engine_reads_answer(db: Database) -> None:
     store = TaskStore(db)
     made = await tasks_in_every_state(store)
-    fast, engine = SqliteReads(db), EngineReads(db)
+    fast, engine = JsonReads(db), EngineReads(db)
 
     for name, task_id in made.items():
         task = await fast.task(task_id)
@@ -207,7 +207,7 @@ async def test_a_locked_database_is_read_on_a_thread_and_never_holds_the_loop(
     journal_db: Database,
 ) -> None:
     db = journal_db
-    reads = SqliteReads(db)
+    reads = JsonReads(db)
     before = await reads.task(1)
     holder = sqlite3.connect(db.path, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
@@ -235,7 +235,7 @@ async def test_a_read_that_fails_says_why(tmp_path: Path) -> None:
     db = Database(f"sqlite+aiosqlite:///{path}")
     try:
         with pytest.raises(StorageUnavailable, match="not a database"):
-            await SqliteReads(db).task(1)
+            await JsonReads(db).task(1)
     finally:
         await db.close()
 

@@ -1,6 +1,6 @@
 """What the API reads most: one task, its events, a page of tasks. One statement each.
 
-On SQLite (:class:`SqliteReads`) each read is one statement that SQLite answers as one JSON
+On SQLite (:class:`JsonReads`) each read is one statement that SQLite answers as one JSON
 document — the task with its current steps and its attempts aggregated by ``json_object`` and
 ``json_group_array`` — decoded by msgspec straight into the domain structs, and run on the
 event loop's own connection (:meth:`Database.read_now`): no thread hop, no SQLAlchemy, one
@@ -60,8 +60,8 @@ def reads_for(db: Database) -> Reads:
     functions (every SQLite since 3.38, and the builds Python ships before it); else through
     the engine."""
     if db.dialect == "postgresql":
-        return SqliteReads(db, _POSTGRESQL)
-    return SqliteReads(db, _SQLITE) if HAS_JSON else EngineReads(db)
+        return JsonReads(db, _POSTGRESQL)
+    return JsonReads(db, _SQLITE) if HAS_JSON else EngineReads(db)
 
 
 def _has_json() -> bool:
@@ -179,7 +179,7 @@ def _one(conn: Any, sql: str, params: tuple[object, ...]) -> str | None:
     return rows[0][0] if rows else None
 
 
-class SqliteReads:
+class JsonReads:
     """The reads in one statement each (see the module docstring): on SQLite on the event
     loop's own connection, on PostgreSQL on a connection of the engine's threads."""
 
