@@ -307,6 +307,9 @@ async def test_readable_at_375_pixels_with_statuses_in_words(
     await page.goto(f"{service.url}/ui/tasks")
     assert await page.locator("#rows .status").first.text_content() == "succeeded"
     # Every control is reachable from the keyboard: tabbing reaches the first task's link.
+    # Live updates paused first: a refresh of the rows mid-way would drop the focus.
+    await page.check("#live-pause")
+    await page.evaluate("document.activeElement.blur()")
     for _ in range(40):
         await page.keyboard.press("Tab")
         focused = await page.evaluate("document.activeElement.getAttribute('href') || ''")
