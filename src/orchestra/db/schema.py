@@ -236,6 +236,111 @@ CREATE TABLE file_template_versions (
 """
 
 
+# Migration 10: every event gets an id that orders all tasks' events (the all-tasks feed,
+# GET /api/v1/events, resumes from it with Last-Event-ID). The table is rebuilt: SQLite cannot
+# add a key column to a table, and both engines run the same statements.
+_V10 = """
+CREATE TABLE task_events_v10 (
+    id INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,
+    task_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    time TEXT NOT NULL,
+    type TEXT NOT NULL,
+    data TEXT NOT NULL,
+    CONSTRAINT uq_task_events_seq UNIQUE (task_id, seq),
+    FOREIGN KEY(task_id) REFERENCES tasks (id) ON DELETE CASCADE
+);
+INSERT INTO task_events_v10 (task_id, seq, time, type, data)
+    SELECT task_id, seq, time, type, data FROM task_events ORDER BY time, task_id, seq;
+DROP TABLE task_events;
+ALTER TABLE task_events_v10 RENAME TO task_events;
+"""
+
+# Migration 11: schedules, and one row per (schedule, fire time) — the unique key that makes
+# each tick create exactly one task, however many processes see it due.
+_V11 = """
+CREATE TABLE schedules (
+    id INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    template TEXT NOT NULL,
+    params TEXT NOT NULL,
+    model TEXT,
+    priority INTEGER DEFAULT 0 NOT NULL,
+    options TEXT NOT NULL,
+    cron TEXT,
+    timezone TEXT NOT NULL,
+    every_seconds FLOAT,
+    enabled INTEGER DEFAULT 1 NOT NULL,
+    overlap TEXT NOT NULL,
+    catch_up TEXT NOT NULL,
+    next_fire_at TEXT,
+    source TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    CONSTRAINT ck_overlap_word CHECK (overlap IN ('skip', 'allow')),
+    CONSTRAINT ck_catch_up_word CHECK (catch_up IN ('none', 'latest')),
+    CONSTRAINT ck_source_word CHECK (source IN ('api', 'config'))
+);
+CREATE INDEX ix_schedules_due ON schedules (next_fire_at);
+CREATE TABLE schedule_fires (
+    schedule_id INTEGER NOT NULL,
+    fire_at TEXT NOT NULL,
+    task_id INTEGER,
+    outcome TEXT NOT NULL,
+    time TEXT NOT NULL,
+    PRIMARY KEY (schedule_id, fire_at),
+    FOREIGN KEY(schedule_id) REFERENCES schedules (id) ON DELETE CASCADE,
+    FOREIGN KEY(task_id) REFERENCES tasks (id) ON DELETE SET NULL,
+    CONSTRAINT ck_outcome_word CHECK (outcome IN ('submitted', 'skipped'))
+);
+"""
+
+# Migration 12: webhook subscriptions, and their outbox — a delivery row is written in the
+# transaction of the event it reports, and a sender works through them (with every attempt).
+_V12 = """
+CREATE TABLE webhooks (
+    id INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,
+    url TEXT NOT NULL,
+    event_types TEXT NOT NULL,
+    template TEXT,
+    task_id INTEGER,
+    secret TEXT NOT NULL,
+    enabled INTEGER DEFAULT 1 NOT NULL,
+    created_at TEXT NOT NULL,
+    FOREIGN KEY(task_id) REFERENCES tasks (id) ON DELETE CASCADE
+);
+CREATE TABLE webhook_deliveries (
+    id INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,
+    webhook_id INTEGER NOT NULL,
+    task_id INTEGER,
+    event_seq INTEGER,
+    type TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER DEFAULT 0 NOT NULL,
+    next_attempt_at TEXT NOT NULL,
+    lease_owner TEXT,
+    lease_expires_at TEXT,
+    created_at TEXT NOT NULL,
+    finished_at TEXT,
+    FOREIGN KEY(webhook_id) REFERENCES webhooks (id) ON DELETE CASCADE,
+    CONSTRAINT ck_status_word CHECK (status IN ('pending', 'delivered', 'failed'))
+);
+CREATE INDEX ix_webhook_deliveries_due ON webhook_deliveries (status, next_attempt_at);
+CREATE INDEX ix_webhook_deliveries_webhook ON webhook_deliveries (webhook_id, id);
+CREATE TABLE webhook_attempts (
+    delivery_id INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    time TEXT NOT NULL,
+    status_code INTEGER,
+    latency_ms FLOAT,
+    response TEXT,
+    error TEXT,
+    PRIMARY KEY (delivery_id, attempt),
+    FOREIGN KEY(delivery_id) REFERENCES webhook_deliveries (id) ON DELETE CASCADE
+);
+"""
+
 # Migration 5 on PostgreSQL: one trigger function keeps the counters; the subquery of the
 # first count needs a name there.
 _V5_POSTGRESQL = (
@@ -340,6 +445,9 @@ MIGRATIONS: list[Migration] = [
     _sql(_V7),
     _sql(_V8),
     _statements(_V9, postgresql=_V9_POSTGRESQL),
+    _sql(_V10),
+    _sql(_V11),
+    _sql(_V12),
 ]
 LATEST = len(MIGRATIONS)
 

@@ -20,6 +20,7 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     Table,
     Text,
+    UniqueConstraint,
     event,
     text,
 )
@@ -165,15 +166,18 @@ api_keys = Table(
 
 # What happened to each task, in order: transitions and step events. The SSE endpoint replays
 # them and then follows new ones; `seq` numbers a task's events from 1 (the SSE event id).
+# `id` orders every task's events together (the all-tasks feed's event id, migration 10).
 task_events = Table(
     "task_events",
     metadata,
+    Column("id", Int, primary_key=True, autoincrement=True),
     Column("task_id", Int, ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False),
     Column("seq", Int, nullable=False),
     Column("time", Text, nullable=False),
     Column("type", Text, nullable=False),
     Column("data", Text, nullable=False),  # JSON
-    PrimaryKeyConstraint("task_id", "seq"),
+    UniqueConstraint("task_id", "seq", name="uq_task_events_seq"),
+    sqlite_autoincrement=True,
 )
 
 task_steps = Table(
@@ -257,4 +261,106 @@ ui_sessions = Table(
     Column("key_id", Text, nullable=False),
     Column("created_at", Text, nullable=False),
     Column("expires_at", Text, nullable=False),
+)
+
+
+# Schedules (migration 11): `cron` (5 fields, in `timezone`) or `every_seconds`; `next_fire_at`
+# is when the next tick is due (NULL while disabled). `params` and `options` are JSON.
+schedules = Table(
+    "schedules",
+    metadata,
+    Column("id", Int, primary_key=True, autoincrement=True),
+    Column("name", Text, nullable=False, unique=True),
+    Column("template", Text, nullable=False),
+    Column("params", Text, nullable=False),
+    Column("model", Text),
+    Column("priority", Int, nullable=False, server_default=text("0")),
+    Column("options", Text, nullable=False),
+    Column("cron", Text),
+    Column("timezone", Text, nullable=False),
+    Column("every_seconds", Float),
+    Column("enabled", Int, nullable=False, server_default=text("1")),
+    Column("overlap", Text, nullable=False),
+    Column("catch_up", Text, nullable=False),
+    Column("next_fire_at", Text),
+    Column("source", Text, nullable=False),
+    Column("created_at", Text, nullable=False),
+    Column("updated_at", Text, nullable=False),
+    _one_of("overlap", ("skip", "allow")),
+    _one_of("catch_up", ("none", "latest")),
+    _one_of("source", ("api", "config")),
+    Index("ix_schedules_due", "next_fire_at"),
+    sqlite_autoincrement=True,
+)
+
+# One row per (schedule, fire time), inserted with the task it made: the primary key is what
+# makes a tick fire once, however many processes see it due.
+schedule_fires = Table(
+    "schedule_fires",
+    metadata,
+    Column("schedule_id", Int, ForeignKey("schedules.id", ondelete="CASCADE"), nullable=False),
+    Column("fire_at", Text, nullable=False),
+    Column("task_id", Int, ForeignKey("tasks.id", ondelete="SET NULL")),
+    Column("outcome", Text, nullable=False),
+    Column("time", Text, nullable=False),
+    PrimaryKeyConstraint("schedule_id", "fire_at"),
+    _one_of("outcome", ("submitted", "skipped")),
+)
+
+# Webhook subscriptions (migration 12): `event_types` is a JSON list of event words; a row with
+# `task_id` is one task's callback_url.
+webhooks = Table(
+    "webhooks",
+    metadata,
+    Column("id", Int, primary_key=True, autoincrement=True),
+    Column("url", Text, nullable=False),
+    Column("event_types", Text, nullable=False),
+    Column("template", Text),
+    Column("task_id", Int, ForeignKey("tasks.id", ondelete="CASCADE")),
+    Column("secret", Text, nullable=False),
+    Column("enabled", Int, nullable=False, server_default=text("1")),
+    Column("created_at", Text, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+# The outbox: one row per (subscription, event), written in the event's transaction.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", Int, primary_key=True, autoincrement=True),
+    Column("webhook_id", Int, ForeignKey("webhooks.id", ondelete="CASCADE"), nullable=False),
+    Column("task_id", Int),
+    Column("event_seq", Int),
+    Column("type", Text, nullable=False),
+    Column("payload", Text, nullable=False),  # JSON: the body sent
+    Column("status", Text, nullable=False),
+    Column("attempts", Int, nullable=False, server_default=text("0")),
+    Column("next_attempt_at", Text, nullable=False),
+    Column("lease_owner", Text),
+    Column("lease_expires_at", Text),
+    Column("created_at", Text, nullable=False),
+    Column("finished_at", Text),
+    _one_of("status", ("pending", "delivered", "failed")),
+    Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+    Index("ix_webhook_deliveries_webhook", "webhook_id", "id"),
+    sqlite_autoincrement=True,
+)
+
+# Every attempt at a delivery: the answer's status and the first 1 KB of its body, or the error.
+webhook_attempts = Table(
+    "webhook_attempts",
+    metadata,
+    Column(
+        "delivery_id",
+        Int,
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("attempt", Int, nullable=False),
+    Column("time", Text, nullable=False),
+    Column("status_code", Int),
+    Column("latency_ms", Float),
+    Column("response", Text),
+    Column("error", Text),
+    PrimaryKeyConstraint("delivery_id", "attempt"),
 )
