@@ -4,6 +4,7 @@
 
     OrchestraError
     ├── ConfigError                 settings file or environment is wrong (stops startup)
+    ├── StartupFailed               one of `serve --processes N`'s processes did not start
     ├── TemplateError               a template cannot be loaded (carries every problem found)
     ├── NotFoundError
     │   ├── TaskNotFound
@@ -61,6 +62,12 @@ class ConfigError(OrchestraError):
     """The configuration is invalid."""
 
     code = "invalid_config"
+
+
+class StartupFailed(OrchestraError):
+    """A process failed to start, so the supervisor stopped them all."""
+
+    code = "startup_failed"
 
 
 class TemplateError(OrchestraError):

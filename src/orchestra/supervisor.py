@@ -48,7 +48,7 @@ import msgspec
 
 from orchestra import logs
 from orchestra.config import Settings
-from orchestra.errors import ConfigError, OrchestraError, TemplateError
+from orchestra.errors import ConfigError, OrchestraError, StartupFailed, TemplateError
 
 if TYPE_CHECKING:
     from orchestra.api.runtime import Runtime, ShowKey
@@ -170,12 +170,6 @@ def bind_socket(host: str, port: int) -> socket.socket:
         raise ConfigError(f"server: cannot listen on {host}:{port}: {reason}") from None
     sock.set_inheritable(True)
     return sock
-
-
-class StartupFailed(OrchestraError):
-    """A process failed to start, so the supervisor stopped them all."""
-
-    code = "startup_failed"
 
 
 @dataclass

@@ -17,7 +17,7 @@ from orchestra.db.schema import LATEST, upgrade
 from orchestra.db.templates import TemplateStore
 from orchestra.domain import NewTask
 from tests.conftest import StartService, sql_rows
-from tests.fixtures.postgres import ON_POSTGRESQL
+from tests.fixtures.postgres import ON_POSTGRESQL, PostgresServer
 
 postgresql_only = pytest.mark.skipif(not ON_POSTGRESQL, reason="LISTEN/NOTIFY is PostgreSQL's")
 
@@ -205,3 +205,31 @@ async def test_a_template_registered_in_one_process_runs_in_another(
         assert asyncio.get_running_loop().time() - started < 15  # woken, not its 30 s poll
         [attempt] = done["attempts"]
         assert attempt["worker"] == workers.app.state.runtime.pool.owner
+
+
+@postgresql_only
+async def test_the_service_recovers_when_postgresql_restarts(
+    settings: Settings, start_service: StartService, postgres: PostgresServer
+) -> None:
+    """Every pooled connection dies with the server. Pools are not pinged before each use
+    (a round trip per transaction), so an operation on a dead connection fails with a clear
+    503, never a 500, and the next ones work: submits, the workers and the LISTEN wake-ups."""
+    async with start_service(settings) as svc:
+        first = await svc.submit("summarize", text="before")
+        assert (await svc.wait(first["id"]))["status"] == "succeeded"
+        postgres.restart()
+        statuses: list[int] = []
+        deadline = asyncio.get_running_loop().time() + 20
+        while asyncio.get_running_loop().time() < deadline:
+            response = await svc.client.post(
+                "/api/v1/tasks", json={"template": "summarize", "params": {"text": "after"}}
+            )
+            statuses.append(response.status_code)
+            if response.status_code == 201:
+                break
+            assert response.status_code == 503, response.text
+            assert response.json()["code"] == "storage_unavailable", response.text
+            await asyncio.sleep(0.1)
+        assert statuses[-1] == 201, statuses
+        done = await svc.wait(response.json()["id"])
+        assert done["status"] == "succeeded", done
