@@ -21,6 +21,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 from dashboard_bench import markdown as dashboard_section  # noqa: E402
+from followers_bench import markdown as followers_section  # noqa: E402
 from hostile_bench import markdown as hostile_section  # noqa: E402
 from pg_claim import markdown as pg_claim_section  # noqa: E402
 from request_cpu import markdown as request_cpu_section  # noqa: E402
@@ -211,6 +212,7 @@ def main() -> None:
     requests = _run(sys.executable, "request_cpu.py")
     scaleout = _run(sys.executable, "scaleout_bench.py", "--tasks", "3000")
     pg_claim = _run(sys.executable, "pg_claim.py")
+    followers = _run(sys.executable, "followers_bench.py")
     versions = subprocess.run(
         [
             args.classic_python,
@@ -234,6 +236,7 @@ def main() -> None:
         requests,
     )
     text += "\n" + scaleout_section(scaleout) + "\n" + pg_claim_section(pg_claim)
+    text += "\n" + followers_section(followers)
     (HERE / "RESULTS.md").write_text(text)
     print(f"benchmarks/RESULTS.md written in {time.monotonic() - started:.0f} s", file=sys.stderr)
 

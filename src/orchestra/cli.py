@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,34 +16,24 @@ import msgspec
 
 from orchestra import __version__, logs
 from orchestra.auth import SCOPES, ApiKey, Scope
-from orchestra.config import Settings, load
+from orchestra.cli_common import (
+    call,
+    client_for,
+    coerce,
+    config_option,
+    failure,
+    settings_of,
+    url_option,
+)
+from orchestra.cli_schedules import schedules
+from orchestra.config import Settings
 from orchestra.db.keys import KeyStore
-from orchestra.errors import ConfigError, OrchestraError, TemplateError
+from orchestra.errors import OrchestraError, TemplateError
 from orchestra.event_types import EventType
 from orchestra.templating.loader import load_template
 from orchestra.templating.registry import TemplateRegistry
 
 T = TypeVar("T")
-
-config_option = click.option(
-    "--config",
-    "-c",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    help="Settings file (default: $ORCHESTRA_CONFIG, else ./orchestra.toml if present).",
-)
-
-
-def _settings(config_path: str | None) -> Settings:
-    """The settings from the command's --config, else the one given before the command
-    (``orchestra -c FILE tasks show 1``), else where :func:`load` looks."""
-    if config_path is None:
-        ctx = click.get_current_context(silent=True)
-        config_path = ctx.find_root().params.get("config_path") if ctx is not None else None
-    try:
-        return load(config_path)
-    except ConfigError as exc:
-        raise click.ClickException(exc.message) from None
 
 
 def _template_failure(exc: TemplateError) -> click.ClickException:
@@ -87,7 +75,7 @@ def serve(
     (--processes) under this one."""
     from orchestra.supervisor import Supervisor, run_service, startup_message
 
-    settings = _serve_settings(_settings(config_path), host, port, processes, no_api, no_workers)
+    settings = _serve_settings(settings_of(config_path), host, port, processes, no_api, no_workers)
     logs.setup(settings.logging)
     try:
         if settings.server.processes > 1:
@@ -157,66 +145,6 @@ def show_bootstrap_key(key: ApiKey, token: str, host: str) -> None:
     )
 
 
-def _base_url(url: str | None, config_path: str | None) -> str:
-    if url:
-        return url.rstrip("/")
-    s = _settings(config_path).server
-    host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
-    return f"http://{host}:{s.port}"
-
-
-def _coerce(name: str, raw: str, schema: dict[str, Any]) -> Any:
-    """Turn -p name=value text into the parameter's declared type."""
-    if raw.startswith("@"):
-        try:
-            raw = Path(raw[1:]).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise click.BadParameter(f"{name}: cannot read {raw[1:]}: {exc.strerror}") from None
-    kind = schema.get("properties", {}).get(name, {}).get("type", "string")
-    if kind == "string":
-        return raw
-    try:
-        return json.loads(raw)
-    except ValueError:
-        raise click.BadParameter(f"{name}: expected {kind} (as JSON), got {raw!r}") from None
-
-
-url_option = click.option(
-    "--url", envvar="ORCHESTRA_URL", help="Server URL (default: from the settings)."
-)
-
-
-@contextmanager
-def _client(url: str | None, config_path: str | None) -> Iterator[httpx.Client]:
-    """An HTTP client for the server, sending the key in ORCHESTRA_API_KEY if set; a
-    connection failure becomes one clear line."""
-    base = _base_url(url, config_path)
-    key = os.environ.get("ORCHESTRA_API_KEY")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    try:
-        with httpx.Client(base_url=base, timeout=90, headers=headers) as client:
-            yield client
-    except httpx.HTTPError as exc:
-        raise click.ClickException(f"cannot reach the server at {base}: {exc}") from None
-
-
-def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
-    response = client.request(method, path, **kwargs)
-    if response.status_code != 200:
-        raise _fail(response)
-    return response.json()
-
-
-def _fail(response: httpx.Response) -> click.ClickException:
-    try:
-        body = response.json()
-        lines = [body.get("message", response.text)]
-        lines += [f"  {f['field']}: {f['message']}" for f in body.get("fields", [])]
-        return click.ClickException("\n".join(lines))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return click.ClickException(f"{response.status_code}: {response.text[:500]}")
-
-
 @main.command()
 @click.argument("template")
 @click.option(
@@ -246,17 +174,17 @@ def submit(
     config_path: str | None,
 ) -> None:
     """Submit a task to a running server; with --wait, print its result."""
-    with _client(url, config_path) as client:
+    with client_for(url, config_path) as client:
         found = client.get(f"/api/v1/templates/{template}")
         if found.status_code != 200:
-            raise _fail(found)
+            raise failure(found)
         schema = found.json()["parameters"]
         values: dict[str, Any] = {}
         for item in params:
             name, sep, raw = item.partition("=")
             if not sep:
                 raise click.BadParameter(f"{item!r}: write NAME=VALUE")
-            values[name] = _coerce(name, raw, schema)
+            values[name] = coerce(name, raw, schema)
         body: dict[str, Any] = {"template": template, "params": values, "priority": priority}
         for key, value in (
             ("model", model),
@@ -267,15 +195,15 @@ def submit(
                 body[key] = value
         created = client.post("/api/v1/tasks", json=body)
         if created.status_code not in (200, 201):
-            raise _fail(created)
+            raise failure(created)
         task = created.json()
         click.echo(f"task {task['id']} {task['status']}", err=True)
         if not wait:
             return
         _show_progress(client, task["id"])
-        task = _call(client, "GET", f"/api/v1/tasks/{task['id']}")
+        task = call(client, "GET", f"/api/v1/tasks/{task['id']}")
         while task["status"] in ("queued", "running"):  # the stream was cut: wait by polling
-            task = _call(client, "GET", f"/api/v1/tasks/{task['id']}", params={"wait": 30})
+            task = call(client, "GET", f"/api/v1/tasks/{task['id']}", params={"wait": 30})
     if task["status"] != "succeeded":
         error = task.get("error") or {}
         raise click.ClickException(f"task {task['id']} {task['status']}: {error.get('message')}")
@@ -319,8 +247,8 @@ def tasks() -> None:
 @config_option
 def tasks_show(task_id: int, url: str | None, config_path: str | None) -> None:
     """Print a task as JSON."""
-    with _client(url, config_path) as client:
-        click.echo(json.dumps(_call(client, "GET", f"/api/v1/tasks/{task_id}"), indent=2))
+    with client_for(url, config_path) as client:
+        click.echo(json.dumps(call(client, "GET", f"/api/v1/tasks/{task_id}"), indent=2))
 
 
 @tasks.command("cancel")
@@ -329,8 +257,8 @@ def tasks_show(task_id: int, url: str | None, config_path: str | None) -> None:
 @config_option
 def tasks_cancel(task_id: int, url: str | None, config_path: str | None) -> None:
     """Cancel a queued or running task."""
-    with _client(url, config_path) as client:
-        task = _call(client, "POST", f"/api/v1/tasks/{task_id}/cancel")
+    with client_for(url, config_path) as client:
+        task = call(client, "POST", f"/api/v1/tasks/{task_id}/cancel")
     click.echo(f"task {task['id']} {task['status']}")
 
 
@@ -340,8 +268,8 @@ def tasks_cancel(task_id: int, url: str | None, config_path: str | None) -> None
 @config_option
 def tasks_retry(task_id: int, url: str | None, config_path: str | None) -> None:
     """Queue a failed or cancelled task again."""
-    with _client(url, config_path) as client:
-        task = _call(client, "POST", f"/api/v1/tasks/{task_id}/retry")
+    with client_for(url, config_path) as client:
+        task = call(client, "POST", f"/api/v1/tasks/{task_id}/retry")
     click.echo(f"task {task['id']} {task['status']}")
 
 
@@ -354,7 +282,7 @@ def templates() -> None:
 @config_option
 def templates_list(config_path: str | None) -> None:
     """List the templates the server would load (built-ins, then [templates] dirs)."""
-    settings = _settings(config_path)
+    settings = settings_of(config_path)
     registry = TemplateRegistry(settings.templates.dirs, limits=settings.limits)
     try:
         registry.load()
@@ -371,7 +299,7 @@ def templates_list(config_path: str | None) -> None:
 def templates_validate(files: tuple[Path, ...], config_path: str | None) -> None:
     """Check template files under the configured [limits]; print every problem as
     FILE:LINE:COLUMN: PATH: MESSAGE."""
-    limits = _settings(config_path).limits
+    limits = settings_of(config_path).limits
     failed = False
     for file in files:
         try:
@@ -392,7 +320,7 @@ def templates_validate(files: tuple[Path, ...], config_path: str | None) -> None
 @config_option
 def templates_register(file: Path, url: str | None, config_path: str | None) -> None:
     """Register a template file with a running server (a new version if it changed)."""
-    with _client(url, config_path) as client:
+    with client_for(url, config_path) as client:
         response = client.post("/api/v1/templates", content=file.read_bytes())
     if response.status_code not in (200, 201):
         body = response.json()
@@ -411,7 +339,7 @@ def templates_register(file: Path, url: str | None, config_path: str | None) -> 
 @config_option
 def templates_reload(url: str | None, config_path: str | None) -> None:
     """Make a running server read its template folders again."""
-    with _client(url, config_path) as client:
+    with client_for(url, config_path) as client:
         response = client.post("/api/v1/templates/reload")
     if response.status_code != 200:
         body = response.json()
@@ -432,7 +360,7 @@ def _key_store_call(config_path: str | None, work: Callable[[KeyStore], Awaitabl
     from orchestra.db.engine import Database
     from orchestra.db.schema import upgrade
 
-    settings = _settings(config_path)
+    settings = settings_of(config_path)
 
     async def run() -> T:
         db = Database(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
@@ -481,3 +409,6 @@ def keys_revoke(name_or_id: str, config_path: str | None) -> None:
     """Revoke a key by name or id; a running service stops accepting it within seconds."""
     key = _key_store_call(config_path, lambda store: store.revoke(name_or_id))
     click.echo(f"key {key.id} ({key.name}) revoked")
+
+
+main.add_command(schedules)

@@ -2,22 +2,17 @@
 
 Precedence (later wins): built-in defaults, the TOML file, ``ORCHESTRA_<SECTION>__<KEY>``
 environment variables. The file is the one named by ``--config``, else ``$ORCHESTRA_CONFIG``,
-else ``./orchestra.toml`` when it exists. Nothing here reads the environment at import time:
-callers pass ``env`` explicitly so tests can build different settings side by side.
+else ``./orchestra.toml`` when it exists; :func:`orchestra.config_file.load` reads them.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import tomllib
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import msgspec
 
-from orchestra.errors import ConfigError
+from orchestra.errors import InvalidRequest
+from orchestra.schedules import ScheduleSpec, check
 
 ENV_PREFIX = "ORCHESTRA_"
 DEFAULT_FILE = "orchestra.toml"
@@ -46,7 +41,8 @@ class ServerSettings(_Section, frozen=True):
     #: connections and worker pool (``[workers] concurrency`` each). 1: one process, no
     #: supervisor.
     processes: int = 1
-    #: Serve the HTTP API. False (``--no-api``): run workers only, answering /health alone.
+    #: Serve the HTTP API. False (``--no-api``): run workers only, answering /health and
+    #: /metrics alone.
     api: bool = True
     #: Run a worker pool that claims and runs tasks. False (``--no-workers``): serve the API
     #: only; the tasks it takes are run by the workers of another process on the database.
@@ -265,6 +261,53 @@ class UiSettings(_Section, frozen=True):
     session_hours: float = 12.0
 
 
+class MetricsSettings(_Section, frozen=True):
+    """Prometheus metrics at ``GET /metrics`` (docs/metrics.md)."""
+
+    #: Serve /metrics (on every process, the workers-only ones too).
+    enabled: bool = True
+    #: Serve /metrics to anyone; False: it needs an API key with the read scope, as any GET
+    #: does (once keys exist, or beyond loopback).
+    public: bool = False
+
+
+class WebhookSettings(_Section, frozen=True):
+    """Webhooks: signed POSTs of task events to subscribers and to tasks' ``callback_url``."""
+
+    #: Allow destinations on loopback, private, link-local and other non-public addresses
+    #: (checked on the address a name resolves to, at subscription and at every send).
+    allow_private: bool = False
+    #: Deliveries this process sends at once, in all.
+    concurrency: int = 16
+    #: Deliveries this process sends at once to one host.
+    max_per_host: int = 4
+    #: Seconds one delivery attempt may take (connect, send, answer).
+    timeout: float = 10.0
+    #: Hours a delivery is retried after it was written; then it is given up ("failed").
+    retry_hours: float = 24.0
+    #: Seconds before the first retry; each later one waits twice as long (with jitter).
+    retry_base_seconds: float = 5.0
+    #: The longest wait between two attempts, in seconds.
+    retry_max_seconds: float = 3600.0
+    #: Seconds between looks for deliveries other processes wrote.
+    poll_interval: float = 1.0
+    #: The secret ("whsec_…") that signs tasks' callback_url deliveries; "": one is made at
+    #: first start and stored in the database (GET /api/v1/webhooks/callback-secret shows it).
+    callback_secret: str = ""
+
+
+class SchedulerSettings(_Section, frozen=True):
+    """The loop that fires schedules' ticks (in each process that runs workers)."""
+
+    #: The longest the loop sleeps between looks at the schedules (it sleeps until the next
+    #: tick, and this process's own changes wake it): other processes' changes are seen
+    #: within this many seconds.
+    interval: float = 1.0
+    #: Seconds a tick may be late and still fire; a later one was missed (the service was
+    #: down), and the schedule's catch_up decides.
+    grace: float = 30.0
+
+
 class Settings(_Section, frozen=True):
     """Every setting of the service. Mirrors orchestra.toml section by section."""
 
@@ -287,6 +330,11 @@ class Settings(_Section, frozen=True):
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
     cors: CorsSettings = msgspec.field(default_factory=CorsSettings)
     ui: UiSettings = msgspec.field(default_factory=UiSettings)
+    scheduler: SchedulerSettings = msgspec.field(default_factory=SchedulerSettings)
+    #: Schedules declared here (``[[schedules]]``), synced to the database at start.
+    schedules: list[ScheduleSpec] = msgspec.field(default_factory=list)
+    webhooks: WebhookSettings = msgspec.field(default_factory=WebhookSettings)
+    metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
 
     def model_limit(self, model: str | None) -> int:
         """How many tasks for ``model`` may run at once (0: no limit of its own)."""
@@ -326,6 +374,29 @@ class Settings(_Section, frozen=True):
             ("database.busy_timeout_ms", self.database.busy_timeout_ms >= 0, "an integer >= 0"),
             ("database.min_free_mb", self.database.min_free_mb >= 0, "a number >= 0"),
             ("limits.render_timeout", self.limits.render_timeout > 0, "a number > 0"),
+            ("scheduler.interval", self.scheduler.interval > 0, "a number > 0"),
+            ("scheduler.grace", self.scheduler.grace >= 0, "a number >= 0"),
+            ("webhooks.concurrency", self.webhooks.concurrency >= 1, "an integer >= 1"),
+            ("webhooks.max_per_host", self.webhooks.max_per_host >= 1, "an integer >= 1"),
+            ("webhooks.timeout", self.webhooks.timeout > 0, "a number > 0"),
+            ("webhooks.retry_hours", self.webhooks.retry_hours >= 0, "a number >= 0"),
+            (
+                "webhooks.retry_base_seconds",
+                self.webhooks.retry_base_seconds > 0,
+                "a number > 0",
+            ),
+            (
+                "webhooks.retry_max_seconds",
+                self.webhooks.retry_max_seconds >= self.webhooks.retry_base_seconds,
+                "a number >= webhooks.retry_base_seconds",
+            ),
+            ("webhooks.poll_interval", self.webhooks.poll_interval > 0, "a number > 0"),
+            (
+                "webhooks.callback_secret",
+                not self.webhooks.callback_secret
+                or self.webhooks.callback_secret.startswith("whsec_"),
+                'a secret starting with "whsec_" (or "" to have one made)',
+            ),
             (
                 "auth.rate_limit_per_minute",
                 self.auth.rate_limit_per_minute >= 0,
@@ -368,172 +439,17 @@ class Settings(_Section, frozen=True):
                         f'"provider/model" entries naming a provider in [providers] (not {item!r})',
                     )
                 )
+        names: set[str] = set()
+        for i, spec in enumerate(self.schedules):
+            checks.append((f"schedules[{i}].name", spec.name not in names, "a name used once"))
+            names.add(spec.name)
+            try:
+                check(spec)
+            except InvalidRequest as exc:
+                checks += [
+                    (f"schedules[{i}].{p.field}", False, f"a valid {p.field} ({p.message})")
+                    for p in exc.fields
+                ]
         for key, ok, expected in checks:
             if not ok:
                 raise msgspec.ValidationError(f"Expected {expected} - at `$.{key}`")
-
-
-#: Tables of named entries, and the type of one entry.
-_NAMED_TABLES: dict[str, Any] = {
-    "providers": ProviderSettings,
-    "models": list[str] | ModelSettings,
-}
-
-_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$\.?(?P<path>[^`]*)`)?$", re.DOTALL)
-
-
-def _describe(err: msgspec.ValidationError, data: Mapping[str, Any]) -> tuple[str, str]:
-    """Split msgspec's 'Expected `int`, got `str` - at `$.server.port`' into (key, reason)."""
-    m = _AT.match(str(err))
-    assert m is not None  # the pattern matches any string
-    path = m.group("path") or ""
-    what = m.group("what").replace("`", "")
-    for table, entry_type in _NAMED_TABLES.items():
-        if not path.startswith(f"{table}[...]"):
-            continue
-        # msgspec does not name dict keys; find the entry that fails on its own.
-        for name, entry in (data.get(table) or {}).items():
-            try:
-                msgspec.convert(entry, entry_type)
-            except msgspec.ValidationError as exc:
-                key, reason = _describe(exc, {})
-                return f"{table}.{name}" + (f".{key}" if key != "(top level)" else ""), reason
-    unknown = re.match(r"Object contains unknown field (\S+)", what)
-    if unknown:
-        key = ".".join(p for p in (path, unknown.group(1)) if p)
-        return key, "unknown setting"
-    if what.startswith("Invalid enum value") and path.endswith("kind"):
-        return (
-            path,
-            f"{what[0].lower()}{what[1:]} (expected one of {', '.join(get_args(ProviderKind))})",
-        )
-    missing = re.match(r"Object missing required field (\S+)", what)
-    if missing:
-        return ".".join(p for p in (path, missing.group(1)) if p), "required, but not set"
-    return path or "(top level)", what[0].lower() + what[1:] if what else "invalid value"
-
-
-def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
-    """Turn ORCHESTRA_SECTION__KEY=value variables into a nested mapping (more ``__`` go
-    deeper: ORCHESTRA_PROVIDERS__OLLAMA__URL)."""
-    out: dict[str, Any] = {}
-    for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX) or "__" not in name or name == "ORCHESTRA_CONFIG":
-            continue
-        *parents, key = name[len(ENV_PREFIX) :].lower().split("__")
-        value: Any = raw
-        # Lists and tables are written in TOML syntax: ORCHESTRA_TEMPLATES__DIRS='["a", "b"]'.
-        if raw.strip().startswith(("[", "{")):
-            try:
-                value = tomllib.loads(f"v = {raw}")["v"]
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"{name}: expected a TOML value ({exc})") from None
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[key] = value
-    return out
-
-
-def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """``over`` on top of ``base``, table by table."""
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _legacy_ollama(data: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """Read an ``[ollama]`` table as the provider named ``ollama`` (a shorthand)."""
-    out = dict(data)
-    legacy = out.pop("ollama", None)
-    if legacy is None:
-        return out
-    if not isinstance(legacy, Mapping):
-        raise ConfigError(f"{source}: ollama: expected a table")
-    providers = out.get("providers") or {}
-    if not isinstance(providers, Mapping):
-        raise ConfigError(f"{source}: providers: expected a table")
-    out["providers"] = _merge(providers, {"ollama": legacy})
-    return out
-
-
-def _with_defaults(data: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """Add the built-in providers and model names under the settings' own."""
-    out = _legacy_ollama(data, source)
-    providers = out.get("providers") or {}
-    if not isinstance(providers, Mapping):
-        raise ConfigError(f"{source}: providers: expected a table")
-    out["providers"] = _merge(DEFAULT_PROVIDERS, providers)
-    models = out.get("models") or {}
-    if not isinstance(models, Mapping):
-        raise ConfigError(f"{source}: models: expected a table")
-    out["models"] = {**DEFAULT_MODELS, **models}
-    return out
-
-
-def _read_file(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the settings file ({exc.strerror})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: the settings file is not UTF-8 text") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-
-
-def resolve_path(explicit: str | Path | None, env: Mapping[str, str]) -> Path | None:
-    """Pick the settings file: --config, then $ORCHESTRA_CONFIG, then ./orchestra.toml."""
-    if explicit:
-        return Path(explicit)
-    if env.get("ORCHESTRA_CONFIG"):
-        return Path(env["ORCHESTRA_CONFIG"])
-    default = Path(DEFAULT_FILE)
-    return default if default.is_file() else None
-
-
-def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
-    """Build the settings from defaults, a TOML file and environment overrides.
-
-    Args:
-        path: The settings file; None picks one as :func:`resolve_path` does.
-        env: Environment variables to read overrides from; None means ``os.environ``.
-
-    Raises:
-        ConfigError: with a one-line message naming the file (or variable), the key and what
-            was expected.
-    """
-    env = os.environ if env is None else env
-    file = resolve_path(path, env)
-    data: dict[str, Any] = _read_file(file) if file else {}
-    source = str(file) if file else "built-in defaults"
-    if "ollama" in data and "ollama" in (data.get("providers") or {}):
-        raise ConfigError(
-            f"{source}: ollama: [ollama] and [providers.ollama] are both set; keep one"
-        )
-    try:
-        msgspec.convert(_with_defaults(data, source), Settings)
-    except msgspec.ValidationError as exc:
-        key, reason = _describe(exc, _with_defaults(data, source))
-        raise ConfigError(f"{source}: {key}: {reason}") from None
-
-    overrides = _env_overrides(env)
-    if not overrides:
-        return msgspec.convert(_with_defaults(data, source), Settings)
-    env_source = f"environment over {source}"
-    merged = _with_defaults(
-        _merge(_legacy_ollama(data, source), _legacy_ollama(overrides, env_source)), env_source
-    )
-    try:
-        # Environment values are strings; strict=False lets "9000" become an int.
-        return msgspec.convert(merged, Settings, strict=False)
-    except msgspec.ValidationError as exc:
-        key, reason = _describe(exc, merged)
-        var = ENV_PREFIX + key.upper().replace(".", "__")
-        raise ConfigError(f"{var} (environment) over {source}: {key}: {reason}") from None

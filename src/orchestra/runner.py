@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from orchestra import metrics
 from orchestra.config import LimitSettings
 from orchestra.domain import Step, StepStatus, Task, TaskError, iso_now
 from orchestra.errors import StepError
@@ -151,19 +152,19 @@ class Runner:
                     )
             except StepError as exc:
                 error = _task_error(exc, spec.id)
-                await recorder.step_finished(
-                    _timed(
-                        Step(
-                            id=spec.id,
-                            position=position,
-                            status=StepStatus.FAILED,
-                            error=error,
-                            prompt=prompts.get(spec.id),
-                        ),
-                        started,
-                        clock,
-                    )
+                failed = _timed(
+                    Step(
+                        id=spec.id,
+                        position=position,
+                        status=StepStatus.FAILED,
+                        error=error,
+                        prompt=prompts.get(spec.id),
+                    ),
+                    started,
+                    clock,
                 )
+                metrics.step_finished(spec.kind, failed)
+                await recorder.step_finished(failed)
                 raise StepFailed(spec.id, exc) from exc
             if outcome is None:
                 step = Step(id=spec.id, position=position, status=StepStatus.SKIPPED)
@@ -177,7 +178,9 @@ class Runner:
                     usage=outcome.usage,
                     prompt=prompts.get(spec.id),
                 )
-            await recorder.step_finished(_timed(step, started, clock))
+            step = _timed(step, started, clock)
+            metrics.step_finished(spec.kind, step)
+            await recorder.step_finished(step)
             outputs[spec.id] = {"output": step.output}
         try:
             if template.output is None:

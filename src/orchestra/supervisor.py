@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from orchestra import logs
+from orchestra import logs, metrics
 from orchestra.config import Settings
 from orchestra.errors import ConfigError, OrchestraError, StartupFailed, TemplateError
 
@@ -213,6 +213,7 @@ class Supervisor:
         """
         sock = bind_socket(self.settings.server.host, self.settings.server.port)
         undo = self._catch_signals()
+        unshare = metrics.share_between_processes()  # one scrape answers for every process
         try:
             s = self.settings.server
             log.info("supervisor.listening", host=s.host, port=sock.getsockname()[1])
@@ -235,6 +236,7 @@ class Supervisor:
                     self._serve(sock)
         finally:
             code = self._stop_all()
+            unshare()
             undo()
             sock.close()
             self._wake_r.close()
@@ -323,6 +325,7 @@ class Supervisor:
                 self._read(child)
             if child.process.sentinel in ready:
                 child.process.join()
+                metrics.process_exited(child.process.pid)
                 self._read(child)  # a failure it said just before it exited
                 child.pipe.close()
                 del self._children[child.index]

@@ -14,10 +14,13 @@ from typing import Annotated, Any, Protocol
 
 import msgspec
 
+from orchestra import metrics
 from orchestra.config import LimitSettings
 from orchestra.db.events import TERMINAL_EVENT, TaskEvent
+from orchestra.db.feed import FeedFilter
 from orchestra.db.overview import SummaryPage
-from orchestra.db.store import TaskStore
+from orchestra.db.rows import task_from_row
+from orchestra.db.store import Enqueued, TaskStore
 from orchestra.domain import ANONYMOUS_SCOPE, NewTask, StepStatus, Task, TaskStatus, as_utc, now
 from orchestra.errors import (
     ConflictError,
@@ -26,10 +29,12 @@ from orchestra.errors import (
     TaskNotFound,
     TemplateNotFound,
 )
+from orchestra.feed import EventFeed
 from orchestra.notify import SharedReads, TaskSignals
 from orchestra.templating.model import Template
 from orchestra.templating.params import validate_params
 from orchestra.templating.registry import TemplateRegistry
+from orchestra.webhooks import WebhookService
 
 #: Ids are SQLite INTEGERs (64-bit signed); larger numbers cannot name a task.
 MAX_ID = 2**63 - 1
@@ -42,9 +47,6 @@ def _storable(task_id: int) -> bool:
 
 #: Waiting requests re-read the task at least this often, to see work finished elsewhere.
 WAIT_POLL_SECONDS = 1.0
-
-#: An event stream sends a comment this often while nothing happens, so proxies keep it open.
-KEEPALIVE_SECONDS = 15.0
 
 #: How long a cancel request waits for a running task to stop before answering.
 CANCEL_WAIT_SECONDS = 5.0
@@ -119,6 +121,18 @@ class SubmitTask(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         ]
         | None
     ) = None
+    callback_url: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                min_length=1,
+                max_length=2048,
+                description="POST the task's task.finished event here, signed as webhooks are "
+                "with the server's callback secret.",
+            ),
+        ]
+        | None
+    ) = None
 
     def fingerprint(self) -> str:
         """A hash of everything but the key: "the same body" for idempotency."""
@@ -169,12 +183,16 @@ class TaskService:
         signals: TaskSignals,
         scheduler: Scheduler,
         *,
+        feed: EventFeed,
         default_max_attempts: int,
         limits: LimitSettings | None = None,
         pin: Callable[[Template], Awaitable[None]] | None = None,
         refresh: Callable[[], Awaitable[None]] | None = None,
+        callbacks: WebhookService | None = None,
     ) -> None:
         self.limits = limits or LimitSettings()
+        #: Checks and stores a submit's callback_url (None: callbacks are refused).
+        self.callbacks = callbacks
         #: Learns templates other processes registered (TemplateCatalog.refresh).
         self.refresh = refresh
         #: Stores the file template version a task is queued with (TemplateCatalog.pin).
@@ -182,6 +200,8 @@ class TaskService:
         self.store = store
         self.registry = registry
         self.signals = signals
+        #: The process's one reader of task events: every event stream follows it.
+        self.feed = feed
         self._shared = SharedReads()
         self.scheduler = scheduler
         self.default_max_attempts = default_max_attempts
@@ -198,19 +218,16 @@ class TaskService:
         await self.refresh()
         return self.registry.get(name, version)
 
-    async def submit(self, sub: SubmitTask, *, key_id: str | None = None) -> Submitted:
-        """Validate a task against its template and queue it.
-
-        ``key_id`` is the API key submitting (None: anonymous): its idempotency keys are its
-        own, as Stripe scopes them to an account, so reusing another caller's key neither
-        returns nor names that caller's task.
+    async def prepare(self, sub: SubmitTask, *, key_id: str | None = None) -> NewTask:
+        """The task a submit of ``sub`` queues: validated against its template, with the
+        defaults applied, its template version pinned; nothing is queued (schedules check
+        their task at creation with this, and queue it at each tick).
 
         Raises:
             TemplateNotFound: no such template.
             InvalidParams: the parameters do not fit (every problem listed).
             InvalidRequest: both ``run_at`` and ``delay`` were given, or ``run_at`` is
                 outside the years 1 to 9999 in UTC.
-            ConflictError: the idempotency key was used before with a different request.
         """
         if sub.run_at is not None and sub.delay is not None:
             raise InvalidRequest(
@@ -227,21 +244,44 @@ class TaskService:
         )
         if self.pin is not None:
             await self.pin(spec)  # before the task is queued: a restart finds its version
-        outcome = await self.store.enqueue(
-            NewTask(
-                template=spec.name,
-                template_version=spec.version,
-                params=params,
-                model=sub.model or spec.model,
-                priority=sub.priority,
-                max_attempts=max_attempts,
-                run_at=run_at,
-                timeout_seconds=sub.timeout,
-                idempotency_key=sub.idempotency_key,
-                idempotency_scope=key_id or ANONYMOUS_SCOPE,
-                request_hash=sub.fingerprint() if sub.idempotency_key else None,
-            )
+        return NewTask(
+            template=spec.name,
+            template_version=spec.version,
+            params=params,
+            model=sub.model or spec.model,
+            priority=sub.priority,
+            max_attempts=max_attempts,
+            run_at=run_at,
+            timeout_seconds=sub.timeout,
+            idempotency_key=sub.idempotency_key,
+            idempotency_scope=key_id or ANONYMOUS_SCOPE,
+            request_hash=sub.fingerprint() if sub.idempotency_key else None,
         )
+
+    async def submit(self, sub: SubmitTask, *, key_id: str | None = None) -> Submitted:
+        """Validate a task against its template and queue it.
+
+        ``key_id`` is the API key submitting (None: anonymous): its idempotency keys are its
+        own, as Stripe scopes them to an account, so reusing another caller's key neither
+        returns nor names that caller's task.
+
+        Raises:
+            TemplateNotFound: no such template.
+            InvalidParams: the parameters do not fit (every problem listed).
+            InvalidRequest: both ``run_at`` and ``delay`` were given, or ``run_at`` is
+                outside the years 1 to 9999 in UTC.
+            ConflictError: the idempotency key was used before with a different request.
+        """
+        if sub.callback_url is not None:
+            if self.callbacks is None:
+                raise InvalidRequest(
+                    "callback_url is not available here",
+                    [FieldProblem("callback_url", "webhooks are not running in this process")],
+                )
+            await self.callbacks.check_callback(sub.callback_url)
+        new = await self.prepare(sub, key_id=key_id)
+        run_at = new.run_at
+        outcome = await self._enqueue(new, sub.callback_url)
         if not outcome.created:
             if not outcome.same_request:
                 raise ConflictError(
@@ -249,11 +289,23 @@ class TaskService:
                     f"{outcome.task.id} with a different request"
                 )
             return Submitted(task=await self._get(outcome.task.id), created=False)
+        metrics.task_submitted(new.template)
+        self.feed.wake()  # its task.queued: no task signal announces a new task
         if run_at is not None and run_at > now():
             self.scheduler.wake_at(run_at)
         else:
             self.scheduler.notify()
         return Submitted(task=outcome.task, created=True)
+
+    async def _enqueue(self, new: NewTask, callback_url: str | None) -> Enqueued:
+        """Queue ``new``; with a ``callback_url``, its callback subscription is written in
+        the task's own transaction (:meth:`WebhookService.enqueue_with_callback`)."""
+        if callback_url is None or self.callbacks is None:
+            return await self.store.enqueue(new)
+        row = await self.callbacks.enqueue_with_callback(new, callback_url)
+        if row is None:  # the idempotency key was used: the store reads that task back
+            return await self.store.enqueue(new)
+        return Enqueued(task=task_from_row(row), created=True)
 
     async def get(self, task_id: int, *, wait: float = 0.0) -> Task:
         """A task; with ``wait`` > 0, answer as soon as it is finished or after ``wait`` seconds.
@@ -309,33 +361,56 @@ class TaskService:
 
     async def follow_batches(self, task_id: int, after: int = 0) -> AsyncIterator[list[TaskEvent]]:
         """:meth:`follow`, the events of each read together (a replay is a few reads, not an
-        answer per event); an empty list is the keep-alive."""
+        answer per event); an empty list is the keep-alive.
+
+        The stored events come from the database; new ones from the process's one reader of
+        every task's events (:class:`~orchestra.feed.EventFeed`), which it subscribes to first,
+        so that nothing committed meanwhile is missed. A task's sequence numbers have no holes:
+        a live event past the next number (the reader skipped it, or this follower's buffer
+        overflowed) sends it back to the database, from its own cursor."""
         last = after
-        with self.signals.watch(task_id) as changed:
+        with self.feed.subscribe(FeedFilter(task_id=task_id)) as sub:
             while True:
-                batch = await self._events_after(task_id, last)
-                if batch:
-                    end = next((i for i, e in enumerate(batch) if e.type == TERMINAL_EVENT), None)
-                    if end is not None:
-                        yield batch[: end + 1]
+                if sub.take_reread() is not None:
+                    batch = await self._events_after(task_id, last)
+                    if batch:
+                        end = next(
+                            (i for i, e in enumerate(batch) if e.type == TERMINAL_EVENT), None
+                        )
+                        if end is not None:
+                            yield batch[: end + 1]
+                            return
+                        yield batch
+                        last = batch[-1].seq
+                        sub.reread_upto = last  # read on until none is left
+                        continue
+                    task = await self._shared.read(("task", task_id), lambda: self._get(task_id))
+                    if task.finished:
+                        # The status and its task.finished event commit together, so one more
+                        # read now catches an event that committed after the read above.
+                        rest = await self._events_after(task_id, last)
+                        if rest:
+                            yield rest
                         return
-                    yield batch
-                    last = batch[-1].seq
-                    continue
-                task = await self._shared.read(("task", task_id), lambda: self._get(task_id))
-                if task.finished:
-                    # The status and its task.finished event commit together, so one more
-                    # read now catches an event that committed after the read above.
-                    rest = await self._events_after(task_id, last)
-                    if rest:
-                        yield rest
-                    return
-                try:
-                    async with asyncio.timeout(KEEPALIVE_SECONDS):
-                        await changed.wait()
-                except TimeoutError:
+                live = [e.as_task_event() for e in sub.take() if e.seq > last]
+                if live:
+                    if live[0].seq != last + 1:
+                        sub.reread_upto = live[0].seq
+                        continue
+                    ended = False
+                    for i, event in enumerate(live):
+                        if event.seq != last + 1 + i:  # a hole: the rest from the database
+                            live, sub.reread_upto = live[:i], event.seq
+                            break
+                        if event.type == TERMINAL_EVENT:
+                            live, ended = live[: i + 1], True
+                            break
+                    yield live
+                    if ended:
+                        return
+                    last = live[-1].seq
+                elif not await sub.wait():  # the feed's heartbeat
                     yield []
-                changed.clear()
 
     async def _events_after(self, task_id: int, after: int) -> list[TaskEvent]:
         """``store.events_after``, one query for all followers at the same point."""
@@ -366,6 +441,7 @@ class TaskService:
         if status is None:
             raise TaskNotFound(f"no task with id {task_id}")
         if status is TaskStatus.CANCELLED:
+            metrics.task_finished(before.template, status.value)  # it never ran
             return await self._get(task_id)
         if status is TaskStatus.RUNNING:
             self.scheduler.cancel(task_id)

@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from orchestra import logs
+from orchestra import logs, metrics
 from orchestra.config import Settings
 from orchestra.db import TaskStore
 from orchestra.domain import (
@@ -136,6 +136,7 @@ class WorkerPool:
             loops.append(("retention", self._retention_forever))
         for name, loop in loops:
             self._loops.add(asyncio.create_task(loop(), name=f"orchestra-{name}"))
+        metrics.worker_slots(self.workers.concurrency)
         log.info("pool.started", owner=self.owner, concurrency=self.workers.concurrency)
 
     def notify(self) -> None:
@@ -144,6 +145,8 @@ class WorkerPool:
 
     def wake_at(self, when: datetime) -> None:
         """A task becomes due at ``when`` (a delayed submit or a retry): claim it then."""
+        if not self._loops:  # not started (--no-workers): other processes' workers claim it
+            return
         loop = asyncio.get_running_loop()
         # A few milliseconds late, so the claim's clock agrees that the task is due.
         delay = (when - now()).total_seconds() + 0.005
@@ -184,6 +187,7 @@ class WorkerPool:
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         self._loops.clear()
+        metrics.worker_slots(-self.workers.concurrency)
         log.info("pool.stopped", owner=self.owner)
 
     # -- claiming -----------------------------------------------------------------------------
@@ -353,6 +357,7 @@ class WorkerPool:
         tlog = log.bind(task_id=task.id, template=task.template, attempt=task.attempts)
         clock = time.perf_counter()
         tlog.info("task.started")
+        metrics.task_started(task.template, task.run_at, task.started_at)
 
         async def write(work: Callable[[], Awaitable[T]]) -> T:
             return await self._within_lease(running, work)
@@ -371,10 +376,12 @@ class WorkerPool:
                     lease, status, result=result, error=error, step=step, text=text
                 )
             ):
+                seconds = time.perf_counter() - clock
+                metrics.task_finished(task.template, status.value, seconds)
                 tlog.info(
                     "task.finished",
                     status=status.value,
-                    duration_ms=round((time.perf_counter() - clock) * 1000, 1),
+                    duration_ms=round(seconds * 1000, 1),
                     error=error.message if error else None,
                 )
             else:
@@ -399,6 +406,7 @@ class WorkerPool:
             # A bug in the storage layer: as above, the lease expires and the task runs again.
             tlog.exception("task.store_failed")
         finally:
+            metrics.slot_freed()
             if self._running.get(task.id) is running:  # not a newer attempt of the same task
                 del self._running[task.id]
             if not self._drained:  # a slot is free for work the last claim left queued
@@ -462,6 +470,7 @@ class WorkerPool:
                 delay_s=round(retry.delay, 3),
                 attempts_left=retry.attempts_left,
             )
+            metrics.task_retried(running.task.template)
             self.wake_at(run_at)
         else:
             tlog.warning("task.lease_lost", detail="failed, but another attempt owns it")
@@ -481,6 +490,7 @@ class WorkerPool:
             tlog.exception("task.store_failed")
             return
         if done:
+            metrics.task_finished(running.task.template, TaskStatus.CANCELLED.value)
             tlog.info("task.finished", status=TaskStatus.CANCELLED.value)
 
     async def _hand_back(self, running: Running, tlog: Any) -> None:
@@ -546,6 +556,7 @@ class WorkerPool:
         await self.store.fold_counts()
         moved = await self.store.requeue_expired()
         for task_id, status in moved.items():
+            metrics.lease_expired(status.value)
             log.warning("task.lease_expired", task_id=task_id, now=status.value)
         if any(s is TaskStatus.QUEUED for s in moved.values()):
             self._wake.set()
@@ -556,15 +567,22 @@ class WorkerPool:
         await self._every(interval, "retention", self.apply_retention, first=min(interval, 60.0))
 
     async def apply_retention(self) -> int:
-        """Delete finished tasks older than ``[retention] days``, a small batch at a time."""
+        """Delete finished tasks older than ``[retention] days``, a small batch at a time,
+        then finished webhook deliveries and schedule ticks as old; returns how many tasks."""
         cutoff = self.store.clock() - timedelta(days=self.settings.retention.days)
-        total = 0
-        while True:
-            deleted = await self.store.delete_finished_before(cutoff, RETENTION_BATCH)
-            total += deleted
-            if deleted < RETENTION_BATCH:
-                break
-            await asyncio.sleep(0)  # let claims and submits in between batches
-        if total:
-            log.info("retention.deleted", tasks=total, cutoff=cutoff.isoformat())
-        return total
+        counted = {}
+        for what, delete in (
+            ("tasks", self.store.delete_finished_before),
+            ("records", self.store.delete_records_before),
+        ):
+            total = 0
+            while True:
+                deleted = await delete(cutoff, RETENTION_BATCH)
+                total += deleted
+                if deleted < RETENTION_BATCH:
+                    break
+                await asyncio.sleep(0)  # let claims and submits in between batches
+            counted[what] = total
+        if any(counted.values()):
+            log.info("retention.deleted", **counted, cutoff=cutoff.isoformat())
+        return counted["tasks"]

@@ -370,6 +370,65 @@ async def test_retention_deletes_old_finished_tasks_only(
     assert orphans == [(0,)]
 
 
+async def test_retention_deletes_old_webhook_deliveries_and_schedule_ticks(
+    durable_settings: Settings, start_service: StartService, db_url: str
+) -> None:
+    """What outlives a task goes by age too: finished deliveries (with their attempts) and
+    schedules' ticks. Pending deliveries and recent rows stay."""
+    settings = msgspec.structs.replace(
+        durable_settings, retention=RetentionSettings(days=1, interval=3600)
+    )
+    old, new = "2000-01-01T00:00:00.000000Z", "2999-01-01T00:00:00.000000Z"
+    async with start_service(settings) as svc:
+        sql_rows(
+            db_url,
+            "INSERT INTO webhooks (url, event_types, secret, created_at) "
+            "VALUES ('https://example.com/h', '[]', 'whsec_x', ?)",
+            (old,),
+        )
+        [(hook,)] = sql_rows(db_url, "SELECT id FROM webhooks")
+        for status, time in (
+            ("delivered", old),
+            ("failed", old),
+            ("pending", old),
+            ("delivered", new),
+        ):
+            finished = None if status == "pending" else time
+            sql_rows(
+                db_url,
+                "INSERT INTO webhook_deliveries (webhook_id, type, payload, status, "
+                "next_attempt_at, created_at, finished_at) "
+                "VALUES (?, 'task.finished', '{}', ?, ?, ?, ?)",
+                (hook, status, time, time, finished),
+            )
+        [(first,)] = sql_rows(db_url, "SELECT min(id) FROM webhook_deliveries")
+        sql_rows(
+            db_url,
+            "INSERT INTO webhook_attempts (delivery_id, attempt, time) VALUES (?, 1, ?)",
+            (first, old),
+        )
+        sql_rows(
+            db_url,
+            "INSERT INTO schedules (name, template, params, options, timezone, every_seconds, "
+            "overlap, catch_up, source, created_at, updated_at) "
+            "VALUES ('s', 'flaky', '{}', '{}', 'UTC', 60, 'skip', 'none', 'api', ?, ?)",
+            (old, old),
+        )
+        [(schedule,)] = sql_rows(db_url, "SELECT id FROM schedules")
+        for time in (old, new):
+            sql_rows(
+                db_url,
+                "INSERT INTO schedule_fires (schedule_id, fire_at, outcome, time) "
+                "VALUES (?, ?, 'skipped', ?)",
+                (schedule, time, time),
+            )
+        await svc.app.state.runtime.pool.apply_retention()
+    kept = sql_rows(db_url, "SELECT status, created_at FROM webhook_deliveries ORDER BY id")
+    assert kept == [("pending", old), ("delivered", new)]
+    assert sql_rows(db_url, "SELECT count(*) FROM webhook_attempts") == [(0,)]
+    assert sql_rows(db_url, "SELECT fire_at FROM schedule_fires") == [(new,)]
+
+
 async def test_retention_runs_by_itself(
     durable_settings: Settings, start_service: StartService, db_url: str
 ) -> None:

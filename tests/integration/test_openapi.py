@@ -19,12 +19,25 @@ from tests.conftest import Service, StartService, make_keys
 CONFIG = Path(__file__).parent.parent / "schemathesis.toml"
 
 
+#: Operations schemathesis leaves alone, and why: the all-tasks feed is a stream without end
+#: (each request would run into the request timeout); tests/integration/test_feed.py covers
+#: its parameters and answers.
+EXCLUDED = {("GET", "/api/v1/events")}
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 async def test_the_service_answers_as_its_openapi_document_says(
     settings: Settings, db_url: str, start_service: StartService, tmp_path: Path
 ) -> None:
     admin = (await make_keys(db_url, "admin"))["admin"]
     async with start_service(settings) as svc:
+        document = (await svc.client.get("/schema/openapi.json")).json()
+        operations = {
+            (method.upper(), path) for path, item in document["paths"].items() for method in item
+        }
+        assert EXCLUDED <= operations
+        excluded = [f"--exclude-path={path}" for _, path in sorted(EXCLUDED)]
         run = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -36,6 +49,7 @@ async def test_the_service_answers_as_its_openapi_document_says(
             f"{svc.url}/schema/openapi.json",
             "--header",
             f"Authorization: Bearer {admin}",
+            *excluded,
             "--report",
             "junit",
             "--report-dir",
@@ -47,7 +61,8 @@ async def test_the_service_answers_as_its_openapi_document_says(
         output, _ = await asyncio.wait_for(run.communicate(), timeout=300)
     report = output.decode(errors="replace")
     assert run.returncode == 0, report[-20000:]
-    assert "16/16" in report or "Tested: 16" in report, report[-3000:]
+    tested = len(operations - EXCLUDED)  # every other operation of the document
+    assert f"Tested: {tested}\n" in report, report[-3000:]
 
 
 async def test_methods_are_listed_where_http_says_they_must_be(service: Service) -> None:

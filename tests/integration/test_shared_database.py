@@ -233,3 +233,21 @@ async def test_the_service_recovers_when_postgresql_restarts(
         assert statuses[-1] == 201, statuses
         done = await svc.wait(response.json()["id"])
         assert done["status"] == "succeeded", done
+
+
+async def test_an_api_only_process_keeps_no_wake_up_times(
+    settings: Settings, start_service: StartService
+) -> None:
+    """With --no-workers the pool never runs, so the wake-up time of each delayed submit
+    would only pile up in memory; the workers of another process claim those tasks."""
+    api_only = msgspec.structs.replace(
+        settings, server=msgspec.structs.replace(settings.server, workers=False)
+    )
+    async with start_service(api_only) as api:
+        for n in range(20):
+            response = await api.client.post(
+                "/api/v1/tasks",
+                json={"template": "summarize", "params": {"text": f"later {n}"}, "delay": 3600},
+            )
+            assert response.status_code == 201, response.text
+        assert api.app.state.runtime.pool._due == []

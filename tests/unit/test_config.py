@@ -8,7 +8,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from orchestra.config import ModelSettings, ProviderSettings, Settings, load
+from orchestra.config import ModelSettings, ProviderSettings, Settings
+from orchestra.config_file import load
 from orchestra.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -15,6 +15,7 @@ no check can pass by looking at nothing.
 from __future__ import annotations
 
 import copy
+import json
 import re
 import tomllib
 from base64 import b64decode
@@ -28,7 +29,8 @@ import pytest
 from ruamel.yaml import YAML
 
 from orchestra.auth import is_loopback
-from orchestra.config import ENV_PREFIX, Settings, load
+from orchestra.config import ENV_PREFIX, Settings
+from orchestra.config_file import load
 from orchestra.errors import ConfigError
 from tests.integration.test_container import final_env
 
@@ -59,6 +61,10 @@ class Deploy:
     kustomization: dict[str, Any]
     k8s_files: list[str]
     compose: dict[str, Any]
+    #: deploy/prometheus.yml, and deploy/grafana's provisioning files and dashboards by path
+    #: (relative to deploy/grafana).
+    prometheus: dict[str, Any]
+    grafana: dict[str, Any]
 
 
 def _docs(path: Path) -> list[Any]:
@@ -87,7 +93,15 @@ def read_deploy(env: Mapping[str, str] | None = None) -> Deploy:
     compose = _yaml.load(text)
     # Services merged from one anchor share its nested values; compose treats them apart.
     compose["services"] = {n: copy.deepcopy(s) for n, s in compose["services"].items()}
-    return Deploy(k8s, kustomization, files, compose)
+    [prometheus] = _docs(DEPLOY / "prometheus.yml")
+    grafana: dict[str, Any] = {}
+    for path in sorted((DEPLOY / "grafana").rglob("*")):
+        name = path.relative_to(DEPLOY / "grafana").as_posix()
+        if path.suffix == ".json":
+            grafana[name] = json.loads(path.read_text(encoding="utf-8"))
+        elif path.suffix in (".yaml", ".yml"):
+            [grafana[name]] = _docs(path)
+    return Deploy(k8s, kustomization, files, compose, prometheus, grafana)
 
 
 def settings_of(toml_text: str, env: Mapping[str, str], tmp: Path) -> Settings | str:
@@ -406,6 +420,90 @@ def _postgres_problems(d: Deploy) -> list[str]:
     return out if services.get("postgres") else [*out, "no postgres service"]
 
 
+# --- monitoring: Prometheus and Grafana ---------------------------------------------------------
+
+
+def _mounts(service: Mapping[str, Any]) -> dict[str, str]:
+    """A compose service's bind mounts of files under deploy/: {path in the container: path
+    relative to deploy/} (named volumes left out)."""
+    out = {}
+    for volume in service.get("volumes") or []:
+        source, _, rest = str(volume).partition(":")
+        if source.startswith("./"):
+            out[rest.split(":")[0]] = source[2:]
+    return out
+
+
+def _mounted_at(service: Mapping[str, Any], container_path: str) -> str | None:
+    """What under deploy/ a container sees at ``container_path``, through its bind mounts."""
+    for target, source in _mounts(service).items():
+        if container_path == target or container_path.startswith(target.rstrip("/") + "/"):
+            return source + container_path[len(target) :]
+    return None
+
+
+def monitoring_problems(d: Deploy, tmp: Path) -> list[str]:
+    """Prometheus scrapes /metrics of every Orchestra replica, at its port, with a key unless
+    /metrics is public; Grafana finds its data source (the Prometheus service) and the
+    dashboard, which names that data source."""
+    services = d.compose["services"]
+    replicas = {n: s for n, s in services.items() if "build" in s}
+    out: list[str] = []
+    prometheus, grafana = services.get("prometheus"), services.get("grafana")
+    if prometheus is None or grafana is None:
+        return ["compose has no prometheus or no grafana service"]
+    flag = next((c for c in prometheus.get("command") or [] if c.startswith("--config.file=")), "")
+    if _mounted_at(prometheus, flag.partition("=")[2]) != "prometheus.yml":
+        out.append(f"prometheus: {flag or 'no --config.file'} is not deploy/prometheus.yml")
+    jobs = d.prometheus.get("scrape_configs") or []
+    targets = {
+        t: job
+        for job in jobs
+        for static in job.get("static_configs") or []
+        for t in static.get("targets") or []
+    }
+    for name, service in replicas.items():
+        settings = settings_of("", {**final_env(), **_compose_env(service)}, tmp)
+        if isinstance(settings, str):
+            continue  # compose_problems names it
+        job = targets.get(f"{name}:{settings.server.port}")
+        if job is None:
+            out.append(f"prometheus.yml does not scrape {name}:{settings.server.port}")
+            continue
+        if job.get("metrics_path", "/metrics") != "/metrics":
+            out.append(f"prometheus.yml scrapes {job['metrics_path']}, not /metrics")
+        if not settings.metrics.enabled:
+            out.append(f"{name}: [metrics] enabled is false")
+        elif not settings.metrics.public and "authorization" not in job:
+            out.append(f"{name}: /metrics needs a key, and prometheus.yml sends none")
+    for name, doc in d.grafana.items():
+        if name.startswith("provisioning/datasources/"):
+            for source in doc.get("datasources") or []:
+                url = urlsplit(source.get("url", ""))
+                if url.hostname != "prometheus" or url.port != 9090:
+                    out.append(f"grafana {name}: data source {source.get('url')} is not Prometheus")
+        if name.startswith("provisioning/dashboards/"):
+            for provider in doc.get("providers") or []:
+                folder = _mounted_at(grafana, provider.get("options", {}).get("path", ""))
+                inside = (folder or "").removeprefix("grafana/")
+                if folder is None or not any(n.startswith(f"{inside}/") for n in d.grafana):
+                    out.append(f"grafana {name}: {provider.get('options')} holds no dashboard")
+    sources = {
+        s.get("uid")
+        for n, doc in d.grafana.items()
+        if n.startswith("provisioning/datasources/")
+        for s in doc.get("datasources") or []
+    }
+    for name, doc in d.grafana.items():
+        if name.endswith(".json"):
+            for panel in doc.get("panels") or []:
+                for target in panel.get("targets") or []:
+                    uid = (target.get("datasource") or panel.get("datasource") or {}).get("uid")
+                    if uid not in sources:
+                        out.append(f"grafana {name}: {panel['title']!r} uses data source {uid}")
+    return out
+
+
 # --- tests --------------------------------------------------------------------------------------
 
 
@@ -418,6 +516,7 @@ def every_problem(d: Deploy, tmp: Path) -> list[str]:
         *kustomization_problems(d),
         *k8s_settings_problems(d, tmp),
         *compose_problems(d, tmp),
+        *monitoring_problems(d, tmp),
     ]
 
 
@@ -454,6 +553,8 @@ REPLICA = ("compose", "services", "orchestra-2")
 URL = ("compose", "services", "orchestra-1", "environment", "ORCHESTRA_DATABASE__URL")
 POSTGRES = ("compose", "services", "postgres")
 COMPONENT = "app.kubernetes.io/component"
+GRAFANA_SOURCES = ("grafana", "provisioning/datasources/prometheus.yaml")
+DASHBOARD = ("grafana", "dashboards/orchestra.json")
 
 #: (what breaks, where, the new value, what the problem says)
 BREAKS: list[tuple[str, tuple[str | int, ...], object, str]] = [
@@ -553,11 +654,54 @@ BREAKS: list[tuple[str, tuple[str | int, ...], object, str]] = [
     ("pg-isready", (*POSTGRES, "healthcheck", "test", 5), "postgres", "pg_isready checks another"),
     ("pgdata-18", (*POSTGRES, "image"), "postgres:18", "mounted at /var/lib/postgresql"),
     ("volume-undeclared", ("compose", "volumes"), DELETE, "no named volume"),
+    (
+        "prometheus-target",
+        ("prometheus", "scrape_configs", 0, "static_configs", 0, "targets", 1),
+        "orchestra-2:9000",
+        "does not scrape orchestra-2:8000",
+    ),
+    (
+        "metrics-private",
+        (*REPLICA, "environment", "ORCHESTRA_METRICS__PUBLIC"),
+        "false",
+        "orchestra-2: /metrics needs a key",
+    ),
+    (
+        "prometheus-config",
+        ("compose", "services", "prometheus", "command", 0),
+        "--config.file=/etc/prometheus.yml",
+        "is not deploy/prometheus.yml",
+    ),
+    (
+        "grafana-datasource",
+        (*GRAFANA_SOURCES, "datasources", 0, "url"),
+        "http://localhost:9090",
+        "is not Prometheus",
+    ),
+    (
+        "grafana-panel-source",
+        (*DASHBOARD, "panels", 0, "targets", 0, "datasource", "uid"),
+        "other",
+        "uses data source other",
+    ),
+    (
+        "grafana-dashboards-path",
+        ("grafana", "provisioning/dashboards/orchestra.yaml", "providers", 0, "options", "path"),
+        "/etc/dashboards",
+        "holds no dashboard",
+    ),
+    ("no-grafana", ("compose", "services", "grafana"), DELETE, "no prometheus or no grafana"),
 ]
 
 
 def _change(d: Deploy, path: tuple[str | int, ...], value: object) -> None:
-    node: Any = {"k8s": d.k8s, "kustomization": d.kustomization, "compose": d.compose}
+    node: Any = {
+        "k8s": d.k8s,
+        "kustomization": d.kustomization,
+        "compose": d.compose,
+        "prometheus": d.prometheus,
+        "grafana": d.grafana,
+    }
     *parents, last = path
     for key in parents:
         node = node[key]

@@ -16,12 +16,17 @@ from litestar.routes import HTTPRoute
 from orchestra import __version__
 from orchestra.api import auth
 from orchestra.api.errors import HANDLERS
+from orchestra.api.events import EventController
 from orchestra.api.health import health, models
+from orchestra.api.metrics import open_paths, scrape
 from orchestra.api.openapi import refine
 from orchestra.api.runtime import Runtime, ShowKey
+from orchestra.api.schedules import ScheduleController
+from orchestra.api.schedules import provide as _schedules
 from orchestra.api.schemas import ErrorBody
 from orchestra.api.tasks import TaskController
 from orchestra.api.templates import TemplateController
+from orchestra.api.webhooks import WebhookController
 from orchestra.catalog import TemplateCatalog
 from orchestra.config import Settings
 from orchestra.tasks import TaskService
@@ -71,19 +76,24 @@ def create_app(
     ``show_key`` receives the admin key a first start beyond loopback makes (None: no key is
     made; the CLI shows it).
 
-    With ``[server] api = false`` the app serves /health alone (see :func:`_workers_only`).
+    With ``[server] api = false`` the app serves /health and /metrics alone (see
+    :func:`_workers_only`).
     """
     if registry is None:
         registry = TemplateRegistry(settings.templates.dirs, limits=settings.limits)
     runtime = Runtime(settings, registry, env or {}, show_key=show_key)
     if not settings.server.api:
         return _workers_only(settings, runtime)
-    handlers: list[Any] = [TaskController, TemplateController, health, models]
+    handlers: list[Any] = [TaskController, EventController, TemplateController, health, models]
+    handlers.append(WebhookController)
+    handlers.append(ScheduleController)
+    if settings.metrics.enabled:
+        handlers.append(scrape)
     if settings.ui.enabled:
         handlers.append(dashboard(settings))
     app = Litestar(
         route_handlers=handlers,
-        middleware=auth.middleware(settings.auth, own_paths(settings)),
+        middleware=auth.middleware(settings.auth, own_paths(settings) + open_paths(settings)),
         template_config=template_config() if settings.ui.enabled else None,
         cors_config=(
             CORSConfig(allow_origins=settings.cors.allow_origins)
@@ -98,6 +108,7 @@ def create_app(
             "runtime": Provide(runtime.itself, sync_to_thread=False),
             "tasks": Provide(_tasks, sync_to_thread=False),
             "catalog": Provide(_catalog, sync_to_thread=False),
+            "schedules": Provide(_schedules, sync_to_thread=False),
         },
         exception_handlers=HANDLERS,
         before_send=[_allow_every_method],
@@ -118,8 +129,8 @@ def create_app(
 
 #: What a process without the API answers on any path but /health.
 WORKERS_ONLY = (
-    "this process runs workers only (orchestra serve --no-api) and answers /health alone; "
-    "send API requests to a process that serves the API"
+    "this process runs workers only (orchestra serve --no-api) and answers /health and "
+    "/metrics alone; send API requests to a process that serves the API"
 )
 
 
@@ -130,11 +141,11 @@ def _not_here(_request: Request[Any, Any, Any], _exc: NotFoundException) -> Resp
 
 def _workers_only(settings: Settings, runtime: Runtime) -> Litestar:
     """A worker process's app (``--no-api``): the same lifespan, so the same workers, and an
-    HTTP listener that answers /health (for a container's probes) and, on any other path, a
-    JSON 404 saying that this process serves no API."""
+    HTTP listener that answers /health (for a container's probes), /metrics (what monitoring
+    scrapes) and, on any other path, a JSON 404 saying that this process serves no API."""
     return Litestar(
-        route_handlers=[health],
-        middleware=auth.middleware(settings.auth),
+        route_handlers=[health, scrape] if settings.metrics.enabled else [health],
+        middleware=auth.middleware(settings.auth, open_paths(settings)),
         lifespan=[runtime.lifespan],
         state=State({"runtime": runtime}),
         exception_handlers={**HANDLERS, NotFoundException: _not_here},

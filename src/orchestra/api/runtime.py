@@ -26,17 +26,23 @@ from orchestra.db import Database, TaskStore
 from orchestra.db.failures import warn_when_low
 from orchestra.db.keys import KeyStore
 from orchestra.db.overview import DashboardStore
+from orchestra.db.schedules import ScheduleStore
 from orchestra.db.schema import upgrade
 from orchestra.db.sessions import SessionStore
 from orchestra.db.templates import TemplateStore
+from orchestra.db.webhooks import WebhookStore
 from orchestra.errors import ConfigError, OrchestraError, TemplateError
+from orchestra.feed import EventFeed
 from orchestra.llm.router import Router, build_providers
 from orchestra.llm.transport import model_client
 from orchestra.notify import TaskSignals
 from orchestra.runner import Runner
+from orchestra.scheduler import ScheduleLoop, ScheduleService
 from orchestra.tasks import TaskService
 from orchestra.templating.isolation import Renderer
 from orchestra.templating.registry import TemplateRegistry
+from orchestra.webhook_sender import WebhookSender
+from orchestra.webhooks import WebhookService
 from orchestra.worker import WorkerPool
 
 log = logs.get("orchestra.runtime")
@@ -82,12 +88,22 @@ class Runtime:
         self._dashboard: DashboardStore | None = None
         self._sessions: SessionStore | None = None
         self._bulk: BulkService | None = None
+        self._schedules: ScheduleService | None = None
+        self._webhooks: WebhookService | None = None
+        self._feed: EventFeed | None = None
 
     @property
     def db(self) -> Database:
         if self._db is None:
             raise NotStarted()
         return self._db
+
+    @property
+    def feed(self) -> EventFeed:
+        """The one reader of every task's events that every event stream follows."""
+        if self._feed is None:
+            raise NotStarted()
+        return self._feed
 
     @property
     def tasks(self) -> TaskService:
@@ -132,6 +148,20 @@ class Runtime:
         if self._bulk is None:
             raise NotStarted()
         return self._bulk
+
+    @property
+    def webhooks(self) -> WebhookService:
+        """Webhook subscriptions and their deliveries."""
+        if self._webhooks is None:
+            raise NotStarted()
+        return self._webhooks
+
+    @property
+    def schedules(self) -> ScheduleService:
+        """Schedules: tasks submitted on a cron expression or every so often."""
+        if self._schedules is None:
+            raise NotStarted()
+        return self._schedules
 
     @property
     def sessions(self) -> SessionStore:
@@ -199,6 +229,9 @@ class Runtime:
             # One client for every model call; it honours the proxies named in the environment.
             async with model_client(max(10, s.workers.concurrency * 2), self.env) as client:
                 signals = TaskSignals()
+                # One reader of every task's events for every stream, however many follow.
+                feed = EventFeed(db, signals)
+                await feed.start()
                 store = TaskStore(db, on_change=signals.publish)
                 with self._startup_failure():  # a provider's settings that cannot work
                     router = Router(build_providers(s, client, self.env), s)
@@ -218,41 +251,76 @@ class Runtime:
                     refresh=catalog.refresh,
                 )
                 db.on_recovered = pool.notify  # writes work again: claim now, not after a pause
+
                 # Other processes' submits and changes: their NOTIFY on PostgreSQL, their
                 # commits on SQLite; the workers and waiting requests need not wait to poll.
+                def queued() -> None:  # and the feed reads their task.queued events
+                    pool.notify()
+                    feed.wake()
+
                 listener = asyncio.create_task(
-                    db.watch(pool.notify, signals.publish), name="database-watch"
+                    db.watch(queued, signals.publish), name="database-watch"
                 )
                 # Templates other processes register or delete.
                 following = asyncio.create_task(catalog.follow(), name="templates-follow")
-                self._db, self._router, self._pool = db, router, pool
+                reader = asyncio.create_task(feed.run(), name="event-feed")
+                self._db, self._router, self._pool, self._feed = db, router, pool, feed
+                # The outbox's sender: its own loop and HTTP client, never in a worker's way.
+                sender = WebhookSender(WebhookStore(db), s.webhooks, signals)
+                self._webhooks = WebhookService(WebhookStore(db), s.webhooks, sender.notify)
                 self._tasks = TaskService(
                     store,
                     self.registry,
                     signals,
                     pool,
+                    feed=feed,
                     default_max_attempts=s.workers.max_attempts,
                     limits=s.limits,
                     pin=catalog.pin,
                     refresh=catalog.refresh,
+                    callbacks=self._webhooks,
                 )
                 self._bulk = BulkService(store, self._dashboard, pool)
+                # Schedules: orchestra.toml's synced at each start; their ticks are fired by
+                # every process that runs workers (the database makes each tick fire once).
+                schedules = ScheduleService(ScheduleStore(db), self._tasks)
+                with self._startup_failure():
+                    await schedules.sync(s.schedules)
+                ticker: asyncio.Task[None] | None = None
+                if s.server.workers:
+                    ticks = ScheduleLoop(
+                        schedules,
+                        interval=s.scheduler.interval,
+                        grace=s.scheduler.grace,
+                        queued=pool.notify,
+                    )
+                    schedules.wake = ticks.wake
+                    ticker = asyncio.create_task(ticks.run(), name="schedules")
+                self._schedules = schedules
                 if s.server.workers:  # else (--no-workers) other processes run the tasks
                     await pool.start()
+                await sender.start()
                 hangup = _on_sighup(self.reload_templates)
                 try:
                     yield
                 finally:
                     hangup()
+                    if ticker is not None:  # no tick fires while the workers stop
+                        ticker.cancel()
+                        await asyncio.gather(ticker, return_exceptions=True)
+                    await sender.stop()  # in-flight deliveries are handed back
                     if s.server.workers:
                         await pool.stop()
-                    background = (watcher, disk, listener, following)
+                    background = (watcher, disk, listener, following, reader)
                     for job in background:
                         job.cancel()
                     await asyncio.gather(*background, return_exceptions=True)
                     await router.close()
                     self._tasks = self._router = None
                     self._bulk = None
+                    self._schedules = None
+                    self._webhooks = None
+                    self._feed = None
         finally:
             await renderer.close()
             self._db = None

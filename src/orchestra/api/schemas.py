@@ -22,8 +22,10 @@ from orchestra.domain import (
 from orchestra.llm.base import Crash, Phase, ProcessInfo, ProcessState
 from orchestra.llm.model_crashes import signal_label
 from orchestra.llm.router import ProviderState
+from orchestra.schedules import ScheduleChanges, ScheduleSpec
 from orchestra.tasks import SubmitTask
 from orchestra.templating.model import Template
+from orchestra.webhooks import NewWebhook
 
 
 class ErrorOut(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -45,7 +47,12 @@ class FieldOut(msgspec.Struct, frozen=True):
 
 
 #: The JSON request bodies; the OpenAPI document describes them with msgspec's own schema.
-REQUEST_BODIES: tuple[type[msgspec.Struct], ...] = (SubmitTask,)
+REQUEST_BODIES: tuple[type[msgspec.Struct], ...] = (
+    SubmitTask,
+    ScheduleSpec,
+    ScheduleChanges,
+    NewWebhook,
+)
 
 
 class ErrorBody(msgspec.Struct, frozen=True, omit_defaults=True):

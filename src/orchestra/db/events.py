@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 from sqlalchemy import Connection, bindparam, func, insert, select
 
-from orchestra.db import notices
+from orchestra.db import notices, webhooks
 from orchestra.db.engine import Database
 from orchestra.db.prepared import Prepared
 from orchestra.db.rows import dump
@@ -56,14 +56,16 @@ def _row(task_id: int, payload: EventPayload, now: str) -> dict[str, Any]:
 def append(conn: Connection, task_id: int, payload: EventPayload, now: str) -> None:
     """Add the event ``payload`` stands for (its type is the payload's), with the task's next
     sequence number (inside a write transaction)."""
-    _APPEND.run(conn, _row(task_id, payload, now))
+    # With the deliveries it makes (the outbox), in the event's own transaction.
+    webhooks.append_events(conn, _APPEND, [_row(task_id, payload, now)])
     notices.changed(conn, (task_id,))
 
 
 def append_many(conn: Connection, entries: Sequence[tuple[int, EventPayload]], now: str) -> None:
     """Append one event to each of several tasks (a claim of many tasks), in one statement."""
     if entries:
-        _APPEND.run_many(conn, [_row(task_id, payload, now) for task_id, payload in entries])
+        rows = [_row(task_id, payload, now) for task_id, payload in entries]
+        webhooks.append_events(conn, _APPEND, rows)
         notices.changed(conn, sorted({task_id for task_id, _ in entries}))
 
 

@@ -73,12 +73,14 @@ class Prepared:
             compiled = self._compiled[name] = _Compiled(statement, _DIALECTS[name])
         return compiled, conn.connection.driver_connection
 
+    def statement(self, dialect: str = "sqlite") -> Any:
+        """The Core statement for an engine (to build a bigger statement around it)."""
+        statement = self._statement
+        return statement(dialect) if callable(statement) else statement
+
     def sql(self, dialect: str = "sqlite") -> str:
         """The statement's SQL for an engine (for tests and EXPLAIN)."""
-        statement = self._statement
-        if callable(statement):
-            statement = statement(dialect)
-        return _Compiled(statement, _DIALECTS[dialect]).sql
+        return _Compiled(self.statement(dialect), _DIALECTS[dialect]).sql
 
     def run(self, conn: Connection, params: Mapping[str, Any]) -> Any:
         """Execute once; returns the cursor (``rowcount``, ``fetchall()``)."""

@@ -1,14 +1,15 @@
-"""Retention: finished tasks deleted in small batches, oldest first.
+"""Retention: finished tasks deleted in small batches, oldest first; with them the records
+that outlive a task (finished webhook deliveries, schedules' ticks).
 
 A transaction body with its SQL; :class:`~orchestra.db.store.TaskStore` runs it on the writer.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, delete, text
+from sqlalchemy import Connection, delete, select, text, tuple_
 
 from orchestra.db.portable import hinted
-from orchestra.db.tables import tasks
+from orchestra.db.tables import schedule_fires, tasks, webhook_deliveries
 from orchestra.domain import TERMINAL, TaskStatus
 
 _FINISHED = ", ".join(f"'{status.value}'" for status in TaskStatus if status in TERMINAL)
@@ -30,3 +31,28 @@ def delete_finished_before(conn: Connection, cutoff: str, batch: int) -> int:
     that finished before ``cutoff``, oldest first; returns how many."""
     oldest = _OLDEST[conn.dialect.name].bindparams(cutoff=cutoff, batch=batch).columns(tasks.c.id)
     return conn.execute(delete(tasks).where(tasks.c.id.in_(oldest))).rowcount
+
+
+def delete_records_before(conn: Connection, cutoff: str, batch: int) -> int:
+    """Delete up to ``batch`` finished webhook deliveries (with their attempts) and up to
+    ``batch`` schedule ticks from before ``cutoff``; returns how many rows in all. A tick's
+    row is only needed while its time can still come due, so old ones can go."""
+    d = webhook_deliveries
+    # A finished delivery's next_attempt_at is its last claim's end, before it finished: the
+    # (status, next_attempt_at) index finds them.
+    old_deliveries = (
+        select(d.c.id)
+        .where(
+            d.c.status.in_(("delivered", "failed")),
+            d.c.next_attempt_at < cutoff,
+            d.c.finished_at < cutoff,
+        )
+        .limit(batch)
+    )
+    f = schedule_fires
+    old_ticks = select(f.c.schedule_id, f.c.fire_at).where(f.c.time < cutoff).limit(batch)
+    deliveries = conn.execute(delete(d).where(d.c.id.in_(old_deliveries))).rowcount
+    ticks = conn.execute(
+        delete(f).where(tuple_(f.c.schedule_id, f.c.fire_at).in_(old_ticks))
+    ).rowcount
+    return deliveries + ticks

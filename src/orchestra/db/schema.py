@@ -287,12 +287,15 @@ CREATE TABLE schedule_fires (
     fire_at TEXT NOT NULL,
     task_id INTEGER,
     outcome TEXT NOT NULL,
+    error TEXT,
     time TEXT NOT NULL,
     PRIMARY KEY (schedule_id, fire_at),
     FOREIGN KEY(schedule_id) REFERENCES schedules (id) ON DELETE CASCADE,
     FOREIGN KEY(task_id) REFERENCES tasks (id) ON DELETE SET NULL,
-    CONSTRAINT ck_outcome_word CHECK (outcome IN ('submitted', 'skipped'))
+    CONSTRAINT ck_outcome_word CHECK (outcome IN ('submitted', 'skipped', 'failed'))
 );
+CREATE INDEX ix_schedule_fires_task ON schedule_fires (task_id);
+CREATE INDEX ix_schedule_fires_time ON schedule_fires (time);
 """
 
 # Migration 12: webhook subscriptions, and their outbox — a delivery row is written in the
@@ -326,6 +329,7 @@ CREATE TABLE webhook_deliveries (
     FOREIGN KEY(webhook_id) REFERENCES webhooks (id) ON DELETE CASCADE,
     CONSTRAINT ck_status_word CHECK (status IN ('pending', 'delivered', 'failed'))
 );
+CREATE INDEX ix_webhooks_task ON webhooks (task_id);
 CREATE INDEX ix_webhook_deliveries_due ON webhook_deliveries (status, next_attempt_at);
 CREATE INDEX ix_webhook_deliveries_webhook ON webhook_deliveries (webhook_id, id);
 CREATE TABLE webhook_attempts (
@@ -338,6 +342,11 @@ CREATE TABLE webhook_attempts (
     error TEXT,
     PRIMARY KEY (delivery_id, attempt),
     FOREIGN KEY(delivery_id) REFERENCES webhook_deliveries (id) ON DELETE CASCADE
+);
+CREATE TABLE webhook_secrets (
+    name TEXT NOT NULL PRIMARY KEY,
+    secret TEXT NOT NULL,
+    created_at TEXT NOT NULL
 );
 """
 

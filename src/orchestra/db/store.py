@@ -347,6 +347,14 @@ class TaskStore:
             lambda conn: retention.delete_finished_before(conn, before, batch)
         )
 
+    async def delete_records_before(self, cutoff: datetime, batch: int = 500) -> int:
+        """Delete up to ``batch`` finished webhook deliveries and ``batch`` schedule ticks from
+        before ``cutoff`` (:func:`~orchestra.db.retention.delete_records_before`)."""
+        before = iso(cutoff)
+        return await self.db.transaction(
+            lambda conn: retention.delete_records_before(conn, before, batch)
+        )
+
     # -- reading ------------------------------------------------------------------------------
 
     @cached_property

@@ -302,9 +302,15 @@ schedule_fires = Table(
     Column("fire_at", Text, nullable=False),
     Column("task_id", Int, ForeignKey("tasks.id", ondelete="SET NULL")),
     Column("outcome", Text, nullable=False),
+    # Why a tick made no task: its template or parameters no longer fit (outcome 'failed').
+    Column("error", Text),
     Column("time", Text, nullable=False),
     PrimaryKeyConstraint("schedule_id", "fire_at"),
-    _one_of("outcome", ("submitted", "skipped")),
+    _one_of("outcome", ("submitted", "skipped", "failed")),
+    # A deleted task sets its tick's task_id to NULL (found by index), and retention drops
+    # ticks by age.
+    Index("ix_schedule_fires_task", "task_id"),
+    Index("ix_schedule_fires_time", "time"),
 )
 
 # Webhook subscriptions (migration 12): `event_types` is a JSON list of event words; a row with
@@ -320,6 +326,7 @@ webhooks = Table(
     Column("secret", Text, nullable=False),
     Column("enabled", Int, nullable=False, server_default=text("1")),
     Column("created_at", Text, nullable=False),
+    Index("ix_webhooks_task", "task_id"),  # a deleted task takes its callback with it
     sqlite_autoincrement=True,
 )
 
@@ -363,4 +370,14 @@ webhook_attempts = Table(
     Column("response", Text),
     Column("error", Text),
     PrimaryKeyConstraint("delivery_id", "attempt"),
+)
+
+# Server-wide webhook secrets by name ("callback": what signs tasks' callback_url deliveries),
+# made once by the first process that needs one.
+webhook_secrets = Table(
+    "webhook_secrets",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("secret", Text, nullable=False),
+    Column("created_at", Text, nullable=False),
 )

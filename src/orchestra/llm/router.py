@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 
-from orchestra import logs
+from orchestra import logs, metrics
 from orchestra.config import Settings
 from orchestra.errors import ModelNotFound, ProviderError, ProviderUnavailable, ProviderUnreachable
 from orchestra.llm.base import (
@@ -108,6 +108,7 @@ class Router:
         everything = servers or list(self.providers.values())
         #: Where a plain model name ("llama3.2") goes: the first enabled server.
         self._bare: Provider | None = everything[0] if everything else None
+        metrics.providers_known(self.providers)
 
     # -- which provider ---------------------------------------------------------------------
 
@@ -156,9 +157,9 @@ class Router:
             gate = self._gates.get(route.provider.name)
             try:
                 if gate is None:
-                    return await call(route)
+                    return await _measured(route, call)
                 async with gate:
-                    return await call(route)
+                    return await _measured(route, call)
             except (ProviderUnreachable, ModelNotFound) as exc:
                 self._mark(route, exc)
                 failures.append((route, exc))
@@ -267,6 +268,20 @@ class Router:
         await asyncio.gather(*self._starting, return_exceptions=True)
         for provider in self.providers.values():
             await provider.close()
+
+
+async def _measured(route: Route, call: Callable[[Route], Awaitable[T]]) -> T:
+    """``call(route)``, its latency, tokens and errors counted (:mod:`orchestra.metrics`)."""
+    clock = time.perf_counter()
+    try:
+        result = await call(route)
+    except ProviderError as exc:
+        seconds = time.perf_counter() - clock
+        metrics.model_failed(route.provider.name, route.model, seconds, exc.code)
+        raise
+    usage = getattr(result, "usage", None)
+    metrics.model_called(route.provider.name, route.model, time.perf_counter() - clock, usage)
+    return result
 
 
 def _live_process(provider: Supervised | None) -> ProcessInfo | None:

@@ -1,0 +1,127 @@
+"""/api/v1/events: every task's events over one connection (Server-Sent Events)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import msgspec
+from litestar import Controller, get
+from litestar.di import NamedDependency
+from litestar.params import HeaderParameter, QueryParameter
+
+from orchestra.api.openapi import errors
+from orchestra.api.runtime import Runtime
+from orchestra.api.tasks import EventStream
+from orchestra.db.feed import FeedEvent, FeedFilter
+from orchestra.errors import FieldProblem, InvalidRequest
+from orchestra.event_types import EventType
+
+#: Event ids are decimal numbers (the global id of an event).
+_NUMBER = "^[0-9]{1,18}$"
+#: What the feed sends while nothing happens: an SSE comment, so that proxies keep it open.
+HEARTBEAT = b": heartbeat\r\n\r\n"
+_TYPES = frozenset(t.value for t in EventType)
+_encode = msgspec.json.Encoder().encode
+
+
+def sse(events: list[FeedEvent]) -> bytes:
+    """Events as Server-Sent Events: the global id is the SSE id, the type its name, and the
+    data the event's fields with its id, task, template, seq, time and type."""
+    if not events:
+        return HEARTBEAT
+    return b"".join(
+        b"id: %d\r\nevent: %s\r\ndata: %s\r\n\r\n"
+        % (
+            e.id,
+            e.type.encode(),
+            _encode(
+                {
+                    "id": e.id,
+                    "task_id": e.task_id,
+                    "template": e.template,
+                    "seq": e.seq,
+                    "time": e.time,
+                    "type": e.type,
+                    **e.data,
+                }
+            ),
+        )
+        for e in events
+    )
+
+
+def wanted_types(values: list[str] | None) -> frozenset[str] | None:
+    """The event types asked for (``type`` repeated, or words separated by commas); None: all.
+
+    Raises:
+        InvalidRequest: a word is not an event type.
+    """
+    if not values:
+        return None
+    words = {w.strip() for value in values for w in value.split(",") if w.strip()}
+    unknown = sorted(words - _TYPES)
+    if unknown:
+        named = ", ".join(map(repr, unknown))
+        reason = f"unknown event type {named}; known: {', '.join(sorted(_TYPES))}"
+        raise InvalidRequest(f"type: {reason}", [FieldProblem("type", reason)])
+    return frozenset(words) or None
+
+
+class EventController(Controller):
+    """Every task's events, as they happen."""
+
+    path = "/api/v1/events"
+    tags = ["events"]
+
+    @get(
+        "/",
+        summary="Follow every task's events (Server-Sent Events)",
+        media_type="text/event-stream",
+        responses=errors(400),
+    )
+    async def events(
+        self,
+        runtime: NamedDependency[Runtime],
+        template: Annotated[
+            str | None, QueryParameter(min_length=1, description="Only tasks of this template.")
+        ] = None,
+        types: Annotated[
+            list[str] | None,
+            QueryParameter(
+                name="type",
+                description="Only events of these types (repeat it, or separate by commas).",
+            ),
+        ] = None,
+        last_event_id: Annotated[
+            str | None,
+            HeaderParameter(
+                name="Last-Event-ID", pattern=_NUMBER, description="Resume after this event id."
+            ),
+        ] = None,
+        after: Annotated[
+            int | None,
+            QueryParameter(
+                ge=0,
+                le=2**53 - 1,
+                description="Resume after this event id (as the header); 0 replays every "
+                "event kept. Without either, the feed starts with the next event.",
+            ),
+        ] = None,
+    ) -> EventStream:
+        """Every task's events as ``text/event-stream``, in the order they were recorded, without
+        end. Each event's ``id`` is its global id (``seq`` is its number within its task);
+        reconnecting with ``Last-Event-ID`` continues without gaps or repeats, across restarts
+        too. A comment is sent every 15 s while nothing happens."""
+        feed = runtime.feed
+        wanted = FeedFilter(template=template, types=wanted_types(types))
+        if last_event_id is not None:
+            after = int(last_event_id)
+        # Fixed now, before the answer starts: what happens once it has started is sent.
+        start = await feed.newest() if after is None else after
+
+        async def stream() -> AsyncIterator[bytes]:
+            async for events in feed.follow(wanted, start):
+                yield sse(events)
+
+        return EventStream(stream())

@@ -1,0 +1,44 @@
+"""GET /metrics: Prometheus's text format (the series are defined in :mod:`orchestra.metrics`).
+
+Served by every process, the workers-only ones (``--no-api``) too: those are what an operator
+scrapes to watch the queue. It needs the read scope, as every GET does, unless ``[metrics]
+public = true`` (:func:`open_paths`). Not in the OpenAPI document: it is Prometheus's format,
+not the JSON API.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, Response, get
+
+from orchestra import logs, metrics
+from orchestra.api.runtime import Runtime
+from orchestra.config import Settings
+from orchestra.errors import StorageError
+
+log = logs.get("orchestra.metrics")
+
+PATH = "/metrics"
+
+
+def open_paths(settings: Settings) -> tuple[str, ...]:
+    """Path patterns the API's key check leaves out for /metrics (``[metrics] public``)."""
+    return ("^/metrics$",) if settings.metrics.public else ()
+
+
+@get(PATH, cache=False, include_in_schema=False)
+async def scrape(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Every series: those this service recorded (every process's, with several) and those
+    read now: tasks by status from the database's counters, providers as last checked. While
+    the database does not answer, the tasks gauge is left out and the rest is served."""
+    runtime: Runtime = request.app.state.runtime
+    counts: dict[str, int] | None
+    try:
+        counts = await runtime.dashboard.counts()
+    except StorageError as exc:
+        log.warning("metrics.counts_failed", error=exc.message)
+        counts = None
+    providers = [(s.name, s.kind, s.available) for s in runtime.router.states()]
+    body = metrics.exposition(counts, providers)
+    return Response(body, media_type=metrics.CONTENT_TYPE)

@@ -1,0 +1,194 @@
+"""Loading the settings: a TOML file, then ``ORCHESTRA_<SECTION>__<KEY>`` environment
+variables over it, into :class:`~orchestra.config.Settings` (the structs live there).
+
+Nothing here reads the environment at import time: callers pass ``env`` explicitly so tests
+can build different settings side by side.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, get_args
+
+import msgspec
+
+from orchestra.config import (
+    DEFAULT_FILE,
+    DEFAULT_MODELS,
+    DEFAULT_PROVIDERS,
+    ENV_PREFIX,
+    ModelSettings,
+    ProviderKind,
+    ProviderSettings,
+    Settings,
+)
+from orchestra.errors import ConfigError
+
+#: Tables of named entries, and the type of one entry.
+_NAMED_TABLES: dict[str, Any] = {
+    "providers": ProviderSettings,
+    "models": list[str] | ModelSettings,
+}
+
+_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$\.?(?P<path>[^`]*)`)?$", re.DOTALL)
+
+
+def _describe(err: msgspec.ValidationError, data: Mapping[str, Any]) -> tuple[str, str]:
+    """Split msgspec's 'Expected `int`, got `str` - at `$.server.port`' into (key, reason)."""
+    m = _AT.match(str(err))
+    assert m is not None  # the pattern matches any string
+    path = m.group("path") or ""
+    what = m.group("what").replace("`", "")
+    for table, entry_type in _NAMED_TABLES.items():
+        if not path.startswith(f"{table}[...]"):
+            continue
+        # msgspec does not name dict keys; find the entry that fails on its own.
+        for name, entry in (data.get(table) or {}).items():
+            try:
+                msgspec.convert(entry, entry_type)
+            except msgspec.ValidationError as exc:
+                key, reason = _describe(exc, {})
+                return f"{table}.{name}" + (f".{key}" if key != "(top level)" else ""), reason
+    unknown = re.match(r"Object contains unknown field (\S+)", what)
+    if unknown:
+        key = ".".join(p for p in (path, unknown.group(1)) if p)
+        return key, "unknown setting"
+    if what.startswith("Invalid enum value") and path.endswith("kind"):
+        return (
+            path,
+            f"{what[0].lower()}{what[1:]} (expected one of {', '.join(get_args(ProviderKind))})",
+        )
+    missing = re.match(r"Object missing required field (\S+)", what)
+    if missing:
+        return ".".join(p for p in (path, missing.group(1)) if p), "required, but not set"
+    return path or "(top level)", what[0].lower() + what[1:] if what else "invalid value"
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """Turn ORCHESTRA_SECTION__KEY=value variables into a nested mapping (more ``__`` go
+    deeper: ORCHESTRA_PROVIDERS__OLLAMA__URL)."""
+    out: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name or name == "ORCHESTRA_CONFIG":
+            continue
+        *parents, key = name[len(ENV_PREFIX) :].lower().split("__")
+        value: Any = raw
+        # Lists and tables are written in TOML syntax: ORCHESTRA_TEMPLATES__DIRS='["a", "b"]'.
+        if raw.strip().startswith(("[", "{")):
+            try:
+                value = tomllib.loads(f"v = {raw}")["v"]
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{name}: expected a TOML value ({exc})") from None
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[key] = value
+    return out
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``, table by table."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _legacy_ollama(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Read an ``[ollama]`` table as the provider named ``ollama`` (a shorthand)."""
+    out = dict(data)
+    legacy = out.pop("ollama", None)
+    if legacy is None:
+        return out
+    if not isinstance(legacy, Mapping):
+        raise ConfigError(f"{source}: ollama: expected a table")
+    providers = out.get("providers") or {}
+    if not isinstance(providers, Mapping):
+        raise ConfigError(f"{source}: providers: expected a table")
+    out["providers"] = _merge(providers, {"ollama": legacy})
+    return out
+
+
+def _with_defaults(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Add the built-in providers and model names under the settings' own."""
+    out = _legacy_ollama(data, source)
+    providers = out.get("providers") or {}
+    if not isinstance(providers, Mapping):
+        raise ConfigError(f"{source}: providers: expected a table")
+    out["providers"] = _merge(DEFAULT_PROVIDERS, providers)
+    models = out.get("models") or {}
+    if not isinstance(models, Mapping):
+        raise ConfigError(f"{source}: models: expected a table")
+    out["models"] = {**DEFAULT_MODELS, **models}
+    return out
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the settings file ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the settings file is not UTF-8 text") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def resolve_path(explicit: str | Path | None, env: Mapping[str, str]) -> Path | None:
+    """Pick the settings file: --config, then $ORCHESTRA_CONFIG, then ./orchestra.toml."""
+    if explicit:
+        return Path(explicit)
+    if env.get("ORCHESTRA_CONFIG"):
+        return Path(env["ORCHESTRA_CONFIG"])
+    default = Path(DEFAULT_FILE)
+    return default if default.is_file() else None
+
+
+def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from defaults, a TOML file and environment overrides.
+
+    Args:
+        path: The settings file; None picks one as :func:`resolve_path` does.
+        env: Environment variables to read overrides from; None means ``os.environ``.
+
+    Raises:
+        ConfigError: with a one-line message naming the file (or variable), the key and what
+            was expected.
+    """
+    env = os.environ if env is None else env
+    file = resolve_path(path, env)
+    data: dict[str, Any] = _read_file(file) if file else {}
+    source = str(file) if file else "built-in defaults"
+    if "ollama" in data and "ollama" in (data.get("providers") or {}):
+        raise ConfigError(
+            f"{source}: ollama: [ollama] and [providers.ollama] are both set; keep one"
+        )
+    try:
+        msgspec.convert(_with_defaults(data, source), Settings)
+    except msgspec.ValidationError as exc:
+        key, reason = _describe(exc, _with_defaults(data, source))
+        raise ConfigError(f"{source}: {key}: {reason}") from None
+
+    overrides = _env_overrides(env)
+    if not overrides:
+        return msgspec.convert(_with_defaults(data, source), Settings)
+    env_source = f"environment over {source}"
+    merged = _with_defaults(
+        _merge(_legacy_ollama(data, source), _legacy_ollama(overrides, env_source)), env_source
+    )
+    try:
+        # Environment values are strings; strict=False lets "9000" become an int.
+        return msgspec.convert(merged, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        key, reason = _describe(exc, merged)
+        var = ENV_PREFIX + key.upper().replace(".", "__")
+        raise ConfigError(f"{var} (environment) over {source}: {key}: {reason}") from None

@@ -1,0 +1,476 @@
+"""Webhook subscriptions and their outbox: every statement about webhooks.
+
+- :func:`record_deliveries` runs inside the transaction that appends a task event
+  (:mod:`~orchestra.db.events`): one ``INSERT … SELECT`` writes a delivery row for each
+  enabled subscription the event matches, so an event and its deliveries commit together.
+- :class:`WebhookStore` is the rest: subscriptions, the sender's claim (a lease, as the task
+  queue's: ``FOR UPDATE SKIP LOCKED`` on PostgreSQL), each attempt's record, the listing and
+  redelivery.
+
+A claimed delivery's ``next_attempt_at`` is moved to its lease's end: a sender that dies
+mid-send leaves a row that is due again when the lease runs out, and its later writes are
+guarded by ``lease_owner`` so a stale sender cannot overwrite a newer one's outcome.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Integer,
+    Text,
+    and_,
+    bindparam,
+    cast,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    true,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSON
+
+from orchestra.db.engine import Database
+from orchestra.db.prepared import INSERTS, Prepared
+from orchestra.db.tables import (
+    task_events,
+    tasks,
+    webhook_attempts,
+    webhook_deliveries,
+    webhook_secrets,
+    webhooks,
+)
+from orchestra.domain import NewTask
+from orchestra.webhooks import (
+    Claimed,
+    Delivery,
+    DeliveryAttempt,
+    DeliveryStatus,
+    Webhook,
+)
+
+_d = webhook_deliveries
+_w = webhooks
+
+
+class Hint:
+    """Deliveries this process's transactions wrote (a count, bumped before the commit): the
+    sender compares it after a commit wakes it, and claims only when it moved. Only a hint: a
+    rolled-back write moves it too, and the sender also polls."""
+
+    written = 0
+
+
+def _payload(engine: str, seq: Any) -> Any:
+    """The body sent, built in SQL from the event and the task as they are in the event's
+    transaction: ``{"type", "timestamp", "data": {"task_id", "template", "status", "seq",
+    "event"}}`` (the Standard Webhooks envelope; ``event`` is the event's own object)."""
+    kind, at = cast(bindparam("type"), Text), cast(bindparam("time"), Text)
+    if engine == "postgresql":
+        data = func.json_build_object(
+            "task_id", tasks.c.id, "template", tasks.c.template, "status", tasks.c.status,
+            "seq", seq, "event", cast(cast(bindparam("data"), Text), JSON),
+        )  # fmt: skip
+        return cast(func.json_build_object("type", kind, "timestamp", at, "data", data), Text)
+    data = func.json_object(
+        "task_id", tasks.c.id, "template", tasks.c.template, "status", tasks.c.status,
+        "seq", seq, "event", func.json(bindparam("data")),
+    )  # fmt: skip
+    return func.json_object("type", kind, "timestamp", at, "data", data)
+
+
+def _deliveries(engine: str, event: Any = None) -> Any:
+    """One INSERT … SELECT: a delivery per enabled subscription the event matches (its type,
+    its task's template, the task itself for a callback). Nothing matches: nothing written
+    (``webhooks`` is small; the task is found by its key).
+
+    ``event``: the event's INSERT … RETURNING (task_id, seq) as a CTE, for one statement
+    that writes both (PostgreSQL: one round trip, not two); None: the event was written just
+    before, and its seq is the task's last.
+    """
+    kind = cast(bindparam("type"), Text)
+    if event is None:
+        seq: Any = (
+            select(func.max(task_events.c.seq))
+            .where(task_events.c.task_id == bindparam("task_id"))
+            .scalar_subquery()
+        )
+        source = _w.join(tasks, tasks.c.id == bindparam("task_id"))
+    else:
+        seq = event.c.seq
+        source = event.join(tasks, tasks.c.id == event.c.task_id).join(_w, true())
+    matching = (
+        select(
+            _w.c.id,
+            tasks.c.id,
+            seq,
+            kind,
+            _payload(engine, seq),
+            literal(DeliveryStatus.PENDING.value),
+            literal(0),
+            bindparam("time"),
+            bindparam("time"),
+        )
+        .select_from(source)
+        .where(
+            _w.c.enabled == 1,
+            or_(_w.c.task_id.is_(None), _w.c.task_id == tasks.c.id),
+            or_(_w.c.template.is_(None), _w.c.template == tasks.c.template),
+            # event_types is a JSON list of words, none with a quote in it.
+            _w.c.event_types.like(literal('%"') + kind + literal('"%')),
+        )
+    )
+    columns = ["webhook_id", "task_id", "event_seq", "type", "payload", "status"]
+    columns += ["attempts", "next_attempt_at", "created_at"]
+    return insert(_d).from_select(columns, matching)
+
+
+_RECORD = Prepared(_deliveries)
+#: PostgreSQL's event INSERTs with their deliveries, by the event statement they wrap.
+_WITH_EVENT: dict[int, Prepared] = {}
+
+
+def _with_event(append: Prepared) -> Prepared:
+    """``append`` (the event's INSERT, :mod:`~orchestra.db.events`'s) and the deliveries of
+    the event it writes, as one PostgreSQL statement."""
+    combined = _WITH_EVENT.get(id(append))
+    if combined is None:
+        event = append.statement("postgresql").returning(task_events.c.task_id, task_events.c.seq)
+        combined = _WITH_EVENT[id(append)] = Prepared(_deliveries("postgresql", event.cte("event")))
+    return combined
+
+
+def append_events(conn: Connection, append: Prepared, rows: Sequence[dict[str, Any]]) -> None:
+    """Inside a write transaction: run ``append`` (the event INSERT) for each of ``rows``
+    (``task_id``, ``time``, ``type``, ``data``, as events store them) and write the
+    deliveries of those events, in the same transaction: the outbox.
+
+    PostgreSQL runs both as one statement (a data-modifying CTE); SQLite, whose statements
+    cost no round trip, runs them one after the other.
+    """
+    if conn.dialect.name == "postgresql":
+        statement = _with_event(append)
+        if len(rows) == 1:
+            if statement.run(conn, rows[0]).rowcount:
+                Hint.written += 1
+            return
+        statement.run_many(conn, rows)
+        Hint.written += 1  # executemany's row count is not told
+        return
+    if len(rows) == 1:
+        append.run(conn, rows[0])
+        if _RECORD.run(conn, rows[0]).rowcount:
+            Hint.written += 1
+        return
+    append.run_many(conn, rows)
+    # One by one (no round trips on SQLite), so the hint moves only when something matched.
+    if sum(_RECORD.run(conn, row).rowcount for row in rows):
+        Hint.written += 1
+
+
+# -- the sender's claim ---------------------------------------------------------------------
+
+
+def _claim_statement(engine: str) -> Any:
+    due = (
+        select(_d.c.id)
+        .where(
+            _d.c.status == DeliveryStatus.PENDING.value,
+            _d.c.next_attempt_at <= bindparam("now"),
+        )
+        .order_by(_d.c.next_attempt_at, _d.c.id)
+        .limit(bindparam("limit", type_=Integer))
+    )
+    chosen: ColumnElement[bool]
+    if engine == "postgresql":
+        picked = due.with_for_update(skip_locked=True).cte("due")
+        chosen = _d.c.id == picked.c.id
+    else:
+        chosen = _d.c.id.in_(due)
+    return (
+        update(_d)
+        .where(chosen, _d.c.status == DeliveryStatus.PENDING.value)
+        .values(
+            lease_owner=bindparam("owner"),
+            lease_expires_at=bindparam("expires"),
+            next_attempt_at=bindparam("expires"),
+            attempts=_d.c.attempts + 1,
+        )
+        .returning(_d.c.id, _d.c.webhook_id, _d.c.payload, _d.c.attempts, _d.c.created_at)
+    )
+
+
+_CLAIM = Prepared(_claim_statement)
+
+
+def _guard() -> ColumnElement[bool]:
+    """The lease guard of a sender's writes: still pending, under this lease and attempt."""
+    return and_(
+        _d.c.id == bindparam("g_id"),
+        _d.c.status == DeliveryStatus.PENDING.value,
+        _d.c.lease_owner == bindparam("g_owner"),
+        _d.c.attempts == bindparam("g_attempt"),
+    )
+
+
+def _secret_statement(engine: str) -> Any:
+    return (
+        INSERTS[engine](webhook_secrets)
+        .values(name=bindparam("name"), secret=bindparam("secret"), created_at=bindparam("at"))
+        .on_conflict_do_nothing(index_elements=["name"])
+    )
+
+
+_SECRET = Prepared(_secret_statement)
+
+
+class WebhookStore:
+    """Webhook subscriptions and deliveries in the database."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- subscriptions ----------------------------------------------------------------------
+
+    async def create(self, hook: Webhook, secret: str) -> Webhook:
+        """Store a subscription (its ``id`` is ignored); returns it with its id."""
+        values = {
+            "url": hook.url,
+            "event_types": msgspec.json.encode(hook.event_types).decode(),
+            "template": hook.template,
+            "task_id": hook.task_id,
+            "secret": secret,
+            "enabled": 1 if hook.enabled else 0,
+            "created_at": hook.created_at,
+        }
+        new_id = await self.db.transaction(
+            lambda conn: int(
+                conn.execute(insert(_w).values(values).returning(_w.c.id)).scalar_one()
+            ),
+            small=True,
+        )
+        return msgspec.structs.replace(hook, id=new_id)
+
+    async def enqueue_with_callback(
+        self, new: NewTask, at: str, callback: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """:func:`~orchestra.db.queue.enqueue` with the task's callback subscription
+        (``callback``: its ``webhooks`` values but the task id) in the same transaction, so
+        that no event of the task can come before it. None: the idempotency key was used."""
+
+        from orchestra.db import queue  # queue appends events, which write deliveries
+
+        def work(conn: Connection) -> dict[str, Any] | None:
+            row = queue.enqueue(conn, new, at)
+            if row is not None:
+                conn.execute(insert(_w).values({**callback, "task_id": row["id"]}))
+            return row
+
+        return await self.db.transaction(work, small=True)
+
+    async def subscriptions(self) -> list[Webhook]:
+        """Every subscription (not tasks' callbacks), oldest first."""
+        query = select(_w).where(_w.c.task_id.is_(None)).order_by(_w.c.id)
+        async with self.db.read() as conn:
+            return [_webhook(r._mapping) for r in (await conn.execute(query)).all()]
+
+    async def get(self, webhook_id: int) -> Webhook | None:
+        """One subscription (or callback), or None."""
+        async with self.db.read() as conn:
+            row = (await conn.execute(select(_w).where(_w.c.id == webhook_id))).one_or_none()
+        return None if row is None else _webhook(row._mapping)
+
+    async def delete(self, webhook_id: int) -> bool:
+        """Delete a subscription with its deliveries; False when there was none."""
+
+        def work(conn: Connection) -> bool:
+            # Attempts first: SQLite cascades only where foreign keys are enforced.
+            owned = select(_d.c.id).where(_d.c.webhook_id == webhook_id)
+            conn.execute(delete(webhook_attempts).where(webhook_attempts.c.delivery_id.in_(owned)))
+            conn.execute(delete(_d).where(_d.c.webhook_id == webhook_id))
+            return bool(conn.execute(delete(_w).where(_w.c.id == webhook_id)).rowcount)
+
+        return await self.db.transaction(work)
+
+    async def shared_secret(self, name: str, candidate: str, at: str) -> str:
+        """The server-wide secret ``name``: the one stored, else ``candidate``, stored now
+        (the first process to ask wins; the others read its secret)."""
+
+        def work(conn: Connection) -> str:
+            _SECRET.run(conn, {"name": name, "secret": candidate, "at": at})
+            query = select(webhook_secrets.c.secret).where(webhook_secrets.c.name == name)
+            return str(conn.execute(query).scalar_one())
+
+        return await self.db.transaction(work, small=True)
+
+    # -- deliveries -------------------------------------------------------------------------
+
+    async def deliveries(
+        self, webhook_id: int, limit: int = 50, before: int | None = None
+    ) -> list[Delivery]:
+        """A subscription's deliveries, newest first, each with its attempts."""
+        query = select(_d).where(_d.c.webhook_id == webhook_id).order_by(_d.c.id.desc())
+        if before is not None:
+            query = query.where(_d.c.id < before)
+        async with self.db.read() as conn:
+            rows = (await conn.execute(query.limit(limit))).all()
+            ids = [r.id for r in rows]
+            tried = (
+                await conn.execute(
+                    select(webhook_attempts)
+                    .where(webhook_attempts.c.delivery_id.in_(ids))
+                    .order_by(webhook_attempts.c.delivery_id, webhook_attempts.c.attempt)
+                )
+            ).all()
+        by_delivery: dict[int, list[DeliveryAttempt]] = {}
+        for a in tried:
+            by_delivery.setdefault(a.delivery_id, []).append(
+                DeliveryAttempt(
+                    attempt=a.attempt,
+                    time=a.time,
+                    status_code=a.status_code,
+                    latency_ms=a.latency_ms,
+                    response=a.response,
+                    error=a.error,
+                )
+            )
+        return [_delivery(r._mapping, by_delivery.get(r.id, [])) for r in rows]
+
+    async def redeliver(self, webhook_id: int, delivery_id: int, at: str) -> bool:
+        """Make a delivery due now again (delivered, failed or still pending), with the same
+        id and body; False when the subscription has no such delivery."""
+        statement = (
+            update(_d)
+            .where(_d.c.id == delivery_id, _d.c.webhook_id == webhook_id)
+            .values(
+                status=DeliveryStatus.PENDING.value,
+                next_attempt_at=at,
+                created_at=at,  # the retry window starts again
+                finished_at=None,
+                lease_owner=None,
+                lease_expires_at=None,
+            )
+        )
+        return await self.db.transaction(
+            lambda conn: bool(conn.execute(statement).rowcount), small=True
+        )
+
+    async def claim(self, owner: str, limit: int, now: str, expires: str) -> list[Claimed]:
+        """Lease up to ``limit`` due deliveries to ``owner`` until ``expires``, oldest due
+        first, each with its subscription's URL and secret. One process's claim never
+        returns a delivery another holds."""
+
+        def work(conn: Connection) -> list[Claimed]:
+            params = {"now": now, "limit": limit, "owner": owner, "expires": expires}
+            rows = _CLAIM.rows(conn, params)
+            if not rows:
+                return []
+            ids = sorted({r["webhook_id"] for r in rows})
+            hooks = {
+                h.id: h
+                for h in conn.execute(
+                    select(_w.c.id, _w.c.url, _w.c.secret).where(_w.c.id.in_(ids))
+                ).all()
+            }
+            return [
+                Claimed(
+                    id=r["id"],
+                    webhook_id=r["webhook_id"],
+                    url=hooks[r["webhook_id"]].url,
+                    secret=hooks[r["webhook_id"]].secret,
+                    payload=r["payload"],
+                    attempt=r["attempts"],
+                    created_at=r["created_at"],
+                )
+                for r in rows
+                if r["webhook_id"] in hooks
+            ]
+
+        return await self.db.transaction(work, small=True)
+
+    async def release(self, owner: str, delivery: Claimed, due: str) -> None:
+        """Give a claimed delivery back unsent (its host was busy): due at ``due``, the
+        attempt not counted."""
+        statement = (
+            update(_d)
+            .where(_guard())
+            .values(
+                next_attempt_at=due,
+                lease_owner=None,
+                lease_expires_at=None,
+                attempts=_d.c.attempts - 1,
+            )
+        )
+        params = {"g_id": delivery.id, "g_owner": owner, "g_attempt": delivery.attempt}
+        await self.db.transaction(lambda conn: conn.execute(statement, params), small=True)
+
+    async def record(
+        self,
+        owner: str,
+        delivery: Claimed,
+        tried: DeliveryAttempt,
+        status: DeliveryStatus,
+        next_at: str | None,
+    ) -> bool:
+        """Record an attempt and the delivery's state after it: delivered, failed for good,
+        or pending again at ``next_at``. False (nothing written) when the lease was lost."""
+        guard = {"g_id": delivery.id, "g_owner": owner, "g_attempt": delivery.attempt}
+        values: dict[str, Any] = {"status": status.value, "lease_owner": None}
+        values["lease_expires_at"] = None
+        if status is DeliveryStatus.PENDING:
+            values["next_attempt_at"] = next_at
+        else:
+            values["finished_at"] = tried.time
+        statement = update(_d).where(_guard()).values(values)
+        attempt_row = {"delivery_id": delivery.id, **msgspec.structs.asdict(tried)}
+
+        def work(conn: Connection) -> bool:
+            if not conn.execute(statement, guard).rowcount:
+                return False
+            insert_attempt = INSERTS[conn.dialect.name](webhook_attempts).values(attempt_row)
+            conn.execute(insert_attempt.on_conflict_do_nothing())
+            return True
+
+        return await self.db.transaction(work, small=True)
+
+    async def pending_count(self) -> int:
+        """Deliveries not yet delivered nor given up (for tests and health)."""
+        query = select(func.count()).where(_d.c.status == DeliveryStatus.PENDING.value)
+        async with self.db.read() as conn:
+            return int((await conn.execute(query.select_from(_d))).scalar_one())
+
+
+def _webhook(m: Any) -> Webhook:
+    return Webhook(
+        id=m["id"],
+        url=m["url"],
+        event_types=msgspec.json.decode(m["event_types"], type=list[str]),
+        template=m["template"],
+        task_id=m["task_id"],
+        enabled=bool(m["enabled"]),
+        created_at=m["created_at"],
+    )
+
+
+def _delivery(m: Any, tried: list[DeliveryAttempt]) -> Delivery:
+    return Delivery(
+        id=m["id"],
+        webhook_id=m["webhook_id"],
+        task_id=m["task_id"],
+        event_seq=m["event_seq"],
+        type=m["type"],
+        status=DeliveryStatus(m["status"]),
+        attempts=m["attempts"],
+        next_attempt_at=m["next_attempt_at"] if m["status"] == "pending" else None,
+        created_at=m["created_at"],
+        finished_at=m["finished_at"],
+        payload=msgspec.json.decode(m["payload"]),
+        history=tried,
+    )

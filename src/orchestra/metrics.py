@@ -1,0 +1,359 @@
+"""Prometheus metrics: every series Orchestra exports, and the calls that feed them.
+
+The rest of the code calls the functions here (``metrics.task_finished(template, status,
+seconds)``), never prometheus-client itself, so each series is defined, named and labelled in
+one place. A call is a counter or histogram update in memory (about a microsecond): no I/O.
+
+Two kinds of series:
+
+- **Recorded** as things happen (counters, histograms, the worker-slot gauges), in the process
+  where they happen.
+- **Read when scraped** (:func:`exposition`): tasks by status, from the database's counters
+  (a handful of rows: the same read as the dashboard's counts, never a walk of the tasks
+  table), and provider availability, as the router last saw it. Both describe the whole
+  service, so the process that answers reports them once, whatever the number of processes.
+
+Several processes (``orchestra serve --processes N``): the supervisor gives its processes one
+fresh directory (:func:`share_between_processes`, prometheus-client's multiprocess mode via
+``PROMETHEUS_MULTIPROC_DIR``); each process writes its recorded series to memory-mapped files
+there, and a scrape, whichever process it lands on, sums them for the whole host. Counters
+and histograms of a process that died keep counting towards the totals; its worker-slot
+gauges are dropped (:func:`process_exited`). One process needs none of this.
+
+Label values are bounded: no task ids; templates and models beyond :data:`MAX_LABEL_VALUES`
+distinct values in a process are reported as ``other`` (a task may name any model).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import datetime
+from typing import Any, TypeVar, cast
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client import multiprocess as _multiprocess
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+from orchestra.domain import Step, StepStatus, Usage
+
+#: The media type of :func:`exposition`'s text: Prometheus's text format 0.0.4, which every
+#: Prometheus reads (the web framework adds ``; charset=utf-8``). prometheus-client's own
+#: latest (1.0.0) differs only where names need escaping, which Orchestra's never do.
+CONTENT_TYPE = "text/plain; version=0.0.4"
+#: Where prometheus-client's multiprocess mode keeps the processes' files.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: Distinct values one label takes in a process before further ones are reported as ``other``.
+MAX_LABEL_VALUES = 200
+OTHER = "other"
+
+#: Seconds: from a few milliseconds in the queue to a quarter of an hour.
+_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
+#: Seconds: a task or a step, from a template with no model call to a long generation.
+_RUN_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+#: Seconds: one model call.
+_CALL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+#: The outcomes a webhook delivery attempt is counted under.
+WEBHOOK_RESULTS = ("delivered", "failed", "retrying")
+#: Where the reaper puts a task whose lease expired.
+LEASE_OUTCOMES = ("queued", "failed")
+#: The codes of provider errors (``ProviderError`` and its subclasses).
+PROVIDER_ERRORS = ("provider_unavailable", "model_not_found", "provider_error")
+
+TASKS_SUBMITTED = Counter(
+    "orchestra_tasks_submitted", "Tasks submitted (idempotent replays not counted).", ["template"]
+)
+TASKS_FINISHED = Counter(
+    "orchestra_tasks_finished",
+    "Tasks that reached a final status: succeeded, failed or cancelled.",
+    ["template", "status"],
+)
+QUEUE_WAIT = Histogram(
+    "orchestra_task_queue_wait_seconds",
+    "Seconds from when a task was due (submitted, or its retry's time) until a worker took it.",
+    ["template"],
+    buckets=_WAIT_BUCKETS,
+)
+TASK_DURATION = Histogram(
+    "orchestra_task_duration_seconds",
+    "Seconds one attempt of a task ran, by the status it ended with.",
+    ["template", "status"],
+    buckets=_RUN_BUCKETS,
+)
+STEP_DURATION = Histogram(
+    "orchestra_step_duration_seconds",
+    "Seconds one step ran, by kind, the provider and model that answered it (empty for steps "
+    "without a model call) and its status.",
+    ["kind", "provider", "model", "status"],
+    buckets=_RUN_BUCKETS,
+)
+MODEL_CALL = Histogram(
+    "orchestra_model_call_duration_seconds",
+    "Seconds one model call took (chat or embedding, a streamed answer to its end), failed "
+    "calls included.",
+    ["provider", "model"],
+    buckets=_CALL_BUCKETS,
+)
+MODEL_TOKENS = Counter(
+    "orchestra_model_tokens",
+    "Tokens the model servers reported: direction in (the prompt) or out (the answer).",
+    ["provider", "model", "direction"],
+)
+PROVIDER_ERRORS_TOTAL = Counter(
+    "orchestra_provider_errors",
+    "Model calls that failed, by provider and error code.",
+    ["provider", "error"],
+)
+RETRIES = Counter(
+    "orchestra_task_retries",
+    "Failed attempts queued again for a later attempt (retry policy).",
+    ["template"],
+)
+LEASE_EXPIRIES = Counter(
+    "orchestra_lease_expiries",
+    "Running tasks whose lease ran out (a worker died or lost the database), by where the "
+    "reaper put them: queued again, or failed (out of attempts).",
+    ["outcome"],
+)
+WEBHOOK_DELIVERIES = Counter(
+    "orchestra_webhook_deliveries",
+    "Webhook delivery attempts, by result: delivered, failed (given up), retrying.",
+    ["result"],
+)
+# Summed over the processes alive now; a dead process's files are removed.
+WORKER_SLOTS = Gauge(
+    "orchestra_worker_slots",
+    "Tasks the worker pools may run at once ([workers] concurrency, summed over processes).",
+    multiprocess_mode="livesum",
+)
+WORKER_SLOTS_BUSY = Gauge(
+    "orchestra_worker_slots_busy",
+    "Worker slots running a task now.",
+    multiprocess_mode="livesum",
+)
+
+for _result in WEBHOOK_RESULTS:  # known values start at 0, so rate() sees the first one
+    WEBHOOK_DELIVERIES.labels(_result)
+for _outcome in LEASE_OUTCOMES:
+    LEASE_EXPIRIES.labels(_outcome)
+
+
+class _Bounded:
+    """A label's values as they are until :data:`MAX_LABEL_VALUES` are known, then ``other``."""
+
+    def __init__(self, limit: int = MAX_LABEL_VALUES) -> None:
+        self.limit = limit
+        self.seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self.seen:
+            return value
+        if len(self.seen) >= self.limit:
+            return OTHER
+        self.seen.add(value)
+        return value
+
+
+_template = _Bounded()
+_model = _Bounded()
+
+_Labelled = TypeVar("_Labelled", Counter, Histogram)
+#: Each series' child per label values, found once: prometheus-client's ``labels()`` checks
+#: and converts its arguments under a lock on every call, which costs more than the update.
+_children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def _child(metric: _Labelled, *labels: str) -> _Labelled:
+    key = (id(metric), labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return cast("_Labelled", child)
+
+
+# -- recording (called by the service) ---------------------------------------------------------
+
+
+def task_submitted(template: str) -> None:
+    """A task was queued (not an idempotent replay)."""
+    _child(TASKS_SUBMITTED, _template(template)).inc()
+
+
+def task_started(template: str, due_at: str, started_at: str | None) -> None:
+    """A worker took a task that was due at ``due_at`` and started at ``started_at`` (ISO
+    times, as stored on the task): one more busy slot, and its wait in the queue."""
+    WORKER_SLOTS_BUSY.inc()
+    try:  # a time that does not parse costs the observation, never the task
+        wait = (
+            datetime.fromisoformat(started_at or "") - datetime.fromisoformat(due_at)
+        ).total_seconds()
+    except (TypeError, ValueError):
+        return
+    _child(QUEUE_WAIT, _template(template)).observe(max(wait, 0.0))
+
+
+def slot_freed() -> None:
+    """A task's run ended here, however it ended (the pair of :func:`task_started`)."""
+    WORKER_SLOTS_BUSY.dec()
+
+
+def worker_slots(change: int) -> None:
+    """A worker pool started (``+concurrency``) or stopped (``-concurrency``)."""
+    WORKER_SLOTS.inc(change)
+
+
+def task_finished(template: str, status: str, seconds: float | None = None) -> None:
+    """A task reached a final status; ``seconds``: how long its last attempt ran (None: it
+    did not run, e.g. cancelled while queued)."""
+    name = _template(template)
+    _child(TASKS_FINISHED, name, status).inc()
+    if seconds is not None:
+        _child(TASK_DURATION, name, status).observe(seconds)
+
+
+def task_retried(template: str) -> None:
+    """A failed attempt was queued again for a later one."""
+    _child(RETRIES, _template(template)).inc()
+
+
+def lease_expired(outcome: str) -> None:
+    """The reaper found a lease expired and put the task back (``queued``) or failed it."""
+    _child(LEASE_EXPIRIES, outcome).inc()
+
+
+def step_finished(kind: str, step: Step) -> None:
+    """A step ended (succeeded or failed; skipped steps are not timed)."""
+    if step.duration_ms is None or step.status is StepStatus.SKIPPED:
+        return
+    provider, _, model = (step.model or "").partition("/")
+    _child(
+        STEP_DURATION, kind, provider, _model(model) if model else "", step.status.value
+    ).observe(step.duration_ms / 1000)
+
+
+def model_called(provider: str, model: str, seconds: float, usage: Usage | None) -> None:
+    """A model call answered after ``seconds``, using the tokens ``usage`` reports."""
+    model = _model(model)
+    _child(MODEL_CALL, provider, model).observe(seconds)
+    if usage is None:
+        return
+    if usage.prompt_tokens:
+        _child(MODEL_TOKENS, provider, model, "in").inc(usage.prompt_tokens)
+    if usage.completion_tokens:
+        _child(MODEL_TOKENS, provider, model, "out").inc(usage.completion_tokens)
+
+
+def model_failed(provider: str, model: str, seconds: float, code: str) -> None:
+    """A model call failed after ``seconds`` with a provider error of this code."""
+    _child(MODEL_CALL, provider, _model(model)).observe(seconds)
+    _child(PROVIDER_ERRORS_TOTAL, provider, code).inc()
+
+
+def providers_known(names: Iterable[str]) -> None:
+    """Start every provider's error counters at 0, so a first error shows as a rise."""
+    for name in names:
+        for code in PROVIDER_ERRORS:
+            _child(PROVIDER_ERRORS_TOTAL, name, code)
+
+
+def webhook_delivery(result: str) -> None:
+    """One webhook delivery attempt ended: ``delivered``, ``failed`` (given up) or
+    ``retrying`` (it will be sent again)."""
+    _child(WEBHOOK_DELIVERIES, result if result in WEBHOOK_RESULTS else OTHER).inc()
+
+
+# -- scraping ----------------------------------------------------------------------------------
+
+
+class _ReadNow:
+    """The series read when scraped: tasks by status (None: the database did not answer) and
+    provider availability."""
+
+    def __init__(
+        self, counts: Mapping[str, int] | None, providers: Iterable[tuple[str, str, bool]]
+    ) -> None:
+        self.counts = counts
+        self.providers = list(providers)
+
+    def collect(self) -> Iterator[Metric]:
+        if self.counts is not None:
+            tasks = GaugeMetricFamily(
+                "orchestra_tasks",
+                "Tasks in each status now, from the database's counters (the whole service).",
+                labels=["status"],
+            )
+            for status, n in self.counts.items():
+                tasks.add_metric([status], n)
+            yield tasks
+        up = GaugeMetricFamily(
+            "orchestra_provider_available",
+            "1 while a provider passes its health checks and did not fail a call since, else 0.",
+            labels=["provider", "kind"],
+        )
+        for name, kind, available in self.providers:
+            up.add_metric([name, kind], 1.0 if available else 0.0)
+        yield up
+
+
+class _Recorded:
+    """This process's registry (one process) as a collector of another registry."""
+
+    def collect(self) -> Iterator[Metric]:
+        yield from REGISTRY.collect()
+
+
+def multiprocess() -> bool:
+    """Whether the recorded series live in the shared directory (several processes)."""
+    return bool(getattr(values.ValueClass, "_multiprocess", False))
+
+
+def exposition(
+    counts: Mapping[str, int] | None, providers: Iterable[tuple[str, str, bool]]
+) -> bytes:
+    """Every series in Prometheus's text format: the recorded ones (of every process, in
+    multiprocess mode; of this one, else) and those read now from ``counts`` (tasks by
+    status; None leaves them out) and ``providers`` (name, kind, available)."""
+    registry = CollectorRegistry(auto_describe=False)
+    if multiprocess():
+        _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    else:
+        registry.register(_Recorded())
+    registry.register(_ReadNow(counts, providers))
+    return generate_latest(registry)
+
+
+# -- several processes (the supervisor) ----------------------------------------------------------
+
+
+def share_between_processes() -> Callable[[], None]:
+    """Give the processes this one starts a fresh directory for their metrics (the variable
+    :data:`MULTIPROC_ENV`, which they inherit), below the one it names already if set; returns
+    the undo, which removes the directory and restores the variable.
+
+    Called by the supervisor before it starts any process: prometheus-client picks its mode
+    when first imported in a process, from this variable.
+    """
+    before = os.environ.get(MULTIPROC_ENV)
+    folder = tempfile.mkdtemp(prefix="orchestra-metrics-", dir=before or None)
+    os.environ[MULTIPROC_ENV] = folder
+
+    def undo() -> None:
+        if before is None:
+            os.environ.pop(MULTIPROC_ENV, None)
+        else:
+            os.environ[MULTIPROC_ENV] = before
+        shutil.rmtree(folder, ignore_errors=True)
+
+    return undo
+
+
+def process_exited(pid: int | None) -> None:
+    """A service process exited: its gauges no longer count (its counters and histograms
+    still do)."""
+    folder = os.environ.get(MULTIPROC_ENV)
+    if pid is not None and folder:
+        _multiprocess.mark_process_dead(pid, folder)  # type: ignore[no-untyped-call]

@@ -1,0 +1,326 @@
+"""Schedules at work: what the API does with them (:class:`ScheduleService`), and the loop
+that fires their ticks (:class:`ScheduleLoop`), which every process with workers runs.
+
+Each due tick is fired in one transaction (:meth:`~orchestra.db.schedules.ScheduleStore.fire`)
+whose unique ``schedule_fires`` row makes it fire once, however many processes see it due:
+the loser of a race finds the schedule moved on, which is a normal outcome. The loop sleeps
+until the earliest next tick of any schedule (at most ``[scheduler] interval``, so it sees
+schedules other processes changed), and wakes at once when this process changes one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+import msgspec
+
+from orchestra import logs, metrics
+from orchestra.db.schedules import Fire, Fired, ScheduleStore
+from orchestra.domain import NewTask, iso, now
+from orchestra.errors import ConfigError, ConflictError, InvalidRequest, NotFoundError
+from orchestra.schedules import (
+    Schedule,
+    ScheduleChanges,
+    ScheduleSpec,
+    Timing,
+    check,
+    next_after,
+    parse_time,
+    plan,
+    upcoming,
+)
+from orchestra.tasks import MAX_ID, SubmitTask, TaskService
+
+log = logs.get("orchestra.scheduler")
+
+#: The fields a PATCH may change on a schedule declared in orchestra.toml (pause, resume).
+CONFIG_EDITABLE = frozenset({"enabled"})
+#: Fields that move a schedule's next tick when they change.
+_TIMING = frozenset({"cron", "timezone", "every", "enabled"})
+
+
+def submission(spec: ScheduleSpec) -> SubmitTask:
+    """The task one tick of ``spec`` submits (validated as any submit is)."""
+    return SubmitTask(
+        template=spec.template,
+        params=spec.params,
+        priority=spec.priority,
+        model=spec.model,
+        max_attempts=spec.options.max_attempts,
+        timeout=spec.options.timeout,
+    )
+
+
+class ScheduleView(msgspec.Struct, frozen=True):
+    """A schedule with its next ticks and its latest fires (newest first)."""
+
+    schedule: Schedule
+    next_times: list[str]
+    fires: list[Fire]
+
+
+class ScheduleService:
+    """What the API (and the start of the service) can do with schedules.
+
+    ``clock`` gives the current time (tests replace it); ``wake`` is called after each change,
+    so that this process's loop looks at the schedules again at once.
+    """
+
+    def __init__(
+        self,
+        store: ScheduleStore,
+        tasks: TaskService,
+        *,
+        clock: Callable[[], datetime] = now,
+        wake: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.store = store
+        self.tasks = tasks
+        self.clock = clock
+        self.wake = wake
+
+    async def _checked(self, spec: ScheduleSpec) -> float | None:
+        """Check a spec as a submit of its task would be; returns its ``every`` in seconds.
+
+        Raises:
+            InvalidRequest: bad timing (cron, every, timezone).
+            InvalidParams: the parameters do not fit the template.
+            TemplateNotFound: no such template.
+        """
+        every = check(spec)
+        await self.tasks.prepare(submission(spec))
+        return every
+
+    def _next_tick(self, spec: ScheduleSpec, every: float | None, created_at: str) -> str | None:
+        """The next tick after now, as stored; None for a paused schedule."""
+        if not spec.enabled:
+            return None
+        timing = Timing(spec.cron, spec.timezone, every, parse_time(created_at))
+        return iso(next_after(timing, self.clock()))
+
+    async def create(self, spec: ScheduleSpec) -> Schedule:
+        """Store a new schedule after checking it.
+
+        Raises:
+            InvalidRequest, InvalidParams, TemplateNotFound: see :meth:`_checked`.
+            ConflictError: the name is taken.
+        """
+        every = await self._checked(spec)
+        at = iso(self.clock())
+        made = await self.store.create(spec, every, self._next_tick(spec, every, at), at)
+        log.info("schedule.created", schedule=made.name, next_fire_at=made.next_fire_at)
+        self.wake()
+        return made
+
+    async def get(self, ref: str) -> Schedule:
+        """The schedule a path names: its id (digits) or its name.
+
+        Raises:
+            NotFoundError: no such schedule.
+        """
+        key: int | str = ref
+        if ref.isdigit():
+            key = int(ref) if 0 < int(ref) <= MAX_ID else 0
+        found = await self.store.get(key) if key else None
+        if found is None:
+            raise NotFoundError(f"no schedule {ref!r}")
+        return found
+
+    async def view(self, ref: str, *, next_count: int = 5, fires: int = 10) -> ScheduleView:
+        """A schedule with its next ``next_count`` ticks and its latest ``fires``.
+
+        Raises:
+            NotFoundError: no such schedule.
+        """
+        schedule = await self.get(ref)
+        times: list[str] = []
+        if schedule.next_fire_at is not None:
+            first = parse_time(schedule.next_fire_at)
+            times = [schedule.next_fire_at] + [
+                iso(t) for t in upcoming(schedule.timing, first, next_count - 1)
+            ]
+        return ScheduleView(schedule, times, await self.store.fires(schedule.id, fires))
+
+    async def list(self) -> list[Schedule]:
+        """Every schedule, by name."""
+        return await self.store.all()
+
+    async def update(self, ref: str, changes: ScheduleChanges) -> Schedule:
+        """Change a schedule, checked as a new one is. Its next tick is computed again when
+        its timing changes or it is resumed; otherwise it stays.
+
+        Raises:
+            NotFoundError: no such schedule.
+            ConflictError: the new name is taken, or the schedule is declared in
+                orchestra.toml and the change is more than pausing or resuming it.
+            InvalidRequest, InvalidParams, TemplateNotFound: see :meth:`_checked`.
+        """
+        old = await self.get(ref)
+        given = changes.given()
+        if old.source == "config" and not set(given) <= CONFIG_EDITABLE:
+            raise ConflictError(
+                f"schedule {old.name!r} is declared in orchestra.toml: change it there "
+                "(only enabled can be changed here, until the next start)"
+            )
+        spec = changes.apply(old.spec)
+        if spec.cron is not None and "every" not in given and "cron" in given:
+            spec = msgspec.structs.replace(spec, every=None)  # a cron replaces an every
+        elif spec.every is not None and "cron" not in given and "every" in given:
+            spec = msgspec.structs.replace(spec, cron=None)
+        every = await self._checked(spec)
+        next_at = old.next_fire_at
+        if any(getattr(old.spec, k) != getattr(spec, k) for k in _TIMING & set(given)):
+            next_at = self._next_tick(spec, every, old.created_at)
+        changed = await self.store.replace(old.id, spec, every, next_at, iso(self.clock()))
+        if changed is None:
+            raise NotFoundError(f"no schedule {ref!r}")
+        log.info("schedule.changed", schedule=changed.name, fields=sorted(given))
+        self.wake()
+        return changed
+
+    async def delete(self, ref: str) -> None:
+        """Delete a schedule; the tasks it made stay.
+
+        Raises:
+            NotFoundError: no such schedule.
+            ConflictError: it is declared in orchestra.toml (remove it there).
+        """
+        old = await self.get(ref)
+        if old.source == "config":
+            raise ConflictError(
+                f"schedule {old.name!r} is declared in orchestra.toml: remove it there"
+            )
+        if not await self.store.delete(old.id):
+            raise NotFoundError(f"no schedule {ref!r}")
+        log.info("schedule.deleted", schedule=old.name)
+        self.wake()
+
+    async def sync(self, declared: Sequence[ScheduleSpec]) -> None:
+        """Make the schedules declared in orchestra.toml the stored ``config`` ones (see
+        :meth:`~orchestra.db.schedules.ScheduleStore.sync`), each checked as a new one is.
+
+        Raises:
+            ConfigError: a declared schedule is wrong (its timing, template or parameters),
+                or its name is a schedule made through the API.
+        """
+        checked: list[tuple[ScheduleSpec, float | None]] = []
+        for spec in declared:
+            try:
+                checked.append((spec, await self._checked(spec)))
+            except (InvalidRequest, NotFoundError) as exc:
+                fields = "".join(f"; {f.field}: {f.message}" for f in getattr(exc, "fields", []))
+                raise ConfigError(f"schedules: {spec.name}: {exc.message}{fields}") from None
+        done = await self.store.sync(checked, self._next_tick, iso(self.clock()))
+        if any(done.values()):
+            log.info("schedules.synced", **done)
+        self.wake()
+
+
+async def fire_due(
+    service: ScheduleService,
+    schedule: Schedule,
+    grace: float,
+) -> Fired | None:
+    """Fire what is due of ``schedule`` now (see :func:`~orchestra.schedules.plan`); None
+    when nothing is."""
+    if schedule.next_fire_at is None:
+        return None
+    moment = service.clock()
+    due = plan(
+        schedule.timing, parse_time(schedule.next_fire_at), schedule.spec.catch_up, moment, grace
+    )
+    if due is None:
+        return None
+    task: NewTask | None = None
+    error: str | None = None
+    if due.fire_at is not None:
+        try:
+            task = await service.tasks.prepare(submission(schedule.spec))
+        except (NotFoundError, InvalidRequest) as exc:  # the template changed since
+            error = exc.message
+    fired = await service.store.fire(
+        schedule,
+        fire_at=None if due.fire_at is None else iso(due.fire_at),
+        next_at=iso(due.next_at),
+        task=task,
+        error=error,
+        at=iso(moment),
+    )
+    if fired.outcome == "submitted" and task is not None:
+        metrics.task_submitted(task.template)
+    if fired.outcome != "lost":
+        log.info(
+            "schedule.fired",
+            schedule=schedule.name,
+            tick=schedule.next_fire_at if due.fire_at is None else iso(due.fire_at),
+            outcome=fired.outcome,
+            task_id=fired.task_id,
+            error=error,
+        )
+    return fired
+
+
+class ScheduleLoop:
+    """Fires due ticks until cancelled.
+
+    Args:
+        interval: the longest sleep, so that schedules other processes change are seen.
+        grace: seconds a tick may be late and still fire as usual (later: it was missed).
+        queued: called after a tick queued a task (wakes this process's workers).
+    """
+
+    def __init__(
+        self,
+        service: ScheduleService,
+        *,
+        interval: float = 1.0,
+        grace: float = 30.0,
+        queued: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.service = service
+        self.interval = interval
+        self.grace = grace
+        self.queued = queued
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Look at the schedules again now (one changed)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Fire, sleep until the next tick, repeat; a failure is logged and tried again."""
+        while True:
+            try:
+                pause = await self.step()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("scheduler.failed", error=f"{type(exc).__name__}: {exc}")
+                pause = self.interval
+            if pause > 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(pause):
+                        await self._wake.wait()
+
+    async def step(self) -> float:
+        """Fire every tick due now; returns how long to sleep (0: look again at once)."""
+        store = self.service.store
+        earliest = await store.earliest()
+        moment = self.service.clock()
+        if earliest is None:
+            return self.interval
+        wait = (parse_time(earliest) - moment).total_seconds()
+        if wait > 0:
+            return min(self.interval, wait)
+        fired_any = False
+        for schedule in await store.due(iso(moment)):
+            fired = await fire_due(self.service, schedule, self.grace)
+            if fired is not None and fired.outcome == "submitted":
+                fired_any = True
+        if fired_any:
+            self.queued()
+        return 0.0

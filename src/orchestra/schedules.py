@@ -1,0 +1,321 @@
+"""Schedules: a template run again and again, on a cron expression or every so often.
+
+Pure logic, no storage: the shapes a schedule is asked for in (:class:`ScheduleSpec`, and
+:class:`ScheduleChanges` for a PATCH), the stored :class:`Schedule`, when its ticks fall
+(:func:`next_after`, :func:`upcoming`) and what a due schedule does now (:func:`plan`).
+
+Times are zoned datetimes; the stored ones are ISO-8601 UTC text (:func:`~orchestra.domain.iso`),
+and a tick's text is its identity (the ``schedule_fires`` key), so a tick is computed the same
+way by every process: ``every`` ticks from the schedule's ``created_at`` in whole microseconds
+(``created_at + k * every``: they never drift), cron ticks by cronsim in the schedule's time
+zone (DST as Debian's cron: a time that does not exist that day runs when the clocks jump
+past it, a time that exists twice runs once; ``0 * * * *`` runs every real hour).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import msgspec
+from cronsim import CronSim, CronSimError
+
+from orchestra.errors import FieldProblem, InvalidRequest
+
+#: A name is a word (not a number, so a path segment is an id or a name, never both).
+NAME_PATTERN = "^[A-Za-z][A-Za-z0-9_.-]{0,99}$"
+#: The shortest and longest ``every``.
+MIN_EVERY_SECONDS = 1.0
+MAX_EVERY_SECONDS = 366 * 86_400.0
+#: How many ticks a cron expression may be looked ahead for one answer (a cron that never
+#: fires, like ``0 0 30 2 *``, is refused at creation).
+_MAX_STEPS = 100_000
+
+Overlap = Literal["skip", "allow"]
+CatchUp = Literal["none", "latest"]
+Source = Literal["api", "config"]
+
+
+class TaskOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """What each task a schedule makes gets, beyond its template's defaults."""
+
+    max_attempts: (
+        Annotated[
+            int,
+            msgspec.Meta(ge=1, le=100, description="Attempts allowed (overrides the template)."),
+        ]
+        | None
+    ) = None
+    timeout: (
+        Annotated[float, msgspec.Meta(gt=0, le=86_400, description="Seconds one attempt may take.")]
+        | None
+    ) = None
+
+
+# As a task's (orchestra.tasks.Priority; config.py reads this module, so it cannot import that).
+Priority = Annotated[
+    int, msgspec.Meta(ge=-1000, le=1000, description="Higher runs first; -1000 to 1000.")
+]
+_Name = Annotated[
+    str, msgspec.Meta(pattern=NAME_PATTERN, description="Unique; letters, digits, _ . -")
+]
+_Template = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+_Model = Annotated[str, msgspec.Meta(max_length=255, description="Instead of the template's.")]
+_Cron = Annotated[
+    str, msgspec.Meta(max_length=200, description="5 fields: minute hour day month weekday.")
+]
+_Zone = Annotated[str, msgspec.Meta(min_length=1, max_length=64, description="IANA time zone.")]
+_Every = Annotated[
+    str,
+    msgspec.Meta(max_length=32, description='A duration: "2s", "5m", "1h30m", "1d" (at least 1s).'),
+]
+
+
+class ScheduleSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A schedule as it is asked for: the body of ``POST /api/v1/schedules``, or one
+    ``[[schedules]]`` entry of orchestra.toml. Give ``cron`` or ``every``, not both."""
+
+    name: _Name
+    template: _Template
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
+    model: _Model | None = None
+    priority: Priority = 0
+    options: TaskOptions = msgspec.field(default_factory=TaskOptions)
+    cron: _Cron | None = None
+    timezone: _Zone = "UTC"
+    every: _Every | None = None
+    enabled: bool = True
+    #: skip: a tick while this schedule's previous task is unfinished makes no task.
+    overlap: Overlap = "skip"
+    #: After downtime: none (skip the missed ticks), latest (one task for them).
+    catch_up: CatchUp = "none"
+
+
+class ScheduleChanges(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The body of a PATCH: the fields to change (``null`` clears ``cron``, ``every`` and
+    ``model``)."""
+
+    name: _Name | msgspec.UnsetType = msgspec.UNSET
+    template: _Template | msgspec.UnsetType = msgspec.UNSET
+    params: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+    model: _Model | None | msgspec.UnsetType = msgspec.UNSET
+    priority: Priority | msgspec.UnsetType = msgspec.UNSET
+    options: TaskOptions | msgspec.UnsetType = msgspec.UNSET
+    cron: _Cron | None | msgspec.UnsetType = msgspec.UNSET
+    timezone: _Zone | msgspec.UnsetType = msgspec.UNSET
+    every: _Every | None | msgspec.UnsetType = msgspec.UNSET
+    enabled: bool | msgspec.UnsetType = msgspec.UNSET
+    overlap: Overlap | msgspec.UnsetType = msgspec.UNSET
+    catch_up: CatchUp | msgspec.UnsetType = msgspec.UNSET
+
+    def given(self) -> dict[str, Any]:
+        """The fields the body names, with their values."""
+        return {
+            f: getattr(self, f)
+            for f in self.__struct_fields__
+            if getattr(self, f) is not msgspec.UNSET
+        }
+
+    def apply(self, spec: ScheduleSpec) -> ScheduleSpec:
+        """``spec`` with these changes."""
+        return msgspec.structs.replace(spec, **self.given())
+
+
+class Timing(msgspec.Struct, frozen=True):
+    """When a schedule's ticks fall: a cron expression in a zone, or a period in seconds
+    counted from ``anchor``."""
+
+    cron: str | None
+    timezone: str
+    every_seconds: float | None
+    anchor: datetime
+
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+class Schedule(msgspec.Struct, frozen=True):
+    """A stored schedule. ``next_fire_at`` is its next tick (None while it is paused)."""
+
+    id: int
+    spec: ScheduleSpec
+    every_seconds: float | None
+    next_fire_at: str | None
+    source: Source
+    created_at: str
+    updated_at: str
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def timing(self) -> Timing:
+        return Timing(
+            self.spec.cron, self.spec.timezone, self.every_seconds, parse_time(self.created_at)
+        )
+
+
+class Plan(msgspec.Struct, frozen=True):
+    """What a due schedule does now: fire the tick ``fire_at`` (None: fire nothing, the
+    ticks up to now were missed), then wait for ``next_at``."""
+
+    fire_at: datetime | None
+    next_at: datetime
+
+
+def parse_time(text: str) -> datetime:
+    """A stored time (ISO-8601 with a zone) as a zoned datetime."""
+    return datetime.fromisoformat(text).astimezone(UTC)
+
+
+_EVERY = re.compile(r"^(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+(?:\.\d+)?)s)?$")
+
+
+def parse_every(text: str) -> float:
+    """Seconds from a duration like ``2s``, ``5m``, ``1h30m``, ``1d`` or ``90`` (seconds).
+
+    Raises:
+        ValueError: not such a duration, or outside 1 s to 366 days.
+    """
+    raw = text.strip().lower()
+    match = _EVERY.match(raw)
+    if re.fullmatch(r"\d+(?:\.\d+)?", raw):
+        seconds = float(raw)
+    elif raw and match:
+        units = {"d": 86_400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+        seconds = sum(float(match.group(u) or 0) * f for u, f in units.items())
+    else:
+        raise ValueError(f'expected a duration like "2s", "5m", "1h30m" or "1d", not {text!r}')
+    if not MIN_EVERY_SECONDS <= seconds <= MAX_EVERY_SECONDS:
+        raise ValueError(f"must be between 1s and 366d, not {text!r}")
+    return seconds
+
+
+def format_every(seconds: float) -> str:
+    """A period as ``parse_every`` reads it: 5400.0 -> ``1h30m``."""
+    whole, fraction = divmod(seconds, 1)
+    days, rest = divmod(int(whole), 86_400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = "".join(f"{n}{u}" for n, u in ((days, "d"), (hours, "h"), (minutes, "m")) if n)
+    if secs or fraction or not text:
+        text += f"{secs + fraction:g}s"
+    return text
+
+
+def check(spec: ScheduleSpec) -> float | None:
+    """Check a spec's timing; returns its ``every`` in seconds (None for a cron).
+
+    Raises:
+        InvalidRequest: naming each bad field (cron, every, timezone) and why.
+    """
+    problems: list[FieldProblem] = []
+    every: float | None = None
+    if (spec.cron is None) == (spec.every is None):
+        problems.append(FieldProblem("cron", "give cron or every (exactly one of them)"))
+    try:
+        zone = ZoneInfo(spec.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        zone = None
+        problems.append(
+            FieldProblem("timezone", f"{spec.timezone!r} is not an IANA time zone name")
+        )
+    if spec.every is not None:
+        try:
+            every = parse_every(spec.every)
+        except ValueError as exc:
+            problems.append(FieldProblem("every", str(exc)))
+    if spec.cron is not None:
+        why = _cron_problem(spec.cron, zone or UTC)
+        if why:
+            problems.append(FieldProblem("cron", why))
+    if problems:
+        raise InvalidRequest("; ".join(f"{p.field}: {p.message}" for p in problems), problems)
+    return every
+
+
+def _cron_problem(expr: str, zone: Any) -> str | None:
+    """Why ``expr`` is no 5-field cron expression that fires (None: it is one)."""
+    if len(expr.split()) != 5:
+        return f"expected 5 fields (minute hour day month weekday), not {expr!r}"
+    try:
+        next(CronSim(expr, datetime(2000, 1, 1, tzinfo=zone)))
+    except (CronSimError, ValueError, KeyError, IndexError) as exc:
+        return f"{expr!r} is not a valid cron expression: {exc or 'bad field'}"
+    except StopIteration:  # pragma: no cover - cronsim's iterator is endless
+        return f"{expr!r} never fires"
+    return None
+
+
+def next_after(timing: Timing, after: datetime) -> datetime:
+    """The first tick strictly after ``after`` (a zoned datetime), in UTC."""
+    if timing.every_seconds is not None:
+        step = round(timing.every_seconds * 1_000_000)
+        elapsed = _micros(after - timing.anchor)
+        k = max(0, elapsed // step + 1)
+        return timing.anchor + timedelta(microseconds=k * step)
+    assert timing.cron is not None
+    zone = timing.zone()
+    ticks = CronSim(timing.cron, after.astimezone(zone))
+    # cronsim reads a fixed-time expression on the wall clock: in the repeated hour of a
+    # fall-back, a time before ``after`` can come out (its first occurrence); skip those.
+    for _ in range(_MAX_STEPS):
+        tick = next(ticks).astimezone(UTC)
+        if tick > after:
+            return tick
+    raise ValueError(f"cron {timing.cron!r} has no tick after {after.isoformat()}")
+
+
+def upcoming(timing: Timing, after: datetime, count: int) -> list[datetime]:
+    """The next ``count`` ticks after ``after``, in UTC."""
+    out: list[datetime] = []
+    for _ in range(count):
+        after = next_after(timing, after)
+        out.append(after)
+    return out
+
+
+def _micros(delta: timedelta) -> int:
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _last_before(timing: Timing, first: datetime, limit: datetime) -> datetime:
+    """The last tick before ``limit``, from ``first`` (a tick before ``limit``) on."""
+    if timing.every_seconds is not None:
+        step = round(timing.every_seconds * 1_000_000)
+        k = math.ceil(_micros(limit - timing.anchor) / step) - 1
+        return max(first, timing.anchor + timedelta(microseconds=k * step))
+    last = first
+    for _ in range(_MAX_STEPS):
+        tick = next_after(timing, last)
+        if tick >= limit:
+            return last
+        last = tick
+    # Years of missed per-minute ticks: the latest one is found from the other end.
+    back = CronSim(timing.cron or "", limit.astimezone(timing.zone()), reverse=True)
+    return max(first, next(back).astimezone(UTC))
+
+
+def plan(
+    timing: Timing, next_fire_at: datetime, catch_up: CatchUp, now: datetime, grace: float
+) -> Plan | None:
+    """What a schedule whose next tick is ``next_fire_at`` does at ``now`` (None: nothing,
+    the tick is not due yet).
+
+    A tick up to ``grace`` seconds late fires (each in turn: a process that was slow for a
+    moment catches up); one later than that was missed — the service was down. Missed ticks
+    make no task with ``catch_up = "none"``, one task (for the latest of them) with
+    ``"latest"``; either way the schedule goes on from its first tick that was not missed.
+    """
+    if next_fire_at > now:
+        return None
+    horizon = now - timedelta(seconds=grace)
+    if next_fire_at >= horizon:
+        return Plan(fire_at=next_fire_at, next_at=next_after(timing, next_fire_at))
+    missed = _last_before(timing, next_fire_at, horizon)
+    resume = next_after(timing, missed)
+    return Plan(fire_at=missed if catch_up == "latest" else None, next_at=resume)

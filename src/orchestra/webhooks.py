@@ -1,0 +1,330 @@
+"""Webhooks: subscriptions to task events, their deliveries, and where they may be sent.
+
+A subscription names a URL, the event types it wants (:class:`~orchestra.event_types.EventType`
+words) and optionally a template; a task's ``callback_url`` is a subscription of its own to
+its ``task.finished``. Each matching event writes a delivery in the event's own transaction
+(:mod:`orchestra.db.webhooks`, the outbox); :mod:`orchestra.webhook_sender` sends them,
+signed by the Standard Webhooks spec.
+
+Destinations are checked on the addresses their host resolves to, not on its name: loopback,
+private, link-local and other non-public addresses are refused unless ``[webhooks]
+allow_private`` is on (:func:`check_destination`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import random
+import secrets
+import socket
+from enum import StrEnum
+from typing import TYPE_CHECKING, Annotated, Any
+
+import msgspec
+
+from orchestra.config import WebhookSettings
+from orchestra.domain import NewTask, iso_now
+from orchestra.errors import FieldProblem, InvalidParams, NotFoundError
+from orchestra.event_types import EventType
+
+if TYPE_CHECKING:
+    from orchestra.db.webhooks import WebhookStore
+
+#: The longest URL accepted.
+MAX_URL = 2048
+#: The name of the server-wide secret that signs callback_url deliveries.
+CALLBACK_SECRET = "callback"
+#: The event a task's callback_url is sent.
+CALLBACK_EVENT = EventType.TASK_FINISHED
+
+
+class DeliveryStatus(StrEnum):
+    """Where a delivery is: waiting to be sent (or retried), delivered, or given up."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class Webhook(msgspec.Struct, frozen=True):
+    """A subscription (``task_id`` None) or a task's callback. The secret is not kept here:
+    it is shown once, when made."""
+
+    id: int
+    url: str
+    event_types: list[str]
+    template: str | None
+    task_id: int | None
+    enabled: bool
+    created_at: str
+
+
+class DeliveryAttempt(msgspec.Struct, frozen=True):
+    """One try at a delivery: the answer's status and its first 1 KB, or why none came."""
+
+    attempt: int
+    time: str
+    status_code: int | None
+    latency_ms: float | None
+    response: str | None
+    error: str | None
+
+
+class Delivery(msgspec.Struct, frozen=True):
+    """One event for one subscription, with every attempt at it."""
+
+    id: int
+    webhook_id: int
+    task_id: int | None
+    event_seq: int | None
+    type: str
+    status: DeliveryStatus
+    attempts: int
+    next_attempt_at: str | None
+    created_at: str
+    finished_at: str | None
+    payload: Any
+    history: list[DeliveryAttempt]
+
+
+class Claimed(msgspec.Struct, frozen=True):
+    """A delivery a sender holds the lease on, with what it needs to send it."""
+
+    id: int
+    webhook_id: int
+    url: str
+    secret: str
+    payload: str
+    #: The attempt this send is (the lease guard's number).
+    attempt: int
+    created_at: str
+
+    @property
+    def message_id(self) -> str:
+        """The ``webhook-id``: the same for every attempt and redelivery, so a receiver can
+        tell a repeat from a new event."""
+        return f"msg_orchestra_{self.id}"
+
+
+class NewWebhook(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A subscription as a client asks for it (the body of ``POST /api/v1/webhooks``)."""
+
+    url: Annotated[
+        str, msgspec.Meta(min_length=1, max_length=MAX_URL, description="Where to POST events.")
+    ]
+    event_types: Annotated[
+        list[EventType],
+        msgspec.Meta(min_length=1, max_length=len(EventType), description="Event types to send."),
+    ] = msgspec.field(default_factory=lambda: [CALLBACK_EVENT])
+    template: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                min_length=1, max_length=255, description="Only events of this template's tasks."
+            ),
+        ]
+        | None
+    ) = None
+
+
+class WebhookNotFound(NotFoundError):
+    """No webhook has this id."""
+
+    code = "webhook_not_found"
+
+
+def new_secret() -> str:
+    """A fresh signing secret: ``whsec_`` and 24 random bytes in base64 (Standard Webhooks)."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+def _refuse(field: str, reason: str) -> InvalidParams:
+    return InvalidParams(f"{field}: {reason}", [FieldProblem(field, reason)])
+
+
+def is_public(address: str) -> bool:
+    """Whether ``address`` is a public unicast address (an IPv4-mapped IPv6 one is judged as
+    the IPv4 address it carries)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def parse_destination(url: str, field: str = "url") -> tuple[str, str, int]:
+    """A destination URL's scheme, host and port.
+
+    Raises:
+        InvalidParams: not an absolute http(s) URL with a host (naming ``field``).
+    """
+    import httpx
+
+    if len(url) > MAX_URL:
+        raise _refuse(field, f"is longer than {MAX_URL} characters")
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        raise _refuse(field, "is not a valid URL") from None
+    if parsed.scheme not in ("http", "https"):
+        raise _refuse(field, "must be an http:// or https:// URL")
+    if not parsed.host:
+        raise _refuse(field, "has no host")
+    if parsed.userinfo:
+        raise _refuse(field, "must not carry a user name or password")
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    return parsed.scheme, parsed.host, port
+
+
+async def resolve(host: str, port: int) -> list[str]:
+    """The addresses ``host`` resolves to (an IP address resolves to itself)."""
+    loop = asyncio.get_running_loop()
+    found = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in found))
+
+
+async def check_destination(url: str, allow_private: bool, field: str = "url") -> list[str]:
+    """Check that ``url`` may be sent to; returns the addresses its host resolves to (every
+    one public, unless ``allow_private``).
+
+    Raises:
+        InvalidParams: a malformed URL, a host that does not resolve, or one that resolves to
+            a loopback, private, link-local or other non-public address (naming ``field``).
+    """
+    _scheme, host, port = parse_destination(url, field)
+    try:
+        addresses = await resolve(host, port)
+    except (OSError, UnicodeError):
+        raise _refuse(field, f"its host {host!r} does not resolve") from None
+    if not addresses:
+        raise _refuse(field, f"its host {host!r} does not resolve")
+    if not allow_private:
+        blocked = [a for a in addresses if not is_public(a)]
+        if blocked:
+            raise _refuse(
+                field,
+                f"resolves to {blocked[0]}, a loopback, private or link-local address; "
+                "webhooks are sent to public addresses only ([webhooks] allow_private)",
+            )
+    return addresses
+
+
+def backoff(attempt: int, settings: WebhookSettings, rand: random.Random | None = None) -> float:
+    """Seconds before the retry after attempt ``attempt`` (1 = the first): the base doubled
+    per attempt, capped, with "equal jitter" (half fixed, half random), so that many
+    deliveries that failed together do not come back together."""
+    ceiling = min(settings.retry_max_seconds, settings.retry_base_seconds * 2 ** (attempt - 1))
+    return float(ceiling / 2 + (rand or random).uniform(0, ceiling / 2))
+
+
+class WebhookService:
+    """What the API can do with webhooks."""
+
+    def __init__(
+        self,
+        store: WebhookStore,
+        settings: WebhookSettings,
+        wake: Any = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        #: Wakes the sender (a redelivery is due now).
+        self.wake = wake or (lambda: None)
+        self._callback_secret: str | None = settings.callback_secret or None
+
+    async def create(self, new: NewWebhook) -> tuple[Webhook, str]:
+        """Check the destination and store the subscription; returns it and its secret (shown
+        this once).
+
+        Raises:
+            InvalidParams: the URL is malformed or not allowed (names ``url``).
+        """
+        await check_destination(new.url, self.settings.allow_private)
+        hook = Webhook(
+            id=0,
+            url=new.url,
+            event_types=list(dict.fromkeys(t.value for t in new.event_types)),
+            template=new.template,
+            task_id=None,
+            enabled=True,
+            created_at=iso_now(),
+        )
+        secret = new_secret()
+        return await self.store.create(hook, secret), secret
+
+    async def subscriptions(self) -> list[Webhook]:
+        """Every subscription (tasks' callbacks are not listed)."""
+        return await self.store.subscriptions()
+
+    async def get(self, webhook_id: int) -> Webhook:
+        """One subscription or callback.
+
+        Raises:
+            WebhookNotFound: none has this id.
+        """
+        hook = await self.store.get(webhook_id) if 0 < webhook_id < 2**63 else None
+        if hook is None:
+            raise WebhookNotFound(f"no webhook with id {webhook_id}")
+        return hook
+
+    async def delete(self, webhook_id: int) -> None:
+        """Delete a subscription and its deliveries.
+
+        Raises:
+            WebhookNotFound: none has this id.
+        """
+        await self.get(webhook_id)
+        if not await self.store.delete(webhook_id):
+            raise WebhookNotFound(f"no webhook with id {webhook_id}")
+
+    async def deliveries(
+        self, webhook_id: int, limit: int = 50, before: int | None = None
+    ) -> list[Delivery]:
+        """A subscription's deliveries, newest first, with their attempts."""
+        await self.get(webhook_id)
+        return await self.store.deliveries(webhook_id, limit, before)
+
+    async def redeliver(self, webhook_id: int, delivery_id: int) -> None:
+        """Send a delivery again (same ``webhook-id``, same body), now.
+
+        Raises:
+            WebhookNotFound: no such subscription, or it has no such delivery.
+        """
+        await self.get(webhook_id)
+        if not (0 < delivery_id < 2**63) or not await self.store.redeliver(
+            webhook_id, delivery_id, iso_now()
+        ):
+            raise WebhookNotFound(f"webhook {webhook_id} has no delivery {delivery_id}")
+        self.wake()
+
+    async def callback_secret(self) -> str:
+        """The secret that signs every task's callback_url deliveries: the configured one,
+        else the one stored in the database (made by the first process that needed it)."""
+        if self._callback_secret is None:
+            self._callback_secret = await self.store.shared_secret(
+                CALLBACK_SECRET, new_secret(), iso_now()
+            )
+        return self._callback_secret
+
+    async def check_callback(self, url: str) -> None:
+        """Check a submit's ``callback_url`` (before the task is queued).
+
+        Raises:
+            InvalidParams: malformed or not allowed (names ``callback_url``).
+        """
+        await check_destination(url, self.settings.allow_private, field="callback_url")
+
+    async def enqueue_with_callback(self, new: NewTask, url: str) -> dict[str, Any] | None:
+        """Queue ``new`` with its callback subscription to ``url``, in one transaction; the
+        new task's row, or None when its idempotency key was used already."""
+        at = iso_now()
+        callback = {
+            "url": url,
+            "event_types": f'["{CALLBACK_EVENT.value}"]',
+            "template": None,
+            "secret": await self.callback_secret(),
+            "enabled": 1,
+            "created_at": at,
+        }
+        return await self.store.enqueue_with_callback(new, at, callback)

@@ -1,0 +1,314 @@
+"""The all-tasks feed (GET /api/v1/events) and the one reader that serves every event stream."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing, asynccontextmanager, contextmanager
+from typing import Any
+
+import psycopg
+import pytest
+
+from orchestra.config import Settings
+from orchestra.db import Database, TaskStore
+from orchestra.db.feed import FeedEvent, FeedFilter
+from orchestra.domain import NewTask
+from orchestra.feed import EventFeed
+from orchestra.notify import TaskSignals
+from tests.conftest import Service, StartService, sql_rows
+from tests.fixtures.postgres import ON_POSTGRESQL
+from tests.fixtures.servers import wait_until
+from tests.fixtures.sse import read_events
+
+Event = dict[str, Any]
+
+
+async def feed_until(
+    svc: Service,
+    enough: Callable[[list[Event]], bool],
+    query: str = "after=0",
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> list[Event]:
+    """The feed's events until ``enough(seen)`` (the feed itself never ends)."""
+    seen: list[Event] = []
+    async with asyncio.timeout(timeout):
+        stream = read_events(svc.client, f"/api/v1/events?{query}", headers)
+        async with aclosing(stream) as events:
+            async for event in events:
+                seen.append(event)
+                if enough(seen):
+                    break
+    return seen
+
+
+def finished(n: int) -> Callable[[list[Event]], bool]:
+    return lambda seen: sum(e["event"] == "task.finished" for e in seen) >= n
+
+
+def stored(db_url: str, after: int = 0) -> list[tuple[int, int, int]]:
+    """(id, task_id, seq) of every stored event after ``after``, in id order."""
+    rows = sql_rows(
+        db_url, "SELECT id, task_id, seq FROM task_events WHERE id > ? ORDER BY id", (after,)
+    )
+    return [(int(i), int(t), int(s)) for i, t, s in rows]
+
+
+def keys(events: list[Event]) -> list[tuple[int, int, int]]:
+    return [(int(e["id"]), e["task_id"], e["seq"]) for e in events]
+
+
+async def test_the_feed_delivers_every_tasks_events_in_id_order(
+    service: Service, db_url: str
+) -> None:
+    follower = asyncio.create_task(feed_until(service, finished(6)))
+    tasks = await asyncio.gather(*(service.submit("summarize", text=f"t{i}") for i in range(6)))
+    for task in tasks:
+        await service.wait(task["id"])
+    seen = await follower
+    assert keys(seen) == stored(db_url)  # every event, once, in id order
+    async with service.client.stream("GET", "/api/v1/events?after=0") as raw:
+        lines = raw.aiter_lines()
+        first = [await anext(lines) for _ in range(3)]
+    assert first[0] == f"id: {seen[0]['id']}"  # the SSE id is the global id
+    assert first[1] == "event: task.queued"
+    for task in tasks:  # each task's own events, in its own order, as its own stream has them
+        own = [e for e in seen if e["task_id"] == task["id"]]
+        assert [e["seq"] for e in own] == list(range(1, len(own) + 1))
+        assert {e["template"] for e in own} == {"summarize"}
+        per_task = [
+            e async for e in read_events(service.client, f"/api/v1/tasks/{task['id']}/events")
+        ]
+        assert [e["event"] for e in per_task] == [e["event"] for e in own]
+
+
+async def test_the_feed_filters_by_template_and_event_type(service: Service) -> None:
+    summaries = [await service.submit("summarize", text=f"s{i}") for i in range(2)]
+    titles = [await service.submit("title", text=f"t{i}", max_words=3) for i in range(2)]
+    for task in summaries + titles:
+        await service.wait(task["id"])
+    commas = await feed_until(
+        service, finished(2), "after=0&template=summarize&type=task.queued,task.finished"
+    )
+    repeated = await feed_until(
+        service, finished(2), "after=0&template=summarize&type=task.queued&type=task.finished"
+    )
+    assert commas == repeated
+    assert sorted(e["event"] for e in commas) == ["task.finished"] * 2 + ["task.queued"] * 2
+    assert {e["task_id"] for e in commas} == {t["id"] for t in summaries}
+    assert {e["event"] for e in commas} == {"task.queued", "task.finished"}
+    only_titles = await feed_until(service, finished(2), "after=0&template=title")
+    assert {e["task_id"] for e in only_titles} == {t["id"] for t in titles}
+    assert "step.started" in {e["event"] for e in only_titles}
+
+
+async def test_bad_feed_requests_are_400s_naming_the_field(service: Service) -> None:
+    bad = await service.client.get("/api/v1/events", params={"type": "task.queued,task.nope"})
+    assert bad.status_code == 400
+    [problem] = bad.json()["fields"]
+    assert problem["field"] == "type" and "task.nope" in problem["message"]
+    for params, headers in (({"after": "-1"}, {}), ({}, {"Last-Event-ID": "abc"})):
+        answer = await service.client.get("/api/v1/events", params=params, headers=headers)
+        assert answer.status_code == 400, answer.text
+
+
+async def test_last_event_id_resumes_the_feed_across_a_restart(
+    settings: Settings, start_service: StartService, db_url: str
+) -> None:
+    async with start_service(settings) as first:
+        for i in range(3):
+            await first.wait((await first.submit("summarize", text=f"before {i}"))["id"])
+        before = await feed_until(first, finished(3))
+    resume_at = str(before[len(before) // 2]["id"])
+    async with start_service(settings) as second:  # the same database, a new process's reader
+        for i in range(2):
+            last = (await second.submit("summarize", text=f"after {i}"))["id"]
+            await second.wait(last)
+
+        def done(seen: list[Event]) -> bool:
+            return seen[-1]["event"] == "task.finished" and seen[-1]["task_id"] == last
+
+        rest = await feed_until(second, done, "", {"Last-Event-ID": resume_at})
+        by_query = await feed_until(second, done, f"after={resume_at}")
+    assert keys(rest) == stored(db_url, int(resume_at))  # no gap, no repeat
+    assert keys(by_query) == keys(rest)
+
+
+async def test_without_a_cursor_the_feed_starts_with_the_next_event(service: Service) -> None:
+    old = await service.submit("summarize", text="old")
+    await service.wait(old["id"])
+    follower = asyncio.create_task(feed_until(service, finished(1), ""))
+    await asyncio.sleep(0)  # the request is on its way; anything it misses would fail below
+    await wait_until(lambda: service.app.state.runtime.feed.subscribers >= 1)
+    new = await service.submit("summarize", text="new")
+    seen = await follower
+    assert {e["task_id"] for e in seen} == {new["id"]}
+
+
+async def test_a_resume_from_a_deleted_event_continues_from_the_oldest_kept(
+    service: Service, db_url: str
+) -> None:
+    tasks = [await service.submit("summarize", text=f"t{i}") for i in range(3)]
+    for task in tasks:
+        await service.wait(task["id"])
+    # What retention does to the oldest finished task: its events go with it.
+    sql_rows(db_url, "DELETE FROM task_events WHERE task_id = ?", (tasks[0]["id"],))
+    sql_rows(db_url, "DELETE FROM tasks WHERE id = ?", (tasks[0]["id"],))
+    seen = await feed_until(service, finished(2), "after=1")
+    assert keys(seen) == stored(db_url)
+    assert {e["task_id"] for e in seen} == {tasks[1]["id"], tasks[2]["id"]}
+
+
+# -- the reader itself ------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def running_feed(db: Database, **options: Any) -> AsyncIterator[tuple[EventFeed, TaskStore]]:
+    signals = TaskSignals()
+    feed = EventFeed(db, signals, **options)
+    await feed.start()
+    reader = asyncio.create_task(feed.run())
+    try:
+        yield feed, TaskStore(db, on_change=signals.publish)
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+
+
+async def enqueue(feed: EventFeed, store: TaskStore) -> int:
+    """Queue a task as a submit does: the feed is told (no task signal announces it)."""
+    task = (await store.enqueue(NewTask(template="t", template_version=1, params={}))).task
+    feed.wake()
+    return task.id
+
+
+def collect(feed: EventFeed, into: list[FeedEvent], after: int = 0) -> asyncio.Task[None]:
+    async def follow() -> None:
+        async for batch in feed.follow(FeedFilter(), after):
+            into.extend(batch)
+
+    return asyncio.create_task(follow())
+
+
+async def test_a_follower_that_falls_behind_reads_the_rest_from_the_database(
+    db: Database, db_url: str
+) -> None:
+    async with running_feed(db, buffer=3, poll_seconds=0.05) as (feed, store):
+        fast: list[FeedEvent] = []
+        slow: list[FeedEvent] = []
+        gate = asyncio.Event()
+
+        async def slow_follow() -> None:
+            async for batch in feed.follow(FeedFilter(), 0):
+                slow.extend(batch)
+                await gate.wait()  # a client that stops reading for a while
+
+        followers = [collect(feed, fast), asyncio.create_task(slow_follow())]
+        await wait_until(lambda: feed.subscribers == 2)
+        for n in range(1, 21):
+            await enqueue(feed, store)
+            await wait_until(lambda n=n: len(fast) == n)  # one batch per event
+        assert feed.overflows >= 1  # the slow one's buffer was dropped, not grown
+        gate.set()
+        await wait_until(lambda: len(slow) == 20)
+        for task in followers:
+            task.cancel()
+        await asyncio.gather(*followers, return_exceptions=True)
+    every = [e[0] for e in stored(db_url)]
+    assert [e.id for e in fast] == every
+    assert [e.id for e in slow] == every
+
+
+async def test_one_read_serves_every_follower(db: Database) -> None:
+    async with running_feed(db, poll_seconds=30) as (feed, store):
+        seen: list[list[FeedEvent]] = [[] for _ in range(50)]
+        followers = [collect(feed, into) for into in seen]
+        await wait_until(lambda: feed.subscribers == 50)
+        reads = feed.reads
+        await enqueue(feed, store)
+        await wait_until(lambda: all(len(s) == 1 for s in seen))
+        assert feed.reads - reads <= 2  # not one per follower
+        for task in followers:
+            task.cancel()
+        await asyncio.gather(*followers, return_exceptions=True)
+
+
+# -- PostgreSQL: ids taken at insert, committed later -------------------------------------------
+
+postgresql_only = pytest.mark.skipif(not ON_POSTGRESQL, reason="SQLite commits ids in order")
+
+
+@contextmanager
+def held_open_event(db_url: str, task_id: int) -> Iterator[psycopg.Connection[Any]]:
+    """A transaction that takes the next event id and stays open (as a slow writer does)."""
+    from orchestra.db.postgres_engine import conninfo
+
+    conn = psycopg.connect(conninfo(db_url))
+    try:
+        conn.execute("UPDATE tasks SET priority = priority WHERE id = %s", (task_id,))
+        conn.execute(
+            "INSERT INTO task_events (task_id, seq, time, type, data) "
+            "VALUES (%s, 100, '2026-01-01T00:00:00Z', 'step.skipped', '{}')",
+            (task_id,),
+        )
+        yield conn
+    finally:
+        conn.close()
+
+
+@postgresql_only
+async def test_an_event_committed_late_is_not_skipped(db: Database, db_url: str) -> None:
+    async with running_feed(db, poll_seconds=0.05, gap_grace=600) as (feed, store):
+        got: list[FeedEvent] = []
+        follower = collect(feed, got)
+        first = await enqueue(feed, store)
+        await wait_until(lambda: len(got) == 1)
+        with held_open_event(db_url, first) as held:
+            await enqueue(feed, store)  # commits the id after the held one
+            reads = feed.reads
+            await wait_until(lambda: feed.reads >= reads + 10)
+            assert [e.type for e in got] == ["task.queued"]  # held back behind the gap
+            held.commit()
+            await wait_until(lambda: len(got) == 3)
+        follower.cancel()
+    assert [e.type for e in got] == ["task.queued", "step.skipped", "task.queued"]
+    assert [e.id for e in got] == sorted(e.id for e in got)
+
+
+@postgresql_only
+async def test_an_id_rolled_back_holds_the_feed_for_one_read_not_the_grace(
+    db: Database, db_url: str
+) -> None:
+    async with running_feed(db, poll_seconds=0.05, gap_grace=600) as (feed, store):
+        got: list[FeedEvent] = []
+        follower = collect(feed, got)
+        first = await enqueue(feed, store)
+        with held_open_event(db_url, first) as held:
+            second = await enqueue(feed, store)
+            held.rollback()
+            await wait_until(lambda: len(got) == 2)  # long before the 600 s grace
+        follower.cancel()
+    assert [e.task_id for e in got] == [first, second]
+
+
+@postgresql_only
+async def test_a_gap_held_past_the_grace_is_given_up(db: Database, db_url: str) -> None:
+    now = [0.0]
+    async with running_feed(db, poll_seconds=0.05, gap_grace=5, clock=lambda: now[0]) as (
+        feed,
+        store,
+    ):
+        got: list[FeedEvent] = []
+        follower = collect(feed, got)
+        first = await enqueue(feed, store)
+        with held_open_event(db_url, first) as held:
+            second = await enqueue(feed, store)
+            reads = feed.reads
+            await wait_until(lambda: feed.reads >= reads + 3)
+            assert len(got) == 1
+            now[0] = 6.0  # past the grace
+            await wait_until(lambda: len(got) == 2)
+            held.commit()
+        follower.cancel()
+    assert [e.task_id for e in got] == [first, second]

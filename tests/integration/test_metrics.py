@@ -1,0 +1,356 @@
+"""GET /metrics: the series change as tasks run, read with prometheus-client's own parser over
+real HTTP; the Grafana dashboard in deploy/ asks only for series that exist; the read scope
+guards it unless [metrics] public; a workers-only process serves it; and with
+``--processes N`` one scrape, whichever process answers, reports the whole host."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+from prometheus_client.parser import text_string_to_metric_families
+
+from orchestra.config import MetricsSettings, ServerSettings, Settings
+from tests.conftest import StartService, make_keys, with_provider, with_workers
+from tests.fixtures.fake_ollama import Failure, FakeOllama
+from tests.fixtures.servers import free_port, wait_until, write_config
+from tests.integration.test_processes import serving
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "orchestra.json"
+TEXT = {"text": "a sentence for the model"}
+
+#: One sample: its name and labels.
+Key = tuple[str, frozenset[tuple[str, str]]]
+
+
+class Scrape:
+    """One /metrics answer, parsed by prometheus-client: every sample by name and labels."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.samples: dict[Key, float] = {}
+        self.labels: dict[str, set[str]] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                self.samples[(s.name, frozenset(s.labels.items()))] = s.value
+                self.labels.setdefault(s.name, set()).update(s.labels)
+
+    def __call__(self, name: str, **labels: str) -> float:
+        """The sum of the samples of ``name`` whose labels include ``labels`` (0: none)."""
+        wanted = set(labels.items())
+        return sum(v for (n, ls), v in self.samples.items() if n == name and wanted <= ls)
+
+    @property
+    def names(self) -> set[str]:
+        return set(self.labels)
+
+
+async def scrape(client: httpx.AsyncClient, **kwargs: Any) -> Scrape:
+    response = await client.get("/metrics", **kwargs)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    return Scrape(response.text)
+
+
+def with_metrics(settings: Settings, **changes: Any) -> Settings:
+    return msgspec.structs.replace(settings, metrics=MetricsSettings(**changes))
+
+
+# -- the dashboard's queries ---------------------------------------------------------------------
+
+#: PromQL words that are not metric names.
+_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or"}
+_KEYWORDS |= {"unless", "bool", "offset", "inf", "nan"}
+
+
+def dashboard_queries(dashboard: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(panel title, PromQL) for every target of every panel, rows' panels included."""
+    panels = list(dashboard.get("panels") or [])
+    while panels:
+        panel = panels.pop()
+        panels += panel.get("panels") or []
+        for target in panel.get("targets") or []:
+            yield panel["title"], target["expr"]
+    for variable in dashboard.get("templating", {}).get("list") or []:
+        if variable.get("type") == "query":
+            query = variable["query"]
+            yield variable["name"], query if isinstance(query, str) else query["query"]
+
+
+def metric_names(expr: str) -> dict[str, set[str]]:
+    """The metric names a PromQL expression reads, each with the labels it groups by or
+    matches on (a rough parse, enough for the dashboard: no strings with braces in them)."""
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges: [5m], [$__rate_interval]
+    names: dict[str, set[str]] = {}
+    grouping = {
+        label.strip()
+        for group in re.findall(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)", expr)
+        for label in group.split(",")
+        if label.strip()
+    }
+    expr = re.sub(r"\b(?:by|without|on|ignoring)\s*\([^)]*\)", " ", expr)
+    for match in re.finditer(r"([A-Za-z_:][A-Za-z0-9_:]*)\s*(\{[^}]*\})?\s*(\()?", expr):
+        word, matchers, call = match.groups()
+        if call or word.lower() in _KEYWORDS or word.startswith("$"):
+            continue
+        if expr[max(match.start() - 1, 0)] == "$":  # a Grafana variable
+            continue
+        labels = set(re.findall(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)", matchers or ""))
+        names.setdefault(word, set()).update(labels)
+    for labels in names.values():
+        labels |= grouping - {"le"}
+    return names
+
+
+def unresolved(dashboard: dict[str, Any], found: Scrape) -> list[str]:
+    """The dashboard's queries that read a series /metrics does not have, or a label its
+    samples lack."""
+    out = []
+    for title, expr in dashboard_queries(dashboard):
+        names = metric_names(expr)
+        if not names:
+            out.append(f"{title}: no metric in {expr!r}")
+        for name, labels in names.items():
+            if name not in found.names:
+                out.append(f"{title}: {name} is not in /metrics")
+            elif missing := labels - found.labels[name]:
+                out.append(f"{title}: {name} has no label {sorted(missing)}")
+    return out
+
+
+def test_the_query_parser_finds_names_and_labels() -> None:
+    expr = (
+        "histogram_quantile(0.95, sum by (le, template) "
+        '(rate(orchestra_x_bucket{status="failed"}[$__rate_interval]))) / ignoring(a) up'
+    )
+    assert metric_names(expr) == {
+        "orchestra_x_bucket": {"template", "status", "a"},
+        "up": {"template", "a"},
+    }
+
+
+# -- one process ---------------------------------------------------------------------------------
+
+
+async def test_series_change_as_tasks_run_and_every_dashboard_query_resolves(
+    settings: Settings, start_service: StartService, fake_ollama: FakeOllama
+) -> None:
+    settings = with_workers(settings, concurrency=3)
+    async with start_service(settings) as svc:
+        before = await scrape(svc.client)
+        assert before("orchestra_worker_slots") >= 3  # (earlier tests' pools in this process)
+
+        # Three that succeed.
+        done = [await svc.wait((await svc.submit("summarize", **TEXT))["id"]) for _ in range(3)]
+        assert [t["status"] for t in done] == ["succeeded"] * 3
+        tokens_in = sum(s["usage"]["prompt_tokens"] for t in done for s in t["steps"])
+        tokens_out = sum(s["usage"]["completion_tokens"] for t in done for s in t["steps"])
+        assert tokens_in > 0 and tokens_out > 0
+
+        # One whose model fails twice (500: retryable): retried once, then failed.
+        fake_ollama.failure = Failure(500, "the model server is on fire")
+        response = await svc.client.post(
+            "/api/v1/tasks", json={"template": "summarize", "params": TEXT, "max_attempts": 2}
+        )
+        failed = await svc.wait(response.json()["id"], 30)
+        assert failed["status"] == "failed" and len(failed["attempts"]) == 2
+        fake_ollama.failure = None
+
+        # One cancelled while queued (never ran), one cancelled while running.
+        response = await svc.client.post(
+            "/api/v1/tasks", json={"template": "summarize", "params": TEXT, "delay": 3600}
+        )
+        assert (await svc.client.post(f"/api/v1/tasks/{response.json()['id']}/cancel")).is_success
+        fake_ollama.latency = 30
+        slow = await svc.submit("summarize", **TEXT)
+
+        async def busy() -> bool:
+            found = await scrape(svc.client)
+            return found("orchestra_worker_slots_busy") == before("orchestra_worker_slots_busy") + 1
+
+        await wait_until(busy, timeout=15, interval=0.05)
+        assert (await svc.client.post(f"/api/v1/tasks/{slow['id']}/cancel")).is_success
+        assert (await svc.wait(slow["id"]))["status"] == "cancelled"
+        fake_ollama.latency = 0
+
+        async def all_counted() -> bool:  # the workers count just after the database write
+            found = await scrape(svc.client)
+            return found("orchestra_tasks_finished_total") - before(
+                "orchestra_tasks_finished_total"
+            ) == 6 and found("orchestra_worker_slots_busy") == before("orchestra_worker_slots_busy")
+
+        await wait_until(all_counted, timeout=15, interval=0.05)
+
+        after = await scrape(svc.client)
+        dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+        assert unresolved(dashboard, after) == []
+
+    def delta(name: str, **labels: str) -> float:
+        return after(name, **labels) - before(name, **labels)
+
+    t = {"template": "summarize"}
+    call = {"provider": "ollama", "model": "llama3.2"}
+    assert delta("orchestra_tasks_submitted_total", **t) == 6
+    assert delta("orchestra_tasks_finished_total", **t, status="succeeded") == 3
+    assert delta("orchestra_tasks_finished_total", **t, status="failed") == 1
+    assert delta("orchestra_tasks_finished_total", **t, status="cancelled") == 2
+    # Tasks by status come from this test's own database: absolute numbers.
+    assert {
+        s: after("orchestra_tasks", status=s) for s in ("succeeded", "failed", "cancelled")
+    } == {
+        "succeeded": 3,
+        "failed": 1,
+        "cancelled": 2,
+    }
+    assert (
+        after("orchestra_tasks", status="queued") == after("orchestra_tasks", status="running") == 0
+    )
+    # Attempts that ran: 3 + 2 + the slow one.
+    assert delta("orchestra_task_queue_wait_seconds_count", **t) == 6
+    assert delta("orchestra_task_duration_seconds_count", **t, status="succeeded") == 3
+    assert delta("orchestra_task_duration_seconds_count", **t, status="failed") == 1
+    assert delta("orchestra_task_duration_seconds_sum", **t, status="succeeded") > 0
+    assert delta("orchestra_step_duration_seconds_count", kind="llm", **call) == 3
+    assert delta("orchestra_step_duration_seconds_count", kind="llm", status="failed") == 2
+    # Model calls: 3 answered, 2 failed (the cancelled one never answered).
+    assert delta("orchestra_model_call_duration_seconds_count", **call) == 5
+    assert delta("orchestra_model_tokens_total", **call, direction="in") == tokens_in
+    assert delta("orchestra_model_tokens_total", **call, direction="out") == tokens_out
+    assert delta("orchestra_provider_errors_total", provider="ollama") == 2
+    assert (
+        delta("orchestra_provider_errors_total", provider="ollama", error="provider_unavailable")
+        == 2
+    )
+    assert delta("orchestra_task_retries_total", **t) == 1
+    assert after("orchestra_provider_available", provider="ollama", kind="ollama") == 1
+    assert delta("orchestra_worker_slots_busy") == 0
+    assert delta("orchestra_worker_slots") == 0
+    for result in ("delivered", "failed", "retrying"):
+        assert ("orchestra_webhook_deliveries_total", frozenset({("result", result)})) in (
+            after.samples
+        )
+    # No task ids anywhere: every label value is one of few.
+    assert not re.search(r'task_id="|id="\d', after.text)
+
+
+async def test_an_unreachable_provider_reads_zero(
+    settings: Settings, start_service: StartService
+) -> None:
+    nothing = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    unreachable = with_provider(settings, "ollama", url=nothing)
+    async with start_service(unreachable) as svc:
+        found = await scrape(svc.client)
+        up = (
+            "orchestra_provider_available",
+            frozenset({("provider", "ollama"), ("kind", "ollama")}),
+        )
+        assert found.samples[up] == 0
+
+
+async def test_metrics_need_the_read_scope_unless_public(
+    settings: Settings, start_service: StartService, db_url: str
+) -> None:
+    tokens = await make_keys(db_url, "read")
+    async with start_service(settings) as svc:
+        assert (await svc.client.get("/metrics")).status_code == 401
+        wrong = {"Authorization": "Bearer orc_nope_nope"}
+        assert (await svc.client.get("/metrics", headers=wrong)).status_code == 401
+        await scrape(svc.client, headers={"Authorization": f"Bearer {tokens['read']}"})
+    async with start_service(with_metrics(settings, public=True)) as svc:
+        await scrape(svc.client)
+        # Public metrics open nothing else.
+        assert (await svc.client.get("/api/v1/tasks")).status_code == 401
+    async with start_service(with_metrics(settings, enabled=False)) as svc:
+        answer = await svc.client.get(
+            "/metrics", headers={"Authorization": f"Bearer {tokens['read']}"}
+        )
+        assert answer.status_code == 404
+
+
+async def test_a_workers_only_process_serves_metrics(
+    settings: Settings, start_service: StartService
+) -> None:
+    workers_only = msgspec.structs.replace(settings, server=ServerSettings(api=False))
+    async with start_service(workers_only) as svc:
+        found = await scrape(svc.client)
+        assert "orchestra_tasks" in found.names
+        answer = await svc.client.get("/api/v1/tasks")
+        assert answer.status_code == 404 and answer.json()["code"] == "workers_only"
+
+
+# -- several processes ---------------------------------------------------------------------------
+
+
+async def test_one_scrape_reports_every_process_and_survives_a_restart(
+    fake_ollama: FakeOllama, tmp_path: Path, db_url: str
+) -> None:
+    """Six tasks submitted over fresh connections (the kernel spreads them over the two
+    processes); every scrape, whichever process answers, counts all six. After one process
+    is killed and restarted, its counts stay and its slots are not counted twice."""
+    port, config = free_port(), tmp_path / "two.toml"
+    write_config(config, port=port, db=db_url, ollama_url=fake_ollama.url, concurrency=2)
+    async with serving(config, port, "--processes", "2") as served:
+
+        async def both_serve() -> bool:  # (/health answers once the first one serves)
+            try:
+                async with httpx.AsyncClient(base_url=served.url, timeout=5) as fresh:
+                    return (await scrape(fresh))("orchestra_worker_slots") == 4
+            except httpx.HTTPError:  # the restarted one's socket, before it serves
+                return False
+
+        await wait_until(both_serve, timeout=60, interval=0.1)
+        ids = []
+        for _ in range(6):
+            async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
+                response = await client.post(
+                    "/api/v1/tasks", json={"template": "summarize", "params": TEXT}
+                )
+                assert response.status_code == 201, response.text
+                ids.append(response.json()["id"])
+        async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
+            for task_id in ids:
+                body = (await client.get(f"/api/v1/tasks/{task_id}", params={"wait": 20})).json()
+                assert body["status"] == "succeeded"
+
+        async def all_counted() -> bool:
+            async with httpx.AsyncClient(base_url=served.url, timeout=30) as fresh:
+                found = await scrape(fresh)
+            return found("orchestra_task_duration_seconds_count") == 6
+
+        async def every_scrape(expected_slots: float) -> None:
+            for _ in range(6):  # new connections: they land on either process
+                async with httpx.AsyncClient(base_url=served.url, timeout=30) as fresh:
+                    found = await scrape(fresh)
+                assert found("orchestra_tasks_submitted_total") == 6, found.text
+                assert found("orchestra_tasks_finished_total", status="succeeded") == 6
+                assert found("orchestra_task_duration_seconds_count") == 6
+                assert found("orchestra_worker_slots") == expected_slots
+                assert found("orchestra_tasks", status="succeeded") == 6  # not 12
+
+        # A task's counts follow its end in the database by a moment (its worker counts
+        # once the write is done), and the answer above may come from the other process.
+        await wait_until(all_counted, timeout=15, interval=0.05)
+        await every_scrape(4)
+        victim = served.services()[0]
+        os.kill(victim, signal.SIGKILL)
+        await wait_until(
+            lambda: len(served.services()) == 2 and victim not in served.services(), timeout=30
+        )
+        await wait_until(both_serve, timeout=60, interval=0.1)
+        await every_scrape(4)
+
+
+def test_the_dashboard_is_grafana_json_with_a_query_in_every_panel() -> None:
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    assert dashboard["uid"] and dashboard["title"]
+    queries = list(dashboard_queries(dashboard))
+    assert len(queries) >= 14
+    assert all(metric_names(expr) for _, expr in queries)

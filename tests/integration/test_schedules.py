@@ -1,0 +1,369 @@
+"""Schedules through the API and the CLI, on a real service and database.
+
+The tests about ticks run a service without workers (so its loop fires nothing and its tasks
+stay queued), replace its schedules' clock, and fire what is due themselves with the loop's
+own step: time is what the test says it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+import pytest
+
+from orchestra.config import Settings
+from orchestra.domain import iso
+from orchestra.scheduler import ScheduleLoop
+from orchestra.schedules import ScheduleSpec
+from tests.conftest import Service, StartService, sql_rows
+from tests.fixtures.servers import wait_until
+from tests.integration.test_cli import run_cli
+
+SCHEDULES = "/api/v1/schedules"
+START = datetime(2026, 6, 1, 12, 0, 0, tzinfo=UTC)
+
+
+class Clock:
+    """A clock the test moves."""
+
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+
+    def __call__(self) -> datetime:
+        return self.at
+
+    def advance(self, seconds: float) -> None:
+        self.at += timedelta(seconds=seconds)
+
+
+def body(name: str = "digest", **fields: Any) -> dict[str, Any]:
+    return {"name": name, "template": "summarize", "params": {"text": "the news"}, **fields}
+
+
+def no_workers(settings: Settings, **changes: Any) -> Settings:
+    server = msgspec.structs.replace(settings.server, workers=False)
+    return msgspec.structs.replace(settings, server=server, **changes)
+
+
+@pytest.fixture
+async def idle(settings: Settings, start_service: StartService) -> AsyncIterator[Service]:
+    """A service whose schedules fire only when the test says, on the test's clock."""
+    async with start_service(no_workers(settings)) as svc:
+        svc.app.state.runtime.schedules.clock = Clock(START)
+        yield svc
+
+
+def clock_of(svc: Service) -> Clock:
+    clock: Clock = svc.app.state.runtime.schedules.clock
+    return clock
+
+
+async def fire_due(svc: Service, grace: float = 30.0) -> None:
+    """Fire every tick due on the service's clock, as its loop would."""
+    loop = ScheduleLoop(svc.app.state.runtime.schedules, grace=grace)
+    for _ in range(100):
+        if await loop.step() > 0:
+            return
+    raise AssertionError("the loop kept finding ticks due")
+
+
+async def create(svc: Service, **fields: Any) -> dict[str, Any]:
+    response = await svc.client.post(SCHEDULES, json=body(**fields))
+    assert response.status_code == 201, response.text
+    made: dict[str, Any] = response.json()
+    return made
+
+
+async def fires(svc: Service, ref: Any) -> list[dict[str, Any]]:
+    response = await svc.client.get(f"{SCHEDULES}/{ref}")
+    assert response.status_code == 200, response.text
+    last: list[dict[str, Any]] = response.json()["last_tasks"]
+    return last
+
+
+async def test_a_schedule_is_created_read_changed_paused_and_deleted(idle: Service) -> None:
+    made = await create(idle, every="1h", priority=2, options={"max_attempts": 1})
+    assert made["next_fire_at"] == iso(START + timedelta(hours=1))
+    one = (await idle.client.get(f"{SCHEDULES}/{made['id']}")).json()
+    assert one["next_fire_times"] == [iso(START + timedelta(hours=h)) for h in range(1, 6)]
+    assert one["last_tasks"] == []
+    assert (await idle.client.get(f"{SCHEDULES}/digest")).json()["id"] == made["id"]
+    listed = (await idle.client.get(SCHEDULES)).json()["items"]
+    assert [(s["name"], s["every"], s["source"]) for s in listed] == [("digest", "1h", "api")]
+
+    clock_of(idle).advance(600)
+    same_timing = await idle.client.patch(f"{SCHEDULES}/digest", json={"priority": 5})
+    assert same_timing.status_code == 200, same_timing.text
+    assert same_timing.json()["priority"] == 5
+    assert same_timing.json()["next_fire_at"] == made["next_fire_at"]  # its ticks stay
+
+    to_cron = await idle.client.patch(
+        f"{SCHEDULES}/digest", json={"cron": "0 9 * * *", "timezone": "Europe/Berlin"}
+    )
+    assert to_cron.status_code == 200, to_cron.text
+    assert (to_cron.json()["cron"], to_cron.json()["every"]) == ("0 9 * * *", None)
+    assert to_cron.json()["next_fire_at"] == iso(datetime(2026, 6, 2, 7, 0, tzinfo=UTC))
+
+    paused = await idle.client.patch(f"{SCHEDULES}/digest", json={"enabled": False})
+    assert (paused.json()["enabled"], paused.json()["next_fire_at"]) == (False, None)
+    resumed = await idle.client.patch(f"{SCHEDULES}/digest", json={"enabled": True})
+    assert resumed.json()["next_fire_at"] == to_cron.json()["next_fire_at"]
+
+    assert (await idle.client.delete(f"{SCHEDULES}/{made['id']}")).status_code == 204
+    assert (await idle.client.get(f"{SCHEDULES}/digest")).status_code == 404
+    assert (await idle.client.get(SCHEDULES)).json()["items"] == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "field"),
+    [
+        ({"cron": "61 * * * *"}, 400, "cron"),
+        ({"cron": "* * *"}, 400, "cron"),
+        ({"cron": "0 * * * *", "every": "1m"}, 400, "cron"),
+        ({}, 400, "cron"),
+        ({"every": "2 fortnights"}, 400, "every"),
+        ({"every": "0s"}, 400, "every"),
+        ({"every": "1m", "timezone": "Atlantis/Capital"}, 400, "timezone"),
+        ({"every": "1m", "params": {}}, 422, "params.text"),
+        ({"every": "1m", "params": {"text": "x", "sentences": "many"}}, 422, "params.sentences"),
+        ({"every": "1m", "template": "no-such-template"}, 404, None),
+        ({"every": "1m", "name": "12345"}, 400, "name"),
+        ({"every": "1m", "overlap": "sometimes"}, 400, "overlap"),
+        ({"every": "1m", "priority": 10_000}, 400, "priority"),
+        ({"every": "1m", "colour": "red"}, 400, None),
+        ({"every": "1m", "options": {"timeout": -1}}, 400, None),
+    ],
+)
+async def test_bad_schedules_get_a_4xx_naming_the_field(
+    idle: Service, fields: dict[str, Any], status: int, field: str | None
+) -> None:
+    response = await idle.client.post(SCHEDULES, json=body(**fields))
+    assert response.status_code == status, response.text
+    answer = response.json()
+    assert answer["message"]
+    if field is not None:
+        assert field in {f["field"] for f in answer["fields"]}, answer
+    assert (await idle.client.get(SCHEDULES)).json()["items"] == []
+
+
+async def test_huge_params_malformed_bodies_and_paths_get_a_4xx(idle: Service) -> None:
+    huge = await idle.client.post(
+        SCHEDULES, json=body(every="1m", params={"text": "x" * 3_000_000})
+    )
+    assert huge.status_code == 413, huge.text
+    long_string = await idle.client.post(
+        SCHEDULES, json=body(every="1m", params={"text": "x" * 300_000})
+    )
+    assert long_string.status_code == 422, long_string.text
+    assert long_string.json()["fields"][0]["field"] == "params.text"
+    not_json = await idle.client.post(
+        SCHEDULES, content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert not_json.status_code == 400
+    for path in ("%ff%fe", "99999999999999999999999", "0", "no-such"):
+        assert (await idle.client.get(f"{SCHEDULES}/{path}")).status_code == 404, path
+        assert (await idle.client.delete(f"{SCHEDULES}/{path}")).status_code == 404, path
+    await create(idle, every="1m")
+    again = await idle.client.post(SCHEDULES, json=body(every="5m"))
+    assert again.status_code == 409
+    bad_patch = await idle.client.patch(f"{SCHEDULES}/digest", json={"cron": "99 99 * * *"})
+    assert bad_patch.status_code == 400
+    assert bad_patch.json()["fields"][0]["field"] == "cron"
+    bad_params = await idle.client.patch(f"{SCHEDULES}/digest", json={"params": {"text": 7}})
+    assert bad_params.status_code == 422
+    await create(idle, name="other", every="1m")
+    taken = await idle.client.patch(f"{SCHEDULES}/other", json={"name": "digest"})
+    assert taken.status_code == 409
+    assert (await idle.client.get(f"{SCHEDULES}/digest")).json()["every"] == "1m"
+
+
+async def test_each_tick_makes_one_task_and_a_tick_fired_already_makes_none(
+    idle: Service, db_url: str
+) -> None:
+    made = await create(idle, every="1m", overlap="allow")
+    clock = clock_of(idle)
+    clock.advance(59)
+    await fire_due(idle)
+    assert await fires(idle, "digest") == []
+    clock.advance(1)
+    await fire_due(idle)
+    await fire_due(idle)  # nothing more is due
+    first = await fires(idle, "digest")
+    assert [(f["fire_at"], f["outcome"], f["task_status"]) for f in first] == [
+        (made["next_fire_at"], "submitted", "queued")
+    ]
+    task = (await idle.client.get(f"/api/v1/tasks/{first[0]['task_id']}")).json()
+    assert (task["template"], task["params"]["text"]) == ("summarize", "the news")
+
+    # Put the schedule back on the tick it fired: the (schedule, tick) row refuses it again.
+    sql_rows(
+        db_url, "UPDATE schedules SET next_fire_at = ? WHERE id = ?", (made["next_fire_at"], 1)
+    )
+    await fire_due(idle)
+    assert len(await fires(idle, "digest")) == 1
+    assert sql_rows(db_url, "SELECT count(*) FROM tasks") == [(1,)]
+
+    clock.advance(60 * 3)  # three more ticks, each within a grace of 5 minutes
+    await fire_due(idle, grace=300)
+    after = await fires(idle, "digest")
+    assert [f["outcome"] for f in after] == ["submitted"] * 4
+    ticks = [f["fire_at"] for f in reversed(after)]
+    assert ticks == [iso(START + timedelta(minutes=m)) for m in range(1, 5)]
+    assert sql_rows(db_url, "SELECT count(*) FROM tasks") == [(4,)]
+
+
+async def test_overlap_skip_skips_ticks_while_the_previous_task_is_unfinished(
+    idle: Service, db_url: str
+) -> None:
+    await create(idle, every="1m")  # overlap "skip" is the default
+    clock = clock_of(idle)
+    clock.advance(60)
+    await fire_due(idle)
+    clock.advance(60)
+    await fire_due(idle)  # the first task is still queued (no workers)
+    outcomes = [(f["outcome"], f["task_id"]) for f in await fires(idle, "digest")]
+    first_task = outcomes[1][1]
+    assert outcomes == [("skipped", None), ("submitted", first_task)]
+    cancelled = await idle.client.post(f"/api/v1/tasks/{first_task}/cancel")
+    assert cancelled.status_code == 200
+    clock.advance(60)
+    await fire_due(idle)
+    latest = (await fires(idle, "digest"))[0]
+    assert latest["outcome"] == "submitted" and latest["task_id"] != first_task
+    assert sql_rows(db_url, "SELECT count(*) FROM tasks") == [(2,)]
+
+
+async def test_overlap_allow_queues_a_task_per_tick_regardless(idle: Service) -> None:
+    await create(idle, every="1m", overlap="allow")
+    for _ in range(2):
+        clock_of(idle).advance(60)
+        await fire_due(idle)
+    assert [f["outcome"] for f in await fires(idle, "digest")] == ["submitted", "submitted"]
+
+
+async def test_after_downtime_catch_up_none_fires_nothing_for_the_missed_ticks(
+    idle: Service,
+) -> None:
+    await create(idle, every="1m", catch_up="none")
+    clock_of(idle).advance(3600 + 45)  # an hour down: the tick at +60m is 45 s late
+    await fire_due(idle)
+    assert await fires(idle, "digest") == []
+    one = (await idle.client.get(f"{SCHEDULES}/digest")).json()
+    assert one["next_fire_at"] == iso(START + timedelta(minutes=61))
+
+
+async def test_after_downtime_catch_up_latest_fires_once_for_the_missed_ticks(
+    idle: Service, db_url: str
+) -> None:
+    await create(idle, cron="*/10 * * * *", catch_up="latest")
+    clock_of(idle).advance(5 * 3600 + 7 * 60)  # down for five hours
+    await fire_due(idle)
+    got = await fires(idle, "digest")
+    assert [(f["fire_at"], f["outcome"]) for f in got] == [
+        (iso(START + timedelta(hours=5)), "submitted")
+    ]
+    one = (await idle.client.get(f"{SCHEDULES}/digest")).json()
+    assert one["next_fire_at"] == iso(START + timedelta(hours=5, minutes=10))
+    assert sql_rows(db_url, "SELECT count(*) FROM tasks") == [(1,)]
+
+
+async def test_a_tick_whose_template_is_gone_is_recorded_as_failed(idle: Service) -> None:
+    template = (
+        "name: temporary\nversion: 1\nmodel: default\n"
+        "parameters: {text: {type: string, required: true}}\n"
+        "steps:\n  - id: s\n    prompt: '{{ params.text }}'\n"
+    )
+    registered = await idle.client.post("/api/v1/templates", content=template.encode())
+    assert registered.status_code == 201, registered.text
+    await create(idle, every="1m", template="temporary")
+    assert (await idle.client.delete("/api/v1/templates/temporary")).status_code == 204
+    clock_of(idle).advance(60)
+    await fire_due(idle)
+    [fire] = await fires(idle, "digest")
+    assert (fire["outcome"], fire["task_id"]) == ("failed", None)
+    assert "temporary" in fire["error"]
+
+
+async def test_config_schedules_are_synced_at_start_and_kept_read_only(
+    settings: Settings, start_service: StartService
+) -> None:
+    declared = ScheduleSpec(
+        name="nightly", template="summarize", params={"text": "t"}, cron="0 3 * * *"
+    )
+    with_one = no_workers(settings, schedules=[declared])
+    async with start_service(with_one) as svc:
+        one = (await svc.client.get(f"{SCHEDULES}/nightly")).json()
+        assert (one["source"], one["cron"]) == ("config", "0 3 * * *")
+        changed = await svc.client.patch(f"{SCHEDULES}/nightly", json={"priority": 3})
+        assert changed.status_code == 409
+        assert (await svc.client.delete(f"{SCHEDULES}/nightly")).status_code == 409
+        paused = await svc.client.patch(f"{SCHEDULES}/nightly", json={"enabled": False})
+        assert paused.status_code == 200 and paused.json()["next_fire_at"] is None
+        await create(svc, name="mine", every="1h")
+    async with start_service(with_one) as svc:  # the file's enabled applies again
+        again = (await svc.client.get(f"{SCHEDULES}/nightly")).json()
+        assert again["enabled"] and again["next_fire_at"] == one["next_fire_at"]
+        assert again["id"] == one["id"]
+    async with start_service(no_workers(settings)) as svc:  # removed from the file
+        names = [s["name"] for s in (await svc.client.get(SCHEDULES)).json()["items"]]
+        assert names == ["mine"]
+
+
+async def test_the_cli_creates_lists_pauses_resumes_and_deletes(service: Service) -> None:
+    code, out, err = await run_cli(
+        "schedules",
+        "create",
+        "hourly",
+        "summarize",
+        "--every",
+        "1h",
+        "-p",
+        "text=hello",
+        "-p",
+        "sentences=2",
+        "--url",
+        service.url,
+    )
+    assert code == 0, err
+    assert "hourly" in out and "every 1h" in out
+    made = (await service.client.get(f"{SCHEDULES}/hourly")).json()
+    assert made["params"] == {"text": "hello", "sentences": 2}
+    code, out, err = await run_cli("schedules", "pause", "hourly", "--url", service.url)
+    assert code == 0 and "paused" in out, err
+    code, out, err = await run_cli("schedules", "list", "--url", service.url)
+    assert code == 0 and "hourly" in out and "paused" in out, err
+    code, out, err = await run_cli("schedules", "resume", str(made["id"]), "--url", service.url)
+    assert code == 0 and "next 20" in out, err
+    code, out, err = await run_cli(
+        "schedules",
+        "create",
+        "bad",
+        "summarize",
+        "--cron",
+        "61 * * * *",
+        "-p",
+        "text=x",
+        "--url",
+        service.url,
+    )
+    assert code == 1 and "cron" in err
+    code, out, err = await run_cli("schedules", "delete", "hourly", "--url", service.url)
+    assert code == 0, err
+    assert (await service.client.get(SCHEDULES)).json()["items"] == []
+
+
+async def test_a_running_service_fires_an_every_second_schedule_into_finished_tasks(
+    service: Service, db_url: str
+) -> None:
+    await create(service, every="1s", overlap="allow")
+
+    async def three_done() -> bool:
+        done = [f for f in await fires(service, "digest") if f["task_status"] == "succeeded"]
+        return len(done) >= 3
+
+    await wait_until(three_done, timeout=30, interval=0.2)
+    rows = sql_rows(db_url, "SELECT fire_at, task_id FROM schedule_fires ORDER BY fire_at")
+    assert len({r[1] for r in rows}) == len(rows)  # one task per tick

@@ -1,0 +1,369 @@
+"""Webhooks: subscriptions, signed deliveries from the outbox, retries while the receiver is
+down, the outbox surviving a SIGKILL, and destinations that are refused."""
+
+from __future__ import annotations
+
+import random
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from orchestra.config import Settings, WebhookSettings
+from orchestra.webhooks import backoff, is_public, new_secret
+from tests.conftest import Service, StartService, make_settings, sql_rows
+from tests.fixtures.fake_ollama import FakeOllama
+from tests.fixtures.servers import free_port, start_process, wait_until, write_config
+from tests.fixtures.webhook_receiver import Receiver
+
+#: Quick retries, so a test waits fractions of a second between attempts.
+QUICK = {"retry_base_seconds": 0.05, "retry_max_seconds": 0.3, "poll_interval": 0.2}
+
+
+def with_webhooks(settings: Settings, **changes: Any) -> Settings:
+    return msgspec.structs.replace(
+        settings, webhooks=msgspec.structs.replace(settings.webhooks, **changes)
+    )
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    hooks = Receiver()
+    await hooks.start()
+    try:
+        yield hooks
+    finally:
+        await hooks.stop()
+
+
+@pytest.fixture
+async def loopback_service(
+    db_url: str, fake_ollama: FakeOllama, start_service: StartService
+) -> AsyncIterator[Service]:
+    """A service that may send to loopback (the receiver is there), retrying quickly."""
+    settings = with_webhooks(make_settings(db_url, fake_ollama.url), allow_private=True, **QUICK)
+    async with start_service(settings) as svc:
+        yield svc
+
+
+async def subscribe(svc: Service, receiver: Receiver, path: str = "/hook", **body: Any) -> int:
+    response = await svc.client.post("/api/v1/webhooks", json={"url": receiver.url(path), **body})
+    assert response.status_code == 201, response.text
+    created = response.json()
+    assert created["secret"].startswith("whsec_")
+    receiver.secrets[path] = created["secret"]
+    return int(created["id"])
+
+
+async def deliveries(svc: Service, webhook_id: int) -> list[dict[str, Any]]:
+    response = await svc.client.get(f"/api/v1/webhooks/{webhook_id}/deliveries?limit=200")
+    assert response.status_code == 200, response.text
+    items: list[dict[str, Any]] = response.json()["items"]
+    return items
+
+
+# -- what is refused ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:9/hook", "http://169.254.169.254/latest", "https://10.0.0.1/x"]
+)
+async def test_private_destinations_are_refused_with_422_naming_url(
+    service: Service, url: str
+) -> None:
+    response = await service.client.post("/api/v1/webhooks", json={"url": url})
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert [f["field"] for f in body["fields"]] == ["url"]
+    assert "private" in body["message"]
+    listed = await service.client.get("/api/v1/webhooks")
+    assert listed.json()["items"] == []
+
+
+async def test_a_name_is_judged_by_the_address_it_resolves_to(service: Service) -> None:
+    response = await service.client.post(
+        "/api/v1/webhooks", json={"url": "http://localhost:9/hook"}
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["fields"][0]["field"] == "url"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        ({"url": "not a url"}, 422, "url"),
+        ({"url": "ftp://example.com/x"}, 422, "url"),
+        ({"url": "http://user:pw@example.com/x"}, 422, "url"),
+        ({"url": "http:///nohost"}, 422, "url"),
+        ({"url": ""}, 400, "url"),
+        ({}, 400, "url"),
+        ({"url": "http://example.com/", "event_types": ["task.exploded"]}, 400, "event_types"),
+        ({"url": "http://example.com/", "event_types": []}, 400, "event_types"),
+        ({"url": "http://example.com/", "colour": "red"}, 400, "colour"),
+    ],
+)
+async def test_bad_subscriptions_get_a_4xx_naming_the_field(
+    service: Service, body: dict[str, Any], status: int, field: str
+) -> None:
+    response = await service.client.post("/api/v1/webhooks", json=body)
+    assert response.status_code == status, response.text
+    assert field in response.text
+
+
+async def test_a_private_callback_url_is_refused_at_submit(service: Service) -> None:
+    body = {
+        "template": "summarize",
+        "params": {"text": "x"},
+        "callback_url": "http://169.254.169.254/",
+    }
+    response = await service.client.post("/api/v1/tasks", json=body)
+    assert response.status_code == 422, response.text
+    assert [f["field"] for f in response.json()["fields"]] == ["callback_url"]
+    listed = await service.client.get("/api/v1/tasks")
+    assert listed.json()["items"] == [], "nothing is queued"
+
+
+async def test_unknown_webhooks_are_404(service: Service) -> None:
+    assert (await service.client.delete("/api/v1/webhooks/99")).status_code == 404
+    assert (await service.client.get("/api/v1/webhooks/99/deliveries")).status_code == 404
+    response = await service.client.post("/api/v1/webhooks/99/deliveries/1/redeliver")
+    assert response.status_code == 404
+
+
+def test_addresses_that_are_not_public() -> None:
+    refused = ["127.0.0.1", "10.0.0.1", "169.254.169.254", "192.168.1.1", "::1", "fe80::1"]
+    refused += ["::ffff:127.0.0.1", "100.64.0.1", "0.0.0.0", "224.0.0.1"]
+    for private in refused:
+        assert not is_public(private), private
+    assert is_public("93.184.216.34") and is_public("2606:4700::1111")
+
+
+def test_backoff_doubles_with_jitter_up_to_its_cap() -> None:
+    settings = WebhookSettings(retry_base_seconds=1.0, retry_max_seconds=8.0)
+    rand = random.Random(7)
+    waits = [[backoff(n, settings, rand) for _ in range(50)] for n in (1, 2, 3, 4, 9)]
+    for n, ceiling in zip((1, 2, 3, 4, 9), (1, 2, 4, 8, 8), strict=True):
+        got = waits[(1, 2, 3, 4, 9).index(n)]
+        assert all(ceiling / 2 <= w <= ceiling for w in got)
+        assert len(set(got)) > 1, "jittered"
+
+
+# -- delivery -------------------------------------------------------------------------------
+
+
+async def test_every_delivery_is_signed_and_verifies(
+    loopback_service: Service, receiver: Receiver
+) -> None:
+    svc = loopback_service
+    hook = await subscribe(svc, receiver, event_types=["task.queued", "task.finished"])
+    other = await subscribe(svc, receiver, "/other", template="translate")
+    ids = [(await svc.submit("summarize", text=f"t{i}"))["id"] for i in range(3)]
+    for task_id in ids:
+        await svc.wait(task_id)
+    await wait_until(lambda: len(receiver.ids("task.finished")) == 3, timeout=20)
+    await wait_until(lambda: len(receiver.ids("task.queued")) == 3, timeout=20)
+    assert receiver.rejected == []
+    assert all(r.path == "/hook" for r in receiver.received), "the template filter holds"
+    finished = {r.body["data"]["task_id"]: r.body for r in receiver.received
+                if r.body["type"] == "task.finished"}  # fmt: skip
+    assert sorted(finished) == sorted(ids)
+    one = finished[ids[0]]
+    assert one["data"]["template"] == "summarize"
+    assert one["data"]["status"] == "succeeded"
+    assert one["data"]["event"] == {"status": "succeeded"}
+    assert one["timestamp"].endswith("Z")
+    assert len(set(receiver.ids())) == 6, "each delivery has its own webhook-id"
+
+    listed = await deliveries(svc, hook)
+    assert len(listed) == 6
+    assert {d["status"] for d in listed} == {"delivered"}
+    first = listed[0]["attempts"][0]
+    assert first["status_code"] == 200 and first["latency_ms"] >= 0
+    assert first["response"] == '{"ok": true}'
+    assert await deliveries(svc, other) == []
+
+
+async def test_failed_deliveries_are_retried_and_all_arrive_once_the_receiver_is_back(
+    loopback_service: Service, receiver: Receiver
+) -> None:
+    svc = loopback_service
+    hook = await subscribe(svc, receiver)
+    await receiver.stop()
+    ids = [(await svc.submit("summarize", text=f"t{i}"))["id"] for i in range(5)]
+
+    async def retried() -> bool:
+        return all(len(d["attempts"]) >= 2 for d in await deliveries(svc, hook)) and len(
+            await deliveries(svc, hook)
+        ) == len(ids)
+
+    await wait_until(retried, timeout=20, interval=0.1)
+    failing = (await deliveries(svc, hook))[0]
+    assert failing["status"] == "pending"
+    assert failing["attempts"][0]["status_code"] is None
+    assert failing["attempts"][0]["error"]
+
+    receiver.status = 503  # up, but failing: an answer that is not 2xx is retried too
+    await receiver.start()
+
+    async def answered_503() -> bool:
+        codes = [a["status_code"] for d in await deliveries(svc, hook) for a in d["attempts"]]
+        return 503 in codes
+
+    await wait_until(answered_503, timeout=20, interval=0.1)
+    receiver.status = 200
+    await wait_until(lambda: len(set(receiver.ids())) == len(ids), timeout=30)
+    got = sorted(r.body["data"]["task_id"] for r in receiver.received)
+    assert sorted(set(got)) == sorted(ids)
+    assert receiver.rejected == []
+
+    async def all_delivered() -> bool:
+        return {d["status"] for d in await deliveries(svc, hook)} == {"delivered"}
+
+    await wait_until(all_delivered, timeout=10)
+
+
+async def test_a_delivery_can_be_sent_again_with_the_same_id(
+    loopback_service: Service, receiver: Receiver
+) -> None:
+    svc = loopback_service
+    hook = await subscribe(svc, receiver)
+    await svc.wait((await svc.submit("summarize", text="again"))["id"])
+    await wait_until(lambda: len(receiver.received) == 1, timeout=20)
+    [delivery] = await deliveries(svc, hook)
+    response = await svc.client.post(
+        f"/api/v1/webhooks/{hook}/deliveries/{delivery['id']}/redeliver"
+    )
+    assert response.status_code == 202, response.text
+    await wait_until(lambda: len(receiver.received) == 2, timeout=20)
+    first, second = receiver.received
+    assert first.message_id == second.message_id == delivery["message_id"]
+    assert first.body == second.body
+    assert first.headers["webhook-signature"] != "" and receiver.rejected == []
+
+
+async def test_a_deleted_subscription_gets_nothing_more(
+    loopback_service: Service, receiver: Receiver
+) -> None:
+    svc = loopback_service
+    hook = await subscribe(svc, receiver)
+    assert (await svc.client.delete(f"/api/v1/webhooks/{hook}")).status_code == 204
+    await svc.wait((await svc.submit("summarize", text="nobody listens"))["id"])
+    assert (await svc.client.get("/api/v1/webhooks")).json()["items"] == []
+    assert (await svc.client.get(f"/api/v1/webhooks/{hook}/deliveries")).status_code == 404
+
+
+async def test_a_callback_url_gets_the_task_finished_signed_with_the_callback_secret(
+    loopback_service: Service, receiver: Receiver
+) -> None:
+    svc = loopback_service
+    secret = (await svc.client.get("/api/v1/webhooks/callback-secret")).json()["secret"]
+    assert secret.startswith("whsec_")
+    receiver.secrets["/done"] = secret
+    body = {"template": "summarize", "params": {"text": "x"}, "callback_url": receiver.url("/done")}
+    response = await svc.client.post("/api/v1/tasks", json=body)
+    assert response.status_code == 201, response.text
+    task_id = response.json()["id"]
+    await svc.submit("summarize", text="no callback")
+    await wait_until(lambda: len(receiver.received) == 1, timeout=20)
+    [got] = receiver.received
+    assert got.body["type"] == "task.finished"
+    assert got.body["data"]["task_id"] == task_id
+    assert receiver.rejected == []
+    # Subscriptions list leaves callbacks out.
+    assert (await svc.client.get("/api/v1/webhooks")).json()["items"] == []
+
+
+async def test_no_more_than_max_per_host_deliveries_go_to_one_host_at_once(
+    db_url: str, fake_ollama: FakeOllama, start_service: StartService, receiver: Receiver
+) -> None:
+    settings = make_settings(db_url, fake_ollama.url)
+    settings = with_webhooks(settings, allow_private=True, max_per_host=2, **QUICK)
+    receiver.delay = 0.3
+    async with start_service(settings) as svc:
+        await subscribe(svc, receiver, event_types=["task.queued"])
+        for i in range(8):
+            await svc.submit("summarize", text=f"t{i}")
+        await wait_until(lambda: len(receiver.received) == 8, timeout=30)
+    assert receiver.max_in_flight == 2
+
+
+async def test_redirects_are_not_followed(loopback_service: Service, receiver: Receiver) -> None:
+    svc = loopback_service
+    hook = await subscribe(svc, receiver)
+    receiver.secrets["/moved"] = receiver.secrets["/hook"]
+    receiver.status = 302
+    await svc.wait((await svc.submit("summarize", text="redirected"))["id"])
+
+    async def tried_twice() -> bool:
+        items = await deliveries(svc, hook)
+        return bool(items) and len(items[0]["attempts"]) >= 2
+
+    await wait_until(tried_twice, timeout=20, interval=0.1)
+    [delivery] = await deliveries(svc, hook)
+    assert delivery["status"] == "pending", "a 3xx is a failed attempt, retried"
+    assert {a["status_code"] for a in delivery["attempts"]} == {302}
+    assert "/moved" not in receiver.paths
+
+
+# -- the outbox across a crash --------------------------------------------------------------
+
+
+async def test_pending_deliveries_are_sent_after_the_service_is_killed_and_restarted(
+    fake_ollama: FakeOllama, tmp_path: Path, db_url: str, receiver: Receiver
+) -> None:
+    port, config = free_port(), tmp_path / "hooks.toml"
+    write_config(config, port=port, db=db_url, ollama_url=fake_ollama.url, poll_interval=0.2)
+    with config.open("a") as f:
+        # A delivery in flight at the kill is due again when its lease (timeout + 5 s) ends.
+        f.write("[webhooks]\nallow_private = true\npoll_interval = 0.2\ntimeout = 2\n")
+        f.write("retry_base_seconds = 0.2\nretry_max_seconds = 0.5\n")
+    await receiver.stop()
+    first = await start_process(config)
+    import httpx
+
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            made = await client.post("/api/v1/webhooks", json={"url": receiver.url()})
+            assert made.status_code == 201, made.text
+            receiver.secrets["/hook"] = made.json()["secret"]
+            body = {"template": "summarize", "params": {"text": "outbox"}}
+            ids = [(await client.post("/api/v1/tasks", json=body)).json()["id"] for _ in range(6)]
+
+        def finished_and_tried() -> bool:
+            [(n,)] = sql_rows(
+                db_url,
+                "SELECT count(*) FROM webhook_deliveries WHERE status = 'pending' "
+                "AND attempts >= 1",
+            )
+            return int(n) == len(ids)
+
+        await wait_until(finished_and_tried, timeout=30, interval=0.1)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+    assert receiver.received == []
+
+    await receiver.start()
+    second = await start_process(config)
+    try:
+        await wait_until(lambda: len(set(receiver.ids())) == len(ids), timeout=30)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        await second.wait()
+    assert sorted({r.body["data"]["task_id"] for r in receiver.received}) == sorted(ids)
+    assert receiver.rejected == []
+    [(left,)] = sql_rows(
+        db_url, "SELECT count(*) FROM webhook_deliveries WHERE status <> 'delivered'"
+    )
+    assert left == 0
+
+
+def test_secrets_are_standard_webhooks_secrets() -> None:
+    from standardwebhooks.webhooks import Webhook
+
+    secret = new_secret()
+    assert secret.startswith("whsec_") and secret != new_secret()
+    Webhook(secret)  # decodes
