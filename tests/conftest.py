@@ -81,6 +81,27 @@ async def fake_ollama() -> AsyncIterator[FakeOllama]:
         yield fake
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Services started in a test log warnings and errors only, as a service that serves
+    load is told to: rendering and capturing an info line per task event cost a third of the
+    suite's CPU (every line went through structlog's console renderer, into pytest's capture,
+    and to the xdist controller). A test that reads info events captures them itself
+    (``structlog.testing.capture_logs`` after raising the level, or a service's log file)."""
+    import logging
+
+    import structlog
+
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.dev.ConsoleRenderer(colors=False),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+    )
+    logging.getLogger().setLevel(logging.WARNING)
+
+
 def pytest_report_header() -> str:
     return f"database engine: {'PostgreSQL' if ON_POSTGRESQL else 'SQLite'}"
 

@@ -8,7 +8,7 @@ import json
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import httpx
@@ -27,11 +27,11 @@ from orchestra.cli_common import (
 )
 from orchestra.cli_schedules import schedules
 from orchestra.config import Settings
-from orchestra.db.keys import KeyStore
 from orchestra.errors import OrchestraError, TemplateError
 from orchestra.event_types import EventType
-from orchestra.templating.loader import load_template
-from orchestra.templating.registry import TemplateRegistry
+
+if TYPE_CHECKING:
+    from orchestra.db.keys import KeyStore
 
 T = TypeVar("T")
 
@@ -283,6 +283,8 @@ def templates() -> None:
 def templates_list(config_path: str | None) -> None:
     """List the templates the server would load (built-ins, then [templates] dirs)."""
     settings = settings_of(config_path)
+    from orchestra.templating.registry import TemplateRegistry  # not for the other commands
+
     registry = TemplateRegistry(settings.templates.dirs, limits=settings.limits)
     try:
         registry.load()
@@ -299,6 +301,8 @@ def templates_list(config_path: str | None) -> None:
 def templates_validate(files: tuple[Path, ...], config_path: str | None) -> None:
     """Check template files under the configured [limits]; print every problem as
     FILE:LINE:COLUMN: PATH: MESSAGE."""
+    from orchestra.templating.loader import load_template
+
     limits = settings_of(config_path).limits
     failed = False
     for file in files:
@@ -358,6 +362,7 @@ def keys() -> None:
 
 def _key_store_call(config_path: str | None, work: Callable[[KeyStore], Awaitable[T]]) -> T:
     from orchestra.db.engine import Database
+    from orchestra.db.keys import KeyStore
     from orchestra.db.schema import upgrade
 
     settings = settings_of(config_path)

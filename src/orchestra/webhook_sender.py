@@ -38,6 +38,7 @@ from orchestra.db.webhooks import Hint, WebhookStore
 from orchestra.domain import iso, now
 from orchestra.errors import InvalidParams
 from orchestra.notify import TaskSignals
+from orchestra.tls import client_context
 from orchestra.webhooks import (
     Claimed,
     DeliveryAttempt,
@@ -97,6 +98,7 @@ class WebhookSender:
             timeout=httpx.Timeout(self.settings.timeout),
             # A proxy from the environment would connect by name, past the address check.
             trust_env=False,
+            verify=client_context(),
             headers={"user-agent": f"orchestra-webhooks/{__version__}"},
         )
         self._loop_task = asyncio.create_task(self._run(), name="webhook-sender")

@@ -36,6 +36,8 @@ from collections.abc import AsyncIterator
 
 import httpx
 
+from orchestra.tls import client_context
+
 #: Seconds an idle connection is kept (httpcore's default).
 KEEPALIVE_EXPIRY = 5.0
 #: Most bytes one read of a body returns.
@@ -88,7 +90,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
     ) -> None:
         self._slots = asyncio.Semaphore(max_connections)
         self._fallback = fallback or httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(max_connections=max_connections)
+            limits=httpx.Limits(max_connections=max_connections), verify=client_context()
         )
         self._expiry = keepalive_expiry
         self._idle: dict[_Address, deque[_Connection]] = {}

@@ -31,6 +31,7 @@ import httpx
 from orchestra.errors import ConfigError
 from orchestra.llm.lean_transport import LeanTransport
 from orchestra.redact import redact_text, redact_url
+from orchestra.tls import client_context
 
 
 def model_client(max_connections: int, env: Mapping[str, str]) -> httpx.AsyncClient:
@@ -50,7 +51,9 @@ def model_client(max_connections: int, env: Mapping[str, str]) -> httpx.AsyncCli
     for pattern, proxy in environment_proxies(env).items():
         try:
             mounts[pattern] = (
-                None if proxy is None else httpx.AsyncHTTPTransport(proxy=proxy, limits=limits)
+                None
+                if proxy is None
+                else httpx.AsyncHTTPTransport(proxy=proxy, limits=limits, verify=client_context())
             )
         except (ImportError, ValueError) as exc:
             raise ConfigError(
@@ -58,7 +61,7 @@ def model_client(max_connections: int, env: Mapping[str, str]) -> httpx.AsyncCli
                 f"{pattern} cannot be used: {redact_text(str(exc))}"
             ) from exc
     transport = LeanTransport(max_connections, fallback=ShardedTransport(max_connections))
-    return httpx.AsyncClient(transport=transport, mounts=mounts)
+    return httpx.AsyncClient(transport=transport, mounts=mounts, verify=client_context())
 
 
 def environment_proxies(env: Mapping[str, str]) -> dict[str, str | None]:
@@ -154,7 +157,9 @@ class ShardedTransport(httpx.AsyncBaseTransport):
         shards = max(1, math.ceil(max_connections / pool_size))
         per_pool = math.ceil(max_connections / shards)
         limits = httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool)
-        self._pools = [httpx.AsyncHTTPTransport(limits=limits) for _ in range(shards)]
+        self._pools = [
+            httpx.AsyncHTTPTransport(limits=limits, verify=client_context()) for _ in range(shards)
+        ]
         self._in_flight = [0] * shards
 
     @property

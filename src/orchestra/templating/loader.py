@@ -6,6 +6,7 @@ are checked by ``step_loader`` and positions come from ``source``.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -201,11 +202,23 @@ def parse_template(
 ) -> Template:
     """Validate YAML text as a template, within ``limits`` (the defaults when None).
 
+    The same text, file and limits give the same (frozen) template: recent answers are kept
+    (:data:`PARSED`), so a reload, or another process's registration learned again, parses
+    only what changed.
+
     Raises:
         PayloadTooLarge: the text is over ``limits.max_template_bytes``.
         TemplateError: carrying every :class:`TemplateProblem` found.
     """
-    limits = limits or LimitSettings()
+    return _parse(text, file, limits or LimitSettings())
+
+
+#: How many parsed templates are kept (at most this many times max_template_bytes of text).
+PARSED = 64
+
+
+@functools.lru_cache(maxsize=PARSED)
+def _parse(text: str, file: str, limits: LimitSettings) -> Template:
     check_size(text, limits.max_template_bytes)
     check_shape(text, file, max_nodes=limits.yaml_max_nodes, max_depth=limits.yaml_max_depth)
     try:
