@@ -107,9 +107,19 @@ def pytest_report_header() -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """On PostgreSQL, run the tests that use a database (the ``db_url`` fixture, directly or
+    """Files with slow tests (or a real model's) first: xdist hands out files in this order
+    (``--dist loadfile``), so a minute-long file starts early instead of running alone at the
+    end.
+
+    On PostgreSQL, run the tests that use a database (the ``db_url`` fixture, directly or
     through another): the others ran on SQLite already and touch no engine. Skip the tests
     about SQLite itself (marked ``sqlite_only``)."""
+    slow_files = {
+        item.path
+        for item in items
+        if item.get_closest_marker("slow") or item.get_closest_marker("real_model")
+    }
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: order kept within
     if not ON_POSTGRESQL:
         return
     skip = pytest.mark.skip(reason="about SQLite itself (its file, writer or locks)")
