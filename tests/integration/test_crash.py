@@ -32,7 +32,9 @@ async def test_sigkill_mid_run_loses_nothing_and_finishes_nothing_twice(
     write_config(config, port=port, db=db_url, ollama_url=fake_ollama.url, concurrency=8, **quick)
     first = await start_process(config)
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        # 300 submits at once queue for the client's 100 connections: on a loaded machine
+        # (PostgreSQL, three test processes on 2 cores) that wait passed httpx's default 5 s.
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             body = {"template": "summarize", "params": {"text": "crash me"}}
             responses = await asyncio.gather(
                 *(client.post("/api/v1/tasks", json=body) for _ in range(TASKS))
