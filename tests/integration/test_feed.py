@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing, asynccontextmanager, contextmanager
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 
@@ -312,3 +313,21 @@ async def test_a_gap_held_past_the_grace_is_given_up(db: Database, db_url: str) 
             held.commit()
         follower.cancel()
     assert [e.task_id for e in got] == [first, second]
+
+
+async def test_followers_that_hang_up_leave_the_hub(service: Service) -> None:
+    """A client that closes an idle stream (the all-tasks feed, or a queued task's) is noticed
+    while nothing happens: its subscription goes, nothing is left behind."""
+    feed = service.app.state.runtime.feed
+    queued = await service.client.post(
+        "/api/v1/tasks", json={"template": "summarize", "params": {"text": "x"}, "delay": 3600}
+    )
+    assert queued.status_code == 201, queued.text
+    paths = ["/api/v1/events", f"/api/v1/tasks/{queued.json()['id']}/events"]
+    async with httpx.AsyncClient(base_url=str(service.client.base_url)) as own:
+        streams = [await own.send(own.build_request("GET", p), stream=True) for p in paths]
+        assert [s.status_code for s in streams] == [200, 200]
+        await wait_until(lambda: feed.subscribers == 2)
+        for stream in streams:
+            await stream.aclose()  # the connection goes with it (a streamed body not read)
+    await wait_until(lambda: feed.subscribers == 0)

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-import msgspec
 from litestar import Controller, get
 from litestar.di import NamedDependency
 from litestar.params import HeaderParameter, QueryParameter
 
 from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
-from orchestra.api.tasks import EventStream
+from orchestra.api.sse import EventStream, Frames, frame
 from orchestra.db.feed import FeedEvent, FeedFilter
 from orchestra.errors import FieldProblem, InvalidRequest
 from orchestra.event_types import EventType
@@ -22,33 +22,30 @@ _NUMBER = "^[0-9]{1,18}$"
 #: What the feed sends while nothing happens: an SSE comment, so that proxies keep it open.
 HEARTBEAT = b": heartbeat\r\n\r\n"
 _TYPES = frozenset(t.value for t in EventType)
-_encode = msgspec.json.Encoder().encode
 
 
-def sse(events: list[FeedEvent]) -> bytes:
+def sse(events: list[FeedEvent], frames: Frames) -> bytes:
     """Events as Server-Sent Events: the global id is the SSE id, the type its name, and the
-    data the event's fields with its id, task, template, seq, time and type."""
+    data the event's fields with its id, task, template, seq, time and type; each event is
+    encoded once for all its followers."""
     if not events:
         return HEARTBEAT
     return b"".join(
-        b"id: %d\r\nevent: %s\r\ndata: %s\r\n\r\n"
-        % (
-            e.id,
-            e.type.encode(),
-            _encode(
-                {
-                    "id": e.id,
-                    "task_id": e.task_id,
-                    "template": e.template,
-                    "seq": e.seq,
-                    "time": e.time,
-                    "type": e.type,
-                    **e.data,
-                }
-            ),
-        )
-        for e in events
+        frames.get(("feed", e.id, e.time), functools.partial(_frame, e)) for e in events
     )
+
+
+def _frame(e: FeedEvent) -> bytes:
+    data = {
+        "id": e.id,
+        "task_id": e.task_id,
+        "template": e.template,
+        "seq": e.seq,
+        "time": e.time,
+        "type": e.type,
+        **e.data,
+    }
+    return frame(e.id, e.type, data)
 
 
 def wanted_types(values: list[str] | None) -> frozenset[str] | None:
@@ -122,6 +119,6 @@ class EventController(Controller):
 
         async def stream() -> AsyncIterator[bytes]:
             async for events in feed.follow(wanted, start):
-                yield sse(events)
+                yield sse(events, runtime.frames)
 
         return EventStream(stream())

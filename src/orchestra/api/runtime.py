@@ -18,6 +18,7 @@ from typing import Any
 
 from orchestra import logs
 from orchestra.api.auth import Gatekeeper
+from orchestra.api.sse import Frames
 from orchestra.auth import ApiKey, bootstrap_key, is_loopback
 from orchestra.bulk import BulkService
 from orchestra.catalog import TemplateCatalog, parse_elsewhere
@@ -91,6 +92,8 @@ class Runtime:
         self._schedules: ScheduleService | None = None
         self._webhooks: WebhookService | None = None
         self._feed: EventFeed | None = None
+        #: The event streams' encoded frames, shared by their followers.
+        self.frames = Frames()
 
     @property
     def db(self) -> Database:

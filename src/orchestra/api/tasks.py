@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -12,10 +13,11 @@ from litestar.di import NamedDependency
 from litestar.exceptions import SerializationException
 from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
-from litestar.response import Stream
 
 from orchestra.api.openapi import errors
+from orchestra.api.runtime import Runtime
 from orchestra.api.schemas import TaskList, TaskOut, TaskSummaryOut
+from orchestra.api.sse import EventStream, Frames, frame
 from orchestra.auth import Caller
 from orchestra.db.events import TaskEvent
 from orchestra.domain import TaskStatus
@@ -36,43 +38,23 @@ def _json(body: msgspec.Struct) -> Response[bytes]:
     return Response(_encode(body), media_type=MediaType.JSON)
 
 
-class EventStream(Stream):
-    """``text/event-stream``, written here: each read of events is one chunk.
-
-    Litestar's ServerSentEvent sends every event as a chunk of its own, and starts each stream
-    with a hop to a thread; the bytes are the same (its message encoding, and its headers).
-    """
-
-    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
-        super().__init__(
-            chunks,
-            media_type="text/event-stream",
-            headers={
-                "Cache-Control": "no-cache",
-                "Connection": "keep-alive",
-                "X-Accel-Buffering": "no",
-            },
-        )
-
-
 #: What a stream sends while nothing happens, so that proxies keep it open.
 _KEEPALIVE = b": keep-alive\r\ndata: \r\n\r\n"
 
 
-def _sse(events: list[TaskEvent]) -> bytes:
+def _sse(task_id: int, events: list[TaskEvent], frames: Frames) -> bytes:
     """Events as Server-Sent Events: the sequence number is the id, the type the event name,
-    and the data the event's fields with its seq, time and type (JSON never spans lines)."""
+    and the data the event's fields with its seq, time and type; each event is encoded once
+    for all its followers."""
     if not events:
         return _KEEPALIVE
     return b"".join(
-        b"id: %d\r\nevent: %s\r\ndata: %s\r\n\r\n"
-        % (
-            e.seq,
-            e.type.encode(),
-            _encode({"seq": e.seq, "time": e.time, "type": e.type, **e.data}),
-        )
-        for e in events
+        frames.get((task_id, e.seq, e.time), functools.partial(_frame, e)) for e in events
     )
+
+
+def _frame(e: TaskEvent) -> bytes:
+    return frame(e.seq, e.type, {"seq": e.seq, "time": e.time, "type": e.type, **e.data})
 
 
 def _ok(body: type[msgspec.Struct]) -> ResponseSpec:
@@ -189,6 +171,7 @@ class TaskController(Controller):
         self,
         task_id: FromPath[int],
         tasks: NamedDependency[TaskService],
+        runtime: NamedDependency[Runtime],
         last_event_id: Annotated[
             str | None,
             HeaderParameter(
@@ -214,7 +197,7 @@ class TaskController(Controller):
 
         async def stream() -> AsyncIterator[bytes]:
             async for events in tasks.follow_batches(task_id, after):
-                yield _sse(events)
+                yield _sse(task_id, events, runtime.frames)
 
         return EventStream(stream())
 
