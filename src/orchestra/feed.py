@@ -158,6 +158,7 @@ class EventFeed:
         self.overflows = 0
         self._started = asyncio.Event()
         self._joined = asyncio.Event()  # someone subscribed
+        self._beat = asyncio.Event()  # set and cleared at each heartbeat
         self._changed: asyncio.Event | None = None  # what wakes the reader
         self._gap: _Gap | None = None
         self._groups: dict[FeedFilter, set[Subscription]] = {}
@@ -195,6 +196,8 @@ class EventFeed:
             for group in self._groups.values():
                 for sub in group:
                     sub.beat()
+            self._beat.set()  # wakes every waiter of heartbeats(), however soon it is cleared
+            self._beat.clear()
 
     async def _read_loop(self) -> None:
         with self.signals.watch_all() as changed:
@@ -293,6 +296,14 @@ class EventFeed:
     async def newest(self) -> int:
         """Where a follower of what happens next starts: after the newest stored event."""
         return max(self.watermark, await reads.last_id(self.db))
+
+    async def heartbeats(self) -> AsyncIterator[None]:
+        """Each heartbeat of the feed, without end: for a stream with nothing left to follow
+        that must still show it is alive. Not a subscription, so it never makes the reader
+        read; one timer serves every such stream."""
+        while True:
+            await self._beat.wait()
+            yield None
 
     @contextmanager
     def subscribe(self, wanted: FeedFilter) -> Iterator[Subscription]:

@@ -15,9 +15,9 @@ import msgspec
 import pytest
 
 from orchestra.config import ServerSettings, Settings, UiSettings
-from tests.conftest import Service, StartService, make_keys, with_workers
-from tests.fixtures.fake_ollama import FakeOllama
-from tests.fixtures.servers import wait_until
+from tests.conftest import Service, StartService, make_keys, with_provider, with_workers
+from tests.fixtures.fake_ollama import Failure, FakeOllama
+from tests.fixtures.servers import free_port, wait_until
 
 HOSTILE = '<script>window.pwned=1</script><img src=x onerror="window.pwned=2">'
 SAME_SITE = {"sec-fetch-site": "same-origin"}
@@ -387,3 +387,79 @@ async def test_an_unknown_task_is_an_html_404(service: Service) -> None:
     assert answer.status_code == 404
     assert "text/html" in answer.headers["content-type"]
     assert "no task with id 999999" in answer.text
+
+
+async def test_the_overview_shows_queue_workers_chart_providers_and_failures_with_their_errors(
+    settings: Settings, start_service: StartService, fake_ollama: FakeOllama
+) -> None:
+    """Page 1 as served: queue depth and its oldest task's age, busy slots, the last hour as
+    an inline SVG, each provider's availability with the reason when one is down, and the
+    recent failures with their errors. Page 5: the chain and the entry serving now."""
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    one = with_provider(with_workers(settings, concurrency=1), "spare", kind="ollama", url=down)
+    one = msgspec.structs.replace(
+        one, models={**one.models, "fast": ["spare/llama3.2", "ollama/llama3.2"]}
+    )
+    async with start_service(one) as svc:
+        fake_ollama.failure = Failure(400, "the prompt is too long", times=1)
+        failed = await svc.submit("summarize", text="doomed")
+        assert (await svc.wait(failed["id"]))["status"] == "failed"
+        fake_ollama.latency = 60  # the next task holds the only slot; two more wait
+        held = [await svc.submit("summarize", text=f"held {i}") for i in range(3)]
+        await wait_until(lambda: fake_ollama.in_flight == 1)
+
+        page = (await svc.client.get("/ui/")).text
+        assert re.search(r'id="queue-depth">2<', page), page
+        assert re.search(r'id="queue-age">\d+(\.\d+)? (ms|s)<', page)
+        assert 'id="slots">1 of 1<' in page
+        chart = re.search(r"<svg [^>]*>(.*?)</svg>", page, re.S)
+        assert chart and '<rect class="bad"' in chart.group(1)
+        assert re.search(r"<title [^>]*>[^<]* UTC: 0 succeeded, 1 failed</title>", chart.group(1))
+        failures = page.split('id="failures-h"', 1)[1]
+        assert f'/ui/tasks/{failed["id"]}">#{failed["id"]}<' in failures
+        assert "the prompt is too long" in failures
+        spare = re.search(r"<strong>spare</strong>.*?</li>", page, re.S)
+        assert spare and "unavailable" in spare.group(0)
+        reason = re.search(r'class="reason">([^<]+)<', spare.group(0))
+        assert reason and reason.group(1).strip(), spare.group(0)
+        ollama = re.search(r"<strong>ollama</strong>.*?</li>", page, re.S)
+        assert ollama and "available" in ollama.group(0) and "unavailable" not in ollama.group(0)
+
+        providers = (await svc.client.get("/ui/providers")).text
+        fast = re.search(r"<code>fast</code>.*?</tr>", providers, re.S)
+        assert fast, providers
+        assert "spare/llama3.2 → ollama/llama3.2" in fast.group(0)
+        assert re.search(r"<td><code>ollama/llama3.2</code></td>", fast.group(0))  # serves now
+        assert "Last checked: <time" in providers
+
+        fake_ollama.latency = 0
+        for task in held:
+            await svc.client.post(f"/api/v1/tasks/{task['id']}/cancel")
+
+
+async def test_a_task_page_shows_each_step_and_each_attempt_with_its_error(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    """Page 3 as served: the prompt as rendered, provider and model, tokens, duration and the
+    truncated flag of each step; every attempt with its error and times; the params."""
+    fake_ollama.failure = Failure(500, "the model fell over", times=1)  # the first try fails
+    fake_ollama.done_reason = "length"  # the answer was cut off at its token limit
+    task = await service.submit("summarize", text="try twice")
+    done = await service.wait(task["id"], 60)
+    assert done["status"] == "succeeded" and len(done["attempts"]) == 2, done
+    page = (await service.client.get(f"/ui/tasks/{task['id']}")).text
+    step = re.search(r'<article class="step" id="step-[^"]+">(.*?)</article>', page, re.S)
+    assert step, page
+    assert "ollama/llama3.2" in step.group(1)  # provider and model
+    assert re.search(r"\d+ tokens in, \d+ out", step.group(1))
+    assert "truncated: output" in step.group(1)
+    assert re.search(r'<span class="muted">\d+(\.\d+)? (ms|s)</span>', step.group(1))
+    prompt = step.group(1).split("Prompt as rendered", 1)[1]
+    assert "try twice" in prompt  # the text the template put into the prompt
+    attempts = page.split('id="attempts-h"', 1)[1]
+    rows = re.findall(r"<tr><td>(\d)</td>(.*?)</tr>", attempts, re.S)
+    assert [number for number, _ in rows] == ["1", "2"]
+    assert "the model fell over" in rows[0][1] and "status-failed" in rows[0][1]
+    assert "status-succeeded" in rows[1][1]
+    assert all(row.count("<time datetime=") == 2 for _, row in rows)  # started, finished
+    assert '"text": "try twice"' in unescape(page.split('id="params"', 1)[1])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 import pytest
@@ -359,4 +360,97 @@ async def test_providers_and_keys_pages_work_in_the_browser(
     assert (await service.client.get("/api/v1/tasks")).status_code == 401
     listed = await service.client.get("/api/v1/tasks", headers={"authorization": f"Bearer {token}"})
     assert listed.status_code == 200
+    assert page.errors == []
+
+
+async def test_times_are_shown_in_local_time_with_the_iso_time_on_hover(
+    service: Service, browser: Browser
+) -> None:
+    """Every ``<time>`` reads in the browser's zone (here UTC+9), on pages as served and in
+    rows a live refresh swaps in; hovering shows the ISO time the server sent."""
+    from playwright.async_api import expect
+
+    first = await service.submit("summarize", text="what time is it")
+    finished = datetime.fromisoformat((await service.wait(first["id"]))["finished_at"])
+    page = await new_page(browser, timezone_id="Asia/Tokyo", locale="en-GB")
+    tokyo = timezone(timedelta(hours=9))
+
+    async def shown_locally(where: str, count: int) -> None:
+        times = page.locator(f"{where} time[datetime]")
+        await expect(times).to_have_count(count, timeout=WAIT)
+        for i in range(count):
+            element = times.nth(i)
+            iso = await element.get_attribute("datetime")
+            assert iso is not None and await element.get_attribute("title") == iso
+            local = datetime.fromisoformat(iso).astimezone(tokyo)
+            await expect(element).to_have_text(local.strftime("%d/%m/%Y, %H:%M:%S"))
+
+    # The chart's minutes, on hover: local time first, UTC after.
+    await page.goto(f"{service.url}/ui/")
+    minute = page.locator("svg.bars title", has_text="1 succeeded")
+    utc = finished.astimezone(UTC).strftime("%Y-%m-%dT%H:%M")
+    await expect(minute).to_have_text(
+        f"{finished.astimezone(tokyo):%H:%M}: 1 succeeded, 0 failed ({utc} UTC)"
+    )
+    await page.goto(f"{service.url}/ui/tasks/{first['id']}")
+    await shown_locally("dl.facts", 3)  # created, started, finished
+    await page.goto(f"{service.url}/ui/tasks")
+    await shown_locally("#rows", 1)
+    second = await service.submit("summarize", text="and now")
+    await service.wait(second["id"])
+    await shown_locally("#rows", 2)  # the new row came with a live refresh
+    assert page.errors == []
+
+
+#: Marks every control a keyboard user should reach (visible: not in a closed <details>;
+#: enabled; not taken out of the tab order) with its index; returns how many there are.
+_MARK_CONTROLS = """() => {
+  const wanted = 'a[href], button, input:not([type=hidden]), select, textarea, summary';
+  const controls = [...document.querySelectorAll(wanted)].filter(e =>
+    !e.disabled && e.getAttribute('tabindex') !== '-1' &&
+    e.checkVisibility({contentVisibilityAuto: true, visibilityProperty: true}));
+  controls.forEach((e, i) => e.setAttribute('data-kb', String(i)));
+  return controls.length;
+}"""
+
+
+async def test_every_control_of_every_page_is_reached_by_the_tab_key(
+    service: Service, browser: Browser
+) -> None:
+    task = await service.submit("summarize", text="by keyboard")
+    await service.wait(task["id"])
+    page = await _page(browser)
+    await page.goto(f"{service.url}/ui/tasks")
+    await page.check("#live-pause")  # a live refresh would replace controls mid-way
+    for path in (
+        "/ui/",
+        "/ui/tasks",
+        f"/ui/tasks/{task['id']}",
+        "/ui/templates",
+        "/ui/templates/summarize",
+        "/ui/templates/new",
+        "/ui/providers",
+        "/ui/keys",
+    ):
+        await page.goto(f"{service.url}{path}")
+        await page.wait_for_load_state("networkidle")
+        assert (
+            await page.locator("[tabindex]:not([tabindex='-1']):not([tabindex='0'])").count() == 0
+        )
+        count = await page.evaluate(_MARK_CONTROLS)
+        assert count > 5, path
+        await page.evaluate("document.activeElement.blur()")
+        reached: set[str] = set()
+        # More presses than controls: Tab also walks a date input's fields one by one.
+        for _ in range(3 * count + 20):
+            await page.keyboard.press("Tab")
+            reached.add(await page.evaluate("document.activeElement.dataset.kb || ''"))
+            if len(reached - {""}) == count:
+                break
+        missed = await page.evaluate(
+            "ids => [...document.querySelectorAll('[data-kb]')].filter(e =>"
+            " !ids.includes(e.dataset.kb)).map(e => e.outerHTML.slice(0, 120))",
+            sorted(reached),
+        )
+        assert missed == [], (path, missed)
     assert page.errors == []

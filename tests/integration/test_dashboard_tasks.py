@@ -16,6 +16,7 @@ import pytest
 from orchestra.config import Settings
 from orchestra.db import Database, Lease, TaskStore
 from orchestra.domain import NewTask
+from orchestra.feed import EventFeed
 from orchestra.web import task_pages
 from tests.conftest import Service, StartService, make_keys, sql_rows, with_workers
 from tests.fixtures.fake_ollama import FakeOllama
@@ -94,22 +95,33 @@ async def test_a_live_stream_opened_after_the_task_finished_still_sends_a_refres
 
 
 async def test_a_live_stream_resumed_after_the_end_refreshes_once_then_only_comments(
-    service: Service, db_url: str, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, start_service: StartService, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(task_pages, "KEEPALIVE_SECONDS", 0.05)
-    task = await service.submit("summarize", text="done already")
-    await service.wait(task["id"])
-    url = f"/ui/tasks/{task['id']}/live"
-    last = str(_last_seq(db_url, task["id"]))
-    seen: list[tuple[dict[str, str], bytes]] = []
-    async with asyncio.timeout(10):
-        async for message in _sse(service.client, url, {"last-event-id": last}):
-            seen.append(message)
-            if len(seen) == 4:
-                break
-    assert seen[0][0].get("event") == "refresh"
-    # Keep-alives are comments alone: a `data:` line would dispatch an empty message event.
-    assert [raw for _, raw in seen[1:]] == [b": keep-alive\r\n\r\n"] * 3
+    """After the end, the stream's keep-alives ride on the event feed's one shared heartbeat
+    (no timer of its own per follower, and no subscription)."""
+    defaults = EventFeed.__init__.__kwdefaults__
+    assert defaults is not None
+    monkeypatch.setitem(defaults, "heartbeat", 0.05)
+    async with start_service(settings) as svc:
+        feed = svc.app.state.runtime.feed
+        assert feed.heartbeat == 0.05
+        task = await svc.submit("summarize", text="done already")
+        await svc.wait(task["id"])
+        url = f"/ui/tasks/{task['id']}/live"
+        last = str(_last_seq(db_url, task["id"]))
+        seen: list[tuple[dict[str, str], bytes]] = []
+        followers: list[int] = []
+        async with asyncio.timeout(10):
+            async for message in _sse(svc.client, url, {"last-event-id": last}):
+                seen.append(message)
+                followers.append(feed.subscribers)
+                if len(seen) == 4:
+                    break
+        assert seen[0][0].get("event") == "refresh"
+        # Keep-alives are comments alone: a `data:` line would dispatch an empty message event.
+        assert [raw for _, raw in seen[1:]] == [b": keep-alive\r\n\r\n"] * 3
+        # Not a subscription: a finished task's open page never makes the reader read.
+        assert all(n == 0 for n in followers[1:]), followers
 
 
 async def test_a_live_stream_sends_one_cache_control_header(service: Service) -> None:
@@ -257,3 +269,27 @@ async def test_a_search_is_not_refreshed_live_and_the_page_says_so(service: Serv
     searched = (await service.client.get("/ui/tasks", params={"q": "needle"})).text
     assert "sse-connect" not in searched
     assert "live updates are off while searching" in searched.lower()
+
+
+async def test_the_tasks_table_pages_by_keyset_through_its_older_link(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each "Older tasks" link carries the last id shown (a cursor, never an offset); following
+    them visits every task once, newest first, and the last page has no such link."""
+    monkeypatch.setattr(task_pages, "PAGE_SIZE", 2)
+    ids = [(await service.submit("summarize", text=f"page {i}"))["id"] for i in range(5)]
+    seen: list[int] = []
+    url: str | None = "/ui/tasks?template=summarize"
+    pages = 0
+    while url is not None:
+        html = (await service.client.get(url)).text
+        shown = [int(i) for i in re.findall(r'<a href="/ui/tasks/(\d+)">#', html)]
+        assert 1 <= len(shown) <= 2, shown
+        seen += shown
+        older = re.search(r'<a href="([^"]+)" rel="next">', html)
+        url = unescape(older.group(1)) if older else None
+        if url is not None:
+            assert f"cursor={shown[-1]}" in url and "template=summarize" in url
+            assert "offset" not in url
+        pages += 1
+    assert seen == sorted(ids, reverse=True) and pages == 3

@@ -210,3 +210,49 @@ async def test_a_refused_registration_shows_its_problems_and_keeps_the_text(
     assert _editor_text(answer.text) == text
     assert re.search(r'data-line="4" data-column="5"', answer.text)
     assert 'id="editor-error"' not in answer.text
+
+
+# -- the templates pages ----------------------------------------------------------------------
+
+VERSIONED = """\
+name: versioned
+description: Says hello {n}.
+parameters:
+  who: {type: string, default: world, max_length: 40}
+  mood: {type: string, enum: [calm, loud], default: loud}
+  times: {type: integer, minimum: 1, maximum: 9, default: 2}
+steps:
+  - id: hello
+    kind: render
+    text: 'hello {{ params.who }}'
+"""
+
+
+async def test_a_templates_page_shows_its_source_versions_and_a_form_from_its_schema(
+    service: Service,
+) -> None:
+    for n in (1, 2):
+        await _register(service, VERSIONED.replace("{n}", f"in version {n}"))
+    listing = (await service.client.get("/ui/templates")).text
+    assert re.search(r'href="/ui/templates/versioned">versioned</a></td><td>2</td>', listing)
+    assert "Says hello in version 2." in listing
+    page = (await service.client.get("/ui/templates/versioned")).text
+    assert "Says hello in version 2." in unescape(page.split('id="source-h"', 1)[1])
+    versions = page.split('id="versions-h"', 1)[1]
+    assert re.findall(r'href="/ui/templates/versioned\?version=(\d)"', versions) == ["1", "2"]
+    assert 'version=2" aria-current="true"' in versions
+    older = (await service.client.get("/ui/templates/versioned", params={"version": 1})).text
+    assert "Says hello in version 1." in unescape(older.split('id="source-h"', 1)[1])
+    # The form: an enum is a select with its default chosen, bounds and lengths are kept.
+    mood = re.search(r'<select id="param-mood" name="mood"[^>]*>(.*?)</select>', page, re.S)
+    assert mood, page
+    options = [
+        tuple(unescape(part) for part in option)
+        for option in re.findall(r'<option value="([^"]*)"( selected)?>([^<]*)<', mood.group(1))
+    ]
+    assert options == [("", "", "—"), ('"calm"', "", "calm"), ('"loud"', " selected", "loud")]
+    times = re.search(r'<input type="number" id="param-times"[^>]*>', page)
+    assert times and 'value="2"' in times.group(0)
+    assert 'min="1"' in times.group(0) and 'max="9"' in times.group(0)
+    who = re.search(r'<input type="text" id="param-who"[^>]*>', page)
+    assert who and 'value="world"' in who.group(0) and 'maxlength="40"' in who.group(0)

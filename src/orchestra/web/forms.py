@@ -36,12 +36,22 @@ class Field(msgspec.Struct, frozen=True):
     description: str = ""
     #: For a select: (value as sent, label) pairs; the value is the option's JSON.
     options: list[tuple[str, str]] = msgspec.field(default_factory=list)
-    minimum: float | None = None
-    maximum: float | None = None
+    minimum: int | float | None = None
+    maximum: int | float | None = None
     step: str = "any"
     min_length: int | None = None
     max_length: int | None = None
     errors: list[str] = msgspec.field(default_factory=list)
+
+
+def _bound(value: Any, kind: str) -> int | float | None:
+    """A number input's ``min``/``max``: an integer parameter's bound as an integer (the
+    loader keeps bounds as floats; ``min="1.0"`` would read oddly beside ``step="1"``)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    if kind == "integer" and float(value).is_integer():
+        return int(value)
+    return value
 
 
 def _shown(value: Any, schema: Mapping[str, Any]) -> str:
@@ -96,8 +106,8 @@ def fields(
                 Field(
                     control="number",
                     value=_shown(value, prop),
-                    minimum=prop.get("minimum"),
-                    maximum=prop.get("maximum"),
+                    minimum=_bound(prop.get("minimum"), kind),
+                    maximum=_bound(prop.get("maximum"), kind),
                     step="1" if kind == "integer" else "any",
                     **common,
                 )

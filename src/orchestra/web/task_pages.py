@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,8 +19,6 @@ from orchestra.tasks import MAX_ID
 from orchestra.web.render import bounded, links, page
 
 PAGE_SIZE = 50
-#: Seconds between keep-alive comments on a finished task's stream.
-KEEPALIVE_SECONDS = 15.0
 #: The time range presets of the filter form.
 SINCE = {"15m": 15, "1h": 60, "24h": 24 * 60, "7d": 7 * 24 * 60, "30d": 30 * 24 * 60}
 #: The bulk actions.
@@ -258,8 +255,7 @@ class TaskPages(Controller):
             yield ServerSentEventMessage(event="refresh", data="finished")
             # The page swaps the live part away, which closes the stream. Ending it here
             # instead would make the browser report an error and reconnect.
-            while True:
-                await asyncio.sleep(KEEPALIVE_SECONDS)
+            async for _ in request.app.state.runtime.feed.heartbeats():
                 yield KEEPALIVE
 
         # Its own Cache-Control, spelled as Litestar's, which then adds no second one.

@@ -18,6 +18,18 @@
     });
   }
 
+  // The chart's minutes (UTC, "2026-12-01T13:05"), on hover: local time first, UTC after.
+  function localMinutes(root) {
+    root.querySelectorAll("title[data-minute]").forEach(function (el) {
+      var minute = el.getAttribute("data-minute");
+      var at = new Date(minute + ":00Z");
+      if (!isNaN(at.getTime())) {
+        el.textContent = at.toLocaleTimeString(undefined, {hour: "2-digit", minute: "2-digit"}) +
+          ": " + el.getAttribute("data-counts") + " (" + minute + " UTC)";
+      }
+    });
+  }
+
   function paused() {
     return sessionStorage.getItem(PAUSE_KEY) === "1";
   }
@@ -153,6 +165,7 @@
 
   function onLoad(root) {
     localTimes(root);
+    localMinutes(root);
     showLocal(root);
     syncPause(document);
     numberLines();
