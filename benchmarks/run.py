@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from batch_bench import markdown as batch_section  # noqa: E402
 from common import machine  # noqa: E402
 from dashboard_bench import markdown as dashboard_section  # noqa: E402
 from followers_bench import markdown as followers_section  # noqa: E402
@@ -213,6 +214,7 @@ def main() -> None:
     scaleout = _run(sys.executable, "scaleout_bench.py", "--tasks", "3000")
     pg_claim = _run(sys.executable, "pg_claim.py")
     followers = _run(sys.executable, "followers_bench.py")
+    batch = _run(sys.executable, "batch_bench.py")
     versions = subprocess.run(
         [
             args.classic_python,
@@ -237,6 +239,7 @@ def main() -> None:
     )
     text += "\n" + scaleout_section(scaleout) + "\n" + pg_claim_section(pg_claim)
     text += "\n" + followers_section(followers)
+    text += "\n" + batch_section(batch)
     (HERE / "RESULTS.md").write_text(text)
     print(f"benchmarks/RESULTS.md written in {time.monotonic() - started:.0f} s", file=sys.stderr)
 

@@ -14,6 +14,7 @@ from orchestra.api.app import create_app
 from orchestra.auth import Scope
 from orchestra.config import (
     DEFAULT_PROVIDERS,
+    CacheSettings,
     DatabaseSettings,
     ProviderSettings,
     Settings,
@@ -106,14 +107,22 @@ def pytest_report_header() -> str:
     return f"database engine: {'PostgreSQL' if ON_POSTGRESQL else 'SQLite'}"
 
 
+#: Markers of tests left out of the PostgreSQL run (see pytest_collection_modifyitems).
+ENGINE_FREE = ("real_model", "browser")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Files with slow tests (or a real model's) first: xdist hands out files in this order
     (``--dist loadfile``), so a minute-long file starts early instead of running alone at the
     end.
 
     On PostgreSQL, run the tests that use a database (the ``db_url`` fixture, directly or
-    through another): the others ran on SQLite already and touch no engine. Skip the tests
-    about SQLite itself (marked ``sqlite_only``)."""
+    through another): the others ran on SQLite already and touch no engine. Leave out too
+    the tests of a real model (``real_model``: the model's runtime, its process and its
+    crashes) and of the browser (``browser``: what Chromium does with the pages): they ran on
+    SQLite, and the storage under them runs on PostgreSQL through the other tests (the
+    dashboard's pages in test_dashboard*.py, retries and leases with the fake models). Skip
+    the tests about SQLite itself (marked ``sqlite_only``)."""
     slow_files = {
         item.path
         for item in items
@@ -125,7 +134,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip = pytest.mark.skip(reason="about SQLite itself (its file, writer or locks)")
     kept, dropped = [], []
     for item in items:
-        if "db_url" not in getattr(item, "fixturenames", ()):
+        if "db_url" not in getattr(item, "fixturenames", ()) or any(
+            item.get_closest_marker(name) for name in ENGINE_FREE
+        ):
             dropped.append(item)
             continue
         if item.get_closest_marker("sqlite_only"):
@@ -198,6 +209,9 @@ def make_settings(db_url: str, ollama_url: str, **workers: Any) -> Settings:
             ),
         },
         templates=TemplateSettings(dirs=[]),
+        # Off unless a test turns it on: most tests count what reaches the model, and the
+        # built-in templates are deterministic (temperature 0).
+        cache=CacheSettings(enabled=False),
     )
 
 

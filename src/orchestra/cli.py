@@ -6,22 +6,21 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import click
-import httpx
 import msgspec
 
 from orchestra import __version__, logs
 from orchestra.auth import SCOPES, ApiKey, Scope
+from orchestra.cli_batch import batch
 from orchestra.cli_common import (
-    call,
     client_for,
-    coerce,
     config_option,
-    failure,
+    param_values,
     settings_of,
     url_option,
 )
@@ -31,6 +30,7 @@ from orchestra.errors import OrchestraError, TemplateError
 from orchestra.event_types import EventType
 
 if TYPE_CHECKING:
+    from orchestra.client import Client
     from orchestra.db.keys import KeyStore
 
 T = TypeVar("T")
@@ -42,8 +42,49 @@ def _template_failure(exc: TemplateError) -> click.ClickException:
     return click.ClickException(startup_message(exc))
 
 
+def _build() -> str:
+    """Which build this is: ``git describe``, baked in as package data by the single binary's
+    build (packaging/); in a source checkout, asked of git; else unknown."""
+    from importlib import resources
+
+    try:
+        return resources.files("orchestra").joinpath("BUILD").read_text().strip()
+    except OSError:
+        pass
+    import subprocess
+
+    checkout = Path(str(resources.files("orchestra"))).parents[1]  # src/orchestra → the root
+    if not (checkout / ".git").exists():
+        return "unknown"
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--tags"],
+            cwd=checkout,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() or "unknown"
+
+
+def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(f"orchestra {__version__} (build {_build()})")
+        ctx.exit()
+
+
 @click.group(invoke_without_command=True)
-@click.version_option(__version__, prog_name="orchestra")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_show_version,
+    help="Show the version and the build, and exit.",
+)
 @config_option
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None) -> None:
@@ -174,64 +215,42 @@ def submit(
     config_path: str | None,
 ) -> None:
     """Submit a task to a running server; with --wait, print its result."""
+    options = {"model": model, "delay": delay, "idempotency_key": idempotency_key}
     with client_for(url, config_path) as client:
-        found = client.get(f"/api/v1/templates/{template}")
-        if found.status_code != 200:
-            raise failure(found)
-        schema = found.json()["parameters"]
-        values: dict[str, Any] = {}
-        for item in params:
-            name, sep, raw = item.partition("=")
-            if not sep:
-                raise click.BadParameter(f"{item!r}: write NAME=VALUE")
-            values[name] = coerce(name, raw, schema)
-        body: dict[str, Any] = {"template": template, "params": values, "priority": priority}
-        for key, value in (
-            ("model", model),
-            ("delay", delay),
-            ("idempotency_key", idempotency_key),
-        ):
-            if value is not None:
-                body[key] = value
-        created = client.post("/api/v1/tasks", json=body)
-        if created.status_code not in (200, 201):
-            raise failure(created)
-        task = created.json()
-        click.echo(f"task {task['id']} {task['status']}", err=True)
+        values = param_values(params, client.get_template(template).parameters)
+        task = client.submit(
+            template,
+            values,
+            priority=priority,
+            **{k: v for k, v in options.items() if v is not None},
+        )
+        click.echo(f"task {task.id} {task.status}", err=True)
         if not wait:
             return
-        _show_progress(client, task["id"])
-        task = call(client, "GET", f"/api/v1/tasks/{task['id']}")
-        while task["status"] in ("queued", "running"):  # the stream was cut: wait by polling
-            task = call(client, "GET", f"/api/v1/tasks/{task['id']}", params={"wait": 30})
-    if task["status"] != "succeeded":
-        error = task.get("error") or {}
-        raise click.ClickException(f"task {task['id']} {task['status']}: {error.get('message')}")
-    result = task["result"]
+        _show_progress(client, task.id)
+        task = client.wait(task.id)  # at once when the stream saw it finish; else by polling
+    if task.status != "succeeded":
+        message = task.error.message if task.error else None
+        raise click.ClickException(f"task {task.id} {task.status}: {message}")
+    result = task.result
     click.echo(result if isinstance(result, str) else json.dumps(result, indent=2))
 
 
-def _show_progress(client: httpx.Client, task_id: int) -> None:
+def _show_progress(client: Client, task_id: int) -> None:
     """Follow the task's event stream, writing its streamed text to stderr as it arrives."""
+    from orchestra.client import ApiError
+
     streamed = False
-    with client.stream("GET", f"/api/v1/tasks/{task_id}/events", timeout=None) as response:
-        if response.status_code != 200:
-            return
-        event, data = "", ""
-        for line in response.iter_lines():
-            if line.startswith("event:"):
-                event = line.partition(":")[2].strip()
-            elif line.startswith("data:"):
-                data = line.partition(":")[2].strip()
-            elif line == "" and data:
-                payload = json.loads(data)
-                if event == EventType.STEP_TOKENS:
-                    click.echo(payload["text"], err=True, nl=False)
-                    streamed = True
-                elif event == EventType.TASK_RETRYING:
-                    message = payload.get("error", {}).get("message")
-                    click.echo(f"\n[retrying: {message}]", err=True)
-                event, data = "", ""
+    try:
+        for event in client.task_events(task_id):
+            if event.type == EventType.STEP_TOKENS:
+                click.echo(event.data["text"], err=True, nl=False)
+                streamed = True
+            elif event.type == EventType.TASK_RETRYING:
+                message = event.data.get("error", {}).get("message")
+                click.echo(f"\n[retrying: {message}]", err=True)
+    except ApiError:
+        pass  # no stream (an old server, a proxy): the result is still waited for
     if streamed:
         click.echo("", err=True)
 
@@ -248,7 +267,8 @@ def tasks() -> None:
 def tasks_show(task_id: int, url: str | None, config_path: str | None) -> None:
     """Print a task as JSON."""
     with client_for(url, config_path) as client:
-        click.echo(json.dumps(call(client, "GET", f"/api/v1/tasks/{task_id}"), indent=2))
+        task = client.get_task(task_id)
+    click.echo(json.dumps(msgspec.to_builtins(task), indent=2))
 
 
 @tasks.command("cancel")
@@ -258,8 +278,8 @@ def tasks_show(task_id: int, url: str | None, config_path: str | None) -> None:
 def tasks_cancel(task_id: int, url: str | None, config_path: str | None) -> None:
     """Cancel a queued or running task."""
     with client_for(url, config_path) as client:
-        task = call(client, "POST", f"/api/v1/tasks/{task_id}/cancel")
-    click.echo(f"task {task['id']} {task['status']}")
+        task = client.cancel(task_id)
+    click.echo(f"task {task.id} {task.status}")
 
 
 @tasks.command("retry")
@@ -269,8 +289,8 @@ def tasks_cancel(task_id: int, url: str | None, config_path: str | None) -> None
 def tasks_retry(task_id: int, url: str | None, config_path: str | None) -> None:
     """Queue a failed or cancelled task again."""
     with client_for(url, config_path) as client:
-        task = call(client, "POST", f"/api/v1/tasks/{task_id}/retry")
-    click.echo(f"task {task['id']} {task['status']}")
+        task = client.retry(task_id)
+    click.echo(f"task {task.id} {task.status}")
 
 
 @main.group()
@@ -324,18 +344,10 @@ def templates_validate(files: tuple[Path, ...], config_path: str | None) -> None
 @config_option
 def templates_register(file: Path, url: str | None, config_path: str | None) -> None:
     """Register a template file with a running server (a new version if it changed)."""
-    with client_for(url, config_path) as client:
-        response = client.post("/api/v1/templates", content=file.read_bytes())
-    if response.status_code not in (200, 201):
-        body = response.json()
-        problems = [
-            f"{file}:{e['line']}:{e['column']}: {e['path']}: {e['message']}"
-            for e in body.get("errors") or []
-        ]
-        raise click.ClickException("\n".join([body.get("message", response.text), *problems]))
-    template = response.json()
-    state = "registered" if response.status_code == 201 else "unchanged"
-    click.echo(f"{template['name']} v{template['version']} {state}")
+    with client_for(url, config_path) as client, _template_problems(f"{file}:"):
+        done = client.register_template(file)
+    state = "registered" if done.created else "unchanged"
+    click.echo(f"{done.template.name} v{done.template.version} {state}")
 
 
 @templates.command("reload")
@@ -343,16 +355,22 @@ def templates_register(file: Path, url: str | None, config_path: str | None) -> 
 @config_option
 def templates_reload(url: str | None, config_path: str | None) -> None:
     """Make a running server read its template folders again."""
-    with client_for(url, config_path) as client:
-        response = client.post("/api/v1/templates/reload")
-    if response.status_code != 200:
-        body = response.json()
-        problems = [
-            f"  {e['line']}:{e['column']}: {e['path']}: {e['message']}"
-            for e in body.get("errors") or []
-        ]
-        raise click.ClickException("\n".join([body.get("message", response.text), *problems]))
-    click.echo(f"{len(response.json()['items'])} templates")
+    with client_for(url, config_path) as client, _template_problems("  "):
+        loaded = client.reload_templates()
+    click.echo(f"{len(loaded)} templates")
+
+
+@contextmanager
+def _template_problems(prefix: str) -> Iterator[None]:
+    """An error answer's message, then each problem in a template as PREFIXLINE:COLUMN: PATH:
+    MESSAGE."""
+    from orchestra.client import ApiError
+
+    try:
+        yield
+    except ApiError as exc:
+        problems = [f"{prefix}{p.line}:{p.column}: {p.path}: {p.message}" for p in exc.problems]
+        raise click.ClickException("\n".join([exc.message, *problems])) from None
 
 
 @main.group()
@@ -417,3 +435,4 @@ def keys_revoke(name_or_id: str, config_path: str | None) -> None:
 
 
 main.add_command(schedules)
+main.add_command(batch)

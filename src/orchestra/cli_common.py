@@ -1,21 +1,23 @@
-"""What the CLI's commands share: the --config and --url options, the settings, and an HTTP
-client for a running server that turns its error answers into one clear message."""
+"""What the CLI's commands share: the --config and --url options, the settings, and a
+client (:class:`orchestra.client.Client`) for a running server whose errors become one clear
+message."""
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import httpx
 
 from orchestra.config import Settings
 from orchestra.config_file import load
 from orchestra.errors import ConfigError
+
+if TYPE_CHECKING:  # imported when a command calls a server: the others start faster
+    from orchestra.client import ApiError, Client
 
 config_option = click.option(
     "--config",
@@ -62,37 +64,39 @@ def coerce(name: str, raw: str, schema: dict[str, Any]) -> Any:
         raise click.BadParameter(f"{name}: expected {kind} (as JSON), got {raw!r}") from None
 
 
+def param_values(items: tuple[str, ...], schema: dict[str, Any]) -> dict[str, Any]:
+    """-p NAME=VALUE options as parameters, each in the type ``schema`` declares."""
+    values: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r}: write NAME=VALUE")
+        values[name] = coerce(name, raw, schema)
+    return values
+
+
 url_option = click.option(
     "--url", envvar="ORCHESTRA_URL", help="Server URL (default: from the settings)."
 )
 
 
 @contextmanager
-def client_for(url: str | None, config_path: str | None) -> Iterator[httpx.Client]:
-    """An HTTP client for the server, sending the key in ORCHESTRA_API_KEY if set; a
-    connection failure becomes one clear line."""
+def client_for(url: str | None, config_path: str | None) -> Iterator[Client]:
+    """A client for the server, sending the key in ORCHESTRA_API_KEY if set; an error answer
+    or a connection failure becomes one clear message."""
+    from orchestra.client import ApiError, Client, ConnectionFailed
+
     base = base_url(url, config_path)
-    key = os.environ.get("ORCHESTRA_API_KEY")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        with httpx.Client(base_url=base, timeout=90, headers=headers) as client:
+        with Client(base, timeout=90) as client:
             yield client
-    except httpx.HTTPError as exc:
-        raise click.ClickException(f"cannot reach the server at {base}: {exc}") from None
+    except ConnectionFailed as exc:
+        raise click.ClickException(f"cannot reach the server at {base}: {exc.reason}") from None
+    except ApiError as exc:
+        raise failure(exc) from None
 
 
-def call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
-    response = client.request(method, path, **kwargs)
-    if response.status_code != 200:
-        raise failure(response)
-    return response.json()
-
-
-def failure(response: httpx.Response) -> click.ClickException:
-    try:
-        body = response.json()
-        lines = [body.get("message", response.text)]
-        lines += [f"  {f['field']}: {f['message']}" for f in body.get("fields", [])]
-        return click.ClickException("\n".join(lines))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return click.ClickException(f"{response.status_code}: {response.text[:500]}")
+def failure(exc: ApiError) -> click.ClickException:
+    """The API's message, then each bad field on a line of its own."""
+    lines = [exc.message, *(f"  {f.field}: {f.message}" for f in exc.fields)]
+    return click.ClickException("\n".join(lines))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import httpx
 
-from orchestra.cli_common import call, client_for, coerce, config_option, failure, url_option
+from orchestra.cli_common import client_for, config_option, param_values, url_option
+
+if TYPE_CHECKING:
+    from orchestra.api.schedules import ScheduleOut
+    from orchestra.client import Client
 
 
 @click.group()
@@ -15,25 +18,15 @@ def schedules() -> None:
     """Schedules of a running server: tasks submitted on a cron expression or every so often."""
 
 
-def _params(client: httpx.Client, template: str, params: tuple[str, ...]) -> dict[str, Any]:
+def _params(client: Client, template: str, params: tuple[str, ...]) -> dict[str, Any]:
     """-p NAME=VALUE options as the template's parameters (each in its declared type)."""
-    found = client.get(f"/api/v1/templates/{template}")
-    if found.status_code != 200:
-        raise failure(found)
-    schema = found.json()["parameters"]
-    values: dict[str, Any] = {}
-    for item in params:
-        name, sep, raw = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{item!r}: write NAME=VALUE")
-        values[name] = coerce(name, raw, schema)
-    return values
+    return param_values(params, client.get_template(template).parameters)
 
 
-def _schedule_line(s: dict[str, Any]) -> str:
-    when = f"cron {s['cron']!r} {s['timezone']}" if s["cron"] else f"every {s['every']}"
-    state = f"next {s['next_fire_at']}" if s["enabled"] else "paused"
-    return f"{s['id']:<4} {s['name']:<24} {s['template']:<16} {when:<32} {state}  ({s['source']})"
+def _schedule_line(s: ScheduleOut) -> str:
+    when = f"cron {s.cron!r} {s.timezone}" if s.cron else f"every {s.every}"
+    state = f"next {s.next_fire_at}" if s.enabled else "paused"
+    return f"{s.id:<4} {s.name:<24} {s.template:<16} {when:<32} {state}  ({s.source})"
 
 
 @schedules.command("list")
@@ -42,7 +35,7 @@ def _schedule_line(s: dict[str, Any]) -> str:
 def schedules_list(url: str | None, config_path: str | None) -> None:
     """Every schedule: id, name, template, timing, next tick (or paused), source."""
     with client_for(url, config_path) as client:
-        for item in call(client, "GET", "/api/v1/schedules")["items"]:
+        for item in client.list_schedules():
             click.echo(_schedule_line(item))
 
 
@@ -78,7 +71,7 @@ def schedules_create(
     config_path: str | None,
 ) -> None:
     """Make a schedule of TEMPLATE named NAME (give --cron or --every)."""
-    body: dict[str, Any] = {
+    fields: dict[str, Any] = {
         "name": name,
         "template": template,
         "timezone": timezone,
@@ -89,18 +82,16 @@ def schedules_create(
     }
     for key, value in (("cron", cron), ("every", every), ("model", model)):
         if value is not None:
-            body[key] = value
+            fields[key] = value
     with client_for(url, config_path) as client:
-        body["params"] = _params(client, template, params)
-        created = client.post("/api/v1/schedules", json=body)
-    if created.status_code != 201:
-        raise failure(created)
-    click.echo(_schedule_line(created.json()))
+        fields["params"] = _params(client, template, params)
+        created = client.create_schedule(**fields)
+    click.echo(_schedule_line(created))
 
 
 def _set_enabled(ref: str, enabled: bool, url: str | None, config_path: str | None) -> None:
     with client_for(url, config_path) as client:
-        changed = call(client, "PATCH", f"/api/v1/schedules/{ref}", json={"enabled": enabled})
+        changed = client.update_schedule(ref, enabled=enabled)
     click.echo(_schedule_line(changed))
 
 
@@ -129,7 +120,5 @@ def schedules_resume(ref: str, url: str | None, config_path: str | None) -> None
 def schedules_delete(ref: str, url: str | None, config_path: str | None) -> None:
     """Delete a schedule; the tasks it made stay."""
     with client_for(url, config_path) as client:
-        response = client.delete(f"/api/v1/schedules/{ref}")
-    if response.status_code != 204:
-        raise failure(response)
+        client.delete_schedule(ref)
     click.echo(f"schedule {ref} deleted")

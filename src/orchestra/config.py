@@ -308,6 +308,19 @@ class SchedulerSettings(_Section, frozen=True):
     grace: float = 30.0
 
 
+class CacheSettings(_Section, frozen=True):
+    """The cache of model answers (docs/cache.md): a deterministic call asked again is answered
+    from the database instead of the model."""
+
+    #: Answer repeated calls from the cache (deterministic ones, and those that say
+    #: ``cache: true``); False: every call goes to the model, and nothing is stored.
+    enabled: bool = True
+    #: Seconds an answer is kept; older ones are not used, and are deleted as answers are added.
+    ttl: float = 604_800.0
+    #: The most answers kept; each new answer deletes a few of the oldest beyond this.
+    max_entries: int = 10_000
+
+
 class Settings(_Section, frozen=True):
     """Every setting of the service. Mirrors orchestra.toml section by section."""
 
@@ -335,6 +348,7 @@ class Settings(_Section, frozen=True):
     schedules: list[ScheduleSpec] = msgspec.field(default_factory=list)
     webhooks: WebhookSettings = msgspec.field(default_factory=WebhookSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
+    cache: CacheSettings = msgspec.field(default_factory=CacheSettings)
 
     def model_limit(self, model: str | None) -> int:
         """How many tasks for ``model`` may run at once (0: no limit of its own)."""
@@ -376,6 +390,8 @@ class Settings(_Section, frozen=True):
             ("limits.render_timeout", self.limits.render_timeout > 0, "a number > 0"),
             ("scheduler.interval", self.scheduler.interval > 0, "a number > 0"),
             ("scheduler.grace", self.scheduler.grace >= 0, "a number >= 0"),
+            ("cache.ttl", self.cache.ttl > 0, "a number > 0"),
+            ("cache.max_entries", self.cache.max_entries >= 1, "an integer >= 1"),
             ("webhooks.concurrency", self.webhooks.concurrency >= 1, "an integer >= 1"),
             ("webhooks.max_per_host", self.webhooks.max_per_host >= 1, "an integer >= 1"),
             ("webhooks.timeout", self.webhooks.timeout > 0, "a number > 0"),

@@ -90,6 +90,9 @@ class Usage(msgspec.Struct, frozen=True, omit_defaults=True):
     #: "prompt" when the prompt filled the context window (the model dropped its beginning),
     #: "output" when the answer hit its length limit (finish reason "length").
     truncated: str | None = None
+    #: Answered from the cache of model answers (docs/cache.md): no model was asked; the
+    #: tokens are those of the answer when it was made, the durations are left out.
+    cached: bool = False
 
     def plus(self, other: Usage) -> Usage:
         """The sum of two calls' usage (a step that asked the model more than once)."""
@@ -106,6 +109,7 @@ class Usage(msgspec.Struct, frozen=True, omit_defaults=True):
             generation_ms=add(self.generation_ms, other.generation_ms),
             finish_reason=other.finish_reason or self.finish_reason,
             truncated=other.truncated or self.truncated,
+            cached=self.cached and other.cached,  # cached when no call asked a model
         )
 
     def flag_truncation(self, num_ctx: int | None) -> Usage:
@@ -190,6 +194,9 @@ class Task(msgspec.Struct, frozen=True):
     finished_at: str | None = None
     steps: tuple[Step, ...] = ()
     history: tuple[Attempt, ...] = ()
+    #: The task's say on the cache of model answers: True use it, False bypass it, None: as
+    #: each step says (docs/cache.md).
+    cache: bool | None = None
 
     @property
     def finished(self) -> bool:
@@ -258,6 +265,16 @@ class TaskFilter(msgspec.Struct, frozen=True):
 #: scoped, schema version 7).
 ANONYMOUS_SCOPE = ""
 
+#: A single task's priority runs from PRIORITY_MIN to PRIORITY_MAX (higher runs first).
+PRIORITY_MIN = -1000
+PRIORITY_MAX = 1000
+
+
+def in_batch_lane(priority: int) -> bool:
+    """A task queued below every single task's priority is a batch's row (the batch lane,
+    :data:`orchestra.db.batches.LANE`): it may not take a worker's reserved slot."""
+    return priority < PRIORITY_MIN
+
 
 class NewTask(msgspec.Struct, frozen=True):
     """A task to enqueue, validated and with its defaults applied: each field is the
@@ -278,6 +295,8 @@ class NewTask(msgspec.Struct, frozen=True):
     #: callers), so one caller's key never finds, nor blocks, another caller's task.
     idempotency_scope: str = ANONYMOUS_SCOPE
     request_hash: str | None = None
+    #: The task's say on the cache of model answers (None: as each step says).
+    cache: bool | None = None
 
 
 # Times are stored as fixed-width ISO-8601 UTC text so they sort as strings and read well in

@@ -20,6 +20,8 @@
     │   ├── StorageFull             its disk is full (507)
     │   ├── StorageLocked           another connection holds the write lock (503)
     │   └── StorageUnavailable      read-only, an I/O error, a file that cannot be opened (503)
+    ├── ClientError                 orchestra.client: a call to a service failed (its
+    │                               branch is drawn in orchestra.client.errors)
     └── StepError                   a step of a running task failed
         ├── RenderError             a prompt or output could not be rendered (permanent)
         ├── StepTimeout             a step or the whole attempt took too long (retryable)

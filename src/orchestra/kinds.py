@@ -17,7 +17,8 @@ import msgspec
 from orchestra.config import LimitSettings
 from orchestra.domain import Task, Usage, total_usage
 from orchestra.errors import InvalidOutput, RenderError, StepError, StepTimeout
-from orchestra.llm.base import ChatMessage, ChatRequest, Provider
+from orchestra.llm.base import ChatMessage, ChatRequest, ChatResult, Provider
+from orchestra.llm.cache import AnswerCache
 from orchestra.sizes import json_size, too_large
 from orchestra.templating.isolation import Renderer
 from orchestra.templating.model import (
@@ -58,6 +59,8 @@ class Context(msgspec.Struct, frozen=True):
     on_prompt: Callable[[str, list[dict[str, str]]], None] | None = None
     #: The service's [limits] (a map's items and output are held to them).
     limits: LimitSettings = msgspec.field(default_factory=LimitSettings)
+    #: The cache of model answers; None: every call asks the model.
+    cache: AnswerCache | None = None
 
 
 def _model(ctx: Context, override: str | None) -> str:
@@ -129,6 +132,20 @@ def _messages(spec: LlmStep, scope: Scope) -> list[ChatMessage]:
     return out
 
 
+async def _chat(
+    spec: LlmStep,
+    ctx: Context,
+    request: ChatRequest,
+    on_text: Callable[[str], None] | None,
+) -> ChatResult:
+    """Ask the model, through the cache of model answers when the service has one."""
+    if ctx.cache is None:
+        return await ctx.provider.chat(request, on_text)
+    return await ctx.cache.chat(
+        ctx.provider, request, on_text, step=spec.cache, task=ctx.task.cache
+    )
+
+
 async def run_llm(spec: LlmStep, scope: Scope, ctx: Context) -> Outcome:
     """Ask the model; with ``format``, parse and check the reply and ask for repairs."""
     model = _model(ctx, spec.model)
@@ -145,7 +162,7 @@ async def run_llm(spec: LlmStep, scope: Scope, ctx: Context) -> Outcome:
     )
     stream = ctx.on_text
     on_text = None if stream is None else (lambda text: stream(spec.id, text))
-    result = await ctx.provider.chat(request, on_text)
+    result = await _chat(spec, ctx, request, on_text)
     num_ctx = spec.options.get("num_ctx")
     limit = num_ctx if isinstance(num_ctx, int) else None
     usage = result.usage.flag_truncation(limit)
@@ -170,7 +187,7 @@ async def run_llm(spec: LlmStep, scope: Scope, ctx: Context) -> Outcome:
             ),
         ]
         request = msgspec.structs.replace(request, messages=tuple(messages))
-        result = await ctx.provider.chat(request, on_text)
+        result = await _chat(spec, ctx, request, on_text)
         usage = usage.plus(result.usage.flag_truncation(limit))
     raise InvalidOutput(
         f"the model's reply stayed invalid after {spec.repair_attempts} repair(s): "

@@ -124,6 +124,12 @@ WEBHOOK_DELIVERIES = Counter(
     "Webhook delivery attempts, by result: delivered, failed (given up), retrying.",
     ["result"],
 )
+MODEL_CACHE = Counter(
+    "orchestra_model_cache_requests",
+    "Model calls the cache of model answers was asked for, by result: hit (answered from the "
+    "cache, no model asked) or miss.",
+    ["result"],
+)
 # Summed over the processes alive now; a dead process's files are removed.
 WORKER_SLOTS = Gauge(
     "orchestra_worker_slots",
@@ -140,6 +146,8 @@ for _result in WEBHOOK_RESULTS:  # known values start at 0, so rate() sees the f
     WEBHOOK_DELIVERIES.labels(_result)
 for _outcome in LEASE_OUTCOMES:
     LEASE_EXPIRIES.labels(_outcome)
+for _result in ("hit", "miss"):
+    MODEL_CACHE.labels(_result)
 
 
 class _Bounded:
@@ -264,6 +272,11 @@ def webhook_delivery(result: str) -> None:
     """One webhook delivery attempt ended: ``delivered``, ``failed`` (given up) or
     ``retrying`` (it will be sent again)."""
     _child(WEBHOOK_DELIVERIES, result if result in WEBHOOK_RESULTS else OTHER).inc()
+
+
+def model_cache(hit: bool) -> None:
+    """The cache of model answers was asked for a call: ``hit`` (answered) or not."""
+    _child(MODEL_CACHE, "hit" if hit else "miss").inc()
 
 
 # -- scraping ----------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from orchestra.domain import Step, StepStatus, Task, TaskError, iso_now
 from orchestra.errors import StepError
 from orchestra.kinds import Context, run_step
 from orchestra.llm.base import Provider
+from orchestra.llm.cache import AnswerCache
 from orchestra.sizes import check_size, clip_message, too_large
 from orchestra.templating.isolation import Renderer
 from orchestra.templating.model import StepSpec, Template
@@ -96,12 +97,18 @@ class Runner:
     """Executes templates against a provider."""
 
     def __init__(
-        self, provider: Provider, render: Renderer, limits: LimitSettings | None = None
+        self,
+        provider: Provider,
+        render: Renderer,
+        limits: LimitSettings | None = None,
+        cache: AnswerCache | None = None,
     ) -> None:
-        """``limits``: the service's ``[limits]`` (the defaults when None)."""
+        """``limits``: the service's ``[limits]`` (the defaults when None); ``cache``: the
+        cache of model answers (None: every call asks the model)."""
         self.provider = provider
         self.render = render
         self.limits = limits or LimitSettings()
+        self.cache = cache
         #: For templates registered over the API: every render in a render process.
         self.render_untrusted = render.untrusted()
 
@@ -131,6 +138,7 @@ class Runner:
             on_text=_BoundedText(recorder, limits.max_step_output_bytes),
             on_prompt=prompts.__setitem__,
             limits=limits,
+            cache=self.cache,
         )
         for position, spec in enumerate(template.steps):
             await recorder.step_started(spec.id, position)

@@ -7,10 +7,9 @@ worker pool (through :class:`Scheduler`) when work becomes due or must stop.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Protocol
+from typing import Protocol
 
 import msgspec
 
@@ -35,6 +34,8 @@ from orchestra.templating.model import Template
 from orchestra.templating.params import validate_params
 from orchestra.templating.registry import TemplateRegistry
 from orchestra.webhooks import WebhookService
+from orchestra.wire.tasks import Priority as Priority
+from orchestra.wire.tasks import SubmitTask as SubmitTask
 
 #: Ids are SQLite INTEGERs (64-bit signed); larger numbers cannot name a task.
 MAX_ID = 2**63 - 1
@@ -51,8 +52,6 @@ WAIT_POLL_SECONDS = 1.0
 #: How long a cancel request waits for a running task to stop before answering.
 CANCEL_WAIT_SECONDS = 5.0
 
-_canonical = msgspec.json.Encoder(order="sorted").encode
-
 
 class Scheduler(Protocol):
     """What the service needs from the worker pool."""
@@ -62,82 +61,6 @@ class Scheduler(Protocol):
     def wake_at(self, when: datetime) -> None: ...
 
     def cancel(self, task_id: int) -> bool: ...
-
-
-Priority = Annotated[
-    int, msgspec.Meta(ge=-1000, le=1000, description="Higher runs first; -1000 to 1000.")
-]
-
-
-class SubmitTask(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A task as a client asks for it (the body of ``POST /api/v1/tasks``), before the
-    template's defaults apply."""
-
-    template: Annotated[str, msgspec.Meta(min_length=1, description="The template's name.")]
-    params: dict[str, Any] = msgspec.field(default_factory=dict)
-    template_version: (
-        Annotated[int, msgspec.Meta(ge=1, description="Run this version, not the current one.")]
-        | None
-    ) = None
-    priority: Priority = 0
-    model: (
-        Annotated[
-            str,
-            msgspec.Meta(max_length=255, description="Use this model instead of the template's."),
-        ]
-        | None
-    ) = None
-    run_at: Annotated[
-        # RFC 3339 is what clients should send; a time without a zone is taken as UTC.
-        Annotated[datetime, msgspec.Meta(extra_json_schema={"format": "date-time"})] | None,
-        msgspec.Meta(description="Do not start before this time (ISO-8601; no zone means UTC)."),
-    ] = None
-    delay: (
-        Annotated[
-            float, msgspec.Meta(ge=0, le=31_536_000, description="Seconds to wait before starting.")
-        ]
-        | None
-    ) = None
-    max_attempts: (
-        Annotated[
-            int,
-            msgspec.Meta(ge=1, le=100, description="Attempts allowed (overrides the template)."),
-        ]
-        | None
-    ) = None
-    timeout: (
-        Annotated[float, msgspec.Meta(gt=0, le=86_400, description="Seconds one attempt may take.")]
-        | None
-    ) = None
-    idempotency_key: (
-        Annotated[
-            str,
-            msgspec.Meta(
-                min_length=1,
-                max_length=255,
-                description="Submitting again with the same key returns the same task "
-                "(the Idempotency-Key header does the same).",
-            ),
-        ]
-        | None
-    ) = None
-    callback_url: (
-        Annotated[
-            str,
-            msgspec.Meta(
-                min_length=1,
-                max_length=2048,
-                description="POST the task's task.finished event here, signed as webhooks are "
-                "with the server's callback secret.",
-            ),
-        ]
-        | None
-    ) = None
-
-    def fingerprint(self) -> str:
-        """A hash of everything but the key: "the same body" for idempotency."""
-        body = msgspec.structs.replace(self, idempotency_key=None)
-        return hashlib.sha256(_canonical(body)).hexdigest()
 
 
 def _utc(run_at: datetime) -> datetime:
@@ -256,6 +179,7 @@ class TaskService:
             idempotency_key=sub.idempotency_key,
             idempotency_scope=key_id or ANONYMOUS_SCOPE,
             request_hash=sub.fingerprint() if sub.idempotency_key else None,
+            cache=sub.cache,
         )
 
     async def submit(self, sub: SubmitTask, *, key_id: str | None = None) -> Submitted:

@@ -1,7 +1,8 @@
 """The worker pool: claim -> run -> finish, with a lease keeper, a reaper and a graceful stop.
 
 One dispatcher coroutine claims as many due tasks as there are free slots (and free per-model
-capacity) in one statement and starts a named asyncio task for each. It wakes the moment a task
+capacity, and none of the slot kept from batch rows: :mod:`orchestra.capacity`) in one
+statement and starts a named asyncio task for each. It wakes the moment a task
 is submitted in this process (:meth:`WorkerPool.notify`), a slot frees up while its last claim
 left due work queued, or a delayed task or retry becomes due (:meth:`WorkerPool.wake_at`), and
 polls as a fallback for work enqueued by other processes.
@@ -33,12 +34,12 @@ import os
 import secrets
 import socket
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from orchestra import logs, metrics
+from orchestra.capacity import Capacity
 from orchestra.config import Settings
 from orchestra.db import TaskStore
 from orchestra.domain import (
@@ -99,10 +100,11 @@ class WorkerPool:
         self._stopping = asyncio.Event()
         #: The tasks running here, by id: the one record of each (see :class:`Running`).
         self._running: dict[int, Running] = {}
-        #: The models with a concurrency limit of their own, and that limit.
-        self._model_limits = {
-            model: cap for model in settings.models if (cap := settings.model_limit(model))
-        }
+        #: The slots, the reserve kept from batch rows, and the models' own limits.
+        self.capacity = Capacity(
+            self.workers.concurrency,
+            {model: cap for model in settings.models if (cap := settings.model_limit(model))},
+        )
         self._due: list[float] = []  # loop times when delayed tasks or retries become due
         #: The dispatcher's sleep between claims while it sleeps (None while it claims).
         self._sleep: asyncio.Timeout | None = None
@@ -192,25 +194,6 @@ class WorkerPool:
 
     # -- claiming -----------------------------------------------------------------------------
 
-    def _capacity(self) -> tuple[int, set[str]]:
-        """How many tasks one claim may take, and the models that are at their limit.
-
-        A batch could be all one model, so it is never larger than the smallest remaining
-        capacity among limited models; a model with none left is skipped by the claim.
-        """
-        limit = self.workers.concurrency - len(self._running)
-        full: set[str] = set()
-        if not self._model_limits:
-            return limit, full
-        counts = Counter(r.task.model for r in self._running.values())
-        for model, cap in self._model_limits.items():
-            remaining = cap - counts[model]
-            if remaining <= 0:
-                full.add(model)
-            else:
-                limit = min(limit, remaining)
-        return limit, full
-
     def _wait_seconds(self, claimed_at: float | None) -> float:
         """Until the next delayed task is due, or the poll interval, whichever is sooner; 0
         when one became due since the last claim began (at loop time ``claimed_at``; None:
@@ -233,7 +216,8 @@ class WorkerPool:
             # again, so no wake-up is lost; and an event left set while every slot is busy
             # would make wait() return at once and spin without ever yielding the loop.
             self._wake.clear()
-            limit, full = self._capacity()
+            plan = self.capacity.next_claim(r.task for r in self._running.values())
+            limit = plan.limit
             self._drained = False
             asked: float | None = None
             if limit > 0:
@@ -245,8 +229,9 @@ class WorkerPool:
                         self.owner,
                         limit,
                         self.workers.lease_seconds,
-                        skip_models=full,
+                        skip_models=plan.skip_models,
                         first_step=functools.partial(self._first_step, templates),
+                        min_priority=plan.min_priority,
                     )
                 except StorageError as exc:
                     await self._back_off(exc)
@@ -258,7 +243,10 @@ class WorkerPool:
                     if self._claim_failures:
                         log.info("pool.claims_resumed", after_failures=self._claim_failures)
                         self._claim_failures = 0
-                    self._drained = len(claimed) < limit and not full
+                    # Rows left out (only the reserve was free) wait for a slot to end.
+                    self._drained = (
+                        len(claimed) < limit and not plan.skip_models and plan.min_priority is None
+                    )
                 for task in claimed:
                     self._spawn(task, began + self.workers.lease_seconds, templates.get(task.id))
                 if claimed and len(claimed) == limit:

@@ -72,3 +72,14 @@ def test_truncation_is_flagged_from_what_the_model_reports() -> None:
     assert total is not None
     assert (total.prompt_tokens, total.completion_tokens, total.truncated) == (2058, 138, "output")
     assert total_usage([None, None]) is None
+
+
+def test_a_submission_fingerprint_is_what_it_was_before_the_cache_option() -> None:
+    """An idempotency key used before ``cache`` existed still matches the same body after an
+    upgrade (the digest was computed by the code before the field was added)."""
+    from orchestra.tasks import SubmitTask
+
+    body = SubmitTask(template="summarize", params={"text": "x"}, priority=3, idempotency_key="k")
+    assert body.fingerprint() == "c994ed3f54faf9680cf02453e1549bf5e21caae0796c1cabb40c39bdd615d09f"
+    cached = SubmitTask(template="summarize", params={"text": "x"}, priority=3, cache=True)
+    assert cached.fingerprint() != body.fingerprint()

@@ -15,6 +15,7 @@ from litestar.routes import HTTPRoute
 
 from orchestra import __version__
 from orchestra.api import auth
+from orchestra.api.batches import BatchController
 from orchestra.api.errors import HANDLERS
 from orchestra.api.events import EventController
 from orchestra.api.health import health, models
@@ -87,6 +88,7 @@ def create_app(
     handlers: list[Any] = [TaskController, EventController, TemplateController, health, models]
     handlers.append(WebhookController)
     handlers.append(ScheduleController)
+    handlers.append(BatchController)
     if settings.metrics.enabled:
         handlers.append(scrape)
     if settings.ui.enabled:

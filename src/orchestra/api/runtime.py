@@ -24,6 +24,7 @@ from orchestra.bulk import BulkService
 from orchestra.catalog import TemplateCatalog, parse_elsewhere
 from orchestra.config import Settings
 from orchestra.db import Database, TaskStore
+from orchestra.db.cache import CacheStore
 from orchestra.db.failures import warn_when_low
 from orchestra.db.keys import KeyStore
 from orchestra.db.overview import DashboardStore
@@ -34,6 +35,7 @@ from orchestra.db.templates import TemplateStore
 from orchestra.db.webhooks import WebhookStore
 from orchestra.errors import ConfigError, OrchestraError, TemplateError
 from orchestra.feed import EventFeed
+from orchestra.llm.cache import AnswerCache
 from orchestra.llm.router import Router, build_providers
 from orchestra.llm.transport import model_client
 from orchestra.notify import TaskSignals
@@ -246,10 +248,12 @@ class Runtime:
                 disk = asyncio.create_task(
                     warn_when_low(db.free_mb, s.database.min_free_mb, db.where), name="disk-watch"
                 )
+                # The cache of model answers (docs/cache.md), in the database every process shares.
+                answers = AnswerCache(CacheStore(db), s.cache) if s.cache.enabled else None
                 pool = WorkerPool(
                     store,
                     self.registry,
-                    Runner(router, renderer, s.limits),
+                    Runner(router, renderer, s.limits, answers),
                     s,
                     refresh=catalog.refresh,
                 )

@@ -5,90 +5,17 @@ A schedule is named in a path by its id or its name (names are words, never numb
 
 from __future__ import annotations
 
-from typing import Any
-
-import msgspec
 from litestar import Controller, Response, delete, get, patch, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
 from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
-from orchestra.db.schedules import Fire
-from orchestra.scheduler import ScheduleService, ScheduleView
-from orchestra.schedules import CatchUp, Overlap, Schedule, ScheduleChanges, ScheduleSpec, Source
-
-
-class FireOut(msgspec.Struct, frozen=True):
-    """One tick of a schedule: ``submitted`` made ``task_id`` (``task_status`` is its status
-    now; null once the task is deleted); ``skipped``: the previous task was unfinished;
-    ``failed``: no task could be made (``error`` says why)."""
-
-    fire_at: str
-    outcome: str
-    task_id: int | None
-    task_status: str | None
-    error: str | None
-
-    @classmethod
-    def of(cls, fire: Fire) -> FireOut:
-        return cls(fire.fire_at, fire.outcome, fire.task_id, fire.task_status, fire.error)
-
-
-class ScheduleOut(msgspec.Struct, frozen=True):
-    """A schedule. ``next_fire_at`` is its next tick (null while paused); a single schedule's
-    answer also has its next ticks and its latest ticks with their tasks, newest first."""
-
-    id: int
-    name: str
-    template: str
-    params: dict[str, Any]
-    model: str | None
-    priority: int
-    options: dict[str, Any]
-    cron: str | None
-    timezone: str
-    every: str | None
-    enabled: bool
-    overlap: Overlap
-    catch_up: CatchUp
-    source: Source
-    next_fire_at: str | None
-    created_at: str
-    updated_at: str
-    next_fire_times: list[str] | None = None
-    last_tasks: list[FireOut] | None = None
-
-    @classmethod
-    def of(cls, s: Schedule, view: ScheduleView | None = None) -> ScheduleOut:
-        spec = s.spec
-        return cls(
-            id=s.id,
-            name=spec.name,
-            template=spec.template,
-            params=spec.params,
-            model=spec.model,
-            priority=spec.priority,
-            options=msgspec.structs.asdict(spec.options),
-            cron=spec.cron,
-            timezone=spec.timezone,
-            every=spec.every,
-            enabled=spec.enabled,
-            overlap=spec.overlap,
-            catch_up=spec.catch_up,
-            source=s.source,
-            next_fire_at=s.next_fire_at,
-            created_at=s.created_at,
-            updated_at=s.updated_at,
-            next_fire_times=None if view is None else view.next_times,
-            last_tasks=None if view is None else [FireOut.of(f) for f in view.fires],
-        )
-
-
-class ScheduleList(msgspec.Struct, frozen=True):
-    """Every schedule, by name."""
-
-    items: list[ScheduleOut]
+from orchestra.scheduler import ScheduleService
+from orchestra.schedules import ScheduleChanges, ScheduleSpec
+from orchestra.wire.schedules import FireOut as FireOut
+from orchestra.wire.schedules import ScheduleList as ScheduleList
+from orchestra.wire.schedules import ScheduleOut as ScheduleOut
 
 
 def provide(runtime: NamedDependency[Runtime]) -> ScheduleService:

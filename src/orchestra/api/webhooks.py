@@ -5,7 +5,7 @@ Every route needs the admin scope: a subscription receives the events of every t
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import msgspec
 from litestar import Controller, delete, get, post
@@ -14,106 +14,17 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 
 from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
-from orchestra.webhooks import Delivery, NewWebhook, Webhook, WebhookService
+from orchestra.webhooks import NewWebhook, WebhookService
+from orchestra.wire.webhooks import AttemptOut as AttemptOut
+from orchestra.wire.webhooks import CallbackSecretOut as CallbackSecretOut
+from orchestra.wire.webhooks import DeliveryList as DeliveryList
+from orchestra.wire.webhooks import DeliveryOut as DeliveryOut
+from orchestra.wire.webhooks import WebhookCreated as WebhookCreated
+from orchestra.wire.webhooks import WebhookList as WebhookList
+from orchestra.wire.webhooks import WebhookOut as WebhookOut
 
 _ADMIN = {"scope": "admin"}
 _NUMBER = "^[0-9]{1,18}$"
-
-
-class WebhookOut(msgspec.Struct, frozen=True):
-    """A subscription as clients see it (its secret is shown only when it is made)."""
-
-    id: int
-    url: str
-    event_types: list[str]
-    template: str | None
-    enabled: bool
-    created_at: str
-
-    @classmethod
-    def of(cls, hook: Webhook) -> WebhookOut:
-        """From a domain webhook."""
-        return cls(
-            hook.id, hook.url, hook.event_types, hook.template, hook.enabled, hook.created_at
-        )
-
-
-class WebhookCreated(msgspec.Struct, frozen=True):
-    """A new subscription, with its signing secret: shown this once, never again."""
-
-    id: int
-    url: str
-    event_types: list[str]
-    template: str | None
-    enabled: bool
-    created_at: str
-    #: The Standard Webhooks secret ("whsec_…") to verify deliveries with.
-    secret: str
-
-
-class WebhookList(msgspec.Struct, frozen=True):
-    """Every subscription, oldest first."""
-
-    items: list[WebhookOut]
-
-
-class AttemptOut(msgspec.Struct, frozen=True):
-    """One try at a delivery."""
-
-    attempt: int
-    time: str
-    status_code: int | None
-    latency_ms: float | None
-    #: The first 1 KB of the answer's body.
-    response: str | None
-    error: str | None
-
-
-class DeliveryOut(msgspec.Struct, frozen=True):
-    """One event sent (or to be sent) to a subscription, and every attempt at it."""
-
-    id: int
-    #: The ``webhook-id`` header it is sent with: the same on every attempt and redelivery.
-    message_id: str
-    type: str
-    task_id: int | None
-    event_seq: int | None
-    status: str
-    attempts: list[AttemptOut]
-    next_attempt_at: str | None
-    created_at: str
-    finished_at: str | None
-    payload: Any
-
-    @classmethod
-    def of(cls, d: Delivery) -> DeliveryOut:
-        """From a domain delivery."""
-        return cls(
-            id=d.id,
-            message_id=f"msg_orchestra_{d.id}",
-            type=d.type,
-            task_id=d.task_id,
-            event_seq=d.event_seq,
-            status=d.status.value,
-            attempts=[AttemptOut(**msgspec.structs.asdict(a)) for a in d.history],
-            next_attempt_at=d.next_attempt_at,
-            created_at=d.created_at,
-            finished_at=d.finished_at,
-            payload=d.payload,
-        )
-
-
-class DeliveryList(msgspec.Struct, frozen=True):
-    """A page of deliveries, newest first; ``next_cursor`` continues it."""
-
-    items: list[DeliveryOut]
-    next_cursor: str | None
-
-
-class CallbackSecretOut(msgspec.Struct, frozen=True):
-    """The secret that signs every task's callback_url deliveries."""
-
-    secret: str
 
 
 class WebhookController(Controller):

@@ -99,6 +99,9 @@ def renew(conn: Connection, owner: str, ids: Collection[int], expires: str) -> R
 
 # -- the claim ------------------------------------------------------------------------------
 
+#: A claim floor below every priority (a batch row's too): the claim takes any task.
+ANY_PRIORITY = -(2**31)
+
 
 def claim_statement(skip_models: tuple[str, ...] = (), engine: str = "sqlite") -> Any:
     """The claim: one UPDATE … RETURNING over the best due tasks.
@@ -108,10 +111,18 @@ def claim_statement(skip_models: tuple[str, ...] = (), engine: str = "sqlite") -
     ``id IN (subquery … LIMIT)`` there may be planned as a subquery run again per row, which
     finds the next due task each time and claims the whole queue. SQLite, with one writer at
     a time, runs the subquery once and has no row locks.
+
+    Only tasks of priority ``c_floor`` or more are taken (:data:`ANY_PRIORITY`: any): a
+    pool whose reserved slot is all that is left claims single tasks only. A range on the
+    queue index's first column, so the claim reads no batch row it may not take.
     """
     due = (
         select(tasks.c.id)
-        .where(guards.CLAIM.guard, tasks.c.run_at <= bindparam("c_now"))
+        .where(
+            guards.CLAIM.guard,
+            tasks.c.run_at <= bindparam("c_now"),
+            tasks.c.priority >= bindparam("c_floor", type_=Integer),
+        )
         .order_by(tasks.c.priority.desc(), tasks.c.run_at, tasks.c.id)
         .limit(bindparam("c_limit", type_=Integer))
     )
@@ -158,10 +169,18 @@ def claim(
     expires: str,
     skip_models: Collection[str],
     first_step: Callable[[Task], str | None] | None,
+    min_priority: int | None = None,
 ) -> list[Task]:
-    """Take up to ``limit`` due tasks for ``owner`` until ``expires``: each a new attempt, with
-    its ``task.started`` event and (``first_step``) its first step started."""
-    params = {"c_now": now, "c_limit": limit, "c_owner": owner, "c_expires": expires}
+    """Take up to ``limit`` due tasks of priority ``min_priority`` or more for ``owner`` until
+    ``expires``: each a new attempt, with its ``task.started`` event and (``first_step``) its
+    first step started. ``min_priority`` None: any priority."""
+    params = {
+        "c_now": now,
+        "c_limit": limit,
+        "c_floor": ANY_PRIORITY if min_priority is None else min_priority,
+        "c_owner": owner,
+        "c_expires": expires,
+    }
     if not skip_models:
         rows = CLAIM.rows(conn, params)
     else:  # models at their limit: a NOT IN list, through Core

@@ -14,19 +14,10 @@ from orchestra.db.prepared import Prepared
 from orchestra.db.rows import dump
 from orchestra.db.tables import task_events
 from orchestra.event_types import EventPayload, EventType
+from orchestra.wire.events import TaskEvent as TaskEvent
 
 #: The event after which a task changes no more (until a person retries it).
 TERMINAL_EVENT = EventType.TASK_FINISHED
-
-
-class TaskEvent(msgspec.Struct, frozen=True):
-    """One thing that happened to a task, as read back: ``type`` is an :class:`EventType`'s
-    word and ``data`` its payload's JSON object."""
-
-    seq: int
-    time: str
-    type: str
-    data: dict[str, Any]
 
 
 # One prepared statement: the task's next sequence number is MAX+1 inside the INSERT itself,

@@ -20,30 +20,13 @@ import msgspec
 from sqlalchemy import Select, func, select, text
 
 from orchestra.db.engine import POSTGRESQL, Database
-from orchestra.db.events import TaskEvent
 from orchestra.db.tables import task_events, tasks
+from orchestra.wire.events import FeedEvent as FeedEvent
 
 #: How many events one read returns at most.
 EVENTS_PER_READ = 500
 
 _decode = msgspec.json.Decoder(dict[str, Any]).decode
-
-
-class FeedEvent(msgspec.Struct, frozen=True):
-    """One event of the all-tasks feed: ``id`` orders every task's events, ``seq`` one task's;
-    ``template`` is the task's template (what the feed filters on)."""
-
-    id: int
-    task_id: int
-    template: str
-    seq: int
-    time: str
-    type: str
-    data: dict[str, Any]
-
-    def as_task_event(self) -> TaskEvent:
-        """The event as a task's own stream shows it (its sequence number is its id there)."""
-        return TaskEvent(self.seq, self.time, self.type, self.data)
 
 
 class FeedFilter(msgspec.Struct, frozen=True):

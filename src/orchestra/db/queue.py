@@ -40,6 +40,7 @@ def enqueue(conn: Connection, new: NewTask, at: str) -> dict[str, Any] | None:
         **msgspec.structs.asdict(new),
         "params": dump(new.params),
         "run_at": iso(new.run_at) if new.run_at else at,
+        "cache": None if new.cache is None else int(new.cache),
         "status": TaskStatus.QUEUED.value,
         "created_at": at,
     }

@@ -78,6 +78,7 @@ def task_from_row(
         finished_at=m["finished_at"],
         steps=tuple(steps),
         history=tuple(history),
+        cache=None if m.get("cache") is None else bool(m["cache"]),
     )
 
 

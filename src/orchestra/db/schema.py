@@ -350,6 +350,20 @@ CREATE TABLE webhook_secrets (
 );
 """
 
+# Migration 13: the cache of model answers (docs/cache.md), one row per call's key (a SHA-256),
+# the oldest found by created_at (expiry and the size cap); and a task's own say on it.
+_V13 = """
+CREATE TABLE model_cache (
+    key TEXT NOT NULL PRIMARY KEY,
+    provider TEXT NOT NULL,
+    model TEXT NOT NULL,
+    answer TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX ix_model_cache_created ON model_cache (created_at);
+ALTER TABLE tasks ADD COLUMN cache INTEGER;
+"""
+
 # Migration 5 on PostgreSQL: one trigger function keeps the counters; the subquery of the
 # first count needs a name there.
 _V5_POSTGRESQL = (
@@ -378,6 +392,44 @@ CREATE TRIGGER tr_task_counts AFTER INSERT OR DELETE OR UPDATE OF status ON task
 FOR EACH ROW EXECUTE FUNCTION orchestra_task_counts()""",
     *_V5[5:],
 )
+
+# Migration 14: batches over a dataset. Each valid row of a batch becomes a task; batch_rows
+# maps (batch, row) to its task (the key: a row resubmitted queues nothing new) or holds the
+# row's validation error, and its key orders the results by input row. A task deleted by
+# retention leaves its row without a task.
+_V14 = """
+CREATE TABLE batches (
+    id INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,
+    template TEXT NOT NULL,
+    template_version INTEGER NOT NULL,
+    model TEXT,
+    priority INTEGER DEFAULT 0 NOT NULL,
+    options TEXT NOT NULL,
+    atomic INTEGER DEFAULT 0 NOT NULL,
+    status TEXT NOT NULL,
+    row_count INTEGER DEFAULT 0 NOT NULL,
+    invalid_count INTEGER DEFAULT 0 NOT NULL,
+    idempotency_key TEXT,
+    idempotency_scope TEXT DEFAULT '' NOT NULL,
+    request_hash TEXT,
+    created_at TEXT NOT NULL,
+    loaded_at TEXT,
+    cancelled_at TEXT,
+    CONSTRAINT ck_status_word CHECK (status IN ('loading', 'loaded'))
+);
+CREATE UNIQUE INDEX ux_batches_idempotency ON batches (idempotency_scope, idempotency_key);
+CREATE TABLE batch_rows (
+    batch_id INTEGER NOT NULL,
+    row_no INTEGER NOT NULL,
+    line_no INTEGER NOT NULL,
+    task_id INTEGER,
+    error TEXT,
+    PRIMARY KEY (batch_id, row_no),
+    FOREIGN KEY(batch_id) REFERENCES batches (id) ON DELETE CASCADE,
+    FOREIGN KEY(task_id) REFERENCES tasks (id) ON DELETE SET NULL
+);
+CREATE INDEX ix_batch_rows_task ON batch_rows (task_id);
+"""
 
 #: SQLite's words and PostgreSQL's, for the types that differ. SQLite's INTEGER is 64 bits;
 #: PostgreSQL's is 32, and a priority or a version past 2**31 must fit as it does on SQLite.
@@ -457,6 +509,8 @@ MIGRATIONS: list[Migration] = [
     _sql(_V10),
     _sql(_V11),
     _sql(_V12),
+    _sql(_V13),
+    _sql(_V14),
 ]
 LATEST = len(MIGRATIONS)
 

@@ -134,13 +134,15 @@ class TaskStore:
         *,
         skip_models: Collection[str] = (),
         first_step: Callable[[Task], str | None] | None = None,
+        min_priority: int | None = None,
     ) -> list[Task]:
         """Atomically take up to ``limit`` due tasks, best first, and lease them to ``owner``.
 
         One ``UPDATE … RETURNING``: a task is claimed by exactly one caller. Each claim starts
         a new attempt (recorded in ``task_attempts`` in the same transaction). Tasks for a model
         in ``skip_models`` (at its concurrency limit) stay queued. Returned in claim order
-        (priority, then run time, then age).
+        (priority, then run time, then age). Only tasks of priority ``min_priority`` or more
+        are taken (None: any; a worker's reserved slot claims single tasks only).
 
         Args:
             first_step: names each claimed task's first step (None: none), which the claim
@@ -151,7 +153,9 @@ class TaskStore:
         """
         at, expires = self._now(), self._now(lease_seconds)
         claimed = await self.db.transaction(
-            lambda conn: attempts.claim(conn, owner, limit, at, expires, skip_models, first_step),
+            lambda conn: attempts.claim(
+                conn, owner, limit, at, expires, skip_models, first_step, min_priority
+            ),
             small=True,
         )
         self.on_change(t.id for t in claimed)

@@ -80,6 +80,8 @@ tasks = Table(
     Column("created_at", Text, nullable=False),
     Column("started_at", Text),
     Column("finished_at", Text),
+    # The task's say on the cache of model answers: 1 use it, 0 bypass it, NULL: the steps'.
+    Column("cache", Int),
     _one_of("status", TASK_STATUSES),
     sqlite_autoincrement=True,
 )
@@ -380,4 +382,58 @@ webhook_secrets = Table(
     Column("name", Text, primary_key=True),
     Column("secret", Text, nullable=False),
     Column("created_at", Text, nullable=False),
+)
+
+# A batch over a dataset (migration 14): what every row shares (template, model, priority,
+# options), and how its upload went. ``priority`` is the one asked for; its rows' tasks are
+# queued below every single task (:mod:`orchestra.db.batches`).
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", Int, primary_key=True, autoincrement=True),
+    Column("template", Text, nullable=False),
+    Column("template_version", Int, nullable=False),
+    Column("model", Text),
+    Column("priority", Int, nullable=False, server_default=text("0")),
+    Column("options", Text, nullable=False),  # JSON: max_attempts, timeout
+    Column("atomic", Int, nullable=False, server_default=text("0")),
+    Column("status", Text, nullable=False),
+    Column("row_count", Int, nullable=False, server_default=text("0")),
+    Column("invalid_count", Int, nullable=False, server_default=text("0")),
+    Column("idempotency_key", Text),
+    Column("idempotency_scope", Text, nullable=False, server_default=text("''")),
+    Column("request_hash", Text),
+    Column("created_at", Text, nullable=False),
+    Column("loaded_at", Text),
+    Column("cancelled_at", Text),
+    _one_of("status", ("loading", "loaded")),
+    Index("ux_batches_idempotency", "idempotency_scope", "idempotency_key", unique=True),
+    sqlite_autoincrement=True,
+)
+
+# One row of a batch: its task, or (task_id NULL, error set) why the row was refused. The key
+# (batch_id, row_no) makes a row's task unique and orders the results by input row.
+batch_rows = Table(
+    "batch_rows",
+    metadata,
+    Column("batch_id", Int, ForeignKey("batches.id", ondelete="CASCADE"), nullable=False),
+    Column("row_no", Int, nullable=False),
+    Column("line_no", Int, nullable=False),
+    Column("task_id", Int, ForeignKey("tasks.id", ondelete="SET NULL")),
+    Column("error", Text),  # JSON: {"message", "fields": [{"field", "message"}]}
+    PrimaryKeyConstraint("batch_id", "row_no"),
+    Index("ix_batch_rows_task", "task_id"),
+)
+
+# The cache of model answers (orchestra.db.cache): a call's key (SHA-256 of the provider,
+# model and its digest, messages, options and format) and the answer, as JSON.
+model_cache = Table(
+    "model_cache",
+    metadata,
+    Column("key", Text, primary_key=True),
+    Column("provider", Text, nullable=False),
+    Column("model", Text, nullable=False),
+    Column("answer", Text, nullable=False),  # JSON: text, model, provider, usage
+    Column("created_at", Text, nullable=False),
+    Index("ix_model_cache_created", "created_at"),
 )

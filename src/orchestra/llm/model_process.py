@@ -67,8 +67,15 @@ _WARM_UP = wire.Generate(
 )
 
 
+#: The hidden first argument that makes the single binary a model process (packaging/entry.py).
+MODEL_CHILD_ARG = "--orchestra-model-child"
+
+
 def child_command() -> list[str]:
-    """The command that starts a model process with this interpreter."""
+    """The command that starts a model process with this interpreter; in the single binary
+    (frozen, no ``-m``), the binary itself with a hidden argument."""
+    if getattr(sys, "frozen", False):
+        return [sys.executable, MODEL_CHILD_ARG]
     return [sys.executable, "-m", "orchestra.llm.model_child"]
 
 

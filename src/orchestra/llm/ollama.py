@@ -5,6 +5,7 @@ Reference: ollama/ollama docs/api.md. Durations in Ollama's replies are nanoseco
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -70,6 +71,10 @@ class OllamaProvider(HttpProvider):
     ) -> None:
         super().__init__(name, client, url, timeout, api_key)
         self.keep_alive = keep_alive
+        #: Each model's digest as /api/tags last listed it (the cache of model answers keys
+        #: on it); read by the health checks, and when a model is not known yet.
+        self.digests: dict[str, str] = {}
+        self._digests_read_at = float("-inf")
 
     def status_error(self, response: httpx.Response, model: str | None) -> ProviderError:
         if response.status_code == 404 and model is not None:
@@ -174,7 +179,43 @@ class OllamaProvider(HttpProvider):
         version, why = await self.probe("/api/version", lambda body: str(body["version"]))
         if version is None:
             return Health(ok=False, detail=why)
-        models, _ = await self.probe(
-            "/api/tags", lambda body: tuple(str(m["name"]) for m in body["models"])
-        )
+        listed, _ = await self.probe("/api/tags", _listing)
+        models = None
+        if listed is not None:
+            models = tuple(listed)
+            self._learn(listed)
         return Health(ok=True, detail=f"ok (Ollama {version} at {self.shown_url})", models=models)
+
+    def _learn(self, listed: dict[str, str]) -> None:
+        self.digests = listed
+        self._digests_read_at = time.monotonic()
+
+    async def digest(self, model: str) -> str:
+        """The digest of ``model`` ("" when Ollama does not tell), from the last listing;
+        a model not in it has the list read again, at most every
+        :data:`DIGEST_REFRESH` seconds."""
+        found = _digest_in(self.digests, model)
+        if found is None and time.monotonic() - self._digests_read_at >= DIGEST_REFRESH:
+            listed, _ = await self.probe("/api/tags", _listing)
+            self._digests_read_at = time.monotonic()
+            if listed is not None:
+                self._learn(listed)
+                found = _digest_in(listed, model)
+        return found or ""
+
+
+#: Seconds before a model missing from the last listing has the list read again.
+DIGEST_REFRESH = 30.0
+
+
+def _listing(body: Any) -> dict[str, str]:
+    """/api/tags as {name: digest} (the digest "" when not given), in its order."""
+    return {str(m["name"]): str(m.get("digest") or "") for m in body["models"]}
+
+
+def _digest_in(listed: dict[str, str], model: str) -> str | None:
+    if model in listed:
+        return listed[model]
+    if ":" not in model:
+        return listed.get(f"{model}:latest")
+    return None

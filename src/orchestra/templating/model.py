@@ -82,6 +82,9 @@ class LlmStep(_Step, frozen=True, kw_only=True):
     repair_attempts: int = 2
     #: Let a thinking model think before it answers (Ollama's ``think``); None: its default.
     think: bool | None = None
+    #: The cache of model answers: True use it, False bypass it, None: when deterministic
+    #: (temperature 0 or a seed set); see docs/cache.md.
+    cache: bool | None = None
     kind: Literal["llm"] = "llm"
 
 

@@ -26,11 +26,14 @@ SUFFIXES = (".yaml", ".yml")
 
 
 def builtin_dir() -> Path:
-    """The built-in templates: inside the installed package, or the repository's templates/."""
-    packaged = Path(str(resources.files("orchestra"))) / "builtin_templates"
+    """The built-in templates, read as package data: ``orchestra/builtin_templates`` in a
+    wheel and in the single binary. A source checkout (an editable install) has no copy in the
+    package: there they are the repository's templates/, beside the package's src/ folder."""
+    package = resources.files("orchestra")
+    packaged = package / "builtin_templates"
     if packaged.is_dir():
-        return packaged
-    return Path(__file__).resolve().parents[3] / "templates"
+        return Path(str(packaged))
+    return Path(str(package)).parents[1] / "templates"
 
 
 def _files(folder: Path) -> list[Path]:

@@ -41,6 +41,7 @@ KIND_KEYS: dict[str, tuple[str, ...]] = {
         "format",
         "repair_attempts",
         "think",
+        "cache",
     ),
     "render": ("text",),
     "parse_json": ("input", "schema"),
@@ -185,6 +186,7 @@ class _StepReader:
             format=fmt,
             repair_attempts=_int(c, data, path, "repair_attempts", 2, 0, 5),
             think=_flag(c, data, path, "think"),
+            cache=_flag(c, data, path, "cache"),
         )
 
     def _messages(self) -> list[Message]:

@@ -1,0 +1,292 @@
+"""/api/v1/batches: run a template over every row of a dataset, follow it, collect results.
+
+The upload's body is the data itself (JSON lines or CSV, read as a stream); what every row
+shares (template, model, priority, options) comes in the query.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+import msgspec
+from litestar import Controller, Request, Response, get, post
+from litestar.di import NamedDependency, Provide
+from litestar.openapi import ResponseSpec
+from litestar.params import FromPath, HeaderParameter, QueryParameter
+from litestar.response import Stream
+
+from orchestra.api.openapi import errors
+from orchestra.api.runtime import Runtime
+from orchestra.auth import Caller
+from orchestra.batches import BatchOptions, BatchService, Format
+from orchestra.db.batches import BatchStore, ResultRow
+from orchestra.errors import FieldProblem, InvalidRequest
+from orchestra.wire.batches import ActionOut as ActionOut
+from orchestra.wire.batches import BatchList as BatchList
+from orchestra.wire.batches import BatchOut as BatchOut
+from orchestra.wire.batches import ProgressOut as ProgressOut
+from orchestra.wire.batches import UploadOut as UploadOut
+
+_encode = msgspec.json.Encoder().encode
+#: Content types an upload's format is read from (``?format=`` wins).
+_FORMATS: dict[str, Format] = {
+    "application/x-ndjson": "jsonl",
+    "application/jsonl": "jsonl",
+    "application/json-lines": "jsonl",
+    "application/x-jsonlines": "jsonl",
+    "text/csv": "csv",
+}
+_NUMBER = "^[0-9]{1,18}$"
+
+
+def provide(runtime: NamedDependency[Runtime]) -> BatchService:
+    """The batch service, from the runtime's store, task service and bulk actions."""
+    return BatchService(BatchStore(runtime.db), runtime.tasks, runtime.bulk)
+
+
+def _upload_format(given: Format | None, content_type: str) -> Format:
+    if given is not None:
+        return given
+    found = _FORMATS.get(content_type.split(";")[0].strip().lower())
+    if found is None:
+        problem = "send ?format=jsonl or csv, or Content-Type application/x-ndjson or text/csv"
+        raise InvalidRequest(f"format: {problem}", [FieldProblem("format", problem)])
+    return found
+
+
+class BatchController(Controller):
+    """Batches: a template run over every row of a dataset."""
+
+    path = "/api/v1/batches"
+    tags = ["batches"]
+    dependencies = {"batches": Provide(provide, sync_to_thread=False)}  # noqa: RUF012
+
+    @post(
+        "/",
+        opt={"scope": "submit"},
+        status_code=201,
+        summary="Run a template over a dataset",
+        request_max_body_size=None,  # read as a stream, row by row; rows are capped instead
+        responses={
+            200: ResponseSpec(
+                UploadOut,
+                description="The batch this idempotency key made (resumed: rows it lacked added)",
+                generate_examples=False,
+            ),
+            **errors(400, 404, 409, 413, 422, 507),
+        },
+    )
+    async def create(
+        self,
+        request: Request[Caller, Any, Any],
+        batches: NamedDependency[BatchService],
+        template: Annotated[
+            str, QueryParameter(min_length=1, max_length=255, description="The template's name.")
+        ],
+        template_version: Annotated[
+            int | None, QueryParameter(ge=1, le=2**53, description="Run this version.")
+        ] = None,
+        model: Annotated[
+            str | None,
+            QueryParameter(min_length=1, max_length=255, description="Model for every row."),
+        ] = None,
+        priority: Annotated[
+            int, QueryParameter(ge=-1000, le=1000, description="Orders batches among themselves.")
+        ] = 0,
+        max_attempts: Annotated[
+            int | None, QueryParameter(ge=1, le=100, description="Attempts per row.")
+        ] = None,
+        timeout: Annotated[
+            float | None, QueryParameter(gt=0, le=86_400, description="Seconds per attempt.")
+        ] = None,
+        atomic: Annotated[
+            bool, QueryParameter(description="Refuse the whole batch on one bad row.")
+        ] = False,
+        format: Annotated[
+            Literal["jsonl", "csv"] | None,
+            QueryParameter(description="The body's format (else from Content-Type)."),
+        ] = None,
+        idempotency_key: Annotated[
+            str | None,
+            HeaderParameter(
+                name="Idempotency-Key",
+                min_length=1,
+                max_length=255,
+                description="Sending again with the same key resumes the same batch.",
+            ),
+        ] = None,
+    ) -> Response[UploadOut]:
+        """Read the body's rows (JSON lines, or CSV with a header naming the parameters) and
+        queue a task for each valid one. 201 with the new batch; 200 when the idempotency key
+        made it before (rows it already has are skipped: a resumed upload). A refused row is
+        listed with its row and line numbers and the others go on; with ``atomic=true`` one
+        refused row refuses the batch (422, each refused row listed; nothing queued)."""
+        opts = BatchOptions(
+            template=template,
+            format=_upload_format(format, request.headers.get("content-type", "")),
+            template_version=template_version,
+            model=model,
+            priority=priority,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            atomic=atomic,
+            idempotency_key=idempotency_key,
+        )
+        uploaded = await batches.upload(opts, request.stream(), key_id=request.user.key_id)
+        body = UploadOut(
+            BatchOut.of(uploaded.batch), uploaded.read, uploaded.refused, uploaded.problems
+        )
+        return Response(
+            body,
+            status_code=201 if uploaded.created else 200,
+            headers={"Location": f"{self.path}/{uploaded.batch.id}"},
+        )
+
+    @get("/", summary="List batches", responses=errors(400))
+    async def list_batches(
+        self,
+        batches: NamedDependency[BatchService],
+        limit: Annotated[int, QueryParameter(ge=1, le=500, description="Page size.")] = 50,
+        cursor: Annotated[
+            str | None,
+            QueryParameter(pattern=_NUMBER, description="next_cursor of the previous page."),
+        ] = None,
+    ) -> BatchList:
+        """Batches, newest first."""
+        page = await batches.page(limit, None if cursor is None else int(cursor))
+        more = len(page) == limit
+        return BatchList(
+            items=[BatchOut.of(b) for b in page],
+            next_cursor=str(page[-1].id) if more and page else None,
+        )
+
+    @get("/{batch_id:int}", summary="A batch's progress", responses=errors(400, 404))
+    async def get_batch(
+        self, batch_id: FromPath[int], batches: NamedDependency[BatchService]
+    ) -> ProgressOut:
+        """The batch, its rows by status, the share finished and an ETA."""
+        return ProgressOut.of(await batches.progress(batch_id))
+
+    @post(
+        "/{batch_id:int}/cancel",
+        status_code=200,
+        opt={"scope": "submit"},
+        summary="Cancel a batch",
+        responses=errors(400, 404, 507),
+    )
+    async def cancel(
+        self, batch_id: FromPath[int], batches: NamedDependency[BatchService]
+    ) -> ActionOut:
+        """Cancel the batch's queued rows; running ones are asked to stop."""
+        return ActionOut.of(await batches.cancel(batch_id))
+
+    @post(
+        "/{batch_id:int}/retry",
+        status_code=200,
+        opt={"scope": "submit"},
+        summary="Retry a batch's failed rows",
+        responses=errors(400, 404, 507),
+    )
+    async def retry(
+        self, batch_id: FromPath[int], batches: NamedDependency[BatchService]
+    ) -> ActionOut:
+        """Queue the batch's failed rows again."""
+        return ActionOut.of(await batches.retry(batch_id))
+
+    @get(
+        "/{batch_id:int}/results",
+        summary="A batch's results, in input order",
+        media_type="application/x-ndjson",
+        responses=errors(400, 404),
+    )
+    async def results(
+        self,
+        request: Request[Caller, Any, Any],
+        batch_id: FromPath[int],
+        batches: NamedDependency[BatchService],
+        format: Annotated[
+            Literal["jsonl", "csv"] | None,
+            QueryParameter(description="jsonl or csv (else from Accept; default jsonl)."),
+        ] = None,
+    ) -> Stream:
+        """Each row: ``row``, ``status`` (a task's, ``invalid`` or ``deleted``), ``result``
+        and ``error``. CSV spreads a result object over columns (``result.<key>``)."""
+        accept = request.headers.get("accept", "")
+        chosen = format or ("csv" if "text/csv" in accept else "jsonl")
+        pages = await batches.results(batch_id)
+        if chosen == "csv":
+            keys = await _result_keys(await batches.results(batch_id))
+            return Stream(
+                _csv(pages, keys),
+                media_type="text/csv; charset=utf-8",
+                headers={"Content-Disposition": f'attachment; filename="batch-{batch_id}.csv"'},
+            )
+        return Stream(_jsonl(pages), media_type="application/x-ndjson")
+
+
+# -- results as JSON lines or CSV ---------------------------------------------------------------
+
+
+def _outcome(r: ResultRow) -> tuple[str, Any, Any]:
+    """A row's status, result and error, decoded."""
+    if r.status is None:
+        refused = msgspec.json.decode(r.refused) if r.refused else None
+        return ("invalid" if refused else "deleted"), None, refused
+    result = msgspec.json.decode(r.result) if r.result else None
+    error = msgspec.json.decode(r.error) if r.error else None
+    return r.status, result, error
+
+
+async def _jsonl(pages: AsyncIterator[list[ResultRow]]) -> AsyncIterator[bytes]:
+    async for page in pages:
+        lines = []
+        for r in page:
+            status, result, error = _outcome(r)
+            row = {"row": r.row, "line": r.line, "status": status}
+            lines.append(_encode({**row, "result": result, "error": error}))
+        yield b"\n".join(lines) + b"\n"
+
+
+async def _result_keys(pages: AsyncIterator[list[ResultRow]]) -> list[str]:
+    """The keys of the result objects, in first-seen order (at most 200 columns)."""
+    keys: dict[str, None] = {}
+    async for page in pages:
+        for r in page:
+            if r.result and r.result.startswith("{") and len(keys) < 200:
+                for key in msgspec.json.decode(r.result):
+                    keys.setdefault(key, None)
+    return list(keys)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return _encode(value).decode()
+
+
+async def _csv(pages: AsyncIterator[list[ResultRow]], keys: list[str]) -> AsyncIterator[bytes]:
+    header = ["row", "line", "status", "error", "result", *(f"result.{k}" for k in keys)]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    async for page in pages:
+        for r in page:
+            status, result, error = _outcome(r)
+            spread = result if isinstance(result, dict) else {}
+            rest = {k: v for k, v in spread.items() if k not in keys}
+            whole = result if not isinstance(result, dict) else (rest or None)
+            message = error.get("message") if isinstance(error, dict) else error
+            writer.writerow(
+                [r.row, r.line, status, _cell(message), _cell(whole)]
+                + [_cell(spread.get(k)) for k in keys]
+            )
+        yield buffer.getvalue().encode()
+        buffer.seek(0)
+        buffer.truncate()
+    if buffer.tell():
+        yield buffer.getvalue().encode()

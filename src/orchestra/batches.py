@@ -1,0 +1,464 @@
+"""Batches: one template run over every row of a dataset (JSONL or CSV), each row a task.
+
+The upload is read as a stream, row by row: each row's parameters are checked as a submit's
+are (:meth:`TaskService.prepare`), and the rows go to the store in chunks of :data:`CHUNK`, one
+transaction each, so memory stays flat however many rows come. A refused row is recorded with
+its row and line number and the others go on; an ``atomic`` batch is checked whole first (the
+valid rows wait in a temporary file) and queues nothing when one row is refused.
+
+Rows are queued in the batch lane, below every single task (:mod:`orchestra.db.batches`), so a
+large batch does not starve interactive work. Results come back in input order, as JSON lines
+or as CSV with a result object spread over columns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+
+from orchestra import logs, metrics
+from orchestra.batch_input import InputRow, csv_rows, jsonl_rows
+from orchestra.bulk import BulkOutcome, BulkService
+from orchestra.db import batches as db
+from orchestra.db.batches import LANE, BatchStore, ResultRow, RowRefused, RowTask
+from orchestra.domain import ANONYMOUS_SCOPE, TaskStatus, as_utc, iso, now
+from orchestra.errors import (
+    ConflictError,
+    FieldProblem,
+    InvalidParams,
+    InvalidRequest,
+    NotFoundError,
+    PayloadTooLarge,
+    TemplateNotFound,
+)
+from orchestra.tasks import SubmitTask, TaskService
+from orchestra.templating.model import Template
+from orchestra.wire.batches import RowProblem as RowProblem
+
+#: Rows per transaction.
+CHUNK = 500
+#: Most rows one batch may have.
+MAX_ROWS = 1_000_000
+#: Refused rows an upload's answer lists (all of them are in the results).
+SHOWN_PROBLEMS = 100
+#: Most columns a CSV of results spreads a result object over (the rest stay in ``result``).
+MAX_RESULT_COLUMNS = 200
+
+Format = Literal["jsonl", "csv"]
+_TERMINAL = (TaskStatus.SUCCEEDED.value, TaskStatus.FAILED.value, TaskStatus.CANCELLED.value)
+_encode = msgspec.json.Encoder(order="sorted").encode
+log = logs.get("orchestra.batches")
+
+
+class BatchNotFound(NotFoundError):
+    """No batch has this id."""
+
+    code = "batch_not_found"
+
+
+class BatchOptions(msgspec.Struct, frozen=True):
+    """What every row of a batch shares (the query of ``POST /api/v1/batches``)."""
+
+    template: str
+    format: Format
+    template_version: int | None = None
+    model: str | None = None
+    priority: int = 0
+    max_attempts: int | None = None
+    timeout: float | None = None
+    atomic: bool = False
+    idempotency_key: str | None = None
+
+    def fingerprint(self) -> str:
+        """What an idempotency key is checked against: the options, not the data (a client
+        resuming sends the same file again)."""
+        shared = msgspec.structs.replace(self, idempotency_key=None)
+        return hashlib.sha256(_encode(shared)).hexdigest()
+
+
+class Batch(msgspec.Struct, frozen=True):
+    """A batch as stored."""
+
+    id: int
+    template: str
+    template_version: int
+    model: str | None
+    priority: int
+    max_attempts: int | None
+    timeout: float | None
+    atomic: bool
+    status: str
+    rows: int
+    invalid: int
+    created_at: str
+    loaded_at: str | None
+    cancelled_at: str | None
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> Batch:
+        """From a ``batches`` row."""
+        options = msgspec.json.decode(row["options"])
+        return cls(
+            id=row["id"],
+            template=row["template"],
+            template_version=row["template_version"],
+            model=row["model"],
+            priority=row["priority"],
+            max_attempts=options.get("max_attempts"),
+            timeout=options.get("timeout"),
+            atomic=bool(row["atomic"]),
+            status=row["status"],
+            rows=row["row_count"],
+            invalid=row["invalid_count"],
+            created_at=row["created_at"],
+            loaded_at=row["loaded_at"],
+            cancelled_at=row["cancelled_at"],
+        )
+
+
+class Uploaded(msgspec.Struct, frozen=True):
+    """What an upload did: the batch, whether this request created it, how many rows it
+    read and refused, and the first refused rows."""
+
+    batch: Batch
+    created: bool
+    read: int
+    refused: int
+    problems: list[RowProblem]
+
+
+class Progress(msgspec.Struct, frozen=True):
+    """A batch's rows by status (``invalid``: refused at upload; ``deleted``: its task was
+    removed by retention), the share finished, and the seconds left at the finishing rate
+    so far (None until some rows have finished)."""
+
+    batch: Batch
+    counts: dict[str, int]
+    finished: int
+    progress: float
+    eta_seconds: float | None
+
+
+# -- the service ------------------------------------------------------------------------------
+
+
+class BatchService:
+    """What the API can do with batches; built per request from the runtime's parts."""
+
+    def __init__(self, store: BatchStore, tasks: TaskService, bulk: BulkService) -> None:
+        self.store = store
+        self.tasks = tasks
+        self.bulk = bulk
+
+    async def _template(self, opts: BatchOptions) -> Template:
+        """The template rows run (one version for the whole batch)."""
+        registry = self.tasks.registry
+        try:
+            return registry.get(opts.template, opts.template_version)
+        except TemplateNotFound:
+            if self.tasks.refresh is None:
+                raise
+        await self.tasks.refresh()
+        return registry.get(opts.template, opts.template_version)
+
+    async def upload(
+        self, opts: BatchOptions, chunks: AsyncIterator[bytes], *, key_id: str | None = None
+    ) -> Uploaded:
+        """Read a batch's rows from ``chunks`` and queue a task for each valid one.
+
+        Raises:
+            TemplateNotFound: no such template.
+            InvalidRequest: an atomic batch with a refused row (each listed, with its row
+                and line numbers), or a body that cannot be read at all.
+            ConflictError: the idempotency key made a batch with other options.
+            PayloadTooLarge: one row over the body limit, or over :data:`MAX_ROWS` rows.
+        """
+        template = await self._template(opts)
+        scope = key_id or ANONYMOUS_SCOPE
+        max_line = self.tasks.limits.max_body_bytes
+        reader = (
+            csv_rows(chunks, max_line, template)
+            if opts.format == "csv"
+            else jsonl_rows(chunks, max_line)
+        )
+        checked = self._checked(opts, template, reader)
+        if opts.atomic:
+            with tempfile.TemporaryFile() as spool:
+                problems, total = await self._spool(checked, spool)
+                if not total:
+                    raise _no_rows()
+                if problems:
+                    raise InvalidParams(
+                        f"{len(problems)} row(s) refused; an atomic batch queues none",
+                        [
+                            FieldProblem(f"row {p.row} (line {p.line}): {f.field}", f.message)
+                            for p in problems[:SHOWN_PROBLEMS]
+                            for f in p.fields or [FieldProblem("row", p.message)]
+                        ],
+                    )
+                spool.seek(0)
+                batch, created = await self._open(opts, template, scope)
+                await self._load(batch.id, _replay(spool))
+        else:
+            # The first row before the batch: a body that cannot be read at all makes none.
+            first = await anext(checked, None)
+            if first is None:
+                raise _no_rows()
+            batch, created = await self._open(opts, template, scope)
+            problems, total = await self._load(batch.id, _chain(first, checked))
+        finished = Batch.of(
+            await self.store.db.transaction(lambda c: db.mark_loaded(c, batch.id, iso(now())))
+        )
+        log.info(
+            "batch.loaded",
+            batch_id=batch.id,
+            rows=finished.rows,
+            invalid=finished.invalid,
+            created=created,
+        )
+        return Uploaded(
+            batch=finished,
+            created=created,
+            read=total,
+            refused=len(problems),
+            problems=problems[:SHOWN_PROBLEMS],
+        )
+
+    async def _checked(
+        self, opts: BatchOptions, template: Template, rows: AsyncIterator[InputRow]
+    ) -> AsyncIterator[RowTask | RowProblem]:
+        """Each row checked as a submit is: a task to queue, or why not."""
+        async for row in rows:
+            if row.row > MAX_ROWS:
+                raise PayloadTooLarge(f"a batch has at most {MAX_ROWS} rows")
+            if row.params is None:
+                yield RowProblem(row.row, row.line, row.problem or "cannot be read")
+                continue
+            sub = SubmitTask(
+                template=template.name,
+                params=row.params,
+                template_version=template.version,
+                priority=opts.priority,
+                model=opts.model,
+                max_attempts=opts.max_attempts,
+                timeout=opts.timeout,
+            )
+            try:
+                new = await self.tasks.prepare(sub)
+            except InvalidRequest as exc:
+                yield RowProblem(row.row, row.line, exc.message, exc.fields)
+                continue
+            lane = msgspec.structs.replace(new, priority=opts.priority - LANE)
+            yield RowTask(row.row, row.line, lane)
+
+    async def _spool(
+        self, checked: AsyncIterator[RowTask | RowProblem], spool: Any
+    ) -> tuple[list[RowProblem], int]:
+        """Write the valid rows to ``spool`` (one JSON line each); the refused ones listed."""
+        problems: list[RowProblem] = []
+        total = 0
+        async for item in checked:
+            total += 1
+            if isinstance(item, RowProblem):
+                if len(problems) < SHOWN_PROBLEMS:
+                    problems.append(item)
+                continue
+            spool.write(msgspec.json.encode(item) + b"\n")
+        return problems, total
+
+    async def _open(self, opts: BatchOptions, template: Template, scope: str) -> tuple[Batch, bool]:
+        """The batch row: a new one, or the one this idempotency key made (to resume)."""
+        values = {
+            "template": template.name,
+            "template_version": template.version,
+            "model": opts.model,
+            "priority": opts.priority,
+            "options": _encode(
+                {"max_attempts": opts.max_attempts, "timeout": opts.timeout}
+            ).decode(),
+            "atomic": int(opts.atomic),
+            "status": "loading",
+            "idempotency_key": opts.idempotency_key,
+            "idempotency_scope": scope,
+            "request_hash": opts.fingerprint(),
+            "created_at": iso(now()),
+        }
+        row = await self.store.db.transaction(lambda c: db.create(c, values), small=True)
+        if row is not None:
+            return Batch.of(row), True
+        key = opts.idempotency_key or ""
+        existing = await self.store.db.transaction(lambda c: db.by_key(c, scope, key))
+        if existing is None or existing["request_hash"] != values["request_hash"]:
+            raise ConflictError(
+                f"idempotency key {key!r} was already used for a batch with other options"
+            )
+        return Batch.of(existing), False
+
+    async def _load(
+        self, batch_id: int, items: AsyncIterator[RowTask | RowProblem]
+    ) -> tuple[list[RowProblem], int]:
+        """Store rows in chunks of :data:`CHUNK`, one transaction each; a chunk is written
+        while the next one is read and checked (at most one chunk waits in memory)."""
+        problems: list[RowProblem] = []
+        valid: list[RowTask] = []
+        refused: list[RowRefused] = []
+        total = 0
+        writing: asyncio.Task[None] | None = None
+        try:
+            async for item in items:
+                total += 1
+                if isinstance(item, RowProblem):
+                    if len(problems) < SHOWN_PROBLEMS:
+                        problems.append(item)
+                    refused.append(RowRefused(item.row, item.line, _refusal(item)))
+                else:
+                    valid.append(item)
+                if len(valid) + len(refused) >= CHUNK:
+                    if writing is not None:
+                        await writing
+                    writing = asyncio.create_task(self._store_chunk(batch_id, valid, refused))
+                    valid, refused = [], []
+            if writing is not None:
+                await writing
+                writing = None
+            await self._store_chunk(batch_id, valid, refused)
+        finally:
+            if writing is not None and not writing.done():
+                writing.cancel()
+        return problems, total
+
+    async def _store_chunk(
+        self, batch_id: int, valid: list[RowTask], refused: list[RowRefused]
+    ) -> None:
+        if not valid and not refused:
+            return
+        at = iso(now())
+        queued = await self.store.db.transaction(
+            lambda c: db.add_rows(c, batch_id, valid, refused, at)
+        )
+        if queued:
+            for _ in queued:
+                metrics.task_submitted(valid[0].task.template)
+            self.tasks.feed.wake()
+            self.tasks.scheduler.notify()
+
+    async def get(self, batch_id: int) -> Batch:
+        """A batch.
+
+        Raises:
+            BatchNotFound: no batch has this id.
+        """
+        row = await self.store.get(batch_id) if 0 < batch_id < 2**63 else None
+        if row is None:
+            raise BatchNotFound(f"no batch with id {batch_id}")
+        return Batch.of(row)
+
+    async def progress(self, batch_id: int) -> Progress:
+        """A batch's rows by status, the share finished and an ETA at the finishing rate."""
+        batch = await self.get(batch_id)
+        tally = await self.store.tally(batch_id)
+        counts = dict(tally.counts)
+        tasks = sum(counts.values())
+        counts["invalid"] = batch.invalid
+        counts["deleted"] = max(0, batch.rows - batch.invalid - tasks)
+        finished = sum(counts.get(s, 0) for s in _TERMINAL)
+        wanted = max(1, batch.rows - batch.invalid)
+        left = counts.get("queued", 0) + counts.get("running", 0)
+        eta = None
+        if finished and tally.first_started and tally.last_finished:
+            span = _seconds(tally.first_started, tally.last_finished)
+            if span > 0:
+                eta = round(left / (finished / span), 3)
+        if not left:
+            eta = 0.0 if batch.status == "loaded" else eta
+        return Progress(batch, counts, finished, round(finished / wanted, 6), eta)
+
+    async def page(self, limit: int = 50, before: int | None = None) -> list[Batch]:
+        """Batches, newest first."""
+        return [Batch.of(r) for r in await self.store.page(limit, before)]
+
+    async def cancel(self, batch_id: int) -> BulkOutcome:
+        """Cancel every queued or running row of the batch (running ones are asked to stop)."""
+        await self.get(batch_id)
+        await self.store.db.transaction(lambda c: db.mark_cancelled(c, batch_id, iso(now())))
+        active = (TaskStatus.QUEUED.value, TaskStatus.RUNNING.value)
+        return await self._walk(batch_id, active, self.bulk.cancel_tasks, "cancel")
+
+    async def retry(self, batch_id: int) -> BulkOutcome:
+        """Queue the batch's failed rows again."""
+        await self.get(batch_id)
+        return await self._walk(
+            batch_id, (TaskStatus.FAILED.value,), self.bulk.retry_tasks, "retry"
+        )
+
+    async def _walk(
+        self,
+        batch_id: int,
+        statuses: tuple[str, ...],
+        act: Callable[[Iterable[int]], Awaitable[BulkOutcome]],
+        action: str,
+    ) -> BulkOutcome:
+        outcome = BulkOutcome()
+        after = 0
+        while True:
+            pairs = await self.store.task_ids_after(batch_id, statuses, after, CHUNK)
+            if not pairs:
+                break
+            outcome = outcome.plus(await act([task_id for _, task_id in pairs]))
+            after = pairs[-1][0]
+        log.info("batch.bulk", batch_id=batch_id, action=action, changed=outcome.changed)
+        return outcome
+
+    async def results(self, batch_id: int) -> AsyncIterator[list[ResultRow]]:
+        """The batch's rows in input order, :data:`CHUNK` per read."""
+        await self.get(batch_id)
+        return self._pages(batch_id)
+
+    async def _pages(self, batch_id: int) -> AsyncIterator[list[ResultRow]]:
+        after = 0
+        while True:
+            page = await self.store.results_after(batch_id, after, CHUNK)
+            if not page:
+                return
+            yield page
+            after = page[-1].row
+
+
+def _no_rows() -> InvalidRequest:
+    problem = "has no rows (CSV: a header, then one record per row; JSON lines: an object a line)"
+    return InvalidRequest(f"body: {problem}", [FieldProblem("body", problem)])
+
+
+def _refusal(problem: RowProblem) -> str:
+    return _encode(
+        {"type": "invalid_params", "message": problem.message, "fields": problem.fields}
+    ).decode()
+
+
+async def _replay(spool: Any) -> AsyncIterator[RowTask]:
+    """The spooled valid rows of an atomic batch, as they were checked."""
+    for line in spool:
+        yield msgspec.json.decode(line, type=RowTask)
+
+
+async def _chain(
+    first: RowTask | RowProblem | None, rest: AsyncIterator[RowTask | RowProblem]
+) -> AsyncIterator[RowTask | RowProblem]:
+    """``first``, then ``rest``."""
+    if first is None:
+        return
+    yield first
+    async for item in rest:
+        yield item
+
+
+def _seconds(start: str, end: str) -> float:
+    return (
+        as_utc(datetime.fromisoformat(end)) - as_utc(datetime.fromisoformat(start))
+    ).total_seconds()

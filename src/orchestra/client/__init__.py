@@ -1,0 +1,50 @@
+"""``orchestra.client``: call an Orchestra service from Python, blocking (:class:`Client`) or
+with asyncio (:class:`AsyncClient`). Answers are the server's own msgspec structs; errors are
+:class:`~orchestra.client.errors.ApiError` subclasses carrying the API's status, code, fields
+and message. See docs/client.md.
+
+Both clients send the calls :mod:`orchestra.client.core` builds and read the answers it
+decodes, so the two differ only in how they wait; the CLI uses :class:`Client`.
+"""
+
+from __future__ import annotations
+
+from orchestra.client.aio import AsyncClient
+from orchestra.client.core import DEFAULT_URL, Registered, RetryPolicy
+from orchestra.client.errors import (
+    ApiError,
+    AuthenticationFailed,
+    BadRequest,
+    ClientError,
+    Conflict,
+    ConnectionFailed,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    ServerError,
+    TooLarge,
+    Unavailable,
+    Unprocessable,
+)
+from orchestra.client.sync import Client
+
+__all__ = [
+    "DEFAULT_URL",
+    "ApiError",
+    "AsyncClient",
+    "AuthenticationFailed",
+    "BadRequest",
+    "Client",
+    "ClientError",
+    "Conflict",
+    "ConnectionFailed",
+    "NotFound",
+    "PermissionDenied",
+    "RateLimited",
+    "Registered",
+    "RetryPolicy",
+    "ServerError",
+    "TooLarge",
+    "Unavailable",
+    "Unprocessable",
+]

@@ -1,0 +1,573 @@
+"""The client's one request/response layer, without I/O: what each operation sends (a
+:class:`Call`), how an answer is decoded into the server's own structs or turned into an
+:class:`~orchestra.client.errors.ApiError`, when a 429 or 503 is tried again, and how a
+``text/event-stream`` is read. :class:`~orchestra.client.Client` and
+:class:`~orchestra.client.AsyncClient` only send the calls, one with ``httpx.Client``, the
+other with ``httpx.AsyncClient``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any, Generic, TypeVar, cast
+from urllib.parse import quote
+
+import httpx
+import msgspec
+
+from orchestra.client.errors import ApiError, error_class
+from orchestra.client.sse import SseMessage as SseMessage
+from orchestra.client.sse import SseReader as SseReader
+from orchestra.client.sse import feed_event as feed_event
+from orchestra.client.sse import task_event as task_event
+from orchestra.domain import TaskStatus
+from orchestra.schedules import ScheduleChanges, ScheduleSpec
+from orchestra.webhooks import NewWebhook
+from orchestra.wire.batches import ActionOut, BatchList, ProgressOut, UploadOut
+from orchestra.wire.schedules import ScheduleList, ScheduleOut
+from orchestra.wire.schemas import (
+    ErrorBody,
+    HealthOut,
+    TaskList,
+    TaskOut,
+    TemplateList,
+    TemplateOut,
+    ValidationOut,
+)
+from orchestra.wire.tasks import SubmitTask
+from orchestra.wire.webhooks import (
+    CallbackSecretOut,
+    DeliveryList,
+    WebhookCreated,
+    WebhookList,
+    WebhookOut,
+)
+
+T = TypeVar("T")
+
+#: Where the client goes without a URL or ORCHESTRA_URL: the server's default address.
+DEFAULT_URL = "http://127.0.0.1:8000"
+#: The longest ``wait`` the API takes on GET /api/v1/tasks/{id} (api.tasks.MAX_WAIT).
+MAX_WAIT = 60.0
+#: Seconds a long poll's read may take beyond the wait it asked for.
+WAIT_MARGIN = 30.0
+#: Answers tried again (with the same request) after the wait they name.
+RETRY_STATUSES = frozenset({429, 503})
+#: An event stream may be quiet for long (a queued task): no read timeout.
+STREAM_TIMEOUT = httpx.Timeout(10.0, read=None)
+
+_encode = msgspec.json.Encoder().encode
+_JSON = {"Content-Type": "application/json"}
+_YAML = {"Content-Type": "application/yaml"}
+
+
+class RetryPolicy(msgspec.Struct, frozen=True):
+    """How 429 (rate limited) and 503 (database locked or unavailable) answers are retried."""
+
+    #: Tries in all, the first included (1: never retry).
+    attempts: int = 5
+    #: The longest wait between tries, in seconds, whatever Retry-After says.
+    max_wait: float = 30.0
+    #: The first wait when the answer has no Retry-After, doubling on each try.
+    backoff: float = 0.5
+
+
+class Registered(msgspec.Struct, frozen=True):
+    """A registered template, and whether this call made a new version (False: the body
+    equals the current version)."""
+
+    template: TemplateOut
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[T]):
+    """One HTTP request of the API and how its successful answer is read."""
+
+    method: str
+    path: str
+    decode: Callable[[httpx.Response], T]
+    params: Mapping[str, Any] | None = None
+    content: bytes | None = None
+    #: A body sent as it is read (a dataset): each call gives it from its start.
+    body: Callable[[], Iterator[bytes]] | None = None
+    #: Whether the request can be sent again (a streamed body read once cannot).
+    replayable: bool = True
+    headers: Mapping[str, str] = field(default_factory=dict)
+    #: The statuses that are a success (any other raises).
+    ok: frozenset[int] = frozenset({200})
+    #: None: the client's own timeout.
+    timeout: httpx.Timeout | None = None
+
+    def request(self, http: httpx.Client | httpx.AsyncClient, content: Any = None) -> httpx.Request:
+        """The request, built by the client that sends it (its base URL and headers); a
+        streamed body comes as ``content`` (an iterator, sync or async, for the client)."""
+        return http.build_request(
+            self.method,
+            self.path,
+            params=self.params,
+            content=self.content if content is None else content,
+            headers=self.headers,
+            timeout=self.timeout if self.timeout is not None else http.timeout,
+        )
+
+
+# -- connecting ------------------------------------------------------------------------------
+
+
+def base_url(url: str | None, env: Mapping[str, str] | None = None) -> str:
+    """``url``, else ORCHESTRA_URL, else :data:`DEFAULT_URL` (without a trailing slash)."""
+    env = os.environ if env is None else env
+    return (url or env.get("ORCHESTRA_URL") or DEFAULT_URL).rstrip("/")
+
+
+def auth_headers(api_key: str | None, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The Authorization header for ``api_key``, else ORCHESTRA_API_KEY (none without)."""
+    env = os.environ if env is None else env
+    key = api_key or env.get("ORCHESTRA_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+# -- answers ---------------------------------------------------------------------------------
+
+
+@functools.cache
+def _decoder(kind: Any) -> msgspec.json.Decoder[Any]:
+    return msgspec.json.Decoder(kind)
+
+
+def _as(kind: type[T]) -> Callable[[httpx.Response], T]:
+    def decode(response: httpx.Response) -> T:
+        value: T = _decoder(cast(Any, kind)).decode(response.content)
+        return value
+
+    return decode
+
+
+def _nothing(response: httpx.Response) -> None:
+    return None
+
+
+def answer(call: Call[T], response: httpx.Response) -> T:
+    """The decoded answer of a successful call (its body read).
+
+    Raises:
+        ApiError: the subclass for the answer's status, carrying its error body.
+    """
+    if response.status_code in call.ok:
+        return call.decode(response)
+    raise error_of(response)
+
+
+def error_of(response: httpx.Response) -> ApiError:
+    """The exception for an error answer (its body read): the API's error body when it has
+    one, else its status and the start of its text (a proxy's page)."""
+    status = response.status_code
+    cls = error_class(status)
+    wait = asked_wait(response.headers)
+    try:
+        body = _decoder(ErrorBody).decode(response.content)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return cls(status, "http_error", f"{status}: {response.text[:500]}", retry_after=wait)
+    return cls(
+        status,
+        body.code,
+        body.message,
+        body.fields,
+        task_status=body.task_status,
+        problems=body.errors,
+        retry_after=wait,
+    )
+
+
+def retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds a Retry-After header asks for (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def asked_wait(headers: httpx.Headers) -> float | None:
+    """Seconds an answer asks the client to wait: its Retry-After, else (a rate limiter's 429)
+    its RateLimit-Reset, the seconds until the limit's window starts again."""
+    asked = retry_after(headers.get("Retry-After"))
+    if asked is None:
+        asked = retry_after(headers.get("RateLimit-Reset"))
+    return asked
+
+
+def retry_delay(
+    policy: RetryPolicy, tries: int, call: Call[Any], response: httpx.Response
+) -> float | None:
+    """Seconds to wait before sending ``call`` again after ``response`` (the ``tries``-th
+    answer), or None when the answer stands: a success, another error, or no tries left."""
+    if response.status_code in call.ok or response.status_code not in RETRY_STATUSES:
+        return None
+    if not call.replayable:
+        return None
+    if tries >= policy.attempts:
+        return None
+    asked = asked_wait(response.headers)
+    wait = policy.backoff * 2 ** (tries - 1) if asked is None else asked
+    return min(wait, policy.max_wait)
+
+
+# -- tasks -----------------------------------------------------------------------------------
+
+
+def submission(
+    task: SubmitTask | str, params: Mapping[str, Any] | None, options: Any
+) -> SubmitTask:
+    """The submit body: ``task`` itself, or a template's name with params and options (the
+    other fields of :class:`~orchestra.wire.tasks.SubmitTask`)."""
+    if isinstance(task, SubmitTask):
+        if params is not None or options:
+            raise TypeError("give a SubmitTask, or a template's name with params and options")
+        return task
+    return SubmitTask(template=task, params=dict(params or {}), **options)
+
+
+def submit(task: SubmitTask) -> Call[TaskOut]:
+    """POST /api/v1/tasks: 201 a new task; 200 the task its idempotency key made before."""
+    return Call(
+        "POST",
+        "/api/v1/tasks",
+        _as(TaskOut),
+        content=_encode(task),
+        headers=_JSON,
+        ok=frozenset({200, 201}),
+    )
+
+
+def get_task(task_id: int, wait: float = 0.0) -> Call[TaskOut]:
+    """GET /api/v1/tasks/{id}, answering once it is finished or ``wait`` seconds passed."""
+    wait = max(0.0, min(wait, MAX_WAIT))
+    if not wait:
+        return Call("GET", f"/api/v1/tasks/{task_id}", _as(TaskOut))
+    return Call(
+        "GET",
+        f"/api/v1/tasks/{task_id}",
+        _as(TaskOut),
+        params={"wait": wait},
+        timeout=httpx.Timeout(10.0, read=wait + WAIT_MARGIN),
+    )
+
+
+def finished(task: TaskOut) -> bool:
+    """Whether a task is in a terminal state (a long poll may stop)."""
+    return task.status not in (TaskStatus.QUEUED, TaskStatus.RUNNING)
+
+
+def cancel(task_id: int) -> Call[TaskOut]:
+    return Call("POST", f"/api/v1/tasks/{task_id}/cancel", _as(TaskOut))
+
+
+def retry(task_id: int) -> Call[TaskOut]:
+    return Call("POST", f"/api/v1/tasks/{task_id}/retry", _as(TaskOut))
+
+
+def tasks_page(
+    status: TaskStatus | str | None, template: str | None, limit: int, cursor: str | None
+) -> Call[TaskList]:
+    """One page of GET /api/v1/tasks (newest first)."""
+    params = {"status": status, "template": template, "limit": limit, "cursor": cursor}
+    return Call("GET", "/api/v1/tasks", _as(TaskList), params=_given(params))
+
+
+def task_events(task_id: int, after: int = 0) -> Call[None]:
+    """GET /api/v1/tasks/{id}/events: the task's events from after ``after``; the stream ends
+    after ``task.finished``."""
+    return Call(
+        "GET",
+        f"/api/v1/tasks/{task_id}/events",
+        _nothing,
+        params={"after": after} if after else None,
+        timeout=STREAM_TIMEOUT,
+    )
+
+
+def feed(template: str | None, types: Iterable[str] | None, after: int | None) -> Call[None]:
+    """GET /api/v1/events: every task's events (of ``template``, of ``types``), from after
+    ``after`` (0: every event kept; None: from the next one), without end."""
+    params: dict[str, Any] = _given({"template": template, "after": after})
+    if types:
+        params["type"] = list(types)
+    return Call("GET", "/api/v1/events", _nothing, params=params, timeout=STREAM_TIMEOUT)
+
+
+# -- templates -------------------------------------------------------------------------------
+
+
+def _items(kind: type[TemplateList] | type[ScheduleList] | type[WebhookList]) -> Any:
+    decode = _as(kind)
+    return lambda response: decode(response).items
+
+
+def list_templates() -> Call[list[TemplateOut]]:
+    return Call("GET", "/api/v1/templates", _items(TemplateList))
+
+
+def get_template(name: str, version: int | None = None) -> Call[TemplateOut]:
+    params = None if version is None else {"version": version}
+    return Call("GET", f"/api/v1/templates/{_segment(name)}", _as(TemplateOut), params=params)
+
+
+def template_versions(name: str) -> Call[list[TemplateOut]]:
+    return Call("GET", f"/api/v1/templates/{_segment(name)}/versions", _items(TemplateList))
+
+
+def yaml_text(source: str | bytes | Path) -> bytes:
+    """A template's YAML: given as text or bytes, or read from a file."""
+    if isinstance(source, Path):
+        return source.read_bytes()
+    return source.encode() if isinstance(source, str) else source
+
+
+def validate_template(source: bytes) -> Call[ValidationOut]:
+    """POST /api/v1/templates/validate: every problem, with positions (200 either way)."""
+    return Call(
+        "POST", "/api/v1/templates/validate", _as(ValidationOut), content=source, headers=_YAML
+    )
+
+
+def register_template(source: bytes) -> Call[Registered]:
+    """POST /api/v1/templates: 201 a new version, 200 the same as the current one."""
+    decode = _as(TemplateOut)
+    return Call(
+        "POST",
+        "/api/v1/templates",
+        lambda r: Registered(decode(r), created=r.status_code == 201),
+        content=source,
+        headers=_YAML,
+        ok=frozenset({200, 201}),
+    )
+
+
+def delete_template(name: str) -> Call[None]:
+    return Call("DELETE", f"/api/v1/templates/{_segment(name)}", _nothing, ok=frozenset({204}))
+
+
+def reload_templates() -> Call[list[TemplateOut]]:
+    return Call("POST", "/api/v1/templates/reload", _items(TemplateList))
+
+
+# -- schedules -------------------------------------------------------------------------------
+
+
+def create_schedule(spec: ScheduleSpec) -> Call[ScheduleOut]:
+    return Call(
+        "POST",
+        "/api/v1/schedules",
+        _as(ScheduleOut),
+        content=_encode(spec),
+        headers=_JSON,
+        ok=frozenset({201}),
+    )
+
+
+def list_schedules() -> Call[list[ScheduleOut]]:
+    return Call("GET", "/api/v1/schedules", _items(ScheduleList))
+
+
+def get_schedule(ref: str | int) -> Call[ScheduleOut]:
+    return Call("GET", f"/api/v1/schedules/{_segment(ref)}", _as(ScheduleOut))
+
+
+def update_schedule(ref: str | int, changes: ScheduleChanges) -> Call[ScheduleOut]:
+    """PATCH: only the fields ``changes`` gives are sent (msgspec leaves UNSET ones out)."""
+    return Call(
+        "PATCH",
+        f"/api/v1/schedules/{_segment(ref)}",
+        _as(ScheduleOut),
+        content=_encode(changes),
+        headers=_JSON,
+    )
+
+
+def delete_schedule(ref: str | int) -> Call[None]:
+    return Call("DELETE", f"/api/v1/schedules/{_segment(ref)}", _nothing, ok=frozenset({204}))
+
+
+# -- webhooks --------------------------------------------------------------------------------
+
+
+def new_webhook(url: str, event_types: Iterable[str] | None, template: str | None) -> NewWebhook:
+    """A subscription's body (the event types are checked by the service: 400 naming them)."""
+    if event_types is None:
+        return NewWebhook(url=url, template=template)
+    return NewWebhook(url=url, event_types=cast(Any, list(event_types)), template=template)
+
+
+def create_webhook(hook: NewWebhook) -> Call[WebhookCreated]:
+    return Call(
+        "POST",
+        "/api/v1/webhooks",
+        _as(WebhookCreated),
+        content=_encode(hook),
+        headers=_JSON,
+        ok=frozenset({201}),
+    )
+
+
+def list_webhooks() -> Call[list[WebhookOut]]:
+    return Call("GET", "/api/v1/webhooks", _items(WebhookList))
+
+
+def get_webhook(webhook_id: int) -> Call[WebhookOut]:
+    return Call("GET", f"/api/v1/webhooks/{webhook_id}", _as(WebhookOut))
+
+
+def delete_webhook(webhook_id: int) -> Call[None]:
+    return Call("DELETE", f"/api/v1/webhooks/{webhook_id}", _nothing, ok=frozenset({200, 204}))
+
+
+def deliveries_page(webhook_id: int, limit: int, cursor: str | None) -> Call[DeliveryList]:
+    """One page of a subscription's deliveries (newest first)."""
+    params = _given({"limit": limit, "cursor": cursor})
+    return Call(
+        "GET", f"/api/v1/webhooks/{webhook_id}/deliveries", _as(DeliveryList), params=params
+    )
+
+
+def redeliver(webhook_id: int, delivery_id: int) -> Call[None]:
+    path = f"/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver"
+    return Call("POST", path, _nothing, ok=frozenset({202}))
+
+
+def callback_secret() -> Call[str]:
+    decode = _as(CallbackSecretOut)
+    return Call("GET", "/api/v1/webhooks/callback-secret", lambda r: decode(r).secret)
+
+
+# -- the service -----------------------------------------------------------------------------
+
+
+def health() -> Call[HealthOut]:
+    """GET /health: 200 ok or degraded, 503 down (an answer, not an error)."""
+    return Call("GET", "/health", _as(HealthOut), ok=frozenset({200, 503}))
+
+
+# -- batches ---------------------------------------------------------------------------------
+
+#: Bytes read from a dataset file at a time.
+CHUNK = 64 * 1024
+_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
+def create_batch(
+    template: str,
+    rows: Path | bytes | Iterable[Mapping[str, Any]],
+    data_format: str | None,
+    idempotency_key: str | None,
+    options: Mapping[str, Any],
+    on_sent: Callable[[int], None] | None = None,
+) -> Call[UploadOut]:
+    """POST /api/v1/batches: ``rows`` are a CSV or JSON-lines file (read as it is sent, so a
+    file of any size takes constant memory), that text, or parameters to send as JSON lines
+    (one-shot, so not retried). ``options``: template_version, model, priority, max_attempts,
+    timeout, atomic. ``on_sent`` hears the size of each piece of a file as it goes (a
+    progress bar)."""
+    body: Callable[[], Iterator[bytes]] | None = None
+    content: bytes | None = None
+    replayable = True
+    if isinstance(rows, Path):
+        data_format = data_format or _SUFFIXES.get(rows.suffix.lower())
+        path = rows
+
+        def body() -> Iterator[bytes]:
+            with path.open("rb") as file:
+                while chunk := file.read(CHUNK):
+                    if on_sent is not None:
+                        on_sent(len(chunk))
+                    yield chunk
+
+    elif isinstance(rows, bytes):
+        content = rows
+    else:
+        data_format, replayable = "jsonl", False
+        lines = (_encode(r) + b"\n" for r in rows)
+        body = lambda: lines  # noqa: E731
+    params = _given({"template": template, "format": data_format or "jsonl", **options})
+    for key, value in params.items():
+        if isinstance(value, bool):
+            params[key] = str(value).lower()
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    return Call(
+        "POST",
+        "/api/v1/batches",
+        _as(UploadOut),
+        params=params,
+        content=content,
+        body=body,
+        replayable=replayable,
+        headers=headers,
+        ok=frozenset({200, 201}),
+        timeout=STREAM_TIMEOUT,
+    )
+
+
+def get_batch(batch_id: int) -> Call[ProgressOut]:
+    return Call("GET", f"/api/v1/batches/{batch_id}", _as(ProgressOut))
+
+
+def batches_page(limit: int, cursor: str | None) -> Call[BatchList]:
+    params = _given({"limit": limit, "cursor": cursor})
+    return Call("GET", "/api/v1/batches", _as(BatchList), params=params)
+
+
+def cancel_batch(batch_id: int) -> Call[ActionOut]:
+    return Call("POST", f"/api/v1/batches/{batch_id}/cancel", _as(ActionOut))
+
+
+def retry_batch(batch_id: int) -> Call[ActionOut]:
+    return Call("POST", f"/api/v1/batches/{batch_id}/retry", _as(ActionOut))
+
+
+def batch_results(batch_id: int, data_format: str = "jsonl") -> Call[None]:
+    """GET …/results as JSON lines (read line by line) or CSV, in input order."""
+    return Call(
+        "GET",
+        f"/api/v1/batches/{batch_id}/results",
+        _nothing,
+        params={"format": data_format},
+        timeout=STREAM_TIMEOUT,
+    )
+
+
+def results_format(path: Path, data_format: str | None) -> str:
+    """The format results are saved to ``path`` in: ``data_format``, else CSV for a .csv
+    file and JSON lines for any other."""
+    return data_format or ("csv" if path.suffix.lower() == ".csv" else "jsonl")
+
+
+def result_row(line: str) -> dict[str, Any] | None:
+    """A results line as ``{"row", "line", "status", "result", "error"}`` (None: blank)."""
+    if not line.strip():
+        return None
+    row: dict[str, Any] = json.loads(line)
+    return row
+
+
+def _given(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _segment(value: str | int) -> str:
+    """A name as one path segment (a ``/`` or ``?`` in it cannot reach another route)."""
+    return quote(str(value), safe="")

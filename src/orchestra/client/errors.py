@@ -1,0 +1,141 @@
+"""What the client raises: one branch of :mod:`orchestra.errors`' tree.
+
+::
+
+    OrchestraError
+    └── ClientError                 a call to an Orchestra service failed
+        ├── ConnectionFailed        nothing answered (refused, unknown host, timed out)
+        └── ApiError                the service answered 4xx or 5xx (status, code, message, fields)
+            ├── BadRequest          400 invalid_request: a field has the wrong type or shape
+            ├── AuthenticationFailed 401 unauthorized: no key, or not a valid one
+            ├── PermissionDenied    403 forbidden: the key's scope is too low
+            ├── NotFound            404 not_found, task_not_found, template_not_found
+            ├── Conflict            409 conflict: a finished task cancelled, a name taken …
+            ├── TooLarge            413 too_large
+            ├── Unprocessable       422 invalid_params, invalid_template (``problems``)
+            ├── RateLimited         429 rate_limited (after the client's retries)
+            ├── Unavailable         503 storage_locked, storage_unavailable; 507 storage_full
+            └── ServerError         any other status (500 internal)
+
+Each carries the API's error body: ``status``, ``code`` (the API's word, e.g.
+``task_not_found``), ``message``, ``fields`` (each a field and what is wrong with it; ``field``
+is the first one's name), ``task_status`` on a 409 about a task, ``problems`` (positions in a
+template's YAML) on a 422 about a template.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from orchestra.errors import OrchestraError
+
+if TYPE_CHECKING:
+    from orchestra.wire.schemas import FieldOut, ProblemOut
+
+
+class ClientError(OrchestraError):
+    """A call to the Orchestra service failed."""
+
+    code = "client_error"
+
+
+class ConnectionFailed(ClientError):
+    """The Orchestra service could not be reached."""
+
+    code = "connection_failed"
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        super().__init__(f"cannot reach the server at {url}: {reason}")
+
+
+class ApiError(ClientError):
+    """The Orchestra service answered with an error."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        fields: list[FieldOut] | None = None,
+        *,
+        task_status: str | None = None,
+        problems: list[ProblemOut] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.status = status
+        self.code = code
+        self.fields = list(fields or [])
+        self.task_status = task_status
+        self.problems = list(problems or [])
+        #: Seconds the service asked to wait (429, 503), when it said.
+        self.retry_after = retry_after
+        super().__init__(message)
+
+    @property
+    def field(self) -> str | None:
+        """The first bad field's name (``params.text``, ``cron``, ``url`` …), if any."""
+        return self.fields[0].field if self.fields else None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(status={self.status}, code={self.code!r}, {self.message!r})"
+
+
+class BadRequest(ApiError):
+    """The request is invalid."""
+
+
+class AuthenticationFailed(ApiError):
+    """A valid API key is required (set ORCHESTRA_API_KEY)."""
+
+
+class PermissionDenied(ApiError):
+    """This API key's scope does not allow this request."""
+
+
+class NotFound(ApiError):
+    """The resource does not exist."""
+
+
+class Conflict(ApiError):
+    """The request conflicts with the current state of the resource."""
+
+
+class TooLarge(ApiError):
+    """The request is larger than the service accepts."""
+
+
+class Unprocessable(ApiError):
+    """The request's content does not fit (task parameters, a template)."""
+
+
+class RateLimited(ApiError):
+    """Too many requests: the service's rate limit for this key was reached."""
+
+
+class Unavailable(ApiError):
+    """The service cannot serve this now (its database is locked, full or unreachable)."""
+
+
+class ServerError(ApiError):
+    """The service failed to answer."""
+
+
+_BY_STATUS: dict[int, type[ApiError]] = {
+    400: BadRequest,
+    401: AuthenticationFailed,
+    403: PermissionDenied,
+    404: NotFound,
+    409: Conflict,
+    413: TooLarge,
+    422: Unprocessable,
+    429: RateLimited,
+    503: Unavailable,
+    507: Unavailable,
+}
+
+
+def error_class(status: int) -> type[ApiError]:
+    """The exception an error answer of this status raises."""
+    return _BY_STATUS.get(status, ServerError if status >= 500 else ApiError)

@@ -1,0 +1,348 @@
+"""The blocking client: each method sends one of :mod:`orchestra.client.core`'s calls with
+``httpx.Client``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import httpx
+
+from orchestra.client import core
+from orchestra.client.core import Call, Registered, RetryPolicy
+from orchestra.client.errors import ConnectionFailed
+from orchestra.domain import TaskStatus
+from orchestra.schedules import ScheduleChanges, ScheduleSpec
+from orchestra.wire.batches import ActionOut, BatchOut, ProgressOut, UploadOut
+from orchestra.wire.events import FeedEvent, TaskEvent
+from orchestra.wire.schedules import ScheduleOut
+from orchestra.wire.schemas import HealthOut, TaskOut, TaskSummaryOut, TemplateOut, ValidationOut
+from orchestra.wire.tasks import SubmitTask
+from orchestra.wire.webhooks import DeliveryOut, WebhookCreated, WebhookOut
+
+T = TypeVar("T")
+
+
+class Client:
+    """A blocking client of an Orchestra service.
+
+    Args:
+        url: The service's base URL (default: ORCHESTRA_URL, else http://127.0.0.1:8000).
+        api_key: Sent as ``Authorization: Bearer`` (default: ORCHESTRA_API_KEY).
+        timeout: Seconds for each request (long polls and event streams set their own).
+        retry: How 429 and 503 answers are tried again.
+        sleep: What waits between tries (tests pass their own).
+        transport: An httpx transport to send through instead of the network.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.url = core.base_url(url)
+        self.retry_policy = retry or RetryPolicy()
+        self._sleep = sleep
+        self._http = httpx.Client(
+            base_url=self.url,
+            headers=core.auth_headers(api_key),
+            timeout=timeout,
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def _open(self, call: Call[Any], *, stream: bool = False) -> httpx.Response:
+        """Send ``call``, again after a 429 or 503 as the policy allows; the final answer
+        (an error answer's body read, a streamed one's not)."""
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                body = None if call.body is None else call.body()
+                response = self._http.send(call.request(self._http, body), stream=stream)
+                if response.status_code in call.ok and stream:
+                    return response
+                response.read()
+            except httpx.TransportError as exc:
+                raise ConnectionFailed(self.url, str(exc) or type(exc).__name__) from exc
+            delay = core.retry_delay(self.retry_policy, tries, call, response)
+            if delay is None:
+                if response.status_code not in call.ok:
+                    raise core.error_of(response)
+                return response
+            self._sleep(delay)
+
+    def _send(self, call: Call[T]) -> T:
+        return core.answer(call, self._open(call))
+
+    def _messages(self, call: Call[None]) -> Iterator[core.SseMessage]:
+        response = self._open(call, stream=True)
+        reader = core.SseReader()
+        try:
+            for line in response.iter_lines():
+                message = reader.line(line)
+                if message is not None:
+                    yield message
+        except httpx.TransportError as exc:
+            raise ConnectionFailed(self.url, str(exc) or type(exc).__name__) from exc
+        finally:
+            response.close()
+
+    # -- tasks -------------------------------------------------------------------------------
+
+    def submit(
+        self, task: SubmitTask | str, params: Mapping[str, Any] | None = None, **options: Any
+    ) -> TaskOut:
+        """Submit a task: a :class:`~orchestra.wire.tasks.SubmitTask`, or a template's name with
+        its params and the other fields as keywords (``priority``, ``model``, ``delay``,
+        ``idempotency_key`` …)."""
+        return self._send(core.submit(core.submission(task, params, options)))
+
+    def get_task(self, task_id: int) -> TaskOut:
+        """The task with its steps and attempts."""
+        return self._send(core.get_task(task_id))
+
+    def wait(self, task_id: int, timeout: float | None = None) -> TaskOut:
+        """The task once it is finished (long polls of at most a minute each), or as it is
+        after ``timeout`` seconds (None: wait as long as it takes)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = core.MAX_WAIT if deadline is None else deadline - time.monotonic()
+            task = self._send(core.get_task(task_id, wait=left))
+            if core.finished(task) or left <= 0:
+                return task
+
+    def cancel(self, task_id: int) -> TaskOut:
+        """Cancel a queued or running task (Conflict when it had finished)."""
+        return self._send(core.cancel(task_id))
+
+    def retry(self, task_id: int) -> TaskOut:
+        """Queue a failed or cancelled task again (Conflict for any other status)."""
+        return self._send(core.retry(task_id))
+
+    def list_tasks(
+        self,
+        *,
+        status: TaskStatus | str | None = None,
+        template: str | None = None,
+        page_size: int = 100,
+    ) -> Iterator[TaskSummaryOut]:
+        """Every task (of ``status``, of ``template``), newest first, a page at a time."""
+        cursor: str | None = None
+        while True:
+            page = self._send(core.tasks_page(status, template, page_size, cursor))
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def task_events(self, task_id: int, after: int = 0) -> Iterator[TaskEvent]:
+        """The task's events (after the ``seq`` ``after``) as they happen, ending after
+        ``task.finished``."""
+        for message in self._messages(core.task_events(task_id, after)):
+            yield core.task_event(message)
+
+    def events(
+        self,
+        *,
+        template: str | None = None,
+        types: Iterable[str] | None = None,
+        after: int | None = None,
+    ) -> Iterator[FeedEvent]:
+        """Every task's events (of ``template``, of ``types``) as they happen, without end;
+        from after the event ``id`` ``after`` (0: every event kept; None: the next one)."""
+        for message in self._messages(core.feed(template, types, after)):
+            yield core.feed_event(message)
+
+    # -- templates ---------------------------------------------------------------------------
+
+    def list_templates(self) -> list[TemplateOut]:
+        """Every template offered for new tasks, at its current version."""
+        return self._send(core.list_templates())
+
+    def get_template(self, name: str, version: int | None = None) -> TemplateOut:
+        """A template (its current version, or ``version``)."""
+        return self._send(core.get_template(name, version))
+
+    def template_versions(self, name: str) -> list[TemplateOut]:
+        """Every version of a template, oldest first."""
+        return self._send(core.template_versions(name))
+
+    def validate_template(self, source: str | bytes | Path) -> ValidationOut:
+        """Check YAML (text, or a file) as a template: every problem, with positions."""
+        return self._send(core.validate_template(core.yaml_text(source)))
+
+    def register_template(self, source: str | bytes | Path) -> Registered:
+        """Register YAML (text, or a file) as its template's next version (Unprocessable,
+        with ``problems``, when it is invalid)."""
+        return self._send(core.register_template(core.yaml_text(source)))
+
+    def delete_template(self, name: str) -> None:
+        """Stop offering a registered template for new tasks."""
+        self._send(core.delete_template(name))
+
+    def reload_templates(self) -> list[TemplateOut]:
+        """Make the service read its template folders again."""
+        return self._send(core.reload_templates())
+
+    # -- schedules ---------------------------------------------------------------------------
+
+    def create_schedule(self, spec: ScheduleSpec | None = None, **fields: Any) -> ScheduleOut:
+        """Make a schedule: a :class:`~orchestra.schedules.ScheduleSpec`, or its fields."""
+        return self._send(core.create_schedule(spec or ScheduleSpec(**fields)))
+
+    def list_schedules(self) -> list[ScheduleOut]:
+        """Every schedule, by name."""
+        return self._send(core.list_schedules())
+
+    def get_schedule(self, ref: str | int) -> ScheduleOut:
+        """A schedule (by name or id) with its next and latest ticks."""
+        return self._send(core.get_schedule(ref))
+
+    def update_schedule(self, ref: str | int, **changes: Any) -> ScheduleOut:
+        """Change the fields given (``enabled=False`` pauses; ``cron=None`` clears it)."""
+        return self._send(core.update_schedule(ref, ScheduleChanges(**changes)))
+
+    def delete_schedule(self, ref: str | int) -> None:
+        """Delete a schedule; the tasks it made stay."""
+        self._send(core.delete_schedule(ref))
+
+    # -- webhooks ----------------------------------------------------------------------------
+
+    def create_webhook(
+        self, url: str, event_types: Iterable[str] | None = None, template: str | None = None
+    ) -> WebhookCreated:
+        """Subscribe ``url`` to task events; the answer holds the signing secret, once."""
+        return self._send(core.create_webhook(core.new_webhook(url, event_types, template)))
+
+    def list_webhooks(self) -> list[WebhookOut]:
+        """Every subscription, without secrets."""
+        return self._send(core.list_webhooks())
+
+    def get_webhook(self, webhook_id: int) -> WebhookOut:
+        """One subscription."""
+        return self._send(core.get_webhook(webhook_id))
+
+    def delete_webhook(self, webhook_id: int) -> None:
+        """Delete a subscription and its deliveries."""
+        self._send(core.delete_webhook(webhook_id))
+
+    def webhook_deliveries(self, webhook_id: int, page_size: int = 50) -> Iterator[DeliveryOut]:
+        """A subscription's deliveries, newest first, a page at a time."""
+        cursor: str | None = None
+        while True:
+            page = self._send(core.deliveries_page(webhook_id, page_size, cursor))
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def redeliver(self, webhook_id: int, delivery_id: int) -> None:
+        """Send a delivery again now, with the same id and body."""
+        self._send(core.redeliver(webhook_id, delivery_id))
+
+    def callback_secret(self) -> str:
+        """The secret that signs deliveries to tasks' ``callback_url``."""
+        return self._send(core.callback_secret())
+
+    # -- batches ---------------------------------------------------------------------------
+
+    def create_batch(
+        self,
+        template: str,
+        rows: Path | bytes | Iterable[Mapping[str, Any]],
+        *,
+        data_format: str | None = None,
+        idempotency_key: str | None = None,
+        on_sent: Callable[[int], None] | None = None,
+        **options: Any,
+    ) -> UploadOut:
+        """Run ``template`` over every row: a CSV or JSON-lines file (streamed; its format from
+        its suffix unless ``data_format`` says), that text as bytes, or an iterable of
+        parameter dicts. ``options``: ``template_version``, ``model``, ``priority``,
+        ``max_attempts``, ``timeout``, ``atomic``. The same ``idempotency_key`` again resumes
+        the batch (rows it has are skipped). ``on_sent`` hears the size of each piece of a
+        file as it is sent (a progress bar)."""
+        call = core.create_batch(template, rows, data_format, idempotency_key, options, on_sent)
+        return self._send(call)
+
+    def get_batch(self, batch_id: int) -> ProgressOut:
+        """A batch's progress: its rows by status, the share finished, an ETA."""
+        return self._send(core.get_batch(batch_id))
+
+    def list_batches(self, page_size: int = 100) -> Iterator[BatchOut]:
+        """Every batch, newest first, a page at a time."""
+        cursor: str | None = None
+        while True:
+            page = self._send(core.batches_page(page_size, cursor))
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def cancel_batch(self, batch_id: int) -> ActionOut:
+        """Cancel a batch's queued rows; running ones are asked to stop."""
+        return self._send(core.cancel_batch(batch_id))
+
+    def retry_batch(self, batch_id: int) -> ActionOut:
+        """Queue a batch's failed rows again."""
+        return self._send(core.retry_batch(batch_id))
+
+    def batch_results(self, batch_id: int) -> Iterator[dict[str, Any]]:
+        """Each row's ``row``, ``line``, ``status``, ``result`` and ``error``, in input order,
+        read as they arrive."""
+        response = self._open(core.batch_results(batch_id), stream=True)
+        try:
+            for line in response.iter_lines():
+                row = core.result_row(line)
+                if row is not None:
+                    yield row
+        except httpx.TransportError as exc:
+            raise ConnectionFailed(self.url, str(exc) or type(exc).__name__) from exc
+        finally:
+            response.close()
+
+    def save_batch_results(
+        self, batch_id: int, path: Path, *, data_format: str | None = None
+    ) -> None:
+        """Write a batch's results to ``path``, in input order: CSV for a .csv file (a result
+        object's keys spread over ``result.<key>`` columns), else JSON lines, unless
+        ``data_format`` says. Through ``<path>.part``: a cut download leaves no ``path``."""
+        call = core.batch_results(batch_id, core.results_format(path, data_format))
+        partial = path.with_name(path.name + ".part")
+        response = self._open(call, stream=True)
+        try:
+            with partial.open("wb") as out:
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+        except httpx.TransportError as exc:
+            raise ConnectionFailed(self.url, str(exc) or type(exc).__name__) from exc
+        finally:
+            response.close()
+        partial.replace(path)
+
+    # -- the service -------------------------------------------------------------------------
+
+    def health(self) -> HealthOut:
+        """Whether the service and what it depends on answer."""
+        return self._send(core.health())

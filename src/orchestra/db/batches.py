@@ -1,0 +1,318 @@
+"""Batches over a dataset: the batch itself, its rows, and the reads that follow it.
+
+Each valid row of a batch is a task queued as a submit queues one (the same columns and
+``task.queued`` event as :func:`~orchestra.db.queue.enqueue`), a chunk of rows per
+transaction in one INSERT; ``batch_rows`` maps (batch, row) to its task, or holds why the
+row was refused. Its key (batch_id, row_no) makes a row's task unique: a chunk reads which of
+its rows exist and queues only the others, so an upload sent again (a client resuming) queues
+nothing twice. On PostgreSQL two uploads of the same rows at once may both queue a row; the
+second's insert of that ``batch_rows`` key then fails with a unique violation, and
+:class:`~orchestra.db.postgres_engine.PostgresDatabase` runs the chunk again, which now sees
+the row and skips it (the chunk's tasks go with the rolled-back transaction).
+
+**The batch lane.** A row's task is queued with its batch's priority minus :data:`LANE`, so
+below every single task (whose priorities are -1000 to 1000): the claim, one statement over
+the queue index ordered by priority, takes a waiting interactive task before any batch row,
+however many rows wait, at the cost it always has. Batches order among themselves by their
+own priority. A worker pool keeps a slot that rows may not take (the reserve,
+:mod:`orchestra.capacity`, telling rows by :func:`~orchestra.domain.in_batch_lane`), so a
+single task submitted while rows fill the other slots starts at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+from sqlalchemy import Connection, and_, func, select, update
+
+from orchestra.db import events, notices
+from orchestra.db.engine import Database
+from orchestra.db.prepared import insert_for
+from orchestra.db.rows import dump
+from orchestra.db.tables import batch_rows, batches, tasks
+from orchestra.domain import PRIORITY_MAX, PRIORITY_MIN, NewTask, TaskStatus, iso
+from orchestra.event_types import TaskQueued
+
+#: How far below its batch's priority a row's task is queued: below every single task's
+#: (PRIORITY_MIN to PRIORITY_MAX), so ``in_batch_lane`` is true of every row's task.
+LANE = PRIORITY_MAX - PRIORITY_MIN + 1
+
+
+class RowTask(msgspec.Struct, frozen=True):
+    """A valid row: its place in the input and the task it becomes."""
+
+    row: int
+    line: int
+    task: NewTask
+
+
+class RowRefused(msgspec.Struct, frozen=True):
+    """A refused row: its place in the input and why (JSON, stored as it is)."""
+
+    row: int
+    line: int
+    error: str
+
+
+class ResultRow(msgspec.Struct, frozen=True):
+    """One row as the results show it: its task's status, result and error (JSON text), or
+    its refusal (``refused``, JSON text) when it has no task."""
+
+    row: int
+    line: int
+    status: str | None
+    result: str | None
+    error: str | None
+    refused: str | None
+
+
+class Tally(msgspec.Struct, frozen=True):
+    """A batch's tasks by status, and the first start and last end among them."""
+
+    counts: dict[str, int]
+    first_started: str | None
+    last_finished: str | None
+
+
+# -- writes (transaction bodies) -------------------------------------------------------------
+
+
+def create(conn: Connection, values: dict[str, Any]) -> dict[str, Any] | None:
+    """Insert a batch (its ``status`` is ``loading``); None when its idempotency key was used
+    already in its scope (the caller reads that batch with :func:`by_key`)."""
+    row = (
+        conn.execute(
+            insert_for(conn)(batches)
+            .values(values)
+            .on_conflict_do_nothing(index_elements=["idempotency_scope", "idempotency_key"])
+            .returning(*batches.c)
+        )
+        .mappings()
+        .first()
+    )
+    return None if row is None else dict(row)
+
+
+def by_key(conn: Connection, scope: str, key: str) -> dict[str, Any] | None:
+    """The batch an idempotency key made in its scope, or None."""
+    row = (
+        conn.execute(
+            select(batches).where(
+                batches.c.idempotency_scope == scope, batches.c.idempotency_key == key
+            )
+        )
+        .mappings()
+        .first()
+    )
+    return None if row is None else dict(row)
+
+
+def add_rows(
+    conn: Connection,
+    batch_id: int,
+    valid: Sequence[RowTask],
+    refused: Sequence[RowRefused],
+    at: str,
+) -> list[int]:
+    """Queue the tasks of a chunk of rows, and record the refused ones; rows the batch has
+    already are skipped. Returns the ids of the tasks queued."""
+    numbers = [r.row for r in valid] + [r.row for r in refused]
+    if not numbers:
+        return []
+    present = set(
+        conn.execute(
+            select(batch_rows.c.row_no).where(
+                batch_rows.c.batch_id == batch_id,
+                batch_rows.c.row_no.between(min(numbers), max(numbers)),
+            )
+        ).scalars()
+    )
+    fresh = [item for item in valid if item.row not in present]
+    queued: list[int] = []
+    if fresh:
+        inserted = _insert_tasks(conn, [_task_row(item.task, at) for item in fresh])
+        queued = [task_id for task_id, _ in inserted]
+        events.append_many(conn, [(i, TaskQueued(run_at=run_at)) for i, run_at in inserted], at)
+        notices.queued(conn)
+    entries: list[dict[str, Any]] = [
+        {"batch_id": batch_id, "row_no": item.row, "line_no": item.line, "task_id": task_id}
+        for item, task_id in zip(fresh, queued, strict=True)
+    ]
+    entries += [
+        {
+            "batch_id": batch_id,
+            "row_no": r.row,
+            "line_no": r.line,
+            "task_id": None,
+            "error": r.error,
+        }
+        for r in refused
+        if r.row not in present
+    ]
+    if entries:
+        for entry in entries:
+            entry.setdefault("error", None)
+        conn.execute(batch_rows.insert(), entries)
+    return queued
+
+
+#: The columns a row's task is written with (a submit's: :data:`~orchestra.db.queue`).
+_TASK_COLUMNS = (*NewTask.__struct_fields__, "status", "created_at")
+
+
+def _insert_tasks(conn: Connection, rows: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """Insert a chunk's tasks in one multi-row INSERT on the transaction's DB-API connection
+    (built by SQLAlchemy, its per-value compiling cost ten times SQLite's work); returns
+    (id, run_at) of each, in the rows' order: both engines number one INSERT's rows in the
+    order of its VALUES, so the ids sorted are the rows'."""
+    mark = "?" if conn.dialect.name == "sqlite" else "%s"
+    one = "(" + ", ".join([mark] * len(_TASK_COLUMNS)) + ")"
+    sql = (
+        f"INSERT INTO tasks ({', '.join(_TASK_COLUMNS)}) VALUES "
+        f"{', '.join([one] * len(rows))} RETURNING id, run_at"
+    )
+    values = [row[name] for row in rows for name in _TASK_COLUMNS]
+    cursor = conn.connection.driver_connection.execute(sql, values)  # type: ignore[union-attr]
+    return sorted((int(i), str(run_at)) for i, run_at in cursor.fetchall())
+
+
+def _task_row(new: NewTask, at: str) -> dict[str, Any]:
+    """The ``tasks`` row of a batch row's task, queued at ``at`` (as :func:`queue.enqueue`
+    writes a submit's; flags, stored as integers, as 0 or 1)."""
+    fields = {
+        k: int(v) if isinstance(v, bool) else v for k, v in msgspec.structs.asdict(new).items()
+    }
+    return {
+        **fields,
+        "params": dump(new.params),
+        "run_at": iso(new.run_at) if new.run_at else at,
+        "status": TaskStatus.QUEUED.value,
+        "created_at": at,
+    }
+
+
+def mark_loaded(conn: Connection, batch_id: int, at: str) -> dict[str, Any]:
+    """The upload ended: count the batch's rows and refused rows, and mark it ``loaded``.
+    Returns the batch."""
+    total, invalid = conn.execute(
+        select(
+            func.count(),
+            func.count(batch_rows.c.error),
+        ).where(batch_rows.c.batch_id == batch_id)
+    ).one()
+    row = (
+        conn.execute(
+            update(batches)
+            .where(batches.c.id == batch_id)
+            .values(
+                status="loaded",
+                row_count=total,
+                invalid_count=invalid,
+                loaded_at=func.coalesce(batches.c.loaded_at, at),
+            )
+            .returning(*batches.c)
+        )
+        .mappings()
+        .one()
+    )
+    return dict(row)
+
+
+def mark_cancelled(conn: Connection, batch_id: int, at: str) -> None:
+    """Record when the batch was first cancelled."""
+    conn.execute(
+        update(batches)
+        .where(batches.c.id == batch_id, batches.c.cancelled_at.is_(None))
+        .values(cancelled_at=at)
+    )
+
+
+# -- reads ------------------------------------------------------------------------------------
+
+
+class BatchStore:
+    """Batches in the database: the writes above run on the writer, the reads here."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def get(self, batch_id: int) -> dict[str, Any] | None:
+        """One batch's row, or None."""
+        async with self.db.read() as conn:
+            row = (await conn.execute(select(batches).where(batches.c.id == batch_id))).first()
+        return None if row is None else dict(row._mapping)
+
+    async def page(self, limit: int, before: int | None) -> list[dict[str, Any]]:
+        """Batches newest first, ``limit`` of them, with ids below ``before``."""
+        query = select(batches).order_by(batches.c.id.desc()).limit(limit)
+        if before is not None:
+            query = query.where(batches.c.id < before)
+        async with self.db.read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [dict(r._mapping) for r in rows]
+
+    async def tally(self, batch_id: int) -> Tally:
+        """The batch's tasks counted by status, with the first start and the last end."""
+        query = (
+            select(
+                tasks.c.status,
+                func.count(),
+                func.min(tasks.c.started_at),
+                func.max(tasks.c.finished_at),
+            )
+            .select_from(batch_rows.join(tasks, tasks.c.id == batch_rows.c.task_id))
+            .where(batch_rows.c.batch_id == batch_id)
+            .group_by(tasks.c.status)
+        )
+        async with self.db.read() as conn:
+            rows = (await conn.execute(query)).all()
+        started = [r[2] for r in rows if r[2] is not None]
+        finished = [r[3] for r in rows if r[3] is not None]
+        return Tally(
+            counts={r[0]: int(r[1]) for r in rows},
+            first_started=min(started) if started else None,
+            last_finished=max(finished) if finished else None,
+        )
+
+    async def results_after(self, batch_id: int, after: int, limit: int) -> list[ResultRow]:
+        """Up to ``limit`` rows after row ``after``, in row order, with their tasks' outcome."""
+        query = (
+            select(
+                batch_rows.c.row_no,
+                batch_rows.c.line_no,
+                tasks.c.status,
+                tasks.c.result,
+                tasks.c.error,
+                batch_rows.c.error,
+            )
+            .select_from(batch_rows.outerjoin(tasks, tasks.c.id == batch_rows.c.task_id))
+            .where(batch_rows.c.batch_id == batch_id, batch_rows.c.row_no > after)
+            .order_by(batch_rows.c.row_no)
+            .limit(limit)
+        )
+        async with self.db.read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [ResultRow(*r) for r in rows]
+
+    async def task_ids_after(
+        self, batch_id: int, statuses: Sequence[str], after: int, limit: int
+    ) -> list[tuple[int, int]]:
+        """Up to ``limit`` (row, task id) pairs after row ``after`` whose task is in one of
+        ``statuses``, in row order."""
+        query = (
+            select(batch_rows.c.row_no, batch_rows.c.task_id)
+            .select_from(
+                batch_rows.join(
+                    tasks,
+                    and_(tasks.c.id == batch_rows.c.task_id, tasks.c.status.in_(list(statuses))),
+                )
+            )
+            .where(batch_rows.c.batch_id == batch_id, batch_rows.c.row_no > after)
+            .order_by(batch_rows.c.row_no)
+            .limit(limit)
+        )
+        async with self.db.read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [(int(r[0]), int(r[1])) for r in rows]

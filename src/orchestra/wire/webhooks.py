@@ -1,0 +1,108 @@
+"""The answers of ``/api/v1/webhooks``: subscriptions, their deliveries, the callback
+secret. (A subscription's request body, :class:`~orchestra.webhooks.NewWebhook`, lives with
+the service.)"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+if TYPE_CHECKING:  # the service's types, for the constructors only
+    from orchestra.webhooks import Delivery, Webhook
+
+
+class WebhookOut(msgspec.Struct, frozen=True):
+    """A subscription as clients see it (its secret is shown only when it is made)."""
+
+    id: int
+    url: str
+    event_types: list[str]
+    template: str | None
+    enabled: bool
+    created_at: str
+
+    @classmethod
+    def of(cls, hook: Webhook) -> WebhookOut:
+        """From a domain webhook."""
+        return cls(
+            hook.id, hook.url, hook.event_types, hook.template, hook.enabled, hook.created_at
+        )
+
+
+class WebhookCreated(msgspec.Struct, frozen=True):
+    """A new subscription, with its signing secret: shown this once, never again."""
+
+    id: int
+    url: str
+    event_types: list[str]
+    template: str | None
+    enabled: bool
+    created_at: str
+    #: The Standard Webhooks secret ("whsec_…") to verify deliveries with.
+    secret: str
+
+
+class WebhookList(msgspec.Struct, frozen=True):
+    """Every subscription, oldest first."""
+
+    items: list[WebhookOut]
+
+
+class AttemptOut(msgspec.Struct, frozen=True):
+    """One try at a delivery."""
+
+    attempt: int
+    time: str
+    status_code: int | None
+    latency_ms: float | None
+    #: The first 1 KB of the answer's body.
+    response: str | None
+    error: str | None
+
+
+class DeliveryOut(msgspec.Struct, frozen=True):
+    """One event sent (or to be sent) to a subscription, and every attempt at it."""
+
+    id: int
+    #: The ``webhook-id`` header it is sent with: the same on every attempt and redelivery.
+    message_id: str
+    type: str
+    task_id: int | None
+    event_seq: int | None
+    status: str
+    attempts: list[AttemptOut]
+    next_attempt_at: str | None
+    created_at: str
+    finished_at: str | None
+    payload: Any
+
+    @classmethod
+    def of(cls, d: Delivery) -> DeliveryOut:
+        """From a domain delivery."""
+        return cls(
+            id=d.id,
+            message_id=f"msg_orchestra_{d.id}",
+            type=d.type,
+            task_id=d.task_id,
+            event_seq=d.event_seq,
+            status=d.status.value,
+            attempts=[AttemptOut(**msgspec.structs.asdict(a)) for a in d.history],
+            next_attempt_at=d.next_attempt_at,
+            created_at=d.created_at,
+            finished_at=d.finished_at,
+            payload=d.payload,
+        )
+
+
+class DeliveryList(msgspec.Struct, frozen=True):
+    """A page of deliveries, newest first; ``next_cursor`` continues it."""
+
+    items: list[DeliveryOut]
+    next_cursor: str | None
+
+
+class CallbackSecretOut(msgspec.Struct, frozen=True):
+    """The secret that signs every task's callback_url deliveries."""
+
+    secret: str

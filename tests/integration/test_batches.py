@@ -1,0 +1,334 @@
+"""Batches over a dataset, against a real service on loopback and the fake model server: CSV
+and JSON-lines uploads, refused rows with their line numbers, atomic batches, results in input
+order, cancel, retry of failed rows, idempotent resubmission, the batch lane below single
+tasks, and flat memory over a large upload."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from orchestra.config import Settings, TemplateSettings
+from orchestra.db import Database, TaskStore
+from tests.conftest import Service, StartService, sql_rows
+from tests.fixtures.fake_ollama import FakeOllama
+from tests.fixtures.servers import wait_until
+
+ROWJOB = """\
+name: rowjob
+model: llama3.2
+parameters:
+  text: {type: string, required: true, max_length: 2000}
+  n: {type: integer, default: 1, minimum: 0}
+steps:
+  - id: answer
+    prompt: "{{ params.text }}|{{ params.n }}"
+    format:
+      type: object
+      properties: {echo: {type: string}, n: {type: integer}}
+      required: [echo, n]
+output: "{{ steps.answer.output }}"
+"""
+
+
+def json_reply(request: dict[str, Any]) -> str:
+    """The prompt back as a JSON object; a prompt starting with FAIL gets no JSON at all."""
+    prompt = request["messages"][-1]["content"]
+    text, _, n = prompt.rpartition("|")
+    if text.startswith("FAIL"):
+        return "no json here"
+    return json.dumps({"echo": text, "n": int(n)})
+
+
+@pytest.fixture
+def batch_settings(settings: Settings, tmp_path: Path, fake_ollama: FakeOllama) -> Settings:
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    (folder / "rowjob.yaml").write_text(ROWJOB)
+    fake_ollama.reply = json_reply
+    return msgspec.structs.replace(settings, templates=TemplateSettings(dirs=[str(folder)]))
+
+
+def no_workers(settings: Settings) -> Settings:
+    return msgspec.structs.replace(
+        settings, server=msgspec.structs.replace(settings.server, workers=False)
+    )
+
+
+@pytest.fixture
+async def svc(batch_settings: Settings, start_service: StartService) -> AsyncIterator[Service]:
+    async with start_service(batch_settings) as service:
+        yield service
+
+
+@pytest.fixture
+async def idle(batch_settings: Settings, start_service: StartService) -> AsyncIterator[Service]:
+    """A service whose workers do not run: rows stay queued."""
+    async with start_service(no_workers(batch_settings)) as service:
+        yield service
+
+
+async def upload(
+    svc: Service, body: bytes | Any, fmt: str = "csv", expect: int = 201, **query: Any
+) -> dict[str, Any]:
+    params = {"template": "rowjob", "format": fmt, "max_attempts": 1, **query}
+    headers = {}
+    if "key" in params:
+        headers["Idempotency-Key"] = params.pop("key")
+    response = await svc.client.post(
+        "/api/v1/batches", params=params, content=body, headers=headers
+    )
+    assert response.status_code == expect, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+async def finished(svc: Service, batch_id: int, timeout: float = 30.0) -> dict[str, Any]:
+    """The batch's progress once no row is queued or running."""
+    seen: dict[str, Any] = {}
+
+    async def done() -> bool:
+        response = await svc.client.get(f"/api/v1/batches/{batch_id}")
+        seen.update(response.json())
+        counts = seen["counts"]
+        return bool(counts.get("queued", 0) + counts.get("running", 0) == 0)
+
+    await wait_until(done, timeout=timeout, interval=0.05)
+    return seen
+
+
+async def results(svc: Service, batch_id: int, fmt: str = "jsonl") -> str:
+    response = await svc.client.get(f"/api/v1/batches/{batch_id}/results", params={"format": fmt})
+    assert response.status_code == 200, response.text
+    return response.text
+
+
+async def test_a_csv_batch_runs_every_good_row_and_reports_a_bad_one_with_its_line(
+    svc: Service,
+) -> None:
+    body = b'text,n\nalpha,1\n"multi\nline",2\nbeta,not-a-number\ngamma,\ndelta,4\n'
+    answer = await upload(svc, body)
+    assert answer["read"] == 5 and answer["refused"] == 1
+    (problem,) = answer["problems"]
+    # Row 3 starts on line 5: the header is line 1 and row 2 spans lines 3 and 4.
+    assert (problem["row"], problem["line"]) == (3, 5)
+    assert problem["fields"][0]["field"] == "params.n"
+    batch_id = answer["batch"]["id"]
+    progress = await finished(svc, batch_id)
+    assert progress["counts"]["succeeded"] == 4 and progress["counts"]["invalid"] == 1
+    assert progress["progress"] == 1.0 and progress["eta_seconds"] == 0.0
+
+    lines = [json.loads(line) for line in (await results(svc, batch_id)).splitlines()]
+    assert [r["row"] for r in lines] == [1, 2, 3, 4, 5]
+    assert [r["status"] for r in lines] == ["succeeded"] * 2 + ["invalid"] + ["succeeded"] * 2
+    assert lines[1]["result"] == {"echo": "multi\nline", "n": 2}
+    assert lines[3]["result"] == {"echo": "gamma", "n": 1}  # an empty cell: the default
+    assert lines[2]["error"]["fields"][0]["field"] == "params.n"
+
+    table = list(csv.DictReader(io.StringIO(await results(svc, batch_id, "csv"))))
+    assert [r["row"] for r in table] == ["1", "2", "3", "4", "5"]
+    assert table[0]["result.echo"] == "alpha" and table[0]["result.n"] == "1"
+    assert table[2]["status"] == "invalid" and table[2]["result.echo"] == ""
+
+
+async def test_a_jsonl_batch_counts_lines_past_blank_ones_and_keeps_input_order(
+    svc: Service,
+) -> None:
+    rows = [json.dumps({"text": f"row {i}", "n": i}) for i in range(1, 31)]
+    rows.insert(3, "")  # a blank line: no row, but a line
+    rows.insert(10, "[1, 2]")  # not an object
+    answer = await upload(svc, ("\n".join(rows) + "\n").encode(), fmt="jsonl")
+    assert answer["refused"] == 1
+    assert (answer["problems"][0]["row"], answer["problems"][0]["line"]) == (10, 11)
+    batch_id = answer["batch"]["id"]
+    await finished(svc, batch_id)
+    lines = [json.loads(line) for line in (await results(svc, batch_id)).splitlines()]
+    assert [r["row"] for r in lines] == list(range(1, 32))
+    good = [r["result"]["n"] for r in lines if r["status"] == "succeeded"]
+    assert good == list(range(1, 31))
+
+
+async def test_an_atomic_batch_with_one_bad_row_queues_nothing(svc: Service, db_url: str) -> None:
+    body = b"text,n\nok,1\nbad,-5\nok too,2\n"
+    response = await svc.client.post(
+        "/api/v1/batches",
+        params={"template": "rowjob", "atomic": "true"},
+        content=body,
+        headers={"Content-Type": "text/csv"},
+    )
+    assert response.status_code == 422, response.text
+    fields = response.json()["fields"]
+    assert fields[0]["field"] == "row 2 (line 3): params.n"
+    assert sql_rows(db_url, "SELECT count(*) FROM tasks") == [(0,)]
+    assert sql_rows(db_url, "SELECT count(*) FROM batches") == [(0,)]
+    # All good: all queued.
+    good = await upload(svc, b"text\na\nb\n", atomic="true")
+    assert good["batch"]["rows"] == 2 and good["batch"]["atomic"] is True
+    await finished(svc, good["batch"]["id"])
+
+
+async def test_sending_a_batch_again_with_its_key_resumes_it_without_repeating_a_row(
+    idle: Service, db_url: str
+) -> None:
+    full = b"text\n" + b"".join(b"row %d\n" % i for i in range(1, 1201))
+    half = full[: full.index(b"row 700\n")]
+    first = await upload(idle, half, key="data-v1")
+    assert first["batch"]["rows"] == 699
+    again = await upload(idle, full, expect=200, key="data-v1")
+    assert again["batch"]["id"] == first["batch"]["id"] and again["batch"]["rows"] == 1200
+    assert sql_rows(db_url, "SELECT count(*) FROM tasks") == [(1200,)]
+    await upload(idle, full, expect=200, key="data-v1")
+    assert sql_rows(db_url, "SELECT count(*) FROM tasks") == [(1200,)]
+    # The same key with other options is a conflict.
+    await upload(idle, full, expect=409, key="data-v1", priority=5)
+
+
+async def test_cancel_stops_every_queued_row(idle: Service) -> None:
+    answer = await upload(idle, b"text\n" + b"x\n" * 40)
+    batch_id = answer["batch"]["id"]
+    response = await idle.client.post(f"/api/v1/batches/{batch_id}/cancel")
+    assert response.status_code == 200, response.text
+    assert response.json()["changed"] == 40
+    progress = (await idle.client.get(f"/api/v1/batches/{batch_id}")).json()
+    assert progress["counts"]["cancelled"] == 40 and progress["batch"]["cancelled_at"]
+
+
+async def test_retry_queues_the_failed_rows_again(svc: Service, fake_ollama: FakeOllama) -> None:
+    answer = await upload(svc, b"text\nfine\nFAIL one\nalso fine\nFAIL two\n")
+    batch_id = answer["batch"]["id"]
+    progress = await finished(svc, batch_id)
+    assert progress["counts"] == {"succeeded": 2, "failed": 2, "invalid": 0, "deleted": 0}
+    fake_ollama.reply = lambda request: json.dumps({"echo": "fixed", "n": 0})
+    response = await svc.client.post(f"/api/v1/batches/{batch_id}/retry")
+    assert response.json()["changed"] == 2
+    progress = await finished(svc, batch_id)
+    assert progress["counts"]["succeeded"] == 4
+    lines = [json.loads(line) for line in (await results(svc, batch_id)).splitlines()]
+    assert [r["result"]["echo"] for r in lines] == ["fine", "fixed", "also fine", "fixed"]
+
+
+async def test_a_single_task_is_claimed_before_every_waiting_batch_row(
+    idle: Service, db_url: str
+) -> None:
+    answer = await upload(idle, b"text\n" + b"row\n" * 50, priority=1000)
+    single = await idle.submit("rowjob", text="interactive")  # priority 0, queued last
+    database = Database(db_url)
+    try:
+        (claimed,) = await TaskStore(database).claim("probe", 1, 30)
+    finally:
+        await database.close()
+    assert claimed.id == single["id"]
+    assert answer["batch"]["priority"] == 1000
+    assert sql_rows(
+        db_url, "SELECT min(priority), max(priority) FROM tasks WHERE id <> ?", (single["id"],)
+    ) == [(-1001, -1001)]
+
+
+async def test_bad_uploads_get_a_4xx_naming_the_field(idle: Service) -> None:
+    response = await idle.client.post(
+        "/api/v1/batches", params={"template": "rowjob"}, content=b"text\nx\n"
+    )
+    assert response.status_code == 400 and response.json()["fields"][0]["field"] == "format"
+    response = await idle.client.post(
+        "/api/v1/batches", params={"template": "nope", "format": "csv"}, content=b"text\nx\n"
+    )
+    assert response.status_code == 404
+    response = await idle.client.post(
+        "/api/v1/batches", params={"template": "rowjob", "format": "jsonl"}, content=b"\xff\xfe\n"
+    )
+    assert response.status_code == 400 and response.json()["fields"][0]["field"] == "body"
+    assert (await idle.client.get("/api/v1/batches/987654")).status_code == 404
+    listing = (await idle.client.get("/api/v1/batches")).json()
+    assert listing == {"items": [], "next_cursor": None}
+
+
+def rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def test_a_large_upload_stays_in_bounded_memory(idle: Service, db_url: str) -> None:
+    """20,000 rows of 1 KB (20 MB): the service (in this process) reads them as a stream; a
+    body held whole, or its rows parsed at once, would add several times that."""
+    rows, filler = 20_000, "x" * 1000
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"text,n\n"
+        for start in range(0, rows, 500):
+            yield b"".join(
+                b"%s %d,%d\n" % (filler.encode(), i, i) for i in range(start, start + 500)
+            )
+            await asyncio.sleep(0)
+
+    await upload(idle, b"text\nwarm up\n")  # first-use allocations out of the figure
+    base = peak = rss_kib()
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss_kib())
+            await asyncio.sleep(0.02)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        answer = await upload(idle, body())
+    finally:
+        done.set()
+        await sampler
+    assert answer["batch"]["rows"] == rows and answer["refused"] == 0
+    growth_mib = (peak - base) / 1024
+    print(f"RSS growth over a {rows}-row upload: {growth_mib:.1f} MiB")
+    assert growth_mib < 20, f"RSS grew {growth_mib:.1f} MiB"
+    assert sql_rows(db_url, "SELECT count(*) FROM batch_rows") == [(rows + 1,)]
+
+
+async def run_cli(*args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "orchestra",
+        "batch",
+        "run",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
+    return proc.returncode or 0, output.decode()
+
+
+async def test_the_cli_runs_a_file_and_a_second_run_reuses_its_batch(
+    svc: Service, tmp_path: Path, db_url: str
+) -> None:
+    data = tmp_path / "data.csv"
+    data.write_text("text,n\n" + "".join(f"line {i},{i}\n" for i in range(1, 41)) + "bad,-1\n")
+    out = tmp_path / "results.jsonl"
+    code, output = await run_cli("rowjob", str(data), "-o", str(out), "--url", svc.url)
+    assert code == 0, output
+    assert "row 41 (line 42) refused" in output
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["row"] for r in lines] == list(range(1, 42))
+    assert lines[0]["result"] == {"echo": "line 1", "n": 1} and lines[-1]["status"] == "invalid"
+    assert not (tmp_path / "results.jsonl.batch").exists()
+    # Again: the same file and options reach the same batch; nothing is queued twice.
+    code, output = await run_cli(
+        "rowjob", str(data), "-o", str(tmp_path / "r.csv"), "--url", svc.url
+    )
+    assert code == 0, output
+    assert sql_rows(db_url, "SELECT count(*), count(DISTINCT batch_id) FROM batch_rows") == [
+        (41, 1)
+    ]
+    table = list(csv.DictReader((tmp_path / "r.csv").open()))
+    assert table[1]["result.echo"] == "line 2"
