@@ -343,3 +343,50 @@ async def test_a_batch_claim_numbers_each_tasks_events_on_its_own(store: TaskSto
         events = await store.events_after(task_id, 0)
         assert [(e.seq, e.type) for e in events] == [(1, "task.queued"), (2, "task.started")]
         assert events[1].data == {"attempt": 1, "worker": "w"}
+
+
+async def test_the_claim_reads_the_queue_index_in_order_however_many_are_queued(
+    db: Database, db_url: str
+) -> None:
+    """The claim walks the partial queue index and stops at its limit: it never sorts the
+    queued tasks. With the status as a bound value, SQLite took the status index and sorted
+    every queued task (40 ms a claim with 100,000 queued), and PostgreSQL's generic plan
+    could not use the partial index either."""
+    from orchestra.db.attempts import CLAIM
+
+    if db_url.startswith("postgresql"):
+        import psycopg
+
+        from orchestra.db.postgres_engine import conninfo
+
+        params = {
+            "c_now": "2100-01-01T00:00:00Z",
+            "c_floor": -(2**31),
+            "c_limit": 3,
+            "c_owner": "w",
+            "c_expires": "2100-01-01T00:00:00Z",
+            "status": "running",
+            "attempts_1": 1,
+            "finished_at": None,
+            "status_1": "queued",
+        }
+        with psycopg.connect(conninfo(db_url)) as pg:
+            pg.execute("SET plan_cache_mode = force_generic_plan")
+            pg.execute("SET enable_seqscan = off")
+            found = pg.execute("EXPLAIN " + CLAIM.sql("postgresql"), params).fetchall()
+        plan = "\n".join(str(r[0]) for r in found)
+        assert "ix_tasks_queue" in plan and "Sort" not in plan, plan
+        return
+    import sqlite3
+
+    with sqlite3.connect(db_url.split("///", 1)[1]) as conn:
+        conn.executemany(
+            "INSERT INTO tasks (template, template_version, status, params, priority, attempts,"
+            " handed_back, run_at, idempotency_scope, created_at) VALUES"
+            " (?, 1, 'queued', '{}', 0, 0, 0, '2026-01-01', '', '2026-01-01')",
+            [(f"t{i}",) for i in range(3000)],
+        )
+        sql = CLAIM.sql("sqlite")
+        found = conn.execute("EXPLAIN QUERY PLAN " + sql, [None] * sql.count("?")).fetchall()
+    plan = " | ".join(str(r[-1]) for r in found)
+    assert "ix_tasks_queue" in plan and "TEMP B-TREE" not in plan, plan

@@ -26,6 +26,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
     update,
 )
 
@@ -103,6 +104,24 @@ def renew(conn: Connection, owner: str, ids: Collection[int], expires: str) -> R
 ANY_PRIORITY = -(2**31)
 
 
+#: The claim's status condition as a literal, the words of the queue index's own WHERE
+#: (``ix_tasks_queue … WHERE status = 'queued'``): with a bound value, which could be any
+#: status, neither engine may use that partial index (SQLite never, PostgreSQL not in a
+#: generic plan), and the claim sorted every queued task: 40 ms a claim with 100,000 queued.
+QUEUED = text("tasks.status = 'queued'")
+assert guards.CLAIM.sources == {TaskStatus.QUEUED}
+
+#: SQLite's planner, without statistics, takes the status index for ``status = 'queued'``
+#: (it guesses that an equality picks a few rows) and sorts what it finds, so the claim names
+#: its index (``INDEXED BY``; SQLAlchemy renders no table hints for SQLite). The claim of a
+#: pool with models at their limit (``skip_models``, a NOT IN list) is left to the planner.
+_SQLITE_DUE = (
+    "SELECT tasks.id FROM tasks INDEXED BY ix_tasks_queue "
+    "WHERE tasks.status = 'queued' AND tasks.run_at <= :c_now AND tasks.priority >= :c_floor "
+    "ORDER BY tasks.priority DESC, tasks.run_at, tasks.id LIMIT :c_limit"
+)
+
+
 def claim_statement(skip_models: tuple[str, ...] = (), engine: str = "sqlite") -> Any:
     """The claim: one UPDATE … RETURNING over the best due tasks.
 
@@ -119,7 +138,7 @@ def claim_statement(skip_models: tuple[str, ...] = (), engine: str = "sqlite") -
     due = (
         select(tasks.c.id)
         .where(
-            guards.CLAIM.guard,
+            QUEUED,
             tasks.c.run_at <= bindparam("c_now"),
             tasks.c.priority >= bindparam("c_floor", type_=Integer),
         )
@@ -132,8 +151,10 @@ def claim_statement(skip_models: tuple[str, ...] = (), engine: str = "sqlite") -
     if engine == "postgresql":
         picked = due.with_for_update(skip_locked=True).cte("due")
         chosen: ColumnElement[bool] = tasks.c.id == picked.c.id
-    else:
+    elif skip_models:
         chosen = tasks.c.id.in_(due)
+    else:
+        chosen = tasks.c.id.in_(text(_SQLITE_DUE).columns(tasks.c.id))
     return (
         update(tasks)
         .where(chosen, guards.CLAIM.guard)
