@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import datetime
 from typing import Any, Literal
@@ -43,6 +44,8 @@ from orchestra.wire.batches import RowProblem as RowProblem
 
 #: Rows per transaction.
 CHUNK = 500
+#: How long the rows' check holds the event loop before it lets others run.
+TURN_SECONDS = 0.002
 #: Most rows one batch may have.
 MAX_ROWS = 1_000_000
 #: Refused rows an upload's answer lists (all of them are in the results).
@@ -52,6 +55,8 @@ MAX_RESULT_COLUMNS = 200
 
 Format = Literal["jsonl", "csv"]
 _TERMINAL = (TaskStatus.SUCCEEDED.value, TaskStatus.FAILED.value, TaskStatus.CANCELLED.value)
+#: The statuses of the rows a retry may queue again.
+RETRYABLE = (TaskStatus.FAILED.value, TaskStatus.CANCELLED.value)
 _encode = msgspec.json.Encoder(order="sorted").encode
 log = logs.get("orchestra.batches")
 
@@ -233,8 +238,16 @@ class BatchService:
     async def _checked(
         self, opts: BatchOptions, template: Template, rows: AsyncIterator[InputRow]
     ) -> AsyncIterator[RowTask | RowProblem]:
-        """Each row checked as a submit is: a task to queue, or why not."""
+        """Each row checked as a submit is: a task to queue, or why not.
+
+        Checking is CPU work on the event loop, and a body arrives faster than it is checked:
+        every :data:`TURN_SECONDS` the check steps aside for one turn of the loop, so that a
+        single task submitted meanwhile is not kept waiting behind a chunk of rows."""
+        turn = time.perf_counter()
         async for row in rows:
+            if time.perf_counter() - turn > TURN_SECONDS:
+                await asyncio.sleep(0)
+                turn = time.perf_counter()
             if row.row > MAX_ROWS:
                 raise PayloadTooLarge(f"a batch has at most {MAX_ROWS} rows")
             if row.params is None:
@@ -362,26 +375,13 @@ class BatchService:
     async def progress(self, batch_id: int) -> Progress:
         """A batch's rows by status, the share finished and an ETA at the finishing rate."""
         batch = await self.get(batch_id)
-        tally = await self.store.tally(batch_id)
-        counts = dict(tally.counts)
-        tasks = sum(counts.values())
-        counts["invalid"] = batch.invalid
-        counts["deleted"] = max(0, batch.rows - batch.invalid - tasks)
-        finished = sum(counts.get(s, 0) for s in _TERMINAL)
-        wanted = max(1, batch.rows - batch.invalid)
-        left = counts.get("queued", 0) + counts.get("running", 0)
-        eta = None
-        if finished and tally.first_started and tally.last_finished:
-            span = _seconds(tally.first_started, tally.last_finished)
-            if span > 0:
-                eta = round(left / (finished / span), 3)
-        if not left:
-            eta = 0.0 if batch.status == "loaded" else eta
-        return Progress(batch, counts, finished, round(finished / wanted, 6), eta)
+        return _progress(batch, await self.store.tally(batch_id))
 
-    async def page(self, limit: int = 50, before: int | None = None) -> list[Batch]:
-        """Batches, newest first."""
-        return [Batch.of(r) for r in await self.store.page(limit, before)]
+    async def page(self, limit: int = 50, before: int | None = None) -> list[Progress]:
+        """Batches newest first, each with its progress (one grouped read for the page)."""
+        batches = [Batch.of(r) for r in await self.store.page(limit, before)]
+        tallies = await self.store.tallies([b.id for b in batches])
+        return [_progress(b, tallies[b.id]) for b in batches]
 
     async def cancel(self, batch_id: int) -> BulkOutcome:
         """Cancel every queued or running row of the batch (running ones are asked to stop)."""
@@ -390,12 +390,23 @@ class BatchService:
         active = (TaskStatus.QUEUED.value, TaskStatus.RUNNING.value)
         return await self._walk(batch_id, active, self.bulk.cancel_tasks, "cancel")
 
-    async def retry(self, batch_id: int) -> BulkOutcome:
-        """Queue the batch's failed rows again."""
+    async def retry(
+        self, batch_id: int, statuses: Iterable[str] = (TaskStatus.FAILED.value,)
+    ) -> BulkOutcome:
+        """Queue the batch's rows in ``statuses`` again: failed ones (the default), cancelled
+        ones (to resume a cancelled batch), or both.
+
+        Raises:
+            BatchNotFound: no batch has this id.
+            InvalidRequest: a status other than failed or cancelled.
+        """
+        wanted = tuple(sorted({str(s) for s in statuses}))
+        wrong = [s for s in wanted if s not in RETRYABLE]
+        if wrong or not wanted:
+            problem = "each must be failed or cancelled"
+            raise InvalidRequest(f"statuses: {problem}", [FieldProblem("statuses", problem)])
         await self.get(batch_id)
-        return await self._walk(
-            batch_id, (TaskStatus.FAILED.value,), self.bulk.retry_tasks, "retry"
-        )
+        return await self._walk(batch_id, wanted, self.bulk.retry_tasks, "retry")
 
     async def _walk(
         self,
@@ -428,6 +439,26 @@ class BatchService:
                 return
             yield page
             after = page[-1].row
+
+
+def _progress(batch: Batch, tally: db.Tally) -> Progress:
+    """A batch's progress from its tasks' tally: rows by status (with the refused and the
+    deleted ones), the share finished, and the seconds left at the finishing rate so far."""
+    counts = dict(tally.counts)
+    tasks = sum(counts.values())
+    counts["invalid"] = batch.invalid
+    counts["deleted"] = max(0, batch.rows - batch.invalid - tasks)
+    finished = sum(counts.get(s, 0) for s in _TERMINAL)
+    wanted = max(1, batch.rows - batch.invalid)
+    left = counts.get("queued", 0) + counts.get("running", 0)
+    eta = None
+    if finished and tally.first_started and tally.last_finished:
+        span = _seconds(tally.first_started, tally.last_finished)
+        if span > 0:
+            eta = round(left / (finished / span), 3)
+    if not left:
+        eta = 0.0 if batch.status == "loaded" else eta
+    return Progress(batch, counts, finished, round(finished / wanted, 6), eta)
 
 
 def _no_rows() -> InvalidRequest:

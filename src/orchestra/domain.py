@@ -213,6 +213,12 @@ class Task(msgspec.Struct, frozen=True):
         """When a queued task becomes due (after a delay or a retry backoff)."""
         return self.run_at if self.status is TaskStatus.QUEUED else None
 
+    @property
+    def asked_priority(self) -> int:
+        """The priority the task was asked for (a batch row's: its batch's, see
+        :func:`asked_priority`); ``priority`` is the one the queue orders by."""
+        return asked_priority(self.priority)
+
 
 class Lease(msgspec.Struct, frozen=True):
     """Proof that a worker holds a task: who, and for which attempt. Every write of a running
@@ -274,6 +280,18 @@ def in_batch_lane(priority: int) -> bool:
     """A task queued below every single task's priority is a batch's row (the batch lane,
     :data:`orchestra.db.batches.LANE`): it may not take a worker's reserved slot."""
     return priority < PRIORITY_MIN
+
+
+#: How far below its batch's priority a batch row's task is queued: below every single task's,
+#: so :func:`in_batch_lane` is true of every row's task (:mod:`orchestra.db.batches`).
+BATCH_LANE = PRIORITY_MAX - PRIORITY_MIN + 1
+
+
+def asked_priority(priority: int) -> int:
+    """The priority a task was asked for: a batch row's task is stored :data:`BATCH_LANE`
+    lower (its batch's priority is PRIORITY_MIN to PRIORITY_MAX too, so the lanes do not
+    overlap and this is exact); what the API and the dashboard show."""
+    return priority + BATCH_LANE if in_batch_lane(priority) else priority
 
 
 class NewTask(msgspec.Struct, frozen=True):

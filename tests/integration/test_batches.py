@@ -16,6 +16,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from orchestra.config import Settings, TemplateSettings
 from orchestra.db import Database, TaskStore
@@ -249,6 +251,98 @@ async def test_bad_uploads_get_a_4xx_naming_the_field(idle: Service) -> None:
     assert (await idle.client.get("/api/v1/batches/987654")).status_code == 404
     listing = (await idle.client.get("/api/v1/batches")).json()
     assert listing == {"items": [], "next_cursor": None}
+
+
+async def test_a_rows_task_shows_the_priority_its_batch_asked_for(
+    idle: Service, db_url: str
+) -> None:
+    answer = await upload(idle, b"text\nrow\n", priority=7)
+    [(task_id, stored)] = sql_rows(
+        db_url,
+        "SELECT t.id, t.priority FROM batch_rows AS r JOIN tasks AS t ON t.id = r.task_id "
+        "WHERE r.batch_id = ?",
+        (answer["batch"]["id"],),
+    )
+    assert stored == 7 - 2001  # queued in the batch lane, below every single task
+    assert (await idle.client.get(f"/api/v1/tasks/{task_id}")).json()["priority"] == 7
+    page = (await idle.client.get(f"/ui/tasks/{task_id}")).text
+    assert "<dt>Priority</dt><dd>7</dd>" in page
+    form = (await idle.client.get(f"/ui/templates/rowjob?from={task_id}")).text
+    assert 'name="opt.priority" type="number" step="1" value="7"' in form
+    # The lanes do not overlap: a single task at the lowest priority keeps it, and so does a
+    # batch at the lowest.
+    single = await idle.client.post(
+        "/api/v1/tasks", json={"template": "rowjob", "params": {"text": "x"}, "priority": -1000}
+    )
+    assert single.json()["priority"] == -1000
+    lowest = await upload(idle, b"text\nrow\n", priority=-1000)
+    [(low_id,)] = sql_rows(
+        db_url, "SELECT task_id FROM batch_rows WHERE batch_id = ?", (lowest["batch"]["id"],)
+    )
+    assert (await idle.client.get(f"/api/v1/tasks/{low_id}")).json()["priority"] == -1000
+
+
+async def test_retry_of_the_cancelled_rows_resumes_a_cancelled_batch(idle: Service) -> None:
+    answer = await upload(idle, b"text\n" + b"x\n" * 30)
+    batch_id = answer["batch"]["id"]
+    assert (await idle.client.post(f"/api/v1/batches/{batch_id}/cancel")).json()["changed"] == 30
+    retry = f"/api/v1/batches/{batch_id}/retry"
+    # By default a retry is of the failed rows only: none here.
+    assert (await idle.client.post(retry)).json()["changed"] == 0
+    resumed = await idle.client.post(retry, params={"statuses": "cancelled"})
+    assert resumed.status_code == 200, resumed.text
+    assert resumed.json()["changed"] == 30
+    progress = (await idle.client.get(f"/api/v1/batches/{batch_id}")).json()
+    assert progress["counts"] == {"queued": 30, "invalid": 0, "deleted": 0}
+    both = await idle.client.post(retry, params=[("statuses", "failed"), ("statuses", "cancelled")])
+    assert both.status_code == 200 and both.json()["changed"] == 0  # all queued now
+    wrong = await idle.client.post(retry, params={"statuses": "succeeded"})
+    assert wrong.status_code == 400, wrong.text
+    assert wrong.json()["fields"][0]["field"].startswith("statuses")
+
+
+async def test_the_list_gives_each_batch_its_counts_in_one_read(idle: Service) -> None:
+    first = await upload(idle, b"text,n\na,1\nb,-1\nc,2\n")
+    second = await upload(idle, b"text\n" + b"x\n" * 5)
+    await idle.client.post(f"/api/v1/batches/{second['batch']['id']}/cancel")
+    statements: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "batch_rows" in statement:
+            statements.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", seen)
+    try:
+        listing = (await idle.client.get("/api/v1/batches")).json()
+    finally:
+        event.remove(Engine, "before_cursor_execute", seen)
+    newest, oldest = listing["items"]
+    assert newest["id"] == second["batch"]["id"] and oldest["id"] == first["batch"]["id"]
+    assert newest["counts"] == {"cancelled": 5, "invalid": 0, "deleted": 0}
+    assert (newest["finished"], newest["progress"]) == (5, 1.0)
+    assert oldest["counts"] == {"queued": 2, "invalid": 1, "deleted": 0}
+    assert (oldest["finished"], oldest["progress"], oldest["eta_seconds"]) == (0, 0.0, None)
+    assert oldest["priority"] == 0 and oldest["rows"] == 3
+    assert len(statements) == 1, statements  # one grouped read for the page, not one a batch
+    # The progress of one batch reads the same.
+    progress = (await idle.client.get(f"/api/v1/batches/{first['batch']['id']}")).json()
+    assert progress["counts"] == oldest["counts"]
+
+
+async def test_the_openapi_document_describes_the_uploads_body(idle: Service) -> None:
+    doc = (await idle.client.get("/schema/openapi.json")).json()
+    body = doc["paths"]["/api/v1/batches"]["post"]["requestBody"]
+    assert body["required"] is True
+    assert {"text/csv", "application/x-ndjson", "application/jsonl"} <= set(body["content"])
+    assert body["content"]["text/csv"]["schema"]["type"] == "string"
+    retry = doc["paths"]["/api/v1/batches/{batch_id}/retry"]["post"]["parameters"]
+    (statuses,) = [p for p in retry if p["name"] == "statuses"]
+    assert "cancelled" in json.dumps(statuses["schema"])
+    listed = doc["components"]["schemas"]
+    assert any(
+        "counts" in s.get("properties", {}) and "template" in s.get("properties", {})
+        for s in listed.values()
+    )
 
 
 def rss_kib() -> int:

@@ -182,7 +182,11 @@ async def test_batches_from_a_file_and_from_an_iterable_run_to_their_results(
         assert not list(tmp_path.glob("*.part"))
         listed = await api.take("list_batches", page_size=1)
         assert [b.id for b in listed] == [from_rows.batch.id, from_file.batch.id]
+        assert listed[1].counts == {"succeeded": 3, "invalid": 0, "deleted": 0}
+        assert (listed[1].finished, listed[1].progress) == (3, 1.0)
         assert (await api.do("retry_batch", from_file.batch.id)).changed == 0  # none failed
+        both = ("failed", "cancelled")
+        assert (await api.do("retry_batch", from_file.batch.id, statuses=both)).changed == 0
         assert (await api.do("cancel_batch", from_file.batch.id)).changed == 0  # all done
         with pytest.raises(NotFound):
             await api.do("get_batch", 999)

@@ -7,6 +7,7 @@ shares (template, model, priority, options) comes in the query.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
@@ -15,6 +16,7 @@ import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.openapi import ResponseSpec
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema
 from litestar.params import FromPath, HeaderParameter, QueryParameter
 from litestar.response import Stream
 
@@ -27,6 +29,7 @@ from orchestra.errors import FieldProblem, InvalidRequest
 from orchestra.wire.batches import ActionOut as ActionOut
 from orchestra.wire.batches import BatchList as BatchList
 from orchestra.wire.batches import BatchOut as BatchOut
+from orchestra.wire.batches import BatchSummaryOut as BatchSummaryOut
 from orchestra.wire.batches import ProgressOut as ProgressOut
 from orchestra.wire.batches import UploadOut as UploadOut
 
@@ -40,6 +43,43 @@ _FORMATS: dict[str, Format] = {
     "text/csv": "csv",
 }
 _NUMBER = "^[0-9]{1,18}$"
+#: The upload's body in the OpenAPI document (the handler reads it raw, so Litestar cannot).
+_UPLOAD_BODY = RequestBody(
+    description="The dataset as UTF-8 text, read as a stream (no size limit; each row is "
+    "capped by [limits] max_body_bytes). Its format comes from ?format=, else from "
+    "Content-Type: text/csv, or one of application/x-ndjson, application/jsonl, "
+    "application/json-lines, application/x-jsonlines for JSON lines.",
+    required=True,
+    content={
+        "text/csv": OpenAPIMediaType(
+            schema=Schema(
+                type=OpenAPIType.STRING,
+                description="A header naming the template's parameters, then one record per "
+                "row (a quoted cell may span lines; an empty cell takes the default).",
+            ),
+            example='text,n\nalpha,1\n"two\nlines",2\n',
+        ),
+        **{
+            media: OpenAPIMediaType(
+                schema=Schema(
+                    type=OpenAPIType.STRING,
+                    description="One JSON object of parameters a line (blank lines "
+                    'skipped), e.g. {"text": "alpha", "n": 1}',
+                ),
+            )
+            for media in ("application/x-ndjson", "application/jsonl")
+        },
+    },
+)
+
+
+@dataclasses.dataclass
+class UploadOperation(Operation):
+    """The upload's operation in the OpenAPI document, with its body: the handler reads the
+    body raw, as a stream, so Litestar has nothing to describe it from."""
+
+    def __post_init__(self) -> None:
+        self.request_body = _UPLOAD_BODY
 
 
 def provide(runtime: NamedDependency[Runtime]) -> BatchService:
@@ -70,6 +110,7 @@ class BatchController(Controller):
         status_code=201,
         summary="Run a template over a dataset",
         request_max_body_size=None,  # read as a stream, row by row; rows are capped instead
+        operation_class=UploadOperation,
         responses={
             200: ResponseSpec(
                 UploadOut,
@@ -155,12 +196,13 @@ class BatchController(Controller):
             QueryParameter(pattern=_NUMBER, description="next_cursor of the previous page."),
         ] = None,
     ) -> BatchList:
-        """Batches, newest first."""
+        """Batches, newest first, each with its rows by status, the share finished and an
+        ETA (as its progress has them)."""
         page = await batches.page(limit, None if cursor is None else int(cursor))
         more = len(page) == limit
         return BatchList(
-            items=[BatchOut.of(b) for b in page],
-            next_cursor=str(page[-1].id) if more and page else None,
+            items=[BatchSummaryOut.of_progress(p) for p in page],
+            next_cursor=str(page[-1].batch.id) if more and page else None,
         )
 
     @get("/{batch_id:int}", summary="A batch's progress", responses=errors(400, 404))
@@ -187,14 +229,24 @@ class BatchController(Controller):
         "/{batch_id:int}/retry",
         status_code=200,
         opt={"scope": "submit"},
-        summary="Retry a batch's failed rows",
+        summary="Retry a batch's failed (or cancelled) rows",
         responses=errors(400, 404, 507),
     )
     async def retry(
-        self, batch_id: FromPath[int], batches: NamedDependency[BatchService]
+        self,
+        batch_id: FromPath[int],
+        batches: NamedDependency[BatchService],
+        statuses: Annotated[
+            list[Literal["failed", "cancelled"]] | None,
+            QueryParameter(
+                description="The rows to queue again, by their task's status (repeat to give "
+                "both; default failed). cancelled resumes a cancelled batch."
+            ),
+        ] = None,
     ) -> ActionOut:
-        """Queue the batch's failed rows again."""
-        return ActionOut.of(await batches.retry(batch_id))
+        """Queue the batch's failed rows again; with ``statuses=cancelled`` (or both), its
+        cancelled rows too."""
+        return ActionOut.of(await batches.retry(batch_id, statuses or ("failed",)))
 
     @get(
         "/{batch_id:int}/results",

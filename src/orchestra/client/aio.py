@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -17,7 +25,7 @@ from orchestra.client.core import Call, Registered, RetryPolicy
 from orchestra.client.errors import ConnectionFailed
 from orchestra.domain import TaskStatus
 from orchestra.schedules import ScheduleChanges, ScheduleSpec
-from orchestra.wire.batches import ActionOut, BatchOut, ProgressOut, UploadOut
+from orchestra.wire.batches import ActionOut, BatchSummaryOut, ProgressOut, UploadOut
 from orchestra.wire.events import FeedEvent, TaskEvent
 from orchestra.wire.schedules import ScheduleOut
 from orchestra.wire.schemas import HealthOut, TaskOut, TaskSummaryOut, TemplateOut, ValidationOut
@@ -295,8 +303,9 @@ class AsyncClient:
         """A batch's progress: its rows by status, the share finished, an ETA."""
         return await self._send(core.get_batch(batch_id))
 
-    async def list_batches(self, page_size: int = 100) -> AsyncIterator[BatchOut]:
-        """Every batch, newest first, a page at a time."""
+    async def list_batches(self, page_size: int = 100) -> AsyncIterator[BatchSummaryOut]:
+        """Every batch, newest first, with its rows by status and progress, a page at a
+        time."""
         cursor: str | None = None
         while True:
             page = await self._send(core.batches_page(page_size, cursor))
@@ -310,9 +319,12 @@ class AsyncClient:
         """Cancel a batch's queued rows; running ones are asked to stop."""
         return await self._send(core.cancel_batch(batch_id))
 
-    async def retry_batch(self, batch_id: int) -> ActionOut:
-        """Queue a batch's failed rows again."""
-        return await self._send(core.retry_batch(batch_id))
+    async def retry_batch(
+        self, batch_id: int, *, statuses: Sequence[str] = ("failed",)
+    ) -> ActionOut:
+        """Queue a batch's rows in ``statuses`` again: its failed ones (the default), its
+        cancelled ones (``("cancelled",)``: resume a cancelled batch), or both."""
+        return await self._send(core.retry_batch(batch_id, statuses))
 
     async def batch_results(self, batch_id: int) -> AsyncIterator[dict[str, Any]]:
         """Each row's ``row``, ``line``, ``status``, ``result`` and ``error``, in input order,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -535,8 +535,10 @@ def cancel_batch(batch_id: int) -> Call[ActionOut]:
     return Call("POST", f"/api/v1/batches/{batch_id}/cancel", _as(ActionOut))
 
 
-def retry_batch(batch_id: int) -> Call[ActionOut]:
-    return Call("POST", f"/api/v1/batches/{batch_id}/retry", _as(ActionOut))
+def retry_batch(batch_id: int, statuses: Sequence[str] = ("failed",)) -> Call[ActionOut]:
+    """POST …/retry: the rows in ``statuses`` (failed, cancelled) queued again."""
+    params = {"statuses": list(statuses)}
+    return Call("POST", f"/api/v1/batches/{batch_id}/retry", _as(ActionOut), params=params)
 
 
 def batch_results(batch_id: int, data_format: str = "jsonl") -> Call[None]:

@@ -32,12 +32,13 @@ from orchestra.db.engine import Database
 from orchestra.db.prepared import insert_for
 from orchestra.db.rows import dump
 from orchestra.db.tables import batch_rows, batches, tasks
-from orchestra.domain import PRIORITY_MAX, PRIORITY_MIN, NewTask, TaskStatus, iso
+from orchestra.domain import BATCH_LANE, NewTask, TaskStatus, iso
 from orchestra.event_types import TaskQueued
 
 #: How far below its batch's priority a row's task is queued: below every single task's
-#: (PRIORITY_MIN to PRIORITY_MAX), so ``in_batch_lane`` is true of every row's task.
-LANE = PRIORITY_MAX - PRIORITY_MIN + 1
+#: (PRIORITY_MIN to PRIORITY_MAX), so ``in_batch_lane`` is true of every row's task. The API
+#: and the dashboard show the priority asked for (:func:`~orchestra.domain.asked_priority`).
+LANE = BATCH_LANE
 
 
 class RowTask(msgspec.Struct, frozen=True):
@@ -255,26 +256,29 @@ class BatchStore:
 
     async def tally(self, batch_id: int) -> Tally:
         """The batch's tasks counted by status, with the first start and the last end."""
+        return (await self.tallies([batch_id]))[batch_id]
+
+    async def tallies(self, batch_ids: Sequence[int]) -> dict[int, Tally]:
+        """:meth:`tally` of each batch (a page of them), in one grouped read."""
+        found: dict[int, list[Any]] = {batch_id: [] for batch_id in batch_ids}
+        if not found:
+            return {}
         query = (
             select(
+                batch_rows.c.batch_id,
                 tasks.c.status,
                 func.count(),
                 func.min(tasks.c.started_at),
                 func.max(tasks.c.finished_at),
             )
             .select_from(batch_rows.join(tasks, tasks.c.id == batch_rows.c.task_id))
-            .where(batch_rows.c.batch_id == batch_id)
-            .group_by(tasks.c.status)
+            .where(batch_rows.c.batch_id.in_(list(found)))
+            .group_by(batch_rows.c.batch_id, tasks.c.status)
         )
         async with self.db.read() as conn:
-            rows = (await conn.execute(query)).all()
-        started = [r[2] for r in rows if r[2] is not None]
-        finished = [r[3] for r in rows if r[3] is not None]
-        return Tally(
-            counts={r[0]: int(r[1]) for r in rows},
-            first_started=min(started) if started else None,
-            last_finished=max(finished) if finished else None,
-        )
+            for row in (await conn.execute(query)).all():
+                found[int(row[0])].append(row)
+        return {batch_id: _tally(rows) for batch_id, rows in found.items()}
 
     async def results_after(self, batch_id: int, after: int, limit: int) -> list[ResultRow]:
         """Up to ``limit`` rows after row ``after``, in row order, with their tasks' outcome."""
@@ -316,3 +320,14 @@ class BatchStore:
         async with self.db.read() as conn:
             rows = (await conn.execute(query)).all()
         return [(int(r[0]), int(r[1])) for r in rows]
+
+
+def _tally(rows: Sequence[Any]) -> Tally:
+    """A batch's tally from its (batch, status, count, first start, last end) rows."""
+    started = [r[3] for r in rows if r[3] is not None]
+    finished = [r[4] for r in rows if r[4] is not None]
+    return Tally(
+        counts={r[1]: int(r[2]) for r in rows},
+        first_started=min(started) if started else None,
+        last_finished=max(finished) if finished else None,
+    )

@@ -11,6 +11,7 @@ import msgspec
 
 from orchestra.config import LimitSettings
 from orchestra.errors import FieldProblem, InvalidParams
+from orchestra.templating.fast_params import quick_check
 from orchestra.templating.model import Template
 from orchestra.templating.regex import SchemaValidator
 from orchestra.templating.source import format_path
@@ -133,6 +134,9 @@ def validate_params(
             full[p.name] = p.default
     # Defaults too: a template's YAML may hold .nan.
     problems = _non_finite(full)
+    quick = quick_check(template)
+    if not problems and quick is not None and quick(full):
+        return full  # surely valid: the JSON Schema walk below would find nothing
     named = {p.field for p in problems}
     for err in _validator(template).iter_errors(full):
         if _field(err.absolute_path) in named:

@@ -203,7 +203,7 @@ class TemplatePages(Controller):
         if source:
             task = await runtime.tasks.get(whole(source, "from"))
             values = task.params
-            options = {"model": task.model or "", "priority": str(task.priority)}
+            options = {"model": task.model or "", "priority": str(task.asked_priority)}
         return page(
             request,
             "template.html",

@@ -27,7 +27,7 @@ class RowProblem(msgspec.Struct, frozen=True):
 class BatchOut(msgspec.Struct, frozen=True):
     """A batch: what its rows share and how its upload went. ``status``: ``loading`` while
     its rows are being read, then ``loaded``. Its rows' tasks are queued with priority
-    ``priority - 2001`` (the batch lane, below every single task)."""
+    ``priority - 2001`` (the batch lane, below every single task) and show ``priority``."""
 
     id: int
     template: str
@@ -72,10 +72,31 @@ class ProgressOut(msgspec.Struct, frozen=True):
         return cls(BatchOut.of(p.batch), p.counts, p.finished, p.progress, p.eta_seconds)
 
 
-class BatchList(msgspec.Struct, frozen=True):
-    """A page of batches, newest first; ``next_cursor`` gives the next page."""
+class BatchSummaryOut(BatchOut, frozen=True):
+    """A batch as the list shows it: the batch, with its rows by status, the share finished
+    (0 to 1) and the seconds left (None: unknown), as its progress has them."""
 
-    items: list[BatchOut]
+    counts: dict[str, int]
+    finished: int
+    progress: float
+    eta_seconds: float | None
+
+    @classmethod
+    def of_progress(cls, p: Progress) -> BatchSummaryOut:
+        return cls(
+            **msgspec.structs.asdict(p.batch),
+            counts=p.counts,
+            finished=p.finished,
+            progress=p.progress,
+            eta_seconds=p.eta_seconds,
+        )
+
+
+class BatchList(msgspec.Struct, frozen=True):
+    """A page of batches, newest first, each with its progress; ``next_cursor`` gives the
+    next page."""
+
+    items: list[BatchSummaryOut]
     next_cursor: str | None
 
 

@@ -145,6 +145,8 @@ class TaskOut(msgspec.Struct, frozen=True):
     status: TaskStatus
     params: dict[str, Any]
     model: str | None
+    #: The priority asked for: a batch row's is its batch's (queued in the batch lane below
+    #: every single task, docs/batches.md).
     priority: int
     result: Any
     error: ErrorOut | None
@@ -170,7 +172,7 @@ class TaskOut(msgspec.Struct, frozen=True):
             status=task.status,
             params=task.params,
             model=task.model,
-            priority=task.priority,
+            priority=task.asked_priority,
             result=task.result,
             error=_error(task.error),
             steps=[StepOut.of(s) for s in task.steps],
