@@ -278,7 +278,8 @@ async def test_the_size_cap_deletes_the_oldest_answers(
 ) -> None:
     clock = Clock()
     store = CacheStore(db)
-    cache = AnswerCache(store, CacheSettings(enabled=True, max_entries=3), clock=clock)
+    settings = CacheSettings(enabled=True, max_entries=3)
+    cache = AnswerCache(store, settings, clock=clock, evict_every=1)
     for n in range(6):
         clock.now += timedelta(seconds=1)
         await cache.chat(ollama, ask(f"call {n}"))
@@ -287,6 +288,27 @@ async def test_the_size_cap_deletes_the_oldest_answers(
     assert len(fake_ollama.requests) == 6
     assert not (await cache.chat(ollama, ask("call 0"))).usage.cached  # evicted
     assert len(fake_ollama.requests) == 7
+
+
+async def test_eviction_runs_every_so_many_writes_not_in_each(
+    db: Database, ollama: OllamaProvider
+) -> None:
+    """A write is one insert; every ``evict_every`` writes, the table is brought back to its
+    cap (it walks the cap's worth of the index, too slow for every write)."""
+    clock = Clock()
+    store = CacheStore(db)
+    cache = AnswerCache(
+        store, CacheSettings(enabled=True, max_entries=2), clock=clock, evict_every=4
+    )
+    counts = []
+    for n in range(8):
+        clock.now += timedelta(seconds=1)
+        await cache.chat(ollama, ask(f"call {n}"))
+        counts.append(await store.count())
+    assert counts == [1, 2, 3, 2, 3, 4, 5, 2]
+    # The newest two stayed.
+    assert (await cache.chat(ollama, ask("call 7"))).usage.cached
+    assert (await cache.chat(ollama, ask("call 6"))).usage.cached
 
 
 async def test_concurrent_writers_of_one_answer_both_succeed(

@@ -160,6 +160,56 @@ async def test_the_log_is_checkpointed_off_the_loop_and_stays_bounded(db: Databa
 
 
 @pytest.mark.sqlite_only
+async def test_writes_go_on_while_the_log_is_copied_aside(db: Database) -> None:
+    """Most of a checkpoint (copying pages, syncing the disk) runs beside the writes; the
+    writer's thread then copies only what came meanwhile, and the log starts over."""
+    from orchestra.db.sqlite_engine import CHECKPOINT_COMMITS
+
+    copying, release = threading.Event(), threading.Event()
+    copy_aside = db._copy_aside  # type: ignore[attr-defined]
+
+    def slow_copy_aside() -> None:  # as a disk that takes its time to sync the copy
+        copy_aside()
+        copying.set()
+        release.wait(30)
+
+    db._copy_aside = slow_copy_aside  # type: ignore[attr-defined]
+
+    def insert(k: int) -> Any:
+        return lambda conn: conn.execute(
+            text("INSERT INTO t (k, v) VALUES (:k, :v)"), {"k": k, "v": "x" * 3000}
+        )
+
+    for k in range(1, CHECKPOINT_COMMITS + 1):
+        await db.transaction(insert(k), small=True)
+    assert await asyncio.to_thread(copying.wait, 10)
+    # The copy is under way (and slow): writes do not wait for it.
+    for k in range(CHECKPOINT_COMMITS + 1, CHECKPOINT_COMMITS + 21):
+        await asyncio.wait_for(db.transaction(insert(k), small=True), 5)
+    assert not release.is_set()
+    release.set()
+
+    def log_frames() -> tuple[int, int]:
+        """(frames in the log, frames copied into the file), from the shared-memory index
+        (SQLite's wal-index format: mxFrame at byte 16, nBackfill at 96), without a
+        checkpoint of its own."""
+        head = db.path.with_name(db.path.name + "-shm").read_bytes()[:100]
+        return int.from_bytes(head[16:20], "little"), int.from_bytes(head[96:100], "little")
+
+    async def finished() -> bool:
+        return not db._checkpointing and not db._checkpoint_due  # type: ignore[attr-defined]
+
+    await wait_until(finished, timeout=10)
+    frames, copied = log_frames()
+    assert frames > 0 and copied == frames  # the writes made during the copy too
+    await db.transaction(insert(10_000), small=True)
+    frames_now, _ = log_frames()
+    assert frames_now < 8  # the log started over: it holds that one write
+    with sqlite3.connect(db.path) as conn:
+        assert conn.execute("SELECT count(*) FROM t").fetchone() == (CHECKPOINT_COMMITS + 21,)
+
+
+@pytest.mark.sqlite_only
 async def test_after_a_large_transaction_the_next_small_one_runs_on_the_loop(
     db: Database,
 ) -> None:

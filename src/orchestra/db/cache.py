@@ -2,14 +2,15 @@
 
 The key is made above (:mod:`orchestra.llm.cache`): a SHA-256 of everything that decides the
 answer. Here only rows: the answer as JSON, who gave it and when it was stored. An entry older
-than the TTL is never used; expired entries and those beyond the size cap are deleted a few at
-a time by each write, oldest first (``ix_model_cache_created``), so no write deletes much and
-the table stays near its cap.
+than the TTL is never used; expired entries and those beyond the size cap are deleted oldest
+first (``ix_model_cache_created``), in bounded batches, so the table stays near its cap.
 
 A lookup is one indexed statement on the cheapest read path the engine has
 (:meth:`~orchestra.db.engine.Database.read_now`: SQLite's event-loop connection). A write is
-``INSERT … ON CONFLICT DO NOTHING``: two workers that answered the same call at once both
-succeed, the first answer stays, and PostgreSQL may run the body again without harm.
+one ``INSERT … ON CONFLICT DO NOTHING``: two workers that answered the same call at once both
+succeed, the first answer stays, and PostgreSQL may run the body again without harm. Expired
+entries and those beyond the cap are deleted by :meth:`CacheStore.evict`, which the cache
+runs every so many writes, not in each (it walks the cap's worth of the index).
 """
 
 from __future__ import annotations
@@ -23,9 +24,6 @@ from orchestra.db.engine import Database
 from orchestra.db.prepared import insert_for
 from orchestra.db.tables import model_cache
 from orchestra.domain import Usage
-
-#: Rows one write deletes at most, for each of expiry and the cap.
-EVICT_BATCH = 16
 
 _c = model_cache.c
 
@@ -72,12 +70,9 @@ class CacheStore:
             return None
         return _decode(found.encode() if isinstance(found, str) else found)
 
-    async def put(
-        self, key: str, answer: CachedAnswer, *, at: str, expired_before: str, max_entries: int
-    ) -> None:
-        """Store ``answer`` under ``key`` (an answer stored already stays), then delete up to
-        :data:`EVICT_BATCH` entries stored before ``expired_before`` and up to as many of the
-        oldest beyond the newest ``max_entries``."""
+    async def put(self, key: str, answer: CachedAnswer, *, at: str) -> None:
+        """Store ``answer`` under ``key`` (an answer stored already stays): one indexed
+        insert, the cheapest write there is."""
         row = {
             "key": key,
             "provider": answer.provider,
@@ -89,22 +84,33 @@ class CacheStore:
         def work(conn: Connection) -> None:
             insert = insert_for(conn)(model_cache).values(row)
             conn.execute(insert.on_conflict_do_nothing(index_elements=["key"]))
+
+        await self.db.transaction(work, small=True)
+
+    async def evict(self, *, expired_before: str, max_entries: int, limit: int) -> int:
+        """Delete up to ``limit`` entries stored before ``expired_before``, then up to
+        ``limit`` of the oldest beyond the newest ``max_entries``; returns how many.
+
+        Finding the entries beyond the cap walks ``max_entries`` index entries, so this is
+        not a small transaction: it runs off the event loop (SQLite's writer thread)."""
+
+        def work(conn: Connection) -> int:
             expired = (
                 select(_c.key)
                 .where(_c.created_at < expired_before)
                 .order_by(_c.created_at)
-                .limit(EVICT_BATCH)
+                .limit(limit)
             )
-            conn.execute(delete(model_cache).where(_c.key.in_(expired)))
+            gone = conn.execute(delete(model_cache).where(_c.key.in_(expired))).rowcount
             beyond = (
                 select(_c.key)
                 .order_by(_c.created_at.desc())  # the index's order: no sort
-                .limit(EVICT_BATCH)
+                .limit(limit)
                 .offset(max_entries)
             )
-            conn.execute(delete(model_cache).where(_c.key.in_(beyond)))
+            return int(gone + conn.execute(delete(model_cache).where(_c.key.in_(beyond))).rowcount)
 
-        await self.db.transaction(work, small=True)
+        return await self.db.transaction(work)
 
     async def count(self) -> int:
         """How many answers are stored (fresh or not)."""

@@ -35,6 +35,13 @@ from orchestra.llm.base import ChatMessage, ChatRequest, ChatResult, Provider
 
 log = logs.get("orchestra.cache")
 
+#: Writes between two evictions (:meth:`~orchestra.db.cache.CacheStore.evict`). An eviction
+#: walks the cap's worth of an index (10,000 entries by default): in every write it held the
+#: event loop for milliseconds, which a task submitted meanwhile waited out.
+EVICT_EVERY = 64
+#: An eviction deletes at most this many entries per write since the last one, of each kind.
+EVICT_LIMIT = 4
+
 _encode = msgspec.json.Encoder(order="sorted").encode
 
 
@@ -75,6 +82,9 @@ class AnswerCache:
 
     Args:
         clock: the current time (tests pass their own to age entries).
+        evict_every: after this many writes (of this process), expired entries and those
+            beyond ``max_entries`` are deleted (:meth:`CacheStore.evict`): the table holds at
+            most this many more than its cap.
     """
 
     def __init__(
@@ -83,10 +93,13 @@ class AnswerCache:
         settings: CacheSettings,
         *,
         clock: Callable[[], datetime] = now,
+        evict_every: int = EVICT_EVERY,
     ) -> None:
         self.store = store
         self.settings = settings
         self.clock = clock
+        self.evict_every = evict_every
+        self._writes = 0
 
     async def identity(self, provider: Provider, model: str) -> tuple[str, str, str] | None:
         """(provider, model, digest) that a call for ``model`` would be asked of; None when
@@ -162,13 +175,15 @@ class AnswerCache:
             text=result.text, model=result.model, provider=result.provider, usage=result.usage
         )
         try:
-            await self.store.put(
-                hashed,
-                answer,
-                at=iso(at),
-                expired_before=iso(at - timedelta(seconds=self.settings.ttl)),
-                max_entries=self.settings.max_entries,
-            )
+            await self.store.put(hashed, answer, at=iso(at))
+            self._writes += 1
+            if self._writes >= self.evict_every:
+                self._writes = 0
+                await self.store.evict(
+                    expired_before=iso(at - timedelta(seconds=self.settings.ttl)),
+                    max_entries=self.settings.max_entries,
+                    limit=EVICT_LIMIT * self.evict_every,
+                )
         except Exception as exc:  # the answer is good; only the next call pays
             log.warning("cache.write_failed", error=f"{type(exc).__name__}: {exc}")
 
