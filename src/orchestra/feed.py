@@ -13,6 +13,14 @@ itself (:attr:`Subscription.reread_upto`), from its own cursor: it never stalls 
 the other subscribers, and never holds more than ``buffer`` events. A new subscriber catches
 up the same way, from where it resumes to the watermark.
 
+**Caught-up followers** are not woken at all: a follower that gave its subscription a writer
+(:attr:`Subscription.deliver`; the HTTP streams write the SSE chunk to their connection) and
+whose task waits with nothing pending gets new events through it, from the reader, at once.
+The writer keeps the follower's place (a task's stream: its sequence number, a hole, its
+end), so either path, the reader's or the follower's own task, can go on from where the other
+left off; a writer that cannot take events (a write still waits for the client) sends them
+the usual way: buffered, and the task woken.
+
 **Late commits (PostgreSQL).** Ids are taken at insert, transactions commit later: the reader
 at watermark N can see N+2 before N+1 commits. It hands out events in id order and never past
 a gap until the gap is settled: either every transaction that could still fill it has ended,
@@ -31,6 +39,7 @@ one writer, so its ids commit in order and a gap is always settled.
 from __future__ import annotations
 
 import asyncio
+import enum
 import functools
 import time
 from collections import defaultdict, deque
@@ -61,6 +70,20 @@ START_LOOKBACK = 1000
 RETRY_SECONDS = 1.0
 
 
+#: How a follower lets the reader write its events itself (see :meth:`Subscription.push`):
+#: called with the events its filter passed, it writes them and answers True, or answers False
+#: to have them buffered and its own task woken, as without it.
+Deliver = Callable[[list[FeedEvent]], bool]
+
+
+class Pushed(enum.Enum):
+    """What became of events pushed to a subscription."""
+
+    BUFFERED = "buffered"  # its task was woken to take them
+    OVERFLOWED = "overflowed"  # its buffer was dropped: its task reads the database
+    DELIVERED = "delivered"  # written by its :attr:`~Subscription.deliver`
+
+
 class Subscription:
     """One follower's place at the hub: the events for it that the reader found, bounded."""
 
@@ -70,22 +93,41 @@ class Subscription:
         self._limit = buffer
         self._wake = asyncio.Event()
         self._beat = False
+        self._waiting = False  # its task waits in wait(), with nothing left to do
         #: Set when events up to this id must be read from the database (it subscribed
         #: below the watermark, or its buffer overflowed); the buffer holds what follows.
         self.reread_upto: int | None = watermark
+        #: The follower's own writer, for the reader to call while the follower is caught up.
+        self.deliver: Deliver | None = None
 
-    def push(self, events: list[FeedEvent], watermark: int) -> bool:
+    @property
+    def waiting(self) -> bool:
+        """Whether its task waits for events, with nothing left to do."""
+        return self._waiting
+
+    def push(self, events: list[FeedEvent], watermark: int) -> Pushed:
         """Add events the reader found (called by the reader only). Past the limit, drop the
         buffer: the subscriber reads everything up to ``watermark`` from the database.
-        Returns whether it overflowed."""
-        overflowed = len(self._buffer) + len(events) > self._limit
-        if overflowed:
+
+        A follower that is caught up (its task waits, no reread or buffered event before
+        these) and has a :attr:`deliver` gets them through it, at once and without waking its
+        task: a thousand followers of one event cost a thousand writes, not a thousand task
+        switches through the stream's generators."""
+        if (
+            self._waiting
+            and self.deliver is not None
+            and not self._buffer
+            and self.reread_upto is None
+            and self.deliver(events)
+        ):
+            return Pushed.DELIVERED
+        self._wake.set()
+        if len(self._buffer) + len(events) > self._limit:
             self._buffer.clear()
             self.reread_upto = watermark
-        else:
-            self._buffer.extend(events)
-        self._wake.set()
-        return overflowed
+            return Pushed.OVERFLOWED
+        self._buffer.extend(events)
+        return Pushed.BUFFERED
 
     def take(self) -> list[FeedEvent]:
         """The buffered events, oldest first; the buffer is empty after."""
@@ -103,17 +145,47 @@ class Subscription:
         self._beat = True
         self._wake.set()
 
+    def wake(self) -> None:
+        """Wake the subscriber: its :attr:`deliver` ended its stream, say."""
+        self._wake.set()
+
     async def wait(self) -> bool:
         """Wait for events (or a reread); False when woken for a heartbeat instead.
 
         No timer per subscriber: one heartbeat of the feed wakes them all (a thousand
         ``asyncio.timeout`` reschedules cost more than the fan-out itself)."""
         if not self._buffer and self.reread_upto is None:
-            await self._wake.wait()
+            self._waiting = True
+            try:
+                await self._wake.wait()
+            finally:
+                self._waiting = False
             self._wake.clear()
         if self._beat:
             self._beat = False
             return bool(self._buffer) or self.reread_upto is not None
+        return True
+
+
+class _Place:
+    """Where one :meth:`EventFeed.follow` is: the last id given, by its own task or by the
+    reader through ``write``."""
+
+    __slots__ = ("after", "write")
+
+    def __init__(self, after: int, write: Callable[[list[FeedEvent]], bool] | None) -> None:
+        self.after, self.write = after, write
+
+    def deliver(self, events: list[FeedEvent]) -> bool:
+        """:data:`Deliver` for the follow: the events past its place, written."""
+        if events[0].id <= self.after:
+            events = [e for e in events if e.id > self.after]
+            if not events:
+                return True
+        assert self.write is not None
+        if not self.write(events):
+            return False
+        self.after = events[-1].id
         return True
 
 
@@ -153,9 +225,11 @@ class EventFeed:
         self.clock = clock
         #: Every id up to here is settled: handed out, or known never to appear.
         self.watermark = 0
-        #: Reads of the tail so far, and subscriptions' buffers overflowed (for tests).
+        #: Reads of the tail so far, subscriptions' buffers overflowed, and events handed to
+        #: followers' own writers (counted per follower and read; for tests).
         self.reads = 0
         self.overflows = 0
+        self.delivered = 0
         self._started = asyncio.Event()
         self._joined = asyncio.Event()  # someone subscribed
         self._beat = asyncio.Event()  # set and cleared at each heartbeat
@@ -169,6 +243,11 @@ class EventFeed:
     def subscribers(self) -> int:
         """How many subscriptions are open."""
         return sum(len(group) for group in self._groups.values())
+
+    @property
+    def waiting(self) -> int:
+        """How many subscriptions' tasks wait for events, with nothing left to do."""
+        return sum(sub.waiting for group in self._groups.values() for sub in group)
 
     async def start(self) -> None:
         """Find where to start: the newest event (on PostgreSQL a little before it, so that
@@ -277,15 +356,22 @@ class EventFeed:
             for wanted in self._task_filters[task_id]:
                 matched = [e for e in own if wanted.matches(e)]
                 if matched:
-                    for sub in self._groups[wanted]:
-                        self.overflows += sub.push(matched, watermark)
+                    self._push(self._groups[wanted], matched, watermark)
         for wanted, group in self._groups.items():
             if wanted.task_id is not None:
                 continue
             matched = [e for e in events if wanted.matches(e)]
             if matched:
-                for sub in group:
-                    self.overflows += sub.push(matched, watermark)
+                self._push(group, matched, watermark)
+
+    def _push(self, group: set[Subscription], events: list[FeedEvent], watermark: int) -> None:
+        # A copy: a follower's writer runs here, and must not be able to change the set.
+        for sub in list(group):
+            pushed = sub.push(events, watermark)
+            if pushed is Pushed.DELIVERED:
+                self.delivered += 1
+            elif pushed is Pushed.OVERFLOWED:
+                self.overflows += 1
 
     def wake(self) -> None:
         """Read now: events were added that no task signal announces (a submit's
@@ -329,26 +415,37 @@ class EventFeed:
                         if not filters:
                             del self._task_filters[wanted.task_id]
 
-    async def follow(self, wanted: FeedFilter, after: int = 0) -> AsyncIterator[list[FeedEvent]]:
+    async def follow(
+        self,
+        wanted: FeedFilter,
+        after: int = 0,
+        write: Callable[[list[FeedEvent]], bool] | None = None,
+    ) -> AsyncIterator[list[FeedEvent]]:
         """The events ``wanted`` passes with an id above ``after``: the stored ones, then new
         ones as the reader finds them, in id order, without end. An empty list now and then
         while nothing happens (a heartbeat). An ``after`` older than the oldest event kept
-        (retention deletes old ones) starts at the oldest."""
+        (retention deletes old ones) starts at the oldest.
+
+        With ``write``, the reader hands new events to it while the follower is caught up
+        (False from it: it cannot take them now, they come from the iterator as without it);
+        those it took are not yielded."""
         await self._started.wait()
-        cursor = after
+        place = _Place(after, write)
         with self.subscribe(wanted) as sub:
+            if write is not None:
+                sub.deliver = place.deliver
             while True:
                 upto = sub.take_reread()
                 if upto is not None:
-                    async for page in self._catch_up(wanted, cursor, upto):
+                    async for page in self._catch_up(wanted, place.after, upto):
+                        place.after = page[-1].id
                         yield page
-                        cursor = page[-1].id
-                    cursor = max(cursor, upto)
+                    place.after = max(place.after, upto)
                     continue
-                live = [e for e in sub.take() if e.id > cursor]
+                live = [e for e in sub.take() if e.id > place.after]
                 if live:
+                    place.after = live[-1].id
                     yield live
-                    cursor = live[-1].id
                 elif not await sub.wait():
                     yield []
 

@@ -16,7 +16,7 @@ import msgspec
 from orchestra import metrics
 from orchestra.config import LimitSettings
 from orchestra.db.events import TERMINAL_EVENT, TaskEvent
-from orchestra.db.feed import FeedFilter
+from orchestra.db.feed import FeedEvent, FeedFilter
 from orchestra.db.overview import SummaryPage
 from orchestra.db.rows import task_from_row
 from orchestra.db.store import Enqueued, TaskStore
@@ -283,7 +283,12 @@ class TaskService:
             for event in batch:
                 yield event
 
-    async def follow_batches(self, task_id: int, after: int = 0) -> AsyncIterator[list[TaskEvent]]:
+    async def follow_batches(
+        self,
+        task_id: int,
+        after: int = 0,
+        write: Callable[[list[TaskEvent]], bool] | None = None,
+    ) -> AsyncIterator[list[TaskEvent]]:
         """:meth:`follow`, the events of each read together (a replay is a few reads, not an
         answer per event); an empty list is the keep-alive.
 
@@ -291,12 +296,20 @@ class TaskService:
         every task's events (:class:`~orchestra.feed.EventFeed`), which it subscribes to first,
         so that nothing committed meanwhile is missed. A task's sequence numbers have no holes:
         a live event past the next number (the reader skipped it, or this follower's buffer
-        overflowed) sends it back to the database, from its own cursor."""
-        last = after
+        overflowed) sends it back to the database, from its own cursor.
+
+        With ``write``, the reader hands new events to it while the follower is caught up and
+        they follow on without a hole (False from it: it cannot take them now, they come from
+        the iterator as without it); those it took are not yielded, and the iterator ends
+        once ``task.finished`` went that way."""
+        place = _TaskPlace(after, write)
         with self.feed.subscribe(FeedFilter(task_id=task_id)) as sub:
-            while True:
+            if write is not None:
+                place.wake = sub.wake
+                sub.deliver = place.deliver
+            while not place.ended:
                 if sub.take_reread() is not None:
-                    batch = await self._events_after(task_id, last)
+                    batch = await self._events_after(task_id, place.last)
                     if batch:
                         end = next(
                             (i for i, e in enumerate(batch) if e.type == TERMINAL_EVENT), None
@@ -304,35 +317,28 @@ class TaskService:
                         if end is not None:
                             yield batch[: end + 1]
                             return
+                        place.last = batch[-1].seq
+                        sub.reread_upto = place.last  # read on until none is left
                         yield batch
-                        last = batch[-1].seq
-                        sub.reread_upto = last  # read on until none is left
                         continue
                     task = await self._shared.read(("task", task_id), lambda: self._get(task_id))
                     if task.finished:
                         # The status and its task.finished event commit together, so one more
                         # read now catches an event that committed after the read above.
-                        rest = await self._events_after(task_id, last)
+                        rest = await self._events_after(task_id, place.last)
                         if rest:
                             yield rest
                         return
-                live = [e.as_task_event() for e in sub.take() if e.seq > last]
+                live = [e.as_task_event() for e in sub.take() if e.seq > place.last]
                 if live:
-                    if live[0].seq != last + 1:
-                        sub.reread_upto = live[0].seq
-                        continue
-                    ended = False
-                    for i, event in enumerate(live):
-                        if event.seq != last + 1 + i:  # a hole: the rest from the database
-                            live, sub.reread_upto = live[:i], event.seq
-                            break
-                        if event.type == TERMINAL_EVENT:
-                            live, ended = live[: i + 1], True
-                            break
-                    yield live
+                    live, hole, ended = _in_sequence(live, place.last)
+                    if hole is not None:
+                        sub.reread_upto = hole
+                    if live:
+                        place.last = live[-1].seq
+                        yield live
                     if ended:
                         return
-                    last = live[-1].seq
                 elif not await sub.wait():  # the feed's heartbeat
                     yield []
 
@@ -405,3 +411,45 @@ class TaskService:
         return await self.store.list_page(
             status=status, template=template, limit=limit, before=before
         )
+
+
+def _in_sequence(live: list[TaskEvent], last: int) -> tuple[list[TaskEvent], int | None, bool]:
+    """Of a task's new events (all past ``last``), those that follow on from ``last`` without
+    a hole, up to ``task.finished``; the number of the first one past a hole (None: no hole);
+    and whether ``task.finished`` was among them."""
+    for i, event in enumerate(live):
+        if event.seq != last + 1 + i:
+            return live[:i], event.seq, False
+        if event.type == TERMINAL_EVENT:
+            return live[: i + 1], None, True
+    return live, None, False
+
+
+class _TaskPlace:
+    """Where one follow of a task is: the last sequence number given, by its own task or by
+    the feed's reader through ``write``, and whether ``task.finished`` was."""
+
+    __slots__ = ("ended", "last", "wake", "write")
+
+    def __init__(self, last: int, write: Callable[[list[TaskEvent]], bool] | None) -> None:
+        self.last, self.write, self.ended = last, write, False
+        self.wake: Callable[[], None] = lambda: None
+
+    def deliver(self, events: list[FeedEvent]) -> bool:
+        """:data:`~orchestra.feed.Deliver` for the follow: the events past its place, written
+        if they follow on without a hole (else its task reads the database); after
+        ``task.finished``, its task is woken to end the stream."""
+        if self.ended:
+            return True
+        live = [e.as_task_event() for e in events if e.seq > self.last]
+        if not live:
+            return True
+        live, hole, ended = _in_sequence(live, self.last)
+        assert self.write is not None
+        if hole is not None or not self.write(live):
+            return False
+        self.last = live[-1].seq
+        if ended:
+            self.ended = True
+            self.wake()
+        return True

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
+from orchestra.api.sse import DirectWrites
 from tests.conftest import Service
 from tests.fixtures.fake_ollama import Failure, FakeOllama
 from tests.fixtures.servers import wait_until
@@ -235,3 +238,49 @@ async def test_many_subscribers_do_not_slow_the_worker(
     # alone was seen). A follower that polled, or read the database per follower per event,
     # takes several times longer.
     assert watched < 3 * alone + 2.0, (alone, watched)
+
+
+class SlowClient:
+    """An ASGI ``send`` whose chunks marked ``slow`` wait for ``gate`` (a client that stopped
+    reading: uvicorn's send then waits for its socket to drain)."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.sent: list[bytes] = []
+
+    async def __call__(self, message: Any) -> None:
+        if message["body"].startswith(b"slow"):
+            await self.gate.wait()
+        if message["body"] == b"broken":
+            raise ConnectionResetError("gone")
+        self.sent.append(message["body"])
+
+
+async def test_a_direct_write_that_must_wait_is_finished_in_order() -> None:
+    client, writes = SlowClient(), DirectWrites()
+    assert not writes.write(b"early")  # nothing attached: the stream has not started
+    writes.attach(client)
+    assert writes.write(b"a") and client.sent == [b"a"]  # written at once, no task involved
+    assert writes.write(b"slow b")  # taken, but waits for the client
+    assert not writes.write(b"c")  # refused while it waits: the follower's own task sends it
+    assert client.sent == [b"a"] and writes.waited == 1
+    client.gate.set()
+    await writes.flush()  # what the stream's task does before sending a chunk of its own
+    assert client.sent == [b"a", b"slow b"]
+    assert writes.write(b"c") and client.sent == [b"a", b"slow b", b"c"]
+    writes.detach()
+    assert not writes.write(b"d")
+
+
+async def test_a_direct_write_that_fails_fails_the_stream_at_its_next_chunk() -> None:
+    client, writes = SlowClient(), DirectWrites()
+    writes.attach(client)
+    assert writes.write(b"broken")
+    with pytest.raises(ConnectionResetError):
+        await writes.flush()
+    assert writes.write(b"after")  # flushed: nothing pending any more
+    client.gate.clear()
+    assert writes.write(b"slow, and the stream ends")
+    writes.detach()  # gives the waiting write up
+    await asyncio.sleep(0)
+    assert client.sent == [b"after"]

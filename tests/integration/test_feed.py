@@ -331,3 +331,112 @@ async def test_followers_that_hang_up_leave_the_hub(service: Service) -> None:
         for stream in streams:
             await stream.aclose()  # the connection goes with it (a streamed body not read)
     await wait_until(lambda: feed.subscribers == 0)
+
+
+# -- the reader writes for followers that are caught up ----------------------------------------
+
+
+def follow_with(
+    feed: EventFeed, yielded: list[FeedEvent], write: Callable[[list[FeedEvent]], bool]
+) -> asyncio.Task[None]:
+    async def follow() -> None:
+        async for batch in feed.follow(FeedFilter(), 0, write):
+            yielded.extend(batch)
+
+    return asyncio.create_task(follow())
+
+
+async def test_a_caught_up_follower_gets_new_events_from_the_reader_without_waking(
+    db: Database, db_url: str
+) -> None:
+    async with running_feed(db, poll_seconds=30) as (feed, store):
+        written: list[list[FeedEvent]] = []
+        yielded: list[FeedEvent] = []
+
+        def write(events: list[FeedEvent]) -> bool:
+            written.append(events)
+            return True
+
+        follower = follow_with(feed, yielded, write)
+        await enqueue(feed, store)  # caught up from the database, or written: either way
+        await wait_until(lambda: len(yielded) + sum(map(len, written)) == 1)
+        before = (len(yielded), feed.delivered)
+        for n in range(2, 6):
+            await wait_until(lambda: feed.waiting == 1)
+            await enqueue(feed, store)
+            await wait_until(lambda n=n: len(yielded) + sum(map(len, written)) == n)
+        assert len(yielded) == before[0]  # its task yielded nothing more: it was never woken
+        assert feed.delivered - before[1] == 4
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+    every = [e[0] for e in stored(db_url)]
+    assert sorted(e.id for e in yielded + [e for w in written for e in w]) == every
+    assert [e.id for w in written for e in w] == every[len(every) - sum(map(len, written)) :]
+
+
+async def test_events_a_writer_cannot_take_come_from_the_follow_in_order(
+    db: Database, db_url: str
+) -> None:
+    async with running_feed(db, poll_seconds=30) as (feed, store):
+        written: list[FeedEvent] = []
+        yielded: list[FeedEvent] = []
+        refuse = True
+
+        def write(events: list[FeedEvent]) -> bool:
+            if refuse:
+                return False  # e.g. an earlier write still waits for the client
+            written.extend(events)
+            return True
+
+        follower = follow_with(feed, yielded, write)
+        for n in range(1, 4):
+            await wait_until(lambda: feed.waiting == 1)
+            await enqueue(feed, store)
+            await wait_until(lambda n=n: len(yielded) == n)
+        refuse = False
+        await wait_until(lambda: feed.waiting == 1)
+        await enqueue(feed, store)
+        await wait_until(lambda: len(written) == 1)
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+    assert feed.delivered == 1
+    assert [e.id for e in yielded + written] == [e[0] for e in stored(db_url)]
+
+
+async def test_idle_followers_are_written_by_the_reader_over_http(
+    service: Service, db_url: str
+) -> None:
+    """Idle streams (the all-tasks feed, a queued task's) get the next event from the reader
+    itself, exactly as their own task would send it; a task's stream still ends after
+    ``task.finished``."""
+    feed = service.app.state.runtime.feed
+    queued = await service.client.post(
+        "/api/v1/tasks", json={"template": "summarize", "params": {"text": "x"}, "delay": 3600}
+    )
+    assert queued.status_code == 201, queued.text
+    task_id = queued.json()["id"]
+    start = stored(db_url)[-1][0]
+
+    async def everything() -> list[Event]:
+        return await feed_until(service, finished(1), f"after={start}")
+
+    async def own() -> list[Event]:
+        return [e async for e in read_events(service.client, f"/api/v1/tasks/{task_id}/events")]
+
+    streams = [asyncio.create_task(f()) for f in [everything] * 4 + [own] * 4]
+    await wait_until(lambda: feed.subscribers == 8 and feed.waiting == 8)
+    delivered = feed.delivered
+    cancelled = await service.client.post(f"/api/v1/tasks/{task_id}/cancel")
+    assert cancelled.status_code == 200, cancelled.text
+    async with asyncio.timeout(20):
+        seen = await asyncio.gather(*streams)
+    assert feed.delivered - delivered >= 8  # each stream's new events, written by the reader
+    ids = [e[0] for e in stored(db_url) if e[1] == task_id]
+    seqs = [e[2] for e in stored(db_url) if e[1] == task_id]
+    for events in seen[:4]:
+        assert [int(e["id"]) for e in events] == [i for i in ids if i > start]
+        assert events[-1]["event"] == "task.finished" and events[-1]["status"] == "cancelled"
+    for events in seen[4:]:  # every event of the task, then the stream ended
+        assert [e["seq"] for e in events] == seqs
+        assert events[-1]["event"] == "task.finished"
+    await wait_until(lambda: feed.subscribers == 0)

@@ -12,7 +12,7 @@ from litestar.params import HeaderParameter, QueryParameter
 
 from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
-from orchestra.api.sse import EventStream, Frames, frame
+from orchestra.api.sse import DirectWrites, EventStream, Frames, frame
 from orchestra.db.feed import FeedEvent, FeedFilter
 from orchestra.errors import FieldProblem, InvalidRequest
 from orchestra.event_types import EventType
@@ -117,8 +117,13 @@ class EventController(Controller):
         # Fixed now, before the answer starts: what happens once it has started is sent.
         start = await feed.newest() if after is None else after
 
-        async def stream() -> AsyncIterator[bytes]:
-            async for events in feed.follow(wanted, start):
-                yield sse(events, runtime.frames)
+        frames, writes = runtime.frames, DirectWrites()
 
-        return EventStream(stream())
+        def write(events: list[FeedEvent]) -> bool:
+            return writes.write(sse(events, frames))
+
+        async def stream() -> AsyncIterator[bytes]:
+            async for events in feed.follow(wanted, start, write):
+                yield sse(events, frames)
+
+        return EventStream(stream(), writes)

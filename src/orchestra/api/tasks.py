@@ -17,7 +17,7 @@ from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
 from orchestra.api.schemas import TaskList, TaskOut, TaskSummaryOut
-from orchestra.api.sse import EventStream, Frames, frame
+from orchestra.api.sse import DirectWrites, EventStream, Frames, frame
 from orchestra.auth import Caller
 from orchestra.db.events import TaskEvent
 from orchestra.domain import TaskStatus
@@ -195,11 +195,16 @@ class TaskController(Controller):
             after = int(last_event_id)
         await tasks.get(task_id)  # 404 now, before the stream starts
 
-        async def stream() -> AsyncIterator[bytes]:
-            async for events in tasks.follow_batches(task_id, after):
-                yield _sse(task_id, events, runtime.frames)
+        frames, writes = runtime.frames, DirectWrites()
 
-        return EventStream(stream())
+        def write(events: list[TaskEvent]) -> bool:
+            return writes.write(_sse(task_id, events, frames))
+
+        async def stream() -> AsyncIterator[bytes]:
+            async for events in tasks.follow_batches(task_id, after, write):
+                yield _sse(task_id, events, frames)
+
+        return EventStream(stream(), writes)
 
     @post(
         "/{task_id:int}/cancel",
