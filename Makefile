@@ -128,11 +128,13 @@ lint: $(VENV)/.installed-dev
 # Three pytest processes on 2 cores, a test file each at a time (a file's module fixtures
 # start once): with two, the cores stood 40 % idle while tests waited on servers, child
 # processes and clocks. (Both engines' passes at once, four processes, overloaded the cores:
-# timing tests failed.)
-PYTEST := $(BIN)/python -m pytest -n 3 --dist loadfile
+# timing tests failed.) The files go out longest first (tests/fixtures/ordering.py), so the
+# run does not end on one process alone with a minute-long file; --no-loadscope-reorder keeps
+# that order (xdist's own puts the files with most tests first, however long they take).
+PYTEST := $(BIN)/python -m pytest -n 3 --dist loadfile --no-loadscope-reorder
 # The PostgreSQL pass, four: its tests wait more on the server and less on the cores (with
 # three, the test processes used 58 % of the 2 cores; the SQLite pass, 80 %).
-PYTEST_PG := $(BIN)/python -m pytest -n 4 --dist loadfile
+PYTEST_PG := $(BIN)/python -m pytest -n 4 --dist loadfile --no-loadscope-reorder
 
 # The whole suite on SQLite, then every test that uses a database again on PostgreSQL: a
 # throwaway server the tests start themselves (tests/fixtures/postgres.py), when PostgreSQL's

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
+from sqlalchemy.engine import make_url
 
 from orchestra.api.app import create_app
 from orchestra.auth import Scope
@@ -26,6 +27,8 @@ from orchestra.db.keys import KeyStore
 from orchestra.db.schema import upgrade
 from tests.fixtures.browser import browser  # noqa: F401  (the fixture, for the browser tests)
 from tests.fixtures.fake_ollama import FakeOllama, running_fake_ollama
+from tests.fixtures.migrated import copy_sqlite_file, migrate, migrated_sqlite_file
+from tests.fixtures.ordering import longest_first
 from tests.fixtures.postgres import ON_POSTGRESQL, PostgresServer, running_postgres
 from tests.fixtures.servers import serve
 
@@ -101,6 +104,11 @@ def pytest_configure(config: pytest.Config) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
     )
     logging.getLogger().setLevel(logging.WARNING)
+    config.addinivalue_line(
+        "markers",
+        "empty_database: db_url is an empty database, not a copy of a migrated one (tests of "
+        "migrating; tests/fixtures/migrated.py)",
+    )
 
 
 def pytest_report_header() -> str:
@@ -112,9 +120,9 @@ ENGINE_FREE = ("real_model", "browser")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Files with slow tests (or a real model's) first: xdist hands out files in this order
-    (``--dist loadfile``), so a minute-long file starts early instead of running alone at the
-    end.
+    """The longest files first (tests/fixtures/ordering.py): xdist hands out files in this
+    order (``--dist loadfile --no-loadscope-reorder``), so a minute-long file starts early
+    instead of running alone at the end.
 
     On PostgreSQL, run the tests that use a database (the ``db_url`` fixture, directly or
     through another): the others ran on SQLite already and touch no engine. Leave out too
@@ -123,12 +131,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     SQLite, and the storage under them runs on PostgreSQL through the other tests (the
     dashboard's pages in test_dashboard*.py, retries and leases with the fake models). Skip
     the tests about SQLite itself (marked ``sqlite_only``)."""
-    slow_files = {
-        item.path
-        for item in items
-        if item.get_closest_marker("slow") or item.get_closest_marker("real_model")
-    }
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: order kept within
+    longest_first(items, config.rootpath)
     if not ON_POSTGRESQL:
         return
     skip = pytest.mark.skip(reason="about SQLite itself (its file, writer or locks)")
@@ -157,19 +160,45 @@ def postgres() -> Iterator[PostgresServer | None]:
         yield server
 
 
-@pytest.fixture
-def db_url(tmp_path: Path, postgres: PostgresServer | None) -> Iterator[str]:
-    """The test's own database: a SQLite file, or an empty PostgreSQL database."""
+@pytest.fixture(scope="session")
+def migrated_template(
+    postgres: PostgresServer | None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A database migrated to the latest schema once in this test process, which ``db_url``
+    copies: a SQLite file's path, or a PostgreSQL database's name."""
     if postgres is None:
-        yield f"sqlite+aiosqlite:///{tmp_path / 'orchestra.db'}"
+        yield str(migrated_sqlite_file(tmp_path_factory.mktemp("migrated")))
         return
     with postgres.database() as url:
+        migrate(url)
+        yield make_url(url).database or ""
+
+
+@pytest.fixture
+def db_url(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    postgres: PostgresServer | None,
+    migrated_template: str,
+) -> Iterator[str]:
+    """The test's own database: a SQLite file, or a PostgreSQL database; migrated to the
+    latest schema (a copy of ``migrated_template``), or empty for a test marked
+    ``empty_database`` (one about migrating)."""
+    empty = request.node.get_closest_marker("empty_database") is not None
+    if postgres is None:
+        path = tmp_path / "orchestra.db"
+        if not empty:
+            copy_sqlite_file(Path(migrated_template), path)
+        yield f"sqlite+aiosqlite:///{path}"
+        return
+    with postgres.database(template=None if empty else migrated_template) as url:
         yield url
 
 
 @pytest.fixture
 async def db(db_url: str) -> AsyncIterator[Database]:
-    """The test's database file, migrated to the latest schema."""
+    """The test's database, migrated to the latest schema (``db_url`` is, unless the test is
+    marked ``empty_database``)."""
     database = Database(db_url)
     await upgrade(database)
     yield database

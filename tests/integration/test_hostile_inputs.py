@@ -415,6 +415,7 @@ async def test_each_api_key_has_its_own_idempotency_keys(
         assert f"task {bob.json()['id']} " in changed.json()["message"]
 
 
+@pytest.mark.empty_database
 async def test_keys_stored_before_scoping_stay_in_the_anonymous_scope(db_url: str) -> None:
     """Migration 7 keeps every stored key: it lands in the anonymous scope, where a request
     without an API key still finds it, and an API key's own use of it makes its own task."""

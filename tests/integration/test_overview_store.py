@@ -128,6 +128,7 @@ async def test_an_idempotent_replay_counts_once(store: TaskStore, db: Database) 
     assert counted(db)[0]["queued"] == 1
 
 
+@pytest.mark.empty_database
 async def test_migration_5_counts_the_rows_already_there(db_url: str) -> None:
     old = Database(db_url)
 

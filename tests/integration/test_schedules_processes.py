@@ -33,6 +33,7 @@ def fired_events(log: Path) -> list[dict[str, object]]:
     return events
 
 
+@pytest.mark.empty_database
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 async def test_two_processes_fire_each_tick_of_an_every_2s_schedule_exactly_once(

@@ -33,6 +33,7 @@ async def two(db_url: str) -> AsyncIterator[tuple[Database, Database]]:
         await second.close()
 
 
+@pytest.mark.empty_database
 async def test_processes_migrating_together_both_start(db_url: str) -> None:
     databases = [Database(db_url) for _ in range(3)]
     try:
