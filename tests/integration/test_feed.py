@@ -440,3 +440,24 @@ async def test_idle_followers_are_written_by_the_reader_over_http(
         assert [e["seq"] for e in events] == seqs
         assert events[-1]["event"] == "task.finished"
     await wait_until(lambda: feed.subscribers == 0)
+
+
+@pytest.mark.sqlite_only
+async def test_with_nobody_following_the_reader_reads_no_events(db: Database, db_url: str) -> None:
+    """Nobody subscribed: the watermark moves to the newest event without reading the events
+    since (a busy queue's second of events, decoded on the event loop, held it 10 ms and
+    more); a follower that comes later still gets every event after it subscribed."""
+    signals = TaskSignals()
+    feed = EventFeed(db, signals)
+    await feed.start()
+    store = TaskStore(db, on_change=signals.publish)
+    for _ in range(5):
+        await store.enqueue(NewTask(template="t", template_version=1, params={}))
+    await feed.read_once()
+    assert feed.reads == 0
+    assert feed.watermark == sql_rows(db_url, "SELECT max(id) FROM task_events")[0][0]
+    with feed.subscribe(FeedFilter()) as sub:
+        later = (await store.enqueue(NewTask(template="t", template_version=1, params={}))).task
+        await feed.read_once()
+        assert feed.reads == 1
+        assert [e.task_id for e in sub.take()] == [later.id]

@@ -39,6 +39,7 @@ def _events(log: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in lines if line.startswith("{")]
 
 
+@pytest.mark.empty_database
 async def test_serve_upgrades_the_database_and_loads_the_templates_once(
     fake_ollama: FakeOllama, tmp_path: Path, db_url: str
 ) -> None:
@@ -46,9 +47,14 @@ async def test_serve_upgrades_the_database_and_loads_the_templates_once(
     write_config(config, port=free_port(), db=db_url, ollama_url=fake_ollama.url)
     proc = await start_process(config)
     try:
-        names = [e.get("event") for e in _events(config.with_suffix(".log"))]
+        events = _events(config.with_suffix(".log"))
+        names = [e.get("event") for e in events]
         assert names.count("database.ready") == 1
         assert names.count("templates.loaded") == 1
+        # Once started, what it holds is frozen: a full garbage collection no longer walks
+        # it on the event loop (it held the loop for 100 ms and more).
+        frozen = [e for e in events if e.get("event") == "service.heap_frozen"]
+        assert len(frozen) == 1 and frozen[0]["objects"] > 10_000, frozen
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), timeout=30)

@@ -299,7 +299,7 @@ class Runtime:
                         schedules,
                         interval=s.scheduler.interval,
                         grace=s.scheduler.grace,
-                        queued=pool.notify,
+                        queued=queued,  # the workers, and the feed: its task.queued
                     )
                     schedules.wake = ticks.wake
                     ticker = asyncio.create_task(ticks.run(), name="schedules")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import socket
 from collections.abc import Callable
 from types import FrameType
@@ -183,7 +184,25 @@ class Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        """uvicorn's startup, then ``on_started`` when it listens."""
+        """uvicorn's startup, then ``on_started`` when it listens; the objects of the started
+        service are frozen (:func:`freeze_heap`)."""
         await super().startup(sockets)
+        if self.started:
+            freeze_heap()
         if self.started and self.on_started is not None:
             self.on_started()
+
+
+def freeze_heap() -> None:
+    """Keep what the started service holds for its whole life out of the garbage collector's
+    way.
+
+    Python's full collection walks every object it tracks, on the event loop: with the
+    modules, templates and connections of a started service (about 140,000 objects) it held
+    the loop for 100–120 ms, and a task submitted meanwhile waited that long to be claimed.
+    Frozen (:func:`gc.freeze`), they are never walked again, and a full collection looks only
+    at what came later (5 ms). For a process that is the service's own (``orchestra serve``):
+    a cycle of frozen objects that later becomes garbage is never collected."""
+    gc.collect()
+    gc.freeze()
+    log.info("service.heap_frozen", objects=gc.get_freeze_count())

@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 from sqlalchemy import (
+    BindParameter,
     ColumnElement,
     Connection,
     Integer,
@@ -113,13 +114,27 @@ assert guards.CLAIM.sources == {TaskStatus.QUEUED}
 
 #: SQLite's planner, without statistics, takes the status index for ``status = 'queued'``
 #: (it guesses that an equality picks a few rows) and sorts what it finds, so the claim names
-#: its index (``INDEXED BY``; SQLAlchemy renders no table hints for SQLite). The claim of a
-#: pool with models at their limit (``skip_models``, a NOT IN list) is left to the planner.
+#: its index (``INDEXED BY``; SQLAlchemy renders no table hints for SQLite), with or without
+#: the models at their limit (``skip_models``, a NOT IN list).
 _SQLITE_DUE = (
     "SELECT tasks.id FROM tasks INDEXED BY ix_tasks_queue "
-    "WHERE tasks.status = 'queued' AND tasks.run_at <= :c_now AND tasks.priority >= :c_floor "
-    "ORDER BY tasks.priority DESC, tasks.run_at, tasks.id LIMIT :c_limit"
+    "WHERE tasks.status = 'queued' AND tasks.run_at <= :c_now AND tasks.priority >= :c_floor"
+    "{skip} ORDER BY tasks.priority DESC, tasks.run_at, tasks.id LIMIT :c_limit"
 )
+
+
+def _sqlite_due(skip_models: tuple[str, ...]) -> Any:
+    """SQLite's pick of the due tasks (:data:`_SQLITE_DUE`), none of a model in
+    ``skip_models`` (NOT IN is NULL for a NULL model: model-less tasks may run)."""
+    names = [f"c_skip_{n}" for n in range(len(skip_models))]
+    skip = ""
+    if names:
+        listed = ", ".join(f":{name}" for name in names)
+        skip = f" AND (tasks.model IS NULL OR tasks.model NOT IN ({listed}))"
+    binds: list[BindParameter[str]] = [
+        bindparam(name, value) for name, value in zip(names, skip_models, strict=True)
+    ]
+    return text(_SQLITE_DUE.format(skip=skip)).bindparams(*binds).columns(tasks.c.id)
 
 
 def claim_statement(skip_models: tuple[str, ...] = (), engine: str = "sqlite") -> Any:
@@ -135,6 +150,8 @@ def claim_statement(skip_models: tuple[str, ...] = (), engine: str = "sqlite") -
     pool whose reserved slot is all that is left claims single tasks only. A range on the
     queue index's first column, so the claim reads no batch row it may not take.
     """
+    if engine != "postgresql":
+        return _claim_update(tasks.c.id.in_(_sqlite_due(skip_models)))
     due = (
         select(tasks.c.id)
         .where(
@@ -148,13 +165,12 @@ def claim_statement(skip_models: tuple[str, ...] = (), engine: str = "sqlite") -
     if skip_models:
         # NOT IN is NULL for a NULL model: say explicitly that model-less tasks may run.
         due = due.where(or_(tasks.c.model.is_(None), tasks.c.model.not_in(list(skip_models))))
-    if engine == "postgresql":
-        picked = due.with_for_update(skip_locked=True).cte("due")
-        chosen: ColumnElement[bool] = tasks.c.id == picked.c.id
-    elif skip_models:
-        chosen = tasks.c.id.in_(due)
-    else:
-        chosen = tasks.c.id.in_(text(_SQLITE_DUE).columns(tasks.c.id))
+    picked = due.with_for_update(skip_locked=True).cte("due")
+    return _claim_update(tasks.c.id == picked.c.id)
+
+
+def _claim_update(chosen: ColumnElement[bool]) -> Any:
+    """The claim's UPDATE … RETURNING of the ``chosen`` tasks."""
     return (
         update(tasks)
         .where(chosen, guards.CLAIM.guard)

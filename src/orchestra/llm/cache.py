@@ -38,7 +38,7 @@ log = logs.get("orchestra.cache")
 #: Writes between two evictions (:meth:`~orchestra.db.cache.CacheStore.evict`). An eviction
 #: walks the cap's worth of an index (10,000 entries by default): in every write it held the
 #: event loop for milliseconds, which a task submitted meanwhile waited out.
-EVICT_EVERY = 64
+EVICT_EVERY = 500
 #: An eviction deletes at most this many entries per write since the last one, of each kind.
 EVICT_LIMIT = 4
 
