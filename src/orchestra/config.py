@@ -317,7 +317,7 @@ class CacheSettings(_Section, frozen=True):
     enabled: bool = True
     #: Seconds an answer is kept; older ones are not used, and are deleted as answers are added.
     ttl: float = 604_800.0
-    #: The most answers kept; every 500 writes of a process, the oldest beyond this are deleted.
+    #: The most answers kept; the oldest beyond this are deleted every 500 writes or minute.
     max_entries: int = 10_000
 
 

@@ -118,7 +118,7 @@ class Subscription:
             and self.deliver is not None
             and not self._buffer
             and self.reread_upto is None
-            and self.deliver(events)
+            and self._delivered(self.deliver, events)
         ):
             return Pushed.DELIVERED
         self._wake.set()
@@ -128,6 +128,16 @@ class Subscription:
             return Pushed.OVERFLOWED
         self._buffer.extend(events)
         return Pushed.BUFFERED
+
+    @staticmethod
+    def _delivered(deliver: Callable[[list[FeedEvent]], bool], events: list[FeedEvent]) -> bool:
+        """``deliver(events)``; a follower's writer that raises has delivered nothing (its
+        task then gets the events), and never stops the reader or the other followers."""
+        try:
+            return deliver(events)
+        except Exception as exc:
+            log.warning("feed.delivery_failed", error=f"{type(exc).__name__}: {exc}")
+            return False
 
     def take(self) -> list[FeedEvent]:
         """The buffered events, oldest first; the buffer is empty after."""

@@ -293,8 +293,9 @@ async def test_the_size_cap_deletes_the_oldest_answers(
 async def test_eviction_runs_every_so_many_writes_not_in_each(
     db: Database, ollama: OllamaProvider
 ) -> None:
-    """A write is one insert; every ``evict_every`` writes, the table is brought back to its
-    cap (it walks the cap's worth of the index, too slow for every write)."""
+    """A write is one insert; every ``evict_every`` writes (and at the first, and a minute
+    after the last eviction), the table is brought back to its cap (that walks the cap's worth
+    of the index, too slow for every write)."""
     clock = Clock()
     store = CacheStore(db)
     cache = AnswerCache(
@@ -305,10 +306,13 @@ async def test_eviction_runs_every_so_many_writes_not_in_each(
         clock.now += timedelta(seconds=1)
         await cache.chat(ollama, ask(f"call {n}"))
         counts.append(await store.count())
-    assert counts == [1, 2, 3, 2, 3, 4, 5, 2]
-    # The newest two stayed.
+    assert counts == [1, 2, 3, 4, 2, 3, 4, 5]  # the first write evicts too (nothing, here)
+    # What came since the last eviction stays, until the next one.
     assert (await cache.chat(ollama, ask("call 7"))).usage.cached
     assert (await cache.chat(ollama, ask("call 6"))).usage.cached
+    clock.now += timedelta(seconds=60)  # a minute after the last eviction: the next write evicts
+    await cache.chat(ollama, ask("call 8"))
+    assert await store.count() == 2
 
 
 async def test_concurrent_writers_of_one_answer_both_succeed(

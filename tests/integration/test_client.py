@@ -187,6 +187,8 @@ async def test_batches_from_a_file_and_from_an_iterable_run_to_their_results(
         assert (await api.do("retry_batch", from_file.batch.id)).changed == 0  # none failed
         both = ("failed", "cancelled")
         assert (await api.do("retry_batch", from_file.batch.id, statuses=both)).changed == 0
+        # One status as a plain string is that status, not its letters (a 400 before).
+        assert (await api.do("retry_batch", from_file.batch.id, statuses="cancelled")).changed == 0
         assert (await api.do("cancel_batch", from_file.batch.id)).changed == 0  # all done
         with pytest.raises(NotFound):
             await api.do("get_batch", 999)

@@ -265,6 +265,8 @@ async def test_a_direct_write_that_must_wait_is_finished_in_order() -> None:
     assert not writes.write(b"c")  # refused while it waits: the follower's own task sends it
     assert client.sent == [b"a"] and writes.waited == 1
     client.gate.set()
+    # Once it is sent, the next write goes at once, before the stream's own task flushes.
+    await wait_until(lambda: writes.ready, timeout=5)
     await writes.flush()  # what the stream's task does before sending a chunk of its own
     assert client.sent == [b"a", b"slow b"]
     assert writes.write(b"c") and client.sent == [b"a", b"slow b", b"c"]

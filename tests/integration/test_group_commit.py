@@ -180,14 +180,16 @@ async def test_writes_go_on_while_the_log_is_copied_aside(db: Database) -> None:
             text("INSERT INTO t (k, v) VALUES (:k, :v)"), {"k": k, "v": "x" * 3000}
         )
 
-    for k in range(1, CHECKPOINT_COMMITS + 1):
-        await db.transaction(insert(k), small=True)
-    assert await asyncio.to_thread(copying.wait, 10)
-    # The copy is under way (and slow): writes do not wait for it.
-    for k in range(CHECKPOINT_COMMITS + 1, CHECKPOINT_COMMITS + 21):
-        await asyncio.wait_for(db.transaction(insert(k), small=True), 5)
-    assert not release.is_set()
-    release.set()
+    try:
+        for k in range(1, CHECKPOINT_COMMITS + 1):
+            await db.transaction(insert(k), small=True)
+        assert await asyncio.to_thread(copying.wait, 10)
+        # The copy is under way (and slow): writes do not wait for it.
+        for k in range(CHECKPOINT_COMMITS + 1, CHECKPOINT_COMMITS + 21):
+            await asyncio.wait_for(db.transaction(insert(k), small=True), 5)
+        assert not release.is_set()
+    finally:
+        release.set()
 
     def log_frames() -> tuple[int, int]:
         """(frames in the log, frames copied into the file), from the shared-memory index

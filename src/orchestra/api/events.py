@@ -120,7 +120,7 @@ class EventController(Controller):
         frames, writes = runtime.frames, DirectWrites()
 
         def write(events: list[FeedEvent]) -> bool:
-            return writes.write(sse(events, frames))
+            return writes.ready and writes.write(sse(events, frames))
 
         async def stream() -> AsyncIterator[bytes]:
             async for events in feed.follow(wanted, start, write):

@@ -87,8 +87,7 @@ class DirectWrites:
     def __init__(self) -> None:
         self._send: Send | None = None
         self._pending: asyncio.Future[None] | None = None
-        #: Chunks written here, and how many of them had to wait for the client (for tests).
-        self.written = 0
+        #: How many writes had to wait for the client (for tests).
         self.waited = 0
 
     def attach(self, send: Send) -> None:
@@ -106,13 +105,17 @@ class DirectWrites:
         elif not pending.cancelled():
             pending.exception()  # retrieved: the stream ends anyway
 
+    @property
+    def ready(self) -> bool:
+        """Whether :meth:`write` would send now (so a chunk is not encoded for nothing)."""
+        return self._send is not None and self._pending is None
+
     def write(self, chunk: bytes) -> bool:
         """Send ``chunk`` now, without waiting; False (nothing sent) while nothing is attached
         or an earlier write still waits. A send that has to wait for the client goes on in a
         task of its own, which :meth:`flush` waits for."""
         if self._send is None or self._pending is not None:
             return False
-        self.written += 1
         message: HTTPResponseBodyEvent = {
             "type": "http.response.body",
             "body": chunk,
@@ -123,14 +126,21 @@ class DirectWrites:
             waiting = sending.send(None)
         except StopIteration:
             return True
-        except Exception as exc:  # the stream's own task raises it, at its next flush
+        except (Exception, asyncio.CancelledError) as exc:  # raised by its task's next flush
             failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             failed.set_exception(exc)
             self._pending = failed
             return True
         self.waited += 1
-        self._pending = asyncio.ensure_future(_finish(sending, waiting))
+        pending = self._pending = asyncio.ensure_future(_finish(sending, waiting))
+        pending.add_done_callback(self._sent)
         return True
+
+    def _sent(self, pending: asyncio.Future[None]) -> None:
+        """A write that had to wait is done: if it went well, the next may go at once (one
+        that failed stays, for :meth:`flush` to raise in the stream's own task)."""
+        if pending is self._pending and not pending.cancelled() and pending.exception() is None:
+            self._pending = None
 
     async def flush(self) -> None:
         """Wait for a write that had to wait (its error, if it failed, is raised here)."""

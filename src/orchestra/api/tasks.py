@@ -198,7 +198,7 @@ class TaskController(Controller):
         frames, writes = runtime.frames, DirectWrites()
 
         def write(events: list[TaskEvent]) -> bool:
-            return writes.write(_sse(task_id, events, frames))
+            return writes.ready and writes.write(_sse(task_id, events, frames))
 
         async def stream() -> AsyncIterator[bytes]:
             async for events in tasks.follow_batches(task_id, after, write):

@@ -536,8 +536,9 @@ def cancel_batch(batch_id: int) -> Call[ActionOut]:
 
 
 def retry_batch(batch_id: int, statuses: Sequence[str] = ("failed",)) -> Call[ActionOut]:
-    """POST …/retry: the rows in ``statuses`` (failed, cancelled) queued again."""
-    params = {"statuses": list(statuses)}
+    """POST …/retry: the rows in ``statuses`` (failed, cancelled) queued again; one status
+    may be given as a plain string."""
+    params = {"statuses": [statuses] if isinstance(statuses, str) else list(statuses)}
     return Call("POST", f"/api/v1/batches/{batch_id}/retry", _as(ActionOut), params=params)
 
 

@@ -188,6 +188,8 @@ class SqliteDatabase(Database):
             with self._lock:
                 batch, self._pending = self._pending, []
                 if not batch:
+                    if self._checkpoint_due:  # asked for since the look above
+                        continue
                     self._draining = False
                     return
             outcomes = self._run_group(batch, wait=True)
@@ -352,16 +354,13 @@ class SqliteDatabase(Database):
     def _checkpoint_soon(self) -> None:
         """Count a commit; every :data:`CHECKPOINT_COMMITS`, copy the log aside.
 
-        The writer's connection does not checkpoint in its commits (``wal_autocheckpoint``
-        0): on the event loop, the commit that did would hold the loop for milliseconds.
-        A checkpoint is mostly copying pages and waiting for the disk to sync them (7.8 ms for
-        a hundred commits' pages here, 0.3 ms of it without the sync), and a PASSIVE one takes
-        no lock a writer needs. So it runs in two parts: first on its own thread and
-        connection, beside the writes (:meth:`_checkpoint_aside`); then, to reach the log's
-        end so that the log starts over, the writer's thread copies what was committed
-        meanwhile before its next group (:meth:`_drain`), while small transactions wait.
-        That part is short: a few commits' pages. (Checkpointed only on the writer's thread,
-        a task submitted during one waited for all of it.)"""
+        No commit checkpoints (``wal_autocheckpoint`` 0: on the loop it would hold it). A
+        checkpoint is mostly copying pages and syncing the disk (7.8 ms a hundred commits'
+        pages here, 0.3 ms without the sync), and a PASSIVE one takes no lock a writer needs:
+        so it runs first on its own thread and connection, beside the writes
+        (:meth:`_checkpoint_aside`); then the writer's thread copies what came meanwhile
+        before its next group (:meth:`_drain`), so that the log starts over. Only that short
+        part holds the writes (all of it did, when it ran on the writer's thread alone)."""
         self._commits += 1
         if self._commits < CHECKPOINT_COMMITS:
             return
@@ -369,7 +368,10 @@ class SqliteDatabase(Database):
             if self._checkpointing:
                 return
             self._commits, self._checkpointing = 0, True
-        self._checkpointer.submit(self._checkpoint_aside)
+        try:
+            self._checkpointer.submit(self._checkpoint_aside)
+        except RuntimeError:  # closing: the writer's own checkpoints are enough now
+            self._checkpointing = False
 
     def _checkpoint_aside(self) -> None:
         """On the checkpoint's thread: copy the log into the database file beside the writes;
@@ -404,7 +406,8 @@ class SqliteDatabase(Database):
         except Exception as exc:  # the next one copies what this one could not
             log.warning("database.checkpoint_failed", error=f"{type(exc).__name__}: {exc}")
         finally:
-            self._checkpoint_due = False
+            with self._lock:
+                self._checkpoint_due = False
 
     def _recover(self) -> None:
         """After a failed statement or COMMIT, leave the writer ready for the next group.
@@ -578,7 +581,8 @@ class SqliteDatabase(Database):
         if self._draining:  # transactions still queued: let them end first (in order)
             with contextlib.suppress(Exception):
                 await self.transaction(lambda _conn: None)
-        self._checkpointer.shutdown(wait=True)  # a copy aside ends before the writer closes
+        # A copy aside ends before the writer closes (waited for off the loop).
+        await asyncio.to_thread(self._checkpointer.shutdown, wait=True)
         await asyncio.get_running_loop().run_in_executor(self._thread, close_writer)
         self._thread.shutdown(wait=True)
         if self._aside is not None:

@@ -41,6 +41,9 @@ log = logs.get("orchestra.cache")
 EVICT_EVERY = 500
 #: An eviction deletes at most this many entries per write since the last one, of each kind.
 EVICT_LIMIT = 4
+#: Seconds between two evictions at most, for a process that writes (its first write evicts
+#: too): one that writes rarely, or restarts often, still brings the table back to its cap.
+EVICT_SECONDS = 60.0
 
 _encode = msgspec.json.Encoder(order="sorted").encode
 
@@ -83,8 +86,8 @@ class AnswerCache:
     Args:
         clock: the current time (tests pass their own to age entries).
         evict_every: after this many writes (of this process), expired entries and those
-            beyond ``max_entries`` are deleted (:meth:`CacheStore.evict`): the table holds at
-            most this many more than its cap.
+            beyond ``max_entries`` are deleted (:meth:`CacheStore.evict`); also at its first
+            write, and at a write :data:`EVICT_SECONDS` or more after the last eviction.
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class AnswerCache:
         self.clock = clock
         self.evict_every = evict_every
         self._writes = 0
+        self._evicted_at: datetime | None = None
 
     async def identity(self, provider: Provider, model: str) -> tuple[str, str, str] | None:
         """(provider, model, digest) that a call for ``model`` would be asked of; None when
@@ -177,8 +181,13 @@ class AnswerCache:
         try:
             await self.store.put(hashed, answer, at=iso(at))
             self._writes += 1
-            if self._writes >= self.evict_every:
-                self._writes = 0
+            last = self._evicted_at
+            if (
+                self._writes >= self.evict_every
+                or last is None
+                or (at - last).total_seconds() >= EVICT_SECONDS
+            ):
+                self._writes, self._evicted_at = 0, at
                 await self.store.evict(
                     expired_before=iso(at - timedelta(seconds=self.settings.ttl)),
                     max_entries=self.settings.max_entries,
