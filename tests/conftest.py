@@ -17,6 +17,7 @@ from orchestra.config import (
     DEFAULT_PROVIDERS,
     CacheSettings,
     DatabaseSettings,
+    LimitSettings,
     ProviderSettings,
     Settings,
     TemplateSettings,
@@ -241,6 +242,10 @@ def make_settings(db_url: str, ollama_url: str, **workers: Any) -> Settings:
         # Off unless a test turns it on: most tests count what reaches the model, and the
         # built-in templates are deterministic (temperature 0).
         cache=CacheSettings(enabled=False),
+        # A render process spawned while the machine is busy (the suite's heaviest files run
+        # together first) took over 7 s to answer, and the default 5 s failed a test about
+        # something else; the tests of the render timeout set their own.
+        limits=LimitSettings(render_timeout=30.0),
     )
 
 
