@@ -314,13 +314,17 @@ class EventFeed:
     async def read_once(self) -> float:
         """Read the tail once and hand out what is settled; returns how soon to read again
         (0: at once, a full page was read)."""
-        if not self._groups and self.db.dialect != POSTGRESQL:
-            # Nobody follows, and SQLite's ids commit in order (no gap to wait for): move the
-            # watermark to the newest event rather than read every event since (under load, a
-            # second's thousand events, decoded on the event loop: 10 ms and more).
+        if not self._groups:
+            # Nobody follows: move the watermark up to the newest event rather than read
+            # every event since (under load, a second's thousand events, decoded on the event
+            # loop: 10 ms and more), as a starting reader does (on PostgreSQL a little
+            # before it, so that transactions still open are waited for as any gap, once
+            # someone follows; nor does it take transaction ids for gaps nobody waits on).
             newest = await reads.last_id(self.db)
             if not self._groups:  # nobody subscribed meanwhile at the old watermark
-                self.watermark = max(self.watermark, newest)
+                lookback = START_LOOKBACK if self.db.dialect == POSTGRESQL else 0
+                if newest - lookback > self.watermark:
+                    self.watermark, self._gap = newest - lookback, None
             return self.poll_seconds
         self.reads += 1
         tail = await reads.read_tail(self.db, self.watermark)

@@ -15,7 +15,7 @@ from orchestra.config import Settings
 from orchestra.db import Database, TaskStore
 from orchestra.db.feed import FeedEvent, FeedFilter
 from orchestra.domain import NewTask
-from orchestra.feed import EventFeed
+from orchestra.feed import START_LOOKBACK, EventFeed
 from orchestra.notify import TaskSignals
 from tests.conftest import Service, StartService, sql_rows
 from tests.fixtures.postgres import ON_POSTGRESQL
@@ -442,11 +442,11 @@ async def test_idle_followers_are_written_by_the_reader_over_http(
     await wait_until(lambda: feed.subscribers == 0)
 
 
-@pytest.mark.sqlite_only
 async def test_with_nobody_following_the_reader_reads_no_events(db: Database, db_url: str) -> None:
-    """Nobody subscribed: the watermark moves to the newest event without reading the events
-    since (a busy queue's second of events, decoded on the event loop, held it 10 ms and
-    more); a follower that comes later still gets every event after it subscribed."""
+    """Nobody subscribed: the watermark moves to the newest event (on PostgreSQL a starting
+    reader's look back before it) without reading the events since (a busy queue's second of
+    events, decoded on the event loop, held it 10 ms and more); a follower that comes later
+    still gets every event after it subscribed."""
     signals = TaskSignals()
     feed = EventFeed(db, signals)
     await feed.start()
@@ -455,9 +455,11 @@ async def test_with_nobody_following_the_reader_reads_no_events(db: Database, db
         await store.enqueue(NewTask(template="t", template_version=1, params={}))
     await feed.read_once()
     assert feed.reads == 0
-    assert feed.watermark == sql_rows(db_url, "SELECT max(id) FROM task_events")[0][0]
+    newest = sql_rows(db_url, "SELECT max(id) FROM task_events")[0][0]
+    lookback = START_LOOKBACK if db_url.startswith("postgresql") else 0
+    assert feed.watermark == max(0, newest - lookback)
     with feed.subscribe(FeedFilter()) as sub:
         later = (await store.enqueue(NewTask(template="t", template_version=1, params={}))).task
         await feed.read_once()
         assert feed.reads == 1
-        assert [e.task_id for e in sub.take()] == [later.id]
+        assert later.id in [e.task_id for e in sub.take()]
