@@ -205,6 +205,15 @@ class TaskService:
             await self.callbacks.check_callback(sub.callback_url)
         new = await self.prepare(sub, key_id=key_id)
         run_at = new.run_at
+        due_now = run_at is None or run_at <= now()
+        # Where the transactions asked for in one turn of the loop commit together, in order
+        # (SQLite), the workers are woken before the submit is: their claim is asked for right
+        # after its transaction, joins its commit, and sees the new task, so a free slot
+        # starts it with no commit in between. Elsewhere (PostgreSQL's claim runs on another
+        # connection) they are woken once the task is committed.
+        early = due_now and sub.callback_url is None and self.store.db.commits_together
+        if early:
+            self.scheduler.notify()
         outcome = await self._enqueue(new, sub.callback_url)
         if not outcome.created:
             if not outcome.same_request:
@@ -215,9 +224,10 @@ class TaskService:
             return Submitted(task=await self._get(outcome.task.id), created=False)
         metrics.task_submitted(new.template)
         self.feed.wake()  # its task.queued: no task signal announces a new task
-        if run_at is not None and run_at > now():
+        if not due_now:
+            assert run_at is not None
             self.scheduler.wake_at(run_at)
-        else:
+        elif not early:
             self.scheduler.notify()
         return Submitted(task=outcome.task, created=True)
 

@@ -173,6 +173,8 @@ class WebhookSender:
         if free <= 0:
             return False
         moment = self.clock()
+        if not await self.store.any_due(iso(moment)):
+            return False
         claimed = await self.store.claim(
             self.owner,
             free,

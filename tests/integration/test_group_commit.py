@@ -163,17 +163,17 @@ async def test_the_log_is_checkpointed_off_the_loop_and_stays_bounded(db: Databa
 async def test_writes_go_on_while_the_log_is_copied_aside(db: Database) -> None:
     """Most of a checkpoint (copying pages, syncing the disk) runs beside the writes; the
     writer's thread then copies only what came meanwhile, and the log starts over."""
-    from orchestra.db.sqlite_engine import CHECKPOINT_COMMITS
+    from orchestra.db.sqlite_checkpoint import CHECKPOINT_COMMITS
 
     copying, release = threading.Event(), threading.Event()
-    copy_aside = db._copy_aside  # type: ignore[attr-defined]
+    copy_aside = db.checkpoints.copy_aside  # type: ignore[attr-defined]
 
     def slow_copy_aside() -> None:  # as a disk that takes its time to sync the copy
         copy_aside()
         copying.set()
         release.wait(30)
 
-    db._copy_aside = slow_copy_aside  # type: ignore[attr-defined]
+    db.checkpoints.copy_aside = slow_copy_aside  # type: ignore[attr-defined]
 
     def insert(k: int) -> Any:
         return lambda conn: conn.execute(
@@ -199,7 +199,7 @@ async def test_writes_go_on_while_the_log_is_copied_aside(db: Database) -> None:
         return int.from_bytes(head[16:20], "little"), int.from_bytes(head[96:100], "little")
 
     async def finished() -> bool:
-        return not db._checkpointing and not db._checkpoint_due  # type: ignore[attr-defined]
+        return db.checkpoints.idle  # type: ignore[attr-defined]
 
     await wait_until(finished, timeout=10)
     frames, copied = log_frames()

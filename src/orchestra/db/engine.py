@@ -110,6 +110,12 @@ class Database:
     on_recovered: Callable[[], None] | None
     #: Reads handed to a thread because the database was busy (SQLite's read_now).
     reads_handed_off: int
+    #: Transactions asked for in one turn of the event loop commit together, in the order
+    #: asked, on one connection: a later one sees what an earlier one wrote (SQLite's group
+    #: commit). On PostgreSQL they run side by side on a pool's connections.
+    commits_together: bool = False
+    #: :meth:`watch` hears other processes now (PostgreSQL: its LISTEN connection is up).
+    listening: bool = False
 
     def __new__(cls, url: str, **options: Any) -> Database:
         if cls is not Database:

@@ -193,6 +193,7 @@ class PostgresDatabase(Database):
                     pause = LISTEN_RETRY
                     queued()  # what happened while nobody here listened
                     changed(None)
+                    self.listening = True
                     async for note in conn.notifies():
                         token, _, detail = note.payload.partition(" ")
                         if token == self.token:
@@ -202,8 +203,10 @@ class PostgresDatabase(Database):
                         else:
                             changed(notices.parse_changed(detail))
             except asyncio.CancelledError:
+                self.listening = False
                 raise
             except Exception as exc:
+                self.listening = False
                 log.warning(
                     "database.listen_failed",
                     error=f"{type(exc).__name__}: {exc}",

@@ -16,7 +16,7 @@ Either way, the transactions waiting together are committed together (group comm
 loop never waits for a lock: when another process holds the write lock, the transaction goes
 to the writer's thread, which waits. Checkpoints of the write-ahead log never run inside a
 commit on the loop: most of one runs on a thread of its own beside the writes, the rest on the
-writer's thread (:meth:`SqliteDatabase._checkpoint_soon`). (Through aiosqlite each statement
+writer's thread (:mod:`orchestra.db.sqlite_checkpoint`). (Through aiosqlite each statement
 cost four thread hops; see benchmarks/RESULTS.md.)
 
 Point reads — one task, its events, a page of a listing — skip the threads altogether:
@@ -53,12 +53,10 @@ from sqlalchemy.pool import StaticPool
 from orchestra import logs
 from orchestra.db.engine import SQLITE, Database, check_url, settled
 from orchestra.db.failures import WriteHealth, free_bytes, storage_error
+from orchestra.db.sqlite_checkpoint import Checkpoints
 from orchestra.errors import StorageError, StorageFull
 
 READ_POOL_SIZE = 4
-#: Commits between two checkpoints of the write-ahead log (about a thousand pages, SQLite's
-#: own default interval, at a dozen pages a task's write).
-CHECKPOINT_COMMITS = 100
 #: What counts as room again after a full disk: free bytes on it, and pages below its limit.
 ROOM_BYTES = 1024 * 1024
 ROOM_PAGES = 256
@@ -120,6 +118,7 @@ class SqliteDatabase(Database):
     docstring)."""
 
     dialect = SQLITE
+    commits_together = True
 
     path: Path
 
@@ -134,8 +133,8 @@ class SqliteDatabase(Database):
             connect_args={"check_same_thread": False},
         )
         _setup(self._writer, begin="BEGIN IMMEDIATE", busy_timeout_ms=busy_timeout_ms)
-        # Checkpoints run on the writer's thread between groups (_checkpoint_soon), never in a
-        # commit.
+        # Checkpoints run beside the writes and on the writer's thread between groups
+        # (sqlite_checkpoint), never in a commit.
         event.listen(
             self._writer,
             "connect",
@@ -150,15 +149,8 @@ class SqliteDatabase(Database):
         #: A drain is scheduled or running (on the loop or the writer's thread): the writer's
         #: connection is in use, and new transactions join its queue.
         self._draining = False
-        #: Commits since the last checkpoint; whether the log is being copied aside, and
-        #: whether the writer's part of a checkpoint is due (:meth:`_checkpoint_soon`).
-        self._commits = 0
-        self._checkpointing = False
-        self._checkpoint_due = False
-        self._checkpointer = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="orchestra-checkpoint"
-        )
-        self._aside: sqlite3.Connection | None = None
+        #: Checkpoints of the write-ahead log (their ``due`` is read under ``_lock``).
+        self.checkpoints = Checkpoints(self.path, self._lock, self._writer_due)
         #: The event loop the transactions come from (the writer's thread answers there).
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader = _reader_engine(
@@ -183,12 +175,12 @@ class SqliteDatabase(Database):
         until none is left; then hand the outcomes back to the event loop in one call. A
         checkpoint that is due runs first."""
         while True:
-            if self._checkpoint_due:
-                self._checkpoint()
+            if self.checkpoints.due:
+                self._finish_checkpoint()
             with self._lock:
                 batch, self._pending = self._pending, []
                 if not batch:
-                    if self._checkpoint_due:  # asked for since the look above
+                    if self.checkpoints.due:  # asked for since the look above
                         continue
                     self._draining = False
                     return
@@ -197,7 +189,7 @@ class SqliteDatabase(Database):
             with self._lock:
                 # Idle before the callers hear back, so that what they write next can run on
                 # the loop; the connection is not touched below.
-                done = not self._pending and not self._checkpoint_due
+                done = not self._pending and not self.checkpoints.due
                 if done:
                     self._draining = False
             loop.call_soon_threadsafe(_settle, [future for _, future, _ in batch], outcomes)
@@ -229,7 +221,7 @@ class SqliteDatabase(Database):
             if recovered and self.on_recovered is not None:
                 self.on_recovered()
         with self._lock:
-            if not self._pending and not self._checkpoint_due:
+            if not self._pending and not self.checkpoints.due:
                 self._draining = False
                 return
         self._thread.submit(self._drain, loop)  # what is left, after a checkpoint if one is due
@@ -330,7 +322,7 @@ class SqliteDatabase(Database):
         except Exception as exc:
             self._recover()
             return [(False, exc)] * len(works)
-        self._checkpoint_soon()
+        self.checkpoints.committed()
         return outcomes
 
     def _begin(self, conn: Connection, raw: sqlite3.Connection, *, wait: bool) -> None:
@@ -351,38 +343,10 @@ class SqliteDatabase(Database):
         finally:
             raw.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
 
-    def _checkpoint_soon(self) -> None:
-        """Count a commit; every :data:`CHECKPOINT_COMMITS`, copy the log aside.
-
-        No commit checkpoints (``wal_autocheckpoint`` 0: on the loop it would hold it). A
-        checkpoint is mostly copying pages and syncing the disk (7.8 ms a hundred commits'
-        pages here, 0.3 ms without the sync), and a PASSIVE one takes no lock a writer needs:
-        so it runs first on its own thread and connection, beside the writes
-        (:meth:`_checkpoint_aside`); then the writer's thread copies what came meanwhile
-        before its next group (:meth:`_drain`), so that the log starts over. Only that short
-        part holds the writes (all of it did, when it ran on the writer's thread alone)."""
-        self._commits += 1
-        if self._commits < CHECKPOINT_COMMITS:
-            return
+    def _writer_due(self) -> None:
+        """From the checkpoint's thread: the writer's part of a checkpoint is due; start the
+        writer's thread if it is idle (else its drain does it before its next group)."""
         with self._lock:
-            if self._checkpointing:
-                return
-            self._commits, self._checkpointing = 0, True
-        try:
-            self._checkpointer.submit(self._checkpoint_aside)
-        except RuntimeError:  # closing: the writer's own checkpoints are enough now
-            self._checkpointing = False
-
-    def _checkpoint_aside(self) -> None:
-        """On the checkpoint's thread: copy the log into the database file beside the writes;
-        then the writer's thread finishes it (:meth:`_checkpoint`), at once if it is idle."""
-        try:
-            self._copy_aside()
-        except Exception as exc:  # the writer's part copies what this one could not
-            log.warning("database.checkpoint_failed", error=f"{type(exc).__name__}: {exc}")
-        with self._lock:
-            self._checkpointing = False
-            self._checkpoint_due = True
             start = not self._draining and self._loop is not None
             if start:
                 self._draining = True
@@ -390,24 +354,13 @@ class SqliteDatabase(Database):
             assert self._loop is not None
             self._thread.submit(self._drain, self._loop)
 
-    def _copy_aside(self) -> None:
-        """A PASSIVE checkpoint on the checkpoint's own connection."""
-        if self._aside is None:
-            self._aside = sqlite3.connect(self.path, check_same_thread=False)
-            self._aside.execute("PRAGMA synchronous=NORMAL")
-        self._aside.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    def _finish_checkpoint(self) -> None:
+        """On the writer's thread: the writer's part of a due checkpoint."""
+        self.checkpoints.finish(self._raw_writer)
 
-    def _checkpoint(self) -> None:
-        """On the writer's thread: copy the rest of the write-ahead log into the database file
-        (nothing is written meanwhile, so it reaches the log's end)."""
-        try:
-            raw: sqlite3.Connection = self._connection().connection.driver_connection  # type: ignore[assignment]
-            raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        except Exception as exc:  # the next one copies what this one could not
-            log.warning("database.checkpoint_failed", error=f"{type(exc).__name__}: {exc}")
-        finally:
-            with self._lock:
-                self._checkpoint_due = False
+    def _raw_writer(self) -> sqlite3.Connection:
+        """The writer's ``sqlite3`` connection (opened if it is not)."""
+        return self._connection().connection.driver_connection  # type: ignore[return-value]
 
     def _recover(self) -> None:
         """After a failed statement or COMMIT, leave the writer ready for the next group.
@@ -559,6 +512,7 @@ class SqliteDatabase(Database):
         :data:`WATCH_INTERVAL` seconds while the writer is idle, and pass them on as "tasks may
         have been queued" and "any task may have changed", until cancelled."""
         last: int | None = None
+        self.listening = True
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             if self._draining:  # the writer's connection is in use; look next time
@@ -582,12 +536,9 @@ class SqliteDatabase(Database):
             with contextlib.suppress(Exception):
                 await self.transaction(lambda _conn: None)
         # A copy aside ends before the writer closes (waited for off the loop).
-        await asyncio.to_thread(self._checkpointer.shutdown, wait=True)
+        await asyncio.to_thread(self.checkpoints.close)
         await asyncio.get_running_loop().run_in_executor(self._thread, close_writer)
         self._thread.shutdown(wait=True)
-        if self._aside is not None:
-            self._aside.close()
-            self._aside = None
         if self._read_threads is not None:
             self._read_threads.shutdown(wait=True)
             self._read_threads = None

@@ -362,6 +362,20 @@ class WebhookStore:
             lambda conn: bool(conn.execute(statement).rowcount), small=True
         )
 
+    async def any_due(self, now: str) -> bool:
+        """Whether a delivery is due at ``now``: one indexed read, so that a sender with
+        nothing to send writes nothing (an idle service's poll is no transaction)."""
+        query = (
+            select(_d.c.id)
+            .where(
+                _d.c.status == DeliveryStatus.PENDING.value,
+                _d.c.next_attempt_at <= now,
+            )
+            .limit(1)
+        )
+        async with self.db.read() as conn:
+            return (await conn.execute(query)).first() is not None
+
     async def claim(self, owner: str, limit: int, now: str, expires: str) -> list[Claimed]:
         """Lease up to ``limit`` due deliveries to ``owner`` until ``expires``, oldest due
         first, each with its subscription's URL and secret. One process's claim never
