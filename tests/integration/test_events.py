@@ -8,7 +8,9 @@ from typing import Any
 import pytest
 
 from orchestra.api.sse import DirectWrites
-from tests.conftest import Service
+from orchestra.config import Settings
+from orchestra.feed import EventFeed
+from tests.conftest import Service, StartService
 from tests.fixtures.fake_ollama import Failure, FakeOllama
 from tests.fixtures.servers import wait_until
 from tests.fixtures.sse import read_events
@@ -286,3 +288,28 @@ async def test_a_direct_write_that_fails_fails_the_stream_at_its_next_chunk() ->
     writes.detach()  # gives the waiting write up
     await asyncio.sleep(0)
     assert client.sent == [b"after"]
+
+
+async def test_a_task_streams_keep_alives_as_comments_alone(
+    settings: Settings, start_service: StartService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A keep-alive with an empty ``data:`` line is an event to a reader that does not skip
+    empty ones (a test's reader failed on it while a slow model said nothing for 15 s)."""
+    defaults = EventFeed.__init__.__kwdefaults__
+    assert defaults is not None
+    monkeypatch.setitem(defaults, "heartbeat", 0.05)
+    async with start_service(settings) as svc:
+        later = await svc.client.post(
+            "/api/v1/tasks",
+            json={"template": "summarize", "params": {"text": "x"}, "delay": 3600},
+        )
+        url = f"/api/v1/tasks/{later.json()['id']}/events"
+        raw = b""
+        async with asyncio.timeout(10), svc.client.stream("GET", url) as answer:
+            async for chunk in answer.aiter_raw():
+                raw += chunk
+                if raw.count(b"\r\n\r\n") >= 4:
+                    break
+        first, *rest = raw.split(b"\r\n\r\n")[:4]
+        assert b"event: task.queued" in first
+        assert rest == [b": keep-alive"] * 3

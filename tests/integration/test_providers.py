@@ -313,3 +313,37 @@ async def test_provider_max_tokens_caps_answers_unless_the_step_says(
         own = fake_ollama.requests[-1]["options"]
     assert capped == {"temperature": 0, "num_predict": 7}
     assert own == {"num_predict": 900}
+
+
+# -- replies holding characters that str.splitlines() takes for line ends ---------------------
+
+#: JSON leaves these unescaped (msgspec, llama.cpp's server), and httpx's iter_lines split a
+#: streamed JSON line at each of them: the model call failed on a reply that was whole.
+LOOKALIKES = "one\u2028two\u2029three\x85four\x1cfive"
+
+
+@pytest.mark.parametrize("kind", ["ollama", "openai"])
+async def test_a_reply_holding_unicode_line_separators_arrives_whole(
+    kind: str,
+    settings: Settings,
+    fake_ollama: FakeOllama,
+    fake_openai: FakeOpenAI,
+    start_service: StartService,
+) -> None:
+    from orchestra.client import AsyncClient
+
+    fake_ollama.reply = fake_openai.reply = lambda _request: LOOKALIKES
+    chosen = routed(settings, fake_openai, "oai/gpt-fake") if kind == "openai" else settings
+    async with start_service(chosen, env={"OAI_KEY": KEY}) as svc:
+        task = await svc.submit("summarize", text="anything")
+        done = await svc.wait(task["id"])
+        assert done["status"] == "succeeded", done["error"]
+        assert done["result"] == LOOKALIKES
+        # The service's own event stream, read by its client, carries it whole too.
+        async with AsyncClient(str(svc.client.base_url)) as client:
+            streamed = [
+                e.data["text"]
+                async for e in client.task_events(task["id"])
+                if e.type == "step.tokens"
+            ]
+        assert "".join(streamed).strip() == LOOKALIKES

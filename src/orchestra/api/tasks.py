@@ -38,8 +38,9 @@ def _json(body: msgspec.Struct) -> Response[bytes]:
     return Response(_encode(body), media_type=MediaType.JSON)
 
 
-#: What a stream sends while nothing happens, so that proxies keep it open.
-_KEEPALIVE = b": keep-alive\r\ndata: \r\n\r\n"
+#: What a stream sends while nothing happens, so that proxies keep it open: a comment
+#: alone (an empty `data:` line is an event to readers that do not skip empty ones).
+_KEEPALIVE = b": keep-alive\r\n\r\n"
 
 
 def _sse(task_id: int, events: list[TaskEvent], frames: Frames) -> bytes:

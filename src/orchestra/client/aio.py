@@ -24,6 +24,7 @@ from orchestra.client import core
 from orchestra.client.core import Call, Registered, RetryPolicy
 from orchestra.client.errors import ConnectionFailed
 from orchestra.domain import TaskStatus
+from orchestra.lines import aiter_lines
 from orchestra.schedules import ScheduleChanges, ScheduleSpec
 from orchestra.wire.batches import ActionOut, BatchSummaryOut, ProgressOut, UploadOut
 from orchestra.wire.events import FeedEvent, TaskEvent
@@ -108,7 +109,7 @@ class AsyncClient:
         response = await self._open(call, stream=True)
         reader = core.SseReader()
         try:
-            async for line in response.aiter_lines():
+            async for line in aiter_lines(response):
                 message = reader.line(line)
                 if message is not None:
                     yield message
@@ -331,7 +332,7 @@ class AsyncClient:
         read as they arrive."""
         response = await self._open(core.batch_results(batch_id), stream=True)
         try:
-            async for line in response.aiter_lines():
+            async for line in aiter_lines(response):
                 row = core.result_row(line)
                 if row is not None:
                     yield row

@@ -15,6 +15,7 @@ from orchestra.client import core
 from orchestra.client.core import Call, Registered, RetryPolicy
 from orchestra.client.errors import ConnectionFailed
 from orchestra.domain import TaskStatus
+from orchestra.lines import iter_lines
 from orchestra.schedules import ScheduleChanges, ScheduleSpec
 from orchestra.wire.batches import ActionOut, BatchSummaryOut, ProgressOut, UploadOut
 from orchestra.wire.events import FeedEvent, TaskEvent
@@ -99,7 +100,7 @@ class Client:
         response = self._open(call, stream=True)
         reader = core.SseReader()
         try:
-            for line in response.iter_lines():
+            for line in iter_lines(response):
                 message = reader.line(line)
                 if message is not None:
                     yield message
@@ -315,7 +316,7 @@ class Client:
         read as they arrive."""
         response = self._open(core.batch_results(batch_id), stream=True)
         try:
-            for line in response.iter_lines():
+            for line in iter_lines(response):
                 row = core.result_row(line)
                 if row is not None:
                     yield row

@@ -14,6 +14,7 @@ import msgspec
 
 from orchestra.domain import Usage
 from orchestra.errors import ModelNotFound, ProviderError, ProviderUnavailable
+from orchestra.lines import aiter_lines
 from orchestra.llm.base import ChatRequest, ChatResult, EmbedResult, Health
 from orchestra.llm.http import HttpProvider, error_text
 from orchestra.redact import redact_text
@@ -119,7 +120,7 @@ class OllamaProvider(HttpProvider):
         async with self.request("POST", "/api/chat", payload, model) as response:
             # Read to the end even after the "done" line, so the connection goes back to the
             # pool (leaving a body unread closes it, and the next call pays a new connect).
-            async for line in response.aiter_lines():
+            async for line in aiter_lines(response):
                 if not line.strip() or result is not None:
                     continue
                 chunk = self.decode_chunk(line, _ChatReply)

@@ -17,6 +17,7 @@ import msgspec
 
 from orchestra.domain import Usage
 from orchestra.errors import ProviderError, ProviderUnavailable
+from orchestra.lines import aiter_lines
 from orchestra.llm.base import ChatRequest, ChatResult, EmbedResult, Health
 from orchestra.llm.http import HttpProvider
 from orchestra.redact import redact_text
@@ -182,7 +183,7 @@ class OpenAIProvider(HttpProvider):
         result: ChatResult | None = None
         async with self.request("POST", "/chat/completions", payload, model) as response:
             # Read to the end even after [DONE], so the connection goes back to the pool.
-            async for line in response.aiter_lines():
+            async for line in aiter_lines(response):
                 if not line.startswith("data:") or result is not None:
                     continue  # blank separators, comments (": ping"), event names
                 data = line[5:].strip()
