@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Collection
@@ -170,14 +171,23 @@ class SqliteDatabase(Database):
             self._conn = self._writer.connect()
         return self._conn
 
-    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
-        """On the writer's thread: run every transaction asked for so far, committed together,
+    def _drain(self, loop: asyncio.AbstractEventLoop, *, busy: bool = False) -> None:
+        """On the writer's thread: run the transactions asked for so far, committed together,
         until none is left; then hand the outcomes back to the event loop in one call. A
-        checkpoint that is due runs first."""
+        checkpoint that is due runs first.
+
+        Small transactions at the head of the queue go back to the loop (:meth:`_drain_here`)
+        unless ``busy`` (another process held the write lock: here they wait for it). Kept
+        here, the small writes of a busy service stayed on this thread after each checkpoint,
+        and the loop waited for this thread's turn at the GIL on every commit (up to 5 ms).
+        """
         while True:
             if self.checkpoints.due:
                 self._finish_checkpoint()
             with self._lock:
+                if self._pending and self._pending[0][2] and not busy:
+                    loop.call_soon_threadsafe(self._drain_here, loop)
+                    return
                 batch, self._pending = self._pending, []
                 if not batch:
                     if self.checkpoints.due:  # asked for since the look above
@@ -186,6 +196,7 @@ class SqliteDatabase(Database):
                     return
             outcomes = self._run_group(batch, wait=True)
             recovered = self._note_health(outcomes)
+            busy = False
             with self._lock:
                 # Idle before the callers hear back, so that what they write next can run on
                 # the loop; the connection is not touched below.
@@ -214,7 +225,7 @@ class SqliteDatabase(Database):
             except _Busy:
                 with self._lock:
                     self._pending[:0] = batch
-                self._thread.submit(self._drain, loop)
+                self._thread.submit(functools.partial(self._drain, loop, busy=True))
                 return
             recovered = self._note_health(outcomes)
             _settle([future for _, future, _ in batch], outcomes)
