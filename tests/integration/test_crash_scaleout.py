@@ -1,5 +1,5 @@
-"""Three processes on one database (either engine), one SIGKILLed mid-run: 2,000 tasks, none
-lost, none finished twice — the attempt records say so."""
+"""Three processes on one database (either engine), one SIGKILLed mid-run: 2,000 tasks on
+PostgreSQL (600 on SQLite), none lost, none finished twice — the attempt records say so."""
 
 from __future__ import annotations
 
@@ -12,9 +12,13 @@ import pytest
 
 from tests.conftest import sql_rows
 from tests.fixtures.fake_ollama import FakeOllama
+from tests.fixtures.postgres import ON_POSTGRESQL
 from tests.fixtures.servers import free_port, start_process, wait_until, write_config
 
-TASKS = 2000
+#: The figure the scale-out issue names is PostgreSQL's. On SQLite the three processes take
+#: turns at one file's write lock, and 2,000 tasks cost 109 s of a test process (a sixth of
+#: the suite's time); 600 still leave 400 to finish after the kill (it comes at 200 done).
+TASKS = 2000 if ON_POSTGRESQL else 600
 PROCESSES = 3
 
 

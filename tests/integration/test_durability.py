@@ -394,12 +394,14 @@ async def test_retention_deletes_old_webhook_deliveries_and_schedule_ticks(
             ("delivered", new),
         ):
             finished = None if status == "pending" else time
+            # The pending one is not due: the running service's sender would take it.
+            due = new if status == "pending" else time
             sql_rows(
                 db_url,
                 "INSERT INTO webhook_deliveries (webhook_id, type, payload, status, "
                 "next_attempt_at, created_at, finished_at) "
                 "VALUES (?, 'task.finished', '{}', ?, ?, ?, ?)",
-                (hook, status, time, time, finished),
+                (hook, status, due, time, finished),
             )
         [(first,)] = sql_rows(db_url, "SELECT min(id) FROM webhook_deliveries")
         sql_rows(
