@@ -20,7 +20,7 @@ from orchestra.api.errors import HANDLERS
 from orchestra.api.events import EventController
 from orchestra.api.health import health, models
 from orchestra.api.metrics import open_paths, scrape
-from orchestra.api.openapi import refine
+from orchestra.api.openapi import refine_when_built
 from orchestra.api.runtime import Runtime, ShowKey
 from orchestra.api.schedules import ScheduleController
 from orchestra.api.schedules import provide as _schedules
@@ -125,7 +125,7 @@ def create_app(
         debug=False,
         request_max_body_size=settings.limits.max_body_bytes,
     )
-    refine(app.openapi_schema)  # built once, here; every later request serves this one
+    refine_when_built(app)  # built once, when first asked for; every later request reuses it
     return app
 
 
