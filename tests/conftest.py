@@ -132,7 +132,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     SQLite, and the storage under them runs on PostgreSQL through the other tests (the
     dashboard's pages in test_dashboard*.py, retries and leases with the fake models). Skip
     the tests about SQLite itself (marked ``sqlite_only``)."""
-    longest_first(items, config.rootpath)
+    longest_first(items, config.rootpath, "postgresql" if ON_POSTGRESQL else "sqlite")
     if not ON_POSTGRESQL:
         return
     skip = pytest.mark.skip(reason="about SQLite itself (its file, writer or locks)")
