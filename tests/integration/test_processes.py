@@ -171,10 +171,15 @@ async def test_sigterm_stops_every_process_gracefully_and_leaves_none(
     async with serving(path, port, "--processes", "2") as service:
         children = service.children()
         assert len([pid for pid in children if alive(pid)]) >= 2
+        # Both workers' pools are up before the tasks come: /health answered from one of them,
+        # and a second one starting late let the first claim every task before the signal.
+        await wait_until(lambda: service.stderr().count("pool.started") >= 2, timeout=30)
         async with httpx.AsyncClient(base_url=service.url) as client:
-            for _ in range(20):
-                assert (await client.post("/api/v1/tasks", json=BODY)).status_code == 201
-        # Both processes run tasks (4 slots each; the other one finds work by its poll).
+            answers = await asyncio.gather(
+                *(client.post("/api/v1/tasks", json=BODY) for _ in range(40))
+            )
+            assert [a.status_code for a in answers] == [201] * 40
+        # Both processes run tasks (4 slots each, 1 s a task: 8 a second of 40).
         await wait_until(lambda: len({w for _, w, _ in attempts(db)}) == 2, timeout=10)
         service.proc.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(service.proc.wait(), timeout=STOP_DEADLINE)
