@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from orchestra.config import LimitSettings, Settings
+from orchestra.config import Settings
 from orchestra.db import Database, TaskStore
 from orchestra.db import reads as reads_module
 from orchestra.db.reads import EngineReads, reads_for
@@ -123,7 +123,9 @@ async def _register(client: Any, *bodies: str) -> None:
 
 
 def _limited(settings: Settings, **limits: Any) -> Settings:
-    return msgspec.structs.replace(settings, limits=LimitSettings(**limits))
+    return msgspec.structs.replace(
+        settings, limits=msgspec.structs.replace(settings.limits, **limits)
+    )
 
 
 @pytest.fixture
