@@ -178,13 +178,15 @@ def append_events(conn: Connection, append: Prepared, rows: Sequence[dict[str, A
 # -- the sender's claim ---------------------------------------------------------------------
 
 
+def _due(now: Any) -> ColumnElement[bool]:
+    """A delivery still to send whose time has come at ``now``."""
+    return and_(_d.c.status == DeliveryStatus.PENDING.value, _d.c.next_attempt_at <= now)
+
+
 def _claim_statement(engine: str) -> Any:
     due = (
         select(_d.c.id)
-        .where(
-            _d.c.status == DeliveryStatus.PENDING.value,
-            _d.c.next_attempt_at <= bindparam("now"),
-        )
+        .where(_due(bindparam("now")))
         .order_by(_d.c.next_attempt_at, _d.c.id)
         .limit(bindparam("limit", type_=Integer))
     )
@@ -365,14 +367,7 @@ class WebhookStore:
     async def any_due(self, now: str) -> bool:
         """Whether a delivery is due at ``now``: one indexed read, so that a sender with
         nothing to send writes nothing (an idle service's poll is no transaction)."""
-        query = (
-            select(_d.c.id)
-            .where(
-                _d.c.status == DeliveryStatus.PENDING.value,
-                _d.c.next_attempt_at <= now,
-            )
-            .limit(1)
-        )
+        query = select(_d.c.id).where(_due(now)).limit(1)
         async with self.db.read() as conn:
             return (await conn.execute(query)).first() is not None
 
