@@ -120,7 +120,7 @@ def run_service(
     # The lifespan opens and checks everything before uvicorn accepts a connection; when it
     # fails, uvicorn exits and the caller prints the error.
     app = create_app(settings, env=os.environ, show_key=show_key)
-    runtime: Runtime = app.state.runtime
+    runtime: Runtime = app.runtime
     config = server_config(app, settings.server, timeout_graceful_shutdown=HTTP_DRAIN_SECONDS)
     server = Server(config, runtime, on_started)
     quiet = StartupErrorFilter(runtime)

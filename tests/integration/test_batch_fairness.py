@@ -66,7 +66,7 @@ class LaneWatch:
 
 @asynccontextmanager
 async def watching(svc: Service) -> AsyncIterator[LaneWatch]:
-    watch = LaneWatch(svc.app.state.runtime.pool)
+    watch = LaneWatch(svc.app.runtime.pool)
     sampler = asyncio.create_task(watch.run())
     try:
         yield watch
@@ -156,7 +156,7 @@ async def test_with_one_worker_there_is_no_reserve_and_rows_still_run(
 ) -> None:
     settings = with_workers(lane_settings, concurrency=1)
     async with start_service(settings) as svc, watching(svc) as watch:
-        assert svc.app.state.runtime.pool.capacity.reserve == 0
+        assert svc.app.runtime.pool.capacity.reserve == 0
         batch_id = await upload_rows(svc, 5)
 
         async def finished() -> bool:

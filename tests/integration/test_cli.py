@@ -209,7 +209,7 @@ async def test_serve_refuses_a_name_clash_in_one_clean_line(
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "greet.yaml").write_text("name: greet\nsteps:\n  - id: a\n    prompt: yo\n")
-    db = service.app.state.runtime.settings.database.url
+    db = service.app.runtime.settings.database.url
     config = tmp_path / "clash.toml"
     config.write_text(f'[database]\nurl = "{db}"\n[templates]\ndirs = ["{folder}"]\n')
     code, _, err = await run_cli("serve", "--config", str(config))

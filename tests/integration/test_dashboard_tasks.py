@@ -103,7 +103,7 @@ async def test_a_live_stream_resumed_after_the_end_refreshes_once_then_only_comm
     assert defaults is not None
     monkeypatch.setitem(defaults, "heartbeat", 0.05)
     async with start_service(settings) as svc:
-        feed = svc.app.state.runtime.feed
+        feed = svc.app.runtime.feed
         assert feed.heartbeat == 0.05
         task = await svc.submit("summarize", text="done already")
         await svc.wait(task["id"])

@@ -180,7 +180,7 @@ async def test_a_name_taken_by_a_built_in_keeps_the_text_and_names_no_server_pat
 
 
 async def test_a_template_over_the_size_limit_keeps_the_editor(service: Service) -> None:
-    limit = service.app.state.runtime.catalog.limits.max_template_bytes
+    limit = service.app.runtime.catalog.limits.max_template_bytes
     text = "name: big\ndescription: " + "x" * limit + "\n"
     answer = await service.client.post("/ui/templates", data={"yaml": text}, headers=SAME_SITE)
     assert answer.status_code == 413
@@ -191,7 +191,7 @@ async def test_a_template_over_the_size_limit_keeps_the_editor(service: Service)
 async def test_checking_a_template_over_the_size_limit_says_so_in_the_problems(
     service: Service,
 ) -> None:
-    limit = service.app.state.runtime.catalog.limits.max_template_bytes
+    limit = service.app.runtime.catalog.limits.max_template_bytes
     text = "name: big\ndescription: " + "x" * limit + "\n"
     answer = await service.client.post(
         "/ui/templates/validate", data={"yaml": text}, headers=SAME_SITE

@@ -356,7 +356,7 @@ async def test_retention_deletes_old_finished_tasks_only(
             "UPDATE tasks SET finished_at = '2000-01-01T00:00:00.000000Z' WHERE id = ?",
             (old["id"],),
         )
-        pool = svc.app.state.runtime.pool
+        pool = svc.app.runtime.pool
         assert await pool.apply_retention() == 1
         assert (await svc.client.get(f"/api/v1/tasks/{old['id']}")).status_code == 404
         assert (await svc.client.get(f"/api/v1/tasks/{recent['id']}")).status_code == 200
@@ -424,7 +424,7 @@ async def test_retention_deletes_old_webhook_deliveries_and_schedule_ticks(
                 "VALUES (?, ?, 'skipped', ?)",
                 (schedule, time, time),
             )
-        await svc.app.state.runtime.pool.apply_retention()
+        await svc.app.runtime.pool.apply_retention()
     kept = sql_rows(db_url, "SELECT status, created_at FROM webhook_deliveries ORDER BY id")
     assert kept == [("pending", old), ("delivered", new)]
     assert sql_rows(db_url, "SELECT count(*) FROM webhook_attempts") == [(0,)]

@@ -141,7 +141,7 @@ async def test_without_a_cursor_the_feed_starts_with_the_next_event(service: Ser
     await service.wait(old["id"])
     follower = asyncio.create_task(feed_until(service, finished(1), ""))
     await asyncio.sleep(0)  # the request is on its way; anything it misses would fail below
-    await wait_until(lambda: service.app.state.runtime.feed.subscribers >= 1)
+    await wait_until(lambda: service.app.runtime.feed.subscribers >= 1)
     new = await service.submit("summarize", text="new")
     seen = await follower
     assert {e["task_id"] for e in seen} == {new["id"]}
@@ -318,7 +318,7 @@ async def test_a_gap_held_past_the_grace_is_given_up(db: Database, db_url: str) 
 async def test_followers_that_hang_up_leave_the_hub(service: Service) -> None:
     """A client that closes an idle stream (the all-tasks feed, or a queued task's) is noticed
     while nothing happens: its subscription goes, nothing is left behind."""
-    feed = service.app.state.runtime.feed
+    feed = service.app.runtime.feed
     queued = await service.client.post(
         "/api/v1/tasks", json={"template": "summarize", "params": {"text": "x"}, "delay": 3600}
     )
@@ -409,7 +409,7 @@ async def test_idle_followers_are_written_by_the_reader_over_http(
     """Idle streams (the all-tasks feed, a queued task's) get the next event from the reader
     itself, exactly as their own task would send it; a task's stream still ends after
     ``task.finished``."""
-    feed = service.app.state.runtime.feed
+    feed = service.app.runtime.feed
     queued = await service.client.post(
         "/api/v1/tasks", json={"template": "summarize", "params": {"text": "x"}, "delay": 3600}
     )

@@ -21,7 +21,7 @@ from tests.fixtures.servers import wait_until
 
 def count_checks(service: Service) -> list[float]:
     """Count the database checks /health makes from now on (one entry per check)."""
-    db = service.app.state.runtime.db
+    db = service.app.runtime.db
     state = db.state
     checks: list[float] = []
 
@@ -58,7 +58,7 @@ async def test_probes_in_a_row_share_one_database_check(
 async def test_a_database_that_stops_answering_is_reported_down_within_seconds(
     service: Service, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    db = service.app.state.runtime.db
+    db = service.app.runtime.db
     assert (await service.client.get("/health")).status_code == 200
 
     async def refused(*_args: Any) -> None:

@@ -52,18 +52,18 @@ def no_workers(settings: Settings, **changes: Any) -> Settings:
 async def idle(settings: Settings, start_service: StartService) -> AsyncIterator[Service]:
     """A service whose schedules fire only when the test says, on the test's clock."""
     async with start_service(no_workers(settings)) as svc:
-        svc.app.state.runtime.schedules.clock = Clock(START)
+        svc.app.runtime.schedules.clock = Clock(START)
         yield svc
 
 
 def clock_of(svc: Service) -> Clock:
-    clock: Clock = svc.app.state.runtime.schedules.clock
+    clock: Clock = svc.app.runtime.schedules.clock
     return clock
 
 
 async def fire_due(svc: Service, grace: float = 30.0) -> None:
     """Fire every tick due on the service's clock, as its loop would."""
-    loop = ScheduleLoop(svc.app.state.runtime.schedules, grace=grace)
+    loop = ScheduleLoop(svc.app.runtime.schedules, grace=grace)
     for _ in range(100):
         if await loop.step() > 0:
             return

@@ -205,7 +205,7 @@ async def test_a_template_registered_in_one_process_runs_in_another(
         assert done["result"] == "hello there"
         assert asyncio.get_running_loop().time() - started < 15  # woken, not its 30 s poll
         [attempt] = done["attempts"]
-        assert attempt["worker"] == workers.app.state.runtime.pool.owner
+        assert attempt["worker"] == workers.app.runtime.pool.owner
 
 
 @postgresql_only
@@ -251,4 +251,4 @@ async def test_an_api_only_process_keeps_no_wake_up_times(
                 json={"template": "summarize", "params": {"text": f"later {n}"}, "delay": 3600},
             )
             assert response.status_code == 201, response.text
-        assert api.app.state.runtime.pool._due == []
+        assert api.app.runtime.pool._due == []

@@ -38,7 +38,7 @@ TEXT = "The council voted to build a library. " * 540  # about 20 KB, as in the 
 
 
 def database(svc: Service) -> Database:
-    db: Database = svc.app.state.runtime.db
+    db: Database = svc.app.runtime.db
     return db
 
 
@@ -126,7 +126,7 @@ async def test_a_task_whose_model_answered_while_writes_failed_keeps_its_result(
     service: Service, fake_ollama: FakeOllama, db_url: str
 ) -> None:
     fake_ollama.latency = 1.0
-    store = service.app.state.runtime.pool.store
+    store = service.app.runtime.pool.store
     refused: list[str] = []
     finish = store.finish  # the task's end, with its step's: the first write after the answer
 
@@ -200,7 +200,7 @@ async def test_a_read_only_database_answers_503_naming_it(service: Service) -> N
 @pytest.mark.sqlite_only
 async def test_workers_back_off_while_writes_are_refused(service: Service) -> None:
     db = database(service)
-    pool = service.app.state.runtime.pool
+    pool = service.app.runtime.pool
     claims = 0
     claim = pool.store.claim
 

@@ -76,13 +76,13 @@ async def svc(quiet_settings: Settings, start_service: StartService) -> AsyncIte
     async with start_service(quiet_settings) as service:
         # Counted from here: the first LISTEN on PostgreSQL wakes the workers for what was
         # queued before it (an empty claim), so it must come before a count starts.
-        db = service.app.state.runtime.pool.store.db
+        db = service.app.runtime.pool.store.db
         await wait_until(lambda: db.listening, timeout=10)
         yield service
 
 
 def writes_of(svc: Service) -> Writes:
-    return Writes(svc.app.state.runtime.pool.store.db)
+    return Writes(svc.app.runtime.pool.store.db)
 
 
 async def test_a_one_step_task_is_three_writes_submit_claim_and_finish(svc: Service) -> None:
@@ -94,7 +94,7 @@ async def test_a_one_step_task_is_three_writes_submit_claim_and_finish(svc: Serv
         assert [s["status"] for s in done["steps"]] == ["succeeded"]
     # Where a turn's transactions commit together (SQLite), the claim the submit wakes is
     # asked for right behind it and joins its commit: two commits a task, not three.
-    together = svc.app.state.runtime.pool.store.db.commits_together
+    together = svc.app.runtime.pool.store.db.commits_together
     assert (writes.transactions, writes.commits) == ((6, 4) if together else (6, 6))
 
 
@@ -335,7 +335,7 @@ async def test_an_idle_service_polls_its_webhook_outbox_without_writing(
     monkeypatch.setattr(WebhookSender, "_claim_and_send", counted)
     hooks = msgspec.structs.replace(quiet_settings.webhooks, poll_interval=0.02)
     async with start_service(msgspec.structs.replace(quiet_settings, webhooks=hooks)) as svc:
-        db = svc.app.state.runtime.pool.store.db
+        db = svc.app.runtime.pool.store.db
         await wait_until(lambda: db.listening, timeout=10)
         writes = writes_of(svc)
         seen = polls

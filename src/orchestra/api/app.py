@@ -1,17 +1,30 @@
-"""The app factory: settings in, a Litestar app out. Nothing here reads the environment."""
+"""The app factory: settings in, an ASGI app out. Nothing here reads the environment.
+
+A service is two parts: its :class:`Runtime` (database, workers, providers: opened and closed
+by the ASGI lifespan) and the Litestar app that answers its HTTP requests. The Litestar app
+depends on a few settings only (:class:`Surface`), and building one costs about 0.2 s of CPU
+(Litestar inspects every handler's signature), so a process builds one per surface and every
+service of that surface shares it: each request carries its own service's runtime in its
+scope (:mod:`orchestra.api.scope`). A process that serves one service builds one; the test
+suite, which starts some 1,500 services, builds a handful per process.
+"""
 
 from __future__ import annotations
 
+import functools
+import traceback
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
 from litestar import Litestar, Request, Response
 from litestar.config.cors import CORSConfig
-from litestar.datastructures import MutableScopeHeaders, State
+from litestar.datastructures import MutableScopeHeaders
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import NotFoundException
 from litestar.openapi import OpenAPIConfig
 from litestar.routes import HTTPRoute
+from litestar.types import Scope
 
 from orchestra import __version__
 from orchestra.api import auth
@@ -25,15 +38,21 @@ from orchestra.api.runtime import Runtime, ShowKey
 from orchestra.api.schedules import ScheduleController
 from orchestra.api.schedules import provide as _schedules
 from orchestra.api.schemas import ErrorBody
+from orchestra.api.scope import RUNTIME, runtime_of
 from orchestra.api.tasks import TaskController
 from orchestra.api.templates import TemplateController
 from orchestra.api.webhooks import WebhookController
 from orchestra.catalog import TemplateCatalog
-from orchestra.config import Settings
+from orchestra.config import AuthSettings, Settings
 from orchestra.tasks import TaskService
 from orchestra.templating.registry import TemplateRegistry
 from orchestra.web.render import template_config
-from orchestra.web.routes import dashboard, own_paths
+from orchestra.web.routes import dashboard, own_paths, ui_path
+
+
+def _runtime(scope: Scope) -> Runtime:
+    """The ``runtime`` dependency: the runtime of the service the request reached."""
+    return runtime_of(scope)
 
 
 def _tasks(runtime: NamedDependency[Runtime]) -> TaskService:
@@ -60,54 +79,138 @@ async def _allow_every_method(message: Any, scope: Any) -> None:
             return
 
 
+class Surface(msgspec.Struct, frozen=True):
+    """The settings the Litestar app is built from, and nothing else: services whose
+    surfaces are equal can share one (see the module's docstring)."""
+
+    #: ``[server] api``: false, /health and /metrics alone (:func:`_workers_only`).
+    api: bool
+    metrics: bool
+    #: Where the dashboard is served; None: no dashboard.
+    ui_path: str | None
+    #: Path patterns the API's key check leaves out (the dashboard's, a public /metrics).
+    unchecked: tuple[str, ...]
+    auth: AuthSettings
+    cors_origins: tuple[str, ...]
+    max_body_bytes: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> Surface:
+        """The surface ``settings`` ask for, checked.
+
+        Raises:
+            ConfigError: ``[ui] path`` or ``[server] root_path`` is not a plain path.
+        """
+        dashboard_path = ui_path(settings) if settings.server.api and settings.ui.enabled else None
+        unchecked = open_paths(settings) + (own_paths(settings) if settings.server.api else ())
+        return cls(
+            api=settings.server.api,
+            metrics=settings.metrics.enabled,
+            ui_path=dashboard_path,
+            unchecked=unchecked,
+            auth=settings.auth,
+            cors_origins=tuple(settings.cors.allow_origins),
+            max_body_bytes=settings.limits.max_body_bytes,
+        )
+
+
+class ServiceApp:
+    """One service as an ASGI app: the ASGI lifespan opens and closes its :attr:`runtime`,
+    and each request goes to the Litestar app of its surface, carrying the runtime in its
+    scope."""
+
+    def __init__(self, runtime: Runtime, http: Litestar) -> None:
+        #: What the lifespan opened: the service's database, workers and providers.
+        self.runtime = runtime
+        #: The Litestar app that answers the requests (shared with services of the same
+        #: surface in this process).
+        self.http = http
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        scope.setdefault("state", {})[RUNTIME] = self.runtime
+        await self.http(scope, receive, send)
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        """The ASGI lifespan protocol around :meth:`Runtime.lifespan`, as Litestar speaks it:
+        a failure is reported to the server (``lifespan.startup.failed``) and raised. The
+        shared Litestar app's own lifespan is not entered: it has no hooks or managers."""
+        await receive()  # lifespan.startup
+        started = False
+        try:
+            async with self.runtime.lifespan(self):
+                await send({"type": "lifespan.startup.complete"})
+                started = True
+                await receive()  # lifespan.shutdown
+        except BaseException:
+            stage = "shutdown" if started else "startup"
+            await send({"type": f"lifespan.{stage}.failed", "message": traceback.format_exc()})
+            raise
+        await send({"type": "lifespan.shutdown.complete"})
+
+
 def create_app(
     settings: Settings,
     registry: TemplateRegistry | None = None,
     env: Mapping[str, str] | None = None,
     *,
     show_key: ShowKey | None = None,
-) -> Litestar:
+) -> ServiceApp:
     """Build the service; its lifespan does the work of starting (:class:`Runtime`).
 
     The lifespan loads the templates (``registry``, else one reading the built-ins and
     ``settings.templates.dirs``) and upgrades the database, before the server accepts a
     connection: a broken template or database makes startup fail, every problem listed in
-    ``app.state.runtime.startup_error``. ``env`` is where providers find the API keys their
+    ``app.runtime.startup_error``. ``env`` is where providers find the API keys their
     ``api_key_env`` names (the CLI passes the process environment; None: no keys).
     ``show_key`` receives the admin key a first start beyond loopback makes (None: no key is
     made; the CLI shows it).
 
     With ``[server] api = false`` the app serves /health and /metrics alone (see
     :func:`_workers_only`).
+
+    Raises:
+        ConfigError: ``[ui] path`` or ``[server] root_path`` is not a plain path.
     """
+    surface = Surface.of(settings)
     if registry is None:
         registry = TemplateRegistry(settings.templates.dirs, limits=settings.limits)
     runtime = Runtime(settings, registry, env or {}, show_key=show_key)
-    if not settings.server.api:
-        return _workers_only(settings, runtime)
+    if surface.auth.rate_limit_per_minute:  # its counters live in the Litestar app
+        return ServiceApp(runtime, _build(surface))
+    return ServiceApp(runtime, _shared(msgspec.json.encode(surface)))
+
+
+@functools.lru_cache(maxsize=16)
+def _shared(surface: bytes) -> Litestar:
+    """The Litestar app of a surface (JSON, to be hashable), built once in this process."""
+    return _build(msgspec.json.decode(surface, type=Surface))
+
+
+def _build(surface: Surface) -> Litestar:
+    if not surface.api:
+        return _workers_only(surface)
     handlers: list[Any] = [TaskController, EventController, TemplateController, health, models]
     handlers.append(WebhookController)
     handlers.append(ScheduleController)
     handlers.append(BatchController)
-    if settings.metrics.enabled:
+    if surface.metrics:
         handlers.append(scrape)
-    if settings.ui.enabled:
-        handlers.append(dashboard(settings))
+    if surface.ui_path is not None:
+        handlers.append(dashboard(surface.ui_path))
     app = Litestar(
         route_handlers=handlers,
-        middleware=auth.middleware(settings.auth, own_paths(settings) + open_paths(settings)),
-        template_config=template_config() if settings.ui.enabled else None,
+        middleware=auth.middleware(surface.auth, surface.unchecked),
+        template_config=template_config() if surface.ui_path is not None else None,
         cors_config=(
-            CORSConfig(allow_origins=settings.cors.allow_origins)
-            if settings.cors.allow_origins
-            else None
+            CORSConfig(allow_origins=list(surface.cors_origins)) if surface.cors_origins else None
         ),
-        lifespan=[runtime.lifespan],
-        state=State({"runtime": runtime}),
         dependencies={
-            # The runtime itself, not read from a ``State`` parameter: Litestar copies the app's
-            # state into a new State (and its lock) for each request that asks for one.
-            "runtime": Provide(runtime.itself, sync_to_thread=False),
+            # Read from the scope, not from a ``State`` parameter: Litestar copies the state
+            # into a new State (and its lock) for each request that asks for one.
+            "runtime": Provide(_runtime, sync_to_thread=False),
             "tasks": Provide(_tasks, sync_to_thread=False),
             "catalog": Provide(_catalog, sync_to_thread=False),
             "schedules": Provide(_schedules, sync_to_thread=False),
@@ -123,7 +226,7 @@ def create_app(
         # replace it with its own handlers and format.
         logging_config=None,
         debug=False,
-        request_max_body_size=settings.limits.max_body_bytes,
+        request_max_body_size=surface.max_body_bytes,
     )
     refine_when_built(app)  # built once, when first asked for; every later request reuses it
     return app
@@ -141,18 +244,16 @@ def _not_here(_request: Request[Any, Any, Any], _exc: NotFoundException) -> Resp
     return Response(body, status_code=404)
 
 
-def _workers_only(settings: Settings, runtime: Runtime) -> Litestar:
-    """A worker process's app (``--no-api``): the same lifespan, so the same workers, and an
-    HTTP listener that answers /health (for a container's probes), /metrics (what monitoring
+def _workers_only(surface: Surface) -> Litestar:
+    """A worker process's HTTP surface (``--no-api``; the service's lifespan starts the same
+    workers): it answers /health (for a container's probes), /metrics (what monitoring
     scrapes) and, on any other path, a JSON 404 saying that this process serves no API."""
     return Litestar(
-        route_handlers=[health, scrape] if settings.metrics.enabled else [health],
-        middleware=auth.middleware(settings.auth, open_paths(settings)),
-        lifespan=[runtime.lifespan],
-        state=State({"runtime": runtime}),
+        route_handlers=[health, scrape] if surface.metrics else [health],
+        middleware=auth.middleware(surface.auth, surface.unchecked),
         exception_handlers={**HANDLERS, NotFoundException: _not_here},
         openapi_config=None,
         logging_config=None,
         debug=False,
-        request_max_body_size=settings.limits.max_body_bytes,
+        request_max_body_size=surface.max_body_bytes,
     )

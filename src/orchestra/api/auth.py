@@ -23,6 +23,7 @@ from litestar.middleware import AbstractAuthenticationMiddleware, Authentication
 from litestar.middleware.base import DefineMiddleware
 from litestar.middleware.rate_limit import RateLimitConfig
 
+from orchestra.api.scope import runtime_of
 from orchestra.auth import ApiKey, Caller, Scope, allows, is_loopback, key_id_of, matches
 from orchestra.config import AuthSettings
 from orchestra.db.keys import KeyStore
@@ -105,7 +106,7 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
     """Sets ``request.user`` to the caller."""
 
     async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> Any:
-        gatekeeper: Gatekeeper = connection.app.state.runtime.gatekeeper
+        gatekeeper: Gatekeeper = runtime_of(connection.scope).gatekeeper
         caller = await gatekeeper.caller(*_credentials(connection))
         method = str(connection.scope.get("method", "GET"))
         check_scope(caller, connection.scope["route_handler"], method)
@@ -128,7 +129,7 @@ async def public_caller(connection: ASGIConnection[Any, Any, Any, Any]) -> Calle
     key, or its lack, makes, as on any other path; None where another path would answer 401
     (no key where one is needed, or a key that is not valid), or where the keys cannot be
     read now (a liveness check must still get its answer while the database is down)."""
-    gatekeeper: Gatekeeper = connection.app.state.runtime.gatekeeper
+    gatekeeper: Gatekeeper = runtime_of(connection.scope).gatekeeper
     try:
         return await gatekeeper.caller(*_credentials(connection))
     except (Unauthorized, StorageError):

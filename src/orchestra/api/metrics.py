@@ -14,6 +14,7 @@ from litestar import Request, Response, get
 
 from orchestra import logs, metrics
 from orchestra.api.runtime import Runtime
+from orchestra.api.scope import runtime_of
 from orchestra.config import Settings
 from orchestra.errors import StorageError
 
@@ -32,7 +33,7 @@ async def scrape(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Every series: those this service recorded (every process's, with several) and those
     read now: tasks by status from the database's counters, providers as last checked. While
     the database does not answer, the tasks gauge is left out and the rest is served."""
-    runtime: Runtime = request.app.state.runtime
+    runtime: Runtime = runtime_of(request.scope)
     counts: dict[str, int] | None
     try:
         counts = await runtime.dashboard.counts()

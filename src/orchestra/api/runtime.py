@@ -190,10 +190,6 @@ class Runtime:
         except TemplateError as exc:
             log.error("templates.reload_failed", problems=[str(p) for p in exc.problems])
 
-    def itself(self) -> Runtime:
-        """This runtime: what handlers are given as their ``runtime`` dependency."""
-        return self
-
     def request_stop(self) -> None:
         """Stop claiming tasks now (called when SIGTERM/SIGINT arrives)."""
         if self._pool is not None:

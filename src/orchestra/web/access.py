@@ -25,6 +25,7 @@ from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, HTTPScope, Receive, Scope, Send
 
+from orchestra.api.scope import runtime_of
 from orchestra.auth import Caller
 from orchestra.errors import Unauthorized
 from orchestra.web.links import Links
@@ -72,7 +73,7 @@ class DashboardGate(ASGIMiddleware):
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
         send = _timed(send)
         method = cast(HTTPScope, scope)["method"]
-        runtime = scope["app"].state.runtime
+        runtime = runtime_of(scope)
         links = Links.of(scope, runtime.settings)
         below = scope["path"][len(runtime.settings.ui.path.rstrip("/")) :]
         headers = Headers.from_scope(scope)

@@ -9,6 +9,7 @@ from litestar.datastructures import Cookie
 from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect, Template
 
+from orchestra.api.scope import runtime_of
 from orchestra.auth import SCOPES
 from orchestra.errors import ConflictError, InvalidRequest, Unauthorized
 from orchestra.web.access import COOKIE, cookie_of
@@ -44,7 +45,7 @@ class AccessPages(Controller):
         form = await request.form()
         token = str(form.get("key", "")).strip()
         target = _safe_next(str(form.get("next", "")), links(request).base)
-        runtime = request.app.state.runtime
+        runtime = runtime_of(request.scope)
         try:
             if not token:
                 raise Unauthorized("enter an API key")
@@ -68,7 +69,7 @@ class AccessPages(Controller):
     @post("/logout", status_code=303, opt={"scope": "read"})
     async def logout(self, request: Request[Any, Any, Any]) -> Redirect:
         """End the session (here and in the database: the cookie stops working anywhere)."""
-        await request.app.state.runtime.sessions.end(cookie_of(request.headers))
+        await runtime_of(request.scope).sessions.end(cookie_of(request.headers))
         base = links(request).base
         gone = Cookie(
             key=COOKIE, value="", path=base or "/", max_age=0, httponly=True, samesite="strict"
@@ -85,7 +86,7 @@ class KeyPages(Controller):
     async def _page(
         self, request: Request[Any, Any, Any], status_code: int = 200, **context: Any
     ) -> Template:
-        keys = await request.app.state.runtime.keys.all()
+        keys = await runtime_of(request.scope).keys.all()
         defaults = {"made": None, "token": None, "error": "", "scopes": SCOPES}
         return page(
             request,
@@ -106,7 +107,7 @@ class KeyPages(Controller):
         """Make a key; its token is in this answer only."""
         form = await request.form()
         name, scope = str(form.get("name", "")).strip(), str(form.get("scope", ""))
-        runtime = request.app.state.runtime
+        runtime = runtime_of(request.scope)
         try:
             if not name:
                 raise InvalidRequest("give the key a name")
@@ -121,7 +122,7 @@ class KeyPages(Controller):
     @post("/{key_id:str}/revoke", status_code=303)
     async def revoke(self, request: Request[Any, Any, Any], key_id: FromPath[str]) -> Redirect:
         """Revoke a key: requests and dashboard sessions with it stop working."""
-        runtime = request.app.state.runtime
+        runtime = runtime_of(request.scope)
         await runtime.keys.revoke(key_id, by_id=True)
         runtime.gatekeeper.forget()
         return Redirect(links(request).ui("/keys"), status_code=303)

@@ -9,6 +9,7 @@ from typing import Any
 from litestar import Controller, Request, get, post
 from litestar.response import ServerSentEvent, ServerSentEventMessage, Template
 
+from orchestra.api.scope import runtime_of
 from orchestra.domain import now
 from orchestra.web import views
 from orchestra.web.render import bounded, page
@@ -20,7 +21,7 @@ LOOK_EVERY = 5.0
 
 
 async def _overview(request: Request[Any, Any, Any]) -> dict[str, Any]:
-    runtime = request.app.state.runtime
+    runtime = runtime_of(request.scope)
     at = now()
     data = await runtime.dashboard.overview(at)
     pool = runtime.pool
@@ -36,7 +37,7 @@ async def _overview(request: Request[Any, Any, Any]) -> dict[str, Any]:
 
 async def _providers(request: Request[Any, Any, Any], states: list[Any]) -> Template:
     """The providers page, showing ``states``."""
-    router = request.app.state.runtime.router
+    router = runtime_of(request.scope).router
     chains = []
     for name, chain in router.chains().items():
         serving = [str(r) for r in router.routes(name) if router.available(r)] if chain else []
@@ -60,20 +61,20 @@ class OverviewPages(Controller):
     @get("/providers")
     async def providers(self, request: Request[Any, Any, Any]) -> Template:
         """Model chains, the entry serving each now, and every provider's last check."""
-        router = request.app.state.runtime.router
+        router = runtime_of(request.scope).router
         return await _providers(request, router.states())
 
     @post("/providers/check", status_code=200, opt={"scope": "read"})
     async def check_providers(self, request: Request[Any, Any, Any]) -> Template:
         """Check every provider now, then show them (a POST: it has effects, e.g. clearing a
         provider's "down" mark, so no link or image on another site can trigger it)."""
-        return await _providers(request, await request.app.state.runtime.router.refresh())
+        return await _providers(request, await runtime_of(request.scope).router.refresh())
 
     @get("/live", name="ui.live")
     async def live(self, request: Request[Any, Any, Any]) -> ServerSentEvent:
         """``changed`` events when tasks change (at most every second): live parts of a page
         fetch themselves again on it. Ends after a while; the browser reconnects."""
-        runtime = request.app.state.runtime
+        runtime = runtime_of(request.scope)
         signals = runtime.tasks.signals
 
         async def stream() -> AsyncIterator[ServerSentEventMessage]:

@@ -19,6 +19,7 @@ from litestar.types import ExceptionHandlersMap
 from orchestra import __version__, logs
 from orchestra.api import errors as api_errors
 from orchestra.api.errors import LOCKED_RETRY_AFTER, status_of
+from orchestra.api.scope import runtime_of
 from orchestra.auth import Caller, allows
 from orchestra.errors import OrchestraError, StorageError, StorageLocked
 from orchestra.web import views
@@ -63,7 +64,7 @@ def may(request: Request[Any, Any, Any], scope: str) -> bool:
 
 def links(request: Request[Any, Any, Any]) -> Links:
     """The dashboard's URLs for this request."""
-    return Links.of(request.scope, request.app.state.runtime.settings)
+    return Links.of(request.scope, runtime_of(request.scope).settings)
 
 
 def page(

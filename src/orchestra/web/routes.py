@@ -63,8 +63,8 @@ def own_paths(settings: Settings) -> tuple[str, ...]:
     return (f"^{re.escape(ui_path(settings))}(/|$)",)
 
 
-def dashboard(settings: Settings) -> Router:
-    """The dashboard's router, mounted at ``[ui] path``."""
+def dashboard(path: str) -> Router:
+    """The dashboard's router, mounted at ``path`` (``[ui] path``, checked: :func:`ui_path`)."""
     static = create_static_files_router(
         path="/static",
         directories=[STATIC],
@@ -74,7 +74,7 @@ def dashboard(settings: Settings) -> Router:
         include_in_schema=False,
     )
     return Router(
-        path=ui_path(settings),
+        path=path,
         route_handlers=[OverviewPages, TaskPages, TemplatePages, AccessPages, KeyPages, static],
         middleware=[DashboardGate()],
         guards=[scope_guard],  # the API's middleware checks scopes itself; pages have theirs

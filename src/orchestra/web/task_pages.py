@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 from litestar import Controller, Request, get, post
@@ -12,6 +12,8 @@ from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect, ServerSentEvent, ServerSentEventMessage, Template
 from markupsafe import escape
 
+from orchestra.api.scope import runtime_of
+from orchestra.bulk import Action
 from orchestra.domain import TaskFilter, TaskStatus, as_utc, now
 from orchestra.errors import FieldProblem, InvalidRequest
 from orchestra.event_types import EventType
@@ -23,6 +25,19 @@ PAGE_SIZE = 50
 SINCE = {"15m": 15, "1h": 60, "24h": 24 * 60, "7d": 7 * 24 * 60, "30d": 30 * 24 * 60}
 #: The bulk actions.
 ELIGIBLE = ("cancel", "retry")
+
+
+def _action(value: object) -> Action:
+    """A bulk action the request names.
+
+    Raises:
+        InvalidRequest: it names none of :data:`ELIGIBLE`.
+    """
+    if value not in ELIGIBLE:
+        raise InvalidRequest("action must be cancel or retry", [FieldProblem("action", "")])
+    return cast(Action, value)
+
+
 _FILTER_KEYS = ("status", "template", "model", "since", "from", "to", "q")
 #: A comment alone: with a ``data:`` line (Litestar's default) the browser would dispatch an
 #: empty message event.
@@ -127,7 +142,7 @@ class TaskPages(Controller):
     path = "/tasks"
 
     async def _table(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
-        runtime = request.app.state.runtime
+        runtime = runtime_of(request.scope)
         found = filters_of(request.query_params)
         cursor = request.query_params.get("cursor")
         before = whole(cursor, "cursor") if cursor else None
@@ -162,15 +177,14 @@ class TaskPages(Controller):
     @get("/confirm")
     async def confirm(self, request: Request[Any, Any, Any], action: FromQuery[str]) -> Template:
         """Ask before applying ``action`` to every task matching the filter, stating how many."""
-        if action not in ELIGIBLE:
-            raise InvalidRequest("action must be cancel or retry", [FieldProblem("action", "")])
+        chosen = _action(action)
         found = filters_of(request.query_params)
         flt, fixed = found.filter, {k: v for k, v in found.given.items() if k != "since"}
         if flt.created_from is not None:
             # A "since" becomes the time it means now, so the action acts on the tasks counted.
             fixed["from"] = _absolute(flt.created_from)
             flt = msgspec.structs.replace(flt, created_from=_time(fixed["from"], "from"))
-        confirmation = await request.app.state.runtime.bulk.confirmation(flt, action)
+        confirmation = await runtime_of(request.scope).bulk.confirmation(flt, chosen)
         return page(
             request,
             "confirm.html",
@@ -186,10 +200,8 @@ class TaskPages(Controller):
         """Cancel or retry the selected tasks, or every task matching the filter up to the
         newest task when it was confirmed (``upto``)."""
         form = await request.form()
-        action = form.get("action")
-        if action not in ELIGIBLE:
-            raise InvalidRequest("action must be cancel or retry", [FieldProblem("action", "")])
-        bulk = request.app.state.runtime.bulk
+        action = _action(form.get("action"))
+        bulk = runtime_of(request.scope).bulk
         found = filters_of(form)
         if form.get("scope") == "matching":
             ceiling = str(form.get("upto") or "")
@@ -229,7 +241,7 @@ class TaskPages(Controller):
         """The task's streamed text as ``tokens`` events (HTML text, to append), and a
         ``refresh`` event on any other change and once more at the end. Resumes after
         Last-Event-ID."""
-        tasks = request.app.state.runtime.tasks
+        tasks = runtime_of(request.scope).tasks
         resume = request.headers.get("last-event-id")
         if resume:
             start = whole(resume, "Last-Event-ID", least=0)
@@ -255,7 +267,7 @@ class TaskPages(Controller):
             yield ServerSentEventMessage(event="refresh", data="finished")
             # The page swaps the live part away, which closes the stream. Ending it here
             # instead would make the browser report an error and reconnect.
-            async for _ in request.app.state.runtime.feed.heartbeats():
+            async for _ in runtime_of(request.scope).feed.heartbeats():
                 yield KEEPALIVE
 
         # Its own Cache-Control, spelled as Litestar's, which then adds no second one.
@@ -264,18 +276,18 @@ class TaskPages(Controller):
     @post("/{task_id:int}/cancel", opt={"scope": "submit"}, status_code=303)
     async def cancel(self, request: Request[Any, Any, Any], task_id: FromPath[int]) -> Redirect:
         """Cancel the task, then show it."""
-        await request.app.state.runtime.tasks.cancel(task_id)
+        await runtime_of(request.scope).tasks.cancel(task_id)
         return Redirect(links(request).ui(f"/tasks/{task_id}"), status_code=303)
 
     @post("/{task_id:int}/retry", opt={"scope": "submit"}, status_code=303)
     async def retry(self, request: Request[Any, Any, Any], task_id: FromPath[int]) -> Redirect:
         """Queue the task again, then show it."""
-        await request.app.state.runtime.tasks.retry(task_id)
+        await runtime_of(request.scope).tasks.retry(task_id)
         return Redirect(links(request).ui(f"/tasks/{task_id}"), status_code=303)
 
 
 async def _detail(request: Request[Any, Any, Any], task_id: int) -> dict[str, Any]:
-    live = await request.app.state.runtime.tasks.live(task_id)
+    live = await runtime_of(request.scope).tasks.live(task_id)
     task = live.task
     running = [s.id for s in task.steps if s.status.value == "running"]
     prompt = sum(s.usage.prompt_tokens or 0 for s in task.steps if s.usage)

@@ -12,6 +12,7 @@ from litestar.response import Redirect, Template
 
 from orchestra import logs
 from orchestra.api.errors import status_of
+from orchestra.api.scope import runtime_of
 from orchestra.catalog import TemplateCatalog
 from orchestra.errors import (
     FieldProblem,
@@ -135,7 +136,7 @@ class TemplatePages(Controller):
     @get("/", name="ui.templates")
     async def templates(self, request: Request[Any, Any, Any]) -> Template:
         """Every template offered for new tasks."""
-        catalog = request.app.state.runtime.catalog
+        catalog = runtime_of(request.scope).catalog
         return page(request, "templates.html", section="templates", templates=catalog.all())
 
     @get("/new")
@@ -149,7 +150,7 @@ class TemplatePages(Controller):
         column."""
         form = await request.form()
         text = str(form.get("yaml", ""))
-        catalog = request.app.state.runtime.catalog
+        catalog = runtime_of(request.scope).catalog
         problems: list[dict[str, Any]] = []
         name = None
         try:
@@ -172,7 +173,7 @@ class TemplatePages(Controller):
         """Register the editor's YAML as the next version of its template."""
         form = await request.form()
         text = str(form.get("yaml", ""))
-        catalog = request.app.state.runtime.catalog
+        catalog = runtime_of(request.scope).catalog
         try:
             if not text.strip():
                 raise InvalidRequest("the template is empty")
@@ -195,7 +196,7 @@ class TemplatePages(Controller):
     ) -> Template:
         """A template: description, parameters, run form, source and versions. ``from`` (a
         task id) fills the form with that task's parameters."""
-        runtime = request.app.state.runtime
+        runtime = runtime_of(request.scope)
         template = runtime.catalog.get(name, version)
         values = None
         options: dict[str, str] = {}
@@ -216,7 +217,7 @@ class TemplatePages(Controller):
     @get("/{name:str}/edit")
     async def edit(self, request: Request[Any, Any, Any], name: FromPath[str]) -> Template:
         """The editor, with the template's current YAML."""
-        template = request.app.state.runtime.catalog.get(name)
+        template = runtime_of(request.scope).catalog.get(name)
         return _editor(request, template.text, name)
 
     @post("/{name:str}/run", opt={"scope": "submit"}, status_code=303)
@@ -224,7 +225,7 @@ class TemplatePages(Controller):
         self, request: Request[Any, Any, Any], name: FromPath[str]
     ) -> Redirect | Template:
         """Submit a task from the run form; its problems appear beside their fields (422)."""
-        runtime = request.app.state.runtime
+        runtime = runtime_of(request.scope)
         template = runtime.catalog.get(name)
         form = _multi(await request.form())
         params = params_from_form(template.params_schema(), form)
