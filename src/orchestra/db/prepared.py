@@ -4,26 +4,41 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.postgresql.psycopg import dialect as pg_dialect
-from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-_DIALECTS: dict[str, Any] = {
-    "sqlite": sqlite_dialect(paramstyle="qmark"),
-    "postgresql": pg_dialect(paramstyle="pyformat"),  # type: ignore[no-untyped-call]
-}
-#: Each engine's INSERT with ON CONFLICT.
-INSERTS: dict[str, Callable[..., Any]] = {"sqlite": sqlite_insert, "postgresql": pg_insert}
+
+@functools.cache
+def _dialect(engine: str) -> Any:
+    """The SQLAlchemy dialect statements are compiled for, imported when first needed (the
+    PostgreSQL dialect's modules cost a SQLite service's start about 0.1 s of CPU)."""
+    if engine == "postgresql":
+        from sqlalchemy.dialects.postgresql.psycopg import dialect as pg_dialect
+
+        return pg_dialect(paramstyle="pyformat")  # type: ignore[no-untyped-call]
+    from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
+
+    return sqlite_dialect(paramstyle="qmark")
+
+
+def insert_of(engine: str) -> Callable[..., Any]:
+    """The INSERT (with ``on_conflict_do_nothing`` / ``…_do_update``) of an engine
+    ("sqlite", "postgresql")."""
+    if engine == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert
 
 
 def insert_for(conn: Connection) -> Callable[..., Any]:
     """The INSERT (with ``on_conflict_do_nothing`` / ``…_do_update``) of ``conn``'s engine."""
-    return INSERTS[conn.dialect.name]
+    return insert_of(conn.dialect.name)
 
 
 class _Compiled:
@@ -70,7 +85,7 @@ class Prepared:
             statement = self._statement
             if callable(statement):
                 statement = statement(name)
-            compiled = self._compiled[name] = _Compiled(statement, _DIALECTS[name])
+            compiled = self._compiled[name] = _Compiled(statement, _dialect(name))
         return compiled, conn.connection.driver_connection
 
     def statement(self, dialect: str = "sqlite") -> Any:
@@ -80,7 +95,7 @@ class Prepared:
 
     def sql(self, dialect: str = "sqlite") -> str:
         """The statement's SQL for an engine (for tests and EXPLAIN)."""
-        return _Compiled(self.statement(dialect), _DIALECTS[dialect]).sql
+        return _Compiled(self.statement(dialect), _dialect(dialect)).sql
 
     def run(self, conn: Connection, params: Mapping[str, Any]) -> Any:
         """Execute once; returns the cursor (``rowcount``, ``fetchall()``)."""

@@ -12,7 +12,7 @@ import msgspec
 from sqlalchemy import Connection, bindparam
 
 from orchestra.db import events, notices
-from orchestra.db.prepared import INSERTS, Prepared
+from orchestra.db.prepared import Prepared, insert_of
 from orchestra.db.rows import dump
 from orchestra.db.tables import tasks
 from orchestra.domain import NewTask, TaskStatus, iso
@@ -25,7 +25,7 @@ _ENQUEUE_COLUMNS = (*NewTask.__struct_fields__, "status", "created_at")
 # within its scope (the API key that used it), decides.
 ENQUEUE = Prepared(
     lambda engine: (
-        INSERTS[engine](tasks)
+        insert_of(engine)(tasks)
         .values({name: bindparam(f"e_{name}") for name in _ENQUEUE_COLUMNS})
         .on_conflict_do_nothing(index_elements=["idempotency_scope", "idempotency_key"])
         .returning(*tasks.c)

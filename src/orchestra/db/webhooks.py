@@ -35,10 +35,9 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSON
 
 from orchestra.db.engine import Database
-from orchestra.db.prepared import INSERTS, Prepared
+from orchestra.db.prepared import Prepared, insert_of
 from orchestra.db.tables import (
     task_events,
     tasks,
@@ -74,6 +73,8 @@ def _payload(engine: str, seq: Any) -> Any:
     "event"}}`` (the Standard Webhooks envelope; ``event`` is the event's own object)."""
     kind, at = cast(bindparam("type"), Text), cast(bindparam("time"), Text)
     if engine == "postgresql":
+        from sqlalchemy.dialects.postgresql import JSON
+
         data = func.json_build_object(
             "task_id", tasks.c.id, "template", tasks.c.template, "status", tasks.c.status,
             "seq", seq, "event", cast(cast(bindparam("data"), Text), JSON),
@@ -224,7 +225,7 @@ def _guard() -> ColumnElement[bool]:
 
 def _secret_statement(engine: str) -> Any:
     return (
-        INSERTS[engine](webhook_secrets)
+        insert_of(engine)(webhook_secrets)
         .values(name=bindparam("name"), secret=bindparam("secret"), created_at=bindparam("at"))
         .on_conflict_do_nothing(index_elements=["name"])
     )
@@ -443,7 +444,7 @@ class WebhookStore:
         def work(conn: Connection) -> bool:
             if not conn.execute(statement, guard).rowcount:
                 return False
-            insert_attempt = INSERTS[conn.dialect.name](webhook_attempts).values(attempt_row)
+            insert_attempt = insert_of(conn.dialect.name)(webhook_attempts).values(attempt_row)
             conn.execute(insert_attempt.on_conflict_do_nothing())
             return True
 
