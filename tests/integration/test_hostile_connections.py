@@ -80,9 +80,12 @@ async def slowloris(service: HostileService, timeout: float) -> tuple[float, byt
     """Connect, start a request and send one more header line a second, never finishing the
     headers, until the service closes the connection; (seconds it stayed open, what the
     service sent)."""
-    reader, writer = await connect(service)
     loop = asyncio.get_running_loop()
+    # Before connecting: the service's timer starts when it accepts, and this loop may get
+    # back to a connection well after that (200 of them at once, on busy cores: all 200 were
+    # once stamped 0.7 s late, and looked closed 0.7 s early).
     started = loop.time()
+    reader, writer = await connect(service)
     writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
     line = 0
     try:
@@ -125,9 +128,11 @@ async def test_idle_and_stalled_connections_are_closed(svc: HostileService) -> N
     timeout; a kept-alive one that stays idle, after the keep-alive timeout."""
     loop = asyncio.get_running_loop()
 
+    # Each clock starts before the service's can (see slowloris): a late start here would
+    # make a connection look closed early.
     async def silent() -> float:
-        reader, writer = await connect(svc)
         started = loop.time()
+        reader, writer = await connect(svc)
         try:
             assert await closed_by_server(reader, HEADER_TIMEOUT + MARGIN) == b""
         finally:
@@ -137,10 +142,10 @@ async def test_idle_and_stalled_connections_are_closed(svc: HostileService) -> N
     async def kept_alive(then_send: bytes) -> float:
         reader, writer = await connect(svc)
         try:
+            started = loop.time()
             assert await get_health((reader, writer)) == 200
             writer.write(then_send)
             await writer.drain()
-            started = loop.time()
             assert await closed_by_server(reader, HEADER_TIMEOUT + MARGIN) == b""
         finally:
             writer.close()
