@@ -112,6 +112,19 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Freeze what collection left (the modules of orchestra, its libraries and the tests),
+    as ``orchestra serve`` freezes its heap once started (``api.server.freeze_heap``): a
+    full garbage collection then walks only what tests make. In a test process it walked
+    about 230,000 objects, up to 0.4 s on the loop of the test's own service and client
+    (measured over five API test files: 20 full collections, 3.1 s in all; frozen, 1.7 s,
+    at most 0.2 s each)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def pytest_report_header() -> str:
     return f"database engine: {'PostgreSQL' if ON_POSTGRESQL else 'SQLite'}"
 

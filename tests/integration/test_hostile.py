@@ -4,6 +4,7 @@ still runs a normal task afterwards."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from collections.abc import AsyncIterator
@@ -196,15 +197,21 @@ async def test_the_api_keeps_serving_while_a_hostile_template_renders(
             during.append(await _health_time(svc))
         failed = await svc.wait(spin["id"])
         assert "render_timeout" in failed["error"]["message"]
-        p99 = statistics.quantiles(during, n=100)[98] if len(during) > 1 else 9.9
-        quiet_p99 = statistics.quantiles(quiet, n=100)[98]
+        p95 = statistics.quantiles(during, n=20)[18] if len(during) > 1 else 9.9
+        quiet_p95 = statistics.quantiles(quiet, n=20)[18]
         print(
-            f"/health p99: {p99 * 1000:.1f} ms during a hostile render ({len(during)} requests), "
-            f"{quiet_p99 * 1000:.1f} ms before it"
+            f"/health p95: {p95 * 1000:.1f} ms during a hostile render ({len(during)} requests), "
+            f"{quiet_p95 * 1000:.1f} ms before it"
         )
-        # Rendering on the loop held the requests for the whole 1.5 s (two got through). The
-        # bounds are loose for a busy 2-core CI machine; typical figures are 20 ms and 8 ms.
-        assert len(during) > 20 and p99 < 0.5 and statistics.median(during) < 0.05, during
+        # Rendering on the loop held the requests for the whole 1.5 s (two got through).
+        # Typical figures are 350 requests, p95 6 ms. The 95th percentile, not the worst:
+        # this process is the client as well as the service, and on a CI machine busy with
+        # the suite's other processes one request of 60 once waited 1.3 s for a CPU (p99
+        # stands for the worst of so few); a held loop slows every request. The bound
+        # stretches with the machine's load per core, as tests/fixtures/hostile.py's do.
+        slack = max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+        assert len(during) > 20, during
+        assert p95 < 0.5 * slack and statistics.median(during) < 0.05 * slack, during
         await _still_serves(svc)
 
 
