@@ -41,6 +41,7 @@ import contextlib
 import functools
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -70,6 +71,31 @@ log = logs.get("orchestra.db")
 T = TypeVar("T")
 
 
+def to_wal(cursor: Any, patience: float) -> None:
+    """Put the database in WAL mode (kept in the file: a no-op once it is).
+
+    Connections that turn a new database to WAL at the same moment can each hold the shared
+    lock the other must see released; SQLite answers one of them "database is locked" at
+    once, without waiting out the busy timeout (it would wait forever). Three processes
+    starting on one new file hit it. So a locked answer is tried again, with a growing
+    pause, for ``patience`` seconds.
+
+    Raises:
+        sqlite3.OperationalError: still locked after ``patience`` seconds, or another error.
+    """
+    deadline = time.monotonic() + patience
+    pause = 0.001
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)  # a connection being opened, once: the writer's or a reader's
+        pause = min(pause * 2, 0.05)
+
+
 def _setup(engine: Engine, *, begin: str, busy_timeout_ms: int) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -77,9 +103,9 @@ def _setup(engine: Engine, *, begin: str, busy_timeout_ms: int) -> None:
         # recipe for SQLite): the "begin" hook below emits the BEGIN we want.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        to_wal(cursor, busy_timeout_ms / 1000)
+        cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
