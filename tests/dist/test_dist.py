@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.fixtures.servers import free_port
+from tests.fixtures.servers import free_port, load_slack
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -182,7 +182,7 @@ def place(binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pl
 def within_budget(service: Service, budget: float) -> None:
     """The budget is for 2 quiet cores: the CPU time must fit in it; the wall clock too, with
     as much slack as the machine has more runnable processes than cores (tests share them)."""
-    slack = max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+    slack = load_slack()
     assert service.cpu <= budget, f"{service.cpu:.1f} CPU seconds, budget {budget} s"
     assert service.wall <= budget * slack, f"{service.wall:.1f} s, budget {budget} s x {slack:.1f}"
 

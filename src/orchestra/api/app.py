@@ -50,11 +50,6 @@ from orchestra.web.render import template_config
 from orchestra.web.routes import dashboard, own_paths, ui_path
 
 
-def _runtime(scope: Scope) -> Runtime:
-    """The ``runtime`` dependency: the runtime of the service the request reached."""
-    return runtime_of(scope)
-
-
 def _tasks(runtime: NamedDependency[Runtime]) -> TaskService:
     return runtime.tasks
 
@@ -77,6 +72,13 @@ async def _allow_every_method(message: Any, scope: Any) -> None:
         if isinstance(route, HTTPRoute) and route.path_format == template:
             MutableScopeHeaders(message)["allow"] = ", ".join(sorted(route.methods))
             return
+
+
+def _runtime(scope: Scope) -> Runtime:
+    """The ``runtime`` dependency: the runtime of the service the request reached. (Not
+    ``runtime_of`` itself: Litestar resolves a dependency's annotations at registration, and
+    that module names ``Runtime`` for type checkers only.)"""
+    return runtime_of(scope)
 
 
 class Surface(msgspec.Struct, frozen=True):
@@ -180,13 +182,13 @@ def create_app(
     runtime = Runtime(settings, registry, env or {}, show_key=show_key)
     if surface.auth.rate_limit_per_minute:  # its counters live in the Litestar app
         return ServiceApp(runtime, _build(surface))
-    return ServiceApp(runtime, _shared(msgspec.json.encode(surface)))
+    return ServiceApp(runtime, _shared(surface))
 
 
 @functools.lru_cache(maxsize=16)
-def _shared(surface: bytes) -> Litestar:
-    """The Litestar app of a surface (JSON, to be hashable), built once in this process."""
-    return _build(msgspec.json.decode(surface, type=Surface))
+def _shared(surface: Surface) -> Litestar:
+    """The Litestar app of a surface, built once in this process."""
+    return _build(surface)
 
 
 def _build(surface: Surface) -> Litestar:
