@@ -25,6 +25,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,19 @@ def _config(folder: Path, model: str, port: int, max_connections: int) -> Path:
     return config
 
 
+class Countdown:
+    """Called once per arrival; ``done`` is set at the last of ``n``."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+        self.done = asyncio.Event()
+
+    def __call__(self) -> None:
+        self.left -= 1
+        if self.left == 0:
+            self.done.set()
+
+
 class Follower(asyncio.Protocol):
     """One SSE connection; keeps when the ``task.finished`` event of each task arrived. A bare
     protocol: the time is taken as the bytes arrive, before any parsing."""
@@ -60,6 +74,8 @@ class Follower(asyncio.Protocol):
         self.failed: str | None = None
         self._pending: list[tuple[float, bytes]] = []
         self._transport: asyncio.Transport | None = None
+        #: Called as a task.finished event's bytes arrive (the round counts them).
+        self.on_finished: Callable[[], None] = lambda: None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -76,7 +92,8 @@ class Follower(asyncio.Protocol):
                 self.failed = data[:80].decode(errors="replace")
             self.connected.set()
         if b"task.finished" in data:
-            self._pending.append((seen, data))  # parsed later, off the measured path
+            self._pending.append((seen, data))  # parsed once all arrived, off the measured path
+            self.on_finished()
 
     def settle(self) -> None:
         """Parse what arrived: the task and time of each task.finished event."""
@@ -88,6 +105,11 @@ class Follower(asyncio.Protocol):
                     self.arrived[task_id] = seen
                     self.event_time[task_id] = datetime.fromisoformat(event["time"]).timestamp()
         self._pending.clear()
+
+    @property
+    def has_pending(self) -> bool:
+        """Whether a task.finished event arrived and is not parsed yet."""
+        return bool(self._pending)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -146,19 +168,28 @@ async def measure(port: int, pid: int, followers: int, rounds: int, idle: float)
             reads_open = len(everything) + len(own)
             if idle_cpu is None:
                 idle_cpu = await _idle_cpu(pid, idle)
+            everyone = everything + own
+            # The client does nothing but read until every follower has the event: the
+            # parsing waits for the last one, so it delays none of them.
+            arrivals = Countdown(len(everyone))
+            for f in everyone:
+                f.on_finished = arrivals
             cpu_before = cpu_seconds([pid])
             sent = time.time()
             (await client.post(f"/api/v1/tasks/{task_id}/cancel")).raise_for_status()
-            everyone = everything + own
-            deadline = time.monotonic() + 30
-            while any(task_id not in f.arrived for f in everyone):
-                for f in everyone:
-                    f.settle()
-                if time.monotonic() > deadline:
-                    missing = sum(task_id not in f.arrived for f in everyone)
-                    raise RuntimeError(f"round {round_}: {missing} followers never got the event")
-                await asyncio.sleep(0.01)
+            try:
+                async with asyncio.timeout(30):
+                    await arrivals.done.wait()
+            except TimeoutError:
+                missing = sum(not f.has_pending for f in everyone)
+                msg = f"round {round_}: {missing} followers never got the event"
+                raise RuntimeError(msg) from None
             fan_out_cpu.append(cpu_seconds([pid]) - cpu_before)
+            for f in everyone:
+                f.settle()
+                f.on_finished = lambda: None
+            if any(task_id not in f.arrived for f in everyone):
+                raise RuntimeError(f"round {round_}: an arrival was not the task's event")
             latencies += [f.arrived[task_id] - f.event_time[task_id] for f in everyone]
             trips.append(max(f.arrived[task_id] for f in everyone) - sent)
             for follower in own:
