@@ -72,7 +72,11 @@ async def _singles(
     ``every`` seconds apart; each one's pickup in s."""
     pickups: list[float] = []
     while not stop.is_set() and (not n or len(pickups) < n):
-        body = {"template": "summarize", "params": {"text": "interactive", "sentences": 1}}
+        body = {  # calls the model each time, as the rows do (they differ: no cache hit)
+            "template": "summarize",
+            "params": {"text": "interactive", "sentences": 1},
+            "cache": False,
+        }
         task = (await client.post("/api/v1/tasks", json=body)).json()
         done = (await client.get(f"/api/v1/tasks/{task['id']}", params={"wait": 30})).json()
         if done.get("started_at"):

@@ -34,8 +34,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import TEXT, Connection, fake_model, free_port, process, wait_http  # noqa: E402
 
-#: A task that runs (the fake model answers at once).
-BODY = {"template": "summarize", "params": {"text": TEXT, "sentences": 1}}
+#: A task that runs (the fake model answers at once; not from the cache of model answers,
+#: which the template's temperature 0 would use: every task calls the model).
+BODY = {"template": "summarize", "params": {"text": TEXT, "sentences": 1}, "cache": False}
 #: The same, due in an hour: POST alone, no worker runs it meanwhile.
 LATER = {**BODY, "delay": 3600}
 #: Issue 17's targets, in ms of service CPU per request.
