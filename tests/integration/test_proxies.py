@@ -13,7 +13,7 @@ from httpx._utils import get_environment_proxies  # what httpx's default client 
 
 from orchestra.config import Settings
 from orchestra.errors import ConfigError
-from orchestra.llm.transport import environment_proxies, model_client
+from orchestra.llm.transport import direct_route, environment_proxies, model_client
 from tests.conftest import StartService
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.proxy import running_forward_proxy
@@ -88,6 +88,20 @@ async def test_each_call_takes_the_route_httpx_default_client_gives_it(
             async with httpx.AsyncClient() as default:
                 assert (await default.get(url)).status_code == 200
         assert proxy.seen == through_proxy
+
+
+@pytest.mark.parametrize(("make_env", "proxied"), ROUTES)
+async def test_calls_skip_the_client_only_where_httpx_sends_them_straight_to_the_lean_transport(
+    make_env: Callable[[str], dict[str, str]], proxied: bool
+) -> None:
+    async with model_client(4, make_env("http://proxy.corp:3128")) as client:
+        direct = direct_route(client, "http://127.0.0.1:11434")
+        assert (direct is None) == proxied
+        assert direct is None or direct is client._transport
+        # Credentials in the URL (httpx's Basic auth) and https:// always go through the client.
+        assert direct_route(client, "http://user:pw@127.0.0.1:11434") is None
+        assert direct_route(client, "https://api.example.com/v1") is None
+        assert direct_route(client, "http://host:notaport") is None
 
 
 async def test_a_model_call_goes_through_the_proxy_named_in_http_proxy(

@@ -23,6 +23,7 @@ import httpx
 import msgspec
 
 from orchestra.errors import ModelNotFound, ProviderError, ProviderUnavailable, ProviderUnreachable
+from orchestra.llm.transport import direct_route
 from orchestra.redact import redact_text, redact_url
 
 #: Seconds a health check may take.
@@ -86,6 +87,16 @@ class HttpProvider:
         self.timeout = timeout
         # Sent with each request, never logged or shown (errors name the variable, not the key).
         self.headers: Mapping[str, str] = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        #: The lean transport, when calls may skip the client (see ``direct_route``).
+        self._direct = direct_route(client, self.url)
+        #: What the client would send with a JSON body: its own headers, then ours.
+        self._json_headers = [
+            *client.headers.raw,
+            *((k.encode(), v.encode()) for k, v in self.headers.items()),
+            (b"Content-Type", b"application/json"),
+        ]
+        self._timeouts = {"timeout": httpx.Timeout(timeout).as_dict()}
+        self._urls: dict[str, httpx.URL] = {}
 
     @property
     def where(self) -> str:
@@ -97,13 +108,7 @@ class HttpProvider:
     ) -> AsyncIterator[httpx.Response]:
         """Send a request and hand over the open response; every failure is a ProviderError."""
         try:
-            async with self.client.stream(
-                method,
-                f"{self.url}{path}",
-                json=payload,
-                headers=self.headers,
-                timeout=self.timeout,
-            ) as response:
+            async with self._send(method, path, payload) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     raise self.status_error(response, model)
@@ -120,6 +125,37 @@ class HttpProvider:
             ) from exc
         except httpx.InvalidURL as exc:  # not an HTTPError: it would escape as a bug
             raise ProviderError(f"{self.where} is not a usable URL: {cause(exc)}") from exc
+
+    @asynccontextmanager
+    async def _send(self, method: str, path: str, payload: Any) -> AsyncIterator[httpx.Response]:
+        """The open response to a JSON request: straight through the lean transport when the
+        client would send it there anyway, else through the client."""
+        if self._direct is None:
+            async with self.client.stream(
+                method,
+                f"{self.url}{path}",
+                json=payload,
+                headers=self.headers,
+                timeout=self.timeout,
+            ) as response:
+                yield response
+            return
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = httpx.URL(f"{self.url}{path}")
+        request = httpx.Request(
+            method,
+            url,
+            headers=self._json_headers,
+            content=msgspec.json.encode(payload),
+            extensions=self._timeouts,
+        )
+        response = await self._direct.handle_async_request(request)
+        response.request = request
+        try:
+            yield response
+        finally:
+            await response.aclose()
 
     def status_error(self, response: httpx.Response, model: str | None) -> ProviderError:
         """The error for an HTTP error status."""
