@@ -111,7 +111,11 @@ def _setup(engine: Engine, *, begin: str, busy_timeout_ms: int) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql(begin)
+        # The writer's group commit opens its transaction on the sqlite3 connection itself
+        # (SqliteDatabase._begin); SQLAlchemy's own begin, when a unit inside it runs Core,
+        # then only joins it.
+        if not conn.connection.driver_connection.in_transaction:
+            conn.exec_driver_sql(begin)
 
 
 def _reader_engine(url: str, *, pool_size: int, busy_timeout_ms: int) -> AsyncEngine:
@@ -340,20 +344,31 @@ class SqliteDatabase(Database):
         try:
             conn = self._connection()
             raw: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
-            self._begin(conn, raw, wait=wait)  # BEGIN IMMEDIATE
-            for index, work in enumerate(works):
-                raw.execute("SAVEPOINT unit")
+            self._begin(raw, wait=wait)  # BEGIN IMMEDIATE
+            if len(works) == 1:  # alone: its failure rolls back the transaction, no savepoint
                 try:
-                    outcomes.append((True, work(conn)))
+                    outcomes.append((True, works[0](conn)))
                 except Exception as exc:
-                    if not raw.in_transaction:  # nothing of the group is written any more
-                        self._recover()
-                        others = self._commit_group(works[:index] + works[index + 1 :], wait=wait)
-                        return [*others[:index], (False, exc), *others[index:]]
-                    raw.execute("ROLLBACK TO unit")
-                    outcomes.append((False, exc))
-                raw.execute("RELEASE unit")
-            conn.commit()
+                    self._recover()
+                    return [(False, exc)]
+            else:
+                for index, work in enumerate(works):
+                    raw.execute("SAVEPOINT unit")
+                    try:
+                        outcomes.append((True, work(conn)))
+                    except Exception as exc:
+                        if not raw.in_transaction:  # nothing of the group is written any more
+                            self._recover()
+                            rest = works[:index] + works[index + 1 :]
+                            others = self._commit_group(rest, wait=wait)
+                            return [*others[:index], (False, exc), *others[index:]]
+                        raw.execute("ROLLBACK TO unit")
+                        outcomes.append((False, exc))
+                    raw.execute("RELEASE unit")
+            if conn.in_transaction():  # a unit ran Core: SQLAlchemy joined the transaction
+                conn.commit()
+            else:
+                raw.execute("COMMIT")
         except _Busy:
             raise
         except Exception as exc:
@@ -362,18 +377,19 @@ class SqliteDatabase(Database):
         self.checkpoints.committed()
         return outcomes
 
-    def _begin(self, conn: Connection, raw: sqlite3.Connection, *, wait: bool) -> None:
-        """BEGIN IMMEDIATE (the "begin" event emits it); without ``wait``, with no busy
-        timeout, raising :class:`_Busy` when another connection holds the write lock."""
+    def _begin(self, raw: sqlite3.Connection, *, wait: bool) -> None:
+        """BEGIN IMMEDIATE, on the sqlite3 connection itself (through SQLAlchemy, its begin
+        and commit cost a group on the loop more than its statements did); without ``wait``,
+        with no busy timeout, raising :class:`_Busy` when another connection holds the write
+        lock."""
         if wait:
-            conn.begin()
+            raw.execute("BEGIN IMMEDIATE")
             return
         raw.execute("PRAGMA busy_timeout = 0")
         try:
-            conn.begin()
-        except Exception as exc:
-            cause = getattr(exc, "orig", exc)
-            if getattr(cause, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
+            raw.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
                 raise
             self._recover()
             raise _Busy() from exc
