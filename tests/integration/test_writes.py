@@ -42,9 +42,12 @@ class Writes:
     def __init__(self, db: Database) -> None:
         self.transactions = 0
         self.commits = 0
-        # The engine whose connections commit: SQLite's one writer, PostgreSQL's pool.
-        engine = db._writer if db.path is not None else db._engine  # type: ignore[attr-defined]
-        event.listen(engine, "commit", self._commit)
+        if db.path is not None:
+            # SQLite's one writer commits on its sqlite3 connection: every COMMIT it runs.
+            raw = db._raw_writer()  # type: ignore[attr-defined]
+            raw.set_trace_callback(self._statement)
+        else:  # PostgreSQL's pool, through SQLAlchemy
+            event.listen(db._engine, "commit", self._commit)  # type: ignore[attr-defined]
         transaction = db.transaction
 
         async def counted(work: Callable[[Any], Any], **how: Any) -> Any:
@@ -55,6 +58,10 @@ class Writes:
 
     def _commit(self, _conn: Any) -> None:
         self.commits += 1
+
+    def _statement(self, sql: str) -> None:
+        if sql.strip().upper() == "COMMIT":
+            self.commits += 1
 
     def reset(self) -> None:
         self.transactions = self.commits = 0
