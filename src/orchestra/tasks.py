@@ -20,7 +20,16 @@ from orchestra.db.feed import FeedEvent, FeedFilter
 from orchestra.db.overview import SummaryPage
 from orchestra.db.rows import task_from_row
 from orchestra.db.store import Enqueued, TaskStore
-from orchestra.domain import ANONYMOUS_SCOPE, NewTask, StepStatus, Task, TaskStatus, as_utc, now
+from orchestra.domain import (
+    ANONYMOUS_SCOPE,
+    TERMINAL,
+    NewTask,
+    StepStatus,
+    Task,
+    TaskStatus,
+    as_utc,
+    now,
+)
 from orchestra.errors import (
     ConflictError,
     FieldProblem,
@@ -253,15 +262,21 @@ class TaskService:
         deadline = loop.time() + wait
         with self.signals.watch(task_id) as changed:
             task = await self._get(task_id)
-            while not task.finished and (remaining := deadline - loop.time()) > 0:
+            if task.finished:
+                return task
+            # A change wakes the wait (a claim, a step, the end): its status alone tells whether
+            # the task is finished; the whole task is read once, at the end.
+            while (remaining := deadline - loop.time()) > 0:
                 try:
                     async with asyncio.timeout(min(remaining, WAIT_POLL_SECONDS)):
                         await changed.wait()
                 except TimeoutError:
                     pass
                 changed.clear()
-                task = await self._get(task_id)
-        return task
+                status = await self.store.status_of(task_id)
+                if status is None or status in TERMINAL:
+                    break
+        return await self._get(task_id)
 
     async def live(self, task_id: int) -> LiveTask:
         """A task, the text its running step has streamed so far, and the event to follow it

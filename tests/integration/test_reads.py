@@ -138,7 +138,10 @@ async def test_the_fast_reads_answer_what_the_engine_reads_answer(db: Database) 
         events = await fast.events_after(task_id, 0)
         assert events and events == await engine.events_after(task_id, 0), name
         assert await fast.events_after(task_id, 1, 2) == await engine.events_after(task_id, 1, 2)
+        assert task is not None
+        assert await fast.status(task_id) == await engine.status(task_id) == task.status, name
     assert await fast.task(10**9) is None and await engine.task(10**9) is None
+    assert await fast.status(10**9) is None and await engine.status(10**9) is None
     assert await fast.events_after(10**9, 0) == []
 
     for status in (None, *TaskStatus):
@@ -169,6 +172,22 @@ async def test_the_fast_read_keeps_what_was_stored(db: Database) -> None:
     assert [s.status for s in retried.steps] == [StepStatus.RUNNING]
     asked = await store.get_task(made["asked_to_cancel"])
     assert asked is not None and asked.cancel_requested
+
+
+async def test_a_status_read_answers_each_state_on_either_engine(db: Database) -> None:
+    store = TaskStore(db)
+    made = await tasks_in_every_state(store)
+    for name, task_id in made.items():
+        task = await store.get_task(task_id)
+        assert task is not None and await store.status_of(task_id) == task.status, name
+    assert {await store.status_of(i) for i in made.values()} >= {
+        TaskStatus.QUEUED,
+        TaskStatus.RUNNING,
+        TaskStatus.SUCCEEDED,
+        TaskStatus.FAILED,
+        TaskStatus.CANCELLED,
+    }
+    assert await store.status_of(10**9) is None
 
 
 @pytest.mark.sqlite_only

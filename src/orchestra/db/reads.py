@@ -41,6 +41,10 @@ class Reads(Protocol):
         """One task with its attempts and the steps of its current attempt, or None."""
         ...
 
+    async def status(self, task_id: int) -> TaskStatus | None:
+        """A task's status alone, or None when there is no such task."""
+        ...
+
     async def events_after(
         self, task_id: int, seq: int, limit: int = EVENTS_PER_READ
     ) -> list[TaskEvent]:
@@ -147,17 +151,24 @@ FROM (SELECT {_SUMMARY_COLUMNS} FROM tasks {"WHERE " + " AND ".join(where) if wh
 
 
 class _Statements(msgspec.Struct, frozen=True):
-    """One engine's SQL for the reads: a task, its events, and a page for each filter set."""
+    """One engine's SQL for the reads: a task, its status, its events, and a page for each
+    filter set."""
 
     task: str
+    status: str
     events: str
     pages: dict[tuple[bool, bool, bool], str]
 
 
 _FILTERS = [(s, t, b) for s in (False, True) for t in (False, True) for b in (False, True)]
-_SQLITE = _Statements(_TASK, _EVENTS, {f: _page_sql(*f) for f in _FILTERS})
+_SQLITE = _Statements(
+    _TASK, "SELECT status FROM tasks WHERE id = ?", _EVENTS, {f: _page_sql(*f) for f in _FILTERS}
+)
 _POSTGRESQL = _Statements(
-    reads_pg.TASK, reads_pg.EVENTS, {f: reads_pg.page_sql(*f) for f in _FILTERS}
+    reads_pg.TASK,
+    "SELECT status FROM tasks WHERE id = %s",
+    reads_pg.EVENTS,
+    {f: reads_pg.page_sql(*f) for f in _FILTERS},
 )
 _decode_task = msgspec.json.Decoder(Task).decode
 _decode_events = msgspec.json.Decoder(list[TaskEvent]).decode
@@ -192,6 +203,12 @@ class JsonReads:
         sql = self._sql.task
         found = await self.db.read_now(lambda conn: _one(conn, sql, (task_id,)))
         return None if found is None else _decode_task(found)
+
+    async def status(self, task_id: int) -> TaskStatus | None:
+        """A task's status alone, or None when there is no such task."""
+        sql = self._sql.status
+        found = await self.db.read_now(lambda conn: _one(conn, sql, (task_id,)))
+        return None if found is None else TaskStatus(found)
 
     async def events_after(
         self, task_id: int, seq: int, limit: int = EVENTS_PER_READ
@@ -235,6 +252,14 @@ class EngineReads:
             details = await load_details(conn, {task_id: row.attempts})
         steps, history = details.get(task_id, ([], []))
         return task_from_row(row, steps, history)
+
+    async def status(self, task_id: int) -> TaskStatus | None:
+        """A task's status alone, or None when there is no such task."""
+        async with self.db.read() as conn:
+            found = (
+                await conn.execute(select(tasks.c.status).where(tasks.c.id == task_id))
+            ).scalar_one_or_none()
+        return None if found is None else TaskStatus(found)
 
     async def events_after(
         self, task_id: int, seq: int, limit: int = EVENTS_PER_READ

@@ -383,6 +383,10 @@ class TaskStore:
         """One task with its attempts and the steps of its current attempt, or None."""
         return await self.reads.task(task_id)
 
+    async def status_of(self, task_id: int) -> TaskStatus | None:
+        """A task's status alone (a cheaper read than :meth:`get_task`), or None."""
+        return await self.reads.status(task_id)
+
     async def list_page(
         self,
         *,
