@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from orchestra.db import Database, Lease, TaskStore
 from orchestra.db.reads import EngineReads, JsonReads
@@ -271,3 +272,23 @@ async def test_a_read_of_a_database_that_is_not_there_says_why(db_url: str) -> N
             await TaskStore(db).get_task(1)
     finally:
         await db.close()
+
+
+@pytest.mark.skipif(not ON_POSTGRESQL, reason="psycopg's prepared statements")
+async def test_a_point_read_keeps_the_statements_its_connection_prepared(db: Database) -> None:
+    # psycopg prepares a statement run five times on a connection, and forgets all of them
+    # at any ROLLBACK; the writes share these connections, so a read that ended in one made
+    # every write parse and plan its statements again (the idle round trip: 20 ms -> 13 ms).
+    def prepare(raw: Any) -> None:
+        for _ in range(6):
+            raw.execute("SELECT 41 + 1").fetchall()
+
+    def prepared(raw: Any) -> int:
+        return int(raw.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()[0])
+
+    # One read after the other: the pool hands back the one connection it has opened.
+    await db.read_now(prepare)
+    assert await db.read_now(prepared) >= 1
+    async with db.read() as conn:  # a snapshot read of the async engine's own pool
+        await conn.execute(text("SELECT 1"))
+    assert await db.read_now(prepared) >= 1

