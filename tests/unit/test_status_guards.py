@@ -33,6 +33,19 @@ def test_every_move_of_the_store_is_a_legal_transition() -> None:
             assert move.targets <= TRANSITIONS[source], (move.name, source)
 
 
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_each_guard_names_its_statuses_in_the_sql_itself(dialect: str) -> None:
+    # Bound (``status = ?``), SQLite planned the claim's UPDATE through the status index it
+    # changes: 150 us of SQLite's time a claim instead of 35.
+    from orchestra.db.prepared import _dialect
+
+    for move in guards.MOVES:
+        compiled = move.guard.compile(dialect=_dialect(dialect))
+        assert not compiled.binds, move.name
+        for status in move.sources:
+            assert f"'{status.value}'" in compiled.string, (move.name, status)
+
+
 def test_the_moves_together_make_exactly_the_transitions_the_table_allows() -> None:
     for target in TaskStatus:
         made = frozenset().union(*(m.sources for m in guards.MOVES if target in m.targets))

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 import msgspec
-from sqlalchemy import ColumnElement
+from sqlalchemy import ColumnElement, literal_column
 
 from orchestra.db.tables import tasks
 from orchestra.domain import TRANSITIONS, TaskStatus
@@ -26,12 +26,25 @@ def may_become(target: TaskStatus) -> frozenset[TaskStatus]:
 
 
 def status_in(statuses: Collection[TaskStatus]) -> ColumnElement[bool]:
-    """``tasks.status`` is one of ``statuses``: ``= 'x'`` for one (a partial index on
-    ``status = 'x'`` still applies), ``IN (…)`` for more, in the enum's order (stable SQL)."""
+    """``tasks.status`` is one of ``statuses``: ``= 'x'`` for one, ``IN ('x', 'y')`` for
+    more, in the enum's order (stable SQL).
+
+    The statuses are written into the SQL as literals, not bound: with ``status = ?`` SQLite
+    plans an UPDATE through the status index it is about to change, and the claim took 150 µs
+    of SQLite's time instead of 35 (a partial index on ``status = 'x'`` also applies only to
+    a literal)."""
     values = [status.value for status in TaskStatus if status in statuses]
     if not values:
         raise ValueError("a status guard needs at least one status")
-    return tasks.c.status == values[0] if len(values) == 1 else tasks.c.status.in_(values)
+    words = [_word(value) for value in values]
+    return tasks.c.status == words[0] if len(words) == 1 else tasks.c.status.in_(words)
+
+
+def _word(value: str) -> ColumnElement[str]:
+    """A status as an SQL string literal (statuses are lower-case words: nothing to quote)."""
+    if not value.replace("_", "").isalpha():
+        raise ValueError(f"not a status word: {value!r}")
+    return literal_column(f"'{value}'")
 
 
 #: A worker holds the task: only its lease holder (or the reaper, when the lease expired)
