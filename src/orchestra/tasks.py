@@ -261,12 +261,13 @@ class TaskService:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         with self.signals.watch(task_id) as changed:
-            task = await self._get(task_id)
-            if task.finished:
-                return task
-            # A change wakes the wait (a claim, a step, the end): its status alone tells whether
-            # the task is finished; the whole task is read once, at the end.
-            while (remaining := deadline - loop.time()) > 0:
+            # Until the task is finished its status alone is read: at first, and after each
+            # change that wakes the wait (a claim, a step, the end); the whole task is read
+            # once, at the end (a status read costs a quarter of a whole task's on SQLite).
+            status = await self.store.status_of(task_id) if _storable(task_id) else None
+            if status is None:
+                raise TaskNotFound(f"no task with id {task_id}")
+            while status not in TERMINAL and (remaining := deadline - loop.time()) > 0:
                 try:
                     async with asyncio.timeout(min(remaining, WAIT_POLL_SECONDS)):
                         await changed.wait()
@@ -274,8 +275,8 @@ class TaskService:
                     pass
                 changed.clear()
                 status = await self.store.status_of(task_id)
-                if status is None or status in TERMINAL:
-                    break
+                if status is None:
+                    break  # deleted meanwhile: the read below says so
         return await self._get(task_id)
 
     async def live(self, task_id: int) -> LiveTask:
