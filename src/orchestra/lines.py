@@ -10,8 +10,9 @@ client and its tests read lines through this module instead.
 
 from __future__ import annotations
 
+import codecs
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
 
@@ -47,18 +48,32 @@ class Lines:
 
 
 async def aiter_lines(response: httpx.Response) -> AsyncIterator[str]:
-    """The lines of a streamed response's body (see the module docstring)."""
+    """The lines of a streamed response's body (see the module docstring), read as UTF-8."""
     lines = Lines()
-    async for text in response.aiter_text():
-        for line in lines.feed(text):
+    decode = _utf8()
+    async for chunk in response.aiter_bytes():
+        for line in lines.feed(decode(chunk)):
             yield line
-    for line in lines.flush():
+    for line in lines.feed(decode(b"", True)) + lines.flush():
         yield line
 
 
 def iter_lines(response: httpx.Response) -> Iterator[str]:
-    """The lines of a streamed response's body, read synchronously."""
+    """The lines of a streamed response's body, read synchronously, as UTF-8."""
     lines = Lines()
-    for text in response.iter_text():
-        yield from lines.feed(text)
+    decode = _utf8()
+    for chunk in response.iter_bytes():
+        yield from lines.feed(decode(chunk))
+    yield from lines.feed(decode(b"", True))
     yield from lines.flush()
+
+
+def _utf8() -> Callable[..., str]:
+    """An incremental UTF-8 decoder (a character cut between two pieces is decoded once the
+    rest arrives; bytes that are no UTF-8 become U+FFFD, as httpx's text does).
+
+    Both formats read here are UTF-8 whatever the Content-Type says (Server-Sent Events by
+    the WHATWG spec, JSON lines by RFC 8259), so the body is not decoded as httpx's
+    ``iter_text`` would, by a charset parsed from the Content-Type of every response; that
+    parse cost about a tenth of a streamed model call's CPU."""
+    return codecs.getincrementaldecoder("utf-8")(errors="replace").decode

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
 import pytest
 
-from orchestra.lines import Lines
+from orchestra.lines import Lines, aiter_lines, iter_lines
 
 
 def split(*pieces: str) -> list[str]:
@@ -29,3 +32,40 @@ def test_cr_alone_and_lf_alone_end_lines_and_the_last_line_needs_no_end() -> Non
     assert split("a\rb\nc\r", "\rd") == ["a", "b", "c", "", "d"]
     assert split("a\r") == ["a"]
     assert split("") == []
+
+
+class _Pieces(httpx.AsyncByteStream, httpx.SyncByteStream):
+    """A body that arrives in the given pieces."""
+
+    def __init__(self, *pieces: bytes) -> None:
+        self.pieces = pieces
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for piece in self.pieces:
+            yield piece
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self.pieces
+
+
+def _response(*pieces: bytes, content_type: str = "application/x-ndjson") -> httpx.Response:
+    return httpx.Response(200, headers={"content-type": content_type}, stream=_Pieces(*pieces))
+
+
+#: "é" and "😀" cut inside their UTF-8 bytes, an invalid byte, no line end at the end.
+PIECES = (b'{"t": "caf\xc3', b'\xa9"}\n{"t": "\xf0\x9f', b'\x98\x80 \xff"}')
+EXPECTED = ['{"t": "café"}', '{"t": "😀 \ufffd"}']
+
+
+@pytest.mark.parametrize("content_type", ["application/x-ndjson", "text/plain; charset=latin-1"])
+async def test_a_body_is_read_as_utf8_whatever_its_pieces_and_its_declared_charset(
+    content_type: str,
+) -> None:
+    body = _response(*PIECES, content_type=content_type)
+    assert [line async for line in aiter_lines(body)] == EXPECTED
+    assert list(iter_lines(_response(*PIECES, content_type=content_type))) == EXPECTED
+
+
+async def test_a_character_cut_at_the_very_end_is_replaced_not_lost() -> None:
+    body = _response(b"ok\n", b"caf\xc3")
+    assert [line async for line in aiter_lines(body)] == ["ok", "caf\ufffd"]
