@@ -18,6 +18,10 @@ Three parts, chosen per request URL by httpx (``mounts``):
   included) unless ``NO_PROXY`` names them (``NO_PROXY=localhost,127.0.0.1``); ``NO_PROXY=*``
   turns every proxy off. Only the environment the service was given counts: macOS's and
   Windows's system proxy settings, which httpx also reads, are not.
+
+A provider asks :func:`direct_route` once, for its server's URL, whether the client would send
+its calls straight to the lean transport; if so, it hands each call to the transport itself,
+past httpx's client layer (see :class:`~orchestra.llm.http.HttpProvider`).
 """
 
 from __future__ import annotations
