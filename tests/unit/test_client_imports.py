@@ -5,11 +5,9 @@ server loaded already."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
+
+from tests.fixtures.imports import loaded_after
 
 #: What only the server needs; importing any of them costs the client a second or more.
 HEAVY = ("sqlalchemy", "litestar", "jinja2", "ruamel", "llama_cpp", "aiosqlite", "psycopg")
@@ -17,16 +15,7 @@ HEAVY = ("sqlalchemy", "litestar", "jinja2", "ruamel", "llama_cpp", "aiosqlite",
 
 def heavy_modules_after(statement: str) -> list[str]:
     """The heavy modules a fresh interpreter has loaded after running ``statement``."""
-    probe = (
-        f"{statement}\nimport json, sys\n"
-        f"heavy = {set(HEAVY)!r}\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in heavy)))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
-    )
-    loaded: list[str] = json.loads(done.stdout.strip().splitlines()[-1])
-    return loaded
+    return loaded_after(statement, HEAVY)
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,7 @@ RSS. Each check runs in a fresh interpreter: this one has them loaded already.""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+from tests.fixtures.imports import loaded_after
 
 #: Installed beside the service (rich for the CLI's progress bars; the rest by the test
 #: tools), used by none of its code.
@@ -16,16 +14,7 @@ UNUSED = ("rich", "pygments", "pydantic", "pydantic_core")
 
 def unused_modules_after(statement: str) -> list[str]:
     """The unused libraries a fresh interpreter has loaded after running ``statement``."""
-    probe = (
-        f"{statement}\nimport json, sys\n"
-        f"unused = {set(UNUSED)!r}\n"
-        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & unused)))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
-    )
-    loaded: list[str] = json.loads(done.stdout.strip().splitlines()[-1])
-    return loaded
+    return sorted({module.split(".")[0] for module in loaded_after(statement, UNUSED)})
 
 
 def test_the_service_built_with_its_api_loads_none_of_them() -> None:
