@@ -1,5 +1,5 @@
 """Turning a new SQLite file to WAL while another connection holds its lock
-(orchestra.db.sqlite_engine.to_wal): a locked answer is tried again until the lock goes,
+(orchestra.db.sqlite_setup.to_wal): a locked answer is tried again until the lock goes,
 within the patience given. Real SQLite files and locks; the busy timeout is 0 here, so each
 locked answer comes at once, as it does when two connections deadlock on the conversion."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestra.db.sqlite_engine import to_wal
+from orchestra.db.sqlite_setup import to_wal
 
 
 def _held(path: Path) -> sqlite3.Connection:

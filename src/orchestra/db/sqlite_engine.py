@@ -41,21 +41,21 @@ import contextlib
 import functools
 import sqlite3
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy import Connection, create_engine, event, text
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.pool import StaticPool
 
 from orchestra import logs
 from orchestra.db.engine import SQLITE, Database, check_url, settled
 from orchestra.db.failures import WriteHealth, free_bytes, storage_error
 from orchestra.db.sqlite_checkpoint import Checkpoints
+from orchestra.db.sqlite_setup import reader_engine, setup
 from orchestra.errors import StorageError, StorageFull
 
 READ_POOL_SIZE = 4
@@ -69,59 +69,6 @@ log = logs.get("orchestra.db")
 
 
 T = TypeVar("T")
-
-
-def to_wal(cursor: Any, patience: float) -> None:
-    """Put the database in WAL mode (kept in the file: a no-op once it is).
-
-    Connections that turn a new database to WAL at the same moment can each hold the shared
-    lock the other must see released; SQLite answers one of them "database is locked" at
-    once, without waiting out the busy timeout (it would wait forever). Three processes
-    starting on one new file hit it. So a locked answer is tried again, with a growing
-    pause, for ``patience`` seconds.
-
-    Raises:
-        sqlite3.OperationalError: still locked after ``patience`` seconds, or another error.
-    """
-    deadline = time.monotonic() + patience
-    pause = 0.001
-    while True:
-        try:
-            cursor.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
-                raise
-        time.sleep(pause)  # a connection being opened, once: the writer's or a reader's
-        pause = min(pause * 2, 0.05)
-
-
-def _setup(engine: Engine, *, begin: str, busy_timeout_ms: int) -> None:
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Take transaction control away from the sqlite3 module (SQLAlchemy's documented
-        # recipe for SQLite): the "begin" hook below emits the BEGIN we want.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-        to_wal(cursor, busy_timeout_ms / 1000)
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Any) -> None:
-        # The writer's group commit opens its transaction on the sqlite3 connection itself
-        # (SqliteDatabase._begin); SQLAlchemy's own begin, when a unit inside it runs Core,
-        # then only joins it.
-        if not conn.connection.driver_connection.in_transaction:
-            conn.exec_driver_sql(begin)
-
-
-def _reader_engine(url: str, *, pool_size: int, busy_timeout_ms: int) -> AsyncEngine:
-    engine = create_async_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=60)
-    _setup(engine.sync_engine, begin="BEGIN", busy_timeout_ms=busy_timeout_ms)
-    return engine
 
 
 #: How a transaction ended: (True, what it returned) or (False, what it raised).
@@ -163,7 +110,7 @@ class SqliteDatabase(Database):
             poolclass=StaticPool,
             connect_args={"check_same_thread": False},
         )
-        _setup(self._writer, begin="BEGIN IMMEDIATE", busy_timeout_ms=busy_timeout_ms)
+        setup(self._writer, begin="BEGIN IMMEDIATE", busy_timeout_ms=busy_timeout_ms)
         # Checkpoints run beside the writes and on the writer's thread between groups
         # (sqlite_checkpoint), never in a commit.
         event.listen(
@@ -184,9 +131,7 @@ class SqliteDatabase(Database):
         self.checkpoints = Checkpoints(self.path, self._lock, self._writer_due)
         #: The event loop the transactions come from (the writer's thread answers there).
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._reader = _reader_engine(
-            url, pool_size=READ_POOL_SIZE, busy_timeout_ms=busy_timeout_ms
-        )
+        self._reader = reader_engine(url, pool_size=READ_POOL_SIZE, busy_timeout_ms=busy_timeout_ms)
         self._busy_timeout_ms = busy_timeout_ms
         # read_now's connections: one per thread (the event loop's, each reader thread's).
         self._raw_readers = threading.local()

@@ -1,0 +1,72 @@
+"""Opening SQLite connections: the pragmas every connection of the service sets, and WAL mode.
+
+Each connection: a busy timeout (set first), WAL mode (kept in the file), ``synchronous =
+NORMAL`` and foreign keys; transaction control taken from the ``sqlite3`` module, so that the
+"begin" event emits the BEGIN wanted (``BEGIN IMMEDIATE`` for the writer).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from typing import Any
+
+from sqlalchemy import Engine, event
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+
+def to_wal(cursor: Any, patience: float) -> None:
+    """Put the database in WAL mode (kept in the file: a no-op once it is).
+
+    Connections that turn a new database to WAL at the same moment can each hold the shared
+    lock the other must see released; SQLite answers one of them "database is locked" at
+    once, without waiting out the busy timeout (it would wait forever). Three processes
+    starting on one new file hit it. So a locked answer is tried again, with a growing
+    pause, for ``patience`` seconds.
+
+    Raises:
+        sqlite3.OperationalError: still locked after ``patience`` seconds, or another error.
+    """
+    deadline = time.monotonic() + patience
+    pause = 0.001
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)  # a connection being opened, once: the writer's or a reader's
+        pause = min(pause * 2, 0.05)
+
+
+def setup(engine: Engine, *, begin: str, busy_timeout_ms: int) -> None:
+    """Give every connection ``engine`` opens the service's pragmas, and have SQLAlchemy's
+    transactions start with ``begin`` ("BEGIN IMMEDIATE" for the writer)."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from the sqlite3 module (SQLAlchemy's documented
+        # recipe for SQLite): the "begin" hook below emits the BEGIN we want.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        to_wal(cursor, busy_timeout_ms / 1000)
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        # The writer's group commit opens its transaction on the sqlite3 connection itself
+        # (SqliteDatabase._begin); SQLAlchemy's own begin, when a unit inside it runs Core,
+        # then only joins it.
+        if not conn.connection.driver_connection.in_transaction:
+            conn.exec_driver_sql(begin)
+
+
+def reader_engine(url: str, *, pool_size: int, busy_timeout_ms: int) -> AsyncEngine:
+    """The async engine of the read connections (a pool of ``pool_size``)."""
+    engine = create_async_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=60)
+    setup(engine.sync_engine, begin="BEGIN", busy_timeout_ms=busy_timeout_ms)
+    return engine
