@@ -55,7 +55,7 @@ from orchestra import logs
 from orchestra.db.engine import SQLITE, Database, check_url, settled
 from orchestra.db.failures import WriteHealth, free_bytes, storage_error
 from orchestra.db.sqlite_checkpoint import Checkpoints
-from orchestra.db.sqlite_setup import reader_engine, setup
+from orchestra.db.sqlite_setup import begin_waiting, reader_engine, setup
 from orchestra.errors import StorageError, StorageFull
 
 READ_POOL_SIZE = 4
@@ -328,7 +328,7 @@ class SqliteDatabase(Database):
         with no busy timeout, raising :class:`_Busy` when another connection holds the write
         lock."""
         if wait:
-            raw.execute("BEGIN IMMEDIATE")
+            begin_waiting(raw, self._busy_timeout_ms)
             return
         raw.execute("PRAGMA busy_timeout = 0")
         try:
