@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, TypeVar
 import click
 import msgspec
 
+from orchestra import lean_imports  # noqa: F401  # before httpx and structlog: see it
+
+# isort: split
 from orchestra import __version__, logs
 from orchestra.auth import SCOPES, ApiKey, Scope
 from orchestra.cli_batch import batch

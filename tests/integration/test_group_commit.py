@@ -74,6 +74,25 @@ async def test_waiting_transactions_commit_together_and_a_failure_stays_alone(
     assert keys == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10]
 
 
+@pytest.mark.sqlite_only
+async def test_a_unit_that_swallows_sqlites_own_rollback_is_not_reported_written(
+    db: Database,
+) -> None:
+    def swallows(conn: Connection) -> str:
+        conn.execute(text("INSERT INTO t (k, v) VALUES (1, 'x')"))
+        try:  # a conflict SQLite answers by rolling the whole transaction back
+            conn.execute(text("INSERT OR ROLLBACK INTO t (k, v) VALUES (1, 'again')"))
+        except Exception:
+            pass
+        return "written?"
+
+    with pytest.raises(RuntimeError, match="nothing was written"):
+        await db.transaction(swallows)
+    with sqlite3.connect(db.path) as conn:
+        assert conn.execute("SELECT k FROM t").fetchall() == []
+    assert await db.transaction(_insert(2)) == 20  # and the writer goes on
+
+
 async def test_a_single_failing_transaction_writes_nothing(db: Database) -> None:
     with pytest.raises(ValueError):
         await db.transaction(_insert(1, fail=True))

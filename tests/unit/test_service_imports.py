@@ -1,7 +1,8 @@
-"""The service loads no library it never uses, however many its environment holds: rich and
-pygments (which httpx and structlog import when they are installed) and pydantic (whose
-Litestar plugin Litestar adds when it is installed). Together about 11 MB of a service's
-RSS. Each check runs in a fresh interpreter: this one has them loaded already."""
+"""The service (started by the command line) loads no library it never uses, however many its
+environment holds: rich and pygments (which httpx and structlog import when they are
+installed) and pydantic (whose Litestar plugin Litestar adds when it is installed). Together
+about 11 MB of a service's RSS. Each check runs in a fresh interpreter: this one has them
+loaded already."""
 
 from __future__ import annotations
 
@@ -33,3 +34,10 @@ def test_the_probe_sees_them_where_they_are_imported() -> None:
     # and a plain Litestar app loads pydantic.
     loaded = unused_modules_after("import httpx, litestar\nlitestar.Litestar()")
     assert {"rich", "pygments", "pydantic"} <= set(loaded)
+
+
+def test_a_program_that_imports_the_client_keeps_httpx_and_structlog_as_they_are() -> None:
+    # Only Orchestra's command line hides rich from them (orchestra.lean_imports): a program
+    # using the client keeps httpx's command and structlog's rich tracebacks.
+    statement = "import orchestra.client, httpx, structlog\nassert structlog.dev.rich is not None"
+    assert {"rich", "pygments"} <= set(unused_modules_after(statement))

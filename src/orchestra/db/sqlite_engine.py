@@ -310,6 +310,8 @@ class SqliteDatabase(Database):
                         raw.execute("ROLLBACK TO unit")
                         outcomes.append((False, exc))
                     raw.execute("RELEASE unit")
+            if not raw.in_transaction:  # a unit caught the error of SQLite's own rollback
+                raise RuntimeError("SQLite rolled the transaction back: nothing was written")
             if conn.in_transaction():  # a unit ran Core: SQLAlchemy joined the transaction
                 conn.commit()
             else:

@@ -89,11 +89,12 @@ class HttpProvider:
         self.headers: Mapping[str, str] = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         #: The lean transport, when calls may skip the client (see ``direct_route``).
         self._direct = direct_route(client, self.url)
+        #: What a JSON request adds to the client's own headers.
+        self._client_headers = {**self.headers, "Content-Type": "application/json"}
         #: What the client would send with a JSON body: its own headers, then ours.
         self._json_headers = [
             *client.headers.raw,
-            *((k.encode(), v.encode()) for k, v in self.headers.items()),
-            (b"Content-Type", b"application/json"),
+            *((k.encode(), v.encode()) for k, v in self._client_headers.items()),
         ]
         self._timeouts = {"timeout": httpx.Timeout(timeout).as_dict()}
         self._urls: dict[str, httpx.URL] = {}
@@ -129,13 +130,21 @@ class HttpProvider:
     @asynccontextmanager
     async def _send(self, method: str, path: str, payload: Any) -> AsyncIterator[httpx.Response]:
         """The open response to a JSON request: straight through the lean transport when the
-        client would send it there anyway, else through the client."""
-        if self._direct is None:
-            async with self.client.stream(
+        client would send it there anyway, else through the client.
+
+        Both ways send the same bytes: the body encoded by msgspec (so a NaN or a date in a
+        template's options is encoded alike, whichever way the call goes), httpx's own
+        headers. Once a server has set a cookie (a sticky session of a load balancer), its
+        calls go through the client, which sends it back; httpx's "HTTP Request" log line is
+        written for calls through the client only."""
+        body = msgspec.json.encode(payload)
+        client = self.client
+        if self._direct is None or client.cookies or client.is_closed:
+            async with client.stream(
                 method,
                 f"{self.url}{path}",
-                json=payload,
-                headers=self.headers,
+                content=body,
+                headers=self._client_headers,
                 timeout=self.timeout,
             ) as response:
                 yield response
@@ -144,15 +153,13 @@ class HttpProvider:
         if url is None:
             url = self._urls[path] = httpx.URL(f"{self.url}{path}")
         request = httpx.Request(
-            method,
-            url,
-            headers=self._json_headers,
-            content=msgspec.json.encode(payload),
-            extensions=self._timeouts,
+            method, url, headers=self._json_headers, content=body, extensions=self._timeouts
         )
         response = await self._direct.handle_async_request(request)
         response.request = request
         try:
+            if "set-cookie" in response.headers:
+                client.cookies.extract_cookies(response)
             yield response
         finally:
             await response.aclose()
