@@ -15,6 +15,7 @@ import pytest
 from orchestra.llm.base import ChatMessage, ChatRequest
 from orchestra.llm.ollama import OllamaProvider
 from orchestra.llm.transport import direct_route, model_client
+from tests.fixtures.servers import loopback_server
 
 ANSWER = b'{"model":"m","message":{"role":"assistant","content":"hi"},"done":true}\n'
 
@@ -32,33 +33,21 @@ async def sticky_server() -> AsyncIterator[tuple[str, Recorder]]:
     seen = Recorder()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while head := await reader.readuntil(b"\r\n\r\n"):
-                lines = head.decode("latin-1").split("\r\n")[1:]
-                headers = {
-                    k.strip().lower(): v.strip()
-                    for k, _, v in (x.partition(":") for x in lines if x)
-                }
-                body = await reader.readexactly(int(headers.get("content-length", "0")))
-                seen.requests.append((headers, body))
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
-                    b"Set-Cookie: sticky=abc; Path=/\r\n"
-                    b"Content-Length: %d\r\n\r\n%s" % (len(ANSWER), ANSWER)
-                )
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+        while head := await reader.readuntil(b"\r\n\r\n"):
+            lines = head.decode("latin-1").split("\r\n")[1:]
+            fields = (line.partition(":") for line in lines if line)
+            headers = {name.strip().lower(): value.strip() for name, _, value in fields}
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            seen.requests.append((headers, body))
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                b"Set-Cookie: sticky=abc; Path=/\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(ANSWER), ANSWER)
+            )
+            await writer.drain()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}", seen
-    finally:
-        server.close()
-        await server.wait_closed()
+    async with loopback_server(serve) as url:
+        yield url, seen
 
 
 def request(**options: Any) -> ChatRequest:
