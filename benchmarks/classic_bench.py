@@ -202,7 +202,9 @@ async def submit_read(folder: Path, n: int, concurrency: int = 64) -> dict[str, 
     flight, model latency 0; then idle round trips. The same client as orchestra_bench.py's;
     the service's CPU is the API's, the worker's and Redis's."""
     with fake_model(0, folder) as model, stack(model, folder, "threads", concurrency) as s:
-        figures = await submit_read_workload(s["url"], s["roles"], API, BODY, n, CLIENTS)
+        figures = await submit_read_workload(
+            s["url"], s["roles"], API, BODY, n, CLIENTS, model=model
+        )
         return {"pool": "threads", "concurrency": concurrency, **figures}
 
 

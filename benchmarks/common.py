@@ -310,6 +310,11 @@ async def round_trips(n: int, body: Any, base: str, api: TaskApi) -> list[float]
     return times
 
 
+def _model_cpu(model: str | None) -> float:
+    """The fake model's CPU time so far (0 without one)."""
+    return float(httpx.get(f"{model}/stats").json()["cpu_seconds"]) if model else 0.0
+
+
 async def submit_read_workload(
     base: str,
     roles: dict[str, int],
@@ -318,11 +323,16 @@ async def submit_read_workload(
     n: int,
     clients: int = 64,
     rounds: int = 300,
+    model: str | None = None,
 ) -> dict[str, Any]:
     """Issue 17's side-by-side workload, the same for every stack: ``n`` tasks submitted and
     read over HTTP with ``clients`` in flight, then ``rounds`` idle round trips. ``roles``
     names the stack's processes (each counted with its descendants) for the service CPU and
-    RSS figures."""
+    RSS figures.
+
+    ``model``: the fake model's URL, to report what the measuring instruments (this client
+    and the fake model) cost the machine's cores per task too, and the throughput those
+    cores allow (``ceiling_tasks_per_s``: all cores over all the CPU a task costs)."""
     pids = list(roles.values())
     load_average = round(os.getloadavg()[0], 2)
     # Warm up (connections, threads, caches) with the same client before counting anything.
@@ -330,11 +340,14 @@ async def submit_read_workload(
     await round_trips(10, body, base, api)
     await asyncio.sleep(0.5)
     before = {role: cpu_seconds([pid]) for role, pid in roles.items()}
+    model_before = _model_cpu(model)
     client_before = time.process_time()
     with Sampler(pids) as sampler:
         load = await submit_and_read_many(n, clients, body, base, api)
     client_cpu = time.process_time() - client_before
     cpu = {role: cpu_seconds([pid]) - before[role] for role, pid in roles.items()}
+    model_cpu = _model_cpu(model) - model_before
+    whole = sum(cpu.values()) + client_cpu + model_cpu
     await asyncio.sleep(0.5)
     idle = await round_trips(rounds, body, base, api)
     return {
@@ -348,6 +361,14 @@ async def submit_read_workload(
         "cpu_ms_per_task_by_process": {r: round(v / n * 1000, 3) for r, v in cpu.items()},
         "cores_used": round(sum(cpu.values()) / load["seconds"], 2),
         "client_cpu_ms_per_task": round(client_cpu / n * 1000, 3),
+        **(
+            {
+                "model_cpu_ms_per_task": round(model_cpu / n * 1000, 3),
+                "ceiling_tasks_per_s": round(n * (os.cpu_count() or 1) / whole, 1),
+            }
+            if model
+            else {}
+        ),
         "idle_round_trip": summary_ms(idle),
         "rss_peak_mb": sampler.peak,
         "rss_peak_mb_by_process": {r: sampler.peaks[pid] for r, pid in roles.items()},

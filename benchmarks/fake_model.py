@@ -2,8 +2,9 @@
 
 Small on purpose, so that it is never what a benchmark measures: HTTP/1.1 keep-alive, one
 answer per request after ``--latency`` milliseconds, NDJSON when the request streams. It keeps
-what the benchmarks read back at ``GET /stats``: calls, the time calls spent in flight
-(to compute how busy the model slots were), the peak in flight. ``POST /reset`` clears them.
+what the benchmarks read back at ``GET /stats``: its own CPU time, calls, the time calls
+spent in flight (to compute how busy the model slots were), the peak in flight. ``POST
+/reset`` clears them.
 
     python benchmarks/fake_model.py --port 11500 --latency 200
 """
@@ -37,6 +38,8 @@ class Stats:
             "busy_seconds": self.busy_seconds,
             "first_start": self.first_start,
             "last_end": self.last_end,
+            # This process's CPU so far: what the fake model cost a benchmark's 2 cores.
+            "cpu_seconds": time.process_time(),
         }
 
 

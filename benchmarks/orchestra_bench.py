@@ -279,7 +279,9 @@ async def submit_read(folder: Path, n: int, workers: int = 64) -> dict[str, Any]
     """Issue 17's workload: n tasks submitted and each read over HTTP (`GET ?wait=`), 64 in
     flight, model latency 0; then idle round trips. The same client as classic_bench.py's."""
     with fake_model(0, folder) as model, service(model, folder, workers) as (url, pid, _):
-        figures = await submit_read_workload(url, {"service": pid}, API, BODY, n, CLIENTS)
+        figures = await submit_read_workload(
+            url, {"service": pid}, API, BODY, n, CLIENTS, model=model
+        )
         return {"workers": workers, **figures}
 
 

@@ -130,7 +130,9 @@ async def throughput(
         roles = {"service": pid}
         if pg is not None:
             roles["postgresql"] = _postmaster(pg)[0]
-        figures = await submit_read_workload(base, roles, API, BODY, tasks, CLIENTS, rounds=50)
+        figures = await submit_read_workload(
+            base, roles, API, BODY, tasks, CLIENTS, rounds=50, model=model
+        )
     return {"engine": engine, "processes": processes, **figures}
 
 

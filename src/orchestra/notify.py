@@ -1,7 +1,8 @@
 """In-process wake-ups: a task changed, so whoever watches it can look again.
 
-The store calls :meth:`TaskSignals.publish` after every committed change; requests waiting on a
-task (``?wait``, event streams) re-read the database when woken. Changes by other processes
+The store calls :meth:`TaskSignals.publish` after every committed change that may end a task's
+attempt, :meth:`TaskSignals.progressed` after one that leaves it running; requests waiting on
+a task (``?wait``, event streams) re-read the database when woken. Changes by other processes
 arrive through :meth:`~orchestra.db.engine.Database.watch`. It is only a hint: watchers also
 wake on a timer, so a change is seen even when a notification is lost.
 """
@@ -17,7 +18,12 @@ T = TypeVar("T")
 
 
 class TaskSignals:
-    """Lets requests wait for a task to change without polling the database in a tight loop."""
+    """Lets requests wait for a task to change without polling the database in a tight loop.
+
+    Two kinds of change are published: :meth:`publish`, a change that may end a task's
+    attempt (or anything, from another process), and :meth:`progressed`, one that leaves the
+    task running (its claim, a step's start or end, streamed text). A wait for one task's end
+    (``?wait``) sleeps through progress; the watchers of every task wake for both."""
 
     def __init__(self) -> None:
         self._watchers: dict[int, set[asyncio.Event]] = {}
@@ -25,8 +31,9 @@ class TaskSignals:
 
     @contextmanager
     def watch(self, task_id: int) -> Iterator[asyncio.Event]:
-        """An event set when ``task_id`` changes. Enter it *before* reading the task, so a
-        change between the read and the wait is not missed; clear it after each wake-up."""
+        """An event set when a change that may end ``task_id``'s attempt is published (not
+        by its progress). Enter it *before* reading the task, so a change between the read
+        and the wait is not missed; clear it after each wake-up."""
         event = asyncio.Event()
         self._watchers.setdefault(task_id, set()).add(event)
         try:
@@ -40,8 +47,8 @@ class TaskSignals:
 
     @contextmanager
     def watch_all(self) -> Iterator[asyncio.Event]:
-        """An event set when any task changes (the dashboard's live views); clear it after
-        each wake-up."""
+        """An event set when any task changes, progress included (the event feed, the
+        dashboard's live views); clear it after each wake-up."""
         event = asyncio.Event()
         self._everything.add(event)
         try:
@@ -52,16 +59,22 @@ class TaskSignals:
     def publish(self, task_ids: Iterable[int] | None) -> None:
         """Wake everyone watching these tasks (cheap when nobody watches); None: any task may
         have changed (another process's commit), wake everyone."""
+        for event in self._everything:
+            event.set()
         if task_ids is None:
-            for events in (self._everything, *self._watchers.values()):
+            for events in self._watchers.values():
                 for event in events:
                     event.set()
             return
-        for event in self._everything:
-            event.set()
         for task_id in task_ids:
             for event in self._watchers.get(task_id, ()):
                 event.set()
+
+    def progressed(self, task_ids: Iterable[int]) -> None:
+        """Wake the watchers of every task: these tasks changed and are still running."""
+        del task_ids  # no watcher of one task waits for progress
+        for event in self._everything:
+            event.set()
 
 
 class SharedReads:

@@ -50,6 +50,17 @@ from orchestra.wire.tasks import SubmitTask as SubmitTask
 MAX_ID = 2**63 - 1
 
 
+async def _woken(event: asyncio.Event, seconds: float) -> bool:
+    """Wait up to ``seconds`` for ``event``; whether it was set (it is cleared again)."""
+    try:
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    except TimeoutError:
+        return False
+    event.clear()
+    return True
+
+
 def _storable(task_id: int) -> bool:
     """Whether ``task_id`` can name a task at all (larger numbers overflow SQLite's INTEGER)."""
     return 0 < task_id <= MAX_ID
@@ -261,21 +272,19 @@ class TaskService:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         with self.signals.watch(task_id) as changed:
-            # Until the task is finished its status alone is read: at first, and after each
-            # change that wakes the wait (a claim, a step, the end); the whole task is read
-            # once, at the end (a status read costs a quarter of a whole task's on SQLite).
+            # The status alone is read first (a quarter of a whole task's cost on SQLite).
+            # Progress (the claim, each step) does not wake the wait: only a change that may
+            # end the attempt does, or the poll's timer; the whole task is read then.
             status = await self.store.status_of(task_id) if _storable(task_id) else None
             if status is None:
                 raise TaskNotFound(f"no task with id {task_id}")
             while status not in TERMINAL and (remaining := deadline - loop.time()) > 0:
-                try:
-                    async with asyncio.timeout(min(remaining, WAIT_POLL_SECONDS)):
-                        await changed.wait()
-                except TimeoutError:
-                    pass
-                changed.clear()
-                status = await self.store.status_of(task_id)
-                if status is None:
+                if await _woken(changed, min(remaining, WAIT_POLL_SECONDS)):
+                    task = await self._get(task_id)
+                    if task.finished:
+                        return task
+                    status = task.status  # handed back or to be retried: wait on
+                elif (status := await self.store.status_of(task_id)) is None:
                     break  # deleted meanwhile: the read below says so
         return await self._get(task_id)
 

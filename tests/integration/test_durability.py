@@ -138,6 +138,18 @@ async def test_a_retry_waits_queued_with_next_run_at(svc: Service, fake_ollama: 
     assert timedelta(seconds=1) <= gap < timedelta(seconds=3)  # 2s backoff, equal jitter
 
 
+async def test_a_wait_begun_before_a_failed_attempt_answers_the_retry_that_succeeds(
+    svc: Service, fake_ollama: FakeOllama
+) -> None:
+    # The failed attempt wakes the wait (its end may have been the task's), which finds the
+    # task queued again and waits on through the retry's claim and steps until its end.
+    fake_ollama.failure = Failure(503, "server busy", times=1)
+    task = await svc.submit("patient")
+    done = await svc.wait(task["id"], seconds=15)
+    assert done["status"] == "succeeded"
+    assert [a["status"] for a in done["attempts"]] == ["failed", "succeeded"]
+
+
 async def test_task_max_attempts_overrides_the_template(
     svc: Service, fake_ollama: FakeOllama
 ) -> None:

@@ -292,3 +292,45 @@ async def test_a_point_read_keeps_the_statements_its_connection_prepared(db: Dat
     async with db.read() as conn:  # a snapshot read of the async engine's own pool
         await conn.execute(text("SELECT 1"))
     assert await db.read_now(prepared) >= 1
+
+
+@pytest.mark.skipif(not ON_POSTGRESQL, reason="psycopg's transactions")
+async def test_a_point_read_opens_no_transaction_and_leaves_writes_in_theirs(
+    db: Database,
+) -> None:
+    import psycopg
+
+    # Each statement its own snapshot, as on SQLite: no BEGIN and COMMIT around a point read
+    # (two round trips of three); the status after the statement tells.
+    def status(raw: Any) -> Any:
+        raw.execute("SELECT 1").fetchall()
+        return raw.info.transaction_status
+
+    statuses = await asyncio.gather(*(db.read_now(status) for _ in range(16)))
+    assert set(statuses) == {psycopg.pq.TransactionStatus.IDLE}
+
+    # A read that fails hands its connection back in transaction mode too.
+    def broken(raw: Any) -> None:
+        raw.execute("SELECT * FROM no_such_table").fetchall()
+
+    for _ in range(8):
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            await db.read_now(broken)
+
+    # The writers share those connections: a body that fails still leaves nothing behind.
+    def queued(raw: Any) -> int:
+        sql = "SELECT n FROM task_counts WHERE status = 'queued'"
+        return int(raw.execute(sql).fetchone()[0])
+
+    before = await db.read_now(queued)
+
+    def write_then_fail(conn: Any) -> None:
+        conn.execute(text("UPDATE task_counts SET n = n + 100 WHERE status = 'queued'"))
+        raise RuntimeError("the body failed after its write")
+
+    async def one() -> None:
+        with pytest.raises(RuntimeError, match="after its write"):
+            await db.transaction(write_then_fail)
+
+    await asyncio.gather(*(one() for _ in range(16)))
+    assert await db.read_now(queued) == before

@@ -1,4 +1,5 @@
-"""Single-flight reads: followers woken together share one database query."""
+"""In-process wake-ups: which changes wake whom; single-flight reads: followers woken
+together share one database query."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 
 import pytest
 
-from orchestra.notify import SharedReads
+from orchestra.notify import SharedReads, TaskSignals
 
 
 async def test_concurrent_reads_of_one_key_share_one_load() -> None:
@@ -79,3 +80,20 @@ async def test_a_cancelled_reader_does_not_cancel_the_others() -> None:
     assert await second == 9
     with pytest.raises(asyncio.CancelledError):
         await first
+
+
+def test_progress_wakes_the_watchers_of_every_task_but_not_a_wait_for_an_end() -> None:
+    signals = TaskSignals()
+    with signals.watch(7) as seven, signals.watch(8) as eight, signals.watch_all() as every:
+        signals.progressed(iter([7]))  # the store passes a generator for a claim
+        assert every.is_set()
+        assert not seven.is_set() and not eight.is_set()
+        every.clear()
+        signals.publish([7])  # a change that may end task 7's attempt
+        assert seven.is_set() and every.is_set()
+        assert not eight.is_set()
+        seven.clear()
+        signals.publish(None)  # another process committed something
+        assert seven.is_set() and eight.is_set()
+    signals.publish([7])  # nobody watches any more: nothing to wake, nothing kept
+    assert not signals._watchers

@@ -233,7 +233,7 @@ class Runtime:
                 # One reader of every task's events for every stream, however many follow.
                 feed = EventFeed(db, signals)
                 await feed.start()
-                store = TaskStore(db, on_change=signals.publish)
+                store = TaskStore(db, on_change=signals.publish, on_progress=signals.progressed)
                 with self._startup_failure():  # a provider's settings that cannot work
                     router = Router(build_providers(s, client, self.env), s)
                 # Known before the first task is claimed: which providers answer, with which

@@ -162,7 +162,9 @@ class Database:
 
     async def read_now(self, read: Callable[[Any], T]) -> T:
         """Run ``read(dbapi_connection)`` — a few indexed statements, each read to its end —
-        as cheaply as the engine allows (SQLite: on the event loop's own connection).
+        as cheaply as the engine allows (SQLite: on the event loop's own connection). No
+        transaction holds them together: each statement is its own snapshot, so a read that
+        needs one view of several rows says it in one statement.
 
         Raises:
             StorageError: the database cannot be read now.

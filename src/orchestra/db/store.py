@@ -80,13 +80,17 @@ class TaskStore:
         db: Database,
         on_change: Callable[[Iterable[int]], None] = lambda _ids: None,
         *,
+        on_progress: Callable[[Iterable[int]], None] | None = None,
         clock: Callable[[], datetime] = now,
     ) -> None:
         """``on_change`` is called with task ids after each committed change to them (it wakes
-        the requests waiting on those tasks: ``?wait`` and event streams). ``clock`` gives the
-        current time (a zoned datetime) for everything the store writes or compares."""
+        the requests waiting on those tasks: ``?wait`` and event streams); ``on_progress``
+        (``on_change`` unless given) instead after a change that leaves them running: a claim,
+        a step's start or end, streamed text. ``clock`` gives the current time (a zoned
+        datetime) for everything the store writes or compares."""
         self.db = db
         self.on_change = on_change
+        self.on_progress = on_change if on_progress is None else on_progress
         self.clock = clock
 
     def _now(self, offset_seconds: float = 0.0) -> str:
@@ -98,6 +102,12 @@ class TaskStore:
         """Tell the waiters about a committed change to ``task_id``; passes ``changed`` on."""
         if changed:
             self.on_change([task_id])
+        return changed
+
+    def _progressed(self, task_id: int, changed: bool) -> bool:
+        """:meth:`_changed` for a change that leaves the task running."""
+        if changed:
+            self.on_progress([task_id])
         return changed
 
     # -- submitting (queue) -------------------------------------------------------------------
@@ -158,7 +168,7 @@ class TaskStore:
             ),
             small=True,
         )
-        self.on_change(t.id for t in claimed)
+        self.on_progress(t.id for t in claimed)
         claimed.sort(key=lambda t: (-t.priority, t.run_at, t.id))
         return claimed
 
@@ -181,7 +191,7 @@ class TaskStore:
         written = await self.db.transaction(
             lambda conn: attempts.start_step(conn, lease, step_id, position, at), small=True
         )
-        return self._changed(lease.task_id, written)
+        return self._progressed(lease.task_id, written)
 
     async def add_text(self, lease: Lease, step_id: str, text: str) -> bool:
         """Record a piece of a step's streamed answer (a ``step.tokens`` event); False when the
@@ -190,7 +200,7 @@ class TaskStore:
         written = await self.db.transaction(
             lambda conn: attempts.add_text(conn, lease, step_id, text, at), small=True
         )
-        return self._changed(lease.task_id, written)
+        return self._progressed(lease.task_id, written)
 
     async def finish_step(self, lease: Lease, step: Step, text: str = "") -> bool:
         """Store a step's outcome, after ``text`` (the rest of its streamed answer, as a
@@ -203,7 +213,7 @@ class TaskStore:
         written = await self.db.transaction(
             lambda conn: attempts.end_step(conn, lease, step, text, at), small=True
         )
-        return self._changed(lease.task_id, written)
+        return self._progressed(lease.task_id, written)
 
     async def finish(
         self,
