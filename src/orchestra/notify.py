@@ -17,6 +17,19 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+class Wake(asyncio.Event):
+    """A watcher's event; ``named`` says whether a change to its own task set it (a local
+    change that may have ended the task) rather than a change to anything (another
+    process's commit), for which a cheaper look comes first."""
+
+    named = False
+
+    def clear(self) -> None:
+        """Unset it, and forget what set it."""
+        super().clear()
+        self.named = False
+
+
 class TaskSignals:
     """Lets requests wait for a task to change without polling the database in a tight loop.
 
@@ -26,15 +39,16 @@ class TaskSignals:
     (``?wait``) sleeps through progress; the watchers of every task wake for both."""
 
     def __init__(self) -> None:
-        self._watchers: dict[int, set[asyncio.Event]] = {}
+        self._watchers: dict[int, set[Wake]] = {}
         self._everything: set[asyncio.Event] = set()
 
     @contextmanager
-    def watch(self, task_id: int) -> Iterator[asyncio.Event]:
+    def watch(self, task_id: int) -> Iterator[Wake]:
         """An event set when a change that may end ``task_id``'s attempt is published (not
-        by its progress). Enter it *before* reading the task, so a change between the read
-        and the wait is not missed; clear it after each wake-up."""
-        event = asyncio.Event()
+        by its progress), or any change (``named`` then False). Enter it *before* reading
+        the task, so a change between the read and the wait is not missed; clear it after
+        each wake-up."""
+        event = Wake()
         self._watchers.setdefault(task_id, set()).add(event)
         try:
             yield event
@@ -68,6 +82,7 @@ class TaskSignals:
             return
         for task_id in task_ids:
             for event in self._watchers.get(task_id, ()):
+                event.named = True
                 event.set()
 
     def progressed(self, task_ids: Iterable[int]) -> None:

@@ -38,7 +38,7 @@ from orchestra.errors import (
     TemplateNotFound,
 )
 from orchestra.feed import EventFeed
-from orchestra.notify import SharedReads, TaskSignals
+from orchestra.notify import SharedReads, TaskSignals, Wake
 from orchestra.templating.model import Template
 from orchestra.templating.params import validate_params
 from orchestra.templating.registry import TemplateRegistry
@@ -50,15 +50,18 @@ from orchestra.wire.tasks import SubmitTask as SubmitTask
 MAX_ID = 2**63 - 1
 
 
-async def _woken(event: asyncio.Event, seconds: float) -> bool:
-    """Wait up to ``seconds`` for ``event``; whether it was set (it is cleared again)."""
+async def _woken(event: Wake, seconds: float) -> bool:
+    """Wait up to ``seconds`` for ``event``; whether a change to its own task set it (it is
+    cleared again). False after the time, or after a change to anything (another process's
+    commit): a status read is then the cheaper look."""
     try:
         async with asyncio.timeout(seconds):
             await event.wait()
     except TimeoutError:
         return False
+    named = event.named
     event.clear()
-    return True
+    return named
 
 
 def _storable(task_id: int) -> bool:
@@ -273,8 +276,10 @@ class TaskService:
         deadline = loop.time() + wait
         with self.signals.watch(task_id) as changed:
             # The status alone is read first (a quarter of a whole task's cost on SQLite).
-            # Progress (the claim, each step) does not wake the wait: only a change that may
-            # end the attempt does, or the poll's timer; the whole task is read then.
+            # Progress (the claim, each step) does not wake the wait: a change of this
+            # process's that may end the attempt does, and the whole task is read then; a
+            # change to anything (another process's commit) or the poll's timer, and the
+            # status is read again.
             status = await self.store.status_of(task_id) if _storable(task_id) else None
             if status is None:
                 raise TaskNotFound(f"no task with id {task_id}")

@@ -90,10 +90,12 @@ def test_progress_wakes_the_watchers_of_every_task_but_not_a_wait_for_an_end() -
         assert not seven.is_set() and not eight.is_set()
         every.clear()
         signals.publish([7])  # a change that may end task 7's attempt
-        assert seven.is_set() and every.is_set()
+        assert seven.is_set() and seven.named and every.is_set()
         assert not eight.is_set()
         seven.clear()
+        assert not seven.named
         signals.publish(None)  # another process committed something
         assert seven.is_set() and eight.is_set()
+        assert not seven.named and not eight.named  # a cheaper look first
     signals.publish([7])  # nobody watches any more: nothing to wake, nothing kept
     assert not signals._watchers
