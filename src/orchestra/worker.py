@@ -109,6 +109,8 @@ class WorkerPool:
         #: The dispatcher's sleep between claims while it sleeps (None while it claims).
         self._sleep: asyncio.Timeout | None = None
         self._loops: set[asyncio.Task[None]] = set()
+        #: The loop that claims (one of ``_loops``); a stop lets its claim in flight end.
+        self._dispatcher: asyncio.Task[None] | None = None
         #: Claims the database refused in a row (it backs off meanwhile).
         self._claim_failures = 0
         #: The last claim took every due task it could see, with room to spare: a task that
@@ -129,8 +131,9 @@ class WorkerPool:
             await self._reap()
         except StorageError as exc:  # the reaper's loop tries again
             log.warning("pool.reap_failed", error=exc.message)
+        self._dispatcher = asyncio.create_task(self._dispatch(), name="orchestra-dispatcher")
+        self._loops.add(self._dispatcher)
         loops: list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = [
-            ("dispatcher", self._dispatch),
             ("lease-keeper", self._keep_leases),
             ("reaper", self._reap_forever),
         ]
@@ -178,10 +181,17 @@ class WorkerPool:
     async def stop(self) -> None:
         """Stop claiming, let running tasks finish within the grace period, hand back the rest."""
         self.request_stop()
+        grace = self.workers.shutdown_grace
+        deadline = asyncio.get_running_loop().time() + grace
+        # A claim in flight ends first, and the tasks it took run (or are handed back) with
+        # the rest: cancelled meanwhile, they were left claimed until their leases ran out.
+        if self._dispatcher is not None:
+            await asyncio.wait([self._dispatcher], timeout=grace)
         running = [r.runner for r in self._running.values() if r.runner is not None]
         if running:
-            log.info("pool.draining", tasks=len(running), grace_s=self.workers.shutdown_grace)
-            _, pending = await asyncio.wait(running, timeout=self.workers.shutdown_grace)
+            log.info("pool.draining", tasks=len(running), grace_s=grace)
+            left = max(0.0, deadline - asyncio.get_running_loop().time())
+            _, pending = await asyncio.wait(running, timeout=left)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -189,6 +199,7 @@ class WorkerPool:
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         self._loops.clear()
+        self._dispatcher = None
         metrics.worker_slots(-self.workers.concurrency)
         log.info("pool.stopped", owner=self.owner)
 

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
 from orchestra.db import Database, TaskStore
 from orchestra.db.schema import upgrade
-from orchestra.domain import NewTask, now
+from orchestra.domain import NewTask, Task, now
+from orchestra.worker import WorkerPool
 from tests.conftest import (
     Service,
     StartService,
@@ -149,6 +152,38 @@ async def test_concurrency_setting_bounds_parallel_model_calls(
         results = [await svc.wait(i) for i in ids]
     assert all(r["status"] == "succeeded" for r in results)
     assert fake_ollama.max_in_flight == 3
+
+
+async def test_a_task_claimed_while_the_service_stops_is_run_or_handed_back(
+    db_url: str,
+    fake_ollama: FakeOllama,
+    start_service: StartService,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The claim has committed when the stop is asked for; its result reaches the pool only
+    # after. Before the fix the stop cancelled the claiming loop there: the task stayed
+    # claimed (running, leased to a pool that was gone) until its lease ran out.
+    claimed, stop_asked = asyncio.Event(), asyncio.Event()
+    claim, request_stop = TaskStore.claim, WorkerPool.request_stop
+
+    async def held_claim(self: TaskStore, *args: Any, **kwargs: Any) -> list[Task]:
+        tasks: list[Task] = await claim(self, *args, **kwargs)
+        if tasks:
+            claimed.set()
+            await stop_asked.wait()
+        return tasks
+
+    def noted_stop(self: WorkerPool) -> None:
+        request_stop(self)
+        stop_asked.set()
+
+    monkeypatch.setattr(TaskStore, "claim", held_claim)
+    monkeypatch.setattr(WorkerPool, "request_stop", noted_stop)
+    async with start_service(make_settings(db_url, fake_ollama.url)) as svc:
+        task = await svc.submit("summarize", text="claimed as the service stops")
+        await asyncio.wait_for(claimed.wait(), timeout=10)
+    status, lease_owner = task_row(db_url, task["id"], "status, lease_owner")
+    assert (status, lease_owner) in {("succeeded", None), ("queued", None)}
 
 
 @pytest.mark.parametrize(
