@@ -174,17 +174,24 @@ def markdown(result: dict[str, Any]) -> str:
         f"`benchmarks/scaleout_bench.py`, {result['tasks']} tasks submitted and each read back "
         "over HTTP, 64 in flight, fake model answering at once, `orchestra serve --processes N` "
         "(64 worker slots each). Service CPU counts every process, and on PostgreSQL the "
-        "server's too. The load generator runs on the same 2 cores.",
+        "server's too. The load generator and the fake model run on the same 2 cores: "
+        "their CPU per task is the instruments' column, and the ceiling is what the cores "
+        "allow, all of them over all the CPU a task costs (service and instruments).",
         "",
-        "| engine | processes | tasks/s | vs 1 process | service CPU per task | cores used |",
-        "|---|---|---|---|---|---|",
+        "| engine | processes | tasks/s | vs 1 process | service CPU per task | "
+        "instruments' CPU per task | ceiling | of the ceiling | cores used |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     one = {r["engine"]: r["tasks_per_s"] for r in result["throughput"] if r["processes"] == 1}
     for r in result["throughput"]:
         ratio = r["tasks_per_s"] / one[r["engine"]] if one.get(r["engine"]) else 0
+        instruments = r["client_cpu_ms_per_task"] + r.get("model_cpu_ms_per_task", 0)
+        ceiling = r.get("ceiling_tasks_per_s", 0)
+        share = f"{100 * r['tasks_per_s'] / ceiling:.0f} %" if ceiling else "—"
         lines.append(
             f"| {r['engine']} | {r['processes']} | {r['tasks_per_s']} | {ratio:.2f}× | "
-            f"{r['cpu_ms_per_task']} ms | {r['cores_used']} |"
+            f"{r['cpu_ms_per_task']} ms | {instruments:.2f} ms | {ceiling} | {share} | "
+            f"{r['cores_used']} |"
         )
     lines += [
         "",
