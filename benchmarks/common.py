@@ -364,7 +364,7 @@ async def submit_read_workload(
         **(
             {
                 "model_cpu_ms_per_task": round(model_cpu / n * 1000, 3),
-                "ceiling_tasks_per_s": round(n * (os.cpu_count() or 1) / whole, 1),
+                "ceiling_tasks_per_s": round(n * len(os.sched_getaffinity(0)) / whole, 1),
             }
             if model
             else {}

@@ -3,7 +3,8 @@
 The store calls :meth:`TaskSignals.publish` after every committed change that may end a task's
 attempt, :meth:`TaskSignals.progressed` after one that leaves it running; requests waiting on
 a task (``?wait``, event streams) re-read the database when woken. Changes by other processes
-arrive through :meth:`~orchestra.db.engine.Database.watch`. It is only a hint: watchers also
+arrive through :meth:`~orchestra.db.engine.Database.watch`, which calls
+:meth:`TaskSignals.remote`. It is only a hint: watchers also
 wake on a timer, so a change is seen even when a notification is lost.
 """
 
@@ -70,9 +71,18 @@ class TaskSignals:
         finally:
             self._everything.discard(event)
 
-    def publish(self, task_ids: Iterable[int] | None) -> None:
-        """Wake everyone watching these tasks (cheap when nobody watches); None: any task may
-        have changed (another process's commit), wake everyone."""
+    def publish(self, task_ids: Iterable[int]) -> None:
+        """Wake everyone watching these tasks (cheap when nobody watches): this process
+        changed them, in a way that may end their attempts."""
+        self._wake(task_ids, named=True)
+
+    def remote(self, task_ids: Iterable[int] | None) -> None:
+        """Another process changed these tasks (None: any task may have changed). It does not
+        say whether the change was progress or an end, so their watchers wake for a cheaper
+        look first (``named`` stays False)."""
+        self._wake(task_ids, named=False)
+
+    def _wake(self, task_ids: Iterable[int] | None, *, named: bool) -> None:
         for event in self._everything:
             event.set()
         if task_ids is None:
@@ -82,7 +92,7 @@ class TaskSignals:
             return
         for task_id in task_ids:
             for event in self._watchers.get(task_id, ()):
-                event.named = True
+                event.named = event.named or named
                 event.set()
 
     def progressed(self, task_ids: Iterable[int]) -> None:

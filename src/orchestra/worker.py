@@ -184,9 +184,12 @@ class WorkerPool:
         grace = self.workers.shutdown_grace
         deadline = asyncio.get_running_loop().time() + grace
         # A claim in flight ends first, and the tasks it took run (or are handed back) with
-        # the rest: cancelled meanwhile, they were left claimed until their leases ran out.
+        # the rest: cancelled meanwhile, its transaction may still commit, and what it took
+        # would stay claimed until the leases ran out. So the grace period does not bound
+        # this wait; the database's own timeouts end a claim, and a lease is the bound past
+        # which the reaper would give those tasks back anyway.
         if self._dispatcher is not None:
-            await asyncio.wait([self._dispatcher], timeout=grace)
+            await asyncio.wait([self._dispatcher], timeout=max(grace, self.workers.lease_seconds))
         running = [r.runner for r in self._running.values() if r.runner is not None]
         if running:
             log.info("pool.draining", tasks=len(running), grace_s=grace)

@@ -154,14 +154,22 @@ async def test_concurrency_setting_bounds_parallel_model_calls(
     assert fake_ollama.max_in_flight == 3
 
 
+@pytest.mark.parametrize(
+    ("grace", "claim_ends_after"),
+    [(None, 0.0), (0.0, 0.3)],
+    ids=["default-grace", "claim-outlasts-a-zero-grace"],
+)
 async def test_a_task_claimed_while_the_service_stops_is_run_or_handed_back(
     db_url: str,
     fake_ollama: FakeOllama,
     start_service: StartService,
     monkeypatch: pytest.MonkeyPatch,
+    grace: float | None,
+    claim_ends_after: float,
 ) -> None:
     # The claim has committed when the stop is asked for; its result reaches the pool only
-    # after. Before the fix the stop cancelled the claiming loop there: the task stayed
+    # after (``claim_ends_after`` seconds later). Before the fix the stop cancelled the
+    # claiming loop there (at once, then once the grace period was over): the task stayed
     # claimed (running, leased to a pool that was gone) until its lease ran out.
     claimed, stop_asked = asyncio.Event(), asyncio.Event()
     claim, request_stop = TaskStore.claim, WorkerPool.request_stop
@@ -171,6 +179,7 @@ async def test_a_task_claimed_while_the_service_stops_is_run_or_handed_back(
         if tasks:
             claimed.set()
             await stop_asked.wait()
+            await asyncio.sleep(claim_ends_after)
         return tasks
 
     def noted_stop(self: WorkerPool) -> None:
@@ -179,7 +188,10 @@ async def test_a_task_claimed_while_the_service_stops_is_run_or_handed_back(
 
     monkeypatch.setattr(TaskStore, "claim", held_claim)
     monkeypatch.setattr(WorkerPool, "request_stop", noted_stop)
-    async with start_service(make_settings(db_url, fake_ollama.url)) as svc:
+    settings = make_settings(db_url, fake_ollama.url)
+    if grace is not None:
+        settings = with_workers(settings, shutdown_grace=grace)
+    async with start_service(settings) as svc:
         task = await svc.submit("summarize", text="claimed as the service stops")
         await asyncio.wait_for(claimed.wait(), timeout=10)
     status, lease_owner = task_row(db_url, task["id"], "status, lease_owner")

@@ -6,6 +6,7 @@ stored."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -334,3 +335,24 @@ async def test_a_point_read_opens_no_transaction_and_leaves_writes_in_theirs(
 
     await asyncio.gather(*(one() for _ in range(16)))
     assert await db.read_now(queued) == before
+
+
+@pytest.mark.skipif(not ON_POSTGRESQL, reason="psycopg's connections")
+async def test_a_read_whose_connection_dies_reports_its_own_error(db: Database) -> None:
+    # The connection dies during the read, which then fails for its own reason: that reason
+    # is what the caller sees (before the fix, turning autocommit off on the dead connection
+    # raised instead, and hid it), and the dead connection is not handed on.
+    class ReadFailed(Exception):
+        pass
+
+    def dies(raw: Any) -> None:
+        with contextlib.suppress(Exception):
+            raw.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        raise ReadFailed("the read's own error")
+
+    with pytest.raises(ReadFailed):
+        await db.read_now(dies)
+    reads = await asyncio.gather(
+        *(db.read_now(lambda raw: raw.execute("SELECT 1").fetchone()[0]) for _ in range(8))
+    )
+    assert reads == [1] * 8

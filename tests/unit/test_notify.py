@@ -94,8 +94,16 @@ def test_progress_wakes_the_watchers_of_every_task_but_not_a_wait_for_an_end() -
         assert not eight.is_set()
         seven.clear()
         assert not seven.named
-        signals.publish(None)  # another process committed something
+        signals.remote(None)  # another process committed something
         assert seven.is_set() and eight.is_set()
         assert not seven.named and not eight.named  # a cheaper look first
+        seven.clear()
+        eight.clear()
+        # Another process changed task 7: progress or an end, its notice does not say.
+        signals.remote([7])
+        assert seven.is_set() and not seven.named and not eight.is_set()
+        signals.publish([7])  # and then this process ended it: named stays set
+        signals.remote([7])
+        assert seven.named
     signals.publish([7])  # nobody watches any more: nothing to wake, nothing kept
     assert not signals._watchers

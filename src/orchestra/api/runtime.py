@@ -262,7 +262,7 @@ class Runtime:
                     feed.wake()
 
                 listener = asyncio.create_task(
-                    db.watch(queued, signals.publish), name="database-watch"
+                    db.watch(queued, signals.remote), name="database-watch"
                 )
                 # Templates other processes register or delete.
                 following = asyncio.create_task(catalog.follow(), name="templates-follow")

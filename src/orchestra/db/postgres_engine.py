@@ -70,12 +70,12 @@ def conninfo(url: str) -> str:
 
 def _back_to_transactions(conn: Connection, raw: psycopg.Connection[Any]) -> None:
     """Turn autocommit off again before ``raw`` goes back to the writers' pool; a connection
-    that cannot (it broke during the read) is thrown away, never handed on in autocommit."""
+    that cannot (it broke during the read) is thrown away, never handed on in autocommit.
+    Never raises: the read's own result or error is what its caller gets."""
     try:
         raw.autocommit = False
     except psycopg.Error:
         conn.invalidate()
-        raise
 
 
 class PostgresDatabase(Database):
