@@ -40,6 +40,19 @@ class EventType(StrEnum):
     TASK_FINISHED = "task.finished"
 
 
+#: The events of a task's progress: it still runs after them. Every other event may end an
+#: attempt (or queue a task), and only those wake a wait for a task's end (``?wait``).
+PROGRESS: frozenset[EventType] = frozenset(
+    {
+        EventType.TASK_STARTED,
+        EventType.STEP_STARTED,
+        EventType.STEP_TOKENS,
+        EventType.STEP_FINISHED,
+        EventType.STEP_SKIPPED,
+    }
+)
+
+
 class EventPayload(msgspec.Struct, frozen=True, omit_defaults=True):
     """The data of one event; each subclass is the payload of one :class:`EventType`."""
 

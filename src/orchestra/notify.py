@@ -19,9 +19,9 @@ T = TypeVar("T")
 
 
 class Wake(asyncio.Event):
-    """A watcher's event; ``named`` says whether a change to its own task set it (a local
-    change that may have ended the task) rather than a change to anything (another
-    process's commit), for which a cheaper look comes first."""
+    """A watcher's event; ``named`` says whether a change to its own task that may have ended
+    it set it, rather than a change to anything (another process's commit on SQLite), for
+    which a cheaper look comes first."""
 
     named = False
 
@@ -72,27 +72,27 @@ class TaskSignals:
             self._everything.discard(event)
 
     def publish(self, task_ids: Iterable[int]) -> None:
-        """Wake everyone watching these tasks (cheap when nobody watches): this process
-        changed them, in a way that may end their attempts."""
-        self._wake(task_ids, named=True)
-
-    def remote(self, task_ids: Iterable[int] | None) -> None:
-        """Another process changed these tasks (None: any task may have changed). It does not
-        say whether the change was progress or an end, so their watchers wake for a cheaper
-        look first (``named`` stays False)."""
-        self._wake(task_ids, named=False)
-
-    def _wake(self, task_ids: Iterable[int] | None, *, named: bool) -> None:
+        """Wake everyone watching these tasks (cheap when nobody watches): they changed in a
+        way that may end their attempts (``named`` set: the whole task is worth reading)."""
         for event in self._everything:
             event.set()
-        if task_ids is None:
-            for events in self._watchers.values():
-                for event in events:
-                    event.set()
-            return
         for task_id in task_ids:
             for event in self._watchers.get(task_id, ()):
-                event.named = event.named or named
+                event.named = True
+                event.set()
+
+    def remote(self, task_ids: Iterable[int] | None, progress: bool = False) -> None:
+        """Another process changed these tasks: as :meth:`progressed` when the change leaves
+        them running (``progress``), else as :meth:`publish`. None (which tasks is not known:
+        SQLite's notice of another process's commit, or a listener that reconnected) wakes
+        every watcher for a cheaper look first (``named`` stays False)."""
+        if task_ids is not None:
+            (self.progressed if progress else self.publish)(task_ids)
+            return
+        for event in self._everything:
+            event.set()
+        for events in self._watchers.values():
+            for event in events:
                 event.set()
 
     def progressed(self, task_ids: Iterable[int]) -> None:

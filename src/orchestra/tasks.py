@@ -51,9 +51,9 @@ MAX_ID = 2**63 - 1
 
 
 async def _woken(event: Wake, seconds: float) -> bool:
-    """Wait up to ``seconds`` for ``event``; whether this process's change to its own task set
-    it (it is cleared again). False after the time, or after another process's change: a
-    status read is then the cheaper look."""
+    """Wait up to ``seconds`` for ``event``; whether a change to its own task set it (it is
+    cleared again). False after the time, or after a change to anything (another process's
+    commit on SQLite): a status read is then the cheaper look."""
     try:
         async with asyncio.timeout(seconds):
             await event.wait()
@@ -277,9 +277,9 @@ class TaskService:
         with self.signals.watch(task_id) as changed:
             # The status alone is read first (a quarter of a whole task's cost on SQLite).
             # Progress (the claim, each step) does not wake the wait: a change of this
-            # process's that may end the attempt does, and the whole task is read then;
-            # another process's change (to this task or to anything: its notice does not say
-            # whether it was progress) or the poll's timer, and the status is read again.
+            # change (this process's or, on PostgreSQL, another's) that may end the attempt
+            # does, and the whole task is read then; a change to anything (another process's
+            # commit on SQLite) or the poll's timer, and the status is read again.
             status = await self.store.status_of(task_id) if _storable(task_id) else None
             if status is None:
                 raise TaskNotFound(f"no task with id {task_id}")

@@ -12,12 +12,13 @@ import msgspec
 import pytest
 
 from orchestra.config import Settings
-from orchestra.db import Database, TaskStore
+from orchestra.db import Database, Lease, TaskStore
 from orchestra.db.schema import LATEST, upgrade
 from orchestra.db.templates import TemplateStore
-from orchestra.domain import NewTask
+from orchestra.domain import NewTask, TaskStatus
 from tests.conftest import StartService, sql_rows
 from tests.fixtures.postgres import ON_POSTGRESQL, PostgresServer
+from tests.fixtures.servers import wait_until
 
 postgresql_only = pytest.mark.skipif(not ON_POSTGRESQL, reason="LISTEN/NOTIFY is PostgreSQL's")
 
@@ -83,19 +84,22 @@ class Woken:
     def __init__(self) -> None:
         self.queued = asyncio.Event()
         self.changed: list[list[int] | None] = []
+        self.progress: list[bool] = []
         self.any_change = asyncio.Event()
 
     def on_queued(self) -> None:
         self.queued.set()
 
-    def on_changed(self, ids: Collection[int] | None) -> None:
+    def on_changed(self, ids: Collection[int] | None, progress: bool) -> None:
         self.changed.append(None if ids is None else sorted(ids))
+        self.progress.append(progress)
         self.any_change.set()
 
     def clear(self) -> None:
         self.queued.clear()
         self.any_change.clear()
         self.changed.clear()
+        self.progress.clear()
 
 
 async def test_a_submit_in_one_process_wakes_the_workers_of_another(
@@ -142,6 +146,32 @@ async def test_a_process_is_not_woken_by_its_own_writes(
         await asyncio.wait_for(woken.any_change.wait(), 5)
         await asyncio.sleep(0.2)
         assert woken.changed in ([[2]], [None])  # only the other process's task
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+
+
+@postgresql_only
+async def test_another_process_tells_progress_apart_from_changes_that_may_end_a_task(
+    two: tuple[Database, Database],
+) -> None:
+    # A wait for a task's end sleeps through its progress; so it must, when the task runs in
+    # another process: its claim and steps are told as progress, its end as a change.
+    woken = Woken()
+    listener = asyncio.create_task(two[1].watch(woken.on_queued, woken.on_changed))
+    try:
+        await asyncio.wait_for(woken.queued.wait(), 10)
+        store = TaskStore(two[0])
+        task = (await store.enqueue(NewTask(template="t", template_version=1, params={}))).task
+        await wait_until(lambda: [task.id] in woken.changed)
+        woken.clear()
+        [claimed] = await store.claim("w", 1, 30, first_step=lambda _task: "first")
+        await wait_until(lambda: len(woken.changed) == 1)
+        assert (woken.changed, woken.progress) == ([[task.id]], [True])
+        lease = Lease(task_id=task.id, owner="w", attempt=claimed.attempts)
+        assert await store.finish(lease, TaskStatus.SUCCEEDED, result="done")
+        await wait_until(lambda: len(woken.changed) == 2)
+        assert (woken.changed[1], woken.progress[1]) == ([task.id], False)
     finally:
         listener.cancel()
         await asyncio.gather(listener, return_exceptions=True)

@@ -99,11 +99,12 @@ def test_progress_wakes_the_watchers_of_every_task_but_not_a_wait_for_an_end() -
         assert not seven.named and not eight.named  # a cheaper look first
         seven.clear()
         eight.clear()
-        # Another process changed task 7: progress or an end, its notice does not say.
+        every.clear()
+        # Another process's claim of task 7, or a step: progress, as this process's own.
+        signals.remote([7], progress=True)
+        assert every.is_set() and not seven.is_set() and not eight.is_set()
+        # Another process ended task 7's attempt: as this process's own change.
         signals.remote([7])
-        assert seven.is_set() and not seven.named and not eight.is_set()
-        signals.publish([7])  # and then this process ended it: named stays set
-        signals.remote([7])
-        assert seven.named
+        assert seven.is_set() and seven.named and not eight.is_set()
     signals.publish([7])  # nobody watches any more: nothing to wake, nothing kept
     assert not signals._watchers

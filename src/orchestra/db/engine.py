@@ -180,11 +180,12 @@ class Database:
         return None
 
     async def watch(
-        self, queued: Callable[[], None], changed: Callable[[Collection[int] | None], None]
+        self, queued: Callable[[], None], changed: Callable[[Collection[int] | None, bool], None]
     ) -> None:
         """Until cancelled, call ``queued()`` when another process may have queued a task, and
-        ``changed(ids)`` when it changed tasks (None: which ones is not known), so that this
-        process's workers and waiting requests need not wait for their poll."""
+        ``changed(ids, progress)`` when it changed tasks (``ids`` None: which ones is not
+        known; ``progress``: the change leaves them running), so that this process's workers
+        and waiting requests need not wait for their poll."""
         return None
 
     async def close(self) -> None:

@@ -13,7 +13,7 @@ from orchestra.db.engine import Database
 from orchestra.db.prepared import Prepared
 from orchestra.db.rows import dump
 from orchestra.db.tables import task_events
-from orchestra.event_types import EventPayload, EventType
+from orchestra.event_types import PROGRESS, EventPayload, EventType
 from orchestra.wire.events import TaskEvent as TaskEvent
 
 #: The event after which a task changes no more (until a person retries it).
@@ -49,7 +49,7 @@ def append(conn: Connection, task_id: int, payload: EventPayload, now: str) -> N
     sequence number (inside a write transaction)."""
     # With the deliveries it makes (the outbox), in the event's own transaction.
     webhooks.append_events(conn, _APPEND, [_row(task_id, payload, now)])
-    notices.changed(conn, (task_id,))
+    notices.changed(conn, (task_id,), progress=payload.type in PROGRESS)
 
 
 def append_many(conn: Connection, entries: Sequence[tuple[int, EventPayload]], now: str) -> None:
@@ -57,7 +57,11 @@ def append_many(conn: Connection, entries: Sequence[tuple[int, EventPayload]], n
     if entries:
         rows = [_row(task_id, payload, now) for task_id, payload in entries]
         webhooks.append_events(conn, _APPEND, rows)
-        notices.changed(conn, sorted({task_id for task_id, _ in entries}))
+        for progress in (True, False):
+            ids = {
+                task_id for task_id, payload in entries if (payload.type in PROGRESS) == progress
+            }
+            notices.changed(conn, ids, progress=progress)
 
 
 async def events_after(db: Database, task_id: int, seq: int, limit: int = 500) -> list[TaskEvent]:

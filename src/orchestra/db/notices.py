@@ -1,7 +1,8 @@
 """PostgreSQL's notifications, sent by the transaction of the change (delivered at commit):
-tasks were queued (wake the workers of every process), tasks changed (wake whoever waits on
-them: ``?wait``, event streams). SQLite has none; there :meth:`Database.watch` notices other
-processes' commits by itself.
+tasks were queued (wake the workers of every process), tasks changed in a way that may end
+their attempts (wake whoever waits on them: ``?wait``, event streams), tasks progressed (a
+claim, a step: wake the event streams and live views, not a wait for a task's end). SQLite
+has none; there :meth:`Database.watch` notices other processes' commits by itself.
 
 Transaction bodies mark what to send (:func:`queued`, :func:`changed`); the engine sends it in
 one statement before the commit (:func:`send`). A payload starts with the sending process's
@@ -18,6 +19,9 @@ from sqlalchemy import Connection
 
 QUEUED_CHANNEL = "orchestra_tasks"
 CHANGED_CHANNEL = "orchestra_changes"
+PROGRESS_CHANNEL = "orchestra_progress"
+#: Every channel a process listens on.
+CHANNELS = (QUEUED_CHANNEL, CHANGED_CHANNEL, PROGRESS_CHANNEL)
 #: PostgreSQL refuses a payload of 8,000 bytes; past this many, "any task may have changed".
 MAX_PAYLOAD = 7000
 #: The payload's detail for "any task may have changed".
@@ -26,6 +30,7 @@ ANY = "*"
 
 _QUEUED = "orchestra_queued"
 _CHANGED = "orchestra_changed"
+_PROGRESSED = "orchestra_progressed"
 
 
 def queued(conn: Connection) -> None:
@@ -34,17 +39,18 @@ def queued(conn: Connection) -> None:
         conn.info[_QUEUED] = True
 
 
-def changed(conn: Connection, task_ids: Collection[int]) -> None:
+def changed(conn: Connection, task_ids: Collection[int], *, progress: bool = False) -> None:
     """On PostgreSQL, tell every other process at this transaction's commit that these tasks
-    changed."""
+    changed: in a way that may end their attempts, or (``progress``) that leaves them running.
+    A task with both in one transaction is told as changed."""
     if conn.dialect.name == "postgresql" and task_ids:
-        conn.info.setdefault(_CHANGED, set()).update(task_ids)
+        conn.info.setdefault(_PROGRESSED if progress else _CHANGED, set()).update(task_ids)
 
 
 def begin(conn: Connection) -> None:
     """Forget what an earlier transaction on this connection was to send."""
-    conn.info.pop(_QUEUED, None)
-    conn.info.pop(_CHANGED, None)
+    for mark in (_QUEUED, _CHANGED, _PROGRESSED):
+        conn.info.pop(mark, None)
 
 
 def send(conn: Connection) -> None:
@@ -54,11 +60,13 @@ def send(conn: Connection) -> None:
     token = conn.info.get("orchestra_token", "")
     if conn.info.pop(_QUEUED, False):
         notes.append((QUEUED_CHANNEL, token))
-    ids = conn.info.pop(_CHANGED, None)
-    if ids:
-        named = ",".join(str(i) for i in sorted(ids))
-        detail = named if len(named) <= MAX_PAYLOAD else ANY
-        notes.append((CHANGED_CHANNEL, f"{token} {detail}"))
+    ids: set[int] = conn.info.pop(_CHANGED, None) or set()
+    progressed: set[int] = (conn.info.pop(_PROGRESSED, None) or set()) - ids
+    for channel, group in ((CHANGED_CHANNEL, ids), (PROGRESS_CHANNEL, progressed)):
+        if group:
+            named = ",".join(str(i) for i in sorted(group))
+            detail = named if len(named) <= MAX_PAYLOAD else ANY
+            notes.append((channel, f"{token} {detail}"))
     if notes:
         calls = ", ".join("pg_notify(%s, %s)" for _ in notes)
         raw = conn.connection.driver_connection

@@ -200,7 +200,7 @@ class PostgresDatabase(Database):
             await conn.execute(text("SELECT 1"))
 
     async def watch(
-        self, queued: Callable[[], None], changed: Callable[[Collection[int] | None], None]
+        self, queued: Callable[[], None], changed: Callable[[Collection[int] | None, bool], None]
     ) -> None:
         """LISTEN for other processes' submits and changes and pass them on, until cancelled;
         reconnect with backoff when the connection fails (the workers and waiting requests
@@ -211,12 +211,12 @@ class PostgresDatabase(Database):
                 async with await psycopg.AsyncConnection.connect(
                     conninfo(self.url), autocommit=True
                 ) as conn:
-                    for channel in (notices.QUEUED_CHANNEL, notices.CHANGED_CHANNEL):
+                    for channel in notices.CHANNELS:
                         await conn.execute(f"LISTEN {channel}")
                     log.info("database.listening", token=self.token)
                     pause = LISTEN_RETRY
                     queued()  # what happened while nobody here listened
-                    changed(None)
+                    changed(None, False)
                     self.listening = True
                     async for note in conn.notifies():
                         token, _, detail = note.payload.partition(" ")
@@ -225,7 +225,8 @@ class PostgresDatabase(Database):
                         if note.channel == notices.QUEUED_CHANNEL:
                             queued()
                         else:
-                            changed(notices.parse_changed(detail))
+                            progress = note.channel == notices.PROGRESS_CHANNEL
+                            changed(notices.parse_changed(detail), progress)
             except asyncio.CancelledError:
                 self.listening = False
                 raise

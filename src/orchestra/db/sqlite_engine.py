@@ -505,7 +505,7 @@ class SqliteDatabase(Database):
         return None if free is None else free / (1024 * 1024)
 
     async def watch(
-        self, queued: Callable[[], None], changed: Callable[[Collection[int] | None], None]
+        self, queued: Callable[[], None], changed: Callable[[Collection[int] | None, bool], None]
     ) -> None:
         """Notice other processes' commits (``PRAGMA data_version`` on the writer's
         connection, which this process's own commits leave alone), every
@@ -520,7 +520,7 @@ class SqliteDatabase(Database):
             version = self._pragma("data_version")
             if version is not None and last is not None and version != last:
                 queued()
-                changed(None)
+                changed(None, False)
             last = version
 
     async def close(self) -> None:
