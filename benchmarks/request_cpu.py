@@ -174,8 +174,9 @@ def server_kind(python: str) -> dict[str, bool]:
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Every figure (ms of service CPU), each the median of ``args.repeat`` rounds; a service
-    per logging set-up, all running, measured in turn each round (so the load of the moment
-    weighs on each alike). With ``args.only``, only the requests whose label has it."""
+    per logging set-up, all running, measured in turn each round, each round starting with
+    the next (so the load of the moment weighs on each alike). With ``args.only``, only the
+    requests whose label has it."""
     requests: dict[str, list[float]] = {}
     tasks: dict[str, list[float]] = {}
     set_ups = {"warning": LOGGING["warning"]} if args.only else LOGGING
@@ -189,8 +190,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             measured = [p for p in probes(client, args.requests) if args.only in p[0]]
             # Every request as the other workloads log (warning); /health under the others.
             services[name] = (url, pid, client, measured if name == "warning" else measured[:1])
-        for _ in range(args.repeat):
-            for name, (url, pid, client, measured) in services.items():
+        order = list(services)
+        for round_no in range(args.repeat):
+            # Each round starts with the next set-up: where a service comes in the round (after
+            # which other's load, in which phase of the machine) weighs on each alike.
+            shift = round_no % len(order)
+            for name in order[shift:] + order[:shift]:
+                url, pid, client, measured = services[name]
                 for label, method, path, body, n in measured:
                     ms = per_request(client, pid, method, path, body, n)
                     key = label if name == "warning" else f"{label} ({name})"
