@@ -85,6 +85,8 @@ class Scheduler(Protocol):
 
     def cancel(self, task_id: int) -> bool: ...
 
+    def takes(self, new: NewTask) -> bool: ...
+
 
 def _utc(run_at: datetime) -> datetime:
     """``run_at`` in UTC (a time without a zone is UTC already).
@@ -237,7 +239,11 @@ class TaskService:
         early = due_now and sub.callback_url is None and self.store.db.commits_together
         if early:
             self.scheduler.notify()
-        outcome = await self._enqueue(new, sub.callback_url)
+        # Workers here with a slot free for it claim it at once: the other processes' need
+        # not all wake to claim it too (and find nothing); they still see it at their poll.
+        outcome = await self._enqueue(
+            new, sub.callback_url, not (due_now and self.scheduler.takes(new))
+        )
         if not outcome.created:
             if not outcome.same_request:
                 raise ConflictError(
@@ -254,11 +260,14 @@ class TaskService:
             self.scheduler.notify()
         return Submitted(task=outcome.task, created=True)
 
-    async def _enqueue(self, new: NewTask, callback_url: str | None) -> Enqueued:
+    async def _enqueue(
+        self, new: NewTask, callback_url: str | None, wake_others: bool = True
+    ) -> Enqueued:
         """Queue ``new``; with a ``callback_url``, its callback subscription is written in
-        the task's own transaction (:meth:`WebhookService.enqueue_with_callback`)."""
+        the task's own transaction (:meth:`WebhookService.enqueue_with_callback`).
+        ``wake_others``: see :func:`~orchestra.db.queue.enqueue`."""
         if callback_url is None or self.callbacks is None:
-            return await self.store.enqueue(new)
+            return await self.store.enqueue(new, wake_others=wake_others)
         row = await self.callbacks.enqueue_with_callback(new, callback_url)
         if row is None:  # the idempotency key was used: the store reads that task back
             return await self.store.enqueue(new)

@@ -43,6 +43,7 @@ from orchestra.capacity import Capacity
 from orchestra.config import Settings
 from orchestra.db import TaskStore
 from orchestra.domain import (
+    NewTask,
     Retry,
     RetryPolicy,
     Task,
@@ -165,6 +166,15 @@ class WorkerPool:
             if deadline is None or at < deadline:
                 sleep.reschedule(at)
 
+    def takes(self, new: NewTask) -> bool:
+        """Whether this pool's next claim would take ``new`` (due now): it claims, and has a
+        slot free for its model and priority."""
+        if not self._loops or self._stopping.is_set() or self._claim_failures:
+            return False
+        plan = self.capacity.next_claim(r.task for r in self._running.values())
+        fits = plan.min_priority is None or new.priority >= plan.min_priority
+        return plan.limit > 0 and new.model not in plan.skip_models and fits
+
     def cancel(self, task_id: int) -> bool:
         """Cancel a task running in this process; False when it does not run here."""
         running = self._running.get(task_id)
@@ -183,11 +193,9 @@ class WorkerPool:
         self.request_stop()
         grace = self.workers.shutdown_grace
         deadline = asyncio.get_running_loop().time() + grace
-        # A claim in flight ends first, and the tasks it took run (or are handed back) with
-        # the rest: cancelled meanwhile, its transaction may still commit, and what it took
-        # would stay claimed until the leases ran out. So the grace period does not bound
-        # this wait; the database's own timeouts end a claim, and a lease is the bound past
-        # which the reaper would give those tasks back anyway.
+        # A claim in flight ends first (cancelled, it may still commit, and what it took
+        # would stay claimed until its leases ran out), its tasks then run or are handed back
+        # with the rest; not bounded by the grace, but by a lease (then the reaper takes over).
         if self._dispatcher is not None:
             await asyncio.wait([self._dispatcher], timeout=max(grace, self.workers.lease_seconds))
         running = [r.runner for r in self._running.values() if r.runner is not None]

@@ -85,9 +85,11 @@ class Woken:
         self.queued = asyncio.Event()
         self.changed: list[list[int] | None] = []
         self.progress: list[bool] = []
+        self.queued_count = 0
         self.any_change = asyncio.Event()
 
     def on_queued(self) -> None:
+        self.queued_count += 1
         self.queued.set()
 
     def on_changed(self, ids: Collection[int] | None, progress: bool) -> None:
@@ -100,6 +102,7 @@ class Woken:
         self.any_change.clear()
         self.changed.clear()
         self.progress.clear()
+        self.queued_count = 0
 
 
 async def test_a_submit_in_one_process_wakes_the_workers_of_another(
@@ -282,3 +285,38 @@ async def test_an_api_only_process_keeps_no_wake_up_times(
             )
             assert response.status_code == 201, response.text
         assert api.app.runtime.pool._due == []
+
+
+@postgresql_only
+@pytest.mark.parametrize("workers", [True, False], ids=["with-workers", "api-only"])
+async def test_a_submit_wakes_the_other_processes_only_when_no_worker_here_takes_it(
+    settings: Settings, start_service: StartService, workers: bool, db_url: str
+) -> None:
+    # A process whose workers have a slot free claims its own submit: waking every other
+    # process too made each of them claim, and find nothing (with two processes, half the
+    # claims were empty). An API-only process (or one whose slots are all busy) wakes them.
+    one = msgspec.structs.replace(
+        settings, server=msgspec.structs.replace(settings.server, workers=workers)
+    )
+    other = Database(db_url)
+    woken = Woken()
+    listener = asyncio.create_task(other.watch(woken.on_queued, woken.on_changed))
+    try:
+        await asyncio.wait_for(woken.queued.wait(), 10)  # it listens
+        async with start_service(one) as svc:
+            woken.clear()
+            await svc.submit("summarize", text="who claims it?")
+            # Then a submit that wakes for sure: notifications arrive in commit order, so the
+            # first one, had it been sent, is counted once this one's have come.
+            another = Database(db_url)
+            try:
+                new = NewTask(template="t", template_version=1, params={})
+                sentinel = (await TaskStore(another).enqueue(new)).task.id
+            finally:
+                await another.close()
+            await wait_until(lambda: [sentinel] in woken.changed)
+            assert woken.queued_count == 1 + (not workers)
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+        await other.close()

@@ -33,9 +33,13 @@ ENQUEUE = Prepared(
 )
 
 
-def enqueue(conn: Connection, new: NewTask, at: str) -> dict[str, Any] | None:
+def enqueue(
+    conn: Connection, new: NewTask, at: str, *, wake_others: bool = True
+) -> dict[str, Any] | None:
     """Insert ``new``, queued at ``at``, with its ``task.queued`` event; None when its
-    idempotency key was used already in its scope."""
+    idempotency key was used already in its scope. ``wake_others``: tell the workers of every
+    other process (PostgreSQL's NOTIFY); False when this process's own workers claim it at
+    once, so that the others do not all claim too and find nothing."""
     row = {
         **msgspec.structs.asdict(new),
         "params": dump(new.params),
@@ -48,6 +52,7 @@ def enqueue(conn: Connection, new: NewTask, at: str) -> dict[str, Any] | None:
     if not rows:
         return None
     inserted = rows[0]
-    notices.queued(conn)
+    if wake_others:
+        notices.queued(conn)
     events.append(conn, inserted["id"], TaskQueued(run_at=inserted["run_at"]), at)
     return inserted

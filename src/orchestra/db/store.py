@@ -112,11 +112,14 @@ class TaskStore:
 
     # -- submitting (queue) -------------------------------------------------------------------
 
-    async def enqueue(self, new: NewTask) -> Enqueued:
+    async def enqueue(self, new: NewTask, *, wake_others: bool = True) -> Enqueued:
         """Insert a queued task; with an idempotency key already used in its scope
-        (``new.idempotency_scope``), return that task."""
+        (``new.idempotency_scope``), return that task. ``wake_others``: see
+        :func:`~orchestra.db.queue.enqueue`."""
         created = self._now()
-        row = await self.db.transaction(lambda conn: queue.enqueue(conn, new, created), small=True)
+        row = await self.db.transaction(
+            lambda conn: queue.enqueue(conn, new, created, wake_others=wake_others), small=True
+        )
         if row is not None:
             return Enqueued(task=task_from_row(row), created=True)
         async with self.db.read() as conn:
