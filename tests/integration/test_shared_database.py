@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
 
 import msgspec
 import pytest
@@ -105,12 +106,23 @@ class Woken:
         self.queued_count = 0
 
 
+@asynccontextmanager
+async def watching(db: Database) -> AsyncIterator[Woken]:
+    """``db.watch`` running (as another process's listener does), what it passes on collected
+    in a :class:`Woken`, until the block ends."""
+    woken = Woken()
+    listener = asyncio.create_task(db.watch(woken.on_queued, woken.on_changed))
+    try:
+        yield woken
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+
+
 async def test_a_submit_in_one_process_wakes_the_workers_of_another(
     two: tuple[Database, Database],
 ) -> None:
-    woken = Woken()
-    listener = asyncio.create_task(two[1].watch(woken.on_queued, woken.on_changed))
-    try:
+    async with watching(two[1]) as woken:
         if ON_POSTGRESQL:
             await asyncio.wait_for(woken.queued.wait(), 10)  # the first: once it listens
         else:
@@ -125,17 +137,12 @@ async def test_a_submit_in_one_process_wakes_the_workers_of_another(
         assert woken.changed[-1] in ([task.id], None)
         if ON_POSTGRESQL:
             assert woken.changed[-1] == [task.id]
-    finally:
-        listener.cancel()
-        await asyncio.gather(listener, return_exceptions=True)
 
 
 async def test_a_process_is_not_woken_by_its_own_writes(
     two: tuple[Database, Database],
 ) -> None:
-    woken = Woken()
-    listener = asyncio.create_task(two[0].watch(woken.on_queued, woken.on_changed))
-    try:
+    async with watching(two[0]) as woken:
         if ON_POSTGRESQL:
             await asyncio.wait_for(woken.queued.wait(), 10)
         else:
@@ -149,9 +156,6 @@ async def test_a_process_is_not_woken_by_its_own_writes(
         await asyncio.wait_for(woken.any_change.wait(), 5)
         await asyncio.sleep(0.2)
         assert woken.changed in ([[2]], [None])  # only the other process's task
-    finally:
-        listener.cancel()
-        await asyncio.gather(listener, return_exceptions=True)
 
 
 @postgresql_only
@@ -160,9 +164,7 @@ async def test_another_process_tells_progress_apart_from_changes_that_may_end_a_
 ) -> None:
     # A wait for a task's end sleeps through its progress; so it must, when the task runs in
     # another process: its claim and steps are told as progress, its end as a change.
-    woken = Woken()
-    listener = asyncio.create_task(two[1].watch(woken.on_queued, woken.on_changed))
-    try:
+    async with watching(two[1]) as woken:
         await asyncio.wait_for(woken.queued.wait(), 10)
         store = TaskStore(two[0])
         task = (await store.enqueue(NewTask(template="t", template_version=1, params={}))).task
@@ -175,9 +177,6 @@ async def test_another_process_tells_progress_apart_from_changes_that_may_end_a_
         assert await store.finish(lease, TaskStatus.SUCCEEDED, result="done")
         await wait_until(lambda: len(woken.changed) == 2)
         assert (woken.changed[1], woken.progress[1]) == ([task.id], False)
-    finally:
-        listener.cancel()
-        await asyncio.gather(listener, return_exceptions=True)
 
 
 @postgresql_only
@@ -187,9 +186,7 @@ async def test_the_listener_comes_back_after_its_connection_is_cut(
     from orchestra.db import postgres_engine
 
     monkeypatch.setattr(postgres_engine, "LISTEN_RETRY", 0.05)
-    woken = Woken()
-    listener = asyncio.create_task(two[1].watch(woken.on_queued, woken.on_changed))
-    try:
+    async with watching(two[1]) as woken:
         await asyncio.wait_for(woken.queued.wait(), 10)
         woken.clear()
         sql_rows(
@@ -201,9 +198,6 @@ async def test_the_listener_comes_back_after_its_connection_is_cut(
         woken.clear()
         await TaskStore(two[0]).enqueue(NewTask(template="t", template_version=1, params={}))
         await asyncio.wait_for(woken.queued.wait(), 5)
-    finally:
-        listener.cancel()
-        await asyncio.gather(listener, return_exceptions=True)
 
 
 GREET = """name: greet
@@ -293,30 +287,27 @@ async def test_a_submit_wakes_the_other_processes_only_when_no_worker_here_takes
     settings: Settings, start_service: StartService, workers: bool, db_url: str
 ) -> None:
     # A process whose workers have a slot free claims its own submit: waking every other
-    # process too made each of them claim, and find nothing (with two processes, half the
-    # claims were empty). An API-only process (or one whose slots are all busy) wakes them.
+    # process too made each of them claim, and find nothing (with two processes, a third of
+    # the claims were empty). An API-only process (or one whose slots are all busy) wakes them.
     one = msgspec.structs.replace(
         settings, server=msgspec.structs.replace(settings.server, workers=workers)
     )
     other = Database(db_url)
-    woken = Woken()
-    listener = asyncio.create_task(other.watch(woken.on_queued, woken.on_changed))
     try:
-        await asyncio.wait_for(woken.queued.wait(), 10)  # it listens
-        async with start_service(one) as svc:
-            woken.clear()
-            await svc.submit("summarize", text="who claims it?")
-            # Then a submit that wakes for sure: notifications arrive in commit order, so the
-            # first one, had it been sent, is counted once this one's have come.
-            another = Database(db_url)
-            try:
-                new = NewTask(template="t", template_version=1, params={})
-                sentinel = (await TaskStore(another).enqueue(new)).task.id
-            finally:
-                await another.close()
-            await wait_until(lambda: [sentinel] in woken.changed)
-            assert woken.queued_count == 1 + (not workers)
+        async with watching(other) as woken:
+            await asyncio.wait_for(woken.queued.wait(), 10)  # it listens
+            async with start_service(one) as svc:
+                woken.clear()
+                await svc.submit("summarize", text="who claims it?")
+                # Then a submit that wakes for sure: notifications arrive in commit order, so the
+                # first one, had it been sent, is counted once this one's have come.
+                another = Database(db_url)
+                try:
+                    new = NewTask(template="t", template_version=1, params={})
+                    sentinel = (await TaskStore(another).enqueue(new)).task.id
+                finally:
+                    await another.close()
+                await wait_until(lambda: [sentinel] in woken.changed)
+                assert woken.queued_count == 1 + (not workers)
     finally:
-        listener.cancel()
-        await asyncio.gather(listener, return_exceptions=True)
         await other.close()
