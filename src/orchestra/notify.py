@@ -4,8 +4,8 @@ The store calls :meth:`TaskSignals.publish` after every committed change that ma
 attempt, :meth:`TaskSignals.progressed` after one that leaves it running; requests waiting on
 a task (``?wait``, event streams) re-read the database when woken. Changes by other processes
 arrive through :meth:`~orchestra.db.engine.Database.watch`, which calls
-:meth:`TaskSignals.remote`. It is only a hint: watchers also
-wake on a timer, so a change is seen even when a notification is lost.
+:meth:`TaskSignals.remote`. It is only a hint: watchers also wake on a timer, so a change is
+seen even when a notification is lost.
 """
 
 from __future__ import annotations

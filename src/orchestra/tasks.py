@@ -239,11 +239,11 @@ class TaskService:
         early = due_now and sub.callback_url is None and self.store.db.commits_together
         if early:
             self.scheduler.notify()
-        # Workers here with a slot free for it claim it at once: the other processes' need
-        # not all wake to claim it too (and find nothing); they still see it at their poll.
-        outcome = await self._enqueue(
-            new, sub.callback_url, not (due_now and self.scheduler.takes(new))
-        )
+        # Where a submit wakes the other processes (PostgreSQL's NOTIFY), it need not when a
+        # worker here has a slot for it and claims it at once: each of them would claim too,
+        # and find nothing. They still see it at their poll.
+        quiet = due_now and self.store.db.notifies and self.scheduler.takes(new)
+        outcome = await self._enqueue(new, sub.callback_url, wake_others=not quiet)
         if not outcome.created:
             if not outcome.same_request:
                 raise ConflictError(
@@ -261,7 +261,7 @@ class TaskService:
         return Submitted(task=outcome.task, created=True)
 
     async def _enqueue(
-        self, new: NewTask, callback_url: str | None, wake_others: bool = True
+        self, new: NewTask, callback_url: str | None, *, wake_others: bool = True
     ) -> Enqueued:
         """Queue ``new``; with a ``callback_url``, its callback subscription is written in
         the task's own transaction (:meth:`WebhookService.enqueue_with_callback`).
@@ -285,10 +285,10 @@ class TaskService:
         deadline = loop.time() + wait
         with self.signals.watch(task_id) as changed:
             # The status alone is read first (a quarter of a whole task's cost on SQLite).
-            # Progress (the claim, each step) does not wake the wait: a change of this
-            # change (this process's or, on PostgreSQL, another's) that may end the attempt
-            # does, and the whole task is read then; a change to anything (another process's
-            # commit on SQLite) or the poll's timer, and the status is read again.
+            # Progress (the claim, each step) does not wake the wait: a change (this
+            # process's or, on PostgreSQL, another's) that may end the attempt does, and the
+            # whole task is read then; a change to anything (another process's commit on
+            # SQLite) or the poll's timer, and the status is read again.
             status = await self.store.status_of(task_id) if _storable(task_id) else None
             if status is None:
                 raise TaskNotFound(f"no task with id {task_id}")

@@ -114,6 +114,10 @@ class Database:
     #: asked, on one connection: a later one sees what an earlier one wrote (SQLite's group
     #: commit). On PostgreSQL they run side by side on a pool's connections.
     commits_together: bool = False
+    #: Other processes learn of this process's commits from the notifications they send
+    #: (PostgreSQL's NOTIFY, :mod:`~orchestra.db.notices`); False: they notice commits by
+    #: themselves (SQLite's ``data_version``), and a transaction sends nothing.
+    notifies: bool = False
     #: :meth:`watch` hears other processes now (PostgreSQL: its LISTEN connection is up).
     listening: bool = False
 

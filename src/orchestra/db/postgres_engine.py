@@ -82,6 +82,7 @@ class PostgresDatabase(Database):
     """A PostgreSQL database shared by any number of processes (see the module docstring)."""
 
     dialect = POSTGRESQL
+    notifies = True
 
     def __init__(self, url: str, **_options: Any) -> None:
         super().__init__(url)
