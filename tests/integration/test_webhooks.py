@@ -13,7 +13,10 @@ import msgspec
 import pytest
 
 from orchestra.config import Settings, WebhookSettings
-from orchestra.webhooks import backoff, is_public, new_secret
+from orchestra.db import Database, TaskStore
+from orchestra.db.webhooks import Hint, WebhookStore
+from orchestra.domain import NewTask, iso_now
+from orchestra.webhooks import Webhook, backoff, is_public, new_secret
 from tests.conftest import Service, StartService, make_settings, sql_rows
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import free_port, start_process, wait_until, write_config
@@ -188,6 +191,65 @@ async def test_every_delivery_is_signed_and_verifies(
     assert first["status_code"] == 200 and first["latency_ms"] >= 0
     assert first["response"] == '{"ok": true}'
     assert await deliveries(svc, other) == []
+
+
+async def test_an_event_writes_a_delivery_for_each_subscription_it_matches(
+    db: Database, db_url: str
+) -> None:
+    """The outbox, at the store: a delivery per matching subscription, with the body in full,
+    committed with its event, and the sender's hint moved only when one was written (the
+    sender claims on a commit only then). One event and a claim's several at once."""
+    tasks, hooks = TaskStore(db), WebhookStore(db)
+
+    def new(template: str) -> NewTask:
+        return NewTask(template=template, template_version=1, params={"text": "x"})
+
+    def written() -> list[tuple[Any, ...]]:
+        return sql_rows(db_url, "SELECT webhook_id, task_id, event_seq, type, payload, status "
+                        "FROM webhook_deliveries ORDER BY id")  # fmt: skip
+
+    hint = Hint.written
+    await tasks.enqueue(new("summarize"))  # no subscription yet
+    assert (written(), Hint.written) == ([], hint)
+
+    at = iso_now()
+    queued = await hooks.create(
+        Webhook(0, "https://example.com/q", ["task.queued"], "summarize", None, True, at), "s"
+    )
+    started = await hooks.create(
+        Webhook(0, "https://example.com/s", ["task.started"], None, None, True, at), "s"
+    )
+    hint = Hint.written
+    await tasks.enqueue(new("translate"))  # its template is not the one subscribed to
+    assert (written(), Hint.written) == ([], hint)
+
+    task = (await tasks.enqueue(new("summarize"))).task
+    assert Hint.written > hint
+    [(hook, task_id, seq, kind, payload, status)] = written()
+    [(event_time, event_data)] = sql_rows(
+        db_url, "SELECT time, data FROM task_events WHERE task_id = ? AND seq = 1", (task.id,)
+    )
+    assert (hook, task_id, seq, kind, status) == (queued.id, task.id, 1, "task.queued", "pending")
+    assert msgspec.json.decode(payload) == {
+        "type": "task.queued",
+        "timestamp": event_time,
+        "data": {
+            "task_id": task.id,
+            "template": "summarize",
+            "status": "queued",
+            "seq": 1,
+            "event": msgspec.json.decode(event_data),
+        },
+    }
+
+    hint = Hint.written
+    claimed = await tasks.claim("w", 10, 30)  # three task.started events in one statement
+    assert len(claimed) == 3 and Hint.written > hint
+    rows = written()[1:]
+    assert sorted((r[0], r[1], r[3]) for r in rows) == [
+        (started.id, t.id, "task.started") for t in sorted(claimed, key=lambda t: t.id)
+    ]
+    assert {msgspec.json.decode(r[4])["data"]["status"] for r in rows} == {"running"}
 
 
 async def test_failed_deliveries_are_retried_and_all_arrive_once_the_receiver_is_back(

@@ -1,8 +1,10 @@
 """Webhook subscriptions and their outbox: every statement about webhooks.
 
-- :func:`record_deliveries` runs inside the transaction that appends a task event
-  (:mod:`~orchestra.db.events`): one ``INSERT … SELECT`` writes a delivery row for each
-  enabled subscription the event matches, so an event and its deliveries commit together.
+- :func:`append_events` runs inside the transaction that appends a task event
+  (:mod:`~orchestra.db.events`): a delivery row for each enabled subscription the event
+  matches is written with the event (PostgreSQL: one ``INSERT … SELECT`` with the event's
+  INSERT as a CTE; SQLite: the outbox trigger), so an event and its deliveries commit
+  together.
 - :class:`WebhookStore` is the rest: subscriptions, the sender's claim (a lease, as the task
   queue's: ``FOR UPDATE SKIP LOCKED`` on PostgreSQL), each attempt's record, the listing and
   redelivery.
@@ -67,65 +69,46 @@ class Hint:
     written = 0
 
 
-def _payload(engine: str, seq: Any) -> Any:
+def _payload(seq: Any) -> Any:
     """The body sent, built in SQL from the event and the task as they are in the event's
     transaction: ``{"type", "timestamp", "data": {"task_id", "template", "status", "seq",
-    "event"}}`` (the Standard Webhooks envelope; ``event`` is the event's own object)."""
+    "event"}}`` (the Standard Webhooks envelope; ``event`` is the event's own object). SQLite's
+    twin is in its outbox trigger (``tables.OUTBOX_TRIGGER``)."""
+    from sqlalchemy.dialects.postgresql import JSON
+
     kind, at = cast(bindparam("type"), Text), cast(bindparam("time"), Text)
-    if engine == "postgresql":
-        from sqlalchemy.dialects.postgresql import JSON
-
-        data = func.json_build_object(
-            "task_id", tasks.c.id, "template", tasks.c.template, "status", tasks.c.status,
-            "seq", seq, "event", cast(cast(bindparam("data"), Text), JSON),
-        )  # fmt: skip
-        return cast(func.json_build_object("type", kind, "timestamp", at, "data", data), Text)
-    data = func.json_object(
+    data = func.json_build_object(
         "task_id", tasks.c.id, "template", tasks.c.template, "status", tasks.c.status,
-        "seq", seq, "event", func.json(bindparam("data")),
+        "seq", seq, "event", cast(cast(bindparam("data"), Text), JSON),
     )  # fmt: skip
-    return func.json_object("type", kind, "timestamp", at, "data", data)
+    return cast(func.json_build_object("type", kind, "timestamp", at, "data", data), Text)
 
 
-def _deliveries(engine: str, event: Any = None) -> Any:
-    """One INSERT … SELECT: a delivery per enabled subscription the event matches (its type,
-    its task's template, the task itself for a callback). Nothing matches: nothing written
-    (``webhooks`` is small; the task is found by its key).
-
-    ``event``: the event's INSERT … RETURNING (task_id, seq) as a CTE, for one statement
-    that writes both (PostgreSQL: one round trip, not two); None: the event was written just
-    before, and its seq is the task's last.
-    """
-    kind = cast(bindparam("type"), Text)
-    if event is None:
-        seq: Any = (
-            select(func.max(task_events.c.seq))
-            .where(task_events.c.task_id == bindparam("task_id"))
-            .scalar_subquery()
-        )
-        source = _w.join(tasks, tasks.c.id == bindparam("task_id"))
-    else:
-        seq = event.c.seq
-        source = event.join(tasks, tasks.c.id == event.c.task_id).join(_w, true())
+def _deliveries(event: Any) -> Any:
+    """PostgreSQL's outbox: ``event`` (the event's INSERT … RETURNING (task_id, seq), as a
+    CTE) and a delivery for each enabled subscription the event matches (its type, its task's
+    template, the task itself for a callback), as one INSERT … SELECT: one round trip, not
+    two. Nothing matches: no delivery (``webhooks`` is small; the task is found by its key)."""
+    seq = event.c.seq
     matching = (
         select(
             _w.c.id,
             tasks.c.id,
             seq,
-            kind,
-            _payload(engine, seq),
+            cast(bindparam("type"), Text),
+            _payload(seq),
             literal(DeliveryStatus.PENDING.value),
             literal(0),
             bindparam("time"),
             bindparam("time"),
         )
-        .select_from(source)
+        .select_from(event.join(tasks, tasks.c.id == event.c.task_id).join(_w, true()))
         .where(
             _w.c.enabled == 1,
             or_(_w.c.task_id.is_(None), _w.c.task_id == tasks.c.id),
             or_(_w.c.template.is_(None), _w.c.template == tasks.c.template),
             # event_types is a JSON list of words, none with a quote in it.
-            _w.c.event_types.like(literal('%"') + kind + literal('"%')),
+            _w.c.event_types.like(literal('%"') + cast(bindparam("type"), Text) + literal('"%')),
         )
     )
     columns = ["webhook_id", "task_id", "event_seq", "type", "payload", "status"]
@@ -133,7 +116,6 @@ def _deliveries(engine: str, event: Any = None) -> Any:
     return insert(_d).from_select(columns, matching)
 
 
-_RECORD = Prepared(_deliveries)
 #: PostgreSQL's event INSERTs with their deliveries, by the event statement they wrap.
 _WITH_EVENT: dict[int, Prepared] = {}
 
@@ -144,7 +126,7 @@ def _with_event(append: Prepared) -> Prepared:
     combined = _WITH_EVENT.get(id(append))
     if combined is None:
         event = append.statement("postgresql").returning(task_events.c.task_id, task_events.c.seq)
-        combined = _WITH_EVENT[id(append)] = Prepared(_deliveries("postgresql", event.cte("event")))
+        combined = _WITH_EVENT[id(append)] = Prepared(_deliveries(event.cte("event")))
     return combined
 
 
@@ -153,8 +135,10 @@ def append_events(conn: Connection, append: Prepared, rows: Sequence[dict[str, A
     (``task_id``, ``time``, ``type``, ``data``, as events store them) and write the
     deliveries of those events, in the same transaction: the outbox.
 
-    PostgreSQL runs both as one statement (a data-modifying CTE); SQLite, whose statements
-    cost no round trip, runs them one after the other.
+    PostgreSQL runs both as one statement (a data-modifying CTE). On SQLite, whose statements
+    cost no round trip but each its own call from Python, the outbox trigger writes the
+    deliveries inside the event's INSERT (``tables.OUTBOX_TRIGGER``); the connection's count
+    of changed rows tells whether it wrote any.
     """
     if conn.dialect.name == "postgresql":
         statement = _with_event(append)
@@ -165,14 +149,13 @@ def append_events(conn: Connection, append: Prepared, rows: Sequence[dict[str, A
         statement.run_many(conn, rows)
         Hint.written += 1  # executemany's row count is not told
         return
+    raw = conn.connection.driver_connection
+    before = raw.total_changes  # type: ignore[union-attr]
     if len(rows) == 1:
         append.run(conn, rows[0])
-        if _RECORD.run(conn, rows[0]).rowcount:
-            Hint.written += 1
-        return
-    append.run_many(conn, rows)
-    # One by one (no round trips on SQLite), so the hint moves only when something matched.
-    if sum(_RECORD.run(conn, row).rowcount for row in rows):
+    else:
+        append.run_many(conn, rows)
+    if raw.total_changes - before > len(rows):  # type: ignore[union-attr]
         Hint.written += 1
 
 
