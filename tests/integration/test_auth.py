@@ -16,7 +16,8 @@ import httpx
 import msgspec
 import pytest
 
-from orchestra.auth import Scope, matches
+from orchestra.api.auth import REFRESH_SECONDS, Gatekeeper
+from orchestra.auth import ApiKey, Scope, matches
 from orchestra.config import AuthSettings, CorsSettings, ServerSettings, Settings
 from orchestra.db import Database
 from orchestra.db.keys import KeyStore
@@ -114,6 +115,54 @@ async def test_a_revoked_key_stops_working(
         return (await svc.client.get("/api/v1/tasks", headers=headers)).status_code == 401
 
     await wait_until(refused, timeout=10)
+
+
+class HeldKeyStore(KeyStore):
+    """The real store, whose reads are counted and wait for ``go`` (to hold one open)."""
+
+    def __init__(self, db: Database) -> None:
+        super().__init__(db)
+        self.reads = 0
+        self.go = asyncio.Event()
+
+    async def active_digests(self) -> dict[str, tuple[str, ApiKey]]:
+        self.reads += 1
+        await self.go.wait()
+        return await super().active_digests()
+
+
+async def test_requests_that_find_the_keys_stale_together_wait_for_one_read(db: Database) -> None:
+    """Under load, the requests in flight when the copy of the keys goes stale share one read
+    (each read is a trip to the database); a key made meanwhile is not missed."""
+    now = [0.0]
+    store = HeldKeyStore(db)
+    gatekeeper = Gatekeeper(store, AuthSettings(), loopback=True, clock=lambda: now[0])
+
+    async def together(n: int) -> list[dict[str, tuple[str, ApiKey]]]:
+        waiting = [asyncio.ensure_future(gatekeeper.keys()) for _ in range(n)]
+        await asyncio.sleep(0)  # every one has asked
+        store.go.set()
+        found = await asyncio.gather(*waiting)
+        store.go.clear()
+        return found
+
+    assert await together(20) == [{}] * 20 and store.reads == 1
+    assert await together(20) == [{}] * 20 and store.reads == 1, "fresh: not read again"
+    now[0] += REFRESH_SECONDS + 0.1
+    one_gone = asyncio.ensure_future(gatekeeper.keys())
+    await asyncio.sleep(0)
+    one_gone.cancel()  # its client hung up: the read goes on for the others
+    assert await together(5) == [{}] * 5 and store.reads == 2
+
+    # A key made while a read is under way: that read may predate it, so the next asks again.
+    now[0] += REFRESH_SECONDS + 0.1
+    early = asyncio.ensure_future(gatekeeper.keys())
+    await asyncio.sleep(0)
+    key, _token = await store.create("late", "read")
+    gatekeeper.forget()
+    store.go.set()
+    await early
+    assert key.id in await gatekeeper.keys() and store.reads == 4
 
 
 async def test_only_the_digest_is_stored(db_url: str) -> None:

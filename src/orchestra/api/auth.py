@@ -12,9 +12,11 @@ to a caller with the ``read`` scope (:func:`public_caller`); others get its stat
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from litestar.connection import ASGIConnection
@@ -41,22 +43,49 @@ REFRESH_SECONDS = 2.0
 class Gatekeeper:
     """Turns a request's Authorization header into a caller, from a cached copy of the keys."""
 
-    def __init__(self, store: KeyStore, settings: AuthSettings, *, loopback: bool) -> None:
+    def __init__(
+        self,
+        store: KeyStore,
+        settings: AuthSettings,
+        *,
+        loopback: bool,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.store = store
         self.settings = settings
         self.loopback = loopback
+        self.clock = clock
         self._keys: dict[str, tuple[str, ApiKey]] = {}
         self._read_at = float("-inf")
+        self._reading: asyncio.Future[None] | None = None
+        self._forgotten = 0  # how many times forget() was called
 
     async def keys(self) -> dict[str, tuple[str, ApiKey]]:
-        """Active keys by id (digest, key), read again every :data:`REFRESH_SECONDS`."""
-        if time.monotonic() - self._read_at > REFRESH_SECONDS:
-            self._keys = await self.store.active_digests()
-            self._read_at = time.monotonic()
+        """Active keys by id (digest, key), read again every :data:`REFRESH_SECONDS`.
+
+        The requests that find the copy stale together wait for one read: under load, a
+        read per request in flight would each cost a trip to the database.
+        """
+        if self.clock() - self._read_at > REFRESH_SECONDS:
+            if self._reading is None:
+                self._reading = asyncio.ensure_future(self._read())
+            # A caller that goes away (its client hung up) leaves the read to the others.
+            await asyncio.shield(self._reading)
         return self._keys
 
+    async def _read(self) -> None:
+        forgotten = self._forgotten
+        try:
+            self._keys = await self.store.active_digests()
+            if forgotten == self._forgotten:  # else it may predate the change: read again
+                self._read_at = self.clock()
+        finally:
+            self._reading = None
+
     def forget(self) -> None:
-        """Read the keys again on the next request (a key was just made or revoked here)."""
+        """Read the keys again on the next request (a key was just made or revoked here),
+        even when a read under way began before."""
+        self._forgotten += 1
         self._read_at = float("-inf")
 
     async def by_id(self, key_id: str) -> Caller | None:
