@@ -67,7 +67,7 @@ async def test_a_cookie_the_server_set_goes_back_with_the_next_call(stream: bool
     assert second["cookie"] == "sticky=abc"
 
 
-async def test_both_routes_send_the_same_body_even_for_a_nan_option() -> None:
+async def test_both_routes_send_the_same_headers_and_body_even_for_a_nan_option() -> None:
     async with sticky_server() as (url, seen), model_client(4, {}) as client:
         direct = OllamaProvider("o", client, url, 5)
         # Credentials in the URL: httpx's Basic auth, so the client's route.
@@ -79,4 +79,6 @@ async def test_both_routes_send_the_same_body_even_for_a_nan_option() -> None:
     bodies = [json.loads(body) for _, body in seen.requests]
     assert bodies[0] == bodies[1]
     assert bodies[0]["options"] == {"temperature": None, "seed": 7}
-    assert seen.requests[1][0]["authorization"].startswith("Basic ")
+    assert seen.requests[1][0].pop("authorization").startswith("Basic ")
+    assert seen.requests[0][0] == seen.requests[1][0]  # Host, Content-Length, Content-Type…
+    assert seen.requests[0][0]["content-length"] == str(len(seen.requests[0][1]))
