@@ -436,8 +436,9 @@ CREATE INDEX ix_batch_rows_task ON batch_rows (task_id);
 # Python, that INSERT … SELECT was a second statement for every event (five a task), each with
 # its own call, bindings and cursors, whether any subscription exists or not: about a tenth of
 # the store's CPU per task. PostgreSQL keeps writing both in one statement (a data-modifying
-# CTE, orchestra.db.webhooks), which costs no second round trip, and gets nothing here.
-_V15_SQLITE = """
+# CTE, orchestra.db.webhooks), which costs no second round trip, and gets nothing here. The
+# tables' description (tables.py, for tests) creates the trigger from this same text.
+OUTBOX_TRIGGER = """
 CREATE TRIGGER tr_task_events_outbox AFTER INSERT ON task_events
 BEGIN
     INSERT INTO webhook_deliveries (
@@ -540,7 +541,7 @@ MIGRATIONS: list[Migration] = [
     _sql(_V12),
     _sql(_V13),
     _sql(_V14),
-    _statements(_V15_SQLITE, postgresql=()),
+    _statements(OUTBOX_TRIGGER, postgresql=()),
 ]
 LATEST = len(MIGRATIONS)
 

@@ -244,40 +244,18 @@ END""",
 )
 
 
-#: SQLite's outbox (migration 15 created it; a test compares): each event inserted writes a
-#: delivery for every enabled subscription it matches, in the same statement. PostgreSQL
-#: writes them with the event's own INSERT instead (orchestra.db.webhooks).
-OUTBOX_TRIGGER = """CREATE TRIGGER tr_task_events_outbox AFTER INSERT ON task_events
-BEGIN
-    INSERT INTO webhook_deliveries (
-        webhook_id, task_id, event_seq, type, payload, status, attempts, next_attempt_at,
-        created_at
-    )
-    SELECT webhooks.id, tasks.id, NEW.seq, NEW.type,
-        json_object(
-            'type', NEW.type, 'timestamp', NEW.time,
-            'data', json_object(
-                'task_id', tasks.id, 'template', tasks.template, 'status', tasks.status,
-                'seq', NEW.seq, 'event', json(NEW.data)
-            )
-        ),
-        'pending', 0, NEW.time, NEW.time
-    FROM webhooks JOIN tasks ON tasks.id = NEW.task_id
-    WHERE webhooks.enabled = 1
-        AND (webhooks.task_id IS NULL OR webhooks.task_id = tasks.id)
-        AND (webhooks.template IS NULL OR webhooks.template = tasks.template)
-        AND webhooks.event_types LIKE '%"' || NEW.type || '"%';
-END"""
-
-
 # A database created from this description (metadata.create_all, in tests) gets the counters'
 # rows and the triggers too.
 @event.listens_for(metadata, "after_create")
 def _create_counters(_target: MetaData, connection: Connection, **_kw: Any) -> None:
     words = ", ".join(f"('{status}', 0)" for status in TASK_STATUSES)
     connection.exec_driver_sql(f"INSERT INTO task_counts (status, n) VALUES {words}")
-    for trigger in (*COUNT_TRIGGERS, OUTBOX_TRIGGER):
+    for trigger in COUNT_TRIGGERS:
         connection.exec_driver_sql(trigger)
+    # SQLite's webhook outbox, as migration 15 wrote it (its SQL is the one definition).
+    from orchestra.db.schema import OUTBOX_TRIGGER
+
+    connection.exec_driver_sql(OUTBOX_TRIGGER)
 
 
 # Dashboard sessions: the SHA-256 of each session's token (never the token), the API key it
