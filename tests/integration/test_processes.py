@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sqlite3
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -42,14 +43,19 @@ class Serving:
 
     def services(self) -> list[int]:
         """The pids of its service processes (not the resource tracker)."""
-        return [
-            pid
-            for pid in self.children()
-            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes() and alive(pid)
-        ]
+        return [pid for pid in self.children() if _is_service(pid)]
 
     def stderr(self) -> str:
         return self.log.read_text()
+
+
+def _is_service(pid: int) -> bool:
+    """Whether ``pid`` is a live service process. A child killed and reaped after it was
+    listed has no /proc entry any more: it is not one."""
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes() and alive(pid)
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def config(folder: Path, name: str, db: Path, ollama_url: str) -> tuple[Path, int]:
@@ -293,3 +299,12 @@ async def test_serve_refuses_options_that_cannot_work(
     _, err = await asyncio.wait_for(proc.communicate(), timeout=30)
     assert proc.returncode == 2
     assert message in err.decode() and "Traceback" not in err.decode()
+
+
+def test_a_child_gone_between_listing_and_look_is_no_service() -> None:
+    """`Serving.services` lists the children, then reads each one's command line: a child
+    killed and reaped in between has no /proc entry left (this raised, failing a test)."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: /proc/<pid> is gone
+    assert not Path(f"/proc/{gone.pid}").exists()
+    assert _is_service(gone.pid) is False
