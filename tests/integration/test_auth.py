@@ -21,6 +21,7 @@ from orchestra.auth import ApiKey, Scope, matches
 from orchestra.config import AuthSettings, CorsSettings, ServerSettings, Settings
 from orchestra.db import Database
 from orchestra.db.keys import KeyStore
+from orchestra.errors import StorageError
 from tests.conftest import Service, StartService, make_keys, sql_rows
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import free_port, start_process, wait_until, write_config
@@ -124,10 +125,13 @@ class HeldKeyStore(KeyStore):
         super().__init__(db)
         self.reads = 0
         self.go = asyncio.Event()
+        self.failing = False
 
     async def active_digests(self) -> dict[str, tuple[str, ApiKey]]:
         self.reads += 1
         await self.go.wait()
+        if self.failing:
+            raise StorageError("the database is away")
         return await super().active_digests()
 
 
@@ -163,6 +167,14 @@ async def test_requests_that_find_the_keys_stale_together_wait_for_one_read(db: 
     store.go.set()
     await early
     assert key.id in await gatekeeper.keys() and store.reads == 4
+
+    # A read that fails fails every request that waited for it; the next one reads again.
+    now[0] += REFRESH_SECONDS + 0.1
+    store.failing = True
+    failed = await asyncio.gather(*(gatekeeper.keys() for _ in range(3)), return_exceptions=True)
+    assert [type(e) for e in failed] == [StorageError] * 3 and store.reads == 5
+    store.failing = False
+    assert key.id in await gatekeeper.keys() and store.reads == 6
 
 
 async def test_only_the_digest_is_stored(db_url: str) -> None:

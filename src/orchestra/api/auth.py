@@ -69,6 +69,9 @@ class Gatekeeper:
         if self.clock() - self._read_at > REFRESH_SECONDS:
             if self._reading is None:
                 self._reading = asyncio.ensure_future(self._read())
+                # Its error reaches every caller waiting; marked as seen even when all of
+                # them went away, so asyncio does not log it as never retrieved.
+                self._reading.add_done_callback(_seen)
             # A caller that goes away (its client hung up) leaves the read to the others.
             await asyncio.shield(self._reading)
         return self._keys
@@ -117,6 +120,11 @@ class Gatekeeper:
             # No keys yet, on a loopback address: the machine's own users, as before keys.
             return Caller("anonymous", "admin")
         raise Unauthorized("an API key is required: send it as 'Authorization: Bearer <key>'")
+
+
+def _seen(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _credentials(connection: ASGIConnection[Any, Any, Any, Any]) -> tuple[str | None, str | None]:
