@@ -224,25 +224,6 @@ task_count_changes = Table(
     Column("delta", Int, nullable=False),
 )
 
-#: The triggers that keep ``task_counts`` exact (migration 5 created them; a test compares).
-#: A status UPDATE that leaves the status as it was changes no counter.
-COUNT_TRIGGERS = (
-    """CREATE TRIGGER tr_task_counts_insert AFTER INSERT ON tasks
-BEGIN
-    UPDATE task_counts SET n = n + 1 WHERE status = NEW.status;
-END""",
-    """CREATE TRIGGER tr_task_counts_status AFTER UPDATE OF status ON tasks
-WHEN OLD.status IS NOT NEW.status
-BEGIN
-    UPDATE task_counts SET n = n - 1 WHERE status = OLD.status;
-    UPDATE task_counts SET n = n + 1 WHERE status = NEW.status;
-END""",
-    """CREATE TRIGGER tr_task_counts_delete AFTER DELETE ON tasks
-BEGIN
-    UPDATE task_counts SET n = n - 1 WHERE status = OLD.status;
-END""",
-)
-
 
 # A database created from this description (metadata.create_all, in tests) gets the counters'
 # rows and the triggers too.
@@ -250,12 +231,13 @@ END""",
 def _create_counters(_target: MetaData, connection: Connection, **_kw: Any) -> None:
     words = ", ".join(f"('{status}', 0)" for status in TASK_STATUSES)
     connection.exec_driver_sql(f"INSERT INTO task_counts (status, n) VALUES {words}")
-    for trigger in COUNT_TRIGGERS:
-        connection.exec_driver_sql(trigger)
-    # SQLite's webhook outbox, as migration 15 wrote it (its SQL is the one definition).
-    from orchestra.db.schema import OUTBOX_TRIGGER
+    # SQLite's triggers as the migrations wrote them (their SQL is the one definition): the
+    # counters' (migration 5; a status UPDATE that leaves the status as it was changes no
+    # counter) and the webhook outbox (migration 15).
+    from orchestra.db.schema import COUNT_TRIGGERS, OUTBOX_TRIGGER
 
-    connection.exec_driver_sql(OUTBOX_TRIGGER)
+    for trigger in (*COUNT_TRIGGERS, OUTBOX_TRIGGER):
+        connection.exec_driver_sql(trigger)
 
 
 # Dashboard sessions: the SHA-256 of each session's token (never the token), the API key it
