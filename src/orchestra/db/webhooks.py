@@ -89,13 +89,13 @@ def _deliveries(event: Any) -> Any:
     CTE) and a delivery for each enabled subscription the event matches (its type, its task's
     template, the task itself for a callback), as one INSERT … SELECT: one round trip, not
     two. Nothing matches: no delivery (``webhooks`` is small; the task is found by its key)."""
-    seq = event.c.seq
+    seq, kind = event.c.seq, cast(bindparam("type"), Text)
     matching = (
         select(
             _w.c.id,
             tasks.c.id,
             seq,
-            cast(bindparam("type"), Text),
+            kind,
             _payload(seq),
             literal(DeliveryStatus.PENDING.value),
             literal(0),
@@ -108,7 +108,7 @@ def _deliveries(event: Any) -> Any:
             or_(_w.c.task_id.is_(None), _w.c.task_id == tasks.c.id),
             or_(_w.c.template.is_(None), _w.c.template == tasks.c.template),
             # event_types is a JSON list of words, none with a quote in it.
-            _w.c.event_types.like(literal('%"') + cast(bindparam("type"), Text) + literal('"%')),
+            _w.c.event_types.like(literal('%"') + kind + literal('"%')),
         )
     )
     columns = ["webhook_id", "task_id", "event_seq", "type", "payload", "status"]

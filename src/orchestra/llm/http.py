@@ -97,7 +97,7 @@ class HttpProvider:
             *((k.encode(), v.encode()) for k, v in self._client_headers.items()),
         ]
         self._timeouts = {"timeout": httpx.Timeout(timeout).as_dict()}
-        self._urls: dict[str, httpx.URL] = {}
+        self._urls: dict[str, tuple[httpx.URL, list[tuple[bytes, bytes]]]] = {}
 
     @property
     def where(self) -> str:
@@ -149,14 +149,15 @@ class HttpProvider:
             ) as response:
                 yield response
             return
-        url = self._urls.get(path)
-        if url is None:
-            url = self._urls[path] = httpx.URL(f"{self.url}{path}")
+        known = self._urls.get(path)
+        if known is None:
+            url = httpx.URL(f"{self.url}{path}")
+            known = self._urls[path] = (url, [(b"Host", url.netloc), *self._json_headers])
+        url, head = known
         # The headers httpx itself would send with ``content=body``, in its order (Host first,
         # Content-Length last), given whole: building them from ``content`` looked each one up
         # again, a third of the request's cost.
-        headers = [(b"Host", url.netloc), *self._json_headers]
-        headers.append((b"Content-Length", b"%d" % len(body)))
+        headers = [*head, (b"Content-Length", b"%d" % len(body))]
         request = httpx.Request(
             method,
             url,
