@@ -11,9 +11,10 @@ from contextlib import asynccontextmanager
 
 import msgspec
 import pytest
+from sqlalchemy import Connection, text
 
 from orchestra.config import Settings
-from orchestra.db import Database, Lease, TaskStore
+from orchestra.db import Database, Lease, TaskStore, notices
 from orchestra.db.schema import LATEST, upgrade
 from orchestra.db.templates import TemplateStore
 from orchestra.domain import NewTask, TaskStatus
@@ -311,3 +312,51 @@ async def test_a_submit_wakes_the_other_processes_only_when_no_worker_here_takes
                 assert woken.queued_count == 1 + (not workers)
     finally:
         await other.close()
+
+
+@postgresql_only
+async def test_a_transactions_notifications_go_with_its_commit_and_never_without_it(
+    two: tuple[Database, Database], db_url: str
+) -> None:
+    # The notifications and the COMMIT travel in one round trip: the listener, once told,
+    # finds the change committed; a transaction that fails after marking its notices sends
+    # none; and the connection is ready for the next transaction (psycopg's own COMMIT finds
+    # nothing open).
+    def table(conn: Connection) -> None:
+        conn.execute(text("CREATE TABLE probe (key TEXT)"))
+
+    await two[0].transaction(table)
+    async with watching(two[1]) as woken:
+        await asyncio.wait_for(woken.queued.wait(), 10)
+        woken.clear()
+
+        def failing(conn: Connection) -> None:
+            conn.execute(text("INSERT INTO probe VALUES ('a')"))
+            notices.queued(conn)
+            notices.changed(conn, [41])
+            raise RuntimeError("the body fails after marking its notices")
+
+        with pytest.raises(RuntimeError):
+            await two[0].transaction(failing)
+
+        def marking(conn: Connection) -> None:
+            conn.execute(text("INSERT INTO probe VALUES ('b')"))
+            notices.queued(conn)
+            notices.changed(conn, [42])
+            notices.changed(conn, [43], progress=True)
+
+        for _ in range(3):  # each on a connection left ready by the one before
+            await two[0].transaction(marking)
+            await asyncio.wait_for(woken.queued.wait(), 5)
+            await wait_until(lambda: len(woken.changed) == 2)
+            assert sorted(zip(woken.changed, woken.progress, strict=True)) == [
+                ([42], False),
+                ([43], True),
+            ]
+            assert sql_rows(db_url, "SELECT key FROM probe") == [("b",)]
+
+            def again(conn: Connection) -> None:
+                conn.execute(text("DELETE FROM probe"))
+
+            await two[0].transaction(again)
+            woken.clear()

@@ -4,9 +4,9 @@ their attempts (wake whoever waits on them: ``?wait``, event streams), tasks pro
 claim, a step: wake the event streams and live views, not a wait for a task's end). SQLite
 has none; there :meth:`Database.watch` notices other processes' commits by itself.
 
-Transaction bodies mark what to send (:func:`queued`, :func:`changed`); the engine sends it in
-one statement before the commit (:func:`send`). A payload starts with the sending process's
-token (``conn.info["orchestra_token"]``, set by
+Transaction bodies mark what to send (:func:`queued`, :func:`changed`); the engine sends it
+with the COMMIT, in one round trip (:func:`send_and_commit`). A payload starts with the
+sending process's token (``conn.info["orchestra_token"]``, set by
 :class:`~orchestra.db.postgres_engine.PostgresDatabase` on each connection), so a process
 skips its own: it has told itself already.
 """
@@ -53,9 +53,12 @@ def begin(conn: Connection) -> None:
         conn.info.pop(mark, None)
 
 
-def send(conn: Connection) -> None:
-    """Send what this transaction was to send, in one statement, just before it commits:
-    at most one notification per channel (:data:`ANY` when the tasks are too many to name)."""
+def send_and_commit(conn: Connection) -> None:
+    """Send what this transaction was to send and commit it, in one round trip: at most one
+    notification per channel (:data:`ANY` when the tasks are too many to name), then COMMIT,
+    as one simple query (a NOTIFY is delivered at its transaction's commit). A transaction
+    with nothing to send is left to commit as usual; psycopg's own COMMIT afterwards finds
+    no transaction open and sends nothing."""
     notes: list[tuple[str, str]] = []
     token = conn.info.get("orchestra_token", "")
     if conn.info.pop(_QUEUED, False):
@@ -68,9 +71,19 @@ def send(conn: Connection) -> None:
             detail = named if len(named) <= MAX_PAYLOAD else ANY
             notes.append((channel, f"{token} {detail}"))
     if notes:
-        calls = ", ".join("pg_notify(%s, %s)" for _ in notes)
+        # NOTIFY takes its payload as a literal: a token (hex), task ids, commas or "*".
+        sql = "".join(f"NOTIFY {channel}, '{_checked(payload)}'; " for channel, payload in notes)
+        # No parameters: psycopg sends it by the simple query protocol, which takes several
+        # statements at once (the extended protocol, one).
         raw = conn.connection.driver_connection
-        raw.execute(f"SELECT {calls}", [v for note in notes for v in note])  # type: ignore[union-attr]
+        raw.execute(sql + "COMMIT", prepare=False)  # type: ignore[union-attr]
+
+
+def _checked(payload: str) -> str:
+    """``payload``, which must need no quoting in a literal."""
+    if "'" in payload or "\\" in payload:
+        raise ValueError(f"a notification's payload needs no quotes: {payload!r}")
+    return payload
 
 
 def parse_changed(detail: str) -> list[int] | None:

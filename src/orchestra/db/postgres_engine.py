@@ -121,7 +121,7 @@ class PostgresDatabase(Database):
                 with self._engine.begin() as conn:
                     notices.begin(conn)
                     result = work(conn)
-                    notices.send(conn)
+                    notices.send_and_commit(conn)
             except Exception as exc:
                 if retryable(exc) and attempt < ATTEMPTS:
                     time.sleep(random.uniform(0, 0.002 * 2**attempt))
