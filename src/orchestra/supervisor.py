@@ -111,11 +111,19 @@ def run_service(
         on_started: Called once the lifespan started and the server listens.
 
     Raises:
-        OrchestraError: what stopped the service from starting (a template, the database).
-        SystemExit: uvicorn's own startup failure (the port is taken), which it logged.
+        OrchestraError: what stopped the service from starting (the port is taken, a
+            template, the database).
+        SystemExit: uvicorn's own startup failure, which it logged.
     """
     from orchestra.api.app import create_app
     from orchestra.api.server import Server, server_config
+
+    if sockets is None:
+        # The port first, before the lifespan starts the workers: a service that cannot
+        # listen must not claim (and run) tasks of the database it shares with the one that
+        # holds the port. Alone on it: no SO_REUSEPORT, so a running service, single or
+        # supervised, keeps it.
+        sockets = [bind_socket(settings.server.host, settings.server.port, shared=False)]
 
     # The lifespan opens and checks everything before uvicorn accepts a connection; when it
     # fails, uvicorn exits and the caller prints the error.
@@ -145,8 +153,9 @@ def run_service(
 REUSE_PORT = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port``, with SO_REUSEPORT where :data:`REUSE_PORT`.
+def bind_socket(host: str, port: int, *, shared: bool = True) -> socket.socket:
+    """A socket bound to ``host:port``, with SO_REUSEPORT where :data:`REUSE_PORT` and
+    ``shared`` (a single process holds its port alone).
 
     The supervisor binds one to hold the port (it never listens on it, so it takes no
     connection where each process has its own); each process then binds its own, or
@@ -160,7 +169,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     # (without it, a keep-alive request can wait 40 ms for a delayed ACK).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if REUSE_PORT:
+    if REUSE_PORT and shared:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))

@@ -308,3 +308,26 @@ def test_a_child_gone_between_listing_and_look_is_no_service() -> None:
     gone.wait()  # reaped: /proc/<pid> is gone
     assert not Path(f"/proc/{gone.pid}").exists()
     assert _is_service(gone.pid) is False
+
+
+async def test_a_service_whose_port_is_taken_stops_before_it_claims_anything(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    # An API-only process holds the port, with tasks queued; a second service on the same
+    # database and port must fail on the port before its workers take (and run) any of them.
+    db = tmp_path / "shared.db"
+    path, port = config(tmp_path, "api", db, fake_ollama.url)
+    async with serving(path, port, "--no-workers") as api:
+        async with httpx.AsyncClient(base_url=api.url) as client:
+            for _ in range(3):
+                assert (await client.post("/api/v1/tasks", json=BODY)).status_code == 201
+        async with serving(path, port, ready=False) as second:
+            code = await asyncio.wait_for(second.proc.wait(), timeout=30)
+        err = second.stderr()
+        assert code == 1, err
+        assert f"Error: server: cannot listen on 127.0.0.1:{port}" in err, err
+        assert "Traceback" not in err
+        assert "pool.started" not in err
+        assert attempts(db) == []
+        assert set(statuses(db).values()) == {"queued"}
+        assert fake_ollama.requests == []
