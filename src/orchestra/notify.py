@@ -42,6 +42,15 @@ class TaskSignals:
     def __init__(self) -> None:
         self._watchers: dict[int, set[Wake]] = {}
         self._everything: set[asyncio.Event] = set()
+        #: The service is stopping: waits end now, with the task as it is (:meth:`stop`).
+        self.stopping = False
+
+    def stop(self) -> None:
+        """The service is stopping: wake every watcher, and let waits for a task's end
+        answer with the task as it is, at once, rather than be cut off at the end of the
+        HTTP drain (their clients wait again, on another process)."""
+        self.stopping = True
+        self.remote(None)
 
     @contextmanager
     def watch(self, task_id: int) -> Iterator[Wake]:

@@ -274,7 +274,8 @@ class TaskService:
         return Enqueued(task=task_from_row(row), created=True)
 
     async def get(self, task_id: int, *, wait: float = 0.0) -> Task:
-        """A task; with ``wait`` > 0, answer as soon as it is finished or after ``wait`` seconds.
+        """A task; with ``wait`` > 0, answer as soon as it is finished or after ``wait`` seconds
+        (or at once when the service is stopping).
 
         Raises:
             TaskNotFound: no task has this id.
@@ -292,7 +293,12 @@ class TaskService:
             status = await self.store.status_of(task_id) if _storable(task_id) else None
             if status is None:
                 raise TaskNotFound(f"no task with id {task_id}")
-            while status not in TERMINAL and (remaining := deadline - loop.time()) > 0:
+            # A stopping service answers at once, with the task as it is.
+            while (
+                status not in TERMINAL
+                and not self.signals.stopping
+                and (remaining := deadline - loop.time()) > 0
+            ):
                 if await _woken(changed, min(remaining, WAIT_POLL_SECONDS)):
                     task = await self._get(task_id)
                     if task.finished:

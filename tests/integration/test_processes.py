@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 
 from tests.fixtures.fake_ollama import FakeOllama
@@ -331,3 +332,49 @@ async def test_a_service_whose_port_is_taken_stops_before_it_claims_anything(
         assert attempts(db) == []
         assert set(statuses(db).values()) == {"queued"}
         assert fake_ollama.requests == []
+
+
+def _unread_bytes(local_port: int, remote_port: int) -> int | None:
+    """The bytes waiting unread on the TCP socket from ``local_port`` to ``remote_port``
+    (/proc/net/tcp's rx_queue); None when there is no such socket."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, queues = fields[1], fields[2], fields[4]
+        if int(local.split(":")[1], 16) == local_port and int(remote.split(":")[1], 16) == (
+            remote_port
+        ):
+            return int(queues.split(":")[1], 16)
+    return None
+
+
+async def test_a_wait_open_when_the_service_stops_is_answered_with_the_task_as_it_is(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    # Not cut off with a 500 at the end of the HTTP drain: the wait ends at once and answers
+    # 200 with the running task, so its client waits again (on another process).
+    fake_ollama.latency = 30.0
+    path, port = config(tmp_path, "stop-wait", tmp_path / "stop-wait.db", fake_ollama.url)
+    async with serving(path, port) as service:
+        async with httpx.AsyncClient(base_url=service.url) as client:
+            task = (await client.post("/api/v1/tasks", json=BODY)).json()
+        await wait_until(lambda: fake_ollama.in_flight == 1, timeout=10)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            f"GET /api/v1/tasks/{task['id']}?wait=60 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        await writer.drain()
+        mine = writer.get_extra_info("sockname")[1]
+        # The service has read the request (nothing left unread on its end): it waits.
+        await wait_until(lambda: _unread_bytes(port, mine) == 0, timeout=10)
+        stopped_at = asyncio.get_running_loop().time()
+        service.proc.send_signal(signal.SIGTERM)
+        answer = await asyncio.wait_for(reader.read(), timeout=10)
+        took = asyncio.get_running_loop().time() - stopped_at
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), answer
+        assert msgspec.json.decode(body)["status"] == "running"
+        assert took < 3.0, took  # not the drain's 5 s
+        await asyncio.wait_for(service.proc.wait(), timeout=STOP_DEADLINE)
+    assert "Traceback" not in service.stderr()

@@ -85,6 +85,7 @@ class Runtime:
         self._tasks: TaskService | None = None
         self._router: Router | None = None
         self._pool: WorkerPool | None = None
+        self._signals: TaskSignals | None = None
         self._catalog: TemplateCatalog | None = None
         self._gatekeeper: Gatekeeper | None = None
         self._keys: KeyStore | None = None
@@ -191,9 +192,12 @@ class Runtime:
             log.error("templates.reload_failed", problems=[str(p) for p in exc.problems])
 
     def request_stop(self) -> None:
-        """Stop claiming tasks now (called when SIGTERM/SIGINT arrives)."""
+        """Stop claiming tasks now, and answer the requests waiting for a task's end
+        (called when SIGTERM/SIGINT arrives)."""
         if self._pool is not None:
             self._pool.request_stop()
+        if self._signals is not None:
+            self._signals.stop()
 
     @contextmanager
     def _startup_failure(self) -> Iterator[None]:
@@ -229,7 +233,7 @@ class Runtime:
             self._catalog = catalog
             # One client for every model call; it honours the proxies named in the environment.
             async with model_client(max(10, s.workers.concurrency * 2), self.env) as client:
-                signals = TaskSignals()
+                signals = self._signals = TaskSignals()
                 # One reader of every task's events for every stream, however many follow.
                 feed = EventFeed(db, signals)
                 await feed.start()
@@ -324,6 +328,7 @@ class Runtime:
                     self._schedules = None
                     self._webhooks = None
                     self._feed = None
+                    self._signals = None
         finally:
             await renderer.close()
             self._db = None
