@@ -378,3 +378,16 @@ async def test_a_wait_open_when_the_service_stops_is_answered_with_the_task_as_i
         assert took < 3.0, took  # not the drain's 5 s
         await asyncio.wait_for(service.proc.wait(), timeout=STOP_DEADLINE)
     assert "Traceback" not in service.stderr()
+
+
+async def test_the_overview_of_an_api_only_process_says_it_runs_no_workers(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    path, port = config(tmp_path, "api-only", tmp_path / "api-only.db", fake_ollama.url)
+    async with serving(path, port, "--no-workers") as api:
+        async with httpx.AsyncClient(base_url=api.url) as client:
+            page = await client.get("/ui/overview/body")
+    assert page.status_code == 200
+    slots = re.search(r'<dd id="slots">([^<]*)</dd>', page.text)
+    assert slots is not None, page.text
+    assert slots.group(1) == "none: it serves the API only (--no-workers)"

@@ -30,7 +30,8 @@ async def _overview(request: Request[Any, Any, Any]) -> dict[str, Any]:
         "chart": views.chart(data.per_minute),
         "queued_for": views.age(data.oldest_queued_at, at),
         "busy": pool.running if pool is not None else 0,
-        "slots": runtime.settings.workers.concurrency,
+        # None: this process runs no workers (--no-workers); others run the tasks.
+        "slots": runtime.settings.workers.concurrency if runtime.settings.server.workers else None,
         "providers": runtime.router.states(),
     }
 
