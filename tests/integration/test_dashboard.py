@@ -368,6 +368,20 @@ async def test_task_filters_and_keyset_pages(service: Service) -> None:
     assert bad.status_code == 400 and "not a task status" in bad.text
 
 
+async def test_a_time_window_the_filter_does_not_offer_is_refused_not_ignored(
+    service: Service,
+) -> None:
+    # Ignored, "since=20m" meant no bound at all: a bulk cancel's confirmation then covered
+    # every task.
+    await service.submit("summarize", text="old enough")
+    for path in ("/ui/tasks", "/ui/tasks/confirm"):
+        bad = await service.client.get(path, params={"action": "cancel", "since": "20m"})
+        assert bad.status_code == 400, (path, bad.text)
+        assert "since" in bad.text and "15m" in bad.text
+    shown = await service.client.get("/ui/tasks", params={"since": "15m"})
+    assert shown.status_code == 200
+
+
 async def test_keys_page_shows_a_new_token_once(service: Service) -> None:
     made = await service.client.post(
         "/ui/keys", data={"name": "ci", "scope": "read"}, headers=SAME_SITE

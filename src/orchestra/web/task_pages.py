@@ -106,7 +106,14 @@ def filters_of(query: Any) -> Filters:
                 [FieldProblem("status", "not a task status")],
             ) from None
     created_from = _time(given["from"], "from") if "from" in given else None
-    if "since" in given and given["since"] in SINCE:
+    if "since" in given:
+        if given["since"] not in SINCE:
+            # Never ignored: a bulk action's confirmation would then cover every task.
+            allowed = ", ".join(SINCE)
+            raise InvalidRequest(
+                f"since: {given['since']!r} is not one of {allowed}",
+                [FieldProblem("since", f"one of {allowed}")],
+            )
         created_from = now() - timedelta(minutes=SINCE[given["since"]])
     created_to = _time(given["to"], "to") if "to" in given else None
     return Filters(
