@@ -10,8 +10,8 @@ small write — a row, an event row for it, a notification — in four shapes, i
   Orchestra's transactions before 2026-12-04);
 - ``notify+commit``: the same, with ``NOTIFY …; COMMIT`` sent as one simple query (four:
   :func:`orchestra.db.notices.send_and_commit`);
-- ``pipelined begin``: as ``notify+commit``, with BEGIN and the first INSERT in psycopg's
-  pipeline mode;
+- ``pipelined begin``: as ``notify+commit``, with an explicit BEGIN and the first INSERT sent
+  together in psycopg's pipeline mode, on an autocommit connection (three round trips);
 - ``one statement``: the INSERTs and the notification as one statement with data-modifying
   CTEs, on an autocommit connection (one round trip).
 
@@ -60,12 +60,15 @@ def _shapes(
         conn.commit()  # finds no transaction open: sends nothing
 
     def pipelined_begin() -> None:
-        with conn.pipeline():
-            row = conn.execute("INSERT INTO t (v) VALUES (%s) RETURNING id", ["x"]).fetchone()
+        # An explicit BEGIN on an autocommit connection: psycopg's own (implicit) BEGIN waits
+        # for its answer before anything else is sent, even in a pipeline.
+        with auto.pipeline():
+            auto.execute("BEGIN")
+            cursor = auto.execute("INSERT INTO t (v) VALUES (%s) RETURNING id", ["x"])
+        row = cursor.fetchone()
         assert row is not None
-        conn.execute("INSERT INTO e (t, d) VALUES (%s, %s)", [row[0], "queued"])
-        conn.execute(f"NOTIFY orchestra_changes, 'abcdef123456 {row[0]}'; COMMIT", prepare=False)
-        conn.commit()
+        auto.execute("INSERT INTO e (t, d) VALUES (%s, %s)", [row[0], "queued"])
+        auto.execute(f"NOTIFY orchestra_changes, 'abcdef123456 {row[0]}'; COMMIT", prepare=False)
 
     def one_statement() -> None:
         auto.execute(
@@ -106,7 +109,8 @@ def main() -> None:
         print("|---|---|---|---|---|")
         for round_ in range(1, args.rounds + 1):
             for name, run in shapes.items():
-                backend = backends[id(auto if name == "one statement" else conn)]
+                on_auto = name in ("one statement", "pipelined begin")
+                backend = backends[id(auto if on_auto else conn)]
                 for _ in range(200):  # warm: psycopg prepares a statement on its 5th run
                     run()
                 client, server = time.process_time(), _cpu_seconds(backend)

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 
 import msgspec
+import psycopg
 import pytest
 from sqlalchemy import Connection, text
 
@@ -324,6 +325,7 @@ async def test_a_transactions_notifications_go_with_its_commit_and_never_without
     # nothing open).
     def table(conn: Connection) -> None:
         conn.execute(text("CREATE TABLE probe (key TEXT)"))
+        conn.execute(text("CREATE TABLE once (key TEXT UNIQUE DEFERRABLE INITIALLY DEFERRED)"))
 
     await two[0].transaction(table)
     async with watching(two[1]) as woken:
@@ -338,6 +340,21 @@ async def test_a_transactions_notifications_go_with_its_commit_and_never_without
 
         with pytest.raises(RuntimeError):
             await two[0].transaction(failing)
+
+        # The COMMIT itself fails, inside the query that carries the notifications (a
+        # deferred unique key is checked only then): nothing is told, the error reaches the
+        # caller, and the body ran again as for any conflict.
+        runs: list[int] = []
+
+        def failing_at_commit(conn: Connection) -> None:
+            runs.append(1)
+            conn.execute(text("INSERT INTO once VALUES ('x'), ('x')"))
+            notices.queued(conn)
+            notices.changed(conn, [44])
+
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            await two[0].transaction(failing_at_commit)
+        assert len(runs) > 1
 
         def marking(conn: Connection) -> None:
             conn.execute(text("INSERT INTO probe VALUES ('b')"))
