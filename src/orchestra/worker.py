@@ -99,6 +99,8 @@ class WorkerPool:
         self.owner = worker_id()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        #: A second stop signal: the grace ends now (:meth:`hurry`).
+        self._hurried = asyncio.Event()
         #: The tasks running here, by id: the one record of each (see :class:`Running`).
         self._running: dict[int, Running] = {}
         #: The slots, the reserve kept from batch rows, and the models' own limits.
@@ -188,8 +190,15 @@ class WorkerPool:
         self._stopping.set()
         self._wake.set()
 
+    def hurry(self) -> None:
+        """Stop claiming, and end the grace of a stop now: the tasks still running are handed
+        back at once (a second Ctrl-C)."""
+        self.request_stop()
+        self._hurried.set()
+
     async def stop(self) -> None:
-        """Stop claiming, let running tasks finish within the grace period, hand back the rest."""
+        """Stop claiming, let running tasks finish within the grace period (or until
+        :meth:`hurry`), hand back the rest."""
         self.request_stop()
         grace = self.workers.shutdown_grace
         deadline = asyncio.get_running_loop().time() + grace
@@ -202,10 +211,16 @@ class WorkerPool:
         if running:
             log.info("pool.draining", tasks=len(running), grace_s=grace)
             left = max(0.0, deadline - asyncio.get_running_loop().time())
-            _, pending = await asyncio.wait(running, timeout=left)
+            finished: asyncio.Future[Any] = asyncio.gather(*running, return_exceptions=True)
+            hurried: asyncio.Future[Any] = asyncio.ensure_future(self._hurried.wait())
+            await asyncio.wait(
+                [finished, hurried], timeout=left, return_when=asyncio.FIRST_COMPLETED
+            )
+            hurried.cancel()
+            pending = [task for task in running if not task.done()]
             for task in pending:
                 task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await finished
         for loop in self._loops:
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)

@@ -391,3 +391,28 @@ async def test_the_overview_of_an_api_only_process_says_it_runs_no_workers(
     slots = re.search(r'<dd id="slots">([^<]*)</dd>', page.text)
     assert slots is not None, page.text
     assert slots.group(1) == "none: it serves the API only (--no-workers)"
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+async def test_a_second_ctrl_c_hands_the_running_tasks_back_without_waiting_for_the_grace(
+    fake_ollama: FakeOllama, tmp_path: Path, processes: int
+) -> None:
+    fake_ollama.latency = 60.0
+    db = tmp_path / "hurry.db"
+    port = free_port()
+    path = tmp_path / "hurry.toml"
+    write_config(path, port=port, db=db, ollama_url=fake_ollama.url, shutdown_grace=30.0)
+    async with serving(path, port, "--processes", str(processes)) as service:
+        async with httpx.AsyncClient(base_url=service.url) as client:
+            assert (await client.post("/api/v1/tasks", json=BODY)).status_code == 201
+        await wait_until(lambda: fake_ollama.in_flight == 1, timeout=10)
+        service.proc.send_signal(signal.SIGINT)
+        # The first Ctrl-C reached the workers: they wait for the running task (30 s grace).
+        await wait_until(lambda: "pool.draining" in service.stderr(), timeout=15)
+        hurried_at = asyncio.get_running_loop().time()
+        service.proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(service.proc.wait(), timeout=STOP_DEADLINE)
+        took = asyncio.get_running_loop().time() - hurried_at
+    assert took < 10.0, (took, service.stderr())
+    assert statuses(db) == {1: "queued"}  # handed back, to run again
+    assert "Traceback" not in service.stderr()

@@ -191,11 +191,15 @@ class Runtime:
         except TemplateError as exc:
             log.error("templates.reload_failed", problems=[str(p) for p in exc.problems])
 
-    def request_stop(self) -> None:
+    def request_stop(self, *, hurry: bool = False) -> None:
         """Stop claiming tasks now, and answer the requests waiting for a task's end
-        (called when SIGTERM/SIGINT arrives)."""
+        (called when SIGTERM/SIGINT arrives); ``hurry`` (a second Ctrl-C): hand back the
+        running tasks now, without waiting for ``shutdown_grace``."""
         if self._pool is not None:
-            self._pool.request_stop()
+            if hurry:
+                self._pool.hurry()
+            else:
+                self._pool.request_stop()
         if self._signals is not None:
             self._signals.stop()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import signal
 import socket
 from collections.abc import Callable
 from types import FrameType
@@ -157,7 +158,7 @@ def server_config(app: Any, settings: ServerSettings, **options: Any) -> uvicorn
 class Stoppable(Protocol):
     """What :class:`Server` tells when a stop signal arrives (the app's runtime)."""
 
-    def request_stop(self) -> None: ...
+    def request_stop(self, *, hurry: bool = False) -> None: ...
 
 
 class Server(uvicorn.Server):
@@ -176,9 +177,13 @@ class Server(uvicorn.Server):
         self.on_started = on_started
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        """A stop signal: stop claiming tasks now, then do as uvicorn does."""
+        """A stop signal: stop claiming tasks now, then do as uvicorn does. A second SIGINT
+        (Ctrl-C) skips the waits: uvicorn's for open connections, the workers' grace."""
+        hurry = self.should_exit and sig == signal.SIGINT
         try:
-            asyncio.get_running_loop().call_soon_threadsafe(self.runtime.request_stop)
+            asyncio.get_running_loop().call_soon_threadsafe(
+                functools.partial(self.runtime.request_stop, hurry=hurry)
+            )
         except RuntimeError:  # no loop runs yet (or any more): nothing claims
             pass
         super().handle_exit(sig, frame)
