@@ -25,6 +25,7 @@ import httpx
 import msgspec
 import pytest
 import structlog
+from sqlalchemy import text
 
 from orchestra.config import Settings
 from orchestra.db import Database
@@ -179,6 +180,40 @@ async def test_a_held_lock_answers_503_with_retry_after_and_serves_after(
     assert during["database"].startswith("error: locked by another connection since ")
     assert after.status_code == 201 and done["status"] == "succeeded"
     assert healed["database"] == "ok"
+
+
+@pytest.mark.sqlite_only
+async def test_a_write_queued_behind_one_waiting_for_the_lock_waits_no_longer_than_its_own_timeout(
+    tmp_path: Path,
+) -> None:
+    # Another connection holds the write lock. A write asked for while an earlier one waits
+    # for it fails busy_timeout_ms after it was asked for, not after the earlier one gave up
+    # and then a whole busy timeout of its own (a submit on an idle service waited 9-10 s
+    # behind the reaper's write with busy_timeout_ms = 5000).
+    path = tmp_path / "locked.db"
+    db = Database(f"sqlite+aiosqlite:///{path}", busy_timeout_ms=1000)
+    await db.transaction(lambda conn: conn.execute(text("CREATE TABLE t (x)")))
+    shell = sqlite3.connect(path, isolation_level=None)
+    shell.execute("BEGIN IMMEDIATE")
+    try:
+        loop = asyncio.get_running_loop()
+        first = asyncio.ensure_future(
+            db.transaction(lambda conn: conn.execute(text("INSERT INTO t VALUES (1)")))
+        )
+        await asyncio.sleep(0.5)  # the first one waits for the lock meanwhile
+        asked = loop.time()
+        with pytest.raises(StorageLocked):
+            await db.transaction(
+                lambda conn: conn.execute(text("INSERT INTO t VALUES (2)")), small=True
+            )
+        waited = loop.time() - asked
+        with pytest.raises(StorageLocked):
+            await first
+    finally:
+        shell.execute("ROLLBACK")
+        shell.close()
+        await db.close()
+    assert 0.8 < waited < 1.3, waited  # 1.5 s before: the rest of the first's wait, then 1 s more
 
 
 @pytest.mark.sqlite_only

@@ -41,6 +41,7 @@ import contextlib
 import functools
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -74,7 +75,9 @@ T = TypeVar("T")
 #: How a transaction ended: (True, what it returned) or (False, what it raised).
 _Outcome = tuple[bool, Any]
 #: A transaction waiting for the writer: its work, its caller's future, whether it is small.
-_Pending = tuple[Callable[[Connection], Any], asyncio.Future[Any], bool]
+#: A transaction asked for: its body, its caller's future, whether it is small, and when it
+#: was asked for (``time.monotonic()``: its wait for another process's lock counts from then).
+_Pending = tuple[Callable[[Connection], Any], asyncio.Future[Any], bool, float]
 
 
 class _Busy(Exception):
@@ -178,7 +181,7 @@ class SqliteDatabase(Database):
                 done = not self._pending and not self.checkpoints.due
                 if done:
                     self._draining = False
-            loop.call_soon_threadsafe(_settle, [future for _, future, _ in batch], outcomes)
+            loop.call_soon_threadsafe(_settle, [future for _, future, _, _ in batch], outcomes)
             if recovered and self.on_recovered is not None:
                 loop.call_soon_threadsafe(self.on_recovered)
             if done:
@@ -203,7 +206,7 @@ class SqliteDatabase(Database):
                 self._thread.submit(functools.partial(self._drain, loop, busy=True))
                 return
             recovered = self._note_health(outcomes)
-            _settle([future for _, future, _ in batch], outcomes)
+            _settle([future for _, future, _, _ in batch], outcomes)
             if recovered and self.on_recovered is not None:
                 self.on_recovered()
         with self._lock:
@@ -216,7 +219,14 @@ class SqliteDatabase(Database):
         """Commit ``batch`` together (see :meth:`_commit_group`): each outcome, failures of
         SQLite as StorageErrors."""
         try:
-            outcomes = self._commit_group([work for work, _, _ in batch], wait=wait)
+            # The lock is waited for up to busy_timeout_ms from when the oldest of them was
+            # asked for: one queued behind a group that waited in vain does not wait again.
+            waited_ms = (time.monotonic() - min(asked for *_, asked in batch)) * 1000
+            outcomes = self._commit_group(
+                [work for work, *_ in batch],
+                wait=wait,
+                wait_ms=max(0.0, self._busy_timeout_ms - waited_ms),
+            )
         except _Busy:
             raise
         except BaseException as exc:  # not an error of one unit: fail the group, go on
@@ -273,7 +283,11 @@ class SqliteDatabase(Database):
         return (False, error)
 
     def _commit_group(
-        self, works: list[Callable[[Connection], Any]], *, wait: bool = True
+        self,
+        works: list[Callable[[Connection], Any]],
+        *,
+        wait: bool = True,
+        wait_ms: float | None = None,
     ) -> list[_Outcome]:
         """One BEGIN IMMEDIATE … COMMIT around ``works``, each inside a SAVEPOINT so that one
         that raises is rolled back alone.
@@ -283,13 +297,14 @@ class SqliteDatabase(Database):
         one write too big for the disk does not fail the small ones grouped with it.
 
         Without ``wait``, the BEGIN does not wait for a write lock another connection holds:
-        it raises :class:`_Busy` at once, and nothing was done.
+        it raises :class:`_Busy` at once, and nothing was done. With it, it waits up to
+        ``wait_ms`` (the busy timeout when None).
         """
         outcomes: list[_Outcome] = []
         try:
             conn = self._connection()
             raw: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
-            self._begin(raw, wait=wait)  # BEGIN IMMEDIATE
+            self._begin(raw, wait=wait, wait_ms=wait_ms)  # BEGIN IMMEDIATE
             if len(works) == 1:  # alone: its failure rolls back the transaction, no savepoint
                 try:
                     outcomes.append((True, works[0](conn)))
@@ -324,13 +339,13 @@ class SqliteDatabase(Database):
         self.checkpoints.committed()
         return outcomes
 
-    def _begin(self, raw: sqlite3.Connection, *, wait: bool) -> None:
+    def _begin(self, raw: sqlite3.Connection, *, wait: bool, wait_ms: float | None = None) -> None:
         """BEGIN IMMEDIATE, on the sqlite3 connection itself (through SQLAlchemy, its begin
         and commit cost a group on the loop more than its statements did); without ``wait``,
         with no busy timeout, raising :class:`_Busy` when another connection holds the write
         lock."""
         if wait:
-            begin_waiting(raw, self._busy_timeout_ms)
+            begin_waiting(raw, self._busy_timeout_ms, within_ms=wait_ms)
             return
         raw.execute("PRAGMA busy_timeout = 0")
         try:
@@ -412,7 +427,7 @@ class SqliteDatabase(Database):
         loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         with self._lock:
-            self._pending.append((work, future, small))
+            self._pending.append((work, future, small, time.monotonic()))
             start = not self._draining
             self._draining = True
         if start:

@@ -46,9 +46,12 @@ BEGIN_PAUSE = 0.0001
 BEGIN_PAUSE_MAX = 0.002
 
 
-def begin_waiting(raw: sqlite3.Connection, busy_timeout_ms: int) -> None:
-    """BEGIN IMMEDIATE, waiting up to ``busy_timeout_ms`` for a write lock another process
-    holds, trying again after 0.1 ms, then twice as long each time, up to 2 ms.
+def begin_waiting(
+    raw: sqlite3.Connection, busy_timeout_ms: int, *, within_ms: float | None = None
+) -> None:
+    """BEGIN IMMEDIATE, waiting up to ``busy_timeout_ms`` (or ``within_ms``, what is left of
+    it) for a write lock another process holds, trying again after 0.1 ms, then twice as
+    long each time, up to 2 ms.
 
     SQLite's own busy handler sleeps 1, 2, 5, 10, 15… ms between its tries, while another
     Orchestra process holds the lock for a group commit of 0.1–0.3 ms and takes it again soon
@@ -60,7 +63,7 @@ def begin_waiting(raw: sqlite3.Connection, busy_timeout_ms: int) -> None:
         sqlite3.OperationalError: still locked after the busy timeout ("database is locked"),
             or another error.
     """
-    deadline = time.monotonic() + busy_timeout_ms / 1000
+    deadline = time.monotonic() + (busy_timeout_ms if within_ms is None else within_ms) / 1000
     pause = BEGIN_PAUSE
     raw.execute("PRAGMA busy_timeout = 0")
     try:
