@@ -34,7 +34,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -101,6 +101,9 @@ class WorkerPool:
         self._stopping = asyncio.Event()
         #: A second stop signal: the grace ends now (:meth:`hurry`).
         self._hurried = asyncio.Event()
+        #: The look for cancels other processes asked for (:meth:`others_changed`).
+        self._cancel_look: asyncio.Task[None] | None = None
+        self._look_again = False
         #: The tasks running here, by id: the one record of each (see :class:`Running`).
         self._running: dict[int, Running] = {}
         #: The slots, the reserve kept from batch rows, and the models' own limits.
@@ -185,6 +188,32 @@ class WorkerPool:
         running.interrupt(StopReason.CANCELLED)
         return True
 
+    def others_changed(self, task_ids: Collection[int] | None) -> None:
+        """Another process changed these tasks (None: some tasks; SQLite's notice of its
+        commit). When one may be running here, look at once whether a cancel was asked for:
+        a cancel sent to another process then stops the task within moments, not at the next
+        lease renewal (``lease_seconds / 3``)."""
+        if not self._running:
+            return
+        if task_ids is not None and not any(i in self._running for i in task_ids):
+            return
+        self._look_again = True
+        if self._cancel_look is None or self._cancel_look.done():
+            self._cancel_look = asyncio.create_task(self._look_for_cancels(), name="cancel-look")
+
+    async def _look_for_cancels(self) -> None:
+        """Read the cancel flags of the tasks running here, again as long as more changes
+        came meanwhile (one read at a time)."""
+        while self._look_again:
+            self._look_again = False
+            ids = [i for i, r in self._running.items() if not r.finishing]
+            try:
+                asked = await self.store.cancels_requested(ids)
+            except StorageError:
+                return  # the lease renewal looks too
+            for task_id in asked:
+                self.cancel(task_id)
+
     def request_stop(self) -> None:
         """Stop claiming new tasks (safe to call from a signal handler via the loop)."""
         self._stopping.set()
@@ -221,9 +250,11 @@ class WorkerPool:
             for task in pending:
                 task.cancel()
             await finished
-        for loop in self._loops:
+        looks = [self._cancel_look] if self._cancel_look is not None else []
+        for loop in [*self._loops, *looks]:
             loop.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        await asyncio.gather(*self._loops, *looks, return_exceptions=True)
+        self._cancel_look = None
         self._loops.clear()
         self._dispatcher = None
         metrics.worker_slots(-self.workers.concurrency)

@@ -59,8 +59,9 @@ def _is_service(pid: int) -> bool:
         return False
 
 
-def config(folder: Path, name: str, db: Path, ollama_url: str) -> tuple[Path, int]:
-    """A config on ``db``, polling for work five times a second; returns (file, port)."""
+def config(folder: Path, name: str, db: Path | str, ollama_url: str) -> tuple[Path, int]:
+    """A config on ``db`` (a SQLite file, or a database URL), polling for work five times a
+    second; returns (file, port)."""
     port = free_port()
     path = folder / f"{name}.toml"
     write_config(
@@ -416,3 +417,27 @@ async def test_a_second_ctrl_c_hands_the_running_tasks_back_without_waiting_for_
     assert took < 10.0, (took, service.stderr())
     assert statuses(db) == {1: "queued"}  # handed back, to run again
     assert "Traceback" not in service.stderr()
+
+
+async def test_a_cancel_sent_to_another_process_stops_the_task_at_once(
+    fake_ollama: FakeOllama, tmp_path: Path, db_url: str
+) -> None:
+    # The API process flags the task; the worker process hears of it (SQLite: the commit;
+    # PostgreSQL: its notification) and stops it within moments, not at its next lease
+    # renewal (lease_seconds / 3). On both engines.
+    fake_ollama.latency = 60.0
+    api_path, api_port = config(tmp_path, "cancel-api", db_url, fake_ollama.url)
+    worker_path, worker_port = config(tmp_path, "cancel-worker", db_url, fake_ollama.url)
+    async with (
+        serving(api_path, api_port, "--no-workers") as api,
+        serving(worker_path, worker_port, "--no-api"),
+        httpx.AsyncClient(base_url=api.url, timeout=30) as client,
+    ):
+        task = (await client.post("/api/v1/tasks", json=BODY)).json()
+        await wait_until(lambda: fake_ollama.in_flight == 1, timeout=10)
+        started = asyncio.get_running_loop().time()
+        answer = await client.post(f"/api/v1/tasks/{task['id']}/cancel")
+        took = asyncio.get_running_loop().time() - started
+    assert answer.status_code == 200
+    assert answer.json()["status"] == "cancelled", answer.json()
+    assert took < 3.0, took

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import signal
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
@@ -269,9 +269,12 @@ class Runtime:
                     pool.notify()
                     feed.wake()
 
-                listener = asyncio.create_task(
-                    db.watch(queued, signals.remote), name="database-watch"
-                )
+                def changed(task_ids: Collection[int] | None, progress: bool) -> None:
+                    signals.remote(task_ids, progress)
+                    if not progress and s.server.workers:  # a cancel for a task running here?
+                        pool.others_changed(task_ids)
+
+                listener = asyncio.create_task(db.watch(queued, changed), name="database-watch")
                 # Templates other processes register or delete.
                 following = asyncio.create_task(catalog.follow(), name="templates-follow")
                 reader = asyncio.create_task(feed.run(), name="event-feed")

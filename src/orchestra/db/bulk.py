@@ -44,12 +44,17 @@ def cancel(conn: Connection, ids: Collection[int], now: str) -> dict[int, TaskSt
     acted = dict.fromkeys(sorted(cancelled), TaskStatus.CANCELLED)
     finished = TaskFinished(status=TaskStatus.CANCELLED.value, error=BY_REQUEST)
     events.append_many(conn, [(task_id, finished) for task_id in acted], now)
-    flagged = conn.execute(
-        update(tasks)
-        .where(tasks.c.id.in_(list(ids)), guards.status_in(_FLAG_CANCEL))
-        .values(cancel_requested=1)
-        .returning(tasks.c.id)
-    ).scalars()
+    flagged = list(
+        conn.execute(
+            update(tasks)
+            .where(tasks.c.id.in_(list(ids)), guards.status_in(_FLAG_CANCEL))
+            .values(cancel_requested=1)
+            .returning(tasks.c.id)
+        ).scalars()
+    )
+    # Told to every process (PostgreSQL): the one running a flagged task stops it now, not
+    # at its next lease renewal. SQLite's processes notice the commit itself.
+    notices.changed(conn, flagged)
     acted.update(dict.fromkeys(flagged, TaskStatus.RUNNING))
     return acted
 

@@ -396,6 +396,17 @@ class TaskStore:
         """One task with its attempts and the steps of its current attempt, or None."""
         return await self.reads.task(task_id)
 
+    async def cancels_requested(self, task_ids: Collection[int]) -> set[int]:
+        """Those of ``task_ids`` someone asked to cancel (a read: the lease renewal tells
+        too, later, with its write)."""
+        if not task_ids:
+            return set()
+        query = select(tasks.c.id).where(
+            tasks.c.id.in_(list(task_ids)), tasks.c.cancel_requested != 0
+        )
+        async with self.db.read() as conn:
+            return set((await conn.execute(query)).scalars())
+
     async def status_of(self, task_id: int) -> TaskStatus | None:
         """A task's status alone (a cheaper read than :meth:`get_task`), or None."""
         return await self.reads.status(task_id)
