@@ -181,6 +181,10 @@ async def test_task_timeout_from_the_request(svc: Service, fake_ollama: FakeOlla
     assert done["status"] == "failed" and done["timeout"] == 0.3
     assert done["error"]["type"] == "timeout"
     assert "task took longer than its timeout of 0.3s" in done["error"]["message"]
+    # The step it was in ended with it, not left running.
+    [step] = done["steps"]
+    assert step["status"] == "failed" and step["finished_at"] is not None
+    assert step["error"]["type"] == "timeout"
     await wait_until(lambda: fake_ollama.disconnects == 1)
 
 
@@ -214,6 +218,11 @@ async def test_cancel_a_running_task_closes_the_model_call(
     body = response.json()
     assert body["status"] == "cancelled"
     assert [a["status"] for a in body["attempts"]] == ["cancelled"]
+    # The step it was in ended with it, not left running (before a retry, and after one
+    # queued the task again).
+    [step] = body["steps"]
+    assert step["status"] == "failed" and step["finished_at"] is not None
+    assert step["error"]["type"] == "cancelled"
     assert elapsed < 1.0
     await wait_until(lambda: fake_ollama.disconnects == 1, timeout=2)
 

@@ -150,7 +150,7 @@ async def test_task_that_keeps_losing_its_worker_fails_after_max_attempts(
 ) -> None:
     task = await add(store, NewTask(template="t", template_version=1, params={}, max_attempts=2))
     for _ in range(2):
-        await store.claim("dying", 1, lease_seconds=30)
+        await store.claim("dying", 1, lease_seconds=30, first_step=lambda _task: "first")
         clock.advance(31)
         moved = await store.requeue_expired()
     assert moved == {task.id: TaskStatus.FAILED}
@@ -158,6 +158,10 @@ async def test_task_that_keeps_losing_its_worker_fails_after_max_attempts(
     assert failed is not None and failed.error is not None
     assert failed.error.type == "lease_expired"
     assert failed.finished_at is not None
+    # The step the lost worker was in ended with its attempt, not left running.
+    [step] = failed.steps
+    assert step.status is StepStatus.FAILED and step.finished_at is not None
+    assert step.error is not None and step.error.type == "lease_expired"
 
 
 async def test_a_stale_worker_cannot_write_after_losing_its_lease(

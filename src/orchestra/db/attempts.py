@@ -397,6 +397,21 @@ CLOSE_ATTEMPT = Prepared(
 )
 
 
+# The steps an attempt was still in when it ended otherwise than by its steps (cancelled,
+# timed out, handed back): failed with the attempt's error, at its end.
+CLOSE_STEPS = Prepared(
+    update(task_steps)
+    .where(
+        task_steps.c.task_id == bindparam("h_task"),
+        task_steps.c.attempt == bindparam("h_attempt"),
+        task_steps.c.status == StepStatus.RUNNING.value,
+    )
+    .values(
+        status=StepStatus.FAILED.value, error=bindparam("v_error"), finished_at=bindparam("v_at")
+    )
+)
+
+
 class Ending(msgspec.Struct, frozen=True):
     """How an attempt ends: the task's statement (:data:`FINISH`, :data:`RETRY_LATER` or
     :data:`HAND_BACK`) and its values, the attempt's status and error, and the event that
@@ -427,6 +442,8 @@ def end_attempt(
         "v_error": dump(ending.why),
     }
     CLOSE_ATTEMPT.run(conn, closed)
+    if step is None:  # ended between or inside its steps: none is left running
+        CLOSE_STEPS.run(conn, closed)
     events.append(conn, lease.task_id, ending.event, at)
     return True
 
@@ -471,6 +488,8 @@ def expire_leases(conn: Connection, now: str) -> dict[int, TaskStatus]:
             .where(task_attempts.c.task_id == row.id, task_attempts.c.number == row.attempts)
             .values(status=AttemptStatus.LOST.value, finished_at=now, error=dump(LOST))
         )
+        lost = {"h_task": row.id, "h_attempt": row.attempts, "v_error": dump(LOST), "v_at": now}
+        CLOSE_STEPS.run(conn, lost)
         events.append(conn, row.id, TaskLeaseExpired(attempt=row.attempts), now)
         if row.status == TaskStatus.FAILED.value:
             events.append(conn, row.id, TaskFinished(status=row.status, error=GAVE_UP), now)
