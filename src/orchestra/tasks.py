@@ -366,12 +366,16 @@ class TaskService:
                 if sub.take_reread() is not None:
                     batch = await self._events_after(task_id, place.last)
                     if batch:
-                        end = next(
-                            (i for i, e in enumerate(batch) if e.type == TERMINAL_EVENT), None
-                        )
-                        if end is not None:
-                            yield batch[: end + 1]
-                            return
+                        # A task.finished with later events (a retry queued the task again)
+                        # is not the end; one at the end of what is stored is, unless the
+                        # task was retried since (its status and events commit together).
+                        if batch[-1].type == TERMINAL_EVENT:
+                            task = await self._shared.read(
+                                ("task", task_id), lambda: self._get(task_id)
+                            )
+                            if task.finished:
+                                yield batch
+                                return
                         place.last = batch[-1].seq
                         sub.reread_upto = place.last  # read on until none is left
                         yield batch

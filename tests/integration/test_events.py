@@ -99,19 +99,17 @@ async def test_cancel_and_retry_are_events_too(service: Service, fake_ollama: Fa
     fake_ollama.latency = 0
     await service.client.post(f"/api/v1/tasks/{task['id']}/retry")
     await service.wait(task["id"])
-    first = await collect(service, task["id"])  # ends at the first task.finished
-    assert [e["event"] for e in first] == [
-        "task.queued",
-        "task.started",
-        "step.started",
-        "task.finished",
-    ]
-    assert first[-1]["status"] == "cancelled"
-    after_retry = await collect(service, task["id"], **{"Last-Event-ID": first[-1]["id"]})
-    assert [e["event"] for e in after_retry][0] == "task.queued"  # the retry
-    assert after_retry[0]["retry"] is True
-    assert after_retry[-1]["event"] == "task.finished"
-    assert after_retry[-1]["status"] == "succeeded"
+    # The whole story: the cancelled attempt's task.finished is not the end of a task that
+    # was retried since; its stream ends at the retry's.
+    story = await collect(service, task["id"])
+    kinds = [e["event"] for e in story if e["event"] != "step.tokens"]
+    assert kinds[:4] == ["task.queued", "task.started", "step.started", "task.finished"]
+    assert story[3]["status"] == "cancelled"
+    assert kinds[4] == "task.queued" and story[4]["retry"] is True
+    assert kinds[-1] == "task.finished" and story[-1]["status"] == "succeeded"
+    assert [int(e["id"]) for e in story] == list(range(1, len(story) + 1))
+    after_retry = await collect(service, task["id"], **{"Last-Event-ID": story[3]["id"]})
+    assert after_retry == story[4:]
 
 
 async def test_streamed_text_arrives_live_and_coalesced(
