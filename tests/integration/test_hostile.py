@@ -100,6 +100,21 @@ async def test_bad_params_name_the_field_and_the_limit(
     await _still_serves(hardened)
 
 
+async def test_a_value_over_the_templates_limit_is_not_echoed_back(service: Service) -> None:
+    # jsonschema's message quotes the value: a 150,000-character text came back whole.
+    text = "a" * 150_000  # under [limits] max_string_length; over summarize's max_length
+    response = await service.client.post(
+        "/api/v1/tasks", json={"template": "summarize", "params": {"text": text}}
+    )
+    body = _error(response, 422)
+    assert len(response.content) < 2000, len(response.content)
+    [problem] = body["fields"]
+    assert problem == {
+        "field": "params.text",
+        "message": "is 150000 characters; the template allows at most 100000",
+    }
+
+
 @pytest.mark.parametrize(
     "raw",
     [

@@ -153,10 +153,32 @@ def validate_params(
                 for n in extra
             ]
         else:
-            problems.append(FieldProblem(_field(err.absolute_path), err.message))
+            problems.append(FieldProblem(_field(err.absolute_path), _message(err)))
     if problems:
         problems.sort(key=lambda p: p.field)
         raise InvalidParams(
             f"{len(problems)} invalid parameter(s) for template {template.name!r}", problems
         )
     return full
+
+
+#: Longest value a problem's message quotes; a longer one is cut, with its length said.
+_QUOTED = 80
+
+
+def _message(err: jsonschema.ValidationError) -> str:
+    """A schema error's reason, naming the limit, never echoing a long value whole
+    (jsonschema's own message quotes the value: a 200,000-character text came back in the
+    422)."""
+    rule, limit, value = err.validator, err.validator_value, err.instance
+    if rule in ("maxLength", "minLength") and isinstance(value, str):
+        bound = "at most" if rule == "maxLength" else "at least"
+        return f"is {len(value)} characters; the template allows {bound} {limit}"
+    if rule in ("maxItems", "minItems") and isinstance(value, list):
+        bound = "at most" if rule == "maxItems" else "at least"
+        return f"has {len(value)} items; the template allows {bound} {limit}"
+    message = err.message
+    quoted = repr(value)
+    if len(quoted) > _QUOTED and quoted in message:
+        message = message.replace(quoted, f"{quoted[:_QUOTED]}… ({len(quoted)} characters)")
+    return message
