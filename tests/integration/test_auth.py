@@ -318,6 +318,8 @@ async def test_rate_limit_per_key_answers_429(
         assert codes == [200, 200, 200, 429]
         refused = await svc.client.get("/api/v1/tasks", headers=a)
         assert refused.json()["code"] == "rate_limited"
+        # When to come back, as every HTTP client reads it (orchestra.toml promises it).
+        assert 1 <= int(refused.headers["Retry-After"]) <= 60
         # Another key has its own allowance.
         assert (await svc.client.get("/api/v1/tasks", headers=b)).status_code == 200
 

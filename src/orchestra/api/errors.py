@@ -136,7 +136,14 @@ def http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorB
         413: "too_large",
         429: "rate_limited",
     }.get(exc.status_code, "http_error")
-    return _body(exc.status_code, code, str(exc.detail), headers=dict(exc.headers or {}))
+    headers = dict(exc.headers or {})
+    if exc.status_code == 429:
+        # Litestar's limiter tells the wait in RateLimit-Reset alone; Retry-After is what
+        # every HTTP client reads.
+        lower = {name.lower(): value for name, value in headers.items()}
+        if "retry-after" not in lower and "ratelimit-reset" in lower:
+            headers["Retry-After"] = str(max(1, int(float(lower["ratelimit-reset"]))))
+    return _body(exc.status_code, code, str(exc.detail), headers=headers)
 
 
 def too_deep(_: Request[Any, Any, Any], exc: RecursionError) -> Response[ErrorBody]:
