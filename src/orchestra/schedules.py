@@ -68,10 +68,22 @@ _Cron = Annotated[
     str, msgspec.Meta(max_length=200, description="5 fields: minute hour day month weekday.")
 ]
 _Zone = Annotated[str, msgspec.Meta(min_length=1, max_length=64, description="IANA time zone.")]
-_Every = Annotated[
-    str,
-    msgspec.Meta(max_length=32, description='A duration: "2s", "5m", "1h30m", "1d" (at least 1s).'),
-]
+_Every = (
+    Annotated[
+        str,
+        msgspec.Meta(
+            max_length=32, description='A duration: "2s", "5m", "1h30m", "1d" (at least 1s).'
+        ),
+    ]
+    | Annotated[float, msgspec.Meta(description="A number of seconds (at least 1).")]
+)
+
+
+def _every_text(value: Any) -> Any:
+    """A number of seconds as the duration text schedules keep (3600 -> "3600")."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value:g}" if math.isfinite(value) else str(value)
+    return value
 
 
 class ScheduleSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -93,6 +105,9 @@ class ScheduleSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: After downtime: none (skip the missed ticks), latest (one task for them).
     catch_up: CatchUp = "none"
 
+    def __post_init__(self) -> None:
+        msgspec.structs.force_setattr(self, "every", _every_text(self.every))
+
 
 class ScheduleChanges(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The body of a PATCH: the fields to change (``null`` clears ``cron``, ``every`` and
@@ -110,6 +125,9 @@ class ScheduleChanges(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     enabled: bool | msgspec.UnsetType = msgspec.UNSET
     overlap: Overlap | msgspec.UnsetType = msgspec.UNSET
     catch_up: CatchUp | msgspec.UnsetType = msgspec.UNSET
+
+    def __post_init__(self) -> None:
+        msgspec.structs.force_setattr(self, "every", _every_text(self.every))
 
     def given(self) -> dict[str, Any]:
         """The fields the body names, with their values."""
@@ -226,7 +244,7 @@ def check(spec: ScheduleSpec) -> float | None:
         )
     if spec.every is not None:
         try:
-            every = parse_every(spec.every)
+            every = parse_every(str(spec.every))  # text after __post_init__
         except ValueError as exc:
             problems.append(FieldProblem("every", str(exc)))
     if spec.cron is not None:

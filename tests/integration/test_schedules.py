@@ -117,6 +117,19 @@ async def test_a_schedule_is_created_read_changed_paused_and_deleted(idle: Servi
     assert (await idle.client.get(SCHEDULES)).json()["items"] == []
 
 
+async def test_every_takes_a_number_of_seconds_as_the_docs_say(idle: Service) -> None:
+    made = await create(idle, every=3600)
+    assert made["every"] == "1h"  # as it shows every duration
+    assert made["next_fire_at"] == iso(START + timedelta(hours=1))
+    changed = await idle.client.patch(f"{SCHEDULES}/digest", json={"every": 90})
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["every"] == "1m30s"
+    for bad in (0, 0.5, -5):
+        refused = await idle.client.patch(f"{SCHEDULES}/digest", json={"every": bad})
+        assert refused.status_code == 400, refused.text
+        assert "every" in {f["field"] for f in refused.json()["fields"]}
+
+
 @pytest.mark.parametrize(
     ("fields", "status", "field"),
     [
