@@ -310,6 +310,13 @@ async def test_idempotency_key_in_body_or_header(svc: Service) -> None:
     h2 = await svc.client.post("/api/v1/tasks", json=plain, headers={"Idempotency-Key": "k2"})
     assert (h1.status_code, h2.status_code) == (201, 200)
     assert h1.json()["id"] == h2.json()["id"] and h2.json()["idempotency_key"] == "k2"
+    # A header the key cannot be is refused naming the header, as the body's field is named.
+    for bad, reason in (("", "is empty"), ("k" * 256, "is 256 characters; the limit is 255")):
+        refused = await svc.client.post(
+            "/api/v1/tasks", json=plain, headers={"Idempotency-Key": bad}
+        )
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["fields"] == [{"field": "Idempotency-Key", "message": reason}]
     listing = (await svc.client.get("/api/v1/tasks")).json()["items"]
     assert len(listing) == 2
 

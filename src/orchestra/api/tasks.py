@@ -87,12 +87,26 @@ class _SubmitRequest(Request[Any, Any, Any]):
             raise
 
 
+#: The longest idempotency key (as the body's ``idempotency_key`` allows).
+MAX_IDEMPOTENCY_KEY = 255
+
+
 def _idempotency_key(body: str | None, header: str | None) -> str | None:
     """The request's idempotency key, from the body field or the header (equal when both).
 
     Raises:
-        InvalidRequest: either contains a control character, or the two differ.
+        InvalidRequest: the header is empty or over 255 characters, either contains a
+            control character, or the two differ.
     """
+    if header is not None and not 1 <= len(header) <= MAX_IDEMPOTENCY_KEY:
+        problem = (
+            "is empty"
+            if not header
+            else f"is {len(header)} characters; the limit is {MAX_IDEMPOTENCY_KEY}"
+        )
+        raise InvalidRequest(
+            f"Idempotency-Key {problem}", [FieldProblem("Idempotency-Key", problem)]
+        )
     for field, value in (("idempotency_key", body), ("Idempotency-Key", header)):
         found = _CONTROL.search(value or "")
         if found:
@@ -138,9 +152,9 @@ class TaskController(Controller):
             str | None,
             HeaderParameter(
                 name="Idempotency-Key",
-                min_length=1,
-                max_length=255,
-                description="Same as idempotency_key in the body.",
+                # Its length is checked by _idempotency_key, whose errors name the header
+                # (Litestar's would name this parameter).
+                description="Same as idempotency_key in the body: 1 to 255 characters.",
             ),
         ] = None,
     ) -> Response[TaskOut]:
