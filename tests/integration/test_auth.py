@@ -302,6 +302,10 @@ def test_cli_creates_lists_and_revokes_keys(tmp_path: Path) -> None:
     assert "ci" in listed.stdout and "read" in listed.stdout and "active" in listed.stdout
     assert token not in listed.stdout
     assert cli("create", "--name", "ci").returncode != 0
+    for empty in ("", "  "):
+        nameless = cli("create", "--name", empty)
+        assert nameless.returncode == 1 and "a key needs a name" in nameless.stderr
+        assert "Traceback" not in nameless.stderr
     assert cli("revoke", "ci").returncode == 0
     assert "revoked" in cli("list").stdout
 

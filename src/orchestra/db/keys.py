@@ -8,7 +8,7 @@ from orchestra.auth import ApiKey, Scope, digest, new_token
 from orchestra.db.engine import Database
 from orchestra.db.tables import api_keys
 from orchestra.domain import iso_now
-from orchestra.errors import ConflictError, NotFoundError
+from orchestra.errors import ConflictError, InvalidRequest, NotFoundError
 
 
 class KeyStore:
@@ -21,8 +21,11 @@ class KeyStore:
         """Make a key; returns it and the token, which is shown once and never stored.
 
         Raises:
+            InvalidRequest: the name is empty (or only spaces).
             ConflictError: a key (even a revoked one) already has this name.
         """
+        if not name.strip():
+            raise InvalidRequest("a key needs a name: who or what it is for")
         row, token = _new_row(name, scope)
 
         def work(conn: Connection) -> bool:
