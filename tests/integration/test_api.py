@@ -81,6 +81,38 @@ async def test_unknown_template_is_404(service: Service) -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "field", "message"),
+    [
+        ("/api/v1/tasks", b"", "body", "is empty: send a JSON object"),
+        ("/api/v1/webhooks", b"", "body", "is empty: send a JSON object"),
+        ("/api/v1/schedules", b"", "body", "is empty: send a JSON object"),
+        ("/api/v1/tasks", b"{}", "template", "is required"),
+        (
+            "/api/v1/tasks",
+            b'{"template": "summarize", "params": {"text": "x"}, "bogus": 1}',
+            "bogus",
+            "unknown field",
+        ),
+        (
+            "/api/v1/schedules",
+            b'{"name": "n", "template": "summarize", "every": "1m", "options": {"colour": 1}}',
+            "options.colour",
+            "unknown field",
+        ),
+    ],
+)
+async def test_a_body_that_is_empty_or_has_a_wrong_field_names_it(
+    service: Service, path: str, body: bytes, field: str, message: str
+) -> None:
+    # Not the handler's parameter "data" with the message "'data'".
+    response = await service.client.post(
+        path, content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["fields"] == [{"field": field, "message": message}]
+
+
 async def test_invalid_params_are_422_naming_every_field(service: Service) -> None:
     response = await service.client.post(
         "/api/v1/tasks",

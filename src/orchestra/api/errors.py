@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from litestar import Request, Response
@@ -108,14 +109,31 @@ def _field(extra: dict[str, Any]) -> str:
     return key
 
 
+#: msgspec's words for an object's own problems, which Litestar files under the body ("data").
+_OBJECT_PROBLEM = re.compile(
+    r"Object (missing required|contains unknown) field `([^`]+)`(?: - at `\$\.?([^`]*)`)?"
+)
+
+
+def _problem(extra: dict[str, Any]) -> FieldOut:
+    """One problem, naming the field itself: an empty body, a missing or an unknown field are
+    reported by Litestar as the field "data" (the handler's parameter)."""
+    field, message = _field(extra), str(extra.get("message", "invalid value"))
+    if field == "data" and message == "'data'":
+        return FieldOut("body", "is empty: send a JSON object")
+    found = _OBJECT_PROBLEM.fullmatch(message)
+    if found is None:
+        return FieldOut("body" if field == "data" else field, message)
+    kind, name, within = found.groups()
+    base = within or ("" if field == "data" else field)
+    where = f"{base}.{name}" if base else name
+    return FieldOut(where, "is required" if kind == "missing required" else "unknown field")
+
+
 def validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[ErrorBody]:
     """A request whose body, path or query does not fit its declared types."""
     extras = exc.extra if isinstance(exc.extra, list) else []
-    fields = [
-        FieldOut(_field(e), str(e.get("message", "invalid value")))
-        for e in extras
-        if isinstance(e, dict)
-    ]
+    fields = [_problem(e) for e in extras if isinstance(e, dict)]
     detail = exc.detail or "invalid request"
     if not fields and "JSON" in detail:
         detail = "the request body is not valid JSON"
