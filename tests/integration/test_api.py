@@ -113,6 +113,26 @@ async def test_a_body_that_is_empty_or_has_a_wrong_field_names_it(
     assert response.json()["fields"] == [{"field": field, "message": message}]
 
 
+async def test_a_whole_number_given_as_a_float_is_an_integer_parameter(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    # JSON Schema counts 2.0 as an integer; the prompt said "at most 2.0 sentences".
+    response = await service.client.post(
+        "/api/v1/tasks",
+        json={"template": "summarize", "params": {"text": "x", "sentences": 2.0}},
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["params"]["sentences"] == 2
+    await service.wait(response.json()["id"])
+    prompt = str(fake_ollama.requests[-1]["messages"])
+    assert "at most 2 sentences" in prompt, prompt
+    refused = await service.client.post(
+        "/api/v1/tasks",
+        json={"template": "summarize", "params": {"text": "x", "sentences": 2.5}},
+    )
+    assert refused.status_code == 422
+
+
 async def test_invalid_params_are_422_naming_every_field(service: Service) -> None:
     response = await service.client.post(
         "/api/v1/tasks",

@@ -159,7 +159,17 @@ def validate_params(
         raise InvalidParams(
             f"{len(problems)} invalid parameter(s) for template {template.name!r}", problems
         )
-    return full
+    return _integers(template, full)
+
+
+def _integers(template: Template, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with an ``integer`` parameter given as a whole float (``2.0``, which JSON
+    Schema counts as an integer) stored and rendered as the integer (``2``, not ``2.0``)."""
+    for p in template.parameters.values():
+        value = params.get(p.name)
+        if p.type == "integer" and type(value) is float and value.is_integer():
+            params[p.name] = int(value)
+    return params
 
 
 #: Longest value a problem's message quotes; a longer one is cut, with its length said.
