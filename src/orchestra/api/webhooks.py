@@ -33,7 +33,13 @@ class WebhookController(Controller):
     path = "/api/v1/webhooks"
     tags = ["webhooks"]
 
-    @post("/", opt=_ADMIN, status_code=201, summary="Subscribe", responses=errors(400, 422))
+    @post(
+        "/",
+        opt=_ADMIN,
+        status_code=201,
+        summary="Subscribe",
+        responses=errors(400, 413, 422, 507),
+    )
     async def create(
         self, data: JSONBody[NewWebhook], runtime: NamedDependency[Runtime]
     ) -> WebhookCreated:
@@ -103,7 +109,7 @@ class WebhookController(Controller):
         opt=_ADMIN,
         status_code=202,
         summary="Redeliver",
-        responses=errors(404),
+        responses=errors(404, 507),
     )
     async def redeliver(
         self,
