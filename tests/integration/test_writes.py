@@ -234,7 +234,8 @@ async def test_the_last_step_and_the_task_end_together_and_a_stale_lease_writes_
     assert not await store.finish(stale, TaskStatus.SUCCEEDED, result="x", step=step)
     current = Lease(task_id, "new", second.attempts)
     assert await store.finish(current, TaskStatus.SUCCEEDED, result="done", step=step, text="do")
-    assert step_rows(db, task_id) == [(1, "summary", "running"), (2, "summary", "succeeded")]
+    # The handed-back attempt's step ended with it; the stale lease changed nothing.
+    assert step_rows(db, task_id) == [(1, "summary", "failed"), (2, "summary", "succeeded")]
     assert event_types(db, task_id)[-4:] == [
         "step.started",
         "step.tokens",
@@ -323,7 +324,8 @@ async def test_a_crash_between_the_claim_and_the_end_runs_the_task_again(
         await second.wait()
     attempts, steps = attempts_and_steps(db_url, task_id)
     assert attempts == [(1, "lost"), (2, "succeeded")]
-    assert steps == [(1, "running"), (2, "succeeded")]
+    # The lost attempt's step ended with it (failed, as its attempt was lost), not running.
+    assert steps == [(1, "failed"), (2, "succeeded")]
 
 
 async def test_an_idle_service_polls_its_webhook_outbox_without_writing(
