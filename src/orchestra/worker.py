@@ -35,10 +35,10 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, TypeVar
 
-from orchestra import logs, metrics
+from orchestra import logs, metrics, upkeep
 from orchestra.capacity import Capacity
 from orchestra.config import Settings
 from orchestra.db import TaskStore
@@ -61,7 +61,6 @@ from orchestra.templating.registry import TemplateRegistry
 
 log = logs.get("orchestra.worker")
 
-RETENTION_BATCH = 500
 #: Longest pause between claims while the database refuses writes, seconds.
 CLAIM_BACKOFF_CAP = 10.0
 #: First and longest pause between tries of a task's write the database refused, seconds.
@@ -562,31 +561,10 @@ class WorkerPool:
         if released:
             tlog.info("task.handed_back")
 
-    # -- side loops ---------------------------------------------------------------------------
-
-    async def _every(
-        self,
-        seconds: float,
-        name: str,
-        body: Callable[[], Awaitable[object]],
-        first: float | None = None,
-    ) -> None:
-        await asyncio.sleep(seconds if first is None else first)
-        refused = False
-        while True:
-            try:
-                await body()
-                refused = False
-            except StorageError as exc:  # said once per outage, not every round
-                if not refused:
-                    log.warning("pool.side_loop_failed", loop=name, error=exc.message)
-                refused = True
-            except Exception:
-                log.exception("pool.side_loop_failed", loop=name)
-            await asyncio.sleep(seconds)
+    # -- side loops (orchestra.upkeep) -------------------------------------------------------
 
     async def _keep_leases(self) -> None:
-        await self._every(self.workers.lease_seconds / 3, "lease_renewal", self._renew)
+        await upkeep.every(self.workers.lease_seconds / 3, "lease_renewal", self._renew)
 
     async def _renew(self) -> None:
         ids = [i for i, r in self._running.items() if not r.finishing]
@@ -605,40 +583,18 @@ class WorkerPool:
         for task_id in renewal.cancel_requested:
             self.cancel(task_id)  # asked for by another process
 
-    async def _reap_forever(self) -> None:
-        await self._every(self.workers.reap_interval, "reap", self._reap)
-
     async def _reap(self) -> None:
-        await self.store.fold_counts()
-        moved = await self.store.requeue_expired()
-        for task_id, status in moved.items():
-            metrics.lease_expired(status.value)
-            log.warning("task.lease_expired", task_id=task_id, now=status.value)
-        if any(s is TaskStatus.QUEUED for s in moved.values()):
-            self._wake.set()
+        await upkeep.reap(self.store, self._wake.set)
+
+    async def _reap_forever(self) -> None:
+        await upkeep.every(self.workers.reap_interval, "reap", self._reap)
 
     async def _retention_forever(self) -> None:
         # Soon after start too: a service restarted more often than `interval` still prunes.
         interval = self.settings.retention.interval
-        await self._every(interval, "retention", self.apply_retention, first=min(interval, 60.0))
+        await upkeep.every(interval, "retention", self.apply_retention, first=min(interval, 60.0))
 
     async def apply_retention(self) -> int:
-        """Delete finished tasks older than ``[retention] days``, a small batch at a time,
-        then finished webhook deliveries and schedule ticks as old; returns how many tasks."""
-        cutoff = self.store.clock() - timedelta(days=self.settings.retention.days)
-        counted = {}
-        for what, delete in (
-            ("tasks", self.store.delete_finished_before),
-            ("records", self.store.delete_records_before),
-        ):
-            total = 0
-            while True:
-                deleted = await delete(cutoff, RETENTION_BATCH)
-                total += deleted
-                if deleted < RETENTION_BATCH:
-                    break
-                await asyncio.sleep(0)  # let claims and submits in between batches
-            counted[what] = total
-        if any(counted.values()):
-            log.info("retention.deleted", **counted, cutoff=cutoff.isoformat())
-        return counted["tasks"]
+        """Delete finished tasks older than ``[retention] days`` (see
+        :func:`orchestra.upkeep.apply_retention`); returns how many tasks."""
+        return await upkeep.apply_retention(self.store, self.settings.retention)

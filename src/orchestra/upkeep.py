@@ -1,0 +1,77 @@
+"""The worker pool's side loops that need none of its running tasks: a body run every so
+often (failures logged, the loop carries on), the reaper of dead workers' leases, and the
+retention that deletes old finished tasks in small batches."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+from orchestra import logs, metrics
+from orchestra.config import RetentionSettings
+from orchestra.db import TaskStore
+from orchestra.domain import TaskStatus
+from orchestra.errors import StorageError
+
+log = logs.get("orchestra.worker")
+
+#: Finished tasks (or records) deleted per statement: claims and submits go in between.
+RETENTION_BATCH = 500
+
+
+async def every(
+    seconds: float,
+    name: str,
+    body: Callable[[], Awaitable[object]],
+    first: float | None = None,
+) -> None:
+    """Run ``body`` every ``seconds`` (the first time after ``first``, if given), until
+    cancelled; a failure is logged (a refused write once per outage) and the loop goes on."""
+    await asyncio.sleep(seconds if first is None else first)
+    refused = False
+    while True:
+        try:
+            await body()
+            refused = False
+        except StorageError as exc:  # said once per outage, not every round
+            if not refused:
+                log.warning("pool.side_loop_failed", loop=name, error=exc.message)
+            refused = True
+        except Exception:
+            log.exception("pool.side_loop_failed", loop=name)
+        await asyncio.sleep(seconds)
+
+
+async def reap(store: TaskStore, queued: Callable[[], None]) -> None:
+    """Fold the counters' change log, and return the tasks of workers whose leases expired
+    to the queue (or fail those out of attempts); ``queued()`` when any was queued again."""
+    await store.fold_counts()
+    moved = await store.requeue_expired()
+    for task_id, status in moved.items():
+        metrics.lease_expired(status.value)
+        log.warning("task.lease_expired", task_id=task_id, now=status.value)
+    if any(s is TaskStatus.QUEUED for s in moved.values()):
+        queued()
+
+
+async def apply_retention(store: TaskStore, retention: RetentionSettings) -> int:
+    """Delete finished tasks older than ``retention.days``, a small batch at a time, then
+    finished webhook deliveries and schedule ticks as old; returns how many tasks."""
+    cutoff = store.clock() - timedelta(days=retention.days)
+    counted = {}
+    for what, delete in (
+        ("tasks", store.delete_finished_before),
+        ("records", store.delete_records_before),
+    ):
+        total = 0
+        while True:
+            deleted = await delete(cutoff, RETENTION_BATCH)
+            total += deleted
+            if deleted < RETENTION_BATCH:
+                break
+            await asyncio.sleep(0)  # let claims and submits in between batches
+        counted[what] = total
+    if any(counted.values()):
+        log.info("retention.deleted", **counted, cutoff=cutoff.isoformat())
+    return counted["tasks"]
