@@ -369,19 +369,14 @@ class TaskService:
                         # A task.finished with later events (a retry queued the task again)
                         # is not the end; one at the end of what is stored is, unless the
                         # task was retried since (its status and events commit together).
-                        if batch[-1].type == TERMINAL_EVENT:
-                            task = await self._shared.read(
-                                ("task", task_id), lambda: self._get(task_id)
-                            )
-                            if task.finished:
-                                yield batch
-                                return
+                        if batch[-1].type == TERMINAL_EVENT and await self._finished(task_id):
+                            yield batch
+                            return
                         place.last = batch[-1].seq
                         sub.reread_upto = place.last  # read on until none is left
                         yield batch
                         continue
-                    task = await self._shared.read(("task", task_id), lambda: self._get(task_id))
-                    if task.finished:
+                    if await self._finished(task_id):
                         # The status and its task.finished event commit together, so one more
                         # read now catches an event that committed after the read above.
                         rest = await self._events_after(task_id, place.last)
@@ -400,6 +395,11 @@ class TaskService:
                         return
                 elif not await sub.wait():  # the feed's heartbeat
                     yield []
+
+    async def _finished(self, task_id: int) -> bool:
+        """Whether the task is finished now (one read, shared by every follower asking)."""
+        task = await self._shared.read(("task", task_id), lambda: self._get(task_id))
+        return task.finished
 
     async def _events_after(self, task_id: int, after: int) -> list[TaskEvent]:
         """``store.events_after``, one query for all followers at the same point."""

@@ -23,6 +23,7 @@ from orchestra.db.events import TaskEvent
 from orchestra.domain import TaskStatus
 from orchestra.errors import FieldProblem, InvalidRequest
 from orchestra.tasks import SubmitTask, TaskService
+from orchestra.wire.tasks import MAX_IDEMPOTENCY_KEY
 
 MAX_WAIT = 60.0
 #: Cursors and event ids are decimal numbers (a task id, an event's sequence number).
@@ -85,10 +86,6 @@ class _SubmitRequest(Request[Any, Any, Any]):
             except msgspec.DecodeError:
                 pass
             raise
-
-
-#: The longest idempotency key (as the body's ``idempotency_key`` allows).
-MAX_IDEMPOTENCY_KEY = 255
 
 
 def _idempotency_key(body: str | None, header: str | None) -> str | None:

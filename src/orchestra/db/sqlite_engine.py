@@ -74,7 +74,6 @@ T = TypeVar("T")
 
 #: How a transaction ended: (True, what it returned) or (False, what it raised).
 _Outcome = tuple[bool, Any]
-#: A transaction waiting for the writer: its work, its caller's future, whether it is small.
 #: A transaction asked for: its body, its caller's future, whether it is small, and when it
 #: was asked for (``time.monotonic()``: its wait for another process's lock counts from then).
 _Pending = tuple[Callable[[Connection], Any], asyncio.Future[Any], bool, float]

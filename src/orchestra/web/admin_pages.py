@@ -109,8 +109,6 @@ class KeyPages(Controller):
         name, scope = str(form.get("name", "")).strip(), str(form.get("scope", ""))
         runtime = runtime_of(request.scope)
         try:
-            if not name:
-                raise InvalidRequest("give the key a name")
             if scope not in SCOPES:
                 raise InvalidRequest("scope must be read, submit or admin")
             made, token = await runtime.keys.create(name, scope)

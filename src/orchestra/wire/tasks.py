@@ -11,6 +11,9 @@ import msgspec
 
 _canonical = msgspec.json.Encoder(order="sorted").encode
 
+#: The longest idempotency key, in the body or the Idempotency-Key header.
+MAX_IDEMPOTENCY_KEY = 255
+
 
 Priority = Annotated[
     int, msgspec.Meta(ge=-1000, le=1000, description="Higher runs first; -1000 to 1000.")
@@ -62,7 +65,7 @@ class SubmitTask(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             str,
             msgspec.Meta(
                 min_length=1,
-                max_length=255,
+                max_length=MAX_IDEMPOTENCY_KEY,
                 description="Submitting again with the same key returns the same task "
                 "(the Idempotency-Key header does the same).",
             ),
