@@ -23,6 +23,7 @@ from orchestra.cli_batch import batch
 from orchestra.cli_common import (
     client_for,
     config_option,
+    given_path,
     param_values,
     settings_of,
     url_option,
@@ -117,11 +118,13 @@ def serve(
 ) -> None:
     """Serve the HTTP API and run the workers: in this process, or in N processes
     (--processes) under this one."""
+    from orchestra import serve_checks
     from orchestra.supervisor import Supervisor, run_service, startup_message
 
     settings = _serve_settings(settings_of(config_path), host, port, processes, no_api, no_workers)
     logs.setup(settings.logging)
     try:
+        serve_checks.check(settings, given_path(config_path))
         if settings.server.processes > 1:
             sys.exit(Supervisor(settings).run())
 

@@ -31,13 +31,19 @@ config_option = click.option(
 def settings_of(config_path: str | None) -> Settings:
     """The settings from the command's --config, else the one given before the command
     (``orchestra -c FILE tasks show 1``), else where :func:`load` looks."""
+    try:
+        return load(given_path(config_path))
+    except ConfigError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+def given_path(config_path: str | None) -> str | None:
+    """The command's --config, else the one given before the command (``orchestra -c FILE
+    tasks show 1``); None: neither, and :func:`load` looks for one."""
     if config_path is None:
         ctx = click.get_current_context(silent=True)
         config_path = ctx.find_root().params.get("config_path") if ctx is not None else None
-    try:
-        return load(config_path)
-    except ConfigError as exc:
-        raise click.ClickException(exc.message) from None
+    return config_path
 
 
 def base_url(url: str | None, config_path: str | None) -> str:

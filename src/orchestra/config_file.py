@@ -153,6 +153,18 @@ def resolve_path(explicit: str | Path | None, env: Mapping[str, str]) -> Path | 
     return default if default.is_file() else None
 
 
+def origin(key: str, path: str | Path | None = None, env: Mapping[str, str] | None = None) -> str:
+    """Where the value of ``key`` (``"database.url"``) comes from, for a message: its
+    environment variable when that is set, else the settings file :func:`load` reads for
+    ``path``, else the built-in defaults."""
+    env = os.environ if env is None else env
+    var = ENV_PREFIX + key.upper().replace(".", "__")
+    if var in env:
+        return f"{var} (environment)"
+    file = resolve_path(path, env)
+    return str(file) if file else "built-in defaults"
+
+
 def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Build the settings from defaults, a TOML file and environment overrides.
 

@@ -101,7 +101,41 @@ async def test_serve_with_an_unsupported_database_url_fails_in_one_clean_line(
     config = tmp_path / "o.toml"
     config.write_text(f'[server]\nport = {free_port()}\n[database]\nurl = "mysql://x/y"\n')
     err = await _serve_fails(config)
-    assert "Error: database.url: 'mysql' is not supported; use sqlite+aiosqlite:///PATH" in err
+    assert f"Error: {config}: database.url: 'mysql' is not supported; use sqlite+aio" in err
+    # Checked before anything starts: no server process, no lifespan.
+    assert "Started server process" not in err and "startup" not in err
+
+
+@pytest.mark.parametrize(
+    ("key", "variable", "value", "said"),
+    [
+        ("ui.path", "ORCHESTRA_UI__PATH", "/", "needs a path of its own"),
+        (
+            "server.root_path",
+            "ORCHESTRA_SERVER__ROOT_PATH",
+            "nested",
+            "'nested' is not a path such as /orchestra",
+        ),
+        (
+            "database.url",
+            "ORCHESTRA_DATABASE__URL",
+            "sqlite+aiosqlite:///:memory:",
+            "an in-memory database loses every task",
+        ),
+    ],
+)
+async def test_a_setting_checked_at_serve_names_where_it_was_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str, variable: str, value: str, said: str
+) -> None:
+    config = tmp_path / "o.toml"
+    config.write_text(f'server.port = {free_port()}\n{key} = "{value}"\n')
+    err = await _serve_fails(config)
+    assert f"Error: {config}: {key}: " in err and said in err, err
+    # The same value from the environment names the variable, not the file.
+    config.write_text(f"server.port = {free_port()}\n")
+    monkeypatch.setenv(variable, value)
+    err = await _serve_fails(config)
+    assert f"Error: {variable} (environment): {key}: " in err and said in err, err
 
 
 @pytest.fixture
