@@ -29,6 +29,7 @@ from orchestra.cli_common import (
     url_option,
 )
 from orchestra.cli_schedules import schedules
+from orchestra.cli_tasks import tasks
 from orchestra.config import Settings
 from orchestra.errors import OrchestraError, TemplateError
 from orchestra.event_types import EventType
@@ -262,44 +263,6 @@ def _show_progress(client: Client, task_id: int) -> None:
 
 
 @main.group()
-def tasks() -> None:
-    """Look at and act on tasks of a running server."""
-
-
-@tasks.command("show")
-@click.argument("task_id", type=int)
-@url_option
-@config_option
-def tasks_show(task_id: int, url: str | None, config_path: str | None) -> None:
-    """Print a task as JSON."""
-    with client_for(url, config_path) as client:
-        task = client.get_task(task_id)
-    click.echo(json.dumps(msgspec.to_builtins(task), indent=2))
-
-
-@tasks.command("cancel")
-@click.argument("task_id", type=int)
-@url_option
-@config_option
-def tasks_cancel(task_id: int, url: str | None, config_path: str | None) -> None:
-    """Cancel a queued or running task."""
-    with client_for(url, config_path) as client:
-        task = client.cancel(task_id)
-    click.echo(f"task {task.id} {task.status}")
-
-
-@tasks.command("retry")
-@click.argument("task_id", type=int)
-@url_option
-@config_option
-def tasks_retry(task_id: int, url: str | None, config_path: str | None) -> None:
-    """Queue a failed or cancelled task again."""
-    with client_for(url, config_path) as client:
-        task = client.retry(task_id)
-    click.echo(f"task {task.id} {task.status}")
-
-
-@main.group()
 def templates() -> None:
     """Inspect templates on this machine."""
 
@@ -441,4 +404,5 @@ def keys_revoke(name_or_id: str, config_path: str | None) -> None:
 
 
 main.add_command(schedules)
+main.add_command(tasks)
 main.add_command(batch)

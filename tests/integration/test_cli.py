@@ -186,6 +186,49 @@ async def test_tasks_show_cancel_and_retry(service: Service, fake_ollama: FakeOl
     assert code == 1 and "no task with id 77" in err
 
 
+async def test_tasks_list_filters_and_limits_and_tasks_events_follows_a_task(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    done = [
+        await service.wait((await service.submit("summarize", text=f"t{n}"))["id"]) for n in (1, 2)
+    ]
+    fake_ollama.models.discard("llama3.2")  # the next task fails: no such model
+    failed = await service.wait((await service.submit("summarize", text="t3"))["id"])
+    assert [t["status"] for t in (*done, failed)] == ["succeeded", "succeeded", "failed"]
+
+    code, out, err = await run_cli("tasks", "list", "--url", service.url)
+    lines = out.splitlines()
+    assert code == 0 and [line.split()[:3] for line in lines] == [
+        ["3", "failed", "summarize"],
+        ["2", "succeeded", "summarize"],
+        ["1", "succeeded", "summarize"],
+    ], out
+    assert "not found" in lines[0] and err == ""
+    code, out, err = await run_cli(
+        "tasks", "list", "--status", "succeeded", "--limit", "1", "--url", service.url
+    )
+    assert code == 0 and [line.split()[0] for line in out.splitlines()] == ["2"]
+    assert "the 1 newest; --limit for more" in err
+    code, out, _ = await run_cli(
+        "tasks", "list", "--json", "--template", "nope", "--url", service.url
+    )
+    assert (code, out) == (0, "")
+    code, _, err = await run_cli("tasks", "list", "--status", "done", "--url", service.url)
+    assert code == 2 and "'done' is not one of" in err
+
+    code, out, _ = await run_cli("tasks", "events", "1", "--json", "--url", service.url)
+    events = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert events[0]["type"] == "task.queued" and events[-1]["type"] == "task.finished"
+    assert events[-1]["data"]["status"] == "succeeded"
+    code, out, _ = await run_cli("tasks", "events", "3", "--after", "2", "--url", service.url)
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split()[0] == "3" and "task.finished" in lines[-1]
+    assert '"status": "failed"' in lines[-1]
+    code, _, err = await run_cli("tasks", "events", "77", "--url", service.url)
+    assert code == 1 and "no task with id 77" in err
+
+
 async def test_templates_register_and_reload(service: Service, tmp_path: Path) -> None:
     file = tmp_path / "greet.yaml"
     file.write_text("name: greet\nmodel: m\nsteps:\n  - id: a\n    prompt: hi\n")

@@ -1,0 +1,115 @@
+"""``orchestra tasks``: look at and act on the tasks of a running server, over its REST API."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import TYPE_CHECKING
+
+import click
+import msgspec
+
+from orchestra.cli_common import client_for, config_option, url_option
+from orchestra.domain import TaskStatus
+
+if TYPE_CHECKING:
+    from orchestra.wire.events import TaskEvent
+    from orchestra.wire.schemas import TaskSummaryOut
+
+#: The most tasks one page of ``GET /api/v1/tasks`` holds.
+PAGE = 500
+
+
+@click.group()
+def tasks() -> None:
+    """Look at and act on tasks of a running server."""
+
+
+def _task_line(t: TaskSummaryOut) -> str:
+    took = f"{t.duration_ms / 1000:.2f}s" if t.duration_ms is not None else "-"
+    line = f"{t.id:<6} {t.status:<9} {t.template} v{t.template_version:<4} {t.created_at}  {took}"
+    if t.error is not None:
+        line += f"  {t.error.type}: {t.error.message}"
+    return line
+
+
+@tasks.command("list")
+@click.option("--status", type=click.Choice([s.value for s in TaskStatus]), help="Only these.")
+@click.option("--template", help="Only tasks of this template.")
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=20, show_default=True, help="At most this many."
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@url_option
+@config_option
+def tasks_list(
+    status: str | None,
+    template: str | None,
+    limit: int,
+    as_json: bool,
+    url: str | None,
+    config_path: str | None,
+) -> None:
+    """The newest tasks, newest first: id, status, template and version, created, how long
+    the last attempt took, and the error of a failed one."""
+    with client_for(url, config_path) as client:
+        listed = client.list_tasks(status=status, template=template, page_size=min(limit, PAGE))
+        shown = list(itertools.islice(listed, limit + 1))
+    for item in shown[:limit]:
+        click.echo(json.dumps(msgspec.to_builtins(item)) if as_json else _task_line(item))
+    if len(shown) > limit:
+        click.echo(f"(the {limit} newest; --limit for more)", err=True)
+
+
+@tasks.command("show")
+@click.argument("task_id", type=int)
+@url_option
+@config_option
+def tasks_show(task_id: int, url: str | None, config_path: str | None) -> None:
+    """Print a task as JSON."""
+    with client_for(url, config_path) as client:
+        task = client.get_task(task_id)
+    click.echo(json.dumps(msgspec.to_builtins(task), indent=2))
+
+
+def _event_line(event: TaskEvent) -> str:
+    detail = {k: v for k, v in event.data.items() if k != "type"}
+    return f"{event.seq:<4} {event.time}  {event.type:<18} {json.dumps(detail)}"
+
+
+@tasks.command("events")
+@click.argument("task_id", type=int)
+@click.option("--after", type=click.IntRange(min=0), default=0, help="Only events after this seq.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@url_option
+@config_option
+def tasks_events(
+    task_id: int, after: int, as_json: bool, url: str | None, config_path: str | None
+) -> None:
+    """Print a task's events as they happen (its past ones first); stops when the task has
+    finished."""
+    with client_for(url, config_path) as client:
+        for event in client.task_events(task_id, after):
+            click.echo(json.dumps(msgspec.to_builtins(event)) if as_json else _event_line(event))
+
+
+@tasks.command("cancel")
+@click.argument("task_id", type=int)
+@url_option
+@config_option
+def tasks_cancel(task_id: int, url: str | None, config_path: str | None) -> None:
+    """Cancel a queued or running task."""
+    with client_for(url, config_path) as client:
+        task = client.cancel(task_id)
+    click.echo(f"task {task.id} {task.status}")
+
+
+@tasks.command("retry")
+@click.argument("task_id", type=int)
+@url_option
+@config_option
+def tasks_retry(task_id: int, url: str | None, config_path: str | None) -> None:
+    """Queue a failed or cancelled task again."""
+    with client_for(url, config_path) as client:
+        task = client.retry(task_id)
+    click.echo(f"task {task.id} {task.status}")
