@@ -25,30 +25,76 @@ class InputRow(msgspec.Struct, frozen=True):
     problem: str | None = None
 
 
-async def _lines(chunks: AsyncIterator[bytes], max_line: int) -> AsyncIterator[str]:
+class Overlong(msgspec.Struct, frozen=True):
+    """A line over the row limit, read past without being held: only its count of ``"``
+    is kept (a CSV record's quotes may balance on a later line)."""
+
+    quotes: int
+
+
+class _Splitter:
+    """Text cut into lines as it arrives; a line over ``max_line`` characters becomes an
+    :class:`Overlong` as soon as it is known to be one, and the rest of it is skipped."""
+
+    def __init__(self, max_line: int) -> None:
+        self.max_line = max_line
+        self.pending = ""
+        #: The quotes of the over-long line being skipped (None: none is).
+        self.skipping: int | None = None
+
+    def feed(self, text: str) -> list[str | Overlong]:
+        *complete, rest = text.split("\n")
+        out: list[str | Overlong] = []
+        for piece in complete:
+            if self.skipping is not None:
+                out.append(Overlong(self.skipping + piece.count('"')))
+                self.skipping = None
+                continue
+            line, self.pending = self.pending + piece, ""
+            out.append(Overlong(line.count('"')) if len(line) > self.max_line else line + "\n")
+        if self.skipping is not None:
+            self.skipping += rest.count('"')
+        else:
+            self.pending += rest
+            if len(self.pending) > self.max_line:
+                self.skipping, self.pending = self.pending.count('"'), ""
+        return out
+
+    def end(self) -> list[str | Overlong]:
+        if self.skipping is not None:
+            return [Overlong(self.skipping)]
+        return [self.pending] if self.pending else []
+
+
+def over_limit(max_line: int) -> str:
+    """What a refused over-long row is told."""
+    return f"is over {max_line} bytes (the limit of a row: [limits] max_body_bytes)"
+
+
+async def _lines(chunks: AsyncIterator[bytes], max_line: int) -> AsyncIterator[str | Overlong]:
     """The body's text lines (UTF-8, a BOM dropped), newline kept, without holding more than
-    one line; a line over ``max_line`` bytes is refused (413)."""
+    one line: a line over ``max_line`` bytes comes as an :class:`Overlong`, unread."""
     decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="strict")
-    pending = ""
+    splitter = _Splitter(max_line)
     async for chunk in chunks:
         try:
-            pending += decoder.decode(chunk)
+            text = decoder.decode(chunk)
         except UnicodeDecodeError as exc:
             raise InvalidRequest("body: not UTF-8", [FieldProblem("body", str(exc))]) from None
-        *complete, pending = pending.split("\n")
-        for line in complete:
-            yield line + "\n"
-        if len(pending) > max_line:
-            raise PayloadTooLarge(f"a row is over {max_line} bytes")
-    pending += decoder.decode(b"", final=True)
-    if pending:
-        yield pending
+        for line in splitter.feed(text):
+            yield line
+    for line in [*splitter.feed(decoder.decode(b"", final=True)), *splitter.end()]:
+        yield line
 
 
 async def jsonl_rows(chunks: AsyncIterator[bytes], max_line: int) -> AsyncIterator[InputRow]:
     """Rows of a JSON-lines body: one JSON object per line; blank lines are skipped."""
     number = 0
     async for index, line in _numbered(_lines(chunks, max_line)):
+        if isinstance(line, Overlong):
+            number += 1
+            yield InputRow(number, index, None, over_limit(max_line))
+            continue
         if not line.strip():
             continue
         number += 1
@@ -63,7 +109,9 @@ async def jsonl_rows(chunks: AsyncIterator[bytes], max_line: int) -> AsyncIterat
         yield InputRow(number, index, params)
 
 
-async def _numbered(lines: AsyncIterator[str]) -> AsyncIterator[tuple[int, str]]:
+async def _numbered(
+    lines: AsyncIterator[str | Overlong],
+) -> AsyncIterator[tuple[int, str | Overlong]]:
     index = 0
     async for line in lines:
         index += 1
@@ -79,15 +127,28 @@ async def csv_rows(
     type where they read as one."""
     header: list[str] | None = None
     record, start, number = "", 0, 0
+    quotes, over = 0, False  # the record's quotes so far; whether it is over the limit
     async for index, line in _numbered(_lines(chunks, max_line)):
-        if not record:
+        if not record and not over:
             start = index
-        record += line
-        if record.count('"') % 2:
-            if len(record) > max_line:
-                raise PayloadTooLarge(f"a row is over {max_line} bytes")
+        if isinstance(line, Overlong):
+            quotes, record, over = quotes + line.quotes, "", True
+        else:
+            quotes += line.count('"')
+            if not over:
+                record += line
+                if len(record) > max_line:
+                    record, over = "", True
+        if quotes % 2:
             continue  # a quoted newline: the record goes on
-        text, record = record, ""
+        text, record, quotes = record, "", 0
+        if over:
+            over = False
+            if header is None:
+                raise PayloadTooLarge(f"the CSV header {over_limit(max_line)}")
+            number += 1
+            yield InputRow(number, start, None, over_limit(max_line))
+            continue
         if not text.strip():
             continue
         try:
@@ -114,7 +175,7 @@ async def csv_rows(
             if cell != ""
         }
         yield InputRow(number, start, params)
-    if record:
+    if record or over:
         number += 1
         yield InputRow(number, start, None, "ends inside a quoted cell")
 

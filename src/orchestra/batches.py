@@ -35,6 +35,7 @@ from orchestra.errors import (
     InvalidParams,
     InvalidRequest,
     NotFoundError,
+    OrchestraError,
     PayloadTooLarge,
     TemplateNotFound,
 )
@@ -220,7 +221,12 @@ class BatchService:
             if first is None:
                 raise _no_rows()
             batch, created = await self._open(opts, template, scope)
-            problems, total = await self._load(batch.id, _chain(first, checked))
+            try:
+                problems, total = await self._load(batch.id, _chain(first, checked))
+            except OrchestraError as exc:
+                if opts.idempotency_key is None:
+                    await self._close_cut(batch.id, exc)
+                raise
         finished = Batch.of(
             await self.store.db.transaction(lambda c: db.mark_loaded(c, batch.id, iso(now())))
         )
@@ -238,6 +244,20 @@ class BatchService:
             refused=len(problems),
             problems=problems[:SHOWN_PROBLEMS],
         )
+
+    async def _close_cut(self, batch_id: int, error: OrchestraError) -> None:
+        """An upload without an idempotency key failed midway (a body that stops being UTF-8,
+        too many rows): nobody can send the rest, so the batch is closed with the rows read
+        before, which run, and the error says so."""
+        kept = Batch.of(
+            await self.store.db.transaction(lambda c: db.mark_loaded(c, batch_id, iso(now())))
+        )
+        log.warning("batch.upload_cut", batch_id=batch_id, rows=kept.rows, error=error.message)
+        error.message = (
+            f"{error.message}; batch {batch_id} keeps the {kept.rows} rows read before "
+            f"(POST /api/v1/batches/{batch_id}/cancel stops them)"
+        )
+        error.args = (error.message,)
 
     async def _checked(
         self, opts: BatchOptions, template: Template, rows: AsyncIterator[InputRow]
@@ -321,26 +341,34 @@ class BatchService:
         self, batch_id: int, items: AsyncIterator[RowTask | RowProblem]
     ) -> tuple[list[RowProblem], int]:
         """Store rows in chunks of :data:`CHUNK`, one transaction each; a chunk is written
-        while the next one is read and checked (at most one chunk waits in memory)."""
+        while the next one is read and checked (at most one chunk waits in memory). When the
+        body fails to be read (an error of ours), the rows read before it are stored too."""
         problems: list[RowProblem] = []
         valid: list[RowTask] = []
         refused: list[RowRefused] = []
         total = 0
         writing: asyncio.Task[None] | None = None
         try:
-            async for item in items:
-                total += 1
-                if isinstance(item, RowProblem):
-                    if len(problems) < SHOWN_PROBLEMS:
-                        problems.append(item)
-                    refused.append(RowRefused(item.row, item.line, _refusal(item)))
-                else:
-                    valid.append(item)
-                if len(valid) + len(refused) >= CHUNK:
-                    if writing is not None:
-                        await writing
-                    writing = asyncio.create_task(self._store_chunk(batch_id, valid, refused))
-                    valid, refused = [], []
+            try:
+                async for item in items:
+                    total += 1
+                    if isinstance(item, RowProblem):
+                        if len(problems) < SHOWN_PROBLEMS:
+                            problems.append(item)
+                        refused.append(RowRefused(item.row, item.line, _refusal(item)))
+                    else:
+                        valid.append(item)
+                    if len(valid) + len(refused) >= CHUNK:
+                        if writing is not None:
+                            await writing
+                        writing = asyncio.create_task(self._store_chunk(batch_id, valid, refused))
+                        valid, refused = [], []
+            except OrchestraError:
+                if writing is not None:
+                    await writing
+                    writing = None
+                await self._store_chunk(batch_id, valid, refused)
+                raise
             if writing is not None:
                 await writing
                 writing = None

@@ -253,6 +253,88 @@ async def test_bad_uploads_get_a_4xx_naming_the_field(idle: Service) -> None:
     assert listing == {"items": [], "next_cursor": None}
 
 
+@pytest.fixture
+async def small_rows(
+    batch_settings: Settings, start_service: StartService
+) -> AsyncIterator[Service]:
+    """A service without workers whose rows may be at most 200 bytes ([limits] max_body_bytes)."""
+    settings = no_workers(batch_settings)
+    limits = msgspec.structs.replace(settings.limits, max_body_bytes=200)
+    async with start_service(msgspec.structs.replace(settings, limits=limits)) as service:
+        yield service
+
+
+@pytest.mark.parametrize("chunk", [7, 100_000])
+async def test_a_row_over_the_size_limit_is_refused_with_its_row_and_line_and_the_rest_go_on(
+    small_rows: Service, chunk: int
+) -> None:
+    """An over-long row is one refused row, whatever the chunks it arrives in: its text is
+    never held, and the rows after it are read (a 413 for the whole upload before, and the
+    batch left ``loading``)."""
+    long_line = json.dumps({"text": "x" * 500})
+    jsonl = f'{{"text": "a"}}\n{long_line}\n\n{{"text": "b"}}\n{long_line}'.encode()
+    csv_body = b'text\na\n"' + b"y" * 150 + b"\n" + b"y" * 150 + b'"\nb\n' + b"z" * 300 + b"\nc\n"
+
+    async def chunked(body: bytes) -> AsyncIterator[bytes]:
+        for start in range(0, len(body), chunk):
+            yield body[start : start + chunk]
+
+    for fmt, body, refused in (
+        ("jsonl", jsonl, [(2, 2), (4, 5)]),
+        ("csv", csv_body, [(2, 3), (4, 6)]),
+    ):
+        answer = await upload(small_rows, chunked(body), fmt=fmt)
+        assert (answer["read"], answer["refused"]) == (5 if fmt == "csv" else 4, 2), answer
+        assert [(p["row"], p["line"]) for p in answer["problems"]] == refused
+        assert all("over 200 bytes" in p["message"] for p in answer["problems"])
+        assert answer["batch"]["status"] == "loaded" and answer["batch"]["invalid"] == 2
+
+
+async def test_an_upload_cut_short_by_an_error_leaves_no_batch_loading(
+    idle: Service, db_url: str
+) -> None:
+    """Without an idempotency key nobody can resume a batch whose upload failed midway: it
+    is closed with the rows read before the error, and the error says so."""
+    body = b"text\n" + b"".join(b"row %d\n" % i for i in range(1, 121)) + b"\xff\xfe\n"
+
+    good, bad = body.split(b"\xff")
+
+    async def chunked() -> AsyncIterator[bytes]:
+        """The good rows, then (once the service has read them: the batch is there) the bad
+        bytes."""
+        yield good
+
+        async def opened() -> bool:
+            listed = (await idle.client.get("/api/v1/batches")).json()["items"]
+            return any(b["status"] == "loading" for b in listed)
+
+        await wait_until(opened, timeout=10)
+        yield b"\xff" + bad
+
+    response = await idle.client.post(
+        "/api/v1/batches", params={"template": "rowjob", "format": "csv"}, content=chunked()
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()
+    assert error["fields"][0]["field"] == "body"
+    (batch,) = (await idle.client.get("/api/v1/batches")).json()["items"]
+    assert batch["status"] == "loaded" and batch["rows"] == 120
+    assert f"batch {batch['id']} keeps the 120 rows read before" in error["message"]
+    assert sql_rows(db_url, "SELECT count(*) FROM tasks") == [(120,)]
+    # With a key the batch stays open, to be finished by sending the upload again.
+    response = await idle.client.post(
+        "/api/v1/batches",
+        params={"template": "rowjob", "format": "csv"},
+        content=chunked(),
+        headers={"Idempotency-Key": "cut"},
+    )
+    assert response.status_code == 400 and "keeps" not in response.json()["message"]
+    listed = (await idle.client.get("/api/v1/batches")).json()["items"]
+    assert [b["status"] for b in listed] == ["loading", "loaded"]
+    assert listed[0]["rows"] == 0  # counted when its upload is finished
+    assert sql_rows(db_url, "SELECT count(*) FROM tasks") == [(240,)]
+
+
 async def test_a_rows_task_shows_the_priority_its_batch_asked_for(
     idle: Service, db_url: str
 ) -> None:

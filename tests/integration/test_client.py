@@ -493,6 +493,42 @@ async def test_nothing_listening_is_a_connection_failure_in_the_error_tree() -> 
     assert "cannot reach the server at http://127.0.0.1:9" in str(failed.value)
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("stream", ["task_events", "events"])
+async def test_an_event_stream_that_falls_silent_fails_instead_of_hanging(
+    kind: str, stream: str
+) -> None:
+    """A server that opens a stream and then says nothing more (frozen, or a half-open
+    connection) is given up on once the stream has been silent for ``stream_timeout``."""
+
+    async def frozen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        beat = b": heartbeat\r\n\r\n"
+        writer.write(b"%x\r\n%s\r\n" % (len(beat), beat))
+        await writer.drain()
+        await reader.read()  # until the client hangs up
+
+    loop = asyncio.get_running_loop()
+    async with loopback_server(frozen) as url:
+        started = loop.time()
+        with pytest.raises(ConnectionFailed) as failed:
+            if kind == "async":
+                async with AsyncClient(url, stream_timeout=0.5) as aclient:
+                    events = aclient.task_events(1) if stream == "task_events" else aclient.events()
+                    async for _ in events:
+                        pass
+            else:
+                with Client(url, stream_timeout=0.5) as client:
+                    events = client.task_events(1) if stream == "task_events" else client.events()
+                    await asyncio.to_thread(list, events)
+    assert loop.time() - started < 10
+    assert "ReadTimeout" in str(failed.value) or "timed out" in str(failed.value)
+
+
 async def test_a_page_that_is_not_the_apis_is_an_error_with_its_status() -> None:
     async def proxy_page(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")

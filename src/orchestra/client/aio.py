@@ -14,6 +14,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -43,6 +44,9 @@ class AsyncClient:
         url: The service's base URL (default: ORCHESTRA_URL, else http://127.0.0.1:8000).
         api_key: Sent as ``Authorization: Bearer`` (default: ORCHESTRA_API_KEY).
         timeout: Seconds for each request (long polls and event streams set their own).
+        stream_timeout: Seconds an event stream may stay silent before it fails with
+            :class:`~orchestra.client.errors.ConnectionFailed` (the server sends a heartbeat
+            every 15 s while nothing happens).
         retry: How 429 and 503 answers are tried again.
         sleep: What waits between tries (tests pass their own).
         transport: An httpx transport to send through instead of the network.
@@ -54,12 +58,14 @@ class AsyncClient:
         *,
         api_key: str | None = None,
         timeout: float = 30.0,
+        stream_timeout: float = core.STREAM_SILENCE,
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.url = core.base_url(url)
         self.retry_policy = retry or RetryPolicy()
+        self._stream_timeout = core.stream_timeout(stream_timeout)
         self._sleep = sleep
         self._http = httpx.AsyncClient(
             base_url=self.url,
@@ -106,7 +112,7 @@ class AsyncClient:
         return core.answer(call, await self._open(call))
 
     async def _messages(self, call: Call[None]) -> AsyncIterator[core.SseMessage]:
-        response = await self._open(call, stream=True)
+        response = await self._open(replace(call, timeout=self._stream_timeout), stream=True)
         reader = core.SseReader()
         try:
             async for line in aiter_lines(response):

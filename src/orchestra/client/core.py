@@ -60,8 +60,20 @@ MAX_WAIT = 60.0
 WAIT_MARGIN = 30.0
 #: Answers tried again (with the same request) after the wait they name.
 RETRY_STATUSES = frozenset({429, 503})
-#: An event stream may be quiet for long (a queued task): no read timeout.
-STREAM_TIMEOUT = httpx.Timeout(10.0, read=None)
+#: Seconds an event stream may stay silent: while nothing happens the server sends a
+#: heartbeat every 15 s (``orchestra.feed.HEARTBEAT_SECONDS``), so three missed mean that it
+#: or the connection is gone (a half-open connection would otherwise be read forever).
+STREAM_SILENCE = 45.0
+STREAM_TIMEOUT = httpx.Timeout(10.0, read=STREAM_SILENCE)
+#: A batch's upload or its results: the server answers the upload once it has read it all,
+#: and streams results as it reads them; five silent minutes mean it has stopped.
+TRANSFER_TIMEOUT = httpx.Timeout(10.0, read=300.0)
+
+
+def stream_timeout(silence: float) -> httpx.Timeout:
+    """The timeout of an event stream that may stay silent for ``silence`` seconds."""
+    return httpx.Timeout(10.0, read=silence)
+
 
 _encode = msgspec.json.Encoder().encode
 _JSON = {"Content-Type": "application/json"}
@@ -518,7 +530,7 @@ def create_batch(
         replayable=replayable,
         headers=headers,
         ok=frozenset({200, 201}),
-        timeout=STREAM_TIMEOUT,
+        timeout=TRANSFER_TIMEOUT,
     )
 
 
@@ -549,7 +561,7 @@ def batch_results(batch_id: int, data_format: str = "jsonl") -> Call[None]:
         f"/api/v1/batches/{batch_id}/results",
         _nothing,
         params={"format": data_format},
-        timeout=STREAM_TIMEOUT,
+        timeout=TRANSFER_TIMEOUT,
     )
 
 

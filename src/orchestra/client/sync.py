@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -34,6 +35,9 @@ class Client:
         url: The service's base URL (default: ORCHESTRA_URL, else http://127.0.0.1:8000).
         api_key: Sent as ``Authorization: Bearer`` (default: ORCHESTRA_API_KEY).
         timeout: Seconds for each request (long polls and event streams set their own).
+        stream_timeout: Seconds an event stream may stay silent before it fails with
+            :class:`~orchestra.client.errors.ConnectionFailed` (the server sends a heartbeat
+            every 15 s while nothing happens).
         retry: How 429 and 503 answers are tried again.
         sleep: What waits between tries (tests pass their own).
         transport: An httpx transport to send through instead of the network.
@@ -45,12 +49,14 @@ class Client:
         *,
         api_key: str | None = None,
         timeout: float = 30.0,
+        stream_timeout: float = core.STREAM_SILENCE,
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.url = core.base_url(url)
         self.retry_policy = retry or RetryPolicy()
+        self._stream_timeout = core.stream_timeout(stream_timeout)
         self._sleep = sleep
         self._http = httpx.Client(
             base_url=self.url,
@@ -97,7 +103,7 @@ class Client:
         return core.answer(call, self._open(call))
 
     def _messages(self, call: Call[None]) -> Iterator[core.SseMessage]:
-        response = self._open(call, stream=True)
+        response = self._open(replace(call, timeout=self._stream_timeout), stream=True)
         reader = core.SseReader()
         try:
             for line in iter_lines(response):
