@@ -162,7 +162,7 @@ async def csv_rows(
             yield InputRow(number, start, None, f"not CSV: {exc}")
             continue
         if header is None:
-            header = [c.strip() for c in cells]
+            header = _header(cells)
             continue
         number += 1
         if len(cells) != len(header):
@@ -178,6 +178,20 @@ async def csv_rows(
     if record or over:
         number += 1
         yield InputRow(number, start, None, "ends inside a quoted cell")
+
+
+def _header(cells: list[str]) -> list[str]:
+    """The CSV header's parameter names.
+
+    Raises:
+        InvalidRequest: a name is given twice (one of the two cells would be lost).
+    """
+    names = [c.strip() for c in cells]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        problem = f"the CSV header names {', '.join(repr(n) for n in twice)} more than once"
+        raise InvalidRequest(f"body: {problem}", [FieldProblem("body", problem)])
+    return names
 
 
 def _typed(cell: str, template: Template, name: str) -> Any:

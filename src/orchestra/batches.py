@@ -481,8 +481,12 @@ def _progress(batch: Batch, tally: db.Tally) -> Progress:
     counts["invalid"] = batch.invalid
     counts["deleted"] = max(0, batch.rows - batch.invalid - tasks)
     finished = sum(counts.get(s, 0) for s in _TERMINAL)
-    wanted = max(1, batch.rows - batch.invalid)
+    wanted = batch.rows - batch.invalid
     left = counts.get("queued", 0) + counts.get("running", 0)
+    # A deleted row's task had finished (retention removes finished tasks only); a loaded
+    # batch with no valid row has nothing left to do.
+    done = finished + counts["deleted"]
+    share = done / wanted if wanted else float(batch.status == "loaded")
     eta = None
     if finished and tally.first_started and tally.last_finished:
         span = _seconds(tally.first_started, tally.last_finished)
@@ -490,7 +494,7 @@ def _progress(batch: Batch, tally: db.Tally) -> Progress:
             eta = round(left / (finished / span), 3)
     if not left:
         eta = 0.0 if batch.status == "loaded" else eta
-    return Progress(batch, counts, finished, round(finished / wanted, 6), eta)
+    return Progress(batch, counts, finished, round(share, 6), eta)
 
 
 def _no_rows() -> InvalidRequest:

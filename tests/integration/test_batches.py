@@ -248,6 +248,16 @@ async def test_bad_uploads_get_a_4xx_naming_the_field(idle: Service) -> None:
         "/api/v1/batches", params={"template": "rowjob", "format": "jsonl"}, content=b"\xff\xfe\n"
     )
     assert response.status_code == 400 and response.json()["fields"][0]["field"] == "body"
+    # A column named twice: one of its two cells would be lost.
+    response = await idle.client.post(
+        "/api/v1/batches",
+        params={"template": "rowjob", "format": "csv"},
+        content=b"text,text\nhi,there\n",
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["fields"] == [
+        {"field": "body", "message": "the CSV header names 'text' more than once"}
+    ]
     assert (await idle.client.get("/api/v1/batches/987654")).status_code == 404
     listing = (await idle.client.get("/api/v1/batches")).json()
     assert listing == {"items": [], "next_cursor": None}
@@ -288,6 +298,14 @@ async def test_a_row_over_the_size_limit_is_refused_with_its_row_and_line_and_th
         assert [(p["row"], p["line"]) for p in answer["problems"]] == refused
         assert all("over 200 bytes" in p["message"] for p in answer["problems"])
         assert answer["batch"]["status"] == "loaded" and answer["batch"]["invalid"] == 2
+
+
+async def test_a_batch_whose_every_row_was_refused_is_finished(idle: Service) -> None:
+    """Nothing to run: progress 1.0 (a script waiting for it would otherwise wait forever)."""
+    answer = await upload(idle, b"text,n\nx,-1\ny,-2\n")
+    assert (answer["refused"], answer["batch"]["invalid"]) == (2, 2)
+    progress = (await idle.client.get(f"/api/v1/batches/{answer['batch']['id']}")).json()
+    assert (progress["finished"], progress["progress"], progress["eta_seconds"]) == (0, 1.0, 0.0)
 
 
 async def test_an_upload_cut_short_by_an_error_leaves_no_batch_loading(
