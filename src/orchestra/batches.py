@@ -37,7 +37,6 @@ from orchestra.errors import (
     NotFoundError,
     OrchestraError,
     PayloadTooLarge,
-    TemplateNotFound,
 )
 from orchestra.tasks import SubmitTask, TaskService
 from orchestra.templating.model import Template
@@ -166,17 +165,6 @@ class BatchService:
         self.tasks = tasks
         self.bulk = bulk
 
-    async def _template(self, opts: BatchOptions) -> Template:
-        """The template rows run (one version for the whole batch)."""
-        registry = self.tasks.registry
-        try:
-            return registry.get(opts.template, opts.template_version)
-        except TemplateNotFound:
-            if self.tasks.refresh is None:
-                raise
-        await self.tasks.refresh()
-        return registry.get(opts.template, opts.template_version)
-
     async def upload(
         self, opts: BatchOptions, chunks: AsyncIterator[bytes], *, key_id: str | None = None
     ) -> Uploaded:
@@ -189,7 +177,7 @@ class BatchService:
             ConflictError: the idempotency key made a batch with other options.
             PayloadTooLarge: one row over the body limit, or over :data:`MAX_ROWS` rows.
         """
-        template = await self._template(opts)
+        template = await self.tasks.template(opts.template, opts.template_version)
         scope = key_id or ANONYMOUS_SCOPE
         max_line = self.tasks.limits.max_body_bytes
         reader = (

@@ -154,10 +154,14 @@ class TaskService:
         self.scheduler = scheduler
         self.default_max_attempts = default_max_attempts
 
-    async def _template(self, name: str, version: int | None) -> Template:
-        """The template a submit names; one this process has not seen may have been
-        registered by another process on the database, so it looks again before it says
-        there is none."""
+    async def template(self, name: str, version: int | None = None) -> Template:
+        """The template a submit (a batch, a webhook's filter) names; one this process has
+        not seen may have been registered by another process on the database, so it looks
+        again before it says there is none.
+
+        Raises:
+            TemplateNotFound: no such template (or version).
+        """
         try:
             return self.registry.get(name, version)
         except TemplateNotFound:
@@ -182,7 +186,7 @@ class TaskService:
                 "give run_at or delay, not both",
                 [FieldProblem("delay", "cannot be combined with run_at")],
             )
-        spec = await self._template(sub.template, sub.template_version)
+        spec = await self.template(sub.template, sub.template_version)
         params = validate_params(spec, sub.params, self.limits)
         run_at = None if sub.run_at is None else _utc(sub.run_at)
         if sub.delay:

@@ -173,6 +173,8 @@ def parse_destination(url: str, field: str = "url") -> tuple[str, str, int]:
         raise _refuse(field, "has no host")
     if parsed.userinfo:
         raise _refuse(field, "must not carry a user name or password")
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise _refuse(field, f"has port {parsed.port}; a port is 1 to 65535")
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     return parsed.scheme, parsed.host, port
 
@@ -258,13 +260,13 @@ class WebhookService:
         return await self.store.subscriptions()
 
     async def get(self, webhook_id: int) -> Webhook:
-        """One subscription or callback.
+        """One subscription (a task's callback is not one: its row is the task's).
 
         Raises:
-            WebhookNotFound: none has this id.
+            WebhookNotFound: no subscription has this id.
         """
         hook = await self.store.get(webhook_id) if 0 < webhook_id < 2**63 else None
-        if hook is None:
+        if hook is None or hook.task_id is not None:
             raise WebhookNotFound(f"no webhook with id {webhook_id}")
         return hook
 

@@ -16,7 +16,8 @@ from orchestra.config import Settings, WebhookSettings
 from orchestra.db import Database, TaskStore
 from orchestra.db.webhooks import Hint, WebhookStore
 from orchestra.domain import NewTask, iso_now
-from orchestra.webhooks import Webhook, backoff, is_public, new_secret
+from orchestra.errors import InvalidParams
+from orchestra.webhooks import Webhook, backoff, is_public, new_secret, parse_destination
 from tests.conftest import Service, StartService, make_settings, sql_rows
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import free_port, start_process, wait_until, write_config
@@ -101,6 +102,7 @@ async def test_a_name_is_judged_by_the_address_it_resolves_to(service: Service) 
         ({"url": "ftp://example.com/x"}, 422, "url"),
         ({"url": "http://user:pw@example.com/x"}, 422, "url"),
         ({"url": "http:///nohost"}, 422, "url"),
+        ({"url": "http://example.com/", "template": "nope"}, 404, "nope"),
         ({"url": ""}, 400, "url"),
         ({}, 400, "url"),
         ({"url": "http://example.com/", "event_types": ["task.exploded"]}, 400, "event_types"),
@@ -134,6 +136,15 @@ async def test_unknown_webhooks_are_404(service: Service) -> None:
     assert (await service.client.get("/api/v1/webhooks/99/deliveries")).status_code == 404
     response = await service.client.post("/api/v1/webhooks/99/deliveries/1/redeliver")
     assert response.status_code == 404
+
+
+def test_a_port_out_of_range_is_refused_before_anything_is_sent() -> None:
+    for url in ("http://93.184.216.34:99999/x", "https://93.184.216.34:0/"):
+        with pytest.raises(InvalidParams) as refused:
+            parse_destination(url)
+        assert refused.value.fields[0].field == "url"
+        assert "a port is 1 to 65535" in refused.value.fields[0].message
+    assert parse_destination("https://93.184.216.34:65535/") == ("https", "93.184.216.34", 65535)
 
 
 def test_addresses_that_are_not_public() -> None:
@@ -322,7 +333,7 @@ async def test_a_deleted_subscription_gets_nothing_more(
 
 
 async def test_a_callback_url_gets_the_task_finished_signed_with_the_callback_secret(
-    loopback_service: Service, receiver: Receiver
+    loopback_service: Service, receiver: Receiver, db_url: str
 ) -> None:
     svc = loopback_service
     secret = (await svc.client.get("/api/v1/webhooks/callback-secret")).json()["secret"]
@@ -338,8 +349,14 @@ async def test_a_callback_url_gets_the_task_finished_signed_with_the_callback_se
     assert got.body["type"] == "task.finished"
     assert got.body["data"]["task_id"] == task_id
     assert receiver.rejected == []
-    # Subscriptions list leaves callbacks out.
+    # Subscriptions list leaves callbacks out, and their routes do not reach one.
     assert (await svc.client.get("/api/v1/webhooks")).json()["items"] == []
+    (callback,) = sql_rows(db_url, "SELECT id FROM webhooks")
+    for path in ("", "/deliveries"):
+        response = await svc.client.get(f"/api/v1/webhooks/{callback[0]}{path}")
+        assert response.status_code == 404, response.text
+    assert (await svc.client.delete(f"/api/v1/webhooks/{callback[0]}")).status_code == 404
+    assert sql_rows(db_url, "SELECT count(*) FROM webhooks") == [(1,)]
 
 
 async def test_no_more_than_max_per_host_deliveries_go_to_one_host_at_once(

@@ -38,14 +38,17 @@ class WebhookController(Controller):
         opt=_ADMIN,
         status_code=201,
         summary="Subscribe",
-        responses=errors(400, 413, 422, 507),
+        responses=errors(400, 404, 413, 422, 507),
     )
     async def create(
         self, data: JSONBody[NewWebhook], runtime: NamedDependency[Runtime]
     ) -> WebhookCreated:
         """Subscribe ``url`` to ``event_types`` (of ``template``'s tasks only, when given).
         The answer carries the signing secret, shown this once. 422 naming ``url`` when it
-        is malformed or resolves to a loopback, private or link-local address."""
+        is malformed or resolves to a loopback, private or link-local address; 404 when
+        ``template`` names no template."""
+        if data.template is not None:  # 404 for a template that does not exist
+            await runtime.tasks.template(data.template)
         hook, secret = await _service(runtime).create(data)
         return WebhookCreated(**msgspec.structs.asdict(WebhookOut.of(hook)), secret=secret)
 
