@@ -529,6 +529,20 @@ async def test_an_event_stream_that_falls_silent_fails_instead_of_hanging(
     assert "ReadTimeout" in str(failed.value) or "timed out" in str(failed.value)
 
 
+async def test_a_dataset_file_of_an_unknown_format_is_refused_before_sending(
+    tmp_path: Path,
+) -> None:
+    """A .txt holding CSV was sent as JSON lines, and every row refused as "not JSON"."""
+    data = tmp_path / "articles.txt"
+    data.write_text("text\nhello\n")
+    with Client("http://127.0.0.1:9") as client:  # nothing listens: nothing may be sent
+        with pytest.raises(ValueError, match="pass data_format='csv' or 'jsonl'"):
+            client.create_batch("summarize", data)
+    async with AsyncClient("http://127.0.0.1:9") as aclient:
+        with pytest.raises(ValueError, match="'.txt' is not known"):
+            await aclient.create_batch("summarize", data)
+
+
 async def test_a_page_that_is_not_the_apis_is_an_error_with_its_status() -> None:
     async def proxy_page(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")

@@ -491,8 +491,9 @@ def create_batch(
     on_sent: Callable[[int], None] | None = None,
 ) -> Call[UploadOut]:
     """POST /api/v1/batches: ``rows`` are a CSV or JSON-lines file (read as it is sent, so a
-    file of any size takes constant memory), that text, or parameters to send as JSON lines
-    (one-shot, so not retried). ``options``: template_version, model, priority, max_attempts,
+    file of any size takes constant memory; its format from its suffix, .csv, .jsonl or
+    .ndjson, else ``data_format``: ValueError without), that text (JSON lines unless
+    ``data_format``), or parameters to send as JSON lines (one-shot, so not retried). ``options``: template_version, model, priority, max_attempts,
     timeout, atomic. ``on_sent`` hears the size of each piece of a file as it goes (a
     progress bar)."""
     body: Callable[[], Iterator[bytes]] | None = None
@@ -500,6 +501,11 @@ def create_batch(
     replayable = True
     if isinstance(rows, Path):
         data_format = data_format or _SUFFIXES.get(rows.suffix.lower())
+        if data_format is None:
+            raise ValueError(
+                f"{rows}: the format of a file named {rows.suffix or 'without a suffix'!r} is "
+                "not known; pass data_format='csv' or 'jsonl'"
+            )
         path = rows
 
         def body() -> Iterator[bytes]:
