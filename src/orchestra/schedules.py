@@ -263,10 +263,22 @@ def _cron_problem(expr: str, zone: Any) -> str | None:
     try:
         next(CronSim(expr, datetime(2000, 1, 1, tzinfo=zone)))
     except (CronSimError, ValueError, KeyError, IndexError) as exc:
+        minute, hour, day, _month, weekday = expr.split()
+        if "day-of-month" in str(exc) and _cron_ok(f"{minute} {hour} {day} * {weekday}", zone):
+            # cronsim says "Bad day-of-month" of a day that exists, in no month named.
+            return f"{expr!r} never fires: none of the months it names has day {day}"
         return f"{expr!r} is not a valid cron expression: {exc or 'bad field'}"
     except StopIteration:  # pragma: no cover - cronsim's iterator is endless
         return f"{expr!r} never fires"
     return None
+
+
+def _cron_ok(expr: str, zone: Any) -> bool:
+    try:
+        next(CronSim(expr, datetime(2000, 1, 1, tzinfo=zone)))
+    except (CronSimError, ValueError, KeyError, IndexError):
+        return False
+    return True
 
 
 def next_after(timing: Timing, after: datetime) -> datetime:

@@ -156,6 +156,21 @@ def test_bad_timing_is_refused_naming_the_field(fields: dict[str, str], bad: str
     assert bad in {p.field for p in caught.value.fields}
 
 
+@pytest.mark.parametrize(
+    ("expr", "said"),
+    [
+        ("0 0 30 2 *", "'0 0 30 2 *' never fires: none of the months it names has day 30"),
+        ("0 0 31 4,6 *", "never fires: none of the months it names has day 31"),
+        ("0 0 32 * *", "'0 0 32 * *' is not a valid cron expression: Bad day-of-month"),
+    ],
+)
+def test_a_day_no_month_named_has_is_told_as_such(expr: str, said: str) -> None:
+    """cronsim calls day 30 of February a "Bad day-of-month", as it does day 32."""
+    with pytest.raises(InvalidRequest) as caught:
+        check(ScheduleSpec(name="s", template="t", cron=expr))
+    assert said in caught.value.fields[0].message
+
+
 def test_a_cron_schedule_checks_out_and_an_every_one_gives_its_seconds() -> None:
     assert check(ScheduleSpec(name="s", template="t", cron="*/5 * * * 1-5")) is None
     assert check(ScheduleSpec(name="s", template="t", every="1h30m")) == 5400
