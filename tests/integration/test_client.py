@@ -25,6 +25,8 @@ from orchestra.client import (
     AuthenticationFailed,
     BadRequest,
     Client,
+    ClientClosed,
+    ClientError,
     Conflict,
     ConnectionFailed,
     NotFound,
@@ -527,6 +529,19 @@ async def test_an_event_stream_that_falls_silent_fails_instead_of_hanging(
                     await asyncio.to_thread(list, events)
     assert loop.time() - started < 10
     assert "ReadTimeout" in str(failed.value) or "timed out" in str(failed.value)
+
+
+async def test_a_closed_client_says_so_in_the_error_tree() -> None:
+    """httpx's own RuntimeError, before."""
+    client = Client("http://127.0.0.1:9")
+    client.close()
+    with pytest.raises(ClientClosed) as closed:
+        client.health()
+    assert isinstance(closed.value, ClientError) and "closed" in str(closed.value)
+    async with AsyncClient("http://127.0.0.1:9") as aclient:
+        pass
+    with pytest.raises(ClientClosed):
+        await aclient.list_templates()
 
 
 async def test_a_dataset_file_of_an_unknown_format_is_refused_before_sending(

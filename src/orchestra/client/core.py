@@ -493,9 +493,9 @@ def create_batch(
     """POST /api/v1/batches: ``rows`` are a CSV or JSON-lines file (read as it is sent, so a
     file of any size takes constant memory; its format from its suffix, .csv, .jsonl or
     .ndjson, else ``data_format``: ValueError without), that text (JSON lines unless
-    ``data_format``), or parameters to send as JSON lines (one-shot, so not retried). ``options``: template_version, model, priority, max_attempts,
-    timeout, atomic. ``on_sent`` hears the size of each piece of a file as it goes (a
-    progress bar)."""
+    ``data_format``), or parameters to send as JSON lines (one-shot, so not retried).
+    ``options``: template_version, model, priority, max_attempts, timeout, atomic.
+    ``on_sent`` hears the size of each piece of a file as it goes (a progress bar)."""
     body: Callable[[], Iterator[bytes]] | None = None
     content: bytes | None = None
     replayable = True

@@ -5,11 +5,12 @@
     OrchestraError
     └── ClientError                 a call to an Orchestra service failed
         ├── ConnectionFailed        nothing answered (refused, unknown host, timed out)
+        ├── ClientClosed            the client was closed before the call
         └── ApiError                the service answered 4xx or 5xx (status, code, message, fields)
             ├── BadRequest          400 invalid_request: a field has the wrong type or shape
             ├── AuthenticationFailed 401 unauthorized: no key, or not a valid one
             ├── PermissionDenied    403 forbidden: the key's scope is too low
-            ├── NotFound            404 not_found, task_not_found, template_not_found
+            ├── NotFound            404 not_found, task_not_found, template_not_found …
             ├── Conflict            409 conflict: a finished task cancelled, a name taken …
             ├── TooLarge            413 too_large
             ├── Unprocessable       422 invalid_params, invalid_template (``problems``)
@@ -37,6 +38,12 @@ class ClientError(OrchestraError):
     """A call to the Orchestra service failed."""
 
     code = "client_error"
+
+
+class ClientClosed(ClientError):
+    """The client was closed: make a new one (or use it in a ``with`` block)."""
+
+    code = "client_closed"
 
 
 class ConnectionFailed(ClientError):

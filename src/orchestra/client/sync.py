@@ -14,7 +14,7 @@ import httpx
 
 from orchestra.client import core
 from orchestra.client.core import Call, Registered, RetryPolicy
-from orchestra.client.errors import ConnectionFailed
+from orchestra.client.errors import ClientClosed, ConnectionFailed
 from orchestra.domain import TaskStatus
 from orchestra.lines import iter_lines
 from orchestra.schedules import ScheduleChanges, ScheduleSpec
@@ -81,6 +81,8 @@ class Client:
     def _open(self, call: Call[Any], *, stream: bool = False) -> httpx.Response:
         """Send ``call``, again after a 429 or 503 as the policy allows; the final answer
         (an error answer's body read, a streamed one's not)."""
+        if self._http.is_closed:
+            raise ClientClosed()
         tries = 0
         while True:
             tries += 1
