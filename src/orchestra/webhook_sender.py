@@ -292,7 +292,12 @@ class WebhookSender:
             if scheme == "https":
                 extensions["sni_hostname"] = host
         moment = datetime.now(UTC)
-        signature = Signer(delivery.secret).sign(delivery.message_id, moment, delivery.payload)
+        # One signature per secret, space-separated (Standard Webhooks): during a rollover
+        # the new secret's and the old one's, so a receiver verifies with either.
+        signature = " ".join(
+            Signer(secret).sign(delivery.message_id, moment, delivery.payload)
+            for secret in delivery.secrets
+        )
         headers["webhook-id"] = delivery.message_id
         headers["webhook-timestamp"] = str(int(moment.timestamp()))
         headers["webhook-signature"] = signature

@@ -19,13 +19,14 @@ import ipaddress
 import random
 import secrets
 import socket
+from datetime import timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
 from orchestra.config import WebhookSettings
-from orchestra.domain import NewTask, iso_now
+from orchestra.domain import NewTask, iso, iso_now, now
 from orchestra.errors import FieldProblem, InvalidParams, NotFoundError
 from orchestra.event_types import EventType
 
@@ -59,6 +60,9 @@ class Webhook(msgspec.Struct, frozen=True):
     task_id: int | None
     enabled: bool
     created_at: str
+    #: Until when the secret before the last rollover still signs deliveries, beside the
+    #: current one (None: it was never rolled over).
+    previous_secret_until: str | None = None
 
 
 class DeliveryAttempt(msgspec.Struct, frozen=True):
@@ -100,6 +104,15 @@ class Claimed(msgspec.Struct, frozen=True):
     #: The attempt this send is (the lease guard's number).
     attempt: int
     created_at: str
+    #: The secret before the last rollover, while it still signs (beside ``secret``).
+    previous_secret: str | None = None
+
+    @property
+    def secrets(self) -> list[str]:
+        """The secrets that sign this send: each gives one signature in the header."""
+        return (
+            [self.secret] if self.previous_secret is None else [self.secret, self.previous_secret]
+        )
 
     @property
     def message_id(self) -> str:
@@ -133,6 +146,47 @@ class WebhookNotFound(NotFoundError):
     """No webhook has this id."""
 
     code = "webhook_not_found"
+
+
+#: The longest a rolled-over secret may keep signing beside the new one.
+MAX_OVERLAP = 7 * 86400.0
+
+
+class WebhookChanges(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What to change of a subscription (the body of ``PATCH /api/v1/webhooks/{id}``): the
+    fields given; ``template: null`` makes it receive every template's events again."""
+
+    url: (
+        Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_URL, description="Where to POST.")]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
+    event_types: (
+        Annotated[list[EventType], msgspec.Meta(min_length=1, max_length=len(EventType))]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
+    template: (
+        Annotated[str, msgspec.Meta(min_length=1, max_length=255)] | None | msgspec.UnsetType
+    ) = msgspec.UNSET
+    enabled: Annotated[
+        bool | msgspec.UnsetType,
+        msgspec.Meta(
+            description="false: no deliveries are made for it, and its pending ones "
+            "wait until it is enabled again."
+        ),
+    ] = msgspec.UNSET
+
+    def values(self) -> dict[str, Any]:
+        """The columns to set."""
+        values = {
+            name: getattr(self, name)
+            for name in ("url", "template", "enabled")
+            if getattr(self, name) is not msgspec.UNSET
+        }
+        if self.event_types is not msgspec.UNSET:
+            values["event_types"] = list(dict.fromkeys(t.value for t in self.event_types))
+        if "enabled" in values:
+            values["enabled"] = int(values["enabled"])
+        return values
 
 
 def new_secret() -> str:
@@ -279,6 +333,41 @@ class WebhookService:
         await self.get(webhook_id)
         if not await self.store.delete(webhook_id):
             raise WebhookNotFound(f"no webhook with id {webhook_id}")
+
+    async def update(self, webhook_id: int, changes: WebhookChanges) -> Webhook:
+        """Change a subscription: its URL (checked as at creation), event types, template,
+        whether it is enabled.
+
+        Raises:
+            WebhookNotFound: no subscription has this id.
+            InvalidParams: the new URL is malformed or not allowed (names ``url``).
+        """
+        await self.get(webhook_id)
+        if isinstance(changes.url, str):
+            await check_destination(changes.url, self.settings.allow_private)
+        values = changes.values()
+        hook = await self.store.update(webhook_id, values) if values else await self.get(webhook_id)
+        if hook is None:
+            raise WebhookNotFound(f"no webhook with id {webhook_id}")
+        if values.get("enabled"):
+            self.wake()  # its waiting deliveries may be due
+        return hook
+
+    async def roll_secret(self, webhook_id: int, overlap: float) -> tuple[Webhook, str]:
+        """Give a subscription a new secret (returned, shown this once); the one it replaces
+        keeps signing deliveries beside it for ``overlap`` seconds, while receivers move to
+        the new one (each delivery then carries two signatures: either verifies).
+
+        Raises:
+            WebhookNotFound: no subscription has this id.
+        """
+        await self.get(webhook_id)
+        secret = new_secret()
+        until = iso(now() + timedelta(seconds=overlap))
+        hook = await self.store.roll_secret(webhook_id, secret, until)
+        if hook is None:
+            raise WebhookNotFound(f"no webhook with id {webhook_id}")
+        return hook, secret
 
     async def deliveries(
         self, webhook_id: int, limit: int = 50, before: int | None = None

@@ -21,7 +21,7 @@ from orchestra.webhooks import Webhook, backoff, is_public, new_secret, parse_de
 from tests.conftest import Service, StartService, make_settings, sql_rows
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import free_port, start_process, wait_until, write_config
-from tests.fixtures.webhook_receiver import Receiver
+from tests.fixtures.webhook_receiver import Received, Receiver
 
 #: Quick retries, so a test waits fractions of a second between attempts.
 QUICK = {"retry_base_seconds": 0.05, "retry_max_seconds": 0.3, "poll_interval": 0.2}
@@ -261,6 +261,98 @@ async def test_an_event_writes_a_delivery_for_each_subscription_it_matches(
         (started.id, t.id, "task.started") for t in sorted(claimed, key=lambda t: t.id)
     ]
     assert {msgspec.json.decode(r[4])["data"]["status"] for r in rows} == {"running"}
+
+
+async def test_a_disabled_subscription_gets_no_deliveries_and_its_pending_ones_wait(
+    db: Database,
+) -> None:
+    """At the store: a disabled subscription gets no delivery for a new event, and the one
+    it had pending is neither due nor claimed until it is enabled again."""
+    tasks, hooks = TaskStore(db), WebhookStore(db)
+    hook = await hooks.create(
+        Webhook(0, "https://example.com/h", ["task.queued"], None, None, True, iso_now()), "s"
+    )
+    new = NewTask(template="summarize", template_version=1, params={}, model=None)
+    await tasks.enqueue(new)
+    assert await hooks.any_due(iso_now())
+    assert await hooks.update(hook.id, {"enabled": 0}) is not None
+    await tasks.enqueue(new)  # no delivery for it
+    assert not await hooks.any_due(iso_now())
+    assert await hooks.claim("sender", 10, iso_now(), "2999-01-01T00:00:00.000000Z") == []
+    assert [d.task_id for d in await hooks.deliveries(hook.id, 10, None)] == [1]
+    await hooks.update(hook.id, {"enabled": 1})
+    [claimed] = await hooks.claim("sender", 10, iso_now(), "2999-01-01T00:00:00.000000Z")
+    assert (claimed.webhook_id, claimed.secret, claimed.previous_secret) == (hook.id, "s", None)
+
+
+async def test_a_subscription_is_changed_and_its_secret_rolled_over_without_a_gap(
+    loopback_service: Service, receiver: Receiver, db_url: str
+) -> None:
+    svc = loopback_service
+    hook = await subscribe(svc, receiver, event_types=["task.finished"])
+    old_secret = receiver.secrets["/hook"]
+
+    async def finish_one() -> Received:
+        task = await svc.submit("summarize", text="x")
+        await wait_until(
+            lambda: (
+                any(r.body["data"]["task_id"] == task["id"] for r in receiver.received)
+                or len(receiver.rejected) > 0
+            ),
+            timeout=20,
+        )
+        assert receiver.rejected == [], receiver.rejected
+        return receiver.received[-1]
+
+    # Changes: only the fields given; a template that does not exist, a bad URL, a callback.
+    changed = await svc.client.patch(
+        f"/api/v1/webhooks/{hook}", json={"event_types": ["task.finished", "task.queued"]}
+    )
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["event_types"] == ["task.finished", "task.queued"]
+    assert changed.json()["url"] == receiver.url("/hook") and changed.json()["enabled"] is True
+    for body, status in (
+        ({"template": "nope"}, 404),
+        ({"url": "ftp://example.com/"}, 422),
+        ({"event_types": []}, 400),
+        ({"colour": "red"}, 400),
+    ):
+        refused = await svc.client.patch(f"/api/v1/webhooks/{hook}", json=body)
+        assert refused.status_code == status, (body, refused.text)
+    assert (await svc.client.patch("/api/v1/webhooks/999", json={})).status_code == 404
+    await svc.client.patch(f"/api/v1/webhooks/{hook}", json={"event_types": ["task.finished"]})
+
+    # Rolled over with an hour's overlap: the receiver still on the old secret verifies, and
+    # so does one on the new secret; each delivery carries both signatures.
+    rolled = await svc.client.post(f"/api/v1/webhooks/{hook}/roll-secret?overlap=3600")
+    assert rolled.status_code == 200, rolled.text
+    new_secret = rolled.json()["secret"]
+    assert new_secret.startswith("whsec_") and new_secret != old_secret
+    assert rolled.json()["previous_secret_until"] > iso_now()
+    assert "secret" not in (await svc.client.get(f"/api/v1/webhooks/{hook}")).json()
+    got = await finish_one()
+    assert len(got.headers["webhook-signature"].split(" ")) == 2
+    receiver.secrets["/hook"] = new_secret
+    await finish_one()
+
+    # Rolled over again with no overlap: only the newest secret signs.
+    newest = (await svc.client.post(f"/api/v1/webhooks/{hook}/roll-secret?overlap=0")).json()
+    receiver.secrets["/hook"] = newest["secret"]
+    got = await finish_one()
+    assert len(got.headers["webhook-signature"].split(" ")) == 1
+    stored = sql_rows(db_url, "SELECT secret FROM webhooks WHERE id = ?", (hook,))
+    assert stored == [(newest["secret"],)]
+    too_long = await svc.client.post(f"/api/v1/webhooks/{hook}/roll-secret?overlap=9999999")
+    assert too_long.status_code == 400, too_long.text
+
+    # Disabled: nothing is sent for it; enabled again, it gets the next events.
+    off = await svc.client.patch(f"/api/v1/webhooks/{hook}", json={"enabled": False})
+    assert off.json()["enabled"] is False
+    quiet = await svc.submit("summarize", text="while disabled")
+    await svc.wait(quiet["id"])
+    await svc.client.patch(f"/api/v1/webhooks/{hook}", json={"enabled": True})
+    got = await finish_one()
+    assert quiet["id"] not in {r.body["data"]["task_id"] for r in receiver.received}
 
 
 async def test_failed_deliveries_are_retried_and_all_arrive_once_the_receiver_is_back(

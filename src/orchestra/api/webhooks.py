@@ -7,14 +7,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import msgspec
-from litestar import Controller, delete, get, post
+from litestar import Controller, delete, get, patch, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 
 from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
-from orchestra.webhooks import NewWebhook, WebhookService
+from orchestra.webhooks import MAX_OVERLAP, NewWebhook, WebhookChanges, WebhookService
 from orchestra.wire.webhooks import AttemptOut as AttemptOut
 from orchestra.wire.webhooks import CallbackSecretOut as CallbackSecretOut
 from orchestra.wire.webhooks import DeliveryList as DeliveryList
@@ -50,7 +49,7 @@ class WebhookController(Controller):
         if data.template is not None:  # 404 for a template that does not exist
             await runtime.tasks.template(data.template)
         hook, secret = await _service(runtime).create(data)
-        return WebhookCreated(**msgspec.structs.asdict(WebhookOut.of(hook)), secret=secret)
+        return WebhookCreated.of(hook, secret)
 
     @get("/", opt=_ADMIN, summary="List subscriptions", responses=errors())
     async def list_webhooks(self, runtime: NamedDependency[Runtime]) -> WebhookList:
@@ -73,6 +72,51 @@ class WebhookController(Controller):
     ) -> WebhookOut:
         """One subscription, without its secret."""
         return WebhookOut.of(await _service(runtime).get(webhook_id))
+
+    @patch(
+        "/{webhook_id:int}",
+        opt=_ADMIN,
+        summary="Change a subscription",
+        responses=errors(400, 404, 422, 507),
+    )
+    async def update_webhook(
+        self,
+        webhook_id: FromPath[int],
+        data: JSONBody[WebhookChanges],
+        runtime: NamedDependency[Runtime],
+    ) -> WebhookOut:
+        """Change the fields given: ``url`` (checked as at creation: 422), ``event_types``,
+        ``template`` (404 when it names none; null: every template), ``enabled`` (false: no
+        deliveries are made for it, and its pending ones wait until it is enabled again)."""
+        if isinstance(data.template, str):
+            await runtime.tasks.template(data.template)
+        return WebhookOut.of(await _service(runtime).update(webhook_id, data))
+
+    @post(
+        "/{webhook_id:int}/roll-secret",
+        opt=_ADMIN,
+        status_code=200,
+        summary="Roll its signing secret over",
+        responses=errors(400, 404, 507),
+    )
+    async def roll_secret(
+        self,
+        webhook_id: FromPath[int],
+        runtime: NamedDependency[Runtime],
+        overlap: Annotated[
+            float,
+            QueryParameter(
+                ge=0,
+                le=MAX_OVERLAP,
+                description="Seconds the old secret keeps signing beside the new one.",
+            ),
+        ] = 86400.0,
+    ) -> WebhookCreated:
+        """A new signing secret, shown this once. For ``overlap`` seconds (a day by default)
+        every delivery is signed with both (two signatures in ``webhook-signature``), so the
+        receiver can switch to the new secret whenever it likes in that time."""
+        hook, secret = await _service(runtime).roll_secret(webhook_id, overlap)
+        return WebhookCreated.of(hook, secret)
 
     @delete("/{webhook_id:int}", opt=_ADMIN, summary="Unsubscribe", responses=errors(404))
     async def delete_webhook(

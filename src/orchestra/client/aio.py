@@ -262,6 +262,18 @@ class AsyncClient:
         """One subscription."""
         return await self._send(core.get_webhook(webhook_id))
 
+    async def update_webhook(self, webhook_id: int, **changes: Any) -> WebhookOut:
+        """Change the fields given: ``url``, ``event_types``, ``template`` (None: every
+        template), ``enabled`` (False: no deliveries are made, pending ones wait)."""
+        return await self._send(core.update_webhook(webhook_id, changes))
+
+    async def roll_webhook_secret(
+        self, webhook_id: int, overlap: float = 86400.0
+    ) -> WebhookCreated:
+        """A new signing secret (shown this once); for ``overlap`` seconds deliveries are
+        signed with the old one too, so receivers can move over meanwhile."""
+        return await self._send(core.roll_webhook_secret(webhook_id, overlap))
+
     async def delete_webhook(self, webhook_id: int) -> None:
         """Delete a subscription and its deliveries."""
         await self._send(core.delete_webhook(webhook_id))

@@ -445,6 +445,24 @@ def get_webhook(webhook_id: int) -> Call[WebhookOut]:
     return Call("GET", f"/api/v1/webhooks/{webhook_id}", _as(WebhookOut))
 
 
+def update_webhook(webhook_id: int, changes: Mapping[str, Any]) -> Call[WebhookOut]:
+    """PATCH: only the fields given are sent (``template=None`` clears it; the event types
+    are checked by the service: 400 naming them)."""
+    return Call(
+        "PATCH",
+        f"/api/v1/webhooks/{webhook_id}",
+        _as(WebhookOut),
+        content=_encode(dict(changes)),
+        headers=_JSON,
+    )
+
+
+def roll_webhook_secret(webhook_id: int, overlap: float) -> Call[WebhookCreated]:
+    """POST …/roll-secret: a new secret; the old one signs beside it for ``overlap`` s."""
+    path = f"/api/v1/webhooks/{webhook_id}/roll-secret"
+    return Call("POST", path, _as(WebhookCreated), params={"overlap": overlap})
+
+
 def delete_webhook(webhook_id: int) -> Call[None]:
     return Call("DELETE", f"/api/v1/webhooks/{webhook_id}", _nothing, ok=frozenset({200, 204}))
 

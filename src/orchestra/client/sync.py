@@ -252,6 +252,16 @@ class Client:
         """One subscription."""
         return self._send(core.get_webhook(webhook_id))
 
+    def update_webhook(self, webhook_id: int, **changes: Any) -> WebhookOut:
+        """Change the fields given: ``url``, ``event_types``, ``template`` (None: every
+        template), ``enabled`` (False: no deliveries are made, pending ones wait)."""
+        return self._send(core.update_webhook(webhook_id, changes))
+
+    def roll_webhook_secret(self, webhook_id: int, overlap: float = 86400.0) -> WebhookCreated:
+        """A new signing secret (shown this once); for ``overlap`` seconds deliveries are
+        signed with the old one too, so receivers can move over meanwhile."""
+        return self._send(core.roll_webhook_secret(webhook_id, overlap))
+
     def delete_webhook(self, webhook_id: int) -> None:
         """Delete a subscription and its deliveries."""
         self._send(core.delete_webhook(webhook_id))

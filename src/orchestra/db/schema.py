@@ -466,6 +466,13 @@ BEGIN
         AND webhooks.event_types LIKE '%"' || NEW.type || '"%';
 END"""
 
+# Migration 16: a subscription's secret can be rolled over; the one before keeps signing
+# deliveries (beside the new one) until ``previous_secret_until``.
+_V16 = """
+ALTER TABLE webhooks ADD COLUMN previous_secret TEXT;
+ALTER TABLE webhooks ADD COLUMN previous_secret_until TEXT
+"""
+
 #: SQLite's words and PostgreSQL's, for the types that differ. SQLite's INTEGER is 64 bits;
 #: PostgreSQL's is 32, and a priority or a version past 2**31 must fit as it does on SQLite.
 _POSTGRESQL_TYPES = (
@@ -547,6 +554,7 @@ MIGRATIONS: list[Migration] = [
     _sql(_V13),
     _sql(_V14),
     _statements(OUTBOX_TRIGGER, postgresql=()),
+    _sql(_V16),
 ]
 LATEST = len(MIGRATIONS)
 

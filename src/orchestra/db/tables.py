@@ -314,6 +314,9 @@ webhooks = Table(
     Column("secret", Text, nullable=False),
     Column("enabled", Int, nullable=False, server_default=text("1")),
     Column("created_at", Text, nullable=False),
+    # Migration 16: the secret before the last rollover, still signing until then.
+    Column("previous_secret", Text),
+    Column("previous_secret_until", Text),
     Index("ix_webhooks_task", "task_id"),  # a deleted task takes its callback with it
     sqlite_autoincrement=True,
 )

@@ -163,8 +163,14 @@ def append_events(conn: Connection, append: Prepared, rows: Sequence[dict[str, A
 
 
 def _due(now: Any) -> ColumnElement[bool]:
-    """A delivery still to send whose time has come at ``now``."""
-    return and_(_d.c.status == DeliveryStatus.PENDING.value, _d.c.next_attempt_at <= now)
+    """A delivery still to send whose time has come at ``now``, of an enabled subscription
+    (a disabled one's wait: they go once it is enabled again)."""
+    enabled = select(_w.c.id).where(_w.c.id == _d.c.webhook_id, _w.c.enabled == 1)
+    return and_(
+        _d.c.status == DeliveryStatus.PENDING.value,
+        _d.c.next_attempt_at <= now,
+        enabled.exists(),
+    )
 
 
 def _claim_statement(engine: str) -> Any:
@@ -273,6 +279,33 @@ class WebhookStore:
             row = (await conn.execute(select(_w).where(_w.c.id == webhook_id))).one_or_none()
         return None if row is None else _webhook(row._mapping)
 
+    async def update(self, webhook_id: int, values: dict[str, Any]) -> Webhook | None:
+        """Change a subscription's ``values`` (columns of ``webhooks``); None when no
+        subscription (a callback is none) has this id."""
+        if "event_types" in values:
+            values = {**values, "event_types": msgspec.json.encode(values["event_types"]).decode()}
+        statement = (
+            update(_w)
+            .where(_w.c.id == webhook_id, _w.c.task_id.is_(None))
+            .values(values)
+            .returning(*_w.c)
+        )
+
+        def work(conn: Connection) -> Webhook | None:
+            row = conn.execute(statement).one_or_none()
+            return None if row is None else _webhook(row._mapping)
+
+        return await self.db.transaction(work, small=True)
+
+    async def roll_secret(self, webhook_id: int, secret: str, until: str) -> Webhook | None:
+        """Make ``secret`` the subscription's, the one it replaces signing beside it until
+        ``until``; None when no subscription has this id."""
+        return await self.update(
+            webhook_id,
+            # Each SET reads the row as it was: the old secret becomes the previous one.
+            {"secret": secret, "previous_secret": _w.c.secret, "previous_secret_until": until},
+        )
+
     async def delete(self, webhook_id: int) -> bool:
         """Delete a subscription with its deliveries; False when there was none."""
 
@@ -366,10 +399,12 @@ class WebhookStore:
             if not rows:
                 return []
             ids = sorted({r["webhook_id"] for r in rows})
+            columns = (_w.c.id, _w.c.url, _w.c.secret, _w.c.previous_secret)
+            still = _w.c.previous_secret_until > now
             hooks = {
                 h.id: h
                 for h in conn.execute(
-                    select(_w.c.id, _w.c.url, _w.c.secret).where(_w.c.id.in_(ids))
+                    select(*columns, still.label("previous_signs")).where(_w.c.id.in_(ids))
                 ).all()
             }
             return [
@@ -381,6 +416,11 @@ class WebhookStore:
                     payload=r["payload"],
                     attempt=r["attempts"],
                     created_at=r["created_at"],
+                    previous_secret=(
+                        hooks[r["webhook_id"]].previous_secret
+                        if hooks[r["webhook_id"]].previous_signs
+                        else None
+                    ),
                 )
                 for r in rows
                 if r["webhook_id"] in hooks
@@ -449,6 +489,7 @@ def _webhook(m: Any) -> Webhook:
         task_id=m["task_id"],
         enabled=bool(m["enabled"]),
         created_at=m["created_at"],
+        previous_secret_until=m["previous_secret_until"],
     )
 
 

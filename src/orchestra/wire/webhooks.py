@@ -21,17 +21,27 @@ class WebhookOut(msgspec.Struct, frozen=True):
     template: str | None
     enabled: bool
     created_at: str
+    #: Until when the secret it had before its last rollover still signs deliveries beside
+    #: the current one (null: never rolled over).
+    previous_secret_until: str | None = None
 
     @classmethod
     def of(cls, hook: Webhook) -> WebhookOut:
         """From a domain webhook."""
         return cls(
-            hook.id, hook.url, hook.event_types, hook.template, hook.enabled, hook.created_at
+            hook.id,
+            hook.url,
+            hook.event_types,
+            hook.template,
+            hook.enabled,
+            hook.created_at,
+            hook.previous_secret_until,
         )
 
 
 class WebhookCreated(msgspec.Struct, frozen=True):
-    """A new subscription, with its signing secret: shown this once, never again."""
+    """A new subscription, or one whose secret was rolled over, with its signing secret:
+    shown this once, never again."""
 
     id: int
     url: str
@@ -41,6 +51,12 @@ class WebhookCreated(msgspec.Struct, frozen=True):
     created_at: str
     #: The Standard Webhooks secret ("whsec_…") to verify deliveries with.
     secret: str
+    previous_secret_until: str | None = None
+
+    @classmethod
+    def of(cls, hook: Webhook, secret: str) -> WebhookCreated:
+        """From a domain webhook and its secret."""
+        return cls(**msgspec.structs.asdict(WebhookOut.of(hook)), secret=secret)
 
 
 class WebhookList(msgspec.Struct, frozen=True):
