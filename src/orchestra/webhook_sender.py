@@ -241,8 +241,8 @@ class WebhookSender:
         else:
             wait = backoff(delivery.attempt, self.settings)
             due = self.clock() + timedelta(seconds=wait)
-            written = datetime.fromisoformat(delivery.created_at.replace("Z", "+00:00"))
-            give_up = written + timedelta(hours=self.settings.retry_hours)
+            since = datetime.fromisoformat(delivery.retry_from.replace("Z", "+00:00"))
+            give_up = since + timedelta(hours=self.settings.retry_hours)
             if permanent or due > give_up:
                 status, result = DeliveryStatus.FAILED, "failed"
             else:

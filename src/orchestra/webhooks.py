@@ -103,7 +103,8 @@ class Claimed(msgspec.Struct, frozen=True):
     payload: str
     #: The attempt this send is (the lease guard's number).
     attempt: int
-    created_at: str
+    #: When its retry window started: when it was written, or last redelivered.
+    retry_from: str
     #: The secret before the last rollover, while it still signs (beside ``secret``).
     previous_secret: str | None = None
 

@@ -411,6 +411,10 @@ async def test_a_delivery_can_be_sent_again_with_the_same_id(
     assert first.message_id == second.message_id == delivery["message_id"]
     assert first.body == second.body
     assert first.headers["webhook-signature"] != "" and receiver.rejected == []
+    # Still written when its event happened: the redelivery starts its retry window anew
+    # without rewriting that (it did, before).
+    [again] = await deliveries(svc, hook)
+    assert again["created_at"] == delivery["created_at"]
 
 
 async def test_a_deleted_subscription_gets_nothing_more(

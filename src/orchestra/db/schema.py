@@ -467,10 +467,12 @@ BEGIN
 END"""
 
 # Migration 16: a subscription's secret can be rolled over; the one before keeps signing
-# deliveries (beside the new one) until ``previous_secret_until``.
+# deliveries (beside the new one) until ``previous_secret_until``. A redelivery starts its
+# retry window at ``retry_from`` (it overwrote ``created_at``, the event's time, before).
 _V16 = """
 ALTER TABLE webhooks ADD COLUMN previous_secret TEXT;
-ALTER TABLE webhooks ADD COLUMN previous_secret_until TEXT
+ALTER TABLE webhooks ADD COLUMN previous_secret_until TEXT;
+ALTER TABLE webhook_deliveries ADD COLUMN retry_from TEXT
 """
 
 #: SQLite's words and PostgreSQL's, for the types that differ. SQLite's INTEGER is 64 bits;

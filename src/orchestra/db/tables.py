@@ -338,6 +338,8 @@ webhook_deliveries = Table(
     Column("lease_expires_at", Text),
     Column("created_at", Text, nullable=False),
     Column("finished_at", Text),
+    # Migration 16: where a redelivery's retry window starts (NULL: at created_at).
+    Column("retry_from", Text),
     _one_of("status", ("pending", "delivered", "failed")),
     Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
     Index("ix_webhook_deliveries_webhook", "webhook_id", "id"),

@@ -195,7 +195,13 @@ def _claim_statement(engine: str) -> Any:
             next_attempt_at=bindparam("expires"),
             attempts=_d.c.attempts + 1,
         )
-        .returning(_d.c.id, _d.c.webhook_id, _d.c.payload, _d.c.attempts, _d.c.created_at)
+        .returning(
+            _d.c.id,
+            _d.c.webhook_id,
+            _d.c.payload,
+            _d.c.attempts,
+            func.coalesce(_d.c.retry_from, _d.c.created_at).label("retry_from"),
+        )
     )
 
 
@@ -371,7 +377,7 @@ class WebhookStore:
             .values(
                 status=DeliveryStatus.PENDING.value,
                 next_attempt_at=at,
-                created_at=at,  # the retry window starts again
+                retry_from=at,  # the retry window starts again
                 finished_at=None,
                 lease_owner=None,
                 lease_expires_at=None,
@@ -415,7 +421,7 @@ class WebhookStore:
                     secret=hooks[r["webhook_id"]].secret,
                     payload=r["payload"],
                     attempt=r["attempts"],
-                    created_at=r["created_at"],
+                    retry_from=r["retry_from"],
                     previous_secret=(
                         hooks[r["webhook_id"]].previous_secret
                         if hooks[r["webhook_id"]].previous_signs
