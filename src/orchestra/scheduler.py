@@ -248,6 +248,7 @@ async def fire_due(
         task=task,
         error=error,
         at=iso(moment),
+        missed=None if due.missed is None else (iso(due.missed[0]), iso(due.missed[1])),
     )
     if fired.outcome == "submitted" and task is not None:
         metrics.task_submitted(task.template)

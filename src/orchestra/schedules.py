@@ -179,10 +179,13 @@ class Schedule(msgspec.Struct, frozen=True):
 
 class Plan(msgspec.Struct, frozen=True):
     """What a due schedule does now: fire the tick ``fire_at`` (None: fire nothing, the
-    ticks up to now were missed), then wait for ``next_at``."""
+    ticks up to now were missed), then wait for ``next_at``. ``missed``: the ticks missed
+    (the service was down) as a range, from the first of them to the tick before which they
+    end (the one that fires, or the next one), when any were."""
 
     fire_at: datetime | None
     next_at: datetime
+    missed: tuple[datetime, datetime] | None = None
 
 
 def parse_time(text: str) -> datetime:
@@ -348,4 +351,8 @@ def plan(
         return Plan(fire_at=next_fire_at, next_at=next_after(timing, next_fire_at))
     missed = _last_before(timing, next_fire_at, horizon)
     resume = next_after(timing, missed)
-    return Plan(fire_at=missed if catch_up == "latest" else None, next_at=resume)
+    if catch_up == "latest":
+        # The latest fires; the ones before it, if any, were missed.
+        before = (next_fire_at, missed) if missed > next_fire_at else None
+        return Plan(fire_at=missed, next_at=resume, missed=before)
+    return Plan(fire_at=None, next_at=resume, missed=(next_fire_at, resume))

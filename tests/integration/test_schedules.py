@@ -263,7 +263,17 @@ async def test_after_downtime_catch_up_none_fires_nothing_for_the_missed_ticks(
     await create(idle, every="1m", catch_up="none")
     clock_of(idle).advance(3600 + 45)  # an hour down: the tick at +60m is 45 s late
     await fire_due(idle)
-    assert await fires(idle, "digest") == []
+    # No task; one record says which ticks were missed (nothing did, before).
+    [missed] = await fires(idle, "digest")
+    assert (missed["fire_at"], missed["outcome"], missed["task_id"]) == (
+        iso(START + timedelta(minutes=1)),
+        "missed",
+        None,
+    )
+    assert missed["error"] == (
+        f"every tick from {iso(START + timedelta(minutes=1))} to before "
+        f"{iso(START + timedelta(minutes=61))} was missed (not running)"
+    )
     one = (await idle.client.get(f"{SCHEDULES}/digest")).json()
     assert one["next_fire_at"] == iso(START + timedelta(minutes=61))
 
@@ -276,8 +286,12 @@ async def test_after_downtime_catch_up_latest_fires_once_for_the_missed_ticks(
     await fire_due(idle)
     got = await fires(idle, "digest")
     assert [(f["fire_at"], f["outcome"]) for f in got] == [
-        (iso(START + timedelta(hours=5)), "submitted")
+        (iso(START + timedelta(hours=5)), "submitted"),
+        (iso(START + timedelta(minutes=10)), "missed"),  # the ticks before it
     ]
+    assert got[1]["error"].endswith(
+        f"to before {iso(START + timedelta(hours=5))} was missed (not running)"
+    )
     one = (await idle.client.get(f"{SCHEDULES}/digest")).json()
     assert one["next_fire_at"] == iso(START + timedelta(hours=5, minutes=10))
     assert sql_rows(db_url, "SELECT count(*) FROM tasks") == [(1,)]

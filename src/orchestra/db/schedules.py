@@ -226,11 +226,14 @@ class ScheduleStore:
         task: NewTask | None,
         error: str | None,
         at: str,
+        missed: tuple[str, str] | None = None,
     ) -> Fired:
         """Fire the tick ``fire_at`` of ``schedule`` and move its next tick to ``next_at``, in
         one transaction (see the module docstring); ``fire_at`` None moves it on only (missed
         ticks). ``task`` is what the tick queues (None: it cannot, and ``error`` says why).
-        With ``overlap = "skip"`` a tick whose previous task is unfinished queues nothing."""
+        With ``overlap = "skip"`` a tick whose previous task is unfinished queues nothing.
+        ``missed``: the range of ticks missed meanwhile, recorded as one ``missed`` tick (at
+        the first of them) saying so."""
         expected = schedule.next_fire_at
         moved = (
             update(schedules)
@@ -252,16 +255,9 @@ class ScheduleStore:
         )
         busy = sorted(s.value for s in ACTIVE)
 
-        def work(conn: Connection) -> Fired:
-            if conn.execute(moved).first() is None:
-                return Fired("lost")
-            if fire_at is None:
-                return Fired("missed")
-            outcome: Outcome = "submitted" if task is not None else "failed"
-            if task is not None and schedule.spec.overlap == "skip":
-                if conn.execute(previous).scalar() in busy:
-                    outcome = "skipped"
-            record = (
+        def record(conn: Connection, fire_at: str, outcome: Outcome, error: str | None) -> Any:
+            """The tick's row (none when it has one: another process fired it)."""
+            return (
                 insert_for(conn)(schedule_fires)
                 .values(
                     schedule_id=schedule.id, fire_at=fire_at, outcome=outcome, error=error, time=at
@@ -269,9 +265,23 @@ class ScheduleStore:
                 .on_conflict_do_nothing(index_elements=["schedule_id", "fire_at"])
                 .returning(f.fire_at)
             )
+
+        def work(conn: Connection) -> Fired:
+            if conn.execute(moved).first() is None:
+                return Fired("lost")
+            if missed is not None:
+                first, until = missed
+                why = f"every tick from {first} to before {until} was missed (not running)"
+                conn.execute(record(conn, first, "missed", why))
+            if fire_at is None:
+                return Fired("missed")
+            outcome: Outcome = "submitted" if task is not None else "failed"
+            if task is not None and schedule.spec.overlap == "skip":
+                if conn.execute(previous).scalar() in busy:
+                    outcome = "skipped"
             # RETURNING, not rowcount: on PostgreSQL an INSERT's rowcount here is -1, row or
             # no row.
-            if conn.execute(record).first() is None:
+            if conn.execute(record(conn, fire_at, outcome, error)).first() is None:
                 return Fired("duplicate")
             if outcome != "submitted" or task is None:
                 return Fired(outcome)

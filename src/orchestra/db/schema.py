@@ -469,11 +469,38 @@ END"""
 # Migration 16: a subscription's secret can be rolled over; the one before keeps signing
 # deliveries (beside the new one) until ``previous_secret_until``. A redelivery starts its
 # retry window at ``retry_from`` (it overwrote ``created_at``, the event's time, before).
-_V16 = """
-ALTER TABLE webhooks ADD COLUMN previous_secret TEXT;
-ALTER TABLE webhooks ADD COLUMN previous_secret_until TEXT;
-ALTER TABLE webhook_deliveries ADD COLUMN retry_from TEXT
-"""
+# A schedule's ticks missed while no process ran are recorded (``missed``): SQLite cannot
+# change a CHECK, so its table is made again.
+_V16 = (
+    "ALTER TABLE webhooks ADD COLUMN previous_secret TEXT",
+    "ALTER TABLE webhooks ADD COLUMN previous_secret_until TEXT",
+    "ALTER TABLE webhook_deliveries ADD COLUMN retry_from TEXT",
+    """
+CREATE TABLE schedule_fires_16 (
+    schedule_id INTEGER NOT NULL,
+    fire_at TEXT NOT NULL,
+    task_id INTEGER,
+    outcome TEXT NOT NULL,
+    error TEXT,
+    time TEXT NOT NULL,
+    PRIMARY KEY (schedule_id, fire_at),
+    FOREIGN KEY(schedule_id) REFERENCES schedules (id) ON DELETE CASCADE,
+    FOREIGN KEY(task_id) REFERENCES tasks (id) ON DELETE SET NULL,
+    CONSTRAINT ck_outcome_word CHECK (outcome IN ('submitted', 'skipped', 'failed', 'missed'))
+)""",
+    "INSERT INTO schedule_fires_16 SELECT schedule_id, fire_at, task_id, outcome, error, time "
+    "FROM schedule_fires",
+    "DROP TABLE schedule_fires",
+    "ALTER TABLE schedule_fires_16 RENAME TO schedule_fires",
+    "CREATE INDEX ix_schedule_fires_task ON schedule_fires (task_id)",
+    "CREATE INDEX ix_schedule_fires_time ON schedule_fires (time)",
+)
+_V16_POSTGRESQL = (
+    *_V16[:3],
+    "ALTER TABLE schedule_fires DROP CONSTRAINT ck_outcome_word",
+    "ALTER TABLE schedule_fires ADD CONSTRAINT ck_outcome_word "
+    "CHECK (outcome IN ('submitted', 'skipped', 'failed', 'missed'))",
+)
 
 #: SQLite's words and PostgreSQL's, for the types that differ. SQLite's INTEGER is 64 bits;
 #: PostgreSQL's is 32, and a priority or a version past 2**31 must fit as it does on SQLite.
@@ -556,7 +583,7 @@ MIGRATIONS: list[Migration] = [
     _sql(_V13),
     _sql(_V14),
     _statements(OUTBOX_TRIGGER, postgresql=()),
-    _sql(_V16),
+    _statements(*_V16, postgresql=_V16_POSTGRESQL),
 ]
 LATEST = len(MIGRATIONS)
 

@@ -294,7 +294,7 @@ schedule_fires = Table(
     Column("error", Text),
     Column("time", Text, nullable=False),
     PrimaryKeyConstraint("schedule_id", "fire_at"),
-    _one_of("outcome", ("submitted", "skipped", "failed")),
+    _one_of("outcome", ("submitted", "skipped", "failed", "missed")),
     # A deleted task sets its tick's task_id to NULL (found by index), and retention drops
     # ticks by age.
     Index("ix_schedule_fires_task", "task_id"),
