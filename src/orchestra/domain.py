@@ -247,6 +247,9 @@ class TaskSummary(msgspec.Struct, frozen=True):
     tokens: int
     attempts: int
     error: TaskError | None = None
+    #: When a queued task becomes due (its submit, the end of its delay, or its retry); for
+    #: other statuses the time it last did.
+    run_at: str | None = None
 
 
 class TaskFilter(msgspec.Struct, frozen=True):

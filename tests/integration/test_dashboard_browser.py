@@ -353,6 +353,8 @@ async def test_providers_and_keys_pages_work_in_the_browser(
     await page.goto(f"{service.url}/ui/keys")
     await page.fill("input[name=name]", "from-the-browser")
     await page.select_option("select[name=scope]", "read")
+    await expect(page.locator("#first-key-warning")).to_contain_text("401")
+    await page.check("#confirm-auth")  # the first key turns authentication on
     await page.click("text=Make key")
     await expect(page.locator("#new-token")).to_have_text(re.compile(r"^orc_"), timeout=WAIT)
     token = await page.locator("#new-token").text_content()

@@ -48,7 +48,7 @@ from orchestra.catalog import TemplateCatalog
 from orchestra.config import AuthSettings, Settings
 from orchestra.tasks import TaskService
 from orchestra.templating.registry import TemplateRegistry
-from orchestra.web.render import template_config
+from orchestra.web.render import ROUTING_HANDLERS, template_config
 from orchestra.web.routes import dashboard, own_paths, ui_path
 
 
@@ -231,7 +231,10 @@ def _build(surface: Surface) -> Litestar:
             "catalog": Provide(_catalog, sync_to_thread=False),
             "schedules": Provide(_schedules, sync_to_thread=False),
         },
-        exception_handlers=HANDLERS,
+        # Under the dashboard's path, routing's 404 and 405 are its HTML pages.
+        exception_handlers=(
+            HANDLERS if surface.ui_path is None else {**HANDLERS, **ROUTING_HANDLERS}
+        ),
         before_send=[_allow_every_method],
         openapi_config=OpenAPIConfig(
             title="AI Task Orchestra",

@@ -64,6 +64,7 @@ _SUMMARY_COLUMNS = (
     tasks.c.finished_at,
     tasks.c.attempts,
     tasks.c.error,
+    tasks.c.run_at,
 )
 #: The columns a text search looks in.
 _SEARCHED = (tasks.c.params, tasks.c.result, tasks.c.error)
@@ -105,8 +106,24 @@ FROM minutes
 """
 )
 
+# Queued tasks not due yet (delayed, or waiting to retry): per priority in use, a range of the
+# queue's index after ``now`` (index-only; as long as the tasks scheduled, not the queue).
+_SCHEDULED_SQL = """
+WITH RECURSIVE levels(priority) AS (
+    SELECT max(priority) FROM tasks INDEXED BY ix_tasks_queue WHERE status = 'queued'
+    UNION ALL
+    SELECT (SELECT max(priority) FROM tasks INDEXED BY ix_tasks_queue
+            WHERE status = 'queued' AND priority < levels.priority)
+    FROM levels WHERE levels.priority IS NOT NULL
+)
+SELECT coalesce(sum((SELECT count(*) FROM tasks INDEXED BY ix_tasks_queue
+                     WHERE status = 'queued' AND priority = levels.priority
+                     AND run_at > :now)), 0)
+FROM levels WHERE levels.priority IS NOT NULL
+"""
 
 _OLDEST_DUE = {d: text(hinted(_OLDEST_DUE_SQL, d)) for d in ("sqlite", "postgresql")}
+_SCHEDULED = {d: text(hinted(_SCHEDULED_SQL, d)) for d in ("sqlite", "postgresql")}
 # PostgreSQL counts the hour in one GROUP BY over its finished index; the minutes it has no
 # rows for are filled with zeros in Python.
 _PER_MINUTE_GROUPED = text(
@@ -143,12 +160,15 @@ class Overview(msgspec.Struct, frozen=True):
     submit, the end of its delay, its retry), None when no queued task is due.
     ``per_minute`` covers the last hour, oldest minute first, the current minute last,
     zero-filled. ``recent_failures`` are the newest failed tasks (by id), newest first.
+    ``scheduled`` is how many queued tasks are not due yet (a delay, a retry's backoff): the
+    queue's depth less these is what waits for a worker now.
     """
 
     counts: dict[str, int]
     oldest_queued_at: str | None
     per_minute: list[MinuteCount]
     recent_failures: list[TaskSummary]
+    scheduled: int = 0
 
 
 def like_pattern(text: str) -> str:
@@ -256,6 +276,7 @@ class DashboardStore:
         async with self.db.read() as conn:
             counts = await _counts(conn)
             due = (await conn.execute(_OLDEST_DUE[conn.dialect.name])).scalar()
+            later = (await conn.execute(_SCHEDULED[conn.dialect.name], {"now": iso(now)})).scalar()
             minutes = await _per_minute(conn, span)
             recent = await _summaries(conn, failed) if failures > 0 else []
         return Overview(
@@ -263,6 +284,7 @@ class DashboardStore:
             oldest_queued_at=due if due is not None and due <= iso(now) else None,
             per_minute=minutes,
             recent_failures=recent,
+            scheduled=int(later or 0),
         )
 
     async def page(

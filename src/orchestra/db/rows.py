@@ -104,6 +104,7 @@ def summary_from_row(row: Row[Any], tokens: int) -> TaskSummary:
         tokens=tokens,
         attempts=m["attempts"],
         error=error_of(m["error"]),
+        run_at=m.get("run_at"),
     )
 
 

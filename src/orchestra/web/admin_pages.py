@@ -11,9 +11,16 @@ from litestar.response import Redirect, Template
 
 from orchestra.api.scope import runtime_of
 from orchestra.auth import SCOPES
-from orchestra.errors import ConflictError, InvalidRequest, Unauthorized
+from orchestra.errors import ConflictError, InvalidRequest, NotFoundError, Unauthorized
 from orchestra.web.access import COOKIE, cookie_of
-from orchestra.web.render import links, page
+from orchestra.web.render import caller_of, links, page
+
+#: What making the first key does, said before it is made (and ticked to go ahead).
+TURNS_ON_AUTH = (
+    "No API key exists yet, so the API and this dashboard are open to this machine without "
+    "one. Making the first key turns authentication on: from then on every API request needs "
+    "a key (clients without one get 401), and this dashboard asks you to log in with a key."
+)
 
 
 def _safe_next(target: str, base: str) -> str:
@@ -66,6 +73,11 @@ class AccessPages(Controller):
         )
         return Redirect(target, status_code=303, cookies=[cookie])
 
+    @get("/logout")
+    async def logout_page(self, request: Request[Any, Any, Any]) -> Redirect:
+        """No page of its own (logging out is a POST): the overview."""
+        return Redirect(links(request).ui("/"), status_code=303)
+
     @post("/logout", status_code=303, opt={"scope": "read"})
     async def logout(self, request: Request[Any, Any, Any]) -> Redirect:
         """End the session (here and in the database: the cookie stops working anywhere)."""
@@ -87,7 +99,15 @@ class KeyPages(Controller):
         self, request: Request[Any, Any, Any], status_code: int = 200, **context: Any
     ) -> Template:
         keys = await runtime_of(request.scope).keys.all()
-        defaults = {"made": None, "token": None, "error": "", "scopes": SCOPES}
+        defaults = {
+            "made": None,
+            "token": None,
+            "error": "",
+            "scopes": SCOPES,
+            "first_key": _opens(request, keys),
+            "turns_on_auth": TURNS_ON_AUTH,
+            "auth_now_on": False,
+        }
         return page(
             request,
             "keys.html",
@@ -108,14 +128,40 @@ class KeyPages(Controller):
         form = await request.form()
         name, scope = str(form.get("name", "")).strip(), str(form.get("scope", ""))
         runtime = runtime_of(request.scope)
+        first = _opens(request, await runtime.keys.all())
         try:
             if scope not in SCOPES:
                 raise InvalidRequest("scope must be read, submit or admin")
+            if first and form.get("confirm") != "auth-on":
+                raise InvalidRequest(
+                    "tick the box to confirm: the first key turns authentication on"
+                )
             made, token = await runtime.keys.create(name, scope)
         except (InvalidRequest, ConflictError) as exc:
             return await self._page(request, status_code=422, error=exc.message)
         runtime.gatekeeper.forget()
+        if first:
+            # This page was the last one open access shows: say so, not "open access".
+            return await self._page(
+                request, made=made, token=token, auth_now_on=True, first_key=False, caller=None
+            )
         return await self._page(request, made=made, token=token)
+
+    @get("/{key_id:str}/revoke")
+    async def revoke_page(self, request: Request[Any, Any, Any], key_id: FromPath[str]) -> Template:
+        """Ask before revoking a key, naming it and what stops working."""
+        keys = await runtime_of(request.scope).keys.all()
+        key = next((k for k in keys if k.id == key_id), None)
+        if key is None:
+            raise NotFoundError(f"no API key with id {key_id!r}")
+        caller = caller_of(request)
+        return page(
+            request,
+            "revoke.html",
+            section="keys",
+            key=key,
+            yours=caller is not None and caller.key_id == key.id,
+        )
 
     @post("/{key_id:str}/revoke", status_code=303)
     async def revoke(self, request: Request[Any, Any, Any], key_id: FromPath[str]) -> Redirect:
@@ -124,3 +170,14 @@ class KeyPages(Controller):
         await runtime.keys.revoke(key_id, by_id=True)
         runtime.gatekeeper.forget()
         return Redirect(links(request).ui("/keys"), status_code=303)
+
+
+def _opens(request: Request[Any, Any, Any], keys: list[Any]) -> bool:
+    """Whether making a key now turns authentication on: the caller is in by open access (no
+    key exists, on loopback) rather than a key or ``allow_anonymous``."""
+    caller = caller_of(request)
+    if caller is None or caller.key_id is not None:
+        return False
+    if runtime_of(request.scope).settings.auth.allow_anonymous:
+        return False
+    return not any(k.revoked_at is None for k in keys)

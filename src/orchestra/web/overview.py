@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from litestar import Controller, Request, get, post
-from litestar.response import ServerSentEvent, ServerSentEventMessage, Template
+from litestar.response import Redirect, ServerSentEvent, ServerSentEventMessage, Template
 
 from orchestra.api.scope import runtime_of
 from orchestra.domain import now
 from orchestra.web import views
-from orchestra.web.render import bounded, page
+from orchestra.web.render import bounded, links, page
 
 #: A live page is told at most this often that tasks changed.
 CHANGED_EVERY = 1.0
@@ -29,6 +29,8 @@ async def _overview(request: Request[Any, Any, Any]) -> dict[str, Any]:
         "data": data,
         "chart": views.chart(data.per_minute),
         "queued_for": views.age(data.oldest_queued_at, at),
+        # Queued and due: what waits for a worker now (the rest wait for their time).
+        "ready": max(0, data.counts.get("queued", 0) - data.scheduled),
         "busy": pool.running if pool is not None else 0,
         # None: this process runs no workers (--no-workers); others run the tasks.
         "slots": runtime.settings.workers.concurrency if runtime.settings.server.workers else None,
@@ -64,6 +66,11 @@ class OverviewPages(Controller):
         """Model chains, the entry serving each now, and every provider's last check."""
         router = runtime_of(request.scope).router
         return await _providers(request, router.states())
+
+    @get("/providers/check")
+    async def check_page(self, request: Request[Any, Any, Any]) -> Redirect:
+        """No page of its own: the providers."""
+        return Redirect(links(request).ui("/providers"), status_code=303)
 
     @post("/providers/check", status_code=200, opt={"scope": "read"})
     async def check_providers(self, request: Request[Any, Any, Any]) -> Template:

@@ -9,9 +9,15 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from litestar import Request
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.datastructures import Cookie
+from litestar.exceptions import (
+    HTTPException,
+    MethodNotAllowedException,
+    NotFoundException,
+    ValidationException,
+)
 from litestar.plugins.jinja import JinjaTemplateEngine
-from litestar.response import ServerSentEventMessage, Template
+from litestar.response import Response, ServerSentEventMessage, Template
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.template import TemplateConfig
 from litestar.types import ExceptionHandlersMap
@@ -74,9 +80,14 @@ def page(
     *,
     status_code: int = 200,
     headers: dict[str, str] | None = None,
+    cookies: list[Cookie] | None = None,
     **context: Any,
 ) -> Template:
-    """Render the page ``page_name`` with what every page needs: links, caller, permissions."""
+    """Render the page ``page_name`` with what every page needs: links, caller, permissions.
+
+    A page answering a POST (a form's problems, a new key's token) leaves the address bar as
+    it was: htmx would record the POST's URL, which a reload or Back then asks for with GET.
+    """
     caller = caller_of(request)
     base = {
         "ui": links(request),
@@ -87,11 +98,13 @@ def page(
         "section": "",
         "statuses": views.STATUS_WORDS,
     }
+    kept = {} if request.method in ("GET", "HEAD") else {"hx-push-url": "false"}
     return Template(
         template_name=page_name,
         context={**base, **context},
         status_code=status_code,
-        headers={**NO_STORE, **(headers or {})},
+        headers={**NO_STORE, **kept, **(headers or {})},
+        cookies=cookies,
     )
 
 
@@ -132,6 +145,24 @@ def error_page(request: Request[Any, Any, Any], exc: Exception) -> Template:
 #: handler is picked by the error's class, nearest first, across the app and this router).
 HANDLERS: ExceptionHandlersMap = {
     kind: error_page for kind in api_errors.HANDLERS if isinstance(kind, type)
+}
+
+
+def _dashboard_or_api(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    """A 404 or 405 that routing raised (no handler matched, so no router's handlers apply):
+    an HTML page under the dashboard's path, the API's JSON elsewhere."""
+    settings = runtime_of(request.scope).settings
+    base = settings.ui.path.rstrip("/")
+    path = request.scope["path"]
+    if settings.ui.enabled and (path == base or path.startswith(base + "/")):
+        return error_page(request, exc)
+    return api_errors.http_error(request, exc)
+
+
+#: For the app: routing's own 404 and 405 under the dashboard's path as its HTML pages.
+ROUTING_HANDLERS: ExceptionHandlersMap = {
+    NotFoundException: _dashboard_or_api,
+    MethodNotAllowedException: _dashboard_or_api,
 }
 
 

@@ -8,6 +8,7 @@ from typing import Any, cast
 
 import msgspec
 from litestar import Controller, Request, get, post
+from litestar.datastructures import Cookie
 from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect, ServerSentEvent, ServerSentEventMessage, Template
 from markupsafe import escape
@@ -19,12 +20,16 @@ from orchestra.errors import FieldProblem, InvalidRequest
 from orchestra.event_types import EventType
 from orchestra.tasks import MAX_ID
 from orchestra.web.render import bounded, links, page
+from orchestra.web.views import until
 
 PAGE_SIZE = 50
 #: The time range presets of the filter form.
 SINCE = {"15m": 15, "1h": 60, "24h": 24 * 60, "7d": 7 * 24 * 60, "30d": 30 * 24 * 60}
 #: The bulk actions.
 ELIGIBLE = ("cancel", "retry")
+#: The cookie that carries what a bulk action did to the page it redirects to, once (not the
+#: address: a reload would say it again, and anyone could write a link claiming anything).
+NOTICE_COOKIE = "orchestra_notice"
 
 
 def _action(value: object) -> Action:
@@ -129,18 +134,43 @@ def filters_of(query: Any) -> Filters:
     )
 
 
-def _notice(query: Any) -> str:
-    """What the last bulk action did (``done`` and ``n``, from its redirect); a count that is
-    no number shows nothing."""
-    done = query.get("done")
+def _notice(value: str | None) -> str:
+    """What the last bulk action did, from the cookie its redirect set (``cancel.5``); a value
+    that is not an action and a count shows nothing."""
+    done, _, n = (value or "").partition(".")
     if done not in ELIGIBLE:
         return ""
     try:
-        count = whole(str(query.get("n", "")), "n", least=0)
+        count = whole(n, "n", least=0)
     except InvalidRequest:
         return ""
     verb = "Cancelled" if done == "cancel" else "Queued again"
     return f"{verb}: {count} task{'s' if count != 1 else ''}."
+
+
+def _notice_cookie(request: Request[Any, Any, Any], value: str) -> Cookie:
+    """The notice cookie holding ``value`` (an empty value with no age deletes it)."""
+    return Cookie(
+        key=NOTICE_COOKIE,
+        value=value,
+        path=links(request).base or "/",
+        max_age=60 if value else 0,
+        httponly=True,
+        samesite="strict",
+    )
+
+
+def _blank_fields(query: Any) -> dict[str, list[str]] | None:
+    """The query without its empty fields, when it has any (a submitted filter form sends
+    every field); None when it has none."""
+    pairs = list(query.multi_items())
+    kept = [(k, v) for k, v in pairs if str(v).strip()]
+    if len(kept) == len(pairs):
+        return None
+    clean: dict[str, list[str]] = {}
+    for key, value in kept:
+        clean.setdefault(key, []).append(value)
+    return clean
 
 
 class TaskPages(Controller):
@@ -159,6 +189,7 @@ class TaskPages(Controller):
             "next_cursor": result.next_cursor,
             "given": found.given,
             "first_page": before is None,
+            "now": now(),
             # A text search no index serves would run again on every change.
             "live": before is None and "q" not in found.given,
             "templates": [t.name for t in runtime.catalog.all()],
@@ -166,13 +197,19 @@ class TaskPages(Controller):
         }
 
     @get("/", name="ui.tasks")
-    async def tasks(self, request: Request[Any, Any, Any]) -> Template:
-        """The table, filtered, newest first; live on the first page unless searching."""
+    async def tasks(self, request: Request[Any, Any, Any]) -> Template | Redirect:
+        """The table, filtered, newest first; live on the first page unless searching. An
+        address with empty fields is sent on to the same one without them."""
+        clean = _blank_fields(request.query_params)
+        if clean is not None:
+            return Redirect(links(request).ui("/tasks", **clean), status_code=303)
+        flashed = request.cookies.get(NOTICE_COOKIE)
         return page(
             request,
             "tasks.html",
             section="tasks",
-            notice=_notice(request.query_params),
+            notice=_notice(flashed),
+            cookies=[_notice_cookie(request, "")] if flashed is not None else None,
             **await self._table(request),
         )
 
@@ -226,9 +263,15 @@ class TaskPages(Controller):
             else:
                 outcome = await bulk.retry_tasks(ids)
         return Redirect(
-            links(request).ui("/tasks", done=action, n=outcome.changed, **found.given),
+            links(request).ui("/tasks", **found.given),
             status_code=303,
+            cookies=[_notice_cookie(request, f"{action}.{outcome.changed}")],
         )
+
+    @get("/bulk")
+    async def bulk_page(self, request: Request[Any, Any, Any]) -> Redirect:
+        """No page of its own (a reload or Back after a bulk action lands here): the tasks."""
+        return Redirect(links(request).ui("/tasks"), status_code=303)
 
     @get("/{task_id:int}", name="ui.task")
     async def task(self, request: Request[Any, Any, Any], task_id: FromPath[int]) -> Template:
@@ -280,6 +323,18 @@ class TaskPages(Controller):
         # Its own Cache-Control, spelled as Litestar's, which then adds no second one.
         return ServerSentEvent(bounded(stream()), headers={"Cache-Control": "no-store"})
 
+    @get("/{task_id:int}/cancel")
+    async def cancel_page(
+        self, request: Request[Any, Any, Any], task_id: FromPath[int]
+    ) -> Redirect:
+        """No page of its own: the task's."""
+        return Redirect(links(request).ui(f"/tasks/{task_id}"), status_code=303)
+
+    @get("/{task_id:int}/retry")
+    async def retry_page(self, request: Request[Any, Any, Any], task_id: FromPath[int]) -> Redirect:
+        """No page of its own: the task's."""
+        return Redirect(links(request).ui(f"/tasks/{task_id}"), status_code=303)
+
     @post("/{task_id:int}/cancel", opt={"scope": "submit"}, status_code=303)
     async def cancel(self, request: Request[Any, Any, Any], task_id: FromPath[int]) -> Redirect:
         """Cancel the task, then show it."""
@@ -301,6 +356,8 @@ async def _detail(request: Request[Any, Any, Any], task_id: int) -> dict[str, An
     completion = sum(s.usage.completion_tokens or 0 for s in task.steps if s.usage)
     return {
         "task": task,
+        # A queued task not due yet: delayed, or waiting to retry.
+        "due_in": until(task.next_run_at, now()),
         "streamed": live.streamed,
         "streaming_step": running[0] if running else None,
         "last_seq": live.after,

@@ -220,6 +220,11 @@ class TemplatePages(Controller):
         template = runtime_of(request.scope).catalog.get(name)
         return _editor(request, template.text, name)
 
+    @get("/{name:str}/run")
+    async def run_page(self, request: Request[Any, Any, Any], name: FromPath[str]) -> Redirect:
+        """No page of its own (a reload, or Back, after the form was sent): the template's."""
+        return Redirect(links(request).ui(f"/templates/{name}"), status_code=303)
+
     @post("/{name:str}/run", opt={"scope": "submit"}, status_code=303)
     async def run(
         self, request: Request[Any, Any, Any], name: FromPath[str]

@@ -63,16 +63,41 @@ def age(iso_time: str | None, now: datetime) -> str:
     return duration(max(0.0, seconds) * 1000)
 
 
+def until(iso_time: str | None, now: datetime) -> str | None:
+    """How long until ``iso_time``, in words ("in 23 h 59 min"); None once it has come."""
+    if not iso_time:
+        return None
+    seconds = (datetime.fromisoformat(iso_time) - now).total_seconds()
+    if seconds <= 0:
+        return None
+    return "in " + duration(seconds * 1000 if seconds >= 1 else 1000)
+
+
+#: Characters that reorder the text around them (Unicode's bidirectional embeddings,
+#: overrides, isolates and marks): a value holding one would read as something it is not
+#: ("desrever" for "reversed"), so pages show them as JSON escapes.
+_BIDI = [0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+_ESCAPED = {code: f"\\u{code:04x}" for code in _BIDI}
+
+
+def visible(text: str) -> str:
+    """``text`` with its direction controls written as escapes (``\\u202e``)."""
+    return text.translate(_ESCAPED)
+
+
 def pretty(value: Any) -> str:
-    """A value as it reads best: text as text, anything else as indented JSON."""
+    """A value as it reads best: text as text, anything else as indented JSON; direction
+    controls escaped either way."""
     if isinstance(value, str):
-        return value
-    return json.dumps(msgspec.to_builtins(value), indent=2, ensure_ascii=False)
+        return visible(value)
+    return visible(json.dumps(msgspec.to_builtins(value), indent=2, ensure_ascii=False))
 
 
 def compact(value: Any, limit: int = 120) -> str:
-    """A value on one line, cut at ``limit`` characters (for tables)."""
+    """A value on one line, cut at ``limit`` characters (for tables); direction controls
+    escaped."""
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    text = visible(text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -136,4 +161,12 @@ def chart(minutes: Sequence[Any], width: int = 600, height: int = 120) -> Chart:
     )
 
 
-FILTERS = {"when": when, "epoch": epoch, "duration": duration, "pretty": pretty, "compact": compact}
+FILTERS = {
+    "when": when,
+    "epoch": epoch,
+    "duration": duration,
+    "pretty": pretty,
+    "compact": compact,
+    "visible": visible,
+    "until": until,
+}

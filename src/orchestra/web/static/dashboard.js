@@ -84,6 +84,44 @@
     }
   });
 
+  // --- Connection --------------------------------------------------------------------------
+  // When the server cannot be reached (stopped, the network gone), the page says so until a
+  // request or a live stream gets through again; it would otherwise go on showing old data.
+  // A live stream that ends on its own reconnects within seconds: only an error that lasts
+  // LOST_AFTER ms shows the marker. A request that could not be sent shows it at once.
+  var LOST_AFTER = 4000;
+  var lost = false;
+  var lostTimer = null;
+
+  function showLost() {
+    lostTimer = null;
+    lost = true;
+    var marker = document.getElementById("offline");
+    if (marker) marker.hidden = false;
+  }
+
+  function connected() {
+    if (lostTimer) { clearTimeout(lostTimer); lostTimer = null; }
+    var marker = document.getElementById("offline");
+    if (marker) marker.hidden = true;
+    if (!lost) return;
+    lost = false;
+    // Back again: live parts fetch themselves now rather than at the next change.
+    document.querySelectorAll("[data-live][hx-trigger]").forEach(function (el) {
+      var trigger = el.getAttribute("hx-trigger");
+      if (trigger.indexOf("sse:") === 0 && window.htmx) window.htmx.trigger(el, trigger);
+    });
+  }
+
+  document.addEventListener("htmx:sendError", showLost);
+  document.addEventListener("htmx:sseError", function () {
+    if (!lost && !lostTimer) lostTimer = setTimeout(showLost, LOST_AFTER);
+  });
+  document.addEventListener("htmx:sseOpen", connected);
+  document.addEventListener("htmx:afterRequest", function (evt) {
+    if (evt.detail.xhr && evt.detail.xhr.status > 0) connected();
+  });
+
   // --- The template editor -----------------------------------------------------------------
   function editorParts() {
     return {

@@ -1,0 +1,237 @@
+"""The dashboard over real HTTP (no browser): addresses a browser may come back to (a POST's
+URL, empty filter fields, a bulk action's notice), HTML errors on every unknown address,
+scheduled tasks, failed rows, the first API key and revoking one, and text that could reorder
+itself."""
+
+from __future__ import annotations
+
+import re
+from html import unescape
+
+import httpx
+import msgspec
+import pytest
+
+from orchestra.config import ServerSettings, Settings, UiSettings
+from orchestra.web import task_pages
+from tests.conftest import Service, StartService, make_keys
+from tests.fixtures.fake_ollama import FakeOllama
+
+SAME_SITE = {"sec-fetch-site": "same-origin"}
+#: What htmx sends with a boosted form.
+HTMX = {**SAME_SITE, "hx-request": "true", "hx-boosted": "true"}
+
+
+# -- addresses ---------------------------------------------------------------------------------
+
+
+async def test_a_forms_answer_keeps_the_address_and_its_post_url_redirects_on_get(
+    service: Service,
+) -> None:
+    """A 422 (or any page answering a POST) tells htmx not to record the POST's URL; a GET of
+    any such URL (a reload, Back) goes to the page the form belongs to."""
+    refused = await service.client.post("/ui/templates/summarize/run", data={}, headers=HTMX)
+    assert refused.status_code == 422
+    assert refused.headers["hx-push-url"] == "false"
+    checked = await service.client.post("/ui/providers/check", headers=HTMX)
+    assert checked.status_code == 200 and checked.headers["hx-push-url"] == "false"
+    # Pages answering a GET are recorded as usual.
+    assert "hx-push-url" not in (await service.client.get("/ui/providers")).headers
+    for path, target in (
+        ("/ui/templates/summarize/run", "/ui/templates/summarize"),
+        ("/ui/tasks/bulk", "/ui/tasks"),
+        ("/ui/tasks/7/cancel", "/ui/tasks/7"),
+        ("/ui/tasks/7/retry", "/ui/tasks/7"),
+        ("/ui/providers/check", "/ui/providers"),
+        ("/ui/logout", "/ui/"),
+    ):
+        answer = await service.client.get(path)
+        assert answer.status_code == 303, (path, answer.status_code, answer.text[:200])
+        assert answer.headers["location"] == target, path
+
+
+async def test_empty_filter_fields_are_dropped_from_the_address(service: Service) -> None:
+    answer = await service.client.get(
+        "/ui/tasks?status=cancelled&template=&model=&since=&from=&to=&q=%20"
+    )
+    assert answer.status_code == 303
+    assert answer.headers["location"] == "/ui/tasks?status=cancelled"
+    assert (await service.client.get("/ui/tasks?status=cancelled")).status_code == 200
+    everything = await service.client.get("/ui/tasks?status=&template=")
+    assert everything.headers["location"] == "/ui/tasks"
+
+
+async def test_a_bulk_actions_notice_shows_once_and_never_from_the_address(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.models.clear()  # every call fails: the task fails
+    task = await service.submit("summarize", text="again")
+    assert (await service.wait(task["id"], 30))["status"] == "failed"
+    fake_ollama.models.add("llama3.2")
+    done = await service.client.post(
+        "/ui/tasks/bulk",
+        data={"action": "retry", "id": [str(task["id"])], "status": "failed"},
+        headers=SAME_SITE,
+    )
+    assert done.status_code == 303
+    assert done.headers["location"] == "/ui/tasks?status=failed"  # no count in the address
+    shown = await service.client.get(done.headers["location"])
+    assert "Queued again: 1 task." in shown.text
+    again = await service.client.get(done.headers["location"])  # a reload
+    assert 'class="notice"' not in again.text
+    forged = await service.client.get("/ui/tasks", params={"done": "cancel", "n": "9999"})
+    assert 'class="notice"' not in forged.text
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+async def test_unknown_dashboard_addresses_are_html_pages_and_the_apis_stay_json(
+    service: Service,
+) -> None:
+    for method, path, status in (
+        ("GET", "/ui/nonexistent", 404),
+        ("GET", "/ui/tasks/abc", 404),
+        ("GET", "/ui/tasks/1/nothing", 404),
+        ("POST", "/ui/tasks", 405),
+        ("DELETE", "/ui/templates/summarize/run", 405),
+    ):
+        answer = await service.client.request(method, path, headers=SAME_SITE)
+        assert answer.status_code == status, (path, answer.text[:200])
+        assert answer.headers["content-type"].startswith("text/html"), path
+        assert f"Error {status}" in answer.text and 'href="/ui/tasks"' in answer.text, path
+    api = await service.client.get("/api/v1/nonexistent")
+    assert api.status_code == 404 and api.headers["content-type"] == "application/json"
+    # Behind a proxy, the page's links carry its prefix.
+    proxied = await service.client.get(
+        "/ui/nonexistent", headers={"x-forwarded-prefix": "/orchestra"}
+    )
+    assert 'href="/orchestra/ui/tasks"' in proxied.text
+
+
+async def test_unknown_addresses_under_a_configured_path_and_root_path_are_html(
+    settings: Settings, start_service: StartService
+) -> None:
+    moved = msgspec.structs.replace(
+        settings,
+        ui=UiSettings(path="/console"),
+        server=msgspec.structs.replace(settings.server, root_path="/o"),
+    )
+    assert isinstance(moved.server, ServerSettings)
+    async with start_service(moved) as svc:
+        answer = await svc.client.get("/console/nope")
+        assert answer.status_code == 404 and "text/html" in answer.headers["content-type"]
+        assert 'href="/o/console/tasks"' in answer.text
+        assert (await svc.client.get("/ui/nope")).headers["content-type"] == "application/json"
+
+
+# -- scheduled tasks ---------------------------------------------------------------------------
+
+
+async def test_delayed_tasks_show_when_they_run_and_are_not_counted_as_ready(
+    service: Service,
+) -> None:
+    ids = []
+    for _ in range(3):
+        made = await service.client.post(
+            "/api/v1/tasks",
+            json={"template": "summarize", "params": {"text": "tomorrow"}, "delay": 86400},
+        )
+        assert made.status_code == 201, made.text
+        ids.append(made.json()["id"])
+    overview = (await service.client.get("/ui/")).text
+    assert re.search(r'id="queue-depth">3<', overview)
+    assert re.search(r'id="queue-ready">0<', overview), overview
+    assert re.search(r'id="queue-scheduled">3<', overview)
+    rows = (await service.client.get("/ui/tasks")).text
+    assert len(re.findall(r'class="due">due in 23 h 59 min<', rows)) == 3, rows
+    page = (await service.client.get(f"/ui/tasks/{ids[0]}")).text
+    due = re.search(r'<dt>Scheduled for</dt><dd id="due"><time datetime="([^"]+)"', page)
+    api = (await service.client.get(f"/api/v1/tasks/{ids[0]}")).json()
+    assert due and due.group(1) == api["next_run_at"]
+    assert "(in 23 h 59 min)" in page
+
+
+# -- the task list -----------------------------------------------------------------------------
+
+
+async def test_failed_rows_show_their_error_and_later_pages_link_to_the_newest(
+    service: Service, fake_ollama: FakeOllama, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(task_pages, "PAGE_SIZE", 1)
+    fake_ollama.models.clear()  # every call fails
+    failed = [await service.submit("summarize", text=f"f{i}") for i in range(2)]
+    for task in failed:
+        assert (await service.wait(task["id"], 30))["status"] == "failed"
+    error = (await service.client.get(f"/api/v1/tasks/{failed[1]['id']}")).json()["error"]
+    first = (await service.client.get("/ui/tasks?status=failed")).text
+    cell = re.search(r'<span class="row-error error-text" title="([^"]*)">([^<]*)<', first)
+    assert cell, first
+    assert unescape(cell.group(1)) == f"{error['type']}: {error['message']}"
+    assert unescape(cell.group(2)).startswith(f"{error['type']}: ")
+    assert 'rel="first"' not in first
+    older = re.search(r'<a href="([^"]+)" rel="next">', first)
+    assert older
+    second = (await service.client.get(unescape(older.group(1)))).text
+    newest = re.search(r'<a href="([^"]+)" rel="first">', second)
+    assert newest and unescape(newest.group(1)) == "/ui/tasks?status=failed"
+
+
+async def test_direction_controls_in_values_are_shown_escaped(service: Service) -> None:
+    text = "say \u202edesrever\u202c and \u2067isolated\u2069"
+    task = await service.submit("summarize", text=text)
+    await service.wait(task["id"])
+    page = (await service.client.get(f"/ui/tasks/{task['id']}")).text
+    params = re.search(r'<pre class="output" id="params">([^<]*)</pre>', page, re.S)
+    assert params, page
+    shown = unescape(params.group(1))
+    assert "\\u202edesrever\\u202c" in shown and "\\u2067isolated\\u2069" in shown
+    assert not re.search("[\u202a-\u202e\u2066-\u2069]", page)
+
+
+# -- API keys ----------------------------------------------------------------------------------
+
+
+async def test_the_first_key_is_made_only_after_a_warning_is_confirmed(service: Service) -> None:
+    page = (await service.client.get("/ui/keys")).text
+    assert 'id="first-key-warning"' in page and "401" in page
+    refused = await service.client.post(
+        "/ui/keys", data={"name": "first", "scope": "admin"}, headers=SAME_SITE
+    )
+    assert refused.status_code == 422 and "confirm" in refused.text
+    assert (await service.client.get("/api/v1/tasks")).status_code == 200  # still open
+    made = await service.client.post(
+        "/ui/keys",
+        data={"name": "first", "scope": "admin", "confirm": "auth-on"},
+        headers=SAME_SITE,
+    )
+    assert made.status_code == 200
+    assert 'id="auth-on"' in made.text and "open access" not in made.text
+    assert "Log in with this key" in made.text
+    assert (await service.client.get("/api/v1/tasks")).status_code == 401
+
+
+async def test_revoking_a_key_asks_first(
+    settings: Settings, db_url: str, start_service: StartService
+) -> None:
+    keys = await make_keys(db_url, "admin", "read")
+    async with start_service(settings) as svc:
+        async with httpx.AsyncClient(base_url=svc.url, timeout=30, headers=SAME_SITE) as client:
+            login = await client.post("/ui/login", data={"key": keys["admin"], "next": "/ui/"})
+            assert login.status_code == 303
+            page = (await client.get("/ui/keys")).text
+            assert 'id="first-key-warning"' not in page  # keys exist already
+            assert "<form" not in page.split('id="list-h"')[1]  # no one-click revoke
+            links = re.findall(r'href="(/ui/keys/[^"/]+/revoke)"', page)
+            assert len(links) == 2
+            pages = {link: (await client.get(link)).text for link in links}
+            [read_link] = [link for link, text in pages.items() if "k-read?" in text]
+            confirm = pages[read_link]
+            assert "Revoke the key k-read?" in confirm and "401" in confirm
+            assert "you will be logged out" not in confirm
+            done = await client.post(read_link)
+            assert done.status_code == 303
+            listed = (await client.get("/ui/keys")).text
+            assert len(re.findall(r'href="/ui/keys/[^"/]+/revoke"', listed)) == 1
+            own = re.findall(r'href="(/ui/keys/[^"/]+/revoke)"', listed)[0]
+            assert "you will be logged out" in (await client.get(own)).text
