@@ -32,6 +32,7 @@ from orchestra.templating.model import (
 )
 from orchestra.templating.regex import SchemaValidator, check_schema, schema_problems
 from orchestra.templating.render import evaluate, parse_json_text, render_text
+from orchestra.templating.schema_refs import ref_problems
 from orchestra.templating.source import format_path
 
 Scope = dict[str, Any]
@@ -72,19 +73,32 @@ def _model(ctx: Context, override: str | None) -> str:
     return model
 
 
+def _unusable(schema: dict[str, Any]) -> str | None:
+    """Why no value could be checked against ``schema`` (a regex RE2 cannot take, a remote,
+    unresolvable or looping $ref), or None. Schemas in templates were checked when loaded;
+    one from a ``format`` expression or a parameter is checked here."""
+    found = [(path, why) for path, why, _ in schema_problems(schema)] or ref_problems(schema)
+    if not found:
+        return None
+    path, why = found[0]
+    return f"{format_path(path) or '(top)'}: {why}"
+
+
 def _schema_problems(value: Any, schema: dict[str, Any]) -> list[str]:
-    # The schema's regexes run on RE2 (linear time); one it cannot take fails the step, since
-    # no reply could be checked against it. Schemas from files were checked when loaded; one
-    # from a ``format`` expression is checked here.
-    unusable = schema_problems(schema)
-    if unusable:
-        path, why, _ = unusable[0]
-        raise StepError(f"the JSON Schema cannot be used: {format_path(path) or '(top)'}: {why}")
-    errors = SchemaValidator(schema).iter_errors(value)
-    out = []
-    for err in sorted(errors, key=lambda e: list(e.absolute_path)):
-        out.append(f"{format_path(tuple(err.absolute_path)) or '(top level)'}: {err.message}")
-    return out
+    why = _unusable(schema)
+    if why:
+        raise StepError(f"the JSON Schema cannot be used: {why}")
+    try:
+        errors = sorted(SchemaValidator(schema).iter_errors(value), key=_error_path)
+    except RecursionError:  # a recursive schema, and a value nested deeper than Python goes
+        return ["(top level): the value nests too deeply to be checked against the schema"]
+    return [
+        f"{format_path(tuple(err.absolute_path)) or '(top level)'}: {err.message}" for err in errors
+    ]
+
+
+def _error_path(err: jsonschema.ValidationError) -> list[Any]:
+    return list(err.absolute_path)
 
 
 def _check_json(text: str, schema: dict[str, Any] | None) -> tuple[Any, list[str]]:
@@ -112,6 +126,9 @@ async def _format(spec: LlmStep, scope: Scope, ctx: Context) -> str | dict[str, 
         raise RenderError(
             f"steps.{spec.id}.format is not a valid JSON Schema: {exc.message}"
         ) from None
+    why = _unusable(value)  # refused before the model is asked
+    if why:
+        raise RenderError(f"steps.{spec.id}.format cannot be used as a JSON Schema: {why}")
     return value
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.hostile import hostile_service
 
@@ -102,3 +104,38 @@ async def test_a_large_template_is_parsed_off_the_loop(
         assert answer.status_code == 422, answer.text
         [problem] = answer.json()["errors"]
         assert (problem["line"], problem["path"]) == (4 + 3 * 7 + 3, "steps[7].text")
+
+
+#: Template files: the operator's, and rendered on the loop (a render process for each of their
+#: renders would double a task's CPU), but their parameters are the caller's: what grows with
+#: a parameter is bounded before it runs.
+FILES = {
+    # lipsum held the event loop 67 s and built a 447M-character string.
+    "lip": "name: lip\nparameters: {n: {type: integer, default: 1000000}}\n"
+    'steps: [{id: r, kind: render, text: "{{ lipsum(params.n) | length }}"}]\n',
+    # tojson over a value the parameters make big: measured before it is encoded.
+    "tojson": "name: f_tojson\nparameters: {n: {type: integer, default: 100000}, "
+    "m: {type: integer, default: 300}}\n"
+    "steps: [{id: r, kind: render,\n"
+    '  text: "{{ ([range(params.n)|list]*params.m)|tojson|length }}"}]\n',
+}
+
+
+async def test_a_template_file_cannot_hold_the_loop_either(
+    tmp_path: Path, fake_ollama: FakeOllama, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "tpl"
+    folder.mkdir()
+    for name, body in FILES.items():
+        (folder / f"{name}.yaml").write_text(body)
+    monkeypatch.setenv("ORCHESTRA_TEMPLATES__DIRS", f'["{folder}"]')
+    async with hostile_service(tmp_path, fake_ollama.url, LIMITS) as svc:
+        async with svc.watch() as watch:
+            submitted = [(await svc.submit(name))["id"] for name in ("lip", "f_tojson")]
+            finished = await asyncio.gather(*(svc.wait(i) for i in submitted))
+        for task in finished:
+            assert task["status"] == "failed", task
+            message = task["error"]["message"]
+            assert any(limit in message for limit in LIMIT_NAMES), message
+        assert "max_render_chars" in finished[0]["error"]["message"]
+        watch.assert_held()

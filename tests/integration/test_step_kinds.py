@@ -48,6 +48,14 @@ steps:
     repair_attempts: 2
 output: "{{ steps.person.output }}"
 """,
+    "anyjson": """\
+name: anyjson
+model: llama3.2
+steps:
+  - id: data
+    prompt: "Any JSON"
+    format: {type: [object, array]}
+""",
     "pipeline": """\
 name: pipeline
 model: llama3.2
@@ -236,6 +244,10 @@ async def test_map_runs_items_concurrently_and_keeps_their_order(
     svc: Service, fake_ollama: FakeOllama
 ) -> None:
     fake_ollama.latency = 0.3
+    # A template file renders in render processes: start them first (a one-time cost of a
+    # few hundred ms on a busy machine), so that only the map is timed. No model call.
+    warm = await svc.wait((await svc.submit("fanout", items=["skip"] * 4))["id"])
+    assert warm["status"] == "succeeded"
     items = ["a", "b", "skip", "d", "e", "f", "g"]
     started = time.perf_counter()
     done = await svc.wait((await svc.submit("fanout", items=items))["id"])
@@ -308,3 +320,74 @@ async def test_input_over_and_when_run_the_same_wrapped_in_braces(
         runs.append((done["result"], steps))
     bare, braced = runs
     assert braced == bare
+
+
+LAZY = """\
+name: lazy
+parameters:
+  out: {type: string, default: names}
+steps:
+  - id: p
+    kind: parse_json
+    input: '[{"name": "a"}, {"name": "b"}]'
+  - id: r
+    kind: parse_json
+    input: range(3)
+output:
+  names: "{{ steps.p.output | map(attribute='name') }}"
+  unique: "{{ [1, 2, 1] | unique }}"
+  numbers: "{{ steps.r.output }}"
+"""
+
+
+async def test_lazy_values_become_lists_and_objects_fail_the_output_step(
+    settings: Settings, tmp_path: Path, start_service: StartService
+) -> None:
+    folder = tmp_path / "lazy"
+    folder.mkdir()
+    (folder / "lazy.yaml").write_text(LAZY)
+    (folder / "cyc.yaml").write_text(
+        "name: cyc\nsteps:\n  - {id: a, kind: render, text: x}\noutput: '{{ cycler(1, 2) }}'\n"
+    )
+    with_dirs = msgspec.structs.replace(settings, templates=TemplateSettings(dirs=[str(folder)]))
+    async with start_service(with_dirs) as svc:
+        done = await svc.wait((await svc.submit("lazy"))["id"])
+        assert done["status"] == "succeeded", done["error"]
+        assert done["result"] == {"names": ["a", "b"], "unique": [1, 2], "numbers": [0, 1, 2]}
+        failed = await svc.wait((await svc.submit("cyc"))["id"])
+        assert failed["status"] == "failed"
+        assert (failed["error"]["step"], failed["error"]["type"]) == ("output", "render_failed")
+        assert "not JSON data" in failed["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "reply",
+    ["[" * 5000 + "]" * 5000, '{"name": "Ada", "age": NaN}', '{"name": "Ada", "age": 1e400}'],
+)
+async def test_a_reply_too_deep_or_not_finite_is_invalid_output(
+    svc: Service, fake_ollama: FakeOllama, reply: str
+) -> None:
+    fake_ollama.reply = lambda _req: reply
+    done = await svc.wait((await svc.submit("anyjson"))["id"])
+    assert done["status"] == "failed"
+    assert done["error"]["type"] == "invalid_output", done["error"]
+    assert len(fake_ollama.requests) == 3  # the repair loop asked again
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}},
+        {"$ref": "http://169.254.169.254/latest/meta-data"},
+    ],
+)
+async def test_a_caller_schema_with_a_bad_ref_fails_the_step_not_the_service(
+    svc: Service, fake_ollama: FakeOllama, schema: dict[str, Any]
+) -> None:
+    fake_ollama.reply = lambda _req: '{"a": 1}'
+    task = await svc.submit("extract_schema", text="t", schema=schema)
+    done = await svc.wait(task["id"])
+    assert done["status"] == "failed"
+    assert done["error"]["type"] == "render_failed", done["error"]
+    assert "$ref" in done["error"]["message"]
+    assert fake_ollama.requests == []  # refused before the model was asked

@@ -135,3 +135,54 @@ async def test_reload_by_endpoint_and_by_sighup(
             return (await svc.client.get("/api/v1/templates/two")).status_code == 200
 
         await wait_until(has_two, timeout=5)
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        ('{$ref: "#/$defs/x", $defs: {x: {$ref: "#/$defs/x"}}}', "refers back to itself"),
+        ('{$ref: "http://example.com/s.json"}', "only references inside the schema"),
+    ],
+)
+async def test_a_parameter_schema_with_a_bad_ref_is_refused_when_registered(
+    service: Service, items: str, message: str
+) -> None:
+    body = V1.replace(
+        "who: {type: string, required: true}", f"who: {{type: array, items: {items}}}"
+    )
+    status, answer = await register(service, body.replace("{{ params.who }}", "them"))
+    assert status == 422, answer
+    problem = answer["errors"][0]
+    assert problem["path"].startswith("parameters.who.items") and problem["line"] == 4
+    assert message in problem["message"]
+
+
+async def test_a_name_ending_in_a_newline_is_refused(service: Service) -> None:
+    status, answer = await register(service, V1.replace("name: greet", 'name: "nl3\\n"'))
+    assert status == 422, answer
+    assert answer["errors"][0]["path"] == "name"
+    listed = (await service.client.get("/api/v1/templates")).json()["items"]
+    assert not [t for t in listed if t["name"].startswith("nl3")]
+
+
+async def test_merge_keys_in_a_template_file_load_on_reload(
+    settings: Settings, start_service: StartService, tmp_path: Path
+) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    merged = (
+        "name: merged\nsteps:\n  - &base {id: a, kind: render, text: hi}\n"
+        "  - <<: *base\n    id: b\n"
+    )
+    with_dir = msgspec.structs.replace(settings, templates=TemplateSettings(dirs=[str(folder)]))
+    async with start_service(with_dir) as svc:
+        (folder / "merged.yaml").write_text(merged)
+        reloaded = await svc.client.post("/api/v1/templates/reload")
+        assert reloaded.status_code == 200, reloaded.text
+        done = await svc.wait((await svc.submit("merged"))["id"])
+        assert done["status"] == "succeeded" and [s["id"] for s in done["steps"]] == ["a", "b"]
+        (folder / "merged.yaml").write_text(merged.replace("text: hi", "text: '{{ nope }}'"))
+        refused = await svc.client.post("/api/v1/templates/reload")
+        assert refused.status_code == 422, refused.text
+        lines = {(p["path"], p["line"]) for p in refused.json()["errors"]}
+        assert ("steps[1].text", 4) in lines  # at the merge

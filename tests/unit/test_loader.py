@@ -217,3 +217,148 @@ def test_a_template_file_over_the_size_limit_is_a_problem_of_that_file(tmp_path:
     assert p.file.endswith("big.yaml") and "max_template_bytes" in p.message
     roomy = TemplateRegistry([tmp_path], limits=LimitSettings(max_template_bytes=500_000))
     assert "big" in {t.name for t in roomy.load()}
+
+
+def test_yaml_merge_keys_load_and_problems_in_merged_keys_point_at_the_merge() -> None:
+    text = """\
+name: merged
+steps:
+  - &base {id: a, kind: render, text: hi}
+  - <<: *base
+    id: b
+"""
+    t = parse_template(text, "t.yaml")
+    assert [(s.id, s.kind) for s in t.steps] == [("a", "render"), ("b", "render")]
+    bad = """\
+name: merged
+steps:
+  - &base {id: a, kind: render, text: "{{ nope }}"}
+  - id: b
+    <<: *base
+"""
+    found = {(p.path, p.line, p.column) for p in problems(bad)}
+    assert ("steps[0].text", 3, 39) in found
+    assert ("steps[1].text", 5, 5) in found  # the merge, where the merged key comes from
+
+
+@pytest.mark.parametrize(
+    ("snippet", "path"),
+    [
+        ('name: "nl3\\n"\nsteps:\n  - id: a\n    prompt: hi\n', "name"),
+        ('name: x\nsteps:\n  - id: "a\\n"\n    prompt: hi\n', "steps[0].id"),
+        (
+            'name: x\nparameters:\n  "p\\n": {type: string}\nsteps:\n  - id: a\n    prompt: hi\n',
+            "parameters.p\n",
+        ),
+    ],
+)
+def test_a_name_id_or_parameter_ending_in_a_newline_is_refused(snippet: str, path: str) -> None:
+    found = {p.path: p.message for p in problems(snippet)}
+    assert path in found, found
+
+
+@pytest.mark.parametrize(
+    ("source", "message", "line"),
+    [
+        ("{% if true %}{{ 'x' | nosuchfilter }}{% endif %}", "No filter named 'nosuchfilter'", 5),
+        ("{% if 'x' is nosuchtest %}y{% endif %}", "No test named 'nosuchtest'", 5),
+        ("a\n{% include '/etc/passwd' %}", "include", 6),
+        ("a\n\n{% extends 'base.html' %}", "extends", 7),
+        ("{% from 'x' import y %}", "import", 5),
+        ("{% import 'x' as y %}", "import", 5),
+    ],
+)
+def test_unknown_filters_tests_and_other_templates_are_refused_at_load(
+    source: str, message: str, line: int
+) -> None:
+    body = "".join(f"      {row}\n" for row in source.split("\n"))
+    text = f"name: x\nsteps:\n  - id: a\n    prompt: |\n{body}"
+    [p] = problems(text)
+    assert p.path == "steps[0].prompt"
+    assert message in p.message, p.message
+    assert p.line == line
+
+
+def test_integer_bounds_stay_integers_in_the_published_schema() -> None:
+    t = parse_template(GOOD, "t.yaml")
+    schema = t.params_schema()["properties"]["n"]
+    assert (schema["minimum"], schema["maximum"]) == (1, 10)
+    assert type(schema["minimum"]) is int and type(schema["maximum"]) is int
+    ratio = (
+        "name: x\nparameters:\n  r: {type: number, minimum: 0.5}\n"
+        "steps:\n  - id: a\n    prompt: hi\n"
+    )
+    assert parse_template(ratio).params_schema()["properties"]["r"]["minimum"] == 0.5
+
+
+def test_an_error_in_a_folded_block_points_at_its_line() -> None:
+    text = """\
+name: x
+steps:
+  - id: a
+    prompt: >-
+      line one
+      line two
+
+      line four
+
+      line six {% if %}
+      line seven
+"""
+    # Folding joins "line one line two": Jinja's line 3 is "line six line seven", which
+    # starts on the file's line 10 (a line folded from several rows points at its first).
+    [p] = problems(text)
+    assert (p.line, p.column) == (10, 7)
+
+
+def test_a_reference_error_in_a_block_points_at_its_line() -> None:
+    text = """\
+name: x
+steps:
+  - id: a
+    prompt: |
+      line one
+      line two {{ params.nope }}
+      line three {{ steps.later.output }}
+  - id: later
+    prompt: hi
+"""
+    found = {p.message.split(" (")[0]: (p.line, p.column) for p in problems(text)}
+    assert found["unknown parameter 'nope'"] == (6, 7)
+    assert found["step 'later' runs later"] == (7, 7)
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        ('{$ref: "#/$defs/x", $defs: {x: {$ref: "#/$defs/x"}}}', "refers back to itself"),
+        ('{$ref: "#/$defs/x", $defs: {x: {allOf: [{$ref: "#"}]}}}', "refers back to itself"),
+        ('{$ref: "http://example.com/s.json"}', "only references inside the schema"),
+        ('{$ref: "#/$defs/missing"}', "does not resolve"),
+        ('{$dynamicRef: "#x"}', "$dynamicRef"),
+    ],
+)
+def test_remote_unresolvable_and_looping_refs_are_refused_with_their_position(
+    schema: str, message: str
+) -> None:
+    as_items = (
+        f"name: x\nparameters:\n  p:\n    type: array\n    items: {schema}\n"
+        "steps:\n  - id: a\n    prompt: hi\n"
+    )
+    as_format = f"name: x\nsteps:\n  - id: a\n    prompt: hi\n    format: {schema}\n"
+    for text, path in ((as_items, "parameters.p.items"), (as_format, "steps[0].format")):
+        found = problems(text)  # a loop is reported at each $ref on it
+        for p in found:
+            assert p.path.startswith(path), p
+            assert message in p.message, p.message
+            assert p.line == 5
+
+
+def test_a_recursive_schema_that_descends_into_the_value_is_fine() -> None:
+    tree = "{type: object, properties: {kids: {type: array, items: {$ref: '#'}}}}"
+    parse_template(f"name: x\nsteps:\n  - id: a\n    prompt: hi\n    format: {tree}\n")
+
+
+def test_format_json_loads() -> None:
+    t = parse_template("name: x\nsteps:\n  - id: a\n    prompt: hi\n    format: json\n")
+    assert t.steps[0].format == "json"

@@ -63,3 +63,10 @@ def test_limits() -> None:
         validate_params(TEMPLATE, {"text": "too long", "n": 11})
     fields = {f.field for f in info.value.fields}
     assert fields == {"params.text", "params.n"}
+
+
+def test_an_integer_bound_is_named_as_an_integer() -> None:
+    with pytest.raises(InvalidParams) as info:
+        validate_params(TEMPLATE, {"text": "hi", "n": 99})
+    [problem] = info.value.fields
+    assert problem.message == "99 is greater than the maximum of 10"

@@ -3,7 +3,15 @@ from __future__ import annotations
 import pytest
 
 from orchestra.errors import RenderError
-from orchestra.templating.render import choose, from_json, lines, render_output, render_text
+from orchestra.templating.render import (
+    choose,
+    evaluate,
+    from_json,
+    lines,
+    parse_json_text,
+    render_output,
+    render_text,
+)
 
 
 def test_single_expression_output_keeps_its_value() -> None:
@@ -52,3 +60,65 @@ def test_mapping_keys_win_over_dict_methods() -> None:
     assert render_output("{{ params.items }}", scope) == [1, 2]
     assert render_text("{{ params.keys }}", scope, what="t") == "k"
     assert render_output("{{ params.get('items') }}", scope) == [1, 2]  # methods still work
+
+
+def test_choose_prefers_the_earliest_then_the_longest_label_and_returns_it_as_given() -> None:
+    assert choose("C++ is the language", ["C", "C++"]) == "C++"
+    assert choose("It is a bug report.", ["bug", "bug report"]) == "bug report"
+    assert choose("a bug, then a bug report", ["bug report", "bug"]) == "bug"
+    assert choose(5, [5, 6]) == 5
+    assert choose("I pick 6", [5, 6]) == 6
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        "{{ steps.p.output | map(attribute='name') }}",
+        "{{ range(3) }}",
+        "{{ [1, 2, 1] | unique }}",
+        "{{ {'a': range(2)} }}",
+    ],
+)
+def test_an_iterator_output_becomes_a_list(output: str) -> None:
+    scope = {"params": {}, "steps": {"p": {"output": [{"name": 0}, {"name": 1}, {"name": 2}]}}}
+    value = render_output(output, scope)
+    assert value in ([0, 1, 2], [1, 2], {"a": [0, 1]})
+
+
+@pytest.mark.parametrize("output", ["{{ cycler(1, 2) }}", "{{ namespace(a=1) }}", "{{ lipsum }}"])
+def test_an_output_that_is_not_data_fails_naming_the_output(output: str) -> None:
+    with pytest.raises(RenderError, match="cannot render output: .* is not JSON data"):
+        render_output(output, {"params": {}, "steps": {}})
+
+
+def test_an_evaluated_input_that_is_an_iterator_becomes_a_list() -> None:
+    assert evaluate("range(3)", {}, what="steps.a.input") == [0, 1, 2]
+
+
+def test_json_nested_too_deeply_is_not_json() -> None:
+    with pytest.raises(ValueError, match="deep"):
+        parse_json_text("[" * 5000 + "]" * 5000)
+
+
+@pytest.mark.parametrize("text", ["NaN", '{"a": Infinity}', "[-Infinity]", '{"a": 1e400}'])
+def test_non_finite_numbers_are_not_json(text: str) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        parse_json_text(text)
+
+
+def test_from_json_finds_the_json_among_words_and_any_fence() -> None:
+    assert from_json('The answer [see below] is {"a": 1}') == {"a": 1}
+    assert from_json('```python\n{"a": 1}\n```') == {"a": 1}
+    assert from_json("```\n[1]\n```") == [1]
+    assert from_json('{"a": 1} I hope {that} helps') == {"a": 1}
+    with pytest.raises(RenderError, match="more than one JSON value"):
+        from_json('{"a":1}{"b":2}')
+
+
+def test_from_json_prefers_a_bracketed_value_to_a_leading_number() -> None:
+    assert from_json('3 items: ["a", "b", "c"]') == ["a", "b", "c"]
+    assert from_json("[ see below ] then [1]") == [1]
+    assert from_json(" 42 ") == 42
+    assert from_json('"a [quoted] string"') == "a [quoted] string"
+    with pytest.raises(RenderError, match="not JSON"):
+        from_json('{"a": oops, "b": {"c": 1}}')  # not the object inside the broken one

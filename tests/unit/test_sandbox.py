@@ -80,3 +80,46 @@ def test_ordinary_templates_render_as_before() -> None:
     )
     assert text == "1. A\n2. B\n   hello   |    3|   3|a, b|1024|ababab|hello!"
     assert evaluate("params.n * 2", SCOPE, what="x") == 6
+
+
+#: Single builtin calls that built a huge value in one go, between two deadline checks.
+LONG_CALLS = [
+    "{{ lipsum(1000000) | length }}",
+    "{{ lipsum(5, max=10**7) | length }}",
+    "{{ [1] | slice(10**8) | list | length }}",
+    "{{ range(10) | batch(10**9, 'x') | list | length }}",
+    "{{ ('a' * 10000).translate({97: 'b' * 100000}) | length }}",
+    "{{ (1).to_bytes(10**9, 'big') | length }}",
+    "{{ 'a'.encode().center(10**9) | length }}",
+    "{{ ('a b ' * 1000) | wordwrap(1, wrapstring='x' * 100000) | length }}",
+    "{{ ([range(1000) | list] * 2000) | sum(start=[]) | length }}",
+]
+
+
+@pytest.mark.parametrize("source", LONG_CALLS)
+def test_a_builtin_that_would_build_a_huge_value_is_refused_before(source: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(RenderError, match="max_render_chars") as caught:
+        render_text(source, SCOPE, what="steps.a.text")
+    assert time.monotonic() - started < 0.5, caught.value
+
+
+def test_filters_and_tests_check_the_deadline() -> None:
+    """A run of filters or tests with no call or loop between them reached no check."""
+    for source in (
+        "{% if params.text | upper %}{% endif %}",
+        "{% if params.n is odd %}{% endif %}",
+    ):
+        with sandbox.inline(0), pytest.raises(sandbox.OutOfSlice):
+            render_text(source * 3, SCOPE, what="t")
+
+
+def test_sum_still_adds_numbers_lists_and_attributes() -> None:
+    scope = {"params": {"rows": [{"n": 1}, {"n": 2}]}}
+    text = render_text(
+        "{{ [1, 2] | sum }} {{ params.rows | sum(attribute='n') }} "
+        "{{ [[1], [2, 3]] | sum(start=[]) }} {{ [{'a': [1]}] | sum(attribute='a', start=[]) }}",
+        scope,
+        what="t",
+    )
+    assert text == "3 3 [1, 2, 3] [1]"

@@ -26,11 +26,13 @@ once; the process finishes that render (within its deadline) before it takes ano
 **Templates registered over the API never render on the loop** (``Renderer.untrusted()``).
 The slice is checked *between* Jinja operations, so one long operation — ``sum`` over a
 30,000-item ``map``, a ``slice`` into twenty million lists, a ``translate`` that builds a
-gigabyte — would run to its end on the loop, slice or not. Bounding every such operation
-before it runs is a list that is never complete; a render process bounds them all (its
-deadline, then the kill ``GRACE`` seconds later, and its memory cap). It costs about a
-millisecond per render. Built-in templates and template files are trusted: they are the
-operator's own code, as the configuration is.
+gigabyte — would run to its end on the loop, slice or not. The sandbox bounds the ones known
+to grow with a caller's parameters before they run (``lipsum(params.n)`` held the service
+for 67 s before it did; see ``sandbox``), but such a list is never complete; a render process
+bounds them all (its deadline, then the kill ``GRACE`` seconds later, and its memory cap). It
+costs about a millisecond per render. Built-in templates and template files are trusted:
+they are the operator's own code, as the configuration is, and a render process for each of
+their renders would double a task's CPU.
 """
 
 from __future__ import annotations
@@ -59,8 +61,10 @@ RENDER_NICENESS = 10
 
 P = ParamSpec("P")
 T = TypeVar("T")
-#: Modules a render process needs, imported once by the fork server rather than per process.
-_PRELOAD = ["orchestra.templating.render", "orchestra.templating.loader"]
+#: Modules a render process needs, imported once by the fork server rather than per process:
+#: ``orchestra.kinds`` holds the llm step's message rendering (importing it on a process's
+#: first llm step took 300 ms, longer than a tight step timeout).
+_PRELOAD = ["orchestra.templating.render", "orchestra.templating.loader", "orchestra.kinds"]
 
 
 def _context() -> multiprocessing.context.BaseContext:

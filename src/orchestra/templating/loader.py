@@ -26,10 +26,14 @@ from orchestra.templating.regex import (
     check_schema,
     schema_problems,
 )
+from orchestra.templating.schema_refs import ref_problems
 from orchestra.templating.source import Checker, Path_, Source, TemplateProblem, describe
 from orchestra.templating.step_loader import Scope, read_steps
 from orchestra.templating.yaml_guard import check_shape, check_size
 
+# Always matched with fullmatch: with match, "$" also matches before a final newline, and
+# "nl3\n" was a name. The anchors stay for the API's JSON Schema (openapi), whose patterns
+# are not anchored otherwise.
 NAME = re.compile(r"^[a-z0-9_-]+$")
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -61,11 +65,15 @@ PARAM_KEYS = (
 
 
 def _patterns(c: Checker, path: Path_, schema: Any, budget: PatternBudget) -> bool:
-    """Report each pattern in the JSON Schema at ``path`` that RE2 cannot take; True if none."""
+    """Report each pattern in the JSON Schema at ``path`` that RE2 cannot take, and each
+    ``$ref`` that is remote, unresolvable or loops (``schema_refs``); True if none."""
     problems = schema_problems(schema, path, budget)
     for where, why, at_key in problems:
         c.add(where, why, at=c.src.where_key(where) if at_key else None)
-    return not problems
+    refs = ref_problems(schema, path)
+    for where, why in refs:
+        c.add(where, why)
+    return not problems and not refs
 
 
 def _step_schemas(value: Any, path: Path_) -> Iterator[tuple[Path_, dict[str, Any]]]:
@@ -85,7 +93,7 @@ def _parameters(c: Checker, value: Any, budget: PatternBudget) -> dict[str, Para
     data = c.mapping(value, ("parameters",), "'parameters'") if value is not None else {}
     for name, spec in (data or {}).items():
         path: Path_ = ("parameters", name)
-        if not isinstance(name, str) or not IDENT.match(name):
+        if not isinstance(name, str) or not IDENT.fullmatch(name):
             c.add(
                 path,
                 f"parameter name {name!r} must be a letter or _ followed by letters, digits or _",
@@ -236,7 +244,7 @@ def _parse(text: str, file: str, limits: LimitSettings) -> Template:
         raise TemplateError(c.problems)
     c.keys(data, (), TOP_KEYS)
     name = c.string(data, (), "name", required=True)
-    if name is not None and not NAME.match(name):
+    if name is not None and not NAME.fullmatch(name):
         c.add(("name",), f"name {name!r} may hold only a-z, 0-9, _ and -")
     version = data.get("version", 1)
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:

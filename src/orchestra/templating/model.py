@@ -21,8 +21,9 @@ class Parameter(msgspec.Struct, frozen=True, omit_defaults=True):
     description: str | None = None
     default: Any = msgspec.UNSET
     enum: list[Any] | None = None
-    minimum: float | None = None
-    maximum: float | None = None
+    #: Kept as written: an integer stays one (the published schema says 10, not 10.0).
+    minimum: int | float | None = None
+    maximum: int | float | None = None
     min_length: int | None = None
     max_length: int | None = None
     pattern: str | None = None

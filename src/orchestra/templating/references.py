@@ -1,12 +1,15 @@
 """What a Jinja template or expression refers to, found statically from its syntax tree.
 
 Used at load time to reject a template that names an unknown parameter, an unknown step or a
-step that runs later, before any task runs it.
+step that runs later, before any task runs it; and one that uses a filter or test that does
+not exist, or another template (``include``, ``extends``, ``import``): Jinja checks a filter
+inside ``{% if %}`` only when it runs, and templates have no other templates to load.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import msgspec
 from jinja2 import meta, nodes
@@ -20,6 +23,35 @@ class References(msgspec.Struct, frozen=True):
     names: frozenset[str]
     params: frozenset[str]
     steps: frozenset[str]
+    #: The first line (1-based, in the source) of each name, ``params.X`` and ``steps.Y``.
+    lines: dict[str, int] = msgspec.field(default_factory=dict)
+    #: (line, message) for each unknown filter or test and each use of another template.
+    problems: tuple[tuple[int, str], ...] = ()
+
+
+_OTHER_TEMPLATES: dict[type[nodes.Node], str] = {
+    nodes.Include: "include",
+    nodes.Extends: "extends",
+    nodes.Import: "import",
+    nodes.FromImport: "import",
+}
+
+
+def _problems(tree: nodes.Template, env: Any) -> list[tuple[int, str]]:
+    out: list[tuple[int, str]] = []
+    kinds: tuple[type[nodes.Node], ...] = (nodes.Filter, nodes.Test, *_OTHER_TEMPLATES)
+    node: nodes.Node
+    for node in tree.find_all(kinds):
+        if isinstance(node, nodes.Filter) and node.name not in env.filters:
+            out.append((node.lineno, f"No filter named {node.name!r}."))
+        elif isinstance(node, nodes.Test) and node.name not in env.tests:
+            out.append((node.lineno, f"No test named {node.name!r}."))
+        elif type(node) in _OTHER_TEMPLATES:
+            tag = _OTHER_TEMPLATES[type(node)]
+            out.append(
+                (node.lineno, f"{{% {tag} %}} is not available: a template cannot load others")
+            )
+    return sorted(out)
 
 
 def _key(node: nodes.Getattr | nodes.Getitem) -> str | None:
@@ -44,13 +76,23 @@ def references(source: str, *, expression: bool = False) -> References:
     tree = env.parse(source)
     names = frozenset(meta.find_undeclared_variables(tree) - set(env.globals))
     found: dict[str, set[str]] = {"params": set(), "steps": set()}
-    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+    lines: dict[str, int] = {}
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Name)):
+        if isinstance(node, nodes.Name):
+            if node.name in names:
+                lines.setdefault(node.name, node.lineno)
+            continue
         assert isinstance(node, nodes.Getattr | nodes.Getitem)
         target = node.node
         if isinstance(target, nodes.Name) and target.name in found:
             key = _key(node)
             if key is not None:
                 found[target.name].add(key)
+                lines.setdefault(f"{target.name}.{key}", node.lineno)
     return References(
-        names=names, params=frozenset(found["params"]), steps=frozenset(found["steps"])
+        names=names,
+        params=frozenset(found["params"]),
+        steps=frozenset(found["steps"]),
+        lines=lines,
+        problems=tuple(_problems(tree, env)),
     )

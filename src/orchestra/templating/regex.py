@@ -165,7 +165,8 @@ _MAPPING = ("properties", "patternProperties", "$defs", "definitions", "dependen
 _LIST = ("allOf", "anyOf", "oneOf", "prefixItems", "items")
 
 
-def _subschemas(schema: dict[str, Any], path: Path_) -> Iterator[tuple[Any, Path_]]:
+def subschemas(schema: dict[str, Any], path: Path_) -> Iterator[tuple[Any, Path_]]:
+    """Each schema directly inside ``schema`` (a mapping), with its path."""
     for key in _ONE:
         if isinstance(schema.get(key), dict):
             yield schema[key], (*path, key)
@@ -209,7 +210,7 @@ def schema_problems(
                     problems.append((at, f"pattern {why}", True))
         if "unevaluatedProperties" in node and unevaluated is None:
             unevaluated = (*where, "unevaluatedProperties")
-        stack.extend(reversed(list(_subschemas(node, where))))
+        stack.extend(reversed(list(subschemas(node, where))))
     if unevaluated is not None and keyed:
         # jsonschema matches patternProperties with Python's re when it works out which
         # properties are unevaluated, and that code cannot be pointed at RE2.

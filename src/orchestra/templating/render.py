@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -17,12 +18,17 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from orchestra.errors import RenderError
-from orchestra.templating.sandbox import BoundedSandbox, budget, render_capped
+from orchestra.templating.plain import plain
+from orchestra.templating.sandbox import BoundedSandbox, budget, check_data_size, render_capped
 
 # Where a bare expression is expected, these mark text with placeholders or tags instead.
 _TEMPLATE_SYNTAX = re.compile(r"\{[{%#]")
 
-_FENCE = re.compile(r"```(?:json)?\s*\n?(?P<body>.*?)```", re.DOTALL | re.IGNORECASE)
+# A fenced block, whatever its language tag (```json, ```python, none).
+_FENCE = re.compile(r"```[^\n`]*\n?(?P<body>.*?)```", re.DOTALL)
+_STARTS = re.compile(r"[\[{]")
+#: How many places where a JSON value may start are tried before the text is given up on.
+MAX_STARTS = 32
 _BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
 
 
@@ -30,23 +36,26 @@ def choose(answer: Any, options: Any) -> Any:
     """Map a model's free-text answer onto one of ``options`` (case-insensitive).
 
     An exact match wins; otherwise the option that appears first in the answer as a whole
-    word. Fails when the answer names none of them, so a task never returns an invented label.
+    word, the longest one when several start there ("C++" over "C", "bug report" over
+    "bug"). The option is returned as given (``5``, not ``"5"``). Fails when the answer names
+    none of them, so a task never returns an invented label.
     """
     text = str(answer).strip()
+    options = list(options)
     labels = [str(o) for o in options]
-    for label in labels:
+    for option, label in zip(options, labels, strict=True):
         if text.strip(" .!\"'`*").lower() == label.lower():
-            return label
+            return option
     found = []
-    for label in labels:
+    for index, label in enumerate(labels):
         match = re.search(rf"(?<![\w-]){re.escape(label)}(?![\w-])", text, re.IGNORECASE)
         if match:
-            found.append((match.start(), label))
+            found.append((match.start(), -len(label), index))
     if not found:
         raise RenderError(
             f"the model answered {text[:200]!r}, which is none of: {', '.join(labels)}"
         )
-    return min(found)[1]
+    return options[min(found)[2]]
 
 
 def from_json(text: Any) -> Any:
@@ -57,21 +66,85 @@ def from_json(text: Any) -> Any:
         raise RenderError(f"the model's reply is not JSON ({exc}): {str(text)[:200]!r}") from None
 
 
-def parse_json_text(text: Any) -> Any:
-    """JSON out of text that may wrap it in a fenced block or in words.
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a finite number, which JSON does not have")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a finite number, which JSON does not have")
+    return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite)
+
+
+class _NotHere(Exception):
+    """No JSON value starts at this place (its first character is already wrong)."""
+
+
+def _decode_at(raw: str, start: int) -> Any:
+    """The JSON value starting at ``start``; words after it are fine, another JSON value
+    straight after it is not (which of the two would be the answer?).
 
     Raises:
-        ValueError: there is no JSON value in the text.
+        _NotHere: the text at ``start`` is not the beginning of a JSON value.
+        ValueError: it is, but the value is broken, too deep or followed by another.
+    """
+    try:
+        value, end = _DECODER.raw_decode(raw, start)
+    except json.JSONDecodeError as exc:
+        after = raw[start + 1 :]
+        if exc.pos <= start + 1 + len(after) - len(after.lstrip()):
+            raise _NotHere(exc.msg) from None  # "[see below]": words in brackets
+        raise ValueError(str(exc)) from None
+    except RecursionError:
+        raise ValueError("the JSON nests too deeply") from None
+    rest = raw[end:].lstrip()
+    if rest[:1] in ("{", "["):
+        try:
+            _DECODER.raw_decode(rest)
+        except (ValueError, RecursionError):
+            return value
+        raise ValueError(
+            f"the text holds more than one JSON value (another starts at char "
+            f"{len(raw) - len(rest)}); give one"
+        )
+    return value
+
+
+def parse_json_text(text: Any) -> Any:
+    """JSON out of text that may wrap it in a fenced block (of any language) or in words.
+
+    The value is looked for at each ``{`` and ``[`` in turn (at most :data:`MAX_STARTS` of
+    them): "The answer [see below] is {...}" finds the object. A value that starts well but
+    is broken stops the search, so that an object inside a broken one is not taken for the
+    answer. Failing those, the whole text may be one value (``42``, ``"yes"``).
+
+    Raises:
+        ValueError: there is no JSON value in the text, it is broken, nests too deeply, holds
+            NaN or Infinity, or is followed straight away by a second value.
     """
     raw = str(text)
     fenced = _FENCE.search(raw)
     if fenced:
         raw = fenced.group("body")
-    else:
-        starts = [i for i in (raw.find("{"), raw.find("[")) if i >= 0]
-        raw = raw[min(starts) :] if starts else raw
-    value, _ = json.JSONDecoder().raw_decode(raw.strip())
-    return value
+    raw = raw.strip()
+    first: str | None = None
+    for n, match in enumerate(_STARTS.finditer(raw)):
+        if n == MAX_STARTS:
+            break
+        try:
+            return _decode_at(raw, match.start())
+        except _NotHere as exc:
+            first = first or f"{exc}: line 1 column {match.start() + 1} (char {match.start()})"
+    try:
+        return _DECODER.decode(raw)  # one value and nothing else
+    except json.JSONDecodeError as exc:
+        raise ValueError(first or str(exc)) from None
+    except RecursionError:
+        raise ValueError("the JSON nests too deeply") from None
 
 
 def chunk(text: Any, size: int = 2000, overlap: int = 200) -> list[str]:
@@ -106,6 +179,14 @@ def lines(text: Any) -> list[str]:
     return out
 
 
+def _measured(value: Any) -> Any:
+    """Each ``{{ }}``'s value, refused before it is written when its text would be over the
+    cap (a list of one long string repeated is cheap to make, not to write)."""
+    if isinstance(value, list | tuple | dict | set | frozenset):
+        check_data_size(value, "a value's text")
+    return value
+
+
 @functools.cache
 def environment() -> ImmutableSandboxedEnvironment:
     """The one Jinja environment every template renders in."""
@@ -113,6 +194,7 @@ def environment() -> ImmutableSandboxedEnvironment:
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=False,
+        finalize=_measured,
     )
     env.filters.update(choose=choose, from_json=from_json, lines=lines, chunk=chunk)
     return env
@@ -211,9 +293,9 @@ def evaluate(source: str, scope: Mapping[str, Any], *, what: str) -> Any:
     """
     try:
         with budget():
-            return compile_expression(source)(scope)
-    except RenderError:
-        raise
+            return plain(compile_expression(source)(scope))
+    except RenderError as exc:
+        raise RenderError(f"cannot evaluate {what}: {exc.message}") from exc
     except Exception as exc:
         raise RenderError(f"cannot evaluate {what}: {_explain(exc)}") from exc
 
@@ -267,9 +349,9 @@ def render_output(spec: str | dict[str, str], scope: Mapping[str, Any]) -> Any:
         compiled = compile_output(spec)
         if isinstance(compiled, _Expression):
             with budget():
-                return compiled(scope)
+                return plain(compiled(scope))
         return render_capped(compiled, scope)
-    except RenderError:
-        raise
+    except RenderError as exc:
+        raise RenderError(f"cannot render output: {exc.message}") from exc
     except Exception as exc:
         raise RenderError(f"cannot render output: {_explain(exc)}") from exc

@@ -13,9 +13,16 @@ almost nothing:
   (or an integer power over 100,000 bits) is refused before it is computed.
 * **``~`` (concatenation)** is checked after each join, so a loop that doubles a string stops
   at the limit instead of at the machine's memory.
-* **A deadline.** Every call and every loop iteration (loops are wrapped when a template is
-  compiled) checks the render's deadline (``render_timeout``), so no loop nesting or macro
-  recursion runs longer than that. ``range`` is the sandbox's own, capped at 100,000 items.
+* **Builtins that take a size** are checked before they run too: ``lipsum``'s words,
+  ``slice``'s count, ``batch``'s padding, ``wordwrap``'s wrap string, ``sum`` over lists
+  (made linear: it was quadratic), ``translate``'s table, ``int.to_bytes``, and the padding
+  methods of bytes. ``tojson``, ``string``, ``pprint`` and the value of every ``{{ }}`` are
+  measured first, with a walk that stops at the cap: a list that holds one large value many
+  times is refused instead of written out.
+* **A deadline.** Every call, filter, test and loop iteration (loops are wrapped when a
+  template is compiled) checks the render's deadline (``render_timeout``), so no loop nesting
+  or macro recursion runs longer than that. ``range`` is the sandbox's own, capped at 100,000
+  items.
 * **The output** is counted as it is produced and cut off at ``max_render_chars``.
 
 **A slice on the event loop.** Inside ``inline(seconds)`` the deadline is the end of the
@@ -27,15 +34,18 @@ render process, where the full ``render_timeout`` applies.
 from __future__ import annotations
 
 import contextvars
+import functools
 import re
 import string
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from jinja2 import nodes, pass_eval_context
+from jinja2 import nodes, pass_environment, pass_eval_context
+from jinja2.filters import make_attrgetter
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import generate_lorem_ipsum
 from jinja2.visitor import NodeTransformer
 
 from orchestra.config import LimitSettings
@@ -45,6 +55,8 @@ from orchestra.errors import RenderError
 MAX_POWER_BITS = 100_000
 _PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(\*|\d+)?(?:\.(\*|\d+))?")
 _WIDENING = {"center", "ljust", "rjust", "zfill"}
+#: The longest word ``lipsum`` uses, and the space after it.
+_LIPSUM_WORD = 13
 
 
 class OutOfSlice(BaseException):
@@ -94,6 +106,12 @@ def inline(seconds: float) -> Iterator[None]:
         yield
     finally:
         _slice_ends.reset(token)
+
+
+def max_value_size() -> int:
+    """The largest value, as JSON bytes, an expression may give (``[limits]
+    max_result_bytes``: no result may be larger)."""
+    return _limits.max_result_bytes
 
 
 def _current() -> _Budget:
@@ -156,6 +174,49 @@ def check_join(items: list[Any], separator: str) -> None:
     check_size(size, "the joined text")
 
 
+#: What the size walk looks into: text, and containers; any other item counts as the one
+#: character its container already counted for it.
+_WALKED = (str, bytes, Mapping, list, tuple, set, frozenset)
+
+
+def check_data_size(value: Any, what: str) -> None:
+    """Refuse a value whose text (``str``, ``tojson``) would be over the cap, before it is
+    made: the walk counts each item and each character of text, and stops at the cap, so a
+    list holding one large string a thousand times costs no more to check than the cap."""
+    cap = _current().max_chars
+    size, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str | bytes):
+            size += len(item) + 2
+        elif isinstance(item, Mapping):
+            size += 2 + 2 * len(item)  # a separator and at least a character each
+            stack.extend(k for k in item.keys() if isinstance(k, _WALKED))
+            stack.extend(v for v in item.values() if isinstance(v, _WALKED))
+        elif isinstance(item, list | tuple | set | frozenset):
+            size += 2 + 2 * len(item)
+            if size <= cap:  # what is past the cap is not looked at
+                stack.extend(i for i in item if isinstance(i, _WALKED))
+        else:
+            size += 1
+        if size > cap:
+            raise RenderError(f"{what} would be over {cap} characters ([limits] max_render_chars)")
+
+
+def check_translate(text: str, table: Any) -> None:
+    """Refuse a ``str.translate`` whose result would be over the cap."""
+    longest = 1
+    if isinstance(table, Mapping):
+        longest = max((len(v) for v in table.values() if isinstance(v, str)), default=1)
+    check_size(len(text) * max(1, longest), "the translated text")
+
+
+def lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> str:  # noqa: A002
+    """Jinja's ``lipsum``, refused when its words could be over the cap."""
+    check_size(int(n) * int(max) * _LIPSUM_WORD, "lipsum's text")
+    return str(generate_lorem_ipsum(n=n, html=html, min=min, max=max))
+
+
 def capped(value: Any) -> Any:
     """``~`` joins, checked after each (the filter the loader wraps them in)."""
     if isinstance(value, str):
@@ -181,6 +242,41 @@ class _Bound(NodeTransformer):
     def visit_Concat(self, node: nodes.Concat) -> nodes.Node:  # noqa: N802
         self.generic_visit(node)
         return nodes.Filter(node, "_capped", [], [], None, None, lineno=node.lineno)
+
+
+def _ticking(fn: Any) -> Callable[..., Any]:
+    """``fn`` checking the deadline before it runs (Jinja's pass_context marks are kept)."""
+
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        tick()
+        return fn(*args, **kwargs)
+
+    return checked
+
+
+def _sum(base: Callable[..., Any]) -> Callable[..., Any]:
+    """``sum`` over lists or tuples in linear time and within the cap (Python's adds each
+    item to a new copy of the total: 30,000 lists took minutes)."""
+
+    @pass_environment
+    def sum_(env: Any, iterable: Any, attribute: Any = None, start: Any = 0) -> Any:
+        if not isinstance(start, list | tuple):
+            return base(env, iterable, attribute, start)
+        if attribute is not None:
+            iterable = map(make_attrgetter(env, attribute), iterable)
+        total = list(start)
+        for item in iterable:
+            tick()
+            if type(item) is not type(start):
+                raise RenderError(
+                    f"sum cannot add a {type(item).__name__} to a {type(start).__name__}"
+                )
+            check_size(len(total) + len(item), "the sum")
+            total.extend(item)
+        return total if isinstance(start, list) else tuple(total)
+
+    return sum_
 
 
 def _safe_filters(env: ImmutableSandboxedEnvironment) -> None:
@@ -211,15 +307,54 @@ def _safe_filters(env: ImmutableSandboxedEnvironment) -> None:
         _check_percent(str(value), args or kwargs)
         return str(base["format"](value, *args, **kwargs))
 
+    def slice_(value: Any, slices: Any, fill_with: Any = None) -> Any:
+        check_size(int(slices), "slice's count")
+        return base["slice"](value, slices, fill_with)
+
+    def batch(value: Any, linecount: Any, fill_with: Any = None) -> Any:
+        if fill_with is not None:
+            check_size(int(linecount), "batch's size")
+        return base["batch"](value, linecount, fill_with)
+
+    @pass_eval_context
+    def wordwrap(ctx: Any, s: Any, width: Any = 79, *args: Any, **kwargs: Any) -> Any:
+        wrap = kwargs.get("wrapstring", args[1] if len(args) > 1 else None)
+        text = str(s)
+        lines = len(text) // max(1, int(width)) + text.count("\n") + 1
+        check_size(len(text) + lines * len(str(wrap or "\n")), "the wrapped text")
+        return base["wordwrap"](ctx, s, width, *args, **kwargs)
+
+    def measured(name: str) -> Callable[..., Any]:
+        original = base[name]
+        # ``tojson`` is given the evaluation context first (``pass_eval_context``, which the
+        # wrapper keeps): the value is the argument after it.
+        at = 1 if getattr(original, "jinja_pass_arg", None) is not None else 0
+
+        def filter_(*args: Any, **kwargs: Any) -> Any:
+            check_data_size(args[at], f"{name}'s text")
+            return original(*args, **kwargs)
+
+        return functools.update_wrapper(filter_, original)
+
     env.filters.update(
         center=center,
         indent=indent,
         replace=replace,
         join=join,
         format=format_,
-        _counted=counted,
-        _capped=capped,
+        slice=slice_,
+        batch=batch,
+        wordwrap=wordwrap,
+        sum=_sum(base["sum"]),
+        tojson=measured("tojson"),
+        string=measured("string"),
+        pprint=measured("pprint"),
     )
+    # Every filter and test checks the deadline, so a chain of them stops at it.
+    env.filters.update({name: _ticking(fn) for name, fn in env.filters.items()})
+    env.tests.update({name: _ticking(fn) for name, fn in env.tests.items()})
+    env.filters.update(_counted=counted, _capped=capped)
+    env.globals["lipsum"] = lipsum
 
 
 class BoundedSandbox(ImmutableSandboxedEnvironment):
@@ -265,17 +400,24 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         tick()
         owner = getattr(__obj, "__self__", None)
         name = getattr(__obj, "__name__", "")
-        if isinstance(owner, str) and args:
+        if isinstance(owner, str | bytes | bytearray) and args:
+            text = owner if isinstance(owner, str) else str(owner)  # bytes: an upper bound
             if name in _WIDENING and isinstance(args[0], int):
                 check_size(args[0], f"{name}'s width")
             elif name == "expandtabs" and isinstance(args[0], int):
                 check_size(len(owner) * max(1, args[0]), "the expanded text")
             elif name == "replace" and len(args) >= 2:
-                check_replace(owner, str(args[0]), str(args[1]), args[2] if len(args) > 2 else None)
+                check_replace(text, str(args[0]), str(args[1]), args[2] if len(args) > 2 else None)
             elif name == "join":
                 items = list(args[0])
-                check_join(items, owner)
+                check_join(items, text)
                 args = (items, *args[1:])
+            elif name == "translate" and isinstance(owner, str):
+                check_translate(text, args[0])
+        elif isinstance(owner, int) and name == "to_bytes":
+            length = args[0] if args else kwargs.get("length", 1)
+            if isinstance(length, int):
+                check_size(length, "to_bytes's length")
         return super().call(__context, __obj, *args, **kwargs)
 
     def wrap_str_format(self, value: Any) -> Any:

@@ -2,7 +2,8 @@
 
 The YAML is read with ruamel's round-trip loader, which remembers where every key and value
 stands; the tree is turned into plain Python while the positions are kept by path, so each
-problem points at the offending value (1-based line and column).
+problem points at the offending value (1-based line and column). A key that a merge
+(``<<: *base``) brought in is placed at the ``<<``: that is where it comes from here.
 """
 
 from __future__ import annotations
@@ -53,14 +54,29 @@ class Source:
         self.positions: dict[Path_, tuple[int, int]] = {(): (0, 0)}
         self.key_positions: dict[Path_, tuple[int, int]] = {}
         self.block_scalars: set[Path_] = set()
+        self.folded: set[Path_] = set()
         self.data = self._plain(YAML(typ="rt").load(text), ())
+
+    def _merge_position(self, node: CommentedMap) -> tuple[int, int]:
+        """Where the mapping's ``<<`` stands (0-based), or the mapping's start if not found."""
+        line, col = node.lc.line, node.lc.col
+        for number in range(line, len(self.lines)):
+            found = self.lines[number].find("<<", col if number == line else 0)
+            if found >= 0:
+                return number, found
+        return line, col
 
     def _plain(self, node: Any, path: Path_) -> Any:
         if isinstance(node, CommentedMap):
             out: dict[Any, Any] = {}
+            merged: tuple[int, int] | None = None
             for key in node:
-                self.positions[(*path, key)] = node.lc.value(key)
-                self.key_positions[(*path, key)] = node.lc.key(key)
+                if key in node.lc.data:
+                    self.positions[(*path, key)] = node.lc.value(key)
+                    self.key_positions[(*path, key)] = node.lc.key(key)
+                else:  # brought in by a merge key
+                    merged = merged or self._merge_position(node)
+                    self.positions[(*path, key)] = self.key_positions[(*path, key)] = merged
                 out[key] = self._plain(node[key], (*path, key))
             return out
         if isinstance(node, CommentedSeq):
@@ -71,6 +87,8 @@ class Source:
             return items
         if isinstance(node, LiteralScalarString | FoldedScalarString):
             self.block_scalars.add(path)
+            if isinstance(node, FoldedScalarString):
+                self.folded.add(path)
             return str(node)
         if isinstance(node, ScalarBoolean):
             return bool(node)
@@ -103,12 +121,38 @@ class Source:
         line, col = self.where(path)
         if path in self.block_scalars:
             # A block scalar's text starts on the line after its | or > indicator.
-            line = line + lineno
+            row = self._folded_row(line, lineno) if path in self.folded else lineno - 1
+            line = line + 1 + row
             text = self.lines[line - 1] if 0 < line <= len(self.lines) else ""
             return line, len(text) - len(text.lstrip()) + 1
         if lineno > 1:
             return line + lineno - 1, 1
         return line, col
+
+    def _folded_row(self, line: int, lineno: int) -> int:
+        """The row (0-based, after the indicator on ``line``, 1-based) of a ``>`` block where
+        the text's line ``lineno`` starts. Folding joins rows with a space: only empty rows
+        (one line break each) and more-indented rows (which keep theirs) break lines."""
+        rows = self.lines[line:]
+        first = next((r for r in rows if r.strip()), "")
+        indent = len(first) - len(first.lstrip())
+        breaks, blanks = 0, 0
+        previous: bool | None = None  # whether the last text row was more indented
+        for row_number, row in enumerate(rows):
+            if not row.strip():
+                blanks += 1
+                continue
+            if len(row) - len(row.lstrip()) < indent:
+                break  # the block ended
+            more = row[indent : indent + 1] in (" ", "\t")
+            if previous is None:
+                breaks += blanks
+            else:
+                breaks += blanks + (1 if more or previous else 0)
+            if breaks >= lineno - 1:
+                return row_number
+            previous, blanks = more, 0
+        return lineno - 1
 
 
 class Checker:

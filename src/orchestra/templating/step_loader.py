@@ -29,6 +29,7 @@ from orchestra.templating.regex import check_schema
 from orchestra.templating.render import NotAnExpression, compile_expression, compile_text
 from orchestra.templating.source import Checker, Path_, describe, format_path
 
+#: A step id, matched with fullmatch (match would let a final newline through "$").
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 COMMON_KEYS = ("id", "kind", "when", "timeout")
 KIND_KEYS: dict[str, tuple[str, ...]] = {
@@ -63,9 +64,11 @@ class Scope(msgspec.Struct, frozen=True):
     extra: frozenset[str] = frozenset()
 
     def check(self, c: Checker, path: Path_, source: str, *, expression: bool = False) -> None:
-        """Report syntax errors and references this scope does not allow."""
+        """Report syntax errors, unknown filters and tests, uses of other templates and
+        references this scope does not allow, each at its line inside the value."""
         try:
-            # Compile, not just parse: unknown filters and tests are compile-time errors.
+            # Compile, not just parse: unknown filters and tests are compile-time errors
+            # (outside an {% if %}; references() finds those inside one).
             if expression:
                 compile_expression(source)
             else:
@@ -78,25 +81,32 @@ class Scope(msgspec.Struct, frozen=True):
             at = None if expression else c.src.where_in_value(path, exc.lineno or 1)
             c.add(path, f"Jinja syntax error: {exc.message}", at=at)
             return
+
+        def add(key: str, message: str) -> None:
+            c.add(path, message, at=c.src.where_in_value(path, refs.lines.get(key, 1)))
+
+        for lineno, message in refs.problems:
+            c.add(path, message, at=c.src.where_in_value(path, lineno))
         allowed = {"params", "steps"} | self.extra
         for name in sorted(refs.names - allowed):
-            c.add(
-                path,
+            add(
+                name,
                 f"unknown name {name!r}; expressions here can use {', '.join(sorted(allowed))}",
             )
         for param in sorted(refs.params - self.params):
             takes = ", ".join(sorted(self.params)) or "none"
-            c.add(path, f"unknown parameter {param!r} (the template takes: {takes})")
+            add(f"params.{param}", f"unknown parameter {param!r} (the template takes: {takes})")
         for step in sorted(refs.steps):
             where = self.order.get(step)
+            key = f"steps.{step}"
             if where is None:
                 known = ", ".join(self.order) or "none"
-                c.add(path, f"unknown step {step!r} (the steps are: {known})")
+                add(key, f"unknown step {step!r} (the steps are: {known})")
             elif self.position is not None and where == self.position:
-                c.add(path, f"a step cannot use its own output (steps.{step})")
+                add(key, f"a step cannot use its own output (steps.{step})")
             elif self.position is not None and where > self.position:
-                c.add(
-                    path,
+                add(
+                    key,
                     f"step {step!r} runs later (steps[{where}]); a step can only use "
                     "the outputs of steps before it",
                 )
@@ -167,9 +177,10 @@ class _StepReader:
         fmt = data.get("format")
         if isinstance(fmt, dict):
             fmt = _schema(c, (*path, "format"), fmt)
-        elif isinstance(fmt, str) and fmt != "json":
-            # Anything but "json" is an expression that yields a schema at run time.
-            self.scope.check(c, (*path, "format"), fmt, expression=True)
+        elif isinstance(fmt, str):
+            if fmt != "json":
+                # Anything but "json" is an expression that yields a schema at run time.
+                self.scope.check(c, (*path, "format"), fmt, expression=True)
         elif fmt is not None:
             c.add(
                 (*path, "format"),
@@ -294,7 +305,7 @@ def read_steps(c: Checker, value: Any, params: frozenset[str]) -> list[StepSpec]
         if not isinstance(step_id, str):
             continue
         path: Path_ = ("steps", index, "id")
-        if not IDENT.match(step_id):
+        if not IDENT.fullmatch(step_id):
             c.add(
                 path, f"step id {step_id!r} must be a letter or _ followed by letters, digits or _"
             )
