@@ -308,6 +308,13 @@ async def _webhooks_deliveries(api: Api, receiver: Receiver, hook: int) -> None:
     await api.do("redeliver", hook, deliveries[0].id)
     await wait_until(lambda: len(receiver.received) == count + 1, timeout=30)
     assert receiver.received[-1].message_id == deliveries[0].message_id
+    paused = await api.do("update_webhook", hook, enabled=False, template="summarize")
+    assert (paused.enabled, paused.template) == (False, "summarize")
+    cleared = await api.do("update_webhook", hook, template=None)
+    assert (cleared.enabled, cleared.template) == (False, None)
+    rolled = await api.do("roll_webhook_secret", hook, overlap=60)
+    assert rolled.secret.startswith("whsec_") and rolled.secret != receiver.secrets["/hook"]
+    assert rolled.previous_secret_until is not None
     await api.do("delete_webhook", hook)
     with pytest.raises(NotFound):
         await api.do("get_webhook", hook)

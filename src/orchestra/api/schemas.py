@@ -10,7 +10,7 @@ from __future__ import annotations
 import msgspec
 
 from orchestra.schedules import ScheduleChanges, ScheduleSpec
-from orchestra.webhooks import NewWebhook
+from orchestra.webhooks import NewWebhook, WebhookChanges
 from orchestra.wire.schemas import AttemptOut as AttemptOut
 from orchestra.wire.schemas import CrashOut as CrashOut
 from orchestra.wire.schemas import ErrorBody as ErrorBody
@@ -39,4 +39,5 @@ REQUEST_BODIES: tuple[type[msgspec.Struct], ...] = (
     ScheduleSpec,
     ScheduleChanges,
     NewWebhook,
+    WebhookChanges,
 )

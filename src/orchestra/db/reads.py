@@ -124,7 +124,7 @@ FROM (SELECT seq, time, type, data FROM task_events
 #: What a summary reads of a task: not its params nor its result, however big.
 _SUMMARY_COLUMNS = (
     "id, template, template_version, status, model, created_at, started_at, finished_at, "
-    "attempts, error"
+    "attempts, error, run_at"
 )
 
 
@@ -142,7 +142,7 @@ SELECT json_group_array(json_object(
     'id', t.id, 'template', t.template, 'template_version', t.template_version,
     'status', t.status, 'model', t.model, 'created_at', t.created_at,
     'started_at', t.started_at, 'finished_at', t.finished_at, 'duration_ms', NULL,
-    'attempts', t.attempts, 'error', json(t.error),
+    'attempts', t.attempts, 'error', json(t.error), 'run_at', t.run_at,
     'tokens', (SELECT coalesce(sum(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)), 0)
                FROM task_steps WHERE task_id = t.id AND attempt = t.attempts)))
 FROM (SELECT {_SUMMARY_COLUMNS} FROM tasks {"WHERE " + " AND ".join(where) if where else ""}

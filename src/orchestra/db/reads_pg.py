@@ -41,7 +41,7 @@ FROM (SELECT seq, time, type, data FROM task_events
 
 _SUMMARY_COLUMNS = (
     "id, template, template_version, status, model, created_at, started_at, finished_at, "
-    "attempts, error"
+    "attempts, error, run_at"
 )
 
 
@@ -58,7 +58,7 @@ SELECT coalesce(json_agg(json_build_object(
     'id', t.id, 'template', t.template, 'template_version', t.template_version,
     'status', t.status, 'model', t.model, 'created_at', t.created_at,
     'started_at', t.started_at, 'finished_at', t.finished_at, 'duration_ms', NULL,
-    'attempts', t.attempts, 'error', t.error::json,
+    'attempts', t.attempts, 'error', t.error::json, 'run_at', t.run_at,
     'tokens', (SELECT coalesce(sum(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)), 0)
                FROM task_steps WHERE task_id = t.id AND attempt = t.attempts))
     ORDER BY t.id DESC), '[]')::text
