@@ -93,15 +93,20 @@ def tasks_events(
             click.echo(json.dumps(msgspec.to_builtins(event)) if as_json else _event_line(event))
 
 
+def _act(action: str, task_id: int, url: str | None, config_path: str | None) -> None:
+    """Cancel or retry a task, and print what it is now."""
+    with client_for(url, config_path) as client:
+        task = client.cancel(task_id) if action == "cancel" else client.retry(task_id)
+    click.echo(f"task {task.id} {task.status}")
+
+
 @tasks.command("cancel")
 @click.argument("task_id", type=int)
 @url_option
 @config_option
 def tasks_cancel(task_id: int, url: str | None, config_path: str | None) -> None:
     """Cancel a queued or running task."""
-    with client_for(url, config_path) as client:
-        task = client.cancel(task_id)
-    click.echo(f"task {task.id} {task.status}")
+    _act("cancel", task_id, url, config_path)
 
 
 @tasks.command("retry")
@@ -110,6 +115,4 @@ def tasks_cancel(task_id: int, url: str | None, config_path: str | None) -> None
 @config_option
 def tasks_retry(task_id: int, url: str | None, config_path: str | None) -> None:
     """Queue a failed or cancelled task again."""
-    with client_for(url, config_path) as client:
-        task = client.retry(task_id)
-    click.echo(f"task {task.id} {task.status}")
+    _act("retry", task_id, url, config_path)

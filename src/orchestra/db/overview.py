@@ -70,11 +70,13 @@ _SUMMARY_COLUMNS = (
 _SEARCHED = (tasks.c.params, tasks.c.result, tasks.c.error)
 _FAILED = TaskStatus.FAILED.value
 
-# The queued task with the smallest run_at is the one waiting longest, if it is due. The queue's
-# index is ordered by priority first, so min(run_at) over it reads the whole queue (48 ms with
-# 500,000 queued); instead, step from one priority to the next lower one and take each one's
-# first run_at: two seeks per priority in use, however long the queue.
-_OLDEST_DUE_SQL = """
+# The queue at a glance, in one statement: the smallest run_at of a queued task (the one
+# waiting longest, if it is due) and how many queued tasks are not due yet (delayed, or
+# waiting to retry). The queue's index is ordered by priority first, so min(run_at) over it
+# reads the whole queue (48 ms with 500,000 queued); instead, step from one priority to the
+# next lower one: per priority in use, two seeks for its first run_at and a range of the index
+# after ``now`` (index-only: as long as the tasks scheduled later, not the queue).
+_QUEUE_SQL = """
 WITH RECURSIVE levels(priority) AS (
     SELECT max(priority) FROM tasks INDEXED BY ix_tasks_queue WHERE status = 'queued'
     UNION ALL
@@ -84,7 +86,10 @@ WITH RECURSIVE levels(priority) AS (
 )
 SELECT min((SELECT run_at FROM tasks INDEXED BY ix_tasks_queue
             WHERE status = 'queued' AND priority = levels.priority
-            ORDER BY run_at LIMIT 1))
+            ORDER BY run_at LIMIT 1)),
+    coalesce(sum((SELECT count(*) FROM tasks INDEXED BY ix_tasks_queue
+                  WHERE status = 'queued' AND priority = levels.priority
+                  AND run_at > :now)), 0)
 FROM levels WHERE levels.priority IS NOT NULL
 """
 # Succeeded and failed tasks per minute, zero-filled, oldest first: two index-only range scans
@@ -106,24 +111,7 @@ FROM minutes
 """
 )
 
-# Queued tasks not due yet (delayed, or waiting to retry): per priority in use, a range of the
-# queue's index after ``now`` (index-only; as long as the tasks scheduled, not the queue).
-_SCHEDULED_SQL = """
-WITH RECURSIVE levels(priority) AS (
-    SELECT max(priority) FROM tasks INDEXED BY ix_tasks_queue WHERE status = 'queued'
-    UNION ALL
-    SELECT (SELECT max(priority) FROM tasks INDEXED BY ix_tasks_queue
-            WHERE status = 'queued' AND priority < levels.priority)
-    FROM levels WHERE levels.priority IS NOT NULL
-)
-SELECT coalesce(sum((SELECT count(*) FROM tasks INDEXED BY ix_tasks_queue
-                     WHERE status = 'queued' AND priority = levels.priority
-                     AND run_at > :now)), 0)
-FROM levels WHERE levels.priority IS NOT NULL
-"""
-
-_OLDEST_DUE = {d: text(hinted(_OLDEST_DUE_SQL, d)) for d in ("sqlite", "postgresql")}
-_SCHEDULED = {d: text(hinted(_SCHEDULED_SQL, d)) for d in ("sqlite", "postgresql")}
+_QUEUE = {d: text(hinted(_QUEUE_SQL, d)) for d in ("sqlite", "postgresql")}
 # PostgreSQL counts the hour in one GROUP BY over its finished index; the minutes it has no
 # rows for are filled with zeros in Python.
 _PER_MINUTE_GROUPED = text(
@@ -275,8 +263,8 @@ class DashboardStore:
         )
         async with self.db.read() as conn:
             counts = await _counts(conn)
-            due = (await conn.execute(_OLDEST_DUE[conn.dialect.name])).scalar()
-            later = (await conn.execute(_SCHEDULED[conn.dialect.name], {"now": iso(now)})).scalar()
+            queue = _QUEUE[conn.dialect.name]
+            due, later = (await conn.execute(queue, {"now": iso(now)})).one()
             minutes = await _per_minute(conn, span)
             recent = await _summaries(conn, failed) if failures > 0 else []
         return Overview(

@@ -261,6 +261,20 @@ DROP TABLE task_events;
 ALTER TABLE task_events_v10 RENAME TO task_events;
 """
 
+# A schedule's ticks (migration 11), made again by migration 16 with one outcome more.
+_FIRES = """CREATE TABLE {table} (
+    schedule_id INTEGER NOT NULL,
+    fire_at TEXT NOT NULL,
+    task_id INTEGER,
+    outcome TEXT NOT NULL,
+    error TEXT,
+    time TEXT NOT NULL,
+    PRIMARY KEY (schedule_id, fire_at),
+    FOREIGN KEY(schedule_id) REFERENCES schedules (id) ON DELETE CASCADE,
+    FOREIGN KEY(task_id) REFERENCES tasks (id) ON DELETE SET NULL,
+    CONSTRAINT ck_outcome_word CHECK (outcome IN ({outcomes}))
+)"""
+
 # Migration 11: schedules, and one row per (schedule, fire time) — the unique key that makes
 # each tick create exactly one task, however many processes see it due.
 _V11 = """
@@ -287,18 +301,8 @@ CREATE TABLE schedules (
     CONSTRAINT ck_source_word CHECK (source IN ('api', 'config'))
 );
 CREATE INDEX ix_schedules_due ON schedules (next_fire_at);
-CREATE TABLE schedule_fires (
-    schedule_id INTEGER NOT NULL,
-    fire_at TEXT NOT NULL,
-    task_id INTEGER,
-    outcome TEXT NOT NULL,
-    error TEXT,
-    time TEXT NOT NULL,
-    PRIMARY KEY (schedule_id, fire_at),
-    FOREIGN KEY(schedule_id) REFERENCES schedules (id) ON DELETE CASCADE,
-    FOREIGN KEY(task_id) REFERENCES tasks (id) ON DELETE SET NULL,
-    CONSTRAINT ck_outcome_word CHECK (outcome IN ('submitted', 'skipped', 'failed'))
-);
+""" + _FIRES.format(table="schedule_fires", outcomes="'submitted', 'skipped', 'failed'")
+_V11 += """;
 CREATE INDEX ix_schedule_fires_task ON schedule_fires (task_id);
 CREATE INDEX ix_schedule_fires_time ON schedule_fires (time);
 """
@@ -475,19 +479,7 @@ _V16 = (
     "ALTER TABLE webhooks ADD COLUMN previous_secret TEXT",
     "ALTER TABLE webhooks ADD COLUMN previous_secret_until TEXT",
     "ALTER TABLE webhook_deliveries ADD COLUMN retry_from TEXT",
-    """
-CREATE TABLE schedule_fires_16 (
-    schedule_id INTEGER NOT NULL,
-    fire_at TEXT NOT NULL,
-    task_id INTEGER,
-    outcome TEXT NOT NULL,
-    error TEXT,
-    time TEXT NOT NULL,
-    PRIMARY KEY (schedule_id, fire_at),
-    FOREIGN KEY(schedule_id) REFERENCES schedules (id) ON DELETE CASCADE,
-    FOREIGN KEY(task_id) REFERENCES tasks (id) ON DELETE SET NULL,
-    CONSTRAINT ck_outcome_word CHECK (outcome IN ('submitted', 'skipped', 'failed', 'missed'))
-)""",
+    _FIRES.format(table="schedule_fires_16", outcomes="'submitted', 'skipped', 'failed', 'missed'"),
     "INSERT INTO schedule_fires_16 SELECT schedule_id, fire_at, task_id, outcome, error, time "
     "FROM schedule_fires",
     "DROP TABLE schedule_fires",
