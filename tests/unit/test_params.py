@@ -65,6 +65,16 @@ def test_limits() -> None:
     assert fields == {"params.text", "params.n"}
 
 
+@pytest.mark.parametrize(
+    ("value", "said"), [(None, "null is not of type 'string'"), (True, "true is not of type")]
+)
+def test_a_wrong_type_names_the_value_as_json_wrote_it(value: object, said: str) -> None:
+    """ "None is not of type 'string'" spoke Python to a JSON API."""
+    with pytest.raises(InvalidParams) as info:
+        validate_params(TEMPLATE, {"text": value})
+    assert info.value.fields[0].message.startswith(said), info.value.fields
+
+
 def test_an_integer_bound_is_named_as_an_integer() -> None:
     with pytest.raises(InvalidParams) as info:
         validate_params(TEMPLATE, {"text": "hi", "n": 99})

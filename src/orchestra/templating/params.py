@@ -189,6 +189,9 @@ def _message(err: jsonschema.ValidationError) -> str:
         return f"has {len(value)} items; the template allows {bound} {limit}"
     message = err.message
     quoted = repr(value)
+    if (value is None or isinstance(value, bool)) and message.startswith(quoted + " "):
+        # The value as the caller wrote it, in JSON: null, true, false (not None, True).
+        message = msgspec.json.encode(value).decode() + message[len(quoted) :]
     if len(quoted) > _QUOTED and quoted in message:
         message = message.replace(quoted, f"{quoted[:_QUOTED]}… ({len(quoted)} characters)")
     return message
