@@ -203,7 +203,7 @@ def parse_every(text: str) -> float:
         ValueError: not such a duration, or outside 1 s to 366 days.
     """
     raw = text.strip().lower()
-    match = _EVERY.match(raw)
+    match = _EVERY.fullmatch(raw)
     if re.fullmatch(r"\d+(?:\.\d+)?", raw):
         seconds = float(raw)
     elif raw and match:

@@ -28,7 +28,7 @@ def clean_prefix(value: str, what: str) -> str:
         ConfigError: it is not a plain path.
     """
     prefix = value.rstrip("/")
-    if not _PREFIX.match(prefix):
+    if not _PREFIX.fullmatch(prefix):
         raise ConfigError(f"{what}: {value!r} is not a path such as /orchestra")
     return prefix
 
@@ -47,7 +47,7 @@ class Links:
         for name, value in scope.get("headers", ()):
             if name == b"x-forwarded-prefix":
                 given = value.decode("latin-1").strip().rstrip("/")
-                if _PREFIX.match(given):
+                if _PREFIX.fullmatch(given):
                     prefix = given
                 break
         return cls(prefix, settings.ui.path)
