@@ -13,6 +13,7 @@ from typing import Any
 
 import jsonschema
 import msgspec
+from referencing.exceptions import Unresolvable
 
 from orchestra.config import LimitSettings
 from orchestra.domain import Task, Usage, total_usage
@@ -30,7 +31,7 @@ from orchestra.templating.model import (
     StepSpec,
     Template,
 )
-from orchestra.templating.regex import SchemaValidator, check_schema, schema_problems
+from orchestra.templating.regex import check_schema, schema_problems, validator
 from orchestra.templating.render import evaluate, parse_json_text, render_text
 from orchestra.templating.schema_refs import ref_problems
 from orchestra.templating.source import format_path
@@ -89,9 +90,11 @@ def _schema_problems(value: Any, schema: dict[str, Any]) -> list[str]:
     if why:
         raise StepError(f"the JSON Schema cannot be used: {why}")
     try:
-        errors = sorted(SchemaValidator(schema).iter_errors(value), key=_error_path)
+        errors = sorted(validator(schema).iter_errors(value), key=_error_path)
     except RecursionError:  # a recursive schema, and a value nested deeper than Python goes
         return ["(top level): the value nests too deeply to be checked against the schema"]
+    except Unresolvable as exc:  # schema_refs refuses these first; nothing is fetched
+        raise StepError(f"the JSON Schema cannot be used: $ref {exc}") from None
     return [
         f"{format_path(tuple(err.absolute_path)) or '(top level)'}: {err.message}" for err in errors
     ]

@@ -1,12 +1,17 @@
 from __future__ import annotations
 
+import http.server
+import threading
 from pathlib import Path
 
 import pytest
+from referencing.exceptions import Unresolvable
 
 from orchestra.config import LimitSettings
-from orchestra.errors import TemplateError
+from orchestra.errors import InvalidParams, TemplateError
 from orchestra.templating import TemplateProblem, parse_template
+from orchestra.templating.params import validate_params
+from orchestra.templating.regex import validator
 from orchestra.templating.registry import TemplateRegistry
 from tests.conftest import BUILTINS
 
@@ -336,6 +341,9 @@ steps:
         ('{$ref: "http://example.com/s.json"}', "only references inside the schema"),
         ('{$ref: "#/$defs/missing"}', "does not resolve"),
         ('{$dynamicRef: "#x"}', "$dynamicRef"),
+        # Through a key that is no keyword: the walk of keywords alone never saw these.
+        ('{$ref: "#/x-extra", x-extra: {$ref: "http://127.0.0.1:9/s.json"}}', "only references"),
+        ('{$ref: "#/x-extra", x-extra: {$ref: "#"}}', "refers back to itself"),
     ],
 )
 def test_remote_unresolvable_and_looping_refs_are_refused_with_their_position(
@@ -357,6 +365,54 @@ def test_remote_unresolvable_and_looping_refs_are_refused_with_their_position(
 def test_a_recursive_schema_that_descends_into_the_value_is_fine() -> None:
     tree = "{type: object, properties: {kids: {type: array, items: {$ref: '#'}}}}"
     parse_template(f"name: x\nsteps:\n  - id: a\n    prompt: hi\n    format: {tree}\n")
+
+
+def test_a_parameters_refs_resolve_in_its_own_schema_when_a_task_is_checked() -> None:
+    """Checked at load with ``#`` as the items' schema, the references were resolved against
+    the whole parameters' object at submit: a PointerToNowhere (a 500) on every submit, and
+    the tree below named its kids unknown parameters."""
+    text = (
+        "name: x\nparameters:\n"
+        "  who:\n    type: array\n"
+        "    items: {type: string, $ref: '#/$defs/s', $defs: {s: {maxLength: 3}}}\n"
+        "  tree:\n    type: array\n"
+        "    items: {type: object, properties: {kids: {type: array, items: {$ref: '#'}}}}\n"
+        "steps:\n  - id: a\n    prompt: hi\n"
+    )
+    template = parse_template(text)
+    ok = {"who": ["ab"], "tree": [{"kids": [{"kids": []}]}]}
+    assert validate_params(template, ok) == ok
+    with pytest.raises(InvalidParams) as refused:
+        validate_params(template, {"who": ["abcd"], "tree": [{"kids": [{"kids": 5}]}]})
+    assert sorted(f.field for f in refused.value.fields) == [
+        "params.tree[0].kids[0].kids",
+        "params.who[0]",
+    ]
+
+
+def test_a_validator_never_fetches_what_a_ref_names() -> None:
+    """Whatever gets past the checks at load: jsonschema fetched a remote $ref by itself."""
+    asked: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"type": "string"}')
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/s.json"
+        with pytest.raises(Unresolvable):
+            list(validator({"$ref": url}).iter_errors("x"))
+    finally:
+        server.shutdown()
+    assert asked == []
 
 
 def test_format_json_loads() -> None:

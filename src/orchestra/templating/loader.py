@@ -22,9 +22,9 @@ from orchestra.errors import PayloadTooLarge, TemplateError
 from orchestra.templating.model import PARAM_TYPES, Parameter, Template
 from orchestra.templating.regex import (
     PatternBudget,
-    SchemaValidator,
     check_schema,
     schema_problems,
+    validator,
 )
 from orchestra.templating.schema_refs import ref_problems
 from orchestra.templating.source import Checker, Path_, Source, TemplateProblem, describe
@@ -145,11 +145,11 @@ def _parameters(c: Checker, value: Any, budget: PatternBudget) -> dict[str, Para
         if param.default is not msgspec.UNSET:
             if param.required:
                 c.add((*path, "default"), "a required parameter cannot have a default")
-            for err in SchemaValidator(schema).iter_errors(param.default):
+            for err in validator(schema).iter_errors(param.default):
                 c.add((*path, "default"), f"default does not fit the parameter: {err.message}")
         for index, choice in enumerate(param.enum or []):
             item_schema = {k: v for k, v in schema.items() if k not in ("enum", "default")}
-            for err in SchemaValidator(item_schema).iter_errors(choice):
+            for err in validator(item_schema).iter_errors(choice):
                 c.add((*path, "enum", index), f"enum value does not fit the type: {err.message}")
         out[name] = param
     return out

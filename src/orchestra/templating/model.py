@@ -33,13 +33,18 @@ class Parameter(msgspec.Struct, frozen=True, omit_defaults=True):
     def json_schema(self) -> dict[str, Any]:
         """This parameter as a JSON Schema (what the API publishes and validation uses)."""
         schema: dict[str, Any] = {"type": self.type}
+        items = self.items
+        if isinstance(items, dict) and "$id" not in items and _refers(items):
+            # Its references were checked with ``#`` as the items' schema; inside the
+            # parameters' schema ``#`` would be that whole object. An $id makes it its own.
+            items = {"$id": f"urn:orchestra:parameter:{self.name}:items", **items}
         for key, value in (
             ("description", self.description),
             ("enum", self.enum),
             ("minimum", self.minimum),
             ("maximum", self.maximum),
             ("pattern", self.pattern),
-            ("items", self.items),
+            ("items", items),
         ):
             if value is not None:
                 schema[key] = value
@@ -52,6 +57,15 @@ class Parameter(msgspec.Struct, frozen=True, omit_defaults=True):
         if self.max_length is not None:
             schema[f"max{prefix}"] = self.max_length
         return schema
+
+
+def _refers(node: Any) -> bool:
+    """Whether a ``$ref`` is anywhere in ``node``."""
+    if isinstance(node, dict):
+        return "$ref" in node or any(_refers(v) for v in node.values())
+    if isinstance(node, list):
+        return any(_refers(v) for v in node)
+    return False
 
 
 class Message(msgspec.Struct, frozen=True):

@@ -8,12 +8,13 @@ from typing import Any
 
 import jsonschema
 import msgspec
+from referencing.exceptions import Unresolvable
 
 from orchestra.config import LimitSettings
 from orchestra.errors import FieldProblem, InvalidParams
 from orchestra.templating.fast_params import quick_check
 from orchestra.templating.model import Template
-from orchestra.templating.regex import SchemaValidator
+from orchestra.templating.regex import validator as local_validator
 from orchestra.templating.source import format_path
 
 # Templates hold dicts, so they are not hashable: cache each one's validator by identity.
@@ -27,7 +28,7 @@ def _validator(template: Template) -> jsonschema.Draft202012Validator:
         return cached[1]
     if len(_validators) > 1024:
         _validators.clear()
-    validator = SchemaValidator(template.params_schema())
+    validator = local_validator(template.params_schema())
     _validators[id(template)] = (template, validator)
     return validator
 
@@ -138,7 +139,12 @@ def validate_params(
     if not problems and quick is not None and quick(full):
         return full  # surely valid: the JSON Schema walk below would find nothing
     named = {p.field for p in problems}
-    for err in _validator(template).iter_errors(full):
+    try:
+        errors = list(_validator(template).iter_errors(full))
+    except (Unresolvable, RecursionError) as exc:  # the checks at load should prevent both
+        why = f"cannot be checked against the template's schema: {type(exc).__name__}"
+        raise InvalidParams(why, [FieldProblem("params", why)]) from None
+    for err in errors:
         if _field(err.absolute_path) in named:
             continue  # "inf is greater than the maximum" adds nothing
         if err.validator == "required":

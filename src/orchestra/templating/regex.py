@@ -23,6 +23,8 @@ from typing import Any
 import jsonschema
 import re2  # type: ignore[import-untyped]
 from jsonschema.exceptions import ValidationError
+from referencing import Registry
+from referencing.exceptions import NoSuchResource
 
 from orchestra.templating.source import Path_
 
@@ -320,3 +322,19 @@ SchemaValidator: type[jsonschema.Draft202012Validator] = jsonschema.validators.e
         "additionalProperties": _additional_properties,
     },
 )
+
+
+def _no_retrieval(uri: str) -> Any:
+    raise NoSuchResource(ref=uri)  # type: ignore[call-arg]
+
+
+#: The only resources a ``$ref`` may reach: the schema's own. jsonschema's default fetches a
+#: URL it does not know (``schema_refs`` refuses such references first; this holds whatever
+#: gets past it).
+_LOCAL: Registry[Any] = Registry(retrieve=_no_retrieval)  # type: ignore[call-arg]
+
+
+def validator(schema: Any) -> jsonschema.Draft202012Validator:
+    """A :data:`SchemaValidator` for ``schema`` that never fetches anything: a reference it
+    cannot resolve in the schema raises ``referencing.exceptions.Unresolvable``."""
+    return SchemaValidator(schema, registry=_LOCAL)

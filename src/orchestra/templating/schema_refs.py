@@ -65,7 +65,7 @@ def ref_problems(schema: Any, path: Path_ = ()) -> list[tuple[Path_, str]]:
     stack: list[tuple[Any, Path_]] = [(schema, path)]
     while stack:
         node, at = stack.pop()
-        if not isinstance(node, dict):
+        if not isinstance(node, dict) or id(node) in where:
             continue
         where[id(node)] = at
         for key in _REFUSED:
@@ -89,6 +89,9 @@ def ref_problems(schema: Any, path: Path_ = ()) -> list[tuple[Path_, str]]:
                     problems.append(((*at, "$ref"), f"$ref {ref!r} does not resolve to a schema"))
                 elif isinstance(found[0], dict):
                     targets[id(node)] = found[0]
+                    # What it points at is checked too, keyword or not: a $ref to
+                    # "#/x-extra" reached a remote $ref the walk of keywords never saw.
+                    stack.append((found[0], (*path, *found[1])))
         stack.extend(reversed(list(subschemas(node, at))))
     if not problems:
         problems += _loops(schema, targets, where)
