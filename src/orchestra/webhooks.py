@@ -347,7 +347,11 @@ class WebhookService:
         if isinstance(changes.url, str):
             await check_destination(changes.url, self.settings.allow_private)
         values = changes.values()
-        hook = await self.store.update(webhook_id, values) if values else await self.get(webhook_id)
+        hook = (
+            await self.store.update(webhook_id, values, iso_now())
+            if values
+            else await self.get(webhook_id)
+        )
         if hook is None:
             raise WebhookNotFound(f"no webhook with id {webhook_id}")
         if values.get("enabled"):
