@@ -184,10 +184,13 @@ def _header(cells: list[str]) -> list[str]:
     """The CSV header's parameter names.
 
     Raises:
-        InvalidRequest: a name is given twice (one of the two cells would be lost).
+        InvalidRequest: a name is given twice (one of the two cells would be lost); unnamed
+            columns may repeat.
     """
     names = [c.strip() for c in cells]
-    twice = sorted({n for n in names if names.count(n) > 1})
+    # Unnamed columns (a spreadsheet's trailing "a,b,,") are no parameter: their cells, empty
+    # or not, are refused by the row's check as an unknown parameter when they hold anything.
+    twice = sorted({n for n in names if n and names.count(n) > 1})
     if twice:
         problem = f"the CSV header names {', '.join(repr(n) for n in twice)} more than once"
         raise InvalidRequest(f"body: {problem}", [FieldProblem("body", problem)])

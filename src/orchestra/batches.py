@@ -211,8 +211,9 @@ class BatchService:
             batch, created = await self._open(opts, template, scope)
             try:
                 problems, total = await self._load(batch.id, _chain(first, checked))
-            except OrchestraError as exc:
-                if opts.idempotency_key is None:
+            except Exception as exc:  # a client gone midway too (Litestar's 500 exception)
+                # Nobody can finish it: no key to send the rest with, or past the row cap.
+                if opts.idempotency_key is None or _past_the_cap(exc):
                     await self._close_cut(batch.id, exc)
                 raise
         finished = Batch.of(
@@ -233,19 +234,22 @@ class BatchService:
             problems=problems[:SHOWN_PROBLEMS],
         )
 
-    async def _close_cut(self, batch_id: int, error: OrchestraError) -> None:
-        """An upload without an idempotency key failed midway (a body that stops being UTF-8,
-        too many rows): nobody can send the rest, so the batch is closed with the rows read
-        before, which run, and the error says so."""
+    async def _close_cut(self, batch_id: int, error: Exception) -> None:
+        """An upload failed midway that nobody can finish (no idempotency key to send the rest
+        with, or too many rows; a body that stops being UTF-8, a client gone): the batch is
+        closed with the rows read before, which run, and the error (one of ours, which its
+        caller reads) says so."""
         kept = Batch.of(
             await self.store.db.transaction(lambda c: db.mark_loaded(c, batch_id, iso(now())))
         )
-        log.warning("batch.upload_cut", batch_id=batch_id, rows=kept.rows, error=error.message)
-        error.message = (
-            f"{error.message}; batch {batch_id} keeps the {kept.rows} rows read before "
-            f"(POST /api/v1/batches/{batch_id}/cancel stops them)"
-        )
-        error.args = (error.message,)
+        told = error.message if isinstance(error, OrchestraError) else type(error).__name__
+        log.warning("batch.upload_cut", batch_id=batch_id, rows=kept.rows, error=told)
+        if isinstance(error, OrchestraError):
+            error.message = (
+                f"{error.message}; batch {batch_id} keeps the {kept.rows} rows read before "
+                f"(POST /api/v1/batches/{batch_id}/cancel stops them)"
+            )
+            error.args = (error.message,)
 
     async def _checked(
         self, opts: BatchOptions, template: Template, rows: AsyncIterator[InputRow]
@@ -351,7 +355,7 @@ class BatchService:
                             await writing
                         writing = asyncio.create_task(self._store_chunk(batch_id, valid, refused))
                         valid, refused = [], []
-            except OrchestraError:
+            except Exception:  # the body failed (ours, or a client gone): keep what was read
                 if writing is not None:
                     await writing
                     writing = None
@@ -483,6 +487,11 @@ def _progress(batch: Batch, tally: db.Tally) -> Progress:
     if not left:
         eta = 0.0 if batch.status == "loaded" else eta
     return Progress(batch, counts, finished, round(share, 6), eta)
+
+
+def _past_the_cap(error: Exception) -> bool:
+    """Whether the upload stopped at :data:`MAX_ROWS` (sending it again stops there again)."""
+    return isinstance(error, PayloadTooLarge) and str(MAX_ROWS) in error.message
 
 
 def _no_rows() -> InvalidRequest:

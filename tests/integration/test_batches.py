@@ -261,6 +261,9 @@ async def test_bad_uploads_get_a_4xx_naming_the_field(idle: Service) -> None:
     assert (await idle.client.get("/api/v1/batches/987654")).status_code == 404
     listing = (await idle.client.get("/api/v1/batches")).json()
     assert listing == {"items": [], "next_cursor": None}
+    # Unnamed columns (a spreadsheet's trailing commas) may repeat: their cells are empty.
+    trailing = await upload(idle, b"text,n,,\nhi,1,,\n")
+    assert (trailing["read"], trailing["refused"]) == (1, 0)
 
 
 @pytest.fixture
@@ -298,6 +301,33 @@ async def test_a_row_over_the_size_limit_is_refused_with_its_row_and_line_and_th
         assert [(p["row"], p["line"]) for p in answer["problems"]] == refused
         assert all("over 200 bytes" in p["message"] for p in answer["problems"])
         assert answer["batch"]["status"] == "loaded" and answer["batch"]["invalid"] == 2
+
+
+async def test_a_client_gone_midway_leaves_no_batch_loading(idle: Service, db_url: str) -> None:
+    """The commonest cut: the client hangs up halfway through a keyless upload. The rows read
+    are kept and the batch closed (it stayed ``loading``, its last rows lost)."""
+    host, port = idle.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /api/v1/batches?template=rowjob&format=csv HTTP/1.1\r\nHost: %s:%s\r\n"
+        b"Content-Type: text/csv\r\nTransfer-Encoding: chunked\r\n\r\n"
+        % (host.encode(), port.encode())
+    )
+    rows = b"text\n" + b"".join(b"row %d\n" % i for i in range(1, 121))
+    writer.write(b"%x\r\n%s\r\n" % (len(rows), rows))
+    await writer.drain()
+
+    async def listed(status: str) -> list[dict[str, Any]]:
+        items = (await idle.client.get("/api/v1/batches")).json()["items"]
+        return [b for b in items if b["status"] == status]
+
+    await wait_until(lambda: listed("loading"), timeout=10)
+    writer.close()  # gone, mid-body
+    await wait_until(lambda: listed("loaded"), timeout=10)
+    [batch] = await listed("loaded")
+    assert batch["rows"] == 120
+    assert sql_rows(db_url, "SELECT count(*) FROM tasks") == [(120,)]
+    del reader
 
 
 async def test_a_batch_whose_every_row_was_refused_is_finished(idle: Service) -> None:
