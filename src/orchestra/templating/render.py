@@ -19,7 +19,14 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from orchestra.errors import RenderError
 from orchestra.templating.plain import plain
-from orchestra.templating.sandbox import BoundedSandbox, budget, check_data_size, render_capped
+from orchestra.templating.sandbox import (
+    BoundedSandbox,
+    budget,
+    check_data_size,
+    check_size,
+    render_capped,
+    ticking,
+)
 
 # Where a bare expression is expected, these mark text with placeholders or tags instead.
 _TEMPLATE_SYNTAX = re.compile(r"\{[{%#]")
@@ -154,6 +161,8 @@ def chunk(text: Any, size: int = 2000, overlap: int = 200) -> list[str]:
     raw = str(text)
     if size < 1 or not 0 <= overlap < size:
         raise RenderError(f"chunk needs size >= 1 and 0 <= overlap < size, got {size}, {overlap}")
+    # The pieces repeat their overlaps: about len * size / (size - overlap) characters in all.
+    check_size(len(raw) * size // (size - overlap), "chunk's pieces")
     pieces, start = [], 0
     while start < len(raw):
         end = min(start + size, len(raw))
@@ -196,7 +205,8 @@ def environment() -> ImmutableSandboxedEnvironment:
         keep_trailing_newline=False,
         finalize=_measured,
     )
-    env.filters.update(choose=choose, from_json=from_json, lines=lines, chunk=chunk)
+    ours = {"choose": choose, "from_json": from_json, "lines": lines, "chunk": chunk}
+    env.filters.update({name: ticking(fn) for name, fn in ours.items()})  # as Jinja's own
     return env
 
 

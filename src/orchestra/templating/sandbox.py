@@ -244,7 +244,7 @@ class _Bound(NodeTransformer):
         return nodes.Filter(node, "_capped", [], [], None, None, lineno=node.lineno)
 
 
-def _ticking(fn: Any) -> Callable[..., Any]:
+def ticking(fn: Any) -> Callable[..., Any]:
     """``fn`` checking the deadline before it runs (Jinja's pass_context marks are kept)."""
 
     @functools.wraps(fn)
@@ -351,8 +351,8 @@ def _safe_filters(env: ImmutableSandboxedEnvironment) -> None:
         pprint=measured("pprint"),
     )
     # Every filter and test checks the deadline, so a chain of them stops at it.
-    env.filters.update({name: _ticking(fn) for name, fn in env.filters.items()})
-    env.tests.update({name: _ticking(fn) for name, fn in env.tests.items()})
+    env.filters.update({name: ticking(fn) for name, fn in env.filters.items()})
+    env.tests.update({name: ticking(fn) for name, fn in env.tests.items()})
     env.filters.update(_counted=counted, _capped=capped)
     env.globals["lipsum"] = lipsum
 
