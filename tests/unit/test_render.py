@@ -23,8 +23,11 @@ def test_single_expression_output_keeps_its_value() -> None:
 
 
 def test_undefined_names_fail_loudly() -> None:
-    with pytest.raises(RenderError, match="undefined value"):
+    with pytest.raises(RenderError, match="undefined value") as caught:
         render_text("{{ params.missing }}", {"params": {}}, what="steps.a.prompt")
+    # An optional parameter left out, with no default: said so, with what to write instead.
+    assert "if missing is a parameter" in str(caught.value)
+    assert "params.missing | default('')" in str(caught.value)
     with pytest.raises(RenderError, match="undefined value"):
         render_output("{{ steps.nope.output }}", {"steps": {}})
 

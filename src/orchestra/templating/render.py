@@ -323,8 +323,20 @@ def compile_output(source: str) -> _Expression | jinja2.Template:
     return compile_text(source)
 
 
+#: Jinja's word for a missing key of a mapping (``params``, a step's output object).
+_NO_KEY = re.compile(r"^'dict object' has no attribute '(?P<name>[A-Za-z_][A-Za-z0-9_]*)'$")
+
+
 def _explain(exc: Exception) -> str:
     if isinstance(exc, jinja2.UndefinedError):
+        missing = _NO_KEY.match(exc.message or "")
+        if missing:  # most often an optional parameter left out that has no default
+            name = missing["name"]
+            return (
+                f"undefined value: {exc.message} (if {name} is a parameter: one that is "
+                f"optional, has no default and was left out is not set; give it a default, "
+                f"or write params.{name} | default('') or test params.{name} is defined)"
+            )
         return f"undefined value: {exc.message}"
     if isinstance(exc, jinja2.TemplateSyntaxError):
         return f"Jinja syntax error on line {exc.lineno}: {exc.message}"
