@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from orchestra.client import core
+from orchestra.client import batch_calls, core
 from orchestra.client.core import Call, Registered, RetryPolicy
 from orchestra.client.errors import ClientClosed, ConnectionFailed
 from orchestra.domain import TaskStatus
@@ -302,19 +302,21 @@ class Client:
         ``max_attempts``, ``timeout``, ``atomic``. The same ``idempotency_key`` again resumes
         the batch (rows it has are skipped). ``on_sent`` hears the size of each piece of a
         file as it is sent (a progress bar)."""
-        call = core.create_batch(template, rows, data_format, idempotency_key, options, on_sent)
+        call = batch_calls.create_batch(
+            template, rows, data_format, idempotency_key, options, on_sent
+        )
         return self._send(call)
 
     def get_batch(self, batch_id: int) -> ProgressOut:
         """A batch's progress: its rows by status, the share finished, an ETA."""
-        return self._send(core.get_batch(batch_id))
+        return self._send(batch_calls.get_batch(batch_id))
 
     def list_batches(self, page_size: int = 100) -> Iterator[BatchSummaryOut]:
         """Every batch, newest first, with its rows by status and progress, a page at a
         time."""
         cursor: str | None = None
         while True:
-            page = self._send(core.batches_page(page_size, cursor))
+            page = self._send(batch_calls.batches_page(page_size, cursor))
             yield from page.items
             if page.next_cursor is None:
                 return
@@ -322,20 +324,20 @@ class Client:
 
     def cancel_batch(self, batch_id: int) -> ActionOut:
         """Cancel a batch's queued rows; running ones are asked to stop."""
-        return self._send(core.cancel_batch(batch_id))
+        return self._send(batch_calls.cancel_batch(batch_id))
 
     def retry_batch(self, batch_id: int, *, statuses: Sequence[str] = ("failed",)) -> ActionOut:
         """Queue a batch's rows in ``statuses`` again: its failed ones (the default), its
         cancelled ones (``("cancelled",)``: resume a cancelled batch), or both."""
-        return self._send(core.retry_batch(batch_id, statuses))
+        return self._send(batch_calls.retry_batch(batch_id, statuses))
 
     def batch_results(self, batch_id: int) -> Iterator[dict[str, Any]]:
         """Each row's ``row``, ``line``, ``status``, ``result`` and ``error``, in input order,
         read as they arrive."""
-        response = self._open(core.batch_results(batch_id), stream=True)
+        response = self._open(batch_calls.batch_results(batch_id), stream=True)
         try:
             for line in iter_lines(response):
-                row = core.result_row(line)
+                row = batch_calls.result_row(line)
                 if row is not None:
                     yield row
         except httpx.TransportError as exc:
@@ -349,7 +351,7 @@ class Client:
         """Write a batch's results to ``path``, in input order: CSV for a .csv file (a result
         object's keys spread over ``result.<key>`` columns), else JSON lines, unless
         ``data_format`` says. Through ``<path>.part``: a cut download leaves no ``path``."""
-        call = core.batch_results(batch_id, core.results_format(path, data_format))
+        call = batch_calls.batch_results(batch_id, batch_calls.results_format(path, data_format))
         partial = path.with_name(path.name + ".part")
         response = self._open(call, stream=True)
         try:
