@@ -434,7 +434,12 @@ async def test_a_cancel_sent_to_another_process_stops_the_task_at_once(
         httpx.AsyncClient(base_url=api.url, timeout=30) as client,
     ):
         task = (await client.post("/api/v1/tasks", json=BODY)).json()
-        await wait_until(lambda: fake_ollama.in_flight == 1, timeout=10)
+        # Taken at once as a rule; a full suite on 2 cores once took over 10 s.
+        try:
+            await wait_until(lambda: fake_ollama.in_flight == 1, timeout=30)
+        except AssertionError:
+            seen = (await client.get(f"/api/v1/tasks/{task['id']}")).json()
+            raise AssertionError(f"the model was never asked; the task: {seen}") from None
         started = asyncio.get_running_loop().time()
         answer = await client.post(f"/api/v1/tasks/{task['id']}/cancel")
         took = asyncio.get_running_loop().time() - started
