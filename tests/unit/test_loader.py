@@ -415,6 +415,16 @@ def test_a_validator_never_fetches_what_a_ref_names() -> None:
     assert asked == []
 
 
+def test_a_yaml_boolean_when_is_the_condition_it_stands_for() -> None:
+    """``when: false``, the natural way to turn a step off, was refused: "'when' must be a
+    string"."""
+    t = parse_template(
+        "name: x\nsteps:\n  - id: a\n    prompt: hi\n    when: false\n"
+        "  - id: b\n    prompt: hi\n    when: true\n"
+    )
+    assert [s.when for s in t.steps] == ["false", "true"]
+
+
 def test_format_json_loads() -> None:
     t = parse_template("name: x\nsteps:\n  - id: a\n    prompt: hi\n    format: json\n")
     assert t.steps[0].format == "json"

@@ -161,6 +161,14 @@ class _StepReader:
             self.scope.check(self.c, (*self.path, key), text, expression=True)
         return text
 
+    def when(self) -> str | None:
+        """The step's condition: an expression, or a YAML boolean (``when: false`` turns a
+        step off), kept as the expression it stands for."""
+        value = self.data.get("when")
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return self.expression("when")
+
     def llm(self, common: dict[str, Any]) -> LlmStep | None:
         c, data, path = self.c, self.data, self.path
         messages = self._messages()
@@ -280,7 +288,7 @@ def read_step(
         return None
     common = {
         "id": step_id,
-        "when": reader.expression("when"),
+        "when": reader.when(),
         "timeout": c.duration(data, path, "timeout"),
     }
     build = {
