@@ -78,13 +78,19 @@ def quiet_settings(settings: Settings, tmp_path: Path) -> Settings:
     return msgspec.structs.replace(quiet, templates=TemplateSettings(dirs=[str(folder)]))
 
 
+async def settled(service: Service) -> None:
+    """Wait until counting may start: the first LISTEN on PostgreSQL wakes the workers for
+    what was queued before it (an empty claim, a write), so the dispatcher must have taken
+    that wake-up and gone back to sleep (it made a full suite's count one too many once)."""
+    pool = service.app.runtime.pool
+    await wait_until(lambda: pool.store.db.listening, timeout=10)
+    await wait_until(lambda: pool._sleep is not None and not pool._wake.is_set(), timeout=10)
+
+
 @pytest.fixture
 async def svc(quiet_settings: Settings, start_service: StartService) -> AsyncIterator[Service]:
     async with start_service(quiet_settings) as service:
-        # Counted from here: the first LISTEN on PostgreSQL wakes the workers for what was
-        # queued before it (an empty claim), so it must come before a count starts.
-        db = service.app.runtime.pool.store.db
-        await wait_until(lambda: db.listening, timeout=10)
+        await settled(service)
         yield service
 
 
@@ -344,8 +350,7 @@ async def test_an_idle_service_polls_its_webhook_outbox_without_writing(
     monkeypatch.setattr(WebhookSender, "_claim_and_send", counted)
     hooks = msgspec.structs.replace(quiet_settings.webhooks, poll_interval=0.02)
     async with start_service(msgspec.structs.replace(quiet_settings, webhooks=hooks)) as svc:
-        db = svc.app.runtime.pool.store.db
-        await wait_until(lambda: db.listening, timeout=10)
+        await settled(svc)
         writes = writes_of(svc)
         seen = polls
         await wait_until(lambda: polls >= seen + 5, timeout=10)
