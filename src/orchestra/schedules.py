@@ -263,25 +263,26 @@ def _cron_problem(expr: str, zone: Any) -> str | None:
     """Why ``expr`` is no 5-field cron expression that fires (None: it is one)."""
     if len(expr.split()) != 5:
         return f"expected 5 fields (minute hour day month weekday), not {expr!r}"
-    try:
-        next(CronSim(expr, datetime(2000, 1, 1, tzinfo=zone)))
-    except (CronSimError, ValueError, KeyError, IndexError) as exc:
+    exc = _cron_error(expr, zone)
+    if isinstance(exc, StopIteration):  # pragma: no cover - cronsim's iterator is endless
+        return f"{expr!r} never fires"
+    if exc is not None:
         minute, hour, day, _month, weekday = expr.split()
-        if "day-of-month" in str(exc) and _cron_ok(f"{minute} {hour} {day} * {weekday}", zone):
+        any_month = f"{minute} {hour} {day} * {weekday}"
+        if "day-of-month" in str(exc) and _cron_error(any_month, zone) is None:
             # cronsim says "Bad day-of-month" of a day that exists, in no month named.
             return f"{expr!r} never fires: none of the months it names has day {day}"
         return f"{expr!r} is not a valid cron expression: {exc or 'bad field'}"
-    except StopIteration:  # pragma: no cover - cronsim's iterator is endless
-        return f"{expr!r} never fires"
     return None
 
 
-def _cron_ok(expr: str, zone: Any) -> bool:
+def _cron_error(expr: str, zone: Any) -> Exception | None:
+    """What cronsim raises finding ``expr``'s first tick (None: it finds one)."""
     try:
         next(CronSim(expr, datetime(2000, 1, 1, tzinfo=zone)))
-    except (CronSimError, ValueError, KeyError, IndexError):
-        return False
-    return True
+    except (CronSimError, ValueError, KeyError, IndexError, StopIteration) as exc:
+        return exc
+    return None
 
 
 def next_after(timing: Timing, after: datetime) -> datetime:

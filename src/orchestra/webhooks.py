@@ -343,17 +343,15 @@ class WebhookService:
             WebhookNotFound: no subscription has this id.
             InvalidParams: the new URL is malformed or not allowed (names ``url``).
         """
-        await self.get(webhook_id)
+        hook = await self.get(webhook_id)  # a 404 comes before a URL's 422
         if isinstance(changes.url, str):
             await check_destination(changes.url, self.settings.allow_private)
         values = changes.values()
-        hook = (
-            await self.store.update(webhook_id, values, iso_now())
-            if values
-            else await self.get(webhook_id)
-        )
-        if hook is None:
-            raise WebhookNotFound(f"no webhook with id {webhook_id}")
+        if values:
+            changed = await self.store.update(webhook_id, values, iso_now())
+            if changed is None:  # deleted meanwhile
+                raise WebhookNotFound(f"no webhook with id {webhook_id}")
+            hook = changed
         if values.get("enabled"):
             self.wake()  # its waiting deliveries may be due
         return hook
@@ -366,10 +364,9 @@ class WebhookService:
         Raises:
             WebhookNotFound: no subscription has this id.
         """
-        await self.get(webhook_id)
         secret = new_secret()
         until = iso(now() + timedelta(seconds=overlap))
-        hook = await self.store.roll_secret(webhook_id, secret, until)
+        hook = await self.store.roll_secret(webhook_id, secret, until)  # None: no subscription
         if hook is None:
             raise WebhookNotFound(f"no webhook with id {webhook_id}")
         return hook, secret

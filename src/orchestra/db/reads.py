@@ -121,13 +121,6 @@ FROM (SELECT seq, time, type, data FROM task_events
 """
 
 
-#: What a summary reads of a task: not its params nor its result, however big.
-_SUMMARY_COLUMNS = (
-    "id, template, template_version, status, model, created_at, started_at, finished_at, "
-    "attempts, error, run_at"
-)
-
-
 def _page_sql(status: bool, template: bool, before: bool) -> str:
     """A page of summaries, for the filters given. Each filter is written only when given (a
     ``:x IS NULL OR`` condition would keep SQLite from its index), so that the planner walks
@@ -145,7 +138,7 @@ SELECT json_group_array(json_object(
     'attempts', t.attempts, 'error', json(t.error), 'run_at', t.run_at,
     'tokens', (SELECT coalesce(sum(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)), 0)
                FROM task_steps WHERE task_id = t.id AND attempt = t.attempts)))
-FROM (SELECT {_SUMMARY_COLUMNS} FROM tasks {"WHERE " + " AND ".join(where) if where else ""}
+FROM (SELECT {reads_pg.SUMMARY_COLUMNS} FROM tasks {"WHERE " + " AND ".join(where) if where else ""}
       ORDER BY id DESC LIMIT ?) AS t
 """
 

@@ -39,7 +39,9 @@ FROM (SELECT seq, time, type, data FROM task_events
       WHERE task_id = %s AND seq > %s ORDER BY seq LIMIT %s) AS e
 """
 
-_SUMMARY_COLUMNS = (
+#: What a summary reads of a task, on both engines: not its params nor its result, however
+#: big.
+SUMMARY_COLUMNS = (
     "id, template, template_version, status, model, created_at, started_at, finished_at, "
     "attempts, error, run_at"
 )
@@ -62,6 +64,6 @@ SELECT coalesce(json_agg(json_build_object(
     'tokens', (SELECT coalesce(sum(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)), 0)
                FROM task_steps WHERE task_id = t.id AND attempt = t.attempts))
     ORDER BY t.id DESC), '[]')::text
-FROM (SELECT {_SUMMARY_COLUMNS} FROM tasks {"WHERE " + " AND ".join(where) if where else ""}
+FROM (SELECT {SUMMARY_COLUMNS} FROM tasks {"WHERE " + " AND ".join(where) if where else ""}
       ORDER BY id DESC LIMIT %s) AS t
 """
