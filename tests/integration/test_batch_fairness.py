@@ -7,7 +7,6 @@ how many rows ran at once."""
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -101,10 +100,6 @@ async def task(svc: Service, task_id: int) -> dict[str, Any]:
     return answer
 
 
-async def claimed(svc: Service, task_id: int) -> bool:
-    return bool((await task(svc, task_id))["status"] != "queued")
-
-
 async def running_at(svc: Service, ids: set[int], moment: str) -> list[int]:
     """Those of the tasks ``ids`` whose attempt was running at ``moment`` (started at or
     before it, not finished by then)."""
@@ -126,15 +121,16 @@ async def test_a_single_task_starts_in_the_reserved_slot_while_batch_rows_fill_t
     fake_ollama: FakeOllama,
     start_service: StartService,
 ) -> None:
-    fake_ollama.latency = 1.0  # a row holds its slot for a second
     settings = with_workers(lane_settings, concurrency=concurrency)
     async with start_service(settings) as svc, watching(svc) as watch:
+        fake_ollama.close_gate("llama3.2")  # rows hold their slots until the gate opens
         batch_id = await upload_rows(svc, 8 * concurrency)
         for n in range(3):
-            # Rows run in every slot they may have, and more wait.
+            # Rows hold every slot they may have (held at the model, so none can end while
+            # the single task is out), and more wait.
             async def lane_full() -> bool:
                 return (
-                    len(watch.lane_running()) == concurrency - 1
+                    fake_ollama.held("llama3.2") == concurrency - 1
                     and (await counts(svc, batch_id)).get("queued", 0) > 0
                 )
 
@@ -145,16 +141,16 @@ async def test_a_single_task_starts_in_the_reserved_slot_while_batch_rows_fill_t
             )
             assert single.status_code == 201, single.text
             single_id = single.json()["id"]
-
-            await wait_until(functools.partial(claimed, svc, single_id), timeout=15)
             done = await svc.wait(single_id)
             assert done["status"] == "succeeded"
-            # When it started, rows held every other slot: it took the reserved one and did
-            # not wait for a row's slot (how soon after its submit is the benchmark's to
-            # measure: on a loaded machine a row may end, and the next take its slot, first).
-            holding = await running_at(svc, watch.rows, done["started_at"])
+            # It ran to its end while rows held every other slot: it took the reserved one
+            # and did not wait for a row's slot.
+            holding = await running_at(svc, watch.rows, done["finished_at"])
             assert len(holding) == concurrency - 1, holding
             assert (await counts(svc, batch_id)).get("queued", 0) > 0  # rows were still waiting
+            # Let this round's rows end; the next ones are held again.
+            fake_ollama.open_gate("llama3.2")
+            fake_ollama.close_gate("llama3.2")
         cancelled = await svc.client.post(f"/api/v1/batches/{batch_id}/cancel")
         assert cancelled.status_code == 200, cancelled.text
     # Rows never took the reserved slot: not in the pool, not at the model.
