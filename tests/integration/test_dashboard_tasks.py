@@ -294,3 +294,22 @@ async def test_the_tasks_table_pages_by_keyset_through_its_older_link(
             assert "offset" not in url
         pages += 1
     assert seen == sorted(ids, reverse=True) and pages == 3
+
+
+async def test_direction_controls_in_streamed_text_are_sent_escaped(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    """The live text is a value like any other: its direction controls reach the page as
+    escapes, not as characters that reorder what is around them."""
+    fake_ollama.reply = lambda _body: "say \u202edesrever\u202c and \u2067isolated\u2069"
+    task = await service.submit("summarize", text="anything")
+    await service.wait(task["id"])
+    streamed = ""
+    async with asyncio.timeout(10):
+        async for fields, _ in _sse(service.client, f"/ui/tasks/{task['id']}/live?after=0"):
+            if fields.get("event") == "tokens":
+                streamed += unescape(fields["data"])
+            elif fields.get("data") == "finished":
+                break
+    assert "\\u202edesrever\\u202c" in streamed and "\\u2067isolated\\u2069" in streamed
+    assert not re.search("[\u202a-\u202e\u2066-\u2069]", streamed)

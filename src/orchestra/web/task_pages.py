@@ -20,7 +20,7 @@ from orchestra.errors import FieldProblem, InvalidRequest
 from orchestra.event_types import EventType
 from orchestra.tasks import MAX_ID
 from orchestra.web.render import bounded, links, page
-from orchestra.web.views import until
+from orchestra.web.views import until, visible
 
 PAGE_SIZE = 50
 #: The time range presets of the filter form.
@@ -304,7 +304,7 @@ class TaskPages(Controller):
                 if event is None:
                     yield KEEPALIVE
                 elif event.type == EventType.STEP_TOKENS:
-                    text = str(escape(event.data.get("text", "")))
+                    text = str(escape(visible(event.data.get("text", ""))))
                     yield ServerSentEventMessage(event="tokens", data=text, id=str(event.seq))
                 else:
                     yield ServerSentEventMessage(
@@ -358,7 +358,7 @@ async def _detail(request: Request[Any, Any, Any], task_id: int) -> dict[str, An
         "task": task,
         # A queued task not due yet: delayed, or waiting to retry.
         "due_in": until(task.next_run_at, now()),
-        "streamed": live.streamed,
+        "streamed": visible(live.streamed),
         "streaming_step": running[0] if running else None,
         "last_seq": live.after,
         "tokens": (prompt, completion),
