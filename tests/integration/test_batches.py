@@ -140,6 +140,9 @@ async def test_a_csv_batch_runs_every_good_row_and_reports_a_bad_one_with_its_li
     assert [r["row"] for r in table] == ["1", "2", "3", "4", "5"]
     assert table[0]["result.echo"] == "alpha" and table[0]["result.n"] == "1"
     assert table[2]["status"] == "invalid" and table[2]["result.echo"] == ""
+    # The error cell says why, as the JSON line's fields do: which field, and what is wrong.
+    field = lines[2]["error"]["fields"][0]
+    assert table[2]["error"] == f"{lines[2]['error']['message']}: params.n: {field['message']}"
 
 
 async def test_a_jsonl_batch_counts_lines_past_blank_ones_and_keeps_input_order(
@@ -209,6 +212,9 @@ async def test_retry_queues_the_failed_rows_again(svc: Service, fake_ollama: Fak
     batch_id = answer["batch"]["id"]
     progress = await finished(svc, batch_id)
     assert progress["counts"] == {"succeeded": 2, "failed": 2, "invalid": 0, "deleted": 0}
+    failed = json.loads((await results(svc, batch_id)).splitlines()[1])["error"]
+    table = list(csv.DictReader(io.StringIO(await results(svc, batch_id, "csv"))))
+    assert table[1]["error"] == f"step {failed['step']}: {failed['message']}"
     fake_ollama.reply = lambda request: json.dumps({"echo": "fixed", "n": 0})
     response = await svc.client.post(f"/api/v1/batches/{batch_id}/retry")
     assert response.json()["changed"] == 2

@@ -321,6 +321,18 @@ def _cell(value: Any) -> str:
     return _encode(value).decode()
 
 
+def _error_cell(error: Any) -> str:
+    """A row's error as one cell: the step it failed in, its message, and each refused field
+    with why (what the JSON line carries, for a reader of a spreadsheet)."""
+    if not isinstance(error, dict):
+        return _cell(error)
+    text = str(error.get("message", ""))
+    if error.get("step"):
+        text = f"step {error['step']}: {text}"
+    fields = [f"{f.get('field')}: {f.get('message')}" for f in error.get("fields") or ()]
+    return ": ".join([text, "; ".join(fields)]) if fields else text
+
+
 async def _csv(pages: AsyncIterator[list[ResultRow]], keys: list[str]) -> AsyncIterator[bytes]:
     header = ["row", "line", "status", "error", "result", *(f"result.{k}" for k in keys)]
     buffer = io.StringIO()
@@ -332,9 +344,8 @@ async def _csv(pages: AsyncIterator[list[ResultRow]], keys: list[str]) -> AsyncI
             spread = result if isinstance(result, dict) else {}
             rest = {k: v for k, v in spread.items() if k not in keys}
             whole = result if not isinstance(result, dict) else (rest or None)
-            message = error.get("message") if isinstance(error, dict) else error
             writer.writerow(
-                [r.row, r.line, status, _cell(message), _cell(whole)]
+                [r.row, r.line, status, _error_cell(error), _cell(whole)]
                 + [_cell(spread.get(k)) for k in keys]
             )
         yield buffer.getvalue().encode()
