@@ -55,6 +55,31 @@ async def test_a_rebound_name_gets_no_open_access_on_loopback(service: Service) 
     assert "pwn" not in listing
 
 
+@pytest.mark.parametrize(
+    "forwarding",
+    [
+        {"x-forwarded-for": "203.0.113.5"},
+        {"forwarded": "for=203.0.113.5;proto=https"},
+        {"x-real-ip": "203.0.113.5"},
+    ],
+)
+async def test_a_request_through_a_proxy_gets_no_open_access_on_loopback(
+    service: Service, forwarding: dict[str, str]
+) -> None:
+    """A proxy on this machine (the README's nginx) connects from 127.0.0.1 and passes Host
+    on as 127.0.0.1:8000: its forwarding header says the request is someone else's."""
+    api = await service.client.get("/api/v1/tasks", headers=forwarding)
+    assert api.status_code == 401
+    assert "proxy" in api.json()["message"]
+    page = await service.client.get("/ui/keys", headers=forwarding)
+    assert page.status_code == 303 and "/ui/login" in page.headers["location"]
+    made = await service.client.post(
+        "/ui/keys", data={"name": "pwn", "scope": "admin"}, headers={**forwarding, **SAME_SITE}
+    )
+    assert made.status_code == 401 and "orc_" not in made.text
+    assert (await service.client.get("/api/v1/tasks")).status_code == 200  # this machine's own
+
+
 async def test_logging_out_ends_the_session_on_the_server(
     keyed: tuple[Service, dict[str, str]], db_url: str
 ) -> None:

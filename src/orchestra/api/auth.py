@@ -16,7 +16,7 @@ import asyncio
 import functools
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from litestar.connection import ASGIConnection
@@ -99,8 +99,12 @@ class Gatekeeper:
         key = entry[1]
         return Caller(key.name, key.scope, key.id)
 
-    async def caller(self, authorization: str | None, host: str | None = None) -> Caller:
-        """Who is calling; ``host`` is the request's Host header.
+    async def caller(
+        self, authorization: str | None, host: str | None = None, proxied: bool = False
+    ) -> Caller:
+        """Who is calling; ``host`` is the request's Host header, ``proxied`` whether it
+        carries a proxy's forwarding header (:func:`forwarded`): a proxy on this machine
+        forwards others' requests, who are not this machine's own users.
 
         Raises:
             Unauthorized: a key is given but is not a valid one, or none is given where one
@@ -116,9 +120,15 @@ class Gatekeeper:
             return Caller(key.name, key.scope, key.id)
         if self.settings.allow_anonymous:
             return Caller("anonymous", self.settings.anonymous_scope)
-        if not keys and self.loopback and _names_loopback(host):
+        if not keys and self.loopback and not proxied and _names_loopback(host):
             # No keys yet, on a loopback address: the machine's own users, as before keys.
             return Caller("anonymous", "admin")
+        if not keys and self.loopback and proxied:
+            raise Unauthorized(
+                "an API key is required: this request came through a proxy (it carries "
+                "Forwarded or X-Forwarded-For), and only this machine's own requests go "
+                "without one; make a key with `orchestra keys create`"
+            )
         raise Unauthorized("an API key is required: send it as 'Authorization: Bearer <key>'")
 
 
@@ -127,16 +137,33 @@ def _seen(future: asyncio.Future[None]) -> None:
         future.exception()
 
 
-def _credentials(connection: ASGIConnection[Any, Any, Any, Any]) -> tuple[str | None, str | None]:
-    """The request's Authorization and Host headers (the first of each), read straight from
-    the scope: Litestar's ``Headers`` would decode every header first."""
+#: Headers a proxy adds naming the client it forwards for.
+FORWARDING = (b"forwarded", b"x-forwarded-for", b"x-real-ip")
+
+
+def forwarded(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a request carries a proxy's forwarding header: it came from elsewhere, whatever
+    its peer address and Host (a proxy on this machine, as in the README's nginx example,
+    connects from 127.0.0.1 and may pass Host on unchanged)."""
+    return any(name in FORWARDING for name, _ in headers)
+
+
+def _credentials(
+    connection: ASGIConnection[Any, Any, Any, Any],
+) -> tuple[str | None, str | None, bool]:
+    """The request's Authorization and Host headers (the first of each), and whether it was
+    forwarded by a proxy; read straight from the scope: Litestar's ``Headers`` would decode
+    every header first."""
     authorization = host = None
+    proxied = False
     for name, value in connection.scope["headers"]:
         if name == b"authorization" and authorization is None:
             authorization = value.decode("latin-1")
         elif name == b"host" and host is None:
             host = value.decode("latin-1")
-    return authorization, host
+        elif name in FORWARDING:
+            proxied = True
+    return authorization, host, proxied
 
 
 class ApiKeyMiddleware(AbstractAuthenticationMiddleware):

@@ -25,6 +25,7 @@ from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, HTTPScope, Receive, Scope, Send
 
+from orchestra.api.auth import forwarded
 from orchestra.api.scope import runtime_of
 from orchestra.auth import Caller
 from orchestra.errors import Unauthorized
@@ -50,7 +51,9 @@ def same_origin(headers: Headers) -> bool:
     return origin != "null" and urlsplit(origin).netloc == host
 
 
-async def session_caller(runtime: Any, cookie: str | None, host: str | None) -> Caller | None:
+async def session_caller(
+    runtime: Any, cookie: str | None, host: str | None, proxied: bool = False
+) -> Caller | None:
     """The caller a session cookie stands for; without a valid one, the anonymous caller
     where the API allows one; else None (the caller must log in)."""
     key_id = await runtime.sessions.key_id(cookie)
@@ -59,7 +62,7 @@ async def session_caller(runtime: Any, cookie: str | None, host: str | None) -> 
         if caller is not None:
             return caller
     try:
-        return await runtime.gatekeeper.caller(None, host)  # type: ignore[no-any-return]
+        return await runtime.gatekeeper.caller(None, host, proxied)  # type: ignore[no-any-return]
     except Unauthorized:
         return None
 
@@ -81,7 +84,8 @@ class DashboardGate(ASGIMiddleware):
             await _answer(send, 403, _message("cross-site request refused"))
             return
         if below not in OPEN_PAGES and not below.startswith(OPEN_PREFIX):
-            caller = await session_caller(runtime, cookie_of(headers), headers.get("host"))
+            proxied = forwarded(cast(HTTPScope, scope)["headers"])
+            caller = await session_caller(runtime, cookie_of(headers), headers.get("host"), proxied)
             if caller is None:
                 login = links.ui("/login")
                 target = _come_back_to(scope, headers, links, below)
