@@ -15,8 +15,10 @@ import pytest
 
 from orchestra.config import Settings, TemplateSettings
 from orchestra.db import Database, TaskStore
+from orchestra.db.schema import LATEST, upgrade
 from orchestra.db.templates import StoredFileVersion, TemplateStore
 from orchestra.domain import NewTask
+from orchestra.errors import ConfigError
 from tests.conftest import StartService, sql_rows
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import free_port, start_process, write_config
@@ -228,3 +230,40 @@ async def test_a_file_changed_back_to_an_earlier_body_is_the_latest_again(db: Da
     for text in ("A", "B", "A"):
         await store.keep_file_versions([body(text)])
     assert [v.body for v in await store.pinned_file_versions()][0] == "A"
+
+
+@pytest.mark.empty_database
+async def test_serve_on_a_database_holding_a_table_named_as_orchestras_fails_cleanly(
+    tmp_path: Path, db_url: str
+) -> None:
+    """Another program's ``tasks`` table: a one-line refusal naming it, not the traceback of
+    ``table tasks already exists``; and nothing of Orchestra's is left behind."""
+    sql_rows(db_url, "CREATE TABLE tasks (id INTEGER PRIMARY KEY, name TEXT)")
+    config = tmp_path / "o.toml"
+    config.write_text(f'[server]\nport = {free_port()}\n[database]\nurl = "{db_url}"\n')
+    err = await _serve_fails(config)
+    assert "Error: " in err and "(tasks)" in err and "of its own" in err, err
+    assert "Application startup failed" not in err
+    assert sql_rows(db_url, "SELECT count(*) FROM tasks") == [(0,)]  # theirs, untouched
+
+
+@pytest.mark.empty_database
+async def test_a_first_migration_refuses_a_sqlite_file_of_another_program(
+    tmp_path: Path, db_url: str
+) -> None:
+    """A SQLite file is Orchestra's alone: another program's tables, even with names of their
+    own, are not mixed with Orchestra's. (PostgreSQL, whose database others may share, minds
+    only a clash of names.)"""
+    sql_rows(db_url, "CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
+    database = Database(db_url)
+    try:
+        if db_url.startswith("sqlite"):
+            with pytest.raises(ConfigError, match=r"not Orchestra's \(invoices\)"):
+                await upgrade(database)
+        else:
+            assert await upgrade(database) == LATEST
+    finally:
+        await database.close()
+    tables = "SELECT count(*) FROM sqlite_master WHERE name = 'task_events'"
+    if db_url.startswith("sqlite"):
+        assert sql_rows(db_url, tables) == [(0,)]

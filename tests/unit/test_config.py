@@ -10,6 +10,7 @@ import pytest
 
 from orchestra.config import ModelSettings, ProviderSettings, Settings
 from orchestra.config_file import load
+from orchestra.db.engine import check_url
 from orchestra.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -179,3 +180,11 @@ def test_serve_with_bad_config_prints_one_line_and_no_traceback(tmp_path: Path) 
     assert "Traceback" not in done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert lines == [f"Error: {file}: server.port: expected int, got str"]
+
+
+def test_a_sqlite_path_starting_with_a_tilde_is_in_the_home_folder(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """As in a shell: not a folder named ``~`` in the current one."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert check_url("sqlite+aiosqlite:///~/data/o.db") == tmp_path / "data" / "o.db"

@@ -67,7 +67,8 @@ def parse_url(url: str) -> URL:
 
 
 def check_url(url: str) -> Path:
-    """The SQLite file ``url`` names (see :func:`parse_url`).
+    """The SQLite file ``url`` names (see :func:`parse_url`); a leading ``~`` is the user's
+    home, as in a shell (not a folder named ``~``).
 
     Raises:
         ConfigError: the URL is not a usable SQLite URL.
@@ -75,7 +76,7 @@ def check_url(url: str) -> Path:
     parsed = parse_url(url)
     if parsed.get_backend_name() != SQLITE:
         raise ConfigError(f"database.url: {url!r} does not name a SQLite file")
-    return Path(str(parsed.database))
+    return Path(str(parsed.database)).expanduser()
 
 
 async def settled(future: asyncio.Future[T]) -> T:

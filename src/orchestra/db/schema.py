@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from sqlalchemy import Connection, func, select
 
+from orchestra.db import strangers
 from orchestra.db.engine import Database
 from orchestra.db.portable import portable_ddl
 from orchestra.db.tables import schema_version
@@ -577,11 +578,15 @@ async def upgrade(db: Database) -> int:
     """Bring the database to the latest schema; returns the version it is at.
 
     Raises:
-        ConfigError: the database was written by a newer Orchestra.
+        ConfigError: the database was written by a newer Orchestra, or holds another
+            program's tables (:mod:`~orchestra.db.strangers`).
     """
 
     def work(conn: Connection) -> None:
         version = current_version(conn)
+        refused = strangers.refusal(conn, db.where) if version == 0 else None
+        if refused:
+            raise ConfigError(refused)
         if version > LATEST:
             raise ConfigError(
                 f"{db.where}: schema version {version} is newer than this Orchestra "

@@ -105,7 +105,9 @@ class SqliteDatabase(Database):
     def __init__(self, url: str, *, busy_timeout_ms: int = 5000, **_options: Any) -> None:
         super().__init__(url)
         self.path = check_url(url)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.parent.is_dir():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            log.info("database.folder_created", folder=str(self.path.parent.absolute()))
         # One connection, used only on the writer's thread.
         self._writer = create_engine(
             f"sqlite:///{self.path}",
