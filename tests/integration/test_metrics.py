@@ -18,7 +18,7 @@ import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestra.config import MetricsSettings, ServerSettings, Settings
-from tests.conftest import StartService, make_keys, with_provider, with_workers
+from tests.conftest import Service, StartService, make_keys, with_provider, with_workers
 from tests.fixtures.fake_ollama import Failure, FakeOllama
 from tests.fixtures.servers import free_port, wait_until, write_config
 from tests.integration.test_processes import serving
@@ -354,3 +354,22 @@ def test_the_dashboard_is_grafana_json_with_a_query_in_every_panel() -> None:
     queries = list(dashboard_queries(dashboard))
     assert len(queries) >= 14
     assert all(metric_names(expr) for _, expr in queries)
+
+
+async def test_a_scrape_has_no_created_series_and_is_gzipped_when_asked(
+    service: Service,
+) -> None:
+    """prometheus-client's ``*_created`` series (one gauge per counter and histogram child,
+    unused by Prometheus over the text format) are not sent; Prometheus asks for gzip and
+    gets it."""
+    task = await service.submit("summarize", text="count me")
+    await service.wait(task["id"])
+    plain = await service.client.get("/metrics", headers={"accept-encoding": "identity"})
+    assert plain.status_code == 200 and "content-encoding" not in plain.headers
+    assert "orchestra_tasks_submitted_total" in plain.text
+    assert "_created" not in plain.text
+    packed = await service.client.get("/metrics", headers={"accept-encoding": "gzip"})
+    assert packed.headers["content-encoding"] == "gzip"
+    assert int(packed.headers["content-length"]) < len(plain.content) / 3
+    assert "orchestra_tasks_submitted_total" in packed.text  # httpx unpacks it
+    assert packed.headers["content-type"].startswith("text/plain; version=0.0.4")

@@ -8,6 +8,7 @@ not the JSON API.
 
 from __future__ import annotations
 
+import gzip
 from typing import Any
 
 from litestar import Request, Response, get
@@ -42,4 +43,8 @@ async def scrape(request: Request[Any, Any, Any]) -> Response[bytes]:
         counts = None
     providers = [(s.name, s.kind, s.available) for s in runtime.router.states()]
     body = metrics.exposition(counts, providers)
-    return Response(body, media_type=metrics.CONTENT_TYPE)
+    if "gzip" in request.headers.get("accept-encoding", ""):  # Prometheus asks for it
+        packed = gzip.compress(body, compresslevel=6)
+        headers = {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
+        return Response(packed, media_type=metrics.CONTENT_TYPE, headers=headers)
+    return Response(body, media_type=metrics.CONTENT_TYPE, headers={"Vary": "Accept-Encoding"})
