@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from orchestra import logs
 from orchestra.db import TaskStore
 from orchestra.domain import Lease, Step, StepStatus, Task
-from orchestra.errors import LeaseLost
+from orchestra.errors import LeaseLost, StorageError
 from orchestra.templating.model import Template
 
 log = logs.get("orchestra.worker")
@@ -21,6 +22,11 @@ log = logs.get("orchestra.worker")
 TEXT_FLUSH_SECONDS = 0.05
 #: Runs a write of one task, trying it again while the database refuses and the lease lasts.
 Writer = Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
+#: First and longest pause between tries of a task's write the database refused, seconds.
+WRITE_RETRY_FIRST = 0.05
+WRITE_RETRY_CAP = 1.0
+
+T = TypeVar("T")
 
 
 class LeasedRecorder:
@@ -106,6 +112,7 @@ class Running:
     model's share of the capacity is counted from these)."""
 
     __slots__ = (
+        "clock",
         "finishing",
         "lease",
         "lease_until",
@@ -126,6 +133,8 @@ class Running:
         self.lease_until = lease_until
         #: The template found when it was claimed; the claim started its first step.
         self.template = template
+        #: When it was claimed (``time.perf_counter``): its attempt's duration counts from here.
+        self.clock = time.perf_counter()
         self.recorder: LeasedRecorder | None = None
         self.runner: asyncio.Task[None] | None = None
         #: Its end is being written: a cancel or a lost renewal no longer interrupts it.
@@ -144,3 +153,29 @@ class Running:
         if self.recorder is None or self.recorder.ended is None:
             return None, ""
         return self.recorder.ended
+
+
+async def within_lease(running: Running, write: Callable[[], Awaitable[T]]) -> T:
+    """Run one of a task's writes; while the database refuses it (a full disk, a held lock),
+    try again, until the task's lease runs out.
+
+    Raises:
+        StorageError: still refused when the lease ran out.
+    """
+    loop = asyncio.get_running_loop()
+    pause = WRITE_RETRY_FIRST
+    while True:
+        try:
+            return await write()
+        except StorageError as exc:
+            if loop.time() + pause >= running.lease_until:
+                raise
+            if pause == WRITE_RETRY_FIRST:
+                log.warning(
+                    "task.write_waiting",
+                    task_id=running.task.id,
+                    error=exc.message,
+                    lease_left_s=round(running.lease_until - loop.time(), 1),
+                )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, WRITE_RETRY_CAP)

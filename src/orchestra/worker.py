@@ -2,10 +2,10 @@
 
 One dispatcher coroutine claims as many due tasks as there are free slots (and free per-model
 capacity, and none of the slot kept from batch rows: :mod:`orchestra.capacity`) in one
-statement and starts a named asyncio task for each. It wakes the moment a task
-is submitted in this process (:meth:`WorkerPool.notify`), a slot frees up while its last claim
-left due work queued, or a delayed task or retry becomes due (:meth:`WorkerPool.wake_at`), and
-polls as a fallback for work enqueued by other processes.
+statement and starts a named asyncio task for each. It wakes the moment a task is submitted in
+this process (:meth:`WorkerPool.notify`), a slot frees up while its last claim left due work
+queued, or a delayed task or retry becomes due (:meth:`WorkerPool.wake_at`), and polls as a
+fallback for work enqueued by other processes.
 
 A task's writes are few: the claim also starts its first step, and the step that ends its
 attempt (the last, or one that failed) is written with the task's end, in one transaction;
@@ -54,7 +54,7 @@ from orchestra.domain import (
 )
 from orchestra.errors import LeaseLost, StorageError, TemplateNotFound
 from orchestra.runner import Runner, StepFailed
-from orchestra.running import LeasedRecorder, Running, StopReason, Writer
+from orchestra.running import LeasedRecorder, Running, StopReason, Writer, within_lease
 from orchestra.sizes import clip_message
 from orchestra.templating.model import Template
 from orchestra.templating.registry import TemplateRegistry
@@ -63,9 +63,6 @@ log = logs.get("orchestra.worker")
 
 #: Longest pause between claims while the database refuses writes, seconds.
 CLAIM_BACKOFF_CAP = 10.0
-#: First and longest pause between tries of a task's write the database refused, seconds.
-WRITE_RETRY_FIRST = 0.05
-WRITE_RETRY_CAP = 1.0
 _CANCELLED = TaskError(type="cancelled", message="cancelled by request")
 
 T = TypeVar("T")
@@ -377,45 +374,24 @@ class WorkerPool:
             # again. The old attempt's writes are fenced off; stop it too. It no longer
             # counts against the capacity: only the record of the newer attempt is kept.
             stale.interrupt(StopReason.LEASE_LOST)
-        running = self._running[task.id] = Running(task, self.owner, lease_until, template)
-        running.runner = asyncio.create_task(self._run(running), name=f"orchestra-task-{task.id}")
-
-    async def _within_lease(self, running: Running, write: Callable[[], Awaitable[T]]) -> T:
-        """Run one of a task's writes; while the database refuses it (a full disk, a held
-        lock), try again, until the task's lease runs out.
-
-        Raises:
-            StorageError: still refused when the lease ran out.
-        """
-        loop = asyncio.get_running_loop()
-        pause = WRITE_RETRY_FIRST
-        while True:
-            try:
-                return await write()
-            except StorageError as exc:
-                if loop.time() + pause >= running.lease_until:
-                    raise
-                if pause == WRITE_RETRY_FIRST:
-                    log.warning(
-                        "task.write_waiting",
-                        task_id=running.task.id,
-                        error=exc.message,
-                        lease_left_s=round(running.lease_until - loop.time(), 1),
-                    )
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, WRITE_RETRY_CAP)
+        try:
+            running = self._running[task.id] = Running(task, self.owner, lease_until, template)
+            name = f"orchestra-task-{task.id}"
+            running.runner = asyncio.create_task(self._run(running), name=name)
+        except Exception:  # a bug: the pool goes on; the task runs again when its lease expires
+            self._running.pop(task.id, None)
+            log.exception("pool.start_failed", task_id=task.id)
 
     # -- running one task ---------------------------------------------------------------------
 
     async def _run(self, running: Running) -> None:
         task, lease = running.task, running.lease
         tlog = log.bind(task_id=task.id, template=task.template, attempt=task.attempts)
-        clock = time.perf_counter()
         tlog.info("task.started")
         metrics.task_started(task.template, task.run_at, task.started_at)
 
         async def write(work: Callable[[], Awaitable[T]]) -> T:
-            return await self._within_lease(running, work)
+            return await within_lease(running, work)
 
         try:
             status, result, error, policy = await self._execute(running, write, tlog)
@@ -431,7 +407,7 @@ class WorkerPool:
                     lease, status, result=result, error=error, step=step, text=text
                 )
             ):
-                seconds = time.perf_counter() - clock
+                seconds = time.perf_counter() - running.clock
                 metrics.task_finished(task.template, status.value, seconds)
                 tlog.info(
                     "task.finished",
@@ -545,7 +521,8 @@ class WorkerPool:
             tlog.exception("task.store_failed")
             return
         if done:
-            metrics.task_finished(running.task.template, TaskStatus.CANCELLED.value)
+            seconds = time.perf_counter() - running.clock
+            metrics.task_finished(running.task.template, TaskStatus.CANCELLED.value, seconds)
             tlog.info("task.finished", status=TaskStatus.CANCELLED.value)
 
     async def _hand_back(self, running: Running, tlog: Any) -> None:

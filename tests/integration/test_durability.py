@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -477,3 +478,23 @@ async def test_retention_runs_by_itself(
             return (await svc.client.get(f"/api/v1/tasks/{old['id']}")).status_code == 404
 
         await wait_until(gone, timeout=5)
+
+
+async def test_a_task_that_cannot_be_started_leaves_the_pool_claiming(
+    svc: Service, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in starting one claimed task (here: its record cannot be made) is logged, and
+    the dispatcher goes on claiming; it had ended, and with it every claim of the process."""
+    from orchestra import worker
+
+    class Broken(worker.Running):
+        def __init__(self, task: Any, *args: Any) -> None:
+            if task.params.get("text") == "broken":
+                raise RuntimeError("a bug in starting a task")
+            super().__init__(task, *args)
+
+    monkeypatch.setattr(worker, "Running", Broken)
+    broken = await svc.submit("summarize", text="broken")
+    await wait_until(lambda: task_row(db_url, broken["id"], "status")[0] == "running")
+    fine = await svc.submit("summarize", text="fine")
+    assert (await svc.wait(fine["id"]))["status"] == "succeeded"

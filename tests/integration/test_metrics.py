@@ -373,3 +373,22 @@ async def test_a_scrape_has_no_created_series_and_is_gzipped_when_asked(
     assert int(packed.headers["content-length"]) < len(plain.content) / 3
     assert "orchestra_tasks_submitted_total" in packed.text  # httpx unpacks it
     assert packed.headers["content-type"].startswith("text/plain; version=0.0.4")
+
+
+async def test_a_running_task_cancelled_is_timed_as_cancelled(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    """``orchestra_task_duration_seconds`` times the attempt that ended a task, whatever the
+    status: a running task cancelled too (it was left out)."""
+    before = await scrape(service.client)  # the series are the test process's, shared
+    fake_ollama.close_gate("llama3.2")
+    task = await service.submit("summarize", text="held")  # model: default, llama3.2
+    await wait_until(lambda: fake_ollama.held("llama3.2") == 1, timeout=15)
+    answer = await service.client.post(f"/api/v1/tasks/{task['id']}/cancel")
+    assert answer.status_code == 200, answer.text
+    assert (await service.wait(task["id"]))["status"] == "cancelled"
+    found = await scrape(service.client)
+    count, total = "orchestra_task_duration_seconds_count", "orchestra_task_duration_seconds_sum"
+    cancelled = {"template": "summarize", "status": "cancelled"}
+    assert found(count, **cancelled) - before(count, **cancelled) == 1
+    assert found(total, **cancelled) > before(total, **cancelled)
