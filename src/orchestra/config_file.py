@@ -12,7 +12,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import msgspec
 
@@ -57,15 +57,26 @@ def _describe(err: msgspec.ValidationError, data: Mapping[str, Any]) -> tuple[st
     if unknown:
         key = ".".join(p for p in (path, unknown.group(1)) if p)
         return key, "unknown setting"
-    if what.startswith("Invalid enum value") and path.endswith("kind"):
-        return (
-            path,
-            f"{what[0].lower()}{what[1:]} (expected one of {', '.join(get_args(ProviderKind))})",
-        )
+    if what.startswith("Invalid enum value"):
+        choices = get_args(ProviderKind) if path.endswith("kind") else _choices(path)
+        if choices:
+            return path, f"{what[0].lower()}{what[1:]} (expected one of {', '.join(choices)})"
     missing = re.match(r"Object missing required field (\S+)", what)
     if missing:
         return ".".join(p for p in (path, missing.group(1)) if p), "required, but not set"
     return path or "(top level)", what[0].lower() + what[1:] if what else "invalid value"
+
+
+def _choices(path: str) -> tuple[str, ...]:
+    """The words a setting such as ``logging.level`` takes (its ``Literal``); () if it is not
+    one (or the path leads nowhere)."""
+    kind: Any = Settings
+    for part in path.split("."):
+        if not (isinstance(kind, type) and issubclass(kind, msgspec.Struct)):
+            return ()
+        kind = get_type_hints(kind).get(part)
+    literals = [kind] if get_origin(kind) is Literal else get_args(kind)
+    return tuple(str(v) for lit in literals if get_origin(lit) is Literal for v in get_args(lit))
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:

@@ -132,6 +132,12 @@ def setup(settings: LoggingSettings, stream: Any = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Libraries' chatter a level up: httpx's line per request (a provider's health check every
+    # 30 s) shows from debug; aiosqlite's and httpcore's line per statement or socket event
+    # (72 a second on an idle service, which buried Orchestra's own debug lines) never.
+    logging.getLogger("httpx").setLevel(logging.INFO if level <= logging.DEBUG else logging.WARNING)
+    for name in ("aiosqlite", "httpcore"):
+        logging.getLogger(name).setLevel(max(level, logging.INFO))
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True

@@ -48,6 +48,8 @@ async def test_a_provider_password_never_shows_in_answers_errors_or_the_log(
             f'url = "http://admin:{PASSWORD}@127.0.0.1:{closed}"',
             '[providers.oai]\nkind = "openai"',
             f'url = "http://admin:{PASSWORD}@127.0.0.1:{closed}/v1?key={QUERY_KEY}"',
+            # httpx's line per request shows from debug: its URLs must be redacted too.
+            '[logging]\nlevel = "debug"',
         ]
     )
     good = _with_password(fake_ollama.url)

@@ -188,3 +188,10 @@ def test_a_sqlite_path_starting_with_a_tilde_is_in_the_home_folder(
     """As in a shell: not a folder named ``~`` in the current one."""
     monkeypatch.setenv("HOME", str(tmp_path))
     assert check_url("sqlite+aiosqlite:///~/data/o.db") == tmp_path / "data" / "o.db"
+
+
+def test_a_word_setting_out_of_its_choices_names_them() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(env={"ORCHESTRA_LOGGING__LEVEL": "DEBUG"})
+    assert "logging.level: invalid enum value 'DEBUG'" in str(caught.value)
+    assert "(expected one of debug, info, warning, error)" in str(caught.value)

@@ -88,7 +88,7 @@ def test_every_log_line_is_redacted_whoever_logged_it(fmt: str) -> None:
     try:
         logs.setup(LoggingSettings(format=fmt), out)
         url = "http://admin:secret@127.0.0.1:11434/api/chat"
-        logging.getLogger("httpx").info(
+        logging.getLogger("httpx").warning(
             'HTTP Request: %s %s "%s %d %s"', "POST", url, "HTTP/1.1", 200, "OK"
         )
         logs.get("orchestra.test").warning("provider.unavailable", url=url)

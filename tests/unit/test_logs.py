@@ -1,0 +1,51 @@
+"""Log levels: libraries' chatter stays out of Orchestra's lines."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from orchestra import logs
+from orchestra.config import LoggingSettings
+
+
+@pytest.fixture
+def restored() -> Iterator[None]:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, structlog.get_config()
+    levels = {n: logging.getLogger(n).level for n in ("httpx", "httpcore", "aiosqlite")}
+    yield
+    root.handlers[:], level, config = saved
+    root.setLevel(level)
+    structlog.configure(**config)
+    for name, was in levels.items():
+        logging.getLogger(name).setLevel(was)
+
+
+@pytest.mark.usefixtures("restored")
+def test_at_info_a_request_line_of_httpx_is_left_out() -> None:
+    out = io.StringIO()
+    logs.setup(LoggingSettings(level="info", format="json"), out)
+    logging.getLogger("httpx").info("HTTP Request: GET http://127.0.0.1:11434/api/tags")
+    logging.getLogger("httpx").warning("httpx says something is wrong")
+    logs.get("orchestra.test").info("orchestra.says")
+    written = out.getvalue()
+    assert "api/tags" not in written
+    assert "something is wrong" in written and "orchestra.says" in written
+
+
+@pytest.mark.usefixtures("restored")
+def test_at_debug_orchestra_speaks_and_aiosqlite_does_not_flood() -> None:
+    out = io.StringIO()
+    logs.setup(LoggingSettings(level="debug", format="json"), out)
+    logging.getLogger("aiosqlite").debug("executing functools.partial(<create_function>)")
+    logging.getLogger("httpcore.connection").debug("connect_tcp.started")
+    logging.getLogger("httpx").info("HTTP Request: GET http://127.0.0.1:11434/api/tags")
+    logs.get("orchestra.test").debug("orchestra.detail")
+    written = out.getvalue()
+    assert "executing" not in written and "connect_tcp" not in written
+    assert "api/tags" in written and "orchestra.detail" in written
