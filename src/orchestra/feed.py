@@ -99,6 +99,8 @@ class Subscription:
         self.reread_upto: int | None = watermark
         #: The follower's own writer, for the reader to call while the follower is caught up.
         self.deliver: Deliver | None = None
+        #: The service is stopping: the follower ends once it has what it was handed.
+        self.closed = False
 
     @property
     def waiting(self) -> bool:
@@ -157,6 +159,11 @@ class Subscription:
 
     def wake(self) -> None:
         """Wake the subscriber: its :attr:`deliver` ended its stream, say."""
+        self._wake.set()
+
+    def close(self) -> None:
+        """Tell the subscriber to end (:attr:`closed`), and wake it."""
+        self.closed = True
         self._wake.set()
 
     async def wait(self) -> bool:
@@ -248,6 +255,17 @@ class EventFeed:
         self._groups: dict[FeedFilter, set[Subscription]] = {}
         self._task_filters: dict[int, set[FeedFilter]] = defaultdict(set)
         self._shared = SharedReads()
+        self._closing = False
+
+    def close(self) -> None:
+        """The service is stopping: every follower's stream ends now, once it has what it was
+        handed (a client reconnects, after its last event, to a process that runs on), instead
+        of holding the HTTP drain of the stop for its full wait."""
+        self._closing = True
+        for group in self._groups.values():
+            for sub in group:
+                sub.close()
+        self._beat.set()
 
     @property
     def subscribers(self) -> int:
@@ -408,10 +426,11 @@ class EventFeed:
     async def heartbeats(self) -> AsyncIterator[None]:
         """Each heartbeat of the feed, without end: for a stream with nothing left to follow
         that must still show it is alive. Not a subscription, so it never makes the reader
-        read; one timer serves every such stream."""
-        while True:
+        read; one timer serves every such stream. Ends when the feed closes."""
+        while not self._closing:
             await self._beat.wait()
-            yield None
+            if not self._closing:
+                yield None
 
     @contextmanager
     def subscribe(self, wanted: FeedFilter) -> Iterator[Subscription]:
@@ -419,6 +438,7 @@ class EventFeed:
         :attr:`~Subscription.reread_upto` is the watermark: what came before is the
         database's)."""
         sub = Subscription(wanted, self.buffer, self.watermark)
+        sub.closed = self._closing
         self._groups.setdefault(wanted, set()).add(sub)
         self._joined.set()
         if wanted.task_id is not None:
@@ -468,6 +488,8 @@ class EventFeed:
                 if live:
                     place.after = live[-1].id
                     yield live
+                elif sub.closed:
+                    return
                 elif not await sub.wait():
                     yield []
 

@@ -397,6 +397,8 @@ class TaskService:
                         yield live
                     if ended:
                         return
+                elif sub.closed:  # the service is stopping: the client reconnects elsewhere
+                    return
                 elif not await sub.wait():  # the feed's heartbeat
                     yield []
 

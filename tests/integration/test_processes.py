@@ -381,6 +381,34 @@ async def test_a_wait_open_when_the_service_stops_is_answered_with_the_task_as_i
     assert "Traceback" not in service.stderr()
 
 
+async def test_an_event_stream_open_when_the_service_stops_ends_at_once(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    """A task's event stream ends with the stop, after the events it was sent (its client
+    reconnects to a process that runs on), instead of holding the HTTP drain for 5 s."""
+    fake_ollama.latency = 30.0
+    path, port = config(tmp_path, "stop-sse", tmp_path / "stop-sse.db", fake_ollama.url)
+    async with serving(path, port) as service:
+        async with httpx.AsyncClient(base_url=service.url, timeout=30) as client:
+            task = (await client.post("/api/v1/tasks", json=BODY)).json()
+            await wait_until(lambda: fake_ollama.in_flight == 1, timeout=10)
+            seen = []
+            stopped_at = 0.0
+            url = f"/api/v1/tasks/{task['id']}/events"
+            async with client.stream("GET", url) as stream:
+                async for line in stream.aiter_lines():
+                    if line.startswith("event:"):
+                        seen.append(line.removeprefix("event:").strip())
+                    if "step.started" in seen and not stopped_at:
+                        stopped_at = asyncio.get_running_loop().time()
+                        service.proc.send_signal(signal.SIGTERM)
+            took = asyncio.get_running_loop().time() - stopped_at
+        assert stopped_at and took < 3.0, (took, seen)  # not the drain's 5 s
+        assert "task.finished" not in seen
+        await asyncio.wait_for(service.proc.wait(), timeout=STOP_DEADLINE)
+    assert "Traceback" not in service.stderr()
+
+
 async def test_the_overview_of_an_api_only_process_says_it_runs_no_workers(
     fake_ollama: FakeOllama, tmp_path: Path
 ) -> None:

@@ -202,6 +202,8 @@ class Runtime:
                 self._pool.request_stop()
         if self._signals is not None:
             self._signals.stop()
+        if self._feed is not None:
+            self._feed.close()
 
     @contextmanager
     def _startup_failure(self) -> Iterator[None]:
