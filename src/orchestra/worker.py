@@ -133,8 +133,7 @@ class WorkerPool:
             await self._reap()
         except StorageError as exc:  # the reaper's loop tries again
             log.warning("pool.reap_failed", error=exc.message)
-        self._dispatcher = asyncio.create_task(self._dispatch(), name="orchestra-dispatcher")
-        self._loops.add(self._dispatcher)
+        self._start_dispatcher()
         loops: list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = [
             ("lease-keeper", self._keep_leases),
             ("reaper", self._reap_forever),
@@ -145,6 +144,21 @@ class WorkerPool:
             self._loops.add(asyncio.create_task(loop(), name=f"orchestra-{name}"))
         metrics.worker_slots(self.workers.concurrency)
         log.info("pool.started", owner=self.owner, concurrency=self.workers.concurrency)
+
+    def _start_dispatcher(self) -> None:
+        self._dispatcher = asyncio.create_task(self._dispatch(), name="orchestra-dispatcher")
+        self._loops.add(self._dispatcher)
+        self._dispatcher.add_done_callback(self._dispatcher_ended)
+
+    def _dispatcher_ended(self, ended: asyncio.Task[None]) -> None:
+        """A dispatcher that ended on an error (a bug) is logged and started again: without
+        it the process claims nothing, while its API and /health still answer."""
+        self._loops.discard(ended)
+        if ended.cancelled() or ended.exception() is None or self._stopping.is_set():
+            return
+        error = ended.exception()
+        log.error("pool.dispatcher_failed", error=f"{type(error).__name__}: {error}")
+        self._start_dispatcher()
 
     def notify(self) -> None:
         """Work may be due: claim now instead of at the next poll."""

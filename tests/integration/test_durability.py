@@ -498,3 +498,25 @@ async def test_a_task_that_cannot_be_started_leaves_the_pool_claiming(
     await wait_until(lambda: task_row(db_url, broken["id"], "status")[0] == "running")
     fine = await svc.submit("summarize", text="fine")
     assert (await svc.wait(fine["id"]))["status"] == "succeeded"
+
+
+async def test_a_dispatcher_that_fails_is_started_again(
+    svc: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error in the claiming loop itself (a bug) is logged and the loop starts again; it
+    had ended, and the process claimed nothing more while /health said ok."""
+    pool = svc.app.runtime.pool
+    plan = pool.capacity.next_claim
+    failed: list[bool] = []
+
+    def fails_once(running: Any) -> Any:
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("a bug in planning a claim")
+        return plan(running)
+
+    monkeypatch.setattr(pool.capacity, "next_claim", fails_once)
+    pool.notify()
+    await wait_until(lambda: failed, timeout=10)
+    task = await svc.submit("summarize", text="after the failure")
+    assert (await svc.wait(task["id"]))["status"] == "succeeded"
