@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from sqlalchemy import Connection, text
 
-from orchestra.config import Settings
+from orchestra.config import ServerSettings, Settings
 from orchestra.db import Database, Lease, TaskStore, notices
 from orchestra.db.schema import LATEST, upgrade
 from orchestra.db.templates import TemplateStore
@@ -263,6 +263,27 @@ async def test_the_service_recovers_when_postgresql_restarts(
         assert statuses[-1] == 201, statuses
         done = await svc.wait(response.json()["id"])
         assert done["status"] == "succeeded", done
+
+
+async def test_after_a_restart_a_read_fails_once_not_once_per_pooled_connection(
+    settings: Settings, start_service: StartService, postgres: PostgresServer, db_url: str
+) -> None:
+    """A point read (GET /api/v1/tasks/{id}) runs on a pooled connection of its own; the
+    first one to find its connection dead has the pool replaced, so the reads after it work
+    (they failed once per pooled connection, minutes after PostgreSQL was back)."""
+    api_only = msgspec.structs.replace(settings, server=ServerSettings(workers=False))
+    async with start_service(api_only) as svc:
+        task = await svc.submit("summarize", text="kept")
+        url = f"/api/v1/tasks/{task['id']}"
+        # Every pooled connection in use once.
+        answers = await asyncio.gather(*(svc.client.get(url) for _ in range(24)))
+        assert {a.status_code for a in answers} == {200}
+        named = "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'orchestra %'"
+        assert sql_rows(db_url, named)[0][0] > 0  # this process's, told apart in psql
+        sql_rows(db_url, "CHECKPOINT")  # the test server's commits are not flushed at once
+        postgres.restart()
+        statuses = [(await svc.client.get(url)).status_code for _ in range(12)]
+        assert statuses.count(503) <= 1 and statuses[-1] == 200, statuses
 
 
 async def test_an_api_only_process_keeps_no_wake_up_times(

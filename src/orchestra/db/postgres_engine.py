@@ -27,7 +27,9 @@ reconnects with backoff.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection
@@ -68,6 +70,24 @@ def conninfo(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+#: Seconds to wait for a connection unless the URL says (``?connect_timeout=``): libpq waits
+#: for ever, and an address that takes the connection but never answers held a start for
+#: over two minutes, past a container's startup probe, before its error was shown.
+CONNECT_TIMEOUT = 10
+
+
+def connect_args(url: str) -> dict[str, Any]:
+    """psycopg's connection settings the URL leaves out: a connect timeout, and a name that
+    tells this process's connections apart in ``pg_stat_activity`` (``orchestra host:pid``)."""
+    query = make_url(url).query
+    args: dict[str, Any] = {}
+    if "connect_timeout" not in query:
+        args["connect_timeout"] = CONNECT_TIMEOUT
+    if "application_name" not in query:
+        args["application_name"] = f"orchestra {socket.gethostname()}:{os.getpid()}"[:63]
+    return args
+
+
 def _back_to_transactions(conn: Connection, raw: psycopg.Connection[Any]) -> None:
     """Turn autocommit off again before ``raw`` goes back to the writers' pool; a connection
     that cannot (it broke during the read) is thrown away, never handed on in autocommit.
@@ -90,7 +110,13 @@ class PostgresDatabase(Database):
         # No pre-ping: it cost a round trip (0.3 ms of CPU) on every checkout. A connection
         # that died meanwhile (PostgreSQL restarted) fails its one operation, which reports a
         # StorageError, and SQLAlchemy then replaces every pooled connection opened before.
-        self._engine = create_engine(url, pool_size=WRITERS, max_overflow=0, pool_timeout=60)
+        self._engine = create_engine(
+            url,
+            pool_size=WRITERS,
+            max_overflow=0,
+            pool_timeout=60,
+            connect_args=connect_args(url),
+        )
         #: This process's mark on the notifications it sends (:mod:`~orchestra.db.notices`).
         self.token = uuid.uuid4().hex[:12]
         token = self.token
@@ -107,6 +133,7 @@ class PostgresDatabase(Database):
             max_overflow=0,
             pool_timeout=60,
             isolation_level="REPEATABLE READ",
+            connect_args=connect_args(url),
         )
         self._threads = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="orchestra-pg")
         self.writes = WriteHealth()
@@ -170,9 +197,11 @@ class PostgresDatabase(Database):
             raise error from exc
 
     def _read_raw(self, read: Callable[[Any], T]) -> T:
+        raw: psycopg.Connection[Any] | None = None
         try:
             with self._engine.connect() as conn:
-                raw: psycopg.Connection[Any] = conn.connection.driver_connection  # type: ignore[assignment]
+                raw = conn.connection.driver_connection
+                assert raw is not None
                 # Autocommit, as SQLite's read_now: each statement its own snapshot, and no
                 # BEGIN and COMMIT around it (two round trips of three). Nor a ROLLBACK, at
                 # which psycopg forgets every statement it prepared on the connection: the
@@ -184,6 +213,12 @@ class PostgresDatabase(Database):
                 finally:
                     _back_to_transactions(conn, raw)
         except Exception as exc:
+            if raw is not None and raw.broken:
+                # The server went away (a restart): every pooled connection opened before is
+                # as dead. SQLAlchemy replaces them all when its own statement meets this;
+                # a read on the driver's connection is not its statement, so say it here, or
+                # each pooled connection fails one request of its own first.
+                self._engine.dispose()
             error = storage_error(exc, self.where)
             if error is None:
                 raise
@@ -210,7 +245,7 @@ class PostgresDatabase(Database):
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                    conninfo(self.url), autocommit=True
+                    conninfo(self.url), autocommit=True, **connect_args(self.url)
                 ) as conn:
                     for channel in notices.CHANNELS:
                         await conn.execute(f"LISTEN {channel}")

@@ -1,0 +1,16 @@
+"""PostgreSQL connection settings the URL leaves out."""
+
+from __future__ import annotations
+
+import os
+
+from orchestra.db.postgres_engine import CONNECT_TIMEOUT, connect_args
+
+
+def test_a_connect_timeout_and_a_name_are_added_unless_the_url_says() -> None:
+    args = connect_args("postgresql+psycopg://orchestra@db.example/orch")
+    assert args["connect_timeout"] == CONNECT_TIMEOUT
+    assert args["application_name"].startswith("orchestra ")
+    assert args["application_name"].endswith(f":{os.getpid()}")
+    given = "postgresql+psycopg://o@db/orch?connect_timeout=3&application_name=mine"
+    assert connect_args(given) == {}
