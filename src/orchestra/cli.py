@@ -3,13 +3,12 @@ templates locally."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import click
 import msgspec
@@ -18,16 +17,19 @@ from orchestra import lean_imports  # noqa: F401  # before httpx and structlog: 
 
 # isort: split
 from orchestra import __version__, logs
-from orchestra.auth import SCOPES, ApiKey, Scope
+from orchestra.auth import ApiKey
 from orchestra.cli_batch import batch
 from orchestra.cli_common import (
+    CliError,
     client_for,
     config_option,
     given_path,
     param_values,
     settings_of,
+    to_json,
     url_option,
 )
+from orchestra.cli_keys import keys
 from orchestra.cli_schedules import schedules
 from orchestra.cli_tasks import tasks
 from orchestra.config import Settings
@@ -36,9 +38,6 @@ from orchestra.event_types import EventType
 
 if TYPE_CHECKING:
     from orchestra.client import Client
-    from orchestra.db.keys import KeyStore
-
-T = TypeVar("T")
 
 
 def _template_failure(exc: TemplateError) -> click.ClickException:
@@ -204,6 +203,12 @@ def show_bootstrap_key(key: ApiKey, token: str, host: str) -> None:
     help="A parameter; @FILE reads the value from a file. Repeatable.",
 )
 @click.option("--wait/--no-wait", default=False, help="Wait for the result and print it.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the task as JSON (with --wait: the finished task) instead of its id (result).",
+)
 @click.option("--priority", type=int, default=0, show_default=True)
 @click.option("--model", help="Use this model instead of the template's.")
 @click.option("--delay", type=float, help="Seconds to wait before the task may start.")
@@ -214,6 +219,7 @@ def submit(
     template: str,
     params: tuple[str, ...],
     wait: bool,
+    as_json: bool,
     priority: int,
     model: str | None,
     delay: float | None,
@@ -221,7 +227,8 @@ def submit(
     url: str | None,
     config_path: str | None,
 ) -> None:
-    """Submit a task to a running server; with --wait, print its result."""
+    """Submit a task to a running server and print its id (ID=$(orchestra submit …)); with
+    --wait, print its result once it has finished (exit 1 if it failed or was cancelled)."""
     options = {"model": model, "delay": delay, "idempotency_key": idempotency_key}
     with client_for(url, config_path) as client:
         values = param_values(params, client.get_template(template).parameters)
@@ -232,15 +239,19 @@ def submit(
             **{k: v for k, v in options.items() if v is not None},
         )
         click.echo(f"task {task.id} {task.status}", err=True)
-        if not wait:
-            return
-        _show_progress(client, task.id)
-        task = client.wait(task.id)  # at once when the stream saw it finish; else by polling
-    if task.status != "succeeded":
+        if wait:
+            _show_progress(client, task.id)
+            task = client.wait(task.id)  # at once when the stream saw it finish; else by polling
+    if as_json:
+        click.echo(to_json(task))
+    elif not wait:
+        click.echo(task.id)
+    if wait and task.status != "succeeded":
         message = task.error.message if task.error else None
-        raise click.ClickException(f"task {task.id} {task.status}: {message}")
-    result = task.result
-    click.echo(result if isinstance(result, str) else json.dumps(result, indent=2))
+        raise CliError(f"task {task.id} {task.status}: {message}")
+    if wait and not as_json:
+        result = task.result
+        click.echo(result if isinstance(result, str) else json.dumps(result, indent=2))
 
 
 def _show_progress(client: Client, task_id: int) -> None:
@@ -313,7 +324,7 @@ def templates_validate(files: tuple[Path, ...], config_path: str | None) -> None
 @config_option
 def templates_register(file: Path, url: str | None, config_path: str | None) -> None:
     """Register a template file with a running server (a new version if it changed)."""
-    with client_for(url, config_path) as client, _template_problems(f"{file}:"):
+    with client_for(url, config_path) as client, _template_problems(file):
         done = client.register_template(file)
     state = "registered" if done.created else "unchanged"
     click.echo(f"{done.template.name} v{done.template.version} {state}")
@@ -324,85 +335,33 @@ def templates_register(file: Path, url: str | None, config_path: str | None) -> 
 @config_option
 def templates_reload(url: str | None, config_path: str | None) -> None:
     """Make a running server read its template folders again."""
-    with client_for(url, config_path) as client, _template_problems("  "):
+    with client_for(url, config_path) as client, _template_problems(None):
         loaded = client.reload_templates()
     click.echo(f"{len(loaded)} templates")
 
 
 @contextmanager
-def _template_problems(prefix: str) -> Iterator[None]:
-    """An error answer's message, then each problem in a template as PREFIXLINE:COLUMN: PATH:
-    MESSAGE."""
+def _template_problems(file: Path | None) -> Iterator[None]:
+    """An error answer about templates as one message: with ``file`` (the one sent), how many
+    problems it has, then each as FILE:LINE:COLUMN: PATH: MESSAGE (the answer's own message
+    names the first one again, as ``<request>:LINE:COLUMN``); without, the answer's message
+    (naming the server's file), then each problem as LINE:COLUMN: PATH: MESSAGE."""
     from orchestra.client import ApiError
 
     try:
         yield
     except ApiError as exc:
-        problems = [f"{prefix}{p.line}:{p.column}: {p.path}: {p.message}" for p in exc.problems]
-        raise click.ClickException("\n".join([exc.message, *problems])) from None
+        if not exc.problems:
+            raise  # client_for's message
+        at = f"{file}:" if file is not None else "  "
+        places = [f"{at}{p.line}:{p.column}: {p.path}: {p.message}" for p in exc.problems]
+        # The answer's message names the first problem again, as <request>:LINE:COLUMN.
+        head = exc.message if file is None else f"{len(exc.problems)} problem(s) in {file}:"
+        lines = [head, *places]
+        raise CliError("\n".join(lines)) from None
 
 
-@main.group()
-def keys() -> None:
-    """API keys (stored in the database the settings name)."""
-
-
-def _key_store_call(config_path: str | None, work: Callable[[KeyStore], Awaitable[T]]) -> T:
-    from orchestra.db.engine import Database
-    from orchestra.db.keys import KeyStore
-    from orchestra.db.schema import upgrade
-
-    settings = settings_of(config_path)
-
-    async def run() -> T:
-        db = Database(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
-        try:
-            await upgrade(db)
-            return await work(KeyStore(db))
-        finally:
-            await db.close()
-
-    try:
-        return asyncio.run(run())
-    except OrchestraError as exc:
-        raise click.ClickException(exc.message) from None
-
-
-@keys.command("create")
-@click.option("--name", required=True, help="Who or what the key is for (unique).")
-@click.option(
-    "--scope",
-    type=click.Choice(SCOPES),
-    default="submit",
-    show_default=True,
-    help="read: GET endpoints; submit: also create, cancel, retry tasks; admin: everything.",
-)
-@config_option
-def keys_create(name: str, scope: Scope, config_path: str | None) -> None:
-    """Make a key and print it. It is shown this once: only its SHA-256 is kept."""
-    key, token = _key_store_call(config_path, lambda store: store.create(name, scope))
-    click.echo(token)
-    click.echo(f"key {key.id} ({key.name}, {key.scope}) created; store it now", err=True)
-
-
-@keys.command("list")
-@config_option
-def keys_list(config_path: str | None) -> None:
-    """Every key: id, name, scope, created, revoked."""
-    for key in _key_store_call(config_path, lambda store: store.all()):
-        state = f"revoked {key.revoked_at}" if key.revoked_at else "active"
-        click.echo(f"{key.id}  {key.name}  {key.scope}  created {key.created_at}  {state}")
-
-
-@keys.command("revoke")
-@click.argument("name_or_id")
-@config_option
-def keys_revoke(name_or_id: str, config_path: str | None) -> None:
-    """Revoke a key by name or id; a running service stops accepting it within seconds."""
-    key = _key_store_call(config_path, lambda store: store.revoke(name_or_id))
-    click.echo(f"key {key.id} ({key.name}) revoked")
-
-
+main.add_command(keys)
 main.add_command(schedules)
 main.add_command(tasks)
 main.add_command(batch)

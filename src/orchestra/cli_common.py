@@ -1,16 +1,32 @@
-"""What the CLI's commands share: the --config and --url options, the settings, and a
-client (:class:`orchestra.client.Client`) for a running server whose errors become one clear
-message."""
+"""What the CLI's commands share: the --config and --url options, the settings, a client
+(:class:`orchestra.client.Client`) for a running server whose errors become one clear message
+and an exit code of their own, and JSON output.
+
+Exit codes (docs/install.md, "Exit codes"):
+
+====  =====================================================================================
+0     done
+1     the task failed or was cancelled (``submit --wait``); any other error (invalid
+      parameters, a conflict, a template's problems, the settings, a missing database)
+2     a usage error (click's own: an unknown option, a bad value)
+3     the server cannot be reached (refused, timed out, an event stream that stayed down)
+4     the API key is missing or refused (401), or its scope is too small (403)
+5     not found (404: a task, a template, a schedule; ``keys revoke``: no such active key)
+====  =====================================================================================
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+import msgspec
 
 from orchestra.config import Settings
 from orchestra.config_file import load
@@ -18,6 +34,42 @@ from orchestra.errors import ConfigError
 
 if TYPE_CHECKING:  # imported when a command calls a server: the others start faster
     from orchestra.client import ApiError, Client
+
+
+class ExitCode(IntEnum):
+    """What the CLI's exit status says (see the module's docstring)."""
+
+    OK = 0
+    FAILED = 1
+    USAGE = 2
+    UNREACHABLE = 3
+    AUTH = 4
+    NOT_FOUND = 5
+
+
+class CliError(click.ClickException):
+    """A command failed: its message is printed as ``Error: …`` and it exits 1."""
+
+    exit_code = ExitCode.FAILED
+
+
+class ServerUnreachable(CliError):
+    """Nothing answered at the server's URL (exit 3)."""
+
+    exit_code = ExitCode.UNREACHABLE
+
+
+class KeyRefused(CliError):
+    """The server refused the API key sent, or its lack (401), or its scope (403) (exit 4)."""
+
+    exit_code = ExitCode.AUTH
+
+
+class NothingFound(CliError):
+    """What the command names does not exist (exit 5)."""
+
+    exit_code = ExitCode.NOT_FOUND
+
 
 config_option = click.option(
     "--config",
@@ -97,12 +149,62 @@ def client_for(url: str | None, config_path: str | None) -> Iterator[Client]:
         with Client(base, timeout=90) as client:
             yield client
     except ConnectionFailed as exc:
-        raise click.ClickException(f"cannot reach the server at {base}: {exc.reason}") from None
+        raise ServerUnreachable(f"cannot reach the server at {base}: {exc.reason}") from None
     except ApiError as exc:
         raise failure(exc) from None
 
 
-def failure(exc: ApiError) -> click.ClickException:
-    """The API's message, then each bad field on a line of its own."""
-    lines = [exc.message, *(f"  {f.field}: {f.message}" for f in exc.fields)]
-    return click.ClickException("\n".join(lines))
+#: The API's advice on a 401, for HTTP callers; a CLI user is told how to give the key.
+_HTTP_ADVICE = ": send it as 'Authorization: Bearer <key>'"
+
+
+def failure(exc: ApiError) -> CliError:
+    """The API's message, then each bad field on a line of its own; its exit code by status
+    (401 and 403: how the CLI sends a key)."""
+    lines = [
+        exc.message.replace(_HTTP_ADVICE, ""),
+        *(f"  {f.field}: {f.message}" for f in exc.fields),
+    ]
+    if exc.status == 401:
+        lines.append(key_advice(os.environ.get("ORCHESTRA_API_KEY")))
+        return KeyRefused("\n".join(lines))
+    if exc.status == 403:
+        lines.append(
+            "the key in ORCHESTRA_API_KEY lacks that scope: use a key that has it"
+            if os.environ.get("ORCHESTRA_API_KEY")
+            else "no key was sent: set ORCHESTRA_API_KEY to a key with that scope"
+        )
+        return KeyRefused("\n".join(lines))
+    return (NothingFound if exc.status == 404 else CliError)("\n".join(lines))
+
+
+def key_advice(sent: str | None) -> str:
+    """How to give the CLI a key, after a 401 (``sent``: the key it sent, if any)."""
+    make = "make one with 'orchestra keys create --name NAME --scope SCOPE' where the server runs"
+    if sent:
+        return (
+            "the key in ORCHESTRA_API_KEY was refused (revoked, mistyped, or another "
+            f"server's): set ORCHESTRA_API_KEY to a key of this server ({make})"
+        )
+    return f"the CLI sends the key in ORCHESTRA_API_KEY: export ORCHESTRA_API_KEY=orc_… ({make})"
+
+
+def to_json(value: Any, *, indent: int | None = None) -> str:
+    """An answer struct as JSON, its milliseconds (``*_ms`` floats) rounded to 0.1 ms: a
+    ``duration_ms`` is a difference of two clock readings (1019.2300000000001)."""
+    return json.dumps(_rounded(msgspec.to_builtins(value)), indent=indent)
+
+
+def _rounded(value: Any, key: str = "") -> Any:
+    if isinstance(value, dict):
+        return {k: _rounded(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v, key) for v in value]
+    if isinstance(value, float) and key.endswith("_ms"):
+        return round(value, 1)
+    return value
+
+
+def say_none(what: str) -> None:
+    """Say on stderr that a list is empty (stdout stays empty, for scripts)."""
+    click.echo(f"no {what}", err=True)

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from orchestra.cli_common import client_for, config_option, param_values, url_option
+from orchestra.cli_common import client_for, config_option, param_values, say_none, url_option
 
 if TYPE_CHECKING:
     from orchestra.api.schedules import ScheduleOut
@@ -35,8 +35,11 @@ def _schedule_line(s: ScheduleOut) -> str:
 def schedules_list(url: str | None, config_path: str | None) -> None:
     """Every schedule: id, name, template, timing, next tick (or paused), source."""
     with client_for(url, config_path) as client:
-        for item in client.list_schedules():
-            click.echo(_schedule_line(item))
+        found = client.list_schedules()
+    if not found:
+        say_none("schedules")
+    for item in found:
+        click.echo(_schedule_line(item))
 
 
 @schedules.command("create")

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import itertools
-import json
 from typing import TYPE_CHECKING
 
 import click
-import msgspec
 
-from orchestra.cli_common import client_for, config_option, url_option
+from orchestra.cli_common import client_for, config_option, say_none, to_json, url_option
 from orchestra.domain import TaskStatus
 
 if TYPE_CHECKING:
@@ -55,8 +53,10 @@ def tasks_list(
     with client_for(url, config_path) as client:
         listed = client.list_tasks(status=status, template=template, page_size=min(limit, PAGE))
         shown = list(itertools.islice(listed, limit + 1))
+    if not shown:
+        say_none("tasks")
     for item in shown[:limit]:
-        click.echo(json.dumps(msgspec.to_builtins(item)) if as_json else _task_line(item))
+        click.echo(to_json(item) if as_json else _task_line(item))
     if len(shown) > limit:
         click.echo(f"(the {limit} newest; --limit for more)", err=True)
 
@@ -69,12 +69,12 @@ def tasks_show(task_id: int, url: str | None, config_path: str | None) -> None:
     """Print a task as JSON."""
     with client_for(url, config_path) as client:
         task = client.get_task(task_id)
-    click.echo(json.dumps(msgspec.to_builtins(task), indent=2))
+    click.echo(to_json(task, indent=2))
 
 
 def _event_line(event: TaskEvent) -> str:
     detail = {k: v for k, v in event.data.items() if k != "type"}
-    return f"{event.seq:<4} {event.time}  {event.type:<18} {json.dumps(detail)}"
+    return f"{event.seq:<4} {event.time}  {event.type:<18} {to_json(detail)}"
 
 
 @tasks.command("events")
@@ -87,10 +87,11 @@ def tasks_events(
     task_id: int, after: int, as_json: bool, url: str | None, config_path: str | None
 ) -> None:
     """Print a task's events as they happen (its past ones first); stops when the task has
-    finished."""
+    finished. A dropped connection (the server restarted) is resumed after the last event
+    printed, for up to a minute."""
     with client_for(url, config_path) as client:
         for event in client.task_events(task_id, after):
-            click.echo(json.dumps(msgspec.to_builtins(event)) if as_json else _event_line(event))
+            click.echo(to_json(event) if as_json else _event_line(event))
 
 
 def _act(action: str, task_id: int, url: str | None, config_path: str | None) -> None:

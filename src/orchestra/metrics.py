@@ -54,7 +54,7 @@ from orchestra.domain import Step, StepStatus, Usage
 CONTENT_TYPE = "text/plain; version=0.0.4"
 # No ``*_created`` series: a gauge per counter and histogram child, which Prometheus does not
 # read over the text format (a quarter of the lines with many models).
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 #: Where prometheus-client's multiprocess mode keeps the processes' files.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"

@@ -282,9 +282,11 @@ async def test_serve_on_a_public_address_makes_an_admin_key_once_and_shows_it(
         await _stop(second)
 
 
-def test_cli_creates_lists_and_revokes_keys(tmp_path: Path) -> None:
+async def test_cli_creates_lists_and_revokes_keys(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/o.db"
+    await make_keys(url)  # the service's database (the keys commands never make one)
     config = tmp_path / "o.toml"
-    config.write_text(f'[database]\nurl = "sqlite+aiosqlite:///{tmp_path}/o.db"\n')
+    config.write_text(f'[database]\nurl = "{url}"\n')
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -306,7 +308,13 @@ def test_cli_creates_lists_and_revokes_keys(tmp_path: Path) -> None:
         nameless = cli("create", "--name", empty)
         assert nameless.returncode == 1 and "a key needs a name" in nameless.stderr
         assert "Traceback" not in nameless.stderr
-    assert cli("revoke", "ci").returncode == 0
+    second = cli("create", "--name", "other", "--scope", "read")
+    assert second.returncode == 0, second.stderr
+    first = cli("revoke", "ci")
+    assert first.returncode == 0 and "no active key is left" not in first.stderr
+    # Revoking the last one reopens the service to this machine: said, not done silently.
+    last = cli("revoke", "other")
+    assert last.returncode == 0 and "no active key is left" in last.stderr
     assert "revoked" in cli("list").stdout
 
 

@@ -67,7 +67,7 @@ async def test_submit_reports_invalid_params_by_field(service: Service) -> None:
 
 async def test_submit_without_a_server_says_so() -> None:
     code, _out, err = await run_cli("submit", "summarize", "--url", "http://127.0.0.1:9")
-    assert code == 1
+    assert code == 3  # docs/install.md, "The CLI's exit codes"
     assert "cannot reach the server at http://127.0.0.1:9" in err
 
 
@@ -183,7 +183,7 @@ async def test_tasks_show_cancel_and_retry(service: Service, fake_ollama: FakeOl
     done = await service.wait(1)
     assert done["status"] == "succeeded"
     code, _, err = await run_cli("tasks", "show", "77", "--url", service.url)
-    assert code == 1 and "no task with id 77" in err
+    assert code == 5 and "no task with id 77" in err
 
 
 async def test_tasks_list_filters_and_limits_and_tasks_events_follows_a_task(
@@ -226,7 +226,7 @@ async def test_tasks_list_filters_and_limits_and_tasks_events_follows_a_task(
     assert code == 0 and lines[0].split()[0] == "3" and "task.finished" in lines[-1]
     assert '"status": "failed"' in lines[-1]
     code, _, err = await run_cli("tasks", "events", "77", "--url", service.url)
-    assert code == 1 and "no task with id 77" in err
+    assert code == 5 and "no task with id 77" in err
 
 
 async def test_templates_register_and_reload(service: Service, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from orchestra.client.errors import (
     Unavailable,
     Unprocessable,
 )
+from orchestra.client.follow import ReconnectPolicy
 from orchestra.client.sync import Client
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "RateLimited",
+    "ReconnectPolicy",
     "Registered",
     "RetryPolicy",
     "ServerError",

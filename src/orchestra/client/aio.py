@@ -23,7 +23,8 @@ import httpx
 
 from orchestra.client import batch_calls, core
 from orchestra.client.core import Call, Registered, RetryPolicy
-from orchestra.client.errors import ClientClosed, ConnectionFailed
+from orchestra.client.errors import ClientClosed, ClientError, ConnectionFailed
+from orchestra.client.follow import TASK_FINISHED, Follow, ReconnectPolicy
 from orchestra.domain import TaskStatus
 from orchestra.lines import aiter_lines
 from orchestra.schedules import ScheduleChanges, ScheduleSpec
@@ -48,7 +49,9 @@ class AsyncClient:
             :class:`~orchestra.client.errors.ConnectionFailed` (the server sends a heartbeat
             every 15 s while nothing happens).
         retry: How 429 and 503 answers are tried again.
-        sleep: What waits between tries (tests pass their own).
+        reconnect: How an event stream that drops (the service restarted) is opened again
+            after its last event (``ReconnectPolicy(window=0)``: never).
+        sleep: What waits between tries and reconnects (tests pass their own).
         transport: An httpx transport to send through instead of the network.
     """
 
@@ -60,11 +63,13 @@ class AsyncClient:
         timeout: float = 30.0,
         stream_timeout: float = core.STREAM_SILENCE,
         retry: RetryPolicy | None = None,
+        reconnect: ReconnectPolicy | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.url = core.base_url(url)
         self.retry_policy = retry or RetryPolicy()
+        self.reconnect_policy = reconnect or ReconnectPolicy()
         self._stream_timeout = core.stream_timeout(stream_timeout)
         self._sleep = sleep
         self._http = httpx.AsyncClient(
@@ -113,18 +118,36 @@ class AsyncClient:
     async def _send(self, call: Call[T]) -> T:
         return core.answer(call, await self._open(call))
 
-    async def _messages(self, call: Call[None]) -> AsyncIterator[core.SseMessage]:
-        response = await self._open(replace(call, timeout=self._stream_timeout), stream=True)
-        reader = core.SseReader()
-        try:
-            async for line in aiter_lines(response):
-                message = reader.line(line)
-                if message is not None:
-                    yield message
-        except httpx.TransportError as exc:
-            raise ConnectionFailed(self.url, str(exc) or type(exc).__name__) from exc
-        finally:
-            await response.aclose()
+    async def _follow(self, follow: Follow) -> AsyncIterator[core.SseMessage]:
+        """The stream's events over as many connections as it takes: one that drops is
+        opened again after the last event seen (:mod:`orchestra.client.follow`)."""
+        while True:
+            try:
+                call = replace(follow.call(), timeout=self._stream_timeout)
+                response = await self._open(call, stream=True)
+            except ClientError as exc:
+                await self._sleep(follow.retry_in(exc))
+                continue
+            follow.opened()
+            reader = core.SseReader()
+            try:
+                async for line in aiter_lines(response):
+                    follow.heard()
+                    message = reader.line(line)
+                    if message is not None:
+                        follow.seen(message)
+                        yield message
+            except httpx.TimeoutException as exc:  # silent for stream_timeout: given up
+                raise ConnectionFailed(self.url, str(exc) or type(exc).__name__) from exc
+            except httpx.TransportError as exc:
+                dropped = ConnectionFailed(self.url, str(exc) or type(exc).__name__)
+            else:
+                if follow.over():
+                    return
+                dropped = ConnectionFailed(self.url, "the stream ended early")
+            finally:
+                await response.aclose()
+            await self._sleep(follow.retry_in(dropped))
 
     # -- tasks -------------------------------------------------------------------------------
 
@@ -177,8 +200,15 @@ class AsyncClient:
 
     async def task_events(self, task_id: int, after: int = 0) -> AsyncIterator[TaskEvent]:
         """The task's events (after the ``seq`` ``after``) as they happen, ending after
-        ``task.finished``."""
-        async for message in self._messages(core.task_events(task_id, after)):
+        ``task.finished``; a dropped connection is resumed after the last event seen."""
+        follow = Follow(
+            self.url,
+            lambda position: core.task_events(task_id, position or 0),
+            after,
+            self.reconnect_policy,
+            end=TASK_FINISHED,
+        )
+        async for message in self._follow(follow):
             yield core.task_event(message)
 
     async def events(
@@ -189,8 +219,16 @@ class AsyncClient:
         after: int | None = None,
     ) -> AsyncIterator[FeedEvent]:
         """Every task's events (of ``template``, of ``types``) as they happen, without end;
-        from after the event ``id`` ``after`` (0: every event kept; None: the next one)."""
-        async for message in self._messages(core.feed(template, types, after)):
+        from after the event ``id`` ``after`` (0: every event kept; None: the next one); a
+        dropped connection is resumed after the last event seen."""
+        follow = Follow(
+            self.url,
+            lambda position: core.feed(template, types, position),
+            after,
+            self.reconnect_policy,
+            end=None,
+        )
+        async for message in self._follow(follow):
             yield core.feed_event(message)
 
     # -- templates ---------------------------------------------------------------------------

@@ -1,0 +1,166 @@
+"""``orchestra keys``: API keys, read and written straight in the database the settings name
+(not over HTTP: a key is needed to call the API at all).
+
+These are the CLI's only commands that open the database. They work on the service's own
+database or not at all: they never create one. A SQLite file that does not exist is refused
+with its path and how to name the right one (``orchestra keys create`` run in the wrong folder
+used to make a fresh ``./orchestra.db`` and print a key the service never saw), and each
+says on stderr which database it used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import click
+
+from orchestra.auth import SCOPES, ApiKey, Scope
+from orchestra.cli_common import (
+    CliError,
+    NothingFound,
+    config_option,
+    given_path,
+    say_none,
+    settings_of,
+)
+from orchestra.config_file import origin
+from orchestra.errors import ConfigError, NotFoundError, OrchestraError
+
+if TYPE_CHECKING:  # the database's modules load SQLAlchemy: only for these commands
+    from orchestra.config import Settings
+    from orchestra.db.keys import KeyStore
+
+T = TypeVar("T")
+
+
+@click.group()
+def keys() -> None:
+    """API keys (stored in the database the settings name; never creates one)."""
+
+
+def database_of(settings: Settings, config_path: str | None) -> str:
+    """Where the settings' database is, for messages: a SQLite file's absolute path, or a
+    PostgreSQL server and database (never the password).
+
+    Raises:
+        CliError: the URL is not usable, or its SQLite file does not exist.
+    """
+    from orchestra.db.engine import SQLITE, parse_url
+
+    url = settings.database.url
+    source = origin("database.url", given_path(config_path))
+    try:
+        parsed = parse_url(url)
+    except ConfigError as exc:
+        raise CliError(f"{exc.message} (from {source})") from None
+    if parsed.get_backend_name() != SQLITE:
+        return parsed.render_as_string(hide_password=True)
+    path = Path(str(parsed.database)).expanduser().absolute()
+    if not path.is_file():
+        raise CliError(
+            f"no database at {path}\n"
+            f"  database.url = {url!r} (from {source})\n"
+            "The keys commands work on the service's own database and never create one: run\n"
+            "them where the service runs, or name its database with --config FILE ([database]\n"
+            "url) or ORCHESTRA_DATABASE__URL=sqlite+aiosqlite:////absolute/path/orchestra.db.\n"
+            "('orchestra serve' creates its database on its first start.)"
+        )
+    return str(path)
+
+
+def _key_store_call(config_path: str | None, work: Callable[[KeyStore], Awaitable[T]]) -> T:
+    """``work`` done on the key store of the settings' database, which must exist; says on
+    stderr which database it is."""
+    settings = settings_of(config_path)
+    where = database_of(settings, config_path)
+    click.echo(f"database: {where}", err=True)
+
+    from orchestra.db.engine import Database
+    from orchestra.db.keys import KeyStore
+    from orchestra.db.schema import upgrade
+
+    async def run() -> T:
+        db = Database(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
+        try:
+            await upgrade(db)
+            return await work(KeyStore(db))
+        finally:
+            await db.close()
+
+    try:
+        return asyncio.run(run())
+    except NotFoundError as exc:
+        raise NothingFound(exc.message) from None
+    except OrchestraError as exc:
+        raise CliError(exc.message) from None
+
+
+@keys.command("create")
+@click.option("--name", required=True, help="Who or what the key is for (unique).")
+@click.option(
+    "--scope",
+    type=click.Choice(SCOPES),
+    default="submit",
+    show_default=True,
+    help="read: GET endpoints; submit: also create, cancel, retry tasks; admin: everything.",
+)
+@config_option
+def keys_create(name: str, scope: Scope, config_path: str | None) -> None:
+    """Make a key and print it. It is shown this once: only its SHA-256 is kept."""
+    key, token = _key_store_call(config_path, lambda store: store.create(name, scope))
+    click.echo(token)
+    click.echo(f"key {key.id} ({key.name}, {key.scope}) created; store it now", err=True)
+
+
+def key_table(keys: list[ApiKey]) -> list[str]:
+    """The keys as aligned columns: id, name, scope, created, state (a header first)."""
+    rows = [("ID", "NAME", "SCOPE", "CREATED", "STATE")]
+    for key in keys:
+        state = f"revoked {key.revoked_at}" if key.revoked_at else "active"
+        rows.append((key.id, key.name, key.scope, key.created_at, state))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+@keys.command("list")
+@config_option
+def keys_list(config_path: str | None) -> None:
+    """Every key: id, name, scope, created, and active or when it was revoked."""
+    found = _key_store_call(config_path, lambda store: store.all())
+    if not found:
+        say_none("keys")
+        return
+    for line in key_table(found):
+        click.echo(line)
+
+
+@keys.command("revoke")
+@click.argument("name_or_id")
+@config_option
+def keys_revoke(name_or_id: str, config_path: str | None) -> None:
+    """Revoke a key by name or id; a running service stops accepting it within seconds."""
+
+    async def revoke(store: KeyStore) -> tuple[ApiKey, bool]:
+        try:
+            key = await store.revoke(name_or_id)
+            return key, not await store.active_digests()
+        except NotFoundError:
+            gone = [k for k in await store.all() if name_or_id in (k.id, k.name)]
+            if gone and gone[0].revoked_at:
+                key = gone[0]
+                message = f"key {key.id} ({key.name}) was revoked already, at {key.revoked_at}"
+                raise NotFoundError(message) from None
+            raise NotFoundError(f"no key with id or name {name_or_id!r}") from None
+
+    key, none_left = _key_store_call(config_path, revoke)
+    click.echo(f"key {key.id} ({key.name}) revoked")
+    if none_left:
+        click.echo(
+            "warning: no active key is left, so the service needs none again: requests from "
+            "this machine (on a loopback address, not through a proxy) are served as admin. "
+            "Make a key (orchestra keys create) to close it.",
+            err=True,
+        )

@@ -1,0 +1,156 @@
+"""Following an event stream across dropped connections, without I/O (both clients use it).
+
+A stream cut while it is followed — the service restarted, a proxy or the network dropped
+the connection — is opened again after the last event seen (``?after=``: the API resumes a
+stream from there with no gap and no repeat, docs/events.md). While it cannot be opened, it is
+tried again after a growing wait (:class:`ReconnectPolicy`); once it has been down for the
+policy's ``window`` (no new connection delivered anything meanwhile), the follower gives up
+with :class:`~orchestra.client.errors.ConnectionFailed`.
+
+What is not a drop, and fails at once as before:
+
+- the first connection failing (nothing was followed yet: the service is not there);
+- an error answer other than 502, 503 or 504 (a 404: the task is gone; a 401: the key);
+- a stream silent for the client's ``stream_timeout`` (a frozen service or a half-open
+  connection: a service that is up sends a heartbeat every 15 s).
+
+A task's own stream ends after its ``task.finished``, and the service ends it only there: an
+answer that ends cleanly after other events was cut short (a proxy, a service that stopped),
+and is resumed. An answer that ends without any event is the end too (``after`` was at or
+past the task's last event).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+import msgspec
+
+from orchestra.client.core import Call, SseMessage
+from orchestra.client.errors import ApiError, ClientError, ConnectionFailed
+
+#: The event after which a task's own stream ends.
+TASK_FINISHED = "task.finished"
+#: Answers that mean the service is on its way back (a proxy's 502 or 504, a 503).
+TRANSIENT_STATUSES = frozenset({502, 503, 504})
+
+
+class ReconnectPolicy(msgspec.Struct, frozen=True):
+    """How a dropped event stream (``task_events``, ``events``) is opened again."""
+
+    #: Seconds a dropped stream may stay down before the follower gives up with
+    #: ConnectionFailed; it is down until a new connection delivers something (an event or
+    #: a heartbeat). 0: never reconnect.
+    window: float = 60.0
+    #: The first wait before opening it again, doubling on each failed try.
+    backoff: float = 0.25
+    #: The longest wait between tries.
+    max_wait: float = 5.0
+
+
+class Follow:
+    """One event stream followed over as many connections as it takes: where it is (the id
+    of the last event seen), whether an answer that ended was the end, and how long to wait
+    before the next try.
+
+    Args:
+        url: The service's base URL (for the error at the end).
+        open_at: The call that opens the stream after an event id (None: the API's default).
+        after: Where the stream starts.
+        policy: How it is opened again.
+        end: The event type after which the stream is over (None: it has no end).
+        clock: Monotonic seconds (tests pass their own).
+        jitter: A number in [0, 1) spreading the waits (so that the followers of a restarted
+            service do not all come back at once).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        open_at: Callable[[int | None], Call[None]],
+        after: int | None,
+        policy: ReconnectPolicy,
+        *,
+        end: str | None,
+        clock: Callable[[], float] = time.monotonic,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.url = url
+        self.position = after
+        self.policy = policy
+        self._open_at = open_at
+        self._end = end
+        self._clock = clock
+        self._jitter = jitter
+        #: Whether a connection was ever opened (before that, a failure is not a drop).
+        self._followed = False
+        #: Whether the current connection delivered an event.
+        self._delivered = False
+        self._last_type: str | None = None
+        #: Since when the stream is down (None: it is up).
+        self._down_since: float | None = None
+        self._tries = 0
+
+    def call(self) -> Call[None]:
+        """The call that opens the stream where it is."""
+        return self._open_at(self.position)
+
+    def opened(self) -> None:
+        """A connection answered with the stream."""
+        self._followed = True
+        self._delivered = False
+
+    def heard(self) -> None:
+        """The connection delivered a line (an event's, or a heartbeat): the stream is up."""
+        self._down_since = None
+        self._tries = 0
+
+    def seen(self, message: SseMessage) -> None:
+        """An event was handed to the caller: a resumed stream starts after it."""
+        if message.id is not None and message.id.isdigit():
+            self.position = int(message.id)
+        self._last_type = message.event
+        self._delivered = True
+
+    def over(self) -> bool:
+        """Whether an answer the service ended cleanly was the stream's end (see the module's
+        docstring); a stream without end never is."""
+        if self._end is None:
+            return False
+        return self._last_type == self._end or not self._delivered
+
+    def retry_in(self, failure: ClientError) -> float:
+        """Seconds to wait before opening the stream again after ``failure`` (the stream
+        dropped, or opening it again failed).
+
+        Raises:
+            ClientError: ``failure`` itself when it is not a drop (see the module's docstring)
+                or reconnecting is off.
+            ConnectionFailed: the stream has been down for the policy's window.
+        """
+        if not self._followed or self.policy.window <= 0 or not _transient(failure):
+            raise failure
+        now = self._clock()
+        if self._down_since is None:
+            self._down_since = now
+        left = self._down_since + self.policy.window - now
+        if left <= 0:
+            reason = failure.reason if isinstance(failure, ConnectionFailed) else failure.message
+            raise ConnectionFailed(
+                self.url,
+                f"the event stream dropped and could not be resumed within "
+                f"{self.policy.window:g} s (last: {reason})",
+            ) from failure
+        wait = min(self.policy.max_wait, self.policy.backoff * 2.0**self._tries)
+        self._tries += 1
+        # Half to all of the wait, and a last try at the window's end.
+        return min(wait * (0.5 + self._jitter() / 2), left)
+
+
+def _transient(failure: ClientError) -> bool:
+    """Whether ``failure`` may pass as the service comes back."""
+    if isinstance(failure, ApiError):
+        return failure.status in TRANSIENT_STATUSES
+    return isinstance(failure, ConnectionFailed)

@@ -1,0 +1,178 @@
+"""What the CLI prints for scripts and for people: the id of a submitted task alone on stdout,
+JSON with tidy numbers, empty lists said on stderr, a problem of a template once, how to give
+a refused key, and an exit code per kind of failure (docs/install.md, "Exit codes")."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import Service, StartService, make_keys, make_settings
+from tests.fixtures.fake_ollama import FakeOllama
+from tests.fixtures.servers import wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+#: Nothing listens here.
+NOWHERE = "http://127.0.0.1:9"
+
+
+async def run_cli(*args: str, key: str | None = None) -> tuple[int, str, str]:
+    """``orchestra ARGS`` with ``key`` as ORCHESTRA_API_KEY (none by default)."""
+    env = {k: v for k, v in os.environ.items() if k != "ORCHESTRA_API_KEY"}
+    if key is not None:
+        env["ORCHESTRA_API_KEY"] = key
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "orchestra",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_submit_prints_the_id_alone_on_stdout_and_with_json_the_task(
+    service: Service,
+) -> None:
+    code, out, err = await run_cli(
+        "submit", "summarize", "-p", "text=later", "--delay", "60", "--url", service.url
+    )
+    assert code == 0 and re.fullmatch(r"\d+\n", out), (out, err)
+    assert err.startswith(f"task {out.strip()} queued")  # the person's line stays on stderr
+
+    code, out, _ = await run_cli(
+        "submit", "summarize", "-p", "text=later", "--delay", "60", "--json", "--url", service.url
+    )
+    task = json.loads(out)
+    assert code == 0 and task["status"] == "queued" and task["template"] == "summarize"
+    assert task == await _api(service, f"/api/v1/tasks/{task['id']}")
+
+    code, out, _ = await run_cli(
+        "submit", "summarize", "-p", "text=now", "--wait", "--json", "--url", service.url
+    )
+    done = json.loads(out)
+    assert code == 0 and done["status"] == "succeeded" and "now" in done["result"]
+
+
+async def _api(service: Service, path: str) -> Any:
+    response = await service.client.get(path)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def test_json_output_rounds_milliseconds_to_a_tenth(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    """A duration is a difference of two clock readings: 1019.2300000000001 before."""
+    fake_ollama.latency = 0.0123
+    for n in range(3):
+        await service.wait((await service.submit("summarize", text=f"t{n}"))["id"])
+    code, out, _ = await run_cli("tasks", "list", "--json", "--url", service.url)
+    listed = [json.loads(line) for line in out.splitlines()]
+    code_show, shown, _ = await run_cli("tasks", "show", "1", "--url", service.url)
+    assert code == code_show == 0 and len(listed) == 3
+    durations = [t["duration_ms"] for t in listed]
+    durations += [s["duration_ms"] for s in json.loads(shown)["steps"]]
+    assert all(isinstance(d, float) and d > 0 for d in durations), durations
+    assert [round(d, 1) for d in durations] == durations
+
+
+async def test_empty_lists_say_so_on_stderr(service: Service) -> None:
+    for args, what in (
+        (("tasks", "list", "--status", "queued"), "no tasks"),
+        (("tasks", "list", "--json"), "no tasks"),
+        (("schedules", "list"), "no schedules"),
+    ):
+        code, out, err = await run_cli(*args, "--url", service.url)
+        assert (code, out, err.strip()) == (0, "", what), args
+
+
+async def test_each_kind_of_failure_has_its_exit_code(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    url = ("--url", service.url)
+    # 1: the task failed, or was cancelled.
+    fake_ollama.models.discard("llama3.2")
+    code, _, err = await run_cli("submit", "summarize", "-p", "text=x", "--wait", *url)
+    assert code == 1 and "failed" in err
+    waiting = asyncio.ensure_future(
+        run_cli("submit", "summarize", "-p", "text=x", "--delay", "600", "--wait", *url)
+    )
+
+    async def queued() -> bool:
+        items = (await _api(service, "/api/v1/tasks?status=queued"))["items"]
+        return bool(items)
+
+    await wait_until(queued, timeout=30)
+    [task] = (await _api(service, "/api/v1/tasks?status=queued"))["items"]
+    assert (await service.client.post(f"/api/v1/tasks/{task['id']}/cancel")).status_code == 200
+    code, _, err = await waiting
+    assert code == 1 and f"task {task['id']} cancelled" in err
+    # 2: click's usage errors.
+    assert (await run_cli("tasks", "list", "--status", "done", *url))[0] == 2
+    # 3: nothing answers.
+    code, _, err = await run_cli("tasks", "list", "--url", NOWHERE)
+    assert code == 3 and f"cannot reach the server at {NOWHERE}" in err
+    # 5: not found.
+    for args in (("tasks", "show", "77"), ("tasks", "events", "77"), ("tasks", "cancel", "77")):
+        code, _, err = await run_cli(*args, *url)
+        assert code == 5 and "no task with id 77" in err, args
+    code, _, err = await run_cli("submit", "nope", *url)
+    assert code == 5 and "nope" in err
+
+
+async def test_a_refused_key_says_how_the_cli_sends_one_and_exits_4(
+    db_url: str, fake_ollama: FakeOllama, start_service: StartService
+) -> None:
+    tokens = await make_keys(db_url, "read")
+    async with start_service(make_settings(db_url, fake_ollama.url)) as svc:
+        url = ("--url", svc.url)
+        code, _, err = await run_cli("tasks", "list", *url)
+        assert code == 4 and "export ORCHESTRA_API_KEY=" in err, err
+        assert "Authorization: Bearer" not in err
+        code, _, err = await run_cli("tasks", "list", *url, key="orc_wrong")
+        assert code == 4 and "the key in ORCHESTRA_API_KEY was refused" in err, err
+        code, _, err = await run_cli(
+            "submit", "summarize", "-p", "text=x", *url, key=tokens["read"]
+        )
+        assert code == 4 and "needs the submit scope" in err, err
+        code, out, err = await run_cli("tasks", "list", *url, key=tokens["read"])
+        assert (code, out, err.strip()) == (0, "", "no tasks")
+
+
+async def test_templates_register_prints_each_problem_once_with_the_files_name(
+    service: Service, tmp_path: Path
+) -> None:
+    file = tmp_path / "t1.yaml"
+    file.write_text(
+        "name: t1\nsteps:\n  - id: a\n    prompt: '{{ params.nope }}'\n"
+        "  - id: b\n    prompt: '{{ params.other }}'\n"
+    )
+    code, _, err = await run_cli("templates", "register", str(file), "--url", service.url)
+    assert code == 1
+    assert "<request>" not in err
+    lines = err.splitlines()
+    assert lines[0] == f"Error: 2 problem(s) in {file}:"
+    assert len(lines) == 3, err
+    assert lines[1].startswith(f"{file}:4:13: steps[0].prompt: unknown parameter 'nope'")
+    assert lines[2].startswith(f"{file}:6:13: steps[1].prompt: unknown parameter 'other'")
+
+
+async def test_the_install_guide_lists_the_commands_orchestra_help_shows() -> None:
+    code, out, _ = await run_cli("--help")
+    assert code == 0
+    listed = out.split("Commands:", 1)[1]
+    commands = sorted(line.split()[0] for line in listed.splitlines() if line.strip())
+    guide = (REPO / "docs" / "install.md").read_text()
+    [sentence] = [line for line in guide.split("\n\n") if "Every command works" in line]
+    named = sorted(re.findall(r"`(\w+)[^`]*`", sentence.split("(", 1)[0]))
+    assert named == commands

@@ -1,0 +1,258 @@
+"""An event stream followed while the service restarts: the client opens it again after the
+last event it saw, so its follower sees every event once, to the task's finish (docs/events.md
+promises the resume; the client used to die with "incomplete chunked read")."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from orchestra.client import AsyncClient, Client, ConnectionFailed, NotFound, ReconnectPolicy
+from orchestra.wire.events import FeedEvent, TaskEvent
+from tests.fixtures.fake_ollama import FakeOllama
+from tests.fixtures.servers import (
+    free_port,
+    loopback_server,
+    start_process,
+    wait_until,
+    write_config,
+)
+
+MODEL = "llama3.2"
+
+
+async def _cli(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "orchestra",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={k: v for k, v in os.environ.items() if k != "ORCHESTRA_API_KEY"},
+    )
+
+
+async def _lines(proc: asyncio.subprocess.Process, into: list[str]) -> None:
+    """Each line the process writes to stdout, as it writes it."""
+    assert proc.stdout is not None
+    async for line in proc.stdout:
+        into.append(line.decode())
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM: the service's graceful stop (it hands its running task back)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), timeout=60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_followers_of_a_task_see_every_event_once_across_a_restart_of_the_service(
+    fake_ollama: FakeOllama, tmp_path: Path, db_url: str
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = tmp_path / "o.toml"
+    write_config(config, port=port, db=db_url, ollama_url=fake_ollama.url, shutdown_grace=1)
+    fake_ollama.close_gate(MODEL)  # the task's model call waits until the restart
+    first = await start_process(config)
+    second: asyncio.subprocess.Process | None = None
+    cli: list[asyncio.subprocess.Process] = []
+    try:
+        text = "text=Across a restart."
+        cli.append(await _cli("submit", "summarize", "-p", text, "--wait", "--url", url))
+        await wait_until(lambda: fake_ollama.held(MODEL) == 1, timeout=30)
+        async with httpx.AsyncClient(base_url=url) as http:
+            [listed] = (await http.get("/api/v1/tasks")).json()["items"]
+        task_id = listed["id"]
+
+        # Three more followers: the CLI's `tasks events`, the asyncio client's task_events
+        # and the blocking client's all-tasks feed.
+        events_cli = await _cli("tasks", "events", str(task_id), "--json", "--url", url)
+        cli.append(events_cli)
+        printed: list[str] = []
+        printing = asyncio.ensure_future(_lines(events_cli, printed))
+        followed: list[TaskEvent] = []
+        fed: list[FeedEvent] = []
+
+        async def follow_task() -> None:
+            async with AsyncClient(url) as client:
+                async for event in client.task_events(task_id):
+                    followed.append(event)
+
+        def follow_feed() -> None:
+            with Client(url) as client:
+                for event in client.events(after=0):
+                    fed.append(event)
+                    if event.type == "task.finished":
+                        return
+
+        following = asyncio.ensure_future(follow_task())
+        feeding = asyncio.ensure_future(asyncio.to_thread(follow_feed))
+
+        def started(types: list[str]) -> bool:
+            return "step.started" in types
+
+        await wait_until(
+            lambda: (
+                started([e.type for e in followed])
+                and started([e.type for e in fed])
+                and started([json.loads(line)["type"] for line in printed])
+            ),
+            timeout=30,
+        )
+
+        await _stop(first)  # the streams are cut; the task is handed back
+        fake_ollama.open_gate(MODEL)
+        second = await start_process(config)  # the same port and database
+
+        await asyncio.wait_for(asyncio.gather(following, feeding, printing), timeout=90)
+        outs = [await _finished(proc) for proc in cli]
+    finally:
+        for proc in (first, second, *cli):
+            if proc is not None and proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+    (submit_code, submit_out, submit_err), (events_code, _, events_err) = outs
+    assert submit_code == 0, submit_err
+    assert "ECHO:" in submit_out and "Across a restart." in submit_out
+    assert events_code == 0, events_err
+
+    seen = [json.loads(line) for line in printed]
+    seqs = [e["seq"] for e in seen]
+    assert seqs == list(range(1, len(seqs) + 1)), "no event repeated or lost"
+    types = [e["type"] for e in seen]
+    assert "task.handed_back" in types and types.count("task.started") == 2, types
+    assert types[-1] == "task.finished" and seen[-1]["data"]["status"] == "succeeded"
+
+    assert [(e.seq, e.type) for e in followed] == [(e["seq"], e["type"]) for e in seen]
+    assert [e.id for e in fed] == sorted({e.id for e in fed}), "the feed: none twice"
+    assert [(e.seq, e.type) for e in fed if e.task_id == task_id] == [
+        (e.seq, e.type) for e in followed
+    ]
+
+
+async def _finished(proc: asyncio.subprocess.Process) -> tuple[int, str, str]:
+    """A CLI's exit code, the rest of its stdout, and its stderr."""
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def _sse_answer(*events: tuple[int, str], end: bool) -> bytes:
+    """A 200 event stream of ``events`` (seq, type), ended with its last chunk or not."""
+    body = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    for seq, kind in events:
+        data = json.dumps({"seq": seq, "time": "t", "type": kind}).encode()
+        frame = b"id: %d\r\nevent: %s\r\ndata: %s\r\n\r\n" % (seq, kind.encode(), data)
+        body += b"%x\r\n%s\r\n" % (len(frame), frame)
+    return body + (b"0\r\n\r\n" if end else b"")
+
+
+async def _follow(kind: str, url: str, policy: ReconnectPolicy, after: int = 0) -> list[int]:
+    """The seqs of task 1's events a client of ``kind`` follows (appended as they come, so
+    that those before a failure are kept in ``seen``)."""
+    seen: list[int] = []
+    if kind == "async":
+        async with AsyncClient(url, reconnect=policy) as aclient:
+            async for event in aclient.task_events(1, after):
+                seen.append(event.seq)
+        return seen
+    with Client(url, reconnect=policy) as client:
+        await asyncio.to_thread(lambda: seen.extend(e.seq for e in client.task_events(1, after)))
+    return seen
+
+
+QUICK = ReconnectPolicy(window=0.5, backoff=0.05, max_wait=0.1)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_stream_resumes_after_its_last_event_through_cuts_and_a_503(kind: str) -> None:
+    """Cut mid-stream, then a 503 (a proxy while the service starts), then ended cleanly
+    before task.finished (a proxy's idle cut), then the rest: each new connection asks for
+    the events after the last one seen."""
+    asked: list[str] = []
+    answers = [
+        _sse_answer((1, "task.queued"), (2, "task.started"), end=False),
+        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 0\r\nContent-Length: 0\r\n\r\n",
+        _sse_answer((3, "step.started"), end=True),
+        _sse_answer((4, "step.finished"), (5, "task.finished"), end=True),
+    ]
+
+    async def scripted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        asked.append(head.split()[1].decode())
+        writer.write(answers[len(asked) - 1])
+        await writer.drain()
+        writer.transport.abort()  # no last chunk unless the answer has it
+
+    async with loopback_server(scripted) as url:
+        seen = await _follow(kind, url, ReconnectPolicy(window=30, backoff=0.01, max_wait=0.05))
+    assert seen == [1, 2, 3, 4, 5]
+    events = "/api/v1/tasks/1/events"
+    # The 503 is tried again by the retry policy (Retry-After: 0), with the same after.
+    assert asked == [events, f"{events}?after=2", f"{events}?after=2", f"{events}?after=3"]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_stream_that_stays_down_fails_after_the_reconnect_window(kind: str) -> None:
+    """A service that cuts the stream after one event and then resets every connection: the
+    follower tries again for the policy's window, then raises ConnectionFailed."""
+    tries = 0
+
+    async def cut_then_down(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal tries
+        await reader.readuntil(b"\r\n\r\n")
+        tries += 1
+        if tries == 1:
+            writer.write(_sse_answer((1, "task.queued"), end=False))
+            await writer.drain()
+        writer.transport.abort()  # as a service going down: the connection is reset
+
+    async with loopback_server(cut_then_down) as url:
+        with pytest.raises(ConnectionFailed) as failed:
+            await _follow(kind, url, QUICK)
+    assert tries > 2
+    assert "could not be resumed within 0.5 s" in str(failed.value)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_what_is_not_a_drop_fails_at_once(kind: str) -> None:
+    """A 404 on reconnecting (the task is gone) is raised; a stream that ends cleanly without
+    an event (``after`` past the task's last event) is the end; with a window of 0 a cut is
+    raised as it happens."""
+    gone = b'{"code":"task_not_found","message":"no task with id 1"}'
+    answers = [
+        _sse_answer((1, "task.queued"), end=False),
+        b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(gone), gone),
+    ]
+
+    async def scripted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answers.pop(0) if answers else _sse_answer(end=True))
+        await writer.drain()
+        writer.transport.abort()
+
+    async with loopback_server(scripted) as url:
+        with pytest.raises(NotFound):
+            await _follow(kind, url, QUICK)
+        assert await _follow(kind, url, QUICK, after=9) == []  # ended: no reconnect
+        answers.append(_sse_answer((1, "task.queued"), end=False))
+        with pytest.raises(ConnectionFailed) as cut:
+            await _follow(kind, url, ReconnectPolicy(window=0))
+    assert "incomplete chunked read" in str(cut.value)
