@@ -39,6 +39,12 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 KINDS = ("ConfigMap", "Secret", "Deployment", "Service", "PodDisruptionBudget")
 HEALTH = "/health"
+#: What each probe asks: liveness whether the process answers, whatever the database's state.
+PROBE_PATHS = {
+    "startupProbe": HEALTH,
+    "readinessProbe": HEALTH,
+    "livenessProbe": f"{HEALTH}?probe=live",
+}
 #: Seconds uvicorn gives open HTTP connections (an SSE stream, a ?wait= poll) to close after
 #: SIGTERM (``timeout_graceful_shutdown`` in cli.py's serve); the worker pool's shutdown_grace
 #: starts only after it, so a service with a task running and a stream open takes both.
@@ -198,8 +204,8 @@ def probe_problems(d: Deploy) -> list[str]:
                 out.append(f"{kind}: missing")
             continue
         get = probe.get("httpGet") or {}
-        if get.get("path") != HEALTH:
-            out.append(f"{kind}: asks {get.get('path')!r}, not {HEALTH}")
+        if get.get("path") != PROBE_PATHS[kind]:
+            out.append(f"{kind}: asks {get.get('path')!r}, not {PROBE_PATHS[kind]}")
         if _port_number(container, get.get("port")) is None:
             out.append(f"{kind}: port {get.get('port')!r} is not a declared container port")
         windows[kind] = probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)

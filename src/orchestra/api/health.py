@@ -114,6 +114,15 @@ async def _states(runtime: Runtime, check: str | None) -> list[ProviderState]:
     return runtime.router.states()
 
 
+Probe = Annotated[
+    Literal["live"] | None,
+    Parameter(
+        description="live: 200 as long as this process answers, whatever the database's state "
+        "(a liveness probe's question; the body still says the state)."
+    ),
+]
+
+
 @get(
     ["/health", "/api/v1/health"],
     tags=["health"],
@@ -126,14 +135,18 @@ async def _states(runtime: Runtime, check: str | None) -> list[ProviderState]:
         ),
     },
 )
-async def health(request: Request[Any, Any, Any], check: CheckNow = None) -> Response[HealthOut]:
+async def health(
+    request: Request[Any, Any, Any], check: CheckNow = None, probe: Probe = None
+) -> Response[HealthOut]:
     """The database's state (reads and free space as checked at most a second ago; writes as
     the latest one went), each provider's as the background checks last saw it
     (``checked_at``), and the version. ``?check=now`` checks the providers and the database
     first.
 
     200 while the database answers reads: "degraded" while writes fail, its disk is low or no
-    provider is available; 503 ("down") when it does not answer.
+    provider is available; 503 ("down") when it does not answer. ``?probe=live`` answers 200
+    whatever the database's state (the body says it): a liveness probe asks whether this
+    process answers, and a restart would not cure a database outage.
 
     Open to all, but ``providers`` and ``version`` are shown only to a caller with the read
     scope (as every other GET needs); without it (no key, or a wrong one, once keys exist)
@@ -159,7 +172,8 @@ async def health(request: Request[Any, Any, Any], check: CheckNow = None) -> Res
         providers={s.name: ProviderOut.of(s) for s in states} if detailed else None,
         version=__version__ if detailed else None,
     )
-    return Response(body, status_code=200 if database.readable else 503)
+    up = database.readable or probe == "live"
+    return Response(body, status_code=200 if up else 503)
 
 
 @get(
