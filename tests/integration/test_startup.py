@@ -46,12 +46,16 @@ async def test_serve_upgrades_the_database_and_loads_the_templates_once(
     fake_ollama: FakeOllama, tmp_path: Path, db_url: str
 ) -> None:
     config = tmp_path / "o.toml"
-    write_config(config, port=free_port(), db=db_url, ollama_url=fake_ollama.url)
+    port = free_port()
+    write_config(config, port=port, db=db_url, ollama_url=fake_ollama.url)
     proc = await start_process(config)
     try:
         events = _events(config.with_suffix(".log"))
         names = [e.get("event") for e in events]
         assert names.count("database.ready") == 1
+        # Where it listens, said once (uvicorn says it only for sockets it bound itself).
+        listening = [e for e in events if e.get("event") == "server.listening"]
+        assert [e["urls"] for e in listening] == [[f"http://127.0.0.1:{port}"]], listening
         assert names.count("templates.loaded") == 1
         # Once started, what it holds is frozen: a full garbage collection no longer walks
         # it on the event loop (it held the loop for 100 ms and more).

@@ -193,9 +193,22 @@ class Server(uvicorn.Server):
         service are frozen (:func:`freeze_heap`)."""
         await super().startup(sockets)
         if self.started:
+            # uvicorn says where it listens only on sockets it bound itself: say it here
+            # (the port a --port 0 start was given, too).
+            log.info("server.listening", urls=_listening(self.servers))
             freeze_heap()
         if self.started and self.on_started is not None:
             self.on_started()
+
+
+def _listening(servers: list[Any]) -> list[str]:
+    """The URLs ``servers`` (asyncio's) listen on: ``http://HOST:PORT``."""
+    urls = []
+    for server in servers:
+        for sock in server.sockets:
+            host, port = sock.getsockname()[:2]
+            urls.append(f"http://{f'[{host}]' if ':' in host else host}:{port}")
+    return urls
 
 
 def freeze_heap() -> None:
