@@ -307,6 +307,7 @@ class EventFeed:
             self._beat.clear()
 
     async def _read_loop(self) -> None:
+        outage = logs.Outage(log, "feed.read_failed")
         with self.signals.watch_all() as changed:
             self._changed = changed
             while True:
@@ -314,9 +315,10 @@ class EventFeed:
                 try:
                     again = await self.read_once()
                 except Exception as exc:
-                    log.warning("feed.read_failed", error=f"{type(exc).__name__}: {exc}")
+                    outage.failed(exc)
                     await asyncio.sleep(RETRY_SECONDS)
                     continue
+                outage.succeeded()
                 if again == 0.0:
                     continue
                 # Nobody follows: keep the watermark fresh on the timer, and leave the

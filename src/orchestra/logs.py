@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
@@ -149,3 +150,47 @@ def setup(settings: LoggingSettings, stream: Any = None) -> None:
 def get(name: str | None = None) -> Any:
     """A structlog logger; bind task_id and template on it for task events."""
     return structlog.get_logger(name)
+
+
+class Outage:
+    """A side loop's failures, logged once per outage rather than at every try: the first as
+    a warning, then again at most every ``every`` seconds while they go on (with how many
+    failed), and one line when the loop works again. A database down for a minute made the
+    event feed, the scheduler and the webhook sender log three lines a second each.
+
+    Args:
+        logger: Where to log (the loop's module's logger).
+        event: The warning's event name (``feed.read_failed``); the recovery's is the same
+            with ``_failed`` made ``_recovered``.
+        clock: Monotonic seconds (tests pass their own).
+    """
+
+    def __init__(
+        self,
+        logger: Any,
+        event: str,
+        every: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.event = event
+        self.every = every
+        self.clock = clock
+        self.failures = 0
+        self._logged_at = float("-inf")
+
+    def failed(self, exc: BaseException) -> None:
+        """One more try failed with ``exc``."""
+        self.failures += 1
+        now = self.clock()
+        if self.failures == 1 or now - self._logged_at >= self.every:
+            self._logged_at = now
+            error = f"{type(exc).__name__}: {exc}"
+            self.logger.warning(self.event, error=error, failures=self.failures)
+
+    def succeeded(self) -> None:
+        """A try worked: the outage, if any, is over."""
+        if self.failures:
+            recovered = self.event.replace("_failed", "_recovered")
+            self.logger.info(recovered, after_failures=self.failures)
+            self.failures = 0

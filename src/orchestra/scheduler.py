@@ -293,13 +293,15 @@ class ScheduleLoop:
 
     async def run(self) -> None:
         """Fire, sleep until the next tick, repeat; a failure is logged and tried again."""
+        outage = logs.Outage(log, "scheduler.step_failed")
         while True:
             try:
                 pause = await self.step()
+                outage.succeeded()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("scheduler.failed", error=f"{type(exc).__name__}: {exc}")
+                outage.failed(exc)
                 pause = self.interval
             if pause > 0:
                 self._wake.clear()

@@ -140,6 +140,7 @@ class WebhookSender:
             )
             seen = -1
             next_poll = loop.time()
+            outage = logs.Outage(log, "webhooks.claim_failed")
             while not self._stopping:
                 commit_woke = changed.is_set()
                 changed.clear()
@@ -150,8 +151,9 @@ class WebhookSender:
                     next_poll = loop.time() + poll
                     try:
                         full = await self._claim_and_send()
+                        outage.succeeded()
                     except Exception as exc:  # a side loop logs and carries on
-                        log.warning("webhooks.claim_failed", error=f"{type(exc).__name__}: {exc}")
+                        outage.failed(exc)
                         full = False
                     if full:
                         continue

@@ -49,3 +49,31 @@ def test_at_debug_orchestra_speaks_and_aiosqlite_does_not_flood() -> None:
     written = out.getvalue()
     assert "executing" not in written and "connect_tcp" not in written
     assert "api/tags" in written and "orchestra.detail" in written
+
+
+def test_an_outage_is_logged_once_then_every_minute_then_its_end() -> None:
+    now = [0.0]
+    lines: list[tuple[str, str, dict[str, object]]] = []
+
+    class Logger:
+        def warning(self, event: str, **fields: object) -> None:
+            lines.append(("warning", event, fields))
+
+        def info(self, event: str, **fields: object) -> None:
+            lines.append(("info", event, fields))
+
+    outage = logs.Outage(Logger(), "feed.read_failed", every=60.0, clock=lambda: now[0])
+    for second in range(0, 125):  # a try a second for a little over two minutes
+        now[0] = float(second)
+        outage.failed(ConnectionError("the database went away"))
+    outage.succeeded()
+    outage.succeeded()  # nothing more to say
+    assert [(level, event) for level, event, _ in lines] == [
+        ("warning", "feed.read_failed"),
+        ("warning", "feed.read_failed"),
+        ("warning", "feed.read_failed"),
+        ("info", "feed.read_recovered"),
+    ]
+    assert [fields.get("failures") for _, _, fields in lines[:3]] == [1, 61, 121]
+    assert lines[0][2]["error"] == "ConnectionError: the database went away"
+    assert lines[3][2] == {"after_failures": 125}
