@@ -63,6 +63,10 @@ class Context(msgspec.Struct, frozen=True):
     limits: LimitSettings = msgspec.field(default_factory=LimitSettings)
     #: The cache of model answers; None: every call asks the model.
     cache: AnswerCache | None = None
+    #: Receives ("provider/model", usage) for every answer a model gave (a repair's, a map
+    #: item's too), so that a step that fails afterwards still records who answered and what
+    #: it cost.
+    on_answer: Callable[[str, Usage], None] | None = None
 
 
 def _model(ctx: Context, override: str | None) -> str:
@@ -160,10 +164,14 @@ async def _chat(
 ) -> ChatResult:
     """Ask the model, through the cache of model answers when the service has one."""
     if ctx.cache is None:
-        return await ctx.provider.chat(request, on_text)
-    return await ctx.cache.chat(
-        ctx.provider, request, on_text, step=spec.cache, task=ctx.task.cache
-    )
+        result = await ctx.provider.chat(request, on_text)
+    else:
+        result = await ctx.cache.chat(
+            ctx.provider, request, on_text, step=spec.cache, task=ctx.task.cache
+        )
+    if ctx.on_answer is not None:
+        ctx.on_answer(f"{result.provider}/{result.model}", result.usage)
+    return result
 
 
 async def run_llm(spec: LlmStep, scope: Scope, ctx: Context) -> Outcome:
@@ -245,6 +253,8 @@ async def run_embed(spec: EmbedStep, scope: Scope, ctx: Context) -> Outcome:
     if not isinstance(inputs, list | tuple) or not all(isinstance(i, str) for i in inputs):
         raise RenderError(f"steps.{spec.id}.input must give a string or a list of strings")
     result = await ctx.provider.embed(_model(ctx, spec.model), list(inputs))
+    if ctx.on_answer is not None:
+        ctx.on_answer(f"{result.provider}/{result.model}", result.usage)
     output = result.vectors[0] if single else result.vectors
     return Outcome(output, f"{result.provider}/{result.model}", result.usage)
 

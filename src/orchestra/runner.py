@@ -18,7 +18,7 @@ import msgspec
 
 from orchestra import metrics
 from orchestra.config import LimitSettings
-from orchestra.domain import Step, StepStatus, Task, TaskError, iso_now
+from orchestra.domain import Step, StepStatus, Task, TaskError, Usage, iso_now, total_usage
 from orchestra.errors import StepError
 from orchestra.kinds import Context, run_step
 from orchestra.llm.base import Provider
@@ -130,6 +130,7 @@ class Runner:
         outputs: dict[str, dict[str, Any]] = {}
         scope: dict[str, Any] = {"params": task.params, "steps": outputs}
         prompts: dict[str, list[dict[str, str]]] = {}  # kept with the step, failed or not
+        answers: list[tuple[str, Usage]] = []  # the running step's, kept if it fails
         ctx = Context(
             task=task,
             template=template,
@@ -139,8 +140,10 @@ class Runner:
             on_prompt=prompts.__setitem__,
             limits=limits,
             cache=self.cache,
+            on_answer=lambda model, usage: answers.append((model, usage)),
         )
         for position, spec in enumerate(template.steps):
+            answers.clear()
             await recorder.step_started(spec.id, position)
             started, clock = iso_now(), time.perf_counter()
             try:
@@ -166,6 +169,8 @@ class Runner:
                         position=position,
                         status=StepStatus.FAILED,
                         error=error,
+                        model=answers[-1][0] if answers else None,
+                        usage=total_usage(usage for _, usage in answers),
                         prompt=prompts.get(spec.id),
                     ),
                     started,

@@ -218,6 +218,11 @@ async def test_structured_output_that_stays_invalid_fails_after_the_repairs(
     assert "after 2 repair(s)" in done["error"]["message"]
     assert len(fake_ollama.requests) == 3
     assert len(done["attempts"]) == 1  # not retryable: retrying would not change the model
+    # The model answered three times: who answered, and what the answers cost, are kept.
+    step = done["steps"][0]
+    assert step["status"] == "failed" and step["model"] == "ollama/llama3.2"
+    assert step["usage"]["completion_tokens"] == 3 * len("not json at all".split())
+    assert done["usage"]["completion_tokens"] == step["usage"]["completion_tokens"]
 
 
 async def test_parse_json_render_and_when(svc: Service, fake_ollama: FakeOllama) -> None:
