@@ -6,6 +6,12 @@ controls. JSON does not escape the first three, so a model's token holding one o
 JSON line in two there, and the call failed on JSON that was never broken (a model server that
 writes such characters raw: llama.cpp's, Ollama's NEL). Orchestra's model providers, its
 client and its tests read lines through this module instead.
+
+A line is assembled in time proportional to its length, however many pieces it comes in: each
+piece is searched once, for the line ends it holds, and the pieces of an unfinished line are
+kept in a list and joined once the line ends. A reader may bound a line's length
+(``max_chars``): a longer line raises :class:`LineTooLong` as soon as it passes the bound,
+instead of growing in memory until the body ends.
 """
 
 from __future__ import annotations
@@ -19,37 +25,77 @@ import httpx
 _END = re.compile(r"\r\n|\r|\n")
 
 
+class LineTooLong(ValueError):
+    """A line is longer than its reader allows (the rest of it is not read)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"a line is longer than {limit:,} characters")
+
+
 class Lines:
     """Splits text that arrives in pieces into lines (without their ends).
 
-    A piece that ends in CR keeps it until the next piece shows whether LF follows, so a CR LF
-    cut between two pieces still ends one line.
+    A CR ends its line at once; an LF right after it, even at the start of the next piece, is
+    part of the same line end (CR LF), not an empty line.
     """
 
-    def __init__(self) -> None:
-        self._rest = ""
+    def __init__(self, max_chars: int | None = None) -> None:
+        """``max_chars``: the longest line accepted, in characters (None: no bound)."""
+        self.max_chars = max_chars
+        #: The unfinished line: its pieces, and their length together.
+        self._pieces: list[str] = []
+        self._length = 0
+        #: The last piece ended in CR: an LF that starts the next one belongs to it.
+        self._after_cr = False
 
     def feed(self, text: str) -> list[str]:
-        """The lines that ``text`` completes."""
-        text = self._rest + text
-        held = text.endswith("\r")
-        if held:
-            text = text[:-1]
-        lines = _END.split(text)
-        self._rest = lines.pop() + ("\r" if held else "")
+        """The lines that ``text`` completes.
+
+        Raises:
+            LineTooLong: a line (finished or not) is longer than ``max_chars``.
+        """
+        if not text:
+            return []
+        if self._after_cr:
+            self._after_cr = False
+            if text[0] == "\n":
+                text = text[1:]
+        if "\n" not in text and "\r" not in text:
+            lines, rest = [], text  # the common case of a long line: no regex at all
+        else:
+            lines = _END.split(text)  # only the new piece is searched
+            rest = lines.pop()
+        if lines:
+            if self._pieces:
+                self._pieces.append(lines[0])
+                lines[0] = "".join(self._pieces)
+                self._pieces, self._length = [], 0
+            self._after_cr = text.endswith("\r")
+            limit = self.max_chars
+            if limit is not None and any(len(line) > limit for line in lines):
+                raise LineTooLong(limit)
+        if rest:
+            self._pieces.append(rest)
+            self._length += len(rest)
+            if self.max_chars is not None and self._length > self.max_chars:
+                raise LineTooLong(self.max_chars)
         return lines
 
     def flush(self) -> list[str]:
         """The last line, when the text ended without a line end."""
-        rest, self._rest = self._rest, ""
-        if rest.endswith("\r"):
-            return [rest[:-1]]
+        rest = "".join(self._pieces)
+        self._pieces, self._length, self._after_cr = [], 0, False
         return [rest] if rest else []
 
 
-async def aiter_lines(response: httpx.Response) -> AsyncIterator[str]:
-    """The lines of a streamed response's body (see the module docstring), read as UTF-8."""
-    lines = Lines()
+async def aiter_lines(response: httpx.Response, max_chars: int | None = None) -> AsyncIterator[str]:
+    """The lines of a streamed response's body (see the module docstring), read as UTF-8.
+
+    Raises:
+        LineTooLong: a line is longer than ``max_chars`` (None: no bound).
+    """
+    lines = Lines(max_chars)
     decode = _utf8()
     async for chunk in response.aiter_bytes():
         for line in lines.feed(decode(chunk)):
@@ -58,9 +104,13 @@ async def aiter_lines(response: httpx.Response) -> AsyncIterator[str]:
         yield line
 
 
-def iter_lines(response: httpx.Response) -> Iterator[str]:
-    """The lines of a streamed response's body, read synchronously, as UTF-8."""
-    lines = Lines()
+def iter_lines(response: httpx.Response, max_chars: int | None = None) -> Iterator[str]:
+    """The lines of a streamed response's body, read synchronously, as UTF-8.
+
+    Raises:
+        LineTooLong: a line is longer than ``max_chars`` (None: no bound).
+    """
+    lines = Lines(max_chars)
     decode = _utf8()
     for chunk in response.iter_bytes():
         yield from lines.feed(decode(chunk))

@@ -161,6 +161,11 @@ def bind_socket(host: str, port: int, *, shared: bool = True) -> socket.socket:
     connection where each process has its own); each process then binds its own, or
     listens on the supervisor's.
 
+    The socket is not inheritable: a program the service starts (the embedded model's
+    process) must not hold the port, or it would keep it bound after the service died. The
+    supervisor's service processes get theirs from multiprocessing, which passes it to each
+    on purpose.
+
     Raises:
         ConfigError: the address cannot be bound (taken, or not this machine's).
     """
@@ -177,7 +182,6 @@ def bind_socket(host: str, port: int, *, shared: bool = True) -> socket.socket:
         sock.close()
         reason = exc.strerror or str(exc)
         raise ConfigError(f"server: cannot listen on {host}:{port}: {reason}") from None
-    sock.set_inheritable(True)
     return sock
 
 
@@ -454,6 +458,8 @@ def _child_main(
         port = sock.getsockname()[1]
         sock.close()
         sock = bind_socket(settings.server.host, port)
+    else:  # passed down inheritable: kept from what this process starts (see bind_socket)
+        sock.set_inheritable(False)
     try:
         run_service(
             settings, show_key=show_key, sockets=[sock], on_started=lambda: pipe.send((_READY, ""))

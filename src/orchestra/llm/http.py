@@ -3,7 +3,16 @@
 Every transport failure becomes an error of the tree here: nothing answering at all (refused,
 unknown host) is ``ProviderUnreachable``, so a fallback chain moves on; a timeout, a 5xx or a
 429 is ``ProviderUnavailable`` (retryable); a 404 is ``ModelNotFound``; other 4xx are
-``ProviderError`` (permanent: the request itself is wrong).
+``ProviderError`` (permanent: the request itself is wrong). A 429 or 503 that says how long to
+wait (Retry-After) is :class:`ProviderBusy`, carrying the wait. A redirect, or an answer that is
+not the format asked for (an HTML page where JSON was due: a proxy, a login page, a wrong URL),
+is a ``ProviderError`` that says so, before any of it is parsed.
+
+Every call is bounded as a whole by the provider's ``timeout`` (httpx's own bounds each read,
+so a server sending a byte now and then held a call for as long as it liked), and what is read
+of an answer by :func:`reply_bound`: an answer that could not make a step's output within
+``[limits] max_step_output_bytes`` fails as soon as it is known to be too long, before the rest
+of it is read into memory.
 
 Messages name the server by its redacted URL (``http://***@host:11434``: no userinfo, no key
 in the query; see :mod:`orchestra.redact`), and whatever else goes into them (an exception's
@@ -14,22 +23,115 @@ or the log.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
 import httpx
 import msgspec
 
-from orchestra.errors import ModelNotFound, ProviderError, ProviderUnavailable, ProviderUnreachable
+from orchestra.config import LimitSettings
+from orchestra.errors import (
+    InvalidOutput,
+    ModelNotFound,
+    ProviderError,
+    ProviderUnavailable,
+    ProviderUnreachable,
+)
+from orchestra.lines import LineTooLong, aiter_lines
 from orchestra.llm.transport import direct_route
 from orchestra.redact import redact_text, redact_url
+from orchestra.sizes import human_bytes
 
 #: Seconds a health check may take.
 HEALTH_TIMEOUT = 2.0
 
+#: The media types of answers: a JSON document, JSON lines (Ollama's streams), Server-Sent
+#: Events (OpenAI's streams).
+JSON = "application/json"
+NDJSON = "application/x-ndjson"
+SSE = "text/event-stream"
+
+#: ``[limits] max_step_output_bytes`` when a provider is built without settings.
+OUTPUT_LIMIT = LimitSettings().max_step_output_bytes
+#: Bytes a server's JSON may spend on one byte of the text it carries: ``\u003c`` for "<"
+#: (Go's encoder, Ollama's, escapes <, > and &), ``\u0001`` for a control character.
+ESCAPE_FACTOR = 6
+#: Bytes of an answer besides its text: the model's name, statistics, a choice's fields.
+REPLY_SLACK = 64 * 1024
+#: Most bytes of an error answer read for its reason (the message shows 200 characters).
+ERROR_BODY_BYTES = 64 * 1024
+
 T = TypeVar("T")
+
+
+class ProviderBusy(ProviderUnavailable):
+    """The model server is busy and asked to be called again later (429 or 503 with a
+    Retry-After header).
+
+    ``retry_after`` is the wait it asked for, in seconds: a retry sooner would be refused
+    again. (It belongs in :mod:`orchestra.errors`' tree, beside ``ProviderUnavailable``;
+    clients see it as ``provider_unavailable``.)
+    """
+
+    def __init__(self, message: str | None = None, retry_after: float = 0.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message, self.retry_after))
+
+
+def reply_bound(output_limit: int) -> int:
+    """The most bytes of an answer (or of one line of a streamed one) worth reading, given
+    ``[limits] max_step_output_bytes``: past it, the text it carries cannot fit a step's
+    output, however its JSON escapes it."""
+    return ESCAPE_FACTOR * output_limit + REPLY_SLACK
+
+
+def retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds a Retry-After header asks to wait (delay-seconds or an HTTP date), or None
+    when it says nothing usable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def token_count(value: Any) -> int | None:
+    """A count a server reported (tokens, nanoseconds), or None when it is no non-negative
+    integer: unknown, as a count not reported at all (a server that sends -5 must not fail
+    the task, nor reach the metrics' counters)."""
+    return value if type(value) is int and value >= 0 else None
+
+
+def media_type(response: httpx.Response) -> str:
+    """The media type of an answer ("text/html"), without parameters; "" when not given."""
+    value: str = response.headers.get("content-type", "")
+    return value.partition(";")[0].strip().lower()
+
+
+def is_format(media: str, expected: str) -> bool:
+    """Whether an answer of type ``media`` can be the ``expected`` format: Server-Sent Events
+    only as text/event-stream; JSON and JSON lines under any JSON type (a proxy may call JSON
+    lines application/json). An answer that names no type is read as expected."""
+    if not media:
+        return True
+    if expected == SSE:
+        return media == SSE
+    return "json" in media
 
 
 def cause(exc: BaseException) -> str:
@@ -77,7 +179,11 @@ class HttpProvider:
         url: str,
         timeout: float,
         api_key: str | None = None,
+        *,
+        output_limit: int = OUTPUT_LIMIT,
     ) -> None:
+        """``output_limit``: ``[limits] max_step_output_bytes``, which bounds what is read of
+        an answer (:func:`reply_bound`)."""
         self.name = name
         self.client = client
         #: The URL requests go to, credentials included (httpx sends userinfo as Basic auth).
@@ -85,6 +191,9 @@ class HttpProvider:
         #: The URL as messages show it: without its userinfo or a key in its query.
         self.shown_url = redact_url(self.url)
         self.timeout = timeout
+        self.output_limit = output_limit
+        #: The most bytes read of an answer, or characters of one line of a streamed one.
+        self.max_reply = reply_bound(output_limit)
         # Sent with each request, never logged or shown (errors name the variable, not the key).
         self.headers: Mapping[str, str] = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         #: The lean transport, when calls may skip the client (see ``direct_route``).
@@ -105,15 +214,24 @@ class HttpProvider:
 
     @asynccontextmanager
     async def request(
-        self, method: str, path: str, payload: Any, model: str | None
+        self, method: str, path: str, payload: Any, model: str | None, expect: str = JSON
     ) -> AsyncIterator[httpx.Response]:
-        """Send a request and hand over the open response; every failure is a ProviderError."""
+        """Send a request and hand over the open response, once it is known to be a success
+        in the ``expect`` format (a media type); every failure is a ProviderError."""
         try:
             async with self._send(method, path, payload) as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    raise self.status_error(response, model)
+                status = response.status_code
+                if status >= 400:
+                    head = await _read_head(response, ERROR_BODY_BYTES)
+                    raise self.status_error(_with_body(response, head), model)
+                if status >= 300:
+                    raise self.redirect_error(response)
+                media = media_type(response)
+                if not is_format(media, expect):
+                    raise ProviderError(f"{self.where} answered {media}, not {expect}")
                 yield response
+        except LineTooLong:  # from the lines of the answer, read in the caller's block
+            raise self.too_long("a line") from None
         except httpx.ConnectError as exc:
             raise ProviderUnreachable(f"cannot connect to {self.where}: {cause(exc)}") from exc
         except httpx.TimeoutException as exc:
@@ -183,24 +301,81 @@ class HttpProvider:
             return ModelNotFound(f"model {model!r} not found on {self.where}: {reason}")
         if status >= 500 or status == 429:
             # 503 is also Ollama's "server busy" when its queue is full: worth a retry.
-            return ProviderUnavailable(f"{self.where} answered {status}: {reason}")
+            message = f"{self.where} answered {status}: {reason}"
+            wait = None
+            if status in (429, 503):  # the statuses whose Retry-After means "busy, come back"
+                wait = retry_after(response.headers.get("retry-after"))
+            if wait is not None:
+                asked = f"{math.ceil(wait)}s"
+                return ProviderBusy(f"{message} (it asks to wait {asked}: Retry-After)", wait)
+            return ProviderUnavailable(message)
         if status in (401, 403):
             return ProviderError(f"{self.where} refused the credentials ({status}): {reason}")
         return ProviderError(f"{self.where} rejected the request ({status}): {reason}")
 
+    def redirect_error(self, response: httpx.Response) -> ProviderError:
+        """The error for a redirect: not followed (a POST would not survive most of them, and
+        the URL to fix is the provider's)."""
+        location = response.headers.get("location")
+        where = f"redirect to {redact_url(location)}" if location else "a redirect"
+        return ProviderError(
+            f"{self.where} answered {response.status_code} ({where}; redirects are not "
+            "followed: check the provider's url)"
+        )
+
     async def call_json(
         self, method: str, path: str, payload: Any, model: str | None, type_: type[T]
     ) -> T:
-        """A request whose whole reply is one JSON document of ``type_``."""
+        """A request whose whole reply is one JSON document of ``type_``, within the
+        provider's timeout as a whole and read up to :attr:`max_reply` bytes."""
+        return await self.within_timeout(self._call_json(method, path, payload, model, type_))
+
+    async def _call_json(
+        self, method: str, path: str, payload: Any, model: str | None, type_: type[T]
+    ) -> T:
         async with self.request(method, path, payload, model) as response:
-            body = await response.aread()
+            body = await self._read_reply(response)
         try:
             return msgspec.json.decode(body, type=type_)
         except msgspec.DecodeError as exc:
             raise ProviderError(f"{self.where} sent an unreadable reply: {exc}") from exc
 
+    async def _read_reply(self, response: httpx.Response) -> bytes:
+        """The body, read as it arrives; refused as soon as it passes :attr:`max_reply`."""
+        bound = self.max_reply
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and "content-encoding" not in response.headers:
+            if int(declared) > bound:
+                raise self.too_long("an answer")
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > bound:
+                raise self.too_long("an answer")  # the rest is never read: the connection closes
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def lines(self, response: httpx.Response) -> AsyncIterator[str]:
+        """The lines of a streamed answer, each at most :attr:`max_reply` characters (a longer
+        one fails the call: :meth:`request` turns its ``LineTooLong`` into the error)."""
+        return aiter_lines(response, self.max_reply)
+
+    def too_long(self, what: str) -> InvalidOutput:
+        """The error for an answer (or a line of one) over :attr:`max_reply`."""
+        return InvalidOutput(
+            f"{self.where} sent {what} of more than {human_bytes(self.max_reply)}: more than a "
+            f"step's output may hold, whatever its encoding (the limit is "
+            f"{human_bytes(self.output_limit)}: [limits] max_step_output_bytes)"
+        )
+
+    def malformed(self, what: str) -> ProviderError:
+        """The error for an answer the protocol cannot produce (its text's fields missing)."""
+        return ProviderError(f"{self.where} sent a malformed answer: {what}")
+
     async def within_timeout(self, call: Awaitable[T]) -> T:
-        """Bound a whole streamed answer (httpx's timeout bounds each read, not the total)."""
+        """Bound a whole answer, streamed or not (httpx's timeout bounds each read, not the
+        total: a server sending a byte now and then would hold the call for ever)."""
         try:
             async with asyncio.timeout(self.timeout):
                 return await call
@@ -217,13 +392,17 @@ class HttpProvider:
             raise ProviderError(f"{self.where} sent an unreadable line: {exc}") from exc
 
     async def probe(self, path: str, read: Callable[[Any], T]) -> tuple[T | None, str]:
-        """GET ``path`` quickly for a health check: (``read(json)``, "") or (None, why not)."""
+        """GET ``path`` quickly for a health check: (``read(json)``, "") or (None, why not);
+        within :data:`HEALTH_TIMEOUT` as a whole."""
         try:
-            response = await self.client.get(
-                f"{self.url}{path}", headers=self.headers, timeout=HEALTH_TIMEOUT
-            )
+            async with asyncio.timeout(HEALTH_TIMEOUT):
+                response = await self.client.get(
+                    f"{self.url}{path}", headers=self.headers, timeout=HEALTH_TIMEOUT
+                )
             response.raise_for_status()
             return read(response.json()), ""
+        except TimeoutError:
+            return None, f"{self.shown_url} did not answer within {HEALTH_TIMEOUT:g}s"
         except httpx.HTTPStatusError as exc:
             status = exc.response.status_code
             return None, f"{self.shown_url} answered {status}: {error_text(exc.response)}"
@@ -237,3 +416,30 @@ class HttpProvider:
 
     async def close(self) -> None:
         """Nothing to release: the HTTP client belongs to the service."""
+
+
+async def _read_head(response: httpx.Response, limit: int) -> bytes:
+    """At most ``limit`` bytes of a body (the rest is left unread: the connection closes)."""
+    head = bytearray()
+    async for chunk in response.aiter_bytes():
+        head += chunk
+        if len(head) >= limit:
+            break
+    return bytes(head[:limit])
+
+
+def _with_body(response: httpx.Response, body: bytes) -> httpx.Response:
+    """``response`` holding ``body`` (its start, already decoded): what error messages read."""
+    kept = [
+        (name, value)
+        for name, value in response.headers.multi_items()
+        if name not in ("content-encoding", "content-length", "transfer-encoding")
+    ]
+    phrase = response.extensions.get("reason_phrase")
+    return httpx.Response(
+        response.status_code,
+        headers=kept,
+        content=body,
+        request=response.request,
+        extensions={} if phrase is None else {"reason_phrase": phrase},
+    )

@@ -1,6 +1,12 @@
 """Ollama's native API: /api/chat (streaming NDJSON), /api/embed, /api/tags, /api/version.
 
 Reference: ollama/ollama docs/api.md. Durations in Ollama's replies are nanoseconds.
+
+Every reply of /api/chat, and every line of a streamed one, carries ``done`` (false on each
+piece, true on the last, which holds the statistics) and a ``message``. A reply without them
+is something else (/api/generate's ``response``, a proxy's JSON) and fails as malformed rather
+than passing for an empty answer; counts and durations that are no non-negative integers are
+recorded as unknown.
 """
 
 from __future__ import annotations
@@ -14,9 +20,8 @@ import msgspec
 
 from orchestra.domain import Usage
 from orchestra.errors import ModelNotFound, ProviderError, ProviderUnavailable
-from orchestra.lines import aiter_lines
 from orchestra.llm.base import ChatRequest, ChatResult, EmbedResult, Health
-from orchestra.llm.http import HttpProvider, error_text
+from orchestra.llm.http import NDJSON, OUTPUT_LIMIT, HttpProvider, error_text, token_count
 from orchestra.redact import redact_text
 
 
@@ -26,28 +31,33 @@ class _Message(msgspec.Struct):
 
 class _ChatReply(msgspec.Struct):
     model: str = ""
-    done: bool = True
+    #: None: the reply did not say (Ollama always does).
+    done: bool | None = None
     error: str | None = None
-    message: _Message = msgspec.field(default_factory=_Message)
+    #: None: the reply carries no message (Ollama's always does).
+    message: _Message | None = None
     done_reason: str | None = None
-    total_duration: int | None = None
-    load_duration: int | None = None
-    prompt_eval_count: int | None = None
-    prompt_eval_duration: int | None = None
-    eval_count: int | None = None
-    eval_duration: int | None = None
+    # Counts and durations as sent, whatever their type: read through ``token_count``.
+    total_duration: Any = None
+    load_duration: Any = None
+    prompt_eval_count: Any = None
+    prompt_eval_duration: Any = None
+    eval_count: Any = None
+    eval_duration: Any = None
 
 
 class _EmbedReply(msgspec.Struct):
     model: str = ""
     embeddings: list[list[float]] = msgspec.field(default_factory=list)
-    total_duration: int | None = None
-    load_duration: int | None = None
-    prompt_eval_count: int | None = None
+    total_duration: Any = None
+    load_duration: Any = None
+    prompt_eval_count: Any = None
 
 
-def _ms(nanoseconds: int | None) -> float | None:
-    return None if nanoseconds is None else round(nanoseconds / 1e6, 3)
+def _ms(nanoseconds: Any) -> float | None:
+    """A duration Ollama reported, in milliseconds (None: not reported, or not a duration)."""
+    count = token_count(nanoseconds)
+    return None if count is None else round(count / 1e6, 3)
 
 
 def same_model(wanted: str, listed: str) -> bool:
@@ -69,8 +79,10 @@ class OllamaProvider(HttpProvider):
         timeout: float,
         api_key: str | None = None,
         keep_alive: str = "",
+        *,
+        output_limit: int = OUTPUT_LIMIT,
     ) -> None:
-        super().__init__(name, client, url, timeout, api_key)
+        super().__init__(name, client, url, timeout, api_key, output_limit=output_limit)
         self.keep_alive = keep_alive
         #: Each model's digest as /api/tags last listed it (the cache of model answers keys
         #: on it); read by the health checks, and when a model is not known yet.
@@ -109,6 +121,14 @@ class OllamaProvider(HttpProvider):
             payload["keep_alive"] = self.keep_alive
         if on_text is None:
             reply = await self.call_json("POST", "/api/chat", payload, request.model, _ChatReply)
+            if reply.error:
+                raise ProviderUnavailable(f"{self.where} failed: {redact_text(reply.error)}")
+            if reply.message is None:
+                raise self.malformed('a reply without "message"')
+            if reply.done is None:
+                raise self.malformed('a reply without "done"')
+            if not reply.done:  # a reply not streamed is the whole answer
+                raise self.malformed('a reply not streamed, with "done": false')
             return self._result(reply, reply.message.content, request.model)
         return await self.within_timeout(self._stream(payload, request.model, on_text))
 
@@ -117,10 +137,11 @@ class OllamaProvider(HttpProvider):
     ) -> ChatResult:
         parts: list[str] = []
         result: ChatResult | None = None
-        async with self.request("POST", "/api/chat", payload, model) as response:
+        carried = False  # a line carried a message (its text may be empty)
+        async with self.request("POST", "/api/chat", payload, model, NDJSON) as response:
             # Read to the end even after the "done" line, so the connection goes back to the
             # pool (leaving a body unread closes it, and the next call pays a new connect).
-            async for line in aiter_lines(response):
+            async for line in self.lines(response):
                 if not line.strip() or result is not None:
                     continue
                 chunk = self.decode_chunk(line, _ChatReply)
@@ -129,10 +150,16 @@ class OllamaProvider(HttpProvider):
                         f"{self.where} failed in the middle of its answer: "
                         f"{redact_text(chunk.error)}"
                     )
-                if chunk.message.content:
-                    parts.append(chunk.message.content)
-                    on_text(chunk.message.content)
+                if chunk.done is None:
+                    raise self.malformed('a line without "done"')
+                if chunk.message is not None:
+                    carried = True
+                    if chunk.message.content:
+                        parts.append(chunk.message.content)
+                        on_text(chunk.message.content)
                 if chunk.done:
+                    if not carried:
+                        raise self.malformed('no line carried a "message"')
                     result = self._result(chunk, "".join(parts), model)
         if result is None:
             raise ProviderUnavailable(f"{self.where} ended its answer before it was done")
@@ -144,8 +171,8 @@ class OllamaProvider(HttpProvider):
             model=reply.model or model,
             provider=self.name,
             usage=Usage(
-                prompt_tokens=reply.prompt_eval_count,
-                completion_tokens=reply.eval_count,
+                prompt_tokens=token_count(reply.prompt_eval_count),
+                completion_tokens=token_count(reply.eval_count),
                 total_ms=_ms(reply.total_duration),
                 load_ms=_ms(reply.load_duration),
                 prompt_ms=_ms(reply.prompt_eval_duration),
@@ -169,7 +196,7 @@ class OllamaProvider(HttpProvider):
             model=reply.model or model,
             provider=self.name,
             usage=Usage(
-                prompt_tokens=reply.prompt_eval_count,
+                prompt_tokens=token_count(reply.prompt_eval_count),
                 total_ms=_ms(reply.total_duration),
                 load_ms=_ms(reply.load_duration),
             ),

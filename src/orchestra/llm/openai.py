@@ -5,6 +5,12 @@ output, /embeddings, /models. The configured URL is the base including ``/v1``, 
 SDKs take it. Templates write Ollama-style ``options``; the ones with an OpenAI name are
 renamed (``num_predict`` is ``max_tokens``), the ones that set up a server rather than a
 request (``num_ctx``, ``num_gpu``…) are left out, and the rest pass through as they are.
+
+An answer carries its text in a choice's ``message.content`` (``delta.content`` when streamed;
+a server may send chunks without it: the role alone first, the usage alone last) or says it
+finished (``finish_reason``): an empty text is an answer then. One that does neither fails as
+malformed rather than passing for an empty answer. Token counts that are no non-negative
+integers are recorded as unknown.
 """
 
 from __future__ import annotations
@@ -12,14 +18,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
+import httpx
 import msgspec
 
 from orchestra.domain import Usage
 from orchestra.errors import ProviderError, ProviderUnavailable
-from orchestra.lines import aiter_lines
 from orchestra.llm.base import ChatRequest, ChatResult, EmbedResult, Health
-from orchestra.llm.http import HttpProvider
+from orchestra.llm.http import SSE, HttpProvider, token_count
 from orchestra.redact import redact_text
 
 _RENAMED = {"num_predict": "max_tokens"}
@@ -64,8 +71,9 @@ def _names_format(message: str) -> bool:
 
 
 class _Usage(msgspec.Struct):
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
+    # As sent, whatever their type: read through ``token_count``.
+    prompt_tokens: Any = None
+    completion_tokens: Any = None
 
 
 class _Message(msgspec.Struct):
@@ -104,8 +112,8 @@ def _usage(usage: _Usage | None, finish_reason: str | None, started: float) -> U
     """Token counts as reported, and the time since ``started`` (OpenAI's API reports no
     durations of its own)."""
     return Usage(
-        prompt_tokens=usage.prompt_tokens if usage else None,
-        completion_tokens=usage.completion_tokens if usage else None,
+        prompt_tokens=token_count(usage.prompt_tokens) if usage else None,
+        completion_tokens=token_count(usage.completion_tokens) if usage else None,
         total_ms=round((time.perf_counter() - started) * 1000, 3),
         finish_reason=finish_reason,
     )
@@ -118,6 +126,15 @@ class OpenAIProvider(HttpProvider):
     label = "the OpenAI-compatible server"
     #: Set once the server rejected a ``json_schema`` response format and took the other form.
     schema_in_json_object = False
+
+    def status_error(self, response: httpx.Response, model: str | None) -> ProviderError:
+        error = super().status_error(response, model)
+        if response.status_code == 404 and not _json_body(response):
+            # Not the server's own "no such model" (JSON), but no such path: the usual cause
+            # is a base URL without /v1 (http://host:8080 for http://host:8080/v1).
+            if "/v1" not in urlsplit(self.url).path:
+                return type(error)(f"{error.message} (is /v1 missing from the url?)")
+        return error
 
     async def chat(
         self, request: ChatRequest, on_text: Callable[[str], None] | None = None
@@ -157,11 +174,14 @@ class OpenAIProvider(HttpProvider):
                 "POST", "/chat/completions", payload, request.model, _Completion
             )
             self._check(reply)
-            if not reply.choices or reply.choices[0].message is None:
+            choice = reply.choices[0] if reply.choices else None
+            if choice is None or choice.message is None:
                 raise ProviderError(f"{self.where} answered without a choice")
-            choice = reply.choices[0]
+            text = choice.message.content
+            if text is None and choice.finish_reason is None:
+                raise self.malformed('a choice without "message.content" or "finish_reason"')
             return ChatResult(
-                text=(choice.message.content if choice.message else None) or "",
+                text=text or "",
                 model=reply.model or request.model,
                 provider=self.name,
                 usage=_usage(reply.usage, choice.finish_reason, started),
@@ -181,13 +201,18 @@ class OpenAIProvider(HttpProvider):
         parts: list[str] = []
         answered, finish, usage = model, None, None
         result: ChatResult | None = None
-        async with self.request("POST", "/chat/completions", payload, model) as response:
+        carried = False  # a chunk carried the text's field (delta.content, maybe "")
+        async with self.request("POST", "/chat/completions", payload, model, SSE) as response:
             # Read to the end even after [DONE], so the connection goes back to the pool.
-            async for line in aiter_lines(response):
+            async for line in self.lines(response):
                 if not line.startswith("data:") or result is not None:
                     continue  # blank separators, comments (": ping"), event names
                 data = line[5:].strip()
                 if data == "[DONE]":
+                    if not carried and finish is None:
+                        raise self.malformed(
+                            'no chunk carried a choice with "delta.content" or "finish_reason"'
+                        )
                     if usage is None:
                         # The server sent no counts (llama-cpp-python's does not while
                         # streaming): each streamed piece is one token; the prompt's count
@@ -203,6 +228,7 @@ class OpenAIProvider(HttpProvider):
                 for choice in chunk.choices[:1]:
                     finish = choice.finish_reason or finish
                     piece = choice.delta.content if choice.delta else None
+                    carried = carried or piece is not None
                     if piece:
                         parts.append(piece)
                         on_text(piece)
@@ -243,3 +269,12 @@ class OpenAIProvider(HttpProvider):
         return Health(
             ok=True, detail=f"ok ({len(models)} models at {self.shown_url})", models=models
         )
+
+
+def _json_body(response: httpx.Response) -> bool:
+    """Whether an error answer's body is JSON (a server's own error, not a web server's)."""
+    try:
+        response.json()
+    except ValueError:
+        return False
+    return True

@@ -310,6 +310,8 @@ def build_providers(settings: Settings, client: Any, env: Mapping[str, str]) -> 
     from orchestra.llm.openai import OpenAIProvider
 
     out: dict[str, Provider] = {}
+    # What is read of an answer is bounded by what a step may keep of it.
+    limit = settings.limits.max_step_output_bytes
     for name, s in settings.providers.items():
         if not s.enabled:
             continue
@@ -317,9 +319,11 @@ def build_providers(settings: Settings, client: Any, env: Mapping[str, str]) -> 
         if s.api_key_env and not key:
             log.warning("provider.api_key_missing", provider=name, variable=s.api_key_env)
         if s.kind == "ollama":
-            out[name] = OllamaProvider(name, client, s.url, s.timeout, key, s.keep_alive)
+            out[name] = OllamaProvider(
+                name, client, s.url, s.timeout, key, s.keep_alive, output_limit=limit
+            )
         elif s.kind == "openai":
-            out[name] = OpenAIProvider(name, client, s.url, s.timeout, key)
+            out[name] = OpenAIProvider(name, client, s.url, s.timeout, key, output_limit=limit)
         else:
             out[name] = EmbeddedProvider(
                 name, s.model_path, s.context_length, s.threads, s.timeout, s.preload
