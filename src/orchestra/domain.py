@@ -137,6 +137,9 @@ class TaskError(msgspec.Struct, frozen=True, omit_defaults=True):
     message: str
     step: str | None = None
     retryable: bool = False
+    #: Seconds the model server asked to wait before it is called again (Retry-After);
+    #: the retry waits at least this long.
+    retry_after: float | None = None
 
 
 class Attempt(msgspec.Struct, frozen=True):
@@ -368,6 +371,10 @@ def parse_duration(value: Any) -> float:
     return float(match.group("n")) * _UNITS[match.group("unit")]
 
 
+#: The longest a retry waits for a model server's Retry-After, in seconds.
+MAX_RETRY_AFTER = 3600.0
+
+
 class RetryPolicy(msgspec.Struct, frozen=True):
     """How a task is retried after a retryable error."""
 
@@ -422,7 +429,8 @@ def decide_retry(
     counted = task.counted_attempts
     if not error.retryable or counted >= task.max_attempts:
         return None
-    delay = policy.delay(counted, rng)
+    # At least what the model server asked for (Retry-After), up to an hour.
+    delay = max(policy.delay(counted, rng), min(error.retry_after or 0.0, MAX_RETRY_AFTER))
     return Retry(
         at=at + timedelta(seconds=delay), delay=delay, attempts_left=task.max_attempts - counted
     )

@@ -29,6 +29,8 @@
         └── ProviderError           the model server failed
             ├── ModelNotFound       the model server does not have the model (permanent)
             └── ProviderUnavailable connection refused, timeout, 5xx (retryable)
+                ├── ProviderUnreachable nothing answered (a fallback chain moves on)
+                └── ProviderBusy        429/503 with Retry-After (the retry waits that long)
 
 Each class's docstring is its default message. The API maps the tree to HTTP statuses in one
 place (``orchestra.api.errors``); providers wrap httpx errors at their boundary, and the
@@ -228,6 +230,20 @@ class ProviderUnavailable(ProviderError):
 
     code = "provider_unavailable"
     retryable = True
+
+
+class ProviderBusy(ProviderUnavailable):
+    """The model server is busy and asked to be called again later (429 or 503 with a
+    Retry-After header); ``retry_after`` is the wait it asked for, in seconds, which the
+    task's retry waits at least (a retry sooner would be refused again). Clients see it as
+    ``provider_unavailable``."""
+
+    def __init__(self, message: str | None = None, retry_after: float = 0.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message, self.retry_after))
 
 
 class ProviderUnreachable(ProviderUnavailable):

@@ -19,7 +19,7 @@ import msgspec
 from orchestra import metrics
 from orchestra.config import LimitSettings
 from orchestra.domain import Step, StepStatus, Task, TaskError, Usage, iso_now, total_usage
-from orchestra.errors import StepError
+from orchestra.errors import ProviderBusy, StepError
 from orchestra.kinds import Context, run_step
 from orchestra.llm.base import Provider
 from orchestra.llm.cache import AnswerCache
@@ -63,7 +63,11 @@ class StepFailed(StepError):
 def _task_error(exc: StepError, step_id: str) -> TaskError:
     """A step's error as stored: its message clipped (listings show it)."""
     return TaskError(
-        type=exc.code, message=clip_message(exc.message), step=step_id, retryable=exc.retryable
+        type=exc.code,
+        message=clip_message(exc.message),
+        step=step_id,
+        retryable=exc.retryable,
+        retry_after=exc.retry_after if isinstance(exc, ProviderBusy) else None,
     )
 
 

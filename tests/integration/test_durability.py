@@ -151,6 +151,23 @@ async def test_a_wait_begun_before_a_failed_attempt_answers_the_retry_that_succe
     assert [a["status"] for a in done["attempts"]] == ["failed", "succeeded"]
 
 
+async def test_a_retry_waits_as_long_as_a_busy_server_asks(
+    svc: Service, fake_ollama: FakeOllama
+) -> None:
+    """A 429 with Retry-After: the retry waits at least that long (the policy alone would
+    try again within 3 s, and be refused again), and the error says the wait."""
+    fake_ollama.failure = Failure(429, "slow down", times=1, headers={"Retry-After": "4"})
+    task = await svc.submit("patient")
+    done = await svc.wait(task["id"], seconds=20)
+    assert done["status"] == "succeeded"
+    first, second = done["attempts"]
+    assert first["error"]["retry_after"] == 4.0 and "Retry-After" in first["error"]["message"]
+    gap = datetime.fromisoformat(second["started_at"]) - datetime.fromisoformat(
+        first["finished_at"]
+    )
+    assert gap >= timedelta(seconds=4)
+
+
 async def test_task_max_attempts_overrides_the_template(
     svc: Service, fake_ollama: FakeOllama
 ) -> None:

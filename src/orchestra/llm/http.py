@@ -38,6 +38,7 @@ from orchestra.config import LimitSettings
 from orchestra.errors import (
     InvalidOutput,
     ModelNotFound,
+    ProviderBusy,
     ProviderError,
     ProviderUnavailable,
     ProviderUnreachable,
@@ -67,23 +68,6 @@ REPLY_SLACK = 64 * 1024
 ERROR_BODY_BYTES = 64 * 1024
 
 T = TypeVar("T")
-
-
-class ProviderBusy(ProviderUnavailable):
-    """The model server is busy and asked to be called again later (429 or 503 with a
-    Retry-After header).
-
-    ``retry_after`` is the wait it asked for, in seconds: a retry sooner would be refused
-    again. (It belongs in :mod:`orchestra.errors`' tree, beside ``ProviderUnavailable``;
-    clients see it as ``provider_unavailable``.)
-    """
-
-    def __init__(self, message: str | None = None, retry_after: float = 0.0) -> None:
-        self.retry_after = retry_after
-        super().__init__(message)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.message, self.retry_after))
 
 
 def reply_bound(output_limit: int) -> int:

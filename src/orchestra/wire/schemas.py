@@ -38,6 +38,8 @@ class ErrorOut(msgspec.Struct, frozen=True, omit_defaults=True):
     #: Whether trying again may succeed (a server down, a timeout); false for a missing model,
     #: bad credentials, a template that cannot render.
     retryable: bool = False
+    #: Seconds the model server asked to wait (Retry-After); the retry waited at least that.
+    retry_after: float | None = None
 
 
 class FieldOut(msgspec.Struct, frozen=True):
@@ -132,7 +134,11 @@ def _error(error: TaskError | None) -> ErrorOut | None:
     if error is None:
         return None
     return ErrorOut(
-        type=error.type, message=error.message, step=error.step, retryable=error.retryable
+        type=error.type,
+        message=error.message,
+        step=error.step,
+        retryable=error.retryable,
+        retry_after=error.retry_after,
     )
 
 
