@@ -51,6 +51,20 @@ async def oai_service(
 # -- the openai kind ----------------------------------------------------------------------------
 
 
+async def test_a_query_in_the_providers_url_goes_after_each_requests_path(
+    settings: Settings, fake_openai: FakeOpenAI, start_service: StartService
+) -> None:
+    """A hosted API's key in the URL's query (``…/v1?key=K``) stays a query: it went before
+    the path (``/v1?key=K/chat/completions``), and no call could work."""
+    routed_settings = routed(settings, fake_openai, "oai/gpt-fake")
+    with_key = with_provider(routed_settings, "oai", url=f"{fake_openai.url}?key=abc")
+    async with start_service(with_key, env={"OAI_KEY": KEY}) as svc:
+        done = await svc.wait((await svc.submit("summarize", text="hello"))["id"])
+    assert done["status"] == "succeeded", done["error"]
+    assert "/v1/chat/completions?key=abc" in fake_openai.targets
+    assert all(t.endswith("?key=abc") for t in fake_openai.targets), fake_openai.targets
+
+
 async def test_openai_provider_streams_text_and_records_usage_and_provider(
     oai_service: Service, fake_openai: FakeOpenAI
 ) -> None:

@@ -170,8 +170,11 @@ class HttpProvider:
         an answer (:func:`reply_bound`)."""
         self.name = name
         self.client = client
+        base, _, query = url.partition("?")
         #: The URL requests go to, credentials included (httpx sends userinfo as Basic auth).
-        self.url = url.rstrip("/")
+        self.url = base.rstrip("/") + (f"?{query}" if query else "")
+        # A query (a hosted API's ?key=) goes after each request's path, not before it.
+        self._base, self._query = base.rstrip("/"), f"?{query}" if query else ""
         #: The URL as messages show it: without its userinfo or a key in its query.
         self.shown_url = redact_url(self.url)
         self.timeout = timeout
@@ -195,6 +198,11 @@ class HttpProvider:
     @property
     def where(self) -> str:
         return f"{self.label} at {self.shown_url}"
+
+    def at(self, path: str) -> str:
+        """The URL of ``path`` on this server: the base's path, then ``path``, then the
+        base's query (``http://h/v1?key=K`` and ``/models``: ``http://h/v1/models?key=K``)."""
+        return f"{self._base}{path}{self._query}"
 
     @asynccontextmanager
     async def request(
@@ -244,7 +252,7 @@ class HttpProvider:
         if self._direct is None or client.cookies or client.is_closed:
             async with client.stream(
                 method,
-                f"{self.url}{path}",
+                self.at(path),
                 content=body,
                 headers=self._client_headers,
                 timeout=self.timeout,
@@ -253,7 +261,7 @@ class HttpProvider:
             return
         known = self._urls.get(path)
         if known is None:
-            url = httpx.URL(f"{self.url}{path}")
+            url = httpx.URL(self.at(path))
             known = self._urls[path] = (url, [(b"Host", url.netloc), *self._json_headers])
         url, head = known
         # The headers httpx itself would send with ``content=body``, in its order (Host first,
@@ -381,7 +389,7 @@ class HttpProvider:
         try:
             async with asyncio.timeout(HEALTH_TIMEOUT):
                 response = await self.client.get(
-                    f"{self.url}{path}", headers=self.headers, timeout=HEALTH_TIMEOUT
+                    self.at(path), headers=self.headers, timeout=HEALTH_TIMEOUT
                 )
             response.raise_for_status()
             return read(response.json()), ""
