@@ -17,6 +17,7 @@ from orchestra.config import (
     DEFAULT_PROVIDERS,
     CacheSettings,
     DatabaseSettings,
+    FallbackSettings,
     LimitSettings,
     ProviderSettings,
     Settings,
@@ -259,6 +260,9 @@ def make_settings(db_url: str, ollama_url: str, **workers: Any) -> Settings:
         # together first) took over 7 s to answer, and the default 5 s failed a test about
         # something else; the tests of the render timeout set their own.
         limits=LimitSettings(render_timeout=30.0),
+        # Tests that stop a model server expect its calls to fail at once; the tests of the
+        # wait set their own.
+        fallback=FallbackSettings(outage_wait=0.0),
     )
 
 

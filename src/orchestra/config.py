@@ -160,6 +160,9 @@ class FallbackSettings(_Section, frozen=True):
     #: Seconds between provider health checks. A provider that failed a call (connection
     #: refused, model missing) is tried last until a check finds it well again.
     health_interval: float = 30.0
+    #: Seconds a model call waits for a chain whose providers all went away (nothing answers;
+    #: one answered before) to come back before it fails; 0: fail at once.
+    outage_wait: float = 30.0
 
 
 class RetentionSettings(_Section, frozen=True):
@@ -383,6 +386,7 @@ class Settings(_Section, frozen=True):
             ("workers.shutdown_grace", self.workers.shutdown_grace >= 0, "a number >= 0"),
             ("workers.max_attempts", self.workers.max_attempts >= 1, "an integer >= 1"),
             ("fallback.health_interval", self.fallback.health_interval > 0, "a number > 0"),
+            ("fallback.outage_wait", self.fallback.outage_wait >= 0, "a number >= 0"),
             ("retention.days", self.retention.days >= 0, "a number >= 0"),
             ("retention.interval", self.retention.interval > 0, "a number > 0"),
             ("database.busy_timeout_ms", self.database.busy_timeout_ms >= 0, "an integer >= 0"),

@@ -12,6 +12,13 @@ every ``[fallback] health_interval`` seconds in the background) and did not fail
 lists the model (when it lists models at all). When a call finds nothing answering or the model
 missing, the entry is marked and the next one is tried at once; entries marked unavailable are
 still tried, last, so a stale mark never fails a task that could have run.
+
+When nothing of a chain answers at all, but one of its providers answered before (Ollama
+restarting, a model server being upgraded), the call waits for it to come back, trying again
+with a growing pause, for up to ``[fallback] outage_wait`` seconds, before it fails: the task
+holds its slot meanwhile and the rest of the queue waits queued, instead of every task of the
+backlog using up its attempts within seconds. A provider that never answered since the start
+(a wrong URL, a runtime not installed) fails the call at once, as before.
 """
 
 from __future__ import annotations
@@ -40,6 +47,10 @@ from orchestra.llm.base import (
 log = logs.get("orchestra.llm")
 
 T = TypeVar("T")
+
+#: The first and the longest pause between tries while a chain's providers are away, seconds.
+OUTAGE_FIRST_PAUSE = 0.5
+OUTAGE_MAX_PAUSE = 5.0
 
 
 class Route(NamedTuple):
@@ -88,6 +99,10 @@ class Router:
         self._down: dict[str, str] = {}
         #: (provider, model) pairs a provider said it does not have.
         self._missing: set[tuple[str, str]] = set()
+        #: Providers that answered (a call, or a health check) since the start.
+        self._answered: set[str] = set()
+        #: Calls waiting now for a provider to come back (see the module's docstring).
+        self.waiting = 0
         self._gates = {
             name: asyncio.Semaphore(s.max_concurrency)
             for name, s in settings.providers.items()
@@ -151,19 +166,53 @@ class Router:
         log.warning("provider.unavailable", route=str(route), error=error.message)
 
     async def _through(self, model: str, call: Callable[[Route], Awaitable[T]]) -> T:
-        """Try ``call`` on each route in turn until one answers."""
-        failures: list[tuple[Route, ProviderError]] = []
-        for route in self.routes(model):
-            gate = self._gates.get(route.provider.name)
+        """Try ``call`` on each route in turn until one answers; while none answers at all
+        but one did before, wait for it to come back (see the module's docstring)."""
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        pause = OUTAGE_FIRST_PAUSE
+        while True:
+            failures: list[tuple[Route, ProviderError]] = []
+            for route in self.routes(model):
+                gate = self._gates.get(route.provider.name)
+                try:
+                    if gate is None:
+                        result = await _measured(route, call)
+                    else:
+                        async with gate:
+                            result = await _measured(route, call)
+                except (ProviderUnreachable, ModelNotFound) as exc:
+                    self._mark(route, exc)
+                    failures.append((route, exc))
+                    continue
+                self._answered.add(route.provider.name)
+                return result
+            error = _combined(model, failures)
+            if not self._outage(failures):
+                raise error
+            now = loop.time()
+            if deadline is None:
+                deadline = now + self.settings.fallback.outage_wait
+                log.warning("provider.waiting", model=model, seconds=deadline - now, error=error)
+            if now >= deadline:
+                wait = self.settings.fallback.outage_wait
+                raise ProviderUnavailable(f"{error.message} (waited {wait:g}s for it to answer)")
+            self.waiting += 1
             try:
-                if gate is None:
-                    return await _measured(route, call)
-                async with gate:
-                    return await _measured(route, call)
-            except (ProviderUnreachable, ModelNotFound) as exc:
-                self._mark(route, exc)
-                failures.append((route, exc))
-        raise _combined(model, failures)
+                await asyncio.sleep(min(pause, deadline - now))
+            finally:
+                self.waiting -= 1
+            pause = min(pause * 2, OUTAGE_MAX_PAUSE)
+
+    def _outage(self, failures: list[tuple[Route, ProviderError]]) -> bool:
+        """Whether a chain that failed so is worth waiting for: nothing answered at all, and
+        one of its providers answered before."""
+        return (
+            self.settings.fallback.outage_wait > 0
+            and bool(failures)
+            and all(isinstance(exc, ProviderUnreachable) for _, exc in failures)
+            and any(route.provider.name in self._answered for route, _ in failures)
+        )
 
     async def chat(
         self, request: ChatRequest, on_text: Callable[[str], None] | None = None
@@ -211,6 +260,7 @@ class Router:
         self._health[name] = health
         self._checked[name] = time.time()
         if health.ok:
+            self._answered.add(name)
             self._down.pop(name, None)
             self._missing -= {
                 (p, m)
