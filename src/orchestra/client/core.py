@@ -12,8 +12,6 @@ import functools
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 from urllib.parse import quote
@@ -27,6 +25,7 @@ from orchestra.client.sse import SseReader as SseReader
 from orchestra.client.sse import feed_event as feed_event
 from orchestra.client.sse import task_event as task_event
 from orchestra.domain import TaskStatus
+from orchestra.retry_after import retry_after as retry_after
 from orchestra.schedules import ScheduleChanges, ScheduleSpec
 from orchestra.webhooks import NewWebhook
 from orchestra.wire.schedules import ScheduleList, ScheduleOut
@@ -195,22 +194,6 @@ def error_of(response: httpx.Response) -> ApiError:
         problems=body.errors,
         retry_after=wait,
     )
-
-
-def retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds a Retry-After header asks for (delta-seconds or an HTTP date), or None."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 def asked_wait(headers: httpx.Headers) -> float | None:

@@ -27,8 +27,6 @@ import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
 import httpx
@@ -46,6 +44,7 @@ from orchestra.errors import (
 from orchestra.lines import LineTooLong, aiter_lines
 from orchestra.llm.transport import direct_route
 from orchestra.redact import redact_text, redact_url
+from orchestra.retry_after import retry_after
 from orchestra.sizes import human_bytes
 
 #: Seconds a health check may take.
@@ -75,23 +74,6 @@ def reply_bound(output_limit: int) -> int:
     ``[limits] max_step_output_bytes``: past it, the text it carries cannot fit a step's
     output, however its JSON escapes it."""
     return ESCAPE_FACTOR * output_limit + REPLY_SLACK
-
-
-def retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds a Retry-After header asks to wait (delay-seconds or an HTTP date), or None
-    when it says nothing usable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 def token_count(value: Any) -> int | None:
