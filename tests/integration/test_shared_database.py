@@ -265,6 +265,7 @@ async def test_the_service_recovers_when_postgresql_restarts(
         assert done["status"] == "succeeded", done
 
 
+@postgresql_only
 async def test_after_a_restart_a_read_fails_once_not_once_per_pooled_connection(
     settings: Settings, start_service: StartService, postgres: PostgresServer, db_url: str
 ) -> None:
