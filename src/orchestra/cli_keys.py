@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import click
@@ -48,7 +47,7 @@ def database_of(settings: Settings, config_path: str | None) -> str:
     Raises:
         CliError: the URL is not usable, or its SQLite file does not exist.
     """
-    from orchestra.db.engine import SQLITE, parse_url
+    from orchestra.db.engine import SQLITE, check_url, parse_url
 
     url = settings.database.url
     source = origin("database.url", given_path(config_path))
@@ -58,7 +57,7 @@ def database_of(settings: Settings, config_path: str | None) -> str:
         raise CliError(f"{exc.message} (from {source})") from None
     if parsed.get_backend_name() != SQLITE:
         return parsed.render_as_string(hide_password=True)
-    path = Path(str(parsed.database)).expanduser().absolute()
+    path = check_url(url).absolute()
     if not path.is_file():
         raise CliError(
             f"no database at {path}\n"

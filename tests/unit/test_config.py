@@ -7,10 +7,13 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from sqlalchemy import text
 
 from orchestra.config import ModelSettings, ProviderSettings, Settings
 from orchestra.config_file import load
+from orchestra.db import Database
 from orchestra.db.engine import check_url
+from orchestra.db.schema import LATEST, upgrade
 from orchestra.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -182,12 +185,25 @@ def test_serve_with_bad_config_prints_one_line_and_no_traceback(tmp_path: Path) 
     assert lines == [f"Error: {file}: server.port: expected int, got str"]
 
 
-def test_a_sqlite_path_starting_with_a_tilde_is_in_the_home_folder(
+async def test_a_sqlite_path_starting_with_a_tilde_is_in_the_home_folder(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """As in a shell: not a folder named ``~`` in the current one."""
-    monkeypatch.setenv("HOME", str(tmp_path))
-    assert check_url("sqlite+aiosqlite:///~/data/o.db") == tmp_path / "data" / "o.db"
+    """As in a shell: not a folder named ``~`` in the current one; for the writer and the
+    reads alike (the reads' engine was given the URL as written, which SQLite does not
+    expand)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    url = "sqlite+aiosqlite:///~/data/o.db"
+    assert check_url(url) == tmp_path / "home" / "data" / "o.db"
+    database = Database(url)
+    try:
+        await upgrade(database)
+        async with database.read() as conn:
+            version = (await conn.execute(text("SELECT max(version) FROM schema_version"))).scalar()
+        assert version == LATEST
+    finally:
+        await database.close()
+    assert not (tmp_path / "~").exists()
 
 
 def test_a_word_setting_out_of_its_choices_names_them() -> None:

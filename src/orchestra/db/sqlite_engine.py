@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, create_engine, event, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.pool import StaticPool
 
@@ -135,7 +136,11 @@ class SqliteDatabase(Database):
         self.checkpoints = Checkpoints(self.path, self._lock, self._writer_due)
         #: The event loop the transactions come from (the writer's thread answers there).
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._reader = reader_engine(url, pool_size=READ_POOL_SIZE, busy_timeout_ms=busy_timeout_ms)
+        # The file as check_url found it (a leading ~ expanded), for the reads as for the writer.
+        expanded = make_url(url).set(database=str(self.path)).render_as_string(hide_password=False)
+        self._reader = reader_engine(
+            expanded, pool_size=READ_POOL_SIZE, busy_timeout_ms=busy_timeout_ms
+        )
         self._busy_timeout_ms = busy_timeout_ms
         # read_now's connections: one per thread (the event loop's, each reader thread's).
         self._raw_readers = threading.local()
