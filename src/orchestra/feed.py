@@ -257,6 +257,11 @@ class EventFeed:
         self._shared = SharedReads()
         self._closing = False
 
+    @property
+    def closing(self) -> bool:
+        """Whether the service is stopping (:meth:`close` was called)."""
+        return self._closing
+
     def close(self) -> None:
         """The service is stopping: every follower's stream ends now, once it has what it was
         handed (a client reconnects, after its last event, to a process that runs on), instead

@@ -151,14 +151,19 @@ async def _finished(proc: asyncio.subprocess.Process) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-def _sse_answer(*events: tuple[int, str], end: bool) -> bytes:
-    """A 200 event stream of ``events`` (seq, type), ended with its last chunk or not."""
+def _sse_answer(*events: tuple[int, str], end: bool, stopping: bool = False) -> bytes:
+    """A 200 event stream of ``events`` (seq, type), ended with its last chunk or not; with
+    ``stopping``, it ends as a stopping service ends it ("retry:", come back)."""
     body = (
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
     )
+    frames = []
     for seq, kind in events:
         data = json.dumps({"seq": seq, "time": "t", "type": kind}).encode()
-        frame = b"id: %d\r\nevent: %s\r\ndata: %s\r\n\r\n" % (seq, kind.encode(), data)
+        frames.append(b"id: %d\r\nevent: %s\r\ndata: %s\r\n\r\n" % (seq, kind.encode(), data))
+    if stopping:
+        frames.append(b"retry: 1000\r\n\r\n")
+    for frame in frames:
         body += b"%x\r\n%s\r\n" % (len(frame), frame)
     return body + (b"0\r\n\r\n" if end else b"")
 
@@ -256,3 +261,30 @@ async def test_what_is_not_a_drop_fails_at_once(kind: str) -> None:
         with pytest.raises(ConnectionFailed) as cut:
             await _follow(kind, url, ReconnectPolicy(window=0))
     assert "incomplete chunked read" in str(cut.value)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_stream_a_stopping_service_ended_without_an_event_is_resumed(kind: str) -> None:
+    """A rolling deploy: the stream resumed on another process, the task stayed quiet, and
+    that process stopped too. Its answer carried no event but said "come back" (retry:): it
+    is not the end of the task's stream (that is only task.finished, or an answer without
+    an event that says nothing more)."""
+    asked: list[str] = []
+    answers = [
+        _sse_answer((1, "task.queued"), (2, "task.started"), end=True, stopping=True),
+        _sse_answer(end=True, stopping=True),
+        _sse_answer((3, "task.finished"), end=True),
+    ]
+
+    async def scripted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        asked.append(head.split()[1].decode())
+        writer.write(answers[len(asked) - 1])
+        await writer.drain()
+        writer.transport.abort()
+
+    async with loopback_server(scripted) as url:
+        seen = await _follow(kind, url, ReconnectPolicy(window=30, backoff=0.01, max_wait=0.05))
+    assert seen == [1, 2, 3]
+    events = "/api/v1/tasks/1/events"
+    assert asked == [events, f"{events}?after=2", f"{events}?after=2"]

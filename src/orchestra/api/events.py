@@ -12,7 +12,7 @@ from litestar.params import HeaderParameter, QueryParameter
 
 from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
-from orchestra.api.sse import DirectWrites, EventStream, Frames, frame
+from orchestra.api.sse import RECONNECT, DirectWrites, EventStream, Frames, frame
 from orchestra.db.feed import FeedEvent, FeedFilter
 from orchestra.errors import FieldProblem, InvalidRequest
 from orchestra.event_types import EventType
@@ -125,5 +125,7 @@ class EventController(Controller):
         async def stream() -> AsyncIterator[bytes]:
             async for events in feed.follow(wanted, start, write):
                 yield sse(events, frames)
+            if feed.closing:
+                yield RECONNECT
 
         return EventStream(stream(), writes)

@@ -54,6 +54,11 @@ _encode = msgspec.json.Encoder().encode
 FRAMES_KEPT = 4096
 
 
+#: What a stream ended by a stopping process sends last: "come back" (SSE's reconnection time,
+#: 1 s), so that a client tells it from the end of a task's stream.
+RECONNECT = b"retry: 1000\r\n\r\n"
+
+
 def frame(event_id: int, name: str, data: dict[str, Any]) -> bytes:
     """One event: ``id``, ``event`` (its name) and ``data`` (JSON, which never spans lines)."""
     return b"id: %d\r\nevent: %s\r\ndata: %s\r\n\r\n" % (event_id, name.encode(), _encode(data))

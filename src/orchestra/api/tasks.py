@@ -17,7 +17,7 @@ from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
 from orchestra.api.schemas import TaskList, TaskOut, TaskSummaryOut
-from orchestra.api.sse import DirectWrites, EventStream, Frames, frame
+from orchestra.api.sse import RECONNECT, DirectWrites, EventStream, Frames, frame
 from orchestra.auth import Caller
 from orchestra.db.events import TaskEvent
 from orchestra.domain import TaskStatus
@@ -215,6 +215,8 @@ class TaskController(Controller):
         async def stream() -> AsyncIterator[bytes]:
             async for events in tasks.follow_batches(task_id, after, write):
                 yield _sse(task_id, events, frames)
+            if runtime.feed.closing:  # ended by the stop, not by the task's end
+                yield RECONNECT
 
         return EventStream(stream(), writes)
 

@@ -132,7 +132,7 @@ class AsyncClient:
             reader = core.SseReader()
             try:
                 async for line in aiter_lines(response):
-                    follow.heard()
+                    follow.heard(line)
                     message = reader.line(line)
                     if message is not None:
                         follow.seen(message)

@@ -16,8 +16,9 @@ What is not a drop, and fails at once as before:
 
 A task's own stream ends after its ``task.finished``, and the service ends it only there: an
 answer that ends cleanly after other events was cut short (a proxy, a service that stopped),
-and is resumed. An answer that ends without any event is the end too (``after`` was at or
-past the task's last event).
+and is resumed. A service that stops ends its streams with SSE's ``retry:`` field, "come
+back": such an answer is resumed even when it carried no event. Any other answer that ends
+without an event is the end (``after`` was at or past the task's last event).
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ class Follow:
         self._followed = False
         #: Whether the current connection delivered an event.
         self._delivered = False
+        #: Whether the current connection asked to be opened again (``retry:``: a stop).
+        self._asked_back = False
         self._last_type: str | None = None
         #: Since when the stream is down (None: it is up).
         self._down_since: float | None = None
@@ -101,11 +104,15 @@ class Follow:
         """A connection answered with the stream."""
         self._followed = True
         self._delivered = False
+        self._asked_back = False
 
-    def heard(self) -> None:
-        """The connection delivered a line (an event's, or a heartbeat): the stream is up."""
+    def heard(self, line: str = "") -> None:
+        """The connection delivered ``line`` (an event's, or a heartbeat): the stream is up.
+        A ``retry:`` line is the service asking to be called again (it is stopping)."""
         self._down_since = None
         self._tries = 0
+        if line.startswith("retry:"):
+            self._asked_back = True
 
     def seen(self, message: SseMessage) -> None:
         """An event was handed to the caller: a resumed stream starts after it."""
@@ -119,7 +126,9 @@ class Follow:
         docstring); a stream without end never is."""
         if self._end is None:
             return False
-        return self._last_type == self._end or not self._delivered
+        if self._last_type == self._end:
+            return True
+        return not self._delivered and not self._asked_back
 
     def retry_in(self, failure: ClientError) -> float:
         """Seconds to wait before opening the stream again after ``failure`` (the stream

@@ -123,7 +123,7 @@ class Client:
             reader = core.SseReader()
             try:
                 for line in iter_lines(response):
-                    follow.heard()
+                    follow.heard(line)
                     message = reader.line(line)
                     if message is not None:
                         follow.seen(message)

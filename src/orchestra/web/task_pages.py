@@ -310,6 +310,8 @@ class TaskPages(Controller):
                     yield ServerSentEventMessage(
                         event="refresh", data=event.type, id=str(event.seq)
                     )
+            if runtime_of(request.scope).feed.closing:
+                return  # the service stops, the task goes on: the browser reconnects
             # Finished. One more refresh, always: a page that read its task running just
             # before it finished follows from its last event and is told nothing else, and a
             # page whose refresh failed tries again when its stream reconnects. (A finished
