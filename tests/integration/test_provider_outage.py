@@ -9,11 +9,16 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import httpx
 import msgspec
 import pytest
 
-from orchestra.config import FallbackSettings, Settings
+from orchestra.config import FallbackSettings, ProviderSettings, Settings
+from orchestra.errors import ProviderUnavailable
+from orchestra.llm.base import ChatMessage, ChatRequest, Health
+from orchestra.llm.router import Router, build_providers
 from tests.conftest import StartService, with_provider
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import free_port, wait_until
@@ -109,3 +114,33 @@ async def test_the_wait_ends_with_the_outage_window_and_a_server_never_seen_fail
         done = await svc.wait(task["id"], 30)
         assert done["status"] == "failed" and time.monotonic() - started < 10
     assert "waited" not in done["error"]["message"]
+
+
+async def test_a_chain_whose_embedded_model_failed_too_is_not_waited_for(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The embedded model's process may have died during the call (a prompt that crashes
+    it): its chain fails at once, as before, and the prompt is not sent again and again."""
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    chain = msgspec.structs.replace(
+        waiting(settings, nowhere, 30),
+        providers={
+            **settings.providers,
+            "ollama": ProviderSettings(kind="ollama", url=nowhere, timeout=5),
+            "embedded": ProviderSettings(
+                kind="embedded", model_path=str(tmp_path / "missing.gguf"), timeout=5
+            ),
+        },
+        models={"default": ["ollama/llama3.2", "embedded/missing"]},
+    )
+    async with httpx.AsyncClient() as client:
+        router = Router(build_providers(chain, client, {}), chain)
+        for name in ("ollama", "embedded"):  # both answered before
+            router.observe(name, Health(ok=True, detail="ok"))
+        request = ChatRequest("default", (ChatMessage("user", "hello"),))
+        started = time.monotonic()
+        with pytest.raises(ProviderUnavailable) as failed:
+            await asyncio.wait_for(router.chat(request), timeout=20)
+        assert time.monotonic() - started < 5 and router.waiting == 0
+        await router.close()
+    assert "does not exist" in failed.value.message and "waited" not in failed.value.message

@@ -13,7 +13,7 @@ lists the model (when it lists models at all). When a call finds nothing answeri
 missing, the entry is marked and the next one is tried at once; entries marked unavailable are
 still tried, last, so a stale mark never fails a task that could have run.
 
-When nothing of a chain answers at all, but one of its providers answered before (Ollama
+When no server of a chain answers at all, but one of them answered before (Ollama
 restarting, a model server being upgraded), the call waits for it to come back, trying again
 with a growing pause, for up to ``[fallback] outage_wait`` seconds, before it fails: the task
 holds its slot meanwhile and the rest of the queue waits queued, instead of every task of the
@@ -205,12 +205,17 @@ class Router:
             pause = min(pause * 2, OUTAGE_MAX_PAUSE)
 
     def _outage(self, failures: list[tuple[Route, ProviderError]]) -> bool:
-        """Whether a chain that failed so is worth waiting for: nothing answered at all, and
-        one of its providers answered before."""
+        """Whether a chain that failed so is worth waiting for: no server answered at all
+        (nothing was asked yet), and one of them answered before. Not when the embedded
+        model is among the failures: its process may have died during the call (a prompt
+        that crashes it must not be sent again and again), and it restarts on its own."""
         return (
             self.settings.fallback.outage_wait > 0
             and bool(failures)
-            and all(isinstance(exc, ProviderUnreachable) for _, exc in failures)
+            and all(
+                isinstance(exc, ProviderUnreachable) and route.provider.kind != "embedded"
+                for route, exc in failures
+            )
             and any(route.provider.name in self._answered for route, _ in failures)
         )
 
