@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
+import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
@@ -179,3 +182,8 @@ async def within_lease(running: Running, write: Callable[[], Awaitable[T]]) -> T
                 )
             await asyncio.sleep(pause)
             pause = min(pause * 2, WRITE_RETRY_CAP)
+
+
+def worker_id() -> str:
+    """A name for a process's pool that is unique across restarts: host:pid:random."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"

@@ -30,9 +30,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import heapq
-import os
-import secrets
-import socket
 import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine
 from datetime import datetime
@@ -54,7 +51,7 @@ from orchestra.domain import (
 )
 from orchestra.errors import LeaseLost, StorageError, TemplateNotFound
 from orchestra.runner import Runner, StepFailed
-from orchestra.running import LeasedRecorder, Running, StopReason, Writer, within_lease
+from orchestra.running import LeasedRecorder, Running, StopReason, Writer, within_lease, worker_id
 from orchestra.sizes import clip_message
 from orchestra.templating.model import Template
 from orchestra.templating.registry import TemplateRegistry
@@ -63,14 +60,11 @@ log = logs.get("orchestra.worker")
 
 #: Longest pause between claims while the database refuses writes, seconds.
 CLAIM_BACKOFF_CAP = 10.0
+#: Longest pause before a failed dispatcher is started again, seconds.
+DISPATCHER_RESTART_CAP = 10.0
 _CANCELLED = TaskError(type="cancelled", message="cancelled by request")
 
 T = TypeVar("T")
-
-
-def worker_id() -> str:
-    """A name for this process's pool that is unique across restarts: host:pid:random."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 class WorkerPool:
@@ -113,6 +107,8 @@ class WorkerPool:
         self._loops: set[asyncio.Task[None]] = set()
         #: The loop that claims (one of ``_loops``); a stop lets its claim in flight end.
         self._dispatcher: asyncio.Task[None] | None = None
+        self._dispatcher_started = 0.0
+        self._dispatcher_failures = 0
         #: Claims the database refused in a row (it backs off meanwhile).
         self._claim_failures = 0
         #: The last claim took every due task it could see, with room to spare: a task that
@@ -146,19 +142,29 @@ class WorkerPool:
         log.info("pool.started", owner=self.owner, concurrency=self.workers.concurrency)
 
     def _start_dispatcher(self) -> None:
+        if self._stopping.is_set():
+            return
         self._dispatcher = asyncio.create_task(self._dispatch(), name="orchestra-dispatcher")
+        self._dispatcher_started = asyncio.get_running_loop().time()
         self._loops.add(self._dispatcher)
         self._dispatcher.add_done_callback(self._dispatcher_ended)
 
     def _dispatcher_ended(self, ended: asyncio.Task[None]) -> None:
-        """A dispatcher that ended on an error (a bug) is logged and started again: without
-        it the process claims nothing, while its API and /health still answer."""
+        """A dispatcher that ended on an error (a bug) is logged and started again, after a
+        pause that doubles while it keeps failing at once (0.1 s up to 10 s): without it the
+        process claims nothing, while its API and /health still answer."""
         self._loops.discard(ended)
         if ended.cancelled() or ended.exception() is None or self._stopping.is_set():
             return
         error = ended.exception()
-        log.error("pool.dispatcher_failed", error=f"{type(error).__name__}: {error}")
-        self._start_dispatcher()
+        loop = asyncio.get_running_loop()
+        quick = loop.time() - self._dispatcher_started < DISPATCHER_RESTART_CAP
+        self._dispatcher_failures = self._dispatcher_failures + 1 if quick else 1
+        pause = min(0.1 * 2 ** (self._dispatcher_failures - 1), DISPATCHER_RESTART_CAP)
+        log.error(
+            "pool.dispatcher_failed", error=f"{type(error).__name__}: {error}", restart_in_s=pause
+        )
+        loop.call_later(pause, self._start_dispatcher)
 
     def notify(self) -> None:
         """Work may be due: claim now instead of at the next poll."""

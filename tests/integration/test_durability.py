@@ -4,6 +4,7 @@ limits, fencing and retention — against the fake model server over real HTTP."
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -520,20 +521,22 @@ async def test_a_task_that_cannot_be_started_leaves_the_pool_claiming(
 async def test_a_dispatcher_that_fails_is_started_again(
     svc: Service, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An error in the claiming loop itself (a bug) is logged and the loop starts again; it
-    had ended, and the process claimed nothing more while /health said ok."""
+    """An error in the claiming loop itself (a bug) is logged and the loop starts again, after
+    a pause that doubles while it keeps failing (no spinning); it had ended, and the process
+    claimed nothing more while /health said ok."""
     pool = svc.app.runtime.pool
     plan = pool.capacity.next_claim
-    failed: list[bool] = []
+    failed_at: list[float] = []
 
-    def fails_once(running: Any) -> Any:
-        if not failed:
-            failed.append(True)
+    def fails_three_times(running: Any) -> Any:
+        if len(failed_at) < 3:
+            failed_at.append(time.monotonic())
             raise RuntimeError("a bug in planning a claim")
         return plan(running)
 
-    monkeypatch.setattr(pool.capacity, "next_claim", fails_once)
+    monkeypatch.setattr(pool.capacity, "next_claim", fails_three_times)
     pool.notify()
-    await wait_until(lambda: failed, timeout=10)
-    task = await svc.submit("summarize", text="after the failure")
+    await wait_until(lambda: len(failed_at) == 3, timeout=10)
+    assert failed_at[2] - failed_at[0] >= 0.1 + 0.2 - 0.02  # restarted after 0.1 s, then 0.2 s
+    task = await svc.submit("summarize", text="after the failures")
     assert (await svc.wait(task["id"]))["status"] == "succeeded"
