@@ -79,12 +79,27 @@ def _key_store_call(config_path: str | None, work: Callable[[KeyStore], Awaitabl
 
     from orchestra.db.engine import Database
     from orchestra.db.keys import KeyStore
-    from orchestra.db.schema import upgrade
+    from orchestra.db.schema import LATEST
+    from orchestra.db.strangers import recorded_version
 
     async def run() -> T:
         db = Database(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
         try:
-            await upgrade(db)
+            # Never migrated here: a wrong database.url must not get Orchestra's schema, and
+            # a newer CLI must not upgrade the database under an older running service.
+            version = await recorded_version(db)
+            if version == 0:
+                raise CliError(
+                    f"{where} holds no Orchestra database yet: 'orchestra serve' makes it on "
+                    "its first start (or name the service's database with --config FILE or "
+                    "ORCHESTRA_DATABASE__URL)"
+                )
+            if version != LATEST:
+                raise CliError(
+                    f"{where} is at schema version {version}, and this orchestra works on "
+                    f"version {LATEST}: use the keys commands of the service's own version "
+                    "(this version's 'orchestra serve' migrates it)"
+                )
             return await work(KeyStore(db))
         finally:
             await db.close()

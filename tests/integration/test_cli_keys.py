@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -102,3 +103,22 @@ async def test_keys_work_on_the_services_database_and_say_which(
         assert code == 5 and f"key {key_id} (ci) was revoked already, at " in err, err
     code, _, err = await keys_cli("revoke", "nope", cwd=tmp_path, env=env)
     assert code == 5 and "no key with id or name 'nope'" in err
+
+
+async def test_keys_commands_never_migrate_a_database(tmp_path: Path) -> None:
+    """A file that holds no Orchestra schema (empty, or another program's) and a database at
+    an older version are refused as they are: never given Orchestra's tables, never upgraded
+    under the service that runs on them."""
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).close()
+    older = tmp_path / "older.db"
+    with sqlite3.connect(older) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TEXT)")
+        conn.execute("INSERT INTO schema_version VALUES (1, '2026-01-01T00:00:00Z')")
+    for path, said in ((empty, "holds no Orchestra database yet"), (older, "schema version 1")):
+        env = {"ORCHESTRA_DATABASE__URL": f"sqlite+aiosqlite:///{path}"}
+        code, out, err = await keys_cli("create", "--name", "ci", cwd=tmp_path, env=env)
+        assert (code, out) == (1, "") and said in err, err
+        with sqlite3.connect(path) as conn:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        assert "api_keys" not in tables and "tasks" not in tables, tables

@@ -1,4 +1,6 @@
-"""Tables a database held before Orchestra first migrated it: another program's.
+"""What a database holds besides Orchestra's schema: another program's tables, which a first
+migration refuses; and the schema version recorded, read without writing anything (for the
+commands that must not migrate a database, as the keys commands).
 
 A first start on a database that is not empty would mix Orchestra's tables in with another
 program's (on SQLite, whose file is meant to be Orchestra's alone), or fail on a table name
@@ -8,9 +10,10 @@ with the tables named.
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, inspect
+from sqlalchemy import Connection, func, inspect, select
 
-from orchestra.db.tables import metadata
+from orchestra.db.engine import Database
+from orchestra.db.tables import metadata, schema_version
 
 #: What Orchestra's own migrations make besides its tables.
 _OWN = {"schema_version", "sqlite_sequence", "sqlite_stat1", "sqlite_stat4"}
@@ -36,3 +39,13 @@ def refusal(conn: Connection, where: str) -> str | None:
         f"{where}: the file holds tables that are not Orchestra's ({names}); Orchestra keeps "
         "a database file of its own: name a new file in database.url"
     )
+
+
+async def recorded_version(db: Database) -> int:
+    """The schema version recorded in ``db`` (0: none, not an Orchestra database yet), read
+    without creating or changing anything."""
+    async with db.read() as conn:
+        if not await conn.run_sync(lambda c: inspect(c).has_table("schema_version")):
+            return 0
+        found = await conn.execute(select(func.max(schema_version.c.version)))
+        return int(found.scalar() or 0)
