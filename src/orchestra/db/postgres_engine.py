@@ -30,6 +30,7 @@ import asyncio
 import os
 import random
 import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection
@@ -136,6 +137,7 @@ class PostgresDatabase(Database):
             connect_args=connect_args(url),
         )
         self._threads = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="orchestra-pg")
+        self._replacing = threading.Lock()
         self.writes = WriteHealth()
         self.on_recovered = None
         self.reads_handed_off = 0
@@ -197,32 +199,46 @@ class PostgresDatabase(Database):
             raise error from exc
 
     def _read_raw(self, read: Callable[[Any], T]) -> T:
-        raw: psycopg.Connection[Any] | None = None
-        try:
-            with self._engine.connect() as conn:
-                raw = conn.connection.driver_connection
-                assert raw is not None
-                # Autocommit, as SQLite's read_now: each statement its own snapshot, and no
-                # BEGIN and COMMIT around it (two round trips of three). Nor a ROLLBACK, at
-                # which psycopg forgets every statement it prepared on the connection: the
-                # writes that share these connections were parsed and planned again each
-                # time (the idle round trip: 20 ms -> 13 ms).
-                raw.autocommit = True
-                try:
-                    return read(raw)
-                finally:
-                    _back_to_transactions(conn, raw)
-        except Exception as exc:
-            if raw is not None and raw.broken:
-                # The server went away (a restart): every pooled connection opened before is
-                # as dead. SQLAlchemy replaces them all when its own statement meets this;
-                # a read on the driver's connection is not its statement, so say it here, or
-                # each pooled connection fails one request of its own first.
+        """``read`` on a pooled connection in autocommit. A connection found dead (the server
+        restarted) has the pool replaced, and the read (which changes nothing) is tried once
+        more on a new connection."""
+        for attempt in (1, 2):
+            pool = self._engine.pool
+            raw: psycopg.Connection[Any] | None = None
+            try:
+                with self._engine.connect() as conn:
+                    raw = conn.connection.driver_connection
+                    assert raw is not None
+                    # Autocommit, as SQLite's read_now: each statement its own snapshot, and
+                    # no BEGIN and COMMIT around it (two round trips of three). Nor a ROLLBACK,
+                    # at which psycopg forgets every statement it prepared on the connection:
+                    # the writes that share these connections were parsed and planned again
+                    # each time (the idle round trip: 20 ms -> 13 ms).
+                    raw.autocommit = True
+                    try:
+                        return read(raw)
+                    finally:
+                        _back_to_transactions(conn, raw)
+            except Exception as exc:
+                broken = raw is not None and raw.broken
+                if broken:
+                    self._replace_pool(pool)
+                    if attempt == 1:
+                        continue
+                error = storage_error(exc, self.where)
+                if error is None:
+                    raise
+                raise error from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _replace_pool(self, pool: Any) -> None:
+        """The server went away (a restart): every connection ``pool`` opened before is as
+        dead. SQLAlchemy replaces them all when its own statement meets this; a read on the
+        driver's connection is not its statement, so it is said here, once however many
+        threads find out together (only while ``pool`` is still the engine's)."""
+        with self._replacing:
+            if self._engine.pool is pool:
                 self._engine.dispose()
-            error = storage_error(exc, self.where)
-            if error is None:
-                raise
-            raise error from exc
 
     async def read_now(self, read: Callable[[Any], T]) -> T:
         """Run ``read(psycopg_connection)`` on a writer thread's connection, in autocommit:
