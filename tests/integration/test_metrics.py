@@ -368,6 +368,8 @@ async def test_a_scrape_has_no_created_series_and_is_gzipped_when_asked(
     assert plain.status_code == 200 and "content-encoding" not in plain.headers
     assert "orchestra_tasks_submitted_total" in plain.text
     assert "_created" not in plain.text
+    refused = await service.client.get("/metrics", headers={"accept-encoding": "gzip;q=0"})
+    assert "content-encoding" not in refused.headers
     packed = await service.client.get("/metrics", headers={"accept-encoding": "gzip"})
     assert packed.headers["content-encoding"] == "gzip"
     assert int(packed.headers["content-length"]) < len(plain.content) / 3

@@ -43,8 +43,24 @@ async def scrape(request: Request[Any, Any, Any]) -> Response[bytes]:
         counts = None
     providers = [(s.name, s.kind, s.available) for s in runtime.router.states()]
     body = metrics.exposition(counts, providers)
-    if "gzip" in request.headers.get("accept-encoding", ""):  # Prometheus asks for it
+    if _accepts_gzip(request.headers.get("accept-encoding", "")):  # Prometheus asks for it
         packed = gzip.compress(body, compresslevel=6)
         headers = {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
         return Response(packed, media_type=metrics.CONTENT_TYPE, headers=headers)
     return Response(body, media_type=metrics.CONTENT_TYPE, headers={"Vary": "Accept-Encoding"})
+
+
+def _accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding names gzip, and not with ``q=0``."""
+    for part in accept_encoding.lower().split(","):
+        coding, _, params = part.partition(";")
+        if coding.strip() != "gzip":
+            continue
+        quality = params.strip()
+        if not quality.startswith("q="):
+            return True
+        try:
+            return float(quality[2:]) > 0
+        except ValueError:
+            return True
+    return False

@@ -78,13 +78,15 @@ CONNECT_TIMEOUT = 10
 
 
 def connect_args(url: str) -> dict[str, Any]:
-    """psycopg's connection settings the URL leaves out: a connect timeout, and a name that
-    tells this process's connections apart in ``pg_stat_activity`` (``orchestra host:pid``)."""
+    """psycopg's connection settings the URL (and libpq's environment) leave out: a connect
+    timeout, and a name that tells this process's connections apart in ``pg_stat_activity``
+    (``orchestra host:pid``)."""
     query = make_url(url).query
     args: dict[str, Any] = {}
-    if "connect_timeout" not in query:
+    # libpq's own environment variables (PGCONNECT_TIMEOUT, PGAPPNAME) say it too.
+    if "connect_timeout" not in query and not os.environ.get("PGCONNECT_TIMEOUT"):
         args["connect_timeout"] = CONNECT_TIMEOUT
-    if "application_name" not in query:
+    if "application_name" not in query and not os.environ.get("PGAPPNAME"):
         args["application_name"] = f"orchestra {socket.gethostname()}:{os.getpid()}"[:63]
     return args
 
