@@ -16,7 +16,14 @@ from tests.fixtures.servers import free_port, start_process, wait_until, write_c
 REPO = Path(__file__).resolve().parents[2]
 
 
-async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+async def run_cli(
+    *args: str, env: dict[str, str] | None = None, key: str | None = None
+) -> tuple[int, str, str]:
+    """``orchestra ARGS``: its exit code, stdout and stderr; ``key`` as ORCHESTRA_API_KEY
+    (none by default, whatever the caller's environment says)."""
+    base = {k: v for k, v in os.environ.items() if k != "ORCHESTRA_API_KEY"}
+    if key is not None:
+        base["ORCHESTRA_API_KEY"] = key
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -24,7 +31,7 @@ async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, s
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
+        env={**base, **(env or {})},
     )
     out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
     assert proc.returncode is not None

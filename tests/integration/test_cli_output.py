@@ -6,38 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 from tests.conftest import Service, StartService, make_keys, make_settings
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import wait_until
+from tests.integration.test_cli import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 #: Nothing listens here.
 NOWHERE = "http://127.0.0.1:9"
-
-
-async def run_cli(*args: str, key: str | None = None) -> tuple[int, str, str]:
-    """``orchestra ARGS`` with ``key`` as ORCHESTRA_API_KEY (none by default)."""
-    env = {k: v for k, v in os.environ.items() if k != "ORCHESTRA_API_KEY"}
-    if key is not None:
-        env["ORCHESTRA_API_KEY"] = key
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "orchestra",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_submit_prints_the_id_alone_on_stdout_and_with_json_the_task(
