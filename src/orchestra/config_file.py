@@ -22,7 +22,6 @@ from orchestra.config import (
     DEFAULT_PROVIDERS,
     ENV_PREFIX,
     ModelSettings,
-    ProviderKind,
     ProviderSettings,
     Settings,
 )
@@ -37,7 +36,9 @@ _NAMED_TABLES: dict[str, Any] = {
 _AT = re.compile(r"^(?P<what>.*?)(?: - at `\$\.?(?P<path>[^`]*)`)?$", re.DOTALL)
 
 
-def _describe(err: msgspec.ValidationError, data: Mapping[str, Any]) -> tuple[str, str]:
+def _describe(
+    err: msgspec.ValidationError, data: Mapping[str, Any], root: Any = Settings
+) -> tuple[str, str]:
     """Split msgspec's 'Expected `int`, got `str` - at `$.server.port`' into (key, reason)."""
     m = _AT.match(str(err))
     assert m is not None  # the pattern matches any string
@@ -51,14 +52,14 @@ def _describe(err: msgspec.ValidationError, data: Mapping[str, Any]) -> tuple[st
             try:
                 msgspec.convert(entry, entry_type)
             except msgspec.ValidationError as exc:
-                key, reason = _describe(exc, {})
+                key, reason = _describe(exc, {}, entry_type)
                 return f"{table}.{name}" + (f".{key}" if key != "(top level)" else ""), reason
     unknown = re.match(r"Object contains unknown field (\S+)", what)
     if unknown:
         key = ".".join(p for p in (path, unknown.group(1)) if p)
         return key, "unknown setting"
     if what.startswith("Invalid enum value"):
-        choices = get_args(ProviderKind) if path.endswith("kind") else _choices(path)
+        choices = _choices(path, root)
         if choices:
             return path, f"{what[0].lower()}{what[1:]} (expected one of {', '.join(choices)})"
     missing = re.match(r"Object missing required field (\S+)", what)
@@ -67,10 +68,11 @@ def _describe(err: msgspec.ValidationError, data: Mapping[str, Any]) -> tuple[st
     return path or "(top level)", what[0].lower() + what[1:] if what else "invalid value"
 
 
-def _choices(path: str) -> tuple[str, ...]:
-    """The words a setting such as ``logging.level`` takes (its ``Literal``); () if it is not
-    one (or the path leads nowhere)."""
-    kind: Any = Settings
+def _choices(path: str, root: Any) -> tuple[str, ...]:
+    """The words a setting at ``path`` in ``root`` (the settings, or an entry of a named
+    table: a provider's ``kind``) takes, its ``Literal``; () if it is not one (or the path
+    leads nowhere)."""
+    kind: Any = root
     for part in path.split("."):
         if not (isinstance(kind, type) and issubclass(kind, msgspec.Struct)):
             return ()

@@ -113,12 +113,14 @@ class PostgresDatabase(Database):
         # No pre-ping: it cost a round trip (0.3 ms of CPU) on every checkout. A connection
         # that died meanwhile (PostgreSQL restarted) fails its one operation, which reports a
         # StorageError, and SQLAlchemy then replaces every pooled connection opened before.
+        #: What the URL leaves out (:func:`connect_args`), for every connection of the process.
+        self._connect_args = connect_args(url)
         self._engine = create_engine(
             url,
             pool_size=WRITERS,
             max_overflow=0,
             pool_timeout=60,
-            connect_args=connect_args(url),
+            connect_args=self._connect_args,
         )
         #: This process's mark on the notifications it sends (:mod:`~orchestra.db.notices`).
         self.token = uuid.uuid4().hex[:12]
@@ -136,7 +138,7 @@ class PostgresDatabase(Database):
             max_overflow=0,
             pool_timeout=60,
             isolation_level="REPEATABLE READ",
-            connect_args=connect_args(url),
+            connect_args=self._connect_args,
         )
         self._threads = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="orchestra-pg")
         self._replacing = threading.Lock()
@@ -263,7 +265,7 @@ class PostgresDatabase(Database):
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                    conninfo(self.url), autocommit=True, **connect_args(self.url)
+                    conninfo(self.url), autocommit=True, **self._connect_args
                 ) as conn:
                     for channel in notices.CHANNELS:
                         await conn.execute(f"LISTEN {channel}")

@@ -190,12 +190,11 @@ class Router:
             error = _combined(model, failures)
             if not self._outage(failures):
                 raise error
-            now = loop.time()
+            now, wait = loop.time(), self.settings.fallback.outage_wait
             if deadline is None:
-                deadline = now + self.settings.fallback.outage_wait
-                log.warning("provider.waiting", model=model, seconds=deadline - now, error=error)
+                deadline = now + wait
+                log.warning("provider.waiting", model=model, seconds=wait, error=error)
             if now >= deadline:
-                wait = self.settings.fallback.outage_wait
                 raise ProviderUnavailable(f"{error.message} (waited {wait:g}s for it to answer)")
             self.waiting += 1
             try:
