@@ -204,6 +204,8 @@ async def test_task_timeout_from_the_request(svc: Service, fake_ollama: FakeOlla
     [step] = done["steps"]
     assert step["status"] == "failed" and step["finished_at"] is not None
     assert step["error"]["type"] == "timeout"
+    # It ran until the timeout, and says for how long, as a step that ends itself does.
+    assert 300 <= step["duration_ms"] < 5000
     await wait_until(lambda: fake_ollama.disconnects == 1)
 
 

@@ -19,6 +19,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Integer,
+    Text,
     and_,
     bindparam,
     case,
@@ -32,6 +33,7 @@ from sqlalchemy import (
 )
 
 from orchestra.db import events, guards
+from orchestra.db.portable import elapsed_ms
 from orchestra.db.prepared import Prepared
 from orchestra.db.rows import dump, task_from_row
 from orchestra.db.tables import task_attempts, task_steps, tasks
@@ -407,7 +409,10 @@ CLOSE_STEPS = Prepared(
         task_steps.c.status == StepStatus.RUNNING.value,
     )
     .values(
-        status=StepStatus.FAILED.value, error=bindparam("v_error"), finished_at=bindparam("v_at")
+        status=StepStatus.FAILED.value,
+        error=bindparam("v_error"),
+        finished_at=bindparam("v_at"),
+        duration_ms=elapsed_ms(task_steps.c.started_at, bindparam("v_at", type_=Text())),
     )
 )
 

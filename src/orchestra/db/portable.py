@@ -1,13 +1,13 @@
 """SQL that says the same on SQLite and PostgreSQL where their words differ: index hints
-(SQLite's alone), case-insensitive LIKE (SQLite's LIKE is, PostgreSQL's ILIKE is), and the
-column types of the migrations' DDL."""
+(SQLite's alone), case-insensitive LIKE (SQLite's LIKE is, PostgreSQL's ILIKE is), the time
+between two stored times, and the column types of the migrations' DDL."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
 
-from sqlalchemy import ColumnElement, Text, literal
+from sqlalchemy import ColumnElement, Float, Text, literal
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ColumnElement as _ColumnElement
@@ -109,6 +109,40 @@ def _greatest_sqlite(element: _Greatest, compiler: SQLCompiler, **kw: Any) -> st
 def greatest(left: ColumnElement[Any], right: ColumnElement[Any]) -> ColumnElement[Any]:
     """The larger of two values (SQLite's two-argument ``max``, PostgreSQL's ``GREATEST``)."""
     return _Greatest(left, right)
+
+
+class _ElapsedMs(_ColumnElement[Any]):
+    inherit_cache = True
+    _traverse_internals = [
+        ("start", InternalTraversal.dp_clauseelement),
+        ("end", InternalTraversal.dp_clauseelement),
+    ]
+
+    def __init__(self, start: ColumnElement[Any], end: ColumnElement[Any]) -> None:
+        self.start = start
+        self.end = end
+        self.type = Float()
+
+
+@compiles(_ElapsedMs)
+def _elapsed_default(element: _ElapsedMs, compiler: SQLCompiler, **kw: Any) -> str:
+    start, end = compiler.process(element.start, **kw), compiler.process(element.end, **kw)
+    return (
+        f"round(CAST(EXTRACT(EPOCH FROM (CAST({end} AS timestamptz)"
+        f" - CAST({start} AS timestamptz))) * 1000 AS numeric), 3)"
+    )
+
+
+@compiles(_ElapsedMs, "sqlite")
+def _elapsed_sqlite(element: _ElapsedMs, compiler: SQLCompiler, **kw: Any) -> str:
+    start, end = compiler.process(element.start, **kw), compiler.process(element.end, **kw)
+    return f"round((julianday({end}) - julianday({start})) * 86400000.0, 3)"
+
+
+def elapsed_ms(start: ColumnElement[Any], end: ColumnElement[Any]) -> ColumnElement[Any]:
+    """Milliseconds from ``start`` to ``end``, two stored times (ISO-8601 text); NULL when
+    either is."""
+    return _ElapsedMs(start, end)
 
 
 #: SQLite's words and PostgreSQL's, for the types that differ. SQLite's INTEGER is 64 bits;
