@@ -83,7 +83,7 @@ def _key_store_call(config_path: str | None, work: Callable[[KeyStore], Awaitabl
     from orchestra.db.strangers import recorded_version
 
     async def run() -> T:
-        db = Database(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
+        db = Database(settings.database.url, **settings.database.engine_options())
         try:
             # Never migrated here: a wrong database.url must not get Orchestra's schema, and
             # a newer CLI must not upgrade the database under an older running service.

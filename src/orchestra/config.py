@@ -58,6 +58,16 @@ class DatabaseSettings(_Section, frozen=True):
     #: Below this much free space on the database's disk, a warning is logged every minute
     #: and /health says "low disk"; 0: no warning.
     min_free_mb: float = 100.0
+    #: PostgreSQL: let psycopg prepare the statements a connection runs often. Off for
+    #: pgbouncer in transaction mode before 1.21, which cannot keep them.
+    prepared_statements: bool = True
+
+    def engine_options(self) -> dict[str, Any]:
+        """The options :class:`~orchestra.db.engine.Database` takes from these settings."""
+        return {
+            "busy_timeout_ms": self.busy_timeout_ms,
+            "prepared_statements": self.prepared_statements,
+        }
 
 
 class WorkerSettings(_Section, frozen=True):

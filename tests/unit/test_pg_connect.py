@@ -1,12 +1,15 @@
-"""PostgreSQL connection settings the URL leaves out."""
+"""PostgreSQL connection settings the URL leaves out, and failures of prepared statements."""
 
 from __future__ import annotations
 
 import os
 
+import psycopg
 import pytest
 
+from orchestra.db.pg_failures import storage_error
 from orchestra.db.postgres_engine import CONNECT_TIMEOUT, connect_args
+from orchestra.errors import StorageUnavailable
 
 
 def test_a_connect_timeout_and_a_name_are_added_unless_the_url_says(
@@ -26,3 +29,29 @@ def test_libpqs_environment_is_left_to_say_it(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("PGCONNECT_TIMEOUT", "3")
     monkeypatch.setenv("PGAPPNAME", "mine")
     assert connect_args("postgresql+psycopg://orchestra@db.example/orch") == {}
+
+
+def test_without_prepared_statements_psycopg_prepares_none() -> None:
+    args = connect_args("postgresql+psycopg://o@db/orch", prepared_statements=False)
+    assert "prepare_threshold" in args and args["prepare_threshold"] is None
+    assert "prepare_threshold" not in connect_args("postgresql+psycopg://o@db/orch")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        psycopg.errors.InvalidSqlStatementName('prepared statement "_pg3_0" does not exist'),
+        psycopg.errors.DuplicatePreparedStatement('prepared statement "_pg3_3" already exists'),
+        psycopg.errors.ProtocolViolation(
+            'bind message supplies 19 parameters, but prepared statement "_pg3_2" requires 5'
+        ),
+    ],
+)
+def test_a_lost_prepared_statement_is_unavailable_storage_naming_the_setting(
+    error: psycopg.Error,
+) -> None:
+    """What pgbouncer in transaction mode (before 1.21) does to prepared statements: a 503
+    that says which setting helps, not an internal error."""
+    found = storage_error(error, "db")
+    assert isinstance(found, StorageUnavailable)
+    assert "prepared_statements = false" in found.message and "_pg3_" in found.message

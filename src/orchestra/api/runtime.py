@@ -354,7 +354,7 @@ def _open(settings: Settings) -> Database:
     """
     url = settings.database.url
     try:
-        return Database(url, busy_timeout_ms=settings.database.busy_timeout_ms)
+        return Database(url, **settings.database.engine_options())
     except OSError as exc:
         raise ConfigError(f"database.url: cannot open {url}: {exc}") from None
 

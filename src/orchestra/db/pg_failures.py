@@ -19,6 +19,12 @@ from orchestra.errors import StorageError, StorageFull, StorageLocked, StorageUn
 RETRY = {"40001", "40P01", "23505"}
 
 
+#: A prepared statement missing on the server connection, or already there (or, a protocol
+#: violation, there with other parameters): what a pooler that moves a client between server
+#: connections (pgbouncer in transaction mode) causes.
+_PREPARED = {"26000", "42P05"}
+
+
 def _psycopg_error(exc: BaseException) -> psycopg.Error | None:
     seen: BaseException | None = exc
     while seen is not None and not isinstance(seen, psycopg.Error):
@@ -44,6 +50,11 @@ def storage_error(exc: BaseException, where: str) -> StorageError | None:
         return StorageFull(f"the database server's disk is full ({where}); free space and retry")
     if state in ("55P03", "57014"):  # lock not available, statement timeout
         return StorageLocked(f"the database ({where}) is busy: {detail}; retry shortly")
+    if state in _PREPARED or (state == "08P01" and "prepared statement" in detail):
+        return StorageUnavailable(
+            f"the database ({where}) lost a prepared statement: {detail}. Behind pgbouncer "
+            "in transaction mode before 1.21, set [database] prepared_statements = false"
+        )
     if state == "25006":
         return StorageUnavailable(f"the database ({where}) is read-only: {detail}")
     if isinstance(found, psycopg.OperationalError) or state.startswith(

@@ -77,12 +77,14 @@ def conninfo(url: str) -> str:
 CONNECT_TIMEOUT = 10
 
 
-def connect_args(url: str) -> dict[str, Any]:
+def connect_args(url: str, *, prepared_statements: bool = True) -> dict[str, Any]:
     """psycopg's connection settings the URL (and libpq's environment) leave out: a connect
     timeout, and a name that tells this process's connections apart in ``pg_stat_activity``
-    (``orchestra host:pid``)."""
+    (``orchestra host:pid``). Without ``prepared_statements``, psycopg prepares none (for
+    pgbouncer in transaction mode before 1.21, where a prepared statement stays on whichever
+    server connection ran it: "prepared statement "_pg3_0" does not exist")."""
     query = make_url(url).query
-    args: dict[str, Any] = {}
+    args: dict[str, Any] = {} if prepared_statements else {"prepare_threshold": None}
     # libpq's own environment variables (PGCONNECT_TIMEOUT, PGAPPNAME) say it too.
     if "connect_timeout" not in query and not os.environ.get("PGCONNECT_TIMEOUT"):
         args["connect_timeout"] = CONNECT_TIMEOUT
@@ -107,14 +109,14 @@ class PostgresDatabase(Database):
     dialect = POSTGRESQL
     notifies = True
 
-    def __init__(self, url: str, **_options: Any) -> None:
+    def __init__(self, url: str, *, prepared_statements: bool = True, **_options: Any) -> None:
         super().__init__(url)
         self.path = None
         # No pre-ping: it cost a round trip (0.3 ms of CPU) on every checkout. A connection
         # that died meanwhile (PostgreSQL restarted) fails its one operation, which reports a
         # StorageError, and SQLAlchemy then replaces every pooled connection opened before.
         #: What the URL leaves out (:func:`connect_args`), for every connection of the process.
-        self._connect_args = connect_args(url)
+        self._connect_args = connect_args(url, prepared_statements=prepared_statements)
         self._engine = create_engine(
             url,
             pool_size=WRITERS,
