@@ -31,6 +31,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from prometheus_client import (
@@ -354,6 +355,25 @@ def exposition(
 # -- several processes (the supervisor) ----------------------------------------------------------
 
 
+#: The shared directories' names: the prefix, the supervisor's pid, a random part.
+_SHARED_PREFIX = "orchestra-metrics-"
+
+
+def _remove_orphans(parent: str) -> None:
+    """Remove this user's shared directories in ``parent`` whose supervisor is gone (killed
+    before its undo ran: SIGKILL, a power cut)."""
+    for found in Path(parent).glob(f"{_SHARED_PREFIX}*-*"):
+        owner = found.name[len(_SHARED_PREFIX) :].split("-", 1)[0]
+        try:
+            if not owner.isdigit() or found.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(owner), 0)
+        except ProcessLookupError:  # no such process: an orphan
+            shutil.rmtree(found, ignore_errors=True)
+        except OSError:  # alive (another user's: PermissionError), or gone meanwhile
+            continue
+
+
 def share_between_processes() -> Callable[[], None]:
     """Give the processes this one starts a fresh directory for their metrics (the variable
     :data:`MULTIPROC_ENV`, which they inherit), below the one it names already if set; returns
@@ -363,7 +383,9 @@ def share_between_processes() -> Callable[[], None]:
     when first imported in a process, from this variable.
     """
     before = os.environ.get(MULTIPROC_ENV)
-    folder = tempfile.mkdtemp(prefix="orchestra-metrics-", dir=before or None)
+    parent = before or tempfile.gettempdir()
+    _remove_orphans(parent)
+    folder = tempfile.mkdtemp(prefix=f"{_SHARED_PREFIX}{os.getpid()}-", dir=parent)
     os.environ[MULTIPROC_ENV] = folder
 
     def undo() -> None:
