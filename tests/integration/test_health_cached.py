@@ -74,6 +74,9 @@ async def test_a_database_that_stops_answering_is_reported_down_within_seconds(
 
     await wait_until(reported, timeout=DATABASE_CHECK_SECONDS + 5, interval=0.05)
     assert down["status"] == "down" and down["database"].startswith("error: ")
+    # Uptime monitors that ask with HEAD get the same status, without a body.
+    headed = await service.client.head("/health")
+    assert headed.status_code == 503 and headed.content == b""
     # A liveness probe's question is whether the process answers: yes, saying the state.
     live = await service.client.get("/health", params={"probe": "live"})
     assert live.status_code == 200 and live.json()["status"] == "down"
@@ -84,3 +87,4 @@ async def test_a_database_that_stops_answering_is_reported_down_within_seconds(
         return (await service.client.get("/health")).status_code == 200
 
     await wait_until(recovered, timeout=DATABASE_CHECK_SECONDS + 5, interval=0.05)
+    assert (await service.client.head("/api/v1/health")).status_code == 200

@@ -33,7 +33,7 @@ from orchestra.api import auth
 from orchestra.api.batches import BatchController
 from orchestra.api.errors import HANDLERS
 from orchestra.api.events import EventController
-from orchestra.api.health import health, models
+from orchestra.api.health import health, health_head, models
 from orchestra.api.metrics import open_paths, scrape
 from orchestra.api.openapi import refine_when_built
 from orchestra.api.runtime import Runtime, ShowKey
@@ -208,7 +208,14 @@ def _shared(surface: Surface) -> Litestar:
 def _build(surface: Surface) -> Litestar:
     if not surface.api:
         return _workers_only(surface)
-    handlers: list[Any] = [TaskController, EventController, TemplateController, health, models]
+    handlers: list[Any] = [
+        TaskController,
+        EventController,
+        TemplateController,
+        health,
+        health_head,
+        models,
+    ]
     handlers.append(WebhookController)
     handlers.append(ScheduleController)
     handlers.append(BatchController)
@@ -268,7 +275,7 @@ def _workers_only(surface: Surface) -> Litestar:
     workers): it answers /health (for a container's probes), /metrics (what monitoring
     scrapes) and, on any other path, a JSON 404 saying that this process serves no API."""
     return _Litestar(
-        route_handlers=[health, scrape] if surface.metrics else [health],
+        route_handlers=[health, health_head, scrape] if surface.metrics else [health, health_head],
         middleware=auth.middleware(surface.auth, surface.unchecked),
         exception_handlers={**HANDLERS, NotFoundException: _not_here},
         openapi_config=None,

@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from litestar import Request, Response, get
+from litestar import Request, Response, get, head
 from litestar.di import NamedDependency
 from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
@@ -174,6 +174,15 @@ async def health(
     )
     up = database.readable or probe == "live"
     return Response(body, status_code=200 if up else 503)
+
+
+@head(["/health", "/api/v1/health"], tags=["health"], summary="Health, headers only")
+async def health_head(request: Request[Any, Any, Any], probe: Probe = None) -> Response[None]:
+    """The status code of ``GET /health`` without its body, for uptime monitors that ask
+    with HEAD: 200 while the database answers reads (or ``?probe=live``), else 503."""
+    database = await _database_check(runtime_of(request.scope)).state(now=False)
+    up = database.readable or probe == "live"
+    return Response(None, status_code=200 if up else 503)
 
 
 @get(
