@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import click
 
 from orchestra.cli_common import client_for, config_option, say_none, to_json, url_option
-from orchestra.domain import TaskStatus
+from orchestra.domain import TaskStatus, iso_now
 
 if TYPE_CHECKING:
     from orchestra.wire.events import TaskEvent
@@ -26,6 +26,8 @@ def tasks() -> None:
 def _task_line(t: TaskSummaryOut) -> str:
     took = f"{t.duration_ms / 1000:.2f}s" if t.duration_ms is not None else "-"
     line = f"{t.id:<6} {t.status:<9} {t.template} v{t.template_version:<4} {t.created_at}  {took}"
+    if t.next_run_at is not None and t.next_run_at > iso_now():
+        line += f"  due {t.next_run_at}"  # delayed, or waiting for its retry
     if t.error is not None:
         line += f"  {t.error.type}: {t.error.message}"
     return line
@@ -49,7 +51,8 @@ def tasks_list(
     config_path: str | None,
 ) -> None:
     """The newest tasks, newest first: id, status, template and version, created, how long
-    the last attempt took, and the error of a failed one."""
+    the last attempt took, when a delayed (or retrying) task is due, and the error of a
+    failed one."""
     with client_for(url, config_path) as client:
         listed = client.list_tasks(status=status, template=template, page_size=min(limit, PAGE))
         shown = list(itertools.islice(listed, limit + 1))

@@ -223,6 +223,17 @@ async def test_tasks_list_filters_and_limits_and_tasks_events_follows_a_task(
     code, _, err = await run_cli("tasks", "list", "--status", "done", "--url", service.url)
     assert code == 2 and "'done' is not one of" in err
 
+    # A delayed task says when it is due, in the listing and in the CLI's line.
+    later = await service.client.post(
+        "/api/v1/tasks", json={"template": "summarize", "params": {"text": "t4"}, "delay": 3600}
+    )
+    due = later.json()["next_run_at"]
+    listed = (await service.client.get("/api/v1/tasks", params={"limit": 2})).json()["items"]
+    assert [t["next_run_at"] for t in listed] == [due, None]
+    code, out, _ = await run_cli("tasks", "list", "--limit", "1", "--url", service.url)
+    assert code == 0 and f"queued    summarize v1    {later.json()['created_at']}" in out
+    assert f"due {due}" in out, out
+
     code, out, _ = await run_cli("tasks", "events", "1", "--json", "--url", service.url)
     events = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and [e["seq"] for e in events] == list(range(1, len(events) + 1))

@@ -213,6 +213,9 @@ class TaskSummaryOut(msgspec.Struct, frozen=True):
     finished_at: str | None
     #: From the current attempt's start to the task's end; null until it has both.
     duration_ms: float | None
+    #: When a queued task becomes due (its submit, the end of its delay, or its retry's
+    #: backoff); null for the other statuses.
+    next_run_at: str | None = None
 
     @classmethod
     def of(cls, task: TaskSummary) -> TaskSummaryOut:
@@ -230,6 +233,7 @@ class TaskSummaryOut(msgspec.Struct, frozen=True):
             started_at=task.started_at,
             finished_at=task.finished_at,
             duration_ms=task.duration_ms,
+            next_run_at=task.run_at if task.status is TaskStatus.QUEUED else None,
         )
 
 
