@@ -153,6 +153,15 @@ class Attempt(msgspec.Struct, frozen=True):
     error: TaskError | None = None
 
 
+class Fallback(msgspec.Struct, frozen=True):
+    """An entry of a fallback chain that a step's model call passed over, and why."""
+
+    #: "provider/model", as in the chain.
+    route: str
+    #: Why it did not answer: the call's error, or what made it unavailable before.
+    reason: str
+
+
 class Step(msgspec.Struct, frozen=True):
     """The record of one step of one attempt of a task."""
 
@@ -168,6 +177,9 @@ class Step(msgspec.Struct, frozen=True):
     duration_ms: float | None = None
     #: The messages sent to the model, as rendered ({"role", "content"} each), for an llm step.
     prompt: list[dict[str, str]] | None = None
+    #: The chain's entries passed over before the one that answered (``model``); None when
+    #: the first answered.
+    fallbacks: tuple[Fallback, ...] | None = None
 
 
 class Task(msgspec.Struct, frozen=True):

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import msgspec
 
-from orchestra.domain import TaskError, Usage
+from orchestra.domain import Fallback, TaskError, Usage
 
 
 class EventType(StrEnum):
@@ -94,7 +94,7 @@ class StepTokens(EventPayload, frozen=True, omit_defaults=True):
 
 class StepFinished(EventPayload, frozen=True, omit_defaults=True):
     """``step.finished``: how a step ended, the model it used and what that cost; ``error``
-    is the error's message."""
+    is the error's message; ``fallbacks``, the chain's entries passed over on the way."""
 
     type: ClassVar[EventType] = EventType.STEP_FINISHED
     step: str
@@ -102,6 +102,7 @@ class StepFinished(EventPayload, frozen=True, omit_defaults=True):
     model: str | None = None
     usage: Usage | None = None
     error: str | None = None
+    fallbacks: tuple[Fallback, ...] | None = None
 
 
 class StepSkipped(StepFinished, frozen=True, omit_defaults=True):

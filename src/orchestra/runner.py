@@ -21,6 +21,7 @@ from orchestra.config import LimitSettings
 from orchestra.domain import Step, StepStatus, Task, TaskError, Usage, iso_now, total_usage
 from orchestra.errors import ProviderBusy, StepError
 from orchestra.kinds import Context, run_step
+from orchestra.llm import passed_over
 from orchestra.llm.base import Provider
 from orchestra.llm.cache import AnswerCache
 from orchestra.sizes import check_size, clip_message, too_large
@@ -151,13 +152,14 @@ class Runner:
             await recorder.step_started(spec.id, position)
             started, clock = iso_now(), time.perf_counter()
             try:
-                outcome = await run_step(
-                    spec,
-                    scope,
-                    ctx,
-                    where=f"steps.{spec.id}",
-                    late=_late,
-                )
+                with passed_over.noting() as fallbacks:
+                    outcome = await run_step(
+                        spec,
+                        scope,
+                        ctx,
+                        where=f"steps.{spec.id}",
+                        late=_late,
+                    )
                 if outcome is not None:
                     check_size(
                         outcome.output,
@@ -176,6 +178,7 @@ class Runner:
                         model=answers[-1][0] if answers else None,
                         usage=total_usage(usage for _, usage in answers),
                         prompt=prompts.get(spec.id),
+                        fallbacks=tuple(fallbacks) or None,
                     ),
                     started,
                     clock,
@@ -194,6 +197,7 @@ class Runner:
                     model=outcome.model,
                     usage=outcome.usage,
                     prompt=prompts.get(spec.id),
+                    fallbacks=tuple(fallbacks) or None,
                 )
             step = _timed(step, started, clock)
             metrics.step_finished(spec.kind, step)

@@ -175,11 +175,25 @@ async def test_a_refused_connection_falls_back_to_the_next_entry(
         async with start_service(routes, env={"OAI_KEY": KEY}) as svc:
             done = await svc.wait((await svc.submit("summarize", text="fall back"))["id"])
             models = (await svc.client.get("/api/v1/models")).json()
+            url = f"/api/v1/tasks/{done['id']}/events"
+            events = [e async for e in read_events(svc.client, url)]
+            page = (await svc.client.get(f"/ui/tasks/{done['id']}")).text
+            # The next task skips Ollama without asking it, and says why.
+            after = await svc.wait((await svc.submit("summarize", text="again"))["id"])
     finally:
         sock.close()
     assert done["status"] == "succeeded", done["error"]
     assert done["steps"][0]["model"] == "oai/gpt-fake"
     assert len(done["attempts"]) == 1  # no retry: the fallback happened within the call
+    # The step says which entry it passed over and why, as its step.finished event does.
+    [passed] = done["steps"][0]["fallbacks"]
+    assert passed["route"] == "ollama/llama3.2" and "refused" in passed["reason"], passed
+    [finished] = [e for e in events if e["event"] == "step.finished"]
+    assert finished["fallbacks"] == [passed]
+    assert "Fell back from <code>ollama/llama3.2</code> (" in page  # and the task's page
+    [skipped] = after["steps"][0]["fallbacks"]
+    assert skipped["route"] == "ollama/llama3.2"
+    assert skipped["reason"].startswith(("failed a call before: ", "health check: "))
     default = next(m for m in models["models"] if m["name"] == "default")
     assert default == {
         "name": "default",
@@ -203,6 +217,8 @@ async def test_a_missing_model_falls_back_and_is_skipped_afterwards(
         for _ in range(3):
             done = await svc.wait((await svc.submit("summarize", text="x"))["id"])
             assert done["steps"][0]["model"] == "oai/gpt-fake"
+            passed = [{"route": "ollama/mistral", "reason": "does not list the model"}]
+            assert done["steps"][0]["fallbacks"] == passed
     # Ollama's model list (checked at startup) lacks "mistral": never asked at all.
     assert [r["model"] for r in fake_ollama.requests] == []
     assert len(fake_openai.requests) == 3

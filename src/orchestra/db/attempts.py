@@ -271,6 +271,7 @@ _STEP_FIELDS = (
     "finished_at",
     "duration_ms",
     "prompt",
+    "fallbacks",
 )
 FINISH_STEP = Prepared(
     update(task_steps)
@@ -327,6 +328,7 @@ def end_step(conn: Connection, lease: Lease, step: Step, text: str, at: str) -> 
         "v_finished_at": step.finished_at,
         "v_duration_ms": step.duration_ms,
         "v_prompt": dump(step.prompt),
+        "v_fallbacks": dump(step.fallbacks),
     }
     if FINISH_STEP.run(conn, params).rowcount != 1:
         return False
@@ -340,6 +342,7 @@ def end_step(conn: Connection, lease: Lease, step: Step, text: str, at: str) -> 
         model=step.model or None,
         usage=usage,
         error=step.error.message if step.error is not None else None,
+        fallbacks=step.fallbacks,
     )
     events.append(conn, lease.task_id, payload, at)
     return True

@@ -102,7 +102,8 @@ SELECT json_object(
             'id', s.step_id, 'position', s.position, 'status', s.status,
             'output', json(s.output), 'error', json(s.error), 'model', s.model,
             'usage', json(s.usage), 'started_at', s.started_at, 'finished_at', s.finished_at,
-            'duration_ms', {_real("s.duration_ms")}, 'prompt', json(s.prompt)))
+            'duration_ms', {_real("s.duration_ms")}, 'prompt', json(s.prompt),
+            'fallbacks', json(s.fallbacks)))
         FROM (SELECT * FROM task_steps WHERE task_id = t.id AND attempt = t.attempts
               ORDER BY position) AS s),
     'history', (

@@ -20,7 +20,8 @@ SELECT json_build_object(
             'id', s.step_id, 'position', s.position, 'status', s.status,
             'output', s.output::json, 'error', s.error::json, 'model', s.model,
             'usage', s.usage::json, 'started_at', s.started_at, 'finished_at', s.finished_at,
-            'duration_ms', s.duration_ms, 'prompt', s.prompt::json) ORDER BY s.position)
+            'duration_ms', s.duration_ms, 'prompt', s.prompt::json,
+            'fallbacks', s.fallbacks::json) ORDER BY s.position)
         FROM task_steps AS s WHERE s.task_id = t.id AND s.attempt = t.attempts), '[]'),
     'history', coalesce((
         SELECT json_agg(json_build_object(

@@ -18,6 +18,7 @@ from orchestra.db.tables import task_attempts, task_steps
 from orchestra.domain import (
     Attempt,
     AttemptStatus,
+    Fallback,
     Step,
     StepStatus,
     Task,
@@ -124,6 +125,9 @@ def step_from_row(row: Row[Any]) -> Step:
         finished_at=m["finished_at"],
         duration_ms=m["duration_ms"],
         prompt=load(m["prompt"]),
+        fallbacks=None
+        if m["fallbacks"] is None
+        else msgspec.json.decode(m["fallbacks"], type=tuple[Fallback, ...]),
     )
 
 

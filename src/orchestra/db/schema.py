@@ -525,6 +525,9 @@ END
 $$""",
 )
 
+# Each step records the fallback chain's entries its model calls passed over, and why.
+_V17 = "ALTER TABLE task_steps ADD COLUMN fallbacks TEXT"
+
 
 def _statements(*statements: str, postgresql: tuple[str, ...] | None = None) -> Migration:
     def apply(conn: Connection) -> None:
@@ -557,6 +560,7 @@ MIGRATIONS: list[Migration] = [
     _sql(_V14),
     _statements(OUTBOX_TRIGGER, postgresql=()),
     _statements(*_V16, postgresql=_V16_POSTGRESQL),
+    _statements(_V17),
 ]
 LATEST = len(MIGRATIONS)
 

@@ -200,6 +200,7 @@ task_steps = Table(
     Column("finished_at", Text),
     Column("duration_ms", Float),
     Column("prompt", Text),  # JSON: the messages sent to the model, as rendered
+    Column("fallbacks", Text),  # JSON: the chain's entries passed over, each with why
     PrimaryKeyConstraint("task_id", "attempt", "step_id"),
     _one_of("status", STEP_STATUSES),
 )

@@ -33,7 +33,9 @@ import msgspec
 
 from orchestra import logs, metrics
 from orchestra.config import Settings
+from orchestra.domain import Fallback
 from orchestra.errors import ModelNotFound, ProviderError, ProviderUnavailable, ProviderUnreachable
+from orchestra.llm import passed_over
 from orchestra.llm.base import (
     ChatRequest,
     ChatResult,
@@ -133,6 +135,10 @@ class Router:
         Raises:
             ModelNotFound: no enabled provider can be asked for this name.
         """
+        return sorted(self._chain(model), key=lambda r: not self.available(r))
+
+    def _chain(self, model: str) -> list[Route]:
+        """The entries of ``model``'s chain, in its order (see :meth:`routes`)."""
         chain = self.settings.chain(model)
         out: list[Route] = []
         for entry in chain if chain is not None else [model]:
@@ -148,7 +154,7 @@ class Router:
                 f"no enabled provider serves model {model!r}"
                 + (f" (its chain: {', '.join(chain)})" if chain else "")
             )
-        return sorted(out, key=lambda r: not self.available(r))
+        return out
 
     def available(self, route: Route) -> bool:
         """Whether ``route`` is expected to answer."""
@@ -157,6 +163,31 @@ class Router:
             return False
         health = self._health.get(name)
         return health is None or (health.ok and lists_model(health.models, route.model))
+
+    def _unavailable_because(self, route: Route) -> str:
+        """Why ``route`` is not expected to answer (it is not :meth:`available`)."""
+        name = route.provider.name
+        if name in self._down:
+            return f"failed a call before: {self._down[name]}"
+        if (name, route.model) in self._missing:
+            return "does not have the model"
+        health = self._health.get(name)
+        if health is not None and not health.ok:
+            return f"health check: {health.detail}"
+        return "does not list the model"
+
+    def _passed_over(
+        self, chain: list[Route], answered: Route, failures: list[tuple[Route, ProviderError]]
+    ) -> list[Fallback]:
+        """The entries of ``chain`` before ``answered``, each with why it did not answer."""
+        failed = {route: error.message for route, error in failures}
+        return [
+            Fallback(
+                route=str(route),
+                reason=failed[route] if route in failed else self._unavailable_because(route),
+            )
+            for route in chain[: chain.index(answered)]
+        ]
 
     def _mark(self, route: Route, error: ProviderError) -> None:
         if isinstance(error, ModelNotFound):
@@ -173,7 +204,8 @@ class Router:
         pause = OUTAGE_FIRST_PAUSE
         while True:
             failures: list[tuple[Route, ProviderError]] = []
-            for route in self.routes(model):
+            chain = self._chain(model)
+            for route in sorted(chain, key=lambda r: not self.available(r)):
                 gate = self._gates.get(route.provider.name)
                 try:
                     if gate is None:
@@ -186,6 +218,8 @@ class Router:
                     failures.append((route, exc))
                     continue
                 self._answered.add(route.provider.name)
+                if route != chain[0]:
+                    passed_over.note(self._passed_over(chain, route, failures))
                 return result
             error = _combined(model, failures)
             if not self._outage(failures):

@@ -12,6 +12,7 @@ import msgspec
 
 from orchestra.domain import (
     Attempt,
+    Fallback,
     Step,
     Task,
     TaskError,
@@ -86,6 +87,9 @@ class StepOut(msgspec.Struct, frozen=True):
     duration_ms: float | None
     #: An llm step's messages as rendered and sent ({"role", "content"} each); else null.
     prompt: list[MessageOut] | None = None
+    #: The fallback chain's entries passed over before ``model`` answered, each with why
+    #: (``{"route", "reason"}``); null when the chain's first entry answered.
+    fallbacks: list[Fallback] | None = None
 
     @classmethod
     def of(cls, step: Step) -> StepOut:
@@ -104,6 +108,7 @@ class StepOut(msgspec.Struct, frozen=True):
             prompt=None
             if step.prompt is None
             else [MessageOut(m["role"], m["content"]) for m in step.prompt],
+            fallbacks=None if step.fallbacks is None else list(step.fallbacks),
         )
 
 

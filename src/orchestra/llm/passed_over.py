@@ -1,0 +1,42 @@
+"""Which entries of a fallback chain a step's model calls passed over, and why.
+
+The runner opens a note for each step (:func:`noting`); the router adds to it whenever a call
+is answered by an entry other than the chain's first (:func:`note`): the entries before it,
+each with why it did not answer (the call's own failure, or what made it unavailable). The
+note is a context variable, so the concurrent calls of a ``map`` step add to their step's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+from orchestra.domain import Fallback
+
+#: The most entries one step records: a map step's items pass over the same few entries.
+MOST = 10
+
+_noted: ContextVar[list[Fallback] | None] = ContextVar("orchestra_passed_over", default=None)
+
+
+@contextmanager
+def noting() -> Iterator[list[Fallback]]:
+    """Collect, while inside, the entries passed over by the model calls made here."""
+    noted: list[Fallback] = []
+    token = _noted.set(noted)
+    try:
+        yield noted
+    finally:
+        _noted.reset(token)
+
+
+def note(passed: Iterable[Fallback]) -> None:
+    """Add entries passed over to the current note (none open: nothing to do); an entry
+    already noted for the same reason, and any past :data:`MOST`, are left out."""
+    noted = _noted.get()
+    if noted is None:
+        return
+    for fallback in passed:
+        if len(noted) < MOST and fallback not in noted:
+            noted.append(fallback)
