@@ -99,9 +99,7 @@ class Gatekeeper:
         key = entry[1]
         return Caller(key.name, key.scope, key.id)
 
-    async def caller(
-        self, authorization: str | None, host: str | None = None, proxied: bool = False
-    ) -> Caller:
+    async def caller(self, authorization: str | None, host: str | None, proxied: bool) -> Caller:
         """Who is calling; ``host`` is the request's Host header, ``proxied`` whether it
         carries a proxy's forwarding header (:func:`forwarded`): a proxy on this machine
         forwards others' requests, who are not this machine's own users.
@@ -148,7 +146,7 @@ def forwarded(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     return any(name in FORWARDING for name, _ in headers)
 
 
-def _credentials(
+def credentials(
     connection: ASGIConnection[Any, Any, Any, Any],
 ) -> tuple[str | None, str | None, bool]:
     """The request's Authorization and Host headers (the first of each), and whether it was
@@ -171,7 +169,7 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
 
     async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> Any:
         gatekeeper: Gatekeeper = runtime_of(connection.scope).gatekeeper
-        caller = await gatekeeper.caller(*_credentials(connection))
+        caller = await gatekeeper.caller(*credentials(connection))
         method = str(connection.scope.get("method", "GET"))
         check_scope(caller, connection.scope["route_handler"], method)
         return AuthenticationResult(user=caller, auth=None)
@@ -195,7 +193,7 @@ async def public_caller(connection: ASGIConnection[Any, Any, Any, Any]) -> Calle
     read now (a liveness check must still get its answer while the database is down)."""
     gatekeeper: Gatekeeper = runtime_of(connection.scope).gatekeeper
     try:
-        return await gatekeeper.caller(*_credentials(connection))
+        return await gatekeeper.caller(*credentials(connection))
     except (Unauthorized, StorageError):
         return None
 

@@ -52,7 +52,7 @@ def same_origin(headers: Headers) -> bool:
 
 
 async def session_caller(
-    runtime: Any, cookie: str | None, host: str | None, proxied: bool = False
+    runtime: Any, cookie: str | None, host: str | None, proxied: bool
 ) -> Caller | None:
     """The caller a session cookie stands for; without a valid one, the anonymous caller
     where the API allows one; else None (the caller must log in)."""

@@ -9,6 +9,7 @@ from litestar.datastructures import Cookie
 from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect, Template
 
+from orchestra.api.auth import credentials
 from orchestra.api.scope import runtime_of
 from orchestra.auth import SCOPES
 from orchestra.errors import ConflictError, InvalidRequest, NotFoundError, Unauthorized
@@ -56,7 +57,8 @@ class AccessPages(Controller):
         try:
             if not token:
                 raise Unauthorized("enter an API key")
-            caller = await runtime.gatekeeper.caller(f"Bearer {token}", request.headers.get("host"))
+            _, host, proxied = credentials(request)
+            caller = await runtime.gatekeeper.caller(f"Bearer {token}", host, proxied)
         except Unauthorized as exc:
             return page(request, "login.html", status_code=401, next=target, error=exc.message)
         if caller.key_id is None:  # pragma: no cover - a Bearer token always names its key
