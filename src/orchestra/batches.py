@@ -325,7 +325,8 @@ class BatchService:
         existing = await self.store.db.transaction(lambda c: db.by_key(c, scope, key))
         if existing is None or existing["request_hash"] != values["request_hash"]:
             raise ConflictError(
-                f"idempotency key {key!r} was already used for a batch with other options"
+                f"idempotency key {key!r} was already used for a batch with other options",
+                fields=[FieldProblem("Idempotency-Key", "already used with other options")],
             )
         return Batch.of(existing), False
 

@@ -146,8 +146,14 @@ class ConflictError(OrchestraError):
 
     code = "conflict"
 
-    def __init__(self, message: str | None = None, task_status: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str | None = None,
+        task_status: str | None = None,
+        fields: Sequence[FieldProblem] = (),
+    ) -> None:
         self.task_status = task_status
+        self.fields = list(fields)
         super().__init__(message)
 
 

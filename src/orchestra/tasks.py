@@ -225,6 +225,13 @@ class TaskService:
                 outside the years 1 to 9999 in UTC.
             ConflictError: the idempotency key was used before with a different request.
         """
+        if sub.idempotency_key is not None:
+            # A replay answers with the task the key made, whatever has changed since (the
+            # template deleted, or a new version asking for another parameter): it is not
+            # validated again. A race with the first submit is settled by the insert below.
+            replayed = await self._replay(sub, key_id)
+            if replayed is not None:
+                return replayed
         if sub.callback_url is not None:
             if self.callbacks is None:
                 raise InvalidRequest(
@@ -249,12 +256,7 @@ class TaskService:
         quiet = due_now and self.store.db.notifies and self.scheduler.takes(new)
         outcome = await self._enqueue(new, sub.callback_url, wake_others=not quiet)
         if not outcome.created:
-            if not outcome.same_request:
-                raise ConflictError(
-                    f"idempotency key {sub.idempotency_key!r} was already used for task "
-                    f"{outcome.task.id} with a different request"
-                )
-            return Submitted(task=await self._get(outcome.task.id), created=False)
+            return await self._replayed(sub, outcome.task, outcome.same_request)
         metrics.task_submitted(new.template)
         self.feed.wake()  # its task.queued: no task signal announces a new task
         if not due_now:
@@ -263,6 +265,28 @@ class TaskService:
         elif not early:
             self.scheduler.notify()
         return Submitted(task=outcome.task, created=True)
+
+    async def _replay(self, sub: SubmitTask, key_id: str | None) -> Submitted | None:
+        """The answer to a submit whose idempotency key was used before; None when unused.
+
+        Raises:
+            ConflictError: the key was used with a different request.
+        """
+        assert sub.idempotency_key is not None
+        found = await self.store.by_idempotency_key(key_id or ANONYMOUS_SCOPE, sub.idempotency_key)
+        if found is None:
+            return None
+        task, request_hash = found
+        return await self._replayed(sub, task, request_hash == sub.fingerprint())
+
+    async def _replayed(self, sub: SubmitTask, task: Task, same_request: bool) -> Submitted:
+        if not same_request:
+            raise ConflictError(
+                f"idempotency key {sub.idempotency_key!r} was already used for task "
+                f"{task.id} with a different request",
+                fields=[FieldProblem("idempotency_key", "already used with another request")],
+            )
+        return Submitted(task=await self._get(task.id), created=False)
 
     async def _enqueue(
         self, new: NewTask, callback_url: str | None, *, wake_others: bool = True

@@ -325,6 +325,9 @@ async def test_idempotency_key_in_body_or_header(svc: Service) -> None:
     changed = await svc.client.post("/api/v1/tasks", json={**body, "params": {"n": 2}})
     assert changed.status_code == 409
     assert "order-42" in changed.json()["message"]
+    assert changed.json()["fields"] == [
+        {"field": "idempotency_key", "message": "already used with another request"}
+    ]
 
     plain = {"template": "flaky", "params": {"n": 3}}
     h1 = await svc.client.post("/api/v1/tasks", json=plain, headers={"Idempotency-Key": "k2"})

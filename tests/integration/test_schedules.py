@@ -182,6 +182,7 @@ async def test_huge_params_malformed_bodies_and_paths_get_a_4xx(idle: Service) -
     await create(idle, every="1m")
     again = await idle.client.post(SCHEDULES, json=body(every="5m"))
     assert again.status_code == 409
+    assert again.json()["fields"] == [{"field": "name", "message": "is taken by another schedule"}]
     bad_patch = await idle.client.patch(f"{SCHEDULES}/digest", json={"cron": "99 99 * * *"})
     assert bad_patch.status_code == 400
     assert bad_patch.json()["fields"][0]["field"] == "cron"
@@ -189,7 +190,7 @@ async def test_huge_params_malformed_bodies_and_paths_get_a_4xx(idle: Service) -
     assert bad_params.status_code == 422
     await create(idle, name="other", every="1m")
     taken = await idle.client.patch(f"{SCHEDULES}/other", json={"name": "digest"})
-    assert taken.status_code == 409
+    assert taken.status_code == 409 and taken.json()["fields"][0]["field"] == "name"
     assert (await idle.client.get(f"{SCHEDULES}/digest")).json()["every"] == "1m"
 
 

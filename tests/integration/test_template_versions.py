@@ -28,6 +28,31 @@ steps:
 V2 = V1.replace("Say hello to", "Say goodbye to")
 
 
+async def test_an_idempotent_replay_answers_with_its_task_after_the_template_changed(
+    service: Service,
+) -> None:
+    """A submit retried after a network error must find the task its key made, even when a
+    new version of the template asks for another parameter, or the template was deleted."""
+    assert (await register(service, V1))[0] == 201
+    body = {"template": "greet", "params": {"who": "Ada"}, "idempotency_key": "order-7"}
+    first = await service.client.post("/api/v1/tasks", json=body)
+    assert first.status_code == 201, first.text
+    stricter = V1.replace(
+        "  who: {type: string, required: true}\n",
+        "  who: {type: string, required: true}\n  lang: {type: string, required: true}\n",
+    )
+    assert (await register(service, stricter))[0] == 201
+    fresh = await service.client.post("/api/v1/tasks", json={**body, "idempotency_key": "new"})
+    assert fresh.status_code == 422  # a new submit is held to version 2
+    again = await service.client.post("/api/v1/tasks", json=body)
+    assert again.status_code == 200, again.text
+    assert again.json()["id"] == first.json()["id"]
+    assert (await service.client.delete("/api/v1/templates/greet")).status_code == 204
+    after = await service.client.post("/api/v1/tasks", json=body)
+    assert after.status_code == 200, after.text
+    assert after.json()["id"] == first.json()["id"]
+
+
 async def register(svc: Service, text: str) -> tuple[int, dict[str, object]]:
     response = await svc.client.post("/api/v1/templates", content=text)
     return response.status_code, response.json()

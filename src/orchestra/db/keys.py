@@ -8,7 +8,7 @@ from orchestra.auth import ApiKey, Scope, digest, new_token
 from orchestra.db.engine import Database
 from orchestra.db.tables import api_keys
 from orchestra.domain import iso_now
-from orchestra.errors import ConflictError, InvalidRequest, NotFoundError
+from orchestra.errors import ConflictError, FieldProblem, InvalidRequest, NotFoundError
 
 
 class KeyStore:
@@ -35,7 +35,10 @@ class KeyStore:
             return True
 
         if not await self.db.transaction(work):
-            raise ConflictError(f"a key named {name!r} exists already")
+            raise ConflictError(
+                f"a key named {name!r} exists already",
+                fields=[FieldProblem("name", "is taken by another key")],
+            )
         return ApiKey(row["id"], name, scope, row["created_at"]), token
 
     async def create_if_none_active(self, name: str, scope: Scope) -> tuple[ApiKey, str] | None:

@@ -23,7 +23,7 @@ from orchestra.db.prepared import insert_for
 from orchestra.db.rows import dump, load
 from orchestra.db.tables import schedule_fires, schedules, tasks
 from orchestra.domain import ACTIVE, NewTask
-from orchestra.errors import ConfigError, ConflictError
+from orchestra.errors import ConfigError, ConflictError, FieldProblem
 from orchestra.schedules import Schedule, ScheduleSpec, Source, TaskOptions, format_every
 
 #: What one call of :meth:`ScheduleStore.fire` did: the tick made a task (submitted), was
@@ -34,6 +34,9 @@ Outcome = Literal["submitted", "skipped", "failed", "missed", "lost", "duplicate
 
 #: The column of every field of a spec but ``every`` (stored in seconds) and ``options``.
 _SPEC_COLUMNS = ("name", "template", "model", "priority", "cron", "timezone", "overlap", "catch_up")
+
+#: What a create or rename that takes a used name is refused for.
+_NAME_TAKEN = [FieldProblem("name", "is taken by another schedule")]
 
 
 class Fired(msgspec.Struct, frozen=True):
@@ -142,7 +145,9 @@ class ScheduleStore:
 
         made = await self.db.transaction(work)
         if made is None:
-            raise ConflictError(f"a schedule named {spec.name!r} exists already")
+            raise ConflictError(
+                f"a schedule named {spec.name!r} exists already", fields=_NAME_TAKEN
+            )
         return _schedule(made)
 
     async def get(self, ref: int | str) -> Schedule | None:
@@ -181,7 +186,9 @@ class ScheduleStore:
 
         def work(conn: Connection) -> Any:
             if _name_taken(conn, spec.name, other_than=schedule_id):
-                raise ConflictError(f"a schedule named {spec.name!r} exists already")
+                raise ConflictError(
+                    f"a schedule named {spec.name!r} exists already", fields=_NAME_TAKEN
+                )
             return conn.execute(statement).first()
 
         row = await self.db.transaction(work)

@@ -122,20 +122,24 @@ class TaskStore:
         )
         if row is not None:
             return Enqueued(task=task_from_row(row), created=True)
+        assert new.idempotency_key is not None  # only a used key keeps a task out
+        existing = await self.by_idempotency_key(new.idempotency_scope, new.idempotency_key)
+        assert existing is not None  # tasks keep their key until they are deleted with it
+        task, request_hash = existing
+        return Enqueued(task=task, created=False, same_request=request_hash == new.request_hash)
+
+    async def by_idempotency_key(self, scope: str, key: str) -> tuple[Task, str | None] | None:
+        """The task submitted with idempotency key ``key`` in ``scope``, and the hash of the
+        request that submitted it; None when the key is unused."""
         async with self.db.read() as conn:
-            existing = (
+            found = (
                 await conn.execute(
                     select(tasks).where(
-                        tasks.c.idempotency_scope == new.idempotency_scope,
-                        tasks.c.idempotency_key == new.idempotency_key,
+                        tasks.c.idempotency_scope == scope, tasks.c.idempotency_key == key
                     )
                 )
-            ).one()
-        return Enqueued(
-            task=task_from_row(existing),
-            created=False,
-            same_request=existing.request_hash == new.request_hash,
-        )
+            ).one_or_none()
+        return None if found is None else (task_from_row(found), found.request_hash)
 
     # -- an attempt's life: the worker's side (attempts) --------------------------------------
 
