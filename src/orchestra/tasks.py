@@ -448,7 +448,8 @@ class TaskService:
 
         Raises:
             TaskNotFound: no task has this id.
-            ConflictError: the task had already finished (its status is in the error).
+            ConflictError: the task had already finished, or finished on its own before it
+                could be stopped (its status is in the error).
         """
         before = await self._get(task_id)
         if before.finished:
@@ -464,7 +465,15 @@ class TaskService:
             return await self._get(task_id)
         if status is TaskStatus.RUNNING:
             self.scheduler.cancel(task_id)
-            return await self.get(task_id, wait=CANCEL_WAIT_SECONDS)
+            stopped = await self.get(task_id, wait=CANCEL_WAIT_SECONDS)
+            if stopped.finished and stopped.status is not TaskStatus.CANCELLED:
+                # It ended on its own before its worker could stop it: not cancelled.
+                raise ConflictError(
+                    f"task {task_id} finished before it could be stopped: "
+                    f"{stopped.status.value}",
+                    task_status=stopped.status.value,
+                )
+            return stopped
         raise ConflictError(
             f"task {task_id} has already finished: {status.value}", task_status=status.value
         )

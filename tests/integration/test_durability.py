@@ -16,9 +16,12 @@ import pytest
 from orchestra.config import (
     ModelSettings,
     RetentionSettings,
+    ServerSettings,
     Settings,
     TemplateSettings,
 )
+from orchestra.db import Database, TaskStore
+from orchestra.domain import Lease, TaskStatus
 from tests.conftest import Service, StartService, sql_rows, task_row, with_workers
 from tests.fixtures.fake_ollama import Failure, FakeOllama
 from tests.fixtures.servers import wait_until
@@ -246,6 +249,33 @@ async def test_cancel_a_running_task_closes_the_model_call(
     assert step["error"]["type"] == "cancelled"
     assert elapsed < 1.0
     await wait_until(lambda: fake_ollama.disconnects == 1, timeout=2)
+
+
+async def test_a_task_that_finishes_before_its_cancel_lands_answers_409_with_its_status(
+    durable_settings: Settings, start_service: StartService, db_url: str
+) -> None:
+    """The cancel flags a running task, and its worker (another process: played here by a
+    store of its own) finishes it before it sees the flag: the answer is not a 200 showing a
+    succeeded task, but the 409 a finished task gets."""
+    api_only = msgspec.structs.replace(durable_settings, server=ServerSettings(workers=False))
+    worker = Database(db_url)
+    try:
+        store = TaskStore(worker)
+        async with start_service(api_only) as svc:
+            task = await post(svc, {"template": "flaky"})
+            [claimed] = await store.claim("other-process", 1, 30)
+            assert claimed.id == task["id"]
+            cancel = asyncio.create_task(svc.client.post(f"/api/v1/tasks/{task['id']}/cancel"))
+            flagged = "SELECT cancel_requested FROM tasks WHERE id = ?"
+            await wait_until(lambda: sql_rows(db_url, flagged, (task["id"],))[0][0])
+            lease = Lease(claimed.id, "other-process", claimed.attempts)
+            assert await store.finish(lease, TaskStatus.SUCCEEDED, result="done")
+            response = await cancel
+        assert response.status_code == 409, response.text
+        assert response.json()["task_status"] == "succeeded"
+        assert "finished before it could be stopped" in response.json()["message"]
+    finally:
+        await worker.close()
 
 
 async def test_cancel_finished_or_unknown(svc: Service) -> None:
