@@ -229,14 +229,15 @@ def submit(
 ) -> None:
     """Submit a task to a running server and print its id (ID=$(orchestra submit …)); with
     --wait, print its result once it has finished (exit 1 if it failed or was cancelled)."""
-    options = {"model": model, "delay": delay, "idempotency_key": idempotency_key}
     with client_for(url, config_path) as client:
         values = param_values(params, client.get_template(template).parameters)
         task = client.submit(
             template,
             values,
             priority=priority,
-            **{k: v for k, v in options.items() if v is not None},
+            model=model,
+            delay=delay,
+            idempotency_key=idempotency_key,
         )
         click.echo(f"task {task.id} {task.status}", err=True)
         if wait:

@@ -80,7 +80,10 @@ _Every = (
 
 
 def _every_text(value: Any) -> Any:
-    """A number of seconds as the duration text schedules keep (3600 -> "3600")."""
+    """A number of seconds (or a ``timedelta``) as the duration text schedules keep (3600 ->
+    "3600")."""
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
     if isinstance(value, int | float) and not isinstance(value, bool):
         return f"{value:g}" if math.isfinite(value) else str(value)
     return value

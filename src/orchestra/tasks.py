@@ -469,8 +469,7 @@ class TaskService:
             if stopped.finished and stopped.status is not TaskStatus.CANCELLED:
                 # It ended on its own before its worker could stop it: not cancelled.
                 raise ConflictError(
-                    f"task {task_id} finished before it could be stopped: "
-                    f"{stopped.status.value}",
+                    f"task {task_id} finished before it could be stopped: {stopped.status.value}",
                     task_status=stopped.status.value,
                 )
             return stopped

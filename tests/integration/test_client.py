@@ -10,7 +10,7 @@ import inspect
 import json
 from collections.abc import AsyncIterator
 from contextlib import closing
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from itertools import islice
 from pathlib import Path
@@ -245,8 +245,10 @@ async def _tasks(api: Api) -> None:
     # The events after a given one only.
     assert [e.seq for e in await api.take("task_events", task.id, after=2)][0] == 3
 
-    later = await api.do("submit", "summarize", {"text": "later"}, delay=60)
+    later = await api.do("submit", "summarize", {"text": "later"}, delay=timedelta(minutes=1))
     assert later.status == TaskStatus.QUEUED and later.next_run_at is not None
+    due = datetime.fromisoformat(later.next_run_at) - datetime.fromisoformat(later.created_at)
+    assert timedelta(seconds=59) < due <= timedelta(seconds=61)
     waited = await api.do("wait", later.id, timeout=0.2)  # a long poll that runs out
     assert waited.status == TaskStatus.QUEUED
     assert (await api.do("cancel", later.id)).status == TaskStatus.CANCELLED
@@ -328,6 +330,8 @@ async def _schedules(api: Api) -> None:
     assert [s.name for s in await api.do("list_schedules")] == ["hourly"]
     one = await api.do("get_schedule", "hourly")
     assert one.id == made.id and len(one.next_fire_times) == 5
+    hourly = await api.do("update_schedule", made.id, every=timedelta(hours=1, minutes=30))
+    assert hourly.every == "1h30m"
     paused = await api.do("update_schedule", made.id, enabled=False)
     assert paused.enabled is False and paused.next_fire_at is None
     with pytest.raises(BadRequest) as bad:

@@ -10,7 +10,7 @@ decodes, so the two differ only in how they wait; the CLI uses :class:`Client`.
 from __future__ import annotations
 
 from orchestra.client.aio import AsyncClient
-from orchestra.client.core import DEFAULT_URL, Registered, RetryPolicy
+from orchestra.client.core import DEFAULT_URL, Registered, RetryPolicy, SubmitOptions
 from orchestra.client.errors import (
     ApiError,
     AuthenticationFailed,
@@ -29,6 +29,8 @@ from orchestra.client.errors import (
 )
 from orchestra.client.follow import ReconnectPolicy
 from orchestra.client.sync import Client
+from orchestra.schedules import ScheduleSpec
+from orchestra.wire.tasks import SubmitTask
 
 __all__ = [
     "DEFAULT_URL",
@@ -47,7 +49,10 @@ __all__ = [
     "ReconnectPolicy",
     "Registered",
     "RetryPolicy",
+    "ScheduleSpec",
     "ServerError",
+    "SubmitOptions",
+    "SubmitTask",
     "TooLarge",
     "Unavailable",
     "Unprocessable",

@@ -17,7 +17,7 @@ from collections.abc import (
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import httpx
 
@@ -152,11 +152,14 @@ class AsyncClient:
     # -- tasks -------------------------------------------------------------------------------
 
     async def submit(
-        self, task: SubmitTask | str, params: Mapping[str, Any] | None = None, **options: Any
+        self,
+        task: SubmitTask | str,
+        params: Mapping[str, Any] | None = None,
+        **options: Unpack[core.SubmitOptions],
     ) -> TaskOut:
         """Submit a task: a :class:`~orchestra.wire.tasks.SubmitTask`, or a template's name with
         its params and the other fields as keywords (``priority``, ``model``, ``delay``,
-        ``idempotency_key`` …)."""
+        ``idempotency_key`` …: :class:`~orchestra.client.core.SubmitOptions`)."""
         return await self._send(core.submit(core.submission(task, params, options)))
 
     async def get_task(self, task_id: int) -> TaskOut:

@@ -12,8 +12,9 @@ import functools
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypedDict, TypeVar, cast
 from urllib.parse import quote
 
 import httpx
@@ -224,8 +225,25 @@ def retry_delay(
 # -- tasks -----------------------------------------------------------------------------------
 
 
+class SubmitOptions(TypedDict, total=False):
+    """The fields of a submit besides the template and its params, as keywords of
+    ``submit`` (:class:`~orchestra.wire.tasks.SubmitTask` says what each means). ``delay`` and
+    ``timeout`` take seconds or a ``timedelta``."""
+
+    template_version: int | None
+    priority: int
+    model: str | None
+    run_at: datetime | None
+    delay: float | timedelta | None
+    max_attempts: int | None
+    timeout: float | timedelta | None
+    idempotency_key: str | None
+    callback_url: str | None
+    cache: bool | None
+
+
 def submission(
-    task: SubmitTask | str, params: Mapping[str, Any] | None, options: Any
+    task: SubmitTask | str, params: Mapping[str, Any] | None, options: SubmitOptions
 ) -> SubmitTask:
     """The submit body: ``task`` itself, or a template's name with params and options (the
     other fields of :class:`~orchestra.wire.tasks.SubmitTask`)."""
@@ -233,7 +251,11 @@ def submission(
         if params is not None or options:
             raise TypeError("give a SubmitTask, or a template's name with params and options")
         return task
-    return SubmitTask(template=task, params=dict(params or {}), **options)
+    fields: dict[str, Any] = {
+        name: value.total_seconds() if isinstance(value, timedelta) else value
+        for name, value in options.items()
+    }
+    return SubmitTask(template=task, params=dict(params or {}), **fields)
 
 
 def submit(task: SubmitTask) -> Call[TaskOut]:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import httpx
 
@@ -143,11 +143,14 @@ class Client:
     # -- tasks -------------------------------------------------------------------------------
 
     def submit(
-        self, task: SubmitTask | str, params: Mapping[str, Any] | None = None, **options: Any
+        self,
+        task: SubmitTask | str,
+        params: Mapping[str, Any] | None = None,
+        **options: Unpack[core.SubmitOptions],
     ) -> TaskOut:
         """Submit a task: a :class:`~orchestra.wire.tasks.SubmitTask`, or a template's name with
         its params and the other fields as keywords (``priority``, ``model``, ``delay``,
-        ``idempotency_key`` …)."""
+        ``idempotency_key`` …: :class:`~orchestra.client.core.SubmitOptions`)."""
         return self._send(core.submit(core.submission(task, params, options)))
 
     def get_task(self, task_id: int) -> TaskOut:

@@ -1,0 +1,41 @@
+"""The client is typed for its users: an integrator's own mypy --strict sees its types
+(the package ships py.typed), and a misspelt submit option is a type error, not a surprise
+at run time."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+APP = """\
+from datetime import timedelta
+
+from orchestra.client import Client
+
+
+def run() -> None:
+    with Client("http://127.0.0.1:8000") as client:
+        task = client.submit("summarize", {"text": "x"}, delay=timedelta(minutes=5))
+        reveal_type(task)
+        client.submit("summarize", {"text": "x"}, priorty=3)
+"""
+
+
+@pytest.mark.slow
+def test_an_integrators_mypy_sees_the_clients_types(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text(APP)
+    checked = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "app.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = checked.stdout
+    assert "py.typed" not in out and "missing library stubs" not in out, out
+    assert 'Revealed type is "orchestra.wire.schemas.TaskOut"' in out, out
+    assert 'Unexpected keyword argument "priorty"' in out, out
+    assert "Found 1 error" in out, out  # the misspelt option alone
