@@ -247,6 +247,11 @@ async def test_bad_uploads_get_a_4xx_naming_the_field(idle: Service) -> None:
     )
     assert response.status_code == 400 and response.json()["fields"][0]["field"] == "format"
     response = await idle.client.post(
+        "/api/v1/batches", params={"format": "csv"}, content=b"text\nx\n"
+    )
+    assert response.status_code == 400
+    assert response.json()["fields"] == [{"field": "template", "message": "is required"}]
+    response = await idle.client.post(
         "/api/v1/batches", params={"template": "nope", "format": "csv"}, content=b"text\nx\n"
     )
     assert response.status_code == 404

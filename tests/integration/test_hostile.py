@@ -73,6 +73,10 @@ async def test_an_oversized_body_gets_413(hardened: Service) -> None:
     payload = {"template": "summarize", "params": {"text": "x" * (3 * 1024 * 1024)}}
     body = _error(await hardened.client.post("/api/v1/tasks", json=payload), 413)
     assert body["code"] == "too_large"
+    # It names the limit, as every other limit's answer does.
+    assert "[limits] max_body_bytes" in body["message"], body
+    reason = body["message"].removeprefix("the request body ")
+    assert body["fields"] == [{"field": "body", "message": reason}]
     await _still_serves(hardened)
 
 
@@ -116,19 +120,30 @@ async def test_a_value_over_the_templates_limit_is_not_echoed_back(service: Serv
 
 
 @pytest.mark.parametrize(
-    "raw",
+    ("raw", "reason"),
     [
-        b'{"template": "summarize", "params": {"text": "\\ud800"}}',  # a lone surrogate
-        b'{"template": "summarize", "params": {"text": ' + b"[" * 5000 + b"]" * 5000 + b"}}",
-        b'{"template": "summarize", "params": {"text": "\xff\xfe"}}',  # not UTF-8
-        b'{"template": "summarize", "params": ',
+        # a lone surrogate
+        (b'{"template": "summarize", "params": {"text": "\\ud800"}}', "is not valid JSON"),
+        (b'{"template": "summarize", "params": {"text": "\\udc00"}}', "is not valid JSON"),
+        (
+            b'{"template": "summarize", "params": {"text": ' + b"[" * 5000 + b"]" * 5000 + b"}}",
+            "nests too deeply",
+        ),
+        (b'{"template": "summarize", "params": {"text": "\xff\xfe"}}', "is not UTF-8 text"),
+        (b'{"template": "summarize", "params": ', "is not valid JSON"),
+        (b'{"template": "summarize", "params": {]', "is not valid JSON"),
     ],
 )
-async def test_undecodable_bodies_get_400(hardened: Service, raw: bytes) -> None:
+async def test_undecodable_bodies_get_400_naming_the_body(
+    hardened: Service, raw: bytes, reason: str
+) -> None:
     response = await hardened.client.post(
         "/api/v1/tasks", content=raw, headers={"content-type": "application/json"}
     )
-    _error(response, 400)
+    body = _error(response, 400)
+    assert body["message"].startswith(f"the request body {reason}"), body
+    [problem] = body["fields"]
+    assert problem["field"] == "body" and problem["message"].startswith(reason), body
     await _still_serves(hardened)
 
 

@@ -6,7 +6,7 @@ import re
 from typing import Any
 
 from litestar import Request, Response
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, SerializationException, ValidationException
 from litestar.status_codes import (
     HTTP_400_BAD_REQUEST,
     HTTP_401_UNAUTHORIZED,
@@ -22,6 +22,7 @@ from litestar.status_codes import (
 
 from orchestra import logs
 from orchestra.api.schemas import ErrorBody, FieldOut, ProblemOut
+from orchestra.api.scope import runtime_of
 from orchestra.errors import (
     ConflictError,
     Forbidden,
@@ -130,19 +131,43 @@ def _problem(extra: dict[str, Any]) -> FieldOut:
     return FieldOut(where, "is required" if kind == "missing required" else "unknown field")
 
 
+#: Litestar's words for a required query parameter or header left out.
+_MISSING = re.compile(r"Missing required (?:query|header|cookie) parameter '([^']+)'")
+
+
 def validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[ErrorBody]:
     """A request whose body, path or query does not fit its declared types."""
     extras = exc.extra if isinstance(exc.extra, list) else []
     fields = [_problem(e) for e in extras if isinstance(e, dict)]
     detail = exc.detail or "invalid request"
+    missing = _MISSING.match(detail)
+    if not fields and missing:
+        fields = [FieldOut(missing.group(1), "is required")]
     if not fields and "JSON" in detail:
-        detail = "the request body is not valid JSON"
-    elif fields:
+        return _bad_body(f"is not valid JSON: {detail}")
+    if fields:
         detail = "; ".join(f"{f.field}: {f.message}" for f in fields)
     return _body(HTTP_400_BAD_REQUEST, "invalid_request", detail, fields)
 
 
-def http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorBody]:
+def _bad_body(reason: str, status: int = HTTP_400_BAD_REQUEST) -> Response[ErrorBody]:
+    """A body that could not be read at all: the message and the field ``body`` say why."""
+    code = "too_large" if status == HTTP_413_REQUEST_ENTITY_TOO_LARGE else "invalid_request"
+    return _body(status, code, f"the request body {reason}", [FieldOut("body", reason)])
+
+
+def _undecodable(exc: HTTPException) -> str | None:
+    """Why the body could not be decoded, when ``exc`` is Litestar's answer to that (its
+    ClientException raised from the decoder's SerializationException); else None."""
+    if not isinstance(exc.__cause__, SerializationException):
+        return None
+    detail = str(exc.detail)
+    if "UTF-8" in detail:
+        return "is not UTF-8 text"
+    return f"is not valid JSON: {detail[:1].lower()}{detail[1:]}"
+
+
+def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorBody]:
     """Litestar's own errors (404 route, 405 method, 413 body size …) in our shape, with
     their headers (a 405's Allow, a 429's Retry-After)."""
     code = {
@@ -154,6 +179,12 @@ def http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorB
         413: "too_large",
         429: "rate_limited",
     }.get(exc.status_code, "http_error")
+    undecodable = _undecodable(exc)
+    if undecodable is not None:
+        return _bad_body(undecodable)
+    if exc.status_code == HTTP_413_REQUEST_ENTITY_TOO_LARGE and isinstance(request, Request):
+        limit = runtime_of(request.scope).settings.limits.max_body_bytes
+        return _bad_body(f"is over [limits] max_body_bytes ({limit:,} bytes)", exc.status_code)
     headers = dict(exc.headers or {})
     if exc.status_code == 429:
         # Litestar's limiter tells the wait in RateLimit-Reset alone; Retry-After is what
@@ -167,12 +198,12 @@ def http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorB
 def too_deep(_: Request[Any, Any, Any], exc: RecursionError) -> Response[ErrorBody]:
     """A body nested so deeply that decoding it ran out of stack (msgspec raises
     RecursionError past about a thousand levels)."""
-    return _body(HTTP_400_BAD_REQUEST, "invalid_request", "the request body nests too deeply")
+    return _bad_body("nests too deeply")
 
 
 def not_text(_: Request[Any, Any, Any], exc: UnicodeDecodeError) -> Response[ErrorBody]:
     """A body (or a string in it) that is not UTF-8."""
-    return _body(HTTP_400_BAD_REQUEST, "invalid_request", "the request body is not UTF-8 text")
+    return _bad_body("is not UTF-8 text")
 
 
 def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
