@@ -341,3 +341,9 @@ def with_workers(settings: Settings, **changes: Any) -> Settings:
     return msgspec.structs.replace(
         settings, workers=msgspec.structs.replace(settings.workers, **changes)
     )
+
+
+def rows_by_status(**given: int) -> dict[str, int]:
+    """A batch's counts: every task status (0 unless given), then invalid and deleted."""
+    statuses = ["queued", "running", "succeeded", "failed", "cancelled", "invalid", "deleted"]
+    return {status: given.get(status, 0) for status in statuses}

@@ -469,24 +469,27 @@ class BatchService:
 def _progress(batch: Batch, tally: db.Tally) -> Progress:
     """A batch's progress from its tasks' tally: rows by status (with the refused and the
     deleted ones), the share finished, and the seconds left at the finishing rate so far."""
-    counts = dict(tally.counts)
+    # Every status, 0 when no row is in it (a caller reads counts["failed"] as it is).
+    counts = {status.value: 0 for status in TaskStatus} | dict(tally.counts)
     tasks = sum(counts.values())
+    loaded = batch.status == "loaded"
     counts["invalid"] = batch.invalid
-    counts["deleted"] = max(0, batch.rows - batch.invalid - tasks)
-    finished = sum(counts.get(s, 0) for s in _TERMINAL)
-    wanted = batch.rows - batch.invalid
-    left = counts.get("queued", 0) + counts.get("running", 0)
+    # Rows are counted once the upload is done: until then, its tasks so far are the rows.
+    counts["deleted"] = max(0, batch.rows - batch.invalid - tasks) if loaded else 0
+    finished = sum(counts[s] for s in _TERMINAL)
+    wanted = batch.rows - batch.invalid if loaded else tasks
+    left = counts["queued"] + counts["running"]
     # A deleted row's task had finished (retention removes finished tasks only); a loaded
     # batch with no valid row has nothing left to do.
     done = finished + counts["deleted"]
-    share = done / wanted if wanted else float(batch.status == "loaded")
+    share = done / wanted if wanted else float(loaded)
     eta = None
     if finished and tally.first_started and tally.last_finished:
         span = _seconds(tally.first_started, tally.last_finished)
         if span > 0:
             eta = round(left / (finished / span), 3)
     if not left:
-        eta = 0.0 if batch.status == "loaded" else eta
+        eta = 0.0 if loaded else eta
     return Progress(batch, counts, finished, round(share, 6), eta)
 
 

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 
 from orchestra.config import Settings, TemplateSettings
 from orchestra.db import Database, TaskStore
-from tests.conftest import Service, StartService, sql_rows
+from tests.conftest import Service, StartService, rows_by_status, sql_rows
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import wait_until
 
@@ -211,7 +211,7 @@ async def test_retry_queues_the_failed_rows_again(svc: Service, fake_ollama: Fak
     answer = await upload(svc, b"text\nfine\nFAIL one\nalso fine\nFAIL two\n")
     batch_id = answer["batch"]["id"]
     progress = await finished(svc, batch_id)
-    assert progress["counts"] == {"succeeded": 2, "failed": 2, "invalid": 0, "deleted": 0}
+    assert progress["counts"] == rows_by_status(succeeded=2, failed=2)
     failed = json.loads((await results(svc, batch_id)).splitlines()[1])["error"]
     table = list(csv.DictReader(io.StringIO(await results(svc, batch_id, "csv"))))
     assert table[1]["error"] == f"step {failed['step']}: {failed['message']}"
@@ -392,6 +392,13 @@ async def test_an_upload_cut_short_by_an_error_leaves_no_batch_loading(
     assert [b["status"] for b in listed] == ["loading", "loaded"]
     assert listed[0]["rows"] == 0  # counted when its upload is finished
     assert sql_rows(db_url, "SELECT count(*) FROM tasks") == [(240,)]
+    # Its progress is over the rows queued so far, not 0 while they finish.
+    loading = listed[0]["id"]
+    cancelled = await idle.client.post(f"/api/v1/batches/{loading}/cancel")
+    assert cancelled.status_code == 200, cancelled.text
+    state = (await idle.client.get(f"/api/v1/batches/{loading}")).json()
+    assert state["counts"] == rows_by_status(cancelled=120)
+    assert (state["finished"], state["progress"]) == (120, 1.0)
 
 
 async def test_a_rows_task_shows_the_priority_its_batch_asked_for(
@@ -434,7 +441,7 @@ async def test_retry_of_the_cancelled_rows_resumes_a_cancelled_batch(idle: Servi
     assert resumed.status_code == 200, resumed.text
     assert resumed.json()["changed"] == 30
     progress = (await idle.client.get(f"/api/v1/batches/{batch_id}")).json()
-    assert progress["counts"] == {"queued": 30, "invalid": 0, "deleted": 0}
+    assert progress["counts"] == rows_by_status(queued=30)
     both = await idle.client.post(retry, params=[("statuses", "failed"), ("statuses", "cancelled")])
     assert both.status_code == 200 and both.json()["changed"] == 0  # all queued now
     wrong = await idle.client.post(retry, params={"statuses": "succeeded"})
@@ -459,9 +466,9 @@ async def test_the_list_gives_each_batch_its_counts_in_one_read(idle: Service) -
         event.remove(Engine, "before_cursor_execute", seen)
     newest, oldest = listing["items"]
     assert newest["id"] == second["batch"]["id"] and oldest["id"] == first["batch"]["id"]
-    assert newest["counts"] == {"cancelled": 5, "invalid": 0, "deleted": 0}
+    assert newest["counts"] == rows_by_status(cancelled=5)
     assert (newest["finished"], newest["progress"]) == (5, 1.0)
-    assert oldest["counts"] == {"queued": 2, "invalid": 1, "deleted": 0}
+    assert oldest["counts"] == rows_by_status(queued=2, invalid=1)
     assert (oldest["finished"], oldest["progress"], oldest["eta_seconds"]) == (0, 0.0, None)
     assert oldest["priority"] == 0 and oldest["rows"] == 3
     assert len(statements) == 1, statements  # one grouped read for the page, not one a batch
