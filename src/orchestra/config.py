@@ -95,7 +95,9 @@ DEFAULT_PROVIDERS: dict[str, dict[str, Any]] = {
 }
 #: What ``model: default`` means unless [models] says otherwise: Ollama's llama3.2 when it is
 #: there, else the embedded SmolLM2.
-DEFAULT_MODELS: dict[str, Any] = {"default": ["ollama/llama3.2", "embedded/smollm2"]}
+#: The logical model name a step asks when neither it, its task nor its template names one.
+DEFAULT_MODEL = "default"
+DEFAULT_MODELS: dict[str, Any] = {DEFAULT_MODEL: ["ollama/llama3.2", "embedded/smollm2"]}
 
 
 class ProviderSettings(_Section, frozen=True):

@@ -15,7 +15,7 @@ import jsonschema
 import msgspec
 from referencing.exceptions import Unresolvable
 
-from orchestra.config import LimitSettings
+from orchestra.config import DEFAULT_MODEL, LimitSettings
 from orchestra.domain import Task, Usage, total_usage
 from orchestra.errors import InvalidOutput, RenderError, StepError, StepTimeout
 from orchestra.llm.base import ChatMessage, ChatRequest, ChatResult, Provider
@@ -70,12 +70,9 @@ class Context(msgspec.Struct, frozen=True):
 
 
 def _model(ctx: Context, override: str | None) -> str:
-    model = override or ctx.task.model or ctx.template.model
-    if not model:
-        raise StepError(
-            "no model to ask: set `model` on the template or the step, or pass one with the task"
-        )
-    return model
+    """The model a step asks: its own, the task's, the template's, else the logical name
+    ``default`` (the router says so when [models] has no such chain)."""
+    return override or ctx.task.model or ctx.template.model or DEFAULT_MODEL
 
 
 def _unusable(schema: dict[str, Any]) -> str | None:

@@ -16,7 +16,7 @@ import msgspec
 import pytest
 
 from orchestra.config import FallbackSettings, ProviderSettings, Settings
-from orchestra.errors import ProviderUnavailable
+from orchestra.errors import ModelNotFound, ProviderUnavailable
 from orchestra.llm.base import ChatMessage, ChatRequest, Health
 from orchestra.llm.router import Router, build_providers
 from tests.conftest import StartService, with_provider
@@ -144,3 +144,18 @@ async def test_a_chain_whose_embedded_model_failed_too_is_not_waited_for(
         assert time.monotonic() - started < 5 and router.waiting == 0
         await router.close()
     assert "does not exist" in failed.value.message and "waited" not in failed.value.message
+
+
+async def test_no_model_named_anywhere_and_no_default_chain_fails_saying_so(
+    settings: Settings,
+) -> None:
+    """A step asks ``default`` when nothing names a model; without that chain in [models]
+    the call fails at once with the reason, not as a model called "default" not found."""
+    plain = msgspec.structs.replace(settings, models={})
+    async with httpx.AsyncClient() as client:
+        router = Router(build_providers(plain, client, {}), plain)
+        with pytest.raises(ModelNotFound) as failed:
+            await router.chat(ChatRequest("default", (ChatMessage("user", "hello"),)))
+        await router.close()
+    assert "no model to ask" in failed.value.message
+    assert "[models] has no 'default' chain" in failed.value.message

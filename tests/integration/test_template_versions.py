@@ -53,6 +53,20 @@ async def test_an_idempotent_replay_answers_with_its_task_after_the_template_cha
     assert after.json()["id"] == first.json()["id"]
 
 
+async def test_a_template_that_names_no_model_runs_on_the_default_chain(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    """No model on the step, the task or the template: the logical name ``default`` (its
+    chain's first entry, Ollama's llama3.2, here) answers, as its name promises."""
+    modelless = V1.replace("model: llama3.2\n", "")
+    assert "model" not in modelless
+    assert (await register(service, modelless))[0] == 201
+    done = await service.wait((await service.submit("greet", who="Ada"))["id"])
+    assert done["status"] == "succeeded", done["error"]
+    assert done["steps"][0]["model"] == "ollama/llama3.2"
+    assert [r["model"] for r in fake_ollama.requests] == ["llama3.2"]
+
+
 async def register(svc: Service, text: str) -> tuple[int, dict[str, object]]:
     response = await svc.client.post("/api/v1/templates", content=text)
     return response.status_code, response.json()

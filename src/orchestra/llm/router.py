@@ -32,7 +32,7 @@ from typing import Any, NamedTuple, TypeVar
 import msgspec
 
 from orchestra import logs, metrics
-from orchestra.config import Settings
+from orchestra.config import DEFAULT_MODEL, Settings
 from orchestra.domain import Fallback
 from orchestra.errors import ModelNotFound, ProviderError, ProviderUnavailable, ProviderUnreachable
 from orchestra.llm import passed_over
@@ -140,6 +140,11 @@ class Router:
     def _chain(self, model: str) -> list[Route]:
         """The entries of ``model``'s chain, in its order (see :meth:`routes`)."""
         chain = self.settings.chain(model)
+        if chain is None and model == DEFAULT_MODEL:
+            raise ModelNotFound(
+                "no model to ask: the step, the task and the template name none, and "
+                f"[models] has no {DEFAULT_MODEL!r} chain to fall back on"
+            )
         out: list[Route] = []
         for entry in chain if chain is not None else [model]:
             head, slash, rest = entry.partition("/")
