@@ -58,6 +58,8 @@ async def subscribe(svc: Service, receiver: Receiver, path: str = "/hook", **bod
     assert response.status_code == 201, response.text
     created = response.json()
     assert created["secret"].startswith("whsec_")
+    # Where it lives, as every created resource says.
+    assert response.headers["location"] == f"/api/v1/webhooks/{created['id']}"
     receiver.secrets[path] = created["secret"]
     return int(created["id"])
 

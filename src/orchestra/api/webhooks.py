@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from litestar import Controller, delete, get, patch, post
+from litestar import Controller, Response, delete, get, patch, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 
@@ -41,7 +41,7 @@ class WebhookController(Controller):
     )
     async def create(
         self, data: JSONBody[NewWebhook], runtime: NamedDependency[Runtime]
-    ) -> WebhookCreated:
+    ) -> Response[WebhookCreated]:
         """Subscribe ``url`` to ``event_types`` (of ``template``'s tasks only, when given).
         The answer carries the signing secret, shown this once. 422 naming ``url`` when it
         is malformed or resolves to a loopback, private or link-local address; 404 when
@@ -49,7 +49,11 @@ class WebhookController(Controller):
         if data.template is not None:  # 404 for a template that does not exist
             await runtime.tasks.template(data.template)
         hook, secret = await _service(runtime).create(data)
-        return WebhookCreated.of(hook, secret)
+        return Response(
+            WebhookCreated.of(hook, secret),
+            status_code=201,
+            headers={"Location": f"{self.path}/{hook.id}"},
+        )
 
     @get("/", opt=_ADMIN, summary="List subscriptions", responses=errors())
     async def list_webhooks(self, runtime: NamedDependency[Runtime]) -> WebhookList:
