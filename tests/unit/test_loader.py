@@ -132,6 +132,15 @@ def test_missing_required_fields() -> None:
         ("{type: array, items: {type: nope}}", "parameters.p.items", "not a valid JSON Schema"),
         ("{type: integer, maximum: many}", "parameters.p.maximum", "expected"),
         ("{type: string, colour: red}", "parameters.p.colour", "unknown field"),
+        ("{default: a}", "parameters.p.type", "; it is missing"),
+        # YAML's .inf and .nan: no JSON request could send or match them.
+        ("{type: number, default: .inf}", "parameters.p.default", "holds .inf or .nan"),
+        ("{type: number, maximum: .nan}", "parameters.p.maximum", "holds .inf or .nan"),
+        ("{type: number, enum: [1, -.inf]}", "parameters.p.enum", "holds .inf or .nan"),
+        ("{type: array, default: [[.nan]]}", "parameters.p.default", "holds .inf or .nan"),
+        # Bounds no value fits.
+        ("{type: integer, minimum: 5, maximum: 1}", "parameters.p.maximum", "no value fits"),
+        ("{type: string, min_length: 5, max_length: 2}", "parameters.p.max_length", "below"),
     ],
 )
 def test_parameter_problems(param: str, path: str, message: str) -> None:
@@ -139,6 +148,27 @@ def test_parameter_problems(param: str, path: str, message: str) -> None:
     found = {p.path: p.message for p in problems(text)}
     assert path in found, found
     assert message in found[path]
+
+
+def test_a_misspelt_field_of_a_step_is_refused_naming_the_one_there_is() -> None:
+    """``steps.first.outptu`` rendered as undefined at run time, with a hint about params."""
+    text = (
+        "name: x\nsteps:\n  - id: first\n    prompt: hi\n  - id: b\n"
+        "    prompt: \"{{ steps.first.outptu }} {{ steps.first.output.k }} {{ steps['first'].x }}\"\n"
+    )
+    found = [(p.path, p.line, p.message) for p in problems(text)]
+    assert found == [
+        (
+            "steps[1].prompt",
+            6,
+            "steps.first.outptu: a step's only field is 'output' (steps.first.output)",
+        ),
+        (
+            "steps[1].prompt",
+            6,
+            "steps.first.x: a step's only field is 'output' (steps.first.output)",
+        ),
+    ]
 
 
 def test_output_syntax_error_is_located() -> None:

@@ -7,6 +7,7 @@ are checked by ``step_loader`` and positions come from ``source``.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,6 +89,17 @@ def _step_schemas(value: Any, path: Path_) -> Iterator[tuple[Path_, dict[str, An
             raw, at = raw.get("step"), (*at, "step")
 
 
+def _finite(value: Any) -> bool:
+    """Whether every number in ``value`` (a YAML value: nested lists and mappings) is finite."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
+
+
 def _parameters(c: Checker, value: Any, budget: PatternBudget) -> dict[str, Parameter]:
     out: dict[str, Parameter] = {}
     data = c.mapping(value, ("parameters",), "'parameters'") if value is not None else {}
@@ -105,7 +117,8 @@ def _parameters(c: Checker, value: Any, budget: PatternBudget) -> dict[str, Para
         c.keys(fields, path, PARAM_KEYS)
         ptype = fields.get("type")
         if ptype not in PARAM_TYPES:
-            c.add((*path, "type"), f"type must be one of {', '.join(PARAM_TYPES)}; got {ptype!r}")
+            got = "it is missing" if "type" not in fields else f"got {ptype!r}"
+            c.add((*path, "type"), f"type must be one of {', '.join(PARAM_TYPES)}; {got}")
             continue
         known = {k: v for k, v in fields.items() if k in PARAM_KEYS}
         try:
@@ -132,6 +145,19 @@ def _parameters(c: Checker, value: Any, budget: PatternBudget) -> dict[str, Para
         ):
             if key in fields and not ok:
                 c.add((*path, key), f"{key} does not apply to a parameter of type {ptype}")
+        infinite = [
+            k for k in ("default", "enum", "minimum", "maximum") if not _finite(fields.get(k))
+        ]
+        for key in infinite:
+            # YAML's .inf and .nan: JSON has neither, so no caller could send or match them.
+            c.add((*path, key), f"{key} holds .inf or .nan: only finite numbers can be used")
+        if infinite:
+            out[name] = param  # known, so that steps using it are not reported too
+            continue
+        for low, high in (("minimum", "maximum"), ("min_length", "max_length")):
+            below, above = getattr(param, low), getattr(param, high)
+            if below is not None and above is not None and above < below:
+                c.add((*path, high), f"{high} {above} is below {low} {below}: no value fits")
         if param.items is not None:
             if not _patterns(c, (*path, "items"), param.items, budget):
                 out[name] = param

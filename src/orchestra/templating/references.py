@@ -77,6 +77,7 @@ def references(source: str, *, expression: bool = False) -> References:
     names = frozenset(meta.find_undeclared_variables(tree) - set(env.globals))
     found: dict[str, set[str]] = {"params": set(), "steps": set()}
     lines: dict[str, int] = {}
+    problems = _problems(tree, env)
     for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Name)):
         if isinstance(node, nodes.Name):
             if node.name in names:
@@ -89,10 +90,33 @@ def references(source: str, *, expression: bool = False) -> References:
             if key is not None:
                 found[target.name].add(key)
                 lines.setdefault(f"{target.name}.{key}", node.lineno)
+        elif _names_a_step(target) and (field := _key(node)) not in (None, STEP_FIELD):
+            assert isinstance(target, nodes.Getattr | nodes.Getitem)
+            problems.append(
+                (
+                    node.lineno,
+                    f"steps.{_key(target)}.{field}: a step's only field is "
+                    f"'{STEP_FIELD}' (steps.{_key(target)}.{STEP_FIELD})",
+                )
+            )
     return References(
         names=names,
         params=frozenset(found["params"]),
         steps=frozenset(found["steps"]),
         lines=lines,
-        problems=tuple(_problems(tree, env)),
+        problems=tuple(sorted(problems)),
+    )
+
+
+#: What ``steps.<id>`` holds of a step that ran: its output, nothing else.
+STEP_FIELD = "output"
+
+
+def _names_a_step(node: nodes.Node) -> bool:
+    """Whether ``node`` is ``steps.<id>`` (or ``steps['<id>']``)."""
+    return (
+        isinstance(node, nodes.Getattr | nodes.Getitem)
+        and isinstance(node.node, nodes.Name)
+        and node.node.name == "steps"
+        and _key(node) is not None
     )
