@@ -162,10 +162,15 @@ async def test_reload_by_endpoint_and_by_sighup(
         assert "one" in [t["name"] for t in reloaded.json()["items"]]
 
         (folder / "broken.yaml").write_text("name: broken\nsteps: nope\n")
+        (folder / "tabbed.yaml").write_text("name: tabbed\nsteps:\n\t- id: a\n")
         refused = await svc.client.post("/api/v1/templates/reload")
         assert refused.status_code == 422
-        assert refused.json()["errors"][0]["path"] == "steps"
+        # Each problem names its file: two broken files, told apart.
+        errors = {Path(e["file"]).name: e for e in refused.json()["errors"]}
+        assert set(errors) == {"broken.yaml", "tabbed.yaml"}, errors
+        assert errors["broken.yaml"]["path"] == "steps" and errors["tabbed.yaml"]["line"] == 3
         (folder / "broken.yaml").unlink()
+        (folder / "tabbed.yaml").unlink()
 
         (folder / "two.yaml").write_text(V1.replace("greet", "two"))
         os.kill(os.getpid(), signal.SIGHUP)

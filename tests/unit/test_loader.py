@@ -154,7 +154,8 @@ def test_a_misspelt_field_of_a_step_is_refused_naming_the_one_there_is() -> None
     """``steps.first.outptu`` rendered as undefined at run time, with a hint about params."""
     text = (
         "name: x\nsteps:\n  - id: first\n    prompt: hi\n  - id: b\n"
-        "    prompt: \"{{ steps.first.outptu }} {{ steps.first.output.k }} {{ steps['first'].x }}\"\n"
+        "    prompt: \"{{ steps.first.outptu }} {{ steps.first.output.k }}"
+        " {{ steps['first'].x }}\"\n"
     )
     found = [(p.path, p.line, p.message) for p in problems(text)]
     assert found == [

@@ -90,7 +90,7 @@ def orchestra_error(_: Request[Any, Any, Any], exc: OrchestraError) -> Response[
     fields = [FieldOut(f.field, f.message) for f in getattr(exc, "fields", [])]
     problems = None
     if isinstance(exc, TemplateError):
-        problems = [ProblemOut(p.line, p.column, p.path, p.message) for p in exc.problems]
+        problems = [ProblemOut.of(p) for p in exc.problems]
     headers = None
     if isinstance(exc, Unauthorized):  # RFC 9110: a 401 names the scheme it would accept
         headers = {"WWW-Authenticate": "Bearer"}

@@ -123,6 +123,6 @@ class TemplateController(Controller):
         except TemplateError as exc:
             return ValidationOut(
                 valid=False,
-                errors=[ProblemOut(p.line, p.column, p.path, p.message) for p in exc.problems],
+                errors=[ProblemOut.of(p) for p in exc.problems],
             )
         return ValidationOut(valid=True, errors=[], name=template.name)

@@ -28,6 +28,7 @@ from orchestra.llm.model_crashes import signal_label
 if TYPE_CHECKING:  # the server's types, for the constructors only: the client never loads them
     from orchestra.llm.router import ProviderState
     from orchestra.templating.model import Template
+    from orchestra.templating.source import TemplateProblem
 
 
 class ErrorOut(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -293,12 +294,19 @@ class TemplateList(msgspec.Struct, frozen=True):
 
 
 class ProblemOut(msgspec.Struct, frozen=True):
-    """One problem in a template, with 1-based line and column."""
+    """One problem in a template, with 1-based line and column, and the file it is in (a
+    template folder's file; the request's own text is named as such)."""
 
     line: int
     column: int
     path: str
     message: str
+    file: str | None = None
+
+    @classmethod
+    def of(cls, problem: TemplateProblem) -> ProblemOut:
+        """From a template problem."""
+        return cls(problem.line, problem.column, problem.path, problem.message, problem.file)
 
 
 class ValidationOut(msgspec.Struct, frozen=True):
