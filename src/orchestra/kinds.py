@@ -105,6 +105,10 @@ def _error_path(err: jsonschema.ValidationError) -> list[Any]:
     return list(err.absolute_path)
 
 
+#: How much of an invalid structured reply its step's error quotes, in characters.
+REPLY_SHOWN = 300
+
+
 def _check_json(text: str, schema: dict[str, Any] | None) -> tuple[Any, list[str]]:
     try:
         value = parse_json_text(text)
@@ -214,9 +218,13 @@ async def run_llm(spec: LlmStep, scope: Scope, ctx: Context) -> Outcome:
         request = msgspec.structs.replace(request, messages=tuple(messages))
         result = await _chat(spec, ctx, request, on_text)
         usage = usage.plus(result.usage.flag_truncation(limit))
+    # The last reply itself, the start of it: what to look at (a step's output is not kept
+    # when it fails, and the message is clipped as every task error is).
+    shown = result.text if len(result.text) <= REPLY_SHOWN else result.text[:REPLY_SHOWN] + "…"
     raise InvalidOutput(
         f"the model's reply stayed invalid after {spec.repair_attempts} repair(s): "
         + "; ".join(problems[:5])
+        + f"; its last reply: {shown!r}"
     )
 
 
@@ -313,7 +321,15 @@ async def run_map(spec: MapStep, scope: Scope, ctx: Context) -> Outcome:
 
     async def one(index: int, item: Any) -> Outcome:
         local = {**scope, "item": item, "index": index}
-        outcome = await run_step(inner, local, ctx, where=where, late=late, gate=gate)
+        try:
+            outcome = await run_step(inner, local, ctx, where=where, late=late, gate=gate)
+        except StepError as exc:
+            # Which item, and the inner step's path in the template (its messages name it
+            # as a step of its own: steps.item.text).
+            message = exc.message.replace(f"steps.{inner.id}.", f"{where}.")
+            exc.message = f"item {index} of steps.{spec.id}: {message}"
+            exc.args = (exc.message,)
+            raise
         if outcome is None:  # skipped by its `when`
             outcome = Outcome(None)
         output.add(outcome.output)  # over the limit: the other items are cancelled

@@ -90,6 +90,17 @@ steps:
       when: item != "skip"
       prompt: "#{{ index }} {{ item }}"
 """,
+    "divide": """\
+name: divide
+parameters:
+  xs: {type: array, default: [1, 2, 0, 4]}
+steps:
+  - id: m
+    kind: map
+    over: params.xs
+    concurrency: 1
+    step: {kind: render, text: "{{ 10 / item }}"}
+""",
     "chunks": """\
 name: chunks
 model: llama3.2
@@ -216,6 +227,8 @@ async def test_structured_output_that_stays_invalid_fails_after_the_repairs(
     assert done["status"] == "failed"
     assert done["error"]["type"] == "invalid_output"
     assert "after 2 repair(s)" in done["error"]["message"]
+    # The reply itself is quoted: the failed step keeps no output to look at.
+    assert done["error"]["message"].endswith("; its last reply: 'not json at all'")
     assert len(fake_ollama.requests) == 3
     assert len(done["attempts"]) == 1  # not retryable: retrying would not change the model
     # The model answered three times: who answered, and what the answers cost, are kept.
@@ -271,6 +284,14 @@ async def test_map_runs_items_concurrently_and_keeps_their_order(
     assert len(fake_ollama.requests) == 6
     assert all(r["stream"] is False for r in fake_ollama.requests)  # items do not stream
     assert elapsed < 6 * 0.3  # faster than one at a time
+
+
+async def test_a_failing_map_item_is_named_with_its_path_in_the_template(svc: Service) -> None:
+    done = await svc.wait((await svc.submit("divide"))["id"])
+    assert done["status"] == "failed" and done["error"]["step"] == "m"
+    message = done["error"]["message"]
+    assert "item 2 of steps.m: cannot render steps.m.step.text" in message, message
+    assert "division by zero" in message
 
 
 async def test_chunk_then_map_then_combine(svc: Service, fake_ollama: FakeOllama) -> None:

@@ -125,3 +125,10 @@ def test_from_json_prefers_a_bracketed_value_to_a_leading_number() -> None:
     assert from_json('"a [quoted] string"') == "a [quoted] string"
     with pytest.raises(RenderError, match="not JSON"):
         from_json('{"a": oops, "b": {"c": 1}}')  # not the object inside the broken one
+
+
+def test_a_failing_field_of_an_output_mapping_is_named() -> None:
+    scope = {"params": {}, "steps": {"m": {"output": "text"}}}
+    spec = {"first": "{{ steps.m.output }}", "bad": "{{ steps.m.output.nope }}"}
+    with pytest.raises(RenderError, match=r"^cannot render output\.bad: "):
+        render_output(spec, scope)

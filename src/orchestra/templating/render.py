@@ -359,14 +359,17 @@ def render_text(source: str, scope: Mapping[str, Any], *, what: str) -> str:
         raise RenderError(f"cannot render {what}: {_explain(exc)}") from exc
 
 
-def render_output(spec: str | dict[str, str], scope: Mapping[str, Any]) -> Any:
+def render_output(
+    spec: str | dict[str, str], scope: Mapping[str, Any], where: str = "output"
+) -> Any:
     """Evaluate a template's ``output``: a string, or a mapping of names to strings.
 
     Raises:
-        RenderError: naming the output field and why it failed.
+        RenderError: naming the output field (``output.NAME`` in a mapping) and why it
+            failed.
     """
     if isinstance(spec, dict):
-        return {name: render_output(text, scope) for name, text in spec.items()}
+        return {name: render_output(text, scope, f"{where}.{name}") for name, text in spec.items()}
     try:
         compiled = compile_output(spec)
         if isinstance(compiled, _Expression):
@@ -374,6 +377,6 @@ def render_output(spec: str | dict[str, str], scope: Mapping[str, Any]) -> Any:
                 return plain(compiled(scope))
         return render_capped(compiled, scope)
     except RenderError as exc:
-        raise RenderError(f"cannot render output: {exc.message}") from exc
+        raise RenderError(f"cannot render {where}: {exc.message}") from exc
     except Exception as exc:
-        raise RenderError(f"cannot render output: {_explain(exc)}") from exc
+        raise RenderError(f"cannot render {where}: {_explain(exc)}") from exc
