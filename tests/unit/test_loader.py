@@ -154,7 +154,7 @@ def test_a_misspelt_field_of_a_step_is_refused_naming_the_one_there_is() -> None
     """``steps.first.outptu`` rendered as undefined at run time, with a hint about params."""
     text = (
         "name: x\nsteps:\n  - id: first\n    prompt: hi\n  - id: b\n"
-        "    prompt: \"{{ steps.first.outptu }} {{ steps.first.output.k }}"
+        '    prompt: "{{ steps.first.outptu }} {{ steps.first.output.k }}'
         " {{ steps['first'].x }}\"\n"
     )
     found = [(p.path, p.line, p.message) for p in problems(text)]
@@ -170,6 +170,36 @@ def test_a_misspelt_field_of_a_step_is_refused_naming_the_one_there_is() -> None
             "steps.first.x: a step's only field is 'output' (steps.first.output)",
         ),
     ]
+
+
+@pytest.mark.parametrize(
+    ("options", "key", "message"),
+    [
+        (
+            "{temprature: 0}",
+            "temprature",
+            "unknown option 'temprature'; did you mean 'temperature'?",
+        ),
+        ("{temperature: hot}", "temperature", "option 'temperature' must be a number, got 'hot'"),
+        ("{num_predict: 1.5}", "num_predict", "option 'num_predict' must be an integer, got 1.5"),
+        ("{stop: 3}", "stop", "option 'stop' must be a string or a list of strings, got 3"),
+    ],
+)
+def test_an_llm_steps_options_are_checked(options: str, key: str, message: str) -> None:
+    """A typo in an option silently lost the setting (temperature 0: deterministic, cached)."""
+    text = f"name: x\nsteps:\n  - id: a\n    prompt: hi\n    options: {options}\n"
+    [p] = problems(text)
+    assert (p.path, p.message) == (f"steps[0].options.{key}", message)
+    assert p.line == 5
+
+
+def test_a_servers_own_options_pass() -> None:
+    """Servers take options of their own (vLLM's repetition_penalty, min_tokens): only a near
+    miss of a known option is a typo."""
+    options = "{temperature: 0.2, repetition_penalty: 1.1, min_tokens: 3, my_server_knob: x}"
+    text = f"name: x\nsteps:\n  - id: a\n    prompt: hi\n    options: {options}\n"
+    [step] = parse_template(text, "t.yaml").steps
+    assert step.options["repetition_penalty"] == 1.1  # type: ignore[union-attr]
 
 
 def test_output_syntax_error_is_located() -> None:

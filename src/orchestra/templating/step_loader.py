@@ -24,6 +24,7 @@ from orchestra.templating.model import (
     RenderStep,
     StepSpec,
 )
+from orchestra.templating.options import check_options
 from orchestra.templating.references import references
 from orchestra.templating.regex import check_schema
 from orchestra.templating.render import NotAnExpression, compile_expression, compile_text
@@ -182,6 +183,7 @@ class _StepReader:
         if not isinstance(options, dict):
             c.add((*path, "options"), f"'options' must be a mapping, got {describe(options)}")
             options = {}
+        check_options(c, (*path, "options"), options)
         fmt = data.get("format")
         if isinstance(fmt, dict):
             fmt = _schema(c, (*path, "format"), fmt)
