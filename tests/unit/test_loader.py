@@ -10,6 +10,7 @@ from referencing.exceptions import Unresolvable
 from orchestra.config import LimitSettings
 from orchestra.errors import InvalidParams, TemplateError
 from orchestra.templating import TemplateProblem, parse_template
+from orchestra.templating.options import KNOWN, one_edit_apart
 from orchestra.templating.params import validate_params
 from orchestra.templating.regex import validator
 from orchestra.templating.registry import TemplateRegistry
@@ -173,6 +174,23 @@ def test_a_misspelt_field_of_a_step_is_refused_naming_the_one_there_is() -> None
 
 
 @pytest.mark.parametrize(
+    ("typed", "meant"),
+    [
+        ("temprature", "temperature"),  # a letter left out
+        ("temperatture", "temperature"),  # one added
+        ("num_predixt", "num_predict"),  # one changed
+        ("num_ctx_", "num_ctx"),
+        ("tmperatre", None),  # two letters left out: not one typo
+        ("penalize_newlines", "penalize_newline"),
+        ("repaet_penalty", "repeat_penalty"),  # two letters swapped
+    ],
+)
+def test_a_typo_is_one_edit_from_the_option_meant(typed: str, meant: str | None) -> None:
+    found = [known for known in KNOWN if one_edit_apart(typed, known)]
+    assert found == ([meant] if meant else [])
+
+
+@pytest.mark.parametrize(
     ("options", "key", "message"),
     [
         (
@@ -196,10 +214,21 @@ def test_an_llm_steps_options_are_checked(options: str, key: str, message: str) 
 def test_a_servers_own_options_pass() -> None:
     """Servers take options of their own (vLLM's repetition_penalty, min_tokens): only a near
     miss of a known option is a typo."""
-    options = "{temperature: 0.2, repetition_penalty: 1.1, min_tokens: 3, my_server_knob: x}"
+    options = (
+        "{temperature: 0.2, repetition_penalty: 1.1, min_tokens: 3, my_server_knob: x,"
+        " n_predict: 256, n_keep: 4, top_a: 0.1, mirostat_ent: 1}"
+    )
     text = f"name: x\nsteps:\n  - id: a\n    prompt: hi\n    options: {options}\n"
     [step] = parse_template(text, "t.yaml").steps
     assert step.options["repetition_penalty"] == 1.1  # type: ignore[union-attr]
+
+
+def test_a_steps_mapping_methods_are_not_taken_for_fields() -> None:
+    text = (
+        "name: x\nsteps:\n  - id: a\n    prompt: hi\n  - id: b\n"
+        "    prompt: \"{% if steps.a.get('output') %}{{ steps.a.items() | list }}{% endif %}\"\n"
+    )
+    assert [s.id for s in parse_template(text, "t.yaml").steps] == ["a", "b"]
 
 
 def test_output_syntax_error_is_located() -> None:

@@ -2,14 +2,13 @@
 
 Options pass to the model server as written (Ollama's names; an OpenAI-compatible server gets
 them renamed), and servers take options of their own, so an unknown name is allowed. But one a
-letter or two from a known option (``temprature``) is a typo that silently loses the setting:
-it is refused, naming the option meant. A known option of the wrong type (``temperature:
-hot``) is refused too.
+single typo from a known option (``temprature``: a letter left out, added, changed or two
+swapped) silently loses the setting: it is refused, naming the option meant. A known option
+of the wrong type (``temperature: hot``) is refused too.
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from typing import Any
 
@@ -81,20 +80,30 @@ KNOWN: dict[str, Callable[[Any], bool]] = {
 }
 
 
-#: Other servers' options (vLLM's, OpenAI's) that look like a known one but are not typos.
-OTHERS = frozenset(
-    {
-        "min_tokens",
-        "repetition_penalty",
-        "length_penalty",
-        "logit_bias",
-        "logprobs",
-        "top_logprobs",
-        "best_of",
-        "ignore_eos",
-        "skip_special_tokens",
-    }
-)
+#: Other servers' options (llama.cpp's, vLLM's, OpenAI's) one edit from a known one.
+OTHERS = frozenset({"top_a", "n_keep", "n_probs", "typ_p", "min_keep"})
+
+#: Names shorter than this are not checked for typos: too many real options are one letter
+#: from each other there (top_a, top_k, top_p).
+TYPO_MIN_LENGTH = 6
+
+
+def one_edit_apart(a: str, b: str) -> bool:
+    """Whether ``a`` becomes ``b`` by one insertion, deletion, substitution, or swap of two
+    neighbouring letters (a typo); False when they are equal."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diffs = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+        return len(diffs) == 1 or (
+            len(diffs) == 2
+            and diffs[1] == diffs[0] + 1
+            and a[diffs[0]] == b[diffs[1]]
+            and a[diffs[1]] == b[diffs[0]]
+        )
+    short, long = (a, b) if len(a) < len(b) else (b, a)
+    i = next((i for i, (x, y) in enumerate(zip(short, long, strict=False)) if x != y), len(short))
+    return short[i:] == long[i + 1 :]
 
 
 def check_options(c: Checker, path: Path_, options: dict[Any, Any]) -> None:
@@ -104,10 +113,10 @@ def check_options(c: Checker, path: Path_, options: dict[Any, Any]) -> None:
         at = (*path, str(name))
         fits = KNOWN.get(str(name))
         if fits is None:
-            if str(name) in OTHERS:
+            if str(name) in OTHERS or len(str(name)) < TYPO_MIN_LENGTH:
                 continue
-            near = difflib.get_close_matches(str(name), KNOWN, n=1, cutoff=0.85)
+            near = next((known for known in KNOWN if one_edit_apart(str(name), known)), None)
             if near:
-                c.add(at, f"unknown option {name!r}; did you mean {near[0]!r}?")
+                c.add(at, f"unknown option {name!r}; did you mean {near!r}?")
         elif not fits(value):
             c.add(at, f"option {name!r} must be {_KINDS[fits]}, got {value!r}")

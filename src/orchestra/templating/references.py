@@ -78,6 +78,8 @@ def references(source: str, *, expression: bool = False) -> References:
     found: dict[str, set[str]] = {"params": set(), "steps": set()}
     lines: dict[str, int] = {}
     problems = _problems(tree, env)
+    # steps.a.get('output'), steps.a.items(): a mapping's methods, called, not a field.
+    called = {id(call.node) for call in tree.find_all(nodes.Call)}
     for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Name)):
         if isinstance(node, nodes.Name):
             if node.name in names:
@@ -90,7 +92,11 @@ def references(source: str, *, expression: bool = False) -> References:
             if key is not None:
                 found[target.name].add(key)
                 lines.setdefault(f"{target.name}.{key}", node.lineno)
-        elif _names_a_step(target) and (field := _key(node)) not in (None, STEP_FIELD):
+        elif (
+            _names_a_step(target)
+            and id(node) not in called
+            and (field := _key(node)) not in (None, STEP_FIELD)
+        ):
             assert isinstance(target, nodes.Getattr | nodes.Getitem)
             problems.append(
                 (
