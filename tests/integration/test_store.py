@@ -198,6 +198,26 @@ async def test_same_process_stale_attempt_is_fenced_by_attempt_number(
     assert await store.finish(Lease(task.id, "me", second.attempts), TaskStatus.SUCCEEDED)
 
 
+@pytest.mark.parametrize("seconds", [0.012345, 61.000001, -2.0])
+async def test_a_step_its_attempt_ended_takes_its_duration_to_the_microsecond(
+    store: TaskStore, clock: Clock, seconds: float
+) -> None:
+    """A step still running when its attempt ends (timed out, cancelled, handed back, lost)
+    is closed with the time it ran, as exact on SQLite as on PostgreSQL; never below 0 (the
+    end read on another host's clock)."""
+    task = await add(store, new())
+    [claimed] = await store.claim("w", 1, 30)
+    lease = Lease(task.id, "w", claimed.attempts)
+    await store.start_step(lease, "summary", 0)
+    clock.advance(seconds)
+    assert await store.finish(lease, TaskStatus.CANCELLED)
+    done = await store.get_task(task.id)
+    assert done is not None
+    [step] = done.steps
+    assert step.status is StepStatus.FAILED
+    assert step.duration_ms == max(0.0, round(seconds * 1000, 3))
+
+
 async def test_release_hands_a_task_back_without_counting_the_attempt(store: TaskStore) -> None:
     task = await add(store, new())
     [claimed] = await store.claim("w", 1, 30)

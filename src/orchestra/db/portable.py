@@ -127,21 +127,32 @@ class _ElapsedMs(_ColumnElement[Any]):
 @compiles(_ElapsedMs)
 def _elapsed_default(element: _ElapsedMs, compiler: SQLCompiler, **kw: Any) -> str:
     start, end = compiler.process(element.start, **kw), compiler.process(element.end, **kw)
+    # GREATEST skips a NULL, so a NULL time is kept NULL by the CASE.
     return (
-        f"round(CAST(EXTRACT(EPOCH FROM (CAST({end} AS timestamptz)"
-        f" - CAST({start} AS timestamptz))) * 1000 AS numeric), 3)"
+        f"CASE WHEN {start} IS NULL OR {end} IS NULL THEN NULL ELSE"
+        f" GREATEST(round(CAST(EXTRACT(EPOCH FROM (CAST({end} AS timestamptz)"
+        f" - CAST({start} AS timestamptz))) * 1000 AS numeric), 3), 0) END"
     )
 
 
 @compiles(_ElapsedMs, "sqlite")
 def _elapsed_sqlite(element: _ElapsedMs, compiler: SQLCompiler, **kw: Any) -> str:
+    # Whole seconds, then the microseconds from the text (fixed width: domain.iso):
+    # julianday() keeps whole milliseconds, and the difference of two such large doubles
+    # read 12.345 ms as 11.989.
     start, end = compiler.process(element.start, **kw), compiler.process(element.end, **kw)
-    return f"round((julianday({end}) - julianday({start})) * 86400000.0, 3)"
+    # max() of SQLite is NULL when an argument is: a NULL time gives NULL.
+    return (
+        f"max((strftime('%s', {end}) - strftime('%s', {start})) * 1000.0"
+        f" + (CAST(substr({end}, 21, 6) AS INTEGER)"
+        f" - CAST(substr({start}, 21, 6) AS INTEGER)) / 1000.0, 0.0)"
+    )
 
 
 def elapsed_ms(start: ColumnElement[Any], end: ColumnElement[Any]) -> ColumnElement[Any]:
-    """Milliseconds from ``start`` to ``end``, two stored times (ISO-8601 text); NULL when
-    either is."""
+    """Milliseconds from ``start`` to ``end``, two stored times (ISO-8601 text as
+    :func:`~orchestra.domain.iso` writes them), to the microsecond on both engines; never
+    below 0 (two hosts' clocks); NULL when either is."""
     return _ElapsedMs(start, end)
 
 
