@@ -225,21 +225,24 @@ class TaskService:
                 outside the years 1 to 9999 in UTC.
             ConflictError: the idempotency key was used before with a different request.
         """
-        if sub.idempotency_key is not None:
-            # A replay answers with the task the key made, whatever has changed since (the
-            # template deleted, or a new version asking for another parameter): it is not
-            # validated again. A race with the first submit is settled by the insert below.
-            replayed = await self._replay(sub, key_id)
-            if replayed is not None:
-                return replayed
-        if sub.callback_url is not None:
-            if self.callbacks is None:
-                raise InvalidRequest(
-                    "callback_url is not available here",
-                    [FieldProblem("callback_url", "webhooks are not running in this process")],
-                )
-            await self.callbacks.check_callback(sub.callback_url)
-        new = await self.prepare(sub, key_id=key_id)
+        try:
+            if sub.callback_url is not None:
+                if self.callbacks is None:
+                    raise InvalidRequest(
+                        "callback_url is not available here",
+                        [FieldProblem("callback_url", "webhooks are not running in this process")],
+                    )
+                await self.callbacks.check_callback(sub.callback_url)
+            new = await self.prepare(sub, key_id=key_id)
+        except (TemplateNotFound, InvalidRequest):
+            # A replay answers with the task its key made, whatever has changed since (the
+            # template deleted, or a new version asking for another parameter). Looked up
+            # only when the submit is refused: a new key costs no read.
+            if sub.idempotency_key is not None:
+                replayed = await self._replay(sub, key_id)
+                if replayed is not None:
+                    return replayed
+            raise
         run_at = new.run_at
         due_now = run_at is None or run_at <= now()
         # Where the transactions asked for in one turn of the loop commit together, in order
@@ -297,8 +300,13 @@ class TaskService:
         if callback_url is None or self.callbacks is None:
             return await self.store.enqueue(new, wake_others=wake_others)
         row = await self.callbacks.enqueue_with_callback(new, callback_url)
-        if row is None:  # the idempotency key was used: the store reads that task back
-            return await self.store.enqueue(new)
+        if row is None:  # the idempotency key was used: that task
+            assert new.idempotency_key is not None
+            found = await self.store.by_idempotency_key(new.idempotency_scope, new.idempotency_key)
+            if found is None:  # deleted meanwhile (retention): queue it again
+                return await self._enqueue(new, callback_url)
+            task, request_hash = found
+            return Enqueued(task=task, created=False, same_request=request_hash == new.request_hash)
         return Enqueued(task=task_from_row(row), created=True)
 
     async def get(self, task_id: int, *, wait: float = 0.0) -> Task:

@@ -22,6 +22,7 @@ retention cutoff.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Collection, Iterable
 from datetime import datetime, timedelta
 from functools import cached_property
@@ -116,17 +117,20 @@ class TaskStore:
         """Insert a queued task; with an idempotency key already used in its scope
         (``new.idempotency_scope``), return that task. ``wake_others``: see
         :func:`~orchestra.db.queue.enqueue`."""
-        created = self._now()
-        row = await self.db.transaction(
-            lambda conn: queue.enqueue(conn, new, created, wake_others=wake_others), small=True
-        )
-        if row is not None:
-            return Enqueued(task=task_from_row(row), created=True)
-        assert new.idempotency_key is not None  # only a used key keeps a task out
-        existing = await self.by_idempotency_key(new.idempotency_scope, new.idempotency_key)
-        assert existing is not None  # tasks keep their key until they are deleted with it
-        task, request_hash = existing
-        return Enqueued(task=task, created=False, same_request=request_hash == new.request_hash)
+        while True:
+            enqueue = functools.partial(
+                queue.enqueue, new=new, at=self._now(), wake_others=wake_others
+            )
+            row = await self.db.transaction(enqueue, small=True)
+            if row is not None:
+                return Enqueued(task=task_from_row(row), created=True)
+            assert new.idempotency_key is not None  # only a used key keeps a task out
+            existing = await self.by_idempotency_key(new.idempotency_scope, new.idempotency_key)
+            if existing is not None:
+                task, request_hash = existing
+                same = request_hash == new.request_hash
+                return Enqueued(task=task, created=False, same_request=same)
+            # Its task was deleted (retention) between the two: the key is free again.
 
     async def by_idempotency_key(self, scope: str, key: str) -> tuple[Task, str | None] | None:
         """The task submitted with idempotency key ``key`` in ``scope``, and the hash of the
