@@ -1,6 +1,7 @@
 """The dashboard in headless Chromium: what the address bar and history hold after a form's
-answer, the marker shown while the service cannot be reached, and pages that fit their
-screen (long names, narrow phones).
+answer, the marker shown while the service cannot be reached (and a filter sent again after
+it), pages that fit their screen (long names and values, narrow phones), and the keyboard
+focus kept through live refreshes.
 
 As in test_dashboard_browser.py, each test asks for ``browser`` after the service, so the
 browser closes first.
@@ -19,8 +20,10 @@ import uvicorn
 
 from orchestra.api import create_app
 from orchestra.config import Settings
+from orchestra.web import views
 from tests.conftest import Service
 from tests.fixtures.browser import new_page
+from tests.fixtures.fake_ollama import Failure, FakeOllama
 from tests.fixtures.servers import QuickServer, free_socket, wait_until
 
 if TYPE_CHECKING:
@@ -171,3 +174,178 @@ async def test_the_filter_form_leaves_empty_fields_out_of_the_address(
     await page.click("form.filters button[type=submit]")
     await page.wait_for_url(f"{service.url}/ui/tasks?status=cancelled", timeout=WAIT)
     assert page.errors == []
+
+
+#: About 96,000 characters of right-to-left text: laid out whole in a narrow box, it kept
+#: Chromium busy for most of a minute.
+RIGHT_TO_LEFT = "שלום עולם مرحبا بالعالم " * 4000
+
+
+async def test_a_long_right_to_left_value_is_shown_in_part_and_whole_when_asked(
+    service: Service, browser: Browser
+) -> None:
+    from playwright.async_api import expect
+
+    task = await service.submit("summarize", text=RIGHT_TO_LEFT)
+    assert (await service.wait(task["id"]))["status"] == "succeeded"
+    page = await new_page(browser, viewport=PHONE)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await page.goto(f"{service.url}/ui/tasks/{task['id']}")
+    width = await page.evaluate(_WIDTH)  # the page laid out
+    took = loop.time() - started
+    # A generous bound: with every value shown whole it took most of a minute.
+    assert took < 5, f"the page took {took:.1f} s to load and lay out"
+    assert width <= 375
+    # No box laid out holds more than the inline share: params, prompt, output, result.
+    laid_out = await page.evaluate(
+        "() => [...document.querySelectorAll('main pre')].filter(e => e.checkVisibility())"
+        ".map(e => e.textContent.length)"
+    )
+    assert laid_out and max(laid_out) <= views.INLINE_CHARS + 1, laid_out
+    for part in ("#params", "#result"):
+        shown = await page.locator(part).text_content()
+        assert shown is not None and len(shown) <= views.INLINE_CHARS + 1, part
+        whole = page.locator(f"{part}-all")
+        await expect(whole).to_be_hidden()
+        await page.locator(f"{part} + details > summary").click()
+        await expect(whole).to_be_visible(timeout=WAIT)
+        assert RIGHT_TO_LEFT.strip() in (await whole.text_content() or ""), part
+    assert page.errors == []
+
+
+#: A template name of 97 characters with no place to break a line at.
+LONGER_NAME = "long_template_name_" * 5 + "xx"
+
+#: Whether every table's wrapper shows all of its table (nothing to scroll to sideways),
+#: and the widths of those that do not.
+_TABLES_FIT = """() => [...document.querySelectorAll('.table-wrap')]
+  .filter(w => w.scrollWidth > w.clientWidth)
+  .map(w => [w.scrollWidth, w.clientWidth])"""
+
+
+async def test_long_unbroken_values_wrap_inside_their_table_cells(
+    service: Service, fake_ollama: FakeOllama, browser: Browser
+) -> None:
+    from playwright.async_api import expect
+
+    template = (
+        f"name: {LONGER_NAME}\nparameters:\n  x: {{type: string}}\n"
+        "steps:\n  - id: a\n    kind: render\n    text: '{{ params.x }}'\n"
+    )
+    registered = await service.client.post("/api/v1/templates", content=template)
+    assert registered.status_code == 201, registered.text
+    named = await service.submit(LONGER_NAME, x="y")
+    await service.wait(named["id"])
+    fake_ollama.failure = Failure(400, "E" * 300, times=1)  # not retried: the task fails
+    failed = await service.submit("summarize", text="fails with a long error")
+    assert (await service.wait(failed["id"]))["status"] == "failed"
+    page = await new_page(browser, viewport={"width": 1280, "height": 800})
+    await page.goto(f"{service.url}/ui/tasks")
+    await page.check("#live-pause")
+    await expect(page.locator("#rows tr")).to_have_count(2)
+    assert await page.evaluate(_TABLES_FIT) == [], "tasks"
+    await page.goto(f"{service.url}/ui/templates")
+    await expect(page.locator("main table")).to_contain_text(LONGER_NAME)
+    assert await page.evaluate(_TABLES_FIT) == [], "templates"
+    await page.goto(f"{service.url}/ui/tasks/{failed['id']}")
+    await expect(page.locator("#attempts-h + .table-wrap")).to_contain_text("E" * 300)
+    assert await page.evaluate(_TABLES_FIT) == [], "attempts"
+    # On a phone, the long name wraps; the id and the status each stay on one line.
+    await page.set_viewport_size(PHONE)
+    await page.goto(f"{service.url}/ui/tasks")
+    assert await page.evaluate(_TABLES_FIT) == [], "tasks on a phone"
+    row = page.locator("#rows tr", has_text=LONGER_NAME[:20])
+    for cell in (row.locator("a").first, row.locator(".status")):
+        box = await cell.bounding_box()
+        line = await cell.evaluate("e => parseFloat(getComputedStyle(e).lineHeight)")
+        assert box is not None and box["height"] < 1.5 * line, (await cell.text_content(), box)
+    assert page.errors == []
+
+
+#: Counts the live part's refreshes (``window.refreshes``) once it has been swapped in.
+_COUNT_REFRESHES = """target => { window.refreshes = 0;
+  document.body.addEventListener('htmx:afterSwap', e => {
+    if (e.detail.target.id === target) window.refreshes += 1; }); }"""
+
+
+#: What has the focus, unless it is the control the selector names ("" then).
+_FOCUSED_UNLESS = "s => document.activeElement.matches(s) ? '' : document.activeElement.outerHTML"
+
+
+async def test_focus_stays_on_its_control_through_live_refreshes(
+    service: Service, browser: Browser
+) -> None:
+    """A keyboard user's place is kept: each live refresh swaps in a new copy of the focused
+    row link, row checkbox or count card, and the focus moves to that copy."""
+    first = await service.submit("summarize", text="stay focused")
+    await service.wait(first["id"])
+    page = await new_page(browser)
+    for path, target, controls in (
+        (
+            "/ui/tasks",
+            "rows",
+            (f"#rows a[href$='/tasks/{first['id']}']", f"#rows input[value='{first['id']}']"),
+        ),
+        ("/ui/", "overview-body", (".count.status-succeeded", ".count.status-queued")),
+    ):
+        await page.goto(f"{service.url}{path}")
+        await page.evaluate(_COUNT_REFRESHES, target)
+        for control in controls:
+            await page.focus(control)
+            for _ in range(3):
+                seen = await page.evaluate("window.refreshes")
+                task = await service.submit("summarize", text="a change")
+                await service.wait(task["id"])
+                await wait_until(lambda s=seen: page.evaluate(f"window.refreshes > {s}"), 15)
+                focused = await page.evaluate(_FOCUSED_UNLESS, control)
+                assert focused == "", (path, control, focused[:120])
+    assert page.errors == []
+
+
+async def test_focus_stays_on_a_tasks_page_while_it_refreshes_to_the_end(
+    service: Service, fake_ollama: FakeOllama, browser: Browser
+) -> None:
+    from playwright.async_api import expect
+
+    fake_ollama.close_gate("llama3.2")  # the task runs until the gate opens
+    task = await service.submit("summarize", text="keep my place")
+    await wait_until(lambda: fake_ollama.held("llama3.2") == 1)
+    page = await new_page(browser)
+    await page.goto(f"{service.url}/ui/tasks/{task['id']}")
+    status = page.locator("#task-body h1 .status")
+    await expect(status).to_have_text("running", timeout=WAIT)
+    await page.focus("text=Run again with these parameters")
+    fake_ollama.open_gate("llama3.2")
+    await expect(status).to_have_text("succeeded", timeout=WAIT)
+    focused = await page.evaluate("document.activeElement.textContent")
+    assert focused == "Run again with these parameters"
+    assert page.errors == []
+
+
+async def test_a_time_filter_changed_after_a_failed_submit_is_the_one_sent(
+    service: Service, browser: Browser
+) -> None:
+    from playwright.async_api import Route, expect
+
+    page = await new_page(browser, timezone_id="Asia/Tokyo")  # UTC+9, no summer time
+    await page.goto(f"{service.url}/ui/tasks")
+    start = page.locator("input[type=datetime-local][data-utc]").first
+    filtered = "**/ui/tasks?*"
+
+    async def unreachable(route: Route) -> None:
+        await route.abort("connectionrefused")
+
+    await page.route(filtered, unreachable)  # as if the service had stopped
+    await start.fill("2026-12-01T09:00:00")
+    await page.click("form.filters button[type=submit]")
+    await expect(page.locator("#offline")).to_be_visible(timeout=WAIT)
+    await page.unroute(filtered)
+    await start.fill("2026-12-02T09:00:00")
+    await page.click("form.filters button[type=submit]")
+    await page.wait_for_url("**/ui/tasks?*from=*", timeout=WAIT)
+    assert "from=2026-12-02T00%3A00%3A00.000Z" in page.url, page.url
+    await expect(page.locator("#offline")).to_be_hidden()
+    # What htmx and Chromium say of the request that could not be sent, and nothing else.
+    expected = ("htmx:sendError", "htmx:afterRequest", "ERR_CONNECTION_REFUSED")
+    assert [e for e in page.errors if not any(x in e for x in expected)] == []

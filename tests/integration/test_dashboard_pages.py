@@ -14,8 +14,9 @@ import pytest
 
 from orchestra.config import ServerSettings, Settings, UiSettings
 from orchestra.web import task_pages
+from orchestra.web.headers import SECURITY_HEADERS
 from tests.conftest import Service, StartService, make_keys
-from tests.fixtures.fake_ollama import FakeOllama
+from tests.fixtures.fake_ollama import Failure, FakeOllama
 
 SAME_SITE = {"sec-fetch-site": "same-origin"}
 #: What htmx sends with a boosted form.
@@ -83,6 +84,37 @@ async def test_a_bulk_actions_notice_shows_once_and_never_from_the_address(
     assert 'class="notice"' not in forged.text
 
 
+async def test_a_bulk_actions_notice_says_how_many_it_skipped_and_why(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.models.clear()  # every call fails: the task fails
+    failed = await service.submit("summarize", text="fails")
+    assert (await service.wait(failed["id"], 30))["status"] == "failed"
+    fake_ollama.models.add("llama3.2")
+    done = [await service.submit("summarize", text=f"succeeds {i}") for i in range(2)]
+    for task in done:
+        assert (await service.wait(task["id"]))["status"] == "succeeded"
+    ids = [str(t["id"]) for t in (failed, *done)]
+
+    async def notice_after(action: str) -> str:
+        answer = await service.client.post(
+            "/ui/tasks/bulk", data={"action": action, "id": ids}, headers=SAME_SITE
+        )
+        assert answer.status_code == 303, answer.text
+        shown = await service.client.get(answer.headers["location"])
+        notice = re.search(r'<p class="notice" role="status">([^<]*)</p>', shown.text)
+        assert notice, shown.text
+        return unescape(notice.group(1))
+
+    assert await notice_after("retry") == (
+        "Queued again: 1 task; 2 skipped (not failed or cancelled)."
+    )
+    assert (await service.wait(failed["id"]))["status"] == "succeeded"
+    assert await notice_after("cancel") == (
+        "Cancelled: 0 tasks; 3 skipped (not queued or running)."
+    )
+
+
 # -- errors ------------------------------------------------------------------------------------
 
 
@@ -107,6 +139,32 @@ async def test_unknown_dashboard_addresses_are_html_pages_and_the_apis_stay_json
         "/ui/nonexistent", headers={"x-forwarded-prefix": "/orchestra"}
     )
     assert 'href="/orchestra/ui/tasks"' in proxied.text
+
+
+async def test_error_pages_carry_the_security_headers_and_server_timing(
+    service: Service,
+) -> None:
+    """Routing's own 404 and 405 (the gate never runs), a handler's 404 and 400, and the
+    gate's own refusal: each answer carries what every dashboard answer does, once."""
+    wrong: list[tuple[str, str, str, list[str]]] = []
+    for method, path, status, headers in (
+        ("GET", "/ui/nope", 404, SAME_SITE),
+        ("DELETE", "/ui/tasks", 405, SAME_SITE),
+        ("GET", "/ui/tasks/9999999", 404, SAME_SITE),
+        ("GET", "/ui/tasks?status=bogus", 400, SAME_SITE),
+        ("POST", "/ui/tasks/1/cancel", 403, {"sec-fetch-site": "cross-site"}),
+        ("GET", "/ui/static/dashboard.css", 200, SAME_SITE),
+        ("GET", "/ui/tasks", 200, SAME_SITE),
+    ):
+        answer = await service.client.request(method, path, headers=headers)
+        assert answer.status_code == status, (path, answer.text[:200])
+        for name, value in SECURITY_HEADERS.items():
+            if answer.headers.get_list(name) != [value]:
+                wrong.append((method, path, name, answer.headers.get_list(name)))
+        timing = answer.headers.get_list("server-timing")
+        if len(timing) != 1 or not re.fullmatch(r"app;dur=\d+\.\d\d", timing[0]):
+            wrong.append((method, path, "server-timing", timing))
+    assert wrong == []
 
 
 async def test_unknown_addresses_under_a_configured_path_and_root_path_are_html(
@@ -170,10 +228,10 @@ async def test_failed_rows_show_their_error_and_later_pages_link_to_the_newest(
     assert unescape(cell.group(1)) == f"{error['type']}: {error['message']}"
     assert unescape(cell.group(2)).startswith(f"{error['type']}: ")
     assert 'rel="first"' not in first
-    older = re.search(r'<a href="([^"]+)" rel="next">', first)
+    older = re.search(r'<a href="([^"]+)" rel="next"[^>]*>', first)
     assert older
     second = (await service.client.get(unescape(older.group(1)))).text
-    newest = re.search(r'<a href="([^"]+)" rel="first">', second)
+    newest = re.search(r'<a href="([^"]+)" rel="first"[^>]*>', second)
     assert newest and unescape(newest.group(1)) == "/ui/tasks?status=failed"
 
 
@@ -186,6 +244,18 @@ async def test_direction_controls_in_values_are_shown_escaped(service: Service) 
     assert params, page
     shown = unescape(params.group(1))
     assert "\\u202edesrever\\u202c" in shown and "\\u2067isolated\\u2069" in shown
+    assert not re.search("[\u202a-\u202e\u2066-\u2069]", page)
+
+
+async def test_direction_controls_in_an_attempts_error_are_shown_escaped(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.failure = Failure(400, "model \u202edesrever\u202c", times=1)  # not retried
+    task = await service.submit("summarize", text="fails")
+    assert (await service.wait(task["id"]))["status"] == "failed"
+    page = (await service.client.get(f"/ui/tasks/{task['id']}")).text
+    attempts = page.split('id="attempts-h"', 1)[1]
+    assert "\\u202edesrever\\u202c" in unescape(attempts)
     assert not re.search("[\u202a-\u202e\u2066-\u2069]", page)
 
 

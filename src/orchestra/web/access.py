@@ -15,7 +15,6 @@ also ``SameSite=Strict``. A caller's scope is checked by the API's scope guard, 
 
 from __future__ import annotations
 
-import time
 from typing import Any, cast
 from urllib.parse import quote, urlsplit
 
@@ -29,6 +28,7 @@ from orchestra.api.auth import forwarded
 from orchestra.api.scope import runtime_of
 from orchestra.auth import Caller
 from orchestra.errors import Unauthorized
+from orchestra.web.headers import stamped
 from orchestra.web.links import Links
 
 #: The session cookie's name.
@@ -69,12 +69,13 @@ async def session_caller(
 
 class DashboardGate(ASGIMiddleware):
     """Sets ``scope["user"]`` from the session; sends strangers to the login page; refuses
-    cross-site writes (403)."""
+    cross-site writes (403); stamps every answer with the dashboard's headers
+    (:func:`~orchestra.web.headers.stamped`)."""
 
     scopes = (ScopeType.HTTP,)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
-        send = _timed(send)
+        send = stamped(send)  # every answer below, this gate's own ones too
         method = cast(HTTPScope, scope)["method"]
         runtime = runtime_of(scope)
         links = Links.of(scope, runtime.settings)
@@ -100,22 +101,6 @@ class DashboardGate(ASGIMiddleware):
                 return
             scope["user"] = caller
         await next_app(scope, receive, send)
-
-
-def _timed(send: Send) -> Send:
-    """Adds ``Server-Timing: app;dur=MS`` (the time until the answer starts) to the answer, so
-    browsers' developer tools and the benchmark see the server's own share."""
-    started = time.perf_counter()
-
-    async def timed_send(message: Any) -> None:
-        if message["type"] == "http.response.start":
-            ms = (time.perf_counter() - started) * 1000
-            headers = list(message.get("headers", []))
-            headers.append((b"server-timing", f"app;dur={ms:.2f}".encode()))
-            message = {**message, "headers": headers}
-        await send(message)
-
-    return timed_send
 
 
 def _come_back_to(scope: Scope, headers: Headers, links: Links, below: str) -> str | None:

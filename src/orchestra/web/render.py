@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from orchestra.api.scope import runtime_of
 from orchestra.auth import Caller, allows
 from orchestra.errors import OrchestraError, StorageError, StorageLocked
 from orchestra.web import views
+from orchestra.web.headers import StampedPage
 from orchestra.web.links import Links
 
 log = logs.get("orchestra.ui")
@@ -81,12 +84,15 @@ def page(
     status_code: int = 200,
     headers: dict[str, str] | None = None,
     cookies: list[Cookie] | None = None,
+    started: float | None = None,
     **context: Any,
 ) -> Template:
     """Render the page ``page_name`` with what every page needs: links, caller, permissions.
 
     A page answering a POST (a form's problems, a new key's token) leaves the address bar as
     it was: htmx would record the POST's URL, which a reload or Back then asks for with GET.
+    ``started`` (a :func:`time.perf_counter` time) is for an answer the dashboard's gate does
+    not see: the page then carries the dashboard's headers itself, timed from then.
     """
     caller = caller_of(request)
     base = {
@@ -99,7 +105,8 @@ def page(
         "statuses": views.STATUS_WORDS,
     }
     kept = {} if request.method in ("GET", "HEAD") else {"hx-push-url": "false"}
-    return Template(
+    kind = Template if started is None else partial(StampedPage, started=started)
+    return kind(
         template_name=page_name,
         context={**base, **context},
         status_code=status_code,
@@ -108,9 +115,12 @@ def page(
     )
 
 
-def error_page(request: Request[Any, Any, Any], exc: Exception) -> Template:
+def error_page(
+    request: Request[Any, Any, Any], exc: Exception, *, started: float | None = None
+) -> Template:
     """An error as an HTML page (the API's errors are JSON; the dashboard's are pages), with
-    the status, headers and logging the API gives the same error."""
+    the status, headers and logging the API gives the same error. (``started``: as for
+    :func:`page`.)"""
     headers: dict[str, str] = {}
     if isinstance(exc, OrchestraError):
         status, message = status_of(exc), exc.message
@@ -136,6 +146,7 @@ def error_page(request: Request[Any, Any, Any], exc: Exception) -> Template:
         "error.html",
         status_code=status,
         headers=headers,
+        started=started,
         status=status,
         message=message,
     )
@@ -150,12 +161,14 @@ HANDLERS: ExceptionHandlersMap = {
 
 def _dashboard_or_api(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     """A 404 or 405 that routing raised (no handler matched, so no router's handlers apply):
-    an HTML page under the dashboard's path, the API's JSON elsewhere."""
+    an HTML page under the dashboard's path, the API's JSON elsewhere. The dashboard's gate
+    never saw the request, so the page carries the dashboard's headers itself."""
+    started = time.perf_counter()
     settings = runtime_of(request.scope).settings
     base = settings.ui.path.rstrip("/")
     path = request.scope["path"]
     if settings.ui.enabled and (path == base or path.startswith(base + "/")):
-        return error_page(request, exc)
+        return error_page(request, exc, started=started)
     return api_errors.http_error(request, exc)
 
 

@@ -1,11 +1,11 @@
-"""The dashboard as one Litestar router: pages, static files, security headers, the gate."""
+"""The dashboard as one Litestar router: pages, static files, the gate (which also sends the
+security headers: :mod:`orchestra.web.headers`)."""
 
 from __future__ import annotations
 
 import re
 
 from litestar import Router
-from litestar.datastructures import ResponseHeader
 from litestar.static_files import create_static_files_router
 
 from orchestra.api.auth import scope_guard
@@ -18,29 +18,6 @@ from orchestra.web.overview import OverviewPages
 from orchestra.web.render import HANDLERS, STATIC
 from orchestra.web.task_pages import TaskPages
 from orchestra.web.template_pages import TemplatePages
-
-#: Scripts and styles come only from the dashboard's own files: no inline script, no inline
-#: style, nothing from elsewhere. Markup that a task's data might smuggle in cannot run.
-CSP = "; ".join(
-    [
-        "default-src 'self'",
-        "script-src 'self'",
-        "style-src 'self'",
-        "img-src 'self' data:",
-        "connect-src 'self'",
-        "font-src 'self'",
-        "object-src 'none'",
-        "base-uri 'none'",
-        "form-action 'self'",
-        "frame-ancestors 'none'",
-    ]
-)
-SECURITY_HEADERS = [
-    ResponseHeader(name="Content-Security-Policy", value=CSP),
-    ResponseHeader(name="X-Content-Type-Options", value="nosniff"),
-    ResponseHeader(name="Referrer-Policy", value="same-origin"),
-    ResponseHeader(name="X-Frame-Options", value="DENY"),
-]
 
 
 def ui_path(settings: Settings) -> str:
@@ -78,7 +55,6 @@ def dashboard(path: str) -> Router:
         route_handlers=[OverviewPages, TaskPages, TemplatePages, AccessPages, KeyPages, static],
         middleware=[DashboardGate()],
         guards=[scope_guard],  # the API's middleware checks scopes itself; pages have theirs
-        response_headers=SECURITY_HEADERS,
         exception_handlers=HANDLERS,
         include_in_schema=False,
     )

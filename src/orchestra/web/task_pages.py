@@ -134,18 +134,28 @@ def filters_of(query: Any) -> Filters:
     )
 
 
+#: Why a bulk action left a task alone (what the action needs a task to be).
+SKIPPED_BECAUSE = {"cancel": "not queued or running", "retry": "not failed or cancelled"}
+
+
 def _notice(value: str | None) -> str:
-    """What the last bulk action did, from the cookie its redirect set (``cancel.5``); a value
-    that is not an action and a count shows nothing."""
-    done, _, n = (value or "").partition(".")
+    """What the last bulk action did, from the cookie its redirect set (``retry.1.2``: the
+    action, the tasks it changed, the tasks it left alone); a value that is not an action and
+    counts shows nothing."""
+    done, _, counts = (value or "").partition(".")
+    changed, _, skipped = counts.partition(".")
     if done not in ELIGIBLE:
         return ""
     try:
-        count = whole(n, "n", least=0)
+        count = whole(changed, "n", least=0)
+        left = whole(skipped, "skipped", least=0) if skipped else 0
     except InvalidRequest:
         return ""
     verb = "Cancelled" if done == "cancel" else "Queued again"
-    return f"{verb}: {count} task{'s' if count != 1 else ''}."
+    said = f"{verb}: {count} task{'s' if count != 1 else ''}"
+    if left:
+        said += f"; {left} skipped ({SKIPPED_BECAUSE[done]})"
+    return said + "."
 
 
 def _notice_cookie(request: Request[Any, Any, Any], value: str) -> Cookie:
@@ -265,7 +275,7 @@ class TaskPages(Controller):
         return Redirect(
             links(request).ui("/tasks", **found.given),
             status_code=303,
-            cookies=[_notice_cookie(request, f"{action}.{outcome.changed}")],
+            cookies=[_notice_cookie(request, f"{action}.{outcome.changed}.{outcome.skipped}")],
         )
 
     @get("/bulk")

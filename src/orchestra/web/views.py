@@ -93,6 +93,58 @@ def pretty(value: Any) -> str:
     return visible(json.dumps(msgspec.to_builtins(value), indent=2, ensure_ascii=False))
 
 
+#: How much of a long value (params, a result, an output, a prompt, an error) a task's page
+#: lays out: the whole of it is only in a closed ``<details>``, which the browser does not
+#: lay out until it is opened (100 KB of right-to-left text in one narrow box took Chromium
+#: most of a minute).
+INLINE_CHARS = 10_000
+#: The whole value, once opened, is written in pieces of about this many characters (inline
+#: elements, so it reads and copies as one text): Chromium lays out a long text much faster
+#: in pieces than as one text node.
+PIECE_CHARS = 2_000
+
+
+class Clipped(msgspec.Struct, frozen=True):
+    """A value as a page shows it: ``head`` inline; when that is not all of it (``cut``), the
+    whole of it behind "Show all", as ``pieces``, with its length and size as the page says
+    them."""
+
+    head: str
+    cut: bool
+    pieces: list[str]
+    chars: str
+    size: str
+
+
+def pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """``text`` in consecutive pieces of at most ``size`` characters, each ending after a
+    space or a line break where its last quarter has one (so no word is split there)."""
+    out: list[str] = []
+    start = 0
+    while len(text) - start > size:
+        end = start + size
+        space = max(text.rfind(" ", end - size // 4, end), text.rfind("\n", end - size // 4, end))
+        end = space + 1 if space >= 0 else end
+        out.append(text[start:end])
+        start = end
+    out.append(text[start:])
+    return out
+
+
+def clipped(text: str, limit: int = INLINE_CHARS) -> Clipped:
+    """``text`` (already as shown: see :func:`pretty`) with at most ``limit`` characters to
+    show inline, and the whole of it in :func:`pieces` when that is more."""
+    cut = len(text) > limit
+    kb = len(text.encode("utf-8", "surrogatepass")) / 1024
+    return Clipped(
+        head=text[:limit] + "…" if cut else text,
+        cut=cut,
+        pieces=pieces(text) if cut else [],
+        chars=f"{len(text):,}",
+        size=f"{kb:,.0f} KB" if kb >= 10 else f"{kb:,.1f} KB",
+    )
+
+
 def compact(value: Any, limit: int = 120) -> str:
     """A value on one line, cut at ``limit`` characters (for tables); direction controls
     escaped."""
@@ -169,4 +221,5 @@ FILTERS = {
     "compact": compact,
     "visible": visible,
     "until": until,
+    "clipped": clipped,
 }

@@ -182,24 +182,16 @@
     });
   }
 
-  // Capture phase: before htmx reads the form, the local times become UTC ones.
-  document.addEventListener("submit", function (evt) {
+  // Each local time is sent as UTC. Not by renaming or adding fields: the form's values are
+  // rewritten as they are read (htmx reads them through FormData too), so the fields stay
+  // as they are and a later submit, after a failed one say, sends what they hold then.
+  document.addEventListener("formdata", function (evt) {
     evt.target.querySelectorAll("input[data-utc]").forEach(function (input) {
-      var old = evt.target.querySelector("input[type=hidden][data-utc-for='" + input.name + "']");
-      if (old) old.remove();
-      if (!input.value) return;
+      if (!input.name || !input.value) return;
       var at = new Date(input.value);  // a datetime-local value is local time
-      if (isNaN(at.getTime())) return;
-      var hidden = document.createElement("input");
-      hidden.type = "hidden";
-      hidden.name = input.name;
-      hidden.value = at.toISOString();
-      hidden.setAttribute("data-utc-for", input.name);
-      input.setAttribute("data-name", input.name);
-      input.removeAttribute("name");
-      evt.target.appendChild(hidden);
+      if (!isNaN(at.getTime())) evt.formData.set(input.name, at.toISOString());
     });
-  }, true);
+  });
 
   function onLoad(root) {
     localTimes(root);
