@@ -26,6 +26,7 @@ distinct values in a process are reported as ``other`` (a task may name any mode
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -357,21 +358,37 @@ def exposition(
 
 #: The shared directories' names: the prefix, the supervisor's pid, a random part.
 _SHARED_PREFIX = "orchestra-metrics-"
+#: The file in a shared directory its supervisor holds locked (flock) for as long as it runs.
+_HELD = ".supervisor.lock"
+
+
+def _hold(folder: str) -> int:
+    """Lock ``folder``'s :data:`_HELD` file for as long as this process runs (or until the
+    descriptor returned is closed)."""
+    fd = os.open(os.path.join(folder, _HELD), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
 
 
 def _remove_orphans(parent: str) -> None:
     """Remove this user's shared directories in ``parent`` whose supervisor is gone (killed
-    before its undo ran: SIGKILL, a power cut)."""
-    for found in Path(parent).glob(f"{_SHARED_PREFIX}*-*"):
-        owner = found.name[len(_SHARED_PREFIX) :].split("-", 1)[0]
+    before its undo ran: SIGKILL, a power cut): those whose lock file nobody holds. A lock,
+    not the pid: in another container sharing the folder the same pid is another process."""
+    for found in Path(parent).glob(f"{_SHARED_PREFIX}*"):
         try:
-            if not owner.isdigit() or found.stat().st_uid != os.getuid():
+            if not found.is_dir() or found.stat().st_uid != os.getuid():
                 continue
-            os.kill(int(owner), 0)
-        except ProcessLookupError:  # no such process: an orphan
-            shutil.rmtree(found, ignore_errors=True)
-        except OSError:  # alive (another user's: PermissionError), or gone meanwhile
+            fd = os.open(found / _HELD, os.O_RDWR)
+        except OSError:  # no lock file (not one of ours, or being made): left alone
             continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its supervisor runs
+            continue
+        else:
+            shutil.rmtree(found, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def share_between_processes() -> Callable[[], None]:
@@ -386,6 +403,7 @@ def share_between_processes() -> Callable[[], None]:
     parent = before or tempfile.gettempdir()
     _remove_orphans(parent)
     folder = tempfile.mkdtemp(prefix=f"{_SHARED_PREFIX}{os.getpid()}-", dir=parent)
+    held = _hold(folder)
     os.environ[MULTIPROC_ENV] = folder
 
     def undo() -> None:
@@ -394,6 +412,7 @@ def share_between_processes() -> Callable[[], None]:
         else:
             os.environ[MULTIPROC_ENV] = before
         shutil.rmtree(folder, ignore_errors=True)
+        os.close(held)
 
     return undo
 

@@ -1,8 +1,9 @@
-"""The supervisor's shared metrics directory: one per supervisor, and the ones a killed
-supervisor left behind are removed by the next."""
+"""The supervisor's shared metrics directory: one per supervisor, held locked while it runs,
+and the ones a killed supervisor left behind are removed by the next."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -16,27 +17,43 @@ from orchestra import metrics
 def test_a_killed_supervisors_directory_is_removed_by_the_next(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    gone = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        check=True,
-        capture_output=True,
+    orphan = tmp_path / "orchestra-metrics-123-abc123"  # its supervisor was SIGKILLed
+    orphan.mkdir()
+    (orphan / ".supervisor.lock").touch()
+    (orphan / "counter_1.db").write_bytes(b"x" * 100)
+    # Another supervisor's, running (in another container the pid may be this one's own).
+    alive = tmp_path / f"orchestra-metrics-{os.getpid()}-def456"
+    alive.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys; f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX);"
+            " print('held', flush=True); sys.stdin.read()",
+            str(alive / ".supervisor.lock"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
         text=True,
     )
-    dead_pid = int(gone.stdout)
-    orphan = tmp_path / f"orchestra-metrics-{dead_pid}-abc123"
-    orphan.mkdir()
-    (orphan / "counter_1.db").write_bytes(b"x" * 100)
-    alive = tmp_path / f"orchestra-metrics-{os.getppid()}-def456"  # a running supervisor's
-    alive.mkdir()
-    other = tmp_path / "orchestra-metrics-notapid"
-    other.mkdir()
-    monkeypatch.setenv(metrics.MULTIPROC_ENV, str(tmp_path))
-    undo = metrics.share_between_processes()
     try:
-        mine = Path(os.environ[metrics.MULTIPROC_ENV])
-        assert mine.parent == tmp_path and mine.name.startswith(f"orchestra-metrics-{os.getpid()}-")
-        assert not orphan.exists()
-        assert alive.exists() and other.exists()
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        unknown = tmp_path / "orchestra-metrics-notours"  # no lock file: left alone
+        unknown.mkdir()
+        monkeypatch.setenv(metrics.MULTIPROC_ENV, str(tmp_path))
+        undo = metrics.share_between_processes()
+        try:
+            mine = Path(os.environ[metrics.MULTIPROC_ENV])
+            assert mine.parent == tmp_path and mine.name.startswith("orchestra-metrics-")
+            assert not orphan.exists()
+            assert alive.exists() and unknown.exists()
+            # Its own is held while it runs: the next supervisor leaves it alone.
+            with open(mine / ".supervisor.lock") as other:
+                with pytest.raises(BlockingIOError):
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            undo()
+        assert not mine.exists() and os.environ[metrics.MULTIPROC_ENV] == str(tmp_path)
     finally:
-        undo()
-    assert not mine.exists() and os.environ[metrics.MULTIPROC_ENV] == str(tmp_path)
+        holder.kill()
+        holder.wait()
