@@ -135,15 +135,15 @@ class Router:
         Raises:
             ModelNotFound: no enabled provider can be asked for this name.
         """
-        return sorted(self._chain(model), key=lambda r: not self.available(r))
+        return self._ordered(self._chain(model))[0]
 
     def _chain(self, model: str) -> list[Route]:
         """The entries of ``model``'s chain, in its order (see :meth:`routes`)."""
         chain = self.settings.chain(model)
         if chain is None and model == DEFAULT_MODEL:
             raise ModelNotFound(
-                "no model to ask: the step, the task and the template name none, and "
-                f"[models] has no {DEFAULT_MODEL!r} chain to fall back on"
+                f"no model {DEFAULT_MODEL!r} in [models]: a step asks it when it names no "
+                "model, nor its task or template; add a chain for it, or name a model"
             )
         out: list[Route] = []
         for entry in chain if chain is not None else [model]:
@@ -163,34 +163,40 @@ class Router:
 
     def available(self, route: Route) -> bool:
         """Whether ``route`` is expected to answer."""
-        name = route.provider.name
-        if name in self._down or (name, route.model) in self._missing:
-            return False
-        health = self._health.get(name)
-        return health is None or (health.ok and lists_model(health.models, route.model))
+        return self._unavailable(route) is None
 
-    def _unavailable_because(self, route: Route) -> str:
-        """Why ``route`` is not expected to answer (it is not :meth:`available`)."""
+    def _unavailable(self, route: Route) -> str | None:
+        """Why ``route`` is not expected to answer; None when it is."""
         name = route.provider.name
         if name in self._down:
             return f"failed a call before: {self._down[name]}"
         if (name, route.model) in self._missing:
             return "does not have the model"
         health = self._health.get(name)
-        if health is not None and not health.ok:
+        if health is None:
+            return None
+        if not health.ok:
             return f"health check: {health.detail}"
-        return "does not list the model"
+        return None if lists_model(health.models, route.model) else "does not list the model"
 
+    def _ordered(self, chain: list[Route]) -> tuple[list[Route], dict[Route, str]]:
+        """``chain`` with its available entries first (in chain order), and why each other
+        one is not available, as known now, before any of them is asked."""
+        unavailable = {r: why for r in chain if (why := self._unavailable(r)) is not None}
+        return sorted(chain, key=lambda r: r in unavailable), unavailable
+
+    @staticmethod
     def _passed_over(
-        self, chain: list[Route], answered: Route, failures: list[tuple[Route, ProviderError]]
+        chain: list[Route],
+        answered: Route,
+        unavailable: dict[Route, str],
+        failures: list[tuple[Route, ProviderError]],
     ) -> list[Fallback]:
-        """The entries of ``chain`` before ``answered``, each with why it did not answer."""
+        """The entries of ``chain`` before ``answered``, each with why it did not answer:
+        the call's own error, else why it was not available when the call began."""
         failed = {route: error.message for route, error in failures}
         return [
-            Fallback(
-                route=str(route),
-                reason=failed[route] if route in failed else self._unavailable_because(route),
-            )
+            Fallback(route=str(route), reason=failed.get(route) or unavailable[route])
             for route in chain[: chain.index(answered)]
         ]
 
@@ -210,7 +216,8 @@ class Router:
         while True:
             failures: list[tuple[Route, ProviderError]] = []
             chain = self._chain(model)
-            for route in sorted(chain, key=lambda r: not self.available(r)):
+            ordered, unavailable = self._ordered(chain)
+            for route in ordered:
                 gate = self._gates.get(route.provider.name)
                 try:
                     if gate is None:
@@ -224,7 +231,7 @@ class Router:
                     continue
                 self._answered.add(route.provider.name)
                 if route != chain[0]:
-                    passed_over.note(self._passed_over(chain, route, failures))
+                    passed_over.note(self._passed_over(chain, route, unavailable, failures))
                 return result
             error = _combined(model, failures)
             if not self._outage(failures):
