@@ -226,7 +226,7 @@ class Task(msgspec.Struct, frozen=True):
     @property
     def next_run_at(self) -> str | None:
         """When a queued task becomes due (after a delay or a retry backoff)."""
-        return self.run_at if self.status is TaskStatus.QUEUED else None
+        return due_at(self.status, self.run_at)
 
     @property
     def asked_priority(self) -> int:
@@ -354,6 +354,12 @@ def iso(moment: datetime) -> str:
     utc = moment if moment.tzinfo is UTC else moment.astimezone(UTC)
     # isoformat is C; strftime with %f cost 2 % of the service's CPU under load.
     return utc.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+def due_at(status: TaskStatus, run_at: str | None) -> str | None:
+    """When a task in ``status`` whose row says ``run_at`` becomes due: its ``run_at`` while
+    it is queued (a delay, a retry's backoff); None in any other status."""
+    return run_at if status is TaskStatus.QUEUED else None
 
 
 def iso_now(offset_seconds: float = 0.0) -> str:

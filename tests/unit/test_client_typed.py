@@ -39,3 +39,14 @@ def test_an_integrators_mypy_sees_the_clients_types(tmp_path: Path) -> None:
     assert 'Revealed type is "orchestra.wire.schemas.TaskOut"' in out, out
     assert 'Unexpected keyword argument "priorty"' in out, out
     assert "Found 1 error" in out, out  # the misspelt option alone
+
+
+def test_submit_options_are_the_submits_other_fields() -> None:
+    """The keywords submit() is typed to take are exactly the body's fields besides the
+    template and its params: a field added to one is added to the other."""
+    from typing import get_type_hints
+
+    from orchestra.client import SubmitOptions, SubmitTask
+
+    others = set(SubmitTask.__struct_fields__) - {"template", "params"}
+    assert set(get_type_hints(SubmitOptions)) == others

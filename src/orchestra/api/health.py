@@ -172,8 +172,7 @@ async def health(
         providers={s.name: ProviderOut.of(s) for s in states} if detailed else None,
         version=__version__ if detailed else None,
     )
-    up = database.readable or probe == "live"
-    return Response(body, status_code=200 if up else 503)
+    return Response(body, status_code=_status_code(database, probe))
 
 
 @head(["/health", "/api/v1/health"], tags=["health"], summary="Health, headers only")
@@ -181,8 +180,13 @@ async def health_head(request: Request[Any, Any, Any], probe: Probe = None) -> R
     """The status code of ``GET /health`` without its body, for uptime monitors that ask
     with HEAD: 200 while the database answers reads (or ``?probe=live``), else 503."""
     database = await _database_check(runtime_of(request.scope)).state(now=False)
-    up = database.readable or probe == "live"
-    return Response(None, status_code=200 if up else 503)
+    return Response(None, status_code=_status_code(database, probe))
+
+
+def _status_code(database: DatabaseState, probe: Probe) -> int:
+    """200 while the database answers reads, or for a liveness probe whatever its state
+    (a restart does not cure a database outage); else 503."""
+    return 200 if database.readable or probe == "live" else 503
 
 
 @get(

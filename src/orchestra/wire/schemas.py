@@ -19,6 +19,7 @@ from orchestra.domain import (
     TaskStatus,
     TaskSummary,
     Usage,
+    due_at,
     iso,
     total_usage,
 )
@@ -239,7 +240,7 @@ class TaskSummaryOut(msgspec.Struct, frozen=True):
             started_at=task.started_at,
             finished_at=task.finished_at,
             duration_ms=task.duration_ms,
-            next_run_at=task.run_at if task.status is TaskStatus.QUEUED else None,
+            next_run_at=due_at(task.status, task.run_at),
         )
 
 
