@@ -231,6 +231,18 @@ def test_a_steps_mapping_methods_are_not_taken_for_fields() -> None:
     assert [s.id for s in parse_template(text, "t.yaml").steps] == ["a", "b"]
 
 
+def test_a_date_in_yaml_is_its_iso_text() -> None:
+    """YAML reads 2024-01-01 as a date, which no JSON value is: a string parameter's default
+    written so was refused as "datetime.date(2024, 1, 1) is not of type 'string'"."""
+    text = (
+        "name: x\nparameters:\n  day: {type: string, default: 2024-01-01}\n"
+        "steps:\n  - id: a\n    kind: render\n    text: 2024-01-01 10:30:00\n"
+    )
+    template = parse_template(text, "t.yaml")
+    assert template.parameters["day"].default == "2024-01-01"
+    assert template.steps[0].text == "2024-01-01 10:30:00"  # type: ignore[union-attr]
+
+
 def test_output_syntax_error_is_located() -> None:
     text = "name: x\nsteps:\n  - id: a\n    prompt: hi\noutput: '{{ steps.a.output | }}'\n"
     [p] = problems(text)

@@ -9,6 +9,7 @@ problem points at the offending value (1-based line and column). A key that a me
 from __future__ import annotations
 
 import difflib
+from datetime import date
 from typing import Any
 
 import msgspec
@@ -100,6 +101,10 @@ class Source:
             return int(node)
         if isinstance(node, float):
             return float(node)
+        if isinstance(node, date):
+            # YAML reads 2024-01-01 (and 2024-01-01 10:30:00) as a date (a time); JSON, which
+            # parameters and outputs are, has neither: as text, as the author wrote it.
+            return str(node)
         return node
 
     def where(self, path: Path_) -> tuple[int, int]:
