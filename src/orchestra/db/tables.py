@@ -235,7 +235,7 @@ def _create_counters(_target: MetaData, connection: Connection, **_kw: Any) -> N
     # SQLite's triggers as the migrations wrote them (their SQL is the one definition): the
     # counters' (migration 5; a status UPDATE that leaves the status as it was changes no
     # counter) and the webhook outbox (migration 15).
-    from orchestra.db.schema import COUNT_TRIGGERS, OUTBOX_TRIGGER
+    from orchestra.db.migrations import COUNT_TRIGGERS, OUTBOX_TRIGGER
 
     for trigger in (*COUNT_TRIGGERS, OUTBOX_TRIGGER):
         connection.exec_driver_sql(trigger)

@@ -75,7 +75,7 @@ def _payload(seq: Any) -> Any:
     """The body sent, built in SQL from the event and the task as they are in the event's
     transaction: ``{"type", "timestamp", "data": {"task_id", "template", "status", "seq",
     "event"}}`` (the Standard Webhooks envelope; ``event`` is the event's own object). SQLite's
-    twin is in its outbox trigger (``schema.OUTBOX_TRIGGER``)."""
+    twin is in its outbox trigger (``migrations.OUTBOX_TRIGGER``)."""
     from sqlalchemy.dialects.postgresql import JSON
 
     kind, at = cast(bindparam("type"), Text), cast(bindparam("time"), Text)
@@ -139,7 +139,7 @@ def append_events(conn: Connection, append: Prepared, rows: Sequence[dict[str, A
 
     PostgreSQL runs both as one statement (a data-modifying CTE). On SQLite, whose statements
     cost no round trip but each its own call from Python, the outbox trigger writes the
-    deliveries inside the event's INSERT (``schema.OUTBOX_TRIGGER``); the connection's count
+    deliveries inside the event's INSERT (``migrations.OUTBOX_TRIGGER``); the connection's count
     of changed rows tells whether it wrote any.
     """
     if conn.dialect.name == "postgresql":
