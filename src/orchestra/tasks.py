@@ -301,12 +301,9 @@ class TaskService:
             return await self.store.enqueue(new, wake_others=wake_others)
         row = await self.callbacks.enqueue_with_callback(new, callback_url)
         if row is None:  # the idempotency key was used: that task
-            assert new.idempotency_key is not None
-            found = await self.store.by_idempotency_key(new.idempotency_scope, new.idempotency_key)
-            if found is None:  # deleted meanwhile (retention): queue it again
-                return await self._enqueue(new, callback_url)
-            task, request_hash = found
-            return Enqueued(task=task, created=False, same_request=request_hash == new.request_hash)
+            existing = await self.store.enqueued_before(new)
+            # None: deleted meanwhile (retention), so the key is free: queue it again.
+            return existing or await self._enqueue(new, callback_url)
         return Enqueued(task=task_from_row(row), created=True)
 
     async def get(self, task_id: int, *, wait: float = 0.0) -> Task:

@@ -124,13 +124,21 @@ class TaskStore:
             row = await self.db.transaction(enqueue, small=True)
             if row is not None:
                 return Enqueued(task=task_from_row(row), created=True)
-            assert new.idempotency_key is not None  # only a used key keeps a task out
-            existing = await self.by_idempotency_key(new.idempotency_scope, new.idempotency_key)
+            existing = await self.enqueued_before(new)
             if existing is not None:
-                task, request_hash = existing
-                same = request_hash == new.request_hash
-                return Enqueued(task=task, created=False, same_request=same)
+                return existing
             # Its task was deleted (retention) between the two: the key is free again.
+
+    async def enqueued_before(self, new: NewTask) -> Enqueued | None:
+        """The task an earlier submit made with ``new``'s idempotency key (which an insert
+        of ``new`` found used), and whether it was the same request; None when that task is
+        gone (retention deleted it)."""
+        assert new.idempotency_key is not None  # only a used key keeps a task out
+        found = await self.by_idempotency_key(new.idempotency_scope, new.idempotency_key)
+        if found is None:
+            return None
+        task, request_hash = found
+        return Enqueued(task=task, created=False, same_request=request_hash == new.request_hash)
 
     async def by_idempotency_key(self, scope: str, key: str) -> tuple[Task, str | None] | None:
         """The task submitted with idempotency key ``key`` in ``scope``, and the hash of the
