@@ -182,7 +182,7 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
     undecodable = _undecodable(exc)
     if undecodable is not None:
         return _bad_body(undecodable)
-    if exc.status_code == HTTP_413_REQUEST_ENTITY_TOO_LARGE and isinstance(request, Request):
+    if exc.status_code == HTTP_413_REQUEST_ENTITY_TOO_LARGE:
         limit = runtime_of(request.scope).settings.limits.max_body_bytes
         return _bad_body(f"is over [limits] max_body_bytes ({limit:,} bytes)", exc.status_code)
     headers = dict(exc.headers or {})

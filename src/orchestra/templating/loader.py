@@ -7,7 +7,6 @@ are checked by ``step_loader`` and positions come from ``source``.
 from __future__ import annotations
 
 import functools
-import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from orchestra.config import LimitSettings
 from orchestra.domain import RetryPolicy
 from orchestra.errors import PayloadTooLarge, TemplateError
 from orchestra.templating.model import PARAM_TYPES, Parameter, Template
+from orchestra.templating.params import non_finite
 from orchestra.templating.regex import (
     PatternBudget,
     check_schema,
@@ -89,17 +89,6 @@ def _step_schemas(value: Any, path: Path_) -> Iterator[tuple[Path_, dict[str, An
             raw, at = raw.get("step"), (*at, "step")
 
 
-def _finite(value: Any) -> bool:
-    """Whether every number in ``value`` (a YAML value: nested lists and mappings) is finite."""
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, list):
-        return all(_finite(v) for v in value)
-    if isinstance(value, dict):
-        return all(_finite(v) for v in value.values())
-    return True
-
-
 def _parameters(c: Checker, value: Any, budget: PatternBudget) -> dict[str, Parameter]:
     out: dict[str, Parameter] = {}
     data = c.mapping(value, ("parameters",), "'parameters'") if value is not None else {}
@@ -146,7 +135,7 @@ def _parameters(c: Checker, value: Any, budget: PatternBudget) -> dict[str, Para
             if key in fields and not ok:
                 c.add((*path, key), f"{key} does not apply to a parameter of type {ptype}")
         infinite = [
-            k for k in ("default", "enum", "minimum", "maximum") if not _finite(fields.get(k))
+            k for k in ("default", "enum", "minimum", "maximum") if non_finite({k: fields.get(k)})
         ]
         for key in infinite:
             # YAML's .inf and .nan: JSON has neither, so no caller could send or match them.

@@ -99,7 +99,7 @@ def check_input(params: dict[str, Any], limits: LimitSettings) -> None:
         raise InvalidParams(f"{len(problems)} invalid parameter(s)", problems)
 
 
-def _non_finite(params: dict[str, Any]) -> list[FieldProblem]:
+def non_finite(params: dict[str, Any]) -> list[FieldProblem]:
     """A problem for each NaN or Infinity anywhere in ``params``: JSON has neither (they would
     be stored as null), and a schema's minimum and maximum do not catch NaN."""
     problems: list[FieldProblem] = []
@@ -134,7 +134,7 @@ def validate_params(
         if p.name not in full and p.default is not msgspec.UNSET:
             full[p.name] = p.default
     # Defaults too: a template's YAML may hold .nan.
-    problems = _non_finite(full)
+    problems = non_finite(full)
     quick = quick_check(template)
     if not problems and quick is not None and quick(full):
         return full  # surely valid: the JSON Schema walk below would find nothing
