@@ -28,8 +28,9 @@
         ├── InvalidOutput           structured output that stays invalid after repairs
         └── ProviderError           the model server failed
             ├── ModelNotFound       the model server does not have the model (permanent)
-            └── ProviderUnavailable connection refused, timeout, 5xx (retryable)
-                ├── ProviderUnreachable nothing answered (a fallback chain moves on)
+            └── ProviderUnavailable connection refused, timeout, 5xx (retryable; a
+                │                   fallback chain moves on, unless text was streamed)
+                ├── ProviderUnreachable nothing answered (a chain may wait for it)
                 └── ProviderBusy        429/503 with Retry-After (the retry waits that long)
 
 Each class's docstring is its default message. The API maps the tree to HTTP statuses in one
@@ -254,4 +255,5 @@ class ProviderBusy(ProviderUnavailable):
 
 class ProviderUnreachable(ProviderUnavailable):
     """Nothing answered at all (connection refused, unknown host, runtime not installed): a
-    fallback chain moves on to its next entry. Clients see it as ``provider_unavailable``."""
+    fallback chain moves on to its next entry, and when no entry answers at all it waits for
+    one to come back (``[fallback] outage_wait``). Clients see it as ``provider_unavailable``."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -237,16 +238,39 @@ async def test_a_model_missing_everywhere_names_every_entry(
     assert "ollama/mistral:" in message and "oai/mistral:" in message
 
 
-async def test_a_busy_server_is_retried_not_fallen_back_from(
+async def test_a_failing_server_is_fallen_back_from_within_the_attempt(
     settings: Settings,
     fake_ollama: FakeOllama,
     fake_openai: FakeOpenAI,
     start_service: StartService,
 ) -> None:
-    # 503 is Ollama's "server busy": the server is there, so the task retries on it.
+    """A server that answers with an error (503: Ollama's "server busy"; a 5xx) before any
+    text moves the chain on at once, as a refused connection does: the task was retried on
+    it with backoff, while the next entry could have answered."""
     fake_ollama.failure = Failure(503, "server busy, please try again", times=1)
     routes = routed(settings, fake_openai, "ollama/llama3.2", "oai/gpt-fake")
     async with start_service(routes, env={"OAI_KEY": KEY}) as svc:
+        done = await svc.wait((await svc.submit("summarize", text="x"))["id"])
+        # Until a health check finds it well, the failed entry is asked last.
+        after = await svc.wait((await svc.submit("summarize", text="y"))["id"])
+    assert done["status"] == "succeeded", done["error"]
+    assert len(done["attempts"]) == 1
+    assert done["steps"][0]["model"] == "oai/gpt-fake"
+    [passed] = done["steps"][0]["fallbacks"]
+    assert passed["route"] == "ollama/llama3.2"
+    assert "answered 503" in passed["reason"] and "server busy" in passed["reason"], passed
+    assert after["steps"][0]["model"] == "oai/gpt-fake"
+    [skipped] = after["steps"][0]["fallbacks"]
+    assert skipped["reason"].startswith("failed a call before: "), skipped
+    assert len(fake_ollama.requests) == 1
+
+
+async def test_a_busy_server_without_another_entry_is_retried(
+    settings: Settings, fake_ollama: FakeOllama, start_service: StartService
+) -> None:
+    # 503 is Ollama's "server busy": the server is there, so the task retries on it.
+    fake_ollama.failure = Failure(503, "server busy, please try again", times=1)
+    async with start_service(settings) as svc:
         task = await svc.client.post(
             "/api/v1/tasks",
             json={"template": "summarize", "params": {"text": "x"}, "max_attempts": 2},
@@ -255,7 +279,83 @@ async def test_a_busy_server_is_retried_not_fallen_back_from(
     assert done["status"] == "succeeded"
     assert done["steps"][0]["model"] == "ollama/llama3.2"
     assert [a["status"] for a in done["attempts"]] == ["failed", "succeeded"]
-    assert fake_openai.requests == []
+    assert "answered 503" in done["attempts"][0]["error"]["message"]
+
+
+async def test_a_provider_that_failed_a_call_is_available_again_once_it_answers(
+    settings: Settings, fake_ollama: FakeOllama, start_service: StartService
+) -> None:
+    async with start_service(settings) as svc:
+        fake_ollama.failure = Failure(500, "the model server is on fire", times=1)
+        task = await svc.client.post(
+            "/api/v1/tasks",
+            json={"template": "summarize", "params": {"text": "x"}, "max_attempts": 1},
+        )
+        failed = await svc.wait(task.json()["id"])
+        down = (await svc.client.get("/api/v1/models")).json()["providers"]
+        done = await svc.wait((await svc.submit("summarize", text="y"))["id"])
+        up = (await svc.client.get("/api/v1/models")).json()["providers"]
+    assert failed["status"] == "failed" and done["status"] == "succeeded"
+    [ollama] = [p for p in down if p["name"] == "ollama"]
+    assert ollama["available"] is False, ollama
+    assert ollama["detail"] == (
+        f"failed a call: Ollama at {fake_ollama.url} answered 500: the model server is on fire"
+    )
+    [ollama] = [p for p in up if p["name"] == "ollama"]
+    assert ollama["available"] is True, ollama
+
+
+async def test_an_answer_cut_off_after_its_text_began_is_not_continued_by_another_model(
+    settings: Settings,
+    fake_ollama: FakeOllama,
+    fake_openai: FakeOpenAI,
+    start_service: StartService,
+) -> None:
+    """Two words streamed, then the server fails: the next entry is not asked in the same
+    attempt (the step's live text would run on into its answer); the retry asks it first."""
+    fake_ollama.mid_stream_error = "CUDA error: out of memory"
+    routes = routed(settings, fake_openai, "ollama/llama3.2", "oai/gpt-fake")
+    async with start_service(routes, env={"OAI_KEY": KEY}) as svc:
+        task = await svc.client.post(
+            "/api/v1/tasks",
+            json={"template": "summarize", "params": {"text": "a b c d"}, "max_attempts": 2},
+        )
+        done = await svc.wait(task.json()["id"], seconds=30)
+    assert done["status"] == "succeeded", done["error"]
+    first, second = done["attempts"]
+    assert first["status"] == "failed" and "out of memory" in first["error"]["message"]
+    assert second["status"] == "succeeded"
+    assert done["steps"][0]["model"] == "oai/gpt-fake"
+    [passed] = done["steps"][0]["fallbacks"]
+    assert passed["reason"].startswith("failed a call before: "), passed
+    assert len(fake_ollama.requests) == 1 and len(fake_openai.requests) == 1
+
+
+async def test_every_entry_busy_waits_the_shortest_retry_after(
+    settings: Settings,
+    fake_ollama: FakeOllama,
+    fake_openai: FakeOpenAI,
+    start_service: StartService,
+) -> None:
+    routes = routed(settings, fake_openai, "ollama/llama3.2", "oai/gpt-fake")
+    async with start_service(routes, env={"OAI_KEY": KEY}) as svc:
+        # Set after the start's health checks, which would spend them.
+        fake_ollama.failure = Failure(429, "slow down", times=1, headers={"Retry-After": "3"})
+        fake_openai.failure = Failure(503, "overloaded", times=1, headers={"Retry-After": "1"})
+        task = await svc.client.post(
+            "/api/v1/tasks",
+            json={"template": "summarize", "params": {"text": "x"}, "max_attempts": 2},
+        )
+        done = await svc.wait(task.json()["id"], seconds=30)
+    assert done["status"] == "succeeded", done["error"]
+    first, second = done["attempts"]
+    error = first["error"]
+    assert error["type"] == "provider_unavailable" and error.get("retryable") is True, error
+    assert "ollama/llama3.2:" in error["message"] and "oai/gpt-fake:" in error["message"]
+    waited = datetime.fromisoformat(second["started_at"]) - datetime.fromisoformat(
+        first["finished_at"]
+    )
+    assert 1.0 <= waited.total_seconds() < 3.0, waited
 
 
 async def test_a_plain_model_name_goes_to_the_first_server(

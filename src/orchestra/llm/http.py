@@ -1,8 +1,9 @@
 """What the HTTP providers share: one pooled client, error mapping, streaming with a deadline.
 
 Every transport failure becomes an error of the tree here: nothing answering at all (refused,
-unknown host) is ``ProviderUnreachable``, so a fallback chain moves on; a timeout, a 5xx or a
-429 is ``ProviderUnavailable`` (retryable); a 404 is ``ModelNotFound``; other 4xx are
+unknown host) is ``ProviderUnreachable``; a timeout, a 5xx or a 429 is ``ProviderUnavailable``
+(retryable; a fallback chain moves on from either, see :mod:`orchestra.llm.router`); a 404 is
+``ModelNotFound``; other 4xx are
 ``ProviderError`` (permanent: the request itself is wrong). A 429 or 503 that says how long to
 wait (Retry-After) is :class:`ProviderBusy`, carrying the wait. A redirect, or an answer that is
 not the format asked for (an HTML page where JSON was due: a proxy, a login page, a wrong URL),

@@ -9,9 +9,13 @@ A model name in a template or a task is one of:
 
 The first *available* entry of a chain serves: its provider passed its last health check (made
 every ``[fallback] health_interval`` seconds in the background) and did not fail since, and it
-lists the model (when it lists models at all). When a call finds nothing answering or the model
-missing, the entry is marked and the next one is tried at once; entries marked unavailable are
-still tried, last, so a stale mark never fails a task that could have run.
+lists the model (when it lists models at all). When a call fails on an entry — nothing
+answering, the model missing, or the server failing (a 5xx, busy, a timeout, an answer cut
+off) before any of its text was streamed — the entry is marked and the next one is tried at
+once; entries marked unavailable are still tried, last, so a stale mark never fails a task
+that could have run. A call that fails after some of its text was streamed does not move on
+(the step's live text would run on into another model's answer): its attempt fails, and the
+retry starts with the next available entry.
 
 When no server of a chain answers at all, but one of them answered before (Ollama
 restarting, a model server being upgraded), the call waits for it to come back, trying again
@@ -34,7 +38,13 @@ import msgspec
 from orchestra import logs, metrics
 from orchestra.config import DEFAULT_MODEL, Settings
 from orchestra.domain import Fallback
-from orchestra.errors import ModelNotFound, ProviderError, ProviderUnavailable, ProviderUnreachable
+from orchestra.errors import (
+    ModelNotFound,
+    ProviderBusy,
+    ProviderError,
+    ProviderUnavailable,
+    ProviderUnreachable,
+)
 from orchestra.llm import passed_over
 from orchestra.llm.base import (
     ChatRequest,
@@ -207,9 +217,15 @@ class Router:
             self._down[route.provider.name] = error.message
         log.warning("provider.unavailable", route=str(route), error=error.message)
 
-    async def _through(self, model: str, call: Callable[[Route], Awaitable[T]]) -> T:
+    async def _through(
+        self,
+        model: str,
+        call: Callable[[Route], Awaitable[T]],
+        streamed: Callable[[], bool] = lambda: False,
+    ) -> T:
         """Try ``call`` on each route in turn until one answers; while none answers at all
-        but one did before, wait for it to come back (see the module's docstring)."""
+        but one did before, wait for it to come back (see the module's docstring).
+        ``streamed()`` tells whether the call that just failed had streamed text."""
         loop = asyncio.get_running_loop()
         deadline: float | None = None
         pause = OUTAGE_FIRST_PAUSE
@@ -229,7 +245,14 @@ class Router:
                     self._mark(route, exc)
                     failures.append((route, exc))
                     continue
+                except ProviderUnavailable as exc:  # it answered, with an error
+                    self._mark(route, exc)
+                    if streamed():
+                        raise
+                    failures.append((route, exc))
+                    continue
                 self._answered.add(route.provider.name)
+                self._down.pop(route.provider.name, None)  # it answers again
                 if route != chain[0]:
                     passed_over.note(self._passed_over(chain, route, unavailable, failures))
                 return result
@@ -269,15 +292,25 @@ class Router:
     ) -> ChatResult:
         """Ask the first route of ``request.model`` that answers."""
 
+        sent = False  # whether the route being asked streamed any text
+
+        def relay(text: str) -> None:
+            nonlocal sent
+            sent = True
+            if on_text is not None:
+                on_text(text)
+
         async def call(route: Route) -> ChatResult:
+            nonlocal sent
+            sent = False
             options = request.options
             cap = self._max_tokens.get(route.provider.name)
             if cap and "num_predict" not in options:
                 options = {**options, "num_predict": cap}
             asked = msgspec.structs.replace(request, model=route.model, options=options)
-            return await route.provider.chat(asked, on_text)
+            return await route.provider.chat(asked, None if on_text is None else relay)
 
-        return await self._through(request.model, call)
+        return await self._through(request.model, call, lambda: sent)
 
     async def embed(self, model: str, inputs: list[str]) -> EmbedResult:
         """Embed with the first route of ``model`` that answers."""
@@ -390,15 +423,19 @@ def _live_process(provider: Supervised | None) -> ProcessInfo | None:
 
 
 def _combined(model: str, failures: list[tuple[Route, ProviderError]]) -> ProviderError:
-    """One error for a chain whose every entry failed: retryable when a server was merely
-    unreachable (it may come back), "model not found" when every server said so."""
+    """One error for a chain whose every entry failed: retryable when a server was
+    unreachable or failing (it may come back; when every one was busy, the retry waits the
+    shortest of their Retry-After), "model not found" when every server said so."""
     reasons = "; ".join(f"{route}: {exc.message}" for route, exc in failures)
     if len(failures) == 1:
         return failures[0][1]
     message = f"no provider could answer for {model!r}: {reasons}"
     if all(isinstance(exc, ModelNotFound) for _, exc in failures):
         return ModelNotFound(message)
-    if any(isinstance(exc, ProviderUnreachable) for _, exc in failures):
+    waits = [exc.retry_after for _, exc in failures if isinstance(exc, ProviderBusy)]
+    if len(waits) == len(failures):
+        return ProviderBusy(message, min(waits))
+    if any(isinstance(exc, ProviderUnavailable) for _, exc in failures):
         return ProviderUnavailable(message)
     return ProviderError(message)
 
