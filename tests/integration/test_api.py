@@ -195,6 +195,32 @@ async def test_bad_wait_is_400(service: Service, query: dict[str, str]) -> None:
     assert "wait" in response.json()["message"]
 
 
+@pytest.mark.parametrize(
+    ("path", "field", "reason"),
+    [
+        (
+            "/api/v1/tasks?status=done",
+            "status",
+            "'done' is not one of queued, running, succeeded, failed, cancelled",
+        ),
+        (
+            "/api/v1/tasks?status=queued,failed",
+            "status",
+            "'queued,failed' is not one of queued, running, succeeded, failed, cancelled"
+            " (one value, not a list)",
+        ),
+        ("/health?probe=ready", "probe", "'ready' is not one of live"),
+    ],
+)
+async def test_a_value_outside_a_parameters_choices_names_them(
+    service: Service, path: str, field: str, reason: str
+) -> None:
+    """msgspec said "Invalid enum value 'done'", which left the caller to guess the values."""
+    response = await service.client.get(path)
+    assert response.status_code == 400
+    assert response.json()["fields"] == [{"field": field, "message": reason}]
+
+
 async def test_wait_answers_as_soon_as_the_task_finishes(
     service: Service, fake_ollama: FakeOllama
 ) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from enum import Enum
+from typing import Any, Literal, get_args, get_origin
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, SerializationException, ValidationException
@@ -135,10 +136,50 @@ def _problem(extra: dict[str, Any]) -> FieldOut:
 _MISSING = re.compile(r"Missing required (?:query|header|cookie) parameter '([^']+)'")
 
 
-def validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[ErrorBody]:
+#: msgspec's words for a value that is none of an enum's.
+_NOT_IN_ENUM = re.compile(r"Invalid enum value (.*)")
+
+
+def _choices(request: Request[Any, Any, Any], name: str) -> list[str] | None:
+    """The values a query or path parameter of the route's handler takes, when its type is an
+    enum or a ``Literal`` (``status`` of a listing, ``format`` of a batch's results); else
+    None."""
+    try:
+        field = request.route_handler.parsed_fn_signature.parameters[name]
+    except (AttributeError, KeyError):
+        return None
+    for candidate in (field, *field.inner_types):
+        kind = candidate.annotation
+        if isinstance(kind, type) and issubclass(kind, Enum):
+            return [str(member.value) for member in kind]
+        if get_origin(kind) is Literal:
+            return [str(value) for value in get_args(kind)]
+        if candidate.inner_types and candidate is not field:  # list[Literal[...]]
+            found = [c.annotation for c in candidate.inner_types]
+            if found and get_origin(found[0]) is Literal:
+                return [str(value) for value in get_args(found[0])]
+    return None
+
+
+def _with_choices(request: Request[Any, Any, Any], problem: FieldOut) -> FieldOut:
+    """msgspec's "Invalid enum value 'x'", with the values that would do."""
+    found = _NOT_IN_ENUM.fullmatch(problem.message)
+    choices = None if found is None else _choices(request, problem.field)
+    if found is None or not choices:
+        return problem
+    given = found.group(1)
+    reason = f"{given} is not one of {', '.join(choices)}"
+    if "," in given:
+        reason += " (one value, not a list)"
+    return FieldOut(problem.field, reason)
+
+
+def validation_error(
+    request: Request[Any, Any, Any], exc: ValidationException
+) -> Response[ErrorBody]:
     """A request whose body, path or query does not fit its declared types."""
     extras = exc.extra if isinstance(exc.extra, list) else []
-    fields = [_problem(e) for e in extras if isinstance(e, dict)]
+    fields = [_with_choices(request, _problem(e)) for e in extras if isinstance(e, dict)]
     detail = exc.detail or "invalid request"
     missing = _MISSING.match(detail)
     if not fields and missing:
