@@ -323,6 +323,30 @@ async def test_focus_stays_on_a_tasks_page_while_it_refreshes_to_the_end(
     assert page.errors == []
 
 
+async def test_what_the_reader_opened_stays_open_while_a_tasks_page_refreshes(
+    service: Service, fake_ollama: FakeOllama, browser: Browser
+) -> None:
+    """A long parameter shown whole (a <details>) stayed open only until the next live
+    refresh, which swapped in a fresh copy of the page with it closed."""
+    from playwright.async_api import expect
+
+    fake_ollama.close_gate("llama3.2")
+    text = "word " * (views.INLINE_CHARS // 4)
+    task = await service.submit("summarize", text=text)
+    await wait_until(lambda: fake_ollama.held("llama3.2") == 1)
+    page = await new_page(browser)
+    await page.goto(f"{service.url}/ui/tasks/{task['id']}")
+    status = page.locator("#task-body h1 .status")
+    await expect(status).to_have_text("running", timeout=WAIT)
+    await page.click("#params-show")
+    whole = page.locator("details:has(> #params-show)")
+    await expect(whole).to_have_attribute("open", "", timeout=WAIT)
+    fake_ollama.open_gate("llama3.2")
+    await expect(status).to_have_text("succeeded", timeout=WAIT)  # the body was swapped
+    await expect(whole).to_have_attribute("open", "", timeout=WAIT)
+    assert page.errors == []
+
+
 async def test_a_time_filter_changed_after_a_failed_submit_is_the_one_sent(
     service: Service, browser: Browser
 ) -> None:

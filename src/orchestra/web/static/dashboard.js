@@ -84,6 +84,31 @@
     }
   });
 
+  // A live refresh swaps in a fresh copy of a part of the page, with every <details> closed:
+  // the ones the reader had opened (a prompt, a long value shown whole) are opened again,
+  // known by their summary's id.
+  var opened = null;
+
+  document.addEventListener("htmx:beforeSwap", function (evt) {
+    var target = evt.detail.target;
+    if (!target || !target.querySelectorAll) return;
+    opened = [];
+    target.querySelectorAll("details[open] > summary[id]").forEach(function (summary) {
+      opened.push(summary.id);
+    });
+  });
+
+  document.addEventListener("htmx:afterSettle", function () {
+    if (!opened) return;
+    opened.forEach(function (id) {
+      var summary = document.getElementById(id);
+      if (summary && summary.parentElement && summary.parentElement.tagName === "DETAILS") {
+        summary.parentElement.open = true;
+      }
+    });
+    opened = null;
+  });
+
   // --- Connection --------------------------------------------------------------------------
   // When the server cannot be reached (stopped, the network gone), the page says so until a
   // request or a live stream gets through again; it would otherwise go on showing old data.
