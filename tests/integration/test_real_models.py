@@ -206,6 +206,13 @@ async def test_embedded_model_serialises_calls_and_a_cancel_frees_it(
         elapsed = loop.time() - started
     assert all(isinstance(t["result"], str) and t["result"] for t in done)
     assert elapsed < 60, elapsed  # not stuck behind the cancelled 1,500-token story
+    # Each call's total_ms is the model's own time, not its wait for the calls ahead of it
+    # (it was: the three added up to more than the time they all took).
+    usages = [t["steps"][0]["usage"] for t in done]
+    for usage in usages:
+        own = usage["prompt_ms"] + usage["generation_ms"]
+        assert usage["total_ms"] == pytest.approx(own, abs=0.01), usage
+    assert sum(u["total_ms"] for u in usages) < elapsed * 1000, (usages, elapsed)
 
 
 async def run_existing(svc: Service, task_id: int) -> dict[str, Any]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import time
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -165,7 +164,6 @@ class EmbeddedProvider:
         elif isinstance(request.format, dict):
             response_format = {"type": "json_object", "schema": request.format}
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
-        started = time.perf_counter()
         answer = await self._ask(
             lambda i: wire.Generate(i, messages, options, response_format), on_text
         )
@@ -177,7 +175,9 @@ class EmbeddedProvider:
             usage=Usage(
                 prompt_tokens=answer.prompt_tokens,
                 completion_tokens=answer.completion_tokens,
-                total_ms=round((time.perf_counter() - started) * 1000, 3),
+                # The model's own time, as Ollama's total_duration is: not the wait for the
+                # calls ahead of it (the process serves one at a time).
+                total_ms=round(answer.load_ms + answer.prompt_ms + answer.generation_ms, 3),
                 prompt_ms=answer.prompt_ms,
                 generation_ms=answer.generation_ms,
                 finish_reason=answer.finish_reason,
