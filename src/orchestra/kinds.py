@@ -31,6 +31,7 @@ from orchestra.templating.model import (
     StepSpec,
     Template,
 )
+from orchestra.templating.params import schema_reason
 from orchestra.templating.regex import check_schema, schema_problems, validator
 from orchestra.templating.render import evaluate, parse_json_text, render_text
 from orchestra.templating.schema_refs import ref_problems
@@ -97,7 +98,8 @@ def _schema_problems(value: Any, schema: dict[str, Any]) -> list[str]:
     except Unresolvable as exc:  # schema_refs refuses these first; nothing is fetched
         raise StepError(f"the JSON Schema cannot be used: $ref {exc}") from None
     return [
-        f"{format_path(tuple(err.absolute_path)) or '(top level)'}: {err.message}" for err in errors
+        f"{format_path(tuple(err.absolute_path)) or '(top level)'}: {schema_reason(err)}"
+        for err in errors
     ]
 
 

@@ -243,6 +243,23 @@ def test_a_date_in_yaml_is_its_iso_text() -> None:
     assert template.steps[0].text == "2024-01-01 10:30:00"  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize(
+    ("field", "said"),
+    [
+        ("default: null", "default does not fit the parameter: null is not of type 'string'"),
+        ("enum: [a, true]", "enum value does not fit the type: true is not of type 'string'"),
+    ],
+)
+def test_a_default_or_choice_that_does_not_fit_is_told_in_json(field: str, said: str) -> None:
+    """They said "None is not of type 'string'" and "True is not …": Python, to a YAML
+    author."""
+    text = (
+        f"name: x\nparameters:\n  p: {{type: string, {field}}}\nsteps:\n  - id: a\n    prompt: hi\n"
+    )
+    [p] = problems(text)
+    assert p.message == said
+
+
 def test_output_syntax_error_is_located() -> None:
     text = "name: x\nsteps:\n  - id: a\n    prompt: hi\noutput: '{{ steps.a.output | }}'\n"
     [p] = problems(text)

@@ -20,7 +20,7 @@ from orchestra.config import LimitSettings
 from orchestra.domain import RetryPolicy
 from orchestra.errors import PayloadTooLarge, TemplateError
 from orchestra.templating.model import PARAM_TYPES, Parameter, Template
-from orchestra.templating.params import non_finite
+from orchestra.templating.params import non_finite, schema_reason
 from orchestra.templating.regex import (
     PatternBudget,
     check_schema,
@@ -161,11 +161,16 @@ def _parameters(c: Checker, value: Any, budget: PatternBudget) -> dict[str, Para
             if param.required:
                 c.add((*path, "default"), "a required parameter cannot have a default")
             for err in validator(schema).iter_errors(param.default):
-                c.add((*path, "default"), f"default does not fit the parameter: {err.message}")
+                c.add(
+                    (*path, "default"), f"default does not fit the parameter: {schema_reason(err)}"
+                )
         for index, choice in enumerate(param.enum or []):
             item_schema = {k: v for k, v in schema.items() if k not in ("enum", "default")}
             for err in validator(item_schema).iter_errors(choice):
-                c.add((*path, "enum", index), f"enum value does not fit the type: {err.message}")
+                c.add(
+                    (*path, "enum", index),
+                    f"enum value does not fit the type: {schema_reason(err)}",
+                )
         out[name] = param
     return out
 

@@ -159,7 +159,7 @@ def validate_params(
                 for n in extra
             ]
         else:
-            problems.append(FieldProblem(_field(err.absolute_path), _message(err)))
+            problems.append(FieldProblem(_field(err.absolute_path), schema_reason(err)))
     if problems:
         problems.sort(key=lambda p: p.field)
         raise InvalidParams(
@@ -182,7 +182,7 @@ def _integers(template: Template, params: dict[str, Any]) -> dict[str, Any]:
 _QUOTED = 80
 
 
-def _message(err: jsonschema.ValidationError) -> str:
+def schema_reason(err: jsonschema.ValidationError) -> str:
     """A schema error's reason, naming the limit, never echoing a long value whole
     (jsonschema's own message quotes the value: a 200,000-character text came back in the
     422)."""
