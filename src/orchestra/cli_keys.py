@@ -124,9 +124,31 @@ def _key_store_call(config_path: str | None, work: Callable[[KeyStore], Awaitabl
 @config_option
 def keys_create(name: str, scope: Scope, config_path: str | None) -> None:
     """Make a key and print it. It is shown this once: only its SHA-256 is kept."""
-    key, token = _key_store_call(config_path, lambda store: store.create(name, scope))
+
+    async def create(store: KeyStore) -> tuple[ApiKey, str, int]:
+        key, token = await store.create(name, scope)
+        return key, token, len(await store.active_digests())
+
+    key, token, active = _key_store_call(config_path, create)
     click.echo(token)
     click.echo(f"key {key.id} ({key.name}, {key.scope}) created; store it now", err=True)
+    if active == 1 and not settings_of(config_path).auth.allow_anonymous:
+        click.echo(first_key_warning(key.scope), err=True)
+
+
+def first_key_warning(scope: Scope) -> str:
+    """What the first active key changes, said as it is made (the dashboard asks first)."""
+    told = (
+        "warning: this is the only active key, so from now on (within 2 s on a running "
+        "service) every request needs a key: Authorization: Bearer orc_… (the CLI's client "
+        "commands read ORCHESTRA_API_KEY)"
+    )
+    if scope != "admin":
+        told += (
+            f"; a {scope} key cannot register templates or manage the service: make an "
+            "admin key too (orchestra keys create --name admin --scope admin)"
+        )
+    return told
 
 
 def key_table(keys: list[ApiKey]) -> list[str]:

@@ -307,6 +307,11 @@ class _ReadNow:
         self.providers = list(providers)
 
     def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "orchestra_database_up",
+            "1 when this scrape read the database, 0 when it could not (an outage).",
+            value=0.0 if self.counts is None else 1.0,
+        )
         if self.counts is not None:
             tasks = GaugeMetricFamily(
                 "orchestra_tasks",

@@ -72,8 +72,13 @@ async def test_keys_work_on_the_services_database_and_say_which(
     )
     assert code == 0 and where in err
     assert token.startswith("orc_") and len(token.strip()) > 40
+    # The first key turns authentication on, which the dashboard asks to confirm: the CLI
+    # says so, and that a read key alone can manage nothing.
+    assert "warning: this is the only active key" in err and "every request needs a key" in err
+    assert "make an admin key too" in err, err
     longer = ("create", "--name", "prometheus-scraper", "--scope", "admin")
-    assert (await keys_cli(*longer, cwd=tmp_path, env=env))[0] == 0
+    code, _, err = await keys_cli(*longer, cwd=tmp_path, env=env)
+    assert code == 0 and "warning" not in err, err  # not the first
     code, _, err = await keys_cli("create", "--name", "ci", cwd=tmp_path, env=env)
     assert code == 1 and "Traceback" not in err  # the name is taken
     for empty in ("", "  "):

@@ -5,6 +5,7 @@ guards it unless [metrics] public; a workers-only process serves it; and with
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -15,11 +16,21 @@ from typing import Any
 
 import httpx
 import msgspec
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from orchestra.api.auth import REFRESH_SECONDS
 from orchestra.config import MetricsSettings, ServerSettings, Settings
-from tests.conftest import Service, StartService, make_keys, with_provider, with_workers
+from tests.conftest import (
+    Service,
+    StartService,
+    make_keys,
+    sql_rows,
+    with_provider,
+    with_workers,
+)
 from tests.fixtures.fake_ollama import Failure, FakeOllama
+from tests.fixtures.postgres import ON_POSTGRESQL, PostgresServer
 from tests.fixtures.servers import free_port, wait_until, write_config
 from tests.integration.test_processes import serving
 
@@ -274,6 +285,44 @@ async def test_metrics_need_the_read_scope_unless_public(
             "/metrics", headers={"Authorization": f"Bearer {tokens['read']}"}
         )
         assert answer.status_code == 404
+
+
+@pytest.mark.skipif(not ON_POSTGRESQL, reason="stops the database server")
+async def test_a_database_outage_is_scraped_with_the_key_as_database_up_zero(
+    settings: Settings,
+    start_service: StartService,
+    db_url: str,
+    postgres: PostgresServer | None,
+) -> None:
+    """With Prometheus's read key, every scrape during an outage answered 503: the key check
+    read the keys again and failed. Now the keys last read stay in use, and the outage is a
+    series of its own."""
+    assert postgres is not None
+    tokens = await make_keys(db_url, "read")
+    key = {"Authorization": f"Bearer {tokens['read']}"}
+    async with start_service(settings) as svc:
+        before = await scrape(svc.client, headers=key)
+        assert before("orchestra_database_up") == 1 and "orchestra_tasks" in before.names
+        sql_rows(db_url, "CHECKPOINT")
+        postgres.stop()
+        try:
+            loop = asyncio.get_running_loop()
+            stopped = loop.time()
+            while loop.time() < stopped + REFRESH_SECONDS + 1:  # the keys read again, failing
+                during = await scrape(svc.client, headers=key)
+                assert during("orchestra_database_up") == 0
+                assert "orchestra_tasks" not in during.names
+                assert during("orchestra_worker_slots") > 0  # the rest is served
+                await asyncio.sleep(0.2)
+            assert (await svc.client.get("/metrics")).status_code == 401  # still a key's
+        finally:
+            postgres.resume()
+
+        async def back() -> bool:
+            answer = await svc.client.get("/metrics", headers=key)
+            return answer.status_code == 200 and Scrape(answer.text)("orchestra_database_up") == 1
+
+        await wait_until(back, timeout=20, interval=0.2)
 
 
 async def test_a_workers_only_process_serves_metrics(

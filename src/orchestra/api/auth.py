@@ -25,6 +25,7 @@ from litestar.middleware import AbstractAuthenticationMiddleware, Authentication
 from litestar.middleware.base import DefineMiddleware
 from litestar.middleware.rate_limit import RateLimitConfig
 
+from orchestra import logs
 from orchestra.api.scope import runtime_of
 from orchestra.auth import ApiKey, Caller, Scope, allows, is_loopback, key_id_of, matches
 from orchestra.config import AuthSettings
@@ -38,6 +39,8 @@ PUBLIC = [*(f"^{re.escape(p)}$" for p in PUBLIC_PATHS), "^/schema"]
 #: Seconds the service keeps the list of keys before reading it again (a key created or
 #: revoked with the CLI takes effect within this time).
 REFRESH_SECONDS = 2.0
+
+log = logs.get("orchestra.auth")
 
 
 class Gatekeeper:
@@ -59,12 +62,17 @@ class Gatekeeper:
         self._read_at = float("-inf")
         self._reading: asyncio.Future[None] | None = None
         self._forgotten = 0  # how many times forget() was called
+        self._loaded = False  # whether a read of the keys succeeded yet
 
     async def keys(self) -> dict[str, tuple[str, ApiKey]]:
         """Active keys by id (digest, key), read again every :data:`REFRESH_SECONDS`.
 
         The requests that find the copy stale together wait for one read: under load, a
-        read per request in flight would each cost a trip to the database.
+        read per request in flight would each cost a trip to the database. While the
+        database cannot be read, the keys of the last read stay in use (a key can be neither
+        made nor revoked meanwhile), so what needs no database — ``/metrics``, ``/health`` —
+        still answers the keys it answered; only before the first read does the outage's
+        error reach the caller.
         """
         if self.clock() - self._read_at > REFRESH_SECONDS:
             if self._reading is None:
@@ -80,10 +88,15 @@ class Gatekeeper:
         forgotten = self._forgotten
         try:
             self._keys = await self.store.active_digests()
-            if forgotten == self._forgotten:  # else it may predate the change: read again
-                self._read_at = self.clock()
+            self._loaded = True
+        except StorageError as exc:
+            if not self._loaded:
+                raise
+            log.warning("auth.keys_kept", error=exc.message, keys=len(self._keys))
         finally:
             self._reading = None
+        if forgotten == self._forgotten:  # else it may predate the change: read again
+            self._read_at = self.clock()
 
     def forget(self) -> None:
         """Read the keys again on the next request (a key was just made or revoked here),
