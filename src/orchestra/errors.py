@@ -20,6 +20,7 @@
     │   ├── StorageFull             its disk is full (507)
     │   ├── StorageLocked           another connection holds the write lock (503)
     │   └── StorageUnavailable      read-only, an I/O error, a file that cannot be opened (503)
+    │       └── StorageUnreachable  the database server cannot be reached (503, Retry-After)
     ├── ClientError                 orchestra.client: a call to a service failed (its
     │                               branch is drawn in orchestra.client.errors)
     └── StepError                   a step of a running task failed
@@ -191,6 +192,12 @@ class StorageUnavailable(StorageError):
 
     code = "storage_unavailable"
     condition = "cannot write"
+
+
+class StorageUnreachable(StorageUnavailable):
+    """The database server cannot be reached now (its connection failed, it is restarting or
+    shutting down, out of connections): likely to pass in seconds, so a 503 for it carries
+    a Retry-After. Clients see it as ``storage_unavailable``."""
 
 
 class StepError(OrchestraError):

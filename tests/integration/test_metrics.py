@@ -288,7 +288,7 @@ async def test_metrics_need_the_read_scope_unless_public(
 
 
 @pytest.mark.skipif(not ON_POSTGRESQL, reason="stops the database server")
-async def test_a_database_outage_is_scraped_with_the_key_as_database_up_zero(
+async def test_a_database_outage_is_scraped_with_the_key_and_asked_again_later(
     settings: Settings,
     start_service: StartService,
     db_url: str,
@@ -315,6 +315,11 @@ async def test_a_database_outage_is_scraped_with_the_key_as_database_up_zero(
                 assert during("orchestra_worker_slots") > 0  # the rest is served
                 await asyncio.sleep(0.2)
             assert (await svc.client.get("/metrics")).status_code == 401  # still a key's
+            # What needs the database answers 503, and says when to ask again.
+            listing = await svc.client.get("/api/v1/tasks", headers=key)
+            assert listing.status_code == 503, listing.text
+            assert listing.json()["code"] == "storage_unavailable"
+            assert listing.headers["Retry-After"] == "5"
         finally:
             postgres.resume()
 

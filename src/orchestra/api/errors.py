@@ -35,6 +35,7 @@ from orchestra.errors import (
     StorageError,
     StorageFull,
     StorageLocked,
+    StorageUnreachable,
     TemplateError,
     Unauthorized,
 )
@@ -55,6 +56,20 @@ _STATUS: list[tuple[type[OrchestraError], int]] = [
 ]
 #: Seconds a client is told to wait when another connection holds the database's lock.
 LOCKED_RETRY_AFTER = 1
+#: Seconds a client is told to wait when the database server cannot be reached (a restart,
+#: a network cut): long enough not to add to the load of a database coming back.
+UNREACHABLE_RETRY_AFTER = 5
+
+
+def retry_after(exc: OrchestraError) -> int | None:
+    """The ``Retry-After`` seconds of a 503 that is likely to pass by itself (the lock held,
+    the database server away); None for every other error (a read-only database or a full
+    disk waits for its operator, not a time)."""
+    if isinstance(exc, StorageLocked):
+        return LOCKED_RETRY_AFTER
+    if isinstance(exc, StorageUnreachable):
+        return UNREACHABLE_RETRY_AFTER
+    return None
 
 
 def _body(
@@ -95,8 +110,8 @@ def orchestra_error(_: Request[Any, Any, Any], exc: OrchestraError) -> Response[
     headers = None
     if isinstance(exc, Unauthorized):  # RFC 9110: a 401 names the scheme it would accept
         headers = {"WWW-Authenticate": "Bearer"}
-    elif isinstance(exc, StorageLocked):
-        headers = {"Retry-After": str(LOCKED_RETRY_AFTER)}
+    elif (wait := retry_after(exc)) is not None:
+        headers = {"Retry-After": str(wait)}
     if isinstance(exc, StorageError):
         log.info("api.storage_failed", code=exc.code, error=exc.message)
     task_status = getattr(exc, "task_status", None)

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import psycopg
 
-from orchestra.errors import StorageError, StorageFull, StorageLocked, StorageUnavailable
+from orchestra.errors import (
+    StorageError,
+    StorageFull,
+    StorageLocked,
+    StorageUnavailable,
+    StorageUnreachable,
+)
 
 #: Run the transaction again: two transactions met (a serialization failure, a deadlock), or
 #: two processes inserted the same key at once — a transaction body reads before it writes,
@@ -60,5 +66,5 @@ def storage_error(exc: BaseException, where: str) -> StorageError | None:
     if isinstance(found, psycopg.OperationalError) or state.startswith(
         ("08", "53", "57P", "58", "XX")
     ):
-        return StorageUnavailable(f"the database ({where}) cannot be used: {detail}")
+        return StorageUnreachable(f"the database ({where}) cannot be used: {detail}")
     return None

@@ -26,10 +26,10 @@ from litestar.types import ExceptionHandlersMap
 
 from orchestra import __version__, logs
 from orchestra.api import errors as api_errors
-from orchestra.api.errors import LOCKED_RETRY_AFTER, status_of
+from orchestra.api.errors import retry_after, status_of
 from orchestra.api.scope import runtime_of
 from orchestra.auth import Caller, allows
-from orchestra.errors import OrchestraError, StorageError, StorageLocked
+from orchestra.errors import OrchestraError, StorageError
 from orchestra.web import views
 from orchestra.web.headers import StampedPage
 from orchestra.web.links import Links
@@ -124,8 +124,8 @@ def error_page(
     headers: dict[str, str] = {}
     if isinstance(exc, OrchestraError):
         status, message = status_of(exc), exc.message
-        if isinstance(exc, StorageLocked):
-            headers["retry-after"] = str(LOCKED_RETRY_AFTER)
+        if (wait := retry_after(exc)) is not None:
+            headers["retry-after"] = str(wait)
         if isinstance(exc, StorageError):
             log.info("ui.storage_failed", code=exc.code, error=exc.message)
     elif isinstance(exc, ValidationException):
