@@ -222,3 +222,29 @@ async def test_stopping_waits_for_the_grace_period_then_hands_tasks_back(
         task = await svc.submit("summarize", text="interrupted")
         await wait_until(lambda: fake_ollama.in_flight == 1)
     assert task_row(db_url, task["id"], "status, attempts - handed_back, lease_owner") == expected
+
+
+async def test_a_task_handed_back_counts_its_attempts_as_the_retry_policy_does(
+    db_url: str, fake_ollama: FakeOllama, start_service: StartService
+) -> None:
+    """The task page said "Attempts 2 of 1" for a task handed back once and then run: a
+    hand-back at shutdown does not use up an attempt, and the page now counts as the retry
+    policy counts."""
+    fake_ollama.latency = 2.0
+    settings = with_workers(make_settings(db_url, fake_ollama.url), shutdown_grace=0.2)
+    async with start_service(settings) as svc:
+        response = await svc.client.post(
+            "/api/v1/tasks",
+            json={"template": "summarize", "params": {"text": "again"}, "max_attempts": 1},
+        )
+        task = response.json()
+        await wait_until(lambda: fake_ollama.in_flight == 1)
+    fake_ollama.latency = 0
+    async with start_service(settings) as svc:
+        done = await svc.wait(task["id"])
+        page = (await svc.client.get(f"/ui/tasks/{task['id']}")).text
+    assert done["status"] == "succeeded", done
+    assert [a["status"] for a in done["attempts"]] == ["handed_back", "succeeded"]
+    assert '<dd id="attempts">1 of 1 (and 1 handed back at a shutdown, not counted)</dd>' in page, (
+        page[page.find("Attempts") - 100 : page.find("Attempts") + 200]
+    )
