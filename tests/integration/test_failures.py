@@ -248,3 +248,25 @@ async def test_a_task_handed_back_counts_its_attempts_as_the_retry_policy_does(
     assert '<dd id="attempts">1 of 1 (and 1 handed back at a shutdown, not counted)</dd>' in page, (
         page[page.find("Attempts") - 100 : page.find("Attempts") + 200]
     )
+
+
+async def test_a_retry_that_runs_shows_no_error_of_its_own_yet(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    """A task running its second attempt was listed with the first attempt's error, as if
+    the attempt running had failed ("lease_expired: the worker running this attempt …");
+    that error stays in its attempt's record."""
+    fake_ollama.failure = Failure(500, "the model server is on fire", times=1)
+    fake_ollama.close_gate("llama3.2")
+    task = await service.submit("summarize", text="twice")
+    await wait_until(lambda: fake_ollama.held("llama3.2") == 1, timeout=15)
+    running = (await service.client.get(f"/api/v1/tasks/{task['id']}")).json()
+    listed = (await service.client.get("/api/v1/tasks", params={"status": "running"})).json()
+    fake_ollama.open_gate("llama3.2")
+    done = await service.wait(task["id"])
+    assert running["status"] == "running" and running["error"] is None, running
+    first = running["attempts"][0]
+    assert first["status"] == "failed" and "on fire" in first["error"]["message"]
+    [summary] = [t for t in listed["items"] if t["id"] == task["id"]]
+    assert summary["error"] is None
+    assert done["status"] == "succeeded" and done["error"] is None

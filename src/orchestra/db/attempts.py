@@ -183,6 +183,9 @@ def _claim_update(chosen: ColumnElement[bool]) -> Any:
             attempts=tasks.c.attempts + 1,
             started_at=bindparam("c_now"),
             finished_at=None,
+            # A retry's earlier error stays in its attempt's record: the task's own is the
+            # outcome of the attempt running now, none yet.
+            error=None,
         )
         .returning(*tasks.c)
     )
