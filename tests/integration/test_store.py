@@ -394,6 +394,7 @@ async def test_the_claim_reads_the_queue_index_in_order_however_many_are_queued(
             "status": "running",
             "attempts_1": 1,
             "finished_at": None,
+            "error": None,
             "status_1": "queued",
         }
         with psycopg.connect(conninfo(db_url)) as pg:
