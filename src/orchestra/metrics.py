@@ -33,7 +33,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 from prometheus_client import (
     REGISTRY,
@@ -145,13 +145,15 @@ MODEL_CACHE = Counter(
     ["result"],
 )
 # Summed over the processes alive now; a dead process's files are removed.
+_SLOTS = "orchestra_worker_slots"
+_BUSY = "orchestra_worker_slots_busy"
 WORKER_SLOTS = Gauge(
-    "orchestra_worker_slots",
+    _SLOTS,
     "Tasks the worker pools may run at once ([workers] concurrency, summed over processes).",
     multiprocess_mode="livesum",
 )
 WORKER_SLOTS_BUSY = Gauge(
-    "orchestra_worker_slots_busy",
+    _BUSY,
     "Worker slots running a task now.",
     multiprocess_mode="livesum",
 )
@@ -341,6 +343,33 @@ class _Recorded:
 def multiprocess() -> bool:
     """Whether the recorded series live in the shared directory (several processes)."""
     return bool(getattr(values.ValueClass, "_multiprocess", False))
+
+
+class HostSlots(NamedTuple):
+    """The worker slots of every process of this host (one supervisor's)."""
+
+    busy: int
+    total: int
+    #: Processes that run a worker pool.
+    processes: int
+
+
+def host_slots() -> HostSlots | None:
+    """Busy and total worker slots summed over this host's processes, from the shared
+    directory (several processes); None with one process (its own pool knows)."""
+    folder = os.environ.get(MULTIPROC_ENV)
+    if not multiprocess() or not folder:
+        return None
+    merge: Callable[..., Iterable[Metric]] = _multiprocess.MultiProcessCollector.merge
+    busy = total = processes = 0
+    # One file per process (gauge_livesum_PID.db), removed when the process dies.
+    for path in Path(folder).glob("gauge_livesum_*.db"):
+        found = {s.name: s.value for m in merge([str(path)], accumulate=True) for s in m.samples}
+        slots = int(found.get(_SLOTS, 0))
+        total += slots
+        busy += int(found.get(_BUSY, 0))
+        processes += slots > 0
+    return HostSlots(busy=busy, total=total, processes=processes)
 
 
 def exposition(

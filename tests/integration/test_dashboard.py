@@ -427,7 +427,8 @@ async def test_the_overview_shows_queue_workers_chart_providers_and_failures_wit
         page = (await svc.client.get("/ui/")).text
         assert re.search(r'id="queue-depth">2<', page), page
         assert re.search(r'id="queue-age">\d+(\.\d+)? (ms|s)<', page)
-        assert 'id="slots">1 of 1<' in page
+        assert 'id="slots">1 of 1 <small class="muted">(this process)</small><' in page
+        assert 'id="running-now">1<' in page
         chart = re.search(r"<svg [^>]*>(.*?)</svg>", page, re.S)
         assert chart and '<rect class="bad"' in chart.group(1)
         assert re.search(r"<title [^>]*>[^<]* UTC: 0 succeeded, 1 failed</title>", chart.group(1))

@@ -421,7 +421,35 @@ async def test_the_overview_of_an_api_only_process_says_it_runs_no_workers(
     assert page.status_code == 200
     slots = re.search(r'<dd id="slots">([^<]*)</dd>', page.text)
     assert slots is not None, page.text
-    assert slots.group(1) == "none: it serves the API only (--no-workers)"
+    assert slots.group(1).startswith("none here: this serves the API only (--no-workers)")
+
+
+async def test_the_overview_counts_the_slots_of_every_process_of_its_host(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    """It showed one process's slots ("4 of 4 (this process)" with 12 busy on the host), and
+    which process answers is the kernel's pick."""
+    fake_ollama.latency = 60.0
+    path, port = config(tmp_path, "two", tmp_path / "two.db", fake_ollama.url)
+    async with serving(path, port, "--processes", "2") as service:
+        async with httpx.AsyncClient(base_url=service.url) as client:
+            for _ in range(3):
+                assert (await client.post("/api/v1/tasks", json=BODY)).status_code == 201
+            await wait_until(lambda: fake_ollama.in_flight == 3, timeout=15)
+            want = '3 of 8 <small class="muted">(this host&#39;s 2 worker processes)</small>'
+            seen: list[str] = []
+
+            async def both_counted() -> bool:  # the second process may still be starting
+                body = (await client.get("/ui/overview/body")).text
+                slots = re.search(r'<dd id="slots">(.*?)</dd>', body)
+                seen.append(slots.group(1) if slots else body)
+                return seen[-1] == want
+
+            await wait_until(both_counted, timeout=15, interval=0.1)
+            bodies = [(await client.get("/ui/overview/body")).text for _ in range(4)]
+    for body in bodies:  # whichever process answered
+        assert re.search(r'id="running-now">3<', body), body
+        assert f'<dd id="slots">{want}</dd>' in body, (seen, body)
 
 
 @pytest.mark.parametrize("processes", [1, 2])

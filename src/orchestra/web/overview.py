@@ -9,6 +9,7 @@ from typing import Any
 from litestar import Controller, Request, get, post
 from litestar.response import Redirect, ServerSentEvent, ServerSentEventMessage, Template
 
+from orchestra import metrics
 from orchestra.api.scope import runtime_of
 from orchestra.domain import now
 from orchestra.web import views
@@ -31,11 +32,24 @@ async def _overview(request: Request[Any, Any, Any]) -> dict[str, Any]:
         "queued_for": views.age(data.oldest_queued_at, at),
         # Queued and due: what waits for a worker now (the rest wait for their time).
         "ready": max(0, data.counts.get("queued", 0) - data.scheduled),
-        "busy": pool.running if pool is not None else 0,
-        # None: this process runs no workers (--no-workers); others run the tasks.
-        "slots": runtime.settings.workers.concurrency if runtime.settings.server.workers else None,
+        # Every process's and host's, from the database's counters.
+        "running": data.counts.get("running", 0),
+        "slots": _slots(
+            runtime.settings.workers.concurrency if runtime.settings.server.workers else 0, pool
+        ),
         "providers": runtime.router.states(),
     }
+
+
+def _slots(concurrency: int, pool: Any) -> dict[str, Any]:
+    """The worker slots this page can see: of every process of this host (several processes
+    share a metrics folder), else of this process; ``where`` says which."""
+    here = metrics.host_slots()
+    if here is not None:
+        where = f"this host's {here.processes} worker processes" if here.processes else None
+        return {"busy": here.busy, "total": here.total, "where": where}
+    busy = pool.running if pool is not None else 0
+    return {"busy": busy, "total": concurrency, "where": "this process" if concurrency else None}
 
 
 async def _providers(request: Request[Any, Any, Any], states: list[Any]) -> Template:
