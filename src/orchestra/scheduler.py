@@ -170,7 +170,12 @@ class ScheduleService:
             spec = msgspec.structs.replace(spec, every=None)  # a cron replaces an every
         elif spec.every is not None and "cron" not in given and "every" in given:
             spec = msgspec.structs.replace(spec, cron=None)
-        every = await self._checked(spec)
+        if set(given) <= {"enabled"} and not spec.enabled:
+            # Pausing needs no check: it is what a schedule whose template was deleted or
+            # changed under it needs (its every tick fails meanwhile).
+            every = old.every_seconds
+        else:
+            every = await self._checked(spec)
         next_at = old.next_fire_at
         if any(getattr(old.spec, k) != getattr(spec, k) for k in _TIMING & set(given)):
             next_at = self._next_tick(spec, every, old.created_at)
@@ -211,12 +216,17 @@ class ScheduleService:
             try:
                 checked.append((spec, await self._checked(spec)))
             except (InvalidRequest, NotFoundError) as exc:
-                fields = "".join(f"; {f.field}: {f.message}" for f in getattr(exc, "fields", []))
-                raise ConfigError(f"schedules: {spec.name}: {exc.message}{fields}") from None
+                raise ConfigError(f"schedules: {spec.name}: {_told(exc)}") from None
         done = await self.store.sync(checked, self._next_tick, iso(self.clock()))
         if any(done.values()):
             log.info("schedules.synced", **done)
         self.wake()
+
+
+def _told(exc: NotFoundError | InvalidRequest) -> str:
+    """An error's message with each field it names ("1 invalid parameter(s) …; params.text:
+    is not of type 'integer'"), for a fire's record and the log."""
+    return exc.message + "".join(f"; {f.field}: {f.message}" for f in getattr(exc, "fields", []))
 
 
 async def fire_due(
@@ -240,7 +250,7 @@ async def fire_due(
         try:
             task = await service.tasks.prepare(submission(schedule.spec))
         except (NotFoundError, InvalidRequest) as exc:  # the template changed since
-            error = exc.message
+            error = _told(exc)
     fired = await service.store.fire(
         schedule,
         fire_at=None if due.fire_at is None else iso(due.fire_at),

@@ -313,6 +313,33 @@ async def test_a_tick_whose_template_is_gone_is_recorded_as_failed(idle: Service
     [fire] = await fires(idle, "digest")
     assert (fire["outcome"], fire["task_id"]) == ("failed", None)
     assert "temporary" in fire["error"]
+    # Pausing is what such a schedule needs: it answered 404 template_not_found.
+    paused = await idle.client.patch(f"{SCHEDULES}/digest", json={"enabled": False})
+    assert paused.status_code == 200, paused.text
+    assert paused.json()["enabled"] is False and paused.json()["next_fire_at"] is None
+    # Resuming checks it again, as a new schedule is checked.
+    resumed = await idle.client.patch(f"{SCHEDULES}/digest", json={"enabled": True})
+    assert resumed.status_code == 404 and resumed.json()["code"] == "template_not_found"
+
+
+async def test_a_tick_whose_parameters_no_longer_fit_names_the_parameter(idle: Service) -> None:
+    template = (
+        "name: changing\nversion: {v}\nmodel: default\n"
+        "parameters: {{text: {{type: {t}, required: true}}}}\n"
+        "steps:\n  - id: s\n    prompt: '{{{{ params.text }}}}'\n"
+    )
+    for version, kind in ((1, "string"), (2, "integer")):
+        registered = await idle.client.post(
+            "/api/v1/templates", content=template.format(v=version, t=kind).encode()
+        )
+        assert registered.status_code == 201, registered.text
+        if version == 1:
+            await create(idle, every="1m", template="changing")
+    clock_of(idle).advance(60)
+    await fire_due(idle)
+    [fire] = await fires(idle, "digest")
+    assert fire["outcome"] == "failed"
+    assert "; params.text: 'the news' is not of type 'integer'" in fire["error"], fire["error"]
 
 
 async def test_config_schedules_are_synced_at_start_and_kept_read_only(
