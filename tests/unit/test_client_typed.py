@@ -50,3 +50,15 @@ def test_submit_options_are_the_submits_other_fields() -> None:
 
     others = set(SubmitTask.__struct_fields__) - {"template", "params"}
     assert set(get_type_hints(SubmitOptions)) == others
+
+
+def test_one_event_type_as_a_plain_string_is_that_type() -> None:
+    """A str is an Iterable[str], so a type check lets it by; it was sent as one event type
+    per character (400: "unknown event type '.', 'a', 'd' …")."""
+    from orchestra.client import core
+
+    assert core.feed(None, "task.finished", None).params == {"type": ["task.finished"]}
+    assert core.feed(None, ("task.queued", "task.finished"), 7).params == {
+        "after": 7,
+        "type": ["task.queued", "task.finished"],
+    }

@@ -218,15 +218,16 @@ class AsyncClient:
         self,
         *,
         template: str | None = None,
-        types: Iterable[str] | None = None,
+        types: str | Iterable[str] | None = None,
         after: int | None = None,
     ) -> AsyncIterator[FeedEvent]:
         """Every task's events (of ``template``, of ``types``) as they happen, without end;
         from after the event ``id`` ``after`` (0: every event kept; None: the next one); a
         dropped connection is resumed after the last event seen."""
+        chosen = None if types is None else core.words(types)  # read once: each reconnect
         follow = Follow(
             self.url,
-            lambda position: core.feed(template, types, position),
+            lambda position: core.feed(template, chosen, position),
             after,
             self.reconnect_policy,
             end=None,
@@ -290,7 +291,10 @@ class AsyncClient:
     # -- webhooks ----------------------------------------------------------------------------
 
     async def create_webhook(
-        self, url: str, event_types: Iterable[str] | None = None, template: str | None = None
+        self,
+        url: str,
+        event_types: str | Iterable[str] | None = None,
+        template: str | None = None,
     ) -> WebhookCreated:
         """Subscribe ``url`` to task events; the answer holds the signing secret, once."""
         return await self._send(core.create_webhook(core.new_webhook(url, event_types, template)))

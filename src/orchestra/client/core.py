@@ -317,12 +317,18 @@ def task_events(task_id: int, after: int = 0) -> Call[None]:
     )
 
 
-def feed(template: str | None, types: Iterable[str] | None, after: int | None) -> Call[None]:
+def words(given: str | Iterable[str]) -> list[str]:
+    """Event types given as one name or several: a plain string is one name (as an
+    ``Iterable[str]`` it was split into its characters)."""
+    return [given] if isinstance(given, str) else list(given)
+
+
+def feed(template: str | None, types: str | Iterable[str] | None, after: int | None) -> Call[None]:
     """GET /api/v1/events: every task's events (of ``template``, of ``types``), from after
     ``after`` (0: every event kept; None: from the next one), without end."""
     params: dict[str, Any] = _given({"template": template, "after": after})
     if types:
-        params["type"] = list(types)
+        params["type"] = words(types)
     return Call("GET", "/api/v1/events", _nothing, params=params, timeout=STREAM_TIMEOUT)
 
 
@@ -422,11 +428,13 @@ def delete_schedule(ref: str | int) -> Call[None]:
 # -- webhooks --------------------------------------------------------------------------------
 
 
-def new_webhook(url: str, event_types: Iterable[str] | None, template: str | None) -> NewWebhook:
+def new_webhook(
+    url: str, event_types: str | Iterable[str] | None, template: str | None
+) -> NewWebhook:
     """A subscription's body (the event types are checked by the service: 400 naming them)."""
     if event_types is None:
         return NewWebhook(url=url, template=template)
-    return NewWebhook(url=url, event_types=cast(Any, list(event_types)), template=template)
+    return NewWebhook(url=url, event_types=cast(Any, words(event_types)), template=template)
 
 
 def create_webhook(hook: NewWebhook) -> Call[WebhookCreated]:
@@ -455,7 +463,9 @@ def update_webhook(webhook_id: int, changes: Mapping[str, Any]) -> Call[WebhookO
         "PATCH",
         f"/api/v1/webhooks/{webhook_id}",
         _as(WebhookOut),
-        content=_encode(dict(changes)),
+        content=_encode(
+            {k: words(v) if k == "event_types" and v is not None else v for k, v in changes.items()}
+        ),
         headers=_JSON,
     )
 
