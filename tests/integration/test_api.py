@@ -221,6 +221,15 @@ async def test_a_value_outside_a_parameters_choices_names_them(
     assert response.json()["fields"] == [{"field": field, "message": reason}]
 
 
+async def test_a_body_field_outside_its_choices_names_them(service: Service) -> None:
+    schedule = {"name": "x", "template": "summarize", "params": {"text": "a"}, "every": "1h"}
+    response = await service.client.post("/api/v1/schedules", json={**schedule, "catch_up": "all"})
+    assert response.status_code == 400
+    assert response.json()["fields"] == [
+        {"field": "catch_up", "message": "'all' is not one of none, latest"}
+    ]
+
+
 async def test_wait_answers_as_soon_as_the_task_finishes(
     service: Service, fake_ollama: FakeOllama
 ) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from enum import Enum
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, SerializationException, ValidationException
@@ -20,6 +20,7 @@ from litestar.status_codes import (
     HTTP_503_SERVICE_UNAVAILABLE,
     HTTP_507_INSUFFICIENT_STORAGE,
 )
+from msgspec import Struct
 
 from orchestra import logs
 from orchestra.api.schemas import ErrorBody, FieldOut, ProblemOut
@@ -156,24 +157,47 @@ _NOT_IN_ENUM = re.compile(r"Invalid enum value (.*)")
 
 
 def _choices(request: Request[Any, Any, Any], name: str) -> list[str] | None:
-    """The values a query or path parameter of the route's handler takes, when its type is an
-    enum or a ``Literal`` (``status`` of a listing, ``format`` of a batch's results); else
-    None."""
+    """The values a parameter of the route's handler takes, or a field of its body
+    (``catch_up`` of a schedule), when its type is an enum or a ``Literal``; else None."""
     try:
-        field = request.route_handler.parsed_fn_signature.parameters[name]
-    except (AttributeError, KeyError):
+        parameters = request.route_handler.parsed_fn_signature.parameters
+    except AttributeError:
         return None
-    for candidate in (field, *field.inner_types):
-        kind = candidate.annotation
-        if isinstance(kind, type) and issubclass(kind, Enum):
-            return [str(member.value) for member in kind]
-        if get_origin(kind) is Literal:
-            return [str(value) for value in get_args(kind)]
-        if candidate.inner_types and candidate is not field:  # list[Literal[...]]
-            found = [c.annotation for c in candidate.inner_types]
-            if found and get_origin(found[0]) is Literal:
-                return [str(value) for value in get_args(found[0])]
+    if name in parameters:
+        return _values(parameters[name].annotation)
+    if "data" in parameters:
+        return _values(_field_type(parameters["data"].annotation, name))
     return None
+
+
+def _values(kind: Any) -> list[str] | None:
+    """The values an enum or a ``Literal`` allows, found through ``X | None``, ``list[X]``
+    and ``Annotated[X, …]``; None for any other type."""
+    if isinstance(kind, type) and issubclass(kind, Enum):
+        return [str(member.value) for member in kind]
+    if get_origin(kind) is Literal:
+        return [str(value) for value in get_args(kind)]
+    for inner in get_args(kind):
+        if inner is not type(None) and (found := _values(inner)) is not None:
+            return found
+    return None
+
+
+def _field_type(kind: Any, path: str) -> Any:
+    """The type of the field at ``path`` (``retry.backoff``, ``items[2].kind``) of the struct
+    ``kind``; None where the path leaves structs."""
+    for part in re.sub(r"\[\d+\]", "", path).split("."):
+        struct = next(
+            (k for k in (kind, *get_args(kind)) if isinstance(k, type) and issubclass(k, Struct)),
+            None,
+        )
+        if struct is None:
+            return None
+        try:
+            kind = get_type_hints(struct).get(part)
+        except NameError:  # an annotation that does not resolve here
+            return None
+    return kind
 
 
 def _with_choices(request: Request[Any, Any, Any], problem: FieldOut) -> FieldOut:
