@@ -294,7 +294,7 @@ class WebhookSettings(_Section, frozen=True):
     allow_private: bool = False
     #: Deliveries this process sends at once, in all.
     concurrency: int = 16
-    #: Deliveries this process sends at once to one host.
+    #: Deliveries this process sends at once to one host and port.
     max_per_host: int = 4
     #: Seconds one delivery attempt may take (connect, send, answer).
     timeout: float = 10.0

@@ -4,7 +4,8 @@ It never blocks the workers: they only write delivery rows (in their events' tra
 this loop claims due rows with a lease (:meth:`~orchestra.db.webhooks.WebhookStore.claim`, so
 several processes on one database share the work and never send one attempt twice), and sends
 each in a task of its own, at most ``[webhooks] concurrency`` at once and ``max_per_host`` to
-one host.
+one host and port (a host at its limit is left out of the next claims, so its backlog does
+not hold back the deliveries to other hosts).
 
 Each attempt is one signed POST (Standard Webhooks: ``webhook-id``, ``webhook-timestamp``,
 ``webhook-signature``), bounded by ``[webhooks] timeout``, redirects not followed. A 2xx
@@ -87,6 +88,9 @@ class WebhookSender:
         self._loop_task: asyncio.Task[None] | None = None
         self._sending: dict[asyncio.Task[None], Claimed] = {}
         self._per_host: dict[str, int] = {}
+        #: The subscriptions seen sending to each host (to leave out of a claim while the
+        #: host is at its limit).
+        self._hooks: dict[str, set[int]] = {}
         self._client: httpx.AsyncClient | None = None
 
     # -- life -------------------------------------------------------------------------------
@@ -177,15 +181,22 @@ class WebhookSender:
         moment = self.clock()
         if not await self.store.any_due(iso(moment)):
             return False
+        # The subscriptions of hosts at their limit are left out of the claim: claimed and
+        # handed back, their oldest-due backlog came first at every claim, and another
+        # subscription's fresh deliveries waited behind it for minutes.
+        cap = self.settings.max_per_host
+        full = [w for h, ids in self._hooks.items() if self._per_host.get(h, 0) >= cap for w in ids]
         claimed = await self.store.claim(
             self.owner,
             free,
             iso(moment),
             iso(moment + timedelta(seconds=self.lease_seconds)),
+            skip=full,
         )
         started = 0
         for delivery in claimed:
             host = _host(delivery.url)
+            self._hooks.setdefault(host, set()).add(delivery.webhook_id)
             if self._per_host.get(host, 0) >= self.settings.max_per_host:
                 later = iso(self.clock() + timedelta(seconds=BUSY_HOST_DELAY))
                 await self.store.release(self.owner, delivery, later)
@@ -319,8 +330,11 @@ class WebhookSender:
 
 
 def _host(url: str) -> str:
-    """The host a delivery goes to, for the per-host limit."""
+    """The host and port a delivery goes to, for the per-host limit (two ports of a host
+    are two servers: one's backlog does not hold the other's deliveries)."""
     try:
-        return httpx.URL(url).host.lower()
+        parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError, ValueError):
         return url
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    return f"{parsed.host.lower()}:{port}"

@@ -3,6 +3,7 @@ down, the outbox surviving a SIGKILL, and destinations that are refused."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import signal
 from collections.abc import AsyncIterator
@@ -472,6 +473,40 @@ async def test_no_more_than_max_per_host_deliveries_go_to_one_host_at_once(
             await svc.submit("summarize", text=f"t{i}")
         await wait_until(lambda: len(receiver.received) == 8, timeout=30)
     assert receiver.max_in_flight == 2
+
+
+async def test_a_hosts_backlog_does_not_hold_back_another_hosts_deliveries(
+    db_url: str, fake_ollama: FakeOllama, start_service: StartService, receiver: Receiver
+) -> None:
+    """A slow receiver with a backlog, and another subscription on another port: its
+    delivery went out only after the whole backlog (418 s late in an exploratory run). The
+    limit counted the host without its port, and the claim took the backlog's oldest-due
+    rows first, only to hand them back while their host was busy."""
+    settings = make_settings(db_url, fake_ollama.url)
+    settings = with_webhooks(settings, allow_private=True, max_per_host=1, concurrency=2, **QUICK)
+    receiver.delay = 1.0
+    other = Receiver()
+    await other.start()
+    try:
+        async with start_service(settings) as svc:
+            # A backlog big enough that a claim round cannot pass over it before the rows it
+            # handed back (for 0.2 s) are due again: 100 tasks, 4 events each.
+            events = ["task.queued", "task.started", "step.finished", "task.finished"]
+            await subscribe(svc, receiver, event_types=events)
+            ids = [(await svc.submit("summarize", text=f"t{i}"))["id"] for i in range(100)]
+            for task_id in ids:
+                await svc.wait(task_id)
+            await subscribe(svc, other, event_types=["task.queued"])
+            loop = asyncio.get_running_loop()
+            sent = loop.time()
+            await svc.submit("summarize", text="for both")
+            await wait_until(lambda: len(other.received) == 1, timeout=30)
+            took = loop.time() - sent
+            backlog_left = 400 - len(receiver.received)
+    finally:
+        await other.stop()
+    assert took < 4.0 and backlog_left > 300, (took, backlog_left)
+    assert receiver.max_in_flight == 1
 
 
 async def test_redirects_are_not_followed(loopback_service: Service, receiver: Receiver) -> None:
