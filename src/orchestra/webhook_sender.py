@@ -17,7 +17,8 @@ address between the check and the connection.
 
 Wake-ups: a commit of this process that wrote deliveries (the store's change signal, with
 :class:`~orchestra.db.webhooks.Hint`), a redelivery, a retry falling due, or the poll (other
-processes' writes). On stop, sends in flight are cancelled and their deliveries handed back.
+processes' writes). On stop, sends in flight get a second to end; the rest are cancelled and
+their deliveries handed back.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ RESPONSE_BYTES = 1024
 LEASE_MARGIN = 5.0
 #: How long a delivery handed back because its host was busy waits before it is due again.
 BUSY_HOST_DELAY = 0.2
+#: Seconds a stop gives the sends in flight to end before it cancels them.
+STOP_GRACE = 1.0
 
 
 class _Refused(Exception):
@@ -112,14 +115,18 @@ class WebhookSender:
         self._wake.set()
 
     async def stop(self) -> None:
-        """Stop promptly: no more claims; sends in flight are cancelled and their deliveries
-        handed back (due at once for the next start, or for another process)."""
+        """Stop promptly: no more claims; sends in flight get :data:`STOP_GRACE` seconds to
+        end (one answered meanwhile is recorded, not sent again at the next start), then the
+        rest are cancelled and their deliveries handed back (due at once for the next start,
+        or for another process)."""
         self._stopping = True
         self._wake.set()
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
         cut = dict(self._sending)
+        if cut:
+            await asyncio.wait(cut, timeout=STOP_GRACE)
         for task in cut:
             task.cancel()
         await asyncio.gather(*cut, return_exceptions=True)

@@ -509,6 +509,26 @@ async def test_a_hosts_backlog_does_not_hold_back_another_hosts_deliveries(
     assert receiver.max_in_flight == 1
 
 
+async def test_a_send_answered_while_the_service_stops_is_recorded_not_sent_again(
+    db_url: str, fake_ollama: FakeOllama, start_service: StartService, receiver: Receiver
+) -> None:
+    """A stop cancelled the sends in flight at once: one the receiver had just answered was
+    handed back with no record, and sent again at the next start (the same webhook-id
+    twice). A stop gives them a second."""
+    settings = make_settings(db_url, fake_ollama.url)
+    settings = with_webhooks(settings, allow_private=True, **QUICK)
+    receiver.delay = 0.4
+    async with start_service(settings) as svc:
+        hook = await subscribe(svc, receiver, event_types=["task.queued"])
+        await svc.submit("summarize", text="in flight")
+        await wait_until(lambda: receiver.in_flight == 1, timeout=15)
+    rows = sql_rows(
+        db_url, "SELECT status, attempts FROM webhook_deliveries WHERE webhook_id = ?", (hook,)
+    )
+    assert rows == [("delivered", 1)], rows
+    assert len(receiver.received) == 1
+
+
 async def test_redirects_are_not_followed(loopback_service: Service, receiver: Receiver) -> None:
     svc = loopback_service
     hook = await subscribe(svc, receiver)
