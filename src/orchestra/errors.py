@@ -27,10 +27,10 @@
         ├── RenderError             a prompt or output could not be rendered (permanent)
         ├── StepTimeout             a step or the whole attempt took too long (retryable)
         ├── InvalidOutput           structured output that stays invalid after repairs
-        └── ProviderError           the model server failed
+        └── ProviderError           the model server failed (a fallback chain moves on
+            │                       from any of these, unless text was streamed)
             ├── ModelNotFound       the model server does not have the model (permanent)
-            └── ProviderUnavailable connection refused, timeout, 5xx (retryable; a
-                │                   fallback chain moves on, unless text was streamed)
+            └── ProviderUnavailable connection refused, timeout, 5xx (retryable)
                 ├── ProviderUnreachable nothing answered (a chain may wait for it)
                 └── ProviderBusy        429/503 with Retry-After (the retry waits that long)
 

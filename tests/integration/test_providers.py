@@ -265,6 +265,29 @@ async def test_a_failing_server_is_fallen_back_from_within_the_attempt(
     assert len(fake_ollama.requests) == 1
 
 
+async def test_an_answer_refused_by_one_entry_is_asked_of_the_next_without_marking_it(
+    settings: Settings,
+    fake_ollama: FakeOllama,
+    fake_openai: FakeOpenAI,
+    start_service: StartService,
+) -> None:
+    """A 4xx (or an answer that cannot be read) from the first entry failed the task for
+    good while the next one could answer; it is about that request, so the entry is not
+    marked and the next task asks it first again."""
+    routes = routed(settings, fake_openai, "ollama/llama3.2", "oai/gpt-fake")
+    async with start_service(routes, env={"OAI_KEY": KEY}) as svc:
+        fake_ollama.failure = Failure(400, "option num_gpu is not supported", times=1)
+        done = await svc.wait((await svc.submit("summarize", text="x"))["id"])
+        after = await svc.wait((await svc.submit("summarize", text="y"))["id"])
+    assert done["status"] == "succeeded", done["error"]
+    assert len(done["attempts"]) == 1 and done["steps"][0]["model"] == "oai/gpt-fake"
+    [passed] = done["steps"][0]["fallbacks"]
+    assert "rejected the request (400)" in passed["reason"], passed
+    assert after["steps"][0]["model"] == "ollama/llama3.2" and not after["steps"][0].get(
+        "fallbacks"
+    )
+
+
 async def test_a_busy_server_without_another_entry_is_retried(
     settings: Settings, fake_ollama: FakeOllama, start_service: StartService
 ) -> None:

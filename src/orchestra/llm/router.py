@@ -9,13 +9,15 @@ A model name in a template or a task is one of:
 
 The first *available* entry of a chain serves: its provider passed its last health check (made
 every ``[fallback] health_interval`` seconds in the background) and did not fail since, and it
-lists the model (when it lists models at all). When a call fails on an entry — nothing
+lists the model (when it lists models at all). When a call fails on an entry before any of
+its text was streamed, the next one is tried at once. An entry that failed for nothing
 answering, the model missing, or the server failing (a 5xx, busy, a timeout, an answer cut
-off) before any of its text was streamed — the entry is marked and the next one is tried at
-once; entries marked unavailable are still tried, last, so a stale mark never fails a task
-that could have run. A call that fails after some of its text was streamed does not move on
-(the step's live text would run on into another model's answer): its attempt fails, and the
-retry starts with the next available entry.
+off) is marked, and tried last until it answers again or a health check finds it well; one
+whose answer was refused for itself (a 4xx, an answer that could not be read) is not
+marked (another request may fare better). Entries marked unavailable are still tried, last,
+so a stale mark never fails a task that could have run. A call that fails after some of its
+text was streamed does not move on (the step's live text would run on into another model's
+answer): its attempt fails, and the retry starts with the next available entry.
 
 When no server of a chain answers at all, but one of them answered before (Ollama
 restarting, a model server being upgraded), the call waits for it to come back, trying again
@@ -241,12 +243,9 @@ class Router:
                     else:
                         async with gate:
                             result = await _measured(route, call)
-                except (ProviderUnreachable, ModelNotFound) as exc:
-                    self._mark(route, exc)
-                    failures.append((route, exc))
-                    continue
-                except ProviderUnavailable as exc:  # it answered, with an error
-                    self._mark(route, exc)
+                except ProviderError as exc:
+                    if isinstance(exc, (ProviderUnavailable, ModelNotFound)):
+                        self._mark(route, exc)  # away, failing or without the model
                     if streamed():
                         raise
                     failures.append((route, exc))
