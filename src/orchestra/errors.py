@@ -240,17 +240,11 @@ class ModelNotFound(ProviderError):
 
 
 class ProviderUnavailable(ProviderError):
-    """The model server could not be reached or failed to answer."""
+    """The model server could not be reached or failed to answer. ``retry_after``: seconds
+    the task's retry waits at least (0: the retry policy's own delay)."""
 
     code = "provider_unavailable"
     retryable = True
-
-
-class ProviderBusy(ProviderUnavailable):
-    """The model server is busy and asked to be called again later (429 or 503 with a
-    Retry-After header); ``retry_after`` is the wait it asked for, in seconds, which the
-    task's retry waits at least (a retry sooner would be refused again). Clients see it as
-    ``provider_unavailable``."""
 
     def __init__(self, message: str | None = None, retry_after: float = 0.0) -> None:
         self.retry_after = retry_after
@@ -258,6 +252,13 @@ class ProviderBusy(ProviderUnavailable):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.message, self.retry_after))
+
+
+class ProviderBusy(ProviderUnavailable):
+    """The model server is busy and asked to be called again later (429 or 503 with a
+    Retry-After header); ``retry_after`` is the wait it asked for, in seconds, which the
+    task's retry waits at least (a retry sooner would be refused again). Clients see it as
+    ``provider_unavailable``."""
 
 
 class ProviderUnreachable(ProviderUnavailable):

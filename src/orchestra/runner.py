@@ -19,7 +19,7 @@ import msgspec
 from orchestra import metrics
 from orchestra.config import LimitSettings
 from orchestra.domain import Step, StepStatus, Task, TaskError, Usage, iso_now, total_usage
-from orchestra.errors import ProviderBusy, StepError
+from orchestra.errors import ProviderUnavailable, StepError
 from orchestra.kinds import Context, run_step
 from orchestra.llm import passed_over
 from orchestra.llm.base import Provider
@@ -68,7 +68,7 @@ def _task_error(exc: StepError, step_id: str) -> TaskError:
         message=clip_message(exc.message),
         step=step_id,
         retryable=exc.retryable,
-        retry_after=exc.retry_after if isinstance(exc, ProviderBusy) else None,
+        retry_after=(exc.retry_after or None) if isinstance(exc, ProviderUnavailable) else None,
     )
 
 

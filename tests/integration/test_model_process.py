@@ -156,8 +156,10 @@ async def test_three_crashes_in_the_window_keep_it_down_until_a_probe_succeeds(
     assert process.state is State.DOWN
     assert "down after 3 crash(es)" in process.detail
     assert "out-of-memory killer" in process.detail  # what a SIGKILL from outside may be
-    with pytest.raises(ProviderUnreachable, match="down after 3"):
+    with pytest.raises(ProviderUnreachable, match="down after 3") as down:
         await process.request(hello)
+    # A task's retry waits for the next health check's probe: nothing comes back before.
+    assert down.value.retry_after == process.probe_every == 30.0
     process.probe()  # a health check's: a fresh process loads and generates a token
     assert process.state is State.STARTING
     await wait_until(lambda: process.state is State.READY, timeout=60)

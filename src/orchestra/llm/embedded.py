@@ -89,6 +89,7 @@ class EmbeddedProvider:
         preload: bool = False,
         backoff: Backoff | None = None,
         command: list[str] | None = None,
+        probe_every: float = 30.0,
     ) -> None:
         self.name = name
         self.timeout = timeout
@@ -106,6 +107,7 @@ class EmbeddedProvider:
             backoff=backoff,
             command=command,
             on_change=self._changed,
+            probe_every=probe_every,
         )
         #: Told whenever the process changes state (the router's availability follows it).
         self.listeners: list[Callable[[Health], None]] = []

@@ -165,10 +165,13 @@ class ModelProcess:
         command: Sequence[str] | None = None,
         on_change: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        probe_every: float = 30.0,
     ) -> None:
         self.name = name
         self.load = load
         self.timeout = timeout
+        #: Seconds between health checks, each of which may probe a process that is down.
+        self.probe_every = probe_every
         self.crashes = CrashHistory(backoff or Backoff(), clock)
         self.command = list(command or child_command())
         self.on_change = on_change
@@ -291,7 +294,13 @@ class ModelProcess:
             elif self._state is State.RESTARTING:
                 waiting = self._restart
             if waiting is None:
-                raise ProviderUnreachable(f"embedded provider {self.name!r}: {self._detail}")
+                # Down: nothing comes back before a health check's probe, so a task's retry
+                # waits for it (a backlog used up its attempts in a second).
+                down = self._state is State.DOWN
+                raise ProviderUnreachable(
+                    f"embedded provider {self.name!r}: {self._detail}",
+                    retry_after=self.probe_every if down else 0.0,
+                )
             try:
                 await asyncio.shield(waiting)  # then look again: it may have died since
             except asyncio.CancelledError:

@@ -462,6 +462,12 @@ def build_providers(settings: Settings, client: Any, env: Mapping[str, str]) -> 
             out[name] = OpenAIProvider(name, client, s.url, s.timeout, key, output_limit=limit)
         else:
             out[name] = EmbeddedProvider(
-                name, s.model_path, s.context_length, s.threads, s.timeout, s.preload
+                name,
+                s.model_path,
+                s.context_length,
+                s.threads,
+                s.timeout,
+                s.preload,
+                probe_every=settings.fallback.health_interval,
             )
     return out
