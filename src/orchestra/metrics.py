@@ -325,7 +325,7 @@ class _ReadNow:
             yield tasks
         up = GaugeMetricFamily(
             "orchestra_provider_available",
-            "1 while a provider passes its health checks and did not fail a call since, else 0.",
+            "1 while a provider passes its health checks and answered its last call, else 0.",
             labels=["provider", "kind"],
         )
         for name, kind, available in self.providers:

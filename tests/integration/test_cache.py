@@ -22,7 +22,7 @@ from orchestra.llm.base import ChatMessage, ChatRequest
 from orchestra.llm.cache import AnswerCache, applies
 from orchestra.llm.ollama import OllamaProvider
 from tests.conftest import Service, StartService, sql_rows
-from tests.fixtures.fake_ollama import FakeOllama
+from tests.fixtures.fake_ollama import Failure, FakeOllama
 from tests.fixtures.servers import serve
 from tests.fixtures.sse import read_events
 
@@ -141,6 +141,28 @@ async def test_a_repeated_deterministic_task_is_answered_from_the_cache(
     after = cache_samples((await svc.client.get("/metrics")).text)
     assert after["hit"] - before.get("hit", 0) == 1
     assert after["miss"] - before.get("miss", 0) == 1
+
+
+async def test_a_fallbacks_answer_is_not_kept_under_the_first_entrys_key(
+    settings: Settings, tmp_path: Path, fake_ollama: FakeOllama, start_service: StartService
+) -> None:
+    """Two models of one provider in a chain: the first failed (500), the second answered,
+    and its answer was kept under the first's key, so the first was never asked again while
+    it lasted."""
+    enabled = with_templates(settings, tmp_path / "templates", CacheSettings(enabled=True))
+    chain = {**enabled.models, "pair": ["ollama/llama3.2", "ollama/qwen2.5"]}
+    async with start_service(msgspec.structs.replace(enabled, models=chain)) as service:
+        fake_ollama.failure = Failure(500, "model requires more system memory", times=1)
+        first = await submit(service, "det", params={"q": "sky"}, model="pair")
+        # A good health check clears the first entry's mark: it is first again.
+        await service.client.get("/api/v1/models", params={"check": "now"})
+        second = await submit(service, "det", params={"q": "sky"}, model="pair")
+        third = await submit(service, "det", params={"q": "sky"}, model="pair")
+    assert first["steps"][0]["model"] == "ollama/qwen2.5"
+    assert second["steps"][0]["model"] == "ollama/llama3.2"  # asked, not the cache
+    assert "cached" not in second["steps"][0]["usage"]
+    assert third["steps"][0]["usage"]["cached"] is True  # its own answer is kept
+    assert [r["model"] for r in chats(fake_ollama)] == ["llama3.2", "qwen2.5", "llama3.2"]
 
 
 async def test_with_the_cache_off_every_call_reaches_the_model(

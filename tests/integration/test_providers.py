@@ -305,27 +305,37 @@ async def test_a_busy_server_without_another_entry_is_retried(
     assert "answered 503" in done["attempts"][0]["error"]["message"]
 
 
-async def test_a_provider_that_failed_a_call_is_available_again_once_it_answers(
+async def test_a_model_that_failed_a_call_is_asked_last_until_it_answers_or_is_checked(
     settings: Settings, fake_ollama: FakeOllama, start_service: StartService
 ) -> None:
-    async with start_service(settings) as svc:
-        fake_ollama.failure = Failure(500, "the model server is on fire", times=1)
-        task = await svc.client.post(
-            "/api/v1/tasks",
-            json={"template": "summarize", "params": {"text": "x"}, "max_attempts": 1},
-        )
-        failed = await svc.wait(task.json()["id"])
-        down = (await svc.client.get("/api/v1/models")).json()["providers"]
-        done = await svc.wait((await svc.submit("summarize", text="y"))["id"])
-        up = (await svc.client.get("/api/v1/models")).json()["providers"]
-    assert failed["status"] == "failed" and done["status"] == "succeeded"
-    [ollama] = [p for p in down if p["name"] == "ollama"]
-    assert ollama["available"] is False, ollama
-    assert ollama["detail"] == (
-        f"failed a call: Ollama at {fake_ollama.url} answered 500: the model server is on fire"
-    )
-    [ollama] = [p for p in up if p["name"] == "ollama"]
+    """A 5xx marks the model that failed, not its provider: the provider's other models are
+    asked as before, and it stays available (one 429 or 500 flapped its gauge to 0)."""
+    pair = {**settings.models, "pair": ["ollama/llama3.2", "ollama/qwen2.5"]}
+    async with start_service(msgspec.structs.replace(settings, models=pair)) as svc:
+
+        async def run() -> dict[str, Any]:
+            body = {"template": "summarize", "params": {"text": "x"}, "model": "pair"}
+            task = await svc.client.post("/api/v1/tasks", json=body)
+            return await svc.wait(task.json()["id"])
+
+        fake_ollama.failure = Failure(500, "model requires more system memory", times=1)
+        first = await run()
+        providers = (await svc.client.get("/api/v1/models")).json()["providers"]
+        second = await run()  # the failed model is asked last
+        await svc.client.get("/api/v1/models", params={"check": "now"})
+        third = await run()  # a good health check clears the mark
+    assert first["steps"][0]["model"] == "ollama/qwen2.5"
+    [ollama] = [p for p in providers if p["name"] == "ollama"]
     assert ollama["available"] is True, ollama
+    assert second["steps"][0]["model"] == "ollama/qwen2.5"
+    [skipped] = second["steps"][0]["fallbacks"]
+    assert skipped == {
+        "route": "ollama/llama3.2",
+        "reason": f"failed a call before: Ollama at {fake_ollama.url} answered 500: "
+        "model requires more system memory",
+    }
+    assert third["steps"][0]["model"] == "ollama/llama3.2"
+    assert not third["steps"][0].get("fallbacks")
 
 
 async def test_an_answer_cut_off_after_its_text_began_is_not_continued_by_another_model(

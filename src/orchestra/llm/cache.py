@@ -31,6 +31,7 @@ from orchestra.config import CacheSettings
 from orchestra.db.cache import CachedAnswer, CacheStore
 from orchestra.domain import Usage, iso, now
 from orchestra.errors import ProviderError
+from orchestra.llm import passed_over
 from orchestra.llm.base import ChatMessage, ChatRequest, ChatResult, Provider
 
 log = logs.get("orchestra.cache")
@@ -160,8 +161,12 @@ class AnswerCache:
                 provider=found.provider,
                 usage=_cached_usage(found.usage),
             )
-        result = await provider.chat(request, on_text)
-        if result.provider == key.provider:  # not a fallback's answer under the first's key
+        with passed_over.answering() as routes:
+            result = await provider.chat(request, on_text)
+        # Only under the key of the entry that answered: a fallback's answer (another model,
+        # maybe of the same provider) under the first entry's key would be served for it.
+        asked = routes == [f"{key.provider}/{key.model}"] if routes else True
+        if result.provider == key.provider and asked:
             await self._put(hashed, result)
         return result
 

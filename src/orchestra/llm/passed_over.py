@@ -4,6 +4,9 @@ The runner opens a note for each step (:func:`noting`); the router adds to it wh
 is answered by an entry other than the chain's first (:func:`note`): the entries before it,
 each with why it did not answer (the call's own failure, or what made it unavailable). The
 note is a context variable, so the concurrent calls of a ``map`` step add to their step's.
+
+Likewise the entry that answered each call (:func:`answering`, :func:`answered`): the cache of
+model answers keeps an answer only under the key of the entry that gave it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from orchestra.domain import Fallback
 MOST = 10
 
 _noted: ContextVar[list[Fallback] | None] = ContextVar("orchestra_passed_over", default=None)
+_answered: ContextVar[list[str] | None] = ContextVar("orchestra_answered_by", default=None)
 
 
 @contextmanager
@@ -40,3 +44,22 @@ def note(passed: Iterable[Fallback]) -> None:
     for fallback in passed:
         if len(noted) < MOST and fallback not in noted:
             noted.append(fallback)
+
+
+@contextmanager
+def answering() -> Iterator[list[str]]:
+    """Collect, while inside, the entries (``provider/model``) that answered the model calls
+    made here."""
+    routes: list[str] = []
+    token = _answered.set(routes)
+    try:
+        yield routes
+    finally:
+        _answered.reset(token)
+
+
+def answered(route: str) -> None:
+    """The entry ``route`` answered a call (none open: nothing to do)."""
+    routes = _answered.get()
+    if routes is not None:
+        routes.append(route)

@@ -11,8 +11,10 @@ The first *available* entry of a chain serves: its provider passed its last heal
 every ``[fallback] health_interval`` seconds in the background) and did not fail since, and it
 lists the model (when it lists models at all). When a call fails on an entry before any of
 its text was streamed, the next one is tried at once. An entry that failed for nothing
-answering, the model missing, or the server failing (a 5xx, busy, a timeout, an answer cut
-off) is marked, and tried last until it answers again or a health check finds it well; one
+answering (its provider is marked), the model missing, or the server failing for the model (a
+5xx, busy, a timeout, an answer cut off: that model of the provider is marked) is tried last
+until a call begun after the failure is answered by it, or a health check finds the provider
+well (and a busy one's Retry-After is over); one
 whose answer was refused for itself (a 4xx, an answer that could not be read) is not
 marked (another request may fare better). Entries marked unavailable are still tried, last,
 so a stale mark never fails a task that could have run. A call that fails after some of its
@@ -42,7 +44,6 @@ from orchestra.config import DEFAULT_MODEL, Settings
 from orchestra.domain import Fallback
 from orchestra.errors import (
     ModelNotFound,
-    ProviderBusy,
     ProviderError,
     ProviderUnavailable,
     ProviderUnreachable,
@@ -109,8 +110,11 @@ class Router:
         self.settings = settings
         self._health: dict[str, Health] = {}
         self._checked: dict[str, float] = {}
-        #: Providers that failed a call since their last good health check.
-        self._down: dict[str, str] = {}
+        #: Providers where nothing answered: why, and when (time.monotonic()).
+        self._down: dict[str, tuple[str, float]] = {}
+        #: Models a provider failed a call for (a 5xx, busy, a timeout): why, when, and until
+        #: when they asked to be left alone (Retry-After; else when).
+        self._failing: dict[tuple[str, str], tuple[str, float, float]] = {}
         #: (provider, model) pairs a provider said it does not have.
         self._missing: set[tuple[str, str]] = set()
         #: Providers that answered (a call, or a health check) since the start.
@@ -181,7 +185,9 @@ class Router:
         """Why ``route`` is not expected to answer; None when it is."""
         name = route.provider.name
         if name in self._down:
-            return f"failed a call before: {self._down[name]}"
+            return f"failed a call before: {self._down[name][0]}"
+        if (name, route.model) in self._failing:
+            return f"failed a call before: {self._failing[(name, route.model)][0]}"
         if (name, route.model) in self._missing:
             return "does not have the model"
         health = self._health.get(name)
@@ -213,11 +219,29 @@ class Router:
         ]
 
     def _mark(self, route: Route, error: ProviderError) -> None:
+        """Remember that ``route`` failed: the model missing, the provider not answering at
+        all, or the provider failing for this model (which leaves its other models be)."""
+        at = time.monotonic()
         if isinstance(error, ModelNotFound):
             self._missing.add((route.provider.name, route.model))
-        else:
-            self._down[route.provider.name] = error.message
+        elif isinstance(error, ProviderUnreachable):
+            self._down[route.provider.name] = (error.message, at)
+        elif isinstance(error, ProviderUnavailable):
+            until = at + error.retry_after
+            self._failing[(route.provider.name, route.model)] = (error.message, at, until)
         log.warning("provider.unavailable", route=str(route), error=error.message)
+
+    def _answers(self, route: Route, started: float) -> None:
+        """``route`` answered a call that began at ``started``: the marks set before that
+        call began are cleared (one set while it ran came from a later failure)."""
+        name = route.provider.name
+        self._answered.add(name)
+        down = self._down.get(name)
+        if down is not None and down[1] < started:
+            del self._down[name]
+        failing = self._failing.get((name, route.model))
+        if failing is not None and failing[1] < started:
+            del self._failing[(name, route.model)]
 
     async def _through(
         self,
@@ -237,6 +261,7 @@ class Router:
             ordered, unavailable = self._ordered(chain)
             for route in ordered:
                 gate = self._gates.get(route.provider.name)
+                started = time.monotonic()
                 try:
                     if gate is None:
                         result = await _measured(route, call)
@@ -250,8 +275,8 @@ class Router:
                         raise
                     failures.append((route, exc))
                     continue
-                self._answered.add(route.provider.name)
-                self._down.pop(route.provider.name, None)  # it answers again
+                self._answers(route, started)
+                passed_over.answered(str(route))
                 if route != chain[0]:
                     passed_over.note(self._passed_over(chain, route, unavailable, failures))
                 return result
@@ -344,6 +369,12 @@ class Router:
         if health.ok:
             self._answered.add(name)
             self._down.pop(name, None)
+            # A model's failure is cleared too, once the wait it asked for (if any) is over:
+            # a health check does not ask the model.
+            at = time.monotonic()
+            self._failing = {
+                key: mark for key, mark in self._failing.items() if key[0] != name or mark[2] > at
+            }
             self._missing -= {
                 (p, m)
                 for p, m in self._missing
@@ -355,7 +386,7 @@ class Router:
         out = []
         for name, provider in self.providers.items():
             health = self._health.get(name)
-            down = self._down.get(name)
+            down = self._down[name][0] if name in self._down else None
             out.append(
                 ProviderState(
                     name=name,
@@ -423,19 +454,17 @@ def _live_process(provider: Supervised | None) -> ProcessInfo | None:
 
 def _combined(model: str, failures: list[tuple[Route, ProviderError]]) -> ProviderError:
     """One error for a chain whose every entry failed: retryable when a server was
-    unreachable or failing (it may come back; when every one was busy, the retry waits the
-    shortest of their Retry-After), "model not found" when every server said so."""
+    unreachable or failing (it may come back; the retry waits the shortest of their waits,
+    none when one asked for none), "model not found" when every server said so."""
     reasons = "; ".join(f"{route}: {exc.message}" for route, exc in failures)
     if len(failures) == 1:
         return failures[0][1]
     message = f"no provider could answer for {model!r}: {reasons}"
     if all(isinstance(exc, ModelNotFound) for _, exc in failures):
         return ModelNotFound(message)
-    waits = [exc.retry_after for _, exc in failures if isinstance(exc, ProviderBusy)]
-    if len(waits) == len(failures):
-        return ProviderBusy(message, min(waits))
-    if any(isinstance(exc, ProviderUnavailable) for _, exc in failures):
-        return ProviderUnavailable(message)
+    waits = [exc.retry_after for _, exc in failures if isinstance(exc, ProviderUnavailable)]
+    if waits:  # the retry may come as soon as the first of them may be asked again
+        return ProviderUnavailable(message, retry_after=min(waits))
     return ProviderError(message)
 
 
