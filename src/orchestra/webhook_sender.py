@@ -91,9 +91,6 @@ class WebhookSender:
         self._loop_task: asyncio.Task[None] | None = None
         self._sending: dict[asyncio.Task[None], Claimed] = {}
         self._per_host: dict[str, int] = {}
-        #: The subscriptions seen sending to each host (to leave out of a claim while the
-        #: host is at its limit).
-        self._hooks: dict[str, set[int]] = {}
         self._client: httpx.AsyncClient | None = None
 
     # -- life -------------------------------------------------------------------------------
@@ -191,8 +188,15 @@ class WebhookSender:
         # The subscriptions of hosts at their limit are left out of the claim: claimed and
         # handed back, their oldest-due backlog came first at every claim, and another
         # subscription's fresh deliveries waited behind it for minutes.
+        # (Known from the sends in flight: bounded by concurrency, and current.)
         cap = self.settings.max_per_host
-        full = [w for h, ids in self._hooks.items() if self._per_host.get(h, 0) >= cap for w in ids]
+        full = sorted(
+            {
+                sending.webhook_id
+                for sending in self._sending.values()
+                if self._per_host.get(_host(sending.url), 0) >= cap
+            }
+        )
         claimed = await self.store.claim(
             self.owner,
             free,
@@ -203,7 +207,6 @@ class WebhookSender:
         started = 0
         for delivery in claimed:
             host = _host(delivery.url)
-            self._hooks.setdefault(host, set()).add(delivery.webhook_id)
             if self._per_host.get(host, 0) >= self.settings.max_per_host:
                 later = iso(self.clock() + timedelta(seconds=BUSY_HOST_DELAY))
                 await self.store.release(self.owner, delivery, later)

@@ -16,7 +16,7 @@ import httpx
 import msgspec
 import pytest
 
-from orchestra.api.auth import REFRESH_SECONDS, Gatekeeper
+from orchestra.api.auth import KEEP_SECONDS, REFRESH_SECONDS, Gatekeeper
 from orchestra.auth import ApiKey, Scope, matches
 from orchestra.config import AuthSettings, CorsSettings, ServerSettings, Settings
 from orchestra.db import Database
@@ -180,11 +180,20 @@ async def test_requests_that_find_the_keys_stale_together_wait_for_one_read(db: 
     store.failing = False
     assert key.id in await gatekeeper.keys() and store.reads == 6
 
+    # Kept for a bounded time only (a key revoked by a process that reaches the database
+    # would otherwise stay good here for as long as this one is cut off).
+    store.failing = True
+    now[0] += KEEP_SECONDS - 1
+    assert key.id in await gatekeeper.keys() and store.reads == 7
+    now[0] += 2 + REFRESH_SECONDS
+    with pytest.raises(StorageError):
+        await gatekeeper.keys()
+    assert store.reads == 8
+
     # Before any read succeeded there are no keys to keep: the outage's error is the answer.
     fresh = Gatekeeper(store, AuthSettings(), loopback=True, clock=lambda: now[0])
-    store.failing = True
     failed = await asyncio.gather(*(fresh.keys() for _ in range(3)), return_exceptions=True)
-    assert [type(e) for e in failed] == [StorageError] * 3 and store.reads == 7
+    assert [type(e) for e in failed] == [StorageError] * 3 and store.reads == 9
 
 
 async def test_only_the_digest_is_stored(db_url: str) -> None:

@@ -505,7 +505,7 @@ async def test_a_hosts_backlog_does_not_hold_back_another_hosts_deliveries(
             backlog_left = 400 - len(receiver.received)
     finally:
         await other.stop()
-    assert took < 4.0 and backlog_left > 300, (took, backlog_left)
+    assert took < 15.0 and backlog_left > 300, (took, backlog_left)  # stuck: minutes
     assert receiver.max_in_flight == 1
 
 

@@ -39,6 +39,11 @@ PUBLIC = [*(f"^{re.escape(p)}$" for p in PUBLIC_PATHS), "^/schema"]
 #: Seconds the service keeps the list of keys before reading it again (a key created or
 #: revoked with the CLI takes effect within this time).
 REFRESH_SECONDS = 2.0
+#: Seconds the keys of the last good read stay in use while they cannot be read again (a
+#: database outage); after that every request that needs them fails until a read succeeds.
+#: Bounded: in a partial outage (this process cut off, another one reaching the database) a
+#: key revoked meanwhile is not seen here.
+KEEP_SECONDS = 300.0
 
 log = logs.get("orchestra.auth")
 
@@ -62,17 +67,17 @@ class Gatekeeper:
         self._read_at = float("-inf")
         self._reading: asyncio.Future[None] | None = None
         self._forgotten = 0  # how many times forget() was called
-        self._loaded = False  # whether a read of the keys succeeded yet
+        self._good_at = float("-inf")  # when a read of the keys last succeeded
 
     async def keys(self) -> dict[str, tuple[str, ApiKey]]:
         """Active keys by id (digest, key), read again every :data:`REFRESH_SECONDS`.
 
         The requests that find the copy stale together wait for one read: under load, a
         read per request in flight would each cost a trip to the database. While the
-        database cannot be read, the keys of the last read stay in use (a key can be neither
-        made nor revoked meanwhile), so what needs no database — ``/metrics``, ``/health`` —
-        still answers the keys it answered; only before the first read does the outage's
-        error reach the caller.
+        database cannot be read, the keys of the last good read stay in use for up to
+        :data:`KEEP_SECONDS`, so what needs no database — ``/metrics``, ``/health`` — still
+        answers the keys it answered; before the first read, or after that time, the
+        outage's error reaches the caller.
         """
         if self.clock() - self._read_at > REFRESH_SECONDS:
             if self._reading is None:
@@ -88,9 +93,9 @@ class Gatekeeper:
         forgotten = self._forgotten
         try:
             self._keys = await self.store.active_digests()
-            self._loaded = True
+            self._good_at = self.clock()
         except StorageError as exc:
-            if not self._loaded:
+            if self.clock() - self._good_at > KEEP_SECONDS:  # never read, or too long ago
                 raise
             log.warning("auth.keys_kept", error=exc.message, keys=len(self._keys))
         finally:

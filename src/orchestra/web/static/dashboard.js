@@ -92,7 +92,7 @@
   document.addEventListener("htmx:beforeSwap", function (evt) {
     var target = evt.detail.target;
     if (!target || !target.querySelectorAll) return;
-    opened = [];
+    opened = opened || [];  // two parts may swap in the same tick: keep both's
     target.querySelectorAll("details[open] > summary[id]").forEach(function (summary) {
       opened.push(summary.id);
     });
