@@ -49,6 +49,13 @@ async def oai_service(
         yield svc
 
 
+async def attempted(svc: Service, text: str, max_attempts: int) -> dict[str, Any]:
+    """A summarize task with ``max_attempts``, once it has ended."""
+    body = {"template": "summarize", "params": {"text": text}, "max_attempts": max_attempts}
+    task = await svc.client.post("/api/v1/tasks", json=body)
+    return await svc.wait(task.json()["id"], seconds=30)
+
+
 # -- the openai kind ----------------------------------------------------------------------------
 
 
@@ -294,11 +301,7 @@ async def test_a_busy_server_without_another_entry_is_retried(
     # 503 is Ollama's "server busy": the server is there, so the task retries on it.
     fake_ollama.failure = Failure(503, "server busy, please try again", times=1)
     async with start_service(settings) as svc:
-        task = await svc.client.post(
-            "/api/v1/tasks",
-            json={"template": "summarize", "params": {"text": "x"}, "max_attempts": 2},
-        )
-        done = await svc.wait(task.json()["id"], seconds=30)
+        done = await attempted(svc, "x", 2)
     assert done["status"] == "succeeded"
     assert done["steps"][0]["model"] == "ollama/llama3.2"
     assert [a["status"] for a in done["attempts"]] == ["failed", "succeeded"]
@@ -349,11 +352,7 @@ async def test_an_answer_cut_off_after_its_text_began_is_not_continued_by_anothe
     fake_ollama.mid_stream_error = "CUDA error: out of memory"
     routes = routed(settings, fake_openai, "ollama/llama3.2", "oai/gpt-fake")
     async with start_service(routes, env={"OAI_KEY": KEY}) as svc:
-        task = await svc.client.post(
-            "/api/v1/tasks",
-            json={"template": "summarize", "params": {"text": "a b c d"}, "max_attempts": 2},
-        )
-        done = await svc.wait(task.json()["id"], seconds=30)
+        done = await attempted(svc, "a b c d", 2)
     assert done["status"] == "succeeded", done["error"]
     first, second = done["attempts"]
     assert first["status"] == "failed" and "out of memory" in first["error"]["message"]
@@ -375,11 +374,7 @@ async def test_every_entry_busy_waits_the_shortest_retry_after(
         # Set after the start's health checks, which would spend them.
         fake_ollama.failure = Failure(429, "slow down", times=1, headers={"Retry-After": "20"})
         fake_openai.failure = Failure(503, "overloaded", times=1, headers={"Retry-After": "1"})
-        task = await svc.client.post(
-            "/api/v1/tasks",
-            json={"template": "summarize", "params": {"text": "x"}, "max_attempts": 2},
-        )
-        done = await svc.wait(task.json()["id"], seconds=30)
+        done = await attempted(svc, "x", 2)
     assert done["status"] == "succeeded", done["error"]
     first, second = done["attempts"]
     error = first["error"]

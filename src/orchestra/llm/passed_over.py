@@ -12,27 +12,35 @@ model answers keeps an answer only under the key of the entry that gave it.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
+from typing import TypeVar
 
 from orchestra.domain import Fallback
 
 #: The most entries one step records: a map step's items pass over the same few entries.
 MOST = 10
 
+T = TypeVar("T")
+
 _noted: ContextVar[list[Fallback] | None] = ContextVar("orchestra_passed_over", default=None)
 _answered: ContextVar[list[str] | None] = ContextVar("orchestra_answered_by", default=None)
 
 
 @contextmanager
-def noting() -> Iterator[list[Fallback]]:
-    """Collect, while inside, the entries passed over by the model calls made here."""
-    noted: list[Fallback] = []
-    token = _noted.set(noted)
+def _collecting(var: ContextVar[list[T] | None]) -> Iterator[list[T]]:
+    """A fresh list in ``var`` while inside (the model calls made here add to it)."""
+    found: list[T] = []
+    token = var.set(found)
     try:
-        yield noted
+        yield found
     finally:
-        _noted.reset(token)
+        var.reset(token)
+
+
+def noting() -> AbstractContextManager[list[Fallback]]:
+    """Collect, while inside, the entries passed over by the model calls made here."""
+    return _collecting(_noted)
 
 
 def note(passed: Iterable[Fallback]) -> None:
@@ -46,16 +54,10 @@ def note(passed: Iterable[Fallback]) -> None:
             noted.append(fallback)
 
 
-@contextmanager
-def answering() -> Iterator[list[str]]:
+def answering() -> AbstractContextManager[list[str]]:
     """Collect, while inside, the entries (``provider/model``) that answered the model calls
     made here."""
-    routes: list[str] = []
-    token = _answered.set(routes)
-    try:
-        yield routes
-    finally:
-        _answered.reset(token)
+    return _collecting(_answered)
 
 
 def answered(route: str) -> None:
