@@ -14,12 +14,12 @@ its text was streamed, the next one is tried at once. An entry that failed for n
 answering (its provider is marked), the model missing, or the server failing for the model (a
 5xx, busy, a timeout, an answer cut off: that model of the provider is marked) is tried last
 until a call begun after the failure is answered by it, or a health check finds the provider
-well (and a busy one's Retry-After is over); one
-whose answer was refused for itself (a 4xx, an answer that could not be read) is not
-marked (another request may fare better). Entries marked unavailable are still tried, last,
-so a stale mark never fails a task that could have run. A call that fails after some of its
-text was streamed does not move on (the step's live text would run on into another model's
-answer): its attempt fails, and the retry starts with the next available entry.
+well (and a busy one's Retry-After is over). One whose answer was refused for itself (a 4xx,
+an answer that could not be read) is not marked: another request may fare better. Entries
+marked unavailable are still tried, last, so a stale mark never fails a task that could have
+run. A call that fails after some of its text was streamed does not move on (the step's live
+text would run on into another model's answer): its attempt fails, and a retry (when the
+failure is retryable) asks the next available entry first.
 
 When no server of a chain answers at all, but one of them answered before (Ollama
 restarting, a model server being upgraded), the call waits for it to come back, trying again
