@@ -144,9 +144,9 @@ MODEL_CACHE = Counter(
     "cache, no model asked) or miss.",
     ["result"],
 )
-# Summed over the processes alive now; a dead process's files are removed.
 _SLOTS = "orchestra_worker_slots"
 _BUSY = "orchestra_worker_slots_busy"
+# Summed over the processes alive now; a dead process's files are removed.
 WORKER_SLOTS = Gauge(
     _SLOTS,
     "Tasks the worker pools may run at once ([workers] concurrency, summed over processes).",

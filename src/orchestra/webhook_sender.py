@@ -190,13 +190,11 @@ class WebhookSender:
         # subscription's fresh deliveries waited behind it for minutes.
         # (Known from the sends in flight: bounded by concurrency, and current.)
         cap = self.settings.max_per_host
-        full = sorted(
-            {
-                sending.webhook_id
-                for sending in self._sending.values()
-                if self._per_host.get(_host(sending.url), 0) >= cap
-            }
-        )
+        full = {
+            sending.webhook_id
+            for sending in self._sending.values()
+            if self._per_host.get(_host(sending.url), 0) >= cap
+        }
         claimed = await self.store.claim(
             self.owner,
             free,

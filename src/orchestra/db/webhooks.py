@@ -16,7 +16,7 @@ guarded by ``lease_owner`` so a stale sender cannot overwrite a newer one's outc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import msgspec
@@ -419,7 +419,7 @@ class WebhookStore:
             return (await conn.execute(query)).first() is not None
 
     async def claim(
-        self, owner: str, limit: int, now: str, expires: str, skip: Sequence[int] = ()
+        self, owner: str, limit: int, now: str, expires: str, skip: Collection[int] = ()
     ) -> list[Claimed]:
         """Lease up to ``limit`` due deliveries to ``owner`` until ``expires``, oldest due
         first, each with its subscription's URL and secret, none of the subscriptions
