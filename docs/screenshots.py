@@ -101,8 +101,38 @@ async def main() -> None:
                 await phone.wait_for_load_state("networkidle")
                 await phone.screenshot(path=str(OUT / "overview-375.png"), full_page=True)
                 print("saved", OUT / "overview-375.png")
+                # Last, so that the tasks its ticks make are in no other picture.
+                await _schedules(client)
+                for name, path in (
+                    ("schedules", "/ui/schedules"),
+                    ("schedule", "/ui/schedules/digest"),
+                ):
+                    await page.goto(url + path)
+                    await page.wait_for_load_state("networkidle")
+                    await page.screenshot(path=str(OUT / f"{name}.png"), full_page=True)
+                    print("saved", OUT / f"{name}.png")
                 await page.close()
                 await phone.close()
+
+
+async def _schedules(client: httpx.AsyncClient) -> None:
+    """Two schedules: one every 2 seconds, with a few ticks fired, and a weekday cron."""
+    for body in (
+        {"name": "digest", "every": "2s", "params": {"text": "The news of the hour."}},
+        {
+            "name": "weekday-report",
+            "cron": "0 9 * * 1-5",
+            "timezone": "Europe/Paris",
+            "params": {"text": "Yesterday's numbers."},
+        },
+    ):
+        made = await client.post("/api/v1/schedules", json={"template": "summarize", **body})
+        made.raise_for_status()
+    for _ in range(100):  # three ticks, each up to 2 s apart
+        fired = (await client.get("/api/v1/schedules/digest")).json()["last_tasks"]
+        if len(fired) >= 3:
+            return
+        await asyncio.sleep(0.1)
 
 
 if __name__ == "__main__":

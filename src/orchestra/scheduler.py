@@ -148,6 +148,10 @@ class ScheduleService:
         """Every schedule, by name."""
         return await self.store.all()
 
+    async def latest_fires(self) -> dict[int, Fire]:
+        """Every schedule's latest tick, by schedule id (for a list of schedules)."""
+        return await self.store.latest_fires()
+
     async def update(self, ref: str, changes: ScheduleChanges) -> Schedule:
         """Change a schedule, checked as a new one is. Its next tick is computed again when
         its timing changes or it is resumed; otherwise it stays.
@@ -216,14 +220,14 @@ class ScheduleService:
             try:
                 checked.append((spec, await self._checked(spec)))
             except (InvalidRequest, NotFoundError) as exc:
-                raise ConfigError(f"schedules: {spec.name}: {_told(exc)}") from None
+                raise ConfigError(f"schedules: {spec.name}: {told(exc)}") from None
         done = await self.store.sync(checked, self._next_tick, iso(self.clock()))
         if any(done.values()):
             log.info("schedules.synced", **done)
         self.wake()
 
 
-def _told(exc: NotFoundError | InvalidRequest) -> str:
+def told(exc: NotFoundError | InvalidRequest) -> str:
     """An error's message with each field it names ("1 invalid parameter(s) …; params.text:
     is not of type 'integer'"), for a fire's record and the log."""
     return exc.message + "".join(f"; {f.field}: {f.message}" for f in getattr(exc, "fields", []))
@@ -250,7 +254,7 @@ async def fire_due(
         try:
             task = await service.tasks.prepare(submission(schedule.spec))
         except (NotFoundError, InvalidRequest) as exc:  # the template changed since
-            error = _told(exc)
+            error = told(exc)
     fired = await service.store.fire(
         schedule,
         fire_at=None if due.fire_at is None else iso(due.fire_at),

@@ -31,7 +31,7 @@ from orchestra.errors import FieldProblem, InvalidParams, NotFoundError
 from orchestra.event_types import EventType
 
 if TYPE_CHECKING:
-    from orchestra.db.webhooks import WebhookStore
+    from orchestra.db.webhooks import Outline, WebhookStore
 
 #: The longest URL accepted.
 MAX_URL = 2048
@@ -313,6 +313,10 @@ class WebhookService:
     async def subscriptions(self) -> list[Webhook]:
         """Every subscription (tasks' callbacks are not listed)."""
         return await self.store.subscriptions()
+
+    async def outlines(self) -> dict[int, Outline]:
+        """Each subscription's waiting deliveries and latest one, by id (for a list)."""
+        return await self.store.outlines()
 
     async def get(self, webhook_id: int) -> Webhook:
         """One subscription (a task's callback is not one: its row is the task's).

@@ -317,6 +317,30 @@ class ScheduleStore:
             rows = (await conn.execute(query)).all()
         return [Fire(r.fire_at, r.outcome, r.task_id, r.status, r.error, r.time) for r in rows]
 
+    async def latest_fires(self) -> dict[int, Fire]:
+        """Every schedule's latest recorded tick (by schedule id), with its task's status:
+        one read for a list of schedules (the primary key finds each schedule's latest)."""
+        f = schedule_fires.c
+        latest = (
+            select(f.schedule_id, func.max(f.fire_at).label("fire_at"))
+            .group_by(f.schedule_id)
+            .subquery()
+        )
+        query = select(
+            f.schedule_id, f.fire_at, f.outcome, f.task_id, f.error, f.time, tasks.c.status
+        ).select_from(
+            schedule_fires.join(
+                latest,
+                (latest.c.schedule_id == f.schedule_id) & (latest.c.fire_at == f.fire_at),
+            ).outerjoin(tasks, tasks.c.id == f.task_id)
+        )
+        async with self.db.read() as conn:
+            rows = (await conn.execute(query)).all()
+        return {
+            r.schedule_id: Fire(r.fire_at, r.outcome, r.task_id, r.status, r.error, r.time)
+            for r in rows
+        }
+
     async def sync(
         self,
         declared: Sequence[tuple[ScheduleSpec, float | None]],

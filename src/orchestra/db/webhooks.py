@@ -63,6 +63,15 @@ _w = webhooks
 PAUSED = "9999-12-31T23:59:59.999999Z"
 
 
+class Outline(msgspec.Struct, frozen=True):
+    """A subscription at a glance: its deliveries waiting to be sent (or retried), and its
+    latest delivery's status and when that was written or ended."""
+
+    waiting: int
+    last_status: DeliveryStatus
+    last_at: str
+
+
 class Hint:
     """Deliveries this process's transactions wrote (a count, bumped before the commit): the
     sender compares it after a commit wakes it, and claims only when it moved. Only a hint: a
@@ -514,6 +523,39 @@ class WebhookStore:
         query = select(func.count()).where(_d.c.status == DeliveryStatus.PENDING.value)
         async with self.db.read() as conn:
             return int((await conn.execute(query.select_from(_d))).scalar_one())
+
+    async def outlines(self) -> dict[int, Outline]:
+        """For a list of subscriptions: each one's deliveries waiting to be sent and its
+        latest delivery (by subscription id; one without deliveries is left out). Both are
+        read by index: the waiting ones by status, the latest by (subscription, id)."""
+        waiting = (
+            select(_d.c.webhook_id, func.count().label("n"))
+            .where(_d.c.status == DeliveryStatus.PENDING.value)
+            .group_by(_d.c.webhook_id)
+        )
+        each = _d.alias("each_delivery")
+        newest = (
+            select(func.max(each.c.id))
+            .where(each.c.webhook_id == _w.c.id)
+            .correlate(_w)
+            .scalar_subquery()
+        )
+        latest = (
+            select(_w.c.id, _d.c.status, _d.c.created_at, _d.c.finished_at)
+            .select_from(_w.join(_d, _d.c.id == newest))
+            .where(_w.c.task_id.is_(None))
+        )
+        async with self.db.read() as conn:
+            counts = {r.webhook_id: r.n for r in (await conn.execute(waiting)).all()}
+            rows = (await conn.execute(latest)).all()
+        return {
+            r.id: Outline(
+                waiting=counts.get(r.id, 0),
+                last_status=DeliveryStatus(r.status),
+                last_at=r.finished_at or r.created_at,
+            )
+            for r in rows
+        }
 
 
 def _webhook(m: Any) -> Webhook:

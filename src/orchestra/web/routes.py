@@ -16,8 +16,10 @@ from orchestra.web.admin_pages import AccessPages, KeyPages
 from orchestra.web.links import clean_prefix
 from orchestra.web.overview import OverviewPages
 from orchestra.web.render import HANDLERS, STATIC
+from orchestra.web.schedule_pages import SchedulePages
 from orchestra.web.task_pages import TaskPages
 from orchestra.web.template_pages import TemplatePages
+from orchestra.web.webhook_pages import WebhookPages
 
 
 def ui_path(settings: Settings) -> str:
@@ -52,7 +54,16 @@ def dashboard(path: str) -> Router:
     )
     return Router(
         path=path,
-        route_handlers=[OverviewPages, TaskPages, TemplatePages, AccessPages, KeyPages, static],
+        route_handlers=[
+            OverviewPages,
+            TaskPages,
+            TemplatePages,
+            SchedulePages,
+            WebhookPages,
+            AccessPages,
+            KeyPages,
+            static,
+        ],
         middleware=[DashboardGate()],
         guards=[scope_guard],  # the API's middleware checks scopes itself; pages have theirs
         exception_handlers=HANDLERS,

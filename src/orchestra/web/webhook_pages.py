@@ -1,0 +1,109 @@
+"""Webhook subscriptions (admin scope, as in the API: a subscription receives the events of
+every task): the list, one subscription with its deliveries and their attempts, pausing and
+resuming it, sending a delivery again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, get, post
+from litestar.params import FromPath, FromQuery
+from litestar.response import Redirect, Template
+
+from orchestra.api.scope import runtime_of
+from orchestra.web.render import links, page
+from orchestra.web.task_pages import whole
+from orchestra.webhooks import WebhookChanges
+
+#: Deliveries shown on one page of a subscription's.
+PAGE_SIZE = 25
+
+
+class WebhookPages(Controller):
+    """Subscriptions and their deliveries."""
+
+    path = "/webhooks"
+    opt = {"scope": "admin"}
+
+    @get("/", name="ui.webhooks")
+    async def webhooks(self, request: Request[Any, Any, Any]) -> Template:
+        """Every subscription, with its waiting deliveries and its latest one."""
+        service = runtime_of(request.scope).webhooks
+        hooks = await service.subscriptions()
+        outlines = await service.outlines()
+        return page(
+            request,
+            "webhooks.html",
+            section="webhooks",
+            rows=[{"hook": h, "outline": outlines.get(h.id)} for h in hooks],
+        )
+
+    @get("/{webhook_id:int}", name="ui.webhook")
+    async def webhook(
+        self,
+        request: Request[Any, Any, Any],
+        webhook_id: FromPath[int],
+        before: FromQuery[str] = "",
+    ) -> Template:
+        """One subscription and its deliveries, newest first (``before``: older than that
+        delivery id), each with its attempts and the body sent."""
+        service = runtime_of(request.scope).webhooks
+        hook = await service.get(webhook_id)
+        older_than = whole(before, "before") if before else None
+        deliveries = await service.deliveries(webhook_id, PAGE_SIZE + 1, older_than)
+        more = len(deliveries) > PAGE_SIZE
+        shown = deliveries[:PAGE_SIZE]
+        return page(
+            request,
+            "webhook.html",
+            section="webhooks",
+            hook=hook,
+            deliveries=shown,
+            older=shown[-1].id if more else None,
+            paged=older_than is not None,
+        )
+
+    @get("/{webhook_id:int}/pause")
+    async def pause_page(
+        self, request: Request[Any, Any, Any], webhook_id: FromPath[int]
+    ) -> Redirect:
+        """No page of its own (pausing is a POST): the subscription's page."""
+        return _back(request, webhook_id)
+
+    @get("/{webhook_id:int}/resume")
+    async def resume_page(
+        self, request: Request[Any, Any, Any], webhook_id: FromPath[int]
+    ) -> Redirect:
+        """No page of its own (resuming is a POST): the subscription's page."""
+        return _back(request, webhook_id)
+
+    @post("/{webhook_id:int}/pause", status_code=303)
+    async def pause(self, request: Request[Any, Any, Any], webhook_id: FromPath[int]) -> Redirect:
+        """Pause a subscription: its deliveries wait until it is resumed."""
+        await runtime_of(request.scope).webhooks.update(webhook_id, WebhookChanges(enabled=False))
+        return _back(request, webhook_id)
+
+    @post("/{webhook_id:int}/resume", status_code=303)
+    async def resume(self, request: Request[Any, Any, Any], webhook_id: FromPath[int]) -> Redirect:
+        """Resume a subscription: its waiting deliveries are sent, oldest first."""
+        await runtime_of(request.scope).webhooks.update(webhook_id, WebhookChanges(enabled=True))
+        return _back(request, webhook_id)
+
+    @get("/{webhook_id:int}/deliveries/{delivery_id:int}/redeliver")
+    async def redeliver_page(
+        self, request: Request[Any, Any, Any], webhook_id: FromPath[int], delivery_id: FromPath[int]
+    ) -> Redirect:
+        """No page of its own (sending again is a POST): the subscription's page."""
+        return _back(request, webhook_id)
+
+    @post("/{webhook_id:int}/deliveries/{delivery_id:int}/redeliver", status_code=303)
+    async def redeliver(
+        self, request: Request[Any, Any, Any], webhook_id: FromPath[int], delivery_id: FromPath[int]
+    ) -> Redirect:
+        """Send a delivery again now (same ``webhook-id``, same body; its retries start over)."""
+        await runtime_of(request.scope).webhooks.redeliver(webhook_id, delivery_id)
+        return _back(request, webhook_id)
+
+
+def _back(request: Request[Any, Any, Any], webhook_id: int) -> Redirect:
+    return Redirect(links(request).ui(f"/webhooks/{webhook_id}"), status_code=303)

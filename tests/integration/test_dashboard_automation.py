@@ -1,0 +1,282 @@
+"""The dashboard's schedules and webhooks pages over real HTTP (no browser; the browser test is
+at the end): each schedule's next and latest tick, pausing and resuming (and a resume its
+template no longer allows), each subscription's deliveries, sending one again, pausing a
+subscription, and who may see which."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from html import unescape
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+
+from orchestra.config import Settings
+from orchestra.web import webhook_pages
+from tests.conftest import Service, StartService, make_keys, make_settings
+from tests.fixtures.browser import new_page
+from tests.fixtures.fake_ollama import FakeOllama
+from tests.fixtures.servers import wait_until
+from tests.fixtures.webhook_receiver import Receiver
+from tests.integration.test_schedules import START, Clock, clock_of, create, fire_due, no_workers
+from tests.integration.test_webhooks import QUICK, subscribe, with_webhooks
+
+if TYPE_CHECKING:
+    from playwright.async_api import Browser
+
+SAME_SITE = {"sec-fetch-site": "same-origin"}
+
+
+def text_of(html: str) -> str:
+    """A page's text, tags dropped and whitespace folded (for assertions on what it says)."""
+    return " ".join(unescape(re.sub(r"<[^>]+>", " ", html)).split())
+
+
+def row_of(html: str, attribute: str, value: object) -> str:
+    """The text of the table row marked ``data-<attribute>="<value>"``."""
+    found = re.search(rf'<tr data-{attribute}="{value}">(.*?)</tr>', html, re.S)
+    assert found is not None, f"no row {attribute}={value}"
+    return text_of(found.group(1))
+
+
+@pytest.fixture
+async def idle(settings: Settings, start_service: StartService) -> AsyncIterator[Service]:
+    """A service without workers whose schedules fire when the test says, on its clock."""
+    async with start_service(no_workers(settings)) as svc:
+        svc.app.runtime.schedules.clock = Clock(START)
+        yield svc
+
+
+@pytest.fixture
+async def hooked(
+    db_url: str, fake_ollama: FakeOllama, start_service: StartService
+) -> AsyncIterator[Service]:
+    """A service that may send webhooks to loopback, retrying quickly."""
+    settings = with_webhooks(make_settings(db_url, fake_ollama.url), allow_private=True, **QUICK)
+    async with start_service(settings) as svc:
+        yield svc
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    hooks = Receiver()
+    await hooks.start()
+    try:
+        yield hooks
+    finally:
+        await hooks.stop()
+
+
+# -- schedules -------------------------------------------------------------------------------
+
+
+async def test_the_schedules_page_shows_each_ones_timing_and_its_latest_tick(
+    idle: Service,
+) -> None:
+    empty = await idle.client.get("/ui/schedules")
+    assert empty.status_code == 200 and 'id="no-schedules"' in empty.text
+    digest = await create(idle, every="1m")
+    await create(idle, name="morning", cron="0 9 * * 1-5", timezone="Europe/Paris")
+    clock_of(idle).advance(60)
+    await fire_due(idle)  # digest's first tick makes a task (no workers: it stays queued)
+    first = (await idle.client.get("/api/v1/schedules/digest")).json()["last_tasks"][0]
+    clock_of(idle).advance(60)
+    await fire_due(idle)  # the second is skipped: the first task is unfinished
+
+    page = (await idle.client.get("/ui/schedules")).text
+    row = row_of(page, "schedule", "digest")
+    assert "every 1m" in row and "skipped" in row, row  # the latest tick, not the first
+    assert f"task #{first['task_id']}" not in row, row
+    morning = row_of(page, "schedule", "morning")
+    assert "cron 0 9 * * 1-5 (Europe/Paris)" in morning and "none yet" in morning, morning
+    assert f'href="/ui/schedules/{digest["id"]}"' in page
+
+    # The first tick, with its task, is on the schedule's own page.
+    own = await idle.client.get(f"/ui/schedules/{digest['id']}")
+    assert own.status_code == 200
+    fires = re.search(r'<table class="striped" id="fires">(.*?)</table>', own.text, re.S)
+    assert fires is not None
+    assert f'href="/ui/tasks/{first["task_id"]}"' in fires.group(1)
+    said = text_of(fires.group(1))
+    assert "submitted" in said and "the previous task was unfinished" in said, said
+    upcoming = re.search(r'<ol id="next-ticks">(.*?)</ol>', own.text, re.S)
+    assert upcoming is not None and upcoming.group(1).count("<li>") == 5
+    # By name too, as the API names it.
+    assert (await idle.client.get("/ui/schedules/morning")).status_code == 200
+    missing = await idle.client.get("/ui/schedules/nope")
+    assert missing.status_code == 404 and "no schedule 'nope'" in text_of(missing.text)
+
+
+async def test_a_schedule_is_paused_and_resumed_from_its_page(idle: Service) -> None:
+    made = await create(idle, every="1m")
+    page = f"/ui/schedules/{made['id']}"
+    paused = await idle.client.post(f"{page}/pause", headers=SAME_SITE)
+    assert paused.status_code == 303 and paused.headers["location"] == page
+    api = (await idle.client.get("/api/v1/schedules/digest")).json()
+    assert api["enabled"] is False and api["next_fire_at"] is None
+    shown = (await idle.client.get(page)).text
+    assert 'id="resume-schedule"' in shown and 'id="pause-schedule"' not in shown
+    assert "none while paused" in text_of(shown)
+    assert "paused" in row_of((await idle.client.get("/ui/schedules")).text, "schedule", "digest")
+
+    clock_of(idle).advance(3600)
+    resumed = await idle.client.post(f"{page}/resume", headers=SAME_SITE)
+    assert resumed.status_code == 303
+    api = (await idle.client.get("/api/v1/schedules/digest")).json()
+    assert api["enabled"] is True and api["next_fire_at"] is not None
+    # Its next tick is counted from now, not from when it was paused.
+    assert api["next_fire_at"] > (START.replace(hour=13)).isoformat().replace("+00:00", "")
+    # A reload of the form's address (GET) goes back to the page.
+    again = await idle.client.get(f"{page}/pause")
+    assert again.status_code == 303 and again.headers["location"] == page
+
+
+async def test_a_resume_the_template_no_longer_allows_is_said_on_the_page(idle: Service) -> None:
+    template = (
+        "name: temporary\nversion: 1\nmodel: default\n"
+        "parameters: {text: {type: string, required: true}}\n"
+        "steps:\n  - id: s\n    prompt: '{{ params.text }}'\n"
+    )
+    registered = await idle.client.post("/api/v1/templates", content=template.encode())
+    assert registered.status_code == 201, registered.text
+    made = await create(idle, every="1m", template="temporary")
+    assert (await idle.client.delete("/api/v1/templates/temporary")).status_code == 204
+    page = f"/ui/schedules/{made['id']}"
+    assert (await idle.client.post(f"{page}/pause", headers=SAME_SITE)).status_code == 303
+    refused = await idle.client.post(f"{page}/resume", headers=SAME_SITE)
+    assert refused.status_code == 422
+    said = text_of(refused.text)
+    assert "Not resumed:" in said and "temporary" in said, said
+    assert 'id="resume-schedule"' in refused.text  # still paused, and says so
+    assert (await idle.client.get("/api/v1/schedules/digest")).json()["enabled"] is False
+
+
+# -- webhooks --------------------------------------------------------------------------------
+
+
+async def test_a_subscriptions_deliveries_are_listed_sent_again_and_paused(
+    hooked: Service, receiver: Receiver
+) -> None:
+    hook_id = await subscribe(hooked, receiver, event_types=["task.finished"])
+    listed = await hooked.client.get("/ui/webhooks")
+    assert "none yet" in row_of(listed.text, "webhook", hook_id)
+    receiver.status = 500  # the first tries fail, then it answers
+    task = await hooked.submit("summarize", text="hooked")
+    await hooked.wait(task["id"])
+    await wait_until(lambda: len(receiver.paths) >= 2, timeout=30)
+    receiver.status = 200
+    await wait_until(lambda: len(receiver.received) >= 1, timeout=30)
+
+    async def delivered() -> bool:
+        page = (await hooked.client.get(f"/ui/webhooks/{hook_id}")).text
+        return "delivered" in text_of(page)
+
+    await wait_until(delivered, timeout=30)
+    page = (await hooked.client.get(f"/ui/webhooks/{hook_id}")).text
+    [delivery_id] = re.findall(r'<tr data-delivery="(\d+)">', page)
+    row = row_of(page, "delivery", delivery_id)
+    assert "task.finished" in row and f"#{task['id']}" in row and "HTTP 200" in row, row
+    assert "HTTP 500" in row  # the failed tries are in its attempts
+    listed = await hooked.client.get("/ui/webhooks")
+    summary = row_of(listed.text, "webhook", hook_id)
+    assert "delivered" in summary and "active" in summary and receiver.url() in summary, summary
+
+    # Send it again: the receiver gets the same message id once more.
+    first_id = receiver.received[0].message_id
+    again = await hooked.client.post(
+        f"/ui/webhooks/{hook_id}/deliveries/{delivery_id}/redeliver", headers=SAME_SITE
+    )
+    assert again.status_code == 303 and again.headers["location"] == f"/ui/webhooks/{hook_id}"
+    await wait_until(lambda: len(receiver.received) >= 2, timeout=30)
+    assert receiver.received[1].message_id == first_id
+
+    paused = await hooked.client.post(f"/ui/webhooks/{hook_id}/pause", headers=SAME_SITE)
+    assert paused.status_code == 303
+    api = (await hooked.client.get(f"/api/v1/webhooks/{hook_id}")).json()
+    assert api["enabled"] is False
+    assert 'id="resume-webhook"' in (await hooked.client.get(f"/ui/webhooks/{hook_id}")).text
+    resumed = await hooked.client.post(f"/ui/webhooks/{hook_id}/resume", headers=SAME_SITE)
+    assert resumed.status_code == 303
+    assert (await hooked.client.get(f"/api/v1/webhooks/{hook_id}")).json()["enabled"] is True
+
+
+async def test_deliveries_come_in_pages_and_bad_addresses_get_an_error_page(
+    hooked: Service, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webhook_pages, "PAGE_SIZE", 3)
+    hook_id = await subscribe(hooked, receiver, event_types=["task.finished"])
+    for n in range(4):
+        await hooked.wait((await hooked.submit("summarize", text=f"paged {n}"))["id"])
+    await wait_until(lambda: len(receiver.received) >= 4, timeout=30)
+    first = (await hooked.client.get(f"/ui/webhooks/{hook_id}")).text
+    ids = re.findall(r'<tr data-delivery="(\d+)">', first)
+    older = re.search(r'href="([^"]+)" id="older"', first)
+    assert len(ids) == 3 and older is not None, ids
+    second = (await hooked.client.get(unescape(older.group(1)))).text
+    rest = re.findall(r'<tr data-delivery="(\d+)">', second)
+    assert len(rest) == 1 and int(rest[0]) < min(map(int, ids)), (ids, rest)
+    assert 'id="older"' not in second
+    for path, status in (
+        (f"/ui/webhooks/{hook_id}?before=abc", 400),
+        ("/ui/webhooks/999999", 404),
+        (f"/ui/webhooks/{hook_id}/deliveries/999999/redeliver", 404),
+    ):
+        send = hooked.client.post if path.endswith("redeliver") else hooked.client.get
+        answer = await send(path, headers=SAME_SITE)
+        assert answer.status_code == status, (path, answer.status_code)
+        assert answer.headers["content-type"].startswith("text/html"), path
+
+
+async def test_only_an_admin_sees_webhooks_and_only_a_submitter_pauses_schedules(
+    settings: Settings, db_url: str, start_service: StartService
+) -> None:
+    keys = await make_keys(db_url, "admin", "read")
+    async with start_service(no_workers(settings)) as svc:
+        svc.client.headers["authorization"] = f"Bearer {keys['admin']}"
+        made = await create(svc, every="1m")
+        for scope, sees_webhooks in (("read", False), ("admin", True)):
+            async with httpx.AsyncClient(base_url=svc.url, timeout=30, headers=SAME_SITE) as client:
+                login = await client.post("/ui/login", data={"key": keys[scope], "next": "/ui/"})
+                assert login.status_code == 303
+                overview = (await client.get("/ui/")).text
+                assert ('href="/ui/webhooks"' in overview) is sees_webhooks, scope
+                assert 'href="/ui/schedules"' in overview
+                webhooks = await client.get("/ui/webhooks")
+                assert webhooks.status_code == (200 if sees_webhooks else 403), scope
+                schedule = (await client.get(f"/ui/schedules/{made['id']}")).text
+                assert ('id="pause-schedule"' in schedule) is sees_webhooks, scope
+                paused = await client.post(f"/ui/schedules/{made['id']}/pause")
+                assert paused.status_code == (303 if sees_webhooks else 403), scope
+
+
+# -- in a browser ----------------------------------------------------------------------------
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(120)
+async def test_pause_and_resume_a_schedule_and_a_subscription_in_a_browser(
+    hooked: Service, receiver: Receiver, browser: Browser
+) -> None:
+    from playwright.async_api import expect
+
+    made = await create(hooked, every="1h")
+    hook_id = await subscribe(hooked, receiver, event_types=["task.finished"])
+    page = await new_page(browser)
+    await page.goto(f"{hooked.url}/ui/")
+    await page.get_by_role("link", name="Schedules").click()
+    await page.get_by_role("link", name="digest").click()
+    await expect(page.page).to_have_url(f"{hooked.url}/ui/schedules/{made['id']}")
+    await page.click("#pause-schedule")
+    await expect(page.locator("h1 .status")).to_have_text("paused")
+    await page.click("#resume-schedule")
+    await expect(page.locator("h1 .status")).to_have_text("active")
+    assert (await hooked.client.get("/api/v1/schedules/digest")).json()["enabled"] is True
+
+    await page.get_by_role("link", name="Webhooks").click()
+    await page.get_by_role("link", name=str(hook_id), exact=True).click()
+    await page.click("#pause-webhook")
+    await expect(page.locator("h1 .status")).to_have_text("paused")
+    assert (await hooked.client.get(f"/api/v1/webhooks/{hook_id}")).json()["enabled"] is False
+    assert page.errors == []
