@@ -305,3 +305,27 @@ async def test_revoking_a_key_asks_first(
             assert len(re.findall(r'href="/ui/keys/[^"/]+/revoke"', listed)) == 1
             own = re.findall(r'href="(/ui/keys/[^"/]+/revoke)"', listed)[0]
             assert "you will be logged out" in (await client.get(own)).text
+
+
+async def test_too_many_requests_under_the_dashboard_get_its_page_and_headers(
+    settings: Settings, db_url: str, start_service: StartService
+) -> None:
+    """The rate limiter runs before any route: its 429 under the dashboard's path is the
+    dashboard's HTML error page, with the security headers and when to come back."""
+    keys = await make_keys(db_url, "read")
+    limited = msgspec.structs.replace(
+        settings, auth=msgspec.structs.replace(settings.auth, rate_limit_per_minute=2)
+    )
+    async with start_service(limited) as svc:
+        async with httpx.AsyncClient(base_url=svc.url, timeout=30, headers=SAME_SITE) as client:
+            login = await client.post("/ui/login", data={"key": keys["read"], "next": "/ui/"})
+            assert login.status_code == 303
+            codes = [(await client.get("/ui/tasks")).status_code for _ in range(3)]
+            assert codes[-1] == 429, codes
+            refused = await client.get("/ui/tasks")
+    assert refused.status_code == 429
+    assert refused.headers["content-type"].startswith("text/html")
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    for name, value in SECURITY_HEADERS.items():
+        assert refused.headers[name] == value, name
+    assert "<h1" in refused.text and "429" in refused.text

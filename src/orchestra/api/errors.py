@@ -265,6 +265,12 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
     if exc.status_code == HTTP_413_REQUEST_ENTITY_TOO_LARGE:
         limit = runtime_of(request.scope).settings.limits.max_body_bytes
         return _bad_body(f"is over [limits] max_body_bytes ({limit:,} bytes)", exc.status_code)
+    return _body(exc.status_code, code, str(exc.detail), headers=http_headers(exc))
+
+
+def http_headers(exc: HTTPException) -> dict[str, str]:
+    """The headers a Litestar error answers with: its own (a 405's Allow, the rate limiter's
+    RateLimit-*), and a 429's ``Retry-After``."""
     headers = dict(exc.headers or {})
     if exc.status_code == 429:
         # Litestar's limiter tells the wait in RateLimit-Reset alone; Retry-After is what
@@ -272,7 +278,7 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
         lower = {name.lower(): value for name, value in headers.items()}
         if "retry-after" not in lower and "ratelimit-reset" in lower:
             headers["Retry-After"] = str(max(1, int(float(lower["ratelimit-reset"]))))
-    return _body(exc.status_code, code, str(exc.detail), headers=headers)
+    return headers
 
 
 def too_deep(_: Request[Any, Any, Any], exc: RecursionError) -> Response[ErrorBody]:

@@ -16,6 +16,7 @@ from litestar.exceptions import (
     HTTPException,
     MethodNotAllowedException,
     NotFoundException,
+    TooManyRequestsException,
     ValidationException,
 )
 from litestar.plugins.jinja import JinjaTemplateEngine
@@ -26,7 +27,7 @@ from litestar.types import ExceptionHandlersMap
 
 from orchestra import __version__, logs
 from orchestra.api import errors as api_errors
-from orchestra.api.errors import retry_after, status_of
+from orchestra.api.errors import http_headers, retry_after, status_of
 from orchestra.api.scope import runtime_of
 from orchestra.auth import Caller, allows
 from orchestra.errors import OrchestraError, StorageError
@@ -134,6 +135,7 @@ def error_page(
         message = "; ".join(p for p in problems if p) or "a value in the request is not valid"
     elif isinstance(exc, HTTPException):
         status, message = exc.status_code, exc.detail
+        headers.update(http_headers(exc))
     elif isinstance(exc, (RecursionError, UnicodeDecodeError)):
         status, message = 400, "the request is not valid"
     else:
@@ -160,9 +162,10 @@ HANDLERS: ExceptionHandlersMap = {
 
 
 def _dashboard_or_api(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
-    """A 404 or 405 that routing raised (no handler matched, so no router's handlers apply):
-    an HTML page under the dashboard's path, the API's JSON elsewhere. The dashboard's gate
-    never saw the request, so the page carries the dashboard's headers itself."""
+    """A 404 or 405 that routing raised (no handler matched, so no router's handlers apply),
+    or a 429 from the rate limiter: an HTML page under the dashboard's path, the API's JSON
+    elsewhere. The dashboard's gate never saw the request, so the page carries the
+    dashboard's headers itself."""
     started = time.perf_counter()
     settings = runtime_of(request.scope).settings
     base = settings.ui.path.rstrip("/")
@@ -172,10 +175,12 @@ def _dashboard_or_api(request: Request[Any, Any, Any], exc: HTTPException) -> Re
     return api_errors.http_error(request, exc)
 
 
-#: For the app: routing's own 404 and 405 under the dashboard's path as its HTML pages.
+#: For the app: routing's own 404 and 405, and the rate limiter's 429 (its middleware runs
+#: before the dashboard's gate), under the dashboard's path as its HTML pages.
 ROUTING_HANDLERS: ExceptionHandlersMap = {
     NotFoundException: _dashboard_or_api,
     MethodNotAllowedException: _dashboard_or_api,
+    TooManyRequestsException: _dashboard_or_api,
 }
 
 
