@@ -319,23 +319,9 @@ class ScheduleStore:
 
     async def latest_fires(self) -> dict[int, Fire]:
         """Every schedule's latest recorded tick (by schedule id), with its task's status:
-        one read for a list of schedules (the primary key finds each schedule's latest)."""
-        f = schedule_fires.c
-        latest = (
-            select(f.schedule_id, func.max(f.fire_at).label("fire_at"))
-            .group_by(f.schedule_id)
-            .subquery()
-        )
-        query = select(
-            f.schedule_id, f.fire_at, f.outcome, f.task_id, f.error, f.time, tasks.c.status
-        ).select_from(
-            schedule_fires.join(
-                latest,
-                (latest.c.schedule_id == f.schedule_id) & (latest.c.fire_at == f.fire_at),
-            ).outerjoin(tasks, tasks.c.id == f.task_id)
-        )
+        one read for a list of schedules (see :func:`latest_fires_query`)."""
         async with self.db.read() as conn:
-            rows = (await conn.execute(query)).all()
+            rows = (await conn.execute(latest_fires_query())).all()
         return {
             r.schedule_id: Fire(r.fire_at, r.outcome, r.task_id, r.status, r.error, r.time)
             for r in rows
@@ -405,3 +391,27 @@ class ScheduleStore:
             return done
 
         return await self.db.transaction(work)
+
+
+def latest_fires_query() -> Any:
+    """Each schedule's latest tick, found by the primary key of ``schedule_fires``: one
+    index step per schedule, however many ticks are kept. The step is MATERIALIZED: flattened
+    into the join, SQLite scanned every tick kept (480 ms for 900,000; 5 ms this way)."""
+    f = schedule_fires.c
+    each = schedule_fires.alias("each_fire")
+    newest = (
+        select(func.max(each.c.fire_at))
+        .where(each.c.schedule_id == schedules.c.id)
+        .correlate(schedules)
+        .scalar_subquery()
+    )
+    latest = (
+        select(schedules.c.id, newest.label("fire_at")).cte("latest").prefix_with("MATERIALIZED")
+    )
+    return select(
+        f.schedule_id, f.fire_at, f.outcome, f.task_id, f.error, f.time, tasks.c.status
+    ).select_from(
+        latest.join(
+            schedule_fires, (f.schedule_id == latest.c.id) & (f.fire_at == latest.c.fire_at)
+        ).outerjoin(tasks, tasks.c.id == f.task_id)
+    )
