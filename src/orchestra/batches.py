@@ -27,7 +27,7 @@ from orchestra import logs, metrics
 from orchestra.batch_input import InputRow, csv_rows, jsonl_rows
 from orchestra.bulk import BulkOutcome, BulkService
 from orchestra.db import batches as db
-from orchestra.db.batches import LANE, BatchStore, ResultRow, RowRefused, RowTask
+from orchestra.db.batches import LANE, BatchStore, FailedRow, ResultRow, RowRefused, RowTask
 from orchestra.domain import ANONYMOUS_SCOPE, TaskStatus, as_utc, iso, now
 from orchestra.errors import (
     ConflictError,
@@ -407,6 +407,14 @@ class BatchService:
         batches = [Batch.of(r) for r in await self.store.page(limit, before)]
         tallies = await self.store.tallies([b.id for b in batches])
         return [_progress(b, tallies[b.id]) for b in batches]
+
+    async def failures(self, progress: Progress, limit: int = 10) -> list[FailedRow]:
+        """The first ``limit`` failed rows of the batch ``progress`` is about (refused at
+        upload, or whose task failed), in row order, each with its error; none read when its
+        counts have no failure."""
+        if not (progress.counts["failed"] or progress.counts["invalid"]):
+            return []
+        return await self.store.first_failures(progress.batch.id, limit)
 
     async def cancel(self, batch_id: int) -> BulkOutcome:
         """Cancel every queued or running row of the batch (running ones are asked to stop)."""

@@ -138,6 +138,10 @@ async def test_a_csv_batch_runs_every_good_row_and_reports_a_bad_one_with_its_li
 
     table = list(csv.DictReader(io.StringIO(await results(svc, batch_id, "csv"))))
     assert [r["row"] for r in table] == ["1", "2", "3", "4", "5"]
+    # Each format says what it is (CSV was sent as application/x-ndjson, the route's own type).
+    for fmt, kind in (("csv", "text/csv; charset=utf-8"), ("jsonl", "application/x-ndjson")):
+        answer = await svc.client.get(f"/api/v1/batches/{batch_id}/results?format={fmt}")
+        assert answer.headers["content-type"] == kind, fmt
     assert table[0]["result.echo"] == "alpha" and table[0]["result.n"] == "1"
     assert table[2]["status"] == "invalid" and table[2]["result.echo"] == ""
     # The error cell says why, as the JSON line's fields do: which field, and what is wrong.

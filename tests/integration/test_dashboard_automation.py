@@ -1,10 +1,12 @@
-"""The dashboard's schedules and webhooks pages over real HTTP (no browser; the browser test is
-at the end): each schedule's next and latest tick, pausing and resuming (and a resume its
-template no longer allows), each subscription's deliveries, sending one again, pausing a
-subscription, and who may see which."""
+"""The dashboard's schedules, webhooks and batches pages over real HTTP (no browser; the
+browser test is at the end): each schedule's next and latest tick, pausing and resuming (and a
+resume its template no longer allows), each subscription's deliveries, sending one again,
+pausing a subscription, each batch's progress and first failed rows, its results, cancelling
+and retrying it, and who may see which."""
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 from collections.abc import AsyncIterator
@@ -18,12 +20,15 @@ from sqlalchemy.dialects import sqlite
 from orchestra.config import Settings
 from orchestra.db import Database
 from orchestra.db.schedules import latest_fires_query
-from orchestra.web import webhook_pages
+from orchestra.web import batch_pages, webhook_pages
 from tests.conftest import Service, StartService, make_keys, make_settings
 from tests.fixtures.browser import new_page
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import wait_until
 from tests.fixtures.webhook_receiver import Receiver
+from tests.integration.test_batches import batch_settings as batch_settings
+from tests.integration.test_batches import finished, upload
+from tests.integration.test_batches import svc as svc
 from tests.integration.test_schedules import START, Clock, clock_of, create, fire_due, no_workers
 from tests.integration.test_webhooks import QUICK, subscribe, with_webhooks
 
@@ -271,6 +276,77 @@ async def test_only_an_admin_sees_webhooks_and_only_a_submitter_pauses_schedules
                 assert ('id="pause-schedule"' in schedule) is sees_webhooks, scope
                 paused = await client.post(f"/ui/schedules/{made['id']}/pause")
                 assert paused.status_code == (303 if sees_webhooks else 403), scope
+
+
+# -- batches ---------------------------------------------------------------------------------
+
+
+async def test_a_batchs_page_shows_its_progress_and_first_failures_and_retries_them(
+    svc: Service, fake_ollama: FakeOllama
+) -> None:
+    body = b"text,n\nfine,1\nFAIL one,2\nbad,not-a-number\nalso fine,3\nFAIL two,4\n"
+    answer = await upload(svc, body)
+    batch_id = answer["batch"]["id"]
+    await finished(svc, batch_id)
+    listed = await svc.client.get("/ui/batches")
+    row = row_of(listed.text, "batch", batch_id)
+    assert "rowjob" in row and "100.0%" in row and "done" in row, row
+    page = await svc.client.get(f"/ui/batches/{batch_id}")
+    assert page.status_code == 200
+    counts = dict(re.findall(r'<td data-status="(\w+)">([\d,]+)</td>', page.text))
+    assert counts["succeeded"] == "2" and counts["failed"] == "2" and counts["invalid"] == "1"
+    failed = re.findall(r'<tr data-row="(\d+)">', page.text)
+    assert failed == ["2", "3", "5"], failed  # in row order, the refused one among them
+    refused = row_of(page.text, "row", 3)
+    assert "refused" in refused and "params.n" in refused, refused
+    assert "step answer" in row_of(page.text, "row", 2)
+    assert 'id="retry-batch"' in page.text and 'id="cancel-batch"' not in page.text
+    # The download is the API's results.
+    for fmt in ("csv", "jsonl"):
+        mine = await svc.client.get(f"/ui/batches/{batch_id}/results", params={"format": fmt})
+        api = await svc.client.get(f"/api/v1/batches/{batch_id}/results", params={"format": fmt})
+        assert mine.status_code == 200 and mine.text == api.text, fmt
+        assert mine.headers["content-type"] == api.headers["content-type"]
+
+    fake_ollama.reply = lambda request: json.dumps({"echo": "fixed", "n": 0})
+    retried = await svc.client.post(f"/ui/batches/{batch_id}/retry", headers=SAME_SITE)
+    assert retried.status_code == 303
+    assert retried.headers["location"] == f"/ui/batches/{batch_id}"
+    shown = await svc.client.get(retried.headers["location"])
+    assert "Queued again: 2 tasks." in shown.text
+    again = await svc.client.get(retried.headers["location"])
+    assert "Queued again" not in again.text  # said once
+    progress = await finished(svc, batch_id)
+    assert progress["counts"]["succeeded"] == 4
+
+
+async def test_a_batch_is_cancelled_from_its_page_and_the_list_comes_in_pages(
+    batch_settings: Settings, start_service: StartService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batch_pages, "PAGE_SIZE", 2)
+    async with start_service(no_workers(batch_settings)) as idle:
+        ids = [(await upload(idle, b"text\n" + b"x\n" * 40))["batch"]["id"] for _ in range(3)]
+        page = (await idle.client.get(f"/ui/batches/{ids[0]}")).text
+        assert 'id="cancel-batch"' in page and 'id="retry-batch"' not in page
+        cancelled = await idle.client.post(f"/ui/batches/{ids[0]}/cancel", headers=SAME_SITE)
+        assert cancelled.status_code == 303
+        page = (await idle.client.get(cancelled.headers["location"])).text
+        assert "Cancelled: 40 tasks." in page and 'id="cancel-batch"' not in page
+        first = (await idle.client.get("/ui/batches")).text
+        assert re.findall(r'<tr data-batch="(\d+)">', first) == [str(ids[2]), str(ids[1])]
+        older = re.search(r'href="([^"]+)" id="older"', first)
+        assert older is not None
+        rest = (await idle.client.get(unescape(older.group(1)))).text
+        assert re.findall(r'<tr data-batch="(\d+)">', rest) == [str(ids[0])]
+        assert "cancelled" in row_of(rest, "batch", ids[0])
+        for path, status in (
+            ("/ui/batches?before=x", 400),
+            ("/ui/batches/999999", 404),
+            (f"/ui/batches/{ids[0]}/results?format=xml", 400),
+        ):
+            answer = await idle.client.get(path)
+            assert answer.status_code == status, (path, answer.status_code)
+            assert answer.headers["content-type"].startswith("text/html"), path
 
 
 # -- in a browser ----------------------------------------------------------------------------

@@ -6,10 +6,7 @@ shares (template, model, priority, options) comes in the query.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -23,8 +20,8 @@ from litestar.response import Stream
 from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
 from orchestra.auth import Caller
+from orchestra.batch_output import results_stream
 from orchestra.batches import BatchOptions, BatchService, Format
-from orchestra.db.batches import BatchStore, ResultRow
 from orchestra.errors import FieldProblem, InvalidRequest
 from orchestra.wire.batches import ActionOut as ActionOut
 from orchestra.wire.batches import BatchList as BatchList
@@ -84,7 +81,7 @@ class UploadOperation(Operation):
 
 def provide(runtime: NamedDependency[Runtime]) -> BatchService:
     """The batch service, from the runtime's store, task service and bulk actions."""
-    return BatchService(BatchStore(runtime.db), runtime.tasks, runtime.bulk)
+    return runtime.batches
 
 
 def _upload_format(given: Format | None, content_type: str) -> Format:
@@ -268,95 +265,4 @@ class BatchController(Controller):
         and ``error``. CSV spreads a result object over columns (``result.<key>``)."""
         accept = request.headers.get("accept", "")
         chosen = format or ("csv" if "text/csv" in accept else "jsonl")
-        pages = await batches.results(batch_id)
-        if chosen == "csv":
-            keys = await _result_keys(await batches.results(batch_id))
-            return Stream(
-                _csv(pages, keys),
-                media_type="text/csv; charset=utf-8",
-                headers={"Content-Disposition": f'attachment; filename="batch-{batch_id}.csv"'},
-            )
-        return Stream(_jsonl(pages), media_type="application/x-ndjson")
-
-
-# -- results as JSON lines or CSV ---------------------------------------------------------------
-
-
-def _outcome(r: ResultRow) -> tuple[str, Any, Any]:
-    """A row's status, result and error, decoded."""
-    if r.status is None:
-        refused = msgspec.json.decode(r.refused) if r.refused else None
-        return ("invalid" if refused else "deleted"), None, refused
-    result = msgspec.json.decode(r.result) if r.result else None
-    error = msgspec.json.decode(r.error) if r.error else None
-    return r.status, result, error
-
-
-async def _jsonl(pages: AsyncIterator[list[ResultRow]]) -> AsyncIterator[bytes]:
-    async for page in pages:
-        lines = []
-        for r in page:
-            status, result, error = _outcome(r)
-            row = {"row": r.row, "line": r.line, "status": status}
-            lines.append(_encode({**row, "result": result, "error": error}))
-        yield b"\n".join(lines) + b"\n"
-
-
-async def _result_keys(pages: AsyncIterator[list[ResultRow]]) -> list[str]:
-    """The keys of the result objects, in first-seen order (at most 200 columns)."""
-    keys: dict[str, None] = {}
-    async for page in pages:
-        for r in page:
-            if r.result and r.result.startswith("{") and len(keys) < 200:
-                for key in msgspec.json.decode(r.result):
-                    keys.setdefault(key, None)
-    return list(keys)
-
-
-#: What a spreadsheet takes for the start of a formula (OWASP, "CSV Injection").
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def _cell(value: Any) -> str:
-    """A value as a CSV cell: text as text, anything else as JSON. Text that a spreadsheet
-    would run as a formula (a model's answer is text from outside) gets a leading apostrophe,
-    which spreadsheets read as "this is text"; JSON lines carry values as they are."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return "'" + value if value.startswith(_FORMULA_START) else value
-    return _encode(value).decode()
-
-
-def _error_cell(error: Any) -> str:
-    """A row's error as one cell: the step it failed in, its message, and each refused field
-    with why (what the JSON line carries, for a reader of a spreadsheet)."""
-    if not isinstance(error, dict):
-        return _cell(error)
-    text = str(error.get("message", ""))
-    if error.get("step"):
-        text = f"step {error['step']}: {text}"
-    fields = [f"{f.get('field')}: {f.get('message')}" for f in error.get("fields") or ()]
-    return _cell(": ".join([text, "; ".join(fields)]) if fields else text)
-
-
-async def _csv(pages: AsyncIterator[list[ResultRow]], keys: list[str]) -> AsyncIterator[bytes]:
-    header = ["row", "line", "status", "error", "result", *(f"result.{k}" for k in keys)]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    async for page in pages:
-        for r in page:
-            status, result, error = _outcome(r)
-            spread = result if isinstance(result, dict) else {}
-            rest = {k: v for k, v in spread.items() if k not in keys}
-            whole = result if not isinstance(result, dict) else (rest or None)
-            writer.writerow(
-                [r.row, r.line, status, _error_cell(error), _cell(whole)]
-                + [_cell(spread.get(k)) for k in keys]
-            )
-        yield buffer.getvalue().encode()
-        buffer.seek(0)
-        buffer.truncate()
-    if buffer.tell():
-        yield buffer.getvalue().encode()
+        return await results_stream(batches, batch_id, chosen)

@@ -20,10 +20,12 @@ from orchestra import logs
 from orchestra.api.auth import Gatekeeper
 from orchestra.api.sse import Frames
 from orchestra.auth import ApiKey, bootstrap_key, is_loopback
+from orchestra.batches import BatchService
 from orchestra.bulk import BulkService
 from orchestra.catalog import TemplateCatalog, parse_elsewhere
 from orchestra.config import Settings
 from orchestra.db import Database, TaskStore
+from orchestra.db.batches import BatchStore
 from orchestra.db.cache import CacheStore
 from orchestra.db.failures import warn_when_low
 from orchestra.db.keys import KeyStore
@@ -154,6 +156,11 @@ class Runtime:
         if self._bulk is None:
             raise NotStarted()
         return self._bulk
+
+    @property
+    def batches(self) -> BatchService:
+        """Batches over datasets (a view over the store, the tasks and the bulk actions)."""
+        return BatchService(BatchStore(self.db), self.tasks, self.bulk)
 
     @property
     def webhooks(self) -> WebhookService:

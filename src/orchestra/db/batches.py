@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
-from sqlalchemy import Connection, and_, func, select, update
+from sqlalchemy import Connection, and_, func, or_, select, update
 
 from orchestra.db import events, notices
 from orchestra.db.engine import Database
@@ -67,6 +67,16 @@ class ResultRow(msgspec.Struct, frozen=True):
     result: str | None
     error: str | None
     refused: str | None
+
+
+class FailedRow(msgspec.Struct, frozen=True):
+    """A row that failed: refused at upload (``task_id`` None), or its task failed; ``error``
+    is the refusal's or the task's (JSON text)."""
+
+    row: int
+    line: int
+    task_id: int | None
+    error: str | None
 
 
 class Tally(msgspec.Struct, frozen=True):
@@ -299,6 +309,23 @@ class BatchStore:
         async with self.db.read() as conn:
             rows = (await conn.execute(query)).all()
         return [ResultRow(*r) for r in rows]
+
+    async def first_failures(self, batch_id: int, limit: int) -> list[FailedRow]:
+        """The first ``limit`` rows that failed, in row order: refused at upload, or whose
+        task failed. (It walks the batch's rows in order until it has found them: call it
+        when the batch's tally has failures.)"""
+        r = batch_rows.c
+        refused = and_(r.task_id.is_(None), r.error.is_not(None))
+        query = (
+            select(r.row_no, r.line_no, r.task_id, func.coalesce(tasks.c.error, r.error))
+            .select_from(batch_rows.outerjoin(tasks, tasks.c.id == r.task_id))
+            .where(r.batch_id == batch_id, or_(tasks.c.status == "failed", refused))
+            .order_by(r.row_no)
+            .limit(limit)
+        )
+        async with self.db.read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [FailedRow(*row) for row in rows]
 
     async def task_ids_after(
         self, batch_id: int, statuses: Sequence[str], after: int, limit: int

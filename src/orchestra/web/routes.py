@@ -13,6 +13,7 @@ from orchestra.config import Settings
 from orchestra.errors import ConfigError
 from orchestra.web.access import DashboardGate
 from orchestra.web.admin_pages import AccessPages, KeyPages
+from orchestra.web.batch_pages import BatchPages
 from orchestra.web.links import clean_prefix
 from orchestra.web.overview import OverviewPages
 from orchestra.web.render import HANDLERS, STATIC
@@ -57,6 +58,7 @@ def dashboard(path: str) -> Router:
         route_handlers=[
             OverviewPages,
             TaskPages,
+            BatchPages,
             TemplatePages,
             SchedulePages,
             WebhookPages,

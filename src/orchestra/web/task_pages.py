@@ -138,7 +138,7 @@ def filters_of(query: Any) -> Filters:
 SKIPPED_BECAUSE = {"cancel": "not queued or running", "retry": "not failed or cancelled"}
 
 
-def _notice(value: str | None) -> str:
+def notice_text(value: str | None) -> str:
     """What the last bulk action did, from the cookie its redirect set (``retry.1.2``: the
     action, the tasks it changed, the tasks it left alone); a value that is not an action and
     counts shows nothing."""
@@ -158,7 +158,7 @@ def _notice(value: str | None) -> str:
     return said + "."
 
 
-def _notice_cookie(request: Request[Any, Any, Any], value: str) -> Cookie:
+def notice_cookie(request: Request[Any, Any, Any], value: str) -> Cookie:
     """The notice cookie holding ``value`` (an empty value with no age deletes it)."""
     return Cookie(
         key=NOTICE_COOKIE,
@@ -218,8 +218,8 @@ class TaskPages(Controller):
             request,
             "tasks.html",
             section="tasks",
-            notice=_notice(flashed),
-            cookies=[_notice_cookie(request, "")] if flashed is not None else None,
+            notice=notice_text(flashed),
+            cookies=[notice_cookie(request, "")] if flashed is not None else None,
             **await self._table(request),
         )
 
@@ -275,7 +275,7 @@ class TaskPages(Controller):
         return Redirect(
             links(request).ui("/tasks", **found.given),
             status_code=303,
-            cookies=[_notice_cookie(request, f"{action}.{outcome.changed}.{outcome.skipped}")],
+            cookies=[notice_cookie(request, f"{action}.{outcome.changed}.{outcome.skipped}")],
         )
 
     @get("/bulk")
