@@ -101,9 +101,11 @@ async def main() -> None:
                 await phone.wait_for_load_state("networkidle")
                 await phone.screenshot(path=str(OUT / "overview-375.png"), full_page=True)
                 print("saved", OUT / "overview-375.png")
+                batch = await _batch(client, fake)
                 # Last, so that the tasks its ticks make are in no other picture.
                 await _schedules(client)
                 for name, path in (
+                    ("batch", f"/ui/batches/{batch}"),
                     ("schedules", "/ui/schedules"),
                     ("schedule", "/ui/schedules/digest"),
                 ):
@@ -113,6 +115,26 @@ async def main() -> None:
                     print("saved", OUT / f"{name}.png")
                 await page.close()
                 await phone.close()
+
+
+async def _batch(client: httpx.AsyncClient, fake: object) -> int:
+    """A batch of 40 rows: one refused at upload (no text), one whose model call fails."""
+    rows = ["text", *(f"Row {i} of the quarterly report." for i in range(38)), '""', "Last row."]
+    fake.failure = Failure(500, "CUDA error: out of memory", times=1)  # type: ignore[attr-defined]
+    fake.word_delay = 0.0  # type: ignore[attr-defined]  # (the live task's picture is taken)
+    made = await client.post(
+        "/api/v1/batches",
+        params={"template": "summarize", "format": "csv", "max_attempts": 1},
+        content="\n".join(rows).encode(),
+    )
+    made.raise_for_status()
+    batch_id = int(made.json()["batch"]["id"])
+    for _ in range(600):  # up to a minute
+        counts = (await client.get(f"/api/v1/batches/{batch_id}")).json()["counts"]
+        if counts["queued"] + counts["running"] == 0:
+            break
+        await asyncio.sleep(0.1)
+    return batch_id
 
 
 async def _schedules(client: httpx.AsyncClient) -> None:
