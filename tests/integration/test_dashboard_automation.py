@@ -332,6 +332,12 @@ async def test_a_batch_is_cancelled_from_its_page_and_the_list_comes_in_pages(
         assert cancelled.status_code == 303
         page = (await idle.client.get(cancelled.headers["location"])).text
         assert "Cancelled: 40 tasks." in page and 'id="cancel-batch"' not in page
+        assert "data-live" not in page  # nothing left to follow
+        body = await idle.client.get(f"/ui/batches/{ids[1]}/body")
+        assert body.status_code == 200 and "<html" not in body.text
+        assert '<td data-status="queued">40</td>' in body.text
+        live = (await idle.client.get(f"/ui/batches/{ids[1]}")).text
+        assert f'hx-get="/ui/batches/{ids[1]}/body"' in live and "data-live" in live
         first = (await idle.client.get("/ui/batches")).text
         assert re.findall(r'<tr data-batch="(\d+)">', first) == [str(ids[2]), str(ids[1])]
         older = re.search(r'href="([^"]+)" id="older"', first)
@@ -377,4 +383,24 @@ async def test_pause_and_resume_a_schedule_and_a_subscription_in_a_browser(
     await page.click("#pause-webhook")
     await expect(page.locator("h1 .status")).to_have_text("paused")
     assert (await hooked.client.get(f"/api/v1/webhooks/{hook_id}")).json()["enabled"] is False
+    assert page.errors == []
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(120)
+async def test_a_running_batchs_page_follows_it_to_the_end(
+    svc: Service, fake_ollama: FakeOllama, browser: Browser
+) -> None:
+    from playwright.async_api import expect
+
+    fake_ollama.close_gate("llama3.2")  # the rows wait until the page is open
+    batch_id = (await upload(svc, b"text\n" + b"row\n" * 12))["batch"]["id"]
+    page = await new_page(browser)
+    await page.goto(f"{svc.url}/ui/batches/{batch_id}")
+    await expect(page.locator("#batch-progress")).to_have_text("0.0% done")
+    assert await page.locator("#batch-body[data-live]").count() == 1
+    fake_ollama.open_gate("llama3.2")
+    await expect(page.locator("#batch-progress")).to_have_text("100.0% done", timeout=30_000)
+    await expect(page.locator('td[data-status="succeeded"]')).to_have_text("12")
+    assert await page.locator("#cancel-batch").count() == 0
     assert page.errors == []

@@ -65,23 +65,25 @@ class BatchPages(Controller):
 
     @get("/{batch_id:int}", name="ui.batch")
     async def batch(self, request: Request[Any, Any, Any], batch_id: FromPath[int]) -> Template:
-        """A batch: what its rows share, its rows by status, its first failed rows."""
-        service = runtime_of(request.scope).batches
-        progress = await service.progress(batch_id)
-        failures = await service.failures(progress, FAILURES_SHOWN)
+        """A batch: what its rows share, its rows by status, its first failed rows; live
+        while rows are queued or running."""
+        context = await _batch(request, batch_id)
         flashed = request.cookies.get(NOTICE_COOKIE)
+        counts = context["p"].counts
         return page(
             request,
             "batch.html",
             section="batches",
-            p=progress,
-            b=progress.batch,
-            eta=_eta(progress.eta_seconds),
-            statuses=SHOWN_STATUSES,
-            failures=[{"row": f, "error": _error_text(f)} for f in failures],
+            live=bool(counts["queued"] or counts["running"] or context["b"].status == "loading"),
             notice=notice_text(flashed),
             cookies=[notice_cookie(request, "")] if flashed is not None else None,
+            **context,
         )
+
+    @get("/{batch_id:int}/body")
+    async def body(self, request: Request[Any, Any, Any], batch_id: FromPath[int]) -> Template:
+        """A batch's page without its frame (what the live page swaps in)."""
+        return page(request, "_batch_body.html", **await _batch(request, batch_id))
 
     @get("/{batch_id:int}/results")
     async def results(
@@ -118,6 +120,20 @@ class BatchPages(Controller):
         """Queue the batch's failed rows again."""
         done = await runtime_of(request.scope).batches.retry(batch_id)
         return _done(request, batch_id, "retry", done)
+
+
+async def _batch(request: Request[Any, Any, Any], batch_id: int) -> dict[str, Any]:
+    """What a batch's page shows."""
+    service = runtime_of(request.scope).batches
+    progress = await service.progress(batch_id)
+    failures = await service.failures(progress, FAILURES_SHOWN)
+    return {
+        "p": progress,
+        "b": progress.batch,
+        "eta": _eta(progress.eta_seconds),
+        "statuses": SHOWN_STATUSES,
+        "failures": [{"row": f, "error": _error_text(f)} for f in failures],
+    }
 
 
 def _done(
