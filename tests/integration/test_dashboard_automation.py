@@ -338,6 +338,10 @@ async def test_a_batch_is_cancelled_from_its_page_and_the_list_comes_in_pages(
         assert '<td data-status="queued">40</td>' in body.text
         live = (await idle.client.get(f"/ui/batches/{ids[1]}")).text
         assert f'hx-get="/ui/batches/{ids[1]}/body"' in live and "data-live" in live
+        assert 'hx-trigger="every 2s"' in live
+        # A big batch is counted less often: its counts are read over every row.
+        sizes = [batch_pages.refresh_seconds(n) for n in (12, 100_000, 1_000_000, 5_000_000)]
+        assert sizes == [2, 5, 50, 60]
         first = (await idle.client.get("/ui/batches")).text
         assert re.findall(r'<tr data-batch="(\d+)">', first) == [str(ids[2]), str(ids[1])]
         older = re.search(r'href="([^"]+)" id="older"', first)
