@@ -142,6 +142,9 @@ async def test_a_csv_batch_runs_every_good_row_and_reports_a_bad_one_with_its_li
     for fmt, kind in (("csv", "text/csv; charset=utf-8"), ("jsonl", "application/x-ndjson")):
         answer = await svc.client.get(f"/api/v1/batches/{batch_id}/results?format={fmt}")
         assert answer.headers["content-type"] == kind, fmt
+    document = (await svc.client.get("/schema/openapi.json")).json()
+    ok = document["paths"]["/api/v1/batches/{batch_id}/results"]["get"]["responses"]["200"]
+    assert set(ok["content"]) == {"application/x-ndjson", "text/csv"}
     assert table[0]["result.echo"] == "alpha" and table[0]["result.n"] == "1"
     assert table[2]["status"] == "invalid" and table[2]["result.echo"] == ""
     # The error cell says why, as the JSON line's fields do: which field, and what is wrong.

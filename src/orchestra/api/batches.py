@@ -13,7 +13,14 @@ import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.openapi import ResponseSpec
-from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema
+from litestar.openapi.spec import (
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    OpenAPIType,
+    Operation,
+    RequestBody,
+    Schema,
+)
 from litestar.params import FromPath, HeaderParameter, QueryParameter
 from litestar.response import Stream
 
@@ -77,6 +84,23 @@ class UploadOperation(Operation):
 
     def __post_init__(self) -> None:
         self.request_body = _UPLOAD_BODY
+
+
+@dataclasses.dataclass
+class ResultsOperation(Operation):
+    """The results' operation in the OpenAPI document: a 200 is JSON lines or CSV (Litestar
+    documents the route's one media type)."""
+
+    def __post_init__(self) -> None:
+        ok = (self.responses or {}).get("200")
+        if isinstance(ok, OpenAPIResponse) and ok.content is not None:
+            ok.content["text/csv"] = OpenAPIMediaType(
+                schema=Schema(
+                    type=OpenAPIType.STRING,
+                    description="A header (row, line, status, error, result, then a "
+                    "result.<key> column per key of the result objects), then a record per row.",
+                )
+            )
 
 
 def provide(runtime: NamedDependency[Runtime]) -> BatchService:
@@ -250,6 +274,7 @@ class BatchController(Controller):
         summary="A batch's results, in input order",
         media_type="application/x-ndjson",
         responses=errors(400, 404),
+        operation_class=ResultsOperation,
     )
     async def results(
         self,
