@@ -77,6 +77,11 @@ WEBHOOK_RESULTS = ("delivered", "failed", "retrying")
 LEASE_OUTCOMES = ("queued", "failed")
 #: The codes of provider errors (``ProviderError`` and its subclasses).
 PROVIDER_ERRORS = ("provider_unavailable", "model_not_found", "provider_error")
+#: Why a fallback chain moved past an entry: its call failed with one of these codes, or it
+#: was ``skipped``, not asked, being known unavailable when the call began.
+FALLBACK_REASONS = (*PROVIDER_ERRORS, "skipped")
+#: The provider label of a failed step that asked no provider.
+NO_PROVIDER = "none"
 
 TASKS_SUBMITTED = Counter(
     "orchestra_tasks_submitted", "Tasks submitted (idempotent replays not counted).", ["template"]
@@ -101,7 +106,8 @@ TASK_DURATION = Histogram(
 STEP_DURATION = Histogram(
     "orchestra_step_duration_seconds",
     "Seconds one step ran, by kind, the provider and model that answered it (empty for steps "
-    "without a model call) and its status.",
+    "without a model call; for a failed step, those it asked last, provider none if none) and "
+    "its status.",
     ["kind", "provider", "model", "status"],
     buckets=_RUN_BUCKETS,
 )
@@ -121,6 +127,23 @@ PROVIDER_ERRORS_TOTAL = Counter(
     "orchestra_provider_errors",
     "Model calls that failed, by provider and error code.",
     ["provider", "error"],
+)
+FALLBACKS = Counter(
+    "orchestra_model_fallbacks",
+    "Entries of a fallback chain a model call moved past to the next one, by the model name "
+    "asked, the provider passed over, and why: its call's error code, or skipped (known "
+    "unavailable, not asked).",
+    ["model", "provider", "reason"],
+)
+MODEL_PROCESS_CRASHES = Counter(
+    "orchestra_model_process_crashes",
+    "Crashes of a provider's model process (the embedded model's), by what it was doing.",
+    ["provider", "phase"],
+)
+MODEL_PROCESS_RESTARTS = Counter(
+    "orchestra_model_process_restarts",
+    "Starts of a provider's model process again after a crash.",
+    ["provider"],
 )
 RETRIES = Counter(
     "orchestra_task_retries",
@@ -249,11 +272,16 @@ def lease_expired(outcome: str) -> None:
     _child(LEASE_EXPIRIES, outcome).inc()
 
 
-def step_finished(kind: str, step: Step) -> None:
-    """A step ended (succeeded or failed; skipped steps are not timed)."""
+def step_finished(kind: str, step: Step, asked: str | None = None) -> None:
+    """A step ended (succeeded or failed; skipped steps are not timed). A step that succeeded
+    is timed under the model that answered it (``step.model``); one that failed, under the
+    entry (``provider/model``) it ``asked`` last, answered or not, else :data:`NO_PROVIDER`."""
     if step.duration_ms is None or step.status is StepStatus.SKIPPED:
         return
-    provider, _, model = (step.model or "").partition("/")
+    route = step.model or ""
+    if step.status is StepStatus.FAILED:
+        route = asked or step.model or f"{NO_PROVIDER}/"
+    provider, _, model = route.partition("/")
     _child(
         STEP_DURATION, kind, provider, _model(model) if model else "", step.status.value
     ).observe(step.duration_ms / 1000)
@@ -282,6 +310,40 @@ def providers_known(names: Iterable[str]) -> None:
     for name in names:
         for code in PROVIDER_ERRORS:
             _child(PROVIDER_ERRORS_TOTAL, name, code)
+
+
+def fell_back(model: str, provider: str, reason: str) -> None:
+    """A call for ``model`` moved past an entry of ``provider`` in its chain, for ``reason``:
+    the code of the error its call failed with, or ``skipped`` (see
+    :data:`FALLBACK_REASONS`)."""
+    reason = reason if reason in FALLBACK_REASONS else OTHER
+    _child(FALLBACKS, _model(model), provider, reason).inc()
+
+
+def chains_known(chains: Mapping[str, Iterable[str]]) -> None:
+    """Start the fallback counters of each chain (a model name and the providers of its
+    entries) at 0, for every reason."""
+    for model, providers in chains.items():
+        for provider in providers:
+            for reason in FALLBACK_REASONS:
+                _child(FALLBACKS, _model(model), provider, reason)
+
+
+def model_process_known(provider: str, phases: Iterable[str]) -> None:
+    """Start a model process's crash counters (one per phase) and its restarts at 0."""
+    for phase in phases:
+        _child(MODEL_PROCESS_CRASHES, provider, phase)
+    _child(MODEL_PROCESS_RESTARTS, provider)
+
+
+def model_process_crashed(provider: str, phase: str) -> None:
+    """A provider's model process crashed (not ended on purpose) during ``phase``."""
+    _child(MODEL_PROCESS_CRASHES, provider, phase).inc()
+
+
+def model_process_restarted(provider: str) -> None:
+    """A provider's model process was started again after a crash."""
+    _child(MODEL_PROCESS_RESTARTS, provider).inc()
 
 
 def webhook_delivery(result: str) -> None:

@@ -152,7 +152,7 @@ class Runner:
             await recorder.step_started(spec.id, position)
             started, clock = iso_now(), time.perf_counter()
             try:
-                with passed_over.noting() as fallbacks:
+                with passed_over.noting() as fallbacks, passed_over.asking() as asked:
                     outcome = await run_step(
                         spec,
                         scope,
@@ -183,7 +183,7 @@ class Runner:
                     started,
                     clock,
                 )
-                metrics.step_finished(spec.kind, failed)
+                metrics.step_finished(spec.kind, failed, asked[-1] if asked else None)
                 await recorder.step_finished(failed)
                 raise StepFailed(spec.id, exc) from exc
             if outcome is None:

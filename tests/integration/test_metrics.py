@@ -229,8 +229,10 @@ async def test_series_change_as_tasks_run_and_every_dashboard_query_resolves(
     assert delta("orchestra_task_duration_seconds_count", **t, status="succeeded") == 3
     assert delta("orchestra_task_duration_seconds_count", **t, status="failed") == 1
     assert delta("orchestra_task_duration_seconds_sum", **t, status="succeeded") > 0
-    assert delta("orchestra_step_duration_seconds_count", kind="llm", **call) == 3
-    assert delta("orchestra_step_duration_seconds_count", kind="llm", status="failed") == 2
+    assert delta("orchestra_step_duration_seconds_count", kind="llm", **call) == 5
+    assert delta("orchestra_step_duration_seconds_count", kind="llm", status="succeeded") == 3
+    # Failed steps are timed under the provider and model they asked last.
+    assert delta("orchestra_step_duration_seconds_count", kind="llm", status="failed", **call) == 2
     # Model calls: 3 answered, 2 failed (the cancelled one never answered).
     assert delta("orchestra_model_call_duration_seconds_count", **call) == 5
     assert delta("orchestra_model_tokens_total", **call, direction="in") == tokens_in

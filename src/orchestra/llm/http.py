@@ -189,10 +189,18 @@ class HttpProvider:
 
     @asynccontextmanager
     async def request(
-        self, method: str, path: str, payload: Any, model: str | None, expect: str = JSON
+        self,
+        method: str,
+        path: str,
+        payload: Any,
+        model: str | None,
+        expect: str = JSON,
+        *,
+        also: str | None = None,
     ) -> AsyncIterator[httpx.Response]:
         """Send a request and hand over the open response, once it is known to be a success
-        in the ``expect`` format (a media type); every failure is a ProviderError."""
+        in the ``expect`` format (a media type), or in the format ``also`` when given (the
+        caller tells which from :func:`media_type`); every failure is a ProviderError."""
         try:
             async with self._send(method, path, payload) as response:
                 status = response.status_code
@@ -202,7 +210,7 @@ class HttpProvider:
                 if status >= 300:
                     raise self.redirect_error(response)
                 media = media_type(response)
-                if not is_format(media, expect):
+                if not is_format(media, expect) and not (also and is_format(media, also)):
                     raise ProviderError(f"{self.where} answered {media}, not {expect}")
                 yield response
         except LineTooLong:  # from the lines of the answer, read in the caller's block
@@ -309,7 +317,12 @@ class HttpProvider:
         self, method: str, path: str, payload: Any, model: str | None, type_: type[T]
     ) -> T:
         async with self.request(method, path, payload, model) as response:
-            body = await self._read_reply(response)
+            return await self.read_json(response, type_)
+
+    async def read_json(self, response: httpx.Response, type_: type[T]) -> T:
+        """An answer's whole body as one JSON document of ``type_``, read up to
+        :attr:`max_reply` bytes."""
+        body = await self._read_reply(response)
         try:
             return msgspec.json.decode(body, type=type_)
         except msgspec.DecodeError as exc:

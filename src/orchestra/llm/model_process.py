@@ -29,6 +29,10 @@ restart. While it is down, calls fail at once.
 The process ends with the service: ``stop()`` closes its stdin (it exits on end-of-file) and
 kills it if it lingers; if the service is killed, the end-of-file and Linux's parent-death
 signal end it. Every exit is reaped here, so no zombie remains.
+
+Crashes, by phase, and restarts after them are counted (:mod:`orchestra.metrics`:
+``orchestra_model_process_crashes_total``, ``orchestra_model_process_restarts_total``) as
+``info()`` counts them; an end on purpose (stop, hung, unreadable frames) is neither.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestra import logs
+from orchestra import logs, metrics
 from orchestra.errors import ProviderError, ProviderUnreachable
 from orchestra.llm import model_wire as wire
 from orchestra.llm.base import Crash, Phase, ProcessInfo, ProcessState
@@ -186,6 +190,7 @@ class ModelProcess:
         self._restarts = 0
         self._restart_due: float | None = None
         self.loaded: wire.Loaded | None = None
+        metrics.model_process_known(name, (phase.value for phase in Phase))
 
     # -- what callers see ---------------------------------------------------------------------
 
@@ -502,6 +507,7 @@ class ModelProcess:
 
     def _crash(self, child: _Child, returncode: int, phase: Phase) -> Crash:
         crash = describe(returncode, phase, child.stderr[-1] if child.stderr else None)
+        metrics.model_process_crashed(self.name, phase.value)
         log.error(
             "model_process.crashed",
             provider=self.name,
@@ -536,6 +542,7 @@ class ModelProcess:
         if self._state is not State.RESTARTING:
             return
         self._restarts += 1
+        metrics.model_process_restarted(self.name)
         self._set(State.STARTING, "restarting after a crash: loading the model")
         self._starting = asyncio.create_task(self._start(probe=False), name=self.name)
         with contextlib.suppress(ProviderUnreachable):

@@ -7,12 +7,16 @@ piece, true on the last, which holds the statistics) and a ``message``. A reply 
 is something else (/api/generate's ``response``, a proxy's JSON) and fails as malformed rather
 than passing for an empty answer; counts and durations that are no non-negative integers are
 recorded as unknown.
+
+A gateway may ignore ``stream: true`` and answer one whole reply: on one line, it is a stream
+of one line; indented over several, it is read whole. Either way it is read as a reply not
+streamed is, and its text handed on in one piece.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -121,16 +125,20 @@ class OllamaProvider(HttpProvider):
             payload["keep_alive"] = self.keep_alive
         if on_text is None:
             reply = await self.call_json("POST", "/api/chat", payload, request.model, _ChatReply)
-            if reply.error:
-                raise ProviderUnavailable(f"{self.where} failed: {redact_text(reply.error)}")
-            if reply.message is None:
-                raise self.malformed('a reply without "message"')
-            if reply.done is None:
-                raise self.malformed('a reply without "done"')
-            if not reply.done:  # a reply not streamed is the whole answer
-                raise self.malformed('a reply not streamed, with "done": false')
-            return self._result(reply, reply.message.content, request.model)
+            return self._whole(reply, request.model)
         return await self.within_timeout(self._stream(payload, request.model, on_text))
+
+    def _whole(self, reply: _ChatReply, model: str) -> ChatResult:
+        """The answer of a reply not streamed."""
+        if reply.error:
+            raise ProviderUnavailable(f"{self.where} failed: {redact_text(reply.error)}")
+        if reply.message is None:
+            raise self.malformed('a reply without "message"')
+        if reply.done is None:
+            raise self.malformed('a reply without "done"')
+        if not reply.done:  # a reply not streamed is the whole answer
+            raise self.malformed('a reply not streamed, with "done": false')
+        return self._result(reply, reply.message.content, model)
 
     async def _stream(
         self, payload: dict[str, Any], model: str, on_text: Callable[[str], None]
@@ -138,12 +146,20 @@ class OllamaProvider(HttpProvider):
         parts: list[str] = []
         result: ChatResult | None = None
         carried = False  # a line carried a message (its text may be empty)
+        first = True
         async with self.request("POST", "/api/chat", payload, model, NDJSON) as response:
             # Read to the end even after the "done" line, so the connection goes back to the
             # pool (leaving a body unread closes it, and the next call pays a new connect).
-            async for line in self.lines(response):
+            lines = self.lines(response)
+            async for line in lines:
                 if not line.strip() or result is not None:
                     continue
+                if first and not _json(line):  # one reply over several lines: read it whole
+                    result = self._whole(await self._document(line, lines), model)
+                    if result.text:
+                        on_text(result.text)
+                    continue
+                first = False
                 chunk = self.decode_chunk(line, _ChatReply)
                 if chunk.error:
                     raise ProviderUnavailable(
@@ -164,6 +180,20 @@ class OllamaProvider(HttpProvider):
         if result is None:
             raise ProviderUnavailable(f"{self.where} ended its answer before it was done")
         return result
+
+    async def _document(self, first: str, rest: AsyncIterator[str]) -> _ChatReply:
+        """One JSON reply of several lines: ``first``, then the ``rest`` of the answer's
+        lines; up to :attr:`max_reply` characters."""
+        lines, size = [first], len(first)
+        async for line in rest:
+            size += len(line) + 1
+            if size > self.max_reply:
+                raise self.too_long("an answer")
+            lines.append(line)
+        try:
+            return msgspec.json.decode("\n".join(lines), type=_ChatReply)
+        except msgspec.DecodeError as exc:
+            raise ProviderError(f"{self.where} sent an unreadable reply: {exc}") from exc
 
     def _result(self, reply: _ChatReply, text: str, model: str) -> ChatResult:
         return ChatResult(
@@ -234,6 +264,15 @@ class OllamaProvider(HttpProvider):
 
 #: Seconds before a model missing from the last listing has the list read again.
 DIGEST_REFRESH = 30.0
+
+
+def _json(line: str) -> bool:
+    """Whether ``line`` is a JSON document by itself."""
+    try:
+        msgspec.json.decode(line)
+    except msgspec.DecodeError:
+        return False
+    return True
 
 
 def _listing(body: Any) -> dict[str, str]:

@@ -11,6 +11,10 @@ a server may send chunks without it: the role alone first, the usage alone last)
 finished (``finish_reason``): an empty text is an answer then. One that does neither fails as
 malformed rather than passing for an empty answer. Token counts that are no non-negative
 integers are recorded as unknown.
+
+A gateway may ignore ``stream: true`` and answer one whole chat completion
+(``application/json``): it is read as an answer not streamed is, and its text handed on in one
+piece.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import msgspec
 from orchestra.domain import Usage
 from orchestra.errors import ProviderError, ProviderUnavailable
 from orchestra.llm.base import ChatRequest, ChatResult, EmbedResult, Health
-from orchestra.llm.http import SSE, HttpProvider, token_count
+from orchestra.llm.http import JSON, SSE, HttpProvider, is_format, media_type, token_count
 from orchestra.redact import redact_text
 
 _RENAMED = {"num_predict": "max_tokens"}
@@ -173,19 +177,7 @@ class OpenAIProvider(HttpProvider):
             reply = await self.call_json(
                 "POST", "/chat/completions", payload, request.model, _Completion
             )
-            self._check(reply)
-            choice = reply.choices[0] if reply.choices else None
-            if choice is None or choice.message is None:
-                raise ProviderError(f"{self.where} answered without a choice")
-            text = choice.message.content
-            if text is None and choice.finish_reason is None:
-                raise self.malformed('a choice without "message.content" or "finish_reason"')
-            return ChatResult(
-                text=text or "",
-                model=reply.model or request.model,
-                provider=self.name,
-                usage=_usage(reply.usage, choice.finish_reason, started),
-            )
+            return self._whole(reply, request.model, started)
         # Ask for the token counts in a last chunk (servers that do not know the option
         # ignore it, and then the counts stay unknown).
         payload["stream_options"] = {"include_usage": True}
@@ -202,7 +194,13 @@ class OpenAIProvider(HttpProvider):
         answered, finish, usage = model, None, None
         result: ChatResult | None = None
         carried = False  # a chunk carried the text's field (delta.content, maybe "")
-        async with self.request("POST", "/chat/completions", payload, model, SSE) as response:
+        opened = self.request("POST", "/chat/completions", payload, model, SSE, also=JSON)
+        async with opened as response:
+            if not is_format(media_type(response), SSE):  # a gateway that ignored ``stream``
+                whole = self._whole(await self.read_json(response, _Completion), model, started)
+                if whole.text:
+                    on_text(whole.text)
+                return whole
             # Read to the end even after [DONE], so the connection goes back to the pool.
             async for line in self.lines(response):
                 if not line.startswith("data:") or result is not None:
@@ -235,6 +233,22 @@ class OpenAIProvider(HttpProvider):
         if result is None:
             raise ProviderUnavailable(f"{self.where} ended its answer before [DONE]")
         return result
+
+    def _whole(self, reply: _Completion, model: str, started: float) -> ChatResult:
+        """The answer of a whole (not streamed) chat completion."""
+        self._check(reply)
+        choice = reply.choices[0] if reply.choices else None
+        if choice is None or choice.message is None:
+            raise ProviderError(f"{self.where} answered without a choice")
+        text = choice.message.content
+        if text is None and choice.finish_reason is None:
+            raise self.malformed('a choice without "message.content" or "finish_reason"')
+        return ChatResult(
+            text=text or "",
+            model=reply.model or model,
+            provider=self.name,
+            usage=_usage(reply.usage, choice.finish_reason, started),
+        )
 
     def _check(self, reply: _Completion, mid_stream: bool = False) -> None:
         if reply.error is None:

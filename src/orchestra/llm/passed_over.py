@@ -2,11 +2,14 @@
 
 The runner opens a note for each step (:func:`noting`); the router adds to it whenever a call
 is answered by an entry other than the chain's first (:func:`note`): the entries before it,
-each with why it did not answer (the call's own failure, or what made it unavailable). The
-note is a context variable, so the concurrent calls of a ``map`` step add to their step's.
+each with why it did not answer (the call's own failure, or what made it unavailable); and
+when every entry of a chain failed, each of them with its failure. The note is a context
+variable, so the concurrent calls of a ``map`` step add to their step's.
 
 Likewise the entry that answered each call (:func:`answering`, :func:`answered`): the cache of
-model answers keeps an answer only under the key of the entry that gave it.
+model answers keeps an answer only under the key of the entry that gave it. And the entry a
+step asked last, answered or not (:func:`asking`, :func:`asked`): a failed step is timed under
+it (:func:`orchestra.metrics.step_finished`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ T = TypeVar("T")
 
 _noted: ContextVar[list[Fallback] | None] = ContextVar("orchestra_passed_over", default=None)
 _answered: ContextVar[list[str] | None] = ContextVar("orchestra_answered_by", default=None)
+_asked: ContextVar[list[str] | None] = ContextVar("orchestra_asked_last", default=None)
 
 
 @contextmanager
@@ -65,3 +69,16 @@ def answered(route: str) -> None:
     routes = _answered.get()
     if routes is not None:
         routes.append(route)
+
+
+def asking() -> AbstractContextManager[list[str]]:
+    """Keep, while inside, the last entry (``provider/model``) a model call made here asked:
+    the list holds it alone, or nothing when none was asked."""
+    return _collecting(_asked)
+
+
+def asked(route: str) -> None:
+    """The entry ``route`` is being asked (none open: nothing to do)."""
+    routes = _asked.get()
+    if routes is not None:
+        routes[:] = [route]

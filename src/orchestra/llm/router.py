@@ -21,6 +21,13 @@ run. A call that fails after some of its text was streamed does not move on (the
 text would run on into another model's answer): its attempt fails, and a retry (when the
 failure is retryable) asks the next available entry first.
 
+A step records the entries its calls passed over, each with why
+(:mod:`orchestra.llm.passed_over`): those before the entry that answered; when every entry of a
+chain failed, each of them with its error; when a call failed after its text began, those that
+failed before it. Each entry a call moves past to the next is counted
+(``orchestra_model_fallbacks_total``), by its error's code, or ``skipped`` when it was known
+unavailable and not asked.
+
 When no server of a chain answers at all, but one of them answered before (Ollama
 restarting, a model server being upgraded), the call waits for it to come back, trying again
 with a growing pause, for up to ``[fallback] outage_wait`` seconds, before it fails: the task
@@ -142,6 +149,13 @@ class Router:
         #: Where a plain model name ("llama3.2") goes: the first enabled server.
         self._bare: Provider | None = everything[0] if everything else None
         metrics.providers_known(self.providers)
+        metrics.chains_known(
+            {
+                name: {route.provider.name for route in chain}
+                for name in self.chains()
+                if len(chain := self._entries(name)) > 1
+            }
+        )
 
     # -- which provider ---------------------------------------------------------------------
 
@@ -176,6 +190,14 @@ class Router:
                 + (f" (its chain: {', '.join(chain)})" if chain else "")
             )
         return out
+
+    def _entries(self, model: str) -> list[Route]:
+        """The entries of ``model``'s chain that can be asked; none when no enabled provider
+        serves it."""
+        try:
+            return self._chain(model)
+        except ModelNotFound:
+            return []
 
     def available(self, route: Route) -> bool:
         """Whether ``route`` is expected to answer."""
@@ -218,6 +240,18 @@ class Router:
             for route in chain[: chain.index(answered)]
         ]
 
+    @staticmethod
+    def _note_failed(chain: list[Route], failures: list[tuple[Route, ProviderError]]) -> None:
+        """Note the entries of ``chain`` whose calls failed, in its order, each with its
+        error, for a call that fails: what its step passed over (nothing for a model of one
+        entry, whose error says it all)."""
+        if len(chain) < 2 or not failures:
+            return
+        failed = {route: error.message for route, error in failures}
+        passed_over.note(
+            Fallback(route=str(route), reason=failed[route]) for route in chain if route in failed
+        )
+
     def _mark(self, route: Route, error: ProviderError) -> None:
         """Remember that ``route`` failed: the model missing, the provider not answering at
         all, or the provider failing for this model (which leaves its other models be)."""
@@ -259,9 +293,10 @@ class Router:
             failures: list[tuple[Route, ProviderError]] = []
             chain = self._chain(model)
             ordered, unavailable = self._ordered(chain)
-            for route in ordered:
+            for position, route in enumerate(ordered, 1):
                 gate = self._gates.get(route.provider.name)
                 started = time.monotonic()
+                passed_over.asked(str(route))
                 try:
                     if gate is None:
                         result = await _measured(route, call)
@@ -272,22 +307,31 @@ class Router:
                     if isinstance(exc, (ProviderUnavailable, ModelNotFound)):
                         self._mark(route, exc)  # away, failing or without the model
                     if streamed():
+                        self._note_failed(chain, failures)
                         raise
                     failures.append((route, exc))
+                    if position < len(ordered):
+                        metrics.fell_back(model, route.provider.name, exc.code)
                     continue
                 self._answers(route, started)
                 passed_over.answered(str(route))
                 if route != chain[0]:
                     passed_over.note(self._passed_over(chain, route, unavailable, failures))
+                    asked = {r for r, _ in failures}
+                    for skipped in chain[: chain.index(route)]:
+                        if skipped not in asked:  # known unavailable: tried last, not reached
+                            metrics.fell_back(model, skipped.provider.name, "skipped")
                 return result
             error = _combined(model, failures)
             if not self._outage(failures):
+                self._note_failed(chain, failures)
                 raise error
             now, wait = loop.time(), self.settings.fallback.outage_wait
             if deadline is None:
                 deadline = now + wait
                 log.warning("provider.waiting", model=model, seconds=wait, error=error)
             if now >= deadline:
+                self._note_failed(chain, failures)
                 raise ProviderUnavailable(f"{error.message} (waited {wait:g}s for it to answer)")
             self.waiting += 1
             try:
