@@ -1,10 +1,13 @@
 """``orchestra batch run TEMPLATE data.csv -o results.jsonl``: upload a dataset as a batch,
 show its progress, and write its results in row order.
 
-Interrupted, the same command resumes: the upload carries an idempotency key made from the
-file's content and the options, so sending it again reaches the same batch (rows it has are
-not queued twice), and a sidecar file next to the output (``results.jsonl.batch``) remembers
-the batch, so a batch already loaded is only followed, not uploaded again.
+Interrupted, the same command resumes: a sidecar file next to the output
+(``results.jsonl.batch``), written before the upload starts, keeps the run's idempotency key
+(the file's digest, the options, and a random part) and, once known, its batch. Run again
+with the same file and options, the command sends the same key, so it reaches the same batch
+(rows it has are not queued twice), and a batch already loaded is only followed. The sidecar
+goes once the results are written: the next run is a new batch (the template may have
+changed since), never the old batch's results again.
 
 Its HTTP calls are :mod:`orchestra.client`'s (one HTTP layer for the CLI and Python code).
 """
@@ -13,13 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import time
 from pathlib import Path
 from typing import Any
 
 import click
 
-from orchestra.cli_common import client_for, config_option, url_option
+from orchestra.cli_common import CliError, client_for, config_option, url_option
+from orchestra.client.batch_calls import SUFFIXES as _SUFFIXES
 
 #: Bytes per read of the file when hashing it.
 _CHUNK = 1 << 20
@@ -28,18 +33,52 @@ _POLL = 1.0
 
 
 def _format_of(path: Path, given: str | None) -> str:
+    """DATA's format: ``--format``, else from its suffix (.csv; .jsonl, .ndjson).
+
+    Raises:
+        click.UsageError: the suffix says nothing the server reads (a .tsv's tabs, a .txt).
+    """
     if given:
         return given
-    return "csv" if path.suffix.lower() in (".csv", ".tsv") else "jsonl"
+    suffix = path.suffix.lower()
+    if suffix in _SUFFIXES:
+        return _SUFFIXES[suffix]
+    if suffix == ".tsv":
+        raise click.UsageError(
+            f"{path}: tab-separated files are not read: convert it to CSV (comma-separated) "
+            "or JSON lines, then give --format if its name does not say which"
+        )
+    raise click.UsageError(
+        f"{path}: cannot tell its format from the name {path.name!r}: give --format csv "
+        "(a header, then a record per row) or --format jsonl (an object a line)"
+    )
 
 
-def _key(data: Path, query: dict[str, Any]) -> str:
-    """The idempotency key: the file's content and the options (the same run, the same key)."""
+def _digest(data: Path, query: dict[str, Any]) -> str:
+    """The file's content and the options: what a resumed run must share with the first."""
     digest = hashlib.sha256(json.dumps(query, sort_keys=True).encode())
     with data.open("rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
-    return f"cli-{digest.hexdigest()[:40]}"
+    return digest.hexdigest()[:40]
+
+
+def _remembered(sidecar: Path, digest: str) -> dict[str, Any]:
+    """The run the sidecar remembers, when it was of this file with these options (else
+    nothing: a new run)."""
+    try:
+        kept = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(kept, dict) or kept.get("digest") != digest or not kept.get("key"):
+        return {}
+    return kept
+
+
+def _refusal(problem: Any) -> str:
+    """A refused row as one line: where it is, and each field with why."""
+    why = "; ".join(f"{f.field}: {f.message}" for f in problem.fields) or problem.message
+    return f"row {problem.row} (line {problem.line}) refused: {why}"
 
 
 @click.group()
@@ -61,7 +100,12 @@ def batch() -> None:
 @click.option("--priority", type=int, default=0, show_default=True)
 @click.option("--atomic", is_flag=True, help="Refuse the whole batch on one bad row.")
 @click.option("--max-attempts", type=int, help="Attempts per row.")
-@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), help="DATA's format.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "jsonl"]),
+    help="DATA's format (default: from its suffix, .csv, .jsonl or .ndjson).",
+)
 @url_option
 @config_option
 def run(
@@ -77,7 +121,9 @@ def run(
     config_path: str | None,
 ) -> None:
     """Upload DATA (CSV with a header, or JSON lines) as a batch of TEMPLATE, show its
-    progress, and write its results to --output in row order. Run again to resume."""
+    progress, and write its results to --output in row order. Interrupted, run it again to
+    resume; once done, running it again makes a new batch. Exits 1 when a row did not
+    succeed (failed, cancelled or refused), with every row's outcome in --output."""
     from rich.progress import (
         BarColumn,
         Progress,
@@ -93,8 +139,11 @@ def run(
     if max_attempts:
         query["max_attempts"] = max_attempts
     sidecar = output.with_name(output.name + ".batch")
-    key = _key(data, query)
-    remembered = json.loads(sidecar.read_text()) if sidecar.exists() else {}
+    digest = _digest(data, query)
+    remembered = _remembered(sidecar, digest)
+    key = remembered.get("key") or f"cli-{digest[:24]}-{secrets.token_hex(8)}"
+    if not remembered:  # before the upload: an interrupted one resumes with this key
+        sidecar.write_text(json.dumps({"digest": digest, "key": key}))
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -103,7 +152,9 @@ def run(
     )
     options = {k: v for k, v in query.items() if k not in ("template", "format")}
     with client_for(url, config_path) as client, Progress(*columns) as bar:
-        batch_id = remembered.get("batch_id") if remembered.get("key") == key else None
+        batch_id = remembered.get("batch_id")
+        if batch_id is not None:
+            bar.console.print(f"resuming batch {batch_id} (from {sidecar})", soft_wrap=True)
         loaded = batch_id is not None and client.get_batch(batch_id).batch.status == "loaded"
         if not loaded:
             sending = bar.add_task("upload", total=data.stat().st_size)
@@ -116,11 +167,13 @@ def run(
                 **options,
             )
             batch_id = answer.batch.id
-            sidecar.write_text(json.dumps({"batch_id": batch_id, "key": key}))
+            sidecar.write_text(json.dumps({"digest": digest, "key": key, "batch_id": batch_id}))
             for p in answer.problems:
-                bar.console.print(f"row {p.row} (line {p.line}) refused: {p.message}")
+                bar.console.print(_refusal(p), soft_wrap=True)
             if answer.refused > len(answer.problems):
-                bar.console.print(f"{answer.refused} rows refused in all (see the results)")
+                bar.console.print(
+                    f"{answer.refused} rows refused in all (see the results)", soft_wrap=True
+                )
         assert batch_id is not None
         running = bar.add_task(f"batch {batch_id}", total=None)
         while True:
@@ -135,3 +188,6 @@ def run(
     sidecar.unlink(missing_ok=True)
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()) if n)
     click.echo(f"batch {batch_id}: {summary}; results in {output}")
+    missed = sum(counts.get(s, 0) for s in ("failed", "cancelled", "invalid", "deleted"))
+    if missed:
+        raise CliError(f"{missed} of {state.batch.rows} rows did not succeed: see {output}")

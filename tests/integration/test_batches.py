@@ -558,29 +558,74 @@ async def run_cli(*args: str) -> tuple[int, str]:
     return proc.returncode or 0, output.decode()
 
 
-async def test_the_cli_runs_a_file_and_a_second_run_reuses_its_batch(
-    svc: Service, tmp_path: Path, db_url: str
+async def test_the_cli_runs_a_file_and_a_second_run_is_a_new_batch(
+    svc: Service, tmp_path: Path, db_url: str, fake_ollama: FakeOllama
 ) -> None:
     data = tmp_path / "data.csv"
     data.write_text("text,n\n" + "".join(f"line {i},{i}\n" for i in range(1, 41)) + "bad,-1\n")
     out = tmp_path / "results.jsonl"
     code, output = await run_cli("rowjob", str(data), "-o", str(out), "--url", svc.url)
-    assert code == 0, output
-    assert "row 41 (line 42) refused" in output
+    assert code == 1, output  # a row was refused: said, and the exit status says so
+    assert "row 41 (line 42) refused: params.n:" in output, output
+    assert "1 of 41 rows did not succeed" in output
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["row"] for r in lines] == list(range(1, 42))
     assert lines[0]["result"] == {"echo": "line 1", "n": 1} and lines[-1]["status"] == "invalid"
     assert not (tmp_path / "results.jsonl.batch").exists()
-    # Again: the same file and options reach the same batch; nothing is queued twice.
+    # Again, once done: a new batch (the template may have changed), not the old results.
+    fake_ollama.reply = lambda request: json.dumps({"echo": "second", "n": 0})
     code, output = await run_cli(
         "rowjob", str(data), "-o", str(tmp_path / "r.csv"), "--url", svc.url
     )
-    assert code == 0, output
+    assert code == 1, output
     assert sql_rows(db_url, "SELECT count(*), count(DISTINCT batch_id) FROM batch_rows") == [
-        (41, 1)
+        (82, 2)
     ]
     table = list(csv.DictReader((tmp_path / "r.csv").open()))
-    assert table[1]["result.echo"] == "line 2"
+    assert table[1]["result.echo"] == "second"
+
+
+async def test_an_interrupted_cli_run_resumes_its_batch(
+    svc: Service, tmp_path: Path, db_url: str, fake_ollama: FakeOllama
+) -> None:
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row {i}", "n": i}) + "\n" for i in range(20)))
+    out = tmp_path / "out.jsonl"
+    sidecar = tmp_path / "out.jsonl.batch"
+    fake_ollama.close_gate("llama3.2")  # the rows wait: the run is stopped while it follows
+    args = ["rowjob", str(data), "-o", str(out), "--url", svc.url]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "orchestra", "batch", "run", *args,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        await wait_until(lambda: "batch_id" in (sidecar.read_text() if sidecar.exists() else ""))
+    finally:
+        proc.kill()
+        await proc.wait()
+    fake_ollama.open_gate("llama3.2")
+    code, output = await run_cli(*args)
+    assert code == 0, output
+    [(batch_id,)] = sql_rows(db_url, "SELECT max(batch_id) FROM batch_rows")
+    assert f"resuming batch {batch_id}" in output, output
+    assert sql_rows(db_url, "SELECT count(*), count(DISTINCT batch_id) FROM batch_rows") == [
+        (20, 1)
+    ]
+    assert len(out.read_text().splitlines()) == 20 and not sidecar.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [("data.tsv", "tab-separated files are not read"), ("data.txt", "give --format csv")],
+)
+async def test_the_cli_asks_for_the_format_it_cannot_tell(
+    tmp_path: Path, name: str, said: str
+) -> None:
+    data = tmp_path / name
+    data.write_text("text\tn\nhello\t2\n")
+    code, output = await run_cli("rowjob", str(data), "-o", str(tmp_path / "o.jsonl"))
+    assert code == 2 and said in output, output
+    assert not (tmp_path / "o.jsonl.batch").exists()
 
 
 async def test_csv_results_keep_a_spreadsheet_from_reading_text_as_a_formula(

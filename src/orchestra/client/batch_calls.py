@@ -14,7 +14,8 @@ from orchestra.wire.batches import ActionOut, BatchList, ProgressOut, UploadOut
 
 #: Bytes read from a dataset file at a time.
 CHUNK = 64 * 1024
-_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+#: The formats a file's suffix names.
+SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 
 def create_batch(
@@ -35,7 +36,7 @@ def create_batch(
     content: bytes | None = None
     replayable = True
     if isinstance(rows, Path):
-        data_format = data_format or _SUFFIXES.get(rows.suffix.lower())
+        data_format = data_format or SUFFIXES.get(rows.suffix.lower())
         if data_format is None:
             raise ValueError(
                 f"{rows}: the format of a file named {rows.suffix or 'without a suffix'!r} is "
