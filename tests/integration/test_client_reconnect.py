@@ -1,6 +1,7 @@
 """An event stream followed while the service restarts: the client opens it again after the
 last event it saw, so its follower sees every event once, to the task's finish (docs/events.md
-promises the resume; the client used to die with "incomplete chunked read")."""
+promises the resume; the client used to die with "incomplete chunked read"). A ``wait`` polls
+again through the restart as well (it died with ConnectionFailed)."""
 
 from __future__ import annotations
 
@@ -101,6 +102,17 @@ async def test_followers_of_a_task_see_every_event_once_across_a_restart_of_the_
         following = asyncio.ensure_future(follow_task())
         feeding = asyncio.ensure_future(asyncio.to_thread(follow_feed))
 
+        # And two waiters, long-polling when the service stops under them.
+        async def wait_async() -> str:
+            async with AsyncClient(url) as client:
+                return (await client.wait(task_id)).status
+
+        def wait_sync() -> str:
+            with Client(url) as client:
+                return client.wait(task_id).status
+
+        waiting = asyncio.ensure_future(asyncio.gather(wait_async(), asyncio.to_thread(wait_sync)))
+
         def started(types: list[str]) -> bool:
             return "step.started" in types
 
@@ -118,6 +130,7 @@ async def test_followers_of_a_task_see_every_event_once_across_a_restart_of_the_
         second = await start_process(config)  # the same port and database
 
         await asyncio.wait_for(asyncio.gather(following, feeding, printing), timeout=90)
+        waited = await asyncio.wait_for(waiting, timeout=90)
         outs = [await _finished(proc) for proc in cli]
     finally:
         for proc in (first, second, *cli):
@@ -126,6 +139,7 @@ async def test_followers_of_a_task_see_every_event_once_across_a_restart_of_the_
                 await proc.wait()
 
     (submit_code, submit_out, submit_err), (events_code, _, events_err) = outs
+    assert waited == ["succeeded", "succeeded"]  # a wait outlasts the restart, as a stream
     assert submit_code == 0, submit_err
     assert "ECHO:" in submit_out and "Across a restart." in submit_out
     assert events_code == 0, events_err
@@ -288,3 +302,20 @@ async def test_a_stream_a_stopping_service_ended_without_an_event_is_resumed(kin
     assert seen == [1, 2, 3]
     events = "/api/v1/tasks/1/events"
     assert asked == [events, f"{events}?after=2", f"{events}?after=2"]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_wait_for_a_service_that_is_not_there_fails_at_once(kind: str) -> None:
+    """Only a poll cut off, or one after an answer, is tried again: a wait whose first poll
+    cannot connect (a wrong URL) fails without waiting out the reconnect window."""
+    url = f"http://127.0.0.1:{free_port()}"
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(ConnectionFailed):
+        if kind == "async":
+            async with AsyncClient(url) as aclient:
+                await aclient.wait(1)
+        else:
+            with Client(url) as client:
+                await asyncio.to_thread(client.wait, 1)
+    assert loop.time() - started < 10  # the window is 60 s

@@ -24,7 +24,7 @@ import httpx
 from orchestra.client import batch_calls, core
 from orchestra.client.core import Call, Registered, RetryPolicy
 from orchestra.client.errors import ClientClosed, ClientError, ConnectionFailed
-from orchestra.client.follow import TASK_FINISHED, Follow, ReconnectPolicy
+from orchestra.client.follow import TASK_FINISHED, Follow, Poll, ReconnectPolicy
 from orchestra.domain import TaskStatus
 from orchestra.lines import aiter_lines
 from orchestra.schedules import ScheduleChanges, ScheduleSpec
@@ -168,11 +168,18 @@ class AsyncClient:
 
     async def wait(self, task_id: int, timeout: float | None = None) -> TaskOut:
         """The task once it is finished (long polls of at most a minute each), or as it is
-        after ``timeout`` seconds (None: wait as long as it takes)."""
+        after ``timeout`` seconds (None: wait as long as it takes). A restart of the service
+        meanwhile is waited out, as an event stream's is (``reconnect``'s window)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        poll = Poll(self.url, self.reconnect_policy)
         while True:
             left = core.MAX_WAIT if deadline is None else deadline - time.monotonic()
-            task = await self._send(core.get_task(task_id, wait=left))
+            try:
+                task = await self._send(core.get_task(task_id, wait=left))
+            except ClientError as exc:  # the service restarting: polled again, as a stream
+                await self._sleep(poll.retry_in(exc))
+                continue
+            poll.answered()
             if core.finished(task) or left <= 0:
                 return task
 

@@ -27,6 +27,7 @@ import random
 import time
 from collections.abc import Callable
 
+import httpx
 import msgspec
 
 from orchestra.client.core import Call, SseMessage
@@ -77,8 +78,10 @@ class Follow:
         end: str | None,
         clock: Callable[[], float] = time.monotonic,
         jitter: Callable[[], float] = random.random,
+        what: str = "the event stream dropped",
     ) -> None:
         self.url = url
+        self._what = what
         self.position = after
         self.policy = policy
         self._open_at = open_at
@@ -149,13 +152,65 @@ class Follow:
             reason = failure.reason if isinstance(failure, ConnectionFailed) else failure.message
             raise ConnectionFailed(
                 self.url,
-                f"the event stream dropped and could not be resumed within "
+                f"{self._what} and could not be resumed within "
                 f"{self.policy.window:g} s (last: {reason})",
             ) from failure
         wait = min(self.policy.max_wait, self.policy.backoff * 2.0**self._tries)
         self._tries += 1
         # Half to all of the wait, and a last try at the window's end.
         return min(wait * (0.5 + self._jitter() / 2), left)
+
+
+class Poll:
+    """A long poll (``wait``) kept through a restart of the service, as a stream is: a poll
+    cut off (the service stopping under it), a 502, 503 or 504, or after an answer any failed
+    connection, is tried again for up to the policy's window, then given up with
+    ConnectionFailed. Only a first poll that could not connect at all fails at once (a wrong
+    URL, a service that is not there)."""
+
+    def __init__(
+        self,
+        url: str,
+        policy: ReconnectPolicy,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self._follow = Follow(
+            url,
+            _never_opened,
+            None,
+            policy,
+            end=None,
+            clock=clock,
+            jitter=jitter,
+            what="the wait for the task was cut off",
+        )
+
+        self._reached = False
+
+    def answered(self) -> None:
+        """A poll was answered: the service is up."""
+        self._reached = True
+        self._follow.opened()
+        self._follow.heard()
+
+    def retry_in(self, failure: ClientError) -> float:
+        """Seconds to wait before polling again after ``failure`` (see
+        :meth:`Follow.retry_in`: what it raises, it raises).
+
+        Raises:
+            ConnectionFailed: ``failure``, when the first poll could not connect.
+        """
+        if not self._reached and isinstance(failure.__cause__, httpx.ConnectError):
+            raise failure
+        self._reached = True
+        self._follow.opened()
+        return self._follow.retry_in(failure)
+
+
+def _never_opened(position: int | None) -> Call[None]:  # pragma: no cover - a Poll opens none
+    raise AssertionError("a poll opens no stream")
 
 
 def _transient(failure: ClientError) -> bool:
