@@ -76,11 +76,26 @@ async def _lines(chunks: AsyncIterator[bytes], max_line: int) -> AsyncIterator[s
     one line: a line over ``max_line`` bytes comes as an :class:`Overlong`, unread."""
     decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="strict")
     splitter = _Splitter(max_line)
+    read = 0  # bytes of the body before this chunk
+    newlines = 0
     async for chunk in chunks:
         try:
             text = decoder.decode(chunk)
         except UnicodeDecodeError as exc:
-            raise InvalidRequest("body: not UTF-8", [FieldProblem("body", str(exc))]) from None
+            # The lines before the bad byte's are rows like any other; then the error, with
+            # where the byte is in the body (``exc.object`` ends where the chunk ends).
+            before = exc.object[: exc.start].decode("utf-8")
+            for line in splitter.feed(before):
+                yield line
+            offset = read + len(chunk) - (len(exc.object) - exc.start)
+            where = f"line {newlines + before.count(chr(10)) + 1}"
+            raise InvalidRequest(
+                f"body: not UTF-8 at {where} (byte {offset:,} of the body: "
+                f"0x{exc.object[exc.start]:02x})",
+                [FieldProblem("body", f"not UTF-8 at {where}")],
+            ) from None
+        read += len(chunk)
+        newlines += text.count("\n")
         for line in splitter.feed(text):
             yield line
     for line in [*splitter.feed(decoder.decode(b"", final=True)), *splitter.end()]:

@@ -356,6 +356,32 @@ async def test_a_batch_whose_every_row_was_refused_is_finished(idle: Service) ->
     assert (progress["finished"], progress["progress"], progress["eta_seconds"]) == (0, 1.0, 0.0)
 
 
+async def test_a_byte_that_is_not_utf8_keeps_every_row_before_its_line_and_names_it(
+    idle: Service, db_url: str
+) -> None:
+    """The rows before the bad byte's line are kept, however the body is cut into chunks (the
+    lines of its chunk before it were dropped: 14,596 rows of 100,000), and the error names
+    its line and its byte in the body (it named a position in a chunk)."""
+    good = b"text\n" + b"".join(b"row %d\n" % i for i in range(1, 3001))
+    body = good + b"bad \xff row\n" + b"after\n"
+
+    async def chunked() -> AsyncIterator[bytes]:  # the bad byte in the middle of a chunk
+        yield good[:1000]
+        yield good[1000:] + body[len(good) :]
+
+    response = await idle.client.post(
+        "/api/v1/batches", params={"template": "rowjob", "format": "csv"}, content=chunked()
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()
+    offset = len(good) + 4
+    assert f"not UTF-8 at line 3002 (byte {offset:,} of the body: 0xff)" in error["message"]
+    assert error["fields"] == [{"field": "body", "message": f"not UTF-8 at line 3002"}]
+    (batch,) = (await idle.client.get("/api/v1/batches")).json()["items"]
+    assert batch["rows"] == 3000 and "keeps the 3000 rows read before" in error["message"]
+    assert sql_rows(db_url, "SELECT count(*) FROM tasks") == [(3000,)]
+
+
 async def test_an_upload_cut_short_by_an_error_leaves_no_batch_loading(
     idle: Service, db_url: str
 ) -> None:
