@@ -276,24 +276,39 @@ def _show_progress(client: Client, task_id: int) -> None:
 
 @main.group()
 def templates() -> None:
-    """Inspect templates on this machine."""
+    """Templates: a running server's (list, register, reload), or files (validate, list
+    --local)."""
 
 
 @templates.command("list")
+@click.option(
+    "--local",
+    is_flag=True,
+    help="The templates this machine's settings load (built-ins, then [templates] dirs), "
+    "without asking a server.",
+)
+@url_option
 @config_option
-def templates_list(config_path: str | None) -> None:
-    """List the templates the server would load (built-ins, then [templates] dirs)."""
-    settings = settings_of(config_path)
-    from orchestra.templating.registry import TemplateRegistry  # not for the other commands
+def templates_list(local: bool, url: str | None, config_path: str | None) -> None:
+    """List the templates a running server offers, registered ones included (NAME, VERSION,
+    ORIGIN: builtin, file or api, and the description's first line)."""
+    if local:
+        settings = settings_of(config_path)
+        from orchestra.templating.registry import TemplateRegistry  # not for the others
 
-    registry = TemplateRegistry(settings.templates.dirs, limits=settings.limits)
-    try:
-        registry.load()
-    except TemplateError as exc:
-        raise _template_failure(exc) from None
-    for t in registry.all():
-        summary = t.description.splitlines()[0] if t.description else ""
-        click.echo(f"{t.name:<20} v{t.version:<3} {summary}")
+        registry = TemplateRegistry(settings.templates.dirs, limits=settings.limits)
+        try:
+            registry.load()
+        except TemplateError as exc:
+            raise _template_failure(exc) from None
+        rows = [(t.name, t.version, t.origin, t.description) for t in registry.all()]
+    else:
+        with client_for(url, config_path) as client:
+            listed = client.list_templates()
+        rows = [(t.name, t.version, t.origin, t.description) for t in listed]
+    for name, version, origin, description in rows:
+        summary = description.splitlines()[0] if description else ""
+        click.echo(f"{name:<20} v{version:<3} {origin:<8} {summary}".rstrip())
 
 
 @templates.command("validate")

@@ -231,7 +231,7 @@ def test_the_embedded_model_answers_a_summarize_task(place: Place) -> None:
 def test_templates_validate_reads_a_file_and_knows_the_builtins(place: Place) -> None:
     (place.cwd / "shout.yaml").write_text(TEMPLATE)
     assert "ok (shout v1)" in place.run("templates", "validate", "shout.yaml").stdout
-    assert "summarize" in place.run("templates", "list").stdout
+    assert "summarize" in place.run("templates", "list", "--local").stdout
 
 
 def test_keys_made_by_the_binary_guard_the_service(place: Place) -> None:

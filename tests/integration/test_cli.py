@@ -103,12 +103,12 @@ async def test_templates_validate_holds_files_to_the_configured_limits(tmp_path:
         assert code == 1 and "100" in err, (args, err)
 
 
-async def test_templates_list_includes_user_folders(tmp_path: Path) -> None:
+async def test_templates_list_local_includes_user_folders(tmp_path: Path) -> None:
     (tmp_path / "mine.yaml").write_text(
         "name: mine\ndescription: Mine.\nsteps:\n  - id: a\n    prompt: hi\n"
     )
     code, out, _ = await run_cli(
-        "templates", "list", env={"ORCHESTRA_TEMPLATES__DIRS": f'["{tmp_path}"]'}
+        "templates", "list", "--local", env={"ORCHESTRA_TEMPLATES__DIRS": f'["{tmp_path}"]'}
     )
     assert code == 0
     assert "mine" in out and "summarize" in out
@@ -259,6 +259,13 @@ async def test_templates_register_and_reload(service: Service, tmp_path: Path) -
     assert code == 1 and f"{file}:4:13: steps[0].prompt: unknown parameter 'nope'" in err
     code, out, _ = await run_cli("templates", "reload", "--url", service.url)
     assert code == 0 and out.strip().endswith("templates")
+    # The server's list has what was registered (the local one reads only files).
+    code, out, _ = await run_cli("templates", "list", "--url", service.url)
+    greet = [line for line in out.splitlines() if line.startswith("greet ")]
+    assert code == 0 and greet and greet[0].split()[:3] == ["greet", "v1", "api"], out
+    assert "summarize" in out
+    code, out, _ = await run_cli("templates", "list", "--local")
+    assert code == 0 and "greet" not in out and "summarize" in out
 
 
 async def test_serve_refuses_a_name_clash_in_one_clean_line(
