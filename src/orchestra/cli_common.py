@@ -99,7 +99,17 @@ def given_path(config_path: str | None) -> str | None:
 
 
 def base_url(url: str | None, config_path: str | None) -> str:
+    """The server's URL: ``--url`` (or ``ORCHESTRA_URL``), else the settings' host and port.
+
+    Raises:
+        click.BadParameter: ``--url`` is not an http(s) URL.
+    """
     if url:
+        scheme, _, rest = url.partition("://")
+        if scheme.lower() not in ("http", "https") or not rest.strip("/"):
+            raise click.BadParameter(
+                f"{url!r} is not a URL such as http://127.0.0.1:8000", param_hint="'--url'"
+            )
         return url.rstrip("/")
     s = settings_of(config_path).server
     host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
@@ -129,12 +139,17 @@ def param_values(items: tuple[str, ...], schema: dict[str, Any]) -> dict[str, An
         name, sep, raw = item.partition("=")
         if not sep:
             raise click.BadParameter(f"{item!r}: write NAME=VALUE")
+        if name in values:
+            raise click.BadParameter(f"{name} is given twice: give each parameter once")
         values[name] = coerce(name, raw, schema)
     return values
 
 
 url_option = click.option(
-    "--url", envvar="ORCHESTRA_URL", help="Server URL (default: from the settings)."
+    "--url",
+    envvar="ORCHESTRA_URL",
+    help="Server URL, such as http://127.0.0.1:8000 (default: $ORCHESTRA_URL, else the "
+    "settings' [server] host and port).",
 )
 
 
@@ -159,11 +174,16 @@ _HTTP_ADVICE = ": send it as 'Authorization: Bearer <key>'"
 
 
 def failure(exc: ApiError) -> CliError:
-    """The API's message, then each bad field on a line of its own; its exit code by status
-    (401 and 403: how the CLI sends a key)."""
+    """The API's message, then each bad field on a line of its own (unless the message says
+    it already); its exit code by status (401 and 403: how the CLI sends a key)."""
+    message = exc.message.replace(_HTTP_ADVICE, "")
     lines = [
-        exc.message.replace(_HTTP_ADVICE, ""),
-        *(f"  {f.field}: {f.message}" for f in exc.fields),
+        message,
+        *(
+            f"  {f.field}: {f.message}"
+            for f in exc.fields
+            if f"{f.field}: {f.message}" not in message
+        ),
     ]
     if exc.status == 401:
         lines.append(key_advice(os.environ.get("ORCHESTRA_API_KEY")))

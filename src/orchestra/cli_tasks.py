@@ -25,7 +25,8 @@ def tasks() -> None:
 
 def _task_line(t: TaskSummaryOut) -> str:
     took = f"{t.duration_ms / 1000:.2f}s" if t.duration_ms is not None else "-"
-    line = f"{t.id:<6} {t.status:<9} {t.template} v{t.template_version:<4} {t.created_at}  {took}"
+    version = f"{t.template} v{t.template_version}"
+    line = f"{t.id:<6} {t.status:<9} {version:<24} {t.created_at}  {took:>7}"
     if t.next_run_at is not None and t.next_run_at > iso_now():
         line += f"  due {t.next_run_at}"  # delayed, or waiting for its retry
     if t.error is not None:

@@ -285,6 +285,8 @@ async def _tasks(api: Api) -> None:
     assert (error.status, error.code) == (422, "invalid_params")
     assert {f.field for f in error.fields} == {"params.text", "params.sentences"}
     assert error.field in ("params.text", "params.sentences")
+    # str() (what a log line holds) names each field and why, as the message alone did not.
+    assert "params.text: is required" in str(error) and "params.sentences:" in str(error)
 
 
 async def _webhooks_subscribe(api: Api, receiver: Receiver) -> int:
@@ -555,6 +557,7 @@ async def test_a_closed_client_says_so_in_the_error_tree() -> None:
     with pytest.raises(ClientClosed) as closed:
         client.health()
     assert isinstance(closed.value, ClientError) and "closed" in str(closed.value)
+    assert "``" not in str(closed.value)  # plain text, not the docstring's markup
     async with AsyncClient("http://127.0.0.1:9") as aclient:
         pass
     with pytest.raises(ClientClosed):

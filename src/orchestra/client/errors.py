@@ -41,7 +41,7 @@ class ClientError(OrchestraError):
 
 
 class ClientClosed(ClientError):
-    """The client was closed: make a new one (or use it in a ``with`` block)."""
+    """The client was closed: make a new one (or use it in a with block)."""
 
     code = "client_closed"
 
@@ -84,6 +84,16 @@ class ApiError(ClientError):
     def field(self) -> str | None:
         """The first bad field's name (``params.text``, ``cron``, ``url`` …), if any."""
         return self.fields[0].field if self.fields else None
+
+    def __str__(self) -> str:
+        """The message, and each bad field with why (when the message does not say it): what
+        a log line of ``str(exc)`` needs."""
+        told = [
+            f"{f.field}: {f.message}"
+            for f in self.fields
+            if f"{f.field}: {f.message}" not in self.message
+        ]
+        return "; ".join([self.message, *told])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(status={self.status}, code={self.code!r}, {self.message!r})"
