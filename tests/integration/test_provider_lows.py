@@ -289,3 +289,27 @@ async def test_a_whole_openai_answer_that_is_an_error_fails_the_streamed_call() 
         with pytest.raises(ProviderUnavailable) as failed:
             await call(provider, "stream")
     assert failed.value.message == f"{provider.where} failed: upstream timed out"
+
+
+async def test_an_embedded_model_that_cannot_run_fails_the_task_at_once(
+    settings: Settings, start_service: StartService, tmp_path: Path
+) -> None:
+    """A model file that does not exist (or llama-cpp-python not installed) is fixed by its
+    operator, not by a retry: the task fails on its first attempt, not retryable (it used
+    all three, each "retryable")."""
+    missing = with_provider(
+        settings, "local", kind="embedded", model_path=str(tmp_path / "missing.gguf"), timeout=5
+    )
+    missing = msgspec.structs.replace(
+        missing, models={**missing.models, "default": ["local/missing"]}
+    )
+    async with start_service(missing) as svc:
+        response = await svc.client.post(
+            "/api/v1/tasks",
+            json={"template": "summarize", "params": {"text": "a"}, "max_attempts": 3},
+        )
+        assert response.status_code == 201, response.text
+        task = await svc.wait(response.json()["id"], seconds=30)
+    assert task["status"] == "failed" and len(task["attempts"]) == 1, task["attempts"]
+    assert not task["error"].get("retryable")  # (said only when true)
+    assert "missing.gguf does not exist" in task["error"]["message"]

@@ -24,7 +24,7 @@ from typing import Any
 
 from orchestra import logs
 from orchestra.domain import Usage
-from orchestra.errors import ModelNotFound, ProviderUnavailable, ProviderUnreachable
+from orchestra.errors import ModelNotFound, ProviderError, ProviderUnavailable
 from orchestra.llm import model_wire as wire
 from orchestra.llm.base import ChatRequest, ChatResult, EmbedResult, Health, ProcessState
 from orchestra.llm.model_crashes import Backoff
@@ -138,8 +138,8 @@ class EmbeddedProvider:
         on_text: Callable[[str], None] | None = None,
     ) -> wire.Generated | wire.Embedded:
         why = self._unusable()
-        if why:
-            raise ProviderUnreachable(f"embedded provider {self.name!r}: {why}")
+        if why:  # an install or a setting to fix: a retry would fail the same way
+            raise ProviderError(f"embedded provider {self.name!r}: {why}")
         try:
             return await self.process.request(message, on_text)
         except TimeoutError:
