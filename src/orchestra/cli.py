@@ -301,7 +301,9 @@ def templates_list(local: bool, url: str | None, config_path: str | None) -> Non
             registry.load()
         except TemplateError as exc:
             raise _template_failure(exc) from None
-        rows = [(t.name, t.version, t.origin, t.description) for t in registry.all()]
+        rows: list[tuple[str, int, str, str]] = [
+            (t.name, t.version, t.origin, t.description) for t in registry.all()
+        ]
     else:
         with client_for(url, config_path) as client:
             listed = client.list_templates()
