@@ -20,8 +20,9 @@ there, and a scrape, whichever process it lands on, sums them for the whole host
 and histograms of a process that died keep counting towards the totals; its worker-slot
 gauges are dropped (:func:`process_exited`). One process needs none of this.
 
-Label values are bounded: no task ids; templates and models beyond :data:`MAX_LABEL_VALUES`
-distinct values in a process are reported as ``other`` (a task may name any model).
+Label values are bounded: no task ids; templates, models and schedules beyond
+:data:`MAX_LABEL_VALUES` distinct values in a process are reported as ``other`` (a task may
+name any model).
 """
 
 from __future__ import annotations
@@ -161,6 +162,13 @@ WEBHOOK_DELIVERIES = Counter(
     "Webhook delivery attempts, by result: delivered, failed (given up), retrying.",
     ["result"],
 )
+SCHEDULE_TICKS = Counter(
+    "orchestra_schedule_ticks",
+    "Schedule ticks, by schedule and outcome: submitted (a task queued), skipped (the previous "
+    "task unfinished), failed (no task could be made: the template or parameters no longer "
+    "fit), missed (the service was down; one for each stretch of ticks missed).",
+    ["schedule", "outcome"],
+)
 MODEL_CACHE = Counter(
     "orchestra_model_cache_requests",
     "Model calls the cache of model answers was asked for, by result: hit (answered from the "
@@ -207,6 +215,7 @@ class _Bounded:
 
 _template = _Bounded()
 _model = _Bounded()
+_schedule = _Bounded()
 
 _Labelled = TypeVar("_Labelled", Counter, Histogram)
 #: Each series' child per label values, found once: prometheus-client's ``labels()`` checks
@@ -350,6 +359,17 @@ def webhook_delivery(result: str) -> None:
     """One webhook delivery attempt ended: ``delivered``, ``failed`` (given up) or
     ``retrying`` (it will be sent again)."""
     _child(WEBHOOK_DELIVERIES, result if result in WEBHOOK_RESULTS else OTHER).inc()
+
+
+#: The outcomes a schedule's tick is counted under.
+TICK_OUTCOMES = ("submitted", "skipped", "failed", "missed")
+
+
+def schedule_ticked(schedule: str, outcome: str) -> None:
+    """A schedule's tick was recorded: ``submitted``, ``skipped``, ``failed`` or ``missed``
+    (in the process that fired it: another that found it fired already counts nothing)."""
+    if outcome in TICK_OUTCOMES:
+        _child(SCHEDULE_TICKS, _schedule(schedule), outcome).inc()
 
 
 def model_cache(hit: bool) -> None:

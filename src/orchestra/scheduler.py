@@ -266,6 +266,10 @@ async def fire_due(
     )
     if fired.outcome == "submitted" and task is not None:
         metrics.task_submitted(task.template)
+    if fired.outcome != "lost" and due.missed is not None:  # recorded as one missed tick
+        metrics.schedule_ticked(schedule.name, "missed")
+    if fired.outcome in ("submitted", "skipped", "failed"):
+        metrics.schedule_ticked(schedule.name, fired.outcome)
     if fired.outcome != "lost":
         log.info(
             "schedule.fired",

@@ -422,3 +422,24 @@ async def test_a_running_service_fires_an_every_second_schedule_into_finished_ta
     await wait_until(three_done, timeout=30, interval=0.2)
     rows = sql_rows(db_url, "SELECT fire_at, task_id FROM schedule_fires ORDER BY fire_at")
     assert len({r[1] for r in rows}) == len(rows)  # one task per tick
+
+
+async def test_each_recorded_tick_is_counted_by_schedule_and_outcome(idle: Service) -> None:
+    """``orchestra_schedule_ticks_total``: what an operator alerts on (ticks failing, missed)."""
+    from tests.integration.test_metrics import scrape
+
+    def ticks(scraped: Any, outcome: str) -> float:
+        return float(scraped("orchestra_schedule_ticks_total", schedule="ticked", outcome=outcome))
+
+    before = await scrape(idle.client)
+    await create(idle, name="ticked", every="1m")
+    clock_of(idle).advance(60)
+    await fire_due(idle)  # submitted (no workers: the task stays queued)
+    clock_of(idle).advance(60)
+    await fire_due(idle)  # skipped: the previous task is unfinished
+    clock_of(idle).advance(3600 + 45)
+    await fire_due(idle)  # an hour down: one stretch missed (catch_up none)
+    after = await scrape(idle.client)
+    counted = {o: ticks(after, o) - ticks(before, o) for o in ("submitted", "skipped", "missed")}
+    assert counted == {"submitted": 1, "skipped": 1, "missed": 1}
+    assert ticks(after, "failed") - ticks(before, "failed") == 0
