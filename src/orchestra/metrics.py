@@ -365,6 +365,14 @@ def webhook_delivery(result: str) -> None:
 TICK_OUTCOMES = ("submitted", "skipped", "failed", "missed")
 
 
+def schedules_known(names: Iterable[str]) -> None:
+    """Start each schedule's tick counters at 0, for every outcome (so that the first failed
+    or missed tick is an increase an alert sees)."""
+    for name in names:
+        for outcome in TICK_OUTCOMES:
+            _child(SCHEDULE_TICKS, _schedule(name), outcome)
+
+
 def schedule_ticked(schedule: str, outcome: str) -> None:
     """A schedule's tick was recorded: ``submitted``, ``skipped``, ``failed`` or ``missed``
     (in the process that fired it: another that found it fired already counts nothing)."""

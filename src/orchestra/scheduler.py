@@ -20,7 +20,13 @@ import msgspec
 from orchestra import logs, metrics
 from orchestra.db.schedules import Fire, Fired, ScheduleStore
 from orchestra.domain import NewTask, iso, now
-from orchestra.errors import ConfigError, ConflictError, InvalidRequest, NotFoundError
+from orchestra.errors import (
+    ConfigError,
+    ConflictError,
+    InvalidRequest,
+    NotFoundError,
+    StorageError,
+)
 from orchestra.schedules import (
     Schedule,
     ScheduleChanges,
@@ -111,6 +117,7 @@ class ScheduleService:
         every = await self._checked(spec)
         at = iso(self.clock())
         made = await self.store.create(spec, every, self._next_tick(spec, every, at), at)
+        metrics.schedules_known([made.name])
         log.info("schedule.created", schedule=made.name, next_fire_at=made.next_fire_at)
         self.wake()
         return made
@@ -312,6 +319,8 @@ class ScheduleLoop:
     async def run(self) -> None:
         """Fire, sleep until the next tick, repeat; a failure is logged and tried again."""
         outage = logs.Outage(log, "scheduler.step_failed")
+        with contextlib.suppress(StorageError):  # only the counters' zeros wait for it
+            metrics.schedules_known(s.name for s in await self.service.list())
         while True:
             try:
                 pause = await self.step()

@@ -152,10 +152,24 @@ def test_the_query_parser_finds_names_and_labels() -> None:
 
 
 async def test_series_change_as_tasks_run_and_every_dashboard_query_resolves(
-    settings: Settings, start_service: StartService, fake_ollama: FakeOllama
+    settings: Settings, start_service: StartService, fake_ollama: FakeOllama, tmp_path: Path
 ) -> None:
     settings = with_workers(settings, concurrency=3)
+    # What the panels of fallbacks, model-process crashes and schedule ticks read: a chain of
+    # two entries, an embedded provider (never started: no model file), a schedule. Their
+    # counters start at 0.
+    settings = with_provider(
+        settings, "local", kind="embedded", model_path=str(tmp_path / "none.gguf")
+    )
+    settings = msgspec.structs.replace(
+        settings, models={**settings.models, "spare": ["ollama/llama3.2", "ollama/qwen2.5"]}
+    )
     async with start_service(settings) as svc:
+        made = await svc.client.post(
+            "/api/v1/schedules",
+            json={"name": "hourly", "template": "summarize", "params": TEXT, "every": "1h"},
+        )
+        assert made.status_code == 201, made.text
         before = await scrape(svc.client)
         assert before("orchestra_worker_slots") >= 3  # (earlier tests' pools in this process)
 
