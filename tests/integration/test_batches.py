@@ -376,10 +376,52 @@ async def test_a_byte_that_is_not_utf8_keeps_every_row_before_its_line_and_names
     error = response.json()
     offset = len(good) + 4
     assert f"not UTF-8 at line 3002 (byte {offset:,} of the body: 0xff)" in error["message"]
-    assert error["fields"] == [{"field": "body", "message": f"not UTF-8 at line 3002"}]
+    assert error["fields"] == [{"field": "body", "message": "not UTF-8 at line 3002"}]
     (batch,) = (await idle.client.get("/api/v1/batches")).json()["items"]
     assert batch["rows"] == 3000 and "keeps the 3000 rows read before" in error["message"]
     assert sql_rows(db_url, "SELECT count(*) FROM tasks") == [(3000,)]
+
+
+async def test_rows_read_after_a_cancel_are_cancelled_not_queued(idle: Service) -> None:
+    """A batch cancelled while its upload goes on: the rows that arrive afterwards get their
+    tasks cancelled as they are stored (they were queued, and ran)."""
+    first = b"text\n" + b"".join(b"early %d\n" % i for i in range(1, 51))
+    rest = b"".join(b"late %d\n" % i for i in range(1, 51))
+    cancelled = asyncio.Event()
+
+    async def chunked() -> AsyncIterator[bytes]:
+        yield first
+
+        async def loading() -> bool:
+            listed = (await idle.client.get("/api/v1/batches")).json()["items"]
+            return any(b["status"] == "loading" for b in listed)
+
+        await wait_until(loading, timeout=10)
+        await cancelled.wait()
+        yield rest
+
+    async def cancel() -> None:
+        async def loading() -> list[int]:
+            listed = (await idle.client.get("/api/v1/batches")).json()["items"]
+            return [b["id"] for b in listed if b["status"] == "loading"]
+
+        await wait_until(loading, timeout=10)
+        [batch_id] = await loading()
+        answer = await idle.client.post(f"/api/v1/batches/{batch_id}/cancel")
+        assert answer.status_code == 200, answer.text
+        cancelled.set()
+
+    upload_call = idle.client.post(
+        "/api/v1/batches",
+        params={"template": "rowjob", "format": "csv"},
+        content=chunked(),
+        headers={"Idempotency-Key": "cancel-midway"},
+    )
+    response, _ = await asyncio.gather(upload_call, cancel())
+    assert response.status_code == 201, response.text
+    batch_id = response.json()["batch"]["id"]
+    progress = (await idle.client.get(f"/api/v1/batches/{batch_id}")).json()
+    assert progress["counts"] == rows_by_status(cancelled=100), progress["counts"]
 
 
 async def test_an_upload_cut_short_by_an_error_leaves_no_batch_loading(

@@ -6,6 +6,7 @@ and retrying it, and who may see which."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import sqlite3
@@ -357,6 +358,59 @@ async def test_a_batch_is_cancelled_from_its_page_and_the_list_comes_in_pages(
             answer = await idle.client.get(path)
             assert answer.status_code == status, (path, answer.status_code)
             assert answer.headers["content-type"].startswith("text/html"), path
+
+
+async def test_a_batch_still_uploading_says_so_and_its_cancel_says_what_it_did(
+    svc: Service, fake_ollama: FakeOllama
+) -> None:
+    """While rows arrive, the page counts the rows so far (not "100% of 0"), offers Cancel
+    whatever is running, and the cancel's notice tells the running rows it asked to stop
+    apart from those it cancelled."""
+    fake_ollama.close_gate("llama3.2")  # the first rows hold their slots
+    # 60 rows: a chunk of 50 is stored (and queued) while the rest of the body is awaited.
+    first = b"text\n" + b"".join(b"early %d\n" % i for i in range(1, 61))
+    released = asyncio.Event()
+
+    async def chunked() -> AsyncIterator[bytes]:
+        yield first
+        await released.wait()
+        yield b"late\n"
+
+    uploading = asyncio.ensure_future(
+        svc.client.post(
+            "/api/v1/batches",
+            params={"template": "rowjob", "format": "csv"},
+            content=chunked(),
+            headers={"Idempotency-Key": "uploading"},
+        )
+    )
+    try:
+
+        async def held() -> bool:
+            return fake_ollama.held("llama3.2") >= 2
+
+        await wait_until(held, timeout=30)
+        [batch] = (await svc.client.get("/api/v1/batches")).json()["items"]
+        page = (await svc.client.get(f"/ui/batches/{batch['id']}")).text
+        said = text_of(page)
+        assert "50 rows queued so far" in said and "% done" not in said, said
+        assert "Rows counted when the upload ends" in said, said
+        assert 'id="cancel-batch"' in page
+        assert "50 so far" in row_of(
+            (await svc.client.get("/ui/batches")).text, "batch", batch["id"]
+        )
+        running = fake_ollama.held("llama3.2")
+        cancelled = await svc.client.post(f"/ui/batches/{batch['id']}/cancel", headers=SAME_SITE)
+        shown = text_of((await svc.client.get(cancelled.headers["location"])).text)
+        assert f"Cancelled: {50 - running} tasks; {running} running asked to stop" in shown, shown
+    finally:
+        released.set()
+        fake_ollama.open_gate("llama3.2")
+    answer = await uploading
+    assert answer.status_code == 201, answer.text
+    progress = await finished(svc, batch["id"])
+    # The 11 rows read after the cancel are cancelled as they are stored.
+    assert progress["counts"]["cancelled"] >= 61 - running, progress["counts"]
 
 
 # -- in a browser ----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Any
 import msgspec
 from sqlalchemy import Connection, and_, func, or_, select, update
 
-from orchestra.db import events, notices
+from orchestra.db import bulk, events, notices
 from orchestra.db.engine import Database
 from orchestra.db.prepared import insert_for
 from orchestra.db.rows import dump
@@ -128,7 +128,9 @@ def add_rows(
     at: str,
 ) -> list[int]:
     """Queue the tasks of a chunk of rows, and record the refused ones; rows the batch has
-    already are skipped. Returns the ids of the tasks queued."""
+    already are skipped. Returns the ids of the tasks queued. Rows read after the batch was
+    cancelled (its upload still going on) get their tasks cancelled at once, in the same
+    transaction: no worker sees them queued."""
     numbers = [r.row for r in valid] + [r.row for r in refused]
     if not numbers:
         return []
@@ -166,7 +168,16 @@ def add_rows(
         for entry in entries:
             entry.setdefault("error", None)
         conn.execute(batch_rows.insert(), entries)
+    if queued and _cancelled(conn, batch_id):
+        bulk.cancel(conn, queued, at)
+        return []
     return queued
+
+
+def _cancelled(conn: Connection, batch_id: int) -> bool:
+    """Whether the batch was cancelled (by primary key)."""
+    at = conn.execute(select(batches.c.cancelled_at).where(batches.c.id == batch_id)).scalar()
+    return at is not None
 
 
 #: The columns a row's task is written with (a submit's: :data:`~orchestra.db.queue`).

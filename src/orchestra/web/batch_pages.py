@@ -12,10 +12,18 @@ from litestar.response import Redirect, Stream, Template
 
 from orchestra.api.scope import runtime_of
 from orchestra.batch_output import error_text, results_stream
+from orchestra.batches import Progress
 from orchestra.bulk import BulkOutcome
 from orchestra.db.batches import FailedRow
+from orchestra.domain import TaskStatus
 from orchestra.web.render import links, page
-from orchestra.web.task_pages import NOTICE_COOKIE, notice_cookie, notice_text, whole
+from orchestra.web.task_pages import (
+    NOTICE_COOKIE,
+    notice_cookie,
+    notice_text,
+    notice_value,
+    whole,
+)
 from orchestra.web.views import duration
 
 #: Batches on one page of the list.
@@ -68,7 +76,7 @@ class BatchPages(Controller):
             request,
             "batches.html",
             section="batches",
-            rows=[{"p": p, "eta": _eta(p.eta_seconds)} for p in shown],
+            rows=[{"p": p, "eta": _eta(p.eta_seconds), "so_far": _so_far(p)} for p in shown],
             older=shown[-1].batch.id if len(found) > PAGE_SIZE else None,
             paged=older_than is not None,
         )
@@ -133,6 +141,11 @@ class BatchPages(Controller):
         return _done(request, batch_id, "retry", done)
 
 
+def _so_far(progress: Progress) -> int:
+    """The rows a batch still uploading has queued so far (its row count comes at the end)."""
+    return sum(progress.counts[s.value] for s in TaskStatus)
+
+
 async def _batch(request: Request[Any, Any, Any], batch_id: int) -> dict[str, Any]:
     """What a batch's page shows."""
     service = runtime_of(request.scope).batches
@@ -141,6 +154,7 @@ async def _batch(request: Request[Any, Any, Any], batch_id: int) -> dict[str, An
     return {
         "p": progress,
         "b": progress.batch,
+        "so_far": _so_far(progress),
         "eta": _eta(progress.eta_seconds),
         "statuses": SHOWN_STATUSES,
         "failures": [{"row": f, "error": _error_text(f)} for f in failures],
@@ -154,5 +168,5 @@ def _done(
     return Redirect(
         links(request).ui(f"/batches/{batch_id}"),
         status_code=303,
-        cookies=[notice_cookie(request, f"{action}.{outcome.changed}.{outcome.skipped}")],
+        cookies=[notice_cookie(request, notice_value(action, outcome))],
     )

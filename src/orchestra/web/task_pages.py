@@ -14,7 +14,7 @@ from litestar.response import Redirect, ServerSentEvent, ServerSentEventMessage,
 from markupsafe import escape
 
 from orchestra.api.scope import runtime_of
-from orchestra.bulk import Action
+from orchestra.bulk import Action, BulkOutcome
 from orchestra.domain import TaskFilter, TaskStatus, as_utc, now
 from orchestra.errors import FieldProblem, InvalidRequest
 from orchestra.event_types import EventType
@@ -138,21 +138,29 @@ def filters_of(query: Any) -> Filters:
 SKIPPED_BECAUSE = {"cancel": "not queued or running", "retry": "not failed or cancelled"}
 
 
+def notice_value(action: str, outcome: BulkOutcome) -> str:
+    """What a bulk action did, as its notice cookie holds it: the action, the tasks it
+    changed at once, those it left alone, and the running ones it asked to stop."""
+    done_now = outcome.changed - outcome.stopping
+    return f"{action}.{done_now}.{outcome.skipped}.{outcome.stopping}"
+
+
 def notice_text(value: str | None) -> str:
-    """What the last bulk action did, from the cookie its redirect set (``retry.1.2``: the
-    action, the tasks it changed, the tasks it left alone); a value that is not an action and
-    counts shows nothing."""
-    done, _, counts = (value or "").partition(".")
-    changed, _, skipped = counts.partition(".")
-    if done not in ELIGIBLE:
+    """What the last bulk action did, from the cookie its redirect set (``cancel.1.2.3``: see
+    :func:`notice_value`); a value that is not an action and counts shows nothing."""
+    done, *counts = (value or "").split(".")
+    if done not in ELIGIBLE or not 1 <= len(counts) <= 3:
         return ""
     try:
-        count = whole(changed, "n", least=0)
-        left = whole(skipped, "skipped", least=0) if skipped else 0
+        count, left, stopping = (
+            whole(n, "n", least=0) for n in (*counts, *["0"] * (3 - len(counts)))
+        )
     except InvalidRequest:
         return ""
     verb = "Cancelled" if done == "cancel" else "Queued again"
     said = f"{verb}: {count} task{'s' if count != 1 else ''}"
+    if stopping:
+        said += f"; {stopping} running asked to stop (one may still finish first)"
     if left:
         said += f"; {left} skipped ({SKIPPED_BECAUSE[done]})"
     return said + "."
@@ -275,7 +283,7 @@ class TaskPages(Controller):
         return Redirect(
             links(request).ui("/tasks", **found.given),
             status_code=303,
-            cookies=[notice_cookie(request, f"{action}.{outcome.changed}.{outcome.skipped}")],
+            cookies=[notice_cookie(request, notice_value(action, outcome))],
         )
 
     @get("/bulk")
