@@ -113,7 +113,10 @@ async def test_cross_site_logins_are_refused(keyed: tuple[Service, dict[str, str
         answer = await svc.client.post("/ui/login", data={"key": tokens["admin"]}, headers=headers)
         assert answer.status_code == 403, headers
         assert "set-cookie" not in answer.headers
-        assert answer.json()["message"] == "cross-site request refused"
+        # The dashboard's error page, with its headers (it was the API's JSON).
+        assert answer.headers["content-type"].startswith("text/html")
+        assert "cross-site request refused" in answer.text
+        assert answer.headers["x-frame-options"] == "DENY"
 
 
 async def test_a_fragment_asked_for_without_a_session_returns_to_its_page(

@@ -245,7 +245,28 @@ async def test_deliveries_come_in_pages_and_bad_addresses_get_an_error_page(
     second = (await hooked.client.get(unescape(older.group(1)))).text
     rest = re.findall(r'<tr data-delivery="(\d+)">', second)
     assert len(rest) == 1 and int(rest[0]) < min(map(int, ids)), (ids, rest)
-    assert 'id="older"' not in second
+    assert 'id="older"' not in second and 'id="newest"' in second
+    # Sent again from an older page: back to that page, which says so once.
+    older_page = unescape(older.group(1))
+    before = older_page.split("before=")[1]
+    again = await hooked.client.post(
+        f"/ui/webhooks/{hook_id}/deliveries/{rest[0]}/redeliver",
+        data={"before": before},
+        headers=SAME_SITE,
+    )
+    assert again.status_code == 303 and again.headers["location"] == older_page
+    said = text_of((await hooked.client.get(again.headers["location"])).text)
+    assert f"Delivery #{rest[0]} is queued to be sent again now." in said, said
+    assert "queued to be sent again" not in (await hooked.client.get(older_page)).text
+    # Paused, it says when it will go.
+    assert (
+        await hooked.client.post(f"/ui/webhooks/{hook_id}/pause", headers=SAME_SITE)
+    ).is_redirect
+    await hooked.client.post(
+        f"/ui/webhooks/{hook_id}/deliveries/{rest[0]}/redeliver", headers=SAME_SITE
+    )
+    said = text_of((await hooked.client.get(f"/ui/webhooks/{hook_id}")).text)
+    assert "will be sent again when this subscription is resumed (it is paused)" in said, said
     for path, status in (
         (f"/ui/webhooks/{hook_id}?before=abc", 400),
         ("/ui/webhooks/999999", 404),
@@ -302,7 +323,9 @@ async def test_a_batchs_page_shows_its_progress_and_first_failures_and_retries_t
     assert "refused" in refused and "params.n" in refused, refused
     assert "step answer" in row_of(page.text, "row", 2)
     assert 'id="retry-batch"' in page.text and 'id="cancel-batch"' not in page.text
-    # The download is the API's results.
+    # The download is the API's results (JSON lines by default, as there).
+    plain = await svc.client.get(f"/ui/batches/{batch_id}/results")
+    assert plain.headers["content-type"] == "application/x-ndjson"
     for fmt in ("csv", "jsonl"):
         mine = await svc.client.get(f"/ui/batches/{batch_id}/results", params={"format": fmt})
         api = await svc.client.get(f"/api/v1/batches/{batch_id}/results", params={"format": fmt})

@@ -19,6 +19,7 @@ from typing import Any, cast
 from urllib.parse import quote, urlsplit
 
 import msgspec
+from litestar import Request
 from litestar.datastructures import Headers
 from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
@@ -27,9 +28,10 @@ from litestar.types import ASGIApp, HTTPScope, Receive, Scope, Send
 from orchestra.api.auth import forwarded
 from orchestra.api.scope import runtime_of
 from orchestra.auth import Caller
-from orchestra.errors import Unauthorized
+from orchestra.errors import Forbidden, Unauthorized
 from orchestra.web.headers import stamped
 from orchestra.web.links import Links
+from orchestra.web.render import error_page
 
 #: The session cookie's name.
 COOKIE = "orchestra_session"
@@ -81,9 +83,14 @@ class DashboardGate(ASGIMiddleware):
         links = Links.of(scope, runtime.settings)
         below = scope["path"][len(runtime.settings.ui.path.rstrip("/")) :]
         headers = Headers.from_scope(scope)
-        if method not in _SAFE and not same_origin(headers):
-            await _answer(send, 403, _message("cross-site request refused"))
+        if method not in _SAFE and not same_origin(headers):  # the error page, as any 403
+            request: Request[Any, Any, Any] = Request(scope, receive)
+            refused = Forbidden(
+                "cross-site request refused: another site's page cannot change anything here"
+            )
+            await error_page(request, refused).to_asgi_response(None, request)(scope, receive, send)
             return
+
         if below not in OPEN_PAGES and not below.startswith(OPEN_PREFIX):
             proxied = forwarded(cast(HTTPScope, scope)["headers"])
             caller = await session_caller(runtime, cookie_of(headers), headers.get("host"), proxied)

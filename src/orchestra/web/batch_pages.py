@@ -109,7 +109,7 @@ class BatchPages(Controller):
         self,
         batch_id: FromPath[int],
         request: Request[Any, Any, Any],
-        format: FromQuery[Literal["jsonl", "csv"]] = "csv",
+        format: FromQuery[Literal["jsonl", "csv"]] = "jsonl",
     ) -> Stream:
         """Every row's outcome, in input order: CSV or JSON lines (as the API's results)."""
         return await results_stream(runtime_of(request.scope).batches, batch_id, format)

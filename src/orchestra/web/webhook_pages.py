@@ -12,7 +12,7 @@ from litestar.response import Redirect, Template
 
 from orchestra.api.scope import runtime_of
 from orchestra.web.render import links, page
-from orchestra.web.task_pages import whole
+from orchestra.web.task_pages import NOTICE_COOKIE, notice_cookie, whole
 from orchestra.webhooks import WebhookChanges
 
 #: Deliveries shown on one page of a subscription's.
@@ -53,6 +53,7 @@ class WebhookPages(Controller):
         deliveries = await service.deliveries(webhook_id, PAGE_SIZE + 1, older_than)
         more = len(deliveries) > PAGE_SIZE
         shown = deliveries[:PAGE_SIZE]
+        flashed = request.cookies.get(NOTICE_COOKIE)
         return page(
             request,
             "webhook.html",
@@ -61,6 +62,9 @@ class WebhookPages(Controller):
             deliveries=shown,
             older=shown[-1].id if more else None,
             paged=older_than is not None,
+            before=before if older_than is not None else "",
+            notice=_sent_again(flashed, hook.enabled),
+            cookies=[notice_cookie(request, "")] if flashed is not None else None,
         )
 
     @get("/{webhook_id:int}/pause")
@@ -100,9 +104,35 @@ class WebhookPages(Controller):
     async def redeliver(
         self, request: Request[Any, Any, Any], webhook_id: FromPath[int], delivery_id: FromPath[int]
     ) -> Redirect:
-        """Send a delivery again now (same ``webhook-id``, same body; its retries start over)."""
+        """Send a delivery again now (same ``webhook-id``, same body; its retries start over).
+        Back to the page of deliveries it was on, which says so once."""
         await runtime_of(request.scope).webhooks.redeliver(webhook_id, delivery_id)
-        return _back(request, webhook_id)
+        form = await request.form()
+        before = str(form.get("before", ""))
+        return Redirect(
+            links(request).ui(
+                f"/webhooks/{webhook_id}", before=before if before.isdigit() else None
+            ),
+            status_code=303,
+            cookies=[notice_cookie(request, f"{SENT}.{delivery_id}")],
+        )
+
+
+#: The notice of a delivery sent again: ``sent.ID``.
+SENT = "sent"
+
+
+def _sent_again(value: str | None, enabled: bool) -> str:
+    """What "Send again" did, from the notice cookie its redirect set (else nothing)."""
+    done, _, number = (value or "").partition(".")
+    if done != SENT or not number.isdigit():
+        return ""
+    if not enabled:
+        return (
+            f"Delivery #{number} will be sent again when this subscription is resumed "
+            "(it is paused)."
+        )
+    return f"Delivery #{number} is queued to be sent again now."
 
 
 def _back(request: Request[Any, Any, Any], webhook_id: int) -> Redirect:
