@@ -116,6 +116,17 @@ def schedules_resume(ref: str, url: str | None, config_path: str | None) -> None
     _set_enabled(ref, True, url, config_path)
 
 
+@schedules.command("run")
+@click.argument("ref", metavar="NAME_OR_ID")
+@url_option
+@config_option
+def schedules_run(ref: str, url: str | None, config_path: str | None) -> None:
+    """Submit the schedule's task now (not a tick: its next tick stays); print its id."""
+    with client_for(url, config_path) as client:
+        task = client.run_schedule(ref)
+    click.echo(task.id)
+
+
 @schedules.command("delete")
 @click.argument("ref", metavar="NAME_OR_ID")
 @url_option

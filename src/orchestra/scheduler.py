@@ -19,7 +19,7 @@ import msgspec
 
 from orchestra import logs, metrics
 from orchestra.db.schedules import Fire, Fired, ScheduleStore
-from orchestra.domain import NewTask, iso, now
+from orchestra.domain import NewTask, Task, iso, now
 from orchestra.errors import (
     ConfigError,
     ConflictError,
@@ -154,6 +154,19 @@ class ScheduleService:
     async def list(self) -> list[Schedule]:
         """Every schedule, by name."""
         return await self.store.all()
+
+    async def run_now(self, ref: str, *, key_id: str | None = None) -> Task:
+        """Submit the task a tick of the schedule would, now, as a submit by ``key_id``: not a
+        tick (nothing is recorded among its ticks, its next tick stays), paused or not.
+
+        Raises:
+            NotFoundError: no such schedule, or its template is gone.
+            InvalidRequest: its parameters no longer fit its template (each named).
+        """
+        schedule = await self.get(ref)
+        made = await self.tasks.submit(submission(schedule.spec), key_id=key_id)
+        log.info("schedule.run_now", schedule=schedule.name, task_id=made.task.id)
+        return made.task
 
     async def latest_fires(self) -> dict[int, Fire]:
         """Every schedule's latest tick, by schedule id (for a list of schedules)."""

@@ -161,6 +161,20 @@ async def test_a_resume_the_template_no_longer_allows_is_said_on_the_page(idle: 
     assert "Not resumed:" in said and "temporary" in said, said
     assert 'id="resume-schedule"' in refused.text  # still paused, and says so
     assert (await idle.client.get("/api/v1/schedules/digest")).json()["enabled"] is False
+    not_run = await idle.client.post(f"{page}/run", headers=SAME_SITE)
+    assert not_run.status_code == 422
+    assert "Not run:" in text_of(not_run.text) and "temporary" in text_of(not_run.text)
+
+
+async def test_run_now_from_a_schedules_page_shows_the_task_it_made(idle: Service) -> None:
+    made = await create(idle, every="1h")
+    ran = await idle.client.post(f"/ui/schedules/{made['id']}/run", headers=SAME_SITE)
+    assert ran.status_code == 303
+    task_id = int(ran.headers["location"].rsplit("/", 1)[1])
+    task = (await idle.client.get(f"/api/v1/tasks/{task_id}")).json()
+    assert task["template"] == "summarize" and task["params"]["text"] == "the news"
+    again = await idle.client.get(f"/ui/schedules/{made['id']}/run")
+    assert again.status_code == 303 and again.headers["location"] == f"/ui/schedules/{made['id']}"
 
 
 async def test_each_schedules_latest_tick_is_found_by_index_not_by_a_scan(

@@ -443,3 +443,32 @@ async def test_each_recorded_tick_is_counted_by_schedule_and_outcome(idle: Servi
     counted = {o: ticks(after, o) - ticks(before, o) for o in ("submitted", "skipped", "missed")}
     assert counted == {"submitted": 1, "skipped": 1, "missed": 1}
     assert ticks(after, "failed") - ticks(before, "failed") == 0
+
+
+async def test_run_now_submits_the_task_a_tick_would_and_leaves_the_ticks_be(
+    idle: Service, db_url: str
+) -> None:
+    made = await create(idle, every="1h", priority=3)
+    clock_of(idle).advance(3600)
+    await fire_due(idle)  # one tick, for the record
+    before = (await idle.client.get(f"{SCHEDULES}/digest")).json()
+    ran = await idle.client.post(f"{SCHEDULES}/digest/run")
+    assert ran.status_code == 201, ran.text
+    task = ran.json()
+    assert ran.headers["location"] == f"/api/v1/tasks/{task['id']}"
+    assert (task["template"], task["params"]["text"], task["status"]) == (
+        "summarize",
+        "the news",
+        "queued",
+    )
+    after = (await idle.client.get(f"{SCHEDULES}/digest")).json()
+    assert after["last_tasks"] == before["last_tasks"]  # not a tick
+    assert after["next_fire_at"] == before["next_fire_at"]
+    # Paused too; by id; the CLI prints the new task's id.
+    assert (await idle.client.patch(f"{SCHEDULES}/digest", json={"enabled": False})).is_success
+    assert (await idle.client.post(f"{SCHEDULES}/{made['id']}/run")).status_code == 201
+    code, out, err = await run_cli("schedules", "run", "digest", "--url", idle.url)
+    assert code == 0 and out.strip().isdigit(), err
+    assert sql_rows(db_url, "SELECT count(*) FROM tasks") == [(4,)]
+    missing = await idle.client.post(f"{SCHEDULES}/nope/run")
+    assert missing.status_code == 404 and missing.json()["code"] == "not_found"

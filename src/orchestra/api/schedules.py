@@ -1,21 +1,25 @@
-"""/api/v1/schedules: create, list, read (next ticks, latest tasks), change, delete.
+"""/api/v1/schedules: create, list, read (next ticks, latest tasks), change, delete, run now.
 
 A schedule is named in a path by its id or its name (names are words, never numbers).
 """
 
 from __future__ import annotations
 
-from litestar import Controller, Response, delete, get, patch, post
+from typing import Any
+
+from litestar import Controller, Request, Response, delete, get, patch, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
 from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
+from orchestra.auth import Caller
 from orchestra.scheduler import ScheduleService
 from orchestra.schedules import ScheduleChanges, ScheduleSpec
 from orchestra.wire.schedules import FireOut as FireOut
 from orchestra.wire.schedules import ScheduleList as ScheduleList
 from orchestra.wire.schedules import ScheduleOut as ScheduleOut
+from orchestra.wire.schemas import TaskOut
 
 
 def provide(runtime: NamedDependency[Runtime]) -> ScheduleService:
@@ -60,6 +64,27 @@ class ScheduleController(Controller):
         with the task it made."""
         view = await schedules.view(ref)
         return ScheduleOut.of(view.schedule, view)
+
+    @post(
+        "/{ref:str}/run",
+        opt={"scope": "submit"},
+        status_code=201,
+        summary="Run a schedule's task now",
+        responses=errors(404, 422, 507),
+    )
+    async def run_now(
+        self,
+        request: Request[Caller, Any, Any],
+        ref: FromPath[str],
+        schedules: NamedDependency[ScheduleService],
+    ) -> Response[TaskOut]:
+        """Submit the task a tick would, now (paused or not): not a tick, so its ticks and
+        its next tick stay as they are. 404 for an unknown schedule or a template gone since;
+        422 naming each parameter that no longer fits."""
+        task = await schedules.run_now(ref, key_id=request.user.key_id)
+        return Response(
+            TaskOut.of(task), status_code=201, headers={"Location": f"/api/v1/tasks/{task.id}"}
+        )
 
     @patch(
         "/{ref:str}",

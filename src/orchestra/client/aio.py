@@ -295,6 +295,11 @@ class AsyncClient:
         """Delete a schedule; the tasks it made stay."""
         await self._send(core.delete_schedule(ref))
 
+    async def run_schedule(self, ref: str | int) -> TaskOut:
+        """Submit the task a tick of the schedule would, now (not a tick: its next tick
+        stays); paused or not."""
+        return await self._send(core.run_schedule(ref))
+
     # -- webhooks ----------------------------------------------------------------------------
 
     async def create_webhook(

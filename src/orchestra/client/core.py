@@ -425,6 +425,11 @@ def delete_schedule(ref: str | int) -> Call[None]:
     return Call("DELETE", f"/api/v1/schedules/{_segment(ref)}", _nothing, ok=frozenset({204}))
 
 
+def run_schedule(ref: str | int) -> Call[TaskOut]:
+    """POST …/run: the task a tick would submit, now."""
+    return Call("POST", f"/api/v1/schedules/{_segment(ref)}/run", _as(TaskOut), ok=frozenset({201}))
+
+
 # -- webhooks --------------------------------------------------------------------------------
 
 

@@ -285,6 +285,11 @@ class Client:
         """Delete a schedule; the tasks it made stay."""
         self._send(core.delete_schedule(ref))
 
+    def run_schedule(self, ref: str | int) -> TaskOut:
+        """Submit the task a tick of the schedule would, now (not a tick: its next tick
+        stays); paused or not."""
+        return self._send(core.run_schedule(ref))
+
     # -- webhooks ----------------------------------------------------------------------------
 
     def create_webhook(

@@ -1,5 +1,5 @@
 """Schedules: the list (each with its next tick and its latest one), one schedule (its next
-ticks and the tasks its latest ticks made), pausing and resuming."""
+ticks and the tasks its latest ticks made), pausing and resuming, running its task now."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from orchestra.domain import now
 from orchestra.errors import InvalidRequest, NotFoundError
 from orchestra.scheduler import told
 from orchestra.schedules import Schedule, ScheduleChanges
-from orchestra.web.render import links, page
+from orchestra.web.render import caller_of, links, page
 from orchestra.web.views import until
 
 #: How many of a schedule's latest ticks its page shows.
@@ -73,6 +73,28 @@ class SchedulePages(Controller):
         """No page of its own (resuming is a POST): the schedule's page."""
         return Redirect(links(request).ui(f"/schedules/{quote(ref, safe='')}"), status_code=303)
 
+    @get("/{ref:str}/run")
+    async def run_page(self, request: Request[Any, Any, Any], ref: FromPath[str]) -> Redirect:
+        """No page of its own (running is a POST): the schedule's page."""
+        return Redirect(links(request).ui(f"/schedules/{quote(ref, safe='')}"), status_code=303)
+
+    @post("/{ref:str}/run", opt={"scope": "submit"}, status_code=303)
+    async def run_now(
+        self, request: Request[Any, Any, Any], ref: FromPath[str]
+    ) -> Redirect | Template:
+        """Submit the schedule's task now (not a tick) and show it; a template that no longer
+        allows it is said on the schedule's page."""
+        service = runtime_of(request.scope).schedules
+        schedule = await service.get(ref)
+        caller = caller_of(request)
+        try:
+            task = await service.run_now(str(schedule.id), key_id=caller.key_id if caller else None)
+        except (InvalidRequest, NotFoundError) as exc:
+            return await _page(
+                request, str(schedule.id), status_code=422, error=f"Not run: {told(exc)}"
+            )
+        return Redirect(links(request).ui(f"/tasks/{task.id}"), status_code=303)
+
     @post("/{ref:str}/pause", opt={"scope": "submit"}, status_code=303)
     async def pause(
         self, request: Request[Any, Any, Any], ref: FromPath[str]
@@ -117,5 +139,6 @@ async def _enable(request: Request[Any, Any, Any], ref: str, enabled: bool) -> R
     try:
         changed = await service.update(str(schedule.id), ScheduleChanges(enabled=enabled))
     except (InvalidRequest, NotFoundError) as exc:
-        return await _page(request, str(schedule.id), status_code=422, error=told(exc))
+        said = "Not resumed" if enabled else "Not paused"
+        return await _page(request, str(schedule.id), status_code=422, error=f"{said}: {told(exc)}")
     return Redirect(links(request).ui(f"/schedules/{changed.id}"), status_code=303)
