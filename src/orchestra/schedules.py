@@ -14,11 +14,12 @@ past it, a time that exists twice runs once; ``0 * * * *`` runs every real hour)
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import msgspec
 from cronsim import CronSim, CronSimError
@@ -241,13 +242,9 @@ def check(spec: ScheduleSpec) -> float | None:
     every: float | None = None
     if (spec.cron is None) == (spec.every is None):
         problems.append(FieldProblem("cron", "give cron or every (exactly one of them)"))
-    try:
-        zone = ZoneInfo(spec.timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        zone = None
-        problems.append(
-            FieldProblem("timezone", f"{spec.timezone!r} is not an IANA time zone name")
-        )
+    zone = time_zone(spec.timezone)
+    if zone is None:
+        problems.append(FieldProblem("timezone", _zone_problem(spec.timezone)))
     if spec.every is not None:
         try:
             every = parse_every(str(spec.every))  # text after __post_init__
@@ -260,6 +257,36 @@ def check(spec: ScheduleSpec) -> float | None:
     if problems:
         raise InvalidRequest("; ".join(f"{p.field}: {p.message}" for p in problems), problems)
     return every
+
+
+@functools.cache
+def _iana_names() -> frozenset[str]:
+    """The IANA time zone names this host knows (the system's database, else the tzdata
+    package's). Not ``localtime``: zoneinfo finds that file beside the zones, and it is the
+    host's own zone, whatever that is."""
+    return frozenset(available_timezones()) - {"localtime"}
+
+
+def time_zone(name: str) -> ZoneInfo | None:
+    """The zone an IANA name (``Europe/Paris``, ``UTC``) names; None for any other name,
+    also for the zoneinfo keys that are files of the host rather than IANA names
+    (``localtime``, ``posixrules``, ``posix/Europe/Paris``, ``right/UTC``), whose meaning
+    depends on the host."""
+    if name not in _iana_names():
+        return None
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return None
+
+
+def _zone_problem(name: str) -> str:
+    """Why ``name`` is refused as a time zone, with a name that would do."""
+    problem = f"{name!r} is not an IANA time zone name: use one like Europe/Paris"
+    head, _, rest = name.partition("/")
+    if head in ("posix", "right") and rest in _iana_names():
+        problem += f" (here: {rest})"
+    return problem
 
 
 def _cron_problem(expr: str, zone: Any) -> str | None:

@@ -38,13 +38,13 @@ from orchestra import __version__, logs, metrics
 from orchestra.config import WebhookSettings
 from orchestra.db.webhooks import Hint, WebhookStore
 from orchestra.domain import iso, now
-from orchestra.errors import InvalidParams
 from orchestra.notify import TaskSignals
 from orchestra.tls import client_context
 from orchestra.webhooks import (
     Claimed,
     DeliveryAttempt,
     DeliveryStatus,
+    DestinationRefused,
     backoff,
     is_public,
     parse_destination,
@@ -294,7 +294,7 @@ class WebhookSender:
         assert self._client is not None
         try:
             scheme, host, port = parse_destination(delivery.url)
-        except InvalidParams as exc:
+        except DestinationRefused as exc:
             raise _Refused(exc.message) from None
         url = httpx.URL(delivery.url)
         headers = {"content-type": "application/json"}

@@ -27,7 +27,7 @@ import msgspec
 
 from orchestra.config import WebhookSettings
 from orchestra.domain import NewTask, iso, iso_now, now
-from orchestra.errors import FieldProblem, InvalidParams, NotFoundError
+from orchestra.errors import FieldProblem, InvalidRequest, NotFoundError
 from orchestra.event_types import EventType
 
 if TYPE_CHECKING:
@@ -149,6 +149,16 @@ class WebhookNotFound(NotFoundError):
     code = "webhook_not_found"
 
 
+class DestinationRefused(InvalidRequest):
+    """This URL cannot be sent to: it is malformed, not http(s), its host does not resolve,
+    or it resolves to an address that is not public.
+
+    A field of the request, as any other (the code ``invalid_request``, naming ``url`` or
+    ``callback_url``); answered with 422, not 400: the body is well formed, the place it names
+    is what cannot be used.
+    """
+
+
 #: The longest a rolled-over secret may keep signing beside the new one.
 MAX_OVERLAP = 7 * 86400.0
 
@@ -195,8 +205,8 @@ def new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
-def _refuse(field: str, reason: str) -> InvalidParams:
-    return InvalidParams(f"{field}: {reason}", [FieldProblem(field, reason)])
+def _refuse(field: str, reason: str) -> DestinationRefused:
+    return DestinationRefused(f"{field}: {reason}", [FieldProblem(field, reason)])
 
 
 def is_public(address: str) -> bool:
@@ -212,7 +222,7 @@ def parse_destination(url: str, field: str = "url") -> tuple[str, str, int]:
     """A destination URL's scheme, host and port.
 
     Raises:
-        InvalidParams: not an absolute http(s) URL with a host (naming ``field``).
+        DestinationRefused: not an absolute http(s) URL with a host (naming ``field``).
     """
     import httpx
 
@@ -246,8 +256,9 @@ async def check_destination(url: str, allow_private: bool, field: str = "url") -
     one public, unless ``allow_private``).
 
     Raises:
-        InvalidParams: a malformed URL, a host that does not resolve, or one that resolves to
-            a loopback, private, link-local or other non-public address (naming ``field``).
+        DestinationRefused: a malformed URL, a host that does not resolve, or one that
+            resolves to a loopback, private, link-local or other non-public address (naming
+            ``field``).
     """
     _scheme, host, port = parse_destination(url, field)
     try:
@@ -295,7 +306,7 @@ class WebhookService:
         this once).
 
         Raises:
-            InvalidParams: the URL is malformed or not allowed (names ``url``).
+            DestinationRefused: the URL is malformed or not allowed (names ``url``).
         """
         await check_destination(new.url, self.settings.allow_private)
         hook = Webhook(
@@ -345,7 +356,7 @@ class WebhookService:
 
         Raises:
             WebhookNotFound: no subscription has this id.
-            InvalidParams: the new URL is malformed or not allowed (names ``url``).
+            DestinationRefused: the new URL is malformed or not allowed (names ``url``).
         """
         hook = await self.get(webhook_id)  # a 404 comes before a URL's 422
         if isinstance(changes.url, str):
@@ -382,18 +393,27 @@ class WebhookService:
         await self.get(webhook_id)
         return await self.store.deliveries(webhook_id, limit, before)
 
-    async def redeliver(self, webhook_id: int, delivery_id: int) -> None:
-        """Send a delivery again (same ``webhook-id``, same body), now.
+    async def redeliver(self, webhook_id: int, delivery_id: int) -> Delivery:
+        """Send a delivery again (same ``webhook-id``, same body), now; returns it as it
+        stands then: pending, due now, with its attempts so far.
 
         Raises:
             WebhookNotFound: no such subscription, or it has no such delivery.
         """
         await self.get(webhook_id)
-        if not (0 < delivery_id < 2**63) or not await self.store.redeliver(
+        missing = WebhookNotFound(f"webhook {webhook_id} has no delivery {delivery_id}")
+        # Below 2**63 - 1: the read below names delivery_id + 1, a 64-bit integer too.
+        if not (0 < delivery_id < 2**63 - 1) or not await self.store.redeliver(
             webhook_id, delivery_id, iso_now()
         ):
-            raise WebhookNotFound(f"webhook {webhook_id} has no delivery {delivery_id}")
+            raise missing
+        # Read before the sender is woken: the answer is the delivery queued again. (Newest
+        # first, below delivery_id + 1: the delivery itself, unless deleted meanwhile.)
+        found = await self.store.deliveries(webhook_id, 1, delivery_id + 1)
         self.wake()
+        if not found or found[0].id != delivery_id:
+            raise missing
+        return found[0]
 
     async def callback_secret(self) -> str:
         """The secret that signs every task's callback_url deliveries: the configured one,
@@ -408,7 +428,7 @@ class WebhookService:
         """Check a submit's ``callback_url`` (before the task is queued).
 
         Raises:
-            InvalidParams: malformed or not allowed (names ``callback_url``).
+            DestinationRefused: malformed or not allowed (names ``callback_url``).
         """
         await check_destination(url, self.settings.allow_private, field="callback_url")
 

@@ -17,8 +17,14 @@ from orchestra.config import Settings, WebhookSettings
 from orchestra.db import Database, TaskStore
 from orchestra.db.webhooks import PAUSED, Hint, WebhookStore
 from orchestra.domain import NewTask, iso_now
-from orchestra.errors import InvalidParams
-from orchestra.webhooks import Webhook, backoff, is_public, new_secret, parse_destination
+from orchestra.webhooks import (
+    DestinationRefused,
+    Webhook,
+    backoff,
+    is_public,
+    new_secret,
+    parse_destination,
+)
 from tests.conftest import Service, StartService, make_settings, sql_rows
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import free_port, start_process, wait_until, write_config
@@ -143,7 +149,7 @@ async def test_unknown_webhooks_are_404(service: Service) -> None:
 
 def test_a_port_out_of_range_is_refused_before_anything_is_sent() -> None:
     for url in ("http://93.184.216.34:99999/x", "https://93.184.216.34:0/"):
-        with pytest.raises(InvalidParams) as refused:
+        with pytest.raises(DestinationRefused) as refused:
             parse_destination(url)
         assert refused.value.fields[0].field == "url"
         assert "a port is 1 to 65535" in refused.value.fields[0].message

@@ -25,6 +25,7 @@ from msgspec import Struct
 from orchestra import logs
 from orchestra.api.schemas import ErrorBody, FieldOut, ProblemOut
 from orchestra.api.scope import runtime_of
+from orchestra.batches import BatchNotFound
 from orchestra.errors import (
     ConflictError,
     Forbidden,
@@ -37,15 +38,19 @@ from orchestra.errors import (
     StorageFull,
     StorageLocked,
     StorageUnreachable,
+    TaskNotFound,
     TemplateError,
     Unauthorized,
 )
+from orchestra.webhooks import DestinationRefused, WebhookNotFound
 
 log = logs.get("orchestra.api")
 
 _STATUS: list[tuple[type[OrchestraError], int]] = [
     (NotFoundError, HTTP_404_NOT_FOUND),
     (InvalidParams, HTTP_422_UNPROCESSABLE_ENTITY),
+    # A well-formed URL that cannot be used (a private address, a host that does not resolve).
+    (DestinationRefused, HTTP_422_UNPROCESSABLE_ENTITY),
     (InvalidRequest, HTTP_400_BAD_REQUEST),
     (ConflictError, HTTP_409_CONFLICT),
     (TemplateError, HTTP_422_UNPROCESSABLE_ENTITY),
@@ -133,10 +138,39 @@ _OBJECT_PROBLEM = re.compile(
 )
 
 
+#: msgspec's words for a value of the wrong JSON type: "Expected `int | null`, got `str`".
+_WRONG_TYPE = re.compile(r"Expected `([^`]+)`, got `([^`]+)`")
+#: What each of msgspec's type names asks for, and what it calls the value given.
+_WANTED = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "a string",
+    "object": "an object",
+    "array": "an array",
+    "null": "null",
+    "datetime": "a date and time (ISO 8601 text)",
+}
+_GIVEN = {**_WANTED, "float": "a number with a fraction", "bool": "a boolean"}
+
+
+def _in_words(message: str) -> str:
+    """msgspec's "Expected `int | null`, got `str`" as "must be an integer or null, not a
+    string"; any other message as it is."""
+    found = _WRONG_TYPE.fullmatch(message)
+    if found is None:
+        return message
+    wanted = [_WANTED.get(name.strip()) for name in found.group(1).split("|")]
+    given = _GIVEN.get(found.group(2))
+    if given is None or None in wanted:
+        return message
+    return f"must be {' or '.join(w for w in wanted if w)}, not {given}"
+
+
 def _problem(extra: dict[str, Any]) -> FieldOut:
     """One problem, naming the field itself: an empty body, a missing or an unknown field are
     reported by Litestar as the field "data" (the handler's parameter)."""
-    field, message = _field(extra), str(extra.get("message", "invalid value"))
+    field, message = _field(extra), _in_words(str(extra.get("message", "invalid value")))
     if field == "data" and message == "'data'":
         return FieldOut("body", "is empty: send a JSON object")
     found = _OBJECT_PROBLEM.fullmatch(message)
@@ -247,9 +281,59 @@ def _undecodable(exc: HTTPException) -> str | None:
     return f"is not valid JSON: {detail[:1].lower()}{detail[1:]}"
 
 
+#: Paths with integer ids (``{task_id:int}``), each group a segment that must be one, with
+#: the error a missing resource raises and how each group names what it is the id of. An id
+#: that is not a number matches no route: it is answered as a number no resource has.
+_ID_PATHS: list[tuple[re.Pattern[str], type[NotFoundError], tuple[str, ...]]] = [
+    (re.compile(r"/api/v1/tasks/([^/]+)(?:/events|/cancel|/retry)?/?"), TaskNotFound, ("task",)),
+    (
+        re.compile(r"/api/v1/batches/([^/]+)(?:/cancel|/retry|/results)?/?"),
+        BatchNotFound,
+        ("batch",),
+    ),
+    (
+        re.compile(r"/api/v1/webhooks/([^/]+)(?:/deliveries|/roll-secret)?/?"),
+        WebhookNotFound,
+        ("webhook",),
+    ),
+    (
+        re.compile(r"/api/v1/webhooks/([^/]+)/deliveries/([^/]+)/redeliver/?"),
+        WebhookNotFound,
+        ("webhook", "delivery"),
+    ),
+]
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+#: The longest id a message quotes.
+_QUOTED_ID = 40
+
+
+def _not_a_number(request: Request[Any, Any, Any]) -> NotFoundError | None:
+    """The resource's own 404 for a path whose id is not an integer (``/api/v1/tasks/abc``:
+    no task 'abc'); None for any other path."""
+    path, root = request.scope["path"], request.scope.get("root_path") or ""
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    for pattern, error, nouns in _ID_PATHS:
+        found = pattern.fullmatch(path)
+        if found is None:
+            continue
+        segments = found.groups()
+        for index, (segment, noun) in enumerate(zip(segments, nouns, strict=True)):
+            if _INTEGER.fullmatch(segment):
+                continue
+            shown = segment if len(segment) <= _QUOTED_ID else segment[:_QUOTED_ID] + "…"
+            # A delivery is named within its webhook: "webhook 1 has no delivery 'x'".
+            owner = f"{nouns[index - 1]} {segments[index - 1]} has " if index else ""
+            return error(f"{owner}no {noun} {shown!r} (the {noun} id is an integer)")
+    return None
+
+
 def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorBody]:
     """Litestar's own errors (404 route, 405 method, 413 body size …) in our shape, with
-    their headers (a 405's Allow, a 429's Retry-After)."""
+    their headers (a 405's Allow, a 429's Retry-After). A path whose id is not a number
+    (``/api/v1/tasks/abc``) answers as a number no resource has: ``task_not_found``."""
+    if exc.status_code == HTTP_404_NOT_FOUND and (missing := _not_a_number(request)):
+        return orchestra_error(request, missing)
     code = {
         400: "invalid_request",
         404: "not_found",

@@ -75,7 +75,7 @@ class EventController(Controller):
         "/",
         summary="Follow every task's events (Server-Sent Events)",
         media_type="text/event-stream",
-        responses=errors(400),
+        responses=errors(400, 404),
     )
     async def events(
         self,
@@ -109,9 +109,12 @@ class EventController(Controller):
         """Every task's events as ``text/event-stream``, in the order they were recorded, without
         end. Each event's ``id`` is its global id (``seq`` is its number within its task);
         reconnecting with ``Last-Event-ID`` continues without gaps or repeats, across restarts
-        too. A comment is sent every 15 s while nothing happens."""
+        too. A comment is sent every 15 s while nothing happens. 404 (``template_not_found``)
+        before the stream starts when ``template`` names no template."""
         feed = runtime.feed
         wanted = FeedFilter(template=template, types=wanted_types(types))
+        if template is not None:  # 404 now, as a webhook filtered by it answers
+            await runtime.tasks.template(template)
         if last_event_id is not None:
             after = int(last_event_id)
         # Fixed now, before the answer starts: what happens once it has started is sent.

@@ -10,13 +10,12 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Controller, MediaType, Request, Response, get, post
 from litestar.di import NamedDependency
-from litestar.exceptions import SerializationException
 from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 
 from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
-from orchestra.api.schemas import TaskList, TaskOut, TaskSummaryOut
+from orchestra.api.schemas import StrictBodyRequest, TaskList, TaskOut, TaskSummaryOut
 from orchestra.api.sse import RECONNECT, DirectWrites, EventStream, Frames, frame
 from orchestra.auth import Caller
 from orchestra.db.events import TaskEvent
@@ -66,28 +65,6 @@ def _ok(body: type[msgspec.Struct]) -> ResponseSpec:
     )
 
 
-class _SubmitRequest(Request[Any, Any, Any]):
-    """A submit's request: a number no float holds (``1e400``) gets a 400 naming its field.
-
-    Litestar decodes a body untyped before converting it, and that decode can only say that
-    such a number is "at ``$[...]``"; decoding the body as :class:`SubmitTask` finds the field.
-    """
-
-    async def json(self) -> Any:
-        try:
-            return await super().json()
-        except SerializationException:
-            try:
-                msgspec.json.decode(await self.body(), type=SubmitTask)
-            except msgspec.ValidationError as exc:
-                reason, _, path = str(exc).rpartition(" - at `")
-                field = re.split(r"[.\[]", path.removeprefix("$.").rstrip("`"))[0] or "body"
-                raise InvalidRequest(f"{field}: {reason}", [FieldProblem(field, reason)]) from None
-            except msgspec.DecodeError:
-                pass
-            raise
-
-
 def _idempotency_key(body: str | None, header: str | None) -> str | None:
     """The request's idempotency key, from the body field or the header (equal when both).
 
@@ -130,7 +107,7 @@ class TaskController(Controller):
         opt={"scope": "submit"},
         status_code=201,
         summary="Submit a task",
-        request_class=_SubmitRequest,
+        request_class=StrictBodyRequest,
         responses={
             200: ResponseSpec(
                 TaskOut,
@@ -159,8 +136,10 @@ class TaskController(Controller):
 
         201 with the new task; 200 with the existing task when the idempotency key was used
         before with the same request (409 when with a different one); 404 when the template
-        does not exist; 422 naming every bad parameter. Idempotency keys are per API key: the
-        same key sent with another API key is another task.
+        does not exist; 422 naming every bad parameter; 400 naming a field of the body that
+        does not fit, a value of the wrong JSON type too (``"1"`` for ``template_version``:
+        nothing is converted, :class:`~orchestra.api.schemas.StrictBodyRequest`). Idempotency
+        keys are per API key: the same key sent with another API key is another task.
         """
         key = _idempotency_key(data.idempotency_key, idempotency_header)
         if key != data.idempotency_key:

@@ -13,6 +13,7 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 
 from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
+from orchestra.api.schemas import StrictBodyRequest
 from orchestra.webhooks import MAX_OVERLAP, NewWebhook, WebhookChanges, WebhookService
 from orchestra.wire.webhooks import AttemptOut as AttemptOut
 from orchestra.wire.webhooks import CallbackSecretOut as CallbackSecretOut
@@ -37,15 +38,16 @@ class WebhookController(Controller):
         opt=_ADMIN,
         status_code=201,
         summary="Subscribe",
+        request_class=StrictBodyRequest,
         responses=errors(400, 404, 413, 422, 507),
     )
     async def create(
         self, data: JSONBody[NewWebhook], runtime: NamedDependency[Runtime]
     ) -> Response[WebhookCreated]:
         """Subscribe ``url`` to ``event_types`` (of ``template``'s tasks only, when given).
-        The answer carries the signing secret, shown this once. 422 naming ``url`` when it
-        is malformed or resolves to a loopback, private or link-local address; 404 when
-        ``template`` names no template."""
+        The answer carries the signing secret, shown this once. 422 (``invalid_request``)
+        naming ``url`` when it is malformed or resolves to a loopback, private or link-local
+        address; 404 when ``template`` names no template."""
         if data.template is not None:  # 404 for a template that does not exist
             await runtime.tasks.template(data.template)
         hook, secret = await _service(runtime).create(data)
@@ -81,6 +83,7 @@ class WebhookController(Controller):
         "/{webhook_id:int}",
         opt=_ADMIN,
         summary="Change a subscription",
+        request_class=StrictBodyRequest,
         responses=errors(400, 404, 422, 507),
     )
     async def update_webhook(
@@ -167,10 +170,11 @@ class WebhookController(Controller):
         webhook_id: FromPath[int],
         delivery_id: FromPath[int],
         runtime: NamedDependency[Runtime],
-    ) -> None:
+    ) -> DeliveryOut:
         """Send a delivery again now, with the same ``webhook-id`` and body (a delivered one
-        too); its retries start over."""
-        await _service(runtime).redeliver(webhook_id, delivery_id)
+        too); its retries start over. The answer is the delivery queued again: ``pending``,
+        due now, with its attempts so far."""
+        return DeliveryOut.of(await _service(runtime).redeliver(webhook_id, delivery_id))
 
 
 def _service(runtime: Runtime) -> WebhookService:

@@ -1,0 +1,294 @@
+"""Small things the API answered wrongly: a redelivery's empty answer, a generic 404 for an id
+that is not a number, a webhook URL reported as a template parameter, a string taken for a
+number, an out-of-range number in params named by its parent, a feed filtered by a template
+that does not exist, and time zone names that depend on the host."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from tests.conftest import Service
+from tests.fixtures.servers import wait_until
+from tests.fixtures.webhook_receiver import Receiver
+from tests.integration.test_webhooks import deliveries, subscribe
+from tests.integration.test_webhooks import loopback_service as loopback_service
+from tests.integration.test_webhooks import receiver as receiver
+
+SCHEDULE = {"name": "s", "template": "summarize", "params": {"text": "the news"}}
+
+
+# -- 1. a redelivery answers with the delivery --------------------------------------------------
+
+
+async def test_a_redelivery_answers_with_the_delivery_queued_again(
+    loopback_service: Service, receiver: Receiver
+) -> None:
+    svc = loopback_service
+    hook = await subscribe(svc, receiver)
+    await svc.wait((await svc.submit("summarize", text="again"))["id"])
+    await wait_until(lambda: len(receiver.received) == 1, timeout=20)
+
+    async def delivered() -> bool:
+        return [d["status"] for d in await deliveries(svc, hook)] == ["delivered"]
+
+    await wait_until(delivered, timeout=20)
+    [delivery] = await deliveries(svc, hook)
+    await receiver.stop()  # so that the redelivery cannot be delivered before the answer
+    response = await svc.client.post(
+        f"/api/v1/webhooks/{hook}/deliveries/{delivery['id']}/redeliver"
+    )
+    assert response.status_code == 202, response.text
+    again = response.json()
+    assert again is not None, "the answer is the delivery, not null"
+    assert again["id"] == delivery["id"]
+    assert again["message_id"] == delivery["message_id"]
+    assert again["status"] == "pending" and again["finished_at"] is None
+    assert again["next_attempt_at"] is not None
+    assert again["created_at"] == delivery["created_at"]
+    assert again["payload"] == delivery["payload"]
+    assert again["attempts"][0]["attempt"] == 1  # its history stays
+    await receiver.start()
+    await wait_until(lambda: len(receiver.received) == 2, timeout=20)
+    assert receiver.received[1].message_id == delivery["message_id"]
+
+
+# -- 2. an id that is not a number is the resource's own 404 ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "code", "message"),
+    [
+        ("GET", "/api/v1/tasks/abc", "task_not_found", "no task 'abc' (the task id is an integer)"),
+        ("GET", "/api/v1/tasks/1.5/events", "task_not_found", "no task '1.5'"),
+        ("POST", "/api/v1/tasks/abc/cancel", "task_not_found", "no task 'abc'"),
+        ("POST", "/api/v1/tasks/abc/retry", "task_not_found", "no task 'abc'"),
+        ("GET", "/api/v1/webhooks/abc", "webhook_not_found", "no webhook 'abc'"),
+        ("DELETE", "/api/v1/webhooks/abc", "webhook_not_found", "no webhook 'abc'"),
+        ("GET", "/api/v1/webhooks/abc/deliveries", "webhook_not_found", "no webhook 'abc'"),
+        (
+            "POST",
+            "/api/v1/webhooks/1/deliveries/x/redeliver",
+            "webhook_not_found",
+            "webhook 1 has no delivery 'x' (the delivery id is an integer)",
+        ),
+        ("GET", "/api/v1/batches/abc", "batch_not_found", "no batch 'abc'"),
+        ("GET", "/api/v1/batches/abc/results", "batch_not_found", "no batch 'abc'"),
+    ],
+)
+async def test_an_id_that_is_not_a_number_is_the_resources_own_404(
+    service: Service, method: str, path: str, code: str, message: str
+) -> None:
+    response = await service.client.request(method, path)
+    assert response.status_code == 404, response.text
+    body = response.json()
+    assert (body["status"], body["code"]) == (404, code), body
+    assert body["message"].startswith(message), body
+
+
+async def test_a_task_id_that_is_not_a_number_answers_as_a_missing_number_does(
+    service: Service,
+) -> None:
+    numeric = (await service.client.get("/api/v1/tasks/424242")).json()
+    word = (await service.client.get("/api/v1/tasks/abc")).json()
+    assert set(word) == set(numeric)
+    assert (word["status"], word["code"], word["fields"]) == (
+        numeric["status"],
+        numeric["code"],
+        numeric["fields"],
+    )
+    # Other paths keep the generic answer.
+    other = await service.client.get("/api/v1/tasks/abc/nothing")
+    assert (other.status_code, other.json()["code"]) == (404, "not_found")
+
+
+# -- 3. a bad webhook URL is a request error, not a template parameter's ------------------------
+
+
+@pytest.mark.parametrize(
+    "url", ["not a url", "ftp://example.com/x", "http:///nohost", "http://127.0.0.1:9/hook"]
+)
+async def test_a_bad_webhook_url_has_the_code_of_other_body_fields(
+    service: Service, url: str
+) -> None:
+    response = await service.client.post("/api/v1/webhooks", json={"url": url})
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["code"] == "invalid_request", body
+    assert [f["field"] for f in body["fields"]] == ["url"]
+    # The same code as a bad field of another body (a schedule's).
+    schedule = await service.client.post(
+        "/api/v1/schedules", json={**SCHEDULE, "every": "1m", "timezone": "Atlantis/Capital"}
+    )
+    assert schedule.json()["code"] == body["code"]
+
+
+async def test_a_bad_callback_url_has_the_code_of_other_body_fields(service: Service) -> None:
+    body = {"template": "summarize", "params": {"text": "x"}, "callback_url": "not a url"}
+    response = await service.client.post("/api/v1/tasks", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == "invalid_request"
+    assert [f["field"] for f in response.json()["fields"]] == ["callback_url"]
+
+
+# -- 4. a string is not a number -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("template_version", "1", "must be an integer"),
+        ("priority", "5", "must be an integer"),
+        ("max_attempts", "2", "must be an integer"),
+        ("delay", "1.5", "must be a number"),
+        ("timeout", "30", "must be a number"),
+        ("cache", "true", "must be true or false"),
+        ("template_version", 1.5, "must be an integer"),
+        ("priority", True, "must be an integer"),
+    ],
+)
+async def test_a_submit_field_of_the_wrong_json_type_is_refused_not_converted(
+    service: Service, field: str, value: Any, says: str
+) -> None:
+    body = {"template": "summarize", "params": {"text": "x"}, field: value}
+    response = await service.client.post("/api/v1/tasks", json=body)
+    assert response.status_code == 400, response.text
+    answer = response.json()
+    assert answer["code"] == "invalid_request"
+    [problem] = answer["fields"]
+    assert problem["field"] == field
+    assert says in problem["message"], problem
+    assert (await service.client.get("/api/v1/tasks")).json()["items"] == []
+
+
+async def test_a_submit_with_every_field_of_its_own_type_is_still_accepted(
+    service: Service,
+) -> None:
+    body = {
+        "template": "summarize",
+        "params": {"text": "x", "sentences": 2},
+        "template_version": 1,
+        "priority": 5,
+        "max_attempts": 2,
+        "delay": 1,  # an integer is a number
+        "timeout": 30.5,
+        "cache": False,
+        "model": "llama3.2",
+        "idempotency_key": "k-1",
+    }
+    response = await service.client.post("/api/v1/tasks", json=body)
+    assert response.status_code == 201, response.text
+    task = response.json()
+    assert (task["template_version"], task["priority"], task["max_attempts"]) == (1, 5, 2)
+    timed = {"template": "summarize", "params": {"text": "x"}, "run_at": "2030-01-01T00:00:00Z"}
+    assert (await service.client.post("/api/v1/tasks", json=timed)).status_code == 201
+
+
+async def test_a_webhook_change_of_the_wrong_json_type_is_refused_not_converted(
+    loopback_service: Service,
+) -> None:
+    svc = loopback_service
+    made = await svc.client.post("/api/v1/webhooks", json={"url": "http://127.0.0.1:9/hook"})
+    assert made.status_code == 201, made.text
+    path = f"/api/v1/webhooks/{made.json()['id']}"
+    response = await svc.client.patch(path, json={"enabled": "false"})
+    assert response.status_code == 400, response.text
+    assert response.json()["fields"] == [
+        {"field": "enabled", "message": "must be true or false, not a string"}
+    ]
+    assert (await svc.client.get(path)).json()["enabled"] is True
+
+
+# -- 5. a number out of range is named by its own path -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ('{"i": 1e400}', "params.i"),
+        ('{"text": "x", "i": -1e400}', "params.i"),
+        ('{"a": {"b": [1, 2, 1E999]}}', "params.a.b[2]"),
+    ],
+)
+async def test_a_number_out_of_range_in_params_is_named_by_its_path(
+    service: Service, raw: str, field: str
+) -> None:
+    content = b'{"template": "summarize", "params": ' + raw.encode() + b"}"
+    response = await service.client.post(
+        "/api/v1/tasks", content=content, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert body["code"] == "invalid_request"
+    [problem] = body["fields"]
+    assert problem["field"] == field, body
+    assert "out of range" in problem["message"]
+    assert body["message"].startswith(f"{field}: ")
+
+
+# -- 6. the feed of a template that does not exist -----------------------------------------------
+
+
+async def test_the_feed_of_an_unknown_template_is_a_404_before_the_stream(
+    service: Service,
+) -> None:
+    async with asyncio.timeout(10):
+        async with service.client.stream("GET", "/api/v1/events?template=nope") as response:
+            assert response.status_code == 404
+            body = json.loads(await response.aread())
+    assert body["code"] == "template_not_found"
+    assert "nope" in body["message"]
+    # As a webhook filtered by that template answers.
+    hook = await service.client.post(
+        "/api/v1/webhooks", json={"url": "https://example.com/x", "template": "nope"}
+    )
+    assert (hook.status_code, hook.json()["code"]) == (404, body["code"])
+
+
+async def test_the_feed_of_a_known_template_still_streams(service: Service) -> None:
+    async with asyncio.timeout(10):
+        async with service.client.stream(
+            "GET", "/api/v1/events?template=summarize&after=0"
+        ) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+
+
+# -- 7. time zones --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("zone", ["localtime", "posix/Europe/Paris", "right/UTC", "posixrules"])
+async def test_a_time_zone_that_is_no_iana_name_is_refused(service: Service, zone: str) -> None:
+    response = await service.client.post(
+        "/api/v1/schedules", json={**SCHEDULE, "cron": "0 9 * * *", "timezone": zone}
+    )
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert body["code"] == "invalid_request"
+    [problem] = body["fields"]
+    assert problem["field"] == "timezone"
+    assert "IANA" in problem["message"] and "Europe/Paris" in problem["message"]
+
+
+@pytest.mark.parametrize("zone", ["Europe/Paris", "UTC", "America/Argentina/Buenos_Aires"])
+async def test_iana_time_zones_are_accepted(service: Service, zone: str) -> None:
+    response = await service.client.post(
+        "/api/v1/schedules", json={**SCHEDULE, "cron": "0 9 * * *", "timezone": zone}
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["timezone"] == zone
+
+
+async def test_every_keeps_a_time_zone_it_ignores(service: Service) -> None:
+    """Kept, not refused: a cron schedule changed to ``every`` by PATCH keeps its zone."""
+    made = await service.client.post(
+        "/api/v1/schedules", json={**SCHEDULE, "cron": "0 9 * * *", "timezone": "Europe/Paris"}
+    )
+    assert made.status_code == 201, made.text
+    changed = await service.client.patch("/api/v1/schedules/s", json={"every": "1h"})
+    assert changed.status_code == 200, changed.text
+    assert (changed.json()["every"], changed.json()["cron"]) == ("1h", None)
+    assert changed.json()["timezone"] == "Europe/Paris"
