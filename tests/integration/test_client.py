@@ -315,7 +315,8 @@ async def _webhooks_deliveries(api: Api, receiver: Receiver, hook: int) -> None:
     assert [d.task_id for d in deliveries] == [3, 2, 2, 1]  # newest first, over two pages
     assert all(d.type == "task.finished" for d in deliveries)
     count = len(receiver.received)
-    await api.do("redeliver", hook, deliveries[0].id)
+    queued = await api.do("redeliver", hook, deliveries[0].id)
+    assert (queued.id, queued.status) == (deliveries[0].id, "pending")
     await wait_until(lambda: len(receiver.received) == count + 1, timeout=30)
     assert receiver.received[-1].message_id == deliveries[0].message_id
     paused = await api.do("update_webhook", hook, enabled=False, template="summarize")
@@ -342,6 +343,8 @@ async def _schedules(api: Api) -> None:
     assert hourly.every == "1h30m"
     paused = await api.do("update_schedule", made.id, enabled=False)
     assert paused.enabled is False and paused.next_fire_at is None
+    ran = await api.do("run_schedule", "hourly")  # paused or not: its task now
+    assert ran.template == "summarize" and ran.params["text"] == "x"
     with pytest.raises(BadRequest) as bad:
         await api.do("update_schedule", "hourly", cron="61 * * * *")
     assert (bad.value.status, bad.value.field) == (400, "cron")

@@ -148,6 +148,9 @@ async def test_every_takes_a_number_of_seconds_as_the_docs_say(idle: Service) ->
         ({"every": "1m", "priority": 10_000}, 400, "priority"),
         ({"every": "1m", "colour": "red"}, 400, None),
         ({"every": "1m", "options": {"timeout": -1}}, 400, None),
+        # Of the wrong JSON type: refused, not converted (a string took as a number before).
+        ({"every": "1m", "priority": "3"}, 400, "priority"),
+        ({"every": "1m", "enabled": "false"}, 400, "enabled"),
     ],
 )
 async def test_bad_schedules_get_a_4xx_naming_the_field(

@@ -13,6 +13,7 @@ from litestar.params import FromPath, JSONBody
 
 from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
+from orchestra.api.schemas import StrictBodyRequest
 from orchestra.auth import Caller
 from orchestra.scheduler import ScheduleService
 from orchestra.schedules import ScheduleChanges, ScheduleSpec
@@ -38,6 +39,7 @@ class ScheduleController(Controller):
         opt={"scope": "submit"},
         status_code=201,
         summary="Create a schedule",
+        request_class=StrictBodyRequest,
         responses=errors(400, 404, 409, 413, 422, 507),
     )
     async def create(
@@ -90,6 +92,7 @@ class ScheduleController(Controller):
         "/{ref:str}",
         opt={"scope": "submit"},
         summary="Change a schedule",
+        request_class=StrictBodyRequest,
         responses=errors(400, 404, 409, 413, 422, 507),
     )
     async def change(

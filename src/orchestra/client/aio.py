@@ -348,9 +348,9 @@ class AsyncClient:
                 return
             cursor = page.next_cursor
 
-    async def redeliver(self, webhook_id: int, delivery_id: int) -> None:
-        """Send a delivery again now, with the same id and body."""
-        await self._send(core.redeliver(webhook_id, delivery_id))
+    async def redeliver(self, webhook_id: int, delivery_id: int) -> DeliveryOut:
+        """Send a delivery again now, with the same id and body; the delivery, queued."""
+        return await self._send(core.redeliver(webhook_id, delivery_id))
 
     async def callback_secret(self) -> str:
         """The secret that signs deliveries to tasks' ``callback_url``."""

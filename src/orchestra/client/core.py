@@ -43,6 +43,7 @@ from orchestra.wire.tasks import SubmitTask
 from orchestra.wire.webhooks import (
     CallbackSecretOut,
     DeliveryList,
+    DeliveryOut,
     WebhookCreated,
     WebhookList,
     WebhookOut,
@@ -493,9 +494,10 @@ def deliveries_page(webhook_id: int, limit: int, cursor: str | None) -> Call[Del
     )
 
 
-def redeliver(webhook_id: int, delivery_id: int) -> Call[None]:
+def redeliver(webhook_id: int, delivery_id: int) -> Call[DeliveryOut]:
+    """POST …/redeliver: the delivery, queued to be sent again."""
     path = f"/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver"
-    return Call("POST", path, _nothing, ok=frozenset({202}))
+    return Call("POST", path, _as(DeliveryOut), ok=frozenset({202}))
 
 
 def callback_secret() -> Call[str]:

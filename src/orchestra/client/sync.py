@@ -333,9 +333,9 @@ class Client:
                 return
             cursor = page.next_cursor
 
-    def redeliver(self, webhook_id: int, delivery_id: int) -> None:
-        """Send a delivery again now, with the same id and body."""
-        self._send(core.redeliver(webhook_id, delivery_id))
+    def redeliver(self, webhook_id: int, delivery_id: int) -> DeliveryOut:
+        """Send a delivery again now, with the same id and body; the delivery, queued."""
+        return self._send(core.redeliver(webhook_id, delivery_id))
 
     def callback_secret(self) -> str:
         """The secret that signs deliveries to tasks' ``callback_url``."""
