@@ -22,7 +22,7 @@ from orchestra.config import Settings
 from orchestra.db import Database
 from orchestra.db.schedules import latest_fires_query
 from orchestra.web import batch_pages, webhook_pages
-from tests.conftest import Service, StartService, make_keys, make_settings
+from tests.conftest import Service, StartService, make_keys
 from tests.fixtures.browser import new_page
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import wait_until
@@ -30,8 +30,18 @@ from tests.fixtures.webhook_receiver import Receiver
 from tests.integration.test_batches import batch_settings as batch_settings
 from tests.integration.test_batches import finished, upload
 from tests.integration.test_batches import svc as svc
-from tests.integration.test_schedules import START, Clock, clock_of, create, fire_due, no_workers
-from tests.integration.test_webhooks import QUICK, subscribe, with_webhooks
+from tests.integration.test_schedules import (
+    START,
+    clock_of,
+    create,
+    fire_due,
+    no_workers,
+    schedule_of_a_gone_template,
+)
+from tests.integration.test_schedules import idle as idle  # (a fixture)
+from tests.integration.test_webhooks import loopback_service as loopback_service  # (fixtures)
+from tests.integration.test_webhooks import receiver as receiver
+from tests.integration.test_webhooks import subscribe
 
 if TYPE_CHECKING:
     from playwright.async_api import Browser
@@ -49,34 +59,6 @@ def row_of(html: str, attribute: str, value: object) -> str:
     found = re.search(rf'<tr data-{attribute}="{value}">(.*?)</tr>', html, re.S)
     assert found is not None, f"no row {attribute}={value}"
     return text_of(found.group(1))
-
-
-@pytest.fixture
-async def idle(settings: Settings, start_service: StartService) -> AsyncIterator[Service]:
-    """A service without workers whose schedules fire when the test says, on its clock."""
-    async with start_service(no_workers(settings)) as svc:
-        svc.app.runtime.schedules.clock = Clock(START)
-        yield svc
-
-
-@pytest.fixture
-async def hooked(
-    db_url: str, fake_ollama: FakeOllama, start_service: StartService
-) -> AsyncIterator[Service]:
-    """A service that may send webhooks to loopback, retrying quickly."""
-    settings = with_webhooks(make_settings(db_url, fake_ollama.url), allow_private=True, **QUICK)
-    async with start_service(settings) as svc:
-        yield svc
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    hooks = Receiver()
-    await hooks.start()
-    try:
-        yield hooks
-    finally:
-        await hooks.stop()
 
 
 # -- schedules -------------------------------------------------------------------------------
@@ -144,15 +126,7 @@ async def test_a_schedule_is_paused_and_resumed_from_its_page(idle: Service) -> 
 
 
 async def test_a_resume_the_template_no_longer_allows_is_said_on_the_page(idle: Service) -> None:
-    template = (
-        "name: temporary\nversion: 1\nmodel: default\n"
-        "parameters: {text: {type: string, required: true}}\n"
-        "steps:\n  - id: s\n    prompt: '{{ params.text }}'\n"
-    )
-    registered = await idle.client.post("/api/v1/templates", content=template.encode())
-    assert registered.status_code == 201, registered.text
-    made = await create(idle, every="1m", template="temporary")
-    assert (await idle.client.delete("/api/v1/templates/temporary")).status_code == 204
+    made = await schedule_of_a_gone_template(idle)
     page = f"/ui/schedules/{made['id']}"
     assert (await idle.client.post(f"{page}/pause", headers=SAME_SITE)).status_code == 303
     refused = await idle.client.post(f"{page}/resume", headers=SAME_SITE)
@@ -199,8 +173,9 @@ async def test_each_schedules_latest_tick_is_found_by_index_not_by_a_scan(
 
 
 async def test_a_subscriptions_deliveries_are_listed_sent_again_and_paused(
-    hooked: Service, receiver: Receiver
+    loopback_service: Service, receiver: Receiver
 ) -> None:
+    hooked = loopback_service  # (the fixture's name, shorter)
     hook_id = await subscribe(hooked, receiver, event_types=["task.finished"])
     listed = await hooked.client.get("/ui/webhooks")
     assert "none yet" in row_of(listed.text, "webhook", hook_id)
@@ -245,8 +220,9 @@ async def test_a_subscriptions_deliveries_are_listed_sent_again_and_paused(
 
 
 async def test_deliveries_come_in_pages_and_bad_addresses_get_an_error_page(
-    hooked: Service, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+    loopback_service: Service, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    hooked = loopback_service  # (the fixture's name, shorter)
     monkeypatch.setattr(webhook_pages, "PAGE_SIZE", 3)
     hook_id = await subscribe(hooked, receiver, event_types=["task.finished"])
     for n in range(4):
@@ -456,8 +432,9 @@ async def test_a_batch_still_uploading_says_so_and_its_cancel_says_what_it_did(
 @pytest.mark.browser
 @pytest.mark.timeout(120)
 async def test_pause_and_resume_a_schedule_and_a_subscription_in_a_browser(
-    hooked: Service, receiver: Receiver, browser: Browser
+    loopback_service: Service, receiver: Receiver, browser: Browser
 ) -> None:
+    hooked = loopback_service  # (the fixture's name, shorter)
     from playwright.async_api import expect
 
     made = await create(hooked, every="1h")

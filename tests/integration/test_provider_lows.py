@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,14 +21,14 @@ from orchestra.config import Settings
 from orchestra.errors import ProviderUnavailable
 from tests.conftest import Service, StartService, with_provider
 from tests.fixtures.fake_ollama import Failure, FakeOllama
-from tests.fixtures.fake_openai import FakeOpenAI, running_fake_openai
+from tests.fixtures.fake_openai import FakeOpenAI
 from tests.fixtures.real_model import REAL_MODEL
 from tests.fixtures.servers import free_socket, wait_until
 from tests.fixtures.sse import read_events
 from tests.integration.test_metrics import Scrape, scrape
+from tests.integration.test_providers import KEY, routed
+from tests.integration.test_providers import fake_openai as fake_openai  # (a fixture)
 from tests.integration.test_providers_answers import REQUEST, call, provider_at, raw, sends
-
-KEY = "sk-test-lows"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,20 +39,6 @@ def real_model(test: F) -> F:
     for mark in REAL_MODEL:
         test = mark(test)
     return test
-
-
-@pytest.fixture
-async def fake_openai() -> AsyncIterator[FakeOpenAI]:
-    async with running_fake_openai(api_key=KEY) as fake:
-        yield fake
-
-
-def chained(settings: Settings, fake_openai: FakeOpenAI, *chain: str) -> Settings:
-    """Settings with the fake OpenAI server as provider ``oai`` and ``default`` = ``chain``."""
-    settings = with_provider(
-        settings, "oai", kind="openai", url=fake_openai.url, api_key_env="OAI_KEY", timeout=10
-    )
-    return msgspec.structs.replace(settings, models={**settings.models, "default": list(chain)})
 
 
 async def run_once(svc: Service, **body: Any) -> dict[str, Any]:
@@ -77,7 +63,7 @@ async def test_a_chain_whose_every_entry_fails_records_each_entry_on_the_failed_
     dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
         routes = with_provider(
-            chained(settings, fake_openai, "ollama/llama3.2", "oai/gpt-fake"), "ollama", url=dead
+            routed(settings, fake_openai, "ollama/llama3.2", "oai/gpt-fake"), "ollama", url=dead
         )
         async with start_service(routes, env={"OAI_KEY": KEY}) as svc:
             fake_openai.failure = Failure(400, "this gateway refuses the request")
@@ -144,7 +130,7 @@ async def test_each_entry_a_chain_moves_past_is_counted_with_why(
     start_service: StartService,
 ) -> None:
     fallbacks = "orchestra_model_fallbacks_total"
-    routes = chained(settings, fake_openai, "ollama/llama3.2", "oai/gpt-fake")
+    routes = routed(settings, fake_openai, "ollama/llama3.2", "oai/gpt-fake")
     async with start_service(routes, env={"OAI_KEY": KEY}) as svc:
         before = await scrape(svc.client)
         fake_ollama.failure = Failure(503, "server busy, please try again", times=1)
@@ -211,7 +197,7 @@ async def test_an_openai_gateway_that_ignores_stream_is_read_as_a_whole_answer(
     fake_openai.ignore_stream = True
     fake_openai.finish_reason = "length"
     async with start_service(
-        chained(settings, fake_openai, "oai/gpt-fake"), env={"OAI_KEY": KEY}
+        routed(settings, fake_openai, "oai/gpt-fake"), env={"OAI_KEY": KEY}
     ) as svc:
         done = await run_once(svc, params={"text": "The cat sat on the mat."})
         url = f"/api/v1/tasks/{done['id']}/events"

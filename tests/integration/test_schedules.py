@@ -301,16 +301,22 @@ async def test_after_downtime_catch_up_latest_fires_once_for_the_missed_ticks(
     assert sql_rows(db_url, "SELECT count(*) FROM tasks") == [(1,)]
 
 
-async def test_a_tick_whose_template_is_gone_is_recorded_as_failed(idle: Service) -> None:
+async def schedule_of_a_gone_template(svc: Service) -> dict[str, Any]:
+    """The schedule ``digest`` (every minute) of a template ``temporary`` deleted since."""
     template = (
         "name: temporary\nversion: 1\nmodel: default\n"
         "parameters: {text: {type: string, required: true}}\n"
         "steps:\n  - id: s\n    prompt: '{{ params.text }}'\n"
     )
-    registered = await idle.client.post("/api/v1/templates", content=template.encode())
+    registered = await svc.client.post("/api/v1/templates", content=template.encode())
     assert registered.status_code == 201, registered.text
-    await create(idle, every="1m", template="temporary")
-    assert (await idle.client.delete("/api/v1/templates/temporary")).status_code == 204
+    made = await create(svc, every="1m", template="temporary")
+    assert (await svc.client.delete("/api/v1/templates/temporary")).status_code == 204
+    return made
+
+
+async def test_a_tick_whose_template_is_gone_is_recorded_as_failed(idle: Service) -> None:
+    await schedule_of_a_gone_template(idle)
     clock_of(idle).advance(60)
     await fire_due(idle)
     [fire] = await fires(idle, "digest")
