@@ -73,14 +73,20 @@ def over_limit(max_line: int) -> str:
 
 async def _lines(chunks: AsyncIterator[bytes], max_line: int) -> AsyncIterator[str | Overlong]:
     """The body's text lines (UTF-8, a BOM dropped), newline kept, without holding more than
-    one line: a line over ``max_line`` bytes comes as an :class:`Overlong`, unread."""
+    one line: a line over ``max_line`` bytes comes as an :class:`Overlong`, unread.
+
+    Raises:
+        InvalidRequest: the body stops being UTF-8 (a bad byte, or a body cut inside a
+            character): every line before it was given, and the error names its line and
+            its byte offset in the body.
+    """
     decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="strict")
     splitter = _Splitter(max_line)
     read = 0  # bytes of the body before this chunk
     newlines = 0
-    async for chunk in chunks:
+    async for chunk, final in _ended(chunks):
         try:
-            text = decoder.decode(chunk)
+            text = decoder.decode(chunk, final=final)
         except UnicodeDecodeError as exc:
             # The lines before the bad byte's are rows like any other; then the error, with
             # where the byte is in the body (``exc.object`` ends where the chunk ends).
@@ -90,7 +96,7 @@ async def _lines(chunks: AsyncIterator[bytes], max_line: int) -> AsyncIterator[s
             offset = read + len(chunk) - (len(exc.object) - exc.start)
             where = f"line {newlines + before.count(chr(10)) + 1}"
             raise InvalidRequest(
-                f"body: not UTF-8 at {where} (byte {offset:,} of the body: "
+                f"body: not UTF-8 at {where} (byte offset {offset:,} in the body: "
                 f"0x{exc.object[exc.start]:02x})",
                 [FieldProblem("body", f"not UTF-8 at {where}")],
             ) from None
@@ -98,8 +104,15 @@ async def _lines(chunks: AsyncIterator[bytes], max_line: int) -> AsyncIterator[s
         newlines += text.count("\n")
         for line in splitter.feed(text):
             yield line
-    for line in [*splitter.feed(decoder.decode(b"", final=True)), *splitter.end()]:
+    for line in splitter.end():
         yield line
+
+
+async def _ended(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[bytes, bool]]:
+    """Each chunk, then an empty last one marked final (a decoder's end)."""
+    async for chunk in chunks:
+        yield chunk, False
+    yield b"", True
 
 
 async def jsonl_rows(chunks: AsyncIterator[bytes], max_line: int) -> AsyncIterator[InputRow]:

@@ -427,7 +427,8 @@ class BatchService:
         self, batch_id: int, statuses: Iterable[str] = (TaskStatus.FAILED.value,)
     ) -> BulkOutcome:
         """Queue the batch's rows in ``statuses`` again: failed ones (the default), cancelled
-        ones (to resume a cancelled batch), or both.
+        ones (to resume a cancelled batch: it is no longer cancelled, and rows its upload
+        stores from then on are queued), or both.
 
         Raises:
             BatchNotFound: no batch has this id.
@@ -439,6 +440,8 @@ class BatchService:
             problem = "each must be failed or cancelled"
             raise InvalidRequest(f"statuses: {problem}", [FieldProblem("statuses", problem)])
         await self.get(batch_id)
+        if TaskStatus.CANCELLED.value in wanted:  # resumed: no longer cancelled
+            await self.store.db.transaction(lambda c: db.clear_cancelled(c, batch_id))
         return await self._walk(batch_id, wanted, self.bulk.retry_tasks, "retry")
 
     async def _walk(

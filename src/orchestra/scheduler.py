@@ -25,7 +25,6 @@ from orchestra.errors import (
     ConflictError,
     InvalidRequest,
     NotFoundError,
-    StorageError,
 )
 from orchestra.schedules import (
     Schedule,
@@ -332,8 +331,10 @@ class ScheduleLoop:
     async def run(self) -> None:
         """Fire, sleep until the next tick, repeat; a failure is logged and tried again."""
         outage = logs.Outage(log, "scheduler.step_failed")
-        with contextlib.suppress(StorageError):  # only the counters' zeros wait for it
+        try:  # the tick counters' zeros: nothing worth stopping the loop for
             metrics.schedules_known(s.name for s in await self.service.list())
+        except Exception as exc:
+            log.warning("scheduler.counters_not_started", error=str(exc) or type(exc).__name__)
         while True:
             try:
                 pause = await self.step()

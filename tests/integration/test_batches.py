@@ -375,7 +375,7 @@ async def test_a_byte_that_is_not_utf8_keeps_every_row_before_its_line_and_names
     assert response.status_code == 400, response.text
     error = response.json()
     offset = len(good) + 4
-    assert f"not UTF-8 at line 3002 (byte {offset:,} of the body: 0xff)" in error["message"]
+    assert f"not UTF-8 at line 3002 (byte offset {offset:,} in the body: 0xff)" in error["message"]
     assert error["fields"] == [{"field": "body", "message": "not UTF-8 at line 3002"}]
     (batch,) = (await idle.client.get("/api/v1/batches")).json()["items"]
     assert batch["rows"] == 3000 and "keeps the 3000 rows read before" in error["message"]
@@ -422,6 +422,17 @@ async def test_rows_read_after_a_cancel_are_cancelled_not_queued(idle: Service) 
     batch_id = response.json()["batch"]["id"]
     progress = (await idle.client.get(f"/api/v1/batches/{batch_id}")).json()
     assert progress["counts"] == rows_by_status(cancelled=100), progress["counts"]
+
+
+async def test_a_body_cut_inside_a_character_is_named_as_any_bad_byte(idle: Service) -> None:
+    body = b"text\nrow one\nrow \xe2\x82"  # the euro sign, cut after two of its three bytes
+    response = await idle.client.post(
+        "/api/v1/batches", params={"template": "rowjob", "format": "csv"}, content=body
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()
+    assert "not UTF-8 at line 3 (byte offset 17 in the body: 0xe2)" in error["message"], error
+    assert "keeps the 1 rows read before" in error["message"]
 
 
 async def test_an_upload_cut_short_by_an_error_leaves_no_batch_loading(
@@ -517,6 +528,7 @@ async def test_retry_of_the_cancelled_rows_resumes_a_cancelled_batch(idle: Servi
     assert resumed.json()["changed"] == 30
     progress = (await idle.client.get(f"/api/v1/batches/{batch_id}")).json()
     assert progress["counts"] == rows_by_status(queued=30)
+    assert progress["batch"]["cancelled_at"] is None  # resumed: no longer cancelled
     both = await idle.client.post(retry, params=[("statuses", "failed"), ("statuses", "cancelled")])
     assert both.status_code == 200 and both.json()["changed"] == 0  # all queued now
     wrong = await idle.client.post(retry, params={"statuses": "succeeded"})

@@ -17,7 +17,7 @@ from orchestra.config import Settings
 from orchestra.db import Database, Lease, TaskStore
 from orchestra.domain import NewTask
 from orchestra.feed import EventFeed
-from orchestra.web import task_pages
+from orchestra.web import notices, task_pages
 from tests.conftest import Service, StartService, make_keys, sql_rows, with_workers
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import wait_until
@@ -210,7 +210,7 @@ async def test_bad_numbers_and_times_in_a_query_are_400s_naming_the_field(
 
 
 async def test_a_notice_with_a_count_that_is_no_number_is_left_out(service: Service) -> None:
-    cookie = task_pages.NOTICE_COOKIE
+    cookie = notices.NOTICE_COOKIE
     for n in ("x", "-1", TOO_BIG + TOO_BIG):
         answer = await service.client.get("/ui/tasks", headers={"cookie": f"{cookie}=cancel.{n}"})
         assert answer.status_code == 200

@@ -134,6 +134,10 @@ def add_rows(
     numbers = [r.row for r in valid] + [r.row for r in refused]
     if not numbers:
         return []
+    # First, with the batch's row locked (PostgreSQL; SQLite's writes are serial anyway): a
+    # cancel commits before this chunk (whose rows are then cancelled here) or after it (its
+    # walk then sees them), never in between.
+    cancelled = _cancelled(conn, batch_id)
     present = set(
         conn.execute(
             select(batch_rows.c.row_no).where(
@@ -168,16 +172,16 @@ def add_rows(
         for entry in entries:
             entry.setdefault("error", None)
         conn.execute(batch_rows.insert(), entries)
-    if queued and _cancelled(conn, batch_id):
+    if queued and cancelled:
         bulk.cancel(conn, queued, at)
         return []
     return queued
 
 
 def _cancelled(conn: Connection, batch_id: int) -> bool:
-    """Whether the batch was cancelled (by primary key)."""
-    at = conn.execute(select(batches.c.cancelled_at).where(batches.c.id == batch_id)).scalar()
-    return at is not None
+    """Whether the batch was cancelled, its row locked until the transaction ends."""
+    query = select(batches.c.cancelled_at).where(batches.c.id == batch_id).with_for_update()
+    return conn.execute(query).scalar() is not None
 
 
 #: The columns a row's task is written with (a submit's: :data:`~orchestra.db.queue`).
@@ -240,6 +244,11 @@ def mark_loaded(conn: Connection, batch_id: int, at: str) -> dict[str, Any]:
         .one()
     )
     return dict(row)
+
+
+def clear_cancelled(conn: Connection, batch_id: int) -> None:
+    """The batch is resumed: rows its upload stores from now on are queued again."""
+    conn.execute(update(batches).where(batches.c.id == batch_id).values(cancelled_at=None))
 
 
 def mark_cancelled(conn: Connection, batch_id: int, at: str) -> None:

@@ -396,7 +396,7 @@ class ScheduleStore:
 def latest_fires_query() -> Any:
     """Each schedule's latest tick, found by the primary key of ``schedule_fires``: one
     index step per schedule, however many ticks are kept. The step is MATERIALIZED: flattened
-    into the join, SQLite scanned every tick kept (480 ms for 900,000; 5 ms this way)."""
+    into the join, SQLite scanned every tick kept."""
     f = schedule_fires.c
     each = schedule_fires.alias("each_fire")
     newest = (

@@ -16,14 +16,9 @@ from orchestra.batches import Progress
 from orchestra.bulk import BulkOutcome
 from orchestra.db.batches import FailedRow
 from orchestra.domain import TaskStatus
+from orchestra.web.forms import whole
+from orchestra.web.notices import NOTICE_COOKIE, notice_cookie, notice_text, notice_value
 from orchestra.web.render import links, page
-from orchestra.web.task_pages import (
-    NOTICE_COOKIE,
-    notice_cookie,
-    notice_text,
-    notice_value,
-    whole,
-)
 from orchestra.web.views import duration
 
 #: Batches on one page of the list.
@@ -32,15 +27,16 @@ PAGE_SIZE = 25
 FAILURES_SHOWN = 10
 #: Rows per second between a live batch page's refreshes (see :func:`refresh_seconds`).
 ROWS_PER_SECOND = 20_000
+#: The status of an answer that tells htmx to stop polling (a batch with nothing to follow).
+STOP_POLLING = 286
 #: The order a batch's rows are counted in on its pages.
 SHOWN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "invalid", "deleted")
 
 
 def refresh_seconds(rows: int) -> int:
-    """How often a live batch page fetches its body again: every 2 seconds, and one second
-    more per :data:`ROWS_PER_SECOND` rows, up to a minute (its counts are read over every
-    row: about 0.8 s for a million on SQLite, so an open page costs at most about 2 % of a
-    core)."""
+    """How often a live batch page fetches its body again, in seconds: 2, or one per
+    :data:`ROWS_PER_SECOND` rows when that is more, up to a minute (its counts are read over
+    every row, so a bigger batch is read less often)."""
     return max(2, min(60, rows // ROWS_PER_SECOND))
 
 
@@ -87,13 +83,11 @@ class BatchPages(Controller):
         while rows are queued or running."""
         context = await _batch(request, batch_id)
         flashed = request.cookies.get(NOTICE_COOKIE)
-        counts = context["p"].counts
         return page(
             request,
             "batch.html",
             section="batches",
-            live=bool(counts["queued"] or counts["running"] or context["b"].status == "loading"),
-            refresh_seconds=refresh_seconds(context["b"].rows),
+            refresh_seconds=refresh_seconds(max(context["b"].rows, context["so_far"])),
             notice=notice_text(flashed),
             cookies=[notice_cookie(request, "")] if flashed is not None else None,
             **context,
@@ -101,8 +95,11 @@ class BatchPages(Controller):
 
     @get("/{batch_id:int}/body")
     async def body(self, request: Request[Any, Any, Any], batch_id: FromPath[int]) -> Template:
-        """A batch's page without its frame (what the live page swaps in)."""
-        return page(request, "_batch_body.html", **await _batch(request, batch_id))
+        """A batch's page without its frame (what the live page swaps in); once nothing is
+        left to follow, with status 286, htmx's "stop polling"."""
+        context = await _batch(request, batch_id)
+        status = 200 if context["live"] else STOP_POLLING
+        return page(request, "_batch_body.html", status_code=status, **context)
 
     @get("/{batch_id:int}/results")
     async def results(
@@ -151,10 +148,12 @@ async def _batch(request: Request[Any, Any, Any], batch_id: int) -> dict[str, An
     service = runtime_of(request.scope).batches
     progress = await service.progress(batch_id)
     failures = await service.failures(progress, FAILURES_SHOWN)
+    counts, batch = progress.counts, progress.batch
     return {
         "p": progress,
-        "b": progress.batch,
+        "b": batch,
         "so_far": _so_far(progress),
+        "live": bool(counts["queued"] or counts["running"] or batch.status == "loading"),
         "eta": _eta(progress.eta_seconds),
         "statuses": SHOWN_STATUSES,
         "failures": [{"row": f, "error": _error_text(f)} for f in failures],

@@ -17,7 +17,8 @@ from typing import Any
 
 import msgspec
 
-from orchestra.errors import FieldProblem
+from orchestra.errors import FieldProblem, InvalidRequest
+from orchestra.tasks import MAX_ID
 
 #: Strings whose description or bounds suggest long text get a textarea.
 _LONG = 200
@@ -205,3 +206,21 @@ def params_from_form(schema: Mapping[str, Any], form: Mapping[str, list[str]]) -
         else:
             params[name] = text
     return params
+
+
+def whole(text: str, field: str, *, least: int = 1) -> int:
+    """A number given as text: an id (from 1), or with ``least=0`` an event number or a count.
+
+    Raises:
+        InvalidRequest: ``text`` is not ASCII digits, or the number is below ``least`` or
+            above :data:`~orchestra.tasks.MAX_ID` (it would overflow SQLite's INTEGER).
+    """
+    # isdigit() alone lets "²" through; the length check keeps int() from huge strings.
+    digits = text.isascii() and text.isdigit() and len(text) <= len(str(MAX_ID))
+    number = int(text) if digits else -1
+    if not least <= number <= MAX_ID:
+        raise InvalidRequest(
+            f"{field}: {text!r} is not a whole number from {least} to {MAX_ID}",
+            [FieldProblem(field, "not a whole number in range")],
+        )
+    return number

@@ -8,17 +8,23 @@ from typing import Any, cast
 
 import msgspec
 from litestar import Controller, Request, get, post
-from litestar.datastructures import Cookie
 from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect, ServerSentEvent, ServerSentEventMessage, Template
 from markupsafe import escape
 
 from orchestra.api.scope import runtime_of
-from orchestra.bulk import Action, BulkOutcome
+from orchestra.bulk import Action
 from orchestra.domain import TaskFilter, TaskStatus, as_utc, now
 from orchestra.errors import FieldProblem, InvalidRequest
 from orchestra.event_types import EventType
-from orchestra.tasks import MAX_ID
+from orchestra.web.forms import whole
+from orchestra.web.notices import (
+    ACTIONS,
+    NOTICE_COOKIE,
+    notice_cookie,
+    notice_text,
+    notice_value,
+)
 from orchestra.web.render import bounded, links, page
 from orchestra.web.views import until, visible
 
@@ -26,10 +32,7 @@ PAGE_SIZE = 50
 #: The time range presets of the filter form.
 SINCE = {"15m": 15, "1h": 60, "24h": 24 * 60, "7d": 7 * 24 * 60, "30d": 30 * 24 * 60}
 #: The bulk actions.
-ELIGIBLE = ("cancel", "retry")
-#: The cookie that carries what a bulk action did to the page it redirects to, once (not the
-#: address: a reload would say it again, and anyone could write a link claiming anything).
-NOTICE_COOKIE = "orchestra_notice"
+ELIGIBLE = ACTIONS
 
 
 def _action(value: object) -> Action:
@@ -54,24 +57,6 @@ class Filters(msgspec.Struct, frozen=True):
 
     given: dict[str, str]
     filter: TaskFilter
-
-
-def whole(text: str, field: str, *, least: int = 1) -> int:
-    """A number given as text: an id (from 1), or with ``least=0`` an event number or a count.
-
-    Raises:
-        InvalidRequest: ``text`` is not ASCII digits, or the number is below ``least`` or
-            above :data:`~orchestra.tasks.MAX_ID` (it would overflow SQLite's INTEGER).
-    """
-    # isdigit() alone lets "²" through; the length check keeps int() from huge strings.
-    digits = text.isascii() and text.isdigit() and len(text) <= len(str(MAX_ID))
-    number = int(text) if digits else -1
-    if not least <= number <= MAX_ID:
-        raise InvalidRequest(
-            f"{field}: {text!r} is not a whole number from {least} to {MAX_ID}",
-            [FieldProblem(field, "not a whole number in range")],
-        )
-    return number
 
 
 def _time(text: str, field: str) -> datetime:
@@ -131,50 +116,6 @@ def filters_of(query: Any) -> Filters:
             created_to=created_to,
             text=given.get("q"),
         ),
-    )
-
-
-#: Why a bulk action left a task alone (what the action needs a task to be).
-SKIPPED_BECAUSE = {"cancel": "not queued or running", "retry": "not failed or cancelled"}
-
-
-def notice_value(action: str, outcome: BulkOutcome) -> str:
-    """What a bulk action did, as its notice cookie holds it: the action, the tasks it
-    changed at once, those it left alone, and the running ones it asked to stop."""
-    done_now = outcome.changed - outcome.stopping
-    return f"{action}.{done_now}.{outcome.skipped}.{outcome.stopping}"
-
-
-def notice_text(value: str | None) -> str:
-    """What the last bulk action did, from the cookie its redirect set (``cancel.1.2.3``: see
-    :func:`notice_value`); a value that is not an action and counts shows nothing."""
-    done, *counts = (value or "").split(".")
-    if done not in ELIGIBLE or not 1 <= len(counts) <= 3:
-        return ""
-    try:
-        count, left, stopping = (
-            whole(n, "n", least=0) for n in (*counts, *["0"] * (3 - len(counts)))
-        )
-    except InvalidRequest:
-        return ""
-    verb = "Cancelled" if done == "cancel" else "Queued again"
-    said = f"{verb}: {count} task{'s' if count != 1 else ''}"
-    if stopping:
-        said += f"; {stopping} running asked to stop (one may still finish first)"
-    if left:
-        said += f"; {left} skipped ({SKIPPED_BECAUSE[done]})"
-    return said + "."
-
-
-def notice_cookie(request: Request[Any, Any, Any], value: str) -> Cookie:
-    """The notice cookie holding ``value`` (an empty value with no age deletes it)."""
-    return Cookie(
-        key=NOTICE_COOKIE,
-        value=value,
-        path=links(request).base or "/",
-        max_age=60 if value else 0,
-        httponly=True,
-        samesite="strict",
     )
 
 

@@ -26,9 +26,8 @@ from orchestra.errors import (
 from orchestra.tasks import Priority, SubmitTask
 from orchestra.templating.model import Template as TaskTemplate
 from orchestra.templating.params import validate_params
-from orchestra.web.forms import fields, params_from_form
+from orchestra.web.forms import fields, params_from_form, whole
 from orchestra.web.render import links, page
-from orchestra.web.task_pages import whole
 
 log = logs.get("orchestra.web")
 

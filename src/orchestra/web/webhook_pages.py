@@ -11,8 +11,9 @@ from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect, Template
 
 from orchestra.api.scope import runtime_of
+from orchestra.web.forms import whole
+from orchestra.web.notices import NOTICE_COOKIE, notice_cookie
 from orchestra.web.render import links, page
-from orchestra.web.task_pages import NOTICE_COOKIE, notice_cookie, whole
 from orchestra.webhooks import WebhookChanges
 
 #: Deliveries shown on one page of a subscription's.
