@@ -20,6 +20,7 @@ from sqlalchemy.dialects import sqlite
 
 from orchestra.config import Settings
 from orchestra.db import Database
+from orchestra.db import webhooks as db_webhooks
 from orchestra.db.schedules import latest_fires_query
 from orchestra.web import batch_pages, webhook_pages
 from tests.conftest import Service, StartService, make_keys
@@ -266,6 +267,26 @@ async def test_deliveries_come_in_pages_and_bad_addresses_get_an_error_page(
         answer = await send(path, headers=SAME_SITE)
         assert answer.status_code == status, (path, answer.status_code)
         assert answer.headers["content-type"].startswith("text/html"), path
+
+
+async def test_the_waiting_deliveries_are_counted_up_to_a_cap(
+    loopback_service: Service, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A paused subscription's backlog may be large: the list counts it up to a cap, then
+    says "at least"."""
+    hooked = loopback_service
+    hook_id = await subscribe(hooked, receiver, event_types=["task.finished"])
+    await receiver.stop()  # nothing answers: the deliveries wait, retried
+    for n in range(3):
+        await hooked.wait((await hooked.submit("summarize", text=f"held {n}"))["id"])
+
+    async def waiting() -> str:
+        row = row_of((await hooked.client.get("/ui/webhooks")).text, "webhook", hook_id)
+        return row.split("active", 1)[1].split()[0]
+
+    assert await waiting() == "3"
+    monkeypatch.setattr(db_webhooks, "COUNT_CAP", 2)
+    assert await waiting() == "3+"
 
 
 async def test_only_an_admin_sees_webhooks_and_only_a_submitter_pauses_schedules(

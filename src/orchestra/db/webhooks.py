@@ -63,11 +63,18 @@ _w = webhooks
 PAUSED = "9999-12-31T23:59:59.999999Z"
 
 
+#: Waiting deliveries :meth:`WebhookStore.outlines` counts at most (a paused subscription may
+#: hold a large backlog, and the list is read on each view).
+COUNT_CAP = 100_000
+
+
 class Outline(msgspec.Struct, frozen=True):
-    """A subscription at a glance: its deliveries waiting to be sent (or retried), and its
-    latest delivery's status and when that was written or ended."""
+    """A subscription at a glance: its deliveries waiting to be sent (or retried; ``more``:
+    at least that many, the count stopped at :data:`COUNT_CAP`), and its latest delivery's
+    status and when that was written or ended."""
 
     waiting: int
+    more: bool
     last_status: DeliveryStatus
     last_at: str
 
@@ -527,12 +534,11 @@ class WebhookStore:
     async def outlines(self) -> dict[int, Outline]:
         """For a list of subscriptions: each one's deliveries waiting to be sent and its
         latest delivery (by subscription id; one without deliveries is left out). Both are
-        read by index: the waiting ones by status, the latest by (subscription, id)."""
-        waiting = (
-            select(_d.c.webhook_id, func.count().label("n"))
-            .where(_d.c.status == DeliveryStatus.PENDING.value)
-            .group_by(_d.c.webhook_id)
-        )
+        read by index: the waiting ones by status (at most :data:`COUNT_CAP` of them: past
+        it, the counts are lower bounds), the latest by (subscription, id)."""
+        pending = _d.c.status == DeliveryStatus.PENDING.value
+        some = select(_d.c.webhook_id).where(pending).limit(COUNT_CAP + 1).subquery()
+        waiting = select(some.c.webhook_id, func.count().label("n")).group_by(some.c.webhook_id)
         each = _d.alias("each_delivery")
         newest = (
             select(func.max(each.c.id))
@@ -548,11 +554,10 @@ class WebhookStore:
         async with self.db.read() as conn:
             counts = {r.webhook_id: r.n for r in (await conn.execute(waiting)).all()}
             rows = (await conn.execute(latest)).all()
+        more = sum(counts.values()) > COUNT_CAP
         return {
             r.id: Outline(
-                waiting=counts.get(r.id, 0),
-                last_status=DeliveryStatus(r.status),
-                last_at=r.finished_at or r.created_at,
+                counts.get(r.id, 0), more, DeliveryStatus(r.status), r.finished_at or r.created_at
             )
             for r in rows
         }
