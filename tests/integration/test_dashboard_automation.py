@@ -96,6 +96,10 @@ async def test_the_schedules_page_shows_each_ones_timing_and_its_latest_tick(
     assert "submitted" in said and "the previous task was unfinished" in said, said
     upcoming = re.search(r'<ol id="next-ticks">(.*?)</ol>', own.text, re.S)
     assert upcoming is not None and upcoming.group(1).count("<li>") == 5
+    # Live: the body alone, fetched again every 10 s.
+    assert f'hx-get="/ui/schedules/{digest["id"]}/body" hx-trigger="every 10s"' in own.text
+    body = await idle.client.get(f"/ui/schedules/{digest['id']}/body")
+    assert body.status_code == 200 and "<html" not in body.text and 'id="fires"' in body.text
     # By name too, as the API names it.
     assert (await idle.client.get("/ui/schedules/morning")).status_code == 200
     missing = await idle.client.get("/ui/schedules/nope")

@@ -63,6 +63,11 @@ class SchedulePages(Controller):
         """One schedule: what it submits and when, its next ticks, its latest ticks' tasks."""
         return await _page(request, ref)
 
+    @get("/{ref:str}/body")
+    async def body(self, request: Request[Any, Any, Any], ref: FromPath[str]) -> Template:
+        """A schedule's page without its frame (what the live page swaps in)."""
+        return await _page(request, ref, page_name="_schedule_body.html")
+
     @get("/{ref:str}/pause")
     async def pause_page(self, request: Request[Any, Any, Any], ref: FromPath[str]) -> Redirect:
         """No page of its own (pausing is a POST): the schedule's page."""
@@ -112,14 +117,19 @@ class SchedulePages(Controller):
 
 
 async def _page(
-    request: Request[Any, Any, Any], ref: str, *, status_code: int = 200, error: str = ""
+    request: Request[Any, Any, Any],
+    ref: str,
+    *,
+    status_code: int = 200,
+    error: str = "",
+    page_name: str = "schedule.html",
 ) -> Template:
     """A schedule's page; ``error``: why a change asked for from it was refused."""
     view = await runtime_of(request.scope).schedules.view(ref, fires=FIRES_SHOWN)
     s = view.schedule
     return page(
         request,
-        "schedule.html",
+        page_name,
         status_code=status_code,
         section="schedules",
         s=s,
