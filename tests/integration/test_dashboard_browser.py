@@ -302,8 +302,22 @@ async def test_readable_at_375_pixels_with_statuses_in_words(
 ) -> None:
     task = await service.submit("summarize", text="narrow")
     await service.wait(task["id"])
+    made = await service.client.post(
+        "/api/v1/schedules",
+        json={"name": "narrow", "template": "summarize", "params": {"text": "x"}, "every": "1h"},
+    )
+    assert made.status_code == 201, made.text
     page = await _page(browser, viewport={"width": 375, "height": 800})
-    for path in ("/ui/", "/ui/tasks", f"/ui/tasks/{task['id']}", "/ui/templates/summarize"):
+    for path in (
+        "/ui/",
+        "/ui/tasks",
+        f"/ui/tasks/{task['id']}",
+        "/ui/templates/summarize",
+        "/ui/schedules",
+        f"/ui/schedules/{made.json()['id']}",
+        "/ui/batches",
+        "/ui/webhooks",
+    ):
         await page.goto(f"{service.url}{path}")
         width = await page.evaluate("document.documentElement.scrollWidth")
         assert width <= 375, (path, width)
@@ -423,6 +437,14 @@ async def test_every_control_of_every_page_is_reached_by_the_tab_key(
 ) -> None:
     task = await service.submit("summarize", text="by keyboard")
     await service.wait(task["id"])
+    schedule = await service.client.post(
+        "/api/v1/schedules",
+        json={"name": "kb", "template": "summarize", "params": {"text": "x"}, "every": "1h"},
+    )
+    batch = await service.client.post(
+        "/api/v1/batches", params={"template": "summarize", "format": "csv"}, content=b"text\na\n"
+    )
+    assert schedule.status_code == 201 and batch.status_code == 201, (schedule.text, batch.text)
     page = await _page(browser)
     await page.goto(f"{service.url}/ui/tasks")
     await page.check("#live-pause")  # a live refresh would replace controls mid-way
@@ -435,6 +457,11 @@ async def test_every_control_of_every_page_is_reached_by_the_tab_key(
         "/ui/templates/new",
         "/ui/providers",
         "/ui/keys",
+        "/ui/schedules",
+        f"/ui/schedules/{schedule.json()['id']}",
+        "/ui/batches",
+        f"/ui/batches/{batch.json()['batch']['id']}",
+        "/ui/webhooks",
     ):
         await page.goto(f"{service.url}{path}")
         await page.wait_for_load_state("networkidle")
