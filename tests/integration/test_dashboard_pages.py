@@ -329,3 +329,16 @@ async def test_too_many_requests_under_the_dashboard_get_its_page_and_headers(
     for name, value in SECURITY_HEADERS.items():
         assert refused.headers[name] == value, name
     assert "<h1" in refused.text and "429" in refused.text
+
+
+async def test_head_of_a_page_answers_as_its_get_without_the_body(service: Service) -> None:
+    """Uptime monitors ask with HEAD: a dashboard page and /metrics answer it as their GET
+    does, without the body (it was 405); an event stream is not answered so."""
+    for path in ("/ui/", "/ui/schedules", "/ui/batches", "/ui/tasks?status=failed", "/metrics"):
+        got = await service.client.get(path)
+        head = await service.client.head(path)
+        assert (head.status_code, head.content) == (got.status_code, b""), path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+    missing = await service.client.head("/ui/no-such-page")
+    assert missing.status_code == 404
+    assert (await service.client.head("/ui/live")).status_code == 405

@@ -135,7 +135,18 @@ class ServiceApp:
             await self._lifespan(receive, send)
             return
         scope.setdefault("state", {})[RUNTIME] = self.runtime
+        if scope["type"] == "http" and scope["method"] == "HEAD" and self._get_only(scope):
+            scope, send = {**scope, "method": "GET"}, _without_body(send)
         await self.http(scope, receive, send)
+
+    def _get_only(self, scope: Any) -> bool:
+        """Whether the path is a page answered to GET alone (the dashboard's, ``/metrics``),
+        whose HEAD is then answered as its GET without the body, as HTTP says (uptime
+        monitors ask so); not an event stream, which has no end to answer."""
+        path, settings = scope["path"], self.runtime.settings
+        base = settings.ui.path.rstrip("/")
+        page = settings.ui.enabled and (path == base or path.startswith(base + "/"))
+        return (page and not path.endswith("/live")) or path == "/metrics"
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         """The ASGI lifespan protocol around :meth:`Runtime.lifespan`, as Litestar speaks it:
@@ -153,6 +164,19 @@ class ServiceApp:
             await send({"type": f"lifespan.{stage}.failed", "message": traceback.format_exc()})
             raise
         await send({"type": "lifespan.shutdown.complete"})
+
+
+def _without_body(send: Any) -> Any:
+    """``send``, dropping the answer's body (its headers, Content-Length included, stay)."""
+
+    async def headers_only(message: Any) -> None:
+        if message["type"] == "http.response.body":
+            if message.get("more_body", False):
+                return
+            message = {**message, "body": b""}
+        await send(message)
+
+    return headers_only
 
 
 def create_app(
