@@ -299,3 +299,17 @@ async def test_an_embedded_model_that_cannot_run_fails_the_task_at_once(
     assert task["status"] == "failed" and len(task["attempts"]) == 1, task["attempts"]
     assert not task["error"].get("retryable")  # (said only when true)
     assert "missing.gguf does not exist" in task["error"]["message"]
+
+
+async def test_a_model_whose_provider_part_names_no_provider_says_so(service: Service) -> None:
+    """``nosuch/model`` goes to the first provider as a model name (a slash is legal in one:
+    ``hf.co/…``); its failure says which provider was asked, and that none is named so."""
+    response = await service.client.post(
+        "/api/v1/tasks",
+        json={"template": "summarize", "params": {"text": "a"}, "model": "olama/llama3.2"},
+    )
+    assert response.status_code == 201, response.text
+    task = await service.wait(response.json()["id"], seconds=30)
+    assert task["status"] == "failed"
+    said = task["error"]["message"]
+    assert "no provider is named 'olama', so 'olama/llama3.2' was asked of 'ollama'" in said, said

@@ -323,6 +323,9 @@ class Router:
                             metrics.fell_back(model, skipped.provider.name, "skipped")
                 return result
             error = _combined(model, failures)
+            if hint := self._asked_as_name(model):  # "nosuch/model": a typo, likely
+                error.message += hint
+                error.args = (error.message,)
             if not self._outage(failures):
                 self._note_failed(chain, failures)
                 raise error
@@ -339,6 +342,20 @@ class Router:
             finally:
                 self.waiting -= 1
             pause = min(pause * 2, OUTAGE_MAX_PAUSE)
+
+    def _asked_as_name(self, model: str) -> str:
+        """What a failure of ``model`` should add when its part before a slash names no
+        provider (nor is it a chain): the whole name went to the first provider as a model
+        name (``hf.co/…`` is one), and a typo of a provider's name looks the same."""
+        head, slash, _ = model.partition("/")
+        if not slash or self._bare is None or self.settings.chain(model) is not None:
+            return ""
+        if head in self.settings.providers:
+            return ""
+        return (
+            f" (no provider is named {head!r}, so {model!r} was asked of "
+            f"{self._bare.name!r} as a model name)"
+        )
 
     def _outage(self, failures: list[tuple[Route, ProviderError]]) -> bool:
         """Whether a chain that failed so is worth waiting for: no server answered at all
