@@ -1,4 +1,5 @@
-"""Small things the API answered wrongly: a redelivery's empty answer, a generic 404 for an id
+"""Small things the API answered wrongly (a redelivery's empty answer is tested with the
+redelivery, in test_webhooks.py): a generic 404 for an id
 that is not a number, a webhook URL reported as a template parameter, a string taken for a
 number, an out-of-range number in params named by its parent, a feed filtered by a template
 that does not exist, and time zone names that depend on the host."""
@@ -12,48 +13,10 @@ from typing import Any
 import pytest
 
 from tests.conftest import Service
-from tests.fixtures.servers import wait_until
-from tests.fixtures.webhook_receiver import Receiver
-from tests.integration.test_webhooks import deliveries, subscribe
 from tests.integration.test_webhooks import loopback_service as loopback_service
 from tests.integration.test_webhooks import receiver as receiver
 
 SCHEDULE = {"name": "s", "template": "summarize", "params": {"text": "the news"}}
-
-
-# -- 1. a redelivery answers with the delivery --------------------------------------------------
-
-
-async def test_a_redelivery_answers_with_the_delivery_queued_again(
-    loopback_service: Service, receiver: Receiver
-) -> None:
-    svc = loopback_service
-    hook = await subscribe(svc, receiver)
-    await svc.wait((await svc.submit("summarize", text="again"))["id"])
-    await wait_until(lambda: len(receiver.received) == 1, timeout=20)
-
-    async def delivered() -> bool:
-        return [d["status"] for d in await deliveries(svc, hook)] == ["delivered"]
-
-    await wait_until(delivered, timeout=20)
-    [delivery] = await deliveries(svc, hook)
-    await receiver.stop()  # so that the redelivery cannot be delivered before the answer
-    response = await svc.client.post(
-        f"/api/v1/webhooks/{hook}/deliveries/{delivery['id']}/redeliver"
-    )
-    assert response.status_code == 202, response.text
-    again = response.json()
-    assert again is not None, "the answer is the delivery, not null"
-    assert again["id"] == delivery["id"]
-    assert again["message_id"] == delivery["message_id"]
-    assert again["status"] == "pending" and again["finished_at"] is None
-    assert again["next_attempt_at"] is not None
-    assert again["created_at"] == delivery["created_at"]
-    assert again["payload"] == delivery["payload"]
-    assert again["attempts"][0]["attempt"] == 1  # its history stays
-    await receiver.start()
-    await wait_until(lambda: len(receiver.received) == 2, timeout=20)
-    assert receiver.received[1].message_id == delivery["message_id"]
 
 
 # -- 2. an id that is not a number is the resource's own 404 ------------------------------------

@@ -23,10 +23,10 @@ from tests.conftest import Service, StartService, with_provider
 from tests.fixtures.fake_ollama import Failure, FakeOllama
 from tests.fixtures.fake_openai import FakeOpenAI
 from tests.fixtures.real_model import REAL_MODEL
-from tests.fixtures.servers import free_socket, wait_until
+from tests.fixtures.servers import wait_until
 from tests.fixtures.sse import read_events
 from tests.integration.test_metrics import Scrape, scrape
-from tests.integration.test_providers import KEY, routed
+from tests.integration.test_providers import KEY, dead_ollama_first, routed
 from tests.integration.test_providers import fake_openai as fake_openai  # (a fixture)
 from tests.integration.test_providers_answers import REQUEST, call, provider_at, raw, sends
 
@@ -59,19 +59,11 @@ def delta(after: Scrape, before: Scrape, name: str, **labels: str) -> float:
 async def test_a_chain_whose_every_entry_fails_records_each_entry_on_the_failed_step(
     settings: Settings, fake_openai: FakeOpenAI, start_service: StartService
 ) -> None:
-    sock = free_socket()  # bound, not listening: connections are refused
-    dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    try:
-        routes = with_provider(
-            routed(settings, fake_openai, "ollama/llama3.2", "oai/gpt-fake"), "ollama", url=dead
-        )
-        async with start_service(routes, env={"OAI_KEY": KEY}) as svc:
-            fake_openai.failure = Failure(400, "this gateway refuses the request")
-            done = await run_once(svc)
-            url = f"/api/v1/tasks/{done['id']}/events"
-            events = [e async for e in read_events(svc.client, url)]
-    finally:
-        sock.close()
+    async with dead_ollama_first(settings, fake_openai, start_service) as svc:
+        fake_openai.failure = Failure(400, "this gateway refuses the request")
+        done = await run_once(svc)
+        url = f"/api/v1/tasks/{done['id']}/events"
+        events = [e async for e in read_events(svc.client, url)]
     assert done["status"] == "failed"
     message = done["error"]["message"]
     assert "ollama/llama3.2:" in message and "oai/gpt-fake:" in message

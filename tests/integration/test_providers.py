@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -171,25 +172,35 @@ async def test_openai_embeddings_come_back_in_input_order(
 # -- fallbacks ----------------------------------------------------------------------------------
 
 
-async def test_a_refused_connection_falls_back_to_the_next_entry(
+@asynccontextmanager
+async def dead_ollama_first(
     settings: Settings, fake_openai: FakeOpenAI, start_service: StartService
-) -> None:
-    sock = free_socket()  # bound, not listening: connections are refused
+) -> AsyncIterator[Service]:
+    """A service whose ``default`` is ``ollama/llama3.2`` (where connections are refused:
+    a socket bound, not listening) then the fake OpenAI server's ``oai/gpt-fake``."""
+    sock = free_socket()
     dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
         routes = with_provider(
             routed(settings, fake_openai, "ollama/llama3.2", "oai/gpt-fake"), "ollama", url=dead
         )
         async with start_service(routes, env={"OAI_KEY": KEY}) as svc:
-            done = await svc.wait((await svc.submit("summarize", text="fall back"))["id"])
-            models = (await svc.client.get("/api/v1/models")).json()
-            url = f"/api/v1/tasks/{done['id']}/events"
-            events = [e async for e in read_events(svc.client, url)]
-            page = (await svc.client.get(f"/ui/tasks/{done['id']}")).text
-            # The next task skips Ollama without asking it, and says why.
-            after = await svc.wait((await svc.submit("summarize", text="again"))["id"])
+            yield svc
     finally:
         sock.close()
+
+
+async def test_a_refused_connection_falls_back_to_the_next_entry(
+    settings: Settings, fake_openai: FakeOpenAI, start_service: StartService
+) -> None:
+    async with dead_ollama_first(settings, fake_openai, start_service) as svc:
+        done = await svc.wait((await svc.submit("summarize", text="fall back"))["id"])
+        models = (await svc.client.get("/api/v1/models")).json()
+        url = f"/api/v1/tasks/{done['id']}/events"
+        events = [e async for e in read_events(svc.client, url)]
+        page = (await svc.client.get(f"/ui/tasks/{done['id']}")).text
+        # The next task skips Ollama without asking it, and says why.
+        after = await svc.wait((await svc.submit("summarize", text="again"))["id"])
     assert done["status"] == "succeeded", done["error"]
     assert done["steps"][0]["model"] == "oai/gpt-fake"
     assert len(done["attempts"]) == 1  # no retry: the fallback happened within the call

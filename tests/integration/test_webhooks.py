@@ -413,11 +413,27 @@ async def test_a_delivery_can_be_sent_again_with_the_same_id(
     hook = await subscribe(svc, receiver)
     await svc.wait((await svc.submit("summarize", text="again"))["id"])
     await wait_until(lambda: len(receiver.received) == 1, timeout=20)
+
+    async def delivered() -> bool:
+        return [d["status"] for d in await deliveries(svc, hook)] == ["delivered"]
+
+    await wait_until(delivered, timeout=20)
     [delivery] = await deliveries(svc, hook)
+    await receiver.stop()  # so that the redelivery cannot be delivered before the answer
     response = await svc.client.post(
         f"/api/v1/webhooks/{hook}/deliveries/{delivery['id']}/redeliver"
     )
     assert response.status_code == 202, response.text
+    queued = response.json()  # the delivery, queued again (it answered null)
+    assert (queued["id"], queued["message_id"], queued["status"]) == (
+        delivery["id"],
+        delivery["message_id"],
+        "pending",
+    )
+    assert queued["finished_at"] is None and queued["next_attempt_at"] is not None
+    assert queued["payload"] == delivery["payload"]
+    assert queued["attempts"][0]["attempt"] == 1  # its history stays
+    await receiver.start()
     await wait_until(lambda: len(receiver.received) == 2, timeout=20)
     first, second = receiver.received
     assert first.message_id == second.message_id == delivery["message_id"]

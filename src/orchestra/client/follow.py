@@ -195,18 +195,26 @@ class Poll:
         self._follow.opened()
         self._follow.heard()
 
-    def retry_in(self, failure: ClientError) -> float:
+    def retry_in(self, failure: ClientError, deadline: float | None = None) -> float:
         """Seconds to wait before polling again after ``failure`` (see
-        :meth:`Follow.retry_in`: what it raises, it raises).
+        :meth:`Follow.retry_in`: what it raises, it raises), never past ``deadline`` (a
+        :func:`time.monotonic` time: the wait's own timeout).
 
         Raises:
-            ConnectionFailed: ``failure``, when the first poll could not connect.
+            ClientError: ``failure``, when the first poll could not connect, or the deadline
+                has passed (the task cannot be read, so it cannot be answered as it is).
         """
         if not self._reached and isinstance(failure.__cause__, httpx.ConnectError):
             raise failure
         self._reached = True
         self._follow.opened()
-        return self._follow.retry_in(failure)
+        pause = self._follow.retry_in(failure)
+        if deadline is None:
+            return pause
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise failure
+        return min(pause, left)
 
 
 def _never_opened(position: int | None) -> Call[None]:  # pragma: no cover - a Poll opens none

@@ -168,12 +168,7 @@ class Client:
             try:
                 task = self._send(core.get_task(task_id, wait=left))
             except ClientError as exc:  # the service restarting: polled again, as a stream
-                pause = poll.retry_in(exc)
-                if deadline is not None:  # but not past the timeout: the task is not known
-                    if deadline - time.monotonic() <= 0:
-                        raise
-                    pause = min(pause, deadline - time.monotonic())
-                self._sleep(max(pause, 0.0))
+                self._sleep(poll.retry_in(exc, deadline))
                 continue
             poll.answered()
             if core.finished(task) or left <= 0:
