@@ -29,8 +29,6 @@ FAILURES_SHOWN = 10
 ROWS_PER_SECOND = 20_000
 #: The status of an answer that tells htmx to stop polling (a batch with nothing to follow).
 STOP_POLLING = 286
-#: The order a batch's rows are counted in on its pages.
-SHOWN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "invalid", "deleted")
 
 
 def refresh_seconds(rows: int) -> int:
@@ -111,18 +109,9 @@ class BatchPages(Controller):
         """Every row's outcome, in input order: CSV or JSON lines (as the API's results)."""
         return await results_stream(runtime_of(request.scope).batches, batch_id, format)
 
-    @get("/{batch_id:int}/cancel")
-    async def cancel_page(
-        self, request: Request[Any, Any, Any], batch_id: FromPath[int]
-    ) -> Redirect:
-        """No page of its own (cancelling is a POST): the batch's page."""
-        return Redirect(links(request).ui(f"/batches/{batch_id}"), status_code=303)
-
-    @get("/{batch_id:int}/retry")
-    async def retry_page(
-        self, request: Request[Any, Any, Any], batch_id: FromPath[int]
-    ) -> Redirect:
-        """No page of its own (retrying is a POST): the batch's page."""
+    @get(["/{batch_id:int}/cancel", "/{batch_id:int}/retry"])
+    async def form_page(self, request: Request[Any, Any, Any], batch_id: FromPath[int]) -> Redirect:
+        """No page of their own (the forms POST): the batch's page."""
         return Redirect(links(request).ui(f"/batches/{batch_id}"), status_code=303)
 
     @post("/{batch_id:int}/cancel", opt={"scope": "submit"}, status_code=303)
@@ -155,7 +144,6 @@ async def _batch(request: Request[Any, Any, Any], batch_id: int) -> dict[str, An
         "so_far": _so_far(progress),
         "live": bool(counts["queued"] or counts["running"] or batch.status == "loading"),
         "eta": _eta(progress.eta_seconds),
-        "statuses": SHOWN_STATUSES,
         "failures": [{"row": f, "error": _error_text(f)} for f in failures],
     }
 

@@ -68,19 +68,9 @@ class SchedulePages(Controller):
         """A schedule's page without its frame (what the live page swaps in)."""
         return await _page(request, ref, page_name="_schedule_body.html")
 
-    @get("/{ref:str}/pause")
-    async def pause_page(self, request: Request[Any, Any, Any], ref: FromPath[str]) -> Redirect:
-        """No page of its own (pausing is a POST): the schedule's page."""
-        return Redirect(links(request).ui(f"/schedules/{quote(ref, safe='')}"), status_code=303)
-
-    @get("/{ref:str}/resume")
-    async def resume_page(self, request: Request[Any, Any, Any], ref: FromPath[str]) -> Redirect:
-        """No page of its own (resuming is a POST): the schedule's page."""
-        return Redirect(links(request).ui(f"/schedules/{quote(ref, safe='')}"), status_code=303)
-
-    @get("/{ref:str}/run")
-    async def run_page(self, request: Request[Any, Any, Any], ref: FromPath[str]) -> Redirect:
-        """No page of its own (running is a POST): the schedule's page."""
+    @get(["/{ref:str}/pause", "/{ref:str}/resume", "/{ref:str}/run"])
+    async def form_page(self, request: Request[Any, Any, Any], ref: FromPath[str]) -> Redirect:
+        """No page of their own (the forms POST): the schedule's page."""
         return Redirect(links(request).ui(f"/schedules/{quote(ref, safe='')}"), status_code=303)
 
     @post("/{ref:str}/run", opt={"scope": "submit"}, status_code=303)

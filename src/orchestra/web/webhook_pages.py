@@ -68,18 +68,17 @@ class WebhookPages(Controller):
             cookies=[notice_cookie(request, "")] if flashed is not None else None,
         )
 
-    @get("/{webhook_id:int}/pause")
-    async def pause_page(
+    @get(
+        [
+            "/{webhook_id:int}/pause",
+            "/{webhook_id:int}/resume",
+            "/{webhook_id:int}/deliveries/{delivery_id:int}/redeliver",
+        ]
+    )
+    async def form_page(
         self, request: Request[Any, Any, Any], webhook_id: FromPath[int]
     ) -> Redirect:
-        """No page of its own (pausing is a POST): the subscription's page."""
-        return _back(request, webhook_id)
-
-    @get("/{webhook_id:int}/resume")
-    async def resume_page(
-        self, request: Request[Any, Any, Any], webhook_id: FromPath[int]
-    ) -> Redirect:
-        """No page of its own (resuming is a POST): the subscription's page."""
+        """No page of their own (the forms POST): the subscription's page."""
         return _back(request, webhook_id)
 
     @post("/{webhook_id:int}/pause", status_code=303)
@@ -92,13 +91,6 @@ class WebhookPages(Controller):
     async def resume(self, request: Request[Any, Any, Any], webhook_id: FromPath[int]) -> Redirect:
         """Resume a subscription: its waiting deliveries are sent, oldest first."""
         await runtime_of(request.scope).webhooks.update(webhook_id, WebhookChanges(enabled=True))
-        return _back(request, webhook_id)
-
-    @get("/{webhook_id:int}/deliveries/{delivery_id:int}/redeliver")
-    async def redeliver_page(
-        self, request: Request[Any, Any, Any], webhook_id: FromPath[int], delivery_id: FromPath[int]
-    ) -> Redirect:
-        """No page of its own (sending again is a POST): the subscription's page."""
         return _back(request, webhook_id)
 
     @post("/{webhook_id:int}/deliveries/{delivery_id:int}/redeliver", status_code=303)
