@@ -186,7 +186,7 @@ class Poll:
             jitter=jitter,
             what="the wait for the task was cut off",
         )
-
+        self._clock = clock
         self._reached = False
 
     def answered(self) -> None:
@@ -211,7 +211,7 @@ class Poll:
         pause = self._follow.retry_in(failure)
         if deadline is None:
             return pause
-        left = deadline - time.monotonic()
+        left = deadline - self._clock()
         if left <= 0:
             raise failure
         return min(pause, left)
