@@ -52,6 +52,33 @@ async def test_an_id_that_is_not_a_number_is_the_resources_own_404(
     assert body["message"].startswith(message), body
 
 
+async def test_every_route_with_an_integer_id_answers_a_word_with_its_resources_404(
+    service: Service,
+) -> None:
+    """Every API route with an integer id, as the OpenAPI document lists them, so that a
+    route added later is covered by itself."""
+    spec = (await service.client.get("/schema/openapi.json")).json()
+    asked = 0
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            ids = [
+                p["name"]
+                for p in operation.get("parameters", [])
+                if p["in"] == "path" and p["schema"].get("type") == "integer"
+            ]
+            for word in ids:  # this id a word, the others numbers
+                url = path
+                for name in ids:
+                    url = url.replace("{" + name + "}", "abc" if name == word else "1")
+                response = await service.client.request(method.upper(), url)
+                body = response.json()
+                assert response.status_code == 404, (method, url, body)
+                assert body["code"].endswith("_not_found"), (method, url, body)
+                assert "'abc'" in body["message"], (method, url, body)
+                asked += 1
+    assert asked >= 15  # the tasks', batches' and webhooks' routes
+
+
 async def test_a_task_id_that_is_not_a_number_answers_as_a_missing_number_does(
     service: Service,
 ) -> None:
