@@ -10,6 +10,8 @@ import json
 import os
 import signal
 import sys
+import time
+from asyncio import FIRST_COMPLETED
 from pathlib import Path
 
 import httpx
@@ -102,13 +104,20 @@ async def test_followers_of_a_task_see_every_event_once_across_a_restart_of_the_
         following = asyncio.ensure_future(follow_task())
         feeding = asyncio.ensure_future(asyncio.to_thread(follow_feed))
 
-        # And two waiters, long-polling when the service stops under them.
+        # And two waiters, long-polling when the service stops under them (each has read the
+        # task first, as after a submit, so a first poll the stop refuses is tried again).
+        ready: list[str] = []
+
         async def wait_async() -> str:
             async with AsyncClient(url) as client:
+                await client.get_task(task_id)
+                ready.append("async")
                 return (await client.wait(task_id)).status
 
         def wait_sync() -> str:
             with Client(url) as client:
+                client.get_task(task_id)
+                ready.append("sync")
                 return client.wait(task_id).status
 
         waiting = asyncio.ensure_future(asyncio.gather(wait_async(), asyncio.to_thread(wait_sync)))
@@ -121,6 +130,7 @@ async def test_followers_of_a_task_see_every_event_once_across_a_restart_of_the_
                 started([e.type for e in followed])
                 and started([e.type for e in fed])
                 and started([json.loads(line)["type"] for line in printed])
+                and len(ready) == 2
             ),
             timeout=30,
         )
@@ -156,6 +166,64 @@ async def test_followers_of_a_task_see_every_event_once_across_a_restart_of_the_
     assert [(e.seq, e.type) for e in fed if e.task_id == task_id] == [
         (e.seq, e.type) for e in followed
     ]
+
+
+async def test_a_wait_begun_while_the_service_restarts_waits_it_out(
+    fake_ollama: FakeOllama, tmp_path: Path, db_url: str
+) -> None:
+    """A client the service has answered (a submit, a read) and whose wait starts while the
+    service is down: its first poll is refused, and it is tried again until the service is
+    back, not taken for a wrong URL (it failed at once with ConnectionFailed)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = tmp_path / "o.toml"
+    write_config(config, port=port, db=db_url, ollama_url=fake_ollama.url, shutdown_grace=1)
+    fake_ollama.close_gate(MODEL)
+    first = await start_process(config)
+    second: asyncio.subprocess.Process | None = None
+    try:
+        with Client(url) as client:
+            task_id = client.submit("summarize", {"text": "Begun while down."}).id
+        await wait_until(lambda: fake_ollama.held(MODEL) == 1, timeout=30)
+        loop = asyncio.get_running_loop()
+        refused = [asyncio.Event(), asyncio.Event()]  # the sync and the async client's
+
+        def sync_sleep(seconds: float) -> None:
+            loop.call_soon_threadsafe(refused[0].set)
+            time.sleep(seconds)
+
+        async def async_sleep(seconds: float) -> None:
+            refused[1].set()
+            await asyncio.sleep(seconds)
+
+        sync_client = Client(url, sleep=sync_sleep)
+        async_client = AsyncClient(url, sleep=async_sleep)
+        try:
+            for task in (sync_client.get_task(task_id), await async_client.get_task(task_id)):
+                assert task.status == "running"
+            await _stop(first)
+            waiting = asyncio.gather(
+                asyncio.to_thread(sync_client.wait, task_id), async_client.wait(task_id)
+            )
+            # Both first polls were refused, and each waits to poll again (a wait that
+            # gave up instead ends here with its ConnectionFailed).
+            both = asyncio.ensure_future(asyncio.gather(*(e.wait() for e in refused)))
+            await asyncio.wait({both, waiting}, timeout=30, return_when=FIRST_COMPLETED)
+            if waiting.done():
+                waiting.result()
+            assert both.done()
+            fake_ollama.open_gate(MODEL)
+            second = await start_process(config)
+            waited = await asyncio.wait_for(waiting, timeout=90)
+        finally:
+            sync_client.close()
+            await async_client.aclose()
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert [t.status for t in waited] == ["succeeded", "succeeded"]
 
 
 async def _finished(proc: asyncio.subprocess.Process) -> tuple[int, str, str]:

@@ -72,6 +72,9 @@ class AsyncClient:
         self.reconnect_policy = reconnect or ReconnectPolicy()
         self._stream_timeout = core.stream_timeout(stream_timeout)
         self._sleep = sleep
+        #: Whether the service has answered this client: a wait whose first poll cannot
+        #: connect then waits out a restart, rather than taking it for a wrong URL.
+        self._answered = False
         self._http = httpx.AsyncClient(
             base_url=self.url,
             headers=core.auth_headers(api_key),
@@ -103,6 +106,7 @@ class AsyncClient:
             try:
                 body = None if call.body is None else _chunks(call.body())
                 response = await self._http.send(call.request(self._http, body), stream=stream)
+                self._answered = True
                 if response.status_code in call.ok and stream:
                     return response
                 await response.aread()
@@ -169,9 +173,11 @@ class AsyncClient:
     async def wait(self, task_id: int, timeout: float | None = None) -> TaskOut:
         """The task once it is finished (long polls of at most a minute each), or as it is
         after ``timeout`` seconds (None: wait as long as it takes). A restart of the service
-        meanwhile is waited out, as an event stream's is (``reconnect``'s window)."""
+        meanwhile is waited out, as an event stream's is (``reconnect``'s window), also when
+        it begins the wait: unless this client was never answered (a wrong URL fails at
+        once)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        poll = Poll(self.url, self.reconnect_policy)
+        poll = Poll(self.url, self.reconnect_policy, reached=self._answered)
         while True:
             left = core.MAX_WAIT if deadline is None else deadline - time.monotonic()
             try:

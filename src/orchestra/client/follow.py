@@ -165,8 +165,9 @@ class Poll:
     """A long poll (``wait``) kept through a restart of the service, as a stream is: a poll
     cut off (the service stopping under it), a 502, 503 or 504, or after an answer any failed
     connection, is tried again for up to the policy's window, then given up with
-    ConnectionFailed. Only a first poll that could not connect at all fails at once (a wrong
-    URL, a service that is not there)."""
+    ConnectionFailed. Only a first poll that could not connect at all, from a client the
+    service never answered (``reached`` False), fails at once (a wrong URL, a service that is
+    not there)."""
 
     def __init__(
         self,
@@ -175,6 +176,7 @@ class Poll:
         *,
         clock: Callable[[], float] = time.monotonic,
         jitter: Callable[[], float] = random.random,
+        reached: bool = False,
     ) -> None:
         self._follow = Follow(
             url,
@@ -187,7 +189,7 @@ class Poll:
             what="the wait for the task was cut off",
         )
         self._clock = clock
-        self._reached = False
+        self._reached = reached
 
     def answered(self) -> None:
         """A poll was answered: the service is up."""

@@ -63,6 +63,9 @@ class Client:
         self.reconnect_policy = reconnect or ReconnectPolicy()
         self._stream_timeout = core.stream_timeout(stream_timeout)
         self._sleep = sleep
+        #: Whether the service has answered this client: a wait whose first poll cannot
+        #: connect then waits out a restart, rather than taking it for a wrong URL.
+        self._answered = False
         self._http = httpx.Client(
             base_url=self.url,
             headers=core.auth_headers(api_key),
@@ -94,6 +97,7 @@ class Client:
             try:
                 body = None if call.body is None else call.body()
                 response = self._http.send(call.request(self._http, body), stream=stream)
+                self._answered = True
                 if response.status_code in call.ok and stream:
                     return response
                 response.read()
@@ -160,9 +164,11 @@ class Client:
     def wait(self, task_id: int, timeout: float | None = None) -> TaskOut:
         """The task once it is finished (long polls of at most a minute each), or as it is
         after ``timeout`` seconds (None: wait as long as it takes). A restart of the service
-        meanwhile is waited out, as an event stream's is (``reconnect``'s window)."""
+        meanwhile is waited out, as an event stream's is (``reconnect``'s window), also when
+        it begins the wait: unless this client was never answered (a wrong URL fails at
+        once)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        poll = Poll(self.url, self.reconnect_policy)
+        poll = Poll(self.url, self.reconnect_policy, reached=self._answered)
         while True:
             left = core.MAX_WAIT if deadline is None else deadline - time.monotonic()
             try:
