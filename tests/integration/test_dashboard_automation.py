@@ -114,7 +114,7 @@ async def test_a_schedule_is_paused_and_resumed_from_its_page(idle: Service) -> 
     api = (await idle.client.get("/api/v1/schedules/digest")).json()
     assert api["enabled"] is False and api["next_fire_at"] is None
     shown = (await idle.client.get(page)).text
-    assert 'id="resume-schedule"' in shown and 'id="pause-schedule"' not in shown
+    assert 'id="schedule-switch">Resume<' in shown and ">Pause<" not in shown
     assert "none while paused" in text_of(shown)
     assert "paused" in row_of((await idle.client.get("/ui/schedules")).text, "schedule", "digest")
 
@@ -138,7 +138,7 @@ async def test_a_resume_the_template_no_longer_allows_is_said_on_the_page(idle: 
     assert refused.status_code == 422
     said = text_of(refused.text)
     assert "Not resumed:" in said and "temporary" in said, said
-    assert 'id="resume-schedule"' in refused.text  # still paused, and says so
+    assert 'id="schedule-switch">Resume<' in refused.text  # still paused, and says so
     assert (await idle.client.get("/api/v1/schedules/digest")).json()["enabled"] is False
     not_run = await idle.client.post(f"{page}/run", headers=SAME_SITE)
     assert not_run.status_code == 422
@@ -218,7 +218,9 @@ async def test_a_subscriptions_deliveries_are_listed_sent_again_and_paused(
     assert paused.status_code == 303
     api = (await hooked.client.get(f"/api/v1/webhooks/{hook_id}")).json()
     assert api["enabled"] is False
-    assert 'id="resume-webhook"' in (await hooked.client.get(f"/ui/webhooks/{hook_id}")).text
+    assert (
+        'id="webhook-switch">Resume<' in (await hooked.client.get(f"/ui/webhooks/{hook_id}")).text
+    )
     resumed = await hooked.client.post(f"/ui/webhooks/{hook_id}/resume", headers=SAME_SITE)
     assert resumed.status_code == 303
     assert (await hooked.client.get(f"/api/v1/webhooks/{hook_id}")).json()["enabled"] is True
@@ -317,7 +319,7 @@ async def test_only_an_admin_sees_webhooks_and_only_a_submitter_pauses_schedules
                 webhooks = await client.get("/ui/webhooks")
                 assert webhooks.status_code == (200 if sees_webhooks else 403), scope
                 schedule = (await client.get(f"/ui/schedules/{made['id']}")).text
-                assert ('id="pause-schedule"' in schedule) is sees_webhooks, scope
+                assert ('id="schedule-switch">Pause<' in schedule) is sees_webhooks, scope
                 paused = await client.post(f"/ui/schedules/{made['id']}/pause")
                 assert paused.status_code == (303 if sees_webhooks else 403), scope
                 # Every other write of these pages needs the submit scope too.
@@ -487,16 +489,22 @@ async def test_pause_and_resume_a_schedule_and_a_subscription_in_a_browser(
     await page.get_by_role("link", name="Schedules").click()
     await page.get_by_role("link", name="digest").click()
     await expect(page.page).to_have_url(f"{hooked.url}/ui/schedules/{made['id']}")
-    await page.click("#pause-schedule")
+    switch = page.locator("#schedule-switch")
+    await switch.click()
     await expect(page.locator("h1 .status")).to_have_text("paused")
-    await page.click("#resume-schedule")
+    # The switch keeps the focus across the page's swap: Enter switches it back.
+    await expect(switch).to_have_text("Resume")
+    await expect(switch).to_be_focused()
+    await page.page.keyboard.press("Enter")
     await expect(page.locator("h1 .status")).to_have_text("active")
+    await expect(switch).to_be_focused()
     assert (await hooked.client.get("/api/v1/schedules/digest")).json()["enabled"] is True
 
     await page.get_by_role("link", name="Webhooks").click()
     await page.get_by_role("link", name=str(hook_id), exact=True).click()
-    await page.click("#pause-webhook")
+    await page.click("#webhook-switch")
     await expect(page.locator("h1 .status")).to_have_text("paused")
+    await expect(page.locator("#webhook-switch")).to_be_focused()
     assert (await hooked.client.get(f"/api/v1/webhooks/{hook_id}")).json()["enabled"] is False
     assert page.errors == []
 
