@@ -299,9 +299,13 @@ def start_step(conn: Connection, lease: Lease, step_id: str, position: int, at: 
     }
     if START_STEP.run(conn, params).rowcount != 1:
         return False
-    started = StepStarted(step=step_id, position=position, attempt=lease.attempt)
-    events.append(conn, lease.task_id, started, at)
+    events.append(conn, lease.task_id, step_started(lease, step_id, position), at)
     return True
+
+
+def step_started(lease: Lease, step_id: str, position: int) -> StepStarted:
+    """The event :func:`start_step` ends with."""
+    return StepStarted(step=step_id, position=position, attempt=lease.attempt)
 
 
 def add_text(conn: Connection, lease: Lease, step_id: str, text: str, at: str) -> bool:
@@ -338,17 +342,21 @@ def end_step(conn: Connection, lease: Lease, step: Step, text: str, at: str) -> 
     at = step.finished_at or at
     if text:  # the step's last streamed text, arrived by the time it ended
         events.append(conn, lease.task_id, StepTokens(step=step.id, text=text), at)
+    events.append(conn, lease.task_id, step_ended(step), at)
+    return True
+
+
+def step_ended(step: Step) -> StepFinished | StepSkipped:
+    """The event :func:`end_step` ends with."""
     ended = StepSkipped if step.status is StepStatus.SKIPPED else StepFinished
-    payload = ended(
+    return ended(
         step=step.id,
         status=step.status.value,
         model=step.model or None,
-        usage=usage,
+        usage=step.usage,
         error=step.error.message if step.error is not None else None,
         fallbacks=step.fallbacks,
     )
-    events.append(conn, lease.task_id, payload, at)
-    return True
 
 
 # -- the attempt's end ----------------------------------------------------------------------

@@ -77,6 +77,20 @@ async def events_after(db: Database, task_id: int, seq: int, limit: int = 500) -
     return [TaskEvent(r.seq, r.time, r.type, msgspec.json.decode(r.data)) for r in rows]
 
 
+async def last_is(db: Database, task_id: int, payload: EventPayload) -> bool:
+    """Whether the task's last event is ``payload`` (its type and data as stored): a seek on
+    the primary key."""
+    query = (
+        select(task_events.c.type, task_events.c.data)
+        .where(task_events.c.task_id == task_id)
+        .order_by(task_events.c.seq.desc())
+        .limit(1)
+    )
+    async with db.read() as conn:
+        last = (await conn.execute(query)).first()
+    return last is not None and (last.type, last.data) == (payload.type.value, dump(payload))
+
+
 async def last_seq(db: Database, task_id: int) -> int:
     """The sequence number of a task's last event (0 with none): a seek on the primary key."""
     query = select(func.max(task_events.c.seq)).where(task_events.c.task_id == task_id)

@@ -49,7 +49,14 @@ from orchestra.domain import (
     iso,
     now,
 )
-from orchestra.event_types import TaskFinished, TaskHandedBack, TaskRetrying
+from orchestra.errors import StorageUnreachable
+from orchestra.event_types import (
+    EventPayload,
+    StepTokens,
+    TaskFinished,
+    TaskHandedBack,
+    TaskRetrying,
+)
 
 __all__ = ["Enqueued", "Renewal", "TaskStore"]
 
@@ -93,6 +100,8 @@ class TaskStore:
         self.on_change = on_change
         self.on_progress = on_change if on_progress is None else on_progress
         self.clock = clock
+        #: The attempts whose last write may have committed unseen, with its last event.
+        self._unsure: dict[tuple[int, int], EventPayload] = {}
 
     def _now(self, offset_seconds: float = 0.0) -> str:
         """The clock's time (plus an offset), as stored."""
@@ -110,6 +119,27 @@ class TaskStore:
         if changed:
             self.on_progress([task_id])
         return changed
+
+    async def _fenced(
+        self, lease: Lease, work: Callable[[Connection], bool], last: EventPayload
+    ) -> bool:
+        """One of an attempt's writes (fenced by its lease), ending with the event ``last``.
+
+        When the database server is lost during a write (StorageUnreachable), its commit may
+        have landed with only its answer lost. The worker then tries the same write again;
+        that try first looks whether ``last`` is the task's last event, and if so answers
+        True without writing it twice (a step's events or the task's end recorded twice, or
+        a finish taken for a lost lease)."""
+        key = (lease.task_id, lease.attempt)
+        if self._unsure.get(key) == last and await events.last_is(self.db, lease.task_id, last):
+            del self._unsure[key]
+            return True
+        self._unsure.pop(key, None)
+        try:
+            return await self.db.transaction(work, small=True)
+        except StorageUnreachable:
+            self._unsure[key] = last
+            raise
 
     # -- submitting (queue) -------------------------------------------------------------------
 
@@ -207,8 +237,10 @@ class TaskStore:
     async def start_step(self, lease: Lease, step_id: str, position: int) -> bool:
         """Record that a step started; False when the lease is lost."""
         at = self._now()
-        written = await self.db.transaction(
-            lambda conn: attempts.start_step(conn, lease, step_id, position, at), small=True
+        written = await self._fenced(
+            lease,
+            lambda conn: attempts.start_step(conn, lease, step_id, position, at),
+            attempts.step_started(lease, step_id, position),
         )
         return self._progressed(lease.task_id, written)
 
@@ -216,8 +248,10 @@ class TaskStore:
         """Record a piece of a step's streamed answer (a ``step.tokens`` event); False when the
         lease is lost."""
         at = self._now()
-        written = await self.db.transaction(
-            lambda conn: attempts.add_text(conn, lease, step_id, text, at), small=True
+        written = await self._fenced(
+            lease,
+            lambda conn: attempts.add_text(conn, lease, step_id, text, at),
+            StepTokens(step=step_id, text=text),
         )
         return self._progressed(lease.task_id, written)
 
@@ -229,8 +263,10 @@ class TaskStore:
         of :meth:`finish`, :meth:`retry_later` and :meth:`release`.
         """
         at = self._now()
-        written = await self.db.transaction(
-            lambda conn: attempts.end_step(conn, lease, step, text, at), small=True
+        written = await self._fenced(
+            lease,
+            lambda conn: attempts.end_step(conn, lease, step, text, at),
+            attempts.step_ended(step),
         )
         return self._progressed(lease.task_id, written)
 
@@ -291,8 +327,10 @@ class TaskStore:
         self, lease: Lease, ending: Ending, at: str, step: Step | None, text: str
     ) -> bool:
         """End the lease's attempt in one transaction (:func:`attempts.end_attempt`)."""
-        written = await self.db.transaction(
-            lambda conn: attempts.end_attempt(conn, lease, ending, at, step, text), small=True
+        written = await self._fenced(
+            lease,
+            lambda conn: attempts.end_attempt(conn, lease, ending, at, step, text),
+            ending.event,
         )
         return self._changed(lease.task_id, written)
 
