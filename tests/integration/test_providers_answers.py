@@ -551,3 +551,24 @@ async def test_a_404_page_at_a_url_without_v1_asks_whether_v1_is_missing(way: st
         with pytest.raises(ProviderError) as failed:
             await call(provider, way)
     assert failed.value.message.endswith(": The model `m` does not exist")
+
+
+#: A streamed answer cut off in the middle of its second line (the connection closed there,
+#: with the body's framing complete: it ends with the connection).
+CUT_MID_LINE = {
+    "ollama": OLLAMA_PIECE + '{"model":"m","message":{"role":"assistant","content":"wor',
+    "openai": 'data: {"choices":[{"delta":{"content":"Hel"}}]}\n\n'
+    'data: {"choices":[{"delta":{"content":"wor',
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_stream_cut_off_in_the_middle_of_a_line_may_be_tried_again(kind: str) -> None:
+    """A connection lost in the middle of a line is a connection lost, as one lost between
+    two lines is: retryable (it was a permanent "unreadable line")."""
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: {media(kind, 'stream')}\r\nConnection: close\r\n\r\n"
+    answer = sends(head.encode() + CUT_MID_LINE[kind].encode())
+    async with provider_at(kind, answer) as provider:
+        with pytest.raises(ProviderUnavailable) as failed:
+            await call(provider, "stream")
+    assert failed.value.message == f"{provider.where} cut its answer off in the middle of a line"

@@ -50,6 +50,8 @@ from orchestra.sizes import human_bytes
 
 #: Seconds a health check may take.
 HEALTH_TIMEOUT = 2.0
+#: msgspec's error for JSON that stops before its end (a line cut off with the connection).
+_TRUNCATED = "Input data was truncated"
 
 #: The media types of answers: a JSON document, JSON lines (Ollama's streams), Server-Sent
 #: Events (OpenAI's streams).
@@ -373,10 +375,20 @@ class HttpProvider:
             ) from None
 
     def decode_chunk(self, line: str | bytes, type_: type[T]) -> T:
-        """One line of a stream."""
+        """One line of a stream.
+
+        Raises:
+            ProviderUnavailable: the line stops in the middle of its JSON: the answer was cut
+                off (the connection closed mid-line), which another try may not meet.
+            ProviderError: the line is no JSON of the protocol's.
+        """
         try:
             return msgspec.json.decode(line, type=type_)
         except msgspec.DecodeError as exc:
+            if str(exc) == _TRUNCATED:
+                raise ProviderUnavailable(
+                    f"{self.where} cut its answer off in the middle of a line"
+                ) from exc
             raise ProviderError(f"{self.where} sent an unreadable line: {exc}") from exc
 
     async def probe(self, path: str, read: Callable[[Any], T]) -> tuple[T | None, str]:
