@@ -96,8 +96,9 @@ class AsyncClient:
     # -- sending -----------------------------------------------------------------------------
 
     async def _open(self, call: Call[Any], *, stream: bool = False) -> httpx.Response:
-        """Send ``call``, again after a 429 or 503 as the policy allows; the final answer
-        (an error answer's body read, a streamed one's not)."""
+        """Send ``call``, again after a 429 or 503 as the policy allows, or after its
+        connection broke if it may be sent twice (``Call.resendable``); the final answer (an
+        error answer's body read, a streamed one's not)."""
         if self._http.is_closed:
             raise ClientClosed()
         tries = 0
@@ -111,7 +112,11 @@ class AsyncClient:
                     return response
                 await response.aread()
             except httpx.TransportError as exc:
-                raise ConnectionFailed(self.url, str(exc) or type(exc).__name__) from exc
+                resend = core.resend_delay(self.retry_policy, tries, call, exc)
+                if resend is None:
+                    raise ConnectionFailed(self.url, str(exc) or type(exc).__name__) from exc
+                await self._sleep(resend)
+                continue
             delay = core.retry_delay(self.retry_policy, tries, call, response)
             if delay is None:
                 if response.status_code not in call.ok:

@@ -73,6 +73,7 @@ def create_batch(
         headers=headers,
         ok=frozenset({200, 201}),
         timeout=TRANSFER_TIMEOUT,
+        idempotent=idempotency_key is not None,  # a resent upload resumes
     )
 
 

@@ -80,7 +80,9 @@ _YAML = {"Content-Type": "application/yaml"}
 
 
 class RetryPolicy(msgspec.Struct, frozen=True):
-    """How 429 (rate limited) and 503 (database locked or unavailable) answers are retried."""
+    """How 429 (rate limited) and 503 (database locked or unavailable) answers are retried,
+    and requests whose connection broke before their answer (those that may be sent twice:
+    :attr:`Call.resendable`)."""
 
     #: Tries in all, the first included (1: never retry).
     attempts: int = 5
@@ -116,6 +118,15 @@ class Call(Generic[T]):
     ok: frozenset[int] = frozenset({200})
     #: None: the client's own timeout.
     timeout: httpx.Timeout | None = None
+    #: Whether sending it twice does what sending it once does (a submit with an idempotency
+    #: key); a GET or HEAD always does.
+    idempotent: bool = False
+
+    @property
+    def resendable(self) -> bool:
+        """Whether it may be sent again after its connection broke before the answer came:
+        the service may have done it already."""
+        return self.replayable and (self.idempotent or self.method in ("GET", "HEAD"))
 
     def request(self, http: httpx.Client | httpx.AsyncClient, content: Any = None) -> httpx.Request:
         """The request, built by the client that sends it (its base URL and headers); a
@@ -207,6 +218,24 @@ def asked_wait(headers: httpx.Headers) -> float | None:
     return asked
 
 
+#: A connection that broke after the request went out, before its answer: the process that
+#: had it stopped (a restart, one of several processes killed), or a kept-alive connection it
+#: had closed. (A connection refused is not one: nothing was sent, and nothing answers.)
+BROKEN = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
+def resend_delay(
+    policy: RetryPolicy, tries: int, call: Call[Any], error: httpx.TransportError
+) -> float | None:
+    """Seconds to wait before sending ``call`` again after its ``tries``-th connection broke
+    with ``error`` (at once the first time: another connection, maybe to another process),
+    or None when the error stands: not a broken connection, a request that may not be sent
+    twice, or no tries left."""
+    if not isinstance(error, BROKEN) or not call.resendable or tries >= policy.attempts:
+        return None
+    return 0.0 if tries == 1 else min(policy.backoff * 2 ** (tries - 2), policy.max_wait)
+
+
 def retry_delay(
     policy: RetryPolicy, tries: int, call: Call[Any], response: httpx.Response
 ) -> float | None:
@@ -268,6 +297,7 @@ def submit(task: SubmitTask) -> Call[TaskOut]:
         content=_encode(task),
         headers=_JSON,
         ok=frozenset({200, 201}),
+        idempotent=task.idempotency_key is not None,
     )
 
 

@@ -1,0 +1,122 @@
+"""A request whose connection broke after it went out, before its answer came (the process
+that had it was killed, one of several; a kept-alive connection it had closed): the client
+sends it again at once when doing so twice does what doing it once does (a read, a submit
+with an idempotency key, an upload with its run key), and fails as before otherwise (a submit
+without a key could make a second task). It failed every time with ConnectionFailed,
+"cannot reach the server", while the service was there."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from orchestra.client import AsyncClient, Client, ConnectionFailed
+from tests.conftest import Service
+
+
+class AnswerLost:
+    """Relays connections to ``target``; the first ``drops`` of them reach the service, whose
+    answer is then lost: the connection is cut when it starts to come back."""
+
+    def __init__(self, target: str, drops: int) -> None:
+        host, _, port = target.removeprefix("http://").partition(":")
+        self.target = (host, int(port))
+        self.drops = drops
+        self.lost = 0
+        self.url = ""
+
+    async def relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        cut = self.lost < self.drops
+        if cut:
+            self.lost += 1
+
+        async def up() -> None:
+            while data := await reader.read(65536):
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def down() -> None:
+            while data := await up_reader.read(65536):
+                if cut:
+                    return  # the answer is lost
+                writer.write(data)
+                await writer.drain()
+
+        with contextlib.suppress(ConnectionError):
+            await asyncio.wait(
+                [asyncio.ensure_future(up()), asyncio.ensure_future(down())],
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        writer.transport.abort()
+        up_writer.transport.abort()
+
+
+@contextlib.asynccontextmanager
+async def answer_lost(target: str, drops: int) -> AsyncIterator[AnswerLost]:
+    relay = AnswerLost(target, drops)
+    server = await asyncio.start_server(relay.relay, "127.0.0.1", 0)
+    relay.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        yield relay
+    finally:
+        server.close()
+
+
+async def _with(kind: str, url: str, use: Callable[[Any], Any]) -> Any:
+    """``use(client)`` with a blocking or an asyncio client of ``url``."""
+    if kind == "async":
+        async with AsyncClient(url) as aclient:
+            return await use(aclient)
+
+    def blocking() -> Any:
+        with Client(url) as client:
+            return use(client)
+
+    return await asyncio.to_thread(blocking)
+
+
+KINDS = ["sync", "async"]
+
+
+async def _tasks(service: Service) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = (await service.client.get("/api/v1/tasks")).json()["items"]
+    return items
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_read_whose_answer_was_lost_is_sent_again(service: Service, kind: str) -> None:
+    task = await service.submit("summarize", text="Read again.")
+    async with answer_lost(service.url, drops=1) as relay:
+        read = await _with(kind, relay.url, lambda c: c.get_task(task["id"]))
+    assert relay.lost == 1
+    assert read.id == task["id"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_submit_with_a_key_whose_answer_was_lost_is_sent_again_and_makes_one_task(
+    service: Service, kind: str
+) -> None:
+    async with answer_lost(service.url, drops=1) as relay:
+        made = await _with(
+            kind,
+            relay.url,
+            lambda c: c.submit("summarize", {"text": "Once."}, idempotency_key="k-1"),
+        )
+    assert relay.lost == 1
+    assert [t["id"] for t in await _tasks(service)] == [made.id]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_submit_without_a_key_whose_answer_was_lost_is_not_sent_twice(
+    service: Service, kind: str
+) -> None:
+    async with answer_lost(service.url, drops=1) as relay:
+        with pytest.raises(ConnectionFailed):
+            await _with(kind, relay.url, lambda c: c.submit("summarize", {"text": "Once."}))
+    assert relay.lost == 1
+    assert len(await _tasks(service)) == 1  # made once, by the lost request
