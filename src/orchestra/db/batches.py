@@ -26,14 +26,19 @@ from typing import Any
 
 import msgspec
 from sqlalchemy import Connection, and_, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from orchestra import logs
 from orchestra.db import bulk, events, notices
 from orchestra.db.engine import Database
 from orchestra.db.prepared import insert_for
 from orchestra.db.rows import dump
 from orchestra.db.tables import batch_rows, batches, tasks
 from orchestra.domain import BATCH_LANE, NewTask, TaskStatus, iso
+from orchestra.errors import StorageError
 from orchestra.event_types import TaskQueued
+
+log = logs.get("orchestra.batches")
 
 #: How far below its batch's priority a row's task is queued: below every single task's
 #: (PRIORITY_MIN to PRIORITY_MAX), so ``in_batch_lane`` is true of every row's task. The API
@@ -172,6 +177,7 @@ def add_rows(
         for entry in entries:
             entry.setdefault("error", None)
         conn.execute(batch_rows.insert(), entries)
+        bulk.unsettle(conn, batches.c.id == batch_id)
     if queued and cancelled:
         bulk.cancel(conn, queued, at)
         return []
@@ -260,6 +266,21 @@ def mark_cancelled(conn: Connection, batch_id: int, at: str) -> None:
     )
 
 
+def settle(conn: Connection, found: Sequence[tuple[int, int, Tally]]) -> None:
+    """Keep the tally of each (batch, revision, tally) whose every row has finished, unless
+    its revision has moved on since it was counted (a retry meanwhile)."""
+    for batch_id, revision, tally in found:
+        conn.execute(
+            update(batches)
+            .where(
+                batches.c.id == batch_id,
+                batches.c.revision == revision,
+                batches.c.tally.is_(None),
+            )
+            .values(tally=msgspec.json.encode(tally).decode())
+        )
+
+
 # -- reads ------------------------------------------------------------------------------------
 
 
@@ -289,7 +310,36 @@ class BatchStore:
         return (await self.tallies([batch_id]))[batch_id]
 
     async def tallies(self, batch_ids: Sequence[int]) -> dict[int, Tally]:
-        """:meth:`tally` of each batch (a page of them), in one grouped read."""
+        """:meth:`tally` of each batch (a page of them): the tally kept for a batch whose
+        every row has finished, else counted over its rows in one grouped read (and then kept
+        if they all have finished)."""
+        if not batch_ids:
+            return {}
+        kept = select(batches.c.id, batches.c.tally, batches.c.revision, batches.c.status).where(
+            batches.c.id.in_(list(batch_ids))
+        )
+        async with self.db.read() as conn:
+            # The revision is read before the rows are counted: a retry committed in between
+            # bumps it, and the count is then not kept.
+            rows = (await conn.execute(kept)).all()
+            tallies = {int(r.id): _TALLY.decode(r.tally) for r in rows if r.tally is not None}
+            counted = await self._count(conn, [i for i in batch_ids if i not in tallies])
+        tallies |= counted
+        done = [
+            (int(r.id), int(r.revision), counted[int(r.id)])
+            for r in rows
+            if int(r.id) in counted and r.status == "loaded" and _finished(counted[int(r.id)])
+        ]
+        if done:
+            try:
+                await self.db.transaction(lambda conn: settle(conn, done), small=True)
+            except StorageError as exc:  # kept next time: the counts read are right anyway
+                log.warning("batch.tally_not_kept", error=exc.message)
+        return {batch_id: tallies.get(batch_id, _EMPTY) for batch_id in batch_ids}
+
+    @staticmethod
+    async def _count(conn: AsyncConnection, batch_ids: list[int]) -> dict[int, Tally]:
+        """The batches' tasks counted by status, with the first start and the last end."""
         found: dict[int, list[Any]] = {batch_id: [] for batch_id in batch_ids}
         if not found:
             return {}
@@ -302,12 +352,11 @@ class BatchStore:
                 func.max(tasks.c.finished_at),
             )
             .select_from(batch_rows.join(tasks, tasks.c.id == batch_rows.c.task_id))
-            .where(batch_rows.c.batch_id.in_(list(found)))
+            .where(batch_rows.c.batch_id.in_(batch_ids))
             .group_by(batch_rows.c.batch_id, tasks.c.status)
         )
-        async with self.db.read() as conn:
-            for row in (await conn.execute(query)).all():
-                found[int(row[0])].append(row)
+        for row in (await conn.execute(query)).all():
+            found[int(row[0])].append(row)
         return {batch_id: _tally(rows) for batch_id, rows in found.items()}
 
     async def results_after(self, batch_id: int, after: int, limit: int) -> list[ResultRow]:
@@ -378,3 +427,14 @@ def _tally(rows: Sequence[Any]) -> Tally:
         first_started=min(started) if started else None,
         last_finished=max(finished) if finished else None,
     )
+
+
+_TALLY = msgspec.json.Decoder(Tally)
+_EMPTY = Tally(counts={}, first_started=None, last_finished=None)
+#: The statuses a row's task is still to finish in.
+_ACTIVE = (TaskStatus.QUEUED.value, TaskStatus.RUNNING.value)
+
+
+def _finished(tally: Tally) -> bool:
+    """Whether every task the tally counts has finished (none queued or running)."""
+    return not any(tally.counts.get(status) for status in _ACTIVE)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import ColumnElement, Connection, select, update
 
 from orchestra.db import events, guards, notices
 from orchestra.db.portable import greatest
 from orchestra.db.rows import dump
-from orchestra.db.tables import tasks
+from orchestra.db.tables import batch_rows, batches, tasks
 from orchestra.domain import TaskError, TaskStatus
 from orchestra.event_types import TaskFinished, TaskQueued
 
@@ -88,7 +88,16 @@ def retry(conn: Connection, ids: Collection[int], now: str) -> list[int]:
     events.append_many(conn, [(task_id, TaskQueued(retry=True)) for task_id in requeued], now)
     if requeued:
         notices.queued(conn)
+        rows = select(batch_rows.c.batch_id).where(batch_rows.c.task_id.in_(requeued))
+        unsettle(conn, batches.c.id.in_(rows))
     return requeued
+
+
+def unsettle(conn: Connection, which: ColumnElement[bool]) -> None:
+    """The batches ``which`` selects have rows to do again (retried, or added): the tally kept
+    of each is dropped and its revision bumped, so that a tally counted before cannot be kept
+    after (:meth:`~orchestra.db.batches.BatchStore.tallies`)."""
+    conn.execute(update(batches).where(which).values(tally=None, revision=batches.c.revision + 1))
 
 
 def status_of(conn: Connection, task_id: int) -> TaskStatus | None:

@@ -510,6 +510,13 @@ $$""",
 # Each step records the fallback chain's entries its model calls passed over, and why.
 _V17 = "ALTER TABLE task_steps ADD COLUMN fallbacks TEXT"
 
+# A batch's tally kept once its every row has finished (db.batches: lists of batches no
+# longer count every row of those done), and a revision that each retry of its rows bumps.
+_V18 = (
+    "ALTER TABLE batches ADD COLUMN tally TEXT",
+    "ALTER TABLE batches ADD COLUMN revision INTEGER NOT NULL DEFAULT 0",
+)
+
 
 def _statements(*statements: str, postgresql: tuple[str, ...] | None = None) -> Migration:
     def apply(conn: Connection) -> None:
@@ -543,5 +550,6 @@ MIGRATIONS: list[Migration] = [
     _statements(OUTBOX_TRIGGER, postgresql=()),
     _statements(*_V16, postgresql=_V16_POSTGRESQL),
     _statements(_V17),
+    _statements(*_V18),
 ]
 LATEST = len(MIGRATIONS)

@@ -398,6 +398,11 @@ batches = Table(
     Column("created_at", Text, nullable=False),
     Column("loaded_at", Text),
     Column("cancelled_at", Text),
+    # Its tally (JSON: db.batches.Tally) once every row has finished, so that reads of a
+    # finished batch do not count its rows again (migration 18); cleared, and ``revision``
+    # bumped, when rows are queued again (a retry) or added.
+    Column("tally", Text),
+    Column("revision", Int, nullable=False, server_default=text("0")),
     _one_of("status", ("loading", "loaded")),
     Index("ux_batches_idempotency", "idempotency_scope", "idempotency_key", unique=True),
     sqlite_autoincrement=True,
