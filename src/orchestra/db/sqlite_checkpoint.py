@@ -8,6 +8,12 @@ into the database file on a thread and connection of its own, beside the writes;
 writer's thread copies only what was committed meanwhile, before its next group, so that the
 log starts over. Only that short part holds the writes (all of it did, when it ran on the
 writer's thread alone).
+
+A reader that keeps an old snapshot (a ``sqlite3`` shell left inside a transaction) stops
+every checkpoint short of the log's end, and the log grows with every write until it ends.
+The writer's part says so in the log (``database.log_growing``, at 64 MiB, then at each
+doubling), and once the reader is gone the log starts over and is cut back to
+:data:`WAL_KEPT_BYTES` (the writer's ``journal_size_limit``): it did not shrink.
 """
 
 from __future__ import annotations
@@ -23,6 +29,11 @@ from orchestra import logs
 #: Commits between two checkpoints of the write-ahead log (about a thousand pages, SQLite's
 #: own default interval, at a dozen pages a task's write).
 CHECKPOINT_COMMITS = 100
+#: The size the log is cut back to when it starts over (the writer's ``journal_size_limit``).
+WAL_KEPT_BYTES = 32 * 1024 * 1024
+#: The log's size past which a checkpoint a reader holds back is reported (then at each
+#: doubling).
+WAL_WARN_BYTES = 64 * 1024 * 1024
 
 log = logs.get("orchestra.db")
 
@@ -35,8 +46,17 @@ class Checkpoints:
     and the writer's part is due; it starts the writer's thread if it is idle.
     """
 
-    def __init__(self, path: Path, lock: threading.Lock, writer_due: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        lock: threading.Lock,
+        writer_due: Callable[[], None],
+        warn_bytes: int = WAL_WARN_BYTES,
+    ) -> None:
         self.path = path
+        self.warn_bytes = warn_bytes
+        #: The log's size when its growth was last reported (0: not growing).
+        self._reported = 0
         self._lock = lock
         self._writer_due = writer_due
         #: Commits since the last checkpoint.
@@ -91,12 +111,35 @@ class Checkpoints:
         """On the writer's thread, with ``writer()`` its connection: copy the rest of the log
         (nothing is written meanwhile, so it reaches the log's end)."""
         try:
-            writer().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            _busy, frames, copied = writer().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            self._watch(held=copied < frames)
         except Exception as exc:  # the next one copies what this one could not
             log.warning("database.checkpoint_failed", error=f"{type(exc).__name__}: {exc}")
         finally:
             with self._lock:
                 self.due = False
+
+    def _watch(self, held: bool) -> None:
+        """Report a log that grows because a reader holds checkpoints back, and its end."""
+        if not held:
+            if self._reported:
+                log.info("database.log_caught_up", path=str(self.path))
+                self._reported = 0
+            return
+        try:
+            size = (self.path.parent / f"{self.path.name}-wal").stat().st_size
+        except OSError:
+            return
+        if size >= max(self.warn_bytes, 2 * self._reported):
+            self._reported = size
+            log.warning(
+                "database.log_growing",
+                path=str(self.path),
+                wal_mb=round(size / 2**20, 1),
+                detail="a reader keeps an old snapshot (a sqlite3 shell left inside a "
+                "transaction?): the write-ahead log cannot be copied back into the database, "
+                "and grows with every write, until that transaction ends",
+            )
 
     def close(self) -> None:
         """Wait for a copy under way, then close the checkpoint's connection (blocking)."""

@@ -56,7 +56,7 @@ from sqlalchemy.pool import StaticPool
 from orchestra import logs
 from orchestra.db.engine import SQLITE, Database, check_url, settled
 from orchestra.db.failures import WriteHealth, free_bytes, storage_error
-from orchestra.db.sqlite_checkpoint import Checkpoints
+from orchestra.db.sqlite_checkpoint import WAL_KEPT_BYTES, Checkpoints
 from orchestra.db.sqlite_setup import begin_waiting, reader_engine, setup
 from orchestra.errors import StorageError, StorageFull
 
@@ -118,13 +118,8 @@ class SqliteDatabase(Database):
         setup(self._writer, begin="BEGIN IMMEDIATE", busy_timeout_ms=busy_timeout_ms)
         # Checkpoints run beside the writes and on the writer's thread between groups
         # (sqlite_checkpoint), never in a commit.
-        event.listen(
-            self._writer,
-            "connect",
-            lambda dbapi_connection, _record: dbapi_connection.execute(
-                "PRAGMA wal_autocheckpoint = 0"
-            ),
-        )
+        # A log grown while a reader held checkpoints back is cut back when it starts over.
+        event.listen(self._writer, "connect", _no_commit_checkpoints)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orchestra-writer")
         self._conn: Connection | None = None
         self._lock = threading.Lock()
@@ -569,3 +564,10 @@ class SqliteDatabase(Database):
         for conn in opened:
             conn.close()
         await self._reader.dispose()
+
+
+def _no_commit_checkpoints(dbapi_connection: Any, _record: Any) -> None:
+    """The writer's connection: no checkpoint in a commit, and a log cut back to
+    :data:`WAL_KEPT_BYTES` when it starts over."""
+    dbapi_connection.execute("PRAGMA wal_autocheckpoint = 0")
+    dbapi_connection.execute(f"PRAGMA journal_size_limit = {WAL_KEPT_BYTES}")
