@@ -29,6 +29,7 @@ from orchestra.config import WebhookSettings
 from orchestra.domain import NewTask, iso, iso_now, now
 from orchestra.errors import FieldProblem, InvalidRequest, NotFoundError
 from orchestra.event_types import EventType
+from orchestra.wire.webhooks import message_id
 
 if TYPE_CHECKING:
     from orchestra.db.webhooks import Outline, WebhookStore
@@ -105,6 +106,8 @@ class Claimed(msgspec.Struct, frozen=True):
     attempt: int
     #: When its retry window started: when it was written, or last redelivered.
     retry_from: str
+    #: When its event happened (it is written then): part of its ``webhook-id``.
+    created_at: str = ""
     #: The secret before the last rollover, while it still signs (beside ``secret``).
     previous_secret: str | None = None
 
@@ -117,9 +120,8 @@ class Claimed(msgspec.Struct, frozen=True):
 
     @property
     def message_id(self) -> str:
-        """The ``webhook-id``: the same for every attempt and redelivery, so a receiver can
-        tell a repeat from a new event."""
-        return f"msg_orchestra_{self.id}"
+        """The ``webhook-id`` (:func:`~orchestra.wire.webhooks.message_id`)."""
+        return message_id(self.id, self.created_at)
 
 
 class NewWebhook(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

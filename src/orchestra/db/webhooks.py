@@ -223,6 +223,7 @@ def _claim_statement(engine: str, skip: Sequence[int] = ()) -> Any:
             _d.c.payload,
             _d.c.attempts,
             func.coalesce(_d.c.retry_from, _d.c.created_at).label("retry_from"),
+            _d.c.created_at,
         )
     )
 
@@ -468,6 +469,7 @@ class WebhookStore:
                     payload=r["payload"],
                     attempt=r["attempts"],
                     retry_from=r["retry_from"],
+                    created_at=r["created_at"],
                     previous_secret=(
                         hooks[r["webhook_id"]].previous_secret
                         if hooks[r["webhook_id"]].previous_signs

@@ -12,6 +12,14 @@ if TYPE_CHECKING:  # the service's types, for the constructors only
     from orchestra.webhooks import Delivery, Webhook
 
 
+def message_id(delivery_id: int, created_at: str) -> str:
+    """A delivery's ``webhook-id``: the same for every attempt and redelivery, so a receiver
+    can tell a repeat from a new event, and no other delivery's, also of another database (a
+    second service, a backup restored, whose delivery ids count from the same start): its id
+    and when its event happened (``msg_orchestra_42_20261204194141123456``)."""
+    return f"msg_orchestra_{delivery_id}_{''.join(c for c in created_at if c.isdigit())}"
+
+
 class WebhookOut(msgspec.Struct, frozen=True):
     """A subscription as clients see it (its secret is shown only when it is made)."""
 
@@ -98,7 +106,7 @@ class DeliveryOut(msgspec.Struct, frozen=True):
         """From a domain delivery."""
         return cls(
             id=d.id,
-            message_id=f"msg_orchestra_{d.id}",
+            message_id=message_id(d.id, d.created_at),
             type=d.type,
             task_id=d.task_id,
             event_seq=d.event_seq,
