@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 import msgspec
 import psycopg
 import pytest
+import structlog
 from sqlalchemy import Connection, text
 
 from orchestra.config import ServerSettings, Settings
@@ -400,3 +401,35 @@ async def test_a_transactions_notifications_go_with_its_commit_and_never_without
 
             await two[0].transaction(again)
             woken.clear()
+
+
+@postgresql_only
+@pytest.mark.timeout(90)
+async def test_the_wake_ups_come_back_with_the_first_write_after_an_outage(
+    settings: Settings, start_service: StartService, postgres: PostgresServer
+) -> None:
+    """Down a while, the LISTEN connection's retries back off (up to 30 s apart). Once a
+    write works again, the server is back: it listens again at once, not at its next retry
+    (other processes' submits waited on the 1 s poll meanwhile)."""
+    async with start_service(settings) as svc:
+        db = svc.app.runtime.db
+        await wait_until(lambda: db.listening, timeout=10)
+        with structlog.testing.capture_logs() as logged:
+            postgres.stop()
+            try:
+
+                def backed_off() -> bool:  # its next retry 4 s away, or more
+                    return any(
+                        e["event"] == "database.listen_failed" and e["retry_in_s"] >= 4
+                        for e in logged
+                    )
+
+                await wait_until(backed_off, timeout=30, interval=0.05)
+            finally:
+                postgres.resume()
+        body = {"template": "summarize", "params": {"text": "after"}}
+        while (await svc.client.post("/api/v1/tasks", json=body)).status_code != 201:
+            await asyncio.sleep(0.05)
+        back = asyncio.get_running_loop().time()
+        await wait_until(lambda: db.listening, timeout=10, interval=0.01)
+        assert asyncio.get_running_loop().time() - back < 2

@@ -27,6 +27,7 @@ reconnects with backoff.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import socket
@@ -148,6 +149,15 @@ class PostgresDatabase(Database):
         self.on_recovered = None
         self.reads_handed_off = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Set when writes work again: a listener waiting to reconnect tries at once.
+        self._back: asyncio.Event | None = None
+
+    def _recovered(self) -> None:
+        """On the loop: writes work again after failing (the server is back)."""
+        if self._back is not None:
+            self._back.set()
+        if self.on_recovered is not None:
+            self.on_recovered()
 
     def _run(self, work: Callable[[Connection], T]) -> T:
         """On a thread: ``work`` in a transaction, run again when it met another."""
@@ -166,8 +176,8 @@ class PostgresDatabase(Database):
                     raise
                 self.writes.failed(error)
                 raise error from exc
-            if self.writes.succeeded() and self.on_recovered is not None and self._loop:
-                self._loop.call_soon_threadsafe(self.on_recovered)
+            if self.writes.succeeded() and self._loop:  # writes work again after failing
+                self._loop.call_soon_threadsafe(self._recovered)
             return result
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -262,7 +272,7 @@ class PostgresDatabase(Database):
     ) -> None:
         """LISTEN for other processes' submits and changes and pass them on, until cancelled;
         reconnect with backoff when the connection fails (the workers and waiting requests
-        poll meanwhile)."""
+        poll meanwhile), and at once when a write works again (the server is back)."""
         pause = LISTEN_RETRY
         while True:
             try:
@@ -295,7 +305,12 @@ class PostgresDatabase(Database):
                     error=f"{type(exc).__name__}: {exc}",
                     retry_in_s=pause,
                 )
-            await asyncio.sleep(pause)
+            # The pause ends early once a write works again: the server is back.
+            self._back = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await self._back.wait()
+            self._back = None
             pause = min(pause * 2, LISTEN_RETRY_MAX)
 
     async def close(self) -> None:
