@@ -276,7 +276,8 @@ async def test_after_downtime_catch_up_none_fires_nothing_for_the_missed_ticks(
     )
     assert missed["error"] == (
         f"every tick from {iso(START + timedelta(minutes=1))} to before "
-        f"{iso(START + timedelta(minutes=61))} was missed (not running)"
+        f"{iso(START + timedelta(minutes=61))} was missed (the service was not running, or "
+        "could not use its database)"
     )
     one = (await idle.client.get(f"{SCHEDULES}/digest")).json()
     assert one["next_fire_at"] == iso(START + timedelta(minutes=61))
@@ -294,7 +295,8 @@ async def test_after_downtime_catch_up_latest_fires_once_for_the_missed_ticks(
         (iso(START + timedelta(minutes=10)), "missed"),  # the ticks before it
     ]
     assert got[1]["error"].endswith(
-        f"to before {iso(START + timedelta(hours=5))} was missed (not running)"
+        f"to before {iso(START + timedelta(hours=5))} was missed (the service was not "
+        "running, or could not use its database)"
     )
     one = (await idle.client.get(f"{SCHEDULES}/digest")).json()
     assert one["next_fire_at"] == iso(START + timedelta(hours=5, minutes=10))

@@ -112,6 +112,17 @@ async def test_serve_with_an_unsupported_database_url_fails_in_one_clean_line(
     assert "Started server process" not in err and "startup" not in err
 
 
+async def test_serve_with_a_file_where_the_databases_folder_goes_says_so(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "afile").write_text("")
+    config = tmp_path / "o.toml"
+    url = f"sqlite+aiosqlite:///{tmp_path}/afile/orch.db"
+    config.write_text(f'[server]\nport = {free_port()}\n[database]\nurl = "{url}"\n')
+    err = await _serve_fails(config)
+    assert f"cannot open {url}: {tmp_path}/afile is a file, not a folder" in err, err
+
+
 @pytest.mark.parametrize(
     ("key", "variable", "value", "said"),
     [

@@ -362,6 +362,10 @@ def _open(settings: Settings) -> Database:
     url = settings.database.url
     try:
         return Database(url, **settings.database.engine_options())
+    except (FileExistsError, NotADirectoryError) as exc:  # a folder on its path is a file
+        raise ConfigError(
+            f"database.url: cannot open {url}: {exc.filename} is a file, not a folder"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"database.url: cannot open {url}: {exc}") from None
 

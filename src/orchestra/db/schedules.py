@@ -278,7 +278,10 @@ class ScheduleStore:
                 return Fired("lost")
             if missed is not None:
                 first, until = missed
-                why = f"every tick from {first} to before {until} was missed (not running)"
+                why = (
+                    f"every tick from {first} to before {until} was missed (the service was "
+                    "not running, or could not use its database)"
+                )
                 conn.execute(record(conn, first, "missed", why))
             if fire_at is None:
                 return Fired("missed")
