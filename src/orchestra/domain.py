@@ -6,6 +6,7 @@ database. Change one with :func:`msgspec.structs.replace`.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections.abc import Iterable
@@ -382,15 +383,28 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError(f"a duration cannot be negative, got {value!r}")
-        return float(value)
-    match = _DURATION.match(str(value))
-    if not match:
-        raise ValueError(f"expected a duration like 500ms, 30s, 2m or 1h, got {value!r}")
-    return float(match.group("n")) * _UNITS[match.group("unit")]
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer past any float
+            seconds = math.inf
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"expected a duration like 500ms, 30s, 2m or 1h, got {value!r}")
+        seconds = float(match.group("n")) * _UNITS[match.group("unit")]
+    if not math.isfinite(seconds):  # .inf, .nan, 1e400, a 400-digit number of hours
+        raise ValueError(f"a duration must be a finite number, got {value!r}")
+    return seconds
 
 
 #: The longest a retry waits for a model server's Retry-After, in seconds.
 MAX_RETRY_AFTER = 3600.0
+#: The longest a template's or a step's ``timeout`` may be, in seconds: a day, as a task's
+#: own ``timeout`` on submit.
+MAX_TIMEOUT = 86_400.0
+#: The longest wait between two attempts (a template's ``initial_delay`` and ``max_delay``),
+#: in seconds: a week.
+MAX_RETRY_DELAY = 7 * 86_400.0
 
 
 class RetryPolicy(msgspec.Struct, frozen=True):
@@ -449,6 +463,9 @@ def decide_retry(
         return None
     # At least what the model server asked for (Retry-After), up to an hour.
     delay = max(policy.delay(counted, rng), min(error.retry_after or 0.0, MAX_RETRY_AFTER))
+    # Templates are held to MAX_RETRY_DELAY when loaded; capped here too, so that no policy
+    # can make a time past the calendar (OverflowError) or NaN and leave the task running.
+    delay = min(delay, MAX_RETRY_DELAY) if math.isfinite(delay) else MAX_RETRY_DELAY
     return Retry(
         at=at + timedelta(seconds=delay), delay=delay, attempts_left=task.max_attempts - counted
     )

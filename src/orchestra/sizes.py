@@ -25,10 +25,22 @@ def json_size(value: Any, limit: int) -> int:
 
     Exact when at most ``limit``. Over it, possibly a lower bound: a string longer than the
     limit is not encoded at all (each character is at least one byte).
+
+    Raises:
+        InvalidOutput: the value holds a lone UTF-16 surrogate, which JSON cannot encode.
     """
     if isinstance(value, str) and len(value) + 2 > limit:
         return len(value) + 2
-    return len(_encode(value))
+    try:
+        return len(_encode(value))
+    except UnicodeEncodeError as exc:
+        # '\ud800' in a Jinja string, or a JSON escape of one: no text can hold it, so the
+        # value could never be stored (it failed the task as an internal error).
+        code = ord(str(exc.object)[exc.start])
+        raise InvalidOutput(
+            f"the value holds \\u{code:04x}, half of a UTF-16 surrogate pair without its other "
+            "half, which is not a character and cannot be stored"
+        ) from None
 
 
 def check_size(value: Any, limit: int, what: str, key: str) -> int:
@@ -37,7 +49,10 @@ def check_size(value: Any, limit: int, what: str, key: str) -> int:
     Raises:
         InvalidOutput: it is over ``limit``, named as ``[limits] key``.
     """
-    size = json_size(value, limit)
+    try:
+        size = json_size(value, limit)
+    except InvalidOutput as exc:
+        raise InvalidOutput(f"{what}: {exc.message}") from None
     if size > limit:
         raise too_large(what, size, limit, key)
     return size

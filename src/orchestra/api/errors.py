@@ -21,6 +21,7 @@ from litestar.status_codes import (
     HTTP_503_SERVICE_UNAVAILABLE,
     HTTP_507_INSUFFICIENT_STORAGE,
 )
+from litestar.utils.scope.state import ScopeState
 from msgspec import Struct
 
 from orchestra import logs
@@ -271,15 +272,52 @@ def _bad_body(reason: str, status: int = HTTP_400_BAD_REQUEST) -> Response[Error
     return _body(status, code, f"the request body {reason}", [FieldOut("body", reason)])
 
 
-def _undecodable(exc: HTTPException) -> str | None:
+def _undecodable(exc: HTTPException, body: bytes | None = None) -> str | None:
     """Why the body could not be decoded, when ``exc`` is Litestar's answer to that (its
-    ClientException raised from the decoder's SerializationException); else None."""
+    ClientException raised from the decoder's SerializationException); else None. ``body``,
+    when known, names a lone surrogate escape, which msgspec reports as a truncated body."""
     if not isinstance(exc.__cause__, SerializationException):
         return None
     detail = str(exc.detail)
     if "UTF-8" in detail:
         return "is not UTF-8 text"
+    lone = _lone_surrogate(body) if body and "truncated" in detail else None
+    if lone is not None:
+        escape, at = lone
+        return (
+            f"is not valid JSON: the string escape {escape} at byte {at} is half of a UTF-16 "
+            "surrogate pair without its other half, which is not a character"
+        )
     return f"is not valid JSON: {detail[:1].lower()}{detail[1:]}"
+
+
+#: A \uXXXX escape of a UTF-16 surrogate, after an even number of backslashes (so itself an
+#: escape, not the text "\\ud800").
+_SURROGATE_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*(\\u[dD][89a-fA-F][0-9a-fA-F]{2})")
+
+
+def _lone_surrogate(body: bytes) -> tuple[str, int] | None:
+    """The first ``\\uXXXX`` escape in ``body`` that is half a surrogate pair without its
+    other half, and its byte offset; None when there is none."""
+    pending: tuple[str, int] | None = None  # a high half waiting for its low half
+    for found in _SURROGATE_ESCAPE.finditer(body):
+        escape, at = found.group(1).decode("ascii"), found.start(1)
+        low = escape[3].lower() in "cdef"
+        if pending is not None:
+            if low and at == pending[1] + 6:
+                pending = None
+                continue
+            return pending
+        if low:
+            return escape, at
+        pending = (escape, at)
+    return pending
+
+
+def _body_of(request: Request[Any, Any, Any]) -> bytes | None:
+    """The request's body, when it was read already (a failed decode read it)."""
+    body = ScopeState.from_scope(request.scope).body
+    return body if isinstance(body, bytes) else None
 
 
 #: What each integer path parameter is the id of: the error a missing one raises and its
@@ -359,7 +397,7 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
         413: "too_large",
         429: "rate_limited",
     }.get(exc.status_code, "http_error")
-    undecodable = _undecodable(exc)
+    undecodable = _undecodable(exc, _body_of(request))
     if undecodable is not None:
         return _bad_body(undecodable)
     if exc.status_code == HTTP_413_REQUEST_ENTITY_TOO_LARGE:
@@ -381,9 +419,28 @@ def http_headers(exc: HTTPException) -> dict[str, str]:
     return headers
 
 
-def too_deep(_: Request[Any, Any, Any], exc: RecursionError) -> Response[ErrorBody]:
+#: Where a RecursionError that is not the request body's comes from: reading or rendering
+#: a template (a template's problems are TemplateErrors, so one of these is a bug).
+_NOT_THE_BODY = ("orchestra/templating/", "orchestra/catalog.py", "/jinja2/", "/ruamel/")
+
+
+def _from_templates(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while reading or rendering a template, not a body."""
+    tb = exc.__traceback__
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename.replace("\\", "/")
+        if any(part in filename for part in _NOT_THE_BODY):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def too_deep(request: Request[Any, Any, Any], exc: RecursionError) -> Response[ErrorBody]:
     """A body nested so deeply that decoding it ran out of stack (msgspec raises
-    RecursionError past about a thousand levels)."""
+    RecursionError past about a thousand levels). One raised by a template's YAML or Jinja
+    is not the body's: it is an internal error, logged with its traceback."""
+    if _from_templates(exc):
+        return internal_error(request, exc)
     return _bad_body("nests too deeply")
 
 

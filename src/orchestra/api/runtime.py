@@ -197,6 +197,8 @@ class Runtime:
             self._catalog.reload()
         except TemplateError as exc:
             log.error("templates.reload_failed", problems=[str(p) for p in exc.problems])
+        except Exception:  # a bug must not escape the signal handler: the old set stays
+            log.exception("templates.reload_failed")
 
     def request_stop(self, *, hurry: bool = False) -> None:
         """Stop claiming tasks now, and answer the requests waiting for a task's end

@@ -17,7 +17,7 @@ import msgspec
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from orchestra.config import LimitSettings
-from orchestra.domain import RetryPolicy
+from orchestra.domain import MAX_RETRY_DELAY, RetryPolicy
 from orchestra.errors import PayloadTooLarge, TemplateError
 from orchestra.templating.model import PARAM_TYPES, Parameter, Template
 from orchestra.templating.params import non_finite, schema_reason
@@ -28,7 +28,14 @@ from orchestra.templating.regex import (
     validator,
 )
 from orchestra.templating.schema_refs import ref_problems
-from orchestra.templating.source import Checker, Path_, Source, TemplateProblem, describe
+from orchestra.templating.source import (
+    Checker,
+    Path_,
+    Source,
+    TemplateProblem,
+    describe,
+    merge_loop,
+)
 from orchestra.templating.step_loader import Scope, read_steps
 from orchestra.templating.yaml_guard import check_shape, check_size
 
@@ -37,6 +44,10 @@ from orchestra.templating.yaml_guard import check_shape, check_size
 # are not anchored otherwise.
 NAME = re.compile(r"^[a-z0-9_-]+$")
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+#: The largest ``version`` a template file may give: the largest integer a JSON client such
+#: as JavaScript holds exactly (2**53 - 1), well within the database's 64-bit integers.
+MAX_VERSION = 2**53 - 1
 
 TOP_KEYS = (
     "name",
@@ -139,7 +150,11 @@ def _parameters(c: Checker, value: Any, budget: PatternBudget) -> dict[str, Para
         ]
         for key in infinite:
             # YAML's .inf and .nan: JSON has neither, so no caller could send or match them.
-            c.add((*path, key), f"{key} holds .inf or .nan: only finite numbers can be used")
+            c.add(
+                (*path, key),
+                f"{key} holds .inf or .nan, or a number past ±1.8e308: only finite numbers that a "
+                "64-bit float holds can be used",
+            )
         if infinite:
             out[name] = param  # known, so that steps using it are not reported too
             continue
@@ -194,7 +209,7 @@ def _retry(c: Checker, value: Any) -> RetryPolicy | None:
     else:
         fields["backoff"] = backoff
     for key in ("initial_delay", "max_delay"):
-        seconds = c.duration(data, ("retry",), key)
+        seconds = c.duration(data, ("retry",), key, maximum=MAX_RETRY_DELAY)
         if seconds is not None:
             fields[key] = seconds
     policy = RetryPolicy(**fields)
@@ -258,6 +273,43 @@ def _parse(text: str, file: str, limits: LimitSettings) -> Template:
         raise TemplateError([TemplateProblem(file, line, col, "", f"YAML: {reason}")]) from None
     except YAMLError as exc:
         raise TemplateError([TemplateProblem(file, 1, 1, "", f"YAML: {exc}")]) from None
+    except Exception as exc:  # noqa: BLE001 - ruamel's own failures on odd YAML
+        raise TemplateError([_unreadable(text, file, exc)]) from None
+    try:
+        return _check(src, text, file)
+    except (TemplateError, PayloadTooLarge):
+        raise
+    except RecursionError:
+        problem = TemplateProblem(file, 1, 1, "", "the template nests too deeply to be checked")
+        raise TemplateError([problem]) from None
+    except Exception as exc:  # noqa: BLE001 - a malformed template must never be a crash
+        problem = TemplateProblem(
+            file, 1, 1, "", f"the template could not be checked: {type(exc).__name__}: {exc}"
+        )
+        raise TemplateError([problem]) from None
+
+
+def _unreadable(text: str, file: str, exc: Exception) -> TemplateProblem:
+    """The problem for YAML that ruamel failed to build with an error of its own (not a
+    YAMLError): at the merge key that merges a mapping into itself when there is one."""
+    loop = merge_loop(text)
+    if loop is not None:
+        message = (
+            "YAML: this merge key (<<) brings in a mapping that holds it "
+            "(an anchor merged into itself)"
+        )
+        return TemplateProblem(file, *loop, "", message)
+    if isinstance(exc, RecursionError):
+        return TemplateProblem(file, 1, 1, "", "YAML: the document nests too deeply to be read")
+    return TemplateProblem(file, 1, 1, "", f"YAML: cannot be read: {type(exc).__name__}: {exc}")
+
+
+def _check(src: Source, text: str, file: str) -> Template:
+    """Every check of a template whose YAML was read (``src``).
+
+    Raises:
+        TemplateError: carrying every problem found.
+    """
     c = Checker(src)
     data = c.mapping(src.data, (), "a template")
     if data is None:
@@ -267,8 +319,9 @@ def _parse(text: str, file: str, limits: LimitSettings) -> Template:
     if name is not None and not NAME.fullmatch(name):
         c.add(("name",), f"name {name!r} may hold only a-z, 0-9, _ and -")
     version = data.get("version", 1)
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        c.add(("version",), f"version must be a whole number >= 1, got {version!r}")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= MAX_VERSION:
+        shown = repr(version) if len(repr(version)) <= 40 else repr(version)[:40] + "…"
+        c.add(("version",), f"version must be a whole number from 1 to {MAX_VERSION}, got {shown}")
     description = c.string(data, (), "description") or ""
     model = c.string(data, (), "model")
     # Regexes run on RE2; one budget bounds the work of compiling all of the template's.

@@ -99,9 +99,15 @@ def check_input(params: dict[str, Any], limits: LimitSettings) -> None:
         raise InvalidParams(f"{len(problems)} invalid parameter(s)", problems)
 
 
+#: The smallest integer no 64-bit float holds (floats stop short of 2**1024, about 1.8e308).
+_NO_FLOAT = 2**1024
+
+
 def non_finite(params: dict[str, Any]) -> list[FieldProblem]:
     """A problem for each NaN or Infinity anywhere in ``params``: JSON has neither (they would
-    be stored as null), and a schema's minimum and maximum do not catch NaN."""
+    be stored as null), and a schema's minimum and maximum do not catch NaN. An integer no
+    double holds (400 digits) is refused too, as ``1e400`` is: most JSON readers cannot
+    read it back."""
     problems: list[FieldProblem] = []
     stack: list[tuple[Any, tuple[Any, ...]]] = [(params, ())]
     while stack:
@@ -110,6 +116,15 @@ def non_finite(params: dict[str, Any]) -> list[FieldProblem]:
             problems.append(
                 FieldProblem(
                     _field(path), f"is {value}, not a finite number (NaN and Infinity are refused)"
+                )
+            )
+        elif type(value) is int and not -_NO_FLOAT < value < _NO_FLOAT:
+            digits = len(str(abs(value))) if abs(value).bit_length() < 14_000 else "over 4,000"
+            problems.append(
+                FieldProblem(
+                    _field(path),
+                    f"is an integer of {digits} digits, out of range: a number must fit a "
+                    "64-bit float (up to about ±1.8e308)",
                 )
             )
         elif isinstance(value, dict):

@@ -11,7 +11,7 @@ import functools
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jinja2
@@ -39,6 +39,25 @@ MAX_STARTS = 32
 _BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
 
 
+def _kind(value: Any) -> str:
+    """What a value is, in a built-in's error: "none", "a list", "an int"."""
+    if value is None:
+        return "none"
+    name = type(value).__name__
+    return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
+
+
+def _text_for(name: str, value: Any) -> str:
+    """``value``, which the built-in filter ``name`` takes as text only (a list or none
+    written as text would be split or matched as its Python form, quietly)."""
+    if not isinstance(value, str):
+        raise RenderError(
+            f"{name} takes text, got {_kind(value)} (write `| string` first to use its text, "
+            "or `| join` a list)"
+        )
+    return value
+
+
 def choose(answer: Any, options: Any) -> Any:
     """Map a model's free-text answer onto one of ``options`` (case-insensitive).
 
@@ -47,8 +66,14 @@ def choose(answer: Any, options: Any) -> Any:
     "bug"). The option is returned as given (``5``, not ``"5"``). Fails when the answer names
     none of them, so a task never returns an invented label.
     """
+    if not isinstance(answer, str | int | float) or isinstance(answer, bool):
+        raise RenderError(f"choose takes an answer that is text or a number, got {_kind(answer)}")
     text = str(answer).strip()
+    if isinstance(options, str | bytes | Mapping) or not isinstance(options, Iterable):
+        raise RenderError(f"choose takes a list of options, got {_kind(options)}")
     options = list(options)
+    if not options:
+        raise RenderError("choose was given no options (an empty list): there is nothing to choose")
     labels = [str(o) for o in options]
     for option, label in zip(options, labels, strict=True):
         if text.strip(" .!\"'`*").lower() == label.lower():
@@ -121,7 +146,46 @@ def _decode_at(raw: str, start: int) -> Any:
     return value
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """The escape (``\\ud800``) of the first lone UTF-16 surrogate in ``value``'s strings
+    (keys too), or None: no text can hold one, so a value with it could never be stored or
+    sent to a model."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            found = _SURROGATE.search(item)
+            if found:
+                return f"\\u{ord(found.group()):04x}"
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
 def parse_json_text(text: Any) -> Any:
+    """JSON out of text, as :func:`_parse_json_text` finds it; one whose strings hold a
+    lone surrogate escape (``"\\ud800"``, which Python's decoder lets through) is refused.
+
+    Raises:
+        ValueError: no JSON value, a broken one, or one holding a lone surrogate.
+    """
+    value = _parse_json_text(text)
+    lone = lone_surrogate(value) if isinstance(value, str | dict | list) else None
+    if lone is not None:
+        raise ValueError(
+            f"a string in it holds {lone}, half of a UTF-16 surrogate pair without its other "
+            "half, which is not a character"
+        )
+    return value
+
+
+def _parse_json_text(text: Any) -> Any:
     """JSON out of text that may wrap it in a fenced block (of any language) or in words.
 
     The value is looked for at each ``{`` and ``[`` in turn (at most :data:`MAX_STARTS` of
@@ -158,7 +222,10 @@ def chunk(text: Any, size: int = 2000, overlap: int = 200) -> list[str]:
     """Split text into pieces of at most ``size`` characters, each starting ``overlap``
     characters before the previous one ended, preferring to cut at a paragraph, line or
     sentence end so that no piece stops mid-word when it can be helped."""
-    raw = str(text)
+    raw = _text_for("chunk", text)
+    for name, number in (("size", size), ("overlap", overlap)):
+        if not isinstance(number, int) or isinstance(number, bool):
+            raise RenderError(f"chunk's {name} must be a whole number, got {_kind(number)}")
     if size < 1 or not 0 <= overlap < size:
         raise RenderError(f"chunk needs size >= 1 and 0 <= overlap < size, got {size}, {overlap}")
     # The pieces repeat their overlaps: about len * size / (size - overlap) characters in all.
@@ -181,7 +248,7 @@ def chunk(text: Any, size: int = 2000, overlap: int = 200) -> list[str]:
 def lines(text: Any) -> list[str]:
     """Split a reply into its non-empty lines, without list bullets or numbering."""
     out = []
-    for line in str(text).splitlines():
+    for line in _text_for("lines", text).splitlines():
         item = _BULLET.sub("", line).strip()
         if item:
             out.append(item)
@@ -352,11 +419,19 @@ def render_text(source: str, scope: Mapping[str, Any], *, what: str) -> str:
         RenderError: naming ``what`` was being rendered and why it failed.
     """
     try:
-        return render_capped(compile_text(source), scope)
+        text = render_capped(compile_text(source), scope)
     except RenderError:
         raise
     except Exception as exc:  # any error a template can raise is the template's fault
         raise RenderError(f"cannot render {what}: {_explain(exc)}") from exc
+    lone = _SURROGATE.search(text)
+    if lone is not None:  # '\ud800' in a Jinja string, '%c' % 55296: no model can be sent it
+        raise RenderError(
+            f"cannot render {what}: the text holds \\u{ord(lone.group()):04x} at character "
+            f"{lone.start() + 1}, half of a UTF-16 surrogate pair without its other half, "
+            "which is not a character"
+        )
+    return text
 
 
 def render_output(

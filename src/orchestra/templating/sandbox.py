@@ -307,22 +307,25 @@ def _safe_filters(env: ImmutableSandboxedEnvironment) -> None:
         _check_percent(str(value), args or kwargs)
         return str(base["format"](value, *args, **kwargs))
 
-    def slice_(value: Any, slices: Any, fill_with: Any = None) -> Any:
+    # Each wrapper takes what Jinja's own filter is marked to take (jinja2.utils._PassArg):
+    # ``slice`` the evaluation context, ``wordwrap`` the environment.
+    @pass_eval_context
+    def slice_(ctx: Any, value: Any, slices: Any, fill_with: Any = None) -> Any:
         check_size(int(slices), "slice's count")
-        return base["slice"](value, slices, fill_with)
+        return base["slice"](ctx, value, slices, fill_with)
 
     def batch(value: Any, linecount: Any, fill_with: Any = None) -> Any:
         if fill_with is not None:
             check_size(int(linecount), "batch's size")
         return base["batch"](value, linecount, fill_with)
 
-    @pass_eval_context
-    def wordwrap(ctx: Any, s: Any, width: Any = 79, *args: Any, **kwargs: Any) -> Any:
+    @pass_environment
+    def wordwrap(env_: Any, s: Any, width: Any = 79, *args: Any, **kwargs: Any) -> Any:
         wrap = kwargs.get("wrapstring", args[1] if len(args) > 1 else None)
         text = str(s)
         lines = len(text) // max(1, int(width)) + text.count("\n") + 1
         check_size(len(text) + lines * len(str(wrap or "\n")), "the wrapped text")
-        return base["wordwrap"](ctx, s, width, *args, **kwargs)
+        return base["wordwrap"](env_, s, width, *args, **kwargs)
 
     def measured(name: str) -> Callable[..., Any]:
         original = base[name]

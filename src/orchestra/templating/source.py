@@ -9,18 +9,23 @@ problem points at the offending value (1-based line and column). A key that a me
 from __future__ import annotations
 
 import difflib
+import re
 from datetime import date
 from typing import Any
 
 import msgspec
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.nodes import MappingNode, SequenceNode
 from ruamel.yaml.scalarbool import ScalarBoolean
 from ruamel.yaml.scalarstring import FoldedScalarString, LiteralScalarString
 
-from orchestra.domain import parse_duration
+from orchestra.domain import MAX_TIMEOUT, parse_duration
 
 Path_ = tuple[str | int, ...]
+_SURROGATE = re.compile("[\ud800-\udfff]")
+#: The tag of YAML's merge key, ``<<``.
+MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 class TemplateProblem(msgspec.Struct, frozen=True):
@@ -37,12 +42,45 @@ class TemplateProblem(msgspec.Struct, frozen=True):
         return f"{self.file}:{self.line}:{self.column}:{where} {self.message}"
 
 
+def merge_loop(text: str) -> tuple[int, int] | None:
+    """1-based (line, column) of the first merge key (``<<``) that brings in a mapping holding
+    it (``x: &x {<<: *x}``), which ruamel cannot build (it fails with an AttributeError);
+    None when there is none, or the text cannot be composed."""
+    try:
+        root = YAML(typ="rt").compose(text)
+    except Exception:  # noqa: BLE001 - whatever breaks composing is reported elsewhere
+        return None
+    seen: set[int] = set()
+    stack: list[tuple[Any, tuple[int, ...]]] = [(root, ())]
+    while stack:
+        node, ancestors = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        inside = (*ancestors, id(node))
+        if isinstance(node, MappingNode):
+            for key, value in node.value:
+                if str(key.tag) == MERGE_TAG or key.value == "<<":
+                    merged = value.value if isinstance(value, SequenceNode) else [value]
+                    if any(id(m) in inside for m in merged):
+                        return key.start_mark.line + 1, key.start_mark.column + 1
+                stack.extend([(key, inside), (value, inside)])
+        elif isinstance(node, SequenceNode):
+            stack.extend((item, inside) for item in node.value)
+    return None
+
+
+def _escaped(text: str) -> str:
+    """``text`` with each lone surrogate written as its escape (``\\ud800``)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def format_path(path: Path_) -> str:
     """("steps", 2, "prompt") -> "steps[2].prompt"."""
     out = ""
     for part in path:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
+    return _escaped(out) if _SURROGATE.search(out) else out
 
 
 class Source:
@@ -56,6 +94,10 @@ class Source:
         self.key_positions: dict[Path_, tuple[int, int]] = {}
         self.block_scalars: set[Path_] = set()
         self.folded: set[Path_] = set()
+        #: Values a merge key brought in, placed at the ``<<``.
+        self.merged: set[Path_] = set()
+        #: Problems found while reading the values (lone surrogates), by path.
+        self.problems: list[tuple[Path_, str]] = []
         self.data = self._plain(YAML(typ="rt").load(text), ())
 
     def _merge_position(self, node: CommentedMap) -> tuple[int, int]:
@@ -72,13 +114,20 @@ class Source:
             out: dict[Any, Any] = {}
             merged: tuple[int, int] | None = None
             for key in node:
-                if key in node.lc.data:
+                if node.lc.data is None:  # an !!omap: ruamel keeps no positions by key
+                    here = (node.lc.line, node.lc.col)
+                    self.positions[(*path, key)] = self.key_positions[(*path, key)] = here
+                elif key in node.lc.data:
                     self.positions[(*path, key)] = node.lc.value(key)
                     self.key_positions[(*path, key)] = node.lc.key(key)
                 else:  # brought in by a merge key
+                    self.merged.add((*path, key))
                     merged = merged or self._merge_position(node)
                     self.positions[(*path, key)] = self.key_positions[(*path, key)] = merged
-                out[key] = self._plain(node[key], (*path, key))
+                value = self._plain(node[key], (*path, key))
+                if isinstance(key, str):
+                    key = self._text(key, (*path, _escaped(key)), of="key")
+                out[key] = value
             return out
         if isinstance(node, CommentedSeq):
             items = []
@@ -90,11 +139,11 @@ class Source:
             self.block_scalars.add(path)
             if isinstance(node, FoldedScalarString):
                 self.folded.add(path)
-            return str(node)
+            return self._text(str(node), path)
         if isinstance(node, ScalarBoolean):
             return bool(node)
         if isinstance(node, str):
-            return str(node)
+            return self._text(str(node), path)
         if isinstance(node, bool):
             return node
         if isinstance(node, int):
@@ -106,6 +155,29 @@ class Source:
             # parameters and outputs are, has neither: as text, as the author wrote it.
             return str(node)
         return node
+
+    def _text(self, text: str, path: Path_, of: str = "text") -> str:
+        """A string of the YAML, with each surrogate pair its escapes wrote (``"\\ud83d\\ude00"``,
+        as JSON writes 😀) made the character it stands for; a lone surrogate left (which no
+        text can hold: encoding it fails, so a task could never store or send it) is noted
+        in :attr:`problems`."""
+        if not _SURROGATE.search(text):
+            return text
+        text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+        lone = _SURROGATE.search(text)
+        if lone is not None:
+            self.problems.append(
+                (
+                    path,
+                    f"the {of} holds \\u{ord(lone.group()):04x} at character {lone.start() + 1}, "
+                    "half of a UTF-16 surrogate pair without its other half, which is not a "
+                    "character (write the character itself, or both halves)",
+                )
+            )
+            # The template is refused; the text is kept escaped, so that no message or path
+            # quoting it holds what cannot be encoded.
+            return _escaped(text)
+        return text
 
     def where(self, path: Path_) -> tuple[int, int]:
         """1-based (line, column) of the value at ``path``, or of its nearest known parent."""
@@ -130,9 +202,84 @@ class Source:
             line = line + 1 + row
             text = self.lines[line - 1] if 0 < line <= len(self.lines) else ""
             return line, len(text) - len(text.lstrip()) + 1
-        if lineno > 1:
-            return line + lineno - 1, 1
+        if lineno > 1 and path not in self.merged:
+            return self._flow_line(line, col, lineno) or (line, col)
         return line, col
+
+    def _flow_line(self, line: int, col: int, lineno: int) -> tuple[int, int] | None:
+        """1-based (line, column) where line ``lineno`` of a flow scalar's text (plain,
+        '…' or "…") that starts at ``line``, ``col`` begins; None when it was not found.
+
+        The text's line breaks come from ``\\n`` (and the other escapes of a line break) in a
+        double-quoted scalar, and from blank lines, which folding keeps: a single line break
+        between two rows of the source folds into a space. Jinja counts ``\\r\\n`` once."""
+        row, at = line - 1, col - 1
+        if row >= len(self.lines):
+            return None
+        text = self.lines[row]
+        quote = text[at] if at < len(text) and text[at] in "\"'" else ""
+        at += 1 if quote else 0
+        breaks, after_cr = 0, False  # line breaks the text has so far
+
+        def produce(char: str) -> bool:
+            """Count one character of the text; True when line ``lineno`` starts after it."""
+            nonlocal breaks, after_cr
+            if char == "\r" or (char == "\n" and not after_cr):
+                breaks += 1
+            after_cr = char == "\r"
+            return breaks >= lineno - 1 and char in "\r\n"
+
+        while row < len(self.lines):
+            text = self.lines[row]
+            continued = False  # the row ends in an escaped line break (no folding)
+            while at < len(text):
+                char = text[at]
+                if quote == "'" and char == "'":
+                    if text[at + 1 : at + 2] != "'":
+                        return None  # the scalar ended first
+                    at += 2
+                    produce("'")
+                    continue
+                if quote == '"' and char == '"':
+                    return None
+                if quote == '"' and char == "\\":
+                    code = text[at + 1 : at + 2]
+                    if not code:
+                        continued = True
+                        break
+                    size = {"x": 2, "u": 4, "U": 8}.get(code, 0)
+                    digits = text[at + 2 : at + 2 + size]
+                    if size:
+                        try:
+                            made = chr(int(digits, 16))
+                        except ValueError:
+                            made = "?"
+                    else:
+                        made = {"n": "\n", "r": "\r", "L": "\u2028", "P": "\u2029"}.get(code, code)
+                    at += 2 + size
+                    if produce(made):
+                        return row + 1, at + 1
+                    continue
+                at += 1
+                produce(char)
+            # The row ended: the next row that is not blank goes on with the text.
+            row, at, blanks = row + 1, 0, 0
+            while row < len(self.lines) and not self.lines[row].strip():
+                blanks += 1
+                if breaks + blanks >= lineno:
+                    return row + 1, 1  # an empty line of the text
+                row += 1
+            if row >= len(self.lines):
+                return None
+            rest = self.lines[row]
+            at = len(rest) - len(rest.lstrip())
+            for _ in range(blanks):
+                produce("\n")
+            if blanks == 0 and not continued:
+                produce(" ")
+            if breaks >= lineno - 1:
+                return row + 1, at + 1
+        return None
 
     def _folded_row(self, line: int, lineno: int) -> int:
         """The row (0-based, after the indicator on ``line``, 1-based) of a ``>`` block where
@@ -166,6 +313,8 @@ class Checker:
     def __init__(self, source: Source) -> None:
         self.src = source
         self.problems: list[TemplateProblem] = []
+        for path, message in source.problems:
+            self.add(path, message)
 
     def add(self, path: Path_, message: str, at: tuple[int, int] | None = None) -> None:
         line, col = at or self.src.where(path)
@@ -199,7 +348,11 @@ class Checker:
             return None
         return value
 
-    def duration(self, data: dict[str, Any], path: Path_, key: str) -> float | None:
+    def duration(
+        self, data: dict[str, Any], path: Path_, key: str, maximum: float = MAX_TIMEOUT
+    ) -> float | None:
+        """The duration at ``data[key]`` in seconds, more than 0 and at most ``maximum``;
+        None (with the problem reported) when it is not one, or when it is absent."""
         if key not in data:
             return None
         try:
@@ -210,7 +363,21 @@ class Checker:
         if seconds <= 0:
             self.add((*path, key), f"{key} must be more than 0")
             return None
+        if seconds > maximum:
+            self.add(
+                (*path, key),
+                f"{key} must be at most {_in_words(maximum)}, got {data[key]!r}",
+            )
+            return None
         return seconds
+
+
+def _in_words(seconds: float) -> str:
+    """86400 -> "24h (86400 seconds)"."""
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit} ({seconds:g} seconds)"
+    return f"{seconds:g} seconds"
 
 
 def describe(value: Any) -> str:

@@ -82,6 +82,10 @@ class Scope(msgspec.Struct, frozen=True):
             at = None if expression else c.src.where_in_value(path, exc.lineno or 1)
             c.add(path, f"Jinja syntax error: {exc.message}", at=at)
             return
+        except RecursionError:  # Jinja's parser and compiler recurse once per level
+            at = c.src.where_in_value(path, _deepest_line(source))
+            c.add(path, "Jinja: this nests too deeply to be compiled; split it up", at=at)
+            return
 
         def add(key: str, message: str) -> None:
             c.add(path, message, at=c.src.where_in_value(path, refs.lines.get(key, 1)))
@@ -111,6 +115,28 @@ class Scope(msgspec.Struct, frozen=True):
                     f"step {step!r} runs later (steps[{where}]); a step can only use "
                     "the outputs of steps before it",
                 )
+
+
+#: Brackets nested this deep are where a too-deep expression is reported.
+_DEEP = 100
+
+
+def _deepest_line(source: str) -> int:
+    """The line (1-based) where ``source``'s brackets first nest :data:`_DEEP` levels deep,
+    or where they nest deepest (1 when it has none)."""
+    depth, deepest, line, at = 0, 0, 1, 1
+    for char in source:
+        if char in "([{":
+            depth += 1
+            if depth > deepest:
+                deepest, at = depth, line
+                if depth >= _DEEP:
+                    break
+        elif char in ")]}":
+            depth -= 1
+        elif char == "\n":
+            line += 1
+    return at
 
 
 def _schema(c: Checker, path: Path_, value: Any) -> dict[str, Any] | None:
