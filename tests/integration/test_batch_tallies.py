@@ -10,14 +10,13 @@ import json
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event
 
 from orchestra.db import Database
 from orchestra.db.batches import Tally, settle
 from tests.conftest import Service, rows_by_status, sql_rows
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.integration.test_batches import batch_settings as batch_settings
-from tests.integration.test_batches import finished, upload
+from tests.integration.test_batches import finished, rows_read, upload
 from tests.integration.test_batches import idle as idle
 from tests.integration.test_batches import svc as svc
 
@@ -38,18 +37,9 @@ async def test_a_finished_batchs_counts_are_read_without_counting_its_rows(
     assert progress["counts"] == rows_by_status(succeeded=2, failed=1)
     tally, _ = kept(db_url, batch_id)
     assert tally is not None and tally["counts"] == {"succeeded": 2, "failed": 1}
-    statements: list[str] = []
-
-    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if "batch_rows" in statement:
-            statements.append(statement)
-
-    event.listen(Engine, "before_cursor_execute", seen)
-    try:
+    with rows_read() as statements:
         listing = (await svc.client.get("/api/v1/batches")).json()
         again = (await svc.client.get(f"/api/v1/batches/{batch_id}")).json()
-    finally:
-        event.remove(Engine, "before_cursor_execute", seen)
     assert statements == []
     [item] = listing["items"]
     for read in (item, again):

@@ -10,7 +10,8 @@ import csv
 import io
 import json
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -536,10 +537,9 @@ async def test_retry_of_the_cancelled_rows_resumes_a_cancelled_batch(idle: Servi
     assert wrong.json()["fields"][0]["field"].startswith("statuses")
 
 
-async def test_the_list_gives_each_batch_its_counts_in_one_read(idle: Service) -> None:
-    first = await upload(idle, b"text,n\na,1\nb,-1\nc,2\n")
-    second = await upload(idle, b"text\n" + b"x\n" * 5)
-    await idle.client.post(f"/api/v1/batches/{second['batch']['id']}/cancel")
+@contextmanager
+def rows_read() -> Iterator[list[str]]:
+    """The statements that read batch rows (the tallies' count among them) meanwhile."""
     statements: list[str] = []
 
     def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
@@ -548,9 +548,17 @@ async def test_the_list_gives_each_batch_its_counts_in_one_read(idle: Service) -
 
     event.listen(Engine, "before_cursor_execute", seen)
     try:
-        listing = (await idle.client.get("/api/v1/batches")).json()
+        yield statements
     finally:
         event.remove(Engine, "before_cursor_execute", seen)
+
+
+async def test_the_list_gives_each_batch_its_counts_in_one_read(idle: Service) -> None:
+    first = await upload(idle, b"text,n\na,1\nb,-1\nc,2\n")
+    second = await upload(idle, b"text\n" + b"x\n" * 5)
+    await idle.client.post(f"/api/v1/batches/{second['batch']['id']}/cancel")
+    with rows_read() as statements:
+        listing = (await idle.client.get("/api/v1/batches")).json()
     newest, oldest = listing["items"]
     assert newest["id"] == second["batch"]["id"] and oldest["id"] == first["batch"]["id"]
     assert newest["counts"] == rows_by_status(cancelled=5)
