@@ -106,7 +106,7 @@ def main(ctx: click.Context, config_path: str | None) -> None:
     type=click.IntRange(min=1),
     help="Override [server] processes: serve from N processes sharing the port and database.",
 )
-@click.option("--no-api", is_flag=True, help="Run workers only; answer /health alone.")
+@click.option("--no-api", is_flag=True, help="Run workers only; answer /health and /metrics alone.")
 @click.option("--no-workers", is_flag=True, help="Serve the API only; run no tasks.")
 def serve(
     config_path: str | None,

@@ -41,6 +41,10 @@ class ServerSettings(_Section, frozen=True):
     #: connections and worker pool (``[workers] concurrency`` each). 1: one process, no
     #: supervisor.
     processes: int = 1
+    #: With ``processes`` > 1: seconds a service process may go without showing that its
+    #: event loop runs (it does every second) before the supervisor kills it (SIGKILL) and
+    #: starts it again; 0: never.
+    hang_timeout: float = 30.0
     #: Serve the HTTP API. False (``--no-api``): run workers only, answering /health and
     #: /metrics alone.
     api: bool = True
@@ -386,6 +390,7 @@ class Settings(_Section, frozen=True):
             ("server.keepalive_timeout", self.server.keepalive_timeout >= 0, "an integer >= 0"),
             ("server.max_connections", self.server.max_connections >= 1, "an integer >= 1"),
             ("server.processes", self.server.processes >= 1, "an integer >= 1"),
+            ("server.hang_timeout", self.server.hang_timeout >= 0, "a number >= 0 (0: never)"),
             (
                 "server.workers",
                 self.server.api or self.server.workers,

@@ -13,11 +13,15 @@ broken template, a database that cannot be opened) ends the supervisor with the 
 one process would print.
 
 While they serve, the supervisor restarts a process that died (after 1, 2, 4 … 30 s when it
-keeps dying), passes SIGHUP on (each reloads its templates), and on SIGTERM or SIGINT stops
-them all: each stops claiming at once, drains HTTP, gives its running tasks ``[workers]
-shutdown_grace`` seconds and hands back the rest (:mod:`orchestra.worker`). The supervisor
-exits once every process has; one that outlives the deadline is killed. A process dies with
-the supervisor (Linux's parent-death signal), so none is left behind if it is killed.
+keeps dying), kills and restarts one whose event loop gave no sign of life for ``[server]
+hang_timeout`` seconds (a hung process still takes its share of new connections), passes
+SIGHUP on (each reloads its templates; a process waiting to be started again starts at once),
+and on SIGTERM or SIGINT stops them all: each stops claiming at once, drains HTTP, gives its
+running tasks ``[workers] shutdown_grace`` seconds and hands back the rest
+(:mod:`orchestra.worker`); a second signal hurries them. The supervisor exits once every
+process has; one that outlives the deadline is killed. A process dies with the supervisor
+(Linux's parent-death signal), so none is left behind if it is killed. The processes' side of
+all this is :mod:`orchestra.supervised`.
 
 Why not uvicorn's own supervisor (``uvicorn.supervisors.Multiprocess``): it builds a plain
 ``uvicorn.Server`` from a pickled ``uvicorn.Config`` in each child (the HTTP protocol here is
@@ -49,9 +53,11 @@ import msgspec
 from orchestra import logs, metrics
 from orchestra.config import Settings
 from orchestra.errors import ConfigError, OrchestraError, StartupFailed, TemplateError
+from orchestra.supervised import FAILED, GO, HURRY, READY, STOP, child_main
 
 if TYPE_CHECKING:
     from orchestra.api.runtime import Runtime, ShowKey
+    from orchestra.api.server import Server
 
 log = logs.get("orchestra.supervisor")
 
@@ -67,10 +73,6 @@ STARTUP_SECONDS = 120.0
 RESTART_FIRST, RESTART_CAP, RESTART_RESET = 1.0, 30.0, 60.0
 #: The exit code of a process that failed to start (uvicorn's too).
 STARTUP_FAILURE = 3
-
-#: The supervisor to a process: start serving. A process to the supervisor: it serves; it
-#: could not start (with the message).
-_GO, _READY, _FAILED = "go", "ready", "failed"
 
 
 def startup_message(exc: OrchestraError) -> str:
@@ -99,7 +101,7 @@ def run_service(
     *,
     show_key: ShowKey | None = None,
     sockets: list[socket.socket] | None = None,
-    on_started: Callable[[], None] | None = None,
+    on_started: Callable[[Server], None] | None = None,
 ) -> None:
     """Serve in this process until a stop signal: the API and workers as ``[server]`` says.
 
@@ -108,7 +110,8 @@ def run_service(
         show_key: Receives the admin key a first start beyond loopback makes (None: none is
             made).
         sockets: Listen on these (a supervisor's shared socket), not on ``[server]``'s address.
-        on_started: Called once the lifespan started and the server listens.
+        on_started: Called with the server once the lifespan started and it listens (in its
+            event loop).
 
     Raises:
         OrchestraError: what stopped the service from starting (the port is taken, a
@@ -196,6 +199,8 @@ class _Child:
     ready: bool = False
     #: Why it could not start, as it said (None: it did not say).
     failure: str | None = None
+    #: Seconds it had given no sign of life when it was killed for it (None: it was not).
+    hung_s: float | None = None
 
 
 class Supervisor:
@@ -212,6 +217,11 @@ class Supervisor:
         self._restart_wait: dict[int, float] = {}
         self._signals: list[int] = []
         self._stopping = False
+        #: The signal that stopped the supervisor (None: it stopped on a failure).
+        self._stop_signal: str | None = None
+        #: Each process slot's latest sign of life (monotonic seconds), written by the
+        #: process (:class:`orchestra.supervised.Link`).
+        self._beats: Any = self._context.RawArray("d", self.count)
         self._wake_r, self._wake_w = socket.socketpair()
 
     def run(self) -> int:
@@ -237,7 +247,7 @@ class Supervisor:
                 self._start(index, sock, bootstrap=False, go=False)
             if self._until_ready([0]):
                 for index in range(1, self.count):
-                    self._children[index].pipe.send(_GO)
+                    self._children[index].pipe.send(GO)
                 if self._until_ready(list(self._children)):
                     log.info(
                         "supervisor.started",
@@ -259,17 +269,19 @@ class Supervisor:
     # -- processes --------------------------------------------------------------------------
 
     def _start(self, index: int, sock: socket.socket, *, bootstrap: bool, go: bool = True) -> None:
-        """Start process ``index``; unless ``go``, it waits for :data:`_GO` before it serves."""
+        """Start process ``index``; unless ``go``, it waits for
+        :data:`~orchestra.supervised.GO` before it serves."""
         ours, theirs = self._context.Pipe()
+        self._beats[index] = 0.0
         process = self._context.Process(
-            target=_child_main,
-            args=(self._spec, sock, theirs, bootstrap, os.getpid()),
+            target=child_main,
+            args=(self._spec, sock, theirs, bootstrap, os.getpid(), self._beats, index),
             name=f"orchestra-{index + 1}",
         )
         process.start()
         theirs.close()
         if go and not bootstrap:
-            ours.send(_GO)
+            ours.send(GO)
         self._children[index] = _Child(index, process, ours)
         log.info("supervisor.process_started", process=index + 1, pid=process.pid)
 
@@ -297,29 +309,77 @@ class Supervisor:
     def _serve(self, sock: socket.socket) -> None:
         """Keep the processes running until a stop signal."""
         while not self._stopping:
-            timeout = None
-            if self._restart_at:
-                timeout = max(0.0, min(self._restart_at.values()) - time.monotonic())
+            now = time.monotonic()
+            looks = [at - now for at in self._restart_at.values()]
+            if (hang_look := self._kill_hung()) is not None:
+                looks.append(hang_look)
+            timeout = max(0.0, min(looks)) if looks else None
             for child in self._step(timeout):
-                served = time.monotonic() - child.started_at
-                wait_s = self._restart_wait.get(child.index, RESTART_FIRST)
-                if child.ready and served >= RESTART_RESET:
-                    wait_s = RESTART_FIRST
-                log.warning(
-                    "supervisor.process_died",
-                    process=child.index + 1,
-                    pid=child.process.pid,
-                    exit=_exit_text(child.process.exitcode),
-                    error=child.failure,
-                    restart_in_s=wait_s,
-                )
-                self._restart_at[child.index] = time.monotonic() + wait_s
-                self._restart_wait[child.index] = min(wait_s * 2, RESTART_CAP)
+                self._exited(child)
             now = time.monotonic()
             for index, at in list(self._restart_at.items()):
                 if at <= now and not self._stopping:
                     del self._restart_at[index]
                     self._start(index, sock, bootstrap=False)
+
+    def _exited(self, child: _Child) -> None:
+        """Log why a process exited while serving, and when it starts again."""
+        served = time.monotonic() - child.started_at
+        wait_s = self._restart_wait.get(child.index, RESTART_FIRST)
+        if child.ready and served >= RESTART_RESET:
+            wait_s = RESTART_FIRST
+        self._restart_at[child.index] = time.monotonic() + wait_s
+        self._restart_wait[child.index] = min(wait_s * 2, RESTART_CAP)
+        code = child.process.exitcode
+        said = {
+            "process": child.index + 1,
+            "pid": child.process.pid,
+            "exit": _exit_text(code),
+            "restart_in_s": wait_s,
+            "serving": sum(c.ready for c in self._children.values()),
+            "processes": self.count,
+        }
+        if not child.ready:  # started again, and could not start: it will not cure itself
+            log.error(
+                "supervisor.restart_failed",
+                **said,
+                error=child.failure or f"exited with {_exit_text(code)} while starting",
+                hint="fix what the error names, then SIGHUP the supervisor to start it at once",
+            )
+        elif code == 0:  # a stop signal sent to it, not to the supervisor: it stopped well
+            log.info("supervisor.process_stopped", **said)
+        else:
+            hung = {} if child.hung_s is None else {"hung_s": child.hung_s}
+            log.warning("supervisor.process_died", **said, **hung)
+
+    def _kill_hung(self) -> float | None:
+        """Kill every serving process that gave no sign of life for ``hang_timeout`` seconds
+        (its exit then restarts it); returns the seconds until the next one could be late
+        (None: none is watched)."""
+        limit = self.settings.server.hang_timeout
+        if limit <= 0:
+            return None
+        now = time.monotonic()
+        look: float | None = None
+        for child in self._children.values():
+            if not child.ready or child.hung_s is not None:
+                continue
+            silent = now - max(self._beats[child.index], child.started_at)
+            if silent <= limit:
+                left = limit - silent + 0.01
+                look = left if look is None else min(look, left)
+                continue
+            child.hung_s = round(silent, 1)
+            log.error(
+                "supervisor.process_hung",
+                process=child.index + 1,
+                pid=child.process.pid,
+                silent_s=child.hung_s,
+                hang_timeout_s=limit,
+                action="killed (SIGKILL), to be started again",
+            )
+            child.process.kill()
+        return look
 
     def _step(self, timeout: float | None) -> list[_Child]:
         """Wait for a message, an exit or a signal (at most ``timeout`` seconds) and take it
@@ -349,10 +409,10 @@ class Supervisor:
         with contextlib.suppress(EOFError, OSError):
             while child.pipe.poll():
                 kind, text = child.pipe.recv()
-                if kind == _READY:
+                if kind == READY:
                     child.ready = True
                     child.started_at = time.monotonic()
-                elif kind == _FAILED:
+                elif kind == FAILED:
                     child.failure = text
 
     def _stop_all(self) -> int:
@@ -362,7 +422,7 @@ class Supervisor:
         if not self._children:
             return 0
         for child in self._children.values():
-            _signal(child, signal.SIGTERM)
+            self._tell(child, STOP)
         grace = self.settings.workers.shutdown_grace
         deadline = time.monotonic() + HTTP_DRAIN_SECONDS + grace + EXIT_SLACK_SECONDS
         log.info("supervisor.stopping", processes=len(self._children), grace_s=grace)
@@ -404,15 +464,42 @@ class Supervisor:
         while self._signals:
             sig = self._signals.pop(0)
             if sig == signal.SIGHUP:
-                log.info("supervisor.reload", processes=len(self._children))
+                # A process waiting to be started again starts now: one that could not start
+                # (a broken template) may now, if what was wrong was fixed.
+                waiting = sorted(self._restart_at)
+                log.info(
+                    "supervisor.reload",
+                    processes=len(self._children),
+                    starting_now=[index + 1 for index in waiting],
+                )
                 for child in self._children.values():
                     _signal(child, signal.SIGHUP)
+                for index in waiting:
+                    self._restart_at[index] = time.monotonic()
+                    self._restart_wait[index] = RESTART_FIRST
             elif not self._stopping:
-                log.info("supervisor.stop_requested", signal=signal.Signals(sig).name)
+                self._stop_signal = signal.Signals(sig).name
+                log.info("supervisor.stop_requested", signal=self._stop_signal)
                 self._stopping = True
-            else:  # a second Ctrl-C: pass it on (uvicorn then stops without waiting)
+            else:  # a second Ctrl-C or SIGTERM: each process skips the waits
+                log.warning(
+                    "supervisor.stop_hurried",
+                    signal=signal.Signals(sig).name,
+                    processes=len(self._children),
+                    skips="HTTP drain and shutdown_grace",
+                )
                 for child in self._children.values():
-                    _signal(child, sig)
+                    self._tell(child, HURRY, signal.Signals(sig).name)
+
+    def _tell(self, child: _Child, word: str, signal_name: str | None = None) -> None:
+        """Ask a process to stop (:data:`STOP`) or hurry (:data:`HURRY`) on its pipe (see
+        :mod:`orchestra.supervised` for why not with a signal). One still starting reads it
+        once it serves (a database upgrade is not cut short), or before it starts; to hurry,
+        it gets SIGTERM too."""
+        with contextlib.suppress(OSError):  # it just exited: its exit is seen next
+            child.pipe.send((word, signal_name or self._stop_signal or ""))
+        if word == HURRY and not child.ready:
+            _signal(child, signal.SIGTERM)
 
 
 def _signal(child: _Child, sig: int) -> None:
@@ -426,59 +513,3 @@ def _exit_text(code: int | None) -> str:
         with contextlib.suppress(ValueError):
             return signal.Signals(-code).name
     return f"exit code {code}"
-
-
-# -- in the child --------------------------------------------------------------------------
-
-
-def _child_main(
-    spec: bytes, sock: socket.socket, pipe: Connection, bootstrap: bool, parent: int
-) -> None:
-    """A service process under the supervisor (pid ``parent``): serve on ``sock`` with the
-    settings the supervisor resolved; say on ``pipe`` when it serves, or why it could not
-    start."""
-    _die_with_parent(parent)
-    settings = msgspec.json.decode(spec, type=Settings)
-    logs.setup(settings.logging)
-    show_key: ShowKey | None = None
-    if bootstrap:
-        from orchestra.cli import show_bootstrap_key
-
-        def show_key(key: Any, token: str) -> None:
-            show_bootstrap_key(key, token, settings.server.host)
-
-    if not bootstrap:
-        import orchestra.api.app  # noqa: F401  (most of a start: while the first one starts)
-
-        try:
-            pipe.recv()  # the first process serves: the database is ready
-        except EOFError:  # the supervisor is gone
-            return
-    if REUSE_PORT:  # a socket of its own on the supervisor's port (which may have been 0)
-        port = sock.getsockname()[1]
-        sock.close()
-        sock = bind_socket(settings.server.host, port)
-    else:  # passed down inheritable: kept from what this process starts (see bind_socket)
-        sock.set_inheritable(False)
-    try:
-        run_service(
-            settings, show_key=show_key, sockets=[sock], on_started=lambda: pipe.send((_READY, ""))
-        )
-    except OrchestraError as exc:
-        pipe.send((_FAILED, startup_message(exc)))
-        sys.exit(STARTUP_FAILURE)
-    except KeyboardInterrupt:  # uvicorn raises the SIGINT it stopped for again, once done
-        pass
-
-
-def _die_with_parent(parent: int) -> None:
-    """Ask Linux to send SIGTERM (a graceful stop) to this process when the supervisor dies."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() != parent:  # the supervisor died before the line above
-        os.kill(os.getpid(), signal.SIGTERM)

@@ -4,6 +4,7 @@ real processes on one SQLite file, against the fake model on a loopback port."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -72,11 +73,12 @@ def config(folder: Path, name: str, db: Path | str, ollama_url: str) -> tuple[Pa
 
 @asynccontextmanager
 async def serving(
-    config: Path, port: int, *args: str, ready: bool = True
+    config: Path, port: int, *args: str, ready: bool = True, new_session: bool = False
 ) -> AsyncIterator[Serving]:
     """``orchestra serve --config CONFIG ARGS`` in a child process, its stderr in a file;
-    with ``ready``, yields once /health answers. Stopped at the end if still running (SIGTERM,
-    then SIGKILL past the deadline)."""
+    with ``ready``, yields once /health answers; with ``new_session``, in a process group of
+    its own (to be signalled as a whole). Stopped at the end if still running (SIGTERM, then
+    SIGKILL past the deadline)."""
     log = config.with_suffix(f".{port}.log")
     with log.open("ab") as err:
         proc = await asyncio.create_subprocess_exec(
@@ -89,6 +91,7 @@ async def serving(
             *args,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=err,
+            start_new_session=new_session,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -453,9 +456,12 @@ async def test_the_overview_counts_the_slots_of_every_process_of_its_host(
 
 
 @pytest.mark.parametrize("processes", [1, 2])
-async def test_a_second_ctrl_c_hands_the_running_tasks_back_without_waiting_for_the_grace(
-    fake_ollama: FakeOllama, tmp_path: Path, processes: int
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda sig: sig.name)
+async def test_a_second_stop_signal_hands_the_running_tasks_back_without_waiting_for_the_grace(
+    fake_ollama: FakeOllama, tmp_path: Path, processes: int, sig: signal.Signals
 ) -> None:
+    """A second Ctrl-C, or a second SIGTERM: the waits are skipped, and the signal is logged
+    (by the supervisor, which passes it on, and by each process that hurries)."""
     fake_ollama.latency = 60.0
     db = tmp_path / "hurry.db"
     port = free_port()
@@ -465,16 +471,23 @@ async def test_a_second_ctrl_c_hands_the_running_tasks_back_without_waiting_for_
         async with httpx.AsyncClient(base_url=service.url) as client:
             assert (await client.post("/api/v1/tasks", json=BODY)).status_code == 201
         await wait_until(lambda: fake_ollama.in_flight == 1, timeout=10)
-        service.proc.send_signal(signal.SIGINT)
-        # The first Ctrl-C reached the workers: they wait for the running task (30 s grace).
+        service.proc.send_signal(sig)
+        # The first signal reached the workers: they wait for the running task (30 s grace).
         await wait_until(lambda: "pool.draining" in service.stderr(), timeout=15)
         hurried_at = asyncio.get_running_loop().time()
-        service.proc.send_signal(signal.SIGINT)
-        await asyncio.wait_for(service.proc.wait(), timeout=STOP_DEADLINE)
+        service.proc.send_signal(sig)
+        code = await asyncio.wait_for(service.proc.wait(), timeout=STOP_DEADLINE)
         took = asyncio.get_running_loop().time() - hurried_at
-    assert took < 10.0, (took, service.stderr())
+    err = service.stderr()
+    assert took < 10.0, (took, err)
+    assert code == 0, err
     assert statuses(db) == {1: "queued"}  # handed back, to run again
-    assert "Traceback" not in service.stderr()
+    assert "Traceback" not in err
+    hurried = [json.loads(line) for line in err.splitlines() if "stop_hurried" in line]
+    said = {(h["event"], h["level"], h.get("signal")) for h in hurried}
+    assert ("server.stop_hurried", "warning", sig.name) in said, err
+    if processes > 1:  # the supervisor logs it and passes it on
+        assert ("supervisor.stop_hurried", "warning", sig.name) in said, err
 
 
 async def test_a_cancel_sent_to_another_process_stops_the_task_at_once(

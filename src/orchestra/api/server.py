@@ -162,43 +162,87 @@ class Stoppable(Protocol):
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server, told two things more: on SIGTERM or SIGINT the workers stop claiming
+    """uvicorn's server, told three things more: on a stop signal the workers stop claiming
     at once (``runtime.request_stop``; uvicorn then drains HTTP, and the lifespan stops the
-    pool), and ``on_started`` is called once the lifespan started and the server listens."""
+    pool), a second stop signal skips the waits, and ``on_started`` is called once the
+    lifespan started and the server listens.
+
+    Unlike uvicorn's, it does not raise the stop signal again once stopped: a graceful stop
+    ends :meth:`run` normally, and ``orchestra serve`` exits 0 (uvicorn's re-raised SIGTERM
+    killed it, 143)."""
 
     def __init__(
         self,
         config: uvicorn.Config,
         runtime: Stoppable,
-        on_started: Callable[[], None] | None = None,
+        on_started: Callable[[Server], None] | None = None,
     ) -> None:
         super().__init__(config)
         self.runtime = runtime
         self.on_started = on_started
+        #: SIGTERMs and SIGINTs this process received.
+        self._stop_signals = 0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        """A stop signal: stop claiming tasks now, then do as uvicorn does. A second SIGINT
-        (Ctrl-C) skips the waits: uvicorn's for open connections, the workers' grace."""
-        hurry = self.should_exit and sig == signal.SIGINT
+        """SIGTERM or SIGINT (uvicorn's handler for both). The first stops gracefully; a
+        second, either one, hurries (:meth:`request_stop`)."""
+        self._stop_signals += 1
+        hurry = self._stop_signals > 1
+        # uvicorn's flags, set here at once (the loop may be busy); not uvicorn's list of
+        # signals to raise again after the stop.
+        self.should_exit = True
+        self.force_exit = self.force_exit or hurry
+        stop = functools.partial(self.request_stop, hurry=hurry, signal=signal.Signals(sig).name)
         try:
-            asyncio.get_running_loop().call_soon_threadsafe(
-                functools.partial(self.runtime.request_stop, hurry=hurry)
-            )
+            asyncio.get_running_loop().call_soon_threadsafe(stop)
         except RuntimeError:  # no loop runs yet (or any more): nothing claims
             pass
-        super().handle_exit(sig, frame)
+
+    def request_stop(
+        self, *, hurry: bool = False, signal: str | None = None, by: str | None = None
+    ) -> None:
+        """Stop (in the event loop): the workers stop claiming now, uvicorn drains HTTP, the
+        lifespan gives running tasks their grace. ``hurry`` skips those waits: uvicorn's for
+        open connections, and the workers' grace (running tasks are handed back at once).
+
+        Args:
+            hurry: Skip the waits (a second stop signal).
+            signal: The signal that asked, for the log.
+            by: Who asked, when not a signal to this process (the supervisor).
+        """
+        said = {k: v for k, v in (("signal", signal), ("by", by)) if v is not None}
+        if hurry:
+            log.warning("server.stop_hurried", **said, skips="HTTP drain and shutdown_grace")
+        else:
+            log.info("server.stop_requested", **said)
+        self.should_exit = True
+        self.force_exit = self.force_exit or hurry
+        self.runtime.request_stop(hurry=hurry)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         """uvicorn's startup, then ``on_started`` when it listens; the objects of the started
         service are frozen (:func:`freeze_heap`)."""
         await super().startup(sockets)
+        if self.started and self.should_exit:
+            # A stop signal while the lifespan started, before there was a pool to tell.
+            self.runtime.request_stop(hurry=self.force_exit)
         if self.started:
             # uvicorn says where it listens only on sockets it bound itself: say it here
             # (the port a --port 0 start was given, too).
             log.info("server.listening", urls=_listening(self.servers))
             freeze_heap()
         if self.started and self.on_started is not None:
-            self.on_started()
+            self.on_started(self)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's shutdown; after a second signal (``force_exit``) uvicorn skips the
+        lifespan's shutdown (the loop's end would cancel it: a traceback in the log, the
+        database left unclosed): it runs here, hurried (running tasks are handed back at
+        once)."""
+        await super().shutdown(sockets)
+        done = getattr(self.lifespan, "shutdown_event", None)  # uvicorn's LifespanOn
+        if self.force_exit and isinstance(done, asyncio.Event) and not done.is_set():
+            await self.lifespan.shutdown()
 
 
 def _listening(servers: list[Any]) -> list[str]:

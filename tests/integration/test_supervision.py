@@ -1,0 +1,202 @@
+"""What the supervisor of `orchestra serve --processes N` notices and says, and how a service
+process stops: a hung process replaced, a process stopped on its own, a second stop signal, a
+supervisor that is gone, a restart that fails. Real processes on one SQLite file, against the
+fake model on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from orchestra.cli import main
+from tests.fixtures.fake_ollama import FakeOllama
+from tests.fixtures.servers import free_port, wait_until, write_config
+from tests.integration.test_processes import (
+    BODY,
+    STOP_DEADLINE,
+    Serving,
+    alive,
+    config,
+    serving,
+    statuses,
+)
+
+TEMPLATE = "name: mine\nsteps:\n  - id: a\n    prompt: 'say hello'\n"
+BROKEN = "name: mine\nsteps:\n  - id: a\n    prompt: '{{ nope'\n"
+
+
+def events(service: Serving, name: str) -> list[dict[str, Any]]:
+    """The JSON log lines of ``service`` (the supervisor's and its processes') named ``name``."""
+    found = []
+    for line in service.stderr().splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict) and record.get("event") == name:
+                found.append(record)
+    return found
+
+
+def with_server(path: Path, **server: object) -> None:
+    """Add ``server``'s keys to the config's ``[server]`` table."""
+    lines = "".join(f"{k} = {json.dumps(v)}\n" for k, v in server.items())
+    path.write_text(path.read_text().replace("[server]\n", f"[server]\n{lines}", 1))
+
+
+async def replaced(service: Serving, before: list[int], gone: int) -> None:
+    """Wait until process ``gone`` of ``before`` is gone and a new one runs tasks."""
+
+    def done() -> bool:
+        new = set(service.services()) - set(before)
+        if alive(gone) or len(new) != 1:
+            return False
+        owner = f":{new.pop()}:"  # host:pid:random
+        return any(
+            "pool.started" in line and owner in line for line in service.stderr().split("\n")
+        )
+
+    await wait_until(done, timeout=45, interval=0.1)
+
+
+async def all_answer(service: Serving, requests: int = 20) -> None:
+    """Each of ``requests`` new connections (the kernel spreads them over the processes) gets
+    /health answered within a few seconds."""
+    for _ in range(requests):
+        async with httpx.AsyncClient(base_url=service.url, timeout=5) as client:
+            assert (await client.get("/health")).status_code == 200
+
+
+async def test_a_hung_process_is_killed_and_started_again(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    path, port = config(tmp_path, "hang", tmp_path / "hang.db", fake_ollama.url)
+    with_server(path, hang_timeout=2.0)
+    async with serving(path, port, "--processes", "2") as service:
+        await wait_until(lambda: events(service, "supervisor.started"), timeout=30)
+        before = service.services()
+        assert len(before) == 2
+        victim = before[0]
+        os.kill(victim, signal.SIGSTOP)  # alive, and answers nothing
+        try:
+            await replaced(service, before, victim)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
+        [hung] = [e for e in events(service, "supervisor.process_hung") if e["pid"] == victim]
+        assert hung["level"] == "error"
+        assert 2.0 <= hung["silent_s"] < 10.0, hung
+        await all_answer(service)
+        # The process left serves on, unharmed: not thought hung in all this time.
+        assert len(events(service, "supervisor.process_hung")) == 1, service.stderr()
+
+
+async def test_a_process_stopped_on_its_own_is_logged_as_stopped_and_started_again(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    path, port = config(tmp_path, "term-one", tmp_path / "term-one.db", fake_ollama.url)
+    async with serving(path, port, "--processes", "2") as service:
+        await wait_until(lambda: events(service, "supervisor.started"), timeout=30)
+        before = service.services()
+        os.kill(before[0], signal.SIGTERM)
+        await replaced(service, before, before[0])
+        [stopped] = [e for e in events(service, "supervisor.process_stopped")]
+        assert stopped["pid"] == before[0] and stopped["level"] == "info", stopped
+        assert not events(service, "supervisor.process_died"), service.stderr()
+        await all_answer(service, 4)
+
+
+@pytest.mark.parametrize(
+    ("args", "sig"),
+    [
+        pytest.param((), signal.SIGTERM, id="SIGTERM"),
+        pytest.param((), signal.SIGINT, id="SIGINT"),
+        pytest.param(("--no-api",), signal.SIGTERM, id="no-api-SIGTERM"),
+    ],
+)
+async def test_a_single_process_stopped_gracefully_exits_0(
+    fake_ollama: FakeOllama, tmp_path: Path, args: tuple[str, ...], sig: signal.Signals
+) -> None:
+    path, port = config(tmp_path, "one", tmp_path / "one.db", fake_ollama.url)
+    async with serving(path, port, *args) as service:
+        service.proc.send_signal(sig)
+        code = await asyncio.wait_for(service.proc.wait(), timeout=STOP_DEADLINE)
+    assert code == 0, service.stderr()
+    assert "Traceback" not in service.stderr()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda sig: sig.name)
+async def test_one_signal_to_the_whole_process_group_stops_gracefully(
+    fake_ollama: FakeOllama, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """As systemd stops a service (SIGTERM to every process of it) and a terminal's Ctrl-C:
+    each process gets the signal, and the supervisor's own word to stop is not a second one
+    that would skip the running tasks' grace."""
+    fake_ollama.latency = 3.0
+    db = tmp_path / "group.db"
+    port = free_port()
+    path = tmp_path / "group.toml"
+    write_config(path, port=port, db=db, ollama_url=fake_ollama.url, shutdown_grace=30.0)
+    async with serving(path, port, "--processes", "2", new_session=True) as service:
+        await wait_until(lambda: service.stderr().count("pool.started") >= 2, timeout=30)
+        async with httpx.AsyncClient(base_url=service.url) as client:
+            assert (await client.post("/api/v1/tasks", json=BODY)).status_code == 201
+        await wait_until(lambda: fake_ollama.in_flight == 1, timeout=10)
+        os.killpg(service.proc.pid, sig)
+        code = await asyncio.wait_for(service.proc.wait(), timeout=STOP_DEADLINE)
+    assert code == 0, service.stderr()
+    assert statuses(db) == {1: "succeeded"}, service.stderr()  # it had its grace
+    assert not events(service, "server.stop_hurried"), service.stderr()
+
+
+async def test_processes_whose_supervisor_is_killed_say_why_they_stop(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    path, port = config(tmp_path, "orphans", tmp_path / "orphans.db", fake_ollama.url)
+    async with serving(path, port, "--processes", "2") as service:
+        await wait_until(lambda: events(service, "supervisor.started"), timeout=30)
+        children = service.services()
+        service.proc.kill()
+        await service.proc.wait()
+        await wait_until(lambda: not any(alive(pid) for pid in children), timeout=STOP_DEADLINE)
+    gone = events(service, "supervisor.gone")
+    assert sorted(e["pid"] for e in gone) == sorted(children), service.stderr()
+    assert {e["level"] for e in gone} == {"warning"}
+    assert {e["supervisor_pid"] for e in gone} == {service.proc.pid}
+
+
+async def test_a_process_that_cannot_start_again_is_an_error_until_its_cause_is_fixed(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    template = folder / "mine.yaml"
+    template.write_text(TEMPLATE)
+    path, port = config(tmp_path, "broken", tmp_path / "broken.db", fake_ollama.url)
+    path.write_text(path.read_text() + f'[templates]\ndirs = ["{folder}"]\n')
+    async with serving(path, port, "--processes", "2") as service:
+        await wait_until(lambda: events(service, "supervisor.started"), timeout=30)
+        before = service.services()
+        template.write_text(BROKEN)
+        os.kill(before[0], signal.SIGKILL)
+        await wait_until(lambda: events(service, "supervisor.restart_failed"), timeout=30)
+        [failed, *_] = events(service, "supervisor.restart_failed")
+        assert failed["level"] == "error"
+        assert "invalid templates" in failed["error"] and "mine.yaml" in failed["error"]
+        assert failed["serving"] == 1 and failed["processes"] == 2, failed
+        # Fixed, and a SIGHUP: started again at once, not after the back-off.
+        template.write_text(TEMPLATE)
+        service.proc.send_signal(signal.SIGHUP)
+        await replaced(service, before, before[0])
+
+
+def test_the_help_of_no_api_says_it_answers_health_and_metrics() -> None:
+    shown = CliRunner().invoke(main, ["serve", "--help"], terminal_width=200).output
+    assert "Run workers only; answer /health and /metrics alone." in shown
