@@ -390,7 +390,11 @@ class Settings(_Section, frozen=True):
             ("server.keepalive_timeout", self.server.keepalive_timeout >= 0, "an integer >= 0"),
             ("server.max_connections", self.server.max_connections >= 1, "an integer >= 1"),
             ("server.processes", self.server.processes >= 1, "an integer >= 1"),
-            ("server.hang_timeout", self.server.hang_timeout >= 0, "a number >= 0 (0: never)"),
+            (
+                "server.hang_timeout",
+                self.server.hang_timeout == 0 or self.server.hang_timeout >= 1,
+                "0 (never) or at least 1 second",
+            ),
             (
                 "server.workers",
                 self.server.api or self.server.workers,

@@ -399,12 +399,12 @@ def parse_duration(value: Any) -> float:
 
 #: The longest a retry waits for a model server's Retry-After, in seconds.
 MAX_RETRY_AFTER = 3600.0
-#: The longest a template's or a step's ``timeout`` may be, in seconds: a day, as a task's
-#: own ``timeout`` on submit.
-MAX_TIMEOUT = 86_400.0
+#: The longest a template's or a step's ``timeout`` may be, in seconds: a year (a bound a
+#: template that worked before never met; past it, no time is meant).
+MAX_TIMEOUT = 365 * 86_400.0
 #: The longest wait between two attempts (a template's ``initial_delay`` and ``max_delay``),
-#: in seconds: a week.
-MAX_RETRY_DELAY = 7 * 86_400.0
+#: in seconds: a year, likewise.
+MAX_RETRY_DELAY = 365 * 86_400.0
 
 
 class RetryPolicy(msgspec.Struct, frozen=True):

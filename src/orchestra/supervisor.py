@@ -53,7 +53,7 @@ import msgspec
 from orchestra import logs, metrics
 from orchestra.config import Settings
 from orchestra.errors import ConfigError, OrchestraError, StartupFailed, TemplateError
-from orchestra.supervised import FAILED, GO, HURRY, READY, STOP, child_main
+from orchestra.supervised import BEAT_SECONDS, FAILED, GO, HURRY, READY, STOP, child_main
 
 if TYPE_CHECKING:
     from orchestra.api.runtime import Runtime, ShowKey
@@ -188,6 +188,10 @@ def bind_socket(host: str, port: int, *, shared: bool = True) -> socket.socket:
     return sock
 
 
+#: How long a process first seen late is given to beat before it is killed as hung.
+SECOND_LOOK = 2 * BEAT_SECONDS
+
+
 @dataclass
 class _Child:
     """One service process and the supervisor's end of its pipe."""
@@ -201,6 +205,10 @@ class _Child:
     failure: str | None = None
     #: Seconds it had given no sign of life when it was killed for it (None: it was not).
     hung_s: float | None = None
+    #: When it was first seen late (None: it is not): it is killed only if it is still
+    #: silent a second look later (a frozen process group, Ctrl-Z then fg, or a paused
+    #: container, wakes with every process late: their beats come within a second).
+    late_at: float | None = None
 
 
 class Supervisor:
@@ -366,7 +374,14 @@ class Supervisor:
                 continue
             silent = now - max(self._beats[child.index], child.started_at)
             if silent <= limit:
+                child.late_at = None
                 left = limit - silent + 0.01
+                look = left if look is None else min(look, left)
+                continue
+            if child.late_at is None:
+                child.late_at = now
+            if now - child.late_at < SECOND_LOOK:  # late: look again once it could have beat
+                left = SECOND_LOOK - (now - child.late_at) + 0.01
                 look = left if look is None else min(look, left)
                 continue
             child.hung_s = round(silent, 1)

@@ -572,3 +572,12 @@ async def test_a_stream_cut_off_in_the_middle_of_a_line_may_be_tried_again(kind:
         with pytest.raises(ProviderUnavailable) as failed:
             await call(provider, "stream")
     assert failed.value.message == f"{provider.where} cut its answer off in the middle of a line"
+
+
+async def test_an_empty_data_line_is_unreadable_not_cut_off() -> None:
+    """msgspec calls empty input truncated too: an empty ``data:`` line is no cut answer."""
+    answer = sends(raw(200, b"data: \n\ndata: [DONE]\n\n", "text/event-stream"))
+    async with provider_at("openai", answer) as provider:
+        with pytest.raises(ProviderError) as failed:
+            await call(provider, "stream")
+    assert type(failed.value) is ProviderError, failed.value

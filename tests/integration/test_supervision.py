@@ -98,6 +98,29 @@ async def test_a_hung_process_is_killed_and_started_again(
         assert len(events(service, "supervisor.process_hung")) == 1, service.stderr()
 
 
+async def test_a_process_group_frozen_past_the_hang_timeout_is_not_taken_for_hung(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    """Ctrl-Z then fg, or a paused container: the supervisor and its processes wake together,
+    every process late. Each is looked at again a beat later, by when it has given a sign of
+    life: none is killed (each lost the race to its first beat, and was killed)."""
+    path, port = config(tmp_path, "freeze", tmp_path / "freeze.db", fake_ollama.url)
+    with_server(path, hang_timeout=2.0)
+    async with serving(path, port, "--processes", "2") as service:
+        await wait_until(lambda: events(service, "supervisor.started"), timeout=30)
+        before = service.services()
+        group = [service.proc.pid, *before]
+        for pid in group:
+            os.kill(pid, signal.SIGSTOP)
+        await asyncio.sleep(4)  # frozen twice the hang timeout (the frozen time is the test)
+        for pid in group:
+            os.kill(pid, signal.SIGCONT)
+        await all_answer(service)
+        await asyncio.sleep(3)  # past a second look, and past another hang timeout
+        assert service.services() == before
+        assert events(service, "supervisor.process_hung") == [], service.stderr()
+
+
 async def test_a_process_stopped_on_its_own_is_logged_as_stopped_and_started_again(
     fake_ollama: FakeOllama, tmp_path: Path
 ) -> None:

@@ -58,7 +58,7 @@ def positions(body: dict[str, Any]) -> list[tuple[str, int, int, str]]:
             "steps:\n  - id: a\n    prompt: hi\n",
             2,
             24,
-            "at most 168h",
+            "at most 8760h",
         ),
         ("name: d\ntimeout: .nan\nsteps:\n  - id: a\n    prompt: hi\n", 2, 10, "finite"),
         ('name: s\nsteps:\n  - id: a\n    prompt: "hi \\ud800 there"\n', 4, 13, "\\ud800"),

@@ -144,6 +144,8 @@ def test_orchestra_config_variable_picks_the_file(tmp_path: Path) -> None:
         ("[sever]\nport = 1\n", "sever: unknown setting"),
         ('[server]\nport = "high"\n', "server.port: expected int, got str"),
         ("[workers]\nconcurrency = 0\n", "workers.concurrency: expected an integer >= 1"),
+        # A tiny hang timeout would kill a process its beats could not keep up with.
+        ("[server]\nhang_timeout = 0.01\n", "server.hang_timeout: expected 0 (never) or at least"),
         ("[server\n", "invalid TOML"),
     ],
 )

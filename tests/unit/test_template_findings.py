@@ -31,8 +31,8 @@ from orchestra.templating.render import (
 )
 
 STEPS = "steps:\n  - id: a\n    prompt: hi\n"
-#: The longest wait between attempts (domain.MAX_RETRY_DELAY): a week.
-MAX_RETRY_DELAY = 7 * 86_400
+#: The longest wait between attempts (domain.MAX_RETRY_DELAY): a year.
+MAX_RETRY_DELAY = 365 * 86_400
 
 
 def problems(text: str) -> list[TemplateProblem]:
@@ -55,14 +55,14 @@ def one(text: str) -> TemplateProblem:
     [
         ("timeout: .nan\n", "timeout", 10, "finite"),
         ("timeout: .inf\n", "timeout", 10, "finite"),
-        ("timeout: 1e308\n", "timeout", 10, "at most 24h"),
-        ("timeout: 99999999999999h\n", "timeout", 10, "at most 24h"),
-        ("timeout: 25h\n", "timeout", 10, "at most 24h"),
+        ("timeout: 1e308\n", "timeout", 10, "at most 8760h"),
+        ("timeout: 99999999999999h\n", "timeout", 10, "at most 8760h"),
+        ("timeout: 8761h\n", "timeout", 10, "at most 8760h"),
         (
             "retry: {initial_delay: 99999999999999h, max_delay: 99999999999999h}\n",
             "retry.initial_delay",
             24,
-            "at most 168h",
+            "at most 8760h",
         ),
         ("retry: {initial_delay: .inf, max_delay: .inf}\n", "retry.initial_delay", 24, "finite"),
         ("retry: {backoff: fixed, initial_delay: 1e300}\n", "retry.initial_delay", 40, "at most"),
@@ -77,17 +77,17 @@ def test_a_duration_that_is_not_finite_or_past_its_bound_is_refused_at_its_value
     assert reason in found[0].message
 
 
-def test_a_step_timeout_past_a_day_is_refused_at_its_value() -> None:
+def test_a_step_timeout_past_a_year_is_refused_at_its_value() -> None:
     p = one("name: d\nsteps:\n  - id: a\n    timeout: 99999999999999h\n    prompt: hi\n")
     assert (p.line, p.column, p.path) == (4, 14, "steps[0].timeout")
-    assert "at most 24h" in p.message
+    assert "at most 8760h" in p.message
 
 
 def test_durations_at_their_bounds_are_taken() -> None:
     t = parse_template(
-        "name: d\ntimeout: 24h\nretry: {initial_delay: 168h, max_delay: 168h}\n" + STEPS
+        "name: d\ntimeout: 8760h\nretry: {initial_delay: 8760h, max_delay: 8760h}\n" + STEPS
     )
-    assert t.timeout == 86_400
+    assert t.timeout == 365 * 86_400
     assert t.retry is not None and t.retry.max_delay == MAX_RETRY_DELAY
 
 

@@ -151,9 +151,13 @@ class PostgresDatabase(Database):
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Set when writes work again: a listener waiting to reconnect tries at once.
         self._back: asyncio.Event | None = None
+        #: How many times writes worked again after failing (one during a reconnect that
+        #: then fails is not missed: that reconnect is tried again at once).
+        self._recoveries = 0
 
     def _recovered(self) -> None:
         """On the loop: writes work again after failing (the server is back)."""
+        self._recoveries += 1
         if self._back is not None:
             self._back.set()
         if self.on_recovered is not None:
@@ -275,6 +279,7 @@ class PostgresDatabase(Database):
         poll meanwhile), and at once when a write works again (the server is back)."""
         pause = LISTEN_RETRY
         while True:
+            recoveries = self._recoveries
             try:
                 async with await psycopg.AsyncConnection.connect(
                     conninfo(self.url), autocommit=True, **self._connect_args
@@ -307,6 +312,8 @@ class PostgresDatabase(Database):
                 )
             # The pause ends early once a write works again: the server is back.
             self._back = asyncio.Event()
+            if self._recoveries != recoveries:  # back already, while this one connected
+                self._back.set()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(pause):
                     await self._back.wait()

@@ -52,13 +52,15 @@ from orchestra.domain import (
 from orchestra.errors import StorageUnreachable
 from orchestra.event_types import (
     EventPayload,
-    StepTokens,
     TaskFinished,
     TaskHandedBack,
     TaskRetrying,
 )
 
 __all__ = ["Enqueued", "Renewal", "TaskStore"]
+
+#: The most attempts whose last write is remembered as unsure (:meth:`TaskStore._fenced`).
+_UNSURE_MAX = 10_000
 
 #: How each terminal status of a task records the attempt that reached it.
 _ATTEMPT_ENDED = {
@@ -123,7 +125,8 @@ class TaskStore:
     async def _fenced(
         self, lease: Lease, work: Callable[[Connection], bool], last: EventPayload
     ) -> bool:
-        """One of an attempt's writes (fenced by its lease), ending with the event ``last``.
+        """One of an attempt's writes (fenced by its lease), ending with the event ``last``,
+        which no other write of the attempt ends with (a step's start or end, the attempt's).
 
         When the database server is lost during a write (StorageUnreachable), its commit may
         have landed with only its answer lost. The worker then tries the same write again;
@@ -138,6 +141,8 @@ class TaskStore:
         try:
             return await self.db.transaction(work, small=True)
         except StorageUnreachable:
+            if len(self._unsure) >= _UNSURE_MAX:  # attempts that gave up (their lease ran out)
+                self._unsure.clear()
             self._unsure[key] = last
             raise
 
@@ -248,10 +253,10 @@ class TaskStore:
         """Record a piece of a step's streamed answer (a ``step.tokens`` event); False when the
         lease is lost."""
         at = self._now()
-        written = await self._fenced(
-            lease,
-            lambda conn: attempts.add_text(conn, lease, step_id, text, at),
-            StepTokens(step=step_id, text=text),
+        # Not :meth:`_fenced`: two pieces of text in a row may be the same, so the last event
+        # cannot tell whether this one landed (after a lost answer, a piece may be twice).
+        written = await self.db.transaction(
+            lambda conn: attempts.add_text(conn, lease, step_id, text, at), small=True
         )
         return self._progressed(lease.task_id, written)
 

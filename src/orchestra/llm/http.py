@@ -385,7 +385,7 @@ class HttpProvider:
         try:
             return msgspec.json.decode(line, type=type_)
         except msgspec.DecodeError as exc:
-            if str(exc) == _TRUNCATED:
+            if line and str(exc) == _TRUNCATED:  # (an empty line is said to be truncated too)
                 raise ProviderUnavailable(
                     f"{self.where} cut its answer off in the middle of a line"
                 ) from exc
