@@ -15,7 +15,7 @@ from jinja2.tests import TESTS
 from jinja2.utils import _PassArg
 
 from orchestra.api.errors import too_deep
-from orchestra.domain import RetryPolicy, Task, TaskError, TaskStatus, decide_retry
+from orchestra.domain import RetryPolicy, TaskError, decide_retry
 from orchestra.errors import InvalidOutput, InvalidParams, RenderError, TemplateError
 from orchestra.sizes import check_size
 from orchestra.templating import TemplateProblem, parse_template
@@ -29,6 +29,7 @@ from orchestra.templating.render import (
     parse_json_text,
     render_text,
 )
+from tests.unit.test_retry_decision import _task
 
 STEPS = "steps:\n  - id: a\n    prompt: hi\n"
 #: The longest wait between attempts (domain.MAX_RETRY_DELAY): a year.
@@ -91,28 +92,12 @@ def test_durations_at_their_bounds_are_taken() -> None:
     assert t.retry is not None and t.retry.max_delay == MAX_RETRY_DELAY
 
 
-def _task(attempts: int) -> Task:
-    return Task(
-        id=1,
-        template="t",
-        template_version=1,
-        status=TaskStatus.RUNNING,
-        params={},
-        model=None,
-        priority=0,
-        attempts=attempts,
-        max_attempts=100,
-        created_at="2026-11-22T02:59:00.000000Z",
-        run_at="2026-11-22T02:59:00.000000Z",
-    )
-
-
 @pytest.mark.parametrize("delay", [1e300, math.inf, math.nan, 99999999999999 * 3600.0])
 def test_a_retry_delay_the_calendar_cannot_hold_is_capped(delay: float) -> None:
     error = TaskError(type="model_unavailable", message="refused", retryable=True)
     policy = RetryPolicy(initial_delay=delay, max_delay=delay)
     at = datetime(2026, 11, 22, tzinfo=UTC)
-    retry = decide_retry(_task(60), error, policy, at=at)
+    retry = decide_retry(_task(60, max_attempts=100), error, policy, at=at)
     assert retry is not None
     assert retry.delay <= MAX_RETRY_DELAY
     assert (retry.at - at).total_seconds() <= MAX_RETRY_DELAY
