@@ -41,10 +41,17 @@ database (``orchestra.db.engine``) wraps SQLite's at its own.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import msgspec
+
+#: A UTF-16 surrogate in a str: half a character, which no encoding can hold (a lone one
+#: comes from a ``\ud800`` escape, in JSON, YAML or a Jinja string).
+SURROGATE = re.compile("[\ud800-\udfff]")
+#: What such a half is, as every message that refuses one says it.
+HALF_SURROGATE = "half of a UTF-16 surrogate pair without its other half, which is not a character"
 
 
 class FieldProblem(msgspec.Struct, frozen=True):

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from orchestra.errors import InvalidOutput
+from orchestra.errors import HALF_SURROGATE, InvalidOutput
 
 #: Longest error message stored on a task or a step, in characters; the rest is cut off.
 MAX_ERROR_CHARS = 2000
@@ -38,8 +38,7 @@ def json_size(value: Any, limit: int) -> int:
         # value could never be stored (it failed the task as an internal error).
         code = ord(str(exc.object)[exc.start])
         raise InvalidOutput(
-            f"the value holds \\u{code:04x}, half of a UTF-16 surrogate pair without its other "
-            "half, which is not a character and cannot be stored"
+            f"the value holds \\u{code:04x}, {HALF_SURROGATE} and cannot be stored"
         ) from None
 
 

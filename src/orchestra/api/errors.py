@@ -29,6 +29,7 @@ from orchestra.api.schemas import ErrorBody, FieldOut, ProblemOut
 from orchestra.api.scope import runtime_of
 from orchestra.batches import BatchNotFound
 from orchestra.errors import (
+    HALF_SURROGATE,
     ConflictError,
     Forbidden,
     InvalidParams,
@@ -284,10 +285,7 @@ def _undecodable(exc: HTTPException, body: bytes | None = None) -> str | None:
     lone = _lone_surrogate(body) if body and "truncated" in detail else None
     if lone is not None:
         escape, at = lone
-        return (
-            f"is not valid JSON: the string escape {escape} at byte {at} is half of a UTF-16 "
-            "surrogate pair without its other half, which is not a character"
-        )
+        return f"is not valid JSON: the string escape {escape} at byte {at} is {HALF_SURROGATE}"
     return f"is not valid JSON: {detail[:1].lower()}{detail[1:]}"
 
 

@@ -9,10 +9,10 @@ of the wrong type (``temperature: hot``) is refused too.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
+from orchestra.templating.params import non_finite
 from orchestra.templating.source import Checker, Path_
 
 
@@ -122,20 +122,10 @@ def check_options(c: Checker, path: Path_, options: dict[Any, Any]) -> None:
         elif not fits(value):
             c.add(at, f"option {name!r} must be {_KINDS[fits]}, got {value!r}")
             continue
-        if _non_finite(value):
+        if non_finite({name: value}):
             # YAML's .nan and .inf: JSON has neither, so no model server could be sent them.
-            c.add(at, f"option {name!r} holds .inf or .nan: only finite numbers can be sent")
-
-
-def _non_finite(value: Any) -> bool:
-    """Whether a NaN or an infinity is anywhere in ``value``."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, float) and not math.isfinite(item):
-            return True
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
+            c.add(
+                at,
+                f"option {name!r} holds .inf or .nan, or a number past ±1.8e308: only finite "
+                "numbers can be sent",
+            )

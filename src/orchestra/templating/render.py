@@ -17,7 +17,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from orchestra.errors import RenderError
+from orchestra.errors import HALF_SURROGATE, SURROGATE, RenderError
 from orchestra.templating.plain import plain
 from orchestra.templating.sandbox import (
     BoundedSandbox,
@@ -146,9 +146,6 @@ def _decode_at(raw: str, start: int) -> Any:
     return value
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def lone_surrogate(value: Any) -> str | None:
     """The escape (``\\ud800``) of the first lone UTF-16 surrogate in ``value``'s strings
     (keys too), or None: no text can hold one, so a value with it could never be stored or
@@ -157,7 +154,7 @@ def lone_surrogate(value: Any) -> str | None:
     while stack:
         item = stack.pop()
         if isinstance(item, str):
-            found = _SURROGATE.search(item)
+            found = SURROGATE.search(item)
             if found:
                 return f"\\u{ord(found.group()):04x}"
         elif isinstance(item, dict):
@@ -178,10 +175,7 @@ def parse_json_text(text: Any) -> Any:
     value = _parse_json_text(text)
     lone = lone_surrogate(value) if isinstance(value, str | dict | list) else None
     if lone is not None:
-        raise ValueError(
-            f"a string in it holds {lone}, half of a UTF-16 surrogate pair without its other "
-            "half, which is not a character"
-        )
+        raise ValueError(f"a string in it holds {lone}, {HALF_SURROGATE}")
     return value
 
 
@@ -424,12 +418,11 @@ def render_text(source: str, scope: Mapping[str, Any], *, what: str) -> str:
         raise
     except Exception as exc:  # any error a template can raise is the template's fault
         raise RenderError(f"cannot render {what}: {_explain(exc)}") from exc
-    lone = _SURROGATE.search(text)
+    lone = SURROGATE.search(text)
     if lone is not None:  # '\ud800' in a Jinja string, '%c' % 55296: no model can be sent it
         raise RenderError(
             f"cannot render {what}: the text holds \\u{ord(lone.group()):04x} at character "
-            f"{lone.start() + 1}, half of a UTF-16 surrogate pair without its other half, "
-            "which is not a character"
+            f"{lone.start() + 1}, {HALF_SURROGATE}"
         )
     return text
 

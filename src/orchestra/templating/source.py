@@ -9,7 +9,6 @@ problem points at the offending value (1-based line and column). A key that a me
 from __future__ import annotations
 
 import difflib
-import re
 from datetime import date
 from typing import Any
 
@@ -21,9 +20,9 @@ from ruamel.yaml.scalarbool import ScalarBoolean
 from ruamel.yaml.scalarstring import FoldedScalarString, LiteralScalarString
 
 from orchestra.domain import MAX_TIMEOUT, parse_duration
+from orchestra.errors import HALF_SURROGATE, SURROGATE
 
 Path_ = tuple[str | int, ...]
-_SURROGATE = re.compile("[\ud800-\udfff]")
 #: The tag of YAML's merge key, ``<<``.
 MERGE_TAG = "tag:yaml.org,2002:merge"
 
@@ -80,7 +79,7 @@ def format_path(path: Path_) -> str:
     out = ""
     for part in path:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return _escaped(out) if _SURROGATE.search(out) else out
+    return _escaped(out) if SURROGATE.search(out) else out
 
 
 class Source:
@@ -161,17 +160,16 @@ class Source:
         as JSON writes 😀) made the character it stands for; a lone surrogate left (which no
         text can hold: encoding it fails, so a task could never store or send it) is noted
         in :attr:`problems`."""
-        if not _SURROGATE.search(text):
+        if not SURROGATE.search(text):
             return text
         text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
-        lone = _SURROGATE.search(text)
+        lone = SURROGATE.search(text)
         if lone is not None:
             self.problems.append(
                 (
                     path,
                     f"the {of} holds \\u{ord(lone.group()):04x} at character {lone.start() + 1}, "
-                    "half of a UTF-16 surrogate pair without its other half, which is not a "
-                    "character (write the character itself, or both halves)",
+                    f"{HALF_SURROGATE} (write the character itself, or both halves)",
                 )
             )
             # The template is refused; the text is kept escaped, so that no message or path
