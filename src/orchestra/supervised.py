@@ -44,9 +44,11 @@ if TYPE_CHECKING:
 log = logs.get("orchestra.supervisor")
 
 #: The supervisor to a process: start serving; stop (with the signal the supervisor got);
-#: hurry the stop (likewise). A process to the supervisor: it serves; it could not start
-#: (with the message).
-GO, STOP, HURRY, READY, FAILED = "go", "stop", "hurry", "ready", "failed"
+#: hurry the stop (likewise); another process died, take its tasks back (its worker pool's
+#: name and how it died). A process to the supervisor: it serves (with its worker pool's
+#: name, empty without workers); it could not start (with the message).
+GO, STOP, HURRY, RESCUE = "go", "stop", "hurry", "rescue"
+READY, FAILED = "ready", "failed"
 #: The most seconds between two signs of life of a process's event loop.
 BEAT_SECONDS = 1.0
 
@@ -72,11 +74,13 @@ class Link:
         self.parent = parent
         self.hang_timeout = hang_timeout
         self._beating: asyncio.Task[None] | None = None
+        self._rescues: set[asyncio.Task[None]] = set()
 
     def started(self, server: Server) -> None:
-        """The server listens (called in its event loop): tell the supervisor, start the
+        """The server listens (called in its event loop): tell the supervisor (with the
+        worker pool's name, for a rescue of its tasks should this process die), start the
         signs of life, and listen to the pipe."""
-        self.pipe.send((READY, ""))
+        self.pipe.send((READY, server.runtime.owner))
         loop = asyncio.get_running_loop()
         loop.add_reader(self.pipe.fileno(), self._take, server)
         if self.hang_timeout > 0:
@@ -104,6 +108,11 @@ class Link:
             return
         if kind in (STOP, HURRY):
             server.request_stop(hurry=kind == HURRY, signal=text or None, by="supervisor")
+        elif kind == RESCUE:
+            owner, cause = text
+            rescue = asyncio.get_running_loop().create_task(server.runtime.rescue(owner, cause))
+            self._rescues.add(rescue)
+            rescue.add_done_callback(self._rescues.discard)
 
 
 def child_main(

@@ -53,7 +53,16 @@ import msgspec
 from orchestra import logs, metrics
 from orchestra.config import Settings
 from orchestra.errors import ConfigError, OrchestraError, StartupFailed, TemplateError
-from orchestra.supervised import BEAT_SECONDS, FAILED, GO, HURRY, READY, STOP, child_main
+from orchestra.supervised import (
+    BEAT_SECONDS,
+    FAILED,
+    GO,
+    HURRY,
+    READY,
+    RESCUE,
+    STOP,
+    child_main,
+)
 
 if TYPE_CHECKING:
     from orchestra.api.runtime import Runtime, ShowKey
@@ -209,6 +218,8 @@ class _Child:
     #: silent a second look later (a frozen process group, Ctrl-Z then fg, or a paused
     #: container, wakes with every process late: their beats come within a second).
     late_at: float | None = None
+    #: Its worker pool's name, as it said once it served ("": it runs no workers).
+    owner: str = ""
 
 
 class Supervisor:
@@ -224,6 +235,9 @@ class Supervisor:
         self._restart_at: dict[int, float] = {}
         self._restart_wait: dict[int, float] = {}
         self._signals: list[int] = []
+        #: The worker pools of processes that died, and how each died: their tasks, for a
+        #: serving process to take back (:meth:`_hand_over`).
+        self._orphans: dict[str, str] = {}
         self._stopping = False
         #: The signal that stopped the supervisor (None: it stopped on a failure).
         self._stop_signal: str | None = None
@@ -324,6 +338,7 @@ class Supervisor:
             timeout = max(0.0, min(looks)) if looks else None
             for child in self._step(timeout):
                 self._exited(child)
+            self._hand_over()
             now = time.monotonic()
             for index, at in list(self._restart_at.items()):
                 if at <= now and not self._stopping:
@@ -347,6 +362,10 @@ class Supervisor:
             "serving": sum(c.ready for c in self._children.values()),
             "processes": self.count,
         }
+        if child.owner:
+            how = f"killed after {child.hung_s:g} s hung" if child.hung_s else _exit_text(code)
+            which = f"process {child.index + 1}, pid {child.process.pid}"
+            self._orphans[child.owner] = f"{which}: {how}"
         if not child.ready:  # started again, and could not start: it will not cure itself
             log.error(
                 "supervisor.restart_failed",
@@ -359,6 +378,21 @@ class Supervisor:
         else:
             hung = {} if child.hung_s is None else {"hung_s": child.hung_s}
             log.warning("supervisor.process_died", **said, **hung)
+
+    def _hand_over(self) -> None:
+        """Ask a serving process to take back the tasks of the processes that died: their
+        leases would keep them from every worker until they expire (``lease_seconds``). Kept
+        until a process serves; a process that dies before it does so leaves the leases to
+        expire as usual."""
+        for child in self._children.values():
+            if not self._orphans:
+                return
+            if not child.ready:
+                continue
+            with contextlib.suppress(OSError):  # it just died: the next one, or a later look
+                for owner, cause in list(self._orphans.items()):
+                    child.pipe.send((RESCUE, (owner, cause)))
+                    del self._orphans[owner]
 
     def _kill_hung(self) -> float | None:
         """Kill every serving process that gave no sign of life for ``hang_timeout`` seconds
@@ -426,6 +460,7 @@ class Supervisor:
                 kind, text = child.pipe.recv()
                 if kind == READY:
                     child.ready = True
+                    child.owner = text
                     child.started_at = time.monotonic()
                 elif kind == FAILED:
                     child.failure = text

@@ -1,6 +1,7 @@
 """The worker pool's side loops that need none of its running tasks: a body run every so
-often (failures logged, the loop carries on), the reaper of dead workers' leases, and the
-retention that deletes old finished tasks in small batches."""
+often (failures logged, the loop carries on), the reaper of dead workers' leases (and the
+rescue of a dead process's tasks, without waiting for their leases), and the retention that
+deletes old finished tasks in small batches."""
 
 from __future__ import annotations
 
@@ -47,10 +48,26 @@ async def reap(store: TaskStore, queued: Callable[[], None]) -> None:
     """Fold the counters' change log, and return the tasks of workers whose leases expired
     to the queue (or fail those out of attempts); ``queued()`` when any was queued again."""
     await store.fold_counts()
-    moved = await store.requeue_expired()
+    _moved(await store.requeue_expired(), queued)
+
+
+async def rescue(store: TaskStore, owner: str, cause: str, queued: Callable[[], None]) -> None:
+    """Return the tasks of worker pool ``owner``, whose process died (``cause``), to the queue
+    now (or fail those out of attempts), as the reaper would once their leases expired;
+    ``queued()`` when any was queued again. A refused write is logged: the leases then
+    expire as usual."""
+    try:
+        moved = await store.requeue_orphaned(owner, cause)
+    except StorageError as exc:
+        log.warning("pool.rescue_failed", owner=owner, error=exc.message)
+        return
+    _moved(moved, queued, process_died=cause)
+
+
+def _moved(moved: dict[int, TaskStatus], queued: Callable[[], None], **why: str) -> None:
     for task_id, status in moved.items():
         metrics.lease_expired(status.value)
-        log.warning("task.lease_expired", task_id=task_id, now=status.value)
+        log.warning("task.lease_expired", task_id=task_id, now=status.value, **why)
     if any(s is TaskStatus.QUEUED for s in moved.values()):
         queued()
 

@@ -11,6 +11,7 @@ from sqlalchemy import Connection
 from orchestra.db import Database, Lease, TaskStore
 from orchestra.db.schema import LATEST, upgrade
 from orchestra.domain import (
+    AttemptStatus,
     NewTask,
     Step,
     StepStatus,
@@ -143,6 +144,36 @@ async def test_expired_lease_returns_task_to_queue_with_attempt_counted(
     assert again.status is TaskStatus.QUEUED and again.attempts == 1 and again.lease_owner is None
     [reclaimed] = await store.claim("w2", 1, 30)
     assert reclaimed.id == task.id and reclaimed.attempts == 2
+
+
+async def test_a_dead_processs_tasks_are_requeued_at_once_and_the_attempt_counts(
+    store: TaskStore, clock: Clock
+) -> None:
+    """The supervisor saw the process die: its tasks need not wait out their leases. Only
+    that worker pool's tasks move; the lost attempt is recorded with how the process died,
+    counts against max_attempts, and fences the dead worker's writes."""
+    mine = await add(store, NewTask(template="t", template_version=1, params={}, max_attempts=2))
+    other = await add(store, new())
+    await store.claim("dead", 1, lease_seconds=30, first_step=lambda _task: "first")
+    await store.claim("alive", 1, lease_seconds=30)
+    cause = "process 2, pid 4242: SIGKILL"
+    assert await store.requeue_orphaned("dead", cause) == {mine.id: TaskStatus.QUEUED}
+    assert await store.requeue_orphaned("dead", cause) == {}  # once
+    still = await store.get_task(other.id)
+    assert still is not None and still.status is TaskStatus.RUNNING
+    again = await store.get_task(mine.id)
+    assert again is not None and again.status is TaskStatus.QUEUED and again.lease_owner is None
+    assert not await store.finish(Lease(mine.id, "dead", 1), TaskStatus.SUCCEEDED)
+    [lost, *_] = again.history
+    assert lost.status is AttemptStatus.LOST and lost.error is not None
+    assert lost.error.message == f"the process running this attempt died ({cause})"
+    # Its last attempt lost the same way: failed, saying so.
+    await store.claim("dead-too", 1, lease_seconds=30, first_step=lambda _task: "first")
+    assert await store.requeue_orphaned("dead-too", cause) == {mine.id: TaskStatus.FAILED}
+    failed = await store.get_task(mine.id)
+    assert failed is not None and failed.error is not None
+    assert failed.error.message.endswith("; the task has no attempts left")
+    assert failed.steps[0].status is StepStatus.FAILED
 
 
 async def test_task_that_keeps_losing_its_worker_fails_after_max_attempts(

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from tests.integration.test_processes import (
     Serving,
     alive,
     config,
+    pid_of,
     serving,
     statuses,
 )
@@ -218,6 +220,39 @@ async def test_a_process_that_cannot_start_again_is_an_error_until_its_cause_is_
         template.write_text(TEMPLATE)
         service.proc.send_signal(signal.SIGHUP)
         await replaced(service, before, before[0])
+
+
+async def test_a_dead_processs_task_runs_again_at_once_not_when_its_lease_expires(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    """A process SIGKILLed while it runs a task: the supervisor has a serving process take
+    the task back at once, instead of leaving it to its lease (60 s here). The lost attempt
+    counts, and says which process died and how."""
+    db = tmp_path / "rescue.db"
+    port = free_port()
+    path = tmp_path / "rescue.toml"
+    write_config(
+        path, port=port, db=db, ollama_url=fake_ollama.url, poll_interval=0.2, lease_seconds=60.0
+    )
+    fake_ollama.close_gate("llama3.2")
+    async with serving(path, port, "--processes", "2") as service:
+        await wait_until(lambda: events(service, "supervisor.started"), timeout=30)
+        async with httpx.AsyncClient(base_url=service.url, timeout=30) as client:
+            task_id = (await client.post("/api/v1/tasks", json=BODY)).json()["id"]
+            await wait_until(lambda: fake_ollama.held("llama3.2") == 1, timeout=10)
+            [attempt] = (await client.get(f"/api/v1/tasks/{task_id}")).json()["attempts"]
+        victim = pid_of(attempt["worker"])
+        os.kill(victim, signal.SIGKILL)
+        fake_ollama.open_gate("llama3.2")
+        async with httpx.AsyncClient(base_url=service.url, timeout=30) as client:
+            done = (await client.get(f"/api/v1/tasks/{task_id}?wait=20")).json()
+    assert done["status"] == "succeeded", done
+    lost, won = done["attempts"]
+    assert lost["status"] == "lost" and pid_of(won["worker"]) != victim
+    died = rf"the process running this attempt died \(process [12], pid {victim}: SIGKILL\)"
+    assert re.fullmatch(died, lost["error"]["message"]), lost
+    [logged] = events(service, "task.lease_expired")
+    assert logged["task_id"] == task_id and str(victim) in logged["process_died"], logged
 
 
 def test_the_help_of_no_api_says_it_answers_health_and_metrics() -> None:

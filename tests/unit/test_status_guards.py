@@ -102,6 +102,10 @@ OPERATIONS: dict[str, tuple[guards.Move, Operation]] = {
     ),
     "release": (guards.HAND_BACK, lambda store, ids: each(ids, store.release)),
     "requeue expired": (guards.LEASE_EXPIRED, lambda store, ids: store.requeue_expired()),
+    "requeue orphaned": (
+        guards.LEASE_EXPIRED,
+        lambda store, ids: store.requeue_orphaned("w", "process 1, pid 1: SIGKILL"),
+    ),
     "cancel": (guards.CANCEL, lambda store, ids: store.cancel_many(list(ids.values()))),
     "retry": (guards.RETRY, lambda store, ids: store.retry_many(list(ids.values()))),
 }

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mappi
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
-from orchestra import logs
+from orchestra import logs, upkeep
 from orchestra.api.auth import Gatekeeper
 from orchestra.api.sse import Frames
 from orchestra.auth import ApiKey, bootstrap_key, is_loopback
@@ -213,6 +213,17 @@ class Runtime:
             self._signals.stop()
         if self._feed is not None:
             self._feed.close()
+
+    @property
+    def owner(self) -> str:
+        """This process's worker pool's name ("": it runs no workers)."""
+        return self._pool.owner if self._pool is not None else ""
+
+    async def rescue(self, owner: str, cause: str) -> None:
+        """Another process of this service died (``cause``): return its worker pool's
+        (``owner``) tasks to the queue now, not when their leases expire."""
+        wake = self._pool.notify if self._pool is not None else (lambda: None)
+        await upkeep.rescue(self.tasks.store, owner, cause, wake)
 
     @contextmanager
     def _startup_failure(self) -> Iterator[None]:

@@ -156,9 +156,15 @@ def server_config(app: Any, settings: ServerSettings, **options: Any) -> uvicorn
 
 
 class Stoppable(Protocol):
-    """What :class:`Server` tells when a stop signal arrives (the app's runtime)."""
+    """What :class:`Server` tells when a stop signal arrives, and what the supervisor's
+    link (:class:`orchestra.supervised.Link`) asks of it (the app's runtime)."""
 
     def request_stop(self, *, hurry: bool = False) -> None: ...
+
+    @property
+    def owner(self) -> str: ...
+
+    async def rescue(self, owner: str, cause: str) -> None: ...
 
 
 class Server(uvicorn.Server):

@@ -484,16 +484,36 @@ GAVE_UP = TaskError(
 )
 
 
-def expire_leases(conn: Connection, now: str) -> dict[int, TaskStatus]:
+def died(cause: str) -> tuple[TaskError, TaskError]:
+    """The errors of an attempt whose process died (``cause``: which, and how), when the task
+    is queued again and when it has no attempts left."""
+    lost = f"the process running this attempt died ({cause})"
+    return (
+        TaskError(type="lease_expired", message=lost, retryable=True),
+        TaskError(type="lease_expired", message=f"{lost}; the task has no attempts left"),
+    )
+
+
+def expire_leases(
+    conn: Connection, now: str, *, owner: str | None = None, cause: str = ""
+) -> dict[int, TaskStatus]:
     """Return tasks whose lease expired before ``now`` to the queue, or fail those with no
-    attempts left; each lost attempt is recorded. Returns each id and the status it moved to."""
+    attempts left; each lost attempt is recorded. Returns each id and the status it moved to.
+
+    With ``owner``, the leases of that worker pool are ended now, whenever they would have
+    expired: its process is known dead (``cause`` says how), so its tasks need not wait out
+    their leases. The attempt still counts, as an expired one does: a task that kills its
+    process does not run forever.
+    """
     exhausted = (tasks.c.attempts - tasks.c.handed_back) >= tasks.c.max_attempts
+    lost, gave_up = (LOST, GAVE_UP) if owner is None else died(cause)
+    gone = tasks.c.lease_expires_at < now if owner is None else tasks.c.lease_owner == owner
     rows = conn.execute(
         update(tasks)
-        .where(guards.LEASE_EXPIRED.guard, tasks.c.lease_expires_at < now)
+        .where(guards.LEASE_EXPIRED.guard, gone)
         .values(
             status=case((exhausted, TaskStatus.FAILED.value), else_=TaskStatus.QUEUED.value),
-            error=case((exhausted, dump(GAVE_UP)), else_=dump(LOST)),
+            error=case((exhausted, dump(gave_up)), else_=dump(lost)),
             finished_at=case((exhausted, now), else_=None),
             run_at=now,
             lease_owner=None,
@@ -505,11 +525,11 @@ def expire_leases(conn: Connection, now: str) -> dict[int, TaskStatus]:
         conn.execute(
             update(task_attempts)
             .where(task_attempts.c.task_id == row.id, task_attempts.c.number == row.attempts)
-            .values(status=AttemptStatus.LOST.value, finished_at=now, error=dump(LOST))
+            .values(status=AttemptStatus.LOST.value, finished_at=now, error=dump(lost))
         )
-        lost = {"h_task": row.id, "h_attempt": row.attempts, "v_error": dump(LOST), "v_at": now}
-        CLOSE_STEPS.run(conn, lost)
+        closed = {"h_task": row.id, "h_attempt": row.attempts, "v_error": dump(lost), "v_at": now}
+        CLOSE_STEPS.run(conn, closed)
         events.append(conn, row.id, TaskLeaseExpired(attempt=row.attempts), now)
         if row.status == TaskStatus.FAILED.value:
-            events.append(conn, row.id, TaskFinished(status=row.status, error=GAVE_UP), now)
+            events.append(conn, row.id, TaskFinished(status=row.status, error=gave_up), now)
     return {row.id: TaskStatus(row.status) for row in rows}

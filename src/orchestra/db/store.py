@@ -351,6 +351,17 @@ class TaskStore:
         self.on_change(moved)
         return moved
 
+    async def requeue_orphaned(self, owner: str, cause: str) -> dict[int, TaskStatus]:
+        """Return the tasks of worker pool ``owner``, whose process is known dead (``cause``
+        says how), to the queue now instead of when their leases expire; as
+        :meth:`requeue_expired` otherwise."""
+        at = self._now()
+        moved = await self.db.transaction(
+            lambda conn: attempts.expire_leases(conn, at, owner=owner, cause=cause)
+        )
+        self.on_change(moved)
+        return moved
+
     async def fold_counts(self) -> None:
         """Fold the count changes PostgreSQL's trigger logged into the counters (nothing to
         do on SQLite, whose triggers update the counters themselves)."""
