@@ -7,6 +7,7 @@ their services, and :class:`StrictBodyRequest` reads them.
 
 from __future__ import annotations
 
+import json
 import math
 from decimal import Decimal
 from typing import Any
@@ -136,26 +137,36 @@ def _invalid(error: str, body: bytes) -> ValidationException:
     return ValidationException(detail=error, extra=extra)
 
 
-#: Decodes floats as written (``1e400`` too), to find the one no float holds.
-_EXACT = msgspec.json.Decoder(float_hook=Decimal)
+class _Integer(Decimal):
+    """An integer as written in the body (any number of digits)."""
 
 
 def _out_of_range(body: bytes) -> tuple[str, str] | None:
     """The path of the first number in ``body`` (in the order written, as msgspec met it)
-    that no float holds (``1e400``), and why; None when there is none."""
+    that no float holds (``1e400``, or an integer of more digits than msgspec reads), and
+    why; None when there is none. Read again by the standard library, which keeps every
+    number as written: this runs only for a body already refused."""
     try:
-        value = _EXACT.decode(body)
-    except msgspec.DecodeError:
+        value = json.loads(body, parse_float=Decimal, parse_int=_Integer)
+    except (ValueError, RecursionError):
         return None
     stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, ())]
     while stack:
         item, path = stack.pop()
         if isinstance(item, Decimal) and not math.isfinite(float(item)):
             return format_path(path), (
-                f"is {item}, out of range: a number must fit a 64-bit float (up to about ±1.8e308)"
+                f"is {_number(item)}, out of range: a number must fit a 64-bit float "
+                "(up to about ±1.8e308)"
             )
         if isinstance(item, dict):
             stack.extend((v, (*path, k)) for k, v in reversed(item.items()))
         elif isinstance(item, list):
             stack.extend((v, (*path, i)) for i, v in reversed(list(enumerate(item))))
     return None
+
+
+def _number(item: Decimal) -> str:
+    digits = len(item.as_tuple().digits)
+    if isinstance(item, _Integer):
+        return f"an integer of {digits:,} digits"
+    return f"a number of {digits:,} digits" if digits > 40 else str(item)
