@@ -29,6 +29,7 @@ from orchestra.templating.render import (
     parse_json_text,
     render_text,
 )
+from orchestra.web.render import described
 from tests.unit.test_retry_decision import _task
 
 STEPS = "steps:\n  - id: a\n    prompt: hi\n"
@@ -171,6 +172,9 @@ def test_a_recursion_error_from_a_template_is_not_taken_for_the_request_body() -
     request: Any = SimpleNamespace(url=SimpleNamespace(path="/x"), method="POST")
     assert too_deep(request, error).status_code == 500
     assert too_deep(request, RecursionError()).status_code == 400  # msgspec's, from a body
+    # The dashboard's pages answer it the same way (their own Jinja pages included).
+    assert described(error)[:2] == (500, "internal error")
+    assert described(RecursionError())[:2] == (400, "the request is not valid")
 
 
 # M1, M2: every wrapped filter takes what Jinja's own takes.

@@ -422,7 +422,7 @@ def http_headers(exc: HTTPException) -> dict[str, str]:
 _NOT_THE_BODY = ("orchestra/templating/", "orchestra/catalog.py", "/jinja2/", "/ruamel/")
 
 
-def _from_templates(exc: BaseException) -> bool:
+def from_templates(exc: BaseException) -> bool:
     """Whether ``exc`` was raised while reading or rendering a template, not a body."""
     tb = exc.__traceback__
     while tb is not None:
@@ -437,7 +437,7 @@ def too_deep(request: Request[Any, Any, Any], exc: RecursionError) -> Response[E
     """A body nested so deeply that decoding it ran out of stack (msgspec raises
     RecursionError past about a thousand levels). One raised by a template's YAML or Jinja
     is not the body's: it is an internal error, logged with its traceback."""
-    if _from_templates(exc):
+    if from_templates(exc):
         return internal_error(request, exc)
     return _bad_body("nests too deeply")
 

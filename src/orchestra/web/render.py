@@ -27,7 +27,7 @@ from litestar.types import ExceptionHandlersMap
 
 from orchestra import __version__, logs
 from orchestra.api import errors as api_errors
-from orchestra.api.errors import http_headers, retry_after, status_of
+from orchestra.api.errors import from_templates, http_headers, retry_after, status_of
 from orchestra.api.scope import runtime_of
 from orchestra.auth import Caller, allows
 from orchestra.errors import OrchestraError, StorageError
@@ -122,27 +122,11 @@ def error_page(
     """An error as an HTML page (the API's errors are JSON; the dashboard's are pages), with
     the status, headers and logging the API gives the same error. (``started``: as for
     :func:`page`.)"""
-    headers: dict[str, str] = {}
-    if isinstance(exc, OrchestraError):
-        status, message = status_of(exc), exc.message
-        if (wait := retry_after(exc)) is not None:
-            headers["retry-after"] = str(wait)
-        if isinstance(exc, StorageError):
-            log.info("ui.storage_failed", code=exc.code, error=exc.message)
-    elif isinstance(exc, ValidationException):
-        status = exc.status_code
-        problems = [str(e.get("message", "")) for e in exc.extra or [] if isinstance(e, dict)]
-        message = "; ".join(p for p in problems if p) or "a value in the request is not valid"
-    elif isinstance(exc, HTTPException):
-        status, message = exc.status_code, exc.detail
-        headers.update(http_headers(exc))
-    elif isinstance(exc, (RecursionError, UnicodeDecodeError)):
-        status, message = 400, "the request is not valid"
-    else:
-        status = HTTP_500_INTERNAL_SERVER_ERROR
-    if status >= HTTP_500_INTERNAL_SERVER_ERROR and not isinstance(exc, StorageError):
+    status, message, headers = described(exc)
+    if isinstance(exc, StorageError):
+        log.info("ui.storage_failed", code=exc.code, error=exc.message)
+    elif status >= HTTP_500_INTERNAL_SERVER_ERROR:
         log.exception("ui.internal_error", path=request.url.path, method=request.method)
-        message = "internal error"
     return page(
         request,
         "error.html",
@@ -152,6 +136,32 @@ def error_page(
         status=status,
         message=message,
     )
+
+
+def described(exc: Exception) -> tuple[int, str, dict[str, str]]:
+    """The status, message and headers the API answers ``exc`` with (a bug: 500, "internal
+    error"; a RecursionError from a template, the dashboard's pages' own included, is one)."""
+    headers: dict[str, str] = {}
+    if isinstance(exc, OrchestraError):
+        status, message = status_of(exc), exc.message
+        if (wait := retry_after(exc)) is not None:
+            headers["retry-after"] = str(wait)
+    elif isinstance(exc, ValidationException):
+        status = exc.status_code
+        problems = [str(e.get("message", "")) for e in exc.extra or [] if isinstance(e, dict)]
+        message = "; ".join(p for p in problems if p) or "a value in the request is not valid"
+    elif isinstance(exc, HTTPException):
+        status, message = exc.status_code, exc.detail
+        headers.update(http_headers(exc))
+    elif isinstance(exc, UnicodeDecodeError) or (
+        isinstance(exc, RecursionError) and not from_templates(exc)
+    ):
+        status, message = 400, "the request is not valid"
+    else:
+        status = HTTP_500_INTERNAL_SERVER_ERROR
+    if status >= HTTP_500_INTERNAL_SERVER_ERROR and not isinstance(exc, StorageError):
+        message = "internal error"
+    return status, message, headers
 
 
 #: Every kind of error the app's own handlers answer as JSON, answered as a page here (a
