@@ -120,3 +120,24 @@ async def test_a_submit_without_a_key_whose_answer_was_lost_is_not_sent_twice(
             await _with(kind, relay.url, lambda c: c.submit("summarize", {"text": "Once."}))
     assert relay.lost == 1
     assert len(await _tasks(service)) == 1  # made once, by the lost request
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_an_upload_sent_again_counts_each_byte_of_its_file_once(
+    service: Service, kind: str, tmp_path: Any
+) -> None:
+    """``on_sent`` (the CLI's progress bar) hears the file once, however often it is sent."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(f'{{"text": "row {i} {"x" * 2000}"}}\n' for i in range(100)))
+    sent: list[int] = []
+    async with answer_lost(service.url, drops=1) as relay:
+        made = await _with(
+            kind,
+            relay.url,
+            lambda c: c.create_batch(
+                "summarize", data, idempotency_key="up-1", on_sent=sent.append
+            ),
+        )
+    assert relay.lost == 1
+    assert made.read == 100 and made.refused == 0
+    assert sum(sent) == data.stat().st_size

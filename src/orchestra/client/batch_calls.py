@@ -31,7 +31,8 @@ def create_batch(
     .ndjson, else ``data_format``: ValueError without), that text (JSON lines unless
     ``data_format``), or parameters to send as JSON lines (one-shot, so not retried).
     ``options``: template_version, model, priority, max_attempts, timeout, atomic.
-    ``on_sent`` hears the size of each piece of a file as it goes (a progress bar)."""
+    ``on_sent`` hears the size of each piece of a file as it goes (a progress bar); a file
+    sent again (its connection broke) is heard only past where the first sending got."""
     body: Callable[[], Iterator[bytes]] | None = None
     content: bytes | None = None
     replayable = True
@@ -43,12 +44,17 @@ def create_batch(
                 "not known; pass data_format='csv' or 'jsonl'"
             )
         path = rows
+        counted = 0  # the furthest a sending reached: a resend's bytes are not heard twice
 
         def body() -> Iterator[bytes]:
+            nonlocal counted
+            at = 0
             with path.open("rb") as file:
                 while chunk := file.read(CHUNK):
-                    if on_sent is not None:
-                        on_sent(len(chunk))
+                    at += len(chunk)
+                    if on_sent is not None and at > counted:
+                        on_sent(at - counted)
+                        counted = at
                     yield chunk
 
     elif isinstance(rows, bytes):
