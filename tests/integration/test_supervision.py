@@ -223,16 +223,15 @@ async def test_a_process_that_cannot_start_again_is_an_error_until_its_cause_is_
 
 
 async def test_a_dead_processs_task_runs_again_at_once_not_when_its_lease_expires(
-    fake_ollama: FakeOllama, tmp_path: Path
+    fake_ollama: FakeOllama, tmp_path: Path, db_url: str
 ) -> None:
     """A process SIGKILLed while it runs a task: the supervisor has a serving process take
     the task back at once, instead of leaving it to its lease (60 s here). The lost attempt
-    counts, and says which process died and how."""
-    db = tmp_path / "rescue.db"
+    counts, and says which process died and how. On both engines."""
     port = free_port()
     path = tmp_path / "rescue.toml"
     write_config(
-        path, port=port, db=db, ollama_url=fake_ollama.url, poll_interval=0.2, lease_seconds=60.0
+        path, port=port, db=db_url, ollama_url=fake_ollama.url, poll_interval=0.2, lease_seconds=60
     )
     fake_ollama.close_gate("llama3.2")
     async with serving(path, port, "--processes", "2") as service:
