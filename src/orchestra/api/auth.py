@@ -8,6 +8,15 @@ falls short). Error bodies say only that a key is missing, wrong or not allowed.
 
 ``/health`` answers everyone (liveness checks send no key), but shows provider details only
 to a caller with the ``read`` scope (:func:`public_caller`); others get its status alone.
+
+An anonymous caller (no keys yet on loopback, or ``allow_anonymous``) is whoever can reach
+the port, a web page in the user's browser included: such a page may send a form or a
+``text/plain`` body to another site without asking first. So an anonymous write (any method
+but GET, HEAD and OPTIONS) must not come from another site's page (:func:`same_origin`), as
+the dashboard's writes must not; a key is never sent by a browser on its own.
+
+Event streams outlive their request: :meth:`Gatekeeper.admits` checks the caller again as
+they go, so a revoked key's stream ends (see :mod:`orchestra.api.events`).
 """
 
 from __future__ import annotations
@@ -16,10 +25,12 @@ import asyncio
 import functools
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 from litestar.connection import ASGIConnection
+from litestar.datastructures import Headers
 from litestar.handlers.base import BaseRouteHandler
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 from litestar.middleware.base import DefineMiddleware
@@ -109,6 +120,37 @@ class Gatekeeper:
         self._forgotten += 1
         self._read_at = float("-inf")
 
+    def holds(self, caller: Caller) -> bool | None:
+        """Whether ``caller`` may still call, by the keys read at most
+        :data:`REFRESH_SECONDS` ago; None when the copy is older (then :meth:`admits`)."""
+        if self.clock() - self._read_at > REFRESH_SECONDS:
+            return None
+        return self._admitted(caller, self._keys)
+
+    async def admits(self, caller: Caller) -> bool:
+        """Whether ``caller`` (of a request that began earlier: an event stream) may still
+        call: its key is not revoked; an anonymous one, that anonymous callers still may (no
+        key was made since, or ``allow_anonymous``). While the keys cannot be read, the
+        caller keeps what it had."""
+        try:
+            keys = await self.keys()
+        except StorageError:
+            return True
+        return self._admitted(caller, keys)
+
+    def _admitted(self, caller: Caller, keys: dict[str, tuple[str, ApiKey]]) -> bool:
+        if caller.key_id is not None:
+            return caller.key_id in keys
+        return self.settings.allow_anonymous or not keys
+
+    def verified(self, authorization: str) -> str | None:
+        """The id of the key an Authorization header holds, when it is an active key by the
+        keys last read (for the rate limit, counted before the request is authenticated);
+        None otherwise."""
+        token, key_id = _presented(authorization)
+        entry = self._keys.get(key_id) if key_id else None
+        return key_id if entry is not None and matches(token, entry[0]) else None
+
     async def by_id(self, key_id: str) -> Caller | None:
         """The caller an active key stands for (a dashboard session), or None."""
         entry = (await self.keys()).get(key_id)
@@ -146,6 +188,29 @@ class Gatekeeper:
                 "without one; make a key with `orchestra keys create`"
             )
         raise Unauthorized("an API key is required: send it as 'Authorization: Bearer <key>'")
+
+
+class StreamGate:
+    """An event stream's caller, checked again while the stream lasts (it outlives its
+    request): by the keys read lately, for the events written straight to the connection
+    (:meth:`now`), and by the keys read again if need be, for those that go through the
+    stream's own loop, heartbeats included (:meth:`still`)."""
+
+    def __init__(self, gatekeeper: Gatekeeper, caller: Caller) -> None:
+        self.gatekeeper = gatekeeper
+        self.caller = caller
+
+    def now(self) -> bool:
+        """Admitted by the keys read lately (False too when the copy is old: the events
+        then go the stream's own way, through :meth:`still`)."""
+        return self.gatekeeper.holds(self.caller) is True
+
+    async def still(self) -> bool:
+        """Admitted still (the keys read again when old); False: end the stream."""
+        if await self.gatekeeper.admits(self.caller):
+            return True
+        log.info("auth.stream_ended", key_id=self.caller.key_id, reason="key revoked")
+        return False
 
 
 def _seen(future: asyncio.Future[None]) -> None:
@@ -186,11 +251,41 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
     """Sets ``request.user`` to the caller."""
 
     async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> Any:
-        gatekeeper: Gatekeeper = runtime_of(connection.scope).gatekeeper
+        runtime = runtime_of(connection.scope)
+        gatekeeper: Gatekeeper = runtime.gatekeeper
         caller = await gatekeeper.caller(*credentials(connection))
         method = str(connection.scope.get("method", "GET"))
+        if (
+            caller.key_id is None
+            and method not in SAFE_METHODS
+            and not same_origin(connection.headers, runtime.settings.cors.allow_origins)
+        ):
+            raise Forbidden(
+                "a request from another site's web page may not act without an API key; "
+                "send the request with a key ('Authorization: Bearer <key>')"
+            )
         check_scope(caller, connection.scope["route_handler"], method)
         return AuthenticationResult(user=caller, auth=None)
+
+
+#: Methods that change nothing: a web page on another site may send them.
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def same_origin(headers: Headers, allowed: Collection[str] = ()) -> bool:
+    """Whether a write request comes from this site's own pages, from a site ``allowed``
+    (``[cors] allow_origins``: ``*`` for any), or from no web page at all (a program: curl,
+    the client); not from another site's page in a browser."""
+    origin = headers.get("origin")
+    if origin is not None and (origin in allowed or "*" in allowed):
+        return True
+    site = headers.get("sec-fetch-site")
+    if site is not None:
+        return site in ("same-origin", "none")  # none: typed or bookmarked by the user
+    if origin is None:
+        return True  # not a browser's cross-site request: browsers send one of the two
+    host = headers.get("x-forwarded-host") or headers.get("host")
+    return origin != "null" and urlsplit(origin).netloc == host
 
 
 def middleware(settings: AuthSettings, own_auth: tuple[str, ...] = ()) -> list[DefineMiddleware]:
@@ -262,10 +357,13 @@ def _presented(authorization: str) -> tuple[str, str | None]:
 
 
 def _identify(request: Any) -> str:
-    """Rate limits count per key; without one, per client address."""
-    _, key_id = _presented(request.headers.get("authorization", ""))
-    if key_id:
-        return f"key:{key_id}"
+    """Rate limits count per key; without a valid one, per client address (a made-up token
+    naming a key's id must not spend that key's budget, nor get a budget of its own)."""
+    authorization = request.headers.get("authorization")
+    if authorization:
+        key_id = runtime_of(request.scope).gatekeeper.verified(authorization)
+        if key_id is not None:
+            return f"key:{key_id}"
     client = request.client
     return f"addr:{client.host if client else 'unknown'}"
 

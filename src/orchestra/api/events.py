@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
-from litestar import Controller, get
+from litestar import Controller, Request, get
 from litestar.di import NamedDependency
 from litestar.params import HeaderParameter, QueryParameter
 
+from orchestra.api.auth import StreamGate
 from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
 from orchestra.api.sse import RECONNECT, DirectWrites, EventStream, Frames, frame
+from orchestra.auth import Caller
 from orchestra.db.feed import FeedEvent, FeedFilter
 from orchestra.errors import FieldProblem, InvalidRequest
 from orchestra.event_types import EventType
@@ -79,6 +81,7 @@ class EventController(Controller):
     )
     async def events(
         self,
+        request: Request[Caller, Any, Any],
         runtime: NamedDependency[Runtime],
         template: Annotated[
             str | None, QueryParameter(min_length=1, description="Only tasks of this template.")
@@ -109,7 +112,8 @@ class EventController(Controller):
         """Every task's events as ``text/event-stream``, in the order they were recorded, without
         end. Each event's ``id`` is its global id (``seq`` is its number within its task);
         reconnecting with ``Last-Event-ID`` continues without gaps or repeats, across restarts
-        too. A comment is sent every 15 s while nothing happens. 404 (``template_not_found``)
+        too. A comment is sent every 15 s while nothing happens. A stream whose key is revoked
+        ends at its next event or comment. 404 (``template_not_found``)
         before the stream starts when ``template`` names no template."""
         feed = runtime.feed
         wanted = FeedFilter(template=template, types=wanted_types(types))
@@ -121,12 +125,15 @@ class EventController(Controller):
         start = await feed.newest() if after is None else after
 
         frames, writes = runtime.frames, DirectWrites()
+        gate = StreamGate(runtime.gatekeeper, request.user)
 
         def write(events: list[FeedEvent]) -> bool:
-            return writes.ready and writes.write(sse(events, frames))
+            return writes.ready and gate.now() and writes.write(sse(events, frames))
 
         async def stream() -> AsyncIterator[bytes]:
             async for events in feed.follow(wanted, start, write):
+                if not await gate.still():  # its key was revoked
+                    return
                 yield sse(events, frames)
             if feed.closing:
                 yield RECONNECT

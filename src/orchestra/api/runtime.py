@@ -10,6 +10,7 @@ connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import signal
 from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping
@@ -35,7 +36,7 @@ from orchestra.db.schema import upgrade
 from orchestra.db.sessions import SessionStore
 from orchestra.db.templates import TemplateStore
 from orchestra.db.webhooks import WebhookStore
-from orchestra.errors import ConfigError, OrchestraError, TemplateError
+from orchestra.errors import ConfigError, OrchestraError, StorageError, TemplateError
 from orchestra.feed import EventFeed
 from orchestra.llm.cache import AnswerCache
 from orchestra.llm.router import Router, build_providers
@@ -254,6 +255,9 @@ class Runtime:
                 self.show_key(*made)
             self._keys = KeyStore(db)
             self._gatekeeper = Gatekeeper(self._keys, s.auth, loopback=is_loopback(s.server.host))
+            if s.auth.rate_limit_per_minute:  # it counts a key only once it knows the keys
+                with contextlib.suppress(StorageError):  # the first request reads them again
+                    await self._gatekeeper.keys()
             self._dashboard = DashboardStore(db)
             self._sessions = SessionStore(db)
             self._catalog = catalog

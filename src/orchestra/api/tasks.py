@@ -13,6 +13,7 @@ from litestar.di import NamedDependency
 from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 
+from orchestra.api.auth import StreamGate
 from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
 from orchestra.api.schemas import StrictBodyRequest, TaskList, TaskOut, TaskSummaryOut
@@ -160,6 +161,7 @@ class TaskController(Controller):
     )
     async def events(
         self,
+        request: Request[Caller, Any, Any],
         task_id: FromPath[int],
         tasks: NamedDependency[TaskService],
         runtime: NamedDependency[Runtime],
@@ -181,18 +183,22 @@ class TaskController(Controller):
     ) -> EventStream:
         """The task's events as ``text/event-stream``: every past event, then new ones as they
         happen, ending after ``task.finished``. Each event's ``id`` is its sequence number;
-        reconnecting with ``Last-Event-ID`` continues without gaps or repeats."""
+        reconnecting with ``Last-Event-ID`` continues without gaps or repeats. A stream whose
+        key is revoked ends at its next event or comment."""
         if last_event_id is not None:
             after = int(last_event_id)
         await tasks.get(task_id)  # 404 now, before the stream starts
 
         frames, writes = runtime.frames, DirectWrites()
+        gate = StreamGate(runtime.gatekeeper, request.user)
 
         def write(events: list[TaskEvent]) -> bool:
-            return writes.ready and writes.write(_sse(task_id, events, frames))
+            return writes.ready and gate.now() and writes.write(_sse(task_id, events, frames))
 
         async def stream() -> AsyncIterator[bytes]:
             async for events in tasks.follow_batches(task_id, after, write):
+                if not await gate.still():  # its key was revoked
+                    return
                 yield _sse(task_id, events, frames)
             if runtime.feed.closing:  # ended by the stop, not by the task's end
                 yield RECONNECT

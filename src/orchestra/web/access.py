@@ -15,6 +15,7 @@ also ``SameSite=Strict``. A caller's scope is checked by the API's scope guard, 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 from urllib.parse import quote, urlsplit
 
@@ -25,10 +26,10 @@ from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, HTTPScope, Receive, Scope, Send
 
-from orchestra.api.auth import forwarded
+from orchestra.api.auth import forwarded, same_origin
 from orchestra.api.scope import runtime_of
 from orchestra.auth import Caller
-from orchestra.errors import Forbidden, Unauthorized
+from orchestra.errors import Forbidden, StorageError, Unauthorized
 from orchestra.web.headers import stamped
 from orchestra.web.links import Links
 from orchestra.web.render import error_page
@@ -39,18 +40,6 @@ COOKIE = "orchestra_session"
 OPEN_PAGES = ("/login",)
 OPEN_PREFIX = "/static/"
 _SAFE = ("GET", "HEAD")
-
-
-def same_origin(headers: Headers) -> bool:
-    """Whether a write request comes from this site's own pages (not another site's form)."""
-    site = headers.get("sec-fetch-site")
-    if site is not None:
-        return site in ("same-origin", "none")  # none: typed or bookmarked by the user
-    origin = headers.get("origin")
-    if origin is None:
-        return True  # not a browser's cross-site request: browsers send one of the two
-    host = headers.get("x-forwarded-host") or headers.get("host")
-    return origin != "null" and urlsplit(origin).netloc == host
 
 
 async def session_caller(
@@ -67,6 +56,28 @@ async def session_caller(
         return await runtime.gatekeeper.caller(None, host, proxied)  # type: ignore[no-any-return]
     except Unauthorized:
         return None
+
+
+def still_signed_in(request: Request[Any, Any, Any]) -> Callable[[], Awaitable[bool]]:
+    """For a live stream (:func:`~orchestra.web.render.bounded`): whether the caller who
+    opened it may still follow it: its session not ended (logged out, expired) and its key
+    not revoked; an anonymous caller, while anonymous callers may call. While the database
+    cannot be read, it may."""
+    runtime = runtime_of(request.scope)
+    caller = request.scope.get("user")
+    token = request.cookies.get(COOKIE)
+
+    async def still() -> bool:
+        if not isinstance(caller, Caller):
+            return True
+        try:
+            if caller.key_id is not None and await runtime.sessions.key_id(token) != caller.key_id:
+                return False
+        except StorageError:
+            return True
+        return bool(await runtime.gatekeeper.admits(caller))
+
+    return still
 
 
 class DashboardGate(ASGIMiddleware):

@@ -13,6 +13,7 @@ from orchestra import metrics
 from orchestra.api.scope import runtime_of
 from orchestra.domain import now
 from orchestra.web import views
+from orchestra.web.access import still_signed_in
 from orchestra.web.render import bounded, links, page
 
 #: A live page is told at most this often that tasks changed.
@@ -121,4 +122,7 @@ class OverviewPages(Controller):
                     await asyncio.sleep(max(0.0, CHANGED_EVERY - (loop.time() - started)))
 
         # Spelled as Litestar's own Cache-Control, which it then does not add a second time.
-        return ServerSentEvent(bounded(stream()), headers={"Cache-Control": "no-store"})
+        return ServerSentEvent(
+            bounded(stream(), still=still_signed_in(request)),
+            headers={"Cache-Control": "no-store"},
+        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,8 @@ STATIC = Path(__file__).parent / "static"
 #: (A stopping server does not wait for them: `orchestra serve` gives open connections a few
 #: seconds, then closes them.)
 STREAM_SECONDS = 300.0
+#: A live stream asks this often (at most) whether its caller may still follow it.
+STILL_EVERY = 2.0
 #: Pages are never cached: they show live state (and who is logged in).
 NO_STORE = {"cache-control": "no-store"}
 
@@ -195,16 +197,25 @@ ROUTING_HANDLERS: ExceptionHandlersMap = {
 
 
 async def bounded(
-    messages: AsyncIterator[ServerSentEventMessage], seconds: float = STREAM_SECONDS
+    messages: AsyncIterator[ServerSentEventMessage],
+    seconds: float = STREAM_SECONDS,
+    still: Callable[[], Awaitable[bool]] | None = None,
 ) -> AsyncIterator[ServerSentEventMessage]:
-    """Pass messages on for at most ``seconds``; then end (the browser reconnects)."""
+    """Pass messages on for at most ``seconds``; then end (the browser reconnects). With
+    ``still``, asked before a message at most every :data:`STILL_EVERY` seconds: False ends
+    the stream (its session ended: a logout, its key revoked)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
+    look_at = loop.time() + STILL_EVERY
     iterator = aiter(messages)
     while (left := deadline - loop.time()) > 0:
         try:
             message = await asyncio.wait_for(anext(iterator), left)
         except (StopAsyncIteration, TimeoutError):
             break
+        if still is not None and loop.time() >= look_at:
+            if not await still():
+                break
+            look_at = loop.time() + STILL_EVERY
         yield message
     await messages.aclose()  # type: ignore[attr-defined]

@@ -17,6 +17,7 @@ from orchestra.bulk import Action
 from orchestra.domain import TaskFilter, TaskStatus, as_utc, now
 from orchestra.errors import FieldProblem, InvalidRequest
 from orchestra.event_types import EventType
+from orchestra.web.access import still_signed_in
 from orchestra.web.forms import whole
 from orchestra.web.notices import (
     ACTIONS,
@@ -282,7 +283,10 @@ class TaskPages(Controller):
                 yield KEEPALIVE
 
         # Its own Cache-Control, spelled as Litestar's, which then adds no second one.
-        return ServerSentEvent(bounded(stream()), headers={"Cache-Control": "no-store"})
+        return ServerSentEvent(
+            bounded(stream(), still=still_signed_in(request)),
+            headers={"Cache-Control": "no-store"},
+        )
 
     @get("/{task_id:int}/cancel")
     async def cancel_page(
