@@ -238,6 +238,9 @@ class Supervisor:
         #: The worker pools of processes that died, and how each died: their tasks, for a
         #: serving process to take back (:meth:`_hand_over`).
         self._orphans: dict[str, str] = {}
+        #: Process slots whose latest start failed: when every one has, nothing serves and
+        #: nothing will by itself, and the supervisor exits (as a single process does).
+        self._failed: set[int] = set()
         self._stopping = False
         #: The signal that stopped the supervisor (None: it stopped on a failure).
         self._stop_signal: str | None = None
@@ -367,12 +370,16 @@ class Supervisor:
             which = f"process {child.index + 1}, pid {child.process.pid}"
             self._orphans[child.owner] = f"{which}: {how}"
         if not child.ready:  # started again, and could not start: it will not cure itself
+            error = child.failure or f"exited with {_exit_text(code)} while starting"
             log.error(
                 "supervisor.restart_failed",
                 **said,
-                error=child.failure or f"exited with {_exit_text(code)} while starting",
+                error=error,
                 hint="fix what the error names, then SIGHUP the supervisor to start it at once",
             )
+            self._failed.add(child.index)
+            if len(self._failed) == self.count:  # none serves: exit, for the service manager
+                raise StartupFailed(f"no process could start again: {error}")
         elif code == 0:  # a stop signal sent to it, not to the supervisor: it stopped well
             log.info("supervisor.process_stopped", **said)
         else:
@@ -460,6 +467,7 @@ class Supervisor:
                 kind, text = child.pipe.recv()
                 if kind == READY:
                     child.ready = True
+                    self._failed.discard(child.index)
                     child.owner = text
                     child.started_at = time.monotonic()
                 elif kind == FAILED:

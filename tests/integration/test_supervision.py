@@ -254,6 +254,28 @@ async def test_a_dead_processs_task_runs_again_at_once_not_when_its_lease_expire
     assert logged["task_id"] == task_id and str(victim) in logged["process_died"], logged
 
 
+async def test_when_no_process_can_start_again_the_supervisor_exits_1_saying_why(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    """As a single process that cannot start: nothing serves and nothing will by itself, so
+    the service manager (systemd's Restart=, compose's restart:) must learn of it."""
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    template = folder / "mine.yaml"
+    template.write_text(TEMPLATE)
+    path, port = config(tmp_path, "none", tmp_path / "none.db", fake_ollama.url)
+    path.write_text(path.read_text() + f'[templates]\ndirs = ["{folder}"]\n')
+    async with serving(path, port, "--processes", "2") as service:
+        await wait_until(lambda: events(service, "supervisor.started"), timeout=30)
+        template.write_text(BROKEN)
+        for pid in service.services():
+            os.kill(pid, signal.SIGKILL)
+        code = await asyncio.wait_for(service.proc.wait(), timeout=60)
+    assert code == 1, service.stderr()
+    assert "Error: no process could start again:" in service.stderr()
+    assert "mine.yaml" in service.stderr().rsplit("Error:", 1)[1]
+
+
 def test_the_help_of_no_api_says_it_answers_health_and_metrics() -> None:
     shown = CliRunner().invoke(main, ["serve", "--help"], terminal_width=200).output
     assert "Run workers only; answer /health and /metrics alone." in shown
