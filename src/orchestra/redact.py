@@ -8,12 +8,21 @@ line). Everything the service shows or logs about a provider passes through one 
 providers build their messages from the redacted URL, and the log formatter
 (:mod:`orchestra.logs`) redacts every line it writes, other libraries' (httpx's) included.
 
+A server may also repeat a credential outside any URL: an error body that echoes the
+``Authorization`` header it was sent ("invalid api key: Bearer sk-…", or Basic auth's
+base64). :func:`secret_values` lists what a provider sends that is secret (its API key; its
+URL's password, also as Basic auth; its URL's secret query values), and :func:`scrub` masks
+each of them wherever it appears in a text.
+
 This module imports nothing of the service's, so anything may use it.
 """
 
 from __future__ import annotations
 
+import base64
 import re
+from collections.abc import Iterable
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 #: What stands in for a secret.
 MASK = "***"
@@ -78,6 +87,43 @@ def redact_text(text: str) -> str:
     if "://" not in text:  # the common case, and cheap: most log lines name no URL
         return text
     return _URL.sub(lambda m: redact_url(m.group(0)), text)
+
+
+#: Secrets shorter than this are not looked for in texts: masking every "ab" of a message
+#: would garble it, and so short a value protects nothing anyway.
+MIN_SECRET = 4
+
+
+def secret_values(api_key: str | None = None, url: str = "") -> tuple[str, ...]:
+    """What a provider sends that is secret, longest first: ``api_key``; the password of
+    ``url``'s userinfo as written, percent-decoded, and as the Basic auth credentials httpx
+    makes of it (base64 of ``user:password``); the values of its :data:`SECRET_PARAMS`.
+    Values shorter than :data:`MIN_SECRET` are left out."""
+    found = {api_key or ""}
+    try:
+        parts = urlsplit(url)
+        password, username = parts.password, parts.username
+    except ValueError:  # a URL that cannot be parsed cannot have been used either
+        parts, password, username = None, None, None
+    if password:
+        user, secret = unquote(username or ""), unquote(password)
+        basic = base64.b64encode(f"{user}:{secret}".encode()).decode()
+        found |= {password, secret, basic}
+    if parts is not None:
+        for name, value in parse_qsl(parts.query, keep_blank_values=False):
+            if name.lower().replace("-", "_") in SECRET_PARAMS:
+                found |= {value, unquote(value)}
+    return tuple(sorted((v for v in found if len(v) >= MIN_SECRET), key=len, reverse=True))
+
+
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with each of ``secrets`` in it masked, and every URL's credentials
+    (:func:`redact_text`). Give the longest first (:func:`secret_values` does): one that
+    contains another is masked whole."""
+    for secret in secrets:
+        if secret and secret in text:
+            text = text.replace(secret, MASK)
+    return redact_text(text)
 
 
 def _redact_query(tail: str) -> str:

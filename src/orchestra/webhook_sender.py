@@ -13,7 +13,9 @@ answer delivers it; anything else is retried with exponential backoff and jitter
 ``retry_hours`` after the delivery was written, then given up. Without ``allow_private`` the
 host is resolved at every send, every address checked, and the request goes to the checked
 address (the name stays in ``Host`` and TLS's SNI): a name cannot be pointed at a private
-address between the check and the connection.
+address between the check and the connection. A destination that resolves to the service
+itself (its own port on an address of this host: :func:`~orchestra.webhooks.is_own`) is
+refused at every send, ``allow_private`` or not.
 
 Wake-ups: a commit of this process that wrote deliveries (the store's change signal, with
 :class:`~orchestra.db.webhooks.Hint`), a redelivery, a retry falling due, or the poll (other
@@ -45,8 +47,11 @@ from orchestra.webhooks import (
     DeliveryAttempt,
     DeliveryStatus,
     DestinationRefused,
+    Own,
     backoff,
+    is_own,
     is_public,
+    own_reason,
     parse_destination,
     resolve,
 )
@@ -77,11 +82,15 @@ class WebhookSender:
         signals: TaskSignals | None = None,
         *,
         clock: Callable[[], datetime] = now,
+        own: Own | None = None,
     ) -> None:
+        """``own``: where the service listens (``[server]``'s host and port), never sent to
+        (:func:`~orchestra.webhooks.is_own`); None: not known here."""
         self.store = store
         self.settings = settings
         self.signals = signals
         self.clock = clock
+        self.own = own
         self.owner = f"webhooks-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         #: A delivery's lease: the attempt's timeout and room for the database writes. A
         #: delivery in flight when its process died is due again once it runs out.
@@ -299,11 +308,14 @@ class WebhookSender:
         url = httpx.URL(delivery.url)
         headers = {"content-type": "application/json"}
         extensions = {}
-        if not self.settings.allow_private:
+        if not self.settings.allow_private or self.own is not None:
             try:
                 addresses = await resolve(host, port)
             except OSError as exc:
                 raise httpx.ConnectError(f"{host} does not resolve: {exc}") from None
+            if is_own(addresses, port, self.own):
+                raise _Refused(own_reason(host, port))
+        if not self.settings.allow_private:
             blocked = [a for a in addresses if not is_public(a)]
             if blocked or not addresses:
                 raise _Refused(f"{host} resolves to {blocked[0] if blocked else 'nothing'}")

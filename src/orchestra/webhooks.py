@@ -8,7 +8,9 @@ signed by the Standard Webhooks spec.
 
 Destinations are checked on the addresses their host resolves to, not on its name: loopback,
 private, link-local and other non-public addresses are refused unless ``[webhooks]
-allow_private`` is on (:func:`check_destination`).
+allow_private`` is on (:func:`check_destination`). The service itself (its own port on an
+address of this host) is refused even then: a delivery from the service to its own API comes
+from loopback, which an open service takes for an admin (:func:`is_own`).
 """
 
 from __future__ import annotations
@@ -211,12 +213,52 @@ def _refuse(field: str, reason: str) -> DestinationRefused:
     return DestinationRefused(f"{field}: {reason}", [FieldProblem(field, reason)])
 
 
+#: IPv6 prefixes whose last 32 bits are an IPv4 address the packets reach: NAT64's well-known
+#: prefix (RFC 6052), IPv4-translated (RFC 2765) and IPv4-compatible (RFC 4291, deprecated)
+#: addresses. IPv4-mapped ones (``::ffff:a.b.c.d``) are ``ipv4_mapped``.
+_CARRIES_IPV4 = (
+    ipaddress.IPv6Network("64:ff9b::/96"),
+    ipaddress.IPv6Network("::ffff:0:0:0/96"),
+    ipaddress.IPv6Network("::/96"),
+)
+#: NAT64 prefixes for local use (RFC 8215): not globally reachable, and where the IPv4
+#: address sits in them depends on the operator's prefix length.
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address stands for, which a connection to it reaches (by
+    the host's stack, a NAT64 gateway or a relay): IPv4-mapped, IPv4-translated,
+    IPv4-compatible, NAT64 (``64:ff9b::/96``), 6to4 (``2002::/16``) and Teredo
+    (``2001::/32``: its server and its client); none for any other address."""
+    if ip.ipv4_mapped is not None:
+        return [ip.ipv4_mapped]
+    if ip.sixtofour is not None:
+        return [ip.sixtofour]
+    if ip.teredo is not None:
+        return list(ip.teredo)
+    if any(ip in network for network in _CARRIES_IPV4):
+        return [ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)]
+    return []
+
+
 def is_public(address: str) -> bool:
-    """Whether ``address`` is a public unicast address (an IPv4-mapped IPv6 one is judged as
-    the IPv4 address it carries)."""
+    """Whether ``address`` is a public unicast address. An IPv6 address that carries an IPv4
+    one (IPv4-mapped or -translated, IPv4-compatible, NAT64, 6to4, Teredo:
+    :func:`embedded_ipv4`) is public only when the IPv4 address is too: ``64:ff9b::7f00:1``
+    is 127.0.0.1 through a NAT64 gateway, ``2002:a9fe:a9fe::`` 169.254.169.254 through
+    6to4."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _LOCAL_NAT64 or ip.is_site_local:
+            return False
+        carried = embedded_ipv4(ip)
+        if carried:
+            return all(_is_public_ip(v4) for v4 in carried)
+    return _is_public_ip(ip)
+
+
+def _is_public_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
@@ -253,14 +295,59 @@ async def resolve(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in found))
 
 
-async def check_destination(url: str, allow_private: bool, field: str = "url") -> list[str]:
+#: Where the service listens: ``[server]``'s host and port.
+Own = tuple[str, int]
+
+
+def is_own(addresses: list[str], port: int, own: Own | None) -> bool:
+    """Whether a destination on ``port`` whose host resolves to ``addresses`` is the service
+    itself, which listens on ``own`` (host, port): the same port, on an address that reaches
+    the service's (an unspecified ``[server] host`` listens on every address of this host).
+    None or port 0: nothing is known to be the service."""
+    if own is None or not own[1] or port != own[1]:
+        return False
+    return any(_reaches(address, own[0]) for address in addresses)
+
+
+def _reaches(address: str, listen_host: str) -> bool:
+    """Whether a connection to ``address`` reaches a server listening on ``listen_host``."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_unspecified:  # a connection to 0.0.0.0 or :: goes to this host
+        return True
+    try:
+        listen = ipaddress.ip_address(listen_host.strip("[]").split("%", 1)[0])
+    except ValueError:  # a name ("localhost", the host's own): any address of this host
+        return ip.is_loopback or _is_local(address)
+    if listen.is_unspecified:
+        return ip.is_loopback or _is_local(address)
+    # A loopback listener is judged by loopback alone: "localhost" resolves to 127.0.0.1 or
+    # ::1, and either may be the one the service is reached on.
+    return ip == listen or (ip.is_loopback and listen.is_loopback)
+
+
+def _is_local(address: str) -> bool:
+    """Whether ``address`` is one of this host's own (a socket can be bound to it)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((address, 0))
+    except OSError:
+        return False
+    return True
+
+
+async def check_destination(
+    url: str, allow_private: bool, field: str = "url", own: Own | None = None
+) -> list[str]:
     """Check that ``url`` may be sent to; returns the addresses its host resolves to (every
-    one public, unless ``allow_private``).
+    one public, unless ``allow_private``; none the service's own, ``own``).
 
     Raises:
-        DestinationRefused: a malformed URL, a host that does not resolve, or one that
-            resolves to a loopback, private, link-local or other non-public address (naming
-            ``field``).
+        DestinationRefused: a malformed URL, a host that does not resolve, one that resolves
+            to a loopback, private, link-local or other non-public address, or the service
+            itself (naming ``field``).
     """
     _scheme, host, port = parse_destination(url, field)
     try:
@@ -269,6 +356,8 @@ async def check_destination(url: str, allow_private: bool, field: str = "url") -
         raise _refuse(field, f"its host {host!r} does not resolve") from None
     if not addresses:
         raise _refuse(field, f"its host {host!r} does not resolve")
+    if is_own(addresses, port, own):
+        raise _refuse(field, own_reason(host, port))
     if not allow_private:
         blocked = [a for a in addresses if not is_public(a)]
         if blocked:
@@ -278,6 +367,14 @@ async def check_destination(url: str, allow_private: bool, field: str = "url") -
                 "webhooks are sent to public addresses only ([webhooks] allow_private)",
             )
     return addresses
+
+
+def own_reason(host: str, port: int) -> str:
+    """Why a destination that is the service itself is refused."""
+    return (
+        f"{host} port {port} is this Orchestra service itself; webhooks are not sent to "
+        "the service's own API"
+    )
 
 
 def backoff(attempt: int, settings: WebhookSettings, rand: random.Random | None = None) -> float:
@@ -296,9 +393,14 @@ class WebhookService:
         store: WebhookStore,
         settings: WebhookSettings,
         wake: Any = None,
+        *,
+        own: Own | None = None,
     ) -> None:
+        """``own``: where the service listens (``[server]``'s host and port), refused as a
+        destination (:func:`is_own`); None: not known here."""
         self.store = store
         self.settings = settings
+        self.own = own
         #: Wakes the sender (a redelivery is due now).
         self.wake = wake or (lambda: None)
         self._callback_secret: str | None = settings.callback_secret or None
@@ -310,7 +412,7 @@ class WebhookService:
         Raises:
             DestinationRefused: the URL is malformed or not allowed (names ``url``).
         """
-        await check_destination(new.url, self.settings.allow_private)
+        await check_destination(new.url, self.settings.allow_private, own=self.own)
         hook = Webhook(
             id=0,
             url=new.url,
@@ -362,7 +464,7 @@ class WebhookService:
         """
         hook = await self.get(webhook_id)  # a 404 comes before a URL's 422
         if isinstance(changes.url, str):
-            await check_destination(changes.url, self.settings.allow_private)
+            await check_destination(changes.url, self.settings.allow_private, own=self.own)
         values = changes.values()
         if values:
             changed = await self.store.update(webhook_id, values, iso_now())
@@ -432,7 +534,9 @@ class WebhookService:
         Raises:
             DestinationRefused: malformed or not allowed (names ``callback_url``).
         """
-        await check_destination(url, self.settings.allow_private, field="callback_url")
+        await check_destination(
+            url, self.settings.allow_private, field="callback_url", own=self.own
+        )
 
     async def enqueue_with_callback(self, new: NewTask, url: str) -> dict[str, Any] | None:
         """Queue ``new`` with its callback subscription to ``url``, in one transaction; the

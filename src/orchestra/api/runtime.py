@@ -306,8 +306,13 @@ class Runtime:
                 reader = asyncio.create_task(feed.run(), name="event-feed")
                 self._db, self._router, self._pool, self._feed = db, router, pool, feed
                 # The outbox's sender: its own loop and HTTP client, never in a worker's way.
-                sender = WebhookSender(WebhookStore(db), s.webhooks, signals)
-                self._webhooks = WebhookService(WebhookStore(db), s.webhooks, sender.notify)
+                # The service's own address: no webhook may call it (it would come from
+                # loopback, which an open service takes for this machine's own user).
+                own = (s.server.host, s.server.port)
+                sender = WebhookSender(WebhookStore(db), s.webhooks, signals, own=own)
+                self._webhooks = WebhookService(
+                    WebhookStore(db), s.webhooks, sender.notify, own=own
+                )
                 self._tasks = TaskService(
                     store,
                     self.registry,

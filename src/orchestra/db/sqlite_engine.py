@@ -57,7 +57,7 @@ from orchestra import logs
 from orchestra.db.engine import SQLITE, Database, check_url, settled
 from orchestra.db.failures import WriteHealth, free_bytes, storage_error
 from orchestra.db.sqlite_checkpoint import WAL_KEPT_BYTES, Checkpoints
-from orchestra.db.sqlite_setup import begin_waiting, reader_engine, setup
+from orchestra.db.sqlite_setup import begin_waiting, create_private, reader_engine, setup
 from orchestra.errors import StorageError, StorageFull
 
 READ_POOL_SIZE = 4
@@ -109,6 +109,8 @@ class SqliteDatabase(Database):
         if not self.path.parent.is_dir():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             log.info("database.folder_created", folder=str(self.path.parent.absolute()))
+        if create_private(self.path):
+            log.info("database.file_created", path=str(self.path.absolute()))
         # One connection, used only on the writer's thread.
         self._writer = create_engine(
             f"sqlite:///{self.path}",

@@ -3,16 +3,42 @@
 Each connection: a busy timeout (set first), WAL mode (kept in the file), ``synchronous =
 NORMAL`` and foreign keys; transaction control taken from the ``sqlite3`` module, so that the
 "begin" event emits the BEGIN wanted (``BEGIN IMMEDIATE`` for the writer).
+
+A new database file is made readable and writable by its owner alone (:func:`create_private`):
+it holds webhook secrets, API key hashes and every task's data. SQLite gives the ``-wal`` and
+``-shm`` files it makes beside it the database file's permissions.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+#: The permissions of a database file Orchestra creates: its owner's alone.
+PRIVATE_MODE = 0o600
+
+
+def create_private(path: Path) -> bool:
+    """Create ``path``, empty, with :data:`PRIVATE_MODE` (SQLite takes an empty file for a
+    new database), unless it exists: an existing file keeps the mode it has (an operator may
+    have widened it for a backup group). Returns whether it was created: not when it exists,
+    nor when it cannot be made (a folder not writable), which SQLite then reports as before,
+    in the words the service's checks expect.
+    """
+    try:
+        # O_EXCL: never touches a file that exists, even one made meanwhile by another
+        # process starting on the same path.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
 
 
 def to_wal(cursor: Any, patience: float) -> None:

@@ -18,7 +18,10 @@ of it is read into memory.
 Messages name the server by its redacted URL (``http://***@host:11434``: no userinfo, no key
 in the query; see :mod:`orchestra.redact`), and whatever else goes into them (an exception's
 text, a server's error body) is redacted too, so no credential reaches a task's error, /health
-or the log.
+or the log. A server's error body is also cleared of the provider's own secrets (its API key,
+its URL's password: :attr:`HttpProvider.secrets`) before it is cut to length, so that a body
+echoing the ``Authorization`` header sent shows no part of it; the router clears every
+provider's messages of every provider's secrets once more (:mod:`orchestra.llm.router`).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from orchestra.errors import (
 )
 from orchestra.lines import LineTooLong, aiter_lines
 from orchestra.llm.transport import direct_route
-from orchestra.redact import redact_text, redact_url
+from orchestra.redact import redact_text, redact_url, scrub, secret_values
 from orchestra.retry_after import retry_after
 from orchestra.sizes import human_bytes
 
@@ -114,24 +117,25 @@ def cause(exc: BaseException) -> str:
     return redact_text(str(exc)) or type(exc).__name__
 
 
-def error_text(response: httpx.Response) -> str:
+def error_text(response: httpx.Response, secrets: tuple[str, ...] = ()) -> str:
     """The reason a server gives in an error body: Ollama's ``{"error": "..."}`` or OpenAI's
     ``{"error": {"message": "..."}}``, else the start of the body; redacted (a proxy's error
-    page may repeat the URL it was asked for)."""
-    return redact_text(_error_text(response))
+    page may repeat the URL it was asked for) and cleared of ``secrets`` (a server may repeat
+    the Authorization header it was sent), before it is cut to its first 200 characters."""
+    return redact_text(_error_text(response, secrets))
 
 
-def _error_text(response: httpx.Response) -> str:
+def _error_text(response: httpx.Response, secrets: tuple[str, ...]) -> str:
     try:
         body = response.json()
     except ValueError:
-        return response.text[:200] or response.reason_phrase
+        return scrub(response.text, secrets)[:200] or response.reason_phrase
     if isinstance(body, dict) and "error" in body:
         error = body["error"]
         if isinstance(error, dict) and "message" in error:
-            return str(error["message"])
-        return str(error)
-    return response.text[:200]
+            return scrub(str(error["message"]), secrets)
+        return scrub(str(error), secrets)
+    return scrub(response.text, secrets)[:200]
 
 
 class HttpProvider:
@@ -162,6 +166,9 @@ class HttpProvider:
         self._base, self._query = base.rstrip("/"), f"?{query}" if query else ""
         #: The URL as messages show it: without its userinfo or a key in its query.
         self.shown_url = redact_url(self.url)
+        #: What this provider sends that is secret (its key, its URL's password), masked in
+        #: every message made of what the server says (:func:`~orchestra.redact.scrub`).
+        self.secrets = secret_values(api_key, url)
         self.timeout = timeout
         self.output_limit = output_limit
         #: The most bytes read of an answer, or characters of one line of a streamed one.
@@ -280,7 +287,7 @@ class HttpProvider:
 
     def status_error(self, response: httpx.Response, model: str | None) -> ProviderError:
         """The error for an HTTP error status."""
-        reason = error_text(response)
+        reason = error_text(response, self.secrets)
         status = response.status_code
         if status == 404 and model is not None:
             return ModelNotFound(f"model {model!r} not found on {self.where}: {reason}")
@@ -405,7 +412,8 @@ class HttpProvider:
             return None, f"{self.shown_url} did not answer within {HEALTH_TIMEOUT:g}s"
         except httpx.HTTPStatusError as exc:
             status = exc.response.status_code
-            return None, f"{self.shown_url} answered {status}: {error_text(exc.response)}"
+            reason = error_text(exc.response, self.secrets)
+            return None, f"{self.shown_url} answered {status}: {reason}"
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             return None, f"cannot reach {self.shown_url}: {cause(exc)}"
         except (ValueError, KeyError, TypeError, AttributeError):

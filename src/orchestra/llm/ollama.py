@@ -97,7 +97,7 @@ class OllamaProvider(HttpProvider):
         if response.status_code == 404 and model is not None:
             return ModelNotFound(
                 f"model {model!r} not found on {self.where} (run `ollama pull {model}`): "
-                f"{error_text(response)}"
+                f"{error_text(response, self.secrets)}"
             )
         return super().status_error(response, model)
 

@@ -34,6 +34,12 @@ with a growing pause, for up to ``[fallback] outage_wait`` seconds, before it fa
 holds its slot meanwhile and the rest of the queue waits queued, instead of every task of the
 backlog using up its attempts within seconds. A provider that never answered since the start
 (a wrong URL, a runtime not installed) fails the call at once, as before.
+
+Every text that comes from a provider passes through the router before it is stored, logged
+or shown: each call's error and each health check's detail are cleared here of every
+provider's secrets (their ``secrets``: API keys, URL passwords; :func:`orchestra.redact.scrub`),
+so a server that echoes the Authorization header it was sent ("invalid api key: Bearer
+sk-…") shows none of it, whichever kind of provider it is.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ from orchestra.llm.base import (
     Provider,
     Supervised,
 )
+from orchestra.redact import scrub
 
 log = logs.get("orchestra.llm")
 
@@ -137,6 +144,14 @@ class Router:
             name: s.max_tokens for name, s in settings.providers.items() if s.max_tokens
         }
         self._starting: set[asyncio.Task[None]] = set()
+        #: Every provider's secrets, longest first (one that contains another goes first).
+        self._secrets = tuple(
+            sorted(
+                {v for p in self.providers.values() for v in getattr(p, "secrets", ())},
+                key=len,
+                reverse=True,
+            )
+        )
         #: The providers that supervise a model process, told once (an isinstance check of a
         #: runtime protocol costs more than the rest of a /health answer).
         self._supervised: dict[str, Supervised] = {
@@ -304,6 +319,7 @@ class Router:
                         async with gate:
                             result = await _measured(route, call)
                 except ProviderError as exc:
+                    self._scrub(exc)  # before it is marked, logged, passed over or raised
                     if isinstance(exc, (ProviderUnavailable, ModelNotFound)):
                         self._mark(route, exc)  # away, failing or without the model
                     if streamed():
@@ -342,6 +358,14 @@ class Router:
             finally:
                 self.waiting -= 1
             pause = min(pause * 2, OUTAGE_MAX_PAUSE)
+
+    def _scrub(self, error: ProviderError) -> None:
+        """Clear ``error``'s message of every provider's secrets, in place (its type, retry
+        wait and cause stay as they are)."""
+        clean = scrub(error.message, self._secrets)
+        if clean != error.message:
+            error.message = clean
+            error.args = (clean,)
 
     def _asked_as_name(self, model: str) -> str:
         """What a failure of ``model`` should add when its part before a slash names no
@@ -425,6 +449,9 @@ class Router:
     def observe(self, name: str, health: Health) -> None:
         """Take ``health`` as provider ``name``'s state from now on (a check's result, or a
         change the provider reported itself: its model process crashed or came back)."""
+        detail = scrub(health.detail, self._secrets)
+        if detail != health.detail:
+            health = msgspec.structs.replace(health, detail=detail)
         self._health[name] = health
         self._checked[name] = time.time()
         if health.ok:
@@ -477,7 +504,8 @@ class Router:
             try:
                 await self.refresh()
             except Exception as exc:  # a provider's health() must not end the loop
-                log.error("provider.health_failed", error=f"{type(exc).__name__}: {exc}")
+                error = scrub(f"{type(exc).__name__}: {exc}", self._secrets)
+                log.error("provider.health_failed", error=error)
 
     async def health(self) -> Health:
         """All providers checked now: ok when at least one is."""
