@@ -90,8 +90,13 @@ def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> N
     help="Show the version and the build, and exit.",
 )
 @config_option
+@click.option(
+    "--url",
+    help="Server URL for the client commands, as their own --url (which wins over it); "
+    "before the command, as -c is.",
+)
 @click.pass_context
-def main(ctx: click.Context, config_path: str | None) -> None:
+def main(ctx: click.Context, config_path: str | None, url: str | None) -> None:
     """AI Task Orchestra: run AI tasks from YAML templates. Without a command, serve."""
     if ctx.invoked_subcommand is None:
         ctx.invoke(serve, config_path=config_path)

@@ -7,10 +7,12 @@ Exit codes (docs/install.md, "Exit codes"):
 ====  =====================================================================================
 0     done
 1     the task failed or was cancelled (``submit --wait``); any other error (invalid
-      parameters, a conflict, a template's problems, the settings, a missing database)
-2     a usage error (click's own: an unknown option, a bad value)
+      template parameters, a conflict, a template's problems, the settings, a missing
+      database)
+2     a usage error (click's own: an unknown option, a bad value; a malformed ``-p``)
 3     the server cannot be reached (refused, timed out, an event stream that stayed down)
-4     the API key is missing or refused (401), or its scope is too small (403)
+4     the API key is missing or refused (401), or its scope is too small (403), or it
+      cannot be sent (not printable ASCII)
 5     not found (404: a task, a template, a schedule; ``keys revoke``: no such active key)
 ====  =====================================================================================
 """
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 import msgspec
+from click.core import ParameterSource
 
 from orchestra.config import Settings
 from orchestra.config_file import load
@@ -98,12 +101,25 @@ def given_path(config_path: str | None) -> str | None:
     return config_path
 
 
+def given_url(url: str | None) -> str | None:
+    """The command's --url, else the one given before the command (``orchestra --url URL
+    tasks list``), else ORCHESTRA_URL (which click gives as the command's)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return url
+    before = ctx.find_root().params.get("url")
+    from_env = ctx.get_parameter_source("url") in (ParameterSource.ENVIRONMENT, None)
+    return before if before and (url is None or from_env) else url
+
+
 def base_url(url: str | None, config_path: str | None) -> str:
-    """The server's URL: ``--url`` (or ``ORCHESTRA_URL``), else the settings' host and port.
+    """The server's URL: ``--url`` (after or before the command, or ``ORCHESTRA_URL``), else
+    the settings' host and port.
 
     Raises:
         click.BadParameter: ``--url`` is not an http(s) URL.
     """
+    url = given_url(url)
     if url:
         scheme, _, rest = url.partition("://")
         if scheme.lower() not in ("http", "https") or not rest.strip("/"):
@@ -117,7 +133,13 @@ def base_url(url: str | None, config_path: str | None) -> str:
 
 
 def coerce(name: str, raw: str, schema: dict[str, Any]) -> Any:
-    """Turn -p name=value text into the parameter's declared type."""
+    """Turn -p name=value text into the parameter's declared type.
+
+    Raises:
+        click.BadParameter: ``@FILE`` cannot be read (a usage error: exit 2).
+        CliError: the value is not of the parameter's type (an invalid parameter, as the
+            server's 422: exit 1).
+    """
     if raw.startswith("@"):
         try:
             raw = Path(raw[1:]).read_text(encoding="utf-8")
@@ -129,7 +151,9 @@ def coerce(name: str, raw: str, schema: dict[str, Any]) -> Any:
     try:
         return json.loads(raw)
     except ValueError:
-        raise click.BadParameter(f"{name}: expected {kind} (as JSON), got {raw!r}") from None
+        raise CliError(
+            f"invalid parameter {name}: expected {kind} (as JSON), got {raw!r}"
+        ) from None
 
 
 def param_values(items: tuple[str, ...], schema: dict[str, Any]) -> dict[str, Any]:
@@ -157,12 +181,14 @@ url_option = click.option(
 def client_for(url: str | None, config_path: str | None) -> Iterator[Client]:
     """A client for the server, sending the key in ORCHESTRA_API_KEY if set; an error answer
     or a connection failure becomes one clear message."""
-    from orchestra.client import ApiError, Client, ConnectionFailed
+    from orchestra.client import ApiError, Client, ConnectionFailed, InvalidApiKey
 
     base = base_url(url, config_path)
     try:
         with Client(base, timeout=90) as client:
             yield client
+    except InvalidApiKey as exc:
+        raise KeyRefused(str(exc)) from None
     except ConnectionFailed as exc:
         raise ServerUnreachable(f"cannot reach the server at {base}: {exc.reason}") from None
     except ApiError as exc:

@@ -66,7 +66,7 @@ async def test_serve_upgrades_the_database_and_loads_the_templates_once(
         await asyncio.wait_for(proc.wait(), timeout=30)
 
 
-async def _serve_fails(config: Path) -> str:
+async def _serve_fails(config: Path, **env: str) -> str:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -76,13 +76,24 @@ async def _serve_fails(config: Path) -> str:
         str(config),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
-        env=os.environ.copy(),
+        env={**os.environ, **env},
     )
     _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
     assert proc.returncode == 1, err.decode()
     text = err.decode()
     assert "Traceback" not in text
     return text
+
+
+async def test_serve_with_a_proxy_it_cannot_use_fails_in_one_clean_message(
+    tmp_path: Path, db_url: str
+) -> None:
+    """As any setting that cannot work: exit 1 and one line (it was a traceback, exit 3)."""
+    config = tmp_path / "o.toml"
+    config.write_text(f'[server]\nport = {free_port()}\n[database]\nurl = "{db_url}"\n')
+    err = await _serve_fails(config, ALL_PROXY="ftp://user:pw@proxy.example:21")
+    assert "Error: the proxy ftp://***@proxy.example:21 named in the environment" in err, err
+    assert "pw@" not in err
 
 
 async def test_serve_with_an_invalid_template_fails_in_one_clean_message(

@@ -30,13 +30,38 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_shipped_orchestra_toml_lists_every_setting_with_its_default() -> None:
     shipped = REPO / "orchestra.toml"
     assert load(shipped, env={}) == Settings()
-    data = tomllib.loads(shipped.read_text())
+    text = shipped.read_text()
+    data = tomllib.loads(text)
     for section in msgspec.structs.fields(Settings):
+        if section.name == "schedules":
+            # None by default, and a `schedules = []` line would forbid the [[schedules]]
+            # tables appended to the file: shown as a comment (see the next test).
+            assert "#   [[schedules]]" in text and "schedules" not in data
+            continue
         assert section.name in data, f"[{section.name}] missing from orchestra.toml"
         if not isinstance(section.type, type) or not issubclass(section.type, msgspec.Struct):
             continue  # a table of named entries, e.g. [models."NAME"]; checked below
         for key in msgspec.structs.fields(section.type):
             assert key.name in data[section.name], f"{section.name}.{key.name} missing"
+
+
+def test_the_schedule_example_of_the_docs_appended_to_the_shipped_file_loads(
+    tmp_path: Path,
+) -> None:
+    """orchestra.toml says to append schedules at its end; docs/schedules.md shows one."""
+    docs = (REPO / "docs" / "schedules.md").read_text()
+    example = docs.split("## In orchestra.toml", 1)[1].split("```toml\n", 1)[1].split("```")[0]
+    assert example.startswith("[[schedules]]")
+    file = tmp_path / "orchestra.toml"
+    file.write_text((REPO / "orchestra.toml").read_text() + "\n" + example)
+    settings = load(file, env={})
+    [schedule] = settings.schedules
+    assert (schedule.name, schedule.template, schedule.cron) == (
+        "nightly-digest",
+        "summarize",
+        "30 2 * * *",
+    )
+    assert settings.webhooks == Settings().webhooks  # the last table is still whole
 
 
 def test_shipped_orchestra_toml_shows_every_provider_and_model_setting() -> None:

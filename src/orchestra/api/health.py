@@ -17,7 +17,7 @@ import asyncio
 import time
 import weakref
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from litestar import Request, Response, get, head
 from litestar.di import NamedDependency
@@ -152,6 +152,13 @@ async def health(
     scope (as every other GET needs); without it (no key, or a wrong one, once keys exist)
     the answer is ``status`` and ``database`` alone, and ``?check=now`` is not honoured.
     """
+    return await _answer(request, check, probe)
+
+
+async def _answer(
+    request: Request[Any, Any, Any], check: CheckNow, probe: Probe
+) -> Response[HealthOut]:
+    """GET /health's answer (HEAD's too, whose body the server leaves out)."""
     # The runtime read from the scope, not as a dependency: resolving one took a quarter of
     # this handler's CPU, and load balancers ask many times a second.
     runtime: Runtime = runtime_of(request.scope)
@@ -175,12 +182,23 @@ async def health(
     return Response(body, status_code=_status_code(database, probe))
 
 
-@head(["/health", "/api/v1/health"], tags=["health"], summary="Health, headers only")
+@head(
+    ["/health", "/api/v1/health"],
+    tags=["health"],
+    summary="Health, headers only",
+    responses={
+        400: error(400),
+        503: ResponseSpec(None, description="The database does not answer"),
+    },
+)
 async def health_head(request: Request[Any, Any, Any], probe: Probe = None) -> Response[None]:
-    """The status code of ``GET /health`` without its body, for uptime monitors that ask
-    with HEAD: 200 while the database answers reads (or ``?probe=live``), else 503."""
-    database = await _database_check(runtime_of(request.scope)).state(now=False)
-    return Response(None, status_code=_status_code(database, probe))
+    """``GET /health``'s status code and headers (its ``Content-Length`` included) without
+    its body, for uptime monitors that ask with HEAD: 200 while the database answers reads
+    (or ``?probe=live``), else 503."""
+    # GET's answer itself: HTTP's HEAD sends GET's headers, and the server (uvicorn) leaves
+    # out the body of an answer to HEAD. Litestar wants a HEAD handler to say it has none.
+    answer: Any = await _answer(request, None, probe)
+    return cast("Response[None]", answer)
 
 
 def _status_code(database: DatabaseState, probe: Probe) -> int:

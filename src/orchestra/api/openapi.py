@@ -9,6 +9,9 @@ Litestar generates it from the handlers. Each handler declares its error answers
   are refused and drops lower bounds of 0 on optional numbers.
 * **The YAML bodies** of template registration and validation, which handlers read raw.
 * **Bearer authentication**, and which operations are open without a key.
+* **The ``Location`` header** of the answers that make something (201).
+* **What a 404 means** on each path (one description cannot say it for every resource),
+  and the ``ErrorBody`` of the 400 Litestar adds itself to operations that take parameters.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from litestar.openapi.spec import (
     Link,
     OpenAPI,
     OpenAPIFormat,
+    OpenAPIHeader,
     OpenAPIMediaType,
     OpenAPIResponse,
     OpenAPIType,
@@ -105,6 +109,29 @@ _LINKS: dict[tuple[str, str], dict[str, tuple[str, str, dict[str, str]]]] = {
 }
 
 
+#: What a 404 means, by the path's start (the longest that fits): the resource the path
+#: names, or one its body names.
+_NOT_FOUND = {
+    "/api/v1/tasks": "No such task; when submitting, no such template (or version).",
+    "/api/v1/templates": "No such template, or no such version of it.",
+    "/api/v1/schedules": "No such schedule; when creating or running one, no such template.",
+    "/api/v1/batches": "No such batch; when uploading one, no such template (or version).",
+    "/api/v1/webhooks": "No such subscription (or delivery of it); when subscribing or "
+    "changing one, no such template.",
+}
+#: Operations whose answers name what they made in ``Location`` (201; and an idempotent
+#: replay's or an unchanged template's 200, where there is one), and what it names.
+_LOCATION = {
+    ("/api/v1/tasks", "post"): "The new task: /api/v1/tasks/{id}.",
+    ("/api/v1/templates", "post"): "The version registered: "
+    "/api/v1/templates/{name}?version={version}.",
+    ("/api/v1/schedules", "post"): "The new schedule: /api/v1/schedules/{id}.",
+    ("/api/v1/schedules/{ref}/run", "post"): "The task submitted: /api/v1/tasks/{id}.",
+    ("/api/v1/batches", "post"): "The new batch: /api/v1/batches/{id}.",
+    ("/api/v1/webhooks", "post"): "The new subscription: /api/v1/webhooks/{id}.",
+}
+
+
 def error(status: int) -> ResponseSpec:
     """One error answer, with the ``ErrorBody`` schema."""
     return ResponseSpec(ErrorBody, description=_MEANING[status], generate_examples=False)
@@ -137,10 +164,51 @@ def refine(doc: OpenAPI) -> OpenAPI:
             for parameter in operation.parameters or []:
                 if isinstance(parameter, Parameter) and isinstance(parameter.schema, Schema):
                     parameter.schema = _not_null(parameter.schema)
+            _error_answers(path, operation)
         if path in _YAML_BODIES and isinstance(item.post, Operation):
             item.post.request_body = _yaml_body(_YAML_BODIES[path])
     _link(doc)
+    _locations(doc)
     return doc
+
+
+def _error_answers(path: str, operation: Operation) -> None:
+    """The 400 Litestar adds by itself (its own error object) as the ``ErrorBody`` the
+    service answers; the 404's meaning for ``path``."""
+    answers = operation.responses or {}
+    bad = answers.get("400")
+    if isinstance(bad, OpenAPIResponse) and not _is_error_body(bad):
+        answers["400"] = OpenAPIResponse(
+            description=_MEANING[400],
+            content={"application/json": OpenAPIMediaType(schema=_ERROR_BODY)},
+        )
+    missing = answers.get("404")
+    prefixes = [p for p in _NOT_FOUND if path == p or path.startswith(p + "/")]
+    if isinstance(missing, OpenAPIResponse) and prefixes:
+        missing.description = _NOT_FOUND[max(prefixes, key=len)]
+
+
+_ERROR_BODY = Reference(ref="#/components/schemas/ErrorBody")
+
+
+def _is_error_body(answer: OpenAPIResponse) -> bool:
+    media = (answer.content or {}).get("application/json")
+    return media is None or media.schema == _ERROR_BODY
+
+
+def _locations(doc: OpenAPI) -> None:
+    paths = doc.paths or {}
+    for (path, method), names in _LOCATION.items():
+        operation = getattr(paths[path], method)
+        for answer in (operation.responses.get(status) for status in ("200", "201")):
+            if not isinstance(answer, OpenAPIResponse):
+                continue
+            answer.headers = {
+                **(answer.headers or {}),
+                "Location": OpenAPIHeader(
+                    schema=Schema(type=OpenAPIType.STRING), description=names, required=True
+                ),
+            }
 
 
 def _request_schemas() -> dict[str, Schema]:

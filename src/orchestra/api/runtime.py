@@ -261,8 +261,11 @@ class Runtime:
             self._dashboard = DashboardStore(db)
             self._sessions = SessionStore(db)
             self._catalog = catalog
-            # One client for every model call; it honours the proxies named in the environment.
-            async with model_client(max(10, s.workers.concurrency * 2), self.env) as client:
+            # One client for every model call; it honours the proxies named in the environment
+            # (one it cannot use, as SOCKS without its extra, stops the start like a setting).
+            with self._startup_failure():
+                shared_client = model_client(max(10, s.workers.concurrency * 2), self.env)
+            async with shared_client as client:
                 signals = self._signals = TaskSignals()
                 # One reader of every task's events for every stream, however many follow.
                 feed = EventFeed(db, signals)

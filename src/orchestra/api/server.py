@@ -11,6 +11,12 @@ it opened, or after the first byte of its next request arrived.
 uvicorn parses HTTP with h11 (pure Python), or with httptools (C) when it is installed (the
 ``fast`` extra, with uvloop, which uvicorn picks up by itself); :func:`server_config` uses
 httptools when it can: a request costs the service less CPU (benchmarks/RESULTS.md).
+
+Neither bounds a request's headers as a whole: h11 refuses 16 KiB of headers only while they
+are incomplete (the same headers arriving in one read pass), httptools never. The protocols
+here answer 400 and close the connection when a request's headers (its target, and each header
+line's name and value) exceed :data:`MAX_HEAD_BYTES`, or when that much arrived and they are
+still incomplete.
 """
 
 from __future__ import annotations
@@ -32,6 +38,20 @@ from orchestra import logs
 from orchestra.config import ServerSettings
 
 log = logs.get("orchestra.http")
+
+#: The largest a request's headers may be, in bytes: its target, and each header line's name
+#: and value plus 4 (": " and the line's end). Larger ones are answered 400 (README, Security).
+MAX_HEAD_BYTES = 16 * 1024
+
+
+class HeadersTooLarge(Exception):
+    """A request's headers exceed :data:`MAX_HEAD_BYTES` (raised in a parser callback, which
+    the parser turns into its own error: uvicorn then answers 400 and closes)."""
+
+
+def head_line_bytes(name: bytes, value: bytes) -> int:
+    """What one header line counts toward :data:`MAX_HEAD_BYTES`."""
+    return len(name) + len(value) + 4
 
 
 class _HeaderDeadline:
@@ -76,8 +96,29 @@ class _HeaderDeadline:
             self.transport.close()
 
 
+class _BoundedConnection(h11.Connection):
+    """h11's connection, refusing a request whose headers exceed :data:`MAX_HEAD_BYTES`
+    (h11 bounds only the headers it is still waiting for, by its
+    ``max_incomplete_event_size``)."""
+
+    def next_event(self) -> Any:
+        event = super().next_event()
+        if isinstance(event, h11.Request):
+            size = len(event.target) + sum(head_line_bytes(n, v) for n, v in event.headers)
+            if size > MAX_HEAD_BYTES:
+                log.info("http.headers_too_large", bytes=size, limit=MAX_HEAD_BYTES)
+                # uvicorn answers the protocol error 400 ("Invalid HTTP request received.").
+                raise h11.RemoteProtocolError("request headers too large", 431)
+        return event
+
+
 class HeaderTimeoutProtocol(_HeaderDeadline, H11Protocol):
-    """uvicorn's HTTP/1.1 protocol on h11 with a deadline for each request's headers."""
+    """uvicorn's HTTP/1.1 protocol on h11 with a deadline for each request's headers, and
+    their size bounded."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.conn = _BoundedConnection(h11.SERVER, MAX_HEAD_BYTES)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -105,18 +146,44 @@ def httptools_protocol() -> type[asyncio.Protocol] | None:
         #: Whether a request's headers are incomplete: from the connection's start, and from
         #: the first byte of each request until its headers end (the parser's callbacks).
         _in_headers = True
+        #: The current request's headers parsed so far, as :data:`MAX_HEAD_BYTES` counts.
+        _head_bytes = 0
+        #: Bytes received in reads that began and ended within the current request's
+        #: headers (the parser keeps an unfinished header line until its end).
+        _pending_bytes = 0
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._start_header_timer()
 
         def data_received(self, data: bytes) -> None:
+            began_in_headers = self._in_headers
             super().data_received(data)
+            if began_in_headers and self._in_headers and not self.transport.is_closing():
+                self._pending_bytes += len(data)
+                if self._pending_bytes > MAX_HEAD_BYTES:
+                    log.info("http.headers_too_large", bytes=self._pending_bytes)
+                    self.send_400_response("Invalid HTTP request received.")
             self._headers_pending(self._in_headers)
+
+        def _count_head(self, size: int) -> None:
+            self._head_bytes += size
+            if self._head_bytes > MAX_HEAD_BYTES:
+                log.info("http.headers_too_large", bytes=self._head_bytes)
+                raise HeadersTooLarge  # uvicorn answers the parser's error 400
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._in_headers = True
+            self._head_bytes = self._pending_bytes = 0
+
+        def on_url(self, url: bytes) -> None:
+            self._count_head(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count_head(head_line_bytes(name, value))
+            super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
             self._in_headers = False

@@ -20,7 +20,7 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
-from orchestra.client.errors import ApiError, error_class
+from orchestra.client.errors import ApiError, InvalidApiKey, error_class
 from orchestra.client.sse import SseMessage as SseMessage
 from orchestra.client.sse import SseReader as SseReader
 from orchestra.client.sse import feed_event as feed_event
@@ -151,10 +151,20 @@ def base_url(url: str | None, env: Mapping[str, str] | None = None) -> str:
 
 
 def auth_headers(api_key: str | None, env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The Authorization header for ``api_key``, else ORCHESTRA_API_KEY (none without)."""
+    """The Authorization header for ``api_key``, else ORCHESTRA_API_KEY (none without).
+
+    Raises:
+        InvalidApiKey: the key is not printable ASCII (an HTTP header cannot carry it).
+    """
     env = os.environ if env is None else env
     key = api_key or env.get("ORCHESTRA_API_KEY")
-    return {"Authorization": f"Bearer {key}"} if key else {}
+    if not key:
+        return {}
+    bad = next((i for i, c in enumerate(key) if not "!" <= c <= "~"), None)
+    if bad is not None:
+        source = "the api_key argument" if api_key else "ORCHESTRA_API_KEY"
+        raise InvalidApiKey(source, bad + 1)
+    return {"Authorization": f"Bearer {key}"}
 
 
 # -- answers ---------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
     └── ClientError                 a call to an Orchestra service failed
         ├── ConnectionFailed        nothing answered (refused, unknown host, timed out)
         ├── ClientClosed            the client was closed before the call
+        ├── InvalidApiKey           the API key given cannot be sent (not printable ASCII)
         └── ApiError                the service answered 4xx or 5xx (status, code, message, fields)
             ├── BadRequest          400 invalid_request: a field has the wrong type or shape
             ├── AuthenticationFailed 401 unauthorized: no key, or not a valid one
@@ -44,6 +45,23 @@ class ClientClosed(ClientError):
     """The client was closed: make a new one (or use it in a with block)."""
 
     code = "client_closed"
+
+
+class InvalidApiKey(ClientError, ValueError):
+    """The API key given (or in ORCHESTRA_API_KEY) cannot be sent in an HTTP header: it is
+    not printable ASCII, as every Orchestra key (``orc_`` and letters, digits, ``-`` and
+    ``_``) is. Raised when the client is made; the key itself is never in the message."""
+
+    code = "invalid_api_key"
+
+    def __init__(self, source: str, position: int) -> None:
+        self.source = source
+        #: Where (1-based) the first character that is not printable ASCII is.
+        self.position = position
+        super().__init__(
+            f"invalid API key in {source}: not printable ASCII (character {position}); an "
+            "Orchestra key looks like orc_ followed by letters, digits, - and _"
+        )
 
 
 class ConnectionFailed(ClientError):

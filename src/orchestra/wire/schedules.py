@@ -29,9 +29,11 @@ class FireOut(msgspec.Struct, frozen=True):
         return cls(fire.fire_at, fire.outcome, fire.task_id, fire.task_status, fire.error)
 
 
-class ScheduleOut(msgspec.Struct, frozen=True):
+class ScheduleOut(msgspec.Struct, frozen=True, omit_defaults=True):
     """A schedule. ``next_fire_at`` is its next tick (null while paused); a single schedule's
-    answer also has its next ticks and its latest ticks with their tasks, newest first."""
+    answer also has its next ticks and its latest ticks with their tasks, newest first
+    (``next_fire_times`` and ``last_tasks``: left out of the other answers, which do not
+    compute them)."""
 
     id: int
     name: str

@@ -103,10 +103,10 @@ class StepOut(msgspec.Struct, frozen=True):
             error=_error(step.error),
             provider=step.model.partition("/")[0] if step.model else None,
             model=step.model,
-            usage=step.usage,
+            usage=_usage(step.usage),
             started_at=step.started_at,
             finished_at=step.finished_at,
-            duration_ms=step.duration_ms,
+            duration_ms=rounded_ms(step.duration_ms),
             prompt=None
             if step.prompt is None
             else [MessageOut(m["role"], m["content"]) for m in step.prompt],
@@ -135,6 +135,30 @@ class AttemptOut(msgspec.Struct, frozen=True):
             finished_at=attempt.finished_at,
             error=_error(attempt.error),
         )
+
+
+#: Decimals a duration in milliseconds keeps on the wire: whole microseconds, the precision
+#: of the times it is measured between (without it, a difference of two clock readings
+#: shows as 304.76599999999996).
+MS_DECIMALS = 3
+
+
+def rounded_ms(value: float | None) -> float | None:
+    """A duration in milliseconds, to the microsecond."""
+    return None if value is None else round(value, MS_DECIMALS)
+
+
+def _usage(usage: Usage | None) -> Usage | None:
+    """``usage`` with its durations to the microsecond (a task's is a sum of its steps')."""
+    if usage is None:
+        return None
+    return msgspec.structs.replace(
+        usage,
+        total_ms=rounded_ms(usage.total_ms),
+        load_ms=rounded_ms(usage.load_ms),
+        prompt_ms=rounded_ms(usage.prompt_ms),
+        generation_ms=rounded_ms(usage.generation_ms),
+    )
 
 
 def _error(error: TaskError | None) -> ErrorOut | None:
@@ -189,7 +213,7 @@ class TaskOut(msgspec.Struct, frozen=True):
             result=task.result,
             error=_error(task.error),
             steps=[StepOut.of(s) for s in task.steps],
-            usage=total_usage(s.usage for s in task.steps),
+            usage=_usage(total_usage(s.usage for s in task.steps)),
             attempts=[AttemptOut.of(a) for a in task.history],
             max_attempts=task.max_attempts,
             timeout=task.timeout_seconds,
@@ -239,7 +263,7 @@ class TaskSummaryOut(msgspec.Struct, frozen=True):
             created_at=task.created_at,
             started_at=task.started_at,
             finished_at=task.finished_at,
-            duration_ms=task.duration_ms,
+            duration_ms=rounded_ms(task.duration_ms),
             next_run_at=due_at(task.status, task.run_at),
         )
 

@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from orchestra.wire.schemas import rounded_ms
+
 if TYPE_CHECKING:  # the service's types, for the constructors only
-    from orchestra.webhooks import Delivery, Webhook
+    from orchestra.webhooks import Delivery, DeliveryAttempt, Webhook
 
 
 def message_id(delivery_id: int, created_at: str) -> str:
@@ -84,6 +86,12 @@ class AttemptOut(msgspec.Struct, frozen=True):
     response: str | None
     error: str | None
 
+    @classmethod
+    def of(cls, attempt: DeliveryAttempt) -> AttemptOut:
+        """From a stored attempt, its latency to the microsecond."""
+        fields = msgspec.structs.asdict(attempt)
+        return cls(**{**fields, "latency_ms": rounded_ms(attempt.latency_ms)})
+
 
 class DeliveryOut(msgspec.Struct, frozen=True):
     """One event sent (or to be sent) to a subscription, and every attempt at it."""
@@ -111,7 +119,7 @@ class DeliveryOut(msgspec.Struct, frozen=True):
             task_id=d.task_id,
             event_seq=d.event_seq,
             status=d.status.value,
-            attempts=[AttemptOut(**msgspec.structs.asdict(a)) for a in d.history],
+            attempts=[AttemptOut.of(a) for a in d.history],
             next_attempt_at=d.next_attempt_at,
             created_at=d.created_at,
             finished_at=d.finished_at,
