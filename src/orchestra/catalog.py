@@ -180,12 +180,17 @@ class TemplateCatalog:
     async def follow(self, interval: float = REFRESH_SECONDS) -> None:
         """:meth:`refresh` every ``interval`` seconds, until cancelled (a failed read is
         logged and tried again next time)."""
+        # Said once per outage (a read fails every second while the database is away) and
+        # once when it works again.
+        outage = logs.Outage(log, "templates.refresh_failed", every=float("inf"))
         while True:
             await asyncio.sleep(interval)
             try:
                 await self.refresh()
             except StorageError as exc:
-                log.warning("templates.refresh_failed", error=exc.message)
+                outage.failed(exc)
+                continue
+            outage.succeeded()
 
     def _stored(
         self, kind: str, name: str, version: int, body: str, source: str

@@ -21,7 +21,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, MutableMapping
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -150,6 +150,12 @@ def setup(settings: LoggingSettings, stream: Any = None) -> None:
 def get(name: str | None = None) -> Any:
     """A structlog logger; bind task_id and template on it for task events."""
     return structlog.get_logger(name)
+
+
+def by_outcome(logger: Any, failed: bool) -> Callable[..., Any]:
+    """How an end is logged: as a warning when it is a failure (a task that failed, a
+    delivery given up), else as info."""
+    return cast("Callable[..., Any]", logger.warning if failed else logger.info)
 
 
 class Outage:

@@ -21,13 +21,14 @@ and histograms of a process that died keep counting towards the totals; its work
 gauges are dropped (:func:`process_exited`). One process needs none of this.
 
 Label values are bounded: no task ids; templates, models and schedules beyond
-:data:`MAX_LABEL_VALUES` distinct values in a process are reported as ``other`` (a task may
-name any model).
+:data:`MAX_LABEL_VALUES` distinct values are reported as ``other`` (a task may name any
+model): per host, shared by its processes through the directory (:class:`_Bounded`).
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -61,7 +62,8 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 #: Where prometheus-client's multiprocess mode keeps the processes' files.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-#: Distinct values one label takes in a process before further ones are reported as ``other``.
+#: Distinct values one label takes (on a host: every process of one supervisor together, its
+#: restarted ones too) before further ones are reported as ``other``.
 MAX_LABEL_VALUES = 200
 OTHER = "other"
 
@@ -107,15 +109,16 @@ TASK_DURATION = Histogram(
 STEP_DURATION = Histogram(
     "orchestra_step_duration_seconds",
     "Seconds one step ran, by kind, the provider and model that answered it (empty for steps "
-    "without a model call; for a failed step, those it asked last, provider none if none) and "
-    "its status.",
+    "without a model call; for a failed or interrupted step, those it asked last, provider none "
+    "if none) and its status: succeeded, failed, or interrupted (cut short by the task's "
+    "timeout, a cancel or the service stopping).",
     ["kind", "provider", "model", "status"],
     buckets=_RUN_BUCKETS,
 )
 MODEL_CALL = Histogram(
     "orchestra_model_call_duration_seconds",
     "Seconds one model call took (chat or embedding, a streamed answer to its end), failed "
-    "calls included.",
+    "calls and calls cut short (a timeout, a cancel) included.",
     ["provider", "model"],
     buckets=_CALL_BUCKETS,
 )
@@ -198,24 +201,58 @@ for _result in ("hit", "miss"):
 
 
 class _Bounded:
-    """A label's values as they are until :data:`MAX_LABEL_VALUES` are known, then ``other``."""
+    """A label's values as they are until :data:`MAX_LABEL_VALUES` are known, then ``other``.
 
-    def __init__(self, limit: int = MAX_LABEL_VALUES) -> None:
+    With several processes the values are counted for the whole host: each one a process
+    lets through is written, under a lock, to a file of the shared directory
+    (``labels_<name>.jsonl``, one JSON string a line), which every process of the host, a
+    restarted one too, reads before it lets a value of its own through. A process reads it
+    only for a value it has not seen: at most ``limit`` times, then never again once the
+    file is full.
+    """
+
+    def __init__(self, name: str, limit: int = MAX_LABEL_VALUES) -> None:
+        self.name = name
         self.limit = limit
         self.seen: set[str] = set()
+        #: Every value the host may report is known: any other is ``other``.
+        self.full = False
 
     def __call__(self, value: str) -> str:
         if value in self.seen:
             return value
+        if self.full:
+            return OTHER
+        folder = os.environ.get(MULTIPROC_ENV) if multiprocess() else None
+        if folder:
+            try:
+                return self._shared(Path(folder) / f"labels_{self.name}.jsonl", value)
+            except OSError:  # the directory is gone (the supervisor stopping): as one process
+                pass
         if len(self.seen) >= self.limit:
+            self.full = True
             return OTHER
         self.seen.add(value)
         return value
 
+    def _shared(self, path: Path, value: str) -> str:
+        """``value`` or ``other``, as the host's shared file of this label has room."""
+        with path.open("a+", encoding="utf-8") as file:
+            fcntl.flock(file, fcntl.LOCK_EX)  # released when the file is closed
+            file.seek(0)
+            known = {json.loads(line) for line in file.read().splitlines() if line}
+            if value not in known and len(known) < self.limit:
+                file.write(json.dumps(value) + "\n")
+                file.flush()
+                known.add(value)
+        self.seen |= known
+        self.full = len(known) >= self.limit
+        return value if value in known else OTHER
 
-_template = _Bounded()
-_model = _Bounded()
-_schedule = _Bounded()
+
+_template = _Bounded("template")
+_model = _Bounded("model")
+_schedule = _Bounded("schedule")
 
 _Labelled = TypeVar("_Labelled", Counter, Histogram)
 #: Each series' child per label values, found once: prometheus-client's ``labels()`` checks
@@ -294,6 +331,28 @@ def step_finished(kind: str, step: Step, asked: str | None = None) -> None:
     _child(
         STEP_DURATION, kind, provider, _model(model) if model else "", step.status.value
     ).observe(step.duration_ms / 1000)
+
+
+#: The status a step cut short from outside is timed under (the task's timeout, a cancel, the
+#: service stopping), beside a step's own ``succeeded`` and ``failed``.
+INTERRUPTED = "interrupted"
+
+
+def step_interrupted(kind: str, seconds: float, asked: str | None) -> None:
+    """A step was cut short from outside after ``seconds``: timed under the entry
+    (``provider/model``) it ``asked`` last, else :data:`NO_PROVIDER`, and status
+    :data:`INTERRUPTED`."""
+    provider, _, model = (asked or f"{NO_PROVIDER}/").partition("/")
+    _child(STEP_DURATION, kind, provider, _model(model) if model else "", INTERRUPTED).observe(
+        seconds
+    )
+
+
+def model_interrupted(route: str, seconds: float) -> None:
+    """A model call to ``route`` (``provider/model``) was cut short from outside after
+    ``seconds`` (no provider error: it was not the provider's failure)."""
+    provider, _, model = route.partition("/")
+    _child(MODEL_CALL, provider, _model(model)).observe(seconds)
 
 
 def model_called(provider: str, model: str, seconds: float, usage: Usage | None) -> None:
@@ -393,16 +452,26 @@ class _ReadNow:
     provider availability."""
 
     def __init__(
-        self, counts: Mapping[str, int] | None, providers: Iterable[tuple[str, str, bool]]
+        self,
+        counts: Mapping[str, int] | None,
+        providers: Iterable[tuple[str, str, bool]],
+        writable: bool,
     ) -> None:
         self.counts = counts
         self.providers = list(providers)
+        self.writable = writable
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
             "orchestra_database_up",
             "1 when this scrape read the database, 0 when it could not (an outage).",
             value=0.0 if self.counts is None else 1.0,
+        )
+        yield GaugeMetricFamily(
+            "orchestra_database_writable",
+            "1 while this process's writes to the database succeed, 0 since one was refused "
+            "(a held lock, a full disk, a read-only database) until one succeeds again.",
+            value=1.0 if self.writable else 0.0,
         )
         if self.counts is not None:
             tasks = GaugeMetricFamily(
@@ -463,17 +532,20 @@ def host_slots() -> HostSlots | None:
 
 
 def exposition(
-    counts: Mapping[str, int] | None, providers: Iterable[tuple[str, str, bool]]
+    counts: Mapping[str, int] | None,
+    providers: Iterable[tuple[str, str, bool]],
+    writable: bool = True,
 ) -> bytes:
     """Every series in Prometheus's text format: the recorded ones (of every process, in
     multiprocess mode; of this one, else) and those read now from ``counts`` (tasks by
-    status; None leaves them out) and ``providers`` (name, kind, available)."""
+    status; None leaves them out), ``providers`` (name, kind, available) and ``writable``
+    (whether the database's writes succeed, as /health tells)."""
     registry = CollectorRegistry(auto_describe=False)
     if multiprocess():
         _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     else:
         registry.register(_Recorded())
-    registry.register(_ReadNow(counts, providers))
+    registry.register(_ReadNow(counts, providers, writable))
     return generate_latest(registry)
 
 

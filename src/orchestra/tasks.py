@@ -13,7 +13,7 @@ from typing import Protocol
 
 import msgspec
 
-from orchestra import metrics
+from orchestra import logs, metrics
 from orchestra.config import LimitSettings
 from orchestra.db.events import TERMINAL_EVENT, TaskEvent
 from orchestra.db.feed import FeedEvent, FeedFilter
@@ -45,6 +45,8 @@ from orchestra.templating.registry import TemplateRegistry
 from orchestra.webhooks import WebhookService
 from orchestra.wire.tasks import Priority as Priority
 from orchestra.wire.tasks import SubmitTask as SubmitTask
+
+log = logs.get("orchestra.tasks")
 
 #: Ids are SQLite INTEGERs (64-bit signed); larger numbers cannot name a task.
 MAX_ID = 2**63 - 1
@@ -467,6 +469,7 @@ class TaskService:
             raise TaskNotFound(f"no task with id {task_id}")
         if status is TaskStatus.CANCELLED:
             metrics.task_finished(before.template, status.value)  # it never ran
+            log.info("task.cancelled", task_id=task_id, template=before.template, was="queued")
             return await self._get(task_id)
         if status is TaskStatus.RUNNING:
             self.scheduler.cancel(task_id)

@@ -429,7 +429,7 @@ class WorkerPool:
             ):
                 seconds = time.perf_counter() - running.clock
                 metrics.task_finished(task.template, status.value, seconds)
-                tlog.info(
+                logs.by_outcome(tlog, status is TaskStatus.FAILED)(
                     "task.finished",
                     status=status.value,
                     duration_ms=round(seconds * 1000, 1),

@@ -15,6 +15,7 @@ from orchestra.db import Database
 from orchestra.db.batches import Tally, settle
 from tests.conftest import Service, rows_by_status, sql_rows
 from tests.fixtures.fake_ollama import FakeOllama
+from tests.fixtures.servers import wait_until
 from tests.integration.test_batches import batch_settings as batch_settings
 from tests.integration.test_batches import finished, rows_read, upload
 from tests.integration.test_batches import idle as idle
@@ -95,3 +96,65 @@ async def test_a_count_made_before_a_retry_is_not_kept_after_it(idle: Service, d
     assert kept(db_url, batch_id) == (None, revision + 1)
     progress = (await idle.client.get(f"/api/v1/batches/{batch_id}")).json()
     assert progress["counts"] == rows_by_status(queued=2)
+
+
+async def rows_done(db_url: str, batch_id: int) -> None:
+    """Wait until no row of the batch is queued or running, without reading the batch through
+    the API (which would keep its tally)."""
+
+    def done() -> bool:
+        [(active,)] = sql_rows(
+            db_url,
+            "SELECT count(*) FROM batch_rows JOIN tasks ON tasks.id = batch_rows.task_id "
+            "WHERE batch_rows.batch_id = ? AND tasks.status IN ('queued', 'running')",
+            (batch_id,),
+        )
+        return int(active) == 0
+
+    await wait_until(done, timeout=30, interval=0.05)
+
+
+def finished_long_ago(db_url: str, batch_id: int) -> None:
+    """Date the batch's finished tasks back past any retention's cutoff."""
+    sql_rows(
+        db_url,
+        "UPDATE tasks SET finished_at = '2000-01-01T00:00:00.000000Z' WHERE finished_at IS NOT "
+        "NULL AND id IN (SELECT task_id FROM batch_rows WHERE batch_id = ?)",
+        (batch_id,),
+    )
+
+
+async def test_retention_keeps_the_counts_of_a_finished_batch_nobody_read(
+    svc: Service, db_url: str
+) -> None:
+    """Retention deleted an unread finished batch's tasks, and its counts with them:
+    ``succeeded: 0, deleted: 3, finished: 0, progress: 1.0``. Now its tally is kept first."""
+    batch_id = (await upload(svc, b"text\nfine\nFAIL one\nalso fine\n"))["batch"]["id"]
+    await rows_done(db_url, batch_id)
+    assert kept(db_url, batch_id)[0] is None  # nobody read it
+    finished_long_ago(db_url, batch_id)
+    assert await svc.app.runtime.pool.apply_retention() == 3
+    assert sql_rows(db_url, "SELECT count(*) FROM tasks") == [(0,)]
+    tally, _ = kept(db_url, batch_id)
+    assert tally is not None and tally["counts"] == {"succeeded": 2, "failed": 1}
+    progress = (await svc.client.get(f"/api/v1/batches/{batch_id}")).json()
+    assert progress["counts"] == rows_by_status(succeeded=2, failed=1)
+    assert (progress["finished"], progress["progress"]) == (3, 1.0)
+
+
+async def test_retention_leaves_an_unfinished_batch_to_count_its_deleted_rows(
+    idle: Service, db_url: str
+) -> None:
+    """A batch with rows still queued keeps no tally (it is not finished): the finished task
+    retention deleted counts as ``deleted``, and the rest as they are."""
+    batch_id = (await upload(idle, b"text\none\ntwo\nthree\n"))["batch"]["id"]
+    [(first,)] = sql_rows(
+        db_url, "SELECT task_id FROM batch_rows WHERE batch_id = ? AND row_no = 1", (batch_id,)
+    )
+    assert (await idle.client.post(f"/api/v1/tasks/{first}/cancel")).status_code == 200
+    finished_long_ago(db_url, batch_id)
+    assert await idle.app.runtime.pool.apply_retention() == 1
+    assert kept(db_url, batch_id)[0] is None
+    progress = (await idle.client.get(f"/api/v1/batches/{batch_id}")).json()
+    assert progress["counts"] == rows_by_status(queued=2, deleted=1)
+    assert kept(db_url, batch_id)[0] is None  # still not finished: nothing kept

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -243,12 +244,15 @@ async def test_series_change_as_tasks_run_and_every_dashboard_query_resolves(
     assert delta("orchestra_task_duration_seconds_count", **t, status="succeeded") == 3
     assert delta("orchestra_task_duration_seconds_count", **t, status="failed") == 1
     assert delta("orchestra_task_duration_seconds_sum", **t, status="succeeded") > 0
-    assert delta("orchestra_step_duration_seconds_count", kind="llm", **call) == 5
+    assert delta("orchestra_step_duration_seconds_count", kind="llm", **call) == 6
     assert delta("orchestra_step_duration_seconds_count", kind="llm", status="succeeded") == 3
-    # Failed steps are timed under the provider and model they asked last.
+    # Failed steps are timed under the provider and model they asked last; so is the step the
+    # cancel cut short.
     assert delta("orchestra_step_duration_seconds_count", kind="llm", status="failed", **call) == 2
-    # Model calls: 3 answered, 2 failed (the cancelled one never answered).
-    assert delta("orchestra_model_call_duration_seconds_count", **call) == 5
+    interrupted = {"kind": "llm", "status": "interrupted", **call}
+    assert delta("orchestra_step_duration_seconds_count", **interrupted) == 1
+    # Model calls: 3 answered, 2 failed, and the one the cancel cut short (never answered).
+    assert delta("orchestra_model_call_duration_seconds_count", **call) == 6
     assert delta("orchestra_model_tokens_total", **call, direction="in") == tokens_in
     assert delta("orchestra_model_tokens_total", **call, direction="out") == tokens_out
     assert delta("orchestra_provider_errors_total", provider="ollama") == 2
@@ -465,3 +469,185 @@ async def test_a_running_task_cancelled_is_timed_as_cancelled(
     cancelled = {"template": "summarize", "status": "cancelled"}
     assert found(count, **cancelled) - before(count, **cancelled) == 1
     assert found(total, **cancelled) > before(total, **cancelled)
+
+
+async def test_a_task_timeout_and_a_cancel_are_timed_as_model_calls_and_steps(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    """A model call cut short by the task's timeout or by a cancel recorded nothing in the
+    latency histograms: it is timed now (the step under status ``interrupted``)."""
+    calls = "orchestra_model_call_duration_seconds_count"
+    calls_sum = "orchestra_model_call_duration_seconds_sum"
+    steps = "orchestra_step_duration_seconds_count"
+    model = {"model": "llama3.2"}
+    cut = {"status": "interrupted", "kind": "llm", **model}
+
+    before = await scrape(service.client)  # the series are the test process's, shared
+    fake_ollama.latency = 3
+    response = await service.client.post(
+        "/api/v1/tasks",
+        json={"template": "summarize", "params": TEXT, "timeout": 1, "max_attempts": 1},
+    )
+    assert response.status_code == 201, response.text
+    timed_out = await service.wait(response.json()["id"], 15)
+    assert (timed_out["status"], timed_out["error"]["type"]) == ("failed", "timeout")
+    after_timeout = await scrape(service.client)
+    assert after_timeout(calls, **model) - before(calls, **model) == 1
+    assert after_timeout(calls_sum, **model) - before(calls_sum, **model) >= 0.9
+    assert after_timeout(steps, **cut) - before(steps, **cut) == 1
+
+    fake_ollama.latency = 0
+    fake_ollama.close_gate("llama3.2")
+    task = await service.submit("summarize", text="held")
+    await wait_until(lambda: fake_ollama.held("llama3.2") == 1, timeout=15)
+    answer = await service.client.post(f"/api/v1/tasks/{task['id']}/cancel")
+    assert answer.status_code == 200, answer.text
+    assert (await service.wait(task["id"]))["status"] == "cancelled"
+    after_cancel = await scrape(service.client)
+    assert after_cancel(calls, **model) - after_timeout(calls, **model) == 1
+    assert after_cancel(steps, **cut) - after_timeout(steps, **cut) == 1
+
+
+@pytest.mark.sqlite_only
+async def test_a_database_that_refuses_writes_is_scraped_as_not_writable(
+    settings: Settings, start_service: StartService, db_url: str
+) -> None:
+    """With SQLite's write lock held, submits got 503 and /health said degraded, while every
+    series said the database was fine (``orchestra_database_up`` 1: reads answer)."""
+    quick = msgspec.structs.replace(
+        settings, database=msgspec.structs.replace(settings.database, busy_timeout_ms=300)
+    )
+    async with start_service(quick) as svc:
+        before = await scrape(svc.client)
+        assert before("orchestra_database_writable") == 1
+        shell = sqlite3.connect(db_url.split("///", 1)[1], isolation_level=None)
+        try:
+            shell.execute("BEGIN IMMEDIATE")  # as a person in the sqlite3 shell would
+            locked = await svc.client.post(
+                "/api/v1/tasks", json={"template": "summarize", "params": TEXT}
+            )
+            assert locked.status_code == 503, locked.text
+            during = await scrape(svc.client)
+        finally:
+            shell.execute("ROLLBACK")
+            shell.close()
+        assert during("orchestra_database_up") == 1  # reads answer
+        assert during("orchestra_database_writable") == 0
+        accepted = await svc.submit("summarize", **TEXT)
+        assert (await svc.wait(accepted["id"]))["status"] == "succeeded"
+        assert (await scrape(svc.client))("orchestra_database_writable") == 1
+
+
+async def test_the_label_bound_holds_for_the_host_across_processes_and_restarts(
+    fake_ollama: FakeOllama, tmp_path: Path, db_url: str
+) -> None:
+    """The 200 values a label may take were counted per process, and a restarted process got
+    a fresh 200: a scrape of two processes reported up to 200 x (processes + restarts)
+    models. Tasks naming 300 models (unknown to the model server: each fails at once), over
+    two processes one of which is killed and restarted halfway, show 200 at most."""
+    port, config = free_port(), tmp_path / "labels.toml"
+    write_config(config, port=port, db=db_url, ollama_url=fake_ollama.url, concurrency=4)
+    async with serving(config, port, "--processes", "2") as served:
+
+        async def both_serve() -> bool:
+            try:
+                async with httpx.AsyncClient(base_url=served.url, timeout=5) as fresh:
+                    return (await scrape(fresh))("orchestra_worker_slots") == 8
+            except httpx.HTTPError:
+                return False
+
+        async def run(models: range) -> None:
+            ids = []
+            for n in models:
+                async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
+                    response = await client.post(
+                        "/api/v1/tasks",
+                        json={
+                            "template": "summarize",
+                            "params": TEXT,
+                            "model": f"model-{n}",
+                            "max_attempts": 1,
+                        },
+                    )
+                    assert response.status_code == 201, response.text
+                    ids.append(response.json()["id"])
+            async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
+                for task_id in ids:
+                    answer = await client.get(f"/api/v1/tasks/{task_id}", params={"wait": 20})
+                    assert answer.json()["status"] == "failed"
+
+        await wait_until(both_serve, timeout=60, interval=0.1)
+        await run(range(150))
+        victim = served.services()[0]
+        os.kill(victim, signal.SIGKILL)
+        await wait_until(
+            lambda: len(served.services()) == 2 and victim not in served.services(), timeout=30
+        )
+        await wait_until(both_serve, timeout=60, interval=0.1)
+        await run(range(150, 300))
+
+        async def all_counted() -> bool:
+            async with httpx.AsyncClient(base_url=served.url, timeout=30) as fresh:
+                found = await scrape(fresh)
+            return found("orchestra_model_call_duration_seconds_count") == 300
+
+        await wait_until(all_counted, timeout=15, interval=0.05)
+        async with httpx.AsyncClient(base_url=served.url, timeout=30) as fresh:
+            found = await scrape(fresh)
+    for series in (
+        "orchestra_model_call_duration_seconds_count",
+        "orchestra_step_duration_seconds_count",
+    ):
+        models = {
+            dict(labels)["model"]
+            for (name, labels), value in found.samples.items()
+            if name == series and value > 0
+        }
+        assert len(models - {"other"}) == 200, (series, len(models))
+        assert "other" in models
+
+
+def pg_system(db_url: str, sql: str) -> None:
+    """``sql`` outside a transaction (``ALTER SYSTEM``), then the server's settings reloaded:
+    every session's next transaction sees them."""
+    import psycopg
+
+    from orchestra.db.postgres_engine import conninfo
+
+    with psycopg.connect(conninfo(db_url), autocommit=True) as pg:
+        pg.execute(sql)  # type: ignore[arg-type]
+        pg.execute("SELECT pg_reload_conf()")
+
+
+@pytest.mark.skipif(not ON_POSTGRESQL, reason="makes the database server read-only")
+async def test_a_read_only_postgresql_is_scraped_as_not_writable(
+    settings: Settings, start_service: StartService, db_url: str
+) -> None:
+    """PostgreSQL turned read-only (a standby promoted the other way, a disk-full guard): reads
+    answer, every write is refused."""
+    async with start_service(settings) as svc:
+        assert (await scrape(svc.client))("orchestra_database_writable") == 1
+        pg_system(db_url, "ALTER SYSTEM SET default_transaction_read_only = on")
+        try:
+
+            async def refused() -> bool:
+                answer = await svc.client.post(
+                    "/api/v1/tasks", json={"template": "summarize", "params": TEXT}
+                )
+                return answer.status_code == 503
+
+            await wait_until(refused, timeout=10, interval=0.1)
+            during = await scrape(svc.client)
+        finally:
+            pg_system(db_url, "ALTER SYSTEM RESET default_transaction_read_only")
+        assert during("orchestra_database_up") == 1
+        assert during("orchestra_database_writable") == 0
+
+        async def accepted() -> bool:
+            answer = await svc.client.post(
+                "/api/v1/tasks", json={"template": "summarize", "params": TEXT}
+            )
+            return answer.status_code == 201
+
+        await wait_until(accepted, timeout=10, interval=0.1)
+        assert (await scrape(svc.client))("orchestra_database_writable") == 1

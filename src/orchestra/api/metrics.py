@@ -32,8 +32,9 @@ def open_paths(settings: Settings) -> tuple[str, ...]:
 @get(PATH, cache=False, include_in_schema=False)
 async def scrape(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Every series: those this service recorded (every process's, with several) and those
-    read now: tasks by status from the database's counters, providers as last checked. While
-    the database does not answer, the tasks gauge is left out and the rest is served."""
+    read now: tasks by status from the database's counters, whether its writes succeed,
+    providers as last checked. While the database does not answer, the tasks gauge is left
+    out and the rest is served."""
     runtime: Runtime = runtime_of(request.scope)
     counts: dict[str, int] | None
     try:
@@ -42,7 +43,9 @@ async def scrape(request: Request[Any, Any, Any]) -> Response[bytes]:
         log.warning("metrics.counts_failed", error=exc.message)
         counts = None
     providers = [(s.name, s.kind, s.available) for s in runtime.router.states()]
-    body = metrics.exposition(counts, providers)
+    # The writes' outcome /health reports: a read answers while every write is refused.
+    writable = runtime.db.writes.failure is None
+    body = metrics.exposition(counts, providers, writable)
     if _accepts_gzip(request.headers.get("accept-encoding", "")):  # Prometheus asks for it
         packed = gzip.compress(body, compresslevel=6)
         headers = {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"}

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
-from sqlalchemy import Connection, and_, func, or_, select, update
+from sqlalchemy import Connection, Select, and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from orchestra import logs
@@ -281,6 +281,47 @@ def settle(conn: Connection, found: Sequence[tuple[int, int, Tally]]) -> None:
         )
 
 
+def keep_before_deleting(conn: Connection, task_ids: Sequence[int]) -> int:
+    """Retention is about to delete ``task_ids``: keep the tally of each finished batch among
+    theirs that has none kept yet (counted here, with those tasks still in it), so that its
+    counts stay as they were when it finished. Returns how many batches it kept.
+
+    A batch not finished (a row still queued or running, or its upload still going on) is
+    left as it is: its deleted tasks count as ``deleted``, and its tally is kept once it
+    finishes. Which of them is finished is told by one short read each (its last rows first,
+    where the unfinished ones are), so only a batch that did finish is counted in full.
+    """
+    if not task_ids:
+        return 0
+    owners = select(batch_rows.c.batch_id).where(batch_rows.c.task_id.in_(list(task_ids)))
+    candidates = conn.execute(
+        select(batches.c.id, batches.c.revision).where(
+            batches.c.id.in_(owners), batches.c.tally.is_(None), batches.c.status == "loaded"
+        )
+    ).all()
+    done = [(int(r.id), int(r.revision)) for r in candidates if not _has_active(conn, int(r.id))]
+    if not done:
+        return 0
+    ids = [batch_id for batch_id, _ in done]
+    counted = _tallies(ids, conn.execute(_count_query(ids)).all())
+    found = [(i, rev, counted[i]) for i, rev in done if _finished(counted[i])]
+    settle(conn, found)
+    return len(found)
+
+
+def _has_active(conn: Connection, batch_id: int) -> bool:
+    """Whether a row of the batch has its task queued or running (walked from its last row:
+    rows run in order, so an unfinished batch has one near its end, as a rule)."""
+    query = (
+        select(batch_rows.c.row_no)
+        .select_from(batch_rows.join(tasks, tasks.c.id == batch_rows.c.task_id))
+        .where(batch_rows.c.batch_id == batch_id, tasks.c.status.in_(_ACTIVE))
+        .order_by(batch_rows.c.row_no.desc())
+        .limit(1)
+    )
+    return conn.execute(query).first() is not None
+
+
 # -- reads ------------------------------------------------------------------------------------
 
 
@@ -340,24 +381,9 @@ class BatchStore:
     @staticmethod
     async def _count(conn: AsyncConnection, batch_ids: list[int]) -> dict[int, Tally]:
         """The batches' tasks counted by status, with the first start and the last end."""
-        found: dict[int, list[Any]] = {batch_id: [] for batch_id in batch_ids}
-        if not found:
+        if not batch_ids:
             return {}
-        query = (
-            select(
-                batch_rows.c.batch_id,
-                tasks.c.status,
-                func.count(),
-                func.min(tasks.c.started_at),
-                func.max(tasks.c.finished_at),
-            )
-            .select_from(batch_rows.join(tasks, tasks.c.id == batch_rows.c.task_id))
-            .where(batch_rows.c.batch_id.in_(batch_ids))
-            .group_by(batch_rows.c.batch_id, tasks.c.status)
-        )
-        for row in (await conn.execute(query)).all():
-            found[int(row[0])].append(row)
-        return {batch_id: _tally(rows) for batch_id, rows in found.items()}
+        return _tallies(batch_ids, (await conn.execute(_count_query(batch_ids))).all())
 
     async def results_after(self, batch_id: int, after: int, limit: int) -> list[ResultRow]:
         """Up to ``limit`` rows after row ``after``, in row order, with their tasks' outcome."""
@@ -416,6 +442,32 @@ class BatchStore:
         async with self.db.read() as conn:
             rows = (await conn.execute(query)).all()
         return [(int(r[0]), int(r[1])) for r in rows]
+
+
+def _count_query(batch_ids: Sequence[int]) -> Select[Any]:
+    """The batches' tasks counted by status, with the first start and the last end: one
+    grouped read of their rows joined to their tasks."""
+    return (
+        select(
+            batch_rows.c.batch_id,
+            tasks.c.status,
+            func.count(),
+            func.min(tasks.c.started_at),
+            func.max(tasks.c.finished_at),
+        )
+        .select_from(batch_rows.join(tasks, tasks.c.id == batch_rows.c.task_id))
+        .where(batch_rows.c.batch_id.in_(list(batch_ids)))
+        .group_by(batch_rows.c.batch_id, tasks.c.status)
+    )
+
+
+def _tallies(batch_ids: Sequence[int], rows: Sequence[Any]) -> dict[int, Tally]:
+    """Each batch's tally from :func:`_count_query`'s rows (an empty one for a batch with
+    none)."""
+    found: dict[int, list[Any]] = {batch_id: [] for batch_id in batch_ids}
+    for row in rows:
+        found[int(row[0])].append(row)
+    return {batch_id: _tally(found_rows) for batch_id, found_rows in found.items()}
 
 
 def _tally(rows: Sequence[Any]) -> Tally:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, delete, select, text, tuple_
 
+from orchestra.db import batches
 from orchestra.db.portable import hinted
 from orchestra.db.tables import schedule_fires, tasks, webhook_deliveries
 from orchestra.domain import TERMINAL, TaskStatus
 
+_TERMINAL = [status.value for status in TaskStatus if status in TERMINAL]
 _FINISHED = ", ".join(f"'{status.value}'" for status in TaskStatus if status in TERMINAL)
 
 # The index is named: left to itself the planner takes ix_tasks_status_id for the status list
@@ -28,9 +30,21 @@ _OLDEST = {d: text(hinted(_OLDEST_SQL, d)) for d in ("sqlite", "postgresql")}
 
 def delete_finished_before(conn: Connection, cutoff: str, batch: int) -> int:
     """Delete up to ``batch`` finished tasks (their steps, attempts and events go with them)
-    that finished before ``cutoff``, oldest first; returns how many."""
+    that finished before ``cutoff``, oldest first; returns how many.
+
+    First, in the same transaction, the batches those tasks belong to that have finished keep
+    their tally (:func:`~orchestra.db.batches.keep_before_deleting`): a batch nobody read
+    since it finished would otherwise lose its counts with its tasks."""
     oldest = _OLDEST[conn.dialect.name].bindparams(cutoff=cutoff, batch=batch).columns(tasks.c.id)
-    return conn.execute(delete(tasks).where(tasks.c.id.in_(oldest))).rowcount
+    ids = list(conn.execute(oldest).scalars())
+    if not ids:
+        return 0
+    batches.keep_before_deleting(conn, ids)
+    # Guarded again: a task retried since it was read (PostgreSQL) is not deleted.
+    gone = delete(tasks).where(
+        tasks.c.id.in_(ids), tasks.c.status.in_(_TERMINAL), tasks.c.finished_at < cutoff
+    )
+    return conn.execute(gone).rowcount
 
 
 def delete_records_before(conn: Connection, cutoff: str, batch: int) -> int:
