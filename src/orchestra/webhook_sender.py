@@ -285,7 +285,8 @@ class WebhookSender:
             return
         if recorded:
             metrics.webhook_delivery(result)
-        log.info(
+        # A delivery given up is a failure to see; an attempt to be retried is not yet.
+        (log.warning if result == "failed" else log.info)(
             "webhook.attempt",
             delivery=delivery.id,
             webhook=delivery.webhook_id,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from ruamel.yaml import YAML
 
 from orchestra.config import WebhookSettings
@@ -244,7 +245,8 @@ async def test_a_delivery_to_the_service_itself_is_refused_at_send_time(
                 rows = sql_rows(db_url, "SELECT status FROM webhook_deliveries")
                 return bool(rows) and rows[0][0] != "pending"
 
-            await wait_until(settled, timeout=10)
+            with structlog.testing.capture_logs() as logged:
+                await wait_until(settled, timeout=10)
         finally:
             await sender.stop()
         [delivery] = await hooks.deliveries(hook.id)
@@ -252,6 +254,9 @@ async def test_a_delivery_to_the_service_itself_is_refused_at_send_time(
     [attempt] = delivery.history
     assert attempt.error is not None and "this Orchestra service itself" in attempt.error
     assert called == []
+    # A delivery given up is logged as a warning (it was info).
+    [given_up] = [e for e in logged if e["event"] == "webhook.attempt"]
+    assert given_up["result"] == "failed" and given_up["log_level"] == "warning"
 
 
 async def test_an_open_loopback_service_refuses_a_webhook_to_itself(

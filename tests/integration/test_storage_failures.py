@@ -163,7 +163,8 @@ async def test_a_held_lock_answers_503_with_retry_after_and_serves_after(
         shell = sqlite3.connect(db_url.split("///", 1)[1], isolation_level=None)
         try:
             shell.execute("BEGIN IMMEDIATE")  # as a person in the sqlite3 shell would
-            locked = await submit(svc, "hello")
+            with structlog.testing.capture_logs() as logged:
+                locked = await submit(svc, "hello")
             listed = await svc.client.get("/api/v1/tasks")  # reads go on meanwhile
             during = await health(svc)
         finally:
@@ -180,6 +181,9 @@ async def test_a_held_lock_answers_503_with_retry_after_and_serves_after(
     assert during["database"].startswith("error: locked by another connection since ")
     assert after.status_code == 201 and done["status"] == "succeeded"
     assert healed["database"] == "ok"
+    # A refused write is a failure an operator should see (it was logged at info).
+    [refused] = [e for e in logged if e["event"] == "api.storage_failed"]
+    assert refused["log_level"] == "warning" and refused["code"] == "storage_locked"
 
 
 @pytest.mark.sqlite_only

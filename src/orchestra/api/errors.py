@@ -122,7 +122,7 @@ def orchestra_error(_: Request[Any, Any, Any], exc: OrchestraError) -> Response[
     elif (wait := retry_after(exc)) is not None:
         headers = {"Retry-After": str(wait)}
     if isinstance(exc, StorageError):
-        log.info("api.storage_failed", code=exc.code, error=exc.message)
+        log.warning("api.storage_failed", code=exc.code, error=exc.message)
     task_status = getattr(exc, "task_status", None)
     return _body(status, exc.code, exc.message, fields, task_status, problems, headers)
 

@@ -126,7 +126,7 @@ def error_page(
     :func:`page`.)"""
     status, message, headers = described(exc)
     if isinstance(exc, StorageError):
-        log.info("ui.storage_failed", code=exc.code, error=exc.message)
+        log.warning("ui.storage_failed", code=exc.code, error=exc.message)
     elif status >= HTTP_500_INTERNAL_SERVER_ERROR:
         log.exception("ui.internal_error", path=request.url.path, method=request.method)
     return page(

@@ -93,7 +93,7 @@ def _shown(exc: OrchestraError, catalog: TemplateCatalog) -> str:
     """What the editor says about a refusal: the error's message without server file paths
     (a clash names the template file's path; a storage error the database's)."""
     if isinstance(exc, StorageError):
-        log.info("ui.storage_failed", code=exc.code, error=exc.message)
+        log.warning("ui.storage_failed", code=exc.code, error=exc.message)
         return (type(exc).__doc__ or "").strip()  # the class's default message
     if status_of(exc) >= 500:
         log.error("ui.register_failed", code=exc.code, error=exc.message)
