@@ -174,6 +174,33 @@ async def keyed_service(
         yield svc, tokens
 
 
+async def _streaming_task(svc: Service, fake_ollama: FakeOllama, submit: dict[str, str]) -> None:
+    """Task 1, whose model streams its answer for 40 s (400 words, one every 0.1 s)."""
+    fake_ollama.word_delay = 0.1
+    long_text = {**BODY, "params": {"text": " ".join(f"w{i}" for i in range(400))}}
+    made = await svc.client.post("/api/v1/tasks", json=long_text, headers=submit)
+    assert made.status_code == 201, made.text
+
+
+def _read_lines(stream: httpx.Response, seen: list[str]) -> asyncio.Task[None]:
+    """Read ``stream``'s lines into ``seen`` until it ends."""
+
+    async def read_all() -> None:
+        async for line in stream.aiter_lines():
+            seen.append(line)
+
+    return asyncio.create_task(read_all())
+
+
+async def _revoke(db_url: str, name: str) -> None:
+    """Revoke a key as `orchestra keys revoke` does, from outside the service."""
+    db = Database(db_url)
+    try:
+        await KeyStore(db).revoke(name)
+    finally:
+        await db.close()
+
+
 @pytest.mark.parametrize("path", ["/api/v1/events?after=0", "/api/v1/tasks/1/events"])
 async def test_a_revoked_keys_event_stream_ends(
     keyed_service: tuple[Service, dict[str, str]],
@@ -186,25 +213,13 @@ async def test_a_revoked_keys_event_stream_ends(
     svc, tokens = keyed_service
     submit = {"Authorization": f"Bearer {tokens['submit']}"}
     reader = {"Authorization": f"Bearer {tokens['read']}"}
-    fake_ollama.word_delay = 0.1  # 400 words: 40 s of streamed text
-    long_text = {**BODY, "params": {"text": " ".join(f"w{i}" for i in range(400))}}
-    made = await svc.client.post("/api/v1/tasks", json=long_text, headers=submit)
-    assert made.status_code == 201, made.text
+    await _streaming_task(svc, fake_ollama, submit)
     seen: list[str] = []
     async with svc.client.stream("GET", path, headers=reader, timeout=60) as stream:
         assert stream.status_code == 200
-
-        async def read_all() -> None:
-            async for line in stream.aiter_lines():
-                seen.append(line)
-
-        reading = asyncio.create_task(read_all())
+        reading = _read_lines(stream, seen)
         await wait_until(lambda: "event: step.tokens" in seen, timeout=15)
-        db = Database(db_url)
-        try:
-            await KeyStore(db).revoke("k-read")
-        finally:
-            await db.close()
+        await _revoke(db_url, "k-read")
         await asyncio.wait_for(reading, timeout=15)
     task = (await svc.client.get("/api/v1/tasks/1", headers=submit)).json()
     assert task["status"] == "running", task  # ended by the revocation, not by the task
@@ -222,9 +237,7 @@ async def test_a_dashboard_stream_ends_with_its_session(
     revoked), stops coming while the task still streams."""
     svc, tokens = keyed_service
     submit = {"Authorization": f"Bearer {tokens['submit']}"}
-    fake_ollama.word_delay = 0.1
-    long_text = {**BODY, "params": {"text": " ".join(f"w{i}" for i in range(400))}}
-    assert (await svc.client.post("/api/v1/tasks", json=long_text, headers=submit)).is_success
+    await _streaming_task(svc, fake_ollama, submit)
     login = await svc.client.post("/ui/login", data={"key": tokens["read"]}, headers=SAME_SITE)
     assert login.status_code == 303, login.text
     cookies = {"orchestra_session": login.cookies["orchestra_session"]}
@@ -234,21 +247,12 @@ async def test_a_dashboard_stream_ends_with_its_session(
         browser.stream("GET", "/ui/tasks/1/live", timeout=60) as stream,
     ):
         assert stream.status_code == 200
-
-        async def read_all() -> None:
-            async for line in stream.aiter_lines():
-                seen.append(line)
-
-        reading = asyncio.create_task(read_all())
+        reading = _read_lines(stream, seen)
         await wait_until(lambda: "event: tokens" in seen, timeout=15)
         if ending == "logout":
             assert (await browser.post("/ui/logout")).status_code == 303
         else:
-            db = Database(db_url)
-            try:
-                await KeyStore(db).revoke("k-read")
-            finally:
-                await db.close()
+            await _revoke(db_url, "k-read")
         await asyncio.wait_for(reading, timeout=15)
     task = (await svc.client.get("/api/v1/tasks/1", headers=submit)).json()
     assert task["status"] == "running", task

@@ -197,15 +197,22 @@ async def test_processes_whose_supervisor_is_killed_say_why_they_stop(
     assert {e["supervisor_pid"] for e in gone} == {service.proc.pid}
 
 
-async def test_a_process_that_cannot_start_again_is_an_error_until_its_cause_is_fixed(
-    fake_ollama: FakeOllama, tmp_path: Path
-) -> None:
+def with_template_file(tmp_path: Path, name: str, ollama_url: str) -> tuple[Path, int, Path]:
+    """A config whose templates include a file (``mine.yaml``, valid for now); returns the
+    config, its port and the template file."""
     folder = tmp_path / "templates"
     folder.mkdir()
     template = folder / "mine.yaml"
     template.write_text(TEMPLATE)
-    path, port = config(tmp_path, "broken", tmp_path / "broken.db", fake_ollama.url)
+    path, port = config(tmp_path, name, tmp_path / f"{name}.db", ollama_url)
     path.write_text(path.read_text() + f'[templates]\ndirs = ["{folder}"]\n')
+    return path, port, template
+
+
+async def test_a_process_that_cannot_start_again_is_an_error_until_its_cause_is_fixed(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    path, port, template = with_template_file(tmp_path, "broken", fake_ollama.url)
     async with serving(path, port, "--processes", "2") as service:
         await wait_until(lambda: events(service, "supervisor.started"), timeout=30)
         before = service.services()
@@ -259,12 +266,7 @@ async def test_when_no_process_can_start_again_the_supervisor_exits_1_saying_why
 ) -> None:
     """As a single process that cannot start: nothing serves and nothing will by itself, so
     the service manager (systemd's Restart=, compose's restart:) must learn of it."""
-    folder = tmp_path / "templates"
-    folder.mkdir()
-    template = folder / "mine.yaml"
-    template.write_text(TEMPLATE)
-    path, port = config(tmp_path, "none", tmp_path / "none.db", fake_ollama.url)
-    path.write_text(path.read_text() + f'[templates]\ndirs = ["{folder}"]\n')
+    path, port, template = with_template_file(tmp_path, "none", fake_ollama.url)
     async with serving(path, port, "--processes", "2") as service:
         await wait_until(lambda: events(service, "supervisor.started"), timeout=30)
         template.write_text(BROKEN)
