@@ -96,8 +96,10 @@ class _RecordFormatter(logging.Formatter):
         return str(result)
 
 
-def setup(settings: LoggingSettings, stream: Any = None) -> None:
-    """Configure structlog and the standard library's logging once, at process start."""
+def setup(settings: LoggingSettings, stream: Any = None, process: int | None = None) -> None:
+    """Configure structlog and the standard library's logging once, at process start.
+    ``process``: this service process's number under the supervisor (``--processes N``),
+    added to every line as ``process`` (the processes write to one stream)."""
     stream = stream or sys.stderr
     use_json = settings.format == "json" or (
         settings.format == "auto" and not getattr(stream, "isatty", lambda: False)()
@@ -109,15 +111,17 @@ def setup(settings: LoggingSettings, stream: Any = None) -> None:
         if use_json
         else [structlog.dev.ConsoleRenderer(colors=False), _redact]
     )
+    which: list[Processor] = [] if process is None else [_numbered(process)]
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
-        _RecordFormatter([structlog.contextvars.merge_contextvars, stamp, *finish])
+        _RecordFormatter([structlog.contextvars.merge_contextvars, *which, stamp, *finish])
     )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.stdlib.add_logger_name,
             structlog.processors.add_log_level,
+            *which,
             stamp,
             *([] if use_json else [structlog.dev.set_exc_info]),
             *finish,
@@ -150,6 +154,16 @@ def setup(settings: LoggingSettings, stream: Any = None) -> None:
 def get(name: str | None = None) -> Any:
     """A structlog logger; bind task_id and template on it for task events."""
     return structlog.get_logger(name)
+
+
+def _numbered(process: int) -> Processor:
+    """A processor adding ``process`` to each line that does not name one itself."""
+
+    def add(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        event.setdefault("process", process)
+        return event
+
+    return add
 
 
 def by_outcome(logger: Any, failed: bool) -> Callable[..., Any]:

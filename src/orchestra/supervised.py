@@ -137,7 +137,7 @@ def child_main(
 
     _die_with_parent(parent)
     settings = msgspec.json.decode(spec, type=Settings)
-    logs.setup(settings.logging)
+    logs.setup(settings.logging, process=slot + 1)
     show_key: ShowKey | None = None
     if bootstrap:
         from orchestra.cli import show_bootstrap_key
