@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import structlog
 
 from orchestra.config import ModelSettings, Settings, TemplateSettings
 from tests.conftest import Service, StartService, with_provider
@@ -248,7 +249,11 @@ async def test_a_model_missing_everywhere_names_every_entry(
 ) -> None:
     routes = routed(settings, fake_openai, "ollama/mistral", "oai/mistral")
     async with start_service(routes, env={"OAI_KEY": KEY}) as svc:
-        done = await svc.wait((await svc.submit("summarize", text="x"))["id"])
+        with structlog.testing.capture_logs() as logged:
+            done = await svc.wait((await svc.submit("summarize", text="x"))["id"])
+    # The providers answer: a missing model is no provider being unavailable (a warning
+    # for each call buried the real outages).
+    assert not [e for e in logged if e["event"] == "provider.unavailable"], logged
     assert done["status"] == "failed"
     assert done["error"]["type"] == "model_not_found" and "retryable" not in done["error"]
     message = done["error"]["message"]

@@ -272,8 +272,14 @@ class Router:
         all, or the provider failing for this model (which leaves its other models be)."""
         at = time.monotonic()
         if isinstance(error, ModelNotFound):
-            self._missing.add((route.provider.name, route.model))
-        elif isinstance(error, ProviderUnreachable):
+            # The provider answers: a caller named a model it does not have (the task fails
+            # saying so). Said once per model, and not as the provider being unavailable.
+            missing = (route.provider.name, route.model)
+            if missing not in self._missing:
+                self._missing.add(missing)
+                log.info("provider.model_missing", route=str(route), error=error.message)
+            return
+        if isinstance(error, ProviderUnreachable):
             self._down[route.provider.name] = (error.message, at)
         elif isinstance(error, ProviderUnavailable):
             until = at + error.retry_after
