@@ -40,6 +40,10 @@ steps:
     prompt: Write a long story about a lighthouse keeper.
     options: {num_predict: 400, temperature: 0.8}
 """
+#: RAMBLE retried at once: its retry is claimed while the crashed model still restarts (1 s
+#: back-off, then a load), so the retry's order of entries is the one a crash leaves. With the
+#: default retry delay (0.5-1 s) the restart raced it, and won under load.
+RAMBLE_RETRIED_AT_ONCE = RAMBLE + "retry:\n  backoff: fixed\n  initial_delay: 10ms\n"
 TEXT = "The council voted on Tuesday to build a new library. Work starts in March."
 
 
@@ -135,7 +139,8 @@ async def test_a_model_crash_mid_answer_is_retried_on_the_next_provider(
     and the retry asks it first."""
     chain = ("embedded/smollm2", "ollama/llama3.2")  # the fake Ollama is second
     async with start_service(embedded_first(settings, *chain)) as svc:
-        assert (await svc.client.post("/api/v1/templates", content=RAMBLE)).status_code == 201
+        registered = await svc.client.post("/api/v1/templates", content=RAMBLE_RETRIED_AT_ONCE)
+        assert registered.status_code == 201, registered.text
         task = await svc.submit("ramble")
         await kill_mid_generation(svc, task["id"])
         done = await svc.wait(task["id"], seconds=60)
