@@ -81,6 +81,36 @@ async def test_headers_over_16_kb_get_400_whichever_way_they_arrive(
         assert b"Invalid HTTP request" in await asyncio.wait_for(reader.read(), timeout=10)
 
 
+@pytest.mark.parametrize("protocol", ["service", "h11"])
+async def test_pipelined_requests_are_each_within_the_limit_however_many_come_at_once(
+    settings: Settings, protocol: str
+) -> None:
+    """The limit is each request's headers: 300 small requests sent back to back in one
+    write (about 17 KB: one read for the server) that ends inside the next one's headers are
+    each answered, and so is that next one (the read was counted whole, and refused)."""
+    one = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 20 + b"\r\n\r\n"
+    count = KB16 // len(one) + 20
+    async with raw_connection(settings, protocol) as (reader, writer):
+        writer.write(one * count + one[:10])
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(one[10:])
+        statuses = [await whole_answer(reader) for _ in range(count + 1)]
+    assert statuses == [200] * (count + 1)
+
+
+async def whole_answer(reader: asyncio.StreamReader) -> int:
+    """An answer's status, its body read past (by its content-length)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.lower().split(b"\r\n")
+        if line.startswith(b"content-length:")
+    )
+    await reader.readexactly(length)
+    return int(head.split(b" ", 2)[1])
+
+
 @pytest.mark.parametrize("key", ["orc_\u2026", "orc_\u00e9t\u00e9", "orc_ ab", "orc_\n"])
 def test_a_key_that_cannot_be_sent_is_refused_when_the_client_is_made(
     key: str, monkeypatch: pytest.MonkeyPatch

@@ -151,16 +151,24 @@ def httptools_protocol() -> type[asyncio.Protocol] | None:
         #: Bytes received in reads that began and ended within the current request's
         #: headers (the parser keeps an unfinished header line until its end).
         _pending_bytes = 0
+        #: Whether a request began, and whether one's headers ended, during the read being
+        #: parsed: what of that read is the current request's (pipelined requests may come
+        #: before it in the same read).
+        _began = _ended = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._start_header_timer()
 
         def data_received(self, data: bytes) -> None:
-            began_in_headers = self._in_headers
+            self._began = self._ended = False
             super().data_received(data)
-            if began_in_headers and self._in_headers and not self.transport.is_closing():
-                self._pending_bytes += len(data)
+            if self._in_headers and not self.transport.is_closing():
+                if not self._began:  # all of it the current request's unfinished headers
+                    self._pending_bytes += len(data)
+                elif not self._ended:  # it began here (after at most a body's last bytes)
+                    self._pending_bytes = len(data)
+                # else: other requests' heads came first; counted from the next read on
                 if self._pending_bytes > MAX_HEAD_BYTES:
                     log.info("http.headers_too_large", bytes=self._pending_bytes)
                     self.send_400_response("Invalid HTTP request received.")
@@ -174,7 +182,7 @@ def httptools_protocol() -> type[asyncio.Protocol] | None:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._in_headers = True
+            self._in_headers = self._began = True
             self._head_bytes = self._pending_bytes = 0
 
         def on_url(self, url: bytes) -> None:
@@ -187,6 +195,7 @@ def httptools_protocol() -> type[asyncio.Protocol] | None:
 
         def on_headers_complete(self) -> None:
             self._in_headers = False
+            self._ended = True
             super().on_headers_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
