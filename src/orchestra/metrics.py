@@ -27,6 +27,7 @@ model): per host, shared by its processes through the directory (:class:`_Bounde
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -240,14 +241,26 @@ class _Bounded:
         with path.open("a+", encoding="utf-8") as file:
             fcntl.flock(file, fcntl.LOCK_EX)  # released when the file is closed
             file.seek(0)
-            known = {json.loads(line) for line in file.read().splitlines() if line}
+            text = file.read()
+            known = set(_lines(text))
             if value not in known and len(known) < self.limit:
-                file.write(json.dumps(value) + "\n")
+                cut = text and not text.endswith("\n")  # a line cut short: end it first
+                file.write(("\n" if cut else "") + json.dumps(value) + "\n")
                 file.flush()
                 known.add(value)
         self.seen |= known
         self.full = len(known) >= self.limit
         return value if value in known else OTHER
+
+
+def _lines(text: str) -> Iterator[str]:
+    """The values of a shared label file, one JSON string a line; a line cut short (a
+    process killed as it wrote) is left out."""
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            value = json.loads(line)
+            if isinstance(value, str):
+                yield value
 
 
 _template = _Bounded("template")

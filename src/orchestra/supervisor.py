@@ -298,6 +298,7 @@ class Supervisor:
         :data:`~orchestra.supervised.GO` before it serves."""
         ours, theirs = self._context.Pipe()
         self._beats[index] = 0.0
+        self._failed.discard(index)  # its latest start is this one, not yet failed
         process = self._context.Process(
             target=child_main,
             args=(self._spec, sock, theirs, bootstrap, os.getpid(), self._beats, index),
@@ -394,7 +395,7 @@ class Supervisor:
         for child in self._children.values():
             if not self._orphans:
                 return
-            if not child.ready:
+            if not child.ready or child.hung_s is not None:  # killed as hung: not reaped yet
                 continue
             with contextlib.suppress(OSError):  # it just died: the next one, or a later look
                 for owner, cause in list(self._orphans.items()):

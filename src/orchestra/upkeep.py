@@ -61,6 +61,9 @@ async def rescue(store: TaskStore, owner: str, cause: str, queued: Callable[[], 
     except StorageError as exc:
         log.warning("pool.rescue_failed", owner=owner, error=exc.message)
         return
+    except Exception:  # a bug, or the database closed as the process stops: said, not lost
+        log.exception("pool.rescue_failed", owner=owner)
+        return
     _moved(moved, queued, process_died=cause)
 
 

@@ -163,7 +163,7 @@ def auth_headers(api_key: str | None, env: Mapping[str, str] | None = None) -> d
     bad = next((i for i, c in enumerate(key) if not "!" <= c <= "~"), None)
     if bad is not None:
         source = "the api_key argument" if api_key else "ORCHESTRA_API_KEY"
-        raise InvalidApiKey(source, bad + 1)
+        raise InvalidApiKey(source, bad + 1, key[bad])
     return {"Authorization": f"Bearer {key}"}
 
 

@@ -48,18 +48,26 @@ class ClientClosed(ClientError):
 
 
 class InvalidApiKey(ClientError, ValueError):
-    """The API key given (or in ORCHESTRA_API_KEY) cannot be sent in an HTTP header: it is
-    not printable ASCII, as every Orchestra key (``orc_`` and letters, digits, ``-`` and
-    ``_``) is. Raised when the client is made; the key itself is never in the message."""
+    """The API key given (or in ORCHESTRA_API_KEY) cannot be sent in an HTTP header: it holds
+    a space, a line break or a character that is not printable ASCII, as no Orchestra key
+    (``orc_`` and letters, digits, ``-`` and ``_``) does. Raised when the client is made;
+    the key itself is never in the message."""
 
     code = "invalid_api_key"
 
-    def __init__(self, source: str, position: int) -> None:
+    def __init__(self, source: str, position: int, found: str = "") -> None:
         self.source = source
-        #: Where (1-based) the first character that is not printable ASCII is.
+        #: Where (1-based) the first character that cannot be sent is.
         self.position = position
+        what = {
+            " ": "a space",
+            "\t": "a tab",
+            "\n": "a line break",
+            "\r": "a line break",
+        }.get(found, "a character that is not printable ASCII")
+        hint = " (give the key alone, without 'Bearer ')" if found == " " else ""
         super().__init__(
-            f"invalid API key in {source}: not printable ASCII (character {position}); an "
+            f"invalid API key in {source}: {what} at character {position}{hint}; an "
             "Orchestra key looks like orc_ followed by letters, digits, - and _"
         )
 
