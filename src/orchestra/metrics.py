@@ -361,10 +361,9 @@ def step_interrupted(kind: str, seconds: float, asked: str | None) -> None:
     )
 
 
-def model_interrupted(route: str, seconds: float) -> None:
-    """A model call to ``route`` (``provider/model``) was cut short from outside after
-    ``seconds`` (no provider error: it was not the provider's failure)."""
-    provider, _, model = route.partition("/")
+def model_interrupted(provider: str, model: str, seconds: float) -> None:
+    """A model call was cut short from outside after ``seconds`` (no provider error: it was
+    not the provider's failure)."""
     _child(MODEL_CALL, provider, _model(model)).observe(seconds)
 
 

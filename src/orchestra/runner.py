@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import msgspec
 
@@ -24,7 +23,7 @@ from orchestra.domain import Step, StepStatus, Task, TaskError, Usage, iso_now, 
 from orchestra.errors import ProviderUnavailable, StepError
 from orchestra.kinds import Context, run_step
 from orchestra.llm import passed_over
-from orchestra.llm.base import ChatRequest, ChatResult, EmbedResult, Health, Provider
+from orchestra.llm.base import Provider
 from orchestra.llm.cache import AnswerCache
 from orchestra.sizes import check_size, clip_message, too_large
 from orchestra.templating.isolation import Renderer
@@ -100,61 +99,6 @@ class _BoundedText:
         self.recorder.step_text(step_id, text)
 
 
-T = TypeVar("T")
-
-
-class TimedProvider:
-    """The provider as a task's steps call it: a model call cut short from outside (the task's
-    or the step's timeout, a cancel, the service stopping) is timed too, under the entry it
-    was asking (the provider times the calls that end, answered or failed). Such a call is
-    timed from when the step asked for it: a fallback chain's earlier entries included."""
-
-    def __init__(self, provider: Provider) -> None:
-        self.inner = provider
-        self.name = provider.name
-        self.kind = provider.kind
-
-    def __getattr__(self, name: str) -> Any:
-        # Whatever else the provider offers, as it is (the cache asks a router its routes).
-        return getattr(self.inner, name)
-
-    async def chat(
-        self, request: ChatRequest, on_text: Callable[[str], None] | None = None
-    ) -> ChatResult:
-        return await self._timed(lambda: self.inner.chat(request, on_text))
-
-    async def embed(self, model: str, inputs: list[str]) -> EmbedResult:
-        return await self._timed(lambda: self.inner.embed(model, inputs))
-
-    async def health(self) -> Health:
-        return await self.inner.health()
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-    async def _timed(self, call: Callable[[], Awaitable[T]]) -> T:
-        clock = time.perf_counter()
-        route: str | None = None
-        try:
-            # The entry this call asks last, its own (a map step's calls run side by side);
-            # handed on to the step's note when it ends.
-            with passed_over.asking() as asked:
-                try:
-                    return await call()
-                except asyncio.CancelledError:
-                    if asked:
-                        metrics.model_interrupted(asked[-1], time.perf_counter() - clock)
-                    raise
-                finally:
-                    route = asked[-1] if asked else None
-        finally:
-            if route is not None:
-                passed_over.asked(route)
-
-
 class Runner:
     """Executes templates against a provider."""
 
@@ -196,7 +140,7 @@ class Runner:
         ctx = Context(
             task=task,
             template=template,
-            provider=TimedProvider(self.provider),
+            provider=self.provider,
             render=self.render if template.origin != "api" else self.render_untrusted,
             on_text=_BoundedText(recorder, limits.max_step_output_bytes),
             on_prompt=prompts.__setitem__,

@@ -537,6 +537,10 @@ async def _measured(route: Route, call: Callable[[Route], Awaitable[T]]) -> T:
         seconds = time.perf_counter() - clock
         metrics.model_failed(route.provider.name, route.model, seconds, exc.code)
         raise
+    except asyncio.CancelledError:  # cut short from outside: a task's timeout, a cancel
+        seconds = time.perf_counter() - clock
+        metrics.model_interrupted(route.provider.name, route.model, seconds)
+        raise
     usage = getattr(result, "usage", None)
     metrics.model_called(route.provider.name, route.model, time.perf_counter() - clock, usage)
     return result
