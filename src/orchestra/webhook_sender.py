@@ -286,7 +286,7 @@ class WebhookSender:
         if recorded:
             metrics.webhook_delivery(result)
         # A delivery given up is a failure to see; an attempt to be retried is not yet.
-        (log.warning if result == "failed" else log.info)(
+        logs.by_outcome(log, result == "failed")(
             "webhook.attempt",
             delivery=delivery.id,
             webhook=delivery.webhook_id,

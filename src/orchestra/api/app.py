@@ -29,7 +29,7 @@ from litestar.routes import HTTPRoute
 from litestar.types import Scope
 
 from orchestra import __version__
-from orchestra.api import auth
+from orchestra.api import auth, docs_ui
 from orchestra.api.batches import BatchController
 from orchestra.api.errors import HANDLERS
 from orchestra.api.events import EventController
@@ -271,6 +271,9 @@ def _build(surface: Surface) -> Litestar:
             title="AI Task Orchestra",
             version=__version__,
             description="Run AI tasks from YAML templates against local model servers.",
+            # Swagger UI from the package's own files, nothing from a CDN (docs_ui).
+            render_plugins=docs_ui.render_plugins(),
+            openapi_router=docs_ui.docs_router(),
         ),
         # Logging is configured once by orchestra.logs; Litestar's default config would
         # replace it with its own handlers and format.
