@@ -6,11 +6,12 @@ A transaction body with its SQL; :class:`~orchestra.db.store.TaskStore` runs it 
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, delete, select, text, tuple_
+from sqlalchemy import Connection, Select, delete, select, text, tuple_
 
 from orchestra.db import batches
 from orchestra.db.portable import hinted
-from orchestra.db.tables import schedule_fires, tasks, webhook_deliveries
+from orchestra.db.tables import batch_rows, schedule_fires, tasks, webhook_deliveries
+from orchestra.db.tables import batches as batch_table
 from orchestra.domain import TERMINAL, TaskStatus
 
 _TERMINAL = [status.value for status in TaskStatus if status in TERMINAL]
@@ -26,6 +27,18 @@ _OLDEST_SQL = (
     "ORDER BY finished_at LIMIT :batch"
 )
 _OLDEST = {d: text(hinted(_OLDEST_SQL, d)) for d in ("sqlite", "postgresql")}
+
+
+def batches_to_keep(dialect: str, cutoff: str, batch: int) -> Select[int]:
+    """The batches the next :func:`delete_finished_before` would take tasks from that have no
+    tally kept yet, for a read before it: counting a big one there, off the writer, leaves
+    the delete's transaction little to count."""
+    oldest = _OLDEST[dialect].bindparams(cutoff=cutoff, batch=batch).columns(tasks.c.id)
+    ids = oldest.subquery()
+    owners = select(batch_rows.c.batch_id).where(batch_rows.c.task_id.in_(select(ids.c.id)))
+    return select(batch_table.c.id).where(
+        batch_table.c.id.in_(owners), batch_table.c.tally.is_(None)
+    )
 
 
 def delete_finished_before(conn: Connection, cutoff: str, batch: int) -> int:
