@@ -238,17 +238,17 @@ async def test_a_delivery_to_the_service_itself_is_refused_at_send_time(
         )
         await TaskStore(db).enqueue(NewTask(template="summarize", template_version=1, params={}))
         sender = WebhookSender(hooks, PRIVATE_OK, own=("127.0.0.1", port))
-        await sender.start()
-        try:
 
-            async def settled() -> bool:
-                rows = sql_rows(db_url, "SELECT status FROM webhook_deliveries")
-                return bool(rows) and rows[0][0] != "pending"
+        async def settled() -> bool:
+            rows = sql_rows(db_url, "SELECT status FROM webhook_deliveries")
+            return bool(rows) and rows[0][0] != "pending"
 
-            with structlog.testing.capture_logs() as logged:
+        with structlog.testing.capture_logs() as logged:  # from before the first send
+            await sender.start()
+            try:
                 await wait_until(settled, timeout=10)
-        finally:
-            await sender.stop()
+            finally:
+                await sender.stop()
         [delivery] = await hooks.deliveries(hook.id)
     assert delivery.status == "failed"
     [attempt] = delivery.history
