@@ -282,7 +282,7 @@ class TaskService:
         if found is None:
             return None
         task, request_hash = found
-        return await self._replayed(sub, task, request_hash == sub.fingerprint())
+        return await self._replayed(sub, task, sub.matches(request_hash))
 
     async def _replayed(self, sub: SubmitTask, task: Task, same_request: bool) -> Submitted:
         if not same_request:

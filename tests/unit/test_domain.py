@@ -83,3 +83,18 @@ def test_a_submission_fingerprint_is_what_it_was_before_the_cache_option() -> No
     assert body.fingerprint() == "c994ed3f54faf9680cf02453e1549bf5e21caae0796c1cabb40c39bdd615d09f"
     cached = SubmitTask(template="summarize", params={"text": "x"}, priority=3, cache=True)
     assert cached.fingerprint() != body.fingerprint()
+
+
+def test_a_key_used_before_callback_url_existed_still_matches_the_same_body() -> None:
+    """Versions before ``callback_url`` (84ace60, schema 4, among them) hashed no such field:
+    the same body sent again after an upgrade got a 409 ("a different request")."""
+    from orchestra.tasks import SubmitTask
+
+    body = SubmitTask(template="summarize", params={"text": "x"}, priority=3, idempotency_key="k")
+    before = "ca394c2e22300b192c2b5748a451e152e301e20a9fe4bc9836f7455269c72637"  # by 84ace60
+    assert body.matches(before) and body.matches(body.fingerprint())
+    called = SubmitTask(
+        template="summarize", params={"text": "x"}, priority=3, callback_url="https://e.x/h"
+    )
+    assert not called.matches(before)  # a body that differs still differs
+    assert not SubmitTask(template="summarize", params={"text": "y"}, priority=3).matches(before)

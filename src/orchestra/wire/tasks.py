@@ -102,3 +102,16 @@ class SubmitTask(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if body["cache"] is None:  # as before the field existed: a key used then still fits
             del body["cache"]
         return hashlib.sha256(_canonical(body)).hexdigest()
+
+    def matches(self, request_hash: str | None) -> bool:
+        """Whether ``request_hash`` (kept with an idempotency key) is this body's: its
+        :meth:`fingerprint`, or, without a ``callback_url``, the one versions before that
+        field computed (which hashed no ``callback_url`` at all), so a key used then still
+        fits after an upgrade."""
+        if request_hash == self.fingerprint():
+            return True
+        if self.callback_url is not None or self.cache is not None:
+            return False
+        body = msgspec.to_builtins(msgspec.structs.replace(self, idempotency_key=None))
+        del body["cache"], body["callback_url"]
+        return request_hash == hashlib.sha256(_canonical(body)).hexdigest()
