@@ -18,6 +18,7 @@ import functools
 import math
 import re
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
@@ -85,9 +86,16 @@ def _every_text(value: Any) -> Any:
     "3600")."""
     if isinstance(value, timedelta):
         value = value.total_seconds()
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return f"{value:g}" if math.isfinite(value) else str(value)
-    return value
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        # Every digit as written and no exponent (``:g`` kept six digits: 2592000 became
+        # "2.592e+06", refused, and 123456.7 became 123457).
+        text = format(Decimal(repr(value)), "f")
+        return text.rstrip("0").rstrip(".") if "." in text else text
+    return str(value) if isinstance(value, float) else value
 
 
 class ScheduleSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -124,7 +124,12 @@ async def test_every_takes_a_number_of_seconds_as_the_docs_say(idle: Service) ->
     changed = await idle.client.patch(f"{SCHEDULES}/digest", json={"every": 90})
     assert changed.status_code == 200, changed.text
     assert changed.json()["every"] == "1m30s"
-    for bad in (0, 0.5, -5):
+    # Every number as given: 30 days (a 2.592e+06 was refused), and no rounding to 1 s.
+    for seconds, shown in ((2592000, "30d"), (1000000, "11d13h46m40s")):
+        changed = await idle.client.patch(f"{SCHEDULES}/digest", json={"every": seconds})
+        assert changed.status_code == 200, changed.text
+        assert changed.json()["every"] == shown
+    for bad in (0, 0.5, -5, 0.9999999):
         refused = await idle.client.patch(f"{SCHEDULES}/digest", json={"every": bad})
         assert refused.status_code == 400, refused.text
         assert "every" in {f["field"] for f in refused.json()["fields"]}
