@@ -35,6 +35,10 @@ MAX_EVERY_SECONDS = 366 * 86_400.0
 #: How many ticks a cron expression may be looked ahead for one answer (a cron that never
 #: fires, like ``0 0 30 2 *``, is refused at creation).
 _MAX_STEPS = 100_000
+#: How far before the last tick found backwards the forward walk starts: more than any
+#: daylight saving shift, and wider when the forward reading has no tick in that stretch (a
+#: tick the backward reading finds in a repeated hour, that the forward one does not fire).
+_SLACKS = (timedelta(hours=3), timedelta(days=2), timedelta(days=40), timedelta(days=800))
 
 Overlap = Literal["skip", "allow"]
 CatchUp = Literal["none", "latest"]
@@ -361,15 +365,23 @@ def _last_before(timing: Timing, first: datetime, limit: datetime) -> datetime:
         step = round(timing.every_seconds * 1_000_000)
         k = math.ceil(_micros(limit - timing.anchor) / step) - 1
         return max(first, timing.anchor + timedelta(microseconds=k * step))
-    last = first
-    for _ in range(_MAX_STEPS):
-        tick = next_after(timing, last)
-        if tick >= limit:
-            return last
-        last = tick
-    # Years of missed per-minute ticks: the latest one is found from the other end.
+    # Found from the other end (days of missed per-minute ticks, walked one by one, held the
+    # event loop for seconds), then walked to forward from a few hours before it: around a
+    # change of daylight saving time the two readings of an expression may differ, and the
+    # ticks are the forward reading's.
     back = CronSim(timing.cron or "", limit.astimezone(timing.zone()), reverse=True)
-    return max(first, next(back).astimezone(UTC))
+    found = next(back).astimezone(UTC)
+    for slack in _SLACKS:  # wider when the forward reading has no tick in the narrower one
+        near = found - slack
+        last, cursor = (first, first) if near <= first else (None, near)
+        for _ in range(_MAX_STEPS):
+            tick = next_after(timing, cursor)
+            if tick >= limit:
+                break
+            last = cursor = tick
+        if last is not None:
+            return last
+    return first
 
 
 def plan(

@@ -3,6 +3,7 @@ due schedule does (on time, a little late, after downtime). Every time is given,
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -133,6 +134,48 @@ def test_after_downtime_catch_up_latest_fires_once_for_the_latest_missed_tick() 
     assert (done.fire_at, done.next_at) == (utc(2026, 1, 3, 7, 0), utc(2026, 1, 3, 8, 0))
     nothing_left = plan(timing, done.next_at, "latest", moment, 30)
     assert nothing_left is None
+
+
+def _walked(timing: Timing, first: datetime, limit: datetime) -> datetime:
+    """The last tick before ``limit``, walked to forward one tick at a time from ``first``."""
+    last = first
+    while (tick := next_after(timing, last)) < limit:
+        last = tick
+    return last
+
+
+@pytest.mark.parametrize("expr", ["* * * * *", "30 2 * * *", "*/30 2 * * *", "10,40 1 * * *"])
+@pytest.mark.parametrize("zone", ["Europe/Berlin", "America/New_York", "Australia/Lord_Howe"])
+@pytest.mark.parametrize(
+    "limit",
+    [
+        utc(2027, 3, 28, 1, 30, 5),  # Berlin's spring night
+        utc(2027, 10, 31, 1, 10),  # Berlin's autumn night
+        utc(2027, 3, 14, 7, 45),  # New York's spring night
+        utc(2027, 11, 7, 6, 20, 30),  # New York's autumn night
+        utc(2027, 4, 3, 15, 50),  # Lord Howe's half-hour change
+    ],
+)
+def test_the_last_missed_tick_is_the_one_the_ticks_walked_forward_reach(
+    expr: str, zone: str, limit: datetime
+) -> None:
+    """Found from the other end, across daylight saving changes too: the same tick as the
+    forward reading's, which the schedule fires by."""
+    timing = cron(expr, zone)
+    first = next_after(timing, limit - timedelta(days=3))
+    done = plan(timing, first, "latest", limit + timedelta(seconds=30), 30)
+    assert done is not None and done.fire_at == _walked(timing, first, limit)
+
+
+def test_days_of_missed_minute_ticks_are_planned_at_once() -> None:
+    """60 days of per-minute ticks missed (the service was down): each was walked one by
+    one, 1.4 s of the event loop for each such schedule, before the ticks were planned."""
+    timing = cron("* * * * *", "Europe/Berlin")
+    began = time.process_time()
+    done = plan(timing, utc(2026, 12, 4, 22, 37), "none", utc(2027, 2, 2, 22, 36, 40), 30)
+    assert time.process_time() - began < 0.5
+    assert done is not None and done.missed is not None
+    assert done.missed == (utc(2026, 12, 4, 22, 37), utc(2027, 2, 2, 22, 37))
 
 
 @pytest.mark.parametrize(
