@@ -246,9 +246,12 @@ async def test_overlap_skip_skips_ticks_while_the_previous_task_is_unfinished(
     await fire_due(idle)
     clock.advance(60)
     await fire_due(idle)  # the first task is still queued (no workers)
-    outcomes = [(f["outcome"], f["task_id"]) for f in await fires(idle, "digest")]
+    recorded = await fires(idle, "digest")
+    outcomes = [(f["outcome"], f["task_id"]) for f in recorded]
     first_task = outcomes[1][1]
     assert outcomes == [("skipped", None), ("submitted", first_task)]
+    # A skipped tick says why (it said nothing).
+    assert recorded[0]["error"] == f"task {first_task}, of an earlier tick, is still queued"
     cancelled = await idle.client.post(f"/api/v1/tasks/{first_task}/cancel")
     assert cancelled.status_code == 200
     clock.advance(60)

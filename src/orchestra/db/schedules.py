@@ -254,7 +254,7 @@ class ScheduleStore:
         )
         f = schedule_fires.c
         previous = (
-            select(tasks.c.status)
+            select(tasks.c.status, tasks.c.id)
             .select_from(schedule_fires.join(tasks, tasks.c.id == f.task_id))
             .where(f.schedule_id == schedule.id, f.outcome == "submitted")
             .order_by(desc(f.fire_at))
@@ -286,12 +286,15 @@ class ScheduleStore:
             if fire_at is None:
                 return Fired("missed")
             outcome: Outcome = "submitted" if task is not None else "failed"
+            told = error
             if task is not None and schedule.spec.overlap == "skip":
-                if conn.execute(previous).scalar() in busy:
+                last = conn.execute(previous).first()
+                if last is not None and last.status in busy:
                     outcome = "skipped"
+                    told = f"task {last.id}, of an earlier tick, is still {last.status}"
             # RETURNING, not rowcount: on PostgreSQL an INSERT's rowcount here is -1, row or
             # no row.
-            if conn.execute(record(conn, fire_at, outcome, error)).first() is None:
+            if conn.execute(record(conn, fire_at, outcome, told)).first() is None:
                 return Fired("duplicate")
             if outcome != "submitted" or task is None:
                 return Fired(outcome)

@@ -15,8 +15,8 @@ if TYPE_CHECKING:  # the server's types, for the constructors only
 
 class FireOut(msgspec.Struct, frozen=True):
     """One tick of a schedule: ``submitted`` made ``task_id`` (``task_status`` is its status
-    now; null once the task is deleted); ``skipped``: the previous task was unfinished;
-    ``failed``: no task could be made (``error`` says why)."""
+    now; null once the task is deleted); ``skipped``: the previous task was unfinished
+    (``error`` names it); ``failed``: no task could be made (``error`` says why)."""
 
     fire_at: str
     outcome: str
