@@ -26,6 +26,7 @@ from litestar.static_files import create_static_files_router
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from orchestra import __version__
+from orchestra.web.headers import SECURITY_HEADERS as DASHBOARD_HEADERS
 
 #: Where the documentation is served (Litestar's default).
 SCHEMA_PATH = "/schema"
@@ -34,28 +35,11 @@ STATIC = Path(__file__).parent / "docs_static"
 #: A year: each URL carries the release (``?v=``), so a new release is fetched anew.
 CACHE_SECONDS = 365 * 24 * 3600
 
-#: Scripts, styles and requests go to the service's own files and API only. Swagger UI's
-#: stylesheet draws its icons as ``data:`` images.
-CSP = "; ".join(
-    [
-        "default-src 'self'",
-        "script-src 'self'",
-        "style-src 'self'",
-        "img-src 'self' data:",
-        "connect-src 'self'",
-        "font-src 'self'",
-        "object-src 'none'",
-        "base-uri 'none'",
-        "form-action 'self'",
-        "frame-ancestors 'none'",
-    ]
-)
-#: Sent with every answer under /schema (pages, files, the document), unless it set its own.
-SECURITY_HEADERS = (
-    (b"content-security-policy", CSP.encode()),
-    (b"x-frame-options", b"DENY"),
-    (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"same-origin"),
+#: Sent with every answer under /schema (pages, files, the document), unless it set its own:
+#: the dashboard's, whose CSP lets scripts, styles and requests go to the service's own files
+#: and API only (Swagger UI's stylesheet draws its icons as ``data:`` images).
+SECURITY_HEADERS = tuple(
+    (name.encode(), value.encode()) for name, value in DASHBOARD_HEADERS.items()
 )
 
 _PAGE = """<!DOCTYPE html>
