@@ -27,9 +27,7 @@ model): per host, shared by its processes through the directory (:class:`_Bounde
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
-import json
 import os
 import shutil
 import tempfile
@@ -52,6 +50,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from orchestra.domain import Step, StepStatus, Usage
+from orchestra.metric_labels import BoundedLabel
 
 #: The media type of :func:`exposition`'s text: Prometheus's text format 0.0.4, which every
 #: Prometheus reads (the web framework adds ``; charset=utf-8``). prometheus-client's own
@@ -201,71 +200,14 @@ for _result in ("hit", "miss"):
     MODEL_CACHE.labels(_result)
 
 
-class _Bounded:
-    """A label's values as they are until :data:`MAX_LABEL_VALUES` are known, then ``other``.
-
-    With several processes the values are counted for the whole host: each one a process
-    lets through is written, under a lock, to a file of the shared directory
-    (``labels_<name>.jsonl``, one JSON string a line), which every process of the host, a
-    restarted one too, reads before it lets a value of its own through. A process reads it
-    only for a value it has not seen: at most ``limit`` times, then never again once the
-    file is full.
-    """
-
-    def __init__(self, name: str, limit: int = MAX_LABEL_VALUES) -> None:
-        self.name = name
-        self.limit = limit
-        self.seen: set[str] = set()
-        #: Every value the host may report is known: any other is ``other``.
-        self.full = False
-
-    def __call__(self, value: str) -> str:
-        if value in self.seen:
-            return value
-        if self.full:
-            return OTHER
-        folder = os.environ.get(MULTIPROC_ENV) if multiprocess() else None
-        if folder:
-            try:
-                return self._shared(Path(folder) / f"labels_{self.name}.jsonl", value)
-            except OSError:  # the directory is gone (the supervisor stopping): as one process
-                pass
-        if len(self.seen) >= self.limit:
-            self.full = True
-            return OTHER
-        self.seen.add(value)
-        return value
-
-    def _shared(self, path: Path, value: str) -> str:
-        """``value`` or ``other``, as the host's shared file of this label has room."""
-        with path.open("a+", encoding="utf-8") as file:
-            fcntl.flock(file, fcntl.LOCK_EX)  # released when the file is closed
-            file.seek(0)
-            text = file.read()
-            known = set(_lines(text))
-            if value not in known and len(known) < self.limit:
-                cut = text and not text.endswith("\n")  # a line cut short: end it first
-                file.write(("\n" if cut else "") + json.dumps(value) + "\n")
-                file.flush()
-                known.add(value)
-        self.seen |= known
-        self.full = len(known) >= self.limit
-        return value if value in known else OTHER
+def _shared_folder() -> str | None:
+    """The shared directory of the host's processes (None: one process)."""
+    return os.environ.get(MULTIPROC_ENV) if multiprocess() else None
 
 
-def _lines(text: str) -> Iterator[str]:
-    """The values of a shared label file, one JSON string a line; a line cut short (a
-    process killed as it wrote) is left out."""
-    for line in text.splitlines():
-        with contextlib.suppress(ValueError):
-            value = json.loads(line)
-            if isinstance(value, str):
-                yield value
-
-
-_template = _Bounded("template")
-_model = _Bounded("model")
-_schedule = _Bounded("schedule")
+_template = BoundedLabel("template", MAX_LABEL_VALUES, OTHER, _shared_folder)
+_model = BoundedLabel("model", MAX_LABEL_VALUES, OTHER, _shared_folder)
+_schedule = BoundedLabel("schedule", MAX_LABEL_VALUES, OTHER, _shared_folder)
 
 _Labelled = TypeVar("_Labelled", Counter, Histogram)
 #: Each series' child per label values, found once: prometheus-client's ``labels()`` checks

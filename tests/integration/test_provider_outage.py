@@ -18,7 +18,8 @@ import pytest
 from orchestra.config import FallbackSettings, ProviderSettings, Settings
 from orchestra.errors import ModelNotFound, ProviderUnavailable
 from orchestra.llm.base import ChatMessage, ChatRequest, Health
-from orchestra.llm.router import Router, build_providers
+from orchestra.llm.providers import build_providers
+from orchestra.llm.router import Router
 from tests.conftest import StartService, with_provider
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import free_port, wait_until

@@ -64,14 +64,15 @@ def test_a_shared_label_file_cut_short_mid_line_is_read_without_that_line(
 ) -> None:
     """A process killed as it wrote a label value leaves half a line: the others read the
     file on (a ValueError reached the task's finish, where the metric was counted)."""
-    from orchestra.metrics import _Bounded
+    from orchestra.metric_labels import BoundedLabel
 
     shared = tmp_path / "labels_model.jsonl"
     shared.write_text('"llama3.2"\n"qwen"\n"mis')
-    bounded = _Bounded("model")
-    assert bounded._shared(shared, "phi3") == "phi3"
-    assert bounded._shared(shared, "qwen") == "qwen"
+    bounded = BoundedLabel("model", 200, "other", lambda: str(tmp_path))
+    assert bounded("phi3") == "phi3"
+    assert bounded("qwen") == "qwen"
     assert {"llama3.2", "qwen", "phi3"} <= bounded.seen
     # What it wrote is whole, for the next process to read.
-    assert _Bounded("model")._shared(shared, "other-model") == "other-model"
+    again = BoundedLabel("model", 200, "other", lambda: str(tmp_path))
+    assert again("other-model") == "other-model"
     assert shared.read_text().splitlines()[-2:] == ['"phi3"', '"other-model"']

@@ -39,7 +39,8 @@ from orchestra.db.webhooks import WebhookStore
 from orchestra.errors import ConfigError, OrchestraError, StorageError, TemplateError
 from orchestra.feed import EventFeed
 from orchestra.llm.cache import AnswerCache
-from orchestra.llm.router import Router, build_providers
+from orchestra.llm.providers import build_providers
+from orchestra.llm.router import Router
 from orchestra.llm.transport import model_client
 from orchestra.notify import TaskSignals
 from orchestra.runner import Runner

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from orchestra.llm.base import ChatMessage, ChatRequest, ChatResult, Health, Provider
-    from orchestra.llm.router import Router, build_providers
+    from orchestra.llm.providers import build_providers
+    from orchestra.llm.router import Router
 
 __all__ = [
     "ChatMessage",
@@ -30,7 +31,7 @@ _HOME = {
     "Health": "orchestra.llm.base",
     "Provider": "orchestra.llm.base",
     "Router": "orchestra.llm.router",
-    "build_providers": "orchestra.llm.router",
+    "build_providers": "orchestra.llm.providers",
 }
 
 
