@@ -17,6 +17,7 @@ from orchestra.config import Settings
 from tests.conftest import Service, StartService
 from tests.fixtures.pg_cut import CommitCutter, commit_cutter
 from tests.fixtures.postgres import ON_POSTGRESQL, PostgresServer
+from tests.fixtures.servers import wait_until
 from tests.fixtures.sse import read_events
 from tests.integration.test_metrics import scrape
 
@@ -60,8 +61,17 @@ async def test_a_finish_whose_commit_answer_is_lost_is_recorded_and_counted_once
     assert attempt["status"] == "succeeded"
     types = [e["event"] for e in await _events(relayed, task["id"])]
     assert types.count("task.finished") == 1, types
-    after = (await scrape(relayed.client))(FINISHED, template="summarize", status="succeeded")
-    assert after - before == 1
+    # The status is seen as soon as the server committed; the worker counts the finish once
+    # its second write learns that (after a pause): wait for the count, then it is one.
+    counted: list[float] = []
+
+    async def finish_counted() -> bool:
+        metric = await scrape(relayed.client)
+        counted[:] = [metric(FINISHED, template="summarize", status="succeeded") - before]
+        return counted[0] >= 1
+
+    await wait_until(finish_counted, timeout=15, interval=0.1)
+    assert counted == [1]
 
 
 async def test_a_step_end_whose_commit_answer_is_lost_is_recorded_once(
