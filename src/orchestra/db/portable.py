@@ -141,11 +141,13 @@ def _elapsed_sqlite(element: _ElapsedMs, compiler: SQLCompiler, **kw: Any) -> st
     # julianday() keeps whole milliseconds, and the difference of two such large doubles
     # read 12.345 ms as 11.989.
     start, end = compiler.process(element.start, **kw), compiler.process(element.end, **kw)
-    # max() of SQLite is NULL when an argument is: a NULL time gives NULL.
+    # max() of SQLite is NULL when an argument is: a NULL time gives NULL. Rounded to the
+    # microsecond: across a second's boundary the sum of the two parts is a float near it
+    # (12.345000000000027 for 12.345 ms).
     return (
-        f"max((strftime('%s', {end}) - strftime('%s', {start})) * 1000.0"
+        f"max(round((strftime('%s', {end}) - strftime('%s', {start})) * 1000.0"
         f" + (CAST(substr({end}, 21, 6) AS INTEGER)"
-        f" - CAST(substr({start}, 21, 6) AS INTEGER)) / 1000.0, 0.0)"
+        f" - CAST(substr({start}, 21, 6) AS INTEGER)) / 1000.0, 3), 0.0)"
     )
 
 
