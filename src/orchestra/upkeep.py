@@ -6,7 +6,7 @@ deletes old finished tasks in small batches."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from datetime import timedelta
 
 from orchestra import logs, metrics
@@ -44,11 +44,12 @@ async def every(
         await asyncio.sleep(seconds)
 
 
-async def reap(store: TaskStore, queued: Callable[[], None]) -> None:
+async def reap(store: TaskStore, queued: Callable[[], None], running: Collection[int] = ()) -> None:
     """Fold the counters' change log, and return the tasks of workers whose leases expired
-    to the queue (or fail those out of attempts); ``queued()`` when any was queued again."""
+    to the queue (or fail those out of attempts), but for those this process is ``running``;
+    ``queued()`` when any was queued again."""
     await store.fold_counts()
-    _moved(await store.requeue_expired(), queued)
+    _moved(await store.requeue_expired(running), queued)
 
 
 async def rescue(store: TaskStore, owner: str, cause: str, queued: Callable[[], None]) -> None:

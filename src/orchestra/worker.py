@@ -581,7 +581,7 @@ class WorkerPool:
             self.cancel(task_id)  # asked for by another process
 
     async def _reap(self) -> None:
-        await upkeep.reap(self.store, self._wake.set)
+        await upkeep.reap(self.store, self._wake.set, list(self._running))
 
     async def _reap_forever(self) -> None:
         await upkeep.every(self.workers.reap_interval, "reap", self._reap)

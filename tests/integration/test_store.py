@@ -146,6 +146,23 @@ async def test_expired_lease_returns_task_to_queue_with_attempt_counted(
     assert reclaimed.id == task.id and reclaimed.attempts == 2
 
 
+async def test_the_reaper_leaves_the_tasks_its_own_process_runs_whatever_the_clock_says(
+    store: TaskStore, clock: Clock
+) -> None:
+    """The wall clock jumped forward (a laptop woke from sleep, a clock was stepped): every
+    lease looks expired at once, its own tasks' too, which it renews. A process reaps the
+    others' only (its own were lost and run again)."""
+    mine = await add(store, new())
+    theirs = await add(store, new())
+    await store.claim("me", 1, lease_seconds=30)
+    await store.claim("dead", 1, lease_seconds=30)
+    clock.advance(3600)
+    assert await store.requeue_expired(running=[mine.id]) == {theirs.id: TaskStatus.QUEUED}
+    kept = await store.get_task(mine.id)
+    assert kept is not None and kept.status is TaskStatus.RUNNING and kept.lease_owner == "me"
+    assert (await store.renew_leases("me", [mine.id], 30)).held == {mine.id}
+
+
 async def test_a_dead_processs_tasks_are_requeued_at_once_and_the_attempt_counts(
     store: TaskStore, clock: Clock
 ) -> None:

@@ -495,7 +495,12 @@ def died(cause: str) -> tuple[TaskError, TaskError]:
 
 
 def expire_leases(
-    conn: Connection, now: str, *, owner: str | None = None, cause: str = ""
+    conn: Connection,
+    now: str,
+    *,
+    owner: str | None = None,
+    cause: str = "",
+    running: Collection[int] = (),
 ) -> dict[int, TaskStatus]:
     """Return tasks whose lease expired before ``now`` to the queue, or fail those with no
     attempts left; each lost attempt is recorded. Returns each id and the status it moved to.
@@ -504,10 +509,16 @@ def expire_leases(
     expired: its process is known dead (``cause`` says how), so its tasks need not wait out
     their leases. The attempt still counts, as an expired one does: a task that kills its
     process does not run forever.
+
+    ``running``: the tasks the reaping process runs itself, whose leases it renews: left be
+    whatever their expiry says (the wall clock jumped forward: a laptop woke from sleep, a
+    clock was stepped), as a process knows its own tasks are alive.
     """
     exhausted = (tasks.c.attempts - tasks.c.handed_back) >= tasks.c.max_attempts
     lost, gave_up = (LOST, GAVE_UP) if owner is None else died(cause)
     gone = tasks.c.lease_expires_at < now if owner is None else tasks.c.lease_owner == owner
+    if running:
+        gone = and_(gone, tasks.c.id.not_in(list(running)))
     rows = conn.execute(
         update(tasks)
         .where(guards.LEASE_EXPIRED.guard, gone)

@@ -340,15 +340,18 @@ class TaskStore:
         )
         return self._changed(lease.task_id, written)
 
-    async def requeue_expired(self) -> dict[int, TaskStatus]:
+    async def requeue_expired(self, running: Collection[int] = ()) -> dict[int, TaskStatus]:
         """Return tasks whose lease expired (their worker died) to the queue.
 
         The dead attempt is recorded as lost and counts against ``max_attempts``; a task with
         no attempts left fails instead, with an error saying so. Returns each affected id and
-        the status it moved to.
+        the status it moved to. ``running``: the tasks this process runs (and renews), left
+        be (:func:`~orchestra.db.attempts.expire_leases`).
         """
         at = self._now()
-        moved = await self.db.transaction(lambda conn: attempts.expire_leases(conn, at))
+        moved = await self.db.transaction(
+            lambda conn: attempts.expire_leases(conn, at, running=running)
+        )
         self.on_change(moved)
         return moved
 
