@@ -30,6 +30,7 @@ from sqlalchemy import text
 from orchestra.config import Settings
 from orchestra.db import Database
 from orchestra.db.failures import storage_error, warn_when_low
+from orchestra.db.sqlite_checkpoint import WAL_KEPT_BYTES
 from orchestra.errors import StorageError, StorageFull, StorageLocked, StorageUnavailable
 from tests.conftest import Service, StartService, task_row
 from tests.fixtures.fake_ollama import FakeOllama
@@ -421,7 +422,12 @@ async def test_a_real_disk_fills_up_and_the_service_recovers_when_it_grows(
 
             await wait_until(says_full, timeout=5, interval=0.02)
 
-            subprocess.run(["mount", "-o", "remount,size=30m", str(small_disk)], check=True)
+            # Room for the backlog's write-ahead log as well as the file: the log grows by
+            # tens of MB while the accepted tasks are written, and is kept up to
+            # WAL_KEPT_BYTES. Grown by less (it was 30m), the disk could fill up again at once,
+            # and for good: copying the log back needs the file to grow (half the runs failed).
+            size_mb = 3 * WAL_KEPT_BYTES // 2**20
+            subprocess.run(["mount", "-o", f"remount,size={size_mb}m", str(small_disk)], check=True)
             loop = asyncio.get_running_loop()
             grown = loop.time()
 
