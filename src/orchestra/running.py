@@ -78,7 +78,17 @@ class LeasedRecorder:
     def step_text(self, step_id: str, text: str) -> None:
         self._text.setdefault(step_id, []).append(text)
         if self._timer is None:
-            self._timer = asyncio.get_running_loop().create_task(self._flush_soon())
+            name = f"orchestra-task-{self.lease.task_id}-text"
+            self._timer = asyncio.get_running_loop().create_task(self._flush_soon(), name=name)
+
+    def close(self) -> None:
+        """The attempt has ended: drop the text still waiting to be written (its writes,
+        fenced by a lease now over, would change nothing). Its flush would otherwise come
+        after a stop, as the database closes."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._text = {}
 
     async def _flush_soon(self) -> None:
         await asyncio.sleep(TEXT_FLUSH_SECONDS)

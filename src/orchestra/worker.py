@@ -457,6 +457,8 @@ class WorkerPool:
             # A bug in the storage layer: as above, the lease expires and the task runs again.
             tlog.exception("task.store_failed")
         finally:
+            if running.recorder is not None:
+                running.recorder.close()
             metrics.slot_freed()
             if self._running.get(task.id) is running:  # not a newer attempt of the same task
                 del self._running[task.id]

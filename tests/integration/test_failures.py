@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from orchestra import running
 from orchestra.db import Database, TaskStore
 from orchestra.db.schema import upgrade
 from orchestra.domain import NewTask, Task, now
@@ -222,6 +223,28 @@ async def test_stopping_waits_for_the_grace_period_then_hands_tasks_back(
         task = await svc.submit("summarize", text="interrupted")
         await wait_until(lambda: fake_ollama.in_flight == 1)
     assert task_row(db_url, task["id"], "status, attempts - handed_back, lease_owner") == expected
+
+
+async def test_a_task_handed_back_mid_stream_leaves_no_write_behind(
+    db_url: str,
+    fake_ollama: FakeOllama,
+    start_service: StartService,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its streamed text still waiting to be written was flushed after the stop, by a
+    timer nobody cancelled: on SQLite, on the writer's connection while the database closed
+    it (a segfault in a fresh-clone run). The flush waits 30 s here, so a timer left behind
+    is still there when the service has stopped."""
+    monkeypatch.setattr(running, "TEXT_FLUSH_SECONDS", 30.0)
+    fake_ollama.word_delay = 0.05
+    settings = with_workers(make_settings(db_url, fake_ollama.url), shutdown_grace=0)
+    async with start_service(settings) as svc:
+        task = await svc.submit("summarize", text="streamed as the service stops")
+        timer = f"orchestra-task-{task['id']}-text"
+        await wait_until(lambda: any(t.get_name() == timer for t in asyncio.all_tasks()))
+    left = [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("orchestra-")]
+    assert left == []
+    assert task_row(db_url, task["id"], "status, lease_owner") == ("queued", None)
 
 
 async def test_a_task_handed_back_counts_its_attempts_as_the_retry_policy_does(

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from orchestra import logs
 from orchestra.db.failures import DatabaseState, WriteHealth
-from orchestra.errors import ConfigError, StorageError
+from orchestra.errors import ConfigError, StorageError, StorageUnavailable
 
 log = logs.get("orchestra.db")
 
@@ -121,6 +121,8 @@ class Database:
     notifies: bool = False
     #: :meth:`watch` hears other processes now (PostgreSQL: its LISTEN connection is up).
     listening: bool = False
+    #: :meth:`close` has begun: no transaction or read starts any more.
+    closed: bool = False
 
     def __new__(cls, url: str, **options: Any) -> Database:
         if cls is not Database:
@@ -136,6 +138,18 @@ class Database:
 
     def __init__(self, url: str, **options: Any) -> None:
         self.url = url
+
+    def refuse_when_closed(self) -> None:
+        """For the engines, before a transaction or a read starts.
+
+        Raises:
+            StorageUnavailable: :meth:`close` has begun (a late writer at a service's stop:
+                on SQLite it would use the writer's connection while it is being closed).
+        """
+        if self.closed:
+            raise StorageUnavailable(
+                f"the database ({self.where}) is closed: the service is stopping"
+            )
 
     @property
     def where(self) -> str:

@@ -145,6 +145,8 @@ class PostgresDatabase(Database):
         )
         self._threads = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="orchestra-pg")
         self._replacing = threading.Lock()
+        #: Transactions and reads on the threads: close() waits for them before it disposes.
+        self._under_way: set[asyncio.Future[Any]] = set()
         self.writes = WriteHealth()
         self.on_recovered = None
         self.reads_handed_off = 0
@@ -189,8 +191,9 @@ class PostgresDatabase(Database):
         """Run ``work(connection)`` as one transaction on a writer thread (see the module
         docstring). A caller cancelled meanwhile does not cut it short: it ends (committed or
         rolled back) before the cancel is raised."""
+        self.refuse_when_closed()
         self._loop = loop = asyncio.get_running_loop()
-        return await settled(loop.run_in_executor(self._threads, self._run, work))
+        return await settled(self._on_threads(loop, self._run, work))
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -198,8 +201,9 @@ class PostgresDatabase(Database):
         inside it.
 
         Raises:
-            StorageError: PostgreSQL cannot be reached or read.
+            StorageError: PostgreSQL cannot be reached or read, or the database is closed.
         """
+        self.refuse_when_closed()
         try:
             async with self._reader.connect() as conn:
                 try:
@@ -263,8 +267,18 @@ class PostgresDatabase(Database):
     async def read_now(self, read: Callable[[Any], T]) -> T:
         """Run ``read(psycopg_connection)`` on a writer thread's connection, in autocommit:
         each statement is its own snapshot, as on SQLite."""
+        self.refuse_when_closed()
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._threads, self._read_raw, read)
+        return await self._on_threads(loop, self._read_raw, read)
+
+    def _on_threads(
+        self, loop: asyncio.AbstractEventLoop, run: Callable[[Any], T], arg: Any
+    ) -> asyncio.Future[T]:
+        """``run(arg)`` on a writer thread, counted as under way until it ends."""
+        future = loop.run_in_executor(self._threads, run, arg)
+        self._under_way.add(future)
+        future.add_done_callback(self._under_way.discard)
+        return future
 
     async def ping(self) -> None:
         """Run a trivial query; raises if the database does not answer."""
@@ -321,7 +335,13 @@ class PostgresDatabase(Database):
             pause = min(pause * 2, LISTEN_RETRY_MAX)
 
     async def close(self) -> None:
-        """Close every connection."""
+        """Close every connection; no transaction or read starts after this is called
+        (:meth:`refuse_when_closed`)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._under_way:  # what was asked for before ends first
+            await asyncio.wait(list(self._under_way))
         await asyncio.get_running_loop().run_in_executor(self._threads, self._engine.dispose)
         self._threads.shutdown(wait=True)
         await self._reader.dispose()

@@ -427,6 +427,11 @@ class SqliteDatabase(Database):
         which costs more than they do. If another process holds the write lock, they go to
         the writer's thread, which waits for it.
         """
+        self.refuse_when_closed()
+        return await self._queued(work, small)
+
+    async def _queued(self, work: Callable[[Connection], T], small: bool) -> T:
+        """Queue ``work`` for the writer (see :meth:`transaction`) and wait for its end."""
         loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         with self._lock:
@@ -445,8 +450,10 @@ class SqliteDatabase(Database):
         """A read-only transaction: one consistent snapshot for every query inside it.
 
         Raises:
-            StorageError: SQLite cannot read the file (an I/O error, a lock, a bad file).
+            StorageError: SQLite cannot read the file (an I/O error, a lock, a bad file), or
+                the database is closed.
         """
+        self.refuse_when_closed()
         try:
             async with self._reader.connect() as conn:
                 try:
@@ -472,8 +479,9 @@ class SqliteDatabase(Database):
 
         Raises:
             StorageError: SQLite cannot read the file (an I/O error, a lock held past the
-                busy timeout, a bad file).
+                busy timeout, a bad file), or the database is closed.
         """
+        self.refuse_when_closed()
         try:
             try:
                 return read(self._raw_reader(0))
@@ -542,7 +550,8 @@ class SqliteDatabase(Database):
             last = version
 
     async def close(self) -> None:
-        """Close every connection."""
+        """Close every connection, once the transactions asked for so far have ended; none
+        starts after this is called (:meth:`refuse_when_closed`)."""
 
         def close_writer() -> None:
             if self._conn is not None:
@@ -550,9 +559,12 @@ class SqliteDatabase(Database):
                 self._conn = None
             self._writer.dispose()
 
+        if self.closed:
+            return
+        self.closed = True
         if self._draining:  # transactions still queued: let them end first (in order)
             with contextlib.suppress(Exception):
-                await self.transaction(lambda _conn: None)
+                await self._queued(lambda _conn: None, small=False)
         # A copy aside ends before the writer closes (waited for off the loop).
         await asyncio.to_thread(self.checkpoints.close)
         await asyncio.get_running_loop().run_in_executor(self._thread, close_writer)
