@@ -131,10 +131,13 @@ lint: $(VENV)/.installed-dev
 # timing tests failed.) The files go out longest first (tests/fixtures/ordering.py), so the
 # run does not end on one process alone with a minute-long file; --no-loadscope-reorder keeps
 # that order (xdist's own puts the files with most tests first, however long they take).
-PYTEST := $(BIN)/python -m pytest -n 3 --dist loadfile --no-loadscope-reorder
+# A test process that crashes ends the run, failed, naming the test: xdist's replacement of a
+# crashed process can hang a --dist loadfile run for good (pytest-xdist#784; it did, at 99 %).
+XDIST := --dist loadfile --no-loadscope-reorder --max-worker-restart 0
+PYTEST := $(BIN)/python -m pytest -n 3 $(XDIST)
 # The PostgreSQL pass, four: its tests wait more on the server and less on the cores (with
 # three, the test processes used 58 % of the 2 cores; the SQLite pass, 80 %).
-PYTEST_PG := $(BIN)/python -m pytest -n 4 --dist loadfile --no-loadscope-reorder
+PYTEST_PG := $(BIN)/python -m pytest -n 4 $(XDIST)
 
 # The whole suite on SQLite, then every test that uses a database again on PostgreSQL: a
 # throwaway server the tests start themselves (tests/fixtures/postgres.py), when PostgreSQL's
