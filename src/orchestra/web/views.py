@@ -40,7 +40,8 @@ def epoch(seconds: float | None) -> Markup:
 
 
 def duration(ms: float | None) -> str:
-    """Milliseconds as people read them: 850 ms, 3.2 s, 4 min 05 s."""
+    """Milliseconds as people read them: 850 ms, 3.2 s, 4 min 05 s, 23 h 59 min, 9 d 05 h,
+    7,978 years."""
     if ms is None:
         return "–"
     if ms < 1000:
@@ -52,7 +53,12 @@ def duration(ms: float | None) -> str:
     if minutes < 60:
         return f"{minutes} min {rest:02d} s"
     hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
+    if hours < 48:
+        return f"{hours} h {minutes:02d} min"
+    days, hours = divmod(hours, 24)
+    if days < 730:
+        return f"{days} d {hours:02d} h"
+    return f"{days // 365:,} years"
 
 
 def age(iso_time: str | None, now: datetime) -> str:
