@@ -295,6 +295,26 @@ async def test_a_summary_carries_duration_tokens_and_error(
     assert summary.model == "m1" and summary.status is TaskStatus.FAILED
 
 
+async def test_a_summary_of_a_task_that_ended_before_it_started_lasted_no_time(
+    store: TaskStore, dashboard: DashboardStore, db: Database
+) -> None:
+    """The wall clock stepped back while it ran (NTP, a VM restored): its summary said
+    -2000 ms, on the dashboard and in the API's list. A step's duration was kept at 0."""
+    task_id = await add(store)
+    [claimed] = await store.claim("w", 1, 30)
+    await store.finish(Lease(task_id, "w", claimed.attempts), TaskStatus.SUCCEEDED)
+    sql(
+        db,
+        "UPDATE tasks SET started_at = ?, finished_at = ? WHERE id = ?",
+        "2026-12-01T13:00:02.000000Z",
+        "2026-12-01T13:00:00.000000Z",
+        task_id,
+    )
+    [summary] = (await dashboard.page(TaskFilter())).items
+    [listed] = (await store.reads.page(None, None, 10, None)).items
+    assert summary.duration_ms == listed.duration_ms == 0.0
+
+
 async def test_counts_with_statuses_come_from_the_counters_or_the_rows(
     store: TaskStore, dashboard: DashboardStore, db: Database, varied: dict[str, int]
 ) -> None:

@@ -16,7 +16,6 @@ the choice is made.
 from __future__ import annotations
 
 import sqlite3
-from datetime import datetime
 from typing import Any, Protocol
 
 import msgspec
@@ -26,7 +25,7 @@ from orchestra.db import events, reads_pg
 from orchestra.db.engine import Database
 from orchestra.db.events import TaskEvent
 from orchestra.db.overview import DashboardStore, SummaryPage
-from orchestra.db.rows import load_details, task_from_row
+from orchestra.db.rows import lasted_ms, load_details, task_from_row
 from orchestra.db.tables import tasks
 from orchestra.domain import Task, TaskFilter, TaskStatus, TaskSummary
 
@@ -171,11 +170,8 @@ _decode_summaries = msgspec.json.Decoder(list[TaskSummary]).decode
 
 def _duration_ms(summary: TaskSummary) -> TaskSummary:
     """The summary with its duration: from its attempt's start to the task's end."""
-    started, finished = summary.started_at, summary.finished_at
-    if started is None or finished is None:
-        return summary
-    elapsed = datetime.fromisoformat(finished) - datetime.fromisoformat(started)
-    return msgspec.structs.replace(summary, duration_ms=elapsed.total_seconds() * 1000)
+    lasted = lasted_ms(summary.started_at, summary.finished_at)
+    return summary if lasted is None else msgspec.structs.replace(summary, duration_ms=lasted)
 
 
 def _one(conn: Any, sql: str, params: tuple[object, ...]) -> str | None:

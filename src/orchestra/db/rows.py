@@ -83,15 +83,20 @@ def task_from_row(
     )
 
 
+def lasted_ms(started: str | None, finished: str | None) -> float | None:
+    """Milliseconds from ``started`` to ``finished`` (stored times); None when either is;
+    never below 0 (the wall clock may have stepped back meanwhile), as steps' durations."""
+    if started is None or finished is None:
+        return None
+    elapsed = datetime.fromisoformat(finished) - datetime.fromisoformat(started)
+    return max(0.0, elapsed.total_seconds() * 1000)
+
+
 def summary_from_row(row: Row[Any], tokens: int) -> TaskSummary:
     """Build a :class:`TaskSummary` from a ``tasks`` row (the listing's columns) and the tokens
     its current attempt used."""
     m = row._mapping
     started, finished = m["started_at"], m["finished_at"]
-    duration = None
-    if started is not None and finished is not None:
-        elapsed = datetime.fromisoformat(finished) - datetime.fromisoformat(started)
-        duration = elapsed.total_seconds() * 1000
     return TaskSummary(
         id=m["id"],
         template=m["template"],
@@ -101,7 +106,7 @@ def summary_from_row(row: Row[Any], tokens: int) -> TaskSummary:
         created_at=m["created_at"],
         started_at=started,
         finished_at=finished,
-        duration_ms=duration,
+        duration_ms=lasted_ms(started, finished),
         tokens=tokens,
         attempts=m["attempts"],
         error=error_of(m["error"]),
