@@ -14,11 +14,11 @@ Two kinds of series:
   service, so the process that answers reports them once, whatever the number of processes.
 
 Several processes (``orchestra serve --processes N``): the supervisor gives its processes one
-fresh directory (:func:`share_between_processes`, prometheus-client's multiprocess mode via
+fresh directory (:mod:`orchestra.metrics_folder`, prometheus-client's multiprocess mode via
 ``PROMETHEUS_MULTIPROC_DIR``); each process writes its recorded series to memory-mapped files
 there, and a scrape, whichever process it lands on, sums them for the whole host. Counters
 and histograms of a process that died keep counting towards the totals; its worker-slot
-gauges are dropped (:func:`process_exited`). One process needs none of this.
+gauges are dropped (``metrics_folder.process_exited``). One process needs none of this.
 
 Label values are bounded: no task ids; templates, models and schedules beyond
 :data:`MAX_LABEL_VALUES` distinct values are reported as ``other`` (a task may name any
@@ -27,10 +27,7 @@ model): per host, shared by its processes through the directory (:class:`_Bounde
 
 from __future__ import annotations
 
-import fcntl
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -73,6 +70,12 @@ _WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60
 _RUN_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 #: Seconds: one model call.
 _CALL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+#: Seconds: an HTTP request until its answer's headers, a `?wait=` of up to a minute included.
+_HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 30, 60)
+#: The methods an HTTP request is counted under by name; any other is ``other``.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+#: The route label of a request that matched no route (a 404 or 405 of the routing).
+UNMATCHED = "unmatched"
 
 #: The outcomes a webhook delivery attempt is counted under.
 WEBHOOK_RESULTS = ("delivered", "failed", "retrying")
@@ -171,6 +174,19 @@ SCHEDULE_TICKS = Counter(
     "task unfinished), failed (no task could be made: the template or parameters no longer "
     "fit), missed (the service was down; one for each stretch of ticks missed).",
     ["schedule", "outcome"],
+)
+HTTP_REQUESTS = Counter(
+    "orchestra_http_requests",
+    "HTTP requests answered, by method, route (the path's pattern, e.g. /api/v1/tasks/{task_id}"
+    "; unmatched for a path no route serves) and status.",
+    ["method", "route", "status"],
+)
+HTTP_DURATION = Histogram(
+    "orchestra_http_request_duration_seconds",
+    "Seconds from a request's arrival until its answer's headers were sent (an event stream's "
+    "start, a ?wait= read's end), by method and route.",
+    ["method", "route"],
+    buckets=_HTTP_BUCKETS,
 )
 MODEL_CACHE = Counter(
     "orchestra_model_cache_requests",
@@ -398,6 +414,15 @@ def model_cache(hit: bool) -> None:
     _child(MODEL_CACHE, "hit" if hit else "miss").inc()
 
 
+def http_answered(method: str, route: str | None, status: int, seconds: float) -> None:
+    """An HTTP request's answer started: ``route`` is the path pattern it matched (None:
+    none). Labels stay bounded: a pattern, never a path; unknown methods are ``other``."""
+    method = method if method in HTTP_METHODS else OTHER
+    route = route or UNMATCHED
+    _child(HTTP_REQUESTS, method, route, str(status)).inc()
+    _child(HTTP_DURATION, method, route).observe(seconds)
+
+
 # -- scraping ----------------------------------------------------------------------------------
 
 
@@ -501,75 +526,3 @@ def exposition(
         registry.register(_Recorded())
     registry.register(_ReadNow(counts, providers, writable))
     return generate_latest(registry)
-
-
-# -- several processes (the supervisor) ----------------------------------------------------------
-
-
-#: The shared directories' names: the prefix, the supervisor's pid, a random part.
-_SHARED_PREFIX = "orchestra-metrics-"
-#: The file in a shared directory its supervisor holds locked (flock) for as long as it runs.
-_HELD = ".supervisor.lock"
-
-
-def _hold(folder: str) -> int:
-    """Lock ``folder``'s :data:`_HELD` file for as long as this process runs (or until the
-    descriptor returned is closed)."""
-    fd = os.open(os.path.join(folder, _HELD), os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    return fd
-
-
-def _remove_orphans(parent: str) -> None:
-    """Remove this user's shared directories in ``parent`` whose supervisor is gone (killed
-    before its undo ran: SIGKILL, a power cut): those whose lock file nobody holds. A lock,
-    not the pid: in another container sharing the folder the same pid is another process."""
-    for found in Path(parent).glob(f"{_SHARED_PREFIX}*"):
-        try:
-            if not found.is_dir() or found.stat().st_uid != os.getuid():
-                continue
-            fd = os.open(found / _HELD, os.O_RDWR)
-        except OSError:  # no lock file (not one of ours, or being made): left alone
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held: its supervisor runs
-            continue
-        else:
-            shutil.rmtree(found, ignore_errors=True)
-        finally:
-            os.close(fd)
-
-
-def share_between_processes() -> Callable[[], None]:
-    """Give the processes this one starts a fresh directory for their metrics (the variable
-    :data:`MULTIPROC_ENV`, which they inherit), below the one it names already if set; returns
-    the undo, which removes the directory and restores the variable.
-
-    Called by the supervisor before it starts any process: prometheus-client picks its mode
-    when first imported in a process, from this variable.
-    """
-    before = os.environ.get(MULTIPROC_ENV)
-    parent = before or tempfile.gettempdir()
-    _remove_orphans(parent)
-    folder = tempfile.mkdtemp(prefix=f"{_SHARED_PREFIX}{os.getpid()}-", dir=parent)
-    held = _hold(folder)
-    os.environ[MULTIPROC_ENV] = folder
-
-    def undo() -> None:
-        if before is None:
-            os.environ.pop(MULTIPROC_ENV, None)
-        else:
-            os.environ[MULTIPROC_ENV] = before
-        shutil.rmtree(folder, ignore_errors=True)
-        os.close(held)
-
-    return undo
-
-
-def process_exited(pid: int | None) -> None:
-    """A service process exited: its gauges no longer count (its counters and histograms
-    still do)."""
-    folder = os.environ.get(MULTIPROC_ENV)
-    if pid is not None and folder:
-        _multiprocess.mark_process_dead(pid, folder)  # type: ignore[no-untyped-call]

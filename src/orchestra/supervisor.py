@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from orchestra import logs, metrics
+from orchestra import logs, metrics_folder
 from orchestra.config import Settings
 from orchestra.errors import ConfigError, OrchestraError, StartupFailed, TemplateError
 from orchestra.supervised import (
@@ -261,7 +261,7 @@ class Supervisor:
         """
         sock = bind_socket(self.settings.server.host, self.settings.server.port)
         undo = self._catch_signals()
-        unshare = metrics.share_between_processes()  # one scrape answers for every process
+        unshare = metrics_folder.share_between_processes()  # one scrape answers for every process
         try:
             s = self.settings.server
             log.info("supervisor.listening", host=s.host, port=sock.getsockname()[1])
@@ -455,7 +455,7 @@ class Supervisor:
                 self._read(child)
             if child.process.sentinel in ready:
                 child.process.join()
-                metrics.process_exited(child.process.pid)
+                metrics_folder.process_exited(child.process.pid)
                 self._read(child)  # a failure it said just before it exited
                 child.pipe.close()
                 del self._children[child.index]

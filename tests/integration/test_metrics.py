@@ -64,6 +64,10 @@ class Scrape:
     def names(self) -> set[str]:
         return set(self.labels)
 
+    def values(self, label: str) -> set[str]:
+        """Every value ``label`` takes in any sample."""
+        return {v for _, ls in self.samples for k, v in ls if k == label}
+
 
 async def scrape(client: httpx.AsyncClient, **kwargs: Any) -> Scrape:
     response = await client.get("/metrics", **kwargs)
@@ -651,3 +655,35 @@ async def test_a_read_only_postgresql_is_scraped_as_not_writable(
 
         await wait_until(accepted, timeout=10, interval=0.1)
         assert (await scrape(svc.client))("orchestra_database_writable") == 1
+
+
+async def test_http_requests_are_counted_by_method_route_pattern_and_status(
+    service: Service,
+) -> None:
+    """What an operator graphs first: requests by route and status, and their latency. The
+    route is the matched pattern, never the path (a task id would make a series per task)."""
+    task = await service.submit("summarize", text="count my requests")
+    before = await scrape(service.client)
+    one = "/api/v1/tasks/{task_id}"
+    assert (await service.client.get(f"/api/v1/tasks/{task['id']}")).status_code == 200
+    assert (await service.client.get("/api/v1/tasks/987654321")).status_code == 404
+    assert (await service.client.get("/no/such/path")).status_code == 404
+    assert (await service.client.post("/api/v1/tasks", content=b"{")).status_code == 400
+    assert (await service.client.request("TRACE", "/api/v1/tasks")).status_code == 405
+    assert (await service.client.head("/metrics")).status_code == 200
+    after = await scrape(service.client)
+
+    def more(name: str, **labels: str) -> float:
+        return after(name, **labels) - before(name, **labels)
+
+    requests = "orchestra_http_requests_total"
+    assert more(requests, method="GET", route=one, status="200") == 1
+    assert more(requests, method="GET", route=one, status="404") == 1
+    assert more(requests, method="GET", route="unmatched", status="404") == 1
+    assert more(requests, method="POST", route="/api/v1/tasks", status="400") == 1
+    assert more(requests, method="other", status="405") == 1
+    assert more(requests, method="HEAD", route="/metrics", status="200") == 1
+    assert more(requests, method="GET", route="/metrics", status="200") == 1  # `before`
+    assert more(requests) == 7
+    assert more("orchestra_http_request_duration_seconds_count", method="GET", route=one) == 2
+    assert not [route for route in after.values("route") if re.search(r"/\d+(/|$)", route)]

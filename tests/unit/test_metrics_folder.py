@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestra import metrics
+from orchestra import metrics, metrics_folder
 
 
 def test_a_killed_supervisors_directory_is_removed_by_the_next(
@@ -41,7 +41,7 @@ def test_a_killed_supervisors_directory_is_removed_by_the_next(
         unknown = tmp_path / "orchestra-metrics-notours"  # no lock file: left alone
         unknown.mkdir()
         monkeypatch.setenv(metrics.MULTIPROC_ENV, str(tmp_path))
-        undo = metrics.share_between_processes()
+        undo = metrics_folder.share_between_processes()
         try:
             mine = Path(os.environ[metrics.MULTIPROC_ENV])
             assert mine.parent == tmp_path and mine.name.startswith("orchestra-metrics-")

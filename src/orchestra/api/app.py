@@ -12,6 +12,7 @@ suite, which starts some 1,500 services, builds a handful per process.
 from __future__ import annotations
 
 import functools
+import time
 import traceback
 from collections.abc import Mapping
 from typing import Any
@@ -28,7 +29,7 @@ from litestar.plugins.core import MsgspecDIPlugin
 from litestar.routes import HTTPRoute
 from litestar.types import Scope
 
-from orchestra import __version__
+from orchestra import __version__, metrics
 from orchestra.api import auth, docs_ui
 from orchestra.api.batches import BatchController
 from orchestra.api.errors import HANDLERS
@@ -135,8 +136,14 @@ class ServiceApp:
             await self._lifespan(receive, send)
             return
         scope.setdefault("state", {})[RUNTIME] = self.runtime
-        if scope["type"] == "http" and scope["method"] == "HEAD" and self._get_only(scope):
+        if scope["type"] != "http":
+            await self.http(scope, receive, send)
+            return
+        asked = scope
+        if scope["method"] == "HEAD" and self._get_only(scope):
             scope, send = {**scope, "method": "GET"}, _without_body(send)
+        if self.runtime.settings.metrics.enabled:
+            send = _measured(asked["method"], scope, send)
         await self.http(scope, receive, send)
 
     def _get_only(self, scope: Any) -> bool:
@@ -164,6 +171,20 @@ class ServiceApp:
             await send({"type": f"lifespan.{stage}.failed", "message": traceback.format_exc()})
             raise
         await send({"type": "lifespan.shutdown.complete"})
+
+
+def _measured(method: str, scope: Any, send: Any) -> Any:
+    """``send``, counting the request (``orchestra_http_requests``) by the route the app
+    matched (Litestar puts it in ``scope`` when it routes) when its answer starts."""
+    started = time.perf_counter()
+
+    async def send_measured(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            seconds = time.perf_counter() - started
+            metrics.http_answered(method, scope.get("path_template"), message["status"], seconds)
+        await send(message)
+
+    return send_measured
 
 
 def _without_body(send: Any) -> Any:
