@@ -14,6 +14,7 @@ import pytest
 from orchestra.api.health import DATABASE_CHECK_SECONDS
 from orchestra.db.failures import DatabaseState
 from orchestra.errors import StorageUnavailable
+from orchestra.llm.router import ASKED_CHECK_SECONDS
 from tests.conftest import Service
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import wait_until
@@ -53,6 +54,31 @@ async def test_probes_in_a_row_share_one_database_check(
     now = await service.client.get("/health", params={"check": "now"})
     assert now.status_code == 200
     assert len(checks) == before + 1 and fake_ollama.listings == listings + 1
+
+
+async def test_checks_asked_for_in_a_loop_reach_the_model_servers_once_a_second(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    """A read key could make the service check every model server per request: 40 asked
+    for at once and in a row cost the fake model 40 listings; now they share one a second."""
+    listings = fake_ollama.listings
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    now = {"check": "now"}
+    together = await asyncio.gather(*(service.client.get("/health", params=now) for _ in range(20)))
+    in_a_row = [await service.client.get("/health", params=now) for _ in range(20)]
+    elapsed = loop.time() - started
+    assert all(a.status_code == 200 for a in together + in_a_row)
+    # One per ASKED_CHECK_SECONDS however slow the machine, and perhaps the watcher's own.
+    assert fake_ollama.listings - listings <= elapsed / ASKED_CHECK_SECONDS + 2
+    # A second later, asking checks again.
+    before = fake_ollama.listings
+
+    async def checked_again() -> bool:
+        await service.client.get("/health", params=now)
+        return fake_ollama.listings > before
+
+    await wait_until(checked_again, timeout=ASKED_CHECK_SECONDS + 5, interval=0.1)
 
 
 async def test_a_database_that_stops_answering_is_reported_down_within_seconds(

@@ -110,7 +110,7 @@ def _database_check(runtime: Runtime) -> DatabaseCheck:
 async def _states(runtime: Runtime, check: str | None) -> list[ProviderState]:
     """Providers as last checked, or checked now."""
     if check == "now":
-        return await runtime.router.refresh()
+        return await runtime.router.refresh(asked=True)
     return runtime.router.states()
 
 

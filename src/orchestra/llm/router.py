@@ -82,6 +82,11 @@ OUTAGE_FIRST_PAUSE = 0.5
 OUTAGE_MAX_PAUSE = 5.0
 
 
+#: Seconds a check of every provider asked for by a client (``/health?check=now``, the
+#: dashboard's button) counts as now for the next one asked for.
+ASKED_CHECK_SECONDS = 1.0
+
+
 class Route(NamedTuple):
     """One entry of a chain: which provider, asked for which model."""
 
@@ -124,6 +129,10 @@ class Router:
         self.settings = settings
         self._health: dict[str, Health] = {}
         self._checked: dict[str, float] = {}
+        #: The check of every provider under way (callers meanwhile share it), and when
+        #: (time.monotonic()) a client last asked for one.
+        self._refreshing: asyncio.Future[list[ProviderState]] | None = None
+        self._asked_at = float("-inf")
         #: Providers where nothing answered: why, and when (time.monotonic()).
         self._down: dict[str, tuple[str, float]] = {}
         #: Models a provider failed a call for (a 5xx, busy, a timeout): why, when, and until
@@ -444,13 +453,32 @@ class Router:
             self._starting.add(task)
             task.add_done_callback(self._starting.discard)
 
-    async def refresh(self) -> list[ProviderState]:
-        """Check every provider now (at once, each bounded by its own short timeout)."""
-        names = list(self.providers)
-        results = await asyncio.gather(*(self.providers[n].health() for n in names))
-        for name, health in zip(names, results, strict=True):
-            self.observe(name, health)
-        return self.states()
+    async def refresh(self, asked: bool = False) -> list[ProviderState]:
+        """Check every provider now (at once, each bounded by its own short timeout).
+
+        Callers that ask while a check is under way share it. A check ``asked`` for by a
+        client (``/health?check=now``, the dashboard's button) within
+        :data:`ASKED_CHECK_SECONDS` of the last one asked for answers with what that one
+        found: a client asking in a loop sends the model servers at most one check a second,
+        not one per request."""
+        if asked:
+            at = time.monotonic()
+            if at - self._asked_at < ASKED_CHECK_SECONDS:
+                return await asyncio.shield(self._refreshing) if self._refreshing else self.states()
+            self._asked_at = at
+        if self._refreshing is None:
+            self._refreshing = asyncio.ensure_future(self._check_all())
+        return await asyncio.shield(self._refreshing)
+
+    async def _check_all(self) -> list[ProviderState]:
+        try:
+            names = list(self.providers)
+            results = await asyncio.gather(*(self.providers[n].health() for n in names))
+            for name, health in zip(names, results, strict=True):
+                self.observe(name, health)
+            return self.states()
+        finally:
+            self._refreshing = None
 
     def observe(self, name: str, health: Health) -> None:
         """Take ``health`` as provider ``name``'s state from now on (a check's result, or a

@@ -91,7 +91,8 @@ class OverviewPages(Controller):
     async def check_providers(self, request: Request[Any, Any, Any]) -> Template:
         """Check every provider now, then show them (a POST: it has effects, e.g. clearing a
         provider's "down" mark, so no link or image on another site can trigger it)."""
-        return await _providers(request, await runtime_of(request.scope).router.refresh())
+        router = runtime_of(request.scope).router
+        return await _providers(request, await router.refresh(asked=True))
 
     @get("/live", name="ui.live")
     async def live(self, request: Request[Any, Any, Any]) -> ServerSentEvent:
