@@ -16,10 +16,8 @@ requests), return the tasks of dead workers to the queue, and delete old finishe
 log failures and carry on.
 
 While the database refuses writes (a full disk, a lock held elsewhere), the dispatcher backs
-off instead of claiming in a loop, and a running task's writes (its steps, its result) are
-tried again until its lease runs out: a task whose model answered while the disk was full
-records its result once there is room. Past the lease it stops; the reaper returns it to the
-queue, and it runs again.
+off, and a running task's writes are tried again until its lease runs out (past it, it stops
+and the reaper queues it again). Claims failing otherwise show in /health (:mod:`pool_health`).
 
 Shutdown: stop claiming, give running tasks ``shutdown_grace`` seconds, then cancel the rest and
 hand them back (queued again, the attempt not counted against ``max_attempts``).
@@ -50,6 +48,7 @@ from orchestra.domain import (
     now,
 )
 from orchestra.errors import LeaseLost, StorageError, TemplateNotFound
+from orchestra.pool_health import PoolHealth
 from orchestra.runner import Runner, StepFailed
 from orchestra.running import LeasedRecorder, Running, StopReason, Writer, within_lease, worker_id
 from orchestra.sizes import clip_message
@@ -111,6 +110,7 @@ class WorkerPool:
         self._dispatcher_failures = 0
         #: Claims the database refused in a row (it backs off meanwhile).
         self._claim_failures = 0
+        self.health = PoolHealth()  #: whether claims succeed, for /health
         #: The last claim took every due task it could see, with room to spare: a task that
         #: ends then frees a slot with nothing to fill it, and does not wake the dispatcher
         #: for an empty claim (a submit, a due retry or the poll does).
@@ -152,11 +152,11 @@ class WorkerPool:
     def _dispatcher_ended(self, ended: asyncio.Task[None]) -> None:
         """A dispatcher that ended on an error (a bug) is logged and started again, after a
         pause that doubles while it keeps failing at once (0.1 s up to 10 s): without it the
-        process claims nothing, while its API and /health still answer."""
+        process claims nothing. /health says so until a claim succeeds."""
         self._loops.discard(ended)
-        if ended.cancelled() or ended.exception() is None or self._stopping.is_set():
+        error = None if ended.cancelled() else ended.exception()
+        if error is None or self._stopping.is_set():
             return
-        error = ended.exception()
         loop = asyncio.get_running_loop()
         quick = loop.time() - self._dispatcher_started < DISPATCHER_RESTART_CAP
         self._dispatcher_failures = self._dispatcher_failures + 1 if quick else 1
@@ -164,6 +164,7 @@ class WorkerPool:
         log.error(
             "pool.dispatcher_failed", error=f"{type(error).__name__}: {error}", restart_in_s=pause
         )
+        self.health.failed("the claiming loop failed", error)
         loop.call_later(pause, self._start_dispatcher)
 
     def notify(self) -> None:
@@ -320,10 +321,12 @@ class WorkerPool:
                 except StorageError as exc:
                     await self._back_off(exc)
                     continue
-                except Exception:
+                except Exception as exc:
                     log.exception("pool.claim_failed")
+                    self.health.failed("claims fail", exc)
                     claimed, asked = [], None  # what was due is still to claim
                 else:
+                    self.health.claimed()
                     if self._claim_failures:
                         log.info("pool.claims_resumed", after_failures=self._claim_failures)
                         self._claim_failures = 0

@@ -575,3 +575,46 @@ async def test_a_dispatcher_that_fails_is_started_again(
     assert failed_at[2] - failed_at[0] >= 0.1 + 0.2 - 0.02  # restarted after 0.1 s, then 0.2 s
     task = await svc.submit("summarize", text="after the failures")
     assert (await svc.wait(task["id"]))["status"] == "succeeded"
+
+
+async def test_a_pool_that_cannot_claim_makes_health_degraded_naming_why(
+    svc: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Claims that fail with something other than the database's refusal (a bug, a schema an
+    upgrade changed), or a dispatcher that fails, leave the process claiming nothing; /health
+    said ok all along. Now it is degraded and names why, until a claim succeeds again."""
+    pool = svc.app.runtime.pool
+    claim, plan = pool.store.claim, pool.capacity.next_claim
+    broken = {"claim": True, "plan": False}
+
+    async def failing_claim(*args: Any, **kwargs: Any) -> Any:
+        if broken["claim"]:
+            raise RuntimeError("a bug in the claim")
+        return await claim(*args, **kwargs)
+
+    def failing_plan(running: Any) -> Any:
+        if broken["plan"]:
+            broken["plan"] = False
+            raise RuntimeError("a bug in planning a claim")
+        return plan(running)
+
+    monkeypatch.setattr(pool.store, "claim", failing_claim)
+    monkeypatch.setattr(pool.capacity, "next_claim", failing_plan)
+    health: dict[str, Any] = {}
+
+    async def health_is(status: str) -> bool:
+        pool.notify()
+        health.update((await svc.client.get("/health")).json())
+        return health["status"] == status
+
+    await wait_until(lambda: health_is("degraded"), timeout=10)
+    assert health["workers"].startswith("error: claims fail (RuntimeError: a bug in the claim)")
+    assert " since 20" in health["workers"]
+    broken["claim"] = False
+    await wait_until(lambda: health_is("ok"), timeout=10)
+    assert health["workers"] == "ok"
+
+    broken["plan"] = True
+    await wait_until(lambda: health_is("degraded"), timeout=10)
+    assert "the claiming loop failed (RuntimeError: a bug in planning a claim)" in health["workers"]
+    await wait_until(lambda: health_is("ok"), timeout=10)  # started again, it claims

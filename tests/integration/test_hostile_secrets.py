@@ -160,7 +160,7 @@ async def test_health_without_a_key_shows_only_status_and_database_once_keys_exi
             keyed = await svc.client.get(path, headers=_bearer(tokens["read"]))
             assert keyed.status_code == 200
             body: dict[str, Any] = keyed.json()
-            assert set(body) == {"status", "database", "providers", "version"}
+            assert set(body) == {"status", "database", "workers", "providers", "version"}
             assert body["providers"]["ollama"]["models"]
 
 

@@ -167,15 +167,18 @@ async def _answer(
     check_now = detailed and check == "now"
     database = await _database_check(runtime).state(now=check_now)
     states = await _states(runtime, check if detailed else None)
+    pool = runtime.pool
+    claims_ok = pool is None or pool.health.ok
     if not database.readable:
         status = "down"
-    elif database.ok and any(s.available for s in states):
+    elif database.ok and claims_ok and any(s.available for s in states):
         status = "ok"
     else:
         status = "degraded"
     body = HealthOut(
         status=status,
         database=database.detail,
+        workers=pool.health.detail if pool is not None and detailed else None,
         providers={s.name: ProviderOut.of(s) for s in states} if detailed else None,
         version=__version__ if detailed else None,
     )

@@ -446,11 +446,16 @@ class ModelsOut(msgspec.Struct, frozen=True):
 class HealthOut(msgspec.Struct, frozen=True, omit_defaults=True):
     """Whether the service and what it depends on answer."""
 
-    #: ok: the database answers, writes succeed and a provider is available; degraded: writes
-    #: fail, the disk is low or no provider is available; down: the database does not answer.
+    #: ok: the database answers, writes succeed, this process's workers claim and a provider
+    #: is available; degraded: writes fail, the disk is low, claims fail or no provider is
+    #: available; down: the database does not answer.
     status: str
     #: "ok", or what is wrong: "error: disk full since …", "low disk: 80 MB free", …
     database: str
+    #: This process's workers: "ok", or why they claim nothing ("error: claims fail
+    #: (RuntimeError: …) since …"). Left out without workers (``--no-workers``) and for a
+    #: caller without the read scope.
+    workers: str | None = None
     #: Left out for a caller without the read scope (no key, once keys exist).
     providers: dict[str, ProviderOut] | None = None
     #: Left out for a caller without the read scope.
