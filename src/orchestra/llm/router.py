@@ -468,6 +468,8 @@ class Router:
             self._asked_at = at
         if self._refreshing is None:
             self._refreshing = asyncio.ensure_future(self._check_all())
+            # Read, so that a check whose callers all went away does not log it as unread.
+            self._refreshing.add_done_callback(lambda f: f.cancelled() or f.exception())
         return await asyncio.shield(self._refreshing)
 
     async def _check_all(self) -> list[ProviderState]:
