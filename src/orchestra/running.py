@@ -1,5 +1,6 @@
-"""A task running in a worker pool: its record (:class:`Running`), and its steps written through
-the store as they happen, fenced by its lease (:class:`LeasedRecorder`)."""
+"""A task running in a worker pool: its record (:class:`Running`), its steps written through
+the store as they happen, fenced by its lease (:class:`LeasedRecorder`), and the renewal of
+the pool's leases (:func:`renew_leases`)."""
 
 from __future__ import annotations
 
@@ -192,6 +193,33 @@ async def within_lease(running: Running, write: Callable[[], Awaitable[T]]) -> T
                 )
             await asyncio.sleep(pause)
             pause = min(pause * 2, WRITE_RETRY_CAP)
+
+
+async def renew_leases(
+    store: TaskStore,
+    owner: str,
+    running: dict[int, Running],
+    lease_seconds: float,
+    cancel: Callable[[int], object],
+) -> None:
+    """Renew the leases of the tasks ``running`` in pool ``owner`` (those not finishing): a
+    lease held runs ``lease_seconds`` more from when it was asked for; a task whose lease was
+    lost is stopped; a cancel another process asked for is passed to ``cancel``."""
+    ids = [i for i, r in running.items() if not r.finishing]
+    if not ids:
+        return
+    asked = asyncio.get_running_loop().time()
+    renewal = await store.renew_leases(owner, ids, lease_seconds)
+    for task_id in ids:
+        record = running.get(task_id)
+        if record is None:
+            continue
+        if task_id in renewal.held:
+            record.lease_until = asked + lease_seconds
+        elif not record.finishing:
+            record.interrupt(StopReason.LEASE_LOST)
+    for task_id in renewal.cancel_requested:
+        cancel(task_id)  # asked for by another process
 
 
 def worker_id() -> str:

@@ -50,7 +50,15 @@ from orchestra.domain import (
 from orchestra.errors import LeaseLost, StorageError, TemplateNotFound
 from orchestra.pool_health import PoolHealth
 from orchestra.runner import Runner, StepFailed
-from orchestra.running import LeasedRecorder, Running, StopReason, Writer, within_lease, worker_id
+from orchestra.running import (
+    LeasedRecorder,
+    Running,
+    StopReason,
+    Writer,
+    renew_leases,
+    within_lease,
+    worker_id,
+)
 from orchestra.sizes import clip_message
 from orchestra.templating.model import Template
 from orchestra.templating.registry import TemplateRegistry
@@ -569,21 +577,8 @@ class WorkerPool:
         await upkeep.every(self.workers.lease_seconds / 3, "lease_renewal", self._renew)
 
     async def _renew(self) -> None:
-        ids = [i for i, r in self._running.items() if not r.finishing]
-        if not ids:
-            return
-        asked = asyncio.get_running_loop().time()
-        renewal = await self.store.renew_leases(self.owner, ids, self.workers.lease_seconds)
-        for task_id in ids:
-            running = self._running.get(task_id)
-            if running is None:
-                continue
-            if task_id in renewal.held:
-                running.lease_until = asked + self.workers.lease_seconds
-            elif not running.finishing:
-                running.interrupt(StopReason.LEASE_LOST)
-        for task_id in renewal.cancel_requested:
-            self.cancel(task_id)  # asked for by another process
+        seconds = self.workers.lease_seconds
+        await renew_leases(self.store, self.owner, self._running, seconds, self.cancel)
 
     async def _reap(self) -> None:
         await upkeep.reap(self.store, self._wake.set, list(self._running))
