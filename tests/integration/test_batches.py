@@ -205,6 +205,26 @@ async def test_sending_a_batch_again_with_its_key_resumes_it_without_repeating_a
     await upload(idle, full, expect=409, key="data-v1", priority=5)
 
 
+async def test_a_batch_key_beyond_ascii_is_utf_8_and_a_bad_one_is_refused_by_name(
+    idle: Service, db_url: str
+) -> None:
+    """As for tasks: the header's bytes are UTF-8, kept as typed; anything else is a 400
+    naming the header, and nothing is queued."""
+    first = await upload(idle, b"text\na\n", key="lot-é".encode())
+    again = await upload(idle, b"text\na\nb\n", expect=200, key="lot-é".encode())
+    assert again["batch"]["id"] == first["batch"]["id"] and again["batch"]["rows"] == 2
+    assert sql_rows(db_url, "SELECT idempotency_key FROM batches") == [("lot-é",)]
+    for raw, reason in (
+        (b"lot-\xe9", "UTF-8"),
+        (b"a\tb", "control character"),
+        ("é".encode() * 256, "limit is 255"),
+    ):
+        refused = await upload(idle, b"text\nc\n", expect=400, key=raw)
+        assert [f["field"] for f in refused["fields"]] == ["Idempotency-Key"], refused
+        assert reason in refused["fields"][0]["message"], refused
+    assert sql_rows(db_url, "SELECT count(*) FROM tasks") == [(2,)]
+
+
 async def test_cancel_stops_every_queued_row(idle: Service) -> None:
     answer = await upload(idle, b"text\n" + b"x\n" * 40)
     batch_id = answer["batch"]["id"]

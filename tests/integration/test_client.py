@@ -164,6 +164,10 @@ async def test_batches_from_a_file_and_from_an_iterable_run_to_their_results(
         from_rows = await api.do("create_batch", "summarize", iter([{"text": "a"}, {"x": 1}]))
         assert (from_rows.read, from_rows.refused) == (2, 1)
         assert from_rows.problems[0].row == 2
+        # A key beyond ASCII goes as UTF-8 (httpx alone refuses it: UnicodeEncodeError).
+        keyed = await api.do("create_batch", "summarize", b"text\nk\n", idempotency_key="lot-é")
+        resent = await api.do("create_batch", "summarize", b"text\nk\n", idempotency_key="lot-é")
+        assert resent.batch.id == keyed.batch.id
 
         async def done(batch_id: int) -> bool:
             return bool((await api.do("get_batch", batch_id)).progress == 1.0)
@@ -183,9 +187,9 @@ async def test_batches_from_a_file_and_from_an_iterable_run_to_their_results(
         ]
         assert not list(tmp_path.glob("*.part"))
         listed = await api.take("list_batches", page_size=1)
-        assert [b.id for b in listed] == [from_rows.batch.id, from_file.batch.id]
-        assert listed[1].counts == rows_by_status(succeeded=3)
-        assert (listed[1].finished, listed[1].progress) == (3, 1.0)
+        assert [b.id for b in listed] == [keyed.batch.id, from_rows.batch.id, from_file.batch.id]
+        assert listed[2].counts == rows_by_status(succeeded=3)
+        assert (listed[2].finished, listed[2].progress) == (3, 1.0)
         assert (await api.do("retry_batch", from_file.batch.id)).changed == 0  # none failed
         both = ("failed", "cancelled")
         assert (await api.do("retry_batch", from_file.batch.id, statuses=both)).changed == 0

@@ -479,6 +479,44 @@ async def test_control_characters_in_an_idempotency_key_are_refused(svc: Service
     assert (await svc.client.get("/api/v1/tasks")).json()["items"] == []
 
 
+async def test_an_idempotency_key_beyond_ascii_is_read_as_utf_8_in_the_header(
+    svc: Service,
+) -> None:
+    """Header values arrive as bytes; a key typed in a terminal (curl) is UTF-8. It is the
+    same key as in the body, stored as typed; bytes that are not UTF-8 are refused by name."""
+    first = await svc.client.post(
+        "/api/v1/tasks", json=BASE, headers={"Idempotency-Key": "café-1".encode()}
+    )
+    assert first.status_code == 201, first.text
+    assert first.json()["idempotency_key"] == "café-1"
+    both = await svc.client.post(
+        "/api/v1/tasks",
+        json={**BASE, "idempotency_key": "café-1"},
+        headers={"Idempotency-Key": "café-1".encode()},
+    )
+    assert both.status_code == 200, both.text
+    assert both.json()["id"] == first.json()["id"]
+    body_only = await svc.client.post("/api/v1/tasks", json={**BASE, "idempotency_key": "café-1"})
+    assert body_only.status_code == 200, body_only.text
+    assert body_only.json()["id"] == first.json()["id"]
+    # 255 characters is the limit, counted as characters, not bytes.
+    wide = "é" * 255
+    response = await svc.client.post(
+        "/api/v1/tasks", json=BASE, headers={"Idempotency-Key": wide.encode()}
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["idempotency_key"] == wide
+    for raw in (b"caf\xe9", b"\xff\xfe", b"a\xc3"):
+        response = await svc.client.post(
+            "/api/v1/tasks", json=BASE, headers={"Idempotency-Key": raw}
+        )
+        assert response.status_code == 400, response.text
+        fields = response.json()["fields"]
+        assert [f["field"] for f in fields] == ["Idempotency-Key"]
+        assert "UTF-8" in fields[0]["message"]
+    assert len((await svc.client.get("/api/v1/tasks")).json()["items"]) == 2
+
+
 def _exchange(host: str, port: int | None, request: bytes) -> bytes:
     """Send raw bytes, read the whole answer (the request asks to close the connection)."""
     with socket.create_connection((host, port or 80), timeout=10) as sock:

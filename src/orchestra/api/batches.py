@@ -24,6 +24,7 @@ from litestar.openapi.spec import (
 from litestar.params import FromPath, HeaderParameter, QueryParameter
 from litestar.response import Stream
 
+from orchestra.api import idempotency
 from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
 from orchestra.auth import Caller
@@ -174,10 +175,8 @@ class BatchController(Controller):
         idempotency_key: Annotated[
             str | None,
             HeaderParameter(
-                name="Idempotency-Key",
-                min_length=1,
-                max_length=255,
-                description="Sending again with the same key resumes the same batch.",
+                name=idempotency.HEADER,
+                description=f"{idempotency.HEADER_DESCRIPTION} Resumes the same batch.",
             ),
         ] = None,
     ) -> Response[UploadOut]:
@@ -195,7 +194,7 @@ class BatchController(Controller):
             max_attempts=max_attempts,
             timeout=timeout,
             atomic=atomic,
-            idempotency_key=idempotency_key,
+            idempotency_key=idempotency.header_key(idempotency_key),
         )
         uploaded = await batches.upload(opts, request.stream(), key_id=request.user.key_id)
         body = UploadOut(

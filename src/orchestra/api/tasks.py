@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -13,6 +12,7 @@ from litestar.di import NamedDependency
 from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 
+from orchestra.api import idempotency
 from orchestra.api.auth import StreamGate
 from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
@@ -21,15 +21,11 @@ from orchestra.api.sse import RECONNECT, DirectWrites, EventStream, Frames, fram
 from orchestra.auth import Caller
 from orchestra.db.events import TaskEvent
 from orchestra.domain import TaskStatus
-from orchestra.errors import FieldProblem, InvalidRequest
 from orchestra.tasks import SubmitTask, TaskService
-from orchestra.wire.tasks import MAX_IDEMPOTENCY_KEY
 
 MAX_WAIT = 60.0
 #: Cursors and event ids are decimal numbers (a task id, an event's sequence number).
 _NUMBER = "^[0-9]{1,18}$"
-#: Control characters (C0 and DEL), refused in idempotency keys as params refuse NUL.
-_CONTROL = re.compile("[\x00-\x1f\x7f]")
 _encode = msgspec.json.Encoder().encode
 
 
@@ -66,37 +62,6 @@ def _ok(body: type[msgspec.Struct]) -> ResponseSpec:
     )
 
 
-def _idempotency_key(body: str | None, header: str | None) -> str | None:
-    """The request's idempotency key, from the body field or the header (equal when both).
-
-    Raises:
-        InvalidRequest: the header is empty or over 255 characters, either contains a
-            control character, or the two differ.
-    """
-    if header is not None and not 1 <= len(header) <= MAX_IDEMPOTENCY_KEY:
-        problem = (
-            "is empty"
-            if not header
-            else f"is {len(header)} characters; the limit is {MAX_IDEMPOTENCY_KEY}"
-        )
-        raise InvalidRequest(
-            f"Idempotency-Key {problem}", [FieldProblem("Idempotency-Key", problem)]
-        )
-    for field, value in (("idempotency_key", body), ("Idempotency-Key", header)):
-        found = _CONTROL.search(value or "")
-        if found:
-            problem = f"contains a control character (U+{ord(found.group()):04X}), not accepted"
-            raise InvalidRequest(f"{field} {problem}", [FieldProblem(field, problem)])
-    if header is None:
-        return body
-    if body is not None and body != header:
-        raise InvalidRequest(
-            "the Idempotency-Key header and idempotency_key differ",
-            [FieldProblem("idempotency_key", "differs from the Idempotency-Key header")],
-        )
-    return header
-
-
 class TaskController(Controller):
     """Tasks: one submitted run of a template each."""
 
@@ -126,10 +91,9 @@ class TaskController(Controller):
         idempotency_header: Annotated[
             str | None,
             HeaderParameter(
-                name="Idempotency-Key",
-                # Its length is checked by _idempotency_key, whose errors name the header
-                # (Litestar's would name this parameter).
-                description="Same as idempotency_key in the body: 1 to 255 characters.",
+                name=idempotency.HEADER,
+                description="Same as idempotency_key in the body: "
+                + idempotency.HEADER_DESCRIPTION,
             ),
         ] = None,
     ) -> Response[TaskOut]:
@@ -142,7 +106,7 @@ class TaskController(Controller):
         nothing is converted, :class:`~orchestra.api.schemas.StrictBodyRequest`). Idempotency
         keys are per API key: the same key sent with another API key is another task.
         """
-        key = _idempotency_key(data.idempotency_key, idempotency_header)
+        key = idempotency.request_key(data.idempotency_key, idempotency_header)
         if key != data.idempotency_key:
             data = msgspec.structs.replace(data, idempotency_key=key)
         submitted = await tasks.submit(data, key_id=request.user.key_id)

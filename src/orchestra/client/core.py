@@ -113,6 +113,7 @@ class Call(Generic[T]):
     body: Callable[[], Iterator[bytes]] | None = None
     #: Whether the request can be sent again (a streamed body read once cannot).
     replayable: bool = True
+    #: Sent as UTF-8 (httpx alone sends text headers as ASCII, refusing the rest).
     headers: Mapping[str, str] = field(default_factory=dict)
     #: The statuses that are a success (any other raises).
     ok: frozenset[int] = frozenset({200})
@@ -136,7 +137,7 @@ class Call(Generic[T]):
             self.path,
             params=self.params,
             content=self.content if content is None else content,
-            headers=self.headers,
+            headers=[(k.encode(), v.encode()) for k, v in self.headers.items()],
             timeout=self.timeout if self.timeout is not None else http.timeout,
         )
 
