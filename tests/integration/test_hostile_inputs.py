@@ -517,6 +517,26 @@ async def test_an_idempotency_key_beyond_ascii_is_read_as_utf_8_in_the_header(
     assert len((await svc.client.get("/api/v1/tasks")).json()["items"]) == 2
 
 
+async def test_a_json_body_is_read_whatever_its_content_type_as_curl_d_sends_it(
+    svc: Service,
+) -> None:
+    """`curl -d '{…}'` without -H says form-urlencoded; Ollama's API reads such a body as
+    JSON, and so does this one (documented). What is not JSON is a 400, never a task."""
+    body = json.dumps(BASE).encode()
+    for kind in ("application/x-www-form-urlencoded", "text/plain", None):
+        headers = {"Content-Type": kind} if kind else {}
+        response = await svc.client.post("/api/v1/tasks", content=body, headers=headers)
+        assert response.status_code == 201, (kind, response.text)
+    refused = await svc.client.post(
+        "/api/v1/tasks",
+        content=b"template=echo&params=x",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["code"] == "invalid_request"
+    assert len((await svc.client.get("/api/v1/tasks")).json()["items"]) == 3
+
+
 def _exchange(host: str, port: int | None, request: bytes) -> bytes:
     """Send raw bytes, read the whole answer (the request asks to close the connection)."""
     with socket.create_connection((host, port or 80), timeout=10) as sock:
