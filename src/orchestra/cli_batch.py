@@ -124,6 +124,7 @@ def run(
     progress, and write its results to --output in row order. Interrupted, run it again to
     resume; once done, running it again makes a new batch. Exits 1 when a row did not
     succeed (failed, cancelled or refused), with every row's outcome in --output."""
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         Progress,
@@ -151,7 +152,9 @@ def run(
         TimeRemainingColumn(),
     )
     options = {k: v for k, v in query.items() if k not in ("template", "format")}
-    with client_for(url, config_path) as client, Progress(*columns) as bar:
+    # People's lines (progress, refusals, the summary) on stderr; stdout has the batch's id.
+    people = Console(stderr=True)
+    with client_for(url, config_path) as client, Progress(*columns, console=people) as bar:
         batch_id = remembered.get("batch_id")
         if batch_id is not None:
             bar.console.print(f"resuming batch {batch_id} (from {sidecar})", soft_wrap=True)
@@ -187,7 +190,8 @@ def run(
         client.save_batch_results(batch_id, output)
     sidecar.unlink(missing_ok=True)
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()) if n)
-    click.echo(f"batch {batch_id}: {summary}; results in {output}")
+    click.echo(f"batch {batch_id}: {summary}; results in {output}", err=True)
+    click.echo(batch_id)
     missed = sum(counts.get(s, 0) for s in ("failed", "cancelled", "invalid", "deleted"))
     if missed:
         raise CliError(f"{missed} of {state.batch.rows} rows did not succeed: see {output}")

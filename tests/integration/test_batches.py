@@ -651,7 +651,8 @@ async def test_a_large_upload_stays_in_bounded_memory(idle: Service, db_url: str
     assert sql_rows(db_url, "SELECT count(*) FROM batch_rows") == [(rows + 1,)]
 
 
-async def run_cli(*args: str) -> tuple[int, str]:
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    """`orchestra batch run ARGS`: its exit status, stdout and stderr."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -660,10 +661,10 @@ async def run_cli(*args: str) -> tuple[int, str]:
         "run",
         *args,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        stderr=asyncio.subprocess.PIPE,
     )
-    output, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
-    return proc.returncode or 0, output.decode()
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    return proc.returncode or 0, out.decode(), err.decode()
 
 
 async def test_the_cli_runs_a_file_and_a_second_run_is_a_new_batch(
@@ -672,17 +673,21 @@ async def test_the_cli_runs_a_file_and_a_second_run_is_a_new_batch(
     data = tmp_path / "data.csv"
     data.write_text("text,n\n" + "".join(f"line {i},{i}\n" for i in range(1, 41)) + "bad,-1\n")
     out = tmp_path / "results.jsonl"
-    code, output = await run_cli("rowjob", str(data), "-o", str(out), "--url", svc.url)
+    code, printed, output = await run_cli("rowjob", str(data), "-o", str(out), "--url", svc.url)
     assert code == 1, output  # a row was refused: said, and the exit status says so
     assert "row 41 (line 42) refused: params.n:" in output, output
     assert "1 of 41 rows did not succeed" in output
+    # What scripts read on stdout: the batch's id alone; what people read on stderr.
+    [(first_batch,)] = sql_rows(db_url, "SELECT max(batch_id) FROM batch_rows")
+    assert printed == f"{first_batch}\n", printed
+    assert f"batch {first_batch}: 1 invalid, 40 succeeded; results in {out}" in output
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["row"] for r in lines] == list(range(1, 42))
     assert lines[0]["result"] == {"echo": "line 1", "n": 1} and lines[-1]["status"] == "invalid"
     assert not (tmp_path / "results.jsonl.batch").exists()
     # Again, once done: a new batch (the template may have changed), not the old results.
     fake_ollama.reply = lambda request: json.dumps({"echo": "second", "n": 0})
-    code, output = await run_cli(
+    code, _, output = await run_cli(
         "rowjob", str(data), "-o", str(tmp_path / "r.csv"), "--url", svc.url
     )
     assert code == 1, output
@@ -712,7 +717,7 @@ async def test_an_interrupted_cli_run_resumes_its_batch(
         proc.kill()
         await proc.wait()
     fake_ollama.open_gate("llama3.2")
-    code, output = await run_cli(*args)
+    code, _, output = await run_cli(*args)
     assert code == 0, output
     [(batch_id,)] = sql_rows(db_url, "SELECT max(batch_id) FROM batch_rows")
     assert f"resuming batch {batch_id}" in output, output
@@ -731,7 +736,8 @@ async def test_the_cli_asks_for_the_format_it_cannot_tell(
 ) -> None:
     data = tmp_path / name
     data.write_text("text\tn\nhello\t2\n")
-    code, output = await run_cli("rowjob", str(data), "-o", str(tmp_path / "o.jsonl"))
+    code, printed, output = await run_cli("rowjob", str(data), "-o", str(tmp_path / "o.jsonl"))
+    assert printed == ""
     assert code == 2 and said in output, output
     assert not (tmp_path / "o.jsonl.batch").exists()
 
