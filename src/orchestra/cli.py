@@ -20,6 +20,7 @@ from orchestra import __version__, logs
 from orchestra.auth import ApiKey
 from orchestra.cli_batch import batch
 from orchestra.cli_common import (
+    DEFAULT_TIMEOUT,
     CliError,
     client_for,
     config_option,
@@ -95,8 +96,17 @@ def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> N
     help="Server URL for the client commands, as their own --url (which wins over it); "
     "before the command, as -c is.",
 )
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_TIMEOUT,
+    envvar="ORCHESTRA_TIMEOUT",
+    show_default=True,
+    help="Seconds the client commands wait for the server to answer a request (long polls "
+    "and uploads have their own); also ORCHESTRA_TIMEOUT.",
+)
 @click.pass_context
-def main(ctx: click.Context, config_path: str | None, url: str | None) -> None:
+def main(ctx: click.Context, config_path: str | None, url: str | None, timeout: float) -> None:
     """AI Task Orchestra: run AI tasks from YAML templates. Without a command, serve."""
     if ctx.invoked_subcommand is None:
         ctx.invoke(serve, config_path=config_path)

@@ -177,19 +177,38 @@ url_option = click.option(
 )
 
 
+#: Seconds a client command waits for an answer (``orchestra --timeout``), as the client.
+DEFAULT_TIMEOUT = 30.0
+
+
+def _timeout() -> float:
+    """``orchestra --timeout`` (or ORCHESTRA_TIMEOUT), given before the command."""
+    ctx = click.get_current_context(silent=True)
+    given = ctx.find_root().params.get("timeout") if ctx is not None else None
+    return float(given) if given is not None else DEFAULT_TIMEOUT
+
+
 @contextmanager
 def client_for(url: str | None, config_path: str | None) -> Iterator[Client]:
     """A client for the server, sending the key in ORCHESTRA_API_KEY if set; an error answer
     or a connection failure becomes one clear message."""
+    import httpx
+
     from orchestra.client import ApiError, Client, ConnectionFailed, InvalidApiKey
 
     base = base_url(url, config_path)
+    timeout = _timeout()
     try:
-        with Client(base, timeout=90) as client:
+        with Client(base, timeout=timeout) as client:
             yield client
     except InvalidApiKey as exc:
         raise KeyRefused(str(exc)) from None
     except ConnectionFailed as exc:
+        if isinstance(exc.__cause__, httpx.TimeoutException):
+            raise ServerUnreachable(
+                f"the server at {base} did not answer within {timeout:g} s "
+                "(orchestra --timeout SECONDS, or ORCHESTRA_TIMEOUT, waits longer)"
+            ) from None
         raise ServerUnreachable(f"cannot reach the server at {base}: {exc.reason}") from None
     except ApiError as exc:
         raise failure(exc) from None

@@ -7,12 +7,19 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
 from tests.conftest import Service, sql_rows
 from tests.fixtures.fake_ollama import FakeOllama
-from tests.fixtures.servers import free_port, start_process, wait_until, write_config
+from tests.fixtures.servers import (
+    free_port,
+    loopback_server,
+    start_process,
+    wait_until,
+    write_config,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,6 +84,30 @@ async def test_submit_without_a_server_says_so() -> None:
     code, _out, err = await run_cli("submit", "summarize", "--url", "http://127.0.0.1:9")
     assert code == 3  # docs/install.md, "The CLI's exit codes"
     assert "cannot reach the server at http://127.0.0.1:9" in err
+
+
+async def test_a_server_that_never_answers_is_given_up_after_timeout_and_said() -> None:
+    """A port that takes the connection and never answers (a hung proxy): the CLI waits
+    --timeout (or ORCHESTRA_TIMEOUT; 30 s by default, as the client), then says so."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1 << 16)
+        await asyncio.sleep(60)
+
+    async with loopback_server(silent) as url:
+        for args, env in (
+            (("--timeout", "1", "tasks", "list", "--url", url), {}),
+            (("tasks", "list", "--url", url), {"ORCHESTRA_TIMEOUT": "1"}),
+        ):
+            started = time.monotonic()
+            code, out, err = await run_cli(*args, env=env)
+            took = time.monotonic() - started
+            assert code == 3, err  # no server: docs/install.md
+            assert f"the server at {url} did not answer within 1 s" in err, err
+            assert "--timeout" in err and out == ""
+            assert took < 15, took  # not 30, and not 90 (the old fixed wait)
+    code, _out, err = await run_cli("--timeout", "0", "tasks", "list")
+    assert code == 2 and "--timeout" in err, err
 
 
 async def test_templates_validate_prints_positions(tmp_path: Path) -> None:
