@@ -29,6 +29,7 @@ from orchestra.errors import (
 from orchestra.schedules import (
     Schedule,
     ScheduleChanges,
+    ScheduleNotFound,
     ScheduleSpec,
     Timing,
     check,
@@ -125,21 +126,21 @@ class ScheduleService:
         """The schedule a path names: its id (digits) or its name.
 
         Raises:
-            NotFoundError: no such schedule.
+            ScheduleNotFound: no such schedule.
         """
         key: int | str = ref
         if ref.isdigit():
             key = int(ref) if 0 < int(ref) <= MAX_ID else 0
         found = await self.store.get(key) if key else None
         if found is None:
-            raise NotFoundError(f"no schedule {ref!r}")
+            raise ScheduleNotFound(f"no schedule {ref!r}")
         return found
 
     async def view(self, ref: str, *, next_count: int = 5, fires: int = 10) -> ScheduleView:
         """A schedule with its next ``next_count`` ticks and its latest ``fires``.
 
         Raises:
-            NotFoundError: no such schedule.
+            ScheduleNotFound: no such schedule.
         """
         schedule = await self.get(ref)
         times: list[str] = []
@@ -176,7 +177,7 @@ class ScheduleService:
         its timing changes or it is resumed; otherwise it stays.
 
         Raises:
-            NotFoundError: no such schedule.
+            ScheduleNotFound: no such schedule.
             ConflictError: the new name is taken, or the schedule is declared in
                 orchestra.toml and the change is more than pausing or resuming it.
             InvalidRequest, InvalidParams, TemplateNotFound: see :meth:`_checked`.
@@ -204,7 +205,7 @@ class ScheduleService:
             next_at = self._next_tick(spec, every, old.created_at)
         changed = await self.store.replace(old.id, spec, every, next_at, iso(self.clock()))
         if changed is None:
-            raise NotFoundError(f"no schedule {ref!r}")
+            raise ScheduleNotFound(f"no schedule {ref!r}")
         log.info("schedule.changed", schedule=changed.name, fields=sorted(given))
         self.wake()
         return changed
@@ -213,7 +214,7 @@ class ScheduleService:
         """Delete a schedule; the tasks it made stay.
 
         Raises:
-            NotFoundError: no such schedule.
+            ScheduleNotFound: no such schedule.
             ConflictError: it is declared in orchestra.toml (remove it there).
         """
         old = await self.get(ref)
@@ -222,7 +223,7 @@ class ScheduleService:
                 f"schedule {old.name!r} is declared in orchestra.toml: remove it there"
             )
         if not await self.store.delete(old.id):
-            raise NotFoundError(f"no schedule {ref!r}")
+            raise ScheduleNotFound(f"no schedule {ref!r}")
         log.info("schedule.deleted", schedule=old.name)
         self.wake()
 

@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 import msgspec
 from cronsim import CronSim, CronSimError
 
-from orchestra.errors import FieldProblem, InvalidRequest
+from orchestra.errors import FieldProblem, InvalidRequest, NotFoundError
 
 #: A name is a word (not a number, so a path segment is an id or a name, never both).
 NAME_PATTERN = "^[A-Za-z][A-Za-z0-9_.-]{0,99}$"
@@ -43,6 +43,12 @@ _SLACKS = (timedelta(hours=3), timedelta(days=2), timedelta(days=40), timedelta(
 Overlap = Literal["skip", "allow"]
 CatchUp = Literal["none", "latest"]
 Source = Literal["api", "config"]
+
+
+class ScheduleNotFound(NotFoundError):
+    """No schedule has this name or id."""
+
+    code = "schedule_not_found"
 
 
 class TaskOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -212,6 +218,12 @@ def parse_time(text: str) -> datetime:
 _EVERY = re.compile(r"^(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+(?:\.\d+)?)s)?$")
 
 
+def _shown(text: str, most: int = 40) -> str:
+    """``text`` quoted for an error message, cut at ``most`` characters (a 309-digit number
+    is not repeated back whole)."""
+    return repr(text if len(text) <= most else text[: most - 1] + "…")
+
+
 def parse_every(text: str) -> float:
     """Seconds from a duration like ``2s``, ``5m``, ``1h30m``, ``1d`` or ``90`` (seconds).
 
@@ -226,9 +238,11 @@ def parse_every(text: str) -> float:
         units = {"d": 86_400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
         seconds = sum(float(match.group(u) or 0) * f for u, f in units.items())
     else:
-        raise ValueError(f'expected a duration like "2s", "5m", "1h30m" or "1d", not {text!r}')
+        raise ValueError(
+            f'expected a duration like "2s", "5m", "1h30m" or "1d", not {_shown(text)}'
+        )
     if not MIN_EVERY_SECONDS <= seconds <= MAX_EVERY_SECONDS:
-        raise ValueError(f"must be between 1s and 366d, not {text!r}")
+        raise ValueError(f"must be between 1s and 366d, not {_shown(text)}")
     return seconds
 
 

@@ -158,9 +158,13 @@ class DestinationRefused(InvalidRequest):
     or it resolves to an address that is not public.
 
     A field of the request, as any other (the code ``invalid_request``, naming ``url`` or
-    ``callback_url``); answered with 422, not 400: the body is well formed, the place it names
-    is what cannot be used.
+    ``callback_url``); answered with 422, not 400: the body and the URL are well formed, the
+    place it names is what cannot be used. A malformed URL is :class:`MalformedDestination`.
     """
+
+
+class MalformedDestination(DestinationRefused):
+    """The URL is no absolute http(s) URL with a host: a bad field as any other, a 400."""
 
 
 #: The longest a rolled-over secret may keep signing beside the new one.
@@ -209,8 +213,14 @@ def new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
-def _refuse(field: str, reason: str) -> DestinationRefused:
-    return DestinationRefused(f"{field}: {reason}", [FieldProblem(field, reason)])
+def _refuse(
+    field: str, reason: str, kind: type[DestinationRefused] = DestinationRefused
+) -> DestinationRefused:
+    return kind(f"{field}: {reason}", [FieldProblem(field, reason)])
+
+
+def _malformed(field: str, reason: str) -> DestinationRefused:
+    return _refuse(field, reason, MalformedDestination)
 
 
 #: IPv6 prefixes whose last 32 bits are an IPv4 address the packets reach: NAT64's well-known
@@ -266,24 +276,24 @@ def parse_destination(url: str, field: str = "url") -> tuple[str, str, int]:
     """A destination URL's scheme, host and port.
 
     Raises:
-        DestinationRefused: not an absolute http(s) URL with a host (naming ``field``).
+        MalformedDestination: not an absolute http(s) URL with a host (naming ``field``).
     """
     import httpx
 
     if len(url) > MAX_URL:
-        raise _refuse(field, f"is longer than {MAX_URL} characters")
+        raise _malformed(field, f"is longer than {MAX_URL} characters")
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError, ValueError):
-        raise _refuse(field, "is not a valid URL") from None
+        raise _malformed(field, "is not a valid URL") from None
     if parsed.scheme not in ("http", "https"):
-        raise _refuse(field, "must be an http:// or https:// URL")
+        raise _malformed(field, "must be an http:// or https:// URL")
     if not parsed.host:
-        raise _refuse(field, "has no host")
+        raise _malformed(field, "has no host")
     if parsed.userinfo:
-        raise _refuse(field, "must not carry a user name or password")
+        raise _malformed(field, "must not carry a user name or password")
     if parsed.port is not None and not 0 < parsed.port < 65536:
-        raise _refuse(field, f"has port {parsed.port}; a port is 1 to 65535")
+        raise _malformed(field, f"has port {parsed.port}; a port is 1 to 65535")
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     return parsed.scheme, parsed.host, port
 

@@ -537,6 +537,35 @@ async def test_a_json_body_is_read_whatever_its_content_type_as_curl_d_sends_it(
     assert len((await svc.client.get("/api/v1/tasks")).json()["items"]) == 3
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "body", "field", "said"),
+    [
+        ("GET", "/api/v1/tasks?limit=9999", None, "limit", "must be at most 500"),
+        ("GET", "/api/v1/tasks?limit=0", None, "limit", "must be at least 1"),
+        ("GET", "/api/v1/tasks?cursor=abc", None, "cursor", "must be a next_cursor value"),
+        ("POST", "/api/v1/tasks", {**BASE, "priority": 10**5}, "priority", "at most 1000"),
+        ("POST", "/api/v1/tasks", {**BASE, "timeout": 0}, "timeout", "must be more than 0"),
+        ("POST", "/api/v1/tasks", {**BASE, "template": ""}, "template", "must not be empty"),
+        (
+            "POST",
+            "/api/v1/tasks",
+            {**BASE, "model": "m" * 300},
+            "model",
+            "must be at most 255 characters",
+        ),
+    ],
+)
+async def test_a_value_out_of_bounds_is_said_in_words_not_in_msgspec_s(
+    svc: Service, method: str, path: str, body: Any, field: str, said: str
+) -> None:
+    response = await svc.client.request(method, path, json=body)
+    assert response.status_code == 400, response.text
+    answer = response.json()
+    [problem] = answer["fields"]
+    assert problem["field"] == field and said in problem["message"], answer
+    assert "Expected `" not in response.text and "regex" not in response.text, answer
+
+
 def _exchange(host: str, port: int | None, request: bytes) -> bytes:
     """Send raw bytes, read the whole answer (the request asks to close the connection)."""
     with socket.create_connection((host, port or 80), timeout=10) as sock:

@@ -335,5 +335,5 @@ async def test_a_model_name_too_long_to_list_is_refused(service: Service) -> Non
     response = await service.client.post("/api/v1/tasks", json=body)
     assert response.status_code == 400, response.text
     assert response.json()["fields"] == [
-        {"field": "model", "message": "Expected `str` of length <= 255"}
+        {"field": "model", "message": "must be at most 255 characters"}
     ]

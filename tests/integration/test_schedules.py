@@ -490,4 +490,4 @@ async def test_run_now_submits_the_task_a_tick_would_and_leaves_the_ticks_be(
     assert code == 0 and out.strip().isdigit(), err
     assert sql_rows(db_url, "SELECT count(*) FROM tasks") == [(4,)]
     missing = await idle.client.post(f"{SCHEDULES}/nope/run")
-    assert missing.status_code == 404 and missing.json()["code"] == "not_found"
+    assert missing.status_code == 404 and missing.json()["code"] == "schedule_not_found"

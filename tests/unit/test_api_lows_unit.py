@@ -43,11 +43,14 @@ def test_a_zone_given_with_every_is_kept_not_refused() -> None:
     assert check(every) == 3600.0
 
 
-def test_a_refused_destination_is_a_request_error_answered_with_422() -> None:
+def test_a_malformed_destination_is_a_400_as_any_bad_field() -> None:
+    """A URL that is no http(s) URL is a bad field like any other (400); a well-formed one
+    that cannot be used (private, unresolvable) is the 422 (tests/integration)."""
     with pytest.raises(DestinationRefused) as refused:
         parse_destination("ftp://example.com/x", field="callback_url")
     error = refused.value
     assert isinstance(error, InvalidRequest) and not isinstance(error, InvalidParams)
     assert error.code == "invalid_request"
     assert [f.field for f in error.fields] == ["callback_url"]
-    assert status_of(error) == 422
+    assert status_of(error) == 400
+    assert status_of(DestinationRefused("callback_url: its host does not resolve")) == 422

@@ -51,6 +51,13 @@ def test_every_refuses_what_is_no_duration_from_1s_to_366d(text: str) -> None:
         parse_every(text)
 
 
+@pytest.mark.parametrize("text", ["1" + "0" * 308, "x" * 5000])
+def test_a_huge_every_is_not_repeated_back_whole(text: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        parse_every(text)
+    assert len(str(refused.value)) < 120 and "…" in str(refused.value)
+
+
 def test_a_cron_in_berlin_runs_a_time_the_spring_change_skips_when_the_clocks_jump() -> None:
     # 2026-03-29: at 02:00 CET the clocks go to 03:00 CEST; 02:30 does not exist that day.
     ticks = upcoming(cron("30 2 * * *", "Europe/Berlin"), utc(2026, 3, 27, 12, 0), 4)

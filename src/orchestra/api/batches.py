@@ -27,6 +27,7 @@ from litestar.response import Stream
 from orchestra.api import idempotency
 from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
+from orchestra.api.schemas import NUMBER
 from orchestra.auth import Caller
 from orchestra.batch_output import results_stream
 from orchestra.batches import BatchOptions, BatchService, Format
@@ -47,7 +48,6 @@ _FORMATS: dict[str, Format] = {
     "application/x-jsonlines": "jsonl",
     "text/csv": "csv",
 }
-_NUMBER = "^[0-9]{1,18}$"
 #: The upload's body in the OpenAPI document (the handler reads it raw, so Litestar cannot).
 _UPLOAD_BODY = RequestBody(
     description="The dataset as UTF-8 text, read as a stream (no size limit; each row is "
@@ -213,7 +213,7 @@ class BatchController(Controller):
         limit: Annotated[int, QueryParameter(ge=1, le=500, description="Page size.")] = 50,
         cursor: Annotated[
             str | None,
-            QueryParameter(pattern=_NUMBER, description="next_cursor of the previous page."),
+            QueryParameter(pattern=NUMBER, description="next_cursor of the previous page."),
         ] = None,
     ) -> BatchList:
         """Batches, newest first, each with its rows by status, the share finished and an

@@ -25,7 +25,7 @@ from litestar.utils.scope.state import ScopeState
 from msgspec import Struct
 
 from orchestra import logs
-from orchestra.api.schemas import ErrorBody, FieldOut, ProblemOut
+from orchestra.api.schemas import NUMBER, ErrorBody, FieldOut, ProblemOut
 from orchestra.api.scope import runtime_of
 from orchestra.batches import BatchNotFound
 from orchestra.errors import (
@@ -45,13 +45,14 @@ from orchestra.errors import (
     TemplateError,
     Unauthorized,
 )
-from orchestra.webhooks import DestinationRefused, WebhookNotFound
+from orchestra.webhooks import DestinationRefused, MalformedDestination, WebhookNotFound
 
 log = logs.get("orchestra.api")
 
 _STATUS: list[tuple[type[OrchestraError], int]] = [
     (NotFoundError, HTTP_404_NOT_FOUND),
     (InvalidParams, HTTP_422_UNPROCESSABLE_ENTITY),
+    (MalformedDestination, HTTP_400_BAD_REQUEST),
     # A well-formed URL that cannot be used (a private address, a host that does not resolve).
     (DestinationRefused, HTTP_422_UNPROCESSABLE_ENTITY),
     (InvalidRequest, HTTP_400_BAD_REQUEST),
@@ -157,9 +158,39 @@ _WANTED = {
 _GIVEN = {**_WANTED, "float": "a number with a fraction", "bool": "a boolean"}
 
 
-def _in_words(message: str) -> str:
+#: msgspec's words for a bound: "Expected `int` <= 500", "Expected `str` of length >= 1".
+_BOUND = re.compile(r"Expected `(\w+)`( of length)? (>=|<=|>|<) (\S+)")
+_BOUND_WORDS = {">=": "at least", "<=": "at most", ">": "more than", "<": "less than"}
+_LENGTH_UNITS = {"str": "characters", "array": "items", "object": "entries", "bytes": "bytes"}
+#: msgspec's words for a pattern, and the one pattern the API declares (ids, cursors).
+_PATTERN = re.compile(r"Expected `str` matching regex '(.*)'")
+
+
+def _bound_in_words(found: re.Match[str]) -> str:
+    """ "Expected `int` <= 500" as "must be at most 500"; "Expected `str` of length >= 1" as
+    "must not be empty"."""
+    kind, length, op, limit = found.groups()
+    if length and op == ">=" and limit == "1":
+        return "must not be empty"
+    number = limit.removesuffix(".0")
+    if length:
+        unit = _LENGTH_UNITS.get(kind, "long")
+        return f"must be {_BOUND_WORDS[op]} {number} {unit}"
+    return f"must be {_BOUND_WORDS[op]} {number}"
+
+
+def _in_words(message: str, field: str = "") -> str:
     """msgspec's "Expected `int | null`, got `str`" as "must be an integer or null, not a
-    string"; any other message as it is."""
+    string", its bounds and the API's number pattern in words too (for ``field``); any other
+    message as it is."""
+    bound = _BOUND.fullmatch(message)
+    if bound is not None:
+        return _bound_in_words(bound)
+    pattern = _PATTERN.fullmatch(message)
+    if pattern is not None and pattern.group(1) == NUMBER:
+        return ("must be a next_cursor value: " if field == "cursor" else "must be ") + (
+            "1 to 18 digits"
+        )
     found = _WRONG_TYPE.fullmatch(message)
     if found is None:
         return message
@@ -173,7 +204,8 @@ def _in_words(message: str) -> str:
 def _problem(extra: dict[str, Any]) -> FieldOut:
     """One problem, naming the field itself: an empty body, a missing or an unknown field are
     reported by Litestar as the field "data" (the handler's parameter)."""
-    field, message = _field(extra), _in_words(str(extra.get("message", "invalid value")))
+    field = _field(extra)
+    message = _in_words(str(extra.get("message", "invalid value")), field)
     if field == "data" and message == "'data'":
         return FieldOut("body", "is empty: send a JSON object")
     found = _OBJECT_PROBLEM.fullmatch(message)

@@ -13,14 +13,13 @@ from litestar.params import HeaderParameter, QueryParameter
 from orchestra.api.auth import StreamGate
 from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
+from orchestra.api.schemas import NUMBER
 from orchestra.api.sse import RECONNECT, DirectWrites, EventStream, Frames, frame
 from orchestra.auth import Caller
 from orchestra.db.feed import FeedEvent, FeedFilter
 from orchestra.errors import FieldProblem, InvalidRequest
 from orchestra.event_types import EventType
 
-#: Event ids are decimal numbers (the global id of an event).
-_NUMBER = "^[0-9]{1,18}$"
 #: What the feed sends while nothing happens: an SSE comment, so that proxies keep it open.
 HEARTBEAT = b": heartbeat\r\n\r\n"
 _TYPES = frozenset(t.value for t in EventType)
@@ -96,7 +95,7 @@ class EventController(Controller):
         last_event_id: Annotated[
             str | None,
             HeaderParameter(
-                name="Last-Event-ID", pattern=_NUMBER, description="Resume after this event id."
+                name="Last-Event-ID", pattern=NUMBER, description="Resume after this event id."
             ),
         ] = None,
         after: Annotated[

@@ -50,6 +50,9 @@ REQUEST_BODIES: tuple[type[msgspec.Struct], ...] = (
     WebhookChanges,
 )
 
+#: Cursors and event ids are decimal numbers (a task id, an event's sequence number).
+NUMBER = "^[0-9]{1,18}$"
+
 
 #: msgspec's words for a float given where it wants something else: an integer, maybe, given
 #: as a number without a fraction (2.0), which is taken as that integer.

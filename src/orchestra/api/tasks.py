@@ -16,7 +16,13 @@ from orchestra.api import idempotency
 from orchestra.api.auth import StreamGate
 from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
-from orchestra.api.schemas import StrictBodyRequest, TaskList, TaskOut, TaskSummaryOut
+from orchestra.api.schemas import (
+    NUMBER,
+    StrictBodyRequest,
+    TaskList,
+    TaskOut,
+    TaskSummaryOut,
+)
 from orchestra.api.sse import RECONNECT, DirectWrites, EventStream, Frames, frame
 from orchestra.auth import Caller
 from orchestra.db.events import TaskEvent
@@ -24,8 +30,6 @@ from orchestra.domain import TaskStatus
 from orchestra.tasks import SubmitTask, TaskService
 
 MAX_WAIT = 60.0
-#: Cursors and event ids are decimal numbers (a task id, an event's sequence number).
-_NUMBER = "^[0-9]{1,18}$"
 _encode = msgspec.json.Encoder().encode
 
 
@@ -132,7 +136,7 @@ class TaskController(Controller):
         last_event_id: Annotated[
             str | None,
             HeaderParameter(
-                name="Last-Event-ID", pattern=_NUMBER, description="Resume after this event id."
+                name="Last-Event-ID", pattern=NUMBER, description="Resume after this event id."
             ),
         ] = None,
         after: Annotated[
@@ -222,7 +226,7 @@ class TaskController(Controller):
         limit: Annotated[int, QueryParameter(ge=1, le=500, description="Page size.")] = 50,
         cursor: Annotated[
             str | None,
-            QueryParameter(pattern=_NUMBER, description="next_cursor of the previous page."),
+            QueryParameter(pattern=NUMBER, description="next_cursor of the previous page."),
         ] = None,
     ) -> Response[bytes]:
         """Task summaries, newest first, filtered by status and template; keyset-paginated.

@@ -13,7 +13,7 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 
 from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
-from orchestra.api.schemas import StrictBodyRequest
+from orchestra.api.schemas import NUMBER, StrictBodyRequest
 from orchestra.webhooks import MAX_OVERLAP, NewWebhook, WebhookChanges, WebhookService
 from orchestra.wire.webhooks import AttemptOut as AttemptOut
 from orchestra.wire.webhooks import CallbackSecretOut as CallbackSecretOut
@@ -24,7 +24,6 @@ from orchestra.wire.webhooks import WebhookList as WebhookList
 from orchestra.wire.webhooks import WebhookOut as WebhookOut
 
 _ADMIN = {"scope": "admin"}
-_NUMBER = "^[0-9]{1,18}$"
 
 
 class WebhookController(Controller):
@@ -145,7 +144,7 @@ class WebhookController(Controller):
         limit: Annotated[int, QueryParameter(ge=1, le=200, description="Page size.")] = 50,
         cursor: Annotated[
             str | None,
-            QueryParameter(pattern=_NUMBER, description="next_cursor of the previous page."),
+            QueryParameter(pattern=NUMBER, description="next_cursor of the previous page."),
         ] = None,
     ) -> DeliveryList:
         """Deliveries, newest first, each with every attempt: its status code, latency and
