@@ -258,10 +258,7 @@ class TemplateCatalog:
         parsed = await self.validate(text)
         file = self.registry.is_file(parsed.name)
         if file is not None:
-            raise ConflictError(
-                f"template {parsed.name!r} is defined by the file {file.source}; "
-                "register it under another name"
-            )
+            raise ConflictError(f"{_held_by(file)}; register it under another name")
         digest = hashlib.sha256(text.encode()).hexdigest()
         stored = await self.store.register(parsed.name, text, digest)
         template = msgspec.structs.replace(
@@ -286,10 +283,12 @@ class TemplateCatalog:
         """
         file = self.registry.is_file(name)
         if file is not None:
-            raise ConflictError(
-                f"template {name!r} is defined by the file {file.source}; remove the file and "
-                "reload instead"
+            advice = (
+                "it cannot be deleted"
+                if file.origin == "builtin"
+                else "remove the file and reload instead"
             )
+            raise ConflictError(f"{_held_by(file)}; {advice}")
         self.registry.get(name)  # raises TemplateNotFound when unknown or deleted already
         if not await self.store.delete(name):
             raise TemplateNotFound(f"no template named {name!r}")
@@ -305,3 +304,10 @@ class TemplateCatalog:
         loaded = self.registry.load()
         log.info("templates.reloaded", files=len(loaded))
         return self.all()
+
+
+def _held_by(file: Template) -> str:
+    """What holds a template's name: a built-in one (shipped in the package) or a file."""
+    if file.origin == "builtin":
+        return f"template {file.name!r} is built in (shipped with Orchestra)"
+    return f"template {file.name!r} is defined by the file {file.source}"

@@ -129,9 +129,13 @@ async def test_deleted_templates_take_no_new_tasks_but_old_ones_finish(
 
 async def test_file_templates_cannot_be_registered_over_or_deleted(service: Service) -> None:
     status, body = await register(service, "name: summarize\nsteps:\n  - id: a\n    prompt: hi\n")
-    assert status == 409 and "defined by the file" in body["message"]
+    assert status == 409 and "is built in" in body["message"], body
+    assert "register it under another name" in body["message"]
     response = await service.client.delete("/api/v1/templates/summarize")
     assert response.status_code == 409
+    # Shipped in the package: no file of the user's to remove, so no such advice.
+    said = response.json()["message"]
+    assert "is built in" in said and "cannot be deleted" in said and "remove" not in said, said
 
 
 async def test_registered_templates_survive_a_restart_and_clash_with_new_files(
