@@ -75,7 +75,9 @@ _Name = Annotated[
     str, msgspec.Meta(pattern=NAME_PATTERN, description="Unique; letters, digits, _ . -")
 ]
 _Template = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
-_Model = Annotated[str, msgspec.Meta(max_length=255, description="Instead of the template's.")]
+_Model = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=255, description="Instead of the template's.")
+]
 _Cron = Annotated[
     str, msgspec.Meta(max_length=200, description="5 fields: minute hour day month weekday.")
 ]

@@ -546,6 +546,8 @@ async def test_a_json_body_is_read_whatever_its_content_type_as_curl_d_sends_it(
         ("POST", "/api/v1/tasks", {**BASE, "priority": 10**5}, "priority", "at most 1000"),
         ("POST", "/api/v1/tasks", {**BASE, "timeout": 0}, "timeout", "must be more than 0"),
         ("POST", "/api/v1/tasks", {**BASE, "template": ""}, "template", "must not be empty"),
+        # Not the template's model in silence: leave the field out for that.
+        ("POST", "/api/v1/tasks", {**BASE, "model": ""}, "model", "must not be empty"),
         (
             "POST",
             "/api/v1/tasks",

@@ -34,7 +34,11 @@ class SubmitTask(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     model: (
         Annotated[
             str,
-            msgspec.Meta(max_length=255, description="Use this model instead of the template's."),
+            msgspec.Meta(
+                min_length=1,
+                max_length=255,
+                description="Use this model instead of the template's (leave it out for that).",
+            ),
         ]
         | None
     ) = None
