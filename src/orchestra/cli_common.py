@@ -211,16 +211,17 @@ def client_for(url: str | None, config_path: str | None) -> Iterator[Client]:
             ) from None
         raise ServerUnreachable(f"cannot reach the server at {base}: {exc.reason}") from None
     except ApiError as exc:
-        raise failure(exc) from None
+        raise failure(exc, base) from None
 
 
 #: The API's advice on a 401, for HTTP callers; a CLI user is told how to give the key.
 _HTTP_ADVICE = ": send it as 'Authorization: Bearer <key>'"
 
 
-def failure(exc: ApiError) -> CliError:
+def failure(exc: ApiError, base: str | None = None) -> CliError:
     """The API's message, then each bad field on a line of its own (unless the message says
-    it already); its exit code by status (401 and 403: how the CLI sends a key)."""
+    it already); its exit code by status (401 and 403: how the CLI sends a key). An answer
+    without Orchestra's error body (another web server at ``base``) says to check --url."""
     message = exc.message.replace(_HTTP_ADVICE, "")
     lines = [
         message,
@@ -230,6 +231,11 @@ def failure(exc: ApiError) -> CliError:
             if f"{f.field}: {f.message}" not in message
         ),
     ]
+    if exc.code == "http_error" and base is not None:
+        lines.append(
+            f"the server at {base} did not answer as Orchestra does: is --url (or "
+            "ORCHESTRA_URL) the Orchestra service's address, and is no proxy in the way?"
+        )
     if exc.status == 401:
         lines.append(key_advice(os.environ.get("ORCHESTRA_API_KEY")))
         return KeyRefused("\n".join(lines))

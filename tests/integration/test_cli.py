@@ -110,6 +110,25 @@ async def test_a_server_that_never_answers_is_given_up_after_timeout_and_said() 
     assert code == 2 and "--timeout" in err, err
 
 
+async def test_a_url_that_is_another_http_server_is_said_to_be_one() -> None:
+    """--url pointing at some other web server (a typo in the port): its 404 page is not
+    Orchestra's error body, and the CLI says to check the URL."""
+
+    async def other(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        body = b'{"error": "not found"}'
+        writer.write(
+            b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+        )
+
+    async with loopback_server(other) as url:
+        code, out, err = await run_cli("tasks", "show", "1", "--url", url)
+    assert code == 5 and out == "", err
+    assert f"the server at {url} did not answer as Orchestra does" in err, err
+    assert "--url" in err and "Traceback" not in err
+
+
 async def test_templates_validate_prints_positions(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nsteps:\n  - id: a\n    prompt: '{{ nope'\n")
