@@ -45,6 +45,10 @@ class ServerSettings(_Section, frozen=True):
     #: event loop runs (it does every second) before the supervisor kills it (SIGKILL) and
     #: starts it again; 0: never.
     hang_timeout: float = 30.0
+    #: With processes > 1: seconds a service process may take to start (until it serves)
+    #: before it counts as failed: at the first start the supervisor stops; a process
+    #: started again is killed (SIGKILL) and tried again later, as one that died.
+    start_timeout: float = 120.0
     #: Serve the HTTP API. False (``--no-api``): run workers only, answering /health and
     #: /metrics alone.
     api: bool = True
@@ -395,6 +399,7 @@ class Settings(_Section, frozen=True):
                 self.server.hang_timeout == 0 or self.server.hang_timeout >= 1,
                 "0 (never) or at least 1 second",
             ),
+            ("server.start_timeout", self.server.start_timeout >= 1, "at least 1 second"),
             (
                 "server.workers",
                 self.server.api or self.server.workers,

@@ -75,8 +75,6 @@ log = logs.get("orchestra.supervisor")
 HTTP_DRAIN_SECONDS = 5
 #: Seconds a stopping process gets beyond its HTTP drain and ``shutdown_grace`` to exit.
 EXIT_SLACK_SECONDS = 10.0
-#: Seconds a process gets to start serving (templates loaded, database upgraded).
-STARTUP_SECONDS = 120.0
 #: First and longest wait before a process that died is started again, in seconds; a process
 #: that served this long before it died is restarted after the first wait again.
 RESTART_FIRST, RESTART_CAP, RESTART_RESET = 1.0, 30.0, 60.0
@@ -317,13 +315,14 @@ class Supervisor:
         Raises:
             StartupFailed: one exited, or did not start in time.
         """
-        deadline = time.monotonic() + STARTUP_SECONDS
+        limit = self.settings.server.start_timeout
+        deadline = time.monotonic() + limit
         while not all(self._children[i].ready for i in indices):
             if self._stopping:
                 return False
             left = deadline - time.monotonic()
             if left <= 0:
-                raise StartupFailed(f"a process did not start within {STARTUP_SECONDS:g} s")
+                raise StartupFailed(f"a process did not start within {limit:g} s")
             for child in self._step(left):
                 reason = child.failure or (
                     f"process {child.index + 1} exited with "
@@ -339,6 +338,8 @@ class Supervisor:
             looks = [at - now for at in self._restart_at.values()]
             if (hang_look := self._kill_hung()) is not None:
                 looks.append(hang_look)
+            if (start_look := self._kill_stuck_starting()) is not None:
+                looks.append(start_look)
             timeout = max(0.0, min(looks)) if looks else None
             for child in self._step(timeout):
                 self._exited(child)
@@ -433,6 +434,32 @@ class Supervisor:
                 pid=child.process.pid,
                 silent_s=child.hung_s,
                 hang_timeout_s=limit,
+                action="killed (SIGKILL), to be started again",
+            )
+            child.process.kill()
+        return look
+
+    def _kill_stuck_starting(self) -> float | None:
+        """Kill every process started again that has not served within ``start_timeout``
+        seconds (hung opening the database, say: it beats only once it serves, so
+        :meth:`_kill_hung` does not see it); its exit is then a failed start, tried again
+        later. Returns the seconds until the next one could be due (None: none starts)."""
+        limit = self.settings.server.start_timeout
+        now = time.monotonic()
+        look: float | None = None
+        for child in self._children.values():
+            if child.ready or child.failure is not None:
+                continue
+            left = limit - (now - child.started_at)
+            if left > 0:
+                look = left + 0.01 if look is None else min(look, left + 0.01)
+                continue
+            child.failure = f"did not start within {limit:g} s ([server] start_timeout)"
+            log.error(
+                "supervisor.start_timed_out",
+                process=child.index + 1,
+                pid=child.process.pid,
+                start_timeout_s=limit,
                 action="killed (SIGKILL), to be started again",
             )
             child.process.kill()

@@ -123,6 +123,49 @@ async def test_a_process_group_frozen_past_the_hang_timeout_is_not_taken_for_hun
         assert events(service, "supervisor.process_hung") == [], service.stderr()
 
 
+async def test_a_process_started_again_that_never_serves_is_killed_and_tried_again(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    """A process started again after one died, stuck before it serves (stopped here as soon
+    as it appears: its start takes over a second of imports): it gives no beat yet, so only
+    ``start_timeout`` sees it. Killed, said, and tried again: the next one serves."""
+    path, port = config(tmp_path, "stuck", tmp_path / "stuck.db", fake_ollama.url)
+    with_server(path, start_timeout=3.0)
+    async with serving(path, port, "--processes", "2") as service:
+        await wait_until(lambda: events(service, "supervisor.started"), timeout=30)
+        before = service.services()
+        os.kill(before[0], signal.SIGKILL)
+        stuck: list[int] = []
+
+        def caught() -> bool:
+            new = set(service.services()) - set(before)
+            for pid in new:
+                os.kill(pid, signal.SIGSTOP)
+                stuck.append(pid)
+            return bool(new)
+
+        await wait_until(caught, timeout=30, interval=0.005)
+        try:
+            await wait_until(
+                lambda: events(service, "supervisor.start_timed_out"), timeout=30, interval=0.1
+            )
+            [timed_out] = events(service, "supervisor.start_timed_out")
+            assert timed_out["pid"] == stuck[0] and timed_out["level"] == "error", timed_out
+            await wait_until(lambda: not alive(stuck[0]), timeout=10)
+            [failed] = events(service, "supervisor.restart_failed")
+            assert "did not start within 3 s" in failed["error"], failed
+            # Tried again, unhindered this time: two processes serve.
+            await wait_until(
+                lambda: len(events(service, "pool.started")) >= 3, timeout=45, interval=0.1
+            )
+        finally:
+            for pid in stuck:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        await all_answer(service, 4)
+        assert len(service.services()) == 2
+
+
 async def test_a_process_stopped_on_its_own_is_logged_as_stopped_and_started_again(
     fake_ollama: FakeOllama, tmp_path: Path
 ) -> None:
