@@ -155,6 +155,28 @@ async def test_a_submit_field_of_the_wrong_json_type_is_refused_not_converted(
     assert (await service.client.get("/api/v1/tasks")).json()["items"] == []
 
 
+async def test_a_whole_float_is_an_integer_in_nested_options_too(service: Service) -> None:
+    """JSON Schema (the OpenAPI document) counts 53.0 as an integer, at any depth: a
+    schedule's options.max_attempts as a task's own max_attempts (Schemathesis found the
+    nested one refused). A params value keeps its own type (the template's to judge)."""
+    made = await service.client.post(
+        "/api/v1/schedules",
+        json={**SCHEDULE, "every": "1h", "priority": 3.0, "options": {"max_attempts": 2.0}},
+    )
+    assert made.status_code == 201, made.text
+    assert made.json()["options"]["max_attempts"] == 2
+    changed = await service.client.patch(
+        f"/api/v1/schedules/{made.json()['id']}", json={"options": {"max_attempts": 53.0}}
+    )
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["options"]["max_attempts"] == 53
+    fraction = await service.client.patch(
+        f"/api/v1/schedules/{made.json()['id']}", json={"options": {"max_attempts": 5.5}}
+    )
+    assert fraction.status_code == 400, fraction.text
+    assert fraction.json()["fields"][0]["field"] == "options.max_attempts"
+
+
 async def test_a_submit_with_every_field_of_its_own_type_is_still_accepted(
     service: Service,
 ) -> None:

@@ -7,12 +7,14 @@ their services, and :class:`StrictBodyRequest` reads them.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from decimal import Decimal
 from typing import Any
 
 import msgspec
+import msgspec.inspect
 from litestar import Request
 from litestar.exceptions import ValidationException
 
@@ -113,8 +115,34 @@ def _decode(body: bytes, kind: type[msgspec.Struct]) -> Any:
             raise
     value = msgspec.json.decode(body)
     if isinstance(value, dict):
-        value = {k: _whole(v) for k, v in value.items()}
+        value = _wholes(value, kind)
     return msgspec.convert(value, kind)
+
+
+def _wholes(value: dict[str, Any], kind: type[msgspec.Struct]) -> dict[str, Any]:
+    """The fields of ``value`` (a ``kind``) with each whole float as an integer, in the
+    structs nested in it too (a schedule's ``options``); a free-form dict (``params``) is
+    left as sent."""
+    nested = {f.encode_name: _struct_in(f.type) for f in _fields(kind)}
+    return {
+        k: _wholes(v, sub) if (sub := nested.get(k)) and isinstance(v, dict) else _whole(v)
+        for k, v in value.items()
+    }
+
+
+@functools.cache
+def _fields(kind: type[msgspec.Struct]) -> tuple[msgspec.inspect.Field, ...]:
+    info = msgspec.inspect.type_info(kind)
+    return info.fields if isinstance(info, msgspec.inspect.StructType) else ()
+
+
+def _struct_in(t: msgspec.inspect.Type) -> type[msgspec.Struct] | None:
+    """The struct a field holds (through ``X | None`` and ``X | UNSET``); None if none."""
+    if isinstance(t, msgspec.inspect.StructType):
+        return t.cls
+    if isinstance(t, msgspec.inspect.UnionType):
+        return next((c for x in t.types if (c := _struct_in(x)) is not None), None)
+    return None
 
 
 def _whole(value: Any) -> Any:
