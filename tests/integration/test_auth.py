@@ -21,7 +21,7 @@ from orchestra.auth import ApiKey, Scope, matches
 from orchestra.config import AuthSettings, CorsSettings, ServerSettings, Settings
 from orchestra.db import Database
 from orchestra.db.keys import KeyStore
-from orchestra.errors import StorageError
+from orchestra.errors import StorageError, Unauthorized
 from tests.conftest import Service, StartService, make_keys, sql_rows
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import free_port, start_process, wait_until, write_config
@@ -194,6 +194,45 @@ async def test_requests_that_find_the_keys_stale_together_wait_for_one_read(db: 
     fresh = Gatekeeper(store, AuthSettings(), loopback=True, clock=lambda: now[0])
     failed = await asyncio.gather(*(fresh.keys() for _ in range(3)), return_exceptions=True)
     assert [type(e) for e in failed] == [StorageError] * 3 and store.reads == 9
+
+
+async def test_keys_kept_through_an_outage_open_nothing_and_refuse_no_key_they_may_lack(
+    db: Database,
+) -> None:
+    """The copy kept while the keys cannot be read may predate a key made since: the first
+    one (an empty copy would leave loopback open) or another (refused as "not valid", a 401
+    that clients take for a bad key, not an outage). Both are the outage's 503 instead; a
+    key the copy holds goes on working."""
+    now = [0.0]
+    store = HeldKeyStore(db)
+    store.go.set()
+    gatekeeper = Gatekeeper(store, AuthSettings(), loopback=True, clock=lambda: now[0])
+    local = (None, "127.0.0.1:8000", False)
+    assert (await gatekeeper.caller(*local)).scope == "admin"  # no keys yet: this machine's
+    first, first_token = await store.create("first", "admin")  # by another process
+    now[0] += REFRESH_SECONDS + 0.1
+    store.failing = True
+    with pytest.raises(StorageError):
+        await gatekeeper.caller(*local)  # not anonymous admin: a key may exist (one does)
+    with pytest.raises(StorageError):
+        await gatekeeper.caller(f"Bearer {first_token}", "127.0.0.1:8000", False)
+    # Read again: the copy holds the first key, which works through the next outage.
+    store.failing = False
+    now[0] += REFRESH_SECONDS + 0.1
+    assert (await gatekeeper.caller(f"Bearer {first_token}", None, False)).key_id == first.id
+    _second, second_token = await store.create("second", "read")
+    now[0] += REFRESH_SECONDS + 0.1
+    store.failing = True
+    assert (await gatekeeper.caller(f"Bearer {first_token}", None, False)).key_id == first.id
+    with pytest.raises(StorageError):
+        await gatekeeper.caller(f"Bearer {second_token}", None, False)
+    with pytest.raises(Unauthorized):  # keys exist: none sent is refused, outage or not
+        await gatekeeper.caller(*local)
+    store.failing = False
+    now[0] += REFRESH_SECONDS + 0.1
+    assert (await gatekeeper.caller(f"Bearer {second_token}", None, False)).scope == "read"
+    with pytest.raises(Unauthorized):  # read: a key that is not one is a 401 again
+        await gatekeeper.caller("Bearer orc_nope_nothing", None, False)
 
 
 async def test_only_the_digest_is_stored(db_url: str) -> None:

@@ -79,6 +79,8 @@ class Gatekeeper:
         self._reading: asyncio.Future[None] | None = None
         self._forgotten = 0  # how many times forget() was called
         self._good_at = float("-inf")  # when a read of the keys last succeeded
+        #: Why the latest read failed while the copy is kept (None: the copy is current).
+        self._outage: StorageError | None = None
 
     async def keys(self) -> dict[str, tuple[str, ApiKey]]:
         """Active keys by id (digest, key), read again every :data:`REFRESH_SECONDS`.
@@ -105,10 +107,15 @@ class Gatekeeper:
         try:
             self._keys = await self.store.active_digests()
             self._good_at = self.clock()
+            if self._outage is not None:
+                log.info("auth.keys_read_again", keys=len(self._keys))
+                self._outage = None
         except StorageError as exc:
             if self.clock() - self._good_at > KEEP_SECONDS:  # never read, or too long ago
                 raise
-            log.warning("auth.keys_kept", error=exc.message, keys=len(self._keys))
+            if self._outage is None:  # once an outage, not at every refresh
+                log.warning("auth.keys_kept", error=exc.message, keys=len(self._keys))
+            self._outage = exc
         finally:
             self._reading = None
         if forgotten == self._forgotten:  # else it may predate the change: read again
@@ -137,6 +144,11 @@ class Gatekeeper:
         except StorageError:
             return True
         return self._admitted(caller, keys)
+
+    def _unsure(self) -> None:
+        """Raise the outage's error while the copy of the keys is one kept through it."""
+        if self._outage is not None:
+            raise type(self._outage)(self._outage.message)
 
     def _admitted(self, caller: Caller, keys: dict[str, tuple[str, ApiKey]]) -> bool:
         if caller.key_id is not None:
@@ -167,12 +179,15 @@ class Gatekeeper:
         Raises:
             Unauthorized: a key is given but is not a valid one, or none is given where one
                 is needed.
+            StorageError: the keys cannot be read, and the copy kept meanwhile cannot tell:
+                a key it lacks may have been made since, the first one too.
         """
         keys = await self.keys()
         if authorization:
             token, key_id = _presented(authorization)
             entry = keys.get(key_id) if key_id else None
             if entry is None or not matches(token, entry[0]):
+                self._unsure()  # a key made since the copy: the outage's 503, not a 401
                 raise Unauthorized("the API key is not valid")
             key = entry[1]
             return Caller(key.name, key.scope, key.id)
@@ -180,6 +195,7 @@ class Gatekeeper:
             return Caller("anonymous", self.settings.anonymous_scope)
         if not keys and self.loopback and not proxied and _names_loopback(host):
             # No keys yet, on a loopback address: the machine's own users, as before keys.
+            self._unsure()  # the first key may have been made since: nothing is left open
             return Caller("anonymous", "admin")
         if not keys and self.loopback and proxied:
             raise Unauthorized(
