@@ -12,6 +12,7 @@ from datetime import timedelta
 from orchestra import logs, metrics
 from orchestra.config import RetentionSettings
 from orchestra.db import TaskStore
+from orchestra.db.attempts import LeaseEnd
 from orchestra.domain import TaskStatus
 from orchestra.errors import StorageError
 
@@ -68,11 +69,13 @@ async def rescue(store: TaskStore, owner: str, cause: str, queued: Callable[[], 
     _moved(moved, queued, process_died=cause)
 
 
-def _moved(moved: dict[int, TaskStatus], queued: Callable[[], None], **why: str) -> None:
-    for task_id, status in moved.items():
-        metrics.lease_expired(status.value)
-        log.warning("task.lease_expired", task_id=task_id, now=status.value, **why)
-    if any(s is TaskStatus.QUEUED for s in moved.values()):
+def _moved(moved: dict[int, LeaseEnd], queued: Callable[[], None], **why: str) -> None:
+    for task_id, end in moved.items():
+        metrics.lease_expired(end.status.value)
+        if end.status is TaskStatus.FAILED:  # out of attempts: finished, as any failure
+            metrics.task_finished(end.template, end.status.value)
+        log.warning("task.lease_expired", task_id=task_id, now=end.status.value, **why)
+    if any(end.status is TaskStatus.QUEUED for end in moved.values()):
         queued()
 
 

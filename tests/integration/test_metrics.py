@@ -33,7 +33,7 @@ from tests.conftest import (
 from tests.fixtures.fake_ollama import Failure, FakeOllama
 from tests.fixtures.postgres import ON_POSTGRESQL, PostgresServer
 from tests.fixtures.servers import free_port, wait_until, write_config
-from tests.integration.test_processes import serving
+from tests.integration.test_processes import pid_of, serving
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "orchestra.json"
@@ -404,27 +404,42 @@ async def test_one_scrape_reports_every_process_and_survives_a_restart(
                 found = await scrape(fresh)
             return found("orchestra_task_duration_seconds_count") == 6
 
-        async def every_scrape(expected_slots: float) -> None:
+        async def every_scrape(expected_slots: float, lost: int = 0) -> None:
             for _ in range(6):  # new connections: they land on either process
                 async with httpx.AsyncClient(base_url=served.url, timeout=30) as fresh:
                     found = await scrape(fresh)
-                assert found("orchestra_tasks_submitted_total") == 6, found.text
+                assert found("orchestra_tasks_submitted_total") == 6 + lost, found.text
                 assert found("orchestra_tasks_finished_total", status="succeeded") == 6
+                assert found("orchestra_tasks_finished_total", status="failed") == lost
                 assert found("orchestra_task_duration_seconds_count") == 6
                 assert found("orchestra_worker_slots") == expected_slots
                 assert found("orchestra_tasks", status="succeeded") == 6  # not 12
+                assert found("orchestra_tasks", status="failed") == lost
 
         # A task's counts follow its end in the database by a moment (its worker counts
         # once the write is done), and the answer above may come from the other process.
         await wait_until(all_counted, timeout=15, interval=0.05)
         await every_scrape(4)
-        victim = served.services()[0]
+        # The process running a task on its last attempt is killed: the task fails (the
+        # supervisor has the other take it back), and is counted as finished, failed.
+        fake_ollama.close_gate("llama3.2")
+        async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
+            body = {"template": "summarize", "params": TEXT, "max_attempts": 1}
+            held = (await client.post("/api/v1/tasks", json=body)).json()["id"]
+            await wait_until(lambda: fake_ollama.held("llama3.2") == 1, timeout=10)
+            [attempt] = (await client.get(f"/api/v1/tasks/{held}")).json()["attempts"]
+        victim = pid_of(attempt["worker"])
         os.kill(victim, signal.SIGKILL)
+        fake_ollama.open_gate("llama3.2")
+        async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
+            failed = (await client.get(f"/api/v1/tasks/{held}", params={"wait": 20})).json()
+        assert failed["status"] == "failed", failed
+        assert failed["error"]["type"] == "lease_expired", failed
         await wait_until(
             lambda: len(served.services()) == 2 and victim not in served.services(), timeout=30
         )
         await wait_until(both_serve, timeout=60, interval=0.1)
-        await every_scrape(4)
+        await every_scrape(4, lost=1)
 
 
 def test_the_dashboard_is_grafana_json_with_a_query_in_every_panel() -> None:

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import Connection
 
 from orchestra.db import Database, Lease, TaskStore
+from orchestra.db.attempts import LeaseEnd
 from orchestra.db.schema import LATEST, upgrade
 from orchestra.domain import (
     AttemptStatus,
@@ -46,6 +47,11 @@ def clock() -> Clock:
 @pytest.fixture
 def store(db: Database, clock: Clock) -> TaskStore:
     return TaskStore(db, clock=clock)
+
+
+def ends(moved: dict[int, LeaseEnd]) -> dict[int, TaskStatus]:
+    """Each task whose lease ended, with the status it moved to."""
+    return {task_id: end.status for task_id, end in moved.items()}
 
 
 async def add(store: TaskStore, task: NewTask) -> Task:
@@ -136,9 +142,9 @@ async def test_expired_lease_returns_task_to_queue_with_attempt_counted(
     task = await add(store, new())
     await store.claim("dead-worker", 1, lease_seconds=30)
     clock.advance(29)
-    assert await store.requeue_expired() == {}  # not yet expired
+    assert ends(await store.requeue_expired()) == {}  # not yet expired
     clock.advance(2)
-    assert await store.requeue_expired() == {task.id: TaskStatus.QUEUED}
+    assert ends(await store.requeue_expired()) == {task.id: TaskStatus.QUEUED}
     again = await store.get_task(task.id)
     assert again is not None
     assert again.status is TaskStatus.QUEUED and again.attempts == 1 and again.lease_owner is None
@@ -157,7 +163,7 @@ async def test_the_reaper_leaves_the_tasks_its_own_process_runs_whatever_the_clo
     await store.claim("me", 1, lease_seconds=30)
     await store.claim("dead", 1, lease_seconds=30)
     clock.advance(3600)
-    assert await store.requeue_expired(running=[mine.id]) == {theirs.id: TaskStatus.QUEUED}
+    assert ends(await store.requeue_expired(running=[mine.id])) == {theirs.id: TaskStatus.QUEUED}
     kept = await store.get_task(mine.id)
     assert kept is not None and kept.status is TaskStatus.RUNNING and kept.lease_owner == "me"
     assert (await store.renew_leases("me", [mine.id], 30)).held == {mine.id}
@@ -174,8 +180,8 @@ async def test_a_dead_processs_tasks_are_requeued_at_once_and_the_attempt_counts
     await store.claim("dead", 1, lease_seconds=30, first_step=lambda _task: "first")
     await store.claim("alive", 1, lease_seconds=30)
     cause = "process 2, pid 4242: SIGKILL"
-    assert await store.requeue_orphaned("dead", cause) == {mine.id: TaskStatus.QUEUED}
-    assert await store.requeue_orphaned("dead", cause) == {}  # once
+    assert ends(await store.requeue_orphaned("dead", cause)) == {mine.id: TaskStatus.QUEUED}
+    assert ends(await store.requeue_orphaned("dead", cause)) == {}  # once
     still = await store.get_task(other.id)
     assert still is not None and still.status is TaskStatus.RUNNING
     again = await store.get_task(mine.id)
@@ -186,7 +192,7 @@ async def test_a_dead_processs_tasks_are_requeued_at_once_and_the_attempt_counts
     assert lost.error.message == f"the process running this attempt died ({cause})"
     # Its last attempt lost the same way: failed, saying so.
     await store.claim("dead-too", 1, lease_seconds=30, first_step=lambda _task: "first")
-    assert await store.requeue_orphaned("dead-too", cause) == {mine.id: TaskStatus.FAILED}
+    assert ends(await store.requeue_orphaned("dead-too", cause)) == {mine.id: TaskStatus.FAILED}
     failed = await store.get_task(mine.id)
     assert failed is not None and failed.error is not None
     assert failed.error.message.endswith("; the task has no attempts left")
@@ -201,7 +207,7 @@ async def test_task_that_keeps_losing_its_worker_fails_after_max_attempts(
         await store.claim("dying", 1, lease_seconds=30, first_step=lambda _task: "first")
         clock.advance(31)
         moved = await store.requeue_expired()
-    assert moved == {task.id: TaskStatus.FAILED}
+    assert ends(moved) == {task.id: TaskStatus.FAILED}
     failed = await store.get_task(task.id)
     assert failed is not None and failed.error is not None
     assert failed.error.type == "lease_expired"

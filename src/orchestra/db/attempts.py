@@ -494,6 +494,14 @@ def died(cause: str) -> tuple[TaskError, TaskError]:
     )
 
 
+class LeaseEnd(msgspec.Struct, frozen=True):
+    """A task whose lease ended without its worker: the status it moved to (queued again,
+    or failed out of attempts) and its template (for the metrics)."""
+
+    status: TaskStatus
+    template: str
+
+
 def expire_leases(
     conn: Connection,
     now: str,
@@ -501,9 +509,9 @@ def expire_leases(
     owner: str | None = None,
     cause: str = "",
     running: Collection[int] = (),
-) -> dict[int, TaskStatus]:
+) -> dict[int, LeaseEnd]:
     """Return tasks whose lease expired before ``now`` to the queue, or fail those with no
-    attempts left; each lost attempt is recorded. Returns each id and the status it moved to.
+    attempts left; each lost attempt is recorded. Returns each id and how it ended.
 
     With ``owner``, the leases of that worker pool are ended now, whenever they would have
     expired: its process is known dead (``cause`` says how), so its tasks need not wait out
@@ -530,7 +538,7 @@ def expire_leases(
             lease_owner=None,
             lease_expires_at=None,
         )
-        .returning(tasks.c.id, tasks.c.status, tasks.c.attempts)
+        .returning(tasks.c.id, tasks.c.status, tasks.c.attempts, tasks.c.template)
     ).all()
     for row in rows:
         conn.execute(
@@ -543,4 +551,4 @@ def expire_leases(
         events.append(conn, row.id, TaskLeaseExpired(attempt=row.attempts), now)
         if row.status == TaskStatus.FAILED.value:
             events.append(conn, row.id, TaskFinished(status=row.status, error=gave_up), now)
-    return {row.id: TaskStatus(row.status) for row in rows}
+    return {row.id: LeaseEnd(TaskStatus(row.status), row.template) for row in rows}

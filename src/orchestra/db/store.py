@@ -32,7 +32,7 @@ import msgspec
 from sqlalchemy import Connection, select
 
 from orchestra.db import attempts, bulk, counts, events, queue, retention
-from orchestra.db.attempts import Ending, Renewal
+from orchestra.db.attempts import Ending, LeaseEnd, Renewal
 from orchestra.db.batches import BatchStore
 from orchestra.db.engine import Database
 from orchestra.db.overview import SummaryPage
@@ -340,13 +340,13 @@ class TaskStore:
         )
         return self._changed(lease.task_id, written)
 
-    async def requeue_expired(self, running: Collection[int] = ()) -> dict[int, TaskStatus]:
+    async def requeue_expired(self, running: Collection[int] = ()) -> dict[int, LeaseEnd]:
         """Return tasks whose lease expired (their worker died) to the queue.
 
         The dead attempt is recorded as lost and counts against ``max_attempts``; a task with
         no attempts left fails instead, with an error saying so. Returns each affected id and
-        the status it moved to. ``running``: the tasks this process runs (and renews), left
-        be (:func:`~orchestra.db.attempts.expire_leases`).
+        how it ended (the status it moved to, its template). ``running``: the tasks this
+        process runs (and renews), left be (:func:`~orchestra.db.attempts.expire_leases`).
         """
         at = self._now()
         moved = await self.db.transaction(
@@ -355,7 +355,7 @@ class TaskStore:
         self.on_change(moved)
         return moved
 
-    async def requeue_orphaned(self, owner: str, cause: str) -> dict[int, TaskStatus]:
+    async def requeue_orphaned(self, owner: str, cause: str) -> dict[int, LeaseEnd]:
         """Return the tasks of worker pool ``owner``, whose process is known dead (``cause``
         says how), to the queue now instead of when their leases expire; as
         :meth:`requeue_expired` otherwise."""
