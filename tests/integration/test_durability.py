@@ -618,3 +618,14 @@ async def test_a_pool_that_cannot_claim_makes_health_degraded_naming_why(
     await wait_until(lambda: health_is("degraded"), timeout=10)
     assert "the claiming loop failed (RuntimeError: a bug in planning a claim)" in health["workers"]
     await wait_until(lambda: health_is("ok"), timeout=10)  # started again, it claims
+
+
+async def test_a_process_without_workers_leaves_workers_out_of_health(
+    durable_settings: Settings, start_service: StartService
+) -> None:
+    """`--no-workers`: no pool claims here, so /health has no `workers` to report (it said
+    "ok" for a pool that never ran)."""
+    server = msgspec.structs.replace(durable_settings.server, workers=False)
+    async with start_service(msgspec.structs.replace(durable_settings, server=server)) as svc:
+        health = (await svc.client.get("/health")).json()
+    assert "workers" not in health and health["status"] in ("ok", "degraded"), health

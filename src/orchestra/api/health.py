@@ -167,7 +167,8 @@ async def _answer(
     check_now = detailed and check == "now"
     database = await _database_check(runtime).state(now=check_now)
     states = await _states(runtime, check if detailed else None)
-    pool = runtime.pool
+    # Built without workers too (cancels go through it), but then it claims nothing.
+    pool = runtime.pool if runtime.settings.server.workers else None
     claims_ok = pool is None or pool.health.ok
     if not database.readable:
         status = "down"
