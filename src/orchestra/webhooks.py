@@ -213,6 +213,12 @@ def new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
+def _an_id(number: int) -> bool:
+    """Whether ``number`` can be a row's id (a positive 64-bit integer): a larger one would
+    overflow the database's integer (PostgreSQL refuses it, an error, not a miss)."""
+    return 0 < number < 2**63
+
+
 def _refuse(
     field: str, reason: str, kind: type[DestinationRefused] = DestinationRefused
 ) -> DestinationRefused:
@@ -449,7 +455,7 @@ class WebhookService:
         Raises:
             WebhookNotFound: no subscription has this id.
         """
-        hook = await self.store.get(webhook_id) if 0 < webhook_id < 2**63 else None
+        hook = await self.store.get(webhook_id) if _an_id(webhook_id) else None
         if hook is None or hook.task_id is not None:
             raise WebhookNotFound(f"no webhook with id {webhook_id}")
         return hook
@@ -495,7 +501,10 @@ class WebhookService:
         """
         secret = new_secret()
         until = iso(now() + timedelta(seconds=overlap))
-        hook = await self.store.roll_secret(webhook_id, secret, until)  # None: no subscription
+        # None: no subscription (an id past a 64-bit integer is none, not sent to the database)
+        hook = (
+            await self.store.roll_secret(webhook_id, secret, until) if _an_id(webhook_id) else None
+        )
         if hook is None:
             raise WebhookNotFound(f"no webhook with id {webhook_id}")
         return hook, secret

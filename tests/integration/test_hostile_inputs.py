@@ -59,7 +59,10 @@ async def svc(
     folder.mkdir()
     (folder / "echo.yaml").write_text(ECHO)
     templates = TemplateSettings(dirs=[str(folder)])
-    async with start_service(msgspec.structs.replace(settings, templates=templates)) as service:
+    # Webhooks to this machine (a port nobody serves), for the routes that need one.
+    hooks = msgspec.structs.replace(settings.webhooks, allow_private=True)
+    changed = msgspec.structs.replace(settings, templates=templates, webhooks=hooks)
+    async with start_service(changed) as service:
         yield service
 
 
@@ -300,6 +303,45 @@ async def test_no_number_in_a_query_or_path_gets_a_5xx(svc: Service) -> None:
         prop()
 
     await _in_thread(check, svc.url)
+
+
+#: Every other route with an id in its path (or a number in its query), {hid} a webhook.
+ID_TARGETS = [
+    ("GET", "/api/v1/webhooks/{}", "path"),
+    ("DELETE", "/api/v1/webhooks/{}", "path"),
+    ("POST", "/api/v1/webhooks/{}/roll-secret", "path"),
+    ("GET", "/api/v1/webhooks/{}/deliveries", "path"),
+    ("POST", "/api/v1/webhooks/{hid}/deliveries/{}/redeliver", "path"),
+    ("GET", "/api/v1/webhooks/{hid}/deliveries", "cursor"),
+    ("GET", "/api/v1/batches/{}", "path"),
+    ("GET", "/api/v1/batches/{}/results", "path"),
+    ("POST", "/api/v1/batches/{}/cancel", "path"),
+    ("POST", "/api/v1/batches/{}/retry", "path"),
+    ("GET", "/api/v1/batches", "cursor"),
+    ("GET", "/api/v1/schedules/{}", "path"),
+    ("POST", "/api/v1/schedules/{}/run", "path"),
+    ("DELETE", "/api/v1/schedules/{}", "path"),
+]
+#: Past the 64-bit integers a database column holds, and around its edge.
+EDGE_IDS = ["9223372036854775807", "9223372036854775808", "2138479133549277216768", "-1", "0"]
+
+
+@pytest.mark.parametrize(("method", "path", "where"), ID_TARGETS)
+async def test_no_id_past_64_bits_gets_a_5xx_on_any_route(
+    svc: Service, method: str, path: str, where: str
+) -> None:
+    """Schemathesis found POST /webhooks/2138479133549277216768/roll-secret answering 500 on
+    PostgreSQL (the number overflowed its bigint): every id route answers a 4xx instead."""
+    made = await svc.client.post("/api/v1/webhooks", json={"url": "http://127.0.0.1:9/hook"})
+    assert made.status_code == 201, made.text
+    path = path.replace("{hid}", str(made.json()["id"]))
+    for value in EDGE_IDS:
+        target = path.format(value) if where == "path" else path
+        params = {where: value} if where != "path" else {}
+        response = await svc.client.request(method, target, params=params)
+        assert response.status_code < 500, (target, params, response.text)
+        # An id no resource has is a 4xx; a cursor of 0 is a page (an empty one).
+        assert where != "path" or response.status_code >= 400, (target, response.text)
 
 
 #: Template parts that carry numbers (and YAML's own dates), each with {} for the value.
