@@ -178,10 +178,17 @@ class Outage:
     failed), and one line when the loop works again. A database down for a minute made the
     event feed, the scheduler and the webhook sender log three lines a second each.
 
+    Failures that come from requests, not from a loop (a refused request, a probe, a
+    scrape), have no try that works to end the outage: ``ends_after`` ends it once no failure
+    came for that long, so the next one is logged at once, counted from 1.
+
     Args:
         logger: Where to log (the loop's module's logger).
         event: The warning's event name (``feed.read_failed``); the recovery's is the same
             with ``_failed`` made ``_recovered``.
+        every: The fewest seconds between two lines of one outage.
+        ends_after: Seconds without a failure after which the outage is over (None: only
+            :meth:`succeeded` ends it).
         clock: Monotonic seconds (tests pass their own).
     """
 
@@ -191,22 +198,28 @@ class Outage:
         event: str,
         every: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        ends_after: float | None = None,
     ) -> None:
         self.logger = logger
         self.event = event
         self.every = every
         self.clock = clock
+        self.ends_after = ends_after
         self.failures = 0
         self._logged_at = float("-inf")
+        self._failed_at = float("-inf")
 
-    def failed(self, exc: BaseException) -> None:
-        """One more try failed with ``exc``."""
-        self.failures += 1
+    def failed(self, exc: BaseException, **fields: Any) -> None:
+        """One more try failed with ``exc`` (``fields``: more to say on its line)."""
         now = self.clock()
+        if self.ends_after is not None and now - self._failed_at > self.ends_after:
+            self.failures = 0  # quiet that long: this is another outage
+        self._failed_at = now
+        self.failures += 1
         if self.failures == 1 or now - self._logged_at >= self.every:
             self._logged_at = now
             error = f"{type(exc).__name__}: {exc}"
-            self.logger.warning(self.event, error=error, failures=self.failures)
+            self.logger.warning(self.event, error=error, failures=self.failures, **fields)
 
     def succeeded(self) -> None:
         """A try worked: the outage, if any, is over."""

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import sqlite3
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
+import structlog
+import structlog.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestra.api.auth import REFRESH_SECONDS
@@ -330,22 +333,30 @@ async def test_a_database_outage_is_scraped_with_the_key_and_asked_again_later(
         sql_rows(db_url, "CHECKPOINT")
         postgres.stop()
         try:
-            loop = asyncio.get_running_loop()
-            stopped = loop.time()
-            while loop.time() < stopped + REFRESH_SECONDS + 1:  # the keys read again, failing
-                during = await scrape(svc.client, headers=key)
-                assert during("orchestra_database_up") == 0
-                assert "orchestra_tasks" not in during.names
-                assert during("orchestra_worker_slots") > 0  # the rest is served
-                await asyncio.sleep(0.2)
-            assert (await svc.client.get("/metrics")).status_code == 401  # still a key's
-            # What needs the database answers 503, and says when to ask again.
-            listing = await svc.client.get("/api/v1/tasks", headers=key)
-            assert listing.status_code == 503, listing.text
-            assert listing.json()["code"] == "storage_unavailable"
-            assert listing.headers["Retry-After"] == "5"
+            with structlog.testing.capture_logs() as logged:
+                loop = asyncio.get_running_loop()
+                stopped = loop.time()
+                while loop.time() < stopped + REFRESH_SECONDS + 1:  # the keys read again
+                    during = await scrape(svc.client, headers=key)
+                    assert during("orchestra_database_up") == 0
+                    assert "orchestra_tasks" not in during.names
+                    assert during("orchestra_worker_slots") > 0  # the rest is served
+                    assert (await svc.client.get("/health")).status_code == 503
+                    await asyncio.sleep(0.2)
+                assert (await svc.client.get("/metrics")).status_code == 401  # still a key's
+                # What needs the database answers 503, and says when to ask again.
+                for _ in range(5):
+                    listing = await svc.client.get("/api/v1/tasks", headers=key)
+                    assert listing.status_code == 503, listing.text
+                assert listing.json()["code"] == "storage_unavailable"
+                assert listing.headers["Retry-After"] == "5"
         finally:
             postgres.resume()
+        # A line an outage for each (a scrape, a probe, a refused request), not one each time:
+        # 16 lines a second under load before.
+        said = Counter(e["event"] for e in logged)
+        for event in ("metrics.counts_failed", "health.database_failed", "api.storage_failed"):
+            assert said[event] == 1, (event, said)
 
         async def back() -> bool:
             answer = await svc.client.get("/metrics", headers=key)

@@ -77,3 +77,26 @@ def test_an_outage_is_logged_once_then_every_minute_then_its_end() -> None:
     assert [fields.get("failures") for _, _, fields in lines[:3]] == [1, 61, 121]
     assert lines[0][2]["error"] == "ConnectionError: the database went away"
     assert lines[3][2] == {"after_failures": 125}
+
+
+def test_failures_of_requests_end_an_outage_after_a_quiet_spell() -> None:
+    """Refused requests have no try that works to end their outage: a quiet spell does, and
+    the next failure is a new outage, logged at once and counted from one."""
+    now = [0.0]
+    lines: list[dict[str, object]] = []
+
+    class Logger:
+        def warning(self, event: str, **fields: object) -> None:
+            lines.append({"event": event, **fields})
+
+    outage = logs.Outage(
+        Logger(), "api.storage_failed", every=10.0, ends_after=10.0, clock=lambda: now[0]
+    )
+    for tenth in range(0, 250):  # 10 refusals a second for 25 s
+        now[0] = tenth / 10
+        outage.failed(ConnectionError("down"), code="storage_unavailable")
+    assert [line["failures"] for line in lines] == [1, 101, 201]
+    assert lines[0]["code"] == "storage_unavailable"
+    now[0] = 60.0  # 35 s later, another outage
+    outage.failed(ConnectionError("down again"))
+    assert lines[-1]["failures"] == 1 and lines[-1]["error"] == "ConnectionError: down again"

@@ -48,6 +48,9 @@ from orchestra.errors import (
 from orchestra.webhooks import DestinationRefused, MalformedDestination, WebhookNotFound
 
 log = logs.get("orchestra.api")
+#: Requests the database refused: logged once, then every 10 s while they go on (with how
+#: many); an outage under load made a warning per request (16 a second).
+_storage_outage = logs.Outage(log, "api.storage_failed", every=10.0, ends_after=10.0)
 
 _STATUS: list[tuple[type[OrchestraError], int]] = [
     (NotFoundError, HTTP_404_NOT_FOUND),
@@ -122,8 +125,8 @@ def orchestra_error(_: Request[Any, Any, Any], exc: OrchestraError) -> Response[
         headers = {"WWW-Authenticate": "Bearer"}
     elif (wait := retry_after(exc)) is not None:
         headers = {"Retry-After": str(wait)}
-    if isinstance(exc, StorageError):
-        log.warning("api.storage_failed", code=exc.code, error=exc.message)
+    if isinstance(exc, StorageError):  # a line per outage, not per request refused
+        _storage_outage.failed(exc, code=exc.code)
     task_status = getattr(exc, "task_status", None)
     return _body(status, exc.code, exc.message, fields, task_status, problems, headers)
 

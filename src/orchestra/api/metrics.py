@@ -20,6 +20,9 @@ from orchestra.config import Settings
 from orchestra.errors import StorageError
 
 log = logs.get("orchestra.metrics")
+#: Scrapes that found the task counts unreadable: a line an outage (and a minute), not one
+#: per scrape; ``metrics.counts_recovered`` when they read again.
+_counts_outage = logs.Outage(log, "metrics.counts_failed")
 
 PATH = "/metrics"
 
@@ -40,8 +43,10 @@ async def scrape(request: Request[Any, Any, Any]) -> Response[bytes]:
     try:
         counts = await runtime.dashboard.counts()
     except StorageError as exc:
-        log.warning("metrics.counts_failed", error=exc.message)
+        _counts_outage.failed(exc)
         counts = None
+    else:
+        _counts_outage.succeeded()
     providers = [(s.name, s.kind, s.available) for s in runtime.router.states()]
     # The writes' outcome /health reports: a read answers while every write is refused.
     writable = runtime.db.writes.failure is None
