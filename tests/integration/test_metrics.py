@@ -341,7 +341,12 @@ async def test_a_database_outage_is_scraped_with_the_key_and_asked_again_later(
                     assert during("orchestra_database_up") == 0
                     assert "orchestra_tasks" not in during.names
                     assert during("orchestra_worker_slots") > 0  # the rest is served
-                    assert (await svc.client.get("/health")).status_code == 503
+                    probe = await svc.client.get("/health")  # no key: anyone's view
+                    assert probe.status_code == 503
+                    # Not where the database is (its host, port, socket): the read scope's.
+                    assert probe.json() == {"status": "down", "database": "error"}
+                    detailed = (await svc.client.get("/health", headers=key)).json()
+                    assert "cannot be used" in detailed["database"], detailed
                     await asyncio.sleep(0.2)
                 assert (await svc.client.get("/metrics")).status_code == 401  # still a key's
                 # What needs the database answers 503, and says when to ask again.

@@ -48,9 +48,6 @@ from orchestra.errors import (
 from orchestra.webhooks import DestinationRefused, MalformedDestination, WebhookNotFound
 
 log = logs.get("orchestra.api")
-#: Requests the database refused: logged once, then every 10 s while they go on (with how
-#: many); an outage under load made a warning per request (16 a second).
-_storage_outage = logs.Outage(log, "api.storage_failed", every=10.0, ends_after=10.0)
 
 _STATUS: list[tuple[type[OrchestraError], int]] = [
     (NotFoundError, HTTP_404_NOT_FOUND),
@@ -110,7 +107,7 @@ def status_of(exc: OrchestraError) -> int:
     return next((s for cls, s in _STATUS if isinstance(exc, cls)), HTTP_500_INTERNAL_SERVER_ERROR)
 
 
-def orchestra_error(_: Request[Any, Any, Any], exc: OrchestraError) -> Response[ErrorBody]:
+def orchestra_error(request: Request[Any, Any, Any], exc: OrchestraError) -> Response[ErrorBody]:
     """Map the error tree to statuses."""
     status = status_of(exc)
     if status == HTTP_500_INTERNAL_SERVER_ERROR:
@@ -126,7 +123,7 @@ def orchestra_error(_: Request[Any, Any, Any], exc: OrchestraError) -> Response[
     elif (wait := retry_after(exc)) is not None:
         headers = {"Retry-After": str(wait)}
     if isinstance(exc, StorageError):  # a line per outage, not per request refused
-        _storage_outage.failed(exc, code=exc.code)
+        runtime_of(request.scope).refused.failed(exc, code=exc.code)
     task_status = getattr(exc, "task_status", None)
     return _body(status, exc.code, exc.message, fields, task_status, problems, headers)
 

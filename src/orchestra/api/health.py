@@ -178,7 +178,7 @@ async def _answer(
         status = "degraded"
     body = HealthOut(
         status=status,
-        database=database.detail,
+        database=database.detail if detailed else _in_short(database.detail),
         workers=pool.health.detail if pool is not None and detailed else None,
         providers={s.name: ProviderOut.of(s) for s in states} if detailed else None,
         version=__version__ if detailed else None,
@@ -229,3 +229,12 @@ async def models(runtime: NamedDependency[Runtime], check: CheckNow = None) -> M
         serving = [str(r) for r in router.routes(name) if router.available(r)] if chain else []
         out.append(ModelOut(name=name, chain=chain, serves=serving[0] if serving else None))
     return ModelsOut(models=out, providers=[ProviderOut.of(s) for s in states])
+
+
+def _in_short(detail: str) -> str:
+    """The database's state for a caller without the read scope: ``ok``, ``low disk`` or
+    ``error``, never the message behind it (it names the file, or the server's host, port
+    and database)."""
+    if detail == "ok":
+        return "ok"
+    return "low disk" if detail.startswith("low disk") else "error"

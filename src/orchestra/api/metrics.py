@@ -13,16 +13,11 @@ from typing import Any
 
 from litestar import Request, Response, get
 
-from orchestra import logs, metrics
+from orchestra import metrics
 from orchestra.api.runtime import Runtime
 from orchestra.api.scope import runtime_of
 from orchestra.config import Settings
 from orchestra.errors import StorageError
-
-log = logs.get("orchestra.metrics")
-#: Scrapes that found the task counts unreadable: a line an outage (and a minute), not one
-#: per scrape; ``metrics.counts_recovered`` when they read again.
-_counts_outage = logs.Outage(log, "metrics.counts_failed")
 
 PATH = "/metrics"
 
@@ -43,10 +38,10 @@ async def scrape(request: Request[Any, Any, Any]) -> Response[bytes]:
     try:
         counts = await runtime.dashboard.counts()
     except StorageError as exc:
-        _counts_outage.failed(exc)
+        runtime.unscraped.failed(exc)
         counts = None
     else:
-        _counts_outage.succeeded()
+        runtime.unscraped.succeeded()
     providers = [(s.name, s.kind, s.available) for s in runtime.router.states()]
     # The writes' outcome /health reports: a read answers while every write is refused.
     writable = runtime.db.writes.failure is None

@@ -85,6 +85,14 @@ class Runtime:
         #: What stopped the lifespan from starting (ConfigError, TemplateError): the server
         #: only learns that startup failed, so ``orchestra serve`` prints this.
         self.startup_error: OrchestraError | None = None
+        #: Requests the database refused: logged once, then every 10 s while they go on
+        #: (with how many); an outage under load made a warning per request (16 a second).
+        self.refused = logs.Outage(
+            logs.get("orchestra.api"), "api.storage_failed", every=10.0, ends_after=10.0
+        )
+        #: Scrapes that found the task counts unreadable: a line an outage (and a minute);
+        #: ``metrics.counts_recovered`` when they read again.
+        self.unscraped = logs.Outage(logs.get("orchestra.metrics"), "metrics.counts_failed")
         self._db: Database | None = None
         self._tasks: TaskService | None = None
         self._router: Router | None = None
