@@ -151,9 +151,9 @@ class ScheduleService:
             ]
         return ScheduleView(schedule, times, await self.store.fires(schedule.id, fires))
 
-    async def list(self) -> list[Schedule]:
-        """Every schedule, by name."""
-        return await self.store.all()
+    async def list(self, after: str | None = None, limit: int | None = None) -> list[Schedule]:
+        """Schedules by name: every one, or the first ``limit`` named after ``after``."""
+        return await self.store.all(after, limit)
 
     async def run_now(self, ref: str, *, key_id: str | None = None) -> Task:
         """Submit the task a tick of the schedule would, now, as a submit by ``key_id``: not a

@@ -441,9 +441,12 @@ class WebhookService:
         secret = new_secret()
         return await self.store.create(hook, secret), secret
 
-    async def subscriptions(self) -> list[Webhook]:
-        """Every subscription (tasks' callbacks are not listed)."""
-        return await self.store.subscriptions()
+    async def subscriptions(
+        self, after: int | None = None, limit: int | None = None
+    ) -> list[Webhook]:
+        """Subscriptions, oldest first (tasks' callbacks are not listed): every one, or the
+        first ``limit`` after the id ``after``."""
+        return await self.store.subscriptions(after, limit)
 
     async def outlines(self) -> dict[int, Outline]:
         """Each subscription's waiting deliveries and latest one, by id (for a list)."""

@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from orchestra.client import AsyncClient
 from orchestra.config import Settings
 from orchestra.domain import iso
 from orchestra.scheduler import ScheduleLoop
@@ -115,6 +116,35 @@ async def test_a_schedule_is_created_read_changed_paused_and_deleted(idle: Servi
     assert (await idle.client.delete(f"{SCHEDULES}/{made['id']}")).status_code == 204
     assert (await idle.client.get(f"{SCHEDULES}/digest")).status_code == 404
     assert (await idle.client.get(SCHEDULES)).json()["items"] == []
+
+
+async def test_the_list_comes_in_pages_by_name_and_the_client_follows_them(
+    idle: Service,
+) -> None:
+    """Thousands of schedules (one per customer) were one answer; now pages of ``limit``
+    (100 unless asked, at most 500), by name, ``next_cursor`` naming the last one."""
+    names = [f"s{n:03d}" for n in range(25)]
+    for name in reversed(names):
+        assert (await idle.client.post(SCHEDULES, json=body(name, every="1h"))).status_code == 201
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 10} | ({"cursor": cursor} if cursor else {})
+        page = (await idle.client.get(SCHEDULES, params=params)).json()
+        assert len(page["items"]) <= 10
+        seen += [item["name"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+        assert cursor == seen[-1]
+    assert seen == names
+    whole = (await idle.client.get(SCHEDULES)).json()
+    assert [i["name"] for i in whole["items"]] == names and whole["next_cursor"] is None
+    for bad in ({"limit": 0}, {"limit": 501}, {"cursor": "not a name!"}):
+        refused = await idle.client.get(SCHEDULES, params=bad)
+        assert refused.status_code == 400, refused.text
+    async with AsyncClient(idle.url) as client:  # the client's list: every page's items
+        assert [s.name for s in await client.list_schedules(page_size=7)] == names
 
 
 async def test_every_takes_a_number_of_seconds_as_the_docs_say(idle: Service) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from orchestra.client import AsyncClient
 from orchestra.config import Settings, WebhookSettings
 from orchestra.db import Database, TaskStore
 from orchestra.db.webhooks import PAUSED, Hint, WebhookStore
@@ -138,6 +139,35 @@ async def test_a_private_callback_url_is_refused_at_submit(service: Service) -> 
     assert [f["field"] for f in response.json()["fields"]] == ["callback_url"]
     listed = await service.client.get("/api/v1/tasks")
     assert listed.json()["items"] == [], "nothing is queued"
+
+
+async def test_the_list_comes_in_pages_oldest_first_and_the_client_follows_them(
+    loopback_service: Service,
+) -> None:
+    made = []
+    for n in range(12):
+        hook = await loopback_service.client.post(
+            "/api/v1/webhooks", json={"url": f"http://127.0.0.1:9/hook/{n}"}
+        )
+        assert hook.status_code == 201, hook.text
+        made.append(hook.json()["id"])
+    seen: list[int] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 5} | ({"cursor": cursor} if cursor else {})
+        page = (await loopback_service.client.get("/api/v1/webhooks", params=params)).json()
+        assert len(page["items"]) <= 5
+        seen += [item["id"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+        assert cursor == str(seen[-1])
+    assert seen == made
+    for bad in ({"limit": 0}, {"limit": 501}, {"cursor": "x"}):
+        refused = await loopback_service.client.get("/api/v1/webhooks", params=bad)
+        assert refused.status_code == 400, refused.text
+    async with AsyncClient(loopback_service.url) as client:
+        assert [h.id for h in await client.list_webhooks(page_size=4)] == made
 
 
 async def test_unknown_webhooks_are_404(service: Service) -> None:

@@ -5,18 +5,18 @@ A schedule is named in a path by its id or its name (names are words, never numb
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, delete, get, patch, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody
+from litestar.params import FromPath, JSONBody, QueryParameter
 
 from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
 from orchestra.api.schemas import StrictBodyRequest
 from orchestra.auth import Caller
 from orchestra.scheduler import ScheduleService
-from orchestra.schedules import ScheduleChanges, ScheduleSpec
+from orchestra.schedules import NAME_PATTERN, ScheduleChanges, ScheduleSpec
 from orchestra.wire.schedules import FireOut as FireOut
 from orchestra.wire.schedules import ScheduleList as ScheduleList
 from orchestra.wire.schedules import ScheduleOut as ScheduleOut
@@ -53,10 +53,21 @@ class ScheduleController(Controller):
             ScheduleOut.of(made), status_code=201, headers={"Location": f"{self.path}/{made.id}"}
         )
 
-    @get("/", summary="List schedules", responses=errors())
-    async def list_schedules(self, schedules: NamedDependency[ScheduleService]) -> ScheduleList:
-        """Every schedule, by name, with its next tick."""
-        return ScheduleList(items=[ScheduleOut.of(s) for s in await schedules.list()])
+    @get("/", summary="List schedules", responses=errors(400))
+    async def list_schedules(
+        self,
+        schedules: NamedDependency[ScheduleService],
+        limit: Annotated[int, QueryParameter(ge=1, le=500, description="Page size.")] = 100,
+        cursor: Annotated[
+            str | None,
+            QueryParameter(pattern=NAME_PATTERN, description="next_cursor of the previous page."),
+        ] = None,
+    ) -> ScheduleList:
+        """Schedules by name, with their next ticks, a page at a time."""
+        found = await schedules.list(cursor, limit + 1)
+        page = found[:limit]
+        more = len(found) > limit
+        return ScheduleList([ScheduleOut.of(s) for s in page], page[-1].name if more else None)
 
     @get("/{ref:str}", summary="Get a schedule", responses=errors(404))
     async def get_schedule(

@@ -56,10 +56,22 @@ class WebhookController(Controller):
             headers={"Location": f"{self.path}/{hook.id}"},
         )
 
-    @get("/", opt=_ADMIN, summary="List subscriptions", responses=errors())
-    async def list_webhooks(self, runtime: NamedDependency[Runtime]) -> WebhookList:
-        """Every subscription, without secrets."""
-        return WebhookList([WebhookOut.of(h) for h in await _service(runtime).subscriptions()])
+    @get("/", opt=_ADMIN, summary="List subscriptions", responses=errors(400))
+    async def list_webhooks(
+        self,
+        runtime: NamedDependency[Runtime],
+        limit: Annotated[int, QueryParameter(ge=1, le=500, description="Page size.")] = 100,
+        cursor: Annotated[
+            str | None,
+            QueryParameter(pattern=NUMBER, description="next_cursor of the previous page."),
+        ] = None,
+    ) -> WebhookList:
+        """Subscriptions, oldest first, without secrets, a page at a time."""
+        after = None if cursor is None else int(cursor)
+        found = await _service(runtime).subscriptions(after, limit + 1)
+        page = found[:limit]
+        more = len(found) > limit
+        return WebhookList([WebhookOut.of(h) for h in page], str(page[-1].id) if more else None)
 
     @get(
         "/callback-secret",

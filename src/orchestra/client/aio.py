@@ -290,9 +290,16 @@ class AsyncClient:
         """Make a schedule: a :class:`~orchestra.schedules.ScheduleSpec`, or its fields."""
         return await self._send(core.create_schedule(spec or ScheduleSpec(**fields)))
 
-    async def list_schedules(self) -> list[ScheduleOut]:
-        """Every schedule, by name."""
-        return await self._send(core.list_schedules())
+    async def list_schedules(self, page_size: int = 100) -> list[ScheduleOut]:
+        """Every schedule, by name (read ``page_size`` at a time)."""
+        found: list[ScheduleOut] = []
+        cursor: str | None = None
+        while True:
+            page = await self._send(core.schedules_page(page_size, cursor))
+            found += page.items
+            if page.next_cursor is None:
+                return found
+            cursor = page.next_cursor
 
     async def get_schedule(self, ref: str | int) -> ScheduleOut:
         """A schedule (by name or id) with its next and latest ticks."""
@@ -322,9 +329,16 @@ class AsyncClient:
         """Subscribe ``url`` to task events; the answer holds the signing secret, once."""
         return await self._send(core.create_webhook(core.new_webhook(url, event_types, template)))
 
-    async def list_webhooks(self) -> list[WebhookOut]:
-        """Every subscription, without secrets."""
-        return await self._send(core.list_webhooks())
+    async def list_webhooks(self, page_size: int = 100) -> list[WebhookOut]:
+        """Every subscription, oldest first, without secrets (read ``page_size`` at a time)."""
+        found: list[WebhookOut] = []
+        cursor: str | None = None
+        while True:
+            page = await self._send(core.webhooks_page(page_size, cursor))
+            found += page.items
+            if page.next_cursor is None:
+                return found
+            cursor = page.next_cursor
 
     async def get_webhook(self, webhook_id: int) -> WebhookOut:
         """One subscription."""

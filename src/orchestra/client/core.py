@@ -377,7 +377,7 @@ def feed(template: str | None, types: str | Iterable[str] | None, after: int | N
 # -- templates -------------------------------------------------------------------------------
 
 
-def _items(kind: type[TemplateList] | type[ScheduleList] | type[WebhookList]) -> Any:
+def _items(kind: type[TemplateList]) -> Any:
     decode = _as(kind)
     return lambda response: decode(response).items
 
@@ -444,8 +444,9 @@ def create_schedule(spec: ScheduleSpec) -> Call[ScheduleOut]:
     )
 
 
-def list_schedules() -> Call[list[ScheduleOut]]:
-    return Call("GET", "/api/v1/schedules", _items(ScheduleList))
+def schedules_page(limit: int, cursor: str | None) -> Call[ScheduleList]:
+    params = _given({"limit": limit, "cursor": cursor})
+    return Call("GET", "/api/v1/schedules", _as(ScheduleList), params=params)
 
 
 def get_schedule(ref: str | int) -> Call[ScheduleOut]:
@@ -495,8 +496,9 @@ def create_webhook(hook: NewWebhook) -> Call[WebhookCreated]:
     )
 
 
-def list_webhooks() -> Call[list[WebhookOut]]:
-    return Call("GET", "/api/v1/webhooks", _items(WebhookList))
+def webhooks_page(limit: int, cursor: str | None) -> Call[WebhookList]:
+    params = _given({"limit": limit, "cursor": cursor})
+    return Call("GET", "/api/v1/webhooks", _as(WebhookList), params=params)
 
 
 def get_webhook(webhook_id: int) -> Call[WebhookOut]:

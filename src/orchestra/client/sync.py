@@ -280,9 +280,16 @@ class Client:
         """Make a schedule: a :class:`~orchestra.schedules.ScheduleSpec`, or its fields."""
         return self._send(core.create_schedule(spec or ScheduleSpec(**fields)))
 
-    def list_schedules(self) -> list[ScheduleOut]:
-        """Every schedule, by name."""
-        return self._send(core.list_schedules())
+    def list_schedules(self, page_size: int = 100) -> list[ScheduleOut]:
+        """Every schedule, by name (read ``page_size`` at a time)."""
+        found: list[ScheduleOut] = []
+        cursor: str | None = None
+        while True:
+            page = self._send(core.schedules_page(page_size, cursor))
+            found += page.items
+            if page.next_cursor is None:
+                return found
+            cursor = page.next_cursor
 
     def get_schedule(self, ref: str | int) -> ScheduleOut:
         """A schedule (by name or id) with its next and latest ticks."""
@@ -312,9 +319,16 @@ class Client:
         """Subscribe ``url`` to task events; the answer holds the signing secret, once."""
         return self._send(core.create_webhook(core.new_webhook(url, event_types, template)))
 
-    def list_webhooks(self) -> list[WebhookOut]:
-        """Every subscription, without secrets."""
-        return self._send(core.list_webhooks())
+    def list_webhooks(self, page_size: int = 100) -> list[WebhookOut]:
+        """Every subscription, oldest first, without secrets (read ``page_size`` at a time)."""
+        found: list[WebhookOut] = []
+        cursor: str | None = None
+        while True:
+            page = self._send(core.webhooks_page(page_size, cursor))
+            found += page.items
+            if page.next_cursor is None:
+                return found
+            cursor = page.next_cursor
 
     def get_webhook(self, webhook_id: int) -> WebhookOut:
         """One subscription."""

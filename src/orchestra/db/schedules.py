@@ -157,10 +157,15 @@ class ScheduleStore:
             row = (await conn.execute(select(schedules).where(column == ref))).first()
         return None if row is None else _schedule(row)
 
-    async def all(self) -> list[Schedule]:
-        """Every schedule, by name."""
+    async def all(self, after: str | None = None, limit: int | None = None) -> list[Schedule]:
+        """Schedules by name: every one, or the first ``limit`` named after ``after``."""
+        query = select(schedules).order_by(schedules.c.name)
+        if after is not None:
+            query = query.where(schedules.c.name > after)
+        if limit is not None:
+            query = query.limit(limit)
         async with self.db.read() as conn:
-            rows = (await conn.execute(select(schedules).order_by(schedules.c.name))).all()
+            rows = (await conn.execute(query)).all()
         return [_schedule(r) for r in rows]
 
     async def replace(

@@ -296,9 +296,16 @@ class WebhookStore:
 
         return await self.db.transaction(work, small=True)
 
-    async def subscriptions(self) -> list[Webhook]:
-        """Every subscription (not tasks' callbacks), oldest first."""
+    async def subscriptions(
+        self, after: int | None = None, limit: int | None = None
+    ) -> list[Webhook]:
+        """Subscriptions (not tasks' callbacks), oldest first: every one, or the first
+        ``limit`` after the id ``after``."""
         query = select(_w).where(_w.c.task_id.is_(None)).order_by(_w.c.id)
+        if after is not None:
+            query = query.where(_w.c.id > after)
+        if limit is not None:
+            query = query.limit(limit)
         async with self.db.read() as conn:
             return [_webhook(r._mapping) for r in (await conn.execute(query)).all()]
 

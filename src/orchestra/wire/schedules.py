@@ -82,6 +82,8 @@ class ScheduleOut(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class ScheduleList(msgspec.Struct, frozen=True):
-    """Every schedule, by name."""
+    """A page of schedules, by name; ``next_cursor`` (the last one's name) gives the next
+    page (None: this is the last)."""
 
     items: list[ScheduleOut]
+    next_cursor: str | None = None

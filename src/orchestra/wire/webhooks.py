@@ -70,9 +70,11 @@ class WebhookCreated(msgspec.Struct, frozen=True):
 
 
 class WebhookList(msgspec.Struct, frozen=True):
-    """Every subscription, oldest first."""
+    """A page of subscriptions, oldest first; ``next_cursor`` (the last one's id) gives the
+    next page (None: this is the last)."""
 
     items: list[WebhookOut]
+    next_cursor: str | None = None
 
 
 class AttemptOut(msgspec.Struct, frozen=True):
