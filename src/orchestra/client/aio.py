@@ -292,14 +292,18 @@ class AsyncClient:
 
     async def list_schedules(self, page_size: int = 100) -> list[ScheduleOut]:
         """Every schedule, by name (read ``page_size`` at a time)."""
-        found: list[ScheduleOut] = []
+        return await self._every_page(lambda cursor: core.schedules_page(page_size, cursor))
+
+    async def _every_page(self, page: Callable[[str | None], core.Call[Any]]) -> list[Any]:
+        """The items of every page of a list, following ``next_cursor`` to the last."""
+        found: list[Any] = []
         cursor: str | None = None
         while True:
-            page = await self._send(core.schedules_page(page_size, cursor))
-            found += page.items
-            if page.next_cursor is None:
+            got = await self._send(page(cursor))
+            found += got.items
+            if got.next_cursor is None:
                 return found
-            cursor = page.next_cursor
+            cursor = got.next_cursor
 
     async def get_schedule(self, ref: str | int) -> ScheduleOut:
         """A schedule (by name or id) with its next and latest ticks."""
@@ -331,14 +335,7 @@ class AsyncClient:
 
     async def list_webhooks(self, page_size: int = 100) -> list[WebhookOut]:
         """Every subscription, oldest first, without secrets (read ``page_size`` at a time)."""
-        found: list[WebhookOut] = []
-        cursor: str | None = None
-        while True:
-            page = await self._send(core.webhooks_page(page_size, cursor))
-            found += page.items
-            if page.next_cursor is None:
-                return found
-            cursor = page.next_cursor
+        return await self._every_page(lambda cursor: core.webhooks_page(page_size, cursor))
 
     async def get_webhook(self, webhook_id: int) -> WebhookOut:
         """One subscription."""

@@ -282,14 +282,18 @@ class Client:
 
     def list_schedules(self, page_size: int = 100) -> list[ScheduleOut]:
         """Every schedule, by name (read ``page_size`` at a time)."""
-        found: list[ScheduleOut] = []
+        return self._every_page(lambda cursor: core.schedules_page(page_size, cursor))
+
+    def _every_page(self, page: Callable[[str | None], core.Call[Any]]) -> list[Any]:
+        """The items of every page of a list, following ``next_cursor`` to the last."""
+        found: list[Any] = []
         cursor: str | None = None
         while True:
-            page = self._send(core.schedules_page(page_size, cursor))
-            found += page.items
-            if page.next_cursor is None:
+            got = self._send(page(cursor))
+            found += got.items
+            if got.next_cursor is None:
                 return found
-            cursor = page.next_cursor
+            cursor = got.next_cursor
 
     def get_schedule(self, ref: str | int) -> ScheduleOut:
         """A schedule (by name or id) with its next and latest ticks."""
@@ -321,14 +325,7 @@ class Client:
 
     def list_webhooks(self, page_size: int = 100) -> list[WebhookOut]:
         """Every subscription, oldest first, without secrets (read ``page_size`` at a time)."""
-        found: list[WebhookOut] = []
-        cursor: str | None = None
-        while True:
-            page = self._send(core.webhooks_page(page_size, cursor))
-            found += page.items
-            if page.next_cursor is None:
-                return found
-            cursor = page.next_cursor
+        return self._every_page(lambda cursor: core.webhooks_page(page_size, cursor))
 
     def get_webhook(self, webhook_id: int) -> WebhookOut:
         """One subscription."""
