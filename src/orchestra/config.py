@@ -264,6 +264,9 @@ class AuthSettings(_Section, frozen=True):
     anonymous_scope: Scope = "admin"
     #: Requests per minute one key (or one client address, without a key) may make; 0: no limit.
     rate_limit_per_minute: int = 0
+    #: Event streams one API key may hold open at once (a task's events, the events feed);
+    #: past it, 429. 0: no limit. Requests without a key are not counted.
+    max_streams_per_key: int = 100
 
 
 class CorsSettings(_Section, frozen=True):
@@ -446,6 +449,11 @@ class Settings(_Section, frozen=True):
             (
                 "auth.rate_limit_per_minute",
                 self.auth.rate_limit_per_minute >= 0,
+                "an integer >= 0",
+            ),
+            (
+                "auth.max_streams_per_key",
+                self.auth.max_streams_per_key >= 0,
                 "an integer >= 0",
             ),
         ]

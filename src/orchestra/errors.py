@@ -14,6 +14,7 @@
     ├── PayloadTooLarge             a body or template over its configured limit
     ├── Unauthorized                no valid API key
     ├── Forbidden                   the key's scope does not allow the call
+    ├── TooManyStreams              a key holds its most event streams open (429)
     ├── ConflictError               the request conflicts with the current state
     ├── LeaseLost                   a worker no longer holds the task it is writing
     ├── StorageError                the database cannot read or write now (retry later)
@@ -148,6 +149,12 @@ class Forbidden(OrchestraError):
     """This API key's scope does not allow this request."""
 
     code = "forbidden"
+
+
+class TooManyStreams(OrchestraError):
+    """This API key holds as many event streams open as it may; close one first."""
+
+    code = "too_many_streams"
 
 
 class ConflictError(OrchestraError):

@@ -4,6 +4,7 @@ a scope; the loopback default; the key a first start beyond loopback makes; rate
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -98,6 +99,45 @@ async def test_every_endpoint_needs_a_key_with_enough_scope(
     # Liveness and the API description stay open.
     assert (await svc.client.get("/health")).status_code == 200
     assert (await svc.client.get("/schema/openapi.json")).status_code == 200
+
+
+async def test_one_key_holds_at_most_max_streams_per_key_event_streams(
+    settings: Settings, db_url: str, start_service: StartService
+) -> None:
+    """A client that opens streams and never closes them (a bug in a loop) held connections
+    until every one of the server's (`max_connections`) was its: no one else was served.
+    Past `[auth] max_streams_per_key` it gets 429 with Retry-After; another key is served,
+    and a stream closed gives its place back."""
+    tokens = await make_keys(db_url, "read", "submit")
+    auth = msgspec.structs.replace(settings.auth, max_streams_per_key=3)
+    async with start_service(msgspec.structs.replace(settings, auth=auth)) as svc:
+        later = {"template": "summarize", "params": {"text": "x"}, "delay": 3600}
+        task = await _call(svc.client, "POST", "/api/v1/tasks", later, tokens["submit"])
+        task_id = task.json()["id"]
+        paths = [f"/api/v1/tasks/{task_id}/events", "/api/v1/events", "/api/v1/events"]
+        read = {"Authorization": f"Bearer {tokens['read']}"}
+        async with contextlib.AsyncExitStack() as held:
+            for path in paths:
+                opened = await held.enter_async_context(
+                    svc.client.stream("GET", path, headers=read)
+                )
+                assert opened.status_code == 200
+            # (A stream answered instead would never end: the timeout says so.)
+            refused = await svc.client.get("/api/v1/events", headers=read, timeout=10)
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["code"] == "too_many_streams"
+            assert "3 event streams" in refused.json()["message"]
+            assert refused.headers["Retry-After"]
+            other = {"Authorization": f"Bearer {tokens['submit']}"}
+            async with svc.client.stream("GET", "/api/v1/events", headers=other) as theirs:
+                assert theirs.status_code == 200  # another key's count is its own
+            assert (await svc.client.get("/api/v1/tasks", headers=read)).status_code == 200
+
+        async def given_back() -> bool:  # closed by the client: the server sees it go
+            async with svc.client.stream("GET", "/api/v1/events", headers=read) as again:
+                return again.status_code == 200
+
+        await wait_until(given_back, timeout=10, interval=0.1)
 
 
 async def test_a_revoked_key_stops_working(

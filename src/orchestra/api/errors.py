@@ -17,6 +17,7 @@ from litestar.status_codes import (
     HTTP_409_CONFLICT,
     HTTP_413_REQUEST_ENTITY_TOO_LARGE,
     HTTP_422_UNPROCESSABLE_ENTITY,
+    HTTP_429_TOO_MANY_REQUESTS,
     HTTP_500_INTERNAL_SERVER_ERROR,
     HTTP_503_SERVICE_UNAVAILABLE,
     HTTP_507_INSUFFICIENT_STORAGE,
@@ -27,6 +28,7 @@ from msgspec import Struct
 from orchestra import logs
 from orchestra.api.schemas import NUMBER, ErrorBody, FieldOut, ProblemOut
 from orchestra.api.scope import runtime_of
+from orchestra.api.stream_slots import RETRY_AFTER as STREAM_RETRY_AFTER
 from orchestra.batches import BatchNotFound
 from orchestra.errors import (
     HALF_SURROGATE,
@@ -43,6 +45,7 @@ from orchestra.errors import (
     StorageUnreachable,
     TaskNotFound,
     TemplateError,
+    TooManyStreams,
     Unauthorized,
 )
 from orchestra.webhooks import DestinationRefused, MalformedDestination, WebhookNotFound
@@ -61,6 +64,7 @@ _STATUS: list[tuple[type[OrchestraError], int]] = [
     (PayloadTooLarge, HTTP_413_REQUEST_ENTITY_TOO_LARGE),
     (Unauthorized, HTTP_401_UNAUTHORIZED),
     (Forbidden, HTTP_403_FORBIDDEN),
+    (TooManyStreams, HTTP_429_TOO_MANY_REQUESTS),
     (StorageFull, HTTP_507_INSUFFICIENT_STORAGE),
     (StorageError, HTTP_503_SERVICE_UNAVAILABLE),
 ]
@@ -79,6 +83,8 @@ def retry_after(exc: OrchestraError) -> int | None:
         return LOCKED_RETRY_AFTER
     if isinstance(exc, StorageUnreachable):
         return UNREACHABLE_RETRY_AFTER
+    if isinstance(exc, TooManyStreams):
+        return STREAM_RETRY_AFTER
     return None
 
 

@@ -76,7 +76,7 @@ class EventController(Controller):
         "/",
         summary="Follow every task's events (Server-Sent Events)",
         media_type="text/event-stream",
-        responses=errors(400, 404),
+        responses=errors(400, 404, 429),
     )
     async def events(
         self,
@@ -137,4 +137,6 @@ class EventController(Controller):
             if feed.closing:
                 yield RECONNECT
 
-        return EventStream(stream(), writes)
+        # Last, once nothing can refuse the request: the answer gives the place back.
+        release = runtime.streams.take(request.user.key_id)
+        return EventStream(stream(), writes, on_close=release)

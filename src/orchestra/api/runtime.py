@@ -20,6 +20,7 @@ from typing import Any
 from orchestra import logs, upkeep
 from orchestra.api.auth import Gatekeeper
 from orchestra.api.sse import Frames
+from orchestra.api.stream_slots import StreamSlots
 from orchestra.auth import ApiKey, bootstrap_key, is_loopback
 from orchestra.batches import BatchService
 from orchestra.bulk import BulkService
@@ -93,6 +94,8 @@ class Runtime:
         #: Scrapes that found the task counts unreadable: a line an outage (and a minute);
         #: ``metrics.counts_recovered`` when they read again.
         self.unscraped = logs.Outage(logs.get("orchestra.metrics"), "metrics.counts_failed")
+        #: Event streams each API key holds open (``[auth] max_streams_per_key``).
+        self.streams = StreamSlots(settings.auth.max_streams_per_key)
         self._db: Database | None = None
         self._tasks: TaskService | None = None
         self._router: Router | None = None

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from litestar.background_tasks import BackgroundTask, BackgroundTasks
     from litestar.datastructures import Cookie
     from litestar.response.base import ASGIResponse
-    from litestar.types import HTTPResponseBodyEvent, Receive, Send, TypeEncodersMap
+    from litestar.types import HTTPResponseBodyEvent, Receive, Scope, Send, TypeEncodersMap
 
 _encode = msgspec.json.Encoder().encode
 
@@ -185,9 +185,23 @@ async def _finish(coro: Generator[Any, Any, None], waiting: Any) -> None:
 class _LeanStream(ASGIStreamingResponse):
     """Litestar's streaming answer without its task group (see the module's docstring)."""
 
-    def __init__(self, *, writes: DirectWrites | None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        writes: DirectWrites | None,
+        on_close: Callable[[], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.writes = writes or DirectWrites()
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:  # however it ended: its client gone, its events over, the service stopping
+            if self.on_close is not None:
+                self.on_close()
 
     async def send_body(self, send: Send, receive: Receive) -> None:
         streaming = asyncio.current_task()
@@ -228,8 +242,15 @@ class EventStream(Stream):
     ``writes``: where the feed's reader may write chunks itself (see :class:`DirectWrites`).
     """
 
-    def __init__(self, chunks: AsyncIterator[bytes], writes: DirectWrites | None = None) -> None:
+    def __init__(
+        self,
+        chunks: AsyncIterator[bytes],
+        writes: DirectWrites | None = None,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
         self.writes = writes
+        #: Called once the answer is over, however it ended (a stream's place given back).
+        self.on_close = on_close
         super().__init__(
             chunks,
             media_type="text/event-stream",
@@ -259,6 +280,7 @@ class EventStream(Stream):
         assert isinstance(iterator, AsyncIterable)
         return _LeanStream(
             writes=self.writes,
+            on_close=self.on_close,
             background=self.background or background,
             content_length=0,
             cookies=[*self.cookies, *(cookies or ())],

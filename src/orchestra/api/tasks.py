@@ -125,7 +125,7 @@ class TaskController(Controller):
         "/{task_id:int}/events",
         summary="Follow a task's events (Server-Sent Events)",
         media_type="text/event-stream",
-        responses=errors(400, 404),
+        responses=errors(400, 404, 429),
     )
     async def events(
         self,
@@ -171,7 +171,9 @@ class TaskController(Controller):
             if runtime.feed.closing:  # ended by the stop, not by the task's end
                 yield RECONNECT
 
-        return EventStream(stream(), writes)
+        # Last, once nothing can refuse the request: the answer gives the place back.
+        release = runtime.streams.take(request.user.key_id)
+        return EventStream(stream(), writes, on_close=release)
 
     @post(
         "/{task_id:int}/cancel",
