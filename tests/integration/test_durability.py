@@ -620,6 +620,28 @@ async def test_a_pool_that_cannot_claim_makes_health_degraded_naming_why(
     await wait_until(lambda: health_is("ok"), timeout=10)  # started again, it claims
 
 
+async def test_a_newer_orchestra_upgrading_the_schema_under_this_one_makes_health_degraded(
+    svc: Service, db_url: str
+) -> None:
+    """A rolling upgrade: a newer Orchestra migrates the shared database while this older
+    process still serves. Nothing said so until its claims broke; /health now names it, so
+    the old process is replaced before it writes rows the new schema does not expect."""
+    from orchestra.db.schema import LATEST
+
+    assert (await svc.client.get("/health?check=now")).json()["status"] == "ok"
+    sql_rows(
+        db_url,
+        "INSERT INTO schema_version (version, applied_at) "
+        f"VALUES ({LATEST + 1}, '2026-12-05T00:00:00.000000Z')",
+    )
+    health = (await svc.client.get("/health?check=now")).json()
+    assert health["status"] == "degraded", health
+    assert f"schema version {LATEST + 1}" in health["database"], health
+    assert f"this process knows {LATEST}" in health["database"], health
+    sql_rows(db_url, f"DELETE FROM schema_version WHERE version = {LATEST + 1}")
+    assert (await svc.client.get("/health?check=now")).json()["status"] == "ok"
+
+
 async def test_a_process_without_workers_leaves_workers_out_of_health(
     durable_settings: Settings, start_service: StartService
 ) -> None:

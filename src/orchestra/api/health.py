@@ -31,8 +31,9 @@ from orchestra.api.runtime import Runtime
 from orchestra.api.schemas import HealthOut, ModelOut, ModelsOut, ProviderOut
 from orchestra.api.scope import runtime_of
 from orchestra.auth import allows
-from orchestra.db import Database
+from orchestra.db import Database, schema
 from orchestra.db.failures import DatabaseState, WriteFailure
+from orchestra.errors import StorageError
 from orchestra.llm.router import ProviderState
 
 #: Seconds /health reuses the database's read check and free space before checking again.
@@ -89,10 +90,28 @@ class DatabaseCheck:
         try:
             failure = self._db.writes.failure
             state = await self._db.state(self._min_free_mb)
+            if state.readable:
+                state = await self._same_schema(state)
             self._state, self._failure, self._checked_at = state, failure, self._clock()
             return state
         finally:
             self._checking = None
+
+    async def _same_schema(self, state: DatabaseState) -> DatabaseState:
+        """``state``, unless a newer Orchestra upgraded the schema under this process: then
+        degraded, saying so (its writes may no longer fit the tables)."""
+        try:
+            newer = await schema.newer_than_known(self._db)
+        except StorageError:  # answered the ping a moment ago: the next check tells
+            return state
+        if newer is None:
+            return state
+        return DatabaseState(
+            readable=True,
+            ok=False,
+            detail=f"error: schema version {newer} was written by a newer Orchestra; this "
+            f"process knows {schema.LATEST}: upgrade it (or stop it)",
+        )
 
 
 #: One check per database (an app's database is opened anew each time its lifespan starts).

@@ -46,6 +46,20 @@ def current_version(conn: Connection) -> int:
     return int(conn.execute(select(func.max(schema_version.c.version))).scalar() or 0)
 
 
+async def newer_than_known(db: Database) -> int | None:
+    """The schema version recorded in the database when a newer Orchestra has upgraded it
+    past :data:`LATEST` since this process started (a rolling upgrade); None otherwise. A
+    plain read: no lock, nothing created.
+
+    Raises:
+        StorageError: the database cannot be read now.
+    """
+    async with db.read() as conn:
+        found = (await conn.execute(select(func.max(schema_version.c.version)))).scalar()
+    version = int(found or 0)
+    return version if version > LATEST else None
+
+
 async def upgrade(db: Database) -> int:
     """Bring the database to the latest schema; returns the version it is at.
 
