@@ -127,13 +127,8 @@ def child_main(
     """A service process under the supervisor (pid ``parent``): serve on ``sock`` with the
     settings the supervisor resolved; say on ``pipe`` when it serves, or why it could not
     start; give signs of life in ``beats[slot]``."""
-    from orchestra.supervisor import (
-        REUSE_PORT,
-        STARTUP_FAILURE,
-        bind_socket,
-        run_service,
-        startup_message,
-    )
+    from orchestra.listening import REUSE_PORT, bind_socket
+    from orchestra.supervisor import STARTUP_FAILURE, run_service, startup_message
 
     _die_with_parent(parent)
     settings = msgspec.json.decode(spec, type=Settings)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from orchestra.listening import bind_socket
 from orchestra.llm import model_wire as wire
 from orchestra.llm.model_process import ModelProcess
-from orchestra.supervisor import bind_socket
 from tests.fixtures.servers import wait_until
 
 pytestmark = pytest.mark.skipif(
