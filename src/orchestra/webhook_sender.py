@@ -18,7 +18,7 @@ itself (its own port on an address of this host: :func:`~orchestra.webhooks.is_o
 refused at every send, ``allow_private`` or not.
 
 Wake-ups: a commit of this process that wrote deliveries (the store's change signal, with
-:class:`~orchestra.db.webhooks.Hint`), a redelivery, a retry falling due, or the poll (other
+:class:`~orchestra.db.outbox.Hint`), a redelivery, a retry falling due, or the poll (other
 processes' writes). On stop, sends in flight get a second to end; the rest are cancelled and
 their deliveries handed back.
 """

@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 from sqlalchemy import Connection, bindparam, func, insert, select
 
-from orchestra.db import notices, webhooks
+from orchestra.db import notices, outbox
 from orchestra.db.engine import Database
 from orchestra.db.prepared import Prepared
 from orchestra.db.rows import dump
@@ -48,7 +48,7 @@ def append(conn: Connection, task_id: int, payload: EventPayload, now: str) -> N
     """Add the event ``payload`` stands for (its type is the payload's), with the task's next
     sequence number (inside a write transaction)."""
     # With the deliveries it makes (the outbox), in the event's own transaction.
-    webhooks.append_events(conn, _APPEND, [_row(task_id, payload, now)])
+    outbox.append_events(conn, _APPEND, [_row(task_id, payload, now)])
     notices.changed(conn, (task_id,), progress=payload.type in PROGRESS)
 
 
@@ -56,7 +56,7 @@ def append_many(conn: Connection, entries: Sequence[tuple[int, EventPayload]], n
     """Append one event to each of several tasks (a claim of many tasks), in one statement."""
     if entries:
         rows = [_row(task_id, payload, now) for task_id, payload in entries]
-        webhooks.append_events(conn, _APPEND, rows)
+        outbox.append_events(conn, _APPEND, rows)
         for progress in (True, False):
             ids = {
                 task_id for task_id, payload in entries if (payload.type in PROGRESS) == progress
