@@ -28,7 +28,7 @@ from orchestra.batch_input import InputRow, csv_rows, jsonl_rows
 from orchestra.bulk import BulkOutcome, BulkService
 from orchestra.db import batches as db
 from orchestra.db.batches import LANE, BatchStore, FailedRow, ResultRow, RowRefused, RowTask
-from orchestra.domain import ANONYMOUS_SCOPE, TaskStatus, as_utc, iso, now
+from orchestra.domain import ANONYMOUS_SCOPE, TaskStatus, as_utc, iso, now, storable_id
 from orchestra.errors import (
     ConflictError,
     FieldProblem,
@@ -392,7 +392,7 @@ class BatchService:
         Raises:
             BatchNotFound: no batch has this id.
         """
-        row = await self.store.get(batch_id) if 0 < batch_id < 2**63 else None
+        row = await self.store.get(batch_id) if storable_id(batch_id) else None
         if row is None:
             raise BatchNotFound(f"no batch with id {batch_id}")
         return Batch.of(row)

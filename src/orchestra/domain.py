@@ -350,6 +350,16 @@ def as_utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
+#: Ids are 64-bit signed integers (SQLite's INTEGER, PostgreSQL's bigint); larger numbers
+#: cannot name a row, and a query with one overflows (an error, not a miss).
+MAX_ID = 2**63 - 1
+
+
+def storable_id(number: int) -> bool:
+    """Whether ``number`` can name a row at all (a task, a batch, a webhook, a delivery)."""
+    return 0 < number <= MAX_ID
+
+
 def iso(moment: datetime) -> str:
     """Format a moment as stored: fixed-width ISO-8601 UTC with a Z."""
     utc = moment if moment.tzinfo is UTC else moment.astimezone(UTC)

@@ -29,6 +29,10 @@ from orchestra.domain import (
     TaskStatus,
     as_utc,
     now,
+    storable_id,
+)
+from orchestra.domain import (
+    MAX_ID as MAX_ID,
 )
 from orchestra.errors import (
     ConflictError,
@@ -48,9 +52,6 @@ from orchestra.wire.tasks import SubmitTask as SubmitTask
 
 log = logs.get("orchestra.tasks")
 
-#: Ids are SQLite INTEGERs (64-bit signed); larger numbers cannot name a task.
-MAX_ID = 2**63 - 1
-
 
 async def _woken(event: Wake, seconds: float) -> bool:
     """Wait up to ``seconds`` for ``event``; whether a change to its own task set it (it is
@@ -64,11 +65,6 @@ async def _woken(event: Wake, seconds: float) -> bool:
     named = event.named
     event.clear()
     return named
-
-
-def _storable(task_id: int) -> bool:
-    """Whether ``task_id`` can name a task at all (larger numbers overflow SQLite's INTEGER)."""
-    return 0 < task_id <= MAX_ID
 
 
 #: Waiting requests re-read the task at least this often, to see work finished elsewhere.
@@ -325,7 +321,7 @@ class TaskService:
             # process's or, on PostgreSQL, another's) that may end the attempt does, and the
             # whole task is read then; a change to anything (another process's commit on
             # SQLite) or the poll's timer, and the status is read again.
-            status = await self.store.status_of(task_id) if _storable(task_id) else None
+            status = await self.store.status_of(task_id) if storable_id(task_id) else None
             if status is None:
                 raise TaskNotFound(f"no task with id {task_id}")
             # A stopping service answers at once, with the task as it is.
@@ -354,7 +350,7 @@ class TaskService:
         Raises:
             TaskNotFound: no task has this id.
         """
-        after = await self.store.last_event_seq(task_id) if _storable(task_id) else 0
+        after = await self.store.last_event_seq(task_id) if storable_id(task_id) else 0
         task = await self._get(task_id)
         if task.finished:
             return LiveTask(task)
@@ -445,7 +441,7 @@ class TaskService:
         )
 
     async def _get(self, task_id: int) -> Task:
-        task = await self.store.get_task(task_id) if _storable(task_id) else None
+        task = await self.store.get_task(task_id) if storable_id(task_id) else None
         if task is None:
             raise TaskNotFound(f"no task with id {task_id}")
         return task
@@ -492,7 +488,7 @@ class TaskService:
             TaskNotFound: no task has this id.
             ConflictError: the task is not failed or cancelled (its status is in the error).
         """
-        status, requeued = await self.store.retry(task_id if _storable(task_id) else 0)
+        status, requeued = await self.store.retry(task_id if storable_id(task_id) else 0)
         if status is None:
             raise TaskNotFound(f"no task with id {task_id}")
         if not requeued:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 
 from orchestra.config import WebhookSettings
-from orchestra.domain import NewTask, iso, iso_now, now
+from orchestra.domain import NewTask, iso, iso_now, now, storable_id
 from orchestra.errors import FieldProblem, InvalidRequest, NotFoundError
 from orchestra.event_types import EventType
 from orchestra.wire.webhooks import message_id
@@ -211,12 +211,6 @@ class WebhookChanges(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 def new_secret() -> str:
     """A fresh signing secret: ``whsec_`` and 24 random bytes in base64 (Standard Webhooks)."""
     return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
-
-
-def _an_id(number: int) -> bool:
-    """Whether ``number`` can be a row's id (a positive 64-bit integer): a larger one would
-    overflow the database's integer (PostgreSQL refuses it, an error, not a miss)."""
-    return 0 < number < 2**63
 
 
 def _refuse(
@@ -458,7 +452,7 @@ class WebhookService:
         Raises:
             WebhookNotFound: no subscription has this id.
         """
-        hook = await self.store.get(webhook_id) if _an_id(webhook_id) else None
+        hook = await self.store.get(webhook_id) if storable_id(webhook_id) else None
         if hook is None or hook.task_id is not None:
             raise WebhookNotFound(f"no webhook with id {webhook_id}")
         return hook
@@ -506,7 +500,9 @@ class WebhookService:
         until = iso(now() + timedelta(seconds=overlap))
         # None: no subscription (an id past a 64-bit integer is none, not sent to the database)
         hook = (
-            await self.store.roll_secret(webhook_id, secret, until) if _an_id(webhook_id) else None
+            await self.store.roll_secret(webhook_id, secret, until)
+            if storable_id(webhook_id)
+            else None
         )
         if hook is None:
             raise WebhookNotFound(f"no webhook with id {webhook_id}")
