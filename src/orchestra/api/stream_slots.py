@@ -55,10 +55,6 @@ class StreamSlots:
 
         return give_back
 
-    def held(self, key_id: str) -> int:
-        """How many streams ``key_id`` holds open now."""
-        return self._open.get(key_id, 0)
-
 
 def _nothing() -> None:
     return None
