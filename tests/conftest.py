@@ -231,6 +231,15 @@ async def make_keys(db_url: str, *scopes: Scope) -> dict[str, str]:
         await database.close()
 
 
+async def revoke_key(db_url: str, name: str) -> None:
+    """Revoke a key as `orchestra keys revoke` does, from outside the service."""
+    database = Database(db_url)
+    try:
+        await KeyStore(database).revoke(name)
+    finally:
+        await database.close()
+
+
 def make_settings(db_url: str, ollama_url: str, **workers: Any) -> Settings:
     """Settings for a test service: a tmp SQLite file, the fake model server, quick loops."""
     worker_settings = {

@@ -15,9 +15,7 @@ import msgspec
 import pytest
 
 from orchestra.config import AuthSettings, CorsSettings, Settings
-from orchestra.db import Database
-from orchestra.db.keys import KeyStore
-from tests.conftest import Service, StartService, make_keys, with_workers
+from tests.conftest import Service, StartService, make_keys, revoke_key, with_workers
 from tests.fixtures.browser import new_page
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import wait_until
@@ -192,15 +190,6 @@ def _read_lines(stream: httpx.Response, seen: list[str]) -> asyncio.Task[None]:
     return asyncio.create_task(read_all())
 
 
-async def _revoke(db_url: str, name: str) -> None:
-    """Revoke a key as `orchestra keys revoke` does, from outside the service."""
-    db = Database(db_url)
-    try:
-        await KeyStore(db).revoke(name)
-    finally:
-        await db.close()
-
-
 @pytest.mark.parametrize("path", ["/api/v1/events?after=0", "/api/v1/tasks/1/events"])
 async def test_a_revoked_keys_event_stream_ends(
     keyed_service: tuple[Service, dict[str, str]],
@@ -219,7 +208,7 @@ async def test_a_revoked_keys_event_stream_ends(
         assert stream.status_code == 200
         reading = _read_lines(stream, seen)
         await wait_until(lambda: "event: step.tokens" in seen, timeout=15)
-        await _revoke(db_url, "k-read")
+        await revoke_key(db_url, "k-read")
         await asyncio.wait_for(reading, timeout=15)
     task = (await svc.client.get("/api/v1/tasks/1", headers=submit)).json()
     assert task["status"] == "running", task  # ended by the revocation, not by the task
@@ -252,7 +241,7 @@ async def test_a_dashboard_stream_ends_with_its_session(
         if ending == "logout":
             assert (await browser.post("/ui/logout")).status_code == 303
         else:
-            await _revoke(db_url, "k-read")
+            await revoke_key(db_url, "k-read")
         await asyncio.wait_for(reading, timeout=15)
     task = (await svc.client.get("/api/v1/tasks/1", headers=submit)).json()
     assert task["status"] == "running", task

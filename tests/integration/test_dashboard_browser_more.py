@@ -14,6 +14,7 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import pytest
 import uvicorn
@@ -21,7 +22,7 @@ import uvicorn
 from orchestra.api import create_app
 from orchestra.config import Settings
 from orchestra.web import views
-from tests.conftest import Service
+from tests.conftest import Service, StartService, make_keys, revoke_key
 from tests.fixtures.browser import new_page
 from tests.fixtures.fake_ollama import Failure, FakeOllama
 from tests.fixtures.servers import QuickServer, free_socket, wait_until
@@ -379,3 +380,50 @@ async def test_a_time_filter_changed_after_a_failed_submit_is_the_one_sent(
     # What htmx and Chromium say of the request that could not be sent, and nothing else.
     expected = ("htmx:sendError", "htmx:afterRequest", "ERR_CONNECTION_REFUSED")
     assert [e for e in page.errors if not any(x in e for x in expected)] == []
+
+
+@pytest.mark.parametrize("where", ["tasks", "task"])
+async def test_a_live_page_whose_session_ends_goes_to_the_login_page_and_back(
+    settings: Settings,
+    db_url: str,
+    start_service: StartService,
+    fake_ollama: FakeOllama,
+    browser: Browser,
+    where: str,
+) -> None:
+    """A page kept open by its live stream alone (the tasks table, a running task) whose
+    session ends (its key revoked) goes to the login page, as a click would, and after logging
+    in again comes back to itself: it used to say "Disconnected" forever, its stream's login
+    redirect taken for an outage."""
+    from playwright.async_api import expect
+
+    tokens = await make_keys(db_url, "read", "submit")
+    fake_ollama.close_gate("llama3.2")  # the task runs (its page is live) until the gate opens
+    async with start_service(settings) as svc:
+        path = "/ui/tasks"  # with nothing changing: no fragment fetched to find the end
+        if where == "task":
+            made = await svc.client.post(
+                "/api/v1/tasks",
+                json={"template": "summarize", "params": {"text": "x"}},
+                headers={"authorization": f"Bearer {tokens['submit']}"},
+            )
+            path = f"/ui/tasks/{made.json()['id']}"
+            await wait_until(lambda: fake_ollama.held("llama3.2") == 1)
+        page = await new_page(browser)
+        await page.goto(f"{svc.url}{path}")
+        await page.fill("#key", tokens["read"])
+        await page.click("button[type=submit]")
+        await page.wait_for_url(f"{svc.url}{path}", timeout=WAIT)
+        await revoke_key(db_url, "k-read")
+        # Seen at the stream's next message (a keep-alive within 5 s; the revocation within
+        # 2), then the browser's own wait before it reconnects (3 s in Chromium).
+        await expect(page.locator("h1")).to_have_text("Log in", timeout=2 * WAIT)
+        assert page.url == f"{svc.url}/ui/login?next={quote(path, safe='')}"
+        assert await page.locator("#offline").is_hidden()
+        await page.fill("#key", tokens["submit"])
+        await page.click("button[type=submit]")
+        await page.wait_for_url(f"{svc.url}{path}", timeout=WAIT)
+        fake_ollama.open_gate("llama3.2")
+        await page.close()  # before the service stops: it would wait for the page's streams
+    # htmx logs the stream ended by the revocation as an error ("[object Event]"); nothing else.
+    assert [e for e in page.errors if e != "console: [object Event]"] == [], page.errors

@@ -112,6 +112,8 @@ class DashboardGate(ASGIMiddleware):
                     login += "?next=" + quote(target, safe="")
                 if headers.get("hx-request"):
                     await _answer(send, 401, b"", [(b"hx-redirect", login.encode())])
+                elif method == "GET" and "text/event-stream" in headers.get("accept", ""):
+                    await _answer(send, 200, _log_in_event(links.ui("/login")), _STREAM)
                 elif method in _SAFE:
                     await _answer(send, 303, b"", [(b"location", login.encode())])
                 else:
@@ -136,6 +138,19 @@ def _come_back_to(scope: Scope, headers: Headers, links: Links, below: str) -> s
     return f"{target}?{query}" if query else target
 
 
+#: The head of an event stream's answer (replacing ``_answer``'s JSON content type).
+_STREAM = [(b"content-type", b"text/event-stream; charset=utf-8")]
+
+
+def _log_in_event(login: str) -> bytes:
+    """What a live stream without a session gets: one ``login`` event naming the login page,
+    which dashboard.js follows (coming back to the page it is on). An EventSource cannot
+    follow a redirect to a page, nor read a status: given a 303 or a 401, it only errs, and
+    the page would take its ended session for an outage. ``retry`` keeps a page without the
+    script from asking again more than once a minute."""
+    return f"retry: 60000\nevent: login\ndata: {login}\n\n".encode()
+
+
 def _message(text: str) -> bytes:
     """An error body as the API words them (its ``message``)."""
     return msgspec.json.encode({"message": text})
@@ -153,12 +168,14 @@ def cookie_of(headers: Headers) -> str | None:
 async def _answer(
     send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
 ) -> None:
-    head = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
+    given = headers or []
+    typed = any(name == b"content-type" for name, _ in given)
+    head = [] if typed else [(b"content-type", b"application/json")]
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": head + (headers or []),
+            "headers": [*head, (b"cache-control", b"no-store"), *given],
         }
     )
     await send({"type": "http.response.body", "body": body, "more_body": False})

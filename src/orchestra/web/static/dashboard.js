@@ -142,7 +142,24 @@
   document.addEventListener("htmx:sseError", function () {
     if (!lost && !lostTimer) lostTimer = setTimeout(showLost, LOST_AFTER);
   });
-  document.addEventListener("htmx:sseOpen", connected);
+  // A live stream whose session has ended (expired, logged out elsewhere, its key revoked)
+  // is answered with one `login` event naming the login page: go there, as a click would,
+  // and come back to this page after logging in. Each stream is listened to once, however
+  // often it reconnects.
+  var toldToLogIn = new WeakSet();
+  document.addEventListener("htmx:sseOpen", function (evt) {
+    connected();
+    var source = evt.detail && evt.detail.source;
+    if (!source || toldToLogIn.has(source)) return;
+    toldToLogIn.add(source);
+    source.addEventListener("login", function (message) {
+      var login = String(message.data || "");
+      if (login.charAt(0) !== "/" || login.charAt(1) === "/") return;  // this site's pages only
+      source.close();
+      window.location.assign(login + "?next=" + encodeURIComponent(
+        window.location.pathname + window.location.search));
+    });
+  });
   document.addEventListener("htmx:afterRequest", function (evt) {
     if (evt.detail.xhr && evt.detail.xhr.status > 0) connected();
   });
