@@ -23,8 +23,8 @@ import msgspec
 from orchestra import logs
 from orchestra.db.overview import DashboardStore
 from orchestra.db.store import TaskStore
-from orchestra.domain import TaskFilter, TaskStatus
-from orchestra.tasks import MAX_ID, Scheduler
+from orchestra.domain import TaskFilter, TaskStatus, storable_id
+from orchestra.tasks import Scheduler
 
 #: Ids per transaction.
 CHUNK = 500
@@ -70,7 +70,7 @@ class BulkOutcome(msgspec.Struct, frozen=True):
 
 
 def _chunks(ids: Iterable[int]) -> Iterable[list[int]]:
-    unique = sorted({i for i in ids if 0 < i <= MAX_ID})
+    unique = sorted({i for i in ids if storable_id(i)})
     for start in range(0, len(unique), CHUNK):
         yield unique[start : start + CHUNK]
 

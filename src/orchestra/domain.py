@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -358,6 +358,17 @@ MAX_ID = 2**63 - 1
 def storable_id(number: int) -> bool:
     """Whether ``number`` can name a row at all (a task, a batch, a webhook, a delivery)."""
     return 0 < number <= MAX_ID
+
+
+_Row = TypeVar("_Row")
+
+
+def first_page(found: Sequence[_Row], limit: int) -> tuple[list[_Row], _Row | None]:
+    """A page of a keyset-paged list read as ``limit + 1`` rows: its first ``limit`` rows,
+    and the last of them when there are more (whose key is the next page's cursor), else
+    None: a full last page is not followed by an empty one."""
+    page = list(found[:limit])
+    return page, page[-1] if len(found) > limit and page else None
 
 
 def iso(moment: datetime) -> str:

@@ -19,7 +19,7 @@ import msgspec
 
 from orchestra import logs, metrics
 from orchestra.db.schedules import Fire, Fired, ScheduleStore
-from orchestra.domain import NewTask, Task, iso, now
+from orchestra.domain import NewTask, Task, iso, now, storable_id
 from orchestra.errors import (
     ConfigError,
     ConflictError,
@@ -38,7 +38,7 @@ from orchestra.schedules import (
     plan,
     upcoming,
 )
-from orchestra.tasks import MAX_ID, SubmitTask, TaskService
+from orchestra.tasks import SubmitTask, TaskService
 
 log = logs.get("orchestra.scheduler")
 
@@ -130,7 +130,7 @@ class ScheduleService:
         """
         key: int | str = ref
         if ref.isdigit():
-            key = int(ref) if 0 < int(ref) <= MAX_ID else 0
+            key = int(ref) if storable_id(int(ref)) else 0
         found = await self.store.get(key) if key else None
         if found is None:
             raise ScheduleNotFound(f"no schedule {ref!r}")

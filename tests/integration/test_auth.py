@@ -268,6 +268,11 @@ async def test_keys_kept_through_an_outage_open_nothing_and_refuse_no_key_they_m
         await gatekeeper.caller(f"Bearer {second_token}", None, False)
     with pytest.raises(Unauthorized):  # keys exist: none sent is refused, outage or not
         await gatekeeper.caller(*local)
+    # What no key made since could be is refused as ever: not shaped as our keys are, or a
+    # wrong secret for a key the copy holds (a key's secret never changes).
+    for wrong in ("Bearer not-ours", "Basic dXNlcjpwYXNz", f"Bearer {first_token}x"):
+        with pytest.raises(Unauthorized):
+            await gatekeeper.caller(wrong, None, False)
     store.failing = False
     now[0] += REFRESH_SECONDS + 0.1
     assert (await gatekeeper.caller(f"Bearer {second_token}", None, False)).scope == "read"

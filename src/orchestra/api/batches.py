@@ -31,6 +31,7 @@ from orchestra.api.schemas import NUMBER
 from orchestra.auth import Caller
 from orchestra.batch_output import results_stream
 from orchestra.batches import BatchOptions, BatchService, Format
+from orchestra.domain import first_page
 from orchestra.errors import FieldProblem, InvalidRequest
 from orchestra.wire.batches import ActionOut as ActionOut
 from orchestra.wire.batches import BatchList as BatchList
@@ -218,11 +219,11 @@ class BatchController(Controller):
     ) -> BatchList:
         """Batches, newest first, each with its rows by status, the share finished and an
         ETA (as its progress has them)."""
-        page = await batches.page(limit, None if cursor is None else int(cursor))
-        more = len(page) == limit
+        found = await batches.page(limit + 1, None if cursor is None else int(cursor))
+        page, last = first_page(found, limit)
         return BatchList(
             items=[BatchSummaryOut.of_progress(p) for p in page],
-            next_cursor=str(page[-1].batch.id) if more and page else None,
+            next_cursor=str(last.batch.id) if last else None,
         )
 
     @get("/{batch_id:int}", summary="A batch's progress", responses=errors(400, 404))

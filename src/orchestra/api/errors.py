@@ -48,6 +48,7 @@ from orchestra.errors import (
     TooManyStreams,
     Unauthorized,
 )
+from orchestra.schedules import NAME_PATTERN
 from orchestra.webhooks import DestinationRefused, MalformedDestination, WebhookNotFound
 
 log = logs.get("orchestra.api")
@@ -168,8 +169,13 @@ _GIVEN = {**_WANTED, "float": "a number with a fraction", "bool": "a boolean"}
 _BOUND = re.compile(r"Expected `(\w+)`( of length)? (>=|<=|>|<) (\S+)")
 _BOUND_WORDS = {">=": "at least", "<=": "at most", ">": "more than", "<": "less than"}
 _LENGTH_UNITS = {"str": "characters", "array": "items", "object": "entries", "bytes": "bytes"}
-#: msgspec's words for a pattern, and the one pattern the API declares (ids, cursors).
+#: msgspec's words for a pattern, and the patterns the API declares in words (ids and
+#: cursors; schedule names, which are also the schedules list's cursor).
 _PATTERN = re.compile(r"Expected `str` matching regex '(.*)'")
+_PATTERN_WORDS = {
+    NUMBER: "1 to 18 digits",
+    NAME_PATTERN: "a letter followed by up to 99 letters, digits, '_', '.' or '-'",
+}
 
 
 def _bound_in_words(found: re.Match[str]) -> str:
@@ -193,10 +199,9 @@ def _in_words(message: str, field: str = "") -> str:
     if bound is not None:
         return _bound_in_words(bound)
     pattern = _PATTERN.fullmatch(message)
-    if pattern is not None and pattern.group(1) == NUMBER:
-        return ("must be a next_cursor value: " if field == "cursor" else "must be ") + (
-            "1 to 18 digits"
-        )
+    if pattern is not None and pattern.group(1) in _PATTERN_WORDS:
+        words = _PATTERN_WORDS[pattern.group(1)]
+        return f"must be a next_cursor value ({words})" if field == "cursor" else f"must be {words}"
     found = _WRONG_TYPE.fullmatch(message)
     if found is None:
         return message

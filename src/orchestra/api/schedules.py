@@ -15,6 +15,7 @@ from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
 from orchestra.api.schemas import StrictBodyRequest
 from orchestra.auth import Caller
+from orchestra.domain import first_page
 from orchestra.scheduler import ScheduleService
 from orchestra.schedules import NAME_PATTERN, ScheduleChanges, ScheduleSpec
 from orchestra.wire.schedules import FireOut as FireOut
@@ -64,10 +65,8 @@ class ScheduleController(Controller):
         ] = None,
     ) -> ScheduleList:
         """Schedules by name, with their next ticks, a page at a time."""
-        found = await schedules.list(cursor, limit + 1)
-        page = found[:limit]
-        more = len(found) > limit
-        return ScheduleList([ScheduleOut.of(s) for s in page], page[-1].name if more else None)
+        page, last = first_page(await schedules.list(cursor, limit + 1), limit)
+        return ScheduleList([ScheduleOut.of(s) for s in page], last.name if last else None)
 
     @get("/{ref:str}", summary="Get a schedule", responses=errors(404))
     async def get_schedule(

@@ -14,6 +14,7 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
 from orchestra.api.schemas import NUMBER, StrictBodyRequest
+from orchestra.domain import first_page
 from orchestra.webhooks import MAX_OVERLAP, NewWebhook, WebhookChanges, WebhookService
 from orchestra.wire.webhooks import AttemptOut as AttemptOut
 from orchestra.wire.webhooks import CallbackSecretOut as CallbackSecretOut
@@ -68,10 +69,8 @@ class WebhookController(Controller):
     ) -> WebhookList:
         """Subscriptions, oldest first, without secrets, a page at a time."""
         after = None if cursor is None else int(cursor)
-        found = await _service(runtime).subscriptions(after, limit + 1)
-        page = found[:limit]
-        more = len(found) > limit
-        return WebhookList([WebhookOut.of(h) for h in page], str(page[-1].id) if more else None)
+        page, last = first_page(await _service(runtime).subscriptions(after, limit + 1), limit)
+        return WebhookList([WebhookOut.of(h) for h in page], str(last.id) if last else None)
 
     @get(
         "/callback-secret",
@@ -162,12 +161,10 @@ class WebhookController(Controller):
         """Deliveries, newest first, each with every attempt: its status code, latency and
         the first 1 KB of the answer."""
         found = await _service(runtime).deliveries(
-            webhook_id, limit, None if cursor is None else int(cursor)
+            webhook_id, limit + 1, None if cursor is None else int(cursor)
         )
-        more = len(found) == limit
-        return DeliveryList(
-            [DeliveryOut.of(d) for d in found], str(found[-1].id) if found and more else None
-        )
+        page, last = first_page(found, limit)
+        return DeliveryList([DeliveryOut.of(d) for d in page], str(last.id) if last else None)
 
     @post(
         "/{webhook_id:int}/deliveries/{delivery_id:int}/redeliver",

@@ -210,14 +210,10 @@ class AsyncClient:
         page_size: int = 100,
     ) -> AsyncIterator[TaskSummaryOut]:
         """Every task (of ``status``, of ``template``), newest first, a page at a time."""
-        cursor: str | None = None
-        while True:
-            page = await self._send(core.tasks_page(status, template, page_size, cursor))
-            for item in page.items:
-                yield item
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
+        async for item in self._pages(
+            lambda cursor: core.tasks_page(status, template, page_size, cursor)
+        ):
+            yield item
 
     async def task_events(self, task_id: int, after: int = 0) -> AsyncIterator[TaskEvent]:
         """The task's events (after the ``seq`` ``after``) as they happen, ending after
@@ -292,17 +288,18 @@ class AsyncClient:
 
     async def list_schedules(self, page_size: int = 100) -> list[ScheduleOut]:
         """Every schedule, by name (read ``page_size`` at a time)."""
-        return await self._every_page(lambda cursor: core.schedules_page(page_size, cursor))
+        return [s async for s in self._pages(lambda c: core.schedules_page(page_size, c))]
 
-    async def _every_page(self, page: Callable[[str | None], core.Call[Any]]) -> list[Any]:
-        """The items of every page of a list, following ``next_cursor`` to the last."""
-        found: list[Any] = []
+    async def _pages(self, page: Callable[[str | None], core.Call[Any]]) -> AsyncIterator[Any]:
+        """The items of every page of a list, a page at a time, following ``next_cursor``
+        to the last."""
         cursor: str | None = None
         while True:
             got = await self._send(page(cursor))
-            found += got.items
+            for item in got.items:
+                yield item
             if got.next_cursor is None:
-                return found
+                return
             cursor = got.next_cursor
 
     async def get_schedule(self, ref: str | int) -> ScheduleOut:
@@ -335,7 +332,7 @@ class AsyncClient:
 
     async def list_webhooks(self, page_size: int = 100) -> list[WebhookOut]:
         """Every subscription, oldest first, without secrets (read ``page_size`` at a time)."""
-        return await self._every_page(lambda cursor: core.webhooks_page(page_size, cursor))
+        return [w async for w in self._pages(lambda c: core.webhooks_page(page_size, c))]
 
     async def get_webhook(self, webhook_id: int) -> WebhookOut:
         """One subscription."""
@@ -361,14 +358,10 @@ class AsyncClient:
         self, webhook_id: int, page_size: int = 50
     ) -> AsyncIterator[DeliveryOut]:
         """A subscription's deliveries, newest first, a page at a time."""
-        cursor: str | None = None
-        while True:
-            page = await self._send(core.deliveries_page(webhook_id, page_size, cursor))
-            for item in page.items:
-                yield item
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
+        async for item in self._pages(
+            lambda cursor: core.deliveries_page(webhook_id, page_size, cursor)
+        ):
+            yield item
 
     async def redeliver(self, webhook_id: int, delivery_id: int) -> DeliveryOut:
         """Send a delivery again now, with the same id and body; the delivery, queued."""
@@ -408,14 +401,8 @@ class AsyncClient:
     async def list_batches(self, page_size: int = 100) -> AsyncIterator[BatchSummaryOut]:
         """Every batch, newest first, with its rows by status and progress, a page at a
         time."""
-        cursor: str | None = None
-        while True:
-            page = await self._send(batch_calls.batches_page(page_size, cursor))
-            for item in page.items:
-                yield item
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
+        async for item in self._pages(lambda c: batch_calls.batches_page(page_size, c)):
+            yield item
 
     async def cancel_batch(self, batch_id: int) -> ActionOut:
         """Cancel a batch's queued rows; running ones are asked to stop."""

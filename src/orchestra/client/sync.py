@@ -201,13 +201,7 @@ class Client:
         page_size: int = 100,
     ) -> Iterator[TaskSummaryOut]:
         """Every task (of ``status``, of ``template``), newest first, a page at a time."""
-        cursor: str | None = None
-        while True:
-            page = self._send(core.tasks_page(status, template, page_size, cursor))
-            yield from page.items
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
+        yield from self._pages(lambda cursor: core.tasks_page(status, template, page_size, cursor))
 
     def task_events(self, task_id: int, after: int = 0) -> Iterator[TaskEvent]:
         """The task's events (after the ``seq`` ``after``) as they happen, ending after
@@ -282,17 +276,17 @@ class Client:
 
     def list_schedules(self, page_size: int = 100) -> list[ScheduleOut]:
         """Every schedule, by name (read ``page_size`` at a time)."""
-        return self._every_page(lambda cursor: core.schedules_page(page_size, cursor))
+        return list(self._pages(lambda cursor: core.schedules_page(page_size, cursor)))
 
-    def _every_page(self, page: Callable[[str | None], core.Call[Any]]) -> list[Any]:
-        """The items of every page of a list, following ``next_cursor`` to the last."""
-        found: list[Any] = []
+    def _pages(self, page: Callable[[str | None], core.Call[Any]]) -> Iterator[Any]:
+        """The items of every page of a list, a page at a time, following ``next_cursor``
+        to the last."""
         cursor: str | None = None
         while True:
             got = self._send(page(cursor))
-            found += got.items
+            yield from got.items
             if got.next_cursor is None:
-                return found
+                return
             cursor = got.next_cursor
 
     def get_schedule(self, ref: str | int) -> ScheduleOut:
@@ -325,7 +319,7 @@ class Client:
 
     def list_webhooks(self, page_size: int = 100) -> list[WebhookOut]:
         """Every subscription, oldest first, without secrets (read ``page_size`` at a time)."""
-        return self._every_page(lambda cursor: core.webhooks_page(page_size, cursor))
+        return list(self._pages(lambda cursor: core.webhooks_page(page_size, cursor)))
 
     def get_webhook(self, webhook_id: int) -> WebhookOut:
         """One subscription."""
@@ -347,13 +341,7 @@ class Client:
 
     def webhook_deliveries(self, webhook_id: int, page_size: int = 50) -> Iterator[DeliveryOut]:
         """A subscription's deliveries, newest first, a page at a time."""
-        cursor: str | None = None
-        while True:
-            page = self._send(core.deliveries_page(webhook_id, page_size, cursor))
-            yield from page.items
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
+        yield from self._pages(lambda cursor: core.deliveries_page(webhook_id, page_size, cursor))
 
     def redeliver(self, webhook_id: int, delivery_id: int) -> DeliveryOut:
         """Send a delivery again now, with the same id and body; the delivery, queued."""
@@ -393,13 +381,7 @@ class Client:
     def list_batches(self, page_size: int = 100) -> Iterator[BatchSummaryOut]:
         """Every batch, newest first, with its rows by status and progress, a page at a
         time."""
-        cursor: str | None = None
-        while True:
-            page = self._send(batch_calls.batches_page(page_size, cursor))
-            yield from page.items
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
+        yield from self._pages(lambda cursor: batch_calls.batches_page(page_size, cursor))
 
     def cancel_batch(self, batch_id: int) -> ActionOut:
         """Cancel a batch's queued rows; running ones are asked to stop."""

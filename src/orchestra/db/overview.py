@@ -27,7 +27,7 @@ from orchestra.db.engine import Database
 from orchestra.db.portable import hinted, like, unindexed
 from orchestra.db.rows import dump, summary_from_row
 from orchestra.db.tables import task_steps, tasks
-from orchestra.domain import TaskFilter, TaskStatus, TaskSummary, as_utc, iso
+from orchestra.domain import TaskFilter, TaskStatus, TaskSummary, as_utc, first_page, iso
 
 __all__ = [
     "DashboardStore",
@@ -294,9 +294,8 @@ class DashboardStore:
             plan = await _time_plan(conn, filter)
             query = query.where(*_conditions(filter, plan, conn.dialect.name))
             items = await _summaries(conn, query)
-        more = len(items) > limit
-        items = items[:limit]
-        return SummaryPage(items=items, next_cursor=items[-1].id if more and items else None)
+        page, last = first_page(items, limit)
+        return SummaryPage(items=page, next_cursor=last.id if last else None)
 
     async def count(
         self, filter: TaskFilter, statuses: Collection[TaskStatus] | None = None

@@ -27,7 +27,7 @@ from orchestra.db.events import TaskEvent
 from orchestra.db.overview import DashboardStore, SummaryPage
 from orchestra.db.rows import lasted_ms, load_details, task_from_row
 from orchestra.db.tables import tasks
-from orchestra.domain import Task, TaskFilter, TaskStatus, TaskSummary
+from orchestra.domain import Task, TaskFilter, TaskStatus, TaskSummary, first_page
 
 #: How many events one read returns at most.
 EVENTS_PER_READ = 500
@@ -221,9 +221,8 @@ class JsonReads:
         )
         found = await self.db.read_now(lambda conn: _one(conn, sql, params))
         items = [] if found is None else [_duration_ms(s) for s in _decode_summaries(found)]
-        more = len(items) > limit
-        items = items[:limit]
-        return SummaryPage(items=items, next_cursor=items[-1].id if more and items else None)
+        page, last = first_page(items, limit)
+        return SummaryPage(items=page, next_cursor=last.id if last else None)
 
 
 class EngineReads:
