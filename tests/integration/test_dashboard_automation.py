@@ -377,6 +377,19 @@ async def test_a_batchs_page_shows_its_progress_and_first_failures_and_retries_t
     assert progress["counts"]["succeeded"] == 4
 
 
+async def test_a_batch_whose_every_row_was_refused_says_no_task_was_made(svc: Service) -> None:
+    """Not "100.0% done: 0 of 0 tasks finished": nothing ran, and the page says why."""
+    answer = await upload(svc, b"text,n\nbad,x\nworse,y\n")
+    batch_id = answer["batch"]["id"]
+    page = await svc.client.get(f"/ui/batches/{batch_id}")
+    line = text_of(re.search(r'<p id="batch-progress-line">.*?</p>', page.text, re.S)[0])
+    assert line.startswith("No task was made") and "% done" not in line, line
+    assert line.endswith("both of its rows were refused at upload."), line
+    assert re.findall(r'<tr data-row="(\d+)">', page.text) == ["1", "2"]
+    row = row_of((await svc.client.get("/ui/batches")).text, "batch", batch_id)
+    assert "no task made: every row refused" in row and "%" not in text_of(row), row
+
+
 async def test_a_batch_is_cancelled_from_its_page_and_the_list_comes_in_pages(
     batch_settings: Settings, start_service: StartService, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -124,6 +124,7 @@ async def test_unknown_dashboard_addresses_are_html_pages_and_the_apis_stay_json
     for method, path, status in (
         ("GET", "/ui/nonexistent", 404),
         ("GET", "/ui/tasks/abc", 404),
+        ("GET", "/ui/batches/abc", 404),
         ("GET", "/ui/tasks/1/nothing", 404),
         ("POST", "/ui/tasks", 405),
         ("DELETE", "/ui/templates/summarize/run", 405),
@@ -132,6 +133,9 @@ async def test_unknown_dashboard_addresses_are_html_pages_and_the_apis_stay_json
         assert answer.status_code == status, (path, answer.text[:200])
         assert answer.headers["content-type"].startswith("text/html"), path
         assert f"Error {status}" in answer.text and 'href="/ui/tasks"' in answer.text, path
+        if status == 404:  # the address named, not a bare "Not Found"
+            said = re.search(r'<p id="error-message">(.*?)</p>', answer.text)
+            assert said and unescape(said[1]) == f"there is no page at {path}", (path, said)
     api = await service.client.get("/api/v1/nonexistent")
     assert api.status_code == 404 and api.headers["content-type"] == "application/json"
     # Behind a proxy, the page's links carry its prefix.

@@ -118,6 +118,10 @@ def page(
     )
 
 
+#: What Litestar's router says of an address no route has.
+_ROUTING_NOT_FOUND = NotFoundException().detail
+
+
 def error_page(
     request: Request[Any, Any, Any], exc: Exception, *, started: float | None = None
 ) -> Template:
@@ -125,6 +129,8 @@ def error_page(
     the status, headers and logging the API gives the same error. (``started``: as for
     :func:`page`.)"""
     status, message, headers = described(exc)
+    if isinstance(exc, NotFoundException) and message == _ROUTING_NOT_FOUND:
+        message = f"there is no page at {request.url.path}"  # an address no route has
     if isinstance(exc, StorageError):
         log.warning("ui.storage_failed", code=exc.code, error=exc.message)
     elif status >= HTTP_500_INTERNAL_SERVER_ERROR:
