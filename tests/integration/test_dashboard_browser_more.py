@@ -10,6 +10,7 @@ browser closes first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -427,3 +428,38 @@ async def test_a_live_page_whose_session_ends_goes_to_the_login_page_and_back(
         await page.close()  # before the service stops: it would wait for the page's streams
     # htmx logs the stream ended by the revocation as an error ("[object Event]"); nothing else.
     assert [e for e in page.errors if e != "console: [object Event]"] == [], page.errors
+
+
+async def test_cancel_and_retry_by_keyboard_leave_the_focus_on_the_tasks_buttons(
+    service: Service, fake_ollama: FakeOllama, browser: Browser
+) -> None:
+    """Cancel pressed by keyboard on a task's page: the page comes back with Retry where
+    Cancel was, and the focus there (it fell to the page's body, and a keyboard user had to
+    start again from the top); Retry the same way, back to Cancel."""
+    from playwright.async_api import expect
+
+    fake_ollama.close_gate("llama3.2")  # the task runs until the gate opens
+    task = await service.submit("summarize", text="press the buttons")
+    await wait_until(lambda: fake_ollama.held("llama3.2") == 1)
+    page = await new_page(browser)
+    await page.goto(f"{service.url}/ui/tasks/{task['id']}")
+    status = page.locator("#task-body h1 .status")
+    await expect(status).to_have_text("running", timeout=WAIT)
+    for press, then, lands_on in (
+        ("#cancel-task", "cancelled", "#retry-task"),
+        ("#retry-task", "running", "#cancel-task"),
+    ):
+        await page.focus(press)
+        await page.keyboard.press("Enter")
+        await expect(status).to_have_text(then, timeout=WAIT)
+        # The new page settles (htmx's settling delay), then the focus moves: wait for it.
+        with contextlib.suppress(AssertionError):  # then said below, with what has it
+            await wait_until(
+                lambda s=lands_on: page.evaluate(f"document.activeElement.matches('{s}')"), 5
+            )
+        focused = await page.evaluate(_FOCUSED_UNLESS, lands_on)
+        assert focused == "", (press, focused[:200])
+    fake_ollama.open_gate("llama3.2")
+    await expect(status).to_have_text("succeeded", timeout=WAIT)
+    await page.close()
+    assert page.errors == []

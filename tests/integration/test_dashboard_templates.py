@@ -212,6 +212,25 @@ async def test_a_refused_registration_shows_its_problems_and_keeps_the_text(
     assert 'id="editor-error"' not in answer.text
 
 
+async def test_a_refused_edit_stays_the_edit_of_its_template(service: Service) -> None:
+    """The editor opened on a template ("Edit mine") and refused (422, 409) was shown as the
+    editor of a new template; it stays the edit of the one it was opened on."""
+    await _register(service, "name: mine\nsteps:\n  - id: a\n    kind: render\n    text: hi\n")
+    editor = (await service.client.get("/ui/templates/mine/edit")).text
+    assert "<h1>Edit mine</h1>" in editor
+    form = editor.split('id="editor-form"', 1)[1].split("</form>", 1)[0]
+    hidden = dict(re.findall(r'<input type="hidden" name="(\w+)" value="([^"]*)"', form))
+    for text, status in (
+        ("name: mine\nsteps:\n  - id: a\n    txet: hi\n", 422),
+        ("name: summarize\nsteps:\n  - id: a\n    kind: render\n    text: mine\n", 409),
+    ):
+        answer = await service.client.post(
+            "/ui/templates", data={**hidden, "yaml": text}, headers=SAME_SITE
+        )
+        assert answer.status_code == status, answer.text[:300]
+        assert "<h1>Edit mine</h1>" in answer.text and _editor_text(answer.text) == text
+
+
 # -- the templates pages ----------------------------------------------------------------------
 
 VERSIONED = """\

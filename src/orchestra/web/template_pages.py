@@ -173,14 +173,19 @@ class TemplatePages(Controller):
         form = await request.form()
         text = str(form.get("yaml", ""))
         catalog = runtime_of(request.scope).catalog
+        # Refused, the editor stays the edit of the template it was opened on (if any).
+        editing = str(form.get("editing", ""))
+        name = editing if any(t.name == editing for t in catalog.all()) else None
         try:
             if not text.strip():
                 raise InvalidRequest("the template is empty")
             registered = (await catalog.register(text)).template
         except TemplateError as exc:
-            return _editor(request, text, status_code=status_of(exc), problems=_problems(exc))
+            problems = _problems(exc)
+            return _editor(request, text, name, status_code=status_of(exc), problems=problems)
         except OrchestraError as exc:  # empty, too large, a file's name, storage
-            return _editor(request, text, status_code=status_of(exc), error=_shown(exc, catalog))
+            error = _shown(exc, catalog)
+            return _editor(request, text, name, status_code=status_of(exc), error=error)
         return Redirect(
             links(request).ui(f"/templates/{registered.name}", version=registered.version),
             status_code=303,

@@ -109,6 +109,28 @@
     opened = null;
   });
 
+  // An action button pressed (Cancel, Retry, Pause…) comes back as a new page in which that
+  // button may be gone or another in its place (Retry where Cancel was): the focus, which
+  // would fall to the page's body, goes to the first control of the same group of buttons
+  // (marked data-keep-focus), so a keyboard user stays where they were.
+  var pending = null;
+
+  document.addEventListener("htmx:beforeRequest", function (evt) {
+    var elt = evt.detail.elt;
+    var group = elt && elt.closest && elt.closest("[data-keep-focus][id]");
+    if (group && group.contains(document.activeElement)) pending = {elt: elt, id: group.id};
+  });
+
+  document.addEventListener("htmx:afterSettle", function (evt) {
+    var asked = evt.detail.requestConfig;  // the request's own element (the form)
+    if (!pending || !asked || asked.elt !== pending.elt) return;
+    var group = document.getElementById(pending.id);
+    pending = null;
+    if (!group || group.contains(document.activeElement)) return;
+    var first = group.querySelector("button, a[href], input:not([type=hidden])");
+    if (first) first.focus();
+  });
+
   // --- Connection --------------------------------------------------------------------------
   // When the server cannot be reached (stopped, the network gone), the page says so until a
   // request or a live stream gets through again; it would otherwise go on showing old data.
