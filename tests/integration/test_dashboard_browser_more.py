@@ -24,12 +24,12 @@ from orchestra.api import create_app
 from orchestra.config import Settings
 from orchestra.web import views
 from tests.conftest import Service, StartService, make_keys, revoke_key
-from tests.fixtures.browser import new_page
+from tests.fixtures.browser import TrackedPage, new_page
 from tests.fixtures.fake_ollama import Failure, FakeOllama
 from tests.fixtures.servers import QuickServer, free_socket, wait_until
 
 if TYPE_CHECKING:
-    from playwright.async_api import Browser
+    from playwright.async_api import Browser, Locator
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
 
@@ -305,18 +305,29 @@ async def test_focus_stays_on_its_control_through_live_refreshes(
     assert page.errors == []
 
 
-async def test_focus_stays_on_a_tasks_page_while_it_refreshes_to_the_end(
+async def _running_task_page(
     service: Service, fake_ollama: FakeOllama, browser: Browser
-) -> None:
+) -> tuple[TrackedPage, Locator]:
+    """A task's page while it runs (its model call held until the gate opens), and the
+    locator of its status."""
     from playwright.async_api import expect
 
-    fake_ollama.close_gate("llama3.2")  # the task runs until the gate opens
+    fake_ollama.close_gate("llama3.2")
     task = await service.submit("summarize", text="keep my place")
     await wait_until(lambda: fake_ollama.held("llama3.2") == 1)
     page = await new_page(browser)
     await page.goto(f"{service.url}/ui/tasks/{task['id']}")
     status = page.locator("#task-body h1 .status")
     await expect(status).to_have_text("running", timeout=WAIT)
+    return page, status
+
+
+async def test_focus_stays_on_a_tasks_page_while_it_refreshes_to_the_end(
+    service: Service, fake_ollama: FakeOllama, browser: Browser
+) -> None:
+    from playwright.async_api import expect
+
+    page, status = await _running_task_page(service, fake_ollama, browser)
     await page.focus("text=Run again with these parameters")
     fake_ollama.open_gate("llama3.2")
     await expect(status).to_have_text("succeeded", timeout=WAIT)
@@ -438,13 +449,7 @@ async def test_cancel_and_retry_by_keyboard_leave_the_focus_on_the_tasks_buttons
     start again from the top); Retry the same way, back to Cancel."""
     from playwright.async_api import expect
 
-    fake_ollama.close_gate("llama3.2")  # the task runs until the gate opens
-    task = await service.submit("summarize", text="press the buttons")
-    await wait_until(lambda: fake_ollama.held("llama3.2") == 1)
-    page = await new_page(browser)
-    await page.goto(f"{service.url}/ui/tasks/{task['id']}")
-    status = page.locator("#task-body h1 .status")
-    await expect(status).to_have_text("running", timeout=WAIT)
+    page, status = await _running_task_page(service, fake_ollama, browser)
     for press, then, lands_on in (
         ("#cancel-task", "cancelled", "#retry-task"),
         ("#retry-task", "running", "#cancel-task"),
