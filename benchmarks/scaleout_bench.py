@@ -57,6 +57,48 @@ BODY = {
     "params": {"text": "Scale out.", "sentences": 1},
     "cache": False,
 }
+#: ``--render-parts N``: a service-bound workload. The template file below computes a score
+#: over N rounds before its one model call: a file's template renders on the service's event
+#: loop (below 5 ms a render; longer ones go to the render processes), so what grows is the
+#: service's own Python, and nothing else (the output, the prompt and what is stored stay
+#: small).
+DIGEST = """\
+name: digest
+description: Scores a text over many rounds (a render that costs the service CPU).
+model: default
+parameters:
+  text: {type: string, required: true}
+  parts: {type: integer, default: 100, minimum: 1, maximum: 100000}
+steps:
+  - id: score
+    kind: render
+    text: >-
+      {% set ns = namespace(total=0) %}{% for i in range(params.parts) -%}
+      {% set ns.total = ns.total + (params.text | length) * ((i * 7919) % 1000) %}{% endfor %}
+      {{- ns.total }}
+  - id: answer
+    kind: llm
+    prompt: "Summarize in one sentence, score {{ steps.score.output }}: {{ params.text }}"
+output: "{{ steps.answer.output | trim }}"
+"""
+
+
+def _workload(folder: Path, render_parts: int) -> tuple[dict[str, Any], str]:
+    """The task body and the config lines for it: the built-in ``summarize`` (0), or the
+    digest template with ``render_parts`` parts."""
+    if not render_parts:
+        return BODY, ""
+    templates = folder / "templates"
+    templates.mkdir(exist_ok=True)
+    (templates / "digest.yaml").write_text(DIGEST)
+    body = {
+        "template": "digest",
+        "params": {"text": "Scale out, with the service doing the work.", "parts": render_parts},
+        "cache": False,
+    }
+    return body, f'[templates]\ndirs = ["{templates}"]\n'
+
+
 API = TaskApi(
     submit="/api/v1/tasks",
     read="/api/v1/tasks/{id}",
@@ -65,7 +107,9 @@ API = TaskApi(
 )
 
 
-def _config(folder: Path, url: str, model: str, port: int, extra: str = "") -> Path:
+def _config(
+    folder: Path, url: str, model: str, port: int, extra: str = "", tail: str = ""
+) -> Path:
     config = folder / f"orchestra-{port}.toml"
     config.write_text(
         f"[server]\nport = {port}\n{extra}\n"
@@ -74,6 +118,7 @@ def _config(folder: Path, url: str, model: str, port: int, extra: str = "") -> P
         f'[providers.ollama]\nurl = "{model}"\n'
         "[providers.embedded]\nenabled = false\n"
         '[logging]\nlevel = "warning"\nformat = "json"\n'
+        f"{tail}"
     )
     return config
 
@@ -119,21 +164,27 @@ def _postmaster(pg: PostgresServer | None) -> list[int]:
 
 
 async def throughput(
-    engine: str, processes: int, tasks: int, folder: Path, pg: PostgresServer | None
+    engine: str,
+    processes: int,
+    tasks: int,
+    folder: Path,
+    pg: PostgresServer | None,
+    render_parts: int = 0,
 ) -> dict[str, Any]:
+    body, tail = _workload(folder, render_parts)
     with ExitStack() as stack:
         model = stack.enter_context(fake_model(0, folder))
         url = stack.enter_context(_database(engine, folder, pg, f"t{processes}"))
-        config = _config(folder, url, model, free_port(), f"processes = {processes}")
+        config = _config(folder, url, model, free_port(), f"processes = {processes}", tail)
         base, pid = stack.enter_context(_serve(folder, config))
         _wait_children(pid, processes)
         roles = {"service": pid}
         if pg is not None:
             roles["postgresql"] = _postmaster(pg)[0]
         figures = await submit_read_workload(
-            base, roles, API, BODY, tasks, CLIENTS, rounds=50, model=model
+            base, roles, API, body, tasks, CLIENTS, rounds=50, model=model
         )
-    return {"engine": engine, "processes": processes, **figures}
+    return {"engine": engine, "processes": processes, "render_parts": render_parts, **figures}
 
 
 def _seconds(iso: str) -> float:
@@ -214,6 +265,13 @@ async def main() -> None:
     parser.add_argument("--tasks", type=int, default=3000)
     parser.add_argument("--engines", default="sqlite,postgresql")
     parser.add_argument("--processes", default="1,2,4")
+    parser.add_argument(
+        "--render-parts",
+        type=int,
+        default=0,
+        help="a service-bound workload: a template whose render builds N parts (0: summarize)",
+    )
+    parser.add_argument("--no-pickup", action="store_true", help="throughput only")
     args = parser.parse_args()
     counts = [int(n) for n in args.processes.split(",")]
     result: dict[str, Any] = {"tasks": args.tasks, "throughput": [], "pickup": []}
@@ -222,11 +280,12 @@ async def main() -> None:
         for engine in args.engines.split(","):
             pg = stack.enter_context(running_postgres()) if engine == "postgresql" else None
             for n in counts:
-                figures = await throughput(engine, n, args.tasks, folder, pg)
+                figures = await throughput(engine, n, args.tasks, folder, pg, args.render_parts)
                 print(json.dumps(figures), file=sys.stderr)
                 result["throughput"].append(figures)
-            result["pickup"].append(await pickup(engine, folder, pg))
-            print(json.dumps(result["pickup"][-1]), file=sys.stderr)
+            if not args.no_pickup:
+                result["pickup"].append(await pickup(engine, folder, pg))
+                print(json.dumps(result["pickup"][-1]), file=sys.stderr)
     args.out.write_text(json.dumps(result, indent=2))
     print(markdown(result))
 
