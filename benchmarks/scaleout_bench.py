@@ -107,9 +107,7 @@ API = TaskApi(
 )
 
 
-def _config(
-    folder: Path, url: str, model: str, port: int, extra: str = "", tail: str = ""
-) -> Path:
+def _config(folder: Path, url: str, model: str, port: int, extra: str = "", tail: str = "") -> Path:
     config = folder / f"orchestra-{port}.toml"
     config.write_text(
         f"[server]\nport = {port}\n{extra}\n"

@@ -132,6 +132,8 @@ async def test_a_value_over_the_templates_limit_is_not_echoed_back(service: Serv
         (b'{"template": "summarize", "params": {"text": "\xff\xfe"}}', "is not UTF-8 text"),
         (b'{"template": "summarize", "params": ', "is not valid JSON"),
         (b'{"template": "summarize", "params": {]', "is not valid JSON"),
+        # The parser's words as it spells them ("JSON is malformed", not "jSON").
+        (b"not json", "is not valid JSON: JSON is malformed"),
     ],
 )
 async def test_undecodable_bodies_get_400_naming_the_body(

@@ -329,7 +329,8 @@ def _undecodable(exc: HTTPException, body: bytes | None = None) -> str | None:
     if lone is not None:
         escape, at = lone
         return f"is not valid JSON: the string escape {escape} at byte {at} is {HALF_SURROGATE}"
-    return f"is not valid JSON: {detail[:1].lower()}{detail[1:]}"
+    acronym = detail[1:2].isupper()  # "JSON is malformed" keeps its capitals
+    return f"is not valid JSON: {detail if acronym else detail[:1].lower() + detail[1:]}"
 
 
 #: A \uXXXX escape of a UTF-16 surrogate, after an even number of backslashes (so itself an
