@@ -31,9 +31,6 @@ from orchestra.domain import (
     now,
     storable_id,
 )
-from orchestra.domain import (
-    MAX_ID as MAX_ID,
-)
 from orchestra.errors import (
     ConflictError,
     FieldProblem,

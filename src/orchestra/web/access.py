@@ -113,7 +113,7 @@ class DashboardGate(ASGIMiddleware):
                 if headers.get("hx-request"):
                     await _answer(send, 401, b"", [(b"hx-redirect", login.encode())])
                 elif method == "GET" and "text/event-stream" in headers.get("accept", ""):
-                    await _answer(send, 200, _log_in_event(links.ui("/login")), _STREAM)
+                    await _answer(send, 200, _log_in_event(links.ui("/login")), typed=_STREAM)
                 elif method in _SAFE:
                     await _answer(send, 303, b"", [(b"location", login.encode())])
                 else:
@@ -138,8 +138,8 @@ def _come_back_to(scope: Scope, headers: Headers, links: Links, below: str) -> s
     return f"{target}?{query}" if query else target
 
 
-#: The head of an event stream's answer (replacing ``_answer``'s JSON content type).
-_STREAM = [(b"content-type", b"text/event-stream; charset=utf-8")]
+#: An event stream's content type (for ``_answer``, whose answers are JSON otherwise).
+_STREAM = b"text/event-stream; charset=utf-8"
 
 
 def _log_in_event(login: str) -> bytes:
@@ -166,16 +166,12 @@ def cookie_of(headers: Headers) -> str | None:
 
 
 async def _answer(
-    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+    send: Send,
+    status: int,
+    body: bytes,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    typed: bytes = b"application/json",
 ) -> None:
-    given = headers or []
-    typed = any(name == b"content-type" for name, _ in given)
-    head = [] if typed else [(b"content-type", b"application/json")]
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [*head, (b"cache-control", b"no-store"), *given],
-        }
-    )
+    head = [(b"content-type", typed), (b"cache-control", b"no-store")]
+    await send({"type": "http.response.start", "status": status, "headers": head + (headers or [])})
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -15,7 +15,7 @@ from orchestra.batch_output import error_text, results_stream
 from orchestra.batches import Progress
 from orchestra.bulk import BulkOutcome
 from orchestra.db.batches import FailedRow
-from orchestra.domain import TaskStatus
+from orchestra.domain import TaskStatus, first_page
 from orchestra.web.forms import whole
 from orchestra.web.notices import NOTICE_COOKIE, notice_cookie, notice_text, notice_value
 from orchestra.web.render import links, page
@@ -65,13 +65,13 @@ class BatchPages(Controller):
         """Batches, newest first, each with its progress (``before``: older than that id)."""
         older_than = whole(before, "before") if before else None
         found = await runtime_of(request.scope).batches.page(PAGE_SIZE + 1, older_than)
-        shown = found[:PAGE_SIZE]
+        shown, last = first_page(found, PAGE_SIZE)
         return page(
             request,
             "batches.html",
             section="batches",
             rows=[{"p": p, "eta": _eta(p.eta_seconds), "so_far": _so_far(p)} for p in shown],
-            older=shown[-1].batch.id if len(found) > PAGE_SIZE else None,
+            older=last.batch.id if last else None,
             paged=older_than is not None,
         )
 

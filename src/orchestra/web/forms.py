@@ -17,8 +17,8 @@ from typing import Any
 
 import msgspec
 
+from orchestra.domain import MAX_ID
 from orchestra.errors import FieldProblem, InvalidRequest
-from orchestra.tasks import MAX_ID
 
 #: Strings whose description or bounds suggest long text get a textarea.
 _LONG = 200
@@ -213,7 +213,7 @@ def whole(text: str, field: str, *, least: int = 1) -> int:
 
     Raises:
         InvalidRequest: ``text`` is not ASCII digits, or the number is below ``least`` or
-            above :data:`~orchestra.tasks.MAX_ID` (it would overflow SQLite's INTEGER).
+            above :data:`~orchestra.domain.MAX_ID` (it would overflow SQLite's INTEGER).
     """
     # isdigit() alone lets "²" through; the length check keeps int() from huge strings.
     digits = text.isascii() and text.isdigit() and len(text) <= len(str(MAX_ID))

@@ -11,6 +11,7 @@ from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect, Template
 
 from orchestra.api.scope import runtime_of
+from orchestra.domain import first_page
 from orchestra.web.forms import whole
 from orchestra.web.notices import NOTICE_COOKIE, notice_cookie
 from orchestra.web.render import links, page
@@ -52,8 +53,7 @@ class WebhookPages(Controller):
         hook = await service.get(webhook_id)
         older_than = whole(before, "before") if before else None
         deliveries = await service.deliveries(webhook_id, PAGE_SIZE + 1, older_than)
-        more = len(deliveries) > PAGE_SIZE
-        shown = deliveries[:PAGE_SIZE]
+        shown, last = first_page(deliveries, PAGE_SIZE)
         flashed = request.cookies.get(NOTICE_COOKIE)
         return page(
             request,
@@ -61,7 +61,7 @@ class WebhookPages(Controller):
             section="webhooks",
             hook=hook,
             deliveries=shown,
-            older=shown[-1].id if more else None,
+            older=last.id if last else None,
             paged=older_than is not None,
             before=before if older_than is not None else "",
             notice=_sent_again(flashed, hook.enabled),
