@@ -20,6 +20,7 @@ Exit codes (docs/install.md, "Exit codes"):
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -149,11 +150,31 @@ def coerce(name: str, raw: str, schema: dict[str, Any]) -> Any:
     if kind == "string":
         return raw
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=_not_finite, parse_float=_finite)
+    except _NotFinite as exc:
+        raise CliError(
+            f"invalid parameter {name}: {exc} in {raw!r} cannot be sent (JSON has no NaN or "
+            "infinity)"
+        ) from None
     except ValueError:
         raise CliError(
             f"invalid parameter {name}: expected {kind} (as JSON), got {raw!r}"
         ) from None
+
+
+class _NotFinite(ValueError):
+    """A number JSON cannot carry, which Python's json reads (NaN, Infinity, 1e999)."""
+
+
+def _not_finite(word: str) -> float:
+    raise _NotFinite(word)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotFinite(text)
+    return value
 
 
 def param_values(items: tuple[str, ...], schema: dict[str, Any]) -> dict[str, Any]:
@@ -194,7 +215,13 @@ def client_for(url: str | None, config_path: str | None) -> Iterator[Client]:
     or a connection failure becomes one clear message."""
     import httpx
 
-    from orchestra.client import ApiError, Client, ConnectionFailed, InvalidApiKey
+    from orchestra.client import (
+        ApiError,
+        Client,
+        ConnectionFailed,
+        InvalidApiKey,
+        UnsendableValue,
+    )
 
     base = base_url(url, config_path)
     timeout = _timeout()
@@ -203,6 +230,8 @@ def client_for(url: str | None, config_path: str | None) -> Iterator[Client]:
             yield client
     except InvalidApiKey as exc:
         raise KeyRefused(str(exc)) from None
+    except UnsendableValue as exc:  # a lone surrogate: an argument that is not UTF-8
+        raise CliError(str(exc)) from None
     except ConnectionFailed as exc:
         if isinstance(exc.__cause__, httpx.TimeoutException):
             raise ServerUnreachable(

@@ -11,6 +11,8 @@ import time
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Service, sql_rows
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import (
@@ -365,3 +367,31 @@ async def test_a_refusal_says_each_problem_once(service: Service) -> None:
     )
     problems = [line for line in err.splitlines() if "give cron or every" in line]
     assert code == 1 and len(problems) == 1, err
+
+
+@pytest.mark.parametrize("raw", ["NaN", "1e999", "-Infinity", "[1, NaN]"])
+async def test_a_number_json_cannot_carry_is_refused_naming_the_parameter(
+    service: Service, raw: str
+) -> None:
+    """Python's json reads NaN, Infinity and 1e999 (as inf), which went as null: the server
+    then said "null is not of type 'integer'", a value the user never typed."""
+    code, _out, err = await run_cli(
+        "submit", "summarize", "-p", "text=x", "-p", f"sentences={raw}", "--url", service.url
+    )
+    assert code == 1
+    assert "invalid parameter sentences" in err
+    assert "JSON has no NaN or infinity" in err
+    assert "null" not in err and "Traceback" not in err
+
+
+async def test_an_argument_that_is_not_utf8_is_refused_naming_the_parameter(
+    service: Service,
+) -> None:
+    """Python reads a non-UTF-8 argument byte as a lone surrogate, which the client cannot
+    encode: a traceback before."""
+    code, _out, err = await run_cli(
+        "submit", "summarize", "-p", "text=caf\udce9", "--url", service.url
+    )
+    assert code == 1
+    assert "params.text holds a lone surrogate" in err
+    assert "Traceback" not in err

@@ -8,6 +8,7 @@ import asyncio
 import csv
 import inspect
 import json
+import math
 from collections.abc import AsyncIterator
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
@@ -599,3 +600,56 @@ async def test_a_page_that_is_not_the_apis_is_an_error_with_its_status() -> None
             await client.list_schedules()
     assert raised.value.status == 502 and raised.value.code == "http_error"
     assert raised.value.message == "502: <html>bad gateway</html>"
+
+
+@pytest.mark.parametrize(
+    ("params", "said"),
+    [
+        ({"n": float("nan")}, "params.n is nan, which JSON cannot carry"),
+        ({"deep": {"list": [1, float("inf")]}}, r"params.deep.list\[1\] is inf"),
+        ({"n": -float("inf")}, "params.n is -inf"),
+        ({"blob": b"\x00\x01"}, "params.blob is bytes, which JSON cannot carry"),
+        ({"text": "ok \ud800 no"}, r"params.text holds a lone surrogate \('\\ud800' at 3\)"),
+        ({"bad \udfff key": 1}, "params holds a key with a lone surrogate"),
+    ],
+)
+async def test_values_json_cannot_carry_are_refused_before_sending(
+    params: dict[str, Any], said: str
+) -> None:
+    """msgspec wrote NaN and infinity as null and bytes as base64 (so a NaN arrived as "null
+    is not of type 'number'", or not at all where a parameter is optional), and a lone
+    surrogate raised a bare UnicodeEncodeError. Nothing listens on port 9: a request sent
+    would be a ConnectionFailed, not the ValueError."""
+    with Client("http://127.0.0.1:9") as client:
+        with pytest.raises(ValueError, match=said):
+            client.submit("summarize", params)
+        with pytest.raises(ValueError, match=said):
+            client.create_schedule(
+                name="nightly", template="summarize", cron="0 3 * * *", params=params
+            )
+    async with AsyncClient("http://127.0.0.1:9") as aclient:
+        with pytest.raises(ValueError, match=said):
+            await aclient.submit("summarize", params)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_batch_row_json_cannot_carry_is_refused_before_anything_is_sent(
+    kind: str, service: Service
+) -> None:
+    """Rows were encoded as they were sent: the third row's surrogate broke the upload after
+    the first two were read, and the service kept them in a batch whose id the caller never
+    learnt. Now every row is encoded (and checked) before the upload starts."""
+    client = await open_client(kind, service.url)
+    api = Api(client)
+    rows = [{"text": "one"}, {"text": "two"}, {"text": "bad \ud800"}, {"text": "four"}]
+    try:
+        with pytest.raises(ValueError, match=r"row 3: text holds a lone surrogate"):
+            await api.do("create_batch", "summarize", iter(rows))
+        with pytest.raises(ValueError, match=r"row 2: sentences is nan"):
+            await api.do("create_batch", "summarize", [{"text": "a"}, {"sentences": math.nan}])
+        assert await api.take("list_batches") == []
+        # Rows from an iterable are now kept until sent, so with a key they are resent too.
+        good = await api.do("create_batch", "summarize", iter(rows[:2]), idempotency_key="k")
+        assert (good.read, good.refused) == (2, 0)
+    finally:
+        await api.do("aclose" if kind == "async" else "close")

@@ -27,6 +27,7 @@ from orchestra.client.errors import (
     TooLarge,
     Unavailable,
     Unprocessable,
+    UnsendableValue,
 )
 from orchestra.client.follow import ReconnectPolicy
 from orchestra.client.sync import Client
@@ -58,4 +59,5 @@ __all__ = [
     "TooLarge",
     "Unavailable",
     "Unprocessable",
+    "UnsendableValue",
 ]

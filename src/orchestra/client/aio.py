@@ -388,7 +388,11 @@ class AsyncClient:
         parameter dicts. ``options``: ``template_version``, ``model``, ``priority``,
         ``max_attempts``, ``timeout``, ``atomic``. The same ``idempotency_key`` again resumes
         the batch (rows it has are skipped). ``on_sent`` hears the size of each piece of a
-        file as it is sent (a progress bar)."""
+        file (or of the encoded rows) as it is sent (a progress bar).
+
+        Raises:
+            ValueError: a row JSON cannot carry (nothing is sent), or a file's format is
+                not known."""
         call = batch_calls.create_batch(
             template, rows, data_format, idempotency_key, options, on_sent
         )

@@ -5,15 +5,20 @@ its results read line by line."""
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from orchestra.client.core import TRANSFER_TIMEOUT, Call, _as, _encode, _given, _nothing
+from orchestra.client.core import TRANSFER_TIMEOUT, Call, _as, _given, _nothing
+from orchestra.client.errors import UnsendableValue
+from orchestra.client.json_body import encode
 from orchestra.wire.batches import ActionOut, BatchList, ProgressOut, UploadOut
 
 #: Bytes read from a dataset file at a time.
 CHUNK = 64 * 1024
+#: Bytes of rows from an iterable kept in memory before they are spooled to disk.
+SPOOLED = 8 * 1024 * 1024
 #: The formats a file's suffix names.
 SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
@@ -27,42 +32,31 @@ def create_batch(
     on_sent: Callable[[int], None] | None = None,
 ) -> Call[UploadOut]:
     """POST /api/v1/batches: ``rows`` are a CSV or JSON-lines file (read as it is sent, so a
-    file of any size takes constant memory; its format from its suffix, .csv, .jsonl or
-    .ndjson, else ``data_format``: ValueError without), that text (JSON lines unless
-    ``data_format``), or parameters to send as JSON lines (one-shot, so not retried).
-    ``options``: template_version, model, priority, max_attempts, timeout, atomic.
-    ``on_sent`` hears the size of each piece of a file as it goes (a progress bar); a file
-    sent again (its connection broke) is heard only past where the first sending got."""
+        file of any size takes constant memory; its format from its suffix, .csv, .jsonl or
+        .ndjson, else ``data_format``: ValueError without), that text (JSON lines unless
+        ``data_format``), or parameters to send as JSON lines (every row encoded before the upload
+    starts, so that a row JSON cannot carry raises ValueError naming it and nothing is sent).
+        ``options``: template_version, model, priority, max_attempts, timeout, atomic.
+        ``on_sent`` hears the size of each piece of a file or of rows as it goes (a progress
+        bar); a body sent again (its connection broke) is heard only past where the first
+        sending got."""
     body: Callable[[], Iterator[bytes]] | None = None
     content: bytes | None = None
-    replayable = True
     if isinstance(rows, Path):
+        path = rows
         data_format = data_format or SUFFIXES.get(rows.suffix.lower())
         if data_format is None:
             raise ValueError(
                 f"{rows}: the format of a file named {rows.suffix or 'without a suffix'!r} is "
                 "not known; pass data_format='csv' or 'jsonl'"
             )
-        path = rows
-        counted = 0  # the furthest a sending reached: a resend's bytes are not heard twice
-
-        def body() -> Iterator[bytes]:
-            nonlocal counted
-            at = 0
-            with path.open("rb") as file:
-                while chunk := file.read(CHUNK):
-                    at += len(chunk)
-                    if on_sent is not None and at > counted:
-                        on_sent(at - counted)
-                        counted = at
-                    yield chunk
-
+        body = _heard(lambda: _file_pieces(path), on_sent)
     elif isinstance(rows, bytes):
         content = rows
     else:
-        data_format, replayable = "jsonl", False
-        lines = (_encode(r) + b"\n" for r in rows)
-        body = lambda: lines  # noqa: E731
+        data_format = "jsonl"
+        spool = _spooled(rows)
+        body = _heard(lambda: _spool_pieces(spool), on_sent)
     params = _given({"template": template, "format": data_format or "jsonl", **options})
     for key, value in params.items():
         if isinstance(value, bool):
@@ -75,12 +69,63 @@ def create_batch(
         params=params,
         content=content,
         body=body,
-        replayable=replayable,
         headers=headers,
         ok=frozenset({200, 201}),
         timeout=TRANSFER_TIMEOUT,
         idempotent=idempotency_key is not None,  # a resent upload resumes
     )
+
+
+def _spooled(rows: Iterable[Mapping[str, Any]]) -> IO[bytes]:
+    """``rows`` as JSON lines, every one encoded (and checked) before anything is sent: a
+    row JSON cannot carry found midway would cut an upload whose first rows the service
+    keeps, in a batch the caller never learns of. Kept in memory up to :data:`SPOOLED`
+    bytes, beyond on disk, so the upload can also be sent again.
+
+    Raises:
+        UnsendableValue: a row JSON cannot carry, named by its number (from 1, as the service
+            numbers rows) and its place in the row.
+    """
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOLED)
+    for number, row in enumerate(rows, 1):
+        try:
+            spool.write(encode(row, root="the row") + b"\n")
+        except UnsendableValue as exc:
+            spool.close()
+            raise UnsendableValue(f"row {number}: {exc}") from None
+    return spool
+
+
+def _file_pieces(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as file:
+        while piece := file.read(CHUNK):
+            yield piece
+
+
+def _spool_pieces(spool: IO[bytes]) -> Iterator[bytes]:
+    spool.seek(0)
+    while piece := spool.read(CHUNK):
+        yield piece
+
+
+def _heard(
+    pieces: Callable[[], Iterator[bytes]], on_sent: Callable[[int], None] | None
+) -> Callable[[], Iterator[bytes]]:
+    """A body sent from its start on each call, ``on_sent`` hearing the size of each piece;
+    a body sent again (its connection broke) is heard only past where the first got."""
+    counted = 0
+
+    def body() -> Iterator[bytes]:
+        nonlocal counted
+        at = 0
+        for piece in pieces():
+            at += len(piece)
+            if on_sent is not None and at > counted:
+                on_sent(at - counted)
+                counted = at
+            yield piece
+
+    return body
 
 
 def get_batch(batch_id: int) -> Call[ProgressOut]:

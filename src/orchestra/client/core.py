@@ -21,6 +21,7 @@ import httpx
 import msgspec
 
 from orchestra.client.errors import ApiError, InvalidApiKey, error_class
+from orchestra.client.json_body import encode as _encode
 from orchestra.client.sse import SseMessage as SseMessage
 from orchestra.client.sse import SseReader as SseReader
 from orchestra.client.sse import feed_event as feed_event
@@ -74,7 +75,6 @@ def stream_timeout(silence: float) -> httpx.Timeout:
     return httpx.Timeout(10.0, read=silence)
 
 
-_encode = msgspec.json.Encoder().encode
 _JSON = {"Content-Type": "application/json"}
 _YAML = {"Content-Type": "application/yaml"}
 
@@ -111,8 +111,6 @@ class Call(Generic[T]):
     content: bytes | None = None
     #: A body sent as it is read (a dataset): each call gives it from its start.
     body: Callable[[], Iterator[bytes]] | None = None
-    #: Whether the request can be sent again (a streamed body read once cannot).
-    replayable: bool = True
     #: Sent as UTF-8 (httpx alone sends text headers as ASCII, refusing the rest).
     headers: Mapping[str, str] = field(default_factory=dict)
     #: The statuses that are a success (any other raises).
@@ -127,7 +125,7 @@ class Call(Generic[T]):
     def resendable(self) -> bool:
         """Whether it may be sent again after its connection broke before the answer came:
         the service may have done it already."""
-        return self.replayable and (self.idempotent or self.method in ("GET", "HEAD"))
+        return self.idempotent or self.method in ("GET", "HEAD")
 
     def request(self, http: httpx.Client | httpx.AsyncClient, content: Any = None) -> httpx.Request:
         """The request, built by the client that sends it (its base URL and headers); a
@@ -253,8 +251,6 @@ def retry_delay(
     """Seconds to wait before sending ``call`` again after ``response`` (the ``tries``-th
     answer), or None when the answer stands: a success, another error, or no tries left."""
     if response.status_code in call.ok or response.status_code not in RETRY_STATUSES:
-        return None
-    if not call.replayable:
         return None
     if tries >= policy.attempts:
         return None

@@ -7,6 +7,7 @@
         ├── ConnectionFailed        nothing answered (refused, unknown host, timed out)
         ├── ClientClosed            the client was closed before the call
         ├── InvalidApiKey           the API key given cannot be sent (not printable ASCII)
+        ├── UnsendableValue         a value JSON cannot carry (NaN, bytes, a lone surrogate)
         └── ApiError                the service answered 4xx or 5xx (status, code, message, fields)
             ├── BadRequest          400 invalid_request: a field has the wrong type or shape
             ├── AuthenticationFailed 401 unauthorized: no key, or not a valid one
@@ -45,6 +46,14 @@ class ClientClosed(ClientError):
     """The client was closed: make a new one (or use it in a with block)."""
 
     code = "client_closed"
+
+
+class UnsendableValue(ClientError, ValueError):
+    """A value of the request is one JSON cannot carry: a NaN or infinite float, bytes, or a
+    string holding a lone surrogate. Raised before anything is sent; the message names the
+    value's place (``params.scores[2] is nan, which JSON cannot carry``)."""
+
+    code = "unsendable_value"
 
 
 class InvalidApiKey(ClientError, ValueError):
