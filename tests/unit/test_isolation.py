@@ -138,3 +138,19 @@ async def test_a_render_process_killed_from_outside_is_replaced_and_close_return
     assert second != first
     async with asyncio.timeout(5):
         await renderer.close()
+
+
+async def test_a_new_render_process_s_start_is_not_counted_in_the_render_s_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first render after the service started (or after a process was replaced) had its
+    process's start (0.4 s here, over 3 s on a loaded machine) counted in its time, and was
+    failed as a render that did not finish."""
+    monkeypatch.setattr(isolation, "GRACE", 0.0)
+    sandbox.configure(LimitSettings(render_timeout=0.2))
+    render = Renderer(LimitSettings(render_timeout=0.2, render_processes=1))
+    try:
+        assert await render.isolated(where, 0.05) != os.getpid()
+    finally:
+        await render.close()
+        sandbox.configure(LimitSettings())

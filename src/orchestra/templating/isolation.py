@@ -56,6 +56,9 @@ from orchestra.templating import sandbox
 INLINE_SLICE = 0.005
 #: Seconds past ``render_timeout`` before an unanswered render process is killed.
 GRACE = 2.0
+#: Seconds a new render process may take to start (fork, set its limits) before it is given
+#: up on. Not counted in a render's time: on a loaded machine a start took over 3 s.
+START_LIMIT = 60.0
 #: How much lower a render process's CPU priority is than the service's.
 RENDER_NICENESS = 10
 
@@ -103,6 +106,7 @@ def _start_child(limits: LimitSettings) -> None:
 def _serve(conn: Connection, limits: LimitSettings) -> None:
     """A render process's life: take a job from the pipe, answer it, until the pipe closes."""
     _start_child(limits)
+    conn.send(None)  # started: a render's time counts from here
     while True:
         try:
             render, args, kwargs = conn.recv()
@@ -149,13 +153,34 @@ class _RenderProcess:
         )
         process.start()
         theirs.close()  # the child holds it now: its death is our EOF
+        try:
+            if not ours.poll(START_LIMIT):
+                raise RenderError(f"the render process did not start within {START_LIMIT:g}s")
+            ours.recv()
+        except (EOFError, OSError):
+            process.join(5)
+            raise RenderError(
+                f"the render process exited as it started (exit code {process.exitcode})"
+            ) from None
+        except RenderError:
+            process.kill()
+            raise
         return process, ours
+
+    async def ready(self) -> None:
+        """Start the process if it is not running, and wait until it can take a job.
+
+        Raises:
+            RenderError: it did not start (within :data:`START_LIMIT`, or it exited).
+        """
+        if self._process is None or self._conn is None:
+            loop = asyncio.get_running_loop()
+            self._process, self._conn = await loop.run_in_executor(self._threads, self._start)
 
     async def call(self, render: Callable[..., Any], args: Any, kwargs: Any) -> Any:
         """Run ``render(*args, **kwargs)`` in the process (started now if it is not)."""
         loop = asyncio.get_running_loop()
-        if self._process is None or self._conn is None:
-            self._process, self._conn = await loop.run_in_executor(self._threads, self._start)
+        await self.ready()
         process, conn = self._process, self._conn
         assert process is not None and conn is not None  # set just above
         trip = functools.partial(_round_trip, conn, (render, args, kwargs))
@@ -289,6 +314,7 @@ class _Processes:
         kwargs: Any,
     ) -> Any:
         try:
+            await process.ready()  # a new process's start is not counted in the render's time
             async with asyncio.timeout(limit):
                 return await process.call(render, args, kwargs)
         except TimeoutError:
