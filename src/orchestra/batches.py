@@ -211,7 +211,7 @@ class BatchService:
             batch, created = await self._open(opts, template, scope)
             try:
                 problems, total = await self._load(batch.id, _chain(first, checked))
-            except Exception as exc:  # a client gone midway too (Litestar's 500 exception)
+            except Exception as exc:  # a client gone midway too (ClientGone)
                 # Nobody can finish it: no key to send the rest with, or past the row cap.
                 if opts.idempotency_key is None or _past_the_cap(exc):
                     await self._close_cut(batch.id, exc)

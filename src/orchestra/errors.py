@@ -133,6 +133,12 @@ class InvalidParams(InvalidRequest):
     code = "invalid_params"
 
 
+class ClientGone(InvalidRequest):
+    """The client went away before the upload ended."""
+
+    code = "client_gone"
+
+
 class PayloadTooLarge(OrchestraError):
     """The request is larger than the service accepts."""
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import structlog
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
@@ -361,10 +362,16 @@ async def test_a_client_gone_midway_leaves_no_batch_loading(idle: Service, db_ur
         return [b for b in items if b["status"] == status]
 
     await wait_until(lambda: listed("loading"), timeout=10)
-    writer.close()  # gone, mid-body
-    await wait_until(lambda: listed("loaded"), timeout=10)
+    with structlog.testing.capture_logs() as logged:
+        writer.close()  # gone, mid-body
+        await wait_until(lambda: listed("loaded"), timeout=10)
     [batch] = await listed("loaded")
     assert batch["rows"] == 120
+    # Said as what happened (it was logged as error="InternalServerException").
+    [cut] = [e for e in logged if e["event"] == "batch.upload_cut"]
+    assert cut["error"] == "the client went away before the upload ended", cut
+    assert (cut["batch_id"], cut["rows"]) == (batch["id"], 120)
+    assert [e for e in logged if e["log_level"] in ("error", "critical")] == []
     assert sql_rows(db_url, "SELECT count(*) FROM tasks") == [(120,)]
     del reader
 

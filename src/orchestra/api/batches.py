@@ -7,10 +7,12 @@ shares (template, model, priority, options) comes in the query.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
+from litestar.exceptions import InternalServerException
 from litestar.di import NamedDependency, Provide
 from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import (
@@ -32,7 +34,7 @@ from orchestra.auth import Caller
 from orchestra.batch_output import results_stream
 from orchestra.batches import BatchOptions, BatchService, Format
 from orchestra.domain import first_page
-from orchestra.errors import FieldProblem, InvalidRequest
+from orchestra.errors import ClientGone, FieldProblem, InvalidRequest
 from orchestra.wire.batches import ActionOut as ActionOut
 from orchestra.wire.batches import BatchList as BatchList
 from orchestra.wire.batches import BatchOut as BatchOut
@@ -197,7 +199,7 @@ class BatchController(Controller):
             atomic=atomic,
             idempotency_key=idempotency.header_key(idempotency_key),
         )
-        uploaded = await batches.upload(opts, request.stream(), key_id=request.user.key_id)
+        uploaded = await batches.upload(opts, _body(request), key_id=request.user.key_id)
         body = UploadOut(
             BatchOut.of(uploaded.batch), uploaded.read, uploaded.refused, uploaded.problems
         )
@@ -291,3 +293,13 @@ class BatchController(Controller):
         accept = request.headers.get("accept", "")
         chosen = format or ("csv" if "text/csv" in accept else "jsonl")
         return await results_stream(batches, batch_id, chosen)
+
+
+async def _body(request: Request[Caller, Any, Any]) -> AsyncIterator[bytes]:
+    """An upload's body as it arrives; a client gone before its end is a
+    :class:`~orchestra.errors.ClientGone` (Litestar raises its 500 exception)."""
+    try:
+        async for chunk in request.stream():
+            yield chunk
+    except InternalServerException:  # the stream's only one: "client disconnected prematurely"
+        raise ClientGone("the client went away before the upload ended") from None
