@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
-from litestar.exceptions import InternalServerException
 from litestar.di import NamedDependency, Provide
+from litestar.exceptions import InternalServerException
 from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import (
     OpenAPIMediaType,
