@@ -605,6 +605,14 @@ async def test_a_json_body_is_read_whatever_its_content_type_as_curl_d_sends_it(
             "model",
             "must be at most 255 characters",
         ),
+        # A date alone: its time would be a guess (it said "Invalid RFC3339 encoded datetime").
+        (
+            "POST",
+            "/api/v1/tasks",
+            {**BASE, "run_at": "2030-01-01"},
+            "run_at",
+            "must be a date and time such as 2030-01-01T09:00:00Z",
+        ),
     ],
 )
 async def test_a_value_out_of_bounds_is_said_in_words_not_in_msgspec_s(
@@ -616,6 +624,7 @@ async def test_a_value_out_of_bounds_is_said_in_words_not_in_msgspec_s(
     [problem] = answer["fields"]
     assert problem["field"] == field and said in problem["message"], answer
     assert "Expected `" not in response.text and "regex" not in response.text, answer
+    assert "RFC3339" not in response.text, answer
 
 
 def _exchange(host: str, port: int | None, request: bytes) -> bytes:

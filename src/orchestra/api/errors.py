@@ -149,6 +149,10 @@ _OBJECT_PROBLEM = re.compile(
 )
 
 
+#: What a date and time field takes (msgspec says "Invalid RFC3339 encoded datetime"; a date
+#: alone is refused, since its time would be a guess).
+_DATETIME = "a date and time such as 2030-01-01T09:00:00Z (RFC 3339)"
+
 #: msgspec's words for a value of the wrong JSON type: "Expected `int | null`, got `str`".
 _WRONG_TYPE = re.compile(r"Expected `([^`]+)`, got `([^`]+)`")
 #: What each of msgspec's type names asks for, and what it calls the value given.
@@ -160,7 +164,7 @@ _WANTED = {
     "object": "an object",
     "array": "an array",
     "null": "null",
-    "datetime": "a date and time (ISO 8601 text)",
+    "datetime": _DATETIME,
 }
 _GIVEN = {**_WANTED, "float": "a number with a fraction", "bool": "a boolean"}
 
@@ -195,6 +199,8 @@ def _in_words(message: str, field: str = "") -> str:
     """msgspec's "Expected `int | null`, got `str`" as "must be an integer or null, not a
     string", its bounds and the API's number pattern in words too (for ``field``); any other
     message as it is."""
+    if message == "Invalid RFC3339 encoded datetime":
+        return f"must be {_DATETIME}"
     bound = _BOUND.fullmatch(message)
     if bound is not None:
         return _bound_in_words(bound)
