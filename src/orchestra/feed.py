@@ -430,6 +430,12 @@ class EventFeed:
         """Where a follower of what happens next starts: after the newest stored event."""
         return max(self.watermark, await reads.last_id(self.db))
 
+    async def highest_given(self) -> int:
+        """The highest event id the database ever gave, deleted ones included: a client
+        resuming after a higher one holds an id of another database (or of an older copy
+        of this one)."""
+        return max(self.watermark, await reads.highest_given(self.db))
+
     async def heartbeats(self) -> AsyncIterator[None]:
         """Each heartbeat of the feed, without end: for a stream with nothing left to follow
         that must still show it is alive. Not a subscription, so it never makes the reader

@@ -161,6 +161,31 @@ async def test_a_resume_from_a_deleted_event_continues_from_the_oldest_kept(
     assert {e["task_id"] for e in seen} == {tasks[1]["id"], tasks[2]["id"]}
 
 
+async def test_a_resume_past_every_event_ever_recorded_is_a_400_saying_so(
+    service: Service, db_url: str
+) -> None:
+    """An id this database never gave (a client of another database, or of one restored from
+    an older copy) was taken, and the stream showed nothing until events passed it."""
+    task = await service.submit("summarize", text="one")
+    await service.wait(task["id"])
+    [(newest,)] = sql_rows(db_url, "SELECT max(id) FROM task_events")
+    for params, headers, field in (
+        ({"after": str(newest + 50)}, {}, "after"),
+        ({}, {"Last-Event-ID": str(newest + 50)}, "Last-Event-ID"),
+    ):
+        answer = await service.client.get("/api/v1/events", params=params, headers=headers)
+        assert answer.status_code == 400, answer.text
+        [problem] = answer.json()["fields"]
+        assert problem["field"] == field, problem
+        assert f"is past the newest event ({newest})" in problem["message"], problem
+    # Every event deleted (retention): an id that was given still resumes, from the next one.
+    sql_rows(db_url, "DELETE FROM task_events")
+    later = await service.submit("summarize", text="two")
+    seen = await feed_until(service, finished(1), f"after={newest}")
+    assert {e["task_id"] for e in seen} == {later["id"]}
+    assert min(e["id"] for e in seen) > newest
+
+
 # -- the reader itself ------------------------------------------------------------------------
 
 

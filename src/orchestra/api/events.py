@@ -23,6 +23,13 @@ from orchestra.event_types import EventType
 #: What the feed sends while nothing happens: an SSE comment, so that proxies keep it open.
 HEARTBEAT = b": heartbeat\r\n\r\n"
 _TYPES = frozenset(t.value for t in EventType)
+#: A resume from an id this database never gave: without the 400 the stream would show
+#: nothing until new events passed it.
+_PAST = (
+    "is past the newest event ({given}): this database never recorded it (is it another "
+    "database, or an older copy?); leave it out to start with the next event, or send 0 to "
+    "replay every event kept"
+)
 
 
 def sse(events: list[FeedEvent], frames: Frames) -> bytes:
@@ -118,8 +125,14 @@ class EventController(Controller):
         wanted = FeedFilter(template=template, types=wanted_types(types))
         if template is not None:  # 404 now, as a webhook filtered by it answers
             await runtime.tasks.template(template)
+        named = "after"
         if last_event_id is not None:
-            after = int(last_event_id)
+            after, named = int(last_event_id), "Last-Event-ID"
+        if after is not None and after > (given := await feed.highest_given()):
+            raise InvalidRequest(
+                f"{named}: no event {after} was ever recorded here",
+                [FieldProblem(named, _PAST.format(given=given))],
+            )
         # Fixed now, before the answer starts: what happens once it has started is sent.
         start = await feed.newest() if after is None else after
 

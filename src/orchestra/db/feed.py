@@ -147,3 +147,23 @@ async def last_id(db: Database) -> int:
     """The id of the newest event (0 with none): where a new reader starts."""
     async with db.read() as conn:
         return int((await conn.execute(select(func.max(task_events.c.id)))).scalar() or 0)
+
+
+#: The highest event id ever given, deleted events included (``task_events`` is an
+#: AUTOINCREMENT table on SQLite, a serial column on PostgreSQL: ids are never reused).
+_GIVEN = {
+    "sqlite": "SELECT seq FROM sqlite_sequence WHERE name = 'task_events'",
+    POSTGRESQL: (
+        "SELECT pg_sequence_last_value(pg_get_serial_sequence('task_events', 'id')::regclass)"
+    ),
+}
+
+
+async def highest_given(db: Database) -> int:
+    """The highest event id this database ever gave (0 with none), deleted ones included: no
+    client can have seen an id above it."""
+    sql = _GIVEN[POSTGRESQL if db.dialect == POSTGRESQL else "sqlite"]
+    async with db.read() as conn:
+        given = (await conn.exec_driver_sql(sql)).scalar()
+        newest = (await conn.execute(select(func.max(task_events.c.id)))).scalar()
+    return max(int(given or 0), int(newest or 0))
