@@ -45,7 +45,10 @@ class SubmitTask(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     run_at: Annotated[
         # RFC 3339 is what clients should send; a time without a zone is taken as UTC.
         Annotated[datetime, msgspec.Meta(extra_json_schema={"format": "date-time"})] | None,
-        msgspec.Meta(description="Do not start before this time (RFC 3339 date and time; no zone means UTC)."),
+        msgspec.Meta(
+            description="Do not start before this time (an RFC 3339 date and time; no zone "
+            "means UTC)."
+        ),
     ] = None
     delay: (
         Annotated[
