@@ -194,7 +194,10 @@ async def csv_rows(
             continue
         number += 1
         if len(cells) != len(header):
-            problem = f"has {len(cells)} cells; the header has {len(header)}"
+            problem = (
+                f"has {len(cells)} cell{'' if len(cells) == 1 else 's'}; "
+                f"the header has {len(header)}"
+            )
             yield InputRow(number, start, None, problem)
             continue
         params = {

@@ -246,7 +246,8 @@ class BatchService:
         log.warning("batch.upload_cut", batch_id=batch_id, rows=kept.rows, error=told)
         if isinstance(error, OrchestraError):
             error.message = (
-                f"{error.message}; batch {batch_id} keeps the {kept.rows} rows read before "
+                f"{error.message}; batch {batch_id} keeps the {kept.rows} "
+                f"row{'' if kept.rows == 1 else 's'} read before "
                 f"(POST /api/v1/batches/{batch_id}/cancel stops them)"
             )
             error.args = (error.message,)

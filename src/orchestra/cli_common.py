@@ -265,6 +265,11 @@ def failure(exc: ApiError, base: str | None = None) -> CliError:
             f"the server at {base} did not answer as Orchestra does: is --url (or "
             "ORCHESTRA_URL) the Orchestra service's address, and is no proxy in the way?"
         )
+    if exc.code == "not_found" and base is not None and base.rstrip("/").endswith("/api/v1"):
+        lines.append(
+            "--url is the service's address without /api/v1: "
+            f"--url {base.rstrip('/').removesuffix('/api/v1')}"
+        )
     if exc.status == 401:
         lines.append(key_advice(os.environ.get("ORCHESTRA_API_KEY")))
         return KeyRefused("\n".join(lines))

@@ -460,7 +460,7 @@ async def test_a_body_cut_inside_a_character_is_named_as_any_bad_byte(idle: Serv
     assert response.status_code == 400, response.text
     error = response.json()
     assert "not UTF-8 at line 3 (byte offset 17 in the body: 0xe2)" in error["message"], error
-    assert "keeps the 1 rows read before" in error["message"]
+    assert "keeps the 1 row read before" in error["message"]
 
 
 async def test_an_upload_cut_short_by_an_error_leaves_no_batch_loading(
@@ -766,3 +766,12 @@ async def test_csv_results_keep_a_spreadsheet_from_reading_text_as_a_formula(
     (row,) = csv.DictReader(io.StringIO(await results(svc, batch_id, "csv")))
     assert row["result.echo"] == "'" + line["result"]["echo"]
     assert row["result.n"] == "-3"
+
+
+async def test_a_csv_row_with_too_few_or_too_many_cells_is_counted_in_words(idle: Service) -> None:
+    """It said "has 1 cells"."""
+    answer = await upload(idle, b"text,n\nx\nx,1,2\nx,1\n")
+    assert [p["message"] for p in answer["problems"]] == [
+        "has 1 cell; the header has 2",
+        "has 3 cells; the header has 2",
+    ]

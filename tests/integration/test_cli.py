@@ -395,3 +395,33 @@ async def test_an_argument_that_is_not_utf8_is_refused_naming_the_parameter(
     assert code == 1
     assert "params.text holds a lone surrogate" in err
     assert "Traceback" not in err
+
+
+async def test_a_server_that_is_not_orchestra_is_said_in_a_line_not_its_page() -> None:
+    """A web server answering 501 with an HTML page: the CLI printed the page itself."""
+    page = b"<!DOCTYPE html><html><head><title>501</title></head><body>" + b"x" * 400 + b"</body>"
+
+    async def other(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 501 Not Implemented\r\nContent-Type: text/html\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(page), page)
+        )
+        await writer.drain()
+        writer.close()
+
+    async with loopback_server(other) as url:
+        code, _out, err = await run_cli("tasks", "list", "--url", url)
+    assert code == 1
+    assert "501 Not Implemented (an HTML page, not Orchestra's JSON error)" in err
+    assert "<html" not in err and "xxx" not in err
+    assert f"the server at {url} did not answer as Orchestra does" in err
+
+
+async def test_a_url_that_ends_in_the_api_s_path_is_pointed_out(service: Service) -> None:
+    """--url http://host:port/api/v1 made every request go to /api/v1/api/v1/…: a bare "Not
+    Found"."""
+    code, _out, err = await run_cli("tasks", "list", "--url", f"{service.url}/api/v1")
+    assert code == 5
+    assert f"--url is the service's address without /api/v1: --url {service.url}" in err
+    assert "there is no route at /api/v1/api/v1/tasks" in err

@@ -599,7 +599,7 @@ async def test_a_page_that_is_not_the_apis_is_an_error_with_its_status() -> None
         with pytest.raises(ApiError) as raised:
             await client.list_schedules()
     assert raised.value.status == 502 and raised.value.code == "http_error"
-    assert raised.value.message == "502: <html>bad gateway</html>"
+    assert raised.value.message == "502 Bad Gateway (an HTML page, not Orchestra's JSON error)"
 
 
 @pytest.mark.parametrize(

@@ -451,7 +451,10 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
     if exc.status_code == HTTP_413_REQUEST_ENTITY_TOO_LARGE:
         limit = runtime_of(request.scope).settings.limits.max_body_bytes
         return _bad_body(f"is over [limits] max_body_bytes ({limit:,} bytes)", exc.status_code)
-    return _body(exc.status_code, code, str(exc.detail), headers=http_headers(exc))
+    message = str(exc.detail)
+    if exc.status_code == HTTP_404_NOT_FOUND and message == "Not Found":  # no route: say where
+        message = f"there is no route at {request.url.path} (the API's paths: /schema)"
+    return _body(exc.status_code, code, message, headers=http_headers(exc))
 
 
 def http_headers(exc: HTTPException) -> dict[str, str]:

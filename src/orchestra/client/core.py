@@ -206,7 +206,7 @@ def error_of(response: httpx.Response) -> ApiError:
     try:
         body = _decoder(ErrorBody).decode(response.content)
     except (msgspec.DecodeError, msgspec.ValidationError):
-        return cls(status, "http_error", f"{status}: {response.text[:500]}", retry_after=wait)
+        return cls(status, "http_error", _foreign(response), retry_after=wait)
     return cls(
         status,
         body.code,
@@ -216,6 +216,17 @@ def error_of(response: httpx.Response) -> ApiError:
         problems=body.errors,
         retry_after=wait,
     )
+
+
+def _foreign(response: httpx.Response) -> str:
+    """An error answer without Orchestra's body (a proxy's, another server's) in one line:
+    its status, and its text when that is short plain text (never a whole HTML page)."""
+    said = f"{response.status_code} {response.reason_phrase}".strip()
+    kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind in ("text/html", "application/xhtml+xml") or response.text.lstrip()[:1] == "<":
+        return f"{said} (an HTML page, not Orchestra's JSON error)"
+    first = response.text.strip().split("\n", 1)[0][:200]
+    return f"{said}: {first}" if first else said
 
 
 def asked_wait(headers: httpx.Headers) -> float | None:
