@@ -16,18 +16,21 @@ request) is written only with ``[logging] access_log = true``.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import json
 import logging
 import sys
 import time
-from collections.abc import Callable, MutableMapping
-from typing import Any, cast
+from collections.abc import Callable, Coroutine, MutableMapping
+from typing import Any, TypeVar, cast
 
 import structlog
 
 from orchestra.config import LoggingSettings
 from orchestra.redact import redact_text
 
+T = TypeVar("T")
 EventDict = MutableMapping[str, Any]
 Processor = Callable[[Any, str, Any], Any]
 
@@ -227,3 +230,17 @@ class Outage:
             recovered = self.event.replace("_failed", "_recovered")
             self.logger.info(recovered, after_failures=self.failures)
             self.failures = 0
+
+
+def bind_task(task_id: int, template: str, attempt: int) -> None:
+    """Bind a task to every line logged from here on in this asyncio task (the worker's run
+    of it): a provider's, the cache's, a render's lines then name the task they were for.
+    An asyncio task has its own copy of the context, so nothing else sees it."""
+    structlog.contextvars.bind_contextvars(task_id=task_id, template=template, attempt=attempt)
+
+
+def shared_task(work: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+    """An asyncio task that outlives the call that starts it (a model process's reader, a
+    provider's start), started in an empty context: a task started from a run of a task
+    copies that run's context, and every line it logged would name that one task."""
+    return asyncio.create_task(work, name=name, context=contextvars.Context())

@@ -297,7 +297,7 @@ async def fire_due(
             tick=schedule.next_fire_at if due.fire_at is None else iso(due.fire_at),
             outcome=fired.outcome,
             task_id=fired.task_id,
-            error=error,
+            reason=fired.reason,  # why no task: a skip's earlier task, a failure's error
         )
     return fired
 

@@ -418,6 +418,7 @@ class WorkerPool:
     async def _run(self, running: Running) -> None:
         task, lease = running.task, running.lease
         tlog = log.bind(task_id=task.id, template=task.template, attempt=task.attempts)
+        logs.bind_task(task.id, task.template, task.attempts)  # the lines of what it calls too
         tlog.info("task.started")
         metrics.task_started(task.template, task.run_at, task.started_at)
 

@@ -4,6 +4,7 @@ and tasks; cached answers still pass format validation. Both engines."""
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,7 @@ from orchestra.llm.cache import AnswerCache, applies
 from orchestra.llm.ollama import OllamaProvider
 from tests.conftest import Service, StartService, sql_rows
 from tests.fixtures.fake_ollama import Failure, FakeOllama
+from tests.fixtures.logs import captured, events
 from tests.fixtures.servers import serve
 from tests.fixtures.sse import read_events
 
@@ -381,3 +383,16 @@ async def test_an_ollama_model_pulled_again_is_another_model(db: Database) -> No
         assert after is not None and after.digest == "sha256:bbb"
         assert before.hashed() != after.hashed()
         assert (await cache.key(provider, ask("hi"))) == after
+
+
+async def test_a_cache_that_fails_is_logged_with_the_task_it_failed_for(
+    svc: Service, db_url: str
+) -> None:
+    """The step is answered by the model; the lines saying that the cache failed carried no
+    task_id, so an operator could not tell which task paid for it."""
+    sql_rows(db_url, "DROP TABLE model_cache")  # every read and write of the cache fails
+    with captured(logging.WARNING) as logged:
+        done = await submit(svc, "det", params={"q": "sky"})
+    failed = events(logged, "cache.read_failed") + events(logged, "cache.write_failed")
+    assert {e["event"] for e in failed} == {"cache.read_failed", "cache.write_failed"}, logged
+    assert {e.get("task_id") for e in failed} == {done["id"]}, failed

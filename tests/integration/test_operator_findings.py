@@ -5,13 +5,8 @@ said once (and once more when it works again)."""
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Iterator, MutableMapping
-from contextlib import contextmanager
-from typing import Any
 
 import pytest
-import structlog
 
 from orchestra.catalog import TemplateCatalog
 from orchestra.config import Settings
@@ -20,26 +15,11 @@ from orchestra.db.templates import TemplateStore
 from orchestra.templating.registry import TemplateRegistry
 from tests.conftest import Service
 from tests.fixtures.fake_ollama import Failure, FakeOllama
+from tests.fixtures.logs import captured, events
 from tests.fixtures.postgres import ON_POSTGRESQL, PostgresServer
 from tests.fixtures.servers import wait_until
 
 TEXT = {"text": "a sentence for the model"}
-
-
-@contextmanager
-def captured(level: int = logging.INFO) -> Iterator[list[MutableMapping[str, Any]]]:
-    """The events logged meanwhile from ``level`` up (the suite logs warnings only)."""
-    previous = structlog.get_config()["wrapper_class"]
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(level))
-    try:
-        with structlog.testing.capture_logs() as logged:
-            yield logged
-    finally:
-        structlog.configure(wrapper_class=previous)
-
-
-def events(logged: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
-    return [e for e in logged if e["event"] == name]
 
 
 async def test_a_task_that_failed_is_logged_as_a_warning(

@@ -20,6 +20,7 @@ from orchestra.domain import iso
 from orchestra.scheduler import ScheduleLoop
 from orchestra.schedules import ScheduleSpec
 from tests.conftest import Service, StartService, sql_rows
+from tests.fixtures.logs import captured, events
 from tests.fixtures.servers import wait_until
 from tests.integration.test_cli import run_cli
 
@@ -275,13 +276,17 @@ async def test_overlap_skip_skips_ticks_while_the_previous_task_is_unfinished(
     clock.advance(60)
     await fire_due(idle)
     clock.advance(60)
-    await fire_due(idle)  # the first task is still queued (no workers)
+    with captured() as logged:
+        await fire_due(idle)  # the first task is still queued (no workers)
     recorded = await fires(idle, "digest")
     outcomes = [(f["outcome"], f["task_id"]) for f in recorded]
     first_task = outcomes[1][1]
     assert outcomes == [("skipped", None), ("submitted", first_task)]
-    # A skipped tick says why (it said nothing).
-    assert recorded[0]["error"] == f"task {first_task}, of an earlier tick, is still queued"
+    # A skipped tick says why (it said nothing), in its record and in the log.
+    why = f"task {first_task}, of an earlier tick, is still queued"
+    assert recorded[0]["error"] == why
+    [line] = events(logged, "schedule.fired")
+    assert (line["outcome"], line["reason"]) == ("skipped", why), line
     cancelled = await idle.client.post(f"/api/v1/tasks/{first_task}/cancel")
     assert cancelled.status_code == 200
     clock.advance(60)

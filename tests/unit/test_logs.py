@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ import structlog
 
 from orchestra import logs
 from orchestra.config import LoggingSettings
+from tests.fixtures.logs import captured
 
 
 @pytest.fixture
@@ -100,3 +102,24 @@ def test_failures_of_requests_end_an_outage_after_a_quiet_spell() -> None:
     now[0] = 60.0  # 35 s later, another outage
     outage.failed(ConnectionError("down again"))
     assert lines[-1]["failures"] == 1 and lines[-1]["error"] == "ConnectionError: down again"
+
+
+async def test_a_task_s_lines_name_it_and_a_shared_task_it_starts_does_not() -> None:
+    """A run binds its task to what it calls; a reader it happens to start (a model process's)
+    outlives it and must not name it on every line after."""
+    log = logs.get("test")
+
+    async def shared() -> None:
+        log.warning("shared.line")
+
+    async def run() -> asyncio.Task[None]:
+        logs.bind_task(7, "t", 1)
+        log.warning("run.line")
+        return logs.shared_task(shared(), "reader")
+
+    with captured(logging.WARNING) as logged:
+        reader = await asyncio.create_task(run())
+        await reader
+        log.warning("after.line")
+    by_event = {e["event"]: e.get("task_id") for e in logged}
+    assert by_event == {"run.line": 7, "shared.line": None, "after.line": None}

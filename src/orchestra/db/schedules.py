@@ -40,10 +40,11 @@ _NAME_TAKEN = [FieldProblem("name", "is taken by another schedule")]
 
 
 class Fired(msgspec.Struct, frozen=True):
-    """The outcome of a fire, and the task it made."""
+    """The outcome of a fire, the task it made, and why none was made (as recorded)."""
 
     outcome: Outcome
     task_id: int | None = None
+    reason: str | None = None
 
 
 class Fire(msgspec.Struct, frozen=True):
@@ -281,6 +282,7 @@ class ScheduleStore:
         def work(conn: Connection) -> Fired:
             if conn.execute(moved).first() is None:
                 return Fired("lost")
+            why: str | None = None
             if missed is not None:
                 first, until = missed
                 why = (
@@ -289,7 +291,7 @@ class ScheduleStore:
                 )
                 conn.execute(record(conn, first, "missed", why))
             if fire_at is None:
-                return Fired("missed")
+                return Fired("missed", reason=why)
             outcome: Outcome = "submitted" if task is not None else "failed"
             told = error
             if task is not None and schedule.spec.overlap == "skip":
@@ -302,7 +304,7 @@ class ScheduleStore:
             if conn.execute(record(conn, fire_at, outcome, told)).first() is None:
                 return Fired("duplicate")
             if outcome != "submitted" or task is None:
-                return Fired(outcome)
+                return Fired(outcome, reason=told)
             row = queue.enqueue(conn, task, at)
             assert row is not None  # no idempotency key: nothing to conflict with
             conn.execute(

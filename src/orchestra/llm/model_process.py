@@ -266,7 +266,7 @@ class ModelProcess:
             return
         log.info("model_process.probe", provider=self.name)
         self._set(State.STARTING, "probing: loading the model in a fresh process")
-        self._starting = asyncio.create_task(self._start(probe=True), name=f"{self.name}-probe")
+        self._starting = logs.shared_task(self._start(probe=True), f"{self.name}-probe")
         self._starting.add_done_callback(_read_result)
 
     async def stop(self) -> None:
@@ -292,7 +292,8 @@ class ModelProcess:
                 return self._child
             if self._state is State.IDLE:
                 self._set(State.STARTING, "loading the model")
-                self._starting = asyncio.create_task(self._start(probe=False), name=self.name)
+                # Its reader outlives this call: not in the context of the task that asked.
+                self._starting = logs.shared_task(self._start(probe=False), self.name)
             waiting: asyncio.Task[Any] | None = None
             if self._state is State.STARTING:
                 waiting = self._starting

@@ -449,7 +449,7 @@ class Router:
     async def start(self) -> None:
         """Let every provider prepare in the background (the embedded model's preload)."""
         for provider in self.providers.values():
-            task = asyncio.create_task(provider.start(), name=f"{provider.name}-start")
+            task = logs.shared_task(provider.start(), f"{provider.name}-start")
             self._starting.add(task)
             task.add_done_callback(self._starting.discard)
 
@@ -467,7 +467,7 @@ class Router:
                 return await asyncio.shield(self._refreshing) if self._refreshing else self.states()
             self._asked_at = at
         if self._refreshing is None:
-            self._refreshing = asyncio.ensure_future(self._check_all())
+            self._refreshing = logs.shared_task(self._check_all(), "provider-check")
             # Read, so that a check whose callers all went away does not log it as unread.
             self._refreshing.add_done_callback(lambda f: f.cancelled() or f.exception())
         return await asyncio.shield(self._refreshing)
