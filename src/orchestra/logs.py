@@ -192,7 +192,11 @@ class Outage:
         every: The fewest seconds between two lines of one outage.
         ends_after: Seconds without a failure after which the outage is over (None: only
             :meth:`succeeded` ends it).
+        error_after: Seconds an outage may last before its lines are errors, not warnings
+            (None: never), for a part an operator must hear of (the queue's claims).
         clock: Monotonic seconds (tests pass their own).
+
+    Every line says for how long the outage has lasted (``lasted_s``).
     """
 
     def __init__(
@@ -202,15 +206,18 @@ class Outage:
         every: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         ends_after: float | None = None,
+        error_after: float | None = None,
     ) -> None:
         self.logger = logger
         self.event = event
         self.every = every
         self.clock = clock
         self.ends_after = ends_after
+        self.error_after = error_after
         self.failures = 0
         self._logged_at = float("-inf")
         self._failed_at = float("-inf")
+        self._began = 0.0
 
     def failed(self, exc: BaseException, **fields: Any) -> None:
         """One more try failed with ``exc`` (``fields``: more to say on its line)."""
@@ -219,16 +226,28 @@ class Outage:
             self.failures = 0  # quiet that long: this is another outage
         self._failed_at = now
         self.failures += 1
+        if self.failures == 1:
+            self._began = now
         if self.failures == 1 or now - self._logged_at >= self.every:
             self._logged_at = now
+            lasted = now - self._began
+            late = self.error_after is not None and lasted >= self.error_after
+            say = self.logger.error if late else self.logger.warning
             error = f"{type(exc).__name__}: {exc}"
-            self.logger.warning(self.event, error=error, failures=self.failures, **fields)
+            say(
+                self.event,
+                error=error,
+                failures=self.failures,
+                lasted_s=round(lasted, 1),
+                **fields,
+            )
 
     def succeeded(self) -> None:
         """A try worked: the outage, if any, is over."""
         if self.failures:
             recovered = self.event.replace("_failed", "_recovered")
-            self.logger.info(recovered, after_failures=self.failures)
+            lasted = round(self.clock() - self._began, 1)
+            self.logger.info(recovered, after_failures=self.failures, lasted_s=lasted)
             self.failures = 0
 
 

@@ -67,6 +67,9 @@ log = logs.get("orchestra.worker")
 
 #: Longest pause between claims while the database refuses writes, seconds.
 CLAIM_BACKOFF_CAP = 10.0
+#: Seconds the queue's claims may fail before their lines are errors: no task starts
+#: meanwhile, which an operator alerting on errors must hear of.
+CLAIM_ERROR_AFTER = 60.0
 #: Longest pause before a failed dispatcher is started again, seconds.
 DISPATCHER_RESTART_CAP = 10.0
 _CANCELLED = TaskError(type="cancelled", message="cancelled by request")
@@ -118,6 +121,7 @@ class WorkerPool:
         self._dispatcher_failures = 0
         #: Claims the database refused in a row (it backs off meanwhile).
         self._claim_failures = 0
+        self._claims_down = logs.Outage(log, "pool.claim_failed", error_after=CLAIM_ERROR_AFTER)
         self.health = PoolHealth()  #: whether claims succeed, for /health
         #: The last claim took every due task it could see, with room to spare: a task that
         #: ends then frees a slot with nothing to fill it, and does not wake the dispatcher
@@ -335,9 +339,8 @@ class WorkerPool:
                     claimed, asked = [], None  # what was due is still to claim
                 else:
                     self.health.claimed()
-                    if self._claim_failures:
-                        log.info("pool.claims_resumed", after_failures=self._claim_failures)
-                        self._claim_failures = 0
+                    self._claims_down.succeeded()  # "pool.claim_recovered" after an outage
+                    self._claim_failures = 0
                     # Rows left out (only the reserve was free) wait for a slot to end.
                     self._drained = (
                         len(claimed) < limit and not plan.skip_models and plan.min_priority is None
@@ -387,8 +390,7 @@ class WorkerPool:
         """The database refused a claim: wait (longer each time in a row), not spin. A submit
         that was written (so writes work again), a task ending or a stop cuts it short."""
         self._claim_failures += 1
-        if self._claim_failures == 1:
-            log.warning("pool.claim_failed", error=exc.message, code=exc.code)
+        self._claims_down.failed(exc, code=exc.code)  # once, then every minute; errors past one
         doublings = min(self._claim_failures - 1, 16)  # past the cap long before; no overflow
         pause = min(CLAIM_BACKOFF_CAP, self.workers.poll_interval * 2**doublings)
         try:

@@ -169,6 +169,27 @@ async def test_the_reaper_leaves_the_tasks_its_own_process_runs_whatever_the_clo
     assert (await store.renew_leases("me", [mine.id], 30)).held == {mine.id}
 
 
+async def test_a_dead_processs_task_keeps_its_place_in_the_queue(
+    store: TaskStore, clock: Clock
+) -> None:
+    """Its due time became the time of death, so it ran behind every task queued while it
+    ran (60 s behind 1,100 tasks in an operator's test): taken back at once, run last."""
+    running = await add(store, new())
+    await store.claim("dead", 1, lease_seconds=30)
+    clock.advance(5)
+    backlog = [await add(store, new()) for _ in range(3)]
+    clock.advance(5)
+    assert ends(await store.requeue_orphaned("dead", "SIGKILL")) == {
+        running.id: TaskStatus.QUEUED
+    }
+    clock.advance(30)  # its lease would have expired: the reaper's way keeps its place too
+    assert [t.id for t in await store.claim("dead-too", 1, lease_seconds=30)] == [running.id]
+    clock.advance(31)
+    await store.requeue_expired()
+    taken = await store.claim("alive", 4, lease_seconds=30)
+    assert [t.id for t in taken] == [running.id, *(t.id for t in backlog)]
+
+
 async def test_a_dead_processs_tasks_are_requeued_at_once_and_the_attempt_counts(
     store: TaskStore, clock: Clock
 ) -> None:

@@ -78,7 +78,39 @@ def test_an_outage_is_logged_once_then_every_minute_then_its_end() -> None:
     ]
     assert [fields.get("failures") for _, _, fields in lines[:3]] == [1, 61, 121]
     assert lines[0][2]["error"] == "ConnectionError: the database went away"
-    assert lines[3][2] == {"after_failures": 125}
+    assert lines[3][2] == {"after_failures": 125, "lasted_s": 124.0}
+
+
+def test_an_outage_that_lasts_is_logged_at_error_level_saying_for_how_long() -> None:
+    """The queue's claims failed for 12 minutes with one warning and nothing at error level:
+    an operator alerting on errors never heard of it."""
+    now = [0.0]
+    lines: list[tuple[str, dict[str, object]]] = []
+
+    class Logger:
+        def warning(self, event: str, **fields: object) -> None:
+            lines.append(("warning", fields))
+
+        def error(self, event: str, **fields: object) -> None:
+            lines.append(("error", fields))
+
+        def info(self, event: str, **fields: object) -> None:
+            lines.append(("info", fields))
+
+    outage = logs.Outage(
+        Logger(), "pool.claim_failed", every=60.0, error_after=60.0, clock=lambda: now[0]
+    )
+    for second in range(0, 181, 5):  # a try every 5 s for three minutes
+        now[0] = float(second)
+        outage.failed(ConnectionError("down"))
+    assert [(level, fields["lasted_s"]) for level, fields in lines] == [
+        ("warning", 0.0),
+        ("error", 60.0),
+        ("error", 120.0),
+        ("error", 180.0),
+    ]
+    outage.succeeded()
+    assert lines[-1] == ("info", {"after_failures": 37, "lasted_s": 180.0})
 
 
 def test_failures_of_requests_end_an_outage_after_a_quiet_spell() -> None:

@@ -534,7 +534,8 @@ def expire_leases(
             status=case((exhausted, TaskStatus.FAILED.value), else_=TaskStatus.QUEUED.value),
             error=case((exhausted, dump(gave_up)), else_=dump(lost)),
             finished_at=case((exhausted, now), else_=None),
-            run_at=now,
+            # run_at is left as it was: queued again, it keeps its place (it was due before
+            # the tasks queued while it ran), not behind them all.
             lease_owner=None,
             lease_expires_at=None,
         )
