@@ -179,9 +179,7 @@ async def test_a_dead_processs_task_keeps_its_place_in_the_queue(
     clock.advance(5)
     backlog = [await add(store, new()) for _ in range(3)]
     clock.advance(5)
-    assert ends(await store.requeue_orphaned("dead", "SIGKILL")) == {
-        running.id: TaskStatus.QUEUED
-    }
+    assert ends(await store.requeue_orphaned("dead", "SIGKILL")) == {running.id: TaskStatus.QUEUED}
     clock.advance(30)  # its lease would have expired: the reaper's way keeps its place too
     assert [t.id for t in await store.claim("dead-too", 1, lease_seconds=30)] == [running.id]
     clock.advance(31)
