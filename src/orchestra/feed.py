@@ -430,11 +430,12 @@ class EventFeed:
         """Where a follower of what happens next starts: after the newest stored event."""
         return max(self.watermark, await reads.last_id(self.db))
 
-    async def highest_given(self) -> int:
+    async def highest_given(self) -> int | None:
         """The highest event id the database ever gave, deleted ones included: a client
         resuming after a higher one holds an id of another database (or of an older copy
-        of this one)."""
-        return max(self.watermark, await reads.highest_given(self.db))
+        of this one). None: not known (then any id is taken)."""
+        given = await reads.highest_given(self.db)
+        return None if given is None else max(self.watermark, given)
 
     async def heartbeats(self) -> AsyncIterator[None]:
         """Each heartbeat of the feed, without end: for a stream with nothing left to follow

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import gc
 import inspect
 import json
 import math
+import re
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
@@ -36,6 +39,7 @@ from orchestra.client import (
     RetryPolicy,
     Unavailable,
     Unprocessable,
+    UnsendableValue,
 )
 from orchestra.client.core import retry_after
 from orchestra.config import AuthSettings
@@ -607,6 +611,8 @@ async def test_a_page_that_is_not_the_apis_is_an_error_with_its_status() -> None
     [
         ({"n": float("nan")}, "params.n is nan, which JSON cannot carry"),
         ({"deep": {"list": [1, float("inf")]}}, r"params.deep.list\[1\] is inf"),
+        ({"range": (0.0, float("nan"))}, r"params.range\[1\] is nan"),
+        ({"pair": ("ok", b"x")}, r"params.pair\[1\] is bytes"),
         ({"n": -float("inf")}, "params.n is -inf"),
         ({"blob": b"\x00\x01"}, "params.blob is bytes, which JSON cannot carry"),
         ({"text": "ok \ud800 no"}, r"params.text holds a lone surrogate \('\\ud800' at 3\)"),
@@ -653,3 +659,49 @@ async def test_a_batch_row_json_cannot_carry_is_refused_before_anything_is_sent(
         assert (good.read, good.refused) == (2, 0)
     finally:
         await api.do("aclose" if kind == "async" else "close")
+
+
+async def test_an_upload_without_a_key_is_not_sent_again_after_a_503() -> None:
+    """The service keeps the rows it read before a 503 (its message names the batch): sent
+    again, they were queued twice. With a key, the second sending resumes the batch."""
+    seen: list[bytes] = []
+
+    async def locked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head)
+        size = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+        await reader.readexactly(size)
+        body = b'{"status":503,"code":"storage_locked","message":"the database is busy"}'
+        writer.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            b"Retry-After: 0\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+    async with loopback_server(locked) as url:
+        async with AsyncClient(url, retry=RetryPolicy(attempts=3, backoff=0)) as client:
+            with pytest.raises(Unavailable):
+                await client.create_batch("summarize", b"text\na\n")
+            assert len(seen) == 1
+            with pytest.raises(Unavailable):
+                await client.create_batch("summarize", b"text\na\n", idempotency_key="k")
+            assert len(seen) == 1 + 3
+
+
+async def test_the_rows_of_an_upload_are_dropped_once_it_is_sent(service: Service) -> None:
+    """The rows were kept in a temporary file that was never closed (a ResourceWarning, and
+    an open file past 8 MiB until the garbage collector came)."""
+
+    def upload() -> None:
+        with Client(service.url) as client:
+            client.create_batch("summarize", ({"text": str(n)} for n in range(3)))
+            with pytest.raises(UnsendableValue):
+                client.create_batch("summarize", [{"text": "a"}, {"text": math.nan}])
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        await asyncio.to_thread(upload)
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], caught

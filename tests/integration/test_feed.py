@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing, asynccontextmanager, contextmanager
 from typing import Any
@@ -177,7 +178,9 @@ async def test_a_resume_past_every_event_ever_recorded_is_a_400_saying_so(
         assert answer.status_code == 400, answer.text
         [problem] = answer.json()["fields"]
         assert problem["field"] == field, problem
-        assert f"is past the newest event ({newest})" in problem["message"], problem
+        # At least the newest kept (PostgreSQL may have given ids to rolled-back inserts).
+        given = re.search(r"highest event id this database ever gave \((\d+)\)", problem["message"])
+        assert given is not None and newest <= int(given.group(1)) < newest + 50, problem
     # Every event deleted (retention): an id that was given still resumes, from the next one.
     sql_rows(db_url, "DELETE FROM task_events")
     later = await service.submit("summarize", text="two")

@@ -26,9 +26,9 @@ _TYPES = frozenset(t.value for t in EventType)
 #: A resume from an id this database never gave: without the 400 the stream would show
 #: nothing until new events passed it.
 _PAST = (
-    "is past the newest event ({given}): this database never recorded it (is it another "
-    "database, or an older copy?); leave it out to start with the next event, or send 0 to "
-    "replay every event kept"
+    "is past the highest event id this database ever gave ({given}): is it another "
+    "database's, or this one's restored from an older copy? Leave it out to start with the "
+    "next event, or send 0 to replay every event kept"
 )
 
 
@@ -128,9 +128,10 @@ class EventController(Controller):
         named = "after"
         if last_event_id is not None:
             after, named = int(last_event_id), "Last-Event-ID"
-        if after is not None and after > (given := await feed.highest_given()):
+        given = None if after is None else await feed.highest_given()
+        if after is not None and given is not None and after > given:
             raise InvalidRequest(
-                f"{named}: no event {after} was ever recorded here",
+                f"{named}: {_PAST.format(given=given)}",
                 [FieldProblem(named, _PAST.format(given=given))],
             )
         # Fixed now, before the answer starts: what happens once it has started is sent.

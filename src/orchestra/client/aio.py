@@ -393,10 +393,10 @@ class AsyncClient:
         Raises:
             ValueError: a row JSON cannot carry (nothing is sent), or a file's format is
                 not known."""
-        call = batch_calls.create_batch(
+        with batch_calls.create_batch(
             template, rows, data_format, idempotency_key, options, on_sent
-        )
-        return await self._send(call)
+        ) as call:
+            return await self._send(call)
 
     async def get_batch(self, batch_id: int) -> ProgressOut:
         """A batch's progress: its rows by status, the share finished, an ETA."""

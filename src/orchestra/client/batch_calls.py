@@ -7,10 +7,18 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from orchestra.client.core import TRANSFER_TIMEOUT, Call, _as, _given, _nothing
+from orchestra.client.core import (
+    RETRY_STATUSES,
+    TRANSFER_TIMEOUT,
+    Call,
+    _as,
+    _given,
+    _nothing,
+)
 from orchestra.client.errors import UnsendableValue
 from orchestra.client.json_body import encode
 from orchestra.wire.batches import ActionOut, BatchList, ProgressOut, UploadOut
@@ -23,6 +31,7 @@ SPOOLED = 8 * 1024 * 1024
 SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 
+@contextmanager
 def create_batch(
     template: str,
     rows: Path | bytes | Iterable[Mapping[str, Any]],
@@ -30,18 +39,25 @@ def create_batch(
     idempotency_key: str | None,
     options: Mapping[str, Any],
     on_sent: Callable[[int], None] | None = None,
-) -> Call[UploadOut]:
-    """POST /api/v1/batches: ``rows`` are a CSV or JSON-lines file (read as it is sent, so a
-        file of any size takes constant memory; its format from its suffix, .csv, .jsonl or
-        .ndjson, else ``data_format``: ValueError without), that text (JSON lines unless
-        ``data_format``), or parameters to send as JSON lines (every row encoded before the upload
-    starts, so that a row JSON cannot carry raises ValueError naming it and nothing is sent).
-        ``options``: template_version, model, priority, max_attempts, timeout, atomic.
-        ``on_sent`` hears the size of each piece of a file or of rows as it goes (a progress
-        bar); a body sent again (its connection broke) is heard only past where the first
-        sending got."""
+) -> Iterator[Call[UploadOut]]:
+    """POST /api/v1/batches, for the ``with`` block that sends it: ``rows`` are a CSV or
+    JSON-lines file (read as it is sent, so a file of any size takes constant memory; its
+    format from its suffix, .csv, .jsonl or .ndjson, else ``data_format``: ValueError
+    without), that text (JSON lines unless ``data_format``), or parameters to send as JSON
+    lines (every row encoded before the upload starts, so that a row JSON cannot carry
+    raises UnsendableValue naming it and nothing is sent; the encoded rows are dropped when
+    the block ends). ``options``: template_version, model, priority, max_attempts, timeout,
+    atomic. ``on_sent`` hears the size of each piece of a file or of rows as it goes (a
+    progress bar); a body sent again (its connection broke) is heard only past where the
+    first sending got.
+
+    Without ``idempotency_key`` a 503 is not tried again: the service keeps the rows it read
+    before it failed (its message names the batch), and a second sending would queue them
+    twice. With one, a second sending resumes the batch.
+    """
     body: Callable[[], Iterator[bytes]] | None = None
     content: bytes | None = None
+    spool: IO[bytes] | None = None
     if isinstance(rows, Path):
         path = rows
         data_format = data_format or SUFFIXES.get(rows.suffix.lower())
@@ -56,24 +72,30 @@ def create_batch(
     else:
         data_format = "jsonl"
         spool = _spooled(rows)
-        body = _heard(lambda: _spool_pieces(spool), on_sent)
+        kept = spool
+        body = _heard(lambda: _spool_pieces(kept), on_sent)
     params = _given({"template": template, "format": data_format or "jsonl", **options})
     for key, value in params.items():
         if isinstance(value, bool):
             params[key] = str(value).lower()
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-    return Call(
-        "POST",
-        "/api/v1/batches",
-        _as(UploadOut),
-        params=params,
-        content=content,
-        body=body,
-        headers=headers,
-        ok=frozenset({200, 201}),
-        timeout=TRANSFER_TIMEOUT,
-        idempotent=idempotency_key is not None,  # a resent upload resumes
-    )
+    try:
+        yield Call(
+            "POST",
+            "/api/v1/batches",
+            _as(UploadOut),
+            params=params,
+            content=content,
+            body=body,
+            headers=headers,
+            ok=frozenset({200, 201}),
+            timeout=TRANSFER_TIMEOUT,
+            idempotent=idempotency_key is not None,  # a resent upload resumes
+            retried=RETRY_STATUSES if idempotency_key else frozenset({429}),
+        )
+    finally:
+        if spool is not None:
+            spool.close()
 
 
 def _spooled(rows: Iterable[Mapping[str, Any]]) -> IO[bytes]:
@@ -87,25 +109,31 @@ def _spooled(rows: Iterable[Mapping[str, Any]]) -> IO[bytes]:
             numbers rows) and its place in the row.
     """
     spool = tempfile.SpooledTemporaryFile(max_size=SPOOLED)
-    for number, row in enumerate(rows, 1):
-        try:
-            spool.write(encode(row, root="the row") + b"\n")
-        except UnsendableValue as exc:
-            spool.close()
-            raise UnsendableValue(f"row {number}: {exc}") from None
+    try:
+        for number, row in enumerate(rows, 1):
+            try:
+                spool.write(encode(row, root="the row") + b"\n")
+            except UnsendableValue as exc:
+                raise UnsendableValue(f"row {number}: {exc}") from None
+    except BaseException:  # that, the caller's iterable failing, a type msgspec refuses
+        spool.close()
+        raise
     return spool
+
+
+def _pieces(file: IO[bytes]) -> Iterator[bytes]:
+    while piece := file.read(CHUNK):
+        yield piece
 
 
 def _file_pieces(path: Path) -> Iterator[bytes]:
     with path.open("rb") as file:
-        while piece := file.read(CHUNK):
-            yield piece
+        yield from _pieces(file)
 
 
 def _spool_pieces(spool: IO[bytes]) -> Iterator[bytes]:
     spool.seek(0)
-    while piece := spool.read(CHUNK):
-        yield piece
+    yield from _pieces(spool)
 
 
 def _heard(

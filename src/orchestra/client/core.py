@@ -120,6 +120,8 @@ class Call(Generic[T]):
     #: Whether sending it twice does what sending it once does (a submit with an idempotency
     #: key); a GET or HEAD always does.
     idempotent: bool = False
+    #: The error statuses tried again after their wait (a keyless upload: 429 only).
+    retried: frozenset[int] = RETRY_STATUSES
 
     @property
     def resendable(self) -> bool:
@@ -261,7 +263,7 @@ def retry_delay(
 ) -> float | None:
     """Seconds to wait before sending ``call`` again after ``response`` (the ``tries``-th
     answer), or None when the answer stands: a success, another error, or no tries left."""
-    if response.status_code in call.ok or response.status_code not in RETRY_STATUSES:
+    if response.status_code in call.ok or response.status_code not in call.retried:
         return None
     if tries >= policy.attempts:
         return None

@@ -61,7 +61,7 @@ def _unsendable(value: Any, at: str, root: str, *, strings: bool) -> str | None:
             found = _unsendable(item, f"{at}.{key}" if at else str(key), root, strings=strings)
             if found is not None:
                 return found
-    elif isinstance(value, list):
+    elif isinstance(value, (list, tuple)):  # to_builtins leaves tuples as they are
         for index, item in enumerate(value):
             found = _unsendable(item, f"{at or root}[{index}]", root, strings=strings)
             if found is not None:

@@ -149,21 +149,25 @@ async def last_id(db: Database) -> int:
         return int((await conn.execute(select(func.max(task_events.c.id)))).scalar() or 0)
 
 
-#: The highest event id ever given, deleted events included (``task_events`` is an
-#: AUTOINCREMENT table on SQLite, a serial column on PostgreSQL: ids are never reused).
+#: The highest event id ever given, deleted events included: ``task_events`` is an
+#: AUTOINCREMENT table on SQLite, an identity column on PostgreSQL (ids are never reused).
+#: On PostgreSQL, reading a sequence takes a privilege that inserting through it does not: a
+#: role without it reads NULL (not known), not an error.
 _GIVEN = {
     "sqlite": "SELECT seq FROM sqlite_sequence WHERE name = 'task_events'",
     POSTGRESQL: (
-        "SELECT pg_sequence_last_value(pg_get_serial_sequence('task_events', 'id')::regclass)"
+        "SELECT CASE WHEN has_sequence_privilege(s, 'SELECT, USAGE') "
+        "THEN pg_sequence_last_value(s::regclass) END "
+        "FROM (SELECT pg_get_serial_sequence('task_events', 'id') AS s) AS q"
     ),
 }
 
 
-async def highest_given(db: Database) -> int:
-    """The highest event id this database ever gave (0 with none), deleted ones included: no
-    client can have seen an id above it."""
+async def highest_given(db: Database) -> int | None:
+    """The highest event id this database ever gave, deleted ones included (no client can
+    have seen an id above it); None when it cannot be known (a role that may not read the
+    sequence, a sequence not used yet)."""
     sql = _GIVEN[POSTGRESQL if db.dialect == POSTGRESQL else "sqlite"]
     async with db.read() as conn:
         given = (await conn.exec_driver_sql(sql)).scalar()
-        newest = (await conn.execute(select(func.max(task_events.c.id)))).scalar()
-    return max(int(given or 0), int(newest or 0))
+    return None if given is None else int(given)
