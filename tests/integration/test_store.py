@@ -180,12 +180,19 @@ async def test_a_dead_processs_task_keeps_its_place_in_the_queue(
     backlog = [await add(store, new()) for _ in range(3)]
     clock.advance(5)
     assert ends(await store.requeue_orphaned("dead", "SIGKILL")) == {running.id: TaskStatus.QUEUED}
-    clock.advance(30)  # its lease would have expired: the reaper's way keeps its place too
+    # Handed back by a stopping process, it keeps its place too.
+    [stopping] = await store.claim("stopping", 1, lease_seconds=30)
+    assert stopping.id == running.id
+    clock.advance(5)
+    assert await store.release(Lease(stopping.id, "stopping", stopping.attempts))
+    clock.advance(30)
+    # Lost a second time it may be what kills its process: behind the others, so that each
+    # process in turn does not take it first and die.
     assert [t.id for t in await store.claim("dead-too", 1, lease_seconds=30)] == [running.id]
     clock.advance(31)
     await store.requeue_expired()
     taken = await store.claim("alive", 4, lease_seconds=30)
-    assert [t.id for t in taken] == [running.id, *(t.id for t in backlog)]
+    assert [t.id for t in taken] == [*(t.id for t in backlog), running.id]
 
 
 async def test_a_dead_processs_tasks_are_requeued_at_once_and_the_attempt_counts(

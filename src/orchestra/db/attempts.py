@@ -390,15 +390,15 @@ RETRY_LATER = Prepared(
         lease_expires_at=None,
     )
 )
-#: Shutdown hands the task back: queued again, due now (``v_at``), and ``handed_back`` counts
-#: one more, so this attempt does not count against ``max_attempts``.
+#: Shutdown hands the task back: queued again in its place (its ``run_at`` as it was: it
+#: was due before the tasks queued while it ran), and ``handed_back`` counts one more, so
+#: this attempt does not count against ``max_attempts``.
 HAND_BACK = Prepared(
     update(tasks)
     .where(_held(guards.HAND_BACK.sources))
     .values(
         status=TaskStatus.QUEUED.value,
         handed_back=tasks.c.handed_back + 1,
-        run_at=bindparam("v_at"),
         lease_owner=None,
         lease_expires_at=None,
     )
@@ -534,8 +534,10 @@ def expire_leases(
             status=case((exhausted, TaskStatus.FAILED.value), else_=TaskStatus.QUEUED.value),
             error=case((exhausted, dump(gave_up)), else_=dump(lost)),
             finished_at=case((exhausted, now), else_=None),
-            # run_at is left as it was: queued again, it keeps its place (it was due before
-            # the tasks queued while it ran), not behind them all.
+            # Its first loss keeps its place (it was due before the tasks queued while it
+            # ran); lost again, it may be what kills its process: behind them, not at the
+            # head of the queue, where each process in turn would take it and die.
+            run_at=case((tasks.c.attempts - tasks.c.handed_back <= 1, tasks.c.run_at), else_=now),
             lease_owner=None,
             lease_expires_at=None,
         )

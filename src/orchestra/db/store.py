@@ -326,7 +326,7 @@ class TaskStore:
         against ``max_attempts``. ``step`` and ``text``: as for :meth:`finish`."""
         at = self._now()
         event = TaskHandedBack(attempt=lease.attempt)
-        ending = Ending(attempts.HAND_BACK, {"v_at": at}, AttemptStatus.HANDED_BACK, None, event)
+        ending = Ending(attempts.HAND_BACK, {}, AttemptStatus.HANDED_BACK, None, event)
         return await self._end(lease, ending, at, step, text)
 
     async def _end(
