@@ -231,7 +231,9 @@ def client_for(url: str | None, config_path: str | None) -> Iterator[Client]:
     except InvalidApiKey as exc:
         raise KeyRefused(str(exc)) from None
     except UnsendableValue as exc:  # a lone surrogate: an argument that is not UTF-8
-        raise CliError(str(exc)) from None
+        raise CliError(
+            f"{exc}: an argument (or a file read with @) is not UTF-8; give its text as UTF-8"
+        ) from None
     except ConnectionFailed as exc:
         if isinstance(exc.__cause__, httpx.TimeoutException):
             raise ServerUnreachable(
@@ -267,7 +269,7 @@ def failure(exc: ApiError, base: str | None = None) -> CliError:
         )
     if exc.code == "not_found" and base is not None and base.rstrip("/").endswith("/api/v1"):
         lines.append(
-            "--url is the service's address without /api/v1: "
+            "--url (or ORCHESTRA_URL) is the service's address without /api/v1: "
             f"--url {base.rstrip('/').removesuffix('/api/v1')}"
         )
     if exc.status == 401:

@@ -11,6 +11,7 @@ seen even when a notification is lost.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -126,8 +127,14 @@ class SharedReads:
         that read is in flight (its exception too)."""
         pending = self._pending.get(key)
         if pending is None:
-            pending = asyncio.ensure_future(load())
+            # Shared by every caller: not in the context (the task) of the first one.
+            pending = asyncio.create_task(_awaited(load), context=contextvars.Context())
             self._pending[key] = pending
             pending.add_done_callback(lambda _f: self._pending.pop(key, None))
         result: T = await asyncio.shield(pending)
         return result
+
+
+async def _awaited(load: Callable[[], Awaitable[T]]) -> T:
+    """``load()`` as a coroutine (what an asyncio task runs)."""
+    return await load()

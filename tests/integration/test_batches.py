@@ -9,6 +9,7 @@ import asyncio
 import csv
 import io
 import json
+import logging
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -17,7 +18,6 @@ from typing import Any
 
 import msgspec
 import pytest
-import structlog
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
@@ -25,6 +25,7 @@ from orchestra.config import Settings, TemplateSettings
 from orchestra.db import Database, TaskStore
 from tests.conftest import Service, StartService, rows_by_status, sql_rows
 from tests.fixtures.fake_ollama import FakeOllama
+from tests.fixtures.logs import captured
 from tests.fixtures.servers import wait_until
 
 ROWJOB = """\
@@ -362,7 +363,7 @@ async def test_a_client_gone_midway_leaves_no_batch_loading(idle: Service, db_ur
         return [b for b in items if b["status"] == status]
 
     await wait_until(lambda: listed("loading"), timeout=10)
-    with structlog.testing.capture_logs() as logged:
+    with captured(logging.WARNING) as logged:
         writer.close()  # gone, mid-body
         await wait_until(lambda: listed("loaded"), timeout=10)
     [batch] = await listed("loaded")

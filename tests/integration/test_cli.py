@@ -394,6 +394,7 @@ async def test_an_argument_that_is_not_utf8_is_refused_naming_the_parameter(
     )
     assert code == 1
     assert "params.text holds a lone surrogate" in err
+    assert "an argument (or a file read with @) is not UTF-8" in err
     assert "Traceback" not in err
 
 
@@ -423,5 +424,5 @@ async def test_a_url_that_ends_in_the_api_s_path_is_pointed_out(service: Service
     Found"."""
     code, _out, err = await run_cli("tasks", "list", "--url", f"{service.url}/api/v1")
     assert code == 5
-    assert f"--url is the service's address without /api/v1: --url {service.url}" in err
-    assert "there is no route at /api/v1/api/v1/tasks" in err
+    assert f"without /api/v1: --url {service.url}" in err
+    assert "there is nothing at /api/v1/api/v1/tasks" in err

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -145,12 +146,30 @@ async def test_a_new_render_process_s_start_is_not_counted_in_the_render_s_time(
 ) -> None:
     """The first render after the service started (or after a process was replaced) had its
     process's start (0.4 s here, over 3 s on a loaded machine) counted in its time, and was
-    failed as a render that did not finish."""
+    failed as a render that did not finish. The start is made slow on purpose here."""
+    started = isolation._RenderProcess._start
+
+    def slow_start(self: Any) -> Any:
+        process = started(self)
+        time.sleep(1.5)  # a start on a loaded machine
+        return process
+
+    monkeypatch.setattr(isolation._RenderProcess, "_start", slow_start)
     monkeypatch.setattr(isolation, "GRACE", 0.0)
-    sandbox.configure(LimitSettings(render_timeout=0.2))
-    render = Renderer(LimitSettings(render_timeout=0.2, render_processes=1))
+    sandbox.configure(LimitSettings(render_timeout=1.0))
+    render = Renderer(LimitSettings(render_timeout=1.0, render_processes=1))
     try:
         assert await render.isolated(where, 0.05) != os.getpid()
     finally:
         await render.close()
         sandbox.configure(LimitSettings())
+
+
+async def test_a_render_process_that_does_not_start_in_time_fails_the_render_and_is_not_kept(
+    renderer: Renderer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(isolation, "START_LIMIT", 0.0)
+    with pytest.raises(RenderError, match="did not start within 0s"):
+        await renderer.isolated(where, 0.05)
+    monkeypatch.setattr(isolation, "START_LIMIT", 60.0)
+    assert await renderer.isolated(where, 0.05) != os.getpid()  # a new one, started in time

@@ -8,7 +8,12 @@ from enum import Enum
 from typing import Any, Literal, NamedTuple, get_args, get_origin, get_type_hints
 
 from litestar import Request, Response
-from litestar.exceptions import HTTPException, SerializationException, ValidationException
+from litestar.exceptions import (
+    HTTPException,
+    NotFoundException,
+    SerializationException,
+    ValidationException,
+)
 from litestar.status_codes import (
     HTTP_400_BAD_REQUEST,
     HTTP_401_UNAUTHORIZED,
@@ -148,6 +153,9 @@ _OBJECT_PROBLEM = re.compile(
     r"Object (missing required|contains unknown) field `([^`]+)`(?: - at `\$\.?([^`]*)`)?"
 )
 
+
+#: What Litestar's router says of an address no route has (a bare "Not Found").
+ROUTING_NOT_FOUND = NotFoundException().detail
 
 #: What a date and time field takes (msgspec says "Invalid RFC3339 encoded datetime"; a date
 #: alone is refused, since its time would be a guess).
@@ -452,8 +460,8 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
         limit = runtime_of(request.scope).settings.limits.max_body_bytes
         return _bad_body(f"is over [limits] max_body_bytes ({limit:,} bytes)", exc.status_code)
     message = str(exc.detail)
-    if exc.status_code == HTTP_404_NOT_FOUND and message == "Not Found":  # no route: say where
-        message = f"there is no route at {request.url.path} (the API's paths: /schema)"
+    if exc.status_code == HTTP_404_NOT_FOUND and message == ROUTING_NOT_FOUND:  # say where
+        message = f"there is nothing at {request.url.path} (the API's paths: /schema)"
     return _body(exc.status_code, code, message, headers=http_headers(exc))
 
 

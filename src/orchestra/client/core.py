@@ -225,7 +225,8 @@ def _foreign(response: httpx.Response) -> str:
     its status, and its text when that is short plain text (never a whole HTML page)."""
     said = f"{response.status_code} {response.reason_phrase}".strip()
     kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind in ("text/html", "application/xhtml+xml") or response.text.lstrip()[:1] == "<":
+    start = response.text.lstrip()[:5].lower()
+    if kind in ("text/html", "application/xhtml+xml") or start in ("<!doc", "<html"):
         return f"{said} (an HTML page, not Orchestra's JSON error)"
     first = response.text.strip().split("\n", 1)[0][:200]
     return f"{said}: {first}" if first else said

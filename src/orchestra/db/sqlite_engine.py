@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import sqlite3
 import threading
@@ -440,7 +441,8 @@ class SqliteDatabase(Database):
             self._draining = True
         if start:
             if small:
-                loop.call_soon(self._drain_here, loop)
+                # It commits other callers' writes too: not in this caller's context.
+                loop.call_soon(self._drain_here, loop, context=contextvars.Context())
             else:
                 self._thread.submit(self._drain, loop)
         return await settled(future)

@@ -157,13 +157,14 @@ class _RenderProcess:
             if not ours.poll(START_LIMIT):
                 raise RenderError(f"the render process did not start within {START_LIMIT:g}s")
             ours.recv()
-        except (EOFError, OSError):
-            process.join(5)
-            raise RenderError(
-                f"the render process exited as it started (exit code {process.exitcode})"
-            ) from None
-        except RenderError:
+        except BaseException as exc:  # not started: nothing of it is kept
+            ours.close()
             process.kill()
+            process.join(5)
+            if isinstance(exc, (EOFError, OSError)):
+                raise RenderError(
+                    f"the render process exited as it started (exit code {process.exitcode})"
+                ) from None
             raise
         return process, ours
 
@@ -180,7 +181,7 @@ class _RenderProcess:
     async def call(self, render: Callable[..., Any], args: Any, kwargs: Any) -> Any:
         """Run ``render(*args, **kwargs)`` in the process (started now if it is not)."""
         loop = asyncio.get_running_loop()
-        await self.ready()
+        await self.ready()  # started already by a pool's job; a caller of its own starts it
         process, conn = self._process, self._conn
         assert process is not None and conn is not None  # set just above
         trip = functools.partial(_round_trip, conn, (render, args, kwargs))

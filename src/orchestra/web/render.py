@@ -27,7 +27,13 @@ from litestar.types import ExceptionHandlersMap
 
 from orchestra import __version__, logs
 from orchestra.api import errors as api_errors
-from orchestra.api.errors import from_templates, http_headers, retry_after, status_of
+from orchestra.api.errors import (
+    ROUTING_NOT_FOUND,
+    from_templates,
+    http_headers,
+    retry_after,
+    status_of,
+)
 from orchestra.api.scope import runtime_of
 from orchestra.auth import Caller, allows
 from orchestra.errors import OrchestraError, StorageError
@@ -118,10 +124,6 @@ def page(
     )
 
 
-#: What Litestar's router says of an address no route has.
-_ROUTING_NOT_FOUND = NotFoundException().detail
-
-
 def error_page(
     request: Request[Any, Any, Any], exc: Exception, *, started: float | None = None
 ) -> Template:
@@ -129,7 +131,7 @@ def error_page(
     the status, headers and logging the API gives the same error. (``started``: as for
     :func:`page`.)"""
     status, message, headers = described(exc)
-    if isinstance(exc, NotFoundException) and message == _ROUTING_NOT_FOUND:
+    if isinstance(exc, NotFoundException) and message == ROUTING_NOT_FOUND:
         message = f"there is no page at {request.url.path}"  # an address no route has
     if isinstance(exc, StorageError):
         log.warning("ui.storage_failed", code=exc.code, error=exc.message)
