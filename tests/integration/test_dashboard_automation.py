@@ -178,6 +178,21 @@ async def test_each_schedules_latest_tick_is_found_by_index_not_by_a_scan(
 # -- webhooks --------------------------------------------------------------------------------
 
 
+async def test_the_subscriptions_list_comes_in_pages(
+    loopback_service: Service, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It listed every subscription on one page (the API's list was paged, the page not)."""
+    monkeypatch.setattr(webhook_pages, "LIST_SIZE", 2)
+    hooks = [await subscribe(loopback_service, receiver, path=f"/h{n}") for n in range(3)]
+    first = (await loopback_service.client.get("/ui/webhooks")).text
+    assert re.findall(r'<tr data-webhook="(\d+)">', first) == [str(h) for h in hooks[:2]]
+    [following] = re.findall(r'<a href="([^"]+)" id="later">', first)
+    assert "first-hooks" not in first
+    rest = (await loopback_service.client.get(unescape(following))).text
+    assert re.findall(r'<tr data-webhook="(\d+)">', rest) == [str(hooks[2])]
+    assert 'id="later"' not in rest and 'id="first-hooks"' in rest
+
+
 async def test_a_subscriptions_deliveries_are_listed_sent_again_and_paused(
     loopback_service: Service, receiver: Receiver
 ) -> None:

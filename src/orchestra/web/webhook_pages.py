@@ -19,6 +19,8 @@ from orchestra.webhooks import WebhookChanges
 
 #: Deliveries shown on one page of a subscription's.
 PAGE_SIZE = 25
+#: Subscriptions shown on one page of the list.
+LIST_SIZE = 50
 
 
 class WebhookPages(Controller):
@@ -28,16 +30,22 @@ class WebhookPages(Controller):
     opt = {"scope": "admin"}
 
     @get("/", name="ui.webhooks")
-    async def webhooks(self, request: Request[Any, Any, Any]) -> Template:
-        """Every subscription, with its waiting deliveries and its latest one."""
+    async def webhooks(
+        self, request: Request[Any, Any, Any], after: FromQuery[str] = ""
+    ) -> Template:
+        """The subscriptions, oldest first (``after``: past that id), a page at a time, with
+        their waiting deliveries and their latest one."""
         service = runtime_of(request.scope).webhooks
-        hooks = await service.subscriptions()
+        past = whole(after, "after") if after else None
+        hooks, last = first_page(await service.subscriptions(past, LIST_SIZE + 1), LIST_SIZE)
         outlines = await service.outlines()
         return page(
             request,
             "webhooks.html",
             section="webhooks",
             rows=[{"hook": h, "outline": outlines.get(h.id)} for h in hooks],
+            later=last.id if last else None,
+            paged=past is not None,
         )
 
     @get("/{webhook_id:int}", name="ui.webhook")
