@@ -5,9 +5,10 @@ on PostgreSQL (issue 18).
         [--engines sqlite,postgresql] [--processes 1,2,4]
 
 Throughput is issue 17's workload (``submit_read_workload``): tasks submitted and each read
-back over HTTP, 64 in flight, against a fake model that answers at once, with `orchestra
-serve --processes N`. The service's CPU counts every process of it, and on PostgreSQL the
-database server's processes too (they do work SQLite does inside the service).
+back over HTTP, 64 in flight (``--clients``), against a fake model that answers at once,
+with `orchestra serve --processes N`. The service's CPU counts every process of it, and on
+PostgreSQL the database server's processes too (they do work SQLite does inside the
+service).
 
 Pickup: one process serves the API only (``--no-workers``), another runs the workers only
 (``--no-api``); one task at a time is submitted to the first while the second is idle, and
@@ -168,6 +169,7 @@ async def throughput(
     folder: Path,
     pg: PostgresServer | None,
     render_parts: int = 0,
+    clients: int = CLIENTS,
 ) -> dict[str, Any]:
     body, tail = _workload(folder, render_parts)
     with ExitStack() as stack:
@@ -180,9 +182,15 @@ async def throughput(
         if pg is not None:
             roles["postgresql"] = _postmaster(pg)[0]
         figures = await submit_read_workload(
-            base, roles, API, body, tasks, CLIENTS, rounds=50, model=model
+            base, roles, API, body, tasks, clients, rounds=50, model=model
         )
-    return {"engine": engine, "processes": processes, "render_parts": render_parts, **figures}
+    return {
+        "engine": engine,
+        "processes": processes,
+        "render_parts": render_parts,
+        "clients": clients,
+        **figures,
+    }
 
 
 def _seconds(iso: str) -> float:
@@ -221,7 +229,8 @@ def markdown(result: dict[str, Any]) -> str:
         "## Scale-out: processes and PostgreSQL (issue 18)",
         "",
         f"`benchmarks/scaleout_bench.py`, {result['tasks']} tasks submitted and each read back "
-        "over HTTP, 64 in flight, fake model answering at once, `orchestra serve --processes N` "
+        f"over HTTP, {result.get('clients', CLIENTS)} in flight, fake model answering at once, "
+        "`orchestra serve --processes N` "
         "(64 worker slots each). Service CPU counts every process, and on PostgreSQL the "
         "server's too. The load generator and the fake model run on the same 2 cores: "
         "their CPU per task is the instruments' column, and the ceiling is what the cores "
@@ -269,16 +278,26 @@ async def main() -> None:
         default=0,
         help="a service-bound workload: a template whose render builds N parts (0: summarize)",
     )
+    parser.add_argument(
+        "--clients", type=int, default=CLIENTS, help="tasks in flight (submitted, not yet read)"
+    )
     parser.add_argument("--no-pickup", action="store_true", help="throughput only")
     args = parser.parse_args()
     counts = [int(n) for n in args.processes.split(",")]
-    result: dict[str, Any] = {"tasks": args.tasks, "throughput": [], "pickup": []}
+    result: dict[str, Any] = {
+        "tasks": args.tasks,
+        "clients": args.clients,
+        "throughput": [],
+        "pickup": [],
+    }
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         folder = Path(tmp)
         for engine in args.engines.split(","):
             pg = stack.enter_context(running_postgres()) if engine == "postgresql" else None
             for n in counts:
-                figures = await throughput(engine, n, args.tasks, folder, pg, args.render_parts)
+                figures = await throughput(
+                    engine, n, args.tasks, folder, pg, args.render_parts, args.clients
+                )
                 print(json.dumps(figures), file=sys.stderr)
                 result["throughput"].append(figures)
             if not args.no_pickup:
