@@ -146,6 +146,11 @@ def coerce(name: str, raw: str, schema: dict[str, Any]) -> Any:
             raw = Path(raw[1:]).read_text(encoding="utf-8")
         except OSError as exc:
             raise click.BadParameter(f"{name}: cannot read {raw[1:]}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            bad = exc.object[exc.start]
+            raise click.BadParameter(
+                f"{name}: {raw[1:]} is not UTF-8 text (byte {exc.start}: {bad:#04x})"
+            ) from None
     kind = schema.get("properties", {}).get(name, {}).get("type", "string")
     if kind == "string":
         return raw

@@ -339,7 +339,8 @@ class WorkerPool:
                     claimed, asked = [], None  # what was due is still to claim
                 else:
                     self.health.claimed()
-                    self._claims_down.succeeded()  # "pool.claim_recovered" after an outage
+                    if claimed:  # an empty claim wrote nothing: no proof that writes work
+                        self._claims_down.succeeded()  # "pool.claim_recovered" after an outage
                     self._claim_failures = 0
                     # Rows left out (only the reserve was free) wait for a slot to end.
                     self._drained = (

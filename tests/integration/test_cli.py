@@ -426,3 +426,20 @@ async def test_a_url_that_ends_in_the_api_s_path_is_pointed_out(service: Service
     assert code == 5
     assert f"without /api/v1: --url {service.url}" in err
     assert "there is nothing at /api/v1/api/v1/tasks" in err
+
+
+async def test_a_parameter_file_or_name_that_is_not_utf8_is_said_not_a_traceback(
+    service: Service, tmp_path: Path
+) -> None:
+    """`-p text=@FILE` of a file that is not UTF-8 and a template name that is not UTF-8
+    raised UnicodeDecodeError and UnicodeEncodeError."""
+    data = tmp_path / "bin.txt"
+    data.write_bytes(b"ok\xff\xfe")
+    code, _out, err = await run_cli(
+        "submit", "summarize", "-p", f"text=@{data}", "--url", service.url
+    )
+    assert code == 2 and "is not UTF-8 text (byte 2: 0xff)" in err, err
+    code, _out, err = await run_cli("submit", "ec\udcffho", "-p", "t=a", "--url", service.url)
+    assert code == 1 and "holds a lone surrogate" in err and "Traceback" not in err, err
+    code, _out, err = await run_cli("tasks", "list", "--template", "\udcff", "--url", service.url)
+    assert code == 1 and "holds a lone surrogate" in err and "Traceback" not in err, err

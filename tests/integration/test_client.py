@@ -705,3 +705,31 @@ async def test_the_rows_of_an_upload_are_dropped_once_it_is_sent(service: Servic
         await asyncio.to_thread(upload)
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)], caught
+
+
+@pytest.mark.parametrize(
+    ("body", "kind", "said"),
+    [
+        (b"<html><body>Sign in</body></html>", b"text/html", "200 OK (an HTML page"),
+        (b'{"items": "nope"}', b"application/json", "Expected `array`, got `str`"),
+    ],
+)
+async def test_a_success_that_is_not_the_apis_answer_is_an_error_in_the_tree(
+    body: bytes, kind: bytes, said: str
+) -> None:
+    """A proxy's login page answered 200: msgspec's DecodeError or ValidationError came out
+    of the client raw (a traceback in the CLI)."""
+
+    async def other(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (kind, len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+    async with loopback_server(other) as url, AsyncClient(url) as client:
+        with pytest.raises(ApiError) as raised:
+            await client.list_templates()
+    assert raised.value.code == "http_error" and said in raised.value.message, raised.value

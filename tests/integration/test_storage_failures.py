@@ -450,3 +450,41 @@ async def test_a_real_disk_fills_up_and_the_service_recovers_when_it_grows(
         service.terminate()
         with contextlib.suppress(ProcessLookupError):
             await service.wait()
+
+
+@contextlib.contextmanager
+def immutable(path: Path) -> Iterator[None]:
+    """``path`` made immutable (``chattr +i``: root on a file system that has it), so that
+    writing it fails with an I/O error while reading it works."""
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not available here (root on ext4/xfs/btrfs)")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@pytest.mark.sqlite_only
+async def test_health_stays_degraded_while_writes_fail_though_idle_claims_succeed(
+    service: Service, db_url: str
+) -> None:
+    """A write-ahead log that cannot be written: every submit got 503, yet /health said ok a
+    second later, because an idle worker's claim (a transaction that writes nothing) counted
+    as a write that worked. The claims' outage flapped the same way (claim_failed, then
+    claim_recovered at the next empty claim), so it never reached error level."""
+    first = (await submit(service)).json()["id"]
+    assert (await service.wait(first))["status"] == "succeeded"
+    wal = Path(db_url.split("///", 1)[1] + "-wal")
+    with immutable(wal):
+        refused = await submit(service)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["code"] == "storage_unavailable"
+        await asyncio.sleep(2.0)  # four idle claims (poll_interval 0.5 s), each writing nothing
+        during = await health(service)
+        assert during["status"] == "degraded" and during["database"].startswith("error: ")
+
+    async def writes() -> bool:
+        return (await submit(service, "again")).status_code == 201
+
+    await wait_until(writes, timeout=5, interval=0.1)
+    assert (await health(service))["database"] == "ok"

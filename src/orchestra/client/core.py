@@ -20,7 +20,7 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
-from orchestra.client.errors import ApiError, InvalidApiKey, error_class
+from orchestra.client.errors import ApiError, InvalidApiKey, UnsendableValue, error_class
 from orchestra.client.json_body import encode as _encode
 from orchestra.client.sse import SseMessage as SseMessage
 from orchestra.client.sse import SseReader as SseReader
@@ -132,14 +132,19 @@ class Call(Generic[T]):
     def request(self, http: httpx.Client | httpx.AsyncClient, content: Any = None) -> httpx.Request:
         """The request, built by the client that sends it (its base URL and headers); a
         streamed body comes as ``content`` (an iterator, sync or async, for the client)."""
-        return http.build_request(
-            self.method,
-            self.path,
-            params=self.params,
-            content=self.content if content is None else content,
-            headers=[(k.encode(), v.encode()) for k, v in self.headers.items()],
-            timeout=self.timeout if self.timeout is not None else http.timeout,
-        )
+        try:
+            return http.build_request(
+                self.method,
+                self.path,
+                params=self.params,
+                content=self.content if content is None else content,
+                headers=[(k.encode(), v.encode()) for k, v in self.headers.items()],
+                timeout=self.timeout if self.timeout is not None else http.timeout,
+            )
+        except UnicodeEncodeError as exc:  # a query value or header with a lone surrogate
+            raise UnsendableValue(
+                f"{exc.object!r} holds a lone surrogate, which UTF-8 cannot carry"
+            ) from None
 
 
 # -- connecting ------------------------------------------------------------------------------
@@ -192,10 +197,18 @@ def answer(call: Call[T], response: httpx.Response) -> T:
     """The decoded answer of a successful call (its body read).
 
     Raises:
-        ApiError: the subclass for the answer's status, carrying its error body.
+        ApiError: the subclass for the answer's status, carrying its error body; an
+            ``http_error`` for a success that is not the API's answer (another server's).
     """
     if response.status_code in call.ok:
-        return call.decode(response)
+        try:
+            return call.decode(response)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:  # a proxy's login page
+            raise ApiError(
+                response.status_code,
+                "http_error",
+                f"{_foreign(response)}; not an answer of Orchestra's API ({exc})",
+            ) from None
     raise error_of(response)
 
 
@@ -571,5 +584,14 @@ def _given(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _segment(value: str | int) -> str:
-    """A name as one path segment (a ``/`` or ``?`` in it cannot reach another route)."""
-    return quote(str(value), safe="")
+    """A name as one path segment (a ``/`` or ``?`` in it cannot reach another route).
+
+    Raises:
+        UnsendableValue: it holds a lone surrogate, which UTF-8 cannot carry.
+    """
+    try:
+        return quote(str(value), safe="")
+    except UnicodeEncodeError:
+        raise UnsendableValue(
+            f"{value!r} holds a lone surrogate, which UTF-8 cannot carry"
+        ) from None

@@ -124,6 +124,8 @@ class SqliteDatabase(Database):
         # A log grown while a reader held checkpoints back is cut back when it starts over.
         event.listen(self._writer, "connect", _no_commit_checkpoints)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orchestra-writer")
+        #: Whether the latest group that committed changed rows (wrote to the file).
+        self._wrote = False
         self._conn: Connection | None = None
         self._lock = threading.Lock()
         self._pending: list[_Pending] = []
@@ -238,7 +240,8 @@ class SqliteDatabase(Database):
         return [self._storage_outcome(outcome) for outcome in outcomes]
 
     def _note_health(self, outcomes: list[_Outcome]) -> bool:
-        """Remember how the group went; True when writes work again after failing.
+        """Remember how the group went; True when writes work again after failing (a group
+        that changed rows committed).
 
         A full disk is over only once the file grew or there is room again: small writes that
         fit in pages already there (a lease renewal, an empty UPDATE) succeed on a full disk.
@@ -248,7 +251,7 @@ class SqliteDatabase(Database):
             self.writes.failed(failures[-1], self._pragma("page_count"))
             return False
         failure = self.writes.failure
-        if failure is None:
+        if failure is None or not self._wrote:  # an idle claim is not a write that worked
             return False
         if isinstance(failure.error, StorageFull) and not self._room_since(failure.pages):
             return False
@@ -309,6 +312,7 @@ class SqliteDatabase(Database):
             conn = self._connection()
             raw: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
             self._begin(raw, wait=wait, wait_ms=wait_ms)  # BEGIN IMMEDIATE
+            changes = raw.total_changes
             if len(works) == 1:  # alone: its failure rolls back the transaction, no savepoint
                 try:
                     outcomes.append((True, works[0](conn)))
@@ -341,6 +345,9 @@ class SqliteDatabase(Database):
             self._recover()
             return [(False, exc)] * len(works)
         self.checkpoints.committed()
+        # A group that changed nothing wrote nothing (SQLite commits it without touching the
+        # file): it shows nothing about whether writes work.
+        self._wrote = raw.total_changes > changes
         return outcomes
 
     def _begin(self, raw: sqlite3.Connection, *, wait: bool, wait_ms: float | None = None) -> None:
