@@ -15,6 +15,7 @@ import warnings
 from collections.abc import AsyncIterator
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from email.utils import format_datetime
 from itertools import islice
 from pathlib import Path
@@ -733,3 +734,40 @@ async def test_a_success_that_is_not_the_apis_answer_is_an_error_in_the_tree(
         with pytest.raises(ApiError) as raised:
             await client.list_templates()
     assert raised.value.code == "http_error" and said in raised.value.message, raised.value
+
+
+@pytest.mark.parametrize(
+    ("params", "said"),
+    [
+        ({"x": {b"k": 1}}, r"params.x holds a key JSON cannot carry \(b'k'\)"),
+        ({"x": {math.nan: 1}}, r"params.x holds a key JSON cannot carry \(nan\)"),
+        ({"d": Decimal("NaN")}, r"params.d is Decimal\('NaN'\)"),
+    ],
+)
+async def test_keys_and_decimals_json_cannot_carry_are_refused_too(
+    params: dict[str, Any], said: str
+) -> None:
+    """A bytes key went as base64 text, a NaN key as "nan", a Decimal NaN as "NaN"."""
+    with Client("http://127.0.0.1:9") as client:
+        with pytest.raises(UnsendableValue, match=said):
+            client.submit("summarize", params)
+
+
+async def test_a_decimal_goes_as_a_number_and_rows_of_the_wrong_kind_are_refused(
+    service: Service,
+) -> None:
+    """Decimal("2") for an integer went as the string "2" (refused as not an integer); a str
+    given as rows made a batch of one invalid row per character."""
+
+    def run() -> None:
+        with Client(service.url) as client:
+            task = client.submit("summarize", {"text": "t", "sentences": Decimal("2")})
+            assert task.params["sentences"] == 2
+            for rows in ('{"text": "q"}\n', bytearray(b"text\nq\n"), {"text": "q"}):
+                with pytest.raises(TypeError, match="rows must be a Path, bytes or an iterable"):
+                    client.create_batch("summarize", rows)  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match="row 2 is a str, not a dict of params"):
+                client.create_batch("summarize", [{"text": "q"}, "text"])  # type: ignore[list-item]
+            assert client.list_batches() is not None and not list(client.list_batches())
+
+    await asyncio.to_thread(run)

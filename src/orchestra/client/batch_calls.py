@@ -69,6 +69,11 @@ def create_batch(
         body = _heard(lambda: _file_pieces(path), on_sent)
     elif isinstance(rows, bytes):
         content = rows
+    elif isinstance(rows, (str, bytearray, memoryview, Mapping)) or not isinstance(rows, Iterable):
+        raise TypeError(
+            f"rows must be a Path, bytes or an iterable of parameter dicts, not "
+            f"{type(rows).__name__} (a file: Path(...); its text: bytes; one row: [row])"
+        )
     else:
         data_format = "jsonl"
         spool = _spooled(rows)
@@ -111,6 +116,8 @@ def _spooled(rows: Iterable[Mapping[str, Any]]) -> IO[bytes]:
     spool = tempfile.SpooledTemporaryFile(max_size=SPOOLED)
     try:
         for number, row in enumerate(rows, 1):
+            if not isinstance(row, Mapping):
+                raise TypeError(f"row {number} is a {type(row).__name__}, not a dict of params")
             try:
                 spool.write(encode(row, root="the row") + b"\n")
             except UnsendableValue as exc:

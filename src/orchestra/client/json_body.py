@@ -12,25 +12,29 @@ value was wrong. :func:`encode` raises :class:`~orchestra.client.errors.Unsendab
 from __future__ import annotations
 
 import math
+from decimal import Decimal
 from typing import Any
 
 import msgspec
 
 from orchestra.client.errors import UnsendableValue
 
-_encode = msgspec.json.Encoder().encode
+#: A Decimal as a JSON number, not a string (a ``number`` parameter given Decimal("1.5")).
+_encode = msgspec.json.Encoder(decimal_format="number").encode
 #: Kept as they are by ``to_builtins``, so that the check below sees them.
 _RAW = (bytes, bytearray, memoryview)
+_KEPT = (*_RAW, Decimal)
 
 
 def encode(value: Any, root: str = "the body") -> bytes:
     """``value`` (a struct, or dicts and lists) as JSON.
 
     Raises:
-        UnsendableValue: a NaN or infinite float, bytes, or a string (or key) with a lone
-            surrogate, named by its place in ``value`` (``root`` for the value itself).
+        UnsendableValue: a NaN or infinite float (or Decimal), bytes, a key of bytes or NaN,
+            or a string (or key) with a lone surrogate, named by its place in ``value``
+            (``root`` for the value itself). A finite Decimal goes as a JSON number.
     """
-    plain = msgspec.to_builtins(value, builtin_types=_RAW)
+    plain = msgspec.to_builtins(value, builtin_types=_KEPT)
     problem = _unsendable(plain, "", root, strings=False)
     if problem is None:
         try:
@@ -43,8 +47,8 @@ def encode(value: Any, root: str = "the body") -> bytes:
 
 def _unsendable(value: Any, at: str, root: str, *, strings: bool) -> str | None:
     """What in ``value`` (at the place ``at``) JSON cannot carry, said; None: nothing."""
-    if isinstance(value, float):
-        if not math.isfinite(value):
+    if isinstance(value, (float, Decimal)):
+        if not (value.is_finite() if isinstance(value, Decimal) else math.isfinite(value)):
             return f"{at or root} is {value!r}, which JSON cannot carry"
     elif isinstance(value, _RAW):
         return f"{at or root} is bytes, which JSON cannot carry; decode them to text first"
@@ -56,6 +60,8 @@ def _unsendable(value: Any, at: str, root: str, *, strings: bool) -> str | None:
             )
     elif isinstance(value, dict):
         for key, item in value.items():
+            if isinstance(key, _RAW) or (isinstance(key, float) and not math.isfinite(key)):
+                return f"{at or root} holds a key JSON cannot carry ({key!r})"
             if strings and isinstance(key, str) and _surrogate(key) is not None:
                 return f"{at or root} holds a key with a lone surrogate ({key!r})"
             found = _unsendable(item, f"{at}.{key}" if at else str(key), root, strings=strings)
