@@ -12,6 +12,8 @@ import structlog
 
 from orchestra import logs
 from orchestra.config import LoggingSettings
+from orchestra.llm import model_wire as wire
+from orchestra.llm.model_process import ModelProcess, State
 from tests.fixtures.logs import captured
 
 
@@ -155,3 +157,18 @@ async def test_a_task_s_lines_name_it_and_a_shared_task_it_starts_does_not() -> 
         log.warning("after.line")
     by_event = {e["event"]: e.get("task_id") for e in logged}
     assert by_event == {"run.line": 7, "shared.line": None, "after.line": None}
+
+
+async def test_a_shared_model_process_s_state_lines_do_not_name_the_task_that_started_it() -> None:
+    """The model process's "starting" line was logged in the context of the task whose call
+    started it, so it named that task."""
+    proc = ModelProcess("embedded", wire.Load("/nowhere.gguf", 0, 0))
+
+    async def a_run() -> None:
+        logs.bind_task(7, "t", 1)
+        proc._set(State.STARTING, "loading the model")
+
+    with captured() as logged:
+        await asyncio.create_task(a_run())
+    [line] = [e for e in logged if e["event"] == "model_process.state"]
+    assert "task_id" not in line, line

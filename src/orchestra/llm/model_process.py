@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import sys
 import time
@@ -573,6 +574,13 @@ class ModelProcess:
         changed = (state, detail) != (self._state, self._detail)
         self._state, self._detail = state, detail
         if changed:
-            log.info("model_process.state", provider=self.name, state=state.value, detail=detail)
+            # The process is shared: not in the context of the task whose call started it.
+            contextvars.Context().run(
+                log.info,
+                "model_process.state",
+                provider=self.name,
+                state=state.value,
+                detail=detail,
+            )
             if self.on_change is not None:
                 self.on_change()
