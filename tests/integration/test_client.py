@@ -771,3 +771,20 @@ async def test_a_decimal_goes_as_a_number_and_rows_of_the_wrong_kind_are_refused
             assert client.list_batches() is not None and not list(client.list_batches())
 
     await asyncio.to_thread(run)
+
+
+async def test_a_connection_that_breaks_after_a_post_went_out_says_it_may_have_been_done() -> None:
+    """A service killed mid-upload: the caller read "cannot reach the server", though the
+    service had read (and kept) part of it."""
+
+    async def dies(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.transport.abort()  # gone without an answer (a reset)
+
+    async with loopback_server(dies) as url, AsyncClient(url) as client:
+        with pytest.raises(ConnectionFailed) as raised:
+            await client.create_batch("summarize", [{"text": "a"}])
+        assert raised.value.broke and "may have been carried out" in str(raised.value)
+        with pytest.raises(ConnectionFailed) as read:
+            await client.list_batches().__anext__()
+        assert not read.value.broke and "cannot reach the server" in str(read.value)

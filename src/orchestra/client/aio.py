@@ -114,7 +114,7 @@ class AsyncClient:
             except httpx.TransportError as exc:
                 resend = core.resend_delay(self.retry_policy, tries, call, exc)
                 if resend is None:
-                    raise ConnectionFailed(self.url, str(exc) or type(exc).__name__) from exc
+                    raise core.connection_failed(self.url, call, exc) from exc
                 await self._sleep(resend)
                 continue
             delay = core.retry_delay(self.retry_policy, tries, call, response)

@@ -20,7 +20,13 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
-from orchestra.client.errors import ApiError, InvalidApiKey, UnsendableValue, error_class
+from orchestra.client.errors import (
+    ApiError,
+    ConnectionFailed,
+    InvalidApiKey,
+    UnsendableValue,
+    error_class,
+)
 from orchestra.client.json_body import encode as _encode
 from orchestra.client.sse import SseMessage as SseMessage
 from orchestra.client.sse import SseReader as SseReader
@@ -258,6 +264,14 @@ def asked_wait(headers: httpx.Headers) -> float | None:
 #: had it stopped (a restart, one of several processes killed), or a kept-alive connection it
 #: had closed. (A connection refused is not one: nothing was sent, and nothing answers.)
 BROKEN = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
+def connection_failed(url: str, call: Call[Any], error: httpx.TransportError) -> ConnectionFailed:
+    """The error of ``call`` that got no answer: nothing reached, or (``BROKEN``) the
+    connection broke after the request went out, when it may have been carried out."""
+    reason = str(error) or type(error).__name__
+    broke = isinstance(error, BROKEN) and call.method not in ("GET", "HEAD")
+    return ConnectionFailed(url, reason, broke=broke)
 
 
 def resend_delay(

@@ -86,10 +86,18 @@ class ConnectionFailed(ClientError):
 
     code = "connection_failed"
 
-    def __init__(self, url: str, reason: str) -> None:
+    def __init__(self, url: str, reason: str, *, broke: bool = False) -> None:
         self.url = url
         self.reason = reason
-        super().__init__(f"cannot reach the server at {url}: {reason}")
+        #: The connection broke after the request went out: it may have been carried out
+        #: (a batch made, a task queued), which a key of idempotency makes safe to send again.
+        self.broke = broke
+        super().__init__(
+            f"the connection to the server at {url} broke before its answer ({reason}): the "
+            "request may have been carried out"
+            if broke
+            else f"cannot reach the server at {url}: {reason}"
+        )
 
 
 class ApiError(ClientError):

@@ -105,7 +105,7 @@ class Client:
             except httpx.TransportError as exc:
                 resend = core.resend_delay(self.retry_policy, tries, call, exc)
                 if resend is None:
-                    raise ConnectionFailed(self.url, str(exc) or type(exc).__name__) from exc
+                    raise core.connection_failed(self.url, call, exc) from exc
                 self._sleep(resend)
                 continue
             delay = core.retry_delay(self.retry_policy, tries, call, response)
