@@ -110,9 +110,13 @@ async def test_bad_feed_requests_are_400s_naming_the_field(service: Service) -> 
     assert bad.status_code == 400
     [problem] = bad.json()["fields"]
     assert problem["field"] == "type" and "task.nope" in problem["message"]
-    for params, headers in (({"after": "-1"}, {}), ({}, {"Last-Event-ID": "abc"})):
+    for params, headers, field in (
+        ({"after": "-1"}, {}, "after"),
+        ({}, {"Last-Event-ID": "abc"}, "Last-Event-ID"),  # as sent (it said last_event_id)
+    ):
         answer = await service.client.get("/api/v1/events", params=params, headers=headers)
         assert answer.status_code == 400, answer.text
+        assert answer.json()["fields"][0]["field"] == field, answer.text
 
 
 async def test_last_event_id_resumes_the_feed_across_a_restart(

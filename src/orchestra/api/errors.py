@@ -140,10 +140,21 @@ def orchestra_error(request: Request[Any, Any, Any], exc: OrchestraError) -> Res
     return _body(status, exc.code, exc.message, fields, task_status, problems, headers)
 
 
+#: The headers the API reads, by the name of the handler's parameter that Litestar reports:
+#: an error names the header as it is sent.
+_HEADERS = {
+    "last_event_id": "Last-Event-ID",
+    "idempotency_header": "Idempotency-Key",
+    "idempotency_key": "Idempotency-Key",
+}
+
+
 def _field(extra: dict[str, Any]) -> str:
     key = str(extra.get("key") or "")
     source = extra.get("source")
-    if source in ("query", "path", "header", "cookie") or not key:
+    if source == "header":
+        return _HEADERS.get(key, key)
+    if source in ("query", "path", "cookie") or not key:
         return key or "body"
     return key
 
