@@ -399,7 +399,9 @@ async def test_every_entry_busy_waits_the_shortest_retry_after(
     waited = datetime.fromisoformat(second["started_at"]) - datetime.fromisoformat(
         first["finished_at"]
     )
-    assert 1.0 <= waited.total_seconds() < 15.0, waited  # the shortest wait, not 20 s
+    # The shortest wait (1 s), not 20 s. It counts from when the retry was decided, a little
+    # before the attempt's finished_at was written (0.989 s here once, on PostgreSQL).
+    assert 0.8 <= waited.total_seconds() < 15.0, waited
 
 
 async def test_a_plain_model_name_goes_to_the_first_server(
