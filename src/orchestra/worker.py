@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 from orchestra import logs, metrics, upkeep
 from orchestra.capacity import Capacity
+from orchestra.claim_failures import ClaimFailures
 from orchestra.config import Settings
 from orchestra.db import TaskStore
 from orchestra.domain import (
@@ -65,11 +66,6 @@ from orchestra.templating.registry import TemplateRegistry
 
 log = logs.get("orchestra.worker")
 
-#: Longest pause between claims while the database refuses writes, seconds.
-CLAIM_BACKOFF_CAP = 10.0
-#: Seconds the queue's claims may fail before their lines are errors: no task starts
-#: meanwhile, which an operator alerting on errors must hear of.
-CLAIM_ERROR_AFTER = 60.0
 #: Longest pause before a failed dispatcher is started again, seconds.
 DISPATCHER_RESTART_CAP = 10.0
 _CANCELLED = TaskError(type="cancelled", message="cancelled by request")
@@ -120,8 +116,7 @@ class WorkerPool:
         self._dispatcher_started = 0.0
         self._dispatcher_failures = 0
         #: Claims the database refused in a row (it backs off meanwhile).
-        self._claim_failures = 0
-        self._claims_down = logs.Outage(log, "pool.claim_failed", error_after=CLAIM_ERROR_AFTER)
+        self._refused = ClaimFailures(log, self.workers.poll_interval)
         self.health = PoolHealth()  #: whether claims succeed, for /health
         #: The last claim took every due task it could see, with room to spare: a task that
         #: ends then frees a slot with nothing to fill it, and does not wake the dispatcher
@@ -203,7 +198,7 @@ class WorkerPool:
     def takes(self, new: NewTask) -> bool:
         """Whether this pool's next claim would take ``new`` (due now): it claims, and has a
         slot free for its model and priority."""
-        if not self._loops or self._stopping.is_set() or self._claim_failures:
+        if not self._loops or self._stopping.is_set() or self._refused.count:
             return False
         plan = self.capacity.next_claim(r.task for r in self._running.values())
         fits = plan.min_priority is None or new.priority >= plan.min_priority
@@ -339,9 +334,7 @@ class WorkerPool:
                     claimed, asked = [], None  # what was due is still to claim
                 else:
                     self.health.claimed()
-                    if claimed:  # an empty claim wrote nothing: no proof that writes work
-                        self._claims_down.succeeded()  # "pool.claim_recovered" after an outage
-                    self._claim_failures = 0
+                    self._refused.claimed(len(claimed))
                     # Rows left out (only the reserve was free) wait for a slot to end.
                     self._drained = (
                         len(claimed) < limit and not plan.skip_models and plan.min_priority is None
@@ -390,10 +383,7 @@ class WorkerPool:
     async def _back_off(self, exc: StorageError) -> None:
         """The database refused a claim: wait (longer each time in a row), not spin. A submit
         that was written (so writes work again), a task ending or a stop cuts it short."""
-        self._claim_failures += 1
-        self._claims_down.failed(exc, code=exc.code)  # once, then every minute; errors past one
-        doublings = min(self._claim_failures - 1, 16)  # past the cap long before; no overflow
-        pause = min(CLAIM_BACKOFF_CAP, self.workers.poll_interval * 2**doublings)
+        pause = self._refused.failed(exc)
         try:
             async with asyncio.timeout(pause):
                 await self._wake.wait()

@@ -21,7 +21,7 @@ from typing import Any, TypeVar, Unpack
 
 import httpx
 
-from orchestra.client import batch_calls, core
+from orchestra.client import batch_calls, core, webhook_calls
 from orchestra.client.core import Call, Registered, RetryPolicy
 from orchestra.client.errors import ClientClosed, ClientError, ConnectionFailed
 from orchestra.client.follow import TASK_FINISHED, Follow, Poll, ReconnectPolicy
@@ -328,48 +328,50 @@ class AsyncClient:
         template: str | None = None,
     ) -> WebhookCreated:
         """Subscribe ``url`` to task events; the answer holds the signing secret, once."""
-        return await self._send(core.create_webhook(core.new_webhook(url, event_types, template)))
+        return await self._send(
+            webhook_calls.create_webhook(webhook_calls.new_webhook(url, event_types, template))
+        )
 
     async def list_webhooks(self, page_size: int = 100) -> list[WebhookOut]:
         """Every subscription, oldest first, without secrets (read ``page_size`` at a time)."""
-        return [w async for w in self._pages(lambda c: core.webhooks_page(page_size, c))]
+        return [w async for w in self._pages(lambda c: webhook_calls.webhooks_page(page_size, c))]
 
     async def get_webhook(self, webhook_id: int) -> WebhookOut:
         """One subscription."""
-        return await self._send(core.get_webhook(webhook_id))
+        return await self._send(webhook_calls.get_webhook(webhook_id))
 
     async def update_webhook(self, webhook_id: int, **changes: Any) -> WebhookOut:
         """Change the fields given: ``url``, ``event_types``, ``template`` (None: every
         template), ``enabled`` (False: no deliveries are made, pending ones wait)."""
-        return await self._send(core.update_webhook(webhook_id, changes))
+        return await self._send(webhook_calls.update_webhook(webhook_id, changes))
 
     async def roll_webhook_secret(
         self, webhook_id: int, overlap: float = 86400.0
     ) -> WebhookCreated:
         """A new signing secret (shown this once); for ``overlap`` seconds deliveries are
         signed with the old one too, so receivers can move over meanwhile."""
-        return await self._send(core.roll_webhook_secret(webhook_id, overlap))
+        return await self._send(webhook_calls.roll_webhook_secret(webhook_id, overlap))
 
     async def delete_webhook(self, webhook_id: int) -> None:
         """Delete a subscription and its deliveries."""
-        await self._send(core.delete_webhook(webhook_id))
+        await self._send(webhook_calls.delete_webhook(webhook_id))
 
     async def webhook_deliveries(
         self, webhook_id: int, page_size: int = 50
     ) -> AsyncIterator[DeliveryOut]:
         """A subscription's deliveries, newest first, a page at a time."""
         async for item in self._pages(
-            lambda cursor: core.deliveries_page(webhook_id, page_size, cursor)
+            lambda cursor: webhook_calls.deliveries_page(webhook_id, page_size, cursor)
         ):
             yield item
 
     async def redeliver(self, webhook_id: int, delivery_id: int) -> DeliveryOut:
         """Send a delivery again now, with the same id and body; the delivery, queued."""
-        return await self._send(core.redeliver(webhook_id, delivery_id))
+        return await self._send(webhook_calls.redeliver(webhook_id, delivery_id))
 
     async def callback_secret(self) -> str:
         """The secret that signs deliveries to tasks' ``callback_url``."""
-        return await self._send(core.callback_secret())
+        return await self._send(webhook_calls.callback_secret())
 
     # -- batches ---------------------------------------------------------------------------
 

@@ -35,7 +35,6 @@ from orchestra.client.sse import task_event as task_event
 from orchestra.domain import TaskStatus
 from orchestra.retry_after import retry_after as retry_after
 from orchestra.schedules import ScheduleChanges, ScheduleSpec
-from orchestra.webhooks import NewWebhook
 from orchestra.wire.schedules import ScheduleList, ScheduleOut
 from orchestra.wire.schemas import (
     ErrorBody,
@@ -47,14 +46,6 @@ from orchestra.wire.schemas import (
     ValidationOut,
 )
 from orchestra.wire.tasks import SubmitTask
-from orchestra.wire.webhooks import (
-    CallbackSecretOut,
-    DeliveryList,
-    DeliveryOut,
-    WebhookCreated,
-    WebhookList,
-    WebhookOut,
-)
 
 T = TypeVar("T")
 
@@ -508,81 +499,6 @@ def delete_schedule(ref: str | int) -> Call[None]:
 def run_schedule(ref: str | int) -> Call[TaskOut]:
     """POST …/run: the task a tick would submit, now."""
     return Call("POST", f"/api/v1/schedules/{_segment(ref)}/run", _as(TaskOut), ok=frozenset({201}))
-
-
-# -- webhooks --------------------------------------------------------------------------------
-
-
-def new_webhook(
-    url: str, event_types: str | Iterable[str] | None, template: str | None
-) -> NewWebhook:
-    """A subscription's body (the event types are checked by the service: 400 naming them)."""
-    if event_types is None:
-        return NewWebhook(url=url, template=template)
-    return NewWebhook(url=url, event_types=cast(Any, words(event_types)), template=template)
-
-
-def create_webhook(hook: NewWebhook) -> Call[WebhookCreated]:
-    return Call(
-        "POST",
-        "/api/v1/webhooks",
-        _as(WebhookCreated),
-        content=_encode(hook),
-        headers=_JSON,
-        ok=frozenset({201}),
-    )
-
-
-def webhooks_page(limit: int, cursor: str | None) -> Call[WebhookList]:
-    params = _given({"limit": limit, "cursor": cursor})
-    return Call("GET", "/api/v1/webhooks", _as(WebhookList), params=params)
-
-
-def get_webhook(webhook_id: int) -> Call[WebhookOut]:
-    return Call("GET", f"/api/v1/webhooks/{webhook_id}", _as(WebhookOut))
-
-
-def update_webhook(webhook_id: int, changes: Mapping[str, Any]) -> Call[WebhookOut]:
-    """PATCH: only the fields given are sent (``template=None`` clears it; the event types
-    are checked by the service: 400 naming them)."""
-    return Call(
-        "PATCH",
-        f"/api/v1/webhooks/{webhook_id}",
-        _as(WebhookOut),
-        content=_encode(
-            {k: words(v) if k == "event_types" and v is not None else v for k, v in changes.items()}
-        ),
-        headers=_JSON,
-    )
-
-
-def roll_webhook_secret(webhook_id: int, overlap: float) -> Call[WebhookCreated]:
-    """POST …/roll-secret: a new secret; the old one signs beside it for ``overlap`` s."""
-    path = f"/api/v1/webhooks/{webhook_id}/roll-secret"
-    return Call("POST", path, _as(WebhookCreated), params={"overlap": overlap})
-
-
-def delete_webhook(webhook_id: int) -> Call[None]:
-    return Call("DELETE", f"/api/v1/webhooks/{webhook_id}", _nothing, ok=frozenset({200, 204}))
-
-
-def deliveries_page(webhook_id: int, limit: int, cursor: str | None) -> Call[DeliveryList]:
-    """One page of a subscription's deliveries (newest first)."""
-    params = _given({"limit": limit, "cursor": cursor})
-    return Call(
-        "GET", f"/api/v1/webhooks/{webhook_id}/deliveries", _as(DeliveryList), params=params
-    )
-
-
-def redeliver(webhook_id: int, delivery_id: int) -> Call[DeliveryOut]:
-    """POST …/redeliver: the delivery, queued to be sent again."""
-    path = f"/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver"
-    return Call("POST", path, _as(DeliveryOut), ok=frozenset({202}))
-
-
-def callback_secret() -> Call[str]:
-    decode = _as(CallbackSecretOut)
-    return Call("GET", "/api/v1/webhooks/callback-secret", lambda r: decode(r).secret)
 
 
 # -- the service -----------------------------------------------------------------------------

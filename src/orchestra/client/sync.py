@@ -12,7 +12,7 @@ from typing import Any, TypeVar, Unpack
 
 import httpx
 
-from orchestra.client import batch_calls, core
+from orchestra.client import batch_calls, core, webhook_calls
 from orchestra.client.core import Call, Registered, RetryPolicy
 from orchestra.client.errors import ClientClosed, ClientError, ConnectionFailed
 from orchestra.client.follow import TASK_FINISHED, Follow, Poll, ReconnectPolicy
@@ -315,41 +315,45 @@ class Client:
         template: str | None = None,
     ) -> WebhookCreated:
         """Subscribe ``url`` to task events; the answer holds the signing secret, once."""
-        return self._send(core.create_webhook(core.new_webhook(url, event_types, template)))
+        return self._send(
+            webhook_calls.create_webhook(webhook_calls.new_webhook(url, event_types, template))
+        )
 
     def list_webhooks(self, page_size: int = 100) -> list[WebhookOut]:
         """Every subscription, oldest first, without secrets (read ``page_size`` at a time)."""
-        return list(self._pages(lambda cursor: core.webhooks_page(page_size, cursor)))
+        return list(self._pages(lambda cursor: webhook_calls.webhooks_page(page_size, cursor)))
 
     def get_webhook(self, webhook_id: int) -> WebhookOut:
         """One subscription."""
-        return self._send(core.get_webhook(webhook_id))
+        return self._send(webhook_calls.get_webhook(webhook_id))
 
     def update_webhook(self, webhook_id: int, **changes: Any) -> WebhookOut:
         """Change the fields given: ``url``, ``event_types``, ``template`` (None: every
         template), ``enabled`` (False: no deliveries are made, pending ones wait)."""
-        return self._send(core.update_webhook(webhook_id, changes))
+        return self._send(webhook_calls.update_webhook(webhook_id, changes))
 
     def roll_webhook_secret(self, webhook_id: int, overlap: float = 86400.0) -> WebhookCreated:
         """A new signing secret (shown this once); for ``overlap`` seconds deliveries are
         signed with the old one too, so receivers can move over meanwhile."""
-        return self._send(core.roll_webhook_secret(webhook_id, overlap))
+        return self._send(webhook_calls.roll_webhook_secret(webhook_id, overlap))
 
     def delete_webhook(self, webhook_id: int) -> None:
         """Delete a subscription and its deliveries."""
-        self._send(core.delete_webhook(webhook_id))
+        self._send(webhook_calls.delete_webhook(webhook_id))
 
     def webhook_deliveries(self, webhook_id: int, page_size: int = 50) -> Iterator[DeliveryOut]:
         """A subscription's deliveries, newest first, a page at a time."""
-        yield from self._pages(lambda cursor: core.deliveries_page(webhook_id, page_size, cursor))
+        yield from self._pages(
+            lambda cursor: webhook_calls.deliveries_page(webhook_id, page_size, cursor)
+        )
 
     def redeliver(self, webhook_id: int, delivery_id: int) -> DeliveryOut:
         """Send a delivery again now, with the same id and body; the delivery, queued."""
-        return self._send(core.redeliver(webhook_id, delivery_id))
+        return self._send(webhook_calls.redeliver(webhook_id, delivery_id))
 
     def callback_secret(self) -> str:
         """The secret that signs deliveries to tasks' ``callback_url``."""
-        return self._send(core.callback_secret())
+        return self._send(webhook_calls.callback_secret())
 
     # -- batches ---------------------------------------------------------------------------
 
