@@ -11,10 +11,11 @@ seen even when a notification is lost.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
+
+from orchestra import logs
 
 T = TypeVar("T")
 
@@ -128,7 +129,7 @@ class SharedReads:
         pending = self._pending.get(key)
         if pending is None:
             # Shared by every caller: not in the context (the task) of the first one.
-            pending = asyncio.create_task(_awaited(load), context=contextvars.Context())
+            pending = logs.shared_task(_awaited(load), "shared-read")
             self._pending[key] = pending
             pending.add_done_callback(lambda _f: self._pending.pop(key, None))
         result: T = await asyncio.shield(pending)

@@ -130,10 +130,8 @@ class EventController(Controller):
             after, named = int(last_event_id), "Last-Event-ID"
         given = None if after is None else await feed.highest_given()
         if after is not None and given is not None and after > given:
-            raise InvalidRequest(
-                f"{named}: {_PAST.format(given=given)}",
-                [FieldProblem(named, _PAST.format(given=given))],
-            )
+            past = _PAST.format(given=given)
+            raise InvalidRequest(f"{named}: {past}", [FieldProblem(named, past)])
         # Fixed now, before the answer starts: what happens once it has started is sent.
         start = await feed.newest() if after is None else after
 

@@ -375,8 +375,9 @@ class Client:
         file (or of the encoded rows) as it is sent (a progress bar).
 
         Raises:
-            ValueError: a row JSON cannot carry (nothing is sent), or a file's format is
-                not known."""
+            ValueError: a row JSON cannot carry (UnsendableValue: nothing is sent), or a
+                file's format is not known.
+            TypeError: rows of the wrong kind (a str, a dict; a row that is not a dict)."""
         with batch_calls.create_batch(
             template, rows, data_format, idempotency_key, options, on_sent
         ) as call:
