@@ -25,7 +25,9 @@ import msgspec
 
 from orchestra import logs, metrics
 from orchestra.batch_input import InputRow, csv_rows, jsonl_rows
+from orchestra.batch_lease import held, lease_end
 from orchestra.bulk import BulkOutcome, BulkService
+from orchestra.config import WorkerSettings
 from orchestra.db import batches as db
 from orchestra.db.batches import LANE, BatchStore, FailedRow, ResultRow, RowRefused, RowTask
 from orchestra.domain import ANONYMOUS_SCOPE, TaskStatus, as_utc, iso, now, storable_id
@@ -160,10 +162,19 @@ class Progress(msgspec.Struct, frozen=True):
 class BatchService:
     """What the API can do with batches; built per request from the runtime's parts."""
 
-    def __init__(self, store: BatchStore, tasks: TaskService, bulk: BulkService) -> None:
+    def __init__(
+        self,
+        store: BatchStore,
+        tasks: TaskService,
+        bulk: BulkService,
+        *,
+        lease_seconds: float = WorkerSettings.lease_seconds,
+    ) -> None:
         self.store = store
         self.tasks = tasks
         self.bulk = bulk
+        #: How long an upload holds its batch between renewals (:mod:`orchestra.batch_lease`).
+        self.lease_seconds = lease_seconds
 
     async def upload(
         self, opts: BatchOptions, chunks: AsyncIterator[bytes], *, key_id: str | None = None
@@ -202,20 +213,22 @@ class BatchService:
                     )
                 spool.seek(0)
                 batch, created = await self._open(opts, template, scope)
-                await self._load(batch.id, _replay(spool))
+                async with held(self.store, batch.id, self._lease(opts)):
+                    await self._load(batch.id, _replay(spool))
         else:
             # The first row before the batch: a body that cannot be read at all makes none.
             first = await anext(checked, None)
             if first is None:
                 raise _no_rows()
             batch, created = await self._open(opts, template, scope)
-            try:
-                problems, total = await self._load(batch.id, _chain(first, checked))
-            except Exception as exc:  # a client gone midway too (ClientGone)
-                # Nobody can finish it: no key to send the rest with, or past the row cap.
-                if opts.idempotency_key is None or _past_the_cap(exc):
-                    await self._close_cut(batch.id, exc)
-                raise
+            async with held(self.store, batch.id, self._lease(opts)):
+                try:
+                    problems, total = await self._load(batch.id, _chain(first, checked))
+                except Exception as exc:  # a client gone midway too (ClientGone)
+                    # Nobody can finish it: no key to send the rest with, or past the row cap.
+                    if opts.idempotency_key is None or _past_the_cap(exc):
+                        await self._close_cut(batch.id, exc)
+                    raise
         finished = Batch.of(
             await self.store.db.transaction(lambda c: db.mark_loaded(c, batch.id, iso(now())))
         )
@@ -251,6 +264,12 @@ class BatchService:
                 f"(POST /api/v1/batches/{batch_id}/cancel stops them)"
             )
             error.args = (error.message,)
+
+    def _lease(self, opts: BatchOptions) -> float | None:
+        """How long the upload holds its batch between renewals (:mod:`~orchestra.batch_lease`):
+        a keyless batch is closed once its upload's process died; one with a key waits, still
+        ``loading``, for its client to send the upload again."""
+        return None if opts.idempotency_key else self.lease_seconds
 
     async def _checked(
         self, opts: BatchOptions, template: Template, rows: AsyncIterator[InputRow]
@@ -314,6 +333,7 @@ class BatchService:
             ).decode(),
             "atomic": int(opts.atomic),
             "status": "loading",
+            "upload_expires_at": lease_end(self._lease(opts)),
             "idempotency_key": opts.idempotency_key,
             "idempotency_scope": scope,
             "request_hash": opts.fingerprint(),

@@ -1,7 +1,7 @@
 """The worker pool's side loops that need none of its running tasks: a body run every so
-often (failures logged, the loop carries on), the reaper of dead workers' leases (and the
-rescue of a dead process's tasks, without waiting for their leases), and the retention that
-deletes old finished tasks in small batches."""
+often (failures logged, the loop carries on), the reaper of dead workers' leases (and of dead
+uploads' batches; and the rescue of a dead process's tasks, without waiting for their leases),
+and the retention that deletes old finished tasks in small batches."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from collections.abc import Awaitable, Callable, Collection
 from datetime import timedelta
 
 from orchestra import logs, metrics
+from orchestra.batch_lease import reap_lost_uploads
 from orchestra.config import RetentionSettings
 from orchestra.db import TaskStore
 from orchestra.db.attempts import LeaseEnd
+from orchestra.db.batches import BatchStore
 from orchestra.domain import TaskStatus
 from orchestra.errors import StorageError
 
@@ -48,9 +50,11 @@ async def every(
 async def reap(store: TaskStore, queued: Callable[[], None], running: Collection[int] = ()) -> None:
     """Fold the counters' change log, and return the tasks of workers whose leases expired
     to the queue (or fail those out of attempts), but for those this process is ``running``;
-    ``queued()`` when any was queued again."""
+    ``queued()`` when any was queued again. Then close the batches whose upload died with its
+    process (:func:`~orchestra.batch_lease.reap_lost_uploads`)."""
     await store.fold_counts()
     _moved(await store.requeue_expired(running), queued)
+    await reap_lost_uploads(BatchStore(store.db))
 
 
 async def rescue(store: TaskStore, owner: str, cause: str, queued: Callable[[], None]) -> None:

@@ -173,7 +173,12 @@ class Runtime:
     @property
     def batches(self) -> BatchService:
         """Batches over datasets (a view over the store, the tasks and the bulk actions)."""
-        return BatchService(BatchStore(self.db), self.tasks, self.bulk)
+        return BatchService(
+            BatchStore(self.db),
+            self.tasks,
+            self.bulk,
+            lease_seconds=self.settings.workers.lease_seconds,
+        )
 
     @property
     def webhooks(self) -> WebhookService:

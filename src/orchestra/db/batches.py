@@ -10,6 +10,13 @@ second's insert of that ``batch_rows`` key then fails with a unique violation, a
 :class:`~orchestra.db.postgres_engine.PostgresDatabase` runs the chunk again, which now sees
 the row and skips it (the chunk's tasks go with the rolled-back transaction).
 
+**An upload's lease.** While its rows are read, a batch is ``loading``; a keyless one's
+``upload_expires_at`` is renewed by the request reading them (:func:`renew_upload`), however
+slowly its body comes. A process that dies mid-upload renews it no more: once it lapses, any
+process's reaper closes the batch with the rows stored (:func:`close_lost_uploads`), as the
+request does when its upload fails. Its rows ran all along. A batch with an idempotency key
+has no lease: cut, it stays ``loading`` until its client sends the upload again.
+
 **The batch lane.** A row's task is queued with its batch's priority minus :data:`LANE`, so
 below every single task (whose priorities are -1000 to 1000): the claim, one statement over
 the queue index ordered by priority, takes a waiting interactive task before any batch row,
@@ -243,6 +250,7 @@ def mark_loaded(conn: Connection, batch_id: int, at: str) -> dict[str, Any]:
                 row_count=total,
                 invalid_count=invalid,
                 loaded_at=func.coalesce(batches.c.loaded_at, at),
+                upload_expires_at=None,
             )
             .returning(*batches.c)
         )
@@ -250,6 +258,37 @@ def mark_loaded(conn: Connection, batch_id: int, at: str) -> dict[str, Any]:
         .one()
     )
     return dict(row)
+
+
+def renew_upload(conn: Connection, batch_id: int, until: str) -> bool:
+    """The batch's upload is alive: hold it until ``until``. False when it is not loading
+    (a reaper closed it meanwhile, its lease lapsed; the rows still read go in, and the upload
+    counts them at its end)."""
+    held = conn.execute(
+        update(batches)
+        .where(batches.c.id == batch_id, batches.c.status == "loading")
+        .values(upload_expires_at=until)
+    )
+    return bool(held.rowcount)
+
+
+def close_lost_uploads(conn: Connection, at: str, limit: int = 100) -> list[dict[str, Any]]:
+    """Close the batches whose upload's lease lapsed before ``at`` (its process died): each
+    is marked ``loaded`` with the rows stored (:func:`mark_loaded`). Their rows are locked and
+    those locked are skipped (PostgreSQL), so two reapers never close the same batch. Returns
+    the batches closed."""
+    lost = (
+        select(batches.c.id)
+        .where(
+            batches.c.status == "loading",
+            batches.c.upload_expires_at < at,
+            batches.c.idempotency_key.is_(None),
+        )
+        .order_by(batches.c.upload_expires_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return [mark_loaded(conn, batch_id, at) for batch_id in conn.execute(lost).scalars().all()]
 
 
 def clear_cancelled(conn: Connection, batch_id: int) -> None:
@@ -330,6 +369,11 @@ class BatchStore:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+
+    async def reap_uploads(self, at: str) -> list[dict[str, Any]]:
+        """Close the batches whose upload's lease lapsed before ``at``
+        (:func:`close_lost_uploads`); returns them."""
+        return await self.db.transaction(lambda conn: close_lost_uploads(conn, at))
 
     async def get(self, batch_id: int) -> dict[str, Any] | None:
         """One batch's row, or None."""

@@ -517,6 +517,16 @@ _V18 = (
     "ALTER TABLE batches ADD COLUMN revision INTEGER NOT NULL DEFAULT 0",
 )
 
+# A keyless batch's upload holds a lease while it runs (db.batches): a process that dies
+# mid-upload leaves a batch that any reaper closes once it lapses. Keyless batches left loading
+# before this have no upload that renews it: theirs has lapsed already.
+_V19 = (
+    "ALTER TABLE batches ADD COLUMN upload_expires_at TEXT",
+    "UPDATE batches SET upload_expires_at = created_at "
+    "WHERE status = 'loading' AND idempotency_key IS NULL",
+    "CREATE INDEX ix_batches_uploads ON batches (upload_expires_at) WHERE status = 'loading'",
+)
+
 
 def _statements(*statements: str, postgresql: tuple[str, ...] | None = None) -> Migration:
     def apply(conn: Connection) -> None:
@@ -551,5 +561,6 @@ MIGRATIONS: list[Migration] = [
     _statements(*_V16, postgresql=_V16_POSTGRESQL),
     _statements(_V17),
     _statements(*_V18),
+    _statements(*_V19),
 ]
 LATEST = len(MIGRATIONS)

@@ -403,10 +403,16 @@ batches = Table(
     # bumped, when rows are queued again (a retry) or added.
     Column("tally", Text),
     Column("revision", Int, nullable=False, server_default=text("0")),
+    # While ``loading``: when its upload is given up for lost unless the request reading it
+    # renews this first (every lease_seconds / 3); any process's reaper then closes it, as
+    # that request would have (migration 19). NULL once loaded.
+    Column("upload_expires_at", Text),
     _one_of("status", ("loading", "loaded")),
     Index("ux_batches_idempotency", "idempotency_scope", "idempotency_key", unique=True),
     sqlite_autoincrement=True,
 )
+# Uploads to reap: only loading rows.
+Index("ix_batches_uploads", batches.c.upload_expires_at, sqlite_where=batches.c.status == "loading")
 
 # One row of a batch: its task, or (task_id NULL, error set) why the row was refused. The key
 # (batch_id, row_no) makes a row's task unique and orders the results by input row.
