@@ -308,3 +308,35 @@ async def test_every_keeps_a_time_zone_it_ignores(service: Service) -> None:
     assert changed.status_code == 200, changed.text
     assert (changed.json()["every"], changed.json()["cron"]) == ("1h", None)
     assert changed.json()["timezone"] == "Europe/Paris"
+
+
+# -- a query value of the wrong kind is quoted as sent -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "field", "message"),
+    [
+        # Every query value is text: "not a string" said nothing of what was wrong.
+        ("/api/v1/events?after=1.5", "after", "must be an integer or null, not '1.5'"),
+        ("/api/v1/events?after=abc", "after", "must be an integer or null, not 'abc'"),
+        ("/api/v1/tasks?limit=1.5", "limit", "must be an integer, not '1.5'"),
+        ("/api/v1/tasks?limit=" + "x" * 60, "limit", "must be an integer, not '" + "x" * 40 + "…'"),
+        # NaN passes no bound, and said "must be at least 0"; past a float's range, msgspec's
+        # own "Number out of range".
+        ("/api/v1/tasks/1?wait=nan", "wait", "must be a finite number, not 'nan'"),
+        ("/api/v1/tasks/1?wait=1.5e400", "wait", "must be a finite number, not '1.5e400'"),
+    ],
+)
+async def test_a_query_value_of_the_wrong_kind_is_quoted_as_sent(
+    service: Service, query: str, field: str, message: str
+) -> None:
+    response = await service.client.get(query)
+    assert response.status_code == 400, response.text
+    assert response.json()["fields"] == [{"field": field, "message": message}]
+
+
+async def test_a_query_number_past_its_bounds_keeps_its_words(service: Service) -> None:
+    response = await service.client.get("/api/v1/tasks/1?wait=61")
+    assert response.json()["fields"] == [{"field": "wait", "message": "must be at most 60"}]
+    response = await service.client.get("/api/v1/tasks?limit=" + "9" * 60)
+    assert response.json()["fields"] == [{"field": "limit", "message": "must be at most 500"}]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import re
 from enum import Enum
 from typing import Any, Literal, NamedTuple, get_args, get_origin, get_type_hints
@@ -323,7 +324,11 @@ def validation_error(
 ) -> Response[ErrorBody]:
     """A request whose body, path or query does not fit its declared types."""
     extras = exc.extra if isinstance(exc.extra, list) else []
-    fields = [_with_choices(request, _problem(e)) for e in extras if isinstance(e, dict)]
+    fields = [
+        _as_sent(request, e, _with_choices(request, _problem(e)))
+        for e in extras
+        if isinstance(e, dict)
+    ]
     detail = exc.detail or "invalid request"
     missing = _MISSING.match(detail)
     if not fields and missing:
@@ -333,6 +338,31 @@ def validation_error(
     if fields:
         detail = "; ".join(f"{f.field}: {f.message}" for f in fields)
     return _body(HTTP_400_BAD_REQUEST, "invalid_request", detail, fields)
+
+
+def _as_sent(request: Request[Any, Any, Any], extra: dict[str, Any], problem: FieldOut) -> FieldOut:
+    """A query parameter's problem with its value quoted as sent. Every query value is text, so
+    msgspec's "…, not a string" says nothing of what was wrong; and NaN passes no bound (it
+    said "must be at least 0"), while a number past a float's range said "Number out of
+    range"."""
+    key = str(extra.get("key") or "")
+    raw = request.query_params.get(key) if extra.get("source") == "query" else None
+    if not isinstance(raw, str):
+        return problem
+    shown = repr(raw if len(raw) <= _QUOTED_ID else raw[:_QUOTED_ID] + "…")
+    if problem.message.endswith(", not a string"):
+        return FieldOut(problem.field, problem.message.removesuffix("a string") + shown)
+    if extra.get("message") == "Number out of range" or _not_finite(raw):
+        return FieldOut(problem.field, f"must be a finite number, not {shown}")
+    return problem
+
+
+def _not_finite(raw: str) -> bool:
+    """Whether ``raw`` reads as a number that is NaN or infinite."""
+    try:
+        return not math.isfinite(float(raw))
+    except ValueError:
+        return False
 
 
 def _bad_body(reason: str, status: int = HTTP_400_BAD_REQUEST) -> Response[ErrorBody]:
