@@ -78,7 +78,14 @@ def _moved(moved: dict[int, LeaseEnd], queued: Callable[[], None], **why: str) -
         metrics.lease_expired(end.status.value)
         if end.status is TaskStatus.FAILED:  # out of attempts: finished, as any failure
             metrics.task_finished(end.template, end.status.value)
-        log.warning("task.lease_expired", task_id=task_id, now=end.status.value, **why)
+        log.warning(
+            "task.lease_expired",
+            task_id=task_id,
+            template=end.template,
+            attempt=end.attempt,
+            now=end.status.value,
+            **why,
+        )
     if any(end.status is TaskStatus.QUEUED for end in moved.values()):
         queued()
 

@@ -304,6 +304,8 @@ async def test_a_dead_processs_task_runs_again_at_once_not_when_its_lease_expire
     assert re.fullmatch(died, lost["error"]["message"]), lost
     [logged] = events(service, "task.lease_expired")
     assert logged["task_id"] == task_id and str(victim) in logged["process_died"], logged
+    # As every line of a task's run: its template and the attempt lost.
+    assert (logged["template"], logged["attempt"], logged["now"]) == ("summarize", 1, "queued")
     # Each line says which process wrote it (they share one stream).
     assert {e["process"] for e in events(service, "pool.started")} == {1, 2}
     assert logged["process"] in (1, 2)

@@ -496,10 +496,12 @@ def died(cause: str) -> tuple[TaskError, TaskError]:
 
 class LeaseEnd(msgspec.Struct, frozen=True):
     """A task whose lease ended without its worker: the status it moved to (queued again,
-    or failed out of attempts) and its template (for the metrics)."""
+    or failed out of attempts), its template (for the metrics and the log) and the attempt
+    lost."""
 
     status: TaskStatus
     template: str
+    attempt: int
 
 
 def expire_leases(
@@ -554,4 +556,4 @@ def expire_leases(
         events.append(conn, row.id, TaskLeaseExpired(attempt=row.attempts), now)
         if row.status == TaskStatus.FAILED.value:
             events.append(conn, row.id, TaskFinished(status=row.status, error=gave_up), now)
-    return {row.id: LeaseEnd(TaskStatus(row.status), row.template) for row in rows}
+    return {row.id: LeaseEnd(TaskStatus(row.status), row.template, row.attempts) for row in rows}
