@@ -298,6 +298,7 @@ async def fire_due(
             outcome=fired.outcome,
             task_id=fired.task_id,
             reason=fired.reason,  # why no task: a skip's earlier task, a failure's error
+            missed=fired.missed,  # the ticks missed before this one, if any
         )
     return fired
 

@@ -331,7 +331,8 @@ async def test_after_downtime_catch_up_latest_fires_once_for_the_missed_ticks(
 ) -> None:
     await create(idle, cron="*/10 * * * *", catch_up="latest")
     clock_of(idle).advance(5 * 3600 + 7 * 60)  # down for five hours
-    await fire_due(idle)
+    with captured() as logged:
+        await fire_due(idle)
     got = await fires(idle, "digest")
     assert [(f["fire_at"], f["outcome"]) for f in got] == [
         (iso(START + timedelta(hours=5)), "submitted"),
@@ -341,6 +342,9 @@ async def test_after_downtime_catch_up_latest_fires_once_for_the_missed_ticks(
         f"to before {iso(START + timedelta(hours=5))} was missed (the service was not "
         "running, or could not use its database)"
     )
+    # The log line of the tick that fired says the ticks missed before it too (it did not).
+    [line] = events(logged, "schedule.fired")
+    assert (line["outcome"], line["missed"]) == ("submitted", got[1]["error"]), line
     one = (await idle.client.get(f"{SCHEDULES}/digest")).json()
     assert one["next_fire_at"] == iso(START + timedelta(hours=5, minutes=10))
     assert sql_rows(db_url, "SELECT count(*) FROM tasks") == [(1,)]

@@ -40,11 +40,13 @@ _NAME_TAKEN = [FieldProblem("name", "is taken by another schedule")]
 
 
 class Fired(msgspec.Struct, frozen=True):
-    """The outcome of a fire, the task it made, and why none was made (as recorded)."""
+    """The outcome of a fire, the task it made, why none was made (as recorded), and which
+    ticks before it were missed (as their ``missed`` record says)."""
 
     outcome: Outcome
     task_id: int | None = None
     reason: str | None = None
+    missed: str | None = None
 
 
 class Fire(msgspec.Struct, frozen=True):
@@ -291,7 +293,7 @@ class ScheduleStore:
                 )
                 conn.execute(record(conn, first, "missed", why))
             if fire_at is None:
-                return Fired("missed", reason=why)
+                return Fired("missed", reason=why, missed=why)
             outcome: Outcome = "submitted" if task is not None else "failed"
             told = error
             if task is not None and schedule.spec.overlap == "skip":
@@ -302,9 +304,9 @@ class ScheduleStore:
             # RETURNING, not rowcount: on PostgreSQL an INSERT's rowcount here is -1, row or
             # no row.
             if conn.execute(record(conn, fire_at, outcome, told)).first() is None:
-                return Fired("duplicate")
+                return Fired("duplicate", missed=why)
             if outcome != "submitted" or task is None:
-                return Fired(outcome, reason=told)
+                return Fired(outcome, reason=told, missed=why)
             row = queue.enqueue(conn, task, at)
             assert row is not None  # no idempotency key: nothing to conflict with
             conn.execute(
@@ -312,7 +314,7 @@ class ScheduleStore:
                 .where(f.schedule_id == schedule.id, f.fire_at == fire_at)
                 .values(task_id=row["id"])
             )
-            return Fired("submitted", row["id"])
+            return Fired("submitted", row["id"], missed=why)
 
         return await self.db.transaction(work, small=True)
 
