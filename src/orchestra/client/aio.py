@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import (
+    AsyncIterable,
     AsyncIterator,
     Awaitable,
     Callable,
@@ -378,7 +379,7 @@ class AsyncClient:
     async def create_batch(
         self,
         template: str,
-        rows: Path | bytes | Iterable[Mapping[str, Any]],
+        rows: Path | bytes | Iterable[Mapping[str, Any]] | AsyncIterable[Mapping[str, Any]],
         *,
         data_format: str | None = None,
         idempotency_key: str | None = None,
@@ -386,8 +387,9 @@ class AsyncClient:
         **options: Any,
     ) -> UploadOut:
         """Run ``template`` over every row: a CSV or JSON-lines file (streamed; its format from
-        its suffix unless ``data_format`` says), that text as bytes, or an iterable of
-        parameter dicts. ``options``: ``template_version``, ``model``, ``priority``,
+        its suffix unless ``data_format`` says), that text as bytes, or an iterable or async
+        iterable of parameter dicts (every row encoded on the loop before the upload starts).
+        ``options``: ``template_version``, ``model``, ``priority``,
         ``max_attempts``, ``timeout``, ``atomic``. The same ``idempotency_key`` again resumes
         the batch (rows it has are skipped). ``on_sent`` hears the size of each piece of a
         file (or of the encoded rows) as it is sent (a progress bar).
@@ -396,8 +398,9 @@ class AsyncClient:
             ValueError: a row JSON cannot carry (UnsendableValue: nothing is sent), or a
                 file's format is not known.
             TypeError: rows of the wrong kind (a str, a dict; a row that is not a dict)."""
+        given = await batch_calls.spooled_async(rows) if isinstance(rows, AsyncIterable) else rows
         with batch_calls.create_batch(
-            template, rows, data_format, idempotency_key, options, on_sent
+            template, given, data_format, idempotency_key, options, on_sent
         ) as call:
             return await self._send(call)
 

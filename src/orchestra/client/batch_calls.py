@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -31,10 +31,18 @@ SPOOLED = 8 * 1024 * 1024
 SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 
+class EncodedRows:
+    """Rows already encoded as JSON lines into a spool (:func:`spooled_async`: an async
+    iterable's, read on the loop); :func:`create_batch` sends it and closes it."""
+
+    def __init__(self, spool: IO[bytes]) -> None:
+        self.spool = spool
+
+
 @contextmanager
 def create_batch(
     template: str,
-    rows: Path | bytes | Iterable[Mapping[str, Any]],
+    rows: Path | bytes | Iterable[Mapping[str, Any]] | EncodedRows,
     data_format: str | None,
     idempotency_key: str | None,
     options: Mapping[str, Any],
@@ -69,6 +77,10 @@ def create_batch(
         body = _heard(lambda: _file_pieces(path), on_sent)
     elif isinstance(rows, bytes):
         content = rows
+    elif isinstance(rows, EncodedRows):
+        data_format, spool = "jsonl", rows.spool
+        encoded = spool
+        body = _heard(lambda: _spool_pieces(encoded), on_sent)
     elif isinstance(rows, (str, bytearray, memoryview, Mapping)) or not isinstance(rows, Iterable):
         raise TypeError(
             f"rows must be a Path, bytes or an iterable of parameter dicts, not "
@@ -116,16 +128,41 @@ def _spooled(rows: Iterable[Mapping[str, Any]]) -> IO[bytes]:
     spool = tempfile.SpooledTemporaryFile(max_size=SPOOLED)
     try:
         for number, row in enumerate(rows, 1):
-            if not isinstance(row, Mapping):
-                raise TypeError(f"row {number} is a {type(row).__name__}, not a dict of params")
-            try:
-                spool.write(encode(row, root="the row") + b"\n")
-            except UnsendableValue as exc:
-                raise UnsendableValue(f"row {number}: {exc}") from None
+            _write_row(spool, number, row)
     except BaseException:  # that, the caller's iterable failing, a type msgspec refuses
         spool.close()
         raise
     return spool
+
+
+async def spooled_async(rows: AsyncIterable[Mapping[str, Any]]) -> EncodedRows:
+    """:func:`_spooled` for an async iterable: its rows encoded as they come (on the loop),
+    every one before anything is sent.
+
+    Raises:
+        UnsendableValue: a row JSON cannot carry, named by its number and its place.
+        TypeError: a row that is not a dict.
+    """
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOLED)
+    try:
+        number = 0
+        async for row in rows:
+            number += 1
+            _write_row(spool, number, row)
+    except BaseException:
+        spool.close()
+        raise
+    return EncodedRows(spool)
+
+
+def _write_row(spool: IO[bytes], number: int, row: object) -> None:
+    """Row ``number`` (from 1, as the service numbers rows) as a JSON line."""
+    if not isinstance(row, Mapping):
+        raise TypeError(f"row {number} is a {type(row).__name__}, not a dict of params")
+    try:
+        spool.write(encode(row, root="the row") + b"\n")
+    except UnsendableValue as exc:
+        raise UnsendableValue(f"row {number}: {exc}") from None
 
 
 def _pieces(file: IO[bytes]) -> Iterator[bytes]:
