@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
-import secrets
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
@@ -220,8 +217,3 @@ async def renew_leases(
             record.interrupt(StopReason.LEASE_LOST)
     for task_id in renewal.cancel_requested:
         cancel(task_id)  # asked for by another process
-
-
-def worker_id() -> str:
-    """A name for a process's pool that is unique across restarts: host:pid:random."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"

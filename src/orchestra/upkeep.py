@@ -6,6 +6,7 @@ and the retention that deletes old finished tasks in small batches."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable, Collection
 from datetime import timedelta
 
@@ -17,6 +18,7 @@ from orchestra.db.attempts import LeaseEnd
 from orchestra.db.batches import BatchStore
 from orchestra.domain import TaskStatus
 from orchestra.errors import StorageError
+from orchestra.owners import known_dead
 
 log = logs.get("orchestra.worker")
 
@@ -71,6 +73,17 @@ async def rescue(store: TaskStore, owner: str, cause: str, queued: Callable[[], 
         log.exception("pool.rescue_failed", owner=owner)
         return
     _moved(moved, queued, process_died=cause)
+
+
+async def rescue_dead_here(store: TaskStore, me: str, queued: Callable[[], None]) -> None:
+    """Return the tasks of every process on this machine known dead
+    (:func:`~orchestra.owners.known_dead`: a restart after a crash) to the queue now, as
+    :func:`rescue` does, rather than when their leases expire."""
+    host = me.split(":", 1)[0]
+    for owner in await store.running_owners(host):
+        pid = known_dead(owner, me)
+        if pid is not None:
+            await rescue(store, owner, f"pid {pid}, gone when pid {os.getpid()} started", queued)
 
 
 def _moved(moved: dict[int, LeaseEnd], queued: Callable[[], None], **why: str) -> None:

@@ -49,6 +49,7 @@ from orchestra.domain import (
     now,
 )
 from orchestra.errors import LeaseLost, StorageError, TemplateNotFound
+from orchestra.owners import worker_id
 from orchestra.pool_health import PoolHealth
 from orchestra.runner import Runner, StepFailed
 from orchestra.running import (
@@ -58,7 +59,6 @@ from orchestra.running import (
     Writer,
     renew_leases,
     within_lease,
-    worker_id,
 )
 from orchestra.sizes import clip_message
 from orchestra.templating.model import Template
@@ -131,9 +131,11 @@ class WorkerPool:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Return dead workers' tasks to the queue, then start claiming."""
+        """Return dead workers' tasks to the queue (those of a process on this machine known
+        dead at once, :mod:`orchestra.owners`), then start claiming."""
         try:
             await self._reap()
+            await upkeep.rescue_dead_here(self.store, self.owner, self._wake.set)
         except StorageError as exc:  # the reaper's loop tries again
             log.warning("pool.reap_failed", error=exc.message)
         self._start_dispatcher()

@@ -66,3 +66,39 @@ async def test_sigkill_mid_run_loses_nothing_and_finishes_nothing_twice(
     assert {n for _, n in wins} == {1}, "no task may succeed twice"
     assert lost[0] == at_kill["running"], "every interrupted attempt is recorded as lost"
     assert stuck == (0,)
+
+
+async def test_a_lone_process_restarted_after_kill_9_takes_its_tasks_back_at_once(
+    fake_ollama: FakeOllama, tmp_path: Path, db_url: str
+) -> None:
+    """A lone process SIGKILLed mid-task and started again on the same machine: its task ran
+    again only once its lease expired (60 s here), while newer tasks ran. The new process
+    knows the old one is dead (this machine, this pid namespace, its pid gone) and takes the
+    task back as it starts; the lost attempt counts and says so."""
+    port, config = free_port(), tmp_path / "restart.toml"
+    write_config(config, port=port, db=db_url, ollama_url=fake_ollama.url, lease_seconds=60)
+    fake_ollama.close_gate("llama3.2")
+    first = await start_process(config)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            body = {"template": "summarize", "params": {"text": "crash me"}}
+            task_id = (await client.post("/api/v1/tasks", json=body)).json()["id"]
+            await wait_until(lambda: fake_ollama.held("llama3.2") == 1, timeout=10)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+    fake_ollama.open_gate("llama3.2")
+    second = await start_process(config)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            done = (await client.get(f"/api/v1/tasks/{task_id}?wait=15")).json()
+    finally:
+        second.send_signal(signal.SIGTERM)
+        await second.wait()
+    assert done["status"] == "succeeded", done
+    lost, won = done["attempts"]
+    assert lost["status"] == "lost" and won["status"] == "succeeded"
+    dead = lost["worker"].split(":")[1]
+    assert f"the process running this attempt died (pid {dead}, gone when pid" in (
+        lost["error"]["message"]
+    ), lost

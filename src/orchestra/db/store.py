@@ -478,6 +478,20 @@ class TaskStore:
         """One task with its attempts and the steps of its current attempt, or None."""
         return await self.reads.task(task_id)
 
+    async def running_owners(self, host: str) -> list[str]:
+        """The worker pools on ``host`` (their owner names start ``host:``) that hold the
+        lease of a running task."""
+        query = (
+            select(tasks.c.lease_owner)
+            .where(
+                tasks.c.status == TaskStatus.RUNNING.value,
+                tasks.c.lease_owner.startswith(host + ":", autoescape=True),
+            )
+            .distinct()
+        )
+        async with self.db.read() as conn:
+            return [str(owner) for owner in (await conn.execute(query)).scalars()]
+
     async def cancels_requested(self, task_ids: Collection[int]) -> set[int]:
         """Those of ``task_ids`` someone asked to cancel (a read: the lease renewal tells
         too, later, with its write)."""
