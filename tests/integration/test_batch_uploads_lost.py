@@ -16,11 +16,12 @@ from sqlalchemy import Connection
 from orchestra.config import Settings
 from orchestra.db import Database
 from orchestra.db.batches import BatchStore
-from orchestra.db.schema import MIGRATIONS, current_version, upgrade
+from orchestra.db.schema import upgrade
 from orchestra.domain import iso, now
 from tests.conftest import StartService, make_settings, sql_rows
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.logs import captured
+from tests.fixtures.migrated import stop_at
 from tests.fixtures.servers import free_port, start_process, wait_until, write_config
 
 #: Leases of a second, reaped five times a second.
@@ -140,10 +141,7 @@ async def test_migration_19_gives_a_keyless_batch_left_loading_a_lapsed_lease(db
     old = Database(db_url)
 
     def version_18(conn: Connection) -> None:
-        current_version(conn)
-        for number, migration in enumerate(MIGRATIONS[:18], start=1):
-            migration(conn)
-            conn.exec_driver_sql(f"INSERT INTO schema_version VALUES ({number}, 'then')")
+        stop_at(conn, 18)
         for key, status in [("NULL", "loading"), ("'k'", "loading"), ("NULL", "loaded")]:
             conn.exec_driver_sql(
                 "INSERT INTO batches (template, template_version, options, status, "

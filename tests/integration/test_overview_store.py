@@ -11,9 +11,10 @@ from sqlalchemy import Connection
 
 from orchestra.db import Database, Lease, TaskStore, overview
 from orchestra.db.overview import DashboardStore, TaskFilter
-from orchestra.db.schema import MIGRATIONS, current_version, upgrade
+from orchestra.db.schema import upgrade
 from orchestra.domain import NewTask, Step, StepStatus, TaskError, TaskStatus, Usage, iso
 from tests.conftest import sql_rows
+from tests.fixtures.migrated import stop_at
 
 NOW = datetime(2026, 12, 1, 13, 5, 30, tzinfo=UTC)
 
@@ -133,10 +134,7 @@ async def test_migration_5_counts_the_rows_already_there(db_url: str) -> None:
     old = Database(db_url)
 
     def version_4(conn: Connection) -> None:
-        current_version(conn)
-        for number, migration in enumerate(MIGRATIONS[:4], start=1):
-            migration(conn)
-            conn.exec_driver_sql(f"INSERT INTO schema_version VALUES ({number}, 'then')")
+        stop_at(conn, 4)
         for i, status in enumerate(["queued", "running", "failed", "succeeded", "succeeded"]):
             conn.exec_driver_sql(
                 "INSERT INTO tasks (template, template_version, status, params, run_at, "
