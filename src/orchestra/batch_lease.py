@@ -13,12 +13,16 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 
 from orchestra import logs
-from orchestra.db import batches as db
 from orchestra.db.batches import BatchStore
 from orchestra.domain import iso, now
 from orchestra.errors import StorageError
 
 log = logs.get("orchestra.batches")
+
+#: The batches whose uploads this process reads now: alive, whatever their leases say (the
+#: wall clock jumped forward: a laptop woke from sleep, a clock was stepped), as a process
+#: knows its own tasks are (:func:`reap_lost_uploads` leaves them be).
+_HELD: set[int] = set()
 
 
 def lease_end(lease_seconds: float | None) -> str | None:
@@ -35,44 +39,57 @@ async def held(
     if lease_seconds is None:
         yield
         return
-    renewer = asyncio.create_task(_keep(store, batch_id, lease_seconds))
+    _HELD.add(batch_id)
+    renewer = asyncio.create_task(
+        _keep(store, batch_id, lease_seconds), name=f"orchestra-upload-lease-{batch_id}"
+    )
     try:
         yield
     finally:
+        _HELD.discard(batch_id)
         # A renewal still being written is harmless: it only touches a batch still loading.
         renewer.cancel()
 
 
 async def _keep(store: BatchStore, batch_id: int, lease_seconds: float) -> None:
+    """Renew every third of the lease; a renewal that failed is tried again sooner."""
+    wait = lease_seconds / 3
     while True:
-        await asyncio.sleep(lease_seconds / 3)
-        if not await _renew(store, batch_id, lease_seconds):
+        await asyncio.sleep(wait)
+        held = await _renew(store, batch_id, lease_seconds)
+        if held is False:
+            log.warning(
+                "batch.upload_lease_lost",
+                batch_id=batch_id,
+                reason="the batch was closed while its upload ran (its lease had lapsed)",
+            )
             return
+        wait = lease_seconds / 3 if held else lease_seconds / 12
 
 
-async def _renew(store: BatchStore, batch_id: int, lease_seconds: float) -> bool:
-    """Renew the lease; False once the batch is no longer loading (nothing more to hold). A
-    refused write is logged and tried again at the next turn."""
+async def _renew(store: BatchStore, batch_id: int, lease_seconds: float) -> bool | None:
+    """Renew the lease: True, or False once the batch is no longer loading (nothing more to
+    hold); None when the write was refused (logged; tried again)."""
     until = iso(now() + timedelta(seconds=lease_seconds))
     try:
-        return await store.db.transaction(
-            lambda conn: db.renew_upload(conn, batch_id, until), small=True
-        )
+        return await store.renew_upload(batch_id, until)
     except StorageError as exc:
         log.warning("batch.upload_renew_failed", batch_id=batch_id, error=exc.message)
     except Exception:
         log.exception("batch.upload_renew_failed", batch_id=batch_id)
-    return True
+    return None
 
 
 async def reap_lost_uploads(store: BatchStore) -> None:
-    """Close the batches whose upload's lease lapsed (the process reading it died): each is
-    ``loaded`` with the rows stored, which run as any others."""
-    for batch in await store.reap_uploads(iso(now())):
+    """Close the batches whose upload's lease lapsed (the process reading it died, or could
+    not write for a lease), but those this process reads: each is ``loaded`` with the rows
+    stored, which run as any others."""
+    for batch in await store.reap_uploads(iso(now()), keep=sorted(_HELD)):
         log.warning(
             "batch.upload_lost",
             batch_id=batch["id"],
             rows=batch["row_count"],
             invalid=batch["invalid_count"],
-            reason="its upload stopped renewing its lease: the process reading it died",
+            reason="its upload stopped renewing its lease (its process died, or could not "
+            "write to the database)",
         )

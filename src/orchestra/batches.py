@@ -27,7 +27,6 @@ from orchestra import logs, metrics
 from orchestra.batch_input import InputRow, csv_rows, jsonl_rows
 from orchestra.batch_lease import held, lease_end
 from orchestra.bulk import BulkOutcome, BulkService
-from orchestra.config import WorkerSettings
 from orchestra.db import batches as db
 from orchestra.db.batches import LANE, BatchStore, FailedRow, ResultRow, RowRefused, RowTask
 from orchestra.domain import ANONYMOUS_SCOPE, TaskStatus, as_utc, iso, now, storable_id
@@ -168,7 +167,7 @@ class BatchService:
         tasks: TaskService,
         bulk: BulkService,
         *,
-        lease_seconds: float = WorkerSettings.lease_seconds,
+        lease_seconds: float,
     ) -> None:
         self.store = store
         self.tasks = tasks

@@ -7,9 +7,10 @@ the same boot, the same pid namespace: its pid means what it means here) and its
 gone, or is this process's own (pids are unique among live processes of a namespace). A
 process restarted after a crash (kill -9, the OOM killer, a segfault) takes such leases
 back when it starts, instead of leaving their tasks to wait out ``[workers] lease_seconds``
-while newer tasks run. Anything less certain (another machine, a container restarted in a
-new pid namespace, a pid now someone else's, no /proc) is left to the lease, which is
-always safe.
+while newer tasks run (a container restarted in a new pid namespace does too when the kernel
+gives the new namespace the old one's number; the old one is gone either way). Anything less
+certain (another machine or host name, a pid now someone else's, no /proc) is left to the
+lease, which is always safe.
 """
 
 from __future__ import annotations
@@ -37,9 +38,16 @@ def _tag() -> str:
     return hashlib.sha256(f"{boot} {namespace}".encode()).hexdigest()[:8]
 
 
+#: The names this process gave its own pools (a process may run more than one: one per
+#: service app): alive, whatever their pid says.
+_ISSUED: set[str] = set()
+
+
 def worker_id() -> str:
     """A name for a process's pool, unique across restarts: ``host:pid:TAGRANDOM``."""
-    return f"{socket.gethostname()}:{os.getpid()}:{_tag()}{secrets.token_hex(3)}"
+    name = f"{socket.gethostname()}:{os.getpid()}:{_tag()}{secrets.token_hex(3)}"
+    _ISSUED.add(name)
+    return name
 
 
 def known_dead(owner: str, me: str) -> int | None:
@@ -52,9 +60,16 @@ def known_dead(owner: str, me: str) -> int | None:
     except ValueError:  # another form (an older version's name): not ours to judge
         return None
     tag = rest[:8]
-    if owner == me or host != my_host or len(rest) != 14 or tag == UNKNOWN or tag != my_rest[:8]:
+    if (
+        owner == me
+        or owner in _ISSUED
+        or host != my_host
+        or len(rest) != 14
+        or tag == UNKNOWN
+        or tag != my_rest[:8]
+    ):
         return None
-    if pid == os.getpid():
+    if pid == os.getpid():  # this process's pid, a name it did not give: its predecessor's
         return pid
     try:
         os.kill(pid, 0)

@@ -56,7 +56,12 @@ async def reap(store: TaskStore, queued: Callable[[], None], running: Collection
     process (:func:`~orchestra.batch_lease.reap_lost_uploads`)."""
     await store.fold_counts()
     _moved(await store.requeue_expired(running), queued)
-    await reap_lost_uploads(BatchStore(store.db))
+    try:  # the tasks' reaping goes on whatever befalls this
+        await reap_lost_uploads(BatchStore(store.db))
+    except StorageError as exc:
+        log.warning("batch.reap_failed", error=exc.message)
+    except Exception:
+        log.exception("batch.reap_failed")
 
 
 async def rescue(store: TaskStore, owner: str, cause: str, queued: Callable[[], None]) -> None:
@@ -79,8 +84,15 @@ async def rescue_dead_here(store: TaskStore, me: str, queued: Callable[[], None]
     """Return the tasks of every process on this machine known dead
     (:func:`~orchestra.owners.known_dead`: a restart after a crash) to the queue now, as
     :func:`rescue` does, rather than when their leases expire."""
-    host = me.split(":", 1)[0]
-    for owner in await store.running_owners(host):
+    try:
+        owners = await store.running_owners(me.split(":", 1)[0])
+    except StorageError as exc:  # their leases expire as usual
+        log.warning("pool.rescue_failed", error=exc.message)
+        return
+    except Exception:
+        log.exception("pool.rescue_failed")
+        return
+    for owner in owners:
         pid = known_dead(owner, me)
         if pid is not None:
             await rescue(store, owner, f"pid {pid}, gone when pid {os.getpid()} started", queued)

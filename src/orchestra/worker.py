@@ -133,9 +133,9 @@ class WorkerPool:
     async def start(self) -> None:
         """Return dead workers' tasks to the queue (those of a process on this machine known
         dead at once, :mod:`orchestra.owners`), then start claiming."""
+        await upkeep.rescue_dead_here(self.store, self.owner, self._wake.set)  # logs failures
         try:
             await self._reap()
-            await upkeep.rescue_dead_here(self.store, self.owner, self._wake.set)
         except StorageError as exc:  # the reaper's loop tries again
             log.warning("pool.reap_failed", error=exc.message)
         self._start_dispatcher()

@@ -340,3 +340,7 @@ async def test_a_query_number_past_its_bounds_keeps_its_words(service: Service) 
     assert response.json()["fields"] == [{"field": "wait", "message": "must be at most 60"}]
     response = await service.client.get("/api/v1/tasks?limit=" + "9" * 60)
     assert response.json()["fields"] == [{"field": "limit", "message": "must be at most 500"}]
+    # A word that reads as a number, where no number goes, is not called one.
+    response = await service.client.get("/api/v1/tasks?status=nan")
+    [problem] = response.json()["fields"]
+    assert problem["message"].startswith("'nan' is not one of queued"), problem

@@ -4,8 +4,8 @@ boot and pid namespace whose pid is gone, or is this process's own."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 from orchestra import owners
 
@@ -20,14 +20,16 @@ def test_only_an_owner_of_this_machine_and_namespace_whose_pid_is_gone_is_known_
     me = owners.worker_id()
     host, _, rest = me.split(":")
     tag = rest[:8]
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()  # reaped: its pid is free
+    # Past the highest pid the kernel gives: no process has it.
+    gone = SimpleNamespace(pid=int(Path("/proc/sys/kernel/pid_max").read_text()) + 1)
     assert owners.known_dead(f"{host}:{gone.pid}:{tag}abcdef", me) == gone.pid
-    # This process's own pid under another name: a predecessor with the same pid.
+    # This process's own pid under a name it did not give: a predecessor with the same pid.
     assert owners.known_dead(f"{host}:{os.getpid()}:{tag}abcdef", me) == os.getpid()
     alive = os.getppid()
     assert owners.known_dead(f"{host}:{alive}:{tag}abcdef", me) is None
     assert owners.known_dead(me, me) is None
+    # Another pool of this process (a second service app in it): alive, pid and all.
+    assert owners.known_dead(owners.worker_id(), me) is None
     # Another machine, boot or pid namespace, an older name, or no /proc: left to the lease.
     assert owners.known_dead(f"elsewhere:{gone.pid}:{tag}abcdef", me) is None
     other = "f" * 8 if tag != "f" * 8 else "e" * 8

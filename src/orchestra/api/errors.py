@@ -352,7 +352,10 @@ def _as_sent(request: Request[Any, Any, Any], extra: dict[str, Any], problem: Fi
     shown = repr(raw if len(raw) <= _QUOTED_ID else raw[:_QUOTED_ID] + "…")
     if problem.message.endswith(", not a string"):
         return FieldOut(problem.field, problem.message.removesuffix("a string") + shown)
-    if extra.get("message") == "Number out of range" or _not_finite(raw):
+    numeric = extra.get("message") == "Number out of range" or _BOUND.fullmatch(
+        str(extra.get("message", ""))
+    )
+    if numeric and _not_finite(raw):
         return FieldOut(problem.field, f"must be a finite number, not {shown}")
     return problem
 

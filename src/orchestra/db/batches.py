@@ -272,11 +272,13 @@ def renew_upload(conn: Connection, batch_id: int, until: str) -> bool:
     return bool(held.rowcount)
 
 
-def close_lost_uploads(conn: Connection, at: str, limit: int = 100) -> list[dict[str, Any]]:
-    """Close the batches whose upload's lease lapsed before ``at`` (its process died): each
-    is marked ``loaded`` with the rows stored (:func:`mark_loaded`). Their rows are locked and
-    those locked are skipped (PostgreSQL), so two reapers never close the same batch. Returns
-    the batches closed."""
+def close_lost_uploads(
+    conn: Connection, at: str, keep: Sequence[int] = (), limit: int = 100
+) -> list[dict[str, Any]]:
+    """Close the batches whose upload's lease lapsed before ``at`` (its process died), but
+    those in ``keep`` (the reaping process's own uploads): each is marked ``loaded`` with the
+    rows stored (:func:`mark_loaded`). Their rows are locked, and those locked skipped
+    (PostgreSQL), so two reapers never close the same batch. Returns the batches closed."""
     lost = (
         select(batches.c.id)
         .where(
@@ -288,6 +290,8 @@ def close_lost_uploads(conn: Connection, at: str, limit: int = 100) -> list[dict
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
+    if keep:
+        lost = lost.where(batches.c.id.not_in(list(keep)))
     return [mark_loaded(conn, batch_id, at) for batch_id in conn.execute(lost).scalars().all()]
 
 
@@ -370,10 +374,16 @@ class BatchStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def reap_uploads(self, at: str) -> list[dict[str, Any]]:
-        """Close the batches whose upload's lease lapsed before ``at``
+    async def renew_upload(self, batch_id: int, until: str) -> bool:
+        """Hold a loading batch's upload until ``until`` (:func:`renew_upload`)."""
+        return await self.db.transaction(
+            lambda conn: renew_upload(conn, batch_id, until), small=True
+        )
+
+    async def reap_uploads(self, at: str, keep: Sequence[int] = ()) -> list[dict[str, Any]]:
+        """Close the batches whose upload's lease lapsed before ``at``, but those in ``keep``
         (:func:`close_lost_uploads`); returns them."""
-        return await self.db.transaction(lambda conn: close_lost_uploads(conn, at))
+        return await self.db.transaction(lambda conn: close_lost_uploads(conn, at, keep))
 
     async def get(self, batch_id: int) -> dict[str, Any] | None:
         """One batch's row, or None."""

@@ -51,6 +51,11 @@ STATIC = Path(__file__).parent / "static"
 STREAM_SECONDS = 300.0
 #: A live stream asks this often (at most) whether its caller may still follow it.
 STILL_EVERY = 2.0
+#: The events that have a page fetch a part of itself: a stream asks before each (they come
+#: at most once a second, or a few times in a task's life), since a part fetched after the
+#: session ended is refused (a 401 in the browser's console) where the stream should have
+#: ended and sent the page to log in.
+FETCHING = frozenset({"changed", "refresh"})
 #: Pages are never cached: they show live state (and who is logged in).
 NO_STORE = {"cache-control": "no-store"}
 
@@ -210,8 +215,9 @@ async def bounded(
     still: Callable[[], Awaitable[bool]] | None = None,
 ) -> AsyncIterator[ServerSentEventMessage]:
     """Pass messages on for at most ``seconds``; then end (the browser reconnects). With
-    ``still``, asked before a message at most every :data:`STILL_EVERY` seconds: False ends
-    the stream (its session ended: a logout, its key revoked)."""
+    ``still``, asked before a message at most every :data:`STILL_EVERY` seconds, and before
+    every one of the :data:`FETCHING` events: False ends the stream (its session ended: a
+    logout, its key revoked)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     look_at = loop.time() + STILL_EVERY
@@ -221,7 +227,7 @@ async def bounded(
             message = await asyncio.wait_for(anext(iterator), left)
         except (StopAsyncIteration, TimeoutError):
             break
-        if still is not None and loop.time() >= look_at:
+        if still is not None and (loop.time() >= look_at or message.event in FETCHING):
             if not await still():
                 break
             look_at = loop.time() + STILL_EVERY

@@ -137,11 +137,6 @@
   // A live stream that ends on its own reconnects within seconds: only an error that lasts
   // LOST_AFTER ms shows the marker. A request that could not be sent shows it at once.
   var LOST_AFTER = 4000;
-  // A stream back after an outage has the page's live parts fetch themselves (changes were
-  // missed), once it has been open this long: a stream whose session ended opens too, and
-  // says `login` at once; the page then goes to log in instead (each fetch would be refused,
-  // a 401 in the console).
-  var CATCH_UP_AFTER = 500;
   var lost = false;
   var lostTimer = null;
 
@@ -175,10 +170,8 @@
   // often it reconnects.
   var toldToLogIn = new WeakSet();
   document.addEventListener("htmx:sseOpen", function (evt) {
+    connected();
     var source = evt.detail && evt.detail.source;
-    setTimeout(function () {
-      if (!source || source.readyState !== 2) connected();  // 2: closed (told to log in)
-    }, lost ? CATCH_UP_AFTER : 0);
     if (!source || toldToLogIn.has(source)) return;
     toldToLogIn.add(source);
     source.addEventListener("login", function (message) {
