@@ -2,8 +2,8 @@
 batch's rows renews it every ``lease_seconds / 3`` while it reads, however slowly the body
 comes; a process that dies mid-upload renews it no more, and once it lapses the reaper of
 any process with workers closes the batch with the rows stored (:func:`reap_lost_uploads`),
-as the request does when its upload fails. A batch with an idempotency key holds none: cut, it stays ``loading``
-until its client sends the upload again with the key."""
+as the request does when its upload fails. A batch with an idempotency key holds none: cut,
+it stays ``loading`` until its client sends the upload again with the key."""
 
 from __future__ import annotations
 

@@ -437,11 +437,18 @@ class BatchService:
         return await self.store.first_failures(progress.batch.id, limit)
 
     async def cancel(self, batch_id: int) -> BulkOutcome:
-        """Cancel every queued or running row of the batch (running ones are asked to stop)."""
+        """Cancel every queued or running row of the batch (running ones are asked to stop).
+
+        The queued rows first, a page at a time, and only then the running ones: a running
+        row asked to stop frees its slot, which would claim one of the rows still queued, to
+        be found running and stopped in turn (three model calls started per page)."""
         await self.get(batch_id)
         await self.store.db.transaction(lambda c: db.mark_cancelled(c, batch_id, iso(now())))
-        active = (TaskStatus.QUEUED.value, TaskStatus.RUNNING.value)
-        return await self._walk(batch_id, active, self.bulk.cancel_tasks, "cancel")
+        cancel = self.bulk.cancel_tasks
+        queued = await self._walk(batch_id, (TaskStatus.QUEUED.value,), cancel)
+        outcome = queued.plus(await self._walk(batch_id, (TaskStatus.RUNNING.value,), cancel))
+        log.info("batch.bulk", batch_id=batch_id, action="cancel", changed=outcome.changed)
+        return outcome
 
     async def retry(
         self, batch_id: int, statuses: Iterable[str] = (TaskStatus.FAILED.value,)
@@ -462,15 +469,18 @@ class BatchService:
         await self.get(batch_id)
         if TaskStatus.CANCELLED.value in wanted:  # resumed: no longer cancelled
             await self.store.db.transaction(lambda c: db.clear_cancelled(c, batch_id))
-        return await self._walk(batch_id, wanted, self.bulk.retry_tasks, "retry")
+        outcome = await self._walk(batch_id, wanted, self.bulk.retry_tasks)
+        log.info("batch.bulk", batch_id=batch_id, action="retry", changed=outcome.changed)
+        return outcome
 
     async def _walk(
         self,
         batch_id: int,
         statuses: tuple[str, ...],
         act: Callable[[Iterable[int]], Awaitable[BulkOutcome]],
-        action: str,
     ) -> BulkOutcome:
+        """``act`` on the batch's tasks in ``statuses``, :data:`PAGE` at a time, in row
+        order."""
         outcome = BulkOutcome()
         after = 0
         while True:
@@ -479,7 +489,6 @@ class BatchService:
                 break
             outcome = outcome.plus(await act([task_id for _, task_id in pairs]))
             after = pairs[-1][0]
-        log.info("batch.bulk", batch_id=batch_id, action=action, changed=outcome.changed)
         return outcome
 
     async def results(self, batch_id: int) -> AsyncIterator[list[ResultRow]]:
