@@ -350,8 +350,9 @@ def _as_sent(request: Request[Any, Any, Any], extra: dict[str, Any], problem: Fi
     if not isinstance(raw, str):
         return problem
     shown = repr(raw if len(raw) <= _QUOTED_ID else raw[:_QUOTED_ID] + "…")
-    if problem.message.endswith(", not a string"):
-        return FieldOut(problem.field, problem.message.removesuffix("a string") + shown)
+    if problem.message.endswith(", not a string"):  # "or null" means nothing in a query
+        wanted = problem.message.removesuffix("a string").replace(" or null", "")
+        return FieldOut(problem.field, wanted + shown)
     numeric = extra.get("message") == "Number out of range" or _BOUND.fullmatch(
         str(extra.get("message", ""))
     )
