@@ -47,8 +47,10 @@ async def held(
         yield
     finally:
         _HELD.discard(batch_id)
-        # A renewal still being written is harmless: it only touches a batch still loading.
+        # Ended before the upload closes its batch: a renewal written after would open it
+        # again. (A renewal under way is not cut short by the cancel: it ends first.)
         renewer.cancel()
+        await asyncio.wait([renewer])
 
 
 async def _keep(store: BatchStore, batch_id: int, lease_seconds: float) -> None:
@@ -56,20 +58,22 @@ async def _keep(store: BatchStore, batch_id: int, lease_seconds: float) -> None:
     wait = lease_seconds / 3
     while True:
         await asyncio.sleep(wait)
-        held = await _renew(store, batch_id, lease_seconds)
-        if held is False:
-            log.warning(
-                "batch.upload_lease_lost",
-                batch_id=batch_id,
-                reason="the batch was closed while its upload ran (its lease had lapsed)",
-            )
+        renewed = await _renew(store, batch_id, lease_seconds)
+        if renewed == "gone":
             return
-        wait = lease_seconds / 3 if held else lease_seconds / 12
+        if renewed == "reopened":
+            log.warning(
+                "batch.upload_reopened",
+                batch_id=batch_id,
+                reason="a reaper closed the batch while its upload ran (its lease lapsed: "
+                "the process stalled, or could not write); its upload goes on",
+            )
+        wait = lease_seconds / 3 if renewed else lease_seconds / 12
 
 
-async def _renew(store: BatchStore, batch_id: int, lease_seconds: float) -> bool | None:
-    """Renew the lease: True, or False once the batch is no longer loading (nothing more to
-    hold); None when the write was refused (logged; tried again)."""
+async def _renew(store: BatchStore, batch_id: int, lease_seconds: float) -> str | None:
+    """Renew the lease (:meth:`~orchestra.db.batches.BatchStore.renew_upload`): ``held``,
+    ``reopened`` or ``gone``; None when the write was refused (logged; tried again sooner)."""
     until = iso(now() + timedelta(seconds=lease_seconds))
     try:
         return await store.renew_upload(batch_id, until)

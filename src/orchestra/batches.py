@@ -220,14 +220,15 @@ class BatchService:
             if first is None:
                 raise _no_rows()
             batch, created = await self._open(opts, template, scope)
-            async with held(self.store, batch.id, self._lease(opts)):
-                try:
+            try:
+                async with held(self.store, batch.id, self._lease(opts)):
                     problems, total = await self._load(batch.id, _chain(first, checked))
-                except Exception as exc:  # a client gone midway too (ClientGone)
-                    # Nobody can finish it: no key to send the rest with, or past the row cap.
-                    if opts.idempotency_key is None or _past_the_cap(exc):
-                        await self._close_cut(batch.id, exc)
-                    raise
+            except Exception as exc:  # a client gone midway too (ClientGone)
+                # Nobody can finish it: no key to send the rest with, or past the row cap.
+                # (Closed once its lease is no longer renewed, which would open it again.)
+                if opts.idempotency_key is None or _past_the_cap(exc):
+                    await self._close_cut(batch.id, exc)
+                raise
         finished = Batch.of(
             await self.store.db.transaction(lambda c: db.mark_loaded(c, batch.id, iso(now())))
         )

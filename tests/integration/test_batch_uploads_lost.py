@@ -175,3 +175,34 @@ async def test_migration_19_gives_a_keyless_batch_left_loading_a_lapsed_lease(db
         assert await BatchStore(old).reap_uploads(iso(now())) == []
     finally:
         await old.close()
+
+
+async def test_a_batch_closed_while_its_upload_stalled_is_opened_again_by_it(
+    slow: Settings, start_service: StartService, db_url: str
+) -> None:
+    """A process stalled past its lease (SIGSTOP with `hang_timeout = 0`, say) has its live
+    upload closed by another process's reaper: the batch showed `loaded`, its rows done and
+    its progress 1.0, while its rows still came. The upload's next renewal opens it again."""
+    async with start_service(slow) as svc:
+        port = int(svc.url.rsplit(":", 1)[1])
+        with captured(logging.WARNING) as logged:
+            writer = await open_upload(port, range(1, 61))
+            await wait_until(lambda: stored(db_url) == 50, timeout=10)
+            # What a reaper elsewhere writes (close_lost_uploads' mark_loaded):
+            sql_rows(
+                db_url,
+                "UPDATE batches SET status = 'loaded', row_count = 50, "
+                "loaded_at = '2000-01-01T00:00:00.000000Z', upload_expires_at = NULL",
+            )
+            await wait_until(lambda: batch(db_url)[1] == "loading", timeout=10, interval=0.05)
+            assert batch(db_url)[3] is not None  # held again
+            send(writer, b"".join(b"row %d\n" % i for i in range(61, 81)))
+            send(writer, b"")
+            await writer.drain()
+            await wait_until(lambda: batch(db_url)[1] == "loaded", timeout=10)
+            writer.close()
+        assert batch(db_url)[2:] == (80, None)
+        [(loaded_at,)] = sql_rows(db_url, "SELECT loaded_at FROM batches")
+        assert not loaded_at.startswith("2000"), loaded_at  # its own end's time
+        [reopened] = [e for e in logged if e["event"] == "batch.upload_reopened"]
+        assert reopened["batch_id"] == batch(db_url)[0]

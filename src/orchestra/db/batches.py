@@ -260,16 +260,27 @@ def mark_loaded(conn: Connection, batch_id: int, at: str) -> dict[str, Any]:
     return dict(row)
 
 
-def renew_upload(conn: Connection, batch_id: int, until: str) -> bool:
-    """The batch's upload is alive: hold it until ``until``. False when it is not loading
-    (a reaper closed it meanwhile, its lease lapsed; the rows still read go in, and the upload
-    counts them at its end)."""
+def renew_upload(conn: Connection, batch_id: int, until: str) -> str:
+    """The batch's upload is alive (its request asks, while it reads): hold it until
+    ``until``. Returns ``held``; or ``reopened`` when a reaper had closed it (its lease lapsed
+    while the process stalled): it is ``loading`` again, its tally dropped, so that nobody
+    takes a batch whose rows still come for finished; ``gone`` when there is no such batch."""
     held = conn.execute(
         update(batches)
         .where(batches.c.id == batch_id, batches.c.status == "loading")
         .values(upload_expires_at=until)
     )
-    return bool(held.rowcount)
+    if held.rowcount:
+        return "held"
+    reopened = conn.execute(
+        update(batches)
+        .where(batches.c.id == batch_id, batches.c.status == "loaded")
+        .values(status="loading", upload_expires_at=until, loaded_at=None)
+    )
+    if not reopened.rowcount:
+        return "gone"
+    bulk.unsettle(conn, batches.c.id == batch_id)
+    return "reopened"
 
 
 def close_lost_uploads(
@@ -374,8 +385,9 @@ class BatchStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def renew_upload(self, batch_id: int, until: str) -> bool:
-        """Hold a loading batch's upload until ``until`` (:func:`renew_upload`)."""
+    async def renew_upload(self, batch_id: int, until: str) -> str:
+        """Hold a batch's upload until ``until``, opening it again if a reaper closed it
+        (:func:`renew_upload`)."""
         return await self.db.transaction(
             lambda conn: renew_upload(conn, batch_id, until), small=True
         )
