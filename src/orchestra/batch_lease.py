@@ -16,6 +16,7 @@ from orchestra import logs
 from orchestra.db.batches import BatchStore
 from orchestra.domain import iso, now
 from orchestra.errors import StorageError
+from orchestra.owners import known_dead
 
 log = logs.get("orchestra.batches")
 
@@ -82,6 +83,24 @@ async def _renew(store: BatchStore, batch_id: int, lease_seconds: float) -> str 
     except Exception:
         log.exception("batch.upload_renew_failed", batch_id=batch_id)
     return None
+
+
+async def close_dead_uploads(store: BatchStore, me: str) -> None:
+    """Close the batches whose uploads a process on this machine known dead read
+    (:func:`~orchestra.owners.known_dead`: a restart after a crash), at once rather than
+    when their leases lapse; ``me``: the caller's own name."""
+    for owner in await store.upload_owners(me.split(":", 1)[0]):
+        pid = known_dead(owner, me)
+        if pid is None:
+            continue
+        for batch in await store.close_uploads_of(owner, iso(now())):
+            log.warning(
+                "batch.upload_lost",
+                batch_id=batch["id"],
+                rows=batch["row_count"],
+                invalid=batch["invalid_count"],
+                reason=f"the process reading its upload is gone (pid {pid})",
+            )
 
 
 async def reap_lost_uploads(store: BatchStore) -> None:

@@ -39,6 +39,7 @@ from orchestra.errors import (
     OrchestraError,
     PayloadTooLarge,
 )
+from orchestra.owners import process_id
 from orchestra.tasks import SubmitTask, TaskService
 from orchestra.templating.model import Template
 from orchestra.wire.batches import RowProblem as RowProblem
@@ -334,6 +335,7 @@ class BatchService:
             "atomic": int(opts.atomic),
             "status": "loading",
             "upload_expires_at": lease_end(self._lease(opts)),
+            "upload_owner": None if self._lease(opts) is None else process_id(),
             "idempotency_key": opts.idempotency_key,
             "idempotency_scope": scope,
             "request_hash": opts.fingerprint(),

@@ -50,6 +50,19 @@ def worker_id() -> str:
     return name
 
 
+#: This process's own name and the pid it was given in (a forked child names itself again).
+_process: tuple[int, str] | None = None
+
+
+def process_id() -> str:
+    """This process's name (as a pool's), for what it holds outside its pools: the batches
+    whose uploads it reads."""
+    global _process
+    if _process is None or _process[0] != os.getpid():
+        _process = (os.getpid(), worker_id())
+    return _process[1]
+
+
 def known_dead(owner: str, me: str) -> int | None:
     """The pid of ``owner``'s process when it is known dead (see the module docstring),
     ``me`` being this process's own owner name; None when it may be alive."""

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Collection
 from datetime import timedelta
 
 from orchestra import logs, metrics
-from orchestra.batch_lease import reap_lost_uploads
+from orchestra.batch_lease import close_dead_uploads, reap_lost_uploads
 from orchestra.config import RetentionSettings
 from orchestra.db import TaskStore
 from orchestra.db.attempts import LeaseEnd
@@ -83,7 +83,8 @@ async def rescue(store: TaskStore, owner: str, cause: str, queued: Callable[[], 
 async def rescue_dead_here(store: TaskStore, me: str, queued: Callable[[], None]) -> None:
     """Return the tasks of every process on this machine known dead
     (:func:`~orchestra.owners.known_dead`: a restart after a crash) to the queue now, as
-    :func:`rescue` does, rather than when their leases expire."""
+    :func:`rescue` does, rather than when their leases expire; and close the batches whose
+    uploads such a process read."""
     try:
         owners = await store.running_owners(me.split(":", 1)[0])
     except StorageError as exc:  # their leases expire as usual
@@ -96,6 +97,12 @@ async def rescue_dead_here(store: TaskStore, me: str, queued: Callable[[], None]
         pid = known_dead(owner, me)
         if pid is not None:
             await rescue(store, owner, f"pid {pid}, gone when pid {os.getpid()} started", queued)
+    try:  # and the uploads such a process read
+        await close_dead_uploads(BatchStore(store.db), me)
+    except StorageError as exc:  # their leases lapse as usual
+        log.warning("batch.reap_failed", error=exc.message)
+    except Exception:
+        log.exception("batch.reap_failed")
 
 
 def _moved(moved: dict[int, LeaseEnd], queued: Callable[[], None], **why: str) -> None:

@@ -62,14 +62,18 @@ def stored(db_url: str) -> int:
     return int(count)
 
 
+@pytest.mark.parametrize("where", ["here", "elsewhere"])
 async def test_an_upload_that_died_with_its_process_is_closed_with_the_rows_it_kept(
-    fake_ollama: FakeOllama, tmp_path: Path, db_url: str
+    fake_ollama: FakeOllama, tmp_path: Path, db_url: str, where: str
 ) -> None:
     """kill -9 mid-upload: nobody is left to end the upload, and the batch stayed ``loading``
-    for ever (its rows ran). The next process's reaper closes it once its lease lapses. One
+    for ever (its rows ran). A process started on the same machine closes it at once (its
+    reader's pid is gone; leases of a minute here); one elsewhere, once its lease lapses. One
     with a key stays ``loading``: its client finishes it by sending the upload again."""
     port, config = free_port(), tmp_path / "upload.toml"
-    write_config(config, port=port, db=db_url, ollama_url=fake_ollama.url, **QUICK)
+    lease = 60.0 if where == "here" else 1.0
+    quick = {**QUICK, "lease_seconds": lease}
+    write_config(config, port=port, db=db_url, ollama_url=fake_ollama.url, **quick)
     first = await start_process(config)
     try:
         writer = await open_upload(port, range(1, 121))
@@ -83,6 +87,12 @@ async def test_an_upload_that_died_with_its_process_is_closed_with_the_rows_it_k
     writer.close()
     keyed.close()
     assert (batch(db_url)[1], batch(db_url, keyed=True)[1:]) == ("loading", ("loading", 0, None))
+    if where == "elsewhere":  # as if its reader ran on another host
+        sql_rows(
+            db_url,
+            "UPDATE batches SET upload_owner = 'elsewhere:1:0123456789abcd' "
+            "WHERE idempotency_key IS NULL",
+        )
 
     second = await start_process(config)
     try:
@@ -94,6 +104,8 @@ async def test_an_upload_that_died_with_its_process_is_closed_with_the_rows_it_k
         lines = config.with_suffix(".log").read_text().splitlines()
         [lost] = [line for line in lines if '"batch.upload_lost"' in line]
         assert f'"batch_id": {batch_id}' in lost and '"rows": 100' in lost, lost
+        why = "is gone (pid" if where == "here" else "stopped renewing its lease"
+        assert why in lost, lost
     finally:
         second.send_signal(signal.SIGTERM)
         await second.wait()

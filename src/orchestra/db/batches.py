@@ -251,6 +251,7 @@ def mark_loaded(conn: Connection, batch_id: int, at: str) -> dict[str, Any]:
                 invalid_count=invalid,
                 loaded_at=func.coalesce(batches.c.loaded_at, at),
                 upload_expires_at=None,
+                upload_owner=None,
             )
             .returning(*batches.c)
         )
@@ -281,6 +282,17 @@ def renew_upload(conn: Connection, batch_id: int, until: str) -> str:
         return "gone"
     bulk.unsettle(conn, batches.c.id == batch_id)
     return "reopened"
+
+
+def close_uploads_of(conn: Connection, owner: str, at: str) -> list[dict[str, Any]]:
+    """Close the loading batches whose uploads process ``owner`` read, known dead now, as
+    :func:`close_lost_uploads` closes those whose lease lapsed. Returns them."""
+    dead = (
+        select(batches.c.id)
+        .where(batches.c.status == "loading", batches.c.upload_owner == owner)
+        .with_for_update(skip_locked=True)
+    )
+    return [mark_loaded(conn, batch_id, at) for batch_id in conn.execute(dead).scalars().all()]
 
 
 def close_lost_uploads(
@@ -391,6 +403,23 @@ class BatchStore:
         return await self.db.transaction(
             lambda conn: renew_upload(conn, batch_id, until), small=True
         )
+
+    async def upload_owners(self, host: str) -> list[str]:
+        """The processes on ``host`` (their names start ``host:``) that read an upload."""
+        query = (
+            select(batches.c.upload_owner)
+            .where(
+                batches.c.status == "loading",
+                batches.c.upload_owner.startswith(host + ":", autoescape=True),
+            )
+            .distinct()
+        )
+        async with self.db.read() as conn:
+            return [str(owner) for owner in (await conn.execute(query)).scalars()]
+
+    async def close_uploads_of(self, owner: str, at: str) -> list[dict[str, Any]]:
+        """Close the uploads of process ``owner``, known dead (:func:`close_uploads_of`)."""
+        return await self.db.transaction(lambda conn: close_uploads_of(conn, owner, at))
 
     async def reap_uploads(self, at: str, keep: Sequence[int] = ()) -> list[dict[str, Any]]:
         """Close the batches whose upload's lease lapsed before ``at``, but those in ``keep``

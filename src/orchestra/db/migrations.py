@@ -517,11 +517,13 @@ _V18 = (
     "ALTER TABLE batches ADD COLUMN revision INTEGER NOT NULL DEFAULT 0",
 )
 
-# A keyless batch's upload holds a lease while it runs (db.batches): a process that dies
-# mid-upload leaves a batch that any reaper closes once it lapses. Keyless batches left loading
+# A keyless batch's upload holds a lease while it runs (db.batches), and names its process: a
+# process that dies mid-upload leaves a batch that any reaper closes once it lapses, or a
+# process started on the same machine at once (orchestra.owners). Keyless batches left loading
 # before this have no upload that renews it: theirs has lapsed already.
 _V19 = (
     "ALTER TABLE batches ADD COLUMN upload_expires_at TEXT",
+    "ALTER TABLE batches ADD COLUMN upload_owner TEXT",
     "UPDATE batches SET upload_expires_at = created_at "
     "WHERE status = 'loading' AND idempotency_key IS NULL",
     "CREATE INDEX ix_batches_uploads ON batches (upload_expires_at) WHERE status = 'loading'",

@@ -407,6 +407,9 @@ batches = Table(
     # renews this first (every lease_seconds / 3); any process's reaper then closes it, as
     # that request would have (migration 19). NULL once loaded.
     Column("upload_expires_at", Text),
+    # Which process reads it (orchestra.owners.process_id): one started on the same machine
+    # after it died closes the batch at once.
+    Column("upload_owner", Text),
     _one_of("status", ("loading", "loaded")),
     Index("ux_batches_idempotency", "idempotency_scope", "idempotency_key", unique=True),
     sqlite_autoincrement=True,
