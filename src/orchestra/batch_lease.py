@@ -11,12 +11,13 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from typing import Any
 
 from orchestra import logs
 from orchestra.db.batches import BatchStore
 from orchestra.domain import iso, now
 from orchestra.errors import StorageError
-from orchestra.owners import known_dead
+from orchestra.owners import dead_among
 
 log = logs.get("orchestra.batches")
 
@@ -89,18 +90,9 @@ async def close_dead_uploads(store: BatchStore, me: str) -> None:
     """Close the batches whose uploads a process on this machine known dead read
     (:func:`~orchestra.owners.known_dead`: a restart after a crash), at once rather than
     when their leases lapse; ``me``: the caller's own name."""
-    for owner in await store.upload_owners(me.split(":", 1)[0]):
-        pid = known_dead(owner, me)
-        if pid is None:
-            continue
+    for owner, pid in dead_among(await store.upload_owners(me.split(":", 1)[0]), me):
         for batch in await store.close_uploads_of(owner, iso(now())):
-            log.warning(
-                "batch.upload_lost",
-                batch_id=batch["id"],
-                rows=batch["row_count"],
-                invalid=batch["invalid_count"],
-                reason=f"the process reading its upload is gone (pid {pid})",
-            )
+            _lost(batch, f"the process reading its upload is gone (pid {pid})")
 
 
 async def reap_lost_uploads(store: BatchStore) -> None:
@@ -108,11 +100,19 @@ async def reap_lost_uploads(store: BatchStore) -> None:
     not write for a lease), but those this process reads: each is ``loaded`` with the rows
     stored, which run as any others."""
     for batch in await store.reap_uploads(iso(now()), keep=sorted(_HELD)):
-        log.warning(
-            "batch.upload_lost",
-            batch_id=batch["id"],
-            rows=batch["row_count"],
-            invalid=batch["invalid_count"],
-            reason="its upload stopped renewing its lease (its process died, or could not "
-            "write to the database)",
+        _lost(
+            batch,
+            "its upload stopped renewing its lease (its process died, or could not write to "
+            "the database)",
         )
+
+
+def _lost(batch: dict[str, Any], reason: str) -> None:
+    """Say that ``batch`` (its row) was closed for an upload that died, and why."""
+    log.warning(
+        "batch.upload_lost",
+        batch_id=batch["id"],
+        rows=batch["row_count"],
+        invalid=batch["invalid_count"],
+        reason=reason,
+    )

@@ -20,6 +20,7 @@ import hashlib
 import os
 import secrets
 import socket
+from collections.abc import Iterable
 from pathlib import Path
 
 #: The tag where this process's boot or pid namespace cannot be read (no /proc): it matches
@@ -61,6 +62,11 @@ def process_id() -> str:
     if _process is None or _process[0] != os.getpid():
         _process = (os.getpid(), worker_id())
     return _process[1]
+
+
+def dead_among(names: Iterable[str], me: str) -> list[tuple[str, int]]:
+    """Those of ``names`` known dead (:func:`known_dead`), each with its pid."""
+    return [(name, pid) for name in names if (pid := known_dead(name, me)) is not None]
 
 
 def known_dead(owner: str, me: str) -> int | None:

@@ -18,7 +18,7 @@ from orchestra.db.attempts import LeaseEnd
 from orchestra.db.batches import BatchStore
 from orchestra.domain import TaskStatus
 from orchestra.errors import StorageError
-from orchestra.owners import known_dead
+from orchestra.owners import dead_among
 
 log = logs.get("orchestra.worker")
 
@@ -93,10 +93,8 @@ async def rescue_dead_here(store: TaskStore, me: str, queued: Callable[[], None]
     except Exception:
         log.exception("pool.rescue_failed")
         return
-    for owner in owners:
-        pid = known_dead(owner, me)
-        if pid is not None:
-            await rescue(store, owner, f"pid {pid}, gone when pid {os.getpid()} started", queued)
+    for owner, pid in dead_among(owners, me):
+        await rescue(store, owner, f"pid {pid}, gone when pid {os.getpid()} started", queued)
     try:  # and the uploads such a process read
         await close_dead_uploads(BatchStore(store.db), me)
     except StorageError as exc:  # their leases lapse as usual

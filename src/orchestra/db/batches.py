@@ -39,7 +39,7 @@ from orchestra import logs
 from orchestra.db import bulk, events, notices
 from orchestra.db.engine import Database
 from orchestra.db.prepared import insert_for
-from orchestra.db.rows import dump
+from orchestra.db.rows import dump, owners_on
 from orchestra.db.tables import batch_rows, batches, tasks
 from orchestra.domain import BATCH_LANE, NewTask, TaskStatus, iso
 from orchestra.errors import StorageError
@@ -287,12 +287,7 @@ def renew_upload(conn: Connection, batch_id: int, until: str) -> str:
 def close_uploads_of(conn: Connection, owner: str, at: str) -> list[dict[str, Any]]:
     """Close the loading batches whose uploads process ``owner`` read, known dead now, as
     :func:`close_lost_uploads` closes those whose lease lapsed. Returns them."""
-    dead = (
-        select(batches.c.id)
-        .where(batches.c.status == "loading", batches.c.upload_owner == owner)
-        .with_for_update(skip_locked=True)
-    )
-    return [mark_loaded(conn, batch_id, at) for batch_id in conn.execute(dead).scalars().all()]
+    return _close(conn, select(batches.c.id).where(batches.c.upload_owner == owner), at)
 
 
 def close_lost_uploads(
@@ -304,18 +299,20 @@ def close_lost_uploads(
     (PostgreSQL), so two reapers never close the same batch. Returns the batches closed."""
     lost = (
         select(batches.c.id)
-        .where(
-            batches.c.status == "loading",
-            batches.c.upload_expires_at < at,
-            batches.c.idempotency_key.is_(None),
-        )
+        .where(batches.c.upload_expires_at < at, batches.c.idempotency_key.is_(None))
         .order_by(batches.c.upload_expires_at)
         .limit(limit)
-        .with_for_update(skip_locked=True)
     )
     if keep:
         lost = lost.where(batches.c.id.not_in(list(keep)))
-    return [mark_loaded(conn, batch_id, at) for batch_id in conn.execute(lost).scalars().all()]
+    return _close(conn, lost, at)
+
+
+def _close(conn: Connection, chosen: Select[Any], at: str) -> list[dict[str, Any]]:
+    """Mark ``loaded`` the loading batches ``chosen`` selects (their ids), each with the rows
+    stored (:func:`mark_loaded`); their rows locked, those locked elsewhere skipped."""
+    ids = chosen.where(batches.c.status == "loading").with_for_update(skip_locked=True)
+    return [mark_loaded(conn, batch_id, at) for batch_id in conn.execute(ids).scalars().all()]
 
 
 def clear_cancelled(conn: Connection, batch_id: int) -> None:
@@ -406,14 +403,7 @@ class BatchStore:
 
     async def upload_owners(self, host: str) -> list[str]:
         """The processes on ``host`` (their names start ``host:``) that read an upload."""
-        query = (
-            select(batches.c.upload_owner)
-            .where(
-                batches.c.status == "loading",
-                batches.c.upload_owner.startswith(host + ":", autoescape=True),
-            )
-            .distinct()
-        )
+        query = owners_on(batches.c.upload_owner, host, batches.c.status == "loading")
         async with self.db.read() as conn:
             return [str(owner) for owner in (await conn.execute(query)).scalars()]
 

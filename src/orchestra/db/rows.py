@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, Select, select
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -30,6 +30,12 @@ from orchestra.domain import (
 
 _json_encode = msgspec.json.Encoder().encode
 _json_decode = msgspec.json.decode
+
+
+def owners_on(column: ColumnElement[Any], host: str, *where: Any) -> Select[Any]:
+    """The distinct names in ``column`` of processes on ``host`` (``host:pid:…``, see
+    :mod:`orchestra.owners`) among the rows ``where`` selects."""
+    return select(column).where(*where, column.startswith(host + ":", autoescape=True)).distinct()
 
 
 def dump(value: Any) -> str | None:

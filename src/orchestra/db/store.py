@@ -37,7 +37,7 @@ from orchestra.db.batches import BatchStore
 from orchestra.db.engine import Database
 from orchestra.db.overview import SummaryPage
 from orchestra.db.reads import Reads, reads_for
-from orchestra.db.rows import dump, task_from_row
+from orchestra.db.rows import dump, owners_on, task_from_row
 from orchestra.db.tables import tasks
 from orchestra.domain import (
     AttemptStatus,
@@ -481,14 +481,7 @@ class TaskStore:
     async def running_owners(self, host: str) -> list[str]:
         """The worker pools on ``host`` (their owner names start ``host:``) that hold the
         lease of a running task."""
-        query = (
-            select(tasks.c.lease_owner)
-            .where(
-                tasks.c.status == TaskStatus.RUNNING.value,
-                tasks.c.lease_owner.startswith(host + ":", autoescape=True),
-            )
-            .distinct()
-        )
+        query = owners_on(tasks.c.lease_owner, host, tasks.c.status == TaskStatus.RUNNING.value)
         async with self.db.read() as conn:
             return [str(owner) for owner in (await conn.execute(query)).scalars()]
 
