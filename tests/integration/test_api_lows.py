@@ -345,3 +345,58 @@ async def test_a_query_number_past_its_bounds_keeps_its_words(service: Service) 
     response = await service.client.get("/api/v1/tasks?status=nan")
     [problem] = response.json()["fields"]
     assert problem["message"].startswith("'nan' is not one of queued"), problem
+
+
+# -- a query value is read as written, and once --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "field", "message"),
+    [
+        # "null" was no value at all, and "1e3" or "5.0" an integer: a query is text, and an
+        # integer is written in digits.
+        ("/api/v1/events?after=null", "after", "must be an integer, not 'null'"),
+        ("/api/v1/tasks?limit=1e3", "limit", "must be an integer, not '1e3'"),
+        ("/api/v1/tasks?limit=5.0", "limit", "must be an integer, not '5.0'"),
+        ("/api/v1/tasks?limit=%EF%BC%95", "limit", "must be an integer, not '５'"),
+        ("/api/v1/tasks/1?wait=null", "wait", "must be a number, not 'null'"),
+        ("/api/v1/batches?template=t&timeout=null", "timeout", "must be a number, not 'null'"),
+        # Repeated, one of them was taken without a word.
+        ("/api/v1/tasks?limit=1&limit=2", "limit", "is given 2 times; send it once"),
+        (
+            "/api/v1/tasks?template=a&template=b&template=c",
+            "template",
+            "is given 3 times; send it once",
+        ),
+        ("/health?probe=live&probe=live", "probe", "is given 2 times; send it once"),
+    ],
+)
+async def test_a_query_value_is_read_as_written_and_once(
+    service: Service, query: str, field: str, message: str
+) -> None:
+    method = "POST" if query.startswith("/api/v1/batches") else "GET"
+    # Streamed: taken as no value, ``after=null`` opened the live feed.
+    async with service.client.stream(method, query) as response:
+        assert response.status_code == 400, response.headers
+        body = json.loads(await response.aread())
+    assert body["fields"] == [{"field": field, "message": message}]
+    assert body["message"] == f"{field}: {message}"
+
+
+async def test_null_is_no_word_for_a_choice_either(service: Service) -> None:
+    response = await service.client.get("/api/v1/tasks?status=null")
+    assert response.status_code == 400, response.text
+    [problem] = response.json()["fields"]
+    assert problem["message"].startswith("'null' is not one of queued"), problem
+
+
+async def test_a_query_that_takes_a_list_may_be_repeated_and_a_negative_integer_meets_its_bound(
+    service: Service,
+) -> None:
+    # ``type`` is a list: repeating it is how it is written (test_feed streams with it).
+    async with service.client.stream(
+        "GET", "/api/v1/events?after=0&type=task.queued&type=task.finished"
+    ) as response:
+        assert response.status_code == 200
+    response = await service.client.get("/api/v1/tasks?limit=-1")
+    assert response.json()["fields"] == [{"field": "limit", "message": "must be at least 1"}]

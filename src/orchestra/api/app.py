@@ -37,6 +37,7 @@ from orchestra.api.events import EventController
 from orchestra.api.health import health, health_head, models
 from orchestra.api.metrics import open_paths, scrape
 from orchestra.api.openapi import refine_when_built
+from orchestra.api.query_rules import strict_query
 from orchestra.api.runtime import Runtime, ShowKey
 from orchestra.api.schedules import ScheduleController
 from orchestra.api.schedules import provide as _schedules
@@ -288,6 +289,7 @@ def _build(surface: Surface) -> Litestar:
             HANDLERS if surface.ui_path is None else {**HANDLERS, **ROUTING_HANDLERS}
         ),
         before_send=[_allow_every_method],
+        before_request=strict_query,
         openapi_config=OpenAPIConfig(
             title="AI Task Orchestra",
             version=__version__,
@@ -326,6 +328,7 @@ def _workers_only(surface: Surface) -> Litestar:
         route_handlers=[health, health_head, scrape] if surface.metrics else [health, health_head],
         middleware=auth.middleware(surface.auth, surface.unchecked),
         exception_handlers={**HANDLERS, NotFoundException: _not_here},
+        before_request=strict_query,
         openapi_config=None,
         logging_config=None,
         debug=False,

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal, cast
 from litestar import Request, Response, get, head
 from litestar.di import NamedDependency
 from litestar.openapi import ResponseSpec
-from litestar.params import Parameter
+from litestar.params import QueryParameter
 
 from orchestra import __version__
 from orchestra.api.auth import public_caller
@@ -41,7 +41,7 @@ DATABASE_CHECK_SECONDS = 1.0
 
 CheckNow = Annotated[
     Literal["now"] | None,
-    Parameter(
+    QueryParameter(
         description="now: check every provider and the database before answering (else "
         "the last checks' results: the providers' made every [fallback] health_interval "
         "seconds, the database's at most a second old)."
@@ -135,7 +135,7 @@ async def _states(runtime: Runtime, check: str | None) -> list[ProviderState]:
 
 Probe = Annotated[
     Literal["live"] | None,
-    Parameter(
+    QueryParameter(
         description="live: 200 as long as this process answers, whatever the database's state "
         "(a liveness probe's question; the body still says the state)."
     ),
