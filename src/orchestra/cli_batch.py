@@ -18,13 +18,18 @@ import hashlib
 import json
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from orchestra.cli_common import CliError, client_for, config_option, url_option
 from orchestra.client.batch_calls import SUFFIXES as _SUFFIXES
+
+if TYPE_CHECKING:  # imported when the command runs: the others start faster
+    from orchestra.client.sync import Client
+    from orchestra.wire.batches import ProgressOut
 
 #: Bytes per read of the file when hashing it.
 _CHUNK = 1 << 20
@@ -79,6 +84,41 @@ def _refusal(problem: Any) -> str:
     """A refused row as one line: where it is, and each field with why."""
     why = "; ".join(f"{f.field}: {f.message}" for f in problem.fields) or problem.message
     return f"row {problem.row} (line {problem.line}) refused: {why}"
+
+
+class _Follow:
+    """A batch's progress read through a restart of the service: a read that gets no answer,
+    or a 502, 503 or 504, is tried again as the client's waits are (for up to its reconnect
+    policy's window, then its ConnectionFailed stands: exit 3; the same command resumes),
+    saying so once per outage. It exited 3 at once: a restart stopped every run it followed."""
+
+    def __init__(self, client: Client, say: Callable[[str], None]) -> None:
+        from orchestra.client.follow import Poll
+
+        self._client, self._say = client, say
+        self._poll = Poll(client.url, client.reconnect_policy, reached=True)
+        self._down = False
+
+    def batch(self, batch_id: int) -> ProgressOut:
+        """The batch's progress, once the service answers."""
+        from orchestra.client.errors import ClientError
+
+        while True:
+            try:
+                state = self._client.get_batch(batch_id)
+            except ClientError as exc:
+                pause = self._poll.retry_in(exc)  # raises it when it stands
+                if not self._down:
+                    window = self._client.reconnect_policy.window
+                    self._say(f"the service did not answer ({exc}); trying again for {window:g} s")
+                    self._down = True
+                time.sleep(pause)
+                continue
+            self._poll.answered()
+            if self._down:
+                self._say("the service answers again")
+                self._down = False
+            return state
 
 
 @click.group()
@@ -158,6 +198,8 @@ def run(
         batch_id = remembered.get("batch_id")
         if batch_id is not None:
             bar.console.print(f"resuming batch {batch_id} (from {sidecar})", soft_wrap=True)
+        elif remembered:  # cut during its upload: the same key resumes it
+            bar.console.print(f"resuming the upload (from {sidecar})", soft_wrap=True)
         loaded = batch_id is not None and client.get_batch(batch_id).batch.status == "loaded"
         if not loaded:
             sending = bar.add_task("upload", total=data.stat().st_size)
@@ -179,8 +221,9 @@ def run(
                 )
         assert batch_id is not None
         running = bar.add_task(f"batch {batch_id}", total=None)
+        follow = _Follow(client, bar.console.print)
         while True:
-            state = client.get_batch(batch_id)
+            state = follow.batch(batch_id)
             counts = state.counts
             wanted = state.batch.rows - state.batch.invalid
             bar.update(running, total=max(wanted, 1), completed=state.finished)
