@@ -509,6 +509,11 @@ class BatchService:
             after = page[-1].row
 
 
+#: The most a batch still loading (and not cancelled) shows as its progress: its rows so far
+#: may all be done, but more may come.
+LOADING_SHARE = 0.99
+
+
 def _progress(batch: Batch, tally: db.Tally) -> Progress:
     """A batch's progress from its tasks' tally: rows by status (with the refused and the
     deleted ones), the share finished, and the seconds left at the finishing rate so far."""
@@ -531,8 +536,12 @@ def _progress(batch: Batch, tally: db.Tally) -> Progress:
         span = _seconds(tally.first_started, tally.last_finished)
         if span > 0:
             eta = round(left / (finished / span), 3)
-    if not left:
-        eta = 0.0 if loaded else eta
+    if not loaded and batch.cancelled_at is None:  # more rows may come to run: short of
+        # done, and how long is not known (a cancelled batch's later rows are cancelled)
+        share = min(share, LOADING_SHARE)
+        eta = eta if left else None
+    elif not left:
+        eta = 0.0
     return Progress(batch, counts, finished, round(share, 6), eta)
 
 

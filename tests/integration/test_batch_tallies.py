@@ -16,6 +16,7 @@ from orchestra.db.batches import Tally, settle
 from tests.conftest import Service, rows_by_status, sql_rows
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import wait_until
+from tests.integration.test_batch_uploads_lost import open_upload, send
 from tests.integration.test_batches import batch_settings as batch_settings
 from tests.integration.test_batches import finished, rows_read, upload
 from tests.integration.test_batches import idle as idle
@@ -158,3 +159,29 @@ async def test_retention_leaves_an_unfinished_batch_to_count_its_deleted_rows(
     progress = (await idle.client.get(f"/api/v1/batches/{batch_id}")).json()
     assert progress["counts"] == rows_by_status(queued=2, deleted=1)
     assert kept(db_url, batch_id)[0] is None  # still not finished: nothing kept
+
+
+async def test_a_batch_still_loading_is_not_done_when_its_rows_so_far_are(
+    svc: Service, db_url: str
+) -> None:
+    """Its rows so far all finished, a batch whose upload goes on showed progress 1.0 (and an
+    ETA of 0): more rows may come. Until the upload ends it is short of done, its ETA
+    unknown."""
+    writer = await open_upload(int(svc.url.rsplit(":", 1)[1]), range(1, 51), template="rowjob")
+    try:
+        await wait_until(lambda: sql_rows(db_url, "SELECT count(*) FROM batch_rows") == [(50,)])
+        [(batch_id,)] = sql_rows(db_url, "SELECT id FROM batches")
+        await rows_done(db_url, batch_id)
+        during = (await svc.client.get(f"/api/v1/batches/{batch_id}")).json()
+        assert during["batch"]["status"] == "loading"
+        assert during["finished"] == 50 and during["counts"]["succeeded"] == 50
+        assert 0.9 <= during["progress"] < 1.0, during
+        assert during["eta_seconds"] is None, during
+        send(writer, b"".join(b"row %d\n" % i for i in range(51, 61)))
+        send(writer, b"")  # the body's end
+        await writer.drain()
+        after = await finished(svc, batch_id)
+    finally:
+        writer.close()
+    assert after["batch"]["status"] == "loaded" and after["finished"] == 60
+    assert (after["progress"], after["eta_seconds"]) == (1.0, 0.0)

@@ -28,13 +28,15 @@ from tests.fixtures.servers import free_port, start_process, wait_until, write_c
 QUICK = {"lease_seconds": 1.0, "reap_interval": 0.2, "poll_interval": 0.2}
 
 
-async def open_upload(port: int, rows: range, key: str | None = None) -> asyncio.StreamWriter:
-    """A CSV upload of ``summarize`` on a raw connection, its body sent in part (the header
-    and ``rows``); the caller sends more or hangs up."""
+async def open_upload(
+    port: int, rows: range, key: str | None = None, template: str = "summarize"
+) -> asyncio.StreamWriter:
+    """A CSV upload of ``template`` (a ``text`` parameter) on a raw connection, its body sent
+    in part (the header and ``rows``); the caller sends more or hangs up."""
     _, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(
-        b"POST /api/v1/batches?template=summarize&format=csv HTTP/1.1\r\n"
-        b"Host: 127.0.0.1\r\nContent-Type: text/csv\r\nTransfer-Encoding: chunked\r\n"
+        b"POST /api/v1/batches?template=%s&format=csv HTTP/1.1\r\n" % template.encode()
+        + b"Host: 127.0.0.1\r\nContent-Type: text/csv\r\nTransfer-Encoding: chunked\r\n"
         + (b"Idempotency-Key: %s\r\n" % key.encode() if key else b"")
         + b"\r\n"
     )
