@@ -18,7 +18,6 @@ import hashlib
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from datetime import datetime
 from typing import Any, Literal
 
 import msgspec
@@ -26,10 +25,13 @@ import msgspec
 from orchestra import logs, metrics
 from orchestra.batch_input import InputRow, csv_rows, jsonl_rows
 from orchestra.batch_lease import held, lease_end
+from orchestra.batch_progress import Progress as Progress
+from orchestra.batch_progress import progress_of
 from orchestra.bulk import BulkOutcome, BulkService
 from orchestra.db import batches as db
+from orchestra.db.batch_uploads import mark_loaded
 from orchestra.db.batches import LANE, BatchStore, FailedRow, ResultRow, RowRefused, RowTask
-from orchestra.domain import ANONYMOUS_SCOPE, TaskStatus, as_utc, iso, now, storable_id
+from orchestra.domain import ANONYMOUS_SCOPE, TaskStatus, iso, now, storable_id
 from orchestra.errors import (
     ConflictError,
     FieldProblem,
@@ -38,6 +40,7 @@ from orchestra.errors import (
     NotFoundError,
     OrchestraError,
     PayloadTooLarge,
+    TemplateNotFound,
 )
 from orchestra.owners import process_id
 from orchestra.tasks import SubmitTask, TaskService
@@ -60,7 +63,6 @@ SHOWN_PROBLEMS = 100
 MAX_RESULT_COLUMNS = 200
 
 Format = Literal["jsonl", "csv"]
-_TERMINAL = (TaskStatus.SUCCEEDED.value, TaskStatus.FAILED.value, TaskStatus.CANCELLED.value)
 #: The statuses of the rows a retry may queue again.
 RETRYABLE = (TaskStatus.FAILED.value, TaskStatus.CANCELLED.value)
 _encode = msgspec.json.Encoder(order="sorted").encode
@@ -144,18 +146,6 @@ class Uploaded(msgspec.Struct, frozen=True):
     problems: list[RowProblem]
 
 
-class Progress(msgspec.Struct, frozen=True):
-    """A batch's rows by status (``invalid``: refused at upload; ``deleted``: its task was
-    removed by retention), the share finished, and the seconds left at the finishing rate
-    so far (None until some rows have finished)."""
-
-    batch: Batch
-    counts: dict[str, int]
-    finished: int
-    progress: float
-    eta_seconds: float | None
-
-
 # -- the service ------------------------------------------------------------------------------
 
 
@@ -188,8 +178,8 @@ class BatchService:
             ConflictError: the idempotency key made a batch with other options.
             PayloadTooLarge: one row over the body limit, or over :data:`MAX_ROWS` rows.
         """
-        template = await self.tasks.template(opts.template, opts.template_version)
         scope = key_id or ANONYMOUS_SCOPE
+        template = await self._template(opts, scope)
         max_line = self.tasks.limits.max_body_bytes
         reader = (
             csv_rows(chunks, max_line, template)
@@ -231,7 +221,7 @@ class BatchService:
                     await self._close_cut(batch.id, exc)
                 raise
         finished = Batch.of(
-            await self.store.db.transaction(lambda c: db.mark_loaded(c, batch.id, iso(now())))
+            await self.store.db.transaction(lambda c: mark_loaded(c, batch.id, iso(now())))
         )
         log.info(
             "batch.loaded",
@@ -248,13 +238,38 @@ class BatchService:
             problems=problems[:SHOWN_PROBLEMS],
         )
 
+    async def _template(self, opts: BatchOptions, scope: str) -> Template:
+        """The template version the rows are checked and queued with: the one the batch began
+        with when its key resumes it (the template may have changed since: the rows ran on
+        two versions), else the one asked for (None: the current).
+
+        Raises:
+            TemplateNotFound: no such template (or version), for a new batch.
+            ConflictError: the resumed batch's version is no longer available.
+        """
+        kept = None
+        if opts.idempotency_key is not None:
+            kept = await self.store.by_key(scope, opts.idempotency_key)
+        if kept is None or kept["request_hash"] != opts.fingerprint():
+            return await self.tasks.template(opts.template, opts.template_version)
+        version = int(kept["template_version"])
+        try:
+            return await self.tasks.template(opts.template, version, exact=True)
+        except TemplateNotFound as exc:
+            gone = f"its batch's template version {version} is no longer available"
+            raise ConflictError(
+                f"the Idempotency-Key resumes batch {kept['id']}, but {gone}: upload the "
+                "file again with another key",
+                fields=[FieldProblem("Idempotency-Key", gone)],
+            ) from exc
+
     async def _close_cut(self, batch_id: int, error: Exception) -> None:
         """An upload failed midway that nobody can finish (no idempotency key to send the rest
         with, or too many rows; a body that stops being UTF-8, a client gone): the batch is
         closed with the rows read before, which run, and the error (one of ours, which its
         caller reads) says so."""
         kept = Batch.of(
-            await self.store.db.transaction(lambda c: db.mark_loaded(c, batch_id, iso(now())))
+            await self.store.db.transaction(lambda c: mark_loaded(c, batch_id, iso(now())))
         )
         told = error.message if isinstance(error, OrchestraError) else type(error).__name__
         log.warning("batch.upload_cut", batch_id=batch_id, rows=kept.rows, error=told)
@@ -300,7 +315,7 @@ class BatchService:
                 timeout=opts.timeout,
             )
             try:
-                new = await self.tasks.prepare(sub)
+                new = await self.tasks.prepare(sub, template=template)
             except InvalidRequest as exc:
                 yield RowProblem(row.row, row.line, exc.message, exc.fields)
                 continue
@@ -423,13 +438,13 @@ class BatchService:
     async def progress(self, batch_id: int) -> Progress:
         """A batch's rows by status, the share finished and an ETA at the finishing rate."""
         batch = await self.get(batch_id)
-        return _progress(batch, await self.store.tally(batch_id))
+        return progress_of(batch, await self.store.tally(batch_id))
 
     async def page(self, limit: int = 50, before: int | None = None) -> list[Progress]:
         """Batches newest first, each with its progress (one grouped read for the page)."""
         batches = [Batch.of(r) for r in await self.store.page(limit, before)]
         tallies = await self.store.tallies([b.id for b in batches])
-        return [_progress(b, tallies[b.id]) for b in batches]
+        return [progress_of(b, tallies[b.id]) for b in batches]
 
     async def failures(self, progress: Progress, limit: int = 10) -> list[FailedRow]:
         """The first ``limit`` failed rows of the batch ``progress`` is about (refused at
@@ -509,42 +524,6 @@ class BatchService:
             after = page[-1].row
 
 
-#: The most a batch still loading (and not cancelled) shows as its progress: its rows so far
-#: may all be done, but more may come.
-LOADING_SHARE = 0.99
-
-
-def _progress(batch: Batch, tally: db.Tally) -> Progress:
-    """A batch's progress from its tasks' tally: rows by status (with the refused and the
-    deleted ones), the share finished, and the seconds left at the finishing rate so far."""
-    # Every status, 0 when no row is in it (a caller reads counts["failed"] as it is).
-    counts = {status.value: 0 for status in TaskStatus} | dict(tally.counts)
-    tasks = sum(counts.values())
-    loaded = batch.status == "loaded"
-    counts["invalid"] = batch.invalid
-    # Rows are counted once the upload is done: until then, its tasks so far are the rows.
-    counts["deleted"] = max(0, batch.rows - batch.invalid - tasks) if loaded else 0
-    finished = sum(counts[s] for s in _TERMINAL)
-    wanted = batch.rows - batch.invalid if loaded else tasks
-    left = counts["queued"] + counts["running"]
-    # A deleted row's task had finished (retention removes finished tasks only); a loaded
-    # batch with no valid row has nothing left to do.
-    done = finished + counts["deleted"]
-    share = done / wanted if wanted else float(loaded)
-    eta = None
-    if finished and tally.first_started and tally.last_finished:
-        span = _seconds(tally.first_started, tally.last_finished)
-        if span > 0:
-            eta = round(left / (finished / span), 3)
-    if not loaded and batch.cancelled_at is None:  # more rows may come to run: short of
-        # done, and how long is not known (a cancelled batch's later rows are cancelled)
-        share = min(share, LOADING_SHARE)
-        eta = eta if left else None
-    elif not left:
-        eta = 0.0
-    return Progress(batch, counts, finished, round(share, 6), eta)
-
-
 def _past_the_cap(error: Exception) -> bool:
     """Whether the upload stopped at :data:`MAX_ROWS` (sending it again stops there again)."""
     return isinstance(error, PayloadTooLarge) and str(MAX_ROWS) in error.message
@@ -576,9 +555,3 @@ async def _chain(
     yield first
     async for item in rest:
         yield item
-
-
-def _seconds(start: str, end: str) -> float:
-    return (
-        as_utc(datetime.fromisoformat(end)) - as_utc(datetime.fromisoformat(start))
-    ).total_seconds()

@@ -149,26 +149,38 @@ class TaskService:
         self.scheduler = scheduler
         self.default_max_attempts = default_max_attempts
 
-    async def template(self, name: str, version: int | None = None) -> Template:
+    async def template(
+        self, name: str, version: int | None = None, *, exact: bool = False
+    ) -> Template:
         """The template a submit (a batch, a webhook's filter) names; one this process has
         not seen may have been registered by another process on the database, so it looks
-        again before it says there is none.
+        again before it says there is none. ``exact``: that version even if it was replaced
+        since, as a task queued with it runs it (a resumed batch's rows).
 
         Raises:
             TemplateNotFound: no such template (or version).
         """
-        try:
+
+        def look() -> Template:
+            if exact and version is not None:
+                return self.registry.for_task(name, version)
             return self.registry.get(name, version)
+
+        try:
+            return look()
         except TemplateNotFound:
             if self.refresh is None:
                 raise
         await self.refresh()
-        return self.registry.get(name, version)
+        return look()
 
-    async def prepare(self, sub: SubmitTask, *, key_id: str | None = None) -> NewTask:
-        """The task a submit of ``sub`` queues: validated against its template, with the
-        defaults applied, its template version pinned; nothing is queued (schedules check
-        their task at creation with this, and queue it at each tick).
+    async def prepare(
+        self, sub: SubmitTask, *, key_id: str | None = None, template: Template | None = None
+    ) -> NewTask:
+        """The task a submit of ``sub`` queues: validated against its template (``template``
+        when the caller found it already: a batch's rows), with the defaults applied, its
+        template version pinned; nothing is queued (schedules check their task at creation
+        with this, and queue it at each tick).
 
         Raises:
             TemplateNotFound: no such template.
@@ -181,7 +193,7 @@ class TaskService:
                 "give run_at or delay, not both",
                 [FieldProblem("delay", "cannot be combined with run_at")],
             )
-        spec = await self.template(sub.template, sub.template_version)
+        spec = template or await self.template(sub.template, sub.template_version)
         params = validate_params(spec, sub.params, self.limits)
         run_at = None if sub.run_at is None else _utc(sub.run_at)
         if sub.delay:

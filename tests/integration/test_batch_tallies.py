@@ -180,6 +180,8 @@ async def test_a_batch_still_loading_is_not_done_when_its_rows_so_far_are(
         send(writer, b"".join(b"row %d\n" % i for i in range(51, 61)))
         send(writer, b"")  # the body's end
         await writer.drain()
+        loaded = "SELECT status FROM batches WHERE id = ?"
+        await wait_until(lambda: sql_rows(db_url, loaded, (batch_id,)) == [("loaded",)])
         after = await finished(svc, batch_id)
     finally:
         writer.close()

@@ -10,12 +10,7 @@ second's insert of that ``batch_rows`` key then fails with a unique violation, a
 :class:`~orchestra.db.postgres_engine.PostgresDatabase` runs the chunk again, which now sees
 the row and skips it (the chunk's tasks go with the rolled-back transaction).
 
-**An upload's lease.** While its rows are read, a batch is ``loading``; a keyless one's
-``upload_expires_at`` is renewed by the request reading them (:func:`renew_upload`), however
-slowly its body comes. A process that dies mid-upload renews it no more: once it lapses, any
-process's reaper closes the batch with the rows stored (:func:`close_lost_uploads`), as the
-request does when its upload fails. Its rows ran all along. A batch with an idempotency key
-has no lease: cut, it stays ``loading`` until its client sends the upload again.
+An upload's lease, and the batch's close when its upload ends: :mod:`orchestra.db.batch_uploads`.
 
 **The batch lane.** A row's task is queued with its batch's priority minus :data:`LANE`, so
 below every single task (whose priorities are -1000 to 1000): the claim, one statement over
@@ -36,13 +31,13 @@ from sqlalchemy import Connection, Select, and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from orchestra import logs
-from orchestra.db import bulk, events, notices
+from orchestra.db import batch_uploads, bulk, events, notices
 from orchestra.db.engine import Database
 from orchestra.db.prepared import insert_for
 from orchestra.db.rows import dump, owners_on
 from orchestra.db.tables import batch_rows, batches, tasks
 from orchestra.domain import BATCH_LANE, NewTask, TaskStatus, iso
-from orchestra.errors import StorageError
+from orchestra.errors import ConflictError, FieldProblem, StorageError
 from orchestra.event_types import TaskQueued
 
 log = logs.get("orchestra.batches")
@@ -158,6 +153,8 @@ def add_rows(
             )
         ).scalars()
     )
+    if present:  # a resumed upload: the rows it has must be the ones sent again
+        _same_rows(conn, batch_id, valid, refused, present)
     fresh = [item for item in valid if item.row not in present]
     queued: list[int] = []
     if fresh:
@@ -189,6 +186,49 @@ def add_rows(
         bulk.cancel(conn, queued, at)
         return []
     return queued
+
+
+def _same_rows(
+    conn: Connection,
+    batch_id: int,
+    valid: Sequence[RowTask],
+    refused: Sequence[RowRefused],
+    present: set[int],
+) -> None:
+    """Refuse a chunk sent again under a batch's idempotency key whose rows are not the ones
+    the batch has (another file under the same key): a valid row whose task has other
+    params, or a row valid one time and refused the other. A row whose task retention
+    removed is taken as it is.
+
+    Raises:
+        ConflictError: naming the first row that differs.
+    """
+    query = (
+        select(batch_rows.c.row_no, batch_rows.c.task_id, batch_rows.c.error, tasks.c.params)
+        .select_from(batch_rows.outerjoin(tasks, tasks.c.id == batch_rows.c.task_id))
+        .where(batch_rows.c.batch_id == batch_id, batch_rows.c.row_no.in_(sorted(present)))
+    )
+    stored = {row.row_no: row for row in conn.execute(query)}
+    sent: list[RowTask | RowRefused] = [*valid, *refused]
+    for item in sorted(sent, key=lambda r: r.row):
+        kept = stored.get(item.row)
+        if kept is None:
+            continue
+        if isinstance(item, RowTask):
+            differs = kept.error is not None or (
+                kept.params is not None and msgspec.json.decode(kept.params) != item.task.params
+            )
+        else:
+            differs = kept.error is None and kept.task_id is not None
+        if differs:
+            problem = f"row {item.row} (line {item.line}) differs from the batch's"
+            raise ConflictError(
+                f"the Idempotency-Key made batch {batch_id} from another file: {problem} (the "
+                "same key resumes the same file; send another file with another key)",
+                fields=[
+                    FieldProblem("Idempotency-Key", f"already used for another file: {problem}")
+                ],
+            )
 
 
 def _cancelled(conn: Connection, batch_id: int) -> bool:
@@ -230,89 +270,6 @@ def _task_row(new: NewTask, at: str) -> dict[str, Any]:
         "status": TaskStatus.QUEUED.value,
         "created_at": at,
     }
-
-
-def mark_loaded(conn: Connection, batch_id: int, at: str) -> dict[str, Any]:
-    """The upload ended: count the batch's rows and refused rows, and mark it ``loaded``.
-    Returns the batch."""
-    total, invalid = conn.execute(
-        select(
-            func.count(),
-            func.count(batch_rows.c.error),
-        ).where(batch_rows.c.batch_id == batch_id)
-    ).one()
-    row = (
-        conn.execute(
-            update(batches)
-            .where(batches.c.id == batch_id)
-            .values(
-                status="loaded",
-                row_count=total,
-                invalid_count=invalid,
-                loaded_at=func.coalesce(batches.c.loaded_at, at),
-                upload_expires_at=None,
-                upload_owner=None,
-            )
-            .returning(*batches.c)
-        )
-        .mappings()
-        .one()
-    )
-    return dict(row)
-
-
-def renew_upload(conn: Connection, batch_id: int, until: str) -> str:
-    """The batch's upload is alive (its request asks, while it reads): hold it until
-    ``until``. Returns ``held``; or ``reopened`` when a reaper had closed it (its lease lapsed
-    while the process stalled): it is ``loading`` again, its tally dropped, so that nobody
-    takes a batch whose rows still come for finished; ``gone`` when there is no such batch."""
-    held = conn.execute(
-        update(batches)
-        .where(batches.c.id == batch_id, batches.c.status == "loading")
-        .values(upload_expires_at=until)
-    )
-    if held.rowcount:
-        return "held"
-    reopened = conn.execute(
-        update(batches)
-        .where(batches.c.id == batch_id, batches.c.status == "loaded")
-        .values(status="loading", upload_expires_at=until, loaded_at=None)
-    )
-    if not reopened.rowcount:
-        return "gone"
-    bulk.unsettle(conn, batches.c.id == batch_id)
-    return "reopened"
-
-
-def close_uploads_of(conn: Connection, owner: str, at: str) -> list[dict[str, Any]]:
-    """Close the loading batches whose uploads process ``owner`` read, known dead now, as
-    :func:`close_lost_uploads` closes those whose lease lapsed. Returns them."""
-    return _close(conn, select(batches.c.id).where(batches.c.upload_owner == owner), at)
-
-
-def close_lost_uploads(
-    conn: Connection, at: str, keep: Sequence[int] = (), limit: int = 100
-) -> list[dict[str, Any]]:
-    """Close the batches whose upload's lease lapsed before ``at`` (its process died), but
-    those in ``keep`` (the reaping process's own uploads): each is marked ``loaded`` with the
-    rows stored (:func:`mark_loaded`). Their rows are locked, and those locked skipped
-    (PostgreSQL), so two reapers never close the same batch. Returns the batches closed."""
-    lost = (
-        select(batches.c.id)
-        .where(batches.c.upload_expires_at < at, batches.c.idempotency_key.is_(None))
-        .order_by(batches.c.upload_expires_at)
-        .limit(limit)
-    )
-    if keep:
-        lost = lost.where(batches.c.id.not_in(list(keep)))
-    return _close(conn, lost, at)
-
-
-def _close(conn: Connection, chosen: Select[Any], at: str) -> list[dict[str, Any]]:
-    """Mark ``loaded`` the loading batches ``chosen`` selects (their ids), each with the rows
-    stored (:func:`mark_loaded`); their rows locked, those locked elsewhere skipped."""
-    ids = chosen.where(batches.c.status == "loading").with_for_update(skip_locked=True)
-    return [mark_loaded(conn, batch_id, at) for batch_id in conn.execute(ids).scalars().all()]
 
 
 def clear_cancelled(conn: Connection, batch_id: int) -> None:
@@ -396,9 +353,9 @@ class BatchStore:
 
     async def renew_upload(self, batch_id: int, until: str) -> str:
         """Hold a batch's upload until ``until``, opening it again if a reaper closed it
-        (:func:`renew_upload`)."""
+        (:func:`~orchestra.db.batch_uploads.renew_upload`)."""
         return await self.db.transaction(
-            lambda conn: renew_upload(conn, batch_id, until), small=True
+            lambda conn: batch_uploads.renew_upload(conn, batch_id, until), small=True
         )
 
     async def upload_owners(self, host: str) -> list[str]:
@@ -408,13 +365,23 @@ class BatchStore:
             return [str(owner) for owner in (await conn.execute(query)).scalars()]
 
     async def close_uploads_of(self, owner: str, at: str) -> list[dict[str, Any]]:
-        """Close the uploads of process ``owner``, known dead (:func:`close_uploads_of`)."""
-        return await self.db.transaction(lambda conn: close_uploads_of(conn, owner, at))
+        """Close the uploads of process ``owner``, known dead
+        (:func:`~orchestra.db.batch_uploads.close_uploads_of`)."""
+        return await self.db.transaction(
+            lambda conn: batch_uploads.close_uploads_of(conn, owner, at)
+        )
 
     async def reap_uploads(self, at: str, keep: Sequence[int] = ()) -> list[dict[str, Any]]:
         """Close the batches whose upload's lease lapsed before ``at``, but those in ``keep``
-        (:func:`close_lost_uploads`); returns them."""
-        return await self.db.transaction(lambda conn: close_lost_uploads(conn, at, keep))
+        (:func:`~orchestra.db.batch_uploads.close_lost_uploads`); returns them."""
+        return await self.db.transaction(
+            lambda conn: batch_uploads.close_lost_uploads(conn, at, keep)
+        )
+
+    async def by_key(self, scope: str, key: str) -> dict[str, Any] | None:
+        """The batch an idempotency key made in its scope, or None."""
+        async with self.db.read() as conn:
+            return await conn.run_sync(lambda c: by_key(c, scope, key))
 
     async def get(self, batch_id: int) -> dict[str, Any] | None:
         """One batch's row, or None."""
