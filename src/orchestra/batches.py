@@ -89,8 +89,8 @@ class BatchOptions(msgspec.Struct, frozen=True):
     idempotency_key: str | None = None
 
     def fingerprint(self) -> str:
-        """What an idempotency key is checked against: the options, not the data (a client
-        resuming sends the same file again)."""
+        """What an idempotency key is checked against first: the options (the file's rows are
+        compared as they come, with the rows the batch has: ``db.batches.add_rows``)."""
         shared = msgspec.structs.replace(self, idempotency_key=None)
         return hashlib.sha256(_encode(shared)).hexdigest()
 
@@ -244,22 +244,30 @@ class BatchService:
         two versions), else the one asked for (None: the current).
 
         Raises:
-            TemplateNotFound: no such template (or version), for a new batch.
+            TemplateNotFound: no such template (or version; a deleted template resumes no
+                batch).
             ConflictError: the resumed batch's version is no longer available.
         """
         kept = None
         if opts.idempotency_key is not None:
             kept = await self.store.by_key(scope, opts.idempotency_key)
-        if kept is None or kept["request_hash"] != opts.fingerprint():
+        if kept is None or kept["request_hash"] != opts.fingerprint():  # new (or a 409)
             return await self.tasks.template(opts.template, opts.template_version)
+        await self.tasks.template(opts.template)  # still offered: a deleted one resumes none
         version = int(kept["template_version"])
         try:
             return await self.tasks.template(opts.template, version, exact=True)
         except TemplateNotFound as exc:
             gone = f"its batch's template version {version} is no longer available"
+            rows = int(kept["row_count"])
+            state = (
+                f"loaded with {rows:,} row{'' if rows == 1 else 's'}"
+                if kept["status"] == "loaded"
+                else "loading: its rows so far run"
+            )
             raise ConflictError(
-                f"the Idempotency-Key resumes batch {kept['id']}, but {gone}: upload the "
-                "file again with another key",
+                f"the Idempotency-Key resumes batch {kept['id']} ({state}), but {gone}, so it "
+                "takes no more rows; a new batch needs another key",
                 fields=[FieldProblem("Idempotency-Key", gone)],
             ) from exc
 
@@ -365,6 +373,14 @@ class BatchService:
             raise ConflictError(
                 f"idempotency key {key!r} was already used for a batch with other options",
                 fields=[FieldProblem("Idempotency-Key", "already used with other options")],
+            )
+        if existing["template_version"] != template.version:  # two first uploads at once,
+            # the template changed between them: sent again, this one takes the batch's
+            raise ConflictError(
+                f"batch {existing['id']} of this Idempotency-Key began with template version "
+                f"{existing['template_version']} while this upload read version "
+                f"{template.version}: send it again",
+                fields=[FieldProblem("Idempotency-Key", "its batch began with another version")],
             )
         return Batch.of(existing), False
 

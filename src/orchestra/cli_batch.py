@@ -92,25 +92,26 @@ class _Follow:
     policy's window, then its ConnectionFailed stands: exit 3; the same command resumes),
     saying so once per outage. It exited 3 at once: a restart stopped every run it followed."""
 
-    def __init__(self, client: Client, say: Callable[[str], None]) -> None:
+    def __init__(self, client: Client, batch_id: int, say: Callable[[str], None]) -> None:
         from orchestra.client.follow import Poll
 
-        self._client, self._say = client, say
-        self._poll = Poll(client.url, client.reconnect_policy, reached=True)
+        self._client, self._batch_id, self._say = client, batch_id, say
+        what = f"following batch {batch_id}, the service was lost"
+        self._poll = Poll(client.url, client.reconnect_policy, reached=True, what=what)
         self._down = False
 
-    def batch(self, batch_id: int) -> ProgressOut:
+    def progress(self) -> ProgressOut:
         """The batch's progress, once the service answers."""
         from orchestra.client.errors import ClientError
 
         while True:
             try:
-                state = self._client.get_batch(batch_id)
+                state = self._client.get_batch(self._batch_id)
             except ClientError as exc:
                 pause = self._poll.retry_in(exc)  # raises it when it stands
                 if not self._down:
                     window = self._client.reconnect_policy.window
-                    self._say(f"the service did not answer ({exc}); trying again for {window:g} s")
+                    self._say(f"lost the service ({exc}); trying again for {window:g} s")
                     self._down = True
                 time.sleep(pause)
                 continue
@@ -198,8 +199,9 @@ def run(
         batch_id = remembered.get("batch_id")
         if batch_id is not None:
             bar.console.print(f"resuming batch {batch_id} (from {sidecar})", soft_wrap=True)
-        elif remembered:  # cut during its upload: the same key resumes it
-            bar.console.print(f"resuming the upload (from {sidecar})", soft_wrap=True)
+        elif remembered:  # cut before its upload was answered: the same key resumes it
+            said = f"sending the upload again with its key (from {sidecar})"
+            bar.console.print(said, soft_wrap=True)
         loaded = batch_id is not None and client.get_batch(batch_id).batch.status == "loaded"
         if not loaded:
             sending = bar.add_task("upload", total=data.stat().st_size)
@@ -221,9 +223,9 @@ def run(
                 )
         assert batch_id is not None
         running = bar.add_task(f"batch {batch_id}", total=None)
-        follow = _Follow(client, bar.console.print)
+        follow = _Follow(client, batch_id, bar.console.print)
         while True:
-            state = follow.batch(batch_id)
+            state = follow.progress()
             counts = state.counts
             wanted = state.batch.rows - state.batch.invalid
             bar.update(running, total=max(wanted, 1), completed=state.finished)

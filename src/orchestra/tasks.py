@@ -193,7 +193,9 @@ class TaskService:
                 "give run_at or delay, not both",
                 [FieldProblem("delay", "cannot be combined with run_at")],
             )
-        spec = template or await self.template(sub.template, sub.template_version)
+        if template is None:
+            template = await self.template(sub.template, sub.template_version)
+        spec = template
         params = validate_params(spec, sub.params, self.limits)
         run_at = None if sub.run_at is None else _utc(sub.run_at)
         if sub.delay:

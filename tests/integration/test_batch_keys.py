@@ -70,5 +70,25 @@ async def test_resuming_a_batch_whose_template_version_is_gone_is_a_conflict(
         refused = await upload(svc, csv_of("row 1", "row 2"), expect=409, key="gone")
     gone = "its batch's template version 1 is no longer available"
     assert refused["fields"] == [{"field": "Idempotency-Key", "message": gone}], refused
-    assert f"resumes batch {first['batch']['id']}" in refused["message"]
+    said = f"resumes batch {first['batch']['id']} (loaded with 1 row), but {gone}, so it takes"
+    assert said in refused["message"], refused
+    assert sql_rows(db_url, "SELECT count(*) FROM tasks") == [(1,)]
+
+
+REGJOB = ROWJOB.replace("name: rowjob", "name: regjob")
+
+
+async def test_a_deleted_template_resumes_no_batch(idle: Service, db_url: str) -> None:
+    """A registered template deleted after its batch began: its key resumes nothing (a 404,
+    as before versions were pinned), rather than queuing rows for a deleted template."""
+    registered = await idle.client.post(
+        "/api/v1/templates", content=REGJOB, headers={"Content-Type": "application/yaml"}
+    )
+    assert registered.status_code == 201, registered.text
+    await upload(idle, csv_of("row 1"), key="deleted", template="regjob")
+    assert (await idle.client.delete("/api/v1/templates/regjob")).status_code == 204
+    refused = await upload(
+        idle, csv_of("row 1", "row 2"), expect=404, key="deleted", template="regjob"
+    )
+    assert refused["code"] == "template_not_found", refused
     assert sql_rows(db_url, "SELECT count(*) FROM tasks") == [(1,)]

@@ -45,7 +45,7 @@ async def test_a_run_following_its_batch_waits_out_a_restart_of_the_service(
         await wait_until(lambda: fake_ollama.in_flight > 0)
         service.send_signal(signal.SIGKILL)  # the service dies under the run that follows
         await service.wait()
-        await wait_until(lambda: "did not answer" in said.read_text(), timeout=20)
+        await wait_until(lambda: "lost the service" in said.read_text(), timeout=20)
         assert cli.returncode is None, said.read_text()  # it exited 3 here
         fake_ollama.open_gate("llama3.2")
         service = await start_process(config)  # takes the dead process's rows back at once
@@ -67,7 +67,7 @@ async def test_a_run_following_its_batch_waits_out_a_restart_of_the_service(
     assert not sidecar.exists()
 
 
-async def test_a_run_cut_during_its_upload_says_it_resumes_the_upload(
+async def test_a_run_cut_before_its_upload_was_answered_says_it_sends_it_again(
     fake_ollama: FakeOllama, tmp_path: Path, db_url: str
 ) -> None:
     port, config = free_port(), tmp_path / "orchestra.toml"
@@ -98,5 +98,6 @@ async def test_a_run_cut_during_its_upload_says_it_resumes_the_upload(
         service.send_signal(signal.SIGTERM)
         await service.wait()
     assert again.returncode == 0, said.decode()
-    assert f"resuming the upload (from {sidecar})" in said.decode(), said.decode()
+    said_again = f"sending the upload again with its key (from {sidecar})"
+    assert said_again in said.decode(), said.decode()
     assert len(out.read_text().splitlines()) == ROWS

@@ -165,9 +165,9 @@ class Poll:
     """A long poll (``wait``) kept through a restart of the service, as a stream is: a poll
     cut off (the service stopping under it), a 502, 503 or 504, or after an answer any failed
     connection, is tried again for up to the policy's window, then given up with
-    ConnectionFailed. Only a first poll that could not connect at all, from a client the
-    service never answered (``reached`` False), fails at once (a wrong URL, a service that is
-    not there)."""
+    ConnectionFailed (its message begins with ``what``). Only a first poll that could not
+    connect at all, from a client the service never answered (``reached`` False), fails at
+    once (a wrong URL, a service that is not there)."""
 
     def __init__(
         self,
@@ -177,16 +177,10 @@ class Poll:
         clock: Callable[[], float] = time.monotonic,
         jitter: Callable[[], float] = random.random,
         reached: bool = False,
+        what: str = "the wait for the task was cut off",
     ) -> None:
         self._follow = Follow(
-            url,
-            _never_opened,
-            None,
-            policy,
-            end=None,
-            clock=clock,
-            jitter=jitter,
-            what="the wait for the task was cut off",
+            url, _never_opened, None, policy, end=None, clock=clock, jitter=jitter, what=what
         )
         self._clock = clock
         self._reached = reached

@@ -5,10 +5,12 @@ Each valid row of a batch is a task queued as a submit queues one (the same colu
 transaction in one INSERT; ``batch_rows`` maps (batch, row) to its task, or holds why the
 row was refused. Its key (batch_id, row_no) makes a row's task unique: a chunk reads which of
 its rows exist and queues only the others, so an upload sent again (a client resuming) queues
-nothing twice. On PostgreSQL two uploads of the same rows at once may both queue a row; the
-second's insert of that ``batch_rows`` key then fails with a unique violation, and
+nothing twice; a row it has must be the row sent again (the same params, or refused both
+times), else the upload is another file under the same key, refused. On PostgreSQL two
+uploads of the same rows at once may both queue a row; the second's insert of that
+``batch_rows`` key then fails with a unique violation, and
 :class:`~orchestra.db.postgres_engine.PostgresDatabase` runs the chunk again, which now sees
-the row and skips it (the chunk's tasks go with the rolled-back transaction).
+the row, compares it and skips it (the chunk's tasks go with the rolled-back transaction).
 
 An upload's lease, and the batch's close when its upload ends: :mod:`orchestra.db.batch_uploads`.
 
@@ -137,7 +139,12 @@ def add_rows(
     """Queue the tasks of a chunk of rows, and record the refused ones; rows the batch has
     already are skipped. Returns the ids of the tasks queued. Rows read after the batch was
     cancelled (its upload still going on) get their tasks cancelled at once, in the same
-    transaction: no worker sees them queued."""
+    transaction: no worker sees them queued.
+
+    Raises:
+        ConflictError: a row the batch has differs from the one sent again (another file
+            under the batch's idempotency key): nothing of the chunk is queued.
+    """
     numbers = [r.row for r in valid] + [r.row for r in refused]
     if not numbers:
         return []
@@ -145,16 +152,20 @@ def add_rows(
     # cancel commits before this chunk (whose rows are then cancelled here) or after it (its
     # walk then sees them), never in between.
     cancelled = _cancelled(conn, batch_id)
-    present = set(
-        conn.execute(
-            select(batch_rows.c.row_no).where(
+    stored = {
+        row.row_no: row
+        for row in conn.execute(
+            select(batch_rows.c.row_no, batch_rows.c.task_id, batch_rows.c.error, tasks.c.params)
+            .select_from(batch_rows.outerjoin(tasks, tasks.c.id == batch_rows.c.task_id))
+            .where(
                 batch_rows.c.batch_id == batch_id,
                 batch_rows.c.row_no.between(min(numbers), max(numbers)),
             )
-        ).scalars()
-    )
-    if present:  # a resumed upload: the rows it has must be the ones sent again
-        _same_rows(conn, batch_id, valid, refused, present)
+        )
+    }
+    present = set(stored)
+    if stored:  # a resumed upload: the rows it has must be the ones sent again
+        _same_rows(batch_id, valid, refused, stored)
     fresh = [item for item in valid if item.row not in present]
     queued: list[int] = []
     if fresh:
@@ -189,26 +200,20 @@ def add_rows(
 
 
 def _same_rows(
-    conn: Connection,
     batch_id: int,
     valid: Sequence[RowTask],
     refused: Sequence[RowRefused],
-    present: set[int],
+    stored: dict[int, Any],
 ) -> None:
     """Refuse a chunk sent again under a batch's idempotency key whose rows are not the ones
-    the batch has (another file under the same key): a valid row whose task has other
-    params, or a row valid one time and refused the other. A row whose task retention
-    removed is taken as it is.
+    the batch has (``stored``: row_no, task_id, error and its task's params, by row): a
+    valid row whose task has other params, or a row valid one time and refused the other
+    (another file under the same key; or the same file read under other limits, such as a
+    smaller ``max_body_bytes``). A row whose task retention removed is taken as it is.
 
     Raises:
         ConflictError: naming the first row that differs.
     """
-    query = (
-        select(batch_rows.c.row_no, batch_rows.c.task_id, batch_rows.c.error, tasks.c.params)
-        .select_from(batch_rows.outerjoin(tasks, tasks.c.id == batch_rows.c.task_id))
-        .where(batch_rows.c.batch_id == batch_id, batch_rows.c.row_no.in_(sorted(present)))
-    )
-    stored = {row.row_no: row for row in conn.execute(query)}
     sent: list[RowTask | RowRefused] = [*valid, *refused]
     for item in sorted(sent, key=lambda r: r.row):
         kept = stored.get(item.row)
