@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, insert, or_, select, update
+import unicodedata
+from typing import Any, NoReturn
+
+from sqlalchemy import Connection, insert, select, update
 
 from orchestra.auth import ApiKey, Scope, digest, new_token
 from orchestra.db.engine import Database
@@ -21,20 +24,29 @@ class KeyStore:
         """Make a key; returns it and the token, which is shown once and never stored.
 
         Raises:
-            InvalidRequest: the name is empty (or only spaces).
+            InvalidRequest: the name is empty (or only spaces), is not one line of at most
+                :data:`MAX_NAME` characters without spaces at its ends, or is another key's
+                id (``keys revoke`` takes both).
             ConflictError: a key (even a revoked one) already has this name.
         """
         if not name.strip():
             raise InvalidRequest("a key needs a name: who or what it is for")
+        _check_name(name)
         row, token = _new_row(name, scope)
 
-        def work(conn: Connection) -> bool:
+        def work(conn: Connection) -> ApiKey | bool:
+            owner = conn.execute(select(api_keys).where(api_keys.c.id == name)).first()
+            if owner is not None:
+                return ApiKey(owner.id, owner.name, owner.scope, owner.created_at)
             if _name_taken(conn, name):
                 return False
             conn.execute(insert(api_keys).values(row))
             return True
 
-        if not await self.db.transaction(work):
+        done = await self.db.transaction(work)
+        if isinstance(done, ApiKey):
+            _refuse_name(f"is the id of another key ({done.id}, named {done.name!r})")
+        if not done:
             raise ConflictError(
                 f"a key named {name!r} exists already",
                 fields=[FieldProblem("name", "is taken by another key")],
@@ -84,29 +96,61 @@ class KeyStore:
         return {r.id: (r.digest, ApiKey(r.id, r.name, r.scope, r.created_at)) for r in rows}
 
     async def revoke(self, name_or_id: str, *, by_id: bool = False) -> ApiKey:
-        """Revoke a key by name or id (only by id with ``by_id``: a key may be named like
-        another key's id); it stops working within the service's refresh time.
+        """Revoke one key, by id or name (only by id with ``by_id``); it stops working within
+        the service's refresh time. An active key whose id it is wins over one whose name it
+        is (a key named like another's id, from before names were checked: both were
+        revoked); names are unique.
 
         Raises:
             NotFoundError: no key with that name or id is active.
         """
         now = iso_now()
-        match = (
-            api_keys.c.id == name_or_id
-            if by_id
-            else or_(api_keys.c.name == name_or_id, api_keys.c.id == name_or_id)
-        )
-        stmt = (
-            update(api_keys)
-            .where(match, api_keys.c.revoked_at.is_(None))
-            .values(revoked_at=now)
-            .returning(api_keys.c.id, api_keys.c.name, api_keys.c.scope, api_keys.c.created_at)
-        )
-        rows = await self.db.transaction(lambda conn: conn.execute(stmt).all())
-        if not rows:
+        matches = [api_keys.c.id == name_or_id]
+        if not by_id:
+            matches.append(api_keys.c.name == name_or_id)
+
+        def work(conn: Connection) -> Any:
+            for match in matches:
+                stmt = (
+                    update(api_keys)
+                    .where(match, api_keys.c.revoked_at.is_(None))
+                    .values(revoked_at=now)
+                    .returning(*_SHOWN)
+                )
+                row = conn.execute(stmt).first()
+                if row is not None:
+                    return row
+            return None
+
+        r = await self.db.transaction(work)
+        if r is None:
             raise NotFoundError(f"no active key named {name_or_id!r}")
-        r = rows[0]
         return ApiKey(r.id, r.name, r.scope, r.created_at, now)
+
+
+#: The columns of a key that are shown (never its digest).
+_SHOWN = (api_keys.c.id, api_keys.c.name, api_keys.c.scope, api_keys.c.created_at)
+#: The longest name a key may have.
+MAX_NAME = 100
+
+
+def _check_name(name: str) -> None:
+    """Refuse a name that is not a short line of text: ``keys list`` prints it in a column
+    and ``keys revoke`` takes it as typed.
+
+    Raises:
+        InvalidRequest: naming the field ``name``.
+    """
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name):
+        _refuse_name("must be one line of text, without control characters")
+    if len(name) > MAX_NAME:
+        _refuse_name(f"must be at most {MAX_NAME} characters, not {len(name)}")
+    if name != name.strip():
+        _refuse_name("must not begin or end with a space")
+
+
+def _refuse_name(problem: str) -> NoReturn:
+    raise InvalidRequest(f"name: {problem}", [FieldProblem("name", problem)])
 
 
 def _new_row(name: str, scope: Scope) -> tuple[dict[str, str], str]:
