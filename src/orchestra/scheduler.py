@@ -207,6 +207,8 @@ class ScheduleService:
         if changed is None:
             raise ScheduleNotFound(f"no schedule {ref!r}")
         log.info("schedule.changed", schedule=changed.name, fields=sorted(given))
+        if changed.name != old.name:  # its counters' zeros, as at its creation
+            metrics.schedules_known([changed.name])
         self.wake()
         return changed
 
@@ -244,6 +246,7 @@ class ScheduleService:
         done = await self.store.sync(checked, self._next_tick, iso(self.clock()))
         if any(done.values()):
             log.info("schedules.synced", **done)
+        metrics.schedules_known(spec.name for spec in declared)  # one a reload added too
         self.wake()
 
 

@@ -530,3 +530,25 @@ async def test_run_now_submits_the_task_a_tick_would_and_leaves_the_ticks_be(
     assert sql_rows(db_url, "SELECT count(*) FROM tasks") == [(4,)]
     missing = await idle.client.post(f"{SCHEDULES}/nope/run")
     assert missing.status_code == 404 and missing.json()["code"] == "schedule_not_found"
+
+
+async def test_a_renamed_schedules_tick_counters_start_at_zero_under_its_new_name(
+    idle: Service,
+) -> None:
+    """An alert on ``increase(orchestra_schedule_ticks_total{outcome="failed"}[1h]) > 0``
+    sees a schedule's first failure only if its counter was there at 0 before it: made at
+    creation and at start, not at a rename (helper-109)."""
+    from tests.integration.test_metrics import scrape
+
+    await create(idle, name="before-rename", every="1m")
+    renamed = await idle.client.patch(f"{SCHEDULES}/before-rename", json={"name": "renamed"})
+    assert renamed.status_code == 200, renamed.text
+    scraped = await scrape(idle.client)
+    series = {
+        dict(labels)["outcome"]
+        for (name, labels), value in scraped.samples.items()
+        if name == "orchestra_schedule_ticks_total"
+        and ("schedule", "renamed") in labels
+        and value == 0
+    }
+    assert series == {"submitted", "skipped", "failed", "missed"}
