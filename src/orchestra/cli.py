@@ -270,6 +270,14 @@ def submit(
         click.echo(result if isinstance(result, str) else json.dumps(result, indent=2))
 
 
+#: What an attempt that ended without a result is told as, on its own line (the text the
+#: next attempt streams begins again).
+_ATTEMPT_ENDED: dict[str, str] = {
+    EventType.TASK_LEASE_EXPIRED.value: "lost: its worker stopped answering",
+    EventType.TASK_HANDED_BACK.value: "handed back: its service stopped; it runs again",
+}
+
+
 def _show_progress(client: Client, task_id: int) -> None:
     """Follow the task's event stream, writing its streamed text to stderr as it arrives."""
     from orchestra.client import ApiError
@@ -283,6 +291,9 @@ def _show_progress(client: Client, task_id: int) -> None:
             elif event.type == EventType.TASK_RETRYING:
                 message = event.data.get("error", {}).get("message")
                 click.echo(f"\n[retrying: {message}]", err=True)
+            elif event.type in _ATTEMPT_ENDED:  # the next attempt's text starts afresh
+                attempt = event.data.get("attempt", "?")
+                click.echo(f"\n[attempt {attempt} {_ATTEMPT_ENDED[event.type]}]", err=True)
     except ApiError:
         pass  # no stream (an old server, a proxy): the result is still waited for
     if streamed:

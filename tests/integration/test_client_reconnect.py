@@ -151,6 +151,7 @@ async def test_followers_of_a_task_see_every_event_once_across_a_restart_of_the_
     (submit_code, submit_out, submit_err), (events_code, _, events_err) = outs
     assert waited == ["succeeded", "succeeded"]  # a wait outlasts the restart, as a stream
     assert submit_code == 0, submit_err
+    assert "[attempt 1 handed back: its service stopped; it runs again]" in submit_err
     assert "ECHO:" in submit_out and "Across a restart." in submit_out
     assert events_code == 0, events_err
 
@@ -410,3 +411,47 @@ async def test_a_wait_with_a_timeout_gives_up_at_it_while_the_service_is_down(ki
         with pytest.raises(ConnectionFailed):
             await _wait(kind, url, timeout=1.0)
     assert polls >= 2  # tried again meanwhile
+
+
+async def test_a_waiting_submit_says_when_its_attempt_was_lost_mid_text(
+    fake_ollama: FakeOllama, tmp_path: Path, db_url: str
+) -> None:
+    """The service killed while a step's text streamed to ``submit --wait``: the new
+    attempt's text ran on from the old one's last word (``…word39ECHO: …``)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = tmp_path / "o.toml"
+    write_config(config, port=port, db=db_url, ollama_url=fake_ollama.url)
+    fake_ollama.reply = lambda request: " ".join(f"word{i}" for i in range(400))
+    fake_ollama.word_delay = 0.02  # 8 s of text: the kill comes in its middle
+    first = await start_process(config)
+    second: asyncio.subprocess.Process | None = None
+    submit = await _cli("submit", "summarize", "-p", "text=Lost.", "--wait", "--url", url)
+    try:
+        said = b""
+        assert submit.stderr is not None
+
+        async def text_streamed() -> bool:
+            nonlocal said
+            try:
+                said += await asyncio.wait_for(submit.stderr.read(4096), timeout=0.2)
+            except TimeoutError:
+                pass
+            return b"word3" in said
+
+        await wait_until(text_streamed, timeout=30)
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+        fake_ollama.word_delay = 0.0
+        second = await start_process(config)  # takes the dead process's task back at once
+        out, rest = await asyncio.wait_for(submit.communicate(), timeout=90)
+    finally:
+        for proc in (first, second, submit):
+            if proc is not None and proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    err = (said + rest).decode()
+    assert submit.returncode == 0, err
+    lost = "\n[attempt 1 lost: its worker stopped answering]\n"
+    assert lost in err, err
+    assert err.index(lost) < err.index("word0", err.index(lost)), err  # the new text after it
