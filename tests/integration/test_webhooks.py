@@ -321,6 +321,12 @@ async def test_a_disabled_subscription_gets_no_deliveries_and_its_pending_ones_w
     [waiting] = await hooks.deliveries(hook.id, 10, None)
     # Out of the due index's way while paused: a claim's walk never passes over it.
     assert (waiting.task_id, waiting.next_attempt_at) == (1, PAUSED)
+    # Sent again while paused, it waits for the resume as well (it was due at once: in every
+    # claim's way, and its answer said a time it would not be sent at).
+    assert await hooks.redeliver(hook.id, waiting.id, iso_now())
+    [waiting] = await hooks.deliveries(hook.id, 10, None)
+    assert (waiting.status, waiting.next_attempt_at) == ("pending", PAUSED)
+    assert not await hooks.any_due(iso_now())
     await hooks.update(hook.id, {"enabled": 1}, iso_now())
     [claimed] = await hooks.claim("sender", 10, iso_now(), "2999-01-01T00:00:00.000000Z")
     assert (claimed.webhook_id, claimed.secret, claimed.previous_secret) == (hook.id, "s", None)

@@ -26,6 +26,7 @@ from sqlalchemy import (
     Integer,
     and_,
     bindparam,
+    case,
     delete,
     func,
     insert,
@@ -314,13 +315,15 @@ class WebhookStore:
 
     async def redeliver(self, webhook_id: int, delivery_id: int, at: str) -> bool:
         """Make a delivery due now again (delivered, failed or still pending), with the same
-        id and body; False when the subscription has no such delivery."""
+        id and body; False when the subscription has no such delivery. A paused
+        subscription's waits for its resume (:data:`PAUSED`), as its other pending ones do."""
+        paused = select(_w.c.enabled).where(_w.c.id == webhook_id).scalar_subquery() == 0
         statement = (
             update(_d)
             .where(_d.c.id == delivery_id, _d.c.webhook_id == webhook_id)
             .values(
                 status=DeliveryStatus.PENDING.value,
-                next_attempt_at=at,
+                next_attempt_at=case((paused, PAUSED), else_=at),
                 retry_from=at,  # the retry window starts again
                 finished_at=None,
                 lease_owner=None,
