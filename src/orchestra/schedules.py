@@ -255,8 +255,8 @@ def format_every(seconds: float) -> str:
     hours, rest = divmod(rest, 3600)
     minutes, secs = divmod(rest, 60)
     text = "".join(f"{n}{u}" for n, u in ((days, "d"), (hours, "h"), (minutes, "m")) if n)
-    if secs or fraction or not text:
-        text += f"{secs + fraction:g}s"
+    if secs or fraction or not text:  # to the microsecond it ticks at (``:g`` kept six digits)
+        text += f"{secs + fraction:.6f}".rstrip("0").rstrip(".") + "s"
     return text
 
 

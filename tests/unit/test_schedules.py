@@ -45,6 +45,16 @@ def test_every_reads_durations(text: str, seconds: float) -> None:
     assert parse_every(format_every(seconds)) == seconds
 
 
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [(2.000001, "2.000001s"), (3600.25, "1h0.25s"), (59.999999, "59.999999s"), (61, "1m1s")],
+)
+def test_every_is_shown_to_the_microsecond_it_ticks_at(seconds: float, shown: str) -> None:
+    """2.000001 was shown as "2s" (six significant digits): read back, another period."""
+    assert format_every(seconds) == shown
+    assert parse_every(shown) == seconds
+
+
 @pytest.mark.parametrize("text", ["", "0s", "0.5s", "2x", "1m2h", "400d", "s", "-5m"])
 def test_every_refuses_what_is_no_duration_from_1s_to_366d(text: str) -> None:
     with pytest.raises(ValueError):
