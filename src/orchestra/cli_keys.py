@@ -185,6 +185,7 @@ def keys_revoke(name_or_id: str, config_path: str | None) -> None:
             return key, not await store.active_digests()
         except NotFoundError:
             gone = [k for k in await store.all() if name_or_id in (k.id, k.name)]
+            gone.sort(key=lambda k: k.id != name_or_id)  # an id names its key first
             if gone and gone[0].revoked_at:
                 key = gone[0]
                 message = f"key {key.id} ({key.name}) was revoked already, at {key.revoked_at}"

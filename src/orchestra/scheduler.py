@@ -246,7 +246,6 @@ class ScheduleService:
         done = await self.store.sync(checked, self._next_tick, iso(self.clock()))
         if any(done.values()):
             log.info("schedules.synced", **done)
-        metrics.schedules_known(spec.name for spec in declared)  # one a reload added too
         self.wake()
 
 

@@ -249,14 +249,15 @@ def parse_every(text: str) -> float:
 
 
 def format_every(seconds: float) -> str:
-    """A period as ``parse_every`` reads it: 5400.0 -> ``1h30m``."""
-    whole, fraction = divmod(seconds, 1)
-    days, rest = divmod(int(whole), 86_400)
+    """A period as ``parse_every`` reads it: 5400.0 -> ``1h30m``; to the microsecond it
+    ticks at (``2.000001s``; ``:g`` kept six digits, and showed ``2s``)."""
+    whole, micros = divmod(round(seconds * 1_000_000), 1_000_000)
+    days, rest = divmod(whole, 86_400)
     hours, rest = divmod(rest, 3600)
     minutes, secs = divmod(rest, 60)
     text = "".join(f"{n}{u}" for n, u in ((days, "d"), (hours, "h"), (minutes, "m")) if n)
-    if secs or fraction or not text:  # to the microsecond it ticks at (``:g`` kept six digits)
-        text += f"{secs + fraction:.6f}".rstrip("0").rstrip(".") + "s"
+    if secs or micros or not text:
+        text += f"{secs}.{micros:06d}".rstrip("0").rstrip(".") + "s"
     return text
 
 

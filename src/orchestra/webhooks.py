@@ -517,7 +517,8 @@ class WebhookService:
 
     async def redeliver(self, webhook_id: int, delivery_id: int) -> Delivery:
         """Send a delivery again (same ``webhook-id``, same body), now; returns it as it
-        stands then: pending, due now, with its attempts so far.
+        stands then: pending, due now (on a paused subscription, at its resume), with its
+        attempts so far.
 
         Raises:
             WebhookNotFound: no such subscription, or it has no such delivery.

@@ -12,10 +12,12 @@ from typing import Any
 
 import msgspec
 import pytest
+from sqlalchemy import select
 
 from orchestra.client import AsyncClient
 from orchestra.config import Settings, WebhookSettings
 from orchestra.db import Database, TaskStore
+from orchestra.db.tables import webhook_deliveries
 from orchestra.db.webhooks import PAUSED, Hint, WebhookStore
 from orchestra.domain import NewTask, iso_now
 from orchestra.webhooks import (
@@ -326,8 +328,14 @@ async def test_a_disabled_subscription_gets_no_deliveries_and_its_pending_ones_w
     assert await hooks.redeliver(hook.id, waiting.id, iso_now())
     [waiting] = await hooks.deliveries(hook.id, 10, None)
     assert (waiting.status, waiting.next_attempt_at) == ("pending", PAUSED)
-    assert not await hooks.any_due(iso_now())
-    await hooks.update(hook.id, {"enabled": 1}, iso_now())
+    resumed = iso_now()
+    await hooks.update(hook.id, {"enabled": 1}, resumed)
+    # Its retry window starts at the resume, not at the click (a day paused spent it all).
+    async with db.read() as conn:
+        window = await conn.scalar(
+            select(webhook_deliveries.c.retry_from).where(webhook_deliveries.c.id == waiting.id)
+        )
+    assert window == resumed
     [claimed] = await hooks.claim("sender", 10, iso_now(), "2999-01-01T00:00:00.000000Z")
     assert (claimed.webhook_id, claimed.secret, claimed.previous_secret) == (hook.id, "s", None)
 

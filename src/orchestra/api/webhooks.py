@@ -181,7 +181,7 @@ class WebhookController(Controller):
     ) -> DeliveryOut:
         """Send a delivery again now, with the same ``webhook-id`` and body (a delivered one
         too); its retries start over. The answer is the delivery queued again: ``pending``,
-        due now, with its attempts so far."""
+        due now (on a paused subscription, at its resume), with its attempts so far."""
         return DeliveryOut.of(await _service(runtime).redeliver(webhook_id, delivery_id))
 
 

@@ -97,30 +97,27 @@ class KeyStore:
 
     async def revoke(self, name_or_id: str, *, by_id: bool = False) -> ApiKey:
         """Revoke one key, by id or name (only by id with ``by_id``); it stops working within
-        the service's refresh time. An active key whose id it is wins over one whose name it
-        is (a key named like another's id, from before names were checked: both were
-        revoked); names are unique.
+        the service's refresh time. A string that is a key's id, revoked or not, names that
+        key alone, never a key named like it (a key named like another's id, from before
+        names were checked: both were revoked, and revoking an id twice revoked the other);
+        names are unique.
 
         Raises:
             NotFoundError: no key with that name or id is active.
         """
         now = iso_now()
-        matches = [api_keys.c.id == name_or_id]
-        if not by_id:
-            matches.append(api_keys.c.name == name_or_id)
+        owner = select(api_keys.c.id).where(api_keys.c.id == name_or_id)
 
         def work(conn: Connection) -> Any:
-            for match in matches:
-                stmt = (
-                    update(api_keys)
-                    .where(match, api_keys.c.revoked_at.is_(None))
-                    .values(revoked_at=now)
-                    .returning(*_SHOWN)
-                )
-                row = conn.execute(stmt).first()
-                if row is not None:
-                    return row
-            return None
+            by_its_id = by_id or conn.execute(owner).first() is not None
+            match = api_keys.c.id if by_its_id else api_keys.c.name
+            stmt = (
+                update(api_keys)
+                .where(match == name_or_id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=now)
+                .returning(*_SHOWN)
+            )
+            return conn.execute(stmt).first()
 
         r = await self.db.transaction(work)
         if r is None:
@@ -132,6 +129,12 @@ class KeyStore:
 _SHOWN = (api_keys.c.id, api_keys.c.name, api_keys.c.scope, api_keys.c.created_at)
 #: The longest name a key may have.
 MAX_NAME = 100
+#: The kinds of character a name may not hold: control and format characters (a newline, a
+#: tab, a right-to-left override that shows a name as another), line and paragraph
+#: separators, surrogates (bytes a terminal could not decode), private and unassigned ones.
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+#: Format characters that join what a person reads as one symbol (👩‍💻), allowed.
+_JOINERS = frozenset({"\u200c", "\u200d"})
 
 
 def _check_name(name: str) -> None:
@@ -141,8 +144,8 @@ def _check_name(name: str) -> None:
     Raises:
         InvalidRequest: naming the field ``name``.
     """
-    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name):
-        _refuse_name("must be one line of text, without control characters")
+    if any(unicodedata.category(c) in _UNPRINTABLE and c not in _JOINERS for c in name):
+        _refuse_name("must be one line of printable text")
     if len(name) > MAX_NAME:
         _refuse_name(f"must be at most {MAX_NAME} characters, not {len(name)}")
     if name != name.strip():

@@ -232,9 +232,10 @@ class WebhookStore:
         if values.get("enabled") == 0:
             moved = update(_d).where(waiting, _d.c.lease_owner.is_(None))
             moved = moved.values(next_attempt_at=PAUSED)
-        elif values.get("enabled") == 1:
+        elif values.get("enabled") == 1:  # a redelivery made while paused: its window too
             moved = update(_d).where(waiting, _d.c.next_attempt_at == PAUSED)
-            moved = moved.values(next_attempt_at=at)
+            window = case((_d.c.retry_from == PAUSED, at), else_=_d.c.retry_from)
+            moved = moved.values(next_attempt_at=at, retry_from=window)
         else:
             moved = None
 
@@ -315,24 +316,34 @@ class WebhookStore:
 
     async def redeliver(self, webhook_id: int, delivery_id: int, at: str) -> bool:
         """Make a delivery due now again (delivered, failed or still pending), with the same
-        id and body; False when the subscription has no such delivery. A paused
-        subscription's waits for its resume (:data:`PAUSED`), as its other pending ones do."""
-        paused = select(_w.c.enabled).where(_w.c.id == webhook_id).scalar_subquery() == 0
-        statement = (
-            update(_d)
-            .where(_d.c.id == delivery_id, _d.c.webhook_id == webhook_id)
-            .values(
-                status=DeliveryStatus.PENDING.value,
-                next_attempt_at=case((paused, PAUSED), else_=at),
-                retry_from=at,  # the retry window starts again
-                finished_at=None,
-                lease_owner=None,
-                lease_expires_at=None,
+        id and body, its retry window starting again; False when the subscription has no such
+        delivery. A paused subscription's waits for its resume (:data:`PAUSED`), as its other
+        pending ones do, and its window starts at the resume. The subscription's row is locked
+        first, as a pause or a resume locks it: a resume that commits meanwhile cannot miss
+        the delivery written paused."""
+
+        def work(conn: Connection) -> bool:
+            enabled = conn.execute(
+                select(_w.c.enabled).where(_w.c.id == webhook_id).with_for_update()
+            ).scalar()
+            if enabled is None:
+                return False
+            due = at if enabled else PAUSED
+            statement = (
+                update(_d)
+                .where(_d.c.id == delivery_id, _d.c.webhook_id == webhook_id)
+                .values(
+                    status=DeliveryStatus.PENDING.value,
+                    next_attempt_at=due,
+                    retry_from=due,  # the retry window starts again (paused: at the resume)
+                    finished_at=None,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
             )
-        )
-        return await self.db.transaction(
-            lambda conn: bool(conn.execute(statement).rowcount), small=True
-        )
+            return bool(conn.execute(statement).rowcount)
+
+        return await self.db.transaction(work, small=True)
 
     async def any_due(self, now: str) -> bool:
         """Whether a delivery is due at ``now``: one indexed read, so that a sender with

@@ -12,6 +12,7 @@ from litestar.response import Redirect, Template
 from orchestra.api.auth import credentials
 from orchestra.api.scope import runtime_of
 from orchestra.auth import SCOPES
+from orchestra.db.keys import MAX_NAME
 from orchestra.errors import ConflictError, InvalidRequest, NotFoundError, Unauthorized
 from orchestra.web.access import COOKIE, cookie_of
 from orchestra.web.render import caller_of, links, page
@@ -116,6 +117,7 @@ class KeyPages(Controller):
             status_code=status_code,
             section="keys",
             keys=keys,
+            max_name=MAX_NAME,
             **{**defaults, **context},
         )
 
