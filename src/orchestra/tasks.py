@@ -7,7 +7,7 @@ worker pool (through :class:`Scheduler`) when work becomes due or must stop.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -425,7 +425,8 @@ class TaskService:
                         if rest:
                             yield rest
                         return
-                live = [e.as_task_event() for e in sub.take() if e.seq > place.last]
+                taken = sub.take()
+                live = [e.as_task_event() for e in taken if e.seq > place.last]
                 if live:
                     live, hole, ended = _in_sequence(live, place.last)
                     if hole is not None:
@@ -435,6 +436,8 @@ class TaskService:
                         yield live
                     if ended:
                         return
+                elif _finishes(taken) and await self._finished(task_id):
+                    return  # it finished short of the place asked for: nothing comes after
                 elif sub.closed:  # the service is stopping: the client reconnects elsewhere
                     return
                 elif not await sub.wait():  # the feed's heartbeat
@@ -525,6 +528,11 @@ class TaskService:
         )
 
 
+def _finishes(events: Iterable[FeedEvent]) -> bool:
+    """Whether a task's ``task.finished`` is among ``events``."""
+    return any(e.type == TERMINAL_EVENT for e in events)
+
+
 def _in_sequence(live: list[TaskEvent], last: int) -> tuple[list[TaskEvent], int | None, bool]:
     """Of a task's new events (all past ``last``), those that follow on from ``last`` without
     a hole, up to ``task.finished``; the number of the first one past a hole (None: no hole);
@@ -554,8 +562,8 @@ class _TaskPlace:
         if self.ended:
             return True
         live = [e.as_task_event() for e in events if e.seq > self.last]
-        if not live:
-            return True
+        if not live:  # a task.finished short of the place: its task sees whether it ended
+            return not _finishes(events)
         live, hole, ended = _in_sequence(live, self.last)
         assert self.write is not None
         if hole is not None or not self.write(live):

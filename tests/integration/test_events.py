@@ -82,6 +82,30 @@ async def test_following_from_the_end_of_a_finished_task_ends_at_once(service: S
     assert await asyncio.wait_for(collect(service, done["id"], **{"Last-Event-ID": last}), 5) == []
 
 
+@pytest.mark.parametrize("how", ["query", "header"])
+async def test_following_from_past_a_running_tasks_last_event_ends_when_it_finishes(
+    service: Service, fake_ollama: FakeOllama, how: str
+) -> None:
+    """A place past every event the task will have (a feed id given as a task stream's
+    Last-Event-ID): the stream stayed open for good after the task finished, with keep-alives
+    alone, since its task.finished came before the place and was passed over (helper-111)."""
+    fake_ollama.latency = 0.5
+    task = await service.submit("summarize", text="x")
+    url = f"/api/v1/tasks/{task['id']}/events"
+    if how == "query":
+        followed = read_events(service.client, url + "?after=500")
+    else:
+        followed = read_events(service.client, url, {"Last-Event-ID": "500"})
+    following = asyncio.ensure_future(_all(followed))
+    done = await service.wait(task["id"])
+    assert done["status"] == "succeeded"
+    assert await asyncio.wait_for(following, timeout=10) == []
+
+
+async def _all(events: Any) -> list[dict[str, Any]]:
+    return [e async for e in events]
+
+
 async def test_event_stream_errors(service: Service) -> None:
     assert (await service.client.get("/api/v1/tasks/4242/events")).status_code == 404
     task = await service.submit("summarize", text="x")
