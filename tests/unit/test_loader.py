@@ -142,6 +142,15 @@ def test_missing_required_fields() -> None:
         # Bounds no value fits.
         ("{type: integer, minimum: 5, maximum: 1}", "parameters.p.maximum", "no value fits"),
         ("{type: string, min_length: 5, max_length: 2}", "parameters.p.max_length", "below"),
+        # Bounds no value meets, that published a schema no JSON Schema reader takes.
+        ("{type: string, max_length: -5}", "parameters.p.max_length", "0 or more, not -5"),
+        ("{type: array, min_length: -2}", "parameters.p.min_length", "0 or more, not -2"),
+        ("{type: string, enum: []}", "parameters.p.enum", "at least one value"),
+        (
+            "{type: integer, minimum: 1.5, maximum: 1.7}",
+            "parameters.p.maximum",
+            "no integer lies from minimum 1.5 to maximum 1.7",
+        ),
     ],
 )
 def test_parameter_problems(param: str, path: str, message: str) -> None:

@@ -7,6 +7,7 @@ are checked by ``step_loader`` and positions come from ``source``.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,10 +159,9 @@ def _parameters(c: Checker, value: Any, budget: PatternBudget) -> dict[str, Para
         if infinite:
             out[name] = param  # known, so that steps using it are not reported too
             continue
-        for low, high in (("minimum", "maximum"), ("min_length", "max_length")):
-            below, above = getattr(param, low), getattr(param, high)
-            if below is not None and above is not None and above < below:
-                c.add((*path, high), f"{high} {above} is below {low} {below}: no value fits")
+        if not _bounds_fit(c, path, param):
+            out[name] = param  # known, so that steps using it are not reported too
+            continue
         if param.items is not None:
             if not _patterns(c, (*path, "items"), param.items, budget):
                 out[name] = param
@@ -188,6 +188,40 @@ def _parameters(c: Checker, value: Any, budget: PatternBudget) -> dict[str, Para
                 )
         out[name] = param
     return out
+
+
+def _bounds_fit(c: Checker, path: Path_, param: Parameter) -> bool:
+    """Whether some value meets the parameter's bounds (each problem added): lengths of 0
+    or more, a low bound not above the high one, an integer between an integer's bounds, and
+    an ``enum`` with a value. (A negative length or an empty enum was taken: no value was
+    accepted, and the published schema was no valid JSON Schema.)"""
+    ok = True
+    for key in ("min_length", "max_length"):
+        length = getattr(param, key)
+        if length is not None and length < 0:
+            c.add((*path, key), f"{key} must be 0 or more, not {length}")
+            ok = False
+    for low, high in (("minimum", "maximum"), ("min_length", "max_length")):
+        below, above = getattr(param, low), getattr(param, high)
+        if below is not None and above is not None and above < below:
+            c.add((*path, high), f"{high} {above} is below {low} {below}: no value fits")
+            ok = False
+        elif (
+            param.type == "integer"
+            and low == "minimum"
+            and below is not None
+            and above is not None
+            and math.ceil(below) > math.floor(above)
+        ):
+            c.add(
+                (*path, high),
+                f"no integer lies from {low} {below} to {high} {above}: no value fits",
+            )
+            ok = False
+    if param.enum is not None and not param.enum:
+        c.add((*path, "enum"), "enum must list at least one value (none: leave it out)")
+        ok = False
+    return ok
 
 
 def _retry(c: Checker, value: Any) -> RetryPolicy | None:
