@@ -144,6 +144,10 @@ class PayloadTooLarge(OrchestraError):
 
     code = "too_large"
 
+    def __init__(self, message: str | None = None, fields: Sequence[FieldProblem] = ()) -> None:
+        self.fields = list(fields)
+        super().__init__(message)
+
 
 class Unauthorized(OrchestraError):
     """A valid API key is required: send it as "Authorization: Bearer <key>"."""

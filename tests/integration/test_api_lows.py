@@ -370,6 +370,9 @@ async def test_a_query_number_past_its_bounds_keeps_its_words(service: Service) 
             "statuses",
             "'NULL' is not one of failed, cancelled",
         ),
+        # Empty, a type filter was no filter (an empty template is refused already).
+        ("/api/v1/events?type=", "type", "must name an event type (leave it out for all)"),
+        ("/api/v1/events?type=,%20", "type", "must name an event type (leave it out for all)"),
         # Repeated, one of them was taken without a word.
         ("/api/v1/tasks?limit=1&limit=2", "limit", "is given 2 times; send it once"),
         (

@@ -66,6 +66,12 @@ async def test_deep_yaml_and_oversized_templates_are_refused(hardened: Service) 
     big = "name: big\ndescription: |\n" + "  words words words\n" * 20_000
     body = _error(await hardened.client.post("/api/v1/templates", content=big), 413)
     assert "max_template_bytes" in body["message"]
+    # Named as the field it is about, as the body's own limit is (fields were empty).
+    [problem] = body["fields"]
+    assert problem["field"] == "body" and "max_template_bytes" in problem["message"], problem
+    latin = "name: x\ndescription: caf\xe9\n".encode("latin-1")
+    body = _error(await hardened.client.post("/api/v1/templates/validate", content=latin), 400)
+    assert body["fields"] == [{"field": "body", "message": "is not UTF-8 text"}], body
     await _still_serves(hardened)
 
 

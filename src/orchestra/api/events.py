@@ -60,17 +60,21 @@ def wanted_types(values: list[str] | None) -> frozenset[str] | None:
     """The event types asked for (``type`` repeated, or words separated by commas); None: all.
 
     Raises:
-        InvalidRequest: a word is not an event type.
+        InvalidRequest: a word is not an event type, or none is given (``type=``: it was taken
+            for no filter).
     """
     if not values:
         return None
     words = {w.strip() for value in values for w in value.split(",") if w.strip()}
+    if not words:
+        reason = "must name an event type (leave it out for all)"
+        raise InvalidRequest(f"type: {reason}", [FieldProblem("type", reason)])
     unknown = sorted(words - _TYPES)
     if unknown:
         named = ", ".join(map(repr, unknown))
         reason = f"unknown event type {named}; known: {', '.join(sorted(_TYPES))}"
         raise InvalidRequest(f"type: {reason}", [FieldProblem("type", reason)])
-    return frozenset(words) or None
+    return frozenset(words)
 
 
 class EventController(Controller):

@@ -29,7 +29,9 @@ def _text(body: bytes) -> str:
     try:
         return body.decode("utf-8")
     except UnicodeDecodeError:
-        raise InvalidRequest("the template must be UTF-8 text") from None
+        raise InvalidRequest(
+            "the template must be UTF-8 text", [FieldProblem("body", "is not UTF-8 text")]
+        ) from None
 
 
 class TemplateController(Controller):

@@ -20,7 +20,7 @@ from ruamel.yaml.events import (
     ScalarEvent,
 )
 
-from orchestra.errors import PayloadTooLarge, TemplateError
+from orchestra.errors import FieldProblem, PayloadTooLarge, TemplateError
 from orchestra.templating.source import TemplateProblem
 
 
@@ -32,9 +32,8 @@ def check_size(text: str, max_bytes: int) -> None:
     """
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
-        raise PayloadTooLarge(
-            f"the template is {size} bytes; the limit is {max_bytes} ([limits] max_template_bytes)"
-        )
+        reason = f"is {size} bytes; the limit is {max_bytes} ([limits] max_template_bytes)"
+        raise PayloadTooLarge(f"the template {reason}", [FieldProblem("body", reason)])
 
 
 def check_shape(text: str, file: str, *, max_nodes: int, max_depth: int) -> None:
