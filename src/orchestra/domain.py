@@ -393,6 +393,21 @@ _DURATION = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
+def model_name_problem(name: str) -> str | None:
+    """Why ``name`` names no model wherever it is given (a submit, a batch, a template), or
+    None: spaces at its ends, a provider's prefix with nothing after it (``ollama/``), or
+    template syntax (a model's name is not rendered). Such names were taken, and failed only
+    when a worker asked for them."""
+    if name != name.strip():
+        return "must not begin or end with a space"
+    if name.endswith("/"):
+        provider = name.rstrip("/")
+        return f"ends with '/': name the model after its provider ({provider}/llama3.2)"
+    if "{{" in name or "{%" in name:
+        return "is a model's name, not a template: it is not rendered"
+    return None
+
+
 def parse_duration(value: Any) -> float:
     """Seconds from a number or a string like ``500ms``, ``1.5s``, ``2m``, ``1h``.
 

@@ -28,6 +28,7 @@ from orchestra.domain import (
     Task,
     TaskStatus,
     as_utc,
+    model_name_problem,
     now,
     storable_id,
 )
@@ -193,6 +194,9 @@ class TaskService:
                 "give run_at or delay, not both",
                 [FieldProblem("delay", "cannot be combined with run_at")],
             )
+        why = None if sub.model is None else model_name_problem(sub.model)
+        if why is not None:
+            raise InvalidRequest(f"model: {why}", [FieldProblem("model", why)])
         if template is None:
             template = await self.template(sub.template, sub.template_version)
         spec = template

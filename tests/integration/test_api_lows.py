@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Service
+from tests.conftest import Service, sql_rows
 from tests.integration.test_webhooks import loopback_service as loopback_service
 from tests.integration.test_webhooks import receiver as receiver
 
@@ -416,3 +416,60 @@ async def test_a_query_that_takes_a_list_may_be_repeated_and_a_negative_integer_
         assert response.status_code == 200
     response = await service.client.get("/api/v1/tasks?limit=-1")
     assert response.json()["fields"] == [{"field": "limit", "message": "must be at least 1"}]
+
+
+# -- a model's name is checked where it is given ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (" default", "must not begin or end with a space"),
+        ("llama3.2\n", "must not begin or end with a space"),
+        ("ollama/", "ends with '/': name the model after its provider (ollama/llama3.2)"),
+        ("{{ params.m }}", "is a model's name, not a template: it is not rendered"),
+    ],
+)
+async def test_a_submitted_model_name_that_names_no_model_is_refused(
+    service: Service, model: str, message: str
+) -> None:
+    """Such names were queued (201) and failed only when a worker asked for them."""
+    body = {"template": "summarize", "params": {"text": "x"}, "model": model}
+    response = await service.client.post("/api/v1/tasks", json=body)
+    assert response.status_code in (400, 422), response.text
+    assert response.json()["fields"] == [{"field": "model", "message": message}]
+
+
+async def test_a_templated_model_name_in_a_template_is_refused_with_its_line(
+    service: Service,
+) -> None:
+    text = (
+        "name: templated\nparameters:\n  m: {type: string}\n"
+        'steps:\n  - id: a\n    model: "{{ params.m }}"\n    prompt: hi\n'
+    )
+    response = await service.client.post("/api/v1/templates/validate", content=text)
+    found = [(e["path"], e["line"], e["message"]) for e in response.json()["errors"]]
+    assert found == [
+        (
+            "steps[0].model",
+            6,
+            "model is a model's name, not a template: it is not rendered (a task's model "
+            "field chooses one per task)",
+        )
+    ], found
+
+
+async def test_a_batch_with_a_model_that_names_none_is_refused_whole(
+    service: Service, db_url: str
+) -> None:
+    """Not each of its rows, refused one by one for the same reason."""
+    response = await service.client.post(
+        "/api/v1/batches",
+        params={"template": "summarize", "model": "ollama/"},
+        content=b"text\nrow 1\nrow 2\n",
+        headers={"Content-Type": "text/csv"},
+    )
+    assert response.status_code == 400, response.text
+    message = "ends with '/': name the model after its provider (ollama/llama3.2)"
+    assert response.json()["fields"] == [{"field": "model", "message": message}]
+    assert sql_rows(db_url, "SELECT count(*) FROM batches") == [(0,)]

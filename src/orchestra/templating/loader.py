@@ -357,7 +357,7 @@ def _check(src: Source, text: str, file: str) -> Template:
         shown = repr(version) if len(repr(version)) <= 40 else repr(version)[:40] + "…"
         c.add(("version",), f"version must be a whole number from 1 to {MAX_VERSION}, got {shown}")
     description = c.string(data, (), "description") or ""
-    model = c.string(data, (), "model")
+    model = c.model(data, ())
     # Regexes run on RE2; one budget bounds the work of compiling all of the template's.
     budget = PatternBudget()
     parameters = _parameters(c, data.get("parameters"), budget)

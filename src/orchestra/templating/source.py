@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from datetime import date
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 from ruamel.yaml import YAML
@@ -19,7 +19,7 @@ from ruamel.yaml.nodes import MappingNode, SequenceNode
 from ruamel.yaml.scalarbool import ScalarBoolean
 from ruamel.yaml.scalarstring import FoldedScalarString, LiteralScalarString
 
-from orchestra.domain import MAX_TIMEOUT, parse_duration
+from orchestra.domain import MAX_TIMEOUT, model_name_problem, parse_duration
 from orchestra.errors import HALF_SURROGATE, SURROGATE
 
 Path_ = tuple[str | int, ...]
@@ -345,6 +345,17 @@ class Checker:
             self.add((*path, key), f"{key!r} must be a string, got {describe(value)}")
             return None
         return value
+
+    def model(self, data: dict[str, Any], path: Path_) -> str | None:
+        """The model named at ``data["model"]`` (None: none), reported when it names none
+        (:func:`~orchestra.domain.model_name_problem`)."""
+        name = self.string(data, path, "model")
+        why = None if name is None else model_name_problem(name)
+        if why is not None:
+            hint = " (a task's model field chooses one per task)" if "rendered" in why else ""
+            self.add((*path, "model"), f"model {why}{hint}")
+            return None
+        return cast("str | None", name)
 
     def duration(
         self, data: dict[str, Any], path: Path_, key: str, maximum: float = MAX_TIMEOUT

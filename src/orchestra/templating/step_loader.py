@@ -228,7 +228,7 @@ class _StepReader:
             prompt=prompt,
             system=system,
             messages=tuple(messages),
-            model=c.string(data, path, "model"),
+            model=c.model(data, path),
             options=options,
             format=fmt,
             repair_attempts=_int(c, data, path, "repair_attempts", 2, 0, 5),
@@ -275,7 +275,7 @@ class _StepReader:
 
     def embed(self, common: dict[str, Any]) -> EmbedStep | None:
         source = self.expression("input", required=True)
-        model = self.c.string(self.data, self.path, "model")
+        model = self.c.model(self.data, self.path)
         return None if source is None else EmbedStep(**common, input=source, model=model)
 
     def map(self, common: dict[str, Any]) -> MapStep | None:
