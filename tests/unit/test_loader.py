@@ -556,3 +556,11 @@ def test_a_yaml_boolean_when_is_the_condition_it_stands_for() -> None:
 def test_format_json_loads() -> None:
     t = parse_template("name: x\nsteps:\n  - id: a\n    prompt: hi\n    format: json\n")
     assert t.steps[0].format == "json"
+
+
+def test_a_name_with_a_letter_beyond_ascii_is_told_why() -> None:
+    """``ü`` is a letter: "must be a letter" said nothing of why it was refused."""
+    text = "name: x\nparameters:\n  ü: {type: string}\nsteps:\n  - id: é\n    prompt: hi\n"
+    said = [p.message for p in problems(text)]
+    rule = "must be an ASCII letter or _ followed by ASCII letters, digits or _"
+    assert f"parameter name 'ü' {rule}" in said and f"step id 'é' {rule}" in said, said

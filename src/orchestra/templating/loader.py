@@ -30,6 +30,8 @@ from orchestra.templating.regex import (
 )
 from orchestra.templating.schema_refs import ref_problems
 from orchestra.templating.source import (
+    IDENT,
+    IDENT_RULE,
     Checker,
     Path_,
     Source,
@@ -44,7 +46,6 @@ from orchestra.templating.yaml_guard import check_shape, check_size
 # "nl3\n" was a name. The anchors stay for the API's JSON Schema (openapi), whose patterns
 # are not anchored otherwise.
 NAME = re.compile(r"^[a-z0-9_-]+$")
-IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 #: The largest ``version`` a template file may give: the largest integer a JSON client such
 #: as JavaScript holds exactly (2**53 - 1), well within the database's 64-bit integers.
@@ -109,7 +110,7 @@ def _parameters(c: Checker, value: Any, budget: PatternBudget) -> dict[str, Para
         if not isinstance(name, str) or not IDENT.fullmatch(name):
             c.add(
                 path,
-                f"parameter name {name!r} must be a letter or _ followed by letters, digits or _",
+                f"parameter name {name!r} {IDENT_RULE}",
             )
             continue
         fields = c.mapping(spec, path, f"parameter {name!r}")

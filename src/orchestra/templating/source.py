@@ -9,6 +9,7 @@ problem points at the offending value (1-based line and column). A key that a me
 from __future__ import annotations
 
 import difflib
+import re
 from datetime import date
 from typing import Any, cast
 
@@ -25,6 +26,11 @@ from orchestra.errors import HALF_SURROGATE, SURROGATE
 Path_ = tuple[str | int, ...]
 #: The tag of YAML's merge key, ``<<``.
 MERGE_TAG = "tag:yaml.org,2002:merge"
+
+#: A parameter's name or a step's id: what a template's expressions can name as it is.
+IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: What :data:`IDENT` asks, in words (``ü`` is a letter, but not one an identifier takes).
+IDENT_RULE = "must be an ASCII letter or _ followed by ASCII letters, digits or _"
 
 
 class TemplateProblem(msgspec.Struct, frozen=True):

@@ -7,7 +7,6 @@ parameter and ``steps.Y`` only for a step that runs before it; inside a ``map``,
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import jinja2
@@ -28,10 +27,9 @@ from orchestra.templating.options import check_options
 from orchestra.templating.references import references
 from orchestra.templating.regex import check_schema
 from orchestra.templating.render import NotAnExpression, compile_expression, compile_text
-from orchestra.templating.source import Checker, Path_, describe, format_path
+from orchestra.templating.source import IDENT, IDENT_RULE, Checker, Path_, describe, format_path
 
 #: A step id, matched with fullmatch (match would let a final newline through "$").
-IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 COMMON_KEYS = ("id", "kind", "when", "timeout")
 KIND_KEYS: dict[str, tuple[str, ...]] = {
     "llm": (
@@ -342,9 +340,7 @@ def read_steps(c: Checker, value: Any, params: frozenset[str]) -> list[StepSpec]
             continue
         path: Path_ = ("steps", index, "id")
         if not IDENT.fullmatch(step_id):
-            c.add(
-                path, f"step id {step_id!r} must be a letter or _ followed by letters, digits or _"
-            )
+            c.add(path, f"step id {step_id!r} {IDENT_RULE}")
         elif step_id in order:
             c.add(path, f"duplicate step id {step_id!r} (also steps[{order[step_id]}])")
         else:
