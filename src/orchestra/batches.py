@@ -31,7 +31,7 @@ from orchestra.bulk import BulkOutcome, BulkService
 from orchestra.db import batches as db
 from orchestra.db.batch_uploads import mark_loaded
 from orchestra.db.batches import LANE, BatchStore, FailedRow, ResultRow, RowRefused, RowTask
-from orchestra.domain import ANONYMOUS_SCOPE, TaskStatus, iso, model_name_problem, now, storable_id
+from orchestra.domain import ANONYMOUS_SCOPE, TaskStatus, iso, now, storable_id
 from orchestra.errors import (
     ConflictError,
     FieldProblem,
@@ -43,7 +43,7 @@ from orchestra.errors import (
     TemplateNotFound,
 )
 from orchestra.owners import process_id
-from orchestra.tasks import SubmitTask, TaskService
+from orchestra.tasks import SubmitTask, TaskService, check_model
 from orchestra.templating.model import Template
 from orchestra.wire.batches import RowProblem as RowProblem
 
@@ -178,9 +178,7 @@ class BatchService:
             ConflictError: the idempotency key made a batch with other options.
             PayloadTooLarge: one row over the body limit, or over :data:`MAX_ROWS` rows.
         """
-        why = None if opts.model is None else model_name_problem(opts.model)
-        if why is not None:  # the batch's, not each row's
-            raise InvalidRequest(f"model: {why}", [FieldProblem("model", why)])
+        check_model(opts.model)  # the batch's, not each row's
         scope = key_id or ANONYMOUS_SCOPE
         template = await self._template(opts, scope)
         max_line = self.tasks.limits.max_body_bytes

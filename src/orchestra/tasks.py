@@ -194,9 +194,7 @@ class TaskService:
                 "give run_at or delay, not both",
                 [FieldProblem("delay", "cannot be combined with run_at")],
             )
-        why = None if sub.model is None else model_name_problem(sub.model)
-        if why is not None:
-            raise InvalidRequest(f"model: {why}", [FieldProblem("model", why)])
+        check_model(sub.model)
         if template is None:
             template = await self.template(sub.template, sub.template_version)
         spec = template
@@ -530,6 +528,18 @@ class TaskService:
         return await self.store.list_page(
             status=status, template=template, limit=limit, before=before
         )
+
+
+def check_model(model: str | None) -> None:
+    """Refuse a request's ``model`` that names no model
+    (:func:`~orchestra.domain.model_name_problem`).
+
+    Raises:
+        InvalidRequest: naming the field ``model``.
+    """
+    why = None if model is None else model_name_problem(model)
+    if why is not None:
+        raise InvalidRequest(f"model: {why}", [FieldProblem("model", why)])
 
 
 def _finishes(events: Iterable[FeedEvent]) -> bool:

@@ -9,6 +9,7 @@ import asyncio
 import os
 from collections.abc import Awaitable, Callable, Collection
 from datetime import timedelta
+from typing import TypeVar
 
 from orchestra import logs, metrics
 from orchestra.batch_lease import close_dead_uploads, reap_lost_uploads
@@ -21,6 +22,8 @@ from orchestra.errors import StorageError
 from orchestra.owners import dead_among
 
 log = logs.get("orchestra.worker")
+
+T = TypeVar("T")
 
 #: Finished tasks (or records) deleted per statement: claims and submits go in between.
 RETENTION_BATCH = 500
@@ -56,12 +59,8 @@ async def reap(store: TaskStore, queued: Callable[[], None], running: Collection
     process (:func:`~orchestra.batch_lease.reap_lost_uploads`)."""
     await store.fold_counts()
     _moved(await store.requeue_expired(running), queued)
-    try:  # the tasks' reaping goes on whatever befalls this
-        await reap_lost_uploads(BatchStore(store.db))
-    except StorageError as exc:
-        log.warning("batch.reap_failed", error=exc.message)
-    except Exception:
-        log.exception("batch.reap_failed")
+    # The tasks' reaping goes on whatever befalls this.
+    await _apart("batch.reap_failed", reap_lost_uploads(BatchStore(store.db)))
 
 
 async def rescue(store: TaskStore, owner: str, cause: str, queued: Callable[[], None]) -> None:
@@ -85,22 +84,23 @@ async def rescue_dead_here(store: TaskStore, me: str, queued: Callable[[], None]
     (:func:`~orchestra.owners.known_dead`: a restart after a crash) to the queue now, as
     :func:`rescue` does, rather than when their leases expire; and close the batches whose
     uploads such a process read."""
-    try:
-        owners = await store.running_owners(me.split(":", 1)[0])
-    except StorageError as exc:  # their leases expire as usual
-        log.warning("pool.rescue_failed", error=exc.message)
-        return
-    except Exception:
-        log.exception("pool.rescue_failed")
-        return
-    for owner, pid in dead_among(owners, me):
+    # Failed, their leases expire as usual.
+    owners = await _apart("pool.rescue_failed", store.running_owners(me.split(":", 1)[0]))
+    for owner, pid in dead_among(owners or (), me):
         await rescue(store, owner, f"pid {pid}, gone when pid {os.getpid()} started", queued)
-    try:  # and the uploads such a process read
-        await close_dead_uploads(BatchStore(store.db), me)
-    except StorageError as exc:  # their leases lapse as usual
-        log.warning("batch.reap_failed", error=exc.message)
+    await _apart("batch.reap_failed", close_dead_uploads(BatchStore(store.db), me))
+
+
+async def _apart(event: str, work: Awaitable[T]) -> T | None:
+    """``work``'s result; None when it failed, logged as ``event`` (a storage failure in
+    words, any other with its traceback), so that what its caller does besides goes on."""
+    try:
+        return await work
+    except StorageError as exc:
+        log.warning(event, error=exc.message)
     except Exception:
-        log.exception("batch.reap_failed")
+        log.exception(event)
+    return None
 
 
 def _moved(moved: dict[int, LeaseEnd], queued: Callable[[], None], **why: str) -> None:
