@@ -200,6 +200,7 @@ async def test_a_refused_connection_falls_back_to_the_next_entry(
         url = f"/api/v1/tasks/{done['id']}/events"
         events = [e async for e in read_events(svc.client, url)]
         page = (await svc.client.get(f"/ui/tasks/{done['id']}")).text
+        providers_page = (await svc.client.get("/ui/providers")).text
         # The next task skips Ollama without asking it, and says why.
         after = await svc.wait((await svc.submit("summarize", text="again"))["id"])
     assert done["status"] == "succeeded", done["error"]
@@ -215,11 +216,11 @@ async def test_a_refused_connection_falls_back_to_the_next_entry(
     assert skipped["route"] == "ollama/llama3.2"
     assert skipped["reason"].startswith(("failed a call before: ", "health check: "))
     default = next(m for m in models["models"] if m["name"] == "default")
-    assert default == {
-        "name": "default",
-        "chain": ["ollama/llama3.2", "oai/gpt-fake"],
-        "serves": "oai/gpt-fake",
-    }
+    assert default["serves"] == "oai/gpt-fake"
+    assert default["chain"] == ["ollama/llama3.2", "oai/gpt-fake"]
+    assert list(default["unavailable"]) == ["ollama/llama3.2"]
+    assert "refused" in default["unavailable"]["ollama/llama3.2"]
+    assert "passed over: <code>ollama/llama3.2</code>, " in providers_page
     by_name = {p["name"]: p for p in models["providers"]}
     assert by_name["ollama"]["available"] is False and "refused" in by_name["ollama"]["detail"]
     assert by_name["oai"]["available"] is True and "gpt-fake" in by_name["oai"]["models"]
@@ -259,6 +260,23 @@ async def test_a_model_missing_everywhere_names_every_entry(
     message = done["error"]["message"]
     assert "no provider could answer for 'default'" in message
     assert "ollama/mistral:" in message and "oai/mistral:" in message
+
+
+async def test_a_chain_of_disabled_providers_is_shown_serving_nothing(
+    settings: Settings, fake_openai: FakeOpenAI, start_service: StartService
+) -> None:
+    """A chain whose every entry names a disabled provider serves nothing, and the models
+    list and the providers page say so (they answered 500)."""
+    routes = with_provider(routed(settings, fake_openai, "oai/gpt-fake"), "ollama", enabled=False)
+    off = msgspec.structs.replace(routes, models={**routes.models, "off": ["ollama/llama3.2"]})
+    async with start_service(off, env={"OAI_KEY": KEY}) as svc:
+        models = await svc.client.get("/api/v1/models")
+        page = await svc.client.get("/ui/providers")
+    assert models.status_code == 200, models.text
+    [out] = [m for m in models.json()["models"] if m["name"] == "off"]
+    assert out == {"name": "off", "chain": ["ollama/llama3.2"], "serves": None, "unavailable": {}}
+    assert page.status_code == 200, page.text
+    assert "none available" in page.text
 
 
 async def test_a_failing_server_is_fallen_back_from_within_the_attempt(
@@ -339,13 +357,23 @@ async def test_a_model_that_failed_a_call_is_asked_last_until_it_answers_or_is_c
 
         fake_ollama.failure = Failure(500, "model requires more system memory", times=1)
         first = await run()
-        providers = (await svc.client.get("/api/v1/models")).json()["providers"]
+        models = (await svc.client.get("/api/v1/models")).json()
+        providers = models["providers"]
         second = await run()  # the failed model is asked last
         await svc.client.get("/api/v1/models", params={"check": "now"})
         third = await run()  # a good health check clears the mark
     assert first["steps"][0]["model"] == "ollama/qwen2.5"
     [ollama] = [p for p in providers if p["name"] == "ollama"]
     assert ollama["available"] is True, ollama
+    # The chain says which entry is passed over and why, while its provider shows ok.
+    why = f"failed a call before: Ollama at {fake_ollama.url} answered 500: "
+    [pair_out] = [m for m in models["models"] if m["name"] == "pair"]
+    assert pair_out == {
+        "name": "pair",
+        "chain": ["ollama/llama3.2", "ollama/qwen2.5"],
+        "serves": "ollama/qwen2.5",
+        "unavailable": {"ollama/llama3.2": why + "model requires more system memory"},
+    }
     assert second["steps"][0]["model"] == "ollama/qwen2.5"
     [skipped] = second["steps"][0]["fallbacks"]
     assert skipped == {

@@ -245,8 +245,8 @@ async def models(runtime: NamedDependency[Runtime], check: CheckNow = None) -> M
     states = await _states(runtime, check)
     out = []
     for name, chain in router.chains().items():
-        serving = [str(r) for r in router.routes(name) if router.available(r)] if chain else []
-        out.append(ModelOut(name=name, chain=chain, serves=serving[0] if serving else None))
+        serves, unavailable = router.serving(name)
+        out.append(ModelOut(name=name, chain=chain, serves=serves, unavailable=unavailable))
     return ModelsOut(models=out, providers=[ProviderOut.of(s) for s in states])
 
 

@@ -223,6 +223,14 @@ class Router:
         except ModelNotFound:
             return []
 
+    def serving(self, model: str) -> tuple[str | None, dict[str, str]]:
+        """The entry of ``model``'s chain that would serve now (None: none would), and why
+        each entry not expected to answer is not, as known now (none of them asked). A chain
+        whose every entry names a disabled provider has no entry at all."""
+        ordered, unavailable = self._ordered(self._entries(model))
+        serves = next((str(r) for r in ordered if r not in unavailable), None)
+        return serves, {str(r): why for r, why in unavailable.items()}
+
     def available(self, route: Route) -> bool:
         """Whether ``route`` is expected to answer."""
         return self._unavailable(route) is None

@@ -58,8 +58,8 @@ async def _providers(request: Request[Any, Any, Any], states: list[Any]) -> Temp
     router = runtime_of(request.scope).router
     chains = []
     for name, chain in router.chains().items():
-        serving = [str(r) for r in router.routes(name) if router.available(r)] if chain else []
-        chains.append({"name": name, "chain": chain, "serves": serving[0] if serving else None})
+        serves, unavailable = router.serving(name)
+        chains.append({"name": name, "chain": chain, "serves": serves, "why": unavailable})
     return page(request, "providers.html", section="providers", chains=chains, providers=states)
 
 

@@ -434,6 +434,9 @@ class ModelOut(msgspec.Struct, frozen=True):
     chain: list[str]
     #: The first available entry of the chain (null: none is available now).
     serves: str | None
+    #: Each entry of the chain not expected to answer now, with why (a failed call, a health
+    #: check, a model its provider does not list); such entries are asked last.
+    unavailable: dict[str, str]
 
 
 class ModelsOut(msgspec.Struct, frozen=True):
