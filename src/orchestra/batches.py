@@ -18,6 +18,7 @@ import hashlib
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import msgspec
@@ -61,6 +62,25 @@ MAX_ROWS = 1_000_000
 SHOWN_PROBLEMS = 100
 #: Most columns a CSV of results spreads a result object over (the rest stay in ``result``).
 MAX_RESULT_COLUMNS = 200
+
+
+@dataclass
+class _Reading:
+    """What reading an upload found so far: the rows read, how many were refused, and the
+    first :data:`SHOWN_PROBLEMS` refused ones."""
+
+    total: int = 0
+    refused: int = 0
+    problems: list[RowProblem] = field(default_factory=list)
+
+    def take(self, item: RowTask | RowProblem) -> None:
+        """Count one row read."""
+        self.total += 1
+        if isinstance(item, RowProblem):
+            self.refused += 1
+            if len(self.problems) < SHOWN_PROBLEMS:
+                self.problems.append(item)
+
 
 Format = Literal["jsonl", "csv"]
 #: The statuses of the rows a retry may queue again.
@@ -190,15 +210,15 @@ class BatchService:
         checked = self._checked(opts, template, reader)
         if opts.atomic:
             with tempfile.TemporaryFile() as spool:
-                problems, total = await self._spool(checked, spool)
-                if not total:
+                reading = await self._spool(checked, spool)
+                if not reading.total:
                     raise _no_rows()
-                if problems:
+                if reading.refused:
                     raise InvalidParams(
-                        f"{len(problems)} row(s) refused; an atomic batch queues none",
+                        f"{reading.refused} row(s) refused; an atomic batch queues none",
                         [
                             FieldProblem(f"row {p.row} (line {p.line}): {f.field}", f.message)
-                            for p in problems[:SHOWN_PROBLEMS]
+                            for p in reading.problems
                             for f in p.fields or [FieldProblem("row", p.message)]
                         ],
                     )
@@ -214,7 +234,7 @@ class BatchService:
             batch, created = await self._open(opts, template, scope)
             try:
                 async with held(self.store, batch.id, self._lease(opts)):
-                    problems, total = await self._load(batch.id, _chain(first, checked))
+                    reading = await self._load(batch.id, _chain(first, checked))
             except Exception as exc:  # a client gone midway too (ClientGone)
                 # Nobody can finish it: no key to send the rest with, or past the row cap.
                 # (Closed once its lease is no longer renewed, which would open it again.)
@@ -234,9 +254,9 @@ class BatchService:
         return Uploaded(
             batch=finished,
             created=created,
-            read=total,
-            refused=len(problems),
-            problems=problems[:SHOWN_PROBLEMS],
+            read=reading.total,
+            refused=reading.refused,
+            problems=reading.problems,
         )
 
     async def _template(self, opts: BatchOptions, scope: str) -> Template:
@@ -331,20 +351,14 @@ class BatchService:
             lane = msgspec.structs.replace(new, priority=opts.priority - LANE)
             yield RowTask(row.row, row.line, lane)
 
-    async def _spool(
-        self, checked: AsyncIterator[RowTask | RowProblem], spool: Any
-    ) -> tuple[list[RowProblem], int]:
-        """Write the valid rows to ``spool`` (one JSON line each); the refused ones listed."""
-        problems: list[RowProblem] = []
-        total = 0
+    async def _spool(self, checked: AsyncIterator[RowTask | RowProblem], spool: Any) -> _Reading:
+        """Write the valid rows to ``spool`` (one JSON line each); the refused ones counted."""
+        reading = _Reading()
         async for item in checked:
-            total += 1
-            if isinstance(item, RowProblem):
-                if len(problems) < SHOWN_PROBLEMS:
-                    problems.append(item)
-                continue
-            spool.write(msgspec.json.encode(item) + b"\n")
-        return problems, total
+            reading.take(item)
+            if not isinstance(item, RowProblem):
+                spool.write(msgspec.json.encode(item) + b"\n")
+        return reading
 
     async def _open(self, opts: BatchOptions, template: Template, scope: str) -> tuple[Batch, bool]:
         """The batch row: a new one, or the one this idempotency key made (to resume)."""
@@ -385,24 +399,19 @@ class BatchService:
             )
         return Batch.of(existing), False
 
-    async def _load(
-        self, batch_id: int, items: AsyncIterator[RowTask | RowProblem]
-    ) -> tuple[list[RowProblem], int]:
+    async def _load(self, batch_id: int, items: AsyncIterator[RowTask | RowProblem]) -> _Reading:
         """Store rows in chunks of :data:`CHUNK`, one transaction each; a chunk is written
         while the next one is read and checked (at most one chunk waits in memory). When the
         body fails to be read (an error of ours), the rows read before it are stored too."""
-        problems: list[RowProblem] = []
+        reading = _Reading()
         valid: list[RowTask] = []
         refused: list[RowRefused] = []
-        total = 0
         writing: asyncio.Task[None] | None = None
         try:
             try:
                 async for item in items:
-                    total += 1
+                    reading.take(item)
                     if isinstance(item, RowProblem):
-                        if len(problems) < SHOWN_PROBLEMS:
-                            problems.append(item)
                         refused.append(RowRefused(item.row, item.line, _refusal(item)))
                     else:
                         valid.append(item)
@@ -424,7 +433,7 @@ class BatchService:
         finally:
             if writing is not None and not writing.done():
                 writing.cancel()
-        return problems, total
+        return reading
 
     async def _store_chunk(
         self, batch_id: int, valid: list[RowTask], refused: list[RowRefused]

@@ -172,6 +172,23 @@ async def test_a_jsonl_batch_counts_lines_past_blank_ones_and_keeps_input_order(
     assert good == list(range(1, 31))
 
 
+async def test_refused_counts_every_refused_row_past_the_hundred_listed(idle: Service) -> None:
+    """``refused`` is how many rows were refused; ``problems`` lists the first 100 (the count
+    stopped at 100 too, so a client never learnt how many more there were)."""
+    body = b"text,n\n" + b"bad,-1\n" * 250 + b"good,1\n"
+    answer = await upload(idle, body)
+    assert (answer["read"], answer["refused"], len(answer["problems"])) == (251, 250, 100)
+    assert answer["batch"]["invalid"] == 250 and answer["batch"]["rows"] == 251
+    atomic = await idle.client.post(
+        "/api/v1/batches",
+        params={"template": "rowjob", "atomic": "true"},
+        content=body,
+        headers={"Content-Type": "text/csv"},
+    )
+    assert atomic.status_code == 422, atomic.text
+    assert atomic.json()["message"].startswith("250 row(s) refused; an atomic batch queues none")
+
+
 async def test_an_atomic_batch_with_one_bad_row_queues_nothing(svc: Service, db_url: str) -> None:
     body = b"text,n\nok,1\nbad,-5\nok too,2\n"
     response = await svc.client.post(

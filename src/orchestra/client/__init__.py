@@ -10,6 +10,7 @@ decodes, so the two differ only in how they wait; the CLI uses :class:`Client`.
 from __future__ import annotations
 
 from orchestra.client.aio import AsyncClient
+from orchestra.client.batch_calls import BatchOptions
 from orchestra.client.core import DEFAULT_URL, Registered, RetryPolicy, SubmitOptions
 from orchestra.client.errors import (
     ApiError,
@@ -40,6 +41,7 @@ __all__ = [
     "AsyncClient",
     "AuthenticationFailed",
     "BadRequest",
+    "BatchOptions",
     "Client",
     "ClientError",
     "Conflict",

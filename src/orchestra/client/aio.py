@@ -384,7 +384,7 @@ class AsyncClient:
         data_format: str | None = None,
         idempotency_key: str | None = None,
         on_sent: Callable[[int], None] | None = None,
-        **options: Any,
+        **options: Unpack[batch_calls.BatchOptions],
     ) -> UploadOut:
         """Run ``template`` over every row: a CSV or JSON-lines file (streamed; its format from
         its suffix unless ``data_format`` says), that text as bytes, or an iterable or async
@@ -397,7 +397,9 @@ class AsyncClient:
         Raises:
             ValueError: a row JSON cannot carry (UnsendableValue: nothing is sent), or a
                 file's format is not known.
-            TypeError: rows of the wrong kind (a str, a dict; a row that is not a dict)."""
+            TypeError: rows of the wrong kind (a str, a dict; a row that is not a dict, or one
+                holding a value JSON has no form for), or a keyword that is no option."""
+        batch_calls.options_query(options)  # a keyword that is no option: before any row
         given = await batch_calls.spooled_async(rows) if isinstance(rows, AsyncIterable) else rows
         with batch_calls.create_batch(
             template, given, data_format, idempotency_key, options, on_sent
@@ -440,11 +442,12 @@ class AsyncClient:
             await response.aclose()
 
     async def save_batch_results(
-        self, batch_id: int, path: Path, *, data_format: str | None = None
+        self, batch_id: int, path: Path | str, *, data_format: str | None = None
     ) -> None:
         """Write a batch's results to ``path``, in input order: CSV for a .csv file (a result
         object's keys spread over ``result.<key>`` columns), else JSON lines, unless
         ``data_format`` says. Through ``<path>.part``: a cut download leaves no ``path``."""
+        path = batch_calls.results_path(path)
         call = batch_calls.batch_results(batch_id, batch_calls.results_format(path, data_format))
         partial = path.with_name(path.name + ".part")
         response = await self._open(call, stream=True)

@@ -8,8 +8,9 @@ import json
 import tempfile
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypedDict
 
 from orchestra.client.core import (
     RETRY_STATUSES,
@@ -29,6 +30,36 @@ CHUNK = 64 * 1024
 SPOOLED = 8 * 1024 * 1024
 #: The formats a file's suffix names.
 SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
+class BatchOptions(TypedDict, total=False):
+    """The options of a batch besides its template and rows, as keywords of
+    ``create_batch`` (:class:`~orchestra.wire.batches.BatchOut` says what each means).
+    ``timeout`` takes seconds or a ``timedelta``."""
+
+    template_version: int | None
+    model: str | None
+    priority: int
+    max_attempts: int | None
+    timeout: float | timedelta | None
+    atomic: bool
+
+
+def options_query(options: Mapping[str, Any]) -> dict[str, Any]:
+    """A batch's options as its query values.
+
+    Raises:
+        TypeError: a keyword that is no option (a misspelt one was dropped without a word).
+    """
+    for name in options:
+        if name not in BatchOptions.__annotations__:
+            raise TypeError(f"create_batch() got an unexpected keyword argument {name!r}")
+    query: dict[str, Any] = {}
+    for name, value in options.items():
+        if isinstance(value, timedelta):
+            value = value.total_seconds()
+        query[name] = str(value).lower() if isinstance(value, bool) else value
+    return query
 
 
 class EncodedRows:
@@ -63,6 +94,7 @@ def create_batch(
     before it failed (its message names the batch), and a second sending would queue them
     twice. With one, a second sending resumes the batch.
     """
+    query = options_query(options)  # before a row is read
     body: Callable[[], Iterator[bytes]] | None = None
     content: bytes | None = None
     spool: IO[bytes] | None = None
@@ -91,10 +123,7 @@ def create_batch(
         spool = _spooled(rows)
         kept = spool
         body = _heard(lambda: _spool_pieces(kept), on_sent)
-    params = _given({"template": template, "format": data_format or "jsonl", **options})
-    for key, value in params.items():
-        if isinstance(value, bool):
-            params[key] = str(value).lower()
+    params = _given({"template": template, "format": data_format or "jsonl", **query})
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
     try:
         yield Call(
@@ -163,6 +192,8 @@ def _write_row(spool: IO[bytes], number: int, row: object) -> None:
         spool.write(encode(row, root="the row") + b"\n")
     except UnsendableValue as exc:
         raise UnsendableValue(f"row {number}: {exc}") from None
+    except TypeError as exc:  # a value of a type JSON has no form for (msgspec's words)
+        raise TypeError(f"row {number}: {exc}") from None
 
 
 def _pieces(file: IO[bytes]) -> Iterator[bytes]:
@@ -217,6 +248,8 @@ def retry_batch(batch_id: int, statuses: Sequence[str] = ("failed",)) -> Call[Ac
     """POST …/retry: the rows in ``statuses`` (failed, cancelled) queued again; one status
     may be given as a plain string."""
     params = {"statuses": [statuses] if isinstance(statuses, str) else list(statuses)}
+    if not params["statuses"]:  # no value in the query: the service's default, failed
+        raise ValueError("statuses is empty: name the rows to queue again (failed, cancelled)")
     return Call("POST", f"/api/v1/batches/{batch_id}/retry", _as(ActionOut), params=params)
 
 
@@ -229,6 +262,11 @@ def batch_results(batch_id: int, data_format: str = "jsonl") -> Call[None]:
         params={"format": data_format},
         timeout=TRANSFER_TIMEOUT,
     )
+
+
+def results_path(path: Path | str) -> Path:
+    """Where results are saved: ``path``, a ``Path`` or a string, as ``open`` takes."""
+    return Path(path)
 
 
 def results_format(path: Path, data_format: str | None) -> str:

@@ -257,12 +257,19 @@ def asked_wait(headers: httpx.Headers) -> float | None:
 BROKEN = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
+#: A request that went out (in part at least) and whose answer did not come in time.
+UNANSWERED = (httpx.ReadTimeout, httpx.WriteTimeout)
+
+
 def connection_failed(url: str, call: Call[Any], error: httpx.TransportError) -> ConnectionFailed:
-    """The error of ``call`` that got no answer: nothing reached, or (``BROKEN``) the
-    connection broke after the request went out, when it may have been carried out."""
+    """The error of ``call`` that got no answer: nothing reached, or the request went out
+    and its connection broke (``BROKEN``) or its answer did not come in time
+    (``UNANSWERED``), when a request that changes something may have been carried out."""
     reason = str(error) or type(error).__name__
-    broke = isinstance(error, BROKEN) and call.method not in ("GET", "HEAD")
-    return ConnectionFailed(url, reason, broke=broke)
+    changes = call.method not in ("GET", "HEAD")
+    late = isinstance(error, UNANSWERED)
+    broke = changes and (late or isinstance(error, BROKEN))
+    return ConnectionFailed(url, reason, broke=broke, timed_out=late)
 
 
 def resend_delay(
@@ -328,7 +335,18 @@ def submission(
 
 
 def submit(task: SubmitTask) -> Call[TaskOut]:
-    """POST /api/v1/tasks: 201 a new task; 200 the task its idempotency key made before."""
+    """POST /api/v1/tasks: 201 a new task; 200 the task its idempotency key made before.
+
+    Raises:
+        UnsendableValue: ``run_at`` without a time zone (the service would read it as UTC,
+            and Python reads it as local time).
+    """
+    if task.run_at is not None and task.run_at.utcoffset() is None:
+        raise UnsendableValue(
+            f"run_at has no time zone ({task.run_at.isoformat()}): the service would take it "
+            "as UTC; give an aware datetime, e.g. datetime.now(UTC) + timedelta(minutes=5), "
+            "or datetime.now().astimezone() for local time"
+        )
     return Call(
         "POST",
         "/api/v1/tasks",

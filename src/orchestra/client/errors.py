@@ -28,7 +28,7 @@ template's YAML) on a 422 about a template.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from orchestra.errors import OrchestraError
 
@@ -40,6 +40,20 @@ class ClientError(OrchestraError):
     """A call to the Orchestra service failed."""
 
     code = "client_error"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled with what it carries, rebuilt without its constructor (whose arguments
+        are not its ``args``): a process pool sends a worker's exception back so, and one
+        that could not be rebuilt broke the pool or hung it."""
+        return (_rebuilt, (type(self), self.args, dict(vars(self))))
+
+
+def _rebuilt(cls: type[ClientError], args: tuple[Any, ...], state: dict[str, Any]) -> ClientError:
+    """A pickled :class:`ClientError` again: its class, ``args`` and attributes."""
+    error = cls.__new__(cls)
+    error.args = args
+    vars(error).update(state)
+    return error
 
 
 class ClientClosed(ClientError):
@@ -86,18 +100,22 @@ class ConnectionFailed(ClientError):
 
     code = "connection_failed"
 
-    def __init__(self, url: str, reason: str, *, broke: bool = False) -> None:
+    def __init__(self, url: str, reason: str, *, broke: bool = False, timed_out: bool = False):
         self.url = url
         self.reason = reason
-        #: The connection broke after the request went out: it may have been carried out
-        #: (a batch made, a task queued), which a key of idempotency makes safe to send again.
+        #: A request that changes something went out, and its connection broke or its answer
+        #: did not come in time: it may have been carried out (a batch made, a task queued),
+        #: which a key of idempotency makes safe to send again.
         self.broke = broke
-        super().__init__(
-            f"the connection to the server at {url} broke before its answer ({reason}): the "
-            "request may have been carried out"
-            if broke
-            else f"cannot reach the server at {url}: {reason}"
-        )
+        #: The server was reached, and did not answer within the client's timeout.
+        self.timed_out = timed_out
+        if timed_out:
+            message = f"no answer in time from the server at {url} ({reason})"
+        elif broke:
+            message = f"the connection to the server at {url} broke before its answer ({reason})"
+        else:
+            message = f"cannot reach the server at {url}: {reason}"
+        super().__init__(message + (": the request may have been carried out" if broke else ""))
 
 
 class ApiError(ClientError):

@@ -365,7 +365,7 @@ class Client:
         data_format: str | None = None,
         idempotency_key: str | None = None,
         on_sent: Callable[[int], None] | None = None,
-        **options: Any,
+        **options: Unpack[batch_calls.BatchOptions],
     ) -> UploadOut:
         """Run ``template`` over every row: a CSV or JSON-lines file (streamed; its format from
         its suffix unless ``data_format`` says), that text as bytes, or an iterable of
@@ -377,7 +377,8 @@ class Client:
         Raises:
             ValueError: a row JSON cannot carry (UnsendableValue: nothing is sent), or a
                 file's format is not known.
-            TypeError: rows of the wrong kind (a str, a dict; a row that is not a dict)."""
+            TypeError: rows of the wrong kind (a str, a dict; a row that is not a dict, or one
+                holding a value JSON has no form for), or a keyword that is no option."""
         with batch_calls.create_batch(
             template, rows, data_format, idempotency_key, options, on_sent
         ) as call:
@@ -416,11 +417,12 @@ class Client:
             response.close()
 
     def save_batch_results(
-        self, batch_id: int, path: Path, *, data_format: str | None = None
+        self, batch_id: int, path: Path | str, *, data_format: str | None = None
     ) -> None:
         """Write a batch's results to ``path``, in input order: CSV for a .csv file (a result
         object's keys spread over ``result.<key>`` columns), else JSON lines, unless
         ``data_format`` says. Through ``<path>.part``: a cut download leaves no ``path``."""
+        path = batch_calls.results_path(path)
         call = batch_calls.batch_results(batch_id, batch_calls.results_format(path, data_format))
         partial = path.with_name(path.name + ".part")
         response = self._open(call, stream=True)

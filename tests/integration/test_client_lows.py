@@ -1,0 +1,121 @@
+"""The client's smaller promises, each found broken by an exploratory tester: its errors
+survive pickling (a process pool hung on them), a POST whose answer never came says it may
+have been carried out, batch options are checked as submit's are, a naive ``run_at`` is
+refused, an empty ``statuses`` retries nothing, and a results path may be a string."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import pickle
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestra.client import (
+    AsyncClient,
+    Client,
+    ConnectionFailed,
+    NotFound,
+    Unprocessable,
+    UnsendableValue,
+)
+from tests.conftest import Service
+from tests.fixtures.servers import loopback_server
+
+
+async def test_the_clients_errors_survive_pickling_with_what_they_carry(service: Service) -> None:
+    """A process pool sends a worker's exception back pickled: one that could not be rebuilt
+    broke the pool (``BrokenProcessPool``) or hung ``multiprocessing.Pool.get()``."""
+    async with AsyncClient(service.url) as client:
+        with pytest.raises(NotFound) as missing:
+            await client.get_task(999_999)
+        with pytest.raises(Unprocessable) as invalid:
+            await client.submit("summarize", {"text": 5})
+    async with AsyncClient("http://127.0.0.1:9") as nowhere:
+        with pytest.raises(ConnectionFailed) as unreached:
+            await nowhere.health()
+    for raised in (missing.value, invalid.value, unreached.value):
+        for again in (pickle.loads(pickle.dumps(raised)), copy.copy(raised)):
+            assert type(again) is type(raised)
+            assert str(again) == str(raised) and again.args == raised.args
+            assert vars(again) == vars(raised)
+    assert pickle.loads(pickle.dumps(invalid.value)).field == "params.text"
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_post_whose_answer_never_came_may_have_been_carried_out(kind: str) -> None:
+    """The request went out and the server (holding it) never answered: the timeout is no
+    "cannot reach the server", which a caller takes as safe to send again."""
+    heard: list[bytes] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heard.append(await reader.readuntil(b"\r\n\r\n"))
+        await asyncio.sleep(30)
+
+    async with loopback_server(silent) as url:
+        if kind == "async":
+            async with AsyncClient(url, timeout=0.3) as client:
+                with pytest.raises(ConnectionFailed) as posted:
+                    await client.submit("summarize", {"text": "a"})
+                with pytest.raises(ConnectionFailed) as read:
+                    await client.get_task(1)
+        else:
+            with Client(url, timeout=0.3) as sync:
+                with pytest.raises(ConnectionFailed) as posted:
+                    await asyncio.to_thread(sync.submit, "summarize", {"text": "a"})
+                with pytest.raises(ConnectionFailed) as read:
+                    await asyncio.to_thread(sync.get_task, 1)
+    assert heard and heard[0].startswith(b"POST /api/v1/tasks ")
+    assert posted.value.broke, posted.value
+    assert "may have been carried out" in str(posted.value)
+    assert str(posted.value).startswith(f"no answer in time from the server at {url} (")
+    assert not read.value.broke and "may have been" not in str(read.value)
+    assert str(read.value).startswith(f"no answer in time from the server at {url} (")
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_batch_options_are_checked_and_take_a_timedelta(
+    kind: str, service: Service, tmp_path: Path
+) -> None:
+    rows = [{"text": "a"}]
+    client: Any = AsyncClient(service.url) if kind == "async" else Client(service.url)
+
+    async def call(name: str, *args: Any, **kwargs: Any) -> Any:
+        method = getattr(client, name)
+        if kind == "async":
+            return await method(*args, **kwargs)
+        return await asyncio.to_thread(method, *args, **kwargs)
+
+    try:
+        with pytest.raises(TypeError, match="unexpected keyword argument 'priorty'"):
+            await call("create_batch", "summarize", rows, priorty=9)
+        made = await call(
+            "create_batch", "summarize", rows, timeout=timedelta(seconds=5), max_attempts=2
+        )
+        progress = await call("get_batch", made.batch.id)
+        assert (progress.batch.timeout, progress.batch.max_attempts) == (5.0, 2)
+        # No status named retries nothing: it retried the failed rows (the service's default).
+        with pytest.raises(ValueError, match="statuses"):
+            await call("retry_batch", made.batch.id, statuses=[])
+        # A results path may be a string, as open() takes.
+        target = tmp_path / f"results-{kind}.csv"
+        await call("save_batch_results", made.batch.id, str(target))
+        assert target.read_text().startswith("row,")
+        # A row of a type JSON has no form for is named by its number, as a NaN's row is.
+        with pytest.raises(TypeError, match="^row 2: "):
+            await call("create_batch", "summarize", [{"text": "a"}, {"text": object()}])
+    finally:
+        await (client.aclose() if kind == "async" else asyncio.to_thread(client.close))
+
+
+async def test_a_run_at_without_a_time_zone_is_refused_before_sending(service: Service) -> None:
+    """The service reads a time without a zone as UTC, and Python a naive datetime as local
+    time: 9 hours apart in Tokyo, and the task ran that much late."""
+    async with AsyncClient(service.url) as client:
+        with pytest.raises(UnsendableValue, match="run_at has no time zone"):
+            await client.submit("summarize", {"text": "a"}, run_at=datetime.now())
+        listed = [t async for t in client.list_tasks()]
+    assert listed == []
