@@ -7,6 +7,7 @@ else ``./orchestra.toml`` when it exists; :func:`orchestra.config_file.load` rea
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import msgspec
@@ -18,8 +19,36 @@ ENV_PREFIX = "ORCHESTRA_"
 DEFAULT_FILE = "orchestra.toml"
 
 
+#: The longest time a setting may name: 100 years. Nothing waits longer, and a time much
+#: further off is past what a date can hold (a cache ``ttl`` of ``inf`` failed every step
+#: the cache served; a retention of a million days failed every run).
+LONGEST_SECONDS = 100 * 365 * 86_400
+#: Seconds per unit of a setting, by its name's end (any other float is seconds).
+_UNITS = {"days": ("days", 86_400), "_hours": ("hours", 3_600)}
+
+
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    pass
+    def spans(self, key: str) -> list[tuple[str, bool, str]]:
+        """(key, ok, expected) checks of this section's numbers with a fraction: each finite,
+        and a time (every one but a size in MB) at most 100 years."""
+        out = []
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if not isinstance(value, float):
+                continue
+            if name.endswith("_mb"):
+                out.append((f"{key}.{name}", math.isfinite(value), "a finite number"))
+                continue
+            unit, per = next((u for end, u in _UNITS.items() if name.endswith(end)), ("seconds", 1))
+            most = LONGEST_SECONDS // per
+            out.append(
+                (
+                    f"{key}.{name}",
+                    math.isfinite(value) and value <= most,
+                    f"a number of {unit} of at most 100 years ({most})",
+                )
+            )
+        return out
 
 
 class ServerSettings(_Section, frozen=True):
@@ -391,7 +420,14 @@ class Settings(_Section, frozen=True):
         return None
 
     def __post_init__(self) -> None:
-        checks: list[tuple[str, bool, str]] = [
+        checks: list[tuple[str, bool, str]] = []
+        for name in self.__struct_fields__:
+            section = getattr(self, name)
+            if isinstance(section, _Section):
+                checks += section.spans(name)
+        for name, provider in self.providers.items():
+            checks += provider.spans(f"providers.{name}")
+        checks += [
             ("server.port", 0 <= self.server.port <= 65535, "a port between 0 and 65535"),
             ("server.header_timeout", self.server.header_timeout > 0, "a number > 0"),
             ("server.keepalive_timeout", self.server.keepalive_timeout >= 0, "an integer >= 0"),

@@ -172,6 +172,16 @@ def test_orchestra_config_variable_picks_the_file(tmp_path: Path) -> None:
         # A tiny hang timeout would kill a process its beats could not keep up with.
         ("[server]\nhang_timeout = 0.01\n", "server.hang_timeout: expected 0 (never) or at least"),
         ("[server\n", "invalid TOML"),
+        # A time past what a date holds: every cached step failed (ttl), every retention run.
+        ("[cache]\nttl = inf\n", "cache.ttl: expected a number of seconds of at most 100 y"),
+        ("[cache]\nttl = 1e11\n", "cache.ttl: expected a number of seconds of at most 100 y"),
+        ("[retention]\ndays = inf\n", "retention.days: expected a number of days of at most"),
+        ("[retention]\ndays = 1e6\n", "retention.days: expected a number of days of at most"),
+        ("[ui]\nsession_hours = 1e9\n", "ui.session_hours: expected a number of hours of at"),
+        ("[workers]\nlease_seconds = inf\n", "workers.lease_seconds: expected a number of s"),
+        ("[providers.ollama]\ntimeout = inf\n", "providers.ollama.timeout: expected a number"),
+        ("[database]\nmin_free_mb = inf\n", "database.min_free_mb: expected a finite number"),
+        ("[scheduler]\ngrace = nan\n", "scheduler.grace: expected a number of seconds of at"),
     ],
 )
 def test_bad_file_names_file_key_and_expectation(tmp_path: Path, text: str, expected: str) -> None:

@@ -171,8 +171,8 @@ class AnswerCache:
         return result
 
     async def _get(self, hashed: str) -> CachedAnswer | None:
-        fresh_since = iso(self.clock() - timedelta(seconds=self.settings.ttl))
         try:
+            fresh_since = iso(self.clock() - timedelta(seconds=self.settings.ttl))
             return await self.store.get(hashed, fresh_since)
         except Exception as exc:  # the cache must not fail the step: ask the model instead
             log.warning("cache.read_failed", error=f"{type(exc).__name__}: {exc}")
