@@ -20,7 +20,7 @@ from typing import Literal
 
 import msgspec
 
-from orchestra import logs
+from orchestra import logs, metrics
 from orchestra.db.overview import DashboardStore
 from orchestra.db.store import TaskStore
 from orchestra.domain import TaskFilter, TaskStatus, storable_id
@@ -152,7 +152,10 @@ class BulkService:
         return outcome
 
     async def _cancel(self, chunk: list[int]) -> BulkOutcome:
-        acted = await self.store.cancel_many(chunk)
+        done = await self.store.cancel_many(chunk)
+        acted = done.acted
+        for template in done.templates:  # they never ran: no worker counts their end
+            metrics.task_finished(template, TaskStatus.CANCELLED.value)
         running = [i for i, status in acted.items() if status is TaskStatus.RUNNING]
         for task_id in running:
             self.scheduler.cancel(task_id)

@@ -84,8 +84,9 @@ async def test_cancel_many_cancels_queued_at_once_and_flags_running_in_one_call(
 ) -> None:
     queued, running, failed, succeeded = await four_states(store)
     changed.clear()
-    acted = await store.cancel_many([queued, running, failed, succeeded, 999])
-    assert acted == {queued: TaskStatus.CANCELLED, running: TaskStatus.RUNNING}
+    done = await store.cancel_many([queued, running, failed, succeeded, 999])
+    assert done.acted == {queued: TaskStatus.CANCELLED, running: TaskStatus.RUNNING}
+    assert done.templates == [rows(db, "template")[queued][0]]  # the one cancelled at once
     assert sorted(changed) == sorted([queued, running])
     state = rows(db, "status, cancel_requested, finished_at IS NOT NULL")
     assert state[queued] == ("cancelled", 0, 1)

@@ -506,6 +506,46 @@ async def test_a_running_task_cancelled_is_timed_as_cancelled(
     assert found(total, **cancelled) > before(total, **cancelled)
 
 
+async def test_tasks_cancelled_in_bulk_while_queued_are_counted_as_finished(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    """A batch's cancel and the dashboard's bulk cancel count the queued tasks they cancel,
+    as a single cancel does: only the running ones were counted, so ``submitted -
+    finished`` never came back down."""
+    before = await scrape(service.client)
+    fake_ollama.close_gate("llama3.2")
+    rows = "".join(f'{{"text": "row {i}"}}\n' for i in range(6))
+    upload = await service.client.post(
+        "/api/v1/batches", params={"template": "summarize", "format": "jsonl"}, content=rows
+    )
+    assert upload.status_code == 201, upload.text
+    await wait_until(lambda: fake_ollama.held("llama3.2") >= 1, timeout=15)
+    batch_id = upload.json()["batch"]["id"]
+    cancel = await service.client.post(f"/api/v1/batches/{batch_id}/cancel")
+    assert cancel.status_code == 200, cancel.text
+    later = []
+    for i in range(2):
+        body = {"template": "summarize", "params": {"text": f"later {i}"}, "delay": 3600}
+        later.append((await service.client.post("/api/v1/tasks", json=body)).json())
+    bulk = await service.client.post(
+        "/ui/tasks/bulk",
+        data={"action": "cancel", "id": [str(t["id"]) for t in later]},
+        headers={"sec-fetch-site": "same-origin"},
+    )
+    assert bulk.status_code == 303, bulk.text
+    listed = await service.client.get("/api/v1/tasks", params={"status": "cancelled"})
+    assert len(listed.json()["items"]) == 8
+    fake_ollama.open_gate("llama3.2")
+
+    async def counted() -> bool:
+        found = await scrape(service.client)
+        labels = {"template": "summarize", "status": "cancelled"}
+        name = "orchestra_tasks_finished_total"
+        return found(name, **labels) - before(name, **labels) == 8
+
+    await wait_until(counted, timeout=15)
+
+
 async def test_a_task_timeout_and_a_cancel_are_timed_as_model_calls_and_steps(
     service: Service, fake_ollama: FakeOllama
 ) -> None:

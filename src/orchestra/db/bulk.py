@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+import msgspec
 from sqlalchemy import ColumnElement, Connection, select, update
 
 from orchestra.db import events, guards, notices
@@ -26,22 +27,30 @@ BY_REQUEST = TaskError(type="cancelled", message="cancelled by request")
 _FLAG_CANCEL = guards.may_become(TaskStatus.CANCELLED) & guards.LEASED
 
 
-def cancel(conn: Connection, ids: Collection[int], now: str) -> dict[int, TaskStatus]:
-    """Cancel the queued ones among ``ids`` at once (each gets a ``task.finished`` event) and
-    flag the running ones for their workers (``cancel_requested``).
+class Cancelled(msgspec.Struct, frozen=True):
+    """What a cancel did: the tasks acted on, each with its status now (cancelled, or running
+    while its worker still has to stop), and the template of each one cancelled at once (it
+    never ran: its end is counted by whoever asked, as no worker will)."""
 
-    Returns the tasks acted on and the status each is in now: cancelled, or running (its
-    worker still has to stop). Ids of missing or finished tasks are left out.
-    """
+    acted: dict[int, TaskStatus]
+    templates: list[str]
+
+
+def cancel(conn: Connection, ids: Collection[int], now: str) -> Cancelled:
+    """Cancel the queued ones among ``ids`` at once (each gets a ``task.finished`` event) and
+    flag the running ones for their workers (``cancel_requested``). Ids of missing or
+    finished tasks are left out of what it returns."""
     if not ids:
-        return {}
-    cancelled = conn.execute(
-        update(tasks)
-        .where(tasks.c.id.in_(list(ids)), guards.CANCEL.guard)
-        .values(status=TaskStatus.CANCELLED.value, finished_at=now, error=dump(BY_REQUEST))
-        .returning(tasks.c.id)
-    ).scalars()
-    acted = dict.fromkeys(sorted(cancelled), TaskStatus.CANCELLED)
+        return Cancelled({}, [])
+    cancelled = sorted(
+        conn.execute(
+            update(tasks)
+            .where(tasks.c.id.in_(list(ids)), guards.CANCEL.guard)
+            .values(status=TaskStatus.CANCELLED.value, finished_at=now, error=dump(BY_REQUEST))
+            .returning(tasks.c.id, tasks.c.template)
+        ).all()
+    )
+    acted = {task_id: TaskStatus.CANCELLED for task_id, _ in cancelled}
     finished = TaskFinished(status=TaskStatus.CANCELLED.value, error=BY_REQUEST)
     events.append_many(conn, [(task_id, finished) for task_id in acted], now)
     flagged = list(
@@ -56,7 +65,7 @@ def cancel(conn: Connection, ids: Collection[int], now: str) -> dict[int, TaskSt
     # at its next lease renewal. SQLite's processes notice the commit itself.
     notices.changed(conn, flagged)
     acted.update(dict.fromkeys(flagged, TaskStatus.RUNNING))
-    return acted
+    return Cancelled(acted, [template for _, template in cancelled])
 
 
 def retry(conn: Connection, ids: Collection[int], now: str) -> list[int]:

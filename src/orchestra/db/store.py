@@ -383,22 +383,21 @@ class TaskStore:
         at = self._now()
 
         def work(conn: Connection) -> TaskStatus | None:
-            return bulk.cancel(conn, [task_id], at).get(task_id) or bulk.status_of(conn, task_id)
+            acted = bulk.cancel(conn, [task_id], at).acted
+            return acted.get(task_id) or bulk.status_of(conn, task_id)
 
         status = await self.db.transaction(work)
         self.on_change([task_id])
         return status
 
-    async def cancel_many(self, ids: Collection[int]) -> dict[int, TaskStatus]:
-        """:meth:`cancel` for a chunk of tasks (up to a few thousand), in one transaction.
-
-        Returns the tasks acted on: cancelled, or running (flagged for its worker); ids of
-        missing or finished tasks are left out.
-        """
+    async def cancel_many(self, ids: Collection[int]) -> bulk.Cancelled:
+        """:meth:`cancel` for a chunk of tasks (up to a few thousand), in one transaction:
+        the tasks acted on, cancelled or running (flagged for its worker; ids of missing or
+        finished tasks are left out), and the templates of those cancelled at once."""
         at = self._now()
-        acted = await self.db.transaction(lambda conn: bulk.cancel(conn, ids, at))
-        self.on_change(acted)
-        return acted
+        done = await self.db.transaction(lambda conn: bulk.cancel(conn, ids, at))
+        self.on_change(done.acted)
+        return done
 
     async def retry(self, task_id: int) -> tuple[TaskStatus | None, bool]:
         """Queue a failed or cancelled task again as a new attempt, due now.
