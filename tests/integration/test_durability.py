@@ -506,11 +506,22 @@ async def test_retention_deletes_old_webhook_deliveries_and_schedule_ticks(
                 "VALUES (?, ?, 'skipped', ?)",
                 (schedule, time, time),
             )
+        # An old tick whose task is still unfinished stays: it is how the next tick finds its
+        # previous task (overlap = "skip"); without it, two ran at once.
+        body = {"template": "flaky", "params": {}, "delay": 3600}
+        waiting = (await svc.client.post("/api/v1/tasks", json=body)).json()["id"]
+        sql_rows(
+            db_url,
+            "INSERT INTO schedule_fires (schedule_id, fire_at, task_id, outcome, time) "
+            "VALUES (?, '1999-01-01T00:00:00.000000Z', ?, 'submitted', ?)",
+            (schedule, waiting, old),
+        )
         await svc.app.runtime.pool.apply_retention()
     kept = sql_rows(db_url, "SELECT status, created_at FROM webhook_deliveries ORDER BY id")
     assert kept == [("pending", old), ("delivered", new)]
     assert sql_rows(db_url, "SELECT count(*) FROM webhook_attempts") == [(0,)]
-    assert sql_rows(db_url, "SELECT fire_at FROM schedule_fires") == [(new,)]
+    kept_ticks = sql_rows(db_url, "SELECT fire_at, task_id FROM schedule_fires ORDER BY fire_at")
+    assert kept_ticks == [("1999-01-01T00:00:00.000000Z", waiting), (new, None)]
 
 
 async def test_retention_runs_by_itself(

@@ -6,15 +6,16 @@ A transaction body with its SQL; :class:`~orchestra.db.store.TaskStore` runs it 
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, Select, delete, select, text, tuple_
+from sqlalchemy import Connection, Select, delete, exists, select, text, tuple_
 
 from orchestra.db import batches
 from orchestra.db.portable import hinted
 from orchestra.db.tables import batch_rows, schedule_fires, tasks, webhook_deliveries
 from orchestra.db.tables import batches as batch_table
-from orchestra.domain import TERMINAL, TaskStatus
+from orchestra.domain import ACTIVE, TERMINAL, TaskStatus
 
 _TERMINAL = [status.value for status in TaskStatus if status in TERMINAL]
+_ACTIVE = sorted(status.value for status in ACTIVE)
 _FINISHED = ", ".join(f"'{status.value}'" for status in TaskStatus if status in TERMINAL)
 
 # The index is named: left to itself the planner takes ix_tasks_status_id for the status list
@@ -62,8 +63,9 @@ def delete_finished_before(conn: Connection, cutoff: str, batch: int) -> int:
 
 def delete_records_before(conn: Connection, cutoff: str, batch: int) -> int:
     """Delete up to ``batch`` finished webhook deliveries (with their attempts) and up to
-    ``batch`` schedule ticks from before ``cutoff``; returns how many rows in all. A tick's
-    row is only needed while its time can still come due, so old ones can go."""
+    ``batch`` schedule ticks from before ``cutoff`` whose task (if any) is finished; returns
+    how many rows in all. A tick's row is only needed while its time can still come due, or
+    while its task is unfinished, so old ones can go."""
     d = webhook_deliveries
     # A finished delivery's next_attempt_at is its last claim's end, before it finished: the
     # (status, next_attempt_at) index finds them.
@@ -77,7 +79,14 @@ def delete_records_before(conn: Connection, cutoff: str, batch: int) -> int:
         .limit(batch)
     )
     f = schedule_fires
-    old_ticks = select(f.c.schedule_id, f.c.fire_at).where(f.c.time < cutoff).limit(batch)
+    # A tick whose task is unfinished stays: the next tick finds its previous task through it
+    # (overlap = "skip"), and without it two of the schedule's tasks ran at once.
+    unfinished = select(tasks.c.id).where(tasks.c.id == f.c.task_id, tasks.c.status.in_(_ACTIVE))
+    old_ticks = (
+        select(f.c.schedule_id, f.c.fire_at)
+        .where(f.c.time < cutoff, ~exists(unfinished))
+        .limit(batch)
+    )
     deliveries = conn.execute(delete(d).where(d.c.id.in_(old_deliveries))).rowcount
     ticks = conn.execute(
         delete(f).where(tuple_(f.c.schedule_id, f.c.fire_at).in_(old_ticks))
