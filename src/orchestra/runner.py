@@ -46,6 +46,12 @@ class StepRecorder(Protocol):
         """A piece of a step's answer as it streams (recorded soon, in order)."""
         ...
 
+    def step_cut(self, step: Step) -> None:
+        """A step cut short from outside (the task's timeout, a cancel, the service stopping),
+        with what it had (its prompt, usage, fallbacks): written with the attempt's end, which
+        gives it its error."""
+        ...
+
 
 class StepFailed(StepError):
     """A step failed; carries the step id and the error as stored on the task."""
@@ -170,9 +176,19 @@ class Runner:
                     )
             except asyncio.CancelledError:
                 # The task's timeout, a cancel or the service stopping cut the step short: it
-                # is timed all the same (the worker records how the task ended).
+                # is timed and kept all the same (the worker records how the task ended).
                 seconds = time.perf_counter() - clock
                 metrics.step_interrupted(spec.kind, seconds, asked[-1] if asked else None)
+                cut = Step(
+                    id=spec.id,
+                    position=position,
+                    status=StepStatus.FAILED,
+                    model=answers[-1][0] if answers else None,
+                    usage=total_usage(usage for _, usage in answers),
+                    prompt=prompts.get(spec.id),
+                    fallbacks=tuple(fallbacks) or None,
+                )
+                recorder.step_cut(_timed(cut, started, clock))
                 raise
             except StepError as exc:
                 error = _task_error(exc, spec.id)

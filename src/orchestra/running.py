@@ -11,9 +11,11 @@ from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from typing import Any, TypeVar
 
+import msgspec
+
 from orchestra import logs
 from orchestra.db import TaskStore
-from orchestra.domain import Lease, Step, StepStatus, Task
+from orchestra.domain import Lease, Step, StepStatus, Task, TaskError
 from orchestra.errors import LeaseLost, StorageError
 from orchestra.templating.model import Template
 
@@ -53,6 +55,8 @@ class LeasedRecorder:
         self._started = started
         #: The step that ended the attempt and its last streamed text, not written yet.
         self.ended: tuple[Step, str] | None = None
+        #: That step was cut short from outside: its error is the attempt's end's.
+        self.cut = False
         self._text: dict[str, list[str]] = {}
         self._timer: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -78,6 +82,11 @@ class LeasedRecorder:
         if self._timer is None:
             name = f"orchestra-task-{self.lease.task_id}-text"
             self._timer = asyncio.get_running_loop().create_task(self._flush_soon(), name=name)
+
+    def step_cut(self, step: Step) -> None:
+        # No lock: nothing is awaited, and a flush under way has taken its text already.
+        self.ended = (step, "".join(self._text.pop(step.id, [])))
+        self.cut = True
 
     def close(self) -> None:
         """The attempt has ended: drop the text still waiting to be written (its writes,
@@ -158,12 +167,16 @@ class Running:
         if self.runner is not None:
             self.runner.cancel()
 
-    def ended(self) -> tuple[Step | None, str]:
+    def ended(self, why: TaskError | None = None) -> tuple[Step | None, str]:
         """The step that ended the attempt and its last streamed text, still to be written
-        with the task's end; (None, "") when there is none."""
+        with the task's end; (None, "") when there is none. A step cut short from outside
+        gets ``why`` as its error: why the attempt ended (its timeout, a cancel, a hand-back)."""
         if self.recorder is None or self.recorder.ended is None:
             return None, ""
-        return self.recorder.ended
+        step, text = self.recorder.ended
+        if self.recorder.cut:
+            step = msgspec.structs.replace(step, error=why)
+        return step, text
 
 
 async def within_lease(running: Running, write: Callable[[], Awaitable[T]]) -> T:

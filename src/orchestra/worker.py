@@ -69,6 +69,8 @@ log = logs.get("orchestra.worker")
 #: Longest pause before a failed dispatcher is started again, seconds.
 DISPATCHER_RESTART_CAP = 10.0
 _CANCELLED = TaskError(type="cancelled", message="cancelled by request")
+#: The error of a step cut short by a stop that handed its task back to the queue.
+_HANDED_BACK = TaskError(type="handed_back", message="the service stopped; the task went back")
 
 T = TypeVar("T")
 
@@ -423,7 +425,7 @@ class WorkerPool:
         try:
             status, result, error, policy = await self._execute(running, write, tlog)
             running.finishing = True
-            step, text = running.ended()
+            step, text = running.ended(error)
             retry = (
                 None if error is None else decide_retry(task, error, policy, at=self.store.clock())
             )
@@ -520,7 +522,7 @@ class WorkerPool:
         tlog: Any,
     ) -> None:
         run_at = retry.at
-        step, text = running.ended()
+        step, text = running.ended(error)
         if await write(
             lambda: self.store.retry_later(running.lease, error, run_at, step=step, text=text)
         ):
@@ -536,7 +538,7 @@ class WorkerPool:
             tlog.warning("task.lease_lost", detail="failed, but another attempt owns it")
 
     async def _finish_cancelled(self, running: Running, write: Writer, tlog: Any) -> None:
-        step, text = running.ended()
+        step, text = running.ended(_CANCELLED)
         try:
             done = await write(
                 lambda: self.store.finish(
@@ -555,7 +557,7 @@ class WorkerPool:
             tlog.info("task.finished", status=TaskStatus.CANCELLED.value)
 
     async def _hand_back(self, running: Running, tlog: Any) -> None:
-        step, text = running.ended()
+        step, text = running.ended(_HANDED_BACK)
         try:
             released = await self.store.release(running.lease, step=step, text=text)
         except StorageError as exc:  # the lease expires and the reaper hands it back instead

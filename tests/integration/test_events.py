@@ -127,13 +127,20 @@ async def test_cancel_and_retry_are_events_too(service: Service, fake_ollama: Fa
     # was retried since; its stream ends at the retry's.
     story = await collect(service, task["id"])
     kinds = [e["event"] for e in story if e["event"] != "step.tokens"]
-    assert kinds[:4] == ["task.queued", "task.started", "step.started", "task.finished"]
-    assert story[3]["status"] == "cancelled"
-    assert kinds[4] == "task.queued" and story[4]["retry"] is True
+    assert kinds[:5] == [
+        "task.queued",
+        "task.started",
+        "step.started",
+        "step.finished",  # the step cut short ends too, with the cancel as its error
+        "task.finished",
+    ]
+    assert (story[3]["status"], story[3]["error"]) == ("failed", "cancelled by request")
+    assert story[4]["status"] == "cancelled"
+    assert kinds[5] == "task.queued" and story[5]["retry"] is True
     assert kinds[-1] == "task.finished" and story[-1]["status"] == "succeeded"
     assert [int(e["id"]) for e in story] == list(range(1, len(story) + 1))
-    after_retry = await collect(service, task["id"], **{"Last-Event-ID": story[3]["id"]})
-    assert after_retry == story[4:]
+    after_retry = await collect(service, task["id"], **{"Last-Event-ID": story[4]["id"]})
+    assert after_retry == story[5:]
 
 
 async def test_streamed_text_arrives_live_and_coalesced(

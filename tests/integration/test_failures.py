@@ -15,6 +15,7 @@ from tests.conftest import (
     Service,
     StartService,
     make_settings,
+    sql_rows,
     task_row,
     with_provider,
     with_workers,
@@ -293,3 +294,40 @@ async def test_a_retry_that_runs_shows_no_error_of_its_own_yet(
     [summary] = [t for t in listed["items"] if t["id"] == task["id"]]
     assert summary["error"] is None
     assert done["status"] == "succeeded" and done["error"] is None
+
+
+async def test_a_step_cut_short_keeps_its_prompt_error_and_end_event(
+    db_url: str, fake_ollama: FakeOllama, start_service: StartService
+) -> None:
+    """A step cut short from outside (the task's timeout, a cancel, the service stopping)
+    was closed with no prompt, no ``step.finished`` event (a feed consumer saw it running for
+    good) and, when handed back, no error: someone debugging saw "failed", and nothing else."""
+    fake_ollama.close_gate("llama3.2")
+    settings = with_workers(make_settings(db_url, fake_ollama.url), shutdown_grace=0)
+    async with start_service(settings) as svc:
+        body = {"template": "summarize", "params": {"text": "late"}, "timeout": 1}
+        late = (await svc.client.post("/api/v1/tasks", json=body)).json()
+        assert (await svc.wait(late["id"]))["status"] == "failed"
+        cancelled = await svc.submit("summarize", text="cancelled")
+        await wait_until(lambda: fake_ollama.held("llama3.2") == 1)
+        await svc.client.post(f"/api/v1/tasks/{cancelled['id']}/cancel")
+        assert (await svc.wait(cancelled["id"]))["status"] == "cancelled"
+        back = await svc.submit("summarize", text="handed back")
+        await wait_until(lambda: fake_ollama.held("llama3.2") == 1)
+    expected = {late["id"]: "timeout", cancelled["id"]: "cancelled", back["id"]: "handed_back"}
+    for task_id, error in expected.items():
+        [(status, step_error, prompt, ended)] = sql_rows(
+            db_url,
+            "SELECT status, json_extract(error, '$.type'), prompt, finished_at "
+            "FROM task_steps WHERE task_id = ? AND attempt = 1",
+            (task_id,),
+        )
+        assert (status, step_error) == ("failed", error), task_id
+        assert ended is not None and prompt is not None and '"role"' in prompt, task_id
+        types = [
+            t
+            for (t,) in sql_rows(
+                db_url, "SELECT type FROM task_events WHERE task_id = ? ORDER BY seq", (task_id,)
+            )
+        ]
+        assert types[-2] == "step.finished", (task_id, types)
