@@ -84,7 +84,11 @@ class TaskSignals:
 
     def publish(self, task_ids: Iterable[int]) -> None:
         """Wake everyone watching these tasks (cheap when nobody watches): they changed in a
-        way that may end their attempts (``named`` set: the whole task is worth reading)."""
+        way that may end their attempts (``named`` set: the whole task is worth reading).
+        No task wakes nobody: an idle worker's claim or an empty reap changed nothing."""
+        task_ids = list(task_ids)
+        if not task_ids:
+            return
         for event in self._everything:
             event.set()
         for task_id in task_ids:
@@ -107,8 +111,10 @@ class TaskSignals:
                 event.set()
 
     def progressed(self, task_ids: Iterable[int]) -> None:
-        """Wake the watchers of every task: these tasks changed and are still running."""
-        del task_ids  # no watcher of one task waits for progress
+        """Wake the watchers of every task: these tasks changed and are still running (none:
+        nothing to wake them for)."""
+        if not any(True for _ in task_ids):  # no watcher of one task waits for progress
+            return
         for event in self._everything:
             event.set()
 

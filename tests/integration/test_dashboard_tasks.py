@@ -145,6 +145,31 @@ async def test_the_live_signal_sends_keep_alives_as_comments_alone(
             break
 
 
+async def test_the_live_signal_of_an_idle_service_sends_no_change(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Idle workers' claims (every ``poll_interval``) and the reaper's rounds changed no task,
+    yet they woke every live page: each overview and tasks page fetched itself again every
+    second, clearing any text selected on it."""
+    from orchestra.web import overview
+
+    monkeypatch.setattr(overview, "LOOK_EVERY", 0.25)
+    seen: list[dict[str, str]] = []
+    async with asyncio.timeout(20):
+        async for fields, _ in _sse(service.client, "/ui/live"):
+            seen.append(fields)
+            if len(seen) == 8:  # 2 s: four claim polls of the idle workers
+                break
+    assert [f for f in seen if "event" in f] == []
+    # A real change still is one.
+    async with asyncio.timeout(20):
+        async for fields, _ in _sse(service.client, "/ui/live"):
+            if "event" in fields:
+                assert fields["event"] == "changed"
+                break
+            await service.submit("summarize", text="a change")
+
+
 async def test_the_streamed_text_starts_at_the_running_steps_last_start(db: Database) -> None:
     store = TaskStore(db)
     task_id = (await store.enqueue(NewTask(template="t", template_version=1, params={}))).task.id

@@ -414,6 +414,27 @@ async def test_an_event_stream_open_when_the_service_stops_ends_at_once(
     assert "Traceback" not in service.stderr()
 
 
+async def test_a_dashboard_live_signal_open_when_the_service_stops_ends_at_once(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    """An open overview or tasks page (its ``/ui/live``) held the stop's HTTP drain for its
+    full 5 s, then was cancelled with an error and a traceback in the log."""
+    path, port = config(tmp_path, "stop-live", tmp_path / "stop-live.db", fake_ollama.url)
+    async with serving(path, port) as service:
+        async with httpx.AsyncClient(base_url=service.url, timeout=30) as client:
+            stopped_at = 0.0
+            async with client.stream("GET", "/ui/live") as stream:
+                assert stream.status_code == 200  # its headers came: the stream is open
+                stopped_at = asyncio.get_running_loop().time()
+                service.proc.send_signal(signal.SIGTERM)
+                async for _ in stream.aiter_bytes():
+                    pass
+            took = asyncio.get_running_loop().time() - stopped_at
+        assert stopped_at and took < 3.0, took  # not the drain's 5 s
+        await asyncio.wait_for(service.proc.wait(), timeout=STOP_DEADLINE)
+    assert "Traceback" not in service.stderr()
+
+
 async def test_the_overview_of_an_api_only_process_says_it_runs_no_workers(
     fake_ollama: FakeOllama, tmp_path: Path
 ) -> None:
