@@ -105,7 +105,7 @@ class OverviewPages(Controller):
             loop = asyncio.get_running_loop()
             last = await runtime.dashboard.counts()
             with signals.watch_all() as changed:
-                while not signals.stopping:  # a stop wakes it: the page reconnects elsewhere
+                while True:
                     try:
                         async with asyncio.timeout(LOOK_EVERY):
                             await changed.wait()
@@ -116,7 +116,7 @@ class OverviewPages(Controller):
                             # which the browser would dispatch as a message, unless None).
                             yield ServerSentEventMessage(comment="keep-alive", data=None)
                             continue
-                    if signals.stopping:
+                    if signals.stopping:  # it woke us: the page reconnects elsewhere
                         return
                     started = loop.time()
                     last = await runtime.dashboard.counts()
