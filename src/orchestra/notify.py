@@ -74,8 +74,11 @@ class TaskSignals:
     @contextmanager
     def watch_all(self) -> Iterator[asyncio.Event]:
         """An event set when any task changes, progress included (the event feed, the
-        dashboard's live views); clear it after each wake-up."""
+        dashboard's live views), or the service stops (set at once when it is stopping
+        already); clear it after each wake-up."""
         event = asyncio.Event()
+        if self.stopping:
+            event.set()
         self._everything.add(event)
         try:
             yield event
