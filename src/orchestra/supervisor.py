@@ -15,7 +15,8 @@ one process would print.
 While they serve, the supervisor restarts a process that died (after 1, 2, 4 … 30 s when it
 keeps dying), kills and restarts one whose event loop gave no sign of life for ``[server]
 hang_timeout`` seconds (a hung process still takes its share of new connections), passes
-SIGHUP on (each reloads its templates; a process waiting to be started again starts at once),
+SIGHUP on (each reloads its templates, one still starting once it serves; a process waiting
+to be started again starts at once),
 and on SIGTERM or SIGINT stops them all: each stops claiming at once, drains HTTP, gives its
 running tasks ``[workers] shutdown_grace`` seconds and hands back the rest
 (:mod:`orchestra.worker`); a second signal hurries them. The supervisor exits once every
@@ -169,6 +170,9 @@ class _Child:
     pipe: Connection
     started_at: float = field(default_factory=time.monotonic)
     ready: bool = False
+    #: A SIGHUP came while it started: passed on once it serves (before, its default action
+    #: would kill it), so a change made meanwhile is read.
+    reload_due: bool = False
     #: Why it could not start, as it said (None: it did not say).
     failure: str | None = None
     #: Seconds it had given no sign of life when it was killed for it (None: it was not).
@@ -456,6 +460,9 @@ class Supervisor:
                 kind, text = child.pipe.recv()
                 if kind == READY:
                     child.ready = True
+                    if child.reload_due:  # its SIGHUP handler is in place once it serves
+                        child.reload_due = False
+                        _signal(child, signal.SIGHUP)
                     self._failed.discard(child.index)
                     child.owner = text
                     child.started_at = time.monotonic()
@@ -520,7 +527,10 @@ class Supervisor:
                     starting_now=[index + 1 for index in waiting],
                 )
                 for child in self._children.values():
-                    _signal(child, signal.SIGHUP)
+                    if child.ready:
+                        _signal(child, signal.SIGHUP)
+                    else:
+                        child.reload_due = True
                 for index in waiting:
                     self._restart_at[index] = time.monotonic()
                     self._restart_wait[index] = RESTART_FIRST

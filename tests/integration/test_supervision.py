@@ -274,6 +274,27 @@ async def test_a_process_that_cannot_start_again_is_an_error_until_its_cause_is_
         await replaced(service, before, before[0])
 
 
+async def test_a_sighup_while_processes_start_reloads_them_once_they_serve(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    """SIGHUP was passed on to processes still starting, before they took it for a reload:
+    it killed them, and at a first start the supervisor exited 1. The very recovery the
+    supervisor's hint names (SIGHUP) killed the process it was starting again."""
+    path, port, template = with_template_file(tmp_path, "hup", fake_ollama.url)
+    async with serving(path, port, "--processes", "2") as service:
+        await wait_until(lambda: len(events(service, "supervisor.process_started")) == 2)
+        template.write_text(TEMPLATE.replace("name: mine\n", "name: mine\ndescription: new\n"))
+        service.proc.send_signal(signal.SIGHUP)  # the second is still loading its modules
+        await wait_until(lambda: events(service, "supervisor.started"), timeout=30)
+        await all_answer(service)
+        # Each reloads once it serves: the change made meanwhile is not missed.
+        async with httpx.AsyncClient(base_url=service.url, timeout=5) as client:
+            for _ in range(10):
+                got = (await client.get("/api/v1/templates/mine")).json()
+                assert got["description"] == "new", got
+        assert service.proc.returncode is None
+
+
 async def test_a_dead_processs_task_runs_again_at_once_not_when_its_lease_expires(
     fake_ollama: FakeOllama, tmp_path: Path, db_url: str
 ) -> None:
