@@ -222,7 +222,13 @@ class Supervisor:
             ConfigError: the address cannot be bound.
             StartupFailed: a process failed to start (the message is its error).
         """
-        sock = bind_socket(self.settings.server.host, self.settings.server.port)
+        host, port = self.settings.server.host, self.settings.server.port
+        if port:
+            # Alone first, as one process binds: the shared socket below would share the port
+            # with another supervisor's processes (SO_REUSEPORT: same user), and the two would
+            # split its connections, each on its own database.
+            bind_socket(host, port, shared=False).close()
+        sock = bind_socket(host, port)
         undo = self._catch_signals()
         unshare = metrics_folder.share_between_processes()  # one scrape answers for every process
         try:

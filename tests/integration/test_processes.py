@@ -338,6 +338,23 @@ async def test_a_service_whose_port_is_taken_stops_before_it_claims_anything(
         assert fake_ollama.requests == []
 
 
+async def test_a_supervisor_whose_port_another_supervisor_holds_stops(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    """Two supervisors shared the port (SO_REUSEPORT: same user) and split its connections,
+    each on its own database: tasks landed in one or the other at random."""
+    path, port = config(tmp_path, "first", tmp_path / "first.db", fake_ollama.url)
+    other, _ = config(tmp_path, "second", tmp_path / "second.db", fake_ollama.url)
+    other.write_text(other.read_text().replace(f"port = {_}", f"port = {port}"))
+    async with serving(path, port, "--processes", "2"):
+        async with serving(other, port, "--processes", "2", ready=False) as second:
+            code = await asyncio.wait_for(second.proc.wait(), timeout=30)
+        err = second.stderr()
+        assert code == 1, err
+        assert f"Error: server: cannot listen on 127.0.0.1:{port}" in err, err
+        assert "Traceback" not in err and "process_started" not in err
+
+
 def _unread_bytes(local_port: int, remote_port: int) -> int | None:
     """The bytes waiting unread on the TCP socket from ``local_port`` to ``remote_port``
     (/proc/net/tcp's rx_queue); None when there is no such socket."""
