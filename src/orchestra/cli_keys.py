@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import click
 
-from orchestra.auth import SCOPES, ApiKey, Scope
+from orchestra.auth import SCOPES, ApiKey, Scope, is_loopback
 from orchestra.cli_common import (
     CliError,
     NothingFound,
@@ -194,10 +194,21 @@ def keys_revoke(name_or_id: str, config_path: str | None) -> None:
 
     key, none_left = _key_store_call(config_path, revoke)
     click.echo(f"key {key.id} ({key.name}) revoked")
-    if none_left:
-        click.echo(
+    settings = settings_of(config_path)
+    if none_left and not settings.auth.allow_anonymous:  # (allowed, nothing changes)
+        click.echo(no_key_left_warning(settings.server.host), err=True)
+
+
+def no_key_left_warning(host: str) -> str:
+    """What the last active key's revoke changes for a service listening on ``host``."""
+    if is_loopback(host):
+        return (
             "warning: no active key is left, so the service needs none again: requests from "
             "this machine (on a loopback address, not through a proxy) are served as admin. "
-            "Make a key (orchestra keys create) to close it.",
-            err=True,
+            "Make a key (orchestra keys create) to close it."
         )
+    return (
+        f"warning: no active key is left: a service listening on {host} refuses every "
+        "request until it starts again, which makes a new admin key (printed in its log). "
+        "Make a key now (orchestra keys create --scope admin) to keep access."
+    )

@@ -418,7 +418,20 @@ async def test_cli_creates_lists_and_revokes_keys(tmp_path: Path) -> None:
     # Revoking the last one reopens the service to this machine: said, not done silently.
     last = cli("revoke", "other")
     assert last.returncode == 0 and "no active key is left" in last.stderr
+    assert "requests from this machine" in last.stderr
     assert "revoked" in cli("list").stdout
+    # Beyond loopback nothing reopens: every request is refused until a restart makes a
+    # bootstrap key (it said the machine's requests were served as admin).
+    config.write_text(f'[server]\nhost = "0.0.0.0"\n[database]\nurl = "{url}"\n')
+    assert cli("create", "--name", "third").returncode == 0
+    wide = cli("revoke", "third")
+    assert wide.returncode == 0 and "no active key is left" in wide.stderr
+    assert "requests from this machine" not in wide.stderr
+    assert "0.0.0.0 refuses every request" in wide.stderr
+    config.write_text(f'[auth]\nallow_anonymous = true\n[database]\nurl = "{url}"\n')
+    assert cli("create", "--name", "fourth").returncode == 0
+    open_to_all = cli("revoke", "fourth")
+    assert "no active key is left" not in open_to_all.stderr  # nothing changes for anyone
 
 
 async def test_rate_limit_per_key_answers_429(
