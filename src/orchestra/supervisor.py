@@ -293,6 +293,17 @@ class Supervisor:
                 return False
             left = deadline - time.monotonic()
             if left <= 0:
+                for index in indices:  # stuck: asking it to stop would wait out the stop
+                    child = self._children[index]
+                    if not child.ready:
+                        log.error(
+                            "supervisor.start_timed_out",
+                            process=index + 1,
+                            pid=child.process.pid,
+                            start_timeout_s=limit,
+                            action="killed (SIGKILL); the service does not start",
+                        )
+                        child.process.kill()
                 raise StartupFailed(f"a process did not start within {limit:g} s")
             for child in self._step(left):
                 reason = child.failure or (

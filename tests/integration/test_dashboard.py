@@ -448,7 +448,8 @@ async def test_the_overview_shows_queue_workers_chart_providers_and_failures_wit
         fast = re.search(r"<code>fast</code>.*?</tr>", providers, re.S)
         assert fast, providers
         assert "spare/llama3.2 → ollama/llama3.2" in fast.group(0)
-        assert re.search(r"<td><code>ollama/llama3.2</code></td>", fast.group(0))  # serves now
+        assert re.search(r"<td><code>ollama/llama3.2</code><br>", fast.group(0))  # serves now
+        assert "passed over: <code>spare/llama3.2</code>, " in fast.group(0)  # why not spare
         assert "Last checked: <time" in providers
 
         fake_ollama.latency = 0

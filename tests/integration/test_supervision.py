@@ -165,7 +165,42 @@ async def test_a_process_started_again_that_never_serves_is_killed_and_tried_aga
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         await all_answer(service, 4)
-        assert len(service.services()) == 2
+        # (Waited for: under load, a slow one may be being started again at this moment.)
+        await wait_until(lambda: len(service.services()) == 2, timeout=30, interval=0.1)
+
+
+async def test_a_process_stuck_at_the_first_start_is_killed_at_its_start_timeout(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    """At the first start a stuck process was asked to stop as a serving one is, and killed
+    only past the stop's deadline (drain, grace and slack: 17 s more here), saying nothing
+    of why meanwhile. Now it is killed at once, saying so, as on a start again."""
+    path, port = config(tmp_path, "stuck-first", tmp_path / "stuck-first.db", fake_ollama.url)
+    with_server(path, start_timeout=3.0)
+    async with serving(path, port, "--processes", "2", ready=False) as service:
+        stuck: list[int] = []
+
+        def caught() -> bool:
+            for started in events(service, "supervisor.process_started"):
+                if started["process"] == 1 and not stuck:
+                    os.kill(started["pid"], signal.SIGSTOP)
+                    stuck.append(started["pid"])
+            return bool(stuck)
+
+        try:
+            await wait_until(caught, timeout=30, interval=0.005)
+            began = asyncio.get_running_loop().time()
+            code = await asyncio.wait_for(service.proc.wait(), timeout=60)
+            took = asyncio.get_running_loop().time() - began
+        finally:
+            for pid in stuck:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    assert code == 1
+    [timed_out] = events(service, "supervisor.start_timed_out")
+    assert timed_out["pid"] == stuck[0], timed_out
+    assert took < 3.0 + 6.0, took  # not 3 s + the drain, the grace and the slack
+    assert "a process did not start within 3 s" in service.stderr()
 
 
 async def test_a_process_stopped_on_its_own_is_logged_as_stopped_and_started_again(
