@@ -4,6 +4,7 @@ real processes on one SQLite file, against the fake model on a loopback port."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -366,6 +367,48 @@ def _unread_bytes(local_port: int, remote_port: int) -> int | None:
         ):
             return int(queues.split(":")[1], 16)
     return None
+
+
+async def test_a_request_still_arriving_when_the_drain_ends_is_a_503_not_a_500(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    """A slow upload cut by the end of the stop's HTTP drain got uvicorn's 500 (a "server
+    bug, do not retry" to its client) and an error with a traceback in the log, on every
+    deploy. It is a 503 that closes the connection: try again, elsewhere."""
+    path, port = config(tmp_path, "cut", tmp_path / "cut.db", fake_ollama.url)
+    body = msgspec.json.encode({"template": "summarize", "params": {"text": "x" * 50_000}})
+    async with serving(path, port) as service:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /api/v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body[:1000]
+        )
+        await writer.drain()
+        service.proc.send_signal(signal.SIGTERM)
+        sent = 1000
+
+        async def trickle() -> None:  # slower than the drain: 100 bytes every 0.2 s
+            nonlocal sent
+            with contextlib.suppress(ConnectionError):
+                while sent < len(body) - 100:
+                    await asyncio.sleep(0.2)
+                    writer.write(body[sent : sent + 100])
+                    sent += 100
+                    await writer.drain()
+
+        trickling = asyncio.create_task(trickle())
+        try:
+            answer = await asyncio.wait_for(reader.read(), timeout=30)
+        finally:
+            trickling.cancel()
+            writer.close()
+        head, _, text = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), answer
+        assert b"connection: close" in head.lower(), head
+        assert msgspec.json.decode(text)["code"] == "shutting_down", text
+        await asyncio.wait_for(service.proc.wait(), timeout=STOP_DEADLINE)
+    err = service.stderr()
+    assert "Traceback" not in err and "Exception in ASGI application" not in err, err
 
 
 async def test_a_wait_open_when_the_service_stops_is_answered_with_the_task_as_it_is(

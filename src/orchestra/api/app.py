@@ -11,6 +11,8 @@ suite, which starts some 1,500 services, builds a handful per process.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import time
 import traceback
@@ -29,7 +31,7 @@ from litestar.plugins.core import MsgspecDIPlugin
 from litestar.routes import HTTPRoute
 from litestar.types import Scope
 
-from orchestra import __version__, metrics
+from orchestra import __version__, logs, metrics
 from orchestra.api import auth, docs_ui
 from orchestra.api.batches import BatchController
 from orchestra.api.errors import HANDLERS
@@ -52,6 +54,8 @@ from orchestra.tasks import TaskService
 from orchestra.templating.registry import TemplateRegistry
 from orchestra.web.render import ROUTING_HANDLERS, template_config
 from orchestra.web.routes import dashboard, own_paths, ui_path
+
+log = logs.get("orchestra.api")
 
 
 def _tasks(runtime: NamedDependency[Runtime]) -> TaskService:
@@ -145,7 +149,12 @@ class ServiceApp:
             scope, send = {**scope, "method": "GET"}, _without_body(send)
         if self.runtime.settings.metrics.enabled:
             send = _measured(asked["method"], scope, send)
-        await self.http(scope, receive, send)
+        try:
+            await self.http(scope, receive, send)
+        except asyncio.CancelledError:
+            if not self.runtime.stopping:
+                raise
+            await _cut_at_stop(scope, send)
 
     def _get_only(self, scope: Any) -> bool:
         """Whether the path is a page answered to GET alone (the dashboard's, ``/metrics``),
@@ -172,6 +181,42 @@ class ServiceApp:
             await send({"type": f"lifespan.{stage}.failed", "message": traceback.format_exc()})
             raise
         await send({"type": "lifespan.shutdown.complete"})
+
+
+#: The answer to a request the stop's HTTP drain ended before it was answered.
+_CUT = msgspec.json.encode(
+    ErrorBody(
+        status=503,
+        code="shutting_down",
+        message="the service stopped before it answered this request: send it again (with "
+        "an Idempotency-Key if it must not be carried out twice)",
+        fields=[],
+    )
+)
+
+
+async def _cut_at_stop(scope: Any, send: Any) -> None:
+    """Answer a request that uvicorn cancelled at the end of the stop's HTTP drain (a slow
+    upload, say) with a 503 that closes its connection, and end it normally: uvicorn's own
+    answer is a 500, and an error with a traceback in the log, on every deploy. One whose
+    answer had begun is ended where it is."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()  # taken: the request ends here, as the cancel asked
+    log.info("server.request_cut", method=scope["method"], path=scope["path"])
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(_CUT)).encode()),
+        (b"connection", b"close"),
+        (b"retry-after", b"1"),
+    ]
+    try:
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+    except RuntimeError:  # its answer had begun: end it
+        with contextlib.suppress(RuntimeError):
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return
+    await send({"type": "http.response.body", "body": _CUT, "more_body": False})
 
 
 def _measured(method: str, scope: Any, send: Any) -> Any:

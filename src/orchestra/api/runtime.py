@@ -86,6 +86,8 @@ class Runtime:
         #: What stopped the lifespan from starting (ConfigError, TemplateError): the server
         #: only learns that startup failed, so ``orchestra serve`` prints this.
         self.startup_error: OrchestraError | None = None
+        #: A stop was asked for (:meth:`request_stop`).
+        self.stopping = False
         #: Requests the database refused: logged once, then every 10 s while they go on
         #: (with how many); an outage under load made a warning per request (16 a second).
         self.refused = logs.Outage(
@@ -222,6 +224,7 @@ class Runtime:
         """Stop claiming tasks now, and answer the requests waiting for a task's end
         (called when SIGTERM/SIGINT arrives); ``hurry`` (a second Ctrl-C): hand back the
         running tasks now, without waiting for ``shutdown_grace``."""
+        self.stopping = True
         if self._pool is not None:
             if hurry:
                 self._pool.hurry()
