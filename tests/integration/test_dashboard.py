@@ -283,6 +283,37 @@ async def test_the_run_form_shows_a_422_beside_its_field_and_submits_when_fixed(
     assert done["params"]["sentences"] == 5
 
 
+async def test_the_run_form_says_which_json_does_not_parse_and_keeps_it_as_typed(
+    service: Service,
+) -> None:
+    """An object field's bad JSON was passed on as text: the form said "'{...}' is not of
+    type 'object'", and showed the text JSON-quoted, so each try quoted it once more. Its
+    heading counted the parameters' problems alone, not the priority's."""
+    yaml = (
+        "name: withmeta\nparameters:\n  meta: {type: object, default: {}}\n"
+        "  n: {type: integer, minimum: 1}\n"
+        "steps:\n  - id: s\n    kind: render\n    text: '{{ params.meta }}'\n"
+    )
+    made = await service.client.post("/api/v1/templates", content=yaml)
+    assert made.status_code == 201, made.text
+    typed = '{"k": 1,}'
+    bad = await service.client.post(
+        "/ui/templates/withmeta/run",
+        data={"meta": typed, "n": "0", "opt.priority": "5000"},
+        headers=SAME_SITE,
+    )
+    assert bad.status_code == 422
+    found = re.findall(r'id="param-([a-z_]+)-error" class="error field-error">([^<]+)<', bad.text)
+    errors = {name: unescape(text) for name, text in found}
+    assert errors["meta"].startswith("not valid JSON: "), errors
+    assert "line 1 column 9" in errors["meta"], errors
+    assert "minimum" in errors["n"] or "at least" in errors["n"], errors
+    [shown] = re.findall(r'<textarea[^>]*name="meta"[^>]*>([^<]*)</textarea>', bad.text)
+    assert unescape(shown).strip() == typed  # as typed, not JSON-quoted
+    assert "2 invalid parameter(s)" in bad.text and "priority must be" in bad.text
+    assert (await service.client.get("/api/v1/tasks")).json()["items"] == []
+
+
 async def test_run_again_fills_the_form_with_the_tasks_parameters(service: Service) -> None:
     task = await service.submit("summarize", text="remember me", sentences=7)
     page = (await service.client.get("/ui/templates/summarize", params={"from": task["id"]})).text

@@ -40,6 +40,11 @@ SCHEMA = TEMPLATE.params_schema()
 
 def _read(**form: str | list[str]) -> dict[str, Any]:
     """The parameters a form gives, each value as a browser sends it (a list per name)."""
+    return _read_all(**form)[0]
+
+
+def _read_all(**form: str | list[str]) -> tuple[dict[str, Any], list[FieldProblem]]:
+    """The parameters a form gives and the JSON fields that do not parse."""
     return params_from_form(SCHEMA, {k: v if isinstance(v, list) else [v] for k, v in form.items()})
 
 
@@ -208,7 +213,15 @@ def test_arrays_are_read_one_item_per_line() -> None:
 
 def test_objects_are_read_as_json_or_passed_on_as_typed() -> None:
     assert _read(extra='{"k": [1, 2]}')["extra"] == {"k": [1, 2]}
-    assert _read(extra="{not json")["extra"] == "{not json"
+    params, unreadable = _read_all(extra="{not json")
+    assert params["extra"] == "{not json"  # kept as typed, shown so
+    assert unreadable == [
+        FieldProblem(
+            "params.extra",
+            "not valid JSON: Expecting property name enclosed in double quotes (line 1 column 2)",
+        )
+    ]
+    assert _read_all(extra="[1]")[1] == []  # JSON, of the wrong type: validation says so
     with pytest.raises(InvalidParams) as info:
         validate_params(TEMPLATE, _read(text="hi", strict="true", extra="{not json"))
     assert [f.field for f in info.value.fields] == ["params.extra"]

@@ -62,7 +62,7 @@ def _shown(value: Any, schema: Mapping[str, Any]) -> str:
     kind = schema.get("type")
     if kind == "array" and isinstance(value, list):
         return "\n".join(v if isinstance(v, str) else json.dumps(v) for v in value)
-    if kind == "object":
+    if kind == "object" and not isinstance(value, str):  # (text: JSON that did not parse)
         return json.dumps(value, indent=2, ensure_ascii=False)
     if isinstance(value, str):
         return value
@@ -170,10 +170,15 @@ def _item(text: str, item_type: str | None) -> Any:
     return text
 
 
-def params_from_form(schema: Mapping[str, Any], form: Mapping[str, list[str]]) -> dict[str, Any]:
-    """The parameters a filled run form gives. Empty optional fields are left out (their
-    defaults apply); values that do not parse are passed on as typed for validation to name."""
+def params_from_form(
+    schema: Mapping[str, Any], form: Mapping[str, list[str]]
+) -> tuple[dict[str, Any], list[FieldProblem]]:
+    """The parameters a filled run form gives, and the JSON fields whose text does not parse
+    (each kept as typed, and named with where it stops). Empty optional fields are left out
+    (their defaults apply); other values that do not parse are passed on as typed for
+    validation to name."""
     params: dict[str, Any] = {}
+    unreadable: list[FieldProblem] = []
     for name, prop in schema.get("properties", {}).items():
         kind = prop.get("type", "string")
         given = form.get(name, [])
@@ -201,11 +206,15 @@ def params_from_form(schema: Mapping[str, Any], form: Mapping[str, list[str]]) -
         elif kind == "object":
             try:
                 params[name] = json.loads(text)
-            except ValueError:
+            except json.JSONDecodeError as exc:
                 params[name] = text
+                where = f"line {exc.lineno} column {exc.colno}"
+                unreadable.append(
+                    FieldProblem(f"params.{name}", f"not valid JSON: {exc.msg} ({where})")
+                )
         else:
             params[name] = text
-    return params
+    return params, unreadable
 
 
 def whole(text: str, field: str, *, least: int = 1) -> int:

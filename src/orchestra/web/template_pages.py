@@ -54,6 +54,19 @@ _PRIORITY: msgspec.Meta = get_args(Priority)[1]  # the API's bounds
 _BAD_PRIORITY = f"must be a whole number from {_PRIORITY.ge} to {_PRIORITY.le}"
 
 
+def _every_problem(
+    template: TaskTemplate, params: dict[str, Any], unreadable: list[FieldProblem], limits: Any
+) -> list[FieldProblem]:
+    """The problems of a run form's parameters: the JSON fields that do not parse, then what
+    validation finds in the others."""
+    bad = {p.field for p in unreadable}
+    try:
+        validate_params(template, params, limits)
+    except InvalidParams as exc:
+        return [*unreadable, *(p for p in exc.fields if p.field not in bad)]
+    return list(unreadable)
+
+
 def _multi(form: Any) -> dict[str, list[str]]:
     return {key: [str(v) for v in form.getall(key)] for key in form}
 
@@ -237,19 +250,19 @@ class TemplatePages(Controller):
         runtime = runtime_of(request.scope)
         template = runtime.catalog.get(name)
         form = _multi(await request.form())
-        params = params_from_form(template.params_schema(), form)
+        params, unreadable = params_from_form(template.params_schema(), form)
         options = {k: (form.get(f"opt.{k}") or [""])[-1].strip() for k in OPTIONS}
         priority = _priority(options["priority"])
         problems: list[FieldProblem] = []
-        if priority is None:
-            option_errors = {"priority": [_BAD_PRIORITY]}
-            message = f"priority {_BAD_PRIORITY}"
-            try:  # nothing is submitted, but every problem is named at once
-                validate_params(template, params, runtime.tasks.limits)
-            except InvalidParams as exc:
-                problems, message = exc.fields, exc.message
+        option_errors = {} if priority is not None else {"priority": [_BAD_PRIORITY]}
+        if priority is None or unreadable:
+            # Nothing is submitted, but every problem is named at once.
+            problems = _every_problem(template, params, unreadable, runtime.tasks.limits)
+            said = (
+                [f"{len(problems)} invalid parameter(s) for template {name!r}"] if problems else []
+            )
+            message = "; ".join(said + ([f"priority {_BAD_PRIORITY}"] if option_errors else []))
         else:
-            option_errors = {}
             try:
                 submitted = await runtime.tasks.submit(
                     SubmitTask(
