@@ -314,6 +314,30 @@ async def test_the_run_form_says_which_json_does_not_parse_and_keeps_it_as_typed
     assert (await service.client.get("/api/v1/tasks")).json()["items"] == []
 
 
+async def test_recent_failures_are_the_latest_to_fail_not_the_latest_made(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    """The overview listed the failed tasks with the highest ids: an old task retried that
+    failed again a moment ago (or a delayed one, a schedule's) never showed."""
+    fake_ollama.failure = Failure(400, "bad request: no such option")
+    made = [await service.submit("summarize", text=f"fails {i}") for i in range(6)]
+    for task in made:
+        assert (await service.wait(task["id"]))["status"] == "failed"
+    oldest = made[0]["id"]
+    retried = await service.client.post(f"/api/v1/tasks/{oldest}/retry")
+    assert retried.status_code == 200, retried.text
+    await wait_until(lambda: task_finished_again(service, oldest), timeout=20)
+    page = (await service.client.get("/ui/overview/body")).text
+    listed = [int(n) for n in re.findall(r'id="failure-link-(\d+)"', page)]
+    assert listed[0] == oldest, listed
+    assert listed == [oldest, *[t["id"] for t in reversed(made[2:])]], listed
+
+
+async def task_finished_again(service: Service, task_id: int) -> bool:
+    task = (await service.client.get(f"/api/v1/tasks/{task_id}")).json()
+    return bool(task["status"] == "failed" and len(task["attempts"]) == 2)
+
+
 async def test_run_again_fills_the_form_with_the_tasks_parameters(service: Service) -> None:
     task = await service.submit("summarize", text="remember me", sentences=7)
     page = (await service.client.get("/ui/templates/summarize", params={"from": task["id"]})).text

@@ -102,6 +102,8 @@ Index("ix_tasks_template_id", tasks.c.template, tasks.c.id)
 # The dashboard's filters: by model (newest first), and by creation time.
 Index("ix_tasks_model_id", tasks.c.model, tasks.c.id)
 Index("ix_tasks_created", tasks.c.created_at)
+# The dashboard's recent failures, latest to fail first (migration 20).
+Index("ix_tasks_failed", tasks.c.finished_at, sqlite_where=tasks.c.status == "failed")
 Index("ux_tasks_idempotency", tasks.c.idempotency_scope, tasks.c.idempotency_key, unique=True)
 # Retention deletes the oldest finished tasks first; the dashboard counts succeeded and failed
 # tasks per minute from this index alone (the status is in it).
