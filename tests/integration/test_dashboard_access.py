@@ -107,6 +107,22 @@ async def test_an_expired_session_is_refused(
         assert (await browser.get("/ui/tasks")).status_code == 303
 
 
+async def test_the_editor_says_what_a_read_key_cannot_check(
+    keyed: tuple[Service, dict[str, str]],
+) -> None:
+    """A read key's editor said "Checked as you type." and checked nothing (checking asks
+    for the submit scope, as the API's validate does)."""
+    svc, tokens = keyed
+    for scope, checked in (("read", False), ("admin", True)):
+        token = await _login(svc, tokens[scope])
+        async with _with_cookie(svc, token) as browser:
+            editor = (await browser.get("/ui/templates/new")).text
+        assert ("Checked as you type." in editor) is checked, scope
+        assert ("hx-post=" in editor.split('name="yaml"')[1].split(">")[0]) is checked, scope
+        if not checked:
+            assert "Not checked as you type: that needs a submit key" in editor
+
+
 async def test_cross_site_logins_are_refused(keyed: tuple[Service, dict[str, str]]) -> None:
     svc, tokens = keyed
     for headers in ({"sec-fetch-site": "cross-site"}, {"origin": "null"}):

@@ -177,6 +177,28 @@ async def test_the_filter_form_leaves_empty_fields_out_of_the_address(
     assert page.errors == []
 
 
+async def test_a_focused_filter_draws_no_ring_around_the_whole_form(
+    service: Service, browser: Browser
+) -> None:
+    """The form's role=search took Pico's search-group style: focusing any filter drew a
+    pill-shaped ring (80 px corners) around the whole form, across its labels."""
+    page = await new_page(browser)
+    await page.goto(f"{service.url}/ui/tasks")
+    await page.focus("form.filters input[name=model]")
+    drawn = await page.evaluate(
+        """() => {
+            const style = getComputedStyle(document.querySelector('form.filters'));
+            return [style.boxShadow, style.borderTopLeftRadius];
+        }"""
+    )
+    assert drawn[0] == "none" and drawn[1] in ("0px", ""), drawn
+    landmark = await page.evaluate(
+        "() => document.querySelector('form.filters').closest('search, [role=search]') !== null"
+    )
+    assert landmark  # still a search landmark for screen readers
+    assert page.errors == []
+
+
 #: About 96,000 characters of right-to-left text: laid out whole in a narrow box, it kept
 #: Chromium busy for most of a minute.
 RIGHT_TO_LEFT = "שלום עולם مرحبا بالعالم " * 4000
