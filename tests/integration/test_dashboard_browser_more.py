@@ -462,6 +462,38 @@ async def test_a_live_page_whose_session_ends_goes_to_the_login_page_and_back(
     assert [e for e in page.errors if e != "console: [object Event]"] == [], page.errors
 
 
+async def test_back_after_logging_out_asks_to_log_in_for_that_page(
+    settings: Settings, db_url: str, start_service: StartService, browser: Browser
+) -> None:
+    """Back after "Log out" showed the login form under the task's address, with no way back
+    to the task (htmx's load of the page from history got a 401, and kept the body)."""
+    from playwright.async_api import expect
+
+    tokens = await make_keys(db_url, "read", "submit")
+    async with start_service(settings) as svc:
+        made = await svc.client.post(
+            "/api/v1/tasks",
+            json={"template": "summarize", "params": {"text": "x"}},
+            headers={"authorization": f"Bearer {tokens['submit']}"},
+        )
+        path = f"/ui/tasks/{made.json()['id']}"
+        page = await new_page(browser)
+        await page.goto(f"{svc.url}{path}")
+        await page.fill("#key", tokens["read"])
+        await page.click("button[type=submit]")
+        await page.wait_for_url(f"{svc.url}{path}", timeout=WAIT)
+        await page.click("header form[action$='/logout'] button")
+        await expect(page.locator("h1")).to_have_text("Log in", timeout=WAIT)
+        await page.go_back()
+        await page.wait_for_url(f"{svc.url}/ui/login?next={quote(path, safe='')}", timeout=WAIT)
+        await expect(page.locator("h1")).to_have_text("Log in", timeout=WAIT)
+        await page.fill("#key", tokens["read"])
+        await page.click("button[type=submit]")
+        await page.wait_for_url(f"{svc.url}{path}", timeout=WAIT)
+        await page.close()
+    assert [e for e in page.errors if "401" not in e] == [], page.errors
+
+
 async def test_cancel_and_retry_by_keyboard_leave_the_focus_on_the_tasks_buttons(
     service: Service, fake_ollama: FakeOllama, browser: Browser
 ) -> None:
