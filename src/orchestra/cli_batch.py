@@ -26,6 +26,7 @@ import click
 
 from orchestra.cli_common import CliError, client_for, config_option, url_option
 from orchestra.client.batch_calls import SUFFIXES as _SUFFIXES
+from orchestra.client.errors import ApiError
 
 if TYPE_CHECKING:  # imported when the command runs: the others start faster
     from orchestra.client.sync import Client
@@ -78,6 +79,12 @@ def _remembered(sidecar: Path, digest: str) -> dict[str, Any]:
     if not isinstance(kept, dict) or kept.get("digest") != digest or not kept.get("key"):
         return {}
     return kept
+
+
+def _refused(exc: ApiError) -> bool:
+    """Whether the service refused the upload outright (a 4xx but a conflict, a timeout or
+    a rate limit): it made no batch, so nothing resumes under its key."""
+    return 400 <= exc.status < 500 and exc.status not in (408, 409, 429)
 
 
 def _refusal(problem: Any) -> str:
@@ -140,7 +147,7 @@ def batch() -> None:
 @click.option("--model", help="Model for every row (default: the template's).")
 @click.option("--priority", type=int, default=0, show_default=True)
 @click.option("--atomic", is_flag=True, help="Refuse the whole batch on one bad row.")
-@click.option("--max-attempts", type=int, help="Attempts per row.")
+@click.option("--max-attempts", type=click.IntRange(min=1), help="Attempts per row.")
 @click.option(
     "--format",
     "fmt",
@@ -178,8 +185,12 @@ def run(
     query |= {"priority": priority, "atomic": str(atomic).lower()}
     if model:
         query["model"] = model
-    if max_attempts:
+    if max_attempts is not None:
         query["max_attempts"] = max_attempts
+    if not output.parent.is_dir():  # (the sidecar goes there first)
+        raise click.BadParameter(
+            f"the folder {str(output.parent)!r} does not exist", param_hint="'-o' / '--output'"
+        )
     sidecar = output.with_name(output.name + ".batch")
     digest = _digest(data, query)
     remembered = _remembered(sidecar, digest)
@@ -205,14 +216,19 @@ def run(
         loaded = batch_id is not None and client.get_batch(batch_id).batch.status == "loaded"
         if not loaded:
             sending = bar.add_task("upload", total=data.stat().st_size)
-            answer = client.create_batch(
-                template,
-                data,
-                data_format=query["format"],
-                idempotency_key=key,
-                on_sent=lambda n: bar.advance(sending, n),
-                **options,
-            )
+            try:
+                answer = client.create_batch(
+                    template,
+                    data,
+                    data_format=query["format"],
+                    idempotency_key=key,
+                    on_sent=lambda n: bar.advance(sending, n),
+                    **options,
+                )
+            except ApiError as exc:
+                if not remembered and _refused(exc):  # no batch to resume: no key to keep
+                    sidecar.unlink(missing_ok=True)
+                raise
             batch_id = answer.batch.id
             sidecar.write_text(json.dumps({"digest": digest, "key": key, "batch_id": batch_id}))
             for p in answer.problems:

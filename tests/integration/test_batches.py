@@ -723,6 +723,33 @@ async def test_the_cli_runs_a_file_and_a_second_run_is_a_new_batch(
     assert table[1]["result.echo"] == "second"
 
 
+async def test_the_cli_says_what_is_wrong_before_and_after_an_upload(
+    svc: Service, tmp_path: Path, db_url: str
+) -> None:
+    """A missing output folder was a traceback; --max-attempts 0 was dropped without a word
+    (the batch got the template's); an upload the service refused left its sidecar, so the
+    next run said it was sending it again with its key; 250 refused rows were told as 100."""
+    data = tmp_path / "data.csv"
+    data.write_text("text,n\n" + "bad,-1\n" * 250 + "good,1\n")
+    code, _, err = await run_cli("rowjob", str(data), "-o", str(tmp_path / "nowhere" / "r.jsonl"))
+    assert code == 2 and "Traceback" not in err, err
+    assert "nowhere" in err and "folder" in err, err
+    code, _, err = await run_cli(
+        "rowjob", str(data), "-o", str(tmp_path / "r.jsonl"), "--max-attempts", "0"
+    )
+    assert code == 2 and "--max-attempts" in err and "Traceback" not in err, err
+    out = tmp_path / "refused.jsonl"
+    code, _, err = await run_cli("no-such-template", str(data), "-o", str(out), "--url", svc.url)
+    assert code == 5, err  # the template is not found
+    assert not (tmp_path / "refused.jsonl.batch").exists()
+    code, _, err = await run_cli("no-such-template", str(data), "-o", str(out), "--url", svc.url)
+    assert code == 5 and "sending the upload again" not in err, err
+    code, _, err = await run_cli("rowjob", str(data), "-o", str(out), "--url", svc.url)
+    assert code == 1, err
+    assert err.count(" refused: ") == 100 and "250 rows refused in all (see the results)" in err
+    assert sql_rows(db_url, "SELECT count(*) FROM batch_rows WHERE task_id IS NULL") == [(250,)]
+
+
 async def test_an_interrupted_cli_run_resumes_its_batch(
     svc: Service, tmp_path: Path, db_url: str, fake_ollama: FakeOllama
 ) -> None:
