@@ -182,12 +182,13 @@ async def csv_rows(
         try:
             cells = next(csv.reader(io.StringIO(text)))
         except csv.Error as exc:
+            why = _csv_problem(exc)
             if header is None:
                 raise InvalidRequest(
-                    f"body: the CSV header cannot be read: {exc}", [FieldProblem("body", str(exc))]
+                    f"body: the CSV header cannot be read: {why}", [FieldProblem("body", why)]
                 ) from None
             number += 1
-            yield InputRow(number, start, None, f"not CSV: {exc}")
+            yield InputRow(number, start, None, f"not CSV: {why}")
             continue
         if header is None:
             header = _header(cells)
@@ -197,6 +198,15 @@ async def csv_rows(
             problem = (
                 f"has {len(cells)} cell{'' if len(cells) == 1 else 's'}; "
                 f"the header has {len(header)}"
+            )
+            yield InputRow(number, start, None, problem)
+            continue
+        unnamed = next(
+            (i for i, (n, c) in enumerate(zip(header, cells, strict=True)) if c and not n), None
+        )
+        if unnamed is not None:
+            problem = (
+                f"cell {unnamed + 1} has a value, but the header names no column {unnamed + 1}"
             )
             yield InputRow(number, start, None, problem)
             continue
@@ -211,6 +221,14 @@ async def csv_rows(
         yield InputRow(number, start, None, "ends inside a quoted cell")
 
 
+def _csv_problem(exc: csv.Error) -> str:
+    """Why a record is not CSV, in a reader's words rather than Python's csv module's."""
+    if "new-line character seen in unquoted field" in str(exc):
+        # Lines are split at LF: a file whose lines end with CR alone is one long line.
+        return "a line ends with a carriage return alone (CR): lines must end with LF or CRLF"
+    return str(exc)
+
+
 def _header(cells: list[str]) -> list[str]:
     """The CSV header's parameter names.
 
@@ -219,8 +237,8 @@ def _header(cells: list[str]) -> list[str]:
             columns may repeat.
     """
     names = [c.strip() for c in cells]
-    # Unnamed columns (a spreadsheet's trailing "a,b,,") are no parameter: their cells, empty
-    # or not, are refused by the row's check as an unknown parameter when they hold anything.
+    # Unnamed columns (a spreadsheet's trailing "a,b,,") are no parameter: a row with a value
+    # in one is refused, saying which cell.
     twice = sorted({n for n in names if n and names.count(n) > 1})
     if twice:
         problem = f"the CSV header names {', '.join(repr(n) for n in twice)} more than once"

@@ -386,8 +386,10 @@ class BatchService:
         existing = await self.store.db.transaction(lambda c: db.by_key(c, scope, key))
         if existing is None or existing["request_hash"] != values["request_hash"]:
             raise ConflictError(
-                f"idempotency key {key!r} was already used for a batch with other options",
-                fields=[FieldProblem("Idempotency-Key", "already used with other options")],
+                f"Idempotency-Key {key!r}: already used for a batch with other options",
+                fields=[
+                    FieldProblem("Idempotency-Key", "already used for a batch with other options")
+                ],
             )
         if existing["template_version"] != template.version:  # two first uploads at once,
             # the template changed between them: sent again, this one takes the batch's

@@ -189,6 +189,26 @@ async def test_refused_counts_every_refused_row_past_the_hundred_listed(idle: Se
     assert atomic.json()["message"].startswith("250 row(s) refused; an atomic batch queues none")
 
 
+async def test_csv_line_ends_and_unnamed_columns_are_said_plainly(idle: Service) -> None:
+    """A file whose lines end with a carriage return alone was refused in Python's words
+    ("do you need to open the file in universal-newline mode?"); a value in a column the
+    header names not was "params.: unknown parameter"."""
+    cr_only = await idle.client.post(
+        "/api/v1/batches",
+        params={"template": "rowjob", "format": "csv"},
+        content=b"text,n\ra,1\rb,2\r",
+    )
+    assert cr_only.status_code == 400, cr_only.text
+    said = cr_only.json()
+    assert "carriage return" in said["message"] and "universal" not in said["message"], said
+    assert said["fields"][0]["field"] == "body"
+    answer = await upload(idle, b"text,n,\nfine,1,\nextra,2,surprise\n")
+    assert answer["refused"] == 1, answer
+    [problem] = answer["problems"]
+    assert problem["row"] == 2
+    assert problem["message"] == "cell 3 has a value, but the header names no column 3", problem
+
+
 async def test_an_atomic_batch_with_one_bad_row_queues_nothing(svc: Service, db_url: str) -> None:
     body = b"text,n\nok,1\nbad,-5\nok too,2\n"
     response = await svc.client.post(

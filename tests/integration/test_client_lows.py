@@ -16,7 +16,9 @@ import pytest
 
 from orchestra.client import (
     AsyncClient,
+    BadRequest,
     Client,
+    Conflict,
     ConnectionFailed,
     NotFound,
     Unprocessable,
@@ -119,3 +121,20 @@ async def test_a_run_at_without_a_time_zone_is_refused_before_sending(service: S
             await client.submit("summarize", {"text": "a"}, run_at=datetime.now())
         listed = [t async for t in client.list_tasks()]
     assert listed == []
+
+
+async def test_an_errors_text_says_each_field_once(service: Service) -> None:
+    """``str(exc)`` added each field's message again when the message held it in other
+    words: "...cannot be read: X; body: X"."""
+    async with AsyncClient(service.url) as client:
+        with pytest.raises(BadRequest) as unread:
+            await client.create_batch("summarize", b"text\ra\rb\r", data_format="csv")
+        await client.create_batch("summarize", [{"text": "a"}], idempotency_key="k-1")
+        with pytest.raises(Conflict) as reused:
+            await client.create_batch(
+                "summarize", [{"text": "a"}], idempotency_key="k-1", priority=3
+            )
+    for raised in (unread.value, reused.value):
+        field = raised.fields[0]
+        assert str(raised).count(field.message) == 1, str(raised)
+        assert field.field in str(raised), str(raised)

@@ -152,7 +152,7 @@ class ApiError(ClientError):
         told = [
             f"{f.field}: {f.message}"
             for f in self.fields
-            if f"{f.field}: {f.message}" not in self.message
+            if not (f.field in self.message and f.message in self.message)
         ]
         return "; ".join([self.message, *told])
 
