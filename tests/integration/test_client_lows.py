@@ -6,6 +6,7 @@ refused, an empty ``statuses`` retries nothing, and a results path may be a stri
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import pickle
 from datetime import datetime, timedelta
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from orchestra.client import (
+    ApiError,
     AsyncClient,
     BadRequest,
     Client,
@@ -138,3 +140,37 @@ async def test_an_errors_text_says_each_field_once(service: Service) -> None:
         field = raised.fields[0]
         assert str(raised).count(field.message) == 1, str(raised)
         assert field.field in str(raised), str(raised)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_shutting_down_503_is_sent_again_only_when_that_is_safe(kind: str) -> None:
+    """The service stopped while the request ran, which may have committed: a submit without
+    an idempotency key is not sent again (it could run twice), a read or a keyed submit is."""
+    from tests.integration.test_client import Busy, _error
+
+    stopped = (503, {"Retry-After": "1"}, _error(503, "shutting_down"))
+    task = b"{}"
+    waits: list[float] = []
+
+    async def run(call: str, **options: Any) -> Busy:
+        busy = Busy([stopped, (200, {}, task)])
+        async with loopback_server(busy) as url:
+            if kind == "async":
+
+                async def nap(seconds: float) -> None:
+                    waits.append(seconds)
+
+                async with AsyncClient(url, sleep=nap) as client:
+                    with contextlib.suppress(ApiError):  # (the second answer is no task)
+                        await getattr(client, call)(*options.pop("args"), **options)
+            else:
+                with Client(url, sleep=waits.append) as sync:
+                    with contextlib.suppress(ApiError):  # (the second answer is no task)
+                        method = getattr(sync, call)
+                        await asyncio.to_thread(method, *options.pop("args"), **options)
+        return busy
+
+    plain = await run("submit", args=("summarize", {"text": "a"}))
+    keyed = await run("submit", args=("summarize", {"text": "a"}), idempotency_key="once")
+    assert len(plain.requests) == 1, plain.requests
+    assert len(keyed.requests) == 2, keyed.requests

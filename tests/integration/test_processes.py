@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -407,6 +408,39 @@ async def test_a_request_still_arriving_when_the_drain_ends_is_a_503_not_a_500(
         assert b"connection: close" in head.lower(), head
         assert msgspec.json.decode(text)["code"] == "shutting_down", text
         await asyncio.wait_for(service.proc.wait(), timeout=STOP_DEADLINE)
+    err = service.stderr()
+    assert "Traceback" not in err and "Exception in ASGI application" not in err, err
+
+
+async def test_a_download_cut_by_the_stop_is_seen_cut_not_whole(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    """A batch's results still streaming when the stop's drain ended were ended cleanly
+    (the chunked body's last chunk sent): the client took the rows it had for all of them."""
+    path, port = config(tmp_path, "download", tmp_path / "download.db", fake_ollama.url)
+    rows = b"".join(b'{"sentences": "%s"}\n' % (b"x" * 300) for _ in range(20_000))
+    async with serving(path, port) as service:
+        async with httpx.AsyncClient(base_url=service.url, timeout=60) as client:
+            made = await client.post(
+                "/api/v1/batches", params={"template": "summarize", "format": "jsonl"}, content=rows
+            )
+        assert made.status_code == 201, made.text  # 20,000 rows refused: 7 MB of results
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a reader slower than it
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        batch_id = made.json()["batch"]["id"]
+        writer.write(
+            b"GET /api/v1/batches/%d/results HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % batch_id
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"chunked" in head.lower(), head
+        service.proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(service.proc.wait(), timeout=STOP_DEADLINE)
+        body = await asyncio.wait_for(reader.read(), timeout=30)
+        writer.close()
+    assert not body.endswith(b"0\r\n\r\n"), "a cut answer ended as if whole"
     err = service.stderr()
     assert "Traceback" not in err and "Exception in ASGI application" not in err, err
 

@@ -12,7 +12,6 @@ suite, which starts some 1,500 services, builds a handful per process.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import time
 import traceback
@@ -149,12 +148,13 @@ class ServiceApp:
             scope, send = {**scope, "method": "GET"}, _without_body(send)
         if self.runtime.settings.metrics.enabled:
             send = _measured(asked["method"], scope, send)
+        answer = _Answer(send)
         try:
-            await self.http(scope, receive, send)
+            await self.http(scope, receive, answer)
         except asyncio.CancelledError:
             if not self.runtime.stopping:
                 raise
-            await _cut_at_stop(scope, send)
+            await _cut_at_stop(scope, answer)
 
     def _get_only(self, scope: Any) -> bool:
         """Whether the path is a page answered to GET alone (the dashboard's, ``/metrics``),
@@ -195,28 +195,41 @@ _CUT = msgspec.json.encode(
 )
 
 
-async def _cut_at_stop(scope: Any, send: Any) -> None:
+class _Answer:
+    """A request's ``send``, noting whether its answer has begun."""
+
+    __slots__ = ("begun", "send")
+
+    def __init__(self, send: Any) -> None:
+        self.send = send
+        self.begun = False
+
+    async def __call__(self, message: Any) -> None:
+        if message["type"] == "http.response.start":
+            self.begun = True
+        await self.send(message)
+
+
+async def _cut_at_stop(scope: Any, answer: _Answer) -> None:
     """Answer a request that uvicorn cancelled at the end of the stop's HTTP drain (a slow
     upload, say) with a 503 that closes its connection, and end it normally: uvicorn's own
     answer is a 500, and an error with a traceback in the log, on every deploy. One whose
-    answer had begun is ended where it is."""
+    answer had begun is left unfinished: uvicorn closes its connection, so its client sees
+    it cut (ending it cleanly would pass a partial download off as whole)."""
     task = asyncio.current_task()
     if task is not None:
         task.uncancel()  # taken: the request ends here, as the cancel asked
-    log.info("server.request_cut", method=scope["method"], path=scope["path"])
+    log.info("server.request_cut", method=scope["method"], path=scope["path"], begun=answer.begun)
+    if answer.begun:  # (sending more would first wait for a reader that does not read)
+        return
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(_CUT)).encode()),
         (b"connection", b"close"),
         (b"retry-after", b"1"),
     ]
-    try:
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
-    except RuntimeError:  # its answer had begun: end it
-        with contextlib.suppress(RuntimeError):
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return
-    await send({"type": "http.response.body", "body": _CUT, "more_body": False})
+    await answer.send({"type": "http.response.start", "status": 503, "headers": headers})
+    await answer.send({"type": "http.response.body", "body": _CUT, "more_body": False})
 
 
 def _measured(method: str, scope: Any, send: Any) -> Any:

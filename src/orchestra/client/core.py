@@ -284,6 +284,18 @@ def resend_delay(
     return 0.0 if tries == 1 else min(policy.backoff * 2 ** (tries - 2), policy.max_wait)
 
 
+def _stopped_before_answering(response: httpx.Response) -> bool:
+    """Whether an answer is the service's 503 ``shutting_down``: it stopped while the request
+    ran, which may have been carried out (unlike its other 503s and its 429s)."""
+    if response.status_code != 503:
+        return False
+    try:
+        said = msgspec.json.decode(response.content)
+    except msgspec.DecodeError:
+        return False
+    return isinstance(said, dict) and said.get("code") == "shutting_down"
+
+
 def retry_delay(
     policy: RetryPolicy, tries: int, call: Call[Any], response: httpx.Response
 ) -> float | None:
@@ -293,6 +305,8 @@ def retry_delay(
         return None
     if tries >= policy.attempts:
         return None
+    if not call.resendable and _stopped_before_answering(response):
+        return None  # it may have been carried out, as after a connection that broke
     asked = asked_wait(response.headers)
     wait = policy.backoff * 2 ** (tries - 1) if asked is None else asked
     return min(wait, policy.max_wait)
