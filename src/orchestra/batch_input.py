@@ -225,7 +225,10 @@ def _csv_problem(exc: csv.Error) -> str:
     """Why a record is not CSV, in a reader's words rather than Python's csv module's."""
     if "new-line character seen in unquoted field" in str(exc):
         # Lines are split at LF: a file whose lines end with CR alone is one long line.
-        return "a line ends with a carriage return alone (CR): lines must end with LF or CRLF"
+        return (
+            "a carriage return (CR) outside quotes: lines must end with LF or CRLF, and a "
+            "cell holding a line break must be quoted"
+        )
     return str(exc)
 
 

@@ -82,9 +82,10 @@ def _remembered(sidecar: Path, digest: str) -> dict[str, Any]:
 
 
 def _refused(exc: ApiError) -> bool:
-    """Whether the service refused the upload outright (a 4xx but a conflict, a timeout or
-    a rate limit): it made no batch, so nothing resumes under its key."""
-    return 400 <= exc.status < 500 and exc.status not in (408, 409, 429)
+    """Whether the service refused the upload before it made a batch: a key it does not take,
+    a template it does not have, an atomic batch with a bad row. (A 400 or a 413 may come
+    once rows are stored, in a batch the same key resumes.)"""
+    return exc.status in (401, 403, 404, 422)
 
 
 def _refusal(problem: Any) -> str:

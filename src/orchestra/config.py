@@ -19,10 +19,10 @@ ENV_PREFIX = "ORCHESTRA_"
 DEFAULT_FILE = "orchestra.toml"
 
 
-#: The longest time a setting may name: 100 years. Nothing waits longer, and a time much
+#: The longest time a setting may name: 1,000 years ("for ever" in practice). A time much
 #: further off is past what a date can hold (a cache ``ttl`` of ``inf`` failed every step
 #: the cache served; a retention of a million days failed every run).
-LONGEST_SECONDS = 100 * 365 * 86_400
+LONGEST_SECONDS = 1000 * 365 * 86_400
 #: Seconds per unit of a setting, by its name's end (any other float is seconds).
 _UNITS = {"days": ("days", 86_400), "_hours": ("hours", 3_600)}
 
@@ -30,7 +30,7 @@ _UNITS = {"days": ("days", 86_400), "_hours": ("hours", 3_600)}
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def spans(self, key: str) -> list[tuple[str, bool, str]]:
         """(key, ok, expected) checks of this section's numbers with a fraction: each finite,
-        and a time (every one but a size in MB) at most 100 years."""
+        and a time (every one but a size in MB) at most 1000 years."""
         out = []
         for name in self.__struct_fields__:
             value = getattr(self, name)
@@ -45,7 +45,7 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 (
                     f"{key}.{name}",
                     math.isfinite(value) and value <= most,
-                    f"a number of {unit} of at most 100 years ({most})",
+                    f"a number of {unit} of at most 1000 years ({most})",
                 )
             )
         return out

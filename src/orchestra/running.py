@@ -84,9 +84,16 @@ class LeasedRecorder:
             self._timer = asyncio.get_running_loop().create_task(self._flush_soon(), name=name)
 
     def step_cut(self, step: Step) -> None:
-        # No lock: nothing is awaited, and a flush under way has taken its text already.
+        # No lock (it is called as the step is cancelled): a flush under way has taken its
+        # text already, and the attempt's end waits for that flush (:meth:`settled`).
         self.ended = (step, "".join(self._text.pop(step.id, [])))
         self.cut = True
+
+    async def settled(self) -> None:
+        """Wait for a flush of streamed text under way: the attempt's end is written after
+        it (on PostgreSQL the end could otherwise commit first, and fence the text off)."""
+        async with self._lock:
+            pass
 
     def close(self) -> None:
         """The attempt has ended: drop the text still waiting to be written (its writes,
@@ -167,14 +174,16 @@ class Running:
         if self.runner is not None:
             self.runner.cancel()
 
-    def ended(self, why: TaskError | None = None) -> tuple[Step | None, str]:
+    async def ended(self, why: TaskError | None = None) -> tuple[Step | None, str]:
         """The step that ended the attempt and its last streamed text, still to be written
         with the task's end; (None, "") when there is none. A step cut short from outside
-        gets ``why`` as its error: why the attempt ended (its timeout, a cancel, a hand-back)."""
+        gets ``why`` as its error: why the attempt ended (its timeout, a cancel, a hand-back),
+        once the text it had streamed before is written."""
         if self.recorder is None or self.recorder.ended is None:
             return None, ""
         step, text = self.recorder.ended
         if self.recorder.cut:
+            await self.recorder.settled()
             step = msgspec.structs.replace(step, error=why)
         return step, text
 

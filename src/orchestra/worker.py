@@ -425,7 +425,7 @@ class WorkerPool:
         try:
             status, result, error, policy = await self._execute(running, write, tlog)
             running.finishing = True
-            step, text = running.ended(error)
+            step, text = await running.ended(error)
             retry = (
                 None if error is None else decide_retry(task, error, policy, at=self.store.clock())
             )
@@ -522,7 +522,7 @@ class WorkerPool:
         tlog: Any,
     ) -> None:
         run_at = retry.at
-        step, text = running.ended(error)
+        step, text = await running.ended(error)
         if await write(
             lambda: self.store.retry_later(running.lease, error, run_at, step=step, text=text)
         ):
@@ -538,7 +538,7 @@ class WorkerPool:
             tlog.warning("task.lease_lost", detail="failed, but another attempt owns it")
 
     async def _finish_cancelled(self, running: Running, write: Writer, tlog: Any) -> None:
-        step, text = running.ended(_CANCELLED)
+        step, text = await running.ended(_CANCELLED)
         try:
             done = await write(
                 lambda: self.store.finish(
@@ -557,7 +557,7 @@ class WorkerPool:
             tlog.info("task.finished", status=TaskStatus.CANCELLED.value)
 
     async def _hand_back(self, running: Running, tlog: Any) -> None:
-        step, text = running.ended(_HANDED_BACK)
+        step, text = await running.ended(_HANDED_BACK)
         try:
             released = await self.store.release(running.lease, step=step, text=text)
         except StorageError as exc:  # the lease expires and the reaper hands it back instead

@@ -770,6 +770,25 @@ async def test_the_cli_says_what_is_wrong_before_and_after_an_upload(
     assert sql_rows(db_url, "SELECT count(*) FROM batch_rows WHERE task_id IS NULL") == [(250,)]
 
 
+async def test_a_cli_upload_refused_after_rows_were_stored_keeps_its_key(
+    idle: Service, tmp_path: Path, db_url: str
+) -> None:
+    """A 400 that comes once rows are stored (a line that is not UTF-8, far into the file)
+    leaves a batch its key resumes: the run keeps its sidecar, so running it again sends the
+    same key and queues none of those rows twice."""
+    data = tmp_path / "data.csv"
+    data.write_bytes(b"text\n" + b"".join(b"row %d\n" % i for i in range(120)) + b"\xff\xfe\n")
+    out = tmp_path / "r.jsonl"
+    for _ in range(2):
+        code, _, err = await run_cli("rowjob", str(data), "-o", str(out), "--url", idle.url)
+        assert code == 1 and "UTF-8" in err, err
+        assert (tmp_path / "r.jsonl.batch").exists()
+    assert "sending the upload again with its key" in err
+    assert sql_rows(db_url, "SELECT count(*), count(DISTINCT batch_id) FROM batch_rows") == [
+        (120, 1)
+    ]
+
+
 async def test_an_interrupted_cli_run_resumes_its_batch(
     svc: Service, tmp_path: Path, db_url: str, fake_ollama: FakeOllama
 ) -> None:

@@ -320,9 +320,10 @@ async def test_recent_failures_are_the_latest_to_fail_not_the_latest_made(
     """The overview listed the failed tasks with the highest ids: an old task retried that
     failed again a moment ago (or a delayed one, a schedule's) never showed."""
     fake_ollama.failure = Failure(400, "bad request: no such option")
-    made = [await service.submit("summarize", text=f"fails {i}") for i in range(6)]
-    for task in made:
-        assert (await service.wait(task["id"]))["status"] == "failed"
+    made = []
+    for i in range(6):  # one after another: they fail in this order
+        made.append(await service.submit("summarize", text=f"fails {i}"))
+        assert (await service.wait(made[-1]["id"]))["status"] == "failed"
     oldest = made[0]["id"]
     retried = await service.client.post(f"/api/v1/tasks/{oldest}/retry")
     assert retried.status_code == 200, retried.text

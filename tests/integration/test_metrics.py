@@ -533,8 +533,12 @@ async def test_tasks_cancelled_in_bulk_while_queued_are_counted_as_finished(
         headers={"sec-fetch-site": "same-origin"},
     )
     assert bulk.status_code == 303, bulk.text
-    listed = await service.client.get("/api/v1/tasks", params={"status": "cancelled"})
-    assert len(listed.json()["items"]) == 8
+
+    async def all_cancelled() -> bool:  # (the running ones by their workers)
+        listed = await service.client.get("/api/v1/tasks", params={"status": "cancelled"})
+        return len(listed.json()["items"]) == 8
+
+    await wait_until(all_cancelled, timeout=15)
     fake_ollama.open_gate("llama3.2")
 
     async def counted() -> bool:

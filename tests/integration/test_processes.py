@@ -385,6 +385,9 @@ async def test_a_request_still_arriving_when_the_drain_ends_is_a_503_not_a_500(
             b"Content-Length: %d\r\n\r\n" % len(body) + body[:1000]
         )
         await writer.drain()
+        mine = writer.get_extra_info("sockname")[1]
+        # The service has read what came so far (it is in the request): then the stop.
+        await wait_until(lambda: _unread_bytes(port, mine) == 0, timeout=10)
         service.proc.send_signal(signal.SIGTERM)
         sent = 1000
 

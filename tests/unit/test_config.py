@@ -173,8 +173,8 @@ def test_orchestra_config_variable_picks_the_file(tmp_path: Path) -> None:
         ("[server]\nhang_timeout = 0.01\n", "server.hang_timeout: expected 0 (never) or at least"),
         ("[server\n", "invalid TOML"),
         # A time past what a date holds: every cached step failed (ttl), every retention run.
-        ("[cache]\nttl = inf\n", "cache.ttl: expected a number of seconds of at most 100 y"),
-        ("[cache]\nttl = 1e11\n", "cache.ttl: expected a number of seconds of at most 100 y"),
+        ("[cache]\nttl = inf\n", "cache.ttl: expected a number of seconds of at most 1000 y"),
+        ("[cache]\nttl = 1e11\n", "cache.ttl: expected a number of seconds of at most 1000 y"),
         ("[retention]\ndays = inf\n", "retention.days: expected a number of days of at most"),
         ("[retention]\ndays = 1e6\n", "retention.days: expected a number of days of at most"),
         ("[ui]\nsession_hours = 1e9\n", "ui.session_hours: expected a number of hours of at"),
