@@ -179,14 +179,8 @@ async def test_refused_counts_every_refused_row_past_the_hundred_listed(idle: Se
     answer = await upload(idle, body)
     assert (answer["read"], answer["refused"], len(answer["problems"])) == (251, 250, 100)
     assert answer["batch"]["invalid"] == 250 and answer["batch"]["rows"] == 251
-    atomic = await idle.client.post(
-        "/api/v1/batches",
-        params={"template": "rowjob", "atomic": "true"},
-        content=body,
-        headers={"Content-Type": "text/csv"},
-    )
-    assert atomic.status_code == 422, atomic.text
-    assert atomic.json()["message"].startswith("250 row(s) refused; an atomic batch queues none")
+    atomic = await upload(idle, body, expect=422, atomic="true")
+    assert atomic["message"].startswith("250 row(s) refused; an atomic batch queues none")
 
 
 async def test_csv_line_ends_and_unnamed_columns_are_said_plainly(idle: Service) -> None:

@@ -14,17 +14,20 @@ it (:func:`orchestra.metrics.step_finished`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from typing import TypeVar
 
 from orchestra.domain import Fallback
+from orchestra.errors import ProviderError
 
 #: The most entries one step records: a map step's items pass over the same few entries.
 MOST = 10
 
 T = TypeVar("T")
+#: A chain's entry (the router's ``Route``), named in a note as ``str(entry)``.
+E = TypeVar("E", bound=Hashable)
 
 _noted: ContextVar[list[Fallback] | None] = ContextVar("orchestra_passed_over", default=None)
 _answered: ContextVar[list[str] | None] = ContextVar("orchestra_answered_by", default=None)
@@ -82,3 +85,28 @@ def asked(route: str) -> None:
     routes = _asked.get()
     if routes is not None:
         routes[:] = [route]
+
+
+def before(
+    chain: list[E],
+    answered: E,
+    unavailable: Mapping[E, str],
+    failures: Iterable[tuple[E, ProviderError]],
+) -> list[Fallback]:
+    """The entries of ``chain`` before ``answered``, each with why it did not answer: the
+    call's own error, else why it was not available when the call began."""
+    failed = {entry: error.message for entry, error in failures}
+    return [
+        Fallback(route=str(entry), reason=failed.get(entry) or unavailable[entry])
+        for entry in chain[: chain.index(answered)]
+    ]
+
+
+def note_failed(chain: list[E], failures: list[tuple[E, ProviderError]]) -> None:
+    """Note the entries of ``chain`` whose calls failed, in its order, each with its error,
+    for a call that fails: what its step passed over (nothing for a model of one entry,
+    whose error says it all)."""
+    if len(chain) < 2 or not failures:
+        return
+    failed = {entry: error.message for entry, error in failures}
+    note(Fallback(route=str(entry), reason=failed[entry]) for entry in chain if entry in failed)

@@ -54,7 +54,6 @@ import msgspec
 
 from orchestra import logs, metrics
 from orchestra.config import DEFAULT_MODEL, Settings
-from orchestra.domain import Fallback
 from orchestra.errors import (
     ModelNotFound,
     ProviderError,
@@ -257,33 +256,6 @@ class Router:
         unavailable = {r: why for r in chain if (why := self._unavailable(r)) is not None}
         return sorted(chain, key=lambda r: r in unavailable), unavailable
 
-    @staticmethod
-    def _passed_over(
-        chain: list[Route],
-        answered: Route,
-        unavailable: dict[Route, str],
-        failures: list[tuple[Route, ProviderError]],
-    ) -> list[Fallback]:
-        """The entries of ``chain`` before ``answered``, each with why it did not answer:
-        the call's own error, else why it was not available when the call began."""
-        failed = {route: error.message for route, error in failures}
-        return [
-            Fallback(route=str(route), reason=failed.get(route) or unavailable[route])
-            for route in chain[: chain.index(answered)]
-        ]
-
-    @staticmethod
-    def _note_failed(chain: list[Route], failures: list[tuple[Route, ProviderError]]) -> None:
-        """Note the entries of ``chain`` whose calls failed, in its order, each with its
-        error, for a call that fails: what its step passed over (nothing for a model of one
-        entry, whose error says it all)."""
-        if len(chain) < 2 or not failures:
-            return
-        failed = {route: error.message for route, error in failures}
-        passed_over.note(
-            Fallback(route=str(route), reason=failed[route]) for route in chain if route in failed
-        )
-
     def _mark(self, route: Route, error: ProviderError) -> None:
         """Remember that ``route`` failed: the model missing, the provider not answering at
         all, or the provider failing for this model (which leaves its other models be)."""
@@ -346,7 +318,7 @@ class Router:
                     if isinstance(exc, (ProviderUnavailable, ModelNotFound)):
                         self._mark(route, exc)  # away, failing or without the model
                     if streamed():
-                        self._note_failed(chain, failures)
+                        passed_over.note_failed(chain, failures)
                         raise
                     failures.append((route, exc))
                     if position < len(ordered):
@@ -355,7 +327,7 @@ class Router:
                 self._answers(route, started)
                 passed_over.answered(str(route))
                 if route != chain[0]:
-                    passed_over.note(self._passed_over(chain, route, unavailable, failures))
+                    passed_over.note(passed_over.before(chain, route, unavailable, failures))
                     asked = {r for r, _ in failures}
                     for skipped in chain[: chain.index(route)]:
                         if skipped not in asked:  # known unavailable: tried last, not reached
@@ -366,14 +338,14 @@ class Router:
                 error.message += hint
                 error.args = (error.message,)
             if not self._outage(failures):
-                self._note_failed(chain, failures)
+                passed_over.note_failed(chain, failures)
                 raise error
             now, wait = loop.time(), self.settings.fallback.outage_wait
             if deadline is None:
                 deadline = now + wait
                 log.warning("provider.waiting", model=model, seconds=wait, error=error)
             if now >= deadline:
-                self._note_failed(chain, failures)
+                passed_over.note_failed(chain, failures)
                 raise ProviderUnavailable(f"{error.message} (waited {wait:g}s for it to answer)")
             self.waiting += 1
             try:
