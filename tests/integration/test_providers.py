@@ -432,6 +432,28 @@ async def test_every_entry_busy_waits_the_shortest_retry_after(
     assert 0.8 <= waited.total_seconds() < 15.0, waited
 
 
+async def test_an_entry_that_never_answered_does_not_hurry_the_retry(
+    settings: Settings, fake_openai: FakeOpenAI, start_service: StartService
+) -> None:
+    """A chain of an Ollama that is not there (refused, never answered: not installed) and a
+    server that asks for 30 s: the retry came after the policy's second, the refused entry's
+    "no wait" taken as the shortest, and the task's attempts were spent in seconds (on a
+    laptop without Ollama, the default chain with the embedded model down after crashes)."""
+    async with dead_ollama_first(settings, fake_openai, start_service) as svc:
+        fake_openai.failure = Failure(503, "overloaded", headers={"Retry-After": "30"})
+        task = await svc.submit("summarize", text="x")
+
+        async def retrying() -> bool:
+            got = (await svc.client.get(f"/api/v1/tasks/{task['id']}")).json()
+            return bool(got["status"] == "queued" and got["attempts"])
+
+        await wait_until(retrying, timeout=20)
+        got = (await svc.client.get(f"/api/v1/tasks/{task['id']}")).json()
+    failed = datetime.fromisoformat(got["attempts"][0]["finished_at"])
+    waits = datetime.fromisoformat(got["next_run_at"]) - failed
+    assert waits.total_seconds() >= 25, (waits, got["attempts"][0]["error"])
+
+
 async def test_a_plain_model_name_goes_to_the_first_server(
     settings: Settings, fake_ollama: FakeOllama, start_service: StartService
 ) -> None:

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Container, Mapping
 from functools import partial
 from typing import NamedTuple, TypeVar
 
@@ -333,7 +333,7 @@ class Router:
                         if skipped not in asked:  # known unavailable: tried last, not reached
                             metrics.fell_back(model, skipped.provider.name, "skipped")
                 return result
-            error = _combined(model, failures)
+            error = _combined(model, failures, self._answered)
             if hint := self._asked_as_name(model):  # "nosuch/model": a typo, likely
                 error.message += hint
                 error.args = (error.message,)
@@ -561,17 +561,35 @@ def _live_process(provider: Supervised | None) -> ProcessInfo | None:
     return provider.status().process if provider is not None else None
 
 
-def _combined(model: str, failures: list[tuple[Route, ProviderError]]) -> ProviderError:
+def _combined(
+    model: str, failures: list[tuple[Route, ProviderError]], answered: Container[str]
+) -> ProviderError:
     """One error for a chain whose every entry failed: retryable when a server was
     unreachable or failing (it may come back; the retry waits the shortest of their waits,
-    none when one asked for none), "model not found" when every server said so."""
+    none when one asked for none), "model not found" when every server said so.
+
+    A server that never answered (``answered``: the providers that did) and cannot be
+    reached asks for no wait, but is no reason to come back sooner than the others ask: it
+    is likely not there at all (an Ollama not installed), and the chain's retries were
+    spent in seconds on it."""
     reasons = "; ".join(f"{route}: {exc.message}" for route, exc in failures)
     if len(failures) == 1:
         return failures[0][1]
     message = f"no provider could answer for {model!r}: {reasons}"
     if all(isinstance(exc, ModelNotFound) for _, exc in failures):
         return ModelNotFound(message)
-    waits = [exc.retry_after for _, exc in failures if isinstance(exc, ProviderUnavailable)]
-    if waits:  # the retry may come as soon as the first of them may be asked again
-        return ProviderUnavailable(message, retry_after=min(waits))
-    return ProviderError(message)
+    waits = {
+        route: exc.retry_after for route, exc in failures if isinstance(exc, ProviderUnavailable)
+    }
+    if not waits:
+        return ProviderError(message)
+    absent = {
+        route
+        for route, exc in failures
+        if isinstance(exc, ProviderUnreachable)
+        and not exc.retry_after
+        and route.provider.name not in answered
+    }
+    # The retry may come as soon as the first of them may be asked again.
+    counted = [wait for route, wait in waits.items() if route not in absent] or waits.values()
+    return ProviderUnavailable(message, retry_after=min(counted))
