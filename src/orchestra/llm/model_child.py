@@ -123,25 +123,25 @@ class _Model:
             verbose=False,
         )
 
-    def _context(self) -> int:
-        """The context to open: the one asked for, else the model's trained one up to
+    def _open_sized(self) -> Any:
+        """The model, with the context asked for, else the one it was trained for up to
         ``wire.DEFAULT_CONTEXT`` (the cache grows with it: 128k tokens of a large model take
-        many GB). The trained length is read from the vocabulary alone, which loads at once."""
+        many GB). The trained length is read from the loaded model: opened at the default,
+        then again at its own when that is shorter. (A vocabulary-only load, which reads no
+        hyperparameters, said 0, and printed a context warning every crash report quoted.)"""
         if self.load.context_length:
-            return self.load.context_length
-        from llama_cpp import Llama
-
-        probe = Llama(model_path=self.load.model_path, vocab_only=True, verbose=False)
-        try:
-            trained = int(probe._model.n_ctx_train())
-        finally:
-            probe.close()
-        return min(trained, wire.DEFAULT_CONTEXT) if trained > 0 else wire.DEFAULT_CONTEXT
+            return self._open(embedding=False, n_ctx=self.load.context_length)
+        llm = self._open(embedding=False, n_ctx=wire.DEFAULT_CONTEXT)
+        trained = int(llm._model.n_ctx_train())
+        if 0 < trained < wire.DEFAULT_CONTEXT:
+            llm.close()
+            llm = self._open(embedding=False, n_ctx=trained)
+        return llm
 
     def start(self) -> wire.Loaded:
         started = time.perf_counter()
-        self.n_ctx = self._context()
-        self.llm = self._open(embedding=False, n_ctx=self.n_ctx)
+        self.llm = self._open_sized()
+        self.n_ctx = int(self.llm.n_ctx())
         return wire.Loaded(
             n_ctx=int(self.llm.n_ctx()),
             n_ctx_train=int(self.llm._model.n_ctx_train()),

@@ -330,6 +330,8 @@ class ModelProcess:
                     await child.send(_WARM_UP)
                     answer = await asyncio.shield(warm.done)
                     child.warming = False
+                    # What the load and the warm-up printed is no crash's cause later on.
+                    child.stderr.clear()
             except TimeoutError:
                 await self._end(child, f"it did not load within {self.timeout:g}s")
                 raise ProviderUnreachable(
