@@ -310,6 +310,15 @@ async def test_the_run_form_says_which_json_does_not_parse_and_keeps_it_as_typed
     assert "minimum" in errors["n"] or "at least" in errors["n"], errors
     [shown] = re.findall(r'<textarea[^>]*name="meta"[^>]*>([^<]*)</textarea>', bad.text)
     assert unescape(shown).strip() == typed  # as typed, not JSON-quoted
+    # JSON of the wrong type is shown as typed too: a JSON string kept its quotes (it came
+    # back bare, and sent again unchanged made an object of it).
+    for other in ('"just a string"', "[1,2]"):
+        again = await service.client.post(
+            "/ui/templates/withmeta/run", data={"meta": other, "n": "1"}, headers=SAME_SITE
+        )
+        assert again.status_code == 422
+        [shown] = re.findall(r'<textarea[^>]*name="meta"[^>]*>([^<]*)</textarea>', again.text)
+        assert unescape(shown).strip() == other
     assert "2 invalid parameter(s)" in bad.text and "priority must be" in bad.text
     assert (await service.client.get("/api/v1/tasks")).json()["items"] == []
 

@@ -55,14 +55,30 @@ def _bound(value: Any, kind: str) -> int | float | None:
     return value
 
 
+class AsTyped(str):
+    """A field's text as it was typed, shown again as it is (a JSON field's, whatever it
+    parses to: a JSON string shown parsed lost its quotes, a number its spelling)."""
+
+
+def as_typed(schema: Mapping[str, Any], form: Mapping[str, list[str]]) -> dict[str, AsTyped]:
+    """The JSON (object) fields of a filled run form, as typed: what the form shows again."""
+    return {
+        name: AsTyped(form[name][-1])
+        for name, prop in schema.get("properties", {}).items()
+        if prop.get("type") == "object" and "enum" not in prop and form.get(name)
+    }
+
+
 def _shown(value: Any, schema: Mapping[str, Any]) -> str:
     """A value as the control shows it."""
     if value is None:
         return ""
+    if isinstance(value, AsTyped):
+        return str(value)
     kind = schema.get("type")
     if kind == "array" and isinstance(value, list):
         return "\n".join(v if isinstance(v, str) else json.dumps(v) for v in value)
-    if kind == "object" and not isinstance(value, str):  # (text: JSON that did not parse)
+    if kind == "object":
         return json.dumps(value, indent=2, ensure_ascii=False)
     if isinstance(value, str):
         return value

@@ -26,7 +26,7 @@ from orchestra.errors import (
 from orchestra.tasks import Priority, SubmitTask
 from orchestra.templating.model import Template as TaskTemplate
 from orchestra.templating.params import validate_params
-from orchestra.web.forms import fields, params_from_form, whole
+from orchestra.web.forms import as_typed, fields, params_from_form, whole
 from orchestra.web.render import links, page
 
 log = logs.get("orchestra.web")
@@ -283,5 +283,12 @@ class TemplatePages(Controller):
             section="templates",
             template=template,
             versions=runtime.catalog.versions(name),
-            **_run_form(template, params, problems, options, option_errors, message),
+            **_run_form(
+                template,
+                {**params, **as_typed(template.params_schema(), form)},
+                problems,
+                options,
+                option_errors,
+                message,
+            ),
         )
