@@ -92,18 +92,6 @@ def startup_message(exc: OrchestraError) -> str:
     return exc.message
 
 
-class StartupErrorFilter(logging.Filter):
-    """Drops uvicorn's report of a lifespan that failed with an error the CLI prints itself
-    (a traceback, then "Application startup failed"): one clean message, not a traceback."""
-
-    def __init__(self, runtime: Runtime) -> None:
-        super().__init__()
-        self.runtime = runtime
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.runtime.startup_error is None
-
-
 def run_service(
     settings: Settings,
     *,
@@ -127,7 +115,7 @@ def run_service(
         SystemExit: uvicorn's own startup failure, which it logged.
     """
     from orchestra.api.app import create_app
-    from orchestra.api.server import Server, server_config
+    from orchestra.api.server import Server, UvicornNotes, server_config
 
     if sockets is None:
         # The port first, before the lifespan starts the workers: a service that cannot
@@ -142,7 +130,7 @@ def run_service(
     runtime: Runtime = app.runtime
     config = server_config(app, settings.server, timeout_graceful_shutdown=HTTP_DRAIN_SECONDS)
     server = Server(config, runtime, on_started)
-    quiet = StartupErrorFilter(runtime)
+    quiet = UvicornNotes(runtime)
     logging.getLogger("uvicorn.error").addFilter(quiet)
     try:
         server.run(sockets)

@@ -122,7 +122,14 @@ async def test_a_run_at_without_a_time_zone_is_refused_before_sending(service: S
         with pytest.raises(UnsendableValue, match="run_at has no time zone"):
             await client.submit("summarize", {"text": "a"}, run_at=datetime.now())
         listed = [t async for t in client.list_tasks()]
+        # The time as RFC 3339 text goes as it did (it raised AttributeError for a while).
+        later = await client.submit(
+            "summarize",
+            {"text": "a"},
+            run_at="2030-01-01T00:00:00Z",  # type: ignore[arg-type]
+        )
     assert listed == []
+    assert later.next_run_at is not None and later.next_run_at.startswith("2030-01-01T00:00:00")
 
 
 async def test_an_errors_text_says_each_field_once(service: Service) -> None:

@@ -413,6 +413,7 @@ async def test_a_request_still_arriving_when_the_drain_ends_is_a_503_not_a_500(
         await asyncio.wait_for(service.proc.wait(), timeout=STOP_DEADLINE)
     err = service.stderr()
     assert "Traceback" not in err and "Exception in ASGI application" not in err, err
+    assert '"level": "error"' not in err, err  # a deploy pages nobody
 
 
 async def test_a_download_cut_by_the_stop_is_seen_cut_not_whole(
@@ -446,6 +447,7 @@ async def test_a_download_cut_by_the_stop_is_seen_cut_not_whole(
     assert not body.endswith(b"0\r\n\r\n"), "a cut answer ended as if whole"
     err = service.stderr()
     assert "Traceback" not in err and "Exception in ASGI application" not in err, err
+    assert '"level": "error"' not in err, err  # a deploy pages nobody
 
 
 async def test_a_wait_open_when_the_service_stops_is_answered_with_the_task_as_it_is(

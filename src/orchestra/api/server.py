@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import logging
 import signal
 import socket
 from collections.abc import Callable
@@ -228,6 +229,37 @@ def server_config(app: Any, settings: ServerSettings, **options: Any) -> uvicorn
         log_config=None,
         lifespan="on",
         **options,
+    )
+
+
+class UvicornNotes(logging.Filter):
+    """What uvicorn logs of a start or a stop that the service says better itself.
+
+    - A lifespan that failed with an error the CLI prints itself (a traceback, then
+      "Application startup failed") is dropped: one clean message, not a traceback.
+    - A request the stop's HTTP drain ended (its cancel, and an answer left unfinished:
+      :func:`orchestra.api.app` answers it, or leaves it visibly cut) is a warning: an error
+      on every deploy pages whoever alerts on errors.
+    """
+
+    def __init__(self, runtime: Any) -> None:
+        super().__init__()
+        self.runtime = runtime
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.runtime.startup_error is not None:
+            return False
+        if self.runtime.stopping and record.levelno >= logging.ERROR and _at_stop(record):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def _at_stop(record: logging.LogRecord) -> bool:
+    """Whether ``record`` is uvicorn's word on requests a stop outlived: their cancel, or an
+    answer left unfinished."""
+    text = record.getMessage()
+    return (text.startswith("Cancel ") and "graceful shutdown exceeded" in text) or text.startswith(
+        "ASGI callable returned without completing response"
     )
 
 

@@ -355,7 +355,7 @@ def submit(task: SubmitTask) -> Call[TaskOut]:
         UnsendableValue: ``run_at`` without a time zone (the service would read it as UTC,
             and Python reads it as local time).
     """
-    if task.run_at is not None and task.run_at.utcoffset() is None:
+    if isinstance(task.run_at, datetime) and task.run_at.utcoffset() is None:
         raise UnsendableValue(
             f"run_at has no time zone ({task.run_at.isoformat()}): the service would take it "
             "as UTC; give an aware datetime, e.g. datetime.now(UTC) + timedelta(minutes=5), "
