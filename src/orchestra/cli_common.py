@@ -245,7 +245,7 @@ def client_for(url: str | None, config_path: str | None) -> Iterator[Client]:
                 f"the server at {base} did not answer within {timeout:g} s "
                 "(orchestra --timeout SECONDS, or ORCHESTRA_TIMEOUT, waits longer)"
             ) from None
-        if exc.broke:
+        if exc.broke or exc.cut:
             raise ServerUnreachable(str(exc)) from None
         raise ServerUnreachable(f"cannot reach the server at {base}: {exc.reason}") from None
     except ApiError as exc:

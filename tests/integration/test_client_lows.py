@@ -181,3 +181,32 @@ async def test_a_shutting_down_503_is_sent_again_only_when_that_is_safe(kind: st
     keyed = await run("submit", args=("summarize", {"text": "a"}), idempotency_key="once")
     assert len(plain.requests) == 1, plain.requests
     assert len(keyed.requests) == 2, keyed.requests
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_download_cut_midway_says_so(kind: str) -> None:
+    """A batch's results cut off while they were read said "cannot reach the server"."""
+    body = b"".join(b'{"row": %d, "status": "succeeded"}\n' % i for i in range(50))
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(body), body)
+        )
+        await writer.drain()
+        writer.transport.abort()  # no last chunk: cut off
+
+    rows: list[dict[str, Any]] = []
+    async with loopback_server(cut) as url:
+        with pytest.raises(ConnectionFailed) as raised:
+            if kind == "async":
+                async with AsyncClient(url) as client:
+                    async for row in client.batch_results(1):
+                        rows.append(row)
+            else:
+                with Client(url) as sync:
+                    await asyncio.to_thread(lambda: rows.extend(sync.batch_results(1)))
+    assert len(rows) == 50
+    assert raised.value.cut and not raised.value.broke
+    assert str(raised.value).startswith(f"the answer from the server at {url} was cut off (")

@@ -148,9 +148,9 @@ class AsyncClient:
                         follow.seen(message)
                         yield message
             except httpx.TimeoutException as exc:  # silent for stream_timeout: given up
-                raise ConnectionFailed(self.url, str(exc) or type(exc).__name__) from exc
+                raise ConnectionFailed(self.url, str(exc) or type(exc).__name__, cut=True) from exc
             except httpx.TransportError as exc:
-                dropped = ConnectionFailed(self.url, str(exc) or type(exc).__name__)
+                dropped = ConnectionFailed(self.url, str(exc) or type(exc).__name__, cut=True)
             else:
                 if follow.over():
                     return
@@ -437,7 +437,7 @@ class AsyncClient:
                 if row is not None:
                     yield row
         except httpx.TransportError as exc:
-            raise ConnectionFailed(self.url, str(exc) or type(exc).__name__) from exc
+            raise ConnectionFailed(self.url, str(exc) or type(exc).__name__, cut=True) from exc
         finally:
             await response.aclose()
 
@@ -456,7 +456,7 @@ class AsyncClient:
                 async for chunk in response.aiter_bytes():
                     out.write(chunk)
         except httpx.TransportError as exc:
-            raise ConnectionFailed(self.url, str(exc) or type(exc).__name__) from exc
+            raise ConnectionFailed(self.url, str(exc) or type(exc).__name__, cut=True) from exc
         finally:
             await response.aclose()
         partial.replace(path)

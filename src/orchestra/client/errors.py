@@ -100,7 +100,15 @@ class ConnectionFailed(ClientError):
 
     code = "connection_failed"
 
-    def __init__(self, url: str, reason: str, *, broke: bool = False, timed_out: bool = False):
+    def __init__(
+        self,
+        url: str,
+        reason: str,
+        *,
+        broke: bool = False,
+        timed_out: bool = False,
+        cut: bool = False,
+    ) -> None:
         self.url = url
         self.reason = reason
         #: A request that changes something went out, and its connection broke or its answer
@@ -109,7 +117,11 @@ class ConnectionFailed(ClientError):
         self.broke = broke
         #: The server was reached, and did not answer within the client's timeout.
         self.timed_out = timed_out
-        if timed_out:
+        #: The answer began and was cut off while it was read (a download, an event stream).
+        self.cut = cut
+        if cut:
+            message = f"the answer from the server at {url} was cut off ({reason})"
+        elif timed_out:
             message = f"no answer in time from the server at {url} ({reason})"
         elif broke:
             message = f"the connection to the server at {url} broke before its answer ({reason})"

@@ -138,9 +138,9 @@ class Client:
                         follow.seen(message)
                         yield message
             except httpx.TimeoutException as exc:  # silent for stream_timeout: given up
-                raise ConnectionFailed(self.url, str(exc) or type(exc).__name__) from exc
+                raise ConnectionFailed(self.url, str(exc) or type(exc).__name__, cut=True) from exc
             except httpx.TransportError as exc:
-                dropped = ConnectionFailed(self.url, str(exc) or type(exc).__name__)
+                dropped = ConnectionFailed(self.url, str(exc) or type(exc).__name__, cut=True)
             else:
                 if follow.over():
                     return
@@ -412,7 +412,7 @@ class Client:
                 if row is not None:
                     yield row
         except httpx.TransportError as exc:
-            raise ConnectionFailed(self.url, str(exc) or type(exc).__name__) from exc
+            raise ConnectionFailed(self.url, str(exc) or type(exc).__name__, cut=True) from exc
         finally:
             response.close()
 
@@ -431,7 +431,7 @@ class Client:
                 for chunk in response.iter_bytes():
                     out.write(chunk)
         except httpx.TransportError as exc:
-            raise ConnectionFailed(self.url, str(exc) or type(exc).__name__) from exc
+            raise ConnectionFailed(self.url, str(exc) or type(exc).__name__, cut=True) from exc
         finally:
             response.close()
         partial.replace(path)
