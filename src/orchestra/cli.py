@@ -4,6 +4,7 @@ templates locally."""
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -133,6 +134,10 @@ def serve(
 ) -> None:
     """Serve the HTTP API and run the workers: in this process, or in N processes
     (--processes) under this one."""
+    # SIGHUP reloads the templates once the service runs; until then (its imports take a
+    # second), its default would end the service: a reload asked before the templates are
+    # read needs nothing (they are read as the service starts).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from orchestra import serve_checks
     from orchestra.supervisor import Supervisor, run_service, startup_message
 

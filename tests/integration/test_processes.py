@@ -340,6 +340,36 @@ async def test_a_service_whose_port_is_taken_stops_before_it_claims_anything(
         assert fake_ollama.requests == []
 
 
+def _ignores_sighup(pid: int) -> bool:
+    """Whether process ``pid`` ignores SIGHUP (/proc's SigIgn mask; SIGHUP is signal 1)."""
+    with contextlib.suppress(FileNotFoundError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigIgn:"):
+                return bool(int(line.split()[1], 16) & 1)
+    return False
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+async def test_a_sighup_while_the_service_starts_does_not_end_it(
+    fake_ollama: FakeOllama, tmp_path: Path, processes: str
+) -> None:
+    """A SIGHUP (a reload) in the second or so before the service took it for one ended it
+    with no word (exit 129)."""
+    path, port = config(tmp_path, "hup", tmp_path / "hup.db", fake_ollama.url)
+    async with serving(path, port, "--processes", processes, ready=False) as service:
+        await wait_until(lambda: _ignores_sighup(service.proc.pid), timeout=30, interval=0.005)
+        service.proc.send_signal(signal.SIGHUP)
+        async with httpx.AsyncClient(base_url=service.url) as client:
+
+            async def up() -> bool:
+                assert service.proc.returncode is None, service.stderr()
+                with contextlib.suppress(httpx.HTTPError):
+                    return (await client.get("/health")).status_code == 200
+                return False
+
+            await wait_until(up, timeout=60, interval=0.1)
+
+
 async def test_a_supervisor_whose_port_another_supervisor_holds_stops(
     fake_ollama: FakeOllama, tmp_path: Path
 ) -> None:
