@@ -172,8 +172,8 @@ async def _chat(
         result = await ctx.cache.chat(
             ctx.provider, request, on_text, step=spec.cache, task=ctx.task.cache
         )
-    if ctx.on_answer is not None:
-        ctx.on_answer(f"{result.provider}/{result.model}", result.usage)
+    if ctx.on_answer is not None:  # (flagged as cut, as the step's own usage is)
+        ctx.on_answer(f"{result.provider}/{result.model}", result.usage.flag_truncation(None))
     return result
 
 
@@ -223,9 +223,16 @@ async def run_llm(spec: LlmStep, scope: Scope, ctx: Context) -> Outcome:
     # The last reply itself, the start of it: what to look at (a step's output is not kept
     # when it fails, and the message is clipped as every task error is).
     shown = result.text if len(result.text) <= REPLY_SHOWN else result.text[:REPLY_SHOWN] + "…"
+    cut = result.usage.finish_reason == "length"  # (the model stopped at its length limit)
     raise InvalidOutput(
         f"the model's reply stayed invalid after {spec.repair_attempts} repair(s): "
         + "; ".join(problems[:5])
+        + (
+            "; the last reply was cut off at its length limit (raise options.num_predict, or "
+            "the provider's max_tokens)"
+            if cut
+            else ""
+        )
         + f"; its last reply: {shown!r}"
     )
 

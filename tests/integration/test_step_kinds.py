@@ -238,6 +238,19 @@ async def test_structured_output_that_stays_invalid_fails_after_the_repairs(
     assert done["usage"]["completion_tokens"] == step["usage"]["completion_tokens"]
 
 
+async def test_replies_cut_at_their_length_limit_say_so_when_they_stay_invalid(
+    svc: Service, fake_ollama: FakeOllama
+) -> None:
+    """A small model's JSON cut off at its length limit each time: the error said only that
+    the reply was not JSON, and the failed step's usage did not say it was cut."""
+    fake_ollama.reply = lambda _req: '{"name": "Ada Ada Ada Ada'
+    fake_ollama.done_reason = "length"
+    done = await svc.wait((await svc.submit("person", text="?"))["id"])
+    assert done["error"]["type"] == "invalid_output"
+    assert "the last reply was cut off at its length limit" in done["error"]["message"], done
+    assert done["steps"][0]["usage"]["truncated"] == "output"
+
+
 async def test_parse_json_render_and_when(svc: Service, fake_ollama: FakeOllama) -> None:
     raw = 'Here: ```json\n{"items": ["a", "b"]}\n```'
     done = await svc.wait((await svc.submit("pipeline", raw=raw))["id"])
