@@ -473,3 +473,13 @@ async def test_a_batch_with_a_model_that_names_none_is_refused_whole(
     message = "ends with '/': name the model after its provider (ollama/llama3.2)"
     assert response.json()["fields"] == [{"field": "model", "message": message}]
     assert sql_rows(db_url, "SELECT count(*) FROM batches") == [(0,)]
+
+
+async def test_the_services_address_says_where_the_dashboard_is(service: Service) -> None:
+    """A browser pointed at the service's address got "there is nothing at / (the API's
+    paths: /schema)", with no word of the dashboard."""
+    answer = await service.client.get("/")
+    assert answer.status_code == 404
+    assert answer.json()["message"] == (
+        "there is nothing at / (the dashboard: /ui/; the API's paths: /schema)"
+    )

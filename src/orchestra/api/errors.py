@@ -506,8 +506,19 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
         return _bad_body(f"is over [limits] max_body_bytes ({limit:,} bytes)", exc.status_code)
     message = str(exc.detail)
     if exc.status_code == HTTP_404_NOT_FOUND and message == ROUTING_NOT_FOUND:  # say where
-        message = f"there is nothing at {request.url.path} (the API's paths: /schema)"
+        message = f"there is nothing at {request.url.path} ({_where_things_are(request)})"
     return _body(exc.status_code, code, message, headers=http_headers(exc))
+
+
+def _where_things_are(request: Request[Any, Any, Any]) -> str:
+    """Where the API's paths are listed, and the dashboard when this service has one (a
+    browser pointed at the service's address found only the first)."""
+    settings = runtime_of(request.scope).settings
+    api = "the API's paths: /schema"
+    if not (settings.ui.enabled and settings.server.api):
+        return api
+    dashboard = settings.server.root_path.rstrip("/") + "/" + settings.ui.path.strip("/") + "/"
+    return f"the dashboard: {dashboard}; {api}"
 
 
 def http_headers(exc: HTTPException) -> dict[str, str]:
