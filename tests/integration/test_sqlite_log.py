@@ -42,7 +42,8 @@ async def test_big_writes_are_checkpointed_by_the_log_s_size_not_only_by_commits
         await db.transaction(lambda c: c.exec_driver_sql("CREATE TABLE filler (x BLOB)"))
         for _ in range(20):  # 20 commits of 2 MB: far fewer than a checkpoint's 100 commits
             await _write(db, rows=500)
-        assert wal.stat().st_size > WAL_KEPT_BYTES
+        # (At least: the checkpoint the log's size made due may have cut it back already.)
+        assert wal.stat().st_size >= WAL_KEPT_BYTES
         # The log's size made a checkpoint due: its pages reach the database file.
         await wait_until(
             lambda: path.stat().st_size > WAL_KEPT_BYTES and db.checkpoints.idle, timeout=30
