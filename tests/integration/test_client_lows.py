@@ -210,3 +210,27 @@ async def test_a_download_cut_midway_says_so(kind: str) -> None:
     assert len(rows) == 50
     assert raised.value.cut and not raised.value.broke
     assert str(raised.value).startswith(f"the answer from the server at {url} was cut off (")
+
+
+async def test_a_page_size_the_service_would_refuse_is_named_as_the_caller_wrote_it(
+    service: Service,
+) -> None:
+    """``page_size=0`` went out as ``limit=0``, and the service's 400 named ``limit``, a word
+    the caller never wrote."""
+    async with AsyncClient(service.url) as client:
+        with pytest.raises(ValueError, match=r"^page_size must be a whole number from 1 to 500"):
+            [t async for t in client.list_tasks(page_size=0)]
+        with pytest.raises(ValueError, match=r"from 1 to 500, not 501"):
+            await client.list_schedules(page_size=501)
+        with pytest.raises(ValueError, match=r"from 1 to 200, not 201"):
+            [d async for d in client.webhook_deliveries(1, page_size=201)]
+
+    def with_the_sync_client() -> list[Any]:
+        with Client(service.url) as sync:
+            with pytest.raises(ValueError, match=r"^page_size must be a whole number"):
+                sync.list_webhooks(page_size=-1)
+            with pytest.raises(ValueError, match=r"^page_size must be a whole number"):
+                list(sync.list_batches(page_size=0))
+            return list(sync.list_tasks(page_size=500))  # the largest page goes out
+
+    assert await asyncio.to_thread(with_the_sync_client) == []

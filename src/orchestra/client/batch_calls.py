@@ -19,6 +19,7 @@ from orchestra.client.core import (
     _as,
     _given,
     _nothing,
+    page_size,
 )
 from orchestra.client.errors import UnsendableValue
 from orchestra.client.json_body import encode
@@ -236,7 +237,7 @@ def get_batch(batch_id: int) -> Call[ProgressOut]:
 
 
 def batches_page(limit: int, cursor: str | None) -> Call[BatchList]:
-    params = _given({"limit": limit, "cursor": cursor})
+    params = _given({"limit": page_size(limit), "cursor": cursor})
     return Call("GET", "/api/v1/batches", _as(BatchList), params=params)
 
 

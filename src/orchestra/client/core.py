@@ -399,10 +399,27 @@ def retry(task_id: int) -> Call[TaskOut]:
     return Call("POST", f"/api/v1/tasks/{task_id}/retry", _as(TaskOut))
 
 
+#: The most rows a page of a list may hold, as the service allows (deliveries: 200).
+MOST_PER_PAGE = 500
+
+
+def page_size(value: int, most: int = MOST_PER_PAGE) -> int:
+    """``value`` as a page's ``limit``.
+
+    Raises:
+        ValueError: the service would refuse it; said with the caller's word, ``page_size``
+            (the service's 400 names ``limit``, which the caller never wrote).
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise ValueError(f"page_size must be a whole number from 1 to {most}, not {value!r}")
+    return value
+
+
 def tasks_page(
     status: TaskStatus | str | None, template: str | None, limit: int, cursor: str | None
 ) -> Call[TaskList]:
     """One page of GET /api/v1/tasks (newest first)."""
+    limit = page_size(limit)
     params = {"status": status, "template": template, "limit": limit, "cursor": cursor}
     return Call("GET", "/api/v1/tasks", _as(TaskList), params=_given(params))
 
@@ -505,7 +522,7 @@ def create_schedule(spec: ScheduleSpec) -> Call[ScheduleOut]:
 
 
 def schedules_page(limit: int, cursor: str | None) -> Call[ScheduleList]:
-    params = _given({"limit": limit, "cursor": cursor})
+    params = _given({"limit": page_size(limit), "cursor": cursor})
     return Call("GET", "/api/v1/schedules", _as(ScheduleList), params=params)
 
 

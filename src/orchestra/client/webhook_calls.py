@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
-from orchestra.client.core import _JSON, Call, _as, _given, _nothing, words
+from orchestra.client.core import _JSON, Call, _as, _given, _nothing, page_size, words
 from orchestra.client.json_body import encode as _encode
 from orchestra.webhooks import NewWebhook
 from orchestra.wire.webhooks import (
@@ -41,7 +41,7 @@ def create_webhook(hook: NewWebhook) -> Call[WebhookCreated]:
 
 
 def webhooks_page(limit: int, cursor: str | None) -> Call[WebhookList]:
-    params = _given({"limit": limit, "cursor": cursor})
+    params = _given({"limit": page_size(limit), "cursor": cursor})
     return Call("GET", "/api/v1/webhooks", _as(WebhookList), params=params)
 
 
@@ -75,7 +75,7 @@ def delete_webhook(webhook_id: int) -> Call[None]:
 
 def deliveries_page(webhook_id: int, limit: int, cursor: str | None) -> Call[DeliveryList]:
     """One page of a subscription's deliveries (newest first)."""
-    params = _given({"limit": limit, "cursor": cursor})
+    params = _given({"limit": page_size(limit, most=200), "cursor": cursor})
     return Call(
         "GET", f"/api/v1/webhooks/{webhook_id}/deliveries", _as(DeliveryList), params=params
     )
