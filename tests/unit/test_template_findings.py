@@ -342,3 +342,14 @@ def test_an_integer_no_double_holds_is_refused_for_a_number_parameter() -> None:
 def test_jinja_still_raises_its_own_syntax_errors() -> None:
     with pytest.raises(jinja2.TemplateSyntaxError):
         environment().from_string("{{ 1 + }}")
+
+
+def test_tojson_gives_a_model_the_json_as_written() -> None:
+    """Jinja's ``tojson`` is made for HTML pages: it wrote ``Don\\u0027t \\u003cb\\u003e`` and
+    ``caf\\u00e9`` into prompts, and sorted a schema's keys out of the author's order."""
+    value = {"z": "Don't <b>bold</b> & café 😀", "a": ["thé", 1]}
+    assert render_text("{{ v | tojson }}", {"v": value}, what="t") == (
+        '{"z": "Don\'t <b>bold</b> & café 😀", "a": ["thé", 1]}'
+    )
+    assert render_text("{{ v | tojson(2) }}", {"v": {"a": 1}}, what="t") == '{\n  "a": 1\n}'
+    assert render_text("{{ v | tojson(indent=1) }}", {"v": [1]}, what="t") == "[\n 1\n]"

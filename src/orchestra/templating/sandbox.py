@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import json
 import re
 import string
 import time
@@ -327,10 +328,17 @@ def _safe_filters(env: ImmutableSandboxedEnvironment) -> None:
         check_size(len(text) + lines * len(str(wrap or "\n")), "the wrapped text")
         return base["wordwrap"](env_, s, width, *args, **kwargs)
 
+    @pass_eval_context  # as Jinja's own is marked
+    def tojson(ctx: Any, value: Any, indent: int | None = None) -> str:
+        # Jinja's own is made for HTML pages: it escapes ' < > & and every non-ASCII letter
+        # (\u0027, \u00e9) and sorts the keys. A prompt gets the JSON as written, in order.
+        check_data_size(value, "tojson's text")
+        return json.dumps(value, ensure_ascii=False, indent=indent)
+
     def measured(name: str) -> Callable[..., Any]:
         original = base[name]
-        # ``tojson`` is given the evaluation context first (``pass_eval_context``, which the
-        # wrapper keeps): the value is the argument after it.
+        # A filter marked ``pass_eval_context`` is given the context first (the wrapper keeps
+        # the mark): the value is the argument after it.
         at = 1 if getattr(original, "jinja_pass_arg", None) is not None else 0
 
         def filter_(*args: Any, **kwargs: Any) -> Any:
@@ -349,7 +357,7 @@ def _safe_filters(env: ImmutableSandboxedEnvironment) -> None:
         batch=batch,
         wordwrap=wordwrap,
         sum=_sum(base["sum"]),
-        tojson=measured("tojson"),
+        tojson=tojson,
         string=measured("string"),
         pprint=measured("pprint"),
     )
