@@ -112,8 +112,9 @@ REPLY_SHOWN = 300
 
 
 def _check_json(text: str, schema: dict[str, Any] | None) -> tuple[Any, list[str]]:
+    fits = None if schema is None else (lambda value: not _schema_problems(value, schema))
     try:
-        value = parse_json_text(text)
+        value = parse_json_text(text, fits)
     except ValueError as exc:
         return None, [f"the reply is not JSON ({exc})"]
     return value, ([] if schema is None else _schema_problems(value, schema))
@@ -246,8 +247,10 @@ async def run_parse_json(spec: ParseJsonStep, scope: Scope, ctx: Context) -> Out
     """Parse JSON from the input (text, or an already parsed value) and check its schema."""
     value = await ctx.render(evaluate, spec.input, scope, what=f"steps.{spec.id}.input")
     if isinstance(value, str):
+        schema = spec.schema
+        fits = None if schema is None else (lambda found: not _schema_problems(found, schema))
         try:
-            value = parse_json_text(value)
+            value = parse_json_text(value, fits)
         except ValueError as exc:
             raise InvalidOutput(
                 f"steps.{spec.id}.input is not JSON ({exc}): {value[:200]!r}"

@@ -219,6 +219,18 @@ async def test_structured_output_is_sent_parsed_and_repaired(
     assert step["usage"]["completion_tokens"] > single_call_tokens  # both calls counted
 
 
+async def test_a_structured_reply_citing_a_source_in_brackets_first_is_read(
+    svc: Service, fake_ollama: FakeOllama
+) -> None:
+    """"Note [1]: ..." before the object failed the schema with "[1] is not of type
+    'object'", and spent a repair call on a reply that held the answer."""
+    fake_ollama.reply = lambda _req: 'Note [1]: it is {"name": "Ada", "age": 36}, see [2].'
+    done = await svc.wait((await svc.submit("person", text="Ada, 36"))["id"])
+    assert done["status"] == "succeeded", done["error"]
+    assert done["result"] == {"name": "Ada", "age": 36}
+    assert len(fake_ollama.requests) == 1
+
+
 async def test_structured_output_that_stays_invalid_fails_after_the_repairs(
     svc: Service, fake_ollama: FakeOllama
 ) -> None:

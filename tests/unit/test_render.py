@@ -132,3 +132,16 @@ def test_a_failing_field_of_an_output_mapping_is_named() -> None:
     spec = {"first": "{{ steps.m.output }}", "bad": "{{ steps.m.output.nope }}"}
     with pytest.raises(RenderError, match=r"^cannot render output\.bad: "):
         render_output(spec, scope)
+
+
+def test_with_a_schema_the_first_value_that_fits_it_is_the_answer() -> None:
+    """"Note [1]: the answer is {"a": 4}" failed an object schema with "[1] is not of type
+    'object'": the search stopped at the citation, though words around the JSON are fine."""
+    is_object = lambda value: isinstance(value, dict)  # noqa: E731
+    assert parse_json_text('Note [1]: the answer is {"a": 4} ok', fits=is_object) == {"a": 4}
+    # Without a schema, the first value is still the answer.
+    assert parse_json_text('Note [1]: the answer is {"a": 4} ok') == [1]
+    # Nothing fits: the first value, for the schema's check to say why.
+    assert parse_json_text("[1] and [2]", fits=is_object) == [1]
+    # A value inside one that does not fit is not taken for the answer.
+    assert parse_json_text('[{"a": 1}] and more', fits=is_object) == [{"a": 1}]

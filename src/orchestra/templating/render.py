@@ -11,7 +11,7 @@ import functools
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jinja2
@@ -116,9 +116,9 @@ class _NotHere(Exception):
     """No JSON value starts at this place (its first character is already wrong)."""
 
 
-def _decode_at(raw: str, start: int) -> Any:
-    """The JSON value starting at ``start``; words after it are fine, another JSON value
-    straight after it is not (which of the two would be the answer?).
+def _decode_at(raw: str, start: int) -> tuple[Any, int]:
+    """The JSON value starting at ``start``, and where it ends; words after it are fine,
+    another JSON value straight after it is not (which of the two would be the answer?).
 
     Raises:
         _NotHere: the text at ``start`` is not the beginning of a JSON value.
@@ -138,12 +138,12 @@ def _decode_at(raw: str, start: int) -> Any:
         try:
             _DECODER.raw_decode(rest)
         except (ValueError, RecursionError):
-            return value
+            return value, end
         raise ValueError(
             f"the text holds more than one JSON value (another starts at char "
             f"{len(raw) - len(rest)}); give one"
         )
-    return value
+    return value, end
 
 
 def lone_surrogate(value: Any) -> str | None:
@@ -165,21 +165,23 @@ def lone_surrogate(value: Any) -> str | None:
     return None
 
 
-def parse_json_text(text: Any) -> Any:
+def parse_json_text(text: Any, fits: Callable[[Any], bool] | None = None) -> Any:
     """JSON out of text, as :func:`_parse_json_text` finds it; one whose strings hold a
     lone surrogate escape (``"\\ud800"``, which Python's decoder lets through) is refused.
+    With ``fits`` (a schema's check), the first value found that fits is the answer
+    ("Note [1]: the answer is {...}" gives the object), else the first value found.
 
     Raises:
         ValueError: no JSON value, a broken one, or one holding a lone surrogate.
     """
-    value = _parse_json_text(text)
+    value = _parse_json_text(text, fits)
     lone = lone_surrogate(value) if isinstance(value, str | dict | list) else None
     if lone is not None:
         raise ValueError(f"a string in it holds {lone}, {HALF_SURROGATE}")
     return value
 
 
-def _parse_json_text(text: Any) -> Any:
+def _parse_json_text(text: Any, fits: Callable[[Any], bool] | None = None) -> Any:
     """JSON out of text that may wrap it in a fenced block (of any language) or in words.
 
     The value is looked for at each ``{`` and ``[`` in turn (at most :data:`MAX_STARTS` of
@@ -197,13 +199,27 @@ def _parse_json_text(text: Any) -> Any:
         raw = fenced.group("body")
     raw = raw.strip()
     first: str | None = None
+    found: list[Any] = []  # the values that do not fit, the first of them
+    past = 0  # the end of the last value found: a value inside it is not an answer
     for n, match in enumerate(_STARTS.finditer(raw)):
         if n == MAX_STARTS:
             break
+        if match.start() < past:
+            continue
         try:
-            return _decode_at(raw, match.start())
+            value, past = _decode_at(raw, match.start())
         except _NotHere as exc:
             first = first or f"{exc}: line 1 column {match.start() + 1} (char {match.start()})"
+            continue
+        except ValueError:
+            if found:
+                break  # broken after one that did not fit: that one, for the schema to judge
+            raise
+        if fits is None or fits(value):
+            return value
+        found = found or [value]
+    if found:
+        return found[0]
     try:
         return _DECODER.decode(raw)  # one value and nothing else
     except json.JSONDecodeError as exc:
