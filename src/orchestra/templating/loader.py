@@ -45,7 +45,7 @@ from orchestra.templating.yaml_guard import check_shape, check_size
 # Always matched with fullmatch: with match, "$" also matches before a final newline, and
 # "nl3\n" was a name. The anchors stay for the API's JSON Schema (openapi), whose patterns
 # are not anchored otherwise.
-NAME = re.compile(r"^[a-z0-9_-]+$")
+NAME = re.compile(r"^[a-z0-9_-]{1,100}$")
 
 #: The largest ``version`` a template file may give: the largest integer a JSON client such
 #: as JavaScript holds exactly (2**53 - 1), well within the database's 64-bit integers.
@@ -352,7 +352,8 @@ def _check(src: Source, text: str, file: str) -> Template:
     c.keys(data, (), TOP_KEYS)
     name = c.string(data, (), "name", required=True)
     if name is not None and not NAME.fullmatch(name):
-        c.add(("name",), f"name {name!r} may hold only a-z, 0-9, _ and -")
+        shown = repr(name) if len(name) <= 60 else repr(name[:60]) + "…"
+        c.add(("name",), f"name {shown} may hold only a-z, 0-9, _ and -, up to 100 of them")
     version = data.get("version", 1)
     if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= MAX_VERSION:
         shown = repr(version) if len(repr(version)) <= 40 else repr(version)[:40] + "…"

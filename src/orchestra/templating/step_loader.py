@@ -312,6 +312,8 @@ def read_step(
     step_id = c.string(data, path, "id", required=not nested) or ("item" if nested else None)
     if step_id is None:
         return None
+    if nested and not IDENT.fullmatch(step_id):  # a top-level id is checked with the others
+        c.add((*path, "id"), f"step id {step_id!r} {IDENT_RULE}")
     common = {
         "id": step_id,
         "when": reader.when(),

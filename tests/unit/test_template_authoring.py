@@ -1,0 +1,35 @@
+"""What a template author meets: checks that were missing, found by writing templates from
+docs/templates.md (helper-121)."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestra.errors import TemplateError
+from orchestra.templating.loader import parse_template
+
+
+def problems(text: str) -> list[tuple[int, str, str]]:
+    with pytest.raises(TemplateError) as caught:
+        parse_template(text, "t.yaml")
+    return [(p.line, p.path, p.message) for p in caught.value.problems]
+
+
+def test_a_template_name_is_at_most_100_characters() -> None:
+    body = "name: {}\nsteps:\n  - {{id: a, kind: render, text: hi}}\n"
+    assert parse_template(body.format("a" * 100), "t.yaml").name == "a" * 100
+    [(line, path, message)] = problems(body.format("a" * 300))
+    assert (line, path) == (1, "name")
+    assert message.endswith("may hold only a-z, 0-9, _ and -, up to 100 of them")
+    assert len(message) < 200  # the name is not quoted whole
+
+
+def test_a_map_s_inner_step_id_follows_the_rule_of_step_ids() -> None:
+    body = (
+        "name: m\nsteps:\n  - id: each\n    kind: map\n    over: '[1, 2]'\n"
+        "    step: {{id: {}, kind: render, text: '{{{{ item }}}}'}}\n"
+    )
+    assert parse_template(body.format("part"), "t.yaml").steps[0].step.id == "part"  # type: ignore[attr-defined]
+    [(line, path, message)] = problems(body.format("'bad id'"))
+    assert (line, path) == (6, "steps[0].step.id")
+    assert message.startswith("step id 'bad id' ")
