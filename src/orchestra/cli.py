@@ -391,10 +391,9 @@ def templates_reload(url: str | None, config_path: str | None) -> None:
 
 @contextmanager
 def _template_problems(file: Path | None) -> Iterator[None]:
-    """An error answer about templates as one message: with ``file`` (the one sent), how many
-    problems it has, then each as FILE:LINE:COLUMN: PATH: MESSAGE (the answer's own message
-    names the first one again, as ``<request>:LINE:COLUMN``); without, the answer's message
-    (naming the server's file), then each problem as LINE:COLUMN: PATH: MESSAGE."""
+    """An error answer about templates as one message: how many problems, then each as
+    FILE:LINE:COLUMN: PATH: MESSAGE, FILE being ``file`` (the one sent) or, for the service's
+    own files (a reload), the file the answer names for each."""
     from orchestra.client import ApiError
 
     try:
@@ -402,11 +401,13 @@ def _template_problems(file: Path | None) -> Iterator[None]:
     except ApiError as exc:
         if not exc.problems:
             raise  # client_for's message
-        at = f"{file}:" if file is not None else "  "
-        places = [f"{at}{p.line}:{p.column}: {p.path}: {p.message}" for p in exc.problems]
-        # The answer's message names the first problem again, as <request>:LINE:COLUMN.
-        head = exc.message if file is None else f"{len(exc.problems)} problem(s) in {file}:"
-        lines = [head, *places]
+        places = [
+            f"{file or p.file or '<unnamed>'}:{p.line}:{p.column}: {p.path}: {p.message}"
+            for p in exc.problems
+        ]
+        # The answer's message names the first problem again (as <request>:LINE:COLUMN).
+        where = file if file is not None else "the service's template files"
+        lines = [f"{len(exc.problems)} problem(s) in {where}:", *places]
         raise CliError("\n".join(lines)) from None
 
 

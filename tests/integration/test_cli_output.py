@@ -10,6 +10,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
+from orchestra.config import Settings, TemplateSettings
 from tests.conftest import Service, StartService, make_keys, make_settings
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import wait_until
@@ -156,3 +159,28 @@ async def test_the_install_guide_lists_the_commands_orchestra_help_shows() -> No
     [sentence] = [line for line in guide.split("\n\n") if "Every command works" in line]
     named = sorted(re.findall(r"`(\w+)[^`]*`", sentence.split("(", 1)[0]))
     assert named == commands
+
+
+async def test_templates_reload_names_the_file_of_each_problem(
+    settings: Settings, start_service: StartService, tmp_path: Path
+) -> None:
+    """Two broken files: every line after the first said only LINE:COLUMN, so the second
+    problem looked like the first file's."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    with_dir = msgspec.structs.replace(settings, templates=TemplateSettings(dirs=[str(folder)]))
+    async with start_service(with_dir) as svc:
+        for name, param in (("bad_one", "x"), ("bad_two", "y")):
+            text = f"'{{{{ params.{param} }}}}'"
+            (folder / f"{name}.yaml").write_text(
+                f"name: {name}\nsteps: [{{id: a, kind: render, text: {text}}}]\n"
+            )
+        code, _, err = await run_cli("templates", "reload", "--url", svc.url)
+    assert code == 1
+    assert err.splitlines() == [
+        "Error: 2 problem(s) in the service's template files:",
+        f"{folder / 'bad_one.yaml'}:2:37: steps[0].text: unknown parameter 'x' (the template "
+        "takes: none)",
+        f"{folder / 'bad_two.yaml'}:2:37: steps[0].text: unknown parameter 'y' (the template "
+        "takes: none)",
+    ], err
