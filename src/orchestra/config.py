@@ -310,9 +310,10 @@ class UiSettings(_Section, frozen=True):
 
     #: Serve the dashboard.
     enabled: bool = True
-    #: Where it is served (below [server] root_path).
+    #: Where it is served (below [server] root_path; not under /api, /health, /metrics or
+    #: /schema, the service's own).
     path: str = "/ui"
-    #: Hours a dashboard login lasts.
+    #: Hours a dashboard login lasts (at least a minute).
     session_hours: float = 12.0
 
 
@@ -444,6 +445,7 @@ class Settings(_Section, frozen=True):
                 self.server.api or self.server.workers,
                 "true when server.api is false (a process serves the API, runs workers, or both)",
             ),
+            ("ui.session_hours", self.ui.session_hours >= 1 / 60, "at least a minute (0.0167)"),
             ("workers.concurrency", self.workers.concurrency >= 1, "an integer >= 1"),
             ("workers.lease_seconds", self.workers.lease_seconds > 0, "a number > 0"),
             ("workers.poll_interval", self.workers.poll_interval > 0, "a number > 0"),

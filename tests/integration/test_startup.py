@@ -138,6 +138,9 @@ async def test_serve_with_a_file_where_the_databases_folder_goes_says_so(
     ("key", "variable", "value", "said"),
     [
         ("ui.path", "ORCHESTRA_UI__PATH", "/", "needs a path of its own"),
+        # /api: the API's key check skips the dashboard's paths, so it checked no request.
+        ("ui.path", "ORCHESTRA_UI__PATH", "/api", "/api is the API's; the dashboard needs"),
+        ("ui.path", "ORCHESTRA_UI__PATH", "/metrics/ui", "/metrics is Prometheus's; the"),
         (
             "server.root_path",
             "ORCHESTRA_SERVER__ROOT_PATH",

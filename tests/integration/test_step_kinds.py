@@ -222,7 +222,7 @@ async def test_structured_output_is_sent_parsed_and_repaired(
 async def test_a_structured_reply_citing_a_source_in_brackets_first_is_read(
     svc: Service, fake_ollama: FakeOllama
 ) -> None:
-    """"Note [1]: ..." before the object failed the schema with "[1] is not of type
+    """ "Note [1]: ..." before the object failed the schema with "[1] is not of type
     'object'", and spent a repair call on a reply that held the answer."""
     fake_ollama.reply = lambda _req: 'Note [1]: it is {"name": "Ada", "age": 36}, see [2].'
     done = await svc.wait((await svc.submit("person", text="Ada, 36"))["id"])

@@ -178,6 +178,9 @@ def test_orchestra_config_variable_picks_the_file(tmp_path: Path) -> None:
         ("[retention]\ndays = inf\n", "retention.days: expected a number of days of at most"),
         ("[retention]\ndays = 1e6\n", "retention.days: expected a number of days of at most"),
         ("[ui]\nsession_hours = 1e9\n", "ui.session_hours: expected a number of hours of at"),
+        # A login that lasted no time sent each page back to the login form, saying nothing.
+        ("[ui]\nsession_hours = 0\n", "ui.session_hours: expected at least a minute (0.0167)"),
+        ("[ui]\nsession_hours = -5\n", "ui.session_hours: expected at least a minute"),
         ("[workers]\nlease_seconds = inf\n", "workers.lease_seconds: expected a number of s"),
         ("[providers.ollama]\ntimeout = inf\n", "providers.ollama.timeout: expected a number"),
         ("[database]\nmin_free_mb = inf\n", "database.min_free_mb: expected a finite number"),

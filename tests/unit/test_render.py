@@ -135,7 +135,7 @@ def test_a_failing_field_of_an_output_mapping_is_named() -> None:
 
 
 def test_with_a_schema_the_first_value_that_fits_it_is_the_answer() -> None:
-    """"Note [1]: the answer is {"a": 4}" failed an object schema with "[1] is not of type
+    """ "Note [1]: the answer is {"a": 4}" failed an object schema with "[1] is not of type
     'object'": the search stopped at the citation, though words around the JSON are fine."""
     is_object = lambda value: isinstance(value, dict)  # noqa: E731
     assert parse_json_text('Note [1]: the answer is {"a": 4} ok', fits=is_object) == {"a": 4}

@@ -22,17 +22,34 @@ from orchestra.web.task_pages import TaskPages
 from orchestra.web.template_pages import TemplatePages
 from orchestra.web.webhook_pages import WebhookPages
 
+#: The paths the service serves besides the dashboard, and whose they are.
+SERVICE_PATHS = {
+    "/api": "the API's",
+    "/health": "the health check's",
+    "/metrics": "Prometheus's",
+    "/schema": "the API's description's",
+}
+
 
 def ui_path(settings: Settings) -> str:
     """Where the dashboard is served, checked.
 
     Raises:
-        ConfigError: ``[ui] path`` or ``[server] root_path`` is not a plain path.
+        ConfigError: ``[ui] path`` or ``[server] root_path`` is not a plain path, or the
+            dashboard's path is under one the service serves (:data:`SERVICE_PATHS`).
     """
     clean_prefix(settings.server.root_path, "server.root_path")
     path = clean_prefix(settings.ui.path, "ui.path")
     if not path:
         raise ConfigError("ui.path: the dashboard needs a path of its own, such as /ui")
+    first = "/" + path.split("/")[1]
+    if first in SERVICE_PATHS:
+        # The API's key check leaves the dashboard's paths to the dashboard: at /api it would
+        # check no request; at /metrics its routes clash with the service's.
+        raise ConfigError(
+            f"ui.path: {first} is {SERVICE_PATHS[first]}; the dashboard needs a path of its "
+            "own, such as /ui"
+        )
     return path
 
 
