@@ -5,9 +5,9 @@ row; ``secret`` (43 characters, 256 random bits) is never stored. The database k
 SHA-256 of the whole key, and a presented key is compared with it in constant time
 (``hmac.compare_digest``), so neither the table nor the timing of an answer gives a key away.
 
-Scopes are ordered: ``read`` (GET endpoints) < ``submit`` (create, cancel, retry tasks;
-validate templates) < ``admin`` (register, delete and reload templates). A key allows its
-own scope and those below it.
+Scopes are ordered: ``read`` (GET endpoints, but webhooks') < ``submit`` (create, cancel, retry
+tasks; validate templates) < ``admin`` (register, delete and reload templates; webhooks).
+A key allows its own scope and those below it.
 
 A service that listens beyond this machine with no active key makes one admin key when it
 starts (:func:`bootstrap_key`) and shows its token once, as Jupyter does with its token.

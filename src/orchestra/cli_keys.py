@@ -119,7 +119,10 @@ def _key_store_call(config_path: str | None, work: Callable[[KeyStore], Awaitabl
     type=click.Choice(SCOPES),
     default="submit",
     show_default=True,
-    help="read: GET endpoints; submit: also create, cancel, retry tasks; admin: everything.",
+    help=(
+        "read: GET endpoints (webhooks' need admin); submit: also create, cancel, retry "
+        "tasks; admin: everything."
+    ),
 )
 @config_option
 def keys_create(name: str, scope: Scope, config_path: str | None) -> None:

@@ -286,8 +286,9 @@ class AuthSettings(_Section, frozen=True):
     """Who may call the API. Keys are made with `orchestra keys create`."""
 
     #: Serve requests without a key even when keys exist or the server listens beyond this
-    #: machine. With this off, a service that listens beyond loopback with no active key makes
-    #: one admin key (named "bootstrap") at start and prints it once.
+    #: machine: only behind an authenticating proxy that is the only way in (the Host is not
+    #: checked). With this off, a service that listens beyond loopback with no active key
+    #: makes one admin key (named "bootstrap") at start and prints it once.
     allow_anonymous: bool = False
     #: What a request without a key may do when it is allowed.
     anonymous_scope: Scope = "admin"

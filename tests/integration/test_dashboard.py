@@ -105,6 +105,15 @@ async def test_a_stranger_is_sent_to_the_login_page_and_a_bad_key_is_refused(
     assert page.headers["location"] == "/ui/login?next=%2Fui%2Ftasks%3Fstatus%3Dfailed"
     htmx = await svc.client.get("/ui/overview/body", headers={"hx-request": "true"})
     assert htmx.status_code == 401 and htmx.headers["hx-redirect"].startswith("/ui/login")
+    # A write without a session, from a program (no htmx): the API's error body, whole.
+    post = await svc.client.post("/ui/tasks/1/cancel", headers=SAME_SITE)
+    assert post.status_code == 401
+    assert post.json() == {
+        "status": 401,
+        "code": "unauthorized",
+        "message": "log in first",
+        "fields": [],
+    }
     wrong = await svc.client.post("/ui/login", data={"key": "orc_nothere_" + "x" * 43})
     assert wrong.status_code == 401
     assert "not valid" in wrong.text

@@ -33,6 +33,7 @@ from orchestra.errors import Forbidden, StorageError, Unauthorized
 from orchestra.web.headers import stamped
 from orchestra.web.links import Links
 from orchestra.web.render import error_page
+from orchestra.wire.schemas import ErrorBody
 
 #: The session cookie's name.
 COOKIE = "orchestra_session"
@@ -152,8 +153,8 @@ def _log_in_event(login: str) -> bytes:
 
 
 def _message(text: str) -> bytes:
-    """An error body as the API words them (its ``message``)."""
-    return msgspec.json.encode({"message": text})
+    """A 401's body, as the API's error bodies are."""
+    return msgspec.json.encode(ErrorBody(401, Unauthorized.code, text, []))
 
 
 def cookie_of(headers: Headers) -> str | None:
