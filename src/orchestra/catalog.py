@@ -237,6 +237,19 @@ class TemplateCatalog:
         """The current version of a template, or the version asked for."""
         return self.registry.get(name, version)
 
+    def show(self, name: str, version: int | None = None) -> Template:
+        """A template to show: its current version, or any version :meth:`versions` lists
+        (a file's earlier ones too, which new tasks cannot ask for).
+
+        Raises:
+            TemplateNotFound: no such template, or no such version.
+        """
+        if version is not None:
+            for template in self.registry.versions(name):
+                if template.version == version:
+                    return template
+        return self.registry.get(name, version)
+
     def versions(self, name: str) -> list[Template]:
         """Every version of a template, oldest first."""
         return self.registry.versions(name)

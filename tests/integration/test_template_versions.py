@@ -234,3 +234,33 @@ async def test_merge_keys_in_a_template_file_load_on_reload(
         assert refused.status_code == 422, refused.text
         lines = {(p["path"], p["line"]) for p in refused.json()["errors"]}
         assert ("steps[1].text", 4) in lines  # at the merge
+
+
+async def test_every_version_listed_of_a_file_template_can_be_shown(
+    settings: Settings, start_service: StartService, tmp_path: Path
+) -> None:
+    """A file changed to version 2 and back to 1: /versions listed 2, and asking for it was a
+    404. It is shown; a new task still gets the file's current version only."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    with_dir = msgspec.structs.replace(settings, templates=TemplateSettings(dirs=[str(folder)]))
+    file = folder / "greet.yaml"
+    file.write_text(V1)
+    async with start_service(with_dir) as svc:
+        file.write_text(V2 + "version: 2\n")
+        assert (await svc.client.post("/api/v1/templates/reload")).status_code == 200
+        file.write_text(V1)
+        assert (await svc.client.post("/api/v1/templates/reload")).status_code == 200
+        listed = (await svc.client.get("/api/v1/templates/greet/versions")).json()["items"]
+        assert [t["version"] for t in listed] == [1, 2]
+        shown = await svc.client.get("/api/v1/templates/greet", params={"version": 2})
+        assert shown.status_code == 200, shown.text
+        assert shown.json()["version"] == 2
+        page = await svc.client.get("/ui/templates/greet", params={"version": 2})
+        assert page.status_code == 200 and "version 2" in page.text
+        missing = await svc.client.get("/api/v1/templates/greet", params={"version": 3})
+        assert missing.status_code == 404
+        body = {"template": "greet", "params": {"who": "Ada"}, "template_version": 2}
+        refused = await svc.client.post("/api/v1/tasks", json=body)
+        assert refused.status_code == 404
+        assert "version 2 is not available" in refused.json()["message"]

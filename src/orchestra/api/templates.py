@@ -54,8 +54,9 @@ class TemplateController(Controller):
             int | None, QueryParameter(ge=1, description="A version other than the current.")
         ] = None,
     ) -> TemplateOut:
-        """A template with its parameters as a JSON Schema."""
-        return TemplateOut.of(catalog.get(name, version))
+        """A template with its parameters as a JSON Schema: its current version, or any one
+        that `versions` lists."""
+        return TemplateOut.of(catalog.show(name, version))
 
     @get("/{name:str}/versions", summary="List a template's versions", responses=errors(404))
     async def versions(

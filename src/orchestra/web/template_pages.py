@@ -214,7 +214,7 @@ class TemplatePages(Controller):
         """A template: description, parameters, run form, source and versions. ``from`` (a
         task id) fills the form with that task's parameters."""
         runtime = runtime_of(request.scope)
-        template = runtime.catalog.get(name, version)
+        template = runtime.catalog.show(name, version)
         values = None
         options: dict[str, str] = {}
         source = request.query_params.get("from")
