@@ -29,7 +29,7 @@ from orchestra.errors import (
     TemplateNotFound,
 )
 from orchestra.templating.isolation import Renderer
-from orchestra.templating.loader import parse_template
+from orchestra.templating.loader import name_problem, parse_template
 from orchestra.templating.model import Template
 from orchestra.templating.registry import TemplateRegistry
 from orchestra.templating.source import TemplateProblem
@@ -106,12 +106,17 @@ class TemplateCatalog:
         self._pinned: dict[tuple[str, int], Template] = {}
 
     async def validate(self, text: str, source: str = "<request>") -> Template:
-        """YAML text checked as a template (not registered).
+        """YAML text checked as a template (not registered), and its name as one this service
+        can take: not a built-in template's (which no file nor registration may take).
 
         Raises:
             TemplateError: every problem, with positions.
         """
-        return await self._parse(text, source, self.limits)
+        template = await self._parse(text, source, self.limits)
+        held = self.registry.is_file(template.name)
+        if held is not None and held.origin == "builtin":
+            raise TemplateError([name_problem(template, f"{_held_by(held)}; name yours otherwise")])
+        return template
 
     async def start(self) -> None:
         """Know every registered version, and the file template versions that unfinished tasks
@@ -268,7 +273,7 @@ class TemplateCatalog:
             TemplateError: the YAML is not a valid template (every problem, with positions).
             ConflictError: a template file already uses the name.
         """
-        parsed = await self.validate(text)
+        parsed = await self._parse(text, "<request>", self.limits)
         file = self.registry.is_file(parsed.name)
         if file is not None:
             raise ConflictError(f"{_held_by(file)}; register it under another name")

@@ -348,13 +348,20 @@ def templates_list(local: bool, url: str | None, config_path: str | None) -> Non
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @config_option
 def templates_validate(files: tuple[Path, ...], config_path: str | None) -> None:
-    """Check template files under the configured [limits]; print every problem as
+    """Check template files (a folder: its *.yaml and *.yml) under the configured [limits],
+    and their names (a built-in's, or one given twice); print every problem as
     FILE:LINE:COLUMN: PATH: MESSAGE."""
-    from orchestra.templating.loader import load_template
+    from orchestra.templating.loader import load_template, name_problem
+    from orchestra.templating.model import Template
+    from orchestra.templating.registry import builtin_names, template_files
 
     limits = settings_of(config_path).limits
+    builtins = builtin_names()
+    seen: dict[str, Template] = {}
     failed = False
-    for file in files:
+    for file in [
+        f for given in files for f in (template_files(given) if given.is_dir() else [given])
+    ]:
         try:
             template = load_template(file, limits)
         except TemplateError as exc:
@@ -362,7 +369,20 @@ def templates_validate(files: tuple[Path, ...], config_path: str | None) -> None
             for problem in exc.problems:
                 click.echo(str(problem), err=True)
             continue
-        click.echo(f"{file}: ok ({template.name} v{template.version})")
+        # A name one service cannot hold twice: a built-in's, or another file's here.
+        name, held = template.name, builtins.get(template.name)
+        if held is not None and held.resolve() != file.resolve():
+            clash = (
+                f"template name {name!r} is built in (shipped with Orchestra); name yours otherwise"
+            )
+        elif name in seen:
+            clash = f"template name {name!r} is already defined in {seen[name].source}"
+        else:
+            seen[name] = template
+            click.echo(f"{file}: ok ({name} v{template.version})")
+            continue
+        failed = True
+        click.echo(str(name_problem(template, clash)), err=True)
     if failed:
         sys.exit(1)
 

@@ -184,3 +184,42 @@ async def test_templates_reload_names_the_file_of_each_problem(
         f"{folder / 'bad_two.yaml'}:2:37: steps[0].text: unknown parameter 'y' (the template "
         "takes: none)",
     ], err
+
+
+async def test_templates_validate_refuses_the_names_a_service_would(tmp_path: Path) -> None:
+    """A file named like a built-in, or two files of one name, were "ok" here, and then
+    stopped the reload (or the start) that read them."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    body = "description: d\nname: {}\nsteps:\n  - {{id: a, kind: render, text: hi}}\n"
+    (mine / "a.yaml").write_text(body.format("summarize"))
+    (mine / "b.yaml").write_text(body.format("twice"))
+    (mine / "c.yml").write_text(body.format("twice"))
+    (mine / "notes.txt").write_text("not a template")
+    code, out, err = await run_cli("templates", "validate", str(mine))
+    assert code == 1
+    assert err.splitlines() == [
+        f"{mine / 'a.yaml'}:2:7: name: template name 'summarize' is built in (shipped with "
+        "Orchestra); name yours otherwise",
+        f"{mine / 'c.yml'}:2:7: name: template name 'twice' is already defined in "
+        f"{mine / 'b.yaml'}",
+    ], err
+    assert out == f"{mine / 'b.yaml'}: ok (twice v1)\n"
+    # The built-in's own file is no clash with itself.
+    code, out, _ = await run_cli(
+        "templates", "validate", str(REPO / "templates" / "summarize.yaml")
+    )
+    assert code == 0 and "ok (summarize v1)" in out
+
+
+async def test_the_api_s_validate_refuses_a_built_in_s_name(service: Service) -> None:
+    body = "description: d\nname: summarize\nsteps:\n  - {id: a, kind: render, text: hi}\n"
+    answer = await service.client.post("/api/v1/templates/validate", content=body)
+    assert answer.status_code == 200
+    assert answer.json()["valid"] is False
+    [problem] = answer.json()["errors"]
+    assert (problem["line"], problem["column"], problem["path"]) == (2, 7, "name")
+    assert "is built in (shipped with Orchestra)" in problem["message"]
+    # Registering it is still the 409 it was.
+    registered = await service.client.post("/api/v1/templates", content=body)
+    assert registered.status_code == 409

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from orchestra.errors import TemplateError
-from orchestra.templating.loader import parse_template
+from orchestra.templating.loader import load_template, parse_template
+from orchestra.templating.registry import builtin_names
 
 
 def problems(text: str) -> list[tuple[int, str, str]]:
@@ -33,3 +34,11 @@ def test_a_map_s_inner_step_id_follows_the_rule_of_step_ids() -> None:
     [(line, path, message)] = problems(body.format("'bad id'"))
     assert (line, path) == (6, "steps[0].step.id")
     assert message.startswith("step id 'bad id' ")
+
+
+def test_each_built_in_file_is_named_after_its_template() -> None:
+    """``builtin_names`` reads the names from the files' names, without parsing them."""
+    names = builtin_names()
+    assert len(names) == 16
+    for name, file in names.items():
+        assert load_template(file).name == name

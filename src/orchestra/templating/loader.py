@@ -387,6 +387,20 @@ def _check(src: Source, text: str, file: str) -> Template:
     )
 
 
+#: A top-level ``name:`` key written plainly (block style), up to its value.
+_NAME_KEY = re.compile(r"^name[ \t]*:[ \t]*", re.MULTILINE)
+
+
+def name_problem(template: Template, message: str) -> TemplateProblem:
+    """A problem with ``template``'s name (a clash), at its ``name:`` value when written as
+    a plain top-level key, else at the first line."""
+    found = _NAME_KEY.search(template.text)
+    if found is None:
+        return TemplateProblem(template.source, 1, 1, "name", message)
+    line = template.text.count("\n", 0, found.start()) + 1
+    return TemplateProblem(template.source, line, found.end() - found.start() + 1, "name", message)
+
+
 def load_template(path: Path, limits: LimitSettings | None = None) -> Template:
     """Read and validate one template file, within ``limits`` (the defaults when None).
 

@@ -18,7 +18,7 @@ import msgspec
 
 from orchestra.config import LimitSettings
 from orchestra.errors import TemplateError, TemplateNotFound
-from orchestra.templating.loader import load_template
+from orchestra.templating.loader import load_template, name_problem
 from orchestra.templating.model import Template
 from orchestra.templating.source import TemplateProblem
 
@@ -36,8 +36,15 @@ def builtin_dir() -> Path:
     return Path(str(package)).parents[1] / "templates"
 
 
-def _files(folder: Path) -> list[Path]:
+def template_files(folder: Path) -> list[Path]:
+    """The template files in ``folder`` (``*.yaml``, ``*.yml``), as a service reads them."""
     return sorted(p for p in folder.iterdir() if p.suffix in SUFFIXES and p.is_file())
+
+
+def builtin_names() -> dict[str, Path]:
+    """The built-in templates' names and files, without parsing them (each built-in file is
+    named after its template)."""
+    return {file.stem: file for file in template_files(builtin_dir())}
 
 
 class TemplateRegistry:
@@ -75,7 +82,7 @@ class TemplateRegistry:
                 )
                 continue
             origin = "builtin" if folder == self.builtin else "file"
-            for file in _files(folder):
+            for file in template_files(folder):
                 try:
                     template = msgspec.structs.replace(
                         load_template(file, self.limits), origin=origin
@@ -87,11 +94,8 @@ class TemplateRegistry:
                 if clash is not None or template.name in self._api:
                     other = clash.source if clash else "a template registered through the API"
                     problems.append(
-                        TemplateProblem(
-                            str(file),
-                            1,
-                            1,
-                            "name",
+                        name_problem(
+                            template,
                             f"template name {template.name!r} is already defined in {other}",
                         )
                     )
