@@ -241,8 +241,8 @@ async def test_summarize_long_maps_over_chunks_then_combines(
     fake_ollama.reply = lambda req: (
         "Combined." if "Combine them" in req["messages"][-1]["content"] else "Part."
     )
-    text = ("A sentence about queues and leases. " * 40).strip()
-    task = await service.submit("summarize_long", text=text, chunk_size=500)
+    text = ("A sentence about queues and leases. " * 80).strip()
+    task = await service.submit("summarize_long", text=text, chunk_size=1000)
     done = await service.wait(task["id"])
     assert done["status"] == "succeeded"
     parts = done["steps"][0]["output"]
@@ -256,3 +256,14 @@ async def test_extract_schema_rejects_a_schema_that_is_not_one(service: Service)
     done = await service.wait(task["id"])
     assert done["status"] == "failed"
     assert "not a valid JSON Schema" in done["error"]["message"]
+
+
+async def test_extract_refuses_a_field_named_twice_when_submitted(service: Service) -> None:
+    """["a", "a"] was queued, then failed as "steps.fields.format is not a valid JSON
+    Schema: ['a', 'a'] has non-unique elements"."""
+    answer = await service.client.post(
+        "/api/v1/tasks", json={"template": "extract", "params": {"text": "x", "fields": ["a", "a"]}}
+    )
+    assert answer.status_code == 422, answer.text
+    [field] = answer.json()["fields"]
+    assert field["field"] == "params.fields" and "non-unique" in field["message"], field

@@ -78,8 +78,8 @@ async def test_a_step_end_whose_commit_answer_is_lost_is_recorded_once(
     relayed: Service, cutter: CommitCutter
 ) -> None:
     cutter.arm(b"step.finished")
-    text = " ".join(f"Sentence {n} of a long text." for n in range(40))
-    task = await relayed.submit("summarize_long", text=text, chunk_size=500)
+    text = " ".join(f"Sentence {n} of a long text." for n in range(80))
+    task = await relayed.submit("summarize_long", text=text, chunk_size=1000)
     done = await relayed.wait(task["id"], seconds=60)
     assert done["status"] == "succeeded", done
     assert cutter.cuts == 1, "the step's COMMIT answer was not cut"

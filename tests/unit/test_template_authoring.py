@@ -42,3 +42,34 @@ def test_each_built_in_file_is_named_after_its_template() -> None:
     assert len(names) == 16
     for name, file in names.items():
         assert load_template(file).name == name
+
+
+def test_every_parameter_key_of_the_wrong_type_is_reported_in_words() -> None:
+    """Only the first was, in msgspec's words ("expected int | float | null, got str")."""
+    found = problems(
+        "name: x\nparameters:\n  b: {type: integer, minimum: '1', required: maybe}\n"
+        "steps:\n  - {id: a, kind: render, text: hi}\n"
+    )
+    assert [(path, message) for _, path, message in found] == [
+        ("parameters.b.minimum", "minimum must be a number, got a string"),
+        ("parameters.b.required", "required must be true or false, got a string"),
+    ]
+
+
+def test_a_step_whose_id_is_wrong_is_checked_whole() -> None:
+    found = problems("name: x\nsteps:\n  - {id: 5, prompt: hi, when: 1, timeout: 0}\n")
+    assert [path for _, path, _ in found] == ["steps[0].id", "steps[0].when", "steps[0].timeout"]
+
+
+def test_unique_items_applies_to_arrays_and_is_published() -> None:
+    body = (
+        "name: x\nparameters:\n  f: {{type: {}, unique_items: true}}\n"
+        "steps:\n  - {{id: a, kind: render, text: hi}}\n"
+    )
+    template = parse_template(body.format("array"), "t.yaml")
+    assert template.params_schema()["properties"]["f"]["uniqueItems"] is True
+    [(_, path, message)] = problems(body.format("string"))
+    assert (path, message) == (
+        "parameters.f.unique_items",
+        "unique_items does not apply to a parameter of type string",
+    )

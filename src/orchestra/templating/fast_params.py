@@ -75,7 +75,7 @@ def _compile(template: Template) -> Check | None:
 def _value_check(p: Parameter) -> Callable[[Any], bool] | None:
     """One parameter's check, as its JSON Schema (:meth:`Parameter.json_schema`) makes it."""
     types = _TYPES.get(p.type)
-    if types is None or p.pattern is not None or p.items is not None:
+    if types is None or p.pattern is not None or p.items is not None or p.unique_items:
         return None
     enum: frozenset[str] | None = None
     if p.enum is not None:

@@ -75,7 +75,21 @@ PARAM_KEYS = (
     "max_length",
     "pattern",
     "items",
+    "unique_items",
 )
+#: What each parameter key takes, in words (for a value of the wrong type).
+_PARAM_TAKES = {
+    "required": "true or false",
+    "unique_items": "true or false",
+    "description": "a string",
+    "pattern": "a string",
+    "minimum": "a number",
+    "maximum": "a number",
+    "min_length": "a whole number",
+    "max_length": "a whole number",
+    "enum": "a list",
+    "items": "a mapping (a JSON Schema)",
+}
 
 
 def _patterns(c: Checker, path: Path_, schema: Any, budget: PatternBudget) -> bool:
@@ -125,11 +139,13 @@ def _parameters(c: Checker, value: Any, budget: PatternBudget) -> dict[str, Para
         known = {k: v for k, v in fields.items() if k in PARAM_KEYS}
         try:
             param = msgspec.convert({**known, "name": name}, Parameter)
-        except msgspec.ValidationError as exc:
-            bad = re.search(r"\$\.(\w+)", str(exc))
-            key = bad.group(1) if bad else "type"
-            reason = str(exc).split(" - at ")[0].replace("`", "")
-            c.add((*path, key), f"{key}: {reason[0].lower()}{reason[1:]}")
+        except msgspec.ValidationError:
+            # Every key of the wrong type, not the first alone.
+            for key, value in known.items():
+                try:
+                    msgspec.convert({"name": name, "type": ptype, key: value}, Parameter)
+                except msgspec.ValidationError:
+                    c.add((*path, key), f"{key} must be {_PARAM_TAKES[key]}, got {describe(value)}")
             continue
         if param.pattern is not None:
             why = budget.problem(param.pattern)
@@ -144,6 +160,7 @@ def _parameters(c: Checker, value: Any, budget: PatternBudget) -> dict[str, Para
             ("max_length", ptype in ("string", "array")),
             ("pattern", ptype == "string"),
             ("items", ptype == "array"),
+            ("unique_items", ptype == "array"),
         ):
             if key in fields and not ok:
                 c.add((*path, key), f"{key} does not apply to a parameter of type {ptype}")

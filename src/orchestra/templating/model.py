@@ -29,6 +29,8 @@ class Parameter(msgspec.Struct, frozen=True, omit_defaults=True):
     pattern: str | None = None
     #: For arrays: a JSON Schema every item must match, e.g. {type: string}.
     items: dict[str, Any] | None = None
+    #: For arrays: no item may appear twice (JSON Schema's uniqueItems).
+    unique_items: bool = False
 
     def json_schema(self) -> dict[str, Any]:
         """This parameter as a JSON Schema (what the API publishes and validation uses)."""
@@ -56,6 +58,8 @@ class Parameter(msgspec.Struct, frozen=True, omit_defaults=True):
             schema[f"min{prefix}"] = self.min_length
         if self.max_length is not None:
             schema[f"max{prefix}"] = self.max_length
+        if self.unique_items:
+            schema["uniqueItems"] = True
         return schema
 
 

@@ -310,12 +310,10 @@ def read_step(
     c.keys(data, path, COMMON_KEYS + KIND_KEYS[kind])
     reader = _StepReader(c, data, path, scope)
     step_id = c.string(data, path, "id", required=not nested) or ("item" if nested else None)
-    if step_id is None:
-        return None
-    if nested and not IDENT.fullmatch(step_id):  # a top-level id is checked with the others
-        c.add((*path, "id"), f"step id {step_id!r} {IDENT_RULE}")
+    if nested and step_id is not None and not IDENT.fullmatch(step_id):
+        c.add((*path, "id"), f"step id {step_id!r} {IDENT_RULE}")  # a top-level one: read_steps
     common = {
-        "id": step_id,
+        "id": step_id or "_",  # a step without a valid id is still checked whole
         "when": reader.when(),
         "timeout": c.duration(data, path, "timeout"),
     }
@@ -327,7 +325,7 @@ def read_step(
         "map": reader.map,
     }[kind]
     step: StepSpec | None = build(common)
-    return step
+    return step if step_id is not None else None
 
 
 def read_steps(c: Checker, value: Any, params: frozenset[str]) -> list[StepSpec]:
