@@ -398,6 +398,8 @@ def model_name_problem(name: str) -> str | None:
     None: spaces at its ends, a provider's prefix with nothing after it (``ollama/``), or
     template syntax (a model's name is not rendered). Such names were taken, and failed only
     when a worker asked for them."""
+    if not name:
+        return "must not be empty (leave it out for the default)"
     if name != name.strip():
         return "must not begin or end with a space"
     if name.endswith("/"):

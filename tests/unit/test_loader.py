@@ -131,7 +131,11 @@ def test_missing_required_fields() -> None:
         ("{type: string, enum: [a, 3]}", "parameters.p.enum[1]", "enum value does not fit"),
         ("{type: string, required: true, default: a}", "parameters.p.default", "cannot have"),
         ("{type: array, items: {type: nope}}", "parameters.p.items", "not a valid JSON Schema"),
-        ("{type: integer, maximum: many}", "parameters.p.maximum", "must be a number, got a string"),
+        (
+            "{type: integer, maximum: many}",
+            "parameters.p.maximum",
+            "must be a number, got a string",
+        ),
         ("{type: string, colour: red}", "parameters.p.colour", "unknown field"),
         ("{default: a}", "parameters.p.type", "; it is missing"),
         # YAML's .inf and .nan: no JSON request could send or match them.

@@ -73,3 +73,33 @@ def test_unique_items_applies_to_arrays_and_is_published() -> None:
         "parameters.f.unique_items",
         "unique_items does not apply to a parameter of type string",
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "says"),
+    [
+        # YAML reads an unquoted true as a boolean: "parameters[True]: parameter name True …"
+        (
+            "name: x\nparameters:\n  true: {type: string}\nsteps:\n  - {id: a, prompt: hi}\n",
+            "parameters[True]",
+            "parameter name true is read by YAML as a boolean; quote it",
+        ),
+        ("name: x\nsteps:\n  - id: a\n    text:\thi\n", "", "(YAML takes spaces there, not tabs)"),
+        # An empty model was taken as none, where a task's "model": "" is refused.
+        (
+            'name: x\nmodel: ""\nsteps:\n  - {id: a, prompt: hi}\n',
+            "model",
+            "model must not be empty (leave it out for the default)",
+        ),
+        (
+            'name: x\nsteps:\n  - {id: a, prompt: hi, model: ""}\n',
+            "steps[0].model",
+            "model must not be empty",
+        ),
+    ],
+)
+def test_what_yaml_or_an_empty_value_makes_of_a_template_is_said(
+    text: str, path: str, says: str
+) -> None:
+    [(_, found, message)] = problems(text)
+    assert found == path and says in message, message

@@ -121,11 +121,13 @@ def _parameters(c: Checker, value: Any, budget: PatternBudget) -> dict[str, Para
     data = c.mapping(value, ("parameters",), "'parameters'") if value is not None else {}
     for name, spec in (data or {}).items():
         path: Path_ = ("parameters", name)
-        if not isinstance(name, str) or not IDENT.fullmatch(name):
-            c.add(
-                path,
-                f"parameter name {name!r} {IDENT_RULE}",
-            )
+        if not isinstance(name, str):
+            # YAML reads an unquoted true, null or 12 as a value, not a name.
+            written = {True: "true", False: "false", None: "null"}.get(name, str(name))
+            c.add(path, f"parameter name {written} is read by YAML as {describe(name)}; quote it")
+            continue
+        if not IDENT.fullmatch(name):
+            c.add(path, f"parameter name {name!r} {IDENT_RULE}")
             continue
         fields = c.mapping(spec, path, f"parameter {name!r}")
         if fields is None:
@@ -322,6 +324,8 @@ def _parse(text: str, file: str, limits: LimitSettings) -> Template:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         reason = " ".join(p for p in (exc.context, exc.problem) if p)
+        if "'\\t'" in reason:
+            reason += " (YAML takes spaces there, not tabs)"
         raise TemplateError([TemplateProblem(file, line, col, "", f"YAML: {reason}")]) from None
     except YAMLError as exc:
         raise TemplateError([TemplateProblem(file, 1, 1, "", f"YAML: {exc}")]) from None
