@@ -111,7 +111,8 @@ CASES: list[tuple[str, dict[str, Any], Reply, Any, list[str]]] = [
         },
         fixed(
             '{"answer": "In SQLite.", "found": true, "evidence": '
-            '["Orchestra stores tasks in SQLite.", "It is made of cheese."]}'
+            '["Orchestra stores tasks in SQLite.", "It is made of cheese.", " ", '
+            '" Orchestra stores tasks in SQLite. "]}'  # a blank quote is in any context
         ),
         {"answer": "In SQLite.", "found": True, "evidence": ["Orchestra stores tasks in SQLite."]},
         ["Question: Where are tasks stored?", "It needs no broker."],
