@@ -605,6 +605,24 @@ async def test_a_json_body_is_read_whatever_its_content_type_as_curl_d_sends_it(
             "model",
             "must be at most 255 characters",
         ),
+        # A NUL: stored on SQLite, and a 500 on PostgreSQL (whose text refuses it).
+        (
+            "POST",
+            "/api/v1/tasks",
+            {**BASE, "model": "m\u0000"},
+            "model",
+            "must not hold a control character",
+        ),
+        (
+            "POST",
+            "/api/v1/schedules",
+            {"name": "nul", "template": "echo", "every": 60, "model": "m\u0000"},
+            "model",
+            "must not hold a control character",
+        ),
+        ("GET", "/api/v1/tasks?template=a%00", None, "query", "holds a NUL character"),
+        ("GET", "/api/v1/schedules/abc%00", None, "path", "holds a NUL character"),
+        ("DELETE", "/api/v1/schedules/abc%00", None, "path", "holds a NUL character"),
         # A date alone: its time would be a guess (it said "Invalid RFC3339 encoded datetime").
         (
             "POST",

@@ -55,3 +55,19 @@ def test_a_lost_prepared_statement_is_unavailable_storage_naming_the_setting(
     found = storage_error(error, "db")
     assert isinstance(found, StorageUnavailable)
     assert "prepared_statements = false" in found.message and "_pg3_" in found.message
+
+
+def test_a_nul_postgresql_cannot_store_is_the_caller_s_error_not_a_500() -> None:
+    """A NUL in a text reached PostgreSQL from a schedule's name in the path and a task's
+    model (both checked now): psycopg's DataError was a 500. What no check catches is said."""
+    from psycopg.types.string import StrDumper
+
+    from orchestra.db.pg_failures import refused_value
+    from orchestra.errors import InvalidRequest
+
+    with pytest.raises(psycopg.DataError) as caught:
+        StrDumper(str).dump("a\x00b")  # what psycopg does with the value before sending it
+    refused = refused_value(caught.value)
+    assert isinstance(refused, InvalidRequest) and "NUL character" in refused.message
+    assert refused_value(psycopg.DataError("numeric field overflow")) is None
+    assert storage_error(caught.value, "here") is None  # not the database failing

@@ -42,7 +42,7 @@ from orchestra.api.query_rules import strict_query
 from orchestra.api.runtime import Runtime, ShowKey
 from orchestra.api.schedules import ScheduleController
 from orchestra.api.schedules import provide as _schedules
-from orchestra.api.schemas import ErrorBody
+from orchestra.api.schemas import ErrorBody, FieldOut
 from orchestra.api.scope import RUNTIME, runtime_of
 from orchestra.api.tasks import TaskController
 from orchestra.api.templates import TemplateController
@@ -149,6 +149,10 @@ class ServiceApp:
         if self.runtime.settings.metrics.enabled:
             send = _measured(asked["method"], scope, send)
         answer = _Answer(send)
+        nul = _nul_in(scope)
+        if nul is not None:
+            await _refuse_nul(nul, answer)
+            return
         try:
             await self.http(scope, receive, answer)
         except asyncio.CancelledError:
@@ -193,6 +197,33 @@ _CUT = msgspec.json.encode(
         fields=[],
     )
 )
+
+
+def _nul_in(scope: Any) -> str | None:
+    """Where a request holds a NUL character (``path``, ``query``), or None. No name or value
+    here holds one (PostgreSQL's text cannot: such a request was a 500 there)."""
+    if "\x00" in scope["path"]:
+        return "path"
+    query = scope.get("query_string", b"")
+    if b"%00" in query or b"\x00" in query:
+        return "query"
+    return None
+
+
+async def _refuse_nul(where: str, send: Any) -> None:
+    """Answer a request holding a NUL character (see :func:`_nul_in`) with a 400."""
+    reason = "holds a NUL character (%00), which no name or value here may hold"
+    body = msgspec.json.encode(
+        ErrorBody(
+            status=400,
+            code="invalid_request",
+            message=f"{where}: {reason}",
+            fields=[FieldOut(field=where, message=reason)],
+        )
+    )
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 400, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 class _Answer:

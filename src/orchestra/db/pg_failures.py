@@ -12,6 +12,7 @@ from __future__ import annotations
 import psycopg
 
 from orchestra.errors import (
+    InvalidRequest,
     StorageError,
     StorageFull,
     StorageLocked,
@@ -42,6 +43,18 @@ def retryable(exc: BaseException) -> bool:
     """Whether ``exc`` is a conflict with another transaction (see :data:`RETRY`)."""
     found = _psycopg_error(exc)
     return found is not None and found.sqlstate in RETRY
+
+
+def refused_value(exc: BaseException) -> InvalidRequest | None:
+    """A value PostgreSQL cannot store (a NUL character in a text: psycopg refuses it before
+    sending), as the caller's error, or None. Requests are checked for NUL where it can come
+    in; this is what is left to say, rather than a 500, where a check is missing."""
+    found = _psycopg_error(exc)
+    if isinstance(found, psycopg.DataError) and "NUL" in str(found):
+        return InvalidRequest(
+            "a value holds a NUL character (\\u0000), which the database cannot store"
+        )
+    return None
 
 
 def storage_error(exc: BaseException, where: str) -> StorageError | None:

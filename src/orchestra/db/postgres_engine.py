@@ -48,7 +48,7 @@ from orchestra import logs
 from orchestra.db import notices
 from orchestra.db.engine import POSTGRESQL, Database, settled
 from orchestra.db.failures import WriteHealth
-from orchestra.db.pg_failures import retryable, storage_error
+from orchestra.db.pg_failures import refused_value, retryable, storage_error
 from orchestra.errors import StorageError
 
 log = logs.get("orchestra.db")
@@ -177,6 +177,8 @@ class PostgresDatabase(Database):
                 if retryable(exc) and attempt < ATTEMPTS:
                     time.sleep(random.uniform(0, 0.002 * 2**attempt))
                     continue
+                if (refused := refused_value(exc)) is not None:
+                    raise refused from exc
                 error = storage_error(exc, self.where)
                 if error is None:
                     raise
@@ -217,6 +219,8 @@ class PostgresDatabase(Database):
         except StorageError:
             raise
         except Exception as exc:
+            if (refused := refused_value(exc)) is not None:
+                raise refused from exc
             error = storage_error(exc, self.where)
             if error is None:
                 raise
@@ -249,6 +253,8 @@ class PostgresDatabase(Database):
                     self._replace_pool(pool)
                     if attempt == 1:
                         continue
+                if (refused := refused_value(exc)) is not None:
+                    raise refused from exc
                 error = storage_error(exc, self.where)
                 if error is None:
                     raise
