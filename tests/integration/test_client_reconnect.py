@@ -17,7 +17,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from orchestra.client import AsyncClient, Client, ConnectionFailed, NotFound, ReconnectPolicy
+from orchestra.client import (
+    AsyncClient,
+    AuthenticationFailed,
+    Client,
+    ConnectionFailed,
+    NotFound,
+    ReconnectPolicy,
+)
 from orchestra.wire.events import FeedEvent, TaskEvent
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import (
@@ -251,6 +258,36 @@ def _sse_answer(*events: tuple[int, str], end: bool, stopping: bool = False) -> 
     return body + (b"0\r\n\r\n" if end else b"")
 
 
+def _task_answer(status: str) -> bytes:
+    """A 200 answer to GET /api/v1/tasks/1: the task, in ``status``."""
+    task = {
+        "id": 1,
+        "template": "t",
+        "template_version": 1,
+        "status": status,
+        "params": {},
+        "model": None,
+        "priority": 0,
+        "result": None,
+        "error": None,
+        "steps": [],
+        "usage": None,
+        "attempts": [],
+        "max_attempts": 1,
+        "timeout": None,
+        "idempotency_key": None,
+        "created_at": "2026-12-06T00:00:00Z",
+        "started_at": None,
+        "finished_at": None,
+        "next_run_at": None,
+    }
+    body = json.dumps(task).encode()
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
+
+
 async def _follow(kind: str, url: str, policy: ReconnectPolicy, after: int = 0) -> list[int]:
     """The seqs of task 1's events a client of ``kind`` follows (appended as they come, so
     that those before a failure are kept in ``seen``)."""
@@ -321,8 +358,8 @@ async def test_a_stream_that_stays_down_fails_after_the_reconnect_window(kind: s
 @pytest.mark.parametrize("kind", ["sync", "async"])
 async def test_what_is_not_a_drop_fails_at_once(kind: str) -> None:
     """A 404 on reconnecting (the task is gone) is raised; a stream that ends cleanly without
-    an event (``after`` past the task's last event) is the end; with a window of 0 a cut is
-    raised as it happens."""
+    an event (``after`` past the task's last event) is the end once the task is asked and
+    has finished; with a window of 0 a cut is raised as it happens."""
     gone = b'{"code":"task_not_found","message":"no task with id 1"}'
     answers = [
         _sse_answer((1, "task.queued"), end=False),
@@ -331,8 +368,11 @@ async def test_what_is_not_a_drop_fails_at_once(kind: str) -> None:
     ]
 
     async def scripted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(answers.pop(0) if answers else _sse_answer(end=True))
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.split()[1] == b"/api/v1/tasks/1":
+            writer.write(_task_answer("succeeded"))
+        else:
+            writer.write(answers.pop(0) if answers else _sse_answer(end=True))
         await writer.drain()
         writer.transport.abort()
 
@@ -371,6 +411,49 @@ async def test_a_stream_a_stopping_service_ended_without_an_event_is_resumed(kin
     assert seen == [1, 2, 3]
     events = "/api/v1/tasks/1/events"
     assert asked == [events, f"{events}?after=2", f"{events}?after=2"]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_quiet_stream_a_proxy_ended_cleanly_is_resumed_while_the_task_runs(
+    kind: str,
+) -> None:
+    """A proxy that ends streams after a while ended one cleanly after its keep-alives alone:
+    the follower took that for the end, and ``task_events`` (and ``orchestra tasks events``)
+    ended, exit 0, on a task still queued. The task is asked: running, so resumed; and a
+    401 there (a key revoked meanwhile, whose stream the service ends so) is raised."""
+    asked: list[str] = []
+    keep_alive = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    keep_alive += b"%x\r\n%s\r\n0\r\n\r\n" % (len(b": keep-alive\n\n"), b": keep-alive\n\n")
+    answers = [
+        _sse_answer((1, "task.queued"), end=True),  # a proxy's cut, after an event
+        keep_alive,  # a proxy's cut, after keep-alives alone
+        _task_answer("queued"),
+        _sse_answer((2, "task.started"), (3, "task.finished"), end=True),
+    ]
+
+    async def scripted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        asked.append(head.split()[1].decode())
+        writer.write(answers[len(asked) - 1])
+        await writer.drain()
+        writer.transport.abort()
+
+    async with loopback_server(scripted) as url:
+        seen = await _follow(kind, url, ReconnectPolicy(window=30, backoff=0.01, max_wait=0.05))
+    assert seen == [1, 2, 3]
+    events = "/api/v1/tasks/1/events"
+    assert asked == [events, f"{events}?after=1", "/api/v1/tasks/1", f"{events}?after=1"]
+
+    revoked = b'{"status":401,"code":"unauthorized","message":"the API key is not valid"}'
+    answers[2] = b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\n" + (
+        b"Content-Length: %d\r\n\r\n%s" % (len(revoked), revoked)
+    )
+    asked.clear()
+    async with loopback_server(scripted) as url:
+        with pytest.raises(AuthenticationFailed):
+            await _follow(kind, url, ReconnectPolicy(window=30, backoff=0.01, max_wait=0.05))
 
 
 async def _wait(kind: str, url: str, timeout: float | None = None) -> None:

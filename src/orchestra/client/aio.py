@@ -128,9 +128,12 @@ class AsyncClient:
     async def _send(self, call: Call[T]) -> T:
         return core.answer(call, await self._open(call))
 
-    async def _follow(self, follow: Follow) -> AsyncIterator[core.SseMessage]:
+    async def _follow(
+        self, follow: Follow, task_id: int | None = None
+    ) -> AsyncIterator[core.SseMessage]:
         """The stream's events over as many connections as it takes: one that drops is
-        opened again after the last event seen (:mod:`orchestra.client.follow`)."""
+        opened again after the last event seen (:mod:`orchestra.client.follow`); ``task_id``:
+        the task whose stream it is (asked after an answer that ended without an event)."""
         while True:
             try:
                 call = replace(follow.call(), timeout=self._stream_timeout)
@@ -152,7 +155,10 @@ class AsyncClient:
             except httpx.TransportError as exc:
                 dropped = ConnectionFailed(self.url, str(exc) or type(exc).__name__, cut=True)
             else:
-                if follow.over():
+                over = follow.over()
+                if over is None and task_id is not None:
+                    over = core.finished(await self.get_task(task_id))
+                if over:
                     return
                 dropped = ConnectionFailed(self.url, "the stream ended early")
             finally:
@@ -226,7 +232,7 @@ class AsyncClient:
             self.reconnect_policy,
             end=TASK_FINISHED,
         )
-        async for message in self._follow(follow):
+        async for message in self._follow(follow, task_id):
             yield core.task_event(message)
 
     async def events(

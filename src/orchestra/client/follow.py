@@ -17,8 +17,10 @@ What is not a drop, and fails at once as before:
 A task's own stream ends after its ``task.finished``, and the service ends it only there: an
 answer that ends cleanly after other events was cut short (a proxy, a service that stopped),
 and is resumed. A service that stops ends its streams with SSE's ``retry:`` field, "come
-back": such an answer is resumed even when it carried no event. Any other answer that ends
-without an event is the end (``after`` was at or past the task's last event).
+back": such an answer is resumed even when it carried no event. An answer that ends without
+an event is the end only if the task has finished (``after`` was at or past its last event):
+the client asks. A proxy that ends streams after a while ends a quiet one so too, and the
+service ends the stream of a key revoked meanwhile so (asking then raises its 401).
 """
 
 from __future__ import annotations
@@ -124,14 +126,17 @@ class Follow:
         self._last_type = message.event
         self._delivered = True
 
-    def over(self) -> bool:
+    def over(self) -> bool | None:
         """Whether an answer the service ended cleanly was the stream's end (see the module's
-        docstring); a stream without end never is."""
+        docstring); a stream without end never is. None: it was if the task has finished,
+        which the caller asks the service."""
         if self._end is None:
             return False
         if self._last_type == self._end:
             return True
-        return not self._delivered and not self._asked_back
+        if self._delivered or self._asked_back:
+            return False
+        return None
 
     def retry_in(self, failure: ClientError) -> float:
         """Seconds to wait before opening the stream again after ``failure`` (the stream

@@ -118,9 +118,10 @@ class Client:
     def _send(self, call: Call[T]) -> T:
         return core.answer(call, self._open(call))
 
-    def _follow(self, follow: Follow) -> Iterator[core.SseMessage]:
+    def _follow(self, follow: Follow, task_id: int | None = None) -> Iterator[core.SseMessage]:
         """The stream's events over as many connections as it takes: one that drops is
-        opened again after the last event seen (:mod:`orchestra.client.follow`)."""
+        opened again after the last event seen (:mod:`orchestra.client.follow`); ``task_id``:
+        the task whose stream it is (asked after an answer that ended without an event)."""
         while True:
             try:
                 call = replace(follow.call(), timeout=self._stream_timeout)
@@ -142,7 +143,10 @@ class Client:
             except httpx.TransportError as exc:
                 dropped = ConnectionFailed(self.url, str(exc) or type(exc).__name__, cut=True)
             else:
-                if follow.over():
+                over = follow.over()
+                if over is None and task_id is not None:
+                    over = core.finished(self.get_task(task_id))
+                if over:
                     return
                 dropped = ConnectionFailed(self.url, "the stream ended early")
             finally:
@@ -213,7 +217,7 @@ class Client:
             self.reconnect_policy,
             end=TASK_FINISHED,
         )
-        for message in self._follow(follow):
+        for message in self._follow(follow, task_id):
             yield core.task_event(message)
 
     def events(
