@@ -100,6 +100,9 @@ class WebhookSender:
         self._loop_task: asyncio.Task[None] | None = None
         self._sending: dict[asyncio.Task[None], Claimed] = {}
         self._per_host: dict[str, int] = {}
+        #: The host and port of each subscription claimed from (bounded by the subscriptions:
+        #: a URL changed since is learned at its next claim).
+        self._host_of: dict[int, str] = {}
         self._client: httpx.AsyncClient | None = None
 
     # -- life -------------------------------------------------------------------------------
@@ -194,16 +197,13 @@ class WebhookSender:
         moment = self.clock()
         if not await self.store.any_due(iso(moment)):
             return False
-        # The subscriptions of hosts at their limit are left out of the claim: claimed and
+        # Every subscription of a host at its limit is left out of the claim: claimed and
         # handed back, their oldest-due backlog came first at every claim, and another
-        # subscription's fresh deliveries waited behind it for minutes.
-        # (Known from the sends in flight: bounded by concurrency, and current.)
+        # host's fresh deliveries waited behind it for minutes. (Not only those with a send
+        # in flight: another subscription of the busy host filled the claims so, 40 s.)
         cap = self.settings.max_per_host
-        full = {
-            sending.webhook_id
-            for sending in self._sending.values()
-            if self._per_host.get(_host(sending.url), 0) >= cap
-        }
+        busy = {host for host, sending in self._per_host.items() if sending >= cap}
+        full = {webhook for webhook, host in self._host_of.items() if host in busy}
         claimed = await self.store.claim(
             self.owner,
             free,
@@ -213,7 +213,7 @@ class WebhookSender:
         )
         started = 0
         for delivery in claimed:
-            host = _host(delivery.url)
+            host = self._host_of[delivery.webhook_id] = _host(delivery.url)
             if self._per_host.get(host, 0) >= self.settings.max_per_host:
                 later = iso(self.clock() + timedelta(seconds=BUSY_HOST_DELAY))
                 await self.store.release(self.owner, delivery, later)

@@ -575,6 +575,39 @@ async def test_a_hosts_backlog_does_not_hold_back_another_hosts_deliveries(
     assert receiver.max_in_flight == 1
 
 
+async def test_a_busy_hosts_other_subscription_does_not_hold_back_another_host(
+    db_url: str, fake_ollama: FakeOllama, start_service: StartService, receiver: Receiver
+) -> None:
+    """Two subscriptions on one busy host: only the one with a send in flight was left out of
+    the claims, so the other's backlog filled every claim and was handed back, and a fresh
+    host's deliveries waited 40 s behind it (helper-119). A host at its limit now leaves
+    every subscription of it out."""
+    settings = make_settings(db_url, fake_ollama.url)
+    settings = with_webhooks(settings, allow_private=True, max_per_host=1, concurrency=2, **QUICK)
+    receiver.delay = 1.0
+    other = Receiver()
+    await other.start()
+    try:
+        async with start_service(settings) as svc:
+            events = ["task.queued", "task.started", "step.finished", "task.finished"]
+            await subscribe(svc, receiver, "/first", event_types=events)
+            await subscribe(svc, receiver, "/second", event_types=events)
+            ids = [(await svc.submit("summarize", text=f"t{i}"))["id"] for i in range(60)]
+            for task_id in ids:
+                await svc.wait(task_id)
+            await subscribe(svc, other, event_types=["task.queued"])
+            loop = asyncio.get_running_loop()
+            sent = loop.time()
+            await svc.submit("summarize", text="for all")
+            await wait_until(lambda: len(other.received) == 1, timeout=60)
+            took = loop.time() - sent
+            backlog_left = 480 - len(receiver.received)
+    finally:
+        await other.stop()
+    assert took < 10.0 and backlog_left > 400, (took, backlog_left)
+    assert receiver.max_in_flight == 1
+
+
 async def test_a_send_answered_while_the_service_stops_is_recorded_not_sent_again(
     db_url: str, fake_ollama: FakeOllama, start_service: StartService, receiver: Receiver
 ) -> None:
