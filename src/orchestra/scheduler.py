@@ -186,8 +186,8 @@ class ScheduleService:
         given = changes.given()
         if old.source == "config" and not set(given) <= CONFIG_EDITABLE:
             raise ConflictError(
-                f"schedule {old.name!r} is declared in orchestra.toml: change it there "
-                "(only enabled can be changed here, until the next start)"
+                f"schedule {old.name!r} is declared in the settings' [[schedules]]: change it "
+                "there (only enabled can be changed here, until the next start)"
             )
         spec = changes.apply(old.spec)
         if spec.cron is not None and "every" not in given and "cron" in given:
@@ -222,16 +222,18 @@ class ScheduleService:
         old = await self.get(ref)
         if old.source == "config":
             raise ConflictError(
-                f"schedule {old.name!r} is declared in orchestra.toml: remove it there"
+                f"schedule {old.name!r} is declared in the settings' [[schedules]]: remove it there"
             )
         if not await self.store.delete(old.id):
             raise ScheduleNotFound(f"no schedule {ref!r}")
         log.info("schedule.deleted", schedule=old.name)
         self.wake()
 
-    async def sync(self, declared: Sequence[ScheduleSpec]) -> None:
-        """Make the schedules declared in orchestra.toml the stored ``config`` ones (see
+    async def sync(self, declared: Sequence[ScheduleSpec], *, resume: bool = True) -> None:
+        """Make the schedules declared in the settings the stored ``config`` ones (see
         :meth:`~orchestra.db.schedules.ScheduleStore.sync`), each checked as a new one is.
+        ``resume``: the declared ``enabled`` applies again (a start of the service); False
+        keeps each one paused or resumed as it is (a process started again alone).
 
         Raises:
             ConfigError: a declared schedule is wrong (its timing, template or parameters),
@@ -243,7 +245,7 @@ class ScheduleService:
                 checked.append((spec, await self._checked(spec)))
             except (InvalidRequest, NotFoundError) as exc:
                 raise ConfigError(f"schedules: {spec.name}: {told(exc)}") from None
-        done = await self.store.sync(checked, self._next_tick, iso(self.clock()))
+        done = await self.store.sync(checked, self._next_tick, iso(self.clock()), resume=resume)
         if any(done.values()):
             log.info("schedules.synced", **done)
         self.wake()

@@ -412,10 +412,16 @@ async def test_config_schedules_are_synced_at_start_and_kept_read_only(
         assert (one["source"], one["cron"]) == ("config", "0 3 * * *")
         changed = await svc.client.patch(f"{SCHEDULES}/nightly", json={"priority": 3})
         assert changed.status_code == 409
+        assert "declared in the settings' [[schedules]]" in changed.json()["message"]
         assert (await svc.client.delete(f"{SCHEDULES}/nightly")).status_code == 409
         paused = await svc.client.patch(f"{SCHEDULES}/nightly", json={"enabled": False})
         assert paused.status_code == 200 and paused.json()["next_fire_at"] is None
         await create(svc, name="mine", every="1h")
+    # A process the supervisor starts again (one that crashed) keeps the pause: it ended the
+    # pause for all of them, as if the service had started (helper-119).
+    async with start_service(with_one, first=False) as svc:
+        kept = (await svc.client.get(f"{SCHEDULES}/nightly")).json()
+        assert (kept["enabled"], kept["next_fire_at"]) == (False, None), kept
     async with start_service(with_one) as svc:  # the file's enabled applies again
         again = (await svc.client.get(f"{SCHEDULES}/nightly")).json()
         assert again["enabled"] and again["next_fire_at"] == one["next_fire_at"]

@@ -347,12 +347,15 @@ class ScheduleStore:
         declared: Sequence[tuple[ScheduleSpec, float | None]],
         next_tick: NextTick,
         at: str,
+        *,
+        resume: bool = True,
     ) -> dict[str, list[str]]:
         """Make the config's schedules (``declared``: each spec with its ``every`` in
         seconds) the ``source = 'config'`` rows, in one transaction: add the new ones,
         update the changed ones (their next tick computed again only when their timing
         changed, so a restart keeps the ticks missed meanwhile), delete those no longer
-        declared. Returns the names added, changed and deleted.
+        declared. Returns the names added, changed and deleted. Without ``resume``, a stored
+        schedule keeps its ``enabled`` (its pause or resume through the API).
 
         Raises:
             ConfigError: a schedule made through the API has a declared name.
@@ -384,6 +387,8 @@ class ScheduleStore:
                         "name; rename one of them"
                     )
                 old = _schedule(row)
+                if not resume:
+                    spec = msgspec.structs.replace(spec, enabled=old.spec.enabled)
                 if old.spec == spec:
                     continue
                 timing = ("cron", "timezone", "every", "enabled")
