@@ -411,6 +411,8 @@ def plan(
     moment catches up); one later than that was missed — the service was down. Missed ticks
     make no task with ``catch_up = "none"``, one task (for the latest of them) with
     ``"latest"``; either way the schedule goes on from its first tick that was not missed.
+    That tick, due already (within the grace), fires with the missed ones' record: left to
+    the next look, it could be past the grace too by then, and a second stretch was missed.
     """
     if next_fire_at > now:
         return None
@@ -423,4 +425,8 @@ def plan(
         # The latest fires; the ones before it, if any, were missed.
         before = (next_fire_at, missed) if missed > next_fire_at else None
         return Plan(fire_at=missed, next_at=resume, missed=before)
+    if resume <= now:
+        return Plan(
+            fire_at=resume, next_at=next_after(timing, resume), missed=(next_fire_at, resume)
+        )
     return Plan(fire_at=None, next_at=resume, missed=(next_fire_at, resume))

@@ -144,8 +144,15 @@ def test_after_downtime_catch_up_none_skips_to_the_first_tick_not_missed() -> No
     moment = T0 + timedelta(hours=5, seconds=20)
     done = plan(every(60), tick, "none", moment, 30)
     assert done is not None
-    assert done.fire_at is None
-    assert done.next_at == T0 + timedelta(hours=5)  # 20 s late: within the grace, so it fires
+    assert done.missed == (tick, T0 + timedelta(hours=5))
+    # 20 s late: within the grace, so it fires, in the same record: left to the next look
+    # (after the other schedules' ticks), it was past the grace too, and a second stretch
+    # was recorded missed (helper-119: every 1 s schedule of ten, after a 45 s stop).
+    assert done.fire_at == T0 + timedelta(hours=5)
+    assert done.next_at == T0 + timedelta(hours=5, minutes=1)
+    later = plan(every(60), tick, "none", T0 + timedelta(hours=5, seconds=50), 30)
+    assert later is not None and later.fire_at is None  # not due yet: nothing fires
+    assert later.next_at == T0 + timedelta(hours=5, minutes=1)
 
 
 def test_after_downtime_catch_up_latest_fires_once_for_the_latest_missed_tick() -> None:
