@@ -175,6 +175,19 @@ class TaskService:
         await self.refresh()
         return look()
 
+    async def named(self, name: str) -> None:
+        """Check that ``name`` names a template, or did: a registered template deleted (or a
+        file removed) names the tasks it ran, and their events, while they are kept.
+
+        Raises:
+            TemplateNotFound: no template has the name, and no task holds it.
+        """
+        try:
+            await self.template(name)
+        except TemplateNotFound:
+            if not (await self.list(template=name, limit=1)).items:
+                raise
+
     async def prepare(
         self, sub: SubmitTask, *, key_id: str | None = None, template: Template | None = None
     ) -> NewTask:

@@ -105,6 +105,25 @@ async def test_the_feed_filters_by_template_and_event_type(service: Service) -> 
     assert "step.started" in {e["event"] for e in only_titles}
 
 
+async def test_the_feed_of_a_deleted_template_s_tasks_still_opens(
+    settings: Settings, start_service: StartService
+) -> None:
+    """A consumer following one registered template's events: once the template was deleted
+    (its tasks and events kept), it got a 404 at its next reconnect, across a restart too
+    (helper-122). A name no task holds is still a 404."""
+    body = "name: greet2\nsteps:\n  - {id: a, kind: render, text: hi}\n"
+    async with start_service(settings) as svc:
+        assert (await svc.client.post("/api/v1/templates", content=body)).status_code == 201
+        await svc.wait((await svc.submit("greet2"))["id"])
+        assert (await svc.client.delete("/api/v1/templates/greet2")).status_code == 204
+        kept = await feed_until(svc, finished(1), "after=0&template=greet2")
+        assert kept[-1]["event"] == "task.finished"
+    async with start_service(settings) as svc:  # a restart: the name is known by its tasks
+        assert (await feed_until(svc, finished(1), "after=0&template=greet2")) == kept
+        gone = await svc.client.get("/api/v1/events", params={"template": "never"})
+        assert gone.status_code == 404 and gone.json()["code"] == "template_not_found"
+
+
 async def test_bad_feed_requests_are_400s_naming_the_field(service: Service) -> None:
     bad = await service.client.get("/api/v1/events", params={"type": "task.queued,task.nope"})
     assert bad.status_code == 400

@@ -124,11 +124,11 @@ class EventController(Controller):
         reconnecting with ``Last-Event-ID`` continues without gaps or repeats, across restarts
         too. A comment is sent every 15 s while nothing happens. A stream whose key is revoked
         ends at its next event or comment. 404 (``template_not_found``)
-        before the stream starts when ``template`` names no template."""
+        before the stream starts when ``template`` names no template, nor any task kept."""
         feed = runtime.feed
         wanted = FeedFilter(template=template, types=wanted_types(types))
         if template is not None:  # 404 now, as a webhook filtered by it answers
-            await runtime.tasks.template(template)
+            await runtime.tasks.named(template)
         named = "after"
         if last_event_id is not None:
             after, named = int(last_event_id), "Last-Event-ID"
