@@ -132,10 +132,13 @@ async def test_bad_feed_requests_are_400s_naming_the_field(service: Service) -> 
     for params, headers, field in (
         ({"after": "-1"}, {}, "after"),
         ({}, {"Last-Event-ID": "abc"}, "Last-Event-ID"),  # as sent (it said last_event_id)
+        # It said "must be an integer, not '00005'".
+        ({"after": "00005"}, {}, "after"),
     ):
         answer = await service.client.get("/api/v1/events", params=params, headers=headers)
         assert answer.status_code == 400, answer.text
         assert answer.json()["fields"][0]["field"] == field, answer.text
+        assert "must be an integer, not '00005'" not in answer.text
 
 
 async def test_last_event_id_resumes_the_feed_across_a_restart(

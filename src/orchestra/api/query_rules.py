@@ -29,6 +29,8 @@ from litestar.handlers import HTTPRouteHandler
 
 #: An integer as a query writes it: ASCII digits, negative with a minus (as msgspec reads it).
 _INTEGER = re.compile(r"-?[0-9]+")
+#: An integer with a leading zero ("00005"), which msgspec does not read as one.
+_LEADING_ZERO = re.compile(r"-?0[0-9]+")
 
 #: What lenient conversion takes for "no value" where ``None`` is allowed, in any case.
 _NULL = "null"
@@ -58,6 +60,9 @@ async def strict_query(request: Request[Any, Any, Any]) -> None:
         for raw in values:
             if rule.kind is int and not _INTEGER.fullmatch(raw):
                 _refuse(rule.key, "Expected `int`, got `str`")
+            if rule.kind is int and _LEADING_ZERO.fullmatch(raw):  # msgspec refuses it so
+                plain = str(int(raw))
+                _refuse(rule.key, f"must be written without leading zeros ({plain}, not {raw})")
             if raw.lower() == _NULL and rule.kind is not str:
                 try:
                     msgspec.convert(raw, rule.kind, strict=False)
