@@ -288,17 +288,23 @@ def _show_progress(client: Client, task_id: int) -> None:
     from orchestra.client import ApiError
 
     streamed = False
+    line_open_by: str | None = None  # the step whose text the current line holds
     try:
         for event in client.task_events(task_id):
             if event.type == EventType.STEP_TOKENS:
+                step = event.data.get("step")
+                if line_open_by is not None and step != line_open_by:
+                    click.echo("", err=True)  # each step's text on lines of its own
                 click.echo(event.data["text"], err=True, nl=False)
-                streamed = True
+                streamed, line_open_by = True, step
             elif event.type == EventType.TASK_RETRYING:
                 message = event.data.get("error", {}).get("message")
                 click.echo(f"\n[retrying: {message}]", err=True)
+                line_open_by = None
             elif event.type in _ATTEMPT_ENDED:  # the next attempt's text starts afresh
                 attempt = event.data.get("attempt", "?")
                 click.echo(f"\n[attempt {attempt} {_ATTEMPT_ENDED[event.type]}]", err=True)
+                line_open_by = None
     except ApiError:
         pass  # no stream (an old server, a proxy): the result is still waited for
     if streamed:

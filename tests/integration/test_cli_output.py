@@ -223,3 +223,20 @@ async def test_the_api_s_validate_refuses_a_built_in_s_name(service: Service) ->
     # Registering it is still the 409 it was.
     registered = await service.client.post("/api/v1/templates", content=body)
     assert registered.status_code == 409
+
+
+async def test_submit_wait_shows_each_step_s_streamed_text_on_lines_of_its_own(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    """Two steps' streamed text ran together on one line ("Draft one.Final two.")."""
+    body = (
+        "name: twostep\nsteps:\n  - {id: draft, prompt: first}\n"
+        "  - {id: final, prompt: 'second {{ steps.draft.output }}'}\n"
+    )
+    assert (await service.client.post("/api/v1/templates", content=body)).status_code == 201
+    fake_ollama.reply = lambda req: (
+        "Draft one." if req["messages"][-1]["content"] == "first" else "Final two."
+    )
+    code, _, err = await run_cli("submit", "twostep", "--wait", "--url", service.url)
+    assert code == 0, err
+    assert "Draft one.\nFinal two.\n" in err, err

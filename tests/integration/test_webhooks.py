@@ -711,7 +711,7 @@ def test_secrets_are_standard_webhooks_secrets() -> None:
 
 
 def test_a_host_that_is_no_host_name_is_malformed_not_unresolvable() -> None:
-    """"http://exa mple.com/" was a 422 "its host 'exa%20mple.com' does not resolve", where
+    """ "http://exa mple.com/" was a 422 "its host 'exa%20mple.com' does not resolve", where
     the docs make a malformed URL a 400."""
     for url in ("http://exa mple.com/", "http://exa%20mple.com/", "http://a<b>.com/"):
         with pytest.raises(DestinationRefused) as refused:
