@@ -103,3 +103,32 @@ def test_what_yaml_or_an_empty_value_makes_of_a_template_is_said(
 ) -> None:
     [(_, found, message)] = problems(text)
     assert found == path and says in message, message
+
+
+def test_an_integer_parameter_s_numbers_written_as_floats_are_whole() -> None:
+    """YAML reads 1e3 and 10.0 as floats: the default reached the template as 1000.0 and
+    ``range(params.n)`` failed; the schema published ``maximum: 10000.0``."""
+    template = parse_template(
+        "name: x\nparameters:\n  n: {type: integer, default: 1e3, minimum: 1.0, "
+        "maximum: 10000.0, enum: [1000.0, 5]}\n"
+        "steps:\n  - {id: a, kind: render, text: '{{ range(params.n) | length }}'}\n",
+        "t.yaml",
+    )
+    published = template.params_schema()["properties"]["n"]
+    assert published == {
+        "type": "integer",
+        "enum": [1000, 5],
+        "minimum": 1,
+        "maximum": 10000,
+        "default": 1000,
+    }
+    assert all(type(published[k]) is int for k in ("minimum", "maximum", "default"))
+    assert (
+        parse_template(
+            "name: y\nparameters:\n  r: {type: number, default: 2.0}\n"
+            "steps:\n  - {id: a, kind: render, text: hi}\n"
+        )
+        .parameters["r"]
+        .default
+        == 2.0
+    )  # a number stays as written

@@ -149,6 +149,8 @@ def _parameters(c: Checker, value: Any, budget: PatternBudget) -> dict[str, Para
                 except msgspec.ValidationError:
                     c.add((*path, key), f"{key} must be {_PARAM_TAKES[key]}, got {describe(value)}")
             continue
+        if ptype == "integer":
+            param = _whole(param)
         if param.pattern is not None:
             why = budget.problem(param.pattern)
             if why:
@@ -208,6 +210,23 @@ def _parameters(c: Checker, value: Any, budget: PatternBudget) -> dict[str, Para
                 )
         out[name] = param
     return out
+
+
+def _whole(param: Parameter) -> Parameter:
+    """An integer parameter with its numbers written as floats (YAML reads ``1e3`` and
+    ``10.0`` so) made whole: a default of 1000.0 reached the template as a float, and
+    ``range(params.n)`` failed; the published schema said ``maximum: 10.0``."""
+
+    def whole(value: Any) -> Any:
+        return int(value) if isinstance(value, float) and value.is_integer() else value
+
+    return msgspec.structs.replace(
+        param,
+        minimum=whole(param.minimum),
+        maximum=whole(param.maximum),
+        default=whole(param.default),
+        enum=None if param.enum is None else [whole(e) for e in param.enum],
+    )
 
 
 def _bounds_fit(c: Checker, path: Path_, param: Parameter) -> bool:
