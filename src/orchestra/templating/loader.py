@@ -11,7 +11,7 @@ import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jsonschema
 import msgspec
@@ -119,7 +119,8 @@ def _step_schemas(value: Any, path: Path_) -> Iterator[tuple[Path_, dict[str, An
 def _parameters(c: Checker, value: Any, budget: PatternBudget) -> dict[str, Parameter]:
     out: dict[str, Parameter] = {}
     data = c.mapping(value, ("parameters",), "'parameters'") if value is not None else {}
-    for name, spec in (data or {}).items():
+    # Typed as text, but YAML keys may be anything (true, 12).
+    for name, spec in cast("dict[Any, Any]", data or {}).items():
         path: Path_ = ("parameters", name)
         if not isinstance(name, str):
             # YAML reads an unquoted true, null or 12 as a value, not a name.
