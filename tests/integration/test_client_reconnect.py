@@ -446,6 +446,15 @@ async def test_a_quiet_stream_a_proxy_ended_cleanly_is_resumed_while_the_task_ru
     events = "/api/v1/tasks/1/events"
     assert asked == [events, f"{events}?after=1", "/api/v1/tasks/1", f"{events}?after=1"]
 
+    # The task finished after the quiet answer ended: it is opened once more, for the last
+    # events (the follower returned without them, task.finished among them).
+    answers[2] = _task_answer("succeeded")
+    asked.clear()
+    async with loopback_server(scripted) as url:
+        seen = await _follow(kind, url, ReconnectPolicy(window=30, backoff=0.01, max_wait=0.05))
+    assert seen == [1, 2, 3]
+    assert asked == [events, f"{events}?after=1", "/api/v1/tasks/1", f"{events}?after=1"]
+
     revoked = b'{"status":401,"code":"unauthorized","message":"the API key is not valid"}'
     answers[2] = b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\n" + (
         b"Content-Length: %d\r\n\r\n%s" % (len(revoked), revoked)

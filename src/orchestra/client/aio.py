@@ -143,6 +143,8 @@ class AsyncClient:
                 continue
             follow.opened()
             reader = core.SseReader()
+            over: bool | None = False
+            dropped: ClientError
             try:
                 async for line in aiter_lines(response):
                     follow.heard(line)
@@ -156,13 +158,18 @@ class AsyncClient:
                 dropped = ConnectionFailed(self.url, str(exc) or type(exc).__name__, cut=True)
             else:
                 over = follow.over()
-                if over is None and task_id is not None:
-                    over = core.finished(await self.get_task(task_id))
                 if over:
                     return
                 dropped = ConnectionFailed(self.url, "the stream ended early")
             finally:
                 await response.aclose()
+            if over is None and task_id is not None:  # ended without an event: is it over?
+                try:
+                    if core.finished(await self.get_task(task_id)):
+                        follow.last_look()
+                        continue
+                except ClientError as exc:  # a 401 (a key revoked) is raised by retry_in
+                    dropped = exc
             await self._sleep(follow.retry_in(dropped))
 
     # -- tasks -------------------------------------------------------------------------------

@@ -19,8 +19,10 @@ answer that ends cleanly after other events was cut short (a proxy, a service th
 and is resumed. A service that stops ends its streams with SSE's ``retry:`` field, "come
 back": such an answer is resumed even when it carried no event. An answer that ends without
 an event is the end only if the task has finished (``after`` was at or past its last event):
-the client asks. A proxy that ends streams after a while ends a quiet one so too, and the
-service ends the stream of a key revoked meanwhile so (asking then raises its 401).
+the client asks, and when it has, opens the stream once more (the task may have finished
+after the answer ended: its last events are then sent); an answer without an event then is
+the end. A proxy that ends streams after a while ends a quiet one so too, and the service
+ends the stream of a key revoked meanwhile so (asking then raises its 401).
 """
 
 from __future__ import annotations
@@ -97,6 +99,8 @@ class Follow:
         #: Whether the current connection asked to be opened again (``retry:``: a stop).
         self._asked_back = False
         self._last_type: str | None = None
+        #: The task was found finished after a quiet answer: the next answer is the last look.
+        self._last_look = False
         #: Since when the stream is down (None: it is up).
         self._down_since: float | None = None
         self._tries = 0
@@ -125,6 +129,7 @@ class Follow:
             self.position = int(message.id)
         self._last_type = message.event
         self._delivered = True
+        self._last_look = False  # the task went on (retried): a quiet answer is asked again
 
     def over(self) -> bool | None:
         """Whether an answer the service ended cleanly was the stream's end (see the module's
@@ -136,7 +141,12 @@ class Follow:
             return True
         if self._delivered or self._asked_back:
             return False
-        return None
+        return True if self._last_look else None
+
+    def last_look(self) -> None:
+        """The task was found finished after an answer without an event: open the stream
+        once more (at once), and take an answer without an event then for the end."""
+        self._last_look = True
 
     def retry_in(self, failure: ClientError) -> float:
         """Seconds to wait before opening the stream again after ``failure`` (the stream

@@ -131,6 +131,8 @@ class Client:
                 continue
             follow.opened()
             reader = core.SseReader()
+            over: bool | None = False
+            dropped: ClientError
             try:
                 for line in iter_lines(response):
                     follow.heard(line)
@@ -144,13 +146,18 @@ class Client:
                 dropped = ConnectionFailed(self.url, str(exc) or type(exc).__name__, cut=True)
             else:
                 over = follow.over()
-                if over is None and task_id is not None:
-                    over = core.finished(self.get_task(task_id))
                 if over:
                     return
                 dropped = ConnectionFailed(self.url, "the stream ended early")
             finally:
                 response.close()
+            if over is None and task_id is not None:  # ended without an event: is it over?
+                try:
+                    if core.finished(self.get_task(task_id)):
+                        follow.last_look()
+                        continue
+                except ClientError as exc:  # a 401 (a key revoked) is raised by retry_in
+                    dropped = exc
             self._sleep(follow.retry_in(dropped))
 
     # -- tasks -------------------------------------------------------------------------------
