@@ -143,5 +143,10 @@ def test_with_a_schema_the_first_value_that_fits_it_is_the_answer() -> None:
     assert parse_json_text('Note [1]: the answer is {"a": 4} ok') == [1]
     # Nothing fits: the first value, for the schema's check to say why.
     assert parse_json_text("[1] and [2]", fits=is_object) == [1]
+    # Citations side by side, or straight before the object (review: "more than one value").
+    assert parse_json_text('Sources [1][2]: {"a": 1}', fits=is_object) == {"a": 1}
+    assert parse_json_text('See [1] {"a": 1}', fits=is_object) == {"a": 1}
+    with pytest.raises(ValueError, match="more than one JSON value"):
+        parse_json_text('See [1] {"a": 1}')  # without a schema, which one is ambiguous
     # A value inside one that does not fit is not taken for the answer.
     assert parse_json_text('[{"a": 1}] and more', fits=is_object) == [{"a": 1}]

@@ -34,6 +34,8 @@ def test_a_map_s_inner_step_id_follows_the_rule_of_step_ids() -> None:
     [(line, path, message)] = problems(body.format("'bad id'"))
     assert (line, path) == (6, "steps[0].step.id")
     assert message.startswith("step id 'bad id' ")
+    [(_, path, message)] = problems(body.format("''"))  # it became "item" (review)
+    assert path == "steps[0].step.id" and message.startswith("step id '' ")
 
 
 def test_each_built_in_file_is_named_after_its_template() -> None:
@@ -83,6 +85,12 @@ def test_unique_items_applies_to_arrays_and_is_published() -> None:
             "name: x\nparameters:\n  true: {type: string}\nsteps:\n  - {id: a, prompt: hi}\n",
             "parameters[True]",
             "parameter name true is read by YAML as a boolean; quote it",
+        ),
+        # 1 == True: a lookup by value called the name 1 "true" (review).
+        (
+            "name: x\nparameters:\n  1: {type: string}\nsteps:\n  - {id: a, prompt: hi}\n",
+            "parameters[1]",
+            "parameter name 1 is read by YAML as an integer; quote it",
         ),
         ("name: x\nsteps:\n  - id: a\n    text:\thi\n", "", "(YAML takes spaces there, not tabs)"),
         # An empty model was taken as none, where a task's "model": "" is refused.

@@ -353,3 +353,5 @@ def test_tojson_gives_a_model_the_json_as_written() -> None:
     )
     assert render_text("{{ v | tojson(2) }}", {"v": {"a": 1}}, what="t") == '{\n  "a": 1\n}'
     assert render_text("{{ v | tojson(indent=1) }}", {"v": [1]}, what="t") == "[\n 1\n]"
+    with pytest.raises(RenderError, match="indent must be a whole number from 0 to 16"):
+        render_text("{{ v | tojson(10**6) }}", {"v": [[1]] * 50}, what="t")

@@ -124,7 +124,9 @@ def _parameters(c: Checker, value: Any, budget: PatternBudget) -> dict[str, Para
         path: Path_ = ("parameters", name)
         if not isinstance(name, str):
             # YAML reads an unquoted true, null or 12 as a value, not a name.
-            written = {True: "true", False: "false", None: "null"}.get(name, str(name))
+            # (By identity: 1 == True, and a dict lookup took the key 1 for true.)
+            written = "true" if name is True else "false" if name is False else str(name)
+            written = "null" if name is None else written
             c.add(path, f"parameter name {written} is read by YAML as {describe(name)}; quote it")
             continue
         if not IDENT.fullmatch(name):
@@ -142,13 +144,18 @@ def _parameters(c: Checker, value: Any, budget: PatternBudget) -> dict[str, Para
         known = {k: v for k, v in fields.items() if k in PARAM_KEYS}
         try:
             param = msgspec.convert({**known, "name": name}, Parameter)
-        except msgspec.ValidationError:
+        except msgspec.ValidationError as exc:
             # Every key of the wrong type, not the first alone.
-            for key, value in known.items():
+            bad = []
+            for key, given in known.items():
                 try:
-                    msgspec.convert({"name": name, "type": ptype, key: value}, Parameter)
+                    msgspec.convert({"name": name, "type": ptype, key: given}, Parameter)
                 except msgspec.ValidationError:
-                    c.add((*path, key), f"{key} must be {_PARAM_TAKES[key]}, got {describe(value)}")
+                    bad.append(key)
+                    takes = _PARAM_TAKES.get(key, "another type")
+                    c.add((*path, key), f"{key} must be {takes}, got {describe(given)}")
+            if not bad:  # wrong together only: never dropped in silence
+                c.add(path, str(exc).replace("`", ""))
             continue
         if ptype == "integer":
             param = _whole(param)

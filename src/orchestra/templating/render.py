@@ -116,9 +116,10 @@ class _NotHere(Exception):
     """No JSON value starts at this place (its first character is already wrong)."""
 
 
-def _decode_at(raw: str, start: int) -> tuple[Any, int]:
+def _decode_at(raw: str, start: int, *, alone: bool = True) -> tuple[Any, int]:
     """The JSON value starting at ``start``, and where it ends; words after it are fine,
-    another JSON value straight after it is not (which of the two would be the answer?).
+    another JSON value straight after it is not, when it must be ``alone`` (without a schema:
+    which of the two would be the answer?).
 
     Raises:
         _NotHere: the text at ``start`` is not the beginning of a JSON value.
@@ -134,7 +135,7 @@ def _decode_at(raw: str, start: int) -> tuple[Any, int]:
     except RecursionError:
         raise ValueError("the JSON nests too deeply") from None
     rest = raw[end:].lstrip()
-    if rest[:1] in ("{", "["):
+    if alone and rest[:1] in ("{", "["):
         try:
             _DECODER.raw_decode(rest)
         except (ValueError, RecursionError):
@@ -207,7 +208,7 @@ def _parse_json_text(text: Any, fits: Callable[[Any], bool] | None = None) -> An
         if match.start() < past:
             continue
         try:
-            value, past = _decode_at(raw, match.start())
+            value, past = _decode_at(raw, match.start(), alone=fits is None)
         except _NotHere as exc:
             first = first or f"{exc}: line 1 column {match.start() + 1} (char {match.start()})"
             continue

@@ -332,6 +332,12 @@ def _safe_filters(env: ImmutableSandboxedEnvironment) -> None:
     def tojson(ctx: Any, value: Any, indent: int | None = None) -> str:
         # Jinja's own is made for HTML pages: it escapes ' < > & and every non-ASCII letter
         # (\u0027, \u00e9) and sorts the keys. A prompt gets the JSON as written, in order.
+        if indent is not None and (
+            not isinstance(indent, int) or isinstance(indent, bool) or not 0 <= indent <= 16
+        ):  # json.dumps indents in Python, checking no deadline: 10**6 took 353 MB
+            raise RenderError(
+                f"tojson's indent must be a whole number from 0 to 16, not {indent!r}"
+            )
         check_data_size(value, "tojson's text")
         return json.dumps(value, ensure_ascii=False, indent=indent)
 

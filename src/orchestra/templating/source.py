@@ -396,13 +396,17 @@ def _in_words(seconds: float) -> str:
 
 
 def describe(value: Any) -> str:
+    """A value's kind in words (by isinstance: ruamel's ints and floats are subclasses)."""
     if value is None:
         return "nothing"
-    return {
-        dict: "a mapping",
-        list: "a list",
-        str: "a string",
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-    }.get(type(value), type(value).__name__)
+    for kind, words in (
+        (bool, "a boolean"),  # before int: a bool is one
+        (dict, "a mapping"),
+        (list, "a list"),
+        (str, "a string"),
+        (int, "an integer"),
+        (float, "a number"),
+    ):
+        if isinstance(value, kind):
+            return words
+    return type(value).__name__

@@ -309,7 +309,9 @@ def read_step(
         return None
     c.keys(data, path, COMMON_KEYS + KIND_KEYS[kind])
     reader = _StepReader(c, data, path, scope)
-    step_id = c.string(data, path, "id", required=not nested) or ("item" if nested else None)
+    step_id = c.string(data, path, "id", required=not nested)
+    if nested and step_id is None:
+        step_id = "item"  # an inner step's id is optional ("" is no id: checked below)
     if nested and step_id is not None and not IDENT.fullmatch(step_id):
         c.add((*path, "id"), f"step id {step_id!r} {IDENT_RULE}")  # a top-level one: read_steps
     common = {
