@@ -112,9 +112,14 @@ CASES: list[tuple[str, dict[str, Any], Reply, Any, list[str]]] = [
         fixed(
             '{"answer": "In SQLite.", "found": true, "evidence": '
             '["Orchestra stores tasks in SQLite.", "It is made of cheese.", " ", '
-            '" Orchestra stores tasks in SQLite. "]}'  # a blank quote is in any context
+            '" Orchestra stores tasks in SQLite. ", "It needs no broker.", '
+            '"it needs no broker."]}'  # blank: in any context; in another case: not in it
         ),
-        {"answer": "In SQLite.", "found": True, "evidence": ["Orchestra stores tasks in SQLite."]},
+        {
+            "answer": "In SQLite.",
+            "found": True,
+            "evidence": ["Orchestra stores tasks in SQLite.", "It needs no broker."],
+        },
         ["Question: Where are tasks stored?", "It needs no broker."],
     ),
     (
