@@ -31,7 +31,7 @@ from orchestra.errors import (
 from orchestra.templating.isolation import Renderer
 from orchestra.templating.loader import name_problem, parse_template
 from orchestra.templating.model import Template
-from orchestra.templating.registry import TemplateRegistry
+from orchestra.templating.registry import TemplateRegistry, held_by
 from orchestra.templating.source import TemplateProblem
 
 log = logs.get("orchestra.templates")
@@ -107,14 +107,14 @@ class TemplateCatalog:
 
     async def validate(self, text: str, source: str = "<request>") -> Template:
         """YAML text checked as a template (not registered), and its name as one this service
-        can take: not a built-in template's (which no file nor registration may take).
+        can register: not a built-in template's, nor a template file's.
 
         Raises:
             TemplateError: every problem, with positions.
         """
         template = await self._parse(text, source, self.limits)
         held = self.registry.is_file(template.name)
-        if held is not None and held.origin == "builtin":
+        if held is not None:  # registering it would be a 409
             raise TemplateError([name_problem(template, f"{_held_by(held)}; name yours otherwise")])
         return template
 
@@ -325,7 +325,4 @@ class TemplateCatalog:
 
 
 def _held_by(file: Template) -> str:
-    """What holds a template's name: a built-in one (shipped in the package) or a file."""
-    if file.origin == "builtin":
-        return f"template {file.name!r} is built in (shipped with Orchestra)"
-    return f"template {file.name!r} is defined by the file {file.source}"
+    return held_by(file.name, file.origin, file.source)

@@ -359,15 +359,18 @@ def templates_validate(files: tuple[Path, ...], config_path: str | None) -> None
     FILE:LINE:COLUMN: PATH: MESSAGE."""
     from orchestra.templating.loader import load_template, name_problem
     from orchestra.templating.model import Template
-    from orchestra.templating.registry import builtin_names, template_files
+    from orchestra.templating.registry import builtin_names, held_by, template_files
 
     limits = settings_of(config_path).limits
     builtins = builtin_names()
     seen: dict[str, Template] = {}
     failed = False
-    for file in [
-        f for given in files for f in (template_files(given) if given.is_dir() else [given])
-    ]:
+    # Each file once, however often it is named (a folder and a file in it).
+    unique: dict[Path, Path] = {}
+    for given in files:
+        for one in template_files(given) if given.is_dir() else [given]:
+            unique.setdefault(one.resolve(), one)
+    for file in unique.values():
         try:
             template = load_template(file, limits)
         except TemplateError as exc:
@@ -378,9 +381,7 @@ def templates_validate(files: tuple[Path, ...], config_path: str | None) -> None
         # A name one service cannot hold twice: a built-in's, or another file's here.
         name, held = template.name, builtins.get(template.name)
         if held is not None and held.resolve() != file.resolve():
-            clash = (
-                f"template name {name!r} is built in (shipped with Orchestra); name yours otherwise"
-            )
+            clash = f"{held_by(name, 'builtin', '')}; name yours otherwise"
         elif name in seen:
             clash = f"template name {name!r} is already defined in {seen[name].source}"
         else:

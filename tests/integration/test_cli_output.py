@@ -196,10 +196,10 @@ async def test_templates_validate_refuses_the_names_a_service_would(tmp_path: Pa
     (mine / "b.yaml").write_text(body.format("twice"))
     (mine / "c.yml").write_text(body.format("twice"))
     (mine / "notes.txt").write_text("not a template")
-    code, out, err = await run_cli("templates", "validate", str(mine))
-    assert code == 1
+    code, out, err = await run_cli("templates", "validate", str(mine), str(mine / "b.yaml"))
+    assert code == 1  # b.yaml named twice: checked once
     assert err.splitlines() == [
-        f"{mine / 'a.yaml'}:2:7: name: template name 'summarize' is built in (shipped with "
+        f"{mine / 'a.yaml'}:2:7: name: template 'summarize' is built in (shipped with "
         "Orchestra); name yours otherwise",
         f"{mine / 'c.yml'}:2:7: name: template name 'twice' is already defined in "
         f"{mine / 'b.yaml'}",

@@ -138,7 +138,8 @@ async def test_bad_feed_requests_are_400s_naming_the_field(service: Service) -> 
         answer = await service.client.get("/api/v1/events", params=params, headers=headers)
         assert answer.status_code == 400, answer.text
         assert answer.json()["fields"][0]["field"] == field, answer.text
-        assert "must be an integer, not '00005'" not in answer.text
+        if field == "after" and params["after"] == "00005":
+            assert "written without leading zeros (5, not 00005)" in answer.text, answer.text
 
 
 async def test_last_event_id_resumes_the_feed_across_a_restart(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -257,7 +258,12 @@ async def test_every_version_listed_of_a_file_template_can_be_shown(
         assert shown.status_code == 200, shown.text
         assert shown.json()["version"] == 2
         page = await svc.client.get("/ui/templates/greet", params={"version": 2})
-        assert page.status_code == 200 and "version 2" in page.text
+        assert page.status_code == 200
+        assert re.search(r"<small[^>]*>version 2 ·", page.text), page.text  # the one shown
+        # A file's name cannot be registered (409): validating it says so (review).
+        checked = await svc.client.post("/api/v1/templates/validate", content=V1)
+        [problem] = checked.json()["errors"]
+        assert "is defined by the file" in problem["message"] and problem["path"] == "name"
         missing = await svc.client.get("/api/v1/templates/greet", params={"version": 3})
         assert missing.status_code == 404
         body = {"template": "greet", "params": {"who": "Ada"}, "template_version": 2}

@@ -41,6 +41,14 @@ def template_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix in SUFFIXES and p.is_file())
 
 
+def held_by(name: str, origin: str, source: str) -> str:
+    """What holds a template's name, in words: a built-in template (shipped in the package) or
+    the file ``source``."""
+    if origin == "builtin":
+        return f"template {name!r} is built in (shipped with Orchestra)"
+    return f"template {name!r} is defined by the file {source}"
+
+
 def builtin_names() -> dict[str, Path]:
     """The built-in templates' names and files, without parsing them (each built-in file is
     named after its template)."""
