@@ -111,10 +111,17 @@ def _error_path(err: jsonschema.ValidationError) -> list[Any]:
 REPLY_SHOWN = 300
 
 
+def _fits(schema: dict[str, Any] | None) -> Callable[[Any], bool] | None:
+    """Whether a value fits ``schema``, to find the one in a reply that does (None: no
+    schema, the first value is the answer)."""
+    if schema is None:
+        return None
+    return lambda value: not _schema_problems(value, schema)
+
+
 def _check_json(text: str, schema: dict[str, Any] | None) -> tuple[Any, list[str]]:
-    fits = None if schema is None else (lambda value: not _schema_problems(value, schema))
     try:
-        value = parse_json_text(text, fits)
+        value = parse_json_text(text, _fits(schema))
     except ValueError as exc:
         return None, [f"the reply is not JSON ({exc})"]
     return value, ([] if schema is None else _schema_problems(value, schema))
@@ -247,10 +254,8 @@ async def run_parse_json(spec: ParseJsonStep, scope: Scope, ctx: Context) -> Out
     """Parse JSON from the input (text, or an already parsed value) and check its schema."""
     value = await ctx.render(evaluate, spec.input, scope, what=f"steps.{spec.id}.input")
     if isinstance(value, str):
-        schema = spec.schema
-        fits = None if schema is None else (lambda found: not _schema_problems(found, schema))
         try:
-            value = parse_json_text(value, fits)
+            value = parse_json_text(value, _fits(spec.schema))
         except ValueError as exc:
             raise InvalidOutput(
                 f"steps.{spec.id}.input is not JSON ({exc}): {value[:200]!r}"

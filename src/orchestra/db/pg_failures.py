@@ -57,6 +57,13 @@ def refused_value(exc: BaseException) -> InvalidRequest | None:
     return None
 
 
+def translate(exc: BaseException, where: str) -> InvalidRequest | StorageError | None:
+    """What an exception from PostgreSQL stands for in the error tree: a value it cannot
+    store (:func:`refused_value`), a failure of the database (:func:`storage_error`), or
+    None (a bug, a constraint the caller handles)."""
+    return refused_value(exc) or storage_error(exc, where)
+
+
 def storage_error(exc: BaseException, where: str) -> StorageError | None:
     """The :class:`StorageError` an exception from PostgreSQL (raw, or wrapped by SQLAlchemy)
     stands for, or None when it is not a failure of the database itself."""

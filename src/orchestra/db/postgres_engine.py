@@ -48,7 +48,7 @@ from orchestra import logs
 from orchestra.db import notices
 from orchestra.db.engine import POSTGRESQL, Database, settled
 from orchestra.db.failures import WriteHealth
-from orchestra.db.pg_failures import refused_value, retryable, storage_error
+from orchestra.db.pg_failures import retryable, translate
 from orchestra.errors import StorageError
 
 log = logs.get("orchestra.db")
@@ -177,12 +177,11 @@ class PostgresDatabase(Database):
                 if retryable(exc) and attempt < ATTEMPTS:
                     time.sleep(random.uniform(0, 0.002 * 2**attempt))
                     continue
-                if (refused := refused_value(exc)) is not None:
-                    raise refused from exc
-                error = storage_error(exc, self.where)
+                error = translate(exc, self.where)
                 if error is None:
                     raise
-                self.writes.failed(error)
+                if isinstance(error, StorageError):
+                    self.writes.failed(error)
                 raise error from exc
             if self.writes.succeeded() and self._loop:  # writes work again after failing
                 self._loop.call_soon_threadsafe(self._recovered)
@@ -219,9 +218,7 @@ class PostgresDatabase(Database):
         except StorageError:
             raise
         except Exception as exc:
-            if (refused := refused_value(exc)) is not None:
-                raise refused from exc
-            error = storage_error(exc, self.where)
+            error = translate(exc, self.where)
             if error is None:
                 raise
             raise error from exc
@@ -253,9 +250,7 @@ class PostgresDatabase(Database):
                     self._replace_pool(pool)
                     if attempt == 1:
                         continue
-                if (refused := refused_value(exc)) is not None:
-                    raise refused from exc
-                error = storage_error(exc, self.where)
+                error = translate(exc, self.where)
                 if error is None:
                     raise
                 raise error from exc

@@ -9,6 +9,8 @@ from litestar import Router
 from litestar.static_files import create_static_files_router
 
 from orchestra.api.auth import scope_guard
+from orchestra.api.docs_ui import SCHEMA_PATH
+from orchestra.api.metrics import PATH as METRICS_PATH
 from orchestra.config import Settings
 from orchestra.errors import ConfigError
 from orchestra.web.access import DashboardGate
@@ -26,8 +28,8 @@ from orchestra.web.webhook_pages import WebhookPages
 SERVICE_PATHS = {
     "/api": "the API's",
     "/health": "the health check's",
-    "/metrics": "Prometheus's",
-    "/schema": "the API's description's",
+    METRICS_PATH: "Prometheus's",
+    SCHEMA_PATH: "the API's description's",
 }
 
 
