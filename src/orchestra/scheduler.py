@@ -187,7 +187,7 @@ class ScheduleService:
         if old.source == "config" and not set(given) <= CONFIG_EDITABLE:
             raise ConflictError(
                 f"schedule {old.name!r} is declared in the settings' [[schedules]]: change it "
-                "there (only enabled can be changed here, until the next start)"
+                "there (only enabled can be changed here)"
             )
         spec = changes.apply(old.spec)
         if spec.cron is not None and "every" not in given and "cron" in given:
@@ -229,11 +229,9 @@ class ScheduleService:
         log.info("schedule.deleted", schedule=old.name)
         self.wake()
 
-    async def sync(self, declared: Sequence[ScheduleSpec], *, resume: bool = True) -> None:
+    async def sync(self, declared: Sequence[ScheduleSpec]) -> None:
         """Make the schedules declared in the settings the stored ``config`` ones (see
         :meth:`~orchestra.db.schedules.ScheduleStore.sync`), each checked as a new one is.
-        ``resume``: the declared ``enabled`` applies again (a start of the service); False
-        keeps each one paused or resumed as it is (a process started again alone).
 
         Raises:
             ConfigError: a declared schedule is wrong (its timing, template or parameters),
@@ -245,7 +243,7 @@ class ScheduleService:
                 checked.append((spec, await self._checked(spec)))
             except (InvalidRequest, NotFoundError) as exc:
                 raise ConfigError(f"schedules: {spec.name}: {told(exc)}") from None
-        done = await self.store.sync(checked, self._next_tick, iso(self.clock()), resume=resume)
+        done = await self.store.sync(checked, self._next_tick, iso(self.clock()))
         if any(done.values()):
             log.info("schedules.synced", **done)
         self.wake()

@@ -156,13 +156,7 @@ def child_main(
         sock.set_inheritable(False)
     link = Link(pipe, beats, slot, parent, settings.server.hang_timeout)
     try:
-        run_service(
-            settings,
-            show_key=show_key,
-            sockets=[sock],
-            on_started=link.started,
-            first=bootstrap,  # the first process of the supervisor's start, and only then
-        )
+        run_service(settings, show_key=show_key, sockets=[sock], on_started=link.started)
     except OrchestraError as exc:
         pipe.send((FAILED, startup_message(exc)))
         sys.exit(STARTUP_FAILURE)

@@ -98,7 +98,6 @@ def run_service(
     show_key: ShowKey | None = None,
     sockets: list[socket.socket] | None = None,
     on_started: Callable[[Server], None] | None = None,
-    first: bool = True,
 ) -> None:
     """Serve in this process until a stop signal: the API and workers as ``[server]`` says.
 
@@ -109,9 +108,6 @@ def run_service(
         sockets: Listen on these (a supervisor's shared socket), not on ``[server]``'s address.
         on_started: Called with the server once the lifespan started and it listens (in its
             event loop).
-        first: This process begins a start of the service (False: a process the supervisor
-            starts again alone, or the others of its start: the settings' schedules keep
-            their pauses).
 
     Raises:
         OrchestraError: what stopped the service from starting (the port is taken, a
@@ -130,7 +126,7 @@ def run_service(
 
     # The lifespan opens and checks everything before uvicorn accepts a connection; when it
     # fails, uvicorn exits and the caller prints the error.
-    app = create_app(settings, env=os.environ, show_key=show_key, first=first)
+    app = create_app(settings, env=os.environ, show_key=show_key)
     runtime: Runtime = app.runtime
     config = server_config(app, settings.server, timeout_graceful_shutdown=HTTP_DRAIN_SECONDS)
     server = Server(config, runtime, on_started)

@@ -417,12 +417,22 @@ async def test_config_schedules_are_synced_at_start_and_kept_read_only(
         paused = await svc.client.patch(f"{SCHEDULES}/nightly", json={"enabled": False})
         assert paused.status_code == 200 and paused.json()["next_fire_at"] is None
         await create(svc, name="mine", every="1h")
-    # A process the supervisor starts again (one that crashed) keeps the pause: it ended the
-    # pause for all of them, as if the service had started (helper-119).
-    async with start_service(with_one, first=False) as svc:
+    # A start keeps the pause: every start ended it, a supervisor's restart of one crashed
+    # process too, or a replica rescheduled (helper-119, helper-123).
+    async with start_service(with_one) as svc:
         kept = (await svc.client.get(f"{SCHEDULES}/nightly")).json()
         assert (kept["enabled"], kept["next_fire_at"]) == (False, None), kept
-    async with start_service(with_one) as svc:  # the file's enabled applies again
+    # The file's enabled applies when the file changes it.
+    off = no_workers(settings, schedules=[msgspec.structs.replace(declared, enabled=False)])
+    async with start_service(off) as svc:
+        assert (await svc.client.get(f"{SCHEDULES}/nightly")).json()["enabled"] is False
+        resumed = await svc.client.patch(f"{SCHEDULES}/nightly", json={"enabled": True})
+        assert resumed.json()["enabled"] is True
+    async with start_service(off) as svc:  # resumed through the API: that stands too
+        assert (await svc.client.get(f"{SCHEDULES}/nightly")).json()["enabled"] is True
+    async with start_service(off) as svc:
+        await svc.client.patch(f"{SCHEDULES}/nightly", json={"enabled": False})
+    async with start_service(with_one) as svc:  # the file says enabled again: it applies
         again = (await svc.client.get(f"{SCHEDULES}/nightly")).json()
         assert again["enabled"] and again["next_fire_at"] == one["next_fire_at"]
         assert again["id"] == one["id"]

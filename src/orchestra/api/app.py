@@ -296,7 +296,6 @@ def create_app(
     env: Mapping[str, str] | None = None,
     *,
     show_key: ShowKey | None = None,
-    first: bool = True,
 ) -> ServiceApp:
     """Build the service; its lifespan does the work of starting (:class:`Runtime`).
 
@@ -306,8 +305,7 @@ def create_app(
     ``app.runtime.startup_error``. ``env`` is where providers find the API keys their
     ``api_key_env`` names (the CLI passes the process environment; None: no keys).
     ``show_key`` receives the admin key a first start beyond loopback makes (None: no key is
-    made; the CLI shows it). ``first``: this process begins a start of the service (False:
-    the supervisor starts it again alone; the settings' schedules keep their pauses).
+    made; the CLI shows it).
 
     With ``[server] api = false`` the app serves /health and /metrics alone (see
     :func:`_workers_only`).
@@ -318,7 +316,7 @@ def create_app(
     surface = Surface.of(settings)
     if registry is None:
         registry = TemplateRegistry(settings.templates.dirs, limits=settings.limits)
-    runtime = Runtime(settings, registry, env or {}, show_key=show_key, first=first)
+    runtime = Runtime(settings, registry, env or {}, show_key=show_key)
     if surface.auth.rate_limit_per_minute:  # its counters live in the Litestar app
         return ServiceApp(runtime, _build(surface))
     return ServiceApp(runtime, _shared(surface))

@@ -69,8 +69,6 @@ class Runtime:
 
     ``show_key``: when given, a first start beyond loopback makes an admin key
     (:func:`~orchestra.auth.bootstrap_key`) and passes it here, as ``orchestra serve`` does.
-    ``first``: whether this process begins a start of the service, where the settings'
-    schedules' pauses end (False for a process the supervisor starts again).
     """
 
     def __init__(
@@ -80,10 +78,8 @@ class Runtime:
         env: Mapping[str, str],
         *,
         show_key: ShowKey | None = None,
-        first: bool = True,
     ) -> None:
         self.settings = settings
-        self.first = first
         self.registry = registry
         self.env = env
         self.show_key = show_key
@@ -357,7 +353,7 @@ class Runtime:
                 # every process that runs workers (the database makes each tick fire once).
                 schedules = ScheduleService(ScheduleStore(db), self._tasks)
                 with self._startup_failure():
-                    await schedules.sync(s.schedules, resume=self.first)
+                    await schedules.sync(s.schedules)
                 ticker: asyncio.Task[None] | None = None
                 if s.server.workers:
                     ticks = ScheduleLoop(

@@ -113,7 +113,7 @@ class ScheduleController(Controller):
     ) -> ScheduleOut:
         """Change the fields given (``{"enabled": false}`` pauses), checked as a new schedule
         is. Giving ``cron`` drops ``every`` and the other way round. A schedule declared in
-        orchestra.toml can only be paused and resumed here (409), until the next start."""
+        the settings can only be paused and resumed here (409); that stands across starts."""
         return ScheduleOut.of(await schedules.update(ref, data))
 
     @delete(

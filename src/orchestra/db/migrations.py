@@ -534,6 +534,13 @@ _V19 = (
 _V20 = "CREATE INDEX ix_tasks_failed ON tasks (finished_at) WHERE status = 'failed'"
 
 
+# A settings schedule's enabled as its file declared it: a pause through the API then lasts
+# until the file's enabled changes, whichever process or host starts (every start ended it,
+# and a supervisor's restart of one crashed process too). NULL for the rows before: their
+# next start applies the file's enabled once, as every start did.
+_V21 = "ALTER TABLE schedules ADD COLUMN declared_enabled INTEGER"
+
+
 def _statements(*statements: str, postgresql: tuple[str, ...] | None = None) -> Migration:
     def apply(conn: Connection) -> None:
         dialect = conn.dialect.name
@@ -569,5 +576,6 @@ MIGRATIONS: list[Migration] = [
     _statements(*_V18),
     _statements(*_V19),
     _statements(_V20),
+    _statements(_V21),
 ]
 LATEST = len(MIGRATIONS)

@@ -347,15 +347,16 @@ class ScheduleStore:
         declared: Sequence[tuple[ScheduleSpec, float | None]],
         next_tick: NextTick,
         at: str,
-        *,
-        resume: bool = True,
     ) -> dict[str, list[str]]:
         """Make the config's schedules (``declared``: each spec with its ``every`` in
         seconds) the ``source = 'config'`` rows, in one transaction: add the new ones,
         update the changed ones (their next tick computed again only when their timing
         changed, so a restart keeps the ticks missed meanwhile), delete those no longer
-        declared. Returns the names added, changed and deleted. Without ``resume``, a stored
-        schedule keeps its ``enabled`` (its pause or resume through the API).
+        declared. Returns the names added, changed and deleted.
+
+        A schedule paused (or resumed) through the API stays so across starts, whichever
+        process or host starts: the file's ``enabled`` applies when it differs from the one
+        it declared before (``declared_enabled``), as a change of the file.
 
         Raises:
             ConfigError: a schedule made through the API has a declared name.
@@ -373,6 +374,7 @@ class ScheduleStore:
                 if row is None:
                     values = {
                         **_values(spec, every),
+                        "declared_enabled": int(spec.enabled),
                         "next_fire_at": next_tick(spec, every, at),
                         "source": "config",
                         "created_at": at,
@@ -387,18 +389,20 @@ class ScheduleStore:
                         "name; rename one of them"
                     )
                 old = _schedule(row)
-                if not resume:
-                    spec = msgspec.structs.replace(spec, enabled=old.spec.enabled)
-                if old.spec == spec:
+                declaring = int(spec.enabled)
+                if row.declared_enabled == declaring:  # the file's enabled as before: a pause
+                    spec = msgspec.structs.replace(spec, enabled=old.spec.enabled)  # stands
+                if old.spec == spec and row.declared_enabled == declaring:
                     continue
                 timing = ("cron", "timezone", "every", "enabled")
                 next_at = old.next_fire_at
                 if any(getattr(old.spec, k) != getattr(spec, k) for k in timing):
                     next_at = next_tick(spec, every, row.created_at)
+                changes = {**_values(spec, every), "declared_enabled": declaring}
                 conn.execute(
                     update(schedules)
                     .where(schedules.c.id == row.id)
-                    .values({**_values(spec, every), "next_fire_at": next_at, "updated_at": at})
+                    .values({**changes, "next_fire_at": next_at, "updated_at": at})
                 )
                 done["changed"].append(spec.name)
             gone = select(schedules.c.id, schedules.c.name).where(

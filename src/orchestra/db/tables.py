@@ -271,6 +271,8 @@ schedules = Table(
     Column("timezone", Text, nullable=False),
     Column("every_seconds", Float),
     Column("enabled", Int, nullable=False, server_default=text("1")),
+    #: A settings schedule's ``enabled`` as its file last declared it (NULL: through the API).
+    Column("declared_enabled", Int),
     Column("overlap", Text, nullable=False),
     Column("catch_up", Text, nullable=False),
     Column("next_fire_at", Text),
