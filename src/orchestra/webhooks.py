@@ -24,7 +24,6 @@ import socket
 from datetime import timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any
-from urllib.parse import unquote
 
 import msgspec
 
@@ -292,8 +291,9 @@ def parse_destination(url: str, field: str = "url") -> tuple[str, str, int]:
     if not parsed.host:
         raise _malformed(field, "has no host")
     if "%" in parsed.host:  # a space or <> in it, which the URL parser percent-encodes
-        shown = unquote(parsed.host)
-        raise _malformed(field, f"has {shown!r} as its host, which is not a host name")
+        raise _malformed(
+            field, f"has {parsed.host!r} as its host: a host name holds no spaces or % escapes"
+        )
     if parsed.userinfo:
         raise _malformed(field, "must not carry a user name or password")
     if parsed.port is not None and not 0 < parsed.port < 65536:

@@ -713,10 +713,10 @@ def test_secrets_are_standard_webhooks_secrets() -> None:
 def test_a_host_that_is_no_host_name_is_malformed_not_unresolvable() -> None:
     """ "http://exa mple.com/" was a 422 "its host 'exa%20mple.com' does not resolve", where
     the docs make a malformed URL a 400."""
-    for url in ("http://exa mple.com/", "http://exa%20mple.com/", "http://a<b>.com/"):
+    for url in ("http://exa mple.com/", "http://ex%41mple.com/", "http://a<b>.com/"):
         with pytest.raises(DestinationRefused) as refused:
             parse_destination(url)
-        assert "is not a host name" in refused.value.fields[0].message, url
+        assert "a host name holds no spaces or % escapes" in refused.value.fields[0].message
     assert parse_destination("http://bücher.example/")[1] == "bücher.example"
     assert parse_destination("http://[::1]:8080/")[1:] == ("::1", 8080)
     assert parse_destination("http://my_host.local/")[1] == "my_host.local"
