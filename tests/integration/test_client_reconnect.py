@@ -13,6 +13,7 @@ import sys
 import time
 from asyncio import FIRST_COMPLETED
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -302,6 +303,20 @@ async def _follow(kind: str, url: str, policy: ReconnectPolicy, after: int = 0) 
     return seen
 
 
+def _scripted(answers: list[bytes], asked: list[str]) -> Any:
+    """A server answering its n-th request with ``answers[n]`` (then cutting the connection:
+    an answer without its last chunk is cut), noting each request's target in ``asked``."""
+
+    async def scripted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        asked.append(head.split()[1].decode())
+        writer.write(answers[len(asked) - 1])
+        await writer.drain()
+        writer.transport.abort()
+
+    return scripted
+
+
 QUICK = ReconnectPolicy(window=0.5, backoff=0.05, max_wait=0.1)
 
 
@@ -318,12 +333,7 @@ async def test_a_stream_resumes_after_its_last_event_through_cuts_and_a_503(kind
         _sse_answer((4, "step.finished"), (5, "task.finished"), end=True),
     ]
 
-    async def scripted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        asked.append(head.split()[1].decode())
-        writer.write(answers[len(asked) - 1])
-        await writer.drain()
-        writer.transport.abort()  # no last chunk unless the answer has it
+    scripted = _scripted(answers, asked)
 
     async with loopback_server(scripted) as url:
         seen = await _follow(kind, url, ReconnectPolicy(window=30, backoff=0.01, max_wait=0.05))
@@ -399,12 +409,7 @@ async def test_a_stream_a_stopping_service_ended_without_an_event_is_resumed(kin
         _sse_answer((3, "task.finished"), end=True),
     ]
 
-    async def scripted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        asked.append(head.split()[1].decode())
-        writer.write(answers[len(asked) - 1])
-        await writer.drain()
-        writer.transport.abort()
+    scripted = _scripted(answers, asked)
 
     async with loopback_server(scripted) as url:
         seen = await _follow(kind, url, ReconnectPolicy(window=30, backoff=0.01, max_wait=0.05))
@@ -433,12 +438,7 @@ async def test_a_quiet_stream_a_proxy_ended_cleanly_is_resumed_while_the_task_ru
         _sse_answer((2, "task.started"), (3, "task.finished"), end=True),
     ]
 
-    async def scripted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        asked.append(head.split()[1].decode())
-        writer.write(answers[len(asked) - 1])
-        await writer.drain()
-        writer.transport.abort()
+    scripted = _scripted(answers, asked)
 
     async with loopback_server(scripted) as url:
         seen = await _follow(kind, url, ReconnectPolicy(window=30, backoff=0.01, max_wait=0.05))
