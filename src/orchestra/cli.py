@@ -249,20 +249,32 @@ def submit(
 ) -> None:
     """Submit a task to a running server and print its id (ID=$(orchestra submit …)); with
     --wait, print its result once it has finished (exit 1 if it failed or was cancelled)."""
-    with client_for(url, config_path) as client:
-        values = param_values(params, client.get_template(template).parameters)
-        task = client.submit(
-            template,
-            values,
-            priority=priority,
-            model=model,
-            delay=delay,
-            idempotency_key=idempotency_key,
+    queued: int | None = None
+    try:
+        with client_for(url, config_path) as client:
+            values = param_values(params, client.get_template(template).parameters)
+            task = client.submit(
+                template,
+                values,
+                priority=priority,
+                model=model,
+                delay=delay,
+                idempotency_key=idempotency_key,
+            )
+            queued = task.id
+            click.echo(f"task {task.id} {task.status}", err=True)
+            if wait:
+                _show_progress(client, task.id)
+                task = client.wait(task.id)  # at once when the stream saw it end; else polled
+    except CliError as exc:
+        if queued is None:
+            raise
+        # The wait failed, not the task: say which one to look for (same exit code).
+        told = type(exc)(
+            f"{exc.message}\ntask {queued} was queued and may still run: "
+            f"orchestra tasks show {queued}"
         )
-        click.echo(f"task {task.id} {task.status}", err=True)
-        if wait:
-            _show_progress(client, task.id)
-            task = client.wait(task.id)  # at once when the stream saw it finish; else by polling
+        raise told from None
     if as_json:
         click.echo(to_json(task))
     elif not wait:
@@ -307,8 +319,9 @@ def _show_progress(client: Client, task_id: int) -> None:
                 line_open_by = None
     except ApiError:
         pass  # no stream (an old server, a proxy): the result is still waited for
-    if streamed:
-        click.echo("", err=True)
+    finally:
+        if streamed:  # the text's line ends (an error then is not glued to it)
+            click.echo("", err=True)
 
 
 @main.group()

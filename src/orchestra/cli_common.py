@@ -14,6 +14,8 @@ Exit codes (docs/install.md, "Exit codes"):
 4     the API key is missing or refused (401), or its scope is too small (403), or it
       cannot be sent (not printable ASCII)
 5     not found (404: a task, a template, a schedule; ``keys revoke``: no such active key)
+6     the request went out and no answer came (a timeout, a broken connection): it may
+      have been carried out, so check before sending it again
 ====  =====================================================================================
 """
 
@@ -49,6 +51,7 @@ class ExitCode(IntEnum):
     UNREACHABLE = 3
     AUTH = 4
     NOT_FOUND = 5
+    UNKNOWN = 6
 
 
 class CliError(click.ClickException):
@@ -61,6 +64,13 @@ class ServerUnreachable(CliError):
     """Nothing answered at the server's URL (exit 3)."""
 
     exit_code = ExitCode.UNREACHABLE
+
+
+class OutcomeUnknown(CliError):
+    """A request that changes something went out, and no answer came: it may have been
+    carried out (exit 6; exit 3 would tell a script it is safe to send it again)."""
+
+    exit_code = ExitCode.UNKNOWN
 
 
 class KeyRefused(CliError):
@@ -240,12 +250,16 @@ def client_for(url: str | None, config_path: str | None) -> Iterator[Client]:
             f"{exc}: an argument (or a file read with @) is not UTF-8; give its text as UTF-8"
         ) from None
     except ConnectionFailed as exc:
+        if exc.broke:  # first: a POST's timeout is one too, and it may have been done
+            raise OutcomeUnknown(
+                f"{exc}; see whether it was (orchestra tasks list) before sending it again"
+            ) from None
         if isinstance(exc.__cause__, httpx.TimeoutException):
             raise ServerUnreachable(
                 f"the server at {base} did not answer within {timeout:g} s "
                 "(orchestra --timeout SECONDS, or ORCHESTRA_TIMEOUT, waits longer)"
             ) from None
-        if exc.broke or exc.cut:
+        if exc.cut:
             raise ServerUnreachable(str(exc)) from None
         raise ServerUnreachable(f"cannot reach the server at {base}: {exc.reason}") from None
     except ApiError as exc:
@@ -289,6 +303,10 @@ def failure(exc: ApiError, base: str | None = None) -> CliError:
             else "no key was sent: set ORCHESTRA_API_KEY to a key with that scope"
         )
         return KeyRefused("\n".join(lines))
+    if exc.status == 404 and not exc.code.endswith("_not_found"):
+        # Not a task or a schedule missing: nothing of Orchestra's at that URL (another web
+        # server's 404, or a path under the service's). Exit 5 told scripts the task was gone.
+        return ServerUnreachable("\n".join(lines))
     return (NothingFound if exc.status == 404 else CliError)("\n".join(lines))
 
 

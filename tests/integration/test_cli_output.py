@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from orchestra.config import Settings, TemplateSettings
-from tests.conftest import Service, StartService, make_keys, make_settings
+from tests.conftest import Service, StartService, make_keys, make_settings, revoke_key
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import wait_until
 from tests.integration.test_cli import run_cli
@@ -240,3 +240,40 @@ async def test_submit_wait_shows_each_step_s_streamed_text_on_lines_of_its_own(
     code, _, err = await run_cli("submit", "twostep", "--wait", "--url", service.url)
     assert code == 0, err
     assert "Draft one.\nFinal two.\n" in err, err
+
+
+async def test_a_wait_that_fails_names_the_task_it_queued(
+    db_url: str, fake_ollama: FakeOllama, start_service: StartService
+) -> None:
+    """`submit --wait` that lost its server (or its key) partway exited with the task's id
+    only on stderr's first line, far above, and its error glued to the streamed text."""
+    tokens = await make_keys(db_url, "submit")
+    async with start_service(make_settings(db_url, fake_ollama.url)) as svc:
+        waiting = asyncio.ensure_future(
+            run_cli(
+                "submit",
+                "summarize",
+                "-p",
+                "text=x",
+                "--delay",
+                "600",
+                "--wait",
+                "--url",
+                svc.url,
+                key=tokens["submit"],
+            )
+        )
+        headers = {"Authorization": f"Bearer {tokens['submit']}"}
+
+        async def queued() -> bool:
+            answer = await svc.client.get("/api/v1/tasks", headers=headers)
+            return bool(answer.json()["items"])
+
+        await wait_until(queued, timeout=30)
+        [task] = (await svc.client.get("/api/v1/tasks", headers=headers)).json()["items"]
+        await revoke_key(db_url, "k-submit")  # the stream ends; the client's next ask: 401
+        code, out, err = await waiting
+    assert code == 4 and out == "", err
+    assert err.rstrip().endswith(
+        f"task {task['id']} was queued and may still run: orchestra tasks show {task['id']}"
+    ), err
