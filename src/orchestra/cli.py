@@ -220,7 +220,8 @@ def show_bootstrap_key(key: ApiKey, token: str, host: str) -> None:
     "params",
     multiple=True,
     metavar="NAME=VALUE",
-    help="A parameter; @FILE reads the value from a file. Repeatable.",
+    help="A parameter; @FILE reads the value from a file, @- from standard input; @@ starts "
+    "a value with @. Repeatable.",
 )
 @click.option("--wait/--no-wait", default=False, help="Wait for the result and print it.")
 @click.option(

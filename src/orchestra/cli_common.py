@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import IntEnum
@@ -133,7 +134,7 @@ def base_url(url: str | None, config_path: str | None) -> str:
     url = given_url(url)
     if url:
         scheme, _, rest = url.partition("://")
-        if scheme.lower() not in ("http", "https") or not rest.strip("/"):
+        if scheme.lower() not in ("http", "https") or not rest.strip("/") or not _parses(url):
             raise click.BadParameter(
                 f"{url!r} is not a URL such as http://127.0.0.1:8000", param_hint="'--url'"
             )
@@ -143,15 +144,37 @@ def base_url(url: str | None, config_path: str | None) -> str:
     return f"http://{host}:{s.port}"
 
 
+def _parses(url: str) -> bool:
+    """Whether ``url`` is one httpx can send to (a port of digits, a closed bracket, no
+    control character): a bad one was a traceback from the first request."""
+    import httpx
+
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError):
+        return False
+    return bool(parsed.host) and not any(ord(c) < 32 or ord(c) == 127 for c in url)
+
+
 def coerce(name: str, raw: str, schema: dict[str, Any]) -> Any:
     """Turn -p name=value text into the parameter's declared type.
+
+    ``@FILE`` is the file's text, ``@-`` standard input's, and ``@@…`` the text ``@…`` (a
+    value that starts with ``@``, a mention say).
 
     Raises:
         click.BadParameter: ``@FILE`` cannot be read (a usage error: exit 2).
         CliError: the value is not of the parameter's type (an invalid parameter, as the
             server's 422: exit 1).
     """
-    if raw.startswith("@"):
+    if raw.startswith("@@"):
+        raw = raw[1:]
+    elif raw == "@-":
+        try:
+            raw = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise click.BadParameter(f"{name}: standard input is not UTF-8 text") from exc
+    elif raw.startswith("@"):
         try:
             raw = Path(raw[1:]).read_text(encoding="utf-8")
         except OSError as exc:

@@ -27,10 +27,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 async def run_cli(
-    *args: str, env: dict[str, str] | None = None, key: str | None = None
+    *args: str, env: dict[str, str] | None = None, key: str | None = None, stdin: bytes = b""
 ) -> tuple[int, str, str]:
     """``orchestra ARGS``: its exit code, stdout and stderr; ``key`` as ORCHESTRA_API_KEY
-    (none by default, whatever the caller's environment says)."""
+    (none by default, whatever the caller's environment says); ``stdin``, its input."""
     base = {k: v for k, v in os.environ.items() if k != "ORCHESTRA_API_KEY"}
     if key is not None:
         base["ORCHESTRA_API_KEY"] = key
@@ -39,11 +39,12 @@ async def run_cli(
         "-m",
         "orchestra",
         *args,
+        stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**base, **(env or {})},
     )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    out, err = await asyncio.wait_for(proc.communicate(stdin), timeout=60)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
@@ -356,6 +357,27 @@ async def test_serve_refuses_a_name_clash_in_one_clean_line(
     assert "also registered through the API" in err and "greet.yaml" in err
 
 
+async def test_a_value_may_start_with_an_at_sign_or_come_from_standard_input(
+    service: Service, fake_ollama: FakeOllama
+) -> None:
+    """ "@alice said hi" was read as a file, with no way to escape it; "@-" as a file named
+    "-" (helper-124)."""
+    code, out, err = await run_cli(
+        "submit", "summarize", "-p", "text=@@alice said hi", "--url", service.url
+    )
+    assert code == 0, err
+    first = await service.wait(int(out))
+    code, out, err = await run_cli(
+        "submit", "summarize", "-p", "text=@-", "--url", service.url, stdin=b"from a pipe\n"
+    )
+    assert code == 0, err
+    second = await service.wait(int(out))
+    assert (first["params"]["text"], second["params"]["text"]) == (
+        "@alice said hi",
+        "from a pipe\n",
+    )
+
+
 async def test_a_parameter_given_twice_and_a_url_that_is_not_one_are_usage_errors(
     service: Service,
 ) -> None:
@@ -363,7 +385,15 @@ async def test_a_parameter_given_twice_and_a_url_that_is_not_one_are_usage_error
         "submit", "summarize", "-p", "text=a", "-p", "text=b", "--url", service.url
     )
     assert code == 2 and "text is given twice" in err, err
-    for bad in ("notaurl", "ftp://x", "http://"):
+    # A port that is no number, an open bracket, a control character: tracebacks (helper-124).
+    for bad in (
+        "notaurl",
+        "ftp://x",
+        "http://",
+        "http://127.0.0.1:abc",
+        "http://[::1",
+        "http://a\x01b",
+    ):
         code, _, err = await run_cli("tasks", "list", "--url", bad)
         assert code == 2 and "is not a URL such as http://127.0.0.1:8000" in err, (bad, err)
 
