@@ -382,7 +382,11 @@ def templates_validate(files: tuple[Path, ...], config_path: str | None) -> None
     # Each file once, however often it is named (a folder and a file in it).
     unique: dict[Path, Path] = {}
     for given in files:
-        for one in template_files(given) if given.is_dir() else [given]:
+        found = template_files(given) if given.is_dir() else [given]
+        if not found:  # a CI check of an empty folder passed, checking nothing
+            click.echo(f"{given}: no template files (*.yaml, *.yml) in this folder", err=True)
+            failed = True
+        for one in found:
             unique.setdefault(one.resolve(), one)
     for file in unique.values():
         try:

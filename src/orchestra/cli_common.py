@@ -268,8 +268,10 @@ def client_for(url: str | None, config_path: str | None) -> Iterator[Client]:
             yield client
     except InvalidApiKey as exc:
         raise KeyRefused(str(exc)) from None
-    except UnsendableValue as exc:  # a lone surrogate: an argument that is not UTF-8
-        raise CliError(
+    except UnsendableValue as exc:
+        if "surrogate" not in str(exc):  # a NaN or an infinity (--delay nan), say
+            raise CliError(str(exc)) from None
+        raise CliError(  # a lone surrogate: an argument that is not UTF-8
             f"{exc}: an argument (or a file read with @) is not UTF-8; give its text as UTF-8"
         ) from None
     except ConnectionFailed as exc:

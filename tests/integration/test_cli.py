@@ -396,6 +396,11 @@ async def test_a_parameter_given_twice_and_a_url_that_is_not_one_are_usage_error
     ):
         code, _, err = await run_cli("tasks", "list", "--url", bad)
         assert code == 2 and "is not a URL such as http://127.0.0.1:8000" in err, (bad, err)
+    # A NaN delay said the argument was not UTF-8 (helper-124).
+    code, _, err = await run_cli(
+        "submit", "summarize", "-p", "text=a", "--delay", "nan", "--url", service.url
+    )
+    assert code == 1 and "nan" in err and "UTF-8" not in err, err
 
 
 async def test_a_refusal_says_each_problem_once(service: Service) -> None:

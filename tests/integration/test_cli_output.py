@@ -205,6 +205,10 @@ async def test_templates_validate_refuses_the_names_a_service_would(tmp_path: Pa
         f"{mine / 'b.yaml'}",
     ], err
     assert out == f"{mine / 'b.yaml'}: ok (twice v1)\n"
+    # An empty folder checked nothing, and passed (helper-124).
+    (tmp_path / "empty").mkdir()
+    code, _, err = await run_cli("templates", "validate", str(tmp_path / "empty"))
+    assert code == 1 and "no template files (*.yaml, *.yml) in this folder" in err, err
     # The built-in's own file is no clash with itself.
     code, out, _ = await run_cli(
         "templates", "validate", str(REPO / "templates" / "summarize.yaml")
