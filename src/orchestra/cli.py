@@ -3,13 +3,15 @@ templates locally."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 import msgspec
@@ -82,7 +84,30 @@ def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> N
         ctx.exit()
 
 
-@click.group(invoke_without_command=True)
+class _Commands(click.Group):
+    """The CLI's group: what ends a command from outside is told by its exit code, as shells
+    do (click's own made both exit 1, which says a task failed): Ctrl-C 130, a reader that
+    stopped reading (``| head``) 141 with nothing said, a full disk a one-line error."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            served = ctx.invoked_subcommand in (None, "serve")
+            said = "" if served else " (what the server was asked to do goes on there)"
+            click.echo(f"\ninterrupted{said}", err=True)
+            ctx.exit(128 + signal.SIGINT)
+        except BrokenPipeError:
+            # Nothing more reaches the reader; the interpreter's last flush must not fail too.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(128 + signal.SIGPIPE)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EIO, errno.EFBIG):
+                raise
+            raise CliError(f"cannot write the output: {exc.strerror}") from None
+
+
+@click.group(cls=_Commands, invoke_without_command=True)
 @click.option(
     "--version",
     is_flag=True,

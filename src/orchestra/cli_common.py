@@ -16,6 +16,7 @@ Exit codes (docs/install.md, "Exit codes"):
 5     not found (404: a task, a template, a schedule; ``keys revoke``: no such active key)
 6     the request went out and no answer came (a timeout, a broken connection): it may
       have been carried out, so check before sending it again
+130   interrupted (Ctrl-C); 141: the output's reader stopped reading (``| head``)
 ====  =====================================================================================
 """
 

@@ -400,10 +400,10 @@ def model_name_problem(name: str) -> str | None:
     when a worker asked for them."""
     if not name:
         return "must not be empty (leave it out for the default)"
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        return "must not hold a control character (NUL, a line break, a tab)"
     if name != name.strip():
         return "must not begin or end with a space"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "must not hold a control character (NUL, a line break, a tab)"
     if name.endswith("/"):
         provider = name.rstrip("/")
         return f"ends with '/': name the model after its provider ({provider}/llama3.2)"

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -281,3 +284,52 @@ async def test_a_wait_that_fails_names_the_task_it_queued(
     assert err.rstrip().endswith(
         f"task {task['id']} was queued and may still run: orchestra tasks show {task['id']}"
     ), err
+
+
+async def test_ctrl_c_and_a_reader_that_stops_reading_have_their_exit_codes(
+    service: Service,
+) -> None:
+    """Both exited 1, the code of a failed task (click's "Aborted!", and nothing said):
+    a script under `set -o pipefail` read `orchestra tasks list | head -1` as a failure."""
+    for i in range(3):
+        await service.submit("summarize", text=f"t{i}")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "orchestra",
+        "submit",
+        "summarize",
+        "-p",
+        "text=x",
+        "--delay",
+        "600",
+        "--wait",
+        "--url",
+        service.url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    queued = await asyncio.wait_for(proc.stderr.readline(), timeout=60)
+    assert b"queued" in queued
+    proc.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == 130, err
+    assert b"interrupted (what the server was asked to do goes on there)" in err, err
+    reader, writer = os.pipe()
+    listing = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "orchestra",
+        "tasks",
+        "list",
+        "--json",
+        "--url",
+        service.url,
+        stdout=writer,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    os.close(writer)
+    os.close(reader)  # the reader is gone before anything is written
+    _, err = await asyncio.wait_for(listing.communicate(), timeout=60)
+    assert (listing.returncode, err) == (141, b""), err
