@@ -176,12 +176,8 @@ class TaskService:
         return look()
 
     async def named(self, name: str) -> None:
-        """Check that ``name`` names a template, or did: a registered template deleted (or a
-        file removed) names the tasks it ran, and their events, while they are kept.
-
-        Raises:
-            TemplateNotFound: no template has the name, and no task holds it.
-        """
+        """Check that ``name`` names a template, or did (a template deleted names its tasks,
+        and their events, while they are kept). Raises TemplateNotFound when neither."""
         try:
             await self.template(name)
         except TemplateNotFound:
