@@ -35,7 +35,11 @@ def _task_line(t: TaskSummaryOut) -> str:
 
 
 @tasks.command("list")
-@click.option("--status", type=click.Choice([s.value for s in TaskStatus]), help="Only these.")
+@click.option(
+    "--status",
+    type=click.Choice([s.value for s in TaskStatus]),
+    help="Only tasks in this status (one).",
+)
 @click.option("--template", help="Only tasks of this template.")
 @click.option(
     "--limit", type=click.IntRange(min=1), default=20, show_default=True, help="At most this many."
