@@ -249,6 +249,10 @@ async def test_submit_wait_shows_each_step_s_streamed_text_on_lines_of_its_own(
     assert "Draft one.\nFinal two.\n" in err, err
 
 
+#: A submit that waits on a task that will not start for ten minutes.
+WAITING_ON_A_DELAYED_TASK = ("submit", "summarize", "-p", "text=x", "--delay", "600", "--wait")
+
+
 async def test_a_wait_that_fails_names_the_task_it_queued(
     db_url: str, fake_ollama: FakeOllama, start_service: StartService
 ) -> None:
@@ -257,18 +261,7 @@ async def test_a_wait_that_fails_names_the_task_it_queued(
     tokens = await make_keys(db_url, "submit")
     async with start_service(make_settings(db_url, fake_ollama.url)) as svc:
         waiting = asyncio.ensure_future(
-            run_cli(
-                "submit",
-                "summarize",
-                "-p",
-                "text=x",
-                "--delay",
-                "600",
-                "--wait",
-                "--url",
-                svc.url,
-                key=tokens["submit"],
-            )
+            run_cli(*WAITING_ON_A_DELAYED_TASK, "--url", svc.url, key=tokens["submit"])
         )
         headers = {"Authorization": f"Bearer {tokens['submit']}"}
 
@@ -297,13 +290,7 @@ async def test_ctrl_c_and_a_reader_that_stops_reading_have_their_exit_codes(
         sys.executable,
         "-m",
         "orchestra",
-        "submit",
-        "summarize",
-        "-p",
-        "text=x",
-        "--delay",
-        "600",
-        "--wait",
+        *WAITING_ON_A_DELAYED_TASK,
         "--url",
         service.url,
         stdout=asyncio.subprocess.PIPE,
