@@ -24,9 +24,15 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from orchestra.cli_common import CliError, client_for, config_option, url_option
+from orchestra.cli_common import (
+    CliError,
+    ServerUnreachable,
+    client_for,
+    config_option,
+    url_option,
+)
 from orchestra.client.batch_calls import SUFFIXES as _SUFFIXES
-from orchestra.client.errors import ApiError
+from orchestra.client.errors import ApiError, ConnectionFailed
 
 if TYPE_CHECKING:  # imported when the command runs: the others start faster
     from orchestra.client.sync import Client
@@ -230,6 +236,15 @@ def run(
                 if not remembered and _refused(exc):  # no batch to resume: no key to keep
                     sidecar.unlink(missing_ok=True)
                 raise
+            except ConnectionFailed as exc:
+                if not exc.broke:
+                    raise
+                # It may have been carried out (exit 6 elsewhere), but with its key: the
+                # same command sends it again and makes no second batch.
+                raise ServerUnreachable(
+                    f"{exc}; the same command sends it again with its key (from {sidecar}), "
+                    "which makes no second batch"
+                ) from None
             batch_id = answer.batch.id
             sidecar.write_text(json.dumps({"digest": digest, "key": key, "batch_id": batch_id}))
             for p in answer.problems:

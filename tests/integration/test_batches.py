@@ -26,7 +26,7 @@ from orchestra.db import Database, TaskStore
 from tests.conftest import Service, StartService, rows_by_status, sql_rows
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.logs import captured
-from tests.fixtures.servers import wait_until
+from tests.fixtures.servers import loopback_server, wait_until
 
 ROWJOB = """\
 name: rowjob
@@ -762,6 +762,28 @@ async def test_the_cli_says_what_is_wrong_before_and_after_an_upload(
     assert code == 1, err
     assert err.count(" refused: ") == 100 and "250 rows refused in all (see the results)" in err
     assert sql_rows(db_url, "SELECT count(*) FROM batch_rows WHERE task_id IS NULL") == [(250,)]
+
+
+async def test_a_cli_upload_cut_before_its_answer_exits_3_and_resumes_with_its_key(
+    tmp_path: Path,
+) -> None:
+    """A broken upload is a request that may have been carried out, which the CLI tells by
+    exit 6 elsewhere; this one carries its key, and the same command sends it again without
+    making a second batch: exit 3, as docs/batches.md says, saying so."""
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.transport.abort()  # the upload went out; its connection broke
+
+    data = tmp_path / "data.csv"
+    data.write_text("text,n\nrow,1\n")
+    async with loopback_server(cut) as url:
+        code, _, err = await run_cli(
+            "rowjob", str(data), "-o", str(tmp_path / "r.jsonl"), "--url", url
+        )
+    assert code == 3, err
+    assert "the same command sends it again with its key" in err, err
+    assert (tmp_path / "r.jsonl.batch").exists()
 
 
 async def test_a_cli_upload_refused_after_rows_were_stored_keeps_its_key(
