@@ -78,7 +78,12 @@ async def _serve_fails(config: Path, **env: str) -> str:
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **env},
     )
-    _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    finally:
+        if proc.returncode is None:  # it served instead: not left running past the test
+            proc.kill()
+            await proc.wait()
     assert proc.returncode == 1, err.decode()
     text = err.decode()
     assert "Traceback" not in text
