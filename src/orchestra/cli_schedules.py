@@ -92,6 +92,14 @@ def schedules_create(
     click.echo(_schedule_line(created))
 
 
+def _a_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A schedule's name or id, not empty (it made a request to another route: "Method Not
+    Allowed")."""
+    if not value.strip():
+        raise click.BadParameter("give a schedule's name or id")
+    return value
+
+
 def _set_enabled(ref: str, enabled: bool, url: str | None, config_path: str | None) -> None:
     with client_for(url, config_path) as client:
         changed = client.update_schedule(ref, enabled=enabled)
@@ -99,7 +107,7 @@ def _set_enabled(ref: str, enabled: bool, url: str | None, config_path: str | No
 
 
 @schedules.command("pause")
-@click.argument("ref", metavar="NAME_OR_ID")
+@click.argument("ref", metavar="NAME_OR_ID", callback=_a_name)
 @url_option
 @config_option
 def schedules_pause(ref: str, url: str | None, config_path: str | None) -> None:
@@ -108,7 +116,7 @@ def schedules_pause(ref: str, url: str | None, config_path: str | None) -> None:
 
 
 @schedules.command("resume")
-@click.argument("ref", metavar="NAME_OR_ID")
+@click.argument("ref", metavar="NAME_OR_ID", callback=_a_name)
 @url_option
 @config_option
 def schedules_resume(ref: str, url: str | None, config_path: str | None) -> None:
@@ -117,7 +125,7 @@ def schedules_resume(ref: str, url: str | None, config_path: str | None) -> None
 
 
 @schedules.command("run")
-@click.argument("ref", metavar="NAME_OR_ID")
+@click.argument("ref", metavar="NAME_OR_ID", callback=_a_name)
 @url_option
 @config_option
 def schedules_run(ref: str, url: str | None, config_path: str | None) -> None:
@@ -128,7 +136,7 @@ def schedules_run(ref: str, url: str | None, config_path: str | None) -> None:
 
 
 @schedules.command("delete")
-@click.argument("ref", metavar="NAME_OR_ID")
+@click.argument("ref", metavar="NAME_OR_ID", callback=_a_name)
 @url_option
 @config_option
 def schedules_delete(ref: str, url: str | None, config_path: str | None) -> None:

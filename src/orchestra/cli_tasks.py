@@ -34,10 +34,19 @@ def _task_line(t: TaskSummaryOut) -> str:
     return line
 
 
+def _once(given: tuple[str, ...], option: str) -> str | None:
+    """An option given at most once: the last of several was kept without a word."""
+    if len(given) > 1:
+        raise click.BadParameter(f"is given {len(given)} times; give it once", param_hint=option)
+    return given[0] if given else None
+
+
 @tasks.command("list")
 @click.option(
     "--status",
     type=click.Choice([s.value for s in TaskStatus]),
+    multiple=True,  # to refuse a second one: click keeps the last in silence
+    callback=lambda _ctx, _param, given: _once(given, "--status"),
     help="Only tasks in this status (one).",
 )
 @click.option("--template", help="Only tasks of this template.")

@@ -320,3 +320,19 @@ async def test_ctrl_c_and_a_reader_that_stops_reading_have_their_exit_codes(
     os.close(reader)  # the reader is gone before anything is written
     _, err = await asyncio.wait_for(listing.communicate(), timeout=60)
     assert (listing.returncode, err) == (141, b""), err
+
+
+async def test_an_empty_schedule_name_and_a_status_given_twice_are_usage_errors(
+    service: Service,
+) -> None:
+    """`schedules run ''` said "Method Not Allowed" (another route), exit 1; `tasks list
+    --status failed --status cancelled` kept the last in silence (helper-124)."""
+    for command in ("run", "pause", "resume", "delete"):
+        code, _, err = await run_cli("schedules", command, "", "--url", service.url)
+        assert code == 2 and "give a schedule's name or id" in err, (command, err)
+    code, _, err = await run_cli(
+        "tasks", "list", "--status", "failed", "--status", "cancelled", "--url", service.url
+    )
+    assert code == 2 and "is given 2 times; give it once" in err, err
+    code, _, err = await run_cli("tasks", "list", "--status", "failed", "--url", service.url)
+    assert code == 0 and err.strip() == "no tasks", err
