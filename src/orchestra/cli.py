@@ -398,7 +398,12 @@ def templates_validate(files: tuple[Path, ...], config_path: str | None) -> None
     FILE:LINE:COLUMN: PATH: MESSAGE."""
     from orchestra.templating.loader import load_template, name_problem
     from orchestra.templating.model import Template
-    from orchestra.templating.registry import builtin_names, held_by, template_files
+    from orchestra.templating.registry import (
+        builtin_names,
+        defined_twice,
+        held_by,
+        template_files,
+    )
 
     limits = settings_of(config_path).limits
     builtins = builtin_names()
@@ -426,7 +431,7 @@ def templates_validate(files: tuple[Path, ...], config_path: str | None) -> None
         if held is not None and held.resolve() != file.resolve():
             clash = f"{held_by(name, 'builtin', '')}; name yours otherwise"
         elif name in seen:
-            clash = f"template name {name!r} is already defined in {seen[name].source}"
+            clash = defined_twice(name, seen[name].source)
         else:
             seen[name] = template
             click.echo(f"{file}: ok ({name} v{template.version})")

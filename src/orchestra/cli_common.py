@@ -151,10 +151,9 @@ def _parses(url: str) -> bool:
     import httpx
 
     try:
-        parsed = httpx.URL(url)
+        return bool(httpx.URL(url).host)
     except (httpx.InvalidURL, ValueError):
         return False
-    return bool(parsed.host) and not any(ord(c) < 32 or ord(c) == 127 for c in url)
 
 
 def coerce(name: str, raw: str, schema: dict[str, Any]) -> Any:

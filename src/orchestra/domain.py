@@ -393,6 +393,10 @@ _DURATION = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
+#: Control characters (C0 and DEL): no name or key given to the service holds one.
+CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 def model_name_problem(name: str) -> str | None:
     """Why ``name`` names no model wherever it is given (a submit, a batch, a template), or
     None: spaces at its ends, a provider's prefix with nothing after it (``ollama/``), or
@@ -402,7 +406,7 @@ def model_name_problem(name: str) -> str | None:
         return "must not be empty (leave it out for the default)"
     if name != name.strip():
         return "must not begin or end with a space"
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+    if CONTROL.search(name):
         return "must not hold a control character (NUL, a line break, a tab)"
     if name.endswith("/"):
         provider = name.rstrip("/")

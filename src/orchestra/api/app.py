@@ -221,8 +221,13 @@ async def _refuse_nul(where: str, send: Any) -> None:
             fields=[FieldOut(field=where, message=reason)],
         )
     )
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 400, "headers": headers})
+    await _send_json(send, 400, body)
+
+
+async def _send_json(send: Any, status: int, body: bytes, *headers: tuple[bytes, bytes]) -> None:
+    """A whole JSON answer, sent straight (for what is answered outside Litestar)."""
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": [*head, *headers]})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
@@ -253,14 +258,7 @@ async def _cut_at_stop(scope: Any, answer: _Answer) -> None:
     log.info("server.request_cut", method=scope["method"], path=scope["path"], begun=answer.begun)
     if answer.begun:  # (sending more would first wait for a reader that does not read)
         return
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(_CUT)).encode()),
-        (b"connection", b"close"),
-        (b"retry-after", b"1"),
-    ]
-    await answer.send({"type": "http.response.start", "status": 503, "headers": headers})
-    await answer.send({"type": "http.response.body", "body": _CUT, "more_body": False})
+    await _send_json(answer.send, 503, _CUT, (b"connection", b"close"), (b"retry-after", b"1"))
 
 
 def _measured(method: str, scope: Any, send: Any) -> Any:

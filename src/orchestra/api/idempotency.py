@@ -9,8 +9,7 @@ UTF-8 are refused, naming the header, rather than kept as mojibake.
 
 from __future__ import annotations
 
-import re
-
+from orchestra.domain import CONTROL
 from orchestra.errors import FieldProblem, InvalidRequest
 from orchestra.wire.tasks import MAX_IDEMPOTENCY_KEY
 
@@ -21,8 +20,6 @@ HEADER_DESCRIPTION = (
     f"1 to {MAX_IDEMPOTENCY_KEY} characters, UTF-8, no control characters. "
     "Sending again with the same key answers with what the first request made."
 )
-#: Control characters (C0 and DEL), refused in idempotency keys as params refuse NUL.
-_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 def _refuse(field: str, problem: str) -> InvalidRequest:
@@ -30,7 +27,7 @@ def _refuse(field: str, problem: str) -> InvalidRequest:
 
 
 def _no_control(field: str, value: str) -> None:
-    found = _CONTROL.search(value)
+    found = CONTROL.search(value)  # refused in keys as params refuse NUL
     if found:
         raise _refuse(
             field, f"contains a control character (U+{ord(found.group()):04X}), not accepted"

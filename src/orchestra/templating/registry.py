@@ -49,6 +49,11 @@ def held_by(name: str, origin: str, source: str) -> str:
     return f"template {name!r} is defined by the file {source}"
 
 
+def defined_twice(name: str, where: str) -> str:
+    """A template name given a second time, in words (``where``: the first)."""
+    return f"template name {name!r} is already defined in {where}"
+
+
 def builtin_names() -> dict[str, Path]:
     """The built-in templates' names and files, without parsing them (each built-in file is
     named after its template)."""
@@ -104,7 +109,7 @@ class TemplateRegistry:
                     problems.append(
                         name_problem(
                             template,
-                            f"template name {template.name!r} is already defined in {other}",
+                            defined_twice(template.name, other),
                         )
                     )
                     continue
