@@ -317,13 +317,26 @@ async def test_focus_stays_on_its_control_through_live_refreshes(
         for control in controls:
             await page.focus(control)
             for _ in range(3):
-                seen = await page.evaluate("window.refreshes")
-                task = await service.submit("summarize", text="a change")
-                await service.wait(task["id"])
-                await wait_until(lambda s=seen: page.evaluate(f"window.refreshes > {s}"), 15)
+                await _refreshed_by_a_change(service, page)
                 focused = await page.evaluate(_FOCUSED_UNLESS, control)
                 assert focused == "", (path, control, focused[:120])
     assert page.errors == []
+
+
+async def _refreshed_by_a_change(service: Service, page: TrackedPage) -> None:
+    """A task changes, and the page refreshes for it. A change made while the page's live
+    connection was still opening (a loaded machine: CI) found no listener, and the wait for
+    its refresh ran out: another change is made then, up to three."""
+    for tries_left in (2, 1, 0):
+        seen = await page.evaluate("window.refreshes")
+        task = await service.submit("summarize", text="a change")
+        await service.wait(task["id"])
+        try:
+            await wait_until(lambda s=seen: page.evaluate(f"window.refreshes > {s}"), 10)
+            return
+        except AssertionError:
+            if not tries_left:
+                raise
 
 
 async def _running_task_page(
