@@ -25,7 +25,7 @@ from orchestra.config import Settings, TemplateSettings
 from orchestra.db import Database, TaskStore
 from tests.conftest import Service, StartService, rows_by_status, sql_rows
 from tests.fixtures.fake_ollama import FakeOllama
-from tests.fixtures.logs import captured
+from tests.fixtures.logs import captured, events
 from tests.fixtures.servers import loopback_server, wait_until
 
 ROWJOB = """\
@@ -397,10 +397,12 @@ async def test_a_client_gone_midway_leaves_no_batch_loading(idle: Service, db_ur
     with captured(logging.WARNING) as logged:
         writer.close()  # gone, mid-body
         await wait_until(lambda: listed("loaded"), timeout=10)
+        # Logged just after the batch is closed (its row count read in that transaction).
+        await wait_until(lambda: events(logged, "batch.upload_cut"), timeout=10)
     [batch] = await listed("loaded")
     assert batch["rows"] == 120
     # Said as what happened (it was logged as error="InternalServerException").
-    [cut] = [e for e in logged if e["event"] == "batch.upload_cut"]
+    [cut] = events(logged, "batch.upload_cut")
     assert cut["error"] == "the client went away before the upload ended", cut
     assert (cut["batch_id"], cut["rows"]) == (batch["id"], 120)
     assert [e for e in logged if e["log_level"] in ("error", "critical")] == []
