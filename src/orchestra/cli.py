@@ -28,7 +28,9 @@ from orchestra.cli_common import (
     client_for,
     config_option,
     given_path,
+    json_option,
     param_values,
+    say,
     settings_of,
     to_json,
     url_option,
@@ -363,11 +365,13 @@ def templates() -> None:
     help="The templates this machine's settings load (built-ins, then [templates] dirs), "
     "without asking a server.",
 )
+@json_option
 @url_option
 @config_option
-def templates_list(local: bool, url: str | None, config_path: str | None) -> None:
+def templates_list(local: bool, as_json: bool, url: str | None, config_path: str | None) -> None:
     """List the templates a running server offers, registered ones included (NAME, VERSION,
-    ORIGIN: builtin, file or api, and the description's first line)."""
+    ORIGIN: builtin, file or api, and the description's first line; ``--json``: name,
+    version, origin and description)."""
     if local:
         settings = settings_of(config_path)
         from orchestra.templating.registry import TemplateRegistry  # not for the others
@@ -385,8 +389,13 @@ def templates_list(local: bool, url: str | None, config_path: str | None) -> Non
             listed = client.list_templates()
         rows = [(t.name, t.version, t.origin, t.description) for t in listed]
     for name, version, origin, description in rows:
-        summary = description.splitlines()[0] if description else ""
-        click.echo(f"{name:<20} v{version:<3} {origin:<8} {summary}".rstrip())
+        item = {"name": name, "version": version, "origin": origin, "description": description}
+        say(item, _template_line, as_json)
+
+
+def _template_line(t: dict[str, Any]) -> str:
+    summary = t["description"].splitlines()[0] if t["description"] else ""
+    return f"{t['name']:<20} v{t['version']:<3} {t['origin']:<8} {summary}".rstrip()
 
 
 @templates.command("validate")

@@ -26,7 +26,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import IntEnum
 from pathlib import Path
@@ -360,6 +360,17 @@ def _rounded(value: Any, key: str = "") -> Any:
     if isinstance(value, float) and key.endswith("_ms"):
         return round(value, 1)
     return value
+
+
+#: ``--json``: what a command prints, as JSON (a list: one object per line), for scripts.
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print JSON instead (a list: one object per line)."
+)
+
+
+def say(item: Any, line: Callable[[Any], str], as_json: bool) -> None:
+    """Print one answer: as JSON (``--json``) or as the command's line for people."""
+    click.echo(to_json(item) if as_json else line(item))
 
 
 def say_none(what: str) -> None:

@@ -22,8 +22,10 @@ from orchestra.cli_common import (
     NothingFound,
     config_option,
     given_path,
+    json_option,
     say_none,
     settings_of,
+    to_json,
 )
 from orchestra.config_file import origin
 from orchestra.errors import ConfigError, NotFoundError, OrchestraError
@@ -165,14 +167,16 @@ def key_table(keys: list[ApiKey]) -> list[str]:
 
 
 @keys.command("list")
+@json_option
 @config_option
-def keys_list(config_path: str | None) -> None:
-    """Every key: id, name, scope, created, and active or when it was revoked."""
+def keys_list(as_json: bool, config_path: str | None) -> None:
+    """Every key: id, name, scope, created, and active or when it was revoked (``--json``:
+    one object per key, ``revoked_at`` null while active; never a secret)."""
     found = _key_store_call(config_path, lambda store: store.all())
     if not found:
         say_none("keys")
         return
-    for line in key_table(found):
+    for line in (to_json(key) for key in found) if as_json else key_table(found):
         click.echo(line)
 
 

@@ -6,7 +6,15 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from orchestra.cli_common import client_for, config_option, param_values, say_none, url_option
+from orchestra.cli_common import (
+    client_for,
+    config_option,
+    json_option,
+    param_values,
+    say,
+    say_none,
+    url_option,
+)
 
 if TYPE_CHECKING:
     from orchestra.api.schedules import ScheduleOut
@@ -30,16 +38,17 @@ def _schedule_line(s: ScheduleOut) -> str:
 
 
 @schedules.command("list")
+@json_option
 @url_option
 @config_option
-def schedules_list(url: str | None, config_path: str | None) -> None:
+def schedules_list(as_json: bool, url: str | None, config_path: str | None) -> None:
     """Every schedule: id, name, template, timing, next tick (or paused), source."""
     with client_for(url, config_path) as client:
         found = client.list_schedules()
     if not found:
         say_none("schedules")
     for item in found:
-        click.echo(_schedule_line(item))
+        say(item, _schedule_line, as_json)
 
 
 @schedules.command("create")
@@ -47,7 +56,7 @@ def schedules_list(url: str | None, config_path: str | None) -> None:
 @click.argument("template")
 @click.option("--cron", help='5 fields, e.g. "30 2 * * *" (in --timezone).')
 @click.option("--every", help='A duration: "2s", "5m", "1h30m", "1d".')
-@click.option("--timezone", default="UTC", show_default=True, help="IANA zone of --cron.")
+@click.option("--timezone", help="IANA zone of --cron.  [default: UTC]")
 @click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE", help="Repeatable.")
 @click.option("--priority", type=int, default=0, show_default=True)
 @click.option("--model", help="Use this model instead of the template's.")
@@ -56,6 +65,7 @@ def schedules_list(url: str | None, config_path: str | None) -> None:
     "--catch-up", type=click.Choice(["none", "latest"]), default="none", show_default=True
 )
 @click.option("--paused", is_flag=True, help="Create it paused.")
+@json_option
 @url_option
 @config_option
 def schedules_create(
@@ -63,21 +73,27 @@ def schedules_create(
     template: str,
     cron: str | None,
     every: str | None,
-    timezone: str,
+    timezone: str | None,
     params: tuple[str, ...],
     priority: int,
     model: str | None,
     overlap: str,
     catch_up: str,
     paused: bool,
+    as_json: bool,
     url: str | None,
     config_path: str | None,
 ) -> None:
     """Make a schedule of TEMPLATE named NAME (give --cron or --every)."""
+    if timezone is not None and every is not None:  # taken, and meaning nothing
+        raise click.BadParameter(
+            "is the zone of --cron; an --every schedule ticks at its interval in any zone",
+            param_hint="--timezone",
+        )
     fields: dict[str, Any] = {
         "name": name,
         "template": template,
-        "timezone": timezone,
+        "timezone": timezone or "UTC",
         "priority": priority,
         "overlap": overlap,
         "catch_up": catch_up,
@@ -89,7 +105,7 @@ def schedules_create(
     with client_for(url, config_path) as client:
         fields["params"] = _params(client, template, params)
         created = client.create_schedule(**fields)
-    click.echo(_schedule_line(created))
+    say(created, _schedule_line, as_json)
 
 
 def _a_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -100,39 +116,45 @@ def _a_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value
 
 
-def _set_enabled(ref: str, enabled: bool, url: str | None, config_path: str | None) -> None:
+def _set_enabled(
+    ref: str, enabled: bool, as_json: bool, url: str | None, config_path: str | None
+) -> None:
     with client_for(url, config_path) as client:
         changed = client.update_schedule(ref, enabled=enabled)
-    click.echo(_schedule_line(changed))
+    say(changed, _schedule_line, as_json)
 
 
 @schedules.command("pause")
 @click.argument("ref", metavar="NAME_OR_ID", callback=_a_name)
+@json_option
 @url_option
 @config_option
-def schedules_pause(ref: str, url: str | None, config_path: str | None) -> None:
+def schedules_pause(ref: str, as_json: bool, url: str | None, config_path: str | None) -> None:
     """Stop a schedule's ticks (its next tick is forgotten)."""
-    _set_enabled(ref, False, url, config_path)
+    _set_enabled(ref, False, as_json, url, config_path)
 
 
 @schedules.command("resume")
 @click.argument("ref", metavar="NAME_OR_ID", callback=_a_name)
+@json_option
 @url_option
 @config_option
-def schedules_resume(ref: str, url: str | None, config_path: str | None) -> None:
+def schedules_resume(ref: str, as_json: bool, url: str | None, config_path: str | None) -> None:
     """Start a paused schedule again, from its next tick after now."""
-    _set_enabled(ref, True, url, config_path)
+    _set_enabled(ref, True, as_json, url, config_path)
 
 
 @schedules.command("run")
 @click.argument("ref", metavar="NAME_OR_ID", callback=_a_name)
+@json_option
 @url_option
 @config_option
-def schedules_run(ref: str, url: str | None, config_path: str | None) -> None:
-    """Submit the schedule's task now (not a tick: its next tick stays); print its id."""
+def schedules_run(ref: str, as_json: bool, url: str | None, config_path: str | None) -> None:
+    """Submit the schedule's task now (not a tick: its next tick stays); print its id
+    (``--json``: the task)."""
     with client_for(url, config_path) as client:
         task = client.run_schedule(ref)
-    click.echo(task.id)
+    say(task, lambda t: str(t.id), as_json)
 
 
 @schedules.command("delete")

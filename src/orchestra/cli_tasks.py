@@ -7,7 +7,15 @@ from typing import TYPE_CHECKING
 
 import click
 
-from orchestra.cli_common import client_for, config_option, say_none, to_json, url_option
+from orchestra.cli_common import (
+    client_for,
+    config_option,
+    json_option,
+    say,
+    say_none,
+    to_json,
+    url_option,
+)
 from orchestra.domain import TaskStatus, iso_now
 
 if TYPE_CHECKING:
@@ -53,7 +61,7 @@ def _once(given: tuple[str, ...], option: str) -> str | None:
 @click.option(
     "--limit", type=click.IntRange(min=1), default=20, show_default=True, help="At most this many."
 )
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@json_option
 @url_option
 @config_option
 def tasks_list(
@@ -73,7 +81,7 @@ def tasks_list(
     if not shown:
         say_none("tasks")
     for item in shown[:limit]:
-        click.echo(to_json(item) if as_json else _task_line(item))
+        say(item, _task_line, as_json)
     if len(shown) > limit:
         click.echo(f"(the {limit} newest; --limit for more)", err=True)
 
@@ -97,7 +105,7 @@ def _event_line(event: TaskEvent) -> str:
 @tasks.command("events")
 @click.argument("task_id", type=int)
 @click.option("--after", type=click.IntRange(min=0), default=0, help="Only events after this seq.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@json_option
 @url_option
 @config_option
 def tasks_events(
@@ -108,29 +116,33 @@ def tasks_events(
     printed, for up to a minute."""
     with client_for(url, config_path) as client:
         for event in client.task_events(task_id, after):
-            click.echo(to_json(event) if as_json else _event_line(event))
+            say(event, _event_line, as_json)
 
 
-def _act(action: str, task_id: int, url: str | None, config_path: str | None) -> None:
-    """Cancel or retry a task, and print what it is now."""
+def _act(
+    action: str, task_id: int, as_json: bool, url: str | None, config_path: str | None
+) -> None:
+    """Cancel or retry a task, and print what it is now (``--json``: the whole task)."""
     with client_for(url, config_path) as client:
         task = client.cancel(task_id) if action == "cancel" else client.retry(task_id)
-    click.echo(f"task {task.id} {task.status}")
+    say(task, lambda t: f"task {t.id} {t.status}", as_json)
 
 
 @tasks.command("cancel")
 @click.argument("task_id", type=int)
+@json_option
 @url_option
 @config_option
-def tasks_cancel(task_id: int, url: str | None, config_path: str | None) -> None:
+def tasks_cancel(task_id: int, as_json: bool, url: str | None, config_path: str | None) -> None:
     """Cancel a queued or running task."""
-    _act("cancel", task_id, url, config_path)
+    _act("cancel", task_id, as_json, url, config_path)
 
 
 @tasks.command("retry")
 @click.argument("task_id", type=int)
+@json_option
 @url_option
 @config_option
-def tasks_retry(task_id: int, url: str | None, config_path: str | None) -> None:
+def tasks_retry(task_id: int, as_json: bool, url: str | None, config_path: str | None) -> None:
     """Queue a failed or cancelled task again."""
-    _act("retry", task_id, url, config_path)
+    _act("retry", task_id, as_json, url, config_path)

@@ -72,6 +72,58 @@ async def test_json_output_rounds_milliseconds_to_a_tenth(
     assert [round(d, 1) for d in durations] == durations
 
 
+async def test_json_for_scripts_is_what_the_api_answers(service: Service, db_url: str) -> None:
+    """Schedules, templates, keys and a cancel or retry print JSON with ``--json`` (they printed
+    lines for people only: a script parsed ``task 1 cancelled``)."""
+    url = ("--url", service.url)
+    made = ("schedules", "create", "hourly", "summarize", "--every", "1h", "-p", "text=x")
+    code, out, err = await run_cli(*made, "--json", *url)
+    created, shown = json.loads(out), await _api(service, "/api/v1/schedules/hourly")
+    assert code == 0 and created == {k: shown[k] for k in created}, err  # shown tells more
+    for verb, enabled in (("pause", False), ("resume", True)):
+        code, out, _ = await run_cli("schedules", verb, "hourly", "--json", *url)
+        assert code == 0 and json.loads(out)["enabled"] is enabled
+    code, out, _ = await run_cli("schedules", "list", "--json", *url)
+    listed = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and listed == (await _api(service, "/api/v1/schedules"))["items"]
+    code, out, _ = await run_cli("schedules", "run", "hourly", "--json", *url)
+    ran = json.loads(out)
+    assert code == 0 and ran["template"] == "summarize" and ran["params"]["text"] == "x"
+
+    code, later, _ = await run_cli("submit", "summarize", "-p", "text=y", "--delay", "60", *url)
+    code, out, err = await run_cli("tasks", "cancel", later.strip(), "--json", *url)
+    cancelled = json.loads(out)
+    assert code == 0 and (cancelled["id"], cancelled["status"]) == (int(later), "cancelled"), err
+    code, out, _ = await run_cli("tasks", "retry", later.strip(), "--json", *url)
+    assert code == 0 and json.loads(out)["id"] == int(later)
+
+    code, out, _ = await run_cli("templates", "list", "--json", *url)
+    offered = {t["name"]: t for t in (await _api(service, "/api/v1/templates"))["items"]}
+    for line in out.splitlines():
+        item = json.loads(line)
+        assert item == {k: offered[item["name"]][k] for k in item}, item
+    assert {json.loads(line)["name"] for line in out.splitlines()} == set(offered)
+    code, out, _ = await run_cli("templates", "list", "--local", "--json")
+    assert code == 0 and "summarize" in {json.loads(line)["name"] for line in out.splitlines()}
+
+    env = {"ORCHESTRA_DATABASE__URL": db_url}  # the last step: a key turns authentication on
+    code, token, _ = await run_cli("keys", "create", "--name", "ci", "--scope", "read", env=env)
+    code, out, _ = await run_cli("keys", "list", "--json", env=env)
+    [key] = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and token.strip() not in out
+    assert (key["name"], key["scope"], key["revoked_at"]) == ("ci", "read", None), key
+
+
+async def test_a_time_zone_for_an_every_schedule_is_refused(service: Service) -> None:
+    """It was taken and meant nothing: an ``--every`` schedule ticks at its interval."""
+    code, _, err = await run_cli(
+        "schedules", "create", "s", "summarize", "--every", "1h", "--timezone", "Asia/Tokyo",
+        "-p", "text=x", "--url", service.url,
+    )  # fmt: skip
+    assert code == 2 and "--timezone" in err and "--cron" in err, err
+    assert (await _api(service, "/api/v1/schedules"))["items"] == []
+
+
 async def test_empty_lists_say_so_on_stderr(service: Service) -> None:
     for args, what in (
         (("tasks", "list", "--status", "queued"), "no tasks"),
