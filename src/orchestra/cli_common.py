@@ -139,10 +139,29 @@ def base_url(url: str | None, config_path: str | None) -> str:
             raise click.BadParameter(
                 f"{url!r} is not a URL such as http://127.0.0.1:8000", param_hint="'--url'"
             )
+        if extra := _beyond_the_server(url):
+            raise click.BadParameter(f"{url!r} {extra}", param_hint="'--url'")
         return url.rstrip("/")
     s = settings_of(config_path).server
     host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
     return f"http://{host}:{s.port}"
+
+
+def _beyond_the_server(url: str) -> str | None:
+    """What ``--url`` holds that the CLI would not send as meant: a query or a fragment (a
+    query replaced the API's path: every request went to ``/``), or a user and password (sent
+    as Basic auth over the API key's header)."""
+    import httpx
+
+    parts = httpx.URL(url)
+    if parts.userinfo:
+        return (
+            "holds a user and password: the CLI sends the API key in ORCHESTRA_API_KEY; give "
+            "the URL without them"
+        )
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        return "holds a query or a fragment: give the server's URL alone (and a path prefix)"
+    return None
 
 
 def _parses(url: str) -> bool:

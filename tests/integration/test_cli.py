@@ -396,6 +396,14 @@ async def test_a_parameter_given_twice_and_a_url_that_is_not_one_are_usage_error
     ):
         code, _, err = await run_cli("tasks", "list", "--url", bad)
         assert code == 2 and "is not a URL such as http://127.0.0.1:8000" in err, (bad, err)
+    # A query replaced the API's path (every request went to /); a password went as Basic auth.
+    for bad, told in (
+        (f"{service.url}/?x=1", "a query or a fragment"),
+        (f"{service.url}#top", "a query or a fragment"),
+        (service.url.replace("//", "//ops:secret@"), "a user and password"),
+    ):
+        code, _, err = await run_cli("tasks", "list", "--url", bad)
+        assert code == 2 and told in err and "Traceback" not in err, (bad, err)
     # A NaN delay said the argument was not UTF-8 (helper-124).
     code, _, err = await run_cli(
         "submit", "summarize", "-p", "text=a", "--delay", "nan", "--url", service.url
