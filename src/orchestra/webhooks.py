@@ -145,6 +145,13 @@ class NewWebhook(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         ]
         | None
     ) = None
+    enabled: Annotated[
+        bool,
+        msgspec.Meta(
+            description="false: created paused, to enable (PATCH) once its receiver is ready; "
+            "no deliveries are made for it meanwhile."
+        ),
+    ] = True
 
 
 class WebhookNotFound(NotFoundError):
@@ -433,7 +440,7 @@ class WebhookService:
             event_types=list(dict.fromkeys(t.value for t in new.event_types)),
             template=new.template,
             task_id=None,
-            enabled=True,
+            enabled=new.enabled,
             created_at=iso_now(),
         )
         secret = new_secret()

@@ -307,8 +307,10 @@ async def _webhooks_subscribe(api: Api, receiver: Receiver) -> int:
         await api.do("create_webhook", receiver.url("/x"), event_types=["no.such"])
     assert (bad.value.status, bad.value.field) == (400, "event_types[0]")
     # One type as a plain string is that type (it was split into its characters).
-    one = await api.do("create_webhook", receiver.url("/one"), event_types="task.started")
-    assert one.event_types == ["task.started"]
+    one = await api.do(
+        "create_webhook", receiver.url("/one"), event_types="task.started", enabled=False
+    )
+    assert one.event_types == ["task.started"] and one.enabled is False
     changed = await api.do("update_webhook", one.id, event_types="task.queued")
     assert changed.event_types == ["task.queued"]
     await api.do("delete_webhook", one.id)

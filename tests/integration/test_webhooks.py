@@ -411,6 +411,24 @@ async def test_a_subscription_is_changed_and_its_secret_rolled_over_without_a_ga
     assert quiet["id"] not in {d["task_id"] for d in await deliveries(svc, hook)}
 
 
+async def test_a_subscription_created_paused_gets_nothing_until_it_is_enabled(
+    loopback_service: Service, receiver: Receiver
+) -> None:
+    """A receiver set up with the secret it is given after the subscription is made: created
+    paused, nothing is sent to it meanwhile (it could only refuse the signature)."""
+    svc = loopback_service
+    hook = await subscribe(svc, receiver, enabled=False)
+    assert (await svc.client.get(f"/api/v1/webhooks/{hook}")).json()["enabled"] is False
+    quiet = await svc.submit("summarize", text="while paused")
+    await svc.wait(quiet["id"])
+    await svc.client.patch(f"/api/v1/webhooks/{hook}", json={"enabled": True})
+    heard = await svc.submit("summarize", text="enabled")
+    await wait_until(lambda: receiver.received, timeout=20)
+    assert [r.body["data"]["task_id"] for r in receiver.received] == [heard["id"]]
+    assert [d["task_id"] for d in await deliveries(svc, hook)] == [heard["id"]]
+    assert receiver.rejected == []
+
+
 async def test_failed_deliveries_are_retried_and_all_arrive_once_the_receiver_is_back(
     loopback_service: Service, receiver: Receiver
 ) -> None:

@@ -340,11 +340,13 @@ class AsyncClient:
         url: str,
         event_types: str | Iterable[str] | None = None,
         template: str | None = None,
+        *,
+        enabled: bool = True,
     ) -> WebhookCreated:
-        """Subscribe ``url`` to task events; the answer holds the signing secret, once."""
-        return await self._send(
-            webhook_calls.create_webhook(webhook_calls.new_webhook(url, event_types, template))
-        )
+        """Subscribe ``url`` to task events; the answer holds the signing secret, once.
+        ``enabled=False`` creates it paused (no deliveries until it is enabled)."""
+        body = webhook_calls.new_webhook(url, event_types, template, enabled)
+        return await self._send(webhook_calls.create_webhook(body))
 
     async def list_webhooks(self, page_size: int = 100) -> list[WebhookOut]:
         """Every subscription, oldest first, without secrets (read ``page_size`` at a time)."""

@@ -324,11 +324,13 @@ class Client:
         url: str,
         event_types: str | Iterable[str] | None = None,
         template: str | None = None,
+        *,
+        enabled: bool = True,
     ) -> WebhookCreated:
-        """Subscribe ``url`` to task events; the answer holds the signing secret, once."""
-        return self._send(
-            webhook_calls.create_webhook(webhook_calls.new_webhook(url, event_types, template))
-        )
+        """Subscribe ``url`` to task events; the answer holds the signing secret, once.
+        ``enabled=False`` creates it paused (no deliveries until it is enabled)."""
+        body = webhook_calls.new_webhook(url, event_types, template, enabled)
+        return self._send(webhook_calls.create_webhook(body))
 
     def list_webhooks(self, page_size: int = 100) -> list[WebhookOut]:
         """Every subscription, oldest first, without secrets (read ``page_size`` at a time)."""

@@ -21,12 +21,13 @@ from orchestra.wire.webhooks import (
 
 
 def new_webhook(
-    url: str, event_types: str | Iterable[str] | None, template: str | None
+    url: str, event_types: str | Iterable[str] | None, template: str | None, enabled: bool
 ) -> NewWebhook:
     """A subscription's body (the event types are checked by the service: 400 naming them)."""
     if event_types is None:
-        return NewWebhook(url=url, template=template)
-    return NewWebhook(url=url, event_types=cast(Any, words(event_types)), template=template)
+        return NewWebhook(url=url, template=template, enabled=enabled)
+    types = cast(Any, words(event_types))
+    return NewWebhook(url=url, event_types=types, template=template, enabled=enabled)
 
 
 def create_webhook(hook: NewWebhook) -> Call[WebhookCreated]:
