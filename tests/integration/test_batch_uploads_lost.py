@@ -20,7 +20,7 @@ from orchestra.db.schema import upgrade
 from orchestra.domain import iso, now
 from tests.conftest import StartService, make_settings, sql_rows
 from tests.fixtures.fake_ollama import FakeOllama
-from tests.fixtures.logs import captured
+from tests.fixtures.logs import captured, events
 from tests.fixtures.migrated import stop_at
 from tests.fixtures.servers import free_port, start_process, wait_until, write_config
 
@@ -209,6 +209,8 @@ async def test_a_batch_closed_while_its_upload_stalled_is_opened_again_by_it(
                 "loaded_at = '2000-01-01T00:00:00.000000Z', upload_expires_at = NULL",
             )
             await wait_until(lambda: batch(db_url)[1] == "loading", timeout=10, interval=0.05)
+            # Logged just after the renewal that opened it again commits.
+            await wait_until(lambda: events(logged, "batch.upload_reopened"), timeout=10)
             assert batch(db_url)[3] is not None  # held again
             send(writer, b"".join(b"row %d\n" % i for i in range(61, 81)))
             send(writer, b"")
@@ -218,5 +220,5 @@ async def test_a_batch_closed_while_its_upload_stalled_is_opened_again_by_it(
         assert batch(db_url)[2:] == (80, None)
         [(loaded_at,)] = sql_rows(db_url, "SELECT loaded_at FROM batches")
         assert not loaded_at.startswith("2000"), loaded_at  # its own end's time
-        [reopened] = [e for e in logged if e["event"] == "batch.upload_reopened"]
+        [reopened] = events(logged, "batch.upload_reopened")
         assert reopened["batch_id"] == batch(db_url)[0]

@@ -499,9 +499,15 @@ async def test_a_running_task_cancelled_is_timed_as_cancelled(
     answer = await service.client.post(f"/api/v1/tasks/{task['id']}/cancel")
     assert answer.status_code == 200, answer.text
     assert (await service.wait(task["id"]))["status"] == "cancelled"
-    found = await scrape(service.client)
     count, total = "orchestra_task_duration_seconds_count", "orchestra_task_duration_seconds_sum"
     cancelled = {"template": "summarize", "status": "cancelled"}
+
+    async def timed() -> bool:  # the worker times it just after the database write
+        found = await scrape(service.client)
+        return found(count, **cancelled) - before(count, **cancelled) >= 1
+
+    await wait_until(timed, timeout=10)
+    found = await scrape(service.client)
     assert found(count, **cancelled) - before(count, **cancelled) == 1
     assert found(total, **cancelled) > before(total, **cancelled)
 

@@ -34,6 +34,8 @@ async def test_a_task_that_failed_is_logged_as_a_warning(
         failed = await service.wait(response.json()["id"], 30)
         fake_ollama.failure = None
         succeeded = await service.wait((await service.submit("summarize", **TEXT))["id"])
+        # Each is logged just after the write that makes it finished.
+        await wait_until(lambda: len(events(logged, "task.finished")) == 2, timeout=10)
     assert (failed["status"], succeeded["status"]) == ("failed", "succeeded")
     ends = {e["task_id"]: e for e in events(logged, "task.finished")}
     assert ends[failed["id"]]["log_level"] == "warning"
