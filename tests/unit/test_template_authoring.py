@@ -113,6 +113,19 @@ def test_what_yaml_or_an_empty_value_makes_of_a_template_is_said(
     assert found == path and says in message, message
 
 
+@pytest.mark.parametrize(("char", "code"), [("\x00", "U+0000"), ("\x07", "U+0007")])
+def test_a_control_character_yaml_refuses_is_placed_at_its_line_and_column(
+    char: str, code: str
+) -> None:
+    """It was placed at 1:1, with a position in characters."""
+    text = f"name: x\nsteps:\n  - id: a\n    prompt: hi{char}there\n"
+    with pytest.raises(TemplateError) as raised:
+        parse_template(text, "t.yaml")
+    [problem] = raised.value.problems
+    assert (problem.line, problem.column) == (4, 15), problem
+    assert f"the character {code} is not allowed in YAML" in problem.message, problem
+
+
 def test_an_integer_parameter_s_numbers_written_as_floats_are_whole() -> None:
     """YAML reads 1e3 and 10.0 as floats: the default reached the template as 1000.0 and
     ``range(params.n)`` failed; the schema published ``maximum: 10000.0``."""

@@ -16,6 +16,7 @@ from typing import Any, cast
 import jsonschema
 import msgspec
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.reader import ReaderError
 
 from orchestra.config import LimitSettings
 from orchestra.domain import MAX_RETRY_DELAY, RetryPolicy
@@ -354,6 +355,11 @@ def _parse(text: str, file: str, limits: LimitSettings) -> Template:
         if "'\\t'" in reason:
             reason += " (YAML takes spaces there, not tabs)"
         raise TemplateError([TemplateProblem(file, line, col, "", f"YAML: {reason}")]) from None
+    except ReaderError as exc:  # a character YAML does not take (NUL, other controls)
+        line, col = _place(text, exc.position)
+        raise TemplateError(
+            [TemplateProblem(file, line, col, "", f"YAML: {_refused_character(exc)}")]
+        ) from None
     except YAMLError as exc:
         raise TemplateError([TemplateProblem(file, 1, 1, "", f"YAML: {exc}")]) from None
     except Exception as exc:  # noqa: BLE001 - ruamel's own failures on odd YAML
@@ -370,6 +376,18 @@ def _parse(text: str, file: str, limits: LimitSettings) -> Template:
             file, 1, 1, "", f"the template could not be checked: {type(exc).__name__}: {exc}"
         )
         raise TemplateError([problem]) from None
+
+
+def _refused_character(exc: ReaderError) -> str:
+    """What YAML's reader refused, by its code point (the character itself may not print)."""
+    code = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or " ")
+    return f"the character U+{code:04X} is not allowed in YAML ({exc.reason})"
+
+
+def _place(text: str, position: int) -> tuple[int, int]:
+    """The line and column (from 1) of the character at ``position`` in ``text``."""
+    before = text[:position]
+    return before.count("\n") + 1, position - (before.rfind("\n") + 1) + 1
 
 
 def _unreadable(text: str, file: str, exc: Exception) -> TemplateProblem:
