@@ -353,3 +353,14 @@ def test_a_providers_secrets_are_its_key_its_password_and_their_basic_auth_form(
     assert scrub(echoed, found) == "bad key Bearer ***; Basic ***; pw ***; x=1 key=***"
     assert secret_values(None, "http://h:1/v1") == ()
     assert secret_values("abc") == ()  # too short to look for
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/api/v1/tasks", "/api/v1/tasks/77", "/health", "/metrics", "/api/v1/tasks?x=%00", "/ui"],
+)
+async def test_every_answer_says_nosniff_once(service: Service, path: str) -> None:
+    """A browser must not take JSON or text for something it could run: the dashboard's
+    answers said so, the API's JSON, /metrics and the NUL 400 did not."""
+    response = await service.client.get(path, follow_redirects=True)
+    assert response.headers.get_list("x-content-type-options") == ["nosniff"], response.headers

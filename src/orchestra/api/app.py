@@ -231,8 +231,14 @@ async def _send_json(send: Any, status: int, body: bytes, *headers: tuple[bytes,
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+#: On every answer: a browser must not read JSON or text as something it could run.
+_NOSNIFF = (b"x-content-type-options", b"nosniff")
+
+
 class _Answer:
-    """A request's ``send``, noting whether its answer has begun."""
+    """A request's ``send``, noting whether its answer has begun, and adding
+    ``X-Content-Type-Options: nosniff`` to every answer that does not say it (the API's JSON,
+    ``/metrics``, answers made outside Litestar; the dashboard's say it with its others)."""
 
     __slots__ = ("begun", "send")
 
@@ -243,6 +249,9 @@ class _Answer:
     async def __call__(self, message: Any) -> None:
         if message["type"] == "http.response.start":
             self.begun = True
+            headers = message.get("headers", ())
+            if not any(name.lower() == _NOSNIFF[0] for name, _ in headers):
+                message = {**message, "headers": [*headers, _NOSNIFF]}
         await self.send(message)
 
 
