@@ -21,7 +21,6 @@ they go, so a revoked key's stream ends (see :mod:`orchestra.api.events`).
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import re
 import time
@@ -41,7 +40,8 @@ from orchestra.api.scope import runtime_of
 from orchestra.auth import ApiKey, Caller, Scope, allows, is_loopback, key_id_of, matches
 from orchestra.config import AuthSettings
 from orchestra.db.keys import KeyStore
-from orchestra.errors import Forbidden, StorageError, Unauthorized
+from orchestra.errors import Forbidden, StorageError, StorageUnreachable, Unauthorized
+from orchestra.shared_read import DATABASE_ANSWER_SECONDS, SharedRead, Unanswered
 
 #: Operations served to anyone: the liveness checks.
 PUBLIC_PATHS = ("/health", "/api/v1/health")
@@ -76,7 +76,8 @@ class Gatekeeper:
         self.clock = clock
         self._keys: dict[str, tuple[str, ApiKey]] = {}
         self._read_at = float("-inf")
-        self._reading: asyncio.Future[None] | None = None
+        #: The read under way, which callers share and wait for a bounded time.
+        self._reads: SharedRead[None] = SharedRead(DATABASE_ANSWER_SECONDS, clock)
         self._forgotten = 0  # how many times forget() was called
         self._good_at = float("-inf")  # when a read of the keys last succeeded
         #: Why the latest read failed while the copy is kept (None: the copy is current).
@@ -90,16 +91,16 @@ class Gatekeeper:
         database cannot be read, the keys of the last good read stay in use for up to
         :data:`KEEP_SECONDS`, so what needs no database — ``/metrics``, ``/health`` — still
         answers the keys it answered; before the first read, or after that time, the
-        outage's error reaches the caller.
+        outage's error reaches the caller. A read that has not answered within
+        :data:`~orchestra.shared_read.DATABASE_ANSWER_SECONDS` (a database that hangs) is
+        such an outage for the callers waiting (it goes on; they did wait for the pool's
+        minute, a liveness probe too).
         """
         if self.clock() - self._read_at > REFRESH_SECONDS:
-            if self._reading is None:
-                self._reading = asyncio.ensure_future(self._read())
-                # Its error reaches every caller waiting; marked as seen even when all of
-                # them went away, so asyncio does not log it as never retrieved.
-                self._reading.add_done_callback(_seen)
-            # A caller that goes away (its client hung up) leaves the read to the others.
-            await asyncio.shield(self._reading)
+            try:
+                await self._reads.get(self._read)
+            except Unanswered as exc:
+                self._unread(StorageUnreachable(f"the API keys could not be read: {exc}"))
         return self._keys
 
     async def _read(self) -> None:
@@ -111,15 +112,17 @@ class Gatekeeper:
                 log.info("auth.keys_read_again", keys=len(self._keys))
                 self._outage = None
         except StorageError as exc:
-            if self.clock() - self._good_at > KEEP_SECONDS:  # never read, or too long ago
-                raise
-            if self._outage is None:  # once an outage, not at every refresh
-                log.warning("auth.keys_kept", error=exc.message, keys=len(self._keys))
-            self._outage = exc
-        finally:
-            self._reading = None
+            self._unread(exc)
         if forgotten == self._forgotten:  # else it may predate the change: read again
             self._read_at = self.clock()
+
+    def _unread(self, exc: StorageError) -> None:
+        """The keys could not be read: the copy stays in use if recent enough, else raise."""
+        if self.clock() - self._good_at > KEEP_SECONDS:  # never read, or too long ago
+            raise exc
+        if self._outage is None:  # once an outage, not at every refresh
+            log.warning("auth.keys_kept", error=exc.message, keys=len(self._keys))
+        self._outage = exc
 
     def forget(self) -> None:
         """Read the keys again on the next request (a key was just made or revoked here),
@@ -228,11 +231,6 @@ class StreamGate:
             return True
         log.info("auth.stream_ended", key_id=self.caller.key_id, reason="key revoked")
         return False
-
-
-def _seen(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 #: Headers a proxy adds naming the client it forwards for.

@@ -13,7 +13,6 @@ costs one ping a second). Writes are as the latest one went, always.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import weakref
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from orchestra.db import Database, schema
 from orchestra.db.failures import DatabaseState, WriteFailure
 from orchestra.errors import StorageError
 from orchestra.llm.router import ProviderState
+from orchestra.shared_read import DATABASE_ANSWER_SECONDS, SharedRead, Unanswered
 
 #: Seconds /health reuses the database's read check and free space before checking again.
 DATABASE_CHECK_SECONDS = 1.0
@@ -60,6 +60,7 @@ class DatabaseCheck:
         min_free_mb: float,
         max_age: float = DATABASE_CHECK_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        wait: float = DATABASE_ANSWER_SECONDS,
     ) -> None:
         self._db = db
         self._min_free_mb = min_free_mb
@@ -69,11 +70,12 @@ class DatabaseCheck:
         self._checked_at = float("-inf")
         #: The writes' failure as it was when the state was checked (None: writes worked).
         self._failure: WriteFailure | None = None
-        self._checking: asyncio.Future[DatabaseState] | None = None
+        self._checks: SharedRead[DatabaseState] = SharedRead(wait, clock)
 
     async def state(self, now: bool = False) -> DatabaseState:
         """The database's state, as last checked if that is recent enough (``now``: no matter
-        how recent), else checked now."""
+        how recent), else checked now; "not answering" when the check has not ended within
+        :data:`DATABASE_ANSWER_SECONDS` of its start (it goes on)."""
         if (
             not now
             and self._state is not None
@@ -81,21 +83,19 @@ class DatabaseCheck:
             and self._clock() - self._checked_at < self._max_age
         ):
             return self._state
-        if self._checking is None:
-            self._checking = asyncio.ensure_future(self._check())
-        checking = self._checking
-        return await asyncio.shield(checking)
+        try:
+            return await self._checks.get(self._check)
+        except Unanswered as exc:
+            self._db.unanswered.failed(exc)
+            return DatabaseState(readable=False, ok=False, detail=f"error: {exc}")
 
     async def _check(self) -> DatabaseState:
-        try:
-            failure = self._db.writes.failure
-            state = await self._db.state(self._min_free_mb)
-            if state.readable:
-                state = await self._same_schema(state)
-            self._state, self._failure, self._checked_at = state, failure, self._clock()
-            return state
-        finally:
-            self._checking = None
+        failure = self._db.writes.failure
+        state = await self._db.state(self._min_free_mb)
+        if state.readable:
+            state = await self._same_schema(state)
+        self._state, self._failure, self._checked_at = state, failure, self._clock()
+        return state
 
     async def _same_schema(self, state: DatabaseState) -> DatabaseState:
         """``state``, unless a newer Orchestra upgraded the schema under this process: then

@@ -18,6 +18,7 @@ from orchestra.api.runtime import Runtime
 from orchestra.api.scope import runtime_of
 from orchestra.config import Settings
 from orchestra.errors import StorageError
+from orchestra.shared_read import Unanswered
 
 PATH = "/metrics"
 
@@ -31,13 +32,14 @@ def open_paths(settings: Settings) -> tuple[str, ...]:
 async def scrape(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Every series: those this service recorded (every process's, with several) and those
     read now: tasks by status from the database's counters, whether its writes succeed,
-    providers as last checked. While the database does not answer, the tasks gauge is left
-    out and the rest is served."""
+    providers as last checked. While the database does not answer (within
+    :data:`~orchestra.shared_read.DATABASE_ANSWER_SECONDS`), the tasks gauge is left out and
+    the rest is served."""
     runtime: Runtime = runtime_of(request.scope)
     counts: dict[str, int] | None
     try:
-        counts = await runtime.dashboard.counts()
-    except StorageError as exc:
+        counts = await runtime.scraped_counts.get(runtime.dashboard.counts)
+    except (StorageError, Unanswered) as exc:
         runtime.unscraped.failed(exc)
         counts = None
     else:

@@ -140,7 +140,7 @@ class Database:
         self.url = url
         #: Health checks that found the database not answering: a line an outage (and a
         #: minute), not one per probe; ``health.database_recovered`` when one answers.
-        self._unanswered = logs.Outage(log, "health.database_failed")
+        self.unanswered = logs.Outage(log, "health.database_failed")
 
     def refuse_when_closed(self) -> None:
         """For the engines, before a transaction or a read starts.
@@ -220,10 +220,10 @@ class Database:
         try:
             await self.ping()
         except Exception as exc:
-            self._unanswered.failed(exc)
+            self.unanswered.failed(exc)
             reason = exc.message if isinstance(exc, StorageError) else type(exc).__name__
             return DatabaseState(readable=False, ok=False, detail=f"error: {reason}")
-        self._unanswered.succeeded()
+        self.unanswered.succeeded()
         failure = self.writes.failure
         if failure is not None:
             return DatabaseState(readable=True, ok=False, detail=failure.describe())
