@@ -143,6 +143,10 @@ class TaskError(msgspec.Struct, frozen=True, omit_defaults=True):
     retry_after: float | None = None
 
 
+#: The error of a task cancelled by a person (the API, the dashboard, a batch's cancel).
+CANCELLED_BY_REQUEST = TaskError(type="cancelled", message="cancelled by request")
+
+
 class Attempt(msgspec.Struct, frozen=True):
     """One try of a task: who ran it, when, and how it ended."""
 

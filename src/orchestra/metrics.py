@@ -160,7 +160,7 @@ RETRIES = Counter(
 LEASE_EXPIRIES = Counter(
     "orchestra_lease_expiries",
     "Running tasks whose lease ran out (a worker died or lost the database), by where the "
-    "reaper put them: queued again, or failed (out of attempts).",
+    "reaper put them: queued again, failed (out of attempts) or cancelled (asked for).",
     ["outcome"],
 )
 WEBHOOK_DELIVERIES = Counter(
@@ -285,7 +285,8 @@ def task_retried(template: str) -> None:
 
 
 def lease_expired(outcome: str) -> None:
-    """The reaper found a lease expired and put the task back (``queued``) or failed it."""
+    """The reaper found a lease expired and put the task back (``queued``), failed it (no
+    attempts left) or cancelled it (a cancel was asked for)."""
     _child(LEASE_EXPIRIES, outcome).inc()
 
 

@@ -145,6 +145,7 @@ class Running:
         "lease_until",
         "recorder",
         "runner",
+        "started",
         "stop",
         "task",
         "template",
@@ -164,15 +165,30 @@ class Running:
         self.clock = time.perf_counter()
         self.recorder: LeasedRecorder | None = None
         self.runner: asyncio.Task[None] | None = None
+        #: Its runner has begun (:meth:`begin`): a coroutine cancelled before its first step
+        #: never runs, its ``finally`` neither (the task stayed running, its slot taken).
+        self.started = False
         #: Its end is being written: a cancel or a lost renewal no longer interrupts it.
         self.finishing = False
         self.stop: StopReason | None = None
 
     def interrupt(self, reason: StopReason) -> None:
-        """Stop the task's coroutine; the first reason given is the one that counts."""
+        """Stop the task's coroutine; the first reason given is the one that counts. Before
+        it has begun, the reason is left for it to find (:meth:`begin`)."""
         self.stop = self.stop or reason
-        if self.runner is not None:
+        if self.runner is not None and self.started:
             self.runner.cancel()
+
+    def begin(self) -> None:
+        """The runner's first act: from now on an interrupt cancels it.
+
+        Raises:
+            asyncio.CancelledError: it was interrupted before (a cancel, a lost lease), to
+                end as a cancel would have.
+        """
+        self.started = True
+        if self.stop is not None:
+            raise asyncio.CancelledError
 
     async def ended(self, why: TaskError | None = None) -> tuple[Step | None, str]:
         """The step that ended the attempt and its last streamed text, still to be written

@@ -106,7 +106,7 @@ async def _apart(event: str, work: Awaitable[T]) -> T | None:
 def _moved(moved: dict[int, LeaseEnd], queued: Callable[[], None], **why: str) -> None:
     for task_id, end in moved.items():
         metrics.lease_expired(end.status.value)
-        if end.status is TaskStatus.FAILED:  # out of attempts: finished, as any failure
+        if end.status is not TaskStatus.QUEUED:  # out of attempts, or a cancel asked for
             metrics.task_finished(end.template, end.status.value)
         log.warning(
             "task.lease_expired",

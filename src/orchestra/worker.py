@@ -39,6 +39,7 @@ from orchestra.claim_failures import ClaimFailures
 from orchestra.config import Settings
 from orchestra.db import TaskStore
 from orchestra.domain import (
+    CANCELLED_BY_REQUEST,
     NewTask,
     Retry,
     RetryPolicy,
@@ -68,7 +69,6 @@ log = logs.get("orchestra.worker")
 
 #: Longest pause before a failed dispatcher is started again, seconds.
 DISPATCHER_RESTART_CAP = 10.0
-_CANCELLED = TaskError(type="cancelled", message="cancelled by request")
 #: The error of a step cut short by a stop that handed its task back to the queue.
 _HANDED_BACK = TaskError(type="handed_back", message="the service stopped; the task went back")
 
@@ -423,6 +423,7 @@ class WorkerPool:
             return await within_lease(running, work)
 
         try:
+            running.begin()
             status, result, error, policy = await self._execute(running, write, tlog)
             running.finishing = True
             step, text = await running.ended(error)
@@ -523,9 +524,12 @@ class WorkerPool:
     ) -> None:
         run_at = retry.at
         step, text = await running.ended(error)
-        if await write(
+        status = await write(
             lambda: self.store.retry_later(running.lease, error, run_at, step=step, text=text)
-        ):
+        )
+        if status is TaskStatus.CANCELLED:
+            self._cancelled_meanwhile(running, tlog)
+        elif status is not None:
             tlog.warning(
                 "task.retrying",
                 error=error.message,
@@ -538,11 +542,15 @@ class WorkerPool:
             tlog.warning("task.lease_lost", detail="failed, but another attempt owns it")
 
     async def _finish_cancelled(self, running: Running, write: Writer, tlog: Any) -> None:
-        step, text = await running.ended(_CANCELLED)
+        step, text = await running.ended(CANCELLED_BY_REQUEST)
         try:
             done = await write(
                 lambda: self.store.finish(
-                    running.lease, TaskStatus.CANCELLED, error=_CANCELLED, step=step, text=text
+                    running.lease,
+                    TaskStatus.CANCELLED,
+                    error=CANCELLED_BY_REQUEST,
+                    step=step,
+                    text=text,
                 )
             )
         except StorageError as exc:
@@ -552,9 +560,15 @@ class WorkerPool:
             tlog.exception("task.store_failed")
             return
         if done:
-            seconds = time.perf_counter() - running.clock
-            metrics.task_finished(running.task.template, TaskStatus.CANCELLED.value, seconds)
-            tlog.info("task.finished", status=TaskStatus.CANCELLED.value)
+            self._cancelled_meanwhile(running, tlog)
+
+    @staticmethod
+    def _cancelled_meanwhile(running: Running, tlog: Any) -> None:
+        """Count and log a task that ended cancelled: stopped by its cancel, or cancelled
+        where its attempt's end would have queued it again (a retry, a hand-back)."""
+        seconds = time.perf_counter() - running.clock
+        metrics.task_finished(running.task.template, TaskStatus.CANCELLED.value, seconds)
+        tlog.info("task.finished", status=TaskStatus.CANCELLED.value)
 
     async def _hand_back(self, running: Running, tlog: Any) -> None:
         step, text = await running.ended(_HANDED_BACK)
@@ -566,7 +580,9 @@ class WorkerPool:
         except Exception:
             tlog.exception("task.hand_back_failed")
             return
-        if released:
+        if released is TaskStatus.CANCELLED:
+            self._cancelled_meanwhile(running, tlog)
+        elif released is not None:
             tlog.info("task.handed_back")
 
     # -- side loops (orchestra.upkeep) -------------------------------------------------------

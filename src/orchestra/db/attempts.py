@@ -38,6 +38,7 @@ from orchestra.db.prepared import Prepared
 from orchestra.db.rows import dump, task_from_row
 from orchestra.db.tables import task_attempts, task_steps, tasks
 from orchestra.domain import (
+    CANCELLED_BY_REQUEST,
     AttemptStatus,
     Lease,
     Step,
@@ -378,10 +379,14 @@ FINISH = Prepared(
         lease_expires_at=None,
     )
 )
+#: A task a cancel was asked for while its attempt ran: whatever the attempt's end would have
+#: queued again (a retry, a hand-back, a lost lease), it is cancelled (it was queued, and run
+#: again: a batch's row 80 s after its batch's cancel).
+ASKED_TO_CANCEL = tasks.c.cancel_requested != 0
 #: The attempt failed with an error worth retrying: back to the queue, due at ``v_run_at``.
 RETRY_LATER = Prepared(
     update(tasks)
-    .where(_held(guards.RETRY_LATER.sources))
+    .where(_held(guards.RETRY_LATER.sources), ~ASKED_TO_CANCEL)
     .values(
         status=TaskStatus.QUEUED.value,
         error=bindparam("v_error"),
@@ -395,10 +400,23 @@ RETRY_LATER = Prepared(
 #: this attempt does not count against ``max_attempts``.
 HAND_BACK = Prepared(
     update(tasks)
-    .where(_held(guards.HAND_BACK.sources))
+    .where(_held(guards.HAND_BACK.sources), ~ASKED_TO_CANCEL)
     .values(
         status=TaskStatus.QUEUED.value,
         handed_back=tasks.c.handed_back + 1,
+        lease_owner=None,
+        lease_expires_at=None,
+    )
+)
+#: Instead of :data:`RETRY_LATER` or :data:`HAND_BACK`, for a task a cancel was asked for.
+CANCEL_INSTEAD = Prepared(
+    update(tasks)
+    .where(_held(guards.RETRY_LATER.sources & guards.HAND_BACK.sources), ASKED_TO_CANCEL)
+    .values(
+        status=TaskStatus.CANCELLED.value,
+        error=dump(CANCELLED_BY_REQUEST),
+        finished_at=bindparam("v_at"),
+        cancel_requested=0,
         lease_owner=None,
         lease_expires_at=None,
     )
@@ -433,38 +451,49 @@ CLOSE_STEPS = Prepared(
 
 class Ending(msgspec.Struct, frozen=True):
     """How an attempt ends: the task's statement (:data:`FINISH`, :data:`RETRY_LATER` or
-    :data:`HAND_BACK`) and its values, the attempt's status and error, and the event that
-    says so."""
+    :data:`HAND_BACK`) and its values, the attempt's status and error, the event that says
+    so, and the task's status it leaves."""
 
     statement: Prepared
     values: dict[str, Any]
     attempt: AttemptStatus
     why: TaskError | None
     event: EventPayload
+    then: TaskStatus
+
+
+#: How a task whose attempt would have queued it again ends when a cancel was asked for.
+CANCELLED_MEANWHILE = TaskFinished(status=TaskStatus.CANCELLED.value, error=CANCELLED_BY_REQUEST)
 
 
 def end_attempt(
     conn: Connection, lease: Lease, ending: Ending, at: str, step: Step | None, text: str
-) -> bool:
+) -> TaskStatus | None:
     """End the lease's attempt: its last step (when given), the task's row (the ending's
     statement, guarded by the lease, which also gives the lease up), the attempt's record and
-    the ending's event; False when the lease does not hold."""
+    the ending's event. Returns the task's status after (``ending.then``; cancelled instead
+    of queued when a cancel was asked for: :data:`CANCEL_INSTEAD`), or None when the lease
+    does not hold."""
     if step is not None:
         # Fenced by the same lease as the UPDATE after it: both match or neither does.
         end_step(conn, lease, step, text, at)
-    if ending.statement.run(conn, {**lease_params(lease), **ending.values}).rowcount != 1:
-        return False
-    closed = {
-        **lease_params(lease),
-        "v_status": ending.attempt.value,
-        "v_at": at,
-        "v_error": dump(ending.why),
-    }
+    held = lease_params(lease)
+    attempt, why, event, then = ending.attempt, ending.why, ending.event, ending.then
+    if ending.statement.run(conn, {**held, **ending.values}).rowcount != 1:
+        if (
+            then is not TaskStatus.QUEUED
+            or CANCEL_INSTEAD.run(conn, {**held, "v_at": at}).rowcount != 1
+        ):
+            return None
+        event, then = CANCELLED_MEANWHILE, TaskStatus.CANCELLED
+        if attempt is AttemptStatus.HANDED_BACK:  # else it failed, and says why
+            attempt, why = AttemptStatus.CANCELLED, CANCELLED_BY_REQUEST
+    closed = {**held, "v_status": attempt.value, "v_at": at, "v_error": dump(why)}
     CLOSE_ATTEMPT.run(conn, closed)
     if step is None:  # ended between or inside its steps: none is left running
         CLOSE_STEPS.run(conn, closed)
-    events.append(conn, lease.task_id, ending.event, at)
-    return True
+    events.append(conn, lease.task_id, event, at)
+    return then
 
 
 # -- lost attempts --------------------------------------------------------------------------
@@ -529,13 +558,21 @@ def expire_leases(
     gone = tasks.c.lease_expires_at < now if owner is None else tasks.c.lease_owner == owner
     if running:
         gone = and_(gone, tasks.c.id.not_in(list(running)))
+    cancelled, failed = TaskStatus.CANCELLED.value, TaskStatus.FAILED.value
     rows = conn.execute(
         update(tasks)
         .where(guards.LEASE_EXPIRED.guard, gone)
         .values(
-            status=case((exhausted, TaskStatus.FAILED.value), else_=TaskStatus.QUEUED.value),
-            error=case((exhausted, dump(gave_up)), else_=dump(lost)),
-            finished_at=case((exhausted, now), else_=None),
+            status=case(
+                (ASKED_TO_CANCEL, cancelled), (exhausted, failed), else_=TaskStatus.QUEUED.value
+            ),
+            error=case(
+                (ASKED_TO_CANCEL, dump(CANCELLED_BY_REQUEST)),
+                (exhausted, dump(gave_up)),
+                else_=dump(lost),
+            ),
+            finished_at=case((or_(ASKED_TO_CANCEL, exhausted), now), else_=None),
+            cancel_requested=0,
             # Its first loss keeps its place (it was due before the tasks queued while it
             # ran); lost again, it may be what kills its process: behind them, not at the
             # head of the queue, where each process in turn would take it and die.
@@ -554,6 +591,8 @@ def expire_leases(
         closed = {"h_task": row.id, "h_attempt": row.attempts, "v_error": dump(lost), "v_at": now}
         CLOSE_STEPS.run(conn, closed)
         events.append(conn, row.id, TaskLeaseExpired(attempt=row.attempts), now)
-        if row.status == TaskStatus.FAILED.value:
+        if row.status == failed:
             events.append(conn, row.id, TaskFinished(status=row.status, error=gave_up), now)
+        elif row.status == cancelled:
+            events.append(conn, row.id, CANCELLED_MEANWHILE, now)
     return {row.id: LeaseEnd(TaskStatus(row.status), row.template, row.attempts) for row in rows}

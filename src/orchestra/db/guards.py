@@ -75,13 +75,15 @@ _S = TaskStatus
 CLAIM = _move("claim", may_become(_S.RUNNING), _S.RUNNING)
 #: The lease holder ends the task: succeeded, failed or cancelled.
 FINISH = _move("finish", LEASED, _S.SUCCEEDED, _S.FAILED, _S.CANCELLED)
-#: The lease holder's attempt failed with an error worth retrying: back to the queue.
-RETRY_LATER = _move("retry_later", LEASED, _S.QUEUED)
-#: The lease holder shuts down and gives the task back to the queue.
-HAND_BACK = _move("hand_back", LEASED, _S.QUEUED)
+#: The lease holder's attempt failed with an error worth retrying: back to the queue; or
+#: cancelled, when a cancel was asked for meanwhile (its worker was already ending it).
+RETRY_LATER = _move("retry_later", LEASED, _S.QUEUED, _S.CANCELLED)
+#: The lease holder shuts down and gives the task back to the queue (cancelled instead when
+#: a cancel was asked for).
+HAND_BACK = _move("hand_back", LEASED, _S.QUEUED, _S.CANCELLED)
 #: The reaper takes a task whose lease expired: back to the queue, or failed with no
-#: attempts left.
-LEASE_EXPIRED = _move("lease_expired", LEASED, _S.QUEUED, _S.FAILED)
+#: attempts left, or cancelled when a cancel was asked for.
+LEASE_EXPIRED = _move("lease_expired", LEASED, _S.QUEUED, _S.FAILED, _S.CANCELLED)
 #: A person cancels: at once where no worker holds the task (a held one is flagged for its
 #: worker, whose FINISH then cancels it).
 CANCEL = _move("cancel", may_become(_S.CANCELLED) - LEASED, _S.CANCELLED)

@@ -26,7 +26,7 @@ import functools
 from collections.abc import Callable, Collection, Iterable
 from datetime import datetime, timedelta
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from sqlalchemy import Connection, select
@@ -64,6 +64,9 @@ __all__ = ["Enqueued", "Renewal", "TaskStore"]
 _UNSURE_MAX = 10_000
 
 #: How each terminal status of a task records the attempt that reached it.
+#: What one of an attempt's fenced writes answers.
+W = TypeVar("W")
+
 _ATTEMPT_ENDED = {
     TaskStatus.SUCCEEDED: AttemptStatus.SUCCEEDED,
     TaskStatus.FAILED: AttemptStatus.FAILED,
@@ -124,20 +127,25 @@ class TaskStore:
         return changed
 
     async def _fenced(
-        self, lease: Lease, work: Callable[[Connection], bool], last: EventPayload
-    ) -> bool:
+        self,
+        lease: Lease,
+        work: Callable[[Connection], W],
+        last: EventPayload,
+        landed: W,
+    ) -> W:
         """One of an attempt's writes (fenced by its lease), ending with the event ``last``,
         which no other write of the attempt ends with (a step's start or end, the attempt's).
 
         When the database server is lost during a write (StorageUnreachable), its commit may
         have landed with only its answer lost. The worker then tries the same write again;
         that try first looks whether ``last`` is the task's last event, and if so answers
-        True without writing it twice (a step's events or the task's end recorded twice, or
-        a finish taken for a lost lease)."""
+        ``landed`` (what ``work`` answers when it wrote ``last``) without writing it twice (a
+        step's events or the task's end recorded twice, or a finish taken for a lost
+        lease)."""
         key = (lease.task_id, lease.attempt)
         if self._unsure.get(key) == last and await events.last_is(self.db, lease.task_id, last):
             del self._unsure[key]
-            return True
+            return landed
         self._unsure.pop(key, None)
         try:
             return await self.db.transaction(work, small=True)
@@ -247,6 +255,7 @@ class TaskStore:
             lease,
             lambda conn: attempts.start_step(conn, lease, step_id, position, at),
             attempts.step_started(lease, step_id, position),
+            True,
         )
         return self._progressed(lease.task_id, written)
 
@@ -273,6 +282,7 @@ class TaskStore:
             lease,
             lambda conn: attempts.end_step(conn, lease, step, text, at),
             attempts.step_ended(step),
+            True,
         )
         return self._progressed(lease.task_id, written)
 
@@ -300,8 +310,8 @@ class TaskStore:
             "v_at": at,
         }
         event = TaskFinished(status=status.value, error=error)
-        ending = Ending(attempts.FINISH, values, _ATTEMPT_ENDED[status], error, event)
-        return await self._end(lease, ending, at, step, text)
+        ending = Ending(attempts.FINISH, values, _ATTEMPT_ENDED[status], error, event, status)
+        return await self._end(lease, ending, at, step, text) is not None
 
     async def retry_later(
         self,
@@ -311,34 +321,46 @@ class TaskStore:
         *,
         step: Step | None = None,
         text: str = "",
-    ) -> bool:
+    ) -> TaskStatus | None:
         """Put a task whose attempt failed with a retryable error back in the queue, due at
-        ``run_at``; the attempt is recorded as failed with its error. False when the lease is
-        lost. ``step`` and ``text``: as for :meth:`finish`."""
+        ``run_at``; the attempt is recorded as failed with its error. Returns ``queued``, or
+        ``cancelled`` when a cancel was asked for meanwhile (it wins), or None when the lease
+        is lost. ``step`` and ``text``: as for :meth:`finish`."""
         due = iso(run_at)
         event = TaskRetrying(attempt=lease.attempt, error=error, next_run_at=due)
         values = {"v_error": dump(error), "v_run_at": due}
-        ending = Ending(attempts.RETRY_LATER, values, AttemptStatus.FAILED, error, event)
+        ending = Ending(
+            attempts.RETRY_LATER, values, AttemptStatus.FAILED, error, event, TaskStatus.QUEUED
+        )
         return await self._end(lease, ending, self._now(), step, text)
 
-    async def release(self, lease: Lease, *, step: Step | None = None, text: str = "") -> bool:
+    async def release(
+        self, lease: Lease, *, step: Step | None = None, text: str = ""
+    ) -> TaskStatus | None:
         """Hand a running task back to the queue (shutdown); the attempt does not count
-        against ``max_attempts``. ``step`` and ``text``: as for :meth:`finish`."""
+        against ``max_attempts``. Returns as :meth:`retry_later` does. ``step`` and ``text``:
+        as for :meth:`finish`."""
         at = self._now()
         event = TaskHandedBack(attempt=lease.attempt)
-        ending = Ending(attempts.HAND_BACK, {}, AttemptStatus.HANDED_BACK, None, event)
+        ending = Ending(
+            attempts.HAND_BACK, {}, AttemptStatus.HANDED_BACK, None, event, TaskStatus.QUEUED
+        )
         return await self._end(lease, ending, at, step, text)
 
     async def _end(
         self, lease: Lease, ending: Ending, at: str, step: Step | None, text: str
-    ) -> bool:
-        """End the lease's attempt in one transaction (:func:`attempts.end_attempt`)."""
-        written = await self._fenced(
+    ) -> TaskStatus | None:
+        """End the lease's attempt in one transaction (:func:`attempts.end_attempt`): the
+        task's status after, or None when the lease is lost."""
+        landed: TaskStatus | None = ending.then
+        status = await self._fenced(
             lease,
             lambda conn: attempts.end_attempt(conn, lease, ending, at, step, text),
             ending.event,
+            landed,
         )
-        return self._changed(lease.task_id, written)
+        self._changed(lease.task_id, status is not None)
+        return status
 
     async def requeue_expired(self, running: Collection[int] = ()) -> dict[int, LeaseEnd]:
         """Return tasks whose lease expired (their worker died) to the queue.

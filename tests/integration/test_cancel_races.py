@@ -1,0 +1,124 @@
+"""A cancel that meets an attempt's end. A cancel asked for while the attempt was ending in a
+way that queues the task again (a retryable failure, a hand-back at a stop, a lost lease) was
+lost: the task ran again (a batch's row, 80 s after its batch's cancel) and ended failed. And
+a cancel that reached the worker before the task's coroutine had begun left the task running
+for good, its slot taken (helper-126, batches of 50,000 rows on 2 processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest
+
+from orchestra.config import Settings
+from orchestra.db import Database, Lease, TaskStore
+from orchestra.domain import NewTask, Task, TaskError, TaskStatus, now
+from tests.conftest import Service, StartService, sql_rows
+from tests.fixtures.servers import wait_until
+from tests.integration.test_batches import no_workers
+
+FAILED = TaskError(type="provider_error", message="500 from the model", retryable=True)
+
+
+@pytest.fixture
+def store(db: Database) -> TaskStore:
+    return TaskStore(db)
+
+
+async def _running(store: TaskStore) -> tuple[Task, Lease]:
+    """A task claimed by worker ``w`` and then asked to cancel (flagged for its worker)."""
+    new = NewTask(template="summarize", template_version=1, params={"text": "x"})
+    task = (await store.enqueue(new)).task
+    [claimed] = await store.claim("w", 1, lease_seconds=30)
+    assert await store.cancel(task.id) is TaskStatus.RUNNING  # flagged, still running
+    return task, Lease(task.id, "w", claimed.attempts)
+
+
+async def _ended_cancelled(store: TaskStore, db: Database, task_id: int) -> list[str]:
+    """The task is cancelled by request, nothing is left to claim; its attempts' statuses."""
+    task = await store.get_task(task_id)
+    assert task is not None and task.status is TaskStatus.CANCELLED, task
+    assert task.error is not None and task.error.message == "cancelled by request"
+    assert task.lease_owner is None and task.finished_at is not None
+    assert await store.claim("w2", 10, lease_seconds=30) == []
+    [(kind, data)] = sql_rows(
+        db.url, "SELECT type, data FROM task_events WHERE task_id = ? ORDER BY seq DESC LIMIT 1",
+        (task_id,),
+    )  # fmt: skip
+    assert (kind, json.loads(data)["status"]) == ("task.finished", "cancelled")
+    return [a.status.value for a in task.history]
+
+
+async def test_a_cancel_asked_while_an_attempt_fails_wins_over_its_retry(
+    store: TaskStore, db: Database
+) -> None:
+    task, lease = await _running(store)
+    later = now() + timedelta(seconds=5)
+    assert await store.retry_later(lease, FAILED, later) is TaskStatus.CANCELLED
+    assert await _ended_cancelled(store, db, task.id) == ["failed"]  # the attempt did fail
+
+
+async def test_a_cancel_asked_while_a_stop_hands_the_task_back_wins(
+    store: TaskStore, db: Database
+) -> None:
+    task, lease = await _running(store)
+    assert await store.release(lease) is TaskStatus.CANCELLED
+    assert await _ended_cancelled(store, db, task.id) == ["cancelled"]
+
+
+async def test_a_cancel_asked_before_the_worker_died_wins_over_the_reaper(
+    db: Database,
+) -> None:
+    clock_at = [now()]
+    store = TaskStore(db, clock=lambda: clock_at[0])
+    task, _ = await _running(store)
+    clock_at[0] += timedelta(seconds=31)  # the worker died: its lease ran out
+    assert {i: e.status for i, e in (await store.requeue_expired()).items()} == {
+        task.id: TaskStatus.CANCELLED
+    }
+    assert await _ended_cancelled(store, db, task.id) == ["lost"]
+
+
+async def test_without_a_cancel_a_retry_and_a_hand_back_queue_the_task_again(
+    store: TaskStore,
+) -> None:
+    """(What the guard must leave as it was.)"""
+    new = NewTask(template="summarize", template_version=1, params={"text": "x"})
+    task = (await store.enqueue(new)).task
+    [claimed] = await store.claim("w", 1, lease_seconds=30)
+    lease = Lease(task.id, "w", claimed.attempts)
+    assert await store.retry_later(lease, FAILED, now()) is TaskStatus.QUEUED
+    [again] = await store.claim("w", 1, lease_seconds=30)
+    assert await store.release(Lease(task.id, "w", again.attempts)) is TaskStatus.QUEUED
+    assert await store.release(Lease(task.id, "w", again.attempts)) is None  # not held now
+
+
+@pytest.fixture
+async def idle(settings: Settings, start_service: StartService) -> AsyncIterator[Service]:
+    """A service whose pool claims nothing by itself (the test hands it a task)."""
+    async with start_service(no_workers(settings)) as service:
+        yield service
+
+
+async def test_a_cancel_that_reaches_the_worker_before_the_task_begins_cancels_it(
+    idle: Service,
+) -> None:
+    """The pool starts the task's coroutine, and a cancel reaches the pool in the same turn of
+    the loop, before the coroutine's first step (as a batch's cancel in this process did
+    while the dispatcher started what it had claimed)."""
+    task = await idle.submit("summarize", text="x")
+    pool = idle.app.runtime.pool
+    [claimed] = await pool.store.claim(pool.owner, 1, lease_seconds=30)
+    lease_until = asyncio.get_running_loop().time() + 30
+    pool._spawn(claimed, lease_until, None)  # noqa: SLF001 - the claim's next act
+    assert pool.cancel(task["id"])  # the same turn: the coroutine has not begun
+
+    async def cancelled() -> bool:
+        got = (await idle.client.get(f"/api/v1/tasks/{task['id']}")).json()
+        return got["status"] == "cancelled"
+
+    await wait_until(cancelled, timeout=10)
+    await wait_until(lambda: pool.running == 0, timeout=10)  # its slot is free
