@@ -128,6 +128,19 @@ async def test_serve_with_an_unsupported_database_url_fails_in_one_clean_line(
     assert "Started server process" not in err and "startup" not in err
 
 
+async def test_a_database_url_that_cannot_be_read_is_refused_without_its_password(
+    tmp_path: Path,
+) -> None:
+    """A password not percent-encoded (a Kubernetes Secret's) made the URL unreadable, and
+    the refusal printed it whole, into the pod's log (helper-127)."""
+    config = tmp_path / "o.toml"
+    url = "postgresql+psycopg://orchestra:p@ss:w/rd%x@127.0.0.1:5/race"
+    config.write_text(f'[server]\nport = {free_port()}\n[database]\nurl = "{url}"\n')
+    err = await _serve_fails(config)
+    assert "database.url: postgresql+psycopg://… (not shown" in err, err
+    assert "percent-encode" in err and "p@ss" not in err and "rd%x" not in err, err
+
+
 async def test_serve_with_a_file_where_the_databases_folder_goes_says_so(
     tmp_path: Path,
 ) -> None:

@@ -43,7 +43,14 @@ def parse_url(url: str) -> URL:
     try:
         parsed = make_url(url)
     except Exception:
-        raise ConfigError(f"database.url: {url!r} is not a SQLAlchemy URL") from None
+        # Not shown: what made it unreadable is often a password's "@" or "/" (a Secret not
+        # percent-encoded), and the message goes to the log.
+        scheme = url.partition("://")[0] if "://" in url else ""
+        shown = f"{scheme}://… (not shown: it may hold a password)" if scheme else repr(url)
+        raise ConfigError(
+            f"database.url: {shown} is not a SQLAlchemy URL; percent-encode a password's "
+            "special characters (@ %40, / %2F, : %3A, % %25)"
+        ) from None
     backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
     if backend == POSTGRESQL:
         if driver != "psycopg":
