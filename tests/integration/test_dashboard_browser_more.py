@@ -323,6 +323,30 @@ async def test_focus_stays_on_its_control_through_live_refreshes(
     assert page.errors == []
 
 
+#: Where the focused element's top is in the window, and the window's height.
+_FOCUSED_AT = "() => [document.activeElement.getBoundingClientRect().top, window.innerHeight]"
+
+
+async def test_a_live_refresh_keeps_a_focused_row_in_view(
+    service: Service, browser: Browser
+) -> None:
+    """A keyboard user on a row part-way down the tasks list: each refresh scrolled the page
+    to its bottom, the focused row 741 px above the window (helper-128)."""
+    ids = [(await service.submit("summarize", text=f"row {n}"))["id"] for n in range(40)]
+    await service.wait(ids[-1])
+    page = await new_page(browser, viewport={"width": 1280, "height": 700})
+    await page.goto(f"{service.url}/ui/tasks")
+    await page.evaluate(_COUNT_REFRESHES, "rows")
+    await page.focus(f"#rows a[href$='/tasks/{ids[-16]}']")  # 15 rows down
+    top, height = await page.evaluate(_FOCUSED_AT)
+    assert 0 < top < height and await page.evaluate("window.scrollY") > 0, (top, height)
+    for _ in range(2):
+        await _refreshed_by_a_change(service, page)
+        top, height = await page.evaluate(_FOCUSED_AT)
+        assert 0 <= top < height, (top, height, await page.evaluate("window.scrollY"))
+    assert page.errors == []
+
+
 async def _refreshed_by_a_change(service: Service, page: TrackedPage) -> None:
     """A task changes, and the page refreshes for it. A change made while the page's live
     connection was still opening (a loaded machine: CI) found no listener, and the wait for

@@ -89,16 +89,31 @@
   // known by their summary's id.
   var opened = null;
 
+  // A live part's swap keeps the reader's scroll position: with a focused row in it, the
+  // browser's scroll anchoring (the old rows removed after the new ones went in) took the
+  // page to its bottom, the focused row far above the window.
+  var scrolled = null;
+
+  function keepScroll() {
+    if (scrolled !== null && window.scrollY !== scrolled) window.scrollTo(window.scrollX, scrolled);
+  }
+
   document.addEventListener("htmx:beforeSwap", function (evt) {
     var target = evt.detail.target;
     if (!target || !target.querySelectorAll) return;
+    var from = evt.detail.elt || target;  // what asked: a live part's trigger, or the part
+    if (from.closest && from.closest("[data-live]")) scrolled = window.scrollY;
     opened = opened || [];  // two parts may swap in the same tick: keep both's
     target.querySelectorAll("details[open] > summary[id]").forEach(function (summary) {
       opened.push(summary.id);
     });
   });
 
+  document.addEventListener("htmx:afterSwap", keepScroll);
+
   document.addEventListener("htmx:afterSettle", function () {
+    keepScroll();
+    scrolled = null;
     if (!opened) return;
     opened.forEach(function (id) {
       var summary = document.getElementById(id);
