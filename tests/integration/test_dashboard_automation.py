@@ -539,6 +539,41 @@ async def test_pause_and_resume_a_schedule_and_a_subscription_in_a_browser(
 
 @pytest.mark.browser
 @pytest.mark.timeout(120)
+async def test_send_again_keeps_the_keyboard_on_its_row(
+    loopback_service: Service, receiver: Receiver, browser: Browser
+) -> None:
+    """A delivery sent again from far down its subscription's page: the page went to its top
+    with the focus on its body, so a keyboard user going through deliveries started over
+    after each one (helper-128)."""
+    from playwright.async_api import expect
+
+    hooked = loopback_service
+    hook_id = await subscribe(hooked, receiver, event_types=["task.finished"])
+    for n in range(20):
+        await hooked.submit("summarize", text=f"t{n}")
+    await wait_until(lambda: len(receiver.received) >= 20, timeout=60)
+    page = await new_page(browser, viewport={"width": 1280, "height": 700})
+    await page.goto(f"{hooked.url}/ui/webhooks/{hook_id}")
+    rows = page.locator("tr[data-delivery]")
+    await expect(rows).to_have_count(20)
+    delivery = await rows.nth(15).get_attribute("data-delivery")
+    button = page.locator(f"tr[data-delivery='{delivery}'] button")
+    await button.focus()
+    scrolled = await page.evaluate("window.scrollY")
+    assert scrolled > 0
+    await page.page.keyboard.press("Enter")
+    await wait_until(lambda: len(receiver.received) >= 21, timeout=30)
+    await expect(page.locator("body")).to_contain_text(f"Delivery #{delivery} is queued")
+    await expect(page.locator(f"tr[data-delivery='{delivery}'] button")).to_be_focused()
+    top, height = await page.evaluate(
+        "() => [document.activeElement.getBoundingClientRect().top, window.innerHeight]"
+    )
+    assert 0 <= top < height, (top, height, await page.evaluate("window.scrollY"), scrolled)
+    assert page.errors == []
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(120)
 async def test_a_running_batchs_page_follows_it_to_the_end(
     svc: Service, fake_ollama: FakeOllama, browser: Browser
 ) -> None:
