@@ -156,6 +156,7 @@ async def test_three_crashes_in_the_window_keep_it_down_until_a_probe_succeeds(
     assert process.state is State.DOWN
     assert "down after 3 crash(es)" in process.detail
     assert "out-of-memory killer" in process.detail  # what a SIGKILL from outside may be
+    assert "[providers.embedded] context_length" in process.detail  # (it said providers.NAME)
     with pytest.raises(ProviderUnreachable, match="down after 3") as down:
         await process.request(hello)
     # A task's retry waits for the next health check's probe: nothing comes back before.
@@ -285,3 +286,62 @@ async def test_embeddings_options_and_threads_work_in_the_process() -> None:
         assert proc.loaded is not None and proc.loaded.n_ctx == 1024
     finally:
         await proc.stop()
+
+
+async def test_a_call_queued_behind_a_hung_one_waits_for_it_and_then_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The call before hangs in native code (here: stopped) and times out. The queued call's
+    time ran from when it queued (it timed out without reaching the model), and it was sent
+    into the process still busy with the call abandoned, failing when that was killed
+    (helper-129). It waits for its turn, which comes once the hung process is ended, and a
+    new process answers it."""
+    from orchestra.llm import model_process
+
+    monkeypatch.setattr(model_process, "CANCEL_GRACE", 1.0)
+    proc = ModelProcess("embedded", wire.Load(str(MODEL), 0, 0), timeout=3.0)
+    try:
+        story, pid = await generating(proc)
+        os.kill(pid, signal.SIGSTOP)  # hung: it takes no cancel
+        queued = asyncio.create_task(proc.request(hello))
+        with pytest.raises(TimeoutError):
+            await story  # 3 s from its turn
+        answer = await queued  # past 3 s of waiting: its own 3 s count from its turn
+        assert isinstance(answer, wire.Generated) and answer.text
+        assert proc.info().pid != pid and gone(pid)
+    finally:
+        await proc.stop()
+
+
+async def _unseeded_poem() -> str:
+    proc = ModelProcess("embedded", wire.Load(str(MODEL), 0, 0))
+    poem = [{"role": "user", "content": "Write a short poem about the sea."}]
+    try:
+        answer = await proc.request(
+            lambda i: wire.Generate(i, poem, {"max_tokens": 24, "temperature": 1.0})
+        )
+    finally:
+        await proc.stop()
+    assert isinstance(answer, wire.Generated)
+    return answer.text
+
+
+async def test_sampling_without_a_seed_differs_from_one_process_to_the_next() -> None:
+    """llama.cpp's draw without a seed starts over in each process: every fresh process (a
+    restart, another service process) answered the same "random" text (helper-129)."""
+    assert await _unseeded_poem() != await _unseeded_poem()
+
+
+async def test_tokens_are_counted_as_the_model_counts_them_not_as_streamed_pieces(
+    process: ModelProcess,
+) -> None:
+    """A piece of streamed text may hold several tokens: 13 counted of a 20-token answer in
+    Chinese, 488 of 512 in German."""
+    poem = [{"role": "user", "content": "请用中文写一首关于大海的诗。"}]
+    pieces: list[str] = []
+    answer = await process.request(
+        lambda i: wire.Generate(i, poem, {"max_tokens": 20, "temperature": 0}), pieces.append
+    )
+    assert isinstance(answer, wire.Generated) and answer.finish_reason == "length"
+    assert answer.completion_tokens >= 20 > len(pieces), (answer.completion_tokens, len(pieces))
+    assert 40 < answer.prompt_tokens < 60, answer.prompt_tokens  # the chat-formatted prompt

@@ -144,7 +144,8 @@ class EmbeddedProvider:
             return await self.process.request(message, on_text)
         except TimeoutError:
             raise ProviderUnavailable(
-                f"embedded model {self.model_name!r} did not finish within {self.timeout:g}s"
+                f"embedded model {self.model_name!r} did not finish within {self.timeout:g}s "
+                "of its turn"
             ) from None
 
     async def start(self) -> None:

@@ -18,6 +18,7 @@ import contextlib
 import os
 import queue
 import re
+import secrets
 import signal
 import sys
 import threading
@@ -151,6 +152,10 @@ class _Model:
     def generate(self, request: wire.Generate, channel: _Channel) -> wire.Generated:
         llm = self.llm
         kwargs = dict(request.options)
+        if kwargs.get("seed") is None:
+            # Drawn afresh: llama.cpp's own draw without one starts over in every process and
+            # after every seeded call, so unseeded sampling answered the same each time.
+            kwargs["seed"] = secrets.randbits(31)
         if request.response_format is not None:
             kwargs["response_format"] = request.response_format
         started = time.perf_counter()
@@ -174,13 +179,18 @@ class _Model:
             self.abort.stop_watching(llm)
         ended = time.perf_counter()
         generated = first_token or ended
-        # Each streamed piece is one token (a character split across tokens arrives as one
-        # piece, rarely); the context then holds the prompt and the answer.
+        text = "".join(parts)
+        # A streamed piece may hold several tokens (a character split across them: 488 pieces
+        # of 512 tokens in German): the text tokenized again counts as llama.cpp's own usage
+        # does. The context then holds the prompt and the answer, but for the last token of
+        # one cut at its length, which was sampled and not evaluated.
+        completion = len(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+        unevaluated = 1 if finish == "length" and completion else 0
         return wire.Generated(
             id=request.id,
-            text="".join(parts),
-            prompt_tokens=max(0, int(llm.n_tokens) - len(parts)),
-            completion_tokens=len(parts),
+            text=text,
+            prompt_tokens=max(0, int(llm.n_tokens) - completion + unevaluated),
+            completion_tokens=completion,
             finish_reason=finish,
             prompt_ms=round((generated - started) * 1000, 3),
             generation_ms=round((ended - generated) * 1000, 3),

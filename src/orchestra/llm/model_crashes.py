@@ -71,12 +71,12 @@ def cpu_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
         return False
 
 
-def crash_hint(sig: int | None, phase: Phase) -> str | None:
-    """Advice for a crash, where there is one to give."""
+def crash_hint(sig: int | None, phase: Phase, provider: str = "embedded") -> str | None:
+    """Advice for a crash of ``provider``'s process, where there is one to give."""
     if sig == signal.SIGKILL:
         return (
             "killed from outside, perhaps by the out-of-memory killer: the model and its "
-            "context ([providers.NAME] context_length) may need more memory than there is"
+            f"context ([providers.{provider}] context_length) may need more memory than there is"
         )
     if sig in _FAULTS and phase in (Phase.LOADING, Phase.WARMING_UP):
         if cpu_has_amx():
@@ -88,12 +88,14 @@ def crash_hint(sig: int | None, phase: Phase) -> str | None:
     return None
 
 
-def describe(returncode: int, phase: Phase, last_output: str | None) -> Crash:
-    """The crash of a process that exited with ``returncode`` while in ``phase``."""
+def describe(
+    returncode: int, phase: Phase, last_output: str | None, provider: str = "embedded"
+) -> Crash:
+    """The crash of ``provider``'s process that exited with ``returncode`` in ``phase``."""
     sig = -returncode if returncode < 0 else None
     how = signal_name(sig) if sig else f"exit code {returncode}"
     message = f"embedded model process died: {how} during {phase}"
-    hint = crash_hint(sig, phase)
+    hint = crash_hint(sig, phase, provider)
     if hint:
         message += f"; {hint}"
     elif last_output:

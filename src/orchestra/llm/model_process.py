@@ -183,6 +183,11 @@ class ModelProcess:
         self._clock = clock
         self._ids = itertools.count(1)
         self._turn = asyncio.Lock()
+        #: An abandoned call still in the process (cancelled there, not yet ended): the turn
+        #: is given on once it ends, or once its process is ended for not stopping.
+        self._settling: asyncio.Future[wire.FromChild] | None = None
+        #: The tasks that give the turn on after such a call (kept: asyncio holds weakly).
+        self._handing_on: set[asyncio.Task[None]] = set()
         self._state = State.IDLE
         self._detail = "starts on first use"
         self._child: _Child | None = None
@@ -238,17 +243,24 @@ class ModelProcess:
         on_text: Callable[[str], None] | None = None,
     ) -> wire.Generated | wire.Embedded:
         """Send ``message(id)`` when it is its turn, and wait for the answer, streaming text
-        to ``on_text``.
+        to ``on_text``. The turn comes once the call before has ended in the process: one
+        abandoned there (cancelled, timed out) holds it until it stops, or its process is
+        ended for not stopping (a call sent meanwhile failed with it).
 
         Raises:
             ProviderUnreachable: the process is down, or died during the call or its start.
             ProviderError: the model refused the request (too long a prompt, a bad schema).
-            TimeoutError: no answer within ``timeout``, turn included (the request is then
-                cancelled in the process).
+            TimeoutError: no answer within ``timeout`` from its turn (the wait for the turn is
+                not counted: three queued calls failed without reaching the model); the
+                request is then cancelled in the process.
         """
-        async with asyncio.timeout(self.timeout), self._turn:
-            child = await self._ready()
-            answer = await self._ask(child, message(next(self._ids)), on_text)
+        await self._turn.acquire()
+        try:
+            async with asyncio.timeout(self.timeout):
+                child = await self._ready()
+                answer = await self._ask(child, message(next(self._ids)), on_text)
+        finally:
+            self._hand_on()
         if isinstance(answer, wire.Failed):
             raise ProviderError(f"embedded model failed: {answer.message}")
         assert isinstance(answer, (wire.Generated, wire.Embedded))
@@ -395,10 +407,29 @@ class ModelProcess:
                 await self._abandon(child, message.id, call)
             raise
 
+    def _hand_on(self) -> None:
+        """Give the turn to the next call: now, or once the abandoned call has ended."""
+        settling, self._settling = self._settling, None
+        if settling is None or settling.done():
+            self._turn.release()
+            return
+        task = logs.shared_task(self._hand_on_after(settling), f"{self.name}-turn")
+        self._handing_on.add(task)
+        task.add_done_callback(self._handing_on.discard)
+
+    async def _hand_on_after(self, settling: asyncio.Future[wire.FromChild]) -> None:
+        try:
+            # Ended by then: the process is ended at CANCEL_GRACE when the call has not.
+            await asyncio.wait([settling], timeout=CANCEL_GRACE + STOP_GRACE)
+        finally:
+            self._turn.release()
+
     async def _abandon(self, child: _Child, request_id: int, call: _Call) -> None:
         """The caller stopped waiting: cancel in the process, and end the process if the
-        request has not stopped ``CANCEL_GRACE`` seconds later (native code that hangs)."""
+        request has not stopped ``CANCEL_GRACE`` seconds later (native code that hangs).
+        The turn waits for it (:meth:`_hand_on`)."""
         call.abandoned = True
+        self._settling = call.done
         await child.send(wire.Cancel(request_id))
 
         def check() -> None:
@@ -510,7 +541,8 @@ class ModelProcess:
             self._set(State.IDLE, f"starts on next use ({child.ended_by})")
 
     def _crash(self, child: _Child, returncode: int, phase: Phase) -> Crash:
-        crash = describe(returncode, phase, child.stderr[-1] if child.stderr else None)
+        last = child.stderr[-1] if child.stderr else None
+        crash = describe(returncode, phase, last, self.name)
         metrics.model_process_crashed(self.name, phase.value)
         log.error(
             "model_process.crashed",
