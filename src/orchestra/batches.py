@@ -18,6 +18,7 @@ import hashlib
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -86,6 +87,10 @@ Format = Literal["jsonl", "csv"]
 #: The statuses of the rows a retry may queue again.
 RETRYABLE = (TaskStatus.FAILED.value, TaskStatus.CANCELLED.value)
 _encode = msgspec.json.Encoder(order="sorted").encode
+#: What a keyless upload cut by the service's stop left (its batch, with the rows read), for
+#: the stop's 503 to say instead of "send it again" (which made a second batch of them all).
+CUT_NOTE: ContextVar[str | None] = ContextVar("batch_cut_note", default=None)
+
 log = logs.get("orchestra.batches")
 
 
@@ -240,6 +245,12 @@ class BatchService:
                 # (Closed once its lease is no longer renewed, which would open it again.)
                 if opts.idempotency_key is None or _past_the_cap(exc):
                     await self._close_cut(batch.id, exc)
+                raise
+            except asyncio.CancelledError:  # the service stops: its HTTP drain has ended
+                if opts.idempotency_key is None:  # its 503 says what is kept, not "resend"
+                    stopped = OrchestraError("the service stopped before the upload ended")
+                    await self._close_cut(batch.id, stopped)
+                    CUT_NOTE.set(f"{stopped.message}; do not send it again whole")
                 raise
         finished = Batch.of(
             await self.store.db.transaction(lambda c: mark_loaded(c, batch.id, iso(now())))

@@ -449,6 +449,65 @@ async def test_a_request_still_arriving_when_the_drain_ends_is_a_503_not_a_500(
     assert '"level": "error"' not in err, err  # a deploy pages nobody
 
 
+async def test_a_keyless_upload_cut_by_the_stop_says_its_batch_keeps_the_rows(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    """Its 503 said "send it again", though the rows read were kept in a batch that ran
+    them: a client that did so made a second batch of them all (helper-126). It names the
+    batch and the rows kept, and the batch is closed at once (it was closed only by the next
+    start)."""
+    db = tmp_path / "upload.db"
+    path, port = config(tmp_path, "upload", db, fake_ollama.url)
+    rows = b"text\n" + b"".join(b"row %d\n" % i for i in range(1, 501))
+    async with serving(path, port) as service:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /api/v1/batches?template=summarize&format=csv HTTP/1.1\r\n"
+            b"Host: 127.0.0.1\r\nContent-Type: text/csv\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n%s\r\n"
+            % (len(rows), rows)
+        )
+        await writer.drain()
+
+        def loading() -> bool:  # every row sent so far stored (50 a transaction)
+            with contextlib.closing(sqlite3.connect(db)) as conn:
+                found = conn.execute(
+                    "SELECT b.status, count(r.batch_id) FROM batches b "
+                    "LEFT JOIN batch_rows r ON r.batch_id = b.id GROUP BY b.id"
+                ).fetchall()
+            return found == [("loading", 500)]
+
+        await wait_until(loading, timeout=20)
+        service.proc.send_signal(signal.SIGTERM)
+
+        async def trickle() -> None:  # a row every 0.2 s: slower than the drain
+            with contextlib.suppress(ConnectionError):
+                for i in range(501, 1000):
+                    await asyncio.sleep(0.2)
+                    row = b"row %d\n" % i
+                    writer.write(b"%x\r\n%s\r\n" % (len(row), row))
+                    await writer.drain()
+
+        trickling = asyncio.create_task(trickle())
+        try:
+            answer = await asyncio.wait_for(reader.read(), timeout=30)
+        finally:
+            trickling.cancel()
+            writer.close()
+        head, _, text = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), answer
+        said = msgspec.json.decode(text)
+        assert said["code"] == "shutting_down", said
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            [(batch_id, status, kept)] = conn.execute(
+                "SELECT id, status, row_count FROM batches"
+            ).fetchall()
+        assert status == "loaded" and kept >= 500, (status, kept)
+        assert f"batch {batch_id} keeps the {kept} rows read before" in said["message"], said
+        assert "do not send it again whole" in said["message"], said
+        await asyncio.wait_for(service.proc.wait(), timeout=STOP_DEADLINE)
+
+
 async def test_a_download_cut_by_the_stop_is_seen_cut_not_whole(
     fake_ollama: FakeOllama, tmp_path: Path
 ) -> None:

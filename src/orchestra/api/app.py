@@ -47,6 +47,7 @@ from orchestra.api.scope import RUNTIME, runtime_of
 from orchestra.api.tasks import TaskController
 from orchestra.api.templates import TemplateController
 from orchestra.api.webhooks import WebhookController
+from orchestra.batches import CUT_NOTE
 from orchestra.catalog import TemplateCatalog
 from orchestra.config import AuthSettings, Settings
 from orchestra.tasks import TaskService
@@ -187,15 +188,17 @@ class ServiceApp:
         await send({"type": "lifespan.shutdown.complete"})
 
 
-#: The answer to a request the stop's HTTP drain ended before it was answered.
-_CUT = msgspec.json.encode(
-    ErrorBody(
-        status=503,
-        code="shutting_down",
-        message="the service stopped before it answered this request: send it again (with "
-        "an Idempotency-Key if it must not be carried out twice)",
-        fields=[],
+def _cut_body(message: str) -> bytes:
+    """The 503 of a request the stop's HTTP drain ended before it was answered."""
+    return msgspec.json.encode(
+        ErrorBody(status=503, code="shutting_down", message=message, fields=[])
     )
+
+
+#: The answer to a request the stop's HTTP drain ended before it was answered.
+_CUT = _cut_body(
+    "the service stopped before it answered this request: send it again (with an "
+    "Idempotency-Key if it must not be carried out twice)"
 )
 
 
@@ -267,7 +270,9 @@ async def _cut_at_stop(scope: Any, answer: _Answer) -> None:
     log.info("server.request_cut", method=scope["method"], path=scope["path"], begun=answer.begun)
     if answer.begun:  # (sending more would first wait for a reader that does not read)
         return
-    await _send_json(answer.send, 503, _CUT, (b"connection", b"close"), (b"retry-after", b"1"))
+    note = CUT_NOTE.get()  # what the request leaves, when "send it again" is wrong for it
+    body = _CUT if note is None else _cut_body(note)
+    await _send_json(answer.send, 503, body, (b"connection", b"close"), (b"retry-after", b"1"))
 
 
 def _measured(method: str, scope: Any, send: Any) -> Any:
