@@ -71,6 +71,8 @@ class Deploy:
     #: (relative to deploy/grafana).
     prometheus: dict[str, Any]
     grafana: dict[str, Any]
+    #: deploy/alerts.yml: the alerting rules prometheus.yml loads.
+    alerts: dict[str, Any]
 
 
 def _docs(path: Path) -> list[Any]:
@@ -107,7 +109,8 @@ def read_deploy(env: Mapping[str, str] | None = None) -> Deploy:
             grafana[name] = json.loads(path.read_text(encoding="utf-8"))
         elif path.suffix in (".yaml", ".yml"):
             [grafana[name]] = _docs(path)
-    return Deploy(k8s, kustomization, files, compose, prometheus, grafana)
+    [alerts] = _docs(DEPLOY / "alerts.yml")
+    return Deploy(k8s, kustomization, files, compose, prometheus, grafana, alerts)
 
 
 def settings_of(toml_text: str, env: Mapping[str, str], tmp: Path) -> Settings | str:
@@ -510,6 +513,47 @@ def monitoring_problems(d: Deploy, tmp: Path) -> list[str]:
     return out
 
 
+def _exported() -> set[str]:
+    """Every series name /metrics can carry (a histogram's three), and Prometheus's ``up``."""
+    from orchestra import metrics
+
+    text = metrics.exposition({"queued": 0}, [("p", "ollama", True)]).decode()
+    names = {"up"}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            names |= (
+                {f"{name}{s}" for s in ("_bucket", "_sum", "_count")}
+                if kind == ("histogram")
+                else {name}
+            )
+    return names
+
+
+def alert_problems(d: Deploy) -> list[str]:
+    """prometheus.yml loads the rules file compose mounts (deploy/alerts.yml), and each rule
+    is named and reads only series Orchestra exports."""
+    from tests.integration.test_metrics import metric_names
+
+    out: list[str] = []
+    prometheus = d.compose["services"].get("prometheus") or {}
+    loaded = [_mounted_at(prometheus, f) for f in d.prometheus.get("rule_files") or []]
+    if loaded != ["alerts.yml"]:
+        out.append(f"prometheus.yml's rule_files are {loaded} under deploy/, not [alerts.yml]")
+    exported = _exported()
+    rules = [r for g in d.alerts.get("groups") or [] for r in g.get("rules") or []]
+    if not rules:
+        out.append("alerts.yml has no rule")
+    for rule in rules:
+        name, expr = rule.get("alert"), str(rule.get("expr", ""))
+        if not name or not (rule.get("annotations") or {}).get("summary"):
+            out.append(f"a rule without a name or a summary: {rule}")
+        for metric in metric_names(expr) or {"(none)": set()}:
+            if metric not in exported:
+                out.append(f"alert {name}: {metric} is not a series Orchestra exports")
+    return out
+
+
 # --- tests --------------------------------------------------------------------------------------
 
 
@@ -523,6 +567,7 @@ def every_problem(d: Deploy, tmp: Path) -> list[str]:
         *k8s_settings_problems(d, tmp),
         *compose_problems(d, tmp),
         *monitoring_problems(d, tmp),
+        *alert_problems(d),
     ]
 
 
@@ -697,6 +742,24 @@ BREAKS: list[tuple[str, tuple[str | int, ...], object, str]] = [
         "holds no dashboard",
     ),
     ("no-grafana", ("compose", "services", "grafana"), DELETE, "no prometheus or no grafana"),
+    (
+        "alerts-not-mounted",
+        ("compose", "services", "prometheus", "volumes", 1),
+        DELETE,
+        "rule_files are [None] under deploy/",
+    ),
+    (
+        "alert-metric",
+        ("alerts", "groups", 0, "rules", 1, "expr"),
+        Swap("orchestra_database_up", "orchestra_db_up"),
+        "orchestra_db_up is not a series Orchestra exports",
+    ),
+    (
+        "alert-summary",
+        ("alerts", "groups", 0, "rules", 2, "annotations"),
+        DELETE,
+        "a rule without a name or a summary",
+    ),
 ]
 
 
@@ -707,6 +770,7 @@ def _change(d: Deploy, path: tuple[str | int, ...], value: object) -> None:
         "compose": d.compose,
         "prometheus": d.prometheus,
         "grafana": d.grafana,
+        "alerts": d.alerts,
     }
     *parents, last = path
     for key in parents:
