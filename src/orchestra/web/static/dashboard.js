@@ -42,14 +42,36 @@
 
   // Live parts refetch themselves on "changed"/"refresh" events; not while paused, and not
   // while rows are selected (a refresh would clear the selection).
+  // Nor while the tab is hidden (another tab in front, a minimised window): each refresh is
+  // a page part rendered by the server, for nobody. The events it let pass are sent again
+  // once it is seen (a poll's next tick refreshes it anyway).
+  var missed = [];
+
   document.addEventListener("htmx:confirm", function (evt) {
     var elt = evt.detail.elt;
     if (!elt || !elt.hasAttribute || !elt.hasAttribute("data-live")) return;
+    if (document.hidden) {
+      var by = evt.detail.triggeringEvent && evt.detail.triggeringEvent.type;
+      if (by && by.indexOf("sse:") === 0 && !missed.some(function (m) { return m.elt === elt; })) {
+        missed.push({elt: elt, type: by});
+      }
+      evt.preventDefault();
+      return;
+    }
     // A task's own page always follows its task; lists and counts follow the pause switch.
     if ((paused() && !elt.closest(".live")) ||
         document.querySelector("input[name=id]:checked")) {
       evt.preventDefault();
     }
+  });
+
+  document.addEventListener("visibilitychange", function () {
+    if (document.hidden) return;
+    var again = missed;
+    missed = [];
+    again.forEach(function (m) {
+      if (document.body.contains(m.elt) && window.htmx) window.htmx.trigger(m.elt, m.type);
+    });
   });
 
   document.addEventListener("change", function (evt) {
