@@ -147,6 +147,29 @@ async def test_a_fragment_asked_for_without_a_session_returns_to_its_page(
     assert answer.headers["hx-redirect"] == "/ui/login?next=%2Fui%2Ftasks%3Fstatus%3Dfailed"
 
 
+async def test_a_change_asked_for_after_the_session_ended_is_said_not_done(
+    keyed: tuple[Service, dict[str, str]],
+) -> None:
+    """A Retry pressed after the session had ended went to the login page and back to the
+    task, still failed, and nothing said the retry was not done (helper-128)."""
+    svc, _ = keyed
+    headers = {
+        "hx-request": "true",
+        "hx-current-url": f"{svc.url}/ui/tasks/5",
+        "sec-fetch-site": "same-origin",
+    }
+    answer = await svc.client.post("/ui/tasks/5/retry", headers=headers)
+    assert answer.status_code == 401
+    login = answer.headers["hx-redirect"]
+    assert login == "/ui/login?next=%2Fui%2Ftasks%2F5&unsent=1", login
+    shown = await svc.client.get(login)
+    assert shown.status_code == 200 and 'id="unsent"' in shown.text
+    assert "was not done" in shown.text
+    assert 'name="next" value="/ui/tasks/5"' in shown.text
+    plain = await svc.client.get("/ui/login?next=%2Fui%2Ftasks%2F5")  # a page asked for
+    assert 'id="unsent"' not in plain.text
+
+
 async def test_revoking_by_id_never_revokes_a_key_named_like_that_id(
     keyed: tuple[Service, dict[str, str]], db_url: str
 ) -> None:

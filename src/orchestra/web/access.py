@@ -111,6 +111,8 @@ class DashboardGate(ASGIMiddleware):
                 target = _come_back_to(scope, headers, links, below)
                 if target:
                     login += "?next=" + quote(target, safe="")
+                if method not in _SAFE:  # the login page says it was not done
+                    login += ("&" if target else "?") + "unsent=1"
                 if headers.get("hx-request"):
                     await _answer(send, 401, b"", [(b"hx-redirect", login.encode())])
                 elif method == "GET" and "text/event-stream" in headers.get("accept", ""):

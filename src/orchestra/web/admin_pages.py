@@ -43,10 +43,14 @@ class AccessPages(Controller):
 
     @get("/login", name="ui.login")
     async def login_page(
-        self, request: Request[Any, Any, Any], next: FromQuery[str] = ""
+        self,
+        request: Request[Any, Any, Any],
+        next: FromQuery[str] = "",
+        unsent: FromQuery[bool] = False,
     ) -> Template:
-        """The login form."""
-        return page(request, "login.html", next=next, error="")
+        """The login form; ``unsent``: a change was asked for after the session had ended,
+        and was not made (it said nothing, and the page came back as it was)."""
+        return page(request, "login.html", next=next, error="", unsent=unsent)
 
     @post("/login", status_code=303)
     async def login(self, request: Request[Any, Any, Any]) -> Redirect | Template:
