@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from datetime import timedelta
 from typing import Any
 
@@ -25,6 +26,9 @@ log = logs.get("orchestra.batches")
 #: wall clock jumped forward: a laptop woke from sleep, a clock was stepped), as a process
 #: knows its own tasks are (:func:`reap_lost_uploads` leaves them be).
 _HELD: set[int] = set()
+#: What a keyless upload cut by the service's stop left (its batch, with the rows read), for
+#: the stop's 503 to say instead of "send it again" (which made a second batch of them all).
+CUT_NOTE: ContextVar[str | None] = ContextVar("batch_cut_note", default=None)
 
 
 def lease_end(lease_seconds: float | None) -> str | None:

@@ -18,7 +18,6 @@ import hashlib
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,7 +25,7 @@ import msgspec
 
 from orchestra import logs, metrics
 from orchestra.batch_input import InputRow, csv_rows, jsonl_rows
-from orchestra.batch_lease import held, lease_end
+from orchestra.batch_lease import CUT_NOTE, held, lease_end
 from orchestra.batch_progress import Progress as Progress
 from orchestra.batch_progress import progress_of
 from orchestra.bulk import BulkOutcome, BulkService
@@ -87,10 +86,6 @@ Format = Literal["jsonl", "csv"]
 #: The statuses of the rows a retry may queue again.
 RETRYABLE = (TaskStatus.FAILED.value, TaskStatus.CANCELLED.value)
 _encode = msgspec.json.Encoder(order="sorted").encode
-#: What a keyless upload cut by the service's stop left (its batch, with the rows read), for
-#: the stop's 503 to say instead of "send it again" (which made a second batch of them all).
-CUT_NOTE: ContextVar[str | None] = ContextVar("batch_cut_note", default=None)
-
 log = logs.get("orchestra.batches")
 
 
@@ -498,12 +493,15 @@ class BatchService:
 
         The queued rows first, a page at a time, and only then the running ones: a running
         row asked to stop frees its slot, which would claim one of the rows still queued, to
-        be found running and stopped in turn (three model calls started per page)."""
+        be found running and stopped in turn (three model calls started per page). The
+        second pass takes the queued rows too: one running in the first (not asked to stop)
+        and queued again since (a retry, a hand-back) was missed by both and ran again."""
         await self.get(batch_id)
         await self.store.db.transaction(lambda c: db.mark_cancelled(c, batch_id, iso(now())))
         cancel = self.bulk.cancel_tasks
         queued = await self._walk(batch_id, (TaskStatus.QUEUED.value,), cancel)
-        outcome = queued.plus(await self._walk(batch_id, (TaskStatus.RUNNING.value,), cancel))
+        both = (TaskStatus.QUEUED.value, TaskStatus.RUNNING.value)
+        outcome = queued.plus(await self._walk(batch_id, both, cancel))
         log.info("batch.bulk", batch_id=batch_id, action="cancel", changed=outcome.changed)
         return outcome
 

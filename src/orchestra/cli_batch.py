@@ -221,6 +221,7 @@ def run(
             said = f"sending the upload again with its key (from {sidecar})"
             bar.console.print(said, soft_wrap=True)
         loaded = batch_id is not None and client.get_batch(batch_id).batch.status == "loaded"
+        told_refused = False  # the upload's answer names its refused rows; a resume has none
         if not loaded:
             sending = bar.add_task("upload", total=data.stat().st_size)
             try:
@@ -247,6 +248,7 @@ def run(
                 ) from None
             batch_id = answer.batch.id
             sidecar.write_text(json.dumps({"digest": digest, "key": key, "batch_id": batch_id}))
+            told_refused = True
             for p in answer.problems:
                 bar.console.print(_refusal(p), soft_wrap=True)
             if answer.refused > len(answer.problems):
@@ -265,6 +267,13 @@ def run(
                 break
             time.sleep(_POLL)
         client.save_batch_results(batch_id, output)
+        if not told_refused and state.batch.invalid:
+            refused = state.batch.invalid
+            bar.console.print(
+                f"{refused} row{'' if refused == 1 else 's'} refused when the upload was read "
+                f"(in {output}, each with its reason)",
+                soft_wrap=True,
+            )
     sidecar.unlink(missing_ok=True)
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()) if n)
     click.echo(f"batch {batch_id}: {summary}; results in {output}", err=True)

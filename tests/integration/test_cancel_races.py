@@ -10,11 +10,14 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
+from orchestra.batches import BatchService
 from orchestra.config import Settings
 from orchestra.db import Database, Lease, TaskStore
+from orchestra.db.batches import BatchStore
 from orchestra.domain import NewTask, Task, TaskError, TaskStatus, now
 from tests.conftest import Service, StartService, sql_rows
 from tests.fixtures.servers import wait_until
@@ -122,3 +125,45 @@ async def test_a_cancel_that_reaches_the_worker_before_the_task_begins_cancels_i
 
     await wait_until(cancelled, timeout=10)
     await wait_until(lambda: pool.running == 0, timeout=10)  # its slot is free
+
+
+class _RetriedBetweenPasses:
+    """The batch's cancels, as the service makes them; after the first (the queued rows'
+    pass), the running row's attempt fails and is queued again, as a worker's would."""
+
+    def __init__(self, bulk: Any, again: Any) -> None:
+        self.bulk, self.again, self.calls = bulk, again, 0
+
+    async def cancel_tasks(self, ids: Any) -> Any:
+        outcome = await self.bulk.cancel_tasks(ids)
+        self.calls += 1
+        if self.calls == 1:
+            await self.again()
+        return outcome
+
+
+async def test_a_batch_row_queued_again_between_the_cancels_passes_is_cancelled(
+    idle: Service,
+) -> None:
+    """A row running (not asked to stop) while the queued rows were cancelled, and queued
+    again before the running ones' pass reached it (its attempt failed, retryably): neither
+    pass took it, and it ran again after its batch's cancel (review of helper-126's fix)."""
+    made = await idle.client.post(
+        "/api/v1/batches",
+        params={"template": "summarize", "format": "csv"},
+        content=b"text\na\nb\nc\n",
+    )
+    assert made.status_code == 201, made.text
+    runtime = idle.app.runtime
+    store = runtime.pool.store
+    [claimed] = await store.claim("w", 1, lease_seconds=30)
+    lease = Lease(claimed.id, "w", claimed.attempts)
+    bulk = _RetriedBetweenPasses(runtime.bulk, lambda: store.retry_later(lease, FAILED, now()))
+    batches = BatchService(BatchStore(runtime.db), runtime.tasks, bulk, lease_seconds=30)
+    batch_id = made.json()["batch"]["id"]
+    await batches.cancel(batch_id)
+    task = await store.get_task(claimed.id)
+    assert task is not None and task.status is TaskStatus.CANCELLED, task
+    counts = (await idle.client.get(f"/api/v1/batches/{batch_id}")).json()["counts"]
+    assert (counts["queued"], counts["running"], counts["cancelled"]) == (0, 0, 3), counts
+    assert bulk.calls >= 2  # (the row was queued again between the passes)

@@ -47,7 +47,7 @@ from orchestra.api.scope import RUNTIME, runtime_of
 from orchestra.api.tasks import TaskController
 from orchestra.api.templates import TemplateController
 from orchestra.api.webhooks import WebhookController
-from orchestra.batches import CUT_NOTE
+from orchestra.batch_lease import CUT_NOTE
 from orchestra.catalog import TemplateCatalog
 from orchestra.config import AuthSettings, Settings
 from orchestra.tasks import TaskService
