@@ -810,8 +810,11 @@ async def test_a_cli_upload_refused_after_rows_were_stored_keeps_its_key(
 async def test_an_interrupted_cli_run_resumes_its_batch(
     svc: Service, tmp_path: Path, db_url: str, fake_ollama: FakeOllama
 ) -> None:
+    """Resumed, it also says that rows were refused (only the first run, which got the
+    upload's answer, said so: helper-126)."""
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"text": f"row {i}", "n": i}) + "\n" for i in range(20)))
+    rows = [{"text": f"row {i}", "n": i} for i in range(20)] + [{"text": "bad", "n": -1}]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "out.jsonl"
     sidecar = tmp_path / "out.jsonl.batch"
     fake_ollama.close_gate("llama3.2")  # the rows wait: the run is stopped while it follows
@@ -827,13 +830,14 @@ async def test_an_interrupted_cli_run_resumes_its_batch(
         await proc.wait()
     fake_ollama.open_gate("llama3.2")
     code, _, output = await run_cli(*args)
-    assert code == 0, output
+    assert code == 1 and "1 of 21 rows did not succeed" in output, output
     [(batch_id,)] = sql_rows(db_url, "SELECT max(batch_id) FROM batch_rows")
     assert f"resuming batch {batch_id}" in output, output
+    assert f"1 row refused when the upload was read (in {out}" in output, output
     assert sql_rows(db_url, "SELECT count(*), count(DISTINCT batch_id) FROM batch_rows") == [
-        (20, 1)
+        (21, 1)
     ]
-    assert len(out.read_text().splitlines()) == 20 and not sidecar.exists()
+    assert len(out.read_text().splitlines()) == 21 and not sidecar.exists()
 
 
 @pytest.mark.parametrize(
