@@ -50,7 +50,8 @@ from orchestra import logs
 from orchestra.db import feed as reads
 from orchestra.db.engine import POSTGRESQL, Database
 from orchestra.db.feed import FeedEvent, FeedFilter
-from orchestra.notify import SharedReads, TaskSignals
+from orchestra.notify import TaskSignals
+from orchestra.shared_read import SharedReads
 
 log = logs.get("orchestra.feed")
 

@@ -11,11 +11,9 @@ seen even when a notification is lost.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
-
-from orchestra import logs
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -120,31 +118,3 @@ class TaskSignals:
             return
         for event in self._everything:
             event.set()
-
-
-class SharedReads:
-    """Single-flight reads: callers asking for the same key at the same time share one read.
-
-    When a task changes, every follower of it wakes at once and asks the database the same
-    question ("events after seq N"); with this, fifty followers cost one query, not fifty.
-    """
-
-    def __init__(self) -> None:
-        self._pending: dict[Hashable, asyncio.Future[Any]] = {}
-
-    async def read(self, key: Hashable, load: Callable[[], Awaitable[T]]) -> T:
-        """The result of ``load()``, shared with every caller that asks for ``key`` while
-        that read is in flight (its exception too)."""
-        pending = self._pending.get(key)
-        if pending is None:
-            # Shared by every caller: not in the context (the task) of the first one.
-            pending = logs.shared_task(_awaited(load), "shared-read")
-            self._pending[key] = pending
-            pending.add_done_callback(lambda _f: self._pending.pop(key, None))
-        result: T = await asyncio.shield(pending)
-        return result
-
-
-async def _awaited(load: Callable[[], Awaitable[T]]) -> T:
-    """``load()`` as a coroutine (what an asyncio task runs)."""
-    return await load()

@@ -1,21 +1,25 @@
-"""A read that callers asking at the same time share, each waiting a bounded time for it.
+"""Single-flight reads: callers asking the same question at the same time share one read,
+and may each wait for it a bounded time.
+
+When a task changes, every follower of it wakes at once and asks the database the same
+question ("events after seq N"); shared, fifty followers cost one query, not fifty.
 
 /health and /metrics read the database on behalf of probes and scrapers that give up after a
 few seconds (a liveness probe's ``timeoutSeconds``, Prometheus's ``scrape_timeout``). A
 database that takes connections but does not answer (a hung server, a network path that
 drops packets) held every such request until the pool gave up a minute later: the probe
 failed and the pod was restarted, and the scrape failed instead of saying the database was
-down. With :class:`SharedRead`, one read is in flight at a time; whoever asks meanwhile waits
-for that one, and nobody waits past ``wait`` seconds from its start: they are told
+down. Asked with a ``wait``, nobody waits past it from the read's start: they are told
 :class:`Unanswered`, and the read goes on, its result kept for whoever asks after it ends.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, TypeVar
+
+from orchestra import logs
 
 T = TypeVar("T")
 
@@ -33,39 +37,61 @@ class Unanswered(TimeoutError):
         self.seconds = seconds
 
 
-class SharedRead(Generic[T]):
-    """One read in flight at a time, shared; each caller waits at most ``wait`` seconds from
-    the read's start (:class:`Unanswered` after)."""
+class SharedReads:
+    """One read in flight per key at a time, shared by whoever asks for that key meanwhile
+    (its result or its exception); ``wait``: how long each caller waits by default, from
+    the read's start (None: until it ends)."""
 
-    def __init__(self, wait: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, wait: float | None = None) -> None:
         self.wait = wait
-        self._clock = clock
-        self._running: asyncio.Future[T] | None = None
-        self._began = 0.0
+        self._pending: dict[Hashable, tuple[asyncio.Future[Any], float]] = {}
 
-    async def get(self, read: Callable[[], Awaitable[T]]) -> T:
-        """The result of the read in flight, or of ``read()`` started now when none is.
+    async def read(
+        self,
+        key: Hashable,
+        load: Callable[[], Awaitable[T]],
+        *,
+        bounded: bool = True,
+    ) -> T:
+        """The result of the read of ``key`` in flight, or of ``load()`` started now;
+        ``bounded``: waiting at most :attr:`wait` (False: until it ends).
 
         Raises:
-            Unanswered: the read has not ended within ``wait`` seconds of its start (it goes
-                on; a caller after its end starts the next).
+            Unanswered: :attr:`wait` seconds passed since the read began and it has not
+                ended (it goes on; a caller after its end starts the next).
             Exception: what the read raised.
         """
-        if self._running is None:
-            started: asyncio.Future[T] = asyncio.ensure_future(read())
-            self._running, self._began = started, self._clock()
-            started.add_done_callback(self._ended)
-        running = self._running
-        waited = self._clock() - self._began
-        if waited >= self.wait:
-            raise Unanswered(waited)
+        limit = self.wait if bounded else None
+        loop = asyncio.get_running_loop()
+        pending = self._pending.get(key)
+        if pending is None or pending[0].done():
+            # Shared by every caller: not in the context (the task) of the first one.
+            task = logs.shared_task(_awaited(load), "shared-read")
+            pending = self._pending[key] = (task, loop.time())
+            task.add_done_callback(lambda done: self._ended(key, done))
+        running, began = pending
+        if limit is None or running.done():
+            result: T = await asyncio.shield(running)
+            return result
+        left = limit - (loop.time() - began)
         try:
-            return await asyncio.wait_for(asyncio.shield(running), self.wait - waited)
+            if left <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(left):
+                result = await asyncio.shield(running)
         except TimeoutError:
-            raise Unanswered(self._clock() - self._began) from None
+            if running.done():  # it ended as the time ran out
+                return running.result()
+            raise Unanswered(loop.time() - began) from None
+        return result
 
-    def _ended(self, done: asyncio.Future[T]) -> None:
-        if self._running is done:
-            self._running = None
+    def _ended(self, key: Hashable, done: asyncio.Future[Any]) -> None:
+        if self._pending.get(key, (None,))[0] is done:
+            del self._pending[key]
         if not done.cancelled():
             done.exception()  # retrieved: nobody may be waiting for it any more
+
+
+async def _awaited(load: Callable[[], Awaitable[T]]) -> T:
+    """``load()`` as a coroutine (what an asyncio task runs)."""
+    return await load()

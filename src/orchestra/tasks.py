@@ -40,7 +40,8 @@ from orchestra.errors import (
     TemplateNotFound,
 )
 from orchestra.feed import EventFeed
-from orchestra.notify import SharedReads, TaskSignals, Wake
+from orchestra.notify import TaskSignals, Wake
+from orchestra.shared_read import SharedReads
 from orchestra.templating.model import Template
 from orchestra.templating.params import validate_params
 from orchestra.templating.registry import TemplateRegistry

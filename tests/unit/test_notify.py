@@ -7,7 +7,8 @@ import asyncio
 
 import pytest
 
-from orchestra.notify import SharedReads, TaskSignals
+from orchestra.notify import TaskSignals
+from orchestra.shared_read import SharedReads, Unanswered
 
 
 async def test_concurrent_reads_of_one_key_share_one_load() -> None:
@@ -62,6 +63,29 @@ async def test_a_failed_load_fails_every_waiting_reader_and_is_not_kept() -> Non
         return 5
 
     assert await shared.read("k", fine) == 5
+
+
+async def test_a_bounded_read_that_does_not_answer_is_unanswered_and_goes_on() -> None:
+    """Probes wait at most ``wait`` from the read's start, the read goes on, and whoever
+    asks once it has ended gets its answer; an unbounded caller waits for it."""
+    shared = SharedReads(wait=0.05)
+    gate = asyncio.Event()
+    loads = 0
+
+    async def slow() -> str:
+        nonlocal loads
+        loads += 1
+        await gate.wait()
+        return "answered"
+
+    patient = asyncio.create_task(shared.read("k", slow, bounded=False))
+    with pytest.raises(Unanswered, match="has not answered for"):
+        await shared.read("k", slow)
+    with pytest.raises(Unanswered):  # past the wait already: at once
+        await asyncio.wait_for(shared.read("k", slow), timeout=0.01)
+    gate.set()
+    assert await patient == "answered" and loads == 1
+    assert await shared.read("k", slow) == "answered" and loads == 2  # a new read
 
 
 async def test_a_cancelled_reader_does_not_cancel_the_others() -> None:

@@ -41,7 +41,7 @@ from orchestra.auth import ApiKey, Caller, Scope, allows, is_loopback, key_id_of
 from orchestra.config import AuthSettings
 from orchestra.db.keys import KeyStore
 from orchestra.errors import Forbidden, StorageError, StorageUnreachable, Unauthorized
-from orchestra.shared_read import DATABASE_ANSWER_SECONDS, SharedRead, Unanswered
+from orchestra.shared_read import DATABASE_ANSWER_SECONDS, SharedReads, Unanswered
 
 #: Operations served to anyone: the liveness checks.
 PUBLIC_PATHS = ("/health", "/api/v1/health")
@@ -77,13 +77,13 @@ class Gatekeeper:
         self._keys: dict[str, tuple[str, ApiKey]] = {}
         self._read_at = float("-inf")
         #: The read under way, which callers share and wait for a bounded time.
-        self._reads: SharedRead[None] = SharedRead(DATABASE_ANSWER_SECONDS, clock)
+        self._reads = SharedReads(DATABASE_ANSWER_SECONDS)
         self._forgotten = 0  # how many times forget() was called
         self._good_at = float("-inf")  # when a read of the keys last succeeded
         #: Why the latest read failed while the copy is kept (None: the copy is current).
         self._outage: StorageError | None = None
 
-    async def keys(self) -> dict[str, tuple[str, ApiKey]]:
+    async def keys(self, bounded: bool = False) -> dict[str, tuple[str, ApiKey]]:
         """Active keys by id (digest, key), read again every :data:`REFRESH_SECONDS`.
 
         The requests that find the copy stale together wait for one read: under load, a
@@ -91,14 +91,15 @@ class Gatekeeper:
         database cannot be read, the keys of the last good read stay in use for up to
         :data:`KEEP_SECONDS`, so what needs no database — ``/metrics``, ``/health`` — still
         answers the keys it answered; before the first read, or after that time, the
-        outage's error reaches the caller. A read that has not answered within
-        :data:`~orchestra.shared_read.DATABASE_ANSWER_SECONDS` (a database that hangs) is
-        such an outage for the callers waiting (it goes on; they did wait for the pool's
-        minute, a liveness probe too).
+        outage's error reaches the caller. ``bounded`` (a probe's, a scrape's): a read that
+        has not answered within :data:`~orchestra.shared_read.DATABASE_ANSWER_SECONDS` (a
+        database that hangs) is such an outage for it (the read goes on; a liveness probe
+        waited for the pool's minute). Other callers wait for the read: they need the
+        database anyway.
         """
         if self.clock() - self._read_at > REFRESH_SECONDS:
             try:
-                await self._reads.get(self._read)
+                await self._reads.read(None, self._read, bounded=bounded)
             except Unanswered as exc:
                 self._unread(StorageUnreachable(f"the API keys could not be read: {exc}"))
         return self._keys
@@ -124,11 +125,14 @@ class Gatekeeper:
             log.warning("auth.keys_kept", error=exc.message, keys=len(self._keys))
         self._outage = exc
 
-    def forget(self) -> None:
+    def forget(self, revoked: str | None = None) -> None:
         """Read the keys again on the next request (a key was just made or revoked here),
-        even when a read under way began before."""
+        even when a read under way began before; a key ``revoked`` (its id) is out of the
+        copy at once (a read that does not answer in time keeps the copy)."""
         self._forgotten += 1
         self._read_at = float("-inf")
+        if revoked is not None:
+            self._keys = {k: v for k, v in self._keys.items() if k != revoked}
 
     def holds(self, caller: Caller) -> bool | None:
         """Whether ``caller`` may still call, by the keys read at most
@@ -174,7 +178,9 @@ class Gatekeeper:
         key = entry[1]
         return Caller(key.name, key.scope, key.id)
 
-    async def caller(self, authorization: str | None, host: str | None, proxied: bool) -> Caller:
+    async def caller(
+        self, authorization: str | None, host: str | None, proxied: bool, bounded: bool = False
+    ) -> Caller:
         """Who is calling; ``host`` is the request's Host header, ``proxied`` whether it
         carries a proxy's forwarding header (:func:`forwarded`): a proxy on this machine
         forwards others' requests, who are not this machine's own users.
@@ -185,7 +191,7 @@ class Gatekeeper:
             StorageError: the keys cannot be read, and the copy kept meanwhile cannot tell:
                 a key it lacks may have been made since, the first one too.
         """
-        keys = await self.keys()
+        keys = await self.keys(bounded)
         if authorization:
             token, key_id = _presented(authorization)
             entry = keys.get(key_id) if key_id else None
@@ -321,7 +327,7 @@ async def public_caller(connection: ASGIConnection[Any, Any, Any, Any]) -> Calle
     read now (a liveness check must still get its answer while the database is down)."""
     gatekeeper: Gatekeeper = runtime_of(connection.scope).gatekeeper
     try:
-        return await gatekeeper.caller(*credentials(connection))
+        return await gatekeeper.caller(*credentials(connection), bounded=True)
     except (Unauthorized, StorageError):
         return None
 

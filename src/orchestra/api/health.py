@@ -34,7 +34,7 @@ from orchestra.db import Database, schema
 from orchestra.db.failures import DatabaseState, WriteFailure
 from orchestra.errors import StorageError
 from orchestra.llm.router import ProviderState
-from orchestra.shared_read import DATABASE_ANSWER_SECONDS, SharedRead, Unanswered
+from orchestra.shared_read import DATABASE_ANSWER_SECONDS, SharedReads, Unanswered
 
 #: Seconds /health reuses the database's read check and free space before checking again.
 DATABASE_CHECK_SECONDS = 1.0
@@ -70,7 +70,7 @@ class DatabaseCheck:
         self._checked_at = float("-inf")
         #: The writes' failure as it was when the state was checked (None: writes worked).
         self._failure: WriteFailure | None = None
-        self._checks: SharedRead[DatabaseState] = SharedRead(wait, clock)
+        self._checks = SharedReads(wait)
 
     async def state(self, now: bool = False) -> DatabaseState:
         """The database's state, as last checked if that is recent enough (``now``: no matter
@@ -84,7 +84,7 @@ class DatabaseCheck:
         ):
             return self._state
         try:
-            return await self._checks.get(self._check)
+            return await self._checks.read(None, self._check)
         except Unanswered as exc:
             self._db.unanswered.failed(exc)
             return DatabaseState(readable=False, ok=False, detail=f"error: {exc}")

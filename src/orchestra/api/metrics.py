@@ -38,7 +38,7 @@ async def scrape(request: Request[Any, Any, Any]) -> Response[bytes]:
     runtime: Runtime = runtime_of(request.scope)
     counts: dict[str, int] | None
     try:
-        counts = await runtime.scraped_counts.get(runtime.dashboard.counts)
+        counts = await runtime.scraped_counts.read(None, runtime.dashboard.counts)
     except (StorageError, Unanswered) as exc:
         runtime.unscraped.failed(exc)
         counts = None

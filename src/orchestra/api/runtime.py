@@ -46,7 +46,7 @@ from orchestra.llm.transport import model_client
 from orchestra.notify import TaskSignals
 from orchestra.runner import Runner
 from orchestra.scheduler import ScheduleLoop, ScheduleService
-from orchestra.shared_read import DATABASE_ANSWER_SECONDS, SharedRead
+from orchestra.shared_read import DATABASE_ANSWER_SECONDS, SharedReads
 from orchestra.tasks import TaskService
 from orchestra.templating.isolation import Renderer
 from orchestra.templating.registry import TemplateRegistry
@@ -99,7 +99,7 @@ class Runtime:
         self.unscraped = logs.Outage(logs.get("orchestra.metrics"), "metrics.counts_failed")
         #: The task counts a scrape reads, shared by scrapes meanwhile and waited for a
         #: bounded time (a database that does not answer is ``orchestra_database_up 0``).
-        self.scraped_counts: SharedRead[dict[str, int]] = SharedRead(DATABASE_ANSWER_SECONDS)
+        self.scraped_counts = SharedReads(DATABASE_ANSWER_SECONDS)
         #: Event streams each API key holds open (``[auth] max_streams_per_key``).
         self.streams = StreamSlots(settings.auth.max_streams_per_key)
         self._db: Database | None = None

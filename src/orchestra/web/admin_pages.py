@@ -176,7 +176,7 @@ class KeyPages(Controller):
         """Revoke a key: requests and dashboard sessions with it stop working."""
         runtime = runtime_of(request.scope)
         await runtime.keys.revoke(key_id, by_id=True)
-        runtime.gatekeeper.forget()
+        runtime.gatekeeper.forget(revoked=key_id)
         return Redirect(links(request).ui("/keys"), status_code=303)
 
 
