@@ -86,3 +86,33 @@ async def test_a_step_end_whose_commit_answer_is_lost_is_recorded_once(
     events = await _events(relayed, task["id"])
     ends = [e["step"] for e in events if e["event"] == "step.finished"]
     assert ends == ["parts", "combined"], events
+
+
+async def test_a_retry_a_cancel_turned_into_the_end_is_known_when_its_answer_is_lost(
+    cutter: CommitCutter,
+) -> None:
+    """The worker's retry met a cancel asked for meanwhile and ended the task cancelled, and
+    the commit's answer was lost. Written again, it looked for the retry's event, found the
+    cancel's, and took the task for another attempt's (``task.lease_lost``, its end not
+    counted, its waiters not woken) (review)."""
+    from orchestra.db import Database, Lease, TaskStore
+    from orchestra.domain import NewTask, TaskError, TaskStatus, now
+    from orchestra.errors import StorageUnreachable
+
+    db = Database(cutter.url)  # the migrated test database, through the relay
+    try:
+        store = TaskStore(db)
+        new = NewTask(template="summarize", template_version=1, params={"text": "x"})
+        task = (await store.enqueue(new)).task
+        [claimed] = await store.claim("w", 1, lease_seconds=30)
+        lease = Lease(task.id, "w", claimed.attempts)
+        assert await store.cancel(task.id) is TaskStatus.RUNNING  # flagged for its worker
+        failed = TaskError(type="provider_error", message="500", retryable=True)
+        cutter.arm(b"task.finished")
+        due = now()  # the same write again, as the worker's within_lease sends it
+        with pytest.raises(StorageUnreachable):
+            await store.retry_later(lease, failed, due)
+        assert cutter.cuts == 1
+        assert await store.retry_later(lease, failed, due) is TaskStatus.CANCELLED
+    finally:
+        await db.close()

@@ -132,6 +132,8 @@ class TaskStore:
         work: Callable[[Connection], W],
         last: EventPayload,
         landed: W,
+        *,
+        instead: tuple[EventPayload, W] | None = None,
     ) -> W:
         """One of an attempt's writes (fenced by its lease), ending with the event ``last``,
         which no other write of the attempt ends with (a step's start or end, the attempt's).
@@ -141,11 +143,14 @@ class TaskStore:
         that try first looks whether ``last`` is the task's last event, and if so answers
         ``landed`` (what ``work`` answers when it wrote ``last``) without writing it twice (a
         step's events or the task's end recorded twice, or a finish taken for a lost
-        lease)."""
+        lease). ``instead``: another last event ``work`` may end with, and its answer (a
+        retry that a cancel turned into the task's end)."""
         key = (lease.task_id, lease.attempt)
-        if self._unsure.get(key) == last and await events.last_is(self.db, lease.task_id, last):
-            del self._unsure[key]
-            return landed
+        if self._unsure.get(key) == last:
+            for event, answer in ((last, landed), *([instead] if instead else [])):
+                if await events.last_is(self.db, lease.task_id, event):
+                    del self._unsure[key]
+                    return answer
         self._unsure.pop(key, None)
         try:
             return await self.db.transaction(work, small=True)
@@ -353,11 +358,16 @@ class TaskStore:
         """End the lease's attempt in one transaction (:func:`attempts.end_attempt`): the
         task's status after, or None when the lease is lost."""
         landed: TaskStatus | None = ending.then
+        cancelled: TaskStatus | None = TaskStatus.CANCELLED
         status = await self._fenced(
             lease,
             lambda conn: attempts.end_attempt(conn, lease, ending, at, step, text),
             ending.event,
             landed,
+            # What it ends with when a cancel asked for meanwhile wins (a retry, a hand-back).
+            instead=(attempts.CANCELLED_MEANWHILE, cancelled)
+            if landed is TaskStatus.QUEUED
+            else None,
         )
         self._changed(lease.task_id, status is not None)
         return status
