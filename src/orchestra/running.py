@@ -174,7 +174,11 @@ class Running:
 
     def interrupt(self, reason: StopReason) -> None:
         """Stop the task's coroutine; the first reason given is the one that counts. Before
-        it has begun, the reason is left for it to find (:meth:`begin`)."""
+        it has begun, the reason is left for it to find (:meth:`begin`). Once its end is
+        being written (``finishing``), nothing cuts that write (a second cancel, seen at a
+        lease renewal, cancelled the first one's write: the task was left to the reaper)."""
+        if self.finishing:
+            return
         self.stop = self.stop or reason
         if self.runner is not None and self.started:
             self.runner.cancel()

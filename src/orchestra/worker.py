@@ -450,6 +450,7 @@ class WorkerPool:
         except LeaseLost:
             tlog.warning("task.lease_lost", detail="stopped: another attempt owns the task")
         except asyncio.CancelledError:
+            running.finishing = True  # its end (cancelled, handed back) is written now
             if running.stop is StopReason.CANCELLED:
                 await self._finish_cancelled(running, write, tlog)
                 return

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
+import msgspec
 import pytest
 
 from orchestra.batches import BatchService
@@ -20,6 +22,7 @@ from orchestra.db import Database, Lease, TaskStore
 from orchestra.db.batches import BatchStore
 from orchestra.domain import NewTask, Task, TaskError, TaskStatus, now
 from tests.conftest import Service, StartService, sql_rows
+from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.servers import wait_until
 from tests.integration.test_batches import no_workers
 
@@ -167,3 +170,32 @@ async def test_a_batch_row_queued_again_between_the_cancels_passes_is_cancelled(
     counts = (await idle.client.get(f"/api/v1/batches/{batch_id}")).json()["counts"]
     assert (counts["queued"], counts["running"], counts["cancelled"]) == (0, 0, 3), counts
     assert bulk.calls >= 2  # (the row was queued again between the passes)
+
+
+@pytest.mark.sqlite_only
+async def test_a_second_cancel_does_not_cut_the_first_ones_write(
+    settings: Settings, start_service: StartService, fake_ollama: FakeOllama, db_url: str
+) -> None:
+    """The cancel's end was being written (here: refused while SQLite's write lock is held,
+    and tried again) when the cancel was seen again (a lease renewal reads the flag): the
+    second interrupt cut those tries, and the task stayed running until its lease ran out
+    (review)."""
+    database = msgspec.structs.replace(settings.database, busy_timeout_ms=100)
+    async with start_service(msgspec.structs.replace(settings, database=database)) as svc:
+        fake_ollama.close_gate("llama3.2")
+        task = await svc.submit("summarize", text="x")
+        await wait_until(lambda: fake_ollama.held("llama3.2") == 1, timeout=10)
+        pool = svc.app.runtime.pool
+        locker = sqlite3.connect(db_url.split("///", 1)[1], isolation_level=None)
+        try:
+            locker.execute("BEGIN IMMEDIATE")  # the finish's write is refused meanwhile
+            assert pool.cancel(task["id"])
+            await asyncio.sleep(0.5)  # its end refused, to be tried again
+            pool.cancel(task["id"])  # seen again
+            await asyncio.sleep(0.2)
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        done = await svc.wait(task["id"], 10)
+        assert done["status"] == "cancelled", done
+        await wait_until(lambda: pool.running == 0, timeout=10)
