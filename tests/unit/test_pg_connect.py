@@ -8,7 +8,7 @@ import psycopg
 import pytest
 
 from orchestra.db.pg_failures import storage_error
-from orchestra.db.postgres_engine import CONNECT_TIMEOUT, connect_args
+from orchestra.db.postgres_engine import CONNECT_TIMEOUT, KEEPALIVES, connect_args
 from orchestra.errors import StorageUnavailable
 
 
@@ -22,13 +22,22 @@ def test_a_connect_timeout_and_a_name_are_added_unless_the_url_says(
     assert args["application_name"].startswith("orchestra ")
     assert args["application_name"].endswith(f":{os.getpid()}")
     given = "postgresql+psycopg://o@db/orch?connect_timeout=3&application_name=mine"
-    assert connect_args(given) == {}
+    assert connect_args(given) == KEEPALIVES
+
+
+def test_tcp_keepalives_are_on_unless_the_url_says() -> None:
+    """A connection whose server vanished (a failover, a dropped NAT entry) failed no read:
+    one waited for ever (review)."""
+    args = connect_args("postgresql+psycopg://o@db/orch")
+    assert {k: args[k] for k in KEEPALIVES} == KEEPALIVES and args["keepalives"] == 1
+    mine = connect_args("postgresql+psycopg://o@db/orch?keepalives_idle=5&tcp_user_timeout=0")
+    assert "keepalives_idle" not in mine and "tcp_user_timeout" not in mine
 
 
 def test_libpqs_environment_is_left_to_say_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PGCONNECT_TIMEOUT", "3")
     monkeypatch.setenv("PGAPPNAME", "mine")
-    assert connect_args("postgresql+psycopg://orchestra@db.example/orch") == {}
+    assert connect_args("postgresql+psycopg://orchestra@db.example/orch") == KEEPALIVES
 
 
 def test_without_prepared_statements_psycopg_prepares_none() -> None:

@@ -76,12 +76,23 @@ def conninfo(url: str) -> str:
 #: for ever, and an address that takes the connection but never answers held a start for
 #: over two minutes, past a container's startup probe, before its error was shown.
 CONNECT_TIMEOUT = 10
+#: libpq's TCP keepalives and how long sent data may go unacknowledged, unless the URL says:
+#: a connection whose server vanished (a failover to another address, a dropped NAT entry)
+#: fails within about a minute; without them a read on it waited for ever, a /health check
+#: among them. (Unix sockets have none.)
+KEEPALIVES: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,
+}
 
 
 def connect_args(url: str, *, prepared_statements: bool = True) -> dict[str, Any]:
     """psycopg's connection settings the URL (and libpq's environment) leave out: a connect
-    timeout, and a name that tells this process's connections apart in ``pg_stat_activity``
-    (``orchestra host:pid``). Without ``prepared_statements``, psycopg prepares none (for
+    timeout, TCP keepalives (:data:`KEEPALIVES`), and a name that tells this process's
+    connections apart in ``pg_stat_activity`` (``orchestra host:pid``). Without ``prepared_statements``, psycopg prepares none (for
     pgbouncer in transaction mode before 1.21, where a prepared statement stays on whichever
     server connection ran it: "prepared statement "_pg3_0" does not exist")."""
     query = make_url(url).query
@@ -89,6 +100,7 @@ def connect_args(url: str, *, prepared_statements: bool = True) -> dict[str, Any
     # libpq's own environment variables (PGCONNECT_TIMEOUT, PGAPPNAME) say it too.
     if "connect_timeout" not in query and not os.environ.get("PGCONNECT_TIMEOUT"):
         args["connect_timeout"] = CONNECT_TIMEOUT
+    args |= {name: value for name, value in KEEPALIVES.items() if name not in query}
     if "application_name" not in query and not os.environ.get("PGAPPNAME"):
         args["application_name"] = f"orchestra {socket.gethostname()}:{os.getpid()}"[:63]
     return args
