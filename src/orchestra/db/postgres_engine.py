@@ -92,9 +92,10 @@ KEEPALIVES: dict[str, int] = {
 def connect_args(url: str, *, prepared_statements: bool = True) -> dict[str, Any]:
     """psycopg's connection settings the URL (and libpq's environment) leave out: a connect
     timeout, TCP keepalives (:data:`KEEPALIVES`), and a name that tells this process's
-    connections apart in ``pg_stat_activity`` (``orchestra host:pid``). Without ``prepared_statements``, psycopg prepares none (for
-    pgbouncer in transaction mode before 1.21, where a prepared statement stays on whichever
-    server connection ran it: "prepared statement "_pg3_0" does not exist")."""
+    connections apart in ``pg_stat_activity`` (``orchestra host:pid``). Without
+    ``prepared_statements``, psycopg prepares none (for pgbouncer in transaction mode before
+    1.21, where a prepared statement stays on whichever server connection ran it: "prepared
+    statement "_pg3_0" does not exist")."""
     query = make_url(url).query
     args: dict[str, Any] = {} if prepared_statements else {"prepare_threshold": None}
     # libpq's own environment variables (PGCONNECT_TIMEOUT, PGAPPNAME) say it too.
