@@ -140,7 +140,9 @@ def base_url(url: str | None, config_path: str | None) -> str:
                 f"{url!r} is not a URL such as http://127.0.0.1:8000", param_hint="'--url'"
             )
         if extra := _beyond_the_server(url):
-            raise click.BadParameter(f"{url!r} {extra}", param_hint="'--url'")
+            from orchestra.redact import redact_url  # its password is not printed
+
+            raise click.BadParameter(f"{redact_url(url)!r} {extra}", param_hint="'--url'")
         return url.rstrip("/")
     s = settings_of(config_path).server
     host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host

@@ -126,8 +126,9 @@ class Claimed(msgspec.Struct, frozen=True):
         return message_id(self.id, self.created_at)
 
 
-class NewWebhook(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A subscription as a client asks for it (the body of ``POST /api/v1/webhooks``)."""
+class NewWebhook(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """A subscription as a client asks for it (the body of ``POST /api/v1/webhooks``); sent
+    without the fields left at their defaults (an older service refuses ``enabled``)."""
 
     url: Annotated[
         str, msgspec.Meta(min_length=1, max_length=MAX_URL, description="Where to POST events.")

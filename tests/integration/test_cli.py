@@ -404,6 +404,7 @@ async def test_a_parameter_given_twice_and_a_url_that_is_not_one_are_usage_error
     ):
         code, _, err = await run_cli("tasks", "list", "--url", bad)
         assert code == 2 and told in err and "Traceback" not in err, (bad, err)
+        assert "secret" not in err, err  # the refusal shows no password (review)
     # A NaN delay said the argument was not UTF-8 (helper-124).
     code, _, err = await run_cli(
         "submit", "summarize", "-p", "text=a", "--delay", "nan", "--url", service.url

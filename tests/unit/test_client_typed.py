@@ -62,3 +62,16 @@ def test_one_event_type_as_a_plain_string_is_that_type() -> None:
         "after": 7,
         "type": ["task.queued", "task.finished"],
     }
+
+
+def test_a_subscription_is_sent_without_the_fields_left_at_their_defaults() -> None:
+    """``enabled`` (new) went out as ``true`` every time: a service older than it refuses
+    unknown fields, so every subscription failed there with a 400 (review)."""
+    import msgspec
+
+    from orchestra.client import webhook_calls
+
+    made = webhook_calls.new_webhook("https://hooks.example.com/x", None, None, True)
+    assert "enabled" not in msgspec.json.decode(msgspec.json.encode(made))
+    paused = webhook_calls.new_webhook("https://hooks.example.com/x", None, None, False)
+    assert msgspec.json.decode(msgspec.json.encode(paused))["enabled"] is False

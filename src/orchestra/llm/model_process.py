@@ -430,7 +430,6 @@ class ModelProcess:
         The turn waits for it (:meth:`_hand_on`)."""
         call.abandoned = True
         self._settling = call.done
-        await child.send(wire.Cancel(request_id))
 
         def check() -> None:
             if request_id in child.calls and not child.exited.is_set():
@@ -438,7 +437,9 @@ class ModelProcess:
                 child.ended_by = f"it did not stop within {CANCEL_GRACE:g}s of a cancel"
                 self._kill(child)
 
+        # Set before the send: a second cancel during it would leave a hung process alive.
         asyncio.get_running_loop().call_later(CANCEL_GRACE, check)
+        await child.send(wire.Cancel(request_id))
 
     # -- reading ------------------------------------------------------------------------------
 

@@ -124,7 +124,10 @@
     var target = evt.detail.target;
     if (!target || !target.querySelectorAll) return;
     var from = evt.detail.elt || target;  // what asked: a live part's trigger, or the part
-    if (from.closest && from.closest("[data-live]")) scrolled = window.scrollY;
+    // (Only for an answer swapped in: a refused one's position would be kept for the next.)
+    if (evt.detail.shouldSwap && from.closest && from.closest("[data-live]")) {
+      scrolled = window.scrollY;
+    }
     opened = opened || [];  // two parts may swap in the same tick: keep both's
     target.querySelectorAll("details[open] > summary[id]").forEach(function (summary) {
       opened.push(summary.id);
