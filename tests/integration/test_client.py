@@ -715,6 +715,8 @@ async def test_the_rows_of_an_upload_are_dropped_once_it_is_sent(service: Servic
     [
         (b"<html><body>Sign in</body></html>", b"text/html", "200 OK (an HTML page"),
         (b'{"items": "nope"}', b"application/json", "Expected `array`, got `str`"),
+        # A service of another version (a field missing): said so, without its data.
+        (b'{"items": [{"name": "private"}]}', b"application/json", "of another version?"),
     ],
 )
 async def test_a_success_that_is_not_the_apis_answer_is_an_error_in_the_tree(
@@ -736,6 +738,29 @@ async def test_a_success_that_is_not_the_apis_answer_is_an_error_in_the_tree(
         with pytest.raises(ApiError) as raised:
             await client.list_templates()
     assert raised.value.code == "http_error" and said in raised.value.message, raised.value
+    assert "private" not in raised.value.message
+
+
+@pytest.mark.parametrize(
+    "data", [b'{"time": "t", "type": "task.queued"}', b"[1, 2]", b"{not json", b'{"seq": "x"}']
+)
+async def test_an_event_the_client_cannot_read_is_an_error_in_the_tree(data: bytes) -> None:
+    """A stream's event of another shape (a service of another version) was a KeyError, a
+    JSONDecodeError or a TypeError, past every ``except ClientError`` (helper-132)."""
+
+    async def other(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Connection: close\r\n\r\nid: 1\nevent: task.queued\ndata: %s\n\n" % data
+        )
+        await writer.drain()
+        writer.close()
+
+    async with loopback_server(other) as url, AsyncClient(url) as client:
+        with pytest.raises(ApiError, match="an event this client cannot read"):
+            async for _ in client.task_events(1):
+                pass
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from orchestra.client import (
     AsyncClient,
     BadRequest,
     Client,
+    ClientClosed,
     Conflict,
     ConnectionFailed,
     NotFound,
@@ -234,3 +235,113 @@ async def test_a_page_size_the_service_would_refuse_is_named_as_the_caller_wrote
             return list(sync.list_tasks(page_size=500))  # the largest page goes out
 
     assert await asyncio.to_thread(with_the_sync_client) == []
+
+
+async def _stalled(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A server that reads the request and never answers (a stalled proxy)."""
+    await reader.readuntil(b"\r\n\r\n")
+    await asyncio.sleep(60)
+
+
+async def test_a_wait_against_a_stalled_server_ends_near_its_timeout() -> None:
+    """``wait(id, timeout=2)`` from a client made with ``timeout=1`` took 32 s: the long
+    poll's answer was awaited 30 s past its wait (helper-132). It is awaited the client's
+    own timeout past it."""
+    async with loopback_server(_stalled) as url:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        async with AsyncClient(url, timeout=1) as client:
+            with pytest.raises(ConnectionFailed, match="no answer in time"):
+                await client.wait(1, timeout=2)
+        assert loop.time() - began < 8
+
+
+async def test_a_first_poll_whose_connection_times_out_fails_at_once() -> None:
+    """A host that drops connections (a firewall, a full backlog) times them out rather than
+    refusing them: a client the service never answered waited out the reconnect window
+    (80 s) for what is a wrong URL, as a refused one is (helper-132)."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = []
+        for _ in range(4):  # past the backlog: the next connection's SYN is dropped
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+            fillers.append(filler)
+        try:
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            async with AsyncClient(f"http://127.0.0.1:{port}", timeout=1) as client:
+                with pytest.raises(ConnectionFailed):
+                    await client.wait(1)
+            assert loop.time() - began < 10
+        finally:
+            for filler in fillers:
+                filler.close()
+
+
+async def test_a_full_connection_pool_is_said_so_not_an_unreachable_server() -> None:
+    """Past httpx's connections (100; each open event stream holds one), calls failed with
+    "cannot reach the server" (helper-132)."""
+    import httpx
+
+    transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=1))
+    async with (
+        loopback_server(_stalled) as url,
+        AsyncClient(url, timeout=0.5, transport=transport) as client,
+    ):
+
+        async def follow() -> None:
+            async for _ in client.task_events(1):
+                pass
+
+        holding = asyncio.create_task(follow())
+        await asyncio.sleep(0.1)  # its stream holds the one connection
+        with pytest.raises(ConnectionFailed, match="every connection of this client") as full:
+            await client.get_task(2)
+        assert full.value.pool_full and not full.value.broke
+        holding.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionFailed):
+            await holding
+
+
+def test_a_client_closed_while_a_call_is_in_flight_raises_client_closed() -> None:
+    """``close()`` from another thread (an app shutting down) while calls were in flight
+    raised httpx's RuntimeError, past every ``except ClientError`` (helper-132)."""
+    import threading
+
+    async def serve() -> None:
+        async with loopback_server(_stalled) as url:
+            ready.put(url)
+            await asyncio.to_thread(done.wait, 30)
+
+    import queue
+
+    ready: queue.Queue[str] = queue.Queue()
+    done = threading.Event()
+    server = threading.Thread(target=asyncio.run, args=(serve(),))
+    server.start()
+    try:
+        client = Client(ready.get(timeout=10), timeout=3)  # (httpx does not cut it short)
+        raised: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                client.get_task(1)
+            except BaseException as exc:  # noqa: BLE001 - what it raised, whatever it is
+                raised.append(exc)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        threading.Event().wait(0.5)  # its request is out
+        client.close()
+        caller.join(20)
+        assert len(raised) == 1 and isinstance(raised[0], ClientClosed), raised
+    finally:
+        done.set()
+        server.join(30)

@@ -112,7 +112,11 @@ class AsyncClient:
                 if response.status_code in call.ok and stream:
                     return response
                 await response.aread()
-            except httpx.TransportError as exc:
+            except (httpx.TransportError, RuntimeError) as exc:
+                if self._http.is_closed:  # closed meanwhile (another thread, a shutdown)
+                    raise ClientClosed() from exc
+                if isinstance(exc, RuntimeError):
+                    raise
                 resend = core.resend_delay(self.retry_policy, tries, call, exc)
                 if resend is None:
                     raise core.connection_failed(self.url, call, exc) from exc
@@ -200,7 +204,7 @@ class AsyncClient:
         while True:
             left = core.MAX_WAIT if deadline is None else deadline - time.monotonic()
             try:
-                task = await self._send(core.get_task(task_id, wait=left))
+                task = await self._send(core.get_task(task_id, left, core.wait_margin(self._http)))
             except ClientError as exc:  # the service restarting: polled again, as a stream
                 await self._sleep(poll.retry_in(exc, deadline))
                 continue

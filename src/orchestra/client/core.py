@@ -200,7 +200,15 @@ def answer(call: Call[T], response: httpx.Response) -> T:
     if response.status_code in call.ok:
         try:
             return call.decode(response)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:  # a proxy's login page
+        except msgspec.ValidationError as exc:  # JSON of another shape: another version's
+            status = f"{response.status_code} {response.reason_phrase}".strip()
+            raise ApiError(
+                response.status_code,
+                "http_error",
+                f"{status}: an answer this client cannot read ({exc}): a service of another "
+                f"version? (the client is {_client_version()})",
+            ) from None
+        except msgspec.DecodeError as exc:  # not JSON: a proxy's login page
             raise ApiError(
                 response.status_code,
                 "http_error",
@@ -228,6 +236,12 @@ def error_of(response: httpx.Response) -> ApiError:
         problems=body.errors,
         retry_after=wait,
     )
+
+
+def _client_version() -> str:
+    from orchestra import __version__
+
+    return __version__
 
 
 def _foreign(response: httpx.Response) -> str:
@@ -264,8 +278,11 @@ UNANSWERED = (httpx.ReadTimeout, httpx.WriteTimeout)
 def connection_failed(url: str, call: Call[Any], error: httpx.TransportError) -> ConnectionFailed:
     """The error of ``call`` that got no answer: nothing reached, or the request went out
     and its connection broke (``BROKEN``) or its answer did not come in time
-    (``UNANSWERED``), when a request that changes something may have been carried out."""
+    (``UNANSWERED``), when a request that changes something may have been carried out; or
+    every connection of the client was in use (its pool: each open event stream holds one)."""
     reason = str(error) or type(error).__name__
+    if isinstance(error, httpx.PoolTimeout):
+        return ConnectionFailed(url, reason, pool_full=True)
     changes = call.method not in ("GET", "HEAD")
     late = isinstance(error, UNANSWERED)
     broke = changes and (late or isinstance(error, BROKEN))
@@ -372,8 +389,9 @@ def submit(task: SubmitTask) -> Call[TaskOut]:
     )
 
 
-def get_task(task_id: int, wait: float = 0.0) -> Call[TaskOut]:
-    """GET /api/v1/tasks/{id}, answering once it is finished or ``wait`` seconds passed."""
+def get_task(task_id: int, wait: float = 0.0, margin: float = WAIT_MARGIN) -> Call[TaskOut]:
+    """GET /api/v1/tasks/{id}, answering once it is finished or ``wait`` seconds passed (its
+    answer awaited ``margin`` seconds more; connecting, at most as long, up to 10 s)."""
     wait = max(0.0, min(wait, MAX_WAIT))
     if not wait:
         return Call("GET", f"/api/v1/tasks/{task_id}", _as(TaskOut))
@@ -382,8 +400,16 @@ def get_task(task_id: int, wait: float = 0.0) -> Call[TaskOut]:
         f"/api/v1/tasks/{task_id}",
         _as(TaskOut),
         params={"wait": wait},
-        timeout=httpx.Timeout(10.0, read=wait + WAIT_MARGIN),
+        timeout=httpx.Timeout(min(10.0, margin), read=wait + margin),
     )
+
+
+def wait_margin(http: httpx.Client | httpx.AsyncClient) -> float:
+    """How long past its ``wait`` a long poll's answer is awaited: the client's own timeout
+    (up to :data:`WAIT_MARGIN`). A ``wait(timeout=5)`` of a client made with ``timeout=3``
+    took 35 s against a server that did not answer."""
+    read = http.timeout.read
+    return WAIT_MARGIN if read is None else min(read, WAIT_MARGIN)
 
 
 def finished(task: TaskOut) -> bool:

@@ -108,6 +108,7 @@ class ConnectionFailed(ClientError):
         broke: bool = False,
         timed_out: bool = False,
         cut: bool = False,
+        pool_full: bool = False,
     ) -> None:
         self.url = url
         self.reason = reason
@@ -119,7 +120,15 @@ class ConnectionFailed(ClientError):
         self.timed_out = timed_out
         #: The answer began and was cut off while it was read (a download, an event stream).
         self.cut = cut
-        if cut:
+        #: Nothing was sent: every connection of the client's pool stayed in use.
+        self.pool_full = pool_full
+        if pool_full:
+            message = (
+                f"every connection of this client to {url} is in use ({reason}; httpx keeps "
+                "at most 100, and each open event stream holds one): give the client a "
+                "transport with more (docs/client.md), or follow streams with another client"
+            )
+        elif cut:
             message = f"the answer from the server at {url} was cut off ({reason})"
         elif timed_out:
             message = f"no answer in time from the server at {url} ({reason})"

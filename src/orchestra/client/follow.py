@@ -215,7 +215,9 @@ class Poll:
             ClientError: ``failure``, when the first poll could not connect, or the deadline
                 has passed (the task cannot be read, so it cannot be answered as it is).
         """
-        if not self._reached and isinstance(failure.__cause__, httpx.ConnectError):
+        # A host that drops the connection (a firewall) times out instead of refusing it.
+        unreached = (httpx.ConnectError, httpx.ConnectTimeout)
+        if not self._reached and isinstance(failure.__cause__, unreached):
             raise failure
         self._reached = True
         self._follow.opened()

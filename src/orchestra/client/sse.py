@@ -5,11 +5,14 @@ own stream (:class:`~orchestra.wire.events.TaskEvent`) and the all-tasks feed
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TypeVar
 
 import msgspec
 
+from orchestra.client.errors import ApiError
 from orchestra.wire.events import FeedEvent, TaskEvent
+
+E = TypeVar("E", TaskEvent, FeedEvent)
 
 
 class SseMessage(msgspec.Struct, frozen=True):
@@ -49,21 +52,41 @@ class SseReader:
         return None
 
 
+#: The fields of an event's data that are the event's own, not its payload's.
+_TASK_FIELDS = ("seq", "time", "type")
+_FEED_FIELDS = ("id", "task_id", "template", *_TASK_FIELDS)
+
+
 def task_event(message: SseMessage) -> TaskEvent:
-    """An event of a task's own stream (its data holds seq, time and type beside the rest)."""
-    data: dict[str, Any] = json.loads(message.data)
-    return TaskEvent(data.pop("seq"), data.pop("time"), data.pop("type"), data)
+    """An event of a task's own stream (its data holds seq, time and type beside the rest).
+
+    Raises:
+        ApiError: its data is not such an event (a server of another version).
+    """
+    return _event(message, TaskEvent, _TASK_FIELDS)
 
 
 def feed_event(message: SseMessage) -> FeedEvent:
-    """An event of the all-tasks feed."""
-    data: dict[str, Any] = json.loads(message.data)
-    return FeedEvent(
-        id=data.pop("id"),
-        task_id=data.pop("task_id"),
-        template=data.pop("template"),
-        seq=data.pop("seq"),
-        time=data.pop("time"),
-        type=data.pop("type"),
-        data=data,
-    )
+    """An event of the all-tasks feed.
+
+    Raises:
+        ApiError: its data is not such an event (a server of another version).
+    """
+    return _event(message, FeedEvent, _FEED_FIELDS)
+
+
+def _event(message: SseMessage, kind: type[E], fields: tuple[str, ...]) -> E:
+    """``message``'s data as a ``kind``: its ``fields``, and the rest as its ``data``. A
+    missing field or one of another type was a KeyError or a TypeError, past every ``except
+    ClientError``."""
+    try:
+        data = json.loads(message.data)
+        own = {name: data.pop(name) for name in fields}
+        return msgspec.convert({**own, "data": data}, kind)
+    except (ValueError, KeyError, TypeError, AttributeError, msgspec.ValidationError) as exc:
+        said = f"{type(exc).__name__}: {exc}"
+        raise ApiError(
+            200,
+            "http_error",
+            f"an event this client cannot read ({said}): a service of another version?",
+        ) from None

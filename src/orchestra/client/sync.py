@@ -102,7 +102,11 @@ class Client:
                 if response.status_code in call.ok and stream:
                     return response
                 response.read()
-            except httpx.TransportError as exc:
+            except (httpx.TransportError, RuntimeError) as exc:
+                if self._http.is_closed:  # closed meanwhile (another thread, a shutdown)
+                    raise ClientClosed() from exc
+                if isinstance(exc, RuntimeError):
+                    raise
                 resend = core.resend_delay(self.retry_policy, tries, call, exc)
                 if resend is None:
                     raise core.connection_failed(self.url, call, exc) from exc
@@ -188,7 +192,7 @@ class Client:
         while True:
             left = core.MAX_WAIT if deadline is None else deadline - time.monotonic()
             try:
-                task = self._send(core.get_task(task_id, wait=left))
+                task = self._send(core.get_task(task_id, left, core.wait_margin(self._http)))
             except ClientError as exc:  # the service restarting: polled again, as a stream
                 self._sleep(poll.retry_in(exc, deadline))
                 continue

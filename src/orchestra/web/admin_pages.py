@@ -65,7 +65,9 @@ class AccessPages(Controller):
             _, host, proxied = credentials(request)
             caller = await runtime.gatekeeper.caller(f"Bearer {token}", host, proxied)
         except Unauthorized as exc:
-            return page(request, "login.html", status_code=401, next=target, error=exc.message)
+            return page(
+                request, "login.html", status_code=401, next=target, error=exc.message, unsent=False
+            )
         if caller.key_id is None:  # pragma: no cover - a Bearer token always names its key
             raise Unauthorized("the API key is not valid")
         hours = runtime.settings.ui.session_hours
