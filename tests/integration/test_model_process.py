@@ -299,18 +299,19 @@ async def test_a_call_queued_behind_a_hung_one_waits_for_it_and_then_answers(
     from orchestra.llm import model_process
 
     monkeypatch.setattr(model_process, "CANCEL_GRACE", 1.0)
-    proc = ModelProcess("embedded", wire.Load(str(MODEL), 0, 0), timeout=60.0)
+    load = wire.Load(str(MODEL), 0, 0)
+    proc = ModelProcess("embedded", load, timeout=60.0, backoff=Backoff(first=0.05))
     try:
         await proc.preload()  # loaded within a minute, however busy the machine
         # Each call's time from its turn: the story's ends in it, the next one's covers a
         # fresh process's load (seconds on a loaded machine: CI's 3 failed the first token).
-        proc.timeout = 8.0
+        proc.timeout = 10.0
         story, pid = await generating(proc)
         os.kill(pid, signal.SIGSTOP)  # hung: it takes no cancel
         queued = asyncio.create_task(proc.request(hello))
         with pytest.raises(TimeoutError):
-            await story  # 8 s from its turn
-        answer = await queued  # past 8 s of waiting: its own 8 s count from its turn
+            await story  # 10 s from its turn
+        answer = await queued  # past 10 s of waiting: its own 10 s count from its turn
         assert isinstance(answer, wire.Generated) and answer.text
         assert proc.info().pid != pid and gone(pid)
     finally:

@@ -158,6 +158,15 @@ class _Model:
             kwargs["seed"] = secrets.randbits(31)
         if request.response_format is not None:
             kwargs["response_format"] = request.response_format
+        from llama_cpp import LogitsProcessorList
+
+        sampled = [0]
+
+        def counted(_ids: Any, scores: Any) -> Any:  # asked once per token sampled
+            sampled[0] += 1
+            return scores
+
+        kwargs["logits_processor"] = LogitsProcessorList([counted])
         started = time.perf_counter()
         first_token: float | None = None
         parts: list[str] = []
@@ -179,17 +188,16 @@ class _Model:
             self.abort.stop_watching(llm)
         ended = time.perf_counter()
         generated = first_token or ended
-        text = "".join(parts)
-        # A streamed piece may hold several tokens (a character split across them: 488 pieces
-        # of 512 tokens in German): the text tokenized again counts as llama.cpp's own usage
-        # does. The context then holds the prompt and the answer, but for the last token of
-        # one cut at its length, which was sampled and not evaluated.
-        completion = len(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
-        unevaluated = 1 if finish == "length" and completion else 0
+        # Counted as llama.cpp's own usage counts them, not as streamed pieces (one may hold
+        # several tokens: 488 pieces of 512 tokens in German). Every token sampled but the
+        # last was evaluated into the context after the prompt; the last one is the answer's
+        # only when it was cut at its length (else it was the end, or held the stop string).
+        last = 1 if sampled[0] else 0
+        completion = sampled[0] - (0 if finish == "length" else last)
         return wire.Generated(
             id=request.id,
-            text=text,
-            prompt_tokens=max(0, int(llm.n_tokens) - completion + unevaluated),
+            text="".join(parts),
+            prompt_tokens=max(0, int(llm.n_tokens) - sampled[0] + last),
             completion_tokens=completion,
             finish_reason=finish,
             prompt_ms=round((generated - started) * 1000, 3),
