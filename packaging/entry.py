@@ -5,7 +5,7 @@ what to be by their arguments. So, before the CLI:
 
 - ``multiprocessing.freeze_support()`` turns a copy started by multiprocessing (the render
   processes' fork server, spawned service processes, the resource tracker) into that child;
-- :data:`orchestra.llm.model_process.MODEL_CHILD_ARG` turns a copy into the embedded
+- :data:`orchestra.llm.model_handle.MODEL_CHILD_ARG` turns a copy into the embedded
   model's process (``python -m orchestra.llm.model_child`` when not frozen).
 """
 
@@ -18,7 +18,7 @@ import sys
 def run() -> None:
     """Be the child the arguments ask for, else the ``orchestra`` command."""
     multiprocessing.freeze_support()
-    from orchestra.llm.model_process import MODEL_CHILD_ARG
+    from orchestra.llm.model_handle import MODEL_CHILD_ARG
 
     if sys.argv[1:2] == [MODEL_CHILD_ARG]:
         del sys.argv[1]

@@ -385,7 +385,10 @@ def _rounded(value: Any, key: str = "") -> Any:
 
 #: ``--json``: what a command prints, as JSON (a list: one object per line), for scripts.
 json_option = click.option(
-    "--json", "as_json", is_flag=True, help="Print JSON instead (a list: one object per line)."
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print JSON instead: one object per line (a list's items, or the one answer).",
 )
 
 

@@ -1,6 +1,7 @@
 """A task running in a worker pool: its record (:class:`Running`), its steps written through
 the store as they happen, fenced by its lease (:class:`LeasedRecorder`), and the renewal of
-the pool's leases (:func:`renew_leases`)."""
+the pool's leases (:func:`renew_leases`), and the ends of an attempt its steps did not end:
+cancelled, handed back."""
 
 from __future__ import annotations
 
@@ -13,9 +14,17 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from orchestra import logs
+from orchestra import logs, metrics
 from orchestra.db import TaskStore
-from orchestra.domain import Lease, Step, StepStatus, Task, TaskError
+from orchestra.domain import (
+    CANCELLED_BY_REQUEST,
+    Lease,
+    Step,
+    StepStatus,
+    Task,
+    TaskError,
+    TaskStatus,
+)
 from orchestra.errors import LeaseLost, StorageError
 from orchestra.templating.model import Template
 
@@ -259,3 +268,59 @@ async def renew_leases(
             record.interrupt(StopReason.LEASE_LOST)
     for task_id in renewal.cancel_requested:
         cancel(task_id)  # asked for by another process
+
+
+# -- how an attempt ends other than by its steps ---------------------------------------------
+
+#: The error of a step cut short by a stop that handed its task back to the queue.
+HANDED_BACK = TaskError(type="handed_back", message="the service stopped; the task went back")
+
+
+def count_cancelled(running: Running, tlog: Any) -> None:
+    """Count and log a task that ended cancelled: stopped by its cancel, or cancelled where
+    its attempt's end would have queued it again (a retry, a hand-back)."""
+    seconds = time.perf_counter() - running.clock
+    metrics.task_finished(running.task.template, TaskStatus.CANCELLED.value, seconds)
+    tlog.info("task.finished", status=TaskStatus.CANCELLED.value)
+
+
+async def finish_cancelled(store: TaskStore, running: Running, write: Writer, tlog: Any) -> None:
+    """Write the end of a task its cancel stopped (its step cut short says why); a refused
+    write is logged, and the lease's expiry then ends it."""
+    step, text = await running.ended(CANCELLED_BY_REQUEST)
+    try:
+        done = await write(
+            lambda: store.finish(
+                running.lease,
+                TaskStatus.CANCELLED,
+                error=CANCELLED_BY_REQUEST,
+                step=step,
+                text=text,
+            )
+        )
+    except StorageError as exc:
+        tlog.warning("task.not_recorded", error=exc.message, code=exc.code)
+        return
+    except Exception:
+        tlog.exception("task.store_failed")
+        return
+    if done:
+        count_cancelled(running, tlog)
+
+
+async def hand_back(store: TaskStore, running: Running, tlog: Any) -> None:
+    """Give a task the stopping pool still runs back to the queue (cancelled instead, when a
+    cancel was asked for); a refused write leaves it to the reaper."""
+    step, text = await running.ended(HANDED_BACK)
+    try:
+        released = await store.release(running.lease, step=step, text=text)
+    except StorageError as exc:  # the lease expires and the reaper hands it back instead
+        tlog.warning("task.hand_back_failed", error=exc.message)
+        return
+    except Exception:
+        tlog.exception("task.hand_back_failed")
+        return
+    if released is TaskStatus.CANCELLED:
+        count_cancelled(running, tlog)
+    elif released is not None:
+        tlog.info("task.handed_back")

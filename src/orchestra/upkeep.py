@@ -54,7 +54,8 @@ async def every(
 
 async def reap(store: TaskStore, queued: Callable[[], None], running: Collection[int] = ()) -> None:
     """Fold the counters' change log, and return the tasks of workers whose leases expired
-    to the queue (or fail those out of attempts), but for those this process is ``running``;
+    to the queue (or fail those out of attempts, cancel those a cancel was asked for), but for
+    those this process is ``running``;
     ``queued()`` when any was queued again. Then close the batches whose upload died with its
     process (:func:`~orchestra.batch_lease.reap_lost_uploads`)."""
     await store.fold_counts()
@@ -65,7 +66,7 @@ async def reap(store: TaskStore, queued: Callable[[], None], running: Collection
 
 async def rescue(store: TaskStore, owner: str, cause: str, queued: Callable[[], None]) -> None:
     """Return the tasks of worker pool ``owner``, whose process died (``cause``), to the queue
-    now (or fail those out of attempts), as the reaper would once their leases expired;
+    now (or fail or cancel them), as the reaper would once their leases expired;
     ``queued()`` when any was queued again. A refused write is logged: the leases then
     expire as usual."""
     try:

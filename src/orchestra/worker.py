@@ -39,7 +39,6 @@ from orchestra.claim_failures import ClaimFailures
 from orchestra.config import Settings
 from orchestra.db import TaskStore
 from orchestra.domain import (
-    CANCELLED_BY_REQUEST,
     NewTask,
     Retry,
     RetryPolicy,
@@ -58,6 +57,9 @@ from orchestra.running import (
     Running,
     StopReason,
     Writer,
+    count_cancelled,
+    finish_cancelled,
+    hand_back,
     renew_leases,
     within_lease,
 )
@@ -69,8 +71,6 @@ log = logs.get("orchestra.worker")
 
 #: Longest pause before a failed dispatcher is started again, seconds.
 DISPATCHER_RESTART_CAP = 10.0
-#: The error of a step cut short by a stop that handed its task back to the queue.
-_HANDED_BACK = TaskError(type="handed_back", message="the service stopped; the task went back")
 
 T = TypeVar("T")
 
@@ -452,12 +452,12 @@ class WorkerPool:
         except asyncio.CancelledError:
             running.finishing = True  # its end (cancelled, handed back) is written now
             if running.stop is StopReason.CANCELLED:
-                await self._finish_cancelled(running, write, tlog)
+                await finish_cancelled(self.store, running, write, tlog)
                 return
             if running.stop is StopReason.LEASE_LOST:
                 tlog.warning("task.lease_lost", detail="cancelled: the lease could not be renewed")
                 return
-            await self._hand_back(running, tlog)
+            await hand_back(self.store, running, tlog)
             raise
         except StorageError as exc:
             # The database refused the task's writes until its lease ran out. The task
@@ -529,7 +529,7 @@ class WorkerPool:
             lambda: self.store.retry_later(running.lease, error, run_at, step=step, text=text)
         )
         if status is TaskStatus.CANCELLED:
-            self._cancelled_meanwhile(running, tlog)
+            count_cancelled(running, tlog)
         elif status is not None:
             tlog.warning(
                 "task.retrying",
@@ -541,50 +541,6 @@ class WorkerPool:
             self.wake_at(run_at)
         else:
             tlog.warning("task.lease_lost", detail="failed, but another attempt owns it")
-
-    async def _finish_cancelled(self, running: Running, write: Writer, tlog: Any) -> None:
-        step, text = await running.ended(CANCELLED_BY_REQUEST)
-        try:
-            done = await write(
-                lambda: self.store.finish(
-                    running.lease,
-                    TaskStatus.CANCELLED,
-                    error=CANCELLED_BY_REQUEST,
-                    step=step,
-                    text=text,
-                )
-            )
-        except StorageError as exc:
-            tlog.warning("task.not_recorded", error=exc.message, code=exc.code)
-            return
-        except Exception:
-            tlog.exception("task.store_failed")
-            return
-        if done:
-            self._cancelled_meanwhile(running, tlog)
-
-    @staticmethod
-    def _cancelled_meanwhile(running: Running, tlog: Any) -> None:
-        """Count and log a task that ended cancelled: stopped by its cancel, or cancelled
-        where its attempt's end would have queued it again (a retry, a hand-back)."""
-        seconds = time.perf_counter() - running.clock
-        metrics.task_finished(running.task.template, TaskStatus.CANCELLED.value, seconds)
-        tlog.info("task.finished", status=TaskStatus.CANCELLED.value)
-
-    async def _hand_back(self, running: Running, tlog: Any) -> None:
-        step, text = await running.ended(_HANDED_BACK)
-        try:
-            released = await self.store.release(running.lease, step=step, text=text)
-        except StorageError as exc:  # the lease expires and the reaper hands it back instead
-            tlog.warning("task.hand_back_failed", error=exc.message)
-            return
-        except Exception:
-            tlog.exception("task.hand_back_failed")
-            return
-        if released is TaskStatus.CANCELLED:
-            self._cancelled_meanwhile(running, tlog)
-        elif released is not None:
-            tlog.info("task.handed_back")
 
     # -- side loops (orchestra.upkeep) -------------------------------------------------------
 

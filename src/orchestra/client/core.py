@@ -20,6 +20,7 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
+from orchestra import __version__
 from orchestra.client.errors import (
     ApiError,
     ConnectionFailed,
@@ -206,7 +207,7 @@ def answer(call: Call[T], response: httpx.Response) -> T:
                 response.status_code,
                 "http_error",
                 f"{status}: an answer this client cannot read ({exc}): a service of another "
-                f"version? (the client is {_client_version()})",
+                f"version? (the client is {__version__})",
             ) from None
         except msgspec.DecodeError as exc:  # not JSON: a proxy's login page
             raise ApiError(
@@ -236,12 +237,6 @@ def error_of(response: httpx.Response) -> ApiError:
         problems=body.errors,
         retry_after=wait,
     )
-
-
-def _client_version() -> str:
-    from orchestra import __version__
-
-    return __version__
 
 
 def _foreign(response: httpx.Response) -> str:

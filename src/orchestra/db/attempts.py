@@ -525,8 +525,8 @@ def died(cause: str) -> tuple[TaskError, TaskError]:
 
 class LeaseEnd(msgspec.Struct, frozen=True):
     """A task whose lease ended without its worker: the status it moved to (queued again,
-    or failed out of attempts), its template (for the metrics and the log) and the attempt
-    lost."""
+    failed out of attempts, or cancelled when a cancel was asked for), its template (for the
+    metrics and the log) and the attempt lost."""
 
     status: TaskStatus
     template: str

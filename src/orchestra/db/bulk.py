@@ -15,11 +15,12 @@ import msgspec
 from sqlalchemy import ColumnElement, Connection, select, update
 
 from orchestra.db import events, guards, notices
+from orchestra.db.attempts import CANCELLED_MEANWHILE
 from orchestra.db.portable import greatest
 from orchestra.db.rows import dump
 from orchestra.db.tables import batch_rows, batches, tasks
 from orchestra.domain import CANCELLED_BY_REQUEST, TaskStatus
-from orchestra.event_types import TaskFinished, TaskQueued
+from orchestra.event_types import TaskQueued
 
 #: A held task that may be cancelled: its worker is asked to, by a flag it reads.
 _FLAG_CANCEL = guards.may_become(TaskStatus.CANCELLED) & guards.LEASED
@@ -40,12 +41,16 @@ def cancel(conn: Connection, ids: Collection[int], now: str) -> Cancelled:
     finished tasks are left out of what it returns."""
     if not ids:
         return Cancelled({}, [])
-    # Locked first (PostgreSQL; SQLite's writes are serial): each statement below reads anew,
-    # and a worker's retry committed between the two (running, then queued) escaped both, as
-    # a claim between them (queued, then running) did.
-    conn.execute(
-        select(tasks.c.id).where(tasks.c.id.in_(list(ids))).order_by(tasks.c.id).with_for_update()
-    )
+    # Locked first on PostgreSQL (SQLite's writes are serial): each statement below reads
+    # anew, and a worker's retry committed between the two (running, then queued) escaped
+    # both, as a claim between them (queued, then running) did.
+    if conn.dialect.name != "sqlite":
+        conn.execute(
+            select(tasks.c.id)
+            .where(tasks.c.id.in_(list(ids)))
+            .order_by(tasks.c.id)
+            .with_for_update()
+        )
     cancelled = sorted(
         conn.execute(
             update(tasks)
@@ -57,7 +62,7 @@ def cancel(conn: Connection, ids: Collection[int], now: str) -> Cancelled:
         ).all()
     )
     acted = {task_id: TaskStatus.CANCELLED for task_id, _ in cancelled}
-    finished = TaskFinished(status=TaskStatus.CANCELLED.value, error=CANCELLED_BY_REQUEST)
+    finished = CANCELLED_MEANWHILE  # (a cancel's end, whoever writes it)
     events.append_many(conn, [(task_id, finished) for task_id in acted], now)
     flagged = list(
         conn.execute(

@@ -63,10 +63,10 @@ __all__ = ["Enqueued", "Renewal", "TaskStore"]
 #: The most attempts whose last write is remembered as unsure (:meth:`TaskStore._fenced`).
 _UNSURE_MAX = 10_000
 
-#: How each terminal status of a task records the attempt that reached it.
 #: What one of an attempt's fenced writes answers.
 W = TypeVar("W")
 
+#: How each terminal status of a task records the attempt that reached it.
 _ATTEMPT_ENDED = {
     TaskStatus.SUCCEEDED: AttemptStatus.SUCCEEDED,
     TaskStatus.FAILED: AttemptStatus.FAILED,

@@ -41,11 +41,8 @@ import asyncio
 import contextlib
 import contextvars
 import itertools
-import sys
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from orchestra import logs, metrics
@@ -53,6 +50,14 @@ from orchestra.errors import ProviderError, ProviderUnreachable
 from orchestra.llm import model_wire as wire
 from orchestra.llm.base import Crash, Phase, ProcessInfo, ProcessState
 from orchestra.llm.model_crashes import Backoff, CrashHistory, describe
+from orchestra.llm.model_handle import (
+    STDERR_LINE_CHARS,
+    Call,
+    Child,
+    child_command,
+    fail,
+    rss_bytes,
+)
 
 log = logs.get("orchestra.llm.model_process")
 
@@ -62,9 +67,6 @@ State = ProcessState
 CANCEL_GRACE = 10.0
 #: Seconds a process gets to exit after its stdin closes, at stop.
 STOP_GRACE = 5.0
-#: How many of the process's last stderr lines a crash report keeps, and their longest.
-STDERR_LINES = 20
-STDERR_LINE_CHARS = 2000
 
 #: What the warm-up asks: one token, so a build that crashes on generation fails here.
 _WARM_UP = wire.Generate(
@@ -72,89 +74,10 @@ _WARM_UP = wire.Generate(
 )
 
 
-#: The hidden first argument that makes the single binary a model process (packaging/entry.py).
-MODEL_CHILD_ARG = "--orchestra-model-child"
-
-
-def child_command() -> list[str]:
-    """The command that starts a model process with this interpreter; in the single binary
-    (frozen, no ``-m``), the binary itself with a hidden argument."""
-    if getattr(sys, "frozen", False):
-        return [sys.executable, MODEL_CHILD_ARG]
-    return [sys.executable, "-m", "orchestra.llm.model_child"]
-
-
-def rss_bytes(pid: int) -> int | None:
-    """Resident memory of a process, from /proc (None where there is no /proc)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def _fail(future: asyncio.Future[Any], error: Exception) -> None:
-    """Fail ``future`` unless it is settled; a caller that gave up waiting (cancelled, timed
-    out) reads it no more, which is no reason for asyncio to warn."""
-    if not future.done():
-        future.set_exception(error)
-        future.exception()  # marks it read; an awaiting caller still gets the error
-
-
 def _read_result(task: asyncio.Task[Any]) -> None:
     """A background start's failure is recorded in the state; nothing more to report."""
     if not task.cancelled():
         task.exception()
-
-
-class _Call:
-    """A request sent to the process and not answered yet."""
-
-    def __init__(self, phase: Phase, on_text: Callable[[str], None] | None) -> None:
-        self.phase = phase
-        self.on_text = on_text
-        self.done: asyncio.Future[wire.FromChild] = asyncio.get_running_loop().create_future()
-        #: Nobody waits any more (cancelled, timed out): the answer is dropped.
-        self.abandoned = False
-
-
-class _Child:
-    """One running process and what is in flight in it."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, probe: bool) -> None:
-        self.proc = proc
-        #: Started by a health check's probe, and not ready yet.
-        self.probe = probe
-        self.calls: dict[int, _Call] = {}
-        #: The request the process said it works on (``Started``), if it is not finished.
-        self.current: int | None = None
-        self.loaded: asyncio.Future[wire.Loaded] = asyncio.get_running_loop().create_future()
-        self.warming = False
-        #: Why the supervisor ended it on purpose (stop, hung, bad frames): not a crash.
-        self.ended_by: str | None = None
-        self.stderr: deque[str] = deque(maxlen=STDERR_LINES)
-        self.tasks: list[asyncio.Task[None]] = []
-        self.exited = asyncio.Event()
-
-    @property
-    def phase(self) -> Phase:
-        if not self.loaded.done():
-            return Phase.LOADING
-        if self.warming:
-            return Phase.WARMING_UP
-        call = self.calls.get(self.current) if self.current is not None else None
-        return call.phase if call is not None else Phase.IDLE
-
-    async def send(self, message: wire.ToChild) -> None:
-        stdin = self.proc.stdin
-        assert stdin is not None
-        try:
-            stdin.write(wire.frame(message))
-            await stdin.drain()
-        except (BrokenPipeError, ConnectionResetError, RuntimeError):
-            pass  # the process died: its reader reports how, and fails every call in flight
 
 
 class ModelProcess:
@@ -190,8 +113,8 @@ class ModelProcess:
         self._handing_on: set[asyncio.Task[None]] = set()
         self._state = State.IDLE
         self._detail = "starts on first use"
-        self._child: _Child | None = None
-        self._starting: asyncio.Task[_Child] | None = None
+        self._child: Child | None = None
+        self._starting: asyncio.Task[Child] | None = None
         self._restart: asyncio.Task[None] | None = None
         self._restarts = 0
         self._restart_due: float | None = None
@@ -296,7 +219,7 @@ class ModelProcess:
 
     # -- starting -----------------------------------------------------------------------------
 
-    async def _ready(self) -> _Child:
+    async def _ready(self) -> Child:
         """The running process: started first when idle, waited for while it starts or
         restarts (a router tries other available models first: this one is marked
         unavailable meanwhile); an error at once when it is down or stopped."""
@@ -328,7 +251,7 @@ class ModelProcess:
                     raise ProviderUnreachable(f"embedded provider {self.name!r}: stopped") from None
                 raise
 
-    async def _start(self, probe: bool) -> _Child:
+    async def _start(self, probe: bool) -> Child:
         """Spawn, load, generate one token; ready on success (recorded as a crash, restarting
         or down when not)."""
         try:
@@ -337,7 +260,7 @@ class ModelProcess:
                 async with asyncio.timeout(self.timeout):
                     self.loaded = await asyncio.shield(child.loaded)
                     child.warming = True
-                    warm = _Call(Phase.WARMING_UP, None)
+                    warm = Call(Phase.WARMING_UP, None)
                     child.calls[_WARM_UP.id] = warm
                     await child.send(_WARM_UP)
                     answer = await asyncio.shield(warm.done)
@@ -366,7 +289,7 @@ class ModelProcess:
         finally:
             self._starting = None
 
-    async def _spawn(self, probe: bool) -> _Child:
+    async def _spawn(self, probe: bool) -> Child:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self.command,
@@ -377,7 +300,7 @@ class ModelProcess:
         except OSError as exc:
             self._set(State.DOWN, f"cannot start the model process: {exc}")
             raise ProviderUnreachable(f"embedded provider {self.name!r}: {self._detail}") from exc
-        child = self._child = _Child(proc, probe)
+        child = self._child = Child(proc, probe)
         child.tasks = [
             asyncio.create_task(self._read(child), name=f"{self.name}-reader"),
             asyncio.create_task(self._read_stderr(child), name=f"{self.name}-stderr"),
@@ -390,12 +313,12 @@ class ModelProcess:
 
     async def _ask(
         self,
-        child: _Child,
+        child: Child,
         message: wire.Generate | wire.Embed,
         on_text: Callable[[str], None] | None,
     ) -> wire.FromChild:
         phase = Phase.GENERATION if isinstance(message, wire.Generate) else Phase.EMBEDDING
-        call = _Call(phase, on_text)
+        call = Call(phase, on_text)
         if child.exited.is_set():  # died after it was found ready: its calls were failed
             raise ProviderUnreachable(f"embedded provider {self.name!r}: {self._detail}")
         child.calls[message.id] = call
@@ -424,7 +347,7 @@ class ModelProcess:
         finally:
             self._turn.release()
 
-    async def _abandon(self, child: _Child, request_id: int, call: _Call) -> None:
+    async def _abandon(self, child: Child, request_id: int, call: Call) -> None:
         """The caller stopped waiting: cancel in the process, and end the process if the
         request has not stopped ``CANCEL_GRACE`` seconds later (native code that hangs).
         The turn waits for it (:meth:`_hand_on`)."""
@@ -443,7 +366,7 @@ class ModelProcess:
 
     # -- reading ------------------------------------------------------------------------------
 
-    async def _read(self, child: _Child) -> None:
+    async def _read(self, child: Child) -> None:
         """Hand each frame to its waiter; when the pipe ends, find out why."""
         stdout = child.proc.stdout
         assert stdout is not None
@@ -466,7 +389,7 @@ class ModelProcess:
             child.exited.set()
             self._exited(child, returncode)
 
-    def _dispatch(self, child: _Child, message: wire.FromChild) -> None:
+    def _dispatch(self, child: Child, message: wire.FromChild) -> None:
         if isinstance(message, wire.Loaded):
             if not child.loaded.done():
                 child.loaded.set_result(message)
@@ -474,7 +397,7 @@ class ModelProcess:
         if isinstance(message, wire.Failed) and message.id == 0 and message.reason == "load":
             child.ended_by = "the model could not be loaded"
             self._set(State.DOWN, message.message)
-            _fail(
+            fail(
                 child.loaded,
                 ProviderUnreachable(f"embedded provider {self.name!r}: {message.message}"),
             )
@@ -498,7 +421,7 @@ class ModelProcess:
         if not call.done.done():
             call.done.set_result(message)
 
-    async def _read_stderr(self, child: _Child) -> None:
+    async def _read_stderr(self, child: Child) -> None:
         """Keep the process's last lines of output (whatever their length) for a crash."""
         stderr = child.proc.stderr
         assert stderr is not None
@@ -511,7 +434,7 @@ class ModelProcess:
                 self._output(child, raw)
         self._output(child, pending)
 
-    def _output(self, child: _Child, raw: bytes) -> None:
+    def _output(self, child: Child, raw: bytes) -> None:
         line = raw.decode("utf-8", "replace").rstrip()[:STDERR_LINE_CHARS]
         if line:
             child.stderr.append(line)
@@ -519,7 +442,7 @@ class ModelProcess:
 
     # -- ending -------------------------------------------------------------------------------
 
-    def _exited(self, child: _Child, returncode: int) -> None:
+    def _exited(self, child: Child, returncode: int) -> None:
         """The process is gone: fail what was in flight, then restart, back off or stay down."""
         phase = child.phase
         crash = None
@@ -531,9 +454,9 @@ class ModelProcess:
             crash = self._crash(child, returncode, phase)
             error = ProviderUnreachable(crash.message)
         for call in child.calls.values():
-            _fail(call.done, error)
+            fail(call.done, error)
         child.calls.clear()
-        _fail(child.loaded, error)
+        fail(child.loaded, error)
         if self._child is child:
             self._child = None
         if crash is not None:
@@ -541,7 +464,7 @@ class ModelProcess:
         elif self._state is State.READY:
             self._set(State.IDLE, f"starts on next use ({child.ended_by})")
 
-    def _crash(self, child: _Child, returncode: int, phase: Phase) -> Crash:
+    def _crash(self, child: Child, returncode: int, phase: Phase) -> Crash:
         last = child.stderr[-1] if child.stderr else None
         crash = describe(returncode, phase, last, self.name)
         metrics.model_process_crashed(self.name, phase.value)
@@ -556,7 +479,7 @@ class ModelProcess:
         )
         return crash
 
-    def _after_crash(self, child: _Child, crash: Crash) -> None:
+    def _after_crash(self, child: Child, crash: Crash) -> None:
         recent = self.crashes.record(crash)
         if self._state is State.STOPPED:
             return
@@ -585,7 +508,7 @@ class ModelProcess:
         with contextlib.suppress(ProviderUnreachable):
             await asyncio.shield(self._starting)  # a crash again is recorded by the reader
 
-    async def _end(self, child: _Child, why: str) -> None:
+    async def _end(self, child: Child, why: str) -> None:
         """End a process on purpose: close its stdin, then kill it if it lingers."""
         child.ended_by = child.ended_by or why
         stdin = child.proc.stdin
@@ -599,7 +522,7 @@ class ModelProcess:
             await child.proc.wait()
         await asyncio.gather(*child.tasks, return_exceptions=True)
 
-    def _kill(self, child: _Child) -> None:
+    def _kill(self, child: Child) -> None:
         with contextlib.suppress(ProcessLookupError):
             child.proc.kill()
 
