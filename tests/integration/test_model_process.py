@@ -7,6 +7,7 @@ signal, as a crash in native code would. Nothing of the runtime is mocked.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from orchestra.errors import ProviderError, ProviderUnreachable
 from orchestra.llm import model_wire as wire
 from orchestra.llm.model_crashes import Backoff
 from orchestra.llm.model_process import ModelProcess, State
+from tests.fixtures.logs import captured, events
 from tests.fixtures.real_model import MODEL, REAL_MODEL
 from tests.fixtures.servers import wait_until
 
@@ -228,10 +230,16 @@ async def test_a_file_that_is_no_model_is_reported_without_a_crash(tmp_path: Pat
     junk.write_bytes(b"this is not a GGUF file\n" * 100)
     proc = ModelProcess("embedded", wire.Load(str(junk), 0, 0))
     try:
-        with pytest.raises(ProviderUnreachable, match="cannot load"):
+        with (
+            captured(logging.WARNING) as logged,
+            pytest.raises(ProviderUnreachable, match="cannot load"),
+        ):
             await proc.request(hello)
         assert proc.state is State.DOWN
         assert proc.info().crashes == 0
+        # Said as a warning (it was an info line of the state alone: helper-129).
+        [failed] = events(logged, "model_process.load_failed")
+        assert str(junk) in failed["error"] and failed["provider"] == "embedded"
     finally:
         await proc.stop()
 

@@ -8,6 +8,7 @@ server, or one that writes the exact bytes a case gives) and the service runs wh
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from orchestra.errors import ProviderUnavailable
 from tests.conftest import Service, StartService, with_provider
 from tests.fixtures.fake_ollama import Failure, FakeOllama
 from tests.fixtures.fake_openai import FakeOpenAI
+from tests.fixtures.logs import captured, events
 from tests.fixtures.real_model import REAL_MODEL
 from tests.fixtures.servers import wait_until
 from tests.fixtures.sse import read_events
@@ -291,6 +293,28 @@ async def test_an_embedded_model_that_cannot_run_fails_the_task_at_once(
     assert task["status"] == "failed" and len(task["attempts"]) == 1, task["attempts"]
     assert not task["error"].get("retryable")  # (said only when true)
     assert "missing.gguf does not exist" in task["error"]["message"]
+
+
+async def test_a_chain_naming_a_model_the_embedded_provider_does_not_serve_is_said_at_start(
+    settings: Settings, start_service: StartService, tmp_path: Path
+) -> None:
+    """A ``model_path`` names the embedded model after its file: the chain's
+    ``local/smollm2`` then failed every task, said only on each task (helper-129)."""
+    mine = with_provider(
+        settings, "local", kind="embedded", model_path=str(tmp_path / "mine.gguf"), timeout=5
+    )
+    mine = msgspec.structs.replace(
+        mine, models={**mine.models, "default": ["local/smollm2", "local/mine"]}
+    )
+    with captured(logging.WARNING) as logged:
+        async with start_service(mine):
+            pass
+    [said] = events(logged, "provider.model_unserved")
+    assert (said["chain"], said["entry"], said["serves"]) == (
+        "default",
+        "local/smollm2",
+        "local/mine",
+    )
 
 
 async def test_a_model_whose_provider_part_names_no_provider_says_so(service: Service) -> None:

@@ -40,6 +40,7 @@ from orchestra.db.webhooks import WebhookStore
 from orchestra.errors import ConfigError, OrchestraError, StorageError, TemplateError
 from orchestra.feed import EventFeed
 from orchestra.llm.cache import AnswerCache
+from orchestra.llm.embedded import warn_unserved
 from orchestra.llm.providers import build_providers
 from orchestra.llm.router import Router
 from orchestra.llm.transport import model_client
@@ -297,6 +298,7 @@ class Runtime:
                 store = TaskStore(db, on_change=signals.publish, on_progress=signals.progressed)
                 with self._startup_failure():  # a provider's settings that cannot work
                     router = Router(build_providers(s, client, self.env), s)
+                warn_unserved(router.chains(), router.providers)
                 # Known before the first task is claimed: which providers answer, with which
                 # models (each check is bounded by a 2 s timeout).
                 await router.refresh()

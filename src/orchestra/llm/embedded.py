@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -228,3 +228,24 @@ class EmbeddedProvider:
     async def close(self) -> None:
         """Stop the model process."""
         await self.process.stop()
+
+
+def warn_unserved(chains: Mapping[str, list[str]], providers: Mapping[str, Any]) -> list[str]:
+    """Log, at start, each chain entry that names an embedded provider's model other than the
+    one it serves (a ``model_path`` names the model after its file: ``[models] default``'s
+    ``embedded/smollm2`` then failed every task, said only on the task); returns them."""
+    found = []
+    for name, chain in chains.items():
+        for entry in chain:
+            head, _, model = entry.partition("/")
+            provider = providers.get(head)
+            if isinstance(provider, EmbeddedProvider) and model != provider.model_name:
+                found.append(entry)
+                log.warning(
+                    "provider.model_unserved",
+                    chain=name,
+                    entry=entry,
+                    serves=f"{head}/{provider.model_name}",
+                    detail="the embedded model is named after its file (model_path)",
+                )
+    return found

@@ -395,6 +395,9 @@ class ModelProcess:
                 child.loaded.set_result(message)
             return
         if isinstance(message, wire.Failed) and message.id == 0 and message.reason == "load":
+            # A setting to fix (a corrupt or wrong file), said where an operator looks: it was
+            # an info line of the state alone, with /health "degraded".
+            log.warning("model_process.load_failed", provider=self.name, error=message.message)
             child.ended_by = "the model could not be loaded"
             self._set(State.DOWN, message.message)
             fail(
