@@ -13,7 +13,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -403,6 +403,29 @@ def _unread_bytes(local_port: int, remote_port: int) -> int | None:
     return None
 
 
+async def _answer_while_trickling(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pieces: Iterator[bytes]
+) -> tuple[bytes, bytes]:
+    """Send the rest of a request a piece every 0.2 s (slower than the stop's drain), and
+    read its answer meanwhile: the answer's head and body."""
+
+    async def trickle() -> None:
+        with contextlib.suppress(ConnectionError):
+            for piece in pieces:
+                await asyncio.sleep(0.2)
+                writer.write(piece)
+                await writer.drain()
+
+    trickling = asyncio.create_task(trickle())
+    try:
+        answer = await asyncio.wait_for(reader.read(), timeout=30)
+    finally:
+        trickling.cancel()
+        writer.close()
+    head, _, text = answer.partition(b"\r\n\r\n")
+    return head, text
+
+
 async def test_a_request_still_arriving_when_the_drain_ends_is_a_503_not_a_500(
     fake_ollama: FakeOllama, tmp_path: Path
 ) -> None:
@@ -422,25 +445,9 @@ async def test_a_request_still_arriving_when_the_drain_ends_is_a_503_not_a_500(
         # The service has read what came so far (it is in the request): then the stop.
         await wait_until(lambda: _unread_bytes(port, mine) == 0, timeout=10)
         service.proc.send_signal(signal.SIGTERM)
-        sent = 1000
-
-        async def trickle() -> None:  # slower than the drain: 100 bytes every 0.2 s
-            nonlocal sent
-            with contextlib.suppress(ConnectionError):
-                while sent < len(body) - 100:
-                    await asyncio.sleep(0.2)
-                    writer.write(body[sent : sent + 100])
-                    sent += 100
-                    await writer.drain()
-
-        trickling = asyncio.create_task(trickle())
-        try:
-            answer = await asyncio.wait_for(reader.read(), timeout=30)
-        finally:
-            trickling.cancel()
-            writer.close()
-        head, _, text = answer.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 503"), answer
+        pieces = (body[at : at + 100] for at in range(1000, len(body) - 100, 100))
+        head, text = await _answer_while_trickling(reader, writer, pieces)
+        assert head.startswith(b"HTTP/1.1 503"), head
         assert b"connection: close" in head.lower(), head
         assert msgspec.json.decode(text)["code"] == "shutting_down", text
         await asyncio.wait_for(service.proc.wait(), timeout=STOP_DEADLINE)
@@ -480,22 +487,9 @@ async def test_a_keyless_upload_cut_by_the_stop_says_its_batch_keeps_the_rows(
         await wait_until(loading, timeout=20)
         service.proc.send_signal(signal.SIGTERM)
 
-        async def trickle() -> None:  # a row every 0.2 s: slower than the drain
-            with contextlib.suppress(ConnectionError):
-                for i in range(501, 1000):
-                    await asyncio.sleep(0.2)
-                    row = b"row %d\n" % i
-                    writer.write(b"%x\r\n%s\r\n" % (len(row), row))
-                    await writer.drain()
-
-        trickling = asyncio.create_task(trickle())
-        try:
-            answer = await asyncio.wait_for(reader.read(), timeout=30)
-        finally:
-            trickling.cancel()
-            writer.close()
-        head, _, text = answer.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 503"), answer
+        chunks = (b"%x\r\n%s\r\n" % (len(r), r) for r in (b"row %d\n" % i for i in range(501, 999)))
+        head, text = await _answer_while_trickling(reader, writer, chunks)
+        assert head.startswith(b"HTTP/1.1 503"), head
         said = msgspec.json.decode(text)
         assert said["code"] == "shutting_down", said
         with contextlib.closing(sqlite3.connect(db)) as conn:
