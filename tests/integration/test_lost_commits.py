@@ -116,3 +116,32 @@ async def test_a_retry_a_cancel_turned_into_the_end_is_known_when_its_answer_is_
         assert await store.retry_later(lease, failed, due) is TaskStatus.CANCELLED
     finally:
         await db.close()
+
+
+async def test_a_retry_whose_answer_is_lost_does_not_take_a_later_cancel_for_its_own(
+    cutter: CommitCutter,
+) -> None:
+    """The retry landed (the task queued again), its answer lost; then a person cancelled the
+    queued task. Written again, the retry found a cancel as the last event and took it for
+    its own end: the cancel was counted twice (second review)."""
+    from orchestra.db import Database, Lease, TaskStore
+    from orchestra.domain import NewTask, TaskError, TaskStatus, now
+    from orchestra.errors import StorageUnreachable
+
+    db = Database(cutter.url)
+    try:
+        store = TaskStore(db)
+        new = NewTask(template="summarize", template_version=1, params={"text": "x"})
+        task = (await store.enqueue(new)).task
+        [claimed] = await store.claim("w", 1, lease_seconds=30)
+        lease = Lease(task.id, "w", claimed.attempts)
+        failed = TaskError(type="provider_error", message="500", retryable=True)
+        cutter.arm(b"task.retrying")
+        due = now()
+        with pytest.raises(StorageUnreachable):
+            await store.retry_later(lease, failed, due)
+        assert cutter.cuts == 1
+        assert await store.cancel(task.id) is TaskStatus.CANCELLED  # queued: at once
+        assert await store.retry_later(lease, failed, due) is None  # not its own end
+    finally:
+        await db.close()

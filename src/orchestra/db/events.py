@@ -77,18 +77,23 @@ async def events_after(db: Database, task_id: int, seq: int, limit: int = 500) -
     return [TaskEvent(r.seq, r.time, r.type, msgspec.json.decode(r.data)) for r in rows]
 
 
-async def last_is(db: Database, task_id: int, payload: EventPayload) -> bool:
-    """Whether the task's last event is ``payload`` (its type and data as stored): a seek on
-    the primary key."""
+async def ends_with(db: Database, task_id: int, *payloads: EventPayload) -> bool:
+    """Whether the task's last events are ``payloads``, in that order (their types and data
+    as stored): a seek on the primary key."""
     query = (
         select(task_events.c.type, task_events.c.data)
         .where(task_events.c.task_id == task_id)
         .order_by(task_events.c.seq.desc())
-        .limit(1)
+        .limit(len(payloads))
     )
     async with db.read() as conn:
-        last = (await conn.execute(query)).first()
-    return last is not None and (last.type, last.data) == (payload.type.value, dump(payload))
+        last = [(r.type, r.data) for r in (await conn.execute(query)).all()]
+    return last[::-1] == [(p.type.value, dump(p)) for p in payloads]
+
+
+async def last_is(db: Database, task_id: int, payload: EventPayload) -> bool:
+    """Whether the task's last event is ``payload`` (:func:`ends_with` one)."""
+    return await ends_with(db, task_id, payload)
 
 
 async def last_seq(db: Database, task_id: int) -> int:

@@ -144,13 +144,21 @@ class TaskStore:
         ``landed`` (what ``work`` answers when it wrote ``last``) without writing it twice (a
         step's events or the task's end recorded twice, or a finish taken for a lost
         lease). ``instead``: another last event ``work`` may end with, and its answer (a
-        retry that a cancel turned into the task's end)."""
+        retry that a cancel turned into the task's end); not when it follows ``last`` (the
+        write landed as asked, and a person cancelled the task queued again since)."""
         key = (lease.task_id, lease.attempt)
         if self._unsure.get(key) == last:
-            for event, answer in ((last, landed), *([instead] if instead else [])):
-                if await events.last_is(self.db, lease.task_id, event):
-                    del self._unsure[key]
-                    return answer
+            task_id = lease.task_id
+            if await events.last_is(self.db, task_id, last):
+                del self._unsure[key]
+                return landed
+            if (
+                instead is not None
+                and await events.last_is(self.db, task_id, instead[0])
+                and not await events.ends_with(self.db, task_id, last, instead[0])
+            ):
+                del self._unsure[key]
+                return instead[1]
         self._unsure.pop(key, None)
         try:
             return await self.db.transaction(work, small=True)
