@@ -168,6 +168,10 @@ async def test_a_change_asked_for_after_the_session_ended_is_said_not_done(
     assert 'name="next" value="/ui/tasks/5"' in shown.text
     plain = await svc.client.get("/ui/login?next=%2Fui%2Ftasks%2F5")  # a page asked for
     assert 'id="unsent"' not in plain.text
+    # A mistyped key keeps saying it (second review).
+    form = {"key": "orc_wrong", "next": "/ui/tasks/5", "unsent": "1"}
+    again = await svc.client.post("/ui/login", data=form, headers={"sec-fetch-site": "same-origin"})
+    assert again.status_code == 401 and 'id="unsent"' in again.text
 
 
 async def test_revoking_by_id_never_revokes_a_key_named_like_that_id(

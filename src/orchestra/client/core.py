@@ -56,6 +56,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 MAX_WAIT = 60.0
 #: Seconds a long poll's read may take beyond the wait it asked for.
 WAIT_MARGIN = 30.0
+#: The least :func:`wait_margin` gives, whatever the client's timeout.
+MIN_WAIT_MARGIN = 5.0
 #: Answers tried again (with the same request) after the wait they name.
 RETRY_STATUSES = frozenset({429, 503})
 #: Seconds an event stream may stay silent: while nothing happens the server sends a
@@ -403,8 +405,8 @@ def wait_margin(http: httpx.Client | httpx.AsyncClient) -> float:
     """How long past its ``wait`` a long poll's answer is awaited: the client's own timeout
     (up to :data:`WAIT_MARGIN`). A ``wait(timeout=5)`` of a client made with ``timeout=3``
     took 35 s against a server that did not answer."""
-    read = http.timeout.read
-    return WAIT_MARGIN if read is None else min(read, WAIT_MARGIN)
+    read = http.timeout.read  # (at least 5 s: a service's answer may come a little late)
+    return WAIT_MARGIN if read is None else max(min(read, WAIT_MARGIN), MIN_WAIT_MARGIN)
 
 
 def finished(task: TaskOut) -> bool:

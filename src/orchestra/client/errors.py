@@ -5,7 +5,7 @@
     OrchestraError
     └── ClientError                 a call to an Orchestra service failed
         ├── ConnectionFailed        nothing answered (refused, unknown host, timed out)
-        ├── ClientClosed            the client was closed before the call
+        ├── ClientClosed            the client was closed before or during the call
         ├── InvalidApiKey           the API key given cannot be sent (not printable ASCII)
         ├── UnsendableValue         a value JSON cannot carry (NaN, bytes, a lone surrogate)
         └── ApiError                the service answered 4xx or 5xx (status, code, message, fields)
@@ -124,9 +124,10 @@ class ConnectionFailed(ClientError):
         self.pool_full = pool_full
         if pool_full:
             message = (
-                f"every connection of this client to {url} is in use ({reason}; httpx keeps "
-                "at most 100, and each open event stream holds one): give the client a "
-                "transport with more (docs/client.md), or follow streams with another client"
+                f"every connection of this client to {url} is in use ({reason}; its pool's "
+                "limit, 100 unless its transport says, and each open event stream holds "
+                "one): give the client a transport with more (docs/client.md), or follow "
+                "streams with another client"
             )
         elif cut:
             message = f"the answer from the server at {url} was cut off ({reason})"

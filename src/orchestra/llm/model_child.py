@@ -192,11 +192,17 @@ class _Model:
         # several tokens: 488 pieces of 512 tokens in German). Every token sampled but the
         # last was evaluated into the context after the prompt; the last one is the answer's
         # only when it was cut at its length (else it was the end, or held the stop string).
+        text = "".join(parts)
+        if text and not sampled[0]:
+            # A build whose custom samplers are not called (llama-cpp-python swallows their
+            # errors): the text tokenized again, which counts the same in all but rare cases.
+            sampled[0] = len(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+            sampled[0] += 0 if finish == "length" else 1
         last = 1 if sampled[0] else 0
         completion = sampled[0] - (0 if finish == "length" else last)
         return wire.Generated(
             id=request.id,
-            text="".join(parts),
+            text=text,
             prompt_tokens=max(0, int(llm.n_tokens) - sampled[0] + last),
             completion_tokens=completion,
             finish_reason=finish,

@@ -65,8 +65,14 @@ class AccessPages(Controller):
             _, host, proxied = credentials(request)
             caller = await runtime.gatekeeper.caller(f"Bearer {token}", host, proxied)
         except Unauthorized as exc:
+            unsent = form.get("unsent") == "1"  # still said after a mistyped key
             return page(
-                request, "login.html", status_code=401, next=target, error=exc.message, unsent=False
+                request,
+                "login.html",
+                status_code=401,
+                next=target,
+                error=exc.message,
+                unsent=unsent,
             )
         if caller.key_id is None:  # pragma: no cover - a Bearer token always names its key
             raise Unauthorized("the API key is not valid")
