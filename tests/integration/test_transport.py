@@ -151,6 +151,17 @@ async def test_nothing_listening_is_a_connect_error_that_names_its_cause() -> No
     assert transport.connections == 0
 
 
+async def test_a_host_that_does_not_resolve_is_said_so() -> None:
+    """A name lookup's error numbers are not errno's: it said "Unknown error -2" for a model
+    server's mistyped host (helper-134). (``.invalid`` never resolves, RFC 6761.)"""
+    transport = LeanTransport()
+    async with httpx.AsyncClient(transport=transport, timeout=5) as client:
+        with pytest.raises(httpx.ConnectError) as caught:
+            await client.get("http://gpu-box.invalid:11434/")
+    said = cause(caught.value)
+    assert said.startswith("the host name does not resolve") and "Unknown error" not in said
+
+
 async def test_other_schemes_go_to_the_fallback_transport() -> None:
     seen: list[str] = []
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -112,6 +113,9 @@ def cause(exc: BaseException) -> str:
     seen = exc
     while seen.__cause__ or seen.__context__:
         seen = seen.__cause__ or seen.__context__  # type: ignore[assignment]
+        if isinstance(seen, socket.gaierror):  # a name lookup's: its numbers are not errno's
+            host = "the host name does not resolve"
+            return f"{host} ({seen.strerror})" if seen.strerror else host
         if isinstance(seen, OSError) and seen.errno:
             return os.strerror(seen.errno)
     return redact_text(str(exc)) or type(exc).__name__
