@@ -17,7 +17,7 @@ import asyncio
 import hashlib
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -489,19 +489,17 @@ class BatchService:
         return await self.store.first_failures(progress.batch.id, limit)
 
     async def cancel(self, batch_id: int) -> BulkOutcome:
-        """Cancel every queued or running row of the batch (running ones are asked to stop).
-
-        The queued rows first, a page at a time, and only then the running ones: a running
-        row asked to stop frees its slot, which would claim one of the rows still queued, to
-        be found running and stopped in turn (three model calls started per page). The
-        second pass takes the queued rows too: one running in the first (not asked to stop)
-        and queued again since (a retry, a hand-back) was missed by both and ran again."""
+        """Cancel every queued or running row of the batch (running ones are asked to stop):
+        the queued rows first, a page at a time, then the running ones (a stopped row's slot
+        would claim a queued one, to be stopped in turn), with the queued ones again (one
+        running in the first pass and queued again since, by a retry, ran again)."""
         await self.get(batch_id)
         await self.store.db.transaction(lambda c: db.mark_cancelled(c, batch_id, iso(now())))
         cancel = self.bulk.cancel_tasks
-        queued = await self._walk(batch_id, (TaskStatus.QUEUED.value,), cancel)
+        acted: set[int] = set()  # the first pass's: not counted twice (one claimed meanwhile)
+        queued = await self._walk(batch_id, (TaskStatus.QUEUED.value,), cancel, acted)
         both = (TaskStatus.QUEUED.value, TaskStatus.RUNNING.value)
-        outcome = queued.plus(await self._walk(batch_id, both, cancel))
+        outcome = queued.plus(await self._walk(batch_id, both, cancel, skip=acted))
         log.info("batch.bulk", batch_id=batch_id, action="cancel", changed=outcome.changed)
         return outcome
 
@@ -533,16 +531,23 @@ class BatchService:
         batch_id: int,
         statuses: tuple[str, ...],
         act: Callable[[Iterable[int]], Awaitable[BulkOutcome]],
+        acted: set[int] | None = None,
+        *,
+        skip: Collection[int] = (),
     ) -> BulkOutcome:
-        """``act`` on the batch's tasks in ``statuses``, :data:`PAGE` at a time, in row
-        order."""
+        """``act`` on the batch's tasks in ``statuses`` (but ``skip``), :data:`PAGE` at a
+        time, in row order; the ids acted on are added to ``acted``."""
         outcome = BulkOutcome()
         after = 0
         while True:
             pairs = await self.store.task_ids_after(batch_id, statuses, after, PAGE)
             if not pairs:
                 break
-            outcome = outcome.plus(await act([task_id for _, task_id in pairs]))
+            ids = [task_id for _, task_id in pairs if task_id not in skip]
+            if ids:
+                outcome = outcome.plus(await act(ids))
+            if acted is not None:
+                acted.update(ids)
             after = pairs[-1][0]
         return outcome
 

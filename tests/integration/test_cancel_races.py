@@ -199,3 +199,33 @@ async def test_a_second_cancel_does_not_cut_the_first_ones_write(
         done = await svc.wait(task["id"], 10)
         assert done["status"] == "cancelled", done
         await wait_until(lambda: pool.running == 0, timeout=10)
+
+
+class _ClaimedMeanwhile:
+    """The batch's cancels, as the service makes them; the first time, a worker claims one of
+    the rows between their listing and their cancel."""
+
+    def __init__(self, bulk: Any, claim: Any) -> None:
+        self.bulk, self.claim, self.calls = bulk, claim, 0
+
+    async def cancel_tasks(self, ids: Any) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            await self.claim()
+        return await self.bulk.cancel_tasks(ids)
+
+
+async def test_a_batch_row_claimed_during_the_cancel_is_counted_once(idle: Service) -> None:
+    """Claimed between its listing and its cancel, a row was asked to stop by the first pass
+    and again by the second: counted twice in the answer (second review)."""
+    made = await idle.client.post(
+        "/api/v1/batches",
+        params={"template": "summarize", "format": "csv"},
+        content=b"text\na\nb\nc\n",
+    )
+    runtime = idle.app.runtime
+    store = runtime.pool.store
+    bulk = _ClaimedMeanwhile(runtime.bulk, lambda: store.claim("w", 1, lease_seconds=30))
+    batches = BatchService(BatchStore(runtime.db), runtime.tasks, bulk, lease_seconds=30)
+    outcome = await batches.cancel(made.json()["batch"]["id"])
+    assert (outcome.changed, outcome.stopping) == (3, 1), outcome
