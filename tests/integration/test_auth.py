@@ -466,3 +466,12 @@ async def test_cors_origins_come_from_the_settings(
         assert ok.headers.get("access-control-allow-origin") == "https://app.example"
         other = await svc.client.get("/api/v1/tasks", headers={"Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
+        # A page of the allowed origin may read where its task is and how long to wait
+        # (helper-135: it could read neither Location nor Retry-After).
+        made = await svc.client.post(
+            "/api/v1/tasks",
+            json={"template": "summarize", "params": {"text": "x"}, "delay": 600},
+            headers={"Origin": "https://app.example"},
+        )
+        exposed = made.headers.get("access-control-expose-headers", "").lower()
+        assert "location" in exposed and "retry-after" in exposed, made.headers

@@ -128,3 +128,15 @@ async def test_the_dashboard_works_under_a_stripped_sub_path_behind_a_proxy(
         await page.close()  # its event streams end before the proxy and the service stop
     outside = [url for url in asked if not urlsplit(url).path.startswith(PREFIX + "/")]
     assert asked and outside == []
+
+
+async def test_the_apis_locations_are_under_the_prefix_behind_a_proxy(service: Service) -> None:
+    """A submit's ``Location`` (and a template's, a schedule's, a webhook's, a batch's) was
+    the path without the prefix: followed through the proxy, a 404 (helper-135)."""
+    async with behind_proxy(service) as proxy, httpx.AsyncClient(base_url=proxy) as client:
+        body = {"template": "summarize", "params": {"text": "x"}, "delay": 600}
+        made = await client.post(f"{PREFIX}/api/v1/tasks", json=body)
+        assert made.status_code == 201, made.text
+        where = made.headers["location"]
+        assert where == f"{PREFIX}/api/v1/tasks/{made.json()['id']}", where
+        assert (await client.get(where)).json()["id"] == made.json()["id"]

@@ -202,6 +202,18 @@ _CUT = _cut_body(
 )
 
 
+#: The answers' headers a browser page of an allowed origin may read (the rest are hidden
+#: from its script): where a made resource is, and how long to wait before asking again.
+EXPOSED = (
+    "Location",
+    "Retry-After",
+    "RateLimit-Limit",
+    "RateLimit-Remaining",
+    "RateLimit-Reset",
+    "Server-Timing",
+)
+
+
 def _nul_in(scope: Any) -> str | None:
     """Where a request holds a NUL character (``path``, ``query``), or None. No name or value
     here holds one (PostgreSQL's text cannot: such a request was a 500 there)."""
@@ -375,7 +387,9 @@ def _build(surface: Surface) -> Litestar:
         middleware=auth.middleware(surface.auth, surface.unchecked),
         template_config=template_config() if surface.ui_path is not None else None,
         cors_config=(
-            CORSConfig(allow_origins=list(surface.cors_origins)) if surface.cors_origins else None
+            CORSConfig(allow_origins=list(surface.cors_origins), expose_headers=list(EXPOSED))
+            if surface.cors_origins
+            else None
         ),
         dependencies={
             # Read from the scope, not from a ``State`` parameter: Litestar copies the state

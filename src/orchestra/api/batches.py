@@ -30,6 +30,7 @@ from orchestra.api import idempotency
 from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
 from orchestra.api.schemas import NUMBER
+from orchestra.api.scope import location
 from orchestra.auth import Caller
 from orchestra.batch_output import results_stream
 from orchestra.batches import BatchOptions, BatchService, Format
@@ -206,7 +207,7 @@ class BatchController(Controller):
         return Response(
             body,
             status_code=201 if uploaded.created else 200,
-            headers={"Location": f"{self.path}/{uploaded.batch.id}"},
+            headers={"Location": location(request, f"{self.path}/{uploaded.batch.id}")},
         )
 
     @get("/", summary="List batches", responses=errors(400))

@@ -14,6 +14,7 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
 from orchestra.api.schemas import StrictBodyRequest
+from orchestra.api.scope import location
 from orchestra.auth import Caller
 from orchestra.domain import first_page
 from orchestra.scheduler import ScheduleService
@@ -44,14 +45,19 @@ class ScheduleController(Controller):
         responses=errors(400, 404, 409, 413, 422, 507),
     )
     async def create(
-        self, data: JSONBody[ScheduleSpec], schedules: NamedDependency[ScheduleService]
+        self,
+        request: Request[Any, Any, Any],
+        data: JSONBody[ScheduleSpec],
+        schedules: NamedDependency[ScheduleService],
     ) -> Response[ScheduleOut]:
         """Check the schedule (its timing; its template and parameters as a submit would be)
         and store it. 400 naming a bad cron, every or timezone; 404 for an unknown template;
         422 naming every bad parameter; 409 when the name is taken."""
         made = await schedules.create(data)
         return Response(
-            ScheduleOut.of(made), status_code=201, headers={"Location": f"{self.path}/{made.id}"}
+            ScheduleOut.of(made),
+            status_code=201,
+            headers={"Location": location(request, f"{self.path}/{made.id}")},
         )
 
     @get("/", summary="List schedules", responses=errors(400))
@@ -95,7 +101,9 @@ class ScheduleController(Controller):
         422 naming each parameter that no longer fits."""
         task = await schedules.run_now(ref, key_id=request.user.key_id)
         return Response(
-            TaskOut.of(task), status_code=201, headers={"Location": f"/api/v1/tasks/{task.id}"}
+            TaskOut.of(task),
+            status_code=201,
+            headers={"Location": location(request, f"/api/v1/tasks/{task.id}")},
         )
 
     @patch(

@@ -21,3 +21,12 @@ def runtime_of(scope: Any) -> Runtime:
     """The runtime of the service that received the request with this ASGI ``scope``."""
     runtime: Runtime = scope["state"][RUNTIME]
     return runtime
+
+
+def location(request: Any, path: str) -> str:
+    """A ``Location`` header for ``path`` of the API, under the prefix the service is reached
+    by (``X-Forwarded-Prefix``, else ``[server] root_path``): it pointed outside it, a 404
+    through the proxy."""
+    from orchestra.web.links import Links  # (the dashboard's package: not at import)
+
+    return Links.of(request.scope, runtime_of(request.scope).settings).api(path)

@@ -23,6 +23,7 @@ from orchestra.api.schemas import (
     TaskOut,
     TaskSummaryOut,
 )
+from orchestra.api.scope import location
 from orchestra.api.sse import RECONNECT, DirectWrites, EventStream, Frames, frame
 from orchestra.auth import Caller
 from orchestra.db.events import TaskEvent
@@ -118,7 +119,7 @@ class TaskController(Controller):
         return Response(
             TaskOut.of(task),
             status_code=201 if submitted.created else 200,
-            headers={"Location": f"{self.path}/{task.id}"},
+            headers={"Location": location(request, f"{self.path}/{task.id}")},
         )
 
     @get(

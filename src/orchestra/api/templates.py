@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from litestar import Controller, Response, delete, get, post
+from litestar import Controller, Request, Response, delete, get, post
 from litestar.di import NamedDependency
 from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, QueryParameter, RawBody
@@ -16,6 +16,7 @@ from orchestra.api.schemas import (
     TemplateOut,
     ValidationOut,
 )
+from orchestra.api.scope import location
 from orchestra.catalog import TemplateCatalog
 from orchestra.errors import FieldProblem, InvalidRequest, TemplateError
 
@@ -79,7 +80,10 @@ class TemplateController(Controller):
         },
     )
     async def register(
-        self, body: RawBody, catalog: NamedDependency[TemplateCatalog]
+        self,
+        request: Request[Any, Any, Any],
+        body: RawBody,
+        catalog: NamedDependency[TemplateCatalog],
     ) -> Response[TemplateOut]:
         """Register YAML (the request body) as the next version of its template.
 
@@ -91,7 +95,11 @@ class TemplateController(Controller):
         return Response(
             TemplateOut.of(template),
             status_code=201 if registration.created else 200,
-            headers={"Location": f"{self.path}/{template.name}?version={template.version}"},
+            headers={
+                "Location": location(
+                    request, f"{self.path}/{template.name}?version={template.version}"
+                )
+            },
         )
 
     @delete(

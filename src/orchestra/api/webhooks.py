@@ -5,15 +5,16 @@ Every route needs the admin scope: a subscription receives the events of every t
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from litestar import Controller, Response, delete, get, patch, post
+from litestar import Controller, Request, Response, delete, get, patch, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 
 from orchestra.api.openapi import errors
 from orchestra.api.runtime import Runtime
 from orchestra.api.schemas import NUMBER, StrictBodyRequest
+from orchestra.api.scope import location
 from orchestra.domain import first_page
 from orchestra.webhooks import MAX_OVERLAP, NewWebhook, WebhookChanges, WebhookService
 from orchestra.wire.webhooks import AttemptOut as AttemptOut
@@ -42,7 +43,10 @@ class WebhookController(Controller):
         responses=errors(400, 404, 413, 422, 507),
     )
     async def create(
-        self, data: JSONBody[NewWebhook], runtime: NamedDependency[Runtime]
+        self,
+        request: Request[Any, Any, Any],
+        data: JSONBody[NewWebhook],
+        runtime: NamedDependency[Runtime],
     ) -> Response[WebhookCreated]:
         """Subscribe ``url`` to ``event_types`` (of ``template``'s tasks only, when given).
         The answer carries the signing secret, shown this once. 422 (``invalid_request``)
@@ -54,7 +58,7 @@ class WebhookController(Controller):
         return Response(
             WebhookCreated.of(hook, secret),
             status_code=201,
-            headers={"Location": f"{self.path}/{hook.id}"},
+            headers={"Location": location(request, f"{self.path}/{hook.id}")},
         )
 
     @get("/", opt=_ADMIN, summary="List subscriptions", responses=errors(400))
