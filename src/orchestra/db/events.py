@@ -77,23 +77,22 @@ async def events_after(db: Database, task_id: int, seq: int, limit: int = 500) -
     return [TaskEvent(r.seq, r.time, r.type, msgspec.json.decode(r.data)) for r in rows]
 
 
-async def ends_with(db: Database, task_id: int, *payloads: EventPayload) -> bool:
-    """Whether the task's last events are ``payloads``, in that order (their types and data
-    as stored): a seek on the primary key."""
+def stored(payload: EventPayload) -> tuple[str, str | None]:
+    """An event as it is stored: its type and its data's JSON."""
+    return payload.type.value, dump(payload)
+
+
+async def last_events(db: Database, task_id: int, n: int) -> list[tuple[str, str | None]]:
+    """The task's last ``n`` events as stored (:func:`stored`), oldest first: a seek on the
+    primary key."""
     query = (
         select(task_events.c.type, task_events.c.data)
         .where(task_events.c.task_id == task_id)
         .order_by(task_events.c.seq.desc())
-        .limit(len(payloads))
+        .limit(n)
     )
     async with db.read() as conn:
-        last = [(r.type, r.data) for r in (await conn.execute(query)).all()]
-    return last[::-1] == [(p.type.value, dump(p)) for p in payloads]
-
-
-async def last_is(db: Database, task_id: int, payload: EventPayload) -> bool:
-    """Whether the task's last event is ``payload`` (:func:`ends_with` one)."""
-    return await ends_with(db, task_id, payload)
+        return [(r.type, r.data) for r in (await conn.execute(query)).all()][::-1]
 
 
 async def last_seq(db: Database, task_id: int) -> int:

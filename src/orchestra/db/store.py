@@ -148,14 +148,15 @@ class TaskStore:
         write landed as asked, and a person cancelled the task queued again since)."""
         key = (lease.task_id, lease.attempt)
         if self._unsure.get(key) == last:
-            task_id = lease.task_id
-            if await events.last_is(self.db, task_id, last):
+            tail = await events.last_events(self.db, lease.task_id, 2)  # one read for both
+            final, before = (tail[-1] if tail else None), (tail[0] if len(tail) == 2 else None)
+            if final == events.stored(last):
                 del self._unsure[key]
                 return landed
             if (
                 instead is not None
-                and await events.last_is(self.db, task_id, instead[0])
-                and not await events.ends_with(self.db, task_id, last, instead[0])
+                and final == events.stored(instead[0])
+                and before != events.stored(last)
             ):
                 del self._unsure[key]
                 return instead[1]
