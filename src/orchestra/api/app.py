@@ -17,6 +17,7 @@ import time
 import traceback
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import parse_qsl
 
 import msgspec
 from litestar import Litestar, Request, Response
@@ -221,6 +222,10 @@ def _nul_in(scope: Any) -> str | None:
         return "path"
     query = scope.get("query_string", b"")
     if b"%00" in query or b"\x00" in query:
+        # The parameter that holds it, as any other refusal names its field.
+        for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+            if "\x00" in name + value:
+                return name if name and "\x00" not in name else "query"
         return "query"
     return None
 
