@@ -219,3 +219,26 @@ async def test_try_it_out_calls_the_api_under_the_csp(service: Service, browser:
     )
     assert page.errors == []
     await page.close()
+
+
+async def test_the_document_names_the_prefix_the_service_is_reached_by(
+    settings: Settings, start_service: StartService
+) -> None:
+    """Swagger UI's Try it out sends requests to the document's ``servers``: behind a proxy's
+    prefix it must be that prefix (it was ``/``, outside the proxy's path: 404s)."""
+    prefixed = msgspec.structs.replace(
+        settings, server=msgspec.structs.replace(settings.server, root_path="/orch")
+    )
+    async with start_service(prefixed) as svc:
+        for path in ("/schema/openapi.json", "/schema/openapi.yaml"):
+            configured = await svc.client.get(path)
+            forwarded = await svc.client.get(path, headers={"X-Forwarded-Prefix": "/edge/o/"})
+            if path.endswith(".json"):
+                assert configured.json()["servers"] == [{"url": "/orch"}]
+                assert forwarded.json()["servers"] == [{"url": "/edge/o"}]
+            else:
+                assert "servers:\n- url: /orch\n" in configured.text, configured.text[:300]
+                assert "servers:\n- url: /edge/o\n" in forwarded.text
+    async with start_service(settings) as svc:  # no prefix: the service's own root
+        document = (await svc.client.get("/schema/openapi.json")).json()
+        assert document["servers"] == [{"url": "/"}]

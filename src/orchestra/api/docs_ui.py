@@ -93,9 +93,36 @@ def _at_root(path: str) -> bool:
     return path == SCHEMA_PATH
 
 
+def reached_by(request: Request[Any, Any, Any], document: dict[str, Any]) -> dict[str, Any]:
+    """The document with ``servers`` naming the path prefix the request came by
+    (``X-Forwarded-Prefix``, else ``[server] root_path``): Swagger UI's Try it out sends its
+    requests there, and ``/`` behind a proxy's prefix went outside it (404s)."""
+    from orchestra.api.scope import runtime_of
+    from orchestra.web.links import Links  # (the dashboard's package: not at import)
+
+    prefix = Links.of(request.scope, runtime_of(request.scope).settings).prefix
+    return {**document, "servers": [{"url": prefix or "/"}]}
+
+
+class JsonDocument(JsonRenderPlugin):
+    """``/schema/openapi.json``, its ``servers`` as :func:`reached_by` says."""
+
+    def render(self, request: Request[Any, Any, Any], openapi_schema: dict[str, Any]) -> bytes:
+        """The document as JSON."""
+        return super().render(request, reached_by(request, openapi_schema))
+
+
+class YamlDocument(YamlRenderPlugin):
+    """``/schema/openapi.yaml`` (and ``.yml``), its ``servers`` as :func:`reached_by` says."""
+
+    def render(self, request: Request[Any, Any, Any], openapi_schema: dict[str, Any]) -> bytes:
+        """The document as YAML."""
+        return super().render(request, reached_by(request, openapi_schema))
+
+
 def render_plugins() -> list[OpenAPIRenderPlugin]:
     """The pages under /schema: Swagger UI (also the root page) and the document itself."""
-    return [SwaggerPage(), JsonRenderPlugin(), YamlRenderPlugin()]
+    return [SwaggerPage(), JsonDocument(), YamlDocument()]
 
 
 def secured(app: ASGIApp) -> ASGIApp:
