@@ -173,7 +173,8 @@ async def csv_rows(
         if over:
             over = False
             if header is None:
-                raise PayloadTooLarge(f"the CSV header {over_limit(max_line)}")
+                why = f"the CSV header {over_limit(max_line)}"
+                raise PayloadTooLarge(why, [FieldProblem("body", why)])
             number += 1
             yield InputRow(number, start, None, over_limit(max_line))
             continue

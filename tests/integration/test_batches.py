@@ -375,6 +375,22 @@ async def test_a_row_over_the_size_limit_is_refused_with_its_row_and_line_and_th
         assert answer["batch"]["status"] == "loaded" and answer["batch"]["invalid"] == 2
 
 
+async def test_a_csv_header_over_the_size_limit_is_a_413_naming_the_body(
+    small_rows: Service,
+) -> None:
+    """Without its header no row can be read: the whole upload is refused, naming the body
+    (its 413 named no field, unlike every 4xx of the API)."""
+    header = ",".join(f"column{i}" for i in range(40)).encode()
+    answer = await small_rows.client.post(
+        "/api/v1/batches", params={"template": "rowjob", "format": "csv"}, content=header + b"\na\n"
+    )
+    assert answer.status_code == 413, answer.text
+    assert answer.json()["code"] == "too_large"
+    [problem] = answer.json()["fields"]
+    assert problem["field"] == "body" and "CSV header" in problem["message"], problem
+    assert "over 200 bytes" in problem["message"], problem
+
+
 async def test_a_client_gone_midway_leaves_no_batch_loading(idle: Service, db_url: str) -> None:
     """The commonest cut: the client hangs up halfway through a keyless upload. The rows read
     are kept and the batch closed (it stayed ``loading``, its last rows lost)."""
