@@ -12,7 +12,8 @@ from typing import Any
 import msgspec
 from litestar.response import Stream
 
-from orchestra.batches import BatchService, Format
+from orchestra.batch_model import Format
+from orchestra.batches import BatchService
 from orchestra.db.batches import ResultRow
 
 _encode = msgspec.json.Encoder().encode

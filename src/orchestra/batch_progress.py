@@ -11,7 +11,7 @@ from orchestra.db.batches import Tally
 from orchestra.domain import TaskStatus, as_utc
 
 if TYPE_CHECKING:
-    from orchestra.batches import Batch
+    from orchestra.batch_model import Batch
 
 #: The statuses of a finished row's task.
 _TERMINAL = (TaskStatus.SUCCEEDED.value, TaskStatus.FAILED.value, TaskStatus.CANCELLED.value)

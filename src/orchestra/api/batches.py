@@ -32,8 +32,9 @@ from orchestra.api.runtime import Runtime
 from orchestra.api.schemas import NUMBER
 from orchestra.api.scope import location
 from orchestra.auth import Caller
+from orchestra.batch_model import BatchOptions, Format
 from orchestra.batch_output import results_stream
-from orchestra.batches import BatchOptions, BatchService, Format
+from orchestra.batches import BatchService
 from orchestra.domain import first_page
 from orchestra.errors import ClientGone, FieldProblem, InvalidRequest
 from orchestra.wire.batches import ActionOut as ActionOut

@@ -35,7 +35,7 @@ from orchestra import logs
 from orchestra.api.schemas import NUMBER, ErrorBody, FieldOut, ProblemOut
 from orchestra.api.scope import runtime_of
 from orchestra.api.stream_slots import RETRY_AFTER as STREAM_RETRY_AFTER
-from orchestra.batches import BatchNotFound
+from orchestra.batch_model import BatchNotFound
 from orchestra.errors import (
     HALF_SURROGATE,
     ConflictError,

@@ -10,7 +10,8 @@ import msgspec
 from orchestra.errors import FieldProblem
 
 if TYPE_CHECKING:  # the service's types, for the constructors only
-    from orchestra.batches import Batch, Progress
+    from orchestra.batch_model import Batch
+    from orchestra.batch_progress import Progress
     from orchestra.bulk import BulkOutcome
 
 
