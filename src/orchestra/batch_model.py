@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from orchestra.errors import NotFoundError
+from orchestra.errors import NotFoundError, PayloadTooLarge
 from orchestra.wire.batches import RowProblem
 
 #: The formats a batch's rows may come in (and its results go out in).
@@ -19,6 +19,11 @@ class BatchNotFound(NotFoundError):
     """No batch has this id."""
 
     code = "batch_not_found"
+
+
+class TooManyRows(PayloadTooLarge):
+    """An upload went past the most rows a batch may have (sending it again, with its
+    idempotency key too, stops there again)."""
 
 
 class BatchOptions(msgspec.Struct, frozen=True):

@@ -25,7 +25,7 @@ import msgspec
 from orchestra import logs, metrics
 from orchestra.batch_input import InputRow, csv_rows, jsonl_rows
 from orchestra.batch_lease import CUT_NOTE, held, lease_end
-from orchestra.batch_model import Batch, BatchNotFound, BatchOptions, Uploaded
+from orchestra.batch_model import Batch, BatchNotFound, BatchOptions, TooManyRows, Uploaded
 from orchestra.batch_progress import Progress as Progress
 from orchestra.batch_progress import progress_of
 from orchestra.bulk import BulkOutcome, BulkService
@@ -39,7 +39,6 @@ from orchestra.errors import (
     InvalidParams,
     InvalidRequest,
     OrchestraError,
-    PayloadTooLarge,
     TemplateNotFound,
 )
 from orchestra.owners import process_id
@@ -257,7 +256,8 @@ class BatchService:
                 await asyncio.sleep(0)
                 turn = time.perf_counter()
             if row.row > MAX_ROWS:
-                raise PayloadTooLarge(f"a batch has at most {MAX_ROWS} rows")
+                why = f"has more than {MAX_ROWS:,} rows (a batch's most)"
+                raise TooManyRows(f"body: {why}", [FieldProblem("body", why)])
             if row.params is None:
                 yield RowProblem(row.row, row.line, row.problem or "cannot be read")
                 continue
@@ -489,7 +489,7 @@ class BatchService:
 
 def _past_the_cap(error: Exception) -> bool:
     """Whether the upload stopped at :data:`MAX_ROWS` (sending it again stops there again)."""
-    return isinstance(error, PayloadTooLarge) and str(MAX_ROWS) in error.message
+    return isinstance(error, TooManyRows)
 
 
 def _no_rows() -> InvalidRequest:

@@ -21,6 +21,7 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
+import orchestra.batches
 from orchestra.config import Settings, TemplateSettings
 from orchestra.db import Database, TaskStore
 from tests.conftest import Service, StartService, rows_by_status, sql_rows
@@ -389,6 +390,25 @@ async def test_a_csv_header_over_the_size_limit_is_a_413_naming_the_body(
     [problem] = answer.json()["fields"]
     assert problem["field"] == "body" and "CSV header" in problem["message"], problem
     assert "over 200 bytes" in problem["message"], problem
+
+
+@pytest.mark.parametrize("key", [None, "cap-1"])
+async def test_an_upload_past_the_row_cap_is_a_413_and_its_batch_closed(
+    idle: Service, monkeypatch: pytest.MonkeyPatch, key: str | None
+) -> None:
+    """Past :data:`MAX_ROWS` the upload stops with a 413 naming the body, and its batch is
+    closed with the rows read (sending it again, with its key too, would stop there again)."""
+    monkeypatch.setattr(orchestra.batches, "MAX_ROWS", 1000)
+    query = {} if key is None else {"key": key}
+    answer = await upload(
+        idle, b"text\n" + b"".join(b"r%d\n" % i for i in range(1003)), expect=413, **query
+    )
+    assert answer["code"] == "too_large", answer
+    [problem] = answer["fields"]
+    assert problem == {"field": "body", "message": "has more than 1,000 rows (a batch's most)"}
+    assert "keeps the 1000 rows read before" in answer["message"], answer
+    [batch] = (await idle.client.get("/api/v1/batches")).json()["items"]
+    assert (batch["status"], batch["rows"]) == ("loaded", 1000), batch
 
 
 async def test_a_client_gone_midway_leaves_no_batch_loading(idle: Service, db_url: str) -> None:
