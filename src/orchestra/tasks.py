@@ -7,7 +7,7 @@ worker pool (through :class:`Scheduler`) when work becomes due or must stop.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -16,7 +16,7 @@ import msgspec
 from orchestra import logs, metrics
 from orchestra.config import LimitSettings
 from orchestra.db.events import TERMINAL_EVENT, TaskEvent
-from orchestra.db.feed import FeedEvent, FeedFilter
+from orchestra.db.feed import FeedFilter
 from orchestra.db.overview import SummaryPage
 from orchestra.db.rows import task_from_row
 from orchestra.db.store import Enqueued, TaskStore
@@ -42,6 +42,7 @@ from orchestra.errors import (
 from orchestra.feed import EventFeed
 from orchestra.notify import TaskSignals, Wake
 from orchestra.shared_read import SharedReads
+from orchestra.task_place import TaskPlace, finishes, in_sequence
 from orchestra.templating.model import Template
 from orchestra.templating.params import validate_params
 from orchestra.templating.registry import TemplateRegistry
@@ -411,7 +412,7 @@ class TaskService:
         they follow on without a hole (False from it: it cannot take them now, they come from
         the iterator as without it); those it took are not yielded, and the iterator ends
         once ``task.finished`` went that way."""
-        place = _TaskPlace(after, write)
+        place = TaskPlace(after, write)
         with self.feed.subscribe(FeedFilter(task_id=task_id)) as sub:
             if write is not None:
                 place.wake = sub.wake
@@ -440,7 +441,7 @@ class TaskService:
                 taken = sub.take()
                 live = [e.as_task_event() for e in taken if e.seq > place.last]
                 if live:
-                    live, hole, ended = _in_sequence(live, place.last)
+                    live, hole, ended = in_sequence(live, place.last)
                     if hole is not None:
                         sub.reread_upto = hole
                     if live:
@@ -448,7 +449,7 @@ class TaskService:
                         yield live
                     if ended:
                         return
-                elif _finishes(taken) and await self._finished(task_id):
+                elif finishes(taken) and await self._finished(task_id):
                     return  # it finished short of the place asked for: nothing comes after
                 elif sub.closed:  # the service is stopping: the client reconnects elsewhere
                     return
@@ -550,50 +551,3 @@ def check_model(model: str | None) -> None:
     why = None if model is None else model_name_problem(model)
     if why is not None:
         raise InvalidRequest(f"model: {why}", [FieldProblem("model", why)])
-
-
-def _finishes(events: Iterable[FeedEvent]) -> bool:
-    """Whether a task's ``task.finished`` is among ``events``."""
-    return any(e.type == TERMINAL_EVENT for e in events)
-
-
-def _in_sequence(live: list[TaskEvent], last: int) -> tuple[list[TaskEvent], int | None, bool]:
-    """Of a task's new events (all past ``last``), those that follow on from ``last`` without
-    a hole, up to ``task.finished``; the number of the first one past a hole (None: no hole);
-    and whether ``task.finished`` was among them."""
-    for i, event in enumerate(live):
-        if event.seq != last + 1 + i:
-            return live[:i], event.seq, False
-        if event.type == TERMINAL_EVENT:
-            return live[: i + 1], None, True
-    return live, None, False
-
-
-class _TaskPlace:
-    """Where one follow of a task is: the last sequence number given, by its own task or by
-    the feed's reader through ``write``, and whether ``task.finished`` was."""
-
-    __slots__ = ("ended", "last", "wake", "write")
-
-    def __init__(self, last: int, write: Callable[[list[TaskEvent]], bool] | None) -> None:
-        self.last, self.write, self.ended = last, write, False
-        self.wake: Callable[[], None] = lambda: None
-
-    def deliver(self, events: list[FeedEvent]) -> bool:
-        """:data:`~orchestra.feed.Deliver` for the follow: the events past its place, written
-        if they follow on without a hole (else its task reads the database); after
-        ``task.finished``, its task is woken to end the stream."""
-        if self.ended:
-            return True
-        live = [e.as_task_event() for e in events if e.seq > self.last]
-        if not live:  # a task.finished short of the place: its task sees whether it ended
-            return not _finishes(events)
-        live, hole, ended = _in_sequence(live, self.last)
-        assert self.write is not None
-        if hole is not None or not self.write(live):
-            return False
-        self.last = live[-1].seq
-        if ended:
-            self.ended = True
-            self.wake()
-        return True
