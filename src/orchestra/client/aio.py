@@ -22,7 +22,7 @@ from typing import Any, TypeVar, Unpack
 
 import httpx
 
-from orchestra.client import batch_calls, core, webhook_calls
+from orchestra.client import batch_calls, core, schedule_calls, webhook_calls
 from orchestra.client.core import Call, Registered, RetryPolicy
 from orchestra.client.errors import ClientClosed, ClientError, ConnectionFailed
 from orchestra.client.follow import TASK_FINISHED, Follow, Poll, ReconnectPolicy
@@ -302,11 +302,11 @@ class AsyncClient:
 
     async def create_schedule(self, spec: ScheduleSpec | None = None, **fields: Any) -> ScheduleOut:
         """Make a schedule: a :class:`~orchestra.schedules.ScheduleSpec`, or its fields."""
-        return await self._send(core.create_schedule(spec or ScheduleSpec(**fields)))
+        return await self._send(schedule_calls.create_schedule(spec or ScheduleSpec(**fields)))
 
     async def list_schedules(self, page_size: int = 100) -> list[ScheduleOut]:
         """Every schedule, by name (read ``page_size`` at a time)."""
-        return [s async for s in self._pages(lambda c: core.schedules_page(page_size, c))]
+        return [s async for s in self._pages(lambda c: schedule_calls.schedules_page(page_size, c))]
 
     async def _pages(self, page: Callable[[str | None], core.Call[Any]]) -> AsyncIterator[Any]:
         """The items of every page of a list, a page at a time, following ``next_cursor``
@@ -322,20 +322,20 @@ class AsyncClient:
 
     async def get_schedule(self, ref: str | int) -> ScheduleOut:
         """A schedule (by name or id) with its next and latest ticks."""
-        return await self._send(core.get_schedule(ref))
+        return await self._send(schedule_calls.get_schedule(ref))
 
     async def update_schedule(self, ref: str | int, **changes: Any) -> ScheduleOut:
         """Change the fields given (``enabled=False`` pauses; ``cron=None`` clears it)."""
-        return await self._send(core.update_schedule(ref, ScheduleChanges(**changes)))
+        return await self._send(schedule_calls.update_schedule(ref, ScheduleChanges(**changes)))
 
     async def delete_schedule(self, ref: str | int) -> None:
         """Delete a schedule; the tasks it made stay."""
-        await self._send(core.delete_schedule(ref))
+        await self._send(schedule_calls.delete_schedule(ref))
 
     async def run_schedule(self, ref: str | int) -> TaskOut:
         """Submit the task a tick of the schedule would, now (not a tick: its next tick
         stays); paused or not."""
-        return await self._send(core.run_schedule(ref))
+        return await self._send(schedule_calls.run_schedule(ref))
 
     # -- webhooks ----------------------------------------------------------------------------
 

@@ -35,8 +35,6 @@ from orchestra.client.sse import feed_event as feed_event
 from orchestra.client.sse import task_event as task_event
 from orchestra.domain import TaskStatus
 from orchestra.retry_after import retry_after as retry_after
-from orchestra.schedules import ScheduleChanges, ScheduleSpec
-from orchestra.wire.schedules import ScheduleList, ScheduleOut
 from orchestra.wire.schemas import (
     ErrorBody,
     HealthOut,
@@ -528,49 +526,6 @@ def delete_template(name: str) -> Call[None]:
 
 def reload_templates() -> Call[list[TemplateOut]]:
     return Call("POST", "/api/v1/templates/reload", _items(TemplateList))
-
-
-# -- schedules -------------------------------------------------------------------------------
-
-
-def create_schedule(spec: ScheduleSpec) -> Call[ScheduleOut]:
-    return Call(
-        "POST",
-        "/api/v1/schedules",
-        _as(ScheduleOut),
-        content=_encode(spec),
-        headers=_JSON,
-        ok=frozenset({201}),
-    )
-
-
-def schedules_page(limit: int, cursor: str | None) -> Call[ScheduleList]:
-    params = _given({"limit": page_size(limit), "cursor": cursor})
-    return Call("GET", "/api/v1/schedules", _as(ScheduleList), params=params)
-
-
-def get_schedule(ref: str | int) -> Call[ScheduleOut]:
-    return Call("GET", f"/api/v1/schedules/{_segment(ref)}", _as(ScheduleOut))
-
-
-def update_schedule(ref: str | int, changes: ScheduleChanges) -> Call[ScheduleOut]:
-    """PATCH: only the fields ``changes`` gives are sent (msgspec leaves UNSET ones out)."""
-    return Call(
-        "PATCH",
-        f"/api/v1/schedules/{_segment(ref)}",
-        _as(ScheduleOut),
-        content=_encode(changes),
-        headers=_JSON,
-    )
-
-
-def delete_schedule(ref: str | int) -> Call[None]:
-    return Call("DELETE", f"/api/v1/schedules/{_segment(ref)}", _nothing, ok=frozenset({204}))
-
-
-def run_schedule(ref: str | int) -> Call[TaskOut]:
-    """POST …/run: the task a tick would submit, now."""
-    return Call("POST", f"/api/v1/schedules/{_segment(ref)}/run", _as(TaskOut), ok=frozenset({201}))
 
 
 # -- the service -----------------------------------------------------------------------------
