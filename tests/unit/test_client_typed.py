@@ -21,6 +21,12 @@ def run() -> None:
         task = client.submit("summarize", {"text": "x"}, delay=timedelta(minutes=5))
         reveal_type(task)
         client.submit("summarize", {"text": "x"}, priorty=3)
+        client.create_schedule(name="n", template="summarize", every="1h", timezon="UTC")
+        client.update_schedule("n", enabeld=False)
+        client.update_webhook(1, event_type=["task.finished"])
+        client.create_schedule(name="n", template="summarize", every=timedelta(hours=1))
+        client.update_schedule("n", cron=None, every=3600, catch_up="latest")
+        client.update_webhook(1, template=None, enabled=False, event_types="task.finished")
 """
 
 
@@ -38,7 +44,9 @@ def test_an_integrators_mypy_sees_the_clients_types(tmp_path: Path) -> None:
     assert "py.typed" not in out and "missing library stubs" not in out, out
     assert 'Revealed type is "orchestra.wire.schemas.TaskOut"' in out, out
     assert 'Unexpected keyword argument "priorty"' in out, out
-    assert "Found 1 error" in out, out  # the misspelt option alone
+    for misspelt in ("timezon", "enabeld", "event_type"):  # a schedule's, a webhook's fields
+        assert f'Unexpected keyword argument "{misspelt}"' in out, out
+    assert "Found 4 errors" in out, out  # the misspelt options alone
 
 
 def test_submit_options_are_the_submits_other_fields() -> None:
@@ -50,6 +58,20 @@ def test_submit_options_are_the_submits_other_fields() -> None:
 
     others = set(SubmitTask.__struct_fields__) - {"template", "params"}
     assert set(get_type_hints(SubmitOptions)) == others
+
+
+def test_schedule_and_webhook_keywords_are_their_bodies_fields() -> None:
+    """create/update_schedule and update_webhook are typed to take exactly the fields of the
+    bodies they send (a misspelt keyword was found at run time only)."""
+    from typing import get_type_hints
+
+    from orchestra.client import ScheduleFields, ScheduleSpec, WebhookFields
+    from orchestra.schedules import ScheduleChanges
+    from orchestra.webhooks import WebhookChanges
+
+    fields = set(get_type_hints(ScheduleFields))
+    assert fields == set(ScheduleSpec.__struct_fields__) == set(ScheduleChanges.__struct_fields__)
+    assert set(get_type_hints(WebhookFields)) == set(WebhookChanges.__struct_fields__)
 
 
 def test_one_event_type_as_a_plain_string_is_that_type() -> None:

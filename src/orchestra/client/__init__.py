@@ -31,7 +31,9 @@ from orchestra.client.errors import (
     UnsendableValue,
 )
 from orchestra.client.follow import ReconnectPolicy
+from orchestra.client.schedule_calls import ScheduleFields
 from orchestra.client.sync import Client
+from orchestra.client.webhook_calls import WebhookFields
 from orchestra.schedules import ScheduleSpec
 from orchestra.wire.tasks import SubmitTask
 
@@ -54,6 +56,7 @@ __all__ = [
     "ReconnectPolicy",
     "Registered",
     "RetryPolicy",
+    "ScheduleFields",
     "ScheduleSpec",
     "ServerError",
     "SubmitOptions",
@@ -62,4 +65,5 @@ __all__ = [
     "Unavailable",
     "Unprocessable",
     "UnsendableValue",
+    "WebhookFields",
 ]

@@ -3,11 +3,45 @@ operation's): make, list, read, change, delete and run a schedule."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any, TypedDict, cast
+
 from orchestra.client.core import _JSON, Call, _as, _given, _nothing, _segment, page_size
 from orchestra.client.json_body import encode as _encode
-from orchestra.schedules import ScheduleChanges, ScheduleSpec
+from orchestra.schedules import CatchUp, Overlap, ScheduleChanges, ScheduleSpec, TaskOptions
 from orchestra.wire.schedules import ScheduleList, ScheduleOut
 from orchestra.wire.schemas import TaskOut
+
+
+class ScheduleFields(TypedDict, total=False):
+    """A schedule's fields, as keywords of ``create_schedule`` (``name`` and ``template``
+    are needed; :class:`~orchestra.schedules.ScheduleSpec` says what each means) and, any of
+    them, of ``update_schedule`` (where None clears ``cron``, ``every`` and ``model``)."""
+
+    name: str
+    template: str
+    params: Mapping[str, Any]
+    model: str | None
+    priority: int
+    options: TaskOptions
+    cron: str | None
+    timezone: str
+    every: str | float | timedelta | None
+    enabled: bool
+    overlap: Overlap
+    catch_up: CatchUp
+
+
+def spec_of(fields: ScheduleFields) -> ScheduleSpec:
+    """The schedule ``create_schedule``'s keywords describe (a ``timedelta`` for ``every``
+    is taken: the struct turns it into its duration text)."""
+    return ScheduleSpec(**cast(Any, fields))
+
+
+def changes_of(fields: ScheduleFields) -> ScheduleChanges:
+    """The changes ``update_schedule``'s keywords describe."""
+    return ScheduleChanges(**cast(Any, fields))
 
 
 def create_schedule(spec: ScheduleSpec) -> Call[ScheduleOut]:

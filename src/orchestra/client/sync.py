@@ -18,7 +18,7 @@ from orchestra.client.errors import ClientClosed, ClientError, ConnectionFailed
 from orchestra.client.follow import TASK_FINISHED, Follow, Poll, ReconnectPolicy
 from orchestra.domain import TaskStatus
 from orchestra.lines import iter_lines
-from orchestra.schedules import ScheduleChanges, ScheduleSpec
+from orchestra.schedules import ScheduleSpec
 from orchestra.wire.batches import ActionOut, BatchSummaryOut, ProgressOut, UploadOut
 from orchestra.wire.events import FeedEvent, TaskEvent
 from orchestra.wire.schedules import ScheduleOut
@@ -285,9 +285,11 @@ class Client:
 
     # -- schedules ---------------------------------------------------------------------------
 
-    def create_schedule(self, spec: ScheduleSpec | None = None, **fields: Any) -> ScheduleOut:
+    def create_schedule(
+        self, spec: ScheduleSpec | None = None, **fields: Unpack[schedule_calls.ScheduleFields]
+    ) -> ScheduleOut:
         """Make a schedule: a :class:`~orchestra.schedules.ScheduleSpec`, or its fields."""
-        return self._send(schedule_calls.create_schedule(spec or ScheduleSpec(**fields)))
+        return self._send(schedule_calls.create_schedule(spec or schedule_calls.spec_of(fields)))
 
     def list_schedules(self, page_size: int = 100) -> list[ScheduleOut]:
         """Every schedule, by name (read ``page_size`` at a time)."""
@@ -308,9 +310,11 @@ class Client:
         """A schedule (by name or id) with its next and latest ticks."""
         return self._send(schedule_calls.get_schedule(ref))
 
-    def update_schedule(self, ref: str | int, **changes: Any) -> ScheduleOut:
+    def update_schedule(
+        self, ref: str | int, **changes: Unpack[schedule_calls.ScheduleFields]
+    ) -> ScheduleOut:
         """Change the fields given (``enabled=False`` pauses; ``cron=None`` clears it)."""
-        return self._send(schedule_calls.update_schedule(ref, ScheduleChanges(**changes)))
+        return self._send(schedule_calls.update_schedule(ref, schedule_calls.changes_of(changes)))
 
     def delete_schedule(self, ref: str | int) -> None:
         """Delete a schedule; the tasks it made stay."""
@@ -344,7 +348,9 @@ class Client:
         """One subscription."""
         return self._send(webhook_calls.get_webhook(webhook_id))
 
-    def update_webhook(self, webhook_id: int, **changes: Any) -> WebhookOut:
+    def update_webhook(
+        self, webhook_id: int, **changes: Unpack[webhook_calls.WebhookFields]
+    ) -> WebhookOut:
         """Change the fields given: ``url``, ``event_types``, ``template`` (None: every
         template), ``enabled`` (False: no deliveries are made, pending ones wait)."""
         return self._send(webhook_calls.update_webhook(webhook_id, changes))

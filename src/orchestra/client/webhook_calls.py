@@ -4,8 +4,8 @@ secret."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any, cast
+from collections.abc import Iterable
+from typing import Any, TypedDict, cast
 
 from orchestra.client.core import _JSON, Call, _as, _given, _nothing, page_size, words
 from orchestra.client.json_body import encode as _encode
@@ -18,6 +18,16 @@ from orchestra.wire.webhooks import (
     WebhookList,
     WebhookOut,
 )
+
+
+class WebhookFields(TypedDict, total=False):
+    """What ``update_webhook`` may change of a subscription: ``template=None`` makes it
+    receive every template's events; ``enabled=False`` holds its deliveries."""
+
+    url: str
+    event_types: str | Iterable[str]
+    template: str | None
+    enabled: bool
 
 
 def new_webhook(
@@ -50,7 +60,7 @@ def get_webhook(webhook_id: int) -> Call[WebhookOut]:
     return Call("GET", f"/api/v1/webhooks/{webhook_id}", _as(WebhookOut))
 
 
-def update_webhook(webhook_id: int, changes: Mapping[str, Any]) -> Call[WebhookOut]:
+def update_webhook(webhook_id: int, changes: WebhookFields) -> Call[WebhookOut]:
     """PATCH: only the fields given are sent (``template=None`` clears it; the event types
     are checked by the service: 400 naming them)."""
     return Call(
@@ -58,7 +68,10 @@ def update_webhook(webhook_id: int, changes: Mapping[str, Any]) -> Call[WebhookO
         f"/api/v1/webhooks/{webhook_id}",
         _as(WebhookOut),
         content=_encode(
-            {k: words(v) if k == "event_types" and v is not None else v for k, v in changes.items()}
+            {
+                k: words(v) if k == "event_types" and v is not None else v
+                for k, v in cast(Any, changes).items()
+            }
         ),
         headers=_JSON,
     )
