@@ -526,18 +526,16 @@ async def test_with_nobody_following_the_reader_reads_no_events(db: Database, db
 # -- clients that read slower than events come -------------------------------------------------
 
 
-async def slow_reader(url: str, start: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """The all-tasks feed after ``start`` on a connection with a 4 KB receive buffer, whose
-    client reads nothing until asked (its server's writes soon have to wait)."""
+async def slow_reader(url: str, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An event stream on a connection with a 4 KB receive buffer, whose client reads
+    nothing until asked (its server's writes soon have to wait)."""
     host, port = url.removeprefix("http://").split(":")
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
     reader, writer = await asyncio.open_connection(sock=sock, limit=2**20)
-    writer.write(
-        b"GET /api/v1/events?after=%d HTTP/1.1\r\nHost: %s\r\n\r\n" % (start, host.encode())
-    )
+    writer.write(b"GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (path.encode(), host.encode()))
     head = await reader.readuntil(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
     return reader, writer
@@ -556,19 +554,24 @@ async def ids_read(reader: asyncio.StreamReader, last: int) -> list[int]:
 
 
 @pytest.mark.parametrize("count", [300, 1500])
+@pytest.mark.parametrize("stream", ["feed", "task"])
 async def test_followers_that_read_slowly_get_every_event_in_order(
-    service: Service, db_url: str, count: int
+    service: Service, db_url: str, count: int, stream: str
 ) -> None:
-    """Four clients stop reading while events of 12 KB come in a hundred commits: the
-    service's writes to them wait, then their buffers overflow (1,500: past the 1,000 a
-    subscription holds). Once they read, each gets every event in order, at once."""
+    """Four clients of the all-tasks feed (or of the task's own stream) stop reading while
+    events of 12 KB come in a hundred commits: the service's writes to them wait, then their
+    buffers overflow (1,500: past the 1,000 a subscription holds). Once they read, each gets
+    every event in order, at once."""
     feed = service.app.runtime.feed
     queued = await service.client.post(
         "/api/v1/tasks", json={"template": "summarize", "params": {"text": "x"}, "delay": 3600}
     )
     assert queued.status_code == 201, queued.text
-    start = stored(db_url)[-1][0]
-    conns = [await slow_reader(service.url, start) for _ in range(4)]
+    task_id, start = queued.json()["id"], stored(db_url)[-1][0]
+    path = (
+        f"/api/v1/events?after={start}" if stream == "feed" else f"/api/v1/tasks/{task_id}/events"
+    )
+    conns = [await slow_reader(service.url, path) for _ in range(4)]
     await wait_until(lambda: feed.subscribers == 4 and feed.waiting == 4)
     overflows, per, pad = feed.overflows, count // 100, json.dumps({"pad": "x" * 12000})
     for k in range(100):
@@ -577,12 +580,15 @@ async def test_followers_that_read_slowly_get_every_event_in_order(
             "INSERT INTO task_events (task_id, seq, time, type, data) "
             "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) "
             "SELECT ?, i + ?, '2026-12-06T00:00:00Z', 'step.skipped', ? FROM n",
-            (per, queued.json()["id"], 1 + k * per, pad),
+            (per, task_id, 1 + k * per, pad),
         )
         feed.wake()
         newest = stored(db_url, start)[-1][0]
         await wait_until(lambda n=newest: feed.watermark >= n)  # handed out, not read
-    every = [e[0] for e in stored(db_url, start)]
+    if stream == "feed":
+        every = [e[0] for e in stored(db_url, start)]
+    else:  # its stream numbers the task's events from its first (task.queued)
+        every = [e[2] for e in stored(db_url) if e[1] == task_id]
     got = await asyncio.gather(*(ids_read(reader, every[-1]) for reader, _ in conns))
     for _, writer in conns:
         writer.close()
