@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
-from typing import Any
+from typing import Any, cast
 
 import jsonschema
 import msgspec
@@ -36,6 +37,9 @@ def _validator(template: Template) -> jsonschema.Draft202012Validator:
 def _field(path: Any) -> str:
     return format_path(("params", *path))
 
+
+#: The most problems a refusal lists (300,000 bad items made a 21 MB answer).
+MAX_PROBLEMS = 100
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -155,32 +159,43 @@ def validate_params(
         return full  # surely valid: the JSON Schema walk below would find nothing
     named = {p.field for p in problems}
     try:
-        errors = list(_validator(template).iter_errors(full))
+        errors = list(itertools.islice(_validator(template).iter_errors(full), MAX_PROBLEMS))
     except (Unresolvable, RecursionError) as exc:  # the checks at load should prevent both
         why = f"cannot be checked against the template's schema: {type(exc).__name__}"
         raise InvalidParams(why, [FieldProblem("params", why)]) from None
     for err in errors:
-        if _field(err.absolute_path) in named:
-            continue  # "inf is greater than the maximum" adds nothing
-        if err.validator == "required":
-            missing = [n for n in err.validator_value if n not in err.instance]
-            problems += [FieldProblem(_field([n]), "is required") for n in missing]
-        elif err.validator == "additionalProperties":
-            known = template.parameters
-            extra = sorted(n for n in err.instance if n not in known)
-            allowed = ", ".join(known) or "none"
-            problems += [
-                FieldProblem(_field([n]), f"unknown parameter (the template takes: {allowed})")
-                for n in extra
-            ]
-        else:
-            problems.append(FieldProblem(_field(err.absolute_path), schema_reason(err)))
+        if _field(err.absolute_path) not in named:  # "inf is greater than the maximum": no
+            problems += _problems(template, err)
     if problems:
         problems.sort(key=lambda p: p.field)
+        count = f"{len(problems)}"
+        if len(errors) == MAX_PROBLEMS:
+            problems = problems[:MAX_PROBLEMS]
+            count = f"more than {MAX_PROBLEMS} (the first {MAX_PROBLEMS} are listed)"
         raise InvalidParams(
-            f"{len(problems)} invalid parameter(s) for template {template.name!r}", problems
+            f"{count} invalid parameter(s) for template {template.name!r}", problems
         )
     return _integers(template, full)
+
+
+def _problems(template: Template, err: jsonschema.ValidationError) -> list[FieldProblem]:
+    """What one schema error says, named at the field it is about: a missing or unknown key
+    at the key (of a parameter, or of an object within one)."""
+    path, schema = list(err.absolute_path), err.schema
+    if err.validator == "required" and isinstance(err.instance, dict):
+        missing = [n for n in cast(list[str], err.validator_value) if n not in err.instance]
+        return [FieldProblem(_field([*path, n]), "is required") for n in missing]
+    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+        if not path:
+            known, what = list(template.parameters), "parameter (the template takes"
+        elif isinstance(schema, dict) and "patternProperties" not in schema:
+            known, what = list(schema.get("properties") or ()), "key (its keys are"
+        else:  # which keys the patterns allow is said by the error itself
+            return [FieldProblem(_field(path), schema_reason(err))]
+        extra = sorted(n for n in err.instance if n not in known)
+        allowed = ", ".join(known) or "none"
+        return [FieldProblem(_field([*path, n]), f"unknown {what}: {allowed})") for n in extra]
+    return [FieldProblem(_field(path), schema_reason(err))]
 
 
 def _integers(template: Template, params: dict[str, Any]) -> dict[str, Any]:

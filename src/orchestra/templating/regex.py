@@ -292,6 +292,34 @@ def _additional_properties(validator: Any, extra: Any, instance: Any, schema: An
             )
 
 
+def _same(value: Any) -> Any:
+    """A hashable stand-in for a JSON value, equal for values JSON Schema counts as equal
+    (``1`` and ``1.0``; not ``true`` and ``1``; objects whatever their keys' order)."""
+    if isinstance(value, bool) or value is None:
+        return ("literal", value)
+    if isinstance(value, dict):
+        return ("object", frozenset((key, _same(item)) for key, item in value.items()))
+    if isinstance(value, list | tuple):
+        return ("array", tuple(_same(item) for item in value))
+    return value  # a string or a number (hash(1) == hash(1.0), as equality has it)
+
+
+def _unique_items(
+    validator: Any, unique: Any, instance: Any, schema: Any
+) -> Iterator[ValidationError]:
+    """``uniqueItems`` in one pass over the items (jsonschema's compares every pair of
+    objects: 4,000 of them held the event loop 12 s); names the first two equal items,
+    not the whole array."""
+    if not unique or not validator.is_type(instance, "array"):
+        return
+    first: dict[Any, int] = {}
+    for index, item in enumerate(instance):
+        seen = first.setdefault(_same(item), index)
+        if seen != index:
+            yield ValidationError(f"has non-unique elements (items {seen} and {index} are equal)")
+            return
+
+
 def _schema_formats() -> jsonschema.FormatChecker:
     formats = jsonschema.FormatChecker(formats=())
     formats.checkers = dict(jsonschema.Draft202012Validator.FORMAT_CHECKER.checkers)
@@ -313,13 +341,14 @@ def check_schema(schema: Any) -> None:
     jsonschema.Draft202012Validator.check_schema(schema, format_checker=_SCHEMA_FORMATS)
 
 
-#: Draft 2020-12 validation with every regex matched by RE2.
+#: Draft 2020-12 validation with every regex matched by RE2, and ``uniqueItems`` in linear time.
 SchemaValidator: type[jsonschema.Draft202012Validator] = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
     jsonschema.Draft202012Validator,
     {
         "pattern": _pattern,
         "patternProperties": _pattern_properties,
         "additionalProperties": _additional_properties,
+        "uniqueItems": _unique_items,
     },
 )
 
