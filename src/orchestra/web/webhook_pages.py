@@ -91,7 +91,8 @@ class WebhookPages(Controller):
 
     @post("/{webhook_id:int}/pause", status_code=303)
     async def pause(self, request: Request[Any, Any, Any], webhook_id: FromPath[int]) -> Redirect:
-        """Pause a subscription: its deliveries wait until it is resumed."""
+        """Pause a subscription: its pending deliveries wait until it is resumed, and the events
+        meanwhile are not queued for it."""
         await runtime_of(request.scope).webhooks.update(webhook_id, WebhookChanges(enabled=False))
         return _back(request, webhook_id)
 
