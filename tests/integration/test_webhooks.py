@@ -507,6 +507,30 @@ async def test_a_delivery_can_be_sent_again_with_the_same_id(
     assert again["created_at"] == delivery["created_at"]
 
 
+async def test_a_redelivery_asked_while_a_send_is_in_flight_keeps_that_attempt(
+    loopback_service: Service, receiver: Receiver
+) -> None:
+    """ "Every attempt is recorded": the send in flight when a person asked to send it again
+    lost its lease to the redelivery, and its attempt (answered 200) was dropped."""
+    svc = loopback_service
+    receiver.delay = 1.5
+    hook = await subscribe(svc, receiver)
+    await svc.wait((await svc.submit("summarize", text="slow receiver"))["id"])
+    await wait_until(lambda: receiver.in_flight == 1, timeout=20)
+    [delivery] = await deliveries(svc, hook)
+    again = await svc.client.post(f"/api/v1/webhooks/{hook}/deliveries/{delivery['id']}/redeliver")
+    assert again.status_code == 202, again.text
+
+    async def both_recorded() -> bool:
+        [now] = await deliveries(svc, hook)
+        return now["status"] == "delivered" and len(now["attempts"]) == 2
+
+    await wait_until(both_recorded, timeout=20, interval=0.1)
+    [done] = await deliveries(svc, hook)
+    assert [(a["attempt"], a["status_code"]) for a in done["attempts"]] == [(1, 200), (2, 200)]
+    assert len(receiver.received) == 2
+
+
 async def test_a_deleted_subscription_gets_nothing_more(
     loopback_service: Service, receiver: Receiver
 ) -> None:

@@ -114,7 +114,9 @@ def test_a_problem_inside_an_array_item_is_named_at_that_item() -> None:
     assert problems({"people": [{"name": "x"}, {}]}) == {"params.people[1].name": "is required"}
     found = problems({"people": [{"name": "x", "extra": 1}]})
     assert list(found) == ["params.people[0].extra"], found
-    assert "unknown" in found["params.people[0].extra"] and "name" in found["params.people[0].extra"]
+    assert (
+        "unknown" in found["params.people[0].extra"] and "name" in found["params.people[0].extra"]
+    )
 
 
 def test_unique_items_takes_time_in_proportion_to_the_items() -> None:

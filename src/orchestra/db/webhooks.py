@@ -424,7 +424,10 @@ class WebhookStore:
         next_at: str | None,
     ) -> bool:
         """Record an attempt and the delivery's state after it: delivered, failed for good,
-        or pending again at ``next_at``. False (nothing written) when the lease was lost."""
+        or pending again at ``next_at``. False when the lease was lost (a redelivery asked
+        meanwhile, or the lease ran out): the delivery is another send's now, and only the
+        attempt is written (it was made: "every attempt is recorded"), unless the delivery is
+        gone with its subscription."""
         guard = {"g_id": delivery.id, "g_owner": owner, "g_attempt": delivery.attempt}
         values: dict[str, Any] = {"status": status.value, "lease_owner": None}
         values["lease_expires_at"] = None
@@ -434,13 +437,16 @@ class WebhookStore:
             values["finished_at"] = tried.time
         statement = update(_d).where(_guard()).values(values)
         attempt_row = {"delivery_id": delivery.id, **msgspec.structs.asdict(tried)}
+        # Locked: a subscription's delete cannot take the delivery before its attempt is in.
+        kept = select(_d.c.id).where(_d.c.id == delivery.id).with_for_update()
 
         def work(conn: Connection) -> bool:
-            if not conn.execute(statement, guard).rowcount:
+            ours = bool(conn.execute(statement, guard).rowcount)
+            if not ours and conn.execute(kept).first() is None:
                 return False
             insert_attempt = insert_of(conn.dialect.name)(webhook_attempts).values(attempt_row)
             conn.execute(insert_attempt.on_conflict_do_nothing())
-            return True
+            return ours
 
         return await self.db.transaction(work, small=True)
 
