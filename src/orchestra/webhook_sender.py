@@ -41,6 +41,7 @@ from orchestra.config import WebhookSettings
 from orchestra.db.webhooks import Hint, WebhookStore
 from orchestra.domain import iso, now
 from orchestra.notify import TaskSignals
+from orchestra.retry_after import retry_after
 from orchestra.tls import client_context
 from orchestra.webhooks import (
     Claimed,
@@ -60,6 +61,8 @@ log = logs.get("orchestra.webhooks")
 
 #: How much of an answer's body is kept with its attempt.
 RESPONSE_BYTES = 1024
+#: The answer that ends a delivery at once: the receiver says the address is gone for good.
+GONE = 410
 #: Seconds a delivery's lease lasts beyond the attempt's timeout.
 LEASE_MARGIN = 5.0
 #: How long a delivery handed back because its host was busy waits before it is due again.
@@ -246,9 +249,10 @@ class WebhookSender:
         error: str | None = None
         permanent = False
         clock_start = time.perf_counter()
+        asked: float | None = None  # the wait a 429 or 503 asked for (Retry-After)
         try:
             async with asyncio.timeout(self.settings.timeout):
-                status_code, body = await self._post(delivery)
+                status_code, body, asked = await self._post(delivery)
         except _Refused as exc:
             error, permanent = str(exc), True
         except TimeoutError:
@@ -270,10 +274,12 @@ class WebhookSender:
             status, result = DeliveryStatus.DELIVERED, "delivered"
         else:
             wait = backoff(delivery.attempt, self.settings)
-            due = self.clock() + timedelta(seconds=wait)
             since = datetime.fromisoformat(delivery.retry_from.replace("Z", "+00:00"))
             give_up = since + timedelta(hours=self.settings.retry_hours)
-            if permanent or due > give_up:
+            if asked is not None and asked > wait:  # at the window's end at the latest
+                wait = max(wait, min(asked, (give_up - self.clock()).total_seconds()))
+            due = self.clock() + timedelta(seconds=wait)
+            if permanent or status_code == GONE or due > give_up:
                 status, result = DeliveryStatus.FAILED, "failed"
             else:
                 status, result, next_at = DeliveryStatus.PENDING, "retrying", iso(due)
@@ -299,8 +305,9 @@ class WebhookSender:
             recorded=recorded,
         )
 
-    async def _post(self, delivery: Claimed) -> tuple[int, str]:
-        """One signed POST; returns the answer's status and the first 1 KB of its body."""
+    async def _post(self, delivery: Claimed) -> tuple[int, str, float | None]:
+        """One signed POST; returns the answer's status, the first 1 KB of its body, and the
+        seconds a 429 or 503 asks to wait (its ``Retry-After``; None: it names none)."""
         assert self._client is not None
         try:
             scheme, host, port = parse_destination(delivery.url)
@@ -347,7 +354,11 @@ class WebhookSender:
                     break
         finally:
             await response.aclose()
-        return response.status_code, bytes(kept[:RESPONSE_BYTES]).decode("utf-8", "replace")
+        asked = None
+        if response.status_code in (429, 503):
+            asked = retry_after(response.headers.get("retry-after"))
+        text = bytes(kept[:RESPONSE_BYTES]).decode("utf-8", "replace")
+        return response.status_code, text, asked
 
 
 def _host(url: str) -> str:

@@ -7,6 +7,7 @@ import asyncio
 import random
 import signal
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -529,6 +530,50 @@ async def test_a_redelivery_asked_while_a_send_is_in_flight_keeps_that_attempt(
     [done] = await deliveries(svc, hook)
     assert [(a["attempt"], a["status_code"]) for a in done["attempts"]] == [(1, 200), (2, 200)]
     assert len(receiver.received) == 2
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_a_receiver_that_asks_to_wait_with_retry_after_is_left_alone_that_long(
+    loopback_service: Service, receiver: Receiver, status: int
+) -> None:
+    """A busy receiver's ``Retry-After`` is honoured (as the service honours a model
+    server's): it was retried at the backoff's pace (here 0.3 s at most) whatever it asked."""
+    svc = loopback_service
+    receiver.status, receiver.extra_headers = status, b"retry-after: 30\r\n"
+    hook = await subscribe(svc, receiver)
+    await svc.wait((await svc.submit("summarize", text="busy"))["id"])
+
+    async def tried() -> list[dict[str, Any]]:
+        found = await deliveries(svc, hook)
+        return found if found and found[0]["attempts"] else []
+
+    await wait_until(tried, timeout=20, interval=0.1)
+    [delivery] = await tried()
+    [attempt] = delivery["attempts"]
+    assert attempt["status_code"] == status
+    waited = datetime.fromisoformat(delivery["next_attempt_at"]) - datetime.fromisoformat(
+        attempt["time"]
+    )
+    assert 29 <= waited.total_seconds() <= 35, (attempt, delivery["next_attempt_at"])
+
+
+async def test_a_receiver_that_answers_410_gone_is_not_sent_that_delivery_again(
+    loopback_service: Service, receiver: Receiver
+) -> None:
+    """410: the receiver says the address is gone for good (a delivery was retried for a
+    day); the delivery fails at once, and may still be sent again by hand."""
+    svc = loopback_service
+    receiver.status = 410
+    hook = await subscribe(svc, receiver)
+    await svc.wait((await svc.submit("summarize", text="gone"))["id"])
+
+    async def failed() -> bool:
+        found = await deliveries(svc, hook)
+        return bool(found) and found[0]["status"] == "failed"
+
+    await wait_until(failed, timeout=20, interval=0.1)
+    [delivery] = await deliveries(svc, hook)
+    assert [a["status_code"] for a in delivery["attempts"]] == [410]
 
 
 async def test_a_deleted_subscription_gets_nothing_more(
