@@ -65,6 +65,28 @@ def test_mapping_keys_win_over_dict_methods() -> None:
     assert render_output("{{ params.get('items') }}", scope) == [1, 2]  # methods still work
 
 
+def test_a_missing_key_named_as_a_dict_method_is_undefined_not_the_method() -> None:
+    """An optional ``items`` left out rendered "<built-in method items of dict…>": the
+    documented ``| default`` and ``is defined`` did not see it was missing."""
+    scope = {"params": {"text": "t"}, "steps": {"j": {"output": {"a": 1}}}}
+    got = render_text(
+        "{{ params.items | default('(none)') }}/{{ 'yes' if params.copy is defined else 'no' }}",
+        scope,
+        what="t",
+    )
+    assert got == "(none)/no"
+    with pytest.raises(RenderError, match="undefined value"):
+        render_text("{{ params.values }}", scope, what="t")
+    with pytest.raises(RenderError, match="undefined value"):
+        render_output("{{ steps.j.output.keys }}", scope)
+    # Called, it is the mapping's method still: a loop over a mapping's items works.
+    assert render_output("{{ params.items() | list }}", scope) == [["text", "t"]]
+    assert (
+        render_text("{% for k in steps.j.output.keys() %}{{ k }}{% endfor %}", scope, what="t")
+        == "a"
+    )
+
+
 def test_choose_prefers_the_earliest_then_the_longest_label_and_returns_it_as_given() -> None:
     assert choose("C++ is the language", ["C", "C++"]) == "C++"
     assert choose("It is a bug report.", ["bug", "bug report"]) == "bug report"

@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from jinja2 import nodes, pass_environment, pass_eval_context
+from jinja2 import Undefined, nodes, pass_environment, pass_eval_context
 from jinja2.filters import make_attrgetter
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import generate_lorem_ipsum
@@ -374,6 +374,32 @@ def _safe_filters(env: ImmutableSandboxedEnvironment) -> None:
     env.globals["lipsum"] = lipsum
 
 
+#: :func:`_method_or_undefined`'s classes, by the undefined each extends.
+_METHOD_UNDEFINED: dict[type[Undefined], type[Undefined]] = {}
+
+
+def _method_or_undefined(base: type[Undefined]) -> type[Undefined]:
+    """``base`` (the environment's undefined), callable as the method it stands beside."""
+    made = _METHOD_UNDEFINED.get(base)
+    if made is not None:
+        return made
+
+    class MethodOrUndefined(base):  # type: ignore[valid-type,misc]
+        """A mapping's key left out whose name is one of the mapping's methods."""
+
+        __slots__ = ("method",)
+        method: Callable[..., Any]
+        # Read by the sandbox and by Jinja before a call (an undefined's attributes fail).
+        unsafe_callable = alters_data = False
+        jinja_pass_arg = None
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return self.method(*args, **kwargs)
+
+    _METHOD_UNDEFINED[base] = MethodOrUndefined
+    return MethodOrUndefined
+
+
 class BoundedSandbox(ImmutableSandboxedEnvironment):
     """The immutable sandbox with the bounds above; a mapping's keys win over its methods
     (``params.items`` is the parameter called ``items`` when there is one)."""
@@ -390,9 +416,19 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         return bound
 
     def getattr(self, obj: Any, attribute: str) -> Any:
-        if isinstance(obj, dict) and attribute in obj:
-            return obj[attribute]
-        return super().getattr(obj, attribute)
+        if not isinstance(obj, dict):
+            return super().getattr(obj, attribute)
+        if attribute in obj:
+            return obj[attribute]  # a mapping's keys win over its methods
+        found = super().getattr(obj, attribute)
+        if callable(found) and not isinstance(found, Undefined):
+            # A key left out that a method shares its name with (an optional ``items``):
+            # undefined, as any key left out (``| default``, ``is defined``), yet called
+            # it is the method still (``params.items()``).
+            missing: Any = _method_or_undefined(self.undefined)(obj=obj, name=attribute)
+            missing.method = found
+            return missing
+        return found
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         tick()
