@@ -37,9 +37,10 @@ _AT = re.compile(r"^(?P<what>.*?)(?: - at `\$\.?(?P<path>[^`]*)`)?$", re.DOTALL)
 
 
 def _describe(
-    err: msgspec.ValidationError, data: Mapping[str, Any], root: Any = Settings
+    err: msgspec.ValidationError, data: Mapping[str, Any], root: Any = Settings, strict: bool = True
 ) -> tuple[str, str]:
-    """Split msgspec's 'Expected `int`, got `str` - at `$.server.port`' into (key, reason)."""
+    """Split msgspec's 'Expected `int`, got `str` - at `$.server.port`' into (key, reason);
+    ``strict``: as ``data`` was converted (False: with the environment's strings in it)."""
     m = _AT.match(str(err))
     assert m is not None  # the pattern matches any string
     path = m.group("path") or ""
@@ -50,9 +51,9 @@ def _describe(
         # msgspec does not name dict keys; find the entry that fails on its own.
         for name, entry in (data.get(table) or {}).items():
             try:
-                msgspec.convert(entry, entry_type)
+                msgspec.convert(entry, entry_type, strict=strict)
             except msgspec.ValidationError as exc:
-                key, reason = _describe(exc, {}, entry_type)
+                key, reason = _describe(exc, {}, entry_type, strict)
                 return f"{table}.{name}" + (f".{key}" if key != "(top level)" else ""), reason
     unknown = re.match(r"Object contains unknown field (\S+)", what)
     if unknown:
@@ -101,6 +102,30 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[key] = value
     return out
+
+
+def _named_as_in(overrides: dict[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
+    """The overrides, an entry of a named table (``[providers.GPU]``) under the name the file
+    gives it: a variable's name is upper case, and lowered it made an entry of its own."""
+    out = dict(overrides)
+    for table in _NAMED_TABLES:
+        given, named = out.get(table), data.get(table)
+        if not isinstance(given, dict) or not isinstance(named, Mapping):
+            continue
+        by_lower = {str(name).lower(): name for name in named}
+        out[table] = {by_lower.get(name, name): value for name, value in given.items()}
+    return out
+
+
+def _model_tables(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with each ``[models]`` chain written as a list (``fast = ["ollama/x"]``) as
+    the table it stands for (``chain = [...]``), so that a variable setting one of its other
+    keys adds to it rather than replacing it."""
+    models = data.get("models")
+    if not isinstance(models, Mapping):
+        return dict(data)
+    tables = {k: {"chain": v} if isinstance(v, list) else v for k, v in models.items()}
+    return {**data, "models": tables}
 
 
 def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -206,6 +231,7 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
     overrides = _env_overrides(env)
     if not overrides:
         return msgspec.convert(_with_defaults(data, source), Settings)
+    overrides, data = _named_as_in(overrides, data), _model_tables(data)
     env_source = f"environment over {source}"
     merged = _with_defaults(
         _merge(_legacy_ollama(data, source), _legacy_ollama(overrides, env_source)), env_source
@@ -214,6 +240,6 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
         # Environment values are strings; strict=False lets "9000" become an int.
         return msgspec.convert(merged, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        key, reason = _describe(exc, merged)
+        key, reason = _describe(exc, merged, strict=False)
         var = ENV_PREFIX + key.upper().replace(".", "__")
         raise ConfigError(f"{var} (environment) over {source}: {key}: {reason}") from None

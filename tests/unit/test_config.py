@@ -204,6 +204,41 @@ def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
     assert "server.port" in info.value.message
 
 
+def test_of_two_environment_overrides_the_bad_one_is_named(tmp_path: Path) -> None:
+    """Each provider was checked strictly, so the first holding any string from the
+    environment ("5") was blamed, not the one that was wrong."""
+    file = tmp_path / "e.toml"
+    file.write_text("")
+    env = {
+        "ORCHESTRA_PROVIDERS__OLLAMA__TIMEOUT": "5",
+        "ORCHESTRA_PROVIDERS__EMBEDDED__THREADS": "abc",
+    }
+    with pytest.raises(ConfigError) as info:
+        load(file, env=env)
+    assert "ORCHESTRA_PROVIDERS__EMBEDDED__THREADS" in info.value.message, info.value.message
+    assert "providers.embedded.threads" in info.value.message
+
+
+def test_an_environment_override_reaches_a_named_entry_whatever_its_case(tmp_path: Path) -> None:
+    """``[providers.GPU]`` is ORCHESTRA_PROVIDERS__GPU__…: variables are upper case; it made
+    a provider ``gpu`` of its own, without a kind."""
+    file = tmp_path / "p.toml"
+    file.write_text('[providers.GPU]\nkind = "ollama"\nurl = "http://gpu:11434"\n')
+    settings = load(file, env={"ORCHESTRA_PROVIDERS__GPU__TIMEOUT": "5"})
+    assert settings.providers["GPU"].timeout == 5 and "gpu" not in settings.providers
+
+
+def test_an_environment_override_of_a_model_keeps_its_chain(tmp_path: Path) -> None:
+    """``fast = ["ollama/llama3.2"]`` with ORCHESTRA_MODELS__FAST__MAX_CONCURRENCY=1: the
+    list was replaced by the variable's table, and ``fast`` stopped naming its chain."""
+    file = tmp_path / "m.toml"
+    file.write_text('[models]\nfast = ["ollama/llama3.2"]\n')
+    settings = load(file, env={"ORCHESTRA_MODELS__FAST__MAX_CONCURRENCY": "1"})
+    assert settings.chain("fast") == ["ollama/llama3.2"]
+    fast = settings.models["fast"]
+    assert isinstance(fast, ModelSettings) and fast.max_concurrency == 1
+
+
 def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load(tmp_path / "missing.toml", env={})
