@@ -96,6 +96,11 @@ def _key_store_call(config_path: str | None, work: Callable[[KeyStore], Awaitabl
                     "its first start (or name the service's database with --config FILE or "
                     "ORCHESTRA_DATABASE__URL)"
                 )
+            if version > LATEST:
+                raise CliError(
+                    f"{where} is at schema version {version}, a newer orchestra's than this "
+                    f"one (version {LATEST}): use the keys commands of the service's own version"
+                )
             if version != LATEST:
                 raise CliError(
                     f"{where} is at schema version {version}, and this orchestra works on "

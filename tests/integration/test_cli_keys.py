@@ -120,10 +120,19 @@ async def test_keys_commands_never_migrate_a_database(tmp_path: Path) -> None:
     with sqlite3.connect(older) as conn:
         conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TEXT)")
         conn.execute("INSERT INTO schema_version VALUES (1, '2026-01-01T00:00:00Z')")
-    for path, said in ((empty, "holds no Orchestra database yet"), (older, "schema version 1")):
+    newer = tmp_path / "newer.db"
+    with sqlite3.connect(newer) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TEXT)")
+        conn.execute("INSERT INTO schema_version VALUES (999, '2026-01-01T00:00:00Z')")
+    for path, said, unsaid in (
+        (empty, "holds no Orchestra database yet", "migrates"),
+        (older, "schema version 1", "a newer"),
+        # Not "this version's serve migrates it": serve refuses a newer database.
+        (newer, "a newer orchestra's", "migrates"),
+    ):
         env = {"ORCHESTRA_DATABASE__URL": f"sqlite+aiosqlite:///{path}"}
         code, out, err = await keys_cli("create", "--name", "ci", cwd=tmp_path, env=env)
-        assert (code, out) == (1, "") and said in err, err
+        assert (code, out) == (1, "") and said in err and unsaid not in err, err
         with sqlite3.connect(path) as conn:
             tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
         assert "api_keys" not in tables and "tasks" not in tables, tables
