@@ -101,6 +101,30 @@ async def test_every_endpoint_needs_a_key_with_enough_scope(
     assert (await svc.client.get("/schema/openapi.json")).status_code == 200
 
 
+async def test_a_request_without_a_key_is_told_what_anonymous_requests_may_do(
+    settings: Settings, db_url: str, start_service: StartService
+) -> None:
+    """With ``allow_anonymous`` and a read scope, a submit without a key was told "this API
+    key may not do this": it sent none."""
+    tokens = await make_keys(db_url, "submit", "read")
+    reads = msgspec.structs.replace(
+        settings, auth=AuthSettings(allow_anonymous=True, anonymous_scope="read")
+    )
+    async with start_service(reads) as svc:
+        body = {"template": "summarize", "params": {"text": "x"}}
+        refused = await _call(svc.client, "POST", "/api/v1/tasks", body, None)
+        assert refused.status_code == 403, refused.text
+        message = refused.json()["message"]
+        assert "without an API key" in message and "read" in message, message
+        assert "needs the submit scope" in message and "this API key" not in message, message
+        keyed = await _call(svc.client, "POST", "/api/v1/tasks", body, tokens["read"])
+        assert keyed.status_code == 403, keyed.text
+        assert keyed.json()["message"] == "this API key may not do this (it needs the submit scope)"
+        assert (
+            await _call(svc.client, "POST", "/api/v1/tasks", body, tokens["submit"])
+        ).status_code == 201
+
+
 async def test_one_key_holds_at_most_max_streams_per_key_event_streams(
     settings: Settings, db_url: str, start_service: StartService
 ) -> None:

@@ -341,6 +341,11 @@ def check_scope(caller: Caller, handler: BaseRouteHandler, method: str) -> None:
     copies the route handler for each guard of each request.)"""
     need: Scope = handler.opt.get("scope") or ("read" if method in ("GET", "HEAD") else "admin")
     if not allows(caller.scope, need):
+        if caller.key_id is None:
+            raise Forbidden(
+                f"a request without an API key may only {caller.scope} here ([auth] "
+                f"anonymous_scope); this one needs the {need} scope: send a key that has it"
+            )
         raise Forbidden(f"this API key may not do this (it needs the {need} scope)")
 
 
