@@ -21,6 +21,7 @@ from orchestra.domain import NewTask
 from orchestra.errors import ConfigError
 from tests.conftest import StartService, sql_rows
 from tests.fixtures.fake_ollama import FakeOllama
+from tests.fixtures.migrated import stop_at
 from tests.fixtures.servers import free_port, start_process, write_config
 
 V1 = """\
@@ -292,6 +293,28 @@ async def test_serve_on_a_database_holding_a_table_named_as_orchestras_fails_cle
     assert "Error: " in err and "(tasks)" in err and "of its own" in err, err
     assert "Application startup failed" not in err
     assert sql_rows(db_url, "SELECT count(*) FROM tasks") == [(0,)]  # theirs, untouched
+
+
+@pytest.mark.empty_database
+async def test_a_migration_that_fails_is_one_clean_line_and_leaves_the_database_as_it_was(
+    tmp_path: Path, db_url: str
+) -> None:
+    """A database at version 12 that already holds a table migration 13 makes (someone's
+    own ``model_cache``): the start said ``table model_cache already exists`` in a logged
+    traceback and exit 3; now one line naming the migration, exit 1."""
+    old = Database(db_url)
+    try:
+        await old.transaction(lambda conn: stop_at(conn, 12))
+    finally:
+        await old.close()
+    sql_rows(db_url, "CREATE TABLE model_cache (x INTEGER)")
+    config = tmp_path / "o.toml"
+    config.write_text(f'[server]\nport = {free_port()}\n[database]\nurl = "{db_url}"\n')
+    err = await _serve_fails(config)
+    assert "Error: " in err and "schema version 13" in err and "model_cache" in err, err
+    assert "still at schema version 12" in err, err
+    assert "Application startup failed" not in err
+    assert sql_rows(db_url, "SELECT max(version) FROM schema_version") == [(12,)]
 
 
 @pytest.mark.empty_database

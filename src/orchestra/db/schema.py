@@ -15,6 +15,7 @@ migration cannot be said in both (migration 5's triggers), it has a PostgreSQL t
 from __future__ import annotations
 
 from sqlalchemy import Connection, func, select
+from sqlalchemy.exc import DBAPIError
 
 from orchestra.db import strangers
 from orchestra.db.engine import Database
@@ -68,8 +69,10 @@ async def upgrade(db: Database) -> int:
             program's tables (:mod:`~orchestra.db.strangers`).
     """
 
+    place = {"from": 0, "to": 0}  # where the migrations stood when one failed
+
     def work(conn: Connection) -> None:
-        version = current_version(conn)
+        version = place["from"] = place["to"] = current_version(conn)
         refused = strangers.refusal(conn, db.where) if version == 0 else None
         if refused:
             raise ConfigError(refused)
@@ -79,8 +82,17 @@ async def upgrade(db: Database) -> int:
                 f"understands ({LATEST}); upgrade Orchestra"
             )
         for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+            place["to"] = number
             migration(conn)
             conn.execute(schema_version.insert().values(version=number, applied_at=iso_now()))
 
-    await db.transaction(work)
+    try:
+        await db.transaction(work)
+    except DBAPIError as exc:  # what the engine's retries did not get past
+        said = str(exc.orig or exc).strip().splitlines()[0]
+        raise ConfigError(
+            f"{db.where}: the migration to schema version {place['to']} failed: {said}; "
+            f"the database is unchanged, still at schema version {place['from']} (was it "
+            "changed by hand, or by another program?)"
+        ) from None
     return LATEST
