@@ -568,3 +568,23 @@ def test_a_name_with_a_letter_beyond_ascii_is_told_why() -> None:
     said = [p.message for p in problems(text)]
     rule = "must be an ASCII letter or _ followed by ASCII letters, digits or _"
     assert f"parameter name 'ü' {rule}" in said and f"step id 'é' {rule}" in said, said
+
+
+def test_an_explicit_str_tag_is_a_string_and_other_tags_are_named() -> None:
+    """``!!str`` is standard YAML for a string: it was refused as "got TaggedScalar"; a set,
+    binary data or a tag of one's own were refused naming Python's classes."""
+    t = parse_template("name: !!str t\nsteps:\n  - id: a\n    prompt: !!str 3\n", "t.yaml")
+    assert (t.name, t.steps[0].prompt) == ("t", "3")
+    block = "name: t\nsteps:\n  - id: a\n    prompt: !!str |\n      one\n      two {% if %}\n"
+    [p] = problems(block)  # a tagged block scalar is placed at its bad line as any other
+    assert (p.path, p.line, p.column) == ("steps[0].prompt", 6, 7)
+    for value, said in (
+        ("!!set {a, b}", "a set (!!set)"),
+        ("!!binary aGVsbG8=", "binary data (!!binary)"),
+        ("!shout hi", "the tag !shout"),
+    ):
+        found = problems(f"name: t\nsteps:\n  - id: a\n    prompt: {value}\n")
+        [p] = [p for p in found if said in p.message]
+        assert (p.path, p.line, p.column) == ("steps[0].prompt", 4, 13), p
+        assert not [p for p in found if "Tagged" in p.message or "Commented" in p.message]
+        assert not [p for p in found if "required" in p.message], found

@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import msgspec
 from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.comments import CommentedMap, CommentedSeq, CommentedSet, TaggedScalar
 from ruamel.yaml.nodes import MappingNode, SequenceNode
 from ruamel.yaml.scalarbool import ScalarBoolean
 from ruamel.yaml.scalarstring import FoldedScalarString, LiteralScalarString
@@ -26,6 +26,8 @@ from orchestra.errors import HALF_SURROGATE, SURROGATE
 Path_ = tuple[str | int, ...]
 #: The tag of YAML's merge key, ``<<``.
 MERGE_TAG = "tag:yaml.org,2002:merge"
+#: The tag of a string written ``!!str value``.
+STR_TAG = "tag:yaml.org,2002:str"
 
 #: A parameter's name or a step's id: what a template's expressions can name as it is.
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -140,6 +142,14 @@ class Source:
                 self.positions[(*path, index)] = node.lc.item(index)
                 items.append(self._plain(item, (*path, index)))
             return items
+        if isinstance(node, TaggedScalar):
+            return self._tagged(node, path)
+        if isinstance(node, CommentedSet):
+            self.problems.append((path, "a set (!!set) is not a value a template takes"))
+            return [self._plain(key, path) for key in node]  # checked on as the list it is
+        if isinstance(node, bytes):
+            self.problems.append((path, "binary data (!!binary) is not a value a template takes"))
+            return node.decode("utf-8", "replace")
         if isinstance(node, LiteralScalarString | FoldedScalarString):
             self.block_scalars.add(path)
             if isinstance(node, FoldedScalarString):
@@ -160,6 +170,20 @@ class Source:
             # parameters and outputs are, has neither: as text, as the author wrote it.
             return str(node)
         return node
+
+    def _tagged(self, node: TaggedScalar, path: Path_) -> str:
+        """A scalar with an explicit tag: ``!!str`` (standard YAML) is its text, a block one
+        placed as any block scalar; any other tag is a problem named by the tag (the text
+        checked on as if untagged)."""
+        tag = str(node.tag.value)
+        if tag != STR_TAG:
+            short = tag.replace("tag:yaml.org,2002:", "!!")
+            self.problems.append((path, f"the tag {short} is not one a template takes"))
+        if node.style in ("|", ">"):
+            self.block_scalars.add(path)
+            if node.style == ">":
+                self.folded.add(path)
+        return self._text(str(node.value), path)
 
     def _text(self, text: str, path: Path_, of: str = "text") -> str:
         """A string of the YAML, with each surrogate pair its escapes wrote (``"\\ud83d\\ude00"``,
