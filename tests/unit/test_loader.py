@@ -588,3 +588,19 @@ def test_an_explicit_str_tag_is_a_string_and_other_tags_are_named() -> None:
         assert (p.path, p.line, p.column) == ("steps[0].prompt", 4, 13), p
         assert not [p for p in found if "Tagged" in p.message or "Commented" in p.message]
         assert not [p for p in found if "required" in p.message], found
+
+
+@pytest.mark.parametrize(
+    "definition",
+    ["{type: strng}", "{type: string, description: 5}", "{}", "[]", "{type: [string, integer]}"],
+)
+def test_a_bad_parameter_definition_is_one_problem_not_also_unknown_where_used(
+    definition: str,
+) -> None:
+    """``x: {type: strng}`` was also "unknown parameter 'x' (the template takes: none)" at
+    each ``{{ params.x }}``: it is declared."""
+    found = problems(
+        f"name: t\nparameters:\n  x: {definition}\n"
+        "steps:\n  - id: a\n    prompt: '{{ params.x }}'\noutput: '{{ params.x }}'\n"
+    )
+    assert found and all(p.path.startswith("parameters.x") for p in found), found

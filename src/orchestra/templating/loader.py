@@ -117,6 +117,13 @@ def _step_schemas(value: Any, path: Path_) -> Iterator[tuple[Path_, dict[str, An
             raw, at = raw.get("step"), (*at, "step")
 
 
+def _declared(value: Any) -> frozenset[str]:
+    """The names ``parameters`` declares (its keys that are names), valid or not."""
+    if not isinstance(value, dict):
+        return frozenset()
+    return frozenset(k for k in value if isinstance(k, str) and IDENT.fullmatch(k))
+
+
 def _parameters(c: Checker, value: Any, budget: PatternBudget) -> dict[str, Parameter]:
     out: dict[str, Parameter] = {}
     data = c.mapping(value, ("parameters",), "'parameters'") if value is not None else {}
@@ -429,11 +436,14 @@ def _check(src: Source, text: str, file: str) -> Template:
     # Regexes run on RE2; one budget bounds the work of compiling all of the template's.
     budget = PatternBudget()
     parameters = _parameters(c, data.get("parameters"), budget)
-    steps = read_steps(c, data.get("steps"), frozenset(parameters))
+    # The names declared, a definition with problems of its own too (its problems are said;
+    # "unknown parameter 'x'" at each use would be a second, false one).
+    declared = frozenset(parameters) | _declared(data.get("parameters"))
+    steps = read_steps(c, data.get("steps"), declared)
     for path, schema in _step_schemas(data.get("steps"), ("steps",)):
         _patterns(c, path, schema, budget)
     order = {s.id: i for i, s in enumerate(steps)}
-    output = _output(c, data.get("output"), Scope(params=frozenset(parameters), order=order))
+    output = _output(c, data.get("output"), Scope(params=declared, order=order))
     retry = _retry(c, data.get("retry"))
     timeout = c.duration(data, (), "timeout")
     if c.problems:
