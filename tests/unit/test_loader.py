@@ -604,3 +604,18 @@ def test_a_bad_parameter_definition_is_one_problem_not_also_unknown_where_used(
         "steps:\n  - id: a\n    prompt: '{{ params.x }}'\noutput: '{{ params.x }}'\n"
     )
     assert found and all(p.path.startswith("parameters.x") for p in found), found
+
+
+@pytest.mark.parametrize(
+    "deep",
+    [
+        "".join(f"{{% for a{i} in [1] %}}" for i in range(40)) + "x" + "{% endfor %}" * 40,
+        "".join(f"{{% macro m{i}() %}}" for i in range(120)) + "x" + "{% endmacro %}" * 120,
+    ],
+)
+def test_blocks_nested_past_what_python_compiles_are_placed_in_their_field(deep: str) -> None:
+    """40 nested loops were "1:1: the template could not be checked: SyntaxError: too many
+    statically nested blocks", with no field and no line."""
+    [p] = problems(f"name: t\nsteps:\n  - id: a\n    prompt: '{deep}'\n")
+    assert p.path == "steps[0].prompt" and "nests too deeply" in p.message, p
+    assert p.line == 4, p

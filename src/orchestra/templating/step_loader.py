@@ -80,7 +80,9 @@ class Scope(msgspec.Struct, frozen=True):
             at = None if expression else c.src.where_in_value(path, exc.lineno or 1)
             c.add(path, f"Jinja syntax error: {exc.message}", at=at)
             return
-        except RecursionError:  # Jinja's parser and compiler recurse once per level
+        # Jinja's parser and compiler recurse once per level; Python's compiler refuses the
+        # code of 20 nested blocks (loops) and of about 100 levels of indentation (macros).
+        except (RecursionError, SyntaxError):
             at = c.src.where_in_value(path, _deepest_line(source))
             c.add(path, "Jinja: this nests too deeply to be compiled; split it up", at=at)
             return
