@@ -87,6 +87,36 @@ def test_a_missing_key_named_as_a_dict_method_is_undefined_not_the_method() -> N
     )
 
 
+def test_tojson_of_a_lazy_sequence_is_its_list() -> None:
+    """``map(attribute='name') | tojson``, what a prompt writes to hand a model names, failed:
+    "Object of type generator is not JSON serializable" (range and dict views too)."""
+    scope = {"steps": {"a": {"output": [{"name": "x"}, {"name": "é"}]}}}
+    assert (
+        render_text("{{ steps.a.output | map(attribute='name') | tojson }}", scope, what="t")
+        == '["x", "é"]'
+    )
+    assert render_text("{{ range(3) | tojson }}", scope, what="t") == "[0, 1, 2]"
+    assert render_text("{{ {'a': 1}.keys() | tojson }}", scope, what="t") == '["a"]'
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "steps.a.output | map(attribute='nmae') | list",
+        "steps.a.output | map(attribute='nmae') | tojson",
+        "[params.nothing]",
+    ],
+)
+def test_a_missing_name_inside_a_list_fails_as_any_missing_name(expression: str) -> None:
+    """A misspelt attribute in ``map`` rendered "[Undefined, Undefined]" in text, and as an
+    output failed as "the value is a function (StrictUndefined)"."""
+    scope = {"params": {}, "steps": {"a": {"output": [{"name": "x"}, {"name": "y"}]}}}
+    with pytest.raises(RenderError, match="undefined value"):
+        render_text("{{ " + expression + " }}", scope, what="t")
+    with pytest.raises(RenderError, match="undefined value"):
+        render_output("{{ " + expression + " }}", scope)
+
+
 def test_choose_prefers_the_earliest_then_the_longest_label_and_returns_it_as_given() -> None:
     assert choose("C++ is the language", ["C", "C++"]) == "C++"
     assert choose("It is a bug report.", ["bug", "bug report"]) == "bug report"

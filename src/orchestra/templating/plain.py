@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from jinja2 import Undefined
+
 from orchestra.errors import RenderError
 from orchestra.templating import sandbox
 
@@ -56,6 +58,8 @@ def plain(value: Any) -> Any:
 
 
 def _copy(value: Any, count: _Counter) -> Any:
+    if isinstance(value, Undefined):  # a missing name inside a list: as one outside it
+        value._fail_with_undefined_error()
     if value is None or isinstance(value, bool | int | float):
         count.add(1)
         return value

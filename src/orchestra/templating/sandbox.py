@@ -177,7 +177,7 @@ def check_join(items: list[Any], separator: str) -> None:
 
 #: What the size walk looks into: text, and containers; any other item counts as the one
 #: character its container already counted for it.
-_WALKED = (str, bytes, Mapping, list, tuple, set, frozenset)
+_WALKED = (str, bytes, Mapping, list, tuple, set, frozenset, Undefined)
 
 
 def check_data_size(value: Any, what: str) -> None:
@@ -198,6 +198,8 @@ def check_data_size(value: Any, what: str) -> None:
             size += 2 + 2 * len(item)
             if size <= cap:  # what is past the cap is not looked at
                 stack.extend(i for i in item if isinstance(i, _WALKED))
+        elif isinstance(item, Undefined):  # a missing name inside a list wrote "Undefined"
+            item._fail_with_undefined_error()
         else:
             size += 1
         if size > cap:
@@ -338,8 +340,11 @@ def _safe_filters(env: ImmutableSandboxedEnvironment) -> None:
             raise RenderError(
                 f"tojson's indent must be a whole number from 0 to 16, not {indent!r}"
             )
+        from orchestra.templating.plain import plain  # (it reads this module's limits)
+
         check_data_size(value, "tojson's text")
-        return json.dumps(value, ensure_ascii=False, indent=indent)
+        # A lazy sequence (map, select, range, a dict's keys) as the list it gives.
+        return json.dumps(plain(value), ensure_ascii=False, indent=indent)
 
     def measured(name: str) -> Callable[..., Any]:
         original = base[name]
