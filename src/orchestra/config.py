@@ -8,6 +8,7 @@ else ``./orchestra.toml`` when it exists; :func:`orchestra.config_file.load` rea
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal
 
 import msgspec
@@ -25,6 +26,10 @@ DEFAULT_FILE = "orchestra.toml"
 LONGEST_SECONDS = 1000 * 365 * 86_400
 #: Seconds per unit of a setting, by its name's end (any other float is seconds).
 _UNITS = {"days": ("days", 86_400), "_hours": ("hours", 3_600)}
+
+
+#: A model server's address: http(s), a host, and perhaps a port and a path.
+_HTTP_URL = re.compile(r"https?://[^/?#\s]+(/\S*)?", re.IGNORECASE)
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -171,6 +176,11 @@ class ProviderSettings(_Section, frozen=True):
         key = f"providers.{name}"
         return [
             (f"{key}.url", self.kind == "embedded" or bool(self.url), "a URL for this kind"),
+            (
+                f"{key}.url",
+                not self.url or _HTTP_URL.fullmatch(self.url) is not None,
+                "an http:// or https:// URL with a host (http://127.0.0.1:11434)",
+            ),
             (f"{key}.url", self.kind != "embedded" or not self.url, "no url for kind embedded"),
             (
                 f"{key}.model_path",

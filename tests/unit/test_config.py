@@ -185,6 +185,10 @@ def test_orchestra_config_variable_picks_the_file(tmp_path: Path) -> None:
         ("[providers.ollama]\ntimeout = inf\n", "providers.ollama.timeout: expected a number"),
         ("[database]\nmin_free_mb = inf\n", "database.min_free_mb: expected a finite number"),
         ("[scheduler]\ngrace = nan\n", "scheduler.grace: expected a number of seconds of at"),
+        # It started, and every call failed at run time.
+        ('[providers.ollama]\nurl = "not-a-url"\n', "providers.ollama.url: expected an http"),
+        ('[providers.ollama]\nurl = "ftp://h:1"\n', "providers.ollama.url: expected an http"),
+        ('[providers.ollama]\nurl = "http://"\n', "providers.ollama.url: expected an http"),
     ],
 )
 def test_bad_file_names_file_key_and_expectation(tmp_path: Path, text: str, expected: str) -> None:
