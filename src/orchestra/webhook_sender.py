@@ -32,6 +32,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 from standardwebhooks.webhooks import Webhook as Signer
@@ -314,6 +315,7 @@ class WebhookSender:
         except DestinationRefused as exc:
             raise _Refused(exc.message) from None
         url = httpx.URL(delivery.url)
+        targets = [url]
         headers = {"content-type": "application/json"}
         extensions = {}
         if not self.settings.allow_private or self.own is not None:
@@ -327,8 +329,9 @@ class WebhookSender:
             blocked = [a for a in addresses if not is_public(a)]
             if blocked or not addresses:
                 raise _Refused(f"{host} resolves to {blocked[0] if blocked else 'nothing'}")
-            # Connect to the address checked, not to the name again.
-            url = url.copy_with(host=addresses[0])
+            # Connect to the addresses checked, not to the name again: each in turn, as a
+            # client connecting to the name would (IPv6 first on a host without its route).
+            targets = [url.copy_with(host=address) for address in addresses]
             headers["host"] = httpx.URL(delivery.url).netloc.decode("ascii")
             if scheme == "https":
                 extensions["sni_hostname"] = host
@@ -342,10 +345,7 @@ class WebhookSender:
         headers["webhook-id"] = delivery.message_id
         headers["webhook-timestamp"] = str(int(moment.timestamp()))
         headers["webhook-signature"] = signature
-        request = self._client.build_request(
-            "POST", url, content=delivery.payload.encode(), headers=headers, extensions=extensions
-        )
-        response = await self._client.send(request, stream=True)
+        response = await self._connected(targets, delivery.payload.encode(), headers, extensions)
         try:
             kept = bytearray()
             async for chunk in response.aiter_bytes():
@@ -359,6 +359,27 @@ class WebhookSender:
             asked = retry_after(response.headers.get("retry-after"))
         text = bytes(kept[:RESPONSE_BYTES]).decode("utf-8", "replace")
         return response.status_code, text, asked
+
+    async def _connected(
+        self,
+        targets: list[httpx.URL],
+        body: bytes,
+        headers: dict[str, str],
+        extensions: dict[str, Any],
+    ) -> httpx.Response:
+        """The answer's head from the first of ``targets`` that takes the connection (the
+        last one's connection error when none does)."""
+        assert self._client is not None
+        for index, target in enumerate(targets):
+            request = self._client.build_request(
+                "POST", target, content=body, headers=headers, extensions=extensions
+            )
+            try:
+                return await self._client.send(request, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                if index == len(targets) - 1:
+                    raise
+        raise AssertionError("no address to send to")  # parse_destination gives a host
 
 
 def _host(url: str) -> str:
