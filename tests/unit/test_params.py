@@ -146,3 +146,11 @@ def test_a_flood_of_bad_items_is_answered_with_the_first_problems_quickly() -> N
     assert time.perf_counter() - began < 2.0
     assert len(info.value.fields) == 100
     assert "the first 100" in info.value.message, info.value.message
+    # One error for many keys: 110,000 unknown parameters made a 13 MB answer.
+    with pytest.raises(InvalidParams) as info:
+        validate_params(NESTED, {f"{i:x}": 0 for i in range(110_000)})
+    assert len(info.value.fields) == 100 and "the first 100" in info.value.message
+    # Exactly 100 is not "more than 100".
+    with pytest.raises(InvalidParams) as info:
+        validate_params(NESTED, {"words": [0] * 100})
+    assert len(info.value.fields) == 100 and info.value.message.startswith("100 invalid")

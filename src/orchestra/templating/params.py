@@ -159,7 +159,7 @@ def validate_params(
         return full  # surely valid: the JSON Schema walk below would find nothing
     named = {p.field for p in problems}
     try:
-        errors = list(itertools.islice(_validator(template).iter_errors(full), MAX_PROBLEMS))
+        errors = list(itertools.islice(_validator(template).iter_errors(full), MAX_PROBLEMS + 1))
     except (Unresolvable, RecursionError) as exc:  # the checks at load should prevent both
         why = f"cannot be checked against the template's schema: {type(exc).__name__}"
         raise InvalidParams(why, [FieldProblem("params", why)]) from None
@@ -169,7 +169,8 @@ def validate_params(
     if problems:
         problems.sort(key=lambda p: p.field)
         count = f"{len(problems)}"
-        if len(errors) == MAX_PROBLEMS:
+        # One error may be many problems (every unknown key of an object).
+        if len(errors) > MAX_PROBLEMS or len(problems) > MAX_PROBLEMS:
             problems = problems[:MAX_PROBLEMS]
             count = f"more than {MAX_PROBLEMS} (the first {MAX_PROBLEMS} are listed)"
         raise InvalidParams(
