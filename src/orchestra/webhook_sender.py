@@ -274,12 +274,12 @@ class WebhookSender:
         if ok:
             status, result = DeliveryStatus.DELIVERED, "delivered"
         else:
-            wait = backoff(delivery.attempt, self.settings)
+            wait, moment = backoff(delivery.attempt, self.settings), self.clock()
             since = datetime.fromisoformat(delivery.retry_from.replace("Z", "+00:00"))
             give_up = since + timedelta(hours=self.settings.retry_hours)
             if asked is not None and asked > wait:  # at the window's end at the latest
-                wait = max(wait, min(asked, (give_up - self.clock()).total_seconds()))
-            due = self.clock() + timedelta(seconds=wait)
+                wait = max(wait, min(asked, (give_up - moment).total_seconds()))
+            due = moment + timedelta(seconds=wait)
             if permanent or status_code == GONE or due > give_up:
                 status, result = DeliveryStatus.FAILED, "failed"
             else:

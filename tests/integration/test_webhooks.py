@@ -557,6 +557,32 @@ async def test_a_receiver_that_asks_to_wait_with_retry_after_is_left_alone_that_
     assert 29 <= waited.total_seconds() <= 35, (attempt, delivery["next_attempt_at"])
 
 
+async def test_a_retry_after_past_the_window_gets_one_last_try_at_its_end(
+    db_url: str, fake_ollama: FakeOllama, start_service: StartService, receiver: Receiver
+) -> None:
+    """Asked to wait longer than the delivery's window has left, it is tried once more at
+    the window's end (it was given up at once: the clock, read twice, put it just past)."""
+    receiver.status, receiver.extra_headers = 503, b"retry-after: 86400\r\n"
+    window = 0.02  # hours: 72 s
+    settings = with_webhooks(
+        make_settings(db_url, fake_ollama.url), allow_private=True, retry_hours=window, **QUICK
+    )
+    async with start_service(settings) as svc:
+        hook = await subscribe(svc, receiver)
+        await svc.wait((await svc.submit("summarize", text="busy for a day"))["id"])
+
+        async def tried() -> list[dict[str, Any]]:
+            found = await deliveries(svc, hook)
+            return found if found and found[0]["attempts"] else []
+
+        await wait_until(tried, timeout=20, interval=0.1)
+        [delivery] = await tried()
+    assert delivery["status"] == "pending", delivery
+    made = datetime.fromisoformat(delivery["created_at"])
+    due = datetime.fromisoformat(delivery["next_attempt_at"])
+    assert abs((due - made).total_seconds() - window * 3600) < 5, delivery
+
+
 async def test_a_receiver_that_answers_410_gone_is_not_sent_that_delivery_again(
     loopback_service: Service, receiver: Receiver
 ) -> None:
