@@ -164,8 +164,17 @@ def _with_defaults(data: Mapping[str, Any], source: str) -> dict[str, Any]:
     models = out.get("models") or {}
     if not isinstance(models, Mapping):
         raise ConfigError(f"{source}: models: expected a table")
-    out["models"] = {**DEFAULT_MODELS, **models}
+    out["models"] = {**DEFAULT_MODELS, **{k: _on_built_in(k, v) for k, v in models.items()}}
     return out
+
+
+def _on_built_in(name: str, entry: Any) -> Any:
+    """A ``[models.NAME]`` table for a built-in name that sets other keys than its chain
+    (``max_concurrency``) keeps the built-in chain."""
+    built_in = DEFAULT_MODELS.get(name)
+    if isinstance(entry, Mapping) and "chain" not in entry and isinstance(built_in, list):
+        return {"chain": built_in, **entry}
+    return entry
 
 
 def _read_file(path: Path) -> dict[str, Any]:

@@ -243,6 +243,23 @@ def test_an_environment_override_of_a_model_keeps_its_chain(tmp_path: Path) -> N
     assert isinstance(fast, ModelSettings) and fast.max_concurrency == 1
 
 
+def test_a_built_in_model_name_keeps_its_chain_when_another_key_of_it_is_set(
+    tmp_path: Path,
+) -> None:
+    """``[models.default] max_concurrency = 1`` (or its variable) left ``default`` without a
+    chain: every task naming no model had none (review)."""
+    built_in = Settings().chain("default")
+    assert built_in
+    file = tmp_path / "d.toml"
+    file.write_text("[models.default]\nmax_concurrency = 1\n")
+    for settings in (
+        load(file, env={}),
+        load(None, env={"ORCHESTRA_MODELS__DEFAULT__MAX_CONCURRENCY": "1", "ORCHESTRA_CONFIG": ""}),
+    ):
+        assert settings.chain("default") == built_in
+        assert settings.model_limit("default") == 1
+
+
 def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load(tmp_path / "missing.toml", env={})
