@@ -79,6 +79,11 @@ def test_a_missing_key_named_as_a_dict_method_is_undefined_not_the_method() -> N
         render_text("{{ params.values }}", scope, what="t")
     with pytest.raises(RenderError, match="undefined value"):
         render_output("{{ steps.j.output.keys }}", scope)
+    # Nor through a subscript, or map(attribute=…) (review).
+    assert render_text("{{ params['items'] | default('D') }}", scope, what="t") == "D"
+    assert render_text("{{ params['items'] is defined }}", scope, what="t") == "False"
+    with pytest.raises(RenderError, match="undefined value"):
+        render_output("{{ [params] | map(attribute='items') | list }}", scope)
     # Called, it is the mapping's method still: a loop over a mapping's items works.
     assert render_output("{{ params.items() | list }}", scope) == [["text", "t"]]
     assert (

@@ -420,6 +420,13 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         bound: nodes.Template = _Bound().visit(tree)
         return bound
 
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        if isinstance(obj, dict) and isinstance(argument, str) and argument not in obj:
+            # A key left out is undefined; Jinja would try the mapping's attribute next
+            # (``params['items']``, ``map(attribute='items')``: its method).
+            return self.undefined(obj=obj, name=argument)
+        return super().getitem(obj, argument)
+
     def getattr(self, obj: Any, attribute: str) -> Any:
         if not isinstance(obj, dict):
             return super().getattr(obj, attribute)
