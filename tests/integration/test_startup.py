@@ -318,6 +318,20 @@ async def test_a_migration_that_fails_is_one_clean_line_and_leaves_the_database_
 
 
 @pytest.mark.empty_database
+async def test_a_schema_version_table_of_another_program_is_said_so(db_url: str) -> None:
+    """Its version could not be read: it was "the migration to schema version 0 failed"
+    (review)."""
+    sql_rows(db_url, "CREATE TABLE schema_version (v TEXT)")
+    database = Database(db_url)
+    try:
+        with pytest.raises(ConfigError, match="cannot read the schema version") as info:
+            await upgrade(database)
+    finally:
+        await database.close()
+    assert "migration to" not in info.value.message
+
+
+@pytest.mark.empty_database
 async def test_a_first_migration_refuses_a_sqlite_file_of_another_program(
     tmp_path: Path, db_url: str
 ) -> None:

@@ -69,10 +69,11 @@ async def upgrade(db: Database) -> int:
             program's tables (:mod:`~orchestra.db.strangers`).
     """
 
-    place = {"from": 0, "to": 0}  # where the migrations stood when one failed
+    place: dict[str, int] = {}  # where the migrations stood when one failed
 
     def work(conn: Connection) -> None:
-        version = place["from"] = place["to"] = current_version(conn)
+        place.clear()
+        version = place["from"] = current_version(conn)
         refused = strangers.refusal(conn, db.where) if version == 0 else None
         if refused:
             raise ConfigError(refused)
@@ -90,9 +91,13 @@ async def upgrade(db: Database) -> int:
         await db.transaction(work)
     except DBAPIError as exc:  # what the engine's retries did not get past
         said = str(exc.orig or exc).strip().splitlines()[0]
+        if "to" not in place:  # its version could not be read: not Orchestra's table?
+            raise ConfigError(
+                f"{db.where}: cannot read the schema version ({said}): does its "
+                "schema_version table belong to another program?"
+            ) from None
         raise ConfigError(
             f"{db.where}: the migration to schema version {place['to']} failed: {said}; "
-            f"the database is unchanged, still at schema version {place['from']} (was it "
-            "changed by hand, or by another program?)"
+            f"the database is unchanged, still at schema version {place['from']}"
         ) from None
     return LATEST
