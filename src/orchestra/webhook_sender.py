@@ -286,11 +286,13 @@ class WebhookSender:
                 status, result, next_at = DeliveryStatus.PENDING, "retrying", iso(due)
                 asyncio.get_running_loop().call_later(wait, self._wake.set)
         try:
-            recorded = await self.store.record(self.owner, delivery, tried, status, next_at)
+            # False: the lease was lost (a redelivery took the delivery over): the attempt is
+            # kept, the delivery's state is the other send's to write.
+            held = await self.store.record(self.owner, delivery, tried, status, next_at)
         except Exception as exc:  # the lease runs out; the delivery is sent again then
             log.warning("webhooks.record_failed", delivery=delivery.id, error=str(exc))
             return
-        if recorded:
+        if held:
             metrics.webhook_delivery(result)
         # A delivery given up is a failure to see; an attempt to be retried is not yet.
         logs.by_outcome(log, result == "failed")(
@@ -303,7 +305,7 @@ class WebhookSender:
             latency_ms=latency,
             error=error,
             result=result,
-            recorded=recorded,
+            lease_held=held,
         )
 
     async def _post(self, delivery: Claimed) -> tuple[int, str, float | None]:

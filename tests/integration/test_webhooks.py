@@ -514,13 +514,15 @@ async def test_a_redelivery_asked_while_a_send_is_in_flight_keeps_that_attempt(
     """ "Every attempt is recorded": the send in flight when a person asked to send it again
     lost its lease to the redelivery, and its attempt (answered 200) was dropped."""
     svc = loopback_service
-    receiver.delay = 1.5
+    receiver.gate.clear()  # the first send is held until the redelivery is asked
     hook = await subscribe(svc, receiver)
     await svc.wait((await svc.submit("summarize", text="slow receiver"))["id"])
     await wait_until(lambda: receiver.in_flight == 1, timeout=20)
     [delivery] = await deliveries(svc, hook)
     again = await svc.client.post(f"/api/v1/webhooks/{hook}/deliveries/{delivery['id']}/redeliver")
     assert again.status_code == 202, again.text
+    assert again.json()["attempts"] == []  # the held send has recorded nothing yet
+    receiver.gate.set()
 
     async def both_recorded() -> bool:
         [now] = await deliveries(svc, hook)

@@ -3,7 +3,6 @@ operation's): make, list, read, change, delete and run a schedule."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, TypedDict, cast
 
@@ -21,7 +20,7 @@ class ScheduleFields(TypedDict, total=False):
 
     name: str
     template: str
-    params: Mapping[str, Any]
+    params: dict[str, Any]
     model: str | None
     priority: int
     options: TaskOptions
