@@ -457,7 +457,7 @@ async def test_the_claim_reads_the_queue_index_in_order_however_many_are_queued(
     queued tasks. With the status as a bound value, SQLite took the status index and sorted
     every queued task (40 ms a claim with 100,000 queued), and PostgreSQL's generic plan
     could not use the partial index either."""
-    from orchestra.db.attempts import CLAIM, claim_statement
+    from orchestra.db.claim import CLAIM, claim_statement
     from orchestra.db.prepared import Prepared
 
     if db_url.startswith("postgresql"):

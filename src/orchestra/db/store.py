@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import msgspec
 from sqlalchemy import Connection, select
 
-from orchestra.db import attempts, bulk, counts, events, queue, retention
+from orchestra.db import attempts, bulk, claim, counts, events, queue, retention
 from orchestra.db.attempts import Ending, LeaseEnd, Renewal
 from orchestra.db.batches import BatchStore
 from orchestra.db.engine import Database
@@ -240,7 +240,7 @@ class TaskStore:
         """
         at, expires = self._now(), self._now(lease_seconds)
         claimed = await self.db.transaction(
-            lambda conn: attempts.claim(
+            lambda conn: claim.claim(
                 conn, owner, limit, at, expires, skip_models, first_step, min_priority
             ),
             small=True,
