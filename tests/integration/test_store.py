@@ -24,6 +24,7 @@ from orchestra.domain import (
     now,
 )
 from tests.conftest import sql_rows
+from tests.fixtures.postgres import ON_POSTGRESQL
 
 
 class Clock:
@@ -457,8 +458,7 @@ async def test_the_claim_reads_the_queue_index_in_order_however_many_are_queued(
     queued tasks. With the status as a bound value, SQLite took the status index and sorted
     every queued task (40 ms a claim with 100,000 queued), and PostgreSQL's generic plan
     could not use the partial index either."""
-    from orchestra.db.claim import CLAIM, claim_statement
-    from orchestra.db.prepared import Prepared
+    from orchestra.db.claim import _SQLITE_BAND, CLAIM, _sqlite_due_in_band
 
     if db_url.startswith("postgresql"):
         import psycopg
@@ -493,9 +493,59 @@ async def test_the_claim_reads_the_queue_index_in_order_however_many_are_queued(
             " (?, 1, 'queued', '{}', 0, 0, 0, '2026-01-01', '', '2026-01-01')",
             [(f"t{i}",) for i in range(3000)],
         )
-        # Also a claim that passes over models at their limit (a NOT IN list).
-        skipping = Prepared(lambda engine: claim_statement(("m1", "m2"), engine))
-        for sql in (CLAIM.sql("sqlite"), skipping.sql("sqlite")):
+        # The pick's statements: a priority's seek, and its due tasks (also passing over
+        # models at their limit, a NOT IN list); the claim then updates the tasks picked.
+        for sql in (_SQLITE_BAND.sql(), _sqlite_due_in_band(0).sql(), _sqlite_due_in_band(2).sql()):
             found = conn.execute("EXPLAIN QUERY PLAN " + sql, [None] * sql.count("?")).fetchall()
             plan = " | ".join(str(r[-1]) for r in found)
             assert "ix_tasks_queue" in plan and "TEMP B-TREE" not in plan, plan
+        sql = CLAIM.sql("sqlite")
+        found = conn.execute("EXPLAIN QUERY PLAN " + sql, [None] * sql.count("?")).fetchall()
+        plan = " | ".join(str(r[-1]) for r in found)
+        assert "SCAN tasks" not in plan and "TEMP B-TREE" not in plan, plan
+
+
+SQLITE_ONLY = pytest.mark.skipif(ON_POSTGRESQL, reason="counts SQLite's own steps")
+
+
+@SQLITE_ONLY
+async def test_the_claim_steps_over_delayed_tasks_without_reading_them(
+    db: Database, db_url: str
+) -> None:
+    """20,000 tasks delayed at a higher priority than the due ones: the claim walked every
+    one of them, in the write lock (9 ms a pickup with 100,000 delayed). It seeks each
+    priority's due tasks instead. Counted in SQLite's own steps (its progress handler), not
+    in time. (Tasks of a model at its limit, due ahead of the one to take, are still walked
+    past: see docs/processes.md.)"""
+    import sqlite3
+
+    from sqlalchemy import create_engine
+
+    from orchestra.db.claim import claim
+
+    rows = [(5, "2100-01-01T00:00:00Z", None)] * 20_000  # delayed, at a higher priority
+    rows += [(0, "2026-01-01T00:00:00Z", None)] * 3  # due
+    with sqlite3.connect(db_url.split("///", 1)[1]) as raw:
+        raw.executemany(
+            "INSERT INTO tasks (template, template_version, status, params, priority, attempts,"
+            " handed_back, run_at, model, idempotency_scope, created_at) VALUES"
+            " ('t', 1, 'queued', '{}', ?, 0, 0, ?, ?, '', '2026-01-01')",
+            rows,
+        )
+    engine = create_engine("sqlite:///" + db_url.split("///", 1)[1])
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0
+
+    try:
+        with engine.begin() as conn:
+            raw_conn = conn.connection.dbapi_connection
+            assert raw_conn is not None
+            raw_conn.set_progress_handler(count, 100)  # type: ignore[attr-defined]
+            taken = claim(conn, "w", 2, "2026-06-01T00:00:00Z", "2100-01-01T00:00:00Z", (), None)
+    finally:
+        engine.dispose()
+    assert [(t.priority, t.run_at) for t in taken] == [(0, "2026-01-01T00:00:00Z")] * 2
+    assert steps[0] * 100 < 20_000, steps[0] * 100  # not one step per task passed over

@@ -7,11 +7,11 @@ lease is what :mod:`orchestra.db.attempts` guards every later write with.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Collection
 from typing import Any
 
 from sqlalchemy import (
-    BindParameter,
     ColumnElement,
     Connection,
     Integer,
@@ -22,6 +22,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.sql.elements import TextClause
 
 from orchestra.db import events, guards
 from orchestra.db.attempts import start_step
@@ -43,28 +44,69 @@ QUEUED = text("tasks.status = 'queued'")
 assert guards.CLAIM.sources == {TaskStatus.QUEUED}
 
 #: SQLite's planner, without statistics, takes the status index for ``status = 'queued'``
-#: (it guesses that an equality picks a few rows) and sorts what it finds, so the claim names
-#: its index (``INDEXED BY``; SQLAlchemy renders no table hints for SQLite), with or without
-#: the models at their limit (``skip_models``, a NOT IN list).
-_SQLITE_DUE = (
-    "SELECT tasks.id FROM tasks INDEXED BY ix_tasks_queue "
-    "WHERE tasks.status = 'queued' AND tasks.run_at <= :c_now AND tasks.priority >= :c_floor"
-    "{skip} ORDER BY tasks.priority DESC, tasks.run_at, tasks.id LIMIT :c_limit"
+#: (it guesses that an equality picks a few rows) and sorts what it finds, so each statement
+#: of the pick names its index (``INDEXED BY``; SQLAlchemy renders no table hints for SQLite).
+#:
+#: The index holds each priority's tasks in ``run_at`` order, the due ones first and then
+#: every task delayed to later: one ORDER BY … LIMIT over it walked all the delayed tasks of
+#: a priority before it reached the next one (100,000 delayed: 9 ms a pickup, in the write
+#: lock). The pick seeks each priority that has queued tasks instead, highest first
+#: (:data:`_SQLITE_BAND`), and takes its due ones (:data:`_SQLITE_DUE_IN_BAND`) until it
+#: has enough.
+_SQLITE_BAND_SQL = text(
+    "SELECT tasks.priority FROM tasks INDEXED BY ix_tasks_queue "
+    "WHERE tasks.status = 'queued' AND tasks.priority >= :c_floor AND tasks.priority < :c_below "
+    "ORDER BY tasks.priority DESC LIMIT 1"
 )
+_SQLITE_BAND = Prepared(_SQLITE_BAND_SQL)
+_SQLITE_DUE_IN_BAND = (
+    "SELECT tasks.id FROM tasks INDEXED BY ix_tasks_queue "
+    "WHERE tasks.status = 'queued' AND tasks.priority = :c_band AND tasks.run_at <= :c_now"
+    "{skip} ORDER BY tasks.run_at, tasks.id LIMIT :c_limit"
+)
+#: Above every priority: where the walk of the bands starts.
+_TOP = 2**31
 
 
-def _sqlite_due(skip_models: tuple[str, ...]) -> Any:
-    """SQLite's pick of the due tasks (:data:`_SQLITE_DUE`), none of a model in
-    ``skip_models`` (NOT IN is NULL for a NULL model: model-less tasks may run)."""
-    names = [f"c_skip_{n}" for n in range(len(skip_models))]
+@functools.cache
+def _sqlite_due_in_band(skips: int) -> Prepared:
+    """:data:`_SQLITE_DUE_IN_BAND`, with none of ``skips`` models at their limit (bound as
+    ``c_skip_0``…; NOT IN is NULL for a NULL model: model-less tasks may run)."""
+    names = [f"c_skip_{n}" for n in range(skips)]
     skip = ""
     if names:
         listed = ", ".join(f":{name}" for name in names)
         skip = f" AND (tasks.model IS NULL OR tasks.model NOT IN ({listed}))"
-    binds: list[BindParameter[str]] = [
-        bindparam(name, value) for name, value in zip(names, skip_models, strict=True)
-    ]
-    return text(_SQLITE_DUE.format(skip=skip)).bindparams(*binds).columns(tasks.c.id)
+    return Prepared(text(_SQLITE_DUE_IN_BAND.format(skip=skip)))
+
+
+def _sqlite_pick(
+    conn: Connection, now: str, limit: int, floor: int, skip_models: tuple[str, ...]
+) -> list[int]:
+    """The ids of the best ``limit`` due tasks, by priority, then run_at and id."""
+    due = _sqlite_due_in_band(len(skip_models))
+    skips = {f"c_skip_{n}": model for n, model in enumerate(skip_models)}
+    picked: list[int] = []
+    band = _first(_SQLITE_BAND.run(conn, {"c_floor": floor, "c_below": _TOP}))
+    while band is not None and len(picked) < limit:
+        asked = {"c_band": band, "c_now": now, "c_limit": limit - len(picked), **skips}
+        picked += [row[0] for row in due.run(conn, asked).fetchall()]
+        if len(picked) < limit:
+            band = _first(_SQLITE_BAND.run(conn, {"c_floor": floor, "c_below": band}))
+    return picked
+
+
+@functools.cache
+def _sqlite_claim(count: int) -> Prepared:
+    """The claim's UPDATE of ``count`` tasks picked (``c_id_0``…)."""
+    chosen = tasks.c.id.in_([bindparam(f"c_id_{n}") for n in range(count)])
+    return Prepared(_claim_update(chosen))
+
+
+def _first(cursor: Any) -> Any:
+    """The first column of a cursor's one row; None without a row."""
+    row = cursor.fetchone()
+    return None if row is None else row[0]
 
 
 def claim_statement(skip_models: tuple[str, ...] = (), engine: str = "sqlite") -> Any:
@@ -80,8 +122,8 @@ def claim_statement(skip_models: tuple[str, ...] = (), engine: str = "sqlite") -
     pool whose reserved slot is all that is left claims single tasks only. A range on the
     queue index's first column, so the claim reads no batch row it may not take.
     """
-    if engine != "postgresql":
-        return _claim_update(tasks.c.id.in_(_sqlite_due(skip_models)))
+    if engine != "postgresql":  # the tasks :func:`_sqlite_pick` picked
+        return _claim_update(tasks.c.id.in_([bindparam("c_id_0")]))
     due = (
         select(tasks.c.id)
         .where(
@@ -99,7 +141,7 @@ def claim_statement(skip_models: tuple[str, ...] = (), engine: str = "sqlite") -
     return _claim_update(tasks.c.id == picked.c.id)
 
 
-def _claim_update(chosen: ColumnElement[bool]) -> Any:
+def _claim_update(chosen: ColumnElement[bool] | TextClause) -> Any:
     """The claim's UPDATE … RETURNING of the ``chosen`` tasks."""
     return (
         update(tasks)
@@ -151,7 +193,12 @@ def claim(
         "c_owner": owner,
         "c_expires": expires,
     }
-    if not skip_models:
+    if conn.dialect.name != "postgresql":
+        floor = ANY_PRIORITY if min_priority is None else min_priority
+        picked = _sqlite_pick(conn, now, limit, floor, tuple(skip_models))
+        ids = {f"c_id_{n}": task_id for n, task_id in enumerate(picked)}
+        rows = _sqlite_claim(len(picked)).rows(conn, {**params, **ids}) if picked else []
+    elif not skip_models:
         rows = CLAIM.rows(conn, params)
     else:  # models at their limit: a NOT IN list, through Core
         skipping = claim_statement(tuple(skip_models), conn.dialect.name)
