@@ -52,9 +52,11 @@ class SharedReads:
         load: Callable[[], Awaitable[T]],
         *,
         bounded: bool = True,
+        within: float | None = None,
     ) -> T:
         """The result of the read of ``key`` in flight, or of ``load()`` started now;
-        ``bounded``: waiting at most :attr:`wait` (False: until it ends).
+        ``bounded``: waiting at most :attr:`wait` (False: until it ends); ``within``: and at
+        most this many seconds from now (what is left of a caller's own time).
 
         Raises:
             Unanswered: :attr:`wait` seconds passed since the read began and it has not
@@ -74,6 +76,8 @@ class SharedReads:
             result: T = await asyncio.shield(running)
             return result
         left = limit - (loop.time() - began)
+        if within is not None:
+            left = min(left, within)
         try:
             if left <= 0:
                 raise TimeoutError

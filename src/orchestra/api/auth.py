@@ -21,6 +21,7 @@ they go, so a revoked key's stream ends (see :mod:`orchestra.api.events`).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import re
 import time
@@ -44,6 +45,11 @@ from orchestra.errors import Forbidden, StorageError, StorageUnreachable, Unauth
 from orchestra.shared_read import DATABASE_ANSWER_SECONDS, SharedReads, Unanswered
 
 #: Operations served to anyone: the liveness checks.
+#: A route handler's ``opt`` key marking a read that must answer while the database hangs
+#: (``/metrics``): its key check is bounded (:meth:`Gatekeeper.caller`).
+PROBE = "probe"
+#: The key in a probe's scope ``state`` of when its key check began (the loop's time).
+PROBE_BEGAN = "orchestra.probe_began"
 PUBLIC_PATHS = ("/health", "/api/v1/health")
 #: Paths served to anyone (as patterns): those, and the API's own description.
 PUBLIC = [*(f"^{re.escape(p)}$" for p in PUBLIC_PATHS), "^/schema"]
@@ -179,11 +185,20 @@ class Gatekeeper:
         return Caller(key.name, key.scope, key.id)
 
     async def caller(
-        self, authorization: str | None, host: str | None, proxied: bool, bounded: bool = False
+        self,
+        authorization: str | None,
+        host: str | None,
+        proxied: bool,
+        bounded: bool = False,
+        reading: bool = False,
     ) -> Caller:
         """Who is calling; ``host`` is the request's Host header, ``proxied`` whether it
         carries a proxy's forwarding header (:func:`forwarded`): a proxy on this machine
-        forwards others' requests, who are not this machine's own users.
+        forwards others' requests, who are not this machine's own users. ``bounded``: see
+        :meth:`keys`. ``reading`` (a scrape, a probe): while the keys cannot be read, a
+        keyless caller on loopback is let through by the copy kept (no keys then) to read,
+        rather than refused as unsure (a key may have been made since): what it reads is
+        what tells an operator the database is down.
 
         Raises:
             Unauthorized: a key is given but is not a valid one, or none is given where one
@@ -205,6 +220,8 @@ class Gatekeeper:
             return Caller("anonymous", self.settings.anonymous_scope)
         if not keys and self.loopback and not proxied and _names_loopback(host):
             # No keys yet, on a loopback address: the machine's own users, as before keys.
+            if reading:
+                return Caller("anonymous", "read")
             self._unsure()  # the first key may have been made since: nothing is left open
             return Caller("anonymous", "admin")
         if not keys and self.loopback and proxied:
@@ -274,7 +291,13 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
     async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> Any:
         runtime = runtime_of(connection.scope)
         gatekeeper: Gatekeeper = runtime.gatekeeper
-        caller = await gatekeeper.caller(*credentials(connection))
+        handler = connection.scope["route_handler"]
+        # A scrape must answer while the database hangs: its key check waits for the keys'
+        # read a bounded time, and keeps the copy (what /metrics is for is to say "down").
+        probe = bool(handler.opt.get(PROBE))
+        if probe:  # the wait the key check takes counts against the probe's own
+            connection.scope["state"][PROBE_BEGAN] = asyncio.get_running_loop().time()
+        caller = await gatekeeper.caller(*credentials(connection), bounded=probe, reading=probe)
         method = str(connection.scope.get("method", "GET"))
         if (
             caller.key_id is None
@@ -285,7 +308,7 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
                 "a request from another site's web page may not act without an API key; "
                 "send the request with a key ('Authorization: Bearer <key>')"
             )
-        check_scope(caller, connection.scope["route_handler"], method)
+        check_scope(caller, handler, method)
         return AuthenticationResult(user=caller, auth=None)
 
 
