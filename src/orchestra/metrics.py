@@ -79,8 +79,8 @@ UNMATCHED = "unmatched"
 
 #: The outcomes a webhook delivery attempt is counted under.
 WEBHOOK_RESULTS = ("delivered", "failed", "retrying")
-#: Where the reaper puts a task whose lease expired.
-LEASE_OUTCOMES = ("queued", "failed")
+#: Where the reaper puts a task whose lease expired (cancelled: it had been asked to cancel).
+LEASE_OUTCOMES = ("queued", "failed", "cancelled")
 #: The codes of provider errors (``ProviderError`` and its subclasses).
 PROVIDER_ERRORS = ("provider_unavailable", "model_not_found", "provider_error")
 #: Why a fallback chain moved past an entry: its call failed with one of these codes, or it

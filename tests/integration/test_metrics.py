@@ -768,3 +768,12 @@ async def test_http_requests_are_counted_by_method_route_pattern_and_status(
     assert more(requests) == 7
     assert more("orchestra_http_request_duration_seconds_count", method="GET", route=one) == 2
     assert not [route for route in after.values("route") if re.search(r"/\d+(/|$)", route)]
+
+
+async def test_every_lease_expiry_outcome_is_a_series_from_the_start(service: Service) -> None:
+    """Known label values start at 0 so that rate() sees the first one: a lease expiry that
+    ends a task asked to cancel (``cancelled``) had no series until it happened."""
+    found = await scrape(service.client)
+    name = "orchestra_lease_expiries_total"
+    seen = {v for (n, ls), _ in found.samples.items() if n == name for k, v in ls if k == "outcome"}
+    assert seen == {"queued", "failed", "cancelled"}, seen
