@@ -108,6 +108,7 @@ def metric_names(expr: str) -> dict[str, set[str]]:
     """The metric names a PromQL expression reads, each with the labels it groups by or
     matches on (a rough parse, enough for the dashboard: no strings with braces in them)."""
     expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges: [5m], [$__rate_interval]
+    expr = re.sub(r"\boffset\s+-?[0-9a-z]+", " ", expr)  # offset 1h
     names: dict[str, set[str]] = {}
     grouping = {
         label.strip()

@@ -17,6 +17,8 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
+import subprocess
 import tomllib
 from base64 import b64decode
 from collections.abc import Mapping
@@ -803,3 +805,19 @@ def test_compose_durations_read_as_compose_reads_them() -> None:
     assert [seconds(v) for v in ("20s", "1m30s", "1m", 15, "500ms")] == [20, 90, 60, 15, 0.5]
     assert seconds("twenty") is None
     assert seconds("20 s") is None
+
+
+@pytest.mark.skipif(
+    shutil.which("promtool") is None,
+    reason="promtool is not installed (Debian's prometheus package; .ci/run installs it)",
+)
+def test_the_alerting_rules_load_and_fire_when_they_should() -> None:
+    """Prometheus's own tools: the rules parse (``promtool check rules``), and each one fires
+    on the series its test feeds it, and only then (``promtool test rules``, with
+    deploy/alerts_test.yml): a missed schedule tick after an outage longer than the rule's
+    window came back as a series already at 1, which ``increase()`` did not see."""
+    for args in (("check", "rules", "alerts.yml"), ("test", "rules", "alerts_test.yml")):
+        done = subprocess.run(
+            ["promtool", *args], cwd=DEPLOY, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
