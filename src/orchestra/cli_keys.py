@@ -49,7 +49,7 @@ def database_of(settings: Settings, config_path: str | None) -> str:
     Raises:
         CliError: the URL is not usable, or its SQLite file does not exist.
     """
-    from orchestra.db.engine import SQLITE, check_url, parse_url
+    from orchestra.db.engine import SQLITE, check_url, parse_url, server_where
 
     url = settings.database.url
     source = origin("database.url", given_path(config_path))
@@ -58,7 +58,7 @@ def database_of(settings: Settings, config_path: str | None) -> str:
     except ConfigError as exc:
         raise CliError(f"{exc.message} (from {source})") from None
     if parsed.get_backend_name() != SQLITE:
-        return parsed.render_as_string(hide_password=True)
+        return server_where(url)
     path = check_url(url).absolute()
     if not path.is_file():
         raise CliError(

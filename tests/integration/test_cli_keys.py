@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import StartService, make_keys, make_settings
 from tests.fixtures.fake_ollama import FakeOllama
@@ -136,3 +137,20 @@ async def test_keys_commands_never_migrate_a_database(tmp_path: Path) -> None:
         with sqlite3.connect(path) as conn:
             tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
         assert "api_keys" not in tables and "tasks" not in tables, tables
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://orc@127.0.0.1:9/orc?password=PGQ_SECRET",
+        "postgresql+psycopg://orc:PGQ_SECRET@127.0.0.1:9/orc",
+    ],
+)
+async def test_the_keys_commands_never_print_the_databases_password(
+    tmp_path: Path, url: str
+) -> None:
+    """``?password=`` (libpq takes it) was printed whole on the "database:" line."""
+    code, out, err = await keys_cli("list", cwd=tmp_path, env={"ORCHESTRA_DATABASE__URL": url})
+    assert code != 0  # nothing listens there
+    assert "PGQ_SECRET" not in out + err, err
+    assert "127.0.0.1:9" in err, err

@@ -167,12 +167,7 @@ class Database:
         password)."""
         if self.path is not None:
             return str(self.path)
-        parsed = make_url(self.url)
-        host = parsed.host or str(parsed.query.get("host") or "localhost")
-        port = parsed.port or parsed.query.get("port") or 5432
-        if host.startswith("/"):  # a Unix socket's folder
-            return f"PostgreSQL database {parsed.database!r} on the socket in {host} (port {port})"
-        return f"postgresql://{host}:{port}/{parsed.database or ''}"
+        return server_where(self.url)
 
     async def transaction(self, work: Callable[[Connection], T], *, small: bool = False) -> T:
         """Run ``work(connection)`` as one write transaction: committed when this returns,
@@ -238,3 +233,14 @@ class Database:
         if free is not None and free < min_free_mb:
             return DatabaseState(readable=True, ok=False, detail=f"low disk: {free:.0f} MB free")
         return DatabaseState(readable=True, ok=True, detail="ok")
+
+
+def server_where(url: str) -> str:
+    """A database server's URL as messages show it: the server and database, never the
+    password (in the user part or ``?password=``) nor any other option."""
+    parsed = make_url(url)
+    host = parsed.host or str(parsed.query.get("host") or "localhost")
+    port = parsed.port or parsed.query.get("port") or 5432
+    if host.startswith("/"):  # a Unix socket's folder
+        return f"PostgreSQL database {parsed.database!r} on the socket in {host} (port {port})"
+    return f"postgresql://{host}:{port}/{parsed.database or ''}"
