@@ -549,3 +549,45 @@ async def test_the_claim_steps_over_delayed_tasks_without_reading_them(
         engine.dispose()
     assert [(t.priority, t.run_at) for t in taken] == [(0, "2026-01-01T00:00:00Z")] * 2
     assert steps[0] * 100 < 20_000, steps[0] * 100  # not one step per task passed over
+
+
+@pytest.mark.skipif(not ON_POSTGRESQL, reason="PostgreSQL's plan")
+async def test_the_claim_on_postgresql_seeks_past_delayed_tasks(db: Database, db_url: str) -> None:
+    """100,000 tasks delayed at a higher priority, the table analysed: PostgreSQL planned the
+    claim as a sequential scan of every task (10 ms a claim with 100,000 delayed). The walk
+    seeks each priority in the queue index; its generic plan (a prepared statement's) too."""
+    import psycopg
+
+    from orchestra.db.claim import CLAIM
+    from orchestra.db.postgres_engine import conninfo
+
+    insert = (
+        "INSERT INTO tasks (template, template_version, status, params, priority, attempts,"
+        " handed_back, run_at, idempotency_scope, created_at) SELECT 't', 1, 'queued', '{}',"
+        " %s, 0, 0, %s, '', '2026-01-01' FROM generate_series(1, %s)"
+    )
+    params = {
+        "c_now": "2026-06-01T00:00:00Z",
+        "c_floor": -(2**31),
+        "c_limit": 4,
+        "c_owner": "w",
+        "c_expires": "2100-01-01T00:00:00Z",
+        "status": "running",
+        "attempts_1": 1,
+        "finished_at": None,
+        "error": None,
+    }
+    with psycopg.connect(conninfo(db_url)) as pg:
+        pg.execute(insert, (5, "2100-01-01T00:00:00Z", 100_000))
+        pg.execute(insert, (0, "2026-01-02T00:00:00Z", 3))
+        pg.execute(insert, (-3, "2026-01-01T00:00:00Z", 3))
+        pg.execute("ANALYZE tasks")
+        for mode in ("auto", "force_generic_plan"):
+            pg.execute(f"SET plan_cache_mode = {mode}")
+            found = pg.execute("EXPLAIN " + CLAIM.sql("postgresql"), params).fetchall()
+            plan = "\n".join(str(r[0]) for r in found)
+            assert "Seq Scan" not in plan and "ix_tasks_queue" in plan, plan
+        claimed = pg.execute(CLAIM.sql("postgresql"), params).fetchall()
+        pg.rollback()
+    by_priority = sorted(row[8] for row in claimed)  # tasks.priority, as RETURNING lists it
+    assert by_priority == [-3, 0, 0, 0], claimed

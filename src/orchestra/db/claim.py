@@ -12,13 +12,11 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from sqlalchemy import (
+    BindParameter,
     ColumnElement,
     Connection,
-    Integer,
     bindparam,
     insert,
-    or_,
-    select,
     text,
     update,
 )
@@ -109,35 +107,57 @@ def _first(cursor: Any) -> Any:
     return None if row is None else row[0]
 
 
+#: PostgreSQL's pick of the due tasks, in one statement: the priorities that have queued tasks,
+#: highest first (a recursive walk of the queue index, one seek a priority), and each one's
+#: due tasks in order (a LATERAL scan of the index at that priority, from its first task up
+#: to now), locked as they are taken (``FOR UPDATE SKIP LOCKED``: rows another process is
+#: claiming are passed over, not waited for). PostgreSQL runs a WITH query only as far as
+#: its reader fetches (its documented behaviour, which ends a recursion under a LIMIT), so
+#: the walk stops at the priority that fills the claim. One ORDER BY … LIMIT over the index
+#: read every task delayed to later (100,000 of them: a sequential scan, 10 ms a claim).
+_PG_DUE = """
+WITH RECURSIVE bands(p) AS (
+    SELECT (SELECT priority FROM tasks WHERE status = 'queued' AND priority >= :c_floor
+            ORDER BY priority DESC LIMIT 1)
+  UNION ALL
+    SELECT (SELECT priority FROM tasks WHERE status = 'queued' AND priority >= :c_floor
+            AND priority < bands.p ORDER BY priority DESC LIMIT 1)
+    FROM bands WHERE bands.p IS NOT NULL
+)
+SELECT picked.id FROM bands CROSS JOIN LATERAL (
+    SELECT tasks.id FROM tasks
+    WHERE tasks.status = 'queued' AND tasks.priority = bands.p AND tasks.run_at <= :c_now{skip}
+    ORDER BY tasks.run_at, tasks.id LIMIT :c_limit FOR UPDATE SKIP LOCKED
+) AS picked
+LIMIT :c_limit
+"""
+
+
 def claim_statement(skip_models: tuple[str, ...] = (), engine: str = "sqlite") -> Any:
     """The claim: one UPDATE … RETURNING over the best due tasks.
 
-    On PostgreSQL the due tasks are picked once, in a CTE that locks them (``FOR UPDATE SKIP
-    LOCKED``: rows another process is claiming are passed over, not waited for); an
-    ``id IN (subquery … LIMIT)`` there may be planned as a subquery run again per row, which
-    finds the next due task each time and claims the whole queue. SQLite, with one writer at
-    a time, runs the subquery once and has no row locks.
+    On PostgreSQL the due tasks are picked once (:data:`_PG_DUE`), in a CTE that locks them;
+    an ``id IN (subquery … LIMIT)`` there may be planned as a subquery run again per row,
+    which finds the next due task each time and claims the whole queue. On SQLite,
+    :func:`_sqlite_pick` picks them first, in the same transaction (one writer at a time, no
+    row locks): the statement updates those (``c_id_0``…, here one).
 
     Only tasks of priority ``c_floor`` or more are taken (:data:`ANY_PRIORITY`: any): a
     pool whose reserved slot is all that is left claims single tasks only. A range on the
     queue index's first column, so the claim reads no batch row it may not take.
     """
-    if engine != "postgresql":  # the tasks :func:`_sqlite_pick` picked
+    if engine != "postgresql":
         return _claim_update(tasks.c.id.in_([bindparam("c_id_0")]))
-    due = (
-        select(tasks.c.id)
-        .where(
-            QUEUED,
-            tasks.c.run_at <= bindparam("c_now"),
-            tasks.c.priority >= bindparam("c_floor", type_=Integer),
-        )
-        .order_by(tasks.c.priority.desc(), tasks.c.run_at, tasks.c.id)
-        .limit(bindparam("c_limit", type_=Integer))
-    )
+    skip = ""
     if skip_models:
         # NOT IN is NULL for a NULL model: say explicitly that model-less tasks may run.
-        due = due.where(or_(tasks.c.model.is_(None), tasks.c.model.not_in(list(skip_models))))
-    picked = due.with_for_update(skip_locked=True).cte("due")
+        listed = ", ".join(f":c_skip_{n}" for n in range(len(skip_models)))
+        skip = f" AND (tasks.model IS NULL OR tasks.model NOT IN ({listed}))"
+    binds: list[BindParameter[Any]] = [
+        bindparam(f"c_skip_{n}", model) for n, model in enumerate(skip_models)
+    ]
+    due = text(_PG_DUE.format(skip=skip)).bindparams(*binds).columns(tasks.c.id)
+    picked = due.cte("due")
     return _claim_update(tasks.c.id == picked.c.id)
 
 
