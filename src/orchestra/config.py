@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -180,6 +181,12 @@ class ProviderSettings(_Section, frozen=True):
                 f"{key}.url",
                 not self.url or _HTTP_URL.fullmatch(self.url) is not None,
                 "an http:// or https:// URL with a host (http://127.0.0.1:11434)",
+            ),
+            (
+                f"{key}.url",
+                not (self.api_key_env and "@" in urlsplit(self.url).netloc),
+                "no user:password@ in the url when api_key_env is set (both are credentials: "
+                "the URL's would be sent, as Basic auth, instead of the key)",
             ),
             (f"{key}.url", self.kind != "embedded" or not self.url, "no url for kind embedded"),
             (

@@ -189,6 +189,11 @@ def test_orchestra_config_variable_picks_the_file(tmp_path: Path) -> None:
         ('[providers.ollama]\nurl = "not-a-url"\n', "providers.ollama.url: expected an http"),
         ('[providers.ollama]\nurl = "ftp://h:1"\n', "providers.ollama.url: expected an http"),
         ('[providers.ollama]\nurl = "http://"\n', "providers.ollama.url: expected an http"),
+        # httpx sends the URL's user as Basic auth, over the key's Bearer: the key never went.
+        (
+            '[providers.x]\nkind = "openai"\nurl = "https://u:p@h/v1"\napi_key_env = "K"\n',
+            "providers.x.url: expected no user:password@ in the url when api_key_env is set",
+        ),
     ],
 )
 def test_bad_file_names_file_key_and_expectation(tmp_path: Path, text: str, expected: str) -> None:
