@@ -486,7 +486,9 @@ def _template_problems(file: Path | None) -> Iterator[None]:
         if not exc.problems:
             raise  # client_for's message
         places = [
-            f"{file or p.file or '<unnamed>'}:{p.line}:{p.column}: {p.path}: {p.message}"
+            f"{file or p.file or '<unnamed>'}:"
+            + (f"{p.line}:{p.column}:" if p.line else "")
+            + f" {p.path}: {p.message}"
             for p in exc.problems
         ]
         # The answer's message names the first problem again (as <request>:LINE:COLUMN).

@@ -619,3 +619,15 @@ def test_blocks_nested_past_what_python_compiles_are_placed_in_their_field(deep:
     [p] = problems(f"name: t\nsteps:\n  - id: a\n    prompt: '{deep}'\n")
     assert p.path == "steps[0].prompt" and "nests too deeply" in p.message, p
     assert p.line == 4, p
+
+
+def test_a_template_folder_that_does_not_exist_is_named_as_the_setting_that_names_it(
+    tmp_path: Path,
+) -> None:
+    """It was "/nowhere:1:1: template folder does not exist": a made-up position, and not the
+    setting to change."""
+    with pytest.raises(TemplateError) as info:
+        TemplateRegistry([tmp_path / "nowhere"], builtins=False).load()
+    said = str(info.value)
+    assert "templates.dirs" in said and str(tmp_path / "nowhere") in said, said
+    assert ":1:1" not in said, said

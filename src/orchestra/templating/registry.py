@@ -90,9 +90,8 @@ class TemplateRegistry:
         problems: list[TemplateProblem] = []
         for folder in self.dirs:
             if not folder.is_dir():
-                problems.append(
-                    TemplateProblem(str(folder), 1, 1, "", "template folder does not exist")
-                )
+                why = "no such folder (named in [templates] dirs)"
+                problems.append(TemplateProblem(str(folder), 0, 0, "templates.dirs", why))
                 continue
             origin = "builtin" if folder == self.builtin else "file"
             for file in template_files(folder):

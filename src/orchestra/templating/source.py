@@ -36,7 +36,8 @@ IDENT_RULE = "must be an ASCII letter or _ followed by ASCII letters, digits or 
 
 
 class TemplateProblem(msgspec.Struct, frozen=True):
-    """One thing wrong with a template, and where (1-based line and column)."""
+    """One thing wrong with a template, and where (1-based line and column; 0: the problem
+    is with the file as a whole, or with a folder)."""
 
     file: str
     line: int
@@ -46,6 +47,8 @@ class TemplateProblem(msgspec.Struct, frozen=True):
 
     def __str__(self) -> str:
         where = f" {self.path}:" if self.path else ""
+        if not self.line:
+            return f"{self.file}:{where} {self.message}"
         return f"{self.file}:{self.line}:{self.column}:{where} {self.message}"
 
 

@@ -319,8 +319,9 @@ class TemplateList(msgspec.Struct, frozen=True):
 
 
 class ProblemOut(msgspec.Struct, frozen=True):
-    """One problem in a template, with 1-based line and column, and the file it is in (a
-    template folder's file; the request's own text is named as such)."""
+    """One problem in a template, with 1-based line and column (0: of a file or folder as a
+    whole, a template folder that does not exist), and the file it is in (a template folder's
+    file; the request's own text is named as such)."""
 
     line: int
     column: int
