@@ -631,3 +631,32 @@ def test_a_template_folder_that_does_not_exist_is_named_as_the_setting_that_name
     said = str(info.value)
     assert "templates.dirs" in said and str(tmp_path / "nowhere") in said, said
     assert ":1:1" not in said, said
+
+
+@pytest.mark.parametrize(
+    ("expression", "said"),
+    [
+        ("steps.a.output | map('nofilter') | list", "No filter named 'nofilter' (in map)"),
+        ("steps.a.output | select('notest') | list", "No test named 'notest' (in select)"),
+        ("steps.a.output | rejectattr('x', 'notest') | list", "No test named 'notest'"),
+    ],
+)
+def test_a_filter_or_test_named_in_map_or_select_is_checked_at_load(
+    expression: str, said: str
+) -> None:
+    """They passed validation and failed only when a task ran."""
+    text = (
+        "name: t\nsteps:\n  - id: a\n    prompt: hi\n  - id: b\n    prompt: "
+        f'"{{{{ {expression} }}}}"\n'
+    )
+    [p] = problems(text)
+    assert p.path == "steps[1].prompt" and said in p.message, p
+
+
+def test_map_select_and_their_kin_with_known_names_load() -> None:
+    text = (
+        "name: t\nsteps:\n  - id: a\n    prompt: hi\n  - id: b\n    prompt: "
+        "\"{{ steps.a.output | map('upper') | select('odd') | map(attribute='x') "
+        "| selectattr('y', 'defined') | list }}\"\n"
+    )
+    parse_template(text, "t.yaml")

@@ -44,6 +44,11 @@ def _problems(tree: nodes.Template, env: Any) -> list[tuple[int, str]]:
     for node in tree.find_all(kinds):
         if isinstance(node, nodes.Filter) and node.name not in env.filters:
             out.append((node.lineno, f"No filter named {node.name!r}."))
+        elif isinstance(node, nodes.Filter) and node.name in _NAMES_ANOTHER:
+            named = _named(node)
+            kind, known = ("filter", env.filters) if node.name == "map" else ("test", env.tests)
+            if named is not None and named not in known:
+                out.append((node.lineno, f"No {kind} named {named!r} (in {node.name})."))
         elif isinstance(node, nodes.Test) and node.name not in env.tests:
             out.append((node.lineno, f"No test named {node.name!r}."))
         elif type(node) in _OTHER_TEMPLATES:
@@ -52,6 +57,23 @@ def _problems(tree: nodes.Template, env: Any) -> list[tuple[int, str]]:
                 (node.lineno, f"{{% {tag} %}} is not available: a template cannot load others")
             )
     return sorted(out)
+
+
+#: Filters whose argument names another filter (``map('upper')``) or a test
+#: (``select('odd')``, ``selectattr('x', 'odd')``): Jinja looks it up only as it runs.
+_NAMES_ANOTHER = {"map": 0, "select": 0, "reject": 0, "selectattr": 1, "rejectattr": 1}
+
+
+def _named(node: nodes.Filter) -> str | None:
+    """The filter or test name ``node``'s argument gives as written (None: none, or not
+    written out: a variable)."""
+    at = _NAMES_ANOTHER[node.name]
+    if node.name == "map" and any(k.key == "attribute" for k in node.kwargs):
+        return None  # map(attribute='x'): an attribute, not a filter
+    if len(node.args) <= at:
+        return None
+    arg = node.args[at]
+    return arg.value if isinstance(arg, nodes.Const) and isinstance(arg.value, str) else None
 
 
 def _key(node: nodes.Getattr | nodes.Getitem) -> str | None:
