@@ -4,6 +4,7 @@ import asyncio
 import sqlite3
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Connection
@@ -451,6 +452,22 @@ async def test_a_batch_claim_numbers_each_tasks_events_on_its_own(store: TaskSto
         assert events[1].data == {"attempt": 1, "worker": "w"}
 
 
+def pg_claim_params(now: str, limit: int) -> dict[str, Any]:
+    """The claim's parameters on PostgreSQL, as the statement's SQL names them (its values
+    and the claim's own), for EXPLAIN and a claim run by hand."""
+    return {
+        "c_now": now,
+        "c_floor": -(2**31),
+        "c_limit": limit,
+        "c_owner": "w",
+        "c_expires": "2100-01-01T00:00:00Z",
+        "status": "running",
+        "attempts_1": 1,
+        "finished_at": None,
+        "error": None,
+    }
+
+
 async def test_the_claim_reads_the_queue_index_in_order_however_many_are_queued(
     db: Database, db_url: str
 ) -> None:
@@ -465,18 +482,7 @@ async def test_the_claim_reads_the_queue_index_in_order_however_many_are_queued(
 
         from orchestra.db.postgres_engine import conninfo
 
-        params = {
-            "c_now": "2100-01-01T00:00:00Z",
-            "c_floor": -(2**31),
-            "c_limit": 3,
-            "c_owner": "w",
-            "c_expires": "2100-01-01T00:00:00Z",
-            "status": "running",
-            "attempts_1": 1,
-            "finished_at": None,
-            "error": None,
-            "status_1": "queued",
-        }
+        params = pg_claim_params("2100-01-01T00:00:00Z", 3)
         with psycopg.connect(conninfo(db_url)) as pg:
             pg.execute("SET plan_cache_mode = force_generic_plan")
             pg.execute("SET enable_seqscan = off")
@@ -566,17 +572,7 @@ async def test_the_claim_on_postgresql_seeks_past_delayed_tasks(db: Database, db
         " handed_back, run_at, idempotency_scope, created_at) SELECT 't', 1, 'queued', '{}',"
         " %s, 0, 0, %s, '', '2026-01-01' FROM generate_series(1, %s)"
     )
-    params = {
-        "c_now": "2026-06-01T00:00:00Z",
-        "c_floor": -(2**31),
-        "c_limit": 4,
-        "c_owner": "w",
-        "c_expires": "2100-01-01T00:00:00Z",
-        "status": "running",
-        "attempts_1": 1,
-        "finished_at": None,
-        "error": None,
-    }
+    params = pg_claim_params("2026-06-01T00:00:00Z", 4)
     with psycopg.connect(conninfo(db_url)) as pg:
         pg.execute(insert, (5, "2100-01-01T00:00:00Z", 100_000))
         pg.execute(insert, (0, "2026-01-02T00:00:00Z", 3))
