@@ -34,11 +34,10 @@ from orchestra.event_types import TaskStarted
 ANY_PRIORITY = -(2**31)
 
 
-#: The claim's status condition as a literal, the words of the queue index's own WHERE
-#: (``ix_tasks_queue … WHERE status = 'queued'``): with a bound value, which could be any
-#: status, neither engine may use that partial index (SQLite never, PostgreSQL not in a
-#: generic plan), and the claim sorted every queued task: 40 ms a claim with 100,000 queued.
-QUEUED = text("tasks.status = 'queued'")
+# The pick's statements write the status as a literal, the words of the queue index's own
+# WHERE (``ix_tasks_queue … WHERE status = 'queued'``): with a bound value, which could be
+# any status, neither engine may use that partial index (SQLite never, PostgreSQL not in a
+# generic plan), and the claim sorted every queued task: 40 ms a claim with 100,000 queued.
 assert guards.CLAIM.sources == {TaskStatus.QUEUED}
 
 #: SQLite's planner, without statistics, takes the status index for ``status = 'queued'``
