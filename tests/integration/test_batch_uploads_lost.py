@@ -103,8 +103,14 @@ async def test_an_upload_that_died_with_its_process_is_closed_with_the_rows_it_k
         assert (rows, lease) == (100, None)
         assert batch(db_url, keyed=True)[1] == "loading"
         assert sql_rows(db_url, "SELECT count(*) FROM tasks") == [(150,)]
-        lines = config.with_suffix(".log").read_text().splitlines()
-        [lost] = [line for line in lines if '"batch.upload_lost"' in line]
+        # Logged just after the commit that closed it: waited for, not read at once.
+
+        def said() -> list[str]:
+            lines = config.with_suffix(".log").read_text().splitlines()
+            return [line for line in lines if '"batch.upload_lost"' in line]
+
+        await wait_until(said, timeout=10)
+        [lost] = said()
         assert f'"batch_id": {batch_id}' in lost and '"rows": 100' in lost, lost
         why = "is gone (pid" if where == "here" else "stopped renewing its lease"
         assert why in lost, lost
