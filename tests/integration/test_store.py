@@ -557,6 +557,60 @@ async def test_the_claim_steps_over_delayed_tasks_without_reading_them(
     assert steps[0] * 100 < 20_000, steps[0] * 100  # not one step per task passed over
 
 
+@SQLITE_ONLY
+@pytest.mark.parametrize("skip", [(), ("busy",)])
+async def test_the_claim_over_many_priorities_reads_them_in_one_scan(
+    db: Database, db_url: str, skip: tuple[str, ...]
+) -> None:
+    """One delayed task at each of 4,002 priorities (batch lanes counted) and the due one at
+    the lowest: a seek and a read for each priority cost 28 ms a claim (review). Past
+    MAX_BANDS priorities the rest are read in one ordered scan, as before the walk. Its
+    order: a due task at a higher priority comes first, in every part of the walk."""
+    import sqlite3
+
+    from sqlalchemy import create_engine
+
+    from orchestra.db.claim import MAX_BANDS, claim
+
+    rows = [(p, "2100-01-01T00:00:00Z", None) for p in range(-3001, 1001)]
+    rows += [(p, "2026-01-01T00:00:00Z", "busy") for p in range(-3001, 1001)]
+    rows += [(-3001, "2026-01-02T00:00:00Z", None), (-3001, "2026-01-03T00:00:00Z", None)]
+    rows += [(1000 - MAX_BANDS, "2026-01-05T00:00:00Z", None)]  # just past the walk
+    with sqlite3.connect(db_url.split("///", 1)[1]) as raw:
+        raw.executemany(
+            "INSERT INTO tasks (template, template_version, status, params, priority, attempts,"
+            " handed_back, run_at, model, idempotency_scope, created_at) VALUES"
+            " ('t', 1, 'queued', '{}', ?, 0, 0, ?, ?, '', '2026-01-01')",
+            rows,
+        )
+    engine = create_engine("sqlite:///" + db_url.split("///", 1)[1])
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0
+
+    try:
+        with engine.begin() as conn:
+            raw_conn = conn.connection.dbapi_connection
+            assert raw_conn is not None
+            raw_conn.set_progress_handler(count, 100)  # type: ignore[attr-defined]
+            taken = claim(conn, "w", 3, "2026-06-01T00:00:00Z", "2100-01-01T00:00:00Z", skip, None)
+            conn.rollback()
+    finally:
+        engine.dispose()
+    taken.sort(key=lambda t: (-t.priority, t.run_at))  # RETURNING's order is the engine's
+    if skip:
+        assert [(t.priority, t.run_at) for t in taken] == [
+            (1000 - MAX_BANDS, "2026-01-05T00:00:00Z"),
+            (-3001, "2026-01-02T00:00:00Z"),
+            (-3001, "2026-01-03T00:00:00Z"),
+        ]
+    else:
+        assert [t.priority for t in taken] == [1000, 999, 998]
+    assert steps[0] * 100 < 400_000, steps[0] * 100  # not a seek and a read per priority
+
+
 @pytest.mark.skipif(not ON_POSTGRESQL, reason="PostgreSQL's plan")
 async def test_the_claim_on_postgresql_seeks_past_delayed_tasks(db: Database, db_url: str) -> None:
     """100,000 tasks delayed at a higher priority, the table analysed: PostgreSQL planned the
@@ -587,3 +641,39 @@ async def test_the_claim_on_postgresql_seeks_past_delayed_tasks(db: Database, db
         pg.rollback()
     by_priority = sorted(row[8] for row in claimed)  # tasks.priority, as RETURNING lists it
     assert by_priority == [-3, 0, 0, 0], claimed
+
+
+@pytest.mark.skipif(not ON_POSTGRESQL, reason="PostgreSQL's plan")
+async def test_the_claim_on_postgresql_walks_a_few_priorities_then_scans(
+    db: Database, db_url: str
+) -> None:
+    """One delayed task at each of 4,002 priorities: the walk's seek and scan per priority
+    cost 10 ms a claim (review); past MAX_BANDS it reads the rest in one scan, and claims in
+    order, locking no more than it takes beyond the scan's own."""
+    import re
+
+    import psycopg
+
+    from orchestra.db.claim import CLAIM, MAX_BANDS
+    from orchestra.db.postgres_engine import conninfo
+
+    insert = (
+        "INSERT INTO tasks (template, template_version, status, params, priority, attempts,"
+        " handed_back, run_at, idempotency_scope, created_at) SELECT 't', 1, 'queued', '{}',"
+        " p, 0, 0, %s, '', '2026-01-01' FROM generate_series(%s::int, %s::int) AS p"
+    )
+    with psycopg.connect(conninfo(db_url)) as pg:
+        pg.execute(insert, ("2100-01-01T00:00:00Z", -3001, 1000))
+        pg.execute(insert, ("2026-01-01T00:00:00Z", -3001, -3000))  # due: the two lowest
+        pg.execute(insert, ("2026-01-01T00:00:00Z", 1000 - MAX_BANDS, 1000 - MAX_BANDS))
+        pg.commit()
+        pg.execute("ANALYZE tasks")
+        params = pg_claim_params("2026-06-01T00:00:00Z", 3)
+        found = pg.execute("EXPLAIN ANALYZE " + CLAIM.sql("postgresql"), params).fetchall()
+        plan = "\n".join(str(r[0]) for r in found)
+        pg.rollback()
+        claimed = pg.execute(CLAIM.sql("postgresql"), params).fetchall()
+        pg.rollback()
+    walked = re.search(r"Recursive Union .*actual time=\S+ rows=(\d+)", plan)
+    assert walked is not None and int(walked.group(1)) <= MAX_BANDS, plan
+    assert sorted(row[8] for row in claimed) == [-3001, -3000, 1000 - MAX_BANDS], claimed
