@@ -102,6 +102,11 @@ def test_tojson_of_a_lazy_sequence_is_its_list() -> None:
     )
     assert render_text("{{ range(3) | tojson }}", scope, what="t") == "[0, 1, 2]"
     assert render_text("{{ {'a': 1}.keys() | tojson }}", scope, what="t") == '["a"]'
+    # Its size is checked as a list's is (review: 2.4 MB went past the 1 MB cap).
+    with pytest.raises(RenderError, match="tojson's text would be over"):
+        render_text(
+            "{{ range(100000) | map('string') | map('center', 20) | tojson }}", scope, what="t"
+        )
 
 
 @pytest.mark.parametrize(

@@ -342,9 +342,11 @@ def _safe_filters(env: ImmutableSandboxedEnvironment) -> None:
             )
         from orchestra.templating.plain import plain  # (it reads this module's limits)
 
-        check_data_size(value, "tojson's text")
-        # A lazy sequence (map, select, range, a dict's keys) as the list it gives.
-        return json.dumps(plain(value), ensure_ascii=False, indent=indent)
+        # A lazy sequence (map, select, range, a dict's keys) as the list it gives, its size
+        # checked as a list's is (a generator counted as one character).
+        data = plain(value)
+        check_data_size(data, "tojson's text")
+        return json.dumps(data, ensure_ascii=False, indent=indent)
 
     def measured(name: str) -> Callable[..., Any]:
         original = base[name]
