@@ -372,9 +372,18 @@ class WebhookSender:
         """The answer's head from the first of ``targets`` that takes the connection (the
         last one's connection error when none does)."""
         assert self._client is not None
+        # Each address gets its share of the attempt's time to connect: one that drops the
+        # connection silently would take all of it, and the next would never be tried.
+        share = self.settings.timeout / len(targets)
+        timeout = httpx.Timeout(self.settings.timeout, connect=share)
         for index, target in enumerate(targets):
             request = self._client.build_request(
-                "POST", target, content=body, headers=headers, extensions=extensions
+                "POST",
+                target,
+                content=body,
+                headers=headers,
+                extensions=extensions,
+                timeout=timeout,
             )
             try:
                 return await self._client.send(request, stream=True)

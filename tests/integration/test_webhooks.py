@@ -4,9 +4,11 @@ down, the outbox surviving a SIGKILL, and destinations that are refused."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -604,38 +606,70 @@ async def test_a_receiver_that_answers_410_gone_is_not_sent_that_delivery_again(
     assert [a["status_code"] for a in delivery["attempts"]] == [410]
 
 
+@contextlib.contextmanager
+def dropping(host: str, port: int) -> Iterator[None]:
+    """A listener at ``host``:``port`` whose backlog is full: a new connection's SYN is
+    dropped, and its connect waits (a firewalled address, a missing route)."""
+    listener = socket.socket()
+    listener.bind((host, port))
+    listener.listen(0)
+    fillers = []
+    try:
+        for _ in range(4):  # past the backlog: later SYNs go unanswered
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect((host, port))
+            fillers.append(filler)
+        yield
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+@pytest.mark.parametrize("first", ["refuses", "drops"])
 async def test_a_name_with_several_addresses_is_tried_address_by_address(
     db_url: str,
     fake_ollama: FakeOllama,
     start_service: StartService,
     receiver: Receiver,
     monkeypatch: pytest.MonkeyPatch,
+    first: str,
 ) -> None:
     """With private addresses refused, a delivery connects to the addresses it checked, not
     to the name again: it tried only the first, and a receiver whose first address does
     not answer (IPv6 first on a host without its route) failed every attempt for a day.
+    Each address has its share of the attempt's time to connect: one that drops the
+    connection silently took all of it (review).
 
     The name's two addresses are given by a stand-in resolver (no test can make a name
-    resolve to two addresses otherwise), both taken as public: 127.0.0.2 refuses (the
-    receiver listens on 127.0.0.1 alone), 127.0.0.1 answers."""
+    resolve to two addresses otherwise), both taken as public: the first refuses (nothing
+    listens on 127.0.0.2) or drops (a full backlog on 127.0.0.3), 127.0.0.1 answers."""
     import orchestra.webhook_sender
     import orchestra.webhooks
 
+    other = "127.0.0.2" if first == "refuses" else "127.0.0.3"
+
     async def two_addresses(host: str, port: int) -> list[str]:
-        return ["127.0.0.2", "127.0.0.1"] if host == "hooks.example" else [host]
+        return [other, "127.0.0.1"] if host == "hooks.example" else [host]
 
     for module in (orchestra.webhooks, orchestra.webhook_sender):
         monkeypatch.setattr(module, "resolve", two_addresses)
         monkeypatch.setattr(module, "is_public", lambda address: address.startswith("127."))
-    settings = with_webhooks(make_settings(db_url, fake_ollama.url), allow_private=False, **QUICK)
-    async with start_service(settings) as svc:
-        url = f"http://hooks.example:{receiver.port}/hook"
-        made = await svc.client.post("/api/v1/webhooks", json={"url": url})
-        assert made.status_code == 201, made.text
-        receiver.secrets["/hook"] = made.json()["secret"]
-        await svc.wait((await svc.submit("summarize", text="two addresses"))["id"])
-        await wait_until(lambda: len(receiver.received) == 1, timeout=20)
-        [delivery] = await deliveries(svc, made.json()["id"])
+    settings = with_webhooks(
+        make_settings(db_url, fake_ollama.url), allow_private=False, **{**QUICK, "timeout": 4.0}
+    )
+    hold = dropping(other, receiver.port) if first == "drops" else contextlib.nullcontext()
+    with hold:
+        async with start_service(settings) as svc:
+            url = f"http://hooks.example:{receiver.port}/hook"
+            made = await svc.client.post("/api/v1/webhooks", json={"url": url})
+            assert made.status_code == 201, made.text
+            receiver.secrets["/hook"] = made.json()["secret"]
+            await svc.wait((await svc.submit("summarize", text="two addresses"))["id"])
+            await wait_until(lambda: len(receiver.received) == 1, timeout=20)
+            [delivery] = await deliveries(svc, made.json()["id"])
     assert [a["status_code"] for a in delivery["attempts"]] == [200]
     assert receiver.received[0].headers["host"] == f"hooks.example:{receiver.port}"
 
