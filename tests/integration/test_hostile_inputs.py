@@ -521,6 +521,25 @@ async def test_control_characters_in_an_idempotency_key_are_refused(svc: Service
     assert (await svc.client.get("/api/v1/tasks")).json()["items"] == []
 
 
+@pytest.mark.parametrize("path", ["/api/v1/tasks", "/api/v1/batches?template=summarize"])
+async def test_an_idempotency_key_sent_twice_is_refused(svc: Service, path: str) -> None:
+    """Two Idempotency-Key headers: the first was taken and the second dropped, so a key a
+    proxy added beside the caller's defeated the de-duplication in silence (helper-143)."""
+    body = json.dumps(BASE).encode() if "tasks" in path else b"text\nhello\n"
+    kind = b"application/json" if "tasks" in path else b"text/csv"
+    address = urlsplit(svc.url)
+    request = (
+        b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        b"Content-Type: %s\r\nIdempotency-Key: a\r\nIdempotency-Key: b\r\n"
+        b"Content-Length: %d\r\n\r\n" % (path.encode(), kind, len(body))
+    ) + body
+    answer = await asyncio.to_thread(_exchange, address.hostname or "", address.port, request)
+    head, _, content = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"400", answer
+    assert b'"field":"Idempotency-Key"' in content and b"more than once" in content, answer
+    assert (await svc.client.get("/api/v1/tasks")).json()["items"] == []
+
+
 async def test_an_idempotency_key_beyond_ascii_is_read_as_utf_8_in_the_header(
     svc: Service,
 ) -> None:

@@ -190,6 +190,7 @@ class BatchController(Controller):
         made it before (rows it already has are skipped: a resumed upload). A refused row is
         listed with its row and line numbers and the others go on; with ``atomic=true`` one
         refused row refuses the batch (422, each refused row listed; nothing queued)."""
+        idempotency.sent_once(request.headers)
         opts = BatchOptions(
             template=template,
             format=_upload_format(format, request.headers.get("content-type", "")),

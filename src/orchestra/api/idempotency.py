@@ -9,6 +9,8 @@ UTF-8 are refused, naming the header, rather than kept as mojibake.
 
 from __future__ import annotations
 
+from typing import Any
+
 from orchestra.domain import CONTROL
 from orchestra.errors import FieldProblem, InvalidRequest
 from orchestra.wire.tasks import MAX_IDEMPOTENCY_KEY
@@ -32,6 +34,18 @@ def _no_control(field: str, value: str) -> None:
         raise _refuse(
             field, f"contains a control character (U+{ord(found.group()):04X}), not accepted"
         )
+
+
+def sent_once(headers: Any) -> None:
+    """Refuse a request that sends the Idempotency-Key header more than once (its first
+    value was taken, the others dropped: a proxy's or a library's key beside the caller's
+    defeated the de-duplication without a word).
+
+    Raises:
+        InvalidRequest: naming the header.
+    """
+    if len(headers.getall(HEADER.lower(), [])) > 1:
+        raise _refuse(HEADER, "is sent more than once; send one key")
 
 
 def header_key(raw: str | None) -> str | None:

@@ -111,6 +111,7 @@ class TaskController(Controller):
         nothing is converted, :class:`~orchestra.api.schemas.StrictBodyRequest`). Idempotency
         keys are per API key: the same key sent with another API key is another task.
         """
+        idempotency.sent_once(request.headers)
         key = idempotency.request_key(data.idempotency_key, idempotency_header)
         if key != data.idempotency_key:
             data = msgspec.structs.replace(data, idempotency_key=key)
