@@ -173,6 +173,12 @@ SELECT picked.id FROM (
 ) AS picked
 LIMIT :c_limit
 """
+#: The most tasks one claim takes on PostgreSQL (a worker pool with more free slots claims
+#: again). A constant bound the planner can see: with the limit a parameter alone, a
+#: prepared statement's generic plan guessed thousands of rows and joined them to the tasks
+#: by a sequential scan of the table, at every claim.
+PG_CLAIM_MOST = 100
+_PG_DUE_BOUNDED = f"SELECT bounded.id FROM ({_PG_DUE}) AS bounded LIMIT {PG_CLAIM_MOST}"
 
 
 def claim_statement(skip_models: tuple[str, ...] = (), engine: str = "sqlite") -> Any:
@@ -198,7 +204,7 @@ def claim_statement(skip_models: tuple[str, ...] = (), engine: str = "sqlite") -
     binds: list[BindParameter[Any]] = [
         bindparam(f"c_skip_{n}", model) for n, model in enumerate(skip_models)
     ]
-    due = text(_PG_DUE.format(skip=skip)).bindparams(*binds).columns(tasks.c.id)
+    due = text(_PG_DUE_BOUNDED.format(skip=skip)).bindparams(*binds).columns(tasks.c.id)
     picked = due.cte("due")
     return _claim_update(tasks.c.id == picked.c.id)
 
