@@ -8,7 +8,6 @@ else ``./orchestra.toml`` when it exists; :func:`orchestra.config_file.load` rea
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -30,7 +29,29 @@ _UNITS = {"days": ("days", 86_400), "_hours": ("hours", 3_600)}
 
 
 #: A model server's address: http(s), a host, and perhaps a port and a path.
-_HTTP_URL = re.compile(r"https?://[^/?#\s]+(/\S*)?", re.IGNORECASE)
+def _http_url(url: str) -> bool:
+    """Whether ``url`` is an http(s) base URL with a host, a valid port if any, and no query,
+    fragment or space."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a port that is not a number)
+    except ValueError:
+        return False
+    return (
+        parts.scheme.lower() in ("http", "https")
+        and bool(parts.hostname)
+        and not parts.query
+        and not parts.fragment
+        and not any(c.isspace() for c in url)
+    )
+
+
+def _userinfo(url: str) -> bool:
+    """Whether ``url`` carries ``user:password@`` (False for one that cannot be read)."""
+    try:
+        return "@" in urlsplit(url).netloc
+    except ValueError:
+        return False
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -179,12 +200,12 @@ class ProviderSettings(_Section, frozen=True):
             (f"{key}.url", self.kind == "embedded" or bool(self.url), "a URL for this kind"),
             (
                 f"{key}.url",
-                not self.url or _HTTP_URL.fullmatch(self.url) is not None,
+                not self.url or _http_url(self.url),
                 "an http:// or https:// URL with a host (http://127.0.0.1:11434)",
             ),
             (
                 f"{key}.url",
-                not (self.api_key_env and "@" in urlsplit(self.url).netloc),
+                not (self.api_key_env and _userinfo(self.url)),
                 "no user:password@ in the url when api_key_env is set (both are credentials: "
                 "the URL's would be sent, as Basic auth, instead of the key)",
             ),
