@@ -91,10 +91,14 @@ async def upgrade(db: Database) -> int:
         await db.transaction(work)
     except DBAPIError as exc:  # what the engine's retries did not get past
         said = str(exc.orig or exc).strip().splitlines()[0]
-        if "to" not in place:  # its version could not be read: not Orchestra's table?
+        if "from" not in place:  # its version could not be read: not Orchestra's table?
             raise ConfigError(
                 f"{db.where}: cannot read the schema version ({said}): does its "
                 "schema_version table belong to another program?"
+            ) from None
+        if "to" not in place:  # no migration was run: its check, or the commit, failed
+            raise ConfigError(
+                f"{db.where}: the schema (version {place['from']}) could not be checked: {said}"
             ) from None
         raise ConfigError(
             f"{db.where}: the migration to schema version {place['to']} failed: {said}; "
