@@ -588,6 +588,14 @@ def test_an_explicit_str_tag_is_a_string_and_other_tags_are_named() -> None:
         assert (p.path, p.line, p.column) == ("steps[0].prompt", 4, 13), p
         assert not [p for p in found if "Tagged" in p.message or "Commented" in p.message]
         assert not [p for p in found if "required" in p.message], found
+    # A key with !!str is its text; a mapping or a list with a tag of its own is refused.
+    t = parse_template("name: t\nsteps:\n  - !!str id: a\n    !!str prompt: hi\n", "t.yaml")
+    assert (t.steps[0].id, t.steps[0].prompt) == ("a", "hi")
+    [p] = problems("name: t\nsteps:\n  - !shout {id: a, prompt: hi}\n")
+    assert (p.path, p.message) == ("steps[0]", "the tag !shout is not one a template takes"), p
+    [p] = problems("name: t\nsteps: !!str\n  - {id: a, prompt: hi}\n")
+    assert p.path == "steps" and "!!str" in p.message, p
+    parse_template("name: t\nsteps: !!seq\n  - !!map {id: a, prompt: hi}\n", "t.yaml")
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,8 @@ Path_ = tuple[str | int, ...]
 MERGE_TAG = "tag:yaml.org,2002:merge"
 #: The tag of a string written ``!!str value``.
 STR_TAG = "tag:yaml.org,2002:str"
+#: YAML's own tags of a mapping and a list (``!!map {…}``, ``!!seq […]``).
+MAP_TAG, SEQ_TAG = "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"
 
 #: A parameter's name or a step's id: what a template's expressions can name as it is.
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -123,23 +125,27 @@ class Source:
         if isinstance(node, CommentedMap):
             out: dict[Any, Any] = {}
             merged: tuple[int, int] | None = None
-            for key in node:
+            self._tag_of(node, path)
+            for written in node:
+                # A key with a tag (``!!str id: a``) is its text (a problem if another tag).
+                key = self._tagged(written, path) if isinstance(written, TaggedScalar) else written
                 if node.lc.data is None:  # an !!omap: ruamel keeps no positions by key
                     here = (node.lc.line, node.lc.col)
                     self.positions[(*path, key)] = self.key_positions[(*path, key)] = here
-                elif key in node.lc.data:
-                    self.positions[(*path, key)] = node.lc.value(key)
-                    self.key_positions[(*path, key)] = node.lc.key(key)
+                elif written in node.lc.data:
+                    self.positions[(*path, key)] = node.lc.value(written)
+                    self.key_positions[(*path, key)] = node.lc.key(written)
                 else:  # brought in by a merge key
                     self.merged.add((*path, key))
                     merged = merged or self._merge_position(node)
                     self.positions[(*path, key)] = self.key_positions[(*path, key)] = merged
-                value = self._plain(node[key], (*path, key))
+                value = self._plain(node[written], (*path, key))
                 if isinstance(key, str):
                     key = self._text(key, (*path, _escaped(key)), of="key")
                 out[key] = value
             return out
         if isinstance(node, CommentedSeq):
+            self._tag_of(node, path)
             items = []
             for index, item in enumerate(node):
                 self.positions[(*path, index)] = node.lc.item(index)
@@ -173,6 +179,14 @@ class Source:
             # parameters and outputs are, has neither: as text, as the author wrote it.
             return str(node)
         return node
+
+    def _tag_of(self, node: CommentedMap | CommentedSeq, path: Path_) -> None:
+        """A problem for a mapping or a list with a tag of its own (``!shout {…}``), which
+        would be taken as if it had none; YAML's own for its kind (``!!map``) is as none."""
+        tag = getattr(getattr(node, "tag", None), "value", None)
+        if tag is not None and tag not in (MAP_TAG, SEQ_TAG):
+            short = str(tag).replace("tag:yaml.org,2002:", "!!")
+            self.problems.append((path, f"the tag {short} is not one a template takes"))
 
     def _tagged(self, node: TaggedScalar, path: Path_) -> str:
         """A scalar with an explicit tag: ``!!str`` (standard YAML) is its text, a block one
