@@ -30,8 +30,8 @@ _UNITS = {"days": ("days", 86_400), "_hours": ("hours", 3_600)}
 
 #: A model server's address: http(s), a host, and perhaps a port and a path.
 def _http_url(url: str) -> bool:
-    """Whether ``url`` is an http(s) base URL with a host, a valid port if any, and no query,
-    fragment or space."""
+    """Whether ``url`` is an http(s) base URL with a host, a valid port if any, and no
+    fragment or space (a query is kept: it goes after each request's path)."""
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018  (raises ValueError for a port that is not a number)
@@ -40,7 +40,6 @@ def _http_url(url: str) -> bool:
     return (
         parts.scheme.lower() in ("http", "https")
         and bool(parts.hostname)
-        and not parts.query
         and not parts.fragment
         and not any(c.isspace() for c in url)
     )

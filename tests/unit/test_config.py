@@ -192,7 +192,7 @@ def test_orchestra_config_variable_picks_the_file(tmp_path: Path) -> None:
         ('[providers.ollama]\nurl = "http://:11434"\n', "providers.ollama.url: expected an h"),
         ('[providers.ollama]\nurl = "http://h:abc/"\n', "providers.ollama.url: expected an h"),
         ('[providers.ollama]\nurl = "http://[::1:11434"\n', "providers.ollama.url: expected an"),
-        ('[providers.ollama]\nurl = "https://h/?x=1"\n', "providers.ollama.url: expected an h"),
+        ('[providers.ollama]\nurl = "https://h/v1#x"\n', "providers.ollama.url: expected an h"),
         # httpx sends the URL's user as Basic auth, over the key's Bearer: the key never went.
         (
             '[providers.x]\nkind = "openai"\nurl = "https://u:p@h/v1"\napi_key_env = "K"\n',
