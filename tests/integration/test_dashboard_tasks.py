@@ -170,6 +170,35 @@ async def test_the_live_signal_of_an_idle_service_sends_no_change(
             await service.submit("summarize", text="a change")
 
 
+@pytest.mark.parametrize("page", ["/ui/", "/ui/tasks"])
+async def test_a_change_between_a_page_and_its_live_stream_is_sent_at_once(
+    service: Service, monkeypatch: pytest.MonkeyPatch, page: str
+) -> None:
+    """A task that finished after the page was made and before its live stream connected
+    was never shown: the stream counted from its own start, and saw no change (a red
+    fresh-clone run: the overview through a proxy stayed at 0 succeeded). The page names the
+    counts it shows (``seen``), and a stream that finds others says ``changed`` at once."""
+    from orchestra.web import overview
+
+    monkeypatch.setattr(overview, "LOOK_EVERY", 30.0)  # no look of its own within the test
+    html = (await service.client.get(page)).text
+    [url] = re.findall(r'sse-connect="(/ui/live[^"]*)"', html)
+    url = url.replace("&amp;", "&")
+    assert "seen=" in url, url
+    await service.wait((await service.submit("summarize", text="meanwhile"))["id"])
+    async with asyncio.timeout(10):
+        async for fields, _ in _sse(service.client, url):
+            assert fields.get("event") == "changed", fields
+            break
+    # Connected with the counts it shows: nothing to say until they change.
+    html = (await service.client.get(page)).text
+    [url] = re.findall(r'sse-connect="(/ui/live[^"]*)"', html)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(1.5):
+            async for fields, _ in _sse(service.client, url.replace("&amp;", "&")):
+                raise AssertionError(f"told of a change that is not one: {fields}")
+
+
 async def test_the_streamed_text_starts_at_the_running_steps_last_start(db: Database) -> None:
     store = TaskStore(db)
     task_id = (await store.enqueue(NewTask(template="t", template_version=1, params={}))).task.id

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Controller, Request, get, post
+from litestar.params import QueryParameter
 from litestar.response import Redirect, ServerSentEvent, ServerSentEventMessage, Template
 
 from orchestra import metrics
@@ -20,6 +21,11 @@ from orchestra.web.render import bounded, links, page
 CHANGED_EVERY = 1.0
 #: Without a change in this process, counts are compared this often (other processes' work).
 LOOK_EVERY = 5.0
+
+
+def seen_of(counts: dict[str, int]) -> str:
+    """The tasks' counts by status, as a page names those it shows to its live stream."""
+    return ".".join(f"{status}-{counts[status]}" for status in sorted(counts))
 
 
 async def _overview(request: Request[Any, Any, Any]) -> dict[str, Any]:
@@ -39,6 +45,7 @@ async def _overview(request: Request[Any, Any, Any]) -> dict[str, Any]:
             runtime.settings.workers.concurrency if runtime.settings.server.workers else 0, pool
         ),
         "providers": runtime.router.states(),
+        "seen": seen_of(data.counts),
     }
 
 
@@ -95,15 +102,23 @@ class OverviewPages(Controller):
         return await _providers(request, await router.refresh(asked=True))
 
     @get("/live", name="ui.live")
-    async def live(self, request: Request[Any, Any, Any]) -> ServerSentEvent:
+    async def live(
+        self,
+        request: Request[Any, Any, Any],
+        seen: Annotated[str | None, QueryParameter(max_length=200)] = None,
+    ) -> ServerSentEvent:
         """``changed`` events when tasks change (at most every second): live parts of a page
-        fetch themselves again on it. Ends after a while; the browser reconnects."""
+        fetch themselves again on it. Ends after a while; the browser reconnects. ``seen``:
+        the counts the page shows (:func:`seen_of`); other counts when the stream starts (a
+        change between the page and its stream) are a change at once."""
         runtime = runtime_of(request.scope)
         signals = runtime.tasks.signals
 
         async def stream() -> AsyncIterator[ServerSentEventMessage]:
             loop = asyncio.get_running_loop()
             last = await runtime.dashboard.counts()
+            if seen is not None and seen != seen_of(last):
+                yield ServerSentEventMessage(event="changed", data=str(sum(last.values())))
             with signals.watch_all() as changed:
                 while True:
                     try:

@@ -26,6 +26,7 @@ from orchestra.web.notices import (
     notice_text,
     notice_value,
 )
+from orchestra.web.overview import seen_of
 from orchestra.web.render import bounded, links, page
 from orchestra.web.views import until, visible
 
@@ -143,8 +144,11 @@ class TaskPages(Controller):
         found = filters_of(request.query_params)
         cursor = request.query_params.get("cursor")
         before = whole(cursor, "cursor") if cursor else None
+        # The counts first: a change while the rows are read is one the live stream tells.
+        counts = await runtime.dashboard.counts()
         result = await runtime.dashboard.page(found.filter, limit=PAGE_SIZE, before=before)
         return {
+            "seen": seen_of(counts),
             "rows": result.items,
             "next_cursor": result.next_cursor,
             "given": found.given,
