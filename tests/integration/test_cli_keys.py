@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import make_url
 
 from tests.conftest import StartService, make_keys, make_settings
 from tests.fixtures.fake_ollama import FakeOllama
@@ -64,7 +65,10 @@ async def test_keys_work_on_the_services_database_and_say_which(
     await make_keys(db_url)  # the database exists, with no key yet
     env = {"ORCHESTRA_DATABASE__URL": db_url}
     code, out, err = await keys_cli("list", cwd=tmp_path, env=env)
-    where = db_url.split("///", 1)[1] if db_url.startswith("sqlite") else "postgresql"
+    # The file, or the server's database by name (as the service's messages name it).
+    where = (
+        db_url.split("///", 1)[1] if db_url.startswith("sqlite") else str(make_url(db_url).database)
+    )
     assert (code, out) == (0, "") and err.splitlines()[0].startswith("database: ")
     assert where in err.splitlines()[0] and err.splitlines()[1] == "no keys", err
 
