@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -512,6 +513,43 @@ async def test_the_claim_reads_the_queue_index_in_order_however_many_are_queued(
         assert "SCAN tasks" not in plan and "TEMP B-TREE" not in plan, plan
 
 
+def counted_claim(
+    db_url: str, rows: Sequence[tuple[int, str, str | None]], limit: int, skip: tuple[str, ...]
+) -> tuple[list[Any], int]:
+    """Queue ``rows`` (priority, run_at, model) in the SQLite file, then claim ``limit`` at
+    2026-06-01 (passing over the models ``skip`` names): the tasks taken, and about how many
+    steps of SQLite's machine the claim took (its progress handler, every 100), rolled back."""
+    from sqlalchemy import create_engine
+
+    from orchestra.db.claim import claim
+
+    with sqlite3.connect(db_url.split("///", 1)[1]) as raw:
+        raw.executemany(
+            "INSERT INTO tasks (template, template_version, status, params, priority, attempts,"
+            " handed_back, run_at, model, idempotency_scope, created_at) VALUES"
+            " ('t', 1, 'queued', '{}', ?, 0, 0, ?, ?, '', '2026-01-01')",
+            rows,
+        )
+    engine = create_engine("sqlite:///" + db_url.split("///", 1)[1])
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0
+
+    try:
+        with engine.begin() as conn:
+            raw_conn = conn.connection.dbapi_connection
+            assert raw_conn is not None
+            raw_conn.set_progress_handler(count, 100)
+            now, expires = "2026-06-01T00:00:00Z", "2100-01-01T00:00:00Z"
+            taken = claim(conn, "w", limit, now, expires, skip, None)
+            conn.rollback()
+    finally:
+        engine.dispose()
+    return taken, steps[0] * 100
+
+
 SQLITE_ONLY = pytest.mark.skipif(ON_POSTGRESQL, reason="counts SQLite's own steps")
 
 
@@ -524,38 +562,11 @@ async def test_the_claim_steps_over_delayed_tasks_without_reading_them(
     priority's due tasks instead. Counted in SQLite's own steps (its progress handler), not
     in time. (Tasks of a model at its limit, due ahead of the one to take, are still walked
     past: see docs/processes.md.)"""
-    import sqlite3
-
-    from sqlalchemy import create_engine
-
-    from orchestra.db.claim import claim
-
     rows = [(5, "2100-01-01T00:00:00Z", None)] * 20_000  # delayed, at a higher priority
     rows += [(0, "2026-01-01T00:00:00Z", None)] * 3  # due
-    with sqlite3.connect(db_url.split("///", 1)[1]) as raw:
-        raw.executemany(
-            "INSERT INTO tasks (template, template_version, status, params, priority, attempts,"
-            " handed_back, run_at, model, idempotency_scope, created_at) VALUES"
-            " ('t', 1, 'queued', '{}', ?, 0, 0, ?, ?, '', '2026-01-01')",
-            rows,
-        )
-    engine = create_engine("sqlite:///" + db_url.split("///", 1)[1])
-    steps = [0]
-
-    def count() -> int:
-        steps[0] += 1
-        return 0
-
-    try:
-        with engine.begin() as conn:
-            raw_conn = conn.connection.dbapi_connection
-            assert raw_conn is not None
-            raw_conn.set_progress_handler(count, 100)  # type: ignore[attr-defined]
-            taken = claim(conn, "w", 2, "2026-06-01T00:00:00Z", "2100-01-01T00:00:00Z", (), None)
-    finally:
-        engine.dispose()
+    taken, steps = counted_claim(db_url, rows, 2, ())
     assert [(t.priority, t.run_at) for t in taken] == [(0, "2026-01-01T00:00:00Z")] * 2
-    assert steps[0] * 100 < 20_000, steps[0] * 100  # not one step per task passed over
+    assert steps < 20_000, steps  # not one step per task passed over
 
 
 @SQLITE_ONLY
@@ -567,39 +578,15 @@ async def test_the_claim_over_many_priorities_reads_them_in_one_scan(
     the lowest: a seek and a read for each priority cost 28 ms a claim (review). Past
     MAX_BANDS priorities the rest are read in one ordered scan, as before the walk. Its
     order: a due task at a higher priority comes first, in every part of the walk."""
-    import sqlite3
+    from orchestra.db.claim import MAX_BANDS
 
-    from sqlalchemy import create_engine
-
-    from orchestra.db.claim import MAX_BANDS, claim
-
-    rows = [(p, "2100-01-01T00:00:00Z", None) for p in range(-3001, 1001)]
+    rows: list[tuple[int, str, str | None]] = [
+        (p, "2100-01-01T00:00:00Z", None) for p in range(-3001, 1001)
+    ]
     rows += [(p, "2026-01-01T00:00:00Z", "busy") for p in range(-3001, 1001)]
     rows += [(-3001, "2026-01-02T00:00:00Z", None), (-3001, "2026-01-03T00:00:00Z", None)]
     rows += [(1000 - MAX_BANDS, "2026-01-05T00:00:00Z", None)]  # just past the walk
-    with sqlite3.connect(db_url.split("///", 1)[1]) as raw:
-        raw.executemany(
-            "INSERT INTO tasks (template, template_version, status, params, priority, attempts,"
-            " handed_back, run_at, model, idempotency_scope, created_at) VALUES"
-            " ('t', 1, 'queued', '{}', ?, 0, 0, ?, ?, '', '2026-01-01')",
-            rows,
-        )
-    engine = create_engine("sqlite:///" + db_url.split("///", 1)[1])
-    steps = [0]
-
-    def count() -> int:
-        steps[0] += 1
-        return 0
-
-    try:
-        with engine.begin() as conn:
-            raw_conn = conn.connection.dbapi_connection
-            assert raw_conn is not None
-            raw_conn.set_progress_handler(count, 100)  # type: ignore[attr-defined]
-            taken = claim(conn, "w", 3, "2026-06-01T00:00:00Z", "2100-01-01T00:00:00Z", skip, None)
-            conn.rollback()
-    finally:
-        engine.dispose()
+    taken, steps = counted_claim(db_url, rows, 3, skip)
     taken.sort(key=lambda t: (-t.priority, t.run_at))  # RETURNING's order is the engine's
     if skip:
         assert [(t.priority, t.run_at) for t in taken] == [
@@ -609,7 +596,7 @@ async def test_the_claim_over_many_priorities_reads_them_in_one_scan(
         ]
     else:
         assert [t.priority for t in taken] == [1000, 999, 998]
-    assert steps[0] * 100 < 400_000, steps[0] * 100  # not a seek and a read per priority
+    assert steps < 400_000, steps  # not a seek and a read per priority
 
 
 @pytest.mark.skipif(not ON_POSTGRESQL, reason="PostgreSQL's plan")
