@@ -669,6 +669,13 @@ async def test_a_name_with_several_addresses_is_tried_address_by_address(
             receiver.secrets["/hook"] = made.json()["secret"]
             await svc.wait((await svc.submit("summarize", text="two addresses"))["id"])
             await wait_until(lambda: len(receiver.received) == 1, timeout=20)
+
+            # The attempt is recorded once its answer is read, after the receiver has it.
+            async def recorded() -> bool:
+                found = await deliveries(svc, made.json()["id"])
+                return [d["status"] for d in found] == ["delivered"]
+
+            await wait_until(recorded, timeout=10)
             [delivery] = await deliveries(svc, made.json()["id"])
     assert [a["status_code"] for a in delivery["attempts"]] == [200]
     assert receiver.received[0].headers["host"] == f"hooks.example:{receiver.port}"
