@@ -22,7 +22,8 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Coroutine, MutableMapping
+from collections.abc import Callable, Coroutine, Iterator, MutableMapping
+from contextlib import contextmanager
 from typing import Any, TypeVar, cast
 
 import structlog
@@ -99,6 +100,26 @@ class _RecordFormatter(logging.Formatter):
         return str(result)
 
 
+#: True while a request's URL must not be logged (:func:`requests_unlogged`).
+_UNLOGGED: contextvars.ContextVar[bool] = contextvars.ContextVar("unlogged", default=False)
+
+
+def _logged_request(_record: logging.LogRecord) -> bool:
+    return not _UNLOGGED.get()
+
+
+@contextmanager
+def requests_unlogged() -> Iterator[None]:
+    """httpx logs no request line meanwhile (in this context): a webhook's URL may carry its
+    secret in its path (Slack's, Discord's) or in a query key no list names (Azure's
+    ``?code=``), which no redaction can tell from a path. Its sender logs the host itself."""
+    token = _UNLOGGED.set(True)
+    try:
+        yield
+    finally:
+        _UNLOGGED.reset(token)
+
+
 def setup(settings: LoggingSettings, stream: Any = None, process: int | None = None) -> None:
     """Configure structlog and the standard library's logging once, at process start.
     ``process``: this service process's number under the supervisor (``--processes N``),
@@ -144,6 +165,7 @@ def setup(settings: LoggingSettings, stream: Any = None, process: int | None = N
     # 30 s) shows from debug; aiosqlite's and httpcore's line per statement or socket event
     # (72 a second on an idle service, which buried Orchestra's own debug lines) never.
     logging.getLogger("httpx").setLevel(logging.INFO if level <= logging.DEBUG else logging.WARNING)
+    logging.getLogger("httpx").addFilter(_logged_request)  # once: the same function
     for name in ("aiosqlite", "httpcore"):
         logging.getLogger(name).setLevel(max(level, logging.INFO))
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):

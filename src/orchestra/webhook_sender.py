@@ -386,7 +386,8 @@ class WebhookSender:
                 timeout=timeout,
             )
             try:
-                return await self._client.send(request, stream=True)
+                with logs.requests_unlogged():  # the URL may be the secret; logged: its host
+                    return await self._client.send(request, stream=True)
             except (httpx.ConnectError, httpx.ConnectTimeout):
                 if index == len(targets) - 1:
                     raise

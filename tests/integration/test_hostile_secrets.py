@@ -16,6 +16,7 @@ from tests.conftest import StartService, make_keys, with_provider
 from tests.fixtures.fake_ollama import Failure, FakeOllama
 from tests.fixtures.hostile import hostile_service
 from tests.fixtures.servers import free_socket, wait_until
+from tests.fixtures.webhook_receiver import Receiver
 
 PASSWORD = "s3cr3t-pw-7f1c"
 QUERY_KEY = "qkey-9d2e41"
@@ -175,3 +176,33 @@ async def test_health_shows_details_where_no_key_is_needed(
     async with start_service(open_reads) as svc:
         body = (await svc.client.get("/health")).json()
     assert "ollama" in body["providers"] and body["version"]
+
+
+async def test_a_webhook_urls_secret_path_and_code_never_reach_the_debug_log(
+    tmp_path: Path, fake_ollama: FakeOllama, db_url: str
+) -> None:
+    # Slack's and Discord's webhook URLs carry their secret in the path, Azure Functions' in
+    # `?code=`: at debug level httpx logs every request's URL, and it must not log these.
+    path_secret, code_secret = "Xk9PathSecret4", "Zq7CodeSecret2"
+    hook = f"/services/T0/B0/{path_secret}?code={code_secret}"
+    receiver = Receiver()
+    await receiver.start()
+    extra = '[logging]\nlevel = "debug"\n[webhooks]\nallow_private = true'
+    try:
+        async with hostile_service(tmp_path, fake_ollama.url, extra, db_url=db_url) as svc:
+            secret = (await svc.client.get("/api/v1/webhooks/callback-secret")).json()["secret"]
+            receiver.secrets[hook] = secret
+            body = {"template": "summarize", "params": {"text": "x"}}
+            created = await svc.client.post(
+                "/api/v1/tasks", json={**body, "callback_url": receiver.url(hook)}
+            )
+            assert created.status_code == 201, created.text
+            log = svc.config.with_suffix(".log")
+            await wait_until(lambda: "webhook.attempt" in log.read_text(), timeout=30)
+    finally:
+        await receiver.stop()
+    assert len(receiver.received) == 1, receiver.rejected
+    text = log.read_text()
+    assert "/api/tags" in text, text  # httpx's request lines are logged: a provider's probe
+    for secret in (path_secret, code_secret):
+        assert secret not in text, [line for line in text.splitlines() if secret in line]
