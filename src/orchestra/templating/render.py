@@ -278,7 +278,6 @@ def _measured(value: Any) -> Any:
 def environment() -> ImmutableSandboxedEnvironment:
     """The one Jinja environment every template renders in."""
     env = BoundedSandbox(
-        undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=False,
         finalize=_measured,

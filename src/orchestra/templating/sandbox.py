@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from jinja2 import Undefined, nodes, pass_environment, pass_eval_context
+from jinja2 import StrictUndefined, Undefined, nodes, pass_environment, pass_eval_context
 from jinja2.filters import make_attrgetter
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import generate_lorem_ipsum
@@ -381,40 +381,29 @@ def _safe_filters(env: ImmutableSandboxedEnvironment) -> None:
     env.globals["lipsum"] = lipsum
 
 
-#: :func:`_method_or_undefined`'s classes, by the undefined each extends.
-_METHOD_UNDEFINED: dict[type[Undefined], type[Undefined]] = {}
+class _MethodOrUndefined(StrictUndefined):
+    """A mapping's key left out whose name is one of the mapping's methods: undefined, and
+    callable as the method it stands beside."""
 
+    __slots__ = ("method",)
+    method: Callable[..., Any]
+    # Read by the sandbox and by Jinja before a call (an undefined's attributes fail).
+    unsafe_callable = alters_data = False
+    jinja_pass_arg = None
 
-def _method_or_undefined(base: type[Undefined]) -> type[Undefined]:
-    """``base`` (the environment's undefined), callable as the method it stands beside."""
-    made = _METHOD_UNDEFINED.get(base)
-    if made is not None:
-        return made
-
-    class MethodOrUndefined(base):  # type: ignore[valid-type,misc]
-        """A mapping's key left out whose name is one of the mapping's methods."""
-
-        __slots__ = ("method",)
-        method: Callable[..., Any]
-        # Read by the sandbox and by Jinja before a call (an undefined's attributes fail).
-        unsafe_callable = alters_data = False
-        jinja_pass_arg = None
-
-        def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            return self.method(*args, **kwargs)
-
-    _METHOD_UNDEFINED[base] = MethodOrUndefined
-    return MethodOrUndefined
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.method(*args, **kwargs)
 
 
 class BoundedSandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox with the bounds above; a mapping's keys win over its methods
-    (``params.items`` is the parameter called ``items`` when there is one)."""
+    """The immutable sandbox with the bounds above; a name undefined fails where it is used
+    (StrictUndefined); a mapping's keys win over its methods (``params.items`` is the
+    parameter called ``items`` when there is one)."""
 
     intercepted_binops = frozenset({"*", "**", "+", "%"})
 
     def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
+        super().__init__(undefined=StrictUndefined, **options)
         _safe_filters(self)
 
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
@@ -439,7 +428,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             # A key left out that a method shares its name with (an optional ``items``):
             # undefined, as any key left out (``| default``, ``is defined``), yet called
             # it is the method still (``params.items()``).
-            missing: Any = _method_or_undefined(self.undefined)(obj=obj, name=attribute)
+            missing = _MethodOrUndefined(obj=obj, name=attribute)
             missing.method = found
             return missing
         return found
