@@ -6,6 +6,7 @@ the key alone; here it names where the value was set, the file or the environmen
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from orchestra.config import Settings
 from orchestra.config_file import origin
@@ -33,8 +34,21 @@ def check(settings: Settings, config_path: str | None) -> None:
     ]
     if server.api and settings.ui.enabled:
         checks.append(("ui.path", lambda: ui_path(settings)))
+    checks.append(("templates.dirs", lambda: template_folders(settings.templates.dirs)))
     for key, run in checks:
         try:
             run()
         except ConfigError as exc:
             raise ConfigError(f"{origin(key, config_path)}: {exc.message}") from None
+
+
+def template_folders(dirs: list[str]) -> None:
+    """Each of ``dirs`` is a folder (a relative one from the working directory).
+
+    Raises:
+        ConfigError: naming the first that is not.
+    """
+    for folder in dirs:
+        if not Path(folder).is_dir():
+            where = "" if Path(folder).is_absolute() else f" (from {Path.cwd()})"
+            raise ConfigError(f"templates.dirs: {folder} is not a folder{where}")

@@ -188,6 +188,24 @@ async def test_a_setting_checked_at_serve_names_where_it_was_set(
     assert f"Error: {variable} (environment): {key}: " in err and said in err, err
 
 
+async def test_a_template_folder_that_does_not_exist_stops_serve_in_one_line_naming_its_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It was "invalid templates:" and the folder on a second line, after the server process
+    had started (uvicorn's lines first), and naming no settings file."""
+    config = tmp_path / "o.toml"
+    config.write_text(f'server.port = {free_port()}\ntemplates.dirs = ["./my-templates"]\n')
+    monkeypatch.chdir(tmp_path)
+    err = await _serve_fails(config)
+    said = f"Error: {config}: templates.dirs: ./my-templates is not a folder (from {tmp_path})"
+    assert err.strip() == said, err
+    config.write_text(f"server.port = {free_port()}\n")
+    monkeypatch.setenv("ORCHESTRA_TEMPLATES__DIRS", f'["{tmp_path}/gone"]')
+    err = await _serve_fails(config)
+    said = f"Error: ORCHESTRA_TEMPLATES__DIRS (environment): templates.dirs: {tmp_path}/gone is"
+    assert err.strip() == said + " not a folder", err
+
+
 @pytest.fixture
 def greet(settings: Settings, tmp_path: Path) -> tuple[Path, Settings]:
     """A template folder holding greet v1, and the settings that read it."""

@@ -119,7 +119,9 @@ def test_missing_required_fields() -> None:
     assert found[""] == "'name' is required"
     assert found["steps"] == "'steps' must be a non-empty list of steps"
     step = {p.path: p.message for p in problems("name: x\nsteps:\n  - id: a\n")}
-    assert step["steps[0]"] == "'prompt' is required"
+    # A step is a prompt or a list of messages: naming only `prompt` read as "messages is not
+    # allowed" (a docs walkthrough).
+    assert step["steps[0]"] == "'prompt' or 'messages' is required"
 
 
 @pytest.mark.parametrize(

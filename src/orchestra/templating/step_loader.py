@@ -199,7 +199,9 @@ class _StepReader:
     def llm(self, common: dict[str, Any]) -> LlmStep | None:
         c, data, path = self.c, self.data, self.path
         messages = self._messages()
-        prompt = self.template("prompt", required=not messages and "messages" not in data)
+        if data.get("prompt") is None and "messages" not in data:
+            c.add(path, "'prompt' or 'messages' is required")
+        prompt = self.template("prompt")
         if prompt is not None and messages:
             c.add((*path, "messages"), "give either prompt (and system) or messages, not both")
         system = self.template("system")
