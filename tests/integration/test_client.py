@@ -212,6 +212,11 @@ async def test_batches_from_a_file_and_from_an_iterable_run_to_their_results(
 async def _the_service(api: Api) -> None:
     health = await api.do("health")
     assert health.status in ("ok", "degraded") and health.database == "ok"
+    # /api/v1/models had no call, and health() could not ask ?check=now (helper-150).
+    checked = await api.do("health", check_now=True)
+    assert checked.providers and all(p.checked_at for p in checked.providers.values())
+    models = await api.do("models", check_now=True)
+    assert models.models and {p.name for p in models.providers} == set(checked.providers)
 
 
 async def _templates(api: Api) -> None:

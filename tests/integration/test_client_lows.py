@@ -312,6 +312,13 @@ async def test_a_full_connection_pool_is_said_so_not_an_unreachable_server() -> 
         with pytest.raises(ConnectionFailed, match="every connection of this client") as full:
             await client.get_task(2)
         assert full.value.pool_full and not full.value.broke
+        # A wait took it for the service's outage: tried again for 60 s, then "cannot reach
+        # the server" (helper-150). The pool is the client's own: said at once.
+        began = asyncio.get_running_loop().time()
+        with pytest.raises(ConnectionFailed, match="every connection of this client") as full:
+            await client.wait(2)
+        assert full.value.pool_full
+        assert asyncio.get_running_loop().time() - began < 20  # its poll's own timeout
         holding.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConnectionFailed):
             await holding

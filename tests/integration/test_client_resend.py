@@ -28,12 +28,16 @@ class AnswerLost:
         self.drops = drops
         self.lost = 0
         self.url = ""
+        self.server: asyncio.Server
+        #: Called as the first answer is cut (the port closing with it: a restart).
+        self.on_cut: Callable[[], None] = lambda: None
 
     async def relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self.target)
         cut = self.lost < self.drops
         if cut:
             self.lost += 1
+            self.on_cut()
 
         async def up() -> None:
             while data := await reader.read(65536):
@@ -59,12 +63,12 @@ class AnswerLost:
 @contextlib.asynccontextmanager
 async def answer_lost(target: str, drops: int) -> AsyncIterator[AnswerLost]:
     relay = AnswerLost(target, drops)
-    server = await asyncio.start_server(relay.relay, "127.0.0.1", 0)
-    relay.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    relay.server = await asyncio.start_server(relay.relay, "127.0.0.1", 0)
+    relay.url = f"http://127.0.0.1:{relay.server.sockets[0].getsockname()[1]}"
     try:
         yield relay
     finally:
-        server.close()
+        relay.server.close()
 
 
 async def _with(kind: str, url: str, use: Callable[[Any], Any]) -> Any:
@@ -141,3 +145,49 @@ async def test_an_upload_sent_again_counts_each_byte_of_its_file_once(
     assert relay.lost == 1
     assert made.read == 100 and made.refused == 0
     assert sum(sent) == data.stat().st_size
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_keyed_submit_whose_answer_was_lost_in_a_restart_waits_the_restart_out(
+    service: Service, kind: str
+) -> None:
+    """The process that had the request stopped, and its port refused connections until the
+    service was back: the resend was refused, and that refusal was the error ("cannot reach
+    the server", ``broke`` False: as if nothing had been sent), though a task was made."""
+    async with answer_lost(service.url, drops=1) as relay:
+        host, port = relay.server.sockets[0].getsockname()[:2]
+        loop = asyncio.get_running_loop()
+
+        async def back() -> None:
+            relay.server = await asyncio.start_server(relay.relay, host, port)
+
+        def restart() -> None:  # the port closes with the lost answer, back in 1.2 s
+            relay.server.close()
+            loop.call_later(1.2, lambda: loop.create_task(back()))
+
+        relay.on_cut = restart
+        made = await _with(
+            kind,
+            relay.url,
+            lambda c: c.submit("summarize", {"text": "Once."}, idempotency_key="k-restart"),
+        )
+    assert [t["id"] for t in await _tasks(service)] == [made.id]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_keyed_submit_whose_service_never_came_back_may_have_been_carried_out(
+    service: Service, kind: str
+) -> None:
+    """Its last try was refused; the error is still the first one's: the request went out,
+    and may have been carried out (``broke``), not "cannot reach the server"."""
+    async with answer_lost(service.url, drops=1) as relay:
+        relay.on_cut = lambda: relay.server.close()
+        with pytest.raises(ConnectionFailed) as info:
+            await _with(
+                kind,
+                relay.url,
+                lambda c: c.submit("summarize", {"text": "Once."}, idempotency_key="k-gone"),
+            )
+    assert info.value.broke, info.value
+    assert "then, sent again" in str(info.value) and "carried out" in str(info.value)
+    assert len(await _tasks(service)) == 1

@@ -38,6 +38,7 @@ from orchestra.retry_after import retry_after as retry_after
 from orchestra.wire.schemas import (
     ErrorBody,
     HealthOut,
+    ModelsOut,
     TaskList,
     TaskOut,
     TemplateList,
@@ -270,28 +271,42 @@ BROKEN = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 UNANSWERED = (httpx.ReadTimeout, httpx.WriteTimeout)
 
 
-def connection_failed(url: str, call: Call[Any], error: httpx.TransportError) -> ConnectionFailed:
+def connection_failed(
+    url: str, call: Call[Any], error: httpx.TransportError, *, broke_before: bool = False
+) -> ConnectionFailed:
     """The error of ``call`` that got no answer: nothing reached, or the request went out
-    and its connection broke (``BROKEN``) or its answer did not come in time
-    (``UNANSWERED``), when a request that changes something may have been carried out; or
-    every connection of the client was in use (its pool: each open event stream holds one)."""
+    and its connection broke (``BROKEN``; ``broke_before``: on an earlier try, whose process
+    has not come back) or its answer did not come in time (``UNANSWERED``), when a request
+    that changes something may have been carried out; or every connection of the client was
+    in use (its pool: each open event stream holds one)."""
     reason = str(error) or type(error).__name__
     if isinstance(error, httpx.PoolTimeout):
         return ConnectionFailed(url, reason, pool_full=True)
     changes = call.method not in ("GET", "HEAD")
     late = isinstance(error, UNANSWERED)
-    broke = changes and (late or isinstance(error, BROKEN))
+    broke = changes and (late or broke_before or isinstance(error, BROKEN))
+    if broke_before and not isinstance(error, BROKEN):
+        reason = f"then, sent again: {reason}"
     return ConnectionFailed(url, reason, broke=broke, timed_out=late)
 
 
 def resend_delay(
-    policy: RetryPolicy, tries: int, call: Call[Any], error: httpx.TransportError
+    policy: RetryPolicy,
+    tries: int,
+    call: Call[Any],
+    error: httpx.TransportError,
+    *,
+    broke_before: bool = False,
 ) -> float | None:
     """Seconds to wait before sending ``call`` again after its ``tries``-th connection broke
     with ``error`` (at once the first time: another connection, maybe to another process),
     or None when the error stands: not a broken connection, a request that may not be sent
-    twice, or no tries left."""
-    if not isinstance(error, BROKEN) or not call.resendable or tries >= policy.attempts:
+    twice, or no tries left. Once a try's connection broke (``broke_before``), a refused one
+    is a restart under way too: waited out as the policy allows."""
+    restarting = broke_before and isinstance(error, httpx.ConnectError)
+    if not (restarting or isinstance(error, BROKEN)) or not call.resendable:
+        return None
+    if tries >= policy.attempts:
         return None
     return 0.0 if tries == 1 else min(policy.backoff * 2 ** (tries - 2), policy.max_wait)
 
@@ -531,9 +546,17 @@ def reload_templates() -> Call[list[TemplateOut]]:
 # -- the service -----------------------------------------------------------------------------
 
 
-def health() -> Call[HealthOut]:
+def health(check_now: bool = False) -> Call[HealthOut]:
     """GET /health: 200 ok or degraded, 503 down (an answer, not an error)."""
-    return Call("GET", "/health", _as(HealthOut), ok=frozenset({200, 503}))
+    params = {"check": "now"} if check_now else None
+    return Call("GET", "/health", _as(HealthOut), params=params, ok=frozenset({200, 503}))
+
+
+def models(check_now: bool = False) -> Call[ModelsOut]:
+    """GET /api/v1/models."""
+    return Call(
+        "GET", "/api/v1/models", _as(ModelsOut), params={"check": "now"} if check_now else None
+    )
 
 
 def _given(params: dict[str, Any]) -> dict[str, Any]:

@@ -235,7 +235,8 @@ def _never_opened(position: int | None) -> Call[None]:  # pragma: no cover - a P
 
 
 def _transient(failure: ClientError) -> bool:
-    """Whether ``failure`` may pass as the service comes back."""
+    """Whether ``failure`` may pass as the service comes back (not the client's own pool
+    being full: no request went out, and the service may well be up)."""
     if isinstance(failure, ApiError):
         return failure.status in TRANSIENT_STATUSES
-    return isinstance(failure, ConnectionFailed)
+    return isinstance(failure, ConnectionFailed) and not failure.pool_full

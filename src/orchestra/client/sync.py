@@ -22,7 +22,14 @@ from orchestra.schedules import ScheduleSpec
 from orchestra.wire.batches import ActionOut, BatchSummaryOut, ProgressOut, UploadOut
 from orchestra.wire.events import FeedEvent, TaskEvent
 from orchestra.wire.schedules import ScheduleOut
-from orchestra.wire.schemas import HealthOut, TaskOut, TaskSummaryOut, TemplateOut, ValidationOut
+from orchestra.wire.schemas import (
+    HealthOut,
+    ModelsOut,
+    TaskOut,
+    TaskSummaryOut,
+    TemplateOut,
+    ValidationOut,
+)
 from orchestra.wire.tasks import SubmitTask
 from orchestra.wire.webhooks import DeliveryOut, WebhookCreated, WebhookOut
 
@@ -92,7 +99,7 @@ class Client:
         error answer's body read, a streamed one's not)."""
         if self._http.is_closed:
             raise ClientClosed()
-        tries = 0
+        tries, broke = 0, False  # broke: a try's connection broke after the request went out
         while True:
             tries += 1
             try:
@@ -107,9 +114,11 @@ class Client:
                     raise ClientClosed() from exc
                 if isinstance(exc, RuntimeError):
                     raise
-                resend = core.resend_delay(self.retry_policy, tries, call, exc)
+                resend = core.resend_delay(self.retry_policy, tries, call, exc, broke_before=broke)
                 if resend is None:
-                    raise core.connection_failed(self.url, call, exc) from exc
+                    failed = core.connection_failed(self.url, call, exc, broke_before=broke)
+                    raise failed from exc
+                broke = broke or isinstance(exc, core.BROKEN)
                 self._sleep(resend)
                 continue
             delay = core.retry_delay(self.retry_policy, tries, call, response)
@@ -461,6 +470,13 @@ class Client:
 
     # -- the service -------------------------------------------------------------------------
 
-    def health(self) -> HealthOut:
-        """Whether the service and what it depends on answer."""
-        return self._send(core.health())
+    def health(self, check_now: bool = False) -> HealthOut:
+        """Whether the service and what it depends on answer (``check_now``: the providers
+        and the database checked first, else as last checked; a provider's details need a
+        ``read`` key once keys exist)."""
+        return self._send(core.health(check_now))
+
+    def models(self, check_now: bool = False) -> ModelsOut:
+        """Every model name with its fallback chain and the entry that would serve it now,
+        and every provider with its availability and models (``check_now``: checked first)."""
+        return self._send(core.models(check_now))
