@@ -450,7 +450,8 @@ class _ReadNow:
         yield GaugeMetricFamily(
             "orchestra_database_writable",
             "1 while this process's writes to the database succeed, 0 since one was refused "
-            "(a held lock, a full disk, a read-only database) until one succeeds again.",
+            "(a held lock, a full disk, a read-only database) until one succeeds again; 0 "
+            "while its SQLite file was deleted or replaced under it.",
             value=1.0 if self.writable else 0.0,
         )
         if self.counts is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 import subprocess
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from orchestra.db.sqlite_checkpoint import WAL_KEPT_BYTES
 from orchestra.errors import StorageError, StorageFull, StorageLocked, StorageUnavailable
 from tests.conftest import Service, StartService, task_row
 from tests.fixtures.fake_ollama import FakeOllama
+from tests.fixtures.logs import captured, events
 from tests.fixtures.servers import free_port, start_process, wait_until
 
 TEXT = "The council voted to build a library. " * 540  # about 20 KB, as in the issue
@@ -488,3 +490,43 @@ async def test_health_stays_degraded_while_writes_fail_though_idle_claims_succee
 
     await wait_until(writes, timeout=5, interval=0.1)
     assert (await health(service))["database"] == "ok"
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.parametrize("gone", ["renamed", "deleted", "wal deleted"])
+async def test_a_database_file_moved_or_deleted_under_the_service_is_said_so(
+    service: Service, gone: str
+) -> None:
+    """Writes went on into a file nothing could open again, /health said ok, nothing was
+    logged, and the next start made an empty database: every task since gone (helper-147)."""
+    path = database(service).path
+    assert (await submit(service, "before")).status_code == 201
+    assert (await health(service))["database"] == "ok"
+    moved = path.with_name(path.name + ".moved")
+    with captured(logging.WARNING) as logged:
+        if gone == "renamed":
+            path.rename(moved)
+        elif gone == "deleted":
+            path.unlink()
+        else:
+            path.with_name(path.name + "-wal").unlink()
+
+        async def said() -> bool:
+            return (await health(service))["database"] != "ok"
+
+        await wait_until(said, timeout=10)
+        body = await health(service)
+        scraped = (await service.client.get("/metrics")).text
+    assert body["status"] == "degraded", body
+    assert body["database"].startswith(f"error: the database file {path}"), body
+    assert ("-wal" in body["database"]) == (gone == "wal deleted"), body
+    assert "orchestra_database_writable 0.0" in scraped
+    [event] = events(logged, "database.file_replaced")
+    assert event["path"] == str(path)
+    if gone == "renamed":  # put back, it is the database again
+        moved.rename(path)
+
+        async def well() -> bool:
+            return (await health(service))["database"] == "ok"
+
+        await wait_until(well, timeout=10)

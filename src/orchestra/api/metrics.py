@@ -56,7 +56,7 @@ async def scrape(request: Request[Any, Any, Any]) -> Response[bytes]:
         runtime.unscraped.succeeded()
     providers = [(s.name, s.kind, s.available) for s in runtime.router.states()]
     # The writes' outcome /health reports: a read answers while every write is refused.
-    writable = runtime.db.writes.failure is None
+    writable = runtime.db.writes.failure is None and runtime.db.replaced() is None
     body = metrics.exposition(counts, providers, writable)
     if _accepts_gzip(request.headers.get("accept-encoding", "")):  # Prometheus asks for it
         packed = gzip.compress(body, compresslevel=6)

@@ -203,6 +203,11 @@ class Database:
         """Free space on the database's disk, in MB (None when it cannot be told)."""
         return None
 
+    def replaced(self) -> str | None:
+        """What happened to the database's file under this process (deleted, moved, replaced:
+        :mod:`orchestra.db.sqlite_file`), or None while it is the one opened."""
+        return None
+
     async def watch(
         self, queued: Callable[[], None], changed: Callable[[Collection[int] | None, bool], None]
     ) -> None:
@@ -229,6 +234,9 @@ class Database:
         failure = self.writes.failure
         if failure is not None:
             return DatabaseState(readable=True, ok=False, detail=failure.describe())
+        replaced = self.replaced()
+        if replaced is not None:
+            return DatabaseState(readable=True, ok=False, detail=f"error: {replaced}")
         free = self.free_mb()
         if free is not None and free < min_free_mb:
             return DatabaseState(readable=True, ok=False, detail=f"low disk: {free:.0f} MB free")

@@ -19,19 +19,16 @@ commit on the loop: most of one runs on a thread of its own beside the writes, t
 writer's thread (:mod:`orchestra.db.sqlite_checkpoint`). (Through aiosqlite each statement
 cost four thread hops; see benchmarks/RESULTS.md.)
 
-Point reads — one task, its events, a page of a listing — skip the threads altogether:
-:meth:`Database.read_now` runs them on the event loop's own ``sqlite3`` connection: an indexed
-statement costs less there than the hop to a thread and back (benchmarks/RESULTS.md). That
-connection never waits for a lock (busy timeout 0); when SQLite cannot start the read at once,
-the read runs on a reader thread instead, whose connection waits. In WAL mode that is rare
-(another process recovering the file after a crash, or one holding it in exclusive locking
-mode).
+Point reads (one task, its events, a page of a listing) run on the event loop's own
+``sqlite3`` connection (:meth:`Database.read_now`: cheaper than the hop to a thread), which
+never waits for a lock; when SQLite cannot start the read at once (rare in WAL mode), the read
+runs on a reader thread instead, whose connection waits.
 
 When SQLite itself fails — a full disk, a lock held by another connection past the busy
 timeout, a read-only file, an I/O error — the caller gets a
 :class:`~orchestra.errors.StorageError` saying so (``db.failures``), the writer rolls back and
 is ready for the next transaction, and :attr:`Database.writes` remembers since when writes
-fail, for /health.
+fail, for /health; the file deleted or moved under it is told too (``db.sqlite_file``).
 """
 
 from __future__ import annotations
@@ -58,6 +55,7 @@ from orchestra import logs
 from orchestra.db.engine import SQLITE, Database, check_url, settled
 from orchestra.db.failures import WriteHealth, free_bytes, storage_error
 from orchestra.db.sqlite_checkpoint import WAL_KEPT_BYTES, Checkpoints
+from orchestra.db.sqlite_file import DatabaseFile
 from orchestra.db.sqlite_setup import begin_waiting, create_private, reader_engine, setup
 from orchestra.errors import StorageError, StorageFull
 
@@ -112,6 +110,7 @@ class SqliteDatabase(Database):
             log.info("database.folder_created", folder=str(self.path.parent.absolute()))
         if create_private(self.path):
             log.info("database.file_created", path=str(self.path.absolute()))
+        self.file = DatabaseFile(self.path)
         # One connection, used only on the writer's thread.
         self._writer = create_engine(
             f"sqlite:///{self.path}",
@@ -536,8 +535,11 @@ class SqliteDatabase(Database):
 
     def free_mb(self) -> float | None:
         """Free space on the database's disk, in MB (None when it cannot be told)."""
-        free = free_bytes(self.path)
-        return None if free is None else free / (1024 * 1024)
+        return self.file.free_mb()
+
+    def replaced(self) -> str | None:
+        """The file deleted, moved or replaced under this process (None: it is not)."""
+        return self.file.replaced()
 
     async def watch(
         self, queued: Callable[[], None], changed: Callable[[Collection[int] | None, bool], None]
