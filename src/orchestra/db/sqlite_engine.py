@@ -56,6 +56,7 @@ from orchestra.db.engine import SQLITE, Database, check_url, settled
 from orchestra.db.failures import WriteHealth, free_bytes, storage_error
 from orchestra.db.sqlite_checkpoint import WAL_KEPT_BYTES, Checkpoints
 from orchestra.db.sqlite_file import DatabaseFile
+from orchestra.db.sqlite_reads import LoopReads
 from orchestra.db.sqlite_setup import begin_waiting, create_private, reader_engine, setup
 from orchestra.errors import StorageError, StorageFull
 
@@ -141,11 +142,8 @@ class SqliteDatabase(Database):
             expanded, pool_size=READ_POOL_SIZE, busy_timeout_ms=busy_timeout_ms
         )
         self._busy_timeout_ms = busy_timeout_ms
-        # read_now's connections: one per thread (the event loop's, each reader thread's).
-        self._raw_readers = threading.local()
-        self._raw_opened: list[sqlite3.Connection] = []
-        self._read_threads: ThreadPoolExecutor | None = None
         self.reads_handed_off = 0
+        self._loop_reads = LoopReads(self.path, busy_timeout_ms, READ_POOL_SIZE, self._handed_off)
         self.writes = WriteHealth()
         self.on_recovered = None
 
@@ -477,13 +475,9 @@ class SqliteDatabase(Database):
     async def read_now(self, read: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``read(connection)`` — a few indexed statements, each read to its end
         (``fetchall``) — on this thread's own ``sqlite3`` connection, without leaving the
-        event loop; when SQLite is busy, on a reader thread instead.
-
-        The loop's connection has a busy timeout of 0, so the loop never waits for a lock: a
-        read SQLite cannot start at once fails with SQLITE_BUSY, and runs again on a reader
-        thread whose connection waits as long as the writer's does. Each statement is its own
-        snapshot (autocommit, ``query_only``): a read that needs one view of several rows says
-        it in one statement.
+        event loop; when SQLite is busy, on a reader thread instead (``db.sqlite_reads``).
+        Each statement is its own snapshot (autocommit, ``query_only``): a read that needs one
+        view of several rows says it in one statement.
 
         Raises:
             StorageError: SQLite cannot read the file (an I/O error, a lock held past the
@@ -491,42 +485,15 @@ class SqliteDatabase(Database):
         """
         self.refuse_when_closed()
         try:
-            try:
-                return read(self._raw_reader(0))
-            except sqlite3.OperationalError as exc:
-                if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
-                    raise
-            self.reads_handed_off += 1
-            if self._read_threads is None:
-                self._read_threads = ThreadPoolExecutor(
-                    max_workers=READ_POOL_SIZE, thread_name_prefix="orchestra-reader"
-                )
-            loop = asyncio.get_running_loop()
-            waiting = self._busy_timeout_ms
-            return await loop.run_in_executor(
-                self._read_threads, lambda: read(self._raw_reader(waiting))
-            )
+            return await self._loop_reads.run(read)
         except Exception as exc:
             error = storage_error(exc, self.path)
             if error is None:
                 raise
             raise error from exc
 
-    def _raw_reader(self, busy_timeout_ms: int) -> sqlite3.Connection:
-        """This thread's read-only connection for :meth:`read_now`, opened on first use."""
-        conn: sqlite3.Connection | None = getattr(self._raw_readers, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(
-                self.path,
-                timeout=busy_timeout_ms / 1000,
-                isolation_level=None,
-                check_same_thread=False,  # only so that close() may close it
-            )
-            conn.execute("PRAGMA query_only = ON")
-            with self._lock:
-                self._raw_opened.append(conn)
-            self._raw_readers.conn = conn
-        return conn
+    def _handed_off(self) -> None:
+        self.reads_handed_off += 1
 
     async def ping(self) -> None:
         """Run a trivial query; raises if the database does not answer."""
@@ -580,14 +547,7 @@ class SqliteDatabase(Database):
         await asyncio.to_thread(self.checkpoints.close)
         await asyncio.get_running_loop().run_in_executor(self._thread, close_writer)
         self._thread.shutdown(wait=True)
-        if self._read_threads is not None:
-            self._read_threads.shutdown(wait=True)
-            self._read_threads = None
-        with self._lock:
-            opened, self._raw_opened = self._raw_opened, []
-        self._raw_readers = threading.local()
-        for conn in opened:
-            conn.close()
+        self._loop_reads.close()
         await self._reader.dispose()
 
 
