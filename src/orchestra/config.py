@@ -124,12 +124,17 @@ class DatabaseSettings(_Section, frozen=True):
     #: PostgreSQL: let psycopg prepare the statements a connection runs often. Off for
     #: pgbouncer in transaction mode before 1.21, which cannot keep them.
     prepared_statements: bool = True
+    #: SQLite: "normal" (a crash of the service loses nothing; a power cut or an OS crash
+    #: may lose the latest commits) or "full" (every commit is on the disk before it is
+    #: answered: an fsync each, and commits leave the event loop for the writer's thread).
+    synchronous: Literal["normal", "full"] = "normal"
 
     def engine_options(self) -> dict[str, Any]:
         """The options :class:`~orchestra.db.engine.Database` takes from these settings."""
         return {
             "busy_timeout_ms": self.busy_timeout_ms,
             "prepared_statements": self.prepared_statements,
+            "synchronous": self.synchronous,
         }
 
 

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import sqlite3
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -530,3 +531,25 @@ async def test_a_database_file_moved_or_deleted_under_the_service_is_said_so(
             return (await health(service))["database"] == "ok"
 
         await wait_until(well, timeout=10)
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.parametrize(("synchronous", "level"), [("normal", 1), ("full", 2)])
+async def test_synchronous_full_syncs_each_commit_off_the_event_loop(
+    settings: Settings, start_service: StartService, synchronous: str, level: int
+) -> None:
+    """NORMAL lost the tasks of the last moments before a power cut or an OS crash, though
+    answered 201 (helper-147): ``synchronous = "full"`` syncs each commit, and since each
+    then waits for an fsync, none runs on the event loop."""
+    chosen = msgspec.structs.replace(
+        settings, database=msgspec.structs.replace(settings.database, synchronous=synchronous)
+    )
+    async with start_service(chosen) as svc:
+        db = database(svc)
+        [pragma] = await on_writer(db, "PRAGMA synchronous")
+        ran_on = await db.transaction(lambda _conn: threading.get_ident(), small=True)
+        made = await submit(svc, "kept")
+        assert made.status_code == 201
+        assert (await svc.wait(made.json()["id"]))["status"] == "succeeded"
+    assert pragma == level
+    assert (ran_on == threading.get_ident()) == (synchronous == "normal")

@@ -103,7 +103,9 @@ class SqliteDatabase(Database):
 
     path: Path
 
-    def __init__(self, url: str, *, busy_timeout_ms: int = 5000, **_options: Any) -> None:
+    def __init__(
+        self, url: str, *, busy_timeout_ms: int = 5000, synchronous: str = "normal", **_: Any
+    ) -> None:
         super().__init__(url)
         self.path = check_url(url)
         if not self.path.parent.is_dir():
@@ -118,7 +120,14 @@ class SqliteDatabase(Database):
             poolclass=StaticPool,
             connect_args={"check_same_thread": False},
         )
-        setup(self._writer, begin="BEGIN IMMEDIATE", busy_timeout_ms=busy_timeout_ms)
+        setup(
+            self._writer,
+            begin="BEGIN IMMEDIATE",
+            busy_timeout_ms=busy_timeout_ms,
+            synchronous=synchronous,
+        )
+        # FULL: each commit waits for an fsync, which the event loop must not (small ones too).
+        self._on_loop = synchronous != "full"
         # Checkpoints run beside the writes and on the writer's thread between groups
         # (sqlite_checkpoint), never in a commit.
         # A log grown while a reader held checkpoints back is cut back when it starts over.
@@ -439,6 +448,7 @@ class SqliteDatabase(Database):
         """Queue ``work`` for the writer (see :meth:`transaction`) and wait for its end."""
         loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
+        small = small and self._on_loop
         with self._lock:
             self._pending.append((work, future, small, time.monotonic()))
             start = not self._draining

@@ -1,8 +1,9 @@
 """Opening SQLite connections: the pragmas every connection of the service sets, and WAL mode.
 
-Each connection: a busy timeout (set first), WAL mode (kept in the file), ``synchronous =
-NORMAL`` and foreign keys; transaction control taken from the ``sqlite3`` module, so that the
-"begin" event emits the BEGIN wanted (``BEGIN IMMEDIATE`` for the writer).
+Each connection: a busy timeout (set first), WAL mode (kept in the file), ``synchronous``
+(NORMAL, or FULL as ``[database] synchronous`` says) and foreign keys; transaction control
+taken from the ``sqlite3`` module, so that the "begin" event emits the BEGIN wanted
+(``BEGIN IMMEDIATE`` for the writer).
 
 A new database file is made readable and writable by its owner alone (:func:`create_private`):
 it holds webhook secrets, API key hashes and every task's data. SQLite gives the ``-wal`` and
@@ -107,9 +108,10 @@ def begin_waiting(
         raw.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
 
 
-def setup(engine: Engine, *, begin: str, busy_timeout_ms: int) -> None:
+def setup(engine: Engine, *, begin: str, busy_timeout_ms: int, synchronous: str = "normal") -> None:
     """Give every connection ``engine`` opens the service's pragmas, and have SQLAlchemy's
     transactions start with ``begin`` ("BEGIN IMMEDIATE" for the writer)."""
+    level = {"normal": "NORMAL", "full": "FULL"}[synchronous]
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -119,7 +121,7 @@ def setup(engine: Engine, *, begin: str, busy_timeout_ms: int) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         to_wal(cursor, busy_timeout_ms / 1000)
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA synchronous={level}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
