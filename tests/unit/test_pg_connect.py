@@ -80,3 +80,16 @@ def test_a_nul_postgresql_cannot_store_is_the_caller_s_error_not_a_500() -> None
     assert isinstance(refused, InvalidRequest) and "NUL character" in refused.message
     assert refused_value(psycopg.DataError("numeric field overflow")) is None
     assert storage_error(caught.value, "here") is None  # not the database failing
+
+
+def test_a_statement_past_the_roles_statement_timeout_names_the_setting() -> None:
+    """``ALTER ROLE … SET statement_timeout = '1ms'`` stopped the start with "the database
+    is busy …; retry shortly", which points away from the cause (helper-147)."""
+    from orchestra.errors import StorageLocked
+
+    error = psycopg.errors.QueryCanceled("canceling statement due to statement timeout")
+    found = storage_error(error, "db")
+    assert isinstance(found, StorageLocked)
+    assert "statement_timeout" in found.message and "busy" not in found.message, found.message
+    other = storage_error(psycopg.errors.LockNotAvailable("could not obtain lock"), "db")
+    assert isinstance(other, StorageLocked) and "busy" in other.message

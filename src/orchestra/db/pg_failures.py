@@ -74,7 +74,13 @@ def storage_error(exc: BaseException, where: str) -> StorageError | None:
     detail = str(found).strip().splitlines()[0] if str(found).strip() else type(found).__name__
     if state == "53100":
         return StorageFull(f"the database server's disk is full ({where}); free space and retry")
-    if state in ("55P03", "57014"):  # lock not available, statement timeout
+    if state == "57014" and "statement timeout" in detail:
+        return StorageLocked(
+            f"the database ({where}) cancelled a statement past its statement_timeout (a "
+            "setting of the role, the database or the server: the service's statements "
+            "need longer; ALTER ROLE … SET statement_timeout = 0, or a larger value)"
+        )
+    if state in ("55P03", "57014"):  # lock not available, a statement cancelled
         return StorageLocked(f"the database ({where}) is busy: {detail}; retry shortly")
     if state in _PREPARED or (state == "08P01" and "prepared statement" in detail):
         return StorageUnavailable(
