@@ -22,6 +22,7 @@ from orchestra.client import (
     BadRequest,
     Client,
     ClientClosed,
+    ClientError,
     Conflict,
     ConnectionFailed,
     NotFound,
@@ -359,3 +360,25 @@ def test_a_client_closed_while_a_call_is_in_flight_raises_client_closed() -> Non
     finally:
         done.set()
         server.join(30)
+
+
+async def test_an_async_client_used_after_its_loop_closed_says_so(service: Service) -> None:
+    """Each asyncio.run() on one AsyncClient: every other call raised a bare RuntimeError
+    ("Event loop is closed"), past every ``except ClientError`` (helper-150)."""
+    aclient = AsyncClient(service.url)
+
+    def runs() -> list[str]:
+        outcomes = []
+        for _ in range(4):
+            try:
+                asyncio.run(aclient.list_templates())
+                outcomes.append("ok")
+            except ClientError as exc:
+                outcomes.append(str(exc))
+        return outcomes
+
+    outcomes = await asyncio.to_thread(runs)
+    assert outcomes[0] == "ok", outcomes
+    failures = [o for o in outcomes if o != "ok"]
+    assert failures and all("make the client inside the loop" in o for o in failures), outcomes
+    await aclient.aclose()

@@ -46,6 +46,13 @@ from orchestra.wire.webhooks import DeliveryOut, WebhookCreated, WebhookOut
 T = TypeVar("T")
 
 
+#: A call through a connection opened on an event loop that has closed since.
+LOOP_CLOSED = (
+    "this AsyncClient kept a connection made on an event loop that has closed since (each "
+    "asyncio.run() ends its own): make the client inside the loop that uses it, or keep one loop"
+)
+
+
 class AsyncClient:
     """An asyncio client of an Orchestra service.
 
@@ -123,6 +130,8 @@ class AsyncClient:
                 if self._http.is_closed:  # closed meanwhile (another thread, a shutdown)
                     raise ClientClosed() from exc
                 if isinstance(exc, RuntimeError):
+                    if "Event loop is closed" in str(exc):  # a kept connection's loop ended
+                        raise ClientError(LOOP_CLOSED) from exc
                     raise
                 resend = core.resend_delay(self.retry_policy, tries, call, exc, broke_before=broke)
                 if resend is None:
