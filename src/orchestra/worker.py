@@ -470,6 +470,9 @@ class WorkerPool:
         finally:
             if running.recorder is not None:
                 running.recorder.close()
+            # Its recorder's writer (``write``) holds it, and its task's traceback may: break
+            # the cycles, so that the attempt is freed now, not at the next full collection.
+            running.recorder = running.runner = None
             metrics.slot_freed()
             if self._running.get(task.id) is running:  # not a newer attempt of the same task
                 del self._running[task.id]

@@ -662,3 +662,35 @@ async def test_a_process_without_workers_leaves_workers_out_of_health(
     async with start_service(msgspec.structs.replace(durable_settings, server=server)) as svc:
         health = (await svc.client.get("/health")).json()
     assert "workers" not in health and health["status"] in ("ok", "degraded"), health
+
+
+async def test_a_finished_attempt_is_freed_without_waiting_for_the_garbage_collector(
+    svc: Service,
+) -> None:
+    """Its ``Running`` held its recorder, whose writer closure held the ``Running``: every
+    attempt stayed in memory (its task, template, recorder) until a full collection, which a
+    busy service may make rarely (a 34-minute soak, helper-146)."""
+    import gc
+
+    from orchestra.running import Running
+
+    owner = svc.app.runtime.pool.owner
+    gc.collect()
+    gc.disable()
+    try:
+        ids = [(await svc.submit("summarize", text=f"freed {i}"))["id"] for i in range(5)]
+        for task_id in ids:
+            await svc.wait(task_id)
+
+        def kept() -> list[int]:
+            return [
+                o.task.id
+                for o in gc.get_objects()
+                if isinstance(o, Running) and o.lease.owner == owner and o.task.id in ids
+            ]
+
+        # The pool drops each after its end is written (just after the answer): none then.
+        await wait_until(lambda: not svc.app.runtime.pool._running, timeout=10)
+        assert kept() == []
+    finally:
+        gc.enable()
