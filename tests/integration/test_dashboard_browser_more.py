@@ -347,43 +347,6 @@ async def test_a_live_refresh_keeps_a_focused_row_in_view(
     assert page.errors == []
 
 
-#: Make the page hidden (another tab in front) or shown, as the browser would say it.
-_SHOWN = """hidden => {
-  Object.defineProperty(document, 'hidden', {configurable: true, get: () => hidden});
-  Object.defineProperty(document, 'visibilityState', {configurable: true,
-    get: () => hidden ? 'hidden' : 'visible'});
-  document.dispatchEvent(new Event('visibilitychange')); }"""
-#: Count the live part's refreshes asked for, and those held back, on ``target``.
-_COUNT_ASKED = """target => { window.asked = 0; window.held = 0;
-  document.body.addEventListener('htmx:confirm', e => {
-    if (e.detail.elt.id !== target) return;
-    window.asked += 1;
-    setTimeout(() => { if (e.defaultPrevented) window.held += 1; }, 0); }); }"""
-
-
-async def test_a_hidden_tab_does_not_refresh_and_catches_up_when_seen(
-    service: Service, browser: Browser
-) -> None:
-    """A background tab refreshed its list at every change, each one a table rendered by the
-    server for nobody (helper-128). Hidden, it asks for none; seen again, it refreshes once."""
-    page = await new_page(browser)
-    await page.goto(f"{service.url}/ui/tasks")
-    await page.evaluate(_COUNT_REFRESHES, "rows")
-    await page.evaluate(_COUNT_ASKED, "rows")
-    await _refreshed_by_a_change(service, page)  # the live connection is open
-    await page.evaluate(_SHOWN, True)
-    refreshed = await page.evaluate("window.refreshes")
-    task = await service.submit("summarize", text="while hidden")
-    await service.wait(task["id"])
-    await wait_until(lambda: page.evaluate("window.held > 0"), timeout=10)  # it was told
-    assert await page.evaluate("window.refreshes") == refreshed
-    assert await page.locator(f"#rows a[href$='/tasks/{task['id']}']").count() == 0
-    await page.evaluate(_SHOWN, False)
-    await wait_until(lambda: page.evaluate(f"window.refreshes > {refreshed}"), timeout=10)
-    assert await page.locator(f"#rows a[href$='/tasks/{task['id']}']").count() == 1
-    assert page.errors == []
-
-
 async def _refreshed_by_a_change(service: Service, page: TrackedPage) -> None:
     """A task changes, and the page refreshes for it. A change made while the page's live
     connection was still opening (a loaded machine: CI) found no listener, and the wait for

@@ -199,6 +199,37 @@ async def test_a_change_between_a_page_and_its_live_stream_is_sent_at_once(
                 raise AssertionError(f"told of a change that is not one: {fields}")
 
 
+async def test_a_live_stream_resumed_from_its_last_event_is_told_only_of_later_changes(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each ``changed`` event's id is the counts it tells of: a stream reconnected with it
+    (Last-Event-ID, or ``seen`` from a hidden tab seen again) says nothing until they change,
+    where it said ``changed`` at every reconnection after any change since the page loaded."""
+    from orchestra.web import overview
+
+    monkeypatch.setattr(overview, "LOOK_EVERY", 30.0)
+    await service.wait((await service.submit("summarize", text="before"))["id"])
+    async with asyncio.timeout(10):
+        async for fields, _ in _sse(service.client, "/ui/live?seen=old"):
+            assert fields.get("event") == "changed", fields
+            told = fields["id"]
+            break
+    assert "succeeded-1" in told, told
+    for headers, url in (
+        ({"Last-Event-ID": told}, "/ui/live?seen=old"),
+        ({}, f"/ui/live?seen={told}"),
+    ):
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(1.5):
+                async for fields, _ in _sse(service.client, url, headers):
+                    raise AssertionError(f"told of a change that is not one: {fields}")
+    await service.wait((await service.submit("summarize", text="after"))["id"])
+    async with asyncio.timeout(10):
+        async for fields, _ in _sse(service.client, "/ui/live", {"Last-Event-ID": told}):
+            assert fields.get("event") == "changed" and "succeeded-2" in fields["id"], fields
+            break
+
+
 async def test_the_streamed_text_starts_at_the_running_steps_last_start(db: Database) -> None:
     store = TaskStore(db)
     task_id = (await store.enqueue(NewTask(template="t", template_version=1, params={}))).task.id

@@ -110,15 +110,25 @@ class OverviewPages(Controller):
         """``changed`` events when tasks change (at most every second): live parts of a page
         fetch themselves again on it. Ends after a while; the browser reconnects. ``seen``:
         the counts the page shows (:func:`seen_of`); other counts when the stream starts (a
-        change between the page and its stream) are a change at once."""
+        change between the page and its stream) are a change at once. Each event's id is
+        the counts it tells of: a stream the browser reconnects (Last-Event-ID), or a hidden
+        tab opens again (``seen``), is told of a change only if there was one since."""
         runtime = runtime_of(request.scope)
         signals = runtime.tasks.signals
+        told = request.headers.get("last-event-id")
+        if told and len(told) <= 200:
+            seen = told
+
+        def told_of(counts: dict[str, int]) -> ServerSentEventMessage:
+            return ServerSentEventMessage(
+                event="changed", data=str(sum(counts.values())), id=seen_of(counts)
+            )
 
         async def stream() -> AsyncIterator[ServerSentEventMessage]:
             loop = asyncio.get_running_loop()
             last = await runtime.dashboard.counts()
             if seen is not None and seen != seen_of(last):
-                yield ServerSentEventMessage(event="changed", data=str(sum(last.values())))
+                yield told_of(last)
             with signals.watch_all() as changed:
                 while True:
                     try:
@@ -135,7 +145,7 @@ class OverviewPages(Controller):
                         return
                     started = loop.time()
                     last = await runtime.dashboard.counts()
-                    yield ServerSentEventMessage(event="changed", data=str(sum(last.values())))
+                    yield told_of(last)
                     changed.clear()
                     await asyncio.sleep(max(0.0, CHANGED_EVERY - (loop.time() - started)))
 

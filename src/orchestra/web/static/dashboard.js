@@ -65,7 +65,93 @@
     }
   });
 
+  // --- Live streams and hidden tabs --------------------------------------------------------
+  // Each live page keeps an event stream open, and over HTTP/1.1 a browser opens at most six
+  // connections to a host: six live tabs held them all, and no other page of the service
+  // loaded, nor did those tabs' own refreshes go out. So a hidden tab closes its streams and
+  // opens them again once it is seen, from where it stopped (the id of the last event it
+  // was sent): a task's stream after that event (`after`), the counts' stream from the counts
+  // it was last told of (`seen`), which says `changed` at once if they differ since.
+  // The sse extension asks htmx.createEventSource for its streams: each is one of these,
+  // which the extension uses as an EventSource while the real one comes and goes.
+  var streams = new Set();
+
+  function LiveStream(url) {
+    this.url = url;
+    this.lastId = "";
+    this.listeners = [];  // [type, listener, the listener that also notes the event's id]
+    this.onopen = null;
+    this.onerror = null;
+    this.source = null;
+    this.closed = false;
+    streams.add(this);
+    if (!document.hidden) this.open();  // (a tab opened in the background: once seen)
+  }
+
+  LiveStream.prototype.resumeUrl = function () {
+    if (!this.lastId) return this.url;
+    var at = new URL(this.url, window.location.href);
+    at.searchParams.set(at.searchParams.has("seen") ? "seen" : "after", this.lastId);
+    return at.pathname + at.search;
+  };
+
+  LiveStream.prototype.open = function () {
+    var self = this;
+    var source = new EventSource(this.resumeUrl(), {withCredentials: true});
+    this.source = source;
+    source.onopen = function (evt) { if (self.onopen) self.onopen(evt); };
+    source.onerror = function (evt) {
+      // Refused for good (not a 200): the extension makes a new stream, later.
+      if (source.readyState === EventSource.CLOSED) self.close();
+      if (self.onerror) self.onerror(evt);
+    };
+    this.listeners.forEach(function (l) { source.addEventListener(l[0], l[2]); });
+  };
+
+  LiveStream.prototype.pause = function () {
+    if (this.source) this.source.close();
+    this.source = null;
+  };
+
+  LiveStream.prototype.close = function () {
+    this.closed = true;
+    streams.delete(this);
+    this.pause();
+  };
+
+  LiveStream.prototype.addEventListener = function (type, listener) {
+    var self = this;
+    var noting = function (evt) {
+      if (evt.lastEventId) self.lastId = evt.lastEventId;
+      return listener.call(this, evt);
+    };
+    this.listeners.push([type, listener, noting]);
+    if (this.source) this.source.addEventListener(type, noting);
+  };
+
+  LiveStream.prototype.removeEventListener = function (type, listener) {
+    var source = this.source;
+    this.listeners = this.listeners.filter(function (l) {
+      if (l[0] !== type || l[1] !== listener) return true;
+      if (source) source.removeEventListener(type, l[2]);
+      return false;
+    });
+  };
+
+  Object.defineProperty(LiveStream.prototype, "readyState", {get: function () {
+    if (this.closed) return EventSource.CLOSED;
+    return this.source ? this.source.readyState : EventSource.CONNECTING;
+  }});
+
+  if (window.htmx && window.EventSource) {
+    window.htmx.createEventSource = function (url) { return new LiveStream(url); };
+  }
+
   document.addEventListener("visibilitychange", function () {
+    streams.forEach(function (stream) {
+      if (document.hidden) stream.pause();
+      else if (!stream.source) stream.open();
+    });
     if (document.hidden) return;
     var again = missed;
     missed = [];
