@@ -263,6 +263,46 @@ async def test_direction_controls_in_an_attempts_error_are_shown_escaped(
     assert not re.search("[\u202a-\u202e\u2066-\u2069]", page)
 
 
+#: A template whose free texts (description, a parameter's, a step's model) hold direction
+#: controls.
+REVERSED_TEMPLATE = """\
+name: reversed
+description: "say \\u202eRTL\\u202c here"
+parameters:
+  text: {type: string, required: true, description: "the \\u2067text\\u2069"}
+steps:
+  - id: ask
+    model: "m\\u202e"
+    prompt: '{{ params.text }}'
+"""
+
+
+async def test_direction_controls_in_free_text_fields_are_shown_escaped(service: Service) -> None:
+    """A task's model (free text from anyone who may submit) and a template's description
+    were shown as they were, reversing what followed them, where a task's error was escaped."""
+    bidi = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+    body = {"template": "summarize", "params": {"text": "m"}, "model": "x\u202e"}
+    task = (await service.client.post("/api/v1/tasks", json=body)).json()
+    await service.wait(task["id"])
+    registered = await service.client.post("/api/v1/templates", content=REVERSED_TEMPLATE)
+    assert registered.status_code == 201, registered.text
+    schedule = {"name": "s", "template": "summarize", "params": {"text": "t"}, "model": "y\u202e"}
+    made = await service.client.post("/api/v1/schedules", json={**schedule, "every": "1h"})
+    assert made.status_code == 201, made.text
+    for path, shown in (
+        (f"/ui/tasks/{task['id']}", "x\\u202e"),
+        ("/ui/tasks", "x\\u202e"),
+        ("/ui/templates/reversed", "say \\u202eRTL\\u202c here"),
+        ("/ui/templates/reversed", "the \\u2067text\\u2069"),
+        ("/ui/templates/reversed", "m\\u202e"),
+        ("/ui/templates", "say \\u202eRTL\\u202c here"),
+        (f"/ui/schedules/{made.json()['id']}", "y\\u202e"),
+    ):
+        page = (await service.client.get(path)).text
+        assert shown in unescape(page), (path, shown)
+        assert not bidi.search(page), (path, bidi.findall(page))
+
+
 # -- API keys ----------------------------------------------------------------------------------
 
 
