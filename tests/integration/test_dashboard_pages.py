@@ -131,6 +131,9 @@ async def test_unknown_dashboard_addresses_are_html_pages_and_the_apis_stay_json
     ):
         answer = await service.client.request(method, path, headers=SAME_SITE)
         assert answer.status_code == status, (path, answer.text[:200])
+        if "%00" in path and method != "HEAD":
+            assert answer.headers["content-type"].startswith("text/html"), (path, answer.text)
+            assert "holds a NUL character" in answer.text, answer.text
         assert answer.headers["content-type"].startswith("text/html"), path
         assert f"Error {status}" in answer.text and 'href="/ui/tasks"' in answer.text, path
         if status == 404:  # the address named, not a bare "Not Found"
@@ -156,12 +159,21 @@ async def test_error_pages_carry_the_security_headers_and_server_timing(
         ("DELETE", "/ui/tasks", 405, SAME_SITE),
         ("GET", "/ui/tasks/9999999", 404, SAME_SITE),
         ("GET", "/ui/tasks?status=bogus", 400, SAME_SITE),
+        # A NUL anywhere in the address: refused before routing, as the dashboard's page.
+        ("GET", "/ui/tasks?q=%00", 400, SAME_SITE),
+        ("GET", "/ui/%00", 400, SAME_SITE),
+        ("GET", "/ui/live?seen=%00", 400, SAME_SITE),
+        ("HEAD", "/ui/tasks?q=%00", 400, SAME_SITE),
+        ("POST", "/ui/tasks/1/cancel?x=%00", 400, SAME_SITE),
         ("POST", "/ui/tasks/1/cancel", 403, {"sec-fetch-site": "cross-site"}),
         ("GET", "/ui/static/dashboard.css", 200, SAME_SITE),
         ("GET", "/ui/tasks", 200, SAME_SITE),
     ):
         answer = await service.client.request(method, path, headers=headers)
         assert answer.status_code == status, (path, answer.text[:200])
+        if "%00" in path and method != "HEAD":
+            assert answer.headers["content-type"].startswith("text/html"), (path, answer.text)
+            assert "holds a NUL character" in answer.text, answer.text
         for name, value in SECURITY_HEADERS.items():
             if answer.headers.get_list(name) != [value]:
                 wrong.append((method, path, name, answer.headers.get_list(name)))
@@ -185,6 +197,12 @@ async def test_unknown_addresses_under_a_configured_path_and_root_path_are_html(
         assert answer.status_code == 404 and "text/html" in answer.headers["content-type"]
         assert 'href="/o/console/tasks"' in answer.text
         assert (await svc.client.get("/ui/nope")).headers["content-type"] == "application/json"
+        refused = await svc.client.get("/console/tasks?q=%00")
+        assert refused.status_code == 400 and "text/html" in refused.headers["content-type"]
+        assert 'href="/o/console/tasks"' in refused.text and "NUL" in refused.text
+        assert refused.headers["x-frame-options"] == "DENY"
+        api = await svc.client.get("/ui/tasks?q=%00")  # not the dashboard's: the API's JSON
+        assert api.status_code == 400 and api.json()["fields"][0]["field"] == "q"
 
 
 # -- scheduled tasks ---------------------------------------------------------------------------

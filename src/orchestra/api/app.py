@@ -51,9 +51,10 @@ from orchestra.api.webhooks import WebhookController
 from orchestra.batch_lease import CUT_NOTE
 from orchestra.catalog import TemplateCatalog
 from orchestra.config import AuthSettings, Settings
+from orchestra.errors import FieldProblem, InvalidRequest
 from orchestra.tasks import TaskService
 from orchestra.templating.registry import TemplateRegistry
-from orchestra.web.render import ROUTING_HANDLERS, template_config
+from orchestra.web.render import ROUTING_HANDLERS, refused_page, template_config
 from orchestra.web.routes import dashboard, own_paths, ui_path
 
 log = logs.get("orchestra.api")
@@ -153,7 +154,10 @@ class ServiceApp:
         answer = _Answer(send)
         nul = _nul_in(scope)
         if nul is not None:
-            await _refuse_nul(nul, answer)
+            if self._dashboards(scope["path"]):  # its HTML page, with its headers
+                await refused_page(self.http, scope, receive, answer, _nul_refusal(nul))
+            else:
+                await _refuse_nul(nul, answer)
             return
         try:
             await self.http(scope, receive, answer)
@@ -161,6 +165,14 @@ class ServiceApp:
             if not self.runtime.stopping:
                 raise
             await _cut_at_stop(scope, answer)
+
+    def _dashboards(self, path: str) -> bool:
+        """Whether ``path`` is under the dashboard's path (and the dashboard is served)."""
+        settings = self.runtime.settings
+        if not (settings.server.api and settings.ui.enabled):
+            return False
+        base = settings.ui.path.rstrip("/")
+        return path == base or path.startswith(base + "/")
 
     def _get_only(self, scope: Any) -> bool:
         """Whether the path is a page answered to GET alone (the dashboard's, ``/metrics``),
@@ -230,15 +242,23 @@ def _nul_in(scope: Any) -> str | None:
     return None
 
 
+#: Why a request holding a NUL character is refused.
+_NUL_REASON = "holds a NUL character (%00), which no name or value here may hold"
+
+
+def _nul_refusal(where: str) -> InvalidRequest:
+    """The refusal of a request holding a NUL character at ``where`` (:func:`_nul_in`)."""
+    return InvalidRequest(f"{where}: {_NUL_REASON}", [FieldProblem(where, _NUL_REASON)])
+
+
 async def _refuse_nul(where: str, send: Any) -> None:
-    """Answer a request holding a NUL character (see :func:`_nul_in`) with a 400."""
-    reason = "holds a NUL character (%00), which no name or value here may hold"
+    """Answer a request holding a NUL character (see :func:`_nul_in`) with the API's 400."""
     body = msgspec.json.encode(
         ErrorBody(
             status=400,
             code="invalid_request",
-            message=f"{where}: {reason}",
-            fields=[FieldOut(field=where, message=reason)],
+            message=f"{where}: {_NUL_REASON}",
+            fields=[FieldOut(field=where, message=_NUL_REASON)],
         )
     )
     await _send_json(send, 400, body)

@@ -7,10 +7,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
-from litestar import Request
+from litestar import Litestar, Request
 from litestar.datastructures import Cookie
 from litestar.exceptions import (
     HTTPException,
@@ -23,7 +23,7 @@ from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.response import Response, ServerSentEventMessage, Template
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.template import TemplateConfig
-from litestar.types import ExceptionHandlersMap
+from litestar.types import ExceptionHandlersMap, HTTPScope, Receive, Scope, Send
 
 from orchestra import __version__, logs
 from orchestra.api import errors as api_errors
@@ -151,6 +151,17 @@ def error_page(
         status=status,
         message=message,
     )
+
+
+async def refused_page(
+    app: Litestar, scope: Scope, receive: Receive, send: Send, exc: Exception
+) -> None:
+    """Answer ``exc`` as the dashboard's error page, with the dashboard's headers, for a
+    request refused before ``app`` routes it (a NUL character in its address)."""
+    scope = cast(HTTPScope, {**scope, "app": app, "litestar_app": app})
+    request: Request[Any, Any, Any] = Request(scope, receive)
+    page = error_page(request, exc, started=time.perf_counter())
+    await page.to_asgi_response(None, request)(scope, receive, send)
 
 
 def described(exc: Exception) -> tuple[int, str, dict[str, str]]:
