@@ -245,3 +245,57 @@ async def test_a_dashboard_stream_ends_with_its_session(
         await asyncio.wait_for(reading, timeout=15)
     task = (await svc.client.get("/api/v1/tasks/1", headers=submit)).json()
     assert task["status"] == "running", task
+
+
+# -- a link from elsewhere to a dashboard page ------------------------------------------------
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(120)
+async def test_a_link_from_another_site_opens_the_page_but_its_form_changes_nothing(
+    keyed_service: tuple[Service, dict[str, str]], browser: Browser
+) -> None:
+    """A link to a task's page in a chat, a mail or an alert (another site) landed on the
+    login page although the reader was logged in (a SameSite=Strict cookie is not sent on
+    such a visit). The Lax cookie is; a form on that site that posts to the dashboard is
+    still refused, and changes nothing."""
+    svc, tokens = keyed_service
+    submit = {"Authorization": f"Bearer {tokens['submit']}"}
+    made = await svc.client.post("/api/v1/tasks", json={**BODY, "delay": 3600}, headers=submit)
+    task = made.json()["id"]
+    page_html = f"""<!doctype html><title>chat</title>
+      <a id="link" href="{svc.url}/ui/tasks/{task}">task</a>
+      <form id="cancel" method="post" action="{svc.url}/ui/tasks/{task}/cancel">
+        <button id="send">send</button></form>"""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        body = page_html.encode()
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\nconnection: close\r\n"
+            + f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+
+    server = await asyncio.start_server(serve, "127.0.0.2", 0)
+    elsewhere = f"http://127.0.0.2:{server.sockets[0].getsockname()[1]}/"
+    try:
+        page = await new_page(browser)
+        await page.goto(f"{svc.url}/ui/login")
+        await page.fill("#key", tokens["submit"])
+        await page.click("button[type=submit]")
+        await page.wait_for_url(f"{svc.url}/ui/", timeout=15_000)
+        await page.goto(elsewhere)
+        await page.click("#link")
+        await page.wait_for_url(f"{svc.url}/ui/tasks/{task}", timeout=15_000)
+        assert f"Task #{task}" in (await page.locator("h1").text_content() or "")
+        await page.goto(elsewhere)
+        async with page.expect_navigation() as sent:
+            await page.click("#send")
+        answer = await sent.value
+        assert answer is not None and answer.status in (401, 403), answer.status
+    finally:
+        server.close()
+    assert (await svc.client.get(f"/api/v1/tasks/{task}", headers=submit)).json()[
+        "status"
+    ] == "queued"

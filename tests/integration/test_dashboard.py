@@ -120,7 +120,7 @@ async def test_a_stranger_is_sent_to_the_login_page_and_a_bad_key_is_refused(
     assert "set-cookie" not in wrong.headers
 
 
-async def test_login_sets_a_strict_http_only_cookie_and_logout_ends_it(
+async def test_login_sets_a_lax_http_only_cookie_and_logout_ends_it(
     keyed: tuple[Service, dict[str, str]],
 ) -> None:
     svc, tokens = keyed
@@ -128,7 +128,7 @@ async def test_login_sets_a_strict_http_only_cookie_and_logout_ends_it(
     async with client:
         answer = await client.post("/ui/login", data={"key": tokens["admin"], "next": "/ui/"})
         cookie = answer.headers["set-cookie"]
-        assert "HttpOnly" in cookie and "samesite=strict" in cookie.lower() and "Path=/ui" in cookie
+        assert "HttpOnly" in cookie and "samesite=lax" in cookie.lower() and "Path=/ui" in cookie
         assert "Max-Age=43200" in cookie
         assert "Secure" not in cookie  # plain HTTP here
         assert tokens["admin"] not in cookie  # the cookie holds the key's id, never its secret

@@ -10,7 +10,9 @@ with ``allow_anonymous``, the caller is anonymous.
 
 Writes (every method but GET/HEAD) must come from the dashboard's own pages: a browser says so
 in ``Sec-Fetch-Site``; older ones send ``Origin``, which must name this host. The cookie is
-also ``SameSite=Strict``. A caller's scope is checked by the API's scope guard, as for the API.
+``SameSite=Lax``: sent when a link on another site opens a page (a GET, which changes nothing
+here), never with another site's write. A caller's scope is checked by the API's scope guard,
+as for the API.
 """
 
 from __future__ import annotations

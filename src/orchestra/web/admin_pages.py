@@ -83,7 +83,7 @@ class AccessPages(Controller):
             path=links(request).base or "/",
             max_age=max(60, int(hours * 3600)),
             httponly=True,
-            samesite="strict",
+            samesite="lax",
             secure=_secure(request),
         )
         return Redirect(target, status_code=303, cookies=[cookie])
@@ -99,7 +99,7 @@ class AccessPages(Controller):
         await runtime_of(request.scope).sessions.end(cookie_of(request.headers))
         base = links(request).base
         gone = Cookie(
-            key=COOKIE, value="", path=base or "/", max_age=0, httponly=True, samesite="strict"
+            key=COOKIE, value="", path=base or "/", max_age=0, httponly=True, samesite="lax"
         )
         return Redirect(base + "/login", status_code=303, cookies=[gone])
 
