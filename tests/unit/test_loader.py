@@ -122,6 +122,10 @@ def test_missing_required_fields() -> None:
     # A step is a prompt or a list of messages: naming only `prompt` read as "messages is not
     # allowed" (a docs walkthrough).
     assert step["steps[0]"] == "'prompt' or 'messages' is required"
+    # `messages: ~` is none given: it loaded, and every task failed with an AssertionError.
+    for empty in ("messages: ~", "messages: null", "prompt: ~\n    messages: ~"):
+        found = {p.path: p.message for p in problems(f"name: x\nsteps:\n  - id: a\n    {empty}\n")}
+        assert found.get("steps[0]") == "'prompt' or 'messages' is required", (empty, found)
 
 
 @pytest.mark.parametrize(

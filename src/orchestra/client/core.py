@@ -280,9 +280,9 @@ def connection_failed(
     that changes something may have been carried out; or every connection of the client was
     in use (its pool: each open event stream holds one)."""
     reason = str(error) or type(error).__name__
-    if isinstance(error, httpx.PoolTimeout):
-        return ConnectionFailed(url, reason, pool_full=True)
     changes = call.method not in ("GET", "HEAD")
+    if isinstance(error, httpx.PoolTimeout) and not (broke_before and changes):
+        return ConnectionFailed(url, reason, pool_full=True)
     late = isinstance(error, UNANSWERED)
     broke = changes and (late or broke_before or isinstance(error, BROKEN))
     if broke_before and not isinstance(error, BROKEN):

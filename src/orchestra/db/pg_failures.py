@@ -76,9 +76,9 @@ def storage_error(exc: BaseException, where: str) -> StorageError | None:
         return StorageFull(f"the database server's disk is full ({where}); free space and retry")
     if state == "57014" and "statement timeout" in detail:
         return StorageLocked(
-            f"the database ({where}) cancelled a statement past its statement_timeout (a "
-            "setting of the role, the database or the server: the service's statements "
-            "need longer; ALTER ROLE … SET statement_timeout = 0, or a larger value)"
+            f"the database ({where}) cancelled a statement past its statement_timeout (set "
+            "for the role, the database, the server or in the URL's options: the service's "
+            "statements need longer; ALTER ROLE … SET statement_timeout = 0, or larger)"
         )
     if state in ("55P03", "57014"):  # lock not available, a statement cancelled
         return StorageLocked(f"the database ({where}) is busy: {detail}; retry shortly")

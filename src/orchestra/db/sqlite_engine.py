@@ -442,6 +442,7 @@ class SqliteDatabase(Database):
         the writer's thread, which waits for it.
         """
         self.refuse_when_closed()
+        self.file.refuse_writes()
         return await self._queued(work, small)
 
     async def _queued(self, work: Callable[[Connection], T], small: bool) -> T:

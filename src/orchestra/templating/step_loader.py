@@ -199,7 +199,7 @@ class _StepReader:
     def llm(self, common: dict[str, Any]) -> LlmStep | None:
         c, data, path = self.c, self.data, self.path
         messages = self._messages()
-        if data.get("prompt") is None and "messages" not in data:
+        if data.get("prompt") is None and data.get("messages") is None:
             c.add(path, "'prompt' or 'messages' is required")
         prompt = self.template("prompt")
         if prompt is not None and messages:
