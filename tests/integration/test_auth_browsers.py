@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -31,6 +32,26 @@ SAME_SITE = {"sec-fetch-site": "same-origin"}
 async def _tasks(svc: Service) -> list[Any]:
     items: list[Any] = (await svc.client.get("/api/v1/tasks")).json()["items"]
     return items
+
+
+@asynccontextmanager
+async def elsewhere_page(page_html: str) -> AsyncIterator[str]:
+    """The URL of a page served from 127.0.0.2: another origin, on this machine."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        body = page_html.encode()
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\nconnection: close\r\n"
+            + f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+
+    server = await asyncio.start_server(serve, "127.0.0.2", 0)
+    try:
+        yield f"http://127.0.0.2:{server.sockets[0].getsockname()[1]}/"
+    finally:
+        server.close()
 
 
 # -- an anonymous caller's writes from another site's page ------------------------------------
@@ -116,23 +137,11 @@ async def test_a_page_on_another_site_cannot_submit_through_the_browser(
         .then(() => document.title = "sent", () => document.title = "failed");
     </script>"""
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        body = page_html.encode()
-        writer.write(
-            b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\nconnection: close\r\n"
-            + f"content-length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-
-    server = await asyncio.start_server(serve, "127.0.0.2", 0)
-    try:
+    async with elsewhere_page(page_html) as elsewhere:
         page = await new_page(browser)
-        await page.goto(f"http://127.0.0.2:{server.sockets[0].getsockname()[1]}/")
+        await page.goto(elsewhere)
         await page.wait_for_function("document.title !== 'elsewhere'", timeout=15_000)
         assert await page.title() == "sent"
-    finally:
-        server.close()
     assert await _tasks(service) == []
 
 
@@ -268,18 +277,7 @@ async def test_a_link_from_another_site_opens_the_page_but_its_form_changes_noth
       <form id="cancel" method="post" action="{svc.url}/ui/tasks/{task}/cancel">
         <button id="send">send</button></form>"""
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        body = page_html.encode()
-        writer.write(
-            b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\nconnection: close\r\n"
-            + f"content-length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-
-    server = await asyncio.start_server(serve, "127.0.0.2", 0)
-    elsewhere = f"http://127.0.0.2:{server.sockets[0].getsockname()[1]}/"
-    try:
+    async with elsewhere_page(page_html) as elsewhere:
         page = await new_page(browser)
         await page.goto(f"{svc.url}/ui/login")
         await page.fill("#key", tokens["submit"])
@@ -294,8 +292,6 @@ async def test_a_link_from_another_site_opens_the_page_but_its_form_changes_noth
             await page.click("#send")
         answer = await sent.value
         assert answer is not None and answer.status in (401, 403), answer.status
-    finally:
-        server.close()
     assert (await svc.client.get(f"/api/v1/tasks/{task}", headers=submit)).json()[
         "status"
     ] == "queued"
