@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import msgspec
 
@@ -27,11 +27,13 @@ from orchestra.errors import (
     NotFoundError,
 )
 from orchestra.schedules import (
+    Plan,
     Schedule,
     ScheduleChanges,
     ScheduleNotFound,
     ScheduleSpec,
     Timing,
+    TimingUnusable,
     check,
     next_after,
     parse_time,
@@ -46,6 +48,11 @@ log = logs.get("orchestra.scheduler")
 CONFIG_EDITABLE = frozenset({"enabled"})
 #: Fields that move a schedule's next tick when they change.
 _TIMING = frozenset({"cron", "timezone", "every", "enabled"})
+#: How soon a tick is tried again when this host could not compute the schedule's ticks (see
+#: :class:`~orchestra.schedules.TimingUnusable`): the tick is recorded as failed, and the
+#: schedule waits this long instead of its next tick, which is unknown. Meanwhile the host may
+#: get the zone, or another host sharing the database that knows it fires the retry.
+RETRY_UNUSABLE = timedelta(minutes=1)
 
 
 def submission(spec: ScheduleSpec) -> SubmitTask:
@@ -61,11 +68,13 @@ def submission(spec: ScheduleSpec) -> SubmitTask:
 
 
 class ScheduleView(msgspec.Struct, frozen=True):
-    """A schedule with its next ticks and its latest fires (newest first)."""
+    """A schedule with its next ticks and its latest fires (newest first); ``timing_error``:
+    why this host cannot compute its ticks (then ``next_times`` is empty)."""
 
     schedule: Schedule
     next_times: list[str]
     fires: list[Fire]
+    timing_error: str | None = None
 
 
 class ScheduleService:
@@ -144,12 +153,17 @@ class ScheduleService:
         """
         schedule = await self.get(ref)
         times: list[str] = []
+        problem: str | None = None
         if schedule.next_fire_at is not None:
             first = parse_time(schedule.next_fire_at)
-            times = [schedule.next_fire_at] + [
-                iso(t) for t in upcoming(schedule.timing, first, next_count - 1)
-            ]
-        return ScheduleView(schedule, times, await self.store.fires(schedule.id, fires))
+            try:
+                later = upcoming(schedule.timing, first, next_count - 1)
+            except TimingUnusable as exc:
+                problem = exc.message
+            else:
+                times = [schedule.next_fire_at] + [iso(t) for t in later]
+        recorded = await self.store.fires(schedule.id, fires)
+        return ScheduleView(schedule, times, recorded, problem)
 
     async def list(self, after: str | None = None, limit: int | None = None) -> list[Schedule]:
         """Schedules by name: every one, or the first ``limit`` named after ``after``."""
@@ -261,18 +275,22 @@ async def fire_due(
     grace: float,
 ) -> Fired | None:
     """Fire what is due of ``schedule`` now (see :func:`~orchestra.schedules.plan`); None
-    when nothing is."""
+    when nothing is. A due tick this host cannot compute the next of fails, on its own, and
+    is tried again after :data:`RETRY_UNUSABLE`."""
     if schedule.next_fire_at is None:
         return None
     moment = service.clock()
-    due = plan(
-        schedule.timing, parse_time(schedule.next_fire_at), schedule.spec.catch_up, moment, grace
-    )
+    tick = parse_time(schedule.next_fire_at)
+    error: str | None = None
+    try:
+        due = plan(schedule.timing, tick, schedule.spec.catch_up, moment, grace)
+    except TimingUnusable as exc:
+        due = Plan(fire_at=tick, next_at=moment + RETRY_UNUSABLE)
+        error = exc.message
     if due is None:
         return None
     task: NewTask | None = None
-    error: str | None = None
-    if due.fire_at is not None:
+    if due.fire_at is not None and error is None:
         try:
             task = await service.tasks.prepare(submission(schedule.spec))
         except (NotFoundError, InvalidRequest) as exc:  # the template changed since
@@ -293,7 +311,7 @@ async def fire_due(
     if fired.outcome in ("submitted", "skipped", "failed"):
         metrics.schedule_ticked(schedule.name, fired.outcome)
     if fired.outcome != "lost":
-        log.info(
+        (log.warning if fired.outcome == "failed" else log.info)(
             "schedule.fired",
             schedule=schedule.name,
             tick=schedule.next_fire_at if due.fire_at is None else iso(due.fire_at),
@@ -301,6 +319,7 @@ async def fire_due(
             task_id=fired.task_id,
             reason=fired.reason,  # why no task: a skip's earlier task, a failure's error
             missed=fired.missed,  # the ticks missed before this one, if any
+            next_fire_at=iso(due.next_at),
         )
     return fired
 

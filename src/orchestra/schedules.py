@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Literal
@@ -25,7 +26,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 import msgspec
 from cronsim import CronSim, CronSimError
 
-from orchestra.errors import FieldProblem, InvalidRequest, NotFoundError
+from orchestra.errors import FieldProblem, InvalidRequest, NotFoundError, OrchestraError
 
 #: A name is a word (not a number, so a path segment is an id or a name, never both).
 NAME_PATTERN = "^[A-Za-z][A-Za-z0-9_.-]{0,99}$"
@@ -49,6 +50,17 @@ class ScheduleNotFound(NotFoundError):
     """No schedule has this name or id."""
 
     code = "schedule_not_found"
+
+
+class TimingUnusable(OrchestraError):
+    """This host cannot compute the schedule's ticks.
+
+    Its timing was checked where it was made, but this host reads it otherwise: its tzdata
+    lacks the time zone (hosts sharing one database, a name like ``US/Eastern`` dropped by an
+    OS upgrade), or the installed cronsim refuses the expression. The message says which.
+    """
+
+    code = "timing_unusable"
 
 
 class TaskOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -176,7 +188,32 @@ class Timing(msgspec.Struct, frozen=True):
     anchor: datetime
 
     def zone(self) -> ZoneInfo:
-        return ZoneInfo(self.timezone)
+        """The zone the cron expression is read in.
+
+        Raises:
+            TimingUnusable: this host does not know it.
+        """
+        try:
+            return ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a folder ("America")
+            raise TimingUnusable(f"time zone {self.timezone!r} is not known on this host") from None
+
+    def cron_ticks(self, start: datetime, *, reverse: bool = False) -> Iterator[datetime]:
+        """cronsim's ticks of the cron expression from ``start``, read in the zone (later
+        ones, or with ``reverse`` earlier ones).
+
+        Raises:
+            TimingUnusable: this host cannot read the zone or the expression.
+        """
+        zone = self.zone()
+        try:
+            ticks = CronSim(self.cron or "", start.astimezone(zone), reverse=reverse)
+            while True:
+                yield next(ticks)
+        except (CronSimError, ValueError, KeyError, IndexError, StopIteration) as exc:
+            raise TimingUnusable(
+                f"cron {self.cron!r} cannot be read on this host: {exc or type(exc).__name__}"
+            ) from None
 
 
 class Schedule(msgspec.Struct, frozen=True):
@@ -345,26 +382,33 @@ def _cron_error(expr: str, zone: Any) -> Exception | None:
 
 
 def next_after(timing: Timing, after: datetime) -> datetime:
-    """The first tick strictly after ``after`` (a zoned datetime), in UTC."""
+    """The first tick strictly after ``after`` (a zoned datetime), in UTC.
+
+    Raises:
+        TimingUnusable: this host cannot compute the schedule's ticks.
+    """
     if timing.every_seconds is not None:
         step = round(timing.every_seconds * 1_000_000)
         elapsed = _micros(after - timing.anchor)
         k = max(0, elapsed // step + 1)
         return timing.anchor + timedelta(microseconds=k * step)
     assert timing.cron is not None
-    zone = timing.zone()
-    ticks = CronSim(timing.cron, after.astimezone(zone))
+    ticks = timing.cron_ticks(after)
     # cronsim reads a fixed-time expression on the wall clock: in the repeated hour of a
     # fall-back, a time before ``after`` can come out (its first occurrence); skip those.
     for _ in range(_MAX_STEPS):
         tick = next(ticks).astimezone(UTC)
         if tick > after:
             return tick
-    raise ValueError(f"cron {timing.cron!r} has no tick after {after.isoformat()}")
+    raise TimingUnusable(f"cron {timing.cron!r} has no tick after {after.isoformat()}")
 
 
 def upcoming(timing: Timing, after: datetime, count: int) -> list[datetime]:
-    """The next ``count`` ticks after ``after``, in UTC."""
+    """The next ``count`` ticks after ``after``, in UTC.
+
+    Raises:
+        TimingUnusable: this host cannot compute the schedule's ticks.
+    """
     out: list[datetime] = []
     for _ in range(count):
         after = next_after(timing, after)
@@ -386,8 +430,7 @@ def _last_before(timing: Timing, first: datetime, limit: datetime) -> datetime:
     # event loop for seconds), then walked to forward from a few hours before it: around a
     # change of daylight saving time the two readings of an expression may differ, and the
     # ticks are the forward reading's.
-    back = CronSim(timing.cron or "", limit.astimezone(timing.zone()), reverse=True)
-    found = next(back).astimezone(UTC)
+    found = next(timing.cron_ticks(limit, reverse=True)).astimezone(UTC)
     for slack in _SLACKS:  # wider when the forward reading has no tick in the narrower one
         near = found - slack
         last, cursor = (first, first) if near <= first else (None, near)
@@ -413,6 +456,9 @@ def plan(
     ``"latest"``; either way the schedule goes on from its first tick that was not missed.
     That tick, due already (within the grace), fires with the missed ones' record: left to
     the next look, it could be past the grace too by then, and a second stretch was missed.
+
+    Raises:
+        TimingUnusable: the tick is due, and this host cannot compute the ones after it.
     """
     if next_fire_at > now:
         return None

@@ -126,6 +126,7 @@ async def _page(
         timing=timing(s),
         next_in=until(s.next_fire_at, now()),
         next_times=view.next_times,
+        timing_error=view.timing_error,
         fires=view.fires,
         error=error,
     )

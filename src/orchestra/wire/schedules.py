@@ -33,7 +33,9 @@ class ScheduleOut(msgspec.Struct, frozen=True, omit_defaults=True):
     """A schedule. ``next_fire_at`` is its next tick (null while paused); a single schedule's
     answer also has its next ticks and its latest ticks with their tasks, newest first
     (``next_fire_times`` and ``last_tasks``: left out of the other answers, which do not
-    compute them)."""
+    compute them). ``timing_error``, in a single schedule's answer only when there is one:
+    why this host cannot compute its ticks (its time zone or cron expression); then
+    ``next_fire_times`` is empty, and each tick fails and is tried again a minute later."""
 
     id: int
     name: str
@@ -54,6 +56,7 @@ class ScheduleOut(msgspec.Struct, frozen=True, omit_defaults=True):
     updated_at: str
     next_fire_times: list[str] | None = None
     last_tasks: list[FireOut] | None = None
+    timing_error: str | None = None
 
     @classmethod
     def of(cls, s: Schedule, view: ScheduleView | None = None) -> ScheduleOut:
@@ -78,6 +81,7 @@ class ScheduleOut(msgspec.Struct, frozen=True, omit_defaults=True):
             updated_at=s.updated_at,
             next_fire_times=None if view is None else view.next_times,
             last_tasks=None if view is None else [FireOut.of(f) for f in view.fires],
+            timing_error=None if view is None else view.timing_error,
         )
 
 
