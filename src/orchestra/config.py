@@ -403,7 +403,8 @@ class SchedulerSettings(_Section, frozen=True):
     #: within this many seconds.
     interval: float = 1.0
     #: Seconds a tick may be late and still fire; a later one was missed (the service was
-    #: down), and the schedule's catch_up decides.
+    #: down), and the schedule's catch_up decides. At least 1: the loop wakes a moment after
+    #: each tick (0 counted every tick as missed).
     grace: float = 30.0
 
 
@@ -503,7 +504,8 @@ class Settings(_Section, frozen=True):
             ("database.min_free_mb", self.database.min_free_mb >= 0, "a number >= 0"),
             ("limits.render_timeout", self.limits.render_timeout > 0, "a number > 0"),
             ("scheduler.interval", self.scheduler.interval > 0, "a number > 0"),
-            ("scheduler.grace", self.scheduler.grace >= 0, "a number >= 0"),
+            # The loop wakes a moment after each tick: below a second, ticks were missed.
+            ("scheduler.grace", self.scheduler.grace >= 1, "at least 1 second"),
             ("cache.ttl", self.cache.ttl > 0, "a number > 0"),
             ("cache.max_entries", self.cache.max_entries >= 1, "an integer >= 1"),
             ("webhooks.concurrency", self.webhooks.concurrency >= 1, "an integer >= 1"),

@@ -185,6 +185,9 @@ def test_orchestra_config_variable_picks_the_file(tmp_path: Path) -> None:
         ("[providers.ollama]\ntimeout = inf\n", "providers.ollama.timeout: expected a number"),
         ("[database]\nmin_free_mb = inf\n", "database.min_free_mb: expected a finite number"),
         ("[scheduler]\ngrace = nan\n", "scheduler.grace: expected a number of seconds of at"),
+        # The loop wakes a moment after each tick: every tick was recorded as missed.
+        ("[scheduler]\ngrace = 0\n", "scheduler.grace: expected at least 1 second"),
+        ("[scheduler]\ngrace = 0.05\n", "scheduler.grace: expected at least 1 second"),
         # It started, and every call failed at run time.
         ('[providers.ollama]\nurl = "not-a-url"\n', "providers.ollama.url: expected an http"),
         ('[providers.ollama]\nurl = "ftp://h:1"\n', "providers.ollama.url: expected an http"),
@@ -288,6 +291,26 @@ def test_serve_with_bad_config_prints_one_line_and_no_traceback(tmp_path: Path) 
     assert "Traceback" not in done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert lines == [f"Error: {file}: server.port: expected int, got str"]
+
+
+def test_serve_refuses_a_scheduler_grace_that_would_count_every_tick_as_missed(
+    tmp_path: Path,
+) -> None:
+    """``grace = 0`` started, and no schedule ever fired: the loop wakes a few ms after each
+    tick, and every tick was past the grace, recorded as missed."""
+    file = tmp_path / "orchestra.toml"
+    db = f"sqlite+aiosqlite:///{tmp_path / 'o.db'}"  # were it to start: nothing shared
+    file.write_text(f'[server]\nport = 0\n[database]\nurl = "{db}"\n[scheduler]\ngrace = 0\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestra", "serve", "--config", str(file)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {file}: scheduler.grace: "), lines
 
 
 async def test_a_sqlite_path_starting_with_a_tilde_is_in_the_home_folder(
