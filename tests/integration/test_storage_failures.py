@@ -528,6 +528,11 @@ async def test_a_database_file_moved_or_deleted_under_the_service_is_said_and_re
                 return answer.status_code == 503
 
             await wait_until(refused_now, timeout=10)
+
+            async def said_so() -> bool:  # /health's look at the database is a second old
+                return (await health(svc))["database"] != "ok"
+
+            await wait_until(said_so, timeout=10)
             body = await health(svc)
             scraped = (await svc.client.get("/metrics")).text
         said = f"the database file {real if gone.startswith('wal') else folder}/orch.db"
