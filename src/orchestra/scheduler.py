@@ -311,7 +311,7 @@ async def fire_due(
     if fired.outcome in ("submitted", "skipped", "failed"):
         metrics.schedule_ticked(schedule.name, fired.outcome)
     if fired.outcome != "lost":
-        (log.warning if fired.outcome == "failed" else log.info)(
+        logs.by_outcome(log, fired.outcome == "failed")(
             "schedule.fired",
             schedule=schedule.name,
             tick=schedule.next_fire_at if due.fire_at is None else iso(due.fire_at),

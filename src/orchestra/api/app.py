@@ -154,7 +154,8 @@ class ServiceApp:
         answer = _Answer(send)
         nul = _nul_in(scope)
         if nul is not None:
-            if self._dashboards(scope["path"]):  # its HTML page, with its headers
+            if self.runtime.settings.server.api and self._under_ui(scope["path"]):
+                # The dashboard's HTML page, with its headers
                 await refused_page(self.http, scope, receive, answer, _nul_refusal(nul))
             else:
                 await _refuse_nul(nul, answer)
@@ -166,22 +167,18 @@ class ServiceApp:
                 raise
             await _cut_at_stop(scope, answer)
 
-    def _dashboards(self, path: str) -> bool:
-        """Whether ``path`` is under the dashboard's path (and the dashboard is served)."""
+    def _under_ui(self, path: str) -> bool:
+        """Whether ``path`` is under the dashboard's path (with the dashboard enabled)."""
         settings = self.runtime.settings
-        if not (settings.server.api and settings.ui.enabled):
-            return False
         base = settings.ui.path.rstrip("/")
-        return path == base or path.startswith(base + "/")
+        return settings.ui.enabled and (path == base or path.startswith(base + "/"))
 
     def _get_only(self, scope: Any) -> bool:
         """Whether the path is a page answered to GET alone (the dashboard's, ``/metrics``),
         whose HEAD is then answered as its GET without the body, as HTTP says (uptime
         monitors ask so); not an event stream, which has no end to answer."""
-        path, settings = scope["path"], self.runtime.settings
-        base = settings.ui.path.rstrip("/")
-        page = settings.ui.enabled and (path == base or path.startswith(base + "/"))
-        return (page and not path.endswith("/live")) or path == "/metrics"
+        path = scope["path"]
+        return (self._under_ui(path) and not path.endswith("/live")) or path == "/metrics"
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         """The ASGI lifespan protocol around :meth:`Runtime.lifespan`, as Litestar speaks it:
@@ -253,15 +250,10 @@ def _nul_refusal(where: str) -> InvalidRequest:
 
 async def _refuse_nul(where: str, send: Any) -> None:
     """Answer a request holding a NUL character (see :func:`_nul_in`) with the API's 400."""
-    body = msgspec.json.encode(
-        ErrorBody(
-            status=400,
-            code="invalid_request",
-            message=f"{where}: {_NUL_REASON}",
-            fields=[FieldOut(field=where, message=_NUL_REASON)],
-        )
-    )
-    await _send_json(send, 400, body)
+    refused = _nul_refusal(where)
+    fields = [FieldOut(field=f.field, message=f.message) for f in refused.fields]
+    body = ErrorBody(status=400, code=refused.code, message=refused.message, fields=fields)
+    await _send_json(send, 400, msgspec.json.encode(body))
 
 
 async def _send_json(send: Any, status: int, body: bytes, *headers: tuple[bytes, bytes]) -> None:
