@@ -230,6 +230,42 @@ async def test_a_live_stream_resumed_from_its_last_event_is_told_only_of_later_c
             break
 
 
+async def test_a_change_that_leaves_the_counts_as_they_were_is_told_to_a_resumed_stream(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hidden tab seen again resumes its stream from the last event it was told of. The
+    event's id was the counts alone, so a change that left them as they were (a failed task
+    retried that failed again) was never told, and the page stayed stale (a review: a tab in
+    view refreshed on it, a tab seen again did not)."""
+    from orchestra.web import overview
+
+    monkeypatch.setattr(overview, "LOOK_EVERY", 30.0)
+    submitted = await service.client.post(
+        "/api/v1/tasks",
+        json={"template": "summarize", "params": {"text": "x"}, "model": "ollama/nosuch"},
+    )
+    assert submitted.status_code == 201, submitted.text
+    failing = submitted.json()["id"]
+    assert (await service.wait(failing))["status"] == "failed"
+    async with asyncio.timeout(10):
+        async for fields, _ in _sse(service.client, "/ui/live?seen=old"):
+            told = fields["id"]
+            break
+    retried = await service.client.post(f"/api/v1/tasks/{failing}/retry")
+    assert retried.status_code == 200, retried.text
+    await wait_until(lambda: _attempts_failed(service, failing, 2), timeout=15)
+    async with asyncio.timeout(10):
+        async for fields, _ in _sse(service.client, f"/ui/live?seen={told}"):
+            assert fields.get("event") == "changed", fields
+            assert fields["id"] != told
+            break
+
+
+async def _attempts_failed(service: Service, task_id: int, attempts: int) -> bool:
+    task = (await service.client.get(f"/api/v1/tasks/{task_id}")).json()
+    return bool(task["status"] == "failed" and len(task["attempts"]) >= attempts)
+
+
 async def test_the_streamed_text_starts_at_the_running_steps_last_start(db: Database) -> None:
     store = TaskStore(db)
     task_id = (await store.enqueue(NewTask(template="t", template_version=1, params={}))).task.id

@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 from sqlalchemy import Select, func, select, text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from orchestra.db.engine import POSTGRESQL, Database
 from orchestra.db.tables import task_events, tasks
@@ -146,7 +147,12 @@ async def events_between(
 async def last_id(db: Database) -> int:
     """The id of the newest event (0 with none): where a new reader starts."""
     async with db.read() as conn:
-        return int((await conn.execute(select(func.max(task_events.c.id)))).scalar() or 0)
+        return await newest_id(conn)
+
+
+async def newest_id(conn: AsyncConnection) -> int:
+    """The id of the newest event (0 with none), read on ``conn``."""
+    return int((await conn.execute(select(func.max(task_events.c.id)))).scalar() or 0)
 
 
 #: The highest event id ever given, deleted events included: ``task_events`` is an

@@ -22,7 +22,7 @@ import msgspec
 from sqlalchemy import ColumnElement, Select, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from orchestra.db import counts
+from orchestra.db import counts, feed
 from orchestra.db.engine import Database
 from orchestra.db.portable import hinted, like, unindexed
 from orchestra.db.rows import dump, summary_from_row
@@ -155,7 +155,8 @@ class Overview(msgspec.Struct, frozen=True):
     ``per_minute`` covers the last hour, oldest minute first, the current minute last,
     zero-filled. ``recent_failures`` are the failed tasks that failed last, latest first.
     ``scheduled`` is how many queued tasks are not due yet (a delay, a retry's backoff): the
-    queue's depth less these is what waits for a worker now.
+    queue's depth less these is what waits for a worker now. ``newest_event`` is the id of
+    the newest task event (what a live page was last told of, with ``counts``).
     """
 
     counts: dict[str, int]
@@ -163,6 +164,16 @@ class Overview(msgspec.Struct, frozen=True):
     per_minute: list[MinuteCount]
     recent_failures: list[TaskSummary]
     scheduled: int = 0
+    newest_event: int = 0
+
+
+class Changes(msgspec.Struct, frozen=True):
+    """What a live page was last told of: the counts by status and the id of the newest
+    event (a change that leaves the counts as they were, a failed task retried that failed
+    again, still writes events)."""
+
+    counts: dict[str, int]
+    newest_event: int
 
 
 def like_pattern(text: str) -> str:
@@ -246,6 +257,11 @@ class DashboardStore:
         async with self.db.read() as conn:
             return await _counts(conn)
 
+    async def changes(self) -> Changes:
+        """The counts and the newest event's id, from one snapshot."""
+        async with self.db.read() as conn:
+            return Changes(counts=await _counts(conn), newest_event=await feed.newest_id(conn))
+
     async def overview(self, now: datetime, failures: int = 5) -> Overview:
         """Counts, the oldest due queued task, the last hour by minute and the newest failures,
         from one consistent snapshot.
@@ -266,12 +282,14 @@ class DashboardStore:
             due, later = (await conn.execute(queue, {"now": iso(now)})).one()
             minutes = await _per_minute(conn, span)
             recent = await _latest_failed(conn, failures) if failures > 0 else []
+            newest = await feed.newest_id(conn)
         return Overview(
             counts=counts,
             oldest_queued_at=due if due is not None and due <= iso(now) else None,
             per_minute=minutes,
             recent_failures=recent,
             scheduled=int(later or 0),
+            newest_event=newest,
         )
 
     async def page(

@@ -12,6 +12,7 @@ from litestar.response import Redirect, ServerSentEvent, ServerSentEventMessage,
 
 from orchestra import metrics
 from orchestra.api.scope import runtime_of
+from orchestra.db.overview import Changes
 from orchestra.domain import now
 from orchestra.web import views
 from orchestra.web.access import still_signed_in
@@ -19,13 +20,17 @@ from orchestra.web.render import bounded, links, page
 
 #: A live page is told at most this often that tasks changed.
 CHANGED_EVERY = 1.0
-#: Without a change in this process, counts are compared this often (other processes' work).
+#: Without a change in this process, the counts and newest event are compared this often
+#: (other processes' work).
 LOOK_EVERY = 5.0
 
 
-def seen_of(counts: dict[str, int]) -> str:
-    """The tasks' counts by status, as a page names those it shows to its live stream."""
-    return ".".join(f"{status}-{counts[status]}" for status in sorted(counts))
+def seen_of(changes: Changes) -> str:
+    """The tasks' counts by status and the newest event's id, as a page names what it shows
+    to its live stream."""
+    counts = changes.counts
+    told = ".".join(f"{status}-{counts[status]}" for status in sorted(counts))
+    return f"{told}.event-{changes.newest_event}"
 
 
 async def _overview(request: Request[Any, Any, Any]) -> dict[str, Any]:
@@ -45,7 +50,7 @@ async def _overview(request: Request[Any, Any, Any]) -> dict[str, Any]:
             runtime.settings.workers.concurrency if runtime.settings.server.workers else 0, pool
         ),
         "providers": runtime.router.states(),
-        "seen": seen_of(data.counts),
+        "seen": seen_of(Changes(counts=data.counts, newest_event=data.newest_event)),
     }
 
 
@@ -109,9 +114,9 @@ class OverviewPages(Controller):
     ) -> ServerSentEvent:
         """``changed`` events when tasks change (at most every second): live parts of a page
         fetch themselves again on it. Ends after a while; the browser reconnects. ``seen``:
-        the counts the page shows (:func:`seen_of`); other counts when the stream starts (a
-        change between the page and its stream) are a change at once. Each event's id is
-        the counts it tells of: a stream the browser reconnects (Last-Event-ID), or a hidden
+        the counts and newest event the page shows (:func:`seen_of`); others when the stream
+        starts (a change between the page and its stream) are a change at once. Each event's
+        id is what it tells of: a stream the browser reconnects (Last-Event-ID), or a hidden
         tab opens again (``seen``), is told of a change only if there was one since."""
         runtime = runtime_of(request.scope)
         signals = runtime.tasks.signals
@@ -119,14 +124,14 @@ class OverviewPages(Controller):
         if told and len(told) <= 200:
             seen = told
 
-        def told_of(counts: dict[str, int]) -> ServerSentEventMessage:
+        def told_of(changes: Changes) -> ServerSentEventMessage:
             return ServerSentEventMessage(
-                event="changed", data=str(sum(counts.values())), id=seen_of(counts)
+                event="changed", data=str(sum(changes.counts.values())), id=seen_of(changes)
             )
 
         async def stream() -> AsyncIterator[ServerSentEventMessage]:
             loop = asyncio.get_running_loop()
-            last = await runtime.dashboard.counts()
+            last = await runtime.dashboard.changes()
             if seen is not None and seen != seen_of(last):
                 yield told_of(last)
             with signals.watch_all() as changed:
@@ -135,8 +140,7 @@ class OverviewPages(Controller):
                         async with asyncio.timeout(LOOK_EVERY):
                             await changed.wait()
                     except TimeoutError:
-                        counts = await runtime.dashboard.counts()
-                        if counts == last:
+                        if await runtime.dashboard.changes() == last:
                             # A comment alone (Litestar adds an empty `data:` line,
                             # which the browser would dispatch as a message, unless None).
                             yield ServerSentEventMessage(comment="keep-alive", data=None)
@@ -144,7 +148,7 @@ class OverviewPages(Controller):
                     if signals.stopping:  # it woke us: the page reconnects elsewhere
                         return
                     started = loop.time()
-                    last = await runtime.dashboard.counts()
+                    last = await runtime.dashboard.changes()
                     yield told_of(last)
                     changed.clear()
                     await asyncio.sleep(max(0.0, CHANGED_EVERY - (loop.time() - started)))

@@ -145,10 +145,10 @@ class TaskPages(Controller):
         cursor = request.query_params.get("cursor")
         before = whole(cursor, "cursor") if cursor else None
         # The counts first: a change while the rows are read is one the live stream tells.
-        counts = await runtime.dashboard.counts()
+        changes = await runtime.dashboard.changes()
         result = await runtime.dashboard.page(found.filter, limit=PAGE_SIZE, before=before)
         return {
-            "seen": seen_of(counts),
+            "seen": seen_of(changes),
             "rows": result.items,
             "next_cursor": result.next_cursor,
             "given": found.given,
