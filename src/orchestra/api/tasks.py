@@ -108,7 +108,8 @@ class TaskController(Controller):
         before with the same request (409 when with a different one); 404 when the template
         does not exist; 422 naming every bad parameter; 400 naming a field of the body that
         does not fit, a value of the wrong JSON type too (``"1"`` for ``template_version``:
-        nothing is converted, :class:`~orchestra.api.schemas.StrictBodyRequest`). Idempotency
+        text is not converted; a whole float, ``1.0``, is taken as the integer:
+        :class:`~orchestra.api.schemas.StrictBodyRequest`). Idempotency
         keys are per API key: the same key sent with another API key is another task.
         """
         idempotency.sent_once(request.headers)
