@@ -48,6 +48,14 @@ CheckNow = Annotated[
     ),
 ]
 
+ProvidersNow = Annotated[
+    Literal["now"] | None,
+    QueryParameter(
+        description="now: check every provider before answering (else the last checks' "
+        "results, made every [fallback] health_interval seconds)."
+    ),
+]
+
 
 class DatabaseCheck:
     """The database's state for /health, checked again only when the last check is older than
@@ -237,7 +245,7 @@ def _status_code(database: DatabaseState, probe: Probe) -> int:
     cache=False,
     responses=errors(400),
 )
-async def models(runtime: NamedDependency[Runtime], check: CheckNow = None) -> ModelsOut:
+async def models(runtime: NamedDependency[Runtime], check: ProvidersNow = None) -> ModelsOut:
     """Every logical model name with its fallback chain and the entry that would serve it now,
     and every provider with its availability and the models it reports, as the background
     checks last saw them (``?check=now`` checks first)."""
