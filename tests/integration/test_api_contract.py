@@ -22,3 +22,20 @@ async def test_the_models_check_says_what_it_checks(service: Service) -> None:
     assert "provider" in check["description"] and "database" not in check["description"]
     health = document["paths"]["/health"]["get"]["parameters"]
     assert "database" in next(p for p in health if p["name"] == "check")["description"]
+
+
+async def test_a_json_body_may_begin_with_a_byte_order_mark(service: Service) -> None:
+    """RFC 8259 lets a reader ignore a UTF-8 BOM (some Windows tools write one): it was a 400
+    "JSON is malformed: invalid character (byte 0)"."""
+    bom = b"\xef\xbb\xbf"
+    task = b'{"template": "summarize", "params": {"text": "Queues."}}'
+    submitted = await service.client.post("/api/v1/tasks", content=bom + task)
+    assert submitted.status_code == 201, submitted.text
+    schedule = b'{"name": "s", "template": "summarize", "params": {"text": "x"}, "every": "1h"}'
+    made = await service.client.post("/api/v1/schedules", content=bom + schedule)
+    assert made.status_code == 201, made.text
+    changed = await service.client.patch("/api/v1/schedules/s", content=bom + b'{"every": "2h"}')
+    assert changed.status_code == 200, changed.text
+    # Only a BOM is left out: anything else before the JSON is still malformed.
+    refused = await service.client.post("/api/v1/tasks", content=b"\xef\xbb" + task)
+    assert refused.status_code == 400, refused.text
