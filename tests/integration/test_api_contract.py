@@ -39,3 +39,16 @@ async def test_a_json_body_may_begin_with_a_byte_order_mark(service: Service) ->
     # Only a BOM is left out: anything else before the JSON is still malformed.
     refused = await service.client.post("/api/v1/tasks", content=b"\xef\xbb" + task)
     assert refused.status_code == 400, refused.text
+
+
+async def test_an_unknown_path_under_schema_is_the_json_404(service: Service) -> None:
+    """Errors always have the JSON body: under /schema, Litestar answered an HTML page."""
+    for path in ("/schema/redoc", "/schema/nope", "/schema/nope.json", "/schema/static/nope.js"):
+        answer = await service.client.get(path)
+        assert answer.status_code == 404, path
+        assert answer.headers["content-type"].startswith("application/json"), path
+        body = answer.json()
+        assert (body["status"], body["code"]) == (404, "not_found"), (path, body)
+    for path in ("/schema", "/schema/", "/schema/swagger"):  # the page itself stays
+        page = await service.client.get(path)
+        assert page.status_code == 200 and "swagger-ui" in page.text, path

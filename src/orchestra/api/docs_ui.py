@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from litestar import Request, Router
+from litestar._openapi.plugin import handle_schema_path_not_found
 from litestar.datastructures import CacheControlHeader
+from litestar.exceptions import NotFoundException
 from litestar.openapi.plugins import JsonRenderPlugin, OpenAPIRenderPlugin, YamlRenderPlugin
 from litestar.static_files import create_static_files_router
 from litestar.types import ASGIApp, Receive, Scope, Send
@@ -126,9 +128,15 @@ def render_plugins() -> list[OpenAPIRenderPlugin]:
 
 
 def secured(app: ASGIApp) -> ASGIApp:
-    """Middleware: ``app``'s answers, with :data:`SECURITY_HEADERS` added to each."""
+    """Middleware: ``app``'s answers, with :data:`SECURITY_HEADERS` added to each; an unknown
+    path is the API's JSON 404 (Litestar's handler of the other paths under /schema answers
+    an HTML page, and errors always have the JSON body)."""
 
     async def with_headers(scope: Scope, receive: Receive, send: Send) -> None:
+        handler: Any = scope["route_handler"].fn
+        if handler is handle_schema_path_not_found:
+            raise NotFoundException
+
         async def stamped(message: Any) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
