@@ -52,3 +52,22 @@ async def test_an_unknown_path_under_schema_is_the_json_404(service: Service) ->
     for path in ("/schema", "/schema/", "/schema/swagger"):  # the page itself stays
         page = await service.client.get(path)
         assert page.status_code == 200 and "swagger-ui" in page.text, path
+
+
+async def test_every_operation_that_takes_a_body_declares_413(service: Service) -> None:
+    """A body over ``[limits] max_body_bytes`` is a 413 wherever a body is read."""
+    document = await _document(service)
+    taking = [
+        (method, path)
+        for path, item in document["paths"].items()
+        for method, operation in item.items()
+        if "requestBody" in operation
+    ]
+    assert len(taking) >= 7
+    for method, path in taking:
+        assert "413" in document["paths"][path][method]["responses"], (method, path)
+    # The body is read (and refused) before the subscription is looked up.
+    limit = service.app.runtime.settings.limits.max_body_bytes
+    huge = b'{"url": "https://example.com/' + b"x" * limit + b'"}'
+    refused = await service.client.patch("/api/v1/webhooks/1", content=huge)
+    assert refused.status_code == 413, refused.text

@@ -98,7 +98,7 @@ class WebhookController(Controller):
         opt=_ADMIN,
         summary="Change a subscription",
         request_class=StrictBodyRequest,
-        responses=errors(400, 404, 422, 507),
+        responses=errors(400, 404, 413, 422, 507),
     )
     async def update_webhook(
         self,
