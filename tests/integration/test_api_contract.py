@@ -4,6 +4,8 @@ error body under /schema)."""
 
 from __future__ import annotations
 
+import asyncio
+
 from tests.conftest import Service
 
 
@@ -71,3 +73,49 @@ async def test_every_operation_that_takes_a_body_declares_413(service: Service) 
     huge = b'{"url": "https://example.com/' + b"x" * limit + b'"}'
     refused = await service.client.patch("/api/v1/webhooks/1", content=huge)
     assert refused.status_code == 413, refused.text
+
+
+async def test_every_get_answers_head_as_its_get_without_the_body(service: Service) -> None:
+    """HTTP says a resource that answers GET answers HEAD: every GET of the document, and the
+    document itself, answered 405. An event stream answers its headers and ends (it would
+    not end as a GET)."""
+    done = await service.wait((await service.submit("summarize", text="Queues."))["id"])
+    waiting = await service.client.post(
+        "/api/v1/tasks", json={"template": "summarize", "params": {"text": "x"}, "delay": 3600}
+    )
+    batch = await service.client.post(
+        "/api/v1/batches",
+        params={"template": "summarize", "format": "csv"},
+        content=b"text\nx\n",
+    )
+    assert waiting.status_code == batch.status_code == 201, (waiting.text, batch.text)
+    values = {
+        "task_id": str(done["id"]),
+        "name": "summarize",
+        "ref": "nope",
+        "webhook_id": "1",
+        "batch_id": str(batch.json()["batch"]["id"]),
+    }
+    document = await _document(service)
+    asked = ["/schema/openapi.json", "/schema/openapi.yaml", "/schema/swagger"]
+    streams = [f"/api/v1/tasks/{waiting.json()['id']}/events"]
+    for path, item in document["paths"].items():
+        if "get" not in item:
+            continue
+        url = path.format(**values)
+        content = item["get"]["responses"]["200"].get("content", {})
+        (streams if "text/event-stream" in content else asked).append(url)
+    assert len(asked) >= 17 and len(streams) == 3, (asked, streams)
+    for url in asked:
+        got = await service.client.get(url)
+        head = await service.client.head(url)
+        assert (head.status_code, head.content) == (got.status_code, b""), url
+        for name in ("content-type", "content-length"):
+            assert head.headers.get(name) == got.headers.get(name), (url, name)
+    for url in streams:  # headers, then the end, however long the stream would run
+        async with asyncio.timeout(10):
+            head = await service.client.head(url)
+        assert (head.status_code, head.content) == (200, b""), url
+        assert head.headers["content-type"].startswith("text/event-stream"), url
+    missing = await service.client.head("/api/v1/tasks/424242")
+    assert (missing.status_code, missing.content) == (404, b"")

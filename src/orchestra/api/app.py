@@ -147,8 +147,10 @@ class ServiceApp:
             await self.http(scope, receive, send)
             return
         asked = scope
-        if scope["method"] == "HEAD" and self._get_only(scope):
-            scope, send = {**scope, "method": "GET"}, _without_body(send)
+        if scope["method"] == "HEAD" and scope["path"] not in self._heads:
+            # HTTP's HEAD is GET without the body: Litestar routes HEAD to HEAD handlers only
+            headless = _Headless(send, receive)
+            scope, send, receive = {**scope, "method": "GET"}, headless.send, headless.receive
         if self.runtime.settings.metrics.enabled:
             send = _measured(asked["method"], scope, send)
         answer = _Answer(send)
@@ -173,12 +175,13 @@ class ServiceApp:
         base = settings.ui.path.rstrip("/")
         return settings.ui.enabled and (path == base or path.startswith(base + "/"))
 
-    def _get_only(self, scope: Any) -> bool:
-        """Whether the path is a page answered to GET alone (the dashboard's, ``/metrics``),
-        whose HEAD is then answered as its GET without the body, as HTTP says (uptime
-        monitors ask so); not an event stream, which has no end to answer."""
-        path = scope["path"]
-        return (self._under_ui(path) and not path.endswith("/live")) or path == "/metrics"
+    @functools.cached_property
+    def _heads(self) -> frozenset[str]:
+        """The paths with a HEAD handler of their own (/health's). Any other HEAD request
+        is answered as its GET without the body (:class:`_Headless`), as HTTP says: every
+        API resource, the OpenAPI document, the dashboard's pages, /metrics."""
+        routes = self.http.routes
+        return frozenset(r.path for r in routes if isinstance(r, HTTPRoute) and "HEAD" in r.methods)
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         """The ASGI lifespan protocol around :meth:`Runtime.lifespan`, as Litestar speaks it:
@@ -318,17 +321,39 @@ def _measured(method: str, scope: Any, send: Any) -> Any:
     return send_measured
 
 
-def _without_body(send: Any) -> Any:
-    """``send``, dropping the answer's body (its headers, Content-Length included, stay)."""
+class _Headless:
+    """A HEAD request's ``send`` and ``receive`` while its GET handler answers it: the answer
+    goes out without its body (its headers, Content-Length included, stay). A stream (an
+    event stream, a batch's results) would not end: once the answer has begun, the request
+    is ended and ``receive`` says the client has gone, which ends any stream."""
 
-    async def headers_only(message: Any) -> None:
-        if message["type"] == "http.response.body":
+    __slots__ = ("_receive", "_send", "begun", "ended")
+
+    def __init__(self, send: Any, receive: Any) -> None:
+        self._send = send
+        self._receive = receive
+        self.begun = False
+        self.ended = False
+
+    async def send(self, message: Any) -> None:
+        """Send the answer's start; its body as empty and once."""
+        if self.ended:
+            return
+        if message["type"] == "http.response.start":
+            self.begun = True
+        elif message["type"] == "http.response.body":
             if message.get("more_body", False):
                 return
+            self.ended = True
             message = {**message, "body": b""}
-        await send(message)
+        await self._send(message)
 
-    return headers_only
+    async def receive(self) -> Any:
+        """The request's messages until the answer has begun; then its end, and "gone"."""
+        if not self.begun:
+            return await self._receive()
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+        return {"type": "http.disconnect"}
 
 
 def create_app(
