@@ -5,6 +5,7 @@ error body under /schema)."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 from tests.conftest import Service
 
@@ -119,3 +120,32 @@ async def test_every_get_answers_head_as_its_get_without_the_body(service: Servi
         assert head.headers["content-type"].startswith("text/event-stream"), url
     missing = await service.client.head("/api/v1/tasks/424242")
     assert (missing.status_code, missing.content) == (404, b"")
+
+
+async def test_every_operation_has_a_meaningful_unique_camel_case_id(service: Service) -> None:
+    """Code generators name their methods after operationId: it was Litestar's path string
+    (``ApiV1TasksTaskIdCancelCancel``)."""
+    document = await _document(service)
+    ids = {
+        (method, path): operation["operationId"]
+        for path, item in document["paths"].items()
+        for method, operation in item.items()
+    }
+    assert len(set(ids.values())) == len(ids)
+    for where, name in ids.items():
+        assert re.fullmatch(r"[a-z]+(?:[A-Z][a-z0-9]*)*", name), (where, name)
+        assert not name.startswith("api"), (where, name)
+    assert ids["post", "/api/v1/tasks"] == "submitTask"
+    assert ids["get", "/api/v1/tasks/{task_id}"] == "getTask"
+    assert ids["post", "/api/v1/tasks/{task_id}/cancel"] == "cancelTask"
+    assert ids["get", "/health"] == "getHealth"
+    redeliver = "/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver"
+    assert ids["post", redeliver] == "redeliverWebhookDelivery"
+    linked = [
+        link["operationId"]
+        for item in document["paths"].values()
+        for operation in item.values()
+        for answer in operation["responses"].values()
+        for link in answer.get("links", {}).values()
+    ]
+    assert len(linked) >= 7 and set(linked) <= set(ids.values())

@@ -8,6 +8,8 @@ Litestar generates it from the handlers. Each handler declares its error answers
   struct, the same one that decodes them. Litestar's version leaves out that unknown fields
   are refused and drops lower bounds of 0 on optional numbers.
 * **The YAML bodies** of template registration and validation, which handlers read raw.
+* **Operation ids** a code generator can name methods after (``submitTask``, ``getTask``:
+  :data:`OPERATION_IDS`), not Litestar's path strings.
 * **Bearer authentication**, and which operations are open without a key.
 * **The ``Location`` header** of the answers that make something (201).
 * **What a 404 means** on each path (one description cannot say it for every resource),
@@ -108,6 +110,53 @@ _LINKS: dict[tuple[str, str], dict[str, tuple[str, str, dict[str, str]]]] = {
     },
 }
 
+_WEBHOOK = "/api/v1/webhooks/{webhook_id}"
+#: Each operation's ``operationId``, what code generators name their methods after: a verb
+#: and what it acts on, in camelCase (Litestar's own is the path's words run together:
+#: ``ApiV1TasksTaskIdCancelCancel``).
+OPERATION_IDS = {
+    ("get", "/health"): "getHealth",
+    ("head", "/health"): "headHealth",
+    ("get", "/api/v1/health"): "getApiHealth",
+    ("head", "/api/v1/health"): "headApiHealth",
+    ("get", "/api/v1/models"): "listModels",
+    ("get", "/api/v1/tasks"): "listTasks",
+    ("post", "/api/v1/tasks"): "submitTask",
+    ("get", "/api/v1/tasks/{task_id}"): "getTask",
+    ("post", "/api/v1/tasks/{task_id}/cancel"): "cancelTask",
+    ("post", "/api/v1/tasks/{task_id}/retry"): "retryTask",
+    ("get", "/api/v1/tasks/{task_id}/events"): "streamTaskEvents",
+    ("get", "/api/v1/events"): "streamEvents",
+    ("get", "/api/v1/templates"): "listTemplates",
+    ("post", "/api/v1/templates"): "registerTemplate",
+    ("post", "/api/v1/templates/reload"): "reloadTemplates",
+    ("post", "/api/v1/templates/validate"): "validateTemplate",
+    ("get", "/api/v1/templates/{name}"): "getTemplate",
+    ("delete", "/api/v1/templates/{name}"): "deleteTemplate",
+    ("get", "/api/v1/templates/{name}/versions"): "listTemplateVersions",
+    ("get", "/api/v1/webhooks"): "listWebhooks",
+    ("post", "/api/v1/webhooks"): "createWebhook",
+    ("get", "/api/v1/webhooks/callback-secret"): "getCallbackSecret",
+    ("get", _WEBHOOK): "getWebhook",
+    ("patch", _WEBHOOK): "updateWebhook",
+    ("delete", _WEBHOOK): "deleteWebhook",
+    ("post", f"{_WEBHOOK}/roll-secret"): "rollWebhookSecret",
+    ("get", f"{_WEBHOOK}/deliveries"): "listWebhookDeliveries",
+    ("post", f"{_WEBHOOK}/deliveries/{{delivery_id}}/redeliver"): "redeliverWebhookDelivery",
+    ("get", "/api/v1/schedules"): "listSchedules",
+    ("post", "/api/v1/schedules"): "createSchedule",
+    ("get", "/api/v1/schedules/{ref}"): "getSchedule",
+    ("patch", "/api/v1/schedules/{ref}"): "updateSchedule",
+    ("delete", "/api/v1/schedules/{ref}"): "deleteSchedule",
+    ("post", "/api/v1/schedules/{ref}/run"): "runSchedule",
+    ("get", "/api/v1/batches"): "listBatches",
+    ("post", "/api/v1/batches"): "createBatch",
+    ("get", "/api/v1/batches/{batch_id}"): "getBatch",
+    ("get", "/api/v1/batches/{batch_id}/results"): "getBatchResults",
+    ("post", "/api/v1/batches/{batch_id}/cancel"): "cancelBatch",
+    ("post", "/api/v1/batches/{batch_id}/retry"): "retryBatch",
+}
+
 
 #: What a 404 means, by the path's start (the longest that fits): the resource the path
 #: names, or one its body names.
@@ -158,7 +207,9 @@ def refine(doc: OpenAPI) -> OpenAPI:
     doc.components = components
     doc.security = [{"apiKey": []}]
     for path, item in (doc.paths or {}).items():
-        for operation in _operations(item):
+        for method, operation in _operations(item):
+            # An operation left out of the table keeps Litestar's id (a test names it).
+            operation.operation_id = OPERATION_IDS.get((method, path), operation.operation_id)
             if path in PUBLIC_PATHS:
                 operation.security = []
             for parameter in operation.parameters or []:
@@ -271,9 +322,9 @@ def _not_null(schema: Schema) -> Schema:
     return Schema(**{**outer, **inner})
 
 
-def _operations(item: Any) -> list[Operation]:
+def _operations(item: Any) -> list[tuple[str, Operation]]:
     methods = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
-    return [op for m in methods if isinstance(op := getattr(item, m, None), Operation)]
+    return [(m, op) for m in methods if isinstance(op := getattr(item, m, None), Operation)]
 
 
 # JSON Schema keywords to the fields of Litestar's Schema.
