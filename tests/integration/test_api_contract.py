@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import re
+from datetime import datetime
+from typing import Any
+
+from jsonschema import Draft202012Validator, FormatChecker
 
 from tests.conftest import Service
 
@@ -149,3 +153,91 @@ async def test_every_operation_has_a_meaningful_unique_camel_case_id(service: Se
         for link in answer.get("links", {}).values()
     ]
     assert len(linked) >= 7 and set(linked) <= set(ids.values())
+
+
+def _time(value: object) -> bool:
+    """RFC 3339's date-time: a date, ``T``, a time and an offset (``Z``)."""
+    if not isinstance(value, str):
+        return True
+    moment = datetime.fromisoformat(value)
+    return "T" in value and moment.tzinfo is not None
+
+
+def _answers_as_declared(document: dict, path: str, body: Any, status: str = "200") -> None:
+    """``body`` fits the schema ``document`` declares for ``path``'s GET answer (formats too)."""
+    operation = document["paths"][path]["get"]
+    schema = operation["responses"][status]["content"]["application/json"]["schema"]
+    checker = FormatChecker()
+    checker.checks("date-time", raises=ValueError)(_time)
+    root = {**schema, "components": document["components"]}
+    Draft202012Validator(root, format_checker=checker).validate(body)
+
+
+async def test_the_answers_schemas_say_their_times_and_words(service: Service) -> None:
+    """For code generators: times are ``format: date-time``, a field of a few words has their
+    ``enum``, a subscription's event types are ``EventType``'s, the two attempts have names
+    of their own, and a page's ``next_cursor`` is required (it is always sent)."""
+    document = await _document(service)
+    schemas = document["components"]["schemas"]
+
+    def field(component: str, name: str) -> dict:
+        found: dict = schemas[component]["properties"][name]
+        return next((a for a in found.get("oneOf", ()) if a.get("type") == "string"), found)
+
+    times = {
+        "TaskOut": ("created_at", "started_at", "finished_at", "next_run_at"),
+        "StepOut": ("started_at", "finished_at"),
+        "BatchOut": ("created_at", "loaded_at", "cancelled_at"),
+        "ScheduleOut": ("next_fire_at", "created_at", "updated_at"),
+        "WebhookOut": ("created_at", "previous_secret_until"),
+        "DeliveryOut": ("created_at", "next_attempt_at", "finished_at"),
+        "TaskAttemptOut": ("started_at", "finished_at"),
+        "DeliveryAttemptOut": ("time",),
+        "FireOut": ("fire_at",),
+        "ProviderOut": ("checked_at",),
+    }
+    for component, names in times.items():
+        for name in names:
+            assert field(component, name).get("format") == "date-time", (component, name)
+    words = {
+        ("BatchOut", "status"): "loaded",
+        ("DeliveryOut", "status"): "delivered",
+        ("StepOut", "status"): "succeeded",
+        ("TaskAttemptOut", "status"): "handed_back",
+        ("TemplateOut", "origin"): "builtin",
+        ("FireOut", "outcome"): "skipped",
+        ("ProviderOut", "kind"): "ollama",
+    }
+    for (component, name), word in words.items():
+        assert word in field(component, name).get("enum", ()), (component, name)
+    event_type = {"$ref": "#/components/schemas/EventType"}
+    assert schemas["WebhookOut"]["properties"]["event_types"]["items"] == event_type
+    assert not [name for name in schemas if "_" in name]  # schemas_AttemptOut, webhooks_…
+    for page in ("TaskList", "ScheduleList", "WebhookList", "DeliveryList", "BatchList"):
+        assert "next_cursor" in schemas[page]["required"], page
+
+    # Real answers fit (formats too): the service sends what the document now says.
+    done = await service.wait((await service.submit("summarize", text="Queues."))["id"])
+    assert done["attempts"] and done["steps"]
+    _answers_as_declared(document, "/api/v1/tasks/{task_id}", done)
+    schedule = {"name": "s", "template": "summarize", "params": {"text": "x"}, "every": "1h"}
+    assert (await service.client.post("/api/v1/schedules", json=schedule)).status_code == 201
+    assert (await service.client.post("/api/v1/schedules/s/run")).status_code == 201
+    batch = await service.client.post(
+        "/api/v1/batches", params={"template": "summarize", "format": "csv"}, content=b"text\nx\n"
+    )
+    assert batch.status_code == 201, batch.text
+    for path, url in [
+        ("/api/v1/tasks", "/api/v1/tasks"),
+        ("/api/v1/schedules", "/api/v1/schedules"),
+        ("/api/v1/schedules/{ref}", "/api/v1/schedules/s"),
+        ("/api/v1/batches/{batch_id}", f"/api/v1/batches/{batch.json()['batch']['id']}"),
+        ("/api/v1/batches", "/api/v1/batches"),
+        ("/api/v1/webhooks", "/api/v1/webhooks"),
+        ("/api/v1/templates", "/api/v1/templates"),
+        ("/api/v1/models", "/api/v1/models"),
+        ("/health", "/health"),
+    ]:
+        answer = await service.client.get(url)
+        assert answer.status_code == 200, (url, answer.text)
+        _answers_as_declared(document, path, answer.json())

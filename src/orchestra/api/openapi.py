@@ -10,6 +10,9 @@ Litestar generates it from the handlers. Each handler declares its error answers
 * **The YAML bodies** of template registration and validation, which handlers read raw.
 * **Operation ids** a code generator can name methods after (``submitTask``, ``getTask``:
   :data:`OPERATION_IDS`), not Litestar's path strings.
+* **The answers' times and words**: ``format: date-time`` on each time, the ``enum`` of a
+  field that holds one of a few words (:data:`_ANSWER_WORDS`), ``EventType`` in a
+  subscription's ``event_types``. The structs say ``str`` there (the client decodes them).
 * **Bearer authentication**, and which operations are open without a key.
 * **The ``Location`` header** of the answers that make something (201).
 * **What a 404 means** on each path (one description cannot say it for every resource),
@@ -19,7 +22,7 @@ Litestar generates it from the handlers. Each handler declares its error answers
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 from litestar import Litestar
@@ -44,7 +47,12 @@ from litestar.openapi.spec import (
 
 from orchestra.api.auth import PUBLIC_PATHS
 from orchestra.api.schemas import REQUEST_BODIES, ErrorBody
+from orchestra.config import ProviderKind
+from orchestra.db.schedules import Outcome
+from orchestra.domain import AttemptStatus, StepStatus
 from orchestra.templating.loader import NAME
+from orchestra.templating.model import Origin
+from orchestra.webhooks import DeliveryStatus
 
 _MEANING = {
     400: "The request is malformed: a path, query or header value, or the JSON body. "
@@ -157,6 +165,24 @@ OPERATION_IDS = {
     ("post", "/api/v1/batches/{batch_id}/retry"): "retryBatch",
 }
 
+#: The answers' fields that hold one of a few words (the structs say ``str``, which the Python
+#: client decodes leniently), by component and field: the words, as the service writes them.
+_ANSWER_WORDS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("StepOut", "status"): tuple(StepStatus),
+    ("TaskAttemptOut", "status"): tuple(AttemptStatus),
+    ("DeliveryOut", "status"): tuple(DeliveryStatus),
+    ("BatchOut", "status"): ("loading", "loaded"),
+    ("BatchSummaryOut", "status"): ("loading", "loaded"),
+    ("TemplateOut", "origin"): get_args(Origin),
+    ("FireOut", "outcome"): get_args(Outcome),
+    ("ProviderOut", "kind"): get_args(ProviderKind),
+    ("HealthOut", "status"): ("ok", "degraded", "down"),
+}
+#: The answers' lists of event types (their items the ``EventType`` enum, as the bodies').
+_EVENT_TYPES = (("WebhookOut", "event_types"), ("WebhookCreated", "event_types"))
+#: Fields named so hold a time (RFC 3339, UTC: ``2026-12-04T19:41:41.123456Z``).
+_TIME_SUFFIXES = ("_at", "_until")
+
 
 #: What a 404 means, by the path's start (the longest that fits): the resource the path
 #: names, or one its body names.
@@ -195,6 +221,7 @@ def errors(*statuses: int) -> dict[int, ResponseSpec]:
 def refine(doc: OpenAPI) -> OpenAPI:
     """Add to Litestar's document what it cannot generate (see the module docstring)."""
     components = doc.components if isinstance(doc.components, Components) else Components()
+    _answer_schemas(components.schemas or {})
     components.schemas = {**(components.schemas or {}), **_request_schemas()}
     components.security_schemes = {
         "apiKey": SecurityScheme(
@@ -221,6 +248,36 @@ def refine(doc: OpenAPI) -> OpenAPI:
     _link(doc)
     _locations(doc)
     return doc
+
+
+def _answer_schemas(schemas: dict[str, Schema]) -> None:
+    """What Litestar cannot tell from an answer's ``str`` fields: that a time is one
+    (``format: date-time``), the words a field may hold (``enum``), and that a list of event
+    types holds ``EventType``'s."""
+    for name, schema in schemas.items():
+        for field, value in (schema.properties or {}).items():
+            text = _text(value)
+            if text is None:
+                continue
+            if field.endswith(_TIME_SUFFIXES) or field == "time":
+                text.format = OpenAPIFormat.DATE_TIME
+            words = _ANSWER_WORDS.get((name, field))
+            if words is not None:
+                text.enum = list(words)
+    for name, field in _EVENT_TYPES:
+        listed = (schemas[name].properties or {})[field]
+        assert isinstance(listed, Schema)
+        listed.items = Reference(ref="#/components/schemas/EventType")
+
+
+def _text(schema: Schema | Reference) -> Schema | None:
+    """The string schema of ``schema`` (itself, or the string arm of ``string | null``)."""
+    if not isinstance(schema, Schema):
+        return None
+    if schema.type == OpenAPIType.STRING:
+        return schema
+    arms = [a for a in schema.one_of or () if isinstance(a, Schema)]
+    return next((a for a in arms if a.type == OpenAPIType.STRING), None)
 
 
 def _error_answers(path: str, operation: Operation) -> None:

@@ -21,7 +21,6 @@ from litestar.exceptions import ValidationException
 from orchestra.schedules import ScheduleChanges, ScheduleSpec
 from orchestra.templating.source import format_path
 from orchestra.webhooks import NewWebhook, WebhookChanges
-from orchestra.wire.schemas import AttemptOut as AttemptOut
 from orchestra.wire.schemas import CrashOut as CrashOut
 from orchestra.wire.schemas import ErrorBody as ErrorBody
 from orchestra.wire.schemas import ErrorOut as ErrorOut
@@ -35,6 +34,7 @@ from orchestra.wire.schemas import ProcessOut as ProcessOut
 from orchestra.wire.schemas import ProviderOut as ProviderOut
 from orchestra.wire.schemas import StepOut as StepOut
 from orchestra.wire.schemas import StepSummary as StepSummary
+from orchestra.wire.schemas import TaskAttemptOut as TaskAttemptOut
 from orchestra.wire.schemas import TaskList as TaskList
 from orchestra.wire.schemas import TaskOut as TaskOut
 from orchestra.wire.schemas import TaskSummaryOut as TaskSummaryOut

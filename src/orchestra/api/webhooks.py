@@ -17,8 +17,8 @@ from orchestra.api.schemas import NUMBER, StrictBodyRequest
 from orchestra.api.scope import location
 from orchestra.domain import first_page
 from orchestra.webhooks import MAX_OVERLAP, NewWebhook, WebhookChanges, WebhookService
-from orchestra.wire.webhooks import AttemptOut as AttemptOut
 from orchestra.wire.webhooks import CallbackSecretOut as CallbackSecretOut
+from orchestra.wire.webhooks import DeliveryAttemptOut as DeliveryAttemptOut
 from orchestra.wire.webhooks import DeliveryList as DeliveryList
 from orchestra.wire.webhooks import DeliveryOut as DeliveryOut
 from orchestra.wire.webhooks import WebhookCreated as WebhookCreated

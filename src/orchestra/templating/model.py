@@ -9,6 +9,9 @@ import msgspec
 from orchestra.domain import RetryPolicy
 
 ParamType = Literal["string", "integer", "number", "boolean", "array", "object"]
+#: Where a template comes from: builtin (shipped), file (a [templates] dirs folder) or api
+#: (registered).
+Origin = Literal["builtin", "file", "api"]
 PARAM_TYPES: tuple[str, ...] = ("string", "integer", "number", "boolean", "array", "object")
 
 
@@ -161,7 +164,7 @@ class Template(msgspec.Struct, frozen=True):
     #: Where it was loaded from (a file path) — for error messages and listings.
     source: str = "<string>"
     #: builtin (shipped), file (a [templates] dirs folder) or api (registered).
-    origin: Literal["builtin", "file", "api"] = "file"
+    origin: Origin = "file"
     #: The YAML it was read from, as written (the dashboard shows it).
     text: str = ""
 

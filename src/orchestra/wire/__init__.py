@@ -7,7 +7,7 @@ nothing of the server (no SQLAlchemy, Litestar, Jinja, ruamel), so that
 here (``orchestra.api.schemas`` and the controllers re-export them); a constructor from a
 server type (``TaskOut.of(task)``) names that type under ``TYPE_CHECKING`` only.
 
-The last part of each module's name (``schemas``, ``webhooks``, …) is part of the OpenAPI
-document: Litestar names two components of the same class name after their modules
-(``schemas_AttemptOut``, ``webhooks_AttemptOut``).
+A struct's class name is its component's name in the OpenAPI document: two structs must not
+share one (Litestar would name them after their modules, ``schemas_AttemptOut``), hence
+``TaskAttemptOut`` and ``DeliveryAttemptOut``.
 """

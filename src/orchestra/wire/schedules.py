@@ -90,4 +90,4 @@ class ScheduleList(msgspec.Struct, frozen=True):
     page (None: this is the last)."""
 
     items: list[ScheduleOut]
-    next_cursor: str | None = None
+    next_cursor: str | None

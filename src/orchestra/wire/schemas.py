@@ -114,7 +114,7 @@ class StepOut(msgspec.Struct, frozen=True):
         )
 
 
-class AttemptOut(msgspec.Struct, frozen=True):
+class TaskAttemptOut(msgspec.Struct, frozen=True):
     """One try of a task."""
 
     number: int
@@ -125,7 +125,7 @@ class AttemptOut(msgspec.Struct, frozen=True):
     error: ErrorOut | None
 
     @classmethod
-    def of(cls, attempt: Attempt) -> AttemptOut:
+    def of(cls, attempt: Attempt) -> TaskAttemptOut:
         """From a domain attempt."""
         return cls(
             number=attempt.number,
@@ -190,7 +190,7 @@ class TaskOut(msgspec.Struct, frozen=True):
     steps: list[StepOut]
     #: The sum of the steps' usage (tokens and milliseconds) in the current attempt.
     usage: Usage | None
-    attempts: list[AttemptOut]
+    attempts: list[TaskAttemptOut]
     max_attempts: int
     timeout: float | None
     idempotency_key: str | None
@@ -214,7 +214,7 @@ class TaskOut(msgspec.Struct, frozen=True):
             error=_error(task.error),
             steps=[StepOut.of(s) for s in task.steps],
             usage=_usage(total_usage(s.usage for s in task.steps)),
-            attempts=[AttemptOut.of(a) for a in task.history],
+            attempts=[TaskAttemptOut.of(a) for a in task.history],
             max_attempts=task.max_attempts,
             timeout=task.timeout_seconds,
             idempotency_key=task.idempotency_key,

@@ -74,10 +74,10 @@ class WebhookList(msgspec.Struct, frozen=True):
     next page (None: this is the last)."""
 
     items: list[WebhookOut]
-    next_cursor: str | None = None
+    next_cursor: str | None
 
 
-class AttemptOut(msgspec.Struct, frozen=True):
+class DeliveryAttemptOut(msgspec.Struct, frozen=True):
     """One try at a delivery."""
 
     attempt: int
@@ -89,7 +89,7 @@ class AttemptOut(msgspec.Struct, frozen=True):
     error: str | None
 
     @classmethod
-    def of(cls, attempt: DeliveryAttempt) -> AttemptOut:
+    def of(cls, attempt: DeliveryAttempt) -> DeliveryAttemptOut:
         """From a stored attempt, its latency to the microsecond."""
         fields = msgspec.structs.asdict(attempt)
         return cls(**{**fields, "latency_ms": rounded_ms(attempt.latency_ms)})
@@ -105,7 +105,7 @@ class DeliveryOut(msgspec.Struct, frozen=True):
     task_id: int | None
     event_seq: int | None
     status: str
-    attempts: list[AttemptOut]
+    attempts: list[DeliveryAttemptOut]
     next_attempt_at: str | None
     created_at: str
     finished_at: str | None
@@ -121,7 +121,7 @@ class DeliveryOut(msgspec.Struct, frozen=True):
             task_id=d.task_id,
             event_seq=d.event_seq,
             status=d.status.value,
-            attempts=[AttemptOut.of(a) for a in d.history],
+            attempts=[DeliveryAttemptOut.of(a) for a in d.history],
             next_attempt_at=d.next_attempt_at,
             created_at=d.created_at,
             finished_at=d.finished_at,
