@@ -4,16 +4,23 @@ memory (:mod:`orchestra.batches` checks and queues them)."""
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import csv
 import io
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import msgspec
 
 from orchestra.errors import FieldProblem, InvalidRequest, PayloadTooLarge
 from orchestra.templating.model import Template
+
+#: How long reading (and checking) an upload holds the event loop before it lets others run:
+#: a body arrives faster than it is read, so nothing else would (a body of millions of blank
+#: lines, which make no row, held it for seconds at a time).
+TURN_SECONDS = 0.002
 
 
 class InputRow(msgspec.Struct, frozen=True):
@@ -42,23 +49,23 @@ class _Splitter:
         #: The quotes of the over-long line being skipped (None: none is).
         self.skipping: int | None = None
 
-    def feed(self, text: str) -> list[str | Overlong]:
+    def feed(self, text: str) -> Iterator[str | Overlong]:
+        """The lines ``text`` completes, one at a time (a chunk may hold a million of them):
+        the rest is kept for the next chunk once they have all been taken."""
         *complete, rest = text.split("\n")
-        out: list[str | Overlong] = []
         for piece in complete:
             if self.skipping is not None:
-                out.append(Overlong(self.skipping + piece.count('"')))
+                yield Overlong(self.skipping + piece.count('"'))
                 self.skipping = None
                 continue
             line, self.pending = self.pending + piece, ""
-            out.append(Overlong(line.count('"')) if len(line) > self.max_line else line + "\n")
+            yield Overlong(line.count('"')) if len(line) > self.max_line else line + "\n"
         if self.skipping is not None:
             self.skipping += rest.count('"')
         else:
             self.pending += rest
             if len(self.pending) > self.max_line:
                 self.skipping, self.pending = self.pending.count('"'), ""
-        return out
 
     def end(self) -> list[str | Overlong]:
         if self.skipping is not None:
@@ -73,7 +80,10 @@ def over_limit(max_line: int) -> str:
 
 async def _lines(chunks: AsyncIterator[bytes], max_line: int) -> AsyncIterator[str | Overlong]:
     """The body's text lines (UTF-8, a BOM dropped), newline kept, without holding more than
-    one line: a line over ``max_line`` bytes comes as an :class:`Overlong`, unread.
+    one line: a line over ``max_line`` bytes comes as an :class:`Overlong`, unread. Every
+    :data:`TURN_SECONDS` it steps aside for one turn of the event loop, whether or not its
+    lines make rows (the chunks are ready as fast as they are read, and blank lines, or a
+    quoted cell's, reach no awaited write).
 
     Raises:
         InvalidRequest: the body stops being UTF-8 (a bad byte, or a body cut inside a
@@ -84,6 +94,7 @@ async def _lines(chunks: AsyncIterator[bytes], max_line: int) -> AsyncIterator[s
     splitter = _Splitter(max_line)
     read = 0  # bytes of the body before this chunk
     newlines = 0
+    turn = time.perf_counter()
     async for chunk, final in _ended(chunks):
         try:
             text = decoder.decode(chunk, final=final)
@@ -103,6 +114,9 @@ async def _lines(chunks: AsyncIterator[bytes], max_line: int) -> AsyncIterator[s
         read += len(chunk)
         newlines += text.count("\n")
         for line in splitter.feed(text):
+            if time.perf_counter() - turn > TURN_SECONDS:
+                await asyncio.sleep(0)
+                turn = time.perf_counter()
             yield line
     for line in splitter.end():
         yield line

@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 
 from orchestra import logs, metrics
-from orchestra.batch_input import InputRow, csv_rows, jsonl_rows
+from orchestra.batch_input import TURN_SECONDS, InputRow, csv_rows, jsonl_rows
 from orchestra.batch_lease import CUT_NOTE, held, lease_end
 from orchestra.batch_model import Batch, BatchNotFound, BatchOptions, TooManyRows, Uploaded
 from orchestra.batch_progress import Progress as Progress
@@ -52,8 +52,6 @@ from orchestra.wire.batches import RowProblem as RowProblem
 CHUNK = 50
 #: Rows per read of the results, and per retry's statement.
 PAGE = 500
-#: How long the rows' check holds the event loop before it lets others run.
-TURN_SECONDS = 0.002
 #: Most rows one batch may have.
 MAX_ROWS = 1_000_000
 #: Refused rows an upload's answer lists (all of them are in the results).
