@@ -73,6 +73,19 @@ class _Splitter:
         return [self.pending] if self.pending else []
 
 
+#: What a row nested too deeply to decode is told (msgspec stops past about a thousand levels,
+#: Python's recursion limit, counted from where it is called).
+TOO_DEEP = "nests too deeply (over about 1,000 levels of arrays and objects)"
+
+
+class _TooDeep(Exception):
+    """A CSV cell nested too deeply to decode as its parameter's JSON."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
 def over_limit(max_line: int) -> str:
     """What a refused over-long row is told."""
     return f"is over {max_line} bytes (the limit of a row: [limits] max_body_bytes)"
@@ -144,6 +157,9 @@ async def jsonl_rows(chunks: AsyncIterator[bytes], max_line: int) -> AsyncIterat
             params = msgspec.json.decode(line)
         except msgspec.DecodeError as exc:
             yield InputRow(number, index, None, f"not JSON: {exc}")
+            continue
+        except RecursionError:  # a bad row like any other, not the whole body's error
+            yield InputRow(number, index, None, TOO_DEEP)
             continue
         if not isinstance(params, dict):
             yield InputRow(number, index, None, "is not a JSON object")
@@ -225,11 +241,15 @@ async def csv_rows(
             )
             yield InputRow(number, start, None, problem)
             continue
-        params = {
-            name: _typed(cell, template, name)
-            for name, cell in zip(header, cells, strict=True)
-            if cell != ""
-        }
+        try:
+            params = {
+                name: _typed(cell, template, name)
+                for name, cell in zip(header, cells, strict=True)
+                if cell != ""
+            }
+        except _TooDeep as exc:
+            yield InputRow(number, start, None, f"column {exc.name!r} {TOO_DEEP}")
+            continue
         yield InputRow(number, start, params)
     if record or over:
         number += 1
@@ -266,7 +286,11 @@ def _header(cells: list[str]) -> list[str]:
 
 def _typed(cell: str, template: Template, name: str) -> Any:
     """A CSV cell as the parameter's type when it reads as one (else the text, which the
-    parameter check then refuses with its reason)."""
+    parameter check then refuses with its reason).
+
+    Raises:
+        _TooDeep: an array or object cell nested too deeply to decode.
+    """
     param = template.parameters.get(name)
     kind = param.type if param else "string"
     try:
@@ -284,4 +308,6 @@ def _typed(cell: str, template: Template, name: str) -> Any:
             return msgspec.json.decode(cell)
     except (ValueError, msgspec.DecodeError):
         pass
+    except RecursionError:
+        raise _TooDeep(name) from None
     return cell

@@ -4,10 +4,15 @@ and a row nested too deeply to decode is a bad row like any other, the rest goin
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 
+from orchestra.config import Settings, TemplateSettings
+from tests.conftest import Service, StartService
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.hostile import hostile_service
 
@@ -45,3 +50,67 @@ async def test_an_upload_of_lines_without_rows_leaves_the_service_answering(
         got = answer.json()
         assert (got["read"], got["refused"]) == (read, refused)
         watch.assert_held()
+
+
+# -- a row nested too deeply ----------------------------------------------------------------
+
+LISTJOB = """\
+name: listjob
+model: llama3.2
+parameters:
+  text: {type: string, required: true}
+  items: {type: array}
+steps:
+  - id: answer
+    prompt: "{{ params.text }}"
+"""
+
+
+@pytest.fixture
+async def idle(
+    settings: Settings, tmp_path: Path, start_service: StartService
+) -> AsyncIterator[Service]:
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    (folder / "listjob.yaml").write_text(LISTJOB)
+    settings = msgspec.structs.replace(
+        settings,
+        templates=TemplateSettings(dirs=[str(folder)]),
+        server=msgspec.structs.replace(settings.server, workers=False),
+    )
+    async with start_service(settings) as service:
+        yield service
+
+
+async def upload(svc: Service, fmt: str, body: bytes) -> dict[str, Any]:
+    answer = await svc.client.post(
+        "/api/v1/batches", params={"template": "listjob", "format": fmt}, content=body
+    )
+    assert answer.status_code == 201, answer.text
+    got: dict[str, Any] = answer.json()
+    return got
+
+
+async def test_a_jsonl_row_nested_too_deeply_is_refused_with_its_row_and_the_rest_go_on(
+    idle: Service,
+) -> None:
+    deep = b'{"text":"d","items":' + b"[" * 2000 + b"]" * 2000 + b"}"
+    body = b'{"text":"a"}\n{"text":"b","items":[[1]]}\n\n' + deep + b'\n{"text":"e"}\n'
+    got = await upload(idle, "jsonl", body)
+    assert (got["read"], got["refused"], got["batch"]["rows"]) == (4, 1, 4)
+    assert got["batch"]["status"] == "loaded"
+    [problem] = got["problems"]
+    assert (problem["row"], problem["line"]) == (3, 4)
+    assert "nests too deeply" in problem["message"], problem
+
+
+async def test_a_csv_cell_nested_too_deeply_is_refused_with_its_row_and_the_rest_go_on(
+    idle: Service,
+) -> None:
+    body = b"text,items\na,[1]\nb," + b"[" * 10000 + b'\nc,"[[2],[3]]"\nd,\n'
+    got = await upload(idle, "csv", body)
+    assert (got["read"], got["refused"], got["batch"]["rows"]) == (4, 1, 4)
+    [problem] = got["problems"]
+    assert (problem["row"], problem["line"]) == (2, 3)
+    assert "nests too deeply" in problem["message"], problem
+    assert "items" in str(problem), problem
