@@ -29,6 +29,10 @@ _HELD: set[int] = set()
 #: What a keyless upload cut by the service's stop left (its batch, with the rows read), for
 #: the stop's 503 to say instead of "send it again" (which made a second batch of them all).
 CUT_NOTE: ContextVar[str | None] = ContextVar("batch_cut_note", default=None)
+#: What an upload cut midway by a bug left (its batch, with the rows read, in words), for
+#: the 500 to say: "internal error" alone, and its client would send it all again as a
+#: second batch.
+CUT_KEPT: ContextVar[str | None] = ContextVar("batch_cut_kept", default=None)
 
 
 def lease_end(lease_seconds: float | None) -> str | None:

@@ -24,7 +24,7 @@ import msgspec
 
 from orchestra import logs, metrics
 from orchestra.batch_input import TURN_SECONDS, InputRow, csv_rows, jsonl_rows
-from orchestra.batch_lease import CUT_NOTE, held, lease_end
+from orchestra.batch_lease import CUT_KEPT, CUT_NOTE, held, lease_end
 from orchestra.batch_model import Batch, BatchNotFound, BatchOptions, TooManyRows, Uploaded
 from orchestra.batch_progress import Progress as Progress
 from orchestra.batch_progress import progress_of
@@ -226,12 +226,15 @@ class BatchService:
         )
         told = error.message if isinstance(error, OrchestraError) else type(error).__name__
         log.warning("batch.upload_cut", batch_id=batch_id, rows=kept.rows, error=told)
+        what = (
+            f"batch {batch_id} keeps the {kept.rows} "
+            f"row{'' if kept.rows == 1 else 's'} read before "
+            f"(POST /api/v1/batches/{batch_id}/cancel stops them)"
+        )
+        # Said by the answer: an error of ours in its message; a bug's 500 in its own words.
+        CUT_KEPT.set(f"{what}; do not send it again whole")
         if isinstance(error, OrchestraError):
-            error.message = (
-                f"{error.message}; batch {batch_id} keeps the {kept.rows} "
-                f"row{'' if kept.rows == 1 else 's'} read before "
-                f"(POST /api/v1/batches/{batch_id}/cancel stops them)"
-            )
+            error.message = f"{error.message}; {what}"
             error.args = (error.message,)
 
     def _lease(self, opts: BatchOptions) -> float | None:

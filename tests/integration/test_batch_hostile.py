@@ -4,12 +4,15 @@ and a row nested too deeply to decode is a bad row like any other, the rest goin
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from orchestra.config import Settings, TemplateSettings
 from tests.conftest import Service, StartService
@@ -114,3 +117,48 @@ async def test_a_csv_cell_nested_too_deeply_is_refused_with_its_row_and_the_rest
     assert (problem["row"], problem["line"]) == (2, 3)
     assert "nests too deeply" in problem["message"], problem
     assert "items" in str(problem), problem
+
+
+# -- an upload broken midway by a bug -------------------------------------------------------
+
+
+class Broken(Exception):
+    """Not an error of Orchestra's: a bug, as the RecursionError above was."""
+
+
+@contextmanager
+def second_rows_write_breaks() -> Iterator[None]:
+    """The second write of a chunk of batch rows raises :class:`Broken` (a bug's exception,
+    from inside the storage layer)."""
+    writes = 0
+
+    def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        nonlocal writes
+        if statement.lstrip().upper().startswith("INSERT INTO BATCH_ROWS"):
+            writes += 1
+            if writes == 2:
+                raise Broken("a bug")
+
+    event.listen(Engine, "before_cursor_execute", before)
+    try:
+        yield
+    finally:
+        event.remove(Engine, "before_cursor_execute", before)
+
+
+async def test_an_upload_broken_midway_by_a_bug_names_the_batch_and_the_rows_it_kept(
+    idle: Service,
+) -> None:
+    """The rows read before are kept (closed: nobody could finish the batch), and the 500
+    says so, lest the client send it all again as a second batch."""
+    body = b"".join(b'{"text":"row %d"}\n' % i for i in range(1, 201))
+    with second_rows_write_breaks():
+        answer = await idle.client.post(
+            "/api/v1/batches", params={"template": "listjob", "format": "jsonl"}, content=body
+        )
+    assert answer.status_code == 500, answer.text
+    (batch,) = (await idle.client.get("/api/v1/batches")).json()["items"]
+    assert batch["status"] == "loaded" and batch["rows"] == 50, batch
+    error = answer.json()
+    assert error["code"] == "internal", error
+    assert f"batch {batch['id']} keeps the 50 rows read before" in error["message"], error

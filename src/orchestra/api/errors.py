@@ -35,6 +35,7 @@ from orchestra import logs
 from orchestra.api.schemas import NUMBER, ErrorBody, FieldOut, ProblemOut
 from orchestra.api.scope import runtime_of
 from orchestra.api.stream_slots import RETRY_AFTER as STREAM_RETRY_AFTER
+from orchestra.batch_lease import CUT_KEPT
 from orchestra.batch_model import BatchNotFound
 from orchestra.errors import (
     HALF_SURROGATE,
@@ -125,7 +126,7 @@ def orchestra_error(request: Request[Any, Any, Any], exc: OrchestraError) -> Res
     status = status_of(exc)
     if status == HTTP_500_INTERNAL_SERVER_ERROR:
         log.error("api.unexpected_error", error=exc.message, code=exc.code)
-        return _body(HTTP_500_INTERNAL_SERVER_ERROR, "internal", "internal error")
+        return _internal()
     fields = [FieldOut(f.field, f.message) for f in getattr(exc, "fields", [])]
     problems = None
     if isinstance(exc, TemplateError):
@@ -567,7 +568,14 @@ def not_text(_: Request[Any, Any, Any], exc: UnicodeDecodeError) -> Response[Err
 def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
     """A bug: log it with its traceback; the client learns only that it happened."""
     log.exception("api.internal_error", path=request.url.path, method=request.method)
-    return _body(HTTP_500_INTERNAL_SERVER_ERROR, "internal", "internal error")
+    return _internal()
+
+
+def _internal() -> Response[ErrorBody]:
+    """A 500: "internal error", and what an upload cut by it left, when one was."""
+    kept = CUT_KEPT.get()
+    message = "internal error" if kept is None else f"internal error; {kept}"
+    return _body(HTTP_500_INTERNAL_SERVER_ERROR, "internal", message)
 
 
 HANDLERS: dict[Any, Any] = {
