@@ -104,6 +104,9 @@ class TemplateCatalog:
         # The file template versions stored by this process, by (name, version): the Template
         # object stored, so a submit costs a lookup, and a reloaded file is stored once more.
         self._pinned: dict[tuple[str, int], Template] = {}
+        # The stored bodies this release refused, by (name, version): not parsed (nor
+        # logged) again at each refresh, unless the row changes.
+        self._refused_bodies: dict[tuple[str, int], str] = {}
 
     async def validate(self, text: str, source: str = "<request>") -> Template:
         """YAML text checked as a template (not registered), and its name as one this service
@@ -127,12 +130,15 @@ class TemplateCatalog:
         """
         for row in await self.store.all_versions():
             source = f"<registered {row.name} v{row.version}>"
-            template = self._stored("registered", row.name, row.version, row.body, source)
+            deleted = row.deleted_at is not None
+            template = self._stored("registered", row.name, row.version, row.body, source, deleted)
             if template is not None:
                 self._add_registered(row, template)
         for stored in await self.store.pinned_file_versions():
             if self.registry.knows(stored.name, stored.version):
                 continue  # the current file, or a body stored later
+            if self.registry.refused(stored.name, stored.version) is not None:
+                continue  # a later body of this version is refused: said once
             source = f"<stored {stored.name} v{stored.version}>"
             template = self._stored("stored", stored.name, stored.version, stored.body, source)
             if template is None:
@@ -147,22 +153,23 @@ class TemplateCatalog:
         """Learn what other processes on the database registered or deleted since: a
         registered version this process has not seen (parsed in a render process), and the
         deletion of a template whose latest version was deleted. Cheap when nothing changed:
-        one read of the registered versions."""
+        one read of the registered versions.
+
+        A version this release's checks refuse (an older release stored it) is logged once,
+        and parsed again only when its stored body changes."""
         latest: dict[str, StoredTemplate] = {}
         for row in await self.store.all_versions():
             latest[row.name] = row
             if self.registry.knows(row.name, row.version):
                 continue
+            if self._refused_bodies.get((row.name, row.version)) == row.body:
+                continue
             source = f"<registered {row.name} v{row.version}>"
             try:
                 template = await self._parse(row.body, source, self.limits)
             except (TemplateError, PayloadTooLarge) as exc:
-                log.error(
-                    "templates.registered_invalid",
-                    name=row.name,
-                    version=row.version,
-                    problems=str(exc),
-                )
+                deleted = row.deleted_at is not None
+                self._refuse("registered", row.name, row.version, row.body, exc, deleted)
                 continue
             self._add_registered(row, template)
             log.info("templates.learned", name=row.name, version=row.version)
@@ -172,6 +179,7 @@ class TemplateCatalog:
 
     def _add_registered(self, row: StoredTemplate, template: Template) -> None:
         """Know a stored registered version (``template``, its body parsed)."""
+        self._refused_bodies.pop((row.name, row.version), None)
         self.registry.add_registered(
             msgspec.structs.replace(
                 template,
@@ -198,19 +206,45 @@ class TemplateCatalog:
             outage.succeeded()
 
     def _stored(
-        self, kind: str, name: str, version: int, body: str, source: str
+        self, kind: str, name: str, version: int, body: str, source: str, deleted: bool = False
     ) -> Template | None:
-        """A template body kept in the database, parsed; None (and logged) when this version
-        of Orchestra no longer accepts it (an older one, or one with larger limits, stored
-        it): one such body must not stop the service from starting."""
+        """A template body kept in the database, parsed; None (and refused:
+        :meth:`_refuse`) when this version of Orchestra no longer accepts it (an older one,
+        or one with larger limits, stored it): one such body must not stop the service from
+        starting."""
         try:
             return parse_template(body, source, self.limits)
-        except TemplateError as exc:
-            problems = [str(p) for p in exc.problems]
-        except PayloadTooLarge as exc:
-            problems = [exc.message]
-        log.error(f"templates.{kind}_invalid", name=name, version=version, problems=problems)
+        except (TemplateError, PayloadTooLarge) as exc:
+            self._refuse(kind, name, version, body, exc, deleted)
         return None
+
+    def _refuse(
+        self,
+        kind: str,
+        name: str,
+        version: int,
+        body: str,
+        exc: TemplateError | PayloadTooLarge,
+        deleted: bool,
+    ) -> None:
+        """Log a stored version this release refuses, once (at error; at info when it was
+        deleted: nothing is left to do), and know it refused: its tasks fail saying why."""
+        if isinstance(exc, TemplateError):
+            problems = [str(p) for p in exc.problems] or [exc.message]
+        else:
+            problems = [exc.message]
+        self._refused_bodies[(name, version)] = body
+        self.registry.add_refused(name, version, "; ".join(problems), deleted=deleted)
+        if deleted:
+            log.info(
+                f"templates.{kind}_invalid",
+                name=name,
+                version=version,
+                problems=problems,
+                deleted=True,
+            )
+        else:
+            log.error(f"templates.{kind}_invalid", name=name, version=version, problems=problems)
 
     async def pin(self, template: Template) -> None:
         """Store the file template version a task is being queued with, unless this process
@@ -295,6 +329,9 @@ class TemplateCatalog:
     async def delete(self, name: str) -> None:
         """Stop offering a registered template for new tasks; its tasks keep running.
 
+        A template whose stored versions this release refuses (an older one stored them) is
+        deleted too, so that it is no longer logged as an error at each start.
+
         Raises:
             ConflictError: the template is a file (remove the file instead).
             TemplateNotFound: no registered template has this name.
@@ -307,7 +344,8 @@ class TemplateCatalog:
                 else "remove the file and reload instead"
             )
             raise ConflictError(f"{_held_by(file)}; {advice}")
-        self.registry.get(name)  # raises TemplateNotFound when unknown or deleted already
+        if not self.registry.has_refused(name):
+            self.registry.get(name)  # raises TemplateNotFound when unknown or deleted already
         if not await self.store.delete(name):
             raise TemplateNotFound(f"no template named {name!r}")
         self.registry.delete_registered(name)

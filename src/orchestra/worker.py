@@ -374,12 +374,14 @@ class WorkerPool:
         registered by another process on the database, so it looks there before it gives up.
 
         Raises:
-            TemplateNotFound: that version is gone.
+            TemplateNotFound: that version is gone, or stored but refused by this release
+                (then the database has nothing more to say: it is not read again).
         """
         try:
             return self.registry.for_task(task.template, task.template_version)
         except TemplateNotFound:
-            if self._refresh is None:
+            refused = self.registry.refused(task.template, task.template_version)
+            if self._refresh is None or refused is not None:
                 raise
         await self._refresh()
         return self.registry.for_task(task.template, task.template_version)

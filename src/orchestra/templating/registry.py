@@ -6,6 +6,8 @@ template, is reported with both sources. Registered templates keep every version
 always runs the exact version it was submitted with; file templates keep their current
 version, every version this process has seen, and the versions that unfinished tasks were
 queued with (stored in the database as they were queued; the catalog adds them at start).
+A stored version that this release's checks refuse (an older release stored it) is known as
+refused, with the reason: its tasks fail saying why, and it is not offered.
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ class TemplateRegistry:
         self._seen: dict[tuple[str, int], Template] = {}
         self._api: dict[str, dict[int, Template]] = {}
         self._deleted: set[str] = set()
+        # Stored versions this release refuses: name -> version -> the checks' message.
+        self._refused: dict[str, dict[int, str]] = {}
 
     # -- files --------------------------------------------------------------------------------
 
@@ -154,10 +158,26 @@ class TemplateRegistry:
                 ]
             )
         self._api.setdefault(template.name, {})[template.version] = template
+        self._refused.get(template.name, {}).pop(template.version, None)
         if deleted:
             self._deleted.add(template.name)
         else:
             self._deleted.discard(template.name)
+
+    def add_refused(self, name: str, version: int, reason: str, *, deleted: bool = False) -> None:
+        """Know a stored version that this release's checks refuse (``reason``: their message):
+        not offered, and :meth:`for_task` says why its tasks cannot run."""
+        self._refused.setdefault(name, {})[version] = reason
+        if deleted:
+            self._deleted.add(name)
+
+    def refused(self, name: str, version: int) -> str | None:
+        """Why a stored version is refused (:meth:`add_refused`); None when it is not."""
+        return self._refused.get(name, {}).get(version)
+
+    def has_refused(self, name: str) -> bool:
+        """Whether a stored version of ``name`` is refused."""
+        return bool(self._refused.get(name))
 
     def is_deleted(self, name: str) -> bool:
         """Whether the registered template ``name`` was deleted (no new tasks)."""
@@ -185,8 +205,10 @@ class TemplateRegistry:
             return template
         versions = self._api.get(name)
         if not versions or name in self._deleted:
-            raise TemplateNotFound(f"no template named {name!r}")
+            raise self._not_found(name)
         chosen = max(versions) if version is None else version
+        if self.refused(name, chosen) is not None and chosen not in versions:
+            raise TemplateNotFound(self._refusal(name, chosen))
         if chosen not in versions:
             raise TemplateNotFound(
                 f"template {name!r} has no version {version} (versions: "
@@ -202,9 +224,29 @@ class TemplateRegistry:
                 no unfinished task was queued with the old version).
         """
         template = self._api.get(name, {}).get(version) or self._seen.get((name, version))
-        if template is None:
-            raise TemplateNotFound(f"template {name!r} version {version} is no longer available")
-        return template
+        if template is not None:
+            return template
+        if self.refused(name, version) is not None:
+            raise TemplateNotFound(self._refusal(name, version))
+        raise TemplateNotFound(f"template {name!r} version {version} is no longer available")
+
+    def _refusal(self, name: str, version: int) -> str:
+        return (
+            f"template {name!r} version {version} is stored but no longer valid: "
+            f"{self.refused(name, version)}"
+        )
+
+    def _not_found(self, name: str) -> TemplateNotFound:
+        """No template ``name`` offered; said with the reason when each of its stored versions
+        is refused (an older release stored them), and how to be rid of them."""
+        refused = self._refused.get(name)
+        if name in self._deleted or not refused or self._api.get(name):
+            return TemplateNotFound(f"no template named {name!r}")
+        latest = max(refused)
+        return TemplateNotFound(
+            f"{self._refusal(name, latest)}; register a valid version, or delete the "
+            f"template (DELETE /api/v1/templates/{name})"
+        )
 
     def versions(self, name: str) -> list[Template]:
         """Every version of ``name`` known here, oldest first.
@@ -217,7 +259,7 @@ class TemplateRegistry:
                 (t for (n, _), t in self._seen.items() if n == name), key=lambda t: t.version
             )
         if name not in self._api or name in self._deleted:
-            raise TemplateNotFound(f"no template named {name!r}")
+            raise self._not_found(name)
         return [self._api[name][v] for v in sorted(self._api[name])]
 
     def all(self) -> list[Template]:
