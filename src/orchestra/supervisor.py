@@ -292,7 +292,12 @@ class Supervisor:
                             action="killed (SIGKILL); the service does not start",
                         )
                         child.process.kill()
-                raise StartupFailed(f"a process did not start within {limit:g} s")
+                raise StartupFailed(
+                    f"a process did not start within {limit:g} s ([server] start_timeout); "
+                    "the first start of a new release migrates the database, which can take "
+                    "longer (logged as database.migrating): raise [server] start_timeout, as "
+                    "each start begins the migration again"
+                )
             for child in self._step(left):
                 reason = child.failure or (
                     f"process {child.index + 1} exited with "

@@ -4,14 +4,18 @@ migration's log, and the write-ahead log it leaves."""
 from __future__ import annotations
 
 import hashlib
+import logging
+
+import pytest
 
 from orchestra.config import Settings
 from orchestra.db import Database, TaskStore
-from orchestra.db.schema import upgrade
+from orchestra.db.schema import LATEST, upgrade
 from orchestra.db.templates import TemplateStore
 from orchestra.domain import NewTask
 from tests.conftest import StartService, sql_rows
 from tests.fixtures.logs import captured, events
+from tests.fixtures.migrated import stop_at
 
 #: A version an older release registered, which this one refuses (a negative min_length).
 NEGMIN = """\
@@ -72,3 +76,24 @@ async def test_a_stored_version_the_checks_refuse_is_logged_once_and_its_tasks_s
     # Deleted: nothing left to act on, so no error at the next start.
     [again] = events(logged, "templates.registered_invalid")
     assert again["log_level"] == "info" and again["deleted"] is True, again
+
+
+@pytest.mark.empty_database
+async def test_a_migration_is_logged_when_it_starts_and_ends(db_url: str) -> None:
+    old = Database(db_url)
+    try:
+        await old.transaction(lambda conn: stop_at(conn, 12))
+    finally:
+        await old.close()
+    db = Database(db_url)
+    try:
+        with captured(logging.INFO) as logged:
+            await upgrade(db)
+            await upgrade(db)  # nothing to do: nothing said
+    finally:
+        await db.close()
+    [began] = events(logged, "database.migrating")
+    assert (began["from_version"], began["to_version"]) == (12, LATEST), began
+    [ended] = events(logged, "database.migrated")
+    assert (ended["from_version"], ended["to_version"]) == (12, LATEST), ended
+    assert ended["duration_ms"] >= 0 and ended["log_level"] == "info", ended

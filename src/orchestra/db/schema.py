@@ -14,9 +14,12 @@ migration cannot be said in both (migration 5's triggers), it has a PostgreSQL t
 
 from __future__ import annotations
 
+import time
+
 from sqlalchemy import Connection, func, select
 from sqlalchemy.exc import DBAPIError
 
+from orchestra import logs
 from orchestra.db import strangers
 from orchestra.db.engine import Database
 from orchestra.db.migrations import LATEST as LATEST
@@ -25,6 +28,8 @@ from orchestra.db.portable import portable_ddl
 from orchestra.db.tables import schema_version
 from orchestra.domain import iso_now
 from orchestra.errors import ConfigError
+
+log = logs.get("orchestra.db")
 
 _VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_version (
@@ -64,6 +69,9 @@ async def newer_than_known(db: Database) -> int | None:
 async def upgrade(db: Database) -> int:
     """Bring the database to the latest schema; returns the version it is at.
 
+    A migration is logged when it starts (``database.migrating``: it can take minutes on a
+    large database) and ends (``database.migrated``, with its duration).
+
     Raises:
         ConfigError: the database was written by a newer Orchestra, or holds another
             program's tables (:mod:`~orchestra.db.strangers`).
@@ -82,6 +90,9 @@ async def upgrade(db: Database) -> int:
                 f"{db.where}: schema version {version} is newer than this Orchestra "
                 f"understands ({LATEST}); upgrade Orchestra"
             )
+        if version < LATEST:
+            place["began_ns"] = time.monotonic_ns()
+            log.info("database.migrating", where=db.where, from_version=version, to_version=LATEST)
         for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
             place["to"] = number
             migration(conn)
@@ -104,4 +115,12 @@ async def upgrade(db: Database) -> int:
             f"{db.where}: the migration to schema version {place['to']} failed: {said}; "
             f"the database is unchanged, still at schema version {place['from']}"
         ) from None
+    if "to" in place:
+        log.info(
+            "database.migrated",
+            where=db.where,
+            from_version=place["from"],
+            to_version=LATEST,
+            duration_ms=round((time.monotonic_ns() - place["began_ns"]) / 1e6, 1),
+        )
     return LATEST
