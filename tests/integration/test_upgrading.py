@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +99,50 @@ async def test_a_migration_is_logged_when_it_starts_and_ends(db_url: str) -> Non
     [ended] = events(logged, "database.migrated")
     assert (ended["from_version"], ended["to_version"]) == (12, LATEST), ended
     assert ended["duration_ms"] >= 0 and ended["log_level"] == "info", ended
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.empty_database
+async def test_the_write_ahead_log_of_a_migration_is_emptied_at_once(
+    db_url: str, tmp_path: Path
+) -> None:
+    """It stayed as large as the migration's writes (510 MB for a 293 MB database) until the
+    next write, and ``database.log_growing`` blamed readers meanwhile."""
+    old = Database(db_url)
+    try:
+        await old.transaction(lambda conn: stop_at(conn, 1))
+    finally:
+        await old.close()
+    wal = tmp_path / "orchestra.db-wal"
+    db = Database(db_url)
+    try:
+        await upgrade(db)
+        assert wal.stat().st_size == 0  # while the service's connections are open
+    finally:
+        await db.close()
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.empty_database
+async def test_a_reader_holding_the_log_after_a_migration_is_said_and_the_start_goes_on(
+    db_url: str, tmp_path: Path
+) -> None:
+    old = Database(db_url)
+    try:
+        await old.transaction(lambda conn: stop_at(conn, 1))
+    finally:
+        await old.close()
+    reader = sqlite3.connect(tmp_path / "orchestra.db")  # another program's, in a transaction
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM schema_version").fetchall()
+        db = Database(db_url)
+        try:
+            with captured(logging.INFO) as logged:
+                assert await upgrade(db) == LATEST
+        finally:
+            await db.close()
+    finally:
+        reader.close()
+    [held] = events(logged, "database.log_not_emptied")
+    assert held["log_level"] == "info" and "a reader holds" in held["error"], held

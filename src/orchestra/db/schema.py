@@ -14,6 +14,7 @@ migration cannot be said in both (migration 5's triggers), it has a PostgreSQL t
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from sqlalchemy import Connection, func, select
@@ -25,6 +26,7 @@ from orchestra.db.engine import Database
 from orchestra.db.migrations import LATEST as LATEST
 from orchestra.db.migrations import MIGRATIONS as MIGRATIONS
 from orchestra.db.portable import portable_ddl
+from orchestra.db.sqlite_checkpoint import truncate_log
 from orchestra.db.tables import schema_version
 from orchestra.domain import iso_now
 from orchestra.errors import ConfigError
@@ -70,7 +72,8 @@ async def upgrade(db: Database) -> int:
     """Bring the database to the latest schema; returns the version it is at.
 
     A migration is logged when it starts (``database.migrating``: it can take minutes on a
-    large database) and ends (``database.migrated``, with its duration).
+    large database) and ends (``database.migrated``, with its duration). On SQLite, the
+    write-ahead log it leaves (as large as what it wrote) is then emptied into the file.
 
     Raises:
         ConfigError: the database was written by a newer Orchestra, or holds another
@@ -123,4 +126,6 @@ async def upgrade(db: Database) -> int:
             to_version=LATEST,
             duration_ms=round((time.monotonic_ns() - place["began_ns"]) / 1e6, 1),
         )
+        if db.path is not None:
+            await asyncio.to_thread(truncate_log, db.path)
     return LATEST

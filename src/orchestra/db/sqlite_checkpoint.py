@@ -200,3 +200,26 @@ class Checkpoints:
         if self._aside is not None:
             self._aside.close()
             self._aside = None
+
+
+def truncate_log(path: Path, wait_s: float = 1.0) -> None:
+    """Copy the whole write-ahead log of the file at ``path`` into it and empty the log
+    (``wal_checkpoint(TRUNCATE)``), on a connection of its own (blocking): once, after a
+    migration, which leaves a log as large as what it wrote until the next write, and the
+    disk space with it. Best effort: a reader (another program's) may hold the log; that is
+    logged (info), and the writes' checkpoints copy it later."""
+    try:
+        conn = sqlite3.connect(path, timeout=wait_s)
+        try:
+            busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        log.info("database.log_not_emptied", path=str(path), error=f"{type(exc).__name__}: {exc}")
+        return
+    if busy:
+        log.info(
+            "database.log_not_emptied",
+            path=str(path),
+            error=f"a reader holds the write-ahead log ({copied} of {frames} pages copied)",
+        )
