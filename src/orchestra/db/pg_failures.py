@@ -39,6 +39,19 @@ def _psycopg_error(exc: BaseException) -> psycopg.Error | None:
     return seen
 
 
+#: A write refused in a read-only transaction: the server is a hot standby, or the session
+#: was opened under ``default_transaction_read_only = on`` (``ALTER DATABASE``/``ALTER ROLE …
+#: SET``), which it keeps for its life even after the setting is reset.
+READ_ONLY = "25006"
+
+
+def read_only(exc: BaseException) -> bool:
+    """Whether ``exc`` is a write refused because the session is read-only (see
+    :data:`READ_ONLY`)."""
+    found = _psycopg_error(exc)
+    return found is not None and found.sqlstate == READ_ONLY
+
+
 def retryable(exc: BaseException) -> bool:
     """Whether ``exc`` is a conflict with another transaction (see :data:`RETRY`)."""
     found = _psycopg_error(exc)
@@ -87,7 +100,7 @@ def storage_error(exc: BaseException, where: str) -> StorageError | None:
             f"the database ({where}) lost a prepared statement: {detail}. Behind pgbouncer "
             "in transaction mode before 1.21, set [database] prepared_statements = false"
         )
-    if state == "25006":
+    if state == READ_ONLY:
         return StorageUnavailable(f"the database ({where}) is read-only: {detail}")
     if isinstance(found, psycopg.OperationalError) or state.startswith(
         ("08", "53", "57P", "58", "XX")

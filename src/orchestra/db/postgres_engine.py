@@ -48,7 +48,7 @@ from orchestra import logs
 from orchestra.db import notices
 from orchestra.db.engine import POSTGRESQL, Database, settled
 from orchestra.db.failures import WriteHealth
-from orchestra.db.pg_failures import retryable, translate
+from orchestra.db.pg_failures import read_only, retryable, translate
 from orchestra.errors import StorageError
 
 log = logs.get("orchestra.db")
@@ -146,6 +146,16 @@ class PostgresDatabase(Database):
         def _mark(_dbapi: Any, record: Any) -> None:
             record.info["orchestra_token"] = token
 
+        @event.listens_for(self._engine, "handle_error")
+        def _read_only(context: Any) -> None:
+            # A session opened under a database's or role's default_transaction_read_only
+            # keeps it for its life: writes failed until a restart, long after the setting
+            # was reset. Every pooled session was opened alike, so all are replaced (as for
+            # a lost connection) and the next write opens one that sees the setting now; on
+            # a standby (a failover), one that target_session_attrs sends to the primary.
+            if read_only(context.original_exception):
+                context.is_disconnect = True
+
         # Each read is one snapshot: REPEATABLE READ, set once per connection (a per-read SET
         # was two more round trips).
         self._reader = create_async_engine(
@@ -190,6 +200,8 @@ class PostgresDatabase(Database):
                 if retryable(exc) and attempt < ATTEMPTS:
                     time.sleep(random.uniform(0, 0.002 * 2**attempt))
                     continue
+                if read_only(exc) and attempt == 1:
+                    continue  # once more, on a new session (see _read_only): writable now?
                 error = translate(exc, self.where)
                 if error is None:
                     raise

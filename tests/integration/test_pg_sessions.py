@@ -1,0 +1,82 @@
+"""PostgreSQL sessions the service opens: one opened under a database's read-only default is
+not kept after that default is reset, and a URL that names several hosts serves the LISTEN
+connection as well as the pools."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+from orchestra.config import Settings
+from orchestra.db.postgres_engine import conninfo
+from tests.conftest import StartService, sql_rows
+from tests.fixtures.postgres import ON_POSTGRESQL
+from tests.fixtures.servers import wait_until
+
+pytestmark = pytest.mark.skipif(not ON_POSTGRESQL, reason="PostgreSQL's sessions")
+
+BODY = {"template": "summarize", "params": {"text": "a short text"}}
+
+
+def as_admin(db_url: str, sql: str) -> None:
+    """``sql`` from a session that is never read-only, whatever the database's default (as
+    ``PGOPTIONS="-c default_transaction_read_only=off" psql``)."""
+    with psycopg.connect(
+        conninfo(db_url), autocommit=True, options="-c default_transaction_read_only=off"
+    ) as pg:
+        pg.execute(sql)  # type: ignore[arg-type]
+
+
+def writable(scraped: str) -> float:
+    [line] = [s for s in scraped.splitlines() if s.startswith("orchestra_database_writable ")]
+    return float(line.split()[1])
+
+
+@pytest.mark.timeout(90)
+async def test_the_service_writes_again_once_a_databases_read_only_default_is_reset(
+    settings: Settings, start_service: StartService, db_url: str
+) -> None:
+    """``ALTER DATABASE … SET default_transaction_read_only = on`` reaches the sessions
+    opened after it, and they keep it for their life: after the RESET every submit still
+    answered 503 "read-only", /health stayed degraded and the gauge 0 until a restart."""
+    name = make_url(db_url).database
+    async with start_service(settings) as svc:
+        assert (await svc.client.post("/api/v1/tasks", json=BODY)).status_code == 201
+        as_admin(db_url, f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+        sql_rows(
+            db_url,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        refused: dict[str, Any] = {}
+
+        async def read_only() -> bool:
+            answer = await svc.client.post("/api/v1/tasks", json=BODY)
+            refused.update(answer.json())
+            return answer.status_code == 503 and "read-only" in answer.text
+
+        await wait_until(read_only, timeout=20, interval=0.1)
+        assert refused["code"] == "storage_unavailable", refused
+
+        async def degraded() -> bool:  # a probe on a connection just cut may say "down"
+            during = (await svc.client.get("/health")).json()
+            return during["status"] == "degraded" and "cannot write" in during["database"]
+
+        await wait_until(degraded, timeout=10, interval=0.2)
+        assert writable((await svc.client.get("/metrics")).text) == 0
+
+        as_admin(db_url, f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+
+        async def accepted() -> bool:
+            answer = await svc.client.post("/api/v1/tasks", json=BODY)
+            return answer.status_code == 201
+
+        await wait_until(accepted, timeout=20, interval=0.2)
+        task = (await svc.client.post("/api/v1/tasks", json=BODY)).json()
+        assert (await svc.wait(task["id"]))["status"] == "succeeded"
+        after = (await svc.client.get("/health")).json()
+        assert after["status"] == "ok" and after["database"] == "ok", after
+        assert writable((await svc.client.get("/metrics")).text) == 1
