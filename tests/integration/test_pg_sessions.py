@@ -4,8 +4,11 @@ connection as well as the pools."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
+import msgspec
 import psycopg
 import pytest
 from sqlalchemy.engine import make_url
@@ -13,7 +16,7 @@ from sqlalchemy.engine import make_url
 from orchestra.config import Settings
 from orchestra.db.postgres_engine import conninfo
 from tests.conftest import StartService, sql_rows
-from tests.fixtures.postgres import ON_POSTGRESQL
+from tests.fixtures.postgres import ON_POSTGRESQL, PostgresServer
 from tests.fixtures.servers import wait_until
 
 pytestmark = pytest.mark.skipif(not ON_POSTGRESQL, reason="PostgreSQL's sessions")
@@ -80,3 +83,41 @@ async def test_the_service_writes_again_once_a_databases_read_only_default_is_re
         after = (await svc.client.get("/health")).json()
         assert after["status"] == "ok" and after["database"] == "ok", after
         assert writable((await svc.client.get("/metrics")).text) == 1
+
+
+async def test_a_url_naming_two_hosts_gets_wake_ups_across_processes(
+    settings: Settings,
+    start_service: StartService,
+    db_url: str,
+    postgres: PostgresServer,
+    tmp_path: Path,
+) -> None:
+    """SQLAlchemy's multi-host form (``?host=h1:p1&host=h2:p2``), the first host one where no
+    server listens: the pools connect to the second, and so must the LISTEN connection (it
+    failed for ever, "failed to resolve host", and other processes' submits waited on the
+    poll). The worker process polls every 30 s: only a wake-up runs the task sooner."""
+    name = make_url(db_url).database
+    dead = tmp_path / "no-server-here"
+    dead.mkdir()
+    two_hosts = (
+        f"postgresql+psycopg://postgres@/{name}?host={dead}:{postgres.port}"
+        f"&host={postgres.folder}:{postgres.port}&target_session_attrs=read-write"
+    )
+    database = msgspec.structs.replace(settings.database, url=two_hosts)
+    workers = msgspec.structs.replace(
+        settings,
+        database=database,
+        workers=msgspec.structs.replace(settings.workers, poll_interval=30.0),
+    )
+    api_only = msgspec.structs.replace(
+        settings,
+        database=database,
+        server=msgspec.structs.replace(settings.server, workers=False),
+    )
+    async with start_service(workers) as worker, start_service(api_only) as api:
+        await wait_until(lambda: worker.app.runtime.db.listening, timeout=10)
+        started = time.monotonic()
+        task = await api.submit("summarize", text="woken")
+        done = await api.wait(task["id"])
+        assert done["status"] == "succeeded", done
+        assert time.monotonic() - started < 15  # woken, not its 30 s poll

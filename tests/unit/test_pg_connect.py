@@ -93,3 +93,81 @@ def test_a_statement_past_the_roles_statement_timeout_names_the_setting() -> Non
     assert "statement_timeout" in found.message and "busy" not in found.message, found.message
     other = storage_error(psycopg.errors.LockNotAvailable("could not obtain lock"), "db")
     assert isinstance(other, StorageLocked) and "busy" in other.message
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "postgresql+psycopg://orchestra@db.example:6543/orch",
+            {"host": "db.example", "port": "6543", "user": "orchestra", "dbname": "orch"},
+        ),
+        (
+            "postgresql+psycopg://postgres@/orch?host=/run/postgresql&port=5433",
+            {"host": "/run/postgresql", "port": "5433", "user": "postgres", "dbname": "orch"},
+        ),
+        (
+            "postgresql+psycopg://postgres@/orch?host=127.0.0.1:22090&host=127.0.0.1:22091"
+            "&target_session_attrs=read-write",
+            {
+                "host": "127.0.0.1,127.0.0.1",
+                "port": "22090,22091",
+                "user": "postgres",
+                "dbname": "orch",
+                "target_session_attrs": "read-write",
+            },
+        ),
+        (
+            "postgresql+psycopg://o@/orch?host=db1,db2&port=5432,5433&sslmode=require",
+            {"host": "db1,db2", "port": "5432,5433", "user": "o", "dbname": "orch"}
+            | {"sslmode": "require"},
+        ),
+        (
+            "postgresql+psycopg://o:p%40ss%20w%27rd%3D%2F@db/orch?options=-c%20work_mem%3D8MB",
+            {"host": "db", "user": "o", "password": "p@ss w'rd=/", "dbname": "orch"}
+            | {"options": "-c work_mem=8MB"},
+        ),
+    ],
+)
+def test_the_listeners_conninfo_says_what_the_pools_are_given(
+    url: str, expected: dict[str, str]
+) -> None:
+    """The LISTEN connection's libpq string: with SQLAlchemy's multi-host form it named one
+    host "127.0.0.1:22091" and never connected (``failed to resolve host``)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    from orchestra.db.postgres_engine import conninfo
+
+    assert conninfo_to_dict(conninfo(url)) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "where"),
+    [
+        ("postgresql+psycopg://o:secret@db.example/orch", "postgresql://db.example:5432/orch"),
+        ("postgresql+psycopg://o@db.example:6543/orch", "postgresql://db.example:6543/orch"),
+        (
+            "postgresql+psycopg://postgres@/orch?host=127.0.0.1:22090&host=127.0.0.1:22091"
+            "&target_session_attrs=read-write",
+            "postgresql://127.0.0.1:22090,127.0.0.1:22091/orch",
+        ),
+        (
+            "postgresql+psycopg://o@/orch?host=db1,db2&port=6000,6001&password=secret",
+            "postgresql://db1:6000,db2:6001/orch",
+        ),
+        (
+            "postgresql+psycopg://o@/orch?host=db1:7000&host=db2",
+            "postgresql://db1:7000,db2:5432/orch",
+        ),
+        (
+            "postgresql+psycopg://o@/orch?host=/run/postgresql",
+            "PostgreSQL database 'orch' on the socket in /run/postgresql (port 5432)",
+        ),
+    ],
+)
+def test_messages_name_every_host_and_its_port_and_never_the_password(url: str, where: str) -> None:
+    """With the multi-host form, errors and /health named
+    ``postgresql://('127.0.0.1:22090', '127.0.0.1:22091'):5432/orch``."""
+    from orchestra.db.engine import server_where
+
+    assert server_where(url) == where

@@ -243,12 +243,35 @@ class Database:
         return DatabaseState(readable=True, ok=True, detail="ok")
 
 
+def server_params(url: str) -> dict[str, Any]:
+    """libpq's connection parameters for a database server's URL, as SQLAlchemy's dialect
+    makes them for its pools: the user part, the host and port, and the query's options; the
+    multi-host forms (``?host=h1:p1&host=h2:p2``, ``?host=h1,h2&port=p1,p2``) become libpq's
+    comma lists (``host=h1,h2 port=p1,p2``)."""
+    parsed = make_url(url)
+    _args, params = parsed.get_dialect()().create_connect_args(parsed)
+    params.pop("context", None)  # psycopg's type adapters, not a libpq parameter
+    return dict(params)
+
+
 def server_where(url: str) -> str:
-    """A database server's URL as messages show it: the server and database, never the
+    """A database server's URL as messages show it: the server(s) and database, never the
     password (in the user part or ``?password=``) nor any other option."""
     parsed = make_url(url)
-    host = parsed.host or str(parsed.query.get("host") or "localhost")
-    port = parsed.port or parsed.query.get("port") or 5432
-    if host.startswith("/"):  # a Unix socket's folder
-        return f"PostgreSQL database {parsed.database!r} on the socket in {host} (port {port})"
-    return f"postgresql://{host}:{port}/{parsed.database or ''}"
+    try:
+        params = server_params(url)
+    except Exception:  # formats mixed: the engine says so at start; name what can be named
+        params = {"host": parsed.host, "port": parsed.port}
+    hosts = str(params.get("host") or "localhost").split(",")
+    ports = str(params.get("port") or "").split(",")
+    if len(ports) == 1:  # one port for every host (libpq's rule)
+        ports *= len(hosts)
+    ports = [p or "5432" for p in [*ports, *[""] * (len(hosts) - len(ports))]]
+    if len(hosts) == 1 and hosts[0].startswith("/"):  # a Unix socket's folder
+        return (
+            f"PostgreSQL database {parsed.database!r} on the socket in {hosts[0]} (port {ports[0]})"
+        )
+    servers = ",".join(
+        f"{host or 'localhost'}:{port}" for host, port in zip(hosts, ports, strict=False)
+    )
+    return f"postgresql://{servers}/{parsed.database or ''}"

@@ -40,13 +40,14 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 from sqlalchemy import Connection, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from orchestra import logs
 from orchestra.db import notices
-from orchestra.db.engine import POSTGRESQL, Database, settled
+from orchestra.db.engine import POSTGRESQL, Database, server_params, settled
 from orchestra.db.failures import WriteHealth
 from orchestra.db.pg_failures import read_only, retryable, translate
 from orchestra.errors import StorageError
@@ -67,9 +68,12 @@ LISTEN_RETRY_MAX = 30.0
 
 
 def conninfo(url: str) -> str:
-    """A libpq connection URI for psycopg itself, from a SQLAlchemy URL."""
-    parsed = make_url(url).set(drivername="postgresql")
-    return parsed.render_as_string(hide_password=False)
+    """libpq's connection string for psycopg itself (the LISTEN connection), from a
+    SQLAlchemy URL: the parameters SQLAlchemy's dialect gives the pools
+    (:func:`~orchestra.db.engine.server_params`). The URL rendered as a libpq URI kept the
+    multi-host form ``?host=h1:p1&host=h2:p2``, which libpq takes for one host named
+    ``h2:p2``: the listener never connected ("failed to resolve host")."""
+    return make_conninfo(**server_params(url))
 
 
 #: Seconds to wait for a connection unless the URL says (``?connect_timeout=``): libpq waits
