@@ -436,10 +436,12 @@ class _ReadNow:
         counts: Mapping[str, int] | None,
         providers: Iterable[tuple[str, str, bool]],
         writable: bool,
+        listening: bool | None = None,
     ) -> None:
         self.counts = counts
         self.providers = list(providers)
         self.writable = writable
+        self.listening = listening
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
@@ -454,6 +456,14 @@ class _ReadNow:
             "while its SQLite file was deleted or replaced under it.",
             value=1.0 if self.writable else 0.0,
         )
+        if self.listening is not None:
+            yield GaugeMetricFamily(
+                "orchestra_database_listening",
+                "PostgreSQL: 1 while this process's LISTEN connection is up (other processes' "
+                "submits wake its workers at once), 0 while it cannot connect (they wait for "
+                "the poll interval).",
+                value=1.0 if self.listening else 0.0,
+            )
         if self.counts is not None:
             tasks = GaugeMetricFamily(
                 "orchestra_tasks",
@@ -516,15 +526,17 @@ def exposition(
     counts: Mapping[str, int] | None,
     providers: Iterable[tuple[str, str, bool]],
     writable: bool = True,
+    listening: bool | None = None,
 ) -> bytes:
     """Every series in Prometheus's text format: the recorded ones (of every process, in
     multiprocess mode; of this one, else) and those read now from ``counts`` (tasks by
-    status; None leaves them out), ``providers`` (name, kind, available) and ``writable``
-    (whether the database's writes succeed, as /health tells)."""
+    status; None leaves them out), ``providers`` (name, kind, available), ``writable``
+    (whether the database's writes succeed, as /health tells) and ``listening`` (whether
+    PostgreSQL's LISTEN connection is up; None, on SQLite, leaves it out)."""
     registry = CollectorRegistry(auto_describe=False)
     if multiprocess():
         _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     else:
         registry.register(_Recorded())
-    registry.register(_ReadNow(counts, providers, writable))
+    registry.register(_ReadNow(counts, providers, writable, listening))
     return generate_latest(registry)

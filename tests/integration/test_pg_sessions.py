@@ -121,3 +121,34 @@ async def test_a_url_naming_two_hosts_gets_wake_ups_across_processes(
         done = await api.wait(task["id"])
         assert done["status"] == "succeeded", done
         assert time.monotonic() - started < 15  # woken, not its 30 s poll
+
+
+def gauge(scraped: str, name: str) -> float | None:
+    found = [s for s in scraped.splitlines() if s.startswith(f"{name} ")]
+    return float(found[0].split()[1]) if found else None
+
+
+async def test_a_scrape_says_whether_the_listener_is_up(
+    settings: Settings, start_service: StartService, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing showed that the LISTEN connection could not connect (a URL libpq read wrong):
+    /health said ok and wake-ups came at the poll interval. With its LISTEN connection cut
+    and its retry 30 s away, the scrape says 0 until it listens again."""
+    from orchestra.db import postgres_engine
+
+    monkeypatch.setattr(postgres_engine, "LISTEN_RETRY", 30.0)
+    async with start_service(settings) as svc:
+        db = svc.app.runtime.db
+        await wait_until(lambda: db.listening, timeout=10)
+        assert gauge((await svc.client.get("/metrics")).text, "orchestra_database_listening") == 1
+        sql_rows(
+            db_url,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+        )
+
+        async def down() -> bool:
+            scraped = (await svc.client.get("/metrics")).text
+            return gauge(scraped, "orchestra_database_listening") == 0
+
+        await wait_until(down, timeout=10, interval=0.1)

@@ -57,7 +57,9 @@ async def scrape(request: Request[Any, Any, Any]) -> Response[bytes]:
     providers = [(s.name, s.kind, s.available) for s in runtime.router.states()]
     # The writes' outcome /health reports: a read answers while every write is refused.
     writable = runtime.db.writes.failure is None and runtime.db.replaced() is None
-    body = metrics.exposition(counts, providers, writable)
+    # Other processes' wake-ups (PostgreSQL's LISTEN); SQLite's need no connection.
+    listening = runtime.db.listening if runtime.db.notifies else None
+    body = metrics.exposition(counts, providers, writable, listening)
     if _accepts_gzip(request.headers.get("accept-encoding", "")):  # Prometheus asks for it
         packed = gzip.compress(body, compresslevel=6)
         headers = {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
