@@ -79,6 +79,7 @@ async def test_the_service_writes_again_once_a_databases_read_only_default_is_re
 
         await wait_until(accepted, timeout=20, interval=0.2)
         task = (await svc.client.post("/api/v1/tasks", json=BODY)).json()
+        assert "id" in task, task
         assert (await svc.wait(task["id"]))["status"] == "succeeded"
         after = (await svc.client.get("/health")).json()
         assert after["status"] == "ok" and after["database"] == "ok", after
