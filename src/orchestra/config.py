@@ -88,6 +88,9 @@ class ServerSettings(_Section, frozen=True):
     #: Seconds a request's headers may take to arrive (from the connection opening, or from
     #: the first byte of the next request on a kept-alive one); then the connection is closed.
     header_timeout: float = 10.0
+    #: Seconds a request's body may go without a byte arriving (between two reads); then it
+    #: is answered 408, if its answer has not begun, and the connection is closed.
+    body_timeout: float = 30.0
     #: Whole seconds an idle kept-alive connection stays open between requests.
     keepalive_timeout: int = 5
     #: Connections served at once; a request on one beyond them gets 503, and it is closed.
@@ -475,6 +478,7 @@ class Settings(_Section, frozen=True):
         checks += [
             ("server.port", 0 <= self.server.port <= 65535, "a port between 0 and 65535"),
             ("server.header_timeout", self.server.header_timeout > 0, "a number > 0"),
+            ("server.body_timeout", self.server.body_timeout > 0, "a number > 0"),
             ("server.keepalive_timeout", self.server.keepalive_timeout >= 0, "an integer >= 0"),
             ("server.max_connections", self.server.max_connections >= 1, "an integer >= 1"),
             ("server.processes", self.server.processes >= 1, "an integer >= 1"),

@@ -12,6 +12,7 @@
     ├── InvalidRequest              a request is well formed but its content is wrong
     │   └── InvalidParams           task parameters do not match the template
     ├── PayloadTooLarge             a body or template over its configured limit
+    ├── BodyTimeout                 a request's body stopped arriving (408)
     ├── Unauthorized                no valid API key
     ├── Forbidden                   the key's scope does not allow the call
     ├── TooManyStreams              a key holds its most event streams open (429)
@@ -147,6 +148,12 @@ class PayloadTooLarge(OrchestraError):
     def __init__(self, message: str | None = None, fields: Sequence[FieldProblem] = ()) -> None:
         self.fields = list(fields)
         super().__init__(message)
+
+
+class BodyTimeout(OrchestraError):
+    """The request's body stopped arriving: no byte came for [server] body_timeout seconds."""
+
+    code = "body_timeout"
 
 
 class Unauthorized(OrchestraError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -193,3 +194,85 @@ async def test_beyond_max_connections_requests_get_503_until_connections_close(
                     await conn[1].wait_closed()
 
         await wait_until(answers, timeout=10, interval=0.05)
+
+
+BODY_TIMEOUT = 2
+
+
+@pytest.fixture
+async def slow_body_svc(
+    tmp_path: Path, fake_ollama: FakeOllama, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[HostileService]:
+    """The service with a short body timeout and room for 20 connections."""
+    monkeypatch.setenv("ORCHESTRA_SERVER__BODY_TIMEOUT", str(BODY_TIMEOUT))
+    monkeypatch.setenv("ORCHESTRA_SERVER__MAX_CONNECTIONS", "20")
+    async with hostile_service(tmp_path, fake_ollama.url) as service:
+        yield service
+
+
+async def start_post(service: HostileService, path: str, length: int, first: bytes) -> Connection:
+    """Connect and send a POST's headers (saying ``length`` bytes of body) and ``first``."""
+    conn = await connect(service)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {length}\r\n"
+        "Content-Type: application/x-www-form-urlencoded\r\n\r\n"
+    )
+    conn[1].write(head.encode() + first)
+    await conn[1].drain()
+    return conn
+
+
+async def trickled(service: HostileService, path: str, every: float) -> tuple[float, bytes]:
+    """POST to ``path`` saying a body of 1000 bytes, and send one byte each ``every`` seconds
+    (none after the first when ``every`` is 0) until the service closes the connection;
+    (seconds it stayed open, what the service sent)."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    reader, writer = await start_post(service, path, 1000, b"k")
+    received = b""
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT + MARGIN):
+            while True:
+                try:
+                    async with asyncio.timeout(every or None):
+                        while chunk := await reader.read(65536):
+                            received += chunk
+                        return loop.time() - started, received
+                except TimeoutError:
+                    with contextlib.suppress(ConnectionError):
+                        writer.write(b"e")
+                        await writer.drain()
+                except ConnectionResetError:
+                    return loop.time() - started, received
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("path", ["/api/v1/tasks", "/ui/login"])
+async def test_a_body_that_stops_arriving_is_answered_408_and_its_connection_closed(
+    slow_body_svc: HostileService, path: str
+) -> None:
+    seconds, received = await trickled(slow_body_svc, path, every=0)
+    assert BODY_TIMEOUT - 0.5 < seconds < BODY_TIMEOUT + MARGIN, seconds
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), received
+    assert b"connection: close" in head.lower()
+    if path.startswith("/ui"):  # the dashboard's own error page
+        assert b"text/html" in head and b"<html" in body.lower(), received
+    else:
+        assert json.loads(body)["code"] == "body_timeout"
+
+
+async def test_a_body_sent_slowly_but_steadily_is_served(slow_body_svc: HostileService) -> None:
+    """The timeout is between two reads, not for the whole body (as nginx's)."""
+    body = b'{"template": "no-such-template", "params": {}}'
+    reader, writer = await start_post(slow_body_svc, "/api/v1/tasks", len(body), b"")
+    try:
+        for piece in (body[:10], body[10:20], body[20:]):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(BODY_TIMEOUT * 0.6)  # the pace tested: longer in all than it
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 404 "), head

@@ -27,6 +27,7 @@ from orchestra.config import LoggingSettings, ServerSettings
 from tests.fixtures.servers import free_socket, wait_until
 
 HEADER_TIMEOUT = 0.5
+BODY_TIMEOUT = 0.5
 #: How much later than its timeout the server may close a connection (2 busy cores).
 MARGIN = 3.0
 HAS_HTTPTOOLS = importlib.util.find_spec("httptools") is not None
@@ -58,12 +59,15 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 async def serving(protocol: str = "auto") -> AsyncIterator[Connection]:
     """The app served as :func:`server_config` says (with ``protocol``'s header deadline);
     yields a connection to it."""
-    settings = ServerSettings(header_timeout=HEADER_TIMEOUT, keepalive_timeout=30)
+    settings = ServerSettings(
+        header_timeout=HEADER_TIMEOUT, body_timeout=BODY_TIMEOUT, keepalive_timeout=30
+    )
     config = server_config(app, settings)
     if protocol != "auto":
         base = HeaderTimeoutProtocol if protocol == "h11" else httptools_protocol()
         assert base is not None
-        config.http = type(base.__name__, (base,), {"header_timeout": HEADER_TIMEOUT})
+        timeouts = {"header_timeout": HEADER_TIMEOUT, "body_timeout": BODY_TIMEOUT}
+        config.http = type(base.__name__, (base,), timeouts)
     sock = free_socket()
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
@@ -118,6 +122,25 @@ async def test_a_kept_alive_connection_that_starts_a_request_and_stalls_is_close
         assert await get(conn) == b"ok"
         conn[1].write(b"G")
         assert await closed_by_server(conn[0]) == b""
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_the_rest_of_a_body_left_unread_must_keep_arriving_after_the_answer(
+    protocol: str,
+) -> None:
+    """The app answers without reading the body; the body's rest then stops arriving (after
+    a byte, which cancels uvicorn's keep-alive timer): the connection is closed after the
+    body timeout."""
+    async with serving(protocol) as (reader, writer):
+        writer.write(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\nab")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert await asyncio.wait_for(reader.readexactly(2), timeout=10) == b"ok"
+        for _ in range(3):  # while it keeps arriving, the connection stays
+            await asyncio.sleep(BODY_TIMEOUT / 2)
+            writer.write(b"c")
+        assert not reader.at_eof()
+        assert await closed_by_server(reader) == b""
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

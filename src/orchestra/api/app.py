@@ -45,6 +45,7 @@ from orchestra.api.schedules import ScheduleController
 from orchestra.api.schedules import provide as _schedules
 from orchestra.api.schemas import ErrorBody, FieldOut
 from orchestra.api.scope import RUNTIME, runtime_of
+from orchestra.api.slow_body import BodyClock
 from orchestra.api.tasks import TaskController
 from orchestra.api.templates import TemplateController
 from orchestra.api.webhooks import WebhookController
@@ -147,6 +148,8 @@ class ServiceApp:
             await self.http(scope, receive, send)
             return
         asked = scope
+        clock = BodyClock(scope, receive, send, self.runtime.settings.server.body_timeout)
+        receive, send = clock.receive, clock.send
         if scope["method"] == "HEAD" and scope["path"] not in self._heads:
             # HTTP's HEAD is GET without the body: Litestar routes HEAD to HEAD handlers only
             headless = _Headless(send, receive)

@@ -20,6 +20,7 @@ from litestar.status_codes import (
     HTTP_401_UNAUTHORIZED,
     HTTP_403_FORBIDDEN,
     HTTP_404_NOT_FOUND,
+    HTTP_408_REQUEST_TIMEOUT,
     HTTP_409_CONFLICT,
     HTTP_413_REQUEST_ENTITY_TOO_LARGE,
     HTTP_422_UNPROCESSABLE_ENTITY,
@@ -39,6 +40,7 @@ from orchestra.batch_lease import CUT_KEPT
 from orchestra.batch_model import BatchNotFound
 from orchestra.errors import (
     HALF_SURROGATE,
+    BodyTimeout,
     ConflictError,
     Forbidden,
     InvalidParams,
@@ -70,6 +72,7 @@ _STATUS: list[tuple[type[OrchestraError], int]] = [
     (ConflictError, HTTP_409_CONFLICT),
     (TemplateError, HTTP_422_UNPROCESSABLE_ENTITY),
     (PayloadTooLarge, HTTP_413_REQUEST_ENTITY_TOO_LARGE),
+    (BodyTimeout, HTTP_408_REQUEST_TIMEOUT),
     (Unauthorized, HTTP_401_UNAUTHORIZED),
     (Forbidden, HTTP_403_FORBIDDEN),
     (TooManyStreams, HTTP_429_TOO_MANY_REQUESTS),

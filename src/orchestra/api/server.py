@@ -8,6 +8,11 @@ keep-alive connection that sends one byte (any byte cancels uvicorn's keep-alive
 stay open for good. The protocols here close such a connection ``header_timeout`` seconds after
 it opened, or after the first byte of its next request arrived.
 
+Nor does it time out a request's body: the app's reads of it do (api/slow_body.py), but a body
+the app answered without reading all of it is read on (and dropped) by uvicorn for as long
+as its bytes come, however slowly. The protocols here close such a connection when no byte
+of that rest came for ``body_timeout`` seconds.
+
 uvicorn parses HTTP with h11 (pure Python), or with httptools (C) when it is installed (the
 ``fast`` extra, with uvloop, which uvicorn picks up by itself); :func:`server_config` uses
 httptools when it can: a request costs the service less CPU (benchmarks/RESULTS.md).
@@ -97,6 +102,44 @@ class _HeaderDeadline:
             self.transport.close()
 
 
+class _BodyDeadline:
+    """The deadline for the rest of a body its request's answer left unread, for a uvicorn
+    HTTP protocol class to mix in: the protocol tells :meth:`_unread_body` after each chunk
+    of data and when an answer ends whether such a rest is still to come; the connection is
+    closed when no byte of it came for ``body_timeout`` seconds."""
+
+    #: Seconds between two reads of such a rest; :func:`server_config` sets it.
+    body_timeout: float = 30.0
+    _body_timer: asyncio.TimerHandle | None = None
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    client: tuple[str, int] | None
+
+    def _unread_body(self, pending: bool) -> None:
+        """After a chunk of data, or an answer's end: whether the rest of a body the answer
+        left unread is still to come (the timer starts again: bytes came)."""
+        self._stop_body_timer()
+        if pending and not self.transport.is_closing():
+            self._body_timer = self.loop.call_later(self.body_timeout, self._body_too_slow)
+
+    def _stop_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_too_slow(self) -> None:
+        self._body_timer = None
+        if not self.transport.is_closing():
+            host, port = self.client or ("", 0)
+            log.info(
+                "http.body_timeout",
+                client=f"{host}:{port}",
+                seconds=self.body_timeout,
+                answered=True,
+            )
+            self.transport.close()
+
+
 class _BoundedConnection(h11.Connection):
     """h11's connection, refusing a request whose headers exceed :data:`MAX_HEAD_BYTES`
     (h11 bounds only the headers it is still waiting for, by its
@@ -113,9 +156,9 @@ class _BoundedConnection(h11.Connection):
         return event
 
 
-class HeaderTimeoutProtocol(_HeaderDeadline, H11Protocol):
+class HeaderTimeoutProtocol(_HeaderDeadline, _BodyDeadline, H11Protocol):
     """uvicorn's HTTP/1.1 protocol on h11 with a deadline for each request's headers, and
-    their size bounded."""
+    for the rest of a body its answer left unread; the headers' size bounded."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -128,22 +171,33 @@ class HeaderTimeoutProtocol(_HeaderDeadline, H11Protocol):
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         self._headers_pending(self.conn.their_state is h11.IDLE)
+        self._unread_body(self._body_after_answer())
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._unread_body(self._body_after_answer())
+
+    def _body_after_answer(self) -> bool:
+        answered = self.cycle is not None and self.cycle.response_complete
+        return answered and self.conn.their_state is h11.SEND_BODY
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_header_timer()
+        self._stop_body_timer()
         super().connection_lost(exc)
 
 
 @functools.cache
 def httptools_protocol() -> type[asyncio.Protocol] | None:
-    """uvicorn's HTTP/1.1 protocol on httptools with a deadline for each request's headers;
-    None when httptools is not installed."""
+    """uvicorn's HTTP/1.1 protocol on httptools with a deadline for each request's headers,
+    and for the rest of a body its answer left unread; None when httptools is not
+    installed."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
         return None
 
-    class HttpToolsHeaderTimeoutProtocol(_HeaderDeadline, HttpToolsProtocol):
+    class HttpToolsHeaderTimeoutProtocol(_HeaderDeadline, _BodyDeadline, HttpToolsProtocol):
         #: Whether a request's headers are incomplete: from the connection's start, and from
         #: the first byte of each request until its headers end (the parser's callbacks).
         _in_headers = True
@@ -156,6 +210,9 @@ def httptools_protocol() -> type[asyncio.Protocol] | None:
         #: parsed: what of that read is the current request's (pipelined requests may come
         #: before it in the same read).
         _began = _ended = False
+        #: Whether the current request's body is still to come (uvicorn's own flag stops
+        #: being kept once the answer is complete).
+        _in_body = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -174,6 +231,15 @@ def httptools_protocol() -> type[asyncio.Protocol] | None:
                     log.info("http.headers_too_large", bytes=self._pending_bytes)
                     self.send_400_response("Invalid HTTP request received.")
             self._headers_pending(self._in_headers)
+            self._unread_body(self._body_after_answer())
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._unread_body(self._body_after_answer())
+
+        def _body_after_answer(self) -> bool:
+            answered = self.cycle is not None and self.cycle.response_complete
+            return answered and self._in_body
 
         def _count_head(self, size: int) -> None:
             self._head_bytes += size
@@ -196,11 +262,16 @@ def httptools_protocol() -> type[asyncio.Protocol] | None:
 
         def on_headers_complete(self) -> None:
             self._in_headers = False
-            self._ended = True
+            self._ended = self._in_body = True
             super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._in_body = False
+            super().on_message_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._stop_header_timer()
+            self._stop_body_timer()
             super().connection_lost(exc)
 
     return HttpToolsHeaderTimeoutProtocol
@@ -215,7 +286,8 @@ def server_config(app: Any, settings: ServerSettings, **options: Any) -> uvicorn
         options: Further ``uvicorn.Config`` options.
     """
     base = httptools_protocol() or HeaderTimeoutProtocol
-    protocol = type(base.__name__, (base,), {"header_timeout": settings.header_timeout})
+    timeouts = {"header_timeout": settings.header_timeout, "body_timeout": settings.body_timeout}
+    protocol = type(base.__name__, (base,), timeouts)
     return uvicorn.Config(
         app,
         host=settings.host,
