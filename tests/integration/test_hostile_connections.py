@@ -276,3 +276,46 @@ async def test_a_body_sent_slowly_but_steadily_is_served(slow_body_svc: HostileS
     finally:
         writer.close()
     assert head.startswith(b"HTTP/1.1 404 "), head
+
+
+async def test_trickled_logins_are_cut_and_health_answers_again(
+    slow_body_svc: HostileService,
+) -> None:
+    """More trickled logins than max_connections, a byte a second (within the timeout
+    between reads): the login's whole body must arrive within the body timeout."""
+    results = await asyncio.gather(*(trickled(slow_body_svc, "/ui/login", 1.0) for _ in range(25)))
+    # Those the service took are answered 408, the rest refused 503 (over the limit); a
+    # byte sent just as the service closed may reset the connection before its answer is read.
+    answered = [received for _, received in results if received]
+    assert all(r.startswith((b"HTTP/1.1 408 ", b"HTTP/1.1 503 ")) for r in answered)
+    assert max(seconds for seconds, _ in results) < BODY_TIMEOUT + MARGIN
+    response = await slow_body_svc.client.get("/health")
+    assert response.status_code == 200
+
+
+FORM = {"content-type": "application/x-www-form-urlencoded"}
+
+
+async def test_a_large_login_form_is_refused_413_before_it_is_parsed(
+    slow_body_svc: HostileService,
+) -> None:
+    """The login's form is the only body read before any credential: 2 MB of ``a=&a=&…``
+    (under max_body_bytes) held the event loop for seconds while it was parsed. It is refused
+    from its Content-Length, and, sent in chunks without one, once over the cap; /health
+    answers meanwhile."""
+    big = b"a=&" * 700_000
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(4):
+            yield b"a=&" * 1000
+
+    async with slow_body_svc.watch() as watch:
+        whole = await slow_body_svc.client.post("/ui/login", content=big, headers=FORM)
+        chunked = await slow_body_svc.client.post("/ui/login", content=chunks(), headers=FORM)
+    watch.assert_held()
+    for refused in (whole, chunked):
+        assert refused.status_code == 413
+        assert refused.headers["content-type"].startswith("text/html")
+    # A form under the cap is read as before (no key: the page says so).
+    small = await slow_body_svc.client.post("/ui/login", content=b"key=&next=", headers=FORM)
+    assert small.status_code in (401, 303), small.text

@@ -6,13 +6,16 @@ max_connections``) for good. :class:`BodyClock` is a request's ``receive`` and `
 while the app reads its body: a wait of ``[server] body_timeout`` seconds for the next bytes
 raises :class:`~orchestra.errors.BodyTimeout` in the reader, which the app's error handlers
 answer (408: the API's JSON, the dashboard's page), and that answer closes the connection.
-The rest of a body the app did not read is the server's to bound (api/server.py).
+A small body read whole (the login form) is instead given the timeout for all of it
+(:func:`read_within`). The rest of a body the app did not read is the server's to bound
+(api/server.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from orchestra import logs
 from orchestra.errors import BodyTimeout
@@ -20,6 +23,7 @@ from orchestra.errors import BodyTimeout
 log = logs.get("orchestra.http")
 
 _CLOSE = (b"connection", b"close")
+_T = TypeVar("_T")
 
 
 def _stalled(scope: Any, seconds: float, message: str) -> BodyTimeout:
@@ -33,6 +37,20 @@ def _stalled(scope: Any, seconds: float, message: str) -> BodyTimeout:
         seconds=seconds,
     )
     return BodyTimeout(message)
+
+
+async def read_within(scope: Any, seconds: float, reading: Awaitable[_T]) -> _T:
+    """``reading`` (of a request's whole body), which must end within ``seconds``.
+
+    Raises:
+        BodyTimeout: It did not (answered 408, and the connection closed).
+    """
+    try:
+        async with asyncio.timeout(seconds):
+            return await reading
+    except TimeoutError:
+        said = f"the request's body did not arrive whole within {seconds:g} s"
+        raise _stalled(scope, seconds, said) from None
 
 
 class BodyClock:

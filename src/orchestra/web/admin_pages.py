@@ -11,6 +11,7 @@ from litestar.response import Redirect, Template
 
 from orchestra.api.auth import credentials
 from orchestra.api.scope import runtime_of
+from orchestra.api.slow_body import read_within
 from orchestra.auth import SCOPES
 from orchestra.db.keys import MAX_NAME
 from orchestra.errors import ConflictError, InvalidRequest, NotFoundError, Unauthorized
@@ -38,6 +39,10 @@ def _secure(request: Request[Any, Any, Any]) -> bool:
     return proto == "https"
 
 
+#: The largest login form accepted, in bytes (a key, the page to go to next, a flag).
+LOGIN_MAX_BYTES = 8 * 1024
+
+
 class AccessPages(Controller):
     """Log in with an API key; log out."""
 
@@ -52,13 +57,19 @@ class AccessPages(Controller):
         and was not made (it said nothing, and the page came back as it was)."""
         return page(request, "login.html", next=next, error="", unsent=unsent)
 
-    @post("/login", status_code=303)
+    @post("/login", status_code=303, request_max_body_size=LOGIN_MAX_BYTES)
     async def login(self, request: Request[Any, Any, Any]) -> Redirect | Template:
-        """Check the key as the API would; on success, a signed session cookie."""
-        form = await request.form()
+        """Check the key as the API would; on success, a signed session cookie.
+
+        The only body read before any credential: it is small (over :data:`LOGIN_MAX_BYTES`,
+        413, from its Content-Length at once or as it arrives) and must arrive whole within
+        ``[server] body_timeout`` (else 408), so a login sent a byte at a time cannot hold a
+        connection, nor a large form hold the event loop while it is parsed."""
+        runtime = runtime_of(request.scope)
+        timeout = runtime.settings.server.body_timeout
+        form = await read_within(request.scope, timeout, request.form())
         token = str(form.get("key", "")).strip()
         target = _safe_next(str(form.get("next", "")), links(request).base)
-        runtime = runtime_of(request.scope)
         try:
             if not token:
                 raise Unauthorized("enter an API key")
