@@ -3,13 +3,16 @@ cookies, expired sessions, cross-site logins; and errors answered as pages."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import httpx
+import msgspec
 import pytest
 
 from orchestra.config import Settings
 from tests.conftest import Service, StartService, make_keys, sql_rows
+from tests.fixtures.servers import wait_until
 
 SAME_SITE = {"sec-fetch-site": "same-origin"}
 #: What a page on another site sees after pointing its own name at 127.0.0.1.
@@ -217,3 +220,64 @@ async def test_run_again_from_a_garbage_task_id_is_a_400(service: Service) -> No
     for value in ("%C2%B2", "99999999999999999999999", "abc"):
         answer = await service.client.get(f"/ui/templates/summarize?from={value}")
         assert answer.status_code == 400, value
+
+
+async def test_dashboard_live_streams_count_against_the_keys_streams(
+    settings: Settings, db_url: str, start_service: StartService
+) -> None:
+    """A key signed in to the dashboard opened live streams without bound (130 of /ui/live,
+    where /api/v1/events refused the 101st): they count against `[auth] max_streams_per_key`
+    with the key's API streams; past it, 429 (the page's stream tries again later)."""
+    tokens = await make_keys(db_url, "read", "submit")
+    auth = msgspec.structs.replace(settings.auth, max_streams_per_key=3)
+    async with start_service(msgspec.structs.replace(settings, auth=auth)) as svc:
+        submit = {"Authorization": f"Bearer {tokens['submit']}"}
+        later = {"template": "summarize", "params": {"text": "x"}, "delay": 3600}
+        task_id = (await svc.client.post("/api/v1/tasks", json=later, headers=submit)).json()["id"]
+        read = {"Authorization": f"Bearer {tokens['read']}"}
+        async with (
+            _with_cookie(svc, await _login(svc, tokens["read"])) as browser,
+            contextlib.AsyncExitStack() as held,
+        ):
+            for client, path in [
+                (browser, "/ui/live"),
+                (browser, f"/ui/tasks/{task_id}/live"),
+                (svc.client, "/api/v1/events"),
+            ]:
+                headers = read if client is svc.client else {}
+                opened = await held.enter_async_context(client.stream("GET", path, headers=headers))
+                assert opened.status_code == 200
+            # (A stream answered instead would never end: the timeout says so.)
+            for path in ("/ui/live", f"/ui/tasks/{task_id}/live"):
+                refused = await browser.get(path, timeout=10)
+                assert refused.status_code == 429, refused.text
+                assert refused.headers["content-type"].startswith("text/html")
+                assert refused.headers["Retry-After"]
+            api = await svc.client.get("/api/v1/events", headers=read, timeout=10)
+            assert api.status_code == 429  # one count, the dashboard's and the API's
+            async with _with_cookie(svc, await _login(svc, tokens["submit"])) as other:
+                async with other.stream("GET", "/ui/live") as theirs:
+                    assert theirs.status_code == 200  # another key's count is its own
+
+        async def again() -> bool:  # closed by the client: the server sees it go
+            async with (
+                _with_cookie(svc, await _login(svc, tokens["read"])) as browser,
+                browser.stream("GET", "/ui/live") as stream,
+            ):
+                return stream.status_code == 200
+
+        await wait_until(again, timeout=10, interval=0.1)
+
+
+async def test_without_keys_dashboard_streams_are_not_counted(
+    settings: Settings, start_service: StartService
+) -> None:
+    """As the API's streams without a key: an open dashboard on loopback has no key to count."""
+    auth = msgspec.structs.replace(settings.auth, max_streams_per_key=2)
+    async with (
+        start_service(msgspec.structs.replace(settings, auth=auth)) as svc,
+        contextlib.AsyncExitStack() as held,
+    ):
+        for _ in range(3):
+            opened = await held.enter_async_context(svc.client.stream("GET", "/ui/live"))
+            assert opened.status_code == 200

@@ -17,7 +17,7 @@ as for the API.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 from urllib.parse import quote, urlsplit
 
@@ -26,6 +26,8 @@ from litestar import Request
 from litestar.datastructures import Headers
 from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
+from litestar.response import ServerSentEvent, ServerSentEventMessage
+from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp, HTTPScope, Receive, Scope, Send
 
 from orchestra.api.auth import forwarded, same_origin
@@ -34,7 +36,7 @@ from orchestra.auth import Caller
 from orchestra.errors import Forbidden, StorageError, Unauthorized
 from orchestra.web.headers import stamped
 from orchestra.web.links import Links
-from orchestra.web.render import error_page
+from orchestra.web.render import bounded, error_page
 from orchestra.wire.schemas import ErrorBody
 
 #: The session cookie's name.
@@ -81,6 +83,61 @@ def still_signed_in(request: Request[Any, Any, Any]) -> Callable[[], Awaitable[b
         return bool(await runtime.gatekeeper.admits(caller))
 
     return still
+
+
+def live_stream(
+    request: Request[Any, Any, Any], messages: AsyncIterator[ServerSentEventMessage]
+) -> ServerSentEvent:
+    """A dashboard page's live stream of ``messages``: ended after a while (the browser
+    reconnects) or when its caller may no longer follow it (:func:`still_signed_in`), and
+    counted against the signed-in key's streams, with its API event streams (``[auth]
+    max_streams_per_key``; a caller without a key is not counted, as in the API). Call it
+    last, once nothing else can refuse the request: the answer gives the place back.
+
+    Raises:
+        TooManyStreams: The key holds its most streams (429, with Retry-After: the page's
+            stream is refused for good, and its sse extension opens a new one later,
+            waiting twice as long each time, up to a minute).
+    """
+    caller = request.scope.get("user")
+    key_id = caller.key_id if isinstance(caller, Caller) else None
+    release = runtime_of(request.scope).streams.take(key_id)
+    # Spelled as Litestar's own Cache-Control, which it then does not add a second time.
+    return _HeldStream(
+        bounded(messages, still=still_signed_in(request)),
+        release,
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+class _HeldStream(ServerSentEvent):
+    """A server-sent event stream that calls ``release`` once its answer is over, however
+    it ended (its client gone, its messages over, the service stopping)."""
+
+    def __init__(self, content: Any, release: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.release = release
+
+    def to_asgi_response(self, *args: Any, **kwargs: Any) -> ASGIResponse:
+        """Litestar's answer, giving the stream's place back at its end."""
+        answer = super().to_asgi_response(*args, **kwargs)
+        return cast(ASGIResponse, _Releasing(answer, self.release))
+
+
+class _Releasing:
+    """An ASGI answer, then ``release`` (however the answer ended)."""
+
+    __slots__ = ("answer", "release")
+
+    def __init__(self, answer: ASGIResponse, release: Callable[[], None]) -> None:
+        self.answer = answer
+        self.release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.answer(scope, receive, send)
+        finally:
+            self.release()
 
 
 class DashboardGate(ASGIMiddleware):

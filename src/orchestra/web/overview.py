@@ -15,8 +15,8 @@ from orchestra.api.scope import runtime_of
 from orchestra.db.overview import Changes
 from orchestra.domain import now
 from orchestra.web import views
-from orchestra.web.access import still_signed_in
-from orchestra.web.render import bounded, links, page
+from orchestra.web.access import live_stream
+from orchestra.web.render import links, page
 
 #: A live page is told at most this often that tasks changed.
 CHANGED_EVERY = 1.0
@@ -153,8 +153,4 @@ class OverviewPages(Controller):
                     changed.clear()
                     await asyncio.sleep(max(0.0, CHANGED_EVERY - (loop.time() - started)))
 
-        # Spelled as Litestar's own Cache-Control, which it then does not add a second time.
-        return ServerSentEvent(
-            bounded(stream(), still=still_signed_in(request)),
-            headers={"Cache-Control": "no-store"},
-        )
+        return live_stream(request, stream())

@@ -17,7 +17,7 @@ from orchestra.bulk import Action
 from orchestra.domain import TaskFilter, TaskStatus, as_utc, now
 from orchestra.errors import FieldProblem, InvalidRequest
 from orchestra.event_types import EventType
-from orchestra.web.access import still_signed_in
+from orchestra.web.access import live_stream
 from orchestra.web.forms import whole
 from orchestra.web.notices import (
     ACTIONS,
@@ -27,7 +27,7 @@ from orchestra.web.notices import (
     notice_value,
 )
 from orchestra.web.overview import seen_of
-from orchestra.web.render import bounded, links, page
+from orchestra.web.render import links, page
 from orchestra.web.views import until, visible
 
 PAGE_SIZE = 50
@@ -286,11 +286,7 @@ class TaskPages(Controller):
             async for _ in runtime_of(request.scope).feed.heartbeats():
                 yield KEEPALIVE
 
-        # Its own Cache-Control, spelled as Litestar's, which then adds no second one.
-        return ServerSentEvent(
-            bounded(stream(), still=still_signed_in(request)),
-            headers={"Cache-Control": "no-store"},
-        )
+        return live_stream(request, stream())
 
     @get("/{task_id:int}/cancel")
     async def cancel_page(
