@@ -32,6 +32,7 @@ from orchestra.cli_common import (
     param_values,
     say,
     settings_of,
+    shown,
     to_json,
     url_option,
 )
@@ -335,11 +336,11 @@ def _show_progress(client: Client, task_id: int) -> None:
                 step = event.data.get("step")
                 if line_open_by is not None and step != line_open_by:
                     click.echo("", err=True)  # each step's text on lines of its own
-                click.echo(event.data["text"], err=True, nl=False)
+                click.echo(shown(event.data["text"], lines=True), err=True, nl=False)
                 streamed, line_open_by = True, step
             elif event.type == EventType.TASK_RETRYING:
                 message = event.data.get("error", {}).get("message")
-                click.echo(f"\n[retrying: {message}]", err=True)
+                click.echo(f"\n[retrying: {shown(str(message))}]", err=True)
                 line_open_by = None
             elif event.type in _ATTEMPT_ENDED:  # the next attempt's text starts afresh
                 attempt = event.data.get("attempt", "?")

@@ -1,6 +1,7 @@
 """What the CLI's commands share: the --config and --url options, the settings, a client
 (:class:`orchestra.client.Client`) for a running server whose errors become one clear message
-and an exit code of their own, and JSON output.
+and an exit code of their own, JSON output, and lines for people that show a terminal's
+control characters escaped (:func:`shown`).
 
 Exit codes (docs/install.md, "Exit codes"):
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -60,6 +62,10 @@ class CliError(click.ClickException):
     """A command failed: its message is printed as ``Error: …`` and it exits 1."""
 
     exit_code = ExitCode.FAILED
+
+    def format_message(self) -> str:
+        """The message, its control characters escaped (it may quote a server's words)."""
+        return shown(self.message, lines=True)
 
 
 class ServerUnreachable(CliError):
@@ -392,9 +398,37 @@ json_option = click.option(
 )
 
 
+#: What a terminal acts on instead of showing: C0 and C1 controls (an escape sequence sets
+#: colours or the window's title), DEL, and the bidi embeddings, overrides and isolates
+#: (text shown in another order than it is).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+#: The same, but for line ends and tabs (text shown as lines: a model's streamed text).
+_CONTROL_IN_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+#: The controls written as Python writes them.
+_NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _escaped(match: re.Match[str]) -> str:
+    if (named := _NAMED.get(match.group())) is not None:
+        return named
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def shown(text: str, *, lines: bool = False) -> str:
+    """``text`` for a line for people: each control character (C0, DEL, C1, bidi controls)
+    written as its Python escape (``\\x1b``, ``\\u202e``), so a string someone else wrote (a
+    template's description, a task's error) cannot drive the terminal it is printed on,
+    nor break its line. ``lines``: text shown as lines keeps its line ends (LF) and tabs."""
+    return (_CONTROL_IN_LINES if lines else _CONTROL).sub(_escaped, text)
+
+
 def say(item: Any, line: Callable[[Any], str], as_json: bool) -> None:
-    """Print one answer: as JSON (``--json``) or as the command's line for people."""
-    click.echo(to_json(item) if as_json else line(item))
+    """Print one answer: as JSON (``--json``: data, as the API sent it) or as the command's
+    line for people (:func:`shown`)."""
+    click.echo(to_json(item) if as_json else shown(line(item)))
 
 
 def say_none(what: str) -> None:

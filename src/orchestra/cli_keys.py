@@ -25,6 +25,7 @@ from orchestra.cli_common import (
     json_option,
     say_none,
     settings_of,
+    shown,
     to_json,
 )
 from orchestra.config_file import origin
@@ -167,8 +168,9 @@ def key_table(keys: list[ApiKey]) -> list[str]:
     for key in keys:
         state = f"revoked {key.revoked_at}" if key.revoked_at else "active"
         rows.append((key.id, key.name, key.scope, key.created_at, state))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    cells = [[shown(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
 
 
 @keys.command("list")

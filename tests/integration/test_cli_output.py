@@ -388,3 +388,49 @@ async def test_an_empty_schedule_name_and_a_status_given_twice_are_usage_errors(
     assert code == 2 and "is given 2 times; give it once" in err, err
     code, _, err = await run_cli("tasks", "list", "--status", "failed", "--url", service.url)
     assert code == 0 and err.strip() == "no tasks", err
+
+
+#: What a terminal would act on: colour, a new window title (OSC ... BEL), a C1 control
+#: sequence introducer, a right-to-left override and isolate (text shown reversed).
+HOSTILE = "\x1b[31mRED\x1b]0;title\x07 \x9b2J \u202egnp.exe\u2066x\u2069\ttab"
+#: What no line for people may hold raw.
+RAW = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+async def test_lines_for_people_show_control_characters_escaped(service: Service) -> None:
+    """A template's description (anyone who may register one writes it) was printed raw by
+    ``templates list``: its escape sequences coloured the terminal and set its title. Every
+    line for people shows a control character (C0, C1, bidi) escaped; --json stays data."""
+    template = (
+        "name: hostile\ndescription: " + json.dumps(HOSTILE) + "\nparameters:\n"
+        "  text: {type: string}\nsteps:\n  - id: a\n    prompt: '{{ params.text }}'\n"
+    )
+    registered = await service.client.post(
+        "/api/v1/templates", content=template, headers={"content-type": "application/yaml"}
+    )
+    assert registered.status_code == 201, registered.text
+    url = ("--url", service.url)
+    code, out, _ = await run_cli("templates", "list", *url)
+    [line] = [line for line in out.splitlines() if line.startswith("hostile")]
+    assert code == 0 and not RAW.search(line), line
+    assert r"\x1b[31mRED\x1b]0;title\x07 \x9b2J \u202egnp.exe\u2066x\u2069\ttab" in line
+    code, out, _ = await run_cli("templates", "list", "--json", *url)
+    assert HOSTILE in [json.loads(line)["description"] for line in out.splitlines()]
+
+    code, task_id, err = await run_cli("submit", "hostile", "-p", f"text={HOSTILE}", *url)
+    assert code == 0, err
+    code, out, _ = await run_cli("tasks", "events", task_id.strip(), *url)  # until it ends
+    assert code == 0 and "task.finished" in out and not RAW.search(out.replace("\n", "")), out
+    code, out, _ = await run_cli("tasks", "list", *url)
+    assert code == 0 and not RAW.search(out.replace("\n", "")), out
+
+
+def test_text_shown_as_lines_keeps_its_line_ends_and_an_error_escapes_the_rest() -> None:
+    """A model's streamed text (``submit --wait``) and an error's message (which may quote
+    a server's words) are shown as lines: their other control characters are escaped."""
+    from orchestra.cli_common import CliError, shown
+
+    assert shown("a\tb\nc\x1b]0;t\x07\u202e", lines=True) == "a\tb\nc\\x1b]0;t\\x07\\u202e"
+    assert shown("a\tb\nc\r") == "a\\tb\\nc\\r"
+    said = CliError("template 'x\x1b[2J' not found\nsecond line").format_message()
+    assert said == "template 'x\\x1b[2J' not found\nsecond line"
