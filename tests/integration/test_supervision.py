@@ -123,6 +123,9 @@ async def test_a_process_group_frozen_past_the_hang_timeout_is_not_taken_for_hun
         assert events(service, "supervisor.process_hung") == [], service.stderr()
 
 
+# Each wait at its deadline (30 + 30 + 30 + 45 + 10 + 45 s, four /health asks of 5 s, 30 s,
+# and the stop's 20 s) adds up to 260 s: past the 60 s of the others.
+@pytest.mark.timeout(300)
 async def test_a_process_started_again_that_never_serves_is_killed_and_tried_again(
     fake_ollama: FakeOllama, tmp_path: Path
 ) -> None:
@@ -130,8 +133,9 @@ async def test_a_process_started_again_that_never_serves_is_killed_and_tried_aga
     as it appears: its start takes over a second of imports): it gives no beat yet, so only
     ``start_timeout`` sees it. Killed, said, and tried again: the next one serves."""
     path, port = config(tmp_path, "stuck", tmp_path / "stuck.db", fake_ollama.url)
-    # Room for the first start on a loaded machine (it took over 3 s once).
-    with_server(path, start_timeout=8.0)
+    # The limit holds for the first start of both processes too: room for it on a loaded
+    # machine (it took over 3 s once, and 8 s under two busy loops).
+    with_server(path, start_timeout=20.0)
     async with serving(path, port, "--processes", "2") as service:
         await wait_until(lambda: events(service, "supervisor.started"), timeout=30)
         before = service.services()
@@ -148,7 +152,7 @@ async def test_a_process_started_again_that_never_serves_is_killed_and_tried_aga
         await wait_until(caught, timeout=30, interval=0.005)
         try:
             await wait_until(
-                lambda: events(service, "supervisor.start_timed_out"), timeout=30, interval=0.1
+                lambda: events(service, "supervisor.start_timed_out"), timeout=45, interval=0.1
             )
             [timed_out] = events(service, "supervisor.start_timed_out")
             assert timed_out["pid"] == stuck[0] and timed_out["level"] == "error", timed_out
@@ -156,7 +160,7 @@ async def test_a_process_started_again_that_never_serves_is_killed_and_tried_aga
             await wait_until(lambda: events(service, "supervisor.restart_failed"), timeout=10)
             assert not alive(stuck[0])
             [failed] = events(service, "supervisor.restart_failed")
-            assert "did not start within 8 s" in failed["error"], failed
+            assert "did not start within 20 s" in failed["error"], failed
             # Tried again, unhindered this time: two processes serve.
             await wait_until(
                 lambda: len(events(service, "pool.started")) >= 3, timeout=45, interval=0.1
@@ -198,8 +202,9 @@ async def test_a_process_stuck_at_the_first_start_is_killed_at_its_start_timeout
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
     assert code == 1
-    [timed_out] = events(service, "supervisor.start_timed_out")
-    assert timed_out["pid"] == stuck[0], timed_out
+    # Process 2 is held to the same 3 s: on a loaded machine it may time out too.
+    [timed_out] = [e for e in events(service, "supervisor.start_timed_out") if e["pid"] in stuck]
+    assert timed_out["process"] == 1, timed_out
     assert took < 3.0 + 12.0, took  # not 3 s + the drain (5), the grace (2) and the slack (10)
     said = service.stderr()
     assert "a process did not start within 3 s ([server] start_timeout)" in said, said
