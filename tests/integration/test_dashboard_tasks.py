@@ -92,6 +92,8 @@ async def test_a_live_stream_opened_after_the_task_finished_still_sends_a_refres
         async for fields, _ in _sse(service.client, url):
             if fields.get("event") == "refresh":
                 break
+        else:
+            pytest.fail("the stream ended without a refresh")
 
 
 async def test_a_live_stream_resumed_after_the_end_refreshes_once_then_only_comments(
@@ -143,6 +145,8 @@ async def test_the_live_signal_sends_keep_alives_as_comments_alone(
         async for _, raw in _sse(service.client, "/ui/live"):
             assert raw == b": keep-alive\r\n\r\n"
             break
+        else:
+            pytest.fail("the stream ended without a keep-alive")
 
 
 async def test_the_live_signal_of_an_idle_service_sends_no_change(
@@ -160,6 +164,8 @@ async def test_the_live_signal_of_an_idle_service_sends_no_change(
             seen.append(fields)
             if len(seen) == 8:  # 2 s: four claim polls of the idle workers
                 break
+        else:
+            pytest.fail(f"the stream ended after {len(seen)} messages: {seen}")
     assert [f for f in seen if "event" in f] == []
     # A real change still is one.
     async with asyncio.timeout(20):
@@ -168,6 +174,8 @@ async def test_the_live_signal_of_an_idle_service_sends_no_change(
                 assert fields["event"] == "changed"
                 break
             await service.submit("summarize", text="a change")
+        else:
+            pytest.fail("the stream ended without telling of the change")
 
 
 @pytest.mark.parametrize("page", ["/ui/", "/ui/tasks"])
@@ -190,6 +198,8 @@ async def test_a_change_between_a_page_and_its_live_stream_is_sent_at_once(
         async for fields, _ in _sse(service.client, url):
             assert fields.get("event") == "changed", fields
             break
+        else:
+            pytest.fail("the stream ended without telling of the change")
     # Connected with the counts it shows: nothing to say until they change.
     html = (await service.client.get(page)).text
     [url] = re.findall(r'sse-connect="(/ui/live[^"]*)"', html)
@@ -214,6 +224,8 @@ async def test_a_live_stream_resumed_from_its_last_event_is_told_only_of_later_c
             assert fields.get("event") == "changed", fields
             told = fields["id"]
             break
+        else:
+            pytest.fail("the stream ended without telling of the change")
     assert "succeeded-1" in told, told
     for headers, url in (
         ({"Last-Event-ID": told}, "/ui/live?seen=old"),
@@ -228,6 +240,8 @@ async def test_a_live_stream_resumed_from_its_last_event_is_told_only_of_later_c
         async for fields, _ in _sse(service.client, "/ui/live", {"Last-Event-ID": told}):
             assert fields.get("event") == "changed" and "succeeded-2" in fields["id"], fields
             break
+        else:
+            pytest.fail("the stream ended without telling of the later change")
 
 
 async def test_a_change_that_leaves_the_counts_as_they_were_is_told_to_a_resumed_stream(
@@ -251,6 +265,8 @@ async def test_a_change_that_leaves_the_counts_as_they_were_is_told_to_a_resumed
         async for fields, _ in _sse(service.client, "/ui/live?seen=old"):
             told = fields["id"]
             break
+        else:
+            pytest.fail("the stream ended without an event")
     retried = await service.client.post(f"/api/v1/tasks/{failing}/retry")
     assert retried.status_code == 200, retried.text
     await wait_until(lambda: _attempts_failed(service, failing, 2), timeout=15)
@@ -259,6 +275,8 @@ async def test_a_change_that_leaves_the_counts_as_they_were_is_told_to_a_resumed
             assert fields.get("event") == "changed", fields
             assert fields["id"] != told
             break
+        else:
+            pytest.fail("the resumed stream ended without telling of the change")
 
 
 async def _attempts_failed(service: Service, task_id: int, attempts: int) -> bool:
