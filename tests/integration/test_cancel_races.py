@@ -174,7 +174,11 @@ async def test_a_batch_row_queued_again_between_the_cancels_passes_is_cancelled(
 
 @pytest.mark.sqlite_only
 async def test_a_second_cancel_does_not_cut_the_first_ones_write(
-    settings: Settings, start_service: StartService, fake_ollama: FakeOllama, db_url: str
+    settings: Settings,
+    start_service: StartService,
+    fake_ollama: FakeOllama,
+    db_url: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The cancel's end was being written (here: refused while SQLite's write lock is held,
     and tried again) when the cancel was seen again (a lease renewal reads the flag): the
@@ -186,13 +190,21 @@ async def test_a_second_cancel_does_not_cut_the_first_ones_write(
         task = await svc.submit("summarize", text="x")
         await wait_until(lambda: fake_ollama.held("llama3.2") == 1, timeout=10)
         pool = svc.app.runtime.pool
+        finish, tries = pool.store.finish, [0]
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            tries[0] += 1
+            return await finish(*args, **kwargs)
+
+        monkeypatch.setattr(pool.store, "finish", counted)
         locker = sqlite3.connect(db_url.split("///", 1)[1], isolation_level=None)
         try:
             locker.execute("BEGIN IMMEDIATE")  # the finish's write is refused meanwhile
             assert pool.cancel(task["id"])
-            await asyncio.sleep(0.5)  # its end refused, to be tried again
+            await wait_until(lambda: tries[0] >= 2, timeout=10)  # refused, and tried again
             pool.cancel(task["id"])  # seen again
-            await asyncio.sleep(0.2)
+            before = tries[0]
+            await wait_until(lambda: tries[0] > before, timeout=10)  # still tried after it
         finally:
             locker.execute("ROLLBACK")
             locker.close()

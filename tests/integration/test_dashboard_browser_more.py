@@ -439,7 +439,7 @@ async def test_a_time_filter_changed_after_a_failed_submit_is_the_one_sent(
     await page.click("form.filters button[type=submit]")
     # htmx's request failed. (Not the Disconnected banner: the page's live stream, opening
     # late on a busy machine, may hide it again at once.)
-    await wait_until(lambda: refused, timeout=WAIT)
+    await wait_until(lambda: refused, timeout=WAIT / 1000)  # WAIT is in ms
     assert refused[0].get("hx-request") == "true", refused
     await page.unroute(filtered)
     await start.fill("2026-12-02T09:00:00")
