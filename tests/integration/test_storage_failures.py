@@ -37,7 +37,7 @@ from orchestra.errors import StorageError, StorageFull, StorageLocked, StorageUn
 from tests.conftest import Service, StartService, make_settings, task_row
 from tests.fixtures.fake_ollama import FakeOllama
 from tests.fixtures.logs import captured, events
-from tests.fixtures.servers import free_port, start_process, wait_until
+from tests.fixtures.servers import free_port, load_slack, start_process, wait_until
 
 TEXT = "The council voted to build a library. " * 540  # about 20 KB, as in the issue
 
@@ -208,7 +208,8 @@ async def test_a_write_queued_behind_one_waiting_for_the_lock_waits_no_longer_th
         first = asyncio.ensure_future(
             db.transaction(lambda conn: conn.execute(text("INSERT INTO t VALUES (1)")))
         )
-        await asyncio.sleep(0.5)  # the first one waits for the lock meanwhile
+        # The writer's thread took it from the queue: it waits for the lock now.
+        await wait_until(lambda: not db._pending, timeout=5, interval=0.001)
         asked = loop.time()
         with pytest.raises(StorageLocked):
             await db.transaction(
@@ -221,7 +222,8 @@ async def test_a_write_queued_behind_one_waiting_for_the_lock_waits_no_longer_th
         shell.execute("ROLLBACK")
         shell.close()
         await db.close()
-    assert 0.8 < waited < 1.3, waited  # 1.5 s before: the rest of the first's wait, then 1 s more
+    # 2 s before: the rest of the first's wait (about all of it), then 1 s more.
+    assert 0.8 < waited < 1.3 * load_slack(), waited
 
 
 @pytest.mark.sqlite_only
@@ -469,7 +471,7 @@ def immutable(path: Path) -> Iterator[None]:
 
 @pytest.mark.sqlite_only
 async def test_health_stays_degraded_while_writes_fail_though_idle_claims_succeed(
-    service: Service, db_url: str
+    service: Service, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A write-ahead log that cannot be written: every submit got 503, yet /health said ok a
     second later, because an idle worker's claim (a transaction that writes nothing) counted
@@ -477,12 +479,23 @@ async def test_health_stays_degraded_while_writes_fail_though_idle_claims_succee
     claim_recovered at the next empty claim), so it never reached error level."""
     first = (await submit(service)).json()["id"]
     assert (await service.wait(first))["status"] == "succeeded"
+    store = service.app.runtime.pool.store
+    claim, empty = store.claim, [0]
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        claimed = await claim(*args, **kwargs)
+        empty[0] += not claimed
+        return claimed
+
+    monkeypatch.setattr(store, "claim", counted)
     wal = Path(db_url.split("///", 1)[1] + "-wal")
     with immutable(wal):
         refused = await submit(service)
         assert refused.status_code == 503, refused.text
         assert refused.json()["code"] == "storage_unavailable"
-        await asyncio.sleep(2.0)  # four idle claims (poll_interval 0.5 s), each writing nothing
+        # Idle claims after the refusal (poll_interval 0.5 s), each writing nothing.
+        after = empty[0]
+        await wait_until(lambda: empty[0] >= after + 2, timeout=10, interval=0.05)
         during = await health(service)
         assert during["status"] == "degraded" and during["database"].startswith("error: ")
 
