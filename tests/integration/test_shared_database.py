@@ -362,7 +362,7 @@ async def test_a_transactions_notifications_go_with_its_commit_and_never_without
             notices.changed(conn, [41])
             raise RuntimeError("the body fails after marking its notices")
 
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError, match="the body fails after marking"):
             await two[0].transaction(failing)
 
         # The COMMIT itself fails, inside the query that carries the notifications (a

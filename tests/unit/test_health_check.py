@@ -122,7 +122,7 @@ async def test_a_check_that_fails_is_not_kept(
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(counted.db, "state", broken)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="a bug"):
         await check.state()
     monkeypatch.undo()
     assert (await check.state()).detail == "ok"
