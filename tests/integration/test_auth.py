@@ -164,6 +164,47 @@ async def test_one_key_holds_at_most_max_streams_per_key_event_streams(
         await wait_until(given_back, timeout=10, interval=0.1)
 
 
+@pytest.mark.parametrize("path", ["/api/v1/events", "/ui/live"])
+async def test_a_stream_whose_request_says_a_body_it_never_sends_gives_its_place_back(
+    settings: Settings, db_url: str, start_service: StartService, path: str
+) -> None:
+    """A stream's request that declares a body and sends none: once ``[server]
+    body_timeout`` passed, the stream's watch for its client leaving read the body's
+    deadline instead and stopped (review of the body timeout): the client gone, the API's
+    stream went on for good and kept its place (429 for that key until a restart), and the
+    dashboard's was cut with its client still there, logged as an error of the app."""
+    tokens = await make_keys(db_url, "read")
+    auth = msgspec.structs.replace(settings.auth, max_streams_per_key=1)
+    server = msgspec.structs.replace(settings.server, body_timeout=1.0)
+    changed = msgspec.structs.replace(settings, auth=auth, server=server)
+    async with start_service(changed) as svc:
+        read = {"Authorization": f"Bearer {tokens['read']}"}
+        if path.startswith("/ui"):
+            login = await svc.client.post(
+                "/ui/login", data={"key": tokens["read"]}, headers={"Origin": svc.url}
+            )
+            assert login.status_code in (200, 303), login.text
+            read = {"Cookie": "; ".join(f"{k}={v}" for k, v in svc.client.cookies.items())}
+        url = httpx.URL(svc.url)
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Length: 5"]
+        lines += [f"{k}: {v}" for k, v in read.items()]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        # Past the body's timeout, the stream goes on while its client is there.
+        await asyncio.sleep(2.5)
+        writer.write(b"")
+        assert not reader.at_eof()
+        writer.close()
+
+        async def given_back() -> bool:
+            async with svc.client.stream("GET", path, headers=read) as again:
+                return again.status_code == 200
+
+        await wait_until(given_back, timeout=10, interval=0.2)
+
+
 async def test_a_revoked_key_stops_working(
     keyed: tuple[Service, dict[str, str]], db_url: str
 ) -> None:

@@ -57,7 +57,7 @@ class BodyClock:
     """A request's ``receive`` with a deadline for each of its body's parts, and its
     ``send``, which closes the connection after an answer to a body that stopped arriving."""
 
-    __slots__ = ("_receive", "_send", "more", "scope", "timeout")
+    __slots__ = ("_receive", "_send", "answered", "more", "scope", "timeout")
 
     def __init__(self, scope: Any, receive: Any, send: Any, timeout: float) -> None:
         self.scope = scope
@@ -67,6 +67,10 @@ class BodyClock:
         self.timeout = timeout
         #: Whether more of the body is to come (a request without one says so at once).
         self.more = True
+        #: Whether the answer has begun: a read after it (a stream's watch for its client
+        #: leaving) waits for as long as it takes, and a body it never read is the server's
+        #: to bound (api/server.py).
+        self.answered = False
 
     async def receive(self) -> Any:
         """The request's next message; :class:`BodyTimeout` when its body's next part does
@@ -75,7 +79,7 @@ class BodyClock:
         Raises:
             BodyTimeout: No byte of the body came for ``timeout`` seconds.
         """
-        if not self.more:
+        if not self.more or self.answered:
             return await self._receive()
         try:
             async with asyncio.timeout(self.timeout):
@@ -89,6 +93,8 @@ class BodyClock:
     async def send(self, message: Any) -> None:
         """Send ``message``; a 408 (a body that stopped arriving) closes the connection: the
         rest of the body is never read."""
-        if message["type"] == "http.response.start" and message["status"] == 408:
-            message = {**message, "headers": [*message.get("headers", ()), _CLOSE]}
+        if message["type"] == "http.response.start":
+            self.answered = True
+            if message["status"] == 408:
+                message = {**message, "headers": [*message.get("headers", ()), _CLOSE]}
         await self._send(message)
