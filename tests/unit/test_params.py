@@ -124,9 +124,10 @@ def test_unique_items_takes_time_in_proportion_to_the_items() -> None:
     import time
 
     items = [{"a": i, "b": [i, {"c": str(i)}]} for i in range(20_000)]
-    began = time.perf_counter()
+    # CPU time, not the clock's: a loaded run (other processes on the cores) took 2.2 s.
+    began = time.process_time()
     found = problems({"fields": items})
-    assert time.perf_counter() - began < 2.0
+    assert time.process_time() - began < 2.0
     assert found == {"params.fields": "has 20000 items; the template allows at most 50"}
     twice = problems({"fields": [{"a": 1}, {"a": 2}, {"a": 1.0}]})
     assert twice == {"params.fields": "has non-unique elements (items 0 and 2 are equal)"}
@@ -140,10 +141,10 @@ def test_a_flood_of_bad_items_is_answered_with_the_first_problems_quickly() -> N
     """300,000 bad items made a 21 MB answer, one problem each."""
     import time
 
-    began = time.perf_counter()
+    began = time.process_time()
     with pytest.raises(InvalidParams) as info:
         validate_params(NESTED, {"words": [0] * 300_000})
-    assert time.perf_counter() - began < 2.0
+    assert time.process_time() - began < 2.0
     assert len(info.value.fields) == 100
     assert "the first 100" in info.value.message, info.value.message
     # One error for many keys: 110,000 unknown parameters made a 13 MB answer.
