@@ -21,6 +21,9 @@ from orchestra.templating.model import Template
 #: a body arrives faster than it is read, so nothing else would (a body of millions of blank
 #: lines, which make no row, held it for seconds at a time).
 TURN_SECONDS = 0.002
+#: The most characters of a chunk split into lines at once (a slice of blank lines is this
+#: many lines: a few milliseconds).
+SLICE_CHARS = 65_536
 
 
 class InputRow(msgspec.Struct, frozen=True):
@@ -39,6 +42,13 @@ class Overlong(msgspec.Struct, frozen=True):
     quotes: int
 
 
+class Blank(msgspec.Struct, frozen=True):
+    """``count`` blank lines in a row, given at once: a body of millions of them (which make
+    no row) was read one line at a time, seconds of the event loop's thread."""
+
+    count: int
+
+
 class _Splitter:
     """Text cut into lines as it arrives; a line over ``max_line`` characters becomes an
     :class:`Overlong` as soon as it is known to be one, and the rest of it is skipped."""
@@ -49,16 +59,28 @@ class _Splitter:
         #: The quotes of the over-long line being skipped (None: none is).
         self.skipping: int | None = None
 
-    def feed(self, text: str) -> Iterator[str | Overlong]:
-        """The lines ``text`` completes, one at a time (a chunk may hold a million of them):
-        the rest is kept for the next chunk once they have all been taken."""
-        *complete, rest = text.split("\n")
-        for piece in complete:
+    def feed(self, text: str) -> Iterator[str | Overlong | Blank]:
+        """The lines ``text`` completes, one at a time (a chunk may hold a million of them),
+        blank lines in a row as one :class:`Blank`: the rest is kept for the next chunk once
+        they have all been taken."""
+        pieces = text.split("\n")
+        rest = pieces.pop()
+        at, end = 0, len(pieces)
+        while at < end:
+            piece = pieces[at]
+            at += 1
             if self.skipping is not None:
                 yield Overlong(self.skipping + piece.count('"'))
                 self.skipping = None
                 continue
             line, self.pending = self.pending + piece, ""
+            if not line:
+                run = 1
+                while at < end and not pieces[at]:
+                    at += 1
+                    run += 1
+                yield Blank(run)
+                continue
             yield Overlong(line.count('"')) if len(line) > self.max_line else line + "\n"
         if self.skipping is not None:
             self.skipping += rest.count('"')
@@ -67,7 +89,7 @@ class _Splitter:
             if len(self.pending) > self.max_line:
                 self.skipping, self.pending = self.pending.count('"'), ""
 
-    def end(self) -> list[str | Overlong]:
+    def end(self) -> list[str | Overlong | Blank]:
         if self.skipping is not None:
             return [Overlong(self.skipping)]
         return [self.pending] if self.pending else []
@@ -91,9 +113,12 @@ def over_limit(max_line: int) -> str:
     return f"is over {max_line} bytes (the limit of a row: [limits] max_body_bytes)"
 
 
-async def _lines(chunks: AsyncIterator[bytes], max_line: int) -> AsyncIterator[str | Overlong]:
+async def _lines(
+    chunks: AsyncIterator[bytes], max_line: int
+) -> AsyncIterator[str | Overlong | Blank]:
     """The body's text lines (UTF-8, a BOM dropped), newline kept, without holding more than
-    one line: a line over ``max_line`` bytes comes as an :class:`Overlong`, unread. Every
+    one line: a line over ``max_line`` bytes comes as an :class:`Overlong`, unread, blank
+    lines in a row as one :class:`Blank`. Every
     :data:`TURN_SECONDS` it steps aside for one turn of the event loop, whether or not its
     lines make rows (the chunks are ready as fast as they are read, and blank lines, or a
     quoted cell's, reach no awaited write).
@@ -126,11 +151,14 @@ async def _lines(chunks: AsyncIterator[bytes], max_line: int) -> AsyncIterator[s
             ) from None
         read += len(chunk)
         newlines += text.count("\n")
-        for line in splitter.feed(text):
-            if time.perf_counter() - turn > TURN_SECONDS:
-                await asyncio.sleep(0)
-                turn = time.perf_counter()
-            yield line
+        # A chunk is split a slice at a time: split whole, a chunk of megabytes of blank
+        # lines was one call that held the loop for most of a second.
+        for at in range(0, len(text), SLICE_CHARS):
+            for line in splitter.feed(text[at : at + SLICE_CHARS]):
+                if time.perf_counter() - turn > TURN_SECONDS:
+                    await asyncio.sleep(0)
+                    turn = time.perf_counter()
+                yield line
     for line in splitter.end():
         yield line
 
@@ -146,6 +174,8 @@ async def jsonl_rows(chunks: AsyncIterator[bytes], max_line: int) -> AsyncIterat
     """Rows of a JSON-lines body: one JSON object per line; blank lines are skipped."""
     number = 0
     async for index, line in _numbered(_lines(chunks, max_line)):
+        if isinstance(line, Blank):
+            continue
         if isinstance(line, Overlong):
             number += 1
             yield InputRow(number, index, None, over_limit(max_line))
@@ -168,11 +198,12 @@ async def jsonl_rows(chunks: AsyncIterator[bytes], max_line: int) -> AsyncIterat
 
 
 async def _numbered(
-    lines: AsyncIterator[str | Overlong],
-) -> AsyncIterator[tuple[int, str | Overlong]]:
+    lines: AsyncIterator[str | Overlong | Blank],
+) -> AsyncIterator[tuple[int, str | Overlong | Blank]]:
+    """Each line with its number (a :class:`Blank` with its last line's)."""
     index = 0
     async for line in lines:
-        index += 1
+        index += line.count if isinstance(line, Blank) else 1
         yield index, line
 
 
@@ -187,6 +218,15 @@ async def csv_rows(
     record, start, number = "", 0, 0
     quotes, over = 0, False  # the record's quotes so far; whether it is over the limit
     async for index, line in _numbered(_lines(chunks, max_line)):
+        if isinstance(line, Blank):
+            # Outside a record, nothing (each line ends a record whose quotes balance);
+            # inside a quoted cell, its newlines.
+            if quotes % 2 and not over:
+                if len(record) + line.count > max_line:
+                    record, over = "", True
+                else:
+                    record += "\n" * line.count
+            continue
         if not record and not over:
             start = index
         if isinstance(line, Overlong):
