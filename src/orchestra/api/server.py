@@ -60,7 +60,23 @@ def head_line_bytes(name: bytes, value: bytes) -> int:
     return len(name) + len(value) + 4
 
 
-class _HeaderDeadline:
+class _Deadline:
+    """What a deadline mixed into a uvicorn HTTP protocol class uses of the protocol."""
+
+    # The protocol's own, set in its __init__ and connection_made.
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    client: tuple[str, int] | None
+
+    def _too_late(self, event: str, seconds: float, **more: Any) -> None:
+        """Close the connection (unless it is closing) for a deadline missed: ``event``."""
+        if not self.transport.is_closing():
+            host, port = self.client or ("", 0)
+            log.info(event, client=f"{host}:{port}", seconds=seconds, **more)
+            self.transport.close()
+
+
+class _HeaderDeadline(_Deadline):
     """The header deadline, for a uvicorn HTTP protocol class to mix in. The protocol starts
     the timer when the connection opens, tells :meth:`_headers_pending` after each chunk of
     data whether a request's headers are still incomplete, and stops the timer when the
@@ -69,10 +85,6 @@ class _HeaderDeadline:
     #: Seconds a request's headers may take to arrive; :func:`server_config` sets it.
     header_timeout: float = 10.0
     _header_timer: asyncio.TimerHandle | None = None
-    # The protocol's own, set in its __init__ and connection_made.
-    loop: asyncio.AbstractEventLoop
-    transport: asyncio.Transport
-    client: tuple[str, int] | None
 
     def _headers_pending(self, pending: bool) -> None:
         """After a chunk of data: whether a request's headers are still incomplete."""
@@ -96,13 +108,10 @@ class _HeaderDeadline:
 
     def _headers_too_slow(self) -> None:
         self._header_timer = None
-        if not self.transport.is_closing():
-            host, port = self.client or ("", 0)
-            log.info("http.header_timeout", client=f"{host}:{port}", seconds=self.header_timeout)
-            self.transport.close()
+        self._too_late("http.header_timeout", self.header_timeout)
 
 
-class _BodyDeadline:
+class _BodyDeadline(_Deadline):
     """The deadline for the rest of a body its request's answer left unread, for a uvicorn
     HTTP protocol class to mix in: the protocol tells :meth:`_unread_body` after each chunk
     of data and when an answer ends whether such a rest is still to come; the connection is
@@ -111,9 +120,6 @@ class _BodyDeadline:
     #: Seconds between two reads of such a rest; :func:`server_config` sets it.
     body_timeout: float = 30.0
     _body_timer: asyncio.TimerHandle | None = None
-    loop: asyncio.AbstractEventLoop
-    transport: asyncio.Transport
-    client: tuple[str, int] | None
 
     def _unread_body(self, pending: bool) -> None:
         """After a chunk of data, or an answer's end: whether the rest of a body the answer
@@ -129,15 +135,7 @@ class _BodyDeadline:
 
     def _body_too_slow(self) -> None:
         self._body_timer = None
-        if not self.transport.is_closing():
-            host, port = self.client or ("", 0)
-            log.info(
-                "http.body_timeout",
-                client=f"{host}:{port}",
-                seconds=self.body_timeout,
-                answered=True,
-            )
-            self.transport.close()
+        self._too_late("http.body_timeout", self.body_timeout, answered=True)
 
 
 class _BoundedConnection(h11.Connection):
