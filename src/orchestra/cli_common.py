@@ -152,7 +152,20 @@ def base_url(url: str | None, config_path: str | None) -> str:
         return url.rstrip("/")
     s = settings_of(config_path).server
     host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
+    if _is_ipv6(host):  # a URL holds an IPv6 address in brackets (http://[::1]:8000)
+        host = f"[{host}]"
     return f"http://{host}:{s.port}"
+
+
+def _is_ipv6(host: str) -> bool:
+    """Whether ``host`` is an IPv6 address (``::1``; with a zone, ``fe80::1%eth0``)."""
+    import ipaddress
+
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _beyond_the_server(url: str) -> str | None:

@@ -1,0 +1,57 @@
+"""Arguments and settings the CLI's client commands must read as meant, or refuse in one line:
+an IPv6 host in the settings, a port out of range, a limit too large, a name that is no
+template's (docs/install.md, "Exit codes")."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import Service
+from tests.integration.test_cli import run_cli
+
+
+@asynccontextmanager
+async def ipv6_door(target: str) -> AsyncIterator[int]:
+    """A port on ::1 whose connections are passed on to ``target`` (``http://host:port``)."""
+    to = httpx.URL(target)
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(to.host, to.port)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(handle, "::1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_ipv6_host_in_the_settings_is_reached_in_brackets(
+    service: Service, tmp_path: Path
+) -> None:
+    """`host = "::1"` and no --url: every client command was an httpx traceback (Invalid
+    port: ':1:22311')."""
+    await service.submit("summarize", text="over ipv6")
+    async with ipv6_door(service.url) as port:
+        config = tmp_path / "v6.toml"
+        config.write_text(f'[server]\nhost = "::1"\nport = {port}\n')
+        code, out, err = await run_cli("tasks", "list", "-c", str(config))
+        assert code == 0 and "summarize" in out, err
+    code, _, err = await run_cli("tasks", "list", "-c", str(config))
+    assert code == 3 and f"cannot reach the server at http://[::1]:{port}" in err, err
