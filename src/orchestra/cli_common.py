@@ -187,13 +187,15 @@ def _beyond_the_server(url: str) -> str | None:
 
 def _parses(url: str) -> bool:
     """Whether ``url`` is one httpx can send to (a port of digits, a closed bracket, no
-    control character): a bad one was a traceback from the first request."""
+    control character): a bad one was a traceback from the first request. Its port is one
+    of TCP's (1 to 65535): a larger one wrapped (87837 reached 22301)."""
     import httpx
 
     try:
-        return bool(httpx.URL(url).host)
+        parts = httpx.URL(url)
     except (httpx.InvalidURL, ValueError):
         return False
+    return bool(parts.host) and (parts.port is None or 0 < parts.port <= 65535)
 
 
 def coerce(name: str, raw: str, schema: dict[str, Any]) -> Any:

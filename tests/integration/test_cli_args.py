@@ -55,3 +55,12 @@ async def test_an_ipv6_host_in_the_settings_is_reached_in_brackets(
         assert code == 0 and "summarize" in out, err
     code, _, err = await run_cli("tasks", "list", "-c", str(config))
     assert code == 3 and f"cannot reach the server at http://[::1]:{port}" in err, err
+
+
+async def test_a_port_out_of_range_is_a_usage_error() -> None:
+    """`--url http://127.0.0.1:87837` reached port 22301 (the port wrapped at 65536)."""
+    for bad in ("http://127.0.0.1:87837", "http://127.0.0.1:65536", "http://[::1]:0"):
+        code, _, err = await run_cli("tasks", "list", "--url", bad)
+        assert code == 2 and "is not a URL such as http://127.0.0.1:8000" in err, (bad, err)
+        code, _, err = await run_cli("tasks", "list", env={"ORCHESTRA_URL": bad})
+        assert code == 2 and "is not a URL such as http://127.0.0.1:8000" in err, (bad, err)
