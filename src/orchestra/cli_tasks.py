@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 #: The most tasks one page of ``GET /api/v1/tasks`` holds.
 PAGE = 500
+#: The largest ``tasks list --limit``: more than any list (a billion).
+MAX_LIMIT = 1_000_000_000
 
 
 @click.group()
@@ -59,7 +61,11 @@ def _once(given: tuple[str, ...], option: str) -> str | None:
 )
 @click.option("--template", help="Only tasks of this template.")
 @click.option(
-    "--limit", type=click.IntRange(min=1), default=20, show_default=True, help="At most this many."
+    "--limit",
+    type=click.IntRange(min=1, max=MAX_LIMIT),  # a larger one was islice's traceback
+    default=20,
+    show_default=True,
+    help="At most this many.",
 )
 @json_option
 @url_option

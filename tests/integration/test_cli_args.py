@@ -64,3 +64,14 @@ async def test_a_port_out_of_range_is_a_usage_error() -> None:
         assert code == 2 and "is not a URL such as http://127.0.0.1:8000" in err, (bad, err)
         code, _, err = await run_cli("tasks", "list", env={"ORCHESTRA_URL": bad})
         assert code == 2 and "is not a URL such as http://127.0.0.1:8000" in err, (bad, err)
+
+
+async def test_a_limit_beyond_the_largest_is_a_usage_error(service: Service) -> None:
+    """`tasks list --limit 99999999999999999999` was a traceback (islice's ValueError)."""
+    await service.submit("summarize", text="listed")
+    code, _, err = await run_cli(
+        "tasks", "list", "--limit", "99999999999999999999", "--url", service.url
+    )
+    assert code == 2 and "--limit" in err and "Traceback" not in err, err
+    code, out, err = await run_cli("tasks", "list", "--limit", "1000000000", "--url", service.url)
+    assert code == 0 and "summarize" in out, err
