@@ -29,7 +29,7 @@ from orchestra.cli_common import (
     to_json,
 )
 from orchestra.config_file import origin
-from orchestra.errors import ConfigError, NotFoundError, OrchestraError
+from orchestra.errors import SURROGATE, ConfigError, NotFoundError, OrchestraError
 
 if TYPE_CHECKING:  # the database's modules load SQLAlchemy: only for these commands
     from orchestra.config import Settings
@@ -187,8 +187,16 @@ def keys_list(as_json: bool, config_path: str | None) -> None:
         click.echo(line)
 
 
+def _text(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """The argument, if it is text: one that is not UTF-8 (a lone surrogate here) was a
+    traceback from the database's driver."""
+    if SURROGATE.search(value):
+        raise click.BadParameter(f"{value!r} is not UTF-8: give the key's name or id as typed")
+    return value
+
+
 @keys.command("revoke")
-@click.argument("name_or_id")
+@click.argument("name_or_id", callback=_text)
 @config_option
 def keys_revoke(name_or_id: str, config_path: str | None) -> None:
     """Revoke a key by name or id; a running service stops accepting it within seconds."""

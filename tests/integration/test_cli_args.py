@@ -11,8 +11,9 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import Service
+from tests.conftest import Service, make_keys
 from tests.integration.test_cli import run_cli
+from tests.integration.test_cli_keys import keys_cli
 
 
 @asynccontextmanager
@@ -75,3 +76,12 @@ async def test_a_limit_beyond_the_largest_is_a_usage_error(service: Service) -> 
     assert code == 2 and "--limit" in err and "Traceback" not in err, err
     code, out, err = await run_cli("tasks", "list", "--limit", "1000000000", "--url", service.url)
     assert code == 0 and "summarize" in out, err
+
+
+async def test_a_key_name_that_is_not_utf8_is_a_usage_error(db_url: str, tmp_path: Path) -> None:
+    """`keys revoke $'\\xff'` was a UnicodeEncodeError traceback from the database's driver."""
+    await make_keys(db_url)
+    env = {"ORCHESTRA_DATABASE__URL": db_url}
+    code, out, err = await keys_cli("revoke", "\udcff", cwd=tmp_path, env=env)
+    assert code == 2 and "Traceback" not in err and out == "", err
+    assert "NAME_OR_ID" in err and "is not UTF-8" in err, err
