@@ -85,3 +85,21 @@ async def test_a_key_name_that_is_not_utf8_is_a_usage_error(db_url: str, tmp_pat
     code, out, err = await keys_cli("revoke", "\udcff", cwd=tmp_path, env=env)
     assert code == 2 and "Traceback" not in err and out == "", err
     assert "NAME_OR_ID" in err and "is not UTF-8" in err, err
+
+
+async def test_a_name_with_a_slash_or_dots_is_no_template_s_nor_schedule_s(
+    service: Service,
+) -> None:
+    """`submit a/b` said "there is nothing at /api/v1/templates/a/b", exit 3 (a wrong --url);
+    `submit ..`, "nothing at /api/v1"; `schedules run .`, "Method Not Allowed", exit 1: the
+    dots were path steps, and the server read %2F as a slash."""
+    for name in (".", "..", "a/b", "a/versions", "../tasks"):
+        code, _, err = await run_cli("submit", name, "-p", "text=x", "--url", service.url)
+        assert code == 5 and f"no template named {name!r}" in err, (name, err)
+        code, _, err = await run_cli(
+            "schedules", "create", "s", name, "--every", "5m", "-p", "text=x", "--url", service.url
+        )
+        assert code == 5 and f"no template named {name!r}" in err, (name, err)
+        for command in ("run", "pause", "resume", "delete"):
+            code, _, err = await run_cli("schedules", command, name, "--url", service.url)
+            assert code == 5 and f"no schedule {name!r}" in err, (command, name, err)

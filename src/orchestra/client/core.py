@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Generic, TypedDict, TypeVar, cast
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import httpx
 import msgspec
@@ -25,6 +25,7 @@ from orchestra.client.errors import (
     ApiError,
     ConnectionFailed,
     InvalidApiKey,
+    NotFound,
     UnsendableValue,
     error_class,
 )
@@ -99,6 +100,14 @@ class Registered(msgspec.Struct, frozen=True):
     created: bool
 
 
+#: The collections whose items are named in their paths (by :func:`_segment`), and what the
+#: service answers for a name that is none of them: what it would for a name with a ``/``.
+_NO_SLASH_IN_NAMES = {
+    "/api/v1/templates/": ("template_not_found", "no template named {!r}"),
+    "/api/v1/schedules/": ("schedule_not_found", "no schedule {!r}"),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Call(Generic[T]):
     """One HTTP request of the API and how its successful answer is read."""
@@ -121,6 +130,16 @@ class Call(Generic[T]):
     idempotent: bool = False
     #: The error statuses tried again after their wait (a keyless upload: 429 only).
     retried: frozenset[int] = RETRY_STATUSES
+
+    def __post_init__(self) -> None:
+        """Raises :class:`NotFound` at once, as the service would, for a template or schedule
+        named with a ``/`` (no name holds one): the service reads ``%2F`` as a slash."""
+        for collection, (code, message) in _NO_SLASH_IN_NAMES.items():
+            if not self.path.startswith(collection):
+                continue
+            name = self.path.removeprefix(collection).partition("/")[0]
+            if "%2F" in name:
+                raise NotFound(404, code, message.format(unquote(name)))
 
     @property
     def resendable(self) -> bool:
@@ -564,13 +583,15 @@ def _given(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _segment(value: str | int) -> str:
-    """A name as one path segment (a ``/`` or ``?`` in it cannot reach another route).
+    """A name as one path segment (a ``/`` or ``?`` in it cannot reach another route: a name
+    with a ``/`` is answered by :class:`Call`). Its dots are escaped too: httpx took a name
+    ``.`` or ``..`` as a step of the path (``..``: ``/api/v1``).
 
     Raises:
         UnsendableValue: it holds a lone surrogate, which UTF-8 cannot carry.
     """
     try:
-        return quote(str(value), safe="")
+        return quote(str(value), safe="").replace(".", "%2E")
     except UnicodeEncodeError:
         raise UnsendableValue(
             f"{value!r} holds a lone surrogate, which UTF-8 cannot carry"
