@@ -85,6 +85,8 @@ def schedules_create(
     config_path: str | None,
 ) -> None:
     """Make a schedule of TEMPLATE named NAME (give --cron or --every)."""
+    if (cron is None) == (every is None):  # the server's 400 exited 1, as a failed task
+        raise click.UsageError("give --cron or --every (one of them)")
     if timezone is not None and every is not None:  # taken, and meaning nothing
         raise click.BadParameter(
             "is the zone of --cron; an --every schedule ticks at its interval in any zone",

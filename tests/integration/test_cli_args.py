@@ -103,3 +103,15 @@ async def test_a_name_with_a_slash_or_dots_is_no_template_s_nor_schedule_s(
         for command in ("run", "pause", "resume", "delete"):
             code, _, err = await run_cli("schedules", command, name, "--url", service.url)
             assert code == 5 and f"no schedule {name!r}" in err, (command, name, err)
+
+
+async def test_a_schedule_needs_cron_or_every_and_not_both(service: Service) -> None:
+    """Both, or neither, exited 1 from the server's 400: options that cannot go together are a
+    usage error (docs/install.md, "Exit codes")."""
+    for timing in (("--every", "5m", "--cron", "* * * * *"), ()):
+        code, _, err = await run_cli(
+            "schedules", "create", "x", "summarize", *timing, "-p", "text=a", "--url", service.url
+        )
+        assert code == 2 and "give --cron or --every (one of them)" in err, (timing, err)
+    code, _, err = await run_cli("schedules", "list", "--url", service.url)
+    assert code == 0 and err.strip() == "no schedules", err
