@@ -3,6 +3,9 @@ templates locally."""
 
 from __future__ import annotations
 
+from orchestra import cli_start  # first: Ctrl-C while the rest loads (see it)
+
+# isort: split
 import errno
 import json
 import os
@@ -91,6 +94,21 @@ class _Commands(click.Group):
     """The CLI's group: what ends a command from outside is told by its exit code, as shells
     do (click's own made both exit 1, which says a task failed): Ctrl-C 130, a reader that
     stopped reading (``| head``) 141 with nothing said, a full disk a one-line error."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        """The command's context, its options read: Ctrl-C meanwhile was click's "Aborted!",
+        exit 1."""
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            raise click.exceptions.Exit(128 + signal.SIGINT) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -502,3 +520,4 @@ main.add_command(keys)
 main.add_command(schedules)
 main.add_command(tasks)
 main.add_command(batch)
+cli_start.done()  # loaded: Ctrl-C is the command's group's to say (_Commands)

@@ -5,6 +5,9 @@ template's (docs/install.md, "Exit codes")."""
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,6 +15,7 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import Service, make_keys
+from tests.fixtures.servers import loopback_server
 from tests.integration.test_cli import run_cli
 from tests.integration.test_cli_keys import keys_cli
 
@@ -115,3 +119,48 @@ async def test_a_schedule_needs_cron_or_every_and_not_both(service: Service) -> 
         assert code == 2 and "give --cron or --every (one of them)" in err, (timing, err)
     code, _, err = await run_cli("schedules", "list", "--url", service.url)
     assert code == 0 and err.strip() == "no schedules", err
+
+
+async def _seconds_to_run(*args: str) -> float:
+    """How long ``python ARGS`` takes here now."""
+    started = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(sys.executable, *args)
+    await asyncio.wait_for(proc.wait(), timeout=60)
+    return time.monotonic() - started
+
+
+async def test_ctrl_c_while_the_command_starts_says_interrupted_without_a_traceback() -> None:
+    """Ctrl-C in the first 0.3 s of a command (its modules loading, its options read) was a
+    KeyboardInterrupt traceback from whichever module was loading (httpx's, idna's), exit 1
+    or killed by the signal. Each moment from when the CLI's first module is loaded (as
+    measured here) to the command's request gets one line, exit 130."""
+
+    async def never_answer(reader: asyncio.StreamReader, _w: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        await reader.read(65536)  # until the client leaves
+
+    # Until the CLI's first module has set its handler: Python's start, its own modules',
+    # and the orchestra package's (an interrupt before that is the interpreter's own).
+    handler_set = max([await _seconds_to_run("-m", "orchestra.cli_start") for _ in range(3)])
+    command_started = await _seconds_to_run("-m", "orchestra", "tasks", "list", "--help")
+    first = handler_set * 1.5
+    moments = [first + (command_started - first) * i / 8 for i in range(10)]
+    async with loopback_server(never_answer) as url:
+        for moment in moments:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "orchestra",
+                "tasks",
+                "list",
+                "--url",
+                url,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            await asyncio.sleep(moment)  # the moment tried, not a wait for a condition
+            proc.send_signal(signal.SIGINT)
+            out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+            said = err.decode()
+            assert proc.returncode == 130 and "Traceback" not in said, (moment, said)
+            assert said.strip().startswith("interrupted") and out == b"", (moment, said)
