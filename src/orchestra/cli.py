@@ -504,10 +504,12 @@ def _template_problems(file: Path | None) -> Iterator[None]:
     except ApiError as exc:
         if not exc.problems:
             raise  # client_for's message
+        # As validate prints them (a problem with no path, a YAML error: no ": :").
         places = [
             f"{file or p.file or '<unnamed>'}:"
             + (f"{p.line}:{p.column}:" if p.line else "")
-            + f" {p.path}: {p.message}"
+            + (f" {p.path}:" if p.path else "")
+            + f" {p.message}"
             for p in exc.problems
         ]
         # The answer's message names the first problem again (as <request>:LINE:COLUMN).

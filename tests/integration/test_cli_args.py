@@ -164,3 +164,16 @@ async def test_ctrl_c_while_the_command_starts_says_interrupted_without_a_traceb
             said = err.decode()
             assert proc.returncode == 130 and "Traceback" not in said, (moment, said)
             assert said.strip().startswith("interrupted") and out == b"", (moment, said)
+
+
+async def test_templates_register_prints_a_problem_without_a_path_as_validate_does(
+    service: Service, tmp_path: Path
+) -> None:
+    """A YAML error has no path in the template: register printed `FILE:7:1: : YAML: …`."""
+    file = tmp_path / "bad1.yaml"
+    file.write_text("name: bad1\nsteps:\n  - id: a\n    prompt: [unclosed\n")
+    code, _, said = await run_cli("templates", "validate", str(file))
+    assert code == 1 and said.startswith(f"{file}:"), said
+    code, _, err = await run_cli("templates", "register", str(file), "--url", service.url)
+    assert code == 1 and err.splitlines()[1] == said.splitlines()[0], (err, said)
+    assert ": :" not in err, err
