@@ -624,6 +624,7 @@ async def test_a_database_that_refuses_writes_is_scraped_as_not_writable(
         assert (await scrape(svc.client))("orchestra_database_writable") == 1
 
 
+@pytest.mark.timeout(180)
 async def test_the_label_bound_holds_for_the_host_across_processes_and_restarts(
     fake_ollama: FakeOllama, tmp_path: Path, db_url: str
 ) -> None:
@@ -644,8 +645,11 @@ async def test_the_label_bound_holds_for_the_host_across_processes_and_restarts(
 
         async def run(models: range) -> None:
             ids = []
-            for n in models:
-                async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
+            # A connection for each submit, so both processes take some: not a client for
+            # each (a loaded run's minute ran out loading a new client's certificates).
+            fresh = httpx.Limits(max_keepalive_connections=0)
+            async with httpx.AsyncClient(base_url=served.url, timeout=30, limits=fresh) as client:
+                for n in models:
                     response = await client.post(
                         "/api/v1/tasks",
                         json={
