@@ -516,10 +516,11 @@ def monitoring_problems(d: Deploy, tmp: Path) -> list[str]:
 
 
 def _exported() -> set[str]:
-    """Every series name /metrics can carry (a histogram's three), and Prometheus's ``up``."""
+    """Every series name /metrics can carry (a histogram's three; PostgreSQL's too), and
+    Prometheus's ``up``."""
     from orchestra import metrics
 
-    text = metrics.exposition({"queued": 0}, [("p", "ollama", True)]).decode()
+    text = metrics.exposition({"queued": 0}, [("p", "ollama", True)], listening=True).decode()
     names = {"up"}
     for line in text.splitlines():
         if line.startswith("# TYPE "):
