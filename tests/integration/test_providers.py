@@ -541,6 +541,22 @@ async def test_provider_max_tokens_caps_answers_unless_the_step_says(
     assert own == {"num_predict": 900}
 
 
+async def test_a_stop_written_as_one_string_reaches_ollama_as_a_list(
+    fake_ollama: FakeOllama, service: Service
+) -> None:
+    """``options: {stop: "END"}`` is valid (OpenAI takes a string), but Ollama refuses a
+    ``stop`` that is no array: every run of such a template failed there."""
+    response = await service.client.post(
+        "/api/v1/templates",
+        content="name: halt\nmodel: default\nsteps:\n  - id: a\n    prompt: go\n"
+        '    options: {stop: "END", temperature: 0}\n',
+    )
+    assert response.status_code == 201, response.text
+    done = await service.wait((await service.submit("halt"))["id"])
+    assert done["status"] == "succeeded", done["error"]
+    assert fake_ollama.requests[-1]["options"] == {"stop": ["END"], "temperature": 0}
+
+
 # -- replies holding characters that str.splitlines() takes for line ends ---------------------
 
 #: JSON leaves these unescaped (msgspec, llama.cpp's server), and httpx's iter_lines split a

@@ -64,6 +64,15 @@ def _ms(nanoseconds: Any) -> float | None:
     return None if count is None else round(count / 1e6, 3)
 
 
+def ollama_options(options: dict[str, Any]) -> dict[str, Any]:
+    """A template's options as Ollama takes them: a ``stop`` written as one string (valid,
+    and what OpenAI takes) as a list of it, since Ollama refuses a ``stop`` that is no array."""
+    stop = options.get("stop")
+    if isinstance(stop, str):
+        return {**options, "stop": [stop]}
+    return options
+
+
 def same_model(wanted: str, listed: str) -> bool:
     """Ollama names a model without a tag as ``:latest`` ("llama3.2" is "llama3.2:latest")."""
     return wanted == listed or (":" not in wanted and f"{wanted}:latest" == listed)
@@ -116,7 +125,7 @@ class OllamaProvider(HttpProvider):
             "stream": on_text is not None,
         }
         if request.options:
-            payload["options"] = request.options
+            payload["options"] = ollama_options(request.options)
         if request.format is not None:
             payload["format"] = request.format
         if request.think is not None:
