@@ -170,6 +170,39 @@ def test_parameter_problems(param: str, path: str, message: str) -> None:
     assert message in found[path]
 
 
+@pytest.mark.parametrize(
+    ("written", "hint"),
+    [
+        ("minItems: 1", "JSON Schema's name; here it is 'min_length'"),
+        ("maxItems: 3", "JSON Schema's name; here it is 'max_length'"),
+        ("uniqueItems: true", "JSON Schema's name; here it is 'unique_items'"),
+        ("exclusiveMinimum: 0", "exclusive bounds are not supported"),
+        ("exclusiveMaximum: 9", "exclusive bounds are not supported"),
+    ],
+)
+def test_a_json_schema_spelling_of_a_parameter_key_names_the_template_spelling(
+    written: str, hint: str
+) -> None:
+    """``minItems`` was answered "did you mean 'items'?": the item schema, and following the
+    hint broke the template."""
+    text = (
+        f"name: x\nparameters:\n  p: {{type: array, {written}}}\nsteps:\n"
+        "  - id: a\n    prompt: hi\n"
+    )
+    key = written.split(":")[0]
+    found = {p.path: p.message for p in problems(text)}
+    message = found[f"parameters.p.{key}"]
+    assert hint in message, message
+    assert "did you mean 'items'" not in message
+
+
+def test_a_json_schema_spelling_of_a_string_bound_names_the_template_spelling() -> None:
+    text = "name: x\nparameters:\n  p: {type: string, minLength: 1, maxLength: 9}\nsteps:\n"
+    found = {p.path: p.message for p in problems(text + "  - id: a\n    prompt: hi\n")}
+    assert "here it is 'min_length'" in found["parameters.p.minLength"]
+    assert "here it is 'max_length'" in found["parameters.p.maxLength"]
+
+
 def test_a_misspelt_field_of_a_step_is_refused_naming_the_one_there_is() -> None:
     """``steps.first.outptu`` rendered as undefined at run time, with a hint about params."""
     text = (

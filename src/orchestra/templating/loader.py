@@ -78,6 +78,27 @@ PARAM_KEYS = (
     "items",
     "unique_items",
 )
+#: JSON Schema's spellings of parameter keys, with what to write instead: difflib's nearest key
+#: misled there (``minItems``: "did you mean 'items'?", the item schema).
+_JSON_SCHEMA_KEYS = {
+    **{
+        schema: f"JSON Schema's name; here it is {ours!r}"
+        for schema, ours in (
+            ("minItems", "min_length"),
+            ("maxItems", "max_length"),
+            ("minLength", "min_length"),
+            ("maxLength", "max_length"),
+            ("uniqueItems", "unique_items"),
+        )
+    },
+    **dict.fromkeys(
+        ("exclusiveMinimum", "exclusiveMaximum"),
+        "exclusive bounds are not supported; 'minimum' and 'maximum' are inclusive "
+        "(for an integer, write the bound plus or minus 1)",
+    ),
+    "const": "not supported; write 'enum' with the one value",
+    "multipleOf": "not supported",
+}
 #: What each parameter key takes, in words (for a value of the wrong type).
 _PARAM_TAKES = {
     "required": "true or false",
@@ -143,7 +164,7 @@ def _parameters(c: Checker, value: Any, budget: PatternBudget) -> dict[str, Para
         fields = c.mapping(spec, path, f"parameter {name!r}")
         if fields is None:
             continue
-        c.keys(fields, path, PARAM_KEYS)
+        c.keys(fields, path, PARAM_KEYS, _JSON_SCHEMA_KEYS)
         ptype = fields.get("type")
         if ptype not in PARAM_TYPES:
             got = "it is missing" if "type" not in fields else f"got {ptype!r}"

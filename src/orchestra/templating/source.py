@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Mapping
 from datetime import date
 from typing import Any, cast
 
@@ -371,11 +372,21 @@ class Checker:
         self.add(path, f"{what} must be a mapping, got {describe(value)}")
         return None
 
-    def keys(self, data: dict[str, Any], path: Path_, allowed: tuple[str, ...]) -> None:
+    def keys(
+        self,
+        data: dict[str, Any],
+        path: Path_,
+        allowed: tuple[str, ...],
+        hints: Mapping[str, str] | None = None,
+    ) -> None:
+        """Report each key of ``data`` not in ``allowed``, with the hint ``hints`` has for it
+        (another dialect's spelling, say) or else the allowed key closest to it."""
         for key in data:
             if key not in allowed:
                 hint = difflib.get_close_matches(str(key), allowed, n=1)
                 suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+                if hints is not None and str(key) in hints:
+                    suggestion = f": {hints[str(key)]}"
                 self.add(
                     (*path, key),
                     f"unknown field {key!r}{suggestion} (allowed: {', '.join(allowed)})",
