@@ -32,6 +32,29 @@ def test_undefined_names_fail_loudly() -> None:
         render_output("{{ steps.nope.output }}", {"steps": {}})
 
 
+def test_a_key_missing_from_a_steps_output_gets_no_hint_about_parameters() -> None:
+    """``steps.a.output.age`` on a parsed answer without ``age`` said "if age is a parameter":
+    the hint named the wrong thing; it is for a key missing from ``params`` alone."""
+    scope = {"steps": {"a": {"output": {"name": "Ann"}}}, "params": {"x": 1}}
+    for fail in (
+        lambda: render_text("{{ steps.a.output.age }}", scope, what="steps.b.prompt"),
+        lambda: render_output("{{ steps.a.output.age }}", scope),
+        lambda: evaluate("steps.a.output.age > 3", scope, what="steps.b.when"),
+    ):
+        with pytest.raises(RenderError, match="has no attribute 'age'") as caught:
+            fail()
+        assert "parameter" not in str(caught.value), caught.value
+        assert "params.age" not in str(caught.value), caught.value
+    for fail in (
+        lambda: render_text("{{ params.age }}", scope, what="steps.b.prompt"),
+        lambda: render_output("{{ params.age }}", scope),
+        lambda: evaluate("params.age > 3", scope, what="steps.b.when"),
+    ):
+        with pytest.raises(RenderError, match="if age is a parameter") as caught:
+            fail()
+        assert "params.age | default('')" in str(caught.value)
+
+
 def test_sandbox_blocks_attribute_escapes() -> None:
     with pytest.raises(RenderError, match="SecurityError|unsafe|undefined"):
         render_text("{{ ''.__class__.__mro__[1].__subclasses__() }}", {}, what="prompt")

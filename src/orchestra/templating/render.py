@@ -384,7 +384,7 @@ def evaluate(source: str, scope: Mapping[str, Any], *, what: str) -> Any:
     except RenderError as exc:
         raise RenderError(f"cannot evaluate {what}: {exc.message}") from exc
     except Exception as exc:
-        raise RenderError(f"cannot evaluate {what}: {_explain(exc)}") from exc
+        raise RenderError(f"cannot evaluate {what}: {_explain(exc, scope)}") from exc
 
 
 @functools.lru_cache(maxsize=1024)
@@ -404,10 +404,13 @@ def compile_output(source: str) -> _Expression | jinja2.Template:
 _NO_KEY = re.compile(r"^'dict object' has no attribute '(?P<name>[A-Za-z_][A-Za-z0-9_]*)'$")
 
 
-def _explain(exc: Exception) -> str:
+def _explain(exc: Exception, scope: Mapping[str, Any]) -> str:
     if isinstance(exc, jinja2.UndefinedError):
         missing = _NO_KEY.match(exc.message or "")
-        if missing:  # most often an optional parameter left out that has no default
+        params = scope.get("params")
+        owner = getattr(exc, "owner", None)
+        if missing and params is not None and owner is params:
+            # Most often an optional parameter left out that has no default.
             name = missing["name"]
             return (
                 f"undefined value: {exc.message} (if {name} is a parameter: one that is "
@@ -433,7 +436,7 @@ def render_text(source: str, scope: Mapping[str, Any], *, what: str) -> str:
     except RenderError:
         raise
     except Exception as exc:  # any error a template can raise is the template's fault
-        raise RenderError(f"cannot render {what}: {_explain(exc)}") from exc
+        raise RenderError(f"cannot render {what}: {_explain(exc, scope)}") from exc
     lone = SURROGATE.search(text)
     if lone is not None:  # '\ud800' in a Jinja string, '%c' % 55296: no model can be sent it
         raise RenderError(
@@ -463,4 +466,4 @@ def render_output(
     except RenderError as exc:
         raise RenderError(f"cannot render {where}: {exc.message}") from exc
     except Exception as exc:
-        raise RenderError(f"cannot render {where}: {_explain(exc)}") from exc
+        raise RenderError(f"cannot render {where}: {_explain(exc, scope)}") from exc

@@ -44,9 +44,10 @@ from contextlib import contextmanager
 from typing import Any
 
 from jinja2 import StrictUndefined, Undefined, nodes, pass_environment, pass_eval_context
+from jinja2.exceptions import UndefinedError
 from jinja2.filters import make_attrgetter
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from jinja2.utils import generate_lorem_ipsum
+from jinja2.utils import generate_lorem_ipsum, missing
 from jinja2.visitor import NodeTransformer
 
 from orchestra.config import LimitSettings
@@ -381,7 +382,45 @@ def _safe_filters(env: ImmutableSandboxedEnvironment) -> None:
     env.globals["lipsum"] = lipsum
 
 
-class _MethodOrUndefined(StrictUndefined):
+class MissingValue(UndefinedError):
+    """An undefined value used, with the mapping (or object) it was looked up on: ``owner``
+    (None for a name, ``params.age``'s is ``params``), so its explanation can tell a
+    parameter left out from a key an answer lacks."""
+
+    def __init__(self, message: str | None, owner: Any) -> None:
+        super().__init__(message)
+        self.owner = owner
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Sent back from a render process without its owner (which need not pickle).
+        return (MissingValue, (self.message, None))
+
+
+class Missing(StrictUndefined):
+    """StrictUndefined whose error is a :class:`MissingValue` naming where it was looked up."""
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        hint: str | None = None,
+        obj: Any = missing,
+        name: str | None = None,
+        exc: type[Exception] = UndefinedError,
+    ) -> None:
+        super().__init__(hint, obj, name, exc)  # type: ignore[arg-type]
+        if exc is not UndefinedError:  # the sandbox's SecurityError for an unsafe attribute
+            return
+        owner = None if obj is missing else obj
+
+        def make(message: str | None) -> MissingValue:
+            return MissingValue(message, owner)
+
+        # Jinja raises ``self._undefined_exception(message)`` for every use of the value.
+        self._undefined_exception = make  # type: ignore[assignment]
+
+
+class _MethodOrUndefined(Missing):
     """A mapping's key left out whose name is one of the mapping's methods: undefined, and
     callable as the method it stands beside."""
 
@@ -403,7 +442,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**", "+", "%"})
 
     def __init__(self, **options: Any) -> None:
-        super().__init__(undefined=StrictUndefined, **options)
+        super().__init__(undefined=Missing, **options)
         _safe_filters(self)
 
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
