@@ -275,3 +275,36 @@ async def test_a_templates_page_shows_its_source_versions_and_a_form_from_its_sc
     assert 'min="1"' in times.group(0) and 'max="9"' in times.group(0)
     who = re.search(r'<input type="text" id="param-who"[^>]*>', page)
     assert who and 'value="world"' in who.group(0) and 'maxlength="40"' in who.group(0)
+
+
+# -- a problem inside a parameter --------------------------------------------------------------
+
+PEOPLE = """\
+name: people
+model: llama3.2
+parameters:
+  people:
+    type: array
+    required: true
+    items: {type: object, required: [name], properties: {name: {type: string}}}
+steps:
+  - id: show
+    kind: render
+    text: '{{ params.people | length }}'
+"""
+
+
+async def test_a_problem_inside_a_parameter_shows_where_it_is(service: Service) -> None:
+    """The API says ``params.people[1].name: is required``; the form showed "is required"
+    under people, not which item lacked what."""
+    await _register(service, PEOPLE)
+    api = await service.client.post(
+        "/api/v1/tasks", json={"template": "people", "params": {"people": [{"name": "a"}, {}]}}
+    )
+    assert api.status_code == 422, api.text
+    [problem] = api.json()["fields"]
+    assert problem["field"] == "params.people[1].name"
+
+    status, _, text = await _run(service, "people", {"people": '{"name": "a"}\n{}'})
+    assert status == 422, text[:2000]
+    assert _errors(text)["param-people"] == f"[1].name: {problem['message']}"

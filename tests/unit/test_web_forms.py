@@ -128,7 +128,8 @@ def test_problems_go_beside_the_field_their_path_names() -> None:
         FieldProblem("params.text", "is required"),
     ]
     made = _by_name(fields(SCHEMA, {}, problems))
-    assert made["scores"].errors == ["is not of type 'number'", "is too long"]
+    # Where inside the field, as the API names it (which item, which key).
+    assert made["scores"].errors == ["[1]: is not of type 'number'", "is too long"]
     assert made["text"].errors == ["is required"]
     assert made["ratio"].errors == []
 

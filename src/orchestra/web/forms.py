@@ -95,7 +95,9 @@ def fields(
     values = values or {}
     by_field: dict[str, list[str]] = {}
     for problem in problems or []:
-        by_field.setdefault(field_of(problem.field), []).append(problem.message)
+        inner = inner_path(problem.field)
+        message = f"{inner}: {problem.message}" if inner else problem.message
+        by_field.setdefault(field_of(problem.field), []).append(message)
     required = set(schema.get("required", []))
     out = []
     for name, prop in schema.get("properties", {}).items():
@@ -154,6 +156,13 @@ def field_of(path: str) -> str:
     """The form field a problem's path names: ``params.items[2]`` is ``items``."""
     match = _TOP.match(path)
     return match.group(1) if match else path
+
+
+def inner_path(path: str) -> str:
+    """Where inside its form field a problem's path is: ``params.people[1].name`` is
+    ``[1].name``, ``params.meta.owner`` is ``owner`` ("" for the field itself)."""
+    match = _TOP.match(path)
+    return path[match.end() :].removeprefix(".") if match else ""
 
 
 def _number(text: str, kind: str) -> Any:
