@@ -235,16 +235,10 @@ class TemplateCatalog:
             problems = [exc.message]
         self._refused_bodies[(name, version)] = body
         self.registry.add_refused(name, version, "; ".join(problems), deleted=deleted)
-        if deleted:
-            log.info(
-                f"templates.{kind}_invalid",
-                name=name,
-                version=version,
-                problems=problems,
-                deleted=True,
-            )
-        else:
-            log.error(f"templates.{kind}_invalid", name=name, version=version, problems=problems)
+        said = {"deleted": True} if deleted else {}
+        (log.info if deleted else log.error)(
+            f"templates.{kind}_invalid", name=name, version=version, problems=problems, **said
+        )
 
     async def pin(self, template: Template) -> None:
         """Store the file template version a task is being queued with, unless this process
