@@ -162,7 +162,10 @@ async def test_ctrl_c_while_the_command_starts_says_interrupted_without_a_traceb
             proc.send_signal(signal.SIGINT)
             out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
             said = err.decode()
-            assert proc.returncode == 130 and "Traceback" not in said, (moment, said)
+            # 130, or killed by SIGINT once the command runs (as a shell sees it: 130 too; a
+            # loaded fresh-clone run reached the request at the last moments).
+            assert proc.returncode in (130, -signal.SIGINT), (moment, proc.returncode, said)
+            assert "Traceback" not in said, (moment, said)
             assert said.strip().startswith("interrupted") and out == b"", (moment, said)
 
 
